@@ -1,0 +1,75 @@
+"""The one error hierarchy of bnfold.
+
+Every error the library raises on purpose is a :class:`BnfoldError`. Each class carries the exit code
+the CLI uses for it, so that the mapping from error to exit code lives in exactly one place
+(:attr:`BnfoldError.exit_code`), and ``cli.py`` only reads it.
+
+Exit codes:
+    * 2 -- the input cannot be used (missing or unreadable file, bad option, unsupported model,
+      models that cannot be compared);
+    * 1 -- verification ran and the models are not equivalent.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BnfoldError",
+    "InputError",
+    "ModelFormatError",
+    "UnsupportedModelError",
+    "ModelStateError",
+    "OptionError",
+    "OutputError",
+    "NotComparableError",
+    "VerificationError",
+]
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises on purpose."""
+
+    exit_code: int = 2
+
+
+class InputError(BnfoldError):
+    """The input (a file, a model, an option) cannot be used."""
+
+    exit_code = 2
+
+
+class ModelFormatError(InputError):
+    """A file is not a model bnfold can read (unknown format, truncated, rejected by a checker)."""
+
+
+class UnsupportedModelError(InputError):
+    """The model is readable but bnfold cannot work on it (e.g. an uninitialised lazy module)."""
+
+
+class ModelStateError(InputError):
+    """The model is in a state that would make the result wrong (e.g. a module in ``train()`` mode)."""
+
+
+class OptionError(InputError):
+    """An option or argument does not parse or does not fit the model."""
+
+
+class OutputError(InputError):
+    """The output cannot be written (missing folder, not writable, same as the input)."""
+
+
+class NotComparableError(InputError):
+    """Two models cannot be compared (different inputs or outputs, incompatible shapes)."""
+
+
+class VerificationError(BnfoldError):
+    """Verification ran and the candidate does not compute the same as the reference.
+
+    Attributes:
+        report: the :class:`~bnfold.records.VerifyReport` that failed, when there is one.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report

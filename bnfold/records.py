@@ -1,0 +1,244 @@
+"""Plain records that the core returns: verdicts per BatchNorm and reports.
+
+Every BatchNorm a matcher sees gets exactly one verdict: a :class:`Site` (it will be / was folded into a
+neighbouring layer, or turned into an affine Mul+Add) or a :class:`Skip` (it stays, with a
+:class:`SkipReason` and one sentence the user can act on). Nothing in this module prints; reports turn
+into JSON-ready dictionaries with ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "SkipReason",
+    "Direction",
+    "Site",
+    "Skip",
+    "Verdict",
+    "OutputCheck",
+    "VerifyReport",
+    "FoldReport",
+]
+
+
+class SkipReason(str, enum.Enum):
+    """Why a BatchNorm was left in the model."""
+
+    NO_PRODUCER = "no_producer"
+    """Nothing foldable before it (input, Add, Concat, activation, ...) and nothing exact after it."""
+    OTHER_CONSUMERS = "other_consumers"
+    """The layer's output is also read elsewhere (or is a graph output): that reader needs it unscaled."""
+    GRAPH_OUTPUT = "graph_output"
+    """The layer's output is a graph output, which must keep its unscaled value."""
+    NON_CONSTANT = "non_constant"
+    """A weight, bias or BN parameter is computed from model inputs at run time."""
+    SHARED_WEIGHT = "shared_weight"
+    """The layer's weight is shared with another use and cannot be cloned for this call site."""
+    SHARED_MODULE = "shared_module"
+    """The layer module is called at several places and cannot be split safely."""
+    TRAINING_MODE = "training_mode"
+    """The BN normalises with batch statistics (training mode, optional outputs used)."""
+    NO_RUNNING_STATS = "no_running_stats"
+    """``track_running_stats=False``: the BN uses batch statistics even in eval mode."""
+    UNSUPPORTED_DTYPE = "unsupported_dtype"
+    """Not a floating-point tensor, or parameters whose dtype differs from the data."""
+    OVERFLOW = "overflow"
+    """A folded weight or bias would not be finite in the layer's dtype."""
+    PADDING = "padding"
+    """Backward fold into a convolution that pads with zeros: the padded zeros would not be shifted."""
+    LAYOUT = "layout"
+    """The BN channel axis is not the layer's output (or input) feature axis."""
+    QUANTIZED = "quantized"
+    """The weight comes from a quantized representation (DequantizeLinear)."""
+    SPATIAL = "spatial"
+    """Opset 6/7 BatchNormalization with ``spatial=0`` whose per-element statistics do not fit."""
+    CUSTOM_BN = "custom_bn"
+    """A BatchNorm subclass that adds behaviour bnfold cannot keep."""
+    UNSUPPORTED_LAYER = "unsupported_layer"
+    """The neighbouring layer is of a kind (or has attributes) that cannot absorb the BN exactly."""
+    NOT_TRACEABLE = "not_traceable"
+    """The model could not be traced, and the BN is not in a place that is provably safe to fold."""
+    IN_SUBGRAPH = "in_subgraph"
+    """The BN reads a value from an enclosing graph it cannot be folded across."""
+
+
+class Direction(str, enum.Enum):
+    """Where a BN goes when it is removed."""
+
+    FORWARD = "forward"
+    """layer -> BN: scale the layer's output channels, shift its bias."""
+    BACKWARD = "backward"
+    """BN -> layer: scale the layer's input channels, add the shift's image to its bias."""
+    AFFINE = "affine"
+    """BN -> Mul + Add with constant operands (nothing to fold into)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A BatchNorm that is folded.
+
+    Attributes:
+        bn: node or module name of the BatchNorm.
+        target: node or module name of the layer it folds into ("" for an affine replacement).
+        target_kind: "Conv", "ConvTranspose", "Gemm", "MatMul", "Linear", "Conv2d", ...
+        direction: forward, backward or affine.
+        detail: optional remark (e.g. "cloned shared weight").
+    """
+
+    bn: str
+    target: str
+    target_kind: str
+    direction: Direction = Direction.FORWARD
+    detail: str = ""
+
+    @property
+    def folded(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bn": self.bn,
+            "status": "folded" if self.direction is not Direction.AFFINE else "affine",
+            "target": self.target,
+            "target_kind": self.target_kind,
+            "direction": self.direction.value,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A BatchNorm that is left in the model, and why."""
+
+    bn: str
+    reason: SkipReason
+    detail: str
+
+    @property
+    def folded(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bn": self.bn, "status": "left", "reason": self.reason.value, "detail": self.detail}
+
+
+Verdict = Site | Skip
+
+
+@dataclass(frozen=True, slots=True)
+class OutputCheck:
+    """Comparison of one graph output on one sample."""
+
+    name: str
+    sample: int
+    dtype: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    """max |candidate - reference| / max |reference| (the output's scale)."""
+    mismatches: int
+    """elements outside ``atol + rtol * scale``."""
+    atol: float
+    rtol: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Result of running reference and candidate on the same inputs."""
+
+    checks: tuple[OutputCheck, ...]
+    samples: int
+    optimization_level: str
+    extra: tuple[VerifyReport, ...] = ()
+    """Further runs (e.g. with the user's optimisation level as a second check)."""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks) and all(e.passed for e in self.extra)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((c.max_abs_error for c in self.checks), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.max_rel_error for c in self.checks), default=0.0)
+
+    def worst(self) -> OutputCheck | None:
+        """The check with the largest error relative to its tolerance (a failing one first)."""
+        if not self.checks:
+            return None
+        return max(self.checks, key=lambda c: (not c.passed, c.max_rel_error))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "optimization_level": self.optimization_level,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "outputs": [c.to_dict() for c in self.checks],
+            "extra": [e.to_dict() for e in self.extra],
+        }
+
+
+@dataclass(slots=True)
+class FoldReport:
+    """What a fold (or a dry run) did to a model: one verdict per BatchNorm, plus figures.
+
+    ``bn_before``/``bn_after`` count BatchNorm layers (nodes or modules) before and after.
+    """
+
+    backend: str
+    """"onnx", "module", "fx", "export"."""
+    verdicts: list[Verdict] = field(default_factory=list)
+    bn_before: int = 0
+    bn_after: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    dry_run: bool = False
+    verification: VerifyReport | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[Site]:
+        return [v for v in self.verdicts if isinstance(v, Site)]
+
+    @property
+    def skips(self) -> list[Skip]:
+        return [v for v in self.verdicts if isinstance(v, Skip)]
+
+    @property
+    def folded(self) -> int:
+        return len(self.sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "dry_run": self.dry_run,
+            "bn_before": self.bn_before,
+            "bn_after": self.bn_after,
+            "folded": self.folded,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "seconds": self.seconds,
+            "verdicts": [v.to_dict() for v in self.verdicts],
+            "verification": None if self.verification is None else self.verification.to_dict(),
+            "notes": list(self.notes),
+            **({"extra": self.extra} if self.extra else {}),
+        }

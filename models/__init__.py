@@ -1,0 +1,4 @@
+"""Reference model definitions and small sample models for bnfold's tests, benchmarks and quick start.
+
+Plain PyTorch (no torchvision). ``bnfold/`` never imports this package.
+"""
