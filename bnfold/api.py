@@ -60,7 +60,7 @@ def fold_with_report(
 
     Args:
         model: an ``onnx.ModelProto``, ``torch.nn.Module`` or ``torch.export.ExportedProgram``.
-        inplace: change the given nn.Module itself instead of a copy (nn.Module only).
+        inplace: change the given model itself instead of a copy (nn.Module and ModelProto).
         affine: ONNX only: turn BNs that have nothing to fold into into one Mul + one Add.
         eval_semantics: fold an nn.Module that is in ``train()`` mode with its inference semantics
             (without it, such a module is refused with :class:`~bnfold.errors.ModelStateError`).
@@ -75,7 +75,7 @@ def fold_with_report(
     if kind == "onnx":
         from .onnx import fold_model
 
-        out, report = fold_model(model, affine=affine, dry_run=dry_run)
+        out, report = fold_model(model, affine=affine, dry_run=dry_run, inplace=inplace)
     elif kind == "export":
         from .fx import fold_exported
 

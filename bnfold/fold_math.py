@@ -122,11 +122,11 @@ def bn_affine(
     """
     m = _f64(mean)
     v = _f64(var)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv_std = 1.0 / np.sqrt(v + float(eps))
-    scale = inv_std if gamma is None else _f64(gamma) * inv_std
-    scale = np.broadcast_to(scale, np.broadcast_shapes(scale.shape, m.shape)).copy()
-    shift = -m * scale if beta is None else _f64(beta) - m * scale
+        scale = inv_std if gamma is None else _f64(gamma) * inv_std
+        scale = np.broadcast_to(scale, np.broadcast_shapes(scale.shape, m.shape)).copy()
+        shift = -m * scale if beta is None else _f64(beta) - m * scale
     return scale, shift
 
 
