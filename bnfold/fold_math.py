@@ -167,7 +167,7 @@ def channel_factor(values: ArrayLike, shape: tuple[int, ...], layout: WeightLayo
         raise ValueError(f"{v.shape[0]} channel values do not fit {g} groups of {per_group}")
     group_of_full = np.arange(n_full) // per_group_full  # [n_full]
     idx = group_of_full[:, None] * per_group + np.arange(per_group)[None, :]  # [n_full, per_group]
-    fac = v[idx]
+    fac: F64 = v[idx]
     # Arrange the two axes in the weight's order, other axes as 1.
     if full > axis:
         fac = fac.T

@@ -110,14 +110,19 @@ def write_samples(out_dir: Path = SAMPLES_DIR) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: write the samples, or ``--check`` them against a fresh build."""
     parser = argparse.ArgumentParser(prog="python -m models.make_samples", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=SAMPLES_DIR, help="output folder (default: models/samples)")
+    parser.add_argument(
+        "--out", type=Path, default=SAMPLES_DIR, help="output folder (default: models/samples)"
+    )
     parser.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 if a committed sample's bytes differ"
     )
     args = parser.parse_args(argv)
     if args.check:
-        stale = [f for f, data in sample_bytes().items() if not (args.out / f).is_file()
-                 or (args.out / f).read_bytes() != data]
+        stale = [
+            f
+            for f, data in sample_bytes().items()
+            if not (args.out / f).is_file() or (args.out / f).read_bytes() != data
+        ]
         for f in stale:
             print(f"differs: {args.out / f}")
         print("samples up to date" if not stale else f"{len(stale)} sample(s) differ")

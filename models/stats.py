@@ -31,7 +31,7 @@ def randomize_bn(model: nn.Module, seed: int = 0, *, spread: float = 1.0) -> nn.
     for _, m in bn_modules(model):
         c = m.num_features
 
-        def u(lo: float, hi: float) -> torch.Tensor:
+        def u(lo: float, hi: float, c: int = c) -> torch.Tensor:
             return torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo
 
         if getattr(m, "running_mean", None) is not None:
