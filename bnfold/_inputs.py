@@ -1,0 +1,233 @@
+"""Inputs for verification: shape specs, symbolic dimensions, seeded random tensors, user data.
+
+Rules:
+    * a shape spec is ``name=1x3x224x224`` (``,`` also separates dimensions; ``name=`` is a scalar);
+    * a symbolic (or unknown) dimension takes, in this order: the value the user gave for that input,
+      the value the same symbol already took in another input, :data:`DEFAULT_BATCH` (= 2, so that a
+      batch larger than one is always exercised) when it is the first dimension, else
+      :data:`DEFAULT_DIM` (= 8);
+    * random data: floating inputs ~ N(0, 1) cast to the input's dtype (float16 / bfloat16 through
+      ``ml_dtypes``); integer inputs uniform in ``[0, INT_HIGH)`` (= 10, valid for small vocabularies and
+      index inputs; pass real data otherwise); boolean inputs are random bits;
+    * user data (a dict of arrays, a list of dicts, or an ``.npz`` path) must name every input and
+      nothing else; floating arrays are cast to the input's floating dtype, other kinds must match.
+
+Nothing here imports torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionError
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_DIM",
+    "INT_HIGH",
+    "InputSpec",
+    "parse_input_shapes",
+    "resolve_shapes",
+    "random_inputs",
+    "user_inputs",
+    "np_dtype",
+]
+
+DEFAULT_BATCH = 2
+"""Value of a symbolic first (batch) dimension: 2, so that batch > 1 is always covered."""
+DEFAULT_DIM = 8
+"""Value of any other symbolic dimension (sequence length, spatial size, ...)."""
+INT_HIGH = 10
+"""Random integer inputs are drawn from ``[0, INT_HIGH)``."""
+
+Dim = int | str | None
+
+_ORT_TYPES: dict[str, str] = {
+    "float": "float32",
+    "double": "float64",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+}
+
+
+def np_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype for a dtype name ("float32", "bfloat16", "tensor(float)", ...)."""
+    m = re.fullmatch(r"tensor\((\w+)\)", name)
+    if m:
+        if m.group(1) not in _ORT_TYPES:
+            raise OptionError(f"unsupported input/output type {name}")
+        name = _ORT_TYPES[m.group(1)]
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
+    return np.dtype(name)
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """One graph input: its name, numpy dtype and dims (int, or a symbol / None when not fixed)."""
+
+    name: str
+    dtype: np.dtype[Any]
+    dims: tuple[Dim, ...]
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``name=1x3x224x224`` specs into ``{name: (1, 3, 224, 224)}``.
+
+    Args:
+        specs: one spec per input; dimensions separated by ``x`` or ``,``; ``name=`` is a scalar.
+
+    Raises:
+        OptionError: a spec without ``=``, an empty name, a dimension that is not a positive integer,
+            or the same name twice (one-line message quoting the spec).
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise OptionError(f"bad input shape {spec!r}: expected name=1x3x224x224")
+        parts = [p.strip() for p in re.split(r"[x,]", dims.strip())] if dims.strip() else []
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise OptionError(f"bad input shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224")
+        if name in out:
+            raise OptionError(f"bad input shape {spec!r}: input {name!r} given twice")
+        out[name] = tuple(int(p) for p in parts)
+    return out
+
+
+def resolve_shapes(
+    specs: Sequence[InputSpec], overrides: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """A concrete shape for every input (see the module rules for symbolic dimensions).
+
+    Raises:
+        OptionError: an override names no input, has the wrong rank, or contradicts a fixed dimension.
+    """
+    overrides = dict(overrides or {})
+    names = {s.name for s in specs}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise OptionError(f"input shape given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
+    symbols: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for s in specs:  # pass 1: user overrides bind symbols
+        if s.name not in overrides:
+            continue
+        shape = tuple(int(d) for d in overrides[s.name])
+        if len(shape) != len(s.dims):
+            raise OptionError(f"input shape for {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+        for i, (want, got) in enumerate(zip(s.dims, shape)):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise OptionError(
+                    f"input shape for {s.name!r}: dimension {i} is fixed to {want} in the model, got {got}"
+                )
+            if isinstance(want, str) and want:
+                symbols.setdefault(want, got)
+        shapes[s.name] = shape
+    for s in specs:  # pass 2: defaults
+        if s.name in shapes:
+            continue
+        dims: list[int] = []
+        for i, d in enumerate(s.dims):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif isinstance(d, str) and d and d in symbols:
+                dims.append(symbols[d])
+            else:
+                v = DEFAULT_BATCH if i == 0 else DEFAULT_DIM
+                if isinstance(d, str) and d:
+                    symbols[d] = v
+                dims.append(v)
+        shapes[s.name] = tuple(dims)
+    return shapes
+
+
+def random_inputs(
+    specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """One sample of seeded random inputs (see the module rules for the values)."""
+    out: dict[str, np.ndarray] = {}
+    for s in specs:
+        shape = shapes[s.name]
+        kind = s.dtype.kind
+        if s.dtype == np.bool_:
+            out[s.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+        elif kind in "iu":
+            out[s.name] = rng.integers(0, INT_HIGH, size=shape).astype(s.dtype)
+        elif kind in "fV" or s.dtype.name == "bfloat16":
+            out[s.name] = rng.standard_normal(size=shape).astype(s.dtype)
+        else:
+            raise OptionError(
+                f"cannot generate random data for input {s.name!r} of type {s.dtype}; pass real inputs (--inputs)"
+            )
+    return out
+
+
+def _is_float(dt: np.dtype[Any]) -> bool:
+    return dt.kind == "f" or dt.name == "bfloat16"
+
+
+def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in sample]
+    extra = sorted(set(sample) - set(names))
+    if missing:
+        raise OptionError(f"{where}: no data for input {missing[0]!r} (inputs: {', '.join(names)})")
+    if extra:
+        raise OptionError(f"{where}: {extra[0]!r} is not an input of the model (inputs: {', '.join(names)})")
+    out: dict[str, np.ndarray] = {}
+    for s in specs:
+        a = np.asarray(sample[s.name])
+        if a.dtype != s.dtype:
+            if _is_float(a.dtype) and _is_float(s.dtype):
+                a = a.astype(s.dtype)
+            elif a.dtype.kind in "iu" and s.dtype.kind in "iu":
+                a = a.astype(s.dtype)
+            else:
+                raise OptionError(f"{where}: input {s.name!r} is {a.dtype}, the model expects {s.dtype}")
+        if a.ndim != len(s.dims):
+            raise OptionError(f"{where}: input {s.name!r} has rank {a.ndim}, the model expects rank {len(s.dims)}")
+        for i, (want, got) in enumerate(zip(s.dims, a.shape)):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise OptionError(f"{where}: input {s.name!r} dimension {i} is {got}, the model fixes it to {want}")
+        out[s.name] = a
+    return out
+
+
+def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.ndarray]]:
+    """Samples from user data: a dict of arrays (one sample), a list of dicts, or an ``.npz`` path.
+
+    Raises:
+        OptionError: unreadable file, missing or extra names, wrong dtype kind or shape.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        path = os.fspath(inputs)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise OptionError(f"{path}: cannot read inputs as .npz ({str(e).splitlines()[0]})") from e
+        return [_check_sample(specs, data, path)]
+    if isinstance(inputs, Mapping):
+        return [_check_sample(specs, inputs, "inputs")]
+    if isinstance(inputs, Sequence) and inputs and all(isinstance(x, Mapping) for x in inputs):
+        return [_check_sample(specs, x, f"inputs[{i}]") for i, x in enumerate(inputs)]
+    raise OptionError("inputs must be a dict of arrays, a non-empty list of such dicts, or a path to an .npz file")

@@ -1,0 +1,561 @@
+"""Model files: format detection from the content, loading, atomic saving.
+
+Formats (:func:`detect_format`, from the bytes, never from the extension alone):
+    1. ``"onnx"``: a protobuf that parses as an ``onnx.ModelProto`` with a graph;
+    2. ``"pt2"``: a zip archive written by ``torch.export.save`` (it holds ``*/archive_format`` or
+       ``*/models/*.json``);
+    3. ``"torchscript"``: a zip archive with ``*/code/`` or ``*/constants.pkl`` (``torch.jit.save``);
+    4. ``"state_dict"``: a ``torch.save`` file (zip with ``*/data.pkl``, or a legacy pickle stream)
+       whose pickle names only tensor-rebuilding globals (``collections.OrderedDict``,
+       ``torch._utils._rebuild_tensor_v2``, storages, dtypes, ...);
+    5. ``"pickled_module"``: a ``torch.save`` file whose pickle names any other class (a whole
+       ``nn.Module`` saved with ``torch.save(model)``). The pickle is *read* with ``pickletools``, never
+       executed, to decide this.
+
+Rules:
+    * unpickling runs arbitrary code: a pickled module is loaded only with ``trust_pickle=True``
+      (``--trust-pickle``); a state_dict is loaded with ``weights_only=True`` and needs a factory that
+      builds the architecture (``--model module.path:factory``);
+    * every unusable file raises :class:`~bnfold.errors.ModelFormatError` with one line naming the file;
+    * outputs are written atomically: a temporary file in the destination folder, then ``os.replace``;
+      a failed or interrupted write leaves no partial file (ONNX with external data: both files are
+      written in a temporary folder next to the destination, the data file is moved first);
+    * the input file is never modified; writing over it needs ``in_place=True``;
+    * torch is imported only for PyTorch files, never for an ONNX file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io as _io
+import logging
+import os
+import pickletools
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFormatError, OptionError, OutputError
+
+__all__ = [
+    "FORMATS",
+    "EXTERNAL_DATA_THRESHOLD",
+    "detect_format",
+    "load",
+    "save",
+    "atomic_path",
+    "check_output_path",
+    "resolve_factory",
+]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "pt2", "state_dict", "pickled_module", "torchscript")
+"""What :func:`detect_format` can return."""
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+"""ONNX models larger than this (bytes) are saved with external data (protobuf stops at 2 GiB)."""
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# Globals that a plain tensor checkpoint (state_dict, optimizer state, epoch counters) may name.
+_SAFE_GLOBAL_MODULES = {
+    "collections",
+    "builtins",
+    "__builtin__",
+    "_codecs",
+    "torch",
+    "torch._utils",
+    "torch.storage",
+    "torch._tensor",
+    "numpy",
+    "numpy.core.multiarray",
+    "numpy._core.multiarray",
+}
+_SAFE_TORCH_NAMES_PREFIX = ("_rebuild_", "Size", "device", "dtype")
+
+
+def _fail(path: str | os.PathLike[str], problem: str) -> ModelFormatError:
+    return ModelFormatError(f"{os.fspath(path)}: {problem}")
+
+
+def _check_readable(path: str) -> int:
+    if not os.path.lexists(path):
+        raise _fail(path, "no such file")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not a model file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+    if size == 0:
+        raise _fail(path, "empty file")
+    return size
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # a multi-byte character cut at the end of the head
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
+
+
+def _globals_of(data: bytes, max_pickles: int = 1) -> set[str] | None:
+    """The ``module name`` globals named by the first pickles in ``data``; None if not a pickle."""
+    found: set[str] = set()
+    stream = _io.BytesIO(data)
+    memo: dict[int, Any] = {}
+    for _ in range(max_pickles):
+        if stream.tell() >= len(data):
+            break
+        strings: list[str] = []
+        last: str | None = None  # the string just pushed, for MEMOIZE / PUT
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name == "GLOBAL":
+                    found.add(str(arg).replace("\n", " ").strip())
+                elif name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                    last = str(arg)
+                    continue
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = last
+                    continue
+                elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[int(arg)] = last  # type: ignore[arg-type]
+                    continue
+                elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):  # type: ignore[arg-type]
+                    strings.append(memo[int(arg)])  # type: ignore[arg-type]
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]} {strings[-1]}")
+                last = None
+        except Exception:
+            if not found and stream.tell() <= 2:
+                return None
+            break
+    return found
+
+
+def _is_safe_global(g: str) -> bool:
+    module, _, name = g.partition(" ")
+    if module not in _SAFE_GLOBAL_MODULES:
+        return False
+    if module == "torch":
+        return name.endswith("Storage") or name.startswith(_SAFE_TORCH_NAMES_PREFIX) or name in (
+            "float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool",
+        )
+    return True
+
+
+def _classify_pickle(path: str, data: bytes, max_pickles: int) -> str:
+    globs = _globals_of(data, max_pickles)
+    if globs is None:
+        raise _fail(path, "unknown format: not ONNX, not a PyTorch file (torch.save, torch.export, TorchScript)")
+    return "state_dict" if all(_is_safe_global(g) for g in globs) else "pickled_module"
+
+
+def _sniff(path: str) -> tuple[str, Any]:
+    """(format, parsed ONNX model or None). Raises ModelFormatError."""
+    size = _check_readable(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                if any(n.endswith("/archive_format") or "/models/" in n and n.endswith(".json") for n in names):
+                    return "pt2", None
+                if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+                    return "torchscript", None
+                pkls = [n for n in names if n.endswith("data.pkl")]
+                if pkls:
+                    return _classify_pickle(path, z.read(pkls[0]), 1), None
+        except zipfile.BadZipFile as e:
+            raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
+        raise _fail(path, "a zip archive that is not a PyTorch file (no data.pkl, no torch.export archive)")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        # legacy torch.save: magic number, protocol, system info, then the object, each a pickle
+        with open(path, "rb") as f:
+            data = f.read(min(size, 64 * 2**20))
+        return _classify_pickle(path, data, 4), None
+    if _looks_like_text(head):
+        raise _fail(path, "a text file, not a model")
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise _fail(path, "unknown format or truncated file: not ONNX, not a PyTorch file") from e
+    except Exception as e:
+        raise _fail(path, f"unknown format: not ONNX, not a PyTorch file ({type(e).__name__})") from e
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.graph.node and not model.graph.output:
+        raise _fail(path, "unknown format: not ONNX (no graph), not a PyTorch file")
+    return "onnx", model
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format of a model file, from its content.
+
+    Args:
+        path: the file.
+
+    Returns:
+        One of :data:`FORMATS`: "onnx", "pt2", "state_dict", "pickled_module", "torchscript".
+
+    Raises:
+        ModelFormatError: missing path, directory, empty, text, random bytes, truncated or unknown file
+            (one line naming the file).
+    """
+    return _sniff(os.fspath(path))[0]
+
+
+def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
+    """``"module.path:factory"`` (or ``"file.py:factory"``) -> the callable; a callable is returned as is.
+
+    The module is imported with the current working directory on ``sys.path``.
+
+    Raises:
+        OptionError: bad syntax, module or attribute not found, not callable.
+    """
+    if callable(spec):
+        return spec
+    mod_name, sep, attr = str(spec).partition(":")
+    if not sep or not mod_name or not attr:
+        raise OptionError(f"bad model factory {spec!r}: expected module.path:factory (e.g. models.lenet:lenet5)")
+    try:
+        if mod_name.endswith(".py"):
+            file = os.path.abspath(mod_name)
+            if not os.path.isfile(file):
+                raise OptionError(f"bad model factory {spec!r}: {mod_name} does not exist")
+            mspec = importlib.util.spec_from_file_location(Path(file).stem, file)
+            assert mspec is not None and mspec.loader is not None
+            module = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(module)
+        else:
+            cwd = os.getcwd()
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
+            module = importlib.import_module(mod_name)
+    except OptionError:
+        raise
+    except Exception as e:
+        raise OptionError(f"bad model factory {spec!r}: cannot import {mod_name} ({type(e).__name__}: {e})") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise OptionError(f"bad model factory {spec!r}: {mod_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise OptionError(f"bad model factory {spec!r}: {attr} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _state_dict_of(path: str, obj: Any) -> Mapping[str, Any]:
+    import torch
+
+    def is_sd(d: Any) -> bool:
+        return isinstance(d, Mapping) and bool(d) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+        )
+
+    if is_sd(obj):
+        return obj  # type: ignore[no-any-return]
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model", "module", "net"):
+            if is_sd(obj.get(key)):
+                return obj[key]  # type: ignore[no-any-return]
+    raise _fail(path, "a torch.save checkpoint without a state_dict (a dict of tensors, or one under "
+                      "'state_dict' / 'model_state_dict' / 'model')")
+
+
+def _load_onnx(path: str) -> Any:
+    import onnx
+
+    try:
+        model = onnx.load_model(path, load_external_data=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _fail(path, f"cannot load the ONNX model or its external data ({msg})") from e
+    try:
+        onnx.checker.check_model(path)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise _fail(path, f"rejected by onnx.checker: {msg}") from e
+    return model
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    model_factory: str | Callable[[], Any] | None = None,
+    trust_pickle: bool = False,
+) -> Any:
+    """Load a model file of any supported format (detected from the content).
+
+    Args:
+        path: ``.onnx`` (external data next to it), ``.pt2`` (``torch.export.save``), TorchScript, or a
+            ``torch.save`` checkpoint.
+        model_factory: for a state_dict checkpoint: ``"module.path:factory"`` or a callable with no
+            arguments that builds the architecture; the weights are loaded with ``strict=True``.
+        trust_pickle: allow loading a whole pickled module (unpickling runs code from the file).
+
+    Returns:
+        ``onnx.ModelProto``, ``torch.export.ExportedProgram`` or ``torch.nn.Module`` (in eval mode when
+        built from a state_dict).
+
+    Raises:
+        ModelFormatError: unreadable or unknown file, checker rejection, a state_dict without a factory
+            or that does not fit it, a pickled module without ``trust_pickle``.
+        OptionError: a factory string that does not resolve.
+    """
+    p = os.fspath(path)
+    fmt, parsed = _sniff(p)
+    if fmt == "onnx":
+        del parsed
+        return _load_onnx(p)
+    import torch
+
+    if fmt == "pt2":
+        try:
+            return torch.export.load(p)  # type: ignore[no-untyped-call]
+        except Exception as e:
+            raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if fmt == "torchscript":
+        try:
+            return torch.jit.load(p, map_location="cpu")  # type: ignore[no-untyped-call]
+        except Exception as e:
+            raise _fail(p, f"cannot load the TorchScript archive ({type(e).__name__})") from e
+    if fmt == "pickled_module":
+        if not trust_pickle:
+            raise _fail(
+                p,
+                "a pickled PyTorch module (torch.save(model)); loading it unpickles, which runs arbitrary code "
+                "from the file. If you trust the file, pass --trust-pickle (trust_pickle=True); otherwise save a "
+                "state_dict and load it with --model module.path:factory",
+            )
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        if isinstance(obj, Mapping):
+            obj = next((v for v in obj.values() if isinstance(v, torch.nn.Module)), obj)
+        if not isinstance(obj, torch.nn.Module):
+            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module")
+        return obj
+    # state_dict
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _fail(p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    sd = _state_dict_of(p, obj)
+    if model_factory is None:
+        raise _fail(p, "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
+                       "architecture (model_factory=...)")
+    factory = resolve_factory(model_factory)
+    try:
+        model = factory()
+    except Exception as e:
+        raise OptionError(f"model factory {model_factory!r} failed ({type(e).__name__}: {e})") from e
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"model factory {model_factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    own = set(model.state_dict())
+    if not (set(sd) & own) and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from DataParallel / DDP
+    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: {'; '.join(parts)}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:
+        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: "
+                       f"{' '.join(str(e).split())[:300]}") from e
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def _output_error(path: str, e: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def _check_folder(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{path}: output folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: is a directory")
+    return folder
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary path in the destination's folder; move it to ``path`` on success.
+
+    On any exception the temporary file is removed and the exception propagates; ``path`` is either
+    left as it was or replaced whole (``os.replace`` is atomic on one file system).
+
+    Raises:
+        OutputError: the folder does not exist or is not writable.
+    """
+    dst = os.fspath(path)
+    folder = _check_folder(dst)
+    name = os.path.basename(dst)
+    suffix = "".join(Path(name).suffixes[-1:])
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+    except OSError as e:
+        raise _output_error(dst, e) from e
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_output_path(
+    src: str | os.PathLike[str] | None, dst: str | os.PathLike[str], *, in_place: bool = False
+) -> None:
+    """Refuse a bad output before any work: missing folder, a directory, unwritable, or the input itself.
+
+    Raises:
+        OutputError: one line naming ``dst``.
+    """
+    d = os.fspath(dst)
+    folder = _check_folder(d)
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{d}: cannot write to folder {folder} (permission denied)")
+    if src is not None and os.path.exists(d) and os.path.exists(os.fspath(src)):
+        if os.path.samefile(os.fspath(src), d) and not in_place:
+            raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _save_onnx(model: Any, dst: str, external_data: bool | None) -> None:
+    import onnx
+
+    size = model.ByteSize()
+    use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
+    if not use_external:
+        if size >= 2**31:
+            raise OutputError(f"{dst}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; save it "
+                              "with external data")
+        with atomic_path(dst) as tmp:
+            try:
+                _write_bytes(tmp, model.SerializeToString())
+            except OSError as e:
+                raise _output_error(dst, e) from e
+        return
+    folder = _check_folder(dst)
+    name = os.path.basename(dst)
+    location = f"{name}.data"
+    try:
+        work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise _output_error(dst, e) from e
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # save_as_external_data rewrites the tensors of the model it is given
+        try:
+            onnx.save_model(copy, os.path.join(work, name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=location, size_threshold=1024)
+        except OSError as e:
+            raise _output_error(dst, e) from e
+        mode = _umask_mode()
+        data = os.path.join(work, location)
+        if os.path.exists(data):
+            os.chmod(data, mode)
+            os.replace(data, os.path.join(folder, location))
+        os.chmod(os.path.join(work, name), mode)
+        os.replace(os.path.join(work, name), dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def save(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    fmt: str | None = None,
+) -> None:
+    """Write a model atomically (no partial file on failure).
+
+    Args:
+        model: ``onnx.ModelProto`` (-> ONNX), ``torch.export.ExportedProgram`` (-> ``.pt2``),
+            TorchScript module (-> ``torch.jit.save``) or ``torch.nn.Module``.
+        path: destination; its folder must exist.
+        external_data: ONNX only: ``True`` writes the weights to ``<name>.data`` next to the model;
+            default: only when the model exceeds :data:`EXTERNAL_DATA_THRESHOLD`.
+        fmt: nn.Module only: ``"module"`` (default: ``torch.save(model)``, architecture included, since a
+            folded model's weights no longer fit the original architecture) or ``"state_dict"``.
+
+    Raises:
+        OutputError: missing folder, not writable, disk errors (one line naming the path).
+        OptionError: an unknown ``fmt`` or an object that is not a model.
+    """
+    dst = os.fspath(path)
+    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+        _save_onnx(model, dst, external_data)
+        return
+    if "torch" not in sys.modules:
+        raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
+    import torch
+
+    writer: Callable[[str], None]
+    if isinstance(model, torch.export.ExportedProgram):
+        def writer(t: str) -> None:
+            torch.export.save(model, t)
+    elif isinstance(model, torch.jit.ScriptModule):
+        def writer(t: str) -> None:
+            torch.jit.save(model, t)
+    elif isinstance(model, torch.nn.Module):
+        kind = fmt or "module"
+        if kind not in ("module", "state_dict"):
+            raise OptionError(f"unknown save format {fmt!r} (choose module or state_dict)")
+        obj = model if kind == "module" else model.state_dict()
+
+        def writer(t: str) -> None:
+            torch.save(obj, t)
+    else:
+        raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
+    with atomic_path(dst) as tmp:
+        try:
+            writer(tmp)
+        except OSError as e:
+            raise _output_error(dst, e) from e
