@@ -34,13 +34,14 @@ _LAZY = {
     "fold": "bnfold.api",
     "inspect": "bnfold.api",
     "fold_with_report": "bnfold.api",
-    "verify": "bnfold.verify",
+    "verify": "bnfold.verification",
     "load": "bnfold.io",
     "save": "bnfold.io",
     "export_onnx": "bnfold.export",
-    "freeze": "bnfold.freeze",
-    "unfreeze": "bnfold.freeze",
-    "recalibrate": "bnfold.freeze",
+    "freeze": "bnfold.freezing",
+    "unfreeze": "bnfold.freezing",
+    "recalibrate": "bnfold.freezing",
+    "freeze_with_report": "bnfold.freezing",
 }
 
 __all__ = [

@@ -55,6 +55,7 @@ def fold_with_report(
     affine: bool = False,
     eval_semantics: bool = False,
     dry_run: bool = False,
+    example_inputs: Any = None,
 ) -> tuple[Any, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -65,6 +66,9 @@ def fold_with_report(
         eval_semantics: fold an nn.Module that is in ``train()`` mode with its inference semantics
             (without it, such a module is refused with :class:`~bnfold.errors.ModelStateError`).
         dry_run: decide only; the model comes back unchanged (as :func:`inspect`).
+        example_inputs: nn.Module only: a tensor or tuple of tensors the model takes. Shapes recorded
+            from them prove where a Linear meets a BatchNorm1d on a 2-D (N, C) tensor; without them
+            such pairs are folded only where the graph itself proves the rank (e.g. after a flatten).
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -72,6 +76,8 @@ def fold_with_report(
     """
     kind = model_kind(model)
     t0 = time.perf_counter()
+    out: Any
+    report: FoldReport
     if kind == "onnx":
         from .onnx import fold_model
 
@@ -81,9 +87,14 @@ def fold_with_report(
 
         out, report = fold_exported(model, dry_run=dry_run)
     else:
+        import torch
+
         from .fx import fold_module
 
-        out, report = fold_module(model, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics)
+        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        out, report = fold_module(
+            model, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
+        )
     report.seconds = time.perf_counter() - t0
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return out, report

@@ -243,7 +243,7 @@ def test_external_data_round_trip(tmp_path) -> None:
     loaded = bio.load(out)
     assert np.array_equal(nh.to_array(loaded.graph.initializer[0]), nh.to_array(m.graph.initializer[0]))
     # and it still runs: verify against the in-memory model
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     assert verify(m, out).passed
     os.remove(tmp_path / "ext.onnx.data")

@@ -13,7 +13,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from bnfold.errors import NotComparableError, OptionError, VerificationError
-from bnfold.verify import DEFAULT_TOLERANCES, ensure_passed, parse_input_shapes, verify
+from bnfold.verification import DEFAULT_TOLERANCES, ensure_passed, parse_input_shapes, verify
 
 # A perturbation of 1e-3 of one weight's value moves the outputs it feeds by ~1e-4 of their scale:
 # 10x above the float32 resolution (rtol 1e-5), so the default tolerance must catch it.
@@ -194,7 +194,7 @@ def test_argmax_output_compares_exactly() -> None:
 
 
 def test_nan_handling() -> None:
-    from bnfold.verify import _compare
+    from bnfold.verification import _compare
 
     r = np.array([1.0, np.nan, np.inf], np.float32)
     assert _compare("o", 0, r, r.copy(), None, None).passed
@@ -290,7 +290,7 @@ def test_integer_inputs_get_valid_values() -> None:
 def test_onnx_only_verify_does_not_import_torch(tmp_path) -> None:
     onnx.save(_model(), tmp_path / "m.onnx")
     code = (
-        "import sys, bnfold.verify as v; "
+        "import sys, bnfold.verification as v; "
         f"r = v.verify({str(tmp_path / 'm.onnx')!r}, {str(tmp_path / 'm.onnx')!r}); "
         "assert r.passed; assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -1,0 +1,287 @@
+"""Latency of a model before and after folding: the measurement core behind ``bnfold bench``.
+
+Rules:
+    * the same seeded inputs feed the original and the folded model;
+    * each measurement is the median of ``runs`` timed calls after ``warmup`` untimed ones
+      (``time.perf_counter``), original and folded measured alternately per setting so that both see the
+      same machine state;
+    * onnxruntime is measured with graph optimisations disabled (``ORT_DISABLE_ALL``: what folding
+      itself buys) and enabled (``ORT_ENABLE_ALL``: what is left once onnxruntime fuses by itself);
+      PyTorch files are also measured in eager mode (``torch.no_grad``), and exported to ONNX with
+      ``TrainingMode.PRESERVE`` so that the exporter does not fold the original behind our back;
+    * speedup = original median / folded median (> 1: folding made it faster). Folding is not always
+      faster; the figures are reported as measured.
+
+Nothing here prints; an ONNX file never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionError
+from .records import FoldReport
+
+__all__ = ["Timing", "BenchReport", "time_call", "bench_onnx", "bench_file"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Median latency of original and folded under one runtime setting."""
+
+    setting: str
+    """"onnxruntime ORT_DISABLE_ALL", "onnxruntime ORT_ENABLE_ALL" or "pytorch eager"."""
+    original_ms: float
+    folded_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.folded_ms if self.folded_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "setting": self.setting,
+            "original_ms": self.original_ms,
+            "folded_ms": self.folded_ms,
+            "speedup": self.speedup,
+        }
+
+
+@dataclass(slots=True)
+class BenchReport:
+    """Latency figures for one model file."""
+
+    model: str
+    format: str
+    runs: int
+    warmup: int
+    threads: int
+    input_shapes: dict[str, tuple[int, ...]]
+    timings: list[Timing] = field(default_factory=list)
+    fold: FoldReport = field(default_factory=lambda: FoldReport(backend="onnx"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "format": self.format,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "threads": self.threads,
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "timings": [t.to_dict() for t in self.timings],
+            "bn_before": self.fold.bn_before,
+            "bn_after": self.fold.bn_after,
+            "folded": self.fold.folded,
+        }
+
+
+def time_call(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+        if tick:
+            tick()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        if tick:
+            tick()
+    return float(statistics.median(times))
+
+
+def _onnx_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    from ._inputs import random_inputs, resolve_shapes
+    from .jobs import onnx_input_specs
+
+    specs = onnx_input_specs(model)
+    return random_inputs(specs, resolve_shapes(specs, shapes), np.random.default_rng(seed))
+
+
+def _session(data: bytes | str, level: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    if threads > 0:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def bench_onnx(
+    original: bytes | str,
+    folded: bytes | str,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    runs: int,
+    warmup: int,
+    threads: int = 0,
+    tick: Callable[[], None] | None = None,
+) -> list[Timing]:
+    """Median latency of two serialized ONNX models (or paths) at ORT_DISABLE_ALL and ORT_ENABLE_ALL."""
+    timings = []
+    for level, label in (("disable", "onnxruntime ORT_DISABLE_ALL"), ("all", "onnxruntime ORT_ENABLE_ALL")):
+        medians = []
+        for data in (original, folded):
+            sess = _session(data, level, threads)
+            names = {i.name for i in sess.get_inputs()}
+            feed = {k: v for k, v in feeds.items() if k in names}
+            medians.append(time_call(partial(sess.run, None, feed), runs=runs, warmup=warmup, tick=tick))
+        timings.append(Timing(label, medians[0], medians[1]))
+    return timings
+
+
+def bench_file(
+    src: str | os.PathLike[str],
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 0,
+    affine: bool = False,
+    model_factory: str | None = None,
+    trust_pickle: bool = False,
+    input_shapes: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> BenchReport:
+    """Load ``src``, fold it in memory, and time original and folded (see the module rules).
+
+    Args:
+        src: the model file.
+        runs: timed runs per measurement (>= 1); the median is kept.
+        warmup: untimed runs before timing (>= 0).
+        threads: onnxruntime intra-op threads and torch threads (0: the runtime's default).
+        affine: fold with ``affine=True`` (ONNX).
+        model_factory, trust_pickle: as for :func:`bnfold.jobs.fold_file`.
+        input_shapes: ``["name=1x3x224x224"]`` or ``{name: shape}``; needed for a PyTorch module.
+        seed: seed of the random inputs.
+        progress: ``progress(stage, done, total)`` callback ("bench" stage, one step per call).
+
+    Returns:
+        A :class:`BenchReport`.
+    """
+    from . import io as bio
+    from .api import fold_with_report
+    from .errors import BnfoldError
+    from .jobs import _parse_shapes, _with_path, resolve_factory
+
+    if runs < 1:
+        raise OptionError(f"--runs {runs}: must be >= 1")
+    if warmup < 0:
+        raise OptionError(f"--warmup {warmup}: must be >= 0")
+    if threads < 0:
+        raise OptionError(f"--threads {threads}: must be >= 0")
+    prog = progress or (lambda stage, done, total: None)
+    src_p = Path(src)
+    shapes = _parse_shapes(input_shapes, src_p)
+    fmt = bio.detect_format(src_p)
+    factory = resolve_factory(model_factory)
+    prog("load", 0, 1)
+    model = bio.load(src_p, model_factory=factory, trust_pickle=trust_pickle)
+    prog("load", 1, 1)
+
+    if fmt == "onnx":
+        try:
+            feeds = _onnx_inputs(model, shapes, seed)
+        except BnfoldError as e:
+            raise _with_path(e, str(src_p)) from e
+        original = model.SerializeToString()
+        folded, report = fold_with_report(model, affine=affine, inplace=True)
+        folded_bytes = folded.SerializeToString()
+        total = 4 * (runs + warmup)
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            prog("bench", done[0], total)
+
+        timings = bench_onnx(original, folded_bytes, feeds, runs=runs, warmup=warmup, threads=threads, tick=tick)
+        return BenchReport(
+            model=str(src_p), format=fmt, runs=runs, warmup=warmup, threads=threads,
+            input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, timings=timings, fold=report,
+        )
+    return _bench_torch(src_p, fmt, model, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog)
+
+
+def _bench_torch(
+    src: Path,
+    fmt: str,
+    model: Any,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    runs: int,
+    warmup: int,
+    threads: int,
+    seed: int,
+    progress: ProgressFn,
+) -> BenchReport:
+    import torch
+
+    from .api import fold_with_report
+
+    is_ep = isinstance(model, torch.export.ExportedProgram)
+    if is_ep:
+        ex = model.example_inputs
+        args = tuple(ex[0]) if isinstance(ex, tuple) and len(ex) == 2 else tuple(ex)
+    elif shapes:
+        g = torch.Generator().manual_seed(seed)
+        args = tuple(torch.randn(s, generator=g) for s in shapes.values())
+    else:
+        raise OptionError(f"{src}: a PyTorch module has no input signature: pass --input-shape x=1x3x224x224")
+    folded, report = fold_with_report(model)
+    # An exported program is called through its GraphModule (eval semantics are fixed in the graph).
+    runnable = (model.module(), folded.module()) if is_ep else (model, folded)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    total = 6 * (runs + warmup)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        progress("bench", done[0], total)
+
+    timings: list[Timing] = []
+    with torch.no_grad():
+        eager = [time_call(partial(m, *args), runs=runs, warmup=warmup, tick=tick) for m in runnable]
+    names = [f"input{i}" for i in range(len(args))]
+    with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
+        paths = []
+        for name, m in (("original", model), ("folded", folded)):
+            path = os.path.join(tmp, f"{name}.onnx")
+            if is_ep:  # optimize=False: the exporter must not fold the original behind our back
+                prog = torch.onnx.export(m, dynamo=True, optimize=False, verbose=False)
+                prog.save(path)  # type: ignore[union-attr]
+            else:
+                torch.onnx.export(
+                    m, args, path, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
+                )
+            paths.append(path)
+        if is_ep:
+            import onnx
+
+            graph = onnx.load(paths[0], load_external_data=False).graph
+            init = {t.name for t in graph.initializer}
+            names = [i.name for i in graph.input if i.name not in init]
+        feeds = {n: a.detach().numpy() for n, a in zip(names, args)}
+        timings.extend(bench_onnx(paths[0], paths[1], feeds, runs=runs, warmup=warmup, threads=threads, tick=tick))
+    timings.append(Timing("pytorch eager", eager[0], eager[1]))
+    return BenchReport(
+        model=str(src), format=fmt, runs=runs, warmup=warmup, threads=threads,
+        input_shapes={n: tuple(a.shape) for n, a in zip(names, args)}, timings=timings, fold=report,
+    )

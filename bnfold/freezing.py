@@ -1,0 +1,429 @@
+"""Freeze BatchNorm into its inference affine map, turn it back, and re-estimate its statistics.
+
+Freezing (for fine-tuning with batches too small for batch statistics) replaces each selected
+BatchNorm by a :class:`~bnfold.nn.frozen.FrozenBatchNorm` computing, per channel::
+
+    y = x * scale + shift,   scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
+
+in float64, cast once to the layer dtype. Rules:
+
+    1. Types frozen: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and ``bnfold.nn``'s
+       BatchNorm1d/2d/3d and SyncBatchNorm. Other ``_BatchNorm`` subclasses are left
+       (``SkipReason.CUSTOM_BN``), as are BNs without running statistics
+       (``SkipReason.NO_RUNNING_STATS``: they have no inference map) and BNs whose scale/shift are not
+       finite in their dtype (``SkipReason.OVERFLOW``).
+    2. Selection: every such BN, or those whose qualified name is (under) one of ``prefix``, and/or
+       for which ``predicate(name, module)`` is true. Unselected BNs are named in the report's notes.
+    3. Functional: the model is deep-copied unless ``inplace=True``; the new root is returned (it is a
+       new module when the root itself is a BN). A module registered at several names is replaced by
+       one frozen layer registered at the same names (it stays shared).
+    4. ``unfreeze`` maps a frozen layer back to the BN class it came from (``torch.nn.BatchNorm2d``
+       when unknown) with identical eval output, see :meth:`FrozenBatchNorm.bn_state`.
+    5. ``recalibrate`` re-estimates the running statistics of every BN as the cumulative average over
+       the given batches (PyTorch ``momentum=None``) with only the BNs in train mode and no gradient;
+       nothing else changes.
+
+Checkpoints, both directions:
+
+    * BN -> frozen: ``frozen_model.load_state_dict(bn_checkpoint)`` works as is (``weight``, ``bias``,
+      ``running_mean``, ``running_var``, ``num_batches_tracked`` are converted with each frozen layer's
+      ``eps``; ``affine=False`` BNs have no weight/bias); frozen checkpoints (``scale``/``shift``) load
+      too.
+    * frozen -> BN: ``bn_model.load_state_dict(bn_state_dict(frozen_model))``, or
+      :func:`to_bn_state_dict` on a saved frozen state_dict when no model is at hand.
+
+The module is named ``freezing`` (not ``freeze``) so that importing it never rebinds the package
+attribute ``bnfold.freeze``, which is the function.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import InputError, OptionError, UnsupportedModelError
+from .fold_math import bn_affine, fits_dtype
+from .nn.frozen import FrozenBatchNorm
+from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
+
+__all__ = [
+    "freeze",
+    "freeze_with_report",
+    "unfreeze",
+    "recalibrate",
+    "bn_state_dict",
+    "to_bn_state_dict",
+]
+
+log = logging.getLogger(__name__)
+
+Predicate = Callable[[str, nn.Module], bool]
+
+
+def _freezable_types() -> tuple[type[nn.Module], ...]:
+    types: list[type[nn.Module]] = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
+    try:
+        from . import nn as bnn
+
+        types += [bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d, bnn.SyncBatchNorm]
+    except ImportError:  # pragma: no cover - bnfold.nn always ships; keep freeze usable regardless
+        log.debug("bnfold.nn not importable; freezing torch BatchNorm only")
+    return tuple(types)
+
+
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    return names
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[attr] = new
+
+
+def _selected(
+    names: Sequence[str], module: nn.Module, prefixes: tuple[str, ...] | None, predicate: Predicate | None
+) -> bool:
+    if prefixes is not None and not any(
+        p == "" or n == p or n.startswith(p + ".") for n in names for p in prefixes
+    ):
+        return False
+    return predicate is None or any(predicate(n, module) for n in names)
+
+
+def _verdict(name: str, bn: nn.Module, types: tuple[type[nn.Module], ...]) -> Skip | None:
+    """A reason to leave ``bn`` as it is, or None when it can be frozen."""
+    if type(bn) not in types:
+        return Skip(
+            name, SkipReason.CUSTOM_BN, f"{type(bn).__qualname__} is not a BatchNorm type bnfold freezes"
+        )
+    mean = getattr(bn, "running_mean", None)
+    var = getattr(bn, "running_var", None)
+    if mean is None or var is None:
+        return Skip(
+            name,
+            SkipReason.NO_RUNNING_STATS,
+            "track_running_stats=False: it normalises with batch statistics even in eval mode, so it has "
+            "no fixed affine map to freeze",
+        )
+    weight = getattr(bn, "weight", None)
+    dtype = weight.dtype if weight is not None else mean.dtype
+    if not dtype.is_floating_point:
+        return Skip(name, SkipReason.UNSUPPORTED_DTYPE, f"parameters are {dtype}, not floating point")
+    if not float(bn.eps) > 0:  # type: ignore[arg-type]
+        return Skip(name, SkipReason.UNSUPPORTED_LAYER, f"eps={bn.eps} <= 0; set eps > 0 before freezing")
+    bias = getattr(bn, "bias", None)
+    scale, shift = bn_affine(
+        None if weight is None else weight.detach().cpu().double().numpy(),
+        None if bias is None else bias.detach().cpu().double().numpy(),
+        mean.detach().cpu().double().numpy(),
+        var.detach().cpu().double().numpy(),
+        float(bn.eps),  # type: ignore[arg-type]
+    )
+    np_dtype = {torch.bfloat16: "float32"}.get(dtype, str(dtype).removeprefix("torch."))
+    if not (fits_dtype(scale, np_dtype) and fits_dtype(shift, np_dtype)):
+        return Skip(name, SkipReason.OVERFLOW, f"scale or shift would not be finite in {dtype}")
+    return None
+
+
+def freeze_with_report(
+    model: nn.Module,
+    *,
+    learnable: bool = False,
+    inplace: bool = False,
+    prefix: str | Sequence[str] | None = None,
+    predicate: Predicate | None = None,
+) -> tuple[nn.Module, FoldReport]:
+    """Freeze BatchNorm layers; return the new root and a report with one verdict per selected BN.
+
+    Args and return value as :func:`freeze`, plus a :class:`~bnfold.records.FoldReport`
+    (``backend="freeze"``): a ``Site`` (direction ``AFFINE``, target_kind ``"FrozenBatchNorm"``) per
+    frozen BN, a ``Skip`` per selected BN that was left, the unselected BNs in ``notes``.
+
+    Raises:
+        UnsupportedModelError: a lazy module has not been initialised yet.
+        InputError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"freeze expects a torch.nn.Module, got {type(model).__name__}")
+    t0 = time.perf_counter()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[misc]
+            raise UnsupportedModelError(
+                f"{name or type(m).__name__}: uninitialised lazy module; run one forward pass first"
+            )
+    prefixes = (prefix,) if isinstance(prefix, str) else (None if prefix is None else tuple(prefix))
+    root = model if inplace else copy.deepcopy(model)
+    types = _freezable_types()
+    names = _names_by_module(root)
+    report = FoldReport(backend="freeze")
+    bns = [(n, m) for n, m in root.named_modules() if isinstance(m, _BatchNorm)]
+    report.bn_before = len(bns)
+    report.params_before = sum(p.numel() for p in root.parameters())
+    unselected: list[str] = []
+    new_root = root
+    for name, bn in bns:
+        all_names = names[id(bn)]
+        if not _selected(all_names, bn, prefixes, predicate):
+            unselected.append(name)
+            continue
+        skip = _verdict(name, bn, types)
+        if skip is not None:
+            report.verdicts.append(skip)
+            continue
+        try:
+            frozen = FrozenBatchNorm.from_bn(bn, learnable=learnable)
+        except ValueError as e:  # e.g. bfloat16 rounding up to inf at the edge of the range
+            report.verdicts.append(Skip(name, SkipReason.OVERFLOW, str(e)))
+            continue
+        for n in all_names:
+            if n == "":
+                new_root = frozen
+            else:
+                _replace(root, n, frozen)
+        detail = "learnable scale/shift" if learnable else "fixed scale/shift"
+        if len(all_names) > 1:
+            detail += f"; shared at {', '.join(all_names)}"
+        report.verdicts.append(Site(name, "", "FrozenBatchNorm", Direction.AFFINE, detail))
+    if unselected:
+        report.notes.append(f"{len(unselected)} BatchNorm not selected: {', '.join(unselected)}")
+    report.bn_after = sum(1 for _, m in new_root.named_modules() if isinstance(m, _BatchNorm))
+    report.params_after = sum(p.numel() for p in new_root.parameters())
+    report.seconds = time.perf_counter() - t0
+    return new_root, report
+
+
+def freeze(
+    model: nn.Module,
+    *,
+    learnable: bool = False,
+    inplace: bool = False,
+    prefix: str | Sequence[str] | None = None,
+    predicate: Predicate | None = None,
+    report: list[Verdict] | None = None,
+) -> nn.Module:
+    """Replace BatchNorm layers by frozen affine layers ``y = x * scale + shift``.
+
+    Frozen: output in ``train()`` equals the eval output, no running statistics change, and (by
+    default) ``scale``/``shift`` are buffers with no gradient.
+
+    Args:
+        model: the model (not changed unless ``inplace``).
+        learnable: make ``scale``/``shift`` trainable parameters initialised at the folded values.
+        inplace: change ``model`` itself (the returned root is still the one to use: a BN root is
+            replaced by a new module).
+        prefix: freeze only BNs whose qualified name is one of these, or lies under one
+            (``"layer1"`` selects ``layer1.0.bn1``, not ``layer10.bn``); ``""`` selects all.
+        predicate: ``predicate(name, module) -> bool``; freeze only BNs for which it is true
+            (combined with ``prefix`` by AND).
+        report: if given, a list that receives one ``Site`` or ``Skip`` per selected BN.
+
+    Returns:
+        The new root module.
+
+    Example:
+        >>> model = bnfold.freeze(model)                  # fine-tune with batch 2
+        >>> model = bnfold.freeze(model, learnable=True)  # statistics fixed, affine trained
+    """
+    out, rep = freeze_with_report(
+        model, learnable=learnable, inplace=inplace, prefix=prefix, predicate=predicate
+    )
+    if report is not None:
+        report.extend(rep.verdicts)
+    return out
+
+
+def _bn_class(layer: FrozenBatchNorm) -> type[_BatchNorm]:
+    src = layer.source
+    if isinstance(src, type) and issubclass(src, _BatchNorm):
+        return src
+    return {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}.get(layer.dim or 2, nn.BatchNorm2d)
+
+
+@torch.no_grad()
+def _to_bn(layer: FrozenBatchNorm) -> _BatchNorm:
+    cls = _bn_class(layer)
+    momentum = layer.momentum
+    bn = cls(
+        layer.num_features,
+        eps=layer.eps,
+        momentum=momentum,  # type: ignore[arg-type]
+        affine=True,
+        track_running_stats=True,
+        device=layer.scale.device,
+        dtype=layer.scale.dtype,
+    )
+    state = layer.bn_state(affine=True)
+    bn.weight.copy_(state["weight"])
+    bn.bias.copy_(state["bias"])
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    bn.running_mean.copy_(state["running_mean"])
+    bn.running_var.copy_(state["running_var"])
+    bn.num_batches_tracked.copy_(state["num_batches_tracked"])
+    bn.train(layer.training)
+    return bn
+
+
+def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Turn every :class:`FrozenBatchNorm` back into a trainable BatchNorm with identical eval output.
+
+    The BN class is the one the layer was frozen from (``SyncBatchNorm`` stays ``SyncBatchNorm``;
+    ``BatchNorm{dim}d`` when only the ``dim`` hint is known, ``BatchNorm2d`` otherwise). Statistics
+    and affine parameters follow :meth:`FrozenBatchNorm.bn_state`: a layer frozen from a BN and never
+    trained comes back as that BN (up to rounding).
+
+    Args:
+        model: the model (not changed unless ``inplace``).
+        inplace: change ``model`` itself.
+
+    Returns:
+        The new root module.
+    """
+    root = model if inplace else copy.deepcopy(model)
+    names = _names_by_module(root)
+    new_root = root
+    for _, layer in list(root.named_modules()):
+        if not isinstance(layer, FrozenBatchNorm):
+            continue
+        bn = _to_bn(layer)
+        for n in names[id(layer)]:
+            if n == "":
+                new_root = bn
+            else:
+                _replace(root, n, bn)
+    return new_root
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Tensor):
+        model(batch)
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def recalibrate(model: nn.Module, batches: Iterable[Any], *, inplace: bool = False) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm on ``batches``; nothing else changes.
+
+    Each BN with running statistics is reset and then accumulates the cumulative average of the batch
+    means and (unbiased) variances over the batches (PyTorch ``momentum=None``). Only BN layers run in
+    train mode (dropout and the like stay in eval mode), under ``torch.no_grad()``; momentum and the
+    ``training`` flags are restored afterwards. Frozen layers have no statistics and are untouched.
+
+    Args:
+        model: the model (not changed unless ``inplace``).
+        batches: an iterable of inputs: a tensor (``model(x)``), a tuple/list (``model(*b)``) or a
+            mapping (``model(**b)``). Labels are not needed: pass inputs only.
+        inplace: change ``model`` itself.
+
+    Returns:
+        The model with new statistics.
+
+    Raises:
+        OptionError: ``batches`` is empty.
+    """
+    root = model if inplace else copy.deepcopy(model)
+    bns = [m for m in root.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    flags = {id(m): m.training for m in root.modules()}
+    momenta = [m.momentum for m in bns]
+    try:
+        root.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        count = 0
+        with torch.no_grad():
+            for batch in batches:
+                _call(root, batch)
+                count += 1
+        if count == 0:
+            raise OptionError("recalibrate needs at least one batch")
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        for mod in root.modules():
+            mod.training = flags.get(id(mod), mod.training)
+    log.debug("recalibrated %d BatchNorm on %d batches", len(bns), count)
+    return root
+
+
+def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state_dict of ``model`` with every frozen layer's entries in BatchNorm format.
+
+    Loads into the original (unfrozen) model and gives the same eval output: per frozen layer,
+    ``scale``/``shift`` become ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` (see :meth:`FrozenBatchNorm.bn_state`); other entries are unchanged.
+    """
+    state = model.state_dict()
+    out: dict[str, Tensor] = {}
+    frozen = {
+        name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, FrozenBatchNorm)
+    }
+    for key, value in state.items():
+        mod, _, leaf = key.rpartition(".")
+        if mod in frozen and leaf in ("scale", "shift"):
+            if leaf == "scale":
+                pre = mod + "." if mod else ""
+                out.update({pre + k: v for k, v in frozen[mod].bn_state().items()})
+            continue
+        out[key] = value
+    return out
+
+
+def to_bn_state_dict(
+    state_dict: Mapping[str, Tensor],
+    eps: float | Mapping[str, float] = 1e-5,
+    affine: bool | Mapping[str, bool] = True,
+) -> dict[str, Tensor]:
+    """Convert a saved frozen state_dict (no model at hand) to BatchNorm format.
+
+    Every pair ``<m>.scale`` / ``<m>.shift`` of equal 1-D shape is taken as a frozen layer ``<m>``
+    and mapped with ``running_mean = 0``, ``running_var = 1 - eps`` (0 if ``eps >= 1``),
+    ``weight = scale * sqrt(running_var + eps)``, ``bias = shift``: a BN with that ``eps`` gives the
+    same eval output. Prefer :func:`bn_state_dict` when the frozen model exists (it restores the
+    original statistics when known).
+
+    Args:
+        state_dict: the frozen model's state_dict.
+        eps: the BN epsilon, one for all layers or per layer name ``<m>`` (default 1e-5).
+        affine: whether the target BN has weight and bias, for all layers or per layer name; for
+            ``affine=False`` see :meth:`FrozenBatchNorm.bn_state`.
+
+    Raises:
+        ValueError: a layer cannot be written as a BN with ``affine=False``.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        mod, _, leaf = key.rpartition(".")
+        pre = mod + "." if mod else ""
+        other = state_dict.get(pre + ("shift" if leaf == "scale" else "scale"))
+        if (
+            leaf in ("scale", "shift")
+            and other is not None
+            and value.dim() == 1
+            and other.shape == value.shape
+        ):
+            if leaf == "shift":
+                continue
+            e = float(eps[mod]) if isinstance(eps, Mapping) else float(eps)
+            layer = FrozenBatchNorm(value.numel(), e, dtype=value.dtype, device=value.device)
+            layer.load_state_dict({"scale": value, "shift": other})
+            a = bool(affine.get(mod, True)) if isinstance(affine, Mapping) else bool(affine)
+            out.update({pre + k: v for k, v in layer.bn_state(affine=a).items()})
+            continue
+        out[key] = value
+    return out

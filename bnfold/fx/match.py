@@ -1,0 +1,486 @@
+"""One verdict per BatchNorm in a ``torch.fx`` graph: a :class:`~bnfold.records.Site` or a
+:class:`~bnfold.records.Skip`.
+
+Rules (cited in the code as "Rule n"):
+
+1. A BN is a call of a plain BatchNorm module (``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
+   ``bnfold.nn`` BatchNorm/SyncBatchNorm, or a subclass that does not override ``forward``), a
+   ``bnfold.nn.FrozenBatchNorm`` (its ``scale``/``shift`` are read directly), or a call of
+   ``F.batch_norm`` whose statistics and affine parameters are attributes of the model (constants)
+   and ``training=False``. Subclasses that override ``forward``, or any BN with hooks:
+   ``CUSTOM_BN``. ``track_running_stats=False`` or no running statistics: ``NO_RUNNING_STATS``.
+2. Forward fold (layer -> BN): the BN input is a call of a plain Conv1d/2d/3d, ConvTranspose1d/2d/3d
+   or Linear module (exact behaviour: ``forward`` not overridden, no hooks, not parametrized) whose
+   output has exactly this one user (``OTHER_CONSUMERS`` otherwise: a residual tap needs the
+   unscaled value).
+3. Backward fold (BN -> layer): the BN output has exactly one user, a plain Conv or Linear that reads
+   it as its input. A Conv that pads with zeros is refused (``PADDING``: the padded zeros would not be
+   shifted); ``padding_mode`` reflect/replicate/circular copies BN outputs and stays exact.
+   ConvTranspose cannot absorb an input shift (``UNSUPPORTED_LAYER``).
+4. Linear acts on the last dim and BN on dim 1: they meet only when the tensor between them is 2-D
+   ``(N, C)``. The rank is read from recorded shapes (``ShapeProp`` with example inputs) or from the
+   graph (a flatten to 2-D upstream). Another rank: ``LAYOUT``. Unknown rank (an MLP whose first
+   Linear reads the model input, with no example inputs given): also ``LAYOUT`` -- a fold that is
+   exact only for some input ranks is not a fold; the detail says to pass ``example_inputs``.
+5. A layer module called at several places, read as an attribute in ``forward``, or registered
+   under several names, is folded per call site on a clone (``needs_graph``: only a GraphModule
+   can call a clone); the same holds for a BN module called at several places and for functional BN.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+
+__all__ = [
+    "Candidate",
+    "Tracer",
+    "find_sites",
+    "layer_kind",
+    "bn_module_skip",
+    "is_bn_module",
+    "is_frozen_bn",
+    "fetch_attr",
+    "CONV_TYPES",
+    "CONVT_TYPES",
+]
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, *CONVT_TYPES, nn.Linear)
+
+
+def _frozen_types() -> tuple[type[nn.Module], ...]:
+    try:
+        from bnfold.nn.frozen import FrozenBatchNorm
+    except ImportError:  # pragma: no cover - bnfold.nn is part of the package
+        return ()
+    return (FrozenBatchNorm,)
+
+
+def _plain_bn_forwards() -> set[Any]:
+    fwds: set[Any] = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+    try:
+        from bnfold.nn import batchnorm as bnb
+
+        fwds.add(bnb._BnfoldBatchNorm.forward)
+        from bnfold.nn import sync
+
+        fwds.add(sync.SyncBatchNorm.forward)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on bnfold.nn's layout
+        pass
+    return fwds
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    """True for a ``bnfold.nn.FrozenBatchNorm`` (any rank)."""
+    return isinstance(m, _frozen_types())
+
+
+def is_bn_module(m: nn.Module) -> bool:
+    """True for every BatchNorm-like module bnfold gives a verdict to (plain, custom or frozen)."""
+    return isinstance(m, _BatchNorm) or is_frozen_bn(m)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
+
+
+def bn_module_skip(m: nn.Module) -> tuple[SkipReason, str] | None:
+    """Rule 1 for a BN module: why it can never be folded, or None when its eval map is known."""
+    if _has_hooks(m):
+        return SkipReason.CUSTOM_BN, "the BatchNorm has forward hooks, which a fold would drop"
+    if is_frozen_bn(m):
+        if type(m).forward is not _frozen_types()[0].forward:
+            return SkipReason.CUSTOM_BN, f"{type(m).__name__} overrides forward (extra behaviour kept)"
+        return None
+    if type(m).forward not in _plain_bn_forwards():
+        return (
+            SkipReason.CUSTOM_BN,
+            f"{type(m).__name__} overrides BatchNorm.forward; its extra behaviour would be lost",
+        )
+    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        return (
+            SkipReason.NO_RUNNING_STATS,
+            "track_running_stats=False: the layer normalises with batch statistics even in eval mode",
+        )
+    return None
+
+
+def layer_kind(m: nn.Module) -> str | None:
+    """The kind name of a layer that can absorb a BN exactly ("Conv2d", "Linear", ...), else None."""
+    for base in LAYER_TYPES:
+        if isinstance(m, base):
+            t = type(m)
+            if t.forward is not base.forward:
+                return None
+            if hasattr(base, "_conv_forward") and getattr(t, "_conv_forward", None) is not base._conv_forward:
+                return None
+            if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
+                return None
+            if not isinstance(m.weight, torch.Tensor) or not m.weight.is_floating_point():
+                return None
+            return base.__name__
+    return None
+
+
+class Tracer(fx.Tracer):
+    """FX tracer that keeps every BN and layer a leaf (bnfold.nn layers are not in ``torch.nn``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_bn_module(m) or isinstance(m, LAYER_TYPES):
+            return True
+        return bool(super().is_leaf_module(m, module_qualified_name))
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for target ``"a.b.c"``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class Candidate:
+    """A BN call that can be folded, with what the rewrite needs."""
+
+    site: Site
+    bn_node: fx.Node
+    layer_node: fx.Node
+    needs_graph: bool
+    graph_why: str = ""
+
+
+_BN_FUNCS = (F.batch_norm,)
+_BN_FN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_FN_DEFAULTS: dict[str, Any] = {
+    "weight": None,
+    "bias": None,
+    "training": False,
+    "momentum": 0.1,
+    "eps": 1e-5,
+}
+
+
+def functional_bn_args(node: fx.Node) -> dict[str, Any]:
+    """Arguments of an ``F.batch_norm`` call by name."""
+    out = dict(_BN_FN_DEFAULTS)
+    for name, a in zip(_BN_FN_ARGS, node.args):
+        out[name] = a
+    out.update(node.kwargs)
+    return out
+
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.ELU,
+    nn.Mish,
+    nn.Dropout,
+    nn.Identity,
+)
+_ELEMENTWISE_FUNCS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.dropout}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "float", "half", "to"}
+
+
+def _flatten_to_2d(start: Any, end: Any) -> bool:
+    return bool(start == 1 and end == -1)
+
+
+def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
+    """The tensor rank of ``node``'s value when the graph proves it (Rule 4), else None."""
+    if not isinstance(node, fx.Node) or depth > 64:
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return len(meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        m = fetch_attr(root, str(node.target))
+        if isinstance(m, nn.Flatten):
+            return 2 if _flatten_to_2d(m.start_dim, m.end_dim) else None
+        if isinstance(m, (nn.Linear, *_ELEMENTWISE_MODULES, nn.BatchNorm1d)) or is_bn_module(m):
+            return rank_of(first, root, depth + 1)
+        return None
+    if node.op == "call_function":
+        if node.target is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return 2 if _flatten_to_2d(start, end) else None
+        if node.target in _ELEMENTWISE_FUNCS:
+            return rank_of(first, root, depth + 1)
+        return None
+    if node.op == "call_method":
+        if node.target == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return 2 if _flatten_to_2d(start, end) else None
+        if node.target in ("view", "reshape"):
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = tuple(sizes[0])
+            return len(sizes) if sizes else None
+        if node.target in _ELEMENTWISE_METHODS:
+            return rank_of(first, root, depth + 1)
+    return None
+
+
+def _zero_padding(conv: Any) -> bool:
+    """True when the conv reads no padded zeros (Rule 3)."""
+    if conv.padding_mode != "zeros":
+        return True
+    pad = conv.padding
+    if isinstance(pad, str):
+        return pad == "valid" or all(p == 0 for p in conv._reversed_padding_repeated_twice)
+    return all(int(p) == 0 for p in pad)
+
+
+class _Index:
+    """Counts over one traced graph: calls per module, attribute reads, registrations."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module, whole: nn.Module) -> None:
+        self.root = root
+        self.calls: Counter[str] = Counter()
+        self.attr_targets: list[str] = []
+        for n in graph.nodes:
+            if n.op == "call_module":
+                self.calls[str(n.target)] += 1
+            elif n.op == "get_attr":
+                self.attr_targets.append(str(n.target))
+        self.registered: Counter[int] = Counter(id(m) for _, m in whole.named_modules(remove_duplicate=False))
+
+    def shared_why(self, target: str) -> str:
+        """Why a module cannot be changed in place (Rule 5), "" when it can."""
+        m = fetch_attr(self.root, target)
+        if self.calls[target] > 1:
+            return f"'{target}' is called at {self.calls[target]} places"
+        if any(t == target or t.startswith(target + ".") for t in self.attr_targets):
+            return f"a tensor of '{target}' is read directly in forward"
+        if self.registered[id(m)] > 1:
+            return f"'{target}' is registered under {self.registered[id(m)]} names"
+        return ""
+
+
+def _bn_info(node: fx.Node, root: nn.Module) -> tuple[str, int | None, Skip | None]:
+    """(display name, num_features, skip) for a BN node (Rule 1)."""
+    if node.op == "call_module":
+        name = str(node.target)
+        m = fetch_attr(root, name)
+        why = bn_module_skip(m)
+        skip = Skip(name, why[0], why[1]) if why else None
+        return name, int(m.num_features), skip
+    name = node.name
+    a = functional_bn_args(node)
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = a[key]
+        if v is None and key in ("weight", "bias"):
+            continue
+        if not (isinstance(v, fx.Node) and v.op == "get_attr"):
+            return (
+                name,
+                None,
+                Skip(name, SkipReason.NON_CONSTANT, f"F.batch_norm's {key} is not a model attribute"),
+            )
+    if a["training"] is not False:
+        return name, None, Skip(name, SkipReason.TRAINING_MODE, "F.batch_norm is called with training=True")
+    mean = fetch_attr(root, str(a["running_mean"].target))
+    return name, int(mean.numel()), None
+
+
+def is_bn_node(node: fx.Node, root: nn.Module) -> bool:
+    """True for a call of a BN module or of ``F.batch_norm``."""
+    if node.op == "call_module":
+        return is_bn_module(fetch_attr(root, str(node.target)))
+    return node.op == "call_function" and node.target in _BN_FUNCS
+
+
+def _sole_input_user(layer_node: fx.Node, bn_node: fx.Node) -> bool:
+    """True when the layer's one and only input is the BN output."""
+    return len(layer_node.args) == 1 and not layer_node.kwargs and layer_node.args[0] is bn_node
+
+
+def find_sites(
+    graph: fx.Graph, root: nn.Module, whole: nn.Module | None = None, prefix: str = ""
+) -> tuple[list[Verdict], list[Candidate]]:
+    """One verdict per BN call in ``graph`` (traced from ``root``), and the candidates behind the sites.
+
+    Args:
+        graph: a graph traced with :class:`Tracer` from ``root``.
+        root: the module the graph was traced from.
+        whole: the whole model ``root`` belongs to (for registration counts); default ``root``.
+        prefix: qualified name of ``root`` inside ``whole`` (for the names in the verdicts).
+
+    Returns:
+        ``(verdicts, candidates)``; every Site in ``verdicts`` has one candidate.
+    """
+    idx = _Index(graph, root, whole if whole is not None else root)
+    verdicts: list[Verdict] = []
+    cands: list[Candidate] = []
+    seen_bn: Counter[str] = Counter()
+
+    def q(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    for node in graph.nodes:
+        if not is_bn_node(node, root):
+            continue
+        name, nf, skip = _bn_info(node, root)
+        seen_bn[name] += 1
+        shown = q(name) if seen_bn[name] == 1 else f"{q(name)}#{seen_bn[name]}"
+        if skip is not None:
+            verdicts.append(Skip(shown, skip.reason, skip.detail))
+            continue
+        bn_graph_why = ""
+        if node.op == "call_function":
+            bn_graph_why = "functional F.batch_norm is removed from the graph"
+        else:
+            bn_graph_why = idx.shared_why(name)
+        src = node.args[0] if node.args else None
+        verdict, cand = _forward(node, src, root, idx, shown, nf, bn_graph_why, q)
+        if cand is None:
+            bverdict, bcand = _backward(node, root, idx, shown, nf, bn_graph_why, q)
+            if bcand is not None or (verdict.reason is SkipReason.NO_PRODUCER and bverdict is not None):
+                verdict, cand = bverdict, bcand  # type: ignore[assignment]
+        verdicts.append(cand.site if cand is not None else verdict)
+        if cand is not None:
+            cands.append(cand)
+    return verdicts, cands
+
+
+def _forward(
+    node: fx.Node, src: Any, root: nn.Module, idx: _Index, shown: str, nf: int | None, bn_why: str, q: Any
+) -> tuple[Skip, Candidate | None]:
+    none = Skip(shown, SkipReason.NO_PRODUCER, "its input is not a Conv/ConvTranspose/Linear module output")
+    if not isinstance(src, fx.Node):
+        return none, None
+    if src.op != "call_module":
+        if src.op == "call_function" and getattr(src.target, "__name__", "") in (
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "linear",
+        ):
+            return Skip(
+                shown, SkipReason.UNSUPPORTED_LAYER, "produced by a functional layer (F.conv/F.linear)"
+            ), None
+        return none, None
+    target = str(src.target)
+    layer = fetch_attr(root, target)
+    kind = layer_kind(layer)
+    if kind is None:
+        if isinstance(layer, LAYER_TYPES):
+            return (
+                Skip(
+                    shown,
+                    SkipReason.UNSUPPORTED_LAYER,
+                    f"'{q(target)}' changes the layer's behaviour (subclass, hook, parametrization)",
+                ),
+                None,
+            )
+        return none, None
+    # Rule 2: a residual tap (or a graph output) needs the unscaled value.
+    if len(src.users) != 1:
+        return (
+            Skip(
+                shown,
+                SkipReason.OTHER_CONSUMERS,
+                f"the output of '{q(target)}' is also used by {len(src.users) - 1} other node(s)",
+            ),
+            None,
+        )
+    out_ch = layer.out_features if kind == "Linear" else layer.out_channels
+    if nf is not None and out_ch != nf:
+        return Skip(shown, SkipReason.LAYOUT, f"{out_ch} layer channels for {nf} BN features"), None
+    rank = rank_of(src, root) if kind == "Linear" else 2
+    if rank is None:  # Rule 4: not proven
+        return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
+    if rank != 2:  # Rule 4
+        return (
+            Skip(
+                shown,
+                SkipReason.LAYOUT,
+                f"Linear acts on the last dim and BN on dim 1: not the same axis on a {rank}-D tensor",
+            ),
+            None,
+        )
+    why = idx.shared_why(target)
+    site = Site(shown, q(target), kind, Direction.FORWARD, _detail(why))
+    both = "; ".join(w for w in (why, bn_why) if w)
+    return none, Candidate(site, node, src, bool(both), both)
+
+
+_UNPROVEN_RANK = (
+    "Linear acts on the last dim and BN on dim 1, the same axis only for 2-D (N, C) tensors, and "
+    "nothing proves this one is 2-D: pass example_inputs=(x,) to bnfold.fold to record the shapes"
+)
+
+
+def _detail(why: str) -> str:
+    return f"cloned: {why}" if why else ""
+
+
+def _backward(
+    node: fx.Node, root: nn.Module, idx: _Index, shown: str, nf: int | None, bn_why: str, q: Any
+) -> tuple[Skip | None, Candidate | None]:
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None
+    u = users[0]
+    if u.op != "call_module" or not _sole_input_user(u, node):
+        return None, None
+    target = str(u.target)
+    layer = fetch_attr(root, target)
+    kind = layer_kind(layer)
+    if kind is None:
+        return None, None
+    if kind.startswith("ConvTranspose"):
+        return (
+            Skip(
+                shown,
+                SkipReason.UNSUPPORTED_LAYER,
+                "a ConvTranspose cannot absorb a BN before it (shift does not map to a bias)",
+            ),
+            None,
+        )
+    in_ch = layer.in_features if kind == "Linear" else layer.in_channels
+    if nf is not None and in_ch != nf:
+        return Skip(shown, SkipReason.LAYOUT, f"{in_ch} layer input channels for {nf} BN features"), None
+    if kind != "Linear" and not _zero_padding(layer):
+        return (
+            Skip(
+                shown,
+                SkipReason.PADDING,
+                f"'{q(target)}' pads with zeros, which the BN shift would not reach",
+            ),
+            None,
+        )
+    rank = rank_of(node.args[0], root) if kind == "Linear" else 2
+    if rank is None:  # Rule 4: not proven
+        return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
+    if rank != 2:  # Rule 4
+        return Skip(
+            shown, SkipReason.LAYOUT, f"BN -> Linear is exact only on a 2-D tensor, not {rank}-D"
+        ), None
+    why = idx.shared_why(target)
+    site = Site(shown, q(target), kind, Direction.BACKWARD, _detail(why))
+    both = "; ".join(w for w in (why, bn_why) if w)
+    return None, Candidate(site, node, u, bool(both), both)

@@ -1,0 +1,293 @@
+"""FrozenBatchNorm: BatchNorm frozen into the fixed per-channel affine map it computes at inference.
+
+Math (float64, one cast to the layer dtype at the end)::
+
+    scale = gamma / sqrt(running_var + eps)        (gamma = 1 when affine=False)
+    shift = beta - running_mean * scale            (beta  = 0 when affine=False)
+    y[:, c, ...] = x[:, c, ...] * scale[c] + shift[c]
+
+Rules:
+    * the output is the same in ``train()`` and ``eval()`` mode; there are no running statistics to
+      update; ``scale``/``shift`` are buffers (no gradient) unless ``learnable=True`` makes them
+      parameters, initialised at the folded values;
+    * ``eps`` stays inside ``scale`` and is kept on the layer (> 0, never 0) for mapping back to BN;
+    * a state_dict saved from a BatchNorm (``weight``, ``bias``, ``running_mean``, ``running_var``,
+      ``num_batches_tracked``) loads directly: it is converted with this layer's ``eps``;
+      ``scale``/``shift`` entries load as they are. :meth:`FrozenBatchNorm.bn_state` maps back;
+    * exports to ONNX as one ``Mul`` and one ``Add`` with constant per-channel operands.
+
+Mapping back to BN (eval output identical, same ``eps``): when the statistics the layer was frozen from
+are known (``from_bn`` or a BN-format checkpoint), ``mean`` and ``var`` are those and
+``weight = scale * sqrt(var + eps)``, ``bias = shift + mean * scale`` (so an unchanged layer gives
+back its BN); otherwise ``mean = 0``, ``var = 1 - eps`` (0 when ``eps >= 1``) and
+``weight = scale * sqrt(var + eps)``, which in float32 is ``scale`` itself because ``var + eps`` rounds
+to 1.
+
+This module stands alone: it imports torch only (no other part of bnfold).
+bfloat16: ``Tensor.to(torch.bfloat16)`` from float64 rounds through float32 (double rounding may put a
+value one bfloat16 ulp off the correctly rounded one in rare ties); accepted here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _affine64(
+    gamma: Tensor | None, beta: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as ``(scale, shift)`` in float64."""
+    m = mean.detach().to(torch.float64)
+    scale = 1.0 / torch.sqrt(var.detach().to(torch.float64) + float(eps))
+    if gamma is not None:
+        scale = gamma.detach().to(torch.float64) * scale
+    shift = -m * scale if beta is None else beta.detach().to(torch.float64) - m * scale
+    return scale, shift
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm frozen into ``y = x * scale + shift`` per channel (channel dim 1, any rank >= 2).
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: the epsilon of the BN this layer stands for (> 0); kept for mapping back to BN and for
+            converting BN-format checkpoints.
+        learnable: make ``scale`` and ``shift`` trainable ``nn.Parameter`` s (default: buffers).
+        dim: 1, 2 or 3 for the BatchNorm{1,2,3}d it replaces (``None``: any rank); a hint for
+            :func:`bnfold.unfreeze`, not a restriction.
+        dtype: dtype of ``scale``/``shift`` (default: torch's default dtype).
+        device: device of ``scale``/``shift``.
+
+    Attributes:
+        scale: ``(C,)`` per-channel factor.
+        shift: ``(C,)`` per-channel offset.
+        source: the BatchNorm class this layer was frozen from (``None`` if unknown).
+        momentum: the momentum of that BN (used when turning the layer back into a BN).
+    """
+
+    scale: Tensor
+    shift: Tensor
+    source_mean: Tensor | None
+    source_var: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        learnable: bool = False,
+        dim: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not eps > 0 or not math.isfinite(eps):
+            raise ValueError(f"FrozenBatchNorm eps must be a finite number > 0, got {eps!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.learnable = bool(learnable)
+        self.dim = dim
+        self.source: type[nn.Module] | None = None
+        self.momentum: float | None = 0.1
+        self.source_num_batches = 0
+        self.source_affine = True
+        scale = torch.ones(self.num_features, dtype=dtype, device=device)
+        shift = torch.zeros(self.num_features, dtype=dtype, device=device)
+        if learnable:
+            self.scale = nn.Parameter(scale)
+            self.shift = nn.Parameter(shift)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("shift", shift)
+        # Statistics the layer was frozen from (not saved in state_dict; None when unknown).
+        self.register_buffer("source_mean", None, persistent=False)
+        self.register_buffer("source_var", None, persistent=False)
+
+    @classmethod
+    def from_bn(cls, bn: nn.Module, learnable: bool = False) -> FrozenBatchNorm:
+        """The frozen layer that computes what ``bn`` computes in eval mode.
+
+        Args:
+            bn: a BatchNorm with running statistics (``track_running_stats=True``).
+            learnable: make ``scale``/``shift`` trainable parameters, initialised at the folded values.
+
+        Returns:
+            A new layer on the BN's device, in the dtype of its weight (or running mean if
+            ``affine=False``), with the BN's ``training`` flag.
+
+        Raises:
+            ValueError: the BN has no running statistics, or ``scale``/``shift`` are not finite in its
+                dtype (e.g. float16 overflow).
+        """
+        mean = getattr(bn, "running_mean", None)
+        var = getattr(bn, "running_var", None)
+        if mean is None or var is None:
+            raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False)")
+        weight = getattr(bn, "weight", None)
+        bias = getattr(bn, "bias", None)
+        dtype = weight.dtype if weight is not None else mean.dtype
+        name = type(bn).__name__
+        dim = int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else None
+        eps = float(bn.eps)  # type: ignore[arg-type]
+        layer = cls(int(mean.numel()), eps, learnable=learnable, dim=dim, dtype=dtype, device=mean.device)
+        layer._set_from_stats(weight, bias, mean, var, eps)
+        layer.source = type(bn)
+        layer.source_affine = weight is not None
+        momentum = getattr(bn, "momentum", 0.1)
+        layer.momentum = None if momentum is None else float(momentum)
+        nbt = getattr(bn, "num_batches_tracked", None)
+        layer.source_num_batches = int(nbt.item()) if nbt is not None else 0
+        layer.train(bn.training)
+        return layer
+
+    @torch.no_grad()
+    def _set_from_stats(
+        self, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+    ) -> None:
+        scale64, shift64 = _affine64(weight, bias, mean, var, eps)
+        scale = scale64.to(self.scale.dtype)
+        shift = shift64.to(self.shift.dtype)
+        if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())):
+            raise ValueError(f"frozen scale/shift are not finite in {self.scale.dtype}")
+        self.scale.copy_(scale)
+        self.shift.copy_(shift)
+        self.source_mean = mean.detach().to(torch.float64).clone().to(self.scale.device)
+        self.source_var = var.detach().to(torch.float64).clone().to(self.scale.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"FrozenBatchNorm expects an input of rank >= 2 (N, C, ...), got {x.dim()}")
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+    @torch.no_grad()
+    def bn_state(self, affine: bool | None = None) -> dict[str, Tensor]:
+        """BatchNorm-format entries that reproduce this layer's output in a BN with the same ``eps``.
+
+        Args:
+            affine: produce ``weight``/``bias`` (True) or statistics only, for a BN with
+                ``affine=False`` (False: ``var = 1/scale**2 - eps``, ``mean = -shift/scale``, possible only
+                when ``0 < scale <= 1/sqrt(eps)``). Default: as the BN the layer was frozen from
+                (True when unknown).
+
+        Returns:
+            ``weight`` and ``bias`` (when affine), ``running_mean``, ``running_var`` (this layer's
+            dtype and device) and ``num_batches_tracked`` (int64), as a ``torch.nn.BatchNorm*d``
+            state_dict holds them.
+
+        Raises:
+            ValueError: ``affine=False`` and some channel's scale is not in ``(0, 1/sqrt(eps)]``.
+        """
+        dt, dev = self.scale.dtype, self.scale.device
+        scale = self.scale.detach().to(torch.float64)
+        shift = self.shift.detach().to(torch.float64)
+        nbt = torch.tensor(self.source_num_batches, dtype=torch.long, device=dev)
+        if affine is None:
+            affine = self.source_affine
+        if not affine:
+            var = 1.0 / scale.square() - self.eps
+            if not (bool((scale > 0).all()) and bool((var >= 0).all())):
+                raise ValueError(
+                    "scale has channels outside (0, 1/sqrt(eps)]: a BatchNorm with affine=False cannot "
+                    "compute this layer; map to an affine BN"
+                )
+            return {
+                "running_mean": (-shift / scale).to(dt),
+                "running_var": var.to(dt),
+                "num_batches_tracked": nbt,
+            }
+        if self.source_mean is not None and self.source_var is not None:
+            mean = self.source_mean.to(dev)
+            var = self.source_var.to(dev)
+        else:
+            mean = torch.zeros_like(scale)
+            var = torch.full_like(scale, max(1.0 - self.eps, 0.0))
+        # The BN rounds its statistics to its dtype: derive weight from the rounded values.
+        mean = mean.to(dt).to(torch.float64)
+        var = var.to(dt).to(torch.float64)
+        weight = scale * torch.sqrt(var + self.eps)
+        bias = shift + mean * scale
+        return {
+            "weight": weight.to(dt),
+            "bias": bias.to(dt),
+            "running_mean": mean.to(dt),
+            "running_var": var.to(dt),
+            "num_batches_tracked": nbt,
+        }
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A checkpoint saved from a BatchNorm: convert its entries to scale/shift with this eps.
+        has_bn = any(prefix + k in state_dict for k in _BN_KEYS[:4])
+        if has_bn and prefix + "scale" not in state_dict:
+            mean = state_dict.pop(prefix + "running_mean", None)
+            var = state_dict.pop(prefix + "running_var", None)
+            weight = state_dict.pop(prefix + "weight", None)
+            bias = state_dict.pop(prefix + "bias", None)
+            nbt = state_dict.pop(prefix + "num_batches_tracked", None)
+            if mean is None or var is None:
+                error_msgs.append(
+                    f"{prefix or 'FrozenBatchNorm'}: BatchNorm entries without running_mean/running_var "
+                    "(a BN with track_running_stats=False has no inference map to freeze)"
+                )
+                return
+            try:
+                self._set_from_stats(weight, bias, mean, var, self.eps)
+            except ValueError as e:
+                error_msgs.append(f"{prefix or 'FrozenBatchNorm'}: {e}")
+                return
+            self.source_affine = weight is not None
+            if nbt is not None:
+                self.source_num_batches = int(nbt.item())
+            return
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        if prefix + "scale" in state_dict:
+            # scale/shift given directly: the statistics they came from are unknown.
+            self.source_mean = None
+            self.source_var = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, learnable={self.learnable}"
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` standing for a ``BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        kwargs.setdefault("dim", 1)
+        super().__init__(num_features, eps, **kwargs)
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` standing for a ``BatchNorm2d`` (input ``(N, C, H, W)``)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        kwargs.setdefault("dim", 2)
+        super().__init__(num_features, eps, **kwargs)
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` standing for a ``BatchNorm3d`` (input ``(N, C, D, H, W)``)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        kwargs.setdefault("dim", 3)
+        super().__init__(num_features, eps, **kwargs)

@@ -1,0 +1,308 @@
+"""Values that are constant in an ONNX graph, evaluated once with NumPy.
+
+A value is constant when it is
+
+1. an initializer (that is not also a graph input a user could feed, IR >= 4),
+2. the output of a ``Constant`` node,
+3. the output of a small pure node (Shape, Expand, CastLike, Cast, Reshape, Unsqueeze, Concat, ...)
+   all of whose inputs are constant -- or, for ``Shape``/``Size``, whose input has a fully static
+   declared shape, and for ``CastLike``, whose second input has a declared element type. This is how
+   ``torch.onnx.export(..., dynamo=True, optimize=False)`` builds a missing conv bias at run time
+   (``Expand(CastLike(0, input), Shape(weight))``);
+4. a constant of an enclosing graph (for If/Loop/Scan bodies).
+
+A value produced by ``DequantizeLinear`` is reported as quantized, and any other node makes the value
+depend on model inputs. Only the tensors asked for are converted to NumPy (the matcher asks for the
+weights and BN parameters it folds, nothing else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from bnfold.records import SkipReason
+
+from .graph import GraphIndex
+
+__all__ = ["ConstEvaluator", "Resolved", "PURE_OPS", "np_dtype"]
+
+Array = npt.NDArray[Any]
+Resolved = tuple[Array | None, SkipReason | None, str]
+"""``(value, None, "")`` for a constant, ``(None, reason, detail)`` otherwise."""
+
+
+def np_dtype(elem_type: int) -> np.dtype[Any]:
+    """NumPy dtype of an ONNX element type (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _attrs(node: NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _const_node(node: NodeProto, a: dict[str, Any]) -> Array:
+    if "value" in a:
+        return numpy_helper.to_array(a["value"])
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(a["value_floats"], dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(a["value_ints"], dtype=np.int64)
+    raise ValueError("unsupported Constant attribute")
+
+
+def _expand(x: Array, shape: Array) -> Array:
+    out = np.broadcast_shapes(x.shape, tuple(int(d) for d in shape))
+    return np.broadcast_to(x, out).copy()
+
+
+def _reshape(x: Array, shape: Array, allowzero: int) -> Array:
+    s = [int(d) for d in shape]
+    if not allowzero:
+        s = [x.shape[i] if d == 0 else d for i, d in enumerate(s)]
+    return x.reshape(s)
+
+
+def _unsqueeze(x: Array, axes: list[int]) -> Array:
+    r = x.ndim + len(axes)
+    for ax in sorted(a % r for a in axes):
+        x = np.expand_dims(x, ax)
+    return x
+
+
+def _squeeze(x: Array, axes: list[int] | None) -> Array:
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
+
+
+def _slice(x: Array, starts: Array, ends: Array, axes: Array | None, steps: Array | None) -> Array:
+    sl = [slice(None)] * x.ndim
+    ax = list(range(len(starts))) if axes is None else [int(a) % x.ndim for a in axes]
+    st = [1] * len(starts) if steps is None else [int(s) for s in steps]
+    for a, b, e, s in zip(ax, starts, ends, st):
+        sl[a] = slice(int(b), int(e), s)
+    return x[tuple(sl)]
+
+
+_BINARY: dict[str, Callable[[Array, Array], Array]] = {
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": lambda a, b: (a // b) if np.issubdtype(a.dtype, np.integer) else np.divide(a, b),
+    "Pow": lambda a, b: np.power(a, b).astype(a.dtype),
+}
+_UNARY: dict[str, Callable[[Array], Array]] = {
+    "Identity": lambda x: x,
+    "Neg": np.negative,
+    "Sqrt": np.sqrt,
+    "Reciprocal": np.reciprocal,
+    "Abs": np.abs,
+}
+PURE_OPS = frozenset(
+    {
+        "Constant",
+        "Shape",
+        "Size",
+        "Cast",
+        "CastLike",
+        "Expand",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Gather",
+        "Transpose",
+        "ConstantOfShape",
+        "Slice",
+        "Flatten",
+        *_BINARY,
+        *_UNARY,
+    }
+)
+"""Ops this module evaluates; a dead node of these kinds can be removed without changing the model."""
+
+_MAX_ELEMENTS = 1 << 28
+_CACHE_LIMIT = 1 << 14  # refuse to materialise absurdly large computed constants
+
+
+class ConstEvaluator:
+    """Resolve values of one graph to constants, memoised (one evaluation per value)."""
+
+    def __init__(self, index: GraphIndex, opset: int, outer: ConstEvaluator | None = None) -> None:
+        self.index = index
+        self.opset = opset
+        self.outer = outer
+        self._cache: dict[str, Resolved] = {}
+
+    # ---- public --------------------------------------------------------------------------------
+    def resolve(self, name: str) -> Resolved:
+        """The constant value of ``name``, or why it is not constant."""
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = self._resolve(name)
+            v = hit[0]
+            # Large initializers are not kept: converting again is cheap, holding every weight of the
+            # model in a cache would double the memory of a fold.
+            if v is None or v.size <= _CACHE_LIMIT or name not in self.index.initializers:
+                self._cache[name] = hit
+        return hit
+
+    def origin_is_initializer(self, name: str) -> bool:
+        """True when ``name`` is an initializer of *this* graph that a user cannot override."""
+        return name in self.index.initializers and not self.index.is_overridable(name)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _resolve(self, name: str) -> Resolved:
+        idx = self.index
+        if not name:
+            return None, SkipReason.NON_CONSTANT, "missing input"
+        if name in idx.initializers:
+            if idx.is_overridable(name):
+                return None, SkipReason.NON_CONSTANT, f"'{name}' is an initializer that is also a graph input"
+            t = idx.initializers[name]
+            if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
+                return None, SkipReason.NON_CONSTANT, f"external data of '{name}' is not loaded"
+            return numpy_helper.to_array(t), None, ""
+        p = idx.producer.get(name)
+        if p is None:
+            if name in idx.graph_inputs:
+                return None, SkipReason.NON_CONSTANT, f"'{name}' is a graph input"
+            if self.outer is not None:
+                return self.outer.resolve(name)
+            return None, SkipReason.NON_CONSTANT, f"'{name}' has no producer"
+        node = idx.nodes[p]
+        if node.op_type in ("DequantizeLinear", "QLinearConv", "DynamicQuantizeLinear"):
+            return None, SkipReason.QUANTIZED, f"'{name}' comes from {node.op_type} '{node.name}'"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in PURE_OPS:
+            return (
+                None,
+                SkipReason.NON_CONSTANT,
+                f"'{name}' is computed by {node.op_type} '{node.name}' at run time",
+            )
+        try:
+            out = self._eval(node)
+        except _NotConstant as e:
+            return None, e.reason, e.detail
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            return None, SkipReason.NON_CONSTANT, f"cannot evaluate {node.op_type} '{node.name}': {e}"
+        if out.size > _MAX_ELEMENTS:
+            return None, SkipReason.NON_CONSTANT, f"'{name}' is too large to evaluate"
+        return out, None, ""
+
+    def _in(self, node: NodeProto, k: int) -> Array | None:
+        if k >= len(node.input) or not node.input[k]:
+            return None
+        v, reason, detail = self.resolve(node.input[k])
+        if v is None:
+            raise _NotConstant(reason or SkipReason.NON_CONSTANT, detail)
+        return v
+
+    def _req(self, node: NodeProto, k: int) -> Array:
+        v = self._in(node, k)
+        if v is None:
+            raise ValueError(f"input {k} missing")
+        return v
+
+    def _elem_type(self, name: str) -> int:
+        vt = self.index.value_type(name)
+        if vt is not None and vt.elem_type:
+            return vt.elem_type
+        v, _, _ = self.resolve(name)
+        if v is not None:
+            return int(helper.np_dtype_to_tensor_dtype(v.dtype))
+        raise _NotConstant(SkipReason.NON_CONSTANT, f"element type of '{name}' is unknown")
+
+    def _shape_of(self, name: str) -> tuple[int, ...]:
+        t = self.index.initializers.get(name)
+        if t is not None:
+            return tuple(int(d) for d in t.dims)
+        vt = self.index.value_type(name)
+        if vt is not None and vt.static_shape is not None:
+            return vt.static_shape
+        v, reason, detail = self.resolve(name)
+        if v is not None:
+            return tuple(v.shape)
+        raise _NotConstant(reason or SkipReason.NON_CONSTANT, f"shape of '{name}' is not static ({detail})")
+
+    def _eval(self, node: NodeProto) -> Array:
+        op = node.op_type
+        a = _attrs(node)
+        if op == "Constant":
+            return _const_node(node, a)
+        if op in ("Shape", "Size"):
+            shape = self._shape_of(node.input[0])
+            if op == "Size":
+                return np.array(int(np.prod(shape)), dtype=np.int64)
+            r = len(shape)
+            start = a.get("start", 0)
+            end = a.get("end", r)
+            return np.array(shape[slice(start, end)], dtype=np.int64)
+        if op == "CastLike":
+            return self._req(node, 0).astype(np_dtype(self._elem_type(node.input[1])))
+        if op in _UNARY:
+            return np.asarray(_UNARY[op](self._req(node, 0)))
+        if op in _BINARY:
+            return np.asarray(_BINARY[op](self._req(node, 0), self._req(node, 1)))
+        if op == "Cast":
+            return self._req(node, 0).astype(np_dtype(int(a["to"])))
+        if op == "Expand":
+            return _expand(self._req(node, 0), self._req(node, 1))
+        if op == "Reshape":
+            if "shape" in a:  # opset < 5
+                return _reshape(self._req(node, 0), np.array(a["shape"]), 0)
+            return _reshape(self._req(node, 0), self._req(node, 1), int(a.get("allowzero", 0)))
+        if op == "Unsqueeze":
+            axes = a["axes"] if "axes" in a else [int(v) for v in self._req(node, 1)]
+            return _unsqueeze(self._req(node, 0), list(axes))
+        if op == "Squeeze":
+            if "axes" in a:
+                return _squeeze(self._req(node, 0), list(a["axes"]))
+            ax = self._in(node, 1)
+            return _squeeze(self._req(node, 0), None if ax is None else [int(v) for v in ax])
+        if op == "Concat":
+            return np.concatenate([self._req(node, k) for k in range(len(node.input))], axis=int(a["axis"]))
+        if op == "Gather":
+            return np.take(self._req(node, 0), self._req(node, 1), axis=int(a.get("axis", 0)))
+        if op == "Transpose":
+            return np.transpose(self._req(node, 0), a.get("perm"))
+        if op == "Flatten":
+            xf = self._req(node, 0)
+            axis = int(a.get("axis", 1)) % (xf.ndim + 1) if xf.ndim else 0
+            return xf.reshape(int(np.prod(xf.shape[:axis])), -1)
+        if op == "ConstantOfShape":
+            shape = tuple(int(d) for d in self._req(node, 0))
+            val = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+            return np.full(shape, val.reshape(-1)[0], dtype=val.dtype)
+        if op == "Slice":
+            if "starts" in a:  # opset < 10
+                return _slice(
+                    self._req(node, 0),
+                    np.array(a["starts"]),
+                    np.array(a["ends"]),
+                    np.array(a["axes"]) if "axes" in a else None,
+                    None,
+                )
+            return _slice(
+                self._req(node, 0),
+                self._req(node, 1),
+                self._req(node, 2),
+                self._in(node, 3),
+                self._in(node, 4),
+            )
+        raise ValueError(f"no evaluator for {op}")  # pragma: no cover - PURE_OPS is the guard
+
+
+class _NotConstant(Exception):
+    def __init__(self, reason: SkipReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,238 @@
+"""Fold every exactly-foldable BatchNormalization of an ONNX model, to a fixpoint.
+
+Algorithm (linear in the number of nodes per pass; passes repeat only while something folds):
+
+1. Index the graph once (:class:`~bnfold.onnx.graph.GraphIndex`) and match every BN
+   (:func:`~bnfold.onnx.match.match_bn`) and every per-channel Mul+Add after a layer, in node order.
+   Each plan is applied as soon as it is matched (:class:`~bnfold.onnx.rewrite.PassRewriter`: the new
+   weight is stored before the next match, so at most one new weight is in flight); the nodes a plan edits are
+   locked for the rest of the pass, and a plan that needs a locked node waits for the next pass, so
+   the index built at the start of the pass stays truthful for everything matched in it.
+2. Remove the folded nodes (one deletion per node, from the end) and repeat from 1 while a pass
+   folded something (``Conv -> BN -> BN`` folds the second BN in the second pass).
+3. With ``affine=True``, each BN still left (except training-mode ones) becomes one Mul and one Add.
+4. Fold the subgraphs (If/Loop/Scan bodies) the same way, with the enclosing graph's constants
+   visible; a subgraph never edits an enclosing initializer (it writes its own).
+5. Remove the initializers and constant nodes that nothing reads any more.
+
+The verdict list holds one entry per BatchNormalization node (subgraph BNs are named
+``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.extra["mul_add"]``.
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+from onnx import GraphProto, ModelProto
+
+from bnfold.errors import InputError
+from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
+
+from .const import ConstEvaluator
+from .graph import GraphIndex, is_bn, node_subgraphs
+from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
+from .rewrite import Names, PassRewriter, remove_dead
+
+__all__ = ["fold_model", "count_bn"]
+
+_MAX_PASSES = 10_000
+
+
+@dataclass(slots=True)
+class _Ctx:
+    opset: int
+    affine: bool
+    names: Names
+    ir_version: int
+    mul_add: list[Site] = field(default_factory=list)
+
+
+def _walk(graph: GraphProto) -> list[GraphProto]:
+    out, stack = [], [graph]
+    while stack:
+        g = stack.pop()
+        out.append(g)
+        for n in g.node:
+            stack.extend(sub for _, sub in node_subgraphs(n))
+    return out
+
+
+def count_bn(model: ModelProto) -> int:
+    """Number of BatchNormalization nodes in the model, subgraphs included."""
+    return sum(1 for g in _walk(model.graph) for n in g.node if is_bn(n))
+
+
+def _figures(model: ModelProto) -> tuple[int, int, int]:
+    bn = nodes = params = 0
+    for g in _walk(model.graph):
+        nodes += len(g.node)
+        bn += sum(1 for n in g.node if is_bn(n))
+        for t in g.initializer:
+            k = 1
+            for d in t.dims:
+                k *= int(d)
+            params += k
+    return bn, nodes, params
+
+
+def _opset(model: ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+def _fold_graph(
+    graph: GraphProto,
+    outer: GraphIndex | None,
+    outer_ev: ConstEvaluator | None,
+    prefix: str,
+    ctx: _Ctx,
+    main: bool,
+) -> list[Verdict]:
+    labels: dict[str, str] = {}
+    order: list[str] = []
+    for i, n in enumerate(graph.node):
+        if is_bn(n):
+            key = n.output[0]
+            labels[key] = prefix + (n.name or f"BatchNormalization_{i}")
+            order.append(key)
+    final: dict[str, Verdict] = {}
+    candidates: set[str] = set()
+    add_inputs = main and ctx.ir_version < 4
+
+    for _ in range(_MAX_PASSES):
+        index = GraphIndex.build(graph, outer, ctx.ir_version)
+        ev = ConstEvaluator(index, ctx.opset, outer_ev)
+        rw = PassRewriter(graph, index, ctx.names, add_inputs=add_inputs)
+        locked: set[int] = set()
+        applied = 0
+        for i, n in enumerate(index.nodes):
+            plan: Fold | None = None
+            if is_bn(n):
+                if i in locked:
+                    continue
+                key = n.output[0]
+                v = match_bn(index, ev, i, labels.get(key, prefix + f"BatchNormalization_{i}"))
+                if isinstance(v, Skip):
+                    final[key] = v
+                    continue
+                plan = v
+            elif n.op_type == "Add" and i not in locked:
+                plan = match_mul_add(index, ev, i)
+            if plan is None:
+                continue
+            touched = set(plan.locks) | set(plan.remove)
+            if touched & locked:
+                continue  # another plan edits this node in this pass: match again in the next one
+            locked |= touched
+            # Read before applying: applying renames the BN's neighbours.
+            bn_key = index.nodes[plan.remove[0]].output[0] if is_bn(index.nodes[plan.remove[0]]) else None
+            site = rw.apply(plan)
+            applied += 1
+            if bn_key is not None:
+                final[bn_key] = site
+            else:
+                ctx.mul_add.append(site)
+        rw.finish()
+        candidates |= rw.candidates
+        if not applied:
+            break
+
+    if ctx.affine:
+        index = GraphIndex.build(graph, outer, ctx.ir_version)
+        ev = ConstEvaluator(index, ctx.opset, outer_ev)
+        rw = PassRewriter(graph, index, ctx.names, add_inputs=add_inputs)
+        for i, n in enumerate(index.nodes):
+            if not is_bn(n):
+                continue
+            prev = final.get(n.output[0])
+            if isinstance(prev, Skip) and prev.reason is SkipReason.TRAINING_MODE:
+                continue
+            key = n.output[0]
+            plan = match_affine(index, ev, i, labels.get(key, prefix + f"BatchNormalization_{i}"), ctx.opset)
+            if plan is not None:
+                final[key] = rw.apply(plan)
+        rw.finish()
+        candidates |= rw.candidates
+
+    verdicts = [final[k] for k in order if k in final]
+    index = GraphIndex.build(graph, outer, ctx.ir_version)
+    if index.has_subgraphs:
+        ev = ConstEvaluator(index, ctx.opset, outer_ev)
+        for i, n in enumerate(index.nodes):
+            for attr, sub in node_subgraphs(n):
+                sub_prefix = f"{prefix}{n.name or f'{n.op_type}_{i}'}/{attr}/"
+                verdicts.extend(_fold_graph(sub, index, ev, sub_prefix, ctx, main=False))
+    remove_dead(graph, candidates, outer, ctx.ir_version)
+    return verdicts
+
+
+def fold_model(
+    model: ModelProto,
+    *,
+    affine: bool = False,
+    dry_run: bool = False,
+    inplace: bool = False,
+) -> tuple[ModelProto, FoldReport]:
+    """Fold every exactly-foldable BatchNormalization node of an ONNX model.
+
+    Args:
+        model: the model (weights loaded, external data included).
+        affine: turn each BN that nothing can absorb into one Mul and one Add with constant operands.
+        dry_run: decide only; the model returned is the one given, unchanged.
+        inplace: edit ``model`` itself (no copy of the model); otherwise a copy is folded and
+            ``model`` is left untouched. Note: with protobuf's upb backend the replaced bytes of a
+            rewritten initializer stay in the model's arena until the model is freed, so an in-place
+            fold grows the process by the size of the weights it rewrites.
+
+    Returns:
+        ``(folded model, report)``; the report has one verdict per BatchNormalization node.
+
+    Raises:
+        InputError: ``model`` is not an ``onnx.ModelProto``.
+    """
+    if not isinstance(model, ModelProto):
+        raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
+    t0 = time.perf_counter()
+    if inplace and not dry_run:
+        work = model
+    else:
+        work = ModelProto()
+        work.CopyFrom(model)
+    bn_before, nodes_before, params_before = _figures(work)
+    ctx = _Ctx(_opset(work), affine, Names(work), int(work.ir_version))
+    # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
+    # large graph again and again (super-linear time), so it is paused for the fold.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        verdicts = _fold_graph(work.graph, None, None, "", ctx, main=True)
+    finally:
+        release_scratch()
+        if gc_was_enabled:
+            gc.enable()
+    bn_after, nodes_after, params_after = _figures(work)
+    report = FoldReport(
+        backend="onnx",
+        verdicts=verdicts,
+        bn_before=bn_before,
+        bn_after=bn_after,
+        nodes_before=nodes_before,
+        nodes_after=nodes_after,
+        params_before=params_before,
+        params_after=params_after,
+        dry_run=dry_run,
+    )
+    if ctx.mul_add:
+        report.extra["mul_add"] = [s.to_dict() for s in ctx.mul_add]
+        report.notes.append(
+            f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them"
+        )
+    if dry_run:
+        report.nodes_after, report.params_after = nodes_after, params_after
+    report.seconds = time.perf_counter() - t0
+    return (model if dry_run else work), report

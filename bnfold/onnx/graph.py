@@ -1,0 +1,195 @@
+"""A read-only index over one ONNX graph: who produces and who reads each value.
+
+Built in one pass over the nodes (O(nodes + edges)); the matcher asks it questions in O(1):
+
+* ``producer[value]`` -- index of the node that writes ``value`` in *this* graph (absent for graph
+  inputs, initializers and values of an enclosing graph);
+* ``consumers[value]`` -- one entry per use: the index of each node that reads ``value``. A node whose
+  subgraphs (If/Loop/Scan bodies) read ``value`` counts as a reader once, so a value read inside a
+  subgraph is never treated as having a single consumer;
+* ``initializers``, ``graph_inputs``, ``graph_outputs``, and the declared ``types`` of values (inputs,
+  outputs, value_info, initializers) for ranks, static shapes and element types.
+
+Nothing here edits the model; the index is rebuilt after each rewrite pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import GraphProto, NodeProto, TensorProto
+
+__all__ = ["GraphIndex", "ValueType", "subgraph_reads", "node_subgraphs", "BN_OP", "is_bn"]
+
+BN_OP = "BatchNormalization"
+
+
+def is_bn(node: NodeProto) -> bool:
+    """True for a standard-domain BatchNormalization node."""
+    return node.op_type == BN_OP and node.domain in ("", "ai.onnx")
+
+
+@dataclass(frozen=True, slots=True)
+class ValueType:
+    """Element type and (possibly partial) shape of a value; ``shape`` is None when the rank is unknown."""
+
+    elem_type: int
+    shape: tuple[int | None, ...] | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def static_shape(self) -> tuple[int, ...] | None:
+        if self.shape is None or any(d is None for d in self.shape):
+            return None
+        return tuple(int(d) for d in self.shape if d is not None)
+
+
+def _value_type(vi: onnx.ValueInfoProto) -> ValueType | None:
+    t = vi.type
+    if t.WhichOneof("value") != "tensor_type":
+        return None
+    tt = t.tensor_type
+    shape: tuple[int | None, ...] | None = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return ValueType(tt.elem_type, shape)
+
+
+def node_subgraphs(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
+    """The subgraphs held by a node's attributes, as ``(attribute name, graph)``."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for k, g in enumerate(a.graphs):
+                yield f"{a.name}[{k}]", g
+
+
+def subgraph_reads(graph: GraphProto) -> set[str]:
+    """Every value name read anywhere inside ``graph`` (nested subgraphs included).
+
+    Names are unique across scopes (SSA), so the names not produced inside are reads of an enclosing
+    graph; the caller intersects with its own names.
+    """
+    reads: set[str] = set()
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            reads.update(n.input)
+            for _, sub in node_subgraphs(n):
+                stack.append(sub)
+        reads.update(o.name for o in g.output)
+    reads.discard("")
+    return reads
+
+
+@dataclass(slots=True)
+class GraphIndex:
+    """Producer/consumer index of one graph (see the module docstring).
+
+    Attributes:
+        graph: the graph indexed.
+        nodes: the graph's nodes, in order (references into ``graph.node``).
+        outer: the index of the enclosing graph, for a subgraph.
+        ir_version: the model's IR version (below 4, initializers are listed as graph inputs).
+    """
+
+    graph: GraphProto
+    outer: GraphIndex | None = None
+    ir_version: int = 10
+    nodes: list[NodeProto] = field(default_factory=list)
+    producer: dict[str, int] = field(default_factory=dict)
+    consumers: dict[str, list[int]] = field(default_factory=dict)
+    initializers: dict[str, TensorProto] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+    types: dict[str, ValueType] = field(default_factory=dict)
+    has_subgraphs: bool = False
+
+    @classmethod
+    def build(cls, graph: GraphProto, outer: GraphIndex | None = None, ir_version: int = 10) -> GraphIndex:
+        """Index ``graph`` in one pass."""
+        idx = cls(graph=graph, outer=outer, ir_version=ir_version)
+        idx.nodes = list(graph.node)
+        producer = idx.producer
+        consumers = idx.consumers
+        for i, n in enumerate(idx.nodes):
+            for v in n.input:
+                if v:
+                    consumers.setdefault(v, []).append(i)
+            for v in n.output:
+                if v:
+                    producer[v] = i
+            if n.attribute:
+                subs = list(node_subgraphs(n))
+                if subs:
+                    idx.has_subgraphs = True
+                    reads: set[str] = set()
+                    for _, g in subs:
+                        reads |= subgraph_reads(g)
+                    for v in reads - set(n.input):
+                        consumers.setdefault(v, []).append(i)
+        idx.initializers = {t.name: t for t in graph.initializer}
+        idx.graph_inputs = {v.name for v in graph.input}
+        idx.graph_outputs = {v.name for v in graph.output}
+        types = idx.types
+        for t in graph.initializer:
+            types[t.name] = ValueType(t.data_type, tuple(int(d) for d in t.dims))
+        for coll in (graph.input, graph.value_info, graph.output):
+            for vi in coll:
+                vt = _value_type(vi)
+                if vt is not None and (vi.name not in types or types[vi.name].shape is None):
+                    types[vi.name] = vt
+        return idx
+
+    # ---- queries -------------------------------------------------------------------------------
+    def n_uses(self, value: str) -> int:
+        """Number of reads of ``value`` in this graph, a graph output counting as one more."""
+        return len(self.consumers.get(value, ())) + (1 if value in self.graph_outputs else 0)
+
+    def single_consumer(self, value: str) -> int | None:
+        """The index of the only node reading ``value``, or None (no reader, several, or a graph output)."""
+        cons = self.consumers.get(value, ())
+        if len(cons) != 1 or value in self.graph_outputs:
+            return None
+        return cons[0]
+
+    def value_type(self, value: str) -> ValueType | None:
+        """Declared type of ``value`` here or in an enclosing graph."""
+        idx: GraphIndex | None = self
+        while idx is not None:
+            vt = idx.types.get(value)
+            if vt is not None:
+                return vt
+            idx = idx.outer
+        return None
+
+    def is_local(self, value: str) -> bool:
+        """True when ``value`` is defined in this graph (node output, input or initializer)."""
+        return value in self.producer or value in self.initializers or value in self.graph_inputs
+
+    def is_overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input (IR >= 4) can be fed by the user: not a constant."""
+        return self.ir_version >= 4 and name in self.graph_inputs
+
+    def is_real_input(self, name: str) -> bool:
+        """A graph input a user feeds (below IR 4, initializers are listed as inputs too: not those)."""
+        return name in self.graph_inputs and not (self.ir_version < 4 and name in self.initializers)
+
+    def all_names(self) -> set[str]:
+        """Every value name of this graph and its enclosing graphs (for fresh names)."""
+        names: set[str] = set()
+        idx: GraphIndex | None = self
+        while idx is not None:
+            names.update(idx.producer)
+            names.update(idx.initializers)
+            names.update(idx.graph_inputs)
+            names.update(idx.consumers)
+            idx = idx.outer
+        return names

@@ -1,0 +1,181 @@
+"""Helpers for the ONNX backend tests: tiny graphs built with onnx.helper, run in onnxruntime.
+
+Every comparison runs the *original* model in onnxruntime with graph optimisations disabled as the
+reference, never the fold formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.onnx import count_bn, fold_model
+
+# Tolerances relative to the output scale (max |reference|), per dtype:
+# float32: a fold changes the rounding of each product: a few ulps over short sums (~1e-7 each).
+TOL = {
+    TensorProto.FLOAT: 2e-5,
+    # float64: same argument at 2e-16 per ulp.
+    TensorProto.DOUBLE: 1e-11,
+    # float16: weights rounded to 11 bits once more than the unfused model (~5e-4 each), plus the BN
+    # itself computed in float16 by the reference.
+    TensorProto.FLOAT16: 1e-2,
+}
+NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
+
+
+def bn_stats(c: int, rng: np.random.Generator, shape: tuple[int, ...] | None = None) -> list[np.ndarray]:
+    """Realistic BN parameters (gamma, beta, mean, var): mean != 0, var != 1, gamma != 1 (some < 0)."""
+    shp = shape or (c,)
+    gamma = rng.uniform(0.5, 1.5, shp) * np.where(rng.random(shp) < 0.1, -1.0, 1.0)
+    beta = rng.uniform(-0.5, 0.5, shp)
+    mean = rng.uniform(-0.5, 0.5, shp)
+    var = np.exp(rng.uniform(-1.4, 0.9, shp))
+    return [gamma, beta, mean, var]
+
+
+class G:
+    """A tiny graph under construction."""
+
+    def __init__(self, dtype: int = TensorProto.FLOAT, seed: int = 0) -> None:
+        self.dtype = dtype
+        self.np = NP.get(dtype, np.float32)
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
+
+    def input(self, name: str, shape: list[int], dtype: int | None = None) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype or self.dtype, shape))
+        return name
+
+    def output(self, name: str, dtype: int | None = None, shape: list[int] | None = None) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, dtype or self.dtype, shape))
+        return name
+
+    def vi(self, name: str, shape: list[int]) -> None:
+        self.value_info.append(helper.make_tensor_value_info(name, self.dtype, shape))
+
+    def init(self, name: str, value: np.ndarray, dtype: Any = None) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value).astype(dtype or self.np), name))
+        return name
+
+    def rand(self, name: str, shape: tuple[int, ...], scale: float = 0.5) -> str:
+        return self.init(name, self.rng.standard_normal(shape) * scale)
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str = "", **attrs: Any) -> onnx.NodeProto:
+        n = helper.make_node(op, inputs, outputs, name=name or f"{op}_{len(self.nodes)}", **attrs)
+        self.nodes.append(n)
+        return n
+
+    def bn(self, x: str, y: str, c: int, name: str, param_dtype: Any = None, shape: tuple[int, ...] | None = None,
+           **attrs: Any) -> onnx.NodeProto:
+        names = [f"{name}.{k}" for k in ("gamma", "beta", "mean", "var")]
+        for n, v in zip(names, bn_stats(c, self.rng, shape)):
+            self.init(n, v, param_dtype)
+        return self.node("BatchNormalization", [x, *names], [y], name=name, **attrs)
+
+    def model(self, opset: int = 17, ir_version: int | None = None) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits, value_info=self.value_info)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = ir_version or min(m.ir_version, 10)
+        if m.ir_version < 4:  # IR 3: every initializer is also listed as a graph input
+            for t in m.graph.initializer:
+                m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        if any(not o.type.tensor_type.HasField("shape") for o in m.graph.output):
+            inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(m).graph.output}
+            for o in m.graph.output:
+                if not o.type.tensor_type.HasField("shape") and o.name in inferred:
+                    o.type.CopyFrom(inferred[o.name].type)
+        return m
+
+
+def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
+        dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if tt.elem_type == TensorProto.BOOL:
+            out[vi.name] = np.array(rng.random() < 0.5)
+        else:
+            out[vi.name] = rng.standard_normal(shape).astype(dt)
+    return out
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run in onnxruntime (optimisations off); where it has no kernel for a dtype (double Conv, some
+    float16 ops), run onnx's reference evaluator instead -- on both models alike."""
+    try:
+        return _run_ort(model, feeds)
+    except (ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.Fail):
+        from onnx.reference import ReferenceEvaluator
+
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, feeds)]
+
+
+def _run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_close(ref: list[np.ndarray], got: list[np.ndarray], tol: float) -> None:
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        scale = max(1.0, float(np.max(np.abs(a64))) if a64.size else 1.0)
+        err = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+        assert err <= tol * scale, f"max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def check_fold(model: onnx.ModelProto, *, bn_after: int | None = 0, affine: bool = False,
+               tol: float | None = None, seeds: int = 2, run_ort: bool = True):
+    """Fold a copy, check the input is unchanged, the checker passes and every output agrees."""
+    before = model.SerializeToString()
+    out, report = fold_model(model, affine=affine)
+    assert model.SerializeToString() == before, "the input model was changed"
+    onnx.checker.check_model(out, full_check=True)
+    assert len(report.verdicts) == report.bn_before == count_bn(model)
+    assert report.bn_after == count_bn(out)
+    if bn_after is not None:
+        assert report.bn_after == bn_after, [v.to_dict() for v in report.verdicts]
+    # interface kept
+    def real_inputs(m: onnx.ModelProto) -> list[bytes]:
+        inits = {t.name for t in m.graph.initializer}
+        return [v.SerializeToString() for v in m.graph.input if v.name not in inits]
+
+    assert real_inputs(out) == real_inputs(model)
+    assert [v.SerializeToString() for v in out.graph.output] == [v.SerializeToString() for v in model.graph.output]
+    n_affine = sum(1 for v in report.sites if v.direction.value == "affine")
+    assert len(out.graph.node) <= len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine
+    if run_ort:
+        elem = model.graph.output[0].type.tensor_type.elem_type
+        t = tol if tol is not None else TOL.get(elem, 2e-5)
+        for s in range(seeds):
+            feeds = feeds_for(model, s)
+            assert_close(run(model, feeds), run(out, feeds), t)
+    return out, report
+
+
+def skip_reason(model: onnx.ModelProto, bn: str | None = None):
+    """The single (or named) verdict of a dry run."""
+    before = model.SerializeToString()
+    out, report = fold_model(model, dry_run=True)
+    assert out is model and model.SerializeToString() == before
+    vs = [v for v in report.verdicts if bn is None or v.bn == bn]
+    assert len(vs) == 1, [v.to_dict() for v in report.verdicts]
+    return vs[0]
