@@ -151,6 +151,28 @@ def test_large_mean_small_spread_float32() -> None:
     assert errors["bnfold"][0] < 1e-3 and errors["bnfold"][1] < 5e-2, errors
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.5, 4.5, 30.0])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_and_centred_paths_match_torch(offset: float, channels_last: bool) -> None:
+    """|mean| / std below FAST_MEAN_RATIO takes the one-pass sums, above it the centred ones."""
+    ref, ours = _pair("2d", torch.float32)
+    gen = torch.Generator().manual_seed(int(offset * 10))
+    x = torch.randn(6, 3, 5, 5, generator=gen) + offset
+    g = torch.randn(6, 3, 5, 5, generator=gen)
+    if channels_last:
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    yr.backward(g)
+    yo.backward(g)
+    # the float32 inputs carry |offset| * 2^-24 of absolute rounding: scale the tolerance with it
+    tol = max(1.0, offset / 4)
+    torch.testing.assert_close(yo, yr, atol=ATOL[torch.float32] * tol, rtol=RTOL[torch.float32] * tol)
+    _close(xr.grad, xo.grad, torch.float32, "input grad")
+    _close(ref.weight.grad, ours.weight.grad, torch.float32, "weight grad")
+    _close(ref.running_var, ours.running_var, torch.float32, "running_var")
+
+
 def test_gradcheck_float64() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -20,10 +20,12 @@ of the input is kept. Each pass is one large ATen op (few ops beat many small ca
 busy CPU), and the centred temporary ``x - mean`` is written into the buffer that becomes the output
 (``y`` forward, ``dx`` backward), so no full-size scratch tensor is allocated:
 
-* forward: ``sum(x)``; ``y <- x - mean``; ``y <- y^2``, ``sum(y)``; ``y <- x * scale + shift``
-  (``addcmul``).
-* backward: ``sum(g)``; ``dx <- x - mean``; ``dx <- dx * g``, ``sum(dx)``; ``dx <- x - mean`` again;
-  ``dx <- b * dx + c``; ``dx += a * g``.
+* forward: ``sum(x)``; ``y <- x * x``, ``sum(y)``; ``y <- x * scale + shift`` (``addcmul``).
+* backward: ``sum(g)``; ``dx <- g * x``, ``sum(dx)``; ``dx <- b * x + (c - b * mean)``; ``dx += a * g``.
+
+These one-pass (un-centred) forms are used only while every channel has ``|mean| <= 4 std``
+(:data:`FAST_MEAN_RATIO`); otherwise the centred forms run, with ``x - mean`` written into the same
+buffer first (two more elementwise passes), so no digits are lost to cancellation.
 
 Outputs and gradients keep the input's memory format (channels_last included). Low-precision inputs
 (float16, bfloat16) are computed in float32 and cast back at the edge.
@@ -54,6 +56,12 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Largest |mean| / std of a channel for which the one-pass (un-centred) sums are used. The rounding
+#: error of ``sum(x^2) - n mean^2`` grows like ``(mean / std)^2`` ulps and that of
+#: ``sum(g x) - mean sum(g)`` like ``|mean| / std`` ulps: at 4 they stay within a few ulps of the
+#: centred two-pass result, which is used beyond it.
+FAST_MEAN_RATIO = 4.0
 
 
 def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -106,8 +114,13 @@ def forward_train(
     nd = x.dim()
     n = _count(x)
     mean = x.sum(dims).div_(max(n, 1))
-    y = torch.sub(x, channel_view(mean, nd))  # y doubles as the centred scratch buffer
-    var_sum = _centred_sq_sum(y, dims)
+    # Case 1 (fast): var_sum = sum(x^2) - n * mean^2, accurate while mean^2 <= FAST_MEAN_RATIO^2 * var.
+    y = torch.mul(x, x)  # y doubles as the scratch buffer
+    var_sum = y.sum(dims).sub_(mean * mean * n)
+    if not bool((mean * mean * n <= var_sum * FAST_MEAN_RATIO**2).all()):
+        # Case 2 (centred): large |mean| / std (or a constant channel): the exact two-pass sum.
+        torch.sub(x, channel_view(mean, nd), out=y)
+        var_sum = _centred_sq_sum(y, dims)
     invstd = torch.rsqrt(var_sum / max(n, 1) + eps)
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
@@ -184,11 +197,27 @@ def backward_train(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dx, sum_g, sum_gxm)``; ``dx`` is None when not needed."""
     g = _like_x(g, x)
-    dx = torch.empty_like(x)  # the centred scratch buffer, then the gradient
-    sum_g, sum_gxm = grad_sums(g, x, mean, dx)
+    nd = x.dim()
+    n = _count(x)
+    if not bool((mean.abs() * invstd <= FAST_MEAN_RATIO).all()):
+        # Case 2 (centred): large |mean| / std: sums and dx from x - mean.
+        dx = torch.empty_like(x)  # the centred scratch buffer, then the gradient
+        sum_g, sum_gxm = grad_sums(g, x, mean, dx)
+        if not need_dx:
+            return None, sum_g, sum_gxm
+        return grad_input(g, dx, invstd, weight, sum_g, sum_gxm, n), sum_g, sum_gxm
+    # Case 1 (fast): sum(g * (x - mean)) = sum(g * x) - mean * sum(g); dx = a * g + b * x + (c - b * mean).
+    dims = reduce_dims(x)
+    sum_g = g.sum(dims)
+    dx = torch.mul(g, x)  # the scratch buffer, then the gradient
+    sum_gxm = dx.sum(dims).sub_(mean * sum_g)
     if not need_dx:
         return None, sum_g, sum_gxm
-    return grad_input(g, dx, invstd, weight, sum_g, sum_gxm, _count(x)), sum_g, sum_gxm
+    a = invstd if weight is None else invstd * weight
+    b = -a * invstd * invstd * sum_gxm / n
+    c = -a * sum_g / n - b * mean
+    torch.addcmul(channel_view(c, nd), x, channel_view(b, nd), out=dx)
+    return dx.addcmul_(g, channel_view(a, nd)), sum_g, sum_gxm
 
 
 class BatchNormFunction(torch.autograd.Function):

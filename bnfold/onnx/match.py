@@ -263,6 +263,34 @@ def _rank(index: GraphIndex, *names: str) -> int | None:
     return None
 
 
+def _reshape_flattens(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, x: str) -> bool:
+    """True when ``Reshape(x, shape)`` provably computes ``Flatten(x, axis=1)`` (rule 8).
+
+    Accepted targets: ``[0, -1]`` (dim 0 copied, the rest flattened, any rank); with the static
+    shape of ``x`` known, ``[d0 | 0 | -1, prod(dims 1..)]`` and ``[d0, -1]``.
+    """
+    if len(node.input) < 2:
+        return False
+    v, _, _ = ev.resolve(node.input[1])
+    if v is None or v.ndim != 1 or v.size != 2 or v.dtype.kind not in "iu":
+        return False
+    a, k = int(v[0]), int(v[1])
+    copies_dim0 = a == 0 and not int(_attr(node, "allowzero", 0))
+    if copies_dim0 and k == -1:
+        return True
+    vt = index.value_type(x)
+    shape = None if vt is None else vt.shape
+    if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
+        return False
+    rest = 1
+    for d in shape[1:]:
+        rest *= int(d)  # type: ignore[arg-type]
+    d0 = shape[0]
+    if copies_dim0 or (a > 0 and d0 is not None and int(d0) == a):
+        return k in (-1, rest)
+    return a == -1 and k == rest
+
+
 def _resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | Skip:
     if slot >= len(node.input) or not node.input[slot]:
         return Skip(bn, SkipReason.UNSUPPORTED_LAYER, f"{node.op_type} '{node.name}' has no {what}")
@@ -465,8 +493,8 @@ def _match_backward(
     ki = cons[0]
     kn = index.nodes[ki]
     flat: int | None = None
-    if kn.op_type == "Flatten":
-        if int(_attr(kn, "axis", 1)) != 1:
+    if kn.op_type == "Flatten" or (kn.op_type == "Reshape" and _reshape_flattens(index, ev, kn, x)):
+        if kn.op_type == "Flatten" and int(_attr(kn, "axis", 1)) != 1:
             return Skip(label, SkipReason.LAYOUT, f"Flatten '{kn.name}' after it has axis != 1"), True
         f_out = kn.output[0]
         k2 = index.single_consumer(f_out)
@@ -478,7 +506,7 @@ def _match_backward(
             return Skip(
                 label,
                 SkipReason.NO_PRODUCER,
-                f"nothing foldable before it, and Flatten '{kn.name}' does not feed one Gemm/MatMul",
+                f"nothing foldable before it, and {kn.op_type} '{kn.name}' does not feed one Gemm/MatMul",
             ), False
         flat, ki, kn = ki, k2, index.nodes[k2]
     kind = kn.op_type
@@ -504,7 +532,11 @@ def _match_backward(
     s, t, c = prm.scale, prm.shift, prm.channels
     rename_node = ki if flat is None else flat
     site = Site(
-        label, _label(kn, ki), kind, Direction.BACKWARD, "through Flatten" if flat is not None else ""
+        label,
+        _label(kn, ki),
+        kind,
+        Direction.BACKWARD,
+        f"through {index.nodes[flat].op_type}" if flat is not None else "",
     )
     base: dict[str, Any] = {
         "site": site,
