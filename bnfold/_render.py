@@ -130,10 +130,13 @@ def _summary(report: FoldReport) -> Table:
 
 
 def _verdict_text(v: VerifyReport) -> Text:
-    levels = ", ".join([v.optimization_level, *(e.optimization_level for e in v.extra)])
+    levels = ", ".join(
+        "optimisations off" if lvl == "disable" else f"optimisation level {lvl}"
+        for lvl in [v.optimization_level, *(e.optimization_level for e in v.extra)]
+    )
     if v.passed:
-        return Text(f"equivalent ({v.samples} sample(s), onnxruntime {levels})", style="green")
-    return Text(f"NOT equivalent ({v.samples} sample(s), onnxruntime {levels})", style="bold red")
+        return Text(f"equivalent ({v.samples} sample(s), onnxruntime with {levels})", style="green")
+    return Text(f"NOT equivalent ({v.samples} sample(s), onnxruntime with {levels})", style="bold red")
 
 
 def _error_text(v: VerifyReport) -> str:
