@@ -284,20 +284,98 @@ def _state_dict_of(path: str, obj: Any) -> Mapping[str, Any]:
                       "'state_dict' / 'model_state_dict' / 'model')")
 
 
-def _load_onnx(path: str) -> Any:
+def _check_onnx(path: str, model: Any) -> None:
+    """``onnx.checker.check_model`` on the model's structure, without re-reading or copying its weights.
+
+    The checker validates nodes, types, opsets and graph wiring; weights matter to it by name, type and
+    shape, and by a size that fits them. So it runs on a copy where each initializer is a graph input
+    of its type and shape, and the sizes are checked here; not on the path (a third parse of the file)
+    nor on the model (a full serialisation of every weight).
+    """
     import onnx
 
+    light = onnx.ModelProto()
+    for field, _ in model.ListFields():
+        if field.name != "graph":
+            if field.is_repeated:
+                getattr(light, field.name).extend(getattr(model, field.name))
+            elif field.message_type is not None:
+                getattr(light, field.name).CopyFrom(getattr(model, field.name))
+            else:
+                setattr(light, field.name, getattr(model, field.name))
+    g = light.graph
+    for field, _ in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if field.is_repeated:
+            getattr(g, field.name).extend(getattr(model.graph, field.name))
+        elif field.message_type is not None:
+            getattr(g, field.name).CopyFrom(getattr(model.graph, field.name))
+        else:
+            setattr(g, field.name, getattr(model.graph, field.name))
+    declared = {v.name for v in g.input}
+    for t in model.graph.initializer:
+        _check_tensor_size(path, t)
+        if t.name not in declared:  # IR < 4 lists initializers as inputs already
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        model = onnx.load_model(path, load_external_data=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise _fail(path, f"cannot load the ONNX model or its external data ({msg})") from e
-    try:
-        onnx.checker.check_model(path)
+        onnx.checker.check_model(light)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise _fail(path, f"rejected by onnx.checker: {msg}") from e
+
+
+def _check_tensor_size(path: str, t: Any) -> None:
+    """Raw bytes that do not fit the declared shape and type: what the checker would reject."""
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+        return
+    try:
+        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return
+    if t.data_type in _SUBBYTE_TYPES:
+        return
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    got = len(t.raw_data)
+    if got != n * item:
+        raise _fail(path, f"rejected by onnx.checker: tensor '{t.name}' holds {got} bytes, its shape "
+                          f"{list(t.dims)} and type need {n * item}")
+
+
+_SUBBYTE_TYPES = frozenset({21, 22, 23, 25, 26})  # UINT4, INT4, FLOAT4E2M1 and 2-bit types: packed
+
+
+def _load_onnx(path: str, parsed: Any) -> Any:
+    """The ONNX model of ``path``: ``parsed`` (from format detection) with its external data loaded."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    model = parsed
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        try:
+            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise _fail(path, f"cannot load the ONNX model's external data ({msg})") from e
+    elif _has_nested_external_data(model):
+        try:
+            model = onnx.load_model(path, load_external_data=True)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise _fail(path, f"cannot load the ONNX model or its external data ({msg})") from e
+    _check_onnx(path, model)
     return model
+
+
+def _has_nested_external_data(model: Any) -> bool:
+    """External tensors outside the main graph's initializers (Constant nodes, subgraphs)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return any(uses_external_data(t) for t in _get_all_tensors(model))
 
 
 def load(
@@ -327,8 +405,7 @@ def load(
     p = os.fspath(path)
     fmt, parsed = _sniff(p)
     if fmt == "onnx":
-        del parsed
-        return _load_onnx(p)
+        return _load_onnx(p, parsed)
     import torch
 
     if fmt == "pt2":
@@ -461,15 +538,138 @@ def check_output_path(
             raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _field_header(number: int, size: int) -> bytes:
+    return _varint((number << 3) | 2) + _varint(size)
+
+
+def _single_field(msg: Any, field: Any) -> Any:
+    """A message of ``msg``'s type holding only ``field`` (a small copy: no weights are in it)."""
+    part = type(msg)()
+    if field.is_repeated:
+        getattr(part, field.name).extend(getattr(msg, field.name))
+    elif field.message_type is not None:
+        getattr(part, field.name).CopyFrom(getattr(msg, field.name))
+    else:
+        setattr(part, field.name, getattr(msg, field.name))
+    return part
+
+
+def _external_tensor(t: Any, data: Any, location: str) -> Any:
+    """A copy of tensor ``t`` without its bytes, pointing at them in ``data`` (written here)."""
+    import onnx
+    from onnx import numpy_helper
+
+    raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+    offset = data.tell()
+    data.write(raw)
+    ext = onnx.TensorProto()
+    ext.name = t.name
+    ext.dims.extend(t.dims)
+    ext.data_type = t.data_type
+    if t.doc_string:
+        ext.doc_string = t.doc_string
+    ext.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = ext.external_data.add()
+        entry.key, entry.value = key, value
+    return ext
+
+
+def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> None:
+    """Serialise ``model`` to file ``f`` one initializer at a time, without one big bytes copy.
+
+    Protobuf lets a message's fields come in any order and concatenates repeated fields, so the
+    model is written as: every ModelProto field but ``graph``; then ``graph`` as its fields but
+    ``initializer``, followed by each initializer. The file parses to the same ModelProto. Peak memory
+    is the model plus one tensor (``SerializeToString`` would hold a second copy of every weight).
+    With ``data`` (an open file), initializers of 1 KiB or more go there as external data.
+    """
+    for field, _ in model.ListFields():
+        if field.number != _GRAPH_FIELD:
+            f.write(_single_field(model, field).SerializeToString())
+    if not model.HasField("graph"):
+        return
+    graph = model.graph
+    head = [
+        _single_field(graph, field).SerializeToString()
+        for field, _ in graph.ListFields()
+        if field.number != _INITIALIZER_FIELD
+    ]
+    inits = []
+    for t in graph.initializer:
+        if data is not None and t.data_location != t.EXTERNAL and t.ByteSize() >= 1024:
+            t = _external_tensor(t, data, location)
+        inits.append(t)
+    # The graph's length comes first on the wire but is known only after the initializers are
+    # serialised (upb's ByteSize serialises too): write a fixed-width length and fill it in at the end.
+    # A varint padded with continuation bytes is valid protobuf and parses to the same value.
+    f.write(_varint((_GRAPH_FIELD << 3) | 2))
+    at = f.tell()
+    f.write(bytes(_LEN_WIDTH))
+    total = 0
+    for h in head:
+        f.write(h)
+        total += len(h)
+    for t in inits:
+        b = t.SerializeToString()
+        hdr = _field_header(_INITIALIZER_FIELD, len(b))
+        f.write(hdr)
+        f.write(b)
+        total += len(hdr) + len(b)
+        del b
+    end = f.tell()
+    f.seek(at)
+    f.write(_padded_varint(total))
+    f.seek(end)
+
+
+_LEN_WIDTH = 5  # bytes: lengths up to 2**35 - 1
+
+
+def _padded_varint(n: int) -> bytes:
+    """``n`` as a varint of exactly :data:`_LEN_WIDTH` bytes (continuation bits on all but the last)."""
+    out = bytearray()
+    for i in range(_LEN_WIDTH):
+        b = (n >> (7 * i)) & 0x7F
+        out.append(b | (0x80 if i < _LEN_WIDTH - 1 else 0))
+    return bytes(out)
+
+
+def _weight_bytes(model: Any) -> int:
+    """The initializers' size from their shapes and dtypes (upb's ByteSize() would serialise them)."""
+    import onnx
+
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        try:
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 8
+        total += n * item
+    return total
 
 
 def _save_onnx(model: Any, dst: str, external_data: bool | None) -> None:
-    import onnx
-
-    size = model.ByteSize()
+    size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     if not use_external:
         if size >= 2**31:
@@ -477,7 +677,8 @@ def _save_onnx(model: Any, dst: str, external_data: bool | None) -> None:
                               "with external data")
         with atomic_path(dst) as tmp:
             try:
-                _write_bytes(tmp, model.SerializeToString())
+                with open(tmp, "wb") as f:
+                    _write_onnx_stream(model, f, None, "")
             except OSError as e:
                 raise _output_error(dst, e) from e
         return
@@ -489,18 +690,16 @@ def _save_onnx(model: Any, dst: str, external_data: bool | None) -> None:
     except OSError as e:
         raise _output_error(dst, e) from e
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # save_as_external_data rewrites the tensors of the model it is given
         try:
-            onnx.save_model(copy, os.path.join(work, name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=location, size_threshold=1024)
+            with open(os.path.join(work, name), "wb") as f, open(os.path.join(work, location), "wb") as data:
+                _write_onnx_stream(model, f, data, location)
         except OSError as e:
             raise _output_error(dst, e) from e
         mode = _umask_mode()
-        data = os.path.join(work, location)
-        if os.path.exists(data):
-            os.chmod(data, mode)
-            os.replace(data, os.path.join(folder, location))
+        data_path = os.path.join(work, location)
+        if os.path.getsize(data_path):
+            os.chmod(data_path, mode)
+            os.replace(data_path, os.path.join(folder, location))
         os.chmod(os.path.join(work, name), mode)
         os.replace(os.path.join(work, name), dst)
     finally:

@@ -211,12 +211,11 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
     m = _onnx_model()
     out = tmp_path / "out.onnx"
 
-    def half_write(path, data):  # the writer dies half-way through
-        with open(path, "wb") as f:
-            f.write(data[: len(data) // 2])
+    def half_write(model, f, data, location):  # the writer dies half-way through
+        f.write(model.SerializeToString()[:100])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bio, "_write_bytes", half_write)
+    monkeypatch.setattr(bio, "_write_onnx_stream", half_write)
     with pytest.raises(OutputError, match="No space left") as ei:
         bio.save(m, out)
     monkeypatch.undo()
@@ -314,3 +313,25 @@ def test_malicious_pickle_is_never_run(tmp_path, protocol) -> None:
     with pytest.raises(ModelFormatError, match="--trust-pickle"):
         bio.load(p)
     assert not marker.exists()
+
+
+def test_streamed_save_parses_to_the_same_model(tmp_path) -> None:
+    """bnfold writes ONNX one initializer at a time; onnx and onnxruntime must read the same model."""
+    import onnxruntime as ort
+
+    m = _onnx_model()
+    out = tmp_path / "out.onnx"
+    bio.save(m, out)
+    assert onnx.load(str(out)).SerializeToString() == m.SerializeToString()
+    onnx.checker.check_model(str(out), full_check=True)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_tensor_bytes_that_do_not_fit_the_shape_are_rejected(tmp_path) -> None:
+    m = _onnx_model()
+    m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:-4]
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(ModelFormatError, match="rejected by onnx.checker") as ei:
+        bio.load(p)
+    _one_line_naming(ei.value, "bad.onnx")

@@ -11,6 +11,7 @@ several times faster than the whole-array form with the same result.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -53,18 +54,53 @@ def scale_cast(
     n = weight.shape[0]
     step = max(1, _BLOCK // max(1, weight[0].size))
     per_row = factor.shape[0] == n and n > 1
-    tmp = np.empty((min(step, n),) + weight.shape[1:], np.float64)
-    finite = True
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(0, n, step):
-            j = min(n, i + step)
-            t = tmp[: j - i]
-            np.multiply(weight[i:j], factor[i:j] if per_row else factor, out=t)
-            blk = out[i:j]
-            blk[...] = cast_exact(t, dt) if exact_cast else t
-            if finite and not np.isfinite(blk).all():
-                finite = False
+
+    def run(lo: int, hi: int) -> bool:
+        tmp = np.empty((min(step, hi - lo),) + weight.shape[1:], np.float64)
+        ok = True
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in range(lo, hi, step):
+                j = min(hi, i + step)
+                t = tmp[: j - i]
+                np.multiply(weight[i:j], factor[i:j] if per_row else factor, out=t)
+                blk = out[i:j]
+                blk[...] = cast_exact(t, dt) if exact_cast else t
+                if ok and not np.isfinite(blk).all():
+                    ok = False
+        return ok
+
+    workers = _workers()
+    if weight.size < _PARALLEL_MIN or workers < 2 or n < 2 * step:
+        return out, run(0, n)
+    # NumPy releases the GIL in these loops: split the rows between threads (results are per element,
+    # so the split does not change a single bit).
+    chunk = -(-n // workers)
+    chunk = -(-chunk // step) * step
+    pool = _pool(workers)
+    futures = [pool.submit(run, lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+    finite = all([f.result() for f in futures])
     return out, finite
+
+
+_PARALLEL_MIN = 1 << 18  # elements: below this, threads cost more than they save
+_POOL: Any = None
+
+
+def _workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
+
+
+def _pool(workers: int) -> Any:
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnfold-fold")
+    return _POOL
 
 
 class Scratch:
