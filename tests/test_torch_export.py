@@ -84,3 +84,19 @@ def test_training_mode_batch_norm_left() -> None:
     ep = torch.export.export(m, (torch.randn(2, 3, 6, 6),))
     out, rep = fold_exported(ep)
     assert rep.folded == 0 and rep.skips[0].reason is SkipReason.TRAINING_MODE
+
+
+def test_dynamic_batch_dim_is_kept(tmp_path: os.PathLike[str]) -> None:
+    """A program exported with a dynamic batch still takes any batch size after folding."""
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=5).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(m, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    out, rep = fold_exported(ep)
+    assert rep.bn_after == 0 and not rep.notes
+    for n in (1, 5, 17):
+        x = torch.randn(n, 3, 8, 8)
+        assert close(out.module()(x), m(x))
+    path = os.path.join(tmp_path, "f.pt2")
+    torch.export.save(out, path)
+    x = torch.randn(9, 3, 8, 8)
+    assert close(torch.export.load(path).module()(x), m(x))

@@ -20,6 +20,7 @@ Dynamic dimensions of the original program are not carried over (a note says so)
 
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Any
 
@@ -34,6 +35,8 @@ from .match import fetch_attr
 from .rewrite import _fits, from_f64, to_f64
 
 __all__ = ["fold_exported", "find_export_sites"]
+
+log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
@@ -259,14 +262,64 @@ def fold_exported(
             "the exported program has no example inputs to export the folded graph with"
         )
     args_in, kwargs_in = ep.example_inputs
-    new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), strict=False)
-    if any(True for _ in ep.range_constraints):
-        report.notes.append(
-            "the folded program was exported again with static shapes (dynamic dims not kept)"
-        )
+    dynamic = _dynamic_shapes(ep) if any(True for _ in ep.range_constraints) else None
+    new_ep = None
+    if dynamic is not None:
+        try:
+            new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # the dims could not be re-derived: fall back to static shapes, say so
+            log.debug("re-export with dynamic shapes failed: %s", e)
+    if new_ep is None:
+        new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), strict=False)
+        if any(True for _ in ep.range_constraints):
+            report.notes.append(
+                "the folded program was exported again with static shapes (its dynamic dims could not "
+                "be carried over)"
+            )
     report.nodes_after = sum(1 for _ in new_ep.graph.nodes)
     report.params_after = sum(t.numel() for t in new_ep.state_dict.values())
     return new_ep, report
+
+
+def _dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...] | None:
+    """``dynamic_shapes`` for exporting again with the program's own dynamic dims, or None.
+
+    Each user input's placeholder carries a fake tensor whose symbolic dims name the program's range
+    constraints; a plain symbol becomes one ``torch.export.Dim`` with the same bounds (shared where the
+    symbol is shared). Only positional tensor inputs and plain symbols are handled.
+    """
+    import sympy
+
+    if ep.example_inputs is None or ep.example_inputs[1]:
+        return None
+    user = set(ep.graph_signature.user_inputs)
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    dims: dict[str, Any] = {}
+    spec: list[Any] = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        entry: dict[int, Any] = {}
+        for i, d in enumerate(val.shape):
+            if isinstance(d, int):
+                continue
+            expr = d.node.expr
+            if not isinstance(expr, sympy.Symbol) or str(expr) not in ranges:
+                return None
+            name = str(expr)
+            if name not in dims:
+                vr = ranges[name]
+                lo, hi = int(vr.lower), vr.upper
+                hi_i = int(hi) if hi.is_finite else None
+                dims[name] = torch.export.Dim(f"d_{name}", min=lo, max=hi_i) if hi_i is not None else (
+                    torch.export.Dim(f"d_{name}", min=lo)
+                )
+            entry[i] = dims[name]
+        spec.append(entry or None)
+    return tuple(spec)
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
