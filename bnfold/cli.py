@@ -200,6 +200,12 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+Version = Annotated[
+    bool | None,
+    typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+]
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -237,6 +243,7 @@ def fold(
                                               "to .onnx.", show_default=False)] = None,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
+    version: Version = None,
 ) -> None:
     """Fold every exactly-foldable BatchNorm of MODEL, verify, and write OUT."""
     from . import jobs
@@ -279,6 +286,7 @@ def inspect(
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     json_out: JsonFlag = False,
+    version: Version = None,
 ) -> None:
     """Show what fold would do to every BatchNorm of MODEL, without writing anything."""
     from . import jobs
@@ -311,6 +319,7 @@ def verify(
     opt_level: Opt = None,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
+    version: Version = None,
 ) -> None:
     """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 not, 2 cannot compare)."""
     from . import jobs
@@ -344,6 +353,7 @@ def freeze(
     trust_pickle: TrustPickle = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
+    version: Version = None,
 ) -> None:
     """Turn every BatchNorm of a PyTorch MODEL into a frozen affine layer; save in the same format."""
     from . import jobs
@@ -374,6 +384,7 @@ def bench(
     input_shape: InputShape = None,
     seed: Seed = 0,
     json_out: JsonFlag = False,
+    version: Version = None,
 ) -> None:
     """Latency of the original and the folded MODEL (onnxruntime, and PyTorch eager for PyTorch files)."""
     from . import bench as bench_mod

@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+import bnfold
 from bnfold.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,10 +108,11 @@ def assert_clean_error(result, code: int, *names: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- help & version
-def test_version() -> None:
-    r = runner.invoke(app, ["--version"])
+@pytest.mark.parametrize("cmd", [[], ["fold"], ["inspect"], ["verify"], ["freeze"], ["bench"]])
+def test_version(cmd: list[str]) -> None:
+    r = runner.invoke(app, [*cmd, "--version"])
     assert r.exit_code == 0
-    assert r.stdout.strip().startswith("bnfold ")
+    assert r.stdout.strip() == f"bnfold {bnfold.__version__}"
 
 
 @pytest.mark.parametrize("cmd", [[], ["fold"], ["inspect"], ["verify"], ["freeze"], ["bench"]])
