@@ -38,11 +38,20 @@ m = onnx.load(SRC)
 onnx.save(m, DST)
 """,
     "bnfold": """
-import onnx
+from bnfold import io
 from bnfold.onnx import fold_model
-m = onnx.load(SRC)
+m = io.load(SRC)  # one parse, checker included
 fold_model(m, inplace=True)
-onnx.save(m, DST)
+io.save(m, DST)  # atomic, streamed
+""",
+    "bnfold-cli": """
+import sys
+from bnfold.cli import main
+sys.argv = ["bnfold", "fold", SRC, "-o", DST, "--no-verify", "--quiet"]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
 """,
     "onnxscript": """
 import onnx

@@ -48,6 +48,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "detect_format",
     "load",
+    "load_with_format",
     "save",
     "atomic_path",
     "check_output_path",
@@ -402,8 +403,24 @@ def load(
             or that does not fit it, a pickled module without ``trust_pickle``.
         OptionError: a factory string that does not resolve.
     """
+    return load_with_format(path, model_factory=model_factory, trust_pickle=trust_pickle)[0]
+
+
+def load_with_format(
+    path: str | os.PathLike[str],
+    *,
+    model_factory: str | Callable[[], Any] | None = None,
+    trust_pickle: bool = False,
+) -> tuple[Any, str]:
+    """:func:`load`, also returning the detected format (the file is read and parsed once)."""
     p = os.fspath(path)
     fmt, parsed = _sniff(p)
+    return _load_as(p, fmt, parsed, model_factory, trust_pickle), fmt
+
+
+def _load_as(
+    p: str, fmt: str, parsed: Any, model_factory: str | Callable[[], Any] | None, trust_pickle: bool
+) -> Any:
     if fmt == "onnx":
         return _load_onnx(p, parsed)
     import torch

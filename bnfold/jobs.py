@@ -186,9 +186,8 @@ def _load(
     from . import io as bio
 
     factory = resolve_factory(model_factory)  # a bad --model fails even when the file does not need it
-    fmt = bio.detect_format(src)
     progress("load", 0, 1)
-    model = bio.load(src, model_factory=factory, trust_pickle=trust_pickle)
+    model, fmt = bio.load_with_format(src, model_factory=factory, trust_pickle=trust_pickle)
     progress("load", 1, 1)
     return model, fmt
 
