@@ -298,22 +298,11 @@ def _check_onnx(path: str, model: Any) -> None:
     light = onnx.ModelProto()
     for field, _ in model.ListFields():
         if field.name != "graph":
-            if field.is_repeated:
-                getattr(light, field.name).extend(getattr(model, field.name))
-            elif field.message_type is not None:
-                getattr(light, field.name).CopyFrom(getattr(model, field.name))
-            else:
-                setattr(light, field.name, getattr(model, field.name))
+            _copy_field(model, light, field)
     g = light.graph
     for field, _ in model.graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if field.is_repeated:
-            getattr(g, field.name).extend(getattr(model.graph, field.name))
-        elif field.message_type is not None:
-            getattr(g, field.name).CopyFrom(getattr(model.graph, field.name))
-        else:
-            setattr(g, field.name, getattr(model.graph, field.name))
+        if field.name != "initializer":
+            _copy_field(model.graph, g, field)
     declared = {v.name for v in g.input}
     for t in model.graph.initializer:
         _check_tensor_size(path, t)
@@ -575,15 +564,20 @@ def _field_header(number: int, size: int) -> bytes:
     return _varint((number << 3) | 2) + _varint(size)
 
 
+def _copy_field(src: Any, dst: Any, field: Any) -> None:
+    """Copy one field of protobuf message ``src`` into ``dst`` (same message type)."""
+    if field.is_repeated:
+        getattr(dst, field.name).extend(getattr(src, field.name))
+    elif field.message_type is not None:
+        getattr(dst, field.name).CopyFrom(getattr(src, field.name))
+    else:
+        setattr(dst, field.name, getattr(src, field.name))
+
+
 def _single_field(msg: Any, field: Any) -> Any:
     """A message of ``msg``'s type holding only ``field`` (a small copy: no weights are in it)."""
     part = type(msg)()
-    if field.is_repeated:
-        getattr(part, field.name).extend(getattr(msg, field.name))
-    elif field.message_type is not None:
-        getattr(part, field.name).CopyFrom(getattr(msg, field.name))
-    else:
-        setattr(part, field.name, getattr(msg, field.name))
+    _copy_field(msg, part, field)
     return part
 
 
