@@ -313,13 +313,24 @@ def _dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...] | None:
             if name not in dims:
                 vr = ranges[name]
                 lo, hi = int(vr.lower), vr.upper
-                hi_i = int(hi) if hi.is_finite else None
+                hi_i = _finite_int(hi)
                 dims[name] = torch.export.Dim(f"d_{name}", min=lo, max=hi_i) if hi_i is not None else (
                     torch.export.Dim(f"d_{name}", min=lo)
                 )
             entry[i] = dims[name]
         spec.append(entry or None)
     return tuple(spec)
+
+
+def _finite_int(v: Any) -> int | None:
+    """``int(v)`` for a finite bound; None for sympy's ``oo`` and torch's ``int_oo`` (whose
+    ``is_finite`` is True although it is unbounded)."""
+    if getattr(v, "is_infinite", False) or "Infinity" in type(v).__name__:
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:

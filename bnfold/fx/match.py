@@ -267,6 +267,16 @@ class _Index:
             elif n.op == "get_attr":
                 self.attr_targets.append(str(n.target))
         self.registered: Counter[int] = Counter(id(m) for _, m in whole.named_modules(remove_duplicate=False))
+        # A buffer read in forward (``self.bn.running_mean.view(...)``) is not proxied by fx: the
+        # trace keeps it as a ``_tensor_constant`` get_attr that shares the buffer's storage.
+        self.attr_storages: set[int] = set()
+        for t in self.attr_targets:
+            try:
+                v = fetch_attr(root, t)
+            except AttributeError:
+                continue
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr():
+                self.attr_storages.add(v.untyped_storage().data_ptr())
 
     def shared_why(self, target: str) -> str:
         """Why a module cannot be changed in place (Rule 5), "" when it can."""
@@ -274,6 +284,12 @@ class _Index:
         if self.calls[target] > 1:
             return f"'{target}' is called at {self.calls[target]} places"
         if any(t == target or t.startswith(target + ".") for t in self.attr_targets):
+            return f"a tensor of '{target}' is read directly in forward"
+        if isinstance(m, nn.Module) and any(
+            t.untyped_storage().data_ptr() in self.attr_storages
+            for t in (*m.parameters(), *m.buffers())
+            if t.untyped_storage().data_ptr()
+        ):
             return f"a tensor of '{target}' is read directly in forward"
         if self.registered[id(m)] > 1:
             return f"'{target}' is registered under {self.registered[id(m)]} names"

@@ -16,8 +16,9 @@ Rules:
    ``SHARED_MODULE`` (``graph=False``, and always with ``inplace=True``, which must keep the object).
 3. The model does not trace (Python control flow on tensor values, as in detection heads): each
    submodule is traced on its own, top down; folds inside a submodule that traces are applied in
-   module mode (BN -> Identity), assuming, as the module tree says, that its children are called by
-   its own ``forward`` only. BNs in no traceable submodule: ``NOT_TRACEABLE`` with the trace error.
+   module mode (BN -> Identity), but only when the code of every untraceable ancestor calls that
+   submodule whole and never reaches into it (:mod:`bnfold.fx.safety` reads that code). BNs in no
+   traceable submodule, or in one an ancestor reaches into: ``NOT_TRACEABLE`` with the reason.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnfold.errors import ModelStateError, UnsupportedModelError
+from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
 from bnfold.records import FoldReport, Skip, SkipReason, Verdict
 
 from .match import Candidate, Tracer, fetch_attr, find_sites, is_bn_module
 from .rewrite import apply_graph_mode, apply_module_mode, plan_sites
+from .safety import unsafe_use
 
 __all__ = ["fold_module"]
 
@@ -84,8 +86,12 @@ def _shape_prop(root: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = fx.GraphModule(root, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - the model rejected the inputs the user gave
+        msg = str(e).splitlines()[-1] if str(e) else type(e).__name__
+        raise InputError(f"the model does not run on example_inputs: {msg}") from e
     for a, b in zip(graph.nodes, gm.graph.nodes):
         if "tensor_meta" in b.meta:
             a.meta["tensor_meta"] = b.meta["tensor_meta"]
@@ -97,6 +103,20 @@ def _demote(c: Candidate) -> Skip:
         SkipReason.SHARED_MODULE,
         f"{c.graph_why}: folding needs a GraphModule (call with graph=True and inplace=False)",
     )
+
+
+def _drop_trace_constants(module: nn.Module, before: dict[int, set[str]]) -> None:
+    """Remove the ``_tensor_constant*`` attributes fx tracing set on the user's modules.
+
+    The copy (or GraphModule) that needs them was made before; the given model must come back as it
+    was (in module mode the model's own ``forward`` never reads them).
+    """
+    for m in module.modules():
+        known = before.get(id(m))
+        if known is None:
+            continue
+        for k in [k for k in vars(m) if k not in known and k.startswith("_tensor_constant")]:
+            delattr(m, k)
 
 
 def _bn_names(module: nn.Module) -> set[str]:
@@ -130,8 +150,13 @@ def fold_module(
 
     Raises:
         ModelStateError: the model is in ``train()`` mode and ``eval_semantics`` is False.
-        UnsupportedModelError: a lazy module is not initialised.
+        UnsupportedModelError: a lazy module is not initialised, or the module is TorchScript.
     """
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "a TorchScript module (torch.jit.script/trace) cannot be folded: its BatchNorms are compiled "
+            "code; fold the nn.Module first (bnfold.fold(model)), then script or trace the result"
+        )
     _check_lazy(module)
     _check_mode(module, eval_semantics)
     nodes_before, params_before = _count(module)
@@ -145,6 +170,7 @@ def fold_module(
         work = copy.deepcopy(module)
     seen = work if work is not None else module
     flags = {id(m): m.training for m in seen.modules()}
+    attrs_before = {id(m): set(vars(m)) for m in module.modules()}
     if eval_semantics:
         seen.eval()
     try:
@@ -171,6 +197,7 @@ def fold_module(
             for m in work.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
+        _drop_trace_constants(module, attrs_before)
     if dry_run:
         out = module
     report.nodes_before, report.params_before = nodes_before, params_before
@@ -260,6 +287,18 @@ def _add_uncalled(root: nn.Module, verdicts: list[Verdict], prefix: str = "") ->
     return verdicts + extra
 
 
+def _ancestors_reach_in(work: nn.Module, name: str) -> str:
+    """Why an untraceable ancestor of ``work.<name>`` might use its internals (rule 3); "" if none does."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        anc_path = ".".join(parts[:i])
+        ancestor = work.get_submodule(anc_path) if anc_path else work
+        why = unsafe_use(ancestor, ".".join(parts[i:]))
+        if why:
+            return why
+    return ""
+
+
 def _fold_fallback(work: nn.Module, dry_run: bool, err: str) -> tuple[FoldReport, nn.Module]:
     """Rule 3: trace submodules on their own; apply what is safe in module mode."""
     verdicts: list[Verdict] = []
@@ -275,6 +314,13 @@ def _fold_fallback(work: nn.Module, dry_run: bool, err: str) -> tuple[FoldReport
             g = _trace(sub)
         except Exception:  # noqa: BLE001
             todo.extend((f"{name}.{n}", m) for n, m in sub.named_children())
+            continue
+        why = _ancestors_reach_in(work, name)
+        if why:
+            for n in sorted(_bn_names(sub)):
+                q = f"{name}.{n}"
+                verdicts.append(Skip(q, SkipReason.NOT_TRACEABLE, f"'{name}' traces, but {why}"))
+                done.add(q)
             continue
         vs, cands = find_sites(g, sub, whole=work, prefix=name)
         vs = _add_uncalled(sub, vs, prefix=name)
