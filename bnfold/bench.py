@@ -242,9 +242,11 @@ def _bench_torch(
     elif shapes:
         g = torch.Generator().manual_seed(seed)
         args = tuple(torch.randn(s, generator=g) for s in shapes.values())
+    elif getattr(model, "example_inputs", None) is not None:
+        args = tuple(model.example_inputs)
     else:
         raise OptionError(f"{src}: a PyTorch module has no input signature: pass --input-shape x=1x3x224x224")
-    folded, report = fold_with_report(model)
+    folded, report = fold_with_report(model) if is_ep else fold_with_report(model, example_inputs=args)
     # An exported program is called through its GraphModule (eval semantics are fixed in the graph).
     runnable = (model.module(), folded.module()) if is_ep else (model, folded)
     if threads > 0:

@@ -473,6 +473,12 @@ def _load_as(
     except Exception as e:
         raise _fail(p, f"does not fit the architecture built by {model_factory!r}: "
                        f"{' '.join(str(e).split())[:300]}") from e
+    shape = getattr(factory, "example_input_shape", None)
+    if shape is not None and getattr(model, "example_inputs", None) is None:
+        # The factory tells what one input looks like (no batch dimension): a seeded batch of 2, so
+        # that jobs needing inputs (export, verification, bench) run without --input-shape.
+        g = torch.Generator().manual_seed(0)
+        model.example_inputs = (torch.randn(2, *shape, generator=g),)  # type: ignore[assignment]
     return model.eval()
 
 

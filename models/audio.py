@@ -53,3 +53,8 @@ def conv1d_net(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(64, num_classes),
     )
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+conv1d_net.example_input_shape = (1, 1600)  # type: ignore[attr-defined]

@@ -46,3 +46,8 @@ def lenet5(num_classes: int = 10) -> nn.Sequential:
         nn.Tanh(),
         nn.Linear(84, num_classes),
     )
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+lenet5.example_input_shape = (1, 32, 32)  # type: ignore[attr-defined]

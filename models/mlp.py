@@ -55,3 +55,9 @@ def bn_linear_mlp(
         width = h
     layers += [nn.BatchNorm1d(width), nn.Linear(width, num_classes)]
     return nn.Sequential(*layers)
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+mnist_mlp.example_input_shape = (784,)  # type: ignore[attr-defined]
+bn_linear_mlp.example_input_shape = (64,)  # type: ignore[attr-defined]

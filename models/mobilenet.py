@@ -100,3 +100,8 @@ def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0) -> MobileNetV2:
         A :class:`MobileNetV2` taking ``(N, 3, H, W)`` with ``H, W >= 32``.
     """
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult)
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+mobilenet_v2.example_input_shape = (3, 224, 224)  # type: ignore[attr-defined]

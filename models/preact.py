@@ -164,3 +164,8 @@ def preact_net(num_classes: int = 10) -> PreActNet:
         A :class:`PreActNet` taking ``(N, 3, 32, 32)`` (any ``H, W`` multiple of 4).
     """
     return PreActNet(num_classes=num_classes)
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+preact_net.example_input_shape = (3, 32, 32)  # type: ignore[attr-defined]

@@ -140,3 +140,9 @@ def resnet50(num_classes: int = 10, width: int = 64) -> ResNet:
         A :class:`ResNet` taking ``(N, 3, H, W)`` with ``H, W >= 32``.
     """
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width=width)
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+resnet18.example_input_shape = (3, 224, 224)  # type: ignore[attr-defined]
+resnet50.example_input_shape = (3, 224, 224)  # type: ignore[attr-defined]

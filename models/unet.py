@@ -79,3 +79,8 @@ def unet_decoder(in_channels: int = 64, num_classes: int = 3) -> UNetDecoder:
         ``(N, num_classes, H, W)``.
     """
     return UNetDecoder(in_channels=in_channels, num_classes=num_classes)
+
+
+# One input's shape without the batch dimension: `bnfold fold FILE --model models.X:factory` builds
+# example inputs from it when no --input-shape is given.
+unet_decoder.example_input_shape = (3, 64, 64)  # type: ignore[attr-defined]

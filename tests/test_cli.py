@@ -505,3 +505,19 @@ def test_fold_file_returns_data_and_reports_progress(model_path: Path, tmp_path:
     assert report.extra["written"] and report.extra["size_after"] > 0
     assert {s for s, _, _ in stages} >= {"load", "fold", "verify", "save"}
     assert all(0 <= d <= t for _, d, t in stages)
+
+
+def test_reference_state_dict_needs_no_input_shape(lenet_state_dict: Path, tmp_path: Path, monkeypatch) -> None:
+    """The reference factories say what their input looks like: fold to ONNX and bench without --input-shape."""
+    import onnx
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "lenet.onnx"
+    r = runner.invoke(app, ["fold", str(lenet_state_dict), "--model", "models.lenet:lenet5", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["verification"]["passed"]
+    assert not [n for n in onnx.load(str(out)).graph.node if n.op_type == "BatchNormalization"]
+    r = runner.invoke(app, ["bench", str(lenet_state_dict), "--model", "models.lenet:lenet5", "--runs", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)
