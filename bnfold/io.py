@@ -433,6 +433,11 @@ def _load_as(
                 "state_dict and load it with --model module.path:factory",
             )
         try:
+            # Unpickling imports the classes by module name: like `python` itself, find them in the
+            # current folder too.
+            cwd = os.getcwd()
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as e:
             raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
