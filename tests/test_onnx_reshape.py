@@ -44,3 +44,17 @@ def test_reshape_that_mixes_rows_is_left() -> None:
     m = _model([-1, 6], declare_shape=True, k=6)
     assert skip_reason(m).reason is SkipReason.NO_PRODUCER
     check_fold(m, bn_after=1)
+
+
+def test_bn_nodes_sharing_a_name_get_distinct_verdicts() -> None:
+    """ONNX does not require unique node names; the report must still tell the two BNs apart."""
+    from tests.test_onnx_helpers import G as Graph
+
+    g = Graph(seed=4)
+    g.node("Conv", [g.input("x", [2, 3, 5, 5]), g.rand("w", (4, 3, 1, 1))], ["a"], name="conv")
+    g.bn("a", "b", 4, "bn")
+    g.node("Relu", ["b"], ["r"])
+    g.bn("r", "y", 4, "bn_two").name = "bn"  # same node name, own initializers
+    g.output("y")
+    _, rep = check_fold(g.model(), bn_after=1)
+    assert sorted(v.bn for v in rep.verdicts) == ["bn", "bn#2"]

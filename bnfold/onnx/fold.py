@@ -95,10 +95,15 @@ def _fold_graph(
 ) -> list[Verdict]:
     labels: dict[str, str] = {}
     order: list[str] = []
+    seen: dict[str, int] = {}
     for i, n in enumerate(graph.node):
         if is_bn(n):
             key = n.output[0]
-            labels[key] = prefix + (n.name or f"BatchNormalization_{i}")
+            label = prefix + (n.name or f"BatchNormalization_{i}")
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:  # node names need not be unique: keep the verdicts apart
+                label = f"{label}#{seen[label]}"
+            labels[key] = label
             order.append(key)
     final: dict[str, Verdict] = {}
     candidates: set[str] = set()
