@@ -139,13 +139,6 @@ def _errors(*paths: Path | str) -> Iterator[None]:
         )
 
 
-def _out(json_mode: bool, quiet: bool) -> Console | None:
-    """The console for the human report, or None when nothing human is printed."""
-    if json_mode or quiet:
-        return None
-    return Console(highlight=False)
-
-
 def _err_console() -> Console:
     return Console(stderr=True, highlight=False)
 
@@ -153,6 +146,14 @@ def _err_console() -> Console:
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def _show(result: Any, json_out: bool, quiet: bool, render: Callable[[Console], None]) -> None:
+    """The one way a command reports: JSON alone on stdout, or the rich rendering, or nothing."""
+    if json_out:
+        _emit_json(result.to_dict() if hasattr(result, "to_dict") else result)
+    elif not quiet:
+        render(Console(highlight=False))
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -259,21 +260,15 @@ def fold(
                     opt_level=opt_level.value if opt_level else None, opset=opset, progress=progress,
                 )
         except jobs.FoldVerificationError as e:
-            if json_out:
-                _emit_json(e.fold_report.to_dict())
-            elif not quiet:
-                _show_fold(e.fold_report, title=f"{model}: verification FAILED")
+            failed = e.fold_report
+            _show(failed, json_out, quiet, lambda c: _show_fold(c, failed, title=f"{model}: verification FAILED"))
             raise
-        if json_out:
-            _emit_json(report.to_dict())
-        elif not quiet:
-            _show_fold(report, title=f"{model}")
+        _show(report, json_out, quiet, lambda c: _show_fold(c, report, title=f"{model}"))
 
 
-def _show_fold(report: Any, *, title: str) -> None:
+def _show_fold(console: Console, report: Any, *, title: str) -> None:
     from ._render import render_fold_report, render_verify_report
 
-    console = Console(highlight=False)
     render_fold_report(console, report, title=title)
     if report.verification is not None and not report.verification.passed:
         render_verify_report(console, report.verification, title="verification")
@@ -298,10 +293,7 @@ def inspect(
             report = jobs.inspect_file(
                 model, affine=affine, model_factory=model_factory, trust_pickle=trust_pickle, progress=progress
             )
-        if json_out:
-            _emit_json(report.to_dict())
-        else:
-            render_fold_report(Console(highlight=False), report, title=f"{model}")
+        _show(report, json_out, False, lambda c: render_fold_report(c, report, title=f"{model}"))
 
 
 @app.command()
@@ -333,10 +325,7 @@ def verify(
                 input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol,
                 rtol=rtol, opt_level=opt_level.value if opt_level else None, progress=progress,
             )
-        if json_out:
-            _emit_json(report.to_dict())
-        elif not quiet:
-            render_verify_report(Console(highlight=False), report, title=f"{candidate} vs {reference}")
+        _show(report, json_out, quiet, lambda c: render_verify_report(c, report, title=f"{candidate} vs {reference}"))
         if not report.passed:
             worst = report.worst()
             where = f" (output {worst.name}: max abs error {worst.max_abs_error:.3g})" if worst else ""
@@ -366,10 +355,7 @@ def freeze(
                 model, output, learnable=learnable, in_place=in_place, model_factory=model_factory,
                 trust_pickle=trust_pickle, progress=progress,
             )
-        if json_out:
-            _emit_json(result)
-        elif not quiet:
-            render_freeze_report(Console(highlight=False), result)
+        _show(result, json_out, quiet, lambda c: render_freeze_report(c, result))
 
 
 @app.command()
@@ -397,10 +383,7 @@ def bench(
                 model, runs=runs, warmup=warmup, threads=threads, affine=affine, model_factory=model_factory,
                 trust_pickle=trust_pickle, input_shapes=input_shape or [], seed=seed, progress=progress,
             )
-        if json_out:
-            _emit_json(report.to_dict())
-        else:
-            render_bench_report(Console(highlight=False), report)
+        _show(report, json_out, False, lambda c: render_bench_report(c, report))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -249,17 +250,28 @@ def _torch_examples(
     )
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What verification runs on and how it compares: the options every job shares."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    arrays: Mapping[str, Any] | None
+    samples: int
+    seed: int
+    atol: float | None
+    rtol: float | None
+    opt_level: str | None
+
+    def carried_by_examples(self) -> _Inputs:
+        """The same settings once example tensors carry the shapes and the data (PyTorch reference)."""
+        return replace(self, shapes={}, arrays=None)
+
+
 def _verify(
     reference: Any,
     candidate: Any,
+    ins: _Inputs,
     *,
-    input_shapes: Mapping[str, tuple[int, ...]],
-    inputs: Mapping[str, Any] | None,
-    samples: int,
-    seed: int,
-    atol: float | None,
-    rtol: float | None,
-    opt_level: str | None,
     example_inputs: tuple[Any, ...] | None,
     progress: ProgressFn,
     where: str = "",
@@ -268,13 +280,13 @@ def _verify(
 
     progress("verify", 0, 1)
     kwargs: dict[str, Any] = dict(
-        inputs=dict(inputs) if inputs else None,
-        input_shapes=dict(input_shapes) if input_shapes else None,
-        samples=samples,
-        seed=seed,
-        atol=atol,
-        rtol=rtol,
-        extra_level=opt_level,
+        inputs=dict(ins.arrays) if ins.arrays else None,
+        input_shapes=dict(ins.shapes) if ins.shapes else None,
+        samples=ins.samples,
+        seed=ins.seed,
+        atol=ins.atol,
+        rtol=ins.rtol,
+        extra_level=ins.opt_level,
     )
     if example_inputs is not None:
         kwargs["example_inputs"] = example_inputs
@@ -363,19 +375,16 @@ def fold_file(
     arrays = load_inputs(inputs)
     size_before = _size(src_p)
 
+    ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
+
     model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
     if src_fmt == "onnx":
         if out_fmt != "onnx":
             raise OptionError(f"{dst_p}: an ONNX model can only be written as .onnx")
-        report, result = _fold_onnx(
-            src_p, model, affine=affine, verify=verify, shapes=shapes, arrays=arrays, samples=samples,
-            seed=seed, atol=atol, rtol=rtol, opt_level=opt_level, progress=prog,
-        )
+        report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
     else:
         report, result = _fold_torch(
-            src_p, dst_p, model, src_fmt, out_fmt, affine=affine, verify=verify, shapes=shapes,
-            arrays=arrays, samples=samples, seed=seed, atol=atol, rtol=rtol, opt_level=opt_level,
-            opset=opset, progress=prog,
+            src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, progress=prog
         )
     report.extra.update(
         source=str(src_p), output=str(dst_p), source_format=src_fmt, output_format=out_fmt,
@@ -390,12 +399,12 @@ def fold_file(
                 report,
             )
         report.notes.append("verification failed; written anyway because of --force")
-    _save(result, dst_p, out_fmt, src_fmt, prog)
+    _save(result, dst_p, prog)
     report.extra.update(size_after=_size(dst_p), written=True, total_seconds=time.perf_counter() - t0)
     return report
 
 
-def _save(model: Any, dst: Path, out_fmt: str, src_fmt: str, progress: ProgressFn) -> None:
+def _save(model: Any, dst: Path, progress: ProgressFn) -> None:
     from . import io as bio
 
     progress("save", 0, 1)
@@ -404,23 +413,11 @@ def _save(model: Any, dst: Path, out_fmt: str, src_fmt: str, progress: ProgressF
 
 
 def _fold_onnx(
-    src: Path,
-    model: Any,
-    *,
-    affine: bool,
-    verify: bool,
-    shapes: Mapping[str, tuple[int, ...]],
-    arrays: Mapping[str, Any] | None,
-    samples: int,
-    seed: int,
-    atol: float | None,
-    rtol: float | None,
-    opt_level: str | None,
-    progress: ProgressFn,
+    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, progress: ProgressFn
 ) -> tuple[FoldReport, Any]:
     from .onnx import fold_model
 
-    _check_onnx_shapes(model, shapes, src)
+    _check_onnx_shapes(model, ins.shapes, src)
     progress("fold", 0, 1)
     t = time.perf_counter()
     folded, report = fold_model(model, affine=affine, inplace=True)
@@ -429,9 +426,7 @@ def _fold_onnx(
     if verify:
         # The reference is the source file on disk (see the module docstring).
         report.verification = _verify(
-            str(src), folded, input_shapes=shapes, inputs=arrays, samples=samples, seed=seed,
-            atol=atol, rtol=rtol, opt_level=opt_level, example_inputs=None, progress=progress,
-            where=str(src),
+            str(src), folded, ins, example_inputs=None, progress=progress, where=str(src)
         )
     return report, folded
 
@@ -440,18 +435,11 @@ def _fold_torch(
     src: Path,
     dst: Path,
     model: Any,
-    src_fmt: str,
     out_fmt: str,
+    ins: _Inputs,
     *,
     affine: bool,
     verify: bool,
-    shapes: Mapping[str, tuple[int, ...]],
-    arrays: Mapping[str, Any] | None,
-    samples: int,
-    seed: int,
-    atol: float | None,
-    rtol: float | None,
-    opt_level: str | None,
     opset: int | None,
     progress: ProgressFn,
 ) -> tuple[FoldReport, Any]:
@@ -460,20 +448,19 @@ def _fold_torch(
     from .api import fold_with_report
 
     is_ep = isinstance(model, torch.export.ExportedProgram)
-    if out_fmt == "pt2" and not is_ep and not (shapes or arrays):
-        raise OptionError(f"{src}: writing .pt2 needs example inputs: pass --input-shape or --inputs")
     needs_examples = verify or out_fmt in ("onnx", "pt2")
-    examples = _torch_examples(model, shapes, arrays, seed, src) if needs_examples else None
+    examples = _torch_examples(model, ins.shapes, ins.arrays, ins.seed, src) if needs_examples else None
 
     if out_fmt == "onnx":
         # export_onnx folds in PyTorch, exports, folds what the exporter left; we verify below with the
         # user's settings against the PyTorch original.
-        names = list(arrays) if arrays else (list(shapes) if shapes else None)
+        names = list(ins.arrays) if ins.arrays else (list(ins.shapes) if ins.shapes else None)
         result, report = _export(model, examples, opset=opset, affine=affine, input_names=names, progress=progress)
     else:
         progress("fold", 0, 1)
         t = time.perf_counter()
-        result, report = fold_with_report(model)
+        # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
+        result, report = fold_with_report(model, example_inputs=None if is_ep else examples)
         report.seconds = time.perf_counter() - t
         progress("fold", 1, 1)
         if out_fmt == "pt2" and not is_ep:
@@ -486,8 +473,7 @@ def _fold_torch(
         # The reference is the PyTorch original; verify exports torch models to ONNX itself. The
         # example inputs carry the shapes and the data, so no name-keyed shapes or arrays go along.
         report.verification = _verify(
-            model, result, input_shapes={}, inputs=None, samples=samples, seed=seed,
-            atol=atol, rtol=rtol, opt_level=opt_level, example_inputs=examples, progress=progress,
+            model, result, ins.carried_by_examples(), example_inputs=examples, progress=progress,
             where=str(src),
         )
     return report, result
@@ -609,16 +595,13 @@ def verify_files(
     shapes = _parse_shapes(input_shapes, ref_p)
     arrays = load_inputs(inputs)
     ref, ref_fmt = _load(ref_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
-    cand, cand_fmt = _load(cand_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    cand, _ = _load(cand_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
     examples = None
     if ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
         examples = _torch_examples(ref, shapes, arrays, seed, ref_p)
-        shapes, arrays = {}, None
-    return _verify(
-        ref, cand, input_shapes=shapes, inputs=arrays, samples=samples, seed=seed, atol=atol,
-        rtol=rtol, opt_level=opt_level, example_inputs=examples, progress=prog,
-        where=f"{ref_p} vs {cand_p}",
-    )
+        ins = ins.carried_by_examples()
+    return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=f"{ref_p} vs {cand_p}")
 
 
 def freeze_file(

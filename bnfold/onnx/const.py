@@ -156,10 +156,6 @@ class ConstEvaluator:
                 self._cache[name] = hit
         return hit
 
-    def origin_is_initializer(self, name: str) -> bool:
-        """True when ``name`` is an initializer of *this* graph that a user cannot override."""
-        return name in self.index.initializers and not self.index.is_overridable(name)
-
     # ---- internals -----------------------------------------------------------------------------
     def _resolve(self, name: str) -> Resolved:
         idx = self.index

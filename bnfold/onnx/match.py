@@ -303,6 +303,19 @@ def _resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, wha
     return v
 
 
+def _weight_and_bias(
+    ev: ConstEvaluator, node: NodeProto, bn: str, names: tuple[str, str] = ("weight", "bias")
+) -> tuple[Array, Array | None] | Skip:
+    """The constant weight (input 1) and optional bias (input 2) of a layer, or why not."""
+    w = _resolve_weight(ev, node, 1, bn, names[0])
+    if isinstance(w, Skip):
+        return w
+    b = _optional(ev, node, 2, bn, names[1])
+    if isinstance(b, Skip):
+        return b
+    return w, b
+
+
 def _optional(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | None | Skip:
     if slot >= len(node.input) or not node.input[slot]:
         return None
@@ -374,12 +387,10 @@ def _match_forward(
     base: dict[str, Any] = {"site": site, "remove": (bi,), "rename_output": (p, y), "dropped": (x,)}
 
     if kind in ("Conv", "ConvTranspose"):
-        w = _resolve_weight(ev, pn, 1, label, "weight")
-        if isinstance(w, Skip):
-            return w, True
-        b = _optional(ev, pn, 2, label, "bias")
-        if isinstance(b, Skip):
-            return b, True
+        wb = _weight_and_bias(ev, pn, label)
+        if isinstance(wb, Skip):
+            return wb, True
+        w, b = wb
         g = int(_attr(pn, "group", 1))
         if kind == "Conv":
             layout, c_out = WeightLayout.conv(g), w.shape[0]
@@ -393,12 +404,10 @@ def _match_forward(
         return Fold(**base, locks=(p,), writes=[Write(p, 1, res[0]), Write(p, 2, res[1])]), True
 
     if kind == "Gemm":
-        bw = _resolve_weight(ev, pn, 1, label, "B")
-        if isinstance(bw, Skip):
-            return bw, True
-        cv = _optional(ev, pn, 2, label, "C")
-        if isinstance(cv, Skip):
-            return cv, True
+        bc = _weight_and_bias(ev, pn, label, ("B", "C"))
+        if isinstance(bc, Skip):
+            return bc, True
+        bw, cv = bc
         trans_b = bool(_attr(pn, "transB", 0))
         n = bw.shape[0] if trans_b else bw.shape[1]
         if bw.ndim != 2 or n != c:
@@ -431,15 +440,15 @@ def _match_forward(
     m_idx = p if kind == "MatMul" else mm
     assert m_idx is not None
     mnode = index.nodes[m_idx]
-    w = _resolve_weight(ev, mnode, 1, label, "right operand")
-    if isinstance(w, Skip):
-        return w, True
-    if w.ndim != 2 or w.shape[1] != c:
+    mw = _resolve_weight(ev, mnode, 1, label, "right operand")
+    if isinstance(mw, Skip):
+        return mw, True
+    if mw.ndim != 2 or mw.shape[1] != c:
         return Skip(
-            label, SkipReason.LAYOUT, f"{target} right operand has shape {list(w.shape)}, the BN {c} channels"
+            label, SkipReason.LAYOUT, f"{target} right operand has shape {list(mw.shape)}, the BN {c} channels"
         ), True
     if kind == "MatMul":
-        res = _scale_out(w, None, s, t, WeightLayout.matmul(), label, f"weight of {target}")
+        res = _scale_out(mw, None, s, t, WeightLayout.matmul(), label, f"weight of {target}")
         if isinstance(res, Skip):
             return res, True
         return Fold(**base, locks=(p,), writes=[Write(p, 1, res[0]), Write(p, 2, res[1])], to_gemm=p), True
@@ -457,17 +466,14 @@ def _match_forward(
         return Skip(
             label, SkipReason.LAYOUT, f"the bias of Add '{pn.name}' has shape {list(bias.shape)}"
         ), True
-    wres = _scale_out(w, None, s, t, WeightLayout.matmul(), label, f"weight of {target}")
+    wres = _scale_out(mw, None, s, t, WeightLayout.matmul(), label, f"weight of {target}")
     if isinstance(wres, Skip):
         return wres, True
-    bres = _finish([bias.astype(np.float64) * s + t], w.dtype, label, f"bias of {target}")
+    bres = _finish([bias.astype(np.float64) * s + t], mw.dtype, label, f"bias of {target}")
     if isinstance(bres, Skip):
         return bres, True
-    res = [wres[0], bres[0]]
-    if isinstance(res, Skip):
-        return res, True
     return (
-        Fold(**base, locks=(p, m_idx), writes=[Write(m_idx, 1, res[0]), Write(p, bias_slot, res[1])]),
+        Fold(**base, locks=(p, m_idx), writes=[Write(m_idx, 1, wres[0]), Write(p, bias_slot, bres[0])]),
         True,
     )
 
@@ -557,12 +563,10 @@ def _match_backward(
                 f"{target} pads its input with zeros, which the BN shift "
                 "would not reach; fold only convolutions without padding",
             ), True
-        w = _resolve_weight(ev, kn, 1, label, "weight")
-        if isinstance(w, Skip):
-            return w, True
-        b = _optional(ev, kn, 2, label, "bias")
-        if isinstance(b, Skip):
-            return b, True
+        wb = _weight_and_bias(ev, kn, label)
+        if isinstance(wb, Skip):
+            return wb, True
+        w, b = wb
         g = int(_attr(kn, "group", 1))
         if w.shape[1] * g != c:
             return Skip(
