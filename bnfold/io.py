@@ -415,10 +415,17 @@ def _load_as(
     import torch
 
     if fmt == "pt2":
+        from . import pt2_guard
+
+        if not trust_pickle:
+            pt2_guard.check_pt2(p)
         try:
-            return torch.export.load(p)  # type: ignore[no-untyped-call]
+            program = torch.export.load(p)  # type: ignore[no-untyped-call]
         except Exception as e:
             raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        if not trust_pickle:
+            pt2_guard.check_program(p, program)
+        return program
     if fmt == "torchscript":
         try:
             return torch.jit.load(p, map_location="cpu")  # type: ignore[no-untyped-call]
