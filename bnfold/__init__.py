@@ -13,7 +13,7 @@ Public API (imported lazily, so ``import bnfold`` does not import torch or onnxr
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BnfoldError,
@@ -66,9 +66,26 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "nn":
-        return importlib.import_module("bnfold.nn")
-    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+if TYPE_CHECKING:
+    # Type checkers see the real signatures (and reject a misspelt ``bnfold.fodl``); at run time the
+    # names resolve lazily through ``__getattr__`` so that ``import bnfold`` stays free of torch.
+    from . import nn as nn
+    from .api import fold as fold
+    from .api import fold_with_report as fold_with_report
+    from .api import inspect as inspect
+    from .export import export_onnx as export_onnx
+    from .freezing import freeze as freeze
+    from .freezing import freeze_with_report as freeze_with_report
+    from .freezing import recalibrate as recalibrate
+    from .freezing import unfreeze as unfreeze
+    from .io import load as load
+    from .io import save as save
+    from .verification import verify as verify
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY:
+            return getattr(importlib.import_module(_LAZY[name]), name)
+        if name == "nn":
+            return importlib.import_module("bnfold.nn")
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
