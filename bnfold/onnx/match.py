@@ -62,7 +62,18 @@ from .graph import GraphIndex, is_bn
 from .match_backward import match_backward
 from .match_forward import match_forward
 from .match_frozen import match_mul_add
-from .plan import FLOAT_TYPES, Array, BnParams, Fold, Write, attr, finish, is_float, release_scratch
+from .plan import (
+    FLOAT_TYPES,
+    Array,
+    BnParams,
+    Fold,
+    Write,
+    attr,
+    finish,
+    is_float,
+    release_scratch,
+    trace_type,
+)
 
 __all__ = [
     "Fold",
@@ -156,7 +167,7 @@ def match_affine(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, ops
     if isinstance(prm, Skip):
         return None
     x, y = node.input[0], node.output[0]
-    elem, rank = _trace_type(index, x, y)
+    elem, rank = trace_type(index, x, y)
     if not elem and opset < 15:
         elem = int(helper.np_dtype_to_tensor_dtype(prm.param_dtype))
     if elem not in FLOAT_TYPES:
@@ -175,48 +186,3 @@ def match_affine(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, ops
         return None
     site = Site(label, "", "Mul+Add", Direction.AFFINE, "BN replaced by one Mul and one Add")
     return Fold(site=site, remove=(bi,), affine=(res[0], res[1]))
-
-
-# Ops whose first output has the element type and rank of their first input.
-_SAME_TYPE_RANK = frozenset(
-    (
-        "Relu LeakyRelu PRelu Sigmoid Tanh Clip Elu Selu HardSigmoid HardSwish Softplus Mish Gelu Erf Abs "
-        "Neg Exp Log Sqrt Add Sub Mul Div Max Min Sum Mean Identity Dropout BatchNormalization "
-        "InstanceNormalization LRN MaxPool AveragePool LpPool Pad Concat Upsample Resize Softmax"
-    ).split()
-)
-
-
-def _trace_type(index: GraphIndex, x: str, y: str) -> tuple[int, int | None]:
-    """Element type and rank of a BN's data: declared types first, else walked up through ops that
-    keep both (activations, pools, element-wise ops), stopping at Conv/ConvTranspose (rank of the
-    weight) and Gemm (rank 2). Returns ``(0, None)`` where nothing is known."""
-    elem, rank = 0, None
-    for n in (x, y):
-        vt = index.value_type(n)
-        if vt is not None:
-            elem = elem or vt.elem_type
-            rank = rank if rank is not None else vt.rank
-    cur = x
-    for _ in range(256):
-        if elem and rank is not None:
-            break
-        p = index.producer.get(cur)
-        if p is None:
-            break
-        pn = index.nodes[p]
-        if pn.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(pn.input) > 1:
-            wt = index.value_type(pn.input[1])
-            elem = elem or (wt.elem_type if wt is not None else 0)
-            if rank is None and pn.op_type in ("Conv", "ConvTranspose") and wt is not None:
-                rank = wt.rank
-            if rank is None and pn.op_type == "Gemm":
-                rank = 2
-        if pn.op_type not in _SAME_TYPE_RANK or not pn.input:
-            break
-        cur = pn.input[0]
-        vt = index.value_type(cur)
-        if vt is not None:
-            elem = elem or vt.elem_type
-            rank = rank if rank is not None else vt.rank
-    return elem, rank

@@ -85,9 +85,12 @@ class Fwd:
         return tuple(dict.fromkeys((*nodes, self.head)))
 
 
-def exclusive(c: Fwd, value: str, target: str) -> Skip | None:
+def exclusive(c: Fwd, value: str, target: str, *, kept: bool = False) -> Skip | None:
     """Refuse when ``value`` (a layer output the fold scales) is a graph output or read by another node
-    than the one the route expects (``n_uses`` must be 1)."""
+    than the one the route expects (``n_uses`` must be 1).
+
+    ``kept``: the value keeps its name after the fold, so Shape/Size readers (which see only its
+    unchanged shape) do not count."""
     idx = c.index
     if value in idx.graph_outputs:
         return Skip(
@@ -96,6 +99,8 @@ def exclusive(c: Fwd, value: str, target: str) -> Skip | None:
             f"the output '{value}' of {target} is also a graph output and must stay unscaled",
         )
     cons = idx.consumers.get(value, [])
+    if kept:
+        cons = [k for k in cons if idx.nodes[k].op_type not in ("Shape", "Size") or idx.nodes[k].domain]
     if len(cons) > 1:
         who = ", ".join(f"{idx.nodes[k].op_type} '{idx.nodes[k].name}'" for k in cons[1:4])
         return Skip(
@@ -291,7 +296,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
         ), True
     # Case 5: MatMul -> Add(bias): scale W and the bias (b s + t)
     an = idx.nodes[add]
-    bad = exclusive(c, mnode.output[0], f"MatMul '{mnode.name}'")
+    bad = exclusive(c, mnode.output[0], f"MatMul '{mnode.name}'", kept=True)
     if bad is not None:
         return bad, True
     bias_slot = 1 if an.input[0] == mnode.output[0] else 0
@@ -404,17 +409,16 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
 
     Reshape to a constant ``[a, d, 1, ..., 1]`` (``a`` anything): row-major order keeps the index of a
     last axis of size ``d`` as the index of output axis 1 when every axis after it has size 1.
-    Flatten: only ``axis=-1`` (or ``rank-1`` with the rank known) leaves the last axis alone.
+    Flatten: dim 1 is a product that includes ``d``; it equals the BN's ``d`` channels only when the
+    other factors are 1 (see below).
     """
     rn = c.index.nodes[r]
     if rn.op_type == "Flatten":
-        axis = int(attr(rn, "axis", 1))
-        if axis == -1:
-            return None
-        rank = value_rank(c.index, rn.input[0])
-        if rank is not None and axis in (rank - 1, -1):
-            return None
-        return f"Flatten '{rn.name}' has axis {axis} on a product of rank {rank if rank is not None else 'unknown'}"
+        # Flatten(axis=k) of (d_0, .., d_{r-1} = D) has dim 1 = d_k * .. * d_{r-1}, which the BN reads
+        # as its C = D channels (the caller checked D == C; a BN input of another dim 1 is rejected by
+        # the runtime): so d_k .. d_{r-2} are all 1 and the last index is the index of axis 1, for any
+        # axis and rank.
+        return None
     if len(rn.input) < 2:
         return f"Reshape '{rn.name}' has no shape input"
     v, _, detail = c.ev.resolve(rn.input[1])
@@ -451,9 +455,9 @@ def _case_linear_norm(c: Fwd, r: int) -> Result:
         ), False
     m, mnode = q, idx.nodes[q]
     target = f"MatMul '{mnode.name}' (through {rn.op_type} '{rn.name}')"
-    bad = _common(c, target) or exclusive(c, rn.input[0], target)
+    bad = _common(c, target) or exclusive(c, rn.input[0], target, kept=True)
     if bad is None and add is not None:
-        bad = exclusive(c, mnode.output[0], target)
+        bad = exclusive(c, mnode.output[0], target, kept=True)
     if bad is not None:
         return bad, True
     mw = _matmul_weight(c, m, target)

@@ -57,7 +57,7 @@ def _branches(c: Fwd, node: int, inputs: list[str], what: str) -> list[tuple[int
                 SkipReason.UNFOLDABLE_BRANCH,
                 f"the branch '{v}' of {what} comes from {src}{hint}, which cannot absorb the BN's scale",
             )
-        bad = exclusive(c, v, f"{pn.op_type} '{pn.name}'")
+        bad = exclusive(c, v, f"{pn.op_type} '{pn.name}'", kept=True)
         if bad is not None:
             return bad
         if pn.op_type == "Gemm":

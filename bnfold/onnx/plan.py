@@ -40,6 +40,7 @@ __all__ = [
     "optional_input",
     "weight_and_bias",
     "value_rank",
+    "trace_type",
 ]
 
 Array = npt.NDArray[Any]
@@ -221,3 +222,48 @@ def value_rank(index: GraphIndex, *names: str) -> int | None:
         if vt is not None and vt.rank is not None:
             return vt.rank
     return None
+
+
+# Ops whose first output has the element type and rank of their first input.
+_SAME_TYPE_RANK = frozenset(
+    (
+        "Relu LeakyRelu PRelu Sigmoid Tanh Clip Elu Selu HardSigmoid HardSwish Softplus Mish Gelu Erf Abs "
+        "Neg Exp Log Sqrt Add Sub Mul Div Max Min Sum Mean Identity Dropout BatchNormalization "
+        "InstanceNormalization LRN MaxPool AveragePool LpPool Pad Concat Upsample Resize Softmax"
+    ).split()
+)
+
+
+def trace_type(index: GraphIndex, x: str, y: str) -> tuple[int, int | None]:
+    """Element type and rank of a BN's data: declared types first, else walked up through ops that
+    keep both (activations, pools, element-wise ops), stopping at Conv/ConvTranspose (rank of the
+    weight) and Gemm (rank 2). Returns ``(0, None)`` where nothing is known."""
+    elem, rank = 0, None
+    for n in (x, y):
+        vt = index.value_type(n)
+        if vt is not None:
+            elem = elem or vt.elem_type
+            rank = rank if rank is not None else vt.rank
+    cur = x
+    for _ in range(256):
+        if elem and rank is not None:
+            break
+        p = index.producer.get(cur)
+        if p is None:
+            break
+        pn = index.nodes[p]
+        if pn.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(pn.input) > 1:
+            wt = index.value_type(pn.input[1])
+            elem = elem or (wt.elem_type if wt is not None else 0)
+            if rank is None and pn.op_type in ("Conv", "ConvTranspose") and wt is not None:
+                rank = wt.rank
+            if rank is None and pn.op_type == "Gemm":
+                rank = 2
+        if pn.op_type not in _SAME_TYPE_RANK or not pn.input:
+            break
+        cur = pn.input[0]
+        vt = index.value_type(cur)
+        if vt is not None:
+            elem = elem or vt.elem_type
+            rank = rank if rank is not None else vt.rank
+    return elem, rank
