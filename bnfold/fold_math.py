@@ -448,10 +448,19 @@ def scale_cast(
             for i in range(lo, hi, step):
                 j = min(hi, i + step)
                 blk = out[i:j]
-                t = blk if tmp is None else tmp[: j - i]
-                np.multiply(w[i:j], f[i:j] if per_row else f, out=t)
-                if tmp is not None:
-                    blk[...] = cast_exact(t, dt) if exact_cast else t
+                fi = f[i:j] if per_row else f
+                if tmp is None:
+                    np.multiply(w[i:j], fi, out=blk)
+                else:
+                    # Widen (exact), multiply in float64, round once: three SIMD passes over a block in
+                    # cache, faster than one mixed-dtype multiply (NumPy's buffered casting loop).
+                    t = tmp[: j - i]
+                    np.copyto(t, w[i:j])
+                    np.multiply(t, fi, out=t)
+                    if exact_cast:
+                        blk[...] = cast_exact(t, dt)
+                    else:
+                        np.copyto(blk, t, casting="unsafe")
                 if ok and not np.isfinite(blk).all():
                     ok = False
         return ok
