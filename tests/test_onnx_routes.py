@@ -448,3 +448,22 @@ def test_exported_route_models(name: str, opset: int) -> None:
     ref = copy.deepcopy(model).double()(x.double()).detach().numpy()
     got = run(out, {m.graph.input[0].name: x.numpy()})[0].astype(np.float64)
     assert np.max(np.abs(got - ref)) <= TORCH_TOL * max(1.0, float(np.max(np.abs(ref))))
+
+
+def test_inspect_reports_the_predicted_result() -> None:
+    import bnfold
+
+    m = concat_graph(F32).model()
+    g = G()
+    x = g.input("x", [2, 4, 6, 6])
+    g.node("Conv", [x, g.rand("w", (4, 4, 3, 3))], ["a"], name="conv", pads=[1, 1, 1, 1])
+    g.node("Add", ["a", x], ["s"], name="res")
+    g.bn("s", "y", 4, "bn")
+    g.output("y")
+    for model, left in ((m, 0), (g.model(), 1), (linear_norm(F32).model(), 0)):
+        before = model.SerializeToString()
+        rep = bnfold.inspect(model)
+        assert model.SerializeToString() == before
+        _, real = fold_model(model)
+        assert rep.bn_after == real.bn_after == left
+        assert [v.to_dict() for v in rep.verdicts] == [v.to_dict() for v in real.verdicts]
