@@ -467,3 +467,18 @@ def test_inspect_reports_the_predicted_result() -> None:
         _, real = fold_model(model)
         assert rep.bn_after == real.bn_after == left
         assert [v.to_dict() for v in rep.verdicts] == [v.to_dict() for v in real.verdicts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["linear_norm_bias", "csp_block"])
+def test_dynamo_exported_route_models(name: str) -> None:
+    # optimize=False keeps the BN (and writes Concat-built Reshape shapes, Identity for eval Dropout).
+    torch = pytest.importorskip("torch")
+    from models.onnx_routes import build_route_model
+
+    model, x = build_route_model(name)
+    m = torch.onnx.export(model, (x,), dynamo=True, optimize=False).model_proto
+    out, _ = fold_ok(m, seeds=1)
+    ref = model.double()(x.double()).detach().numpy()
+    got = run(out, {m.graph.input[0].name: x.numpy()})[0].astype(np.float64)
+    assert np.max(np.abs(got - ref)) <= TORCH_TOL * max(1.0, float(np.max(np.abs(ref))))
