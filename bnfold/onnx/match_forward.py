@@ -33,7 +33,17 @@ from .plan import (
     weight_and_bias,
 )
 
-__all__ = ["Fwd", "match_forward", "exclusive", "per_channel", "LAYERS"]
+__all__ = [
+    "Fwd",
+    "match_forward",
+    "common",
+    "exclusive",
+    "per_channel",
+    "conv_layout",
+    "gemm_fold",
+    "matmul_weight",
+    "LAYERS",
+]
 
 Result = tuple[Fold | Skip, bool]
 
@@ -122,7 +132,7 @@ def per_channel(v: Array, rank: int, channels: int) -> np.ndarray[Any, np.dtype[
     return np.broadcast_to(v.astype(np.float64).reshape(-1), (channels,)).copy()
 
 
-def _common(c: Fwd, target: str) -> Skip | None:
+def common(c: Fwd, target: str) -> Skip | None:
     """Checks shared by every single-layer case: the produced value is the BN's alone; per channel."""
     bad = exclusive(c, c.x, target) or (exclusive(c, c.src, target) if c.src != c.x else None)
     if bad is not None:
@@ -167,7 +177,9 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
     if kind == "Add":
         return _case_add(c, p)  # Cases 5, 7, 9
     if kind in ("Reshape", "Flatten"):
-        return _case_linear_norm(c, p)  # Case 6
+        from .match_linear_norm import match_linear_norm
+
+        return match_linear_norm(c, p)  # Case 6
     if kind in ("Concat", "Sum"):
         from .match_routes import match_concat, match_sum
 
@@ -194,7 +206,7 @@ def conv_layout(ev: ConstEvaluator, c: Fwd, p: int) -> tuple[Array, Array | None
 def _case_conv(c: Fwd, p: int) -> Result:
     pn = c.index.nodes[p]
     target = f"{pn.op_type} '{pn.name}'"
-    bad = _common(c, target)
+    bad = common(c, target)
     if bad is not None:
         return bad, True
     lay = conv_layout(c.ev, c, p)
@@ -241,7 +253,7 @@ def gemm_fold(
 
 
 def _case_gemm(c: Fwd, p: int) -> Result:
-    bad = _common(c, f"Gemm '{c.index.nodes[p].name}'")
+    bad = common(c, f"Gemm '{c.index.nodes[p].name}'")
     if bad is not None:
         return bad, True
     w = gemm_fold(c, p, c.prm.scale, c.prm.shift)
@@ -251,7 +263,7 @@ def _case_gemm(c: Fwd, p: int) -> Result:
 
 
 # ---- Cases 4 and 5: MatMul [-> Add(bias)] -> BN, product of rank 2 -----------------------------------
-def _matmul_weight(c: Fwd, m: int, target: str) -> Array | Skip:
+def matmul_weight(c: Fwd, m: int, target: str) -> Array | Skip:
     mw = resolve_weight(c.ev, c.index.nodes[m], 1, c.label, "right operand")
     if isinstance(mw, Skip):
         return mw
@@ -268,7 +280,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     idx = c.index
     mnode = idx.nodes[m]
     target = f"MatMul '{mnode.name}'" if add is None else f"MatMul+Add '{idx.nodes[add].name}'"
-    bad = _common(c, target)
+    bad = common(c, target)
     if bad is not None:
         return bad, True
     rank = value_rank(idx, c.x, c.y)
@@ -280,7 +292,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
             f"the product of {target} has rank {why}: the BN channel (axis 1) "
             "is not the MatMul's feature axis (last) unless the rank is 2",
         ), True
-    mw = _matmul_weight(c, m, target)
+    mw = matmul_weight(c, m, target)
     if isinstance(mw, Skip):
         return mw, True
     s, t = c.prm.scale, c.prm.shift
@@ -352,7 +364,7 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
     idx = c.index
     pn, an = idx.nodes[p], idx.nodes[a]
     target = f"{pn.op_type} '{pn.name}' (+ Add '{an.name}')"
-    bad = _common(c, target) or exclusive(c, pn.output[0], f"{pn.op_type} '{pn.name}'")
+    bad = common(c, target) or exclusive(c, pn.output[0], f"{pn.op_type} '{pn.name}'")
     if bad is not None:
         return bad, True
     if c.chain:
@@ -400,113 +412,3 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
     if isinstance(res, Skip):
         return res, True
     return Fold(**base, locks=c.locks(p, a), writes=[Write(p, 1, res[0]), Write(p, 2, res[1])]), True
-
-
-# ---- Case 6: LinearNorm, MatMul [-> Add(bias)] -> Reshape / Flatten -> BN -------------------------------
-def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
-    """Why Reshape/Flatten ``r`` may move the product's last axis (size ``d``) off the BN channel axis,
-    or None when it provably maps it to axis 1.
-
-    Reshape to a constant ``[a, d, 1, ..., 1]`` (``a`` anything): row-major order keeps the index of a
-    last axis of size ``d`` as the index of output axis 1 when every axis after it has size 1.
-    Flatten: dim 1 is a product that includes ``d``; it equals the BN's ``d`` channels only when the
-    other factors are 1 (see below).
-    """
-    rn = c.index.nodes[r]
-    if rn.op_type == "Flatten":
-        # Flatten(axis=k) of (d_0, .., d_{r-1} = D) has dim 1 = d_k * .. * d_{r-1}, which the BN reads
-        # as its C = D channels (the caller checked D == C; a BN input of another dim 1 is rejected by
-        # the runtime): so d_k .. d_{r-2} are all 1 and the last index is the index of axis 1, for any
-        # axis and rank.
-        return None
-    if len(rn.input) < 2:
-        return f"Reshape '{rn.name}' has no shape input"
-    v, _, detail = c.ev.resolve(rn.input[1])
-    if v is None:
-        return f"the target shape of Reshape '{rn.name}' is not a constant ({detail})"
-    shape = [int(e) for e in np.asarray(v).reshape(-1)]
-    if len(shape) < 2 or shape[1] != d or any(e != 1 for e in shape[2:]):
-        return f"Reshape '{rn.name}' to {shape} does not keep the last axis ({d}) as axis 1"
-    return None
-
-
-def _case_linear_norm(c: Fwd, r: int) -> Result:
-    """Case 6: the BN channel is the MatMul's output axis throughout (LeViT's LinearNorm)."""
-    idx = c.index
-    rn = idx.nodes[r]
-    q = idx.producer.get(rn.input[0])
-    add: int | None = None
-    if q is not None and idx.nodes[q].op_type == "Add":
-        an = idx.nodes[q]
-        for side in (0, 1):
-            m = idx.producer.get(an.input[side])
-            if (
-                m is not None
-                and idx.nodes[m].op_type == "MatMul"
-                and c.ev.resolve(an.input[1 - side])[0] is not None
-            ):
-                add, q = q, m
-                break
-    if q is None or idx.nodes[q].op_type != "MatMul":
-        return Skip(
-            c.label,
-            SkipReason.NO_PRODUCER,
-            f"its input comes from {rn.op_type} '{rn.name}', which does not reshape a MatMul product",
-        ), False
-    m, mnode = q, idx.nodes[q]
-    target = f"MatMul '{mnode.name}' (through {rn.op_type} '{rn.name}')"
-    bad = _common(c, target) or exclusive(c, rn.input[0], target, kept=True)
-    if bad is None and add is not None:
-        bad = exclusive(c, mnode.output[0], target, kept=True)
-    if bad is not None:
-        return bad, True
-    mw = _matmul_weight(c, m, target)
-    if isinstance(mw, Skip):
-        return mw, True
-    why = _keeps_last_axis(c, r, int(mw.shape[1]))
-    if why is not None:
-        return Skip(
-            c.label, SkipReason.LAYOUT, f"{why}: the BN channel may not be the MatMul's output axis"
-        ), True
-    s, t = c.prm.scale, c.prm.shift
-    wres = scale_out(mw, None, s, None, WeightLayout.matmul(), c.label, f"weight of {target}")
-    if isinstance(wres, Skip):
-        return wres, True
-    base = c.base(m, "MatMul", f"through {rn.op_type} '{rn.name}'")
-    if add is None:
-        # No bias to absorb the shift: the BN becomes Add(x, t), t laid out on axis 1 of the BN input.
-        rank = 2 if rn.op_type == "Flatten" else int(np.asarray(c.ev.resolve(rn.input[1])[0]).size)
-        tres = finish([t.reshape((-1,) + (1,) * (rank - 2))], mw.dtype, c.label, f"shift after {target}")
-        if isinstance(tres, Skip):
-            return tres, True
-        site = base["site"]
-        site = Site(
-            site.bn,
-            site.target,
-            site.target_kind,
-            site.direction,
-            "; ".join(filter(None, [site.detail, "shift kept as one Add"])),
-        )
-        return Fold(
-            site=site, remove=(c.bi,), locks=c.locks(m), writes=[Write(m, 1, wres[0])], shift=tres[0]
-        ), True
-    an = idx.nodes[add]
-    bias_slot = 1 if an.input[0] == mnode.output[0] else 0
-    bias = resolve_weight(c.ev, an, bias_slot, c.label, "bias")
-    if isinstance(bias, Skip):
-        return bias, True
-    if bias.size not in (1, c.prm.channels) or (bias.ndim and bias.shape[-1] != bias.size):
-        return Skip(
-            c.label,
-            SkipReason.LAYOUT,
-            f"the bias of Add '{an.name}' (shape {list(bias.shape)}) is not one value per output feature",
-        ), True
-    # Keep the bias's rank (all its leading axes are 1), so that the Add's output shape is unchanged.
-    new_shape = (tuple(bias.shape[:-1]) + (c.prm.channels,)) if bias.ndim else (c.prm.channels,)
-    b64 = (bias.astype(np.float64).reshape(-1) * s + t).reshape(new_shape)
-    bres = finish([b64], mw.dtype, c.label, f"bias of {target}")
-    if isinstance(bres, Skip):
-        return bres, True
-    return Fold(
-        **base, locks=c.locks(m, add), writes=[Write(m, 1, wres[0]), Write(add, bias_slot, bres[0])]
-    ), True
