@@ -15,6 +15,8 @@ import io
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnfold.onnx import count_bn, fold_model
@@ -482,3 +484,47 @@ def test_dynamo_exported_route_models(name: str) -> None:
     ref = model.double()(x.double()).detach().numpy()
     got = run(out, {m.graph.input[0].name: x.numpy()})[0].astype(np.float64)
     assert np.max(np.abs(got - ref)) <= TORCH_TOL * max(1.0, float(np.max(np.abs(ref))))
+
+
+# ---- property: random routes ----------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    route=st.sampled_from(["Concat", "Add", "Sum"]),
+    kinds=st.lists(st.sampled_from(["Conv", "ConvTranspose"]), min_size=1, max_size=3),
+    bias=st.lists(st.booleans(), min_size=3, max_size=3),
+    groups=st.sampled_from([1, 2]),
+    share=st.booleans(),
+    noop=st.sampled_from(["", "Identity", "Dropout"]),
+    seed=st.integers(0, 1000),
+)
+def test_property_routes_fold_exactly(route: str, kinds: list[str], bias: list[bool], groups: int, share: bool,
+                                      noop: str, seed: int) -> None:
+    if route == "Add" and len(kinds) != 2:
+        kinds = (kinds * 2)[:2]
+    g = G(seed=seed)
+    x = g.input("x", [2, 4, 5, 5])
+    outs, total = [], 0
+    shared_w: dict[str, str] = {}
+    for i, k in enumerate(kinds):
+        c_out = 4 if route != "Concat" else 2 * (i + 1)
+        if k == "Conv":
+            shape = (c_out, 4 // groups, 3, 3)
+        else:
+            shape = (4, c_out // groups, 3, 3)
+        key = f"{k}{shape}"
+        w = shared_w[key] if share and key in shared_w else g.rand(f"w{i}", shape)
+        shared_w.setdefault(key, w)
+        ins = [x, w] + ([g.rand(f"b{i}", (c_out,))] if bias[i] else [])
+        g.node(k, ins, [f"o{i}"], name=f"l{i}", group=groups, pads=[1, 1, 1, 1])
+        outs.append(f"o{i}")
+        total += c_out
+    c = total if route == "Concat" else 4
+    attrs = {"axis": 1} if route == "Concat" else {}
+    g.node(route, outs, ["r"], name="route", **attrs)
+    src = "r"
+    if noop:
+        g.node(noop, ["r"], ["n"], name="noop")
+        src = "n"
+    g.bn(src, "y", c, "bn")
+    g.output("y")
+    fold_ok(g.model(), seeds=1)
