@@ -528,3 +528,24 @@ def test_property_routes_fold_exactly(route: str, kinds: list[str], bias: list[b
     g.bn(src, "y", c, "bn")
     g.output("y")
     fold_ok(g.model(), seeds=1)
+
+
+def test_route_producer_that_is_a_graph_output_is_refused() -> None:
+    g = concat_graph(F32)
+    g.output("a")
+    m = g.model()
+    assert reason_of(m)[0] is SkipReason.GRAPH_OUTPUT
+    fold_ok(m, bn_after=1)
+
+
+def test_noop_between_add_constant_and_bn_is_refused() -> None:
+    g = G()
+    g.node("Conv", [g.input("x", [2, 4, 6, 6]), g.rand("w", (5, 4, 3, 3))], ["a"], name="conv")
+    g.node("Add", ["a", g.rand("k", (5, 1, 1))], ["s"], name="plus")
+    g.node("Identity", ["s"], ["i"])
+    g.bn("i", "y", 5, "bn")
+    g.output("y")
+    m = g.model()
+    assert reason_of(m)[0] is SkipReason.UNSUPPORTED_LAYER
+    fold_ok(m, bn_after=1)
+
