@@ -549,3 +549,28 @@ def test_noop_between_add_constant_and_bn_is_refused() -> None:
     assert reason_of(m)[0] is SkipReason.UNSUPPORTED_LAYER
     fold_ok(m, bn_after=1)
 
+
+
+@pytest.mark.parametrize("opset", [11, 13, 15, 18, 21])
+def test_routes_across_opsets(opset: int) -> None:
+    fold_ok(concat_graph(F32).model(opset=opset))
+    g = G()
+    x = g.input("x", [2, 4, 5, 5])
+    g.node("Conv", [x, g.rand("w1", (3, 4, 1, 1)), g.rand("b1", (3,))], ["a"], name="c1")
+    g.node("Conv", [x, g.rand("w2", (3, 4, 1, 1))], ["b"], name="c2")
+    g.node("Sum", ["a", "b"], ["s"], name="sum")
+    g.node("Dropout", ["s"], ["d"], name="drop")
+    g.bn("d", "y", 3, "bn")
+    g.output("y")
+    fold_ok(g.model(opset=opset))
+
+
+def test_branch_sum_float16() -> None:
+    g = G(TensorProto.FLOAT16)
+    x = g.input("x", [2, 4, 5, 5])
+    g.node("Conv", [x, g.rand("w1", (3, 4, 3, 3)), g.rand("b1", (3,))], ["a"], name="c1", pads=[1, 1, 1, 1])
+    g.node("Conv", [x, g.rand("w2", (3, 4, 1, 1))], ["b"], name="c2")
+    g.node("Add", ["a", "b"], ["s"], name="sum")
+    g.bn("s", "y", 3, "bn")
+    g.output("y")
+    fold_ok(g.model())
