@@ -2,6 +2,8 @@
 
 * :class:`LinearNorm` -- LeViT's ``Linear`` on tokens ``(B, N, C)``, ``flatten(0, 1)``, ``BatchNorm1d``
   over the output features, reshaped back. Exported: MatMul [-> Add] -> Reshape -> BN -> Reshape.
+* :class:`TokenLinearBN` -- ``Linear`` on tokens, then ``BatchNorm1d`` on ``x.transpose(1, 2)`` (and
+  back): MatMul [-> Add] -> Transpose(perm [0, 2, 1]) -> BN.
 * :class:`LeViTMlp` -- two LinearNorms around a Hardswish (LeViT's MLP / attention projections).
 * :class:`CSPBlock` -- CSPNet / YOLO-style: two 1x1 conv paths concatenated, then one BN + activation.
 * :class:`MixConv` -- mixed-kernel depthwise convs (MixNet) on channel splits, concatenated, one BN.
@@ -23,6 +25,7 @@ from .stats import randomize_bn
 
 __all__ = [
     "LinearNorm",
+    "TokenLinearBN",
     "LeViTMlp",
     "CSPBlock",
     "MixConv",
@@ -45,6 +48,18 @@ class LinearNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c(x)
         return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenLinearBN(nn.Module):
+    """``Linear`` on ``(B, N, C)``, then ``BatchNorm1d`` over the features of ``x.transpose(1, 2)``."""
+
+    def __init__(self, c_in: int, c_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c_in, c_out, bias=bias)
+        self.bn = nn.BatchNorm1d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2)
 
 
 class LeViTMlp(nn.Module):
@@ -136,6 +151,7 @@ class NormLinearHead(nn.Module):
 ROUTE_MODELS: dict[str, tuple[type[nn.Module], dict[str, object], tuple[int, ...]]] = {
     "linear_norm": (LinearNorm, {"c_in": 8, "c_out": 12}, (2, 5, 8)),
     "linear_norm_bias": (LinearNorm, {"c_in": 8, "c_out": 12, "bias": True}, (2, 5, 8)),
+    "token_linear_bn": (TokenLinearBN, {"c_in": 8, "c_out": 6}, (2, 5, 8)),
     "levit_mlp": (LeViTMlp, {}, (2, 7, 16)),
     "csp_block": (CSPBlock, {}, (2, 8, 6, 6)),
     "mixconv": (MixConv, {}, (2, 8, 7, 7)),

@@ -435,7 +435,7 @@ def _export(name: str, opset: int):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("opset", [11, 17])
-@pytest.mark.parametrize("name", ["linear_norm", "linear_norm_bias", "levit_mlp", "csp_block", "mixconv",
+@pytest.mark.parametrize("name", ["linear_norm", "linear_norm_bias", "token_linear_bn", "levit_mlp", "csp_block", "mixconv",
                                   "branch_sum", "residual_sum_bn", "norm_linear_head"])
 def test_exported_route_models(name: str, opset: int) -> None:
     import copy
@@ -574,3 +574,25 @@ def test_branch_sum_float16() -> None:
     g.bn("s", "y", 3, "bn")
     g.output("y")
     fold_ok(g.model())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("perm,ok", [([0, 2, 1], True), ([2, 0, 1], False), ([0, 1, 2], False)])
+def test_matmul_transpose_bn(bias: bool, perm: list[int], ok: bool) -> None:
+    # Linear on tokens, then x.transpose(1, 2) into a BN1d over the features.
+    g = G()
+    g.node("MatMul", [g.input("x", [2, 5, 8]), g.rand("w", (8, 5 if perm == [0, 1, 2] else 6))], ["mm"], name="mm")
+    src = "mm"
+    if bias:
+        g.node("Add", ["mm", g.rand("b", (5 if perm == [0, 1, 2] else 6,))], ["mma"], name="add")
+        src = "mma"
+    g.node("Transpose", [src], ["tr"], name="tr", perm=perm)
+    c = {(0, 2, 1): 6, (2, 0, 1): 2, (0, 1, 2): 5}[tuple(perm)]
+    g.bn("tr", "y", c, "bn")
+    g.output("y")
+    m = g.model()
+    if ok:
+        fold_ok(m)
+    else:
+        assert reason_of(m)[0] is SkipReason.LAYOUT
+        fold_ok(m, bn_after=1)

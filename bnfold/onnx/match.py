@@ -16,9 +16,10 @@ Forward (:mod:`~bnfold.onnx.match_forward`; the layer output is read by the BN's
        a broadcast C grows to ``broadcast(C, [N])``.
     4. MatMul -> BN, product (N, C) with a constant 2-D right operand: becomes ``Gemm(A, W s, t)``.
     5. MatMul -> Add(bias) -> BN, product (N, C): scale W and the bias (``b s + t``).
-    6. LinearNorm (:mod:`~bnfold.onnx.match_linear_norm`): MatMul (.., K)x(K, D) [-> Add(bias)] -> Reshape to a constant ``[a, D, 1, ..]`` (or
-       Flatten(axis=-1)) -> BN: the BN channel is the MatMul's output axis throughout (row-major order
-       keeps the last axis); scale W, shift into the bias, or the BN becomes one ``Add(x, t)``.
+    6. LinearNorm (:mod:`~bnfold.onnx.match_linear_norm`): MatMul (.., K)x(K, D) [-> Add(bias)] ->
+       Reshape to a constant ``[a, D, 1, ..]``, Flatten, or a Transpose with ``perm[1]`` last -> BN:
+       the BN channel is the MatMul's output axis throughout; scale W, shift into the bias, or the
+       BN becomes one ``Add(x, t)``.
     7. Conv/ConvTranspose/Gemm -> Add(constant per channel) -> BN: the constant joins the bias.
 Routes (:mod:`~bnfold.onnx.match_routes`):
     8. Concat on the channel axis of layers: the BN split per slice, each slice folded into its producer.

@@ -176,7 +176,7 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
         return _case_matmul(c, p, None)  # Case 4
     if kind == "Add":
         return _case_add(c, p)  # Cases 5, 7, 9
-    if kind in ("Reshape", "Flatten"):
+    if kind in ("Reshape", "Flatten", "Transpose"):
         from .match_linear_norm import match_linear_norm
 
         return match_linear_norm(c, p)  # Case 6

@@ -1,7 +1,8 @@
-"""Case 6 of :mod:`bnfold.onnx.match`: LeViT's LinearNorm, ``MatMul [-> Add(bias)] -> Reshape | Flatten -> BN``.
+"""Case 6 of :mod:`bnfold.onnx.match`: LinearNorm, ``MatMul [-> Add(bias)] -> Reshape | Flatten | Transpose -> BN``.
 
 ``Linear`` on tokens ``(B, N, K)`` gives ``(B, N, D)``; ``flatten(0, 1)`` makes it ``(B*N, D)`` and the
-BN normalises axis 1 -- the MatMul's output axis, provided the reshape keeps the last axis as axis 1.
+BN normalises axis 1 -- the MatMul's output axis, provided the reshape keeps the last axis as axis 1
+(the same holds for ``x.transpose(1, 2)`` before a BN1d: a Transpose whose ``perm[1]`` is the last axis).
 Row-major order proves it for a Reshape to a constant ``[a, D, 1, ..., 1]`` (any ``a``): input index
 ``(.., d)`` has flat index ``f * D + d`` and lands at ``(f, d, 0, ..)``. The fold then scales the
 MatMul's output features (``W' = W * s``); the shift goes into the Add's bias (``b' = b s + t``), or,
@@ -24,7 +25,7 @@ from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
 from .match_forward import Fwd, common, exclusive, matmul_weight
-from .plan import Fold, Write, finish, resolve_weight, scale_out
+from .plan import Fold, Write, attr, finish, resolve_weight, scale_out
 
 __all__ = ["match_linear_norm"]
 
@@ -38,9 +39,17 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
     Reshape to a constant ``[a, d, 1, ..., 1]`` (``a`` anything): row-major order keeps the index of a
     last axis of size ``d`` as the index of output axis 1 when every axis after it has size 1.
     Flatten: dim 1 is a product that includes ``d``; it equals the BN's ``d`` channels only when the
-    other factors are 1 (see below).
+    other factors are 1 (see below). Transpose: ``perm[1]`` must be the last axis.
     """
     rn = c.index.nodes[r]
+    if rn.op_type == "Transpose":
+        # Output axis 1 is input axis perm[1]: the MatMul's output axis when that is the last one.
+        perm = [int(p) for p in attr(rn, "perm", [])]
+        if len(perm) < 2 or perm[1] != len(perm) - 1:
+            return (
+                f"Transpose '{rn.name}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
+            )
+        return None
     if rn.op_type == "Flatten":
         # Flatten(axis=k) of (d_0, .., d_{r-1} = D) has dim 1 = d_k * .. * d_{r-1}, which the BN reads
         # as its C = D channels (the caller checked D == C; a BN input of another dim 1 is rejected by
@@ -103,7 +112,12 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     base = c.base(m, "MatMul", f"through {rn.op_type} '{rn.name}'")
     if add is None:
         # No bias to absorb the shift: the BN becomes Add(x, t), t laid out on axis 1 of the BN input.
-        rank = 2 if rn.op_type == "Flatten" else int(np.asarray(c.ev.resolve(rn.input[1])[0]).size)
+        if rn.op_type == "Flatten":
+            rank = 2
+        elif rn.op_type == "Transpose":
+            rank = len(attr(rn, "perm", []))
+        else:
+            rank = int(np.asarray(c.ev.resolve(rn.input[1])[0]).size)
         tres = finish([t.reshape((-1,) + (1,) * (rank - 2))], mw.dtype, c.label, f"shift after {target}")
         if isinstance(tres, Skip):
             return tres, True
