@@ -26,6 +26,7 @@ from .plan import (
     Write,
     attr,
     finish,
+    is_float,
     label_of,
     resolve_weight,
     scale_out,
@@ -41,11 +42,13 @@ __all__ = [
     "per_channel",
     "conv_layout",
     "gemm_fold",
+    "layer_writes",
     "matmul_weight",
     "LAYERS",
 ]
 
 Result = tuple[Fold | Skip, bool]
+F64 = np.ndarray[Any, np.dtype[np.float64]]
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm")
 """Layers whose output channels can absorb a per-channel scale (and a bias shift) in any route."""
@@ -203,26 +206,38 @@ def conv_layout(ev: ConstEvaluator, c: Fwd, p: int) -> tuple[Array, Array | None
     return w, b, WeightLayout.conv_transpose(g), int(w.shape[1]) * g
 
 
-def _case_conv(c: Fwd, p: int) -> Result:
+def layer_writes(c: Fwd, p: int, s: F64, t: F64 | None) -> list[Write] | Skip:
+    """The writes that scale layer ``p``'s output channels by ``s`` and add ``t`` (None: nothing) to its
+    bias: Conv / ConvTranspose through :func:`~bnfold.onnx.plan.scale_out`, Gemm through
+    :func:`gemm_fold`."""
     pn = c.index.nodes[p]
+    if pn.op_type == "Gemm":
+        return gemm_fold(c, p, s, np.zeros_like(s) if t is None else t)
     target = f"{pn.op_type} '{pn.name}'"
-    bad = common(c, target)
-    if bad is not None:
-        return bad, True
     lay = conv_layout(c.ev, c, p)
     if isinstance(lay, Skip):
-        return lay, True
+        return lay
     w, b, layout, c_out = lay
-    if c_out != c.prm.channels:
-        return Skip(
-            c.label, SkipReason.LAYOUT, f"{target} has {c_out} output channels, the BN {c.prm.channels}"
-        ), True
-    res = scale_out(w, b, c.prm.scale, c.prm.shift, layout, c.label, f"weight or bias of {target}")
+    if c_out != s.shape[0]:
+        return Skip(c.label, SkipReason.LAYOUT, f"{target} has {c_out} output channels, the BN {s.shape[0]}")
+    res = scale_out(w, b, s, t, layout, c.label, f"weight or bias of {target}")
     if isinstance(res, Skip):
-        return res, True
-    return Fold(
-        **c.base(p, pn.op_type), locks=c.locks(p), writes=[Write(p, 1, res[0]), Write(p, 2, res[1])]
-    ), True
+        return res
+    if b is None and t is None:
+        return [Write(p, 1, res[0])]  # no bias to scale and no shift: keep it bias-free
+    return [Write(p, 1, res[0]), Write(p, 2, res[1])]
+
+
+def _case_conv(c: Fwd, p: int) -> Result:
+    """Cases 1 and 2: scale the output channels of a Conv / ConvTranspose, shift its bias."""
+    pn = c.index.nodes[p]
+    bad = common(c, f"{pn.op_type} '{pn.name}'")
+    if bad is not None:
+        return bad, True
+    w = layer_writes(c, p, c.prm.scale, c.prm.shift)
+    if isinstance(w, Skip):
+        return w, True
+    return Fold(**c.base(p, pn.op_type), locks=c.locks(p), writes=w), True
 
 
 # ---- Case 3: Gemm -> BN ----------------------------------------------------------------------------
@@ -372,17 +387,11 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
         return Skip(c.label, SkipReason.UNSUPPORTED_LAYER, f"no-ops between Add '{an.name}' and the BN"), True
     k, _, _ = c.ev.resolve(an.input[const_slot])
     assert k is not None
-    if pn.op_type == "Gemm":
-        w = resolve_weight(c.ev, pn, 1, c.label, "B")
-        if isinstance(w, Skip):
-            return w, True
-        rank = 2
-    else:
-        lay = conv_layout(c.ev, c, p)
-        if isinstance(lay, Skip):
-            return lay, True
-        w, rank = lay[0], lay[0].ndim
-    k64 = per_channel(k, rank, c.prm.channels) if k.dtype.kind == "f" or k.dtype.name == "bfloat16" else None
+    w = resolve_weight(c.ev, pn, 1, c.label, "weight")
+    if isinstance(w, Skip):
+        return w, True
+    rank = 2 if pn.op_type == "Gemm" else w.ndim
+    k64 = per_channel(k, rank, c.prm.channels) if is_float(k) else None
     if k64 is None:
         return Skip(
             c.label,
@@ -391,24 +400,12 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
             f"one value per channel of the {pn.op_type} output",
         ), True
     s, t = c.prm.scale, c.prm.shift
-    shift = s * k64 + t
+    writes = layer_writes(c, p, s, s * k64 + t)
+    if isinstance(writes, Skip):
+        return writes, True
     base = c.base(p, pn.op_type, f"through Add '{an.name}' (constant)")
     base["remove"] = (c.bi, a)
     base["dropped"] = (an.output[0], pn.output[0])
     base["rename_output"] = (p, c.y)
-    if pn.op_type == "Gemm":
-        writes = gemm_fold(c, p, s, shift)
-        if isinstance(writes, Skip):
-            return writes, True
-        return Fold(**base, locks=c.locks(p, a), writes=writes, beta_one=(p,)), True
-    lay = conv_layout(c.ev, c, p)
-    assert not isinstance(lay, Skip)
-    w, b, layout, c_out = lay
-    if c_out != c.prm.channels:
-        return Skip(
-            c.label, SkipReason.LAYOUT, f"{target} has {c_out} output channels, the BN {c.prm.channels}"
-        ), True
-    res = scale_out(w, b, s, shift, layout, c.label, f"weight or bias of {target}")
-    if isinstance(res, Skip):
-        return res, True
-    return Fold(**base, locks=c.locks(p, a), writes=[Write(p, 1, res[0]), Write(p, 2, res[1])]), True
+    gemm = (p,) if pn.op_type == "Gemm" else ()
+    return Fold(**base, locks=c.locks(p, a), writes=writes, beta_one=gemm), True

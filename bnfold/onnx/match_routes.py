@@ -28,8 +28,8 @@ import numpy as np
 
 from bnfold.records import Skip, SkipReason
 
-from .match_forward import LAYERS, Fwd, conv_layout, exclusive, gemm_fold
-from .plan import Fold, Write, attr, label_of, scale_out
+from .match_forward import LAYERS, Fwd, common, conv_layout, exclusive, layer_writes
+from .plan import Fold, Write, attr, label_of
 
 __all__ = ["match_concat", "match_sum"]
 
@@ -85,29 +85,11 @@ def _branches(c: Fwd, node: int, inputs: list[str], what: str) -> list[tuple[int
     return out
 
 
-def _fold_producer(c: Fwd, p: int, s: F64, t: F64 | None) -> list[Write] | Skip:
-    """Writes that scale producer ``p``'s output channels by ``s`` and add ``t`` to its bias."""
-    pn = c.index.nodes[p]
-    target = f"{pn.op_type} '{pn.name}'"
-    if pn.op_type == "Gemm":
-        return gemm_fold(c, p, s, np.zeros_like(s) if t is None else t)
-    lay = conv_layout(c.ev, c, p)
-    if isinstance(lay, Skip):
-        return lay
-    w, b, layout, _ = lay
-    res = scale_out(w, b, s, t, layout, c.label, f"weight or bias of {target}")
-    if isinstance(res, Skip):
-        return res
-    if b is None and t is None:
-        return [Write(p, 1, res[0])]  # no bias to scale and no shift: keep it bias-free
-    return [Write(p, 1, res[0]), Write(p, 2, res[1])]
-
-
 def _route_fold(c: Fwd, node: int, kind: str, plans: list[tuple[int, F64, F64 | None]], what: str) -> Result:
     writes: list[Write] = []
     gemms: list[int] = []
     for p, s, t in plans:
-        w = _fold_producer(c, p, s, t)
+        w = layer_writes(c, p, s, t)
         if isinstance(w, Skip):
             return w, True
         writes.extend(w)
@@ -120,20 +102,11 @@ def _route_fold(c: Fwd, node: int, kind: str, plans: list[tuple[int, F64, F64 | 
     ), True
 
 
-def _route_common(c: Fwd, what: str) -> Skip | None:
-    bad = exclusive(c, c.x, what) or (exclusive(c, c.src, what) if c.src != c.x else None)
-    if bad is None and c.prm.per_element:
-        bad = Skip(
-            c.label, SkipReason.SPATIAL, "spatial=0 statistics differ per position: not a per-channel scale"
-        )
-    return bad
-
-
 def match_concat(c: Fwd, node: int) -> Result:
     """Case 8: split the BN over the producers of a channel-axis Concat."""
     cn = c.index.nodes[node]
     what = f"Concat '{cn.name}'"
-    bad = _route_common(c, what)
+    bad = common(c, what)
     if bad is not None:
         return bad, True
     br = _branches(c, node, list(cn.input), what)
@@ -164,7 +137,7 @@ def match_sum(c: Fwd, node: int, inputs: list[str]) -> Result:
     """Case 9: scale every branch of a sum, the shift into the first branch's bias."""
     an = c.index.nodes[node]
     what = f"{an.op_type} '{an.name}'"
-    bad = _route_common(c, what)
+    bad = common(c, what)
     if bad is not None:
         return bad, True
     br = _branches(c, node, inputs, what)
