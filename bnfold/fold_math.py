@@ -23,10 +23,21 @@ output channel ``g * (C_out/g) + j`` is column ``j`` of rows ``g*C_in/g ... (g+1
 
 All functions take and return NumPy arrays; results are float64 and are cast back once, at the edge,
 with :func:`cast_exact` (correct rounding, also for bfloat16).
+
+One implementation of the weight product: every ``W * factor`` here (forward, backward, Gemm) goes
+through :func:`scale_cast`, which multiplies in float64 block by block along axis 0 (a cache-sized
+float64 buffer, never a float64 copy of the whole weight; rows split between threads for large
+weights) and rounds each block once to the requested dtype. With ``dtype=float64`` it is the plain
+float64 product; with a narrower dtype it equals ``cast_exact(W.astype(float64) * factor, dtype)``
+bit for bit (each element is one float64 product and one rounding, whatever the blocking).
+:func:`fold_forward_cast` is the forward fold already rounded to the layer's dtype, with the
+finiteness check fused in: the route the ONNX backend takes for large weights.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +49,14 @@ __all__ = [
     "bn_affine",
     "channel_factor",
     "fold_forward",
+    "fold_forward_cast",
     "fold_backward",
     "fold_gemm_forward",
     "fold_gemm_backward",
     "cast_exact",
     "fits_dtype",
+    "scale_cast",
+    "Scratch",
     "F64",
 ]
 
@@ -196,12 +210,50 @@ def fold_forward(
     Returns:
         ``(weight', bias')`` in float64; ``bias'`` has one entry per output channel.
     """
-    w = _f64(weight)
+    w = np.asarray(weight)
     s = _f64(scale).reshape(-1)
     t = _f64(shift).reshape(-1)
-    w_new = w * channel_factor(s, w.shape, layout, "out")
+    w_new, _ = scale_cast(w, channel_factor(s, w.shape, layout, "out"), np.float64)
     b = np.zeros_like(s) if bias is None else _f64(bias).reshape(-1)
     return w_new, b * s + t
+
+
+def fold_forward_cast(
+    weight: npt.NDArray[Any],
+    bias: ArrayLike | None,
+    scale: ArrayLike,
+    shift: ArrayLike,
+    layout: WeightLayout,
+    dtype: Any = None,
+    *,
+    out: npt.NDArray[Any] | None = None,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], bool]:
+    """:func:`fold_forward` rounded once to ``dtype`` (default: the weight's), blocked.
+
+    Equal bit for bit to ``cast_exact`` of each result of :func:`fold_forward`.
+
+    Args:
+        weight: the layer's weight.
+        bias: per output channel, or ``None``.
+        scale: per output channel.
+        shift: per output channel.
+        layout: the weight's channel axes.
+        dtype: the dtype of the results (the weight's when ``None``).
+        out: an array of the weight's shape and ``dtype`` to write the weight into (see
+            :class:`Scratch`).
+
+    Returns:
+        ``(weight', bias', finite)``: both in ``dtype``; ``finite`` is False when a value of either
+        is not finite there (an overflow: the caller refuses the fold).
+    """
+    w = np.asarray(weight)
+    dt = np.dtype(w.dtype if dtype is None else dtype)
+    s = _f64(scale).reshape(-1)
+    t = _f64(shift).reshape(-1)
+    w_new, finite = scale_cast(w, channel_factor(s, w.shape, layout, "out"), dt, out=out)
+    b64 = np.zeros_like(s) if bias is None else _f64(bias).reshape(-1)
+    b_new = cast_exact(b64 * s + t, dt)
+    return w_new, b_new, finite and bool(np.all(np.isfinite(b_new)))
 
 
 def fold_backward(
@@ -232,8 +284,8 @@ def fold_backward(
     w = _f64(weight)
     s = _f64(scale).reshape(-1)
     t = _f64(shift).reshape(-1)
-    w_new = w * channel_factor(s, w.shape, layout, "in")
-    contrib = w * channel_factor(t, w.shape, layout, "in")
+    w_new, _ = scale_cast(w, channel_factor(s, w.shape, layout, "in"), np.float64)
+    contrib, _ = scale_cast(w, channel_factor(t, w.shape, layout, "in"), np.float64)
     out_axis = layout.out_axis % w.ndim
     summed = np.moveaxis(contrib, out_axis, 0).reshape(w.shape[out_axis], -1).sum(axis=1)
     b = np.zeros(w.shape[out_axis]) if bias is None else _f64(bias).reshape(-1)
@@ -261,10 +313,10 @@ def fold_gemm_forward(
     Returns:
         ``(B', C')`` in float64; write the Gemm with ``beta = 1``.
     """
-    b = _f64(b_weight)
+    b = np.asarray(b_weight)
     s = _f64(scale).reshape(-1)
     t = _f64(shift).reshape(-1)
-    b_new = b * channel_factor(s, b.shape, WeightLayout.gemm(trans_b), "out")
+    b_new, _ = scale_cast(b, channel_factor(s, b.shape, WeightLayout.gemm(trans_b), "out"), np.float64)
     if c is None:
         return b_new, t.copy()
     return b_new, float(beta) * _f64(c) * s + t
@@ -290,7 +342,7 @@ def fold_gemm_backward(
     b = _f64(b_weight)
     s = _f64(scale).reshape(-1)
     t = _f64(shift).reshape(-1)
-    b_new = b * channel_factor(s, b.shape, layout, "in")
+    b_new, _ = scale_cast(b, channel_factor(s, b.shape, layout, "in"), np.float64)
     bk = b.T if trans_b else b  # [K, N]
     c_new = float(alpha) * (t @ bk)
     if c is not None:
@@ -345,3 +397,124 @@ def fits_dtype(x: ArrayLike, dtype: Any) -> bool:
     if not np.all(np.isfinite(a)):
         return False
     return bool(np.all(np.isfinite(cast_exact(a, dtype).astype(np.float64))))
+
+
+# ---- the blocked product ---------------------------------------------------------------------------
+_BLOCK = 1 << 15  # float64 elements per block (256 KiB: stays in L2)
+_PARALLEL_MIN = 1 << 18  # elements: below this, threads cost more than they save
+_POOL: Any = None
+_POOL_LOCK = threading.Lock()
+
+
+def scale_cast(
+    weight: npt.NDArray[Any],
+    factor: F64,
+    dtype: Any,
+    out: npt.NDArray[Any] | None = None,
+) -> tuple[npt.NDArray[Any], bool]:
+    """``cast_exact(weight.astype(float64) * factor, dtype)``, block by block along axis 0.
+
+    Args:
+        weight: the weight (any float dtype).
+        factor: float64 factors broadcastable to ``weight.shape`` (as returned by
+            :func:`channel_factor`); a factor of another rank falls back to the whole-array form.
+        dtype: the dtype of the result (``float64``: the plain product, no rounding).
+        out: an array of ``weight.shape`` and ``dtype`` to write into (a reused scratch buffer saves
+            allocating and faulting in fresh memory for every weight).
+
+    Returns:
+        ``(result, finite)``: the product in ``dtype`` and whether every value of it is finite
+        (checked block by block while the block is in cache).
+    """
+    dt = np.dtype(dtype)
+    w = np.asarray(weight)
+    f = np.asarray(factor, np.float64)
+    if w.ndim == 0 or w.size == 0 or f.ndim != w.ndim or np.broadcast_shapes(w.shape, f.shape) != w.shape:
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = cast_exact(w.astype(np.float64) * f, dt)
+        return res, bool(np.all(np.isfinite(res)))
+    if out is None:
+        out = np.empty(w.shape, dt)
+    n = w.shape[0]
+    step = max(1, _BLOCK // max(1, w[0].size))
+    per_row = f.shape[0] == n and n > 1
+    direct = dt == np.float64  # the product lands in ``out`` itself, no rounding step
+    exact_cast = _is_bf16(dt)  # NumPy rounds float64 -> float32/float16 correctly, not -> bfloat16
+
+    def run(lo: int, hi: int) -> bool:
+        tmp = None if direct else np.empty((min(step, hi - lo),) + w.shape[1:], np.float64)
+        ok = True
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in range(lo, hi, step):
+                j = min(hi, i + step)
+                blk = out[i:j]
+                fi = f[i:j] if per_row else f
+                if tmp is None:
+                    np.multiply(w[i:j], fi, out=blk)
+                else:
+                    # Widen (exact), multiply in float64, round once: three SIMD passes over a block in
+                    # cache, faster than one mixed-dtype multiply (NumPy's buffered casting loop).
+                    t = tmp[: j - i]
+                    np.copyto(t, w[i:j])
+                    np.multiply(t, fi, out=t)
+                    if exact_cast:
+                        blk[...] = cast_exact(t, dt)
+                    else:
+                        np.copyto(blk, t, casting="unsafe")
+                if ok and not np.isfinite(blk).all():
+                    ok = False
+        return ok
+
+    workers = _workers()
+    if w.size < _PARALLEL_MIN or workers < 2 or n < 2 * step:
+        return out, run(0, n)
+    # NumPy releases the GIL in these loops: split the rows between threads (results are per element,
+    # so the split does not change a single bit).
+    chunk = -(-n // workers)
+    chunk = -(-chunk // step) * step
+    pool = _pool(workers)
+    futures = [pool.submit(run, lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+    finite = all([fu.result() for fu in futures])
+    return out, finite
+
+
+def _workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
+
+
+def _pool(workers: int) -> Any:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnfold-fold")
+        return _POOL
+
+
+class Scratch:
+    """One reusable output buffer per dtype, grown to the largest weight seen.
+
+    The result of :func:`scale_cast` written into it is valid until the next call: the caller turns
+    it into bytes (``tobytes``) before asking for the buffer again.
+    """
+
+    def __init__(self) -> None:
+        self._buf: dict[str, npt.NDArray[Any]] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
+        """A ``shape``-shaped view of the buffer for ``dtype`` (contents undefined)."""
+        dt = np.dtype(dtype)
+        size = 1
+        for d in shape:
+            size *= int(d)
+        key = dt.str + dt.name
+        buf = self._buf.get(key)
+        if buf is None or buf.size < size:
+            buf = np.empty(size, dt)
+            self._buf[key] = buf
+        return buf[:size].reshape(shape)

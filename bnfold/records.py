@@ -63,6 +63,8 @@ class SkipReason(str, enum.Enum):
     """The model could not be traced, and the BN is not in a place that is provably safe to fold."""
     IN_SUBGRAPH = "in_subgraph"
     """The BN reads a value from an enclosing graph it cannot be folded across."""
+    UNFOLDABLE_BRANCH = "unfoldable_branch"
+    """BN on a sum or concatenation where one branch is not a foldable layer (e.g. a residual identity)."""
 
 
 class Direction(str, enum.Enum):

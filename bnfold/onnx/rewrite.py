@@ -36,7 +36,7 @@ from bnfold.records import Site
 
 from .const import PURE_OPS
 from .graph import GraphIndex, node_subgraphs
-from .match import Fold
+from .plan import Fold
 
 __all__ = ["Names", "PassRewriter", "remove_dead", "write_tensor"]
 
@@ -187,8 +187,8 @@ class PassRewriter:
         del w_list
         if f.to_gemm is not None:
             nodes[f.to_gemm].op_type = "Gemm"
-        if f.beta_one is not None:
-            for a in nodes[f.beta_one].attribute:
+        for gi in f.beta_one:
+            for a in nodes[gi].attribute:
                 if a.name == "beta":
                     a.f = 1.0
         if f.rename_output is not None:
@@ -200,6 +200,15 @@ class PassRewriter:
         for ri in f.remove:
             self.candidates.update(v for v in nodes[ri].input if v)
             self._removed[ri] = []
+        if f.shift is not None:
+            # Case 6 without a bias: the BN becomes Add(its input, shift), keeping its output name.
+            bn = nodes[f.remove[0]]
+            shift_name = names.fresh(f"{f.site.bn}.shift")
+            self._new_initializer(shift_name, f.shift)
+            add = helper.make_node(
+                "Add", [bn.input[0], shift_name], [bn.output[0]], name=names.fresh(f"{f.site.bn}_shift")
+            )
+            self._removed[f.remove[0]] = [add]
         if f.affine is not None:
             bn = nodes[f.remove[0]]
             label = f.site.bn

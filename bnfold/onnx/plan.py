@@ -1,0 +1,269 @@
+"""Fold plans and the numeric stage shared by every matcher case.
+
+A :class:`Fold` is what :mod:`bnfold.onnx.rewrite` applies: nodes removed, inputs written with
+constants already in their dtype, values renamed. The numbers come from :mod:`bnfold.fold_math`
+(float64, one rounding back with ``cast_exact``); :func:`finish` turns a non-finite result into an
+OVERFLOW refusal, so an overflow is never an inf in the model. :func:`scale_out` is the forward fold
+of one layer (``W' = W * s[out]``, ``b' = b * s + t``) through
+:func:`bnfold.fold_math.fold_forward_cast`, the blocked routine every backend shares.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from onnx import NodeProto, TensorProto, helper
+
+from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cast
+from bnfold.records import Site, Skip, SkipReason
+
+from .const import ConstEvaluator
+from .graph import GraphIndex
+
+__all__ = [
+    "Array",
+    "FLOAT_TYPES",
+    "Write",
+    "Fold",
+    "BnParams",
+    "attr",
+    "label_of",
+    "is_float",
+    "finish",
+    "scale_out",
+    "release_scratch",
+    "resolve_weight",
+    "optional_input",
+    "weight_and_bias",
+    "value_rank",
+    "trace_type",
+]
+
+Array = npt.NDArray[Any]
+
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+
+
+@dataclass(slots=True)
+class Write:
+    """Set input ``slot`` of node ``node`` (index) to a constant ``value`` (already in its dtype)."""
+
+    node: int
+    slot: int
+    value: Array
+
+
+@dataclass(slots=True)
+class Fold:
+    """A planned rewrite of one BN (or one Mul+Add pair); applied by :mod:`bnfold.onnx.rewrite`."""
+
+    site: Site
+    remove: tuple[int, ...]
+    """Node indices removed (the BN first; or the Mul and the Add)."""
+    locks: tuple[int, ...] = ()
+    """Node indices edited (at most one plan per node and pass)."""
+    writes: list[Write] = field(default_factory=list)
+    rename_output: tuple[int, str] | None = None
+    """``(node, name)``: the node's first output takes the removed node's output name."""
+    rename_input: tuple[int, int, str] | None = None
+    """``(node, slot, name)``: the node reads ``name`` instead of the removed BN's output."""
+    to_gemm: int | None = None
+    """A MatMul node (index) that becomes a Gemm with the bias written to slot 2."""
+    beta_one: tuple[int, ...] = ()
+    """Gemm nodes (indices) whose ``beta`` becomes 1 (the new C holds beta * C)."""
+    dropped: tuple[str, ...] = ()
+    """Values that no longer exist (their value_info is dropped)."""
+    affine: tuple[Array, Array] | None = None
+    """For an affine replacement: the constant Mul and Add operands."""
+    shift: Array | None = None
+    """The BN (``remove[0]``) becomes ``Add(its input, shift)``: the scale went into a layer, the
+    shift has no bias to go to (a MatMul on a rank > 2 product)."""
+
+
+@dataclass(slots=True)
+class BnParams:
+    """A BN as ``scale * x + shift``: float64 per channel (or per element for ``spatial=0``)."""
+
+    scale: npt.NDArray[np.float64]
+    shift: npt.NDArray[np.float64]
+    per_element: bool
+    param_dtype: np.dtype[Any]
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (length of ``scale``)."""
+        return int(self.scale.shape[0])
+
+
+def attr(node: NodeProto, name: str, default: Any) -> Any:
+    """The value of attribute ``name`` of ``node``, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def label_of(node: NodeProto, index: int) -> str:
+    """The node's name, or ``<op>_<index>`` for an unnamed node."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def is_float(a: Array) -> bool:
+    """True for float16/32/64 and bfloat16 arrays."""
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+
+
+def finish(arrays: list[Array], dtype: np.dtype[Any], bn: str, what: str) -> list[Array] | Skip:
+    """Cast float64 results to ``dtype`` once (arrays already in ``dtype`` are kept); refuse with
+    OVERFLOW if a value is not finite there (a finite float64 that overflows becomes inf)."""
+    out = []
+    for a in arrays:
+        c = a if a.dtype == dtype else cast_exact(a, dtype)
+        if not np.all(np.isfinite(c)):
+            return _overflow(a, dtype, bn, what)
+        out.append(c)
+    return out
+
+
+def _overflow(a: Array, dtype: np.dtype[Any], bn: str, what: str) -> Skip:
+    a64 = a.astype(np.float64)
+    finite = np.isfinite(a64)
+    amax = float(np.max(np.abs(a64[finite]))) if finite.any() else float("inf")
+    return Skip(
+        bn,
+        SkipReason.OVERFLOW,
+        f"the folded {what} would not be finite in {np.dtype(dtype).name} (max |value| {amax:.3g}); "
+        "keep this BN or fold in a wider dtype",
+    )
+
+
+_LOCAL = threading.local()  # one scratch buffer per thread (folds in two threads never share it)
+
+
+def release_scratch() -> None:
+    """Drop this thread's scratch buffer (called at the end of a fold)."""
+    _LOCAL.scratch = None
+
+
+def _scratch() -> Scratch:
+    sc = getattr(_LOCAL, "scratch", None)
+    if sc is None:
+        sc = _LOCAL.scratch = Scratch()
+    return sc
+
+
+def scale_out(
+    w: Array,
+    b: Array | None,
+    s: npt.NDArray[np.float64],
+    t: npt.NDArray[np.float64] | None,
+    layout: WeightLayout,
+    bn: str,
+    what: str,
+) -> list[Array] | Skip:
+    """Forward fold ``W' = W * s[out]``, ``b' = b * s + t`` (``t=None``: no shift), in ``W``'s dtype.
+
+    Returns ``[W', b']`` -- ``W'`` as a read-only array over a ``bytes`` object, which the rewriter
+    stores as the tensor's ``raw_data`` without another copy -- or an OVERFLOW skip with figures."""
+    buf = _scratch().get(tuple(w.shape), w.dtype)
+    shift = np.zeros_like(s) if t is None else t
+    w_new, b_new, finite = fold_forward_cast(w, b, s, shift, layout, out=buf)
+    if not finite:
+        from bnfold.fold_math import fold_forward
+
+        w64, b64 = fold_forward(w, b, s, shift, layout)
+        res = finish([w64, b64], w.dtype, bn, what)
+        assert isinstance(res, Skip)
+        return res
+    return [np.frombuffer(w_new.tobytes(), dtype=w.dtype).reshape(w.shape), b_new]
+
+
+def resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | Skip:
+    """The constant float input ``slot`` of ``node``, or the refusal naming why it is not one."""
+    if slot >= len(node.input) or not node.input[slot]:
+        return Skip(bn, SkipReason.UNSUPPORTED_LAYER, f"{node.op_type} '{node.name}' has no {what}")
+    v, reason, detail = ev.resolve(node.input[slot])
+    if v is None:
+        r = reason or SkipReason.NON_CONSTANT
+        return Skip(bn, r, f"the {what} of {node.op_type} '{node.name}' is not a constant: {detail}")
+    if not is_float(v):
+        return Skip(bn, SkipReason.UNSUPPORTED_DTYPE, f"the {what} of '{node.name}' has dtype {v.dtype}")
+    return v
+
+
+def optional_input(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | None | Skip:
+    """Like :func:`resolve_weight`, but an absent input is ``None``."""
+    if slot >= len(node.input) or not node.input[slot]:
+        return None
+    return resolve_weight(ev, node, slot, bn, what)
+
+
+def weight_and_bias(
+    ev: ConstEvaluator, node: NodeProto, bn: str, names: tuple[str, str] = ("weight", "bias")
+) -> tuple[Array, Array | None] | Skip:
+    """The constant weight (input 1) and optional bias (input 2) of a layer, or why not."""
+    w = resolve_weight(ev, node, 1, bn, names[0])
+    if isinstance(w, Skip):
+        return w
+    b = optional_input(ev, node, 2, bn, names[1])
+    if isinstance(b, Skip):
+        return b
+    return w, b
+
+
+def value_rank(index: GraphIndex, *names: str) -> int | None:
+    """The declared rank of the first of ``names`` that has one."""
+    for n in names:
+        vt = index.value_type(n)
+        if vt is not None and vt.rank is not None:
+            return vt.rank
+    return None
+
+
+# Ops whose first output has the element type and rank of their first input.
+_SAME_TYPE_RANK = frozenset(
+    (
+        "Relu LeakyRelu PRelu Sigmoid Tanh Clip Elu Selu HardSigmoid HardSwish Softplus Mish Gelu Erf Abs "
+        "Neg Exp Log Sqrt Add Sub Mul Div Max Min Sum Mean Identity Dropout BatchNormalization "
+        "InstanceNormalization LRN MaxPool AveragePool LpPool Pad Concat Upsample Resize Softmax"
+    ).split()
+)
+
+
+def trace_type(index: GraphIndex, x: str, y: str) -> tuple[int, int | None]:
+    """Element type and rank of a BN's data: declared types first, else walked up through ops that
+    keep both (activations, pools, element-wise ops), stopping at Conv/ConvTranspose (rank of the
+    weight) and Gemm (rank 2). Returns ``(0, None)`` where nothing is known."""
+    elem, rank = 0, None
+    for n in (x, y):
+        vt = index.value_type(n)
+        if vt is not None:
+            elem = elem or vt.elem_type
+            rank = rank if rank is not None else vt.rank
+    cur = x
+    for _ in range(256):
+        if elem and rank is not None:
+            break
+        p = index.producer.get(cur)
+        if p is None:
+            break
+        pn = index.nodes[p]
+        if pn.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(pn.input) > 1:
+            wt = index.value_type(pn.input[1])
+            elem = elem or (wt.elem_type if wt is not None else 0)
+            if rank is None and pn.op_type in ("Conv", "ConvTranspose") and wt is not None:
+                rank = wt.rank
+            if rank is None and pn.op_type == "Gemm":
+                rank = 2
+        if pn.op_type not in _SAME_TYPE_RANK or not pn.input:
+            break
+        cur = pn.input[0]
+        vt = index.value_type(cur)
+        if vt is not None:
+            elem = elem or vt.elem_type
+            rank = rank if rank is not None else vt.rank
+    return elem, rank
