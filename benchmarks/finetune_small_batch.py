@@ -28,6 +28,8 @@ Modes:
     * ``recal+frozen+re-est``: recalibrate, freeze, fine-tune half the steps, then ``unfreeze``,
       recalibrate on the fine-tuning inputs again (the convolutions have moved), freeze, and
       fine-tune the other half (optimizer state kept).
+    * ablation (``--modes``): ``recal-1batch+frozen`` recalibrates on one batch of 2 images only,
+      ``recal-1batch(prior)+frozen`` the same with ``prior=PRIOR_ONE``.
 
 Run: ``python benchmarks/finetune_small_batch.py [--quick] [--out benchmarks/results/finetune.md]``.
 One thread (``torch.set_num_threads(1)``); progress is printed per (task, batch, mode).
@@ -68,6 +70,9 @@ EPOCHS = 4
 MIN_STEPS = 100
 LR_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03)
 PRIOR = 64  # samples; the fine-tuning set has 250
+PRIOR_ONE = 16  # samples, for recalibration on one batch of 2 (Schneider et al.'s range)
+# ablation, not run by default (``--modes ... --batches 2``): how much data recalibration needs
+EXTRA_MODES = ("recal-1batch+frozen", "recal-1batch(prior)+frozen")
 AFFINE_LR = 10.0
 
 Data = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -188,9 +193,11 @@ def pretrain(data: Data, seed: int, epochs: int) -> nn.Module:
 def prepare(pre: nn.Module, mode: str, x_train: torch.Tensor, seed: int) -> nn.Module:
     torch.manual_seed(1000 + seed)
     base = pre
-    recal_batches = list(x_train.split(50))
+    one = "1batch" in mode  # recalibrate on one fine-tuning batch (2 images) only
+    recal_batches = [x_train[:2]] if one else list(x_train.split(50))
     if mode.startswith("recal"):
-        base = bnfold.recalibrate(pre, recal_batches, prior=PRIOR if "prior" in mode else None)
+        prior = (PRIOR_ONE if one else PRIOR) if "prior" in mode else None
+        base = bnfold.recalibrate(pre, recal_batches, prior=prior)
     if mode == "bn-train":
         model = copy.deepcopy(base)
     else:
@@ -246,7 +253,14 @@ def finetune(
 Results = dict[tuple[str, str, int], dict[str, object]]
 
 
-def run(quick: bool, seeds: int, tasks: list[str], modes: list[str], log: Callable[[str], None]) -> Results:
+def run(
+    quick: bool,
+    seeds: int,
+    tasks: list[str],
+    modes: list[str],
+    log: Callable[[str], None],
+    batch_sizes: tuple[int, ...] | None = None,
+) -> Results:
     epochs = 3 if quick else EPOCHS
     lrs = (0.001,) if quick else LR_GRID
     results: Results = {}
@@ -256,7 +270,7 @@ def run(quick: bool, seeds: int, tasks: list[str], modes: list[str], log: Callab
         pres = [pretrain(data, s, 5 if quick else 15) for s in range(seeds)]
         pre_acc = [accuracy(p, *data["pre"]) for p in pres]
         log(f"[{task}] pre-trained: train accuracy {statistics.mean(pre_acc):.3f}")
-        batches = (2, 32) if quick else BATCHES[task]
+        batches = batch_sizes or ((2, 32) if quick else BATCHES[task])
         for batch in batches:
             for mode in modes:
                 best: dict[str, object] | None = None
@@ -307,6 +321,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: digits,textures")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default per task)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -314,7 +329,11 @@ def main() -> None:
     tasks = [t for t in args.tasks.split(",") if t]
     modes = [m for m in args.modes.split(",") if m]
     t0 = time.perf_counter()
-    results = run(args.quick, seeds, tasks, modes, print)
+    sizes = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
+    for m in modes:
+        if m not in MODES + EXTRA_MODES:
+            ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES + EXTRA_MODES)}")
+    results = run(args.quick, seeds, tasks, modes, print, sizes)
     md = []
     for task in tasks:
         md.append(
