@@ -260,8 +260,9 @@ def run(
     modes: list[str],
     log: Callable[[str], None],
     batch_sizes: tuple[int, ...] | None = None,
+    epochs: int | None = None,
 ) -> Results:
-    epochs = 3 if quick else EPOCHS
+    epochs = epochs or (3 if quick else EPOCHS)
     lrs = (0.001,) if quick else LR_GRID
     results: Results = {}
     t_start = time.perf_counter()
@@ -322,6 +323,9 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: digits,textures")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default per task)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="epochs (default 4; a diagnostic outside the protocol)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -333,7 +337,7 @@ def main() -> None:
     for m in modes:
         if m not in MODES + EXTRA_MODES:
             ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES + EXTRA_MODES)}")
-    results = run(args.quick, seeds, tasks, modes, print, sizes)
+    results = run(args.quick, seeds, tasks, modes, print, sizes, args.epochs)
     md = []
     for task in tasks:
         md.append(
