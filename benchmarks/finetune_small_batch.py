@@ -24,7 +24,8 @@ Modes:
     * ``frozen``: ``bnfold.freeze``; ``frozen+affine``: ``bnfold.freeze(learnable=True)``;
     * ``recal+frozen``: ``bnfold.recalibrate`` on the 250 fine-tuning inputs, then ``freeze``;
     * ``recal(prior)+frozen``: the same with ``prior=PRIOR`` (source statistics kept as PRIOR samples);
-    * ``recal+affine(10x)``: recalibrate, ``freeze(learnable=True)``, the affine at 10x the rate;
+    * ``recal+affine(10x)``: recalibrate, ``freeze(learnable=True)``, the affine at 10x the rate
+      (``bnfold.param_groups(model, lr, affine_lr_scale=10)``);
     * ``recal+frozen+re-est`` (not run by default, see ``--modes``): recalibrate, freeze, fine-tune
       half the steps, then ``unfreeze``, recalibrate on the fine-tuning inputs again (the
       convolutions have moved), freeze, and fine-tune the other half (optimizer state kept).
@@ -208,14 +209,8 @@ def prepare(pre: nn.Module, mode: str, x_train: torch.Tensor, seed: int) -> nn.M
 
 
 def _optimizer(model: nn.Module, mode: str, lr: float) -> torch.optim.Optimizer:
-    affine = [p for n, p in model.named_parameters() if n.endswith((".scale", ".shift"))]
-    rest = [
-        p for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".scale", ".shift"))
-    ]
-    groups: list[dict[str, object]] = [{"params": rest}]
-    if affine:
-        groups.append({"params": affine, "lr": lr * (AFFINE_LR if "10x" in mode else 1.0)})
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, foreach=True)  # type: ignore[arg-type]
+    groups = bnfold.param_groups(model, lr, affine_lr_scale=AFFINE_LR if "10x" in mode else 1.0)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, foreach=True)
 
 
 def finetune(

@@ -42,6 +42,7 @@ _LAZY = {
     "freeze": "bnfold.freezing",
     "unfreeze": "bnfold.freezing",
     "recalibrate": "bnfold.recalibration",
+    "param_groups": "bnfold.recalibration",
     "freeze_with_report": "bnfold.freezing",
 }
 

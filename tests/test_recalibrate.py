@@ -282,3 +282,42 @@ def test_inputs_as_tuples_and_mappings() -> None:
     assert torch.equal(a.bn.running_mean, c.bn.running_mean) and torch.equal(
         b.bn.running_var, c.bn.running_var
     )
+
+
+def test_param_groups_put_the_frozen_affine_at_its_own_rate() -> None:
+    class Holder(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net, self.alias = net, net[1]  # a shared frozen layer: its parameters appear once
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def __getitem__(self, i: int) -> nn.Module:
+            return self.net[i]
+
+    model = Holder(bnfold.freeze(net(), learnable=True, prefix=["1", "7"]))  # float64: exact step ratio
+    groups = bnfold.param_groups(model, 0.01, affine_lr_scale=10.0)
+    assert [g["lr"] for g in groups] == [0.01, 0.1]
+    others, affine = ({id(p) for p in g["params"]} for g in groups)
+    want_affine = {id(p) for i in (1, 7) for p in (model[i].scale, model[i].shift)}
+    assert affine == want_affine and not others & affine
+    assert others | affine == {id(p) for p in model.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # one SGD step moves the affine 10x as far as the same step at the common rate
+    x = batches(10, (4,))[0]
+    steps = []
+    for scale in (1.0, 10.0):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(bnfold.param_groups(m, 0.01, affine_lr_scale=scale), lr=0.01)
+        m(x).square().sum().backward()
+        before = m[1].scale.detach().clone()
+        opt.step()
+        steps.append(m[1].scale.detach() - before)
+    torch.testing.assert_close(steps[1], steps[0] * 10, rtol=1e-9, atol=1e-12)
+    assert steps[0].abs().max() > 1e-4  # the step is not trivially zero
+    # without learnable frozen layers: one group, everything at lr
+    plain = bnfold.param_groups(bnfold.freeze(net()), 0.01)
+    assert len(plain) == 1 and plain[0]["lr"] == 0.01
+    with pytest.raises(bnfold.OptionError, match="affine_lr_scale"):
+        bnfold.param_groups(model, 0.01, affine_lr_scale=-1.0)
