@@ -50,7 +50,9 @@ training), records the per-channel statistics of every BN's *input*, and writes 
        process's own source statistics: they must be equal on all processes (a replicated model).
     5. Errors: no batch at all (on any process) is an ``OptionError``; on an exception the model's
        statistics are restored (with ``inplace=True`` too) and the flags put back. Under
-       ``torch.distributed`` every process of the group must call it (it is a collective).
+       ``torch.distributed`` every process of the group must call it (it is a collective), on the
+       module itself: a ``DistributedDataParallel`` wrapper is refused (``InputError``), its forward
+       broadcasts buffers in every batch.
 
 ``param_groups(model, lr, affine_lr_scale=10)`` is the optimizer side of small-batch fine-tuning
 after ``freeze(learnable=True)``: the learnable ``scale``/``shift`` of every ``FrozenBatchNorm`` in one
@@ -224,7 +226,8 @@ def recalibrate(
         The model with new statistics.
 
     Raises:
-        InputError: ``model`` is not an ``nn.Module``.
+        InputError: ``model`` is not an ``nn.Module``, or is a ``DistributedDataParallel`` wrapper
+            (pass ``ddp_model.module``).
         OptionError: no batch (on any process), or ``prior`` negative or not finite.
 
     Example:
@@ -233,6 +236,9 @@ def recalibrate(
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"recalibrate expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # its forward broadcasts buffers (a collective per batch) and it cannot be deep-copied
+        raise InputError("recalibrate the wrapped module (ddp_model.module), not the DistributedDataParallel")
     if prior is not None and not (math.isfinite(prior) and prior >= 0):
         raise OptionError(f"prior must be a finite number >= 0, got {prior}")
     group = _group(process_group, distributed)

@@ -96,6 +96,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             result["all-empty"] = "no error"
         except bnfold.OptionError as e:
             result["all-empty"] = str(e)
+        try:
+            bnfold.recalibrate(nn.parallel.DistributedDataParallel(_model()), _shard("uneven", rank))
+            result["ddp"] = "no error"
+        except bnfold.InputError as e:
+            result["ddp"] = str(e)
         local = bnfold.recalibrate(_model(), _shard("uneven", rank), distributed=False)
         result["local"] = _stats(local)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -153,3 +158,9 @@ def test_distributed_false_keeps_each_shard_to_itself(ranks: list[dict[str, Any]
             for k in KEYS:
                 torch.testing.assert_close(g[k], w[k], atol=ATOL, rtol=ATOL)
     assert not torch.allclose(ranks[0]["local"][0]["running_var"], ranks[1]["local"][0]["running_var"])
+
+
+@pytest.mark.slow
+def test_a_ddp_wrapper_is_refused_with_the_way_out(ranks: list[dict[str, Any]]) -> None:
+    for r in range(2):
+        assert "ddp_model.module" in ranks[r]["ddp"]
