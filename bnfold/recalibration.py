@@ -48,7 +48,8 @@ training), records the per-channel statistics of every BN's *input*, and writes 
        eval mode and a hook gives their batch-normalised output locally, so the forward passes make
        no collective calls and processes may see different numbers of batches. The prior uses each
        process's own source statistics: they must be equal on all processes (a replicated model).
-    5. Errors: no batch at all (on any process) is an ``OptionError``; on an exception the model's
+    5. Errors: no batch at all (on any process) is an ``OptionError``, non-finite statistics (inf
+       or nan in the data) an ``InputError`` naming the layer; on an exception the model's
        statistics are restored (with ``inplace=True`` too) and the flags put back. Under
        ``torch.distributed`` every process of the group must call it (it is a collective), on the
        module itself: a ``DistributedDataParallel`` wrapper is refused (``InputError``), its forward
@@ -227,7 +228,8 @@ def recalibrate(
 
     Raises:
         InputError: ``model`` is not an ``nn.Module``, or is a ``DistributedDataParallel`` wrapper
-            (pass ``ddp_model.module``).
+            (pass ``ddp_model.module``), or a layer's new statistics are not finite (inf/nan in the
+            data; the model is left as it was).
         OptionError: no batch (on any process), or ``prior`` negative or not finite.
 
     Example:
@@ -243,11 +245,12 @@ def recalibrate(
         raise OptionError(f"prior must be a finite number >= 0, got {prior}")
     group = _group(process_group, distributed)
     root = model if inplace else copy.deepcopy(model)
-    bns = [
-        m
-        for m in root.modules()
+    named = [
+        (n, m)
+        for n, m in root.named_modules()
         if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
     ]
+    bns = [m for _, m in named]
     sync = _sync_types()
     flags = {id(m): m.training for m in root.modules()}
     saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if k in _STATS} for m in bns]
@@ -292,9 +295,9 @@ def recalibrate(
         if count == 0:
             raise OptionError("recalibrate needs at least one batch")
         with torch.no_grad():
-            for m, acc, old in zip(bns, accs, saved):
+            for (name, m), acc, old in zip(named, accs, saved):
                 if acc.batches == 0:
-                    log.info("%s: no batch reached this BatchNorm; statistics unchanged", type(m).__name__)
+                    log.info("%s: no batch reached this BatchNorm; statistics unchanged", name or "<root>")
                     for k, v in old.items():
                         getattr(m, k).copy_(v)
                     continue
@@ -302,6 +305,11 @@ def recalibrate(
                 if prior:
                     mean, var = _mix(
                         old["running_mean"].double(), old["running_var"].double(), mean, var, acc, prior
+                    )
+                if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                    raise InputError(
+                        f"{name or type(m).__name__}: the re-estimated statistics are not finite "
+                        "(inf or nan in the batches, or in the activations they produce)"
                     )
                 m.running_mean.copy_(mean)  # type: ignore[union-attr]
                 m.running_var.copy_(var)  # type: ignore[union-attr]

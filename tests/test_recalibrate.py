@@ -240,6 +240,11 @@ def test_failure_restores_statistics_even_in_place() -> None:
     assert _same(_snapshot(model), before)
     with pytest.raises(bnfold.InputError):
         recalibrate("not a model", [])  # type: ignore[arg-type]
+    bad = batches(11, (3, 3))
+    bad[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(bnfold.InputError, match="not finite"):
+        recalibrate(model, bad, inplace=True)
+    assert _same(_snapshot(model), before)
 
 
 class _Branchy(nn.Module):
