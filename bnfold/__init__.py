@@ -9,6 +9,7 @@ Public API (imported lazily, so ``import bnfold`` does not import torch or onnxr
     report = bnfold.export_onnx(module, (x,), "model.onnx")
     frozen = bnfold.freeze(module, learnable=False)
     model = bnfold.recalibrate(model, batches)   # new running statistics (distributed too)
+    groups = bnfold.param_groups(frozen, lr)       # frozen scale/shift at 10x lr, for torch.optim
 """
 
 from __future__ import annotations
