@@ -8,6 +8,8 @@ Public API (imported lazily, so ``import bnfold`` does not import torch or onnxr
     vreport = bnfold.verify(reference, candidate)
     report = bnfold.export_onnx(module, (x,), "model.onnx")
     frozen = bnfold.freeze(module, learnable=False)
+    model = bnfold.recalibrate(model, batches)   # new running statistics (distributed too)
+    groups = bnfold.param_groups(frozen, lr)       # frozen scale/shift at 10x lr, for torch.optim
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ _LAZY = {
     "export_onnx": "bnfold.export",
     "freeze": "bnfold.freezing",
     "unfreeze": "bnfold.freezing",
-    "recalibrate": "bnfold.freezing",
+    "recalibrate": "bnfold.recalibration",
+    "param_groups": "bnfold.recalibration",
     "freeze_with_report": "bnfold.freezing",
 }
 

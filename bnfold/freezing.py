@@ -41,14 +41,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import InputError, OptionError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
 from .nn.frozen import FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
@@ -304,61 +303,9 @@ def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return new_root
 
 
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Tensor):
-        model(batch)
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
-def recalibrate(model: nn.Module, batches: Iterable[Any], *, inplace: bool = False) -> nn.Module:
-    """Re-estimate the running statistics of every BatchNorm on ``batches``; nothing else changes.
-
-    Each BN with running statistics is reset and then accumulates the cumulative average of the batch
-    means and (unbiased) variances over the batches (PyTorch ``momentum=None``). Only BN layers run in
-    train mode (dropout and the like stay in eval mode), under ``torch.no_grad()``; momentum and the
-    ``training`` flags are restored afterwards. Frozen layers have no statistics and are untouched.
-
-    Args:
-        model: the model (not changed unless ``inplace``).
-        batches: an iterable of inputs: a tensor (``model(x)``), a tuple/list (``model(*b)``) or a
-            mapping (``model(**b)``). Labels are not needed: pass inputs only.
-        inplace: change ``model`` itself.
-
-    Returns:
-        The model with new statistics.
-
-    Raises:
-        OptionError: ``batches`` is empty.
-    """
-    root = model if inplace else copy.deepcopy(model)
-    bns = [m for m in root.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    flags = {id(m): m.training for m in root.modules()}
-    momenta = [m.momentum for m in bns]
-    try:
-        root.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        count = 0
-        with torch.no_grad():
-            for batch in batches:
-                _call(root, batch)
-                count += 1
-        if count == 0:
-            raise OptionError("recalibrate needs at least one batch")
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        for mod in root.modules():
-            mod.training = flags.get(id(mod), mod.training)
-    log.debug("recalibrated %d BatchNorm on %d batches", len(bns), count)
-    return root
+# Moved to bnfold.recalibration (distributed reduction, prior, pooled estimator); re-exported here so
+# that ``bnfold.freezing.recalibrate`` keeps working.
+from .recalibration import recalibrate  # noqa: E402
 
 
 def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
