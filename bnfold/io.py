@@ -33,13 +33,15 @@ import io as _io
 import logging
 import os
 import pickletools
+import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ModelFormatError, OptionError, OutputError
 
@@ -52,6 +54,9 @@ __all__ = [
     "save",
     "atomic_path",
     "check_output_path",
+    "files_read_by",
+    "file_size_with_data",
+    "data_name",
     "resolve_factory",
 ]
 
@@ -86,19 +91,45 @@ def _fail(path: str | os.PathLike[str], problem: str) -> ModelFormatError:
 
 
 def _check_readable(path: str) -> int:
+    """The size of a regular, readable, non-empty file; refuse anything else before reading a byte.
+
+    A FIFO, socket or device is refused from ``stat`` alone (opening a FIFO blocks until a writer
+    comes); the file is then opened non-blocking and checked again on the descriptor, so a path swapped
+    for a FIFO between the two calls cannot hang the read either.
+    """
     if not os.path.lexists(path):
         raise _fail(path, "no such file")
-    if os.path.isdir(path):
-        raise _fail(path, "is a directory, not a model file")
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb"):
-            pass
+        st = os.stat(path)
     except OSError as e:
         raise _fail(path, f"cannot read ({e.strerror or e})") from e
-    if size == 0:
+    if stat.S_ISDIR(st.st_mode):
+        raise _fail(path, "is a directory, not a model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(path, f"is not a regular file ({_file_kind(st.st_mode)}); bnfold reads model files only")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(path, f"is not a regular file ({_file_kind(st.st_mode)}); bnfold reads model files only")
+    if st.st_size == 0:
         raise _fail(path, "empty file")
-    return size
+    return st.st_size
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -170,6 +201,71 @@ def _classify_pickle(path: str, data: bytes, max_pickles: int) -> str:
     return "state_dict" if all(_is_safe_global(g) for g in globs) else "pickled_module"
 
 
+# ModelProto's fields and their wire types (0 varint, 2 length-delimited), from onnx.proto.
+_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+_MAX_TOP_FIELDS = 100_000  # metadata_props / opset_import entries: far more than any real model
+
+
+def _read_varint(f: BinaryIO) -> int | None:
+    """One varint from file ``f``; None at a clean end of file. Raises ValueError if malformed."""
+    n = shift = 0
+    for i in range(10):
+        b = f.read(1)
+        if not b:
+            if i == 0:
+                return None
+            raise ValueError("truncated varint")
+        n |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return n
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _onnx_wire_problem(path: str, size: int) -> str | None:
+    """Why ``path`` cannot be an ONNX ModelProto, from its top-level protobuf tags only; None if it can.
+
+    The top level of a model is a handful of fields (ir_version, opset_import, producer, graph...):
+    each tag is read and each length-delimited field is skipped with a seek, so a multi-GB file is
+    judged from a few hundred bytes, and a file of zeros (tag 0) or random bytes is refused before
+    ``onnx.load`` reads it whole. A model needs a graph; a length that runs past the end of the file
+    means a truncated file.
+    """
+    seen: set[int] = set()
+    with open(path, "rb") as f:
+        for _ in range(_MAX_TOP_FIELDS):
+            try:
+                tag = _read_varint(f)
+                if tag is None:
+                    break
+                number, wire = tag >> 3, tag & 7
+                want = _MODEL_FIELDS.get(number)
+                if number == 0 or (want is not None and wire != want):
+                    return "not a protobuf ModelProto"
+                if wire == 0:
+                    if _read_varint(f) is None:
+                        return "truncated file"
+                elif wire == 2:
+                    length = _read_varint(f)
+                    if length is None or f.tell() + length > size:
+                        return "truncated file (a field runs past the end)"
+                    f.seek(length, os.SEEK_CUR)
+                elif wire in (1, 5):
+                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+                else:
+                    return "not a protobuf ModelProto"
+            except ValueError:
+                return "not a protobuf ModelProto"
+            seen.add(number)
+        else:
+            return "not a protobuf ModelProto (too many top-level fields)"
+        if f.tell() > size:
+            return "truncated file"
+    if 7 not in seen:
+        return "no graph"
+    return None
+
+
 def _sniff(path: str) -> tuple[str, Any]:
     """(format, parsed ONNX model or None). Raises ModelFormatError."""
     size = _check_readable(path)
@@ -196,6 +292,9 @@ def _sniff(path: str) -> tuple[str, Any]:
         return _classify_pickle(path, data, 4), None
     if _looks_like_text(head):
         raise _fail(path, "a text file, not a model")
+    problem = _onnx_wire_problem(path, size)
+    if problem is not None:
+        raise _fail(path, f"unknown format: not ONNX ({problem}), not a PyTorch file")
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -207,6 +306,7 @@ def _sniff(path: str) -> tuple[str, Any]:
         raise _fail(path, f"unknown format: not ONNX, not a PyTorch file ({type(e).__name__})") from e
     if not model.HasField("graph") or model.ir_version <= 0 or not model.graph.node and not model.graph.output:
         raise _fail(path, "unknown format: not ONNX (no graph), not a PyTorch file")
+    _remember_refs(path, model)
     return "onnx", model
 
 
@@ -226,10 +326,19 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return _sniff(os.fspath(path))[0]
 
 
+def _add_cwd_as_fallback() -> None:
+    """Let modules in the current folder be found, after every installed package (never first)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+
+
 def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
     """``"module.path:factory"`` (or ``"file.py:factory"``) -> the callable; a callable is returned as is.
 
-    The module is imported with the current working directory on ``sys.path``.
+    The current working directory is *appended* to ``sys.path`` (a fallback, as for the trusted
+    pickle path): a ``./onnxruntime.py`` or ``./numpy.py`` in the folder bnfold runs in never shadows
+    an installed package.
 
     Raises:
         OptionError: bad syntax, module or attribute not found, not callable.
@@ -249,9 +358,7 @@ def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
             module = importlib.util.module_from_spec(mspec)
             mspec.loader.exec_module(module)
         else:
-            cwd = os.getcwd()
-            if cwd not in sys.path:
-                sys.path.insert(0, cwd)
+            _add_cwd_as_fallback()
             module = importlib.import_module(mod_name)
     except OptionError:
         raise
@@ -412,6 +519,12 @@ def _load_as(
 ) -> Any:
     if fmt == "onnx":
         return _load_onnx(p, parsed)
+    if fmt == "torchscript":
+        # Recognised from the zip's member names; never handed to torch.jit.load, which runs the
+        # archive's code. Its graph is compiled, so there is nothing bnfold could fold into anyway.
+        raise _fail(p, "a TorchScript archive (torch.jit.save): bnfold does not load TorchScript (loading runs "
+                       "code from the file); save the nn.Module (state_dict with --model, torch.export.save, or "
+                       "ONNX) and fold that")
     import torch
 
     if fmt == "pt2":
@@ -419,11 +532,6 @@ def _load_as(
             return torch.export.load(p)  # type: ignore[no-untyped-call]
         except Exception as e:
             raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if fmt == "torchscript":
-        try:
-            return torch.jit.load(p, map_location="cpu")  # type: ignore[no-untyped-call]
-        except Exception as e:
-            raise _fail(p, f"cannot load the TorchScript archive ({type(e).__name__})") from e
     if fmt == "pickled_module":
         if not trust_pickle:
             raise _fail(
@@ -435,9 +543,7 @@ def _load_as(
         try:
             # Unpickling imports the classes by module name: like `python` itself, find them in the
             # current folder too.
-            cwd = os.getcwd()
-            if cwd not in sys.path:
-                sys.path.insert(0, cwd)
+            _add_cwd_as_fallback()
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as e:
             raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -538,10 +644,145 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         raise
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, following links; None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_REFS_CACHE: dict[tuple[str, int, int, int, int], tuple[str, ...]] = {}
+_REFS_CACHE_SIZE = 32
+
+
+def _file_key(path: str) -> tuple[str, int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _external_refs(model: Any, base: str) -> tuple[str, ...]:
+    """Absolute paths of the external-data files the tensors of ``model`` (not loaded) point at."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    found: dict[str, None] = {}
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            for entry in t.external_data:
+                if entry.key == "location":
+                    found[os.path.abspath(os.path.join(base, entry.value))] = None
+    return tuple(found)
+
+
+def _remember_refs(path: str, parsed: Any) -> None:
+    """Note which external files the ONNX file ``path`` reads, while its tensors still say so."""
+    key = _file_key(path)
+    if key is None:
+        return
+    if len(_REFS_CACHE) >= _REFS_CACHE_SIZE:
+        _REFS_CACHE.pop(next(iter(_REFS_CACHE)))
+    _REFS_CACHE[key] = _external_refs(parsed, os.path.dirname(os.path.abspath(path)))
+
+
+def _onnx_refs(path: str, *, max_parse: int | None = None) -> tuple[str, ...]:
+    """External-data files of the ONNX file ``path`` (absolute); () if it is not a readable ONNX file.
+
+    With ``max_parse``, a file larger than that is not parsed (it is then taken to reference nothing).
+    """
+    key = _file_key(path)
+    if key is None:
+        return ()
+    if key in _REFS_CACHE:
+        return _REFS_CACHE[key]
+    if max_parse is not None and key[3] > max_parse:
+        return ()
+    try:
+        size = _check_readable(path)
+        with open(path, "rb") as f:
+            if f.read(4) == _ZIP_MAGIC or _onnx_wire_problem(path, size) is not None:
+                return ()
+        import onnx
+
+        parsed = onnx.load_model(path, load_external_data=False)
+    except Exception:  # not ONNX, unreadable: it reads no other file
+        return ()
+    _remember_refs(path, parsed)
+    return _REFS_CACHE.get(key, ())
+
+
+def files_read_by(path: str | os.PathLike[str]) -> list[str]:
+    """The files that loading the model at ``path`` reads: the file itself, then (ONNX) every
+    external-data file its tensors reference, as absolute paths (the data files need not exist).
+
+    Cheap after :func:`load` / :func:`detect_format` of the same unchanged file (remembered then);
+    otherwise an ONNX file is parsed once without its external data.
+    """
+    p = os.path.abspath(os.fspath(path))
+    return [p, *(r for r in _onnx_refs(p) if r != p)]
+
+
+def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
+    """Bytes on disk of a model: the file plus every distinct external-data file it references.
+
+    Returns:
+        The total, or None if ``path`` does not exist. Missing data files count 0.
+    """
+    p = os.fspath(path)
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    files = files_read_by(p)
+    for i, f in enumerate(files):
+        try:
+            st = os.stat(f)
+        except OSError:
+            if i == 0:
+                return None
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def data_name(dst: str | os.PathLike[str]) -> str:
+    """The external-data file :func:`save` writes next to ONNX output ``dst``: ``<dst>.data``.
+
+    When that file is the current data of ``dst`` (it is being replaced), the new data goes to
+    ``<dst>.<random>.data`` instead, so the old model and its data stay a pair until the new pair is
+    in place (see :func:`save`).
+    """
+    return os.path.abspath(os.fspath(dst)) + ".data"
+
+
 def check_output_path(
-    src: str | os.PathLike[str] | None, dst: str | os.PathLike[str], *, in_place: bool = False
+    src: str | os.PathLike[str] | None,
+    dst: str | os.PathLike[str],
+    *,
+    in_place: bool = False,
+    input_files: Iterable[str | os.PathLike[str]] | None = None,
+    external_data: bool | None = None,
+    replace_data: bool = False,
 ) -> None:
-    """Refuse a bad output before any work: missing folder, a directory, unwritable, or the input itself.
+    """Refuse a bad output before any work: missing folder, a directory, unwritable, the input itself,
+    a file the input model reads, or someone else's ``<dst>.data``.
+
+    Files are compared by identity (device and inode, after resolving links), so ``./a/../b.onnx``,
+    a symlink or a hard link to an input file are caught too.
+
+    Args:
+        src: the input model (None: no input to protect).
+        dst: the output path.
+        in_place: allow ``dst`` to be ``src`` (then the input's own data may be replaced too).
+        input_files: every file the input reads (default: :func:`files_read_by` of ``src``); neither
+            ``dst`` nor its external-data file :func:`data_name` may be one of them.
+        external_data: whether the output will have external data; an existing ``<dst>.data`` that is
+            not the data of the current ``dst`` is refused when True (None: when ``src`` is larger
+            than :data:`EXTERNAL_DATA_THRESHOLD`, i.e. when :func:`save` will write one by default).
+        replace_data: allow replacing such a ``<dst>.data``.
 
     Raises:
         OutputError: one line naming ``dst``.
@@ -550,9 +791,43 @@ def check_output_path(
     folder = _check_folder(d)
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{d}: cannot write to folder {folder} (permission denied)")
-    if src is not None and os.path.exists(d) and os.path.exists(os.fspath(src)):
-        if os.path.samefile(os.fspath(src), d) and not in_place:
-            raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
+    same_as_src = src is not None and _identity(d) is not None and _identity(d) == _identity(os.fspath(src))
+    if same_as_src and not in_place:
+        raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
+    if src is not None and not same_as_src:
+        files = list(input_files) if input_files is not None else files_read_by(src)
+        _refuse_input_files(d, [os.fspath(f) for f in files])
+    if external_data is None and src is not None:
+        external_data = (file_size_with_data(src) or 0) > EXTERNAL_DATA_THRESHOLD
+    if external_data and not replace_data:
+        _refuse_foreign_data(d)
+
+
+def _refuse_input_files(dst: str, files: list[str]) -> None:
+    ids = {i: f for f in files if (i := _identity(f)) is not None}
+    names = {os.path.realpath(f) for f in files}
+    data = data_name(dst)
+    for path, what in ((dst, "the output"), (data, "the output's external data")):
+        if _identity(path) in ids or os.path.realpath(path) in names:
+            raise OutputError(
+                f"{dst}: {what} {path} is a file the input model reads; writing it would damage the input. "
+                "Choose another output name"
+            )
+
+
+def _refuse_foreign_data(dst: str) -> None:
+    data = data_name(dst)
+    if not os.path.lexists(data):
+        return
+    mine = {_identity(r) for r in _onnx_refs(dst, max_parse=_MAX_OLD_PARSE)}
+    if _identity(data) not in mine or _identity(data) is None:
+        raise OutputError(
+            f"{dst}: {data} exists and is not the external data of {dst} (another model's?); remove it "
+            "or choose another output name (replace_data=True replaces it)"
+        )
+
+
+_MAX_OLD_PARSE = 256 * 2**20  # an existing output larger than this is not parsed for its data files
 
 
 def _varint(n: int) -> bytes:
@@ -690,40 +965,159 @@ def _weight_bytes(model: Any) -> int:
     return total
 
 
-def _save_onnx(model: Any, dst: str, external_data: bool | None) -> None:
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` itself: bnfold saves into one folder take turns.
+
+    Needed for the model + data pair: deciding the data file's name, the renames and the removal of
+    the old data must not interleave with another process saving the same output. The lock is on the
+    folder's descriptor, so no lock file is left behind; where ``flock`` is unavailable the save runs
+    unlocked (the renames are still ordered so that a reader never sees a model without its data).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.debug("no lock on %s (%s): saving unlocked", folder, e)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _protected(path: str, protect_ids: set[tuple[int, int]]) -> bool:
+    return _identity(path) in protect_ids
+
+
+def _input_file_error(dst: str, path: str, what: str) -> OutputError:
+    return OutputError(f"{dst}: {what} {path} is a file the input model reads; writing it would damage the "
+                       "input. Choose another output name")
+
+
+def _is_our_data_name(dst: str, path: str) -> bool:
+    """``<dst>.data`` or ``<dst>.<8 hex>.data`` in dst's folder: the only names :func:`save` writes."""
+    if os.path.dirname(os.path.abspath(path)) != os.path.dirname(os.path.abspath(dst)):
+        return False
+    name, other = os.path.basename(dst), os.path.basename(path)
+    if other == f"{name}.data":
+        return True
+    mid = other[len(name) + 1: -len(".data")] if other.startswith(f"{name}.") and other.endswith(".data") else ""
+    return len(mid) == 8 and all(c in "0123456789abcdef" for c in mid)
+
+
+def _remove_old_data(dst: str, old_refs: Iterable[str], keep: str | None, protect_ids: set[tuple[int, int]]) -> None:
+    """After ``dst`` was replaced: remove the data files only the old ``dst`` read, that bnfold wrote."""
+    keep_id = _identity(keep) if keep else None
+    for ref in old_refs:
+        if not _is_our_data_name(dst, ref) or _protected(ref, protect_ids):
+            continue
+        ident = _identity(ref)
+        if ident is None or ident == keep_id:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(ref)
+
+
+def _save_onnx(
+    model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]], replace_data: bool
+) -> None:
     size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
-    if not use_external:
-        if size >= 2**31:
-            raise OutputError(f"{dst}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; save it "
-                              "with external data")
-        with atomic_path(dst) as tmp:
-            try:
-                with open(tmp, "wb") as f:
-                    _write_onnx_stream(model, f, None, "")
-            except OSError as e:
-                raise _output_error(dst, e) from e
-        return
+    if not use_external and size >= 2**31:
+        raise OutputError(f"{dst}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; save it "
+                          "with external data")
     folder = _check_folder(dst)
+    if _protected(dst, protect_ids):
+        raise _input_file_error(dst, dst, "the output")
+    with _folder_lock(folder):
+        old_refs = _onnx_refs(dst, max_parse=_MAX_OLD_PARSE) if os.path.lexists(dst) else ()
+        if not use_external:
+            with atomic_path(dst) as tmp:
+                try:
+                    with open(tmp, "wb") as f:
+                        _write_onnx_stream(model, f, None, "")
+                except OSError as e:
+                    raise _output_error(dst, e) from e
+            _remove_old_data(dst, old_refs, None, protect_ids)
+            return
+        location = _choose_data_name(dst, old_refs, protect_ids, replace_data)
+        _write_pair(model, dst, folder, location)
+        _remove_old_data(dst, old_refs, os.path.join(folder, location), protect_ids)
+
+
+def _choose_data_name(dst: str, old_refs: Iterable[str], protect_ids: set[tuple[int, int]], replace_data: bool) -> str:
+    """The data file's name for this write (a basename in dst's folder); called under the folder lock.
+
+    Case 1: ``<dst>.data`` does not exist: that name.
+    Case 2: it is the data of the current ``dst``: a fresh ``<dst>.<8 hex>.data``, so the current pair
+        stays whole until the new model replaces it (the old data is removed after).
+    Case 3: a file the input reads: refused. Case 4: anyone else's file: refused, or replaced with
+        ``replace_data``.
+    """
+    plain = data_name(dst)
     name = os.path.basename(dst)
-    location = f"{name}.data"
+    if not os.path.lexists(plain):
+        return os.path.basename(plain)
+    if _protected(plain, protect_ids):
+        raise _input_file_error(dst, plain, "the output's external data")
+    ident = _identity(plain)
+    if ident is not None and ident in {_identity(r) for r in old_refs}:
+        folder = os.path.dirname(plain)
+        while True:
+            candidate = f"{name}.{secrets.token_hex(4)}.data"
+            if not os.path.lexists(os.path.join(folder, candidate)):
+                return candidate
+    if replace_data:
+        return os.path.basename(plain)
+    raise OutputError(
+        f"{dst}: {plain} exists and is not the external data of {dst} (another model's?); remove it or "
+        "choose another output name (replace_data=True replaces it)"
+    )
+
+
+def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
+    """Write model + data in a temporary folder next to ``dst``, then move the data, then the model.
+
+    The data goes first: the moment ``dst`` is the new model, its data is there. On any exception
+    (disk full, Ctrl-C, SIGTERM turned into an exception) nothing new is left: the temporary folder is
+    removed, and so is the data file if it was moved but the model was not.
+    """
+    name = os.path.basename(dst)
     try:
         work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise _output_error(dst, e) from e
+    moved: str | None = None
     try:
+        tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, "model.data")
         try:
-            with open(os.path.join(work, name), "wb") as f, open(os.path.join(work, location), "wb") as data:
+            with open(tmp_model, "wb") as f, open(tmp_data, "wb") as data:
                 _write_onnx_stream(model, f, data, location)
         except OSError as e:
             raise _output_error(dst, e) from e
         mode = _umask_mode()
-        data_path = os.path.join(work, location)
-        if os.path.getsize(data_path):
-            os.chmod(data_path, mode)
-            os.replace(data_path, os.path.join(folder, location))
-        os.chmod(os.path.join(work, name), mode)
-        os.replace(os.path.join(work, name), dst)
+        if os.path.getsize(tmp_data):
+            os.chmod(tmp_data, mode)
+            final = os.path.join(folder, location)
+            os.replace(tmp_data, final)
+            moved = final
+        os.chmod(tmp_model, mode)
+        os.replace(tmp_model, dst)
+        moved = None
+    except BaseException:
+        if moved is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(moved)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -734,8 +1128,10 @@ def save(
     *,
     external_data: bool | None = None,
     fmt: str | None = None,
+    protect: Iterable[str | os.PathLike[str]] = (),
+    replace_data: bool = False,
 ) -> None:
-    """Write a model atomically (no partial file on failure).
+    """Write a model atomically (no partial file on failure, a model never paired with other data).
 
     Args:
         model: ``onnx.ModelProto`` (-> ONNX), ``torch.export.ExportedProgram`` (-> ``.pt2``),
@@ -745,14 +1141,24 @@ def save(
             default: only when the model exceeds :data:`EXTERNAL_DATA_THRESHOLD`.
         fmt: nn.Module only: ``"module"`` (default: ``torch.save(model)``, architecture included, since a
             folded model's weights no longer fit the original architecture) or ``"state_dict"``.
+        protect: files that must not be written or removed (pass :func:`files_read_by` of the input):
+            neither the output nor its data file may be one of them.
+        replace_data: ONNX: allow replacing an existing ``<path>.data`` that is not the data of the
+            current ``path`` (refused by default: it may be another model's weights).
+
+    ONNX with external data: the weights go to ``<path>.data`` (or, when that file is the data of the
+    ``path`` being replaced, to a fresh ``<path>.<8 hex>.data``); the data file is moved into place
+    before the model, and the old data is removed after, under an exclusive lock on the folder; so
+    two processes saving to one path never leave a model paired with the other run's data.
 
     Raises:
         OutputError: missing folder, not writable, disk errors (one line naming the path).
         OptionError: an unknown ``fmt`` or an object that is not a model.
     """
     dst = os.fspath(path)
+    protect_ids = {i for f in protect if (i := _identity(os.fspath(f))) is not None}
     if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
-        _save_onnx(model, dst, external_data)
+        _save_onnx(model, dst, external_data, protect_ids, replace_data)
         return
     if "torch" not in sys.modules:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
@@ -775,8 +1181,18 @@ def save(
             torch.save(obj, t)
     else:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
+    if _protected(dst, protect_ids):
+        raise _input_file_error(dst, dst, "the output")
     with atomic_path(dst) as tmp:
         try:
             writer(tmp)
         except OSError as e:
             raise _output_error(dst, e) from e
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write (disk full, file size limit) as
+            # "RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos"
+            msg = " ".join(str(e).split())
+            if "enforce fail" in msg or "write" in msg.lower() or "file" in msg.lower():
+                raise OutputError(f"{dst}: cannot write (the write failed: disk full or a file size limit?); "
+                                  "free space and retry") from e
+            raise
