@@ -54,6 +54,7 @@ __all__ = [
     "save",
     "atomic_path",
     "check_output_path",
+    "check_model_data",
     "files_read_by",
     "file_size_with_data",
     "data_name",
@@ -411,8 +412,8 @@ def _check_onnx(path: str, model: Any) -> None:
         if field.name != "initializer":
             _copy_field(model.graph, g, field)
     declared = {v.name for v in g.input}
+    check_model_data(model, path)
     for t in model.graph.initializer:
-        _check_tensor_size(path, t)
         if t.name not in declared:  # IR < 4 lists initializers as inputs already
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
@@ -422,25 +423,101 @@ def _check_onnx(path: str, model: Any) -> None:
         raise _fail(path, f"rejected by onnx.checker: {msg}") from e
 
 
-def _check_tensor_size(path: str, t: Any) -> None:
-    """Raw bytes that do not fit the declared shape and type: what the checker would reject."""
+def _tensor_problem(t: Any) -> str | None:
+    """Why tensor ``t``'s stored values do not fit its shape and type (what ``to_array`` would trip on)."""
     import onnx
 
-    if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
-        return
-    try:
-        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return
-    if t.data_type in _SUBBYTE_TYPES:
-        return
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in _SUBBYTE_TYPES:
+        return None
     n = 1
     for d in t.dims:
+        if int(d) < 0:
+            return f"tensor '{t.name}' has a negative dimension {list(t.dims)}"
         n *= int(d)
-    got = len(t.raw_data)
-    if got != n * item:
-        raise _fail(path, f"rejected by onnx.checker: tensor '{t.name}' holds {got} bytes, its shape "
-                          f"{list(t.dims)} and type need {n * item}")
+    if t.HasField("raw_data"):
+        try:
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        got = len(t.raw_data)
+        if got != n * item:
+            return f"tensor '{t.name}' holds {got} bytes, its shape {list(t.dims)} and type need {n * item}"
+        return None
+    field = _TYPED_FIELD.get(t.data_type)
+    if field is None:
+        return None
+    per = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+    got = len(getattr(t, field))
+    if got != n * per:
+        return (f"tensor '{t.name}' holds {got} values in {field}, its shape {list(t.dims)} needs {n * per}")
+    return None
+
+
+# Where a tensor without raw_data keeps its values, by TensorProto.DataType (onnx.proto).
+_TYPED_FIELD = {
+    1: "float_data", 14: "float_data",  # FLOAT, COMPLEX64
+    2: "int32_data", 3: "int32_data", 4: "int32_data", 5: "int32_data", 6: "int32_data", 9: "int32_data",
+    10: "int32_data", 16: "int32_data", 17: "int32_data", 18: "int32_data", 19: "int32_data", 20: "int32_data",
+    7: "int64_data",  # INT64
+    8: "string_data",  # STRING
+    11: "double_data", 15: "double_data",  # DOUBLE, COMPLEX128
+    12: "uint64_data", 13: "uint64_data",  # UINT32, UINT64
+}
+
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _bn_param_problem(graph: Any, inits: Mapping[str, Any]) -> str | None:
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        dims = [tuple(int(d) for d in inits[i].dims) for i in node.input[1:5] if i in inits]
+        if len(dims) == 4 and (len({d for d in dims}) > 1 or len(dims[0]) != 1):
+            label = node.name or node.output[0] if node.output else node.name
+            return (f"BatchNormalization '{label}': scale, B, mean and var have shapes "
+                    f"{', '.join(str(list(d)) for d in dims)}; they must be 1-D and of one length (the channels)")
+    return None
+
+
+def check_model_data(model: Any, where: str = "model") -> None:
+    """Refuse an ONNX model whose data is inconsistent, before anything reads its weights.
+
+    Checked in every graph and subgraph: initializer names are unique (a second ``W`` would silently
+    replace the first, depending on who reads the list); every initializer and Constant tensor holds
+    exactly as many values as its shape needs; the four parameters of a BatchNormalization (when they
+    are initializers) are 1-D tensors of one length.
+
+    Raises:
+        ModelFormatError: one line naming ``where`` and the tensor or node.
+    """
+    for graph in _graphs(model.graph):
+        inits: dict[str, Any] = {}
+        for t in graph.initializer:
+            if t.name in inits:
+                raise ModelFormatError(f"{where}: initializer '{t.name}' is defined twice in graph "
+                                       f"'{graph.name}'; each name must be unique")
+            inits[t.name] = t
+            problem = _tensor_problem(t)
+            if problem:
+                raise ModelFormatError(f"{where}: {problem}")
+        for node in graph.node:
+            for attr in node.attribute:
+                for t in ([attr.t] if attr.HasField("t") else []) + list(attr.tensors):
+                    problem = _tensor_problem(t)
+                    if problem:
+                        raise ModelFormatError(f"{where}: {node.op_type} '{node.name}': {problem}")
+        problem = _bn_param_problem(graph, inits)
+        if problem:
+            raise ModelFormatError(f"{where}: {problem}")
 
 
 _SUBBYTE_TYPES = frozenset({21, 22, 23, 25, 26})  # UINT4, INT4, FLOAT4E2M1 and 2-bit types: packed
@@ -732,15 +809,18 @@ def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
         The total, or None if ``path`` does not exist. Missing data files count 0.
     """
     p = os.fspath(path)
+    if not os.path.exists(p):
+        return None
+    return _total_size(files_read_by(p))
+
+
+def _total_size(files: Iterable[str]) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
-    files = files_read_by(p)
-    for i, f in enumerate(files):
+    for f in files:
         try:
             st = os.stat(f)
         except OSError:
-            if i == 0:
-                return None
             continue
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
@@ -794,11 +874,18 @@ def check_output_path(
     same_as_src = src is not None and _identity(d) is not None and _identity(d) == _identity(os.fspath(src))
     if same_as_src and not in_place:
         raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
+    files: list[str] = []
+    if src is not None:
+        s = os.path.abspath(os.fspath(src))
+        # Without input_files, an ONNX input is parsed for its data files only if it is small or was
+        # loaded already (a large inline model references nothing else, and parsing it would be a
+        # second full read before the load): call again after loading with files_read_by(src).
+        files = ([os.fspath(f) for f in input_files] if input_files is not None
+                 else [s, *_onnx_refs(s, max_parse=_MAX_OLD_PARSE)])
     if src is not None and not same_as_src:
-        files = list(input_files) if input_files is not None else files_read_by(src)
-        _refuse_input_files(d, [os.fspath(f) for f in files])
+        _refuse_input_files(d, files)
     if external_data is None and src is not None:
-        external_data = (file_size_with_data(src) or 0) > EXTERNAL_DATA_THRESHOLD
+        external_data = _total_size(files) > EXTERNAL_DATA_THRESHOLD
     if external_data and not replace_data:
         _refuse_foreign_data(d)
 
