@@ -35,6 +35,7 @@ import os
 import pickletools
 import secrets
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -57,7 +58,6 @@ __all__ = [
     "check_model_data",
     "files_read_by",
     "file_size_with_data",
-    "data_name",
     "resolve_factory",
 ]
 
@@ -706,19 +706,48 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     folder = _check_folder(dst)
     name = os.path.basename(dst)
     suffix = "".join(Path(name).suffixes[-1:])
+    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
-    except OSError as e:
-        raise _output_error(dst, e) from e
-    os.close(fd)
-    try:
+        with _signals_deferred():  # a signal between creating the file and knowing its name leaks it
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+            except OSError as e:
+                raise _output_error(dst, e) from e
+            os.close(fd)
         yield tmp
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, dst)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        with _signals_deferred():
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         raise
+
+
+_DEFERRED_SIGNALS = frozenset(
+    getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)
+)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back for a few system calls that must not be cut in two.
+
+    Creating a temporary and recording its name, moving a data file and noting that it moved, and the
+    clean-up itself: a signal handler that raises (as the CLI's do, and Python's for Ctrl-C) would
+    otherwise leave a file nobody knows about. A signal that arrives meanwhile is delivered right
+    after, where the clean-up of the ``except`` / ``finally`` around it runs.
+    """
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or not _DEFERRED_SIGNALS:  # pragma: no cover - not POSIX
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -828,14 +857,8 @@ def _total_size(files: Iterable[str]) -> int:
     return total
 
 
-def data_name(dst: str | os.PathLike[str]) -> str:
-    """The external-data file :func:`save` writes next to ONNX output ``dst``: ``<dst>.data``.
-
-    When that file is the current data of ``dst`` (it is being replaced), the new data goes to
-    ``<dst>.<random>.data`` instead, so the old model and its data stay a pair until the new pair is
-    in place (see :func:`save`).
-    """
-    return os.path.abspath(os.fspath(dst)) + ".data"
+def _plain_data_name(dst: str) -> str:
+    return os.path.abspath(dst) + ".data"
 
 
 def check_output_path(
@@ -844,25 +867,23 @@ def check_output_path(
     *,
     in_place: bool = False,
     input_files: Iterable[str | os.PathLike[str]] | None = None,
-    external_data: bool | None = None,
-    replace_data: bool = False,
 ) -> None:
     """Refuse a bad output before any work: missing folder, a directory, unwritable, the input itself,
-    a file the input model reads, or someone else's ``<dst>.data``.
+    or a file the input model reads.
 
-    Files are compared by identity (device and inode, after resolving links), so ``./a/../b.onnx``,
-    a symlink or a hard link to an input file are caught too.
+    Files are compared by identity (device and inode, after resolving links) and by resolved path, so
+    ``./a/../b.onnx``, a symlink or a hard link to an input file are caught too. Besides ``dst``,
+    ``<dst>.data`` may not be an input file either (``a.onnx`` keeping its weights in ``b.onnx.data``
+    is not written as ``b.onnx``: the pair would be easy to mistake for each other).
 
     Args:
         src: the input model (None: no input to protect).
         dst: the output path.
-        in_place: allow ``dst`` to be ``src`` (then the input's own data may be replaced too).
-        input_files: every file the input reads (default: :func:`files_read_by` of ``src``); neither
-            ``dst`` nor its external-data file :func:`data_name` may be one of them.
-        external_data: whether the output will have external data; an existing ``<dst>.data`` that is
-            not the data of the current ``dst`` is refused when True (None: when ``src`` is larger
-            than :data:`EXTERNAL_DATA_THRESHOLD`, i.e. when :func:`save` will write one by default).
-        replace_data: allow replacing such a ``<dst>.data``.
+        in_place: allow ``dst`` to be ``src`` (its own data files are then replaced with it).
+        input_files: every file the input reads, from :func:`files_read_by` after loading. Without it,
+            an ONNX ``src`` is parsed for its data files only when it is small (under 256 MiB) or was
+            loaded already, so that this check stays cheap before the load; call it again after
+            loading with ``input_files=files_read_by(src)`` for the exact answer.
 
     Raises:
         OutputError: one line naming ``dst``.
@@ -871,47 +892,29 @@ def check_output_path(
     folder = _check_folder(d)
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{d}: cannot write to folder {folder} (permission denied)")
-    same_as_src = src is not None and _identity(d) is not None and _identity(d) == _identity(os.fspath(src))
-    if same_as_src and not in_place:
-        raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
-    files: list[str] = []
-    if src is not None:
-        s = os.path.abspath(os.fspath(src))
-        # Without input_files, an ONNX input is parsed for its data files only if it is small or was
-        # loaded already (a large inline model references nothing else, and parsing it would be a
-        # second full read before the load): call again after loading with files_read_by(src).
-        files = ([os.fspath(f) for f in input_files] if input_files is not None
-                 else [s, *_onnx_refs(s, max_parse=_MAX_OLD_PARSE)])
-    if src is not None and not same_as_src:
-        _refuse_input_files(d, files)
-    if external_data is None and src is not None:
-        external_data = _total_size(files) > EXTERNAL_DATA_THRESHOLD
-    if external_data and not replace_data:
-        _refuse_foreign_data(d)
+    if src is None:
+        return
+    same_as_src = _identity(d) is not None and _identity(d) == _identity(os.fspath(src))
+    if same_as_src:
+        if not in_place:
+            raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
+        return
+    s = os.path.abspath(os.fspath(src))
+    files = ([os.fspath(f) for f in input_files] if input_files is not None
+             else [s, *_onnx_refs(s, max_parse=_MAX_OLD_PARSE)])
+    _refuse_input_files(d, files)
 
 
 def _refuse_input_files(dst: str, files: list[str]) -> None:
     ids = {i: f for f in files if (i := _identity(f)) is not None}
     names = {os.path.realpath(f) for f in files}
-    data = data_name(dst)
+    data = _plain_data_name(dst)
     for path, what in ((dst, "the output"), (data, "the output's external data")):
         if _identity(path) in ids or os.path.realpath(path) in names:
             raise OutputError(
                 f"{dst}: {what} {path} is a file the input model reads; writing it would damage the input. "
                 "Choose another output name"
             )
-
-
-def _refuse_foreign_data(dst: str) -> None:
-    data = data_name(dst)
-    if not os.path.lexists(data):
-        return
-    mine = {_identity(r) for r in _onnx_refs(dst, max_parse=_MAX_OLD_PARSE)}
-    if _identity(data) not in mine or _identity(data) is None:
-        raise OutputError(
-            f"{dst}: {data} exists and is not the external data of {dst} (another model's?); remove it "
-            "or choose another output name (replace_data=True replaces it)"
-        )
 
 
 _MAX_OLD_PARSE = 256 * 2**20  # an existing output larger than this is not parsed for its data files
@@ -1114,9 +1117,7 @@ def _remove_old_data(dst: str, old_refs: Iterable[str], keep: str | None, protec
             os.unlink(ref)
 
 
-def _save_onnx(
-    model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]], replace_data: bool
-) -> None:
+def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]]) -> None:
     size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     if not use_external and size >= 2**31:
@@ -1136,39 +1137,24 @@ def _save_onnx(
                     raise _output_error(dst, e) from e
             _remove_old_data(dst, old_refs, None, protect_ids)
             return
-        location = _choose_data_name(dst, old_refs, protect_ids, replace_data)
+        location = _choose_data_name(dst)
         _write_pair(model, dst, folder, location)
         _remove_old_data(dst, old_refs, os.path.join(folder, location), protect_ids)
 
 
-def _choose_data_name(dst: str, old_refs: Iterable[str], protect_ids: set[tuple[int, int]], replace_data: bool) -> str:
-    """The data file's name for this write (a basename in dst's folder); called under the folder lock.
+def _choose_data_name(dst: str) -> str:
+    """A fresh name for this write's data file: ``<dst>.<8 hex>.data`` (a basename in dst's folder).
 
-    Case 1: ``<dst>.data`` does not exist: that name.
-    Case 2: it is the data of the current ``dst``: a fresh ``<dst>.<8 hex>.data``, so the current pair
-        stays whole until the new model replaces it (the old data is removed after).
-    Case 3: a file the input reads: refused. Case 4: anyone else's file: refused, or replaced with
-        ``replace_data``.
+    Never a name that exists, and never the name of the data of the ``dst`` being replaced: the current
+    pair stays whole until the new model replaces it, and a reader that opened the old model can never
+    read the new data under the old name (a fixed ``<dst>.data`` reused by the next write would let it).
+    An existing ``<dst>.data`` that is not the data of ``dst`` (another model's) is never touched.
     """
-    plain = data_name(dst)
-    name = os.path.basename(dst)
-    if not os.path.lexists(plain):
-        return os.path.basename(plain)
-    if _protected(plain, protect_ids):
-        raise _input_file_error(dst, plain, "the output's external data")
-    ident = _identity(plain)
-    if ident is not None and ident in {_identity(r) for r in old_refs}:
-        folder = os.path.dirname(plain)
-        while True:
-            candidate = f"{name}.{secrets.token_hex(4)}.data"
-            if not os.path.lexists(os.path.join(folder, candidate)):
-                return candidate
-    if replace_data:
-        return os.path.basename(plain)
-    raise OutputError(
-        f"{dst}: {plain} exists and is not the external data of {dst} (another model's?); remove it or "
-        "choose another output name (replace_data=True replaces it)"
-    )
+    folder, name = os.path.dirname(os.path.abspath(dst)), os.path.basename(dst)
+    while True:
+        candidate = f"{name}.{secrets.token_hex(4)}.data"
+        if not os.path.lexists(os.path.join(folder, candidate)):
+            return candidate
 
 
 def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
@@ -1179,12 +1165,14 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
     removed, and so is the data file if it was moved but the model was not.
     """
     name = os.path.basename(dst)
-    try:
-        work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise _output_error(dst, e) from e
+    work: str | None = None
     moved: str | None = None
     try:
+        with _signals_deferred():
+            try:
+                work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            except OSError as e:
+                raise _output_error(dst, e) from e
         tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, "model.data")
         try:
             with open(tmp_model, "wb") as f, open(tmp_data, "wb") as data:
@@ -1192,21 +1180,25 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
         except OSError as e:
             raise _output_error(dst, e) from e
         mode = _umask_mode()
-        if os.path.getsize(tmp_data):
-            os.chmod(tmp_data, mode)
-            final = os.path.join(folder, location)
-            os.replace(tmp_data, final)
-            moved = final
         os.chmod(tmp_model, mode)
-        os.replace(tmp_model, dst)
-        moved = None
+        with _signals_deferred():  # the two renames and the note of what moved: one step
+            if os.path.getsize(tmp_data):
+                os.chmod(tmp_data, mode)
+                final = os.path.join(folder, location)
+                os.replace(tmp_data, final)
+                moved = final
+            os.replace(tmp_model, dst)
+            moved = None
     except BaseException:
-        if moved is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(moved)
+        with _signals_deferred():
+            if moved is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(moved)
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with _signals_deferred():
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def save(
@@ -1216,7 +1208,6 @@ def save(
     external_data: bool | None = None,
     fmt: str | None = None,
     protect: Iterable[str | os.PathLike[str]] = (),
-    replace_data: bool = False,
 ) -> None:
     """Write a model atomically (no partial file on failure, a model never paired with other data).
 
@@ -1224,19 +1215,18 @@ def save(
         model: ``onnx.ModelProto`` (-> ONNX), ``torch.export.ExportedProgram`` (-> ``.pt2``),
             TorchScript module (-> ``torch.jit.save``) or ``torch.nn.Module``.
         path: destination; its folder must exist.
-        external_data: ONNX only: ``True`` writes the weights to ``<name>.data`` next to the model;
-            default: only when the model exceeds :data:`EXTERNAL_DATA_THRESHOLD`.
+        external_data: ONNX only: ``True`` writes the weights (tensors of 1 KiB or more) to
+            ``<name>.<8 hex>.data`` next to the model; default: only when the model exceeds :data:`EXTERNAL_DATA_THRESHOLD`.
         fmt: nn.Module only: ``"module"`` (default: ``torch.save(model)``, architecture included, since a
             folded model's weights no longer fit the original architecture) or ``"state_dict"``.
         protect: files that must not be written or removed (pass :func:`files_read_by` of the input):
             neither the output nor its data file may be one of them.
-        replace_data: ONNX: allow replacing an existing ``<path>.data`` that is not the data of the
-            current ``path`` (refused by default: it may be another model's weights).
 
-    ONNX with external data: the weights go to ``<path>.data`` (or, when that file is the data of the
-    ``path`` being replaced, to a fresh ``<path>.<8 hex>.data``); the data file is moved into place
-    before the model, and the old data is removed after, under an exclusive lock on the folder; so
-    two processes saving to one path never leave a model paired with the other run's data.
+    ONNX with external data: the weights go to a fresh ``<path>.<8 hex>.data`` (a new name on every
+    write, so no existing file is ever overwritten); the data file is moved into place before the
+    model, and the data of the replaced model is removed after, under an exclusive lock on the folder.
+    So two processes saving to one path never leave a model paired with the other run's data, and a
+    reader sees the old pair, the new pair, or (old model, data already removed) a missing file.
 
     Raises:
         OutputError: missing folder, not writable, disk errors (one line naming the path).
@@ -1245,7 +1235,7 @@ def save(
     dst = os.fspath(path)
     protect_ids = {i for f in protect if (i := _identity(os.fspath(f))) is not None}
     if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
-        _save_onnx(model, dst, external_data, protect_ids, replace_data)
+        _save_onnx(model, dst, external_data, protect_ids)
         return
     if "torch" not in sys.modules:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
