@@ -591,6 +591,30 @@ def load_with_format(
     return _load_as(p, fmt, parsed, model_factory, trust_pickle), fmt
 
 
+def _check_pt2_members(path: str) -> None:
+    """A torch.export archive needs ``archive_version`` (torch otherwise logs a traceback and guesses)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile as e:
+        raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
+    if not any(n == "archive_version" or n.endswith("/archive_version") for n in names):
+        raise _fail(path, "a torch.export archive without archive_version: truncated or not written by "
+                          "torch.export.save; export the model again")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Keep a library's warning-level tracebacks off stderr: the failure becomes bnfold's one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_as(
     p: str, fmt: str, parsed: Any, model_factory: str | Callable[[], Any] | None, trust_pickle: bool
 ) -> Any:
@@ -605,8 +629,10 @@ def _load_as(
     import torch
 
     if fmt == "pt2":
+        _check_pt2_members(p)
         try:
-            return torch.export.load(p)  # type: ignore[no-untyped-call]
+            with _quiet_logger("torch.export"):
+                return torch.export.load(p)  # type: ignore[no-untyped-call]
         except Exception as e:
             raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if fmt == "pickled_module":

@@ -436,3 +436,30 @@ def test_full_disk_while_writing_pt_is_an_output_error(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "out.pt: cannot write" in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file, no temporary
+
+
+def _pt2(tmp_path: Path, drop: str = "", corrupt: str = "") -> Path:
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    good = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), str(good))
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as z, zipfile.ZipFile(bad, "w") as o:
+        for n in z.namelist():
+            if drop and n.endswith(drop):
+                continue
+            o.writestr(n, b"{not json" if corrupt and n.endswith(corrupt) else z.read(n))
+    good.unlink()
+    return bad
+
+
+@pytest.mark.parametrize(("drop", "corrupt"), [("/archive_version", ""), ("", "models/model.json")])
+def test_broken_pt2_is_one_line_without_torch_log_noise(tmp_path: Path, drop: str, corrupt: str) -> None:
+    bad = _pt2(tmp_path, drop, corrupt)
+    before = _digest(tmp_path)
+    r = _cli("inspect", bad.name, cwd=tmp_path)
+    assert r.returncode == 2
+    _one_line(r.stderr, "bad.pt2")
+    assert _digest(tmp_path) == before
