@@ -523,15 +523,34 @@ def check_model_data(model: Any, where: str = "model") -> None:
 _SUBBYTE_TYPES = frozenset({21, 22, 23, 25, 26})  # UINT4, INT4, FLOAT4E2M1 and 2-bit types: packed
 
 
-def _load_onnx(path: str, parsed: Any) -> Any:
-    """The ONNX model of ``path``: ``parsed`` (from format detection) with its external data loaded."""
+def _load_onnx(path: str, parsed: Any, lazy: bool = False) -> Any:
+    """The ONNX model of ``path``: ``parsed`` (from format detection) with its external data loaded.
+
+    With ``lazy``, external tensors are not read: each is checked (a regular file, opened through
+    onnx's own path checks, the byte range inside the file and as long as the shape needs) and its
+    ``location`` becomes the absolute path of that file. :mod:`bnfold.onnx.const` reads such a tensor
+    when the fold asks for it, and :func:`save` copies the ones nobody changed from their file in
+    chunks; so only the weights a fold rewrites are ever in memory. Such a model is for the fold job
+    only (``onnx.save`` and onnxruntime would not follow absolute locations).
+    """
     import onnx
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     model = parsed
-    if any(uses_external_data(t) for t in model.graph.initializer):
+    base = os.path.dirname(os.path.abspath(path))
+    for ref in _external_refs(model, base):
         try:
-            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            st = os.stat(ref)
+        except OSError as e:
+            raise _fail(path, f"cannot load the ONNX model's external data ({os.path.basename(ref)}: "
+                              f"{e.strerror or e})") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise _fail(path, f"external data {os.path.basename(ref)} is not a regular file ({_file_kind(st.st_mode)})")
+    if lazy and any(uses_external_data(t) for t in model.graph.initializer) and not _nested_external(model):
+        _make_lazy(path, model, base)
+    elif any(uses_external_data(t) for t in model.graph.initializer):
+        try:
+            load_external_data_for_model(model, base)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise _fail(path, f"cannot load the ONNX model's external data ({msg})") from e
@@ -543,6 +562,60 @@ def _load_onnx(path: str, parsed: Any) -> Any:
             raise _fail(path, f"cannot load the ONNX model or its external data ({msg})") from e
     _check_onnx(path, model)
     return model
+
+
+def _make_lazy(path: str, model: Any, base: str) -> None:
+    """Point every external tensor of ``model`` at the absolute path of its checked data file."""
+    import onnx
+    from onnx.external_data_helper import (
+        ExternalDataInfo,
+        _get_all_tensors,
+        _open_external_data_fd,
+        uses_external_data,
+    )
+
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        try:
+            fd = _open_external_data_fd(base, info.location, t.name, True)  # onnx's checks: no escape from base
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise _fail(path, f"cannot load the ONNX model's external data ({msg})") from e
+        try:
+            st = os.fstat(fd)
+            real = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else None
+        finally:
+            os.close(fd)
+        real = real or os.path.realpath(os.path.join(base, info.location))
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length is not None else st.st_size - offset
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        try:
+            need = n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            need = length
+        if t.data_type in _SUBBYTE_TYPES:
+            need = length
+        if offset < 0 or offset + length > st.st_size or length != need:
+            raise _fail(path, f"external data of tensor '{t.name}' ({info.location}, offset {offset}, length "
+                              f"{length}) does not fit its file ({st.st_size} bytes) or its shape ({need} bytes)")
+        entries = {"location": real, "offset": str(offset), "length": str(length)}
+        del t.external_data[:]
+        for key, value in entries.items():
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def _nested_external(model: Any) -> bool:
+    """External tensors anywhere but in the main graph's initializers (the streamed writer's scope)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    in_main = sum(1 for t in model.graph.initializer if uses_external_data(t))
+    return sum(1 for t in _get_all_tensors(model) if uses_external_data(t)) > in_main
 
 
 def _has_nested_external_data(model: Any) -> bool:
@@ -584,10 +657,18 @@ def load_with_format(
     *,
     model_factory: str | Callable[[], Any] | None = None,
     trust_pickle: bool = False,
+    lazy_external_data: bool = False,
 ) -> tuple[Any, str]:
-    """:func:`load`, also returning the detected format (the file is read and parsed once)."""
+    """:func:`load`, also returning the detected format (the file is read and parsed once).
+
+    ``lazy_external_data``: ONNX with external data: leave the weights in their files (absolute
+    locations), read by the fold when needed and copied by :func:`save`; for a fold-and-save job that
+    hands the model to nothing else (the fold job without verification).
+    """
     p = os.fspath(path)
     fmt, parsed = _sniff(p)
+    if fmt == "onnx" and lazy_external_data:
+        return _load_onnx(p, parsed, lazy=True), fmt
     return _load_as(p, fmt, parsed, model_factory, trust_pickle), fmt
 
 
@@ -983,14 +1064,48 @@ def _single_field(msg: Any, field: Any) -> Any:
     return part
 
 
+def _lazy_source(t: Any) -> tuple[str, int, int] | None:
+    """(file, offset, length) of a tensor left in its file by a lazy load (absolute location); else None."""
+    if t.data_location != t.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    if not os.path.isabs(loc):
+        return None
+    return loc, int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
+
+
+_COPY_CHUNK = 64 * 2**20
+
+
+def _copy_range(src: str, offset: int, length: int, out: Any) -> None:
+    """Copy ``length`` bytes at ``offset`` of file ``src`` to ``out``, 64 MiB at a time."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{src} is shorter than its tensors say (truncated while folding?)")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def _external_tensor(t: Any, data: Any, location: str) -> Any:
     """A copy of tensor ``t`` without its bytes, pointing at them in ``data`` (written here)."""
     import onnx
     from onnx import numpy_helper
 
-    raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
     offset = data.tell()
-    data.write(raw)
+    lazy = _lazy_source(t)
+    if lazy is not None:
+        _copy_range(*lazy, data)
+        length = lazy[2]
+    else:
+        raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+        data.write(raw)
+        length = len(raw)
+        del raw
     ext = onnx.TensorProto()
     ext.name = t.name
     ext.dims.extend(t.dims)
@@ -998,10 +1113,39 @@ def _external_tensor(t: Any, data: Any, location: str) -> Any:
     if t.doc_string:
         ext.doc_string = t.doc_string
     ext.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = ext.external_data.add()
         entry.key, entry.value = key, value
     return ext
+
+
+def _inline_tensor(t: Any) -> Any:
+    """A lazily loaded tensor with its bytes read in (for a save without external data)."""
+    import onnx
+
+    src, offset, length = _lazy_source(t)  # type: ignore[misc]
+    out = onnx.TensorProto()
+    out.name, out.data_type = t.name, t.data_type
+    out.dims.extend(t.dims)
+    if t.doc_string:
+        out.doc_string = t.doc_string
+    with open(src, "rb") as f:
+        f.seek(offset)
+        out.raw_data = f.read(length)
+    return out
+
+
+def _tensor_nbytes(t: Any) -> int:
+    """Bytes of a tensor's values from its shape and type (``ByteSize()`` serialises, and fails at 2 GiB)."""
+    import onnx
+
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return n * 8
 
 
 def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> None:
@@ -1026,7 +1170,8 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> N
     ]
     inits = []
     for t in graph.initializer:
-        if data is not None and t.data_location != t.EXTERNAL and t.ByteSize() >= 1024:
+        if data is not None and (_lazy_source(t) is not None
+                                 or t.data_location != t.EXTERNAL and _tensor_nbytes(t) >= 1024):
             t = _external_tensor(t, data, location)
         inits.append(t)
     # The graph's length comes first on the wire but is known only after the initializers are
@@ -1040,6 +1185,8 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> N
         f.write(h)
         total += len(h)
     for t in inits:
+        if _lazy_source(t) is not None:  # saved without external data: read in, one tensor at a time
+            t = _inline_tensor(t)
         b = t.SerializeToString()
         hdr = _field_header(_INITIALIZER_FIELD, len(b))
         f.write(hdr)

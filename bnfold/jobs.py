@@ -180,13 +180,15 @@ def _load(
     model_factory: str | None,
     trust_pickle: bool,
     progress: ProgressFn,
+    lazy_external_data: bool = False,
 ) -> tuple[Any, str]:
     """Detect the format and load with :mod:`bnfold.io`; returns ``(model, format)``."""
     from . import io as bio
 
     factory = resolve_factory(model_factory)  # a bad --model fails even when the file does not need it
     progress("load", 0, 1)
-    model, fmt = bio.load_with_format(src, model_factory=factory, trust_pickle=trust_pickle)
+    model, fmt = bio.load_with_format(src, model_factory=factory, trust_pickle=trust_pickle,
+                                      lazy_external_data=lazy_external_data)
     progress("load", 1, 1)
     return model, fmt
 
@@ -375,7 +377,10 @@ def fold_file(
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
 
-    model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    # Without verification the folded model goes only to io.save: ONNX weights stay in their files
+    # until the fold reads them (see bnfold.io.load_with_format).
+    model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog,
+                           lazy_external_data=not verify)
     from . import io as bio
 
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.

@@ -28,7 +28,7 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from bnfold.records import SkipReason
 
-from .graph import GraphIndex
+from .graph import GraphIndex, read_lazy_tensor
 
 __all__ = ["ConstEvaluator", "Resolved", "PURE_OPS", "np_dtype"]
 
@@ -178,7 +178,10 @@ class ConstEvaluator:
                 return None, SkipReason.NON_CONSTANT, f"'{name}' is an initializer that is also a graph input"
             t = idx.initializers[name]
             if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
-                return None, SkipReason.NON_CONSTANT, f"external data of '{name}' is not loaded"
+                lazy = read_lazy_tensor(t)  # left in its file by a lazy load
+                if lazy is None:
+                    return None, SkipReason.NON_CONSTANT, f"external data of '{name}' is not loaded"
+                return lazy, None, ""
             return numpy_helper.to_array(t), None, ""
         p = idx.producer.get(name)
         if p is None:
