@@ -172,6 +172,8 @@ def test_writer_never_serialises_a_whole_tensor_to_size_it(tmp_path: Path, monke
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BNFOLD_BIG_TESTS") != "1",
+                    reason="writes 2.1 GB and peaks at ~6 GB of memory: set BNFOLD_BIG_TESTS=1")
 def test_model_over_2gib_with_one_tensor_over_2gib_folds_and_saves(tmp_path: Path) -> None:
     """A single 2.1 GB weight (sparse file of zeros): fold and save without verification."""
     c = 23_000  # 23000^2 float32 = 2.116 GB > 2 GiB
