@@ -10,13 +10,16 @@ interleaved order, median of the repeats:
 
 * ``onnx load+save`` -- the floor: ``onnx.load(path)`` then ``onnx.save(model, out)`` (inline below
   2 GiB, with external data above: what a user's script writes);
-* ``bnfold fold --no-verify`` -- the whole CLI job (load, check, fold, streamed save).
+* ``onnx load+save (external data)`` -- the same, saving with ``save_as_external_data=True``;
+* ``bnfold fold --no-verify`` -- the whole CLI job (load, check, fold, streamed save);
+* with ``--compare-with REPO``: the same CLI job run from another checkout (e.g. the commit before a
+  change), side by side.
 
 The ratio ``bnfold / floor`` is the figure (target: <= 1.2). ``--gb`` sets the model size; the
 default 1.9 GB is the case of issue 12; ``--quick`` uses 0.2 GB. Output files are removed after
 each job (they are real, not sparse).
 
-    python benchmarks/bench_memory.py [--quick] [--gb 1.9] [--repeats 1]
+    python benchmarks/bench_memory.py [--quick] [--gb 1.9] [--repeats 1] [--compare-with /path/to/old/checkout]
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ def build_model(folder: Path, total_bytes: int, blocks: int = 4) -> Path:
 PLAIN = """
 import sys, onnx
 m = onnx.load(sys.argv[1])
-big = sum(len(t.raw_data) for t in m.graph.initializer) >= 2**31 - 2**26
-onnx.save(m, sys.argv[2], save_as_external_data=big, location="out.onnx.data")
+external = sys.argv[3] == "external" or sum(len(t.raw_data) for t in m.graph.initializer) >= 2**31 - 2**26
+onnx.save(m, sys.argv[2], save_as_external_data=external, location="out.onnx.data")
 """
 
 
@@ -90,6 +93,8 @@ def main() -> None:
     parser = make_parser("Peak memory of bnfold fold --no-verify against onnx.load + onnx.save")
     parser.add_argument("--gb", type=float, default=None, help="model size in GB (default 1.9; --quick 0.2)")
     parser.add_argument("--folder", default=None, help="where to build the model (default: a temp folder)")
+    parser.add_argument("--compare-with", default=None, metavar="REPO",
+                        help="also run `bnfold fold --no-verify` from another checkout (e.g. an older commit)")
     args = parser.parse_args()
     gb = args.gb if args.gb is not None else (0.2 if args.quick else 1.9)
     repeats = 1 if args.quick else max(1, min(args.repeats, 3))
@@ -99,17 +104,24 @@ def main() -> None:
         src = build_model(work, int(gb * 1e9))
         out = work / "out"
         out.mkdir()
-        jobs = {
-            "onnx load+save": [sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx")],
-            "bnfold fold --no-verify": [sys.executable, "-m", "bnfold", "fold", str(src), "-o",
-                                        str(out / "out.onnx"), "--no-verify"],
+        fold_cmd = [sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(out / "out.onnx"), "--no-verify"]
+        jobs: dict[str, tuple[list[str], dict[str, str] | None]] = {
+            "onnx load+save": ([sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx"), "default"], None),
+            "onnx load+save (external data)": (
+                [sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx"), "external"], None),
+            "bnfold fold --no-verify": (fold_cmd, None),
         }
+        if args.compare_with:
+            jobs[f"bnfold fold --no-verify ({Path(args.compare_with).name})"] = (
+                fold_cmd, {"PYTHONPATH": str(Path(args.compare_with).resolve())})
         peaks: dict[str, list[int]] = {k: [] for k in jobs}
         secs: dict[str, list[float]] = {k: [] for k in jobs}
         names = list(jobs)
         for r in range(repeats):
-            for name in names[r % 2:] + names[: r % 2]:  # rotate the order each round
-                res = run_job(jobs[name], timeout=1800).check()
+            k = r % len(names)
+            for name in names[k:] + names[:k]:  # rotate the order each round
+                cmd, env = jobs[name]
+                res = run_job(cmd, env=env, timeout=1800).check()
                 peaks[name].append(res.peak_rss)
                 secs[name].append(res.seconds)
                 shutil.rmtree(out)

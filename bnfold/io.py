@@ -944,10 +944,12 @@ def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
     Returns:
         The total, or None if ``path`` does not exist. Missing data files count 0.
     """
-    p = os.fspath(path)
+    p = os.path.abspath(os.fspath(path))
     if not os.path.exists(p):
         return None
-    return _total_size(files_read_by(p))
+    # A size is not worth a full parse: a file over 256 MiB not loaded or saved by this process is an
+    # inline model (external data keeps the protobuf small), and counts alone.
+    return _total_size([p, *_onnx_refs(p, max_parse=_MAX_OLD_PARSE)])
 
 
 def _total_size(files: Iterable[str]) -> int:
@@ -1309,10 +1311,12 @@ def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: se
                 except OSError as e:
                     raise _output_error(dst, e) from e
             _remove_old_data(dst, old_refs, None, protect_ids)
+            _remember_saved(dst, ())
             return
         location = _choose_data_name(dst)
-        _write_pair(model, dst, folder, location)
+        wrote_data = _write_pair(model, dst, folder, location)
         _remove_old_data(dst, old_refs, os.path.join(folder, location), protect_ids)
+        _remember_saved(dst, (os.path.join(folder, location),) if wrote_data else ())
 
 
 def _choose_data_name(dst: str) -> str:
@@ -1330,16 +1334,27 @@ def _choose_data_name(dst: str) -> str:
             return candidate
 
 
-def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
+def _remember_saved(dst: str, refs: tuple[str, ...]) -> None:
+    """What the file just written reads (so a size or a check after the save does not parse it)."""
+    key = _file_key(dst)
+    if key is not None:
+        if len(_REFS_CACHE) >= _REFS_CACHE_SIZE:
+            _REFS_CACHE.pop(next(iter(_REFS_CACHE)))
+        _REFS_CACHE[key] = refs
+
+
+def _write_pair(model: Any, dst: str, folder: str, location: str) -> bool:
     """Write model + data in a temporary folder next to ``dst``, then move the data, then the model.
 
     The data goes first: the moment ``dst`` is the new model, its data is there. On any exception
     (disk full, Ctrl-C, SIGTERM turned into an exception) nothing new is left: the temporary folder is
-    removed, and so is the data file if it was moved but the model was not.
+    removed, and so is the data file if it was moved but the model was not. Returns whether a data
+    file was written (no tensor of 1 KiB or more: none).
     """
     name = os.path.basename(dst)
     work: str | None = None
     moved: str | None = None
+    wrote = False
     try:
         with _signals_deferred():
             try:
@@ -1360,6 +1375,7 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
                 final = os.path.join(folder, location)
                 os.replace(tmp_data, final)
                 moved = final
+                wrote = True
             os.replace(tmp_model, dst)
             moved = None
     except BaseException:
@@ -1372,6 +1388,7 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> None:
         with _signals_deferred():
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
+    return wrote
 
 
 def save(
