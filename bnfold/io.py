@@ -1292,6 +1292,24 @@ def _remove_old_data(dst: str, old_refs: Iterable[str], keep: str | None, protec
             os.unlink(ref)
 
 
+def _read_in_nested_lazy(model: Any) -> None:
+    """Lazily loaded tensors that a rewrite moved out of the main graph's initializers (the streamed
+    writer's scope) get their bytes read in, so that no absolute location is ever written."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    main = sum(1 for t in model.graph.initializer if _lazy_source(t) is not None)
+    if sum(1 for t in _get_all_tensors(model) if _lazy_source(t) is not None) == main:
+        return
+    for i, g in enumerate(_graphs(model.graph)):  # the main graph comes first
+        tensors = [a.t for n in g.node for a in n.attribute if a.HasField("t")]
+        tensors += [t for n in g.node for a in n.attribute for t in a.tensors]
+        if i:
+            tensors += list(g.initializer)
+        for t in tensors:
+            if _lazy_source(t) is not None:
+                t.CopyFrom(_inline_tensor(t))
+
+
 def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]]) -> None:
     size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
@@ -1301,6 +1319,7 @@ def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: se
     folder = _check_folder(dst)
     if _protected(dst, protect_ids):
         raise _input_file_error(dst, dst, "the output")
+    _read_in_nested_lazy(model)
     with _folder_lock(folder):
         old_refs = _onnx_refs(dst, max_parse=_MAX_OLD_PARSE) if os.path.lexists(dst) else ()
         if not use_external:

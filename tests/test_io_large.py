@@ -208,3 +208,20 @@ def test_model_over_2gib_with_one_tensor_over_2gib_folds_and_saves(tmp_path: Pat
     # zero weights: the folded conv is its bias alone, beta - mean * gamma / sqrt(var + eps) (BN's definition)
     np.testing.assert_allclose(nh.to_array(bias), beta - mean * gamma / np.sqrt(var + 1e-5), rtol=1e-6, atol=1e-6)
     assert bio.file_size_with_data(out) >= c * c * 4
+
+
+def test_lazy_tensor_moved_into_a_constant_node_is_read_in_on_save(src: Path, tmp_path: Path) -> None:
+    # a rewrite that turned a lazily loaded initializer into a Constant node's value: the streamed
+    # writer handles main-graph initializers only, so save reads the bytes in (no absolute path written)
+    ref = _run(src)
+    model, _ = bio.load_with_format(src, lazy_external_data=True)
+    m_index = next(i for i, t in enumerate(model.graph.initializer) if t.name == "M")
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(model.graph.initializer[m_index])
+    del model.graph.initializer[m_index]
+    model.graph.node.insert(0, h.make_node("Constant", [], ["M"], value=tensor))
+    out = tmp_path / "out.onnx"
+    bio.save(model, out, external_data=False)
+    saved = onnx.load(str(out), load_external_data=False)
+    assert saved.graph.node[0].attribute[0].t.data_location == T.DEFAULT
+    np.testing.assert_allclose(_run(out), ref, rtol=0, atol=ATOL * float(np.abs(ref).max()))
