@@ -105,23 +105,24 @@ def main() -> None:
         out = work / "out"
         out.mkdir()
         fold_cmd = [sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(out / "out.onnx"), "--no-verify"]
-        jobs: dict[str, tuple[list[str], dict[str, str] | None]] = {
-            "onnx load+save": ([sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx"), "default"], None),
+        # (command, extra environment, working folder): `python -m` imports bnfold from the working folder
+        jobs: dict[str, tuple[list[str], dict[str, str] | None, Path | None]] = {
+            "onnx load+save": ([sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx"), "default"], None, None),
             "onnx load+save (external data)": (
-                [sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx"), "external"], None),
-            "bnfold fold --no-verify": (fold_cmd, None),
+                [sys.executable, "-c", PLAIN, str(src), str(out / "out.onnx"), "external"], None, None),
+            "bnfold fold --no-verify": (fold_cmd, None, None),
         }
         if args.compare_with:
-            jobs[f"bnfold fold --no-verify ({Path(args.compare_with).name})"] = (
-                fold_cmd, {"PYTHONPATH": str(Path(args.compare_with).resolve())})
+            other = Path(args.compare_with).resolve()
+            jobs[f"bnfold fold --no-verify ({other.name})"] = (fold_cmd, {"PYTHONPATH": str(other)}, other)
         peaks: dict[str, list[int]] = {k: [] for k in jobs}
         secs: dict[str, list[float]] = {k: [] for k in jobs}
         names = list(jobs)
         for r in range(repeats):
             k = r % len(names)
             for name in names[k:] + names[:k]:  # rotate the order each round
-                cmd, env = jobs[name]
-                res = run_job(cmd, env=env, timeout=1800).check()
+                cmd, env, cwd = jobs[name]
+                res = run_job(cmd, env=env, cwd=cwd, timeout=1800).check()
                 peaks[name].append(res.peak_rss)
                 secs[name].append(res.seconds)
                 shutil.rmtree(out)

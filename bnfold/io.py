@@ -15,12 +15,26 @@ Formats (:func:`detect_format`, from the bytes, never from the extension alone):
 Rules:
     * unpickling runs arbitrary code: a pickled module is loaded only with ``trust_pickle=True``
       (``--trust-pickle``); a state_dict is loaded with ``weights_only=True`` and needs a factory that
-      builds the architecture (``--model module.path:factory``);
+      builds the architecture (``--model module.path:factory``); a TorchScript archive is recognised
+      from its member names and refused, never handed to ``torch.jit.load``; the current folder is
+      *appended* to ``sys.path`` for factories and trusted pickles, never put first;
+    * only regular files are read (a FIFO, socket or device is refused from ``stat``), and the format
+      is decided from a bounded read: the zip directory, the first pickle ops, or the top-level
+      protobuf tags of an ONNX file (each field skipped with a seek);
     * every unusable file raises :class:`~bnfold.errors.ModelFormatError` with one line naming the file;
+      inconsistent ONNX data (:func:`check_model_data`) too, for a file as for a model given in memory;
     * outputs are written atomically: a temporary file in the destination folder, then ``os.replace``;
-      a failed or interrupted write leaves no partial file (ONNX with external data: both files are
-      written in a temporary folder next to the destination, the data file is moved first);
-    * the input file is never modified; writing over it needs ``in_place=True``;
+      a failed or interrupted write (any exception: Ctrl-C, a signal turned into one) leaves no partial
+      file and no temporary; signals are held back in the few calls that create or rename a file;
+    * ONNX with external data: a fresh data name per write (``<out>.<8 hex>.data``), the data renamed
+      into place before the model, the replaced model's data removed after, under an exclusive lock
+      on the folder: a model is never paired with another write's data, and no existing file is
+      overwritten;
+    * the input is never modified: the output may not be the input model nor any file it reads
+      (:func:`files_read_by`, compared by inode and resolved path); writing over the model needs
+      ``in_place=True``;
+    * nothing here serialises a whole model or calls ``ByteSize()`` (protobuf stops at 2 GiB, and upb
+      serialises to size): the writer streams one initializer at a time;
     * torch is imported only for PyTorch files, never for an ONNX file.
 """
 
