@@ -53,6 +53,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -882,6 +883,7 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 _REFS_CACHE: dict[tuple[str, int, int, int, int], tuple[str, ...]] = {}
 _REFS_CACHE_SIZE = 32
+_REFS_LOCK = threading.Lock()
 
 
 def _file_key(path: str) -> tuple[str, int, int, int, int] | None:
@@ -907,12 +909,16 @@ def _external_refs(model: Any, base: str) -> tuple[str, ...]:
 
 def _remember_refs(path: str, parsed: Any) -> None:
     """Note which external files the ONNX file ``path`` reads, while its tensors still say so."""
-    key = _file_key(path)
+    _cache_refs(_file_key(path), _external_refs(parsed, os.path.dirname(os.path.abspath(path))))
+
+
+def _cache_refs(key: tuple[str, int, int, int, int] | None, refs: tuple[str, ...]) -> None:
     if key is None:
         return
-    if len(_REFS_CACHE) >= _REFS_CACHE_SIZE:
-        _REFS_CACHE.pop(next(iter(_REFS_CACHE)))
-    _REFS_CACHE[key] = _external_refs(parsed, os.path.dirname(os.path.abspath(path)))
+    with _REFS_LOCK:  # loads and saves may run in threads
+        while len(_REFS_CACHE) >= _REFS_CACHE_SIZE:
+            _REFS_CACHE.pop(next(iter(_REFS_CACHE)))
+        _REFS_CACHE[key] = refs
 
 
 def _onnx_refs(path: str, *, max_parse: int | None = None) -> tuple[str, ...]:
@@ -923,8 +929,9 @@ def _onnx_refs(path: str, *, max_parse: int | None = None) -> tuple[str, ...]:
     key = _file_key(path)
     if key is None:
         return ()
-    if key in _REFS_CACHE:
-        return _REFS_CACHE[key]
+    hit = _REFS_CACHE.get(key)
+    if hit is not None:
+        return hit
     if max_parse is not None and key[3] > max_parse:
         return ()
     try:
@@ -937,8 +944,9 @@ def _onnx_refs(path: str, *, max_parse: int | None = None) -> tuple[str, ...]:
         parsed = onnx.load_model(path, load_external_data=False)
     except Exception:  # not ONNX, unreadable: it reads no other file
         return ()
-    _remember_refs(path, parsed)
-    return _REFS_CACHE.get(key, ())
+    refs = _external_refs(parsed, os.path.dirname(os.path.abspath(path)))
+    _cache_refs(key, refs)
+    return refs
 
 
 def files_read_by(path: str | os.PathLike[str]) -> list[str]:
@@ -1369,11 +1377,7 @@ def _choose_data_name(dst: str) -> str:
 
 def _remember_saved(dst: str, refs: tuple[str, ...]) -> None:
     """What the file just written reads (so a size or a check after the save does not parse it)."""
-    key = _file_key(dst)
-    if key is not None:
-        if len(_REFS_CACHE) >= _REFS_CACHE_SIZE:
-            _REFS_CACHE.pop(next(iter(_REFS_CACHE)))
-        _REFS_CACHE[key] = refs
+    _cache_refs(_file_key(dst), refs)
 
 
 def _write_pair(model: Any, dst: str, folder: str, location: str) -> bool:
