@@ -1172,6 +1172,19 @@ def _tensor_nbytes(t: Any) -> int:
         return n * 8
 
 
+def _serialise(msg: Any, what: str) -> bytes:
+    """``msg.SerializeToString()``; a part over protobuf's 2 GiB limit is an :class:`OutputError`."""
+    try:
+        return msg.SerializeToString()  # type: ignore[no-any-return]
+    except Exception as e:  # EncodeError / ValueError from protobuf past 2 GiB
+        raise _PartTooLarge(f"cannot write {what}: one protobuf message over 2 GiB ({type(e).__name__}); "
+                            "large constants must be initializers to go to external data") from e
+
+
+class _PartTooLarge(Exception):
+    """A part of the model that protobuf cannot serialise (becomes an OutputError naming the path)."""
+
+
 def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> None:
     """Serialise ``model`` to file ``f`` one initializer at a time, without one big bytes copy.
 
@@ -1187,11 +1200,6 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> N
     if not model.HasField("graph"):
         return
     graph = model.graph
-    head = [
-        _single_field(graph, field).SerializeToString()
-        for field, _ in graph.ListFields()
-        if field.number != _INITIALIZER_FIELD
-    ]
     inits = []
     for t in graph.initializer:
         if data is not None and (_lazy_source(t) is not None
@@ -1205,13 +1213,26 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> N
     at = f.tell()
     f.write(bytes(_LEN_WIDTH))
     total = 0
-    for h in head:
-        f.write(h)
-        total += len(h)
+    for field, _ in graph.ListFields():
+        if field.number == _INITIALIZER_FIELD:
+            continue
+        if field.is_repeated and field.message_type is not None:
+            # one record per element (nodes, value_info...): repeated fields concatenate on the wire,
+            # and no message larger than one element is ever built
+            for item in getattr(graph, field.name):
+                b = _serialise(item, field.name)
+                hdr = _field_header(field.number, len(b))
+                f.write(hdr)
+                f.write(b)
+                total += len(hdr) + len(b)
+        else:
+            b = _serialise(_single_field(graph, field), field.name)
+            f.write(b)
+            total += len(b)
     for t in inits:
         if _lazy_source(t) is not None:  # saved without external data: read in, one tensor at a time
             t = _inline_tensor(t)
-        b = t.SerializeToString()
+        b = _serialise(t, f"initializer '{t.name}'")
         hdr = _field_header(_INITIALIZER_FIELD, len(b))
         f.write(hdr)
         f.write(b)
@@ -1351,6 +1372,8 @@ def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: se
                         _write_onnx_stream(model, f, None, "")
                 except OSError as e:
                     raise _output_error(dst, e) from e
+                except _PartTooLarge as e:
+                    raise OutputError(f"{dst}: {e}") from e
             _remove_old_data(dst, old_refs, None, protect_ids)
             _remember_saved(dst, ())
             return
@@ -1404,6 +1427,8 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> bool:
                 _write_onnx_stream(model, f, data, location)
         except OSError as e:
             raise _output_error(dst, e) from e
+        except _PartTooLarge as e:
+            raise OutputError(f"{dst}: {e}") from e
         mode = _umask_mode()
         os.chmod(tmp_model, mode)
         with _signals_deferred():  # the two renames and the note of what moved: one step
