@@ -463,3 +463,29 @@ def test_broken_pt2_is_one_line_without_torch_log_noise(tmp_path: Path, drop: st
     assert r.returncode == 2
     _one_line(r.stderr, "bad.pt2")
     assert _digest(tmp_path) == before
+
+
+def test_threads_saving_one_path_leave_one_whole_pair(tmp_path: Path) -> None:
+    import threading
+
+    dst = tmp_path / "model.onnx"
+    models = [_conv_bn(seed, c=16) for seed in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(m: onnx.ModelProto) -> None:
+        try:
+            for _ in range(5):
+                bio.save(m, dst, external_data=True)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "model.onnx", names
+    got = _run(dst)
+    assert any(np.array_equal(got, _run_model(m)) for m in models)  # exactly one writer's whole pair
