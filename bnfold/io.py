@@ -969,8 +969,7 @@ def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
     p = os.path.abspath(os.fspath(path))
     if not os.path.exists(p):
         return None
-    # A size is not worth a full parse: a file over 256 MiB not loaded or saved by this process is an
-    # inline model (external data keeps the protobuf small), and counts alone.
+    # A size is not worth a full parse: see _MAX_OLD_PARSE.
     return _total_size([p, *_onnx_refs(p, max_parse=_MAX_OLD_PARSE)])
 
 
@@ -1012,7 +1011,7 @@ def check_output_path(
         dst: the output path.
         in_place: allow ``dst`` to be ``src`` (its own data files are then replaced with it).
         input_files: every file the input reads, from :func:`files_read_by` after loading. Without it,
-            an ONNX ``src`` is parsed for its data files only when it is small (under 256 MiB) or was
+            an ONNX ``src`` is parsed for its data files only when it is small (16 MiB at most) or was
             loaded already, so that this check stays cheap before the load; call it again after
             loading with ``input_files=files_read_by(src)`` for the exact answer.
 
@@ -1048,7 +1047,10 @@ def _refuse_input_files(dst: str, files: list[str]) -> None:
             )
 
 
-_MAX_OLD_PARSE = 256 * 2**20  # an existing output larger than this is not parsed for its data files
+# A file not loaded or saved by this process is parsed for its external-data files only when it is at
+# most this large: the protobuf of a model with external data is small (its weights are elsewhere), and
+# a larger file is an inline model that reads nothing else; parsing it would be a second full read.
+_MAX_OLD_PARSE = 16 * 2**20
 
 
 def _varint(n: int) -> bytes:
