@@ -111,6 +111,9 @@ def test_output_data_name_is_the_inputs_data_is_refused(tmp_path: Path) -> None:
         bio.check_output_path(src, tmp_path / "b.onnx")
     with pytest.raises(OutputError, match="the input model reads"):
         fold_file(src, tmp_path / "b.onnx", verify=False)
+    r = _cli("fold", "a.onnx", "-o", "b.onnx", cwd=tmp_path)
+    assert r.returncode == 2
+    _one_line(r.stderr, "b.onnx.data", "the input model reads")
     assert _digest(tmp_path) == before
     # io.save itself never writes an existing data name: saving b.onnx from the API leaves a.onnx whole
     ref = _run(src)
