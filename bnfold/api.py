@@ -79,7 +79,10 @@ def fold_with_report(
     out: Any
     report: FoldReport
     if kind == "onnx":
+        from .io import check_model_data
         from .onnx import fold_model
+
+        check_model_data(model)  # as io.load does for a file: duplicate names, short tensors, BN lengths
 
         out, report = fold_model(model, affine=affine, dry_run=dry_run, inplace=inplace)
     elif kind == "export":

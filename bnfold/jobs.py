@@ -167,12 +167,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _size(path: Path) -> int | None:
-    """Size of the model file in bytes (external-data files next to an ONNX model are not counted)."""
-    try:
-        total = path.stat().st_size
-    except OSError:
-        return None
-    return total
+    """Bytes of the model file and the external-data files it references (None if it is missing)."""
+    from .io import file_size_with_data
+
+    return file_size_with_data(path)
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -182,13 +180,15 @@ def _load(
     model_factory: str | None,
     trust_pickle: bool,
     progress: ProgressFn,
+    lazy_external_data: bool = False,
 ) -> tuple[Any, str]:
     """Detect the format and load with :mod:`bnfold.io`; returns ``(model, format)``."""
     from . import io as bio
 
     factory = resolve_factory(model_factory)  # a bad --model fails even when the file does not need it
     progress("load", 0, 1)
-    model, fmt = bio.load_with_format(src, model_factory=factory, trust_pickle=trust_pickle)
+    model, fmt = bio.load_with_format(src, model_factory=factory, trust_pickle=trust_pickle,
+                                      lazy_external_data=lazy_external_data)
     progress("load", 1, 1)
     return model, fmt
 
@@ -377,7 +377,15 @@ def fold_file(
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
 
-    model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    # Without verification the folded model goes only to io.save: ONNX weights stay in their files
+    # until the fold reads them (see bnfold.io.load_with_format).
+    model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog,
+                           lazy_external_data=not verify)
+    from . import io as bio
+
+    # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
+    protect = [] if _same_file(src_p, dst_p) else bio.files_read_by(src_p)
+    bio.check_output_path(src_p, dst_p, in_place=in_place, input_files=protect)
     if src_fmt == "onnx":
         if out_fmt != "onnx":
             raise OptionError(f"{dst_p}: an ONNX model can only be written as .onnx")
@@ -399,16 +407,16 @@ def fold_file(
                 report,
             )
         report.notes.append("verification failed; written anyway because of --force")
-    _save(result, dst_p, prog)
+    _save(result, dst_p, prog, protect)
     report.extra.update(size_after=_size(dst_p), written=True, total_seconds=time.perf_counter() - t0)
     return report
 
 
-def _save(model: Any, dst: Path, progress: ProgressFn) -> None:
+def _save(model: Any, dst: Path, progress: ProgressFn, protect: Sequence[str] = ()) -> None:
     from . import io as bio
 
     progress("save", 0, 1)
-    bio.save(model, dst)
+    bio.save(model, dst, protect=protect)
     progress("save", 1, 1)
 
 

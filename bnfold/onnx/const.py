@@ -18,6 +18,7 @@ weights and BN parameters it folds, nothing else).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from bnfold.records import SkipReason
 
-from .graph import GraphIndex
+from .graph import GraphIndex, read_lazy_tensor
 
 __all__ = ["ConstEvaluator", "Resolved", "PURE_OPS", "np_dtype"]
 
@@ -59,8 +60,19 @@ def _const_node(node: NodeProto, a: dict[str, Any]) -> Array:
     raise ValueError("unsupported Constant attribute")
 
 
+def _fits(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` if a result of that shape may be allocated; checked *before* allocating it.
+
+    A 1 KB model can ask for ``Expand(1.0, [1.5e9])``: the result's size is known from the shapes
+    alone, so it is refused here instead of after NumPy allocated gigabytes.
+    """
+    if math.prod(max(int(d), 0) for d in shape) > _MAX_ELEMENTS:
+        raise _NotConstant(SkipReason.NON_CONSTANT, f"a constant of shape {list(shape)} is too large to evaluate")
+    return shape
+
+
 def _expand(x: Array, shape: Array) -> Array:
-    out = np.broadcast_shapes(x.shape, tuple(int(d) for d in shape))
+    out = _fits(np.broadcast_shapes(x.shape, tuple(int(d) for d in shape)))
     return np.broadcast_to(x, out).copy()
 
 
@@ -166,7 +178,10 @@ class ConstEvaluator:
                 return None, SkipReason.NON_CONSTANT, f"'{name}' is an initializer that is also a graph input"
             t = idx.initializers[name]
             if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
-                return None, SkipReason.NON_CONSTANT, f"external data of '{name}' is not loaded"
+                lazy = read_lazy_tensor(t)  # left in its file by a lazy load
+                if lazy is None:
+                    return None, SkipReason.NON_CONSTANT, f"external data of '{name}' is not loaded"
+                return lazy, None, ""
             return numpy_helper.to_array(t), None, ""
         p = idx.producer.get(name)
         if p is None:
@@ -247,7 +262,9 @@ class ConstEvaluator:
         if op in _UNARY:
             return np.asarray(_UNARY[op](self._req(node, 0)))
         if op in _BINARY:
-            return np.asarray(_BINARY[op](self._req(node, 0), self._req(node, 1)))
+            x, y = self._req(node, 0), self._req(node, 1)
+            _fits(np.broadcast_shapes(x.shape, y.shape))
+            return np.asarray(_BINARY[op](x, y))
         if op == "Cast":
             return self._req(node, 0).astype(np_dtype(int(a["to"])))
         if op == "Expand":
@@ -265,9 +282,14 @@ class ConstEvaluator:
             ax = self._in(node, 1)
             return _squeeze(self._req(node, 0), None if ax is None else [int(v) for v in ax])
         if op == "Concat":
-            return np.concatenate([self._req(node, k) for k in range(len(node.input))], axis=int(a["axis"]))
+            parts = [self._req(node, k) for k in range(len(node.input))]
+            _fits((sum(int(p.size) for p in parts),))
+            return np.concatenate(parts, axis=int(a["axis"]))
         if op == "Gather":
-            return np.take(self._req(node, 0), self._req(node, 1), axis=int(a.get("axis", 0)))
+            x, ind = self._req(node, 0), self._req(node, 1)
+            g_ax = int(a.get("axis", 0)) % max(x.ndim, 1)
+            _fits((*x.shape[:g_ax], *ind.shape, *x.shape[g_ax + 1:]))
+            return np.take(x, ind, axis=int(a.get("axis", 0)))
         if op == "Transpose":
             return np.transpose(self._req(node, 0), a.get("perm"))
         if op == "Flatten":
@@ -275,7 +297,7 @@ class ConstEvaluator:
             axis = int(a.get("axis", 1)) % (xf.ndim + 1) if xf.ndim else 0
             return xf.reshape(int(np.prod(xf.shape[:axis])), -1)
         if op == "ConstantOfShape":
-            shape = tuple(int(d) for d in self._req(node, 0))
+            shape = _fits(tuple(int(d) for d in self._req(node, 0)))
             val = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
             return np.full(shape, val.reshape(-1)[0], dtype=val.dtype)
         if op == "Slice":

@@ -15,15 +15,47 @@ Nothing here edits the model; the index is rebuilt after each rewrite pass.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
-__all__ = ["GraphIndex", "ValueType", "subgraph_reads", "node_subgraphs", "BN_OP", "is_bn"]
+__all__ = ["GraphIndex", "ValueType", "subgraph_reads", "node_subgraphs", "BN_OP", "is_bn", "read_lazy_tensor"]
 
 BN_OP = "BatchNormalization"
+
+
+def read_lazy_tensor(t: TensorProto) -> np.ndarray[Any, Any] | None:
+    """The values of an initializer that :func:`bnfold.io.load_with_format` left in its file (its
+    ``location`` is then an absolute path, checked at load); None for any other external tensor.
+
+    Read when the fold asks for it, so that weights nobody folds never enter memory. The array is a
+    view over the bytes read (no second copy).
+    """
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    if t.data_location != TensorProto.EXTERNAL or not os.path.isabs(loc):
+        return None
+    offset, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
+    with open(loc, "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    dims = tuple(int(d) for d in t.dims)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except (KeyError, TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind in "OSU" or len(raw) != dtype.itemsize * int(np.prod(dims, dtype=np.int64)):
+        tmp = TensorProto()  # packed or unusual types: onnx's own conversion
+        tmp.data_type = t.data_type
+        tmp.dims.extend(dims)
+        tmp.raw_data = raw
+        return onnx.numpy_helper.to_array(tmp)
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(dims)
 
 
 def is_bn(node: NodeProto) -> bool:
