@@ -33,6 +33,7 @@ __all__ = [
     "INT_HIGH",
     "InputSpec",
     "parse_input_shapes",
+    "parse_shapes_for",
     "resolve_shapes",
     "random_inputs",
     "user_inputs",
@@ -103,14 +104,28 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
         name, sep, dims = spec.rpartition("=")
         name = name.strip()
         if not sep or not name:
-            raise OptionError(f"bad input shape {spec!r}: expected name=1x3x224x224")
+            raise OptionError(f"--input-shape {spec!r}: expected name=1x3x224x224")
         parts = [p.strip() for p in re.split(r"[x,]", dims.strip())] if dims.strip() else []
         if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise OptionError(f"bad input shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224")
+            raise OptionError(f"--input-shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224")
         if name in out:
-            raise OptionError(f"bad input shape {spec!r}: input {name!r} given twice")
+            raise OptionError(f"--input-shape {spec!r}: input {name!r} given twice")
         out[name] = tuple(int(p) for p in parts)
     return out
+
+
+def parse_shapes_for(
+    specs: Sequence[str] | Mapping[str, tuple[int, ...]] | None, where: str | os.PathLike[str]
+) -> dict[str, tuple[int, ...]]:
+    """:func:`parse_input_shapes` for a job on ``where`` (an error names it); a mapping passes through."""
+    from .errors import BnfoldError, with_context
+
+    if isinstance(specs, Mapping):
+        return dict(specs)
+    try:
+        return parse_input_shapes(list(specs or ()))
+    except BnfoldError as e:
+        raise with_context(e, os.fspath(where)) from e
 
 
 def resolve_shapes(
@@ -125,7 +140,7 @@ def resolve_shapes(
     names = {s.name for s in specs}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise OptionError(f"input shape given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
+        raise OptionError(f"--input-shape: given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
     symbols: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for s in specs:  # pass 1: user overrides bind symbols
@@ -133,11 +148,11 @@ def resolve_shapes(
             continue
         shape = tuple(int(d) for d in overrides[s.name])
         if len(shape) != len(s.dims):
-            raise OptionError(f"input shape for {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+            raise OptionError(f"--input-shape: {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
         for i, (want, got) in enumerate(zip(s.dims, shape)):
             if isinstance(want, int) and want > 0 and want != got:
                 raise OptionError(
-                    f"input shape for {s.name!r}: dimension {i} is fixed to {want} in the model, got {got}"
+                    f"--input-shape: {s.name!r}: dimension {i} is fixed to {want} in the model, got {got}"
                 )
             if isinstance(want, str) and want:
                 symbols.setdefault(want, got)

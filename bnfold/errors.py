@@ -22,6 +22,8 @@ __all__ = [
     "OutputError",
     "NotComparableError",
     "VerificationError",
+    "FoldVerificationError",
+    "with_context",
 ]
 
 
@@ -73,3 +75,35 @@ class VerificationError(BnfoldError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class FoldVerificationError(VerificationError):
+    """A fold's verification failed, so its output was not written.
+
+    The one place that policy is stated (the file jobs raise it, the CLI renders ``fold_report`` and
+    exits 1); with ``--force`` the output is written and the exit code is still 1.
+
+    Attributes:
+        fold_report: the whole :class:`~bnfold.records.FoldReport` of the fold.
+    """
+
+    def __init__(self, message: str, fold_report: object) -> None:
+        super().__init__(message, report=getattr(fold_report, "verification", None))
+        self.fold_report = fold_report
+
+
+def with_context(err: BnfoldError, where: str, message: str | None = None) -> BnfoldError:
+    """The same error (class and attributes) with ``where: `` prepended, the one way file context is added.
+
+    Nothing is prepended when ``where`` is empty or the message already names it (or its first part,
+    for ``"a vs b"``). ``message`` replaces the text first, when given.
+    """
+    msg = str(err) if message is None else message
+    if where and where not in msg and not msg.startswith(where.split(" vs ")[0]):
+        msg = f"{where}: {msg}"
+    if msg == str(err):
+        return err
+    new = type(err).__new__(type(err))
+    Exception.__init__(new, msg)
+    new.__dict__.update(err.__dict__)
+    return new

@@ -13,6 +13,14 @@ Steps of :func:`export_onnx`:
 5. the file is written atomically (``bnfold.io.save``): a temporary file in the same folder, then
    ``os.replace``; no partial file is ever left.
 
+Names and shapes of the exported file (the defaults a deployment engineer expects):
+
+* input names come from the parameters of ``model.forward`` (``x``, not ``input.1``), output names are
+  ``output`` (one output) or ``output0``, ``output1``, ... (see :func:`io_names`); given names win;
+* the first dimension of every input, and of every output whose first dimension equals the inputs'
+  batch, is the symbolic ``batch`` (``dynamic_batch=True``, the default): the example inputs fix only
+  the shapes the model is verified on, not the shapes it can be run on.
+
 The report's ``extra`` says who folded what: ``{"torch": n, "onnx": m, "exporter": k, ...}`` where
 ``exporter`` counts BNs that were neither folded by bnfold in PyTorch nor present in the exported graph
 (the exporter removed them itself).
@@ -29,7 +37,10 @@ from typing import Any
 from .errors import OptionError, VerificationError
 from .records import FoldReport
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "io_names", "batch_axes", "BATCH_DIM"]
+
+BATCH_DIM = "batch"
+"""Name of the symbolic first dimension of an exported model with a dynamic batch."""
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,73 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     raise OptionError("example_inputs must be a tensor or a tuple of tensors")
 
 
+def _positional_names(model: Any, n: int) -> list[str]:
+    """The first ``n`` positional parameter names of ``model.forward``; ``input{i}`` where none fits."""
+    import inspect
+
+    names: list[str] = []
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        params = []
+    for prm in params:
+        if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
+            names.append(prm.name)
+    names = names[:n]
+    names += [f"input{i}" for i in range(len(names), n)]
+    return names if len(set(names)) == n else [f"input{i}" for i in range(n)]
+
+
+def io_names(
+    model: Any,
+    n_inputs: int,
+    n_outputs: int,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """The ONNX input and output names of an export: the given ones, else the defaults (module docstring).
+
+    Raises:
+        OptionError: more names than the model has inputs/outputs, or a name used twice.
+    """
+    ins = list(input_names) if input_names else _positional_names(model, n_inputs)
+    outs = list(output_names) if output_names else (
+        ["output"] if n_outputs == 1 else [f"output{i}" for i in range(n_outputs)]
+    )
+    if len(ins) > n_inputs:
+        raise OptionError(f"--input-names: {len(ins)} names for a model with {n_inputs} input(s)")
+    if len(outs) > n_outputs:
+        raise OptionError(f"--output-names: {len(outs)} names for a model with {n_outputs} output(s)")
+    if len(set(ins) | set(outs)) != len(ins) + len(outs):
+        raise OptionError("--input-names/--output-names: every name must be distinct")
+    return ins, outs
+
+
+def batch_axes(
+    input_names: Sequence[str], inputs: Sequence[Any], output_names: Sequence[str], outputs: Sequence[Any]
+) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` making dim 0 the symbolic batch: every input of rank >= 1, and every output whose
+    first dimension equals the first input's batch (an output without a batch axis keeps its shape)."""
+    axes: dict[str, dict[int, str]] = {}
+    batch = None
+    for name, t in zip(input_names, inputs):
+        if getattr(t, "dim", lambda: 0)() >= 1:
+            axes[name] = {0: BATCH_DIM}
+            batch = t.shape[0] if batch is None else batch
+    for name, t in zip(output_names, outputs):
+        if batch is not None and getattr(t, "dim", lambda: 0)() >= 1 and t.shape[0] == batch:
+            axes[name] = {0: BATCH_DIM}
+    return axes
+
+
+def _flat_outputs(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_outputs(o)]
+    return [out]
+
+
 def export_onnx(
     model: Any,
     example_inputs: Any,
@@ -55,6 +133,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Any] | None = None,
+    dynamic_batch: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
@@ -68,9 +147,11 @@ def export_onnx(
         opset: ONNX opset (the exporter's default when None).
         dynamo: use the current (dynamo) exporter instead of the legacy one.
         verify: compare the ONNX file with the original model in onnxruntime before writing.
-        input_names: ONNX input names.
-        output_names: ONNX output names.
-        dynamic_axes: as ``torch.onnx.export``.
+        input_names: ONNX input names (default: the parameter names of ``model.forward``).
+        output_names: ONNX output names (default: ``output`` or ``output0``, ``output1``, ...).
+        dynamic_axes: as ``torch.onnx.export`` (legacy exporter); overrides ``dynamic_batch``.
+        dynamic_batch: make the first dimension the symbolic ``batch`` (legacy exporter; the dynamo
+            exporter keeps the shapes it traced).
         atol: absolute tolerance of the check (bnfold's per-dtype default when None).
         rtol: relative tolerance of the check.
         force: write the file even when the check fails (the report still says so).
@@ -92,15 +173,16 @@ def export_onnx(
     t0 = time.perf_counter()
     args = _as_tuple(example_inputs)
     folded, treport = fold_module(model, example_inputs=args)
-    kw: dict[str, Any] = {"dynamo": dynamo}
+    with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
+        outputs = _flat_outputs(folded(*args))
+    in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
+    kw: dict[str, Any] = {"dynamo": dynamo, "input_names": in_names, "output_names": out_names}
     if opset is not None:
         kw["opset_version"] = opset
-    if input_names is not None:
-        kw["input_names"] = list(input_names)
-    if output_names is not None:
-        kw["output_names"] = list(output_names)
     if dynamic_axes is not None:
         kw["dynamic_axes"] = dict(dynamic_axes)
+    elif dynamic_batch and not dynamo:
+        kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
     buf = io.BytesIO()
     if dynamo:
         prog = torch.onnx.export(folded, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
