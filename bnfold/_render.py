@@ -68,7 +68,6 @@ STAGES: dict[str, str] = {
     "bench": "benchmarking",
 }
 """Stage key -> label shown on the progress line."""
-_STAGE_LABELS = STAGES
 
 # C0 and C1 control characters, DEL, and the bidirectional overrides that reorder what a terminal shows.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -152,6 +151,8 @@ def _shape(dims: Any) -> str:
 
 def _signature_rows(sig: Mapping[str, Any], width: int) -> list[tuple[str, Text]]:
     rows: list[tuple[str, Text]] = []
+    if not sig:
+        return rows
     for key in ("inputs", "outputs"):
         items = sig.get(key) or []
         shown = ", ".join(
