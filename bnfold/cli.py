@@ -41,7 +41,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from ._render import clean, error_document, json_document, make_console
-from .errors import BnfoldError, FoldVerificationError, OptionError
+from .errors import BnfoldError, FoldVerificationError, OptionError, with_context
 
 __all__ = ["app", "main"]
 
@@ -236,10 +236,8 @@ def _errors(command: str, *paths: Path | str, json_out: bool = False, debug: boo
     except BnfoldError as e:
         if _debug():
             traceback.print_exc(file=sys.stderr)
-        msg = str(e)
-        if paths and not any(str(p) in msg or Path(p).name in msg for p in paths):
-            msg = f"{', '.join(str(p) for p in paths)}: {msg}"  # every error line names the file
-        _fail(msg, e.exit_code, type(e).__name__)
+        # Every error line names the file (errors.with_context: the one way context is added).
+        _fail(str(with_context(e, *(str(p) for p in paths))), e.exit_code, type(e).__name__)
     except Exception as e:  # last resort: a bad file must never show a traceback
         if _debug():
             traceback.print_exc(file=sys.stderr)

@@ -92,15 +92,22 @@ class FoldVerificationError(VerificationError):
         self.fold_report = fold_report
 
 
-def with_context(err: BnfoldError, where: str, message: str | None = None) -> BnfoldError:
-    """The same error (class and attributes) with ``where: `` prepended, the one way file context is added.
+def with_context(err: BnfoldError, *where: str, message: str | None = None) -> BnfoldError:
+    """The same error (class and attributes) with ``where: `` prepended: the one way file context is added.
 
-    Nothing is prepended when ``where`` is empty or the message already names it (or its first part,
-    for ``"a vs b"``). ``message`` replaces the text first, when given.
+    Nothing is prepended when no ``where`` is given or the message already names one of them (a path or
+    its file name, or the first part of ``"a vs b"``). ``message`` replaces the text first, when given.
+    Several ``where`` are joined with ", ".
     """
+    import os
+
     msg = str(err) if message is None else message
-    if where and where not in msg and not msg.startswith(where.split(" vs ")[0]):
-        msg = f"{where}: {msg}"
+    places = [w for w in where if w]
+    named = any(
+        w in msg or os.path.basename(w) in msg or msg.startswith(w.split(" vs ")[0]) for w in places
+    )
+    if places and not named:
+        msg = f"{', '.join(places)}: {msg}"
     if msg == str(err):
         return err
     new = type(err).__new__(type(err))

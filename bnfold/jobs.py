@@ -110,7 +110,7 @@ def _advised(report: FoldReport) -> FoldReport:
 
 def _reworded(err: BnfoldError) -> BnfoldError:
     msg = cli_advice(str(err))
-    return with_context(err, "", msg)
+    return with_context(err, message=msg)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -705,7 +705,41 @@ def _fold_torch(
             where=str(src),
         )
         report.extra["verified_on"] = _verified_on(result, ins, examples, names)
+        if out_fmt == "onnx" and export.dynamic_batch and not is_ep and examples:
+            _check_other_batch(model, result, examples, ins, progress, src)
     return report, result
+
+
+def _check_other_batch(
+    model: Any, result: Any, examples: tuple[Any, ...], ins: _Inputs, progress: ProgressFn, src: Path
+) -> None:
+    """A dynamic batch is a claim: check it at a batch size the export did not see (one more).
+
+    A model that bakes its batch size in (``x.reshape(2, -1)``) exports with a ``batch`` dimension
+    that only works at the traced size; it is refused with the way out instead of shipped.
+    """
+    import torch
+
+    from .errors import VerificationError
+
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.is_floating_point() for t in examples):
+        return  # integer inputs (indices) may not take random rows: the traced batch was checked
+    batch = int(examples[0].shape[0])
+    g = torch.Generator().manual_seed(ins.seed + 1)
+    other = tuple(torch.randn((batch + 1, *t.shape[1:]), generator=g, dtype=t.dtype) for t in examples)
+    why = ""
+    try:
+        rep = _verify(model, result, ins.carried_by_examples(), example_inputs=other, progress=progress,
+                      where=str(src))
+        if not rep.passed:
+            why = f"max abs error {rep.max_abs_error:.3g}"
+    except BnfoldError as e:
+        why = str(e)
+    if why:
+        raise VerificationError(
+            f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} "
+            f"({why}): the model fixes its batch size; pass --static-batch"
+        )
 
 
 def _export(

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from test_cli import FP32_ATOL, ROOT, assert_clean_error, count_bn, digest, tiny_onnx
 from typer.testing import CliRunner
 
@@ -191,3 +192,81 @@ def test_bench_on_a_folded_model_says_so(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     assert "no BatchNorm" in r.stderr and "already folded" in r.stderr
     assert digest(folded) == before
+
+
+BAKED = '''
+import torch
+from torch import nn
+from models.stats import randomize_bn
+
+
+class Baked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        n = int(x.shape[0])  # a Python int: the tracer bakes the batch size into the graph
+        return self.bn(self.conv(x)).reshape(n, -1)
+
+
+def baked():
+    torch.manual_seed(0)
+    return randomize_bn(Baked(), 0).eval()
+
+
+baked.example_input_shape = (3, 4, 4)
+'''
+
+
+def test_a_baked_in_batch_is_not_exported_as_dynamic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "bakeddef.py").write_text(BAKED)
+    spec = f"{tmp_path / 'bakeddef.py'}:baked"
+    from bnfold.io import resolve_factory
+
+    src = tmp_path / "baked.pt"
+    torch.save(resolve_factory(spec)().state_dict(), src)
+    out = tmp_path / "baked.onnx"
+    r = runner.invoke(app, ["fold", str(src), str(out), "-m", spec])
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    assert "--static-batch" in r.stderr and not out.exists()
+    r = runner.invoke(app, ["fold", str(src), str(out), "-m", spec, "--static-batch", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert _dims(onnx.load(str(out)).graph.input[0]) == [2, 3, 4, 4]
+
+
+def test_folded_mul_add_pairs_count_as_folds(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 4, 1, 1)).astype(np.float32), "s"),
+        numpy_helper.from_array(rng.uniform(-0.5, 0.5, (1, 4, 1, 1)).astype(np.float32), "t"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "s"], ["m"], name="frozen_mul"),
+        helper.make_node("Add", ["m", "t"], ["y"], name="frozen_add"),
+    ]
+    g = helper.make_graph(nodes, "frozen", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "frozen.onnx"
+    onnx.save(m, str(src))
+    out = tmp_path / "out.onnx"
+    r = runner.invoke(app, ["fold", str(src), str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)["summary"]
+    assert s["folded"] == 1 and s["mul_add_folded"] == 1 and s["by_target_kind"] == {"Mul+Add": 1}
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv"]
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
+                               atol=FP32_ATOL, rtol=0)
+    r = runner.invoke(app, ["fold", str(src), str(tmp_path / "o2.onnx")])
+    assert "folded 1" in r.stdout  # the headline counts it too
