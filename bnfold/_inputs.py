@@ -12,7 +12,7 @@ Rules:
     * user data (a dict of arrays, a list of dicts, or an ``.npz`` path) must name every input and
       nothing else; floating arrays are cast to the input's floating dtype, other kinds must match.
 
-Nothing here imports torch or onnxruntime.
+Nothing here imports onnxruntime; torch only inside :func:`torch_examples` (for a PyTorch model).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ __all__ = [
     "random_inputs",
     "user_inputs",
     "np_dtype",
+    "load_inputs",
+    "onnx_input_specs",
+    "torch_examples",
 ]
 
 DEFAULT_BATCH = 2
@@ -246,3 +249,76 @@ def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.nd
     if isinstance(inputs, Sequence) and inputs and all(isinstance(x, Mapping) for x in inputs):
         return [_check_sample(specs, x, f"inputs[{i}]") for i, x in enumerate(inputs)]
     raise OptionError("inputs must be a dict of arrays, a non-empty list of such dicts, or a path to an .npz file")
+
+
+# ------------------------------------------------------------------ inputs for the file jobs and bench
+def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """Read ``--inputs data.npz`` into ``{name: ndarray}``.
+
+    Raises:
+        OptionError: the file is missing, not an ``.npz`` archive, or empty.
+    """
+    if path is None:
+        return None
+    import zipfile
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"{p}: --inputs: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise OptionError(f"{p}: --inputs: not a NumPy .npz archive ({e})") from e
+    if not arrays:
+        raise OptionError(f"{p}: --inputs: the archive holds no array")
+    return arrays
+
+
+def onnx_input_specs(model: Any) -> list[Any]:
+    """The graph inputs of an ONNX model (initializers excluded) as :class:`InputSpec`."""
+    import onnx
+
+    init = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dtype, dims))
+    return specs
+
+
+def torch_examples(
+    model: Any,
+    shapes: Mapping[str, tuple[int, ...]],
+    inputs: Mapping[str, Any] | None,
+    seed: int,
+    path: str | os.PathLike[str],
+) -> tuple[Any, ...]:
+    """Example inputs for a PyTorch model: ``--inputs`` arrays, ``--input-shape`` or the model's own.
+
+    Seeded ``N(0, 1)`` tensors of the given shapes (in argument order); an ExportedProgram's or a
+    factory's ``example_inputs`` otherwise.
+
+    Raises:
+        OptionError: none of them is there (names the flags that give them).
+    """
+    import torch
+
+    if inputs:
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
+    if shapes:
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(s, generator=g) for s in shapes.values())
+    ex = getattr(model, "example_inputs", None)
+    if ex is not None:
+        args = ex[0] if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else ex
+        return tuple(args)
+    raise OptionError(
+        f"{path}: a PyTorch module has no input signature: pass --input-shape (e.g. "
+        "--input-shape x=1x3x224x224) or --inputs data.npz"
+    )

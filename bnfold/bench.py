@@ -105,8 +105,7 @@ def time_call(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[
 
 
 def _onnx_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    from ._inputs import random_inputs, resolve_shapes
-    from .jobs import onnx_input_specs
+    from ._inputs import onnx_input_specs, random_inputs, resolve_shapes
 
     specs = onnx_input_specs(model)
     return random_inputs(specs, resolve_shapes(specs, shapes), np.random.default_rng(seed))
@@ -256,16 +255,10 @@ def _bench_torch(
     from .api import fold_with_report
 
     is_ep = isinstance(model, torch.export.ExportedProgram)
-    if is_ep:
-        ex = model.example_inputs
-        args = tuple(ex[0]) if isinstance(ex, tuple) and len(ex) == 2 else tuple(ex)
-    elif shapes:
-        g = torch.Generator().manual_seed(seed)
-        args = tuple(torch.randn(s, generator=g) for s in shapes.values())
-    elif getattr(model, "example_inputs", None) is not None:
-        args = tuple(model.example_inputs)
-    else:
-        raise OptionError(f"{src}: a PyTorch module has no input signature: pass --input-shape x=1x3x224x224")
+    from ._inputs import torch_examples
+
+    # An exported program runs on its own example inputs (its graph is specialised to them).
+    args = torch_examples(model, {} if is_ep else shapes, None, seed, src)
     folded, report = fold_with_report(model) if is_ep else fold_with_report(model, example_inputs=args)
     notes = _already_folded(src, report, say)
     # An exported program is called through its GraphModule (eval semantics are fixed in the graph).

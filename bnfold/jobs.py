@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ._inputs import parse_input_shapes, parse_shapes_for
+from ._inputs import load_inputs, onnx_input_specs, parse_input_shapes, parse_shapes_for, torch_examples
 from .errors import (
     BnfoldError,
     FoldVerificationError,
@@ -118,31 +118,6 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- options
-def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """Read ``--inputs data.npz`` into ``{name: ndarray}``.
-
-    Raises:
-        OptionError: the file is missing, not an ``.npz`` archive, or empty.
-    """
-    if path is None:
-        return None
-    import zipfile
-
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"{p}: --inputs: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise OptionError(f"{p}: --inputs: not a NumPy .npz archive ({e})") from e
-    if not arrays:
-        raise OptionError(f"{p}: --inputs: the archive holds no array")
-    return arrays
-
-
 def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     """``--model module.path:factory`` -> the callable (see :func:`bnfold.io.resolve_factory`)."""
     if spec is None:
@@ -264,25 +239,6 @@ def _load(
     return model, fmt
 
 
-def onnx_input_specs(model: Any) -> list[Any]:
-    """The graph inputs of an ONNX model (initializers excluded) as :class:`bnfold._inputs.InputSpec`."""
-    import numpy as np
-    import onnx
-
-    from ._inputs import InputSpec
-
-    init = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        tt = vi.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, dims))
-    return specs
-
-
 def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
     """An ONNX model's inputs and outputs: ``{"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}``.
 
@@ -333,32 +289,6 @@ def _check_onnx_shapes(model: Any, shapes: Mapping[str, tuple[int, ...]], path: 
         resolve_shapes(onnx_input_specs(model), shapes)
     except BnfoldError as e:
         raise _with_path(e, str(path)) from e
-
-
-def _torch_examples(
-    model: Any,
-    shapes: Mapping[str, tuple[int, ...]],
-    inputs: Mapping[str, Any] | None,
-    seed: int,
-    path: Path,
-) -> tuple[Any, ...]:
-    """Example inputs for a PyTorch model: ``--inputs`` arrays, ``--input-shape`` or the program's own."""
-    import numpy as np
-    import torch
-
-    if inputs:
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
-    if shapes:
-        g = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(s, generator=g) for s in shapes.values())
-    ex = getattr(model, "example_inputs", None)
-    if ex is not None:
-        args = ex[0] if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else ex
-        return tuple(args)
-    raise OptionError(
-        f"{path}: a PyTorch module has no input signature: pass --input-shape (e.g. "
-        "--input-shape x=1x3x224x224) or --inputs data.npz"
-    )
 
 
 @dataclass(frozen=True)
@@ -672,7 +602,7 @@ def _fold_torch(
 
     is_ep = isinstance(model, torch.export.ExportedProgram)
     needs_examples = verify or out_fmt in ("onnx", "pt2")
-    examples = _torch_examples(model, ins.shapes, ins.arrays, ins.seed, src) if needs_examples else None
+    examples = torch_examples(model, ins.shapes, ins.arrays, ins.seed, src) if needs_examples else None
 
     if out_fmt == "onnx":
         # export_onnx folds in PyTorch, exports, folds what the exporter left; we verify below with the
@@ -851,7 +781,7 @@ def inspect_file(
                 _, report = fold_with_report(model, dry_run=True)
             else:
                 has_examples = bool(shapes or arrays or getattr(model, "example_inputs", None) is not None)
-                examples = _torch_examples(model, shapes, arrays, seed, src_p) if has_examples else None
+                examples = torch_examples(model, shapes, arrays, seed, src_p) if has_examples else None
                 _, report = fold_with_report(
                     model, dry_run=True, example_inputs=examples, eval_semantics=eval_semantics
                 )
@@ -903,7 +833,7 @@ def verify_files(
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
     examples = None
     if ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
-        examples = _torch_examples(ref, shapes, arrays, seed, ref_p)
+        examples = torch_examples(ref, shapes, arrays, seed, ref_p)
         ins = ins.carried_by_examples()
     return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=f"{ref_p} vs {cand_p}")
 
