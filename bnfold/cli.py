@@ -221,6 +221,12 @@ def _errors(command: str, *paths: Path | str, json_out: bool = False, debug: boo
     """Map every exception to one stderr line and an exit code (see the module docstring)."""
     _STATE.update(command=command, json=json_out, emitted=False, debug=_STATE["debug"] or debug)
     _quiet_libraries()
+    # Libraries log through `logging` (torch.export prints a whole traceback as warnings when an archive
+    # does not load): bnfold's own line says what failed, so their records are off unless --debug.
+    # Off for the command only: logging.disable is process-wide and CliRunner runs in-process.
+    previous = logging.root.manager.disable
+    if not _debug():
+        logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             if not _debug():
@@ -247,6 +253,8 @@ def _errors(command: str, *paths: Path | str, json_out: bool = False, debug: boo
             f"{where}: {type(e).__name__}{': ' + msg if msg else ''} (run with --debug for the traceback)",
             2, type(e).__name__,
         )
+    finally:
+        logging.disable(previous)
 
 
 def _emit_json(data: Any) -> None:

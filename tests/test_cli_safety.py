@@ -133,3 +133,20 @@ def test_output_suffix_is_refused_before_loading(tmp_path: Path, monkeypatch: py
     r = runner.invoke(app, ["fold", str(onnx_src), "-o", str(tmp_path / "o.pt")])
     assert_clean_error(r, 2, "o.pt")
     assert loaded == []
+
+
+def test_a_broken_pt2_is_one_line_without_library_tracebacks(tmp_path: Path) -> None:
+    import zipfile
+
+    src = zipfile.ZipFile(ROOT / "models" / "samples" / "lenet5.pt2")
+    broken = tmp_path / "broken.pt2"
+    with zipfile.ZipFile(broken, "w") as z:  # a .pt2 without its archive_version record
+        for name in src.namelist():
+            if not name.endswith("archive_version"):
+                z.writestr(name, src.read(name))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "bnfold", "inspect", str(broken)], capture_output=True, text=True,
+                       env=env, timeout=180)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error:") and "broken.pt2" in lines[0], r.stderr
