@@ -270,3 +270,24 @@ def test_folded_mul_add_pairs_count_as_folds(tmp_path: Path) -> None:
                                atol=FP32_ATOL, rtol=0)
     r = runner.invoke(app, ["fold", str(src), str(tmp_path / "o2.onnx")])
     assert "folded 1" in r.stdout  # the headline counts it too
+
+
+def test_inspect_advice_names_input_shape_and_takes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "noshape.py").write_text(FACTORY.replace("net.example_input_shape = (3, 8, 8)", ""))
+    spec = f"{tmp_path / 'noshape.py'}:net"
+    from bnfold.io import resolve_factory
+
+    src = tmp_path / "net.pt"
+    torch.save(resolve_factory(spec)().state_dict(), src)
+    r = runner.invoke(app, ["inspect", str(src), "-m", spec, "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    left = [v for v in doc["verdicts"] if v["status"] == "left"]
+    assert [v["bn"] for v in left] == ["bn1"]  # Linear -> BatchNorm1d: nothing proves the input is 2-D
+    assert "--input-shape" in left[0]["detail"] and "example_inputs=" not in left[0]["detail"]
+    r = runner.invoke(app, ["inspect", str(src), "-m", spec, "-s", "image=2x3x8x8", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["summary"]["bn_after"] == 0  # what fold with the same -s would do
