@@ -591,7 +591,7 @@ def fold_file(
         report.notes.append("verification failed; written anyway because of --force")
     _save(result, dst_p, prog, external_data=external_data if out_fmt == "onnx" else None)
     if in_place and src_fmt == "onnx":
-        _drop_orphaned_data(src_data, dst_p)
+        report.notes.extend(_drop_orphaned_data(src_data, dst_p))
     out_data = onnx_data_files(dst_p) if out_fmt == "onnx" else []
     report.extra.update(
         size_after=model_size(dst_p, out_fmt), written=True, total_seconds=time.perf_counter() - t0,
@@ -613,15 +613,34 @@ def _eval_if(model: Any, eval_semantics: bool) -> Any:
     return model
 
 
-def _drop_orphaned_data(old: Sequence[Path], dst: Path) -> None:
-    """After ``--in-place``: remove the input's external-data files the new model no longer reads."""
+def _drop_orphaned_data(old: Sequence[Path], dst: Path) -> list[str]:
+    """After ``--in-place``: remove the input's external-data files that nothing reads any more.
+
+    A data file the new model still reads is kept, and so is one that another ONNX file in the same
+    folder references (a shared weights file belongs to that model too). Returns a note per file kept.
+    """
     keep = set(onnx_data_files(dst))
-    for f in old:
-        if f not in keep:
-            try:
-                f.unlink()
-            except OSError:
-                pass  # a left-over data file is untidy, not wrong: the new model does not read it
+    notes: list[str] = []
+    candidates = [f for f in old if f not in keep]
+    if not candidates:
+        return notes
+    others: set[Path] = set()
+    try:
+        siblings = [p for p in dst.resolve().parent.iterdir() if p.suffix.lower() == ".onnx" and p.is_file()]
+    except OSError:
+        siblings = []
+    for sib in siblings:
+        if sib.resolve() != dst.resolve():
+            others.update(onnx_data_files(sib))
+    for f in candidates:
+        if f in others:
+            notes.append(f"kept {f.name}: another model in the folder reads it")
+            continue
+        try:
+            f.unlink()
+        except OSError:
+            notes.append(f"could not remove {f.name}, which the new model no longer reads")
+    return notes
 
 
 def _save(model: Any, dst: Path, progress: ProgressFn, *, external_data: bool | None = None) -> None:

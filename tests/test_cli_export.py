@@ -291,3 +291,16 @@ def test_inspect_advice_names_input_shape_and_takes_it(tmp_path: Path, monkeypat
     r = runner.invoke(app, ["inspect", str(src), "-m", spec, "-s", "image=2x3x8x8", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["summary"]["bn_after"] == 0  # what fold with the same -s would do
+
+
+def test_in_place_keeps_a_data_file_another_model_reads(tmp_path: Path) -> None:
+    src = _external(tmp_path)
+    other = tmp_path / "other.onnx"  # a second model reading the same w.bin
+    other.write_bytes(src.read_bytes())
+    x = np.random.default_rng(6).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ref = _session(other).run(None, {"x": x})[0]
+    r = runner.invoke(app, ["fold", str(src), str(src), "--in-place", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "w.bin").exists()
+    assert any("w.bin" in n for n in json.loads(r.stdout)["notes"])
+    np.testing.assert_allclose(_session(other).run(None, {"x": x})[0], ref, atol=0, rtol=0)  # untouched
