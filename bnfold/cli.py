@@ -237,7 +237,7 @@ def _errors(command: str, *paths: Path | str, json_out: bool = False, debug: boo
     except KeyboardInterrupt as e:
         code = 128 + e.signum if isinstance(e, _Terminated) else 130
         what = signal.Signals(e.signum).name if isinstance(e, _Terminated) else "Ctrl-C"
-        sys.stderr.write(f"bnfold: interrupted ({what}); nothing was written\n")
+        sys.stderr.write(f"bnfold: interrupted ({what}); no partial or temporary file is left\n")
         raise typer.Exit(code) from None
     except BnfoldError as e:
         if _debug():
