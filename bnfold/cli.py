@@ -12,8 +12,9 @@ Rules:
       ``bnfold/schemas/report-v1.json``), also on failure (an ``error`` object); progress and warnings go
       to stderr; ``-q`` prints nothing but errors; ``-q`` with ``--json`` is refused;
     * every string from a model is shown escaped, never as terminal control or rich markup (see
-      :mod:`bnfold._render`); the report is rendered to text *before* the job's output is committed
-      only in the sense that rendering cannot fail on model strings;
+      :mod:`bnfold._render`), so rendering cannot fail on a model's strings after OUT was written;
+    * library log records and warnings are off while a command runs (``--debug`` shows them), and
+      onnxruntime's logger is set to FATAL: a failure is bnfold's one line;
     * the same flag means the same on every command (``-q``, ``--json``, ``--debug``, ``-V``, ``-v``);
       options are declared once, below, and each command is one function;
     * this module imports neither torch nor anything that imports torch: an ONNX-only run never pays
