@@ -369,7 +369,7 @@ def _root(version: Version = None, debug: Debug = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
-@app.command()
+@app.command(short_help="Fold every exactly-foldable BatchNorm, verify, write OUT.")
 def fold(
     model: ModelPath,
     out: OutArg = None,
@@ -438,7 +438,7 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
         render_verify_report(console, report.verification, title="verification")
 
 
-@app.command()
+@app.command(short_help="What fold would do to every BatchNorm; writes nothing.")
 def inspect(
     model: ModelPath,
     affine: Annotated[bool, typer.Option("--affine", help="The verdicts fold --affine would give.")] = False,
@@ -477,7 +477,7 @@ def inspect(
             _fail(f"{model}: {report.bn_after} BatchNorm would be left (--fail-if-left)", 1, "BatchNormLeft")
 
 
-@app.command()
+@app.command(short_help="Does CANDIDATE compute what REFERENCE does? (exit 0/1/2)")
 def verify(
     reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="The reference model file.",
                                               show_default=False)],
@@ -521,7 +521,7 @@ def verify(
             _fail(f"{candidate}: not equivalent to {reference}{where}", 1, "VerificationError")
 
 
-@app.command()
+@app.command(short_help="Turn BatchNorm into frozen affine layers (PyTorch files).")
 def freeze(
     model: ModelPath,
     out: OutArg = None,
@@ -554,7 +554,7 @@ def freeze(
         _show("freeze", result, json_out, quiet, lambda c: render_freeze_report(c, result, verbose=verbose))
 
 
-@app.command()
+@app.command(short_help="Latency of the original and the folded model.")
 def bench(
     model: ModelPath,
     runs: Annotated[int, typer.Option("--runs", "-r", help="Timed runs per measurement (median shown).")] = 20,
