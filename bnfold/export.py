@@ -21,6 +21,10 @@ Names and shapes of the exported file (the defaults a deployment engineer expect
   batch, is the symbolic ``batch`` (``dynamic_batch=True``, the default): the example inputs fix only
   the shapes the model is verified on, not the shapes it can be run on.
 
+:func:`export_folded` is the same path for the file jobs (``bnfold fold model.pt out.onnx``): it returns
+the folded ``ModelProto`` and the report, and leaves verification and writing to the job; it also
+exports a torch.export program (dynamo exporter), which :func:`export_onnx` does not take.
+
 The report's ``extra`` says who folded what: ``{"torch": n, "onnx": m, "exporter": k, ...}`` where
 ``exporter`` counts BNs that were neither folded by bnfold in PyTorch nor present in the exported graph
 (the exporter removed them itself).
@@ -31,13 +35,14 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError, VerificationError
 from .records import FoldReport
 
-__all__ = ["export_onnx", "io_names", "batch_axes", "BATCH_DIM"]
+__all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
 BATCH_DIM = "batch"
 """Name of the symbolic first dimension of an exported model with a dynamic batch."""
@@ -223,3 +228,90 @@ def export_onnx(
     save(onnx_model, path)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a PyTorch model is written to ``.onnx`` (see :mod:`bnfold.export`)."""
+
+    opset: int | None = None
+    dynamic_batch: bool = True
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+    def flags(self) -> dict[str, object]:
+        """The CLI flags these settings came from, with the values given (for option checks)."""
+        return {
+            "--opset": self.opset, "--static-batch": not self.dynamic_batch,
+            "--input-names": self.input_names, "--output-names": self.output_names,
+        }
+
+
+def export_folded(
+    model: Any,
+    examples: tuple[Any, ...] | None,
+    *,
+    export: ExportSettings,
+    affine: bool,
+    progress: Callable[[str, int, int], None],
+) -> tuple[Any, FoldReport]:
+    """PyTorch -> folded ONNX for the file jobs: ``(ModelProto, report)``; nothing is verified or written.
+
+    An ``nn.Module`` goes through :func:`export_onnx` (into a temporary folder); an ExportedProgram is
+    folded as a program, exported with the dynamo exporter and folded again. ``affine`` turns the BNs
+    left in the ONNX graph into Mul + Add.
+
+    Raises:
+        OptionError: ``--static-batch`` for a program (it keeps the shapes it was exported with).
+    """
+    import os
+    import tempfile
+
+    import onnx
+    import torch
+
+    from .onnx import fold_model
+
+    progress("export", 0, 1)
+    t = time.perf_counter()
+    if isinstance(model, torch.export.ExportedProgram):
+        # A program is folded as a program, exported as one (dynamo exporter: its dynamic shapes and
+        # signature names are the program's own), and folded again.
+        from .api import fold_with_report
+
+        if not export.dynamic_batch:
+            raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
+        folded_ep, report = fold_with_report(model)
+        kw: dict[str, Any] = {"dynamo": True, "verbose": False}
+        if export.opset is not None:
+            kw["opset_version"] = export.opset
+        if export.input_names:
+            kw["input_names"] = list(export.input_names)
+        if export.output_names:
+            kw["output_names"] = list(export.output_names)
+        proto = torch.onnx.export(folded_ep, **kw).model_proto  # type: ignore[union-attr]
+        proto, oreport = fold_model(proto, affine=affine, inplace=True)
+        report.verdicts = [*report.verdicts, *oreport.verdicts]
+        report.bn_after, report.nodes_after = oreport.bn_after, oreport.nodes_after
+        report.params_after = oreport.params_after
+        report.notes.extend(oreport.notes)
+        report.seconds = time.perf_counter() - t
+        progress("export", 1, 1)
+        return proto, report
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        report = export_onnx(
+            model, tuple(examples or ()), path, opset=export.opset, verify=False,
+            input_names=export.input_names or None, output_names=export.output_names or None,
+            dynamic_batch=export.dynamic_batch,
+        )
+        proto = onnx.load(path)
+    if affine and report.bn_after:
+        proto, areport = fold_model(proto, affine=True, inplace=True)
+        done = {v.bn for v in areport.sites}
+        report.verdicts = [v for v in report.verdicts if v.bn not in done] + list(areport.sites)
+        report.bn_after, report.nodes_after = areport.bn_after, areport.nodes_after
+        report.params_after = areport.params_after
+    report.seconds = time.perf_counter() - t
+    progress("export", 1, 1)
+    return proto, report

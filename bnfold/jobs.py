@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ._datafiles import model_size, onnx_data_files
 from ._inputs import load_inputs, onnx_input_specs, parse_input_shapes, parse_shapes_for, torch_examples
 from .errors import (
     BnfoldError,
@@ -38,6 +39,7 @@ from .errors import (
     UnsupportedModelError,
     with_context,
 )
+from .export import ExportSettings, export_folded
 from .records import FoldReport, VerifyReport
 
 __all__ = [
@@ -166,129 +168,6 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:
         pass
     return a.resolve() == b.resolve()
-
-
-def _varint(f: Any) -> int | None:
-    """One protobuf varint from ``f``; None at the end of the file."""
-    shift = 0
-    result: int = 0
-    while True:
-        b: bytes = f.read(1)
-        if not b:
-            return None
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(f: Any, end: int) -> Iterator[tuple[int, int, int]]:
-    """``(field number, wire type, value or length)`` of each field up to offset ``end``; a
-    length-delimited field's bytes are left for the caller to read or skip (``f`` stands at them)."""
-    while f.tell() < end:
-        tag = _varint(f)
-        if tag is None:
-            return
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value = _varint(f)
-            if value is None:
-                return
-        elif wire == 1:
-            f.seek(8, os.SEEK_CUR)
-            value = 0
-        elif wire == 5:
-            f.seek(4, os.SEEK_CUR)
-            value = 0
-        elif wire == 2:
-            length = _varint(f)
-            if length is None:
-                return
-            value = length
-        else:
-            raise ValueError(f"wire type {wire}")
-        yield number, wire, value
-
-
-_GRAPH, _INITIALIZER, _EXTERNAL_DATA = 7, 5, 13
-"""ModelProto.graph, GraphProto.initializer, TensorProto.external_data (onnx.proto field numbers)."""
-
-
-def _locations(f: Any, size: int) -> list[str]:
-    """The ``location`` of every external initializer of the main graph: a walk over the field headers
-    that seeks past every payload (weights included), so it reads a few bytes per tensor, not the file."""
-    out: list[str] = []
-    for number, wire, length in _fields(f, size):
-        if wire != 2:
-            continue
-        start = f.tell()
-        if number == _GRAPH:
-            for gnum, gwire, glen in _fields(f, start + length):
-                gstart = f.tell()
-                if gwire == 2 and gnum == _INITIALIZER:
-                    for tnum, twire, tlen in _fields(f, gstart + glen):
-                        tstart = f.tell()
-                        if twire == 2 and tnum == _EXTERNAL_DATA:
-                            entry = f.read(tlen)
-                            key, value = _entry(entry)
-                            if key == "location" and value:
-                                out.append(value)
-                        if twire == 2:
-                            f.seek(tstart + tlen)
-                if gwire == 2:
-                    f.seek(gstart + glen)
-        f.seek(start + length)
-    return out
-
-
-def _entry(data: bytes) -> tuple[str, str]:
-    """A StringStringEntryProto's ``(key, value)``."""
-    import io as _io
-
-    buf = _io.BytesIO(data)
-    key = value = ""
-    for number, wire, length in _fields(buf, len(data)):
-        if wire == 2:
-            text = buf.read(length).decode("utf-8", "replace")
-            if number == 1:
-                key = text
-            elif number == 2:
-                value = text
-    return key, value
-
-
-def onnx_data_files(path: Path) -> list[Path]:
-    """The external-data files an ONNX file's initializers reference (resolved, existing), in first-use order.
-
-    Reads the field headers only (see :func:`_locations`): cheap for a 100 MB inline model too. A file
-    that is not a well-formed protobuf has none.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            locations = _locations(f, size)
-    except (OSError, ValueError):
-        return []
-    folder = path.resolve().parent
-    seen: dict[Path, None] = {}
-    for loc in locations:
-        data = (folder / loc).resolve()
-        if data.is_file():
-            seen.setdefault(data, None)
-    return list(seen)
-
-
-def model_size(path: Path, fmt: str | None = None) -> int | None:
-    """Bytes on disk of a model: the file plus, for ONNX, every external-data file it references."""
-    try:
-        total = path.stat().st_size
-    except OSError:
-        return None
-    if fmt == "onnx" or (fmt is None and path.suffix.lower() == ".onnx"):
-        total += sum(f.stat().st_size for f in onnx_data_files(path))
-    return total
 
 
 _size = model_size
@@ -452,23 +331,6 @@ def _source_format_early(src: Path, out_fmt: str, dst: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- jobs
-@dataclass(frozen=True)
-class ExportSettings:
-    """How a PyTorch model is written to ``.onnx`` (see :mod:`bnfold.export`)."""
-
-    opset: int | None = None
-    dynamic_batch: bool = True
-    input_names: tuple[str, ...] = ()
-    output_names: tuple[str, ...] = ()
-
-    def flags(self) -> dict[str, object]:
-        """The CLI flags these settings came from, with the values given (for option checks)."""
-        return {
-            "--opset": self.opset, "--static-batch": not self.dynamic_batch,
-            "--input-names": self.input_names, "--output-names": self.output_names,
-        }
-
-
 def fold_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -699,7 +561,7 @@ def _fold_torch(
     if out_fmt == "onnx":
         # export_onnx folds in PyTorch, exports, folds what the exporter left; we verify below with the
         # user's settings against the PyTorch original.
-        result, report = _export(model, examples, export=export, affine=affine, progress=progress)
+        result, report = export_folded(model, examples, export=export, affine=affine, progress=progress)
     else:
         progress("fold", 0, 1)
         t = time.perf_counter()
@@ -762,68 +624,6 @@ def _check_other_batch(
             f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} "
             f"({why}): the model fixes its batch size; pass --static-batch"
         )
-
-
-def _export(
-    model: Any,
-    examples: tuple[Any, ...] | None,
-    *,
-    export: ExportSettings,
-    affine: bool,
-    progress: ProgressFn,
-) -> tuple[Any, FoldReport]:
-    """PyTorch -> folded ONNX through :func:`bnfold.export.export_onnx` (into a temporary folder)."""
-    import tempfile
-
-    import onnx
-    import torch
-
-    from .export import export_onnx
-    from .onnx import fold_model
-
-    progress("export", 0, 1)
-    t = time.perf_counter()
-    if isinstance(model, torch.export.ExportedProgram):
-        # A program is folded as a program, exported as one (dynamo exporter: its dynamic shapes and
-        # signature names are the program's own), and folded again.
-        from .api import fold_with_report
-
-        if not export.dynamic_batch:
-            raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
-        folded_ep, report = fold_with_report(model)
-        kw: dict[str, Any] = {"dynamo": True, "verbose": False}
-        if export.opset is not None:
-            kw["opset_version"] = export.opset
-        if export.input_names:
-            kw["input_names"] = list(export.input_names)
-        if export.output_names:
-            kw["output_names"] = list(export.output_names)
-        proto = torch.onnx.export(folded_ep, **kw).model_proto  # type: ignore[union-attr]
-        proto, oreport = fold_model(proto, affine=affine, inplace=True)
-        report.verdicts = [*report.verdicts, *oreport.verdicts]
-        report.bn_after, report.nodes_after = oreport.bn_after, oreport.nodes_after
-        report.params_after = oreport.params_after
-        report.notes.extend(oreport.notes)
-        report.seconds = time.perf_counter() - t
-        progress("export", 1, 1)
-        return proto, report
-    with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        report = export_onnx(
-            model, tuple(examples or ()), path, opset=export.opset, verify=False,
-            input_names=export.input_names or None, output_names=export.output_names or None,
-            dynamic_batch=export.dynamic_batch,
-        )
-        proto = onnx.load(path)
-    if affine and report.bn_after:
-        proto, areport = fold_model(proto, affine=True, inplace=True)
-        done = {v.bn for v in areport.sites}
-        report.verdicts = [v for v in report.verdicts if v.bn not in done] + list(areport.sites)
-        report.bn_after, report.nodes_after = areport.bn_after, areport.nodes_after
-        report.params_after = areport.params_after
-    report.seconds = time.perf_counter() - t
-    progress("export", 1, 1)
-    return proto, report
 
 
 def inspect_file(
