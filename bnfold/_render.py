@@ -406,6 +406,12 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
     }
 
 
+_LEGACY_COUNTS = ("bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after")
+"""Top-level keys of the 0.1.0 documents, kept in schema 1 as aliases of ``summary.*`` (removed in 2)."""
+_LEGACY_VERIFY = ("passed", "samples", "max_abs_error", "max_rel_error", "outputs")
+"""Top-level keys of 0.1.0's ``verify --json``, kept in schema 1 as aliases of ``verification.*``."""
+
+
 def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any) -> dict[str, Any]:
     """The ``--json`` document of ``command`` (schema ``bnfold/schemas/report-v1.json``).
 
@@ -418,11 +424,13 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
     doc = _head(command, exit_code)
     if command in ("fold", "inspect"):
         doc.update(_fold_body(result))
+        doc.update({k: doc["summary"][k] for k in _LEGACY_COUNTS})
     elif command == "verify":
         doc.update(
             reference=_file(files.get("reference")), candidate=_file(files.get("candidate")),
             verification={**result.to_dict(), "inputs": None},
         )
+        doc.update({k: doc["verification"][k] for k in _LEGACY_VERIFY})
     elif command == "freeze":
         doc.update(
             model=_file(result.get("source"), result.get("source_format"), result.get("size_before")),
@@ -440,6 +448,7 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
             summary=_counts(result.fold),
             notes=list(result.notes),
         )
+        doc.update({k: doc["summary"][k] for k in ("bn_before", "bn_after", "folded")})
     else:  # pragma: no cover - the CLI names its commands
         raise ValueError(f"unknown command {command!r}")
     return doc
