@@ -12,7 +12,7 @@ Rules:
     * user data (a dict of arrays, a list of dicts, or an ``.npz`` path) must name every input and
       nothing else; floating arrays are cast to the input's floating dtype, other kinds must match.
 
-Nothing here imports torch or onnxruntime.
+Nothing here imports onnxruntime; torch only inside :func:`torch_examples` (for a PyTorch model).
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ __all__ = [
     "INT_HIGH",
     "InputSpec",
     "parse_input_shapes",
+    "parse_shapes_for",
     "resolve_shapes",
     "random_inputs",
     "user_inputs",
     "np_dtype",
+    "load_inputs",
+    "onnx_input_specs",
+    "torch_examples",
 ]
 
 DEFAULT_BATCH = 2
@@ -103,14 +107,28 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
         name, sep, dims = spec.rpartition("=")
         name = name.strip()
         if not sep or not name:
-            raise OptionError(f"bad input shape {spec!r}: expected name=1x3x224x224")
+            raise OptionError(f"--input-shape {spec!r}: expected name=1x3x224x224")
         parts = [p.strip() for p in re.split(r"[x,]", dims.strip())] if dims.strip() else []
         if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise OptionError(f"bad input shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224")
+            raise OptionError(f"--input-shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224")
         if name in out:
-            raise OptionError(f"bad input shape {spec!r}: input {name!r} given twice")
+            raise OptionError(f"--input-shape {spec!r}: input {name!r} given twice")
         out[name] = tuple(int(p) for p in parts)
     return out
+
+
+def parse_shapes_for(
+    specs: Sequence[str] | Mapping[str, tuple[int, ...]] | None, where: str | os.PathLike[str]
+) -> dict[str, tuple[int, ...]]:
+    """:func:`parse_input_shapes` for a job on ``where`` (an error names it); a mapping passes through."""
+    from .errors import BnfoldError, with_context
+
+    if isinstance(specs, Mapping):
+        return dict(specs)
+    try:
+        return parse_input_shapes(list(specs or ()))
+    except BnfoldError as e:
+        raise with_context(e, os.fspath(where)) from e
 
 
 def resolve_shapes(
@@ -125,7 +143,7 @@ def resolve_shapes(
     names = {s.name for s in specs}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise OptionError(f"input shape given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
+        raise OptionError(f"--input-shape: given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
     symbols: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for s in specs:  # pass 1: user overrides bind symbols
@@ -133,11 +151,11 @@ def resolve_shapes(
             continue
         shape = tuple(int(d) for d in overrides[s.name])
         if len(shape) != len(s.dims):
-            raise OptionError(f"input shape for {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+            raise OptionError(f"--input-shape: {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
         for i, (want, got) in enumerate(zip(s.dims, shape)):
             if isinstance(want, int) and want > 0 and want != got:
                 raise OptionError(
-                    f"input shape for {s.name!r}: dimension {i} is fixed to {want} in the model, got {got}"
+                    f"--input-shape: {s.name!r}: dimension {i} is fixed to {want} in the model, got {got}"
                 )
             if isinstance(want, str) and want:
                 symbols.setdefault(want, got)
@@ -231,3 +249,76 @@ def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.nd
     if isinstance(inputs, Sequence) and inputs and all(isinstance(x, Mapping) for x in inputs):
         return [_check_sample(specs, x, f"inputs[{i}]") for i, x in enumerate(inputs)]
     raise OptionError("inputs must be a dict of arrays, a non-empty list of such dicts, or a path to an .npz file")
+
+
+# ------------------------------------------------------------------ inputs for the file jobs and bench
+def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """Read ``--inputs data.npz`` into ``{name: ndarray}``.
+
+    Raises:
+        OptionError: the file is missing, not an ``.npz`` archive, or empty.
+    """
+    if path is None:
+        return None
+    import zipfile
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"{p}: --inputs: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise OptionError(f"{p}: --inputs: not a NumPy .npz archive ({e})") from e
+    if not arrays:
+        raise OptionError(f"{p}: --inputs: the archive holds no array")
+    return arrays
+
+
+def onnx_input_specs(model: Any) -> list[Any]:
+    """The graph inputs of an ONNX model (initializers excluded) as :class:`InputSpec`."""
+    import onnx
+
+    init = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dtype, dims))
+    return specs
+
+
+def torch_examples(
+    model: Any,
+    shapes: Mapping[str, tuple[int, ...]],
+    inputs: Mapping[str, Any] | None,
+    seed: int,
+    path: str | os.PathLike[str],
+) -> tuple[Any, ...]:
+    """Example inputs for a PyTorch model: ``--inputs`` arrays, ``--input-shape`` or the model's own.
+
+    Seeded ``N(0, 1)`` tensors of the given shapes (in argument order); an ExportedProgram's or a
+    factory's ``example_inputs`` otherwise.
+
+    Raises:
+        OptionError: none of them is there (names the flags that give them).
+    """
+    import torch
+
+    if inputs:
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
+    if shapes:
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(s, generator=g) for s in shapes.values())
+    ex = getattr(model, "example_inputs", None)
+    if ex is not None:
+        args = ex[0] if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else ex
+        return tuple(args)
+    raise OptionError(
+        f"{path}: a PyTorch module has no input signature: pass --input-shape (e.g. "
+        "--input-shape x=1x3x224x224) or --inputs data.npz"
+    )

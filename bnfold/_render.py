@@ -1,20 +1,30 @@
-"""Rich rendering of the reports the core returns (FoldReport, VerifyReport, BenchReport, freeze dict).
+"""Rendering of the reports the core returns: compact rich text for people, versioned JSON for tools.
 
 Rules:
     * rendering only: nothing here decides, loads, folds or exits;
-    * human output goes to the console given (stdout for reports); progress bars go to a stderr console,
-      so that ``--json`` leaves stdout holding the JSON alone;
+    * every string that comes from a model (node, tensor, graph names, op types, doc strings, paths) goes
+      through :func:`clean` and into a :class:`rich.text.Text` (consoles are made with ``markup=False``):
+      control characters are shown escaped (``\\x1b``), rich markup (``[/oops]``) is shown as typed,
+      so a name can neither drive the terminal nor make rendering raise;
+    * the default fold/inspect view is compact: the summary first, then only the BatchNorms that are
+      left, each with its reason; ``verbose`` lists every BatchNorm. Long names are shortened in the
+      middle (``layer1.0.…conv2``) and never wrapped;
+    * JSON documents (:func:`json_document`) follow one versioned schema,
+      ``bnfold/schemas/report-v1.json``: a common head (``schema``, ``schema_version``, ``command``,
+      ``ok``, ``exit_code``, ``bnfold_version``) and one body per command; an error is the head plus an
+      ``error`` object;
     * numbers are shown as measured (errors in ``.2e``, sizes in binary units, times in ms/s).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -27,15 +37,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bench import BenchReport
 
 __all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "clean",
+    "shorten",
     "human_size",
+    "make_console",
     "render_fold_report",
     "render_verify_report",
     "render_bench_report",
     "render_freeze_report",
+    "json_document",
+    "error_document",
     "progress_callback",
+    "stage_label",
+    "STAGES",
 ]
 
-_STAGE_LABELS = {
+SCHEMA = "bnfold.report"
+SCHEMA_VERSION = 1
+"""Bumped on any change that removes or renames a key (new keys do not bump it)."""
+
+STAGES: dict[str, str] = {
     "load": "loading",
     "fold": "folding",
     "export": "exporting to ONNX",
@@ -44,6 +67,37 @@ _STAGE_LABELS = {
     "freeze": "freezing",
     "bench": "benchmarking",
 }
+"""Stage key -> label shown on the progress line."""
+
+# C0 and C1 control characters, DEL, and the bidirectional overrides that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(value: object) -> str:
+    """``value`` as a single line with every control character escaped (``ESC`` -> ``\\x1b``)."""
+    def esc(m: re.Match[str]) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+    return _CONTROL.sub(esc, str(value))
+
+
+def shorten(name: str, width: int) -> str:
+    """``name`` cut in the middle to at most ``width`` characters (``head…tail``); never wrapped."""
+    if width < 5 or len(name) <= width:
+        return name
+    keep = width - 1
+    head = (keep + 1) // 2
+    return f"{name[:head]}…{name[len(name) - (keep - head):]}"
+
+
+def _t(value: object, style: str = "") -> Text:
+    return Text(clean(value), style=style)
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that interprets no markup, emoji codes or highlighting in what it prints."""
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
 
 
 def human_size(n: int | None) -> str:
@@ -62,87 +116,149 @@ def _arrow(a: Any, b: Any) -> str:
     return f"{a} -> {b}"
 
 
-def _verdict_row(i: int, v: Site | Skip) -> tuple[str, Text, str, str]:
-    if isinstance(v, Site):
-        if v.direction is Direction.AFFINE:
-            status = Text("affine", style="cyan")
-            where = "Mul + Add"
-        else:
-            status = Text("folded", style="green")
-            where = f"{v.target} ({v.target_kind}, {v.direction.value})"
-        return str(i), status, where, v.detail
-    return str(i), Text("left", style="yellow"), v.reason.value, v.detail
+def _mul_add(report: FoldReport) -> int:
+    """Per-channel Mul+Add pairs folded into a layer (ONNX frozen BN): folds like any BN."""
+    return len(report.extra.get("mul_add", ()) or ())
 
 
-def render_fold_report(console: Console, report: FoldReport, *, title: str = "BatchNorm layers") -> None:
-    """One row per BatchNorm (folded where / left why), then a summary panel."""
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("BatchNorm", overflow="fold")
-    table.add_column("status")
-    table.add_column("into / reason", overflow="fold")
-    table.add_column("detail", overflow="fold")
-    for i, v in enumerate(report.verdicts, 1):
-        idx, status, where, detail = _verdict_row(i, v)
-        table.add_row(idx, v.bn, status, where, detail)
-    if report.verdicts:
-        console.print(table)
-    else:
-        console.print("No BatchNorm layer found.")
-    console.print(Panel(_summary(report), title="summary", title_align="left", expand=False))
+def _counts(report: FoldReport) -> dict[str, Any]:
+    affine = sum(1 for s in report.sites if s.direction is Direction.AFFINE)
+    by_kind = Counter(s.target_kind for s in report.sites if s.direction is not Direction.AFFINE)
+    if _mul_add(report):
+        by_kind["Mul+Add"] += _mul_add(report)
+    return {
+        "bn_before": report.bn_before,
+        "bn_after": report.bn_after,
+        "folded": report.folded - affine + _mul_add(report),
+        "affine": affine,
+        "mul_add_folded": _mul_add(report),
+        "left": len(report.skips),
+        "by_target_kind": dict(sorted(by_kind.items())),
+        "by_reason": dict(sorted(Counter(s.reason.value for s in report.skips).items())),
+        "nodes_before": report.nodes_before,
+        "nodes_after": report.nodes_after,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "predicted": report.dry_run,
+    }
 
 
-def _summary(report: FoldReport) -> Table:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    extra = report.extra
-    if extra.get("source"):
-        src = f"{extra['source']} ({extra.get('source_format', '?')})"
-        grid.add_row("model", src)
-    if extra.get("output"):
-        grid.add_row("output", f"{extra['output']} ({extra.get('output_format', '?')})")
-    n_affine = sum(1 for s in report.sites if s.direction is Direction.AFFINE)
-    verb = "would fold" if report.dry_run else "folded"
-    what = f"{verb} {report.folded - n_affine}" + (f", affine {n_affine}" if n_affine else "")
-    grid.add_row("BatchNorm", f"{_arrow(report.bn_before, report.bn_after)}  ({what}, left {len(report.skips)})")
-    grid.add_row("nodes", _arrow(report.nodes_before, report.nodes_after))
-    grid.add_row("parameters", _arrow(f"{report.params_before:,}", f"{report.params_after:,}"))
-    if "size_before" in extra:
-        after = extra.get("size_after")
-        grid.add_row(
-            "file size",
-            human_size(extra["size_before"]) if after is None else _arrow(
-                human_size(extra["size_before"]), human_size(after)
-            ),
+def _shape(dims: Any) -> str:
+    if dims is None:
+        return "?"
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _signature_rows(sig: Mapping[str, Any], width: int) -> list[tuple[str, Text]]:
+    rows: list[tuple[str, Text]] = []
+    if not sig:
+        return rows
+    for key in ("inputs", "outputs"):
+        items = sig.get(key) or []
+        shown = ", ".join(
+            f"{shorten(clean(i['name']), width)}: {clean(i['dtype'])} {clean(_shape(i['shape']))}" for i in items[:4]
         )
+        if len(items) > 4:
+            shown += f", ... ({len(items)} in all)"
+        rows.append((key, Text(shown or "-")))
+    return rows
+
+
+def _file_text(path: Any, fmt: Any, size: Any) -> Text:
+    return Text(f"{clean(path)} ({clean(fmt)}, {human_size(size)})")
+
+
+def render_fold_report(
+    console: Console, report: FoldReport, *, title: str = "", verbose: bool = False
+) -> None:
+    """The summary (counts by verdict and layer kind, ops, I/O, sizes, verification), then the BNs left.
+
+    ``verbose`` lists every BatchNorm (folded: into what; left: why) instead of only those left.
+    """
+    extra = report.extra
+    c = _counts(report)
+    width = max(20, console.width // 3)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    if title:
+        console.print(_t(title, "bold"))
+    if extra.get("source"):
+        grid.add_row("model", _file_text(extra["source"], extra.get("source_format", "?"), extra.get("size_before")))
+    if extra.get("output"):
+        written = extra.get("written")
+        out = _file_text(extra["output"], extra.get("output_format", "?"), extra.get("size_after"))
+        if not written:
+            out = Text(f"{clean(extra['output'])} (not written)", style="bold red")
+        grid.add_row("output", out)
+    verb = "would fold" if report.dry_run else "folded"
+    kinds = ", ".join(f"{k} {n}" for k, n in c["by_target_kind"].items())
+    what = f"{verb} {c['folded']}" + (f" ({kinds})" if kinds else "")
+    if c["affine"]:
+        what += f", {'would turn' if report.dry_run else 'turned'} {c['affine']} into Mul+Add"
+    reasons = ", ".join(f"{r} {n}" for r, n in c["by_reason"].items())
+    what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
+    grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))
+    predicted_only_bn = "predicted_counts" in extra
+    if not report.dry_run or not predicted_only_bn:
+        grid.add_row("ops", Text(
+            f"nodes {_arrow(report.nodes_before, report.nodes_after)}, parameters "
+            f"{_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}"
+        ))
+    for key, row in _signature_rows(extra.get("signature") or {}, width):
+        grid.add_row(key, row)
     v = report.verification
-    if v is None:
-        grid.add_row("verification", "skipped" if not report.dry_run else "-")
-    else:
-        grid.add_row("verification", _verdict_text(v))
-        grid.add_row("max error", _error_text(v))
+    if v is not None:
+        grid.add_row("verification", _verification_line(v, extra.get("verified_on")))
+    elif not report.dry_run:
+        grid.add_row("verification", Text("skipped (--no-verify)", style="yellow"))
     for note in report.notes:
-        grid.add_row("note", note)
+        grid.add_row("note", _t(note))
     seconds = extra.get("total_seconds", report.seconds)
     grid.add_row("time", f"{seconds:.2f} s")
-    return grid
+    console.print(grid)
+    shown = list(report.verdicts) if verbose else list(report.skips)
+    if not report.verdicts:
+        console.print("No BatchNorm layer found.")
+    elif shown:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        for v2 in shown:
+            table.add_row(*_verdict_cells(v2, width))
+        console.print(Text("every BatchNorm:" if verbose else "left:", style="bold"))
+        console.print(table)
 
 
-def _verdict_text(v: VerifyReport) -> Text:
+def _verdict_cells(v: Site | Skip, width: int) -> tuple[Text, Text, Text]:
+    name = _t(shorten(clean(v.bn), width))
+    if isinstance(v, Site):
+        if v.direction is Direction.AFFINE:
+            return name, Text("Mul + Add", style="cyan"), _t(v.detail)
+        into = f"{shorten(clean(v.target), width)} ({clean(v.target_kind)}, {v.direction.value})"
+        return name, Text("folded", style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
+    return name, Text(v.reason.value, style="yellow"), _t(v.detail)
+
+
+def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Text:
     levels = ", ".join(
         "optimisations off" if lvl == "disable" else f"optimisation level {lvl}"
         for lvl in [v.optimization_level, *(e.optimization_level for e in v.extra)]
     )
-    if v.passed:
-        return Text(f"equivalent ({v.samples} sample(s), onnxruntime with {levels})", style="green")
-    return Text(f"NOT equivalent ({v.samples} sample(s), onnxruntime with {levels})", style="bold red")
-
-
-def _error_text(v: VerifyReport) -> str:
+    on = ", ".join(f"{clean(k)}={'x'.join(str(d) for d in s)}" for k, s in (shapes or {}).items())
     worst = v.worst()
-    where = f" (worst output: {worst.name})" if worst is not None else ""
-    return f"abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where}"
+    where = f" at {clean(worst.name)}" if worst is not None else ""
+    verdict = "equivalent" if v.passed else "NOT equivalent"
+    return Text(
+        f"{verdict}: max abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where} "
+        f"({v.samples} sample{'s' if v.samples != 1 else ''}{', ' + on if on else ''}; onnxruntime, {levels})",
+        style="green" if v.passed else "bold red",
+    )
+
+
+def _verdict_text(v: VerifyReport) -> Text:
+    return _verification_line(v, None)
 
 
 def _worst_per_output(checks: tuple[OutputCheck, ...]) -> list[OutputCheck]:
@@ -156,22 +272,24 @@ def _worst_per_output(checks: tuple[OutputCheck, ...]) -> list[OutputCheck]:
 
 def render_verify_report(console: Console, report: VerifyReport, *, title: str | None = None) -> None:
     """Per output (worst sample), the errors and tolerances; then the verdict, for every level run."""
+    width = max(20, console.width // 3)
+    if title:
+        console.print(_t(title, "bold"))
     for i, rep in enumerate((report, *report.extra)):
-        table = Table(
-            title=title if i == 0 and title else f"onnxruntime optimisation level: {rep.optimization_level}",
-            title_justify="left",
-        )
-        table.add_column("output", overflow="fold")
-        table.add_column("shape", overflow="fold")
-        table.add_column("dtype", no_wrap=True, min_width=7)
+        if i:
+            console.print(Text(f"onnxruntime optimisation level: {clean(rep.optimization_level)}", style="bold"))
+        table = Table(box=None, padding=(0, 1), show_edge=False)
+        table.add_column("output", no_wrap=True)
+        table.add_column("shape", no_wrap=True)
+        table.add_column("dtype", no_wrap=True)
         for col in ("abs err", "rel err", "bad", "atol", "rtol"):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("ok?", no_wrap=True)
         for c in _worst_per_output(rep.checks):
             table.add_row(
-                c.name,
+                _t(shorten(clean(c.name), width)),
                 "x".join(str(d) for d in c.shape) or "scalar",
-                c.dtype,
+                _t(c.dtype),
                 f"{c.max_abs_error:.2e}",
                 f"{c.max_rel_error:.2e}",
                 str(c.mismatches),
@@ -185,62 +303,180 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
 
 def render_bench_report(console: Console, report: BenchReport) -> None:
     """Median latency of original and folded per runtime setting, and the speedup."""
-    table = Table(
-        title=f"latency, median of {report.runs} runs after {report.warmup} warm-up",
-        title_justify="left",
-    )
-    table.add_column("runtime")
-    table.add_column("original (ms)", justify="right")
-    table.add_column("folded (ms)", justify="right")
-    table.add_column("speedup", justify="right")
+    for note in report.notes:
+        console.print(_t(note, "yellow"))
+    console.print(Text(f"latency, median of {report.runs} runs after {report.warmup} warm-up", style="bold"))
+    table = Table(box=None, padding=(0, 1), show_edge=False)
+    table.add_column("runtime", no_wrap=True)
+    table.add_column("original ms", justify="right", no_wrap=True)
+    table.add_column("folded ms", justify="right", no_wrap=True)
+    table.add_column("speedup", justify="right", no_wrap=True)
     for t in report.timings:
         style = "green" if t.speedup >= 1.0 else "yellow"
         table.add_row(
-            t.setting,
-            f"{t.original_ms:.3f}",
-            f"{t.folded_ms:.3f}",
-            Text(f"{t.speedup:.2f}x", style=style),
+            t.setting, f"{t.original_ms:.3f}", f"{t.folded_ms:.3f}", Text(f"{t.speedup:.2f}x", style=style)
         )
     console.print(table)
-    shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in report.input_shapes.items())
+    shapes = ", ".join(f"{clean(k)}={'x'.join(map(str, v))}" for k, v in report.input_shapes.items())
     fold = report.fold
-    console.print(
+    console.print(Text(
         f"inputs: {shapes or '-'}; BatchNorm {fold.bn_before} -> {fold.bn_after}; "
         f"threads: {report.threads or 'default'}"
-    )
+    ))
 
 
-def render_freeze_report(console: Console, result: dict[str, Any]) -> None:
-    """The frozen layers and where the result was written."""
-    table = Table(title="frozen BatchNorm layers", title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("module", overflow="fold")
-    table.add_column("kind")
-    for i, (name, kind) in enumerate(result.get("frozen", []), 1):
-        table.add_row(str(i), name, kind)
-    if result.get("frozen"):
-        console.print(table)
-    else:
-        console.print("No BatchNorm layer found: the model is written unchanged.")
+def render_freeze_report(console: Console, result: Mapping[str, Any], *, verbose: bool = False) -> None:
+    """One summary line; ``verbose`` lists every frozen layer."""
+    frozen = list(result.get("frozen", []))
     learn = "learnable scale/shift" if result.get("learnable") else "fixed scale/shift buffers"
-    console.print(
-        f"{len(result.get('frozen', []))} BatchNorm frozen ({learn}); "
-        f"{result.get('source')} ({result.get('source_format')}) -> {result.get('output')} "
-        f"[{human_size(result.get('size_after'))}] in {result.get('seconds', 0.0):.2f} s"
-    )
+    console.print(Text(
+        f"{len(frozen)} BatchNorm frozen ({learn}); "
+        f"{clean(result.get('source'))} ({clean(result.get('source_format'))}) -> {clean(result.get('output'))} "
+        f"({human_size(result.get('size_after'))}) in {result.get('seconds', 0.0):.2f} s"
+    ))
+    if not frozen:
+        console.print("No BatchNorm layer found: the model is written unchanged.")
+    elif verbose:
+        width = max(20, console.width // 2)
+        table = Table.grid(padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True)
+        for name, kind in frozen:
+            table.add_row(_t(shorten(clean(name), width)), _t(kind))
+        console.print(table)
 
 
+# ------------------------------------------------------------------------------------------------ JSON
+def _head(command: str, exit_code: int) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "ok": exit_code == 0,
+        "exit_code": exit_code,
+        "bnfold_version": __version__,
+    }
+
+
+def _file(path: Any, fmt: Any = None, size: Any = None, data_files: Any = (), **more: Any) -> dict[str, Any]:
+    return {
+        "path": None if path is None else str(path),
+        "format": fmt,
+        "size_bytes": size,
+        "data_files": [str(f) for f in data_files or ()],
+        **more,
+    }
+
+
+def _verdict_json(v: Site | Skip) -> dict[str, Any]:
+    if isinstance(v, Site):
+        return {
+            "bn": v.bn, "status": "affine" if v.direction is Direction.AFFINE else "folded",
+            "target": v.target, "target_kind": v.target_kind, "direction": v.direction.value,
+            "reason": None, "detail": v.detail,
+        }
+    return {
+        "bn": v.bn, "status": "left", "target": None, "target_kind": None, "direction": None,
+        "reason": v.reason.value, "detail": v.detail,
+    }
+
+
+def _fold_body(report: FoldReport) -> dict[str, Any]:
+    x = report.extra
+    out = None
+    if x.get("output"):
+        out = _file(x["output"], x.get("output_format"), x.get("size_after"), x.get("output_data_files"),
+                    written=bool(x.get("written")))
+    return {
+        "model": _file(x.get("source"), x.get("source_format"), x.get("size_before"), x.get("source_data_files")),
+        "output": out,
+        "backend": report.backend,
+        "dry_run": report.dry_run,
+        "summary": _counts(report),
+        "signature": x.get("signature"),
+        "verdicts": [_verdict_json(v) for v in report.verdicts],
+        "mul_add": list(x.get("mul_add", ()) or ()),
+        "verification": None if report.verification is None else {
+            **report.verification.to_dict(), "inputs": x.get("verified_on"),
+        },
+        "notes": list(report.notes),
+        "seconds": float(x.get("total_seconds", report.seconds)),
+    }
+
+
+_LEGACY_COUNTS = ("bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after")
+"""Top-level keys of the 0.1.0 documents, kept in schema 1 as aliases of ``summary.*`` (removed in 2)."""
+_LEGACY_VERIFY = ("passed", "samples", "max_abs_error", "max_rel_error", "outputs")
+"""Top-level keys of 0.1.0's ``verify --json``, kept in schema 1 as aliases of ``verification.*``."""
+
+
+def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any) -> dict[str, Any]:
+    """The ``--json`` document of ``command`` (schema ``bnfold/schemas/report-v1.json``).
+
+    Args:
+        command: "fold", "inspect", "verify", "freeze" or "bench".
+        result: the record the job returned (``FoldReport``, ``VerifyReport``, ``BenchReport``, freeze dict).
+        exit_code: the exit code the command ends with (``ok`` is ``exit_code == 0``).
+        files: ``verify`` only: ``reference=`` and ``candidate=`` paths.
+    """
+    doc = _head(command, exit_code)
+    if command in ("fold", "inspect"):
+        doc.update(_fold_body(result))
+        doc.update({k: doc["summary"][k] for k in _LEGACY_COUNTS})
+    elif command == "verify":
+        doc.update(
+            reference=_file(files.get("reference")), candidate=_file(files.get("candidate")),
+            verification={**result.to_dict(), "inputs": None},
+        )
+        doc.update({k: doc["verification"][k] for k in _LEGACY_VERIFY})
+    elif command == "freeze":
+        doc.update(
+            model=_file(result.get("source"), result.get("source_format"), result.get("size_before")),
+            output=_file(result.get("output"), result.get("source_format"), result.get("size_after"), written=True),
+            learnable=bool(result.get("learnable")),
+            frozen=[{"module": n, "kind": k} for n, k in result.get("frozen", [])],
+            seconds=float(result.get("seconds", 0.0)),
+        )
+    elif command == "bench":
+        doc.update(
+            model=_file(result.model, result.format),
+            runs=result.runs, warmup=result.warmup, threads=result.threads,
+            input_shapes={k: list(v) for k, v in result.input_shapes.items()},
+            timings=[t.to_dict() for t in result.timings],
+            summary=_counts(result.fold),
+            notes=list(result.notes),
+        )
+        doc.update({k: doc["summary"][k] for k in ("bn_before", "bn_after", "folded")})
+    else:  # pragma: no cover - the CLI names its commands
+        raise ValueError(f"unknown command {command!r}")
+    return doc
+
+
+def error_document(command: str, error_type: str, message: str, exit_code: int) -> dict[str, Any]:
+    """The ``--json`` document of a command that failed: the common head and an ``error`` object."""
+    doc = _head(command, exit_code)
+    doc["error"] = {"type": error_type, "message": message, "exit_code": exit_code}
+    return doc
+
+
+# -------------------------------------------------------------------------------------------- progress
 @contextmanager
-def progress_callback(console: Console, *, enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """A ``progress(stage, done, total)`` callback drawing one rich bar per stage on ``console``.
+def progress_callback(
+    console: Console, *, enabled: bool = True, stages: tuple[str, ...] = ()
+) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback drawing one line per stage on ``console``.
 
-    The bars are transient and only drawn on a terminal; elsewhere the callback does nothing.
+    On a terminal a "starting" line shows at once (before any heavy import); each stage then shows as
+    ``[2/4] folding`` when ``stages`` lists the stages the job will run, with its own count where the
+    stage reports one. Transient: nothing is left on screen. Elsewhere the callback does nothing.
     """
     if not enabled or not console.is_terminal:
         yield _no_progress
         return
     bar = Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -250,12 +486,22 @@ def progress_callback(console: Console, *, enabled: bool = True) -> Iterator[Cal
     tasks: dict[str, Any] = {}
 
     def update(stage: str, done: int, total: int) -> None:
+        if "start" in tasks:
+            bar.remove_task(tasks.pop("start"))
         if stage not in tasks:
-            tasks[stage] = bar.add_task(_STAGE_LABELS.get(stage, stage), total=max(total, 1))
+            tasks[stage] = bar.add_task(stage_label(stage, stages), total=max(total, 1))
         bar.update(tasks[stage], completed=done, total=max(total, 1))
 
     with bar:
+        tasks["start"] = bar.add_task("starting", total=None)
+        bar.refresh()
         yield update
+
+
+def stage_label(stage: str, stages: tuple[str, ...]) -> str:
+    """``"[2/4] folding"`` for ``stage`` "fold" in ``stages`` ("load", "fold", "verify", "save")."""
+    name = STAGES.get(stage, clean(stage))
+    return f"[{stages.index(stage) + 1}/{len(stages)}] {name}" if stage in stages else name
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:

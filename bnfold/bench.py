@@ -71,6 +71,7 @@ class BenchReport:
     input_shapes: dict[str, tuple[int, ...]]
     timings: list[Timing] = field(default_factory=list)
     fold: FoldReport = field(default_factory=lambda: FoldReport(backend="onnx"))
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,8 +105,7 @@ def time_call(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[
 
 
 def _onnx_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    from ._inputs import random_inputs, resolve_shapes
-    from .jobs import onnx_input_specs
+    from ._inputs import onnx_input_specs, random_inputs, resolve_shapes
 
     specs = onnx_input_specs(model)
     return random_inputs(specs, resolve_shapes(specs, shapes), np.random.default_rng(seed))
@@ -159,6 +159,7 @@ def bench_file(
     input_shapes: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Load ``src``, fold it in memory, and time original and folded (see the module rules).
 
@@ -172,14 +173,15 @@ def bench_file(
         input_shapes: ``["name=1x3x224x224"]`` or ``{name: shape}``; needed for a PyTorch module.
         seed: seed of the random inputs.
         progress: ``progress(stage, done, total)`` callback ("bench" stage, one step per call).
+        notice: called with a sentence before timing starts when there is nothing to fold.
 
     Returns:
         A :class:`BenchReport`.
     """
     from . import io as bio
+    from ._inputs import parse_shapes_for
     from .api import fold_with_report
-    from .errors import BnfoldError
-    from .jobs import _parse_shapes, _with_path, resolve_factory
+    from .errors import BnfoldError, with_context
 
     if runs < 1:
         raise OptionError(f"--runs {runs}: must be >= 1")
@@ -189,20 +191,23 @@ def bench_file(
         raise OptionError(f"--threads {threads}: must be >= 0")
     prog = progress or (lambda stage, done, total: None)
     src_p = Path(src)
-    shapes = _parse_shapes(input_shapes, src_p)
-    fmt = bio.detect_format(src_p)
-    factory = resolve_factory(model_factory)
+    if seed < 0:
+        raise OptionError(f"--seed {seed}: must be >= 0")
+    say = notice or (lambda text: None)
+    shapes = parse_shapes_for(input_shapes, src_p)
+    factory = bio.resolve_factory(model_factory) if model_factory else None
     prog("load", 0, 1)
-    model = bio.load(src_p, model_factory=factory, trust_pickle=trust_pickle)
+    model, fmt = bio.load_with_format(src_p, model_factory=factory, trust_pickle=trust_pickle)
     prog("load", 1, 1)
 
     if fmt == "onnx":
         try:
             feeds = _onnx_inputs(model, shapes, seed)
         except BnfoldError as e:
-            raise _with_path(e, str(src_p)) from e
+            raise with_context(e, str(src_p)) from e
         original = model.SerializeToString()
         folded, report = fold_with_report(model, affine=affine, inplace=True)
+        notes = _already_folded(src_p, report, say)
         folded_bytes = folded.SerializeToString()
         total = 4 * (runs + warmup)
         done = [0]
@@ -215,8 +220,21 @@ def bench_file(
         return BenchReport(
             model=str(src_p), format=fmt, runs=runs, warmup=warmup, threads=threads,
             input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, timings=timings, fold=report,
+            notes=notes,
         )
-    return _bench_torch(src_p, fmt, model, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog)
+    return _bench_torch(
+        src_p, fmt, model, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog, say=say
+    )
+
+
+def _already_folded(src: Path, report: FoldReport, say: Callable[[str], None]) -> list[str]:
+    """A note, said before any timing, when folding changes nothing (the file is folded already)."""
+    if report.folded:
+        return []
+    what = "has no BatchNorm" if not report.bn_before else f"has {report.bn_before} BatchNorm, none foldable"
+    note = f"{src}: {what}: original and folded are the same model (already folded?)"
+    say(note)
+    return [note]
 
 
 def _bench_torch(
@@ -230,23 +248,19 @@ def _bench_torch(
     threads: int,
     seed: int,
     progress: ProgressFn,
+    say: Callable[[str], None],
 ) -> BenchReport:
     import torch
 
     from .api import fold_with_report
 
     is_ep = isinstance(model, torch.export.ExportedProgram)
-    if is_ep:
-        ex = model.example_inputs
-        args = tuple(ex[0]) if isinstance(ex, tuple) and len(ex) == 2 else tuple(ex)
-    elif shapes:
-        g = torch.Generator().manual_seed(seed)
-        args = tuple(torch.randn(s, generator=g) for s in shapes.values())
-    elif getattr(model, "example_inputs", None) is not None:
-        args = tuple(model.example_inputs)
-    else:
-        raise OptionError(f"{src}: a PyTorch module has no input signature: pass --input-shape x=1x3x224x224")
+    from ._inputs import torch_examples
+
+    # An exported program runs on its own example inputs (its graph is specialised to them).
+    args = torch_examples(model, {} if is_ep else shapes, None, seed, src)
     folded, report = fold_with_report(model) if is_ep else fold_with_report(model, example_inputs=args)
+    notes = _already_folded(src, report, say)
     # An exported program is called through its GraphModule (eval semantics are fixed in the graph).
     runnable = (model.module(), folded.module()) if is_ep else (model, folded)
     if threads > 0:
@@ -286,4 +300,5 @@ def _bench_torch(
     return BenchReport(
         model=str(src), format=fmt, runs=runs, warmup=warmup, threads=threads,
         input_shapes={n: tuple(a.shape) for n, a in zip(names, args)}, timings=timings, fold=report,
+        notes=notes,
     )

@@ -22,6 +22,8 @@ __all__ = [
     "OutputError",
     "NotComparableError",
     "VerificationError",
+    "FoldVerificationError",
+    "with_context",
 ]
 
 
@@ -73,3 +75,42 @@ class VerificationError(BnfoldError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class FoldVerificationError(VerificationError):
+    """A fold's verification failed, so its output was not written.
+
+    The one place that policy is stated (the file jobs raise it, the CLI renders ``fold_report`` and
+    exits 1); with ``--force`` the output is written and the exit code is still 1.
+
+    Attributes:
+        fold_report: the whole :class:`~bnfold.records.FoldReport` of the fold.
+    """
+
+    def __init__(self, message: str, fold_report: object) -> None:
+        super().__init__(message, report=getattr(fold_report, "verification", None))
+        self.fold_report = fold_report
+
+
+def with_context(err: BnfoldError, *where: str, message: str | None = None) -> BnfoldError:
+    """The same error (class and attributes) with ``where: `` prepended: the one way file context is added.
+
+    Nothing is prepended when no ``where`` is given or the message already names one of them (a path or
+    its file name, or the first part of ``"a vs b"``). ``message`` replaces the text first, when given.
+    Several ``where`` are joined with ", ".
+    """
+    import os
+
+    msg = str(err) if message is None else message
+    places = [w for w in where if w]
+    named = any(
+        w in msg or os.path.basename(w) in msg or msg.startswith(w.split(" vs ")[0]) for w in places
+    )
+    if places and not named:
+        msg = f"{', '.join(places)}: {msg}"
+    if msg == str(err):
+        return err
+    new = type(err).__new__(type(err))
+    Exception.__init__(new, msg)
+    new.__dict__.update(err.__dict__)
+    return new

@@ -13,6 +13,18 @@ Steps of :func:`export_onnx`:
 5. the file is written atomically (``bnfold.io.save``): a temporary file in the same folder, then
    ``os.replace``; no partial file is ever left.
 
+Names and shapes of the exported file (the defaults a deployment engineer expects):
+
+* input names come from the parameters of ``model.forward`` (``x``, not ``input.1``), output names are
+  ``output`` (one output) or ``output0``, ``output1``, ... (see :func:`io_names`); given names win;
+* the first dimension of every input, and of every output whose first dimension equals the inputs'
+  batch, is the symbolic ``batch`` (``dynamic_batch=True``, the default): the example inputs fix only
+  the shapes the model is verified on, not the shapes it can be run on.
+
+:func:`export_folded` is the same path for the file jobs (``bnfold fold model.pt out.onnx``): it returns
+the folded ``ModelProto`` and the report, and leaves verification and writing to the job; it also
+exports a torch.export program (dynamo exporter), which :func:`export_onnx` does not take.
+
 The report's ``extra`` says who folded what: ``{"torch": n, "onnx": m, "exporter": k, ...}`` where
 ``exporter`` counts BNs that were neither folded by bnfold in PyTorch nor present in the exported graph
 (the exporter removed them itself).
@@ -23,13 +35,17 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError, VerificationError
 from .records import FoldReport
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
+
+BATCH_DIM = "batch"
+"""Name of the symbolic first dimension of an exported model with a dynamic batch."""
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +60,73 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     raise OptionError("example_inputs must be a tensor or a tuple of tensors")
 
 
+def _positional_names(model: Any, n: int) -> list[str]:
+    """The first ``n`` positional parameter names of ``model.forward``; ``input{i}`` where none fits."""
+    import inspect
+
+    names: list[str] = []
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        params = []
+    for prm in params:
+        if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
+            names.append(prm.name)
+    names = names[:n]
+    names += [f"input{i}" for i in range(len(names), n)]
+    return names if len(set(names)) == n else [f"input{i}" for i in range(n)]
+
+
+def io_names(
+    model: Any,
+    n_inputs: int,
+    n_outputs: int,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """The ONNX input and output names of an export: the given ones, else the defaults (module docstring).
+
+    Raises:
+        OptionError: more names than the model has inputs/outputs, or a name used twice.
+    """
+    ins = list(input_names) if input_names else _positional_names(model, n_inputs)
+    outs = list(output_names) if output_names else (
+        ["output"] if n_outputs == 1 else [f"output{i}" for i in range(n_outputs)]
+    )
+    if len(ins) > n_inputs:
+        raise OptionError(f"--input-names: {len(ins)} names for a model with {n_inputs} input(s)")
+    if len(outs) > n_outputs:
+        raise OptionError(f"--output-names: {len(outs)} names for a model with {n_outputs} output(s)")
+    if len(set(ins) | set(outs)) != len(ins) + len(outs):
+        raise OptionError("--input-names/--output-names: every name must be distinct")
+    return ins, outs
+
+
+def batch_axes(
+    input_names: Sequence[str], inputs: Sequence[Any], output_names: Sequence[str], outputs: Sequence[Any]
+) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` making dim 0 the symbolic batch: every input of rank >= 1, and every output whose
+    first dimension equals the first input's batch (an output without a batch axis keeps its shape)."""
+    axes: dict[str, dict[int, str]] = {}
+    batch = None
+    for name, t in zip(input_names, inputs):
+        if getattr(t, "dim", lambda: 0)() >= 1:
+            axes[name] = {0: BATCH_DIM}
+            batch = t.shape[0] if batch is None else batch
+    for name, t in zip(output_names, outputs):
+        if batch is not None and getattr(t, "dim", lambda: 0)() >= 1 and t.shape[0] == batch:
+            axes[name] = {0: BATCH_DIM}
+    return axes
+
+
+def _flat_outputs(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_outputs(o)]
+    return [out]
+
+
 def export_onnx(
     model: Any,
     example_inputs: Any,
@@ -55,6 +138,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Any] | None = None,
+    dynamic_batch: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
@@ -68,9 +152,11 @@ def export_onnx(
         opset: ONNX opset (the exporter's default when None).
         dynamo: use the current (dynamo) exporter instead of the legacy one.
         verify: compare the ONNX file with the original model in onnxruntime before writing.
-        input_names: ONNX input names.
-        output_names: ONNX output names.
-        dynamic_axes: as ``torch.onnx.export``.
+        input_names: ONNX input names (default: the parameter names of ``model.forward``).
+        output_names: ONNX output names (default: ``output`` or ``output0``, ``output1``, ...).
+        dynamic_axes: as ``torch.onnx.export`` (legacy exporter); overrides ``dynamic_batch``.
+        dynamic_batch: make the first dimension the symbolic ``batch`` (legacy exporter; the dynamo
+            exporter keeps the shapes it traced).
         atol: absolute tolerance of the check (bnfold's per-dtype default when None).
         rtol: relative tolerance of the check.
         force: write the file even when the check fails (the report still says so).
@@ -92,15 +178,16 @@ def export_onnx(
     t0 = time.perf_counter()
     args = _as_tuple(example_inputs)
     folded, treport = fold_module(model, example_inputs=args)
-    kw: dict[str, Any] = {"dynamo": dynamo}
+    with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
+        outputs = _flat_outputs(folded(*args))
+    in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
+    kw: dict[str, Any] = {"dynamo": dynamo, "input_names": in_names, "output_names": out_names}
     if opset is not None:
         kw["opset_version"] = opset
-    if input_names is not None:
-        kw["input_names"] = list(input_names)
-    if output_names is not None:
-        kw["output_names"] = list(output_names)
     if dynamic_axes is not None:
         kw["dynamic_axes"] = dict(dynamic_axes)
+    elif dynamic_batch and not dynamo:
+        kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
     buf = io.BytesIO()
     if dynamo:
         prog = torch.onnx.export(folded, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
@@ -141,3 +228,90 @@ def export_onnx(
     save(onnx_model, path)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a PyTorch model is written to ``.onnx`` (see :mod:`bnfold.export`)."""
+
+    opset: int | None = None
+    dynamic_batch: bool = True
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+    def flags(self) -> dict[str, object]:
+        """The CLI flags these settings came from, with the values given (for option checks)."""
+        return {
+            "--opset": self.opset, "--static-batch": not self.dynamic_batch,
+            "--input-names": self.input_names, "--output-names": self.output_names,
+        }
+
+
+def export_folded(
+    model: Any,
+    examples: tuple[Any, ...] | None,
+    *,
+    export: ExportSettings,
+    affine: bool,
+    progress: Callable[[str, int, int], None],
+) -> tuple[Any, FoldReport]:
+    """PyTorch -> folded ONNX for the file jobs: ``(ModelProto, report)``; nothing is verified or written.
+
+    An ``nn.Module`` goes through :func:`export_onnx` (into a temporary folder); an ExportedProgram is
+    folded as a program, exported with the dynamo exporter and folded again. ``affine`` turns the BNs
+    left in the ONNX graph into Mul + Add.
+
+    Raises:
+        OptionError: ``--static-batch`` for a program (it keeps the shapes it was exported with).
+    """
+    import os
+    import tempfile
+
+    import onnx
+    import torch
+
+    from .onnx import fold_model
+
+    progress("export", 0, 1)
+    t = time.perf_counter()
+    if isinstance(model, torch.export.ExportedProgram):
+        # A program is folded as a program, exported as one (dynamo exporter: its dynamic shapes and
+        # signature names are the program's own), and folded again.
+        from .api import fold_with_report
+
+        if not export.dynamic_batch:
+            raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
+        folded_ep, report = fold_with_report(model)
+        kw: dict[str, Any] = {"dynamo": True, "verbose": False}
+        if export.opset is not None:
+            kw["opset_version"] = export.opset
+        if export.input_names:
+            kw["input_names"] = list(export.input_names)
+        if export.output_names:
+            kw["output_names"] = list(export.output_names)
+        proto = torch.onnx.export(folded_ep, **kw).model_proto  # type: ignore[union-attr]
+        proto, oreport = fold_model(proto, affine=affine, inplace=True)
+        report.verdicts = [*report.verdicts, *oreport.verdicts]
+        report.bn_after, report.nodes_after = oreport.bn_after, oreport.nodes_after
+        report.params_after = oreport.params_after
+        report.notes.extend(oreport.notes)
+        report.seconds = time.perf_counter() - t
+        progress("export", 1, 1)
+        return proto, report
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        report = export_onnx(
+            model, tuple(examples or ()), path, opset=export.opset, verify=False,
+            input_names=export.input_names or None, output_names=export.output_names or None,
+            dynamic_batch=export.dynamic_batch,
+        )
+        proto = onnx.load(path)
+    if affine and report.bn_after:
+        proto, areport = fold_model(proto, affine=True, inplace=True)
+        done = {v.bn for v in areport.sites}
+        report.verdicts = [v for v in report.verdicts if v.bn not in done] + list(areport.sites)
+        report.bn_after, report.nodes_after = areport.bn_after, areport.nodes_after
+        report.params_after = areport.params_after
+    report.seconds = time.perf_counter() - t
+    progress("export", 1, 1)
+    return proto, report

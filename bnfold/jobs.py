@@ -7,7 +7,12 @@ Rules:
       extension that names no format) and option parsing happen before any model is loaded;
     * MODEL is never modified; OUT is written atomically by :func:`bnfold.io.save` (temporary file in the
       same folder, then ``os.replace``), and only after verification passed (unless ``force``);
-    * an ONNX source with an ONNX output never imports torch.
+    * an ONNX source with an ONNX output never imports torch;
+    * an option that does not apply to the job raises :class:`~bnfold.errors.OptionError` naming the
+      flag (``--opset`` on an ONNX source, ``--samples`` with ``--inputs``, ...), never silently ignored;
+    * advice in messages and verdicts names the flags a CLI user can type (:func:`cli_advice`);
+    * file sizes count every external-data file next to an ONNX model; an ONNX output keeps the
+      input's layout (external data or inline) unless ``external_data`` says otherwise.
 
 Reference for ONNX verification: the source *file*. The loaded model is folded with ``inplace=True``
 (one copy of the weights in memory) and verification reads the untouched source file from disk, which
@@ -24,14 +29,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ._inputs import parse_input_shapes
+from ._datafiles import model_size, onnx_data_files
+from ._inputs import load_inputs, onnx_input_specs, parse_input_shapes, parse_shapes_for, torch_examples
 from .errors import (
     BnfoldError,
+    FoldVerificationError,
     OptionError,
     OutputError,
     UnsupportedModelError,
-    VerificationError,
+    with_context,
 )
+from .export import ExportSettings, export_folded
 from .records import FoldReport, VerifyReport
 
 __all__ = [
@@ -43,7 +51,12 @@ __all__ = [
     "load_inputs",
     "resolve_factory",
     "check_output",
+    "cli_advice",
+    "model_size",
+    "onnx_data_files",
     "onnx_input_specs",
+    "io_signature",
+    "ExportSettings",
     "fold_file",
     "inspect_file",
     "verify_files",
@@ -69,12 +82,37 @@ _FORMAT_NAMES = {
 }
 
 
-class FoldVerificationError(VerificationError):
-    """Verification of a fold failed: nothing was written. ``fold_report`` holds the whole report."""
+_ADVICE = (
+    # (what the Python API says, what a CLI user types)
+    ("pass eval_semantics=True", "pass --eval-semantics"),
+    ("pass example_inputs=(x,) to bnfold.fold to record the shapes",
+     "pass -s/--input-shape NAME=SHAPE (or --inputs DATA.npz) to record the shapes"),
+    (" (trust_pickle=True)", ""),
+    (" (model_factory=...)", ""),
+)
 
-    def __init__(self, message: str, fold_report: FoldReport) -> None:
-        super().__init__(message, report=fold_report.verification)
-        self.fold_report = fold_report
+
+def cli_advice(text: str) -> str:
+    """``text`` with advice worded for the Python API reworded as the CLI flags that do the same."""
+    for api, flag in _ADVICE:
+        text = text.replace(api, flag)
+    return text
+
+
+def _advised(report: FoldReport) -> FoldReport:
+    """The report with every verdict's detail and note worded for the CLI (see :func:`cli_advice`)."""
+    from .records import Skip
+
+    report.verdicts = [
+        Skip(v.bn, v.reason, cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts
+    ]
+    report.notes = [cli_advice(n) for n in report.notes]
+    return report
+
+
+def _reworded(err: BnfoldError) -> BnfoldError:
+    msg = cli_advice(str(err))
+    return with_context(err, message=msg)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -82,31 +120,6 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- options
-def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """Read ``--inputs data.npz`` into ``{name: ndarray}``.
-
-    Raises:
-        OptionError: the file is missing, not an ``.npz`` archive, or empty.
-    """
-    if path is None:
-        return None
-    import zipfile
-
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"{p}: --inputs: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise OptionError(f"{p}: --inputs: not a NumPy .npz archive ({e})") from e
-    if not arrays:
-        raise OptionError(f"{p}: --inputs: the archive holds no array")
-    return arrays
-
-
 def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     """``--model module.path:factory`` -> the callable (see :func:`bnfold.io.resolve_factory`)."""
     if spec is None:
@@ -116,16 +129,7 @@ def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     return _resolve(spec)
 
 
-def _parse_shapes(
-    specs: Sequence[str] | Mapping[str, tuple[int, ...]] | None, path: Path
-) -> dict[str, tuple[int, ...]]:
-    """Parse ``--input-shape`` values; an error names the model file it was given for."""
-    if isinstance(specs, Mapping):
-        return dict(specs)
-    try:
-        return parse_input_shapes(list(specs or ()))
-    except BnfoldError as e:
-        raise _with_path(e, str(path)) from e
+_parse_shapes = parse_shapes_for
 
 
 def output_format(dst: Path) -> str:
@@ -166,11 +170,7 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _size(path: Path) -> int | None:
-    """Bytes of the model file and the external-data files it references (None if it is missing)."""
-    from .io import file_size_with_data
-
-    return file_size_with_data(path)
+_size = model_size
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -193,23 +193,44 @@ def _load(
     return model, fmt
 
 
-def onnx_input_specs(model: Any) -> list[Any]:
-    """The graph inputs of an ONNX model (initializers excluded) as :class:`bnfold._inputs.InputSpec`."""
-    import numpy as np
+def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
+    """An ONNX model's inputs and outputs: ``{"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}``.
+
+    A shape entry is an int, a symbol (str) or None (unknown).
+    """
     import onnx
 
-    from ._inputs import InputSpec
+    def one(vi: Any) -> dict[str, Any]:
+        tt = vi.type.tensor_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
+        except (KeyError, ValueError):
+            dtype = "?"
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        return {"name": vi.name, "dtype": dtype, "shape": dims if tt.HasField("shape") else None}
 
     init = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        tt = vi.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, dims))
-    return specs
+    return {
+        "inputs": [one(vi) for vi in model.graph.input if vi.name not in init],
+        "outputs": [one(vi) for vi in model.graph.output],
+    }
+
+
+def _verified_on(
+    model: Any, ins: _Inputs, examples: tuple[Any, ...] | None, names: Sequence[str] = ()
+) -> dict[str, list[int]]:
+    """The input shapes verification runs on (the same rules as :mod:`bnfold.verification`)."""
+    if examples is not None:
+        labels = list(names) + [f"input{i}" for i in range(len(names), len(examples))]
+        return {n: list(getattr(t, "shape", ())) for n, t in zip(labels, examples)}
+    if ins.arrays:
+        return {k: list(v.shape) for k, v in ins.arrays.items()}
+    from ._inputs import resolve_shapes
+
+    try:
+        return {k: list(v) for k, v in resolve_shapes(onnx_input_specs(model), ins.shapes).items()}
+    except BnfoldError:
+        return {}
 
 
 def _check_onnx_shapes(model: Any, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
@@ -222,32 +243,6 @@ def _check_onnx_shapes(model: Any, shapes: Mapping[str, tuple[int, ...]], path: 
         resolve_shapes(onnx_input_specs(model), shapes)
     except BnfoldError as e:
         raise _with_path(e, str(path)) from e
-
-
-def _torch_examples(
-    model: Any,
-    shapes: Mapping[str, tuple[int, ...]],
-    inputs: Mapping[str, Any] | None,
-    seed: int,
-    path: Path,
-) -> tuple[Any, ...]:
-    """Example inputs for a PyTorch model: ``--inputs`` arrays, ``--input-shape`` or the program's own."""
-    import numpy as np
-    import torch
-
-    if inputs:
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
-    if shapes:
-        g = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(s, generator=g) for s in shapes.values())
-    ex = getattr(model, "example_inputs", None)
-    if ex is not None:
-        args = ex[0] if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else ex
-        return tuple(args)
-    raise OptionError(
-        f"{path}: a PyTorch module has no input signature: pass --input-shape (e.g. "
-        "--input-shape x=1x3x224x224) or --inputs data.npz"
-    )
 
 
 @dataclass(frozen=True)
@@ -298,20 +293,43 @@ def _verify(
     return report
 
 
-def _with_path(err: BnfoldError, where: str) -> BnfoldError:
-    """The same error, its message prefixed with the file(s) it is about when it names none."""
-    msg = str(err)
-    if not where or where in msg or msg.startswith(where.split(" vs ")[0]):
-        return err
-    new = type(err).__new__(type(err))
-    Exception.__init__(new, f"{where}: {msg}")
-    new.__dict__.update(err.__dict__)
-    return new
+_with_path = with_context
 
 
-def _check_samples(samples: int) -> None:
+def _check_sampling(samples: int, seed: int, inputs: object) -> None:
+    """``--samples`` and ``--seed`` are checked once, here, for every job that draws inputs."""
     if samples < 1:
         raise OptionError(f"--samples {samples}: must be >= 1")
+    if seed < 0:
+        raise OptionError(f"--seed {seed}: must be >= 0")
+    if inputs is not None and samples != 1:
+        raise OptionError(f"--samples {samples}: does not apply with --inputs (the archive is the data)")
+
+
+_check_samples = _check_sampling  # the name the other file jobs used
+
+
+def _refuse(flags: Mapping[str, object], why: str) -> None:
+    """Raise :class:`OptionError` naming the first flag that was given although it does not apply."""
+    for flag, value in flags.items():
+        if value not in (None, False, (), []):
+            raise OptionError(f"{flag}: {why}")
+
+
+def _source_format_early(src: Path, out_fmt: str, dst: Path) -> None:
+    """Refuse a source/output pairing before loading (a sniff of a PyTorch file reads no pickle).
+
+    Writing ``.onnx`` works from every source, so only ``.pt``/``.pt2`` outputs are sniffed here.
+    """
+    if out_fmt == "onnx":
+        return
+    from . import io as bio
+
+    fmt = bio.detect_format(src)
+    if fmt == "onnx":
+        raise OptionError(f"{dst}: an ONNX model can only be written as .onnx")
+    if fmt == "pt2" and out_fmt == "torch":
+        raise OptionError(f"{dst}: a torch.export program is written as .pt2 or .onnx, not {dst.suffix}")
 
 
 # ----------------------------------------------------------------------------------------------- jobs
@@ -325,6 +343,7 @@ def fold_file(
     in_place: bool = False,
     model_factory: str | None = None,
     trust_pickle: bool = False,
+    eval_semantics: bool = False,
     input_shapes: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
     inputs: str | os.PathLike[str] | None = None,
     samples: int = 1,
@@ -333,47 +352,67 @@ def fold_file(
     rtol: float | None = None,
     opt_level: str | None = None,
     opset: int | None = None,
+    export: ExportSettings | None = None,
+    external_data: bool | None = None,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
     """Fold every exactly-foldable BatchNorm of the model in ``src``, verify, and write ``dst``.
 
     ``dst``'s extension picks the output format: ``.onnx``; ``.pt2`` (torch.export); ``.pt``/``.pth``/
     ``.ckpt``/``.bin`` (a pickled module, since a folded model no longer has the factory's layout).
-    A PyTorch source written to ``.onnx`` is folded, exported, folded again where the exporter left BN,
-    and verified against the PyTorch original.
+    A PyTorch source written to ``.onnx`` is folded, exported (dynamic batch, names from the forward
+    signature: see :mod:`bnfold.export`), folded again where the exporter left BN, and verified against
+    the PyTorch original.
 
     Args:
         src: the model file (never modified, unless ``in_place`` and ``dst`` is ``src``).
         dst: the output file, written atomically.
-        affine: ONNX: turn BNs that have nothing to fold into into one Mul + one Add.
+        affine: ONNX output: turn BNs that have nothing to fold into into one Mul + one Add.
         verify: compare the result with the original in onnxruntime (on by default).
-        force: write ``dst`` even when verification fails.
+        force: write ``dst`` even when verification fails (:class:`FoldVerificationError` still raised,
+            with ``fold_report.extra["written"]`` True).
         in_place: allow ``dst`` to be ``src``.
         model_factory: ``module.path:factory`` that builds the architecture of a state_dict.
         trust_pickle: allow unpickling a whole module (runs code from the file).
-        input_shapes: ``["name=1x3x224x224", ...]`` or ``{name: shape}``.
+        eval_semantics: PyTorch: fold a module saved in ``train()`` mode with its inference semantics.
+        input_shapes: ``["name=1x3x224x224", ...]`` or ``{name: shape}``: the shapes verified on.
         inputs: an ``.npz`` file with the inputs to verify on.
         samples, seed, atol, rtol, opt_level: verification settings (see :func:`bnfold.verification.verify`).
-        opset: ONNX opset for a PyTorch source exported to ``.onnx``.
+        opset: ONNX opset for a PyTorch source exported to ``.onnx`` (shorthand for ``export.opset``).
+        export: how a PyTorch source is exported to ``.onnx`` (:class:`ExportSettings`).
+        external_data: ONNX output: True writes ``OUT.data`` next to OUT, False inline; None keeps the
+            input's layout (a PyTorch source: external only over the 2 GiB protobuf limit).
         progress: ``progress(stage, done, total)`` callback.
 
     Returns:
-        The :class:`FoldReport`; ``report.extra`` holds paths, formats, file sizes; ``report.verification``
-        the :class:`VerifyReport` (None with ``verify=False``).
+        The :class:`FoldReport`; ``report.extra`` holds paths, formats, file sizes (external data
+        included); ``report.verification`` the :class:`VerifyReport` (None with ``verify=False``).
 
     Raises:
         OutputError, OptionError, ModelFormatError, ...: exit code 2, nothing written.
-        FoldVerificationError: verification failed and ``force`` is False; nothing written.
+        FoldVerificationError: verification failed; nothing written unless ``force``.
     """
     t0 = time.perf_counter()
     prog = progress or _noop
     src_p, dst_p = Path(src), Path(dst)
-    _check_samples(samples)
+    exp = export or ExportSettings()
+    if opset is not None:
+        exp = replace(exp, opset=opset)
+    # Every option and the output path are checked before anything is loaded.
+    _check_sampling(samples, seed, inputs)
+    if exp.opset is not None and not 7 <= exp.opset <= 25:
+        raise OptionError(f"--opset {exp.opset}: must be between 7 and 25")
     shapes = _parse_shapes(input_shapes, src_p)
     out_fmt = output_format(dst_p)
     check_output(src_p, dst_p, in_place=in_place)
+    if out_fmt != "onnx":
+        _refuse({**exp.flags(), "--external-data": external_data is not None},
+                f"applies only when the output is .onnx, not {dst_p.suffix}")
+    _source_format_early(src_p, out_fmt, dst_p)
     arrays = load_inputs(inputs)
-    size_before = _size(src_p)
+    if not verify:
+        _refuse({"--atol": atol, "--rtol": rtol, "--opt-level": opt_level,
+                 "--samples": samples != 1}, "does not apply with --no-verify")
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
 
@@ -386,37 +425,103 @@ def fold_file(
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
     protect = [] if _same_file(src_p, dst_p) else bio.files_read_by(src_p)
     bio.check_output_path(src_p, dst_p, in_place=in_place, input_files=protect)
+    src_data = onnx_data_files(src_p) if src_fmt == "onnx" else []
+    size_before = model_size(src_p, src_fmt)
     if src_fmt == "onnx":
-        if out_fmt != "onnx":
-            raise OptionError(f"{dst_p}: an ONNX model can only be written as .onnx")
+        _refuse({**exp.flags(), "--eval-semantics": eval_semantics},
+                "applies only to PyTorch models (MODEL is an ONNX model)")
         report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
+        if external_data is None:
+            external_data = bool(src_data) or None
     else:
-        report, result = _fold_torch(
-            src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, progress=prog
-        )
+        if out_fmt != "onnx":
+            _refuse({"--affine": affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
+        model = _eval_if(model, eval_semantics)
+        try:
+            report, result = _fold_torch(
+                src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, export=exp,
+                eval_semantics=eval_semantics, progress=prog,
+            )
+        except BnfoldError as e:
+            raise _reworded(e) from e
+    report = _advised(report)
     report.extra.update(
         source=str(src_p), output=str(dst_p), source_format=src_fmt, output_format=out_fmt,
         size_before=size_before, size_after=None, written=False,
+        source_data_files=[str(f) for f in src_data],
     )
-    if report.verification is not None and not report.verification.passed:
-        if not force:
-            report.extra["total_seconds"] = time.perf_counter() - t0
-            raise FoldVerificationError(
-                f"{dst_p}: not written: the folded model is not equivalent to {src_p} "
-                f"(max abs error {report.verification.max_abs_error:.3g}); --force writes it anyway",
-                report,
-            )
+    failed = report.verification is not None and not report.verification.passed
+    message = (
+        f"{dst_p}: the folded model is not equivalent to {src_p} "
+        f"(max abs error {report.verification.max_abs_error:.3g})"
+        if failed and report.verification is not None else ""
+    )
+    if failed and not force:
+        report.extra["total_seconds"] = time.perf_counter() - t0
+        raise FoldVerificationError(f"{message}; not written (--force writes it anyway)", report)
+    if failed:
         report.notes.append("verification failed; written anyway because of --force")
-    _save(result, dst_p, prog, protect)
-    report.extra.update(size_after=_size(dst_p), written=True, total_seconds=time.perf_counter() - t0)
+    _save(result, dst_p, prog, external_data=external_data if out_fmt == "onnx" else None, protect=protect)
+    if in_place and src_fmt == "onnx":
+        report.notes.extend(_drop_orphaned_data(src_data, dst_p))
+    out_data = onnx_data_files(dst_p) if out_fmt == "onnx" else []
+    report.extra.update(
+        size_after=model_size(dst_p, out_fmt), written=True, total_seconds=time.perf_counter() - t0,
+        output_data_files=[str(f) for f in out_data],
+    )
+    if failed:
+        raise FoldVerificationError(f"{message}; written anyway because of --force", report)
     return report
 
 
-def _save(model: Any, dst: Path, progress: ProgressFn, protect: Sequence[str] = ()) -> None:
+def _eval_if(model: Any, eval_semantics: bool) -> Any:
+    """With ``eval_semantics`` a loaded module is put in eval mode (bnfold owns what it loaded)."""
+    if eval_semantics:
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise OptionError("--eval-semantics: applies only to an nn.Module (not a torch.export program)")
+        model.eval()
+    return model
+
+
+def _drop_orphaned_data(old: Sequence[Path], dst: Path) -> list[str]:
+    """After ``--in-place``: remove the input's external-data files that nothing reads any more.
+
+    A data file the new model still reads is kept, and so is one that another ONNX file in the same
+    folder references (a shared weights file belongs to that model too). Returns a note per file kept.
+    """
+    keep = set(onnx_data_files(dst))
+    notes: list[str] = []
+    candidates = [f for f in old if f not in keep and f.exists()]
+    if not candidates:
+        return notes
+    others: set[Path] = set()
+    try:
+        siblings = [p for p in dst.resolve().parent.iterdir() if p.suffix.lower() == ".onnx" and p.is_file()]
+    except OSError:
+        siblings = []
+    for sib in siblings:
+        if sib.resolve() != dst.resolve():
+            others.update(onnx_data_files(sib))
+    for f in candidates:
+        if f in others:
+            notes.append(f"kept {f.name}: another model in the folder reads it")
+            continue
+        try:
+            f.unlink()
+        except OSError:
+            notes.append(f"could not remove {f.name}, which the new model no longer reads")
+    return notes
+
+
+def _save(
+    model: Any, dst: Path, progress: ProgressFn, *, external_data: bool | None = None, protect: Sequence[str] = ()
+) -> None:
     from . import io as bio
 
     progress("save", 0, 1)
-    bio.save(model, dst, protect=protect)
+    bio.save(model, dst, external_data=external_data, protect=protect)
     progress("save", 1, 1)
 
 
@@ -431,11 +536,13 @@ def _fold_onnx(
     folded, report = fold_model(model, affine=affine, inplace=True)
     report.seconds = time.perf_counter() - t
     progress("fold", 1, 1)
+    report.extra["signature"] = io_signature(folded)
     if verify:
         # The reference is the source file on disk (see the module docstring).
         report.verification = _verify(
             str(src), folded, ins, example_inputs=None, progress=progress, where=str(src)
         )
+        report.extra["verified_on"] = _verified_on(folded, ins, None)
     return report, folded
 
 
@@ -448,7 +555,8 @@ def _fold_torch(
     *,
     affine: bool,
     verify: bool,
-    opset: int | None,
+    export: ExportSettings,
+    eval_semantics: bool,
     progress: ProgressFn,
 ) -> tuple[FoldReport, Any]:
     import torch
@@ -457,26 +565,31 @@ def _fold_torch(
 
     is_ep = isinstance(model, torch.export.ExportedProgram)
     needs_examples = verify or out_fmt in ("onnx", "pt2")
-    examples = _torch_examples(model, ins.shapes, ins.arrays, ins.seed, src) if needs_examples else None
+    examples = torch_examples(model, ins.shapes, ins.arrays, ins.seed, src) if needs_examples else None
 
     if out_fmt == "onnx":
         # export_onnx folds in PyTorch, exports, folds what the exporter left; we verify below with the
         # user's settings against the PyTorch original.
-        names = list(ins.arrays) if ins.arrays else (list(ins.shapes) if ins.shapes else None)
-        result, report = _export(model, examples, opset=opset, affine=affine, input_names=names, progress=progress)
+        result, report = export_folded(model, examples, export=export, affine=affine, progress=progress)
     else:
         progress("fold", 0, 1)
         t = time.perf_counter()
         # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
-        result, report = fold_with_report(model, example_inputs=None if is_ep else examples)
+        if is_ep:
+            result, report = fold_with_report(model)
+        else:
+            result, report = fold_with_report(model, example_inputs=examples, eval_semantics=eval_semantics)
         report.seconds = time.perf_counter() - t
         progress("fold", 1, 1)
         if out_fmt == "pt2" and not is_ep:
             progress("export", 0, 1)
             result = torch.export.export(result, tuple(examples or ()))
             progress("export", 1, 1)
-        elif out_fmt == "torch" and is_ep:
-            raise OptionError(f"{dst}: a torch.export program is written as .pt2 or .onnx, not {dst.suffix}")
+    names: list[str] = []
+    if out_fmt == "onnx":
+        sig = io_signature(result)
+        report.extra["signature"] = sig
+        names = [i["name"] for i in sig["inputs"]]
     if verify:
         # The reference is the PyTorch original; verify exports torch models to ONNX itself. The
         # example inputs carry the shapes and the data, so no name-keyed shapes or arrays go along.
@@ -484,61 +597,42 @@ def _fold_torch(
             model, result, ins.carried_by_examples(), example_inputs=examples, progress=progress,
             where=str(src),
         )
+        report.extra["verified_on"] = _verified_on(result, ins, examples, names)
+        if out_fmt == "onnx" and export.dynamic_batch and not is_ep and examples:
+            _check_other_batch(model, result, examples, ins, progress, src)
     return report, result
 
 
-def _export(
-    model: Any,
-    examples: tuple[Any, ...] | None,
-    *,
-    opset: int | None,
-    affine: bool,
-    input_names: list[str] | None,
-    progress: ProgressFn,
-) -> tuple[Any, FoldReport]:
-    """PyTorch -> folded ONNX through :func:`bnfold.export.export_onnx` (into a temporary folder)."""
-    import tempfile
+def _check_other_batch(
+    model: Any, result: Any, examples: tuple[Any, ...], ins: _Inputs, progress: ProgressFn, src: Path
+) -> None:
+    """A dynamic batch is a claim: check it at a batch size the export did not see (one more).
 
-    import onnx
+    A model that bakes its batch size in (``x.reshape(2, -1)``) exports with a ``batch`` dimension
+    that only works at the traced size; it is refused with the way out instead of shipped.
+    """
     import torch
 
-    from .export import export_onnx
-    from .onnx import fold_model
+    from .errors import VerificationError
 
-    progress("export", 0, 1)
-    t = time.perf_counter()
-    if isinstance(model, torch.export.ExportedProgram):
-        # A program is folded as a program, exported as one (dynamo exporter), and folded again.
-        from .api import fold_with_report
-
-        folded_ep, report = fold_with_report(model)
-        kw: dict[str, Any] = {"dynamo": True, "verbose": False}
-        if opset is not None:
-            kw["opset_version"] = opset
-        proto = torch.onnx.export(folded_ep, **kw).model_proto  # type: ignore[union-attr]
-        proto, oreport = fold_model(proto, affine=affine, inplace=True)
-        report.verdicts = [*report.verdicts, *oreport.verdicts]
-        report.bn_after, report.nodes_after = oreport.bn_after, oreport.nodes_after
-        report.params_after = oreport.params_after
-        report.notes.extend(oreport.notes)
-        report.seconds = time.perf_counter() - t
-        progress("export", 1, 1)
-        return proto, report
-    with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        report = export_onnx(
-            model, tuple(examples or ()), path, opset=opset, verify=False, input_names=input_names
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.is_floating_point() for t in examples):
+        return  # integer inputs (indices) may not take random rows: the traced batch was checked
+    batch = int(examples[0].shape[0])
+    g = torch.Generator().manual_seed(ins.seed + 1)
+    other = tuple(torch.randn((batch + 1, *t.shape[1:]), generator=g, dtype=t.dtype) for t in examples)
+    why = ""
+    try:
+        rep = _verify(model, result, ins.carried_by_examples(), example_inputs=other, progress=progress,
+                      where=str(src))
+        if not rep.passed:
+            why = f"max abs error {rep.max_abs_error:.3g}"
+    except BnfoldError as e:
+        why = str(e)
+    if why:
+        raise VerificationError(
+            f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} "
+            f"({why}): the model fixes its batch size; pass --static-batch"
         )
-        proto = onnx.load(path)
-    if affine and report.bn_after:
-        proto, areport = fold_model(proto, affine=True, inplace=True)
-        done = {v.bn for v in areport.sites}
-        report.verdicts = [v for v in report.verdicts if v.bn not in done] + list(areport.sites)
-        report.bn_after, report.nodes_after = areport.bn_after, areport.nodes_after
-        report.params_after = areport.params_after
-    report.seconds = time.perf_counter() - t
-    progress("export", 1, 1)
-    return proto, report
 
 
 def inspect_file(
@@ -547,27 +641,60 @@ def inspect_file(
     affine: bool = False,
     model_factory: str | None = None,
     trust_pickle: bool = False,
+    eval_semantics: bool = False,
+    input_shapes: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
+    inputs: str | os.PathLike[str] | None = None,
+    seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
-    """The verdict for every BatchNorm of the model in ``src``; nothing is written.
+    """The verdict for every BatchNorm of the model in ``src``, as ``fold`` would give it; nothing written.
+
+    Every option that decides a verdict in ``fold`` is taken here too: ``affine`` (ONNX), and for
+    PyTorch ``eval_semantics`` and the shapes (``input_shapes`` / ``inputs``, or the factory's
+    ``example_input_shape``) that prove where a Linear meets a BatchNorm1d on 2-D data.
 
     Returns:
-        A dry-run :class:`FoldReport` with ``extra`` holding the path, format and file size.
+        A dry-run :class:`FoldReport` whose ``bn_after`` is the predicted count (``bn_before`` minus the
+        BNs that would go); ``extra`` holds the path, format and file size (external data included).
     """
     from .api import fold_with_report
 
     t0 = time.perf_counter()
     prog = progress or _noop
     src_p = Path(src)
+    _check_sampling(1, seed, inputs)
+    shapes = _parse_shapes(input_shapes, src_p)
+    arrays = load_inputs(inputs)
     model, fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
     prog("fold", 0, 1)
-    kwargs: dict[str, Any] = {"dry_run": True}
     if fmt == "onnx":
-        kwargs["affine"] = affine
-    _, report = fold_with_report(model, **kwargs)
+        _refuse({"--eval-semantics": eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
+        _check_onnx_shapes(model, shapes, src_p)
+        _, report = fold_with_report(model, dry_run=True, affine=affine)
+        report.extra["signature"] = io_signature(model)
+    else:
+        import torch
+
+        _refuse({"--affine": affine}, "applies only to ONNX models (Mul + Add are ONNX nodes)")
+        model = _eval_if(model, eval_semantics)
+        try:
+            if isinstance(model, torch.export.ExportedProgram):
+                _, report = fold_with_report(model, dry_run=True)
+            else:
+                has_examples = bool(shapes or arrays or getattr(model, "example_inputs", None) is not None)
+                examples = torch_examples(model, shapes, arrays, seed, src_p) if has_examples else None
+                _, report = fold_with_report(
+                    model, dry_run=True, example_inputs=examples, eval_semantics=eval_semantics
+                )
+        except BnfoldError as e:
+            raise _reworded(e) from e
+        # The PyTorch backends decide without rewriting: the BN count after is the prediction.
+        report.bn_after = report.bn_before - report.folded
+        report.extra["predicted_counts"] = ["bn"]
     prog("fold", 1, 1)
+    report = _advised(report)
     report.extra.update(
-        source=str(src_p), source_format=fmt, size_before=_size(src_p),
+        source=str(src_p), source_format=fmt, size_before=model_size(src_p, fmt),
         total_seconds=time.perf_counter() - t0,
     )
     return report
@@ -598,7 +725,7 @@ def verify_files(
         ModelFormatError, OptionError: a file or an option cannot be used (exit code 2).
     """
     prog = progress or _noop
-    _check_samples(samples)
+    _check_sampling(samples, seed, inputs)
     ref_p, cand_p = Path(reference), Path(candidate)
     shapes = _parse_shapes(input_shapes, ref_p)
     arrays = load_inputs(inputs)
@@ -607,7 +734,7 @@ def verify_files(
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
     examples = None
     if ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
-        examples = _torch_examples(ref, shapes, arrays, seed, ref_p)
+        examples = torch_examples(ref, shapes, arrays, seed, ref_p)
         ins = ins.carried_by_examples()
     return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=f"{ref_p} vs {cand_p}")
 
@@ -639,6 +766,8 @@ def freeze_file(
     prog = progress or _noop
     src_p, dst_p = Path(src), Path(dst)
     check_output(src_p, dst_p, in_place=in_place)
+    if OUTPUT_FORMATS.get(dst_p.suffix.lower()) != "torch":
+        raise OptionError(f"{dst_p}: a frozen PyTorch model is saved as .pt/.pth/.ckpt/.bin, like its source")
     from . import io as bio
 
     fmt = bio.detect_format(src_p)
@@ -647,18 +776,15 @@ def freeze_file(
             f"{src_p}: freeze works on PyTorch checkpoints (state_dict with --model, or a pickled module), "
             f"not on {_FORMAT_NAMES.get(fmt, fmt)}"
         )
-    if OUTPUT_FORMATS.get(dst_p.suffix.lower()) != "torch":
-        raise OptionError(f"{dst_p}: a frozen PyTorch model is saved as .pt/.pth/.ckpt/.bin, like its source")
     model, fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
 
     from .freezing import freeze
+    from .nn import FrozenBatchNorm
 
     prog("freeze", 0, 1)
     frozen = freeze(model, learnable=learnable)
     prog("freeze", 1, 1)
-    names = [
-        (n, type(m).__name__) for n, m in frozen.named_modules() if "Frozen" in type(m).__name__
-    ]
+    names = [(n, type(m).__name__) for n, m in frozen.named_modules() if isinstance(m, FrozenBatchNorm)]
     prog("save", 0, 1)
     bio.save(frozen, dst_p, fmt="state_dict" if fmt == "state_dict" else "module")
     prog("save", 1, 1)
@@ -668,6 +794,7 @@ def freeze_file(
         "source_format": fmt,
         "learnable": learnable,
         "frozen": names,
-        "size_after": _size(dst_p),
+        "size_before": model_size(src_p, fmt),
+        "size_after": model_size(dst_p, fmt),
         "seconds": time.perf_counter() - t0,
     }

@@ -131,14 +131,14 @@ def test_no_args_shows_help() -> None:
 def test_fold_onnx(model_path: Path, tmp_path: Path) -> None:
     before = digest(model_path)
     out = tmp_path / "out.onnx"
-    r = runner.invoke(app, ["fold", str(model_path), "-o", str(out)])
+    r = runner.invoke(app, ["fold", str(model_path), "-o", str(out), "--verbose"])
     assert r.exit_code == 0, r.output
     assert digest(model_path) == before
     assert count_bn(out) == 1 < count_bn(model_path) == 2
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run_onnx(out, x), run_onnx(model_path, x), atol=FP32_ATOL, rtol=0)
-    assert "bn1" in r.stdout and "bn2" in r.stdout  # one row per BN
+    assert "bn1" in r.stdout and "bn2" in r.stdout  # --verbose: one row per BN
     assert "folded" in r.stdout and "left" in r.stdout
     assert [p.name for p in tmp_path.iterdir()] == sorted(["tiny.onnx", "out.onnx"]) or set(
         p.name for p in tmp_path.iterdir()
@@ -150,11 +150,11 @@ def test_fold_onnx_json_and_affine(model_path: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["fold", str(model_path), "-o", str(out), "--affine", "--json", "--samples", "2"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)  # stdout holds the JSON alone
-    assert data["bn_before"] == 2 and data["bn_after"] == 0
+    assert data["summary"]["bn_before"] == 2 and data["summary"]["bn_after"] == 0
     statuses = {v["bn"]: v["status"] for v in data["verdicts"]}
     assert statuses == {"bn1": "folded", "bn2": "affine"}
     assert data["verification"]["passed"] is True
-    assert data["extra"]["size_before"] > 0 and data["extra"]["written"] is True
+    assert data["model"]["size_bytes"] > 0 and data["output"]["written"] is True
     assert count_bn(out) == 0
     x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run_onnx(out, x), run_onnx(model_path, x), atol=FP32_ATOL, rtol=0)
@@ -177,7 +177,8 @@ def test_inspect(model_path: Path) -> None:
     before = digest(model_path)
     r = runner.invoke(app, ["inspect", str(model_path)])
     assert r.exit_code == 0, r.output
-    assert "bn1" in r.stdout and "no_producer" in r.stdout
+    assert "bn2" in r.stdout and "no_producer" in r.stdout  # the BN left, with its reason
+    assert "bn1" not in r.stdout.split("left:")[-1]  # by default only the BNs left are listed
     r = runner.invoke(app, ["inspect", str(model_path), "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
@@ -196,7 +197,7 @@ def test_verify_pass_fail_and_not_comparable(model_path: Path, tmp_path: Path) -
     r = runner.invoke(app, ["verify", str(model_path), str(folded), "--samples", "2", "--opt-level", "all"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["verify", str(model_path), str(folded), "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["passed"] is True
+    assert r.exit_code == 0 and json.loads(r.stdout)["verification"]["passed"] is True
 
     # A candidate whose BN2 scale is off by 1%: not equivalent -> 1.
     bad = tiny_onnx()
@@ -208,7 +209,7 @@ def test_verify_pass_fail_and_not_comparable(model_path: Path, tmp_path: Path) -
     r = runner.invoke(app, ["verify", str(model_path), str(bad_path)])
     assert_clean_error(r, 1, "bad.onnx")
     r = runner.invoke(app, ["verify", str(model_path), str(bad_path), "--json"])
-    assert r.exit_code == 1 and json.loads(r.stdout)["passed"] is False
+    assert r.exit_code == 1 and json.loads(r.stdout)["verification"]["passed"] is False
 
     # Different output shape: cannot be compared -> 2.
     other = tmp_path / "other.onnx"
@@ -235,8 +236,10 @@ def test_fold_refuses_to_write_when_verification_fails(model_path: Path, tmp_pat
     assert_clean_error(r, 1, "out.onnx")
     assert not out.exists()
     r = runner.invoke(app, ["fold", str(model_path), "-o", str(out), "--force", "--json"])
-    assert r.exit_code == 0, r.output
-    assert out.exists() and json.loads(r.stdout)["verification"]["passed"] is False
+    assert r.exit_code == 1, r.output  # written because of --force, and a pipeline still sees the failure
+    data = json.loads(r.stdout)
+    assert out.exists() and data["verification"]["passed"] is False
+    assert data["ok"] is False and data["exit_code"] == 1 and data["output"]["written"] is True
 
 
 # -------------------------------------------------------------------------------- PyTorch files
@@ -289,7 +292,7 @@ def test_fold_state_dict_to_onnx(lenet_state_dict: Path, tmp_path: Path, monkeyp
     )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert data["bn_before"] == 4 and data["bn_after"] == 0
+    assert data["summary"]["bn_before"] == 4 and data["summary"]["bn_after"] == 0
     assert data["verification"]["passed"] is True
     assert count_bn(out) == 0
 
@@ -307,7 +310,7 @@ def test_pickled_module_needs_trust_flag(tmp_path: Path) -> None:
     assert "--trust-pickle" in r.stderr
     r = runner.invoke(app, ["inspect", str(p), "--trust-pickle", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["bn_before"] == 4
+    assert json.loads(r.stdout)["summary"]["bn_before"] == 4
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -403,7 +406,7 @@ def test_subprocess_fold_onnx_never_imports_torch(model_path: Path, tmp_path: Pa
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["bn_after"] == 1
+    assert json.loads(p.stdout)["summary"]["bn_after"] == 1
     assert count_bn(out) == 1
 
 
@@ -490,7 +493,7 @@ def test_bench_pytorch_state_dict(lenet_state_dict: Path, monkeypatch) -> None:
     assert {t["setting"] for t in data["timings"]} == {
         "onnxruntime ORT_DISABLE_ALL", "onnxruntime ORT_ENABLE_ALL", "pytorch eager",
     }
-    assert data["bn_before"] == 4 and data["bn_after"] == 0
+    assert data["summary"]["bn_before"] == 4 and data["summary"]["bn_after"] == 0
 
 
 # ------------------------------------------------------------------------------ jobs (the core)

@@ -43,7 +43,7 @@ def test_every_command_has_a_section() -> None:
     sections = _sections()
     for name in group.commands:
         assert name in sections, f"cli.md has no '## bnfold {name}' section"
-    doc_cmds = {k for k in sections if k not in ("Files", "Exit codes", "Global options")}
+    doc_cmds = {k for k in sections if k not in ("Files", "Exit codes", "JSON output", "Global options")}
     assert doc_cmds == set(group.commands), f"cli.md documents commands that do not exist: {doc_cmds - set(group.commands)}"
 
 
@@ -76,3 +76,23 @@ def test_every_option_mentioned_anywhere_exists() -> None:
         real |= _long_options(cmd)
     unknown = _documented_options(DOC) - real
     assert not unknown, f"cli.md mentions options that no command has: {sorted(unknown)}"
+
+
+def test_benchmarks_readme_lists_only_options_the_scripts_have() -> None:
+    """benchmarks/README.md's run column names options each script really parses."""
+    text = open(os.path.join(ROOT, "benchmarks", "README.md"), encoding="utf-8").read()
+    rows = [line for line in text.splitlines() if line.startswith("| `") and ".py` |" in line]
+    assert rows
+    for row in rows:
+        script = re.search(r"`(\w+\.py)`", row)
+        assert script is not None
+        src = open(os.path.join(ROOT, "benchmarks", script.group(1)), encoding="utf-8").read()
+        run = row.rsplit("|", 2)[-2]
+        for opt in set(re.findall(r"--[a-z][a-z0-9-]*", run)):
+            assert f'"{opt}"' in src, f"{script.group(1)} has no {opt}"
+
+
+def test_readme_does_not_promise_freeze_on_onnx_or_pt2() -> None:
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "`freeze` works on PyTorch checkpoints only" in readme
+    assert "download.pytorch.org/whl/cpu" in readme  # how to get the CPU build of torch elsewhere
