@@ -179,10 +179,18 @@ InputsNpz = Annotated[
 ]
 Samples = Annotated[int, typer.Option("--samples", "-n", help="Number of random input samples to compare on.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
-Atol = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default: per dtype).",
-                                            show_default=False)]
-Rtol = Annotated[float | None, typer.Option("--rtol", help="Tolerance relative to each output's scale "
-                                            "(default: per dtype).", show_default=False)]
+Atol = Annotated[list[str] | None, typer.Option("--atol", metavar="[OUTPUT=]VALUE", show_default=False,
+                                                help="Absolute tolerance (default: per dtype); OUTPUT=VALUE "
+                                                "for one output (repeatable).")]
+Rtol = Annotated[list[str] | None, typer.Option("--rtol", metavar="[OUTPUT=]VALUE", show_default=False,
+                                                help="Tolerance relative to each output's scale (default: per "
+                                                "dtype); OUTPUT=VALUE for one output (repeatable).")]
+
+
+def _tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
+    from .compare import parse_tolerances
+
+    return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)
 Opt = Annotated[
     OptLevel | None,
     typer.Option("--opt-level", help="Also compare at this onnxruntime optimisation level (a second check).",
@@ -242,6 +250,9 @@ def fold(
     opt_level: Opt = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset when a PyTorch model is written "
                                               "to .onnx.", show_default=False)] = None,
+    all_or_nothing: Annotated[bool, typer.Option(
+        "--all-or-nothing", help="When verification fails, refuse the whole model instead of leaving only the "
+        "BNs whose fold fails it (ONNX).")] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     version: Version = None,
@@ -250,6 +261,7 @@ def fold(
     from . import jobs
 
     with _errors(model):
+        atol, rtol = _tolerances(atol, rtol)
         try:
 
             with _json_guard(json_out), _progress(quiet) as progress:
@@ -258,6 +270,7 @@ def fold(
                     model_factory=model_factory, trust_pickle=trust_pickle, input_shapes=input_shape or [],
                     inputs=inputs, samples=samples, seed=seed, atol=atol, rtol=rtol,
                     opt_level=opt_level.value if opt_level else None, opset=opset, progress=progress,
+                    all_or_nothing=all_or_nothing,
                 )
         except jobs.FoldVerificationError as e:
             failed = e.fold_report
@@ -298,8 +311,10 @@ def inspect(
 
 @app.command()
 def verify(
-    reference: Annotated[Path, typer.Argument(help="The reference model file.", show_default=False)],
-    candidate: Annotated[Path, typer.Argument(help="The model file to check against it.", show_default=False)],
+    reference: Annotated[Path | None, typer.Argument(help="The reference model file (omitted with --load-outputs).",
+                                                     show_default=False)] = None,
+    candidate: Annotated[Path | None, typer.Argument(help="The model file to check against it.",
+                                                     show_default=False)] = None,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     input_shape: InputShape = None,
@@ -309,6 +324,23 @@ def verify(
     atol: Atol = None,
     rtol: Rtol = None,
     opt_level: Opt = None,
+    error_stat: Annotated[str, typer.Option("--error-stat", metavar="max|mean|median|qQ",
+                                            help="Error statistic judged against the tolerance: max (every "
+                                            "element), mean, median or a quantile (q0.99, p99).")] = "max",
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", show_default=False,
+                                                     help="Also fail an output whose cosine similarity is "
+                                                     "below this.")] = None,
+    min_snr: Annotated[float | None, typer.Option("--min-snr", metavar="DB", show_default=False,
+                                                  help="Also fail an output whose signal-to-noise ratio is "
+                                                  "below this many dB.")] = None,
+    save_outputs: Annotated[Path | None, typer.Option("--save-outputs", metavar="GOLDEN.npz", show_default=False,
+                                                      help="Write the inputs and both models' outputs to this "
+                                                      "file.")] = None,
+    load_outputs: Annotated[Path | None, typer.Option("--load-outputs", metavar="GOLDEN.npz", show_default=False,
+                                                      help="Check CANDIDATE against outputs saved earlier (no "
+                                                      "model: re-check the saved comparison).")] = None,
+    locate: Annotated[bool, typer.Option("--locate", help="ONNX: compare the intermediate tensors both models "
+                                         "have and name the first that diverges.")] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     version: Version = None,
@@ -316,20 +348,35 @@ def verify(
     """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 not, 2 cannot compare)."""
     from . import jobs
 
-    with _errors(reference, candidate):
+    paths = [p for p in (reference, candidate, load_outputs) if p is not None]
+    with _errors(*paths):
         from ._render import render_verify_report
+        from .errors import OptionError
 
+        if load_outputs is not None:
+            if candidate is not None:
+                raise OptionError("--load-outputs stands for the reference: give at most one model (the candidate)")
+            reference, candidate = None, reference
+        elif reference is None or candidate is None:
+            raise OptionError("verify needs REFERENCE and CANDIDATE (or --load-outputs GOLDEN.npz [CANDIDATE])")
+        atol_v, rtol_v = _tolerances(atol, rtol)
         with _json_guard(json_out), _progress(quiet) as progress:
             report = jobs.verify_files(
                 reference, candidate, model_factory=model_factory, trust_pickle=trust_pickle,
-                input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol,
-                rtol=rtol, opt_level=opt_level.value if opt_level else None, progress=progress,
+                input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol_v,
+                rtol=rtol_v, opt_level=opt_level.value if opt_level else None, progress=progress,
+                error_stat=error_stat, min_cosine=min_cosine, min_snr_db=min_snr, save_outputs=save_outputs,
+                load_outputs=load_outputs, locate=locate,
             )
-        _show(report, json_out, quiet, lambda c: render_verify_report(c, report, title=f"{candidate} vs {reference}"))
+        against = reference if reference is not None else load_outputs
+        shown = candidate if candidate is not None else "saved outputs"
+        _show(report, json_out, quiet, lambda c: render_verify_report(c, report, title=f"{shown} vs {against}"))
         if not report.passed:
+            from .verification import describe_failure
+
             worst = report.worst()
-            where = f" (output {worst.name}: max abs error {worst.max_abs_error:.3g})" if worst else ""
-            _fail(f"{candidate}: not equivalent to {reference}{where}", 1)
+            where = f" ({describe_failure(worst)})" if worst else ""
+            _fail(f"{shown}: not equivalent to {against}{where}", 1)
 
 
 @app.command()

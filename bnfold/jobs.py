@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -258,9 +258,11 @@ class _Inputs:
     arrays: Mapping[str, Any] | None
     samples: int
     seed: int
-    atol: float | None
-    rtol: float | None
+    atol: Any  # a float, {output: float} or None (bnfold.compare.ToleranceArg)
+    rtol: Any
     opt_level: str | None
+    compare: Mapping[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of :func:`bnfold.verification.verify` (error_stat, locate, ...)."""
 
     def carried_by_examples(self) -> _Inputs:
         """The same settings once example tensors carry the shapes and the data (PyTorch reference)."""
@@ -287,6 +289,7 @@ def _verify(
         atol=ins.atol,
         rtol=ins.rtol,
         extra_level=ins.opt_level,
+        **ins.compare,
     )
     if example_inputs is not None:
         kwargs["example_inputs"] = example_inputs
@@ -329,11 +332,12 @@ def fold_file(
     inputs: str | os.PathLike[str] | None = None,
     samples: int = 1,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: Any = None,
+    rtol: Any = None,
     opt_level: str | None = None,
     opset: int | None = None,
     progress: ProgressFn | None = None,
+    all_or_nothing: bool = False,
 ) -> FoldReport:
     """Fold every exactly-foldable BatchNorm of the model in ``src``, verify, and write ``dst``.
 
@@ -356,6 +360,8 @@ def fold_file(
         samples, seed, atol, rtol, opt_level: verification settings (see :func:`bnfold.verification.verify`).
         opset: ONNX opset for a PyTorch source exported to ``.onnx``.
         progress: ``progress(stage, done, total)`` callback.
+        all_or_nothing: when verification fails, refuse the whole model (otherwise, for an ONNX
+            source, the folds that make it fail are found and left in place: :mod:`bnfold.culprit`).
 
     Returns:
         The :class:`FoldReport`; ``report.extra`` holds paths, formats, file sizes; ``report.verification``
@@ -382,6 +388,8 @@ def fold_file(
         if out_fmt != "onnx":
             raise OptionError(f"{dst_p}: an ONNX model can only be written as .onnx")
         report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
+        if report.verification is not None and not report.verification.passed and not all_or_nothing:
+            report, result = _onnx_without_culprits(src_p, report, result, ins, affine=affine, progress=prog)
     else:
         report, result = _fold_torch(
             src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, progress=prog
@@ -429,6 +437,28 @@ def _fold_onnx(
             str(src), folded, ins, example_inputs=None, progress=progress, where=str(src)
         )
     return report, folded
+
+
+def _onnx_without_culprits(
+    src: Path, report: FoldReport, result: Any, ins: _Inputs, *, affine: bool, progress: ProgressFn
+) -> tuple[FoldReport, Any]:
+    """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`); each try re-reads ``src``."""
+    from . import io as bio
+    from .culprit import fold_without_culprits
+    from .onnx import fold_model
+
+    del result  # the failed fold: free it before the first re-fold
+
+    def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
+        return fold_model(bio.load(src), affine=affine, inplace=True, exclude=excluded)
+
+    def check(model: Any) -> VerifyReport:
+        return _verify(str(src), model, ins, example_inputs=None, progress=progress, where=str(src))
+
+    model, new, search = fold_without_culprits(report, fold, check)
+    if not search.resolved:
+        return report, fold_model(bio.load(src), affine=affine, inplace=True)[0]
+    return new, model
 
 
 def _fold_torch(
@@ -566,8 +596,8 @@ def inspect_file(
 
 
 def verify_files(
-    reference: str | os.PathLike[str],
-    candidate: str | os.PathLike[str],
+    reference: str | os.PathLike[str] | None,
+    candidate: str | os.PathLike[str] | None,
     *,
     model_factory: str | None = None,
     trust_pickle: bool = False,
@@ -575,12 +605,17 @@ def verify_files(
     inputs: str | os.PathLike[str] | None = None,
     samples: int = 1,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: Any = None,
+    rtol: Any = None,
     opt_level: str | None = None,
     progress: ProgressFn | None = None,
+    **compare: Any,
 ) -> VerifyReport:
     """Run the models in two files on the same inputs and compare every output.
+
+    ``compare`` takes the further options of :func:`bnfold.verification.verify`: ``error_stat``,
+    ``min_cosine``, ``min_snr_db``, ``save_outputs``, ``load_outputs`` (then ``reference`` is None and
+    ``candidate`` may be None too) and ``locate``.
 
     Returns:
         The :class:`VerifyReport` (``passed`` False on a mismatch: this function does not raise for it).
@@ -591,17 +626,23 @@ def verify_files(
     """
     prog = progress or _noop
     _check_samples(samples)
-    ref_p, cand_p = Path(reference), Path(candidate)
-    shapes = _parse_shapes(input_shapes, ref_p)
+    ref_p = None if reference is None else Path(reference)
+    cand_p = None if candidate is None else Path(candidate)
+    first = ref_p or cand_p or Path(str(compare.get("load_outputs", "")))
+    shapes = _parse_shapes(input_shapes, first)
     arrays = load_inputs(inputs)
-    ref, ref_fmt = _load(ref_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
-    cand, _ = _load(cand_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
-    ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
+    ref = ref_fmt = cand = None
+    if ref_p is not None:
+        ref, ref_fmt = _load(ref_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    if cand_p is not None:
+        cand, _ = _load(cand_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level, compare)
     examples = None
-    if ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
+    if ref_p is not None and ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
         examples = _torch_examples(ref, shapes, arrays, seed, ref_p)
         ins = ins.carried_by_examples()
-    return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=f"{ref_p} vs {cand_p}")
+    where = " vs ".join(str(p) for p in (ref_p, cand_p) if p is not None)
+    return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=where)
 
 
 def freeze_file(
