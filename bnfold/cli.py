@@ -370,13 +370,48 @@ def verify(
             )
         against = reference if reference is not None else load_outputs
         shown = candidate if candidate is not None else "saved outputs"
-        _show(report, json_out, quiet, lambda c: render_verify_report(c, report, title=f"{shown} vs {against}"))
+        def render(c: Console) -> None:
+            render_verify_report(c, report, title=f"{shown} vs {against}")
+            _show_verify_details(c, report)
+
+        _show(report, json_out, quiet, render)
         if not report.passed:
             from .verification import describe_failure
 
             worst = report.worst()
             where = f" ({describe_failure(worst)})" if worst else ""
             _fail(f"{shown}: not equivalent to {against}{where}", 1)
+
+
+def _show_verify_details(console: Console, report: Any) -> None:
+    """Which runtime ran what (when not onnxruntime), where the errors are, and the first divergence.
+
+    Model-provided names go out as plain ``Text`` (never as markup).
+    """
+    from rich.text import Text
+
+    for r in report.runtimes:
+        if r.runtime != "onnxruntime":
+            console.print(Text(f"{r.role}: ran with {r.runtime}" + (f" ({r.reason})" if r.reason else "")))
+    for c in report.checks:
+        if not c.passed:
+            chans = ", ".join(f"{ch} ({e:.2e})" for ch, e in c.worst_channels)
+            console.print(Text(
+                f"{c.name} (sample {c.sample}): failed on {c.failure}; largest error at {list(c.worst_index)}"
+                + (f"; worst channels: {chans}" if chans else "")
+                + f"; cosine {c.cosine:.6f}" + (f", SNR {c.snr_db:.1f} dB" if c.snr_db is not None else "")
+            ))
+    loc = report.locate
+    if loc is not None:
+        if loc.first_divergence is None:
+            console.print(Text(f"locate: {loc.compared} intermediate tensor(s) compared, none diverges"))
+        else:
+            t = next(t for t in loc.tensors if t.name == loc.first_divergence)
+            console.print(Text(
+                f"locate: first divergence at {t.name} (computed by {t.producer}; matched by {t.matched_as}): "
+                f"max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
+                f"({loc.compared} tensor(s) compared)"
+            ))
 
 
 @app.command()

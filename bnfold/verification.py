@@ -125,6 +125,7 @@ class _OrtRunner:
     def __init__(self, source: str | bytes, level: str, label: str) -> None:
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # model-load warnings (old opsets) would print on stderr
         so = ort.SessionOptions()
         so.graph_optimization_level = _ort_level(level)
         so.log_severity_level = 3
@@ -190,7 +191,7 @@ class _RefRunner:
             proto = onnx.load(source)  # a path: external data resolved next to the file
         else:
             proto = source
-        self.session = ReferenceEvaluator(proto)
+        self.session = ReferenceEvaluator(proto, new_ops=_legacy_ops(proto) or None)
         init = {t.name for t in proto.graph.initializer}
         self.inputs = []
         for vi in proto.graph.input:
@@ -213,6 +214,36 @@ class _RefRunner:
                 f"{self.label}: the ONNX reference evaluator failed on sample {sample} ({_first_line(e)})"
             ) from e
         return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+
+
+def _legacy_ops(proto: Any) -> list[Any]:
+    """Implementations the reference evaluator lacks for opsets 1-5: BatchNormalization-1 (inference).
+
+    BatchNormalization-1 computes what BatchNormalization-6 does (``consumed_inputs`` only described
+    in-place updates of the running statistics in training); only ``is_test=1`` is inference.
+    """
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= 6:
+        return []
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):  # the name is the op type the evaluator looks up
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, is_test=None, momentum=None,  # type: ignore[no-untyped-def]
+                 spatial=None, consumed_inputs=None, training_mode=None):
+            if not is_test:
+                raise NotImplementedError("BatchNormalization-1 in training mode (is_test=0)")
+            eps = 1e-5 if epsilon is None else epsilon
+            if spatial == 0:  # statistics per element of C x D1 x ... (opset < 9)
+                shape = (1, *x.shape[1:])
+            else:
+                shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+            r = [np.asarray(a).reshape(shape) for a in (scale, bias, mean, var)]
+            y = (x - r[2]) / np.sqrt(r[3] + eps) * r[0] + r[1]
+            return (y.astype(x.dtype),)
+
+    return [BatchNormalization]
 
 
 _ONNX_TYPE_NAMES = {
