@@ -239,8 +239,8 @@ def _legacy_ops(proto: Any) -> list[Any]:
                 shape = (1, *x.shape[1:])
             else:
                 shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
-            r = [np.asarray(a).reshape(shape) for a in (scale, bias, mean, var)]
-            y = (x - r[2]) / np.sqrt(r[3] + eps) * r[0] + r[1]
+            r = [np.asarray(a, np.float64).reshape(shape) for a in (scale, bias, mean, var)]
+            y = (x.astype(np.float64) - r[2]) / np.sqrt(r[3] + eps) * r[0] + r[1]  # float64, one cast
             return (y.astype(x.dtype),)
 
     return [BatchNormalization]
