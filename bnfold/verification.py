@@ -391,7 +391,7 @@ def _write_with_external_data(model: Any, folder: str) -> str:
     from onnx import TensorProto
 
     path = os.path.join(folder, "model.onnx")
-    moved: list[tuple[Any, int, int]] = []
+    moved: list[tuple[Any, int, int, bool]] = []
     try:
         with open(os.path.join(folder, "model.onnx.data"), "wb") as data:
             for t in _tensors(model):
@@ -399,7 +399,7 @@ def _write_with_external_data(model: Any, folder: str) -> str:
                     continue
                 offset = data.tell()
                 data.write(t.raw_data)
-                moved.append((t, offset, data.tell() - offset))
+                moved.append((t, offset, data.tell() - offset, t.HasField("data_location")))
                 t.ClearField("raw_data")
                 t.data_location = TensorProto.EXTERNAL
                 del t.external_data[:]
@@ -411,10 +411,13 @@ def _write_with_external_data(model: Any, folder: str) -> str:
     finally:
         if moved:
             with open(os.path.join(folder, "model.onnx.data"), "rb") as data:
-                for t, offset, length in moved:
+                for t, offset, length, had_location in moved:
                     data.seek(offset)
                     del t.external_data[:]
-                    t.data_location = TensorProto.DEFAULT
+                    if had_location:
+                        t.data_location = TensorProto.DEFAULT
+                    else:
+                        t.ClearField("data_location")
                     t.raw_data = data.read(length)
     return path
 
