@@ -381,44 +381,50 @@ def _weight_bytes(model: Any) -> int:
     return sum(len(t.raw_data) for t in _tensors(model) if t.HasField("raw_data"))
 
 
-def _write_with_external_data(model: Any, folder: str) -> str:
-    """Write ``model`` as ``folder/model.onnx`` + ``model.onnx.data`` without serialising its weights.
+def _copy_fields(dst: Any, src: Any, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except the field named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
-    The whole proto is never serialised (protobuf refuses messages over 2 GiB) and never copied: each
-    large tensor's bytes are streamed to the data file, the tensor points there while the small
-    remainder is serialised, then it gets its bytes back (the model is the same afterwards).
+
+def _write_with_external_data(model: Any, folder: str) -> str:
+    """Write ``model`` as ``folder/model.onnx`` + ``model.onnx.data``, never serialising its weights.
+
+    The whole proto is never serialised (protobuf refuses messages over 2 GiB), copied or changed: a
+    shell model gets every field but the main graph's initializers, each initializer's bytes are
+    streamed to the data file one tensor at a time (one tensor's bytes in flight), and the shell
+    points at them. Tensors in subgraphs and Constant nodes stay inline (they are copied with the
+    nodes).
     """
-    from onnx import TensorProto
+    from onnx import ModelProto, TensorProto
 
     path = os.path.join(folder, "model.onnx")
-    moved: list[tuple[Any, int, int, bool]] = []
-    try:
-        with open(os.path.join(folder, "model.onnx.data"), "wb") as data:
-            for t in _tensors(model):
-                if not t.HasField("raw_data") or len(t.raw_data) < _EXTERNAL_MIN_BYTES:
-                    continue
-                offset = data.tell()
-                data.write(t.raw_data)
-                moved.append((t, offset, data.tell() - offset, t.HasField("data_location")))
-                t.ClearField("raw_data")
-                t.data_location = TensorProto.EXTERNAL
-                del t.external_data[:]
-                for k, v in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(data.tell() - offset))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
-        with open(path, "wb") as f:
-            f.write(model.SerializeToString())
-    finally:
-        if moved:
-            with open(os.path.join(folder, "model.onnx.data"), "rb") as data:
-                for t, offset, length, had_location in moved:
-                    data.seek(offset)
-                    del t.external_data[:]
-                    if had_location:
-                        t.data_location = TensorProto.DEFAULT
-                    else:
-                        t.ClearField("data_location")
-                    t.raw_data = data.read(length)
+    shell = ModelProto()
+    _copy_fields(shell, model, "graph")
+    _copy_fields(shell.graph, model.graph, "initializer")
+    with open(os.path.join(folder, "model.onnx.data"), "wb") as data:
+        for t in model.graph.initializer:
+            if not t.HasField("raw_data") or len(t.raw_data) < _EXTERNAL_MIN_BYTES:
+                shell.graph.initializer.add().CopyFrom(t)
+                continue
+            out = shell.graph.initializer.add()
+            _copy_fields(out, t, "raw_data")
+            offset = data.tell()
+            data.write(t.raw_data)
+            out.data_location = TensorProto.EXTERNAL
+            del out.external_data[:]
+            for k, v in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                entry = out.external_data.add()
+                entry.key, entry.value = k, v
+    with open(path, "wb") as f:
+        f.write(shell.SerializeToString())
     return path
 
 
