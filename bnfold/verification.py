@@ -48,7 +48,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -214,6 +213,18 @@ class _RefRunner:
                 f"{self.label}: the ONNX reference evaluator failed on sample {sample} ({_first_line(e)})"
             ) from e
         return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+
+
+def _same_runtime_or_better(ref: Any, cand: Any) -> None:
+    """A candidate must load wherever its reference does: one that only the fallback runs is refused.
+
+    Otherwise a rewrite that breaks the model for onnxruntime (where it is deployed) would pass,
+    checked by the more permissive reference evaluator.
+    """
+    if ref.runtime.runtime == "onnxruntime" and cand.runtime.runtime != "onnxruntime":
+        raise NotComparableError(
+            f"candidate: onnxruntime cannot load it although it loads the reference ({cand.runtime.reason})"
+        )
 
 
 def _legacy_ops(proto: Any) -> list[Any]:
@@ -664,6 +675,7 @@ def verify(
             if ref_torch:
                 specs, out_names = cand.inputs, cand.outputs
             else:
+                _same_runtime_or_better(ref, cand)
                 _check_inputs(specs, cand.inputs, exported=False)
                 _check_outputs(out_names, cand.outputs)
         if ref_torch and cand_torch:
@@ -846,7 +858,6 @@ def ensure_passed(report: VerifyReport) -> None:
             continue
         worst = rep.worst()
         assert worst is not None
-        n = int(np.prod(worst.shape)) if worst.shape else 1
         level = "" if rep is report else f" with onnxruntime level {rep.optimization_level!r}"
         raise VerificationError(f"not equivalent{level}: {describe_failure(worst)}", report=report)
 

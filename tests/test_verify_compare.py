@@ -15,7 +15,6 @@ from bnfold.cli import app
 from bnfold.compare import Comparator, compare_output, parse_tolerances
 from bnfold.errors import OptionError, VerificationError
 from bnfold.verification import ensure_passed, verify
-
 from tests.test_verify import PERTURB, _fold_by_hand, _model, _perturb
 
 runner = CliRunner()

@@ -139,6 +139,20 @@ def test_a_model_no_runtime_can_run_is_not_comparable() -> None:
     assert ei.value.exit_code == 2
 
 
+def test_a_candidate_only_the_fallback_runs_is_refused() -> None:
+    """The reference loads in onnxruntime, the candidate does not: never checked by the lenient fallback."""
+    ref = _conv_bn(T.FLOAT)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(fold_model(ref)[0])
+    broken.opset_import[0].version = 5  # Conv/Relu-1 still run in the reference evaluator, not in onnxruntime
+    broken.ir_version = 3
+    broken.graph.input.extend(
+        h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in broken.graph.initializer
+    )
+    with pytest.raises(NotComparableError, match="onnxruntime cannot load it although it loads the reference"):
+        verify(ref, broken)
+
+
 @pytest.mark.parametrize(
     ("sample", "bn_before", "reason"),
     [("lenet5_fp64.onnx", 4, "Conv"), ("cnn_opset6.onnx", 2, "BatchNormalization")],
