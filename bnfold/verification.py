@@ -11,7 +11,15 @@ What runs:
       ``ExportedProgram``: the dynamo exporter without its optimiser) and run in onnxruntime, so the
       export path that gets deployed is checked as well;
     * ``extra_level`` runs the candidate a second time at that onnxruntime level and compares it to the
-      same reference outputs (``VerifyReport.extra``).
+      same reference outputs (``VerifyReport.extra``);
+    * fallback: an ONNX model that onnxruntime cannot load (no float64 Conv kernel, opsets 1-6, an op
+      it lacks) runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph optimisation; bnfold adds
+      the BatchNormalization-1 of opsets 1-5). ``VerifyReport.runtimes`` names the runtime of each side
+      and onnxruntime's reason. A candidate that only the fallback runs while onnxruntime runs the
+      reference is refused (``NotComparableError``): the rewrite broke the model for onnxruntime;
+    * onnxruntime always gets bytes or a file: a proto whose tensors pass the 2 GiB protobuf limit is
+      written to a temporary folder as a small model file plus an external-data file, tensor by tensor
+      (:func:`_write_with_external_data`), never serialised whole.
 
 Inputs: see :mod:`bnfold._inputs` (seeded random tensors matching dtype and shape; symbolic dims from
 ``input_shapes``, else 2 for the first dimension and 8 for the others; integers in [0, 10); or user data).
@@ -24,8 +32,9 @@ Comparison, per output and sample, in float64 (``r`` reference, ``c`` candidate)
     mismatches    = #{ |c - r| > atol + rtol * scale }
 
 NaN on both sides at the same place, and equal infinities, count as equal; NaN on one side only is a
-mismatch (error = inf). Integer and boolean outputs compare exactly (atol = rtol = 0). An output passes
-when it has no mismatch. Default tolerances (:data:`DEFAULT_TOLERANCES`, per dtype, the less precise
+mismatch (error = inf). Integer and boolean outputs compare exactly (atol = rtol = 0). By default an
+output passes when it has no mismatch; :mod:`bnfold.compare` adds the options (per-output tolerances,
+an error statistic, cosine and SNR thresholds, NaN/Inf named as such, a heat summary). Default tolerances (:data:`DEFAULT_TOLERANCES`, per dtype, the less precise
 dtype of the two sides wins): rtol is tens to hundreds of roundings of the dtype at the output's scale
 (an exact fold changes each output by a few roundings, about 2-7e-7 of the scale in float32), atol is
 the dtype's smallest normal number (an all-zero reference has scale 1, so atol is no longer needed as a
@@ -36,7 +45,9 @@ the output, is caught.
 Verification never raises on a mismatch (``report.passed`` is False; :func:`ensure_passed` raises
 :class:`~bnfold.errors.VerificationError`); it raises :class:`~bnfold.errors.NotComparableError` when the
 two models cannot be compared (different input or output names, incompatible shapes, a model that
-onnxruntime cannot load or run). An ONNX-only verification never imports torch.
+no runtime can load or run). ``save_outputs`` / ``load_outputs`` record a run and check against it
+later (:mod:`bnfold.golden`); ``locate`` names the first intermediate tensor that diverges
+(:mod:`bnfold.locate`). An ONNX-only verification never imports torch.
 """
 
 from __future__ import annotations
@@ -70,7 +81,7 @@ from .compare import (
     default_tolerance,
     parse_tolerances,
 )
-from .errors import NotComparableError, OptionError, VerificationError
+from .errors import NotComparableError, OptionError, OutputError, VerificationError
 from .records import OutputCheck, RuntimeUse, VerifyReport
 
 __all__ = [
@@ -648,7 +659,13 @@ def verify(
         raise OptionError(f"samples must be at least 1, got {samples}")
     comparator = Comparator(atol, rtol, error_stat, min_cosine, min_snr_db)
     comparator.validate()
+    if save_outputs is not None:  # a cheap check before any model runs
+        folder = os.path.dirname(os.path.abspath(os.fspath(save_outputs)))
+        if not os.path.isdir(folder) or os.path.isdir(os.fspath(save_outputs)):
+            raise OutputError(f"{os.fspath(save_outputs)}: cannot write the outputs there (no such folder, or a folder)")
     if load_outputs is not None:
+        if inputs is not None:
+            raise OptionError("load_outputs: the saved inputs are used; inputs cannot be given as well")
         if reference is not None:
             raise OptionError("load_outputs: the saved outputs are the reference; pass only a candidate (or none)")
         if locate:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import bnfold.verification as verification
 from bnfold.cli import app
-from bnfold.errors import OptionError
+from bnfold.errors import OptionError, OutputError
 from bnfold.golden import Recording, load_outputs, save_outputs
 from bnfold.verification import verify
 from tests.test_verify import _fold_by_hand, _model, _perturb
@@ -86,6 +86,11 @@ def test_bad_golden_files_are_refused(tmp_path: Path) -> None:
     verify(ref, ref, save_outputs=golden)
     with pytest.raises(OptionError, match="pass only a candidate"):
         verify(ref, ref, load_outputs=golden)
+    with pytest.raises(OptionError, match="saved inputs are used"):
+        verify(None, ref, load_outputs=golden, inputs={"x": np.zeros((1, 3, 8, 8), np.float32)})
+    with pytest.raises(OutputError, match="cannot write the outputs"):
+        verify(ref, ref, save_outputs=tmp_path / "missing" / "g.npz")
+    assert not (tmp_path / "missing").exists()
 
 
 def test_cli_save_and_load_outputs(tmp_path: Path) -> None:
