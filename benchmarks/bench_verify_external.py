@@ -13,6 +13,7 @@ The ratio bnfold / floor is printed (target: about 1.0; the folded model itself 
 
     python benchmarks/bench_verify_external.py              # 2.1 GiB, 1 run each
     python benchmarks/bench_verify_external.py --gib 0.5 --runs 3
+    python benchmarks/bench_verify_external.py --quick      # 0.25 GiB (not over 2 GiB: a smoke run)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import env_summary  # noqa: E402
 
 _BUILD = r"""
 import sys, numpy as np, onnx
@@ -93,7 +97,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gib", type=float, default=2.1, help="size of the embedding table in GiB")
     p.add_argument("--runs", type=int, default=1, help="runs of each measurement (interleaved)")
+    p.add_argument("--quick", action="store_true", help="0.25 GiB, one run (a smoke run, not over 2 GiB)")
     args = p.parse_args()
+    if args.quick:
+        args.gib, args.runs = 0.25, 1
+    print(env_summary())
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as folder:
         subprocess.run([sys.executable, "-c", _BUILD, folder, str(args.gib)], check=True)
         src = os.path.join(folder, "big.onnx")

@@ -19,7 +19,8 @@ What runs:
       reference is refused (``NotComparableError``): the rewrite broke the model for onnxruntime;
     * onnxruntime always gets bytes or a file: a proto whose tensors pass the 2 GiB protobuf limit is
       written to a temporary folder as a small model file plus an external-data file, tensor by tensor
-      (:func:`_write_with_external_data`), never serialised whole.
+      (:func:`_write_with_external_data`), never serialised whole (also above 256 MiB of weights, so
+      that no serialised copy is held in memory).
 
 Inputs: see :mod:`bnfold._inputs` (seeded random tensors matching dtype and shape; symbolic dims from
 ``input_shapes``, else 2 for the first dimension and 8 for the others; integers in [0, 10); or user data).
@@ -376,7 +377,10 @@ def _is_torch(model: Any) -> bool:
     return isinstance(model, (torch.nn.Module, torch.export.ExportedProgram))
 
 
-_MAX_PROTO_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the message overhead
+_FILE_ABOVE_BYTES = 256 * 2**20
+"""A proto with more tensor bytes than this goes to onnxruntime as a file with external data: no
+serialised copy is held next to the model and onnxruntime's own, and past 2 GiB protobuf cannot
+serialise it at all. Smaller ones go as bytes (no disk write)."""
 _EXTERNAL_MIN_BYTES = 1024  # tensors at least this large go to the external-data file
 
 
@@ -462,9 +466,12 @@ def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
             return path  # onnxruntime reads external data from the file's folder itself
         return bio.load(path)
     if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
-        # Decide on the tensor bytes first: ByteSize() itself fails on a proto over 2 GiB.
-        if _weight_bytes(model) < _MAX_PROTO_BYTES // 2 and model.ByteSize() < _MAX_PROTO_BYTES:
-            return model.SerializeToString()
+        # Decide on the tensor bytes, not ByteSize(): that serialises the whole proto (and fails past 2 GiB).
+        if _weight_bytes(model) <= _FILE_ABOVE_BYTES:
+            try:
+                return model.SerializeToString()
+            except Exception as e:  # noqa: BLE001 - protobuf's EncodeError/ValueError past 2 GiB (big float_data)
+                log.debug("%s: cannot serialise (%s); writing it with external data", label, e)
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
         return _write_with_external_data(model, folder)
     if _is_torch(model):

@@ -62,7 +62,7 @@ def test_a_large_proto_goes_to_onnxruntime_as_a_file_with_external_data(
         written.append((inline, os.path.getsize(os.path.join(folder, "model.onnx.data"))))
         return path
 
-    monkeypatch.setattr(verification, "_MAX_PROTO_BYTES", 1)  # every proto counts as "over 2 GiB"
+    monkeypatch.setattr(verification, "_FILE_ABOVE_BYTES", 1)  # every proto counts as large
     monkeypatch.setattr(verification, "_EXTERNAL_MIN_BYTES", 1)
     monkeypatch.setattr(verification, "_write_with_external_data", spy)
     rep = verify(ref, folded)
