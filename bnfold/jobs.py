@@ -398,6 +398,10 @@ def fold_file(
         source=str(src_p), output=str(dst_p), source_format=src_fmt, output_format=out_fmt,
         size_before=size_before, size_after=None, written=False,
     )
+    if report.verification is not None:
+        from .verification import runtime_notes
+
+        report.notes.extend(runtime_notes(report.verification))
     if report.verification is not None and not report.verification.passed:
         if not force:
             report.extra["total_seconds"] = time.perf_counter() - t0

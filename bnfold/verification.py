@@ -98,6 +98,7 @@ __all__ = [
     "ERROR_STATS",
     "REFERENCE_EVALUATOR",
     "describe_failure",
+    "runtime_notes",
 ]
 
 log = logging.getLogger(__name__)
@@ -884,6 +885,16 @@ def ensure_passed(report: VerifyReport) -> None:
         assert worst is not None
         level = "" if rep is report else f" with onnxruntime level {rep.optimization_level!r}"
         raise VerificationError(f"not equivalent{level}: {describe_failure(worst)}", report=report)
+
+
+def runtime_notes(report: VerifyReport) -> list[str]:
+    """One line per side that did not run in onnxruntime: which runtime ran it, and why."""
+    return [
+        f"{r.role} run with {'the ONNX reference evaluator' if r.runtime == REFERENCE_EVALUATOR else r.runtime}"
+        + (f" ({r.reason})" if r.reason else "")
+        for r in report.runtimes
+        if r.runtime not in ("onnxruntime", "torch")
+    ]
 
 
 def describe_failure(c: OutputCheck) -> str:

@@ -171,6 +171,7 @@ def test_cli_folds_and_verifies_the_fp64_and_old_opset_samples(
     assert v["passed"]
     ref_rt = v["runtimes"][0]
     assert ref_rt["role"] == "reference" and ref_rt["runtime"] == REFERENCE_EVALUATOR and reason in ref_rt["reason"]
+    assert any(n.startswith("reference run with the ONNX reference evaluator") for n in d["notes"])
     assert _digest(src) == before
     # Independent check: both files run in the reference evaluator and agree.
     orig, folded = onnx.load(str(src)), onnx.load(str(out))
