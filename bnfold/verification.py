@@ -13,8 +13,8 @@ What runs:
     * ``extra_level`` runs the candidate a second time at that onnxruntime level and compares it to the
       same reference outputs (``VerifyReport.extra``);
     * fallback: an ONNX model that onnxruntime cannot load (no float64 Conv kernel, opsets 1-6, an op
-      it lacks) runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph optimisation; bnfold adds
-      the BatchNormalization-1 of opsets 1-5). ``VerifyReport.runtimes`` names the runtime of each side
+      it lacks) runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph optimisation; bnfold
+      supplies the BatchNormalization of opsets 1-8, which the evaluator lacks or gets wrong). ``VerifyReport.runtimes`` names the runtime of each side
       and onnxruntime's reason. A candidate that only the fallback runs while onnxruntime runs the
       reference is refused (``NotComparableError``): the rewrite broke the model for onnxruntime;
     * onnxruntime always gets bytes or a file: a proto whose tensors pass the 2 GiB protobuf limit is
@@ -241,25 +241,31 @@ def _same_runtime_or_better(ref: Any, cand: Any) -> None:
 
 
 def _legacy_ops(proto: Any) -> list[Any]:
-    """Implementations the reference evaluator lacks for opsets 1-5: BatchNormalization-1 (inference).
+    """BatchNormalization for opsets 1-8, where the reference evaluator is missing or wrong.
 
-    BatchNormalization-1 computes what BatchNormalization-6 does (``consumed_inputs`` only described
-    in-place updates of the running statistics in training); only ``is_test=1`` is inference.
+    The evaluator has no BatchNormalization-1 (opsets 1-5), ignores ``spatial`` and, from opset 7
+    on (no ``is_test`` attribute), runs BatchNormalization-6's training branch. This one computes the
+    inference formula in float64 with one cast, statistics per channel (``spatial=1``, the default) or
+    per element of ``C x D1 x ...`` (``spatial=0``), and refuses training mode: ``is_test=0`` up to
+    opset 6, more than one output from opset 7 (``consumed_inputs`` of opset 1-5 only described
+    in-place updates of the running statistics in training).
     """
     opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    if opset >= 6:
+    if opset >= 9:
         return []
     from onnx.reference.op_run import OpRun
 
-    class BatchNormalization(OpRun):  # the name is the op type the evaluator looks up
+    class BatchNormalization(OpRun):  # the class name is the op type the evaluator looks up
         op_domain = ""
 
         def _run(self, x, scale, bias, mean, var, epsilon=None, is_test=None, momentum=None,  # type: ignore[no-untyped-def]
                  spatial=None, consumed_inputs=None, training_mode=None):
-            if not is_test:
-                raise NotImplementedError("BatchNormalization-1 in training mode (is_test=0)")
+            outputs = [o for o in self.onnx_node.output if o]
+            training = not is_test if opset < 7 else len(outputs) > 1
+            if training:
+                raise NotImplementedError(f"BatchNormalization (opset {opset}) in training mode")
             eps = 1e-5 if epsilon is None else epsilon
-            if spatial == 0:  # statistics per element of C x D1 x ... (opset < 9)
+            if spatial == 0:  # statistics per element of C x D1 x ...
                 shape = (1, *x.shape[1:])
             else:
                 shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)

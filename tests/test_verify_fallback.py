@@ -129,6 +129,71 @@ def test_legacy_batchnorm_matches_the_evaluators_own_batchnorm6() -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
 
 
+def _bn_as_arithmetic(opset: int, spatial: int, dtype: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """x -> BatchNormalization (legacy opset, ``spatial``) and the same formula as Sub/Div/Mul/Add (opset 17)."""
+    rng = np.random.default_rng(11)
+    npdt = h.tensor_dtype_to_np_dtype(dtype)
+    stat = (3, 4, 4) if spatial == 0 else (3,)
+    vals = {
+        "g": rng.uniform(0.5, 1.5, stat), "b": rng.uniform(-0.5, 0.5, stat),
+        "m": rng.uniform(-0.8, 0.8, stat), "v": rng.uniform(0.25, 2.5, stat),
+    }
+    inits = [nh.from_array(a.astype(npdt), k) for k, a in vals.items()]
+    attrs: dict[str, object] = {"epsilon": 1e-3, "spatial": spatial}
+    if opset < 7:
+        attrs["is_test"] = 1
+    inputs = [h.make_tensor_value_info("x", dtype, [2, 3, 4, 4])]
+    inputs += [h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]  # IR 3
+    bn = h.make_graph(
+        [h.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], **attrs)], "bn", inputs,
+        [h.make_tensor_value_info("y", dtype, [2, 3, 4, 4])], inits,
+    )
+    shape = (3, 4, 4) if spatial == 0 else (3, 1, 1)
+    arith_inits = [nh.from_array(a.reshape(shape).astype(npdt), k) for k, a in vals.items()]
+    arith_inits.append(nh.from_array(np.array(1e-3, npdt), "eps"))
+    arith = h.make_graph(
+        [
+            h.make_node("Sub", ["x", "m"], ["xm"]),
+            h.make_node("Add", ["v", "eps"], ["ve"]),
+            h.make_node("Sqrt", ["ve"], ["sd"]),
+            h.make_node("Div", ["xm", "sd"], ["n"]),
+            h.make_node("Mul", ["n", "g"], ["ng"]),
+            h.make_node("Add", ["ng", "b"], ["y"]),
+        ],
+        "arith", [h.make_tensor_value_info("x", dtype, [2, 3, 4, 4])],
+        [h.make_tensor_value_info("y", dtype, [2, 3, 4, 4])], arith_inits,
+    )
+    return (
+        h.make_model(bn, opset_imports=[h.make_opsetid("", opset)], ir_version=3),
+        h.make_model(arith, opset_imports=[h.make_opsetid("", 17)], ir_version=8),
+    )
+
+
+@pytest.mark.parametrize(("opset", "spatial"), [(5, 1), (6, 0), (7, 0), (8, 1)])
+@pytest.mark.parametrize("dtype", [T.FLOAT, T.DOUBLE])
+def test_legacy_batchnorm_semantics_against_plain_arithmetic(opset: int, spatial: int, dtype: int) -> None:
+    """spatial=0 (per-element statistics) and opsets 7/8 (no is_test) run with inference semantics."""
+    from bnfold.verification import _legacy_ops
+
+    bn, arith = _bn_as_arithmetic(opset, spatial, dtype)
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 4)).astype(h.tensor_dtype_to_np_dtype(dtype))
+    got = ReferenceEvaluator(bn, new_ops=_legacy_ops(bn)).run(None, {"x": x})[0]
+    want = _run_ref(arith, {"x": x})[0]
+    rtol = DEFAULT_TOLERANCES[np.dtype(got.dtype).name].rtol
+    assert got.dtype == want.dtype
+    assert np.max(np.abs(got - want)) <= rtol * np.max(np.abs(want))
+
+
+def test_legacy_batchnorm_refuses_training_mode() -> None:
+    bn, _ = _bn_as_arithmetic(6, 1, T.FLOAT)
+    node = bn.graph.node[0]
+    keep = [a for a in node.attribute if a.name != "is_test"]  # is_test defaults to 0: training
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    with pytest.raises(NotComparableError, match="training mode"):
+        verify(bn, bn)
+
+
 def test_a_model_no_runtime_can_run_is_not_comparable() -> None:
     ref = _conv_bn(T.FLOAT)
     bad = onnx.ModelProto()
