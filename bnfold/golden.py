@@ -118,6 +118,8 @@ def load_outputs(path: str | os.PathLike[str]) -> Recording:
                 return a.view(np_dtype("bfloat16")) if dtypes.get(key) == "bfloat16" else a
 
             ins, outs, n = list(meta["inputs"]), list(meta["outputs"]), int(meta["samples"])
+            if n < 1 or not outs or len(set(ins)) != len(ins) or len(set(outs)) != len(outs):
+                raise OptionError(f"{p}: holds no sample, no output, or a name twice")
             feeds = [{name: get(f"in_{s}_{i}") for i, name in enumerate(ins)} for s in range(n)]
             ref = [{name: get(f"ref_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
             cand = (
