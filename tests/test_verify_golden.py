@@ -78,6 +78,15 @@ def test_bad_golden_files_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "plain.npz", x=np.zeros(3))
     with pytest.raises(OptionError, match="not a bnfold outputs file"):
         load_outputs(tmp_path / "plain.npz")
+    meta = {"format": "bnfold-golden", "version": 1, "inputs": ["x"], "outputs": ["y"], "samples": 0,
+            "has_candidate": False, "dtypes": {}, "runtimes": {}}
+    np.savez(tmp_path / "empty.npz", __meta__=np.array(json.dumps(meta)))
+    with pytest.raises(OptionError, match="no sample"):
+        load_outputs(tmp_path / "empty.npz")
+    meta["samples"] = 1  # the arrays it names are missing
+    np.savez(tmp_path / "short.npz", __meta__=np.array(json.dumps(meta)))
+    with pytest.raises(OptionError, match="not a readable"):
+        load_outputs(tmp_path / "short.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(OptionError, match="not a readable"):
         load_outputs(tmp_path / "junk.npz")
