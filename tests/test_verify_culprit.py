@@ -218,3 +218,54 @@ def test_pytorch_bisection_through_fold_module() -> None:
     assert isinstance(model.b0, nn.BatchNorm2d)  # the original is untouched
     v = next(v for v in rep.verdicts if v.bn == "b1")
     assert isinstance(v, Skip) and v.reason is SkipReason.VERIFICATION
+
+
+def _chain_with_offset(offset: float = 1e4, seed: int = 0) -> onnx.ModelProto:
+    """x -> (Conv -> BN -> Relu) x3 -> y; the middle Conv adds ``offset`` and its BN subtracts it again.
+
+    The original computes ``(conv + offset) - mean`` in float32 and loses the low bits of the conv
+    (half an ulp of ``offset``); the fold computes the shift in float64 and does not. The folded model
+    is the more accurate one, but it no longer matches the original to 1e-5 of the output's scale: only
+    that BN's fold fails verification, with the default tolerance.
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev, cin = [], [], "x", 3
+    for i in range(3):
+        p = f"l{i}_"
+        bias = rng.standard_normal(4) + (offset if i == 1 else 0.0)
+        mean = rng.uniform(-0.5, 0.5, 4) + (offset if i == 1 else 0.0)
+        inits += [
+            nh.from_array((rng.standard_normal((4, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32), p + "W"),
+            nh.from_array(bias.astype(np.float32), p + "B"),
+            nh.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), p + "g"),
+            nh.from_array(rng.uniform(-0.5, 0.5, 4).astype(np.float32), p + "b"),
+            nh.from_array(mean.astype(np.float32), p + "m"),
+            nh.from_array(rng.uniform(0.3, 2.5, 4).astype(np.float32), p + "v"),
+        ]
+        nodes += [
+            h.make_node("Conv", [prev, p + "W", p + "B"], [p + "c"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+            h.make_node("BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [p + "n"], name=f"bn{i}"),
+            h.make_node("Relu", [p + "n"], [p + "r" if i < 2 else "y"], name=f"relu{i}"),
+        ]
+        prev, cin = p + "r", 4
+    g = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_a_fold_that_fails_with_default_tolerances_is_found(tmp_path: Path) -> None:
+    src, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
+    onnx.save(_chain_with_offset(), str(src))
+    rep = fold_file(src, out, samples=2)
+    verdicts = {v.bn: v for v in rep.verdicts}
+    assert isinstance(verdicts["bn1"], Skip) and verdicts["bn1"].reason is SkipReason.VERIFICATION
+    assert verdicts["bn0"].folded and verdicts["bn2"].folded
+    assert rep.verification is not None and rep.verification.passed and rep.bn_after == 1
+    x = np.random.default_rng(9).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    a, b = _run(src, x)["y"], _run(out, x)["y"]
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))  # what is written matches the original
+    # without the bisection the whole model is refused
+    with pytest.raises(FoldVerificationError):
+        fold_file(src, tmp_path / "all.onnx", samples=2, all_or_nothing=True)
