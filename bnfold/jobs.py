@@ -389,7 +389,8 @@ def fold_file(
             raise OptionError(f"{dst_p}: an ONNX model can only be written as .onnx")
         report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
         if report.verification is not None and not report.verification.passed and not all_or_nothing:
-            report, result = _onnx_without_culprits(src_p, report, result, ins, affine=affine, progress=prog)
+            del result, model  # the failed fold: freed before the re-folds (each one re-reads the source)
+            report, result = _onnx_without_culprits(src_p, report, ins, affine=affine, progress=prog)
     else:
         report, result = _fold_torch(
             src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, progress=prog
@@ -444,14 +445,12 @@ def _fold_onnx(
 
 
 def _onnx_without_culprits(
-    src: Path, report: FoldReport, result: Any, ins: _Inputs, *, affine: bool, progress: ProgressFn
+    src: Path, report: FoldReport, ins: _Inputs, *, affine: bool, progress: ProgressFn
 ) -> tuple[FoldReport, Any]:
     """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`); each try re-reads ``src``."""
     from . import io as bio
     from .culprit import fold_without_culprits
     from .onnx import fold_model
-
-    del result  # the failed fold: free it before the first re-fold
 
     def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
         return fold_model(bio.load(src), affine=affine, inplace=True, exclude=excluded)
