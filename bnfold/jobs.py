@@ -361,7 +361,8 @@ def fold_file(
         opset: ONNX opset for a PyTorch source exported to ``.onnx``.
         progress: ``progress(stage, done, total)`` callback.
         all_or_nothing: when verification fails, refuse the whole model (otherwise, for an ONNX
-            source, the folds that make it fail are found and left in place: :mod:`bnfold.culprit`).
+            source, or an ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are
+            found and left in place: :mod:`bnfold.culprit`).
 
     Returns:
         The :class:`FoldReport`; ``report.extra`` holds paths, formats, file sizes; ``report.verification``
@@ -395,6 +396,9 @@ def fold_file(
         report, result = _fold_torch(
             src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, progress=prog
         )
+        if (report.verification is not None and not report.verification.passed and not all_or_nothing
+                and out_fmt in ("torch", "pt2") and report.backend in ("fx", "module")):
+            report, result = _torch_without_culprits(src_p, model, out_fmt, ins, report, result, progress=prog)
     report.extra.update(
         source=str(src_p), output=str(dst_p), source_format=src_fmt, output_format=out_fmt,
         size_before=size_before, size_after=None, written=False,
@@ -462,6 +466,31 @@ def _onnx_without_culprits(
     if not search.resolved:
         return report, fold_model(bio.load(src), affine=affine, inplace=True)[0]
     return new, model
+
+
+def _torch_without_culprits(
+    src: Path, model: Any, out_fmt: str, ins: _Inputs, report: FoldReport, result: Any, *, progress: ProgressFn
+) -> tuple[FoldReport, Any]:
+    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``)."""
+    import torch
+
+    from .culprit import fold_without_culprits
+    from .fx.module import fold_module
+
+    examples = _torch_examples(model, ins.shapes, ins.arrays, ins.seed, src)
+
+    def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
+        out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
+        if out_fmt == "pt2":
+            return torch.export.export(out, tuple(examples)), rep
+        return out, rep
+
+    def check(candidate: Any) -> VerifyReport:
+        return _verify(model, candidate, ins.carried_by_examples(), example_inputs=examples, progress=progress,
+                       where=str(src))
+
+    folded, new, search = fold_without_culprits(report, fold, check)
+    return (new, folded) if search.resolved else (report, result)
 
 
 def _fold_torch(

@@ -269,3 +269,30 @@ def test_a_fold_that_fails_with_default_tolerances_is_found(tmp_path: Path) -> N
     # without the bisection the whole model is refused
     with pytest.raises(FoldVerificationError):
         fold_file(src, tmp_path / "all.onnx", samples=2, all_or_nothing=True)
+
+
+def test_pytorch_file_fold_leaves_the_culprit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PyTorch file path bisects too: a verification that fails exactly when b1 is folded (the
+    real comparison is tested above; here the wiring: which model is written, which verdict says why)."""
+    from bnfold import jobs
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    src, out = tmp_path / "two.pt", tmp_path / "out.pt"
+    torch.save(randomize_bn(_TwoHeads(), seed=2).eval(), src)
+    seen: list[bool] = []
+
+    def fake_verify(reference: nn.Module, candidate: nn.Module, *a: object, **k: object) -> VerifyReport:
+        assert isinstance(reference.b1, nn.BatchNorm2d)  # the reference is never the folded model
+        seen.append(isinstance(candidate.b1, nn.BatchNorm2d))
+        return _report(passed=seen[-1])
+
+    monkeypatch.setattr(jobs, "_verify", fake_verify)
+    rep = fold_file(src, out, trust_pickle=True, input_shapes=["x=2x3x8x8"])
+    verdicts = {v.bn: v for v in rep.verdicts}
+    assert isinstance(verdicts["b1"], Skip) and verdicts["b1"].reason is SkipReason.VERIFICATION
+    assert verdicts["b0"].folded and rep.bn_after == 1
+    assert rep.verification is not None and rep.verification.passed
+    written = torch.load(out, weights_only=False)
+    assert isinstance(written.b1, nn.BatchNorm2d) and isinstance(written.b0, nn.Identity)
+    assert len(seen) >= 2  # the failed full fold, then the bisection
