@@ -31,7 +31,7 @@ from typing import Any
 
 from .records import Skip, SkipReason, VerifyReport
 
-__all__ = ["Culprit", "CulpritSearch", "find_culprits", "culprit_skips"]
+__all__ = ["Culprit", "CulpritSearch", "find_culprits", "culprit_skips", "fold_without_culprits"]
 
 CheckFn = Callable[[frozenset[str]], VerifyReport]
 """``check(excluded)``: fold every site but ``excluded``, verify, return the report."""
