@@ -278,6 +278,13 @@ def _check_common(quiet: bool, json_out: bool) -> None:
         raise OptionError("-q/--quiet and --json: choose one (--json already prints the JSON document alone)")
 
 
+def _tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
+    """``--atol 1e-4 --atol out=1e-3`` -> the comparator's tolerance mappings (checked once, by flag)."""
+    from .compare import parse_tolerances
+
+    return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)
+
+
 def _names(values: list[str] | None) -> tuple[str, ...]:
     """``--input-names a,b --input-names c`` -> ``("a", "b", "c")``."""
     return tuple(n.strip() for v in values or () for n in v.split(",") if n.strip())
@@ -326,10 +333,12 @@ InputsNpz = Annotated[
 ]
 Samples = Annotated[int, typer.Option("--samples", "-n", help="Random input samples to compare on.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random inputs (>= 0).")]
-Atol = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance [default: per dtype].",
-                                            show_default=False)]
-Rtol = Annotated[float | None, typer.Option("--rtol", help="Tolerance relative to each output's scale "
-                                            "[default: per dtype].", show_default=False)]
+Atol = Annotated[list[str] | None, typer.Option("--atol", metavar="[OUTPUT=]VALUE", show_default=False,
+                                                help="Absolute tolerance [default: per dtype]; OUTPUT=VALUE for "
+                                                "one output (repeatable).")]
+Rtol = Annotated[list[str] | None, typer.Option("--rtol", metavar="[OUTPUT=]VALUE", show_default=False,
+                                                help="Tolerance relative to each output's scale [default: per "
+                                                "dtype]; OUTPUT=VALUE for one output (repeatable).")]
 Opt = Annotated[
     OptLevel | None,
     typer.Option("--opt-level", help="Also compare at this onnxruntime optimisation level.", show_default=False),
@@ -359,6 +368,9 @@ ExternalData = Annotated[
     typer.Option("--external-data/--no-external-data", show_default=False,
                  help="Write ONNX weights to OUT.data / inline [default: as the input]."),
 ]
+AllOrNothing = Annotated[bool, typer.Option(
+    "--all-or-nothing", help="When verification fails, refuse the whole model instead of leaving only the "
+    "BNs whose fold fails it.")]
 FailIfLeft = Annotated[bool, typer.Option("--fail-if-left", help="Exit 1 when any BatchNorm would be left.")]
 
 
@@ -393,6 +405,7 @@ def fold(
     input_names: InputNames = None,
     output_names: OutputNames = None,
     external_data: ExternalData = None,
+    all_or_nothing: AllOrNothing = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -408,6 +421,7 @@ def fold(
         dst = _one_output(out, output)
         from . import jobs
 
+        atol_v, rtol_v = _tolerances(atol, rtol)
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         export = jobs.ExportSettings(
             opset=opset, dynamic_batch=not static_batch,
@@ -418,9 +432,10 @@ def fold(
                 report = jobs.fold_file(
                     model, dst, affine=affine, verify=verify, force=force, in_place=in_place,
                     model_factory=model_factory, trust_pickle=trust_pickle, eval_semantics=eval_semantics,
-                    input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol,
-                    rtol=rtol, opt_level=opt_level.value if opt_level else None, export=export,
+                    input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol_v,
+                    rtol=rtol_v, opt_level=opt_level.value if opt_level else None, export=export,
                     external_data=external_data, progress=progress,
+                    all_or_nothing=all_or_nothing,
                 )
         except FoldVerificationError as e:
             failed = e.fold_report
@@ -479,10 +494,10 @@ def inspect(
 
 @app.command(short_help="Does CANDIDATE compute what REFERENCE does? (exit 0/1/2)")
 def verify(
-    reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="The reference model file.",
-                                              show_default=False)],
-    candidate: Annotated[Path, typer.Argument(metavar="CANDIDATE", help="The model file to check against it.",
-                                              show_default=False)],
+    reference: Annotated[Path | None, typer.Argument(metavar="REFERENCE", show_default=False,
+                                                     help="The reference model file (omitted with --load-outputs).")] = None,
+    candidate: Annotated[Path | None, typer.Argument(metavar="CANDIDATE", show_default=False,
+                                                     help="The model file to check against it.")] = None,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     input_shape: InputShape = None,
@@ -492,6 +507,23 @@ def verify(
     atol: Atol = None,
     rtol: Rtol = None,
     opt_level: Opt = None,
+    error_stat: Annotated[str, typer.Option("--error-stat", metavar="max|mean|median|qQ",
+                                            help="Error statistic judged against the tolerance: max (every "
+                                            "element), mean, median or a quantile (q0.99, p99).")] = "max",
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", show_default=False,
+                                                     help="Also fail an output whose cosine similarity is "
+                                                     "below this.")] = None,
+    min_snr: Annotated[float | None, typer.Option("--min-snr", metavar="DB", show_default=False,
+                                                  help="Also fail an output whose signal-to-noise ratio is "
+                                                  "below this many dB.")] = None,
+    save_outputs: Annotated[Path | None, typer.Option("--save-outputs", metavar="GOLDEN.npz", show_default=False,
+                                                      help="Write the inputs and both models' outputs to this "
+                                                      "file.")] = None,
+    load_outputs: Annotated[Path | None, typer.Option("--load-outputs", metavar="GOLDEN.npz", show_default=False,
+                                                      help="Check CANDIDATE against outputs saved earlier (no "
+                                                      "model: re-check the saved comparison).")] = None,
+    locate: Annotated[bool, typer.Option("--locate", help="ONNX: compare the intermediate tensors both models "
+                                         "have and name the first that diverges.")] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -501,24 +533,73 @@ def verify(
 
     Example: bnfold verify model.onnx model.folded.onnx --samples 4
     """
-    with _errors("verify", reference, candidate, json_out=json_out, debug=debug):
+    paths = [p for p in (reference, candidate, load_outputs) if p is not None]
+    with _errors("verify", *paths, json_out=json_out, debug=debug):
         _check_common(quiet, json_out)
         from . import jobs
         from ._render import render_verify_report
 
+        if load_outputs is not None:
+            if candidate is not None:
+                raise OptionError("--load-outputs stands for the reference: give at most one model (the candidate)")
+            reference, candidate = None, reference
+        elif reference is None or candidate is None:
+            raise OptionError("verify needs REFERENCE and CANDIDATE (or --load-outputs GOLDEN.npz [CANDIDATE])")
+        atol_v, rtol_v = _tolerances(atol, rtol)
         with _json_guard(json_out), _progress(quiet, ("load", "verify")) as progress:
             report = jobs.verify_files(
                 reference, candidate, model_factory=model_factory, trust_pickle=trust_pickle,
-                input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol,
-                rtol=rtol, opt_level=opt_level.value if opt_level else None, progress=progress,
+                input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol_v,
+                rtol=rtol_v, opt_level=opt_level.value if opt_level else None, progress=progress,
+                error_stat=error_stat, min_cosine=min_cosine, min_snr_db=min_snr, save_outputs=save_outputs,
+                load_outputs=load_outputs, locate=locate,
             )
-        _show("verify", report, json_out, quiet,
-              lambda c: render_verify_report(c, report, title=f"{candidate} vs {reference}"),
+        against = reference if reference is not None else load_outputs
+        shown = candidate if candidate is not None else "saved outputs"
+
+        def render(c: Any) -> None:
+            render_verify_report(c, report, title=f"{shown} vs {against}")
+            _show_verify_details(c, report)
+
+        _show("verify", report, json_out, quiet, render,
               exit_code=0 if report.passed else 1, reference=reference, candidate=candidate)
         if not report.passed:
+            from .verification import describe_failure
+
             worst = report.worst()
-            where = f" (output {worst.name}: max abs error {worst.max_abs_error:.3g})" if worst else ""
-            _fail(f"{candidate}: not equivalent to {reference}{where}", 1, "VerificationError")
+            where = f" ({describe_failure(worst)})" if worst else ""
+            _fail(f"{shown}: not equivalent to {against}{where}", 1, "VerificationError")
+
+
+def _show_verify_details(console: Any, report: Any) -> None:
+    """Which runtime ran what (when not onnxruntime), where the errors are, and the first divergence.
+
+    Model-provided names go out as plain ``Text`` (never as markup).
+    """
+    from rich.text import Text
+
+    for r in report.runtimes:
+        if r.runtime != "onnxruntime":
+            console.print(Text(f"{r.role}: ran with {r.runtime}" + (f" ({r.reason})" if r.reason else "")))
+    for c in report.checks:
+        if not c.passed:
+            chans = ", ".join(f"{ch} ({e:.2e})" for ch, e in c.worst_channels)
+            console.print(Text(
+                f"{c.name} (sample {c.sample}): failed on {c.failure}; largest error at {list(c.worst_index)}"
+                + (f"; worst channels: {chans}" if chans else "")
+                + f"; cosine {c.cosine:.6f}" + (f", SNR {c.snr_db:.1f} dB" if c.snr_db is not None else "")
+            ))
+    loc = report.locate
+    if loc is not None:
+        if loc.first_divergence is None:
+            console.print(Text(f"locate: {loc.compared} intermediate tensor(s) compared, none diverges"))
+        else:
+            t = next(t for t in loc.tensors if t.name == loc.first_divergence)
+            console.print(Text(
+                f"locate: first divergence at {t.name} (computed by {t.producer}; matched by {t.matched_as}): "
+                f"max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
+                f"({loc.compared} tensor(s) compared)"
+            ))
 
 
 @app.command(short_help="Turn BatchNorm into frozen affine layers (PyTorch files).")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -253,9 +253,11 @@ class _Inputs:
     arrays: Mapping[str, Any] | None
     samples: int
     seed: int
-    atol: float | None
-    rtol: float | None
+    atol: Any  # a float, {output: float} or None (bnfold.compare.ToleranceArg)
+    rtol: Any
     opt_level: str | None
+    compare: Mapping[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of :func:`bnfold.verification.verify` (error_stat, locate, ...)."""
 
     def carried_by_examples(self) -> _Inputs:
         """The same settings once example tensors carry the shapes and the data (PyTorch reference)."""
@@ -282,6 +284,7 @@ def _verify(
         atol=ins.atol,
         rtol=ins.rtol,
         extra_level=ins.opt_level,
+        **ins.compare,
     )
     if example_inputs is not None:
         kwargs["example_inputs"] = example_inputs
@@ -348,13 +351,14 @@ def fold_file(
     inputs: str | os.PathLike[str] | None = None,
     samples: int = 1,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: Any = None,
+    rtol: Any = None,
     opt_level: str | None = None,
     opset: int | None = None,
     export: ExportSettings | None = None,
     external_data: bool | None = None,
     progress: ProgressFn | None = None,
+    all_or_nothing: bool = False,
 ) -> FoldReport:
     """Fold every exactly-foldable BatchNorm of the model in ``src``, verify, and write ``dst``.
 
@@ -383,6 +387,9 @@ def fold_file(
         external_data: ONNX output: True writes ``OUT.data`` next to OUT, False inline; None keeps the
             input's layout (a PyTorch source: external only over the 2 GiB protobuf limit).
         progress: ``progress(stage, done, total)`` callback.
+        all_or_nothing: when verification fails, refuse the whole model (otherwise, for an ONNX
+            source, or an ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are
+            found and left in place: :mod:`bnfold.culprit`).
 
     Returns:
         The :class:`FoldReport`; ``report.extra`` holds paths, formats, file sizes (external data
@@ -433,6 +440,9 @@ def fold_file(
         report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
         if external_data is None:
             external_data = bool(src_data) or None
+        if report.verification is not None and not report.verification.passed and not all_or_nothing:
+            del result, model  # the failed fold: freed before the re-folds (each one re-reads the source)
+            report, result = _onnx_without_culprits(src_p, report, ins, affine=affine, progress=prog)
     else:
         if out_fmt != "onnx":
             _refuse({"--affine": affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
@@ -444,12 +454,19 @@ def fold_file(
             )
         except BnfoldError as e:
             raise _reworded(e) from e
+        if (report.verification is not None and not report.verification.passed and not all_or_nothing
+                and out_fmt in ("torch", "pt2") and report.backend in ("fx", "module")):
+            report, result = _torch_without_culprits(src_p, model, out_fmt, ins, report, result, progress=prog)
     report = _advised(report)
     report.extra.update(
         source=str(src_p), output=str(dst_p), source_format=src_fmt, output_format=out_fmt,
         size_before=size_before, size_after=None, written=False,
         source_data_files=[str(f) for f in src_data],
     )
+    if report.verification is not None:
+        from .verification import runtime_notes
+
+        report.notes.extend(runtime_notes(report.verification))
     failed = report.verification is not None and not report.verification.passed
     message = (
         f"{dst_p}: the folded model is not equivalent to {src_p} "
@@ -544,6 +561,51 @@ def _fold_onnx(
         )
         report.extra["verified_on"] = _verified_on(folded, ins, None)
     return report, folded
+
+
+def _onnx_without_culprits(
+    src: Path, report: FoldReport, ins: _Inputs, *, affine: bool, progress: ProgressFn
+) -> tuple[FoldReport, Any]:
+    """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`); each try re-reads ``src``."""
+    from . import io as bio
+    from .culprit import fold_without_culprits
+    from .onnx import fold_model
+
+    def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
+        return fold_model(bio.load(src), affine=affine, inplace=True, exclude=excluded)
+
+    def check(model: Any) -> VerifyReport:
+        return _verify(str(src), model, ins, example_inputs=None, progress=progress, where=str(src))
+
+    model, new, search = fold_without_culprits(report, fold, check)
+    if not search.resolved:
+        return report, fold_model(bio.load(src), affine=affine, inplace=True)[0]
+    return new, model
+
+
+def _torch_without_culprits(
+    src: Path, model: Any, out_fmt: str, ins: _Inputs, report: FoldReport, result: Any, *, progress: ProgressFn
+) -> tuple[FoldReport, Any]:
+    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``)."""
+    import torch
+
+    from .culprit import fold_without_culprits
+    from .fx.module import fold_module
+
+    examples = torch_examples(model, ins.shapes, ins.arrays, ins.seed, src)
+
+    def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
+        out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
+        if out_fmt == "pt2":
+            return torch.export.export(out, tuple(examples)), rep
+        return out, rep
+
+    def check(candidate: Any) -> VerifyReport:
+        return _verify(model, candidate, ins.carried_by_examples(), example_inputs=examples, progress=progress,
+                       where=str(src))
+
+    folded, new, search = fold_without_culprits(report, fold, check)
+    return (new, folded) if search.resolved else (report, result)
 
 
 def _fold_torch(
@@ -701,8 +763,8 @@ def inspect_file(
 
 
 def verify_files(
-    reference: str | os.PathLike[str],
-    candidate: str | os.PathLike[str],
+    reference: str | os.PathLike[str] | None,
+    candidate: str | os.PathLike[str] | None,
     *,
     model_factory: str | None = None,
     trust_pickle: bool = False,
@@ -710,12 +772,17 @@ def verify_files(
     inputs: str | os.PathLike[str] | None = None,
     samples: int = 1,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: Any = None,
+    rtol: Any = None,
     opt_level: str | None = None,
     progress: ProgressFn | None = None,
+    **compare: Any,
 ) -> VerifyReport:
     """Run the models in two files on the same inputs and compare every output.
+
+    ``compare`` takes the further options of :func:`bnfold.verification.verify`: ``error_stat``,
+    ``min_cosine``, ``min_snr_db``, ``save_outputs``, ``load_outputs`` (then ``reference`` is None and
+    ``candidate`` may be None too) and ``locate``.
 
     Returns:
         The :class:`VerifyReport` (``passed`` False on a mismatch: this function does not raise for it).
@@ -726,17 +793,23 @@ def verify_files(
     """
     prog = progress or _noop
     _check_sampling(samples, seed, inputs)
-    ref_p, cand_p = Path(reference), Path(candidate)
-    shapes = _parse_shapes(input_shapes, ref_p)
+    ref_p = None if reference is None else Path(reference)
+    cand_p = None if candidate is None else Path(candidate)
+    first = ref_p or cand_p or Path(str(compare.get("load_outputs", "")))
+    shapes = _parse_shapes(input_shapes, first)
     arrays = load_inputs(inputs)
-    ref, ref_fmt = _load(ref_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
-    cand, _ = _load(cand_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
-    ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
+    ref = ref_fmt = cand = None
+    if ref_p is not None:
+        ref, ref_fmt = _load(ref_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    if cand_p is not None:
+        cand, _ = _load(cand_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
+    ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level, compare)
     examples = None
-    if ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
+    if ref_p is not None and ref_fmt != "onnx":  # the example inputs carry shapes and data for a PyTorch reference
         examples = torch_examples(ref, shapes, arrays, seed, ref_p)
         ins = ins.carried_by_examples()
-    return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=f"{ref_p} vs {cand_p}")
+    where = " vs ".join(str(p) for p in (ref_p, cand_p) if p is not None)
+    return _verify(ref, cand, ins, example_inputs=examples, progress=prog, where=where)
 
 
 def freeze_file(

@@ -19,6 +19,9 @@ __all__ = [
     "Skip",
     "Verdict",
     "OutputCheck",
+    "RuntimeUse",
+    "TensorCheck",
+    "LocateReport",
     "VerifyReport",
     "FoldReport",
 ]
@@ -65,6 +68,8 @@ class SkipReason(str, enum.Enum):
     """The BN reads a value from an enclosing graph it cannot be folded across."""
     UNFOLDABLE_BRANCH = "unfoldable_branch"
     """BN on a sum or concatenation where one branch is not a foldable layer (e.g. a residual identity)."""
+    VERIFICATION = "verification"
+    """Folding this BN made verification fail (found by culprit bisection): it is left in place."""
 
 
 class Direction(str, enum.Enum):
@@ -146,11 +151,81 @@ class OutputCheck:
     atol: float
     rtol: float
     passed: bool
+    error_stat: str = "max"
+    """The statistic of ``|candidate - reference|`` judged against ``atol + rtol * scale``."""
+    error_value: float = 0.0
+    """Its value (for "max": ``max_abs_error``)."""
+    cosine: float = 1.0
+    """Cosine similarity of candidate and reference (finite elements)."""
+    snr_db: float | None = None
+    """Signal-to-noise ratio in dB (None: no error at all)."""
+    nan: int = 0
+    """Elements NaN in the candidate where the reference is finite."""
+    inf: int = 0
+    """Elements infinite in the candidate where the reference is finite."""
+    failure: str = ""
+    """Why it failed: "nan", "inf", "tolerance", "cosine", "snr" ("" when it passed)."""
+    worst_index: tuple[int, ...] = ()
+    """Index of the largest error (empty when there is no error)."""
+    worst_channels: tuple[tuple[int, float], ...] = ()
+    """Channels (axis 1) with the largest errors, as ``(channel, max abs error)``."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["worst_index"] = list(self.worst_index)
+        d["worst_channels"] = [{"channel": c, "max_abs_error": e} for c, e in self.worst_channels]
         return d
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeUse:
+    """Which runtime ran one side of a verification, and why (when it is not onnxruntime)."""
+
+    role: str
+    """"reference" or "candidate" (or "golden" for outputs read from a file)."""
+    runtime: str
+    """"onnxruntime", "onnx.reference" (the ONNX reference evaluator), "torch" or "file"."""
+    reason: str = ""
+    """Why the fallback was used (onnxruntime's error), or the file the outputs came from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorCheck:
+    """Comparison of one intermediate tensor present in both models (``verify --locate``)."""
+
+    name: str
+    producer: str
+    """op type and node name of the node that computes it in the reference."""
+    matched_as: str
+    """How it was matched: "name" (same name in both) or the fold it stands for."""
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LocateReport:
+    """Intermediate tensors compared in graph order, and the first one whose error passes the tolerance."""
+
+    tensors: tuple[TensorCheck, ...]
+    first_divergence: str | None
+    compared: int
+    only_in_reference: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "first_divergence": self.first_divergence,
+            "compared": self.compared,
+            "only_in_reference": self.only_in_reference,
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +237,12 @@ class VerifyReport:
     optimization_level: str
     extra: tuple[VerifyReport, ...] = ()
     """Further runs (e.g. with the user's optimisation level as a second check)."""
+    runtimes: tuple[RuntimeUse, ...] = ()
+    """Which runtime ran each side (onnxruntime, or the ONNX reference evaluator where it could not)."""
+    comparator: dict[str, Any] = field(default_factory=dict)
+    """The comparison settings used (see :class:`bnfold.compare.Comparator`)."""
+    locate: LocateReport | None = None
+    """With ``locate=True``: the intermediate tensors compared and the first divergence."""
 
     @property
     def passed(self) -> bool:
@@ -190,6 +271,10 @@ class VerifyReport:
             "max_rel_error": self.max_rel_error,
             "outputs": [c.to_dict() for c in self.checks],
             "extra": [e.to_dict() for e in self.extra],
+            "runtimes": [r.to_dict() for r in self.runtimes],
+            "comparator": dict(self.comparator),
+            "failures": sorted({c.failure for c in self.checks if c.failure}),
+            "locate": None if self.locate is None else self.locate.to_dict(),
         }
 
 

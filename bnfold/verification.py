@@ -11,7 +11,16 @@ What runs:
       ``ExportedProgram``: the dynamo exporter without its optimiser) and run in onnxruntime, so the
       export path that gets deployed is checked as well;
     * ``extra_level`` runs the candidate a second time at that onnxruntime level and compares it to the
-      same reference outputs (``VerifyReport.extra``).
+      same reference outputs (``VerifyReport.extra``);
+    * fallback: an ONNX model that onnxruntime cannot load (no float64 Conv kernel, opsets 1-6, an op
+      it lacks) runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph optimisation; bnfold
+      supplies the BatchNormalization of opsets 1-8, which the evaluator lacks or gets wrong). ``VerifyReport.runtimes`` names the runtime of each side
+      and onnxruntime's reason. A candidate that only the fallback runs while onnxruntime runs the
+      reference is refused (``NotComparableError``): the rewrite broke the model for onnxruntime;
+    * onnxruntime always gets bytes or a file: a proto whose tensors pass the 2 GiB protobuf limit is
+      written to a temporary folder as a small model file plus an external-data file, tensor by tensor
+      (:func:`_write_with_external_data`), never serialised whole (also above 256 MiB of weights, so
+      that no serialised copy is held in memory).
 
 Inputs: see :mod:`bnfold._inputs` (seeded random tensors matching dtype and shape; symbolic dims from
 ``input_shapes``, else 2 for the first dimension and 8 for the others; integers in [0, 10); or user data).
@@ -24,8 +33,9 @@ Comparison, per output and sample, in float64 (``r`` reference, ``c`` candidate)
     mismatches    = #{ |c - r| > atol + rtol * scale }
 
 NaN on both sides at the same place, and equal infinities, count as equal; NaN on one side only is a
-mismatch (error = inf). Integer and boolean outputs compare exactly (atol = rtol = 0). An output passes
-when it has no mismatch. Default tolerances (:data:`DEFAULT_TOLERANCES`, per dtype, the less precise
+mismatch (error = inf). Integer and boolean outputs compare exactly (atol = rtol = 0). By default an
+output passes when it has no mismatch; :mod:`bnfold.compare` adds the options (per-output tolerances,
+an error statistic, cosine and SNR thresholds, NaN/Inf named as such, a heat summary). Default tolerances (:data:`DEFAULT_TOLERANCES`, per dtype, the less precise
 dtype of the two sides wins): rtol is tens to hundreds of roundings of the dtype at the output's scale
 (an exact fold changes each output by a few roundings, about 2-7e-7 of the scale in float32), atol is
 the dtype's smallest normal number (an all-zero reference has scale 1, so atol is no longer needed as a
@@ -36,7 +46,9 @@ the output, is caught.
 Verification never raises on a mismatch (``report.passed`` is False; :func:`ensure_passed` raises
 :class:`~bnfold.errors.VerificationError`); it raises :class:`~bnfold.errors.NotComparableError` when the
 two models cannot be compared (different input or output names, incompatible shapes, a model that
-onnxruntime cannot load or run). An ONNX-only verification never imports torch.
+no runtime can load or run). ``save_outputs`` / ``load_outputs`` record a run and check against it
+later (:mod:`bnfold.golden`); ``locate`` names the first intermediate tensor that diverges
+(:mod:`bnfold.locate`). An ONNX-only verification never imports torch.
 """
 
 from __future__ import annotations
@@ -48,7 +60,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,8 +72,18 @@ from ._inputs import (
     resolve_shapes,
     user_inputs,
 )
-from .errors import NotComparableError, OptionError, VerificationError
-from .records import OutputCheck, VerifyReport
+from .compare import (
+    DEFAULT_TOLERANCES,
+    ERROR_STATS,
+    Comparator,
+    Tolerance,
+    ToleranceArg,
+    compare_output,
+    default_tolerance,
+    parse_tolerances,
+)
+from .errors import NotComparableError, OptionError, OutputError, VerificationError
+from .records import OutputCheck, RuntimeUse, VerifyReport
 
 __all__ = [
     "verify",
@@ -72,47 +93,19 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "OPTIMIZATION_LEVELS",
     "default_tolerance",
+    "parse_tolerances",
+    "Comparator",
+    "ERROR_STATS",
+    "REFERENCE_EVALUATOR",
+    "describe_failure",
+    "runtime_notes",
 ]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Tolerance:
-    """``|c - r| <= atol + rtol * scale``, scale = max |reference| of the output."""
-
-    atol: float
-    rtol: float
-
-
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    # atol is the dtype's smallest normal number: only denormal noise passes on its own; every real
-    # error is judged relative to the output's scale (rtol).
-    # float64: eps 2.2e-16; 1e-9 leaves ~4e6 roundings of room yet catches any real difference.
-    "float64": Tolerance(atol=2.2e-308, rtol=1e-9),
-    # float32: eps 1.19e-7; an exact fold moves outputs by 2-7e-7 of their scale, 1e-5 is ~20-50x that.
-    "float32": Tolerance(atol=1.2e-38, rtol=1e-5),
-    # float16: eps 9.8e-4; folded weights are rounded once more to fp16 and the output a few times.
-    "float16": Tolerance(atol=6.1e-5, rtol=2e-3),
-    # bfloat16: eps 7.8e-3 (8 mantissa bits); same few roundings as float16.
-    "bfloat16": Tolerance(atol=1.2e-38, rtol=2e-2),
-}
-"""Default tolerance per floating dtype; integer and boolean outputs compare exactly."""
-
-EXACT = Tolerance(atol=0.0, rtol=0.0)
-
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 """Names accepted for ``optimization_level`` / ``extra_level`` (onnxruntime graph optimisation)."""
-
-_PRECISION_ORDER = ("float64", "float32", "float16", "bfloat16")
-
-
-def default_tolerance(*dtypes: np.dtype[Any]) -> Tolerance:
-    """The default tolerance for outputs of these dtypes: the least precise one decides."""
-    names = [d.name for d in dtypes]
-    if any(n not in DEFAULT_TOLERANCES for n in names):
-        return EXACT
-    return DEFAULT_TOLERANCES[max(names, key=_PRECISION_ORDER.index)]
 
 
 # ----------------------------------------------------------------------------------------- runners
@@ -144,15 +137,14 @@ class _OrtRunner:
     def __init__(self, source: str | bytes, level: str, label: str) -> None:
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # model-load warnings (old opsets) would print on stderr
         so = ort.SessionOptions()
         so.graph_optimization_level = _ort_level(level)
         so.log_severity_level = 3
         self.label = label
         self.level = level
-        try:
-            self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises several private exception types
-            raise NotComparableError(f"{label}: onnxruntime cannot load the model ({_first_line(e)})") from e
+        self.runtime = RuntimeUse(label.split(" ")[0], "onnxruntime")
+        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         self.inputs = [
             InputSpec(i.name, np_dtype(i.type), tuple(i.shape)) for i in self.session.get_inputs()
         ]
@@ -185,6 +177,129 @@ class _OrtRunner:
                 f"{self.label}: onnxruntime failed on sample {sample} ({_first_line(e)})"
             ) from e
         return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+
+
+REFERENCE_EVALUATOR = "onnx.reference"
+"""Name of the fallback runtime in reports: ``onnx.reference.ReferenceEvaluator`` (numpy, any dtype)."""
+
+
+class _RefRunner:
+    """The ONNX reference evaluator, for models onnxruntime cannot run (float64 Conv, opsets 1-6, ...).
+
+    It implements every standard op of every opset in numpy (float64 included) without graph
+    optimisation, so it checks the same arithmetic; it is slower, which only matters for large models.
+    """
+
+    def __init__(self, source: Any, label: str, why: str) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        self.label = label
+        self.level = "disable"
+        self.runtime = RuntimeUse(label.split(" ")[0], REFERENCE_EVALUATOR, why)
+        if isinstance(source, (bytes, bytearray)):
+            proto = onnx.load_model_from_string(bytes(source))
+        elif isinstance(source, str):
+            proto = onnx.load(source)  # a path: external data resolved next to the file
+        else:
+            proto = source
+        self.session = ReferenceEvaluator(proto, new_ops=_legacy_ops(proto) or None)
+        init = {t.name for t in proto.graph.initializer}
+        self.inputs = []
+        for vi in proto.graph.input:
+            if vi.name in init:
+                continue
+            tt = vi.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+            self.inputs.append(InputSpec(vi.name, np_dtype(_ONNX_TYPE_NAMES.get(tt.elem_type, f"tensor(type {tt.elem_type})")), dims))
+        self.outputs = [o.name for o in proto.graph.output]
+
+    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise NotComparableError(f"{self.label}: has input {missing[0]!r} that the other model does not have")
+        try:
+            outs = self.session.run(self.outputs, {n: feeds[n] for n in names})
+        except Exception as e:
+            raise NotComparableError(
+                f"{self.label}: the ONNX reference evaluator failed on sample {sample} ({_first_line(e)})"
+            ) from e
+        return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+
+
+def _same_runtime_or_better(ref: Any, cand: Any) -> None:
+    """A candidate must load wherever its reference does: one that only the fallback runs is refused.
+
+    Otherwise a rewrite that breaks the model for onnxruntime (where it is deployed) would pass,
+    checked by the more permissive reference evaluator.
+    """
+    if ref.runtime.runtime == "onnxruntime" and cand.runtime.runtime != "onnxruntime":
+        raise NotComparableError(
+            f"candidate: onnxruntime cannot load it although it loads the reference ({cand.runtime.reason})"
+        )
+
+
+def _legacy_ops(proto: Any) -> list[Any]:
+    """BatchNormalization for opsets 1-8, where the reference evaluator is missing or wrong.
+
+    The evaluator has no BatchNormalization-1 (opsets 1-5), ignores ``spatial`` and, from opset 7
+    on (no ``is_test`` attribute), runs BatchNormalization-6's training branch. This one computes the
+    inference formula in float64 with one cast, statistics per channel (``spatial=1``, the default) or
+    per element of ``C x D1 x ...`` (``spatial=0``), and refuses training mode: ``is_test=0`` up to
+    opset 6, more than one output from opset 7 (``consumed_inputs`` of opset 1-5 only described
+    in-place updates of the running statistics in training).
+    """
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= 9:
+        return []
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):  # the class name is the op type the evaluator looks up
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, is_test=None, momentum=None,  # type: ignore[no-untyped-def]
+                 spatial=None, consumed_inputs=None, training_mode=None):
+            outputs = [o for o in self.onnx_node.output if o]
+            training = not is_test if opset < 7 else len(outputs) > 1
+            if training:
+                raise NotImplementedError(f"BatchNormalization (opset {opset}) in training mode")
+            eps = 1e-5 if epsilon is None else epsilon
+            if spatial == 0:  # statistics per element of C x D1 x ...
+                shape = (1, *x.shape[1:])
+            else:
+                shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+            r = [np.asarray(a, np.float64).reshape(shape) for a in (scale, bias, mean, var)]
+            y = (x.astype(np.float64) - r[2]) / np.sqrt(r[3] + eps) * r[0] + r[1]  # float64, one cast
+            return (y.astype(x.dtype),)
+
+    return [BatchNormalization]
+
+
+_ONNX_TYPE_NAMES = {
+    1: "tensor(float)", 2: "tensor(uint8)", 3: "tensor(int8)", 4: "tensor(uint16)", 5: "tensor(int16)",
+    6: "tensor(int32)", 7: "tensor(int64)", 9: "tensor(bool)", 10: "tensor(float16)", 11: "tensor(double)",
+    12: "tensor(uint32)", 13: "tensor(uint64)", 16: "tensor(bfloat16)",
+}
+
+
+_Runner = Any  # _OrtRunner | _RefRunner: both have label, level, runtime, inputs, outputs, run()
+
+
+def _onnx_runner(source: Any, level: str, label: str) -> _Runner:
+    """onnxruntime when it loads the model, else the ONNX reference evaluator (and the reason why)."""
+    try:
+        return _OrtRunner(source, level, label)
+    except Exception as e:  # onnxruntime raises several private exception types
+        why = f"onnxruntime cannot load it: {_first_line(e)}"
+        log.debug("%s: %s; falling back to the ONNX reference evaluator", label, why)
+        try:
+            return _RefRunner(source, label, why)
+        except Exception as e2:
+            raise NotComparableError(
+                f"{label}: onnxruntime cannot load the model ({_first_line(e)}); the ONNX reference "
+                f"evaluator cannot run it either ({_first_line(e2)})"
+            ) from e
 
 
 @contextlib.contextmanager
@@ -235,6 +350,7 @@ class _TorchRunner:
         import torch
 
         self.label = label
+        self.runtime = RuntimeUse(label.split(" ")[0], "torch")
         # an unlifted ExportedProgram refuses .eval(): it runs with the mode it was exported in
         self.exported = isinstance(model, torch.export.ExportedProgram)
         self.model = model.module() if self.exported else model
@@ -268,7 +384,81 @@ def _is_torch(model: Any) -> bool:
     return isinstance(model, (torch.nn.Module, torch.export.ExportedProgram))
 
 
-_MAX_PROTO_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the message overhead
+_FILE_ABOVE_BYTES = 256 * 2**20
+"""A proto with more tensor bytes than this goes to onnxruntime as a file with external data: no
+serialised copy is held next to the model and onnxruntime's own, and past 2 GiB protobuf cannot
+serialise it at all. Smaller ones go as bytes (no disk write)."""
+_EXTERNAL_MIN_BYTES = 1024  # tensors at least this large go to the external-data file
+
+
+def _tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of the model that may hold weights: initializers and Constant values, subgraphs too."""
+    from onnx import AttributeProto
+
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of tensor data held in the proto (not ``ByteSize()``: that fails past 2 GiB)."""
+    return sum(len(t.raw_data) for t in _tensors(model) if t.HasField("raw_data"))
+
+
+def _copy_fields(dst: Any, src: Any, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except the field named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _write_with_external_data(model: Any, folder: str) -> str:
+    """Write ``model`` as ``folder/model.onnx`` + ``model.onnx.data``, never serialising its weights.
+
+    The whole proto is never serialised (protobuf refuses messages over 2 GiB), copied or changed: a
+    shell model gets every field but the main graph's initializers, each initializer's bytes are
+    streamed to the data file one tensor at a time (one tensor's bytes in flight), and the shell
+    points at them. Tensors in subgraphs and Constant nodes stay inline (they are copied with the
+    nodes).
+    """
+    from onnx import ModelProto, TensorProto
+
+    path = os.path.join(folder, "model.onnx")
+    shell = ModelProto()
+    _copy_fields(shell, model, "graph")
+    _copy_fields(shell.graph, model.graph, "initializer")
+    with open(os.path.join(folder, "model.onnx.data"), "wb") as data:
+        for t in model.graph.initializer:
+            if not t.HasField("raw_data") or len(t.raw_data) < _EXTERNAL_MIN_BYTES:
+                shell.graph.initializer.add().CopyFrom(t)
+                continue
+            out = shell.graph.initializer.add()
+            _copy_fields(out, t, "raw_data")
+            offset = data.tell()
+            data.write(t.raw_data)
+            out.data_location = TensorProto.EXTERNAL
+            del out.external_data[:]
+            for k, v in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                entry = out.external_data.add()
+                entry.key, entry.value = k, v
+    with open(path, "wb") as f:
+        f.write(shell.SerializeToString())
+    return path
 
 
 def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
@@ -283,16 +473,14 @@ def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
             return path  # onnxruntime reads external data from the file's folder itself
         return bio.load(path)
     if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
-        if model.ByteSize() < _MAX_PROTO_BYTES:
-            return model.SerializeToString()
-        import onnx
-
+        # Decide on the tensor bytes, not ByteSize(): that serialises the whole proto (and fails past 2 GiB).
+        if _weight_bytes(model) <= _FILE_ABOVE_BYTES:
+            try:
+                return model.SerializeToString()
+            except Exception as e:  # noqa: BLE001 - protobuf's EncodeError/ValueError past 2 GiB (big float_data)
+                log.debug("%s: cannot serialise (%s); writing it with external data", label, e)
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
-        path = os.path.join(folder, "model.onnx")
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, path, save_as_external_data=True, location="model.onnx.data")
-        return path
+        return _write_with_external_data(model, folder)
     if _is_torch(model):
         return model
     raise OptionError(
@@ -333,50 +521,6 @@ def _export_candidate(
 
 
 # -------------------------------------------------------------------------------------- comparison
-
-
-def _compare(
-    name: str, sample: int, r: np.ndarray, c: np.ndarray, atol: float | None, rtol: float | None
-) -> OutputCheck:
-    if r.shape != c.shape:
-        raise NotComparableError(
-            f"output {name!r} has shape {list(r.shape)} in the reference and {list(c.shape)} in the candidate"
-        )
-    r_float = r.dtype.kind == "f" or r.dtype.name == "bfloat16"
-    c_float = c.dtype.kind == "f" or c.dtype.name == "bfloat16"
-    if r_float != c_float:
-        raise NotComparableError(f"output {name!r} is {r.dtype} in the reference and {c.dtype} in the candidate")
-    if r_float:
-        tol = default_tolerance(r.dtype, c.dtype)
-        tol = Tolerance(tol.atol if atol is None else atol, tol.rtol if rtol is None else rtol)
-        r64, c64 = r.astype(np.float64), c.astype(np.float64)
-    else:
-        tol = EXACT  # integer and boolean outputs: exact, whatever the options say
-        r64, c64 = r.astype(np.float64), c.astype(np.float64)
-        if r.dtype.kind in "iu" and np.abs(r).max(initial=0) >= 2**53:
-            r64, c64 = r.astype(np.int64).astype(object), c.astype(np.int64).astype(object)
-    same = (r64 == c64) | (np.isnan(r64) & np.isnan(c64)) if r_float else (r64 == c64)
-    finite = np.abs(r64[np.isfinite(r64)]) if r_float else np.abs(r64)
-    scale = float(finite.max()) if finite.size else 0.0
-    if scale == 0.0:
-        scale = 1.0  # all-zero reference: errors are absolute
-    with np.errstate(invalid="ignore"):
-        diff = np.where(same, 0.0, np.abs(c64 - r64).astype(np.float64))
-    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only, or inf - inf of opposite signs
-    max_abs = float(diff.max(initial=0.0))
-    mismatches = int(np.count_nonzero(diff > tol.atol + tol.rtol * scale))
-    return OutputCheck(
-        name=name,
-        sample=sample,
-        dtype=str(r.dtype),
-        shape=tuple(int(d) for d in r.shape),
-        max_abs_error=max_abs,
-        max_rel_error=max_abs / scale,
-        mismatches=mismatches,
-        atol=tol.atol,
-        rtol=tol.rtol,
-        passed=mismatches == 0,
-    )
 
 
 def _check_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec], exported: bool) -> None:
@@ -464,11 +608,17 @@ def verify(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     samples: int = 1,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: ToleranceArg = None,
+    rtol: ToleranceArg = None,
     optimization_level: str = "disable",
     extra_level: str | None = None,
     example_inputs: Any = None,
+    error_stat: str = "max",
+    min_cosine: float | None = None,
+    min_snr_db: float | None = None,
+    save_outputs: str | os.PathLike[str] | None = None,
+    load_outputs: str | os.PathLike[str] | None = None,
+    locate: bool = False,
 ) -> VerifyReport:
     """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
 
@@ -485,21 +635,33 @@ def verify(
             ones); defaults: 2 for a symbolic first dimension, 8 for any other.
         samples: number of random samples (each a fresh draw from ``seed``).
         seed: seed of the random inputs.
-        atol: absolute tolerance for floating outputs (default per dtype, :data:`DEFAULT_TOLERANCES`).
-        rtol: tolerance relative to the output's scale (max |reference|), default per dtype.
+        atol: absolute tolerance for floating outputs (default per dtype, :data:`DEFAULT_TOLERANCES`):
+            one value, or ``{output: value}`` (key ``"*"`` for the other outputs).
+        rtol: tolerance relative to the output's scale (max |reference|), default per dtype; same forms.
         optimization_level: onnxruntime graph optimisation for both models: "disable" (default),
             "basic", "extended", "all".
         extra_level: if given, run the candidate again at this level and add that comparison to
             ``report.extra`` (e.g. the level used in deployment).
         example_inputs: a tuple of tensors giving input shapes and dtypes when both models are PyTorch
             (an ``ExportedProgram``'s own example inputs are used when absent).
+        error_stat: the statistic of ``|c - r|`` judged against the tolerance: "max" (default: every
+            element), "mean", "median" or a quantile ("q0.99", "p99"); see :mod:`bnfold.compare`.
+        min_cosine: also fail an output whose cosine similarity with the reference is below this.
+        min_snr_db: also fail an output whose signal-to-noise ratio is below this many dB.
+        save_outputs: write the inputs and both models' outputs to this ``.npz`` file
+            (:mod:`bnfold.golden`).
+        load_outputs: a file written with ``save_outputs``: its inputs and reference outputs stand
+            for the reference (pass ``reference=None``); with ``candidate=None`` too, the saved
+            candidate outputs are compared again (no model runs).
+        locate: ONNX models: also compare every intermediate tensor present in both and name the
+            first one that diverges (``report.locate``, see :mod:`bnfold.locate`).
 
     Returns:
         A :class:`~bnfold.records.VerifyReport`; ``report.passed`` is False on a mismatch (no raise).
 
     Raises:
         NotComparableError: different input or output names, incompatible shapes or dtypes, a model
-            onnxruntime cannot load or run.
+            that neither onnxruntime nor the ONNX reference evaluator can run.
         OptionError: a bad option (level, shapes, inputs, tolerances).
         ModelFormatError: a path that is not a readable model.
     """
@@ -509,26 +671,42 @@ def verify(
         raise OptionError(f"unknown optimization level {extra_level!r} (choose from {', '.join(OPTIMIZATION_LEVELS)})")
     if samples < 1:
         raise OptionError(f"samples must be at least 1, got {samples}")
-    for label, v in (("atol", atol), ("rtol", rtol)):
-        if v is not None and not (v >= 0 and np.isfinite(v)):
-            raise OptionError(f"{label} must be a finite number >= 0, got {v}")
+    comparator = Comparator(atol, rtol, error_stat, min_cosine, min_snr_db)
+    comparator.validate()
+    if save_outputs is not None:  # a cheap check before any model runs
+        folder = os.path.dirname(os.path.abspath(os.fspath(save_outputs)))
+        if not os.path.isdir(folder) or os.path.isdir(os.fspath(save_outputs)):
+            raise OutputError(f"{os.fspath(save_outputs)}: cannot write the outputs there (no such folder, or a folder)")
+    if load_outputs is not None:
+        if inputs is not None:
+            raise OptionError("load_outputs: the saved inputs are used; inputs cannot be given as well")
+        if reference is not None:
+            raise OptionError("load_outputs: the saved outputs are the reference; pass only a candidate (or none)")
+        if locate:
+            raise OptionError("locate needs both models (not saved outputs)")
+        return _verify_recorded(
+            load_outputs, candidate, comparator, optimization_level, extra_level, save_outputs
+        )
+    if candidate is None or reference is None:
+        raise OptionError("verify needs a reference and a candidate (or load_outputs)")
 
     with contextlib.ExitStack() as stack:
         ref_src = _onnx_source(reference, "reference", stack)
         cand_src = _onnx_source(candidate, "candidate", stack)
         ref_torch, cand_torch = _is_torch(ref_src), _is_torch(cand_src)
 
-        ref: _OrtRunner | _TorchRunner
-        cand: _OrtRunner | None = None
+        ref: _Runner
+        cand: _Runner | None = None
         if not ref_torch:
-            ref = _OrtRunner(ref_src, optimization_level, "reference")
+            ref = _onnx_runner(ref_src, optimization_level, "reference")
             specs = ref.inputs
             out_names = ref.outputs
         if not cand_torch:
-            cand = _OrtRunner(cand_src, optimization_level, "candidate")
+            cand = _onnx_runner(cand_src, optimization_level, "candidate")
             if ref_torch:
                 specs, out_names = cand.inputs, cand.outputs
             else:
+                _same_runtime_or_better(ref, cand)
                 _check_inputs(specs, cand.inputs, exported=False)
                 _check_outputs(out_names, cand.outputs)
         if ref_torch and cand_torch:
@@ -558,26 +736,122 @@ def verify(
                 n_out = len(_flatten(_run_torch_once(cand_src, feeds[0], specs)))
                 out_names = [f"output_{i}" for i in range(n_out)]
             onnx_bytes = _export_candidate(cand_src, feeds[0], specs, out_names)
-            cand = _OrtRunner(onnx_bytes, optimization_level, "candidate (exported to ONNX)")
+            cand = _onnx_runner(onnx_bytes, optimization_level, "candidate (exported to ONNX)")
             _check_inputs(specs, cand.inputs, exported=True)
             _check_outputs(out_names, cand.outputs)
         assert cand is not None
         if isinstance(ref, _TorchRunner):
             ref.outputs = list(out_names)
 
+        comparator.validate(out_names)
         ref_out = [ref.run(f, i) for i, f in enumerate(feeds)]
-        checks = _compare_all(ref_out, cand, feeds, out_names, atol, rtol)
-        extra: tuple[VerifyReport, ...] = ()
-        if extra_level is not None:
-            second = _OrtRunner(cand_src if not cand_torch else onnx_bytes, extra_level, f"candidate ({extra_level})")
-            extra = (
-                VerifyReport(
-                    checks=_compare_all(ref_out, second, feeds, out_names, atol, rtol),
-                    samples=len(feeds),
-                    optimization_level=extra_level,
-                ),
-            )
-    return VerifyReport(checks=checks, samples=len(feeds), optimization_level=optimization_level, extra=extra)
+        cand_out = [cand.run(f, i) for i, f in enumerate(feeds)]
+        checks = _compare_outputs(ref_out, cand_out, out_names, comparator)
+        extra = _extra_level(
+            extra_level, cand_src if not cand_torch else onnx_bytes, feeds, ref_out, out_names, comparator
+        )
+        runtimes = (ref.runtime, cand.runtime)
+        located = None
+        if locate:
+            if ref_torch or cand_torch:
+                raise OptionError("locate compares intermediate tensors of two ONNX models; export the PyTorch side first")
+            from .locate import locate_divergence
+
+            located = locate_divergence(ref_src, cand_src, feeds[0], comparator)
+        if save_outputs is not None:
+            _save_recording(save_outputs, specs, out_names, feeds, ref_out, cand_out, runtimes)
+    return VerifyReport(
+        checks=checks, samples=len(feeds), optimization_level=optimization_level, extra=extra,
+        runtimes=runtimes, comparator=comparator.to_dict(), locate=located,
+    )
+
+
+def _extra_level(
+    level: str | None,
+    source: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    ref_out: Sequence[Mapping[str, np.ndarray]],
+    out_names: Sequence[str],
+    comparator: Comparator,
+) -> tuple[VerifyReport, ...]:
+    """The candidate run again at onnxruntime level ``level`` (nothing when it runs in the fallback)."""
+    if level is None:
+        return ()
+    second = _onnx_runner(source, level, f"candidate ({level})")
+    if second.runtime.runtime != "onnxruntime":
+        return ()  # the reference evaluator has no optimisation levels: the first check is the only one
+    cand_out = [second.run(f, i) for i, f in enumerate(feeds)]
+    return (
+        VerifyReport(
+            checks=_compare_outputs(ref_out, cand_out, out_names, comparator),
+            samples=len(feeds),
+            optimization_level=level,
+            runtimes=(second.runtime,),
+            comparator=comparator.to_dict(),
+        ),
+    )
+
+
+def _save_recording(
+    path: str | os.PathLike[str],
+    specs: Sequence[InputSpec],
+    out_names: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    ref_out: Sequence[Mapping[str, np.ndarray]],
+    cand_out: Sequence[Mapping[str, np.ndarray]] | None,
+    runtimes: Sequence[RuntimeUse],
+) -> None:
+    from .golden import Recording, save_outputs
+
+    save_outputs(
+        path,
+        Recording(
+            [s.name for s in specs], list(out_names), [dict(f) for f in feeds], [dict(r) for r in ref_out],
+            None if cand_out is None else [dict(c) for c in cand_out], {r.role: r.runtime for r in runtimes},
+        ),
+    )
+
+
+def _verify_recorded(
+    path: str | os.PathLike[str],
+    candidate: Any,
+    comparator: Comparator,
+    level: str,
+    extra_level: str | None,
+    save_to: str | os.PathLike[str] | None,
+) -> VerifyReport:
+    """Check ``candidate`` (or the saved candidate outputs) against the outputs saved in ``path``."""
+    from .golden import load_outputs
+
+    rec = load_outputs(path)
+    comparator.validate(rec.output_names)
+    golden = RuntimeUse("reference", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('reference', '?')})")
+    if candidate is None:
+        if rec.candidate is None:
+            raise OptionError(f"{os.fspath(path)}: holds no candidate outputs; pass a candidate model to check")
+        checks = _compare_outputs(rec.reference, rec.candidate, rec.output_names, comparator)
+        cand_rt = RuntimeUse("candidate", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('candidate', '?')})")
+        return VerifyReport(
+            checks=checks, samples=len(rec.feeds), optimization_level="recorded", runtimes=(golden, cand_rt),
+            comparator=comparator.to_dict(),
+        )
+    specs = [InputSpec(n, rec.feeds[0][n].dtype, tuple(rec.feeds[0][n].shape)) for n in rec.input_names]
+    with contextlib.ExitStack() as stack:
+        src = _onnx_source(candidate, "candidate", stack)
+        if _is_torch(src):
+            src = _export_candidate(src, rec.feeds[0], specs, rec.output_names)
+        cand = _onnx_runner(src, level, "candidate")
+        _check_inputs(specs, cand.inputs, exported=False)
+        _check_outputs(rec.output_names, cand.outputs)
+        cand_out = [cand.run(f, i) for i, f in enumerate(rec.feeds)]
+        checks = _compare_outputs(rec.reference, cand_out, rec.output_names, comparator)
+        extra = _extra_level(extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator)
+    if save_to is not None:
+        _save_recording(save_to, specs, rec.output_names, rec.feeds, rec.reference, cand_out, (golden, cand.runtime))
+    return VerifyReport(
+        checks=checks, samples=len(rec.feeds), optimization_level=level, extra=extra,
+        runtimes=(golden, cand.runtime), comparator=comparator.to_dict(),
+    )
 
 
 def _run_torch_once(model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> Any:
@@ -589,20 +863,17 @@ def _run_torch_once(model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence
         return runner.model(*args)
 
 
-def _compare_all(
+def _compare_outputs(
     ref_out: Sequence[Mapping[str, np.ndarray]],
-    cand: _OrtRunner,
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    cand_out: Sequence[Mapping[str, np.ndarray]],
     out_names: Sequence[str],
-    atol: float | None,
-    rtol: float | None,
+    comparator: Comparator,
 ) -> tuple[OutputCheck, ...]:
-    checks: list[OutputCheck] = []
-    for i, (f, r) in enumerate(zip(feeds, ref_out)):
-        c = cand.run(f, i)
-        for name in out_names:
-            checks.append(_compare(name, i, r[name], c[name], atol, rtol))
-    return tuple(checks)
+    return tuple(
+        compare_output(name, i, r[name], c[name], comparator)
+        for i, (r, c) in enumerate(zip(ref_out, cand_out))
+        for name in out_names
+    )
 
 
 def ensure_passed(report: VerifyReport) -> None:
@@ -618,11 +889,39 @@ def ensure_passed(report: VerifyReport) -> None:
             continue
         worst = rep.worst()
         assert worst is not None
-        n = int(np.prod(worst.shape)) if worst.shape else 1
         level = "" if rep is report else f" with onnxruntime level {rep.optimization_level!r}"
-        raise VerificationError(
-            f"not equivalent{level}: output {worst.name!r} differs on sample {worst.sample}: max abs error "
-            f"{worst.max_abs_error:.3g} ({worst.max_rel_error:.3g} of the output's scale), {worst.mismatches} of "
-            f"{n} elements outside atol={worst.atol:g} + rtol={worst.rtol:g} x scale",
-            report=report,
+        raise VerificationError(f"not equivalent{level}: {describe_failure(worst)}", report=report)
+
+
+def runtime_notes(report: VerifyReport) -> list[str]:
+    """One line per side that did not run in onnxruntime: which runtime ran it, and why."""
+    return [
+        f"{r.role} run with {'the ONNX reference evaluator' if r.runtime == REFERENCE_EVALUATOR else r.runtime}"
+        + (f" ({r.reason})" if r.reason else "")
+        for r in report.runtimes
+        if r.runtime not in ("onnxruntime", "torch")
+    ]
+
+
+def describe_failure(c: OutputCheck) -> str:
+    """One phrase naming what failed on output ``c`` (NaN/Inf, tolerance, cosine, SNR) and where."""
+    n = int(np.prod(c.shape)) if c.shape else 1
+    where = f"output {c.name!r} differs on sample {c.sample}"
+    at = f" (largest error at index {list(c.worst_index)})" if c.worst_index else ""
+    if c.failure == "nan":
+        return f"output {c.name!r} is NaN on sample {c.sample} at {c.nan} of {n} elements where the reference is finite{at}"
+    if c.failure == "inf":
+        return f"output {c.name!r} is infinite on sample {c.sample} at {c.inf} of {n} elements where the reference is finite{at}"
+    if c.failure == "cosine":
+        return f"{where}: cosine similarity {c.cosine:.6g} is below the threshold"
+    if c.failure == "snr":
+        return f"{where}: SNR {c.snr_db:.3g} dB is below the threshold"
+    if c.error_stat != "max":
+        return (
+            f"{where}: {c.error_stat} abs error {c.error_value:.3g} above atol={c.atol:g} + rtol={c.rtol:g} x scale "
+            f"(max abs error {c.max_abs_error:.3g}){at}"
         )
+    return (
+        f"{where}: max abs error {c.max_abs_error:.3g} ({c.max_rel_error:.3g} of the output's scale), "
+        f"{c.mismatches} of {n} elements outside atol={c.atol:g} + rtol={c.rtol:g} x scale{at}"
+    )

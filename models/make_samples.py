@@ -7,12 +7,17 @@ statistics (:func:`models.zoo.build`, seed :data:`SEED`) and a dynamic batch dim
   ``preact_net.onnx`` - legacy (TorchScript) exporter, opset 17, ``do_constant_folding=False`` so
   every ``BatchNormalization`` node stays in the graph (the script checks it); input ``"input"``,
   output ``"logits"``;
+* ``lenet5_fp64.onnx`` - LeNet-5 in float64 (same exporter and opset): onnxruntime has no float64
+  Conv kernel, so bnfold verifies it with the ONNX reference evaluator;
+* ``cnn_opset6.onnx`` - a small CNN (Conv+BN+Relu twice, GlobalAveragePool, Gemm) built by hand at
+  opset 6 (BatchNormalization-6, ``is_test=1``, IR version 3): onnxruntime has no BatchNormalization
+  kernel below opset 7;
 * ``lenet5.pt`` - the LeNet-5 ``state_dict`` (``bnfold fold models/samples/lenet5.pt
   --model models.lenet:lenet5 -o out.onnx``);
 * ``lenet5.pt2`` - a ``torch.export`` program of LeNet-5 in eval mode, dynamic batch.
 
 Everything is seeded, so a re-run gives the same models (and, with the same torch/onnx versions,
-the same bytes; ``--check`` reports files whose bytes differ). All samples together are about 1.5 MB.
+the same bytes; ``--check`` reports files whose bytes differ). All samples together are about 2.1 MB.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from models.zoo import build, example_input
 
@@ -43,9 +50,9 @@ ONNX_SAMPLES: dict[str, str] = {
 }
 
 
-def _onnx_bytes(name: str) -> bytes:
-    model = build(name, seed=SEED)
-    x = example_input(name, batch=1, seed=SEED)
+def _onnx_bytes(name: str, dtype: torch.dtype = torch.float32) -> bytes:
+    model = build(name, seed=SEED).to(dtype)
+    x = example_input(name, batch=1, seed=SEED).to(dtype)
     buf = io.BytesIO()
     torch.onnx.export(
         model,
@@ -70,6 +77,56 @@ def _onnx_bytes(name: str) -> bytes:
     return data
 
 
+def _old_opset_bytes(opset: int = 6) -> bytes:
+    """x[N,3,16,16] -> (Conv 3x3 -> BN-1 -> Relu) x2 -> GlobalAveragePool -> Flatten -> Gemm -> logits."""
+    rng = np.random.default_rng(SEED)
+    f32 = np.float32
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    prev, cin = "input", 3
+    for i, cout in enumerate((8, 16)):
+        p = f"l{i}_"
+        fan = cin * 9
+        inits += [
+            numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(fan)).astype(f32), p + "W"),
+            numpy_helper.from_array(rng.standard_normal(cout).astype(f32) * 0.1, p + "B"),
+            # realistic statistics, as after training: mean != 0, var != 1, gamma != 1, beta != 0
+            numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(f32), p + "gamma"),
+            numpy_helper.from_array(rng.uniform(-0.5, 0.5, cout).astype(f32), p + "beta"),
+            numpy_helper.from_array(rng.uniform(-1.0, 1.0, cout).astype(f32), p + "mean"),
+            numpy_helper.from_array(rng.uniform(0.2, 3.0, cout).astype(f32), p + "var"),
+        ]
+        nodes += [
+            helper.make_node("Conv", [prev, p + "W", p + "B"], [p + "conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                             name=f"conv{i}"),
+            helper.make_node("BatchNormalization", [p + "conv", p + "gamma", p + "beta", p + "mean", p + "var"],
+                             [p + "bn"], epsilon=1e-5, is_test=1, name=f"bn{i}"),
+            helper.make_node("Relu", [p + "bn"], [p + "relu"], name=f"relu{i}"),
+        ]
+        prev, cin = p + "relu", cout
+    inits += [
+        numpy_helper.from_array((rng.standard_normal((10, cin)) / np.sqrt(cin)).astype(f32), "fc_W"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(f32) * 0.1, "fc_B"),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_W", "fc_B"], ["logits"], transB=1, broadcast=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, f"cnn_opset{opset}",
+        # IR version 3: initializers are graph inputs too
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])]
+        + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=3,
+                              producer_name="models.make_samples")
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
 def _state_dict_bytes(name: str) -> bytes:
     buf = io.BytesIO()
     torch.save(build(name, seed=SEED).state_dict(), buf)
@@ -90,6 +147,8 @@ def _pt2_bytes(name: str) -> bytes:
 def sample_bytes() -> dict[str, bytes]:
     """Every sample file's content, by file name (nothing is written)."""
     out = {fname: _onnx_bytes(name) for fname, name in ONNX_SAMPLES.items()}
+    out["lenet5_fp64.onnx"] = _onnx_bytes("lenet5", torch.float64)
+    out["cnn_opset6.onnx"] = _old_opset_bytes(6)
     out["lenet5.pt"] = _state_dict_bytes("lenet5")
     out["lenet5.pt2"] = _pt2_bytes("lenet5")
     return out

@@ -194,12 +194,12 @@ def test_argmax_output_compares_exactly() -> None:
 
 
 def test_nan_handling() -> None:
-    from bnfold.verification import _compare
+    from bnfold.compare import Comparator, compare_output
 
     r = np.array([1.0, np.nan, np.inf], np.float32)
-    assert _compare("o", 0, r, r.copy(), None, None).passed
+    assert compare_output("o", 0, r, r.copy(), Comparator()).passed
     c = np.array([1.0, 2.0, np.inf], np.float32)
-    chk = _compare("o", 0, r, c, None, None)
+    chk = compare_output("o", 0, r, c, Comparator())
     assert not chk.passed and chk.mismatches == 1 and chk.max_abs_error == np.inf
 
 

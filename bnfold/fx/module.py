@@ -131,6 +131,7 @@ def fold_module(
     eval_semantics: bool = False,
     graph: bool | None = None,
     example_inputs: tuple[Any, ...] | None = None,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every exactly-foldable BatchNorm of ``module``.
 
@@ -144,6 +145,8 @@ def fold_module(
             the model traces.
         example_inputs: optional positional inputs; used to record shapes (proves Linear -> BN1d
             on 2-D input).
+        exclude: BN names (as in the report's verdicts) to leave in place, with reason
+            ``SkipReason.VERIFICATION`` (used by culprit bisection).
 
     Returns:
         ``(model, report)``; ``report.extra["result"]`` says "module" or "graph_module".
@@ -175,6 +178,8 @@ def fold_module(
         seen.eval()
     try:
         analysis = _analyse(seen, graph, example_inputs)
+        if exclude and not isinstance(analysis, str):
+            analysis = _exclude(analysis, frozenset(exclude))
         if isinstance(analysis, str):
             work = work if work is not None else copy.deepcopy(module)
             report, out = _fold_fallback(work, dry_run, analysis)
@@ -233,6 +238,16 @@ def _analyse(root: nn.Module, graph: bool | None, example_inputs: tuple[Any, ...
         verdicts = [demoted.get(v.bn, v) for v in verdicts]
         cands = [c for c in cands if not c.needs_graph]
     return _Analysis(g, verdicts, cands, use_graph)
+
+
+def _exclude(a: _Analysis, names: frozenset[str]) -> _Analysis:
+    """The analysis with the BNs in ``names`` left in place (reason: verification)."""
+    keep = [c for c in a.cands if c.site.bn not in names]
+    verdicts: list[Verdict] = [
+        Skip(v.bn, SkipReason.VERIFICATION, "left in place: excluded from folding") if v.bn in names else v
+        for v in a.verdicts
+    ]
+    return _Analysis(a.graph, verdicts, keep, a.use_graph)
 
 
 def _copy_skipping_folded(module: nn.Module, a: _Analysis) -> tuple[nn.Module, list[nn.Module]]:

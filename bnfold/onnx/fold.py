@@ -48,6 +48,7 @@ class _Ctx:
     names: Names
     ir_version: int
     mul_add: list[Site] = field(default_factory=list)
+    exclude: frozenset[str] = frozenset()
 
 
 def _walk(graph: GraphProto) -> list[GraphProto]:
@@ -121,7 +122,11 @@ def _fold_graph(
                 if i in locked:
                     continue
                 key = n.output[0]
-                v = match_bn(index, ev, i, labels.get(key, prefix + f"BatchNormalization_{i}"))
+                label = labels.get(key, prefix + f"BatchNormalization_{i}")
+                if label in ctx.exclude:  # the caller keeps this BN (e.g. its fold failed verification)
+                    final[key] = Skip(label, SkipReason.VERIFICATION, "left in place: excluded from folding")
+                    continue
+                v = match_bn(index, ev, i, label)
                 if isinstance(v, Skip):
                     final[key] = v
                     continue
@@ -155,7 +160,7 @@ def _fold_graph(
             if not is_bn(n):
                 continue
             prev = final.get(n.output[0])
-            if isinstance(prev, Skip) and prev.reason is SkipReason.TRAINING_MODE:
+            if isinstance(prev, Skip) and prev.reason in (SkipReason.TRAINING_MODE, SkipReason.VERIFICATION):
                 continue
             key = n.output[0]
             plan = match_affine(index, ev, i, labels.get(key, prefix + f"BatchNormalization_{i}"), ctx.opset)
@@ -182,6 +187,7 @@ def fold_model(
     affine: bool = False,
     dry_run: bool = False,
     inplace: bool = False,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
@@ -209,7 +215,7 @@ def fold_model(
         work = ModelProto()
         work.CopyFrom(model)
     bn_before, nodes_before, params_before = _figures(work)
-    ctx = _Ctx(_opset(work), affine, Names(work), int(work.ir_version))
+    ctx = _Ctx(_opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude))
     # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
     # large graph again and again (super-linear time), so it is paused for the fold.
     gc_was_enabled = gc.isenabled()

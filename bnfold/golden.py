@@ -1,0 +1,134 @@
+"""Golden outputs: the inputs and outputs of a verification run, saved to and read from one ``.npz`` file.
+
+A recording holds, per sample, the inputs fed to both models, the reference's outputs and (when a
+candidate ran) the candidate's outputs. With it one can
+
+* check a model against outputs recorded earlier (another machine, another runtime): run it on the
+  recorded inputs and compare with the recorded reference outputs;
+* re-check a saved comparison against new thresholds without running any model.
+
+File layout (``numpy.savez``, read with ``allow_pickle=False``): a ``__meta__`` array holding a JSON
+document (format version, input and output names, dtypes, sample count, the runtimes that produced the
+outputs) and one array per tensor, ``in_<sample>_<i>``, ``ref_<sample>_<i>``, ``cand_<sample>_<i>``
+(``i`` indexes the name lists, so any tensor name is safe). bfloat16 arrays are stored as their raw
+uint16 pattern and restored from the dtype recorded in the meta data. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._inputs import np_dtype
+from .errors import OptionError, OutputError
+
+__all__ = ["Recording", "save_outputs", "load_outputs", "GOLDEN_VERSION"]
+
+GOLDEN_VERSION = 1
+"""Version of the ``.npz`` layout; a file of another version is refused."""
+
+
+@dataclass(slots=True)
+class Recording:
+    """Inputs and outputs of a verification run, per sample."""
+
+    input_names: list[str]
+    output_names: list[str]
+    feeds: list[dict[str, np.ndarray]]
+    reference: list[dict[str, np.ndarray]]
+    candidate: list[dict[str, np.ndarray]] | None = None
+    runtimes: dict[str, str] = field(default_factory=dict)
+    """role -> runtime that produced those outputs (informative)."""
+
+
+def _store(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint16) if a.dtype.name == "bfloat16" else np.asarray(a)
+
+
+def save_outputs(path: str | os.PathLike[str], rec: Recording) -> None:
+    """Write ``rec`` to ``path`` (``.npz``), atomically.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    p = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    groups: list[tuple[str, list[str], Sequence[Mapping[str, np.ndarray]]]] = [
+        ("in", rec.input_names, rec.feeds),
+        ("ref", rec.output_names, rec.reference),
+    ]
+    if rec.candidate is not None:
+        groups.append(("cand", rec.output_names, rec.candidate))
+    for prefix, names, samples in groups:
+        for s, tensors in enumerate(samples):
+            for i, n in enumerate(names):
+                key = f"{prefix}_{s}_{i}"
+                arrays[key] = _store(tensors[n])
+                dtypes[key] = tensors[n].dtype.name
+    meta = {
+        "format": "bnfold-golden",
+        "version": GOLDEN_VERSION,
+        "inputs": rec.input_names,
+        "outputs": rec.output_names,
+        "samples": len(rec.feeds),
+        "has_candidate": rec.candidate is not None,
+        "dtypes": dtypes,
+        "runtimes": rec.runtimes,
+    }
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, p)
+    except OSError as e:
+        raise OutputError(f"{p}: cannot write the outputs ({e.strerror or e})") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_outputs(path: str | os.PathLike[str]) -> Recording:
+    """Read a recording written by :func:`save_outputs`.
+
+    Raises:
+        OptionError: the file is missing, not a bnfold golden ``.npz``, or of another version.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"{p}: --load-outputs: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            if "__meta__" not in data.files:
+                raise OptionError(f"{p}: not a bnfold outputs file (no __meta__ entry)")
+            meta = json.loads(str(data["__meta__"]))
+            if meta.get("format") != "bnfold-golden" or meta.get("version") != GOLDEN_VERSION:
+                raise OptionError(f"{p}: not a bnfold outputs file of version {GOLDEN_VERSION}")
+            dtypes: dict[str, str] = meta["dtypes"]
+
+            def get(key: str) -> np.ndarray:
+                a = np.asarray(data[key])
+                return a.view(np_dtype("bfloat16")) if dtypes.get(key) == "bfloat16" else a
+
+            ins, outs, n = list(meta["inputs"]), list(meta["outputs"]), int(meta["samples"])
+            if n < 1 or not outs or len(set(ins)) != len(ins) or len(set(outs)) != len(outs):
+                raise OptionError(f"{p}: holds no sample, no output, or a name twice")
+            feeds = [{name: get(f"in_{s}_{i}") for i, name in enumerate(ins)} for s in range(n)]
+            ref = [{name: get(f"ref_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
+            cand = (
+                [{name: get(f"cand_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
+                if meta.get("has_candidate")
+                else None
+            )
+    except OptionError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
+        raise OptionError(f"{p}: not a readable bnfold outputs file ({type(e).__name__}: {e})") from e
+    return Recording(ins, outs, feeds, ref, cand, dict(meta.get("runtimes", {})))
