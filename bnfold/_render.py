@@ -401,6 +401,7 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
         "verification": None if report.verification is None else {
             **report.verification.to_dict(), "inputs": x.get("verified_on"),
         },
+        "culprits": x.get("culprits"),
         "notes": list(report.notes),
         "seconds": float(x.get("total_seconds", report.seconds)),
     }

@@ -147,10 +147,10 @@ def test_cli_comparator_options(tmp_path: Path) -> None:
     r = runner.invoke(app, ["verify", str(a), str(b), "--rtol", "z=1e-2", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["comparator"]["rtol"] == {"z": 1e-2}
+    assert d["verification"]["comparator"]["rtol"] == {"z": 1e-2}
     r = runner.invoke(app, ["verify", str(a), str(b), "--rtol", "1e-2", "--min-snr", "200", "--json"])
     assert r.exit_code == 1
-    assert json.loads(r.stdout)["failures"] == ["snr"]
+    assert json.loads(r.stdout)["verification"]["failures"] == ["snr"]
     r = runner.invoke(app, ["verify", str(a), str(b), "--rtol", "z=abc"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "not a number" in r.stderr
     r = runner.invoke(app, ["verify", str(a), str(b), "--error-stat", "mode"])

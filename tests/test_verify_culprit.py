@@ -138,7 +138,7 @@ def test_fold_leaves_only_the_culprit_and_writes_the_rest(tmp_path: Path) -> Non
     assert verdicts["bn0"]["status"] == verdicts["bn2"]["status"] == "folded"
     assert d["bn_before"] == 3 and d["bn_after"] == 1
     assert d["verification"]["passed"]
-    assert [c["bn"] for c in d["extra"]["culprits"]["culprits"]] == ["bn1"]
+    assert [c["bn"] for c in d["culprits"]["culprits"]] == ["bn1"]
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     # the written model: one BN left, and it computes what the original does
     written = onnx.load(str(out))

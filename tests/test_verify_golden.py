@@ -115,7 +115,7 @@ def test_cli_save_and_load_outputs(tmp_path: Path) -> None:
     r = runner.invoke(app, ["verify", "--load-outputs", str(golden), str(b), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["samples"] == 2 and d["runtimes"][0]["runtime"] == "file"
+    assert d["verification"]["samples"] == 2 and d["verification"]["runtimes"][0]["runtime"] == "file"
     r = runner.invoke(app, ["verify", "--load-outputs", str(golden), str(c)])
     assert r.exit_code == 1 and "output 'z'" in r.stderr
     r = runner.invoke(app, ["verify", "--load-outputs", str(golden), "--rtol", "1e-12"])

@@ -76,7 +76,7 @@ def test_cli_locate(tmp_path: Path) -> None:
     r = runner.invoke(app, ["verify", str(LENET), str(bad), "--locate", "--json"])
     assert r.exit_code == 1
     d = json.loads(r.stdout)
-    assert d["locate"]["first_divergence"] == changed
+    assert d["verification"]["locate"]["first_divergence"] == changed
     r = runner.invoke(app, ["verify", str(LENET), str(bad), "--locate"])
     assert r.exit_code == 1
     assert f"first divergence at {changed}" in " ".join(r.stdout.split())
