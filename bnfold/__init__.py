@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import bnfold`` does not import torch or onnxr
     vreport = bnfold.verify(reference, candidate)
     report = bnfold.export_onnx(module, (x,), "model.onnx")
     frozen = bnfold.freeze(module, learnable=False)
+    audit = bnfold.health(model)               # dead channels, tiny variances, fp16 range, subnormals
 """
 
 from __future__ import annotations
@@ -26,7 +27,19 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .records import Direction, FoldReport, OutputCheck, Site, Skip, SkipReason, VerifyReport
+from .health import health  # eager: the submodule's name would otherwise shadow the function
+from .records import (
+    BnHealth,
+    Direction,
+    FoldReport,
+    HealthReport,
+    OutputCheck,
+    RangeCounts,
+    Site,
+    Skip,
+    SkipReason,
+    VerifyReport,
+)
 
 __version__ = "0.1.0"
 
@@ -47,6 +60,7 @@ _LAZY = {
 __all__ = [
     "__version__",
     *_LAZY,
+    "health",
     "BnfoldError",
     "InputError",
     "ModelFormatError",
@@ -63,6 +77,9 @@ __all__ = [
     "Skip",
     "SkipReason",
     "VerifyReport",
+    "BnHealth",
+    "HealthReport",
+    "RangeCounts",
 ]
 
 

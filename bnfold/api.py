@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError
+from .errors import InputError, OptionError
 from .records import FoldReport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +56,8 @@ def fold_with_report(
     eval_semantics: bool = False,
     dry_run: bool = False,
     example_inputs: Any = None,
+    flush_denormals: bool = False,
+    health: bool = False,
 ) -> tuple[Any, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -69,12 +71,24 @@ def fold_with_report(
         example_inputs: nn.Module only: a tensor or tuple of tensors the model takes. Shapes recorded
             from them prove where a Linear meets a BatchNorm1d on a 2-D (N, C) tensor; without them
             such pairs are folded only where the graph itself proves the rank (e.g. after a flatten).
+        flush_denormals: set the subnormal values of the tensors the fold wrote to zero (they slow
+            CPU inference down many times; see :mod:`bnfold.denormals`); ``report.flushed_denormals``
+            says how many.
+        health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
+            the original, so it is refused with ``inplace=True``.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
         verdict per BatchNorm.
     """
     kind = model_kind(model)
+    if health and inplace and not dry_run:
+        raise OptionError("health=True needs the original model: it cannot be combined with inplace=True")
+    before = None
+    if (flush_denormals or health) and not dry_run:
+        from .denormals import snapshot
+
+        before = snapshot(model)  # what the fold writes is told apart from what was there
     t0 = time.perf_counter()
     out: Any
     report: FoldReport
@@ -96,6 +110,17 @@ def fold_with_report(
             model, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
         )
     report.seconds = time.perf_counter() - t0
+    if health:
+        from .health import audit
+        from .health import health as audit_copy
+
+        report.health = audit(model, out, report, before) if not dry_run else audit_copy(
+            model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs
+        )
+    if flush_denormals and not dry_run:
+        from .denormals import flush_model
+
+        report.flushed_denormals = flush_model(out, before)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return out, report
 

@@ -1,0 +1,244 @@
+"""Subnormal (denormal) values: count them, check float16/bfloat16 range, and flush them to zero.
+
+Why: folding multiplies weights by ``gamma / sqrt(var + eps)``. A tiny gamma (say 1e-39, or a channel
+pruned towards zero) makes folded float32 weights *subnormal* (nonzero, below ``finfo.tiny`` =
+1.18e-38). Most x86 CPUs take a micro-code assist on every multiply with a subnormal operand unless
+flush-to-zero is on, which onnxruntime and PyTorch leave off by default: a convolution with such
+weights ran 30-80x slower on the machine this was written on (see ``benchmarks/bench_denormals.py``).
+
+Rules:
+
+* a value ``x`` is *subnormal* in its dtype when ``0 < |x| < finfo(dtype).tiny``;
+* flushing sets exactly those values to +0 (sign dropped). The change per value is below
+  ``finfo.tiny``, so each product ``w * x`` moves by less than ``tiny * |x|``: far below any
+  tolerance, and verification still runs on the flushed model;
+* the post-pass touches only the tensors the fold wrote, found by comparing with a snapshot taken
+  before the fold (:func:`snapshot`): for ONNX the initializers that are new or whose bytes changed,
+  for PyTorch the parameters and buffers that are new tensor objects. The fold backends are not
+  involved; the original model is never changed (a functional fold writes new tensors).
+
+The range check casts float64 values with correct rounding (:func:`bnfold.fold_math.cast_exact`) to
+float16 and bfloat16; a nonzero finite value *overflows* when it rounds to infinity and *underflows*
+when it rounds to a subnormal or to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .fold_math import cast_exact
+from .records import RangeCounts
+
+__all__ = [
+    "count_subnormal",
+    "flush_array",
+    "range_counts",
+    "snapshot",
+    "changed_tensors",
+    "flush_model",
+]
+
+_F16_TINY = float(np.finfo(np.float16).tiny)  # 6.10e-05
+_BF16_TINY = float(np.finfo(np.float32).tiny)  # bfloat16 has float32's exponent range
+
+
+def _bf16() -> Any:
+    import ml_dtypes  # a dependency of onnx: present wherever bnfold runs
+
+    return ml_dtypes.bfloat16
+
+
+def _tiny(dtype: np.dtype[Any]) -> float:
+    if dtype.name == "bfloat16":
+        return _BF16_TINY
+    return float(np.finfo(dtype).tiny)
+
+
+def _is_float(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def _subnormal_mask(a: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    mag = np.abs(a.astype(np.float64) if a.dtype.name == "bfloat16" else a)
+    mask: npt.NDArray[np.bool_] = (mag > 0) & (mag < _tiny(a.dtype))
+    return mask
+
+
+def count_subnormal(a: npt.NDArray[Any]) -> int:
+    """Number of subnormal values of ``a`` in its own dtype (0 for non-float arrays)."""
+    if not _is_float(a.dtype):
+        return 0
+    return int(np.count_nonzero(_subnormal_mask(a)))
+
+
+def flush_array(a: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
+    """``a`` with its subnormal values set to zero (a new array when any changed), and their count."""
+    if not _is_float(a.dtype):
+        return a, 0
+    mask = _subnormal_mask(a)
+    n = int(np.count_nonzero(mask))
+    if not n:
+        return a, 0
+    out = np.array(a, copy=True)
+    out[mask] = 0
+    return out, n
+
+
+def range_counts(values: npt.ArrayLike) -> RangeCounts:
+    """Overflow / underflow counts of ``values`` (any float dtype) cast to float16 and bfloat16."""
+    a = np.asarray(values)
+    a = a.astype(np.float64).reshape(-1)
+    a = a[np.isfinite(a) & (a != 0)]
+    if not a.size:
+        return RangeCounts()
+    out: list[int] = []
+    for dt, tiny in ((np.dtype(np.float16), _F16_TINY), (np.dtype(_bf16()), _BF16_TINY)):
+        c = np.abs(cast_exact(a, dt).astype(np.float64))
+        out += [int(np.count_nonzero(np.isinf(c))), int(np.count_nonzero(c < tiny))]
+    return RangeCounts(*out)
+
+
+# ------------------------------------------------------------------------------- model post-pass
+def _kind(model: Any) -> str:
+    from .api import model_kind
+
+    return model_kind(model)
+
+
+def _onnx_graphs(model: Any) -> Iterator[Any]:
+    from .onnx.graph import node_subgraphs
+
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for n in g.node:
+            stack.extend(sub for _, sub in node_subgraphs(n))
+
+
+def _onnx_float_initializers(model: Any) -> Iterator[Any]:
+    from onnx import TensorProto
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    for g in _onnx_graphs(model):
+        for t in g.initializer:
+            if t.data_type in floats:
+                yield t
+
+
+def _onnx_key(t: Any) -> tuple[str, int]:
+    # The serialised tensor holds name, dims, type and data: any change of the data changes it.
+    return t.name, hash(t.SerializeToString(deterministic=True))
+
+
+def _torch_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        yield from model.state_dict.items()
+        yield from model.constants.items()
+        return
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def snapshot(model: Any) -> Any:
+    """What the model holds before a fold, for :func:`changed_tensors` afterwards.
+
+    ONNX: the ``(name, hash of the serialised tensor)`` of every float initializer (all subgraphs).
+    PyTorch: ``{name: tensor}`` of every parameter and buffer (references, not copies: a functional
+    fold leaves them as they are; with ``inplace=True`` the fold puts new tensors in their place).
+    """
+    if _kind(model) == "onnx":
+        return {_onnx_key(t) for t in _onnx_float_initializers(model)}
+    return dict(_torch_tensors(model))
+
+
+def _same_torch(old: Any, new: Any) -> bool:
+    import torch
+
+    if old is new:
+        return True
+    return bool(old.shape == new.shape and old.dtype == new.dtype and torch.equal(old.detach(), new.detach()))
+
+
+def changed_tensors(model: Any, before: Any) -> list[tuple[str, Any]]:
+    """The float tensors of ``model`` that the snapshot ``before`` does not hold: what the fold wrote.
+
+    A tensor is unchanged when the snapshot has one of the same name with the same values (ONNX: the
+    same serialised bytes); a deep copy of an untouched layer is therefore not counted.
+    ``before=None`` means every float tensor (used where no snapshot can tell old from new, such as
+    a PyTorch model exported to ONNX, whose initializers are all written anew).
+
+    Returns:
+        ``(name, tensor)`` pairs: ONNX ``TensorProto`` or ``torch.Tensor``, each tensor once.
+    """
+    if _kind(model) == "onnx":
+        return [
+            (t.name, t) for t in _onnx_float_initializers(model) if before is None or _onnx_key(t) not in before
+        ]
+    seen: set[int] = set()
+    out: list[tuple[str, Any]] = []
+    for name, t in _torch_tensors(model):
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        if before is not None and name in before and _same_torch(before[name], t):
+            continue
+        out.append((name, t))
+    return out
+
+
+def tensor_values(t: Any) -> npt.NDArray[Any]:
+    """A NumPy view (or copy) of an ONNX ``TensorProto`` or a ``torch.Tensor``."""
+    if type(t).__name__ == "TensorProto":
+        from onnx import numpy_helper
+
+        return np.asarray(numpy_helper.to_array(t))
+    import torch
+
+    d = t.detach()
+    if d.dtype == torch.bfloat16:
+        as_bf16: npt.NDArray[Any] = d.float().cpu().numpy().astype(_bf16())
+        return as_bf16
+    return np.asarray(d.cpu().numpy())
+
+
+def _flush_onnx_tensor(t: Any) -> int:
+    from onnx import numpy_helper
+
+    new, n = flush_array(tensor_values(t))
+    if n:
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), t.name))
+    return n
+
+
+def _flush_torch_tensor(t: Any) -> int:
+    import torch
+
+    d = t.detach()
+    tiny = torch.finfo(d.dtype).tiny
+    mask = (d != 0) & (d.abs() < tiny)
+    n = int(mask.sum())
+    if n:
+        with torch.no_grad():
+            d.masked_fill_(mask, 0.0)
+    return n
+
+
+def flush_model(model: Any, before: Any) -> int:
+    """Set the subnormal values of the tensors the fold wrote to zero, in ``model``; return how many.
+
+    Args:
+        model: the folded model (``onnx.ModelProto``, ``nn.Module`` or ``ExportedProgram``); edited.
+        before: :func:`snapshot` of the model taken before the fold, or None for every float tensor.
+    """
+    total = 0
+    onnx_model = _kind(model) == "onnx"
+    for _, t in changed_tensors(model, before):
+        total += _flush_onnx_tensor(t) if onnx_model else _flush_torch_tensor(t)
+    return total
