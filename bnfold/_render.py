@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .records import Direction, FoldReport, OutputCheck, Site, Skip, VerifyReport
+from .records import Direction, FoldReport, HealthReport, OutputCheck, Site, Skip, VerifyReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -32,6 +32,8 @@ __all__ = [
     "render_verify_report",
     "render_bench_report",
     "render_freeze_report",
+    "render_health",
+    "health_summary",
     "progress_callback",
 ]
 
@@ -122,6 +124,8 @@ def _summary(report: FoldReport) -> Table:
     else:
         grid.add_row("verification", _verdict_text(v))
         grid.add_row("max error", _error_text(v))
+    if report.flushed_denormals is not None:
+        grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:
         grid.add_row("note", note)
     seconds = extra.get("total_seconds", report.seconds)
@@ -228,6 +232,48 @@ def render_freeze_report(console: Console, result: dict[str, Any]) -> None:
         f"{result.get('source')} ({result.get('source_format')}) -> {result.get('output')} "
         f"[{human_size(result.get('size_after'))}] in {result.get('seconds', 0.0):.2f} s"
     )
+
+
+def health_summary(h: HealthReport) -> str:
+    """The one-line summary of a health audit."""
+    if h.healthy:
+        return f"health: {len(h.bns)} BatchNorm audited, no issue found"
+    parts = [f"{len(h.flagged)} of {len(h.bns)} BatchNorm flagged"]
+    if h.constant_channels:
+        parts.append(f"{h.constant_channels} constant channel(s) (gamma = 0)")
+    if h.near_zero_gamma:
+        parts.append(f"{h.near_zero_gamma} near-zero gamma")
+    if h.small_var:
+        parts.append(f"{h.small_var} channel(s) with var <= eps")
+    if h.subnormal:
+        parts.append(f"the fold writes {h.subnormal:,} subnormal value(s) (fold --flush-denormals)")
+    r = h.scale_range + h.folded_range
+    for label, over, under in (
+        ("float16", r.fp16_overflow, r.fp16_subnormal),
+        ("bfloat16", r.bf16_overflow, r.bf16_subnormal),
+    ):
+        if over or under:
+            parts.append(f"{label}: {over} overflow, {under} underflow")
+    return "health: " + "; ".join(parts)
+
+
+def render_health(console: Console, h: HealthReport, *, verbose: bool = False) -> None:
+    """The one-line summary; with ``verbose`` first a table with one row per BatchNorm."""
+    if verbose and h.bns:
+        table = Table(title="BatchNorm health", title_justify="left")
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("BatchNorm", overflow="fold")
+        table.add_column("status", no_wrap=True)
+        table.add_column("max |scale|", justify="right", no_wrap=True)
+        table.add_column("issues", overflow="fold")
+        for i, b in enumerate(h.bns, 1):
+            issues = "; ".join(b.issues) or b.note
+            table.add_row(
+                str(i), b.bn, b.status, f"{b.max_abs_scale:.3g}",
+                Text(issues, style="yellow") if b.issues else Text(issues or "ok", style="green"),
+            )
+        console.print(table)
+    console.print(Text(health_summary(h), style="green" if h.healthy else "yellow"))
 
 
 @contextmanager

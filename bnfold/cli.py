@@ -242,6 +242,10 @@ def fold(
     opt_level: Opt = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset when a PyTorch model is written "
                                               "to .onnx.", show_default=False)] = None,
+    flush_denormals: Annotated[bool, typer.Option(
+        "--flush-denormals", help="Set subnormal values of the folded weights to zero (they slow CPUs down)."
+    )] = False,
+    health: Annotated[bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     version: Version = None,
@@ -257,7 +261,8 @@ def fold(
                     model, output, affine=affine, verify=verify, force=force, in_place=in_place,
                     model_factory=model_factory, trust_pickle=trust_pickle, input_shapes=input_shape or [],
                     inputs=inputs, samples=samples, seed=seed, atol=atol, rtol=rtol,
-                    opt_level=opt_level.value if opt_level else None, opset=opset, progress=progress,
+                    opt_level=opt_level.value if opt_level else None, opset=opset,
+                    flush_denormals=flush_denormals, health=health, progress=progress,
                 )
         except jobs.FoldVerificationError as e:
             failed = e.fold_report
@@ -270,6 +275,10 @@ def _show_fold(console: Console, report: Any, *, title: str) -> None:
     from ._render import render_fold_report, render_verify_report
 
     render_fold_report(console, report, title=title)
+    if report.health is not None:
+        from ._render import render_health
+
+        render_health(console, report.health)
     if report.verification is not None and not report.verification.passed:
         render_verify_report(console, report.verification, title="verification")
 
@@ -280,6 +289,10 @@ def inspect(
     affine: Annotated[bool, typer.Option("--affine", help="Show the verdicts fold --affine would give.")] = False,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
+    health: Annotated[bool, typer.Option(
+        "--health", help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals."
+    )] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="With --health: one row per BatchNorm.")] = False,
     json_out: JsonFlag = False,
     version: Version = None,
 ) -> None:
@@ -287,13 +300,20 @@ def inspect(
     from . import jobs
 
     with _errors(model):
-        from ._render import render_fold_report
+        from ._render import render_fold_report, render_health
 
         with _json_guard(json_out), _progress() as progress:
             report = jobs.inspect_file(
-                model, affine=affine, model_factory=model_factory, trust_pickle=trust_pickle, progress=progress
+                model, affine=affine, model_factory=model_factory, trust_pickle=trust_pickle, health=health,
+                progress=progress,
             )
-        _show(report, json_out, False, lambda c: render_fold_report(c, report, title=f"{model}"))
+
+        def render(c: Console) -> None:
+            render_fold_report(c, report, title=f"{model}")
+            if report.health is not None:
+                render_health(c, report.health, verbose=verbose)
+
+        _show(report, json_out, False, render)
 
 
 @app.command()

@@ -333,6 +333,8 @@ def fold_file(
     rtol: float | None = None,
     opt_level: str | None = None,
     opset: int | None = None,
+    flush_denormals: bool = False,
+    health: bool = False,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
     """Fold every exactly-foldable BatchNorm of the model in ``src``, verify, and write ``dst``.
@@ -355,6 +357,10 @@ def fold_file(
         inputs: an ``.npz`` file with the inputs to verify on.
         samples, seed, atol, rtol, opt_level: verification settings (see :func:`bnfold.verification.verify`).
         opset: ONNX opset for a PyTorch source exported to ``.onnx``.
+        flush_denormals: set subnormal values of the folded tensors to zero before verification
+            (:mod:`bnfold.denormals`); a PyTorch source written to ``.onnx`` has every float
+            initializer flushed, since the exporter writes all of them anew.
+        health: also audit the BNs (:func:`bnfold.health`) into ``report.health``.
         progress: ``progress(stage, done, total)`` callback.
 
     Returns:
@@ -376,15 +382,17 @@ def fold_file(
     size_before = _size(src_p)
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
+    post = _Post(flush_denormals, health)
 
     model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
     if src_fmt == "onnx":
         if out_fmt != "onnx":
             raise OptionError(f"{dst_p}: an ONNX model can only be written as .onnx")
-        report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
+        report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, post=post, progress=prog)
     else:
         report, result = _fold_torch(
-            src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, progress=prog
+            src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, opset=opset, post=post,
+            progress=prog,
         )
     report.extra.update(
         source=str(src_p), output=str(dst_p), source_format=src_fmt, output_format=out_fmt,
@@ -412,16 +420,38 @@ def _save(model: Any, dst: Path, progress: ProgressFn) -> None:
     progress("save", 1, 1)
 
 
+@dataclass(frozen=True)
+class _Post:
+    """Work after the fold and before verification: the health audit, then the denormal flush."""
+
+    flush: bool = False
+    health: bool = False
+
+
 def _fold_onnx(
-    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, progress: ProgressFn
+    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, post: _Post, progress: ProgressFn
 ) -> tuple[FoldReport, Any]:
     from .onnx import fold_model
 
     _check_onnx_shapes(model, ins.shapes, src)
     progress("fold", 0, 1)
     t = time.perf_counter()
-    folded, report = fold_model(model, affine=affine, inplace=True)
+    before = None
+    if post.flush or post.health:
+        from .denormals import snapshot
+
+        before = snapshot(model)
+    # The audit reads the original BN parameters: then the fold works on a copy.
+    folded, report = fold_model(model, affine=affine, inplace=not post.health)
     report.seconds = time.perf_counter() - t
+    if post.health:
+        from .health import audit
+
+        report.health = audit(model, folded, report, before)
+    if post.flush:
+        from .denormals import flush_model
+
+        report.flushed_denormals = flush_model(folded, before)
     progress("fold", 1, 1)
     if verify:
         # The reference is the source file on disk (see the module docstring).
@@ -441,6 +471,7 @@ def _fold_torch(
     affine: bool,
     verify: bool,
     opset: int | None,
+    post: _Post,
     progress: ProgressFn,
 ) -> tuple[FoldReport, Any]:
     import torch
@@ -456,11 +487,21 @@ def _fold_torch(
         # user's settings against the PyTorch original.
         names = list(ins.arrays) if ins.arrays else (list(ins.shapes) if ins.shapes else None)
         result, report = _export(model, examples, opset=opset, affine=affine, input_names=names, progress=progress)
+        if post.health:
+            from .health import health
+
+            report.health = health(model, example_inputs=None if is_ep else examples)
+        if post.flush:  # every initializer of the exported model is new: no snapshot tells them apart
+            from .denormals import flush_model
+
+            report.flushed_denormals = flush_model(result, None)
     else:
         progress("fold", 0, 1)
         t = time.perf_counter()
         # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
-        result, report = fold_with_report(model, example_inputs=None if is_ep else examples)
+        result, report = fold_with_report(
+            model, example_inputs=None if is_ep else examples, flush_denormals=post.flush, health=post.health
+        )
         report.seconds = time.perf_counter() - t
         progress("fold", 1, 1)
         if out_fmt == "pt2" and not is_ep:
@@ -539,9 +580,12 @@ def inspect_file(
     affine: bool = False,
     model_factory: str | None = None,
     trust_pickle: bool = False,
+    health: bool = False,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
     """The verdict for every BatchNorm of the model in ``src``; nothing is written.
+
+    ``health=True`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
 
     Returns:
         A dry-run :class:`FoldReport` with ``extra`` holding the path, format and file size.
@@ -557,6 +601,10 @@ def inspect_file(
     if fmt == "onnx":
         kwargs["affine"] = affine
     _, report = fold_with_report(model, **kwargs)
+    if health:
+        from .health import health as audit_model
+
+        report.health = audit_model(model, **({"affine": affine} if fmt == "onnx" else {}))
     prog("fold", 1, 1)
     report.extra.update(
         source=str(src_p), source_format=fmt, size_before=_size(src_p),
