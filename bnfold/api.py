@@ -56,7 +56,7 @@ def fold_with_report(
     eval_semantics: bool = False,
     dry_run: bool = False,
     example_inputs: Any = None,
-    flush_denormals: bool = False,
+    flush_denormals: bool = True,
     health: bool = False,
 ) -> tuple[Any, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
@@ -71,9 +71,10 @@ def fold_with_report(
         example_inputs: nn.Module only: a tensor or tuple of tensors the model takes. Shapes recorded
             from them prove where a Linear meets a BatchNorm1d on a 2-D (N, C) tensor; without them
             such pairs are folded only where the graph itself proves the rank (e.g. after a flatten).
-        flush_denormals: set the subnormal values of the tensors the fold wrote to zero (they slow
-            CPU inference down many times; see :mod:`bnfold.denormals`); ``report.flushed_denormals``
-            says how many.
+        flush_denormals: set the subnormal values of the tensors the fold wrote to zero (on by
+            default: they made a folded ResNet-18 9x slower than the unfolded original on CPU, see
+            ``benchmarks/results/denormals.md``; each value moves by less than 1.2e-38).
+            ``report.flushed_denormals`` says how many; False keeps the exact rounded fold.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
 
@@ -88,7 +89,8 @@ def fold_with_report(
     if (flush_denormals or health) and not dry_run:
         from .denormals import snapshot
 
-        before = snapshot(model)  # what the fold writes is told apart from what was there
+        # what the fold writes is told apart from what was there (the flush alone needs a light one)
+        before = snapshot(model, full=health)
     t0 = time.perf_counter()
     out: Any
     report: FoldReport

@@ -243,8 +243,9 @@ def fold(
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset when a PyTorch model is written "
                                               "to .onnx.", show_default=False)] = None,
     flush_denormals: Annotated[bool, typer.Option(
-        "--flush-denormals", help="Set subnormal values of the folded weights to zero (they slow CPUs down)."
-    )] = False,
+        "--flush-denormals/--keep-denormals",
+        help="Set subnormal values of the folded weights to zero (they slow CPUs down many times).",
+    )] = True,
     health: Annotated[bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,

@@ -130,9 +130,50 @@ def _onnx_float_initializers(model: Any) -> Iterator[Any]:
                 yield t
 
 
-def _onnx_key(t: Any) -> tuple[str, int]:
+def _onnx_key(t: Any) -> int:
     # The serialised tensor holds name, dims, type and data: any change of the data changes it.
-    return t.name, hash(t.SerializeToString(deterministic=True))
+    return hash(t.SerializeToString(deterministic=True))
+
+
+# Bit patterns: a value is subnormal when its exponent bits are all 0 and its mantissa is not, i.e.
+# when ``(bits & ~sign) - 1 < mantissa mask`` in unsigned arithmetic (0 wraps around to the maximum).
+_BITS = {
+    1: (np.uint32, 0x7FFFFFFF, 0x007FFFFF),  # FLOAT
+    10: (np.uint16, 0x7FFF, 0x03FF),  # FLOAT16
+    16: (np.uint16, 0x7FFF, 0x007F),  # BFLOAT16
+    11: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x000FFFFFFFFFFFFF),  # DOUBLE
+}
+
+
+_CHUNK = 1 << 16  # values per step: the temporaries stay in cache (about 2x faster than whole arrays)
+
+
+def _onnx_has_subnormal(t: Any) -> bool:
+    """Fast check on the raw bytes (no float conversion); other storage goes through NumPy."""
+    spec = _BITS.get(int(t.data_type))
+    raw = t.raw_data
+    if spec is None or not raw:
+        return count_subnormal(tensor_values(t)) > 0
+    ut, nosign, mant = spec
+    bits = np.frombuffer(raw, dtype=np.dtype(ut).newbyteorder("<"))
+    buf = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
+    hit = np.empty(buf.size, dtype=bool)
+    for i in range(0, bits.size, _CHUNK):
+        c = bits[i : i + _CHUNK]
+        b, h = buf[: c.size], hit[: c.size]
+        np.bitwise_and(c, ut(nosign), out=b)
+        np.subtract(b, ut(1), out=b)
+        np.less(b, ut(mant), out=h)
+        if h.any():
+            return True
+    return False
+
+
+def _torch_has_subnormal(t: Any) -> bool:
+    import torch
+
+    d = t.detach()
+    return bool(((d != 0) & (d.abs() < torch.finfo(d.dtype).tiny)).any())
 
 
 def _torch_tensors(model: Any) -> Iterator[tuple[str, Any]]:
@@ -146,15 +187,21 @@ def _torch_tensors(model: Any) -> Iterator[tuple[str, Any]]:
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def snapshot(model: Any) -> Any:
-    """What the model holds before a fold, for :func:`changed_tensors` afterwards.
+def snapshot(model: Any, *, full: bool = True) -> dict[str, Any]:
+    """What the model holds before a fold, to tell afterwards which tensors the fold wrote.
 
-    ONNX: the ``(name, hash of the serialised tensor)`` of every float initializer (all subgraphs).
+    ONNX: ``{name: hash of the serialised tensor}`` of every float initializer (all subgraphs); with
+    ``full=False`` only of those that already hold a subnormal value (a fast scan of the raw bytes):
+    enough for :func:`flush_model`, which only looks at tensors holding one after the fold.
     PyTorch: ``{name: tensor}`` of every parameter and buffer (references, not copies: a functional
     fold leaves them as they are; with ``inplace=True`` the fold puts new tensors in their place).
     """
     if _kind(model) == "onnx":
-        return {_onnx_key(t) for t in _onnx_float_initializers(model)}
+        return {
+            t.name: _onnx_key(t)
+            for t in _onnx_float_initializers(model)
+            if full or _onnx_has_subnormal(t)
+        }
     return dict(_torch_tensors(model))
 
 
@@ -166,8 +213,27 @@ def _same_torch(old: Any, new: Any) -> bool:
     return bool(old.shape == new.shape and old.dtype == new.dtype and torch.equal(old.detach(), new.detach()))
 
 
-def changed_tensors(model: Any, before: Any) -> list[tuple[str, Any]]:
-    """The float tensors of ``model`` that the snapshot ``before`` does not hold: what the fold wrote.
+def _unchanged(name: str, t: Any, before: dict[str, Any] | None, onnx_model: bool) -> bool:
+    if before is None or name not in before:
+        return False
+    return bool(before[name] == _onnx_key(t)) if onnx_model else _same_torch(before[name], t)
+
+
+def _float_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    if _kind(model) == "onnx":
+        for t in _onnx_float_initializers(model):
+            yield t.name, t
+        return
+    seen: set[int] = set()
+    for name, t in _torch_tensors(model):
+        if id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            yield name, t
+
+
+def changed_tensors(model: Any, before: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The float tensors of ``model`` that the (full) snapshot ``before`` does not hold: what the fold
+    wrote.
 
     A tensor is unchanged when the snapshot has one of the same name with the same values (ONNX: the
     same serialised bytes); a deep copy of an untouched layer is therefore not counted.
@@ -177,20 +243,8 @@ def changed_tensors(model: Any, before: Any) -> list[tuple[str, Any]]:
     Returns:
         ``(name, tensor)`` pairs: ONNX ``TensorProto`` or ``torch.Tensor``, each tensor once.
     """
-    if _kind(model) == "onnx":
-        return [
-            (t.name, t) for t in _onnx_float_initializers(model) if before is None or _onnx_key(t) not in before
-        ]
-    seen: set[int] = set()
-    out: list[tuple[str, Any]] = []
-    for name, t in _torch_tensors(model):
-        if id(t) in seen or not t.is_floating_point():
-            continue
-        seen.add(id(t))
-        if before is not None and name in before and _same_torch(before[name], t):
-            continue
-        out.append((name, t))
-    return out
+    onnx_model = _kind(model) == "onnx"
+    return [(n, t) for n, t in _float_tensors(model) if not _unchanged(n, t, before, onnx_model)]
 
 
 def tensor_values(t: Any) -> npt.NDArray[Any]:
@@ -230,8 +284,11 @@ def _flush_torch_tensor(t: Any) -> int:
     return n
 
 
-def flush_model(model: Any, before: Any) -> int:
+def flush_model(model: Any, before: dict[str, Any] | None) -> int:
     """Set the subnormal values of the tensors the fold wrote to zero, in ``model``; return how many.
+
+    Only tensors holding a subnormal value are compared with the snapshot, so a light snapshot
+    (``snapshot(model, full=False)``) is enough.
 
     Args:
         model: the folded model (``onnx.ModelProto``, ``nn.Module`` or ``ExportedProgram``); edited.
@@ -239,6 +296,9 @@ def flush_model(model: Any, before: Any) -> int:
     """
     total = 0
     onnx_model = _kind(model) == "onnx"
-    for _, t in changed_tensors(model, before):
+    for name, t in _float_tensors(model):
+        has = _onnx_has_subnormal(t) if onnx_model else _torch_has_subnormal(t)
+        if not has or _unchanged(name, t, before, onnx_model):
+            continue
         total += _flush_onnx_tensor(t) if onnx_model else _flush_torch_tensor(t)
     return total

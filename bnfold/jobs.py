@@ -333,7 +333,7 @@ def fold_file(
     rtol: float | None = None,
     opt_level: str | None = None,
     opset: int | None = None,
-    flush_denormals: bool = False,
+    flush_denormals: bool = True,
     health: bool = False,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
@@ -357,7 +357,7 @@ def fold_file(
         inputs: an ``.npz`` file with the inputs to verify on.
         samples, seed, atol, rtol, opt_level: verification settings (see :func:`bnfold.verification.verify`).
         opset: ONNX opset for a PyTorch source exported to ``.onnx``.
-        flush_denormals: set subnormal values of the folded tensors to zero before verification
+        flush_denormals: set subnormal values of the folded tensors to zero before verification (default)
             (:mod:`bnfold.denormals`); a PyTorch source written to ``.onnx`` has every float
             initializer flushed, since the exporter writes all of them anew.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``.
@@ -440,7 +440,7 @@ def _fold_onnx(
     if post.flush or post.health:
         from .denormals import snapshot
 
-        before = snapshot(model)
+        before = snapshot(model, full=post.health)
     # The audit reads the original BN parameters: then the fold works on a copy.
     folded, report = fold_model(model, affine=affine, inplace=not post.health)
     report.seconds = time.perf_counter() - t
