@@ -137,7 +137,7 @@ def _onnx_key(t: Any) -> int:
 
 # Bit patterns: a value is subnormal when its exponent bits are all 0 and its mantissa is not, i.e.
 # when ``(bits & ~sign) - 1 < mantissa mask`` in unsigned arithmetic (0 wraps around to the maximum).
-_BITS = {
+_BITS: dict[int, tuple[Any, int, int]] = {
     1: (np.uint32, 0x7FFFFFFF, 0x007FFFFF),  # FLOAT
     10: (np.uint16, 0x7FFF, 0x03FF),  # FLOAT16
     16: (np.uint16, 0x7FFF, 0x007F),  # BFLOAT16
@@ -154,16 +154,17 @@ def _onnx_has_subnormal(t: Any) -> bool:
     raw = t.raw_data
     if spec is None or not raw:
         return count_subnormal(tensor_values(t)) > 0
-    ut, nosign, mant = spec
-    bits = np.frombuffer(raw, dtype=np.dtype(ut).newbyteorder("<"))
-    buf = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
+    ut, nosign_bits, mant_bits = spec
+    nosign, one, mant = ut(nosign_bits), ut(1), ut(mant_bits)
+    bits: npt.NDArray[Any] = np.frombuffer(raw, dtype=np.dtype(ut).newbyteorder("<"))
+    buf: npt.NDArray[Any] = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
     hit = np.empty(buf.size, dtype=bool)
     for i in range(0, bits.size, _CHUNK):
         c = bits[i : i + _CHUNK]
         b, h = buf[: c.size], hit[: c.size]
-        np.bitwise_and(c, ut(nosign), out=b)
-        np.subtract(b, ut(1), out=b)
-        np.less(b, ut(mant), out=h)
+        np.bitwise_and(c, nosign, out=b)
+        np.subtract(b, one, out=b)
+        np.less(b, mant, out=h)
         if h.any():
             return True
     return False
