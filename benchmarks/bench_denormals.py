@@ -10,8 +10,8 @@ Candidates, timed side by side (:func:`common.time_interleaved`: interleaved rou
 onnxruntime (CPU, 1 thread, ORT_DISABLE_ALL and ORT_ENABLE_ALL) and in PyTorch eager (1 thread):
 
 * ``original``: the sick model with its BatchNorms;
-* ``folded``: ``bnfold.fold`` (subnormal weights kept);
-* ``folded + flushed``: ``bnfold.fold(..., flush_denormals=True)``;
+* ``folded``: ``bnfold.fold(..., flush_denormals=False)`` (subnormal weights kept);
+* ``folded + flushed``: ``bnfold.fold(...)`` (``flush_denormals=True``, the default);
 * ``folded, runtime FTZ``: the folded model run with the runtime's own flush-to-zero switch
   (onnxruntime ``session.set_denormal_as_zero=1``; ``torch.set_flush_denormal(True)``), which users
   must know to set;
@@ -137,7 +137,7 @@ def main() -> None:
     h = bnfold.health(sick)
     mods: dict[str, Any] = {
         "original": sick,
-        "folded": bnfold.fold(sick),
+        "folded": bnfold.fold(sick, flush_denormals=False),
         "folded + flushed": None,
         "floor": bnfold.fold(healthy),
     }
@@ -146,7 +146,7 @@ def main() -> None:
     proto = to_onnx(sick, x)
     protos: dict[str, Any] = {
         "original": proto,
-        "folded": bnfold.fold(proto),
+        "folded": bnfold.fold(proto, flush_denormals=False),
         "folded + flushed": bnfold.fold(proto, flush_denormals=True),
         "floor": bnfold.fold(to_onnx(healthy, x)),
     }

@@ -86,11 +86,10 @@ def fold_with_report(
     if health and inplace and not dry_run:
         raise OptionError("health=True needs the original model: it cannot be combined with inplace=True")
     before = None
-    if (flush_denormals or health) and not dry_run:
+    if (health or (flush_denormals and kind != "onnx")) and not dry_run:
         from .denormals import snapshot
 
-        # what the fold writes is told apart from what was there (the flush alone needs a light one)
-        before = snapshot(model, full=health)
+        before = snapshot(model)  # what the fold writes is told apart from what was there
     t0 = time.perf_counter()
     out: Any
     report: FoldReport
@@ -120,9 +119,10 @@ def fold_with_report(
             model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs
         )
     if flush_denormals and not dry_run:
-        from .denormals import flush_model
+        from .denormals import flush_model, flush_targets
 
-        report.flushed_denormals = flush_model(out, before)
+        # ONNX: the initializers of the fold targets; PyTorch: the tensors that differ from `before`.
+        report.flushed_denormals = flush_targets(out, report) if kind == "onnx" else flush_model(out, before)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return out, report
 

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .fold_math import cast_exact
-from .records import RangeCounts
+from .records import FoldReport, RangeCounts
 
 __all__ = [
     "count_subnormal",
@@ -40,6 +40,8 @@ __all__ = [
     "snapshot",
     "changed_tensors",
     "flush_model",
+    "fold_targets",
+    "flush_targets",
 ]
 
 _F16_TINY = float(np.finfo(np.float16).tiny)  # 6.10e-05
@@ -302,4 +304,55 @@ def flush_model(model: Any, before: dict[str, Any] | None) -> int:
         if not has or _unchanged(name, t, before, onnx_model):
             continue
         total += _flush_onnx_tensor(t) if onnx_model else _flush_torch_tensor(t)
+    return total
+
+
+def fold_targets(model: Any, report: FoldReport) -> list[Any]:
+    """ONNX: the float initializers read by the layers a fold wrote into (each once).
+
+    The targets are the report's sites (``Site.target`` is the layer's node name, or
+    ``<op_type>_<index>`` for an unnamed node, whose op type must then match), the per-channel
+    Mul+Add folds in ``report.extra["mul_add"]``, and the ``<bn>.scale`` / ``<bn>.shift`` constants of
+    affine replacements.
+    """
+    from .records import Direction
+
+    wanted: dict[str, str] = {}
+    affine: set[str] = set()
+    for v in report.sites:
+        if v.direction is Direction.AFFINE:
+            affine.add(v.bn)
+        else:
+            wanted[v.target] = v.target_kind
+    for d in report.extra.get("mul_add", ()):
+        wanted[str(d.get("target", ""))] = str(d.get("target_kind", ""))
+    names: set[str] = set()
+    for g in _onnx_graphs(model):
+        for i, n in enumerate(g.node):
+            if n.name:
+                hit = n.name in wanted
+            else:  # an unnamed node: its label holds its index, which removals may have shifted
+                kind = wanted.get(f"{n.op_type}_{i}")
+                hit = kind == n.op_type or (kind == "MatMul" and n.op_type == "Gemm")
+            if hit:
+                names.update(x for x in n.input if x)
+    out: list[Any] = []
+    seen: set[int] = set()
+    for t in _onnx_float_initializers(model):
+        stem = t.name.rsplit(".scale", 1)[0] if ".scale" in t.name else t.name.rsplit(".shift", 1)[0]
+        if (t.name in names or (stem in affine and stem != t.name)) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def flush_targets(model: Any, report: FoldReport) -> int:
+    """ONNX: flush the subnormal values of the initializers of the fold targets (:func:`fold_targets`).
+
+    Needs no snapshot from before the fold (so an in-place fold costs one scan of the written layers).
+    """
+    total = 0
+    for t in fold_targets(model, report):
+        if _onnx_has_subnormal(t):
+            total += _flush_onnx_tensor(t)
     return total

@@ -437,10 +437,10 @@ def _fold_onnx(
     progress("fold", 0, 1)
     t = time.perf_counter()
     before = None
-    if post.flush or post.health:
+    if post.health:
         from .denormals import snapshot
 
-        before = snapshot(model, full=post.health)
+        before = snapshot(model)
     # The audit reads the original BN parameters: then the fold works on a copy.
     folded, report = fold_model(model, affine=affine, inplace=not post.health)
     report.seconds = time.perf_counter() - t
@@ -449,9 +449,9 @@ def _fold_onnx(
 
         report.health = audit(model, folded, report, before)
     if post.flush:
-        from .denormals import flush_model
+        from .denormals import flush_targets
 
-        report.flushed_denormals = flush_model(folded, before)
+        report.flushed_denormals = flush_targets(folded, report)
     progress("fold", 1, 1)
     if verify:
         # The reference is the source file on disk (see the module docstring).
