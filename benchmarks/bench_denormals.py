@@ -169,6 +169,23 @@ def main() -> None:
     print(markdown_table(["candidate", "max abs error vs original", "relative to output scale"], err_rows))
     print()
 
+    # What the default flush costs at fold time: in-place folds of fresh copies, interleaved.
+    def fold_job(flush: bool) -> Callable[[], object]:
+        def job() -> object:
+            work = type(proto)()
+            work.CopyFrom(proto)
+            return bnfold.fold(work, inplace=True, flush_denormals=flush)
+
+        return job
+
+    ft = time_interleaved({"keep": fold_job(False), "flush": fold_job(True)}, repeats=args.repeats, warmup=1)
+    fold_cost = (
+        f"fold time (ONNX, in place, {sum(t.ByteSize() for t in proto.graph.initializer) / 2**20:.1f} MiB of "
+        f"initializers): {ft['keep'].median * 1e3:.1f} ms keeping denormals, {ft['flush'].median * 1e3:.1f} ms "
+        f"flushing them ({fmt_ratio(ft['flush'].median, ft['keep'].median)})"
+    )
+    print(fold_cost + "\n")
+
     order = ["original", "folded", "folded + flushed", "folded, runtime FTZ", "floor"]
     results: dict[str, dict[str, float]] = {}
     for setting, optimize in (("onnxruntime, ORT_DISABLE_ALL", False), ("onnxruntime, ORT_ENABLE_ALL", True)):
@@ -226,7 +243,7 @@ def main() -> None:
             f"subnormal float32 values (ONNX; NumPy count {direct:,}). 1 thread; medians of "
             f"{args.repeats} interleaved rounds of 3 runs.\n\n"
             + markdown_table(["candidate", "max abs error vs original", "relative to output scale"], err_rows)
-            + "\n\n" + table + f"\n\n{verdict}.\n"
+            + "\n\n" + table + f"\n\n{verdict}.\n\n{fold_cost}.\n"
         )
         print(f"\nwrote {RESULTS.relative_to(REPO_ROOT)}")
     sys.stdout.flush()
