@@ -58,6 +58,7 @@ def fold_with_report(
     example_inputs: Any = None,
     flush_denormals: bool = True,
     health: bool = False,
+    prune_constant_channels: bool = False,
 ) -> tuple[Any, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -75,6 +76,9 @@ def fold_with_report(
             default: they made a folded ResNet-18 9x slower than the unfolded original on CPU, see
             ``benchmarks/results/denormals.md``; each value moves by less than 1.2e-38).
             ``report.flushed_denormals`` says how many; False keeps the exact rounded fold.
+        prune_constant_channels: nn.Module only: drop the channels that are constant after the fold
+            (gamma = 0) where exact, their constant moved into the next layer's bias
+            (:mod:`bnfold.constant_channels`); ``report.extra["pruned_channels"]`` lists them.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
 
@@ -83,6 +87,8 @@ def fold_with_report(
         verdict per BatchNorm.
     """
     kind = model_kind(model)
+    if prune_constant_channels and kind != "module":
+        raise OptionError("prune_constant_channels works on nn.Module models only")
     if health and inplace and not dry_run:
         raise OptionError("health=True needs the original model: it cannot be combined with inplace=True")
     before = None
@@ -118,6 +124,14 @@ def fold_with_report(
         report.health = audit(model, out, report, before) if not dry_run else audit_copy(
             model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs
         )
+    if prune_constant_channels and not dry_run:
+        from .constant_channels import prune_constant_channels as prune
+
+        pruned = prune(out)
+        report.extra["pruned_channels"] = [p.to_dict() for p in pruned]
+        n = sum(len(p.channels) for p in pruned if p.pruned)
+        report.notes.append(f"{n} constant channel(s) pruned")
+        report.params_after = sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel"))
     if flush_denormals and not dry_run:
         from .denormals import flush_model, flush_targets
 
