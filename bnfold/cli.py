@@ -247,6 +247,10 @@ def fold(
         help="Set subnormal values of the folded weights to zero (they slow CPUs down many times).",
     )] = True,
     health: Annotated[bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")] = False,
+    prune_constant_channels: Annotated[bool, typer.Option(
+        "--prune-constant-channels",
+        help="PyTorch: drop channels that are constant after the fold (gamma = 0) where exact.",
+    )] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     version: Version = None,
@@ -263,7 +267,8 @@ def fold(
                     model_factory=model_factory, trust_pickle=trust_pickle, input_shapes=input_shape or [],
                     inputs=inputs, samples=samples, seed=seed, atol=atol, rtol=rtol,
                     opt_level=opt_level.value if opt_level else None, opset=opset,
-                    flush_denormals=flush_denormals, health=health, progress=progress,
+                    flush_denormals=flush_denormals, health=health,
+                    prune_constant_channels=prune_constant_channels, progress=progress,
                 )
         except jobs.FoldVerificationError as e:
             failed = e.fold_report

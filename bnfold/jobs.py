@@ -335,6 +335,7 @@ def fold_file(
     opset: int | None = None,
     flush_denormals: bool = True,
     health: bool = False,
+    prune_constant_channels: bool = False,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
     """Fold every exactly-foldable BatchNorm of the model in ``src``, verify, and write ``dst``.
@@ -361,6 +362,8 @@ def fold_file(
             (:mod:`bnfold.denormals`); a PyTorch source written to ``.onnx`` has every float
             initializer flushed, since the exporter writes all of them anew.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``.
+        prune_constant_channels: PyTorch module written to ``.pt``/``.pth``/``.pt2``: drop the
+            channels that are constant after the fold where exact (:mod:`bnfold.constant_channels`).
         progress: ``progress(stage, done, total)`` callback.
 
     Returns:
@@ -382,7 +385,11 @@ def fold_file(
     size_before = _size(src_p)
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
-    post = _Post(flush_denormals, health)
+    post = _Post(flush_denormals, health, prune_constant_channels)
+    if prune_constant_channels and out_fmt == "onnx":
+        raise OptionError(
+            f"{dst_p}: --prune-constant-channels works on PyTorch modules written to .pt/.pth/.pt2, not on .onnx"
+        )
 
     model, src_fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
     if src_fmt == "onnx":
@@ -426,6 +433,7 @@ class _Post:
 
     flush: bool = False
     health: bool = False
+    prune: bool = False
 
 
 def _fold_onnx(
@@ -500,7 +508,8 @@ def _fold_torch(
         t = time.perf_counter()
         # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
         result, report = fold_with_report(
-            model, example_inputs=None if is_ep else examples, flush_denormals=post.flush, health=post.health
+            model, example_inputs=None if is_ep else examples, flush_denormals=post.flush, health=post.health,
+            prune_constant_channels=post.prune,
         )
         report.seconds = time.perf_counter() - t
         progress("fold", 1, 1)

@@ -96,3 +96,31 @@ def test_inspect_health_on_pt2_is_a_clean_error() -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bnfold: error:") and "torch.export" in lines[0]
     assert "Traceback" not in r.output
+
+
+def test_fold_prune_constant_channels_cli(tmp_path: Path) -> None:
+    import torch
+
+    from models.lenet import lenet5
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    m = randomize_bn(lenet5()).eval()
+    with torch.no_grad():
+        m[13].weight[[3, 40]] = 0.0  # BatchNorm1d(84) after Linear(120, 84), then Tanh -> Linear(84, 10)
+    src = tmp_path / "lenet.pt"
+    torch.save(m.state_dict(), src)
+    before = _digest(src)
+    out = tmp_path / "out.pt"
+    args = ["fold", str(src), "--model", "models.lenet:lenet5", "-s", "x=1x1x32x32", "-o", str(out)]
+    r = runner.invoke(app, [*args, "--prune-constant-channels", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    pruned = {d["layer"]: d for d in rep["extra"]["pruned_channels"]}
+    assert pruned["12"]["pruned"] and pruned["12"]["channels"] == [3, 40]
+    assert rep["verification"]["passed"] and _digest(src) == before
+    folded = torch.load(out, weights_only=False)
+    assert folded[12].out_features == 82 and folded[15].in_features == 82
+    bad = runner.invoke(app, [*args[:-1], str(tmp_path / "out.onnx"), "--prune-constant-channels"])
+    assert bad.exit_code == 2 and "prune-constant-channels" in bad.stderr
+    assert not (tmp_path / "out.onnx").exists()
