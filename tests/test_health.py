@@ -332,3 +332,35 @@ def test_bfloat16_initializer_scan() -> None:
         "t", TensorProto.BFLOAT16, [3], a.astype(ml_dtypes.bfloat16).view(np.uint16).tobytes(), raw=True
     )
     assert _onnx_has_subnormal(t)
+
+
+def test_exported_program_flush_keeps_original() -> None:
+    m = _sick_module()
+    x = torch.randn(2, 3, 6, 6)
+    ep = torch.export.export(m, (x,))
+    before = {k: v.detach().clone() for k, v in ep.state_dict.items()}
+    kept = bnfold.fold(ep, flush_denormals=False)
+    out, rep = bnfold.fold_with_report(ep)
+    assert all(torch.equal(before[k], v) for k, v in ep.state_dict.items()), "the original program was changed"
+    n_kept = sum(_np_subnormal(v.detach().numpy()) for v in kept.state_dict.values() if v.is_floating_point())
+    n_out = sum(_np_subnormal(v.detach().numpy()) for v in out.state_dict.values() if v.is_floating_point())
+    n_orig = sum(_np_subnormal(v.detach().numpy()) for v in ep.state_dict.values() if v.is_floating_point())
+    assert n_out == 0 < n_orig  # the gammas 1e-39 / 3e-39 are gone with their BNs
+    assert rep.flushed_denormals == n_kept > 0
+    with torch.no_grad():
+        ref = copy.deepcopy(m).double()(x.double())
+        got = out.module()(x).double()
+    assert float((got - ref).abs().max()) <= TOL_F32 * float(ref.abs().max())
+
+
+def test_torch_source_to_onnx_flushes_the_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bnfold.jobs import fold_file
+
+    m = _sick_module()
+    src, dst = tmp_path / "m.pt", tmp_path / "m.onnx"
+    torch.save(m, src)
+    rep = fold_file(src, dst, trust_pickle=True, input_shapes=["x=2x3x6x6"])
+    assert rep.verification is not None and rep.verification.passed
+    assert rep.flushed_denormals and rep.flushed_denormals > 0
+    folded = onnx.load(str(dst))
+    assert sum(_np_subnormal(numpy_helper.to_array(t)) for t in folded.graph.initializer) == 0
