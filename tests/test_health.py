@@ -364,3 +364,23 @@ def test_torch_source_to_onnx_flushes_the_export(tmp_path) -> None:  # type: ign
     assert rep.flushed_denormals and rep.flushed_denormals > 0
     folded = onnx.load(str(dst))
     assert sum(_np_subnormal(numpy_helper.to_array(t)) for t in folded.graph.initializer) == 0
+
+
+def test_float16_subnormals_are_reported_not_flushed() -> None:
+    g = G(dtype=TensorProto.FLOAT16)
+    g.input("x", [1, 3, 6, 6])
+    g.output("y")
+    g.rand("w", (4, 3, 3, 3), scale=0.05)
+    g.node("Conv", ["x", "w"], ["t"], name="conv")
+    g.bn("t", "y", 4, "bn")
+    m = g.model()
+    gamma = next(t for t in m.graph.initializer if t.name == "bn.gamma")
+    gm = numpy_helper.to_array(gamma).astype(np.float32)
+    gm[0] = 1e-3  # folded weights ~5e-5: subnormal in float16 (below 6.1e-5), normal in float32
+    gamma.CopyFrom(numpy_helper.from_array(gm.astype(np.float16), "bn.gamma"))
+    kept = bnfold.fold(m, flush_denormals=False)
+    out, rep = bnfold.fold_with_report(m)
+    (w_kept,), (w_out,) = _init(kept, "conv")[:1], _init(out, "conv")[:1]
+    f16_sub = int(np.count_nonzero((w_kept != 0) & (np.abs(w_kept) < np.finfo(np.float16).tiny)))
+    assert f16_sub > 0 and bnfold.health(m).subnormal >= f16_sub
+    assert rep.flushed_denormals == 0 and np.array_equal(w_out, w_kept)
