@@ -124,7 +124,7 @@ def _summary(report: FoldReport) -> Table:
     else:
         grid.add_row("verification", _verdict_text(v))
         grid.add_row("max error", _error_text(v))
-    if report.flushed_denormals is not None:
+    if report.flushed_denormals:  # the flush is the default: a row only when it changed something
         grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:
         grid.add_row("note", note)
