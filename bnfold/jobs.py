@@ -32,6 +32,7 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from .postfold import PostFold
 from .records import FoldReport, VerifyReport
 
 __all__ = [
@@ -385,7 +386,7 @@ def fold_file(
     size_before = _size(src_p)
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
-    post = _Post(flush_denormals, health, prune_constant_channels)
+    post = PostFold(flush_denormals, health, prune_constant_channels)
     if prune_constant_channels and out_fmt == "onnx":
         raise OptionError(
             f"{dst_p}: --prune-constant-channels works on PyTorch modules written to .pt/.pth/.pt2, not on .onnx"
@@ -427,39 +428,21 @@ def _save(model: Any, dst: Path, progress: ProgressFn) -> None:
     progress("save", 1, 1)
 
 
-@dataclass(frozen=True)
-class _Post:
-    """Work after the fold and before verification: the health audit, then the denormal flush."""
-
-    flush: bool = False
-    health: bool = False
-    prune: bool = False
-
-
 def _fold_onnx(
-    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, post: _Post, progress: ProgressFn
+    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, post: PostFold, progress: ProgressFn
 ) -> tuple[FoldReport, Any]:
     from .onnx import fold_model
 
     _check_onnx_shapes(model, ins.shapes, src)
     progress("fold", 0, 1)
     t = time.perf_counter()
-    before = None
-    if post.health:
-        from .denormals import snapshot
+    from .postfold import after_fold, before_fold
 
-        before = snapshot(model)
+    before = before_fold(model, "onnx", post, inplace=False)
     # The audit reads the original BN parameters: then the fold works on a copy.
     folded, report = fold_model(model, affine=affine, inplace=not post.health)
     report.seconds = time.perf_counter() - t
-    if post.health:
-        from .health import audit
-
-        report.health = audit(model, folded, report, before)
-    if post.flush:
-        from .denormals import flush_targets
-
-        report.flushed_denormals = flush_targets(folded, report)
+    after_fold(model, folded, report, before, "onnx", post)
     progress("fold", 1, 1)
     if verify:
         # The reference is the source file on disk (see the module docstring).
@@ -479,7 +462,7 @@ def _fold_torch(
     affine: bool,
     verify: bool,
     opset: int | None,
-    post: _Post,
+    post: PostFold,
     progress: ProgressFn,
 ) -> tuple[FoldReport, Any]:
     import torch
@@ -499,7 +482,7 @@ def _fold_torch(
             from .health import health
 
             report.health = health(model, example_inputs=None if is_ep else examples)
-        if post.flush:  # every initializer of the exported model is new: no snapshot tells them apart
+        if post.flush_denormals:  # every initializer of the exported model is new: no snapshot tells them apart
             from .denormals import flush_model
 
             report.flushed_denormals = flush_model(result, None)
@@ -508,8 +491,8 @@ def _fold_torch(
         t = time.perf_counter()
         # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
         result, report = fold_with_report(
-            model, example_inputs=None if is_ep else examples, flush_denormals=post.flush, health=post.health,
-            prune_constant_channels=post.prune,
+            model, example_inputs=None if is_ep else examples, flush_denormals=post.flush_denormals, health=post.health,
+            prune_constant_channels=post.prune_constant_channels,
         )
         report.seconds = time.perf_counter() - t
         progress("fold", 1, 1)
