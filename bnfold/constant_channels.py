@@ -135,10 +135,16 @@ def prune_constant_channels(model: Any) -> list[PrunedChannels]:
         log.debug("prune: symbolic_trace failed: %s", e)
         return []
     funcs = _pointwise_funcs()
-    calls: dict[str, int] = {}
+    # Calls per module object (one module may be registered under two names), and the parameters
+    # read directly (``F.linear(x, self.fc.weight)``): pruning would change what those see.
+    calls: dict[int, int] = {}
+    read_attrs: set[str] = set()
     for n in gm.graph.nodes:
         if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+            key = id(model.get_submodule(n.target))
+            calls[key] = calls.get(key, 0) + 1
+        elif n.op == "get_attr":
+            read_attrs.add(str(n.target).rsplit(".", 1)[0])
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
@@ -163,8 +169,8 @@ def prune_constant_channels(model: Any) -> list[PrunedChannels]:
         if len(channels) == w.shape[0]:
             left("", "every channel is constant: at least one is kept")
             continue
-        if calls.get(node.target, 0) != 1:
-            left("", "the layer is called at several places")
+        if calls.get(id(a), 0) != 1 or node.target in read_attrs:
+            left("", "the layer is called at several places, or its weights are read directly")
             continue
         chain, cur = [], node
         while len(cur.users) == 1:
@@ -184,8 +190,8 @@ def prune_constant_channels(model: Any) -> list[PrunedChannels]:
         if b is None or _family(b) != fam or len(bn_.args) != 1 or bn_.kwargs or bn_.args[0] is not cur:
             left(b_name, "the next reader is not a Linear/Conv of the same kind (groups = 1) taking it alone")
             continue
-        if calls.get(bn_.target, 0) != 1:
-            left(b_name, "the next layer is called at several places")
+        if calls.get(id(b), 0) != 1 or b_name in read_attrs:
+            left(b_name, "the next layer is called at several places, or its weights are read directly")
             continue
         if any(owners.get(id(p), 0) != 1 for p in (a.weight, a.bias, b.weight, b.bias) if p is not None):
             left(b_name, "a weight is shared with another module")

@@ -108,3 +108,23 @@ def test_refused_for_onnx() -> None:
 
     with pytest.raises(bnfold.OptionError, match="nn.Module"):
         bnfold.fold_with_report(_sick_conv_bn(), prune_constant_channels=True)
+
+
+def test_layer_registered_twice_or_weight_read_directly_is_left() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn, self.out = nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.out(torch.relu(self.bn(self.fc(x))))
+            return y + torch.nn.functional.linear(x, self.out.weight)  # reads out.weight directly
+
+    torch.manual_seed(4)
+    m = randomize_bn(Tied()).eval()
+    _kill(m.bn, [2], beta=0.5)
+    x = torch.randn(3, 6)
+    out, rep = _check(m, x)
+    rec = _pruned(rep)["fc"]
+    assert not rec["pruned"] and "read directly" in rec["detail"]
+    assert out.out.weight.shape == (6, 6)
