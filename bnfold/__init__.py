@@ -10,6 +10,7 @@ Public API (imported lazily, so ``import bnfold`` does not import torch or onnxr
     frozen = bnfold.freeze(module, learnable=False)
     model = bnfold.recalibrate(model, batches)   # new running statistics (distributed too)
     groups = bnfold.param_groups(frozen, lr)       # frozen scale/shift at 10x lr, for torch.optim
+    audit = bnfold.health(model)               # dead channels, tiny variances, fp16 range, subnormals
 """
 
 from __future__ import annotations
@@ -28,7 +29,19 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .records import Direction, FoldReport, OutputCheck, Site, Skip, SkipReason, VerifyReport
+from .health import health  # eager: the submodule's name would otherwise shadow the function
+from .records import (
+    BnHealth,
+    Direction,
+    FoldReport,
+    HealthReport,
+    OutputCheck,
+    RangeCounts,
+    Site,
+    Skip,
+    SkipReason,
+    VerifyReport,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +63,7 @@ _LAZY = {
 __all__ = [
     "__version__",
     *_LAZY,
+    "health",
     "BnfoldError",
     "InputError",
     "ModelFormatError",
@@ -66,6 +80,9 @@ __all__ = [
     "Skip",
     "SkipReason",
     "VerifyReport",
+    "BnHealth",
+    "HealthReport",
+    "RangeCounts",
 ]
 
 

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .records import Direction, FoldReport, OutputCheck, Site, Skip, VerifyReport
+from .records import Direction, FoldReport, HealthReport, OutputCheck, Site, Skip, VerifyReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -49,6 +49,8 @@ __all__ = [
     "render_freeze_report",
     "json_document",
     "error_document",
+    "render_health",
+    "health_summary",
     "progress_callback",
     "stage_label",
     "STAGES",
@@ -212,6 +214,8 @@ def render_fold_report(
         grid.add_row("verification", _verification_line(v, extra.get("verified_on")))
     elif not report.dry_run:
         grid.add_row("verification", Text("skipped (--no-verify)", style="yellow"))
+    if report.flushed_denormals:  # the flush is the default: a row only when it changed something
+        grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:
         grid.add_row("note", _t(note))
     seconds = extra.get("total_seconds", report.seconds)
@@ -402,6 +406,9 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
             **report.verification.to_dict(), "inputs": x.get("verified_on"),
         },
         "culprits": x.get("culprits"),
+        "flushed_denormals": report.flushed_denormals,
+        "pruned_channels": x.get("pruned_channels"),
+        "health": None if report.health is None else report.health.to_dict(),
         "notes": list(report.notes),
         "seconds": float(x.get("total_seconds", report.seconds)),
     }
@@ -463,6 +470,50 @@ def error_document(command: str, error_type: str, message: str, exit_code: int) 
 
 
 # -------------------------------------------------------------------------------------------- progress
+
+
+def health_summary(h: HealthReport) -> str:
+    """The one-line summary of a health audit."""
+    if h.healthy:
+        return f"health: {len(h.bns)} BatchNorm audited, no issue found"
+    parts = [f"{len(h.flagged)} of {len(h.bns)} BatchNorm flagged"]
+    if h.constant_channels:
+        parts.append(f"{h.constant_channels} constant channel(s) (gamma = 0)")
+    if h.near_zero_gamma:
+        parts.append(f"{h.near_zero_gamma} near-zero gamma")
+    if h.small_var:
+        parts.append(f"{h.small_var} channel(s) with var <= eps")
+    if h.subnormal:
+        parts.append(f"the fold writes {h.subnormal:,} subnormal value(s) (fold --flush-denormals)")
+    r = h.scale_range + h.folded_range
+    for label, over, under in (
+        ("float16", r.fp16_overflow, r.fp16_subnormal),
+        ("bfloat16", r.bf16_overflow, r.bf16_subnormal),
+    ):
+        if over or under:
+            parts.append(f"{label}: {over} overflow, {under} underflow")
+    return "health: " + "; ".join(parts)
+
+
+def render_health(console: Console, h: HealthReport, *, verbose: bool = False) -> None:
+    """The one-line summary; with ``verbose`` first a table with one row per BatchNorm."""
+    if verbose and h.bns:
+        table = Table(title="BatchNorm health", title_justify="left")
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("BatchNorm", overflow="fold")
+        table.add_column("status", no_wrap=True)
+        table.add_column("max |scale|", justify="right", no_wrap=True)
+        table.add_column("issues", overflow="fold")
+        for i, b in enumerate(h.bns, 1):
+            issues = "; ".join(b.issues) or b.note
+            table.add_row(
+                str(i), b.bn, b.status, f"{b.max_abs_scale:.3g}",
+                Text(issues, style="yellow") if b.issues else Text(issues or "ok", style="green"),
+            )
+        console.print(table)
+    console.print(Text(health_summary(h), style="green" if h.healthy else "yellow"))
+
+
 @contextmanager
 def progress_callback(
     console: Console, *, enabled: bool = True, stages: tuple[str, ...] = ()

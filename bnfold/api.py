@@ -56,6 +56,9 @@ def fold_with_report(
     eval_semantics: bool = False,
     dry_run: bool = False,
     example_inputs: Any = None,
+    flush_denormals: bool = True,
+    health: bool = False,
+    prune_constant_channels: bool = False,
 ) -> tuple[Any, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -69,12 +72,25 @@ def fold_with_report(
         example_inputs: nn.Module only: a tensor or tuple of tensors the model takes. Shapes recorded
             from them prove where a Linear meets a BatchNorm1d on a 2-D (N, C) tensor; without them
             such pairs are folded only where the graph itself proves the rank (e.g. after a flatten).
+        flush_denormals: set the subnormal values of the tensors the fold wrote to zero (on by
+            default: without it a folded ResNet-18 ran 15x slower than its unfolded original on CPU, see
+            ``benchmarks/results/denormals.md``; each value moves by less than 1.2e-38).
+            ``report.flushed_denormals`` says how many; False keeps the exact rounded fold.
+        prune_constant_channels: nn.Module only: drop the channels that are constant after the fold
+            (gamma = 0) where exact, their constant moved into the next layer's bias
+            (:mod:`bnfold.constant_channels`); ``report.extra["pruned_channels"]`` lists them.
+        health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
+            the original, so it is refused with ``inplace=True``.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
         verdict per BatchNorm.
     """
     kind = model_kind(model)
+    from .postfold import PostFold, after_fold, before_fold
+
+    steps = PostFold(flush_denormals, health, prune_constant_channels)
+    before = None if dry_run else before_fold(model, kind, steps, inplace=inplace)
     t0 = time.perf_counter()
     out: Any
     report: FoldReport
@@ -99,6 +115,12 @@ def fold_with_report(
             model, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
         )
     report.seconds = time.perf_counter() - t0
+    if not dry_run:  # health audit, constant-channel pruning, denormal flush (bnfold.postfold)
+        after_fold(model, out, report, before, kind, steps)
+    elif health:
+        from .health import health as audit_copy
+
+        report.health = audit_copy(model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return out, report
 

@@ -368,6 +368,10 @@ ExternalData = Annotated[
     typer.Option("--external-data/--no-external-data", show_default=False,
                  help="Write ONNX weights to OUT.data / inline [default: as the input]."),
 ]
+FlushDenormals = Annotated[bool, typer.Option(
+    "--flush-denormals/--keep-denormals",
+    help="Set subnormal values of the folded weights to zero (they slow CPUs down many times).",
+)]
 AllOrNothing = Annotated[bool, typer.Option(
     "--all-or-nothing", help="When verification fails, refuse the whole model instead of leaving only the "
     "BNs whose fold fails it.")]
@@ -406,6 +410,12 @@ def fold(
     output_names: OutputNames = None,
     external_data: ExternalData = None,
     all_or_nothing: AllOrNothing = False,
+    flush_denormals: FlushDenormals = True,
+    health: Annotated[bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")] = False,
+    prune_constant_channels: Annotated[bool, typer.Option(
+        "--prune-constant-channels",
+        help="PyTorch: drop channels that are constant after the fold (gamma = 0) where exact.",
+    )] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -436,6 +446,8 @@ def fold(
                     rtol=rtol_v, opt_level=opt_level.value if opt_level else None, export=export,
                     external_data=external_data, progress=progress,
                     all_or_nothing=all_or_nothing,
+                    flush_denormals=flush_denormals, health=health,
+                    prune_constant_channels=prune_constant_channels,
                 )
         except FoldVerificationError as e:
             failed = e.fold_report
@@ -449,6 +461,10 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
     from ._render import render_fold_report, render_verify_report
 
     render_fold_report(console, report, title=title, verbose=verbose)
+    if report.health is not None:
+        from ._render import render_health
+
+        render_health(console, report.health, verbose=verbose)
     if report.verification is not None and not report.verification.passed:
         render_verify_report(console, report.verification, title="verification")
 
@@ -464,6 +480,9 @@ def inspect(
     inputs: InputsNpz = None,
     seed: Seed = 0,
     fail_if_left: FailIfLeft = False,
+    health: Annotated[bool, typer.Option(
+        "--health", help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals."
+    )] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -477,17 +496,22 @@ def inspect(
     with _errors("inspect", model, json_out=json_out, debug=debug):
         _check_common(quiet, json_out)
         from . import jobs
-        from ._render import render_fold_report
+        from ._render import render_fold_report, render_health
 
         with _json_guard(json_out), _progress(quiet, ("load", "fold")) as progress:
             report = jobs.inspect_file(
                 model, affine=affine, model_factory=model_factory, trust_pickle=trust_pickle,
                 eval_semantics=eval_semantics, input_shapes=input_shape or [], inputs=inputs, seed=seed,
-                progress=progress,
+                health=health, progress=progress,
             )
         code = 1 if fail_if_left and report.bn_after else 0
-        _show("inspect", report, json_out, quiet,
-              lambda c: render_fold_report(c, report, title=str(model), verbose=verbose), exit_code=code)
+
+        def render(c: Any) -> None:
+            render_fold_report(c, report, title=str(model), verbose=verbose)
+            if report.health is not None:
+                render_health(c, report.health, verbose=verbose)
+
+        _show("inspect", report, json_out, quiet, render, exit_code=code)
         if code:
             _fail(f"{model}: {report.bn_after} BatchNorm would be left (--fail-if-left)", 1, "BatchNormLeft")
 

@@ -40,6 +40,7 @@ from .errors import (
     with_context,
 )
 from .export import ExportSettings, export_folded
+from .postfold import PostFold
 from .records import FoldReport, VerifyReport
 
 __all__ = [
@@ -357,6 +358,9 @@ def fold_file(
     opset: int | None = None,
     export: ExportSettings | None = None,
     external_data: bool | None = None,
+    flush_denormals: bool = True,
+    health: bool = False,
+    prune_constant_channels: bool = False,
     progress: ProgressFn | None = None,
     all_or_nothing: bool = False,
 ) -> FoldReport:
@@ -386,6 +390,12 @@ def fold_file(
         export: how a PyTorch source is exported to ``.onnx`` (:class:`ExportSettings`).
         external_data: ONNX output: True writes ``OUT.data`` next to OUT, False inline; None keeps the
             input's layout (a PyTorch source: external only over the 2 GiB protobuf limit).
+        flush_denormals: set subnormal values of the folded tensors to zero before verification (default)
+            (:mod:`bnfold.denormals`); a PyTorch source written to ``.onnx`` has every float
+            initializer flushed, since the exporter writes all of them anew.
+        health: also audit the BNs (:func:`bnfold.health`) into ``report.health``.
+        prune_constant_channels: PyTorch module written to ``.pt``/``.pth``/``.pt2``: drop the
+            channels that are constant after the fold where exact (:mod:`bnfold.constant_channels`).
         progress: ``progress(stage, done, total)`` callback.
         all_or_nothing: when verification fails, refuse the whole model (otherwise, for an ONNX
             source, or an ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are
@@ -422,6 +432,11 @@ def fold_file(
                  "--samples": samples != 1}, "does not apply with --no-verify")
 
     ins = _Inputs(shapes, arrays, samples, seed, atol, rtol, opt_level)
+    post = PostFold(flush_denormals, health, prune_constant_channels)
+    if prune_constant_channels and out_fmt == "onnx":
+        raise OptionError(
+            f"{dst_p}: --prune-constant-channels works on PyTorch modules written to .pt/.pth/.pt2, not on .onnx"
+        )
 
     # Without verification the folded model goes only to io.save: ONNX weights stay in their files
     # until the fold reads them (see bnfold.io.load_with_format).
@@ -437,7 +452,7 @@ def fold_file(
     if src_fmt == "onnx":
         _refuse({**exp.flags(), "--eval-semantics": eval_semantics},
                 "applies only to PyTorch models (MODEL is an ONNX model)")
-        report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, progress=prog)
+        report, result = _fold_onnx(src_p, model, ins, affine=affine, verify=verify, post=post, progress=prog)
         if external_data is None:
             external_data = bool(src_data) or None
         if report.verification is not None and not report.verification.passed and not all_or_nothing:
@@ -450,7 +465,7 @@ def fold_file(
         try:
             report, result = _fold_torch(
                 src_p, dst_p, model, out_fmt, ins, affine=affine, verify=verify, export=exp,
-                eval_semantics=eval_semantics, progress=prog,
+                eval_semantics=eval_semantics, post=post, progress=prog,
             )
         except BnfoldError as e:
             raise _reworded(e) from e
@@ -543,15 +558,20 @@ def _save(
 
 
 def _fold_onnx(
-    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, progress: ProgressFn
+    src: Path, model: Any, ins: _Inputs, *, affine: bool, verify: bool, post: PostFold, progress: ProgressFn
 ) -> tuple[FoldReport, Any]:
     from .onnx import fold_model
 
     _check_onnx_shapes(model, ins.shapes, src)
     progress("fold", 0, 1)
     t = time.perf_counter()
-    folded, report = fold_model(model, affine=affine, inplace=True)
+    from .postfold import after_fold, before_fold
+
+    before = before_fold(model, "onnx", post, inplace=False)
+    # The audit reads the original BN parameters: then the fold works on a copy.
+    folded, report = fold_model(model, affine=affine, inplace=not post.health)
     report.seconds = time.perf_counter() - t
+    after_fold(model, folded, report, before, "onnx", post)
     progress("fold", 1, 1)
     report.extra["signature"] = io_signature(folded)
     if verify:
@@ -619,6 +639,7 @@ def _fold_torch(
     verify: bool,
     export: ExportSettings,
     eval_semantics: bool,
+    post: PostFold,
     progress: ProgressFn,
 ) -> tuple[FoldReport, Any]:
     import torch
@@ -633,14 +654,24 @@ def _fold_torch(
         # export_onnx folds in PyTorch, exports, folds what the exporter left; we verify below with the
         # user's settings against the PyTorch original.
         result, report = export_folded(model, examples, export=export, affine=affine, progress=progress)
+        if post.health:
+            from .health import health
+
+            report.health = health(model, example_inputs=None if is_ep else examples)
+        if post.flush_denormals:  # every initializer of the exported model is new: no snapshot tells them apart
+            from .denormals import flush_model
+
+            report.flushed_denormals = flush_model(result, None)
     else:
         progress("fold", 0, 1)
         t = time.perf_counter()
         # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
+        flags = {"flush_denormals": post.flush_denormals, "health": post.health,
+                 "prune_constant_channels": post.prune_constant_channels}
         if is_ep:
-            result, report = fold_with_report(model)
+            result, report = fold_with_report(model, **flags)
         else:
-            result, report = fold_with_report(model, example_inputs=examples, eval_semantics=eval_semantics)
+            result, report = fold_with_report(model, example_inputs=examples, eval_semantics=eval_semantics, **flags)
         report.seconds = time.perf_counter() - t
         progress("fold", 1, 1)
         if out_fmt == "pt2" and not is_ep:
@@ -707,6 +738,7 @@ def inspect_file(
     input_shapes: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
     inputs: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    health: bool = False,
     progress: ProgressFn | None = None,
 ) -> FoldReport:
     """The verdict for every BatchNorm of the model in ``src``, as ``fold`` would give it; nothing written.
@@ -714,6 +746,8 @@ def inspect_file(
     Every option that decides a verdict in ``fold`` is taken here too: ``affine`` (ONNX), and for
     PyTorch ``eval_semantics`` and the shapes (``input_shapes`` / ``inputs``, or the factory's
     ``example_input_shape``) that prove where a Linear meets a BatchNorm1d on 2-D data.
+
+    ``health=True`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
 
     Returns:
         A dry-run :class:`FoldReport` whose ``bn_after`` is the predicted count (``bn_before`` minus the
@@ -729,6 +763,7 @@ def inspect_file(
     arrays = load_inputs(inputs)
     model, fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
     prog("fold", 0, 1)
+    examples: Any = None
     if fmt == "onnx":
         _refuse({"--eval-semantics": eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
         _check_onnx_shapes(model, shapes, src_p)
@@ -753,6 +788,14 @@ def inspect_file(
         # The PyTorch backends decide without rewriting: the BN count after is the prediction.
         report.bn_after = report.bn_before - report.folded
         report.extra["predicted_counts"] = ["bn"]
+    if health:
+        from .health import health as audit_model
+
+        if fmt == "onnx":
+            report.health = audit_model(model, affine=affine)
+        else:
+            report.health = audit_model(model, eval_semantics=eval_semantics,
+                                        example_inputs=examples)
     prog("fold", 1, 1)
     report = _advised(report)
     report.extra.update(

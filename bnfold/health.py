@@ -1,0 +1,304 @@
+"""BN health audit: statistics that make a fold (or the BN itself) numerically fragile.
+
+For every BatchNorm (eval mode, ``scale = gamma / sqrt(var + eps)``) the audit reports:
+
+1. *constant channels*: ``gamma == 0`` exactly. The channel's output is the constant ``beta``
+   whatever the input (a dead or pruned channel);
+2. *near-zero gamma*: ``0 < |gamma| < finfo(float32).tiny`` (a subnormal gamma) or
+   ``|gamma| <= 1e-6 * max |gamma|`` (:data:`NEAR_ZERO_GAMMA_REL`): the output is nearly constant, and
+   folding writes weights that are (nearly) subnormal;
+3. *small variance*: ``var <= eps``: eps dominates the denominator and the scale is blown up towards
+   ``gamma / sqrt(eps)`` (316 x gamma for eps = 1e-5) -- a channel that saw a constant input;
+4. the scales, and the values the fold writes into the target layer, cast to float16 and bfloat16:
+   how many overflow (round to inf) or underflow (round to a subnormal or to zero);
+5. how many of the values the fold writes are subnormal in their own dtype (float32 for a float32
+   model): each makes CPU inference slower unless flushed (``fold(..., flush_denormals=True)``).
+
+Which layer each BN folds into comes from the backends' own matchers: the audit folds a copy of the
+model with :func:`bnfold.fold_with_report` and reads the tensors the fold wrote (those that differ
+from the original, :func:`bnfold.denormals.changed_tensors`). The BN parameters are read from the
+original model. Nothing is changed; ``torch.export`` programs are not audited (fold them as the
+``nn.Module`` they came from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import UnsupportedModelError
+from .records import BnHealth, Direction, FoldReport, HealthReport, RangeCounts, Site, Verdict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import numpy.typing as npt
+
+    F64 = npt.NDArray[np.float64]
+
+# ``bnfold/__init__.py`` imports this module eagerly (so that ``bnfold.health`` is the function, not
+# this module): NumPy and the backends are imported inside the functions.
+
+__all__ = ["NEAR_ZERO_GAMMA_REL", "health", "audit"]
+
+NEAR_ZERO_GAMMA_REL = 1e-6
+"""A gamma at most this fraction of the BN's largest |gamma| counts as near zero (a pruned channel)."""
+
+_F32_TINY = 1.1754943508222875e-38
+"""``numpy.finfo(numpy.float32).tiny``: the smallest normal float32."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Params:
+    gamma: F64
+    var: F64
+    eps: float
+
+
+def health(
+    model: Any,
+    *,
+    affine: bool = False,
+    eval_semantics: bool = False,
+    example_inputs: Any = None,
+) -> HealthReport:
+    """Audit the BatchNorms of ``model``: dead channels, tiny variances, float16/bfloat16 range and
+    the subnormal values a fold would write (see the module docstring).
+
+    Args:
+        model: an ``onnx.ModelProto`` or a ``torch.nn.Module`` (not changed).
+        affine, eval_semantics, example_inputs: as :func:`bnfold.fold_with_report`, so that the
+            verdicts (and hence the targets) are those of the fold you would run.
+
+    Returns:
+        A :class:`~bnfold.records.HealthReport` with one :class:`~bnfold.records.BnHealth` per BN.
+
+    Raises:
+        UnsupportedModelError: a ``torch.export`` program.
+        InputError: not a model bnfold handles.
+    """
+    from .api import fold_with_report, model_kind
+    from .denormals import snapshot
+
+    kind = model_kind(model)
+    if kind == "export":
+        raise UnsupportedModelError(
+            "the health audit reads nn.Module and ONNX models, not torch.export programs: audit the "
+            "nn.Module it was exported from, or the ONNX file"
+        )
+    before = snapshot(model)
+    kwargs: dict[str, Any] = {"eval_semantics": eval_semantics, "example_inputs": example_inputs}
+    if kind == "onnx":
+        kwargs = {"affine": affine}
+    # What the fold itself writes, before any flush (which is what the audit is about).
+    folded, report = fold_with_report(model, flush_denormals=False, **kwargs)
+    return audit(model, folded, report, before)
+
+
+def audit(original: Any, folded: Any, report: FoldReport, before: Any = None) -> HealthReport:
+    """The health report of a fold already done: ``folded`` and ``report`` came from ``original``.
+
+    Args:
+        original: the model before the fold (still holding its BatchNorms; not changed).
+        folded: the folded model (not a dry run).
+        report: the fold's report (its verdicts name each BN's target).
+        before: :func:`bnfold.denormals.snapshot` of ``original`` taken before the fold; default: taken
+            now (right when ``original`` was not folded in place).
+    """
+    from .api import model_kind
+    from .denormals import changed_tensors, count_subnormal, range_counts, snapshot, tensor_values
+
+    kind = model_kind(original)
+    if kind == "export":
+        raise UnsupportedModelError("the health audit reads nn.Module and ONNX models, not torch.export programs")
+    if before is None:
+        before = snapshot(original)
+    changed = changed_tensors(folded, before) if folded is not original else []
+    values = {name: tensor_values(t) for name, t in changed}
+    by_id = {id(t): name for name, t in changed}
+    if kind == "onnx":
+        params = _onnx_params(original)
+        targets = _onnx_targets(folded, set(values))
+    else:
+        params = _torch_params(original)
+        targets = _torch_targets(folded, by_id)
+    records = tuple(
+        _record(v, params.get(v.bn, params.get(v.bn.split("#")[0])), targets, values) for v in report.verdicts
+    )
+    total_range = RangeCounts()
+    for a in values.values():
+        total_range = total_range + range_counts(a)
+    return HealthReport(
+        backend=report.backend,
+        bns=records,
+        changed_values=int(sum(a.size for a in values.values())),
+        subnormal=sum(count_subnormal(a) for a in values.values()),
+        folded_range=total_range,
+    )
+
+
+def _record(
+    v: Verdict,
+    p: _Params | str | None,
+    targets: dict[str, list[str]],
+    values: dict[str, npt.NDArray[Any]],
+) -> BnHealth:
+    import numpy as np
+
+    from .denormals import count_subnormal, range_counts
+
+    status = "left"
+    target = ""
+    if isinstance(v, Site):
+        status = "affine" if v.direction is Direction.AFFINE else "folded"
+        target = v.target
+    if not isinstance(p, _Params):
+        return BnHealth(v.bn, status, target, note=p or "parameters not found")
+    g, var, eps = p.gamma, p.var, p.eps
+    mag = np.abs(g)
+    gmax = float(mag.max()) if mag.size else 0.0
+    near = (mag > 0) & ((mag < _F32_TINY) | (mag <= NEAR_ZERO_GAMMA_REL * gmax))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = g / np.sqrt(var + eps)
+    finite = scale[np.isfinite(scale)]
+    names: list[str] = []
+    if isinstance(v, Site):
+        key = f"affine:{v.bn}" if v.direction is Direction.AFFINE else v.target
+        names = targets.get(key, [])
+    arrays = [values[n] for n in names]
+    folded_range = RangeCounts()
+    for a in arrays:
+        folded_range = folded_range + range_counts(a)
+    note = ""
+    if isinstance(v, Site) and not names:
+        note = "the tensors written into the target were not found (figures cover the whole model only)"
+    return BnHealth(
+        bn=v.bn,
+        status=status,
+        target=target,
+        channels=int(g.size),
+        eps=eps,
+        constant_channels=tuple(int(i) for i in np.flatnonzero(g == 0)),
+        near_zero_gamma=tuple(int(i) for i in np.flatnonzero(near)),
+        small_var=tuple(int(i) for i in np.flatnonzero(var <= eps)),
+        max_abs_scale=float(np.max(np.abs(finite))) if finite.size else float("inf"),
+        scale_range=range_counts(finite),
+        folded_values=int(sum(a.size for a in arrays)),
+        subnormal=sum(count_subnormal(a) for a in arrays),
+        folded_range=folded_range,
+        note=note,
+    )
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+def _onnx_walk(model: Any) -> list[tuple[Any, str, Any]]:
+    """``(graph, prefix, outer graph)`` for the main graph and every subgraph, with the label prefixes
+    :func:`bnfold.onnx.fold.fold_model` gives the BNs inside them."""
+    from .onnx.graph import node_subgraphs
+
+    out: list[tuple[Any, str, Any]] = []
+    stack: list[tuple[Any, str, Any]] = [(model.graph, "", None)]
+    while stack:
+        g, prefix, outer = stack.pop()
+        out.append((g, prefix, outer))
+        for i, n in enumerate(g.node):
+            for attr, sub in node_subgraphs(n):
+                stack.append((sub, f"{prefix}{n.name or f'{n.op_type}_{i}'}/{attr}/", g))
+    return out
+
+
+def _onnx_params(model: Any) -> dict[str, _Params | str]:
+    """BN label (as in the fold's verdicts) -> its gamma, var and eps, read with the constant evaluator."""
+    from .onnx.const import ConstEvaluator
+    from .onnx.graph import GraphIndex, is_bn
+
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    ir = int(model.ir_version)
+    out: dict[str, _Params | str] = {}
+    indexes: dict[int, tuple[Any, Any]] = {}
+    for g, prefix, outer in _onnx_walk(model):
+        outer_index, outer_ev = indexes.get(id(outer), (None, None)) if outer is not None else (None, None)
+        index = GraphIndex.build(g, outer_index, ir)
+        ev = ConstEvaluator(index, opset, outer_ev)
+        indexes[id(g)] = (index, ev)
+        seen: dict[str, int] = {}
+        for i, n in enumerate(g.node):
+            if not is_bn(n):
+                continue
+            label = prefix + (n.name or f"BatchNormalization_{i}")
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:
+                label = f"{label}#{seen[label]}"
+            out[label] = _onnx_bn(n, ev)
+    return out
+
+
+def _onnx_bn(node: Any, ev: Any) -> _Params | str:
+    import numpy as np
+    from onnx import helper
+
+    if len(node.input) < 5:
+        return "BatchNormalization with fewer than 5 inputs"
+    arrays: list[F64] = []
+    for k, what in ((1, "scale"), (4, "var")):
+        v, _reason, detail = ev.resolve(node.input[k])
+        if v is None:
+            return f"BN {what} is not a constant ({detail})"
+        arrays.append(np.asarray(v).astype(np.float64).reshape(-1))
+    eps = 1e-5
+    for a in node.attribute:
+        if a.name == "epsilon":
+            eps = float(helper.get_attribute_value(a))
+    return _Params(arrays[0], arrays[1], eps)
+
+
+def _onnx_targets(folded: Any, changed: set[str]) -> dict[str, list[str]]:
+    """Node label -> the changed initializers it reads; ``affine:<bn>`` -> the Mul/Add constants."""
+    out: dict[str, list[str]] = {}
+    for g, prefix, _ in _onnx_walk(folded):
+        for i, n in enumerate(g.node):
+            reads = [x for x in n.input if x in changed]
+            if not reads:
+                continue
+            if n.name:
+                out.setdefault(prefix + n.name, []).extend(reads)
+            out.setdefault(f"{prefix}{n.op_type}_{i}", []).extend(reads)
+    for name in changed:  # affine replacement: initializers "<bn>.scale" / "<bn>.shift" (+ suffix)
+        for tag in (".scale", ".shift"):
+            if tag in name:
+                out.setdefault("affine:" + name.rsplit(tag, 1)[0], []).append(name)
+    return out
+
+
+# --------------------------------------------------------------------------------------- PyTorch
+def _torch_params(model: Any) -> dict[str, _Params | str]:
+    """BN module name -> gamma, var, eps (the names of the fold's verdicts; ``name#2`` for a 2nd call)."""
+    import numpy as np
+    import torch
+    from torch.nn.modules.batchnorm import _NormBase
+
+    out: dict[str, _Params | str] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, _NormBase):
+            continue
+        var = getattr(m, "running_var", None)
+        if not isinstance(var, torch.Tensor):
+            out[name] = "no running statistics (track_running_stats=False)"
+            continue
+        w = getattr(m, "weight", None)
+        gamma = (
+            w.detach().double().cpu().numpy()
+            if isinstance(w, torch.Tensor)
+            else np.ones(var.shape[0], dtype=np.float64)
+        )
+        out[name] = _Params(gamma.reshape(-1), var.detach().double().cpu().numpy().reshape(-1), float(m.eps))
+    return out
+
+
+def _torch_targets(folded: Any, changed: dict[int, str]) -> dict[str, list[str]]:
+    """Module name -> the names of its own changed parameters and buffers."""
+    out: dict[str, list[str]] = {}
+    for mname, m in folded.named_modules():
+        for _, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if id(t) in changed:
+                out.setdefault(mname, []).append(changed[id(t)])
+    return out

@@ -1,0 +1,68 @@
+"""The optional steps after a fold, in their order: health audit, constant-channel pruning, flush.
+
+Rules:
+
+1. the audit (:mod:`bnfold.health`) sees the fold as the backend wrote it: before pruning and flush;
+2. pruning (:mod:`bnfold.constant_channels`, nn.Module only) runs on the folded copy;
+3. the denormal flush (:mod:`bnfold.denormals`) comes last, so it also covers the biases pruning wrote;
+   ONNX: the initializers of the fold targets; PyTorch: the tensors that differ from the snapshot
+   taken before the fold.
+
+:func:`before_fold` takes that snapshot (only when a step needs one); verification, which the caller
+runs afterwards, checks the model as it leaves here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import OptionError
+from .records import FoldReport
+
+__all__ = ["PostFold", "before_fold", "after_fold"]
+
+
+@dataclass(frozen=True, slots=True)
+class PostFold:
+    """Which steps to run."""
+
+    flush_denormals: bool = True
+    health: bool = False
+    prune_constant_channels: bool = False
+
+
+def before_fold(model: Any, kind: str, steps: PostFold, *, inplace: bool) -> Any:
+    """Check the options against the model and return the snapshot the later steps need (or None).
+
+    Raises:
+        OptionError: pruning on a model that is not an ``nn.Module``; a health audit of an in-place fold.
+    """
+    if steps.prune_constant_channels and kind != "module":
+        raise OptionError("prune_constant_channels works on nn.Module models only")
+    if steps.health and inplace:
+        raise OptionError("health=True needs the original model: it cannot be combined with inplace=True")
+    if steps.health or (steps.flush_denormals and kind != "onnx"):
+        from .denormals import snapshot
+
+        return snapshot(model)  # what the fold writes is told apart from what was there
+    return None
+
+
+def after_fold(original: Any, out: Any, report: FoldReport, before: Any, kind: str, steps: PostFold) -> None:
+    """Run the steps on the folded ``out`` (edited) and record their results in ``report``."""
+    if steps.health:
+        from .health import audit
+
+        report.health = audit(original, out, report, before)
+    if steps.prune_constant_channels:
+        from .constant_channels import prune_constant_channels
+
+        pruned = prune_constant_channels(out)
+        report.extra["pruned_channels"] = [p.to_dict() for p in pruned]
+        report.notes.append(f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned")
+        report.params_after = sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel"))
+    if steps.flush_denormals:
+        from .denormals import flush_model, flush_targets
+
+        report.flushed_denormals = flush_targets(out, report) if kind == "onnx" else flush_model(out, before)
