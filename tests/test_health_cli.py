@@ -67,7 +67,7 @@ def test_inspect_health_json(sick: Path) -> None:
     (b,) = h["bns"]
     assert b["constant_channels"] == [0] and b["small_var"] == [2] and b["target"] == "conv"
     assert h["subnormal"] == b["subnormal"] > 0 and h["healthy"] is False
-    assert "health" not in json.loads(runner.invoke(app, ["inspect", str(sick), "--json"]).stdout)
+    assert json.loads(runner.invoke(app, ["inspect", str(sick), "--json"]).stdout)["health"] is None
 
 
 def test_fold_flushes_by_default_and_keeps_on_request(sick: Path, tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_fold_flushes_by_default_and_keeps_on_request(sick: Path, tmp_path: Path
     k = runner.invoke(app, ["fold", str(sick), "-o", str(kept), "--keep-denormals", "--json", "--health"])
     assert k.exit_code == 0, k.output
     krep = json.loads(k.stdout)
-    assert "flushed_denormals" not in krep and krep["health"]["subnormal"] == _subnormals(kept) > 0
+    assert krep["flushed_denormals"] is None and krep["health"]["subnormal"] == _subnormals(kept) > 0
     assert rep["flushed_denormals"] == _subnormals(kept) and _subnormals(out) == 0
     assert rep["verification"]["passed"] and krep["verification"]["passed"]
     assert _digest(sick) == before
@@ -116,7 +116,7 @@ def test_fold_prune_constant_channels_cli(tmp_path: Path) -> None:
     r = runner.invoke(app, [*args, "--prune-constant-channels", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    pruned = {d["layer"]: d for d in rep["extra"]["pruned_channels"]}
+    pruned = {d["layer"]: d for d in rep["pruned_channels"]}
     assert pruned["12"]["pruned"] and pruned["12"]["channels"] == [3, 40]
     assert rep["verification"]["passed"] and _digest(src) == before
     folded = torch.load(out, weights_only=False)
