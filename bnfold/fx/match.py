@@ -29,6 +29,7 @@ Rules (cited in the code as "Rule n"):
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+
+from .custom import BnSpec, _has_hooks, describe_bn, input_side_conv, registered_bn_like
 
 __all__ = [
     "Candidate",
@@ -66,53 +69,28 @@ def _frozen_types() -> tuple[type[nn.Module], ...]:
     return (FrozenBatchNorm,)
 
 
-def _plain_bn_forwards() -> set[Any]:
-    fwds: set[Any] = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
-    try:
-        from bnfold.nn import batchnorm as bnb
-
-        fwds.add(bnb._BnfoldBatchNorm.forward)
-        from bnfold.nn import sync
-
-        fwds.add(sync.SyncBatchNorm.forward)
-    except (ImportError, AttributeError):  # pragma: no cover - depends on bnfold.nn's layout
-        pass
-    return fwds
-
-
 def is_frozen_bn(m: nn.Module) -> bool:
     """True for a ``bnfold.nn.FrozenBatchNorm`` (any rank)."""
     return isinstance(m, _frozen_types())
 
 
 def is_bn_module(m: nn.Module) -> bool:
-    """True for every BatchNorm-like module bnfold gives a verdict to (plain, custom or frozen)."""
-    return isinstance(m, _BatchNorm) or is_frozen_bn(m)
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
+    """True for every BatchNorm-like module bnfold gives a verdict to (plain, custom, frozen, registered)."""
+    return isinstance(m, _BatchNorm) or is_frozen_bn(m) or registered_bn_like(m)
 
 
 def bn_module_skip(m: nn.Module) -> tuple[SkipReason, str] | None:
     """Rule 1 for a BN module: why it can never be folded, or None when its eval map is known."""
-    if _has_hooks(m):
-        return SkipReason.CUSTOM_BN, "the BatchNorm has forward hooks, which a fold would drop"
-    if is_frozen_bn(m):
-        if type(m).forward is not _frozen_types()[0].forward:
-            return SkipReason.CUSTOM_BN, f"{type(m).__name__} overrides forward (extra behaviour kept)"
+    spec = describe_bn(m)
+    return _spec_skip(spec)
+
+
+def _spec_skip(spec: BnSpec | str) -> tuple[SkipReason, str] | None:
+    if isinstance(spec, BnSpec):
         return None
-    if type(m).forward not in _plain_bn_forwards():
-        return (
-            SkipReason.CUSTOM_BN,
-            f"{type(m).__name__} overrides BatchNorm.forward; its extra behaviour would be lost",
-        )
-    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-        return (
-            SkipReason.NO_RUNNING_STATS,
-            "track_running_stats=False: the layer normalises with batch statistics even in eval mode",
-        )
-    return None
+    if spec.startswith("no_running_stats: "):
+        return SkipReason.NO_RUNNING_STATS, spec.removeprefix("no_running_stats: ")
+    return SkipReason.CUSTOM_BN, spec
 
 
 def layer_kind(m: nn.Module) -> str | None:
@@ -130,6 +108,18 @@ def layer_kind(m: nn.Module) -> str | None:
                 return None
             return base.__name__
     return None
+
+
+def forward_layer_kind(m: nn.Module) -> tuple[str | None, str]:
+    """``(kind, note)`` of a layer that can absorb a BN *after* it: a plain layer, or a Conv subclass
+    that changes only its input (:func:`bnfold.fx.custom.input_side_conv`, note says so)."""
+    kind = layer_kind(m)
+    if kind is not None:
+        return kind, ""
+    kind = input_side_conv(m)
+    if kind is not None:
+        return kind, f"{type(m).__name__} changes only its input (output channels scale exactly)"
+    return None, ""
 
 
 class Tracer(fx.Tracer):
@@ -151,13 +141,19 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
 
 @dataclass
 class Candidate:
-    """A BN call that can be folded, with what the rewrite needs."""
+    """A BN call that can be folded, with what the rewrite needs.
+
+    ``spec`` is the BN module's eval description (None for functional BN); ``repeat`` > 1 when a
+    Flatten sits between the BN and a Linear (each channel covers ``repeat`` consecutive features).
+    """
 
     site: Site
     bn_node: fx.Node
     layer_node: fx.Node
     needs_graph: bool
     graph_why: str = ""
+    spec: BnSpec | None = None
+    repeat: int = 1
 
 
 _BN_FUNCS = (F.batch_norm,)
@@ -203,8 +199,66 @@ def _flatten_to_2d(start: Any, end: Any) -> bool:
     return bool(start == 1 and end == -1)
 
 
+def _flatten_rank(r: int | None, start: Any, end: Any) -> int | None:
+    """Rank after ``flatten(start, end)`` of a rank-``r`` tensor (None when not proven)."""
+    if _flatten_to_2d(start, end):
+        return 2
+    if r is None or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    s, e = start % r if r else 0, end % r if r else 0
+    return r - (e - s) if e >= s else None
+
+
+def flatten_dims(node: fx.Node, root: nn.Module) -> tuple[Any, Any] | None:
+    """``(start_dim, end_dim)`` when ``node`` is a flatten (module, function or method), else None."""
+    if node.op == "call_module":
+        m = fetch_attr(root, str(node.target))
+        if type(m) is nn.Flatten:
+            return m.start_dim, m.end_dim
+        return None
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start, end
+    return None
+
+
+_ARITH = {operator.add, operator.mul, operator.sub, operator.truediv, operator.matmul, torch.add, torch.mul,
+          torch.sub, torch.matmul}
+_REDUCE = {"mean", "sum", "amax", "amin"}
+
+
+def _reduced_rank(node: fx.Node, r: int | None) -> int | None:
+    """Rank after ``x.mean(dim)`` (and sum/amax/amin) without keepdim."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if r is None or dim is None or node.kwargs.get("keepdim", False) or len(node.args) > 2:
+        return None
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return r - len({d % r for d in dims})
+
+
+def _indexed_rank(node: fx.Node, r: int | None) -> int | None:
+    """Rank after ``x[idx]`` with ints and plain slices only."""
+    idx = node.args[1]
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if r is None or not all(isinstance(i, (int, slice)) for i in items) or len(items) > r:
+        return None
+    return r - sum(isinstance(i, int) for i in items)
+_SAME_RANK_METHODS = {"transpose", "contiguous", "relu", "sigmoid", "tanh", "float", "half", "to", "mul",
+                      "add", "sub", "div", "clone"}
+
+
 def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
-    """The tensor rank of ``node``'s value when the graph proves it (Rule 4), else None."""
+    """The tensor rank of ``node``'s value when the graph proves it (Rule 4), else None.
+
+    Facts used: recorded shapes; ``BatchNorm2d``/``3d`` refuse any input but 4-D/5-D; flatten,
+    view/reshape with explicit sizes, permute; layers, activations, transpose keep their input's
+    rank; broadcasting arithmetic gives the largest rank of its tensor operands.
+    """
     if not isinstance(node, fx.Node) or depth > 64:
         return None
     meta = node.meta.get("tensor_meta")
@@ -214,34 +268,75 @@ def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
     if isinstance(val, torch.Tensor):
         return val.dim()
     first = node.args[0] if node.args else None
+    fl = flatten_dims(node, root)
+    if fl is not None:
+        return _flatten_rank(rank_of(first, root, depth + 1), *fl)
     if node.op == "call_module":
         m = fetch_attr(root, str(node.target))
-        if isinstance(m, nn.Flatten):
-            return 2 if _flatten_to_2d(m.start_dim, m.end_dim) else None
-        if isinstance(m, (nn.Linear, *_ELEMENTWISE_MODULES, nn.BatchNorm1d)) or is_bn_module(m):
+        if type(m) is nn.BatchNorm2d:
+            return 4  # BatchNorm2d._check_input_dim raises on anything else
+        if type(m) is nn.BatchNorm3d:
+            return 5
+        if isinstance(m, (*LAYER_TYPES, *_ELEMENTWISE_MODULES, nn.BatchNorm1d)) or is_bn_module(m):
             return rank_of(first, root, depth + 1)
         return None
     if node.op == "call_function":
-        if node.target is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return 2 if _flatten_to_2d(start, end) else None
-        if node.target in _ELEMENTWISE_FUNCS:
+        if node.target in _ELEMENTWISE_FUNCS or node.target is torch.transpose:
             return rank_of(first, root, depth + 1)
+        if node.target is operator.getitem and isinstance(first, fx.Node):
+            return _indexed_rank(node, rank_of(first, root, depth + 1))
+        if node.target in (torch.mean, torch.sum, torch.amax, torch.amin):
+            return _reduced_rank(node, rank_of(first, root, depth + 1))
+        if node.target in _ARITH:
+            ranks = [rank_of(a, root, depth + 1) for a in node.args if isinstance(a, fx.Node)]
+            if ranks and all(r is not None for r in ranks):
+                return max(r for r in ranks if r is not None)
         return None
     if node.op == "call_method":
-        if node.target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return 2 if _flatten_to_2d(start, end) else None
-        if node.target in ("view", "reshape"):
+        if node.target in ("view", "reshape", "permute"):
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
                 sizes = tuple(sizes[0])
             return len(sizes) if sizes else None
-        if node.target in _ELEMENTWISE_METHODS:
+        if node.target in ("reshape_as", "view_as") and len(node.args) > 1:
+            return rank_of(node.args[1], root, depth + 1)
+        if node.target in _REDUCE:
+            return _reduced_rank(node, rank_of(first, root, depth + 1))
+        if node.target in _SAME_RANK_METHODS:
             return rank_of(first, root, depth + 1)
     return None
+
+
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+
+
+def _shape_only(user: fx.Node, n: fx.Node) -> bool:
+    """True when ``user`` reads only the shape of ``n`` (folding changes values, not shapes)."""
+    if user.op == "call_method" and user.target in ("size", "dim") and user.args[:1] == (n,):
+        return n not in user.args[1:] and n not in user.kwargs.values()
+    if user.op == "call_function" and user.target is getattr and user.args[:1] == (n,):
+        return user.args[1] in _SHAPE_ATTRS
+    if user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"):
+        return user.args[0] is not n and n not in user.kwargs.values()
+    return False
+
+
+def value_users(n: fx.Node) -> list[fx.Node]:
+    """The users of ``n`` that read its values (not only its shape)."""
+    return [u for u in n.users if not _shape_only(u, n)]
+
+
+def _is_noop(n: fx.Node, root: nn.Module) -> bool:
+    """An eval-mode identity between a BN and its neighbour: Identity, Dropout, dropout(training=False)."""
+    if n.op == "call_module":
+        m = fetch_attr(root, str(n.target))
+        return type(m) in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout) and not (
+            m._forward_hooks or m._forward_pre_hooks
+        )
+    if n.op == "call_function" and n.target is F.dropout:
+        training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
+        return training is False
+    return n.op == "call_method" and n.target == "contiguous" and len(n.args) == 1
 
 
 def _zero_padding(conv: Any) -> bool:
@@ -296,14 +391,23 @@ class _Index:
         return ""
 
 
-def _bn_info(node: fx.Node, root: nn.Module) -> tuple[str, int | None, Skip | None]:
-    """(display name, num_features, skip) for a BN node (Rule 1)."""
+def _bn_info(
+    node: fx.Node, root: nn.Module, specs: dict[int, BnSpec | str]
+) -> tuple[str, int | None, Skip | None, BnSpec | None]:
+    """(display name, num_features, skip, spec) for a BN node (Rule 1)."""
     if node.op == "call_module":
         name = str(node.target)
         m = fetch_attr(root, name)
-        why = bn_module_skip(m)
-        skip = Skip(name, why[0], why[1]) if why else None
-        return name, int(m.num_features), skip
+        if id(m) not in specs:
+            specs[id(m)] = describe_bn(m)
+        spec = specs[id(m)]
+        why = _spec_skip(spec)
+        if why is None and (len(node.args) != 1 or node.kwargs):
+            why = (SkipReason.CUSTOM_BN, f"'{name}' is called with more than one input")
+        if why is not None or not isinstance(spec, BnSpec):
+            assert why is not None
+            return name, None, Skip(name, why[0], why[1]), None
+        return name, spec.num_features, None, spec
     name = node.name
     a = functional_bn_args(node)
     for key in ("running_mean", "running_var", "weight", "bias"):
@@ -315,11 +419,12 @@ def _bn_info(node: fx.Node, root: nn.Module) -> tuple[str, int | None, Skip | No
                 name,
                 None,
                 Skip(name, SkipReason.NON_CONSTANT, f"F.batch_norm's {key} is not a model attribute"),
+                None,
             )
     if a["training"] is not False:
-        return name, None, Skip(name, SkipReason.TRAINING_MODE, "F.batch_norm is called with training=True")
+        return name, None, Skip(name, SkipReason.TRAINING_MODE, "F.batch_norm is called with training=True"), None
     mean = fetch_attr(root, str(a["running_mean"].target))
-    return name, int(mean.numel()), None
+    return name, int(mean.numel()), None, None
 
 
 def is_bn_node(node: fx.Node, root: nn.Module) -> bool:
@@ -352,6 +457,7 @@ def find_sites(
     verdicts: list[Verdict] = []
     cands: list[Candidate] = []
     seen_bn: Counter[str] = Counter()
+    specs: dict[int, BnSpec | str] = {}
 
     def q(name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
@@ -359,7 +465,7 @@ def find_sites(
     for node in graph.nodes:
         if not is_bn_node(node, root):
             continue
-        name, nf, skip = _bn_info(node, root)
+        name, nf, skip, spec = _bn_info(node, root, specs)
         seen_bn[name] += 1
         shown = q(name) if seen_bn[name] == 1 else f"{q(name)}#{seen_bn[name]}"
         if skip is not None:
@@ -373,19 +479,56 @@ def find_sites(
         src = node.args[0] if node.args else None
         verdict, cand = _forward(node, src, root, idx, shown, nf, bn_graph_why, q)
         if cand is None:
-            bverdict, bcand = _backward(node, root, idx, shown, nf, bn_graph_why, q)
-            if bcand is not None or (verdict.reason is SkipReason.NO_PRODUCER and bverdict is not None):
-                verdict, cand = bverdict, bcand  # type: ignore[assignment]
+            if spec is not None and spec.has_tail:
+                # Rule 1: layer(tail(bn(x))) -- the BN cannot move past its own activation.
+                if verdict.reason is SkipReason.NO_PRODUCER:
+                    verdict = Skip(
+                        shown,
+                        SkipReason.NO_PRODUCER,
+                        f"nothing foldable before it, and its own {type(fetch_attr(root, name)).__name__} "
+                        "post-processing (activation/dropout) keeps it from folding into the next layer",
+                    )
+            else:
+                bverdict, bcand = _backward(node, root, idx, shown, nf, bn_graph_why, q)
+                if bcand is not None or (verdict.reason is SkipReason.NO_PRODUCER and bverdict is not None):
+                    verdict, cand = bverdict, bcand  # type: ignore[assignment]
+        if cand is not None:
+            cand.spec = spec
+            if spec is not None and spec.has_tail:
+                cand.site = Site(
+                    cand.site.bn, cand.site.target, cand.site.target_kind, cand.site.direction,
+                    "; ".join(d for d in (cand.site.detail, "its activation/dropout kept") if d),
+                )
         verdicts.append(cand.site if cand is not None else verdict)
         if cand is not None:
             cands.append(cand)
     return verdicts, cands
 
 
+def _walk_back(src: Any, root: nn.Module) -> tuple[Any, tuple[Any, Any] | None, str]:
+    """From a BN input back through eval no-ops and at most one flatten to the producer.
+
+    Returns ``(producer, flatten dims or None, why-not)``; every node passed has one value user.
+    """
+    p = src
+    fl: tuple[Any, Any] | None = None
+    while isinstance(p, fx.Node) and p.args and isinstance(p.args[0], fx.Node):
+        dims = flatten_dims(p, root) if fl is None else None
+        if not (_is_noop(p, root) or dims is not None):
+            break
+        if len(value_users(p)) != 1:
+            return p, fl, f"'{p.name}' between the layer and the BN is also read elsewhere"
+        if dims is not None:
+            fl = dims
+        p = p.args[0]
+    return p, fl, ""
+
+
 def _forward(
     node: fx.Node, src: Any, root: nn.Module, idx: _Index, shown: str, nf: int | None, bn_why: str, q: Any
 ) -> tuple[Skip, Candidate | None]:
     none = Skip(shown, SkipReason.NO_PRODUCER, "its input is not a Conv/ConvTranspose/Linear module output")
+    src, fl, why_not = _walk_back(src, root)
     if not isinstance(src, fx.Node):
         return none, None
     if src.op != "call_module":
@@ -401,7 +544,7 @@ def _forward(
         return none, None
     target = str(src.target)
     layer = fetch_attr(root, target)
-    kind = layer_kind(layer)
+    kind, note = forward_layer_kind(layer)
     if kind is None:
         if isinstance(layer, LAYER_TYPES):
             return (
@@ -413,33 +556,55 @@ def _forward(
                 None,
             )
         return none, None
+    if why_not:
+        return Skip(shown, SkipReason.OTHER_CONSUMERS, why_not), None
     # Rule 2: a residual tap (or a graph output) needs the unscaled value.
-    if len(src.users) != 1:
+    users = value_users(src)
+    if len(users) != 1:
         return (
             Skip(
                 shown,
                 SkipReason.OTHER_CONSUMERS,
-                f"the output of '{q(target)}' is also used by {len(src.users) - 1} other node(s)",
+                f"the output of '{q(target)}' is also used by {len(users) - 1} other node(s)",
             ),
             None,
         )
     out_ch = layer.out_features if kind == "Linear" else layer.out_channels
     if nf is not None and out_ch != nf:
         return Skip(shown, SkipReason.LAYOUT, f"{out_ch} layer channels for {nf} BN features"), None
-    rank = rank_of(src, root) if kind == "Linear" else 2
-    if rank is None:  # Rule 4: not proven
-        return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
-    if rank != 2:  # Rule 4
-        return (
-            Skip(
-                shown,
-                SkipReason.LAYOUT,
-                f"Linear acts on the last dim and BN on dim 1: not the same axis on a {rank}-D tensor",
-            ),
-            None,
-        )
+    via = ""
+    if kind == "Linear":
+        rank = rank_of(src, root)
+        if fl is not None:
+            # Rule 4: Linear on (B, N, C) -> flatten(0, -2) -> BN1d on (B*N, C): C stays the BN channel.
+            start, end = fl
+            if rank is None and end != -2:
+                return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
+            if not (start == 0 and (end == -2 or (rank is not None and end == rank - 2))):
+                return Skip(
+                    shown, SkipReason.LAYOUT, f"flatten({start}, {end}) moves the Linear's output axis off dim 1"
+                ), None
+            rank = 2
+            via = "through flatten to (tokens, channels)"
+        if rank is None:  # Rule 4: not proven
+            return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
+        if rank != 2:  # Rule 4
+            return (
+                Skip(
+                    shown,
+                    SkipReason.LAYOUT,
+                    f"Linear acts on the last dim and BN on dim 1: not the same axis on a {rank}-D tensor",
+                ),
+                None,
+            )
+    elif fl is not None:
+        start = fl[0]
+        if not (isinstance(start, int) and start >= 2):  # flatten(2) of (N, C, H, W) keeps C at dim 1
+            return Skip(shown, SkipReason.LAYOUT, f"flatten{fl} moves the layer's channel axis off dim 1"), None
+        via = "through a spatial flatten"
     why = idx.shared_why(target)
-    site = Site(shown, q(target), kind, Direction.FORWARD, _detail(why))
+    detail = "; ".join(d for d in (_detail(why), note, via) if d)
+    site = Site(shown, q(target), kind, Direction.FORWARD, detail)
     both = "; ".join(w for w in (why, bn_why) if w)
     return none, Candidate(site, node, src, bool(both), both)
 
@@ -457,16 +622,43 @@ def _detail(why: str) -> str:
 def _backward(
     node: fx.Node, root: nn.Module, idx: _Index, shown: str, nf: int | None, bn_why: str, q: Any
 ) -> tuple[Skip | None, Candidate | None]:
-    users = list(node.users)
-    if len(users) != 1:
-        return None, None
-    u = users[0]
-    if u.op != "call_module" or not _sole_input_user(u, node):
-        return None, None
+    # Walk forward through eval no-ops and at most one flatten(1, -1) (BN2d -> Flatten -> Linear).
+    cur = node
+    flat = False
+    while True:
+        users = value_users(cur)
+        if len(users) != 1 or len(cur.users) != 1:
+            return None, None
+        u = users[0]
+        if u.op != "call_module" or not _sole_input_user(u, cur):
+            dims = flatten_dims(u, root)
+            if not flat and dims is not None and u.args[0] is cur and _flatten_to_2d(*dims):
+                flat, cur = True, u
+                continue
+            if _is_noop(u, root) and u.args[0] is cur:
+                cur = u
+                continue
+            return None, None
+        layer = fetch_attr(root, str(u.target))
+        if type(layer) is nn.Flatten and not flat and _flatten_to_2d(layer.start_dim, layer.end_dim):
+            flat, cur = True, u
+            continue
+        if _is_noop(u, root):
+            cur = u
+            continue
+        break
     target = str(u.target)
-    layer = fetch_attr(root, target)
     kind = layer_kind(layer)
     if kind is None:
+        if input_side_conv(layer) is not None:
+            return (
+                Skip(
+                    shown,
+                    SkipReason.PADDING,
+                    f"'{q(target)}' pads its input at run time, which the BN shift would not reach",
+                ),
+                None,
+            )
         return None, None
     if kind.startswith("ConvTranspose"):
         return (
@@ -478,7 +670,12 @@ def _backward(
             None,
         )
     in_ch = layer.in_features if kind == "Linear" else layer.in_channels
-    if nf is not None and in_ch != nf:
+    repeat = 1
+    if flat:
+        if kind != "Linear" or nf is None or in_ch % nf:
+            return Skip(shown, SkipReason.LAYOUT, f"{in_ch} features after the flatten for {nf} BN channels"), None
+        repeat = in_ch // nf
+    elif nf is not None and in_ch != nf:
         return Skip(shown, SkipReason.LAYOUT, f"{in_ch} layer input channels for {nf} BN features"), None
     if kind != "Linear" and not _zero_padding(layer):
         return (
@@ -489,14 +686,16 @@ def _backward(
             ),
             None,
         )
-    rank = rank_of(node.args[0], root) if kind == "Linear" else 2
-    if rank is None:  # Rule 4: not proven
-        return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
-    if rank != 2:  # Rule 4
-        return Skip(
-            shown, SkipReason.LAYOUT, f"BN -> Linear is exact only on a 2-D tensor, not {rank}-D"
-        ), None
+    if not flat:
+        rank = rank_of(node.args[0], root) if kind == "Linear" else 2
+        if rank is None:  # Rule 4: not proven
+            return Skip(shown, SkipReason.LAYOUT, _UNPROVEN_RANK), None
+        if rank != 2:  # Rule 4
+            return Skip(
+                shown, SkipReason.LAYOUT, f"BN -> Linear is exact only on a 2-D tensor, not {rank}-D"
+            ), None
     why = idx.shared_why(target)
-    site = Site(shown, q(target), kind, Direction.BACKWARD, _detail(why))
+    via = f"through flatten: each channel covers {repeat} features" if flat else ""
+    site = Site(shown, q(target), kind, Direction.BACKWARD, "; ".join(d for d in (_detail(why), via) if d))
     both = "; ".join(w for w in (why, bn_why) if w)
-    return None, Candidate(site, node, u, bool(both), both)
+    return None, Candidate(site, node, u, bool(both), both, repeat=repeat)

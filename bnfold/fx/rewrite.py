@@ -30,7 +30,8 @@ from torch import fx, nn
 from bnfold.fold_math import F64, WeightLayout, bn_affine, cast_exact, fits_dtype, fold_backward, fold_forward
 from bnfold.records import Direction, Skip, SkipReason, Verdict
 
-from .match import Candidate, fetch_attr, functional_bn_args, is_frozen_bn
+from .custom import BnSpec, describe_bn
+from .match import Candidate, fetch_attr, functional_bn_args
 
 __all__ = ["bn_scale_shift", "plan_sites", "apply_module_mode", "apply_graph_mode", "to_f64", "from_f64"]
 
@@ -79,15 +80,14 @@ def _np_dtype(dt: torch.dtype) -> Any:
     return torch.empty((), dtype=dt).numpy().dtype
 
 
-def bn_scale_shift(bn_node: fx.Node, root: nn.Module) -> tuple[F64, F64]:
+def bn_scale_shift(bn_node: fx.Node, root: nn.Module, spec: BnSpec | None = None) -> tuple[F64, F64]:
     """The eval map of the BN called at ``bn_node`` as float64 ``(scale, shift)``."""
     if bn_node.op == "call_module":
-        m = fetch_attr(root, str(bn_node.target))
-        if is_frozen_bn(m):
-            return to_f64(m.scale).reshape(-1), to_f64(m.shift).reshape(-1)  # type: ignore[union-attr]
-        mean, var = to_f64(m.running_mean), to_f64(m.running_var)
-        assert mean is not None and var is not None  # match refused BNs without running statistics
-        return bn_affine(to_f64(m.weight), to_f64(m.bias), mean, var, m.eps)
+        if spec is None:
+            got = describe_bn(fetch_attr(root, str(bn_node.target)))
+            assert isinstance(got, BnSpec)  # match refused the others
+            spec = got
+        return spec.affine64()
     a = functional_bn_args(bn_node)
 
     def get(key: str) -> F64 | None:
@@ -124,7 +124,9 @@ def plan_sites(
             w, b = state[c.layer_node]
         else:
             w, b = to_f64(w0), to_f64(layer.bias)  # type: ignore[assignment]
-        scale, shift = bn_scale_shift(c.bn_node, root)
+        scale, shift = bn_scale_shift(c.bn_node, root, c.spec)
+        if c.repeat > 1:  # BN -> Flatten -> Linear: channel c covers features c*k .. c*k + k - 1
+            scale, shift = np.repeat(scale, c.repeat), np.repeat(shift, c.repeat)
         fold = fold_forward if c.site.direction is Direction.FORWARD else fold_backward
         try:
             w_new, b_new = fold(w, b, scale, shift, _layout(layer))
@@ -163,12 +165,20 @@ def _replace_module(root: nn.Module, target: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _tail_of(root: nn.Module, c: Candidate) -> nn.Module:
+    """What replaces a folded BN module: its tail (activation, dropout...) or ``nn.Identity()``."""
+    if c.spec is None or not c.spec.has_tail:
+        return nn.Identity()
+    tail = c.spec.make_tail(fetch_attr(root, str(c.bn_node.target)))
+    return nn.Identity() if tail is None else tail
+
+
 def apply_module_mode(root: nn.Module, state: dict[fx.Node, tuple[F64, F64]], cands: list[Candidate]) -> None:
-    """Write the folded weights into the layers and put ``nn.Identity()`` in place of each BN."""
+    """Write the folded weights into the layers and put its tail or ``nn.Identity()`` in place of each BN."""
     for node, (w, b) in state.items():
         _set_layer(fetch_attr(root, str(node.target)), w, b)
     for c in cands:
-        _replace_module(root, str(c.bn_node.target), nn.Identity())
+        _replace_module(root, str(c.bn_node.target), _tail_of(root, c))
 
 
 def apply_graph_mode(
@@ -192,6 +202,18 @@ def apply_graph_mode(
     bn_targets: set[str] = set()
     for c in cands:
         bn = c.bn_node
+        if bn.op == "call_module" and c.spec is not None and c.spec.has_tail:
+            # Keep the call, pointed at the BN's tail (the BN module itself may serve other calls).
+            target = str(bn.target)
+            new_name = f"{target}__bnfold_tail"
+            k = 0
+            while _has_attr(gm, new_name):
+                k += 1
+                new_name = f"{target}__bnfold_tail{k}"
+            gm.add_submodule(new_name, _tail_of(gm, c))
+            bn.target = new_name
+            bn_targets.add(target)
+            continue
         bn.replace_all_uses_with(bn.args[0])  # type: ignore[arg-type]
         attr_inputs = [n for n in bn.all_input_nodes if n.op == "get_attr"]
         gm.graph.erase_node(bn)

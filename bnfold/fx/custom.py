@@ -1,0 +1,445 @@
+"""What a BatchNorm-like module computes in eval mode, and which Conv subclasses only change their input.
+
+A BN-like module is described by a :class:`BnSpec`: its eval map ``y = scale * x + shift`` per channel
+(dim 1) followed by a *tail* that reads only that output (``tail(bn(x))``; no tail: ``bn(x)``).
+Folding removes the ``bn`` part and keeps the tail as it was; freezing keeps the tail after a frozen
+affine. Rules (cited as "Rule n"):
+
+1. Plain BN (``torch.nn`` BatchNorm1d/2d/3d, SyncBatchNorm, ``bnfold.nn``'s, or a subclass that does
+   not override ``forward``): its own statistics, no tail.
+2. A class declared with :func:`register_bn_like`: the user's statement of its statistics and tail.
+3. A subclass that overrides ``forward`` (timm's ``BatchNormAct2d``: ``F.batch_norm`` with its own
+   statistics, then dropout and an activation) is traced on its own with ``torch.fx`` in eval mode.
+   Accepted only when the graph is exactly: the input goes straight into one ``F.batch_norm`` with
+   ``training=False``, constant statistics and affine parameters that are attributes of the module;
+   every node on the way from that call to the output reads only that output, other nodes or module
+   attributes other than the BN's own tensors; every other node is a side-effect-free check
+   (``_assert``, ``x.ndim``, ``x.shape``). The tail is that graph from the BN output to the output.
+   Anything else (pre-processing of the input, a residual, in-place buffer writes, a second BN call,
+   a forward that does not trace) is ``CUSTOM_BN`` with the reason.
+4. Hooks on a BN-like module: ``CUSTOM_BN`` (a fold would drop them).
+
+Input-side Conv subclasses (Rule 5): a ``ConvNd`` subclass whose ``forward`` changes only the input
+(timm's ``Conv2dSame`` pads it by an amount computed at run time) and then calls ``F.convNd`` with its
+*own current* weight and bias, returning that result untouched. Scaling output channels commutes with
+anything done to the input, so the forward fold (conv -> BN) is exact. The proof is run twice on a
+copy, at two input sizes, with fresh parameters swapped in (so a cached weight is caught) and the bias
+present: under a torch-function mode every op that reads the weight or bias is recorded; accepted when
+the only ones are metadata reads and exactly one ``conv1d/2d/3d`` reading them as weight and bias, whose
+result is what ``forward`` returns and what nothing else reads. Backward folds into such a layer stay
+refused (the padded zeros would not be shifted).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from bnfold.fold_math import F64, bn_affine
+
+__all__ = [
+    "BnSpec",
+    "describe_bn",
+    "register_bn_like",
+    "registered_bn_like",
+    "input_side_conv",
+    "first_line",
+]
+
+StatsFn = Callable[[nn.Module], tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]]
+TailFn = Callable[[nn.Module], nn.Module | None]
+
+
+@dataclass(frozen=True)
+class _Registered:
+    stats: StatsFn | None
+    tail: TailFn | None
+
+
+_REGISTRY: dict[type, _Registered] = {}
+
+
+def register_bn_like(cls: type, *, stats: StatsFn | None = None, tail: TailFn | None = None) -> None:
+    """Declare that instances of ``cls`` compute, in eval mode, ``tail(bn(x))`` (Rule 2).
+
+    After this, ``bnfold.fold`` folds the BN part of such layers into their neighbours (keeping the
+    tail) and ``bnfold.freeze`` turns them into a frozen affine followed by the tail. This is a
+    statement by the user that bnfold does not check: register only classes whose eval-mode forward
+    is exactly that.
+
+    Args:
+        cls: an ``nn.Module`` class (subclasses of it are covered too).
+        stats: ``stats(m) -> (weight, bias, running_mean, running_var, eps)`` of an instance
+            (weight/bias may be None); default: the attributes of those names.
+        tail: ``tail(m) -> nn.Module | None``, the module applied to the BN output (for example
+            ``lambda m: m.act``); default: nothing after the normalisation.
+
+    Example:
+        >>> bnfold.register_bn_like(MyBNAct, tail=lambda m: m.act)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_bn_like expects an nn.Module class, got {cls!r}")
+    _REGISTRY[cls] = _Registered(stats, tail)
+
+
+def registered_bn_like(m: nn.Module) -> bool:
+    """True when ``m``'s class (or a base) was declared with :func:`register_bn_like`."""
+    return _lookup(type(m)) is not None
+
+
+def _lookup(cls: type) -> _Registered | None:
+    for k in cls.__mro__:
+        if k in _REGISTRY:
+            return _REGISTRY[k]
+    return None
+
+
+def first_line(e: BaseException) -> str:
+    """``"Type: first line of the message"``: torch puts the cause first and advice last."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _t64(t: Tensor | None) -> F64 | None:
+    return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+
+@dataclass
+class BnSpec:
+    """What a BN-like module computes in eval mode: ``tail(scale * x + shift)``.
+
+    Attributes:
+        weight, bias, mean, var, eps: the statistics the normalisation uses (weight/bias may be None).
+        num_features: channels.
+        tail_graph: the fx graph of the tail (Rule 3; input placeholder = the BN output), or None.
+        tail_fn: the registered tail factory (Rule 2), or None.
+        kind: "plain", "registered" or "traced".
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    mean: Tensor | None
+    var: Tensor | None
+    eps: float
+    num_features: int
+    kind: str = "plain"
+    tail_graph: fx.Graph | None = None
+    tail_fn: TailFn | None = None
+    tail_names: tuple[str, ...] = field(default=())
+    frozen: tuple[Tensor, Tensor] | None = None
+
+    def affine64(self) -> tuple[F64, F64]:
+        """The eval map as float64 ``(scale, shift)``."""
+        if self.frozen is not None:
+            s, t = _t64(self.frozen[0]), _t64(self.frozen[1])
+            assert s is not None and t is not None
+            return s.reshape(-1), t.reshape(-1)
+        mean, var = _t64(self.mean), _t64(self.var)
+        assert mean is not None and var is not None
+        return bn_affine(_t64(self.weight), _t64(self.bias), mean, var, self.eps)
+
+    @property
+    def has_tail(self) -> bool:
+        return self.tail_graph is not None or self.tail_fn is not None
+
+    def make_tail(self, module: nn.Module) -> nn.Module | None:
+        """The tail as a module, built from ``module`` (the layer itself, or a copy of it)."""
+        if self.tail_fn is not None:
+            return self.tail_fn(module)
+        if self.tail_graph is None:
+            return None
+        return fx.GraphModule(module, copy.deepcopy(self.tail_graph), f"{type(module).__name__}Tail")
+
+
+def _plain_bn_forwards() -> set[Any]:
+    fwds: set[Any] = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+    try:
+        from bnfold.nn import batchnorm as bnb
+        from bnfold.nn import sync
+
+        fwds.add(bnb._BnfoldBatchNorm.forward)
+        fwds.add(sync.SyncBatchNorm.forward)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on bnfold.nn's layout
+        pass
+    return fwds
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
+
+
+_NO_STATS = "track_running_stats=False: the layer normalises with batch statistics even in eval mode"
+
+
+def describe_bn(m: nn.Module) -> BnSpec | str:
+    """The :class:`BnSpec` of a BN-like module, or why it cannot be described (a ``CUSTOM_BN`` reason).
+
+    ``"no_running_stats: ..."`` marks a BN without running statistics.
+    """
+    if _has_hooks(m):
+        return "the BatchNorm has forward hooks, which a fold would drop"
+    reg = _lookup(type(m))
+    if reg is not None:  # Rule 2
+        if reg.stats is not None:
+            w, b, mean, var, eps = reg.stats(m)
+        else:
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            mean, var, eps = getattr(m, "running_mean", None), getattr(m, "running_var", None), m.eps
+        if mean is None or var is None:
+            return "no_running_stats: " + _NO_STATS
+        return BnSpec(w, b, mean, var, float(eps), int(mean.numel()), "registered", tail_fn=reg.tail)
+    frozen = _frozen_spec(m)
+    if frozen is not None:
+        return frozen
+    if not isinstance(m, _BatchNorm):
+        return f"{type(m).__name__} is not a BatchNorm"
+    if type(m).forward in _plain_bn_forwards():  # Rule 1
+        if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+            return "no_running_stats: " + _NO_STATS
+        return BnSpec(m.weight, m.bias, m.running_mean, m.running_var, float(m.eps), int(m.num_features))
+    return _trace_subclass(m)  # Rule 3
+
+
+def _frozen_spec(m: nn.Module) -> BnSpec | str | None:
+    """A ``bnfold.nn.FrozenBatchNorm`` (its scale/shift are read directly; its tail, if any, kept)."""
+    from bnfold.nn.frozen import FrozenBatchNorm
+
+    if not isinstance(m, FrozenBatchNorm):
+        return None
+    if type(m).forward is not FrozenBatchNorm.forward:
+        return f"{type(m).__name__} overrides forward (extra behaviour kept)"
+    tail = m.tail
+    return BnSpec(
+        None, None, None, None, m.eps, m.num_features, "frozen",
+        tail_fn=None if tail is None else (lambda mod: mod.tail), frozen=(m.scale, m.shift),
+    )
+
+
+_CHECK_FUNCS: set[Any] = {torch._assert, getattr, operator.eq, operator.ne, operator.lt, operator.le,
+                          operator.gt, operator.ge, operator.not_, operator.and_, operator.or_, operator.getitem,
+                          operator.truth, len, isinstance}
+_CHECK_METHODS = {"size", "dim"}
+_BN_SLOTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_DEFAULTS: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+_TORCH_DIM_CHECKS = {
+    getattr(c, "_check_input_dim", None)
+    for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+}
+
+
+class _SubTracer(fx.Tracer):
+    """Traces a BN subclass's own forward: its children stay leaves (they end up in the tail)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace_subclass(m: nn.Module) -> BnSpec | str:
+    name = type(m).__name__
+    probe = copy.deepcopy(m)
+    probe.eval()
+    if getattr(type(m), "_check_input_dim", None) in _TORCH_DIM_CHECKS:
+        # torch's rank check only raises (on a Proxy it cannot even decide): skip it in the trace.
+        probe._check_input_dim = lambda x: None  # type: ignore[method-assign]
+    try:
+        graph = _SubTracer().trace(probe)
+    except Exception as e:  # noqa: BLE001 - a forward that does not trace is simply not proven
+        return f"{name} overrides BatchNorm.forward and its forward does not trace ({first_line(e)})"
+    nodes = list(graph.nodes)
+    phs = [n for n in nodes if n.op == "placeholder"]
+    bns = [n for n in nodes if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
+    why_prefix = f"{name} overrides BatchNorm.forward"
+    if len(phs) != 1:
+        return f"{why_prefix} with {len(phs)} inputs"
+    if len(bns) != 1 or bns[0].target is not F.batch_norm:
+        return f"{why_prefix} and does not call F.batch_norm exactly once"
+    bn = bns[0]
+    args = dict(_BN_DEFAULTS)
+    args.update(zip(_BN_SLOTS, bn.args))
+    args.update(bn.kwargs)
+    if args["input"] is not phs[0]:
+        return f"{why_prefix} and changes the input before normalising it"
+    if args["training"] is not False:
+        return f"{why_prefix} and normalises with batch statistics in eval mode"
+    if not isinstance(args["eps"], (int, float)):
+        return f"{why_prefix} with a computed eps"
+    tensors: dict[str, Tensor | None] = {}
+    own: set[str] = set()
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = args[key]
+        if v is None and key in ("weight", "bias"):
+            tensors[key] = None
+            continue
+        if not (isinstance(v, fx.Node) and v.op == "get_attr"):
+            return f"{why_prefix} and its F.batch_norm {key} is not an attribute of the layer"
+        t = _fetch(m, str(v.target))
+        if not isinstance(t, Tensor):
+            return f"{why_prefix} and its F.batch_norm {key} is not a tensor"
+        tensors[key] = t
+        own.add(str(v.target))
+    # The tail: every node between the BN call and the output.
+    out = next(n for n in nodes if n.op == "output")
+    down: set[fx.Node] = set()
+    todo = [bn]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in down:
+                down.add(u)
+                todo.append(u)
+    if out not in down and out.args[0] is not bn:
+        return f"{why_prefix} and its output is not computed from the normalised value"
+    up: set[fx.Node] = set()
+    todo = [out]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in up:
+                up.add(a)
+                todo.append(a)
+    tail = [n for n in nodes if n in down and n in up and n is not out]
+    for n in tail:
+        for a in n.all_input_nodes:
+            if a is bn or a in tail:
+                continue
+            if a.op == "get_attr" and str(a.target) not in own and str(a.target) not in (
+                "num_batches_tracked",
+            ):
+                continue
+            return f"{why_prefix} and its output reads more than the normalised value ({a.name})"
+    if not isinstance(out.args[0], fx.Node):
+        return f"{why_prefix} and returns a structure, not a tensor"
+    # Everything else must be a side-effect-free check (Rule 3).
+    keep = set(tail) | {bn, out, *phs}
+    for n in nodes:
+        if n in keep or n.op == "get_attr":
+            continue
+        if n in down:
+            return f"{why_prefix} and uses the normalised value outside its output ({n.name})"
+        if n.op == "call_function" and n.target in _CHECK_FUNCS:
+            continue
+        if n.op == "call_method" and n.target in _CHECK_METHODS:
+            continue
+        return f"{why_prefix} and does more than normalise and post-process ({n.op} {n.target})"
+    mean, var = tensors["running_mean"], tensors["running_var"]
+    assert mean is not None and var is not None
+    tail_graph: fx.Graph | None = None
+    names: tuple[str, ...] = ()
+    if tail:
+        tail_graph = fx.Graph()
+        x = tail_graph.placeholder("x")
+        env: dict[fx.Node, fx.Node] = {bn: x}
+        for n in nodes:
+            if n in tail:
+                env[n] = tail_graph.node_copy(n, lambda a: env[a] if a in env else _copy_attr(a, env, tail_graph))
+        tail_graph.output(env[out.args[0]])
+        names = tuple(str(n.target) for n in tail if n.op == "call_module")
+    return BnSpec(
+        tensors["weight"], tensors["bias"], mean, var, float(args["eps"]), int(mean.numel()), "traced",
+        tail_graph=tail_graph, tail_names=names,
+    )
+
+
+def _copy_attr(a: fx.Node, env: dict[fx.Node, fx.Node], g: fx.Graph) -> fx.Node:
+    assert a.op == "get_attr", a  # the tail check admits only get_attr from outside the tail
+    env[a] = g.get_attr(str(a.target))
+    return env[a]
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rule 5: Conv subclasses that change only their input
+
+_CONV_FUNCS = {1: {F.conv1d, torch.conv1d}, 2: {F.conv2d, torch.conv2d}, 3: {F.conv3d, torch.conv3d}}
+_META = {"shape", "size", "dim", "dtype", "device", "ndim", "numel", "is_floating_point", "requires_grad"}
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, watched: dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append((func, tuple(args), dict(kwargs), out))
+        return out
+
+
+def _func_name(func: Any) -> str:
+    return str(getattr(func, "__name__", "") or getattr(func, "name", ""))
+
+
+def input_side_conv(m: nn.Module) -> str | None:
+    """Rule 5: the kind ("Conv2d"...) of a Conv subclass that changes only its input, else None."""
+    for nd, base in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
+        if isinstance(m, base):
+            break
+    else:
+        return None
+    if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
+        return None
+    w0 = m.weight
+    if not isinstance(w0, Tensor) or not w0.is_floating_point():
+        return None
+    k = [int(s) for s in w0.shape[2:]]
+    d = [int(s) for s in (m.dilation if isinstance(m.dilation, tuple) else (m.dilation,) * nd)]
+    for extra in (0, 3):
+        probe = copy.deepcopy(m).eval()
+        w = nn.Parameter(torch.randn_like(w0))
+        b = nn.Parameter(torch.randn(w0.shape[0], dtype=w0.dtype, device=w0.device))
+        probe.weight, probe.bias = w, b
+        size = [max(8, (kk - 1) * dd + 1) + extra + i for i, (kk, dd) in enumerate(zip(k, d))]
+        x = torch.randn(1, int(m.in_channels), *size, dtype=w0.dtype, device=w0.device)
+        rec = _Recorder({id(w): "weight", id(b): "bias"})
+        try:
+            with torch.no_grad(), rec:
+                y = probe(x)
+        except Exception:  # noqa: BLE001 - a forward that fails on the probe is not proven
+            return None
+        conv_calls = []
+        for i, (func, args, kwargs, out) in enumerate(rec.calls):
+            flat = [*args, *kwargs.values()]
+            reads = [a for a in flat if a is w or a is b]
+            if not reads:
+                continue
+            if _func_name(func) in _META or (getattr(func, "__name__", "") == "__get__"):
+                continue
+            if func in _CONV_FUNCS[nd]:
+                cargs = list(args) + [kwargs.get(k2) for k2 in ("weight", "bias") if k2 in kwargs]
+                if len(cargs) >= 3 and cargs[1] is w and cargs[2] is b and all(
+                    a is not w and a is not b for a in [cargs[0], *cargs[3:]]
+                ):
+                    conv_calls.append(i)
+                    continue
+            return None
+        if len(conv_calls) != 1:
+            return None
+        idx = conv_calls[0]
+        result = rec.calls[idx][3]
+        if y is not result:
+            return None
+        for func, args, kwargs, _ in rec.calls[idx + 1:]:
+            if any(a is result for a in [*args, *kwargs.values()]) and _func_name(func) not in _META:
+                return None
+        if not isinstance(y, Tensor) or y.shape[1] != w0.shape[0]:
+            return None
+    return base.__name__
