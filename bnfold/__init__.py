@@ -42,6 +42,8 @@ _LAZY = {
     "unfreeze": "bnfold.freezing",
     "recalibrate": "bnfold.freezing",
     "freeze_with_report": "bnfold.freezing",
+    "register_bn_like": "bnfold.fx.custom",
+    "register_checkpoint_runner": "bnfold.fx.safety",
 }
 
 __all__ = [

@@ -143,7 +143,8 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
 class Candidate:
     """A BN call that can be folded, with what the rewrite needs.
 
-    ``spec`` is the BN module's eval description (None for functional BN); ``repeat`` > 1 when a
+    ``parts``: for a BN after a channel route (Rule 6), ``(layer node, first channel, end, shift?)``
+    per branch; ``layer_node`` is then the first branch. ``spec`` is the BN module's eval description (None for functional BN); ``repeat`` > 1 when a
     Flatten sits between the BN and a Linear (each channel covers ``repeat`` consecutive features).
     """
 
@@ -154,6 +155,7 @@ class Candidate:
     graph_why: str = ""
     spec: BnSpec | None = None
     repeat: int = 1
+    parts: list[tuple[fx.Node, int, int, bool]] | None = None
 
 
 _BN_FUNCS = (F.batch_norm,)
@@ -531,7 +533,7 @@ def _forward(
     src, fl, why_not = _walk_back(src, root)
     if not isinstance(src, fx.Node):
         return none, None
-    if src.op != "call_module":
+    if src.op != "call_module" and not (fl is None and _route(src) is not None):
         if src.op == "call_function" and getattr(src.target, "__name__", "") in (
             "conv1d",
             "conv2d",
@@ -542,6 +544,8 @@ def _forward(
                 shown, SkipReason.UNSUPPORTED_LAYER, "produced by a functional layer (F.conv/F.linear)"
             ), None
         return none, None
+    if fl is None and _route(src) is not None:
+        return _forward_route(node, src, root, idx, shown, nf, bn_why, q)
     target = str(src.target)
     layer = fetch_attr(root, target)
     kind, note = forward_layer_kind(layer)
@@ -607,6 +611,76 @@ def _forward(
     site = Site(shown, q(target), kind, Direction.FORWARD, detail)
     both = "; ".join(w for w in (why, bn_why) if w)
     return none, Candidate(site, node, src, bool(both), both)
+
+
+def _route(n: fx.Node) -> str | None:
+    """"cat" for ``torch.cat(list, dim=1)``, "sum" for ``a + b`` (torch.add without alpha), else None."""
+    if n.op != "call_function":
+        return None
+    if n.target is torch.cat:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        ok = isinstance(n.args[0], (list, tuple)) and dim == 1 and not (set(n.kwargs) - {"dim"})
+        return "cat" if ok else None
+    if n.target in (operator.add, torch.add) and len(n.args) == 2 and not n.kwargs:
+        return "sum" if all(isinstance(a, fx.Node) for a in n.args) else None
+    return None
+
+
+def _sum_leaves(n: fx.Node, top: bool = True) -> list[Any] | None:
+    """The branches of a tree of ``+`` whose inner sums are read only by the tree."""
+    if _route(n) != "sum" or (not top and len(value_users(n)) != 1):
+        return [n]
+    out: list[Any] = []
+    for a in n.args:
+        sub = _sum_leaves(a, False) if isinstance(a, fx.Node) else None
+        if sub is None:
+            return None
+        out.extend(sub)
+    return out
+
+
+def _forward_route(
+    node: fx.Node, src: fx.Node, root: nn.Module, idx: _Index, shown: str, nf: int | None, bn_why: str, q: Any
+) -> tuple[Skip, Candidate | None]:
+    """Rule 6: BN on ``cat`` of layer outputs (a slice per layer) or on a sum of layer outputs."""
+    how = _route(src)
+    leaves = list(src.args[0]) if how == "cat" else _sum_leaves(src)  # type: ignore[arg-type]
+    none = Skip(shown, SkipReason.NO_PRODUCER, f"its input is a {how} whose inputs are not all foldable layer outputs")
+    if not leaves or len(value_users(src)) != 1:
+        return none, None
+    parts: list[tuple[fx.Node, int, int, bool]] = []
+    lo = 0
+    names: list[str] = []
+    kinds: set[str] = set()
+    for i, leaf in enumerate(leaves):
+        if not (isinstance(leaf, fx.Node) and leaf.op == "call_module"):
+            return none, None
+        target = str(leaf.target)
+        layer = fetch_attr(root, target)
+        kind, _ = forward_layer_kind(layer)
+        if kind is None or kind == "Linear":  # Linear's channel axis is last, the route's is dim 1
+            return none, None
+        if leaves.count(leaf) > 1 or len(value_users(leaf)) != 1:
+            return Skip(shown, SkipReason.OTHER_CONSUMERS, f"the output of '{q(target)}' is also read elsewhere"), None
+        why = idx.shared_why(target)
+        if why:
+            return Skip(shown, SkipReason.SHARED_MODULE, f"{why}: a routed fold needs each branch's own layer"), None
+        ch = int(layer.out_channels)
+        if how == "cat":
+            parts.append((leaf, lo, lo + ch, True))
+            lo += ch
+        else:
+            if nf is not None and ch != nf:
+                return Skip(shown, SkipReason.LAYOUT, f"{ch} channels in '{q(target)}' for {nf} BN features"), None
+            parts.append((leaf, 0, ch, i == 0))
+        names.append(q(target))
+        kinds.add(kind)
+    if how == "cat" and nf is not None and lo != nf:
+        return Skip(shown, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features"), None
+    detail = f"{'split per concatenated input' if how == 'cat' else 'scaled per summed branch'}: {', '.join(names)}"
+    site = Site(shown, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail)
+    cand = Candidate(site, node, parts[0][0], bool(bn_why), bn_why, parts=parts)
+    return none, cand
 
 
 _UNPROVEN_RANK = (

@@ -41,7 +41,7 @@ from .match import Candidate, Tracer, fetch_attr, find_sites, is_bn_module
 from .rewrite import apply_graph_mode, apply_module_mode, plan_sites
 from .safety import unsafe_use
 
-__all__ = ["fold_module"]
+__all__ = ["fold_module", "copy_model"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,41 @@ def _bn_names(module: nn.Module) -> set[str]:
     return {n for n, m in module.named_modules() if is_bn_module(m)}
 
 
+def _cached_tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif depth < 4 and isinstance(obj, dict):
+        for v in obj.values():
+            _cached_tensors(v, out, depth + 1)
+    elif depth < 4 and isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            _cached_tensors(v, out, depth + 1)
+
+
+def copy_model(module: nn.Module, *, share_tensors: bool = False) -> nn.Module:
+    """``copy.deepcopy`` that also copes with tensors cached by a forward (non-leaf, with a grad_fn).
+
+    ``share_tensors``: parameters, buffers and cached tensors are shared, not copied (a shadow for
+    tracing, which reads them and never writes them). Cached tensors that autograd refuses to
+    deep-copy (LeViT's eval-mode attention-bias cache) are copied detached.
+    """
+    memo: dict[int, Any] = {}
+    if share_tensors:
+        for t in [*module.parameters(), *module.buffers()]:
+            memo[id(t)] = t
+    found: list[torch.Tensor] = []
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k not in ("_parameters", "_buffers", "_modules"):
+                _cached_tensors(v, found)
+    for t in found:
+        if id(t) not in memo and not t.is_leaf:
+            memo[id(t)] = t.detach() if share_tensors else t.detach().clone()
+        elif share_tensors:
+            memo[id(t)] = t
+    return copy.deepcopy(module, memo)
+
+
 def _shadow(module: nn.Module) -> nn.Module:
     """A copy of ``module`` that shares its tensors (tracing reads them, never writes them).
 
@@ -134,10 +169,7 @@ def _shadow(module: nn.Module) -> nn.Module:
     caches (LeViT's attention-bias cache) or set ``_tensor_constant`` attributes: on this copy, the
     caller's object stays as it was.
     """
-    memo: dict[int, Any] = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        memo[id(t)] = t
-    return copy.deepcopy(module, memo)
+    return copy_model(module, share_tensors=True)
 
 
 # torch.fx tracing patches module-level state (``nn.Module.__call__``, wrapped functions) while it
@@ -191,7 +223,7 @@ def fold_module(
         if eval_semantics:
             shadow.eval()
         analysis = _analyse(shadow, graph, example_inputs)
-        result = module if (inplace or dry_run) else copy.deepcopy(module)
+        result = module if (inplace or dry_run) else copy_model(module)
         flags = {id(m): m.training for m in result.modules()}
         if eval_semantics:
             result.eval()

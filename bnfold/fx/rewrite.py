@@ -118,28 +118,34 @@ def plan_sites(
     kept: list[Candidate] = []
     swapped: dict[str, Verdict] = {}
     for c in cands:
-        layer = fetch_attr(root, str(c.layer_node.target))
-        w0 = layer.weight
-        if c.layer_node in state:
-            w, b = state[c.layer_node]
-        else:
-            w, b = to_f64(w0), to_f64(layer.bias)  # type: ignore[assignment]
         scale, shift = bn_scale_shift(c.bn_node, root, c.spec)
         if c.repeat > 1:  # BN -> Flatten -> Linear: channel c covers features c*k .. c*k + k - 1
             scale, shift = np.repeat(scale, c.repeat), np.repeat(shift, c.repeat)
         fold = fold_forward if c.site.direction is Direction.FORWARD else fold_backward
-        try:
-            w_new, b_new = fold(w, b, scale, shift, _layout(layer))
-        except ValueError as e:
-            swapped[c.site.bn] = Skip(c.site.bn, SkipReason.LAYOUT, f"channels do not line up ({e})")
+        # One layer, or the branches of a channel route: a slice of the BN per concatenated input,
+        # or the whole BN per summed branch with the shift going into the first branch only.
+        parts = c.parts or [(c.layer_node, 0, scale.shape[0], True)]
+        new: dict[fx.Node, tuple[F64, F64]] = {}
+        why: Skip | None = None
+        for node, lo, hi, with_shift in parts:
+            layer = fetch_attr(root, str(node.target))
+            w0 = layer.weight
+            w, b = state[node] if node in state else (to_f64(w0), to_f64(layer.bias))
+            t = shift[lo:hi] if with_shift else np.zeros(hi - lo)
+            try:
+                w_new, b_new = fold(w, b, scale[lo:hi], t, _layout(layer))
+            except ValueError as e:
+                why = Skip(c.site.bn, SkipReason.LAYOUT, f"channels do not line up ({e})")
+                break
+            b_dt = layer.bias.dtype if layer.bias is not None else w0.dtype
+            if not (_fits(w_new, w0.dtype) and _fits(b_new, b_dt)):
+                why = Skip(c.site.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {w0.dtype}")
+                break
+            new[node] = (w_new, b_new)
+        if why is not None:
+            swapped[c.site.bn] = why
             continue
-        b_dt = layer.bias.dtype if layer.bias is not None else w0.dtype
-        if not (_fits(w_new, w0.dtype) and _fits(b_new, b_dt)):
-            swapped[c.site.bn] = Skip(
-                c.site.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {w0.dtype}"
-            )
-            continue
-        state[c.layer_node] = (w_new, b_new)
+        state.update(new)
         kept.append(c)
     return state, kept, [swapped.get(v.bn, v) for v in verdicts]
 
