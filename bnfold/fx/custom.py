@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "registered_bn_like",
     "input_side_conv",
     "first_line",
+    "ThreadSafeTracer",
 ]
 
 StatsFn = Callable[[nn.Module], tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]]
@@ -238,7 +240,33 @@ _TORCH_DIM_CHECKS = {
 }
 
 
-class _SubTracer(fx.Tracer):
+class ThreadSafeTracer(fx.Tracer):
+    """An fx tracer that lets other threads run modules normally while it traces.
+
+    fx patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process during a trace; a
+    forward running at the same time in another thread would otherwise be recorded by (or fail in)
+    this trace. Calls from any thread but the tracing one go straight to the module.
+    """
+
+    _owner: int | None = None
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._owner = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._owner:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._owner:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class _SubTracer(ThreadSafeTracer):
     """Traces a BN subclass's own forward: its children stay leaves (they end up in the tail)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -256,6 +284,13 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
         graph = _SubTracer().trace(probe)
     except Exception as e:  # noqa: BLE001 - a forward that does not trace is simply not proven
         return f"{name} overrides BatchNorm.forward and its forward does not trace ({first_line(e)})"
+    # Writes the trace does not record (fx does not proxy in-place ops on buffers read directly):
+    # the forward ran once on the probe, so any change to its tensors or attributes shows here.
+    for (k, a), (_, b) in zip(
+        [*m.named_parameters(), *m.named_buffers()], [*probe.named_parameters(), *probe.named_buffers()]
+    ):
+        if a.shape != b.shape or not torch.equal(a.detach(), b.detach()):
+            return f"{name} overrides BatchNorm.forward and its forward writes '{k}' in eval mode"
     nodes = list(graph.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
     bns = [n for n in nodes if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]

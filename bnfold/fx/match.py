@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
-from .custom import BnSpec, _has_hooks, describe_bn, input_side_conv, registered_bn_like
+from .custom import BnSpec, ThreadSafeTracer, _has_hooks, describe_bn, input_side_conv, registered_bn_like
 
 __all__ = [
     "Candidate",
@@ -122,7 +122,7 @@ def forward_layer_kind(m: nn.Module) -> tuple[str | None, str]:
     return None, ""
 
 
-class Tracer(fx.Tracer):
+class Tracer(ThreadSafeTracer):
     """FX tracer that keeps every BN and layer a leaf (bnfold.nn layers are not in ``torch.nn``)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
