@@ -222,9 +222,18 @@ def render_freeze_report(console: Console, result: dict[str, Any]) -> None:
         console.print(table)
     else:
         console.print("No BatchNorm layer found: the model is written unchanged.")
+    left = result.get("left", [])
+    if left:
+        kept = Table(title="BatchNorm layers left as they were", title_justify="left")
+        kept.add_column("module", overflow="fold")
+        kept.add_column("reason")
+        kept.add_column("detail", overflow="fold")
+        for name, reason, detail in left:
+            kept.add_row(Text(str(name)), str(reason), Text(str(detail)))
+        console.print(kept)
     learn = "learnable scale/shift" if result.get("learnable") else "fixed scale/shift buffers"
     console.print(
-        f"{len(result.get('frozen', []))} BatchNorm frozen ({learn}); "
+        f"{len(result.get('frozen', []))} BatchNorm frozen ({learn}), {len(left)} left; "
         f"{result.get('source')} ({result.get('source_format')}) -> {result.get('output')} "
         f"[{human_size(result.get('size_after'))}] in {result.get('seconds', 0.0):.2f} s"
     )

@@ -43,6 +43,7 @@ __all__ = [
     "CspNet",
     "FlattenHeadNet",
     "REALWORLD",
+    "partly_freezable",
 ]
 
 
@@ -422,3 +423,10 @@ REALWORLD: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "checkpoint_net": (CheckpointNet, (2, 3, 31, 31)),
 }
 """Reference nets: factory and an input shape each."""
+
+
+def partly_freezable() -> nn.Module:
+    """conv -> BN without running statistics (cannot be frozen) -> conv -> BN."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
