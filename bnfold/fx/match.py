@@ -263,6 +263,8 @@ def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
     """
     if not isinstance(node, fx.Node) or depth > 64:
         return None
+    if _RANK in node.meta:
+        return node.meta[_RANK]  # type: ignore[no-any-return]
     meta = node.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
         return len(meta.shape)
@@ -307,6 +309,17 @@ def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
         if node.target in _SAME_RANK_METHODS:
             return rank_of(first, root, depth + 1)
     return None
+
+
+_RANK = "bnfold_rank"
+
+
+def record_ranks(graph: fx.Graph, root: nn.Module) -> None:
+    """Rank of every node, in graph order (each from its inputs' ranks: no deep recursion)."""
+    for n in graph.nodes:
+        n.meta.pop(_RANK, None)
+    for n in graph.nodes:
+        n.meta[_RANK] = rank_of(n, root)
 
 
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
@@ -456,6 +469,7 @@ def find_sites(
         ``(verdicts, candidates)``; every Site in ``verdicts`` has one candidate.
     """
     idx = _Index(graph, root, whole if whole is not None else root)
+    record_ranks(graph, root)
     verdicts: list[Verdict] = []
     cands: list[Candidate] = []
     seen_bn: Counter[str] = Counter()

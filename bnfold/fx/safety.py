@@ -224,8 +224,8 @@ def _use(node: ast.AST, parent: ast.AST | None, glb: dict[str, Any]) -> str:
                       for k in parent.keywords)
         if kind == "call":
             return "call"
-        if kind == "children" and not flatten:
-            return "children"
+        if kind == "children":
+            return "grandchildren" if flatten else "children"
     if isinstance(parent, ast.For) and parent.iter is node and isinstance(parent.target, ast.Name):
         var = parent.target.id
         ok = True
@@ -269,6 +269,15 @@ def unsafe_use(ancestor: nn.Module, rel: str) -> str:
             except AttributeError:
                 held = None
             use = "call" if type(held) is nn.Sequential else "iter_call"
+        elif use == "grandchildren":
+            # timm's checkpoint_seq(..., flatten=True): the children of each child, in order; the
+            # same as calling a Sequential of Sequentials.
+            try:
+                held = ancestor.get_submodule(".".join(chain)) if _WILD not in chain else None
+            except AttributeError:
+                held = None
+            whole = type(held) is nn.Sequential and all(type(c) is nn.Sequential for c in held.children())
+            use = "call" if whole else "other"
         if not (_prefix(chain, r) or _prefix(r, chain)):
             continue
         if len(chain) == len(r) and _prefix(chain, r) and use == "call":
