@@ -152,7 +152,7 @@ def test_register_bn_like_folds_and_freezes_a_declared_layer() -> None:
     x = torch.randn(2, 3, 6, 6)
     before = bnfold.inspect(m)
     assert before.folded == 0  # not a BN until declared
-    bnfold.register_bn_like(BnActLike, stats=lambda l: (l.g, l.b, l.mu, l.sigma2, 1e-3), tail=lambda l: l.act)
+    bnfold.register_bn_like(BnActLike, stats=lambda m: (m.g, m.b, m.mu, m.sigma2, 1e-3), tail=lambda m: m.act)
     try:
         out, rep = fold_checked(m, x)
         assert rep.folded == 1 and isinstance(out[1], nn.ReLU6)

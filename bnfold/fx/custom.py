@@ -191,11 +191,14 @@ def describe_bn(m: nn.Module) -> BnSpec | str:
         return "the BatchNorm has forward hooks, which a fold would drop"
     reg = _lookup(type(m))
     if reg is not None:  # Rule 2
+        mean: Tensor | None
+        var: Tensor | None
         if reg.stats is not None:
             w, b, mean, var, eps = reg.stats(m)
         else:
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            mean, var, eps = getattr(m, "running_mean", None), getattr(m, "running_var", None), m.eps
+            mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            eps = float(getattr(m, "eps", 1e-5))
         if mean is None or var is None:
             return "no_running_stats: " + _NO_STATS
         return BnSpec(w, b, mean, var, float(eps), int(mean.numel()), "registered", tail_fn=reg.tail)
@@ -219,10 +222,13 @@ def _frozen_spec(m: nn.Module) -> BnSpec | str | None:
         return None
     if type(m).forward is not FrozenBatchNorm.forward:
         return f"{type(m).__name__} overrides forward (extra behaviour kept)"
-    tail = m.tail
+    def frozen_tail(mod: nn.Module) -> nn.Module | None:
+        t = getattr(mod, "tail", None)
+        return t if isinstance(t, nn.Module) else None
+
     return BnSpec(
         None, None, None, None, m.eps, m.num_features, "frozen",
-        tail_fn=None if tail is None else (lambda mod: mod.tail), frozen=(m.scale, m.shift),
+        tail_fn=None if m.tail is None else frozen_tail, frozen=(m.scale, m.shift),
     )
 
 
@@ -279,7 +285,7 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
     probe.eval()
     if getattr(type(m), "_check_input_dim", None) in _TORCH_DIM_CHECKS:
         # torch's rank check only raises (on a Proxy it cannot even decide): skip it in the trace.
-        probe._check_input_dim = lambda x: None  # type: ignore[method-assign]
+        object.__setattr__(probe, "_check_input_dim", lambda x: None)
     try:
         graph = _SubTracer().trace(probe)
     except Exception as e:  # noqa: BLE001 - a forward that does not trace is simply not proven
@@ -425,25 +431,27 @@ def _func_name(func: Any) -> str:
 
 def input_side_conv(m: nn.Module) -> str | None:
     """Rule 5: the kind ("Conv2d"...) of a Conv subclass that changes only its input, else None."""
-    for nd, base in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
-        if isinstance(m, base):
-            break
-    else:
+    bases: tuple[tuple[int, type[nn.Module]], ...] = ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d))
+    found = [(n, b) for n, b in bases if isinstance(m, b)]
+    if not found:
         return None
+    nd, base = found[0]
     if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
         return None
     w0 = m.weight
     if not isinstance(w0, Tensor) or not w0.is_floating_point():
         return None
     k = [int(s) for s in w0.shape[2:]]
-    d = [int(s) for s in (m.dilation if isinstance(m.dilation, tuple) else (m.dilation,) * nd)]
+    dil: Any = m.dilation
+    d = [int(s) for s in (dil if isinstance(dil, tuple) else (dil,) * nd)]
+    cin: Any = m.in_channels
     for extra in (0, 3):
         probe = copy.deepcopy(m).eval()
         w = nn.Parameter(torch.randn_like(w0))
         b = nn.Parameter(torch.randn(w0.shape[0], dtype=w0.dtype, device=w0.device))
         probe.weight, probe.bias = w, b
         size = [max(8, (kk - 1) * dd + 1) + extra + i for i, (kk, dd) in enumerate(zip(k, d))]
-        x = torch.randn(1, int(m.in_channels), *size, dtype=w0.dtype, device=w0.device)
+        x = torch.randn(1, int(cin), *size, dtype=w0.dtype, device=w0.device)
         rec = _Recorder({id(w): "weight", id(b): "bias"})
         try:
             with torch.no_grad(), rec:
@@ -451,7 +459,7 @@ def input_side_conv(m: nn.Module) -> str | None:
         except Exception:  # noqa: BLE001 - a forward that fails on the probe is not proven
             return None
         conv_calls = []
-        for i, (func, args, kwargs, out) in enumerate(rec.calls):
+        for i, (func, args, kwargs, _out) in enumerate(rec.calls):
             flat = [*args, *kwargs.values()]
             reads = [a for a in flat if a is w or a is b]
             if not reads:
@@ -472,7 +480,7 @@ def input_side_conv(m: nn.Module) -> str | None:
         result = rec.calls[idx][3]
         if y is not result:
             return None
-        for func, args, kwargs, _ in rec.calls[idx + 1:]:
+        for func, args, kwargs, _res in rec.calls[idx + 1:]:
             if any(a is result for a in [*args, *kwargs.values()]) and _func_name(func) not in _META:
                 return None
         if not isinstance(y, Tensor) or y.shape[1] != w0.shape[0]:

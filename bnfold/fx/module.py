@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 

@@ -130,7 +130,9 @@ def plan_sites(
         for node, lo, hi, with_shift in parts:
             layer = fetch_attr(root, str(node.target))
             w0 = layer.weight
-            w, b = state[node] if node in state else (to_f64(w0), to_f64(layer.bias))
+            w0_64 = to_f64(w0)
+            assert w0_64 is not None
+            w, b = state[node] if node in state else (w0_64, to_f64(layer.bias))
             t = shift[lo:hi] if with_shift else np.zeros(hi - lo)
             try:
                 w_new, b_new = fold(w, b, scale[lo:hi], t, _layout(layer))
