@@ -55,6 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import InputError, OptionError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
 from .fx.custom import BnSpec, describe_bn, registered_bn_like
+from .fx.module import copy_model
 from .nn.frozen import FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
 
@@ -172,7 +173,7 @@ def freeze_with_report(
                 f"{name or type(m).__name__}: uninitialised lazy module; run one forward pass first"
             )
     prefixes = (prefix,) if isinstance(prefix, str) else (None if prefix is None else tuple(prefix))
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else copy_model(model)
     types = _freezable_types()
     names = _names_by_module(root)
     report = FoldReport(backend="freeze")
@@ -349,7 +350,7 @@ def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Returns:
         The new root module.
     """
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else copy_model(model)
     names = _names_by_module(root)
     new_root = root
     for _, layer in list(root.named_modules()):

@@ -370,3 +370,22 @@ def test_fold_from_many_threads() -> None:
     assert len(results) == 24
     for y in results:
         assert_close(y, ref, torch.float32)
+
+
+class SharedNormAct(nn.Module):
+    """One BatchNormAct2d called after two convs: folding needs a GraphModule (one tail per call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.bn = rw.BatchNormAct2d(4, act=nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) * self.bn(self.b(x))
+
+
+def test_shared_norm_act_folds_in_a_graph_module() -> None:
+    out, rep = fold_checked(ready(SharedNormAct()), torch.randn(2, 3, 5, 5))
+    assert isinstance(out, torch.fx.GraphModule) and rep.folded == 2
+    assert "batch_norm" not in out.code and sum(isinstance(m, nn.SiLU) for m in out.modules()) >= 1

@@ -55,6 +55,7 @@ __all__ = [
     "input_side_conv",
     "first_line",
     "ThreadSafeTracer",
+    "TRACE_LOCK",
 ]
 
 StatsFn = Callable[[nn.Module], tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]]
@@ -246,6 +247,12 @@ _TORCH_DIM_CHECKS = {
 }
 
 
+# torch.fx tracing patches module-level state (``nn.Module.__call__``, wrapped functions) while it
+# runs and restores it afterwards: two traces in two threads would undo each other's patches.
+# Every trace bnfold runs holds this lock.
+TRACE_LOCK = threading.RLock()
+
+
 class ThreadSafeTracer(fx.Tracer):
     """An fx tracer that lets other threads run modules normally while it traces.
 
@@ -257,8 +264,9 @@ class ThreadSafeTracer(fx.Tracer):
     _owner: int | None = None
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        self._owner = threading.get_ident()
-        return super().trace(root, concrete_args)
+        with TRACE_LOCK:
+            self._owner = threading.get_ident()
+            return super().trace(root, concrete_args)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:

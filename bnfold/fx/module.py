@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import fx, nn
 from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
 from bnfold.records import FoldReport, Skip, SkipReason, Verdict
 
-from .custom import first_line
+from .custom import TRACE_LOCK, first_line
 from .match import Candidate, Tracer, fetch_attr, find_sites, is_bn_module
 from .rewrite import apply_graph_mode, apply_module_mode, plan_sites
 from .safety import unsafe_use
@@ -171,9 +170,8 @@ def _shadow(module: nn.Module) -> nn.Module:
     return copy_model(module, share_tensors=True)
 
 
-# torch.fx tracing patches module-level state (``nn.Module.__call__``, wrapped functions) while it
-# runs: two traces in two threads see each other's patches. Serialise the analysis.
-_TRACE_LOCK = threading.RLock()
+# The whole analysis (traces, shape propagation) holds the trace lock: see bnfold.fx.custom.
+_TRACE_LOCK = TRACE_LOCK
 
 
 def fold_module(
