@@ -389,3 +389,21 @@ def test_shared_norm_act_folds_in_a_graph_module() -> None:
     out, rep = fold_checked(ready(SharedNormAct()), torch.randn(2, 3, 5, 5))
     assert isinstance(out, torch.fx.GraphModule) and rep.folded == 2
     assert "batch_norm" not in out.code and sum(isinstance(m, nn.SiLU) for m in out.modules()) >= 1
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm's SyncBatchNormAct: SyncBatchNorm.forward, then dropout and activation."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def test_sync_batchnorm_act_subclass_folds() -> None:
+    m = ready(nn.Sequential(nn.Conv2d(3, 4, 3), SyncBatchNormAct(4)))
+    out, rep = fold_checked(m, torch.randn(2, 3, 6, 6))
+    assert rep.folded == 1 and isinstance(out[1].act, nn.Hardswish)

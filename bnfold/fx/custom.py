@@ -242,9 +242,10 @@ _BN_DEFAULTS: dict[str, Any] = {"weight": None, "bias": None, "training": False,
 
 
 _TORCH_DIM_CHECKS = {
-    getattr(c, "_check_input_dim", None)
+    getattr(c, k, None)
     for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-}
+    for k in ("_check_input_dim", "_check_non_zero_input_channels")
+} - {None}
 
 
 # torch.fx tracing patches module-level state (``nn.Module.__call__``, wrapped functions) while it
@@ -291,9 +292,10 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
     name = type(m).__name__
     probe = copy.deepcopy(m)
     probe.eval()
-    if getattr(type(m), "_check_input_dim", None) in _TORCH_DIM_CHECKS:
-        # torch's rank check only raises (on a Proxy it cannot even decide): skip it in the trace.
-        object.__setattr__(probe, "_check_input_dim", lambda x: None)
+    for check in ("_check_input_dim", "_check_non_zero_input_channels"):
+        if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
+            # torch's shape checks only raise (on a Proxy they cannot even decide): skip them here.
+            object.__setattr__(probe, check, lambda x: None)
     try:
         graph = _SubTracer().trace(probe)
     except Exception as e:  # noqa: BLE001 - a forward that does not trace is simply not proven
