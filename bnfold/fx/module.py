@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,21 @@ def _demote(c: Candidate) -> Skip:
     )
 
 
+def _replaced_weights(module: nn.Module, a: _Analysis) -> list[torch.Tensor]:
+    """Weights of layers the fold rewrites in place (used by that one layer only): not worth copying."""
+    owners = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+    out: list[torch.Tensor] = []
+    for c in a.cands:
+        if a.use_graph and c.site.detail.startswith("cloned:"):
+            continue  # the clone copies them; the shared module keeps the originals' values
+        for node in [p[0] for p in c.parts] if c.parts else [c.layer_node]:
+            layer = fetch_attr(module, str(node.target))
+            for prm in (layer.weight, layer.bias):
+                if isinstance(prm, torch.Tensor) and owners[id(prm)] == 1:
+                    out.append(prm)
+    return out
+
+
 def _copy_trace_constants(graph: fx.Graph, traced: nn.Module, work: nn.Module) -> None:
     """Give ``work`` (a fresh copy) the ``_tensor_constant`` attributes the trace set on ``traced``."""
     for n in graph.nodes:
@@ -136,14 +153,15 @@ def _cached_tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> None:
             _cached_tensors(v, out, depth + 1)
 
 
-def copy_model(module: nn.Module, *, share_tensors: bool = False) -> nn.Module:
+def copy_model(module: nn.Module, *, share_tensors: bool = False, keep: Sequence[torch.Tensor] = ()) -> nn.Module:
     """``copy.deepcopy`` that also copes with tensors cached by a forward (non-leaf, with a grad_fn).
 
     ``share_tensors``: parameters, buffers and cached tensors are shared, not copied (a shadow for
-    tracing, which reads them and never writes them). Cached tensors that autograd refuses to
+    tracing, which reads them and never writes them). ``keep``: tensors shared, not copied (weights
+    the fold replaces by new ones anyway). Cached tensors that autograd refuses to
     deep-copy (LeViT's eval-mode attention-bias cache) are copied detached.
     """
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {id(t): t for t in keep}  # tensors the caller replaces right after
     if share_tensors:
         for t in [*module.parameters(), *module.buffers()]:
             memo[id(t)] = t
@@ -220,7 +238,8 @@ def fold_module(
         if eval_semantics:
             shadow.eval()
         analysis = _analyse(shadow, graph, example_inputs)
-        result = module if (inplace or dry_run) else copy_model(module)
+        keep = [] if isinstance(analysis, str) else _replaced_weights(module, analysis)
+        result = module if (inplace or dry_run) else copy_model(module, keep=keep)
         flags = {id(m): m.training for m in result.modules()}
         if eval_semantics:
             result.eval()
@@ -229,6 +248,13 @@ def fold_module(
                 report, out = _fold_fallback(shadow, result, dry_run, analysis)
             else:
                 report, out = _apply(result, analysis, dry_run, shadow)
+            if keep and not (inplace or dry_run):
+                # a weight kept for a fold that was refused late (overflow) must not stay shared
+                kept = {id(t) for t in keep}
+                for m in out.modules():
+                    for pname, prm in list(m._parameters.items()):
+                        if prm is not None and id(prm) in kept:
+                            m._parameters[pname] = nn.Parameter(prm.detach().clone(), requires_grad=prm.requires_grad)
         finally:
             for m in result.modules():
                 if id(m) in flags:
