@@ -84,8 +84,8 @@ def _runner_kind(fn: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _chains(cls: type) -> tuple[tuple[tuple[str, ...], str], ...] | None:
-    """``(chain, use)`` for every maximal ``self``-rooted chain in the code ``forward`` runs; None if unsafe.
+def _chains(cls: type) -> tuple[tuple[tuple[str, ...], str], ...] | str:
+    """``(chain, use)`` for every maximal ``self``-rooted chain in the code ``forward`` runs; why not if unsafe.
 
     The code is ``forward`` and every method or property it names as ``self.name`` (called or
     handed on, e.g. to ``torch.utils.checkpoint``), transitively, looked up through the class's
@@ -103,7 +103,7 @@ def _chains(cls: type) -> tuple[tuple[tuple[str, ...], str], ...] | None:
         try:
             tree = None if trusted else ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
-            return None
+            return f"cannot be read ({klass.__name__}'s source is not available)"
         mod = sys.modules.get(klass.__module__)
         glb: dict[str, Any] = dict(vars(mod)) if mod is not None else {}
         entries = {
@@ -133,11 +133,11 @@ def _chains(cls: type) -> tuple[tuple[tuple[str, ...], str], ...] | None:
         fn = methods.get(name, "missing")
         if fn == "trusted":
             continue  # torch's own method
-        if isinstance(fn, str):
-            return None  # defined somewhere we cannot read (e.g. assigned at run time)
+        if isinstance(fn, str):  # defined somewhere we cannot read (e.g. assigned at run time)
+            return f"calls '{name}', whose code cannot be read"
         found = _scan(*fn)
-        if found is None:
-            return None
+        if isinstance(found, str):
+            return f"{found} (in {name})"
         for chain, use in found:
             if chain[0] in methods:
                 todo.append(chain[0])  # its code runs (called now, or later by whoever gets it)
@@ -187,7 +187,7 @@ def _resolve(func: ast.AST, glb: dict[str, Any]) -> Any:
 
 def _scan(
     tree: ast.FunctionDef | ast.AsyncFunctionDef, glb: dict[str, Any] | None = None, static: bool = False
-) -> list[tuple[tuple[str, ...], str]] | None:
+) -> list[tuple[tuple[str, ...], str]] | str:
     glb = glb or {}
     me = _self_name(tree, static)
     parents: dict[int, ast.AST] = {}
@@ -199,7 +199,8 @@ def _scan(
         if isinstance(node, ast.Name) and me is not None and node.id == me:
             parent = parents.get(id(node))
             if not (isinstance(parent, (ast.Attribute, ast.Subscript)) and parent.value is node):
-                return None  # self handed on as a value: whoever gets it may reach anywhere
+                # self handed on as a value: whoever gets it may reach anywhere
+                return f"hands '{me}' itself on to other code, which may reach into its parts"
         if not isinstance(node, (ast.Attribute, ast.Subscript)) or me is None:
             continue
         chain = _chain_of(node, me)
@@ -210,7 +211,7 @@ def _scan(
             if _chain_of(parent, me) is not None:
                 continue  # not maximal: the longer chain is recorded
         if chain[0] in _DYNAMIC or (len(chain) > 1 and chain[-1] in _DYNAMIC):
-            return None
+            return f"accesses its submodules dynamically ({me}.{'.'.join(chain)})"
         out.append((chain, _use(node, parent, glb)))
     return out
 
@@ -257,8 +258,8 @@ def unsafe_use(ancestor: nn.Module, rel: str) -> str:
     """
     cls = type(ancestor)
     chains = _chains(cls)  # type: ignore[arg-type]
-    if chains is None:
-        return f"the code of {cls.__name__} cannot be read or accesses its submodules dynamically"
+    if isinstance(chains, str):
+        return f"the code of {cls.__name__} {chains}"
     r = tuple(rel.split("."))
     for chain, use in chains:
         if use == "children":
