@@ -3,28 +3,43 @@
 
 Rules (cited in the code as "Rule n"):
 
-1. A BN is a call of a plain BatchNorm module (``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
-   ``bnfold.nn`` BatchNorm/SyncBatchNorm, or a subclass that does not override ``forward``), a
-   ``bnfold.nn.FrozenBatchNorm`` (its ``scale``/``shift`` are read directly), or a call of
-   ``F.batch_norm`` whose statistics and affine parameters are attributes of the model (constants)
-   and ``training=False``. Subclasses that override ``forward``, or any BN with hooks:
-   ``CUSTOM_BN``. ``track_running_stats=False`` or no running statistics: ``NO_RUNNING_STATS``.
-2. Forward fold (layer -> BN): the BN input is a call of a plain Conv1d/2d/3d, ConvTranspose1d/2d/3d
-   or Linear module (exact behaviour: ``forward`` not overridden, no hooks, not parametrized) whose
-   output has exactly this one user (``OTHER_CONSUMERS`` otherwise: a residual tap needs the
-   unscaled value).
-3. Backward fold (BN -> layer): the BN output has exactly one user, a plain Conv or Linear that reads
-   it as its input. A Conv that pads with zeros is refused (``PADDING``: the padded zeros would not be
-   shifted); ``padding_mode`` reflect/replicate/circular copies BN outputs and stays exact.
-   ConvTranspose cannot absorb an input shift (``UNSUPPORTED_LAYER``).
+1. A BN is a call of a BN-like module whose eval map :func:`bnfold.fx.custom.describe_bn` knows
+   (plain torch/bnfold BatchNorm and SyncBatchNorm, a ``bnfold.nn.FrozenBatchNorm``, a subclass whose
+   traced forward is "``F.batch_norm`` with its own statistics, then ops on that output only" -- the
+   *tail*, kept in place of the BN -- or a class declared with ``register_bn_like``), or a call of
+   ``F.batch_norm`` whose statistics and affine parameters are attributes of the model and
+   ``training=False``. Anything else, or hooks: ``CUSTOM_BN`` with the reason; no running
+   statistics: ``NO_RUNNING_STATS``. A BN with a tail never folds backward (it cannot move past
+   its activation).
+2. Forward fold (layer -> BN): the BN input is, through eval no-ops (Identity, Dropout,
+   ``dropout(training=False)``, ``contiguous``), a call of a plain Conv1d/2d/3d, ConvTranspose1d/2d/3d
+   or Linear module (``forward`` not overridden, no hooks, not parametrized), or of a Conv subclass
+   that changes only its input (timm's ``Conv2dSame``, proved by
+   :func:`bnfold.fx.custom.input_side_conv`), whose output has exactly this one value user
+   (``OTHER_CONSUMERS`` otherwise: a residual tap needs the unscaled value; reads of its shape only,
+   as ``reshape_as(x)``, do not count). A flatten on the way is allowed when it keeps the layer's
+   channel axis at dim 1: ``flatten(2)`` after a conv, ``flatten(0, -2)`` after a Linear on tokens
+   (LeViT's LinearNorm, Rule 4).
+3. Backward fold (BN -> layer): through eval no-ops and at most one ``flatten(1, -1)``, the BN output
+   has exactly one user, a plain Conv or Linear that reads it as its input; after the flatten each
+   channel covers ``in_features / C`` consecutive features. A Conv that pads with zeros is refused
+   (``PADDING``: the padded zeros would not be shifted), as is one that pads at run time;
+   ``padding_mode`` reflect/replicate/circular copies BN outputs and stays exact. ConvTranspose
+   cannot absorb an input shift (``UNSUPPORTED_LAYER``).
 4. Linear acts on the last dim and BN on dim 1: they meet only when the tensor between them is 2-D
    ``(N, C)``. The rank is read from recorded shapes (``ShapeProp`` with example inputs) or from the
-   graph (a flatten to 2-D upstream). Another rank: ``LAYOUT``. Unknown rank (an MLP whose first
-   Linear reads the model input, with no example inputs given): also ``LAYOUT`` -- a fold that is
-   exact only for some input ranks is not a fold; the detail says to pass ``example_inputs``.
+   graph (:func:`rank_of`: BatchNorm2d/3d inputs, flatten, view/reshape sizes, reductions, ...).
+   Another rank: ``LAYOUT``. Unknown rank (an MLP whose first Linear reads the model input, with no
+   example inputs given): also ``LAYOUT`` -- a fold that is exact only for some input ranks is not a
+   fold; the detail says to pass ``example_inputs``.
 5. A layer module called at several places, read as an attribute in ``forward``, or registered
    under several names, is folded per call site on a clone (``needs_graph``: only a GraphModule
    can call a clone); the same holds for a BN module called at several places and for functional BN.
+6. Channel routes: a BN on ``torch.cat([...], dim=1)`` of layer outputs is split per slice, each
+   slice folded into its producer; a BN on a sum of layer outputs scales every branch and puts the
+   shift into the first branch's bias. Every branch must be a Conv-kind layer (not Linear: its
+   channel axis is last) whose output is read nowhere else, called once (``OTHER_CONSUMERS`` /
+   ``SHARED_MODULE`` otherwise); any other input (an identity branch) leaves the BN.
 """
 
 from __future__ import annotations
