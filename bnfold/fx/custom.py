@@ -288,7 +288,52 @@ class _SubTracer(ThreadSafeTracer):
         return True
 
 
+@dataclass(frozen=True)
+class _Traced:
+    """What a subclass trace proved, independent of the instance's tensors."""
+
+    slots: tuple[str | None, str | None, str, str]  # attribute names of weight, bias, mean, var
+    eps: float
+    tail_graph: fx.Graph | None
+    tail_names: tuple[str, ...]
+
+
+_TRACED: dict[Any, _Traced | str] = {}
+
+
+def _signature(m: nn.Module) -> Any:
+    """What a subclass's traced graph can depend on: its class, its plain attributes, its children."""
+    plain = tuple(
+        sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None))))
+    )
+    kids = tuple((n, type(c)) for n, c in m.named_children())
+    tensors = tuple((k, t is None) for k, t in [*m._parameters.items(), *m._buffers.items()])
+    return (type(m), plain, kids, tensors)
+
+
 def _trace_subclass(m: nn.Module) -> BnSpec | str:
+    """Rule 3, cached per class and configuration (a model holds many identical BN layers)."""
+    try:
+        key = _signature(m)
+        hash(key)
+    except TypeError:
+        key = None
+    got = _TRACED.get(key) if key is not None else None
+    if got is None:
+        got = _trace_subclass_uncached(m)
+        if key is not None:
+            _TRACED[key] = got
+    if isinstance(got, str):
+        return got
+    w, b, mean, var = (None if n is None else _fetch(m, n) for n in got.slots)
+    if not (isinstance(mean, Tensor) and isinstance(var, Tensor)):
+        return "no_running_stats: " + _NO_STATS
+    return BnSpec(
+        w, b, mean, var, got.eps, int(mean.numel()), "traced", tail_graph=got.tail_graph, tail_names=got.tail_names
+    )
+
+
+def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
     name = type(m).__name__
     probe = copy.deepcopy(m)
     probe.eval()
@@ -326,11 +371,13 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
     if not isinstance(args["eps"], (int, float)):
         return f"{why_prefix} with a computed eps"
     tensors: dict[str, Tensor | None] = {}
+    targets: dict[str, str | None] = {}
     own: set[str] = set()
     for key in ("running_mean", "running_var", "weight", "bias"):
         v = args[key]
         if v is None and key in ("weight", "bias"):
             tensors[key] = None
+            targets[key] = None
             continue
         if not (isinstance(v, fx.Node) and v.op == "get_attr"):
             return f"{why_prefix} and its F.batch_norm {key} is not an attribute of the layer"
@@ -338,6 +385,7 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
         if not isinstance(t, Tensor):
             return f"{why_prefix} and its F.batch_norm {key} is not a tensor"
         tensors[key] = t
+        targets[key] = str(v.target)
         own.add(str(v.target))
     # The tail: every node between the BN call and the output.
     out = next(n for n in nodes if n.op == "output")
@@ -383,8 +431,6 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
         if n.op == "call_method" and n.target in _CHECK_METHODS:
             continue
         return f"{why_prefix} and does more than normalise and post-process ({n.op} {n.target})"
-    mean, var = tensors["running_mean"], tensors["running_var"]
-    assert mean is not None and var is not None
     tail_graph: fx.Graph | None = None
     names: tuple[str, ...] = ()
     if tail:
@@ -396,10 +442,9 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
                 env[n] = tail_graph.node_copy(n, lambda a: env[a] if a in env else _copy_attr(a, env, tail_graph))
         tail_graph.output(env[out.args[0]])
         names = tuple(str(n.target) for n in tail if n.op == "call_module")
-    return BnSpec(
-        tensors["weight"], tensors["bias"], mean, var, float(args["eps"]), int(mean.numel()), "traced",
-        tail_graph=tail_graph, tail_names=names,
-    )
+    mean_t, var_t = targets["running_mean"], targets["running_var"]
+    assert mean_t is not None and var_t is not None
+    return _Traced((targets["weight"], targets["bias"], mean_t, var_t), float(args["eps"]), tail_graph, names)
 
 
 def _copy_attr(a: fx.Node, env: dict[fx.Node, fx.Node], g: fx.Graph) -> fx.Node:
