@@ -351,8 +351,8 @@ def test_fold_from_many_threads() -> None:
 
     def work(m: nn.Module) -> None:
         try:
-            for _ in range(3):
-                out = bnfold.fold(m)
+            for i in range(3):
+                out = bnfold.fold(m) if i != 1 else bnfold.freeze(m)  # freeze traces BN subclasses too
                 with torch.no_grad():
                     y = out(x)
                 with lock:
@@ -407,3 +407,18 @@ def test_sync_batchnorm_act_subclass_folds() -> None:
     m = ready(nn.Sequential(nn.Conv2d(3, 4, 3), SyncBatchNormAct(4)))
     out, rep = fold_checked(m, torch.randn(2, 3, 6, 6))
     assert rep.folded == 1 and isinstance(out[1].act, nn.Hardswish)
+
+
+class ClampedWeightConv(nn.Conv2d):
+    """Edits its weight through ``.data`` before the conv: not input-side only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.weight.data.clamp_(-0.1, 0.1)
+        return F.conv2d(x, self.weight, self.bias)
+
+
+def test_conv_subclass_that_edits_its_weight_is_refused() -> None:
+    m = ready(nn.Sequential(ClampedWeightConv(3, 4, 3), nn.BatchNorm2d(4)))
+    m(torch.randn(1, 3, 5, 5))  # the clamp has happened once; it happens on every call
+    _, rep = fold_checked(m, torch.randn(2, 3, 7, 7))
+    assert rep.verdicts[0].reason is SkipReason.UNSUPPORTED_LAYER

@@ -481,7 +481,11 @@ class _Recorder(TorchFunctionMode):
 
 
 def _func_name(func: Any) -> str:
-    return str(getattr(func, "__name__", "") or getattr(func, "name", ""))
+    """``"size"`` for ``Tensor.size``; ``"shape"`` for the ``Tensor.shape`` property's getter."""
+    name = str(getattr(func, "__name__", "") or getattr(func, "name", ""))
+    if name == "__get__":  # a property read: named by its descriptor (``.data`` is no metadata)
+        return str(getattr(getattr(func, "__self__", None), "__name__", "__get__"))
+    return name
 
 
 def input_side_conv(m: nn.Module) -> str | None:
@@ -519,7 +523,7 @@ def input_side_conv(m: nn.Module) -> str | None:
             reads = [a for a in flat if a is w or a is b]
             if not reads:
                 continue
-            if _func_name(func) in _META or (getattr(func, "__name__", "") == "__get__"):
+            if _func_name(func) in _META:
                 continue
             if func in _CONV_FUNCS[nd]:
                 cargs = list(args) + [kwargs.get(k2) for k2 in ("weight", "bias") if k2 in kwargs]
