@@ -422,3 +422,39 @@ def test_conv_subclass_that_edits_its_weight_is_refused() -> None:
     m(torch.randn(1, 3, 5, 5))  # the clamp has happened once; it happens on every call
     _, rep = fold_checked(m, torch.randn(2, 3, 7, 7))
     assert rep.verdicts[0].reason is SkipReason.UNSUPPORTED_LAYER
+
+
+class UntraceableStem(nn.Module):
+    """BN children called directly by an untraceable forward: ``bn(conv(x))`` and ``x = bn(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.bn1 = rw.BatchNormAct2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.conv4 = nn.Conv2d(4, 4, 1)
+        self.bn4 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # not traceable
+            x = x * 2
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.bn2(self.conv2(x))
+        y = self.conv3(x)
+        x = self.bn3(y) + y  # the conv output is read twice: not a pair
+        x = self.conv4(x)
+        z = x
+        x = self.bn4(x)  # an alias of the conv output survives: not a pair
+        return x + z
+
+
+def test_untraceable_parent_folds_the_pairs_it_provably_runs() -> None:
+    out, rep = fold_checked(ready(UntraceableStem()), torch.rand(2, 3, 6, 6))
+    reasons = {v.bn: (v.reason if isinstance(v, Skip) else "folded") for v in rep.verdicts}
+    assert reasons == {
+        "bn1": "folded", "bn2": "folded", "bn3": SkipReason.NOT_TRACEABLE, "bn4": SkipReason.NOT_TRACEABLE
+    }

@@ -22,8 +22,10 @@ Rules:
 3. The model does not trace (Python control flow on tensor values, as in detection heads): each
    submodule is traced on its own, top down; folds inside a submodule that traces are applied in
    module mode (BN -> Identity), but only when the code of every untraceable ancestor calls that
-   submodule whole and never reaches into it (:mod:`bnfold.fx.safety` reads that code). BNs in no
-   traceable submodule, or in one an ancestor reaches into: ``NOT_TRACEABLE`` with the reason.
+   submodule whole and never reaches into it (:mod:`bnfold.fx.safety` reads that code). A BN child
+   called by an untraceable forward itself folds when that code provably runs it only as
+   ``bn(layer(...))`` (:func:`bnfold.fx.safety.direct_pairs`). BNs in no traceable submodule, or in one
+   an ancestor reaches into: ``NOT_TRACEABLE`` with the reason.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from bnfold.records import FoldReport, Skip, SkipReason, Verdict
 from .custom import TRACE_LOCK, first_line
 from .match import Candidate, Tracer, fetch_attr, find_sites, is_bn_module
 from .rewrite import apply_graph_mode, apply_module_mode, plan_sites
-from .safety import unsafe_use
+from .safety import direct_pairs, unsafe_use
 
 __all__ = ["fold_module", "copy_model"]
 
@@ -350,6 +352,37 @@ def _ancestors_reach_in(work: nn.Module, name: str) -> str:
     return ""
 
 
+def _fold_direct_pairs(work: nn.Module, result: nn.Module, dry_run: bool, done: set[str]) -> list[Verdict]:
+    """Rule 3, BN children of an untraceable module: ``bn(layer(...))`` pairs its code provably runs
+    (:func:`bnfold.fx.safety.direct_pairs`), decided on a two-node graph like any traced pair."""
+    verdicts: list[Verdict] = []
+    for path, u in work.named_modules():
+        if is_bn_module(u) or not any(is_bn_module(c) for c in u.children()):
+            continue
+        for layer, bn in direct_pairs(u):
+            q = f"{path}.{bn}" if path else bn
+            if q in done or not is_bn_module(getattr(u, bn, nn.Identity())):
+                continue
+            if _ancestors_reach_in(work, q) or _ancestors_reach_in(work, f"{path}.{layer}" if path else layer):
+                continue
+            g = fx.Graph()
+            x = g.placeholder("x")
+            g.output(g.call_module(bn, (g.call_module(layer, (x,)),)))
+            vs, cands = find_sites(g, u, whole=work, prefix=path)
+            cands = [c for c in cands if not c.needs_graph]
+            vs = [v if any(c.site.bn == v.bn for c in cands) or isinstance(v, Skip) else _demote_site(v) for v in vs]
+            state, kept, vs = plan_sites(u, cands, vs)
+            if not dry_run:
+                apply_module_mode(result.get_submodule(path) if path else result, state, kept)
+            verdicts.extend(vs)
+            done.update(v.bn for v in vs)
+    return verdicts
+
+
+def _demote_site(v: Verdict) -> Skip:
+    return Skip(v.bn, SkipReason.SHARED_MODULE, "the layer or BN is shared: folding would change its other uses")
+
+
 def _fold_fallback(
     work: nn.Module, result: nn.Module, dry_run: bool, err: str
 ) -> tuple[FoldReport, nn.Module]:
@@ -385,6 +418,7 @@ def _fold_fallback(
             apply_module_mode(result.get_submodule(name), state, kept)
         verdicts.extend(vs)
         done.update(v.bn.split("#")[0] for v in vs)
+    verdicts.extend(_fold_direct_pairs(work, result, dry_run, done))
     for n in sorted(_bn_names(work)):
         if n not in done:
             verdicts.append(

@@ -35,12 +35,13 @@ import functools
 import inspect
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["unsafe_use", "register_checkpoint_runner"]
+__all__ = ["unsafe_use", "register_checkpoint_runner", "direct_pairs"]
 
 _DYNAMIC = frozenset(
     {"_modules", "__dict__", "children", "named_children", "modules", "named_modules", "get_submodule",
@@ -288,3 +289,81 @@ def unsafe_use(ancestor: nn.Module, rel: str) -> str:
         shown = "self." + ".".join(chain)
         return f"{cls.__name__}'s code uses {shown!s} otherwise than calling '{rel}' whole"
     return ""
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_def(cls: type) -> tuple[ast.FunctionDef, str] | None:
+    """The AST of the ``forward`` Python runs for ``cls`` and its self name (None if torch's/unreadable)."""
+    for klass in cls.__mro__:
+        if "forward" not in vars(klass):
+            continue
+        if klass.__module__.startswith("torch."):
+            return None
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "forward":
+                me = _self_name(node, False)
+                return (node, me) if me else None
+        return None
+    return None
+
+
+def _called_attr(node: ast.AST, me: str) -> str | None:
+    """``"a"`` for a call ``self.a(...)``."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        chain = _chain_of(node.func, me)
+        if chain is not None and len(chain) == 1:
+            return chain[0]
+    return None
+
+
+def direct_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """``(layer, bn)`` child pairs an untraceable ``forward`` provably runs as ``bn(layer(...))`` only.
+
+    Two shapes, each child named exactly once in all the code ``forward`` runs (and nowhere else):
+    ``self.bn(self.layer(...))``, or the consecutive statements ``v = self.layer(...)`` and
+    ``v = self.bn(v)`` (the layer's output is bound to ``v`` alone and ``v`` is rebound at once, so
+    nothing else can read it). Then the layer's output feeds only that BN: folding them in module
+    mode is exact, whatever else the forward does.
+    """
+    found = _forward_def(type(module))  # type: ignore[arg-type]
+    chains = _chains(type(module))  # type: ignore[arg-type]
+    if found is None or isinstance(chains, str):
+        return []
+    fn, me = found
+    uses = Counter(c[0] for c, _ in chains if c)
+    exact = Counter(c for c, u in chains if len(c) == 1 and u == "call")
+    pairs: list[tuple[str, str]] = []
+    for node in ast.walk(fn):
+        bn = _called_attr(node, me)
+        if bn is not None and isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords:
+            layer = _called_attr(node.args[0], me)
+            if layer is not None:
+                pairs.append((layer, bn))
+        for field in ("body", "orelse", "finalbody"):
+            stmts = getattr(node, field, None)
+            if not isinstance(stmts, list):
+                continue
+            for s1, s2 in zip(stmts, stmts[1:]):
+                if not (isinstance(s1, ast.Assign) and isinstance(s2, ast.Assign)):
+                    continue
+                if len(s1.targets) != 1 or len(s2.targets) != 1:
+                    continue
+                t1, t2 = s1.targets[0], s2.targets[0]
+                if not (isinstance(t1, ast.Name) and isinstance(t2, ast.Name) and t1.id == t2.id):
+                    continue
+                layer, bn = _called_attr(s1.value, me), _called_attr(s2.value, me)
+                call = s2.value
+                if layer is None or bn is None or not isinstance(call, ast.Call):
+                    continue
+                if len(call.args) == 1 and not call.keywords and isinstance(call.args[0], ast.Name) and (
+                    call.args[0].id == t1.id
+                ):
+                    pairs.append((layer, bn))
+    return [
+        (a, b) for a, b in pairs
+        if a != b and uses[a] == 1 and uses[b] == 1 and exact[(a,)] == 1 and exact[(b,)] == 1
+    ]
