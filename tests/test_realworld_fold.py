@@ -458,3 +458,23 @@ def test_untraceable_parent_folds_the_pairs_it_provably_runs() -> None:
     assert reasons == {
         "bn1": "folded", "bn2": "folded", "bn3": SkipReason.NOT_TRACEABLE, "bn4": SkipReason.NOT_TRACEABLE
     }
+
+
+class CheckpointWhole(nn.Module):
+    """Hands its block whole to torch.utils.checkpoint: the block is called whole, so it folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        return self.block(x)
+
+
+def test_checkpointed_block_handed_whole_folds() -> None:
+    import torch.utils.checkpoint  # noqa: F401 - used by the model
+
+    _, rep = fold_checked(ready(CheckpointWhole()), torch.rand(2, 3, 6, 6))
+    assert rep.folded == 1
