@@ -19,7 +19,7 @@ affine. Rules (cited as "Rule n"):
    a forward that does not trace) is ``CUSTOM_BN`` with the reason.
 4. Hooks on a BN-like module: ``CUSTOM_BN`` (a fold would drop them).
 
-Input-side Conv subclasses (Rule 5): a ``ConvNd`` subclass whose ``forward`` changes only the input
+Input-side Conv subclasses (Rule 5, in :mod:`bnfold.fx.convs`): a ``ConvNd`` subclass whose ``forward`` changes only the input
 (timm's ``Conv2dSame`` pads it by an amount computed at run time) and then calls ``F.convNd`` with its
 *own current* weight and bias, returning that result untouched. Scaling output channels commutes with
 anything done to the input, so the forward fold (conv -> BN) is exact. The proof is run twice on a
@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.overrides import TorchFunctionMode
 
 from bnfold.fold_math import F64, bn_affine
 
@@ -52,7 +51,6 @@ __all__ = [
     "describe_bn",
     "register_bn_like",
     "registered_bn_like",
-    "input_side_conv",
     "first_line",
     "ThreadSafeTracer",
     "TRACE_LOCK",
@@ -458,90 +456,3 @@ def _fetch(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-# ---------------------------------------------------------------------------------------------------
-# Rule 5: Conv subclasses that change only their input
-
-_CONV_FUNCS = {1: {F.conv1d, torch.conv1d}, 2: {F.conv2d, torch.conv2d}, 3: {F.conv3d, torch.conv3d}}
-_META = {"shape", "size", "dim", "dtype", "device", "ndim", "numel", "is_floating_point", "requires_grad"}
-
-
-class _Recorder(TorchFunctionMode):
-    def __init__(self, watched: dict[int, str]) -> None:
-        super().__init__()
-        self.watched = watched
-        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.calls.append((func, tuple(args), dict(kwargs), out))
-        return out
-
-
-def _func_name(func: Any) -> str:
-    """``"size"`` for ``Tensor.size``; ``"shape"`` for the ``Tensor.shape`` property's getter."""
-    name = str(getattr(func, "__name__", "") or getattr(func, "name", ""))
-    if name == "__get__":  # a property read: named by its descriptor (``.data`` is no metadata)
-        return str(getattr(getattr(func, "__self__", None), "__name__", "__get__"))
-    return name
-
-
-def input_side_conv(m: nn.Module) -> str | None:
-    """Rule 5: the kind ("Conv2d"...) of a Conv subclass that changes only its input, else None."""
-    bases: tuple[tuple[int, type[nn.Module]], ...] = ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d))
-    found = [(n, b) for n, b in bases if isinstance(m, b)]
-    if not found:
-        return None
-    nd, base = found[0]
-    if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
-        return None
-    w0 = m.weight
-    if not isinstance(w0, Tensor) or not w0.is_floating_point():
-        return None
-    k = [int(s) for s in w0.shape[2:]]
-    dil: Any = m.dilation
-    d = [int(s) for s in (dil if isinstance(dil, tuple) else (dil,) * nd)]
-    cin: Any = m.in_channels
-    for extra in (0, 3):
-        probe = copy.deepcopy(m).eval()
-        w = nn.Parameter(torch.randn_like(w0))
-        b = nn.Parameter(torch.randn(w0.shape[0], dtype=w0.dtype, device=w0.device))
-        probe.weight, probe.bias = w, b
-        size = [max(8, (kk - 1) * dd + 1) + extra + i for i, (kk, dd) in enumerate(zip(k, d))]
-        x = torch.randn(1, int(cin), *size, dtype=w0.dtype, device=w0.device)
-        rec = _Recorder({id(w): "weight", id(b): "bias"})
-        try:
-            with torch.no_grad(), rec:
-                y = probe(x)
-        except Exception:  # noqa: BLE001 - a forward that fails on the probe is not proven
-            return None
-        conv_calls = []
-        for i, (func, args, kwargs, _out) in enumerate(rec.calls):
-            flat = [*args, *kwargs.values()]
-            reads = [a for a in flat if a is w or a is b]
-            if not reads:
-                continue
-            if _func_name(func) in _META:
-                continue
-            if func in _CONV_FUNCS[nd]:
-                cargs = list(args) + [kwargs.get(k2) for k2 in ("weight", "bias") if k2 in kwargs]
-                if len(cargs) >= 3 and cargs[1] is w and cargs[2] is b and all(
-                    a is not w and a is not b for a in [cargs[0], *cargs[3:]]
-                ):
-                    conv_calls.append(i)
-                    continue
-            return None
-        if len(conv_calls) != 1:
-            return None
-        idx = conv_calls[0]
-        result = rec.calls[idx][3]
-        if y is not result:
-            return None
-        for func, args, kwargs, _res in rec.calls[idx + 1:]:
-            if any(a is result for a in [*args, *kwargs.values()]) and _func_name(func) not in _META:
-                return None
-        if not isinstance(y, Tensor) or y.shape[1] != w0.shape[0]:
-            return None
-    return base.__name__

@@ -15,7 +15,7 @@ Rules (cited in the code as "Rule n"):
    ``dropout(training=False)``, ``contiguous``), a call of a plain Conv1d/2d/3d, ConvTranspose1d/2d/3d
    or Linear module (``forward`` not overridden, no hooks, not parametrized), or of a Conv subclass
    that changes only its input (timm's ``Conv2dSame``, proved by
-   :func:`bnfold.fx.custom.input_side_conv`), whose output has exactly this one value user
+   :func:`bnfold.fx.convs.input_side_conv`), whose output has exactly this one value user
    (``OTHER_CONSUMERS`` otherwise: a residual tap needs the unscaled value; reads of its shape only,
    as ``reshape_as(x)``, do not count). A flatten on the way is allowed when it keeps the layer's
    channel axis at dim 1: ``flatten(2)`` after a conv, ``flatten(0, -2)`` after a Linear on tokens
@@ -52,11 +52,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
-from .custom import BnSpec, ThreadSafeTracer, _has_hooks, describe_bn, input_side_conv, registered_bn_like
+from .convs import input_side_conv
+from .custom import BnSpec, describe_bn
+from .layers import (
+    CONV_TYPES,
+    CONVT_TYPES,
+    LAYER_TYPES,
+    Tracer,
+    bn_module_skip,
+    fetch_attr,
+    forward_layer_kind,
+    is_bn_module,
+    is_frozen_bn,
+    layer_kind,
+    spec_skip,
+)
+from .shapes import flatten_dims, flatten_to_2d, is_noop, rank_of, record_ranks, value_users
 
 __all__ = [
     "Candidate",
@@ -70,88 +84,6 @@ __all__ = [
     "CONV_TYPES",
     "CONVT_TYPES",
 ]
-
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONVT_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, *CONVT_TYPES, nn.Linear)
-
-
-def _frozen_types() -> tuple[type[nn.Module], ...]:
-    try:
-        from bnfold.nn.frozen import FrozenBatchNorm
-    except ImportError:  # pragma: no cover - bnfold.nn is part of the package
-        return ()
-    return (FrozenBatchNorm,)
-
-
-def is_frozen_bn(m: nn.Module) -> bool:
-    """True for a ``bnfold.nn.FrozenBatchNorm`` (any rank)."""
-    return isinstance(m, _frozen_types())
-
-
-def is_bn_module(m: nn.Module) -> bool:
-    """True for every BatchNorm-like module bnfold gives a verdict to (plain, custom, frozen, registered)."""
-    return isinstance(m, _BatchNorm) or is_frozen_bn(m) or registered_bn_like(m)
-
-
-def bn_module_skip(m: nn.Module) -> tuple[SkipReason, str] | None:
-    """Rule 1 for a BN module: why it can never be folded, or None when its eval map is known."""
-    spec = describe_bn(m)
-    return _spec_skip(spec)
-
-
-def _spec_skip(spec: BnSpec | str) -> tuple[SkipReason, str] | None:
-    if isinstance(spec, BnSpec):
-        return None
-    if spec.startswith("no_running_stats: "):
-        return SkipReason.NO_RUNNING_STATS, spec.removeprefix("no_running_stats: ")
-    return SkipReason.CUSTOM_BN, spec
-
-
-def layer_kind(m: nn.Module) -> str | None:
-    """The kind name of a layer that can absorb a BN exactly ("Conv2d", "Linear", ...), else None."""
-    for base in LAYER_TYPES:
-        if isinstance(m, base):
-            t = type(m)
-            if t.forward is not base.forward:
-                return None
-            if hasattr(base, "_conv_forward") and getattr(t, "_conv_forward", None) is not base._conv_forward:
-                return None
-            if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
-                return None
-            if not isinstance(m.weight, torch.Tensor) or not m.weight.is_floating_point():
-                return None
-            return base.__name__
-    return None
-
-
-def forward_layer_kind(m: nn.Module) -> tuple[str | None, str]:
-    """``(kind, note)`` of a layer that can absorb a BN *after* it: a plain layer, or a Conv subclass
-    that changes only its input (:func:`bnfold.fx.custom.input_side_conv`, note says so)."""
-    kind = layer_kind(m)
-    if kind is not None:
-        return kind, ""
-    kind = input_side_conv(m)
-    if kind is not None:
-        return kind, f"{type(m).__name__} changes only its input (output channels scale exactly)"
-    return None, ""
-
-
-class Tracer(ThreadSafeTracer):
-    """FX tracer that keeps every BN and layer a leaf (bnfold.nn layers are not in ``torch.nn``)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_bn_module(m) or isinstance(m, LAYER_TYPES):
-            return True
-        return bool(super().is_leaf_module(m, module_qualified_name))
-
-
-def fetch_attr(root: nn.Module, target: str) -> Any:
-    """``root.a.b.c`` for target ``"a.b.c"``."""
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @dataclass
@@ -192,181 +124,6 @@ def functional_bn_args(node: fx.Node) -> dict[str, Any]:
     out.update(node.kwargs)
     return out
 
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.ELU,
-    nn.Mish,
-    nn.Dropout,
-    nn.Identity,
-)
-_ELEMENTWISE_FUNCS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.dropout}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "float", "half", "to"}
-
-
-def _flatten_to_2d(start: Any, end: Any) -> bool:
-    return bool(start == 1 and end == -1)
-
-
-def _flatten_rank(r: int | None, start: Any, end: Any) -> int | None:
-    """Rank after ``flatten(start, end)`` of a rank-``r`` tensor (None when not proven)."""
-    if _flatten_to_2d(start, end):
-        return 2
-    if r is None or not isinstance(start, int) or not isinstance(end, int):
-        return None
-    s, e = start % r if r else 0, end % r if r else 0
-    return r - (e - s) if e >= s else None
-
-
-def flatten_dims(node: fx.Node, root: nn.Module) -> tuple[Any, Any] | None:
-    """``(start_dim, end_dim)`` when ``node`` is a flatten (module, function or method), else None."""
-    if node.op == "call_module":
-        m = fetch_attr(root, str(node.target))
-        if type(m) is nn.Flatten:
-            return m.start_dim, m.end_dim
-        return None
-    if (node.op == "call_function" and node.target is torch.flatten) or (
-        node.op == "call_method" and node.target == "flatten"
-    ):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start, end
-    return None
-
-
-_ARITH = {operator.add, operator.mul, operator.sub, operator.truediv, operator.matmul, torch.add, torch.mul,
-          torch.sub, torch.matmul}
-_REDUCE = {"mean", "sum", "amax", "amin"}
-
-
-def _reduced_rank(node: fx.Node, r: int | None) -> int | None:
-    """Rank after ``x.mean(dim)`` (and sum/amax/amin) without keepdim."""
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if r is None or dim is None or node.kwargs.get("keepdim", False) or len(node.args) > 2:
-        return None
-    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    return r - len({d % r for d in dims})
-
-
-def _indexed_rank(node: fx.Node, r: int | None) -> int | None:
-    """Rank after ``x[idx]`` with ints and plain slices only."""
-    idx = node.args[1]
-    items = idx if isinstance(idx, tuple) else (idx,)
-    if r is None or not all(isinstance(i, (int, slice)) for i in items) or len(items) > r:
-        return None
-    return r - sum(isinstance(i, int) for i in items)
-_SAME_RANK_METHODS = {"transpose", "contiguous", "relu", "sigmoid", "tanh", "float", "half", "to", "mul",
-                      "add", "sub", "div", "clone"}
-
-
-def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
-    """The tensor rank of ``node``'s value when the graph proves it (Rule 4), else None.
-
-    Facts used: recorded shapes; ``BatchNorm2d``/``3d`` refuse any input but 4-D/5-D; flatten,
-    view/reshape with explicit sizes, permute; layers, activations, transpose keep their input's
-    rank; broadcasting arithmetic gives the largest rank of its tensor operands.
-    """
-    if not isinstance(node, fx.Node) or depth > 64:
-        return None
-    if _RANK in node.meta:
-        return node.meta[_RANK]  # type: ignore[no-any-return]
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return len(meta.shape)
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.dim()
-    first = node.args[0] if node.args else None
-    fl = flatten_dims(node, root)
-    if fl is not None:
-        return _flatten_rank(rank_of(first, root, depth + 1), *fl)
-    if node.op == "call_module":
-        m = fetch_attr(root, str(node.target))
-        if type(m) is nn.BatchNorm2d:
-            return 4  # BatchNorm2d._check_input_dim raises on anything else
-        if type(m) is nn.BatchNorm3d:
-            return 5
-        if isinstance(m, (*LAYER_TYPES, *_ELEMENTWISE_MODULES, nn.BatchNorm1d)) or is_bn_module(m):
-            return rank_of(first, root, depth + 1)
-        return None
-    if node.op == "call_function":
-        if node.target in _ELEMENTWISE_FUNCS or node.target is torch.transpose:
-            return rank_of(first, root, depth + 1)
-        if node.target is operator.getitem and isinstance(first, fx.Node):
-            return _indexed_rank(node, rank_of(first, root, depth + 1))
-        if node.target in (torch.mean, torch.sum, torch.amax, torch.amin):
-            return _reduced_rank(node, rank_of(first, root, depth + 1))
-        if node.target in _ARITH:
-            ranks = [rank_of(a, root, depth + 1) for a in node.args if isinstance(a, fx.Node)]
-            if ranks and all(r is not None for r in ranks):
-                return max(r for r in ranks if r is not None)
-        return None
-    if node.op == "call_method":
-        if node.target in ("view", "reshape", "permute"):
-            sizes = node.args[1:]
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = tuple(sizes[0])
-            return len(sizes) if sizes else None
-        if node.target in ("reshape_as", "view_as") and len(node.args) > 1:
-            return rank_of(node.args[1], root, depth + 1)
-        if node.target in _REDUCE:
-            return _reduced_rank(node, rank_of(first, root, depth + 1))
-        if node.target in _SAME_RANK_METHODS:
-            return rank_of(first, root, depth + 1)
-    return None
-
-
-_RANK = "bnfold_rank"
-
-
-def record_ranks(graph: fx.Graph, root: nn.Module) -> None:
-    """Rank of every node, in graph order (each from its inputs' ranks: no deep recursion)."""
-    for n in graph.nodes:
-        n.meta.pop(_RANK, None)
-    for n in graph.nodes:
-        n.meta[_RANK] = rank_of(n, root)
-
-
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
-
-
-def _shape_only(user: fx.Node, n: fx.Node) -> bool:
-    """True when ``user`` reads only the shape of ``n`` (folding changes values, not shapes)."""
-    if user.op == "call_method" and user.target in ("size", "dim") and user.args[:1] == (n,):
-        return n not in user.args[1:] and n not in user.kwargs.values()
-    if user.op == "call_function" and user.target is getattr and user.args[:1] == (n,):
-        return user.args[1] in _SHAPE_ATTRS
-    if user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"):
-        return user.args[0] is not n and n not in user.kwargs.values()
-    return False
-
-
-def value_users(n: fx.Node) -> list[fx.Node]:
-    """The users of ``n`` that read its values (not only its shape)."""
-    return [u for u in n.users if not _shape_only(u, n)]
-
-
-def _is_noop(n: fx.Node, root: nn.Module) -> bool:
-    """An eval-mode identity between a BN and its neighbour: Identity, Dropout, dropout(training=False)."""
-    if n.op == "call_module":
-        m = fetch_attr(root, str(n.target))
-        return type(m) in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout) and not (
-            m._forward_hooks or m._forward_pre_hooks
-        )
-    if n.op == "call_function" and n.target is F.dropout:
-        training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
-        return training is False
-    return n.op == "call_method" and n.target == "contiguous" and len(n.args) == 1
 
 
 def _zero_padding(conv: Any) -> bool:
@@ -431,7 +188,7 @@ def _bn_info(
         if id(m) not in specs:
             specs[id(m)] = describe_bn(m)
         spec = specs[id(m)]
-        why = _spec_skip(spec)
+        why = spec_skip(spec)
         if why is None and (len(node.args) != 1 or node.kwargs):
             why = (SkipReason.CUSTOM_BN, f"'{name}' is called with more than one input")
         if why is not None or not isinstance(spec, BnSpec):
@@ -545,7 +302,7 @@ def _walk_back(src: Any, root: nn.Module) -> tuple[Any, tuple[Any, Any] | None, 
     fl: tuple[Any, Any] | None = None
     while isinstance(p, fx.Node) and p.args and isinstance(p.args[0], fx.Node):
         dims = flatten_dims(p, root) if fl is None else None
-        if not (_is_noop(p, root) or dims is not None):
+        if not (is_noop(p, root) or dims is not None):
             break
         if len(value_users(p)) != 1:
             return p, fl, f"'{p.name}' between the layer and the BN is also read elsewhere"
@@ -735,18 +492,18 @@ def _backward(
         u = users[0]
         if u.op != "call_module" or not _sole_input_user(u, cur):
             dims = flatten_dims(u, root)
-            if not flat and dims is not None and u.args[0] is cur and _flatten_to_2d(*dims):
+            if not flat and dims is not None and u.args[0] is cur and flatten_to_2d(*dims):
                 flat, cur = True, u
                 continue
-            if _is_noop(u, root) and u.args[0] is cur:
+            if is_noop(u, root) and u.args[0] is cur:
                 cur = u
                 continue
             return None, None
         layer = fetch_attr(root, str(u.target))
-        if type(layer) is nn.Flatten and not flat and _flatten_to_2d(layer.start_dim, layer.end_dim):
+        if type(layer) is nn.Flatten and not flat and flatten_to_2d(layer.start_dim, layer.end_dim):
             flat, cur = True, u
             continue
-        if _is_noop(u, root):
+        if is_noop(u, root):
             cur = u
             continue
         break
