@@ -478,3 +478,18 @@ def test_checkpointed_block_handed_whole_folds() -> None:
 
     _, rep = fold_checked(ready(CheckpointWhole()), torch.rand(2, 3, 6, 6))
     assert rep.folded == 1
+
+
+class SizeBranchConv(nn.Conv2d):
+    """Scales its weight for large inputs only: a probe at small sizes would not see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 64:
+            return F.conv2d(x, self.weight * 2, self.bias)
+        return F.conv2d(x, self.weight, self.bias)
+
+
+def test_conv_subclass_with_an_input_size_branch_is_refused() -> None:
+    m = ready(nn.Sequential(SizeBranchConv(3, 4, 3), nn.BatchNorm2d(4)))
+    _, rep = fold_checked(m, torch.randn(1, 3, 70, 70))
+    assert rep.verdicts[0].reason is SkipReason.UNSUPPORTED_LAYER
