@@ -54,7 +54,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import InputError, OptionError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
-from .fx.custom import BnSpec, describe_bn, registered_bn_like
+from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train
 from .fx.module import copy_model
 from .nn.frozen import FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
@@ -123,6 +123,13 @@ def _verdict(name: str, bn: nn.Module) -> Skip | BnSpec:
                 "has no fixed affine map to freeze",
             )
         return Skip(name, SkipReason.CUSTOM_BN, spec)
+    if not tail_same_in_train(bn):
+        return Skip(
+            name,
+            SkipReason.CUSTOM_BN,
+            f"{type(bn).__name__} post-processes its output differently in train mode; a frozen layer "
+            "would keep only the eval-mode version",
+        )
     mean, var, weight, bias = spec.mean, spec.var, spec.weight, spec.bias
     assert mean is not None and var is not None
     dtype = weight.dtype if weight is not None else mean.dtype

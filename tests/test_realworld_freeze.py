@@ -134,3 +134,24 @@ def test_strict_by_default_names_what_it_cannot_freeze() -> None:
     reasons = {v.bn: v.reason for v in report if isinstance(v, bnfold.Skip)}
     assert reasons == {"1": SkipReason.CUSTOM_BN, "2": SkipReason.NO_RUNNING_STATS}
     assert type(partial[1]) is Residual
+
+
+class TrainOnlyNoise(nn.BatchNorm2d):
+    """Adds its activation only in train mode: the eval-mode tail would be wrong in train()."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(y) if self.training else y
+
+
+def test_subclass_whose_tail_depends_on_train_mode_is_not_frozen() -> None:
+    m = ready(nn.Sequential(nn.Conv2d(3, 4, 3), TrainOnlyNoise(4)))
+    _, rep = bnfold.freeze_with_report(m)
+    assert rep.skips and rep.skips[0].reason is SkipReason.CUSTOM_BN and "train mode" in rep.skips[0].detail
+    ok = ready(nn.Sequential(nn.Conv2d(3, 4, 3), rw.BatchNormAct2d(4, drop=0.3)))
+    _, rep = bnfold.freeze_with_report(ok.train())
+    assert not rep.skips

@@ -54,6 +54,7 @@ __all__ = [
     "first_line",
     "ThreadSafeTracer",
     "TRACE_LOCK",
+    "tail_same_in_train",
 ]
 
 StatsFn = Callable[[nn.Module], tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]]
@@ -443,6 +444,57 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
     mean_t, var_t = targets["running_mean"], targets["running_var"]
     assert mean_t is not None and var_t is not None
     return _Traced((targets["weight"], targets["bias"], mean_t, var_t), float(args["eps"]), tail_graph, names)
+
+
+def _tail_ops(graph: fx.Graph) -> list[tuple[str, Any]] | None:
+    """``(op, target)`` of every node between the one BN call and the output, in order."""
+    nodes = list(graph.nodes)
+    bns = [n for n in nodes if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
+    out = [n for n in nodes if n.op == "output"]
+    if len(bns) != 1 or len(out) != 1:
+        return None
+    down: set[fx.Node] = set()
+    todo = [bns[0]]
+    while todo:
+        for u in todo.pop().users:
+            if u not in down:
+                down.add(u)
+                todo.append(u)
+    return [(n.op, n.target) for n in nodes if n in down and n.op != "output"]
+
+
+_SAME_IN_TRAIN: dict[Any, bool] = {}
+
+
+def tail_same_in_train(m: nn.Module) -> bool:
+    """True when a traced subclass runs the same post-processing in ``train()`` as in ``eval()``.
+
+    A frozen layer keeps the tail traced in eval mode; a forward that post-processes differently in
+    train mode (``if self.training: ...``) would make the frozen layer wrong in train mode.
+    """
+    spec = describe_bn(m)
+    if not isinstance(spec, BnSpec) or spec.kind != "traced":
+        return True
+    key = _signature(m)
+    if key in _SAME_IN_TRAIN:
+        return _SAME_IN_TRAIN[key]
+    probe = copy.deepcopy(m)
+    probe.train()
+    for check in ("_check_input_dim", "_check_non_zero_input_channels"):
+        if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
+            object.__setattr__(probe, check, lambda x: None)
+    try:
+        train_ops = _tail_ops(_SubTracer().trace(probe))
+    except Exception:  # noqa: BLE001 - not traceable in train mode: not proven
+        train_ops = None
+    eval_ops = [] if spec.tail_graph is None else [
+        (n.op, n.target) for n in spec.tail_graph.nodes if n.op not in ("placeholder", "output")
+    ]
+    same = train_ops is not None and [o for o in train_ops if o[0] != "get_attr"] == [
+        o for o in eval_ops if o[0] != "get_attr"
+    ]
+    _SAME_IN_TRAIN[key] = same
+    return same
 
 
 def _copy_attr(a: fx.Node, env: dict[fx.Node, fx.Node], g: fx.Graph) -> fx.Node:
