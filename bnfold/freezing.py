@@ -11,8 +11,8 @@ in float64, cast once to the layer dtype. Rules:
        ``torch.nn`` and ``bnfold.nn`` BatchNorm1d/2d/3d and SyncBatchNorm and subclasses that keep
        their forward; subclasses whose forward is "BN, then ops on its output" (timm's
        ``BatchNormAct2d``: the frozen layer is the affine followed by the same activation/dropout);
-       classes declared with :func:`bnfold.register_bn_like`. Left: other subclasses
-       (``SkipReason.CUSTOM_BN``), BNs without running statistics (``SkipReason.NO_RUNNING_STATS``:
+       classes declared with :func:`bnfold.register_bn_like`. Left: other subclasses, and traced
+       subclasses whose post-processing differs between train and eval mode (``SkipReason.CUSTOM_BN``), BNs without running statistics (``SkipReason.NO_RUNNING_STATS``:
        they have no inference map), BNs whose scale/shift are not finite in their dtype
        (``SkipReason.OVERFLOW``). With ``strict=True`` (the default of :func:`freeze`) any BN left
        is an error naming the layers; ``strict=False`` returns the partial freeze with the report.
