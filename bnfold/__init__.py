@@ -58,6 +58,8 @@ _LAZY = {
     "recalibrate": "bnfold.recalibration",
     "param_groups": "bnfold.recalibration",
     "freeze_with_report": "bnfold.freezing",
+    "register_bn_like": "bnfold.fx.custom",
+    "register_checkpoint_runner": "bnfold.fx.safety",
 }
 
 __all__ = [

@@ -330,24 +330,34 @@ def render_bench_report(console: Console, report: BenchReport) -> None:
 
 
 def render_freeze_report(console: Console, result: Mapping[str, Any], *, verbose: bool = False) -> None:
-    """One summary line; ``verbose`` lists every frozen layer."""
+    """One summary line, then the BNs left as they were (with the reason); ``verbose`` lists every frozen layer."""
     frozen = list(result.get("frozen", []))
+    left = list(result.get("left", []))
     learn = "learnable scale/shift" if result.get("learnable") else "fixed scale/shift buffers"
     console.print(Text(
-        f"{len(frozen)} BatchNorm frozen ({learn}); "
+        f"{len(frozen)} BatchNorm frozen ({learn}), {len(left)} left; "
         f"{clean(result.get('source'))} ({clean(result.get('source_format'))}) -> {clean(result.get('output'))} "
         f"({human_size(result.get('size_after'))}) in {result.get('seconds', 0.0):.2f} s"
     ))
-    if not frozen:
+    width = max(20, console.width // 2)
+    if not frozen and not left:
         console.print("No BatchNorm layer found: the model is written unchanged.")
-    elif verbose:
-        width = max(20, console.width // 2)
+    elif verbose and frozen:
         table = Table.grid(padding=(0, 2))
         table.add_column(no_wrap=True)
         table.add_column(no_wrap=True)
         for name, kind in frozen:
             table.add_row(_t(shorten(clean(name), width)), _t(kind))
         console.print(table)
+    if left:
+        console.print(Text("BatchNorm layers left as they were:"))
+        kept = Table.grid(padding=(0, 2))
+        kept.add_column(no_wrap=True)
+        kept.add_column(no_wrap=True)
+        kept.add_column()
+        for name, reason, detail in left:
+            kept.add_row(_t(shorten(clean(name), width)), _t(clean(reason)), _t(clean(detail)))
+        console.print(kept)
 
 
 # ------------------------------------------------------------------------------------------------ JSON
@@ -445,6 +455,7 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
             output=_file(result.get("output"), result.get("source_format"), result.get("size_after"), written=True),
             learnable=bool(result.get("learnable")),
             frozen=[{"module": n, "kind": k} for n, k in result.get("frozen", [])],
+            left=[{"module": n, "reason": r, "detail": d} for n, r, d in result.get("left", [])],
             seconds=float(result.get("seconds", 0.0)),
         )
     elif command == "bench":

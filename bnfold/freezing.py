@@ -7,11 +7,15 @@ BatchNorm by a :class:`~bnfold.nn.frozen.FrozenBatchNorm` computing, per channel
 
 in float64, cast once to the layer dtype. Rules:
 
-    1. Types frozen: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and ``bnfold.nn``'s
-       BatchNorm1d/2d/3d and SyncBatchNorm. Other ``_BatchNorm`` subclasses are left
-       (``SkipReason.CUSTOM_BN``), as are BNs without running statistics
-       (``SkipReason.NO_RUNNING_STATS``: they have no inference map) and BNs whose scale/shift are not
-       finite in their dtype (``SkipReason.OVERFLOW``).
+    1. Layers frozen: every BN-like layer whose eval map bnfold knows (:mod:`bnfold.fx.custom`):
+       ``torch.nn`` and ``bnfold.nn`` BatchNorm1d/2d/3d and SyncBatchNorm and subclasses that keep
+       their forward; subclasses whose forward is "BN, then ops on its output" (timm's
+       ``BatchNormAct2d``: the frozen layer is the affine followed by the same activation/dropout);
+       classes declared with :func:`bnfold.register_bn_like`. Left: other subclasses, and traced
+       subclasses whose post-processing differs between train and eval mode (``SkipReason.CUSTOM_BN``), BNs without running statistics (``SkipReason.NO_RUNNING_STATS``:
+       they have no inference map), BNs whose scale/shift are not finite in their dtype
+       (``SkipReason.OVERFLOW``). With ``strict=True`` (the default of :func:`freeze`) any BN left
+       is an error naming the layers; ``strict=False`` returns the partial freeze with the report.
     2. Selection: every such BN, or those whose qualified name is (under) one of ``prefix``, and/or
        for which ``predicate(name, module)`` is true. Unselected BNs are named in the report's notes.
     3. Functional: the model is deep-copied unless ``inplace=True``; the new root is returned (it is a
@@ -49,6 +53,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import InputError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
+from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train
+from .fx.module import copy_model
 from .nn.frozen import FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
 
@@ -100,39 +106,47 @@ def _selected(
     return predicate is None or any(predicate(n, module) for n in names)
 
 
-def _verdict(name: str, bn: nn.Module, types: tuple[type[nn.Module], ...]) -> Skip | None:
-    """A reason to leave ``bn`` as it is, or None when it can be frozen."""
-    if type(bn) not in types:
-        return Skip(
-            name, SkipReason.CUSTOM_BN, f"{type(bn).__qualname__} is not a BatchNorm type bnfold freezes"
-        )
-    mean = getattr(bn, "running_mean", None)
-    var = getattr(bn, "running_var", None)
-    if mean is None or var is None:
+def _is_bn_like(m: nn.Module) -> bool:
+    return (isinstance(m, _BatchNorm) or registered_bn_like(m)) and not isinstance(m, FrozenBatchNorm)
+
+
+def _verdict(name: str, bn: nn.Module) -> Skip | BnSpec:
+    """A reason to leave ``bn`` as it is, or its spec when it can be frozen."""
+    spec = describe_bn(bn)
+    if isinstance(spec, str):
+        if spec.startswith("no_running_stats: "):
+            return Skip(
+                name,
+                SkipReason.NO_RUNNING_STATS,
+                "track_running_stats=False: it normalises with batch statistics even in eval mode, so it "
+                "has no fixed affine map to freeze",
+            )
+        return Skip(name, SkipReason.CUSTOM_BN, spec)
+    if not tail_same_in_train(bn):
         return Skip(
             name,
-            SkipReason.NO_RUNNING_STATS,
-            "track_running_stats=False: it normalises with batch statistics even in eval mode, so it has "
-            "no fixed affine map to freeze",
+            SkipReason.CUSTOM_BN,
+            f"{type(bn).__name__} post-processes its output differently in train mode; a frozen layer "
+            "would keep only the eval-mode version",
         )
-    weight = getattr(bn, "weight", None)
+    mean, var, weight, bias = spec.mean, spec.var, spec.weight, spec.bias
+    assert mean is not None and var is not None
     dtype = weight.dtype if weight is not None else mean.dtype
     if not dtype.is_floating_point:
         return Skip(name, SkipReason.UNSUPPORTED_DTYPE, f"parameters are {dtype}, not floating point")
-    if not float(bn.eps) > 0:  # type: ignore[arg-type]
-        return Skip(name, SkipReason.UNSUPPORTED_LAYER, f"eps={bn.eps} <= 0; set eps > 0 before freezing")
-    bias = getattr(bn, "bias", None)
+    if not spec.eps > 0:
+        return Skip(name, SkipReason.UNSUPPORTED_LAYER, f"eps={spec.eps} <= 0; set eps > 0 before freezing")
     scale, shift = bn_affine(
         None if weight is None else weight.detach().cpu().double().numpy(),
         None if bias is None else bias.detach().cpu().double().numpy(),
         mean.detach().cpu().double().numpy(),
         var.detach().cpu().double().numpy(),
-        float(bn.eps),  # type: ignore[arg-type]
+        spec.eps,
     )
     np_dtype = {torch.bfloat16: "float32"}.get(dtype, str(dtype).removeprefix("torch."))
     if not (fits_dtype(scale, np_dtype) and fits_dtype(shift, np_dtype)):
         return Skip(name, SkipReason.OVERFLOW, f"scale or shift would not be finite in {dtype}")
-    return None
+    return spec
 
 
 def freeze_with_report(
@@ -142,15 +156,18 @@ def freeze_with_report(
     inplace: bool = False,
     prefix: str | Sequence[str] | None = None,
     predicate: Predicate | None = None,
+    strict: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Freeze BatchNorm layers; return the new root and a report with one verdict per selected BN.
 
     Args and return value as :func:`freeze`, plus a :class:`~bnfold.records.FoldReport`
     (``backend="freeze"``): a ``Site`` (direction ``AFFINE``, target_kind ``"FrozenBatchNorm"``) per
-    frozen BN, a ``Skip`` per selected BN that was left, the unselected BNs in ``notes``.
+    frozen BN, a ``Skip`` per selected BN that was left, the unselected BNs in ``notes``. Unlike
+    :func:`freeze`, ``strict`` defaults to False here: the report says what was left.
 
     Raises:
-        UnsupportedModelError: a lazy module has not been initialised yet.
+        UnsupportedModelError: a lazy module has not been initialised yet, or ``strict`` and a
+            selected BN cannot be frozen (the message names each one and why).
         InputError: ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
@@ -162,11 +179,11 @@ def freeze_with_report(
                 f"{name or type(m).__name__}: uninitialised lazy module; run one forward pass first"
             )
     prefixes = (prefix,) if isinstance(prefix, str) else (None if prefix is None else tuple(prefix))
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else copy_model(model)
     types = _freezable_types()
     names = _names_by_module(root)
     report = FoldReport(backend="freeze")
-    bns = [(n, m) for n, m in root.named_modules() if isinstance(m, _BatchNorm)]
+    bns = [(n, m) for n, m in root.named_modules() if _is_bn_like(m)]
     report.bn_before = len(bns)
     report.params_before = sum(p.numel() for p in root.parameters())
     unselected: list[str] = []
@@ -176,12 +193,20 @@ def freeze_with_report(
         if not _selected(all_names, bn, prefixes, predicate):
             unselected.append(name)
             continue
-        skip = _verdict(name, bn, types)
-        if skip is not None:
-            report.verdicts.append(skip)
+        spec = _verdict(name, bn)
+        if isinstance(spec, Skip):
+            report.verdicts.append(spec)
             continue
+        assert spec.mean is not None and spec.var is not None
         try:
-            frozen = FrozenBatchNorm.from_bn(bn, learnable=learnable)
+            frozen = FrozenBatchNorm.from_bn(
+                bn,
+                learnable=learnable,
+                stats=(spec.weight, spec.bias, spec.mean, spec.var, spec.eps),
+                tail=spec.make_tail(bn),
+                # a class it cannot rebuild from (num_features, eps, ...) comes back from a copy
+                template=None if type(bn) in types else _template(bn),
+            )
         except ValueError as e:  # e.g. bfloat16 rounding up to inf at the edge of the range
             report.verdicts.append(Skip(name, SkipReason.OVERFLOW, str(e)))
             continue
@@ -191,12 +216,22 @@ def freeze_with_report(
             else:
                 _replace(root, n, frozen)
         detail = "learnable scale/shift" if learnable else "fixed scale/shift"
+        if frozen.tail is not None:
+            detail += f"; {type(bn).__name__}'s activation/dropout kept"
         if len(all_names) > 1:
             detail += f"; shared at {', '.join(all_names)}"
         report.verdicts.append(Site(name, "", "FrozenBatchNorm", Direction.AFFINE, detail))
     if unselected:
         report.notes.append(f"{len(unselected)} BatchNorm not selected: {', '.join(unselected)}")
-    report.bn_after = sum(1 for _, m in new_root.named_modules() if isinstance(m, _BatchNorm))
+    left = report.skips
+    if strict and left:
+        shown = "; ".join(f"'{v.bn}' ({v.reason.value}: {v.detail})" for v in left[:5])
+        more = f"; and {len(left) - 5} more" if len(left) > 5 else ""
+        raise UnsupportedModelError(
+            f"{len(left)} BatchNorm cannot be frozen: {shown}{more}. Pass strict=False to accept a "
+            "partial freeze (the report names what was left)"
+        )
+    report.bn_after = sum(1 for _, m in new_root.named_modules() if _is_bn_like(m))
     report.params_after = sum(p.numel() for p in new_root.parameters())
     report.seconds = time.perf_counter() - t0
     return new_root, report
@@ -210,6 +245,7 @@ def freeze(
     prefix: str | Sequence[str] | None = None,
     predicate: Predicate | None = None,
     report: list[Verdict] | None = None,
+    strict: bool = True,
 ) -> nn.Module:
     """Replace BatchNorm layers by frozen affine layers ``y = x * scale + shift``.
 
@@ -226,19 +262,48 @@ def freeze(
         predicate: ``predicate(name, module) -> bool``; freeze only BNs for which it is true
             (combined with ``prefix`` by AND).
         report: if given, a list that receives one ``Site`` or ``Skip`` per selected BN.
+        strict: a selected BN that cannot be frozen is an error naming it (default); with False the
+            partial freeze is returned and ``report`` says what was left and why.
 
     Returns:
         The new root module.
+
+    Raises:
+        UnsupportedModelError: ``strict`` and some selected BN cannot be frozen.
 
     Example:
         >>> model = bnfold.freeze(model)                  # fine-tune with batch 2
         >>> model = bnfold.freeze(model, learnable=True)  # statistics fixed, affine trained
     """
     out, rep = freeze_with_report(
-        model, learnable=learnable, inplace=inplace, prefix=prefix, predicate=predicate
+        model, learnable=learnable, inplace=inplace, prefix=prefix, predicate=predicate, strict=strict
     )
     if report is not None:
         report.extend(rep.verdicts)
+    return out
+
+
+def _template(bn: nn.Module) -> nn.Module:
+    """A copy of ``bn`` for :func:`unfreeze`, without the hooks or graph state of the live model."""
+    return copy.deepcopy(bn)
+
+
+@torch.no_grad()
+def _from_template(layer: FrozenBatchNorm, template: nn.Module) -> nn.Module:
+    """The source layer back: a copy of the template with this layer's BN state and its tail modules."""
+    out = copy.deepcopy(template)
+    state = layer.bn_state(affine=getattr(out, "weight", None) is not None)
+    for key, value in state.items():
+        t = getattr(out, key, None)
+        if isinstance(t, Tensor) and t.shape == value.shape:
+            t.copy_(value.to(t.dtype))
+    if layer.tail is not None:
+        for n, child in layer.tail.named_children():
+            old = out._modules.get(n)
+            if old is not None and type(old) is type(child):
+                out._modules[n] = child
+    out.to(layer.scale.device)
+    out.train(layer.training)
     return out
 
 
@@ -250,7 +315,10 @@ def _bn_class(layer: FrozenBatchNorm) -> type[_BatchNorm]:
 
 
 @torch.no_grad()
-def _to_bn(layer: FrozenBatchNorm) -> _BatchNorm:
+def _to_bn(layer: FrozenBatchNorm) -> nn.Module:
+    template = getattr(layer, "source_template", None)
+    if template is not None:
+        return _from_template(layer, template)
     cls = _bn_class(layer)
     momentum = layer.momentum
     bn = cls(
@@ -288,7 +356,7 @@ def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Returns:
         The new root module.
     """
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else copy_model(model)
     names = _names_by_module(root)
     new_root = root
     for _, layer in list(root.named_modules()):
@@ -322,10 +390,15 @@ def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     for key, value in state.items():
         mod, _, leaf = key.rpartition(".")
-        if mod in frozen and leaf in ("scale", "shift"):
+        if mod in frozen and leaf in ("scale", "shift", "source_mean", "source_var"):
             if leaf == "scale":
                 pre = mod + "." if mod else ""
                 out.update({pre + k: v for k, v in frozen[mod].bn_state().items()})
+            continue
+        owner = next((m for m in frozen if key.startswith((m + "." if m else "") + "tail.")), None)
+        if owner is not None:  # a kept activation's entries go back where the BN-like layer had them
+            pre = owner + "." if owner else ""
+            out[pre + key[len(pre) + len("tail."):]] = value
             continue
         out[key] = value
     return out
@@ -357,6 +430,8 @@ def to_bn_state_dict(
     for key, value in state_dict.items():
         mod, _, leaf = key.rpartition(".")
         pre = mod + "." if mod else ""
+        if leaf in ("source_mean", "source_var") and pre + "scale" in state_dict:
+            continue  # read with the layer's scale below
         other = state_dict.get(pre + ("shift" if leaf == "scale" else "scale"))
         if (
             leaf in ("scale", "shift")
@@ -368,7 +443,11 @@ def to_bn_state_dict(
                 continue
             e = float(eps[mod]) if isinstance(eps, Mapping) else float(eps)
             layer = FrozenBatchNorm(value.numel(), e, dtype=value.dtype, device=value.device)
-            layer.load_state_dict({"scale": value, "shift": other})
+            entries = {"scale": value, "shift": other}
+            for k in ("source_mean", "source_var"):
+                if pre + k in state_dict:
+                    entries[k] = state_dict[pre + k]
+            layer.load_state_dict(entries)
             a = bool(affine.get(mod, True)) if isinstance(affine, Mapping) else bool(affine)
             out.update({pre + k: v for k, v in layer.bn_state(affine=a).items()})
             continue

@@ -871,8 +871,8 @@ def freeze_file(
     module.
 
     Returns:
-        ``{"source", "output", "source_format", "learnable", "frozen": [(name, kind)], "size_after",
-        "seconds"}``.
+        ``{"source", "output", "source_format", "learnable", "frozen": [(name, kind)],
+        "left": [(name, reason, detail)] (BNs that could not be frozen), "size_after", "seconds"}``.
 
     Raises:
         UnsupportedModelError: the file is an ONNX model or a torch.export program (freeze needs an
@@ -894,13 +894,15 @@ def freeze_file(
         )
     model, fmt = _load(src_p, model_factory=model_factory, trust_pickle=trust_pickle, progress=prog)
 
-    from .freezing import freeze
-    from .nn import FrozenBatchNorm
+    from .freezing import freeze_with_report
+    from .nn.frozen import FrozenBatchNorm
 
     prog("freeze", 0, 1)
-    frozen = freeze(model, learnable=learnable)
+    # Partial freezes are written, and every BN left is reported with its reason (the CLI shows them).
+    frozen, report = freeze_with_report(model, learnable=learnable, strict=False)
     prog("freeze", 1, 1)
     names = [(n, type(m).__name__) for n, m in frozen.named_modules() if isinstance(m, FrozenBatchNorm)]
+    left = [(v.bn, v.reason.value, v.detail) for v in report.skips]
     prog("save", 0, 1)
     bio.save(frozen, dst_p, fmt="state_dict" if fmt == "state_dict" else "module")
     prog("save", 1, 1)
@@ -910,6 +912,7 @@ def freeze_file(
         "source_format": fmt,
         "learnable": learnable,
         "frozen": names,
+        "left": left,
         "size_before": model_size(src_p, fmt),
         "size_after": model_size(dst_p, fmt),
         "seconds": time.perf_counter() - t0,

@@ -186,8 +186,9 @@ def test_eps_never_zero_and_float16_zero_variance_is_finite() -> None:
 
 
 def test_overflow_and_no_stats_and_custom_bn_are_skipped() -> None:
-    class MyBN(nn.BatchNorm2d):
-        pass
+    class MyBN(nn.BatchNorm2d):  # adds its input back: not "BN, then ops on its output"
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + x
 
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False), MyBN(3), nn.BatchNorm2d(3))
     randomize_bn(model, 0)

@@ -180,11 +180,20 @@ class PlainSub(nn.BatchNorm2d):
     pass
 
 
+class ResidualBN(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x
+
+
 def test_custom_bn_subclass() -> None:
-    m = prep(nn.Sequential(nn.Conv2d(3, 4, 3), ActBN(4), nn.Conv2d(4, 4, 1), PlainSub(4)))
+    # BN-then-ReLU subclass: the BN part folds, the ReLU stays; a residual subclass is refused.
+    m = prep(nn.Sequential(nn.Conv2d(3, 4, 3), ActBN(4), nn.Conv2d(4, 4, 1), PlainSub(4), nn.Conv2d(4, 4, 1),
+                           ResidualBN(4)))
     out, rep = check(m, torch.randn(2, 3, 6, 6))
-    assert verdict(rep, "1").reason is SkipReason.CUSTOM_BN
+    assert isinstance(verdict(rep, "1"), bnfold.Site)
+    assert verdict(rep, "5").reason is SkipReason.CUSTOM_BN
     assert isinstance(verdict(rep, "3"), bnfold.Site)
+    assert not isinstance(out[1], nn.BatchNorm2d) and (out[1](-torch.ones(1, 4, 1, 1)) == 0).all()
 
 
 def test_no_running_stats_and_affine_false() -> None:

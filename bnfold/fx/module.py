@@ -2,6 +2,11 @@
 
 Rules:
 
+0. The caller's model is never traced: tracing runs the model's Python code (a forward may store fx
+   Proxies in a cache, fx adds ``_tensor_constant`` attributes), so it runs on a shadow copy that
+   shares the tensors; the result is a fresh copy (or the model itself with ``inplace=True``) that
+   the fold is applied to by name. Traces hold one process-wide lock (fx patches global state), so
+   folds from several threads are safe.
 1. Inference semantics only. A model (or a BN in it) in ``train()`` mode is refused with
    :class:`~bnfold.errors.ModelStateError` unless ``eval_semantics=True``; then the copy is traced in
    eval mode and every module gets its ``training`` flag back afterwards. Uninitialised lazy modules
@@ -17,8 +22,10 @@ Rules:
 3. The model does not trace (Python control flow on tensor values, as in detection heads): each
    submodule is traced on its own, top down; folds inside a submodule that traces are applied in
    module mode (BN -> Identity), but only when the code of every untraceable ancestor calls that
-   submodule whole and never reaches into it (:mod:`bnfold.fx.safety` reads that code). BNs in no
-   traceable submodule, or in one an ancestor reaches into: ``NOT_TRACEABLE`` with the reason.
+   submodule whole and never reaches into it (:mod:`bnfold.fx.safety` reads that code). A BN child
+   called by an untraceable forward itself folds when that code provably runs it only as
+   ``bn(layer(...))`` (:func:`bnfold.fx.safety.direct_pairs`). BNs in no traceable submodule, or in one
+   an ancestor reaches into: ``NOT_TRACEABLE`` with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +43,12 @@ from torch import fx, nn
 from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
 from bnfold.records import FoldReport, Skip, SkipReason, Verdict
 
+from .custom import TRACE_LOCK, first_line
 from .match import Candidate, Tracer, fetch_attr, find_sites, is_bn_module
 from .rewrite import apply_graph_mode, apply_module_mode, plan_sites
-from .safety import unsafe_use
+from .safety import direct_pairs, unsafe_use
 
-__all__ = ["fold_module"]
+__all__ = ["fold_module", "copy_model"]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +99,7 @@ def _shape_prop(root: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 - the model rejected the inputs the user gave
-        msg = str(e).splitlines()[-1] if str(e) else type(e).__name__
-        raise InputError(f"the model does not run on example_inputs: {msg}") from e
+        raise InputError(f"the model does not run on example_inputs: {first_line(e)}") from e
     for a, b in zip(graph.nodes, gm.graph.nodes):
         if "tensor_meta" in b.meta:
             a.meta["tensor_meta"] = b.meta["tensor_meta"]
@@ -105,22 +113,90 @@ def _demote(c: Candidate) -> Skip:
     )
 
 
-def _drop_trace_constants(module: nn.Module, before: dict[int, set[str]]) -> None:
-    """Remove the ``_tensor_constant*`` attributes fx tracing set on the user's modules.
+def _replaced_weights(module: nn.Module, a: _Analysis) -> list[torch.Tensor]:
+    """Weights of layers the fold rewrites in place (used by that one layer only): not worth copying."""
+    owners = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+    out: list[torch.Tensor] = []
+    for c in a.cands:
+        if a.use_graph and c.site.detail.startswith("cloned:"):
+            continue  # the clone copies them; the shared module keeps the originals' values
+        for node in [p[0] for p in c.parts] if c.parts else [c.layer_node]:
+            layer = fetch_attr(module, str(node.target))
+            for prm in (layer.weight, layer.bias):
+                if isinstance(prm, torch.Tensor) and owners[id(prm)] == 1:
+                    out.append(prm)
+    return out
 
-    The copy (or GraphModule) that needs them was made before; the given model must come back as it
-    was (in module mode the model's own ``forward`` never reads them).
-    """
-    for m in module.modules():
-        known = before.get(id(m))
-        if known is None:
+
+def _copy_trace_constants(graph: fx.Graph, traced: nn.Module, work: nn.Module) -> None:
+    """Give ``work`` (a fresh copy) the ``_tensor_constant`` attributes the trace set on ``traced``."""
+    for n in graph.nodes:
+        if n.op != "get_attr":
             continue
-        for k in [k for k in vars(m) if k not in known and k.startswith("_tensor_constant")]:
-            delattr(m, k)
+        target = str(n.target)
+        try:
+            fetch_attr(work, target)
+            continue
+        except AttributeError:
+            pass
+        value = fetch_attr(traced, target)
+        parent_name, _, attr = target.rpartition(".")
+        parent = work.get_submodule(parent_name) if parent_name else work
+        setattr(parent, attr, value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value))
 
 
 def _bn_names(module: nn.Module) -> set[str]:
     return {n for n, m in module.named_modules() if is_bn_module(m)}
+
+
+def _cached_tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif depth < 4 and isinstance(obj, dict):
+        for v in obj.values():
+            _cached_tensors(v, out, depth + 1)
+    elif depth < 4 and isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            _cached_tensors(v, out, depth + 1)
+
+
+def copy_model(module: nn.Module, *, share_tensors: bool = False, keep: Sequence[torch.Tensor] = ()) -> nn.Module:
+    """``copy.deepcopy`` that also copes with tensors cached by a forward (non-leaf, with a grad_fn).
+
+    ``share_tensors``: parameters, buffers and cached tensors are shared, not copied (a shadow for
+    tracing, which reads them and never writes them). ``keep``: tensors shared, not copied (weights
+    the fold replaces by new ones anyway). Cached tensors that autograd refuses to
+    deep-copy (LeViT's eval-mode attention-bias cache) are copied detached.
+    """
+    memo: dict[int, Any] = {id(t): t for t in keep}  # tensors the caller replaces right after
+    if share_tensors:
+        for t in [*module.parameters(), *module.buffers()]:
+            memo[id(t)] = t
+    found: list[torch.Tensor] = []
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k not in ("_parameters", "_buffers", "_modules"):
+                _cached_tensors(v, found)
+    for t in found:
+        if id(t) not in memo and not t.is_leaf:
+            memo[id(t)] = t.detach() if share_tensors else t.detach().clone()
+        elif share_tensors:
+            memo[id(t)] = t
+    return copy.deepcopy(module, memo)
+
+
+def _shadow(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its tensors (tracing reads them, never writes them).
+
+    Tracing runs the model's Python code, which may store fx ``Proxy`` objects in Python-side
+    caches (LeViT's attention-bias cache) or set ``_tensor_constant`` attributes: on this copy, the
+    caller's object stays as it was.
+    """
+    return copy_model(module, share_tensors=True)
+
+
+# The whole analysis (traces, shape propagation) holds the trace lock: see bnfold.fx.custom.
+_TRACE_LOCK = TRACE_LOCK
 
 
 def fold_module(
@@ -136,7 +212,7 @@ def fold_module(
     """Fold every exactly-foldable BatchNorm of ``module``.
 
     Args:
-        module: the model. It is not changed unless ``inplace=True``.
+        module: the model. It is not changed unless ``inplace=True`` (and is never traced itself).
         inplace: fold into ``module`` itself (module mode only: it keeps its class and forward).
         dry_run: decide only; ``module`` comes back as given.
         eval_semantics: fold a model in ``train()`` mode with its inference semantics.
@@ -165,44 +241,36 @@ def fold_module(
     nodes_before, params_before = _count(module)
     if inplace:
         graph = False
-    # Analyse on the model itself when nothing changes it (no eval() needed): the copy made
-    # afterwards can then skip the weights the fold replaces anyway.
-    late_copy = not (inplace or dry_run or eval_semantics)
-    work: nn.Module | None = module if (inplace or dry_run) else None
-    if work is None and not late_copy:
-        work = copy.deepcopy(module)
-    seen = work if work is not None else module
-    flags = {id(m): m.training for m in seen.modules()}
-    attrs_before = {id(m): set(vars(m)) for m in module.modules()}
-    if eval_semantics:
-        seen.eval()
-    try:
-        analysis = _analyse(seen, graph, example_inputs)
+    with _TRACE_LOCK:
+        # Tracing runs on a shadow copy (tensors shared, Python state not); the result is the given
+        # model (inplace) or a fresh copy of it, so no trace state ever reaches either.
+        shadow = _shadow(module)
+        if eval_semantics:
+            shadow.eval()
+        analysis = _analyse(shadow, graph, example_inputs)
         if exclude and not isinstance(analysis, str):
             analysis = _exclude(analysis, frozenset(exclude))
-        if isinstance(analysis, str):
-            work = work if work is not None else copy.deepcopy(module)
-            report, out = _fold_fallback(work, dry_run, analysis)
-        else:
-            shared: list[nn.Module] = []
-            if work is None:
-                work, shared = _copy_skipping_folded(module, analysis)
-            report, out = _apply(work, analysis, dry_run)
-            originals = {id(q) for q in module.parameters()} if shared else set()
-            for layer in shared:  # a layer whose fold was refused late must not share the original's weights
-                for pname in ("weight", "bias"):
-                    p = getattr(layer, pname)
-                    if p is not None and id(p) in originals:
-                        setattr(layer, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-    finally:
-        for m in seen.modules():
-            if id(m) in flags:
-                m.training = flags[id(m)]
-        if work is not None:
-            for m in work.modules():
+        keep = [] if isinstance(analysis, str) else _replaced_weights(module, analysis)
+        result = module if (inplace or dry_run) else copy_model(module, keep=keep)
+        flags = {id(m): m.training for m in result.modules()}
+        if eval_semantics:
+            result.eval()
+        try:
+            if isinstance(analysis, str):
+                report, out = _fold_fallback(shadow, result, dry_run, analysis)
+            else:
+                report, out = _apply(result, analysis, dry_run, shadow)
+            if keep and not (inplace or dry_run):
+                # a weight kept for a fold that was refused late (overflow) must not stay shared
+                kept = {id(t) for t in keep}
+                for m in out.modules():
+                    for pname, prm in list(m._parameters.items()):
+                        if prm is not None and id(prm) in kept:
+                            m._parameters[pname] = nn.Parameter(prm.detach().clone(), requires_grad=prm.requires_grad)
+        finally:
+            for m in result.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
-        _drop_trace_constants(module, attrs_before)
     if dry_run:
         out = module
     report.nodes_before, report.params_before = nodes_before, params_before
@@ -227,7 +295,7 @@ def _analyse(root: nn.Module, graph: bool | None, example_inputs: tuple[Any, ...
         g = _trace(root)
     except Exception as e:  # noqa: BLE001 - any trace failure means "fall back"
         log.debug("symbolic_trace failed: %s", e)
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return first_line(e)
     if example_inputs is not None:
         _shape_prop(root, g, example_inputs)
     verdicts, cands = find_sites(g, root)
@@ -250,31 +318,16 @@ def _exclude(a: _Analysis, names: frozenset[str]) -> _Analysis:
     return _Analysis(a.graph, verdicts, keep, a.use_graph)
 
 
-def _copy_skipping_folded(module: nn.Module, a: _Analysis) -> tuple[nn.Module, list[nn.Module]]:
-    """``deepcopy`` that does not copy the weights the fold replaces by new tensors anyway.
-
-    Only weights used by exactly one module are skipped; the copy's layers get new Parameters when
-    the fold is applied (and :func:`fold_module` clones any that end up not folded).
-    """
-    owners = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
-    memo: dict[int, Any] = {}
-    names: list[str] = []
-    for c in a.cands:
-        if a.use_graph and c.site.detail.startswith("cloned:"):
-            continue
-        target = str(c.layer_node.target)
-        layer = fetch_attr(module, target)
-        for p in (layer.weight, layer.bias):
-            if p is not None and owners[id(p)] == 1:
-                memo[id(p)] = p
-        names.append(target)
-    work = copy.deepcopy(module, memo)
-    return work, [fetch_attr(work, n) for n in names]
-
-
-def _apply(work: nn.Module, a: _Analysis, dry_run: bool) -> tuple[FoldReport, nn.Module]:
+def _apply(work: nn.Module, a: _Analysis, dry_run: bool, traced: nn.Module) -> tuple[FoldReport, nn.Module]:
+    """Plan on ``traced`` (the copy the graph came from), apply to ``work`` (the same copy, or the
+    caller's model for ``inplace``: module mode only, by name)."""
     report = FoldReport(backend="fx", verdicts=a.verdicts)
     if a.use_graph:
+        if dry_run:
+            _, _, report.verdicts = plan_sites(traced, a.cands, a.verdicts)
+            report.extra["result"] = "graph_module"
+            return report, work
+        _copy_trace_constants(a.graph, traced, work)
         gm = fx.GraphModule(work, a.graph, type(work).__name__)
         # The GraphModule refers to the same submodules as work: plan on it, then apply.
         state, kept, report.verdicts = plan_sites(gm, a.cands, a.verdicts)
@@ -285,7 +338,7 @@ def _apply(work: nn.Module, a: _Analysis, dry_run: bool) -> tuple[FoldReport, nn
         apply_graph_mode(gm, state, kept, clones)
         report.notes.append("returned a torch.fx.GraphModule: some folds needed a change of the call graph")
         return report, gm
-    state, kept, report.verdicts = plan_sites(work, a.cands, a.verdicts)
+    state, kept, report.verdicts = plan_sites(traced, a.cands, a.verdicts)
     report.extra["result"] = "module"
     if not dry_run:
         apply_module_mode(work, state, kept)
@@ -314,8 +367,41 @@ def _ancestors_reach_in(work: nn.Module, name: str) -> str:
     return ""
 
 
-def _fold_fallback(work: nn.Module, dry_run: bool, err: str) -> tuple[FoldReport, nn.Module]:
-    """Rule 3: trace submodules on their own; apply what is safe in module mode."""
+def _fold_direct_pairs(work: nn.Module, result: nn.Module, dry_run: bool, done: set[str]) -> list[Verdict]:
+    """Rule 3, BN children of an untraceable module: ``bn(layer(...))`` pairs its code provably runs
+    (:func:`bnfold.fx.safety.direct_pairs`), decided on a two-node graph like any traced pair."""
+    verdicts: list[Verdict] = []
+    for path, u in work.named_modules():
+        if is_bn_module(u) or not any(is_bn_module(c) for c in u.children()):
+            continue
+        for layer, bn in direct_pairs(u):
+            q = f"{path}.{bn}" if path else bn
+            if q in done or not is_bn_module(getattr(u, bn, nn.Identity())):
+                continue
+            if _ancestors_reach_in(work, q) or _ancestors_reach_in(work, f"{path}.{layer}" if path else layer):
+                continue
+            g = fx.Graph()
+            x = g.placeholder("x")
+            g.output(g.call_module(bn, (g.call_module(layer, (x,)),)))
+            vs, cands = find_sites(g, u, whole=work, prefix=path)
+            cands = [c for c in cands if not c.needs_graph]
+            vs = [v if any(c.site.bn == v.bn for c in cands) or isinstance(v, Skip) else _demote_site(v) for v in vs]
+            state, kept, vs = plan_sites(u, cands, vs)
+            if not dry_run:
+                apply_module_mode(result.get_submodule(path) if path else result, state, kept)
+            verdicts.extend(vs)
+            done.update(v.bn for v in vs)
+    return verdicts
+
+
+def _demote_site(v: Verdict) -> Skip:
+    return Skip(v.bn, SkipReason.SHARED_MODULE, "the layer or BN is shared: folding would change its other uses")
+
+
+def _fold_fallback(
+    work: nn.Module, result: nn.Module, dry_run: bool, err: str
+) -> tuple[FoldReport, nn.Module]:
+    """Rule 3: trace submodules of ``work`` (the shadow) on their own; apply what is safe to ``result``."""
     verdicts: list[Verdict] = []
     done: set[str] = set()
     todo: list[tuple[str, nn.Module]] = list(work.named_children())
@@ -344,9 +430,10 @@ def _fold_fallback(work: nn.Module, dry_run: bool, err: str) -> tuple[FoldReport
         cands = [c for c in cands if not c.needs_graph]
         state, kept, vs = plan_sites(sub, cands, vs)
         if not dry_run:
-            apply_module_mode(sub, state, kept)
+            apply_module_mode(result.get_submodule(name), state, kept)
         verdicts.extend(vs)
         done.update(v.bn.split("#")[0] for v in vs)
+    verdicts.extend(_fold_direct_pairs(work, result, dry_run, done))
     for n in sorted(_bn_names(work)):
         if n not in done:
             verdicts.append(
@@ -355,4 +442,4 @@ def _fold_fallback(work: nn.Module, dry_run: bool, err: str) -> tuple[FoldReport
     report = FoldReport(backend="module", verdicts=verdicts)
     report.extra["result"] = "module"
     report.notes.append(f"the model does not trace with torch.fx ({err}); folded inside the parts that do")
-    return report, work
+    return report, result

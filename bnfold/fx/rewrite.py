@@ -30,7 +30,8 @@ from torch import fx, nn
 from bnfold.fold_math import F64, WeightLayout, bn_affine, cast_exact, fits_dtype, fold_backward, fold_forward
 from bnfold.records import Direction, Skip, SkipReason, Verdict
 
-from .match import Candidate, fetch_attr, functional_bn_args, is_frozen_bn
+from .custom import BnSpec, describe_bn
+from .match import Candidate, fetch_attr, functional_bn_args
 
 __all__ = ["bn_scale_shift", "plan_sites", "apply_module_mode", "apply_graph_mode", "to_f64", "from_f64"]
 
@@ -79,15 +80,14 @@ def _np_dtype(dt: torch.dtype) -> Any:
     return torch.empty((), dtype=dt).numpy().dtype
 
 
-def bn_scale_shift(bn_node: fx.Node, root: nn.Module) -> tuple[F64, F64]:
+def bn_scale_shift(bn_node: fx.Node, root: nn.Module, spec: BnSpec | None = None) -> tuple[F64, F64]:
     """The eval map of the BN called at ``bn_node`` as float64 ``(scale, shift)``."""
     if bn_node.op == "call_module":
-        m = fetch_attr(root, str(bn_node.target))
-        if is_frozen_bn(m):
-            return to_f64(m.scale).reshape(-1), to_f64(m.shift).reshape(-1)  # type: ignore[union-attr]
-        mean, var = to_f64(m.running_mean), to_f64(m.running_var)
-        assert mean is not None and var is not None  # match refused BNs without running statistics
-        return bn_affine(to_f64(m.weight), to_f64(m.bias), mean, var, m.eps)
+        if spec is None:
+            got = describe_bn(fetch_attr(root, str(bn_node.target)))
+            assert isinstance(got, BnSpec)  # match refused the others
+            spec = got
+        return spec.affine64()
     a = functional_bn_args(bn_node)
 
     def get(key: str) -> F64 | None:
@@ -118,26 +118,36 @@ def plan_sites(
     kept: list[Candidate] = []
     swapped: dict[str, Verdict] = {}
     for c in cands:
-        layer = fetch_attr(root, str(c.layer_node.target))
-        w0 = layer.weight
-        if c.layer_node in state:
-            w, b = state[c.layer_node]
-        else:
-            w, b = to_f64(w0), to_f64(layer.bias)  # type: ignore[assignment]
-        scale, shift = bn_scale_shift(c.bn_node, root)
+        scale, shift = bn_scale_shift(c.bn_node, root, c.spec)
+        if c.repeat > 1:  # BN -> Flatten -> Linear: channel c covers features c*k .. c*k + k - 1
+            scale, shift = np.repeat(scale, c.repeat), np.repeat(shift, c.repeat)
         fold = fold_forward if c.site.direction is Direction.FORWARD else fold_backward
-        try:
-            w_new, b_new = fold(w, b, scale, shift, _layout(layer))
-        except ValueError as e:
-            swapped[c.site.bn] = Skip(c.site.bn, SkipReason.LAYOUT, f"channels do not line up ({e})")
+        # One layer, or the branches of a channel route: a slice of the BN per concatenated input,
+        # or the whole BN per summed branch with the shift going into the first branch only.
+        parts = c.parts or [(c.layer_node, 0, scale.shape[0], True)]
+        new: dict[fx.Node, tuple[F64, F64]] = {}
+        why: Skip | None = None
+        for node, lo, hi, with_shift in parts:
+            layer = fetch_attr(root, str(node.target))
+            w0 = layer.weight
+            w0_64 = to_f64(w0)
+            assert w0_64 is not None
+            w, b = state[node] if node in state else (w0_64, to_f64(layer.bias))
+            t = shift[lo:hi] if with_shift else np.zeros(hi - lo)
+            try:
+                w_new, b_new = fold(w, b, scale[lo:hi], t, _layout(layer))
+            except ValueError as e:
+                why = Skip(c.site.bn, SkipReason.LAYOUT, f"channels do not line up ({e})")
+                break
+            b_dt = layer.bias.dtype if layer.bias is not None else w0.dtype
+            if not (_fits(w_new, w0.dtype) and _fits(b_new, b_dt)):
+                why = Skip(c.site.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {w0.dtype}")
+                break
+            new[node] = (w_new, b_new)
+        if why is not None:
+            swapped[c.site.bn] = why
             continue
-        b_dt = layer.bias.dtype if layer.bias is not None else w0.dtype
-        if not (_fits(w_new, w0.dtype) and _fits(b_new, b_dt)):
-            swapped[c.site.bn] = Skip(
-                c.site.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {w0.dtype}"
-            )
-            continue
-        state[c.layer_node] = (w_new, b_new)
+        state.update(new)
         kept.append(c)
     return state, kept, [swapped.get(v.bn, v) for v in verdicts]
 
@@ -163,12 +173,20 @@ def _replace_module(root: nn.Module, target: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _tail_of(root: nn.Module, c: Candidate) -> nn.Module:
+    """What replaces a folded BN module: its tail (activation, dropout...) or ``nn.Identity()``."""
+    if c.spec is None or not c.spec.has_tail:
+        return nn.Identity()
+    tail = c.spec.make_tail(fetch_attr(root, str(c.bn_node.target)))
+    return nn.Identity() if tail is None else tail
+
+
 def apply_module_mode(root: nn.Module, state: dict[fx.Node, tuple[F64, F64]], cands: list[Candidate]) -> None:
-    """Write the folded weights into the layers and put ``nn.Identity()`` in place of each BN."""
+    """Write the folded weights into the layers and put its tail or ``nn.Identity()`` in place of each BN."""
     for node, (w, b) in state.items():
         _set_layer(fetch_attr(root, str(node.target)), w, b)
     for c in cands:
-        _replace_module(root, str(c.bn_node.target), nn.Identity())
+        _replace_module(root, str(c.bn_node.target), _tail_of(root, c))
 
 
 def apply_graph_mode(
@@ -192,6 +210,18 @@ def apply_graph_mode(
     bn_targets: set[str] = set()
     for c in cands:
         bn = c.bn_node
+        if bn.op == "call_module" and c.spec is not None and c.spec.has_tail:
+            # Keep the call, pointed at the BN's tail (the BN module itself may serve other calls).
+            target = str(bn.target)
+            new_name = f"{target}__bnfold_tail"
+            k = 0
+            while _has_attr(gm, new_name):
+                k += 1
+                new_name = f"{target}__bnfold_tail{k}"
+            gm.add_submodule(new_name, _tail_of(gm, c))
+            bn.target = new_name
+            bn_targets.add(target)
+            continue
         bn.replace_all_uses_with(bn.args[0])  # type: ignore[arg-type]
         attr_inputs = [n for n in bn.all_input_nodes if n.op == "get_attr"]
         gm.graph.erase_node(bn)

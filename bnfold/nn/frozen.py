@@ -23,9 +23,18 @@ back its BN); otherwise ``mean = 0``, ``var = 1 - eps`` (0 when ``eps >= 1``) an
 ``weight = scale * sqrt(var + eps)``, which in float32 is ``scale`` itself because ``var + eps`` rounds
 to 1.
 
-This module stands alone: it imports torch only (no other part of bnfold).
-bfloat16: ``Tensor.to(torch.bfloat16)`` from float64 rounds through float32 (double rounding may put a
-value one bfloat16 ulp off the correctly rounded one in rare ties); accepted here.
+Post-processing kept (a frozen ``BatchNormAct2d``): ``tail``, when set, is applied to the affine
+output (``y = tail(x * scale + shift)``), in train mode too (dropout stays active); BN-format
+checkpoint keys of the tail's modules (``act.weight``) load into ``tail.act.weight``.
+
+The source statistics (``source_mean``/``source_var``, in the BN's dtype) are persistent buffers once
+known, so ``unfreeze`` after a save/load round trip gives back the BN exactly; for a BN class bnfold
+cannot rebuild from its constructor (a subclass with its own ``__init__``) a copy of the source layer
+is kept as a template.
+
+The affine map is computed by :func:`bnfold.fold_math.bn_affine` (float64 NumPy) and rounded once with
+:func:`bnfold.fold_math.cast_exact` (correct rounding, bfloat16 included): the one fold math of bnfold.
+This module imports torch, numpy and ``bnfold.fold_math`` only.
 """
 
 from __future__ import annotations
@@ -33,24 +42,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from bnfold.fold_math import bn_affine, cast_exact
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _np64(t: Tensor | None) -> Any:
+    return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+
 def _affine64(
     gamma: Tensor | None, beta: Tensor | None, mean: Tensor, var: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Eval-mode BN as ``(scale, shift)`` in float64."""
-    m = mean.detach().to(torch.float64)
-    scale = 1.0 / torch.sqrt(var.detach().to(torch.float64) + float(eps))
-    if gamma is not None:
-        scale = gamma.detach().to(torch.float64) * scale
-    shift = -m * scale if beta is None else beta.detach().to(torch.float64) - m * scale
-    return scale, shift
+) -> tuple[Any, Any]:
+    """Eval-mode BN as float64 NumPy ``(scale, shift)`` (:func:`bnfold.fold_math.bn_affine`)."""
+    return bn_affine(_np64(gamma), _np64(beta), _np64(mean), _np64(var), float(eps))
+
+
+def _to_torch(a: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Float64 values rounded once (correctly) to ``dtype``, on ``device``."""
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        arr = np.ascontiguousarray(cast_exact(a, ml_dtypes.bfloat16))
+        t = torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+    else:
+        np_dt = torch.empty((), dtype=dtype).numpy().dtype
+        t = torch.from_numpy(np.ascontiguousarray(cast_exact(a, np_dt)))
+    return t.to(device)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -99,6 +123,10 @@ class FrozenBatchNorm(nn.Module):
         self.momentum: float | None = 0.1
         self.source_num_batches = 0
         self.source_affine = True
+        self.tail: nn.Module | None
+        self.register_module("tail", None)
+        # A copy of the layer frozen from, when its class is not rebuilt from (num_features, eps, ...).
+        object.__setattr__(self, "source_template", None)
         scale = torch.ones(self.num_features, dtype=dtype, device=device)
         shift = torch.zeros(self.num_features, dtype=dtype, device=device)
         if learnable:
@@ -107,17 +135,30 @@ class FrozenBatchNorm(nn.Module):
         else:
             self.register_buffer("scale", scale)
             self.register_buffer("shift", shift)
-        # Statistics the layer was frozen from (not saved in state_dict; None when unknown).
-        self.register_buffer("source_mean", None, persistent=False)
-        self.register_buffer("source_var", None, persistent=False)
+        # Statistics the layer was frozen from (saved in state_dict once known; None when unknown).
+        self.register_buffer("source_mean", None)
+        self.register_buffer("source_var", None)
 
     @classmethod
-    def from_bn(cls, bn: nn.Module, learnable: bool = False) -> FrozenBatchNorm:
+    def from_bn(
+        cls,
+        bn: nn.Module,
+        learnable: bool = False,
+        *,
+        stats: tuple[Tensor | None, Tensor | None, Tensor, Tensor, float] | None = None,
+        tail: nn.Module | None = None,
+        template: nn.Module | None = None,
+    ) -> FrozenBatchNorm:
         """The frozen layer that computes what ``bn`` computes in eval mode.
 
         Args:
             bn: a BatchNorm with running statistics (``track_running_stats=True``).
             learnable: make ``scale``/``shift`` trainable parameters, initialised at the folded values.
+            stats: ``(weight, bias, running_mean, running_var, eps)`` when they are not ``bn``'s
+                attributes of those names (a BN-like layer).
+            tail: the module ``bn`` applies to its normalised output (activation, dropout), kept.
+            template: a copy of ``bn`` that :func:`bnfold.unfreeze` starts from (for classes it
+                cannot construct).
 
         Returns:
             A new layer on the BN's device, in the dtype of its weight (or running mean if
@@ -127,16 +168,20 @@ class FrozenBatchNorm(nn.Module):
             ValueError: the BN has no running statistics, or ``scale``/``shift`` are not finite in its
                 dtype (e.g. float16 overflow).
         """
-        mean = getattr(bn, "running_mean", None)
-        var = getattr(bn, "running_var", None)
+        if stats is None:
+            mean = getattr(bn, "running_mean", None)
+            var = getattr(bn, "running_var", None)
+            weight = getattr(bn, "weight", None)
+            bias = getattr(bn, "bias", None)
+            eps = float(bn.eps)  # type: ignore[arg-type]
+        else:
+            weight, bias, mean, var, eps = stats
+            eps = float(eps)
         if mean is None or var is None:
             raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False)")
-        weight = getattr(bn, "weight", None)
-        bias = getattr(bn, "bias", None)
         dtype = weight.dtype if weight is not None else mean.dtype
         name = type(bn).__name__
         dim = int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else None
-        eps = float(bn.eps)  # type: ignore[arg-type]
         layer = cls(int(mean.numel()), eps, learnable=learnable, dim=dim, dtype=dtype, device=mean.device)
         layer._set_from_stats(weight, bias, mean, var, eps)
         layer.source = type(bn)
@@ -145,6 +190,9 @@ class FrozenBatchNorm(nn.Module):
         layer.momentum = None if momentum is None else float(momentum)
         nbt = getattr(bn, "num_batches_tracked", None)
         layer.source_num_batches = int(nbt.item()) if nbt is not None else 0
+        layer.tail = tail
+        if template is not None:
+            object.__setattr__(layer, "source_template", template)
         layer.train(bn.training)
         return layer
 
@@ -153,20 +201,22 @@ class FrozenBatchNorm(nn.Module):
         self, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
     ) -> None:
         scale64, shift64 = _affine64(weight, bias, mean, var, eps)
-        scale = scale64.to(self.scale.dtype)
-        shift = shift64.to(self.shift.dtype)
+        dev = self.scale.device
+        scale = _to_torch(scale64.reshape(-1), self.scale.dtype, dev)
+        shift = _to_torch(shift64.reshape(-1), self.shift.dtype, dev)
         if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())):
             raise ValueError(f"frozen scale/shift are not finite in {self.scale.dtype}")
         self.scale.copy_(scale)
         self.shift.copy_(shift)
-        self.source_mean = mean.detach().to(torch.float64).clone().to(self.scale.device)
-        self.source_var = var.detach().to(torch.float64).clone().to(self.scale.device)
+        self.source_mean = mean.detach().clone().reshape(-1).to(dev)
+        self.source_var = var.detach().clone().reshape(-1).to(dev)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2:
             raise ValueError(f"FrozenBatchNorm expects an input of rank >= 2 (N, C, ...), got {x.dim()}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+        y = x * self.scale.reshape(shape) + self.shift.reshape(shape)
+        return y if self.tail is None else self.tail(y)
 
     @torch.no_grad()
     def bn_state(self, affine: bool | None = None) -> dict[str, Tensor]:
@@ -205,8 +255,8 @@ class FrozenBatchNorm(nn.Module):
                 "num_batches_tracked": nbt,
             }
         if self.source_mean is not None and self.source_var is not None:
-            mean = self.source_mean.to(dev)
-            var = self.source_var.to(dev)
+            mean = self.source_mean.to(dev).to(torch.float64)
+            var = self.source_var.to(dev).to(torch.float64)
         else:
             mean = torch.zeros_like(scale)
             var = torch.full_like(scale, max(1.0 - self.eps, 0.0))
@@ -233,6 +283,15 @@ class FrozenBatchNorm(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        if self.tail is not None:
+            # BN-format keys of the tail's modules (``act.weight``) live under ``tail.`` here.
+            heads = {n for n, _ in self.tail.named_children()}
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                rest = key[len(prefix):]
+                if rest.split(".")[0] in heads and prefix + "tail." + rest not in state_dict:
+                    state_dict[prefix + "tail." + rest] = state_dict.pop(key)
+        src_mean = state_dict.pop(prefix + "source_mean", None)
+        src_var = state_dict.pop(prefix + "source_var", None)
         # A checkpoint saved from a BatchNorm: convert its entries to scale/shift with this eps.
         has_bn = any(prefix + k in state_dict for k in _BN_KEYS[:4])
         if has_bn and prefix + "scale" not in state_dict:
@@ -257,13 +316,17 @@ class FrozenBatchNorm(nn.Module):
                 self.source_num_batches = int(nbt.item())
             return
         state_dict.pop(prefix + "num_batches_tracked", None)
-        if prefix + "scale" in state_dict:
-            # scale/shift given directly: the statistics they came from are unknown.
+        given = prefix + "scale" in state_dict
+        if given:  # the source statistics are read here, not by the default loader
             self.source_mean = None
             self.source_var = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if given and src_mean is not None and src_var is not None:
+            # scale/shift given directly: the statistics they came from are saved with them, or unknown.
+            self.source_mean = src_mean.detach().clone().to(self.scale.device)
+            self.source_var = src_var.detach().clone().to(self.scale.device)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, learnable={self.learnable}"
