@@ -36,8 +36,8 @@ def test_freeze_reports_what_it_left(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert _digest(src) == before and out.exists()
     if as_json:
         data = json.loads(r.stdout)
-        assert [n for n, _ in data["frozen"]] == ["3"]
-        assert [(n, why) for n, why, _ in data["left"]] == [("1", "no_running_stats")]
+        assert [f["module"] for f in data["frozen"]] == ["3"]
+        assert [(x["module"], x["reason"]) for x in data["left"]] == [("1", "no_running_stats")]
     else:
         assert "left as they were" in r.stdout and "no_running_stats" in r.stdout
         assert "1 BatchNorm frozen" in r.stdout and "1 left" in r.stdout
