@@ -1,11 +1,17 @@
-"""Orchestration: pick the backend for a model, fold, verify, and the file-level jobs the CLI runs.
+"""The in-memory API: pick the backend for a model, fold, and run the post-fold steps.
+
+(File-level jobs, load -> fold -> verify -> save, are in :mod:`bnfold.jobs`.)
 
 Rules:
     * functional by default: the model given is never changed unless ``inplace=True``;
     * ``fold`` returns a model of the type it was given (``onnx.ModelProto``, ``nn.Module``,
       ``torch.export.ExportedProgram``), ``inspect`` returns the report only, ``fold_with_report``
       returns both;
-    * nothing here imports torch unless the model is a PyTorch object (an ONNX user never pays for it).
+    * nothing here imports torch unless the model is a PyTorch object (an ONNX user never pays for it);
+    * an option that does not apply to the model given raises :class:`~bnfold.errors.OptionError`
+      (``affine`` on a PyTorch model, ``example_inputs`` on an ONNX model, ...): never silently ignored;
+    * the signatures are typed for users: ``bnfold.fold(model_proto)`` is an ``onnx.ModelProto`` to a
+      type checker, ``bnfold.fold(module)`` an ``nn.Module``.
 """
 
 from __future__ import annotations
@@ -13,15 +19,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from .errors import InputError
+from .errors import InputError, OptionError
 from .records import FoldReport
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    import onnx
+    import torch
 
-__all__ = ["fold", "inspect", "fold_with_report", "model_kind"]
+Model = TypeVar("Model", "onnx.ModelProto", "torch.nn.Module", "torch.export.ExportedProgram")
+"""The three model types; ``fold`` returns the type it was given."""
+
+__all__ = ["Model", "fold", "inspect", "fold_with_report", "model_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +58,24 @@ def model_kind(model: Any) -> str:
     )
 
 
+# Options each kind of model takes beyond the common ones (dry_run, flush_denormals, health).
+_APPLIES = {
+    "onnx": {"inplace", "affine"},
+    "module": {"inplace", "eval_semantics", "example_inputs", "prune_constant_channels"},
+    "export": set(),
+}
+_WHERE = {"onnx": "an ONNX model", "module": "an nn.Module", "export": "a torch.export program"}
+
+
+def _check_options(kind: str, given: dict[str, Any]) -> None:
+    wrong = sorted(k for k, v in given.items() if not (v is None or v is False) and k not in _APPLIES[kind])
+    if wrong:
+        where = " or ".join(_WHERE[k] for k in _APPLIES if wrong[0] in _APPLIES[k])
+        raise OptionError(f"{', '.join(wrong)}: applies to {where}, not to {_WHERE[kind]}")
+
+
 def fold_with_report(
-    model: Any,
+    model: Model,
     *,
     inplace: bool = False,
     affine: bool = False,
@@ -59,7 +85,7 @@ def fold_with_report(
     flush_denormals: bool = True,
     health: bool = False,
     prune_constant_channels: bool = False,
-) -> tuple[Any, FoldReport]:
+) -> tuple[Model, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
     Args:
@@ -85,26 +111,34 @@ def fold_with_report(
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
         verdict per BatchNorm.
+
+    Raises:
+        OptionError: an option that does not apply to this kind of model (e.g. ``affine`` on an
+            ``nn.Module``, ``inplace`` on an ExportedProgram).
     """
     kind = model_kind(model)
+    _check_options(kind, {
+        "inplace": inplace, "affine": affine, "eval_semantics": eval_semantics,
+        "example_inputs": example_inputs, "prune_constant_channels": prune_constant_channels,
+    })
     from .postfold import PostFold, after_fold, before_fold
 
     steps = PostFold(flush_denormals, health, prune_constant_channels)
     before = None if dry_run else before_fold(model, kind, steps, inplace=inplace)
     t0 = time.perf_counter()
+    given: Any = model  # one of the three kinds: model_kind dispatches, each backend takes its own
     out: Any
     report: FoldReport
     if kind == "onnx":
         from .io import check_model_data
         from .onnx import fold_model
 
-        check_model_data(model)  # as io.load does for a file: duplicate names, short tensors, BN lengths
-
-        out, report = fold_model(model, affine=affine, dry_run=dry_run, inplace=inplace)
+        check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
+        out, report = fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace)
     elif kind == "export":
         from .fx import fold_exported
 
-        out, report = fold_exported(model, dry_run=dry_run)
+        out, report = fold_exported(given, dry_run=dry_run)
     else:
         import torch
 
@@ -112,7 +146,7 @@ def fold_with_report(
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         out, report = fold_module(
-            model, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
+            given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
         )
     report.seconds = time.perf_counter() - t0
     if not dry_run:  # health audit, constant-channel pruning, denormal flush (bnfold.postfold)
@@ -122,20 +156,43 @@ def fold_with_report(
 
         report.health = audit_copy(model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
-    return out, report
+    return cast("Model", out), report
 
 
-def fold(model: Any, **kwargs: Any) -> Any:
+def fold(
+    model: Model,
+    *,
+    inplace: bool = False,
+    affine: bool = False,
+    eval_semantics: bool = False,
+    example_inputs: Any = None,
+    flush_denormals: bool = True,
+    prune_constant_channels: bool = False,
+) -> Model:
     """Fold every exactly-foldable BatchNorm; return a model of the type given.
 
     ``model = bnfold.fold(model)`` works for ``onnx.ModelProto``, ``torch.nn.Module`` and
-    ``torch.export.ExportedProgram``. Keyword arguments as :func:`fold_with_report`.
+    ``torch.export.ExportedProgram``. Arguments as :func:`fold_with_report`.
     """
-    return fold_with_report(model, **kwargs)[0]
+    return fold_with_report(
+        model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
+        flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
+    )[0]
 
 
-def inspect(model: Any, **kwargs: Any) -> FoldReport:
-    """The verdict for every BatchNorm (folded where, or left and why) without changing anything."""
-    kwargs["dry_run"] = True
-    kwargs.pop("inplace", None)
-    return fold_with_report(model, **kwargs)[1]
+def inspect(
+    model: Model,
+    *,
+    affine: bool = False,
+    eval_semantics: bool = False,
+    example_inputs: Any = None,
+    health: bool = False,
+) -> FoldReport:
+    """The verdict for every BatchNorm (folded where, or left and why) without changing anything.
+
+    Arguments as :func:`fold_with_report` (the ones that decide a verdict).
+    """
+    return fold_with_report(
+        model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
+        health=health,
+    )[1]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,7 @@ def _load_bench():
     return mod
 
 
+@pytest.mark.slow  # a whole benchmark run, not a unit test
 def test_quick_path_writes_report(tmp_path: Path) -> None:
     bench = _load_bench()
     rc = bench.main(
