@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -388,24 +388,10 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
         own.add(str(v.target))
     # The tail: every node between the BN call and the output.
     out = next(n for n in nodes if n.op == "output")
-    down: set[fx.Node] = set()
-    todo = [bn]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in down:
-                down.add(u)
-                todo.append(u)
+    down = _reach(bn, lambda n: n.users)
     if out not in down and out.args[0] is not bn:
         return f"{why_prefix} and its output is not computed from the normalised value"
-    up: set[fx.Node] = set()
-    todo = [out]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in up:
-                up.add(a)
-                todo.append(a)
+    up = _reach(out, lambda n: n.all_input_nodes)
     tail = [n for n in nodes if n in down and n in up and n is not out]
     for n in tail:
         for a in n.all_input_nodes:
@@ -446,6 +432,19 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
     return _Traced((targets["weight"], targets["bias"], mean_t, var_t), float(args["eps"]), tail_graph, names)
 
 
+def _reach(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from ``start`` by repeating ``step`` (users: downstream; inputs: upstream),
+    ``start`` itself excluded unless a cycle leads back to it."""
+    seen: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        for u in step(todo.pop()):
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
 def _tail_ops(graph: fx.Graph) -> list[tuple[str, Any]] | None:
     """``(op, target)`` of every node between the one BN call and the output, in order."""
     nodes = list(graph.nodes)
@@ -453,13 +452,7 @@ def _tail_ops(graph: fx.Graph) -> list[tuple[str, Any]] | None:
     out = [n for n in nodes if n.op == "output"]
     if len(bns) != 1 or len(out) != 1:
         return None
-    down: set[fx.Node] = set()
-    todo = [bns[0]]
-    while todo:
-        for u in todo.pop().users:
-            if u not in down:
-                down.add(u)
-                todo.append(u)
+    down = _reach(bns[0], lambda n: n.users)
     return [(n.op, n.target) for n in nodes if n in down and n.op != "output"]
 
 
