@@ -28,8 +28,8 @@ from .plan import (
     finish,
     label_of,
     optional_input,
+    rank2_or_skip,
     resolve_weight,
-    value_rank,
     weight_and_bias,
 )
 
@@ -210,15 +210,9 @@ def _case_gemm(
             label, SkipReason.LAYOUT, f"{target} has transA=1: the BN channel is not its K axis"
         ), True
     if kind == "MatMul" and not flat:
-        rank = value_rank(index, x, y)
-        if rank != 2:
-            why = "unknown (no shape information)" if rank is None else str(rank)
-            return Skip(
-                label,
-                SkipReason.LAYOUT,
-                f"the input of {target} has rank {why}: the BN channel "
-                "(axis 1) is not the contracted axis (last) unless the rank is 2",
-            ), True
+        bad = rank2_or_skip(index, x, y, label, f"the input of {target}", "the contracted axis")
+        if bad is not None:
+            return bad, True
     bw = resolve_weight(ev, kn, 1, label, "weight")
     if isinstance(bw, Skip):
         return bw, True
