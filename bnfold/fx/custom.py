@@ -332,14 +332,23 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
     )
 
 
-def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
-    name = type(m).__name__
+def _probe(m: nn.Module, *, train: bool) -> nn.Module:
+    """A deep copy of ``m`` in train or eval mode to trace, without torch's input-shape checks."""
     probe = copy.deepcopy(m)
-    probe.eval()
+    if train:  # the methods, not train(flag): a subclass may override either
+        probe.train()
+    else:
+        probe.eval()
     for check in ("_check_input_dim", "_check_non_zero_input_channels"):
         if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
             # torch's shape checks only raise (on a Proxy they cannot even decide): skip them here.
             object.__setattr__(probe, check, lambda x: None)
+    return probe
+
+
+def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
+    name = type(m).__name__
+    probe = _probe(m, train=False)
     try:
         graph = _SubTracer().trace(probe)
     except Exception as e:  # noqa: BLE001 - a forward that does not trace is simply not proven
@@ -471,11 +480,7 @@ def tail_same_in_train(m: nn.Module) -> bool:
     key = _signature(m)
     if key in _SAME_IN_TRAIN:
         return _SAME_IN_TRAIN[key]
-    probe = copy.deepcopy(m)
-    probe.train()
-    for check in ("_check_input_dim", "_check_non_zero_input_channels"):
-        if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
-            object.__setattr__(probe, check, lambda x: None)
+    probe = _probe(m, train=True)
     try:
         train_ops = _tail_ops(_SubTracer().trace(probe))
     except Exception:  # noqa: BLE001 - not traceable in train mode: not proven
