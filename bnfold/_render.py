@@ -29,7 +29,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .records import Direction, FoldReport, HealthReport, OutputCheck, Site, Skip, VerifyReport
+from .records import (
+    Direction,
+    FoldReport,
+    HealthReport,
+    OutputCheck,
+    Site,
+    Skip,
+    VerifyReport,
+    count_labels,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -487,13 +496,11 @@ def health_summary(h: HealthReport) -> str:
     """The one-line summary of a health audit."""
     if h.healthy:
         return f"health: {len(h.bns)} BatchNorm audited, no issue found"
-    parts = [f"{len(h.flagged)} of {len(h.bns)} BatchNorm flagged"]
-    if h.constant_channels:
-        parts.append(f"{h.constant_channels} constant channel(s) (gamma = 0)")
-    if h.near_zero_gamma:
-        parts.append(f"{h.near_zero_gamma} near-zero gamma")
-    if h.small_var:
-        parts.append(f"{h.small_var} channel(s) with var <= eps")
+    parts = [f"{len(h.flagged)} of {len(h.bns)} BatchNorm flagged"] + count_labels(
+        (h.constant_channels, "constant channel(s) (gamma = 0)"),
+        (h.near_zero_gamma, "near-zero gamma"),
+        (h.small_var, "channel(s) with var <= eps"),
+    )
     if h.subnormal:
         parts.append(f"the fold writes {h.subnormal:,} subnormal value(s) (fold --flush-denormals)")
     r = h.scale_range + h.folded_range

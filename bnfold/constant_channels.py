@@ -211,6 +211,11 @@ def prune_constant_channels(model: Any) -> list[PrunedChannels]:
             left(b_name, "the next conv pads with zeros, which are not the constant")
             continue
         _prune(a, b, channels, k64)
+        # _prune puts new Parameters on both layers: record them as singly owned, or a later layer
+        # pruned against these would be refused as "shared" depending on whether a freed id got reused.
+        for p in (a.weight, a.bias, b.weight, b.bias):
+            if p is not None:
+                owners[id(p)] = 1
         out.append(PrunedChannels(node.target, b_name, channels, True, f"{len(chain)} pointwise op(s) between"))
     return out
 

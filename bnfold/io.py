@@ -847,10 +847,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, dst)
     except BaseException:
-        with _signals_deferred():
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        _discard(tmp)
         raise
 
 
@@ -877,6 +874,14 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         mask(signal.SIG_SETMASK, old)
+
+
+def _discard(path: str | None) -> None:
+    """Remove the file ``path`` (None: nothing) if it exists, as one step that a signal cannot cut."""
+    with _signals_deferred():
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -1450,10 +1455,7 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> bool:
             os.replace(tmp_model, dst)
             moved = None
     except BaseException:
-        with _signals_deferred():
-            if moved is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(moved)
+        _discard(moved)
         raise
     finally:
         with _signals_deferred():

@@ -27,6 +27,7 @@ __all__ = [
     "RangeCounts",
     "BnHealth",
     "HealthReport",
+    "count_labels",
 ]
 
 
@@ -370,6 +371,11 @@ class RangeCounts:
         return asdict(self)
 
 
+def count_labels(*counts: tuple[int, str]) -> list[str]:
+    """``"N what"`` for each ``(N, what)`` with N non-zero, in order: the parts of a health line."""
+    return [f"{n} {what}" for n, what in counts if n]
+
+
 @dataclass(frozen=True, slots=True)
 class BnHealth:
     """The health of one BatchNorm: its statistics, and what folding it writes into its target.
@@ -410,15 +416,12 @@ class BnHealth:
     @property
     def issues(self) -> tuple[str, ...]:
         """Short labels of what is wrong (empty for a healthy BN)."""
-        out = []
-        if self.constant_channels:
-            out.append(f"{len(self.constant_channels)} constant channel(s)")
-        if self.near_zero_gamma:
-            out.append(f"{len(self.near_zero_gamma)} near-zero gamma")
-        if self.small_var:
-            out.append(f"{len(self.small_var)} var <= eps")
-        if self.subnormal:
-            out.append(f"{self.subnormal} subnormal folded value(s)")
+        out = count_labels(
+            (len(self.constant_channels), "constant channel(s)"),
+            (len(self.near_zero_gamma), "near-zero gamma"),
+            (len(self.small_var), "var <= eps"),
+            (self.subnormal, "subnormal folded value(s)"),
+        )
         r = self.scale_range + self.folded_range
         if r.fp16_overflow or r.bf16_overflow:
             out.append("overflows in " + "/".join(

@@ -131,8 +131,41 @@ def _first_line(e: BaseException) -> str:
     return (text[:297] + "...") if len(text) > 300 else (text or type(e).__name__)
 
 
-class _OrtRunner:
+class _OnnxRunner:
+    """What both ONNX runners share: feeds checked against the model's inputs, one error wording.
+
+    A subclass sets ``label``, ``level``, ``runtime``, ``inputs``, ``outputs`` and ``engine`` (the
+    runtime named in a failure) and implements ``_outputs``.
+    """
+
+    label: str
+    level: str
+    runtime: RuntimeUse
+    inputs: list[InputSpec]
+    outputs: list[str]
+    engine: str
+
+    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise NotComparableError(f"{self.label}: has input {missing[0]!r} that the other model does not have")
+        try:
+            outs = self._outputs(feeds, names)
+        except Exception as e:
+            raise NotComparableError(
+                f"{self.label}: {self.engine} failed on sample {sample} ({_first_line(e)})"
+            ) from e
+        return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+
+    def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
+        raise NotImplementedError
+
+
+class _OrtRunner(_OnnxRunner):
     """One onnxruntime session, created once and run on every sample."""
+
+    engine = "onnxruntime"
 
     def __init__(self, source: str | bytes, level: str, label: str) -> None:
         import onnxruntime as ort
@@ -150,45 +183,36 @@ class _OrtRunner:
         ]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
+    def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
         import onnxruntime as ort
         from onnx import TensorProto
 
-        names = [s.name for s in self.inputs]
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise NotComparableError(f"{self.label}: has input {missing[0]!r} that the other model does not have")
-        try:
-            if any(feeds[n].dtype.name == "bfloat16" for n in names):
-                # onnxruntime takes bfloat16 only as an OrtValue built from the raw 16-bit pattern.
-                vals = {
-                    n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                        np.ascontiguousarray(feeds[n]).view(np.uint16), TensorProto.BFLOAT16
-                    )
-                    if feeds[n].dtype.name == "bfloat16"
-                    else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]))
-                    for n in names
-                }
-                outs = [v.numpy() for v in self.session.run_with_ort_values(self.outputs, vals)]
-            else:
-                outs = self.session.run(self.outputs, {n: feeds[n] for n in names})
-        except Exception as e:
-            raise NotComparableError(
-                f"{self.label}: onnxruntime failed on sample {sample} ({_first_line(e)})"
-            ) from e
-        return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+        if not any(feeds[n].dtype.name == "bfloat16" for n in names):
+            return list(self.session.run(self.outputs, {n: feeds[n] for n in names}))
+        # onnxruntime takes bfloat16 only as an OrtValue built from the raw 16-bit pattern.
+        vals = {
+            n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(feeds[n]).view(np.uint16), TensorProto.BFLOAT16
+            )
+            if feeds[n].dtype.name == "bfloat16"
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]))
+            for n in names
+        }
+        return [v.numpy() for v in self.session.run_with_ort_values(self.outputs, vals)]
 
 
 REFERENCE_EVALUATOR = "onnx.reference"
 """Name of the fallback runtime in reports: ``onnx.reference.ReferenceEvaluator`` (numpy, any dtype)."""
 
 
-class _RefRunner:
+class _RefRunner(_OnnxRunner):
     """The ONNX reference evaluator, for models onnxruntime cannot run (float64 Conv, opsets 1-6, ...).
 
     It implements every standard op of every opset in numpy (float64 included) without graph
     optimisation, so it checks the same arithmetic; it is slower, which only matters for large models.
     """
+
+    engine = "the ONNX reference evaluator"
 
     def __init__(self, source: Any, label: str, why: str) -> None:
         import onnx
@@ -214,18 +238,8 @@ class _RefRunner:
             self.inputs.append(InputSpec(vi.name, np_dtype(_ONNX_TYPE_NAMES.get(tt.elem_type, f"tensor(type {tt.elem_type})")), dims))
         self.outputs = [o.name for o in proto.graph.output]
 
-    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
-        names = [s.name for s in self.inputs]
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise NotComparableError(f"{self.label}: has input {missing[0]!r} that the other model does not have")
-        try:
-            outs = self.session.run(self.outputs, {n: feeds[n] for n in names})
-        except Exception as e:
-            raise NotComparableError(
-                f"{self.label}: the ONNX reference evaluator failed on sample {sample} ({_first_line(e)})"
-            ) from e
-        return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+    def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
+        return list(self.session.run(self.outputs, {n: feeds[n] for n in names}))
 
 
 def _same_runtime_or_better(ref: Any, cand: Any) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,14 +332,23 @@ def _trace_subclass(m: nn.Module) -> BnSpec | str:
     )
 
 
-def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
-    name = type(m).__name__
+def _probe(m: nn.Module, *, train: bool) -> nn.Module:
+    """A deep copy of ``m`` in train or eval mode to trace, without torch's input-shape checks."""
     probe = copy.deepcopy(m)
-    probe.eval()
+    if train:  # the methods, not train(flag): a subclass may override either
+        probe.train()
+    else:
+        probe.eval()
     for check in ("_check_input_dim", "_check_non_zero_input_channels"):
         if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
             # torch's shape checks only raise (on a Proxy they cannot even decide): skip them here.
             object.__setattr__(probe, check, lambda x: None)
+    return probe
+
+
+def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
+    name = type(m).__name__
+    probe = _probe(m, train=False)
     try:
         graph = _SubTracer().trace(probe)
     except Exception as e:  # noqa: BLE001 - a forward that does not trace is simply not proven
@@ -388,24 +397,10 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
         own.add(str(v.target))
     # The tail: every node between the BN call and the output.
     out = next(n for n in nodes if n.op == "output")
-    down: set[fx.Node] = set()
-    todo = [bn]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in down:
-                down.add(u)
-                todo.append(u)
+    down = _reach(bn, lambda n: n.users)
     if out not in down and out.args[0] is not bn:
         return f"{why_prefix} and its output is not computed from the normalised value"
-    up: set[fx.Node] = set()
-    todo = [out]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in up:
-                up.add(a)
-                todo.append(a)
+    up = _reach(out, lambda n: n.all_input_nodes)
     tail = [n for n in nodes if n in down and n in up and n is not out]
     for n in tail:
         for a in n.all_input_nodes:
@@ -446,6 +441,19 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
     return _Traced((targets["weight"], targets["bias"], mean_t, var_t), float(args["eps"]), tail_graph, names)
 
 
+def _reach(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from ``start`` by repeating ``step`` (users: downstream; inputs: upstream),
+    ``start`` itself excluded unless a cycle leads back to it."""
+    seen: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        for u in step(todo.pop()):
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
 def _tail_ops(graph: fx.Graph) -> list[tuple[str, Any]] | None:
     """``(op, target)`` of every node between the one BN call and the output, in order."""
     nodes = list(graph.nodes)
@@ -453,13 +461,7 @@ def _tail_ops(graph: fx.Graph) -> list[tuple[str, Any]] | None:
     out = [n for n in nodes if n.op == "output"]
     if len(bns) != 1 or len(out) != 1:
         return None
-    down: set[fx.Node] = set()
-    todo = [bns[0]]
-    while todo:
-        for u in todo.pop().users:
-            if u not in down:
-                down.add(u)
-                todo.append(u)
+    down = _reach(bns[0], lambda n: n.users)
     return [(n.op, n.target) for n in nodes if n in down and n.op != "output"]
 
 
@@ -478,11 +480,7 @@ def tail_same_in_train(m: nn.Module) -> bool:
     key = _signature(m)
     if key in _SAME_IN_TRAIN:
         return _SAME_IN_TRAIN[key]
-    probe = copy.deepcopy(m)
-    probe.train()
-    for check in ("_check_input_dim", "_check_non_zero_input_channels"):
-        if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
-            object.__setattr__(probe, check, lambda x: None)
+    probe = _probe(m, train=True)
     try:
         train_ops = _tail_ops(_SubTracer().trace(probe))
     except Exception:  # noqa: BLE001 - not traceable in train mode: not proven

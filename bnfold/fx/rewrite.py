@@ -55,20 +55,9 @@ def from_f64(a: Any, like: torch.Tensor) -> torch.Tensor:
         np_dt = torch.empty((), dtype=dt).numpy().dtype
         t = torch.from_numpy(np.ascontiguousarray(cast_exact(a, np_dt)))
     t = t.to(like.device)
-    if (
-        t.dim() == 4
-        and like.dim() == 4
-        and like.is_contiguous(memory_format=torch.channels_last)
-        and not like.is_contiguous()
-    ):
-        t = t.contiguous(memory_format=torch.channels_last)
-    elif (
-        t.dim() == 5
-        and like.dim() == 5
-        and like.is_contiguous(memory_format=torch.channels_last_3d)
-        and not like.is_contiguous()
-    ):
-        t = t.contiguous(memory_format=torch.channels_last_3d)
+    for rank, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == rank and like.dim() == rank and like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
+            return t.contiguous(memory_format=fmt)
     return t
 
 

@@ -9,9 +9,11 @@ layer's K axis (rank 2, or the K/C spatial positions after a Flatten from axis 1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from onnx import NodeProto
 
 from bnfold.fold_math import WeightLayout, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
@@ -28,8 +30,8 @@ from .plan import (
     finish,
     label_of,
     optional_input,
+    rank2_or_skip,
     resolve_weight,
-    value_rank,
     weight_and_bias,
 )
 
@@ -145,24 +147,36 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
     site = Site(label, label_of(kn, ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
     base: dict[str, Any] = {"site": site, "remove": (bi,), "rename_input": (first, 0, x), "dropped": (y,)}
     locks = tuple(dict.fromkeys((ki, first) + (() if flat is None else (flat,))))
+    c = Bwd(index, ev, kn, ki, label, prm, target, base, locks, x, y)
     if kind == "Conv":
-        return _case_conv(ev, kn, ki, label, prm, target, base, locks)  # Case 10
-    return _case_gemm(
-        index, ev, kn, ki, label, prm, target, base, locks, flat is not None, x, y
-    )  # Cases 11, 12
+        return _case_conv(c)  # Case 10
+    return _case_gemm(c, flat is not None)  # Cases 11, 12
 
 
-def _case_conv(
-    ev: ConstEvaluator,
-    kn: Any,
-    ki: int,
-    label: str,
-    prm: BnParams,
-    target: str,
-    base: dict[str, Any],
-    locks: tuple[int, ...],
-) -> Result:
+@dataclass
+class Bwd:
+    """What every backward case reads: the BN, its parameters, and the layer ``ki`` that reads it.
+
+    ``base`` and ``locks`` are the Fold fields every case shares (BN removed, the layer's data
+    input renamed to ``x``; the nodes edited); ``target`` names the layer in messages.
+    """
+
+    index: GraphIndex
+    ev: ConstEvaluator
+    kn: NodeProto
+    ki: int
+    label: str
+    prm: BnParams
+    target: str
+    base: dict[str, Any]
+    locks: tuple[int, ...]
+    x: str
+    y: str
+
+
+def _case_conv(c: Bwd) -> Result:
     """Case 10: BN -> Conv with all pads zero: scale input channels, bias += W t."""
+    ev, kn, ki, label, prm, target, base, locks = c.ev, c.kn, c.ki, c.label, c.prm, c.target, c.base, c.locks
     pads = list(attr(kn, "pads", []))
     auto_pad = attr(kn, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
@@ -189,36 +203,18 @@ def _case_conv(
     return Fold(**base, locks=locks, writes=[Write(ki, 1, res[0]), Write(ki, 2, res[1])]), True
 
 
-def _case_gemm(
-    index: GraphIndex,
-    ev: ConstEvaluator,
-    kn: Any,
-    ki: int,
-    label: str,
-    prm: BnParams,
-    target: str,
-    base: dict[str, Any],
-    locks: tuple[int, ...],
-    flat: bool,
-    x: str,
-    y: str,
-) -> Result:
+def _case_gemm(cx: Bwd, flat: bool) -> Result:
     """Case 11: BN -> Gemm (transA = 0) / MatMul on a rank-2 input; case 12: after a Flatten(axis=1)."""
+    ev, kn, ki, label, prm, target, base, locks = cx.ev, cx.kn, cx.ki, cx.label, cx.prm, cx.target, cx.base, cx.locks
     kind = kn.op_type
     if kind == "Gemm" and int(attr(kn, "transA", 0)):
         return Skip(
             label, SkipReason.LAYOUT, f"{target} has transA=1: the BN channel is not its K axis"
         ), True
     if kind == "MatMul" and not flat:
-        rank = value_rank(index, x, y)
-        if rank != 2:
-            why = "unknown (no shape information)" if rank is None else str(rank)
-            return Skip(
-                label,
-                SkipReason.LAYOUT,
-                f"the input of {target} has rank {why}: the BN channel "
-                "(axis 1) is not the contracted axis (last) unless the rank is 2",
-            ), True
+        bad = rank2_or_skip(cx.index, cx.x, cx.y, label, f"the input of {target}", "the contracted axis")
+        if bad is not None:
+            return bad, True
     bw = resolve_weight(ev, kn, 1, label, "weight")
     if isinstance(bw, Skip):
         return bw, True

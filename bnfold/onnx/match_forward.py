@@ -8,6 +8,7 @@ live in :mod:`bnfold.onnx.match_routes`; the no-ops walked first (case 13) in :m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +29,9 @@ from .plan import (
     finish,
     is_float,
     label_of,
+    rank2_or_skip,
     resolve_weight,
     scale_out,
-    value_rank,
     weight_and_bias,
 )
 
@@ -172,9 +173,9 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
         ), False
     kind = pn.op_type
     if kind in ("Conv", "ConvTranspose"):
-        return _case_conv(c, p)  # Cases 1 and 2
+        return _case_layer(c, p, layer_writes)  # Cases 1 and 2
     if kind == "Gemm":
-        return _case_gemm(c, p)  # Case 3
+        return _case_layer(c, p, gemm_fold)  # Case 3
     if kind == "MatMul":
         return _case_matmul(c, p, None)  # Case 4
     if kind == "Add":
@@ -228,16 +229,18 @@ def layer_writes(c: Fwd, p: int, s: F64, t: F64 | None) -> list[Write] | Skip:
     return [Write(p, 1, res[0]), Write(p, 2, res[1])]
 
 
-def _case_conv(c: Fwd, p: int) -> Result:
-    """Cases 1 and 2: scale the output channels of a Conv / ConvTranspose, shift its bias."""
+def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Write] | Skip]) -> Result:
+    """Cases 1-3: scale the output channels of a Conv / ConvTranspose / Gemm ``p`` and shift its
+    bias, with the writes ``writes`` computes (a Gemm also gets beta = 1)."""
     pn = c.index.nodes[p]
     bad = common(c, f"{pn.op_type} '{pn.name}'")
     if bad is not None:
         return bad, True
-    w = layer_writes(c, p, c.prm.scale, c.prm.shift)
+    w = writes(c, p, c.prm.scale, c.prm.shift)
     if isinstance(w, Skip):
         return w, True
-    return Fold(**c.base(p, pn.op_type), locks=c.locks(p), writes=w), True
+    beta_one = (p,) if pn.op_type == "Gemm" else ()
+    return Fold(**c.base(p, pn.op_type), locks=c.locks(p), writes=w, beta_one=beta_one), True
 
 
 # ---- Case 3: Gemm -> BN ----------------------------------------------------------------------------
@@ -267,16 +270,6 @@ def gemm_fold(
     return [Write(p, 1, res[0]), Write(p, 2, res[1])]
 
 
-def _case_gemm(c: Fwd, p: int) -> Result:
-    bad = common(c, f"Gemm '{c.index.nodes[p].name}'")
-    if bad is not None:
-        return bad, True
-    w = gemm_fold(c, p, c.prm.scale, c.prm.shift)
-    if isinstance(w, Skip):
-        return w, True
-    return Fold(**c.base(p, "Gemm"), locks=c.locks(p), writes=w, beta_one=(p,)), True
-
-
 # ---- Cases 4 and 5: MatMul [-> Add(bias)] -> BN, product of rank 2 -----------------------------------
 def matmul_weight(c: Fwd, m: int, target: str) -> Array | Skip:
     mw = resolve_weight(c.ev, c.index.nodes[m], 1, c.label, "right operand")
@@ -298,15 +291,9 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     bad = common(c, target)
     if bad is not None:
         return bad, True
-    rank = value_rank(idx, c.x, c.y)
-    if rank != 2:
-        why = "unknown (no shape information)" if rank is None else str(rank)
-        return Skip(
-            c.label,
-            SkipReason.LAYOUT,
-            f"the product of {target} has rank {why}: the BN channel (axis 1) "
-            "is not the MatMul's feature axis (last) unless the rank is 2",
-        ), True
+    bad = rank2_or_skip(idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis")
+    if bad is not None:
+        return bad, True
     mw = matmul_weight(c, m, target)
     if isinstance(mw, Skip):
         return mw, True

@@ -7,6 +7,8 @@ nodes go. Anything else is left alone (no verdict: these are not BatchNormalizat
 
 from __future__ import annotations
 
+from onnx import NodeProto
+
 from bnfold.fold_math import WeightLayout, fold_forward, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip
 
@@ -23,28 +25,34 @@ def match_mul_add(index: GraphIndex, ev: ConstEvaluator, ai: int) -> Fold | None
     add = index.nodes[ai]
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
         return None
-    for side in (0, 1):
-        mi = index.producer.get(add.input[side])
-        if mi is None or index.nodes[mi].op_type != "Mul":
-            continue
-        mul = index.nodes[mi]
-        if index.n_uses(mul.output[0]) != 1:
-            return None
-        d, _, _ = ev.resolve(add.input[1 - side])
-        if d is None or not is_float(d):
-            return None
-        for mside in (0, 1):
-            pi = index.producer.get(mul.input[mside])
-            if pi is None or index.nodes[pi].op_type not in ("Conv", "ConvTranspose", "Gemm"):
-                continue
-            pn = index.nodes[pi]
-            if index.n_uses(pn.output[0]) != 1:
-                return None
-            cval, _, _ = ev.resolve(mul.input[1 - mside])
-            if cval is None or not is_float(cval):
-                return None
-            return _fold_mul_add(index, ev, pi, mi, ai, cval, d)
+    found = _producer_and_const(index, ev, add, ("Mul",))
+    if found is None:
         return None
+    mi, d = found
+    found = _producer_and_const(index, ev, index.nodes[mi], ("Conv", "ConvTranspose", "Gemm"))
+    if found is None:
+        return None
+    pi, cval = found
+    return _fold_mul_add(index, ev, pi, mi, ai, cval, d)
+
+
+def _producer_and_const(
+    index: GraphIndex, ev: ConstEvaluator, node: NodeProto, ops: tuple[str, ...]
+) -> tuple[int, Array] | None:
+    """``(producer, constant)`` of a two-input node ``node`` whose one input comes from a node of
+    type ``ops`` read only by ``node`` and whose other input is a float constant; else None.
+
+    The first side whose producer has a type in ``ops`` decides: a second one is not tried."""
+    for side in (0, 1):
+        pi = index.producer.get(node.input[side])
+        if pi is None or index.nodes[pi].op_type not in ops:
+            continue
+        if index.n_uses(index.nodes[pi].output[0]) != 1:
+            return None
+        val, _, _ = ev.resolve(node.input[1 - side])
+        if val is None or not is_float(val):
+            return None
+        return pi, val
     return None
 
 

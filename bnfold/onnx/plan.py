@@ -39,6 +39,7 @@ __all__ = [
     "resolve_weight",
     "optional_input",
     "weight_and_bias",
+    "rank2_or_skip",
     "value_rank",
     "trace_type",
 ]
@@ -222,6 +223,20 @@ def value_rank(index: GraphIndex, *names: str) -> int | None:
         if vt is not None and vt.rank is not None:
             return vt.rank
     return None
+
+
+def rank2_or_skip(index: GraphIndex, x: str, y: str, bn: str, subject: str, axis: str) -> Skip | None:
+    """None when the BN data (``x`` or ``y``) has the declared rank 2, else the skip: only at rank 2
+    is the BN channel (axis 1) the last axis, the one a MatMul reads (``axis``) on ``subject``."""
+    rank = value_rank(index, x, y)
+    if rank == 2:
+        return None
+    why = "unknown (no shape information)" if rank is None else str(rank)
+    return Skip(
+        bn,
+        SkipReason.LAYOUT,
+        f"{subject} has rank {why}: the BN channel (axis 1) is not {axis} (last) unless the rank is 2",
+    )
 
 
 # Ops whose first output has the element type and rank of their first input.
