@@ -390,7 +390,8 @@ def test_bench(model_path: Path) -> None:
 # ----------------------------------------------------------------------------------- subprocesses
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # No empty entry: an empty PYTHONPATH element puts the current folder on sys.path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
