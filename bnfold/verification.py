@@ -53,6 +53,7 @@ later (:mod:`bnfold.golden`); ``locate`` names the first intermediate tensor tha
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io as _io
 import logging
@@ -131,7 +132,7 @@ def _first_line(e: BaseException) -> str:
     return (text[:297] + "...") if len(text) > 300 else (text or type(e).__name__)
 
 
-class _OnnxRunner:
+class _OnnxRunner(abc.ABC):
     """What both ONNX runners share: feeds checked against the model's inputs, one error wording.
 
     A subclass sets ``label``, ``level``, ``runtime``, ``inputs``, ``outputs`` and ``engine`` (the
@@ -158,8 +159,9 @@ class _OnnxRunner:
             ) from e
         return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
 
+    @abc.abstractmethod
     def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
-        raise NotImplementedError
+        """The outputs of one run, in ``self.outputs`` order."""
 
 
 class _OrtRunner(_OnnxRunner):
@@ -277,7 +279,7 @@ def _legacy_ops(proto: Any) -> list[Any]:
             outputs = [o for o in self.onnx_node.output if o]
             training = not is_test if opset < 7 else len(outputs) > 1
             if training:
-                raise NotImplementedError(f"BatchNormalization (opset {opset}) in training mode")
+                raise NotComparableError(f"BatchNormalization (opset {opset}) in training mode: not an inference model")
             eps = 1e-5 if epsilon is None else epsilon
             if spatial == 0:  # statistics per element of C x D1 x ...
                 shape = (1, *x.shape[1:])
