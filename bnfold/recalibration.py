@@ -64,7 +64,6 @@ and up it was worse than plain freezing).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -78,6 +77,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import InputError, OptionError
+from .fx.module import copy_model
 
 __all__ = ["recalibrate", "param_groups"]
 
@@ -244,7 +244,7 @@ def recalibrate(
     if prior is not None and not (math.isfinite(prior) and prior >= 0):
         raise OptionError(f"prior must be a finite number >= 0, got {prior}")
     group = _group(process_group, distributed)
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else copy_model(model)  # copes with tensors a forward cached (LeViT)
     named = [
         (n, m)
         for n, m in root.named_modules()

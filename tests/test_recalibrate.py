@@ -326,3 +326,20 @@ def test_param_groups_put_the_frozen_affine_at_its_own_rate() -> None:
     assert len(plain) == 1 and plain[0]["lr"] == 0.01
     with pytest.raises(bnfold.OptionError, match="affine_lr_scale"):
         bnfold.param_groups(model, 0.01, affine_lr_scale=-1.0)
+
+
+def test_model_with_a_forward_cache_is_copied_not_changed() -> None:
+    # LeViT keeps an eval-mode attention-bias cache: a tensor with a grad_fn, which copy.deepcopy refuses.
+    from models.realworld import LeViTNet
+
+    torch.manual_seed(0)
+    model = LeViTNet().eval()
+    x = torch.randn(4, 3, 16, 16)
+    model(x)  # fills the cache
+    assert model.attn.attention_bias_cache
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = bnfold.recalibrate(model, [torch.randn(4, 3, 16, 16) + 0.5 for _ in range(3)])
+    assert out is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    assert not torch.equal(out.stem[1].running_mean, model.stem[1].running_mean)  # the copy was recalibrated
+    out(x)  # and still runs
