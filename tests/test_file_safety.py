@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -30,6 +29,7 @@ import bnfold
 from bnfold import io as bio
 from bnfold.errors import InputError, ModelFormatError, OutputError
 from bnfold.jobs import fold_file
+from models.testing import run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +60,7 @@ def _x() -> np.ndarray:
 
 
 def _run(path: Path) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": _x()})[0]
+    return run_onnx(path, {"x": _x()})[0]
 
 
 def _save_external(m: onnx.ModelProto, path: Path, location: str) -> None:
@@ -160,9 +158,7 @@ def test_foreign_data_file_next_to_the_output_is_never_touched(tmp_path: Path) -
 
 
 def _run_model(m: onnx.ModelProto) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": _x()})[0]
+    return run_onnx(m, {"x": _x()})[0]
 
 
 def test_resaving_replaces_the_pair_and_removes_the_old_data(tmp_path: Path) -> None:

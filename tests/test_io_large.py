@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -22,6 +21,7 @@ from onnx import numpy_helper as nh
 from bnfold import io as bio
 from bnfold.errors import ModelFormatError
 from bnfold.jobs import fold_file
+from models.testing import run_onnx
 
 # float32 conv + BN folded: a few ulps of the output scale (the fold itself is float64)
 ATOL = 1e-5
@@ -51,9 +51,7 @@ def _x() -> np.ndarray:
 
 
 def _run(path: Path) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": _x()})[0]
+    return run_onnx(path, {"x": _x()})[0]
 
 
 def _digest(folder: Path) -> dict[str, str]:
