@@ -90,7 +90,8 @@ def locate_divergence(
     Raises:
         NotComparableError: a model that no runtime can run with its intermediate outputs.
     """
-    from .verification import _onnx_runner, _onnx_source
+    from .verification.runners import _onnx_runner
+    from .verification.sources import _onnx_source
 
     ref, cand = _load(reference), _load(candidate)
     ref_prod, cand_prod = _producers(ref), _producers(cand)

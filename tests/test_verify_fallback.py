@@ -118,7 +118,7 @@ def test_old_opsets_fold_and_verify(opset: int) -> None:
 
 def test_legacy_batchnorm_matches_the_evaluators_own_batchnorm6() -> None:
     """The BatchNormalization-1 added for opsets 1-5 computes what the evaluator's BN-6 computes."""
-    from bnfold.verification import _legacy_ops
+    from bnfold.verification.runners import _legacy_ops
 
     x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
     old, new = _conv_bn(T.FLOAT, opset=5), _conv_bn(T.FLOAT, opset=6)
@@ -173,7 +173,7 @@ def _bn_as_arithmetic(opset: int, spatial: int, dtype: int) -> tuple[onnx.ModelP
 @pytest.mark.parametrize("dtype", [T.FLOAT, T.DOUBLE])
 def test_legacy_batchnorm_semantics_against_plain_arithmetic(opset: int, spatial: int, dtype: int) -> None:
     """spatial=0 (per-element statistics) and opsets 7/8 (no is_test) run with inference semantics."""
-    from bnfold.verification import _legacy_ops
+    from bnfold.verification.runners import _legacy_ops
 
     bn, arith = _bn_as_arithmetic(opset, spatial, dtype)
     x = np.random.default_rng(2).standard_normal((2, 3, 4, 4)).astype(h.tensor_dtype_to_np_dtype(dtype))

@@ -10,11 +10,10 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-import bnfold.verification as verification
 from bnfold.cli import app
 from bnfold.errors import OptionError, OutputError
 from bnfold.golden import Recording, load_outputs, save_outputs
-from bnfold.verification import verify
+from bnfold.verification import checks, driver, recorded, verify
 from tests.test_verify import _fold_by_hand, _model, _perturb
 from tests.test_verify_compare import _typed
 
@@ -51,7 +50,8 @@ def test_recheck_saved_outputs_without_running(tmp_path: Path, monkeypatch: pyte
     def no_run(*a: object, **k: object) -> None:
         raise AssertionError("a model ran")
 
-    monkeypatch.setattr(verification, "_onnx_runner", no_run)
+    for module in (driver, recorded, checks):  # every place a runner is made
+        monkeypatch.setattr(module, "_onnx_runner", no_run)
     assert verify(None, None, load_outputs=golden).passed
     strict = verify(None, None, load_outputs=golden, rtol=1e-12)
     assert not strict.passed  # the fold's rounding is visible at 1e-12

@@ -1,0 +1,217 @@
+"""The driver of a verification: options checked, sources prepared, both sides run, outputs compared.
+
+Order (each step raises before any model runs when it can):
+    1. options: onnxruntime levels, samples, tolerances and thresholds (:class:`bnfold.compare.Comparator`),
+       the ``save_outputs`` folder; ``load_outputs`` hands over to :mod:`.recorded`;
+    2. sources (:mod:`.sources`): bytes or a file for each ONNX side, PyTorch models as they are;
+    3. runners (:mod:`.runners`) for the ONNX sides; their inputs and outputs checked against each
+       other (:mod:`.checks`); PyTorch inputs from the example tensors;
+    4. inputs: the user's data, else seeded random tensors per sample (:mod:`bnfold._inputs`);
+    5. a PyTorch candidate is exported to ONNX (named after the reference) and run in onnxruntime;
+    6. every sample through both sides, every output compared; ``extra_level``, ``locate`` and
+       ``save_outputs`` on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bnfold._inputs import random_inputs, resolve_shapes, user_inputs
+from bnfold.compare import Comparator, ToleranceArg
+from bnfold.errors import OptionError, OutputError
+from bnfold.records import VerifyReport
+
+from .checks import (
+    _check_inputs,
+    _check_outputs,
+    _compare_outputs,
+    _example_inputs,
+    _example_shapes,
+    _extra_level,
+    _torch_specs,
+)
+from .recorded import _save_recording, _verify_recorded
+from .runners import (
+    _flatten,
+    _onnx_runner,
+    _run_torch_once,
+    _Runner,
+    _same_runtime_or_better,
+    _TorchRunner,
+    check_level,
+)
+from .sources import _export_candidate, _is_torch, _onnx_source
+
+__all__ = ["verify"]
+
+
+def verify(
+    reference: Any,
+    candidate: Any,
+    *,
+    inputs: Any = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    atol: ToleranceArg = None,
+    rtol: ToleranceArg = None,
+    optimization_level: str = "disable",
+    extra_level: str | None = None,
+    example_inputs: Any = None,
+    error_stat: str = "max",
+    min_cosine: float | None = None,
+    min_snr_db: float | None = None,
+    save_outputs: str | os.PathLike[str] | None = None,
+    load_outputs: str | os.PathLike[str] | None = None,
+    locate: bool = False,
+) -> VerifyReport:
+    """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
+
+    Args:
+        reference: the original model: ``onnx.ModelProto``, serialized ONNX bytes, a path (ONNX with
+            external data, ``.pt2``, TorchScript, trusted formats only), ``torch.nn.Module`` or
+            ``torch.export.ExportedProgram`` (run eagerly: the ground truth).
+        candidate: the rewritten model, same kinds (a PyTorch candidate is exported to ONNX and run in
+            onnxruntime).
+        inputs: real data instead of random tensors: a dict ``name -> array`` (one sample), a list of
+            such dicts (one per sample) or a path to an ``.npz`` file (one array per input name).
+            ``samples`` is ignored then.
+        input_shapes: ``name -> shape`` for inputs with symbolic dimensions (must agree with the fixed
+            ones); defaults: 2 for a symbolic first dimension, 8 for any other.
+        samples: number of random samples (each a fresh draw from ``seed``).
+        seed: seed of the random inputs.
+        atol: absolute tolerance for floating outputs (default per dtype, :data:`~bnfold.compare.DEFAULT_TOLERANCES`):
+            one value, or ``{output: value}`` (key ``"*"`` for the other outputs).
+        rtol: tolerance relative to the output's scale (max |reference|), default per dtype; same forms.
+        optimization_level: onnxruntime graph optimisation for both models: "disable" (default),
+            "basic", "extended", "all".
+        extra_level: if given, run the candidate again at this level and add that comparison to
+            ``report.extra`` (e.g. the level used in deployment).
+        example_inputs: a tuple of tensors giving input shapes and dtypes when both models are PyTorch
+            (an ``ExportedProgram``'s own example inputs are used when absent).
+        error_stat: the statistic of ``|c - r|`` judged against the tolerance: "max" (default: every
+            element), "mean", "median" or a quantile ("q0.99", "p99"); see :mod:`bnfold.compare`.
+        min_cosine: also fail an output whose cosine similarity with the reference is below this.
+        min_snr_db: also fail an output whose signal-to-noise ratio is below this many dB.
+        save_outputs: write the inputs and both models' outputs to this ``.npz`` file
+            (:mod:`bnfold.golden`).
+        load_outputs: a file written with ``save_outputs``: its inputs and reference outputs stand
+            for the reference (pass ``reference=None``); with ``candidate=None`` too, the saved
+            candidate outputs are compared again (no model runs).
+        locate: ONNX models: also compare every intermediate tensor present in both and name the
+            first one that diverges (``report.locate``, see :mod:`bnfold.locate`).
+
+    Returns:
+        A :class:`~bnfold.records.VerifyReport`; ``report.passed`` is False on a mismatch (no raise).
+
+    Raises:
+        NotComparableError: different input or output names, incompatible shapes or dtypes, a model
+            that neither onnxruntime nor the ONNX reference evaluator can run.
+        OptionError: a bad option (level, shapes, inputs, tolerances).
+        ModelFormatError: a path that is not a readable model.
+    """
+    check_level(optimization_level)
+    if extra_level is not None:
+        check_level(extra_level)
+    if samples < 1:
+        raise OptionError(f"samples must be at least 1, got {samples}")
+    comparator = Comparator(atol, rtol, error_stat, min_cosine, min_snr_db)
+    comparator.validate()
+    if save_outputs is not None:  # a cheap check before any model runs
+        folder = os.path.dirname(os.path.abspath(os.fspath(save_outputs)))
+        if not os.path.isdir(folder) or os.path.isdir(os.fspath(save_outputs)):
+            raise OutputError(f"{os.fspath(save_outputs)}: cannot write the outputs there (no such folder, or a folder)")
+    if load_outputs is not None:
+        if inputs is not None:
+            raise OptionError("load_outputs: the saved inputs are used; inputs cannot be given as well")
+        if reference is not None:
+            raise OptionError("load_outputs: the saved outputs are the reference; pass only a candidate (or none)")
+        if locate:
+            raise OptionError("locate needs both models (not saved outputs)")
+        return _verify_recorded(
+            load_outputs, candidate, comparator, optimization_level, extra_level, save_outputs
+        )
+    if candidate is None or reference is None:
+        raise OptionError("verify needs a reference and a candidate (or load_outputs)")
+
+    with contextlib.ExitStack() as stack:
+        ref_src = _onnx_source(reference, "reference", stack)
+        cand_src = _onnx_source(candidate, "candidate", stack)
+        ref_torch, cand_torch = _is_torch(ref_src), _is_torch(cand_src)
+
+        ref: _Runner
+        cand: _Runner | None = None
+        if not ref_torch:
+            ref = _onnx_runner(ref_src, optimization_level, "reference")
+            specs = ref.inputs
+            out_names = ref.outputs
+        if not cand_torch:
+            cand = _onnx_runner(cand_src, optimization_level, "candidate")
+            if ref_torch:
+                specs, out_names = cand.inputs, cand.outputs
+            else:
+                _same_runtime_or_better(ref, cand)
+                _check_inputs(specs, cand.inputs, exported=False)
+                _check_outputs(out_names, cand.outputs)
+        if ref_torch and cand_torch:
+            ex = _example_inputs(ref_src, example_inputs)
+            ex = _example_inputs(cand_src, None) if ex is None else ex
+            if ex is None:
+                raise OptionError("both models are PyTorch: pass example_inputs (a tuple of tensors)")
+            specs = _torch_specs(ex)
+            out_names = []  # named after the exported candidate below
+        if ref_torch:
+            ref = _TorchRunner(ref_src, "reference")
+            ref.inputs = specs
+
+        if not (ref_torch and cand_torch):
+            ex = _example_inputs(ref_src, example_inputs) if ref_torch else example_inputs
+            if ex is not None:  # symbolic dims of the ONNX side take the example's shape
+                input_shapes = {**_example_shapes(ex, specs), **dict(input_shapes or {})}
+        shapes = resolve_shapes(specs, input_shapes)
+        if inputs is not None:
+            feeds = user_inputs(specs, inputs)
+        else:
+            rng = np.random.default_rng(seed)
+            feeds = [random_inputs(specs, shapes, rng) for _ in range(samples)]
+
+        if cand_torch:
+            if not out_names:
+                n_out = len(_flatten(_run_torch_once(cand_src, feeds[0], specs)))
+                out_names = [f"output_{i}" for i in range(n_out)]
+            onnx_bytes = _export_candidate(cand_src, feeds[0], specs, out_names)
+            cand = _onnx_runner(onnx_bytes, optimization_level, "candidate (exported to ONNX)")
+            _check_inputs(specs, cand.inputs, exported=True)
+            _check_outputs(out_names, cand.outputs)
+        assert cand is not None
+        if isinstance(ref, _TorchRunner):
+            ref.outputs = list(out_names)
+
+        comparator.validate(out_names)
+        ref_out = [ref.run(f, i) for i, f in enumerate(feeds)]
+        cand_out = [cand.run(f, i) for i, f in enumerate(feeds)]
+        checks = _compare_outputs(ref_out, cand_out, out_names, comparator)
+        extra = _extra_level(
+            extra_level, cand_src if not cand_torch else onnx_bytes, feeds, ref_out, out_names, comparator
+        )
+        runtimes = (ref.runtime, cand.runtime)
+        located = None
+        if locate:
+            if ref_torch or cand_torch:
+                raise OptionError("locate compares intermediate tensors of two ONNX models; export the PyTorch side first")
+            from bnfold.locate import locate_divergence
+
+            located = locate_divergence(ref_src, cand_src, feeds[0], comparator)
+        if save_outputs is not None:
+            _save_recording(save_outputs, specs, out_names, feeds, ref_out, cand_out, runtimes)
+    return VerifyReport(
+        checks=checks, samples=len(feeds), optimization_level=optimization_level, extra=extra,
+        runtimes=runtimes, comparator=comparator.to_dict(), locate=located,
+    )
+
+

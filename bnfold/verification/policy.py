@@ -1,0 +1,102 @@
+"""What a verification result means for its caller: the one wording of a failure, and the one raise.
+
+A run never raises on a mismatch (``report.passed`` is False). The callers that turn a failed report
+into an error or a line of text use these, so that the policy and its words live in one place:
+
+    * :func:`describe_failure`: one phrase for one failed output (NaN/Inf, tolerance, cosine, SNR, and
+      where the largest error is);
+    * :func:`failure_message`: the whole report in one line (``None`` when it passed): the first
+      failing check, the main one before the ``extra_level`` re-runs, named with its onnxruntime level;
+    * :func:`ensure_passed`: raise :class:`~bnfold.errors.VerificationError` (exit code 1) with that
+      line, the report attached; a subclass (e.g. the file job's ``FoldVerificationError``) builds
+      its message from :func:`failure_message` the same way;
+    * :func:`runtime_notes`: one line per side that did not run in onnxruntime (which runtime, why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnfold.errors import VerificationError
+from bnfold.records import OutputCheck, VerifyReport
+
+from .runners import REFERENCE_EVALUATOR
+
+__all__ = ["describe_failure", "failure_message", "ensure_passed", "runtime_notes"]
+
+
+def failure_message(report: VerifyReport, against: str | None = None) -> str | None:
+    """One line saying why ``report`` failed, or ``None`` when it passed.
+
+    Args:
+        report: a verification report.
+        against: what the candidate was compared to (a path, "the PyTorch model"): the line reads
+            "not equivalent to <against>: ..." instead of "not equivalent: ...".
+
+    Returns:
+        "not equivalent[ to X][ with onnxruntime level 'L']: <describe_failure of the worst output>".
+    """
+    if report.passed:
+        return None
+    to = f" to {against}" if against else ""
+    for rep in (report, *report.extra):
+        if rep.passed:
+            continue
+        worst = rep.worst()
+        what = describe_failure(worst) if worst is not None else "verification failed"
+        level = "" if rep is report else f" with onnxruntime level {rep.optimization_level!r}"
+        return f"not equivalent{to}{level}: {what}"
+    return f"not equivalent{to}"  # pragma: no cover - passed is False only when a check failed
+
+
+def ensure_passed(report: VerifyReport, *, where: str | None = None, against: str | None = None) -> None:
+    """Raise :class:`~bnfold.errors.VerificationError` if ``report`` did not pass.
+
+    The message is :func:`failure_message` (the worst output, its error relative to the output's
+    scale and the sample, and the onnxruntime level when only the second check failed).
+
+    Args:
+        report: a verification report.
+        where: prepended as ``"<where>: "`` (the candidate's path, say).
+        against: what the candidate was compared to (see :func:`failure_message`).
+
+    Raises:
+        VerificationError: the report failed; ``.report`` is ``report``, ``.exit_code`` is 1.
+    """
+    message = failure_message(report, against)
+    if message is not None:
+        raise VerificationError(f"{where}: {message}" if where else message, report=report)
+
+
+def runtime_notes(report: VerifyReport) -> list[str]:
+    """One line per side that did not run in onnxruntime: which runtime ran it, and why."""
+    return [
+        f"{r.role} run with {'the ONNX reference evaluator' if r.runtime == REFERENCE_EVALUATOR else r.runtime}"
+        + (f" ({r.reason})" if r.reason else "")
+        for r in report.runtimes
+        if r.runtime not in ("onnxruntime", "torch")
+    ]
+
+
+def describe_failure(c: OutputCheck) -> str:
+    """One phrase naming what failed on output ``c`` (NaN/Inf, tolerance, cosine, SNR) and where."""
+    n = int(np.prod(c.shape)) if c.shape else 1
+    where = f"output {c.name!r} differs on sample {c.sample}"
+    at = f" (largest error at index {list(c.worst_index)})" if c.worst_index else ""
+    if c.failure == "nan":
+        return f"output {c.name!r} is NaN on sample {c.sample} at {c.nan} of {n} elements where the reference is finite{at}"
+    if c.failure == "inf":
+        return f"output {c.name!r} is infinite on sample {c.sample} at {c.inf} of {n} elements where the reference is finite{at}"
+    if c.failure == "cosine":
+        return f"{where}: cosine similarity {c.cosine:.6g} is below the threshold"
+    if c.failure == "snr":
+        return f"{where}: SNR {c.snr_db:.3g} dB is below the threshold"
+    if c.error_stat != "max":
+        return (
+            f"{where}: {c.error_stat} abs error {c.error_value:.3g} above atol={c.atol:g} + rtol={c.rtol:g} x scale "
+            f"(max abs error {c.max_abs_error:.3g}){at}"
+        )
+    return (
+        f"{where}: max abs error {c.max_abs_error:.3g} ({c.max_rel_error:.3g} of the output's scale), "
+        f"{c.mismatches} of {n} elements outside atol={c.atol:g} + rtol={c.rtol:g} x scale{at}"
+    )

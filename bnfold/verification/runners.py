@@ -1,0 +1,324 @@
+"""The runtimes verification runs a model in: onnxruntime, the ONNX reference evaluator, eager PyTorch.
+
+Rules:
+    * onnxruntime runs on the CPU with the graph optimisation level asked for (default
+      ``ORT_DISABLE_ALL``: from its basic level up it fuses Conv+BN itself, which would hide a wrong
+      fold); it gets bytes or a path, so a model file with external data is read by onnxruntime
+      itself, never parsed or serialised here;
+    * a model onnxruntime cannot load runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph
+      optimisation), with bnfold's BatchNormalization for opsets 1-8 (:func:`_legacy_ops`); a
+      candidate that only the fallback runs while onnxruntime runs the reference is refused
+      (:func:`_same_runtime_or_better`);
+    * a PyTorch reference runs eagerly, in eval mode (every submodule's flag restored afterwards),
+      under ``torch.no_grad()``; its outputs are flattened in order and named after the ONNX side;
+    * every failure of a runtime is a :class:`~bnfold.errors.NotComparableError` naming the side, the
+      runtime and the sample, on one line.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bnfold._dtypes import from_numpy, to_numpy
+from bnfold._inputs import InputSpec, np_dtype
+from bnfold.errors import NotComparableError, OptionError
+from bnfold.records import RuntimeUse
+
+__all__ = ["OPTIMIZATION_LEVELS", "REFERENCE_EVALUATOR", "check_level"]
+
+log = logging.getLogger(__name__)
+
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+"""Names accepted for ``optimization_level`` / ``extra_level`` (onnxruntime graph optimisation)."""
+
+
+def check_level(level: str) -> str:
+    """``level`` when it is one of :data:`OPTIMIZATION_LEVELS`, else an :class:`~bnfold.errors.OptionError`.
+
+    The one check of an onnxruntime level: :func:`bnfold.verification.verify` calls it before any
+    model runs, and so may a caller that validates its options up front.
+    """
+    if level not in OPTIMIZATION_LEVELS:
+        raise OptionError(f"unknown optimization level {level!r} (choose from {', '.join(OPTIMIZATION_LEVELS)})")
+    return level
+
+
+def _ort_level(level: str) -> Any:
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    return levels[check_level(level)]
+
+
+def _first_line(e: BaseException) -> str:
+    """The error's message on one line (onnxruntime spreads some over several), at most 300 characters."""
+    text = " ".join(str(e).split())
+    return (text[:297] + "...") if len(text) > 300 else (text or type(e).__name__)
+
+
+class _OnnxRunner(abc.ABC):
+    """What both ONNX runners share: feeds checked against the model's inputs, one error wording.
+
+    A subclass sets ``label``, ``level``, ``runtime``, ``inputs``, ``outputs`` and ``engine`` (the
+    runtime named in a failure) and implements ``_outputs``.
+    """
+
+    label: str
+    level: str
+    runtime: RuntimeUse
+    inputs: list[InputSpec]
+    outputs: list[str]
+    engine: str
+
+    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise NotComparableError(f"{self.label}: has input {missing[0]!r} that the other model does not have")
+        try:
+            outs = self._outputs(feeds, names)
+        except Exception as e:
+            raise NotComparableError(
+                f"{self.label}: {self.engine} failed on sample {sample} ({_first_line(e)})"
+            ) from e
+        return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
+
+    @abc.abstractmethod
+    def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
+        """The outputs of one run, in ``self.outputs`` order."""
+
+
+class _OrtRunner(_OnnxRunner):
+    """One onnxruntime session, created once and run on every sample."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, source: str | bytes, level: str, label: str) -> None:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)  # model-load warnings (old opsets) would print on stderr
+        so = ort.SessionOptions()
+        so.graph_optimization_level = _ort_level(level)
+        so.log_severity_level = 3
+        self.label = label
+        self.level = level
+        self.runtime = RuntimeUse(label.split(" ")[0], "onnxruntime")
+        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        self.inputs = [
+            InputSpec(i.name, np_dtype(i.type), tuple(i.shape)) for i in self.session.get_inputs()
+        ]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        if not any(feeds[n].dtype.name == "bfloat16" for n in names):
+            return list(self.session.run(self.outputs, {n: feeds[n] for n in names}))
+        # onnxruntime takes bfloat16 only as an OrtValue built from the raw 16-bit pattern.
+        vals = {
+            n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(feeds[n]).view(np.uint16), TensorProto.BFLOAT16
+            )
+            if feeds[n].dtype.name == "bfloat16"
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]))
+            for n in names
+        }
+        return [v.numpy() for v in self.session.run_with_ort_values(self.outputs, vals)]
+
+
+REFERENCE_EVALUATOR = "onnx.reference"
+"""Name of the fallback runtime in reports: ``onnx.reference.ReferenceEvaluator`` (numpy, any dtype)."""
+
+
+class _RefRunner(_OnnxRunner):
+    """The ONNX reference evaluator, for models onnxruntime cannot run (float64 Conv, opsets 1-6, ...).
+
+    It implements every standard op of every opset in numpy (float64 included) without graph
+    optimisation, so it checks the same arithmetic; it is slower, which only matters for large models.
+    """
+
+    engine = "the ONNX reference evaluator"
+
+    def __init__(self, source: Any, label: str, why: str) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        self.label = label
+        self.level = "disable"
+        self.runtime = RuntimeUse(label.split(" ")[0], REFERENCE_EVALUATOR, why)
+        if isinstance(source, (bytes, bytearray)):
+            proto = onnx.load_model_from_string(bytes(source))
+        elif isinstance(source, str):
+            proto = onnx.load(source)  # a path: external data resolved next to the file
+        else:
+            proto = source
+        self.session = ReferenceEvaluator(proto, new_ops=_legacy_ops(proto) or None)
+        init = {t.name for t in proto.graph.initializer}
+        self.inputs = []
+        for vi in proto.graph.input:
+            if vi.name in init:
+                continue
+            tt = vi.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+            self.inputs.append(InputSpec(vi.name, np_dtype(_ONNX_TYPE_NAMES.get(tt.elem_type, f"tensor(type {tt.elem_type})")), dims))
+        self.outputs = [o.name for o in proto.graph.output]
+
+    def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
+        return list(self.session.run(self.outputs, {n: feeds[n] for n in names}))
+
+
+def _same_runtime_or_better(ref: Any, cand: Any) -> None:
+    """A candidate must load wherever its reference does: one that only the fallback runs is refused.
+
+    Otherwise a rewrite that breaks the model for onnxruntime (where it is deployed) would pass,
+    checked by the more permissive reference evaluator.
+    """
+    if ref.runtime.runtime == "onnxruntime" and cand.runtime.runtime != "onnxruntime":
+        raise NotComparableError(
+            f"candidate: onnxruntime cannot load it although it loads the reference ({cand.runtime.reason})"
+        )
+
+
+def _legacy_ops(proto: Any) -> list[Any]:
+    """BatchNormalization for opsets 1-8, where the reference evaluator is missing or wrong.
+
+    The evaluator has no BatchNormalization-1 (opsets 1-5), ignores ``spatial`` and, from opset 7
+    on (no ``is_test`` attribute), runs BatchNormalization-6's training branch. This one computes the
+    inference formula in float64 with one cast, statistics per channel (``spatial=1``, the default) or
+    per element of ``C x D1 x ...`` (``spatial=0``), and refuses training mode: ``is_test=0`` up to
+    opset 6, more than one output from opset 7 (``consumed_inputs`` of opset 1-5 only described
+    in-place updates of the running statistics in training).
+    """
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= 9:
+        return []
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):  # the class name is the op type the evaluator looks up
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, is_test=None, momentum=None,  # type: ignore[no-untyped-def]
+                 spatial=None, consumed_inputs=None, training_mode=None):
+            outputs = [o for o in self.onnx_node.output if o]
+            training = not is_test if opset < 7 else len(outputs) > 1
+            if training:
+                raise NotComparableError(f"BatchNormalization (opset {opset}) in training mode: not an inference model")
+            eps = 1e-5 if epsilon is None else epsilon
+            if spatial == 0:  # statistics per element of C x D1 x ...
+                shape = (1, *x.shape[1:])
+            else:
+                shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+            r = [np.asarray(a, np.float64).reshape(shape) for a in (scale, bias, mean, var)]
+            y = (x.astype(np.float64) - r[2]) / np.sqrt(r[3] + eps) * r[0] + r[1]  # float64, one cast
+            return (y.astype(x.dtype),)
+
+    return [BatchNormalization]
+
+
+_ONNX_TYPE_NAMES = {
+    1: "tensor(float)", 2: "tensor(uint8)", 3: "tensor(int8)", 4: "tensor(uint16)", 5: "tensor(int16)",
+    6: "tensor(int32)", 7: "tensor(int64)", 9: "tensor(bool)", 10: "tensor(float16)", 11: "tensor(double)",
+    12: "tensor(uint32)", 13: "tensor(uint64)", 16: "tensor(bfloat16)",
+}
+
+
+_Runner = Any  # _OrtRunner | _RefRunner: both have label, level, runtime, inputs, outputs, run()
+
+
+def _onnx_runner(source: Any, level: str, label: str) -> _Runner:
+    """onnxruntime when it loads the model, else the ONNX reference evaluator (and the reason why)."""
+    try:
+        return _OrtRunner(source, level, label)
+    except Exception as e:  # onnxruntime raises several private exception types
+        why = f"onnxruntime cannot load it: {_first_line(e)}"
+        log.debug("%s: %s; falling back to the ONNX reference evaluator", label, why)
+        try:
+            return _RefRunner(source, label, why)
+        except Exception as e2:
+            if isinstance(source, str):  # a path: a file that is not a model is named as such
+                from bnfold import io as bio
+
+                bio.detect_format(source)
+            raise NotComparableError(
+                f"{label}: onnxruntime cannot load the model ({_first_line(e)}); the ONNX reference "
+                f"evaluator cannot run it either ({_first_line(e2)})"
+            ) from e
+
+
+@contextlib.contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    """Eval mode for the duration of the run; every submodule's flag restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _flatten(out: Any) -> list[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+class _TorchRunner:
+    """A PyTorch reference run eagerly; outputs flattened and named after the ONNX side's outputs."""
+
+    def __init__(self, model: Any, label: str) -> None:
+        import torch
+
+        self.label = label
+        self.runtime = RuntimeUse(label.split(" ")[0], "torch")
+        # an unlifted ExportedProgram refuses .eval(): it runs with the mode it was exported in
+        self.exported = isinstance(model, torch.export.ExportedProgram)
+        self.model = model.module() if self.exported else model
+        self.outputs: list[str] | None = None
+        self.inputs: list[InputSpec] | None = None
+
+    def call(self, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> Any:
+        """The model's raw output on ``feeds`` (inputs in ``specs`` order), eval mode, no grad."""
+        import torch
+
+        args = tuple(from_numpy(feeds[s.name]) for s in specs)
+        with torch.no_grad(), (contextlib.nullcontext() if self.exported else _eval_mode(self.model)):
+            return self.model(*args)
+
+    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
+        assert self.inputs is not None and self.outputs is not None
+        try:
+            out = self.call(feeds, self.inputs)
+        except Exception as e:
+            raise NotComparableError(f"{self.label}: the PyTorch model failed on sample {sample} ({_first_line(e)})") from e
+        flat = _flatten(out)
+        if len(flat) != len(self.outputs):
+            raise NotComparableError(
+                f"{self.label} returns {len(flat)} tensors, the other model has {len(self.outputs)} outputs "
+                f"({', '.join(self.outputs)})"
+            )
+        return {n: to_numpy(t) for n, t in zip(self.outputs, flat)}
+
+
+def _run_torch_once(model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> Any:
+    """A PyTorch candidate run once (to count its outputs before it is exported)."""
+    return _TorchRunner(model, "candidate").call(feeds, specs)
