@@ -13,7 +13,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +66,10 @@ def from_numpy(a: npt.NDArray[Any]) -> Any:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+@overload
+def to_float64(t: None) -> None: ...
+@overload
+def to_float64(t: Any) -> npt.NDArray[np.float64]: ...
 def to_float64(t: Any) -> npt.NDArray[np.float64] | None:
     """A tensor as a float64 NumPy array (exact: float64 holds every narrower float); None stays None."""
     if t is None:

@@ -51,6 +51,7 @@ The pieces (``batch_stats``, ``normalize``, ``grad_sums``, ``grad_input``) are p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "BatchNormFunction",
     "batch_norm_train",
+    "local_stats",
+    "StatsKernel",
     "batch_stats",
     "check_batch_size",
     "reduce_dims",
@@ -328,6 +331,26 @@ def update_running_stats(
     running_var.copy_(unbiased.to(running_var.dtype) * factor + running_var * (1 - factor))
 
 
+StatsKernel = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float], tuple[Any, ...]]
+"""``(x, weight, bias, eps) -> (y, batch_mean, batch_var_sum, count)``: the normalisation with batch
+statistics and what the running statistics are updated from (``count``: values per channel; 0 for an
+empty batch, which leaves them as they are)."""
+
+
+def local_stats(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The batch statistics of this process alone (:class:`BatchNormFunction`).
+
+    Raises:
+        ValueError: a channel has a single value (torch's message).
+    """
+    check_batch_size(x)
+    y, mean, var_sum = BatchNormFunction.apply(x, weight, bias, eps)  # type: ignore[no-untyped-call]
+    # an empty batch leaves the running statistics as they are, as in torch
+    return y, mean, var_sum, _count(x) if x.numel() > 0 else 0
+
+
 def batch_norm_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -336,15 +359,21 @@ def batch_norm_train(
     running_var: torch.Tensor | None,
     factor: float,
     eps: float,
+    kernel: StatsKernel = local_stats,
 ) -> torch.Tensor:
     """Normalise with batch statistics; update the running statistics when given.
+
+    Args:
+        x, weight, bias, eps: as for ``torch.nn.functional.batch_norm``.
+        running_mean, running_var: updated in place (None: not tracked).
+        factor: the running-statistics factor (momentum, or 1/n for a cumulative average).
+        kernel: where the batch statistics come from: :func:`local_stats` (default) or the
+            all-reducing one of :class:`bnfold.nn.SyncBatchNorm`.
 
     Raises:
         ValueError: a channel has a single value (torch's message).
     """
-    check_batch_size(x)
-    y, mean, var_sum = BatchNormFunction.apply(x, weight, bias, eps)  # type: ignore[no-untyped-call]
-    if running_mean is not None and running_var is not None and x.numel() > 0:
-        # an empty batch leaves the running statistics as they are, as in torch
-        update_running_stats(running_mean, running_var, mean, var_sum, _count(x), factor)
+    y, mean, var_sum, count = kernel(x, weight, bias, eps)
+    if running_mean is not None and running_var is not None and count > 0:
+        update_running_stats(running_mean, running_var, mean, var_sum, count, factor)
     return y  # type: ignore[no-any-return]

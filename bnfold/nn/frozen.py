@@ -42,39 +42,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bnfold.fold_math import bn_affine, cast_exact
+from bnfold._dtypes import from_float64, to_float64
+from bnfold.fold_math import bn_affine
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _np64(t: Tensor | None) -> Any:
-    return None if t is None else t.detach().cpu().to(torch.float64).numpy()
-
-
 def _affine64(
     gamma: Tensor | None, beta: Tensor | None, mean: Tensor, var: Tensor, eps: float
 ) -> tuple[Any, Any]:
     """Eval-mode BN as float64 NumPy ``(scale, shift)`` (:func:`bnfold.fold_math.bn_affine`)."""
-    return bn_affine(_np64(gamma), _np64(beta), _np64(mean), _np64(var), float(eps))
-
-
-def _to_torch(a: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Float64 values rounded once (correctly) to ``dtype``, on ``device``."""
-    if dtype == torch.bfloat16:
-        import ml_dtypes
-
-        arr = np.ascontiguousarray(cast_exact(a, ml_dtypes.bfloat16))
-        t = torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
-    else:
-        np_dt = torch.empty((), dtype=dtype).numpy().dtype
-        t = torch.from_numpy(np.ascontiguousarray(cast_exact(a, np_dt)))
-    return t.to(device)
+    return bn_affine(to_float64(gamma), to_float64(beta), to_float64(mean), to_float64(var), float(eps))
 
 
 class FrozenBatchNorm(nn.Module):
@@ -202,8 +185,8 @@ class FrozenBatchNorm(nn.Module):
     ) -> None:
         scale64, shift64 = _affine64(weight, bias, mean, var, eps)
         dev = self.scale.device
-        scale = _to_torch(scale64.reshape(-1), self.scale.dtype, dev)
-        shift = _to_torch(shift64.reshape(-1), self.shift.dtype, dev)
+        scale = from_float64(scale64.reshape(-1), self.scale.dtype, dev)
+        shift = from_float64(shift64.reshape(-1), self.shift.dtype, dev)
         if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())):
             raise ValueError(f"frozen scale/shift are not finite in {self.scale.dtype}")
         self.scale.copy_(scale)

@@ -36,11 +36,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._function import (
     _LOW_PRECISION,
     _like_x,
+    batch_norm_train,
     batch_stats,
     grad_input,
     grad_sums,
     normalize,
-    update_running_stats,
 )
 from .batchnorm import bn_forward
 
@@ -117,23 +117,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _sync_train(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    factor: float,
-    eps: float,
-    *,
-    group: Any,
-) -> torch.Tensor:
+def _sync_stats(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The batch statistics of every process in ``group`` (:class:`_SyncBatchNormFunction`)."""
     y, mean, var_sum, count = _SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, eps, group
     )
-    if running_mean is not None and running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var_sum, int(count.item()), factor)
-    return y  # type: ignore[no-any-return]
+    return y, mean, var_sum, int(count.item())
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -187,7 +178,8 @@ class SyncBatchNorm(_BatchNorm):
         group = self._group() if self.training else None
         if group is None:
             return bn_forward(self, input)
-        return bn_forward(self, input, functools.partial(_sync_train, group=group))
+        kernel = functools.partial(_sync_stats, group=group)
+        return bn_forward(self, input, functools.partial(batch_norm_train, kernel=kernel))
 
     @classmethod
     def convert_sync_batchnorm(
