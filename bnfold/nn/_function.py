@@ -63,6 +63,7 @@ __all__ = [
     "local_stats",
     "StatsKernel",
     "batch_stats",
+    "compute_dtype",
     "check_batch_size",
     "reduce_dims",
     "channel_view",
@@ -128,6 +129,17 @@ def affine(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch
     torch.addcmul(head, x[1:], sv, out=out[1:])
     head.addcmul_(x[0], sv[0])
     return out
+
+
+def compute_dtype(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``x``, ``weight`` and ``bias`` in the dtype the statistics are computed in (float16 and
+    bfloat16 in float32, as torch's kernels do; other dtypes as they are)."""
+    xc = x.float() if x.dtype in _LOW_PRECISION else x
+    w = weight.to(xc.dtype) if weight is not None else None
+    b = bias.to(xc.dtype) if bias is not None else None
+    return xc, w, b
 
 
 def _count(x: torch.Tensor) -> int:
@@ -276,16 +288,10 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out_dtype = x.dtype
-        xc = x.float() if x.dtype in _LOW_PRECISION else x
-        w = weight.to(xc.dtype) if weight is not None else None
-        b = bias.to(xc.dtype) if bias is not None else None
+        xc, w, b = compute_dtype(x, weight, bias)
         y, mean, var_sum, invstd = forward_train(xc, w, b, eps)
         y = y.to(out_dtype)
         ctx.save_for_backward(x, weight, mean, invstd)

@@ -38,6 +38,7 @@ from ._function import (
     _like_x,
     batch_norm_train,
     batch_stats,
+    compute_dtype,
     grad_input,
     grad_sums,
     normalize,
@@ -53,14 +54,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
-        group: Any,
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        xc = x.float() if x.dtype in _LOW_PRECISION else x
+        xc, w, b = compute_dtype(x, weight, bias)
         c = xc.shape[1]
         n_local = xc.numel() // max(1, c)
         pack = torch.zeros((3, c), dtype=torch.float64, device=x.device)
@@ -83,8 +79,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean = mean64.to(xc.dtype)
         var_sum = var_sum64.to(xc.dtype)
         invstd = torch.rsqrt(var_sum64 / total + eps).to(xc.dtype)
-        w = weight.to(xc.dtype) if weight is not None else None
-        b = bias.to(xc.dtype) if bias is not None else None
         y = normalize(xc, mean, invstd, w, b).to(x.dtype)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.has_bias = bias is not None
