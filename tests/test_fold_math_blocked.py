@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bnfold import fold_math
+from bnfold.fold_math import blocked
 from bnfold.fold_math import (
     Scratch,
     WeightLayout,
@@ -92,7 +92,7 @@ def test_threads_do_not_change_a_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     fac = channel_factor(_stats(600, rng)[0], w.shape, WeightLayout.conv(), "out")
     results = []
     for workers in (1, 2, 4):
-        monkeypatch.setattr(fold_math, "_workers", lambda n=workers: n)
+        monkeypatch.setattr(blocked, "_workers", lambda n=workers: n)
         for dt in (np.float16, BF16, np.float32):
             results.append((workers, np.dtype(dt).name, scale_cast(w, fac, dt)[0].tobytes()))
     for dt in ("float16", "bfloat16", "float32"):
