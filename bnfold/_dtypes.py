@@ -18,7 +18,7 @@ from typing import Any, overload
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["bfloat16", "is_bfloat16", "numpy_dtype", "to_numpy", "from_numpy", "to_float64", "from_float64"]
+__all__ = ["bfloat16", "is_bfloat16", "is_floating", "numpy_dtype", "to_numpy", "from_numpy", "to_float64", "from_float64"]
 
 
 def bfloat16() -> np.dtype[Any]:
@@ -35,6 +35,12 @@ def is_bfloat16(dtype: Any) -> bool:
         return bool(np.dtype(dtype).name == "bfloat16")
     except TypeError:
         return False
+
+
+def is_floating(dtype: Any) -> bool:
+    """True for NumPy float16/32/64 and bfloat16 (whose kind is ``"V"``, not ``"f"``)."""
+    dt = np.dtype(dtype)
+    return bool(dt.kind == "f" or dt.name == "bfloat16")
 
 
 def numpy_dtype(dtype: Any) -> np.dtype[Any]:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._dtypes import is_floating
 from .errors import NotComparableError, OptionError
 from .records import OutputCheck
 
@@ -228,9 +229,8 @@ def compare_output(name: str, sample: int, r: np.ndarray, c: np.ndarray, compara
         raise NotComparableError(
             f"output {name!r} has shape {list(r.shape)} in the reference and {list(c.shape)} in the candidate"
         )
-    r_float = r.dtype.kind == "f" or r.dtype.name == "bfloat16"
-    c_float = c.dtype.kind == "f" or c.dtype.name == "bfloat16"
-    if r_float != c_float:
+    r_float = is_floating(r.dtype)
+    if r_float != is_floating(c.dtype):
         raise NotComparableError(f"output {name!r} is {r.dtype} in the reference and {c.dtype} in the candidate")
     quantile: float | None = 1.0
     stat = "max"

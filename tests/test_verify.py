@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from bnfold.errors import NotComparableError, OptionError, VerificationError
-from bnfold.verification import DEFAULT_TOLERANCES, ensure_passed, parse_input_shapes, verify
+from bnfold.verification import DEFAULT_TOLERANCES, ensure_passed, failure_message, parse_input_shapes, verify
 
 # A perturbation of 1e-3 of one weight's value moves the outputs it feeds by ~1e-4 of their scale:
 # 10x above the float32 resolution (rtol 1e-5), so the default tolerance must catch it.
@@ -110,6 +111,22 @@ def test_perturbed_weight_fails_and_names_the_output() -> None:
     with pytest.raises(VerificationError, match=r"output 'z' differs on sample \d") as ei:
         ensure_passed(report)
     assert ei.value.exit_code == 1 and ei.value.report is report
+
+
+def test_a_failure_is_worded_in_one_place() -> None:
+    """failure_message is the line ensure_passed raises; callers add where and what it was compared to."""
+    ref = _model()
+    good = verify(ref, ref)
+    assert failure_message(good) is None
+    ensure_passed(good, where="cand.onnx")  # a passed report raises nothing
+    bad = verify(ref, _perturb(ref, "G"))
+    msg = failure_message(bad)
+    assert msg is not None and re.match(r"not equivalent: output 'z' differs on sample 0", msg)
+    assert failure_message(bad, against="ref.onnx") == msg.replace("not equivalent:", "not equivalent to ref.onnx:")
+    with pytest.raises(VerificationError) as ei:
+        ensure_passed(bad, where="cand.onnx", against="ref.onnx")
+    assert str(ei.value) == f"cand.onnx: {failure_message(bad, against='ref.onnx')}"
+    assert ei.value.report is bad and ei.value.exit_code == 1
 
 
 def test_perturbed_conv_weight_fails_on_y() -> None:

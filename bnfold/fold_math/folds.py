@@ -70,11 +70,7 @@ def _gemm_weight(b_weight: ArrayLike, s: F64, trans_b: bool, side: str) -> F64:
 
 
 def fold_forward(
-    weight: ArrayLike,
-    bias: ArrayLike | None,
-    scale: ArrayLike,
-    shift: ArrayLike,
-    layout: WeightLayout,
+    weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike, shift: ArrayLike, layout: WeightLayout
 ) -> tuple[F64, F64]:
     """Fold ``y = scale * layer(x) + shift`` into the layer: scale output channels, shift the bias.
 
@@ -131,11 +127,7 @@ def fold_forward_cast(
 
 
 def fold_backward(
-    weight: ArrayLike,
-    bias: ArrayLike | None,
-    scale: ArrayLike,
-    shift: ArrayLike,
-    layout: WeightLayout,
+    weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike, shift: ArrayLike, layout: WeightLayout
 ) -> tuple[F64, F64]:
     """Fold ``layer(scale * x + shift)`` into the layer: scale input channels, add the shift's image.
 
