@@ -11,10 +11,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bnfold.fold_math import blocked
 from bnfold.fold_math import (
     Scratch,
     WeightLayout,
+    blocked,
     bn_affine,
     cast_exact,
     channel_factor,

@@ -430,3 +430,19 @@ def test_example_inputs_give_symbolic_dims(tmp_path) -> None:
     assert rep.passed and rep.checks[0].shape == (3, 4, 16, 16)
     rep = verify(net, path, example_inputs=(torch.randn(3, 3, 16, 16),), input_shapes={"x": (1, 3, 4, 4)})
     assert rep.checks[0].shape == (1, 4, 4, 4)  # explicit shapes win
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "fifo"])
+def test_a_path_that_is_not_a_file_is_named(tmp_path, kind: str) -> None:
+    """Checked from stat before it is opened: a FIFO is refused, not read (which would block)."""
+    import os
+
+    from bnfold.errors import ModelFormatError
+
+    p = tmp_path / "cand.onnx"
+    if kind == "folder":
+        p.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(p)
+    with pytest.raises(ModelFormatError, match="cand.onnx"):
+        verify(_model(), p)

@@ -20,6 +20,7 @@ import contextlib
 import io as _io
 import logging
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -107,6 +108,8 @@ def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
 
         path = os.fspath(model)
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise IsADirectoryError(path)  # a folder, FIFO or device: never opened (a FIFO would block)
             with open(path, "rb") as f:
                 head = f.read(4)
         except OSError:
