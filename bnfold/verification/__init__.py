@@ -19,7 +19,7 @@ What runs:
       reference is refused (``NotComparableError``): the rewrite broke the model for onnxruntime;
     * onnxruntime always gets bytes or a file: a proto whose tensors pass the 2 GiB protobuf limit is
       written to a temporary folder as a small model file plus an external-data file, tensor by tensor
-      by :func:`bnfold.io.save`, never serialised whole (also above 256 MiB of weights, so that no
+      (:func:`bnfold.io.save`), never serialised whole (also above 256 MiB of weights, so that no
       serialised copy is held in memory). A path is handed to onnxruntime as it is: the file verified is
       the file on disk (the file jobs verify their staged output that way), not parsed again here.
 
