@@ -43,6 +43,7 @@ __all__ = [
     "snapshot",
     "changed_tensors",
     "flush_model",
+    "flush_written",
     "fold_targets",
     "flush_targets",
 ]
@@ -159,9 +160,18 @@ def _onnx_has_subnormal(t: Any) -> bool:
     raw = t.raw_data
     if spec is None or not raw:
         return count_subnormal(tensor_values(t)) > 0
+    return _has_subnormal_bits(np.frombuffer(raw, dtype=np.dtype(spec[0]).newbyteorder("<")), spec)
+
+
+# NumPy dtype -> ONNX element type (bfloat16 is looked up by name), for the bit check of arrays.
+_ELEM = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
+
+
+def _has_subnormal_bits(bits: npt.NDArray[Any], spec: tuple[Any, int, int]) -> bool:
+    """True when a value of ``bits`` (the unsigned view of a float array) is subnormal; chunked."""
     ut, nosign_bits, mant_bits = spec
     nosign, one, mant = ut(nosign_bits), ut(1), ut(mant_bits)
-    bits: npt.NDArray[Any] = np.frombuffer(raw, dtype=np.dtype(ut).newbyteorder("<"))
+    bits = bits.reshape(-1)
     buf: npt.NDArray[Any] = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
     hit = np.empty(buf.size, dtype=bool)
     for i in range(0, bits.size, _CHUNK):
@@ -173,6 +183,26 @@ def _onnx_has_subnormal(t: Any) -> bool:
         if h.any():
             return True
     return False
+
+
+def flush_written(a: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
+    """A tensor a fold is about to store, with its subnormal values set to zero, and their count.
+
+    The rule of the model post-pass (float32, float64 and bfloat16; float16 and non-float arrays are
+    returned as they are), applied before the tensor is stored, so nothing is read back out of the
+    model. The check runs on the bits (no float conversion); ``a`` itself is returned, uncopied, when
+    it holds no subnormal value (the usual case).
+    """
+    elem = _ELEM.get(a.dtype)
+    if elem is None and a.dtype.kind == "V" and a.dtype.name == "bfloat16":
+        elem = 16
+    if elem is None or elem == 10 or not a.size:
+        return a, 0
+    spec = _BITS[elem]
+    arr = np.ascontiguousarray(a)
+    if not _has_subnormal_bits(arr.view(np.dtype(spec[0]).newbyteorder(arr.dtype.byteorder)), spec):
+        return a, 0
+    return flush_array(arr)
 
 
 def _torch_has_subnormal(t: Any) -> bool:

@@ -176,7 +176,7 @@ class ConstEvaluator:
         if name in idx.initializers:
             if idx.is_overridable(name):
                 return None, SkipReason.NON_CONSTANT, f"'{name}' is an initializer that is also a graph input"
-            t = idx.initializers[name]
+            t = idx.tensor(name)  # a placeholder copy reads the original's bytes
             if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
                 lazy = read_lazy_tensor(t)  # left in its file by a lazy load
                 if lazy is None:

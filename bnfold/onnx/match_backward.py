@@ -28,7 +28,6 @@ from .plan import (
     Write,
     attr,
     finish,
-    label_of,
     optional_input,
     rank2_or_skip,
     resolve_weight,
@@ -144,7 +143,7 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             label, SkipReason.SPATIAL, "spatial=0 statistics differ per position: not a per-channel scale"
         ), True
     via = [index.nodes[k].op_type for k in chain] + ([index.nodes[flat].op_type] if flat is not None else [])
-    site = Site(label, label_of(kn, ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
+    site = Site(label, index.label(ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
     base: dict[str, Any] = {"site": site, "remove": (bi,), "rename_input": (first, 0, x), "dropped": (y,)}
     locks = tuple(dict.fromkeys((ki, first) + (() if flat is None else (flat,))))
     c = Bwd(index, ev, kn, ki, label, prm, target, base, locks, x, y)

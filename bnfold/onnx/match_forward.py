@@ -28,7 +28,6 @@ from .plan import (
     attr,
     finish,
     is_float,
-    label_of,
     rank2_or_skip,
     resolve_weight,
     scale_out,
@@ -86,7 +85,7 @@ class Fwd:
                     ],
                 )
             )
-        site = Site(self.label, label_of(self.index.nodes[target], target), kind, Direction.FORWARD, detail)
+        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail)
         return {
             "site": site,
             "remove": (self.bi,),
