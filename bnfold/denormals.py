@@ -388,7 +388,11 @@ def flush_targets(model: Any, report: FoldReport) -> int:
     """ONNX: flush the subnormal values of the initializers of the fold targets (:func:`fold_targets`).
 
     Needs no snapshot from before the fold (so an in-place fold costs one scan of the written layers).
+    A report whose ``flushed_denormals`` is already set comes from a fold that flushed each tensor as
+    it wrote it (``fold_model(..., flush_denormals=True)``): its count is returned, nothing is read.
     """
+    if report.flushed_denormals is not None:
+        return report.flushed_denormals
     total = 0
     for t in fold_targets(model, report):
         if _onnx_has_subnormal(t):
