@@ -329,15 +329,9 @@ def fold_model(
             gc.enable()
     bn_after, nodes_after, params_after = _figures(work)
     report = FoldReport(
-        backend="onnx",
-        verdicts=verdicts,
-        bn_before=bn_before,
-        bn_after=bn_after,
-        nodes_before=nodes_before,
-        nodes_after=nodes_after,
-        params_before=params_before,
-        params_after=params_after,
-        dry_run=dry_run,
+        backend="onnx", verdicts=verdicts, dry_run=dry_run,
+        bn_before=bn_before, nodes_before=nodes_before, params_before=params_before,
+        bn_after=bn_after, nodes_after=nodes_after, params_after=params_after,
     )
     if ctx.mul_add:
         report.extra["mul_add"] = [s.to_dict() for s in ctx.mul_add]

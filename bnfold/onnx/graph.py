@@ -32,6 +32,7 @@ from onnx import GraphProto, NodeProto, TensorProto
 
 __all__ = [
     "GraphIndex",
+    "attr",
     "ValueType",
     "subgraph_reads",
     "node_subgraphs",
@@ -71,6 +72,14 @@ def read_lazy_tensor(t: TensorProto) -> np.ndarray[Any, Any] | None:
         tmp.raw_data = raw
         return onnx.numpy_helper.to_array(tmp)
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(dims)
+
+
+def attr(node: NodeProto, name: str, default: Any) -> Any:
+    """The value of attribute ``name`` of ``node``, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
 
 
 def is_bn(node: NodeProto) -> bool:

@@ -18,21 +18,10 @@ from onnx import NodeProto
 from bnfold.fold_math import WeightLayout, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight_and_bias
+from .graph import GraphIndex, attr
 from .noops import walk_down
-from .plan import (
-    Array,
-    BnParams,
-    Fold,
-    Write,
-    attr,
-    finish,
-    optional_input,
-    rank2_or_skip,
-    resolve_weight,
-    weight_and_bias,
-)
+from .plan import BnParams, Fold, Write, finish, rank2_or_skip
 
 __all__ = ["match_backward", "reshape_flattens"]
 

@@ -17,22 +17,10 @@ import numpy as np
 from bnfold.fold_math import WeightLayout, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import Array, ConstEvaluator, is_float, resolve_weight, weight_and_bias
+from .graph import GraphIndex, attr
 from .noops import walk_up
-from .plan import (
-    Array,
-    BnParams,
-    Fold,
-    Write,
-    attr,
-    finish,
-    is_float,
-    rank2_or_skip,
-    resolve_weight,
-    scale_out,
-    weight_and_bias,
-)
+from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out
 
 __all__ = [
     "Fwd",

@@ -12,10 +12,10 @@ from onnx import NodeProto
 from bnfold.fold_math import WeightLayout, fold_forward, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import Array, ConstEvaluator, is_float
+from .graph import GraphIndex, attr
 from .match_forward import per_channel
-from .plan import Array, Fold, Write, attr, finish, is_float
+from .plan import Fold, Write, finish
 
 __all__ = ["match_mul_add"]
 
