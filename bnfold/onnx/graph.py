@@ -246,7 +246,8 @@ class GraphIndex:
 
     def tensor(self, name: str) -> TensorProto:
         """The initializer ``name`` holding its values: the original for a placeholder copy."""
-        return self.sources.get(name) or self.initializers[name]
+        src = self.sources.get(name)
+        return self.initializers[name] if src is None else src
 
     def n_uses(self, value: str) -> int:
         """Number of reads of ``value`` in this graph, a graph output counting as one more."""
