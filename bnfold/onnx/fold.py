@@ -15,6 +15,13 @@ Algorithm (linear in the number of nodes per pass; passes repeat only while some
    visible; a subgraph never edits an enclosing initializer (it writes its own).
 5. Remove the initializers and constant nodes that nothing reads any more.
 
+A functional fold (``inplace=False``) copies the model once: every field, but the large initializers of
+the main graph start as *placeholders* (all fields but ``raw_data``) whose values are read from the
+original; a weight the fold rewrites is written once with its new values, the others get their bytes
+at the end. Labels of unnamed nodes (``<op_type>_<index>``) are computed once, from the graph as
+given, so a verdict names the node at that index of the input however many nodes a fold removed
+before it. With ``flush_denormals``, each tensor is flushed as it is written (no second pass).
+
 The verdict list holds one entry per BatchNormalization node (subgraph BNs are named
 ``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.extra["mul_add"]``.
 This module never imports torch.
