@@ -143,3 +143,36 @@ def test_flush_at_write_time_leaves_float16() -> None:
     flushed, rep = fold_model(m, flush_denormals=True)
     assert rep.flushed_denormals == 0
     assert flushed.SerializeToString(deterministic=True) == exact.SerializeToString(deterministic=True)
+
+
+def test_unnamed_if_keeps_its_label_after_the_bn_before_it_folds() -> None:
+    # Conv_0 -> BN_1 -> If_2 (unnamed); BN_1 folds and is removed before the If's bodies are folded,
+    # so the If sits at index 1 by then: its bodies' BNs are still named after If_2.
+    g = G()
+    x = g.input("x", [1, 3, 5, 5])
+    cond = g.input("cond", [], TensorProto.BOOL)
+    g.node("Conv", [x, g.rand("w", (3, 3, 1, 1))], ["t"])
+    g.bn("t", "u", 3, "bn")
+    w = g.rand("w2", (4, 3, 3, 3))
+    branches = []
+    for k in range(2):
+        sub = G(seed=10 + k)
+        sub.node("Conv", ["u", w], [f"t{k}"], name=f"conv{k}")
+        sub.bn(f"t{k}", f"y{k}", 4, f"bn{k}")
+        sub.output(f"y{k}")
+        branches.append(helper.make_graph(sub.nodes, f"b{k}", [], sub.outputs, sub.inits))
+    g.node("If", [cond], ["y"], then_branch=branches[0], else_branch=branches[1])
+    g.output("y")
+    m = g.model()
+    for n in m.graph.node:
+        n.name = ""
+    out, rep = fold_model(m)
+    onnx.checker.check_model(out, full_check=True)
+    assert rep.bn_after == 0
+    assert {v.bn for v in rep.verdicts} == {
+        "BatchNormalization_1", "If_2/then_branch/bn0", "If_2/else_branch/bn1",
+    }
+    assert m.graph.node[2].op_type == "If"
+    for c in (True, False):
+        feeds = {"x": feeds_for(m)["x"], "cond": np.array(c)}
+        np.testing.assert_allclose(run(m, feeds)[0], run(out, feeds)[0], rtol=1e-5, atol=2e-4)
