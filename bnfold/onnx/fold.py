@@ -136,27 +136,40 @@ def _copy_model(model: ModelProto) -> tuple[ModelProto, dict[str, TensorProto]]:
     original, from which the fold reads the values. A tensor the fold rewrites is written once, with
     its new values; the others get their bytes copied at the end (:func:`_fill_placeholders`). So
     each weight is copied once, instead of a whole-model copy whose weights are then overwritten.
-    Falls back to a plain copy when initializer names repeat (a placeholder is found by name).
+    A plain whole copy is made when no tensor is large enough to pay for a placeholder, when
+    initializer names repeat (a placeholder is found by name) or when a message holds fields this
+    protobuf schema does not know (a field copy would drop them).
     """
     work = ModelProto()
     graph = model.graph
-    names = [t.name for t in graph.initializer]
-    if len(set(names)) != len(names) or _has_unknown(model) or _has_unknown(graph):
+    big: set[int] = set()
+    names: set[str] = set()
+    for k, t in enumerate(graph.initializer):
+        names.add(t.name)
+        size = 1
+        for d in t.dims:
+            size *= d
+        if size * 4 >= _PLACEHOLDER_BYTES and t.HasField("raw_data") and not _has_unknown(t):
+            big.add(k)
+    if not big or len(names) != len(graph.initializer) or _has_unknown(model) or _has_unknown(graph):
         work.CopyFrom(model)
         return work, {}
     _copy_fields(model, work, "graph")
     _copy_fields(graph, work.graph, "initializer")
     sources: dict[str, TensorProto] = {}
-    for t in graph.initializer:
-        dst = work.graph.initializer.add()
-        size = 1
-        for d in t.dims:
-            size *= int(d)
-        if size * 4 >= _PLACEHOLDER_BYTES and t.HasField("raw_data") and not _has_unknown(t):
-            _copy_fields(t, dst, "raw_data")
-            sources[t.name] = t
-        else:
-            dst.CopyFrom(t)
+    inits = work.graph.initializer
+    run: list[TensorProto] = []  # consecutive small tensors, copied in one call (order kept)
+    for k, t in enumerate(graph.initializer):
+        if k not in big:
+            run.append(t)
+            continue
+        if run:
+            inits.extend(run)
+            run = []
+        _copy_fields(t, inits.add(), "raw_data")
+        sources[t.name] = t
+    if run:
+        inits.extend(run)
     return work, sources
 
 
