@@ -18,7 +18,10 @@ Rules:
 * the post-pass touches only the tensors the fold wrote, found by comparing with a snapshot taken
   before the fold (:func:`snapshot`): for ONNX the initializers that are new or whose bytes changed,
   for PyTorch the parameters and buffers that are new tensor objects. The fold backends are not
-  involved; the original model is never changed (a functional fold writes new tensors).
+  involved; the original model is never changed (a functional fold writes new tensors);
+* the ONNX fold can instead flush each tensor as it writes it (``fold_model(...,
+  flush_denormals=True)``, through :func:`flush_written`): the same rule on the same tensors, with no
+  second read of the weights out of the model; :func:`flush_targets` then reads nothing.
 
 The range check casts float64 values with correct rounding (:func:`bnfold.fold_math.cast_exact`) to
 float16 and bfloat16; a nonzero finite value *overflows* when it rounds to infinity and *underflows*
