@@ -176,14 +176,12 @@ def _has_subnormal_bits(bits: npt.NDArray[Any], spec: tuple[Any, int, int]) -> b
     nosign, one, mant = ut(nosign_bits), ut(1), ut(mant_bits)
     bits = bits.reshape(-1)
     buf: npt.NDArray[Any] = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
-    hit = np.empty(buf.size, dtype=bool)
     for i in range(0, bits.size, _CHUNK):
         c = bits[i : i + _CHUNK]
-        b, h = buf[: c.size], hit[: c.size]
+        b = buf[: c.size]
         np.bitwise_and(c, nosign, out=b)
-        np.subtract(b, one, out=b)
-        np.less(b, mant, out=h)
-        if h.any():
+        np.subtract(b, one, out=b)  # zero wraps around to the maximum: only subnormals fall below mant
+        if b.min() < mant:
             return True
     return False
 
