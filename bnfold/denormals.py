@@ -350,7 +350,10 @@ def fold_targets(model: Any, report: FoldReport) -> list[Any]:
     """ONNX: the float initializers read by the layers a fold wrote into (each once).
 
     The targets are the report's sites (``Site.target`` is the layer's node name, or
-    ``<op_type>_<index>`` for an unnamed node, whose op type must then match), the per-channel
+    ``<op_type>_<index>`` for an unnamed node, its index in the model the fold was given: the node
+    at that index of ``model`` must have that op type; nodes removed before it shift it, so such a
+    target can be missed or another unnamed node of its type taken -- a fold with
+    ``flush_denormals=True`` flushes as it writes and needs no lookup), the per-channel
     Mul+Add folds in ``report.extra["mul_add"]``, and the ``<bn>.scale`` / ``<bn>.shift`` constants of
     affine replacements.
     """
@@ -370,7 +373,7 @@ def fold_targets(model: Any, report: FoldReport) -> list[Any]:
         for i, n in enumerate(g.node):
             if n.name:
                 hit = n.name in wanted
-            else:  # an unnamed node: its label holds its index, which removals may have shifted
+            else:  # an unnamed node: its label is its index in the model the fold was given
                 kind = wanted.get(f"{n.op_type}_{i}")
                 hit = kind == n.op_type or (kind == "MatMul" and n.op_type == "Gemm")
             if hit:
