@@ -18,7 +18,10 @@ Rules:
 * the post-pass touches only the tensors the fold wrote, found by comparing with a snapshot taken
   before the fold (:func:`snapshot`): for ONNX the initializers that are new or whose bytes changed,
   for PyTorch the parameters and buffers that are new tensor objects. The fold backends are not
-  involved; the original model is never changed (a functional fold writes new tensors).
+  involved; the original model is never changed (a functional fold writes new tensors);
+* the ONNX fold can instead flush each tensor as it writes it (``fold_model(...,
+  flush_denormals=True)``, through :func:`flush_written`): the same rule on the same tensors, with no
+  second read of the weights out of the model; :func:`flush_targets` then reads nothing.
 
 The range check casts float64 values with correct rounding (:func:`bnfold.fold_math.cast_exact`) to
 float16 and bfloat16; a nonzero finite value *overflows* when it rounds to infinity and *underflows*
@@ -43,6 +46,7 @@ __all__ = [
     "snapshot",
     "changed_tensors",
     "flush_model",
+    "flush_written",
     "fold_targets",
     "flush_targets",
 ]
@@ -159,20 +163,47 @@ def _onnx_has_subnormal(t: Any) -> bool:
     raw = t.raw_data
     if spec is None or not raw:
         return count_subnormal(tensor_values(t)) > 0
+    return _has_subnormal_bits(np.frombuffer(raw, dtype=np.dtype(spec[0]).newbyteorder("<")), spec)
+
+
+# NumPy dtype -> ONNX element type (bfloat16 is looked up by name), for the bit check of arrays.
+_ELEM = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
+
+
+def _has_subnormal_bits(bits: npt.NDArray[Any], spec: tuple[Any, int, int]) -> bool:
+    """True when a value of ``bits`` (the unsigned view of a float array) is subnormal; chunked."""
     ut, nosign_bits, mant_bits = spec
     nosign, one, mant = ut(nosign_bits), ut(1), ut(mant_bits)
-    bits: npt.NDArray[Any] = np.frombuffer(raw, dtype=np.dtype(ut).newbyteorder("<"))
+    bits = bits.reshape(-1)
     buf: npt.NDArray[Any] = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
-    hit = np.empty(buf.size, dtype=bool)
     for i in range(0, bits.size, _CHUNK):
         c = bits[i : i + _CHUNK]
-        b, h = buf[: c.size], hit[: c.size]
+        b = buf[: c.size]
         np.bitwise_and(c, nosign, out=b)
-        np.subtract(b, one, out=b)
-        np.less(b, mant, out=h)
-        if h.any():
+        np.subtract(b, one, out=b)  # zero wraps around to the maximum: only subnormals fall below mant
+        if b.min() < mant:
             return True
     return False
+
+
+def flush_written(a: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
+    """A tensor a fold is about to store, with its subnormal values set to zero, and their count.
+
+    The rule of the model post-pass (float32, float64 and bfloat16; float16 and non-float arrays are
+    returned as they are), applied before the tensor is stored, so nothing is read back out of the
+    model. The check runs on the bits (no float conversion); ``a`` itself is returned, uncopied, when
+    it holds no subnormal value (the usual case).
+    """
+    elem = _ELEM.get(a.dtype)
+    if elem is None and a.dtype.kind == "V" and a.dtype.name == "bfloat16":
+        elem = 16
+    if elem is None or elem == 10 or not a.size:
+        return a, 0
+    spec = _BITS[elem]
+    arr = np.ascontiguousarray(a)
+    if not _has_subnormal_bits(arr.view(np.dtype(spec[0]).newbyteorder(arr.dtype.byteorder)), spec):
+        return a, 0
+    return flush_array(arr)
 
 
 def _torch_has_subnormal(t: Any) -> bool:
@@ -319,7 +350,10 @@ def fold_targets(model: Any, report: FoldReport) -> list[Any]:
     """ONNX: the float initializers read by the layers a fold wrote into (each once).
 
     The targets are the report's sites (``Site.target`` is the layer's node name, or
-    ``<op_type>_<index>`` for an unnamed node, whose op type must then match), the per-channel
+    ``<op_type>_<index>`` for an unnamed node, its index in the model the fold was given: the node
+    at that index of ``model`` must have that op type; nodes removed before it shift it, so such a
+    target can be missed or another unnamed node of its type taken -- a fold with
+    ``flush_denormals=True`` flushes as it writes and needs no lookup), the per-channel
     Mul+Add folds in ``report.extra["mul_add"]``, and the ``<bn>.scale`` / ``<bn>.shift`` constants of
     affine replacements.
     """
@@ -339,7 +373,7 @@ def fold_targets(model: Any, report: FoldReport) -> list[Any]:
         for i, n in enumerate(g.node):
             if n.name:
                 hit = n.name in wanted
-            else:  # an unnamed node: its label holds its index, which removals may have shifted
+            else:  # an unnamed node: its label is its index in the model the fold was given
                 kind = wanted.get(f"{n.op_type}_{i}")
                 hit = kind == n.op_type or (kind == "MatMul" and n.op_type == "Gemm")
             if hit:
@@ -358,7 +392,11 @@ def flush_targets(model: Any, report: FoldReport) -> int:
     """ONNX: flush the subnormal values of the initializers of the fold targets (:func:`fold_targets`).
 
     Needs no snapshot from before the fold (so an in-place fold costs one scan of the written layers).
+    A report whose ``flushed_denormals`` is already set comes from a fold that flushed each tensor as
+    it wrote it (``fold_model(..., flush_denormals=True)``): its count is returned, nothing is read.
     """
+    if report.flushed_denormals is not None:
+        return report.flushed_denormals
     total = 0
     for t in fold_targets(model, report):
         if _onnx_has_subnormal(t):

@@ -26,11 +26,20 @@ import numpy as np
 import numpy.typing as npt
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from bnfold.records import SkipReason
+from bnfold.records import Skip, SkipReason
 
 from .graph import GraphIndex, read_lazy_tensor
 
-__all__ = ["ConstEvaluator", "Resolved", "PURE_OPS", "np_dtype"]
+__all__ = [
+    "ConstEvaluator",
+    "Resolved",
+    "PURE_OPS",
+    "np_dtype",
+    "is_float",
+    "resolve_weight",
+    "optional_input",
+    "weight_and_bias",
+]
 
 Array = npt.NDArray[Any]
 Resolved = tuple[Array | None, SkipReason | None, str]
@@ -176,7 +185,7 @@ class ConstEvaluator:
         if name in idx.initializers:
             if idx.is_overridable(name):
                 return None, SkipReason.NON_CONSTANT, f"'{name}' is an initializer that is also a graph input"
-            t = idx.initializers[name]
+            t = idx.tensor(name)  # a placeholder copy reads the original's bytes
             if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
                 lazy = read_lazy_tensor(t)  # left in its file by a lazy load
                 if lazy is None:
@@ -324,3 +333,42 @@ class _NotConstant(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+# ---- a layer's constant inputs, or the refusal naming why not (used by every matcher case) ----
+def is_float(a: Array) -> bool:
+    """True for float16/32/64 and bfloat16 arrays."""
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+
+
+def resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | Skip:
+    """The constant float input ``slot`` of ``node``, or the refusal naming why it is not one."""
+    if slot >= len(node.input) or not node.input[slot]:
+        return Skip(bn, SkipReason.UNSUPPORTED_LAYER, f"{node.op_type} '{node.name}' has no {what}")
+    v, reason, detail = ev.resolve(node.input[slot])
+    if v is None:
+        r = reason or SkipReason.NON_CONSTANT
+        return Skip(bn, r, f"the {what} of {node.op_type} '{node.name}' is not a constant: {detail}")
+    if not is_float(v):
+        return Skip(bn, SkipReason.UNSUPPORTED_DTYPE, f"the {what} of '{node.name}' has dtype {v.dtype}")
+    return v
+
+
+def optional_input(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | None | Skip:
+    """Like :func:`resolve_weight`, but an absent input is ``None``."""
+    if slot >= len(node.input) or not node.input[slot]:
+        return None
+    return resolve_weight(ev, node, slot, bn, what)
+
+
+def weight_and_bias(
+    ev: ConstEvaluator, node: NodeProto, bn: str, names: tuple[str, str] = ("weight", "bias")
+) -> tuple[Array, Array | None] | Skip:
+    """The constant weight (input 1) and optional bias (input 2) of a layer, or why not."""
+    w = resolve_weight(ev, node, 1, bn, names[0])
+    if isinstance(w, Skip):
+        return w
+    b = optional_input(ev, node, 2, bn, names[1])
+    if isinstance(b, Skip):
+        return b
+    return w, b

@@ -15,6 +15,13 @@ Algorithm (linear in the number of nodes per pass; passes repeat only while some
    visible; a subgraph never edits an enclosing initializer (it writes its own).
 5. Remove the initializers and constant nodes that nothing reads any more.
 
+A functional fold (``inplace=False``) copies the model once: every field, but the large initializers of
+the main graph start as *placeholders* (all fields but ``raw_data``) whose values are read from the
+original; a weight the fold rewrites is written once with its new values, the others get their bytes
+at the end. Labels of unnamed nodes (``<op_type>_<index>``) are computed once, from the graph as
+given, so a verdict names the node at that index of the input however many nodes a fold removed
+before it. With ``flush_denormals``, each tensor is flushed as it is written (no second pass).
+
 The verdict list holds one entry per BatchNormalization node (subgraph BNs are named
 ``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.extra["mul_add"]``.
 This module never imports torch.
@@ -26,13 +33,15 @@ import gc
 import time
 from dataclasses import dataclass, field
 
-from onnx import GraphProto, ModelProto
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+from onnx import GraphProto, ModelProto, TensorProto
 
 from bnfold.errors import InputError
 from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
-from .graph import GraphIndex, is_bn, node_subgraphs
+from .graph import GraphIndex, is_bn, node_labels, node_subgraphs
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .rewrite import Names, PassRewriter, remove_dead
 
@@ -49,6 +58,10 @@ class _Ctx:
     ir_version: int
     mul_add: list[Site] = field(default_factory=list)
     exclude: frozenset[str] = frozenset()
+    flush: bool = False
+    flushed: int = 0
+    sources: dict[str, TensorProto] = field(default_factory=dict)
+    """Main graph: the original of each placeholder initializer (see :func:`_copy_model`)."""
 
 
 def _walk(graph: GraphProto) -> list[GraphProto]:
@@ -86,6 +99,91 @@ def _opset(model: ModelProto) -> int:
     return 1
 
 
+# Placeholders are made for initializers of at least this many bytes, counted at 4 bytes a value
+# (smaller ones are copied whole: a placeholder saves a copy of the bytes and costs a few field copies).
+_PLACEHOLDER_BYTES = 1 << 12
+
+
+def _copy_fields(src: Message, dst: Message, skip: str) -> None:
+    """Copy every set field of ``src`` but ``skip`` into the empty ``dst`` (a message of its type).
+
+    Walks the schema rather than ``ListFields``, which would read (copy) the skipped field too.
+    """
+    for fd in src.DESCRIPTOR.fields:
+        name = fd.name
+        if name == skip:
+            continue
+        if fd.is_repeated:
+            value = getattr(src, name)
+            if len(value):
+                getattr(dst, name).extend(value)
+        elif src.HasField(name):  # onnx.proto is proto2: every singular field has presence
+            if fd.type == fd.TYPE_MESSAGE:
+                getattr(dst, name).CopyFrom(getattr(src, name))
+            else:
+                setattr(dst, name, getattr(src, name))
+
+
+def _has_unknown(msg: Message) -> bool:
+    """True when ``msg`` holds fields this protobuf schema does not know (a field copy would drop them)."""
+    return len(UnknownFieldSet(msg)) > 0
+
+
+def _copy_model(model: ModelProto) -> tuple[ModelProto, dict[str, TensorProto]]:
+    """A copy of ``model`` in which the large initializers of the main graph are placeholders.
+
+    A placeholder holds every field of its tensor but ``raw_data``; ``sources`` maps its name to the
+    original, from which the fold reads the values. A tensor the fold rewrites is written once, with
+    its new values; the others get their bytes copied at the end (:func:`_fill_placeholders`). So
+    each weight is copied once, instead of a whole-model copy whose weights are then overwritten.
+    A plain whole copy is made when no tensor is large enough to pay for a placeholder, when
+    initializer names repeat (a placeholder is found by name) or when a message holds fields this
+    protobuf schema does not know (a field copy would drop them).
+    """
+    work = ModelProto()
+    graph = model.graph
+    big: set[int] = set()
+    names: set[str] = set()
+    for k, t in enumerate(graph.initializer):
+        names.add(t.name)
+        size = 1
+        for d in t.dims:
+            size *= d
+        if size * 4 >= _PLACEHOLDER_BYTES and t.HasField("raw_data") and not _has_unknown(t):
+            big.add(k)
+    if not big or len(names) != len(graph.initializer) or _has_unknown(model) or _has_unknown(graph):
+        work.CopyFrom(model)
+        return work, {}
+    _copy_fields(model, work, "graph")
+    _copy_fields(graph, work.graph, "initializer")
+    sources: dict[str, TensorProto] = {}
+    inits = work.graph.initializer
+    run: list[TensorProto] = []  # consecutive small tensors, copied in one call (order kept)
+    for k, t in enumerate(graph.initializer):
+        if k not in big:
+            run.append(t)
+            continue
+        if run:
+            inits.extend(run)
+            run = []
+        _copy_fields(t, inits.add(), "raw_data")
+        sources[t.name] = t
+    if run:
+        inits.extend(run)
+    return work, sources
+
+
+def _fill_placeholders(work: ModelProto, sources: dict[str, TensorProto]) -> None:
+    """Give each placeholder still in the folded model the bytes of its original."""
+    if not sources:
+        return
+    for t in work.graph.initializer:
+        src = sources.get(t.name)
+        if src is not None:
+            t.raw_data = src.raw_data
+    sources.clear()
+
+
 def _fold_graph(
     graph: GraphProto,
     outer: GraphIndex | None,
@@ -94,13 +192,16 @@ def _fold_graph(
     ctx: _Ctx,
     main: bool,
 ) -> list[Verdict]:
+    # Labels of unnamed nodes come from the graph as given (indices shift as nodes are removed).
+    node_label = node_labels(graph)
+    sources = ctx.sources if main else {}
     labels: dict[str, str] = {}
     order: list[str] = []
     seen: dict[str, int] = {}
     for i, n in enumerate(graph.node):
         if is_bn(n):
             key = n.output[0]
-            label = prefix + (n.name or f"BatchNormalization_{i}")
+            label = prefix + (n.name or node_label.get(key, f"BatchNormalization_{i}"))
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:  # node names need not be unique: keep the verdicts apart
                 label = f"{label}#{seen[label]}"
@@ -110,10 +211,18 @@ def _fold_graph(
     candidates: set[str] = set()
     add_inputs = main and ctx.ir_version < 4
 
+    def build() -> GraphIndex:
+        return GraphIndex.build(graph, outer, ctx.ir_version, labels=node_label, sources=sources)
+
+    def rewriter(index: GraphIndex) -> PassRewriter:
+        return PassRewriter(graph, index, ctx.names, add_inputs=add_inputs, flush=ctx.flush)
+
+    has_subgraphs = False
     for _ in range(_MAX_PASSES):
-        index = GraphIndex.build(graph, outer, ctx.ir_version)
+        index = build()
+        has_subgraphs = index.has_subgraphs  # a fold adds no subgraph and removes none that holds one
         ev = ConstEvaluator(index, ctx.opset, outer_ev)
-        rw = PassRewriter(graph, index, ctx.names, add_inputs=add_inputs)
+        rw = rewriter(index)
         locked: set[int] = set()
         applied = 0
         for i, n in enumerate(index.nodes):
@@ -122,7 +231,7 @@ def _fold_graph(
                 if i in locked:
                     continue
                 key = n.output[0]
-                label = labels.get(key, prefix + f"BatchNormalization_{i}")
+                label = labels.get(key, prefix + index.label(i))
                 if label in ctx.exclude:  # the caller keeps this BN (e.g. its fold failed verification)
                     final[key] = Skip(label, SkipReason.VERIFICATION, "left in place: excluded from folding")
                     continue
@@ -149,13 +258,14 @@ def _fold_graph(
                 ctx.mul_add.append(site)
         rw.finish()
         candidates |= rw.candidates
+        ctx.flushed += rw.flushed
         if not applied:
             break
 
     if ctx.affine:
-        index = GraphIndex.build(graph, outer, ctx.ir_version)
+        index = build()
         ev = ConstEvaluator(index, ctx.opset, outer_ev)
-        rw = PassRewriter(graph, index, ctx.names, add_inputs=add_inputs)
+        rw = rewriter(index)
         for i, n in enumerate(index.nodes):
             if not is_bn(n):
                 continue
@@ -163,19 +273,20 @@ def _fold_graph(
             if isinstance(prev, Skip) and prev.reason in (SkipReason.TRAINING_MODE, SkipReason.VERIFICATION):
                 continue
             key = n.output[0]
-            plan = match_affine(index, ev, i, labels.get(key, prefix + f"BatchNormalization_{i}"), ctx.opset)
+            plan = match_affine(index, ev, i, labels.get(key, prefix + index.label(i)), ctx.opset)
             if plan is not None:
                 final[key] = rw.apply(plan)
         rw.finish()
         candidates |= rw.candidates
+        ctx.flushed += rw.flushed
 
     verdicts = [final[k] for k in order if k in final]
-    index = GraphIndex.build(graph, outer, ctx.ir_version)
-    if index.has_subgraphs:
+    if has_subgraphs:
+        index = build()
         ev = ConstEvaluator(index, ctx.opset, outer_ev)
         for i, n in enumerate(index.nodes):
             for attr, sub in node_subgraphs(n):
-                sub_prefix = f"{prefix}{n.name or f'{n.op_type}_{i}'}/{attr}/"
+                sub_prefix = f"{prefix}{index.label(i)}/{attr}/"
                 verdicts.extend(_fold_graph(sub, index, ev, sub_prefix, ctx, main=False))
     remove_dead(graph, candidates, outer, ctx.ir_version)
     return verdicts
@@ -188,6 +299,7 @@ def fold_model(
     dry_run: bool = False,
     inplace: bool = False,
     exclude: frozenset[str] | set[str] = frozenset(),
+    flush_denormals: bool = False,
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
@@ -199,6 +311,10 @@ def fold_model(
             ``model`` is left untouched. Note: with protobuf's upb backend the replaced bytes of a
             rewritten initializer stay in the model's arena until the model is freed, so an in-place
             fold grows the process by the size of the weights it rewrites.
+        exclude: labels of BNs to leave in place (their verdict says why).
+        flush_denormals: set the subnormal values of every tensor the fold writes to zero as it
+            is written (float32/float64/bfloat16; see :mod:`bnfold.denormals`);
+            ``report.flushed_denormals`` says how many (None when not asked).
 
     Returns:
         ``(folded model, report)``; the report has one verdict per BatchNormalization node.
@@ -209,34 +325,33 @@ def fold_model(
     if not isinstance(model, ModelProto):
         raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
     t0 = time.perf_counter()
+    sources: dict[str, TensorProto] = {}
     if inplace and not dry_run:
         work = model
     else:
-        work = ModelProto()
-        work.CopyFrom(model)
+        work, sources = _copy_model(model)  # one copy of each weight (see _copy_model)
     bn_before, nodes_before, params_before = _figures(work)
-    ctx = _Ctx(_opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude))
+    ctx = _Ctx(
+        _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
+        flush=flush_denormals and not dry_run, sources=sources,
+    )
     # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
     # large graph again and again (super-linear time), so it is paused for the fold.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         verdicts = _fold_graph(work.graph, None, None, "", ctx, main=True)
+        if not dry_run:
+            _fill_placeholders(work, sources)
     finally:
         release_scratch()
         if gc_was_enabled:
             gc.enable()
     bn_after, nodes_after, params_after = _figures(work)
     report = FoldReport(
-        backend="onnx",
-        verdicts=verdicts,
-        bn_before=bn_before,
-        bn_after=bn_after,
-        nodes_before=nodes_before,
-        nodes_after=nodes_after,
-        params_before=params_before,
-        params_after=params_after,
-        dry_run=dry_run,
+        backend="onnx", verdicts=verdicts, dry_run=dry_run,
+        bn_before=bn_before, nodes_before=nodes_before, params_before=params_before,
+        bn_after=bn_after, nodes_after=nodes_after, params_after=params_after,
     )
     if ctx.mul_add:
         report.extra["mul_add"] = [s.to_dict() for s in ctx.mul_add]
@@ -245,5 +360,7 @@ def fold_model(
         )
     if dry_run:
         report.nodes_after, report.params_after = nodes_after, params_after
+    if ctx.flush:
+        report.flushed_denormals = ctx.flushed
     report.seconds = time.perf_counter() - t0
     return (model if dry_run else work), report

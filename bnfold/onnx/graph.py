@@ -8,7 +8,13 @@ Built in one pass over the nodes (O(nodes + edges)); the matcher asks it questio
   subgraphs (If/Loop/Scan bodies) read ``value`` counts as a reader once, so a value read inside a
   subgraph is never treated as having a single consumer;
 * ``initializers``, ``graph_inputs``, ``graph_outputs``, and the declared ``types`` of values (inputs,
-  outputs, value_info, initializers) for ranks, static shapes and element types.
+  outputs, value_info, initializers) for ranks, static shapes and element types;
+* ``label(i)`` -- the name a verdict gives node ``i``: its name, or ``<op_type>_<k>`` for an unnamed
+  node, where ``k`` is its index in the graph *as given to the fold* (:func:`node_labels`, computed
+  once; rewrites shift indices, not labels);
+* ``sources`` -- for a functional fold, the original tensor of each initializer whose bytes were not
+  copied (yet): the copy is a placeholder with name, type and dims, the values are read from the
+  original (:meth:`GraphIndex.tensor`).
 
 Nothing here edits the model; the index is rebuilt after each rewrite pass.
 """
@@ -24,7 +30,17 @@ import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
-__all__ = ["GraphIndex", "ValueType", "subgraph_reads", "node_subgraphs", "BN_OP", "is_bn", "read_lazy_tensor"]
+__all__ = [
+    "GraphIndex",
+    "attr",
+    "ValueType",
+    "subgraph_reads",
+    "node_subgraphs",
+    "node_labels",
+    "BN_OP",
+    "is_bn",
+    "read_lazy_tensor",
+]
 
 BN_OP = "BatchNormalization"
 
@@ -56,6 +72,14 @@ def read_lazy_tensor(t: TensorProto) -> np.ndarray[Any, Any] | None:
         tmp.raw_data = raw
         return onnx.numpy_helper.to_array(tmp)
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(dims)
+
+
+def attr(node: NodeProto, name: str, default: Any) -> Any:
+    """The value of attribute ``name`` of ``node``, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
 
 
 def is_bn(node: NodeProto) -> bool:
@@ -121,6 +145,20 @@ def subgraph_reads(graph: GraphProto) -> set[str]:
     return reads
 
 
+def node_labels(graph: GraphProto) -> dict[str, str]:
+    """``{first output name: label}`` of the unnamed nodes of ``graph``, label ``<op_type>_<index>``.
+
+    Computed once, before any rewrite: the label of a node then stays what it was in the graph the
+    user gave, however many nodes a fold removes before it. A node's first output identifies it
+    across passes (value names are unique); the rewriter moves the entry when it renames an output.
+    """
+    out: dict[str, str] = {}
+    for i, n in enumerate(graph.node):
+        if not n.name and n.output and n.output[0]:
+            out[n.output[0]] = f"{n.op_type}_{i}"
+    return out
+
+
 @dataclass(slots=True)
 class GraphIndex:
     """Producer/consumer index of one graph (see the module docstring).
@@ -143,11 +181,27 @@ class GraphIndex:
     graph_outputs: set[str] = field(default_factory=set)
     types: dict[str, ValueType] = field(default_factory=dict)
     has_subgraphs: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    """Stable labels of unnamed nodes by first output (:func:`node_labels`); shared across passes."""
+    sources: dict[str, TensorProto] = field(default_factory=dict)
+    """Original tensors of placeholder initializers (functional fold); shared across passes."""
 
     @classmethod
-    def build(cls, graph: GraphProto, outer: GraphIndex | None = None, ir_version: int = 10) -> GraphIndex:
-        """Index ``graph`` in one pass."""
+    def build(
+        cls,
+        graph: GraphProto,
+        outer: GraphIndex | None = None,
+        ir_version: int = 10,
+        *,
+        labels: dict[str, str] | None = None,
+        sources: dict[str, TensorProto] | None = None,
+    ) -> GraphIndex:
+        """Index ``graph`` in one pass (``labels`` and ``sources`` are kept by reference, not copied)."""
         idx = cls(graph=graph, outer=outer, ir_version=ir_version)
+        if labels is not None:
+            idx.labels = labels
+        if sources is not None:
+            idx.sources = sources
         idx.nodes = list(graph.node)
         producer = idx.producer
         consumers = idx.consumers
@@ -181,6 +235,20 @@ class GraphIndex:
         return idx
 
     # ---- queries -------------------------------------------------------------------------------
+    def label(self, i: int) -> str:
+        """The verdict label of node ``i``: its name, else its stable ``<op_type>_<index>`` label."""
+        n = self.nodes[i]
+        if n.name:
+            return n.name
+        if n.output and n.output[0] in self.labels:
+            return self.labels[n.output[0]]
+        return f"{n.op_type}_{i}"
+
+    def tensor(self, name: str) -> TensorProto:
+        """The initializer ``name`` holding its values: the original for a placeholder copy."""
+        src = self.sources.get(name)
+        return self.initializers[name] if src is None else src
+
     def n_uses(self, value: str) -> int:
         """Number of reads of ``value`` in this graph, a graph output counting as one more."""
         return len(self.consumers.get(value, ())) + (1 if value in self.graph_outputs else 0)

@@ -58,23 +58,12 @@ from onnx import NodeProto, helper
 from bnfold.fold_math import bn_affine
 from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .const import ConstEvaluator
-from .graph import GraphIndex, is_bn
+from .const import Array, ConstEvaluator, is_float
+from .graph import GraphIndex, attr, is_bn
 from .match_backward import match_backward
 from .match_forward import match_forward
 from .match_frozen import match_mul_add
-from .plan import (
-    FLOAT_TYPES,
-    Array,
-    BnParams,
-    Fold,
-    Write,
-    attr,
-    finish,
-    is_float,
-    release_scratch,
-    trace_type,
-)
+from .plan import FLOAT_TYPES, BnParams, Fold, Write, finish, release_scratch, trace_type
 
 __all__ = [
     "Fold",

@@ -18,22 +18,10 @@ from onnx import NodeProto
 from bnfold.fold_math import WeightLayout, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight_and_bias
+from .graph import GraphIndex, attr
 from .noops import walk_down
-from .plan import (
-    Array,
-    BnParams,
-    Fold,
-    Write,
-    attr,
-    finish,
-    label_of,
-    optional_input,
-    rank2_or_skip,
-    resolve_weight,
-    weight_and_bias,
-)
+from .plan import BnParams, Fold, Write, finish, rank2_or_skip
 
 __all__ = ["match_backward", "reshape_flattens"]
 
@@ -144,7 +132,7 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             label, SkipReason.SPATIAL, "spatial=0 statistics differ per position: not a per-channel scale"
         ), True
     via = [index.nodes[k].op_type for k in chain] + ([index.nodes[flat].op_type] if flat is not None else [])
-    site = Site(label, label_of(kn, ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
+    site = Site(label, index.label(ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
     base: dict[str, Any] = {"site": site, "remove": (bi,), "rename_input": (first, 0, x), "dropped": (y,)}
     locks = tuple(dict.fromkeys((ki, first) + (() if flat is None else (flat,))))
     c = Bwd(index, ev, kn, ki, label, prm, target, base, locks, x, y)

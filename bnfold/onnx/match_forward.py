@@ -17,23 +17,10 @@ import numpy as np
 from bnfold.fold_math import WeightLayout, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import Array, ConstEvaluator, is_float, resolve_weight, weight_and_bias
+from .graph import GraphIndex, attr
 from .noops import walk_up
-from .plan import (
-    Array,
-    BnParams,
-    Fold,
-    Write,
-    attr,
-    finish,
-    is_float,
-    label_of,
-    rank2_or_skip,
-    resolve_weight,
-    scale_out,
-    weight_and_bias,
-)
+from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out
 
 __all__ = [
     "Fwd",
@@ -86,7 +73,7 @@ class Fwd:
                     ],
                 )
             )
-        site = Site(self.label, label_of(self.index.nodes[target], target), kind, Direction.FORWARD, detail)
+        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail)
         return {
             "site": site,
             "remove": (self.bi,),

@@ -12,10 +12,10 @@ from onnx import NodeProto
 from bnfold.fold_math import WeightLayout, fold_forward, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import Array, ConstEvaluator, is_float
+from .graph import GraphIndex, attr
 from .match_forward import per_channel
-from .plan import Array, Fold, Write, attr, finish, is_float, label_of
+from .plan import Fold, Write, finish
 
 __all__ = ["match_mul_add"]
 
@@ -60,7 +60,7 @@ def _fold_mul_add(
     index: GraphIndex, ev: ConstEvaluator, pi: int, mi: int, ai: int, cval: Array, d: Array
 ) -> Fold | None:
     pn, mul, add = index.nodes[pi], index.nodes[mi], index.nodes[ai]
-    label = f"{label_of(mul, mi)}+{label_of(add, ai)}"
+    label = f"{index.label(mi)}+{index.label(ai)}"
     w, _, _ = ev.resolve(pn.input[1]) if len(pn.input) > 1 else (None, None, "")
     if w is None or not is_float(w):
         return None
@@ -93,7 +93,7 @@ def _fold_mul_add(
     res = finish([w64, b64], w.dtype, label, "weight")
     if isinstance(res, Skip):
         return None
-    site = Site(label, label_of(pn, pi), kind, Direction.FORWARD, "per-channel Mul+Add (frozen BN)")
+    site = Site(label, index.label(pi), kind, Direction.FORWARD, "per-channel Mul+Add (frozen BN)")
     return Fold(
         site=site,
         remove=(mi, ai),

@@ -29,7 +29,7 @@ import numpy as np
 from bnfold.records import Skip, SkipReason
 
 from .match_forward import LAYERS, Fwd, common, conv_layout, exclusive, layer_writes
-from .plan import Fold, Write, attr, label_of
+from .plan import Fold, Write, attr
 
 __all__ = ["match_concat", "match_sum"]
 
@@ -95,7 +95,7 @@ def _route_fold(c: Fwd, node: int, kind: str, plans: list[tuple[int, F64, F64 | 
         writes.extend(w)
         if c.index.nodes[p].op_type == "Gemm":
             gemms.append(p)
-    names = ", ".join(label_of(c.index.nodes[p], p) for p, _, _ in plans)
+    names = ", ".join(c.index.label(p) for p, _, _ in plans)
     base = c.base(node, kind, f"{what} into {len(plans)} producers: {names}")
     return Fold(
         **base, locks=c.locks(node, *(p for p, _, _ in plans)), writes=writes, beta_one=tuple(gemms)

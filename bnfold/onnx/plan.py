@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from onnx import NodeProto, TensorProto, helper
+from onnx import NodeProto, TensorProto
 
 from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cast
 from bnfold.records import Site, Skip, SkipReason
 
-from .const import ConstEvaluator
-from .graph import GraphIndex
+from .const import is_float, optional_input, resolve_weight, weight_and_bias
+from .graph import GraphIndex, attr
 
 __all__ = [
     "Array",
@@ -100,22 +100,9 @@ class BnParams:
         return int(self.scale.shape[0])
 
 
-def attr(node: NodeProto, name: str, default: Any) -> Any:
-    """The value of attribute ``name`` of ``node``, or ``default``."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def label_of(node: NodeProto, index: int) -> str:
     """The node's name, or ``<op>_<index>`` for an unnamed node."""
     return node.name or f"{node.op_type}_{index}"
-
-
-def is_float(a: Array) -> bool:
-    """True for float16/32/64 and bfloat16 arrays."""
-    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
 
 
 def finish(arrays: list[Array], dtype: np.dtype[Any], bn: str, what: str) -> list[Array] | Skip:
@@ -181,39 +168,6 @@ def scale_out(
         assert isinstance(res, Skip)
         return res
     return [np.frombuffer(w_new.tobytes(), dtype=w.dtype).reshape(w.shape), b_new]
-
-
-def resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | Skip:
-    """The constant float input ``slot`` of ``node``, or the refusal naming why it is not one."""
-    if slot >= len(node.input) or not node.input[slot]:
-        return Skip(bn, SkipReason.UNSUPPORTED_LAYER, f"{node.op_type} '{node.name}' has no {what}")
-    v, reason, detail = ev.resolve(node.input[slot])
-    if v is None:
-        r = reason or SkipReason.NON_CONSTANT
-        return Skip(bn, r, f"the {what} of {node.op_type} '{node.name}' is not a constant: {detail}")
-    if not is_float(v):
-        return Skip(bn, SkipReason.UNSUPPORTED_DTYPE, f"the {what} of '{node.name}' has dtype {v.dtype}")
-    return v
-
-
-def optional_input(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | None | Skip:
-    """Like :func:`resolve_weight`, but an absent input is ``None``."""
-    if slot >= len(node.input) or not node.input[slot]:
-        return None
-    return resolve_weight(ev, node, slot, bn, what)
-
-
-def weight_and_bias(
-    ev: ConstEvaluator, node: NodeProto, bn: str, names: tuple[str, str] = ("weight", "bias")
-) -> tuple[Array, Array | None] | Skip:
-    """The constant weight (input 1) and optional bias (input 2) of a layer, or why not."""
-    w = resolve_weight(ev, node, 1, bn, names[0])
-    if isinstance(w, Skip):
-        return w
-    b = optional_input(ev, node, 2, bn, names[1])
-    if isinstance(b, Skip):
-        return b
-    return w, b
 
 
 def value_rank(index: GraphIndex, *names: str) -> int | None:

@@ -32,6 +32,7 @@ import numpy.typing as npt
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from bnfold.denormals import flush_written
 from bnfold.records import Site
 
 from .const import PURE_OPS
@@ -133,21 +134,42 @@ class PassRewriter:
         index: its index, built at the start of the pass.
         names: the model's name allocator.
         add_inputs: also list new initializers as graph inputs (IR version < 4).
+        flush: set the subnormal values of every float tensor written to zero as it is stored
+            (:func:`bnfold.denormals.flush_written`: float32/float64/bfloat16, never float16); the
+            count is in :attr:`flushed`.
     """
 
     def __init__(
-        self, graph: GraphProto, index: GraphIndex, names: Names, *, add_inputs: bool = False
+        self,
+        graph: GraphProto,
+        index: GraphIndex,
+        names: Names,
+        *,
+        add_inputs: bool = False,
+        flush: bool = False,
     ) -> None:
         self.graph = graph
         self.index = index
         self.names = names
         self.add_inputs = add_inputs
+        self.flush = flush
+        self.flushed = 0
+        """Subnormal values set to zero in the tensors written (with ``flush``)."""
         self.candidates: set[str] = set()
         """Value names that may have become unread (for :func:`remove_dead`)."""
         self._removed: dict[int, list[onnx.NodeProto]] = {}
         self._dropped: set[str] = set()
 
+    def _flushed(self, value: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """``value``, its subnormal values set to zero when the fold flushes (counted)."""
+        if not self.flush:
+            return value
+        out, n = flush_written(value)
+        self.flushed += n
+        return out
+
     def _new_initializer(self, name: str, value: npt.NDArray[Any]) -> None:
+        value = self._flushed(value)
         t = numpy_helper.from_array(np.ascontiguousarray(value), name)
         if value.base is not None:  # a bytes-backed weight from the matcher: no second copy
             t.raw_data = _raw_bytes(value)
@@ -170,7 +192,8 @@ class PassRewriter:
                 and old not in index.graph_outputs
                 and t.data_type == _onnx_type(w.value)
             ):
-                write_tensor(t, w.value)
+                write_tensor(t, self._flushed(w.value))
+                index.sources.pop(old, None)  # a placeholder copy now holds its own (new) values
                 continue
             base = old or f"{node.name or node.op_type}.bias"
             new = names.fresh(f"{base}_bnfold" if old else base)
@@ -193,6 +216,9 @@ class PassRewriter:
                     a.f = 1.0
         if f.rename_output is not None:
             ni, new_name = f.rename_output
+            label = index.labels.pop(nodes[ni].output[0], None)
+            if label is not None:  # the node keeps its stable label under its new output name
+                index.labels[new_name] = label
             nodes[ni].output[0] = new_name
         if f.rename_input is not None:
             ni, slot, new_name = f.rename_input
