@@ -144,13 +144,13 @@ def _predict_params(
     readers: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            readers[str(n.target)] = len(n.users)
-    # The reads each fold removes: the BN's four tensors, the producer's old weight and bias.
-    removed: dict[str, int] = {}
+            readers[str(n.target)] = readers.get(str(n.target), 0) + len(n.users)
+    # The reads each fold removes: the BN's four tensors, the producer's old weight and bias. A
+    # tensor whose get_attr nodes are left without users is dropped (unread ones included).
     for c in folds:
         reads = [c.bn_args[k] for k in ("weight", "bias", "running_mean", "running_var")] + [c.weight, c.bias]
         for r in reads:
             if isinstance(r, fx.Node):
-                removed[str(r.target)] = removed.get(str(r.target), 0) + 1
-    total = sum(t.numel() for name, t in tensors.items() if name not in removed or readers.get(name, 0) > removed[name])
+                readers[str(r.target)] -= 1
+    total = sum(t.numel() for name, t in tensors.items() if readers.get(name, 1) > 0)
     return total + sum(w.numel() + b.numel() for w, b in writes.values())

@@ -212,12 +212,14 @@ def fold_module(
         if eval_semantics:
             traced.eval()
         analysis = _analyse(traced, graph, example_inputs)
+        plans: list[tuple[str, Plan]] = []  # (prefix, plan) per traced part, for the dry-run figures
         if isinstance(analysis, str):
             plan = None
         else:
             if exclude:
                 analysis = _exclude(analysis, frozenset(exclude))
             plan = plan_sites(traced, analysis.matched)
+            plans.append(("", plan))
         if dry_run:
             result = module
         elif inplace:
@@ -231,7 +233,7 @@ def fold_module(
             result.eval()
         try:
             if isinstance(analysis, str):
-                report, out = _fold_fallback(traced, result, dry_run, analysis)
+                report, out = _fold_fallback(traced, result, dry_run, analysis, plans)
             else:
                 assert plan is not None
                 report, out = _apply(result, analysis, plan, dry_run, traced)
@@ -246,8 +248,10 @@ def fold_module(
         out = module
         # What the rewrite would remove (or add), counted without rewriting (see _predict).
         report.bn_after = len(report.skips)
-        predicted = None if isinstance(analysis, str) or plan is None else _predict(module, analysis, plan)
-        report.nodes_after, report.params_after = predicted or (nodes_before, params_before)
+        if isinstance(analysis, str) or not analysis.use_graph:
+            report.nodes_after, report.params_after = _predict(module, plans)
+        else:
+            report.nodes_after, report.params_after = _predict_graph(module, analysis, plans[0][1], traced)
     else:
         report.bn_after = len(report.skips)
         report.nodes_after, report.params_after = _count(out)
@@ -314,35 +318,51 @@ def _apply(
     return report, work
 
 
-def _predict(module: nn.Module, a: _Analysis, plan: Plan) -> tuple[int, int] | None:
-    """``(modules, parameters)`` of the result of applying ``plan`` in module mode, counted on
+def _predict(module: nn.Module, plans: list[tuple[str, Plan]]) -> tuple[int, int]:
+    """``(modules, parameters)`` of the result of applying ``plans`` in module mode, counted on
     ``module`` without rewriting it: each folded BN's subtree leaves the module tree (its tail or an
-    ``nn.Identity()`` takes its place) and a layer that had no bias gets one. None in graph mode
-    (a GraphModule keeps only the modules its graph calls: not predicted)."""
-    if a.use_graph:
-        return None
-    gone = {str(c.bn_node.target): c for c in plan.folds}
-    mods = params = 0
+    ``nn.Identity()`` takes its place) and a layer that had no bias gets one. ``plans`` holds
+    ``(prefix, plan)`` per traced part (the whole model: prefix "")."""
+    gone: dict[str, tuple[nn.Module, Candidate]] = {}
+    new_bias = 0
+    for prefix, plan in plans:
+        part = module.get_submodule(prefix) if prefix else module
+        for c in plan.folds:
+            gone[_join(prefix, str(c.bn_node.target))] = (part, c)
+        for node, (_, b) in plan.writes.items():
+            if fetch_attr(part, str(node.target)).bias is None:
+                new_bias += b.numel()
+    tails = {name: tail_of(part, c) for name, (part, c) in gone.items()}
+    mods = 0
     seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", module)]
     while stack:
         name, m = stack.pop()
-        if name in gone:
-            m = tail_of(module, gone[name])
+        m = tails.get(name, m)
         if id(m) in seen:
             continue
         seen.add(id(m))
         mods += 1
-        stack.extend((f"{name}.{n}" if name else n, c) for n, c in m._modules.items() if c is not None)
-    sd = module.state_dict()
-    params = sum(t.numel() for k, t in sd.items() if isinstance(t, torch.Tensor) and not _under(k, gone))
-    for c in gone.values():
-        tail = tail_of(module, c)
-        params += sum(t.numel() for t in tail.state_dict().values() if isinstance(t, torch.Tensor))
-    for node, (_, b) in plan.writes.items():
-        if fetch_attr(module, str(node.target)).bias is None:
-            params += b.numel()
-    return mods, params
+        stack.extend((_join(name, n), c) for n, c in m._modules.items() if c is not None)
+    params = sum(t.numel() for k, t in module.state_dict().items() if isinstance(t, torch.Tensor) and not _under(k, gone))
+    params += sum(t.numel() for tail in tails.values() for t in tail.state_dict().values() if isinstance(t, torch.Tensor))
+    return mods, params + new_bias
+
+
+def _predict_graph(module: nn.Module, a: _Analysis, plan: Plan, traced: nn.Module) -> tuple[int, int]:
+    """The figures of the GraphModule a fold would return. Which modules a GraphModule keeps is fx's
+    business, so the plan is applied to a second shadow (tensors shared and never written: the
+    rewrite only rebinds attributes and clones) built on the analysis graph, which a dry run
+    discards anyway; that is counted."""
+    work = shadow(module)
+    _copy_trace_constants(a.graph, traced, work)
+    gm = fx.GraphModule(work, a.graph, type(work).__name__)
+    apply_graph_mode(gm, plan)
+    return _count(gm)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _under(key: str, names: dict[str, Any]) -> bool:
@@ -372,7 +392,9 @@ def _ancestors_reach_in(work: nn.Module, name: str) -> str:
     return ""
 
 
-def _fold_direct_pairs(work: nn.Module, result: nn.Module, dry_run: bool, done: set[str]) -> list[Verdict]:
+def _fold_direct_pairs(
+    work: nn.Module, result: nn.Module, dry_run: bool, done: set[str], plans: list[tuple[str, Plan]]
+) -> list[Verdict]:
     """Rule 3, BN children of an untraceable module: ``bn(layer(...))`` pairs its code provably runs
     (:func:`bnfold.fx.safety.direct_pairs`), decided on a two-node graph like any traced pair."""
     verdicts: list[Verdict] = []
@@ -393,6 +415,7 @@ def _fold_direct_pairs(work: nn.Module, result: nn.Module, dry_run: bool, done: 
                 for c in find_sites(g, u, whole=work, prefix=path)
             ]
             plan = plan_sites(u, matched)
+            plans.append((path, plan))
             if not dry_run:
                 apply_module_mode(result.get_submodule(path) if path else result, plan)
             vs = plan.report()
@@ -406,7 +429,7 @@ def _demote_site(c: Candidate) -> Skip:
 
 
 def _fold_fallback(
-    work: nn.Module, result: nn.Module, dry_run: bool, err: str
+    work: nn.Module, result: nn.Module, dry_run: bool, err: str, plans: list[tuple[str, Plan]]
 ) -> tuple[FoldReport, nn.Module]:
     """Rule 3: trace submodules of ``work`` (the shadow) on their own; apply what is safe to ``result``."""
     verdicts: list[Verdict] = []
@@ -432,12 +455,13 @@ def _fold_fallback(
             continue
         matched = _demote_all(_add_uncalled(sub, find_sites(g, sub, whole=work, prefix=name), prefix=name))
         plan = plan_sites(sub, matched)
+        plans.append((name, plan))
         if not dry_run:
             apply_module_mode(result.get_submodule(name), plan)
         vs = plan.report()
         verdicts.extend(vs)
         done.update(v.bn.split("#")[0] for v in vs)
-    verdicts.extend(_fold_direct_pairs(work, result, dry_run, done))
+    verdicts.extend(_fold_direct_pairs(work, result, dry_run, done, plans))
     for n in sorted(_bn_names(work)):
         if n not in done:
             verdicts.append(
