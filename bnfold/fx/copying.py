@@ -56,7 +56,7 @@ def _standard(cls: type) -> bool:
         and cls.__reduce__ is object.__reduce__  # type: ignore[comparison-overlap]
         and getattr(cls, "__getstate__", None) is _MODULE_GETSTATE
         and cls not in copyreg.dispatch_table
-        and "__slots__" not in cls.__dict__
+        and not any("__slots__" in k.__dict__ for k in cls.__mro__ if k is not object)
     )
 
 
