@@ -72,6 +72,7 @@ __all__ = [
     "Matched",
     "Tracer",
     "find_sites",
+    "match_bn",
     "functional_bn_args",
     "is_bn_node",
     "layer_kind",
@@ -144,49 +145,64 @@ def find_sites(
     """
     idx = Index(graph, root, whole if whole is not None else root)
     record_ranks(graph, root)
-    verdicts: list[Matched] = []
     seen_bn: Counter[str] = Counter()
     specs: dict[int, BnSpec | str] = {}
+    out: list[Matched] = []
+    for node in graph.nodes:
+        if is_bn_node(node, root):
+            out.append(match_bn(node, root, idx, prefix, seen_bn, specs))
+    return out
+
+
+def match_bn(
+    node: fx.Node,
+    root: nn.Module,
+    idx: Index,
+    prefix: str,
+    seen_bn: Counter[str],
+    specs: dict[int, BnSpec | str],
+) -> Matched:
+    """The verdict for one BN call (the counterpart of :func:`bnfold.onnx.match.match_bn`).
+
+    Rule 1 first (what the BN computes), then the forward fold (Rules 2, 4, 6), then the backward
+    fold (Rules 3, 4) when nothing before the BN folds. ``seen_bn`` counts calls per BN module (a
+    second call is shown as ``name#2``); ``specs`` caches :func:`describe_bn` per module.
+    """
 
     def q(name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
 
-    for node in graph.nodes:
-        if not is_bn_node(node, root):
-            continue
-        name, nf, skip, spec = _bn_info(node, root, specs)
-        seen_bn[name] += 1
-        shown = q(name) if seen_bn[name] == 1 else f"{q(name)}#{seen_bn[name]}"
-        if skip is not None:
-            verdicts.append(Skip(shown, skip.reason, skip.detail))
-            continue
-        bn_graph_why = ""
-        if node.op == "call_function":
-            bn_graph_why = "functional F.batch_norm is removed from the graph"
-        else:
-            bn_graph_why = idx.shared_why(name)
-        src = node.args[0] if node.args else None
-        verdict, cand = match_forward(node, src, root, idx, shown, nf, bn_graph_why, q)
-        if cand is None:
-            if spec is not None and spec.has_tail:
-                # Rule 1: layer(tail(bn(x))) -- the BN cannot move past its own activation.
-                if verdict.reason is SkipReason.NO_PRODUCER:
-                    verdict = Skip(
-                        shown,
-                        SkipReason.NO_PRODUCER,
-                        f"nothing foldable before it, and its own {type(fetch_attr(root, name)).__name__} "
-                        "post-processing (activation/dropout) keeps it from folding into the next layer",
-                    )
-            else:
-                bverdict, bcand = match_backward(node, root, idx, shown, nf, bn_graph_why, q)
-                if bcand is not None or (verdict.reason is SkipReason.NO_PRODUCER and bverdict is not None):
-                    verdict, cand = bverdict, bcand  # type: ignore[assignment]
-        if cand is not None:
-            cand.spec = spec
-            if spec is not None and spec.has_tail:
-                cand.site = Site(
-                    cand.site.bn, cand.site.target, cand.site.target_kind, cand.site.direction,
-                    "; ".join(d for d in (cand.site.detail, "its activation/dropout kept") if d),
+    name, nf, skip, spec = _bn_info(node, root, specs)
+    seen_bn[name] += 1
+    shown = q(name) if seen_bn[name] == 1 else f"{q(name)}#{seen_bn[name]}"
+    if skip is not None:
+        return Skip(shown, skip.reason, skip.detail)
+    if node.op == "call_function":
+        bn_graph_why = "functional F.batch_norm is removed from the graph"
+    else:
+        bn_graph_why = idx.shared_why(name)
+    src = node.args[0] if node.args else None
+    verdict, cand = match_forward(node, src, root, idx, shown, nf, bn_graph_why, q)
+    if cand is None:
+        if spec is not None and spec.has_tail:
+            # Rule 1: layer(tail(bn(x))) -- the BN cannot move past its own activation.
+            if verdict.reason is SkipReason.NO_PRODUCER:
+                verdict = Skip(
+                    shown,
+                    SkipReason.NO_PRODUCER,
+                    f"nothing foldable before it, and its own {type(fetch_attr(root, name)).__name__} "
+                    "post-processing (activation/dropout) keeps it from folding into the next layer",
                 )
-        verdicts.append(cand if cand is not None else verdict)
-    return verdicts
+        else:
+            bverdict, bcand = match_backward(node, root, idx, shown, nf, bn_graph_why, q)
+            if bcand is not None or (verdict.reason is SkipReason.NO_PRODUCER and bverdict is not None):
+                verdict, cand = bverdict, bcand  # type: ignore[assignment]
+    if cand is None:
+        return verdict
+    cand.spec = spec
+    if spec is not None and spec.has_tail:
+        cand.site = Site(
+            cand.site.bn, cand.site.target, cand.site.target_kind, cand.site.direction,
+            "; ".join(d for d in (cand.site.detail, "its activation/dropout kept") if d),
+        )
+    return cand

@@ -4,9 +4,12 @@ Rules:
 
 0. The caller's model is never traced: tracing runs the model's Python code (a forward may store fx
    Proxies in a cache, fx adds ``_tensor_constant`` attributes), so it runs on a shadow copy that
-   shares the tensors; the result is a fresh copy (or the model itself with ``inplace=True``) that
-   the fold is applied to by name. Traces hold one process-wide lock (fx patches global state), so
-   folds from several threads are safe.
+   shares the tensors (:func:`bnfold.fx.copying.shadow`). Stages, as in the ONNX backend: match on
+   the shadow's graph (:mod:`bnfold.fx.match`), plan on the shadow (:mod:`bnfold.fx.plan`: new
+   tensors, OVERFLOW refusals), then copy the result -- leaving out of the copy exactly the tensors
+   the plan replaces -- (or take the model itself with ``inplace=True``) and apply the plan to it by
+   name (:mod:`bnfold.fx.rewrite`). The result shares no tensor with the caller. Traces hold one
+   process-wide lock (fx patches global state), so folds from several threads are safe.
 1. Inference semantics only. A model (or a BN in it) in ``train()`` mode is refused with
    :class:`~bnfold.errors.ModelStateError` unless ``eval_semantics=True``; then the copy is traced in
    eval mode and every module gets its ``training`` flag back afterwards. Uninitialised lazy modules
