@@ -7,9 +7,9 @@ only). The rewritten unlifted module is exported again (non-strict) with the pro
 inputs; dynamic dimensions (plain symbols on positional inputs) are carried over, and when they
 cannot be re-derived the program is exported with static shapes and a note says so.
 
-A dry run predicts ``bn_after`` and ``params_after`` (the BN tensors no other op reads leave the
-program; a producer without a bias gets one); ``nodes_after`` is not predicted (the re-export
-decides the node count) and stays ``nodes_before``.
+A dry run predicts ``bn_after`` and ``params_after`` by counting what the rewrite removes and adds
+(:func:`_predict_params`); ``nodes_after`` stays ``nodes_before``: the re-export decides the node
+count (it may add ``getitem`` nodes to a batch norm that is left, for one).
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def fold_exported(
     report.bn_after = len(report.skips)
     report.dry_run = dry_run
     if dry_run or not folds:
-        report.nodes_after = report.nodes_before
-        report.params_after = _predict_params(gm, folds, writes) if folds else report.params_before
+        report.nodes_after, report.params_after = report.nodes_before, _predict_params(gm, folds, writes)
         return ep, report
     apply_exported(gm, folds, writes)
     if ep.example_inputs is None:
@@ -139,18 +138,21 @@ def _finite_int(v: Any) -> int | None:
 def _predict_params(
     gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
 ) -> int:
-    """The parameter count after the fold (dry run): what :func:`apply_exported` would drop or add."""
+    """The parameter count of the program a fold would export, counted without rewriting.
+
+    A tensor whose reads all go (the BN's four, the producer's old weight and bias, and tensors no
+    node read: :func:`~bnfold.fx.export_rewrite.apply_exported` drops unread attributes) leaves the
+    program; each fold adds its new weight and bias.
+    """
     tensors = {n: t for n, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
     readers: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             readers[str(n.target)] = readers.get(str(n.target), 0) + len(n.users)
-    # The reads each fold removes: the BN's four tensors, the producer's old weight and bias. A
-    # tensor whose get_attr nodes are left without users is dropped (unread ones included).
     for c in folds:
         reads = [c.bn_args[k] for k in ("weight", "bias", "running_mean", "running_var")] + [c.weight, c.bias]
         for r in reads:
             if isinstance(r, fx.Node):
                 readers[str(r.target)] -= 1
-    total = sum(t.numel() for name, t in tensors.items() if readers.get(name, 1) > 0)
-    return total + sum(w.numel() + b.numel() for w, b in writes.values())
+    kept = sum(t.numel() for name, t in tensors.items() if readers.get(name, 1) > 0)
+    return kept + sum(w.numel() + b.numel() for w, b in writes.values())
