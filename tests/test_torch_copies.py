@@ -201,3 +201,46 @@ def test_dry_run_predicts_the_fold(make: object, example: tuple[torch.Tensor, ..
     assert real.folded > 0 and dry.folded == real.folded
     assert (dry.bn_after, dry.nodes_after, dry.params_after) == (real.bn_after, real.nodes_after, real.params_after)
     assert dry.bn_before == real.bn_before and dry.bn_after < dry.bn_before
+
+
+def _same_shape(a: object, b: object, depth: int = 0) -> None:
+    """``b`` has the structure and values of ``a`` (tensors equal, never the same storage)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b) and a.requires_grad == b.requires_grad
+        assert a.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    elif isinstance(a, dict) and depth < 4:
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            _same_shape(a[k], b[k], depth + 1)
+    elif isinstance(a, (list, tuple)) and depth < 4:
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_shape(x, y, depth + 1)
+
+
+@pytest.mark.parametrize("name", ["timm_resnet", "efficientnet_same", "levit", "csp_mixconv", "checkpoint_net"])
+def test_copy_model_equals_deepcopy_on_reference_nets(name: str) -> None:
+    from models.realworld import REALWORLD
+
+    make, shape = REALWORLD[name]
+    m = prep(make())
+    with torch.no_grad():
+        m(torch.randn(shape))  # eval-mode caches (LeViT's attention biases) are filled
+    ours, ref = copy_model(m), copy.deepcopy(m)
+    names = [n for n, _ in ref.named_modules(remove_duplicate=False)]
+    assert [n for n, _ in ours.named_modules(remove_duplicate=False)] == names
+    for (_, a), (_, b), (_, o) in zip(
+        ref.named_modules(remove_duplicate=False),
+        ours.named_modules(remove_duplicate=False),
+        m.named_modules(remove_duplicate=False),
+    ):
+        assert type(a) is type(b) and b is not o
+        assert list(vars(a)) == list(vars(b))
+        for k in vars(a):
+            if k != "_modules":
+                _same_shape(vars(a)[k], vars(b)[k])  # what deepcopy makes
+                _same_shape(vars(o)[k], vars(b)[k])  # the caller's values, in storage of its own
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(ours(x), m(x))
