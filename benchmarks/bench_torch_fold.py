@@ -4,11 +4,14 @@ The floor is the same network with every BatchNorm replaced by ``nn.Identity`` (
 reaches: the convolutions alone). Figures are medians of interleaved runs (original, folded, floor in
 turn, so that drift in machine load hits all three alike); quote the ratios, not the milliseconds.
 
-Also: the time ``bnfold.fx.fold_module`` takes to fold ResNet-50, next to
-``torch.fx.experimental.optimization.fuse`` (which folds Conv2d+BN only and by a pattern on traced
-module names).
+Also: the time ``bnfold.fx.fold_module`` takes to fold ResNet-50 (an ``nn.Module``, not in place),
+next to ``torch.fx.experimental.optimization.fuse`` (the peer: it deep-copies the model, traces it
+and folds Conv2d+BN by a pattern on module names) and ``copy.deepcopy`` of the model (a floor for
+any fold that must not touch its input), and the dry run (``inspect``). The candidates run
+interleaved in one process (:func:`common.time_interleaved`, rotating order); the ratios of the
+medians are the figures to quote.
 
-Usage: ``python benchmarks/bench_torch_fold.py [--quick]``
+Usage: ``python benchmarks/bench_torch_fold.py [--quick] [--fold-only] [--rounds N]``
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import time_interleaved  # noqa: E402
 
 from bnfold.fx import fold_module  # noqa: E402
 from models.stats import bn_modules, randomize_bn  # noqa: E402
@@ -59,24 +65,44 @@ def latency(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: 
     return out
 
 
-def fold_times(model: nn.Module, reps: int) -> tuple[float, float]:
+def fold_times(model: nn.Module, reps: int) -> dict[str, float]:
+    """Median seconds of each fold candidate on ``model``, interleaved (see the module docstring)."""
     from torch.fx.experimental.optimization import fuse
 
-    ours, theirs = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fold_module(model)
-        ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fuse(model)
-        theirs.append(time.perf_counter() - t0)
-    return statistics.median(ours), statistics.median(theirs)
+    got = time_interleaved(
+        {
+            "bnfold": lambda: fold_module(model),
+            "fx_fuse": lambda: fuse(model),
+            "deepcopy": lambda: copy.deepcopy(model),
+            "bnfold_dry_run": lambda: fold_module(model, dry_run=True),
+        },
+        repeats=reps,
+        warmup=1,
+    )
+    return {k: t.median for k, t in got.items()}
+
+
+def print_fold_times(model: nn.Module, reps: int) -> None:
+    t = fold_times(model, reps)
+    print(f"time to fold ResNet-50 (nn.Module, not in place), median of {reps} interleaved rounds:")
+    for k, label in (
+        ("bnfold", "bnfold.fx.fold_module"),
+        ("fx_fuse", "torch.fx fuse"),
+        ("deepcopy", "copy.deepcopy"),
+        ("bnfold_dry_run", "bnfold dry run"),
+    ):
+        print(f"  {label:<22} {t[k] * 1e3:7.1f} ms")
+    print(
+        f"  ratio bnfold / fx fuse {t['bnfold'] / t['fx_fuse']:.2f}, bnfold / deepcopy "
+        f"{t['bnfold'] / t['deepcopy']:.2f}, dry run / fx fuse {t['bnfold_dry_run'] / t['fx_fuse']:.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 1, 112x112, few rounds")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--fold-only", action="store_true", help="only the fold times, not the latency")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from models.resnet import resnet50
@@ -85,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     model = randomize_bn(resnet50(num_classes=1000), 0).eval()
     folded, report = fold_module(model)
     assert report.bn_after == 0, report.skips
+    if args.fold_only:
+        print_fold_times(model, args.rounds or (3 if args.quick else 11))
+        return
     models = {"original": model, "folded": folded, "floor": _floor(model)}
 
     size = 112 if args.quick else 224
@@ -109,11 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{'':>5} best of rounds: folded/floor {med['folded_min'] / med['floor_min']:.3f}, "
             f"speedup {med['original_min'] / med['folded_min']:.2f}x (less sensitive to a busy machine)"
         )
-    ours, fx_fuse = fold_times(model, 1 if args.quick else 5)
-    print(
-        f"time to fold ResNet-50: bnfold.fx.fold_module {ours * 1e3:.0f} ms "
-        f"(copy, trace, verdicts, float64 math), torch.fx fuse {fx_fuse * 1e3:.0f} ms, ratio {ours / fx_fuse:.2f}"
-    )
+    print_fold_times(model, 3 if args.quick else 11)
 
 
 if __name__ == "__main__":

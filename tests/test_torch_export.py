@@ -100,3 +100,17 @@ def test_dynamic_batch_dim_is_kept(tmp_path: os.PathLike[str]) -> None:
     torch.export.save(out, path)
     x = torch.randn(9, 3, 8, 8)
     assert close(torch.export.load(path).module()(x), m(x))
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_dry_run_predicts_bn_and_params(decompose: bool) -> None:
+    ep, _, _ = _program()
+    if decompose:
+        ep = ep.run_decompositions()
+    same, dry = fold_exported(ep, dry_run=True)
+    assert same is ep and dry.dry_run
+    out, real = fold_exported(ep)
+    assert dry.folded == real.folded == 3
+    assert (dry.bn_after, dry.params_after) == (real.bn_after, real.params_after)
+    assert real.bn_after == 1
+    assert real.params_after < real.params_before  # three BNs' tensors left, one conv gained a bias

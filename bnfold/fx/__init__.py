@@ -1,8 +1,16 @@
 """The PyTorch backend: fold BatchNorm in ``nn.Module`` s (torch.fx, with a safe fallback for models
 that do not trace) and in ``torch.export`` programs.
 
-Entry points: :func:`fold_module` and :func:`fold_exported`; :mod:`bnfold.fx.match` decides (one verdict
-per BN), :mod:`bnfold.fx.rewrite` applies, both mirroring the ONNX backend.
+Stages, mirroring the ONNX backend (``onnx/match*.py`` -> ``onnx/plan.py`` -> ``onnx/rewrite.py``,
+driven by ``onnx/fold.py``):
+
+* match (structure -> ``Candidate | Skip`` per BN): :mod:`bnfold.fx.match` with its cases
+  :mod:`~bnfold.fx.match_forward`, :mod:`~bnfold.fx.match_routes`, :mod:`~bnfold.fx.match_backward`
+  (records in :mod:`~bnfold.fx.sites`); :mod:`bnfold.fx.export_match` for ``torch.export``;
+* plan (float64 numbers -> new tensors, or ``Skip(OVERFLOW)``): :mod:`bnfold.fx.plan`;
+* rewrite (apply only): :mod:`bnfold.fx.rewrite`, :mod:`bnfold.fx.export_rewrite`;
+* drivers: :func:`fold_module` (:mod:`bnfold.fx.module`, copies in :mod:`bnfold.fx.copying`) and
+  :func:`fold_exported` (:mod:`bnfold.fx.export`).
 """
 
 from __future__ import annotations

@@ -1,182 +1,35 @@
-"""Fold BatchNorm in a ``torch.export`` program, in its ATen graph.
+"""Fold BatchNorm in a ``torch.export`` program: the driver of the export backend.
 
-Pattern (Rule 1): a convolution or linear op whose weight (and bias, if any) are model attributes,
-followed by an inference batch norm whose parameters are model attributes:
+Stages, as in the module and ONNX backends: :mod:`bnfold.fx.export_match` (structure -> one
+``ExportCandidate | Skip`` per batch-norm op, by schema), :func:`bnfold.fx.plan.plan_export_sites`
+(float64 numbers -> new tensors, or ``Skip(OVERFLOW)``), :mod:`bnfold.fx.export_rewrite` (apply
+only). The rewritten unlifted module is exported again (non-strict) with the program's own example
+inputs; dynamic dimensions (plain symbols on positional inputs) are carried over, and when they
+cannot be re-derived the program is exported with static shapes and a note says so.
 
-* producers: ``aten.conv1d/2d/3d`` (also the ``.padding`` overloads), ``aten.conv_transpose1d/2d/3d``,
-  ``aten.convolution`` (``transposed`` flag), ``aten.linear``;
-* BN: ``aten.batch_norm`` with ``training=False`` (pre-dispatch graphs) or
-  ``aten._native_batch_norm_legit_no_training`` whose only used output is item 0 (decomposed graphs).
-  Training-mode BN ops: ``TRAINING_MODE``.
-
-Rule 2: the producer's output has this one user (``OTHER_CONSUMERS`` otherwise). Rule 3: ``linear`` meets
-BN only on a 2-D tensor (read from the node's recorded ``val``; ``LAYOUT`` otherwise).
-
-Rewrite: on the unlifted module (``ep.module()``) the folded weight and bias become *new* attributes
-(``_bnfold_w0``/``_bnfold_b0``), so a weight shared with another op is never changed; the BN's users
-read the producer; the program is exported again (non-strict) with the program's own example inputs.
-Dynamic dimensions of the original program are not carried over (a note says so).
+A dry run predicts ``bn_after`` and ``params_after`` by counting what the rewrite removes and adds
+(:func:`_predict_params`); ``nodes_after`` stays ``nodes_before``: the re-export decides the node
+count (it may add ``getitem`` nodes to a batch norm that is left, for one).
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from bnfold.errors import UnsupportedModelError
-from bnfold.fold_math import WeightLayout, bn_affine, fold_forward
-from bnfold.records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
+from bnfold.records import FoldReport
 
-from .match import fetch_attr
-from .rewrite import _fits, from_f64, to_f64
+from .export_match import ExportCandidate, find_export_sites
+from .export_rewrite import apply_exported
+from .plan import plan_export_sites
 
 __all__ = ["fold_exported", "find_export_sites"]
 
 log = logging.getLogger(__name__)
-
-aten = torch.ops.aten
-
-# target -> (kind, index of groups arg or None, transposed flag index or fixed bool)
-_CONV = {
-    aten.conv1d.default: ("Conv1d", 6, False),
-    aten.conv2d.default: ("Conv2d", 6, False),
-    aten.conv3d.default: ("Conv3d", 6, False),
-    aten.conv1d.padding: ("Conv1d", 6, False),
-    aten.conv2d.padding: ("Conv2d", 6, False),
-    aten.conv3d.padding: ("Conv3d", 6, False),
-    aten.conv_transpose1d.default: ("ConvTranspose1d", 6, True),
-    aten.conv_transpose2d.input: ("ConvTranspose2d", 6, True),
-    aten.conv_transpose3d.input: ("ConvTranspose3d", 6, True),
-    aten.convolution.default: ("Convolution", 8, None),
-    aten.linear.default: ("Linear", None, False),
-}
-_BN = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
-_BN_TRAIN = (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit_functional.default)
-
-
-def _arg(node: fx.Node, i: int, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else default
-
-
-def _is_attr(a: Any) -> bool:
-    return isinstance(a, fx.Node) and a.op == "get_attr"
-
-
-def _bn_outputs_ok(bn: fx.Node) -> bool:
-    if bn.target is aten.batch_norm.default:
-        return True
-    return all(u.target is operator.getitem and u.args[1] == 0 for u in bn.users)
-
-
-def find_export_sites(gm: fx.GraphModule) -> tuple[list[Verdict], list[tuple[Site, fx.Node, fx.Node]]]:
-    """One verdict per BN op in an unlifted exported graph, and ``(site, bn, producer)`` per site."""
-    verdicts: list[Verdict] = []
-    sites: list[tuple[Site, fx.Node, fx.Node]] = []
-    for bn in gm.graph.nodes:
-        if bn.op != "call_function":
-            continue
-        if bn.target in _BN_TRAIN or (bn.target is aten.batch_norm.default and _arg(bn, 5) is not False):
-            verdicts.append(
-                Skip(bn.name, SkipReason.TRAINING_MODE, "the batch norm op uses batch statistics")
-            )
-            continue
-        if bn.target not in _BN:
-            continue
-        if not _bn_outputs_ok(bn):
-            verdicts.append(
-                Skip(bn.name, SkipReason.TRAINING_MODE, "the batch norm's mean/var outputs are used")
-            )
-            continue
-        params = [_arg(bn, i) for i in (1, 2, 3, 4)]
-        if not (
-            _is_attr(params[2]) and _is_attr(params[3]) and all(p is None or _is_attr(p) for p in params[:2])
-        ):
-            verdicts.append(
-                Skip(bn.name, SkipReason.NON_CONSTANT, "a batch norm parameter is computed at run time")
-            )
-            continue
-        src = bn.args[0]
-        if _addmm_weight(src) is not None:
-            src = _as_linear(gm, src)
-        if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target in _CONV):
-            verdicts.append(
-                Skip(bn.name, SkipReason.NO_PRODUCER, "its input is not a convolution or linear op")
-            )
-            continue
-        kind = _CONV[src.target][0]
-        w, b = _arg(src, 1), _arg(src, 2, src.kwargs.get("bias"))
-        if not (_is_attr(w) and (b is None or _is_attr(b))):
-            verdicts.append(
-                Skip(bn.name, SkipReason.NON_CONSTANT, f"the {kind} weight is computed at run time")
-            )
-            continue
-        if len(src.users) != 1:
-            verdicts.append(
-                Skip(bn.name, SkipReason.OTHER_CONSUMERS, f"the output of {src.name} is also used elsewhere")
-            )
-            continue
-        if kind == "Linear":
-            val = src.meta.get("val")
-            if not (isinstance(val, torch.Tensor) and val.dim() == 2):
-                verdicts.append(
-                    Skip(
-                        bn.name,
-                        SkipReason.LAYOUT,
-                        "linear meets batch norm on a tensor that is not 2-D (N, C)",
-                    )
-                )
-                continue
-        weight = fetch_attr(gm, str(w.target))
-        if not weight.is_floating_point():
-            verdicts.append(Skip(bn.name, SkipReason.UNSUPPORTED_DTYPE, "the weight is not floating point"))
-            continue
-        site = Site(bn.name, src.name, kind, Direction.FORWARD)
-        verdicts.append(site)
-        sites.append((site, bn, src))
-    return verdicts, sites
-
-
-def _addmm_weight(node: Any) -> fx.Node | None:
-    """The weight of ``addmm(bias, x, permute(weight, [1, 0]))`` (a decomposed linear), else None."""
-    if not (isinstance(node, fx.Node) and node.target is aten.addmm.default and not node.kwargs):
-        return None
-    if len(node.args) != 3 or not _is_attr(node.args[0]):
-        return None
-    p = node.args[2]
-    if not (isinstance(p, fx.Node) and len(p.users) == 1 and _is_attr(p.args[0])):
-        return None
-    if p.target is aten.permute.default and list(p.args[1]) == [1, 0]:  # type: ignore[arg-type]
-        return p.args[0]  # type: ignore[return-value]
-    if p.target in (aten.t.default, aten.numpy_T.default):
-        return p.args[0]  # type: ignore[return-value]
-    return None
-
-
-def _as_linear(gm: fx.GraphModule, addmm: fx.Node) -> fx.Node:
-    """Rewrite a decomposed ``addmm`` linear as ``aten.linear`` (same math) so one path folds it."""
-    w = _addmm_weight(addmm)
-    with gm.graph.inserting_before(addmm):
-        lin = gm.graph.call_function(aten.linear.default, (addmm.args[1], w, addmm.args[0]))
-    lin.meta = dict(addmm.meta)
-    perm = addmm.args[2]
-    addmm.replace_all_uses_with(lin)
-    gm.graph.erase_node(addmm)
-    gm.graph.erase_node(perm)  # type: ignore[arg-type]
-    return lin
-
-
-def _layout(src: fx.Node) -> WeightLayout:
-    kind, gi, tr = _CONV[src.target]  # type: ignore[index]
-    if kind == "Linear":
-        return WeightLayout.linear()
-    groups = int(_arg(src, gi, 1)) if gi is not None else 1
-    transposed = bool(_arg(src, 6, False)) if tr is None else tr
-    return WeightLayout.conv_transpose(groups) if transposed else WeightLayout.conv(groups)
-
 
 def fold_exported(
     ep: torch.export.ExportedProgram, *, dry_run: bool = False
@@ -194,69 +47,18 @@ def fold_exported(
         UnsupportedModelError: the program carries no example inputs to export it again with.
     """
     gm = ep.module()
-    verdicts, sites = find_export_sites(gm)
-    report = FoldReport(backend="export", verdicts=verdicts)
+    matched, writes = plan_export_sites(gm, find_export_sites(gm))
+    folds = [c for c in matched if isinstance(c, ExportCandidate)]
+    report = FoldReport(backend="export", verdicts=[c.site if isinstance(c, ExportCandidate) else c for c in matched])
     report.nodes_before = sum(1 for _ in ep.graph.nodes)
     report.params_before = sum(t.numel() for t in ep.state_dict.values())
-    report.bn_before = len(verdicts)
+    report.bn_before = len(report.verdicts)
+    report.bn_after = len(report.skips)
     report.dry_run = dry_run
-    kept: list[Verdict] = []
-    todo = []
-    for v in verdicts:
-        match = next((s for s in sites if s[0] is v), None)
-        if match is None:
-            kept.append(v)
-            continue
-        _, bn, src = match
-        w_node = src.args[1]
-        b_node = _arg(src, 2, src.kwargs.get("bias"))
-        weight = fetch_attr(gm, str(w_node.target))  # type: ignore[union-attr]
-        bias = fetch_attr(gm, str(b_node.target)) if b_node is not None else None
-        g, beta, mean, var = (None if a is None else fetch_attr(gm, str(a.target)) for a in bn.args[1:5])  # type: ignore[union-attr]
-        eps = float(_arg(bn, 7) if bn.target is aten.batch_norm.default else _arg(bn, 6))
-        scale, shift = bn_affine(to_f64(g), to_f64(beta), to_f64(mean), to_f64(var), eps)  # type: ignore[arg-type]
-        w_new, b_new = fold_forward(to_f64(weight), to_f64(bias), scale, shift, _layout(src))  # type: ignore[arg-type]
-        b_like = bias if bias is not None else weight
-        if not (_fits(w_new, weight.dtype) and _fits(b_new, b_like.dtype)):
-            kept.append(
-                Skip(v.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {weight.dtype}")
-            )
-            continue
-        kept.append(v)
-        todo.append((bn, src, from_f64(w_new, weight), from_f64(b_new, b_like.new_empty(0))))
-    report.verdicts = kept
-    report.bn_after = len(report.skips) if not dry_run else report.bn_before
-    if dry_run or not todo:
-        report.nodes_after, report.params_after = report.nodes_before, report.params_before
+    if dry_run or not folds:
+        report.nodes_after, report.params_after = report.nodes_before, _predict_params(gm, folds, writes)
         return ep, report
-    for k, (bn, src, w_t, b_t) in enumerate(todo):
-        wn, bname = f"_bnfold_w{k}", f"_bnfold_b{k}"
-        gm.register_parameter(wn, nn.Parameter(w_t, requires_grad=False))
-        gm.register_parameter(bname, nn.Parameter(b_t, requires_grad=False))
-        with gm.graph.inserting_before(src):
-            w_attr = gm.graph.get_attr(wn)
-            b_attr = gm.graph.get_attr(bname)
-        args = list(src.args)
-        while len(args) < 3:
-            args.append(None)
-        args[1], args[2] = w_attr, b_attr
-        kwargs = {k2: v2 for k2, v2 in src.kwargs.items() if k2 != "bias"}
-        src.args, src.kwargs = tuple(args), kwargs
-        if bn.target is aten.batch_norm.default:
-            bn.replace_all_uses_with(src)
-        else:
-            for u in list(bn.users):
-                u.replace_all_uses_with(src)
-                gm.graph.erase_node(u)
-        gm.graph.erase_node(bn)
-    dropped: set[str] = set()
-    for n in list(gm.graph.nodes):
-        if n.op == "get_attr" and not n.users:
-            dropped.add(str(n.target))
-            gm.graph.erase_node(n)
-    gm.graph.lint()
-    gm.recompile()
-    _drop_unused_attrs(gm, dropped)
+    apply_exported(gm, folds, writes)
     if ep.example_inputs is None:
         raise UnsupportedModelError(
             "the exported program has no example inputs to export the folded graph with"
@@ -333,14 +135,24 @@ def _finite_int(v: Any) -> int | None:
         return None
 
 
-def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used or name not in dropped:
-            continue
-        mod_name, _, attr = name.rpartition(".")
-        mod = gm.get_submodule(mod_name) if mod_name else gm
-        if attr in mod._parameters:
-            del mod._parameters[attr]
-        elif attr in mod._buffers:
-            del mod._buffers[attr]
+def _predict_params(
+    gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
+) -> int:
+    """The parameter count of the program a fold would export, counted without rewriting.
+
+    A tensor whose reads all go (the BN's four, the producer's old weight and bias, and tensors no
+    node read: :func:`~bnfold.fx.export_rewrite.apply_exported` drops unread attributes) leaves the
+    program; each fold adds its new weight and bias.
+    """
+    tensors = {n: t for n, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    readers: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers[str(n.target)] = readers.get(str(n.target), 0) + len(n.users)
+    for c in folds:
+        reads = [c.bn_args[k] for k in ("weight", "bias", "running_mean", "running_var")] + [c.weight, c.bias]
+        for r in reads:
+            if isinstance(r, fx.Node):
+                readers[str(r.target)] -= 1
+    kept = sum(t.numel() for name, t in tensors.items() if readers.get(name, 1) > 0)
+    return kept + sum(w.numel() + b.numel() for w, b in writes.values())

@@ -4,9 +4,12 @@ Rules:
 
 0. The caller's model is never traced: tracing runs the model's Python code (a forward may store fx
    Proxies in a cache, fx adds ``_tensor_constant`` attributes), so it runs on a shadow copy that
-   shares the tensors; the result is a fresh copy (or the model itself with ``inplace=True``) that
-   the fold is applied to by name. Traces hold one process-wide lock (fx patches global state), so
-   folds from several threads are safe.
+   shares the tensors (:func:`bnfold.fx.copying.shadow`). Stages, as in the ONNX backend: match on
+   the shadow's graph (:mod:`bnfold.fx.match`), plan on the shadow (:mod:`bnfold.fx.plan`: new
+   tensors, OVERFLOW refusals), then copy the result -- leaving out of the copy exactly the tensors
+   the plan replaces -- (or take the model itself with ``inplace=True``) and apply the plan to it by
+   name (:mod:`bnfold.fx.rewrite`). The result shares no tensor with the caller. Traces hold one
+   process-wide lock (fx patches global state), so folds from several threads are safe.
 1. Inference semantics only. A model (or a BN in it) in ``train()`` mode is refused with
    :class:`~bnfold.errors.ModelStateError` unless ``eval_semantics=True``; then the copy is traced in
    eval mode and every module gets its ``training`` flag back afterwards. Uninitialised lazy modules
@@ -33,7 +36,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +45,13 @@ from torch import fx, nn
 from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
 from bnfold.records import FoldReport, Skip, SkipReason, Verdict
 
+from .copying import copy_model, shadow
 from .custom import TRACE_LOCK, first_line
-from .match import Candidate, Tracer, fetch_attr, find_sites, is_bn_module
-from .rewrite import apply_graph_mode, apply_module_mode, plan_sites
+from .match import Tracer, fetch_attr, find_sites, is_bn_module
+from .plan import Plan, plan_sites
+from .rewrite import apply_graph_mode, apply_module_mode, tail_of
 from .safety import direct_pairs, unsafe_use
+from .sites import Candidate, Matched
 
 __all__ = ["fold_module", "copy_model"]
 
@@ -113,19 +118,25 @@ def _demote(c: Candidate) -> Skip:
     )
 
 
-def _replaced_weights(module: nn.Module, a: _Analysis) -> list[torch.Tensor]:
-    """Weights of layers the fold rewrites in place (used by that one layer only): not worth copying."""
-    owners = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+def _replaced(module: nn.Module, a: _Analysis, plan: Plan) -> list[torch.Tensor]:
+    """Tensors of ``module`` the fold replaces in the result and no other module reads (owned by
+    one name): the result's copy need not copy them, as it never holds them."""
+    owners = Counter(
+        id(t)
+        for _, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    )
+    cloned = {n for c in plan.folds if c.site.detail.startswith("cloned:") for n in _layer_nodes(c)}
     out: list[torch.Tensor] = []
-    for c in a.cands:
-        if a.use_graph and c.site.detail.startswith("cloned:"):
+    for node in plan.writes:
+        if a.use_graph and node in cloned:
             continue  # the clone copies them; the shared module keeps the originals' values
-        for node in [p[0] for p in c.parts] if c.parts else [c.layer_node]:
-            layer = fetch_attr(module, str(node.target))
-            for prm in (layer.weight, layer.bias):
-                if isinstance(prm, torch.Tensor) and owners[id(prm)] == 1:
-                    out.append(prm)
+        layer = fetch_attr(module, str(node.target))
+        out.extend(t for t in (layer.weight, layer.bias) if isinstance(t, torch.Tensor) and owners[id(t)] == 1)
     return out
+
+
+def _layer_nodes(c: Candidate) -> list[fx.Node]:
+    return [p[0] for p in c.parts] if c.parts else [c.layer_node]
 
 
 def _copy_trace_constants(graph: fx.Graph, traced: nn.Module, work: nn.Module) -> None:
@@ -149,52 +160,6 @@ def _bn_names(module: nn.Module) -> set[str]:
     return {n for n, m in module.named_modules() if is_bn_module(m)}
 
 
-def _cached_tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif depth < 4 and isinstance(obj, dict):
-        for v in obj.values():
-            _cached_tensors(v, out, depth + 1)
-    elif depth < 4 and isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            _cached_tensors(v, out, depth + 1)
-
-
-def copy_model(module: nn.Module, *, share_tensors: bool = False, keep: Sequence[torch.Tensor] = ()) -> nn.Module:
-    """``copy.deepcopy`` that also copes with tensors cached by a forward (non-leaf, with a grad_fn).
-
-    ``share_tensors``: parameters, buffers and cached tensors are shared, not copied (a shadow for
-    tracing, which reads them and never writes them). ``keep``: tensors shared, not copied (weights
-    the fold replaces by new ones anyway). Cached tensors that autograd refuses to
-    deep-copy (LeViT's eval-mode attention-bias cache) are copied detached.
-    """
-    memo: dict[int, Any] = {id(t): t for t in keep}  # tensors the caller replaces right after
-    if share_tensors:
-        for t in [*module.parameters(), *module.buffers()]:
-            memo[id(t)] = t
-    found: list[torch.Tensor] = []
-    for m in module.modules():
-        for k, v in vars(m).items():
-            if k not in ("_parameters", "_buffers", "_modules"):
-                _cached_tensors(v, found)
-    for t in found:
-        if id(t) not in memo and not t.is_leaf:
-            memo[id(t)] = t.detach() if share_tensors else t.detach().clone()
-        elif share_tensors:
-            memo[id(t)] = t
-    return copy.deepcopy(module, memo)
-
-
-def _shadow(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that shares its tensors (tracing reads them, never writes them).
-
-    Tracing runs the model's Python code, which may store fx ``Proxy`` objects in Python-side
-    caches (LeViT's attention-bias cache) or set ``_tensor_constant`` attributes: on this copy, the
-    caller's object stays as it was.
-    """
-    return copy_model(module, share_tensors=True)
-
-
 # The whole analysis (traces, shape propagation) holds the trace lock: see bnfold.fx.custom.
 _TRACE_LOCK = TRACE_LOCK
 
@@ -214,7 +179,8 @@ def fold_module(
     Args:
         module: the model. It is not changed unless ``inplace=True`` (and is never traced itself).
         inplace: fold into ``module`` itself (module mode only: it keeps its class and forward).
-        dry_run: decide only; ``module`` comes back as given.
+        dry_run: decide only; ``module`` comes back as given, and the report predicts the BN,
+            module and parameter counts of the result.
         eval_semantics: fold a model in ``train()`` mode with its inference semantics.
         graph: None: return a ``torch.fx.GraphModule`` only when a fold needs one (a module called
             at several places, functional BN); False: never (those BNs are left); True: always when
@@ -242,50 +208,63 @@ def fold_module(
     if inplace:
         graph = False
     with _TRACE_LOCK:
-        # Tracing runs on a shadow copy (tensors shared, Python state not); the result is the given
-        # model (inplace) or a fresh copy of it, so no trace state ever reaches either.
-        shadow = _shadow(module)
+        # Tracing runs on a shadow copy (tensors shared, Python state not) and the plan is made on
+        # it; the result is the given model (inplace) or a fresh copy of it, so no trace state ever
+        # reaches either.
+        traced = shadow(module)
         if eval_semantics:
-            shadow.eval()
-        analysis = _analyse(shadow, graph, example_inputs)
-        if exclude and not isinstance(analysis, str):
-            analysis = _exclude(analysis, frozenset(exclude))
-        keep = [] if isinstance(analysis, str) else _replaced_weights(module, analysis)
-        result = module if (inplace or dry_run) else copy_model(module, keep=keep)
+            traced.eval()
+        analysis = _analyse(traced, graph, example_inputs)
+        plans: list[tuple[str, Plan]] = []  # (prefix, plan) per traced part, for the dry-run figures
+        if isinstance(analysis, str):
+            plan = None
+        else:
+            if exclude:
+                analysis = _exclude(analysis, frozenset(exclude))
+            plan = plan_sites(traced, analysis.matched)
+            plans.append(("", plan))
+        if dry_run:
+            result = module
+        elif inplace:
+            result = module
+        else:
+            # The tensors the fold replaces are not copied: the result never holds them.
+            keep = [] if plan is None or isinstance(analysis, str) else _replaced(module, analysis, plan)
+            result = copy_model(module, keep=keep)
         flags = {id(m): m.training for m in result.modules()}
         if eval_semantics:
             result.eval()
         try:
             if isinstance(analysis, str):
-                report, out = _fold_fallback(shadow, result, dry_run, analysis)
+                report, out = _fold_fallback(traced, result, dry_run, analysis, plans)
             else:
-                report, out = _apply(result, analysis, dry_run, shadow)
-            if keep and not (inplace or dry_run):
-                # a weight kept for a fold that was refused late (overflow) must not stay shared
-                kept = {id(t) for t in keep}
-                for m in out.modules():
-                    for pname, prm in list(m._parameters.items()):
-                        if prm is not None and id(prm) in kept:
-                            m._parameters[pname] = nn.Parameter(prm.detach().clone(), requires_grad=prm.requires_grad)
+                assert plan is not None
+                report, out = _apply(result, analysis, plan, dry_run, traced)
         finally:
             for m in result.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
+    report.nodes_before, report.params_before = nodes_before, params_before
+    report.bn_before = len(report.verdicts)
+    report.dry_run = dry_run
     if dry_run:
         out = module
-    report.nodes_before, report.params_before = nodes_before, params_before
-    report.nodes_after, report.params_after = _count(out) if not dry_run else (nodes_before, params_before)
-    report.bn_before = len(report.verdicts)
-    report.bn_after = len(report.skips) if not dry_run else report.bn_before
-    report.dry_run = dry_run
+        # What the rewrite would remove (or add), counted without rewriting (see _predict).
+        report.bn_after = len(report.skips)
+        if isinstance(analysis, str) or not analysis.use_graph:
+            report.nodes_after, report.params_after = _predict(module, plans)
+        else:
+            report.nodes_after, report.params_after = _predict_graph(module, analysis, plans[0][1], traced)
+    else:
+        report.bn_after = len(report.skips)
+        report.nodes_after, report.params_after = _count(out)
     return out, report
 
 
 @dataclass
 class _Analysis:
     graph: fx.Graph
-    verdicts: list[Verdict]
-    cands: list[Candidate]
+    matched: list[Matched]
     use_graph: bool
 
 
@@ -298,56 +277,105 @@ def _analyse(root: nn.Module, graph: bool | None, example_inputs: tuple[Any, ...
         return first_line(e)
     if example_inputs is not None:
         _shape_prop(root, g, example_inputs)
-    verdicts, cands = find_sites(g, root)
-    verdicts = _add_uncalled(root, verdicts)
-    use_graph = graph is True or (graph is None and any(c.needs_graph for c in cands))
+    matched = _add_uncalled(root, find_sites(g, root))
+    use_graph = graph is True or (graph is None and any(isinstance(c, Candidate) and c.needs_graph for c in matched))
     if not use_graph:
-        demoted = {c.site.bn: _demote(c) for c in cands if c.needs_graph}
-        verdicts = [demoted.get(v.bn, v) for v in verdicts]
-        cands = [c for c in cands if not c.needs_graph]
-    return _Analysis(g, verdicts, cands, use_graph)
+        matched = _demote_all(matched)
+    return _Analysis(g, matched, use_graph)
+
+
+def _demote_all(matched: list[Matched]) -> list[Matched]:
+    """Rule 2 without a GraphModule: folds that need one become ``SHARED_MODULE`` skips."""
+    return [_demote(c) if isinstance(c, Candidate) and c.needs_graph else c for c in matched]
 
 
 def _exclude(a: _Analysis, names: frozenset[str]) -> _Analysis:
     """The analysis with the BNs in ``names`` left in place (reason: verification)."""
-    keep = [c for c in a.cands if c.site.bn not in names]
-    verdicts: list[Verdict] = [
-        Skip(v.bn, SkipReason.VERIFICATION, "left in place: excluded from folding") if v.bn in names else v
-        for v in a.verdicts
+    matched: list[Matched] = [
+        Skip(_name(v), SkipReason.VERIFICATION, "left in place: excluded from folding") if _name(v) in names else v
+        for v in a.matched
     ]
-    return _Analysis(a.graph, verdicts, keep, a.use_graph)
+    return _Analysis(a.graph, matched, a.use_graph)
 
 
-def _apply(work: nn.Module, a: _Analysis, dry_run: bool, traced: nn.Module) -> tuple[FoldReport, nn.Module]:
-    """Plan on ``traced`` (the copy the graph came from), apply to ``work`` (the same copy, or the
-    caller's model for ``inplace``: module mode only, by name)."""
-    report = FoldReport(backend="fx", verdicts=a.verdicts)
+def _name(v: Matched) -> str:
+    return v.site.bn if isinstance(v, Candidate) else v.bn
+
+
+def _apply(
+    work: nn.Module, a: _Analysis, plan: Plan, dry_run: bool, traced: nn.Module
+) -> tuple[FoldReport, nn.Module]:
+    """Apply ``plan`` (made on ``traced``, the copy the graph came from) to ``work``: a fresh copy, or
+    the caller's model for ``inplace`` (module mode only); the plan refers to modules by name."""
+    report = FoldReport(backend="fx", verdicts=plan.report())
+    report.extra["result"] = "graph_module" if a.use_graph else "module"
+    if dry_run:
+        return report, work
     if a.use_graph:
-        if dry_run:
-            _, _, report.verdicts = plan_sites(traced, a.cands, a.verdicts)
-            report.extra["result"] = "graph_module"
-            return report, work
         _copy_trace_constants(a.graph, traced, work)
         gm = fx.GraphModule(work, a.graph, type(work).__name__)
-        # The GraphModule refers to the same submodules as work: plan on it, then apply.
-        state, kept, report.verdicts = plan_sites(gm, a.cands, a.verdicts)
-        report.extra["result"] = "graph_module"
-        if dry_run:
-            return report, work
-        clones = {str(c.layer_node.target) for c in kept if c.site.detail.startswith("cloned:")}
-        apply_graph_mode(gm, state, kept, clones)
+        apply_graph_mode(gm, plan)
         report.notes.append("returned a torch.fx.GraphModule: some folds needed a change of the call graph")
         return report, gm
-    state, kept, report.verdicts = plan_sites(traced, a.cands, a.verdicts)
-    report.extra["result"] = "module"
-    if not dry_run:
-        apply_module_mode(work, state, kept)
+    apply_module_mode(work, plan)
     return report, work
 
 
-def _add_uncalled(root: nn.Module, verdicts: list[Verdict], prefix: str = "") -> list[Verdict]:
-    seen = {v.bn.split("#")[0] for v in verdicts}
-    extra: list[Verdict] = []
+def _predict(module: nn.Module, plans: list[tuple[str, Plan]]) -> tuple[int, int]:
+    """``(modules, parameters)`` of the result of applying ``plans`` in module mode, counted on
+    ``module`` without rewriting it: each folded BN's subtree leaves the module tree (its tail or an
+    ``nn.Identity()`` takes its place) and a layer that had no bias gets one. ``plans`` holds
+    ``(prefix, plan)`` per traced part (the whole model: prefix "")."""
+    gone: dict[str, tuple[nn.Module, Candidate]] = {}
+    new_bias = 0
+    for prefix, plan in plans:
+        part = module.get_submodule(prefix) if prefix else module
+        for c in plan.folds:
+            gone[_join(prefix, str(c.bn_node.target))] = (part, c)
+        for node, (_, b) in plan.writes.items():
+            if fetch_attr(part, str(node.target)).bias is None:
+                new_bias += b.numel()
+    tails = {name: tail_of(part, c) for name, (part, c) in gone.items()}
+    mods = 0
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", module)]
+    while stack:
+        name, m = stack.pop()
+        m = tails.get(name, m)
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        mods += 1
+        stack.extend((_join(name, n), c) for n, c in m._modules.items() if c is not None)
+    params = sum(t.numel() for k, t in module.state_dict().items() if isinstance(t, torch.Tensor) and not _under(k, gone))
+    params += sum(t.numel() for tail in tails.values() for t in tail.state_dict().values() if isinstance(t, torch.Tensor))
+    return mods, params + new_bias
+
+
+def _predict_graph(module: nn.Module, a: _Analysis, plan: Plan, traced: nn.Module) -> tuple[int, int]:
+    """The figures of the GraphModule a fold would return. Which modules a GraphModule keeps is fx's
+    business, so the plan is applied to a second shadow (tensors shared and never written: the
+    rewrite only rebinds attributes and clones) built on the analysis graph, which a dry run
+    discards anyway; that is counted."""
+    work = shadow(module)
+    _copy_trace_constants(a.graph, traced, work)
+    gm = fx.GraphModule(work, a.graph, type(work).__name__)
+    apply_graph_mode(gm, plan)
+    return _count(gm)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _under(key: str, names: dict[str, Any]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+
+def _add_uncalled(root: nn.Module, verdicts: list[Matched], prefix: str = "") -> list[Matched]:
+    seen = {_name(v).split("#")[0] for v in verdicts}
+    extra: list[Matched] = []
     for n in sorted(_bn_names(root)):
         q = f"{prefix}.{n}" if prefix else n
         if q not in seen:
@@ -367,7 +395,9 @@ def _ancestors_reach_in(work: nn.Module, name: str) -> str:
     return ""
 
 
-def _fold_direct_pairs(work: nn.Module, result: nn.Module, dry_run: bool, done: set[str]) -> list[Verdict]:
+def _fold_direct_pairs(
+    work: nn.Module, result: nn.Module, dry_run: bool, done: set[str], plans: list[tuple[str, Plan]]
+) -> list[Verdict]:
     """Rule 3, BN children of an untraceable module: ``bn(layer(...))`` pairs its code provably runs
     (:func:`bnfold.fx.safety.direct_pairs`), decided on a two-node graph like any traced pair."""
     verdicts: list[Verdict] = []
@@ -383,23 +413,26 @@ def _fold_direct_pairs(work: nn.Module, result: nn.Module, dry_run: bool, done: 
             g = fx.Graph()
             x = g.placeholder("x")
             g.output(g.call_module(bn, (g.call_module(layer, (x,)),)))
-            vs, cands = find_sites(g, u, whole=work, prefix=path)
-            cands = [c for c in cands if not c.needs_graph]
-            vs = [v if any(c.site.bn == v.bn for c in cands) or isinstance(v, Skip) else _demote_site(v) for v in vs]
-            state, kept, vs = plan_sites(u, cands, vs)
+            matched = [
+                _demote_site(c) if isinstance(c, Candidate) and c.needs_graph else c
+                for c in find_sites(g, u, whole=work, prefix=path)
+            ]
+            plan = plan_sites(u, matched)
+            plans.append((path, plan))
             if not dry_run:
-                apply_module_mode(result.get_submodule(path) if path else result, state, kept)
+                apply_module_mode(result.get_submodule(path) if path else result, plan)
+            vs = plan.report()
             verdicts.extend(vs)
             done.update(v.bn for v in vs)
     return verdicts
 
 
-def _demote_site(v: Verdict) -> Skip:
-    return Skip(v.bn, SkipReason.SHARED_MODULE, "the layer or BN is shared: folding would change its other uses")
+def _demote_site(c: Candidate) -> Skip:
+    return Skip(c.site.bn, SkipReason.SHARED_MODULE, "the layer or BN is shared: folding would change its other uses")
 
 
 def _fold_fallback(
-    work: nn.Module, result: nn.Module, dry_run: bool, err: str
+    work: nn.Module, result: nn.Module, dry_run: bool, err: str, plans: list[tuple[str, Plan]]
 ) -> tuple[FoldReport, nn.Module]:
     """Rule 3: trace submodules of ``work`` (the shadow) on their own; apply what is safe to ``result``."""
     verdicts: list[Verdict] = []
@@ -423,17 +456,15 @@ def _fold_fallback(
                 verdicts.append(Skip(q, SkipReason.NOT_TRACEABLE, f"'{name}' traces, but {why}"))
                 done.add(q)
             continue
-        vs, cands = find_sites(g, sub, whole=work, prefix=name)
-        vs = _add_uncalled(sub, vs, prefix=name)
-        demoted = {c.site.bn: _demote(c) for c in cands if c.needs_graph}
-        vs = [demoted.get(v.bn, v) for v in vs]
-        cands = [c for c in cands if not c.needs_graph]
-        state, kept, vs = plan_sites(sub, cands, vs)
+        matched = _demote_all(_add_uncalled(sub, find_sites(g, sub, whole=work, prefix=name), prefix=name))
+        plan = plan_sites(sub, matched)
+        plans.append((name, plan))
         if not dry_run:
-            apply_module_mode(result.get_submodule(name), state, kept)
+            apply_module_mode(result.get_submodule(name), plan)
+        vs = plan.report()
         verdicts.extend(vs)
         done.update(v.bn.split("#")[0] for v in vs)
-    verdicts.extend(_fold_direct_pairs(work, result, dry_run, done))
+    verdicts.extend(_fold_direct_pairs(work, result, dry_run, done, plans))
     for n in sorted(_bn_names(work)):
         if n not in done:
             verdicts.append(

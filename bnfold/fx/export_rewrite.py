@@ -1,0 +1,85 @@
+"""Apply planned folds to an unlifted ``torch.export`` graph (``ep.module()``); nothing here decides.
+
+Rewrite (Before / After)::
+
+    Before:  x -> conv(x, w, b) -> batch_norm(_, g, beta, mean, var) -> y
+    After:   x -> conv(x, _bnfold_w0, _bnfold_b0) -> y
+
+The folded weight and bias become *new* attributes (``_bnfold_w<k>`` / ``_bnfold_b<k>``), so a weight
+shared with another op is never changed; the BN's users read the producer; a decomposed linear
+(``addmm(bias, x, permute(w))``) becomes one ``aten.linear`` with the new tensors; attributes no
+node reads any more are dropped. The caller exports the module again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .export_match import ExportCandidate, addmm_weight
+
+__all__ = ["apply_exported"]
+
+aten = torch.ops.aten
+
+
+def _as_linear(gm: fx.GraphModule, addmm: fx.Node) -> fx.Node:
+    """``addmm(bias, x, permute(w, [1, 0]))`` as ``aten.linear(x, w, bias)`` (the same math)."""
+    w = addmm_weight(addmm)
+    with gm.graph.inserting_before(addmm):
+        lin = gm.graph.call_function(aten.linear.default, (addmm.args[1], w, addmm.args[0]))
+    lin.meta = dict(addmm.meta)
+    perm = addmm.args[2]
+    addmm.replace_all_uses_with(lin)
+    gm.graph.erase_node(addmm)
+    gm.graph.erase_node(perm)  # type: ignore[arg-type]
+    return lin
+
+
+def apply_exported(
+    gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Point each folded producer at its new tensors, remove its BN, drop what nothing reads."""
+    for k, c in enumerate(folds):
+        w_t, b_t = writes[c.producer]
+        src = _as_linear(gm, c.producer) if c.producer.target is aten.addmm.default else c.producer
+        wn, bname = f"_bnfold_w{k}", f"_bnfold_b{k}"
+        gm.register_parameter(wn, nn.Parameter(w_t, requires_grad=False))
+        gm.register_parameter(bname, nn.Parameter(b_t, requires_grad=False))
+        with gm.graph.inserting_before(src):
+            w_attr = gm.graph.get_attr(wn)
+            b_attr = gm.graph.get_attr(bname)
+        args = list(src.args)
+        while len(args) < 3:
+            args.append(None)
+        args[1], args[2] = w_attr, b_attr
+        src.args, src.kwargs = tuple(args), {k2: v2 for k2, v2 in src.kwargs.items() if k2 != "bias"}
+        bn = c.bn
+        if bn.target is aten.batch_norm.default:
+            bn.replace_all_uses_with(src)
+        else:
+            for u in list(bn.users):  # the getitem(bn, 0) users (the matcher proved there are no others)
+                u.replace_all_uses_with(src)
+                gm.graph.erase_node(u)
+        gm.graph.erase_node(bn)
+    dropped: set[str] = set()
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            dropped.add(str(n.target))
+            gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    _drop_unused_attrs(gm, dropped)
+
+
+def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used or name not in dropped:
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(mod_name) if mod_name else gm
+        if attr in mod._parameters:
+            del mod._parameters[attr]
+        elif attr in mod._buffers:
+            del mod._buffers[attr]
