@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._dtypes import bfloat16, is_floating, to_numpy
 from .fold_math import cast_exact
 from .records import FoldReport, RangeCounts
 
@@ -55,10 +56,7 @@ _F16_TINY = float(np.finfo(np.float16).tiny)  # 6.10e-05
 _BF16_TINY = float(np.finfo(np.float32).tiny)  # bfloat16 has float32's exponent range
 
 
-def _bf16() -> Any:
-    import ml_dtypes  # a dependency of onnx: present wherever bnfold runs
-
-    return ml_dtypes.bfloat16
+_bf16 = bfloat16
 
 
 def _tiny(dtype: np.dtype[Any]) -> float:
@@ -67,8 +65,7 @@ def _tiny(dtype: np.dtype[Any]) -> float:
     return float(np.finfo(dtype).tiny)
 
 
-def _is_float(dtype: np.dtype[Any]) -> bool:
-    return dtype.kind == "f" or dtype.name == "bfloat16"
+_is_float = is_floating
 
 
 def _subnormal_mask(a: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
@@ -290,13 +287,7 @@ def tensor_values(t: Any) -> npt.NDArray[Any]:
         from onnx import numpy_helper
 
         return np.asarray(numpy_helper.to_array(t))
-    import torch
-
-    d = t.detach()
-    if d.dtype == torch.bfloat16:
-        as_bf16: npt.NDArray[Any] = d.float().cpu().numpy().astype(_bf16())
-        return as_bf16
-    return np.asarray(d.cpu().numpy())
+    return to_numpy(t)
 
 
 def _flush_onnx_tensor(t: Any) -> int:

@@ -11,9 +11,9 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, fx, nn
 
+from bnfold._dtypes import to_float64
 from bnfold.fold_math import F64, bn_affine
 
 __all__ = ["BnSpec", "StatsFn", "TailFn", "NO_STATS"]
@@ -27,8 +27,7 @@ NO_STATS = "track_running_stats=False: the layer normalises with batch statistic
 
 
 
-def _t64(t: Tensor | None) -> F64 | None:
-    return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+_t64 = to_float64
 
 
 

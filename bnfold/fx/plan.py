@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from bnfold._dtypes import from_numpy as _from_numpy
+from bnfold._dtypes import numpy_dtype, to_float64, to_numpy
 from bnfold.fold_math import (
     F64,
     WeightLayout,
@@ -85,37 +87,14 @@ class Plan:
         return [v.site if isinstance(v, Candidate) else v for v in self.verdicts]
 
 
-def to_f64(t: torch.Tensor | None) -> F64 | None:
-    """A tensor as a float64 NumPy array (None stays None)."""
-    if t is None:
-        return None
-    return t.detach().cpu().to(torch.float64).numpy()
-
-
-def _np_dtype(dt: torch.dtype) -> Any:
-    if dt == torch.bfloat16:
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return torch.empty((), dtype=dt).numpy().dtype
-
-
-def to_numpy(t: torch.Tensor) -> Any:
-    """The tensor's values as a NumPy array in its own dtype (a view when it is on the CPU)."""
-    d = t.detach().cpu()
-    if d.dtype == torch.bfloat16:
-        return d.view(torch.int16).numpy().view(_np_dtype(torch.bfloat16))
-    return d.numpy()
+to_f64 = to_float64
+"""A tensor as a float64 NumPy array (None stays None): :func:`bnfold._dtypes.to_float64`."""
+_np_dtype = numpy_dtype
 
 
 def from_numpy(a: Any, like: torch.Tensor) -> torch.Tensor:
     """An array already in ``like``'s dtype as a tensor on its device, in its memory format (Rule 4)."""
-    arr = np.ascontiguousarray(a)
-    if like.dtype == torch.bfloat16:
-        t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(arr)
-    t = t.to(like.device)
+    t: torch.Tensor = _from_numpy(a).to(like.device)
     for rank, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
         if t.dim() == rank and like.dim() == rank and like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
             return t.contiguous(memory_format=fmt)

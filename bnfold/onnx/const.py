@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
+from bnfold._dtypes import is_floating
 from bnfold.records import Skip, SkipReason
 
 from .graph import GraphIndex, read_lazy_tensor
@@ -338,7 +339,7 @@ class _NotConstant(Exception):
 # ---- a layer's constant inputs, or the refusal naming why not (used by every matcher case) ----
 def is_float(a: Array) -> bool:
     """True for float16/32/64 and bfloat16 arrays."""
-    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+    return is_floating(a.dtype)
 
 
 def resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | Skip:
