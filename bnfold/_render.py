@@ -32,6 +32,7 @@ from rich.text import Text
 from .records import (
     Direction,
     FoldReport,
+    FreezeReport,
     HealthReport,
     OutputCheck,
     Site,
@@ -186,7 +187,7 @@ def render_fold_report(
 
     ``verbose`` lists every BatchNorm (folded: into what; left: why) instead of only those left.
     """
-    extra = report.extra
+    f = report.files
     c = _counts(report)
     width = max(20, console.width // 3)
     grid = Table.grid(padding=(0, 2))
@@ -194,13 +195,12 @@ def render_fold_report(
     grid.add_column()
     if title:
         console.print(_t(title, "bold"))
-    if extra.get("source"):
-        grid.add_row("model", _file_text(extra["source"], extra.get("source_format", "?"), extra.get("size_before")))
-    if extra.get("output"):
-        written = extra.get("written")
-        out = _file_text(extra["output"], extra.get("output_format", "?"), extra.get("size_after"))
-        if not written:
-            out = Text(f"{clean(extra['output'])} (not written)", style="bold red")
+    if f is not None:
+        grid.add_row("model", _file_text(f.source, f.source_format, f.size_before))
+    if f is not None and f.output:
+        out = _file_text(f.output, f.output_format or "?", f.size_after)
+        if not f.written:
+            out = Text(f"{clean(f.output)} (not written)", style="bold red")
         grid.add_row("output", out)
     verb = "would fold" if report.dry_run else "folded"
     kinds = ", ".join(f"{k} {n}" for k, n in c["by_target_kind"].items())
@@ -210,25 +210,23 @@ def render_fold_report(
     reasons = ", ".join(f"{r} {n}" for r, n in c["by_reason"].items())
     what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
     grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))
-    predicted_only_bn = "predicted_counts" in extra
-    if not report.dry_run or not predicted_only_bn:
+    if not report.dry_run or report.predicted_counts is None:
         grid.add_row("ops", Text(
             f"nodes {_arrow(report.nodes_before, report.nodes_after)}, parameters "
             f"{_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}"
         ))
-    for key, row in _signature_rows(extra.get("signature") or {}, width):
+    for key, row in _signature_rows(report.signature or {}, width):
         grid.add_row(key, row)
     v = report.verification
     if v is not None:
-        grid.add_row("verification", _verification_line(v, extra.get("verified_on")))
+        grid.add_row("verification", _verification_line(v, report.verified_on))
     elif not report.dry_run:
         grid.add_row("verification", Text("skipped (--no-verify)", style="yellow"))
     if report.flushed_denormals:  # the flush is the default: a row only when it changed something
         grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:
         grid.add_row("note", _t(note))
-    seconds = extra.get("total_seconds", report.seconds)
-    grid.add_row("time", f"{seconds:.2f} s")
+    grid.add_row("time", f"{report.total_seconds:.2f} s")
     console.print(grid)
     shown = list(report.verdicts) if verbose else list(report.skips)
     if not report.verdicts:
@@ -338,15 +336,16 @@ def render_bench_report(console: Console, report: BenchReport) -> None:
     ))
 
 
-def render_freeze_report(console: Console, result: Mapping[str, Any], *, verbose: bool = False) -> None:
+def render_freeze_report(console: Console, result: FreezeReport, *, verbose: bool = False) -> None:
     """One summary line, then the BNs left as they were (with the reason); ``verbose`` lists every frozen layer."""
-    frozen = list(result.get("frozen", []))
-    left = list(result.get("left", []))
-    learn = "learnable scale/shift" if result.get("learnable") else "fixed scale/shift buffers"
+    frozen = list(result.frozen)
+    left = [(s.bn, s.reason.value, s.detail) for s in result.left]
+    learn = "learnable scale/shift" if result.learnable else "fixed scale/shift buffers"
+    f = result.files
     console.print(Text(
         f"{len(frozen)} BatchNorm frozen ({learn}), {len(left)} left; "
-        f"{clean(result.get('source'))} ({clean(result.get('source_format'))}) -> {clean(result.get('output'))} "
-        f"({human_size(result.get('size_after'))}) in {result.get('seconds', 0.0):.2f} s"
+        f"{clean(f.source)} ({clean(f.source_format)}) -> {clean(f.output)} "
+        f"({human_size(f.size_after)}) in {result.seconds:.2f} s"
     ))
     width = max(20, console.width // 2)
     if not frozen and not left:
@@ -408,28 +407,29 @@ def _verdict_json(v: Site | Skip) -> dict[str, Any]:
 
 def _fold_body(report: FoldReport) -> dict[str, Any]:
     x = report.extra
+    f = report.files
     out = None
-    if x.get("output"):
-        out = _file(x["output"], x.get("output_format"), x.get("size_after"), x.get("output_data_files"),
-                    written=bool(x.get("written")))
+    if f is not None and f.output:
+        out = _file(f.output, f.output_format, f.size_after, f.output_data_files, written=f.written)
     return {
-        "model": _file(x.get("source"), x.get("source_format"), x.get("size_before"), x.get("source_data_files")),
+        "model": _file(None, None, None) if f is None else _file(f.source, f.source_format, f.size_before,
+                                                                   f.source_data_files),
         "output": out,
         "backend": report.backend,
         "dry_run": report.dry_run,
         "summary": _counts(report),
-        "signature": x.get("signature"),
+        "signature": report.signature,
         "verdicts": [_verdict_json(v) for v in report.verdicts],
         "mul_add": list(x.get("mul_add", ()) or ()),
         "verification": None if report.verification is None else {
-            **report.verification.to_dict(), "inputs": x.get("verified_on"),
+            **report.verification.to_dict(), "inputs": report.verified_on,
         },
         "culprits": x.get("culprits"),
         "flushed_denormals": report.flushed_denormals,
         "pruned_channels": x.get("pruned_channels"),
         "health": None if report.health is None else report.health.to_dict(),
         "notes": list(report.notes),
-        "seconds": float(x.get("total_seconds", report.seconds)),
+        "seconds": float(report.total_seconds),
     }
 
 
@@ -459,13 +459,14 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
         )
         doc.update({k: doc["verification"][k] for k in _LEGACY_VERIFY})
     elif command == "freeze":
+        f = result.files
         doc.update(
-            model=_file(result.get("source"), result.get("source_format"), result.get("size_before")),
-            output=_file(result.get("output"), result.get("source_format"), result.get("size_after"), written=True),
-            learnable=bool(result.get("learnable")),
-            frozen=[{"module": n, "kind": k} for n, k in result.get("frozen", [])],
-            left=[{"module": n, "reason": r, "detail": d} for n, r, d in result.get("left", [])],
-            seconds=float(result.get("seconds", 0.0)),
+            model=_file(f.source, f.source_format, f.size_before),
+            output=_file(f.output, f.output_format, f.size_after, written=f.written),
+            learnable=result.learnable,
+            frozen=[{"module": n, "kind": k} for n, k in result.frozen],
+            left=[{"module": s.bn, "reason": s.reason.value, "detail": s.detail} for s in result.left],
+            seconds=float(result.seconds),
         )
     elif command == "bench":
         doc.update(

@@ -1,4 +1,4 @@
-"""The ``bnfold`` command line: a thin typer layer over :mod:`bnfold.jobs` and :mod:`bnfold.bench`.
+"""The ``bnfold`` command line: a thin typer layer over :mod:`bnfold.files` and :mod:`bnfold.bench`.
 
 Rules:
     * every command runs inside :func:`_errors`, the one place where errors become exit codes:
@@ -429,26 +429,23 @@ def fold(
     with _errors("fold", model, json_out=json_out, debug=debug):
         _check_common(quiet, json_out)
         dst = _one_output(out, output)
-        from . import jobs
+        from . import files
 
         atol_v, rtol_v = _tolerances(atol, rtol)
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
-        export = jobs.ExportSettings(
-            opset=opset, dynamic_batch=not static_batch,
-            input_names=_names(input_names), output_names=_names(output_names),
+        settings = files.FoldSettings(
+            affine=affine, verify=verify, force=force, in_place=in_place, eval_semantics=eval_semantics,
+            external_data=external_data, flush_denormals=flush_denormals, health=health,
+            prune_constant_channels=prune_constant_channels, all_or_nothing=all_or_nothing,
+            load=files.LoadSettings(model_factory, trust_pickle),
+            inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
+            verification=files.VerifySettings(samples, atol_v, rtol_v, opt_level.value if opt_level else None),
+            export=files.ExportSettings(opset=opset, dynamic_batch=not static_batch,
+                                        input_names=_names(input_names), output_names=_names(output_names)),
         )
         try:
             with _json_guard(json_out), _progress(quiet, stages) as progress:
-                report = jobs.fold_file(
-                    model, dst, affine=affine, verify=verify, force=force, in_place=in_place,
-                    model_factory=model_factory, trust_pickle=trust_pickle, eval_semantics=eval_semantics,
-                    input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol_v,
-                    rtol=rtol_v, opt_level=opt_level.value if opt_level else None, export=export,
-                    external_data=external_data, progress=progress,
-                    all_or_nothing=all_or_nothing,
-                    flush_denormals=flush_denormals, health=health,
-                    prune_constant_channels=prune_constant_channels,
-                )
+                report = files.fold_file(model, dst, settings, progress)
         except FoldVerificationError as e:
             failed = e.fold_report
             _show("fold", failed, json_out, quiet, lambda c: _show_fold(c, failed, f"{model}: verification FAILED",
@@ -495,15 +492,16 @@ def inspect(
     """
     with _errors("inspect", model, json_out=json_out, debug=debug):
         _check_common(quiet, json_out)
-        from . import jobs
+        from . import files
         from ._render import render_fold_report, render_health
 
+        settings = files.InspectSettings(
+            affine=affine, eval_semantics=eval_semantics, health=health,
+            load=files.LoadSettings(model_factory, trust_pickle),
+            inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
+        )
         with _json_guard(json_out), _progress(quiet, ("load", "fold")) as progress:
-            report = jobs.inspect_file(
-                model, affine=affine, model_factory=model_factory, trust_pickle=trust_pickle,
-                eval_semantics=eval_semantics, input_shapes=input_shape or [], inputs=inputs, seed=seed,
-                health=health, progress=progress,
-            )
+            report = files.inspect_file(model, settings, progress)
         code = 1 if fail_if_left and report.bn_after else 0
 
         def render(c: Any) -> None:
@@ -560,7 +558,7 @@ def verify(
     paths = [p for p in (reference, candidate, load_outputs) if p is not None]
     with _errors("verify", *paths, json_out=json_out, debug=debug):
         _check_common(quiet, json_out)
-        from . import jobs
+        from . import files
         from ._render import render_verify_report
 
         if load_outputs is not None:
@@ -570,14 +568,17 @@ def verify(
         elif reference is None or candidate is None:
             raise OptionError("verify needs REFERENCE and CANDIDATE (or --load-outputs GOLDEN.npz [CANDIDATE])")
         atol_v, rtol_v = _tolerances(atol, rtol)
+        settings = files.CompareSettings(
+            load=files.LoadSettings(model_factory, trust_pickle),
+            inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
+            verification=files.VerifySettings(
+                samples, atol_v, rtol_v, opt_level.value if opt_level else None, error_stat=error_stat,
+                min_cosine=min_cosine, min_snr_db=min_snr, save_outputs=save_outputs, load_outputs=load_outputs,
+                locate=locate,
+            ),
+        )
         with _json_guard(json_out), _progress(quiet, ("load", "verify")) as progress:
-            report = jobs.verify_files(
-                reference, candidate, model_factory=model_factory, trust_pickle=trust_pickle,
-                input_shapes=input_shape or [], inputs=inputs, samples=samples, seed=seed, atol=atol_v,
-                rtol=rtol_v, opt_level=opt_level.value if opt_level else None, progress=progress,
-                error_stat=error_stat, min_cosine=min_cosine, min_snr_db=min_snr, save_outputs=save_outputs,
-                load_outputs=load_outputs, locate=locate,
-            )
+            report = files.verify_files(reference, candidate, settings, progress)
         against = reference if reference is not None else load_outputs
         shown = candidate if candidate is not None else "saved outputs"
 
@@ -648,14 +649,12 @@ def freeze(
     with _errors("freeze", model, json_out=json_out, debug=debug):
         _check_common(quiet, json_out)
         dst = _one_output(out, output)
-        from . import jobs
+        from . import files
         from ._render import render_freeze_report
 
+        settings = files.FreezeSettings(learnable, in_place, files.LoadSettings(model_factory, trust_pickle))
         with _json_guard(json_out), _progress(quiet, ("load", "freeze", "save")) as progress:
-            result = jobs.freeze_file(
-                model, dst, learnable=learnable, in_place=in_place, model_factory=model_factory,
-                trust_pickle=trust_pickle, progress=progress,
-            )
+            result = files.freeze_file(model, dst, settings, progress)
         _show("freeze", result, json_out, quiet, lambda c: render_freeze_report(c, result, verbose=verbose))
 
 
