@@ -21,9 +21,15 @@ from typer.testing import CliRunner
 from bnfold.cli import app
 from bnfold.compare import Comparator, compare_output
 from bnfold.culprit import find_culprits
+from bnfold.files import (
+    FoldSettings,
+    FoldVerificationError,
+    InputSettings,
+    LoadSettings,
+    VerifySettings,
+    fold_file,
+)
 from bnfold.fx.module import fold_module
-from bnfold.files import FoldSettings, InputSettings, LoadSettings, VerifySettings
-from bnfold.files import FoldVerificationError, fold_file
 from bnfold.onnx import fold_model
 from bnfold.records import OutputCheck, Skip, SkipReason, VerifyReport
 

@@ -18,7 +18,8 @@ Modules:
 
 from __future__ import annotations
 
-from ..errors import FoldVerificationError
+from bnfold.errors import FoldVerificationError
+
 from .fold import fold_file
 from .freeze import freeze_file
 from .inspect import inspect_file

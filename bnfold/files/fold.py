@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import BnfoldError, FoldVerificationError
-from ..postfold import PostFold
-from ..records import FileInfo, FoldReport, VerifyReport
+from bnfold.errors import BnfoldError, FoldVerificationError
+from bnfold.postfold import PostFold
+from bnfold.records import FileInfo, FoldReport, VerifyReport
+
 from .load import ProgressFn, advised, load, noop, reworded
 from .output import check_output, check_pairing, drop_orphaned_data, same_file, staged
 from .settings import FoldSettings, check_fold, refuse
@@ -77,7 +78,7 @@ def fold_file(
     # Without verification the folded model goes only to the writer: ONNX weights stay in their files
     # until the fold reads them (see bnfold.io.load_file).
     loaded = load(src_p, s.load, prog, lazy_external_data=not s.verify)
-    from .. import io as bio
+    from bnfold import io as bio
 
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
     protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
@@ -131,8 +132,8 @@ def _finish(
     src_data: tuple[str, ...],
 ) -> FoldReport:
     """The verification-failed policy (the one place), then commit and the output's figures."""
-    from .._datafiles import model_size, onnx_data_files
-    from ..verification import runtime_notes
+    from bnfold._datafiles import model_size, onnx_data_files
+    from bnfold.verification import runtime_notes
 
     v = report.verification
     if v is not None:
@@ -159,8 +160,8 @@ def _finish(
 
 
 def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress: ProgressFn) -> tuple[FoldReport, Any]:
-    from ..onnx import fold_model
-    from ..postfold import after_fold, before_fold
+    from bnfold.onnx import fold_model
+    from bnfold.postfold import after_fold, before_fold
 
     check_onnx_shapes(model, prep.shapes, src)
     post = PostFold(s.flush_denormals, s.health, s.prune_constant_channels)
@@ -217,9 +218,9 @@ def _without_culprits(
 ) -> tuple[FoldReport, Any]:
     """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`) where the backend can exclude."""
     if loaded.format == "onnx":
-        from .. import io as bio
-        from ..culprit import fold_without_culprits
-        from ..onnx import fold_model
+        from bnfold import io as bio
+        from bnfold.culprit import fold_without_culprits
+        from bnfold.onnx import fold_model
 
         def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
             return fold_model(bio.load(src), affine=s.affine, inplace=True, exclude=excluded)
@@ -230,7 +231,8 @@ def _without_culprits(
         model, new, search = fold_without_culprits(report, fold, check)
         return (replace(advised(new), files=report.files), model) if search.resolved else (report, result)
     if out_fmt in ("torch", "pt2") and report.backend in ("fx", "module"):
-        from .._inputs import torch_examples
+        from bnfold._inputs import torch_examples
+
         from .fold_torch import without_culprits
 
         examples = torch_examples(loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs)

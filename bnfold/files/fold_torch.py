@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._inputs import torch_examples
-from ..errors import BnfoldError, OptionError, VerificationError
-from ..export import export_folded
-from ..postfold import PostFold
-from ..records import FoldReport, VerifyReport
+from bnfold._inputs import torch_examples
+from bnfold.errors import BnfoldError, OptionError, VerificationError
+from bnfold.export import export_folded
+from bnfold.postfold import PostFold
+from bnfold.records import FoldReport, VerifyReport
+
 from .load import ProgressFn
 from .settings import FoldSettings
 from .verify import Prepared, run_verify
@@ -44,7 +45,7 @@ def fold_torch(
     """Fold (and for ``.onnx`` export) ``model``; returns ``(report, result, example inputs)``; nothing verified."""
     import torch
 
-    from ..api import fold_with_report
+    from bnfold.api import fold_with_report
 
     post = PostFold(settings.flush_denormals, settings.health, settings.prune_constant_channels)
     is_ep = isinstance(model, torch.export.ExportedProgram)
@@ -55,11 +56,11 @@ def fold_torch(
         result, report = export_folded(model, examples, export=settings.export, affine=settings.affine,
                                        progress=progress)
         if post.health:
-            from ..health import health
+            from bnfold.health import health
 
             report.health = health(model, example_inputs=None if is_ep else examples)
         if post.flush_denormals:  # every initializer of the exported model is new: no snapshot tells them apart
-            from ..denormals import flush_model
+            from bnfold.denormals import flush_model
 
             report.flushed_denormals = flush_model(result, None)
         return report, result, examples
@@ -87,8 +88,8 @@ def without_culprits(
     """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``)."""
     import torch
 
-    from ..culprit import fold_without_culprits
-    from ..fx.module import fold_module
+    from bnfold.culprit import fold_without_culprits
+    from bnfold.fx.module import fold_module
 
     def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
         out, rep = fold_module(model, example_inputs=examples, exclude=excluded)

@@ -14,9 +14,10 @@ import os
 import time
 from pathlib import Path
 
-from .._datafiles import model_size
-from ..errors import OptionError, UnsupportedModelError
-from ..records import FileInfo, FreezeReport
+from bnfold._datafiles import model_size
+from bnfold.errors import OptionError, UnsupportedModelError
+from bnfold.records import FileInfo, FreezeReport
+
 from .load import ProgressFn, load, noop
 from .output import check_output, save
 from .settings import OUTPUT_FORMATS, FreezeSettings
@@ -52,7 +53,7 @@ def freeze_file(
     check_output(src_p, dst_p, in_place=s.in_place)
     if OUTPUT_FORMATS.get(dst_p.suffix.lower()) != "torch":
         raise OptionError(f"{dst_p}: a frozen PyTorch model is saved as .pt/.pth/.ckpt/.bin, like its source")
-    from .. import io as bio
+    from bnfold import io as bio
 
     fmt = bio.detect_format(src_p)  # a sniff reads no pickle: refuse before loading
     if fmt not in ("state_dict", "pickled_module"):
@@ -62,8 +63,8 @@ def freeze_file(
         )
     loaded = load(src_p, s.load, prog)
 
-    from ..freezing import freeze_with_report
-    from ..nn.frozen import FrozenBatchNorm
+    from bnfold.freezing import freeze_with_report
+    from bnfold.nn.frozen import FrozenBatchNorm
 
     prog("freeze", 0, 1)
     frozen, report = freeze_with_report(loaded.model, learnable=s.learnable, strict=False)

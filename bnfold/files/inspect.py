@@ -16,9 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .._inputs import torch_examples
-from ..errors import BnfoldError
-from ..records import FileInfo, FoldReport
+from bnfold._inputs import torch_examples
+from bnfold.errors import BnfoldError
+from bnfold.records import FileInfo, FoldReport
+
 from .load import ProgressFn, advised, load, noop, reworded
 from .settings import InspectSettings, VerifySettings, check_inputs, refuse
 from .verify import check_onnx_shapes, io_signature, prepare
@@ -47,7 +48,7 @@ def inspect_file(
     loaded = load(src_p, s.load, prog)
     model = loaded.model
     prog("fold", 0, 1)
-    from ..api import fold_with_report
+    from bnfold.api import fold_with_report
 
     examples: Any = None
     if loaded.format == "onnx":
@@ -78,7 +79,7 @@ def inspect_file(
         # The PyTorch backends decide without rewriting: the BN count after is the prediction.
         report = replace(report, bn_after=report.bn_before - report.folded, predicted_counts=("bn",))
     if s.health:
-        from ..health import health as audit_model
+        from bnfold.health import health as audit_model
 
         if loaded.format == "onnx":
             report.health = audit_model(model, affine=s.affine)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .._datafiles import model_size, onnx_data_files
-from ..errors import BnfoldError, with_context
-from ..records import FoldReport, Skip
+from bnfold._datafiles import model_size, onnx_data_files
+from bnfold.errors import BnfoldError, with_context
+from bnfold.records import FoldReport, Skip
+
 from .settings import LoadSettings
 
 __all__ = ["ProgressFn", "Loaded", "noop", "load", "resolve_factory", "cli_advice", "advised", "reworded"]
@@ -49,14 +50,14 @@ def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     """``--model module.path:factory`` -> the callable (see :func:`bnfold.io.resolve_factory`)."""
     if spec is None:
         return None
-    from ..io import resolve_factory as _resolve
+    from bnfold.io import resolve_factory as _resolve
 
     return _resolve(spec)
 
 
 def load(src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False) -> Any:
     """Load ``src`` once; returns a ``Loaded`` record (``bnfold.io.Loaded`` when io provides it)."""
-    from .. import io as bio
+    from bnfold import io as bio
 
     factory = resolve_factory(settings.model_factory)
     progress("load", 0, 1)

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .._datafiles import onnx_data_files
-from ..errors import OptionError, OutputError
+from bnfold._datafiles import onnx_data_files
+from bnfold.errors import OptionError, OutputError
+
 from .load import ProgressFn
 
 __all__ = ["check_output", "same_file", "check_pairing", "save", "staged", "drop_orphaned_data"]
@@ -31,7 +32,7 @@ def check_output(src: Path, dst: Path, *, in_place: bool = False) -> None:
         OutputError: ``dst`` is the input without ``in_place``, a folder, or its folder is missing or
             not writable.
     """
-    from ..io import check_output_path
+    from bnfold.io import check_output_path
 
     if same_file(src, dst) and not in_place:
         raise OutputError(f"{dst}: is the input model; choose another output or pass --in-place to overwrite it")
@@ -57,7 +58,7 @@ def check_pairing(src: Path, out_fmt: str, dst: Path) -> None:
     """
     if out_fmt == "onnx":
         return
-    from .. import io as bio
+    from bnfold import io as bio
 
     fmt = bio.detect_format(src)
     if fmt == "onnx":
@@ -68,7 +69,7 @@ def check_pairing(src: Path, out_fmt: str, dst: Path) -> None:
 
 def save(model: Any, dst: Path, progress: ProgressFn, *, fmt: str | None = None) -> None:
     """:func:`bnfold.io.save` between two progress ticks."""
-    from .. import io as bio
+    from bnfold import io as bio
 
     progress("save", 0, 1)
     bio.save(model, dst, fmt=fmt)
@@ -129,7 +130,7 @@ def staged(
     io without ``staged_save``) ``path`` is the model in memory and ``commit()`` saves it atomically.
     Leaving the block without ``commit()`` leaves no file behind.
     """
-    from .. import io as bio
+    from bnfold import io as bio
 
     progress("save", 0, 1)
     staged_save = getattr(bio, "staged_save", None) if onnx_file else None

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError
-from ..export import ExportSettings
+from bnfold.errors import OptionError
+from bnfold.export import ExportSettings
 
 __all__ = [
     "LoadSettings",

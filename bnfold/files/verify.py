@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .._inputs import load_inputs, onnx_input_specs, parse_shapes_for, resolve_shapes, torch_examples
-from ..errors import BnfoldError, with_context
-from ..records import VerifyReport
+from bnfold._inputs import load_inputs, onnx_input_specs, parse_shapes_for, resolve_shapes, torch_examples
+from bnfold.errors import BnfoldError, with_context
+from bnfold.records import VerifyReport
+
 from .load import ProgressFn, load, noop
 from .settings import CompareSettings, InputSettings, VerifySettings, check_inputs
 
@@ -55,7 +56,7 @@ def run_verify(
     where: str = "",
 ) -> VerifyReport:
     """:func:`bnfold.verification.verify` with the job's settings; errors name ``where``."""
-    from ..verification import verify
+    from bnfold.verification import verify
 
     progress("verify", 0, 1)
     c = prep.check
