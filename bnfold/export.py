@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError, VerificationError
-from .records import FoldReport
+from .records import FoldReport, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -260,7 +260,7 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
     ``/layer1/layer1.0/bn1/BatchNormalization`` for ``layer1.0.bn1``).
     """
     if left_in_onnx == len(treport.skips):
-        kept = list(treport.sites)
+        kept: list[Verdict] = list(treport.sites)
     else:
         onnx_modules = {_module_of(v.bn) for v in oreport.verdicts}
         kept = [v for v in treport.verdicts if v.folded or v.bn not in onnx_modules]
