@@ -21,7 +21,7 @@ SCHEMA_VERSION = 1
 
 def _mul_add(report: FoldReport) -> int:
     """Per-channel Mul+Add pairs folded into a layer (ONNX frozen BN): folds like any BN."""
-    return len(report.extra.get("mul_add", ()) or ())
+    return len(report.mul_add)
 
 
 def counts(report: FoldReport) -> dict[str, Any]:
@@ -83,7 +83,6 @@ def _verdict_json(v: Site | Skip) -> dict[str, Any]:
 
 
 def _fold_body(report: FoldReport) -> dict[str, Any]:
-    x = report.extra
     f = report.files
     out = None
     if f is not None and f.output:
@@ -97,13 +96,13 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
         "summary": counts(report),
         "signature": report.signature,
         "verdicts": [_verdict_json(v) for v in report.verdicts],
-        "mul_add": list(x.get("mul_add", ()) or ()),
+        "mul_add": [m.to_dict() for m in report.mul_add],
         "verification": None if report.verification is None else {
             **report.verification.to_dict(), "inputs": report.verified_on,
         },
-        "culprits": x.get("culprits"),
+        "culprits": None if report.culprits is None else report.culprits.to_dict(),
         "flushed_denormals": report.flushed_denormals,
-        "pruned_channels": x.get("pruned_channels"),
+        "pruned_channels": None if report.pruned_channels is None else [p.to_dict() for p in report.pruned_channels],
         "health": None if report.health is None else report.health.to_dict(),
         "notes": list(report.notes),
         "seconds": float(report.total_seconds),

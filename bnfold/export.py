@@ -25,7 +25,7 @@ Names and shapes of the exported file (the defaults a deployment engineer expect
 the folded ``ModelProto`` and the report, and leaves verification and writing to the job; it also
 exports a torch.export program (dynamo exporter), which :func:`export_onnx` does not take.
 
-The report's ``extra`` says who folded what: ``{"torch": n, "onnx": m, "exporter": k, ...}`` where
+The report's ``export`` (:class:`~bnfold.records.ExportCounts`) says who folded what (torch, onnx, exporter) where
 ``exporter`` counts BNs that were neither folded by bnfold in PyTorch nor present in the exported graph
 (the exporter removed them itself).
 """
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError, VerificationError
-from .records import FoldReport, Verdict
+from .records import ExportCounts, FoldReport, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -239,13 +239,10 @@ def _export_module(
     left_in_onnx = count_bn(onnx_model)
     onnx_model, oreport = fold_model(onnx_model, affine=affine, inplace=True)
     report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
-    report.extra = {
-        "torch": treport.folded,
-        "exporter": max(len(treport.skips) - left_in_onnx, 0),
-        "onnx": oreport.folded,
-        "left": oreport.bn_after,
-        "exporter_kind": "dynamo" if dynamo else "legacy",
-    }
+    report.export = ExportCounts(
+        torch=treport.folded, exporter=max(len(treport.skips) - left_in_onnx, 0), onnx=oreport.folded,
+        left=oreport.bn_after, exporter_kind="dynamo" if dynamo else "legacy",
+    )
     return onnx_model, report
 
 

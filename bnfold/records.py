@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from .health_records import BnHealth, HealthReport, RangeCounts, count_labels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .constant_channels import PrunedChannels
+    from .culprit import CulpritSearch
 
 __all__ = [
     "SkipReason",
@@ -27,6 +32,7 @@ __all__ = [
     "VerifyReport",
     "FoldReport",
     "FileInfo",
+    "ExportCounts",
     "FreezeReport",
     "RangeCounts",
     "BnHealth",
@@ -306,7 +312,6 @@ class FoldReport:
     verification: VerifyReport | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
     flushed_denormals: int | None = None
     """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
     health: HealthReport | None = None
@@ -319,6 +324,16 @@ class FoldReport:
     """The input shapes verification ran on, set by the file jobs."""
     predicted_counts: tuple[str, ...] | None = None
     """A dry run that predicts only these counts (PyTorch: ``("bn",)``); None: every count is exact."""
+    mul_add: tuple[Site, ...] = ()
+    """ONNX: per-channel Mul+Add pairs (a frozen BN) folded into the layer before them."""
+    culprits: CulpritSearch | None = None
+    """The search for the folds that failed verification (:mod:`bnfold.culprit`), when one ran."""
+    pruned_channels: tuple[PrunedChannels, ...] | None = None
+    """``prune_constant_channels``: the channels dropped per layer (or why none were)."""
+    result: str | None = None
+    """fx backend: "module" (the original class, weights edited) or "graph_module" (a traced copy)."""
+    export: ExportCounts | None = None
+    """PyTorch -> ONNX: who folded what (:mod:`bnfold.export`)."""
 
     @property
     def sites(self) -> list[Site]:
@@ -347,7 +362,7 @@ class FoldReport:
             "verdicts": [v.to_dict() for v in self.verdicts],
             "verification": None if self.verification is None else self.verification.to_dict(),
             "notes": list(self.notes),
-            **({"extra": self.extra} if self.extra else {}),
+            **({"extra": dict(self.extra)} if self.extra else {}),
             **({"flushed_denormals": self.flushed_denormals} if self.flushed_denormals is not None else {}),
             **({"health": self.health.to_dict()} if self.health is not None else {}),
             **({"files": self.files.to_dict()} if self.files is not None else {}),
@@ -356,11 +371,42 @@ class FoldReport:
         }
 
     @property
+    def extra(self) -> MappingProxyType[str, Any]:
+        """The typed fields above as the ``extra`` dictionary of earlier versions (read-only view)."""
+        x: dict[str, Any] = {}
+        if self.mul_add:
+            x["mul_add"] = [s.to_dict() for s in self.mul_add]
+        if self.culprits is not None:
+            x["culprits"] = self.culprits.to_dict()
+        if self.pruned_channels is not None:
+            x["pruned_channels"] = [p.to_dict() for p in self.pruned_channels]
+        if self.result is not None:
+            x["result"] = self.result
+        if self.export is not None:
+            x.update(self.export.to_dict())
+        return MappingProxyType(x)
+
+    @property
     def total_seconds(self) -> float:
         """The whole file job's time when there was one, else the fold's."""
         if self.files is not None and self.files.total_seconds is not None:
             return self.files.total_seconds
         return self.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ExportCounts:
+    """A PyTorch -> ONNX fold: BNs folded in PyTorch, removed by the exporter itself, folded in ONNX, left."""
+
+    torch: int
+    exporter: int
+    onnx: int
+    left: int
+    exporter_kind: str
+    """"legacy" or "dynamo"."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

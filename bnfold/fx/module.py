@@ -225,7 +225,7 @@ def fold_module(
             ``SkipReason.VERIFICATION`` (used by culprit bisection).
 
     Returns:
-        ``(model, report)``; ``report.extra["result"]`` says "module" or "graph_module".
+        ``(model, report)``; ``report.result`` says "module" or "graph_module".
 
     Raises:
         ModelStateError: the model is in ``train()`` mode and ``eval_semantics`` is False.
@@ -325,13 +325,13 @@ def _apply(work: nn.Module, a: _Analysis, dry_run: bool, traced: nn.Module) -> t
     if a.use_graph:
         if dry_run:
             _, _, report.verdicts = plan_sites(traced, a.cands, a.verdicts)
-            report.extra["result"] = "graph_module"
+            report.result = "graph_module"
             return report, work
         _copy_trace_constants(a.graph, traced, work)
         gm = fx.GraphModule(work, a.graph, type(work).__name__)
         # The GraphModule refers to the same submodules as work: plan on it, then apply.
         state, kept, report.verdicts = plan_sites(gm, a.cands, a.verdicts)
-        report.extra["result"] = "graph_module"
+        report.result = "graph_module"
         if dry_run:
             return report, work
         clones = {str(c.layer_node.target) for c in kept if c.site.detail.startswith("cloned:")}
@@ -339,7 +339,7 @@ def _apply(work: nn.Module, a: _Analysis, dry_run: bool, traced: nn.Module) -> t
         report.notes.append("returned a torch.fx.GraphModule: some folds needed a change of the call graph")
         return report, gm
     state, kept, report.verdicts = plan_sites(traced, a.cands, a.verdicts)
-    report.extra["result"] = "module"
+    report.result = "module"
     if not dry_run:
         apply_module_mode(work, state, kept)
     return report, work
@@ -440,6 +440,6 @@ def _fold_fallback(
                 Skip(n, SkipReason.NOT_TRACEABLE, f"not inside a part of the model that traces ({err})")
             )
     report = FoldReport(backend="module", verdicts=verdicts)
-    report.extra["result"] = "module"
+    report.result = "module"
     report.notes.append(f"the model does not trace with torch.fx ({err}); folded inside the parts that do")
     return report, result

@@ -16,7 +16,7 @@ Algorithm (linear in the number of nodes per pass; passes repeat only while some
 5. Remove the initializers and constant nodes that nothing reads any more.
 
 The verdict list holds one entry per BatchNormalization node (subgraph BNs are named
-``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.extra["mul_add"]``.
+``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.mul_add``.
 This module never imports torch.
 """
 
@@ -239,7 +239,7 @@ def fold_model(
         dry_run=dry_run,
     )
     if ctx.mul_add:
-        report.extra["mul_add"] = [s.to_dict() for s in ctx.mul_add]
+        report.mul_add = tuple(ctx.mul_add)
         report.notes.append(
             f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them"
         )
