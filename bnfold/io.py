@@ -56,6 +56,8 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from dataclasses import field as _field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,8 +66,12 @@ from .errors import ModelFormatError, OptionError, OutputError
 __all__ = [
     "FORMATS",
     "EXTERNAL_DATA_THRESHOLD",
+    "Loaded",
+    "Staged",
     "detect_format",
     "load",
+    "load_file",
+    "staged_save",
     "load_with_format",
     "save",
     "atomic_path",
@@ -680,11 +686,78 @@ def load_with_format(
     locations), read by the fold when needed and copied by :func:`save`; for a fold-and-save job that
     hands the model to nothing else (the fold job without verification).
     """
+    loaded = load_file(path, model_factory=model_factory, trust_pickle=trust_pickle,
+                       lazy_external_data=lazy_external_data)
+    return loaded.model, loaded.format
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A model file after one sniff and one parse (what :func:`load_file` returns).
+
+    Attributes:
+        model: ``onnx.ModelProto``, ``torch.export.ExportedProgram`` or ``torch.nn.Module``.
+        format: one of :data:`FORMATS`.
+        path: the file, as given.
+        example_inputs: a seeded batch of 2 from the factory's ``example_input_shape`` (a state_dict
+            loaded with ``model_factory``); None otherwise.
+        data_files: the external-data files the model reads (ONNX; absolute paths, first use first).
+        size: bytes on disk, data files included (None when the file vanished meanwhile).
+    """
+
+    model: Any
+    format: str
+    path: str
+    example_inputs: tuple[Any, ...] | None
+    data_files: tuple[str, ...]
+    size: int | None
+
+
+def load_file(
+    path: str | os.PathLike[str],
+    *,
+    model_factory: str | Callable[[], Any] | None = None,
+    trust_pickle: bool = False,
+    lazy_external_data: bool = False,
+) -> Loaded:
+    """Load a model file of any supported format: one sniff, one parse.
+
+    Args:
+        path: ``.onnx`` (external data next to it), ``.pt2`` (``torch.export.save``), or a
+            ``torch.save`` checkpoint.
+        model_factory: for a state_dict checkpoint: ``"module.path:factory"`` or a callable with no
+            arguments that builds the architecture; its ``example_input_shape`` (no batch dimension),
+            if any, gives :attr:`Loaded.example_inputs`.
+        trust_pickle: allow loading a whole pickled module (unpickling runs code from the file).
+        lazy_external_data: ONNX with external data: leave the weights in their files (absolute
+            locations), read by the fold when needed and copied by :func:`save`; for a fold-and-save
+            job that hands the model to nothing else.
+
+    Returns:
+        The :class:`Loaded` record.
+
+    Raises:
+        ModelFormatError: unreadable or unknown file, checker rejection, a state_dict without a factory
+            or that does not fit it, a pickled module without ``trust_pickle``.
+        OptionError: a factory string that does not resolve, or a factory that fails.
+    """
     p = os.fspath(path)
     fmt, parsed = _sniff(p)
+    data_files: tuple[str, ...] = ()
+    if fmt == "onnx":
+        # read from the parse before the load replaces the locations (lazy: absolute; eager: gone)
+        data_files = tuple(r for r in _external_refs(parsed, os.path.dirname(os.path.abspath(p)))
+                           if os.path.isfile(r))
     if fmt == "onnx" and lazy_external_data:
-        return _load_onnx(p, parsed, lazy=True), fmt
-    return _load_as(p, fmt, parsed, model_factory, trust_pickle), fmt
+        model = _load_onnx(p, parsed, lazy=True)
+    else:
+        model = _load_as(p, fmt, parsed, model_factory, trust_pickle)
+    examples = None
+    if fmt == "state_dict":
+        ex = getattr(model, "example_inputs", None)
+        examples = tuple(ex) if isinstance(ex, (tuple, list)) else None
+    return Loaded(model=model, format=fmt, path=p, example_inputs=examples, data_files=data_files,
+                  size=_total_size([os.path.abspath(p), *data_files]) if os.path.exists(p) else None)
 
 
 def _check_pt2_members(path: str) -> None:
@@ -832,17 +905,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         OutputError: the folder does not exist or is not writable.
     """
     dst = os.fspath(path)
-    folder = _check_folder(dst)
-    name = os.path.basename(dst)
-    suffix = "".join(Path(name).suffixes[-1:])
-    tmp: str | None = None
+    tmp = _temp_file(dst, _check_folder(dst))
     try:
-        with _signals_deferred():  # a signal between creating the file and knowing its name leaks it
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
-            except OSError as e:
-                raise _output_error(dst, e) from e
-            os.close(fd)
         yield tmp
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, dst)
@@ -1367,7 +1431,15 @@ def _read_in_nested_lazy(model: Any) -> None:
                 t.CopyFrom(_inline_tensor(t))
 
 
-def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]]) -> None:
+def _stage_onnx(model: Any, dst: str, external_data: bool | None,
+                protect_ids: set[tuple[int, int]]) -> tuple[Staged, Callable[[], None]]:
+    """Write an ONNX model to temporary files next to ``dst``; return them and their clean-up.
+
+    Inline: one temporary ``.<name>.*.tmp.onnx``. With external data: a temporary folder
+    ``.<name>.*.tmp/`` holding ``model.onnx`` and its data under the fresh final name
+    ``<name>.<8 hex>.data``, so that the temporary model loads (in onnxruntime too) as it is, and
+    the commit only moves the two files.
+    """
     size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     if not use_external and size >= 2**31:
@@ -1377,24 +1449,57 @@ def _save_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: se
     if _protected(dst, protect_ids):
         raise _input_file_error(dst, dst, "the output")
     _read_in_nested_lazy(model)
-    with _folder_lock(folder):
-        old_refs = _onnx_refs(dst, max_parse=_MAX_OLD_PARSE) if os.path.lexists(dst) else ()
-        if not use_external:
-            with atomic_path(dst) as tmp:
-                try:
-                    with open(tmp, "wb") as f:
-                        _write_onnx_stream(model, f, None, "")
-                except OSError as e:
-                    raise _output_error(dst, e) from e
-                except _PartTooLarge as e:
-                    raise OutputError(f"{dst}: {e}") from e
-            _remove_old_data(dst, old_refs, None, protect_ids)
-            _remember_saved(dst, ())
-            return
-        location = _choose_data_name(dst)
-        wrote_data = _write_pair(model, dst, folder, location)
-        _remove_old_data(dst, old_refs, os.path.join(folder, location), protect_ids)
-        _remember_saved(dst, (os.path.join(folder, location),) if wrote_data else ())
+    if not use_external:
+        tmp = _temp_file(dst, folder)
+        try:
+            try:
+                with open(tmp, "wb") as f:
+                    _write_onnx_stream(model, f, None, "")
+            except OSError as e:
+                raise _output_error(dst, e) from e
+            except _PartTooLarge as e:
+                raise OutputError(f"{dst}: {e}") from e
+        except BaseException:
+            _discard(tmp)
+            raise
+
+        def commit_inline() -> None:
+            os.chmod(tmp, _umask_mode())
+            with _folder_lock(folder):
+                old_refs = _onnx_refs(dst, max_parse=_MAX_OLD_PARSE) if os.path.lexists(dst) else ()
+                with _signals_deferred():
+                    os.replace(tmp, dst)
+                _remove_old_data(dst, old_refs, None, protect_ids)
+                _remember_saved(dst, ())
+
+        return Staged(tmp, (), _commit=commit_inline, _target=dst), lambda: _discard(tmp)
+    location = _choose_data_name(dst)
+    work = _write_pair_staged(model, dst, folder, location)
+    tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
+    has_data = os.path.exists(tmp_data)
+
+    def cleanup() -> None:
+        with _signals_deferred():
+            shutil.rmtree(work, ignore_errors=True)
+
+    def commit_pair() -> None:
+        _commit_pair(dst, folder, location, tmp_model, tmp_data if has_data else None, protect_ids)
+        cleanup()  # the folder, now empty
+
+    return Staged(tmp_model, (tmp_data,) if has_data else (), _commit=commit_pair, _target=dst), cleanup
+
+
+def _temp_file(dst: str, folder: str) -> str:
+    """A fresh empty temporary file next to ``dst`` (``.<name>.*.tmp<suffix>``), created atomically."""
+    name = os.path.basename(dst)
+    suffix = "".join(Path(name).suffixes[-1:])
+    with _signals_deferred():  # a signal between creating the file and knowing its name leaks it
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+        except OSError as e:
+            raise _output_error(dst, e) from e
+        os.close(fd)
+    return tmp
 
 
 def _choose_data_name(dst: str) -> str:
@@ -1417,25 +1522,22 @@ def _remember_saved(dst: str, refs: tuple[str, ...]) -> None:
     _cache_refs(_file_key(dst), refs)
 
 
-def _write_pair(model: Any, dst: str, folder: str, location: str) -> bool:
-    """Write model + data in a temporary folder next to ``dst``, then move the data, then the model.
+def _write_pair_staged(model: Any, dst: str, folder: str, location: str) -> str:
+    """Write model + data into a new temporary folder next to ``dst``; return the folder.
 
-    The data goes first: the moment ``dst`` is the new model, its data is there. On any exception
-    (disk full, Ctrl-C, SIGTERM turned into an exception) nothing new is left: the temporary folder is
-    removed, and so is the data file if it was moved but the model was not. Returns whether a data
-    file was written (no tensor of 1 KiB or more: none).
+    The folder holds ``model.onnx`` and (when a tensor of 1 KiB or more exists) its data under the
+    final name ``location``, so the model loads from there as it is. On any exception (disk full,
+    Ctrl-C, SIGTERM turned into an exception) the folder is removed.
     """
     name = os.path.basename(dst)
     work: str | None = None
-    moved: str | None = None
-    wrote = False
     try:
         with _signals_deferred():
             try:
                 work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
             except OSError as e:
                 raise _output_error(dst, e) from e
-        tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, "model.data")
+        tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
         try:
             with open(tmp_model, "wb") as f, open(tmp_data, "wb") as data:
                 _write_onnx_stream(model, f, data, location)
@@ -1443,25 +1545,111 @@ def _write_pair(model: Any, dst: str, folder: str, location: str) -> bool:
             raise _output_error(dst, e) from e
         except _PartTooLarge as e:
             raise OutputError(f"{dst}: {e}") from e
-        mode = _umask_mode()
-        os.chmod(tmp_model, mode)
-        with _signals_deferred():  # the two renames and the note of what moved: one step
-            if os.path.getsize(tmp_data):
-                os.chmod(tmp_data, mode)
-                final = os.path.join(folder, location)
-                os.replace(tmp_data, final)
-                moved = final
-                wrote = True
-            os.replace(tmp_model, dst)
-            moved = None
+        if not os.path.getsize(tmp_data):
+            os.unlink(tmp_data)
     except BaseException:
-        _discard(moved)
-        raise
-    finally:
         with _signals_deferred():
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
-    return wrote
+        raise
+    return work
+
+
+def _commit_pair(dst: str, folder: str, location: str, tmp_model: str, tmp_data: str | None,
+                 protect_ids: set[tuple[int, int]]) -> None:
+    """Move a staged pair into place: the data first, then the model, then remove the old data.
+
+    Under the folder lock: the moment ``dst`` is the new model, its data is there; if the model
+    cannot be moved, the data moved before it is removed again.
+    """
+    mode = _umask_mode()
+    with _folder_lock(folder):
+        final = os.path.join(folder, location)
+        if tmp_data is not None and os.path.lexists(final):  # another writer drew the same 32 bits
+            raise OutputError(f"{dst}: its data file {final} appeared while saving; save again")
+        old_refs = _onnx_refs(dst, max_parse=_MAX_OLD_PARSE) if os.path.lexists(dst) else ()
+        moved: str | None = None
+        try:
+            os.chmod(tmp_model, mode)
+            with _signals_deferred():  # the two renames and the note of what moved: one step
+                if tmp_data is not None:
+                    os.chmod(tmp_data, mode)
+                    os.replace(tmp_data, final)
+                    moved = final
+                os.replace(tmp_model, dst)
+                moved = None
+        except BaseException:
+            _discard(moved)
+            raise
+        _remove_old_data(dst, old_refs, final, protect_ids)
+        _remember_saved(dst, (final,) if tmp_data is not None else ())
+
+
+@dataclass(slots=True)
+class Staged:
+    """A model written to temporary files by :func:`staged_save`, not yet in place.
+
+    Attributes:
+        path: the temporary main file; it loads as it is (onnxruntime included), so the caller
+            verifies exactly the bytes that :meth:`commit` puts in place.
+        data_files: the temporary external-data files ``path`` reads (absolute; ONNX only).
+    """
+
+    path: str
+    data_files: tuple[str, ...]
+    _commit: Callable[[], None] = _field(repr=False, compare=False)
+    _target: str = _field(default="", repr=False, compare=False)
+    committed: bool = False
+
+    def commit(self) -> None:
+        """Rename the staged files into place (the guarantees of :func:`save`). Once only.
+
+        Raises:
+            OutputError: committed twice, or the rename failed.
+        """
+        if self.committed:
+            raise OutputError(f"{self._target or self.path}: already committed")
+        try:
+            self._commit()
+        except OSError as e:
+            raise _output_error(self._target or self.path, e) from e
+        self.committed = True
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    fmt: str | None = None,
+    protect: Iterable[str | os.PathLike[str]] = (),
+) -> Iterator[Staged]:
+    """Write a model to temporary files next to ``path``; :meth:`Staged.commit` moves them into place.
+
+    Arguments and errors are those of :func:`save` (which is ``staged_save`` + ``commit``). The
+    yielded :class:`Staged` names the temporary main file, which loads as it is: an ONNX model with
+    external data lives in a temporary folder with its data already under the fresh final name
+    ``<path>.<8 hex>.data``. Leaving the block without ``commit()``, or by any exception, removes
+    every temporary file; ``path`` and its data are then as they were.
+
+    Example::
+
+        with staged_save(model, "out.onnx", external_data=True) as staged:
+            check(staged.path)  # e.g. run it in onnxruntime
+            staged.commit()
+    """
+    dst = os.fspath(path)
+    protect_ids = {i for f in protect if (i := _identity(os.fspath(f))) is not None}
+    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+        staged, cleanup = _stage_onnx(model, dst, external_data, protect_ids)
+    else:
+        staged, cleanup = _stage_torch(model, dst, fmt, protect_ids)
+    try:
+        yield staged
+    finally:
+        if not staged.committed:
+            cleanup()
 
 
 def save(
@@ -1495,11 +1683,13 @@ def save(
         OutputError: missing folder, not writable, disk errors (one line naming the path).
         OptionError: an unknown ``fmt`` or an object that is not a model.
     """
-    dst = os.fspath(path)
-    protect_ids = {i for f in protect if (i := _identity(os.fspath(f))) is not None}
-    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
-        _save_onnx(model, dst, external_data, protect_ids)
-        return
+    with staged_save(model, path, external_data=external_data, fmt=fmt, protect=protect) as staged:
+        staged.commit()
+
+
+def _stage_torch(model: Any, dst: str, fmt: str | None,
+                 protect_ids: set[tuple[int, int]]) -> tuple[Staged, Callable[[], None]]:
+    """Write a PyTorch model to a temporary file next to ``dst``; return it and its clean-up."""
     if "torch" not in sys.modules:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
     import torch
@@ -1521,9 +1711,11 @@ def save(
             torch.save(obj, t)
     else:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
+    folder = _check_folder(dst)
     if _protected(dst, protect_ids):
         raise _input_file_error(dst, dst, "the output")
-    with atomic_path(dst) as tmp:
+    tmp = _temp_file(dst, folder)
+    try:
         try:
             writer(tmp)
         except OSError as e:
@@ -1536,3 +1728,13 @@ def save(
                 raise OutputError(f"{dst}: cannot write (the write failed: disk full or a file size limit?); "
                                   "free space and retry") from e
             raise
+    except BaseException:
+        _discard(tmp)
+        raise
+
+    def commit() -> None:
+        os.chmod(tmp, _umask_mode())
+        with _signals_deferred():
+            os.replace(tmp, dst)
+
+    return Staged(tmp, (), _commit=commit, _target=dst), lambda: _discard(tmp)
