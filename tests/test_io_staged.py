@@ -129,7 +129,7 @@ def test_save_is_staged_save_and_commit(tmp_path: Path, monkeypatch: pytest.Monk
         seen.append(os.fspath(path))  # type: ignore[arg-type]
         return real(model, path, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bio, "staged_save", spy)
+    monkeypatch.setattr(bio.saver, "staged_save", spy)  # where save calls it
     bio.save(_conv_model(), tmp_path / "o.onnx", external_data=True)
     assert seen == [str(tmp_path / "o.onnx")]
     assert len(_listing(tmp_path)) == 2
