@@ -12,15 +12,15 @@ exactly this table, on a file (its protobuf field headers, seeking past every pa
     GraphProto           1 node, 5 initializer, 15 sparse_initializer
     FunctionProto        7 node
     NodeProto            5 attribute
-    AttributeProto       5 t, 10 tensors, 6 g, 11 graphs, 22 sparse_tensor, 23 sparse_tensors
+    AttributeProto       5 t, 6 g, 10 tensors, 11 graphs, 22 sparse_tensor, 23 sparse_tensors
     SparseTensorProto    1 values, 2 indices (tensors)
     TensorProto          13 external_data (entries: 1 key, 2 value), 14 data_location (1: EXTERNAL)
     ==================== ==========================================================================
 
 Rules:
     * a tensor reads a file when its ``data_location`` is EXTERNAL and an entry names a ``location``
-      (what onnx and onnxruntime follow); locations come back in first-use order, relative to the
-      model's folder as written;
+      (what onnx and onnxruntime follow); locations come back once each, in the order protobuf
+      writes the fields (a graph's nodes before its initializers), relative to the model's folder;
     * a file is read in small windows around its field headers, every payload skipped, so a 100 MB
       inline model costs about a millisecond and a model with external data a few microseconds per
       tensor; a file that is not a well-formed protobuf raises ``ValueError``;
@@ -46,14 +46,15 @@ __all__ = [
 ]
 
 _TENSOR = "Tensor"
-# message -> {field number: (field name, message it holds)}; see the module docstring.
+# message -> {field number: (field name, message it holds)}; see the module docstring. In field-number
+# order, the order protobuf writes them in, so that the walk of a file and of a parsed model agree.
 _SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
     "Model": {7: ("graph", "Graph"), 20: ("training_info", "TrainingInfo"), 25: ("functions", "Function")},
     "TrainingInfo": {1: ("initialization", "Graph"), 2: ("algorithm", "Graph")},
     "Graph": {1: ("node", "Node"), 5: ("initializer", _TENSOR), 15: ("sparse_initializer", "Sparse")},
     "Function": {7: ("node", "Node")},
     "Node": {5: ("attribute", "Attribute")},
-    "Attribute": {5: ("t", _TENSOR), 10: ("tensors", _TENSOR), 6: ("g", "Graph"), 11: ("graphs", "Graph"),
+    "Attribute": {5: ("t", _TENSOR), 6: ("g", "Graph"), 10: ("tensors", _TENSOR), 11: ("graphs", "Graph"),
                   22: ("sparse_tensor", "Sparse"), 23: ("sparse_tensors", "Sparse")},
     "Sparse": {1: ("values", _TENSOR), 2: ("indices", _TENSOR)},
 }
