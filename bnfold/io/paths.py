@@ -20,18 +20,14 @@ from typing import Any
 from bnfold.errors import OutputError
 
 from .atomic import _check_folder, _identity
-from .datafiles import file_key, model_locations, read_locations, remember, remembered
+from .datafiles import absolute, data_refs, file_key, model_locations, remember
 
 __all__ = ["files_read_by", "file_size_with_data", "check_output_path"]
 
 
 def _external_refs(model: Any, base: str) -> tuple[str, ...]:
     """Absolute paths of the external-data files the tensors of the parsed ``model`` point at."""
-    return _absolute(base, model_locations(model))
-
-
-def _absolute(base: str, locations: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(os.path.abspath(os.path.join(base, loc)) for loc in locations))
+    return absolute(base, model_locations(model))
 
 
 def _remember_refs(path: str, parsed: Any) -> None:
@@ -46,19 +42,7 @@ def _remember_saved(dst: str, refs: tuple[str, ...]) -> None:
 
 def _onnx_refs(path: str) -> tuple[str, ...]:
     """External-data files of the ONNX file ``path`` (absolute); () if it is not a readable ONNX file."""
-    key = file_key(path)
-    if key is None:
-        return ()
-    hit = remembered(key)
-    if hit is not None:
-        return hit
-    try:
-        locations = read_locations(path)
-    except (OSError, ValueError):  # not ONNX, unreadable: it reads no other file
-        return ()
-    refs = _absolute(os.path.dirname(os.path.abspath(path)), locations)
-    remember(key, refs)
-    return refs
+    return data_refs(path)
 
 
 def files_read_by(path: str | os.PathLike[str]) -> list[str]:
