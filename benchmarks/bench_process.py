@@ -13,13 +13,16 @@ What a CLI user waits for, interpreter start and imports included, measured side
 Two variants of one ResNet-50 (``models.resnet.resnet50``, 53 BN, realistic BN statistics, exported
 with every BN kept): **inline** (one 100 MB file) and **external data** (a small model file + one data
 file). The figure is ``bnfold / floor`` per variant (target: at most 1.2). ``--breakdown`` also prints
-the import times of the fold process by top-level package (``python -X importtime``).
+the stages inside one process (the floor's ``onnx.load`` / ``onnx.save`` against bnfold's
+``io.load_file`` / ``fold_model`` / ``io.save``, imports done) and the import times of the fold
+process by top-level package (``python -X importtime``), to tell where the difference goes.
 
     python benchmarks/bench_process.py [--quick] [--repeats 7] [--breakdown] [--model in.onnx]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -79,6 +82,42 @@ def time_processes(commands: dict[str, list[str]], folder: Path, keep: set[str],
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+_STAGES = """
+import json, os, statistics, sys, time
+import onnx
+from bnfold import io as bio
+from bnfold.onnx import fold_model
+src, dst, external, repeats = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+folder = os.path.dirname(dst)
+keep = set(os.listdir(folder))
+
+def clear():
+    for n in set(os.listdir(folder)) - keep:
+        os.unlink(os.path.join(folder, n))
+
+times = {k: [] for k in ("onnx.load", "onnx.save", "io.load_file", "fold_model", "io.save")}
+for _ in range(repeats):
+    t0 = time.perf_counter(); m = onnx.load(src); t1 = time.perf_counter()
+    onnx.save(m, dst, save_as_external_data=external, location=os.path.basename(dst) + ".data")
+    t2 = time.perf_counter(); clear(); del m
+    # as the CLI does without verification: weights left in their files until the fold reads them
+    t3 = time.perf_counter(); m = bio.load_file(src, lazy_external_data=True).model; t4 = time.perf_counter()
+    fold_model(m, inplace=True); t5 = time.perf_counter()
+    bio.save(m, dst, external_data=external); t6 = time.perf_counter(); clear(); del m
+    for k, v in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4, t6 - t5)):
+        times[k].append(v)
+print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+"""
+
+
+def stage_breakdown(src: Path, dst: Path, external: bool, repeats: int) -> dict[str, float]:
+    """Medians of each stage inside one process (imports done): the floor's load and save, and
+    bnfold's load (checks included), fold and streamed save, alternated in each round."""
+    out = subprocess.run([sys.executable, "-c", _STAGES, str(src), str(dst), "1" if external else "0",
+                          str(repeats)], env=_env(), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def import_breakdown(command: list[str]) -> list[tuple[str, float]]:
     """Cumulative import time (s) of each top-level package the process imports (``-X importtime``)."""
     out = subprocess.run([command[0], "-X", "importtime", *command[1:]], env=_env(), capture_output=True,
@@ -104,7 +143,6 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="use this .onnx instead of exporting ResNet-50")
     args = ap.parse_args()
     import onnx
-
     from bench_onnx_fold import build_resnet50
 
     print(env_summary())
@@ -134,6 +172,15 @@ def main() -> None:
         print()
         print(markdown_table(["variant", "process", "median s", "x floor"], rows))
         if args.breakdown:
+            print("\nstages inside one process (imports done; medians, s):")
+            stage_rows = []
+            for label, src, ext in (("inline", inline, False), ("external data", external, True)):
+                st = stage_breakdown(src, folder / "out.onnx", ext, args.repeats)
+                floor_s, ours = st["onnx.load"] + st["onnx.save"], st["io.load_file"] + st["fold_model"] + st["io.save"]
+                stage_rows.append([label, *(f"{st[k]:.3f}" for k in st), f"{ours / floor_s:.2f}"])
+                _clear(folder, keep)
+            print(markdown_table(["variant", "onnx.load", "onnx.save", "io.load_file", "fold_model", "io.save",
+                                  "bnfold / floor"], stage_rows))
             cmd = _commands(inline, folder / "out.onnx", False)["bnfold"]
             print("\nimports of the fold process (cumulative s, top-level packages):")
             print(markdown_table(["package", "s"], [[k, f"{v:.3f}"] for k, v in import_breakdown(cmd)]))
