@@ -134,3 +134,42 @@ def test_files_that_are_not_onnx_read_nothing(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     assert bio.files_read_by(fifo) == [str(fifo)]  # refused from fstat, without blocking on open
     assert _datafiles.onnx_data_files(fifo) == []
+
+
+def _reads_shared(n: int) -> onnx.ModelProto:
+    """A model whose only external tensor sits in an If branch and reads ``shared.data`` bytes 0..4n."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = "k", T.FLOAT
+    t.dims.append(n)
+    t.data_location = T.EXTERNAL
+    for key, value in (("location", "shared.data"), ("offset", "0"), ("length", str(4 * n))):
+        e = t.external_data.add()
+        e.key, e.value = key, value
+    then_g = h.make_graph([h.make_node("Add", ["x", "k"], ["t"])], "then", [],
+                          [h.make_tensor_value_info("t", T.FLOAT, [n])], [t])
+    else_g = h.make_graph([h.make_node("Identity", ["x"], ["e"])], "else", [],
+                          [h.make_tensor_value_info("e", T.FLOAT, [n])])
+    g = h.make_graph([h.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [n]), h.make_tensor_value_info("cond", T.BOOL, [])],
+                     [h.make_tensor_value_info("out", T.FLOAT, [n])])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_in_place_keeps_a_data_file_that_a_sibling_reads_from_a_subgraph(tmp_path: Path) -> None:
+    from test_cli import tiny_onnx
+
+    from bnfold.jobs import fold_file
+
+    src = tmp_path / "a.onnx"
+    onnx.save_model(tiny_onnx(out_channels=16), str(src), save_as_external_data=True, location="shared.data",
+                    size_threshold=0)
+    sibling = tmp_path / "b.onnx"
+    sibling.write_bytes(_reads_shared(8).SerializeToString())
+    feeds = {"x": _RNG.standard_normal(8).astype(np.float32), "cond": np.array(True)}
+    want = run_onnx(str(sibling), feeds)[0]
+    fold_file(src, src, in_place=True, verify=False)
+    # a.onnx no longer reads shared.data, but b.onnx does (from its If branch): the file stays
+    assert str(tmp_path / "shared.data") not in bio.files_read_by(src)
+    assert (tmp_path / "shared.data").exists()
+    np.testing.assert_array_equal(run_onnx(str(sibling), feeds)[0], want)
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node) == 1  # BN2: after Relu
