@@ -11,19 +11,20 @@ Rules:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bnfold._datafiles import model_size, onnx_data_files
 from bnfold.errors import BnfoldError, with_context
 from bnfold.records import FoldReport, Skip
 
 from .settings import LoadSettings
 
-__all__ = ["ProgressFn", "Loaded", "noop", "load", "resolve_factory", "cli_advice", "advised", "reworded"]
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.io import Loaded
+
+__all__ = ["ProgressFn", "noop", "load", "resolve_factory", "cli_advice", "advised", "reworded"]
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``."""
@@ -32,18 +33,6 @@ ProgressFn = Callable[[str, int, int], None]
 def noop(stage: str, done: int, total: int) -> None:
     """The progress callback when none is given."""
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """The same fields as ``bnfold.io.Loaded`` (used until :mod:`bnfold.io` provides ``load_file``)."""
-
-    model: Any
-    format: str
-    path: str
-    example_inputs: tuple[Any, ...] | None
-    data_files: tuple[str, ...]
-    size: int | None
 
 
 def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
@@ -55,23 +44,14 @@ def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     return _resolve(spec)
 
 
-def load(src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False) -> Any:
-    """Load ``src`` once; returns a ``Loaded`` record (``bnfold.io.Loaded`` when io provides it)."""
-    from bnfold import io as bio
+def load(src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False) -> Loaded:
+    """Load ``src`` once (:func:`bnfold.io.load_file`) between two progress ticks."""
+    from bnfold.io import load_file
 
     factory = resolve_factory(settings.model_factory)
     progress("load", 0, 1)
-    load_file = getattr(bio, "load_file", None)
-    if load_file is not None:
-        loaded = load_file(src, model_factory=factory, trust_pickle=settings.trust_pickle,
-                           lazy_external_data=lazy_external_data)
-    else:  # io without load_file: the same record from load_with_format
-        model, fmt = bio.load_with_format(src, model_factory=factory, trust_pickle=settings.trust_pickle,
-                                          lazy_external_data=lazy_external_data)
-        data = tuple(str(f) for f in onnx_data_files(src)) if fmt == "onnx" else ()
-        ex = getattr(model, "example_inputs", None) if fmt == "state_dict" else None
-        loaded = Loaded(model, fmt, os.fspath(src), tuple(ex) if ex is not None else None, data,
-                        model_size(src, fmt))
+    loaded = load_file(src, model_factory=factory, trust_pickle=settings.trust_pickle,
+                       lazy_external_data=lazy_external_data)
     progress("load", 1, 1)
     return loaded
 

@@ -126,17 +126,16 @@ def staged(
 
     ``onnx_file``: an ONNX output is staged by :func:`bnfold.io.staged_save` and ``path`` is the
     temporary file, which loads as it is: verifying ``path`` verifies the bytes that ``commit()``
-    renames into place. Otherwise (a pickle or a ``.pt2``, which reloading would need trust for, or an
-    io without ``staged_save``) ``path`` is the model in memory and ``commit()`` saves it atomically.
+    renames into place. Otherwise (a pickle or a ``.pt2``: reloading one would need trust) ``path`` is
+    the model in memory and ``commit()`` saves it atomically.
     Leaving the block without ``commit()`` leaves no file behind.
     """
     from bnfold import io as bio
 
     progress("save", 0, 1)
-    staged_save = getattr(bio, "staged_save", None) if onnx_file else None
-    if staged_save is None:
-        yield _InMemory(model, lambda: bio.save(model, dst, external_data=external_data, protect=protect))
+    if not onnx_file:
+        yield _InMemory(model, lambda: bio.save(model, dst, protect=protect))
     else:
-        with staged_save(model, dst, external_data=external_data, protect=protect) as st:
+        with bio.staged_save(model, dst, external_data=external_data, protect=protect) as st:
             yield st
     progress("save", 1, 1)
