@@ -6,6 +6,7 @@ bytes unchanged, no partial output, and the folded model computing the same as t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -467,7 +468,13 @@ def test_interrupt_exits_130_without_partial_file(model_path: Path, tmp_path: Pa
             Path(tmp).write_bytes(b"partial")
             raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def interrupted_staged_save(model, path, **kw):  # the file layer stages ONNX outputs
+        interrupted_save(model, path, **kw)
+        yield
+
     monkeypatch.setattr(bio, "save", interrupted_save)
+    monkeypatch.setattr(bio, "staged_save", interrupted_staged_save)
     out = tmp_path / "out.onnx"
     r = runner.invoke(app, ["fold", str(model_path), "-o", str(out)])
     assert r.exit_code == 130
