@@ -158,7 +158,7 @@ def _reads_shared(n: int) -> onnx.ModelProto:
 def test_in_place_keeps_a_data_file_that_a_sibling_reads_from_a_subgraph(tmp_path: Path) -> None:
     from test_cli import tiny_onnx
 
-    from bnfold.jobs import fold_file
+    from bnfold.files import FoldSettings, fold_file
 
     src = tmp_path / "a.onnx"
     onnx.save_model(tiny_onnx(out_channels=16), str(src), save_as_external_data=True, location="shared.data",
@@ -167,7 +167,7 @@ def test_in_place_keeps_a_data_file_that_a_sibling_reads_from_a_subgraph(tmp_pat
     sibling.write_bytes(_reads_shared(8).SerializeToString())
     feeds = {"x": _RNG.standard_normal(8).astype(np.float32), "cond": np.array(True)}
     want = run_onnx(str(sibling), feeds)[0]
-    fold_file(src, src, in_place=True, verify=False)
+    fold_file(src, src, FoldSettings(in_place=True, verify=False))
     # a.onnx no longer reads shared.data, but b.onnx does (from its If branch): the file stays
     assert str(tmp_path / "shared.data") not in bio.files_read_by(src)
     assert (tmp_path / "shared.data").exists()
