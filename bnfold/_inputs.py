@@ -298,11 +298,12 @@ def torch_examples(
     inputs: Mapping[str, Any] | None,
     seed: int,
     path: str | os.PathLike[str],
+    default: tuple[Any, ...] | None = None,
 ) -> tuple[Any, ...]:
     """Example inputs for a PyTorch model: ``--inputs`` arrays, ``--input-shape`` or the model's own.
 
-    Seeded ``N(0, 1)`` tensors of the given shapes (in argument order); an ExportedProgram's or a
-    factory's ``example_inputs`` otherwise.
+    Seeded ``N(0, 1)`` tensors of the given shapes (in argument order); otherwise ``default`` (the
+    factory's, from :attr:`bnfold.io.Loaded.example_inputs`) or an ExportedProgram's ``example_inputs``.
 
     Raises:
         OptionError: none of them is there (names the flags that give them).
@@ -314,7 +315,7 @@ def torch_examples(
     if shapes:
         g = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(s, generator=g) for s in shapes.values())
-    ex = getattr(model, "example_inputs", None)
+    ex = default if default is not None else getattr(model, "example_inputs", None)
     if ex is not None:
         args = ex[0] if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else ex
         return tuple(args)

@@ -19,7 +19,6 @@ Rules:
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -29,9 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ._json import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
 from .records import (
     Direction,
     FoldReport,
+    FreezeReport,
     HealthReport,
     OutputCheck,
     Site,
@@ -65,9 +66,6 @@ __all__ = [
     "STAGES",
 ]
 
-SCHEMA = "bnfold.report"
-SCHEMA_VERSION = 1
-"""Bumped on any change that removes or renames a key (new keys do not bump it)."""
 
 STAGES: dict[str, str] = {
     "load": "loading",
@@ -127,33 +125,6 @@ def _arrow(a: Any, b: Any) -> str:
     return f"{a} -> {b}"
 
 
-def _mul_add(report: FoldReport) -> int:
-    """Per-channel Mul+Add pairs folded into a layer (ONNX frozen BN): folds like any BN."""
-    return len(report.extra.get("mul_add", ()) or ())
-
-
-def _counts(report: FoldReport) -> dict[str, Any]:
-    affine = sum(1 for s in report.sites if s.direction is Direction.AFFINE)
-    by_kind = Counter(s.target_kind for s in report.sites if s.direction is not Direction.AFFINE)
-    if _mul_add(report):
-        by_kind["Mul+Add"] += _mul_add(report)
-    return {
-        "bn_before": report.bn_before,
-        "bn_after": report.bn_after,
-        "folded": report.folded - affine + _mul_add(report),
-        "affine": affine,
-        "mul_add_folded": _mul_add(report),
-        "left": len(report.skips),
-        "by_target_kind": dict(sorted(by_kind.items())),
-        "by_reason": dict(sorted(Counter(s.reason.value for s in report.skips).items())),
-        "nodes_before": report.nodes_before,
-        "nodes_after": report.nodes_after,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "predicted": report.dry_run,
-    }
-
-
 def _shape(dims: Any) -> str:
     if dims is None:
         return "?"
@@ -186,21 +157,20 @@ def render_fold_report(
 
     ``verbose`` lists every BatchNorm (folded: into what; left: why) instead of only those left.
     """
-    extra = report.extra
-    c = _counts(report)
+    f = report.files
+    c = counts(report)
     width = max(20, console.width // 3)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     if title:
         console.print(_t(title, "bold"))
-    if extra.get("source"):
-        grid.add_row("model", _file_text(extra["source"], extra.get("source_format", "?"), extra.get("size_before")))
-    if extra.get("output"):
-        written = extra.get("written")
-        out = _file_text(extra["output"], extra.get("output_format", "?"), extra.get("size_after"))
-        if not written:
-            out = Text(f"{clean(extra['output'])} (not written)", style="bold red")
+    if f is not None:
+        grid.add_row("model", _file_text(f.source, f.source_format, f.size_before))
+    if f is not None and f.output:
+        out = _file_text(f.output, f.output_format or "?", f.size_after)
+        if not f.written:
+            out = Text(f"{clean(f.output)} (not written)", style="bold red")
         grid.add_row("output", out)
     verb = "would fold" if report.dry_run else "folded"
     kinds = ", ".join(f"{k} {n}" for k, n in c["by_target_kind"].items())
@@ -210,25 +180,23 @@ def render_fold_report(
     reasons = ", ".join(f"{r} {n}" for r, n in c["by_reason"].items())
     what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
     grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))
-    predicted_only_bn = "predicted_counts" in extra
-    if not report.dry_run or not predicted_only_bn:
+    if not report.dry_run or report.predicted_counts is None:
         grid.add_row("ops", Text(
             f"nodes {_arrow(report.nodes_before, report.nodes_after)}, parameters "
             f"{_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}"
         ))
-    for key, row in _signature_rows(extra.get("signature") or {}, width):
+    for key, row in _signature_rows(report.signature or {}, width):
         grid.add_row(key, row)
     v = report.verification
     if v is not None:
-        grid.add_row("verification", _verification_line(v, extra.get("verified_on")))
+        grid.add_row("verification", _verification_line(v, report.verified_on))
     elif not report.dry_run:
         grid.add_row("verification", Text("skipped (--no-verify)", style="yellow"))
     if report.flushed_denormals:  # the flush is the default: a row only when it changed something
         grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:
         grid.add_row("note", _t(note))
-    seconds = extra.get("total_seconds", report.seconds)
-    grid.add_row("time", f"{seconds:.2f} s")
+    grid.add_row("time", f"{report.total_seconds:.2f} s")
     console.print(grid)
     shown = list(report.verdicts) if verbose else list(report.skips)
     if not report.verdicts:
@@ -338,15 +306,16 @@ def render_bench_report(console: Console, report: BenchReport) -> None:
     ))
 
 
-def render_freeze_report(console: Console, result: Mapping[str, Any], *, verbose: bool = False) -> None:
+def render_freeze_report(console: Console, result: FreezeReport, *, verbose: bool = False) -> None:
     """One summary line, then the BNs left as they were (with the reason); ``verbose`` lists every frozen layer."""
-    frozen = list(result.get("frozen", []))
-    left = list(result.get("left", []))
-    learn = "learnable scale/shift" if result.get("learnable") else "fixed scale/shift buffers"
+    frozen = list(result.frozen)
+    left = [(s.bn, s.reason.value, s.detail) for s in result.left]
+    learn = "learnable scale/shift" if result.learnable else "fixed scale/shift buffers"
+    f = result.files
     console.print(Text(
         f"{len(frozen)} BatchNorm frozen ({learn}), {len(left)} left; "
-        f"{clean(result.get('source'))} ({clean(result.get('source_format'))}) -> {clean(result.get('output'))} "
-        f"({human_size(result.get('size_after'))}) in {result.get('seconds', 0.0):.2f} s"
+        f"{clean(f.source)} ({clean(f.source_format)}) -> {clean(f.output)} "
+        f"({human_size(f.size_after)}) in {result.seconds:.2f} s"
     ))
     width = max(20, console.width // 2)
     if not frozen and not left:
@@ -367,126 +336,6 @@ def render_freeze_report(console: Console, result: Mapping[str, Any], *, verbose
         for name, reason, detail in left:
             kept.add_row(_t(shorten(clean(name), width)), _t(clean(reason)), _t(clean(detail)))
         console.print(kept)
-
-
-# ------------------------------------------------------------------------------------------------ JSON
-def _head(command: str, exit_code: int) -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "command": command,
-        "ok": exit_code == 0,
-        "exit_code": exit_code,
-        "bnfold_version": __version__,
-    }
-
-
-def _file(path: Any, fmt: Any = None, size: Any = None, data_files: Any = (), **more: Any) -> dict[str, Any]:
-    return {
-        "path": None if path is None else str(path),
-        "format": fmt,
-        "size_bytes": size,
-        "data_files": [str(f) for f in data_files or ()],
-        **more,
-    }
-
-
-def _verdict_json(v: Site | Skip) -> dict[str, Any]:
-    if isinstance(v, Site):
-        return {
-            "bn": v.bn, "status": "affine" if v.direction is Direction.AFFINE else "folded",
-            "target": v.target, "target_kind": v.target_kind, "direction": v.direction.value,
-            "reason": None, "detail": v.detail,
-        }
-    return {
-        "bn": v.bn, "status": "left", "target": None, "target_kind": None, "direction": None,
-        "reason": v.reason.value, "detail": v.detail,
-    }
-
-
-def _fold_body(report: FoldReport) -> dict[str, Any]:
-    x = report.extra
-    out = None
-    if x.get("output"):
-        out = _file(x["output"], x.get("output_format"), x.get("size_after"), x.get("output_data_files"),
-                    written=bool(x.get("written")))
-    return {
-        "model": _file(x.get("source"), x.get("source_format"), x.get("size_before"), x.get("source_data_files")),
-        "output": out,
-        "backend": report.backend,
-        "dry_run": report.dry_run,
-        "summary": _counts(report),
-        "signature": x.get("signature"),
-        "verdicts": [_verdict_json(v) for v in report.verdicts],
-        "mul_add": list(x.get("mul_add", ()) or ()),
-        "verification": None if report.verification is None else {
-            **report.verification.to_dict(), "inputs": x.get("verified_on"),
-        },
-        "culprits": x.get("culprits"),
-        "flushed_denormals": report.flushed_denormals,
-        "pruned_channels": x.get("pruned_channels"),
-        "health": None if report.health is None else report.health.to_dict(),
-        "notes": list(report.notes),
-        "seconds": float(x.get("total_seconds", report.seconds)),
-    }
-
-
-_LEGACY_COUNTS = ("bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after")
-"""Top-level keys of the 0.1.0 documents, kept in schema 1 as aliases of ``summary.*`` (removed in 2)."""
-_LEGACY_VERIFY = ("passed", "samples", "max_abs_error", "max_rel_error", "outputs")
-"""Top-level keys of 0.1.0's ``verify --json``, kept in schema 1 as aliases of ``verification.*``."""
-
-
-def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any) -> dict[str, Any]:
-    """The ``--json`` document of ``command`` (schema ``bnfold/schemas/report-v1.json``).
-
-    Args:
-        command: "fold", "inspect", "verify", "freeze" or "bench".
-        result: the record the job returned (``FoldReport``, ``VerifyReport``, ``BenchReport``, freeze dict).
-        exit_code: the exit code the command ends with (``ok`` is ``exit_code == 0``).
-        files: ``verify`` only: ``reference=`` and ``candidate=`` paths.
-    """
-    doc = _head(command, exit_code)
-    if command in ("fold", "inspect"):
-        doc.update(_fold_body(result))
-        doc.update({k: doc["summary"][k] for k in _LEGACY_COUNTS})
-    elif command == "verify":
-        doc.update(
-            reference=_file(files.get("reference")), candidate=_file(files.get("candidate")),
-            verification={**result.to_dict(), "inputs": None},
-        )
-        doc.update({k: doc["verification"][k] for k in _LEGACY_VERIFY})
-    elif command == "freeze":
-        doc.update(
-            model=_file(result.get("source"), result.get("source_format"), result.get("size_before")),
-            output=_file(result.get("output"), result.get("source_format"), result.get("size_after"), written=True),
-            learnable=bool(result.get("learnable")),
-            frozen=[{"module": n, "kind": k} for n, k in result.get("frozen", [])],
-            left=[{"module": n, "reason": r, "detail": d} for n, r, d in result.get("left", [])],
-            seconds=float(result.get("seconds", 0.0)),
-        )
-    elif command == "bench":
-        doc.update(
-            model=_file(result.model, result.format),
-            runs=result.runs, warmup=result.warmup, threads=result.threads,
-            input_shapes={k: list(v) for k, v in result.input_shapes.items()},
-            timings=[t.to_dict() for t in result.timings],
-            summary=_counts(result.fold),
-            notes=list(result.notes),
-        )
-        doc.update({k: doc["summary"][k] for k in ("bn_before", "bn_after", "folded")})
-    else:  # pragma: no cover - the CLI names its commands
-        raise ValueError(f"unknown command {command!r}")
-    return doc
-
-
-def error_document(command: str, error_type: str, message: str, exit_code: int) -> dict[str, Any]:
-    """The ``--json`` document of a command that failed: the common head and an ``error`` object."""
-    doc = _head(command, exit_code)
-    doc["error"] = {"type": error_type, "message": message, "exit_code": exit_code}
-    return doc
 
 
 # -------------------------------------------------------------------------------------------- progress

@@ -1,6 +1,6 @@
 """The in-memory API: pick the backend for a model, fold, and run the post-fold steps.
 
-(File-level jobs, load -> fold -> verify -> save, are in :mod:`bnfold.jobs`.)
+(File-level jobs, load -> fold -> verify -> save, are in :mod:`bnfold.files`.)
 
 Rules:
     * functional by default: the model given is never changed unless ``inplace=True``;
@@ -104,7 +104,7 @@ def fold_with_report(
             ``report.flushed_denormals`` says how many; False keeps the exact rounded fold.
         prune_constant_channels: nn.Module only: drop the channels that are constant after the fold
             (gamma = 0) where exact, their constant moved into the next layer's bias
-            (:mod:`bnfold.constant_channels`); ``report.extra["pruned_channels"]`` lists them.
+            (:mod:`bnfold.constant_channels`); ``report.pruned_channels`` lists them.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
 

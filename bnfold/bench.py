@@ -169,7 +169,7 @@ def bench_file(
         warmup: untimed runs before timing (>= 0).
         threads: onnxruntime intra-op threads and torch threads (0: the runtime's default).
         affine: fold with ``affine=True`` (ONNX).
-        model_factory, trust_pickle: as for :func:`bnfold.jobs.fold_file`.
+        model_factory, trust_pickle: as for :class:`bnfold.files.LoadSettings`.
         input_shapes: ``["name=1x3x224x224"]`` or ``{name: shape}``; needed for a PyTorch module.
         seed: seed of the random inputs.
         progress: ``progress(stage, done, total)`` callback ("bench" stage, one step per call).

@@ -180,7 +180,7 @@ def fold_without_culprits(
 
     Returns:
         The model of the last verified subset, its report (culprit BNs as ``Skip(VERIFICATION)`` naming
-        their error, ``verification`` set, ``extra["culprits"]``) and the search. When the search is not
+        their error, ``verification`` set, ``culprits``) and the search. When the search is not
         resolved the model is None and the report is the one given.
     """
     last: dict[frozenset[str], tuple[Any, Any]] = {}
@@ -195,7 +195,7 @@ def fold_without_culprits(
     sites = [s.bn for s in report.sites]
     search = find_culprits(sites, check, failed=report.verification)
     if not search.resolved:
-        report.extra["culprits"] = search.to_dict()
+        report.culprits = search
         return None, report, search
     excluded = frozenset(sites) - frozenset(search.kept)
     if excluded not in last:
@@ -207,7 +207,7 @@ def fold_without_culprits(
     skips = culprit_skips(search)
     new.verdicts = [skips.get(v.bn, v) for v in new.verdicts]
     new.verification = search.report
-    new.extra["culprits"] = search.to_dict()
+    new.culprits = search
     names = ", ".join(c.bn for c in search.culprits)
     new.notes.append(
         f"{len(search.culprits)} fold(s) failed verification and were left in place ({names}); "

@@ -345,7 +345,7 @@ def fold_targets(model: Any, report: FoldReport) -> list[Any]:
     at that index of ``model`` must have that op type; nodes removed before it shift it, so such a
     target can be missed or another unnamed node of its type taken -- a fold with
     ``flush_denormals=True`` flushes as it writes and needs no lookup), the per-channel
-    Mul+Add folds in ``report.extra["mul_add"]``, and the ``<bn>.scale`` / ``<bn>.shift`` constants of
+    Mul+Add folds in ``report.mul_add``, and the ``<bn>.scale`` / ``<bn>.shift`` constants of
     affine replacements.
     """
     from .records import Direction
@@ -357,8 +357,8 @@ def fold_targets(model: Any, report: FoldReport) -> list[Any]:
             affine.add(v.bn)
         else:
             wanted[v.target] = v.target_kind
-    for d in report.extra.get("mul_add", ()):
-        wanted[str(d.get("target", ""))] = str(d.get("target_kind", ""))
+    for d in report.mul_add:
+        wanted[d.target] = d.target_kind
     names: set[str] = set()
     for g in _onnx_graphs(model):
         for i, n in enumerate(g.node):

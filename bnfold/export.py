@@ -25,7 +25,7 @@ Names and shapes of the exported file (the defaults a deployment engineer expect
 the folded ``ModelProto`` and the report, and leaves verification and writing to the job; it also
 exports a torch.export program (dynamo exporter), which :func:`export_onnx` does not take.
 
-The report's ``extra`` says who folded what: ``{"torch": n, "onnx": m, "exporter": k, ...}`` where
+The report's ``export`` (:class:`~bnfold.records.ExportCounts`) says who folded what (torch, onnx, exporter) where
 ``exporter`` counts BNs that were neither folded by bnfold in PyTorch nor present in the exported graph
 (the exporter removed them itself).
 """
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError, VerificationError
-from .records import FoldReport
+from .records import ExportCounts, FoldReport, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -169,49 +169,12 @@ def export_onnx(
         VerificationError: the ONNX model does not compute what ``model`` computes (nothing written).
         ModelStateError: ``model`` is in train() mode.
     """
-    import onnx
-    import torch
-
-    from .fx import fold_module
-    from .onnx import count_bn, fold_model
-
     t0 = time.perf_counter()
     args = _as_tuple(example_inputs)
-    folded, treport = fold_module(model, example_inputs=args)
-    with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
-        outputs = _flat_outputs(folded(*args))
-    in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
-    kw: dict[str, Any] = {"dynamo": dynamo, "input_names": in_names, "output_names": out_names}
-    if opset is not None:
-        kw["opset_version"] = opset
-    if dynamic_axes is not None:
-        kw["dynamic_axes"] = dict(dynamic_axes)
-    elif dynamic_batch and not dynamo:
-        kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
-    buf = io.BytesIO()
-    if dynamo:
-        prog = torch.onnx.export(folded, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
-        onnx_model = prog.model_proto  # type: ignore[union-attr]
-    else:
-        torch.onnx.export(folded, args, buf, **kw)  # type: ignore[arg-type]
-        onnx_model = onnx.load_from_string(buf.getvalue())
-    left_in_onnx = count_bn(onnx_model)
-    onnx_model, oreport = fold_model(onnx_model, inplace=True)
-    report = FoldReport(backend="export_onnx", verdicts=[*treport.verdicts, *oreport.verdicts])
-    report.bn_before = treport.bn_before
-    report.bn_after = oreport.bn_after
-    report.nodes_before, report.params_before = treport.nodes_before, treport.params_before
-    report.nodes_after, report.params_after = oreport.nodes_after, oreport.params_after
-    torch_left = len(treport.skips)
-    report.extra = {
-        "torch": treport.folded,
-        "exporter": max(torch_left - left_in_onnx, 0),
-        "onnx": oreport.folded,
-        "left": oreport.bn_after,
-        "exporter_kind": "dynamo" if dynamo else "legacy",
-    }
-    report.notes.extend(treport.notes)
-    report.notes.extend(oreport.notes)
+    onnx_model, report = _export_module(
+        model, args, opset=opset, dynamo=dynamo, input_names=input_names, output_names=output_names,
+        dynamic_axes=dynamic_axes, dynamic_batch=dynamic_batch,
+    )
     if verify:
         from .verification import verify as run_verify
 
@@ -228,6 +191,92 @@ def export_onnx(
     save(onnx_model, path)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _torch_export(model: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """``torch.onnx.export`` -> ``ModelProto`` in memory (legacy exporter into a buffer; dynamo's proto)."""
+    import onnx
+    import torch
+
+    if kw.get("dynamo"):
+        prog = torch.onnx.export(model, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
+        return prog.model_proto  # type: ignore[union-attr]
+    buf = io.BytesIO()
+    torch.onnx.export(model, args, buf, **kw)  # type: ignore[arg-type]
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _export_module(
+    model: Any,
+    args: tuple[Any, ...],
+    *,
+    opset: int | None,
+    dynamo: bool,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    dynamic_axes: Mapping[str, Any] | None,
+    dynamic_batch: bool,
+    affine: bool = False,
+) -> tuple[Any, FoldReport]:
+    """Steps 1-3 of :func:`export_onnx`: fold in PyTorch, export, fold what is left; ``(ModelProto, report)``."""
+    import torch
+
+    from .fx import fold_module
+    from .onnx import count_bn, fold_model
+
+    folded, treport = fold_module(model, example_inputs=args)
+    with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
+        outputs = _flat_outputs(folded(*args))
+    in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
+    kw: dict[str, Any] = {"dynamo": dynamo, "input_names": in_names, "output_names": out_names}
+    if opset is not None:
+        kw["opset_version"] = opset
+    if dynamic_axes is not None:
+        kw["dynamic_axes"] = dict(dynamic_axes)
+    elif dynamic_batch and not dynamo:
+        kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
+    onnx_model = _torch_export(folded, args, kw)
+    left_in_onnx = count_bn(onnx_model)
+    onnx_model, oreport = fold_model(onnx_model, affine=affine, inplace=True)
+    report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
+    report.export = ExportCounts(
+        torch=treport.folded, exporter=max(len(treport.skips) - left_in_onnx, 0), onnx=oreport.folded,
+        left=oreport.bn_after, exporter_kind="dynamo" if dynamo else "legacy",
+    )
+    return onnx_model, report
+
+
+def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, backend: str) -> FoldReport:
+    """The PyTorch fold's report continued by the ONNX fold of its export: one verdict per physical BN.
+
+    A BN the PyTorch fold left is in the exported graph (its ONNX verdict replaces the PyTorch one) or
+    was removed by the exporter itself (legacy exporter, Conv+BN in eval mode): then the PyTorch skip
+    stays, and ``extra["exporter"]`` counts it. When the exported graph has as many BNs as the PyTorch
+    fold left (``left_in_onnx``), every one of them is there: only the ONNX verdicts are kept for them.
+    Otherwise the legacy exporter's node names tell which (they carry the module path:
+    ``/layer1/layer1.0/bn1/BatchNormalization`` for ``layer1.0.bn1``).
+    """
+    if left_in_onnx == len(treport.skips):
+        kept: list[Verdict] = list(treport.sites)
+    else:
+        onnx_modules = {_module_of(v.bn) for v in oreport.verdicts}
+        kept = [v for v in treport.verdicts if v.folded or v.bn not in onnx_modules]
+    report = FoldReport(backend=backend, verdicts=[*kept, *oreport.verdicts])
+    report.bn_before = treport.bn_before
+    report.bn_after = oreport.bn_after
+    report.nodes_before, report.params_before = treport.nodes_before, treport.params_before
+    report.nodes_after, report.params_after = oreport.nodes_after, oreport.params_after
+    report.notes.extend(treport.notes)
+    report.notes.extend(oreport.notes)
+    return report
+
+
+def _module_of(node_name: str) -> str:
+    """The module path an exported BN node came from: ``/a/a.0/bn/BatchNormalization`` -> ``a.0.bn``."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) >= 2:  # legacy scope names: one part per module level, the op type last
+        return ".".join(p.rsplit(".", 1)[-1] for p in parts[:-1])
+    return node_name
 
 
 @dataclass(frozen=True)
@@ -264,13 +313,7 @@ def export_folded(
     Raises:
         OptionError: ``--static-batch`` for a program (it keeps the shapes it was exported with).
     """
-    import os
-    import tempfile
-
-    import onnx
     import torch
-
-    from .onnx import fold_model
 
     progress("export", 0, 1)
     t = time.perf_counter()
@@ -278,10 +321,11 @@ def export_folded(
         # A program is folded as a program, exported as one (dynamo exporter: its dynamic shapes and
         # signature names are the program's own), and folded again.
         from .api import fold_with_report
+        from .onnx import fold_model
 
         if not export.dynamic_batch:
             raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
-        folded_ep, report = fold_with_report(model)
+        folded_ep, treport = fold_with_report(model)
         kw: dict[str, Any] = {"dynamo": True, "verbose": False}
         if export.opset is not None:
             kw["opset_version"] = export.opset
@@ -289,29 +333,18 @@ def export_folded(
             kw["input_names"] = list(export.input_names)
         if export.output_names:
             kw["output_names"] = list(export.output_names)
-        proto = torch.onnx.export(folded_ep, **kw).model_proto  # type: ignore[union-attr]
+        from .onnx import count_bn
+
+        proto = _torch_export(folded_ep, (), kw)
+        left_in_onnx = count_bn(proto)
         proto, oreport = fold_model(proto, affine=affine, inplace=True)
-        report.verdicts = [*report.verdicts, *oreport.verdicts]
-        report.bn_after, report.nodes_after = oreport.bn_after, oreport.nodes_after
-        report.params_after = oreport.params_after
-        report.notes.extend(oreport.notes)
-        report.seconds = time.perf_counter() - t
-        progress("export", 1, 1)
-        return proto, report
-    with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        report = export_onnx(
-            model, tuple(examples or ()), path, opset=export.opset, verify=False,
+        report = _merged(treport, oreport, left_in_onnx, backend=treport.backend)
+    else:
+        proto, report = _export_module(
+            model, tuple(examples or ()), opset=export.opset, dynamo=False,
             input_names=export.input_names or None, output_names=export.output_names or None,
-            dynamic_batch=export.dynamic_batch,
+            dynamic_axes=None, dynamic_batch=export.dynamic_batch, affine=affine,
         )
-        proto = onnx.load(path)
-    if affine and report.bn_after:
-        proto, areport = fold_model(proto, affine=True, inplace=True)
-        done = {v.bn for v in areport.sites}
-        report.verdicts = [v for v in report.verdicts if v.bn not in done] + list(areport.sites)
-        report.bn_after, report.nodes_after = areport.bn_after, areport.nodes_after
-        report.params_after = areport.params_after
     report.seconds = time.perf_counter() - t
     progress("export", 1, 1)
     return proto, report

@@ -59,7 +59,7 @@ def after_fold(original: Any, out: Any, report: FoldReport, before: Any, kind: s
         from .constant_channels import prune_constant_channels
 
         pruned = prune_constant_channels(out)
-        report.extra["pruned_channels"] = [p.to_dict() for p in pruned]
+        report.pruned_channels = tuple(pruned)
         report.notes.append(f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned")
         report.params_after = sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel"))
     if steps.flush_denormals:

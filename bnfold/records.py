@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .health_records import BnHealth, HealthReport, RangeCounts, count_labels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .constant_channels import PrunedChannels
+    from .culprit import CulpritSearch
 
 __all__ = [
     "SkipReason",
@@ -24,6 +31,9 @@ __all__ = [
     "LocateReport",
     "VerifyReport",
     "FoldReport",
+    "FileInfo",
+    "ExportCounts",
+    "FreezeReport",
     "RangeCounts",
     "BnHealth",
     "HealthReport",
@@ -302,11 +312,28 @@ class FoldReport:
     verification: VerifyReport | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
     flushed_denormals: int | None = None
     """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
     health: HealthReport | None = None
     """The BN health audit (:func:`bnfold.health`), when asked for."""
+    files: FileInfo | None = None
+    """A file job's paths, formats, sizes and total time (:mod:`bnfold.files`); None in memory."""
+    signature: dict[str, Any] | None = None
+    """An ONNX result's inputs and outputs (:func:`bnfold.files.io_signature`), set by the file jobs."""
+    verified_on: dict[str, list[int]] | None = None
+    """The input shapes verification ran on, set by the file jobs."""
+    predicted_counts: tuple[str, ...] | None = None
+    """A dry run that predicts only these counts (PyTorch: ``("bn",)``); None: every count is exact."""
+    mul_add: tuple[Site, ...] = ()
+    """ONNX: per-channel Mul+Add pairs (a frozen BN) folded into the layer before them."""
+    culprits: CulpritSearch | None = None
+    """The search for the folds that failed verification (:mod:`bnfold.culprit`), when one ran."""
+    pruned_channels: tuple[PrunedChannels, ...] | None = None
+    """``prune_constant_channels``: the channels dropped per layer (or why none were)."""
+    result: str | None = None
+    """fx backend: "module" (the original class, weights edited) or "graph_module" (a traced copy)."""
+    export: ExportCounts | None = None
+    """PyTorch -> ONNX: who folded what (:mod:`bnfold.export`)."""
 
     @property
     def sites(self) -> list[Site]:
@@ -335,178 +362,85 @@ class FoldReport:
             "verdicts": [v.to_dict() for v in self.verdicts],
             "verification": None if self.verification is None else self.verification.to_dict(),
             "notes": list(self.notes),
-            **({"extra": self.extra} if self.extra else {}),
+            **({"extra": dict(self.extra)} if self.extra else {}),
             **({"flushed_denormals": self.flushed_denormals} if self.flushed_denormals is not None else {}),
             **({"health": self.health.to_dict()} if self.health is not None else {}),
+            **({"files": self.files.to_dict()} if self.files is not None else {}),
+            **({"signature": self.signature} if self.signature is not None else {}),
+            **({"verified_on": self.verified_on} if self.verified_on is not None else {}),
         }
 
-
-# ------------------------------------------------------------------------------------------- health
-@dataclass(frozen=True, slots=True)
-class RangeCounts:
-    """How many nonzero finite values leave the normal range of float16 and bfloat16 when cast there.
-
-    ``*_overflow``: the value rounds to infinity; ``*_subnormal``: it rounds to a subnormal or to zero
-    (magnitude below the type's smallest normal number: precision is lost, and CPUs slow down).
-    """
-
-    fp16_overflow: int = 0
-    fp16_subnormal: int = 0
-    bf16_overflow: int = 0
-    bf16_subnormal: int = 0
-
-    def __add__(self, other: RangeCounts) -> RangeCounts:
-        return RangeCounts(
-            self.fp16_overflow + other.fp16_overflow,
-            self.fp16_subnormal + other.fp16_subnormal,
-            self.bf16_overflow + other.bf16_overflow,
-            self.bf16_subnormal + other.bf16_subnormal,
-        )
+    @property
+    def extra(self) -> MappingProxyType[str, Any]:
+        """The typed fields above as the ``extra`` dictionary of earlier versions (read-only view)."""
+        x: dict[str, Any] = {}
+        if self.mul_add:
+            x["mul_add"] = [s.to_dict() for s in self.mul_add]
+        if self.culprits is not None:
+            x["culprits"] = self.culprits.to_dict()
+        if self.pruned_channels is not None:
+            x["pruned_channels"] = [p.to_dict() for p in self.pruned_channels]
+        if self.result is not None:
+            x["result"] = self.result
+        if self.export is not None:
+            x.update(self.export.to_dict())
+        return MappingProxyType(x)
 
     @property
-    def any(self) -> bool:
-        return bool(self.fp16_overflow or self.fp16_subnormal or self.bf16_overflow or self.bf16_subnormal)
+    def total_seconds(self) -> float:
+        """The whole file job's time when there was one, else the fold's."""
+        if self.files is not None and self.files.total_seconds is not None:
+            return self.files.total_seconds
+        return self.seconds
 
-    def to_dict(self) -> dict[str, int]:
+
+@dataclass(frozen=True, slots=True)
+class ExportCounts:
+    """A PyTorch -> ONNX fold: BNs folded in PyTorch, removed by the exporter itself, folded in ONNX, left."""
+
+    torch: int
+    exporter: int
+    onnx: int
+    left: int
+    exporter_kind: str
+    """"legacy" or "dynamo"."""
+
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def count_labels(*counts: tuple[int, str]) -> list[str]:
-    """``"N what"`` for each ``(N, what)`` with N non-zero, in order: the parts of a health line."""
-    return [f"{n} {what}" for n, what in counts if n]
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """The files a job read and wrote: paths, formats, sizes on disk (external data included)."""
+
+    source: str
+    source_format: str
+    size_before: int | None = None
+    source_data_files: tuple[str, ...] = ()
+    output: str | None = None
+    output_format: str | None = None
+    size_after: int | None = None
+    output_data_files: tuple[str, ...] = ()
+    written: bool = False
+    total_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
-class BnHealth:
-    """The health of one BatchNorm: its statistics, and what folding it writes into its target.
+class FreezeReport:
+    """What ``bnfold freeze`` did to a file: the layers frozen (name, class) and the BNs left, with why."""
 
-    Attributes:
-        bn: the BN's name, as in the fold report's verdicts.
-        status: "folded", "affine" or "left" (the fold's verdict).
-        target: the layer it folds into ("" when left or affine).
-        channels: number of channels (0 when the parameters are not constant).
-        eps: the BN's epsilon.
-        constant_channels: channels with gamma exactly 0: their output is the constant beta.
-        near_zero_gamma: channels with 0 < |gamma| below float32's smallest normal number or below
-            ``1e-6 * max |gamma|``: their output is nearly constant.
-        small_var: channels with var <= eps: eps dominates the denominator, scale ~ gamma / sqrt(eps).
-        max_abs_scale: max |gamma / sqrt(var + eps)|.
-        scale_range: the per-channel scales cast to float16 / bfloat16.
-        folded_values: values the fold writes into the target (its changed weight and bias tensors).
-        subnormal: of those, values that are subnormal in their own dtype (float32 for a float32 model).
-        folded_range: the folded values cast to float16 / bfloat16.
-        note: why some figures are missing (e.g. parameters computed at run time).
-    """
-
-    bn: str
-    status: str
-    target: str = ""
-    channels: int = 0
-    eps: float = 0.0
-    constant_channels: tuple[int, ...] = ()
-    near_zero_gamma: tuple[int, ...] = ()
-    small_var: tuple[int, ...] = ()
-    max_abs_scale: float = 0.0
-    scale_range: RangeCounts = field(default_factory=RangeCounts)
-    folded_values: int = 0
-    subnormal: int = 0
-    folded_range: RangeCounts = field(default_factory=RangeCounts)
-    note: str = ""
-
-    @property
-    def issues(self) -> tuple[str, ...]:
-        """Short labels of what is wrong (empty for a healthy BN)."""
-        out = count_labels(
-            (len(self.constant_channels), "constant channel(s)"),
-            (len(self.near_zero_gamma), "near-zero gamma"),
-            (len(self.small_var), "var <= eps"),
-            (self.subnormal, "subnormal folded value(s)"),
-        )
-        r = self.scale_range + self.folded_range
-        if r.fp16_overflow or r.bf16_overflow:
-            out.append("overflows in " + "/".join(
-                n for n, c in (("float16", r.fp16_overflow), ("bfloat16", r.bf16_overflow)) if c
-            ))
-        if r.fp16_subnormal or r.bf16_subnormal:
-            out.append("underflows in " + "/".join(
-                n for n, c in (("float16", r.fp16_subnormal), ("bfloat16", r.bf16_subnormal)) if c
-            ))
-        return tuple(out)
+    files: FileInfo
+    learnable: bool
+    frozen: tuple[tuple[str, str], ...]
+    left: tuple[Skip, ...]
+    seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "bn": self.bn,
-            "status": self.status,
-            "target": self.target,
-            "channels": self.channels,
-            "eps": self.eps,
-            "constant_channels": list(self.constant_channels),
-            "near_zero_gamma": list(self.near_zero_gamma),
-            "small_var": list(self.small_var),
-            "max_abs_scale": self.max_abs_scale,
-            "scale_range": self.scale_range.to_dict(),
-            "folded_values": self.folded_values,
-            "subnormal": self.subnormal,
-            "folded_range": self.folded_range.to_dict(),
-            "issues": list(self.issues),
-            "note": self.note,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class HealthReport:
-    """The BN health audit of a model (see :func:`bnfold.health`).
-
-    ``changed_values``, ``subnormal`` and ``folded_range`` count every tensor the fold writes (each
-    once, even when two BNs fold into one layer); the per-BN records attribute them to their BN.
-    """
-
-    backend: str
-    bns: tuple[BnHealth, ...]
-    changed_values: int = 0
-    subnormal: int = 0
-    folded_range: RangeCounts = field(default_factory=RangeCounts)
-
-    @property
-    def constant_channels(self) -> int:
-        return sum(len(b.constant_channels) for b in self.bns)
-
-    @property
-    def near_zero_gamma(self) -> int:
-        return sum(len(b.near_zero_gamma) for b in self.bns)
-
-    @property
-    def small_var(self) -> int:
-        return sum(len(b.small_var) for b in self.bns)
-
-    @property
-    def scale_range(self) -> RangeCounts:
-        total = RangeCounts()
-        for b in self.bns:
-            total = total + b.scale_range
-        return total
-
-    @property
-    def flagged(self) -> tuple[BnHealth, ...]:
-        """The BNs with at least one issue."""
-        return tuple(b for b in self.bns if b.issues)
-
-    @property
-    def healthy(self) -> bool:
-        return not self.flagged and not self.subnormal and not self.folded_range.any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "healthy": self.healthy,
-            "bn_count": len(self.bns),
-            "flagged": len(self.flagged),
-            "constant_channels": self.constant_channels,
-            "near_zero_gamma": self.near_zero_gamma,
-            "small_var": self.small_var,
-            "changed_values": self.changed_values,
-            "subnormal": self.subnormal,
-            "scale_range": self.scale_range.to_dict(),
-            "folded_range": self.folded_range.to_dict(),
-            "bns": [b.to_dict() for b in self.bns],
+            "files": self.files.to_dict(), "learnable": self.learnable,
+            "frozen": [list(f) for f in self.frozen], "left": [s.to_dict() for s in self.left],
+            "seconds": self.seconds,
         }

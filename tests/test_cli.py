@@ -6,6 +6,7 @@ bytes unchanged, no partial output, and the folded model computing the same as t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -467,7 +468,13 @@ def test_interrupt_exits_130_without_partial_file(model_path: Path, tmp_path: Pa
             Path(tmp).write_bytes(b"partial")
             raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def interrupted_staged_save(model, path, **kw):  # the file layer stages ONNX outputs
+        interrupted_save(model, path, **kw)
+        yield
+
     monkeypatch.setattr(bio, "save", interrupted_save)
+    monkeypatch.setattr(bio, "staged_save", interrupted_staged_save)
     out = tmp_path / "out.onnx"
     r = runner.invoke(app, ["fold", str(model_path), "-o", str(out)])
     assert r.exit_code == 130
@@ -499,14 +506,15 @@ def test_bench_pytorch_state_dict(lenet_state_dict: Path, monkeypatch) -> None:
 
 # ------------------------------------------------------------------------------ jobs (the core)
 def test_fold_file_returns_data_and_reports_progress(model_path: Path, tmp_path: Path) -> None:
-    from bnfold.jobs import fold_file
+    from bnfold.files import FoldSettings, VerifySettings, fold_file
 
     stages: list[tuple[str, int, int]] = []
-    report = fold_file(model_path, tmp_path / "o.onnx", samples=2, progress=lambda *a: stages.append(a))
+    report = fold_file(model_path, tmp_path / "o.onnx", FoldSettings(verification=VerifySettings(samples=2)),
+                       progress=lambda *a: stages.append(a))
     assert report.folded == 1 and report.bn_after == 1
     assert report.verification is not None and report.verification.passed
     assert report.verification.samples == 2
-    assert report.extra["written"] and report.extra["size_after"] > 0
+    assert report.files is not None and report.files.written and (report.files.size_after or 0) > 0
     assert {s for s, _, _ in stages} >= {"load", "fold", "verify", "save"}
     assert all(0 <= d <= t for _, d, t in stages)
 

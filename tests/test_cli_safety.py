@@ -115,7 +115,7 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: signal.Signals) ->
 
 
 def test_output_suffix_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bnfold.io as bio
+    import bnfold.io.loader as bio  # the module that calls _load_as
 
     loaded: list[str] = []
     real = bio._load_as

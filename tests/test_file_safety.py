@@ -28,7 +28,7 @@ from onnx import numpy_helper as nh
 import bnfold
 from bnfold import io as bio
 from bnfold.errors import InputError, ModelFormatError, OutputError
-from bnfold.jobs import fold_file
+from bnfold.files import FoldSettings, fold_file
 from models.testing import run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_output_is_the_inputs_external_data_is_refused(tmp_path: Path) -> None:
     before, ref = _digest(tmp_path), _run(src)
     dst = tmp_path / "weights.onnx"
     with pytest.raises(OutputError) as ei:
-        fold_file(src, dst, verify=False)
+        fold_file(src, dst, FoldSettings(verify=False))
     assert "the input model reads" in str(ei.value) and "\n" not in str(ei.value)
     r = _cli("fold", "model.onnx", "-o", "weights.onnx", "--no-verify", cwd=tmp_path)
     assert r.returncode == 2
@@ -109,7 +109,7 @@ def test_output_data_name_is_the_inputs_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="external data"):
         bio.check_output_path(src, tmp_path / "b.onnx")
     with pytest.raises(OutputError, match="the input model reads"):
-        fold_file(src, tmp_path / "b.onnx", verify=False)
+        fold_file(src, tmp_path / "b.onnx", FoldSettings(verify=False))
     r = _cli("fold", "a.onnx", "-o", "b.onnx", cwd=tmp_path)
     assert r.returncode == 2
     _one_line(r.stderr, "b.onnx.data", "the input model reads")
@@ -129,7 +129,7 @@ def test_output_is_a_hard_link_or_symlink_to_an_input_file(tmp_path: Path) -> No
     before = _digest(tmp_path)
     for name in ("hard.onnx", "soft.onnx"):
         with pytest.raises(OutputError, match="the input model reads"):
-            fold_file(src, tmp_path / name, verify=False)
+            fold_file(src, tmp_path / name, FoldSettings(verify=False))
     assert _digest(tmp_path) == before
 
 
@@ -139,8 +139,8 @@ def test_files_read_by_and_size_count_external_data(tmp_path: Path) -> None:
     assert bio.files_read_by(src) == [str(src), str(tmp_path / "w.bin")]
     total = os.path.getsize(src) + os.path.getsize(tmp_path / "w.bin")
     assert bio.file_size_with_data(src) == total
-    report = fold_file(src, tmp_path / "out.onnx", verify=False)
-    assert report.extra["size_before"] == total
+    report = fold_file(src, tmp_path / "out.onnx", FoldSettings(verify=False))
+    assert report.files is not None and report.files.size_before == total
     assert bio.file_size_with_data(tmp_path / "nope.onnx") is None
 
 
@@ -177,7 +177,7 @@ def test_in_place_with_external_data(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     _save_external(_conv_bn(), src, "m.onnx.data")
     ref = _run(src)
-    fold_file(src, src, in_place=True, verify=False)
+    fold_file(src, src, FoldSettings(in_place=True, verify=False))
     assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node) == 0
     np.testing.assert_allclose(_run(src), ref, rtol=1e-5, atol=1e-5)
 

@@ -354,12 +354,12 @@ def test_exported_program_flush_keeps_original() -> None:
 
 
 def test_torch_source_to_onnx_flushes_the_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from bnfold.jobs import fold_file
+    from bnfold.files import FoldSettings, InputSettings, LoadSettings, fold_file
 
     m = _sick_module()
     src, dst = tmp_path / "m.pt", tmp_path / "m.onnx"
     torch.save(m, src)
-    rep = fold_file(src, dst, trust_pickle=True, input_shapes=["x=2x3x6x6"])
+    rep = fold_file(src, dst, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x6x6"])))
     assert rep.verification is not None and rep.verification.passed
     assert rep.flushed_denormals and rep.flushed_denormals > 0
     folded = onnx.load(str(dst))

@@ -20,7 +20,7 @@ from onnx import numpy_helper as nh
 
 from bnfold import io as bio
 from bnfold.errors import ModelFormatError
-from bnfold.jobs import fold_file
+from bnfold.files import FoldSettings, fold_file
 from models.testing import run_onnx
 
 # float32 conv + BN folded: a few ulps of the output scale (the fold itself is float64)
@@ -78,7 +78,7 @@ def test_lazy_load_reads_no_weight_and_folds_exactly(src: Path, tmp_path: Path) 
     assert all(t.data_location == T.EXTERNAL and not t.raw_data for t in model.graph.initializer)
     before, ref = _digest(src.parent), _run(src)
     out = tmp_path / "out.onnx"
-    report = fold_file(src, out, verify=False)
+    report = fold_file(src, out, FoldSettings(verify=False))
     assert report.folded == 1 and _bn_count(out) == 0
     np.testing.assert_allclose(_run(out), ref, rtol=0, atol=ATOL * float(np.abs(ref).max()))
     assert _digest(src.parent) == before
@@ -106,7 +106,7 @@ def test_untouched_lazy_weights_are_copied_by_save(src: Path, tmp_path: Path, ex
 
 def test_in_place_fold_of_a_lazy_model(src: Path) -> None:
     ref = _run(src)
-    fold_file(src, src, in_place=True, verify=False)
+    fold_file(src, src, FoldSettings(in_place=True, verify=False))
     assert _bn_count(src) == 0
     np.testing.assert_allclose(_run(src), ref, rtol=0, atol=ATOL * float(np.abs(ref).max()))
     # the old data file is no longer read, and no other model in the folder reads it: not left orphaned
@@ -195,7 +195,7 @@ def test_model_over_2gib_with_one_tensor_over_2gib_folds_and_saves(tmp_path: Pat
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "folded.onnx"
-    report = fold_file(src, out, verify=False)
+    report = fold_file(src, out, FoldSettings(verify=False))
     assert report.folded == 1
     saved = onnx.load(str(out), load_external_data=False)
     assert [n.op_type for n in saved.graph.node] == ["Conv"]

@@ -21,8 +21,15 @@ from typer.testing import CliRunner
 from bnfold.cli import app
 from bnfold.compare import Comparator, compare_output
 from bnfold.culprit import find_culprits
+from bnfold.files import (
+    FoldSettings,
+    FoldVerificationError,
+    InputSettings,
+    LoadSettings,
+    VerifySettings,
+    fold_file,
+)
 from bnfold.fx.module import fold_module
-from bnfold.jobs import FoldVerificationError, fold_file
 from bnfold.onnx import fold_model
 from bnfold.records import OutputCheck, Skip, SkipReason, VerifyReport
 
@@ -158,14 +165,14 @@ def test_all_or_nothing_keeps_todays_refusal(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert not out.exists()
     with pytest.raises(FoldVerificationError) as ei:
-        fold_file(src, out, rtol={"y1": 0.0}, all_or_nothing=True)
+        fold_file(src, out, FoldSettings(all_or_nothing=True, verification=VerifySettings(rtol={"y1": 0.0})))
     assert ei.value.fold_report.bn_after == 0 and not out.exists()
 
 
 def test_every_fold_failing_leaves_every_bn(tmp_path: Path) -> None:
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_branches(), str(src))
-    rep = fold_file(src, out, rtol={"*": 0.0})
+    rep = fold_file(src, out, FoldSettings(verification=VerifySettings(rtol={"*": 0.0})))
     assert rep.bn_after == 3 and rep.verification is not None and rep.verification.passed
     assert {v.bn for v in rep.skips if v.reason is SkipReason.VERIFICATION} == {"bn0", "bn1", "bn2"}
     assert out.exists()
@@ -173,11 +180,11 @@ def test_every_fold_failing_leaves_every_bn(tmp_path: Path) -> None:
 
 def test_failure_no_fold_explains_still_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When even the model with no fold fails (a runtime disagreement), nothing is written, as before."""
-    from bnfold import jobs
+    from bnfold.files import fold as fold_job
 
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_branches(), str(src))
-    monkeypatch.setattr(jobs, "_verify", lambda *a, **k: _report(False, 1.0))
+    monkeypatch.setattr(fold_job, "run_verify", lambda *a, **k: _report(False, 1.0))
     with pytest.raises(FoldVerificationError):
         fold_file(src, out)
     assert not out.exists()
@@ -258,7 +265,7 @@ def _chain_with_offset(offset: float = 1e4, seed: int = 0) -> onnx.ModelProto:
 def test_a_fold_that_fails_with_default_tolerances_is_found(tmp_path: Path) -> None:
     src, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
     onnx.save(_chain_with_offset(), str(src))
-    rep = fold_file(src, out, samples=2)
+    rep = fold_file(src, out, FoldSettings(verification=VerifySettings(samples=2)))
     verdicts = {v.bn: v for v in rep.verdicts}
     assert isinstance(verdicts["bn1"], Skip) and verdicts["bn1"].reason is SkipReason.VERIFICATION
     assert verdicts["bn0"].folded and verdicts["bn2"].folded
@@ -268,13 +275,14 @@ def test_a_fold_that_fails_with_default_tolerances_is_found(tmp_path: Path) -> N
     assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))  # what is written matches the original
     # without the bisection the whole model is refused
     with pytest.raises(FoldVerificationError):
-        fold_file(src, tmp_path / "all.onnx", samples=2, all_or_nothing=True)
+        fold_file(src, tmp_path / "all.onnx", FoldSettings(all_or_nothing=True, verification=VerifySettings(samples=2)))
 
 
 def test_pytorch_file_fold_leaves_the_culprit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The PyTorch file path bisects too: a verification that fails exactly when b1 is folded (the
     real comparison is tested above; here the wiring: which model is written, which verdict says why)."""
-    from bnfold import jobs
+    from bnfold.files import fold as fold_job
+    from bnfold.files import fold_torch as fold_torch_job
     from models.stats import randomize_bn
 
     torch.manual_seed(0)
@@ -287,8 +295,9 @@ def test_pytorch_file_fold_leaves_the_culprit(tmp_path: Path, monkeypatch: pytes
         seen.append(isinstance(candidate.b1, nn.BatchNorm2d))
         return _report(passed=seen[-1])
 
-    monkeypatch.setattr(jobs, "_verify", fake_verify)
-    rep = fold_file(src, out, trust_pickle=True, input_shapes=["x=2x3x8x8"])
+    monkeypatch.setattr(fold_job, "run_verify", fake_verify)
+    monkeypatch.setattr(fold_torch_job, "run_verify", fake_verify)
+    rep = fold_file(src, out, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x8x8"])))
     verdicts = {v.bn: v for v in rep.verdicts}
     assert isinstance(verdicts["b1"], Skip) and verdicts["b1"].reason is SkipReason.VERIFICATION
     assert verdicts["b0"].folded and rep.bn_after == 1

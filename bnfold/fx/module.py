@@ -191,7 +191,7 @@ def fold_module(
             ``SkipReason.VERIFICATION`` (used by culprit bisection).
 
     Returns:
-        ``(model, report)``; ``report.extra["result"]`` says "module" or "graph_module".
+        ``(model, report)``; ``report.result`` says "module" or "graph_module".
 
     Raises:
         ModelStateError: the model is in ``train()`` mode and ``eval_semantics`` is False.
@@ -308,7 +308,7 @@ def _apply(
     """Apply ``plan`` (made on ``traced``, the copy the graph came from) to ``work``: a fresh copy, or
     the caller's model for ``inplace`` (module mode only); the plan refers to modules by name."""
     report = FoldReport(backend="fx", verdicts=plan.report())
-    report.extra["result"] = "graph_module" if a.use_graph else "module"
+    report.result = "graph_module" if a.use_graph else "module"
     if dry_run:
         return report, work
     if a.use_graph:
@@ -471,6 +471,6 @@ def _fold_fallback(
                 Skip(n, SkipReason.NOT_TRACEABLE, f"not inside a part of the model that traces ({err})")
             )
     report = FoldReport(backend="module", verdicts=verdicts)
-    report.extra["result"] = "module"
+    report.result = "module"
     report.notes.append(f"the model does not trace with torch.fx ({err}); folded inside the parts that do")
     return report, result

@@ -23,7 +23,7 @@ given, so a verdict names the node at that index of the input however many nodes
 before it. With ``flush_denormals``, each tensor is flushed as it is written (no second pass).
 
 The verdict list holds one entry per BatchNormalization node (subgraph BNs are named
-``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.extra["mul_add"]``.
+``<node>/<attribute>/<bn>``); per-channel Mul+Add folds are listed in ``report.mul_add``.
 This module never imports torch.
 """
 
@@ -354,7 +354,7 @@ def fold_model(
         bn_after=bn_after, nodes_after=nodes_after, params_after=params_after,
     )
     if ctx.mul_add:
-        report.extra["mul_add"] = [s.to_dict() for s in ctx.mul_add]
+        report.mul_add = tuple(ctx.mul_add)
         report.notes.append(
             f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them"
         )

@@ -1,0 +1,261 @@
+"""How a CLI command runs: signals, one-line usage errors, errors -> exit codes, progress, JSON output.
+
+The one place where errors become exit codes (see :mod:`bnfold.cli` for the rules): a
+:class:`~bnfold.errors.BnfoldError` prints ``bnfold: error: <message>`` (one line) on stderr and exits
+with its ``exit_code``; any other exception prints one line too and exits 2; ``--debug`` shows the
+traceback; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129. Only the CLI imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from typer import core as _typer_core
+from typer.core import TyperGroup
+
+from ._render import clean, error_document, json_document, make_console
+from .errors import BnfoldError, OptionError, with_context
+
+__all__ = ["Group", "STATE", "COMMANDS", "guarded", "fail", "progress_bar", "json_guard", "show", "emit_json",
+           "check_common", "tolerances", "split_names", "one_output"]
+
+# typer vendors its own copy of click: its exceptions are the ones raised (not the `click` package's).
+click: Any = getattr(_typer_core, "_click")  # noqa: B009
+
+COMMANDS = ("fold", "inspect", "verify", "freeze", "bench")
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP: unwinds like Ctrl-C (temporary files are removed on the way out)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
+@contextmanager
+def _signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`_Terminated` while a command runs (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, _on_signal) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class Group(TyperGroup):
+    """typer's group with one-line usage errors (and a JSON error document under ``--json``)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            with _signals():
+                rv = super().main(args=argv, prog_name=prog_name or "bnfold", complete_var=complete_var,
+                                  standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(2)
+        except click.ClickException as e:
+            command = next((a for a in argv if a in COMMANDS), "bnfold")
+            hint = f" (see bnfold {command if command != 'bnfold' else ''} --help)".replace("  ", " ")
+            _usage_fail(command, clean(e.format_message()) + hint, e.exit_code, json_mode="--json" in argv)
+        except click.exceptions.Abort:
+            sys.stderr.write("bnfold: interrupted\n")
+            sys.exit(130)
+        except KeyboardInterrupt as e:  # raised outside a command (while parsing)
+            code = 128 + e.signum if isinstance(e, _Terminated) else 130
+            sys.stderr.write("bnfold: interrupted\n")
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+STATE: dict[str, Any] = {"debug": False, "json": False, "command": "bnfold"}
+
+
+# ------------------------------------------------------------------------------------- error handling
+def _debug() -> bool:
+    return bool(STATE["debug"]) or os.environ.get("BNFOLD_DEBUG", "") not in ("", "0")
+
+
+def _usage_fail(command: str, message: str, code: int, *, json_mode: bool) -> NoReturn:
+    line = clean(" ".join(str(message).split()))
+    if json_mode:
+        emit_json(error_document(command, "UsageError", line, code))
+    sys.stderr.write(f"bnfold: error: {line}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def fail(message: str, code: int, error_type: str = "Error") -> NoReturn:
+    line = clean(" ".join(str(message).split()))  # one line; what is left of control characters escaped
+    if STATE["json"] and not STATE.get("emitted"):
+        emit_json(error_document(STATE["command"], error_type, line, code))
+    sys.stderr.write(f"bnfold: error: {line}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+@contextmanager
+def json_guard(json_mode: bool) -> Iterator[None]:
+    """With ``--json``, whatever a library prints on stdout during the job goes to stderr instead."""
+    if not json_mode:
+        yield
+        return
+    with redirect_stdout(sys.stderr):
+        yield
+
+
+def _quiet_libraries() -> None:
+    """Keep library log chatter off the terminal unless ``--debug``: bnfold's one line comes alone.
+
+    torch sets its loggers' levels when it is imported, so this runs again from the progress callback
+    once torch is loaded; onnxruntime's logger is set to FATAL once onnxruntime is imported (its
+    coloured error lines would otherwise print before bnfold's own line).
+    """
+    if _debug():
+        return
+    for name in ("torch", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ort = sys.modules.get("onnxruntime")
+    if ort is not None and hasattr(ort, "set_default_logger_severity"):
+        ort.set_default_logger_severity(4)
+
+
+@contextmanager
+def progress_bar(quiet: bool, stages: tuple[str, ...]) -> Iterator[Callable[[str, int, int], None]]:
+    """The progress callback for a job: a stage line on stderr (terminals only), library logs quiet."""
+    from ._render import progress_callback
+
+    with progress_callback(make_console(stderr=True), enabled=not quiet, stages=stages) as bar:
+        seen: set[str] = set()
+
+        def update(stage: str, done: int, total: int) -> None:
+            for mod in ("torch", "onnxruntime"):
+                if mod not in seen and mod in sys.modules:
+                    seen.add(mod)
+                    _quiet_libraries()
+            if stage in ("verify", "bench"):
+                _ort_quiet()
+            bar(stage, done, total)
+
+        yield update
+
+
+def _ort_quiet() -> None:
+    if not _debug():
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)
+
+
+@contextmanager
+def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: bool = False) -> Iterator[None]:
+    """Map every exception to one stderr line and an exit code (see the module docstring)."""
+    STATE.update(command=command, json=json_out, emitted=False, debug=STATE["debug"] or debug)
+    _quiet_libraries()
+    # Libraries log through `logging` (torch.export prints a whole traceback as warnings when an archive
+    # does not load): bnfold's own line says what failed, so their records are off unless --debug.
+    # Off for the command only: logging.disable is process-wide and CliRunner runs in-process.
+    previous = logging.root.manager.disable
+    if not _debug():
+        logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            if not _debug():
+                warnings.simplefilter("ignore")
+            yield
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except KeyboardInterrupt as e:
+        code = 128 + e.signum if isinstance(e, _Terminated) else 130
+        what = signal.Signals(e.signum).name if isinstance(e, _Terminated) else "Ctrl-C"
+        sys.stderr.write(f"bnfold: interrupted ({what}); no partial or temporary file is left\n")
+        raise typer.Exit(code) from None
+    except BnfoldError as e:
+        if _debug():
+            traceback.print_exc(file=sys.stderr)
+        # Every error line names the file (errors.with_context: the one way context is added).
+        fail(str(with_context(e, *(str(p) for p in paths))), e.exit_code, type(e).__name__)
+    except Exception as e:  # last resort: a bad file must never show a traceback
+        if _debug():
+            traceback.print_exc(file=sys.stderr)
+        where = ", ".join(str(p) for p in paths)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        fail(
+            f"{where}: {type(e).__name__}{': ' + msg if msg else ''} (run with --debug for the traceback)",
+            2, type(e).__name__,
+        )
+    finally:
+        logging.disable(previous)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def show(command: str, result: Any, json_out: bool, quiet: bool, render: Callable[[Any], None],
+          *, exit_code: int = 0, **files: Any) -> None:
+    """The one way a command reports: one JSON document on stdout, or the rendering, or nothing."""
+    if json_out:
+        emit_json(json_document(command, result, exit_code=exit_code, **files))
+        STATE["emitted"] = True
+    elif not quiet:
+        render(make_console())
+
+
+def check_common(quiet: bool, json_out: bool) -> None:
+    if quiet and json_out:
+        raise OptionError("-q/--quiet and --json: choose one (--json already prints the JSON document alone)")
+
+
+def tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
+    """``--atol 1e-4 --atol out=1e-3`` -> the comparator's tolerance mappings (checked once, by flag)."""
+    from .compare import parse_tolerances
+
+    return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)
+
+
+def split_names(values: list[str] | None) -> tuple[str, ...]:
+    """``--input-names a,b --input-names c`` -> ``("a", "b", "c")``."""
+    return tuple(n.strip() for v in values or () for n in v.split(",") if n.strip())
+
+
+def one_output(positional: Path | None, option: Path | None) -> Path:
+    if positional is not None and option is not None and positional != option:
+        raise OptionError(f"OUT given twice ({positional} and -o {option}): give one")
+    out = positional or option
+    if out is None:
+        raise OptionError("missing OUT: give it as the second argument or with -o/--output")
+    return out
+
+

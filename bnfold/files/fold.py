@@ -1,0 +1,241 @@
+"""``bnfold fold`` on files: load once -> fold -> stage OUT -> verify what ships -> commit.
+
+Rules:
+    * every option and the output path are checked before anything is loaded (:mod:`.settings`,
+      :mod:`.output`);
+    * MODEL is loaded once (:func:`.load.load`); an ONNX source with an ONNX output never imports torch;
+    * an ONNX output is staged (:func:`bnfold.io.staged_save`: written to its temporary path, loadable
+      as it is), *that file* is verified, and only then renamed into place: one serialisation, and what
+      was verified is exactly what ships. With ``force`` a failed one is committed too (exit 1 still);
+    * when verification fails (without ``all_or_nothing``) the folds that make it fail are found in
+      memory and left in place (:mod:`bnfold.culprit`); the model that ships is staged and verified again;
+    * a PyTorch output (``.pt``/``.pt2``) is verified in memory: reloading a pickle would need trust;
+    * the reference for an ONNX source is the source *file* on disk: the loaded model is folded with
+      ``inplace=True`` (one copy of the weights in memory) and onnxruntime reads the untouched file
+      (external data resolved next to it); with ``in_place`` the source is only replaced at commit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bnfold.errors import BnfoldError, FoldVerificationError
+from bnfold.postfold import PostFold
+from bnfold.records import FileInfo, FoldReport, VerifyReport
+
+from .load import ProgressFn, advised, load, noop, reworded
+from .output import check_output, check_pairing, drop_orphaned_data, same_file, staged
+from .settings import FoldSettings, check_fold, refuse
+from .verify import Prepared, check_onnx_shapes, io_signature, prepare, run_verify, verified_on
+
+__all__ = ["fold_file"]
+
+_NOT_ONNX = "applies only to PyTorch models (MODEL is an ONNX model)"
+
+
+def fold_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    settings: FoldSettings | None = None,
+    progress: ProgressFn | None = None,
+) -> FoldReport:
+    """Fold every exactly-foldable BatchNorm of the model in ``src``, verify, and write ``dst``.
+
+    ``dst``'s extension picks the output format: ``.onnx``; ``.pt2`` (torch.export); ``.pt``/``.pth``/
+    ``.ckpt``/``.bin`` (a pickled module, since a folded model no longer has the factory's layout).
+    A PyTorch source written to ``.onnx`` is folded, exported (dynamic batch, names from the forward
+    signature: see :mod:`bnfold.export`), folded again where the exporter left BN, and verified against
+    the PyTorch original.
+
+    Args:
+        src: the model file (never modified, unless ``settings.in_place`` and ``dst`` is ``src``).
+        dst: the output file, written atomically.
+        settings: the options (:class:`~bnfold.files.settings.FoldSettings`; defaults when None).
+        progress: ``progress(stage, done, total)`` callback.
+
+    Returns:
+        The :class:`FoldReport`; ``report.files`` holds paths, formats, file sizes (external data
+        included); ``report.verification`` the :class:`VerifyReport` (None with ``verify=False``).
+
+    Raises:
+        OutputError, OptionError, ModelFormatError, ...: exit code 2, nothing written.
+        FoldVerificationError: verification failed; nothing written unless ``force`` (then
+            ``fold_report.files.written`` is True).
+    """
+    t0 = time.perf_counter()
+    s = settings or FoldSettings()
+    prog = progress or noop
+    src_p, dst_p = Path(src), Path(dst)
+    out_fmt = check_fold(s, dst_p)
+    prep = prepare(s.inputs, s.verification, src_p)
+    check_output(src_p, dst_p, in_place=s.in_place)
+    check_pairing(src_p, out_fmt, dst_p)
+    # Without verification the folded model goes only to the writer: ONNX weights stay in their files
+    # until the fold reads them (see bnfold.io.load_file).
+    loaded = load(src_p, s.load, prog, lazy_external_data=not s.verify)
+    from bnfold import io as bio
+
+    # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
+    protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
+    bio.check_output_path(src_p, dst_p, in_place=s.in_place, input_files=protect)
+    external_data = s.external_data
+    if loaded.format == "onnx":
+        refuse({**s.export.flags(), "--eval-semantics": s.eval_semantics}, _NOT_ONNX)
+        report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
+        check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731
+            str(src_p), cand, prep, example_inputs=None, progress=prog, where=str(src_p))
+        if external_data is None:
+            external_data = bool(loaded.data_files) or None
+    else:
+        report, result, check = _fold_torch(src_p, loaded, out_fmt, prep, s, prog)
+    files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
+                     source_data_files=tuple(loaded.data_files), output=str(dst_p), output_format=out_fmt)
+    report = replace(advised(report), files=files)
+    ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
+    with ship.stage(result) as st:
+        if s.verify:
+            report.verification = check(st.path)
+        if s.all_or_nothing or report.verification is None or report.verification.passed:
+            return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
+    # Left the block without commit: the failed staged file is gone before the re-folds.
+    report, culprit_free = _without_culprits(src_p, loaded, out_fmt, prep, s, report, result, prog)
+    resolved = culprit_free is not result
+    del result
+    with ship.stage(culprit_free) as st:
+        if resolved and st.path is not culprit_free:  # a staged file: verify the bytes that ship
+            report.verification = check(st.path)
+        return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ship:
+    """Where and how OUT is staged (see :func:`bnfold.files.output.staged`)."""
+
+    dst: Path
+    out_fmt: str
+    external_data: bool | None
+    protect: list[str]
+    progress: ProgressFn
+
+    def stage(self, model: Any) -> Any:
+        return staged(model, self.dst, self.progress, onnx_file=self.out_fmt == "onnx",
+                      external_data=self.external_data, protect=self.protect)
+
+
+def _finish(
+    st: Any, src: Path, dst: Path, report: FoldReport, s: FoldSettings, t0: float, out_fmt: str,
+    src_data: tuple[str, ...],
+) -> FoldReport:
+    """The verification-failed policy (the one place), then commit and the output's figures."""
+    from bnfold._datafiles import model_size, onnx_data_files
+    from bnfold.verification import runtime_notes
+
+    v = report.verification
+    if v is not None:
+        report.notes.extend(runtime_notes(v))
+    failed = v is not None and not v.passed
+    message = (f"{dst}: the folded model is not equivalent to {src} (max abs error {v.max_abs_error:.3g})"
+               if v is not None and failed else "")
+    assert report.files is not None
+    if failed and not s.force:
+        report.files = replace(report.files, total_seconds=time.perf_counter() - t0)
+        raise FoldVerificationError(f"{message}; not written (--force writes it anyway)", report)
+    if failed:
+        report.notes.append("verification failed; written anyway because of --force")
+    st.commit()
+    if s.in_place and report.files.source_format == "onnx":
+        report.notes.extend(drop_orphaned_data([Path(f) for f in src_data], dst))
+    out_data = onnx_data_files(dst) if out_fmt == "onnx" else []
+    report.files = replace(report.files, size_after=model_size(dst, out_fmt), written=True,
+                           total_seconds=time.perf_counter() - t0,
+                           output_data_files=tuple(str(f) for f in out_data))
+    if failed:
+        raise FoldVerificationError(f"{message}; written anyway because of --force", report)
+    return report
+
+
+def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress: ProgressFn) -> tuple[FoldReport, Any]:
+    from bnfold.onnx import fold_model
+    from bnfold.postfold import after_fold, before_fold
+
+    check_onnx_shapes(model, prep.shapes, src)
+    post = PostFold(s.flush_denormals, s.health, s.prune_constant_channels)
+    progress("fold", 0, 1)
+    before = before_fold(model, "onnx", post, inplace=False)
+    # The audit reads the original BN parameters: then the fold works on a copy.
+    folded, report = fold_model(model, affine=s.affine, inplace=not post.health)
+    after_fold(model, folded, report, before, "onnx", post)
+    progress("fold", 1, 1)
+    report.signature = io_signature(folded)
+    if s.verify:
+        report.verified_on = verified_on(folded, prep, None)
+    return report, folded
+
+
+def _fold_torch(
+    src: Path, loaded: Any, out_fmt: str, prep: Prepared, s: FoldSettings, prog: ProgressFn
+) -> tuple[FoldReport, Any, Callable[[Any], VerifyReport]]:
+    from .fold_torch import check_other_batch, eval_if, fold_torch
+
+    if out_fmt != "onnx":
+        refuse({"--affine": s.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
+    model = eval_if(loaded.model, s.eval_semantics)
+    try:
+        report, result, examples = fold_torch(src, model, loaded.example_inputs, out_fmt, prep, s, prog)
+    except BnfoldError as e:
+        raise reworded(e) from e
+    names: list[str] = []
+    if out_fmt == "onnx":
+        report.signature = io_signature(result)
+        names = [i["name"] for i in report.signature["inputs"]]
+    if s.verify:
+        report.verified_on = verified_on(result, prep, examples, names)
+    import torch
+
+    is_module = isinstance(model, torch.nn.Module)
+
+    def check(candidate: Any) -> VerifyReport:
+        try:
+            rep = run_verify(model, candidate, prep.carried_by_examples(), example_inputs=examples,
+                             progress=prog, where=str(src))
+            if out_fmt == "onnx" and s.export.dynamic_batch and is_module and examples:
+                check_other_batch(model, candidate, examples, prep, prog, src)
+        except BnfoldError as e:
+            raise reworded(e) from e
+        return rep
+
+    return report, result, check
+
+
+def _without_culprits(
+    src: Path, loaded: Any, out_fmt: str, prep: Prepared, s: FoldSettings, report: FoldReport, result: Any,
+    prog: ProgressFn,
+) -> tuple[FoldReport, Any]:
+    """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`) where the backend can exclude."""
+    if loaded.format == "onnx":
+        from bnfold import io as bio
+        from bnfold.culprit import fold_without_culprits
+        from bnfold.onnx import fold_model
+
+        def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
+            return fold_model(bio.load(src), affine=s.affine, inplace=True, exclude=excluded)
+
+        def check(model: Any) -> VerifyReport:
+            return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))
+
+        model, new, search = fold_without_culprits(report, fold, check)
+        return (replace(advised(new), files=report.files), model) if search.resolved else (report, result)
+    if out_fmt in ("torch", "pt2") and report.backend in ("fx", "module"):
+        from bnfold._inputs import torch_examples
+
+        from .fold_torch import without_culprits
+
+        examples = torch_examples(loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs)
+        new, folded = without_culprits(src, loaded.model, out_fmt, examples, prep, report, result, progress=prog)
+        return (replace(advised(new), files=report.files) if new is not report else report), folded
+    return report, result

@@ -1,0 +1,137 @@
+"""The PyTorch side of ``bnfold fold``: a module or program folded to ``.pt``/``.pt2``, or exported to ``.onnx``.
+
+Rules:
+    * the reference is always the PyTorch original, run eagerly on the example inputs (which carry
+      shapes and data: :meth:`~bnfold.files.verify.Prepared.carried_by_examples`);
+    * ``.onnx``: :func:`bnfold.export.export_folded` folds, exports and folds what the exporter left,
+      returning the ``ModelProto``; with a dynamic batch the claim is checked at one more batch;
+    * ``.pt``/``.pt2``: verified in memory (reloading a pickle would need trust), and when verification
+      fails the folds that make it fail are found and left in place (:mod:`bnfold.culprit`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bnfold._inputs import torch_examples
+from bnfold.errors import BnfoldError, OptionError, VerificationError
+from bnfold.export import export_folded
+from bnfold.postfold import PostFold
+from bnfold.records import FoldReport, VerifyReport
+
+from .load import ProgressFn
+from .settings import FoldSettings
+from .verify import Prepared, run_verify
+
+__all__ = ["fold_torch", "without_culprits", "check_other_batch", "eval_if"]
+
+
+def eval_if(model: Any, eval_semantics: bool) -> Any:
+    """With ``eval_semantics`` a loaded module is put in eval mode (bnfold owns what it loaded)."""
+    if eval_semantics:
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise OptionError("--eval-semantics: applies only to an nn.Module (not a torch.export program)")
+        model.eval()
+    return model
+
+
+def fold_torch(
+    src: Path, model: Any, default_examples: tuple[Any, ...] | None, out_fmt: str, prep: Prepared,
+    settings: FoldSettings, progress: ProgressFn,
+) -> tuple[FoldReport, Any, tuple[Any, ...] | None]:
+    """Fold (and for ``.onnx`` export) ``model``; returns ``(report, result, example inputs)``; nothing verified."""
+    import torch
+
+    from bnfold.api import fold_with_report
+
+    post = PostFold(settings.flush_denormals, settings.health, settings.prune_constant_channels)
+    is_ep = isinstance(model, torch.export.ExportedProgram)
+    needs_examples = settings.verify or out_fmt in ("onnx", "pt2")
+    examples = (torch_examples(model, prep.shapes, prep.arrays, prep.seed, src, default_examples)
+                if needs_examples else None)
+    if out_fmt == "onnx":
+        result, report = export_folded(model, examples, export=settings.export, affine=settings.affine,
+                                       progress=progress)
+        if post.health:
+            from bnfold.health import health
+
+            report.health = health(model, example_inputs=None if is_ep else examples)
+        if post.flush_denormals:  # every initializer of the exported model is new: no snapshot tells them apart
+            from bnfold.denormals import flush_model
+
+            report.flushed_denormals = flush_model(result, None)
+        return report, result, examples
+    progress("fold", 0, 1)
+    # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
+    flags = {"flush_denormals": post.flush_denormals, "health": post.health,
+             "prune_constant_channels": post.prune_constant_channels}
+    if is_ep:
+        result, report = fold_with_report(model, **flags)
+    else:
+        result, report = fold_with_report(model, example_inputs=examples, eval_semantics=settings.eval_semantics,
+                                          **flags)
+    progress("fold", 1, 1)
+    if out_fmt == "pt2" and not is_ep:
+        progress("export", 0, 1)
+        result = torch.export.export(result, tuple(examples or ()))
+        progress("export", 1, 1)
+    return report, result, examples
+
+
+def without_culprits(
+    src: Path, model: Any, out_fmt: str, examples: tuple[Any, ...], prep: Prepared, report: FoldReport,
+    result: Any, *, progress: ProgressFn,
+) -> tuple[FoldReport, Any]:
+    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``)."""
+    import torch
+
+    from bnfold.culprit import fold_without_culprits
+    from bnfold.fx.module import fold_module
+
+    def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
+        out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
+        if out_fmt == "pt2":
+            return torch.export.export(out, tuple(examples)), rep
+        return out, rep
+
+    def check(candidate: Any) -> VerifyReport:
+        return run_verify(model, candidate, prep.carried_by_examples(), example_inputs=examples,
+                          progress=progress, where=str(src))
+
+    folded, new, search = fold_without_culprits(report, fold, check)
+    return (new, folded) if search.resolved else (report, result)
+
+
+def check_other_batch(
+    model: Any, candidate: Any, examples: tuple[Any, ...], prep: Prepared, progress: ProgressFn, src: Path
+) -> None:
+    """A dynamic batch is a claim: check it at a batch size the export did not see (one more).
+
+    A model that bakes its batch size in (``x.reshape(2, -1)``) exports with a ``batch`` dimension
+    that only works at the traced size; it is refused with the way out instead of shipped.
+    """
+    import torch
+
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.is_floating_point() for t in examples):
+        return  # integer inputs (indices) may not take random rows: the traced batch was checked
+    batch = int(examples[0].shape[0])
+    g = torch.Generator().manual_seed(prep.seed + 1)
+    other = tuple(torch.randn((batch + 1, *t.shape[1:]), generator=g, dtype=t.dtype) for t in examples)
+    why = ""
+    try:
+        rep = run_verify(model, candidate, prep.carried_by_examples(), example_inputs=other, progress=progress,
+                         where=str(src))
+        if not rep.passed:
+            why = f"max abs error {rep.max_abs_error:.3g}"
+    except BnfoldError as e:
+        why = str(e)
+    if why:
+        raise VerificationError(
+            f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} "
+            f"({why}): the model fixes its batch size; pass --static-batch"
+        )
+
+

@@ -1,0 +1,91 @@
+"""``bnfold inspect`` on a file: the verdict ``fold`` would give every BatchNorm; nothing is written.
+
+Rules:
+    * every option that decides a verdict in ``fold`` is taken here too (``affine`` for ONNX;
+      ``eval_semantics`` and the shapes that prove where a Linear meets a BatchNorm1d for PyTorch);
+    * ONNX dry runs predict every count (the backend plans the rewrite); the PyTorch backends decide
+      without rewriting, so only the BN count is predicted (``bn_before`` minus the BNs that would go),
+      and the report says so in ``predicted_counts`` (a typed field, set once, here).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bnfold._inputs import torch_examples
+from bnfold.errors import BnfoldError
+from bnfold.records import FileInfo, FoldReport
+
+from .load import ProgressFn, advised, load, noop, reworded
+from .settings import InspectSettings, VerifySettings, check_inputs, refuse
+from .verify import check_onnx_shapes, io_signature, prepare
+
+__all__ = ["inspect_file"]
+
+
+def inspect_file(
+    src: str | os.PathLike[str], settings: InspectSettings | None = None, progress: ProgressFn | None = None
+) -> FoldReport:
+    """The verdict for every BatchNorm of the model in ``src``, as ``fold`` would give it; nothing written.
+
+    ``settings.health`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
+
+    Returns:
+        A dry-run :class:`FoldReport`; for PyTorch ``bn_after`` is the predicted count and
+        ``predicted_counts`` is ``("bn",)``; ``files`` holds the path, format and file size (external
+        data included).
+    """
+    t0 = time.perf_counter()
+    s = settings or InspectSettings()
+    prog = progress or noop
+    src_p = Path(src)
+    check_inputs(s.inputs)
+    prep = prepare(s.inputs, VerifySettings(), src_p)
+    loaded = load(src_p, s.load, prog)
+    model = loaded.model
+    prog("fold", 0, 1)
+    from bnfold.api import fold_with_report
+
+    examples: Any = None
+    if loaded.format == "onnx":
+        refuse({"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
+        check_onnx_shapes(model, prep.shapes, src_p)
+        _, report = fold_with_report(model, dry_run=True, affine=s.affine)
+        report.signature = io_signature(model)
+    else:
+        import torch
+
+        from .fold_torch import eval_if
+
+        refuse({"--affine": s.affine}, "applies only to ONNX models (Mul + Add are ONNX nodes)")
+        model = eval_if(model, s.eval_semantics)
+        try:
+            if isinstance(model, torch.export.ExportedProgram):
+                _, report = fold_with_report(model, dry_run=True)
+            else:
+                own = loaded.example_inputs if loaded.example_inputs is not None else getattr(
+                    model, "example_inputs", None)
+                if prep.shapes or prep.arrays or own is not None:
+                    examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
+                _, report = fold_with_report(
+                    model, dry_run=True, example_inputs=examples, eval_semantics=s.eval_semantics
+                )
+        except BnfoldError as e:
+            raise reworded(e) from e
+        # The PyTorch backends decide without rewriting: the BN count after is the prediction.
+        report = replace(report, bn_after=report.bn_before - report.folded, predicted_counts=("bn",))
+    if s.health:
+        from bnfold.health import health as audit_model
+
+        if loaded.format == "onnx":
+            report.health = audit_model(model, affine=s.affine)
+        else:
+            report.health = audit_model(model, eval_semantics=s.eval_semantics, example_inputs=examples)
+    prog("fold", 1, 1)
+    files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
+                     total_seconds=time.perf_counter() - t0)
+    return replace(advised(report), files=files)

@@ -1,0 +1,84 @@
+"""One load per file: a :class:`bnfold.io.Loaded` record (model, format, example inputs, data files, size).
+
+Rules:
+    * a file is sniffed and parsed once (:func:`bnfold.io.load_file`); later steps read the record,
+      never the file's format again;
+    * the factory's example inputs travel in the record, not as an attribute stuck on the model;
+    * a bad ``--model`` fails even when the file does not need it (the factory is resolved first);
+    * advice written for the Python API is reworded as the CLI flags that do the same
+      (:func:`cli_advice`), so every message a CLI user reads names flags they can type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bnfold.errors import BnfoldError, with_context
+from bnfold.records import FoldReport, Skip
+
+from .settings import LoadSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.io import Loaded
+
+__all__ = ["ProgressFn", "noop", "load", "resolve_factory", "cli_advice", "advised", "reworded"]
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``."""
+
+
+def noop(stage: str, done: int, total: int) -> None:
+    """The progress callback when none is given."""
+    return None
+
+
+def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
+    """``--model module.path:factory`` -> the callable (see :func:`bnfold.io.resolve_factory`)."""
+    if spec is None:
+        return None
+    from bnfold.io import resolve_factory as _resolve
+
+    return _resolve(spec)
+
+
+def load(src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False) -> Loaded:
+    """Load ``src`` once (:func:`bnfold.io.load_file`) between two progress ticks."""
+    from bnfold.io import load_file
+
+    factory = resolve_factory(settings.model_factory)
+    progress("load", 0, 1)
+    loaded = load_file(src, model_factory=factory, trust_pickle=settings.trust_pickle,
+                       lazy_external_data=lazy_external_data)
+    progress("load", 1, 1)
+    return loaded
+
+
+_ADVICE = (
+    # (what the Python API says, what a CLI user types)
+    ("pass eval_semantics=True", "pass --eval-semantics"),
+    ("pass example_inputs=(x,) to bnfold.fold to record the shapes",
+     "pass -s/--input-shape NAME=SHAPE (or --inputs DATA.npz) to record the shapes"),
+    (" (trust_pickle=True)", ""),
+    (" (model_factory=...)", ""),
+)
+
+
+def cli_advice(text: str) -> str:
+    """``text`` with advice worded for the Python API reworded as the CLI flags that do the same."""
+    for api, flag in _ADVICE:
+        text = text.replace(api, flag)
+    return text
+
+
+def advised(report: FoldReport) -> FoldReport:
+    """The report with every verdict's detail and note worded for the CLI (see :func:`cli_advice`)."""
+    verdicts = [Skip(v.bn, v.reason, cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts]
+    return replace(report, verdicts=verdicts, notes=[cli_advice(n) for n in report.notes])
+
+
+def reworded(err: BnfoldError) -> BnfoldError:
+    """The same error with its advice worded for the CLI."""
+    return with_context(err, message=cli_advice(str(err)))

@@ -1,0 +1,265 @@
+"""Format detection from a file's content: a bounded sniff, pickle scanning, the ONNX wire check.
+
+Formats (:func:`detect_format`, from the bytes, never from the extension alone):
+    1. ``"onnx"``: a protobuf that parses as an ``onnx.ModelProto`` with a graph;
+    2. ``"pt2"``: a zip archive written by ``torch.export.save`` (it holds ``*/archive_format`` or
+       ``*/models/*.json``);
+    3. ``"torchscript"``: a zip archive with ``*/code/`` or ``*/constants.pkl`` (``torch.jit.save``);
+    4. ``"state_dict"``: a ``torch.save`` file (zip with ``*/data.pkl``, or a legacy pickle stream)
+       whose pickle names only tensor-rebuilding globals (``collections.OrderedDict``,
+       ``torch._utils._rebuild_tensor_v2``, storages, dtypes, ...);
+    5. ``"pickled_module"``: a ``torch.save`` file whose pickle names any other class (a whole
+       ``nn.Module`` saved with ``torch.save(model)``). The pickle is *read* with ``pickletools``, never
+       executed, to decide this.
+
+Rules: only regular files are read (a FIFO, socket or device is refused from ``stat``); the format is
+decided from a bounded read (the zip directory, the first pickle ops, or the top-level protobuf tags
+of an ONNX file, each field skipped with a seek); every unusable file raises
+:class:`~bnfold.errors.ModelFormatError` with one line naming the file. An ONNX file is parsed once
+here (without its external data) and the parse is handed on to the loader.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import pickletools
+import stat
+import zipfile
+from typing import Any
+
+from bnfold.errors import ModelFormatError
+
+from .datafiles import FileBytes, fields
+from .paths import _remember_refs
+
+__all__ = ["FORMATS", "detect_format"]
+
+FORMATS = ("onnx", "pt2", "state_dict", "pickled_module", "torchscript")
+"""What :func:`detect_format` can return."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# Globals that a plain tensor checkpoint (state_dict, optimizer state, epoch counters) may name.
+_SAFE_GLOBAL_MODULES = {
+    "collections",
+    "builtins",
+    "__builtin__",
+    "_codecs",
+    "torch",
+    "torch._utils",
+    "torch.storage",
+    "torch._tensor",
+    "numpy",
+    "numpy.core.multiarray",
+    "numpy._core.multiarray",
+}
+_SAFE_TORCH_NAMES_PREFIX = ("_rebuild_", "Size", "device", "dtype")
+
+
+def _fail(path: str | os.PathLike[str], problem: str) -> ModelFormatError:
+    return ModelFormatError(f"{os.fspath(path)}: {problem}")
+
+
+def _check_readable(path: str) -> int:
+    """The size of a regular, readable, non-empty file; refuse anything else before reading a byte.
+
+    A FIFO, socket or device is refused from ``stat`` alone (opening a FIFO blocks until a writer
+    comes); the file is then opened non-blocking and checked again on the descriptor, so a path swapped
+    for a FIFO between the two calls cannot hang the read either.
+    """
+    if not os.path.lexists(path):
+        raise _fail(path, "no such file")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise _fail(path, "is a directory, not a model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(path, f"is not a regular file ({_file_kind(st.st_mode)}); bnfold reads model files only")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(path, f"is not a regular file ({_file_kind(st.st_mode)}); bnfold reads model files only")
+    if st.st_size == 0:
+        raise _fail(path, "empty file")
+    return st.st_size
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # a multi-byte character cut at the end of the head
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
+
+
+def _globals_of(data: bytes, max_pickles: int = 1) -> set[str] | None:
+    """The ``module name`` globals named by the first pickles in ``data``; None if not a pickle."""
+    found: set[str] = set()
+    stream = _io.BytesIO(data)
+    memo: dict[int, Any] = {}
+    for _ in range(max_pickles):
+        if stream.tell() >= len(data):
+            break
+        strings: list[str] = []
+        last: str | None = None  # the string just pushed, for MEMOIZE / PUT
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name == "GLOBAL":
+                    found.add(str(arg).replace("\n", " ").strip())
+                elif name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                    last = str(arg)
+                    continue
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = last
+                    continue
+                elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[int(arg)] = last  # type: ignore[arg-type]
+                    continue
+                elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):  # type: ignore[arg-type]
+                    strings.append(memo[int(arg)])  # type: ignore[arg-type]
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]} {strings[-1]}")
+                last = None
+        except Exception:
+            if not found and stream.tell() <= 2:
+                return None
+            break
+    return found
+
+
+def _is_safe_global(g: str) -> bool:
+    module, _, name = g.partition(" ")
+    if module not in _SAFE_GLOBAL_MODULES:
+        return False
+    if module == "torch":
+        return name.endswith("Storage") or name.startswith(_SAFE_TORCH_NAMES_PREFIX) or name in (
+            "float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool",
+        )
+    return True
+
+
+def _classify_pickle(path: str, data: bytes, max_pickles: int) -> str:
+    globs = _globals_of(data, max_pickles)
+    if globs is None:
+        raise _fail(path, "unknown format: not ONNX, not a PyTorch file (torch.save, torch.export, TorchScript)")
+    return "state_dict" if all(_is_safe_global(g) for g in globs) else "pickled_module"
+
+
+# ModelProto's fields and their wire types (0 varint, 2 length-delimited), from onnx.proto.
+_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+_MAX_TOP_FIELDS = 100_000  # metadata_props / opset_import entries: far more than any real model
+
+
+def _onnx_wire_problem(path: str, size: int) -> str | None:
+    """Why ``path`` cannot be an ONNX ModelProto, from its top-level protobuf tags only; None if it can.
+
+    The top level of a model is a handful of fields (ir_version, opset_import, producer, graph...):
+    each tag is read and each length-delimited field is skipped (:func:`.datafiles.fields`), so a
+    multi-GB file is judged from a few hundred bytes, and a file of zeros (tag 0) or random bytes is
+    refused before ``onnx.load`` reads it whole. A model needs a graph; a length that runs past the
+    end of the file means a truncated file.
+    """
+    seen: set[int] = set()
+    with open(path, "rb") as f:
+        try:
+            for count, (number, wire, _value, _at) in enumerate(fields(FileBytes(f), 0, size)):
+                want = _MODEL_FIELDS.get(number)
+                if want is not None and wire != want:
+                    return "not a protobuf ModelProto"
+                if count >= _MAX_TOP_FIELDS:
+                    return "not a protobuf ModelProto (too many top-level fields)"
+                seen.add(number)
+        except ValueError as e:
+            if "past the end" in str(e):
+                return "truncated file (a field runs past the end)"
+            return "truncated file" if "truncated" in str(e) else "not a protobuf ModelProto"
+    if 7 not in seen:
+        return "no graph"
+    return None
+
+
+def _sniff(path: str) -> tuple[str, Any]:
+    """(format, parsed ONNX model or None). Raises ModelFormatError."""
+    size = _check_readable(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                if any(n.endswith("/archive_format") or "/models/" in n and n.endswith(".json") for n in names):
+                    return "pt2", None
+                if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+                    return "torchscript", None
+                pkls = [n for n in names if n.endswith("data.pkl")]
+                if pkls:
+                    return _classify_pickle(path, z.read(pkls[0]), 1), None
+        except zipfile.BadZipFile as e:
+            raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
+        raise _fail(path, "a zip archive that is not a PyTorch file (no data.pkl, no torch.export archive)")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        # legacy torch.save: magic number, protocol, system info, then the object, each a pickle
+        with open(path, "rb") as f:
+            data = f.read(min(size, 64 * 2**20))
+        return _classify_pickle(path, data, 4), None
+    if _looks_like_text(head):
+        raise _fail(path, "a text file, not a model")
+    problem = _onnx_wire_problem(path, size)
+    if problem is not None:
+        raise _fail(path, f"unknown format: not ONNX ({problem}), not a PyTorch file")
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise _fail(path, "unknown format or truncated file: not ONNX, not a PyTorch file") from e
+    except Exception as e:
+        raise _fail(path, f"unknown format: not ONNX, not a PyTorch file ({type(e).__name__})") from e
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.graph.node and not model.graph.output:
+        raise _fail(path, "unknown format: not ONNX (no graph), not a PyTorch file")
+    _remember_refs(path, model)
+    return "onnx", model
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format of a model file, from its content.
+
+    Args:
+        path: the file.
+
+    Returns:
+        One of :data:`FORMATS`: "onnx", "pt2", "state_dict", "pickled_module", "torchscript".
+
+    Raises:
+        ModelFormatError: missing path, directory, empty, text, random bytes, truncated or unknown file
+            (one line naming the file).
+    """
+    return _sniff(os.fspath(path))[0]

@@ -1,0 +1,197 @@
+"""PyTorch files: factory import, state_dict loading, trusted pickles, torch.export archives.
+
+Rules: unpickling runs arbitrary code, so a pickled module is loaded only with ``trust_pickle=True``
+(``--trust-pickle``); a state_dict is loaded with ``weights_only=True`` and needs a factory that builds
+the architecture (``--model module.path:factory``), loaded with ``strict=True`` (a ``module.`` prefix
+from DataParallel is dropped); a ``.pt2`` is checked by :mod:`bnfold.pt2_guard` before and after
+``torch.export.load`` unless trusted; the current folder is *appended* to ``sys.path`` for factories
+and trusted pickles, never put first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bnfold.errors import OptionError
+
+from .sniff import _fail
+
+__all__ = ["resolve_factory", "load_torch"]
+
+
+def _add_cwd_as_fallback() -> None:
+    """Let modules in the current folder be found, after every installed package (never first)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+
+
+def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
+    """``"module.path:factory"`` (or ``"file.py:factory"``) -> the callable; a callable is returned as is.
+
+    The current working directory is *appended* to ``sys.path`` (a fallback, as for the trusted
+    pickle path): a ``./onnxruntime.py`` or ``./numpy.py`` in the folder bnfold runs in never shadows
+    an installed package.
+
+    Raises:
+        OptionError: bad syntax, module or attribute not found, not callable.
+    """
+    if callable(spec):
+        return spec
+    mod_name, sep, attr = str(spec).partition(":")
+    if not sep or not mod_name or not attr:
+        raise OptionError(f"bad model factory {spec!r}: expected module.path:factory (e.g. models.lenet:lenet5)")
+    try:
+        if mod_name.endswith(".py"):
+            file = os.path.abspath(mod_name)
+            if not os.path.isfile(file):
+                raise OptionError(f"bad model factory {spec!r}: {mod_name} does not exist")
+            mspec = importlib.util.spec_from_file_location(Path(file).stem, file)
+            assert mspec is not None and mspec.loader is not None
+            module = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(module)
+        else:
+            _add_cwd_as_fallback()
+            module = importlib.import_module(mod_name)
+    except OptionError:
+        raise
+    except Exception as e:
+        raise OptionError(f"bad model factory {spec!r}: cannot import {mod_name} ({type(e).__name__}: {e})") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise OptionError(f"bad model factory {spec!r}: {mod_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise OptionError(f"bad model factory {spec!r}: {attr} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _state_dict_of(path: str, obj: Any) -> Mapping[str, Any]:
+    import torch
+
+    def is_sd(d: Any) -> bool:
+        return isinstance(d, Mapping) and bool(d) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+        )
+
+    if is_sd(obj):
+        return obj  # type: ignore[no-any-return]
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model", "module", "net"):
+            if is_sd(obj.get(key)):
+                return obj[key]  # type: ignore[no-any-return]
+    raise _fail(path, "a torch.save checkpoint without a state_dict (a dict of tensors, or one under "
+                      "'state_dict' / 'model_state_dict' / 'model')")
+
+
+def _check_pt2_members(path: str) -> None:
+    """A torch.export archive needs ``archive_version`` (torch otherwise logs a traceback and guesses)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile as e:
+        raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
+    if not any(n == "archive_version" or n.endswith("/archive_version") for n in names):
+        raise _fail(path, "a torch.export archive without archive_version: truncated or not written by "
+                          "torch.export.save; export the model again")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Keep a library's warning-level tracebacks off stderr: the failure becomes bnfold's one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, trust_pickle: bool) -> Any:
+    """A PyTorch file of format ``fmt`` ("pt2", "pickled_module" or "state_dict"), with the right trust."""
+    import torch
+
+    if fmt == "pt2":
+        from bnfold import pt2_guard
+
+        _check_pt2_members(p)
+        if not trust_pickle:
+            pt2_guard.check_pt2(p)
+        try:
+            with _quiet_logger("torch.export"):
+                program = torch.export.load(p)  # type: ignore[no-untyped-call]
+        except Exception as e:
+            raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        if not trust_pickle:
+            pt2_guard.check_program(p, program)
+        return program
+    if fmt == "pickled_module":
+        if not trust_pickle:
+            raise _fail(
+                p,
+                "a pickled PyTorch module (torch.save(model)); loading it unpickles, which runs arbitrary code "
+                "from the file. If you trust the file, pass --trust-pickle (trust_pickle=True); otherwise save a "
+                "state_dict and load it with --model module.path:factory",
+            )
+        try:
+            # Unpickling imports the classes by module name: like `python` itself, find them in the
+            # current folder too.
+            _add_cwd_as_fallback()
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        if isinstance(obj, Mapping):
+            obj = next((v for v in obj.values() if isinstance(v, torch.nn.Module)), obj)
+        if not isinstance(obj, torch.nn.Module):
+            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module")
+        return obj
+    # state_dict
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _fail(p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    sd = _state_dict_of(p, obj)
+    if model_factory is None:
+        raise _fail(p, "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
+                       "architecture (model_factory=...)")
+    factory = resolve_factory(model_factory)
+    try:
+        model = factory()
+    except Exception as e:
+        raise OptionError(f"model factory {model_factory!r} failed ({type(e).__name__}: {e})") from e
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"model factory {model_factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    own = set(model.state_dict())
+    if not (set(sd) & own) and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from DataParallel / DDP
+    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: {'; '.join(parts)}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:
+        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: "
+                       f"{' '.join(str(e).split())[:300]}") from e
+    shape = getattr(factory, "example_input_shape", None)
+    if shape is not None and getattr(model, "example_inputs", None) is None:
+        # The factory tells what one input looks like (no batch dimension): a seeded batch of 2, so
+        # that jobs needing inputs (export, verification, bench) run without --input-shape.
+        g = torch.Generator().manual_seed(0)
+        model.example_inputs = (torch.randn(2, *shape, generator=g),)  # type: ignore[assignment]
+    return model.eval()
