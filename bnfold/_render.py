@@ -180,11 +180,12 @@ def render_fold_report(
     reasons = ", ".join(f"{r} {n}" for r, n in c["by_reason"].items())
     what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
     grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))
-    if not report.dry_run or report.predicted_counts is None:
-        grid.add_row("ops", Text(
-            f"nodes {_arrow(report.nodes_before, report.nodes_after)}, parameters "
-            f"{_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}"
-        ))
+    known = None if not report.dry_run else report.predicted_counts
+    ops = [f"nodes {_arrow(report.nodes_before, report.nodes_after)}"] if known is None or "nodes" in known else []
+    if known is None or "params" in known:
+        ops.append(f"parameters {_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}")
+    if ops:
+        grid.add_row("ops", Text(", ".join(ops)))
     for key, row in _signature_rows(report.signature or {}, width):
         grid.add_row(key, row)
     v = report.verification

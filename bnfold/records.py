@@ -323,7 +323,7 @@ class FoldReport:
     verified_on: dict[str, list[int]] | None = None
     """The input shapes verification ran on, set by the file jobs."""
     predicted_counts: tuple[str, ...] | None = None
-    """A dry run that predicts only these counts (PyTorch: ``("bn",)``); None: every count is exact."""
+    """A dry run that predicts only these counts (torch.export: ``("bn", "params")``); None: every count."""
     mul_add: tuple[Site, ...] = ()
     """ONNX: per-channel Mul+Add pairs (a frozen BN) folded into the layer before them."""
     culprits: CulpritSearch | None = None

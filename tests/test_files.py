@@ -128,7 +128,7 @@ def test_onnx_output_verifies_the_staged_file_then_commits(tmp_path: Path, monke
     assert files_output.same_file(out, out)
 
 
-def test_inspect_pytorch_predicts_the_bn_count_as_a_typed_field(tmp_path: Path) -> None:
+def test_inspect_pytorch_predicts_every_count_of_the_fold(tmp_path: Path) -> None:
     model = _net()
     src = tmp_path / "m.pt"
     torch.save(model, src)
@@ -136,8 +136,10 @@ def test_inspect_pytorch_predicts_the_bn_count_as_a_typed_field(tmp_path: Path) 
     rep = inspect_file(src, InspectSettings(load=LoadSettings(trust_pickle=True),
                                             inputs=InputSettings(["x=2x3x8x8"])))
     folded = bnfold.fold(model, example_inputs=(torch.randn(2, 3, 8, 8),))
-    assert rep.dry_run and rep.predicted_counts == ("bn",)
+    assert rep.dry_run and rep.predicted_counts is None  # every count is a prediction of the fold
     assert rep.bn_after == _physical_bn(folded)  # the prediction is what fold does
+    assert rep.params_after == sum(p.numel() for p in folded.parameters()) + sum(
+        b.numel() for b in folded.buffers())  # params count parameters and buffers, as the fold reports
     assert rep.files is not None and rep.files.source_format == "pickled_module" and not rep.files.written
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -3,9 +3,9 @@
 Rules:
     * every option that decides a verdict in ``fold`` is taken here too (``affine`` for ONNX;
       ``eval_semantics`` and the shapes that prove where a Linear meets a BatchNorm1d for PyTorch);
-    * ONNX dry runs predict every count (the backend plans the rewrite); the PyTorch backends decide
-      without rewriting, so only the BN count is predicted (``bn_before`` minus the BNs that would go),
-      and the report says so in ``predicted_counts`` (a typed field, set once, here).
+    * every backend's dry run plans the rewrite and predicts the counts after it; a torch.export
+      program predicts BNs and parameters but not nodes (the re-export adds ``getitem`` nodes to a BN
+      that stays), and the report says so in ``predicted_counts`` (a typed field, set once, here).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def inspect_file(
     ``settings.health`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
 
     Returns:
-        A dry-run :class:`FoldReport`; for PyTorch ``bn_after`` is the predicted count and
-        ``predicted_counts`` is ``("bn",)``; ``files`` holds the path, format and file size (external
+        A dry-run :class:`FoldReport`; for a torch.export program
+        ``predicted_counts`` is ``("bn", "params")`` (nodes are not predicted); ``files`` holds the path, format and file size (external
         data included).
     """
     t0 = time.perf_counter()
@@ -76,8 +76,8 @@ def inspect_file(
                 )
         except BnfoldError as e:
             raise reworded(e) from e
-        # The PyTorch backends decide without rewriting: the BN count after is the prediction.
-        report = replace(report, bn_after=report.bn_before - report.folded, predicted_counts=("bn",))
+        if isinstance(model, torch.export.ExportedProgram):
+            report = replace(report, predicted_counts=("bn", "params"))
     if s.health:
         from bnfold.health import health as audit_model
 
