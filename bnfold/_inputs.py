@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._dtypes import bfloat16, from_numpy, is_floating
 from .errors import OptionError
 
 __all__ = [
@@ -76,11 +77,7 @@ def np_dtype(name: str) -> np.dtype[Any]:
         if m.group(1) not in _ORT_TYPES:
             raise OptionError(f"unsupported input/output type {name}")
         name = _ORT_TYPES[m.group(1)]
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
-    return np.dtype(name)
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +196,7 @@ def random_inputs(
     return out
 
 
-def _is_float(dt: np.dtype[Any]) -> bool:
-    return dt.kind == "f" or dt.name == "bfloat16"
+_is_float = is_floating
 
 
 def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
@@ -311,7 +307,7 @@ def torch_examples(
     import torch
 
     if inputs:
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
+        return tuple(from_numpy(a) for a in inputs.values())  # bfloat16 arrays too
     if shapes:
         g = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(s, generator=g) for s in shapes.values())

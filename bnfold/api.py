@@ -134,7 +134,10 @@ def fold_with_report(
         from .onnx import fold_model
 
         check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
-        out, report = fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace)
+        # The flush runs as the fold writes each tensor (no second pass over the weights); with the
+        # health audit on, the audit must see the fold unflushed, so the post-fold step flushes.
+        out, report = fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
+                                 flush_denormals=flush_denormals and not health and not dry_run)
     elif kind == "export":
         from .fx import fold_exported
 

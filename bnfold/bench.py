@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ._dtypes import to_numpy
 from .errors import OptionError
 from .records import FoldReport
 
@@ -294,7 +295,7 @@ def _bench_torch(
             graph = onnx.load(paths[0], load_external_data=False).graph
             init = {t.name for t in graph.initializer}
             names = [i.name for i in graph.input if i.name not in init]
-        feeds = {n: a.detach().numpy() for n, a in zip(names, args)}
+        feeds = {n: to_numpy(a) for n, a in zip(names, args)}
         timings.extend(bench_onnx(paths[0], paths[1], feeds, runs=runs, warmup=warmup, threads=threads, tick=tick))
     timings.append(Timing("pytorch eager", eager[0], eager[1]))
     return BenchReport(

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._dtypes import numpy_dtype, to_float64
 from .errors import InputError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
 from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train
@@ -136,14 +137,8 @@ def _verdict(name: str, bn: nn.Module) -> Skip | BnSpec:
         return Skip(name, SkipReason.UNSUPPORTED_DTYPE, f"parameters are {dtype}, not floating point")
     if not spec.eps > 0:
         return Skip(name, SkipReason.UNSUPPORTED_LAYER, f"eps={spec.eps} <= 0; set eps > 0 before freezing")
-    scale, shift = bn_affine(
-        None if weight is None else weight.detach().cpu().double().numpy(),
-        None if bias is None else bias.detach().cpu().double().numpy(),
-        mean.detach().cpu().double().numpy(),
-        var.detach().cpu().double().numpy(),
-        spec.eps,
-    )
-    np_dtype = {torch.bfloat16: "float32"}.get(dtype, str(dtype).removeprefix("torch."))
+    scale, shift = bn_affine(to_float64(weight), to_float64(bias), to_float64(mean), to_float64(var), spec.eps)
+    np_dtype = numpy_dtype(dtype)  # bfloat16 exactly: the dtype FrozenBatchNorm stores the affine in
     if not (fits_dtype(scale, np_dtype) and fits_dtype(shift, np_dtype)):
         return Skip(name, SkipReason.OVERFLOW, f"scale or shift would not be finite in {dtype}")
     return spec

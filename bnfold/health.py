@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._dtypes import to_float64
 from .errors import UnsupportedModelError
 from .records import BnHealth, Direction, FoldReport, HealthReport, RangeCounts, Site, Verdict
 
@@ -285,12 +286,8 @@ def _torch_params(model: Any) -> dict[str, _Params | str]:
             out[name] = "no running statistics (track_running_stats=False)"
             continue
         w = getattr(m, "weight", None)
-        gamma = (
-            w.detach().double().cpu().numpy()
-            if isinstance(w, torch.Tensor)
-            else np.ones(var.shape[0], dtype=np.float64)
-        )
-        out[name] = _Params(gamma.reshape(-1), var.detach().double().cpu().numpy().reshape(-1), float(m.eps))
+        gamma = to_float64(w) if isinstance(w, torch.Tensor) else np.ones(var.shape[0], dtype=np.float64)
+        out[name] = _Params(gamma.reshape(-1), to_float64(var).reshape(-1), float(m.eps))
     return out
 
 

@@ -168,7 +168,9 @@ def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress:
     progress("fold", 0, 1)
     before = before_fold(model, "onnx", post, inplace=False)
     # The audit reads the original BN parameters: then the fold works on a copy.
-    folded, report = fold_model(model, affine=s.affine, inplace=not post.health)
+    # The flush runs as the fold writes (one pass); with the audit on, the post-fold step flushes.
+    folded, report = fold_model(model, affine=s.affine, inplace=not post.health,
+                                flush_denormals=post.flush_denormals and not post.health)
     after_fold(model, folded, report, before, "onnx", post)
     progress("fold", 1, 1)
     report.signature = io_signature(folded)
@@ -223,7 +225,8 @@ def _without_culprits(
         from bnfold.onnx import fold_model
 
         def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
-            return fold_model(bio.load(src), affine=s.affine, inplace=True, exclude=excluded)
+            return fold_model(bio.load(src), affine=s.affine, inplace=True, exclude=excluded,
+                              flush_denormals=s.flush_denormals)
 
         def check(model: Any) -> VerifyReport:
             return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))
