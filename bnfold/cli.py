@@ -304,11 +304,9 @@ def verify(
         show("verify", report, json_out, quiet, render,
               exit_code=0 if report.passed else 1, reference=reference, candidate=candidate)
         if not report.passed:
-            from .verification import describe_failure
+            from .verification import failure_message
 
-            worst = report.worst()
-            where = f" ({describe_failure(worst)})" if worst else ""
-            fail(f"{shown}: not equivalent to {against}{where}", 1, "VerificationError")
+            fail(f"{shown}: {failure_message(report, against=str(against))}", 1, "VerificationError")
 
 
 def _show_verify_details(console: Any, report: Any) -> None:

@@ -181,11 +181,10 @@ def export_onnx(
         vrep = run_verify(model, onnx_model, example_inputs=args, atol=atol, rtol=rtol)
         report.verification = vrep
         if not vrep.passed and not force:
-            raise VerificationError(
-                f"{path}: the exported ONNX model does not match the PyTorch model "
-                f"(max relative error {vrep.max_rel_error:.3g}); nothing written",
-                vrep,
-            )
+            from .verification import failure_message
+
+            message = failure_message(vrep, against="the PyTorch model")
+            raise VerificationError(f"{path}: the exported ONNX model is {message}; nothing written", vrep)
     from .io import save
 
     save(onnx_model, path)

@@ -133,14 +133,13 @@ def _finish(
 ) -> FoldReport:
     """The verification-failed policy (the one place), then commit and the output's figures."""
     from bnfold._datafiles import model_size, onnx_data_files
-    from bnfold.verification import runtime_notes
+    from bnfold.verification import failure_message, runtime_notes
 
     v = report.verification
     if v is not None:
         report.notes.extend(runtime_notes(v))
     failed = v is not None and not v.passed
-    message = (f"{dst}: the folded model is not equivalent to {src} (max abs error {v.max_abs_error:.3g})"
-               if v is not None and failed else "")
+    message = f"{dst}: the folded model is {failure_message(v, against=str(src))}" if v is not None and failed else ""
     assert report.files is not None
     if failed and not s.force:
         report.files = replace(report.files, total_seconds=time.perf_counter() - t0)
