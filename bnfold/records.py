@@ -52,8 +52,6 @@ class SkipReason(str, enum.Enum):
     """The layer's output is a graph output, which must keep its unscaled value."""
     NON_CONSTANT = "non_constant"
     """A weight, bias or BN parameter is computed from model inputs at run time."""
-    SHARED_WEIGHT = "shared_weight"
-    """The layer's weight is shared with another use and cannot be cloned for this call site."""
     SHARED_MODULE = "shared_module"
     """The layer module is called at several places and cannot be split safely."""
     TRAINING_MODE = "training_mode"
