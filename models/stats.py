@@ -6,10 +6,11 @@ right or wrong, looks exact. Every test and benchmark calls :func:`randomize_bn`
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["randomize_bn", "bn_modules"]
+__all__ = ["randomize_bn", "bn_modules", "bn_stats"]
 
 
 def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -44,3 +45,16 @@ def randomize_bn(model: nn.Module, seed: int = 0, *, spread: float = 1.0) -> nn.
             m.weight.copy_(u(0.5, 1.5) * sign)
             m.bias.copy_(u(-0.5, 0.5) * spread)
     return model
+
+
+def bn_stats(c: int, rng: np.random.Generator, shape: tuple[int, ...] | None = None) -> list[np.ndarray]:
+    """Realistic BN parameters as float64 arrays (gamma, beta, mean, var), for graphs built by hand.
+
+    The ranges of :func:`randomize_bn`: mean != 0, var != 1, gamma != 1 (10% negative), beta != 0.
+    """
+    shp = shape or (c,)
+    gamma = rng.uniform(0.5, 1.5, shp) * np.where(rng.random(shp) < 0.1, -1.0, 1.0)
+    beta = rng.uniform(-0.5, 0.5, shp)
+    mean = rng.uniform(-0.5, 0.5, shp)
+    var = np.exp(rng.uniform(-1.4, 0.9, shp))
+    return [gamma, beta, mean, var]

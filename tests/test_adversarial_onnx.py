@@ -15,10 +15,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_onnx_helpers import G, bn_stats
 
 import bnfold
 from bnfold.records import Direction, SkipReason
+from models.onnx_graphs import G, bn_stats
 
 # float32 relative to the output scale: folded in float64, rounded once; a few ulps per short sum.
 TOL32 = 2e-5

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
+from models.stats import bn_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32_ATOL = 1e-5
@@ -33,12 +34,8 @@ runner = CliRunner()
 
 # ------------------------------------------------------------------------------------------ models
 def _bn_stats(rng: np.random.Generator, c: int) -> list[np.ndarray]:
-    """Trained-looking BN parameters (same ranges as models.stats.randomize_bn)."""
-    gamma = rng.uniform(0.5, 1.5, c) * np.where(rng.random(c) < 0.1, -1.0, 1.0)
-    beta = rng.uniform(-0.5, 0.5, c)
-    mean = rng.uniform(-0.5, 0.5, c)
-    var = np.exp(rng.uniform(-1.4, 0.9, c))
-    return [a.astype(np.float32) for a in (gamma, beta, mean, var)]
+    """Trained-looking BN parameters (models.stats.bn_stats), in float32."""
+    return [a.astype(np.float32) for a in bn_stats(c, rng)]
 
 
 def tiny_onnx(seed: int = 0, *, out_channels: int = 4, input_name: str = "x") -> onnx.ModelProto:

@@ -15,15 +15,15 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
-from test_onnx_helpers import G, assert_close, feeds_for, run
 from torch import nn
 
 import bnfold
 from bnfold.denormals import count_subnormal, flush_array, range_counts
+from models.onnx_graphs import G, assert_close, feeds_for, run
 from models.stats import randomize_bn
 
 F32_TINY = np.finfo(np.float32).tiny
-# float32 fold vs unfolded float32 model: a few ulps per product over short sums (see test_onnx_helpers).
+# float32 fold vs unfolded float32 model: a few ulps per product over short sums (see models.onnx_graphs).
 TOL_F32 = 2e-5
 
 

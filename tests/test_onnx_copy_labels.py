@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from test_onnx_helpers import G, check_fold, feeds_for, run
 
 from bnfold.denormals import count_subnormal, flush_targets
 from bnfold.onnx import fold_model
 from bnfold.records import SkipReason
+from models.onnx_graphs import G, check_fold, feeds_for, run
 
 
 def _unnamed_chain() -> onnx.ModelProto:

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from test_onnx_helpers import G, check_fold, feeds_for, run
 
 from bnfold.onnx import fold_model
 from bnfold.records import Direction
+from models.onnx_graphs import G, check_fold, feeds_for, run
 
 F32, F64, F16 = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16
 

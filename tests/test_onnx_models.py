@@ -8,9 +8,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-from test_onnx_helpers import check_fold
 
 from bnfold.records import Direction
+from models.onnx_graphs import check_fold
 
 SAMPLES = Path(__file__).resolve().parent.parent / "models" / "samples"
 # float32 through a deep network: a few ulps per layer accumulate over ~50 layers.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bnfold.records import Direction, SkipReason
-from tests.test_onnx_helpers import G, check_fold, skip_reason
+from models.onnx_graphs import G, check_fold, skip_reason
 
 
 def _model(target: list[int], *, declare_shape: bool, k: int = 12):
@@ -48,7 +48,7 @@ def test_reshape_that_mixes_rows_is_left() -> None:
 
 def test_bn_nodes_sharing_a_name_get_distinct_verdicts() -> None:
     """ONNX does not require unique node names; the report must still tell the two BNs apart."""
-    from tests.test_onnx_helpers import G as Graph
+    from models.onnx_graphs import G as Graph
 
     g = Graph(seed=4)
     g.node("Conv", [g.input("x", [2, 3, 5, 5]), g.rand("w", (4, 3, 1, 1))], ["a"], name="conv")

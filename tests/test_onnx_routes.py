@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 
 from bnfold.onnx import count_bn, fold_model
 from bnfold.records import Direction, SkipReason
-from tests.test_onnx_helpers import TOL, G, assert_close, feeds_for, run
+from models.onnx_graphs import TOL, G, assert_close, feeds_for, run
 
 F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
 DTYPES = [F32, F64]

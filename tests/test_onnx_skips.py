@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
-from test_onnx_helpers import G, check_fold, skip_reason
 
 from bnfold.onnx import fold_model
 from bnfold.records import Skip, SkipReason
+from models.onnx_graphs import G, check_fold, skip_reason
 
 F16 = TensorProto.FLOAT16
 

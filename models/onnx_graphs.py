@@ -1,4 +1,4 @@
-"""Helpers for the ONNX backend tests: tiny graphs built with onnx.helper, run in onnxruntime.
+"""Tiny ONNX graphs for tests and benchmarks: built with onnx.helper, run in onnxruntime.
 
 Every comparison runs the *original* model in onnxruntime with graph optimisations disabled as the
 reference, never the fold formula.
@@ -15,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.onnx import count_bn, fold_model
 
+from .stats import bn_stats
+
 # Tolerances relative to the output scale (max |reference|), per dtype:
 # float32: a fold changes the rounding of each product: a few ulps over short sums (~1e-7 each).
 TOL = {
@@ -26,16 +28,6 @@ TOL = {
     TensorProto.FLOAT16: 1e-2,
 }
 NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
-
-
-def bn_stats(c: int, rng: np.random.Generator, shape: tuple[int, ...] | None = None) -> list[np.ndarray]:
-    """Realistic BN parameters (gamma, beta, mean, var): mean != 0, var != 1, gamma != 1 (some < 0)."""
-    shp = shape or (c,)
-    gamma = rng.uniform(0.5, 1.5, shp) * np.where(rng.random(shp) < 0.1, -1.0, 1.0)
-    beta = rng.uniform(-0.5, 0.5, shp)
-    mean = rng.uniform(-0.5, 0.5, shp)
-    var = np.exp(rng.uniform(-1.4, 0.9, shp))
-    return [gamma, beta, mean, var]
 
 
 class G:
