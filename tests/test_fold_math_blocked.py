@@ -24,7 +24,6 @@ from bnfold.fold_math import (
     fold_gemm_forward,
     scale_cast,
 )
-from bnfold.onnx import fastmath
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64)]
@@ -138,7 +137,3 @@ def test_backward_and_gemm_go_through_the_same_product() -> None:
     s5, t5 = _stats(5, rng)
     b_fold, c_fold = fold_gemm_forward(b, None, 1.0, 1.0, s5, t5, False)
     assert b_fold.tobytes() == (b.astype(np.float64) * s5[None, :]).tobytes()
-
-
-def test_fastmath_names_still_work() -> None:
-    assert fastmath.scale_cast is scale_cast and fastmath.Scratch is Scratch
