@@ -7,6 +7,8 @@ What a CLI user waits for, interpreter start and imports included, measured side
   ``onnx.save(..., save_as_external_data=True)``, as a user's script would write it);
 * **bnfold**: ``python -m bnfold fold --no-verify a b --quiet`` (load with the checks, fold, streamed
   atomic save; external data kept as the input has it);
+* **bnfold API**: the same job through the Python API in a plain script (``io.load_file``,
+  ``bnfold.onnx.fold_model``, ``io.save``): the CLI's own share is ``bnfold - bnfold API``;
 * **imports**: ``python -c "import bnfold.cli"`` and ``python -c "import onnx"``: what the two pay
   before any work, to tell the CLI's import cost from the job's.
 
@@ -42,6 +44,11 @@ _FLOOR_EXTERNAL = ("import onnx, os, sys; onnx.save(onnx.load(sys.argv[1]), sys.
                    "location=os.path.basename(sys.argv[2]) + '.data')")
 
 
+_API = ("import sys; from bnfold import io; from bnfold.onnx import fold_model; "
+        "loaded = io.load_file(sys.argv[1], lazy_external_data=True); m = fold_model(loaded.model, inplace=True)[0]; "
+        "io.save(m, sys.argv[2], external_data=bool(loaded.data_files) or None)")
+
+
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                                          if p))
@@ -59,6 +66,7 @@ def _commands(src: Path, dst: Path, external: bool) -> dict[str, list[str]]:
     return {
         "floor": [py, "-c", _FLOOR_EXTERNAL if external else _FLOOR_INLINE, str(src), str(dst)],
         "bnfold": [py, "-m", "bnfold", "fold", "--no-verify", "--quiet", str(src), str(dst)],
+        "bnfold API": [py, "-c", _API, str(src), str(dst)],
         "import bnfold.cli": [py, "-c", "import bnfold.cli"],
         "import onnx": [py, "-c", "import onnx"],
     }

@@ -108,10 +108,15 @@ def test_a_sparse_initializer_and_a_function_attribute_count(tmp_path: Path) -> 
     src = tmp_path / "m.onnx"
     src.write_bytes(m.SerializeToString())
     assert datafiles.read_locations(src) == datafiles.model_locations(m) == ["sparse.bin", "fn.bin"]
+    # two location entries on one tensor: both count (onnx reads the last one, another reader the first)
+    e = ft.t.external_data.add()
+    e.key, e.value = "location", "fn2.bin"
+    src.write_bytes(m.SerializeToString())
+    assert datafiles.read_locations(src) == datafiles.model_locations(m) == ["sparse.bin", "fn.bin", "fn2.bin"]
     # a location entry without data_location EXTERNAL is not read by onnx or onnxruntime
     values.data_location = T.DEFAULT
     src.write_bytes(m.SerializeToString())
-    assert datafiles.read_locations(src) == ["fn.bin"]
+    assert datafiles.read_locations(src) == ["fn.bin", "fn2.bin"]
 
 
 def test_files_that_are_not_onnx_read_nothing(tmp_path: Path) -> None:

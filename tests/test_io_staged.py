@@ -77,6 +77,21 @@ def test_an_exception_in_the_block_leaves_the_old_pair_whole(tmp_path: Path, ext
     assert {name: _sha(tmp_path / name) for name in _listing(tmp_path)} == before
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_an_interrupt_right_after_the_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           external: bool) -> None:
+    real = bio.saver._stage_onnx
+
+    def then_interrupted(*a: object, **k: object) -> object:
+        real(*a, **k)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # a signal between the finished write and the caller's block
+
+    monkeypatch.setattr(bio.saver, "_stage_onnx", then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bio.save(_conv_model(), tmp_path / "o.onnx", external_data=external)
+    assert _listing(tmp_path) == []
+
+
 def test_commit_gives_the_pair_that_save_gives(tmp_path: Path) -> None:
     m = _conv_model()
     (tmp_path / "a").mkdir()

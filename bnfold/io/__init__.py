@@ -6,8 +6,8 @@ Modules, in the order they depend on each other:
     * :mod:`.atomic`: temporary paths next to the destination, deferred signals, the folder lock;
     * :mod:`.paths`: the files a model reads, output-path checks that protect them;
     * :mod:`.sniff`: format detection from a bounded read (pickle scanning, the ONNX wire check);
-    * :mod:`.checks`: consistency of ONNX model data (sizes, unique names, BN parameter shapes);
     * :mod:`.stream`: the protobuf wire-format writer (one initializer at a time);
+    * :mod:`.checks`: consistency of ONNX model data (sizes, unique names, BN parameter shapes);
     * :mod:`.torch_load`: factories, state_dicts, trusted pickles, ``.pt2`` archives;
     * :mod:`.loader`: :func:`load_file` -> :class:`Loaded` (one sniff, one parse);
     * :mod:`.saver`: :func:`staged_save` -> :class:`Staged` (write, check, commit), :func:`save`.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -42,17 +43,45 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _temp_file(dst: str, folder: str) -> str:
-    """A fresh empty temporary file next to ``dst`` (``.<name>.*.tmp<suffix>``), created atomically."""
+def _temp_file(dst: str, folder: str, created: list[str]) -> str:
+    """A fresh empty temporary file next to ``dst`` (``.<name>.*.tmp<suffix>``), noted in ``created``.
+
+    Creating the file and noting its name are one step that a signal cannot cut, so the caller's
+    clean-up (:func:`_remove_created`, in a ``finally`` opened *before* this call) always knows it.
+    """
     name = os.path.basename(dst)
     suffix = "".join(Path(name).suffixes[-1:])
-    with _signals_deferred():  # a signal between creating the file and knowing its name leaks it
+    with _signals_deferred():
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
         except OSError as e:
             raise _output_error(dst, e) from e
+        created.append(tmp)
         os.close(fd)
     return tmp
+
+
+def _temp_folder(dst: str, folder: str, created: list[str]) -> str:
+    """A fresh empty temporary folder next to ``dst`` (``.<name>.*.tmp``), noted in ``created``."""
+    with _signals_deferred():
+        try:
+            work = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise _output_error(dst, e) from e
+        created.append(work)
+    return work
+
+
+def _remove_created(created: list[str]) -> None:
+    """Remove the temporary files and folders in ``created`` (newest first), as one uncut step."""
+    with _signals_deferred():
+        for path in reversed(created):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        created.clear()
 
 
 @contextlib.contextmanager
@@ -66,13 +95,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         OutputError: the folder does not exist or is not writable.
     """
     dst = os.fspath(path)
-    tmp = _temp_file(dst, _check_folder(dst))
+    folder = _check_folder(dst)
+    created: list[str] = []
     try:
+        tmp = _temp_file(dst, folder, created)
         yield tmp
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, dst)
     except BaseException:
-        _discard(tmp)
+        _remove_created(created)
         raise
 
 

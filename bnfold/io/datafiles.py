@@ -131,7 +131,8 @@ def _walk(buf: Any, pos: int, end: int, kind: str, out: dict[str, None], depth: 
 
 
 def _tensor(buf: Any, pos: int, end: int, out: dict[str, None]) -> None:
-    location, external = "", False
+    locations: list[str] = []  # every "location" entry: onnx reads the last, a reader might take the first
+    external = False
     for number, wire, value, at in fields(buf, pos, end):
         if number == _DATA_LOCATION and wire == 0:
             external = value == _EXTERNAL
@@ -142,9 +143,10 @@ def _tensor(buf: Any, pos: int, end: int, out: dict[str, None]) -> None:
                     s = bytes(buf[p:p + length]).decode("utf-8", "replace")
                     key, text = (s, text) if n == 1 else (key, s)
             if key == "location" and text:
-                location = text
-    if external and location:
-        out.setdefault(location, None)
+                locations.append(text)
+    if external:
+        for loc in locations:
+            out.setdefault(loc, None)
 
 
 class FileBytes:
@@ -219,9 +221,9 @@ def _walk_message(msg: Any, kind: str, out: dict[str, None]) -> None:
             if child != _TENSOR:
                 _walk_message(item, child, out)
             elif item.data_location == _EXTERNAL:
-                loc = next((e.value for e in item.external_data if e.key == "location"), "")
-                if loc:
-                    out.setdefault(loc, None)
+                for e in item.external_data:
+                    if e.key == "location" and e.value:
+                        out.setdefault(e.value, None)
 
 
 def _graphs(graph: Any) -> Iterator[Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .checks import _SUBBYTE_TYPES, _check_onnx
+from .datafiles import data_refs
 from .paths import _external_refs, _total_size
 from .sniff import _fail, _file_kind, _sniff
 
@@ -40,7 +41,7 @@ def _load_onnx(path: str, parsed: Any, lazy: bool = False) -> Any:
 
     model = parsed
     base = os.path.dirname(os.path.abspath(path))
-    for ref in _external_refs(model, base):
+    for ref in _external_refs(model, base):  # what this parse reads (the file may have changed since)
         try:
             st = os.stat(ref)
         except OSError as e:
@@ -226,9 +227,8 @@ def load_file(
     fmt, parsed = _sniff(p)
     data_files: tuple[str, ...] = ()
     if fmt == "onnx":
-        # read from the parse before the load replaces the locations (lazy: absolute; eager: gone)
-        data_files = tuple(r for r in _external_refs(parsed, os.path.dirname(os.path.abspath(p)))
-                           if os.path.isfile(r))
+        # remembered by the sniff (no second walk), before the load replaces the locations
+        data_files = tuple(r for r in data_refs(p) if os.path.isfile(r))
     if fmt == "onnx" and lazy_external_data:
         model = _load_onnx(p, parsed, lazy=True)
     else:

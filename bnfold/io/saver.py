@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as _field
@@ -33,8 +31,10 @@ from .atomic import (
     _folder_lock,
     _identity,
     _output_error,
+    _remove_created,
     _signals_deferred,
     _temp_file,
+    _temp_folder,
     _umask_mode,
 )
 from .paths import _input_file_error, _onnx_refs, _protected, _remember_saved, _remove_old_data
@@ -46,9 +46,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """ONNX models larger than this (bytes) are saved with external data (protobuf stops at 2 GiB)."""
 
 
-def _stage_onnx(model: Any, dst: str, external_data: bool | None,
-                protect_ids: set[tuple[int, int]]) -> tuple[Staged, Callable[[], None]]:
-    """Write an ONNX model to temporary files next to ``dst``; return them and their clean-up.
+def _stage_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]],
+                created: list[str]) -> Staged:
+    """Write an ONNX model to temporary files next to ``dst`` (each noted in ``created`` as it is made).
 
     Inline: one temporary ``.<name>.*.tmp.onnx``. With external data: a temporary folder
     ``.<name>.*.tmp/`` holding ``model.onnx`` and its data under the fresh final name
@@ -65,18 +65,14 @@ def _stage_onnx(model: Any, dst: str, external_data: bool | None,
         raise _input_file_error(dst, dst, "the output")
     _read_in_nested_lazy(model)
     if not use_external:
-        tmp = _temp_file(dst, folder)
+        tmp = _temp_file(dst, folder, created)
         try:
-            try:
-                with open(tmp, "wb") as f:
-                    _write_onnx_stream(model, f, None, "")
-            except OSError as e:
-                raise _output_error(dst, e) from e
-            except _PartTooLarge as e:
-                raise OutputError(f"{dst}: {e}") from e
-        except BaseException:
-            _discard(tmp)
-            raise
+            with open(tmp, "wb") as f:
+                _write_onnx_stream(model, f, None, "")
+        except OSError as e:
+            raise _output_error(dst, e) from e
+        except _PartTooLarge as e:
+            raise OutputError(f"{dst}: {e}") from e
 
         def commit_inline() -> None:
             os.chmod(tmp, _umask_mode())
@@ -87,21 +83,17 @@ def _stage_onnx(model: Any, dst: str, external_data: bool | None,
                 _remove_old_data(dst, old_refs, None, protect_ids)
                 _remember_saved(dst, ())
 
-        return Staged(tmp, (), _commit=commit_inline, _target=dst), lambda: _discard(tmp)
+        return Staged(tmp, (), _commit=commit_inline, _target=dst)
     location = _choose_data_name(dst)
-    work = _write_pair_staged(model, dst, folder, location)
+    work = _write_pair_staged(model, dst, folder, location, created)
     tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
     has_data = os.path.exists(tmp_data)
 
-    def cleanup() -> None:
-        with _signals_deferred():
-            shutil.rmtree(work, ignore_errors=True)
-
     def commit_pair() -> None:
         _commit_pair(dst, folder, location, tmp_model, tmp_data if has_data else None, protect_ids)
-        cleanup()  # the folder, now empty
+        _remove_created(created)  # the folder, now empty
 
-    return Staged(tmp_model, (tmp_data,) if has_data else (), _commit=commit_pair, _target=dst), cleanup
+    return Staged(tmp_model, (tmp_data,) if has_data else (), _commit=commit_pair, _target=dst)
 
 
 def _choose_data_name(dst: str) -> str:
@@ -119,36 +111,23 @@ def _choose_data_name(dst: str) -> str:
             return candidate
 
 
-def _write_pair_staged(model: Any, dst: str, folder: str, location: str) -> str:
-    """Write model + data into a new temporary folder next to ``dst``; return the folder.
+def _write_pair_staged(model: Any, dst: str, folder: str, location: str, created: list[str]) -> str:
+    """Write model + data into a new temporary folder next to ``dst`` (noted in ``created``); return it.
 
     The folder holds ``model.onnx`` and (when a tensor of 1 KiB or more exists) its data under the
-    final name ``location``, so the model loads from there as it is. On any exception (disk full,
-    Ctrl-C, SIGTERM turned into an exception) the folder is removed.
+    final name ``location``, so the model loads from there as it is.
     """
-    name = os.path.basename(dst)
-    work: str | None = None
+    work = _temp_folder(dst, folder, created)
+    tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
     try:
-        with _signals_deferred():
-            try:
-                work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            except OSError as e:
-                raise _output_error(dst, e) from e
-        tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
-        try:
-            with open(tmp_model, "wb") as f, open(tmp_data, "wb") as data:
-                _write_onnx_stream(model, f, data, location)
-        except OSError as e:
-            raise _output_error(dst, e) from e
-        except _PartTooLarge as e:
-            raise OutputError(f"{dst}: {e}") from e
-        if not os.path.getsize(tmp_data):
-            os.unlink(tmp_data)
-    except BaseException:
-        with _signals_deferred():
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
-        raise
+        with open(tmp_model, "wb") as f, open(tmp_data, "wb") as data:
+            _write_onnx_stream(model, f, data, location)
+    except OSError as e:
+        raise _output_error(dst, e) from e
+    except _PartTooLarge as e:
+        raise OutputError(f"{dst}: {e}") from e
+    if not os.path.getsize(tmp_data):
+        os.unlink(tmp_data)
     return work
 
 
@@ -238,15 +217,17 @@ def staged_save(
     """
     dst = os.fspath(path)
     protect_ids = {i for f in protect if (i := _identity(os.fspath(f))) is not None}
-    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
-        staged, cleanup = _stage_onnx(model, dst, external_data, protect_ids)
-    else:
-        staged, cleanup = _stage_torch(model, dst, fmt, protect_ids)
-    try:
+    created: list[str] = []  # every temporary, noted the moment it exists (see atomic._temp_file)
+    staged: Staged | None = None
+    try:  # opened before any file exists: a signal at any point after leaves nothing behind
+        if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+            staged = _stage_onnx(model, dst, external_data, protect_ids, created)
+        else:
+            staged = _stage_torch(model, dst, fmt, protect_ids, created)
         yield staged
     finally:
-        if not staged.committed:
-            cleanup()
+        if staged is None or not staged.committed:
+            _remove_created(created)
 
 
 def save(
@@ -284,9 +265,9 @@ def save(
         staged.commit()
 
 
-def _stage_torch(model: Any, dst: str, fmt: str | None,
-                 protect_ids: set[tuple[int, int]]) -> tuple[Staged, Callable[[], None]]:
-    """Write a PyTorch model to a temporary file next to ``dst``; return it and its clean-up."""
+def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[int, int]],
+                 created: list[str]) -> Staged:
+    """Write a PyTorch model to a temporary file next to ``dst`` (noted in ``created``)."""
     if "torch" not in sys.modules:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
     import torch
@@ -311,22 +292,18 @@ def _stage_torch(model: Any, dst: str, fmt: str | None,
     folder = _check_folder(dst)
     if _protected(dst, protect_ids):
         raise _input_file_error(dst, dst, "the output")
-    tmp = _temp_file(dst, folder)
+    tmp = _temp_file(dst, folder, created)
     try:
-        try:
-            writer(tmp)
-        except OSError as e:
-            raise _output_error(dst, e) from e
-        except RuntimeError as e:
-            # torch's zip writer reports a failed write (disk full, file size limit) as
-            # "RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos"
-            msg = " ".join(str(e).split())
-            if "enforce fail" in msg or "write" in msg.lower() or "file" in msg.lower():
-                raise OutputError(f"{dst}: cannot write (the write failed: disk full or a file size limit?); "
-                                  "free space and retry") from e
-            raise
-    except BaseException:
-        _discard(tmp)
+        writer(tmp)
+    except OSError as e:
+        raise _output_error(dst, e) from e
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write (disk full, file size limit) as
+        # "RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos"
+        msg = " ".join(str(e).split())
+        if "enforce fail" in msg or "write" in msg.lower() or "file" in msg.lower():
+            raise OutputError(f"{dst}: cannot write (the write failed: disk full or a file size limit?); "
+                              "free space and retry") from e
         raise
 
     def commit() -> None:
@@ -334,4 +311,4 @@ def _stage_torch(model: Any, dst: str, fmt: str | None,
         with _signals_deferred():
             os.replace(tmp, dst)
 
-    return Staged(tmp, (), _commit=commit, _target=dst), lambda: _discard(tmp)
+    return Staged(tmp, (), _commit=commit, _target=dst)
