@@ -198,7 +198,8 @@ def bench_file(
     shapes = parse_shapes_for(input_shapes, src_p)
     factory = bio.resolve_factory(model_factory) if model_factory else None
     prog("load", 0, 1)
-    model, fmt = bio.load_with_format(src_p, model_factory=factory, trust_pickle=trust_pickle)
+    loaded = bio.load_file(src_p, model_factory=factory, trust_pickle=trust_pickle)
+    model, fmt = loaded.model, loaded.format
     prog("load", 1, 1)
 
     if fmt == "onnx":
@@ -224,7 +225,7 @@ def bench_file(
             notes=notes,
         )
     return _bench_torch(
-        src_p, fmt, model, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog, say=say
+        src_p, fmt, model, loaded.example_inputs, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog, say=say
     )
 
 
@@ -242,6 +243,7 @@ def _bench_torch(
     src: Path,
     fmt: str,
     model: Any,
+    own_examples: tuple[Any, ...] | None,
     shapes: Mapping[str, tuple[int, ...]],
     *,
     runs: int,
@@ -259,7 +261,7 @@ def _bench_torch(
     from ._inputs import torch_examples
 
     # An exported program runs on its own example inputs (its graph is specialised to them).
-    args = torch_examples(model, {} if is_ep else shapes, None, seed, src)
+    args = torch_examples(model, {} if is_ep else shapes, None, seed, src, own_examples)
     folded, report = fold_with_report(model) if is_ep else fold_with_report(model, example_inputs=args)
     notes = _already_folded(src, report, say)
     # An exported program is called through its GraphModule (eval semantics are fixed in the graph).

@@ -1,4 +1,4 @@
-"""One external-data walker: files_read_by (safety) and _datafiles (sizes, orphans) see every tensor."""
+"""One external-data walker: files_read_by (safety) and io.datafiles (sizes, orphans) see every tensor."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from bnfold import _datafiles
 from bnfold import io as bio
 from bnfold.errors import OutputError
 from bnfold.io import datafiles
+from bnfold.io import datafiles as _datafiles
 from models.testing import run_onnx
 
 _RNG = np.random.default_rng(3)

@@ -132,7 +132,7 @@ def _finish(
     src_data: tuple[str, ...],
 ) -> FoldReport:
     """The verification-failed policy (the one place), then commit and the output's figures."""
-    from bnfold._datafiles import model_size, onnx_data_files
+    from bnfold.io.datafiles import model_size, onnx_data_files
     from bnfold.verification import failure_message, runtime_notes
 
     v = report.verification

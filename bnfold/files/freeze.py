@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from bnfold._datafiles import model_size
 from bnfold.errors import OptionError, UnsupportedModelError
+from bnfold.io.datafiles import model_size
 from bnfold.records import FileInfo, FreezeReport
 
 from .load import ProgressFn, load, noop

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bnfold._datafiles import onnx_data_files
 from bnfold.errors import OptionError, OutputError
+from bnfold.io.datafiles import onnx_data_files
 
 from .load import ProgressFn
 

@@ -235,8 +235,9 @@ def load_file(
         model = _load_as(p, fmt, parsed, model_factory, trust_pickle)
     examples = None
     if fmt == "state_dict":
-        ex = getattr(model, "example_inputs", None)
-        examples = tuple(ex) if isinstance(ex, (tuple, list)) else None
+        from .torch_load import factory_examples
+
+        examples = factory_examples(model_factory)
     return Loaded(model=model, format=fmt, path=p, example_inputs=examples, data_files=data_files,
                   size=_total_size([os.path.abspath(p), *data_files]) if os.path.exists(p) else None)
 

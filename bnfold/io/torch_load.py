@@ -25,7 +25,7 @@ from bnfold.errors import OptionError
 
 from .sniff import _fail
 
-__all__ = ["resolve_factory", "load_torch"]
+__all__ = ["resolve_factory", "load_torch", "factory_examples"]
 
 
 def _add_cwd_as_fallback() -> None:
@@ -188,10 +188,23 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     except Exception as e:
         raise _fail(p, f"does not fit the architecture built by {model_factory!r}: "
                        f"{' '.join(str(e).split())[:300]}") from e
-    shape = getattr(factory, "example_input_shape", None)
-    if shape is not None and getattr(model, "example_inputs", None) is None:
-        # The factory tells what one input looks like (no batch dimension): a seeded batch of 2, so
-        # that jobs needing inputs (export, verification, bench) run without --input-shape.
-        g = torch.Generator().manual_seed(0)
-        model.example_inputs = (torch.randn(2, *shape, generator=g),)  # type: ignore[assignment]
     return model.eval()
+
+
+def factory_examples(model_factory: str | Callable[[], Any] | None) -> tuple[Any, ...] | None:
+    """The example inputs a factory describes, or None.
+
+    A factory's ``example_input_shape`` tells what one input looks like (no batch dimension): a seeded
+    batch of 2, so that jobs needing inputs (export, verification, bench) run without --input-shape.
+    They go into :attr:`bnfold.io.Loaded.example_inputs`, never onto the model.
+    """
+    if model_factory is None:
+        return None
+    factory = resolve_factory(model_factory) if isinstance(model_factory, str) else model_factory
+    shape = getattr(factory, "example_input_shape", None)
+    if shape is None:
+        return None
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, *shape, generator=g),)
