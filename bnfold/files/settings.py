@@ -104,54 +104,50 @@ class VerifySettings:
 
 
 @dataclass(frozen=True, slots=True)
-class FoldSettings:
-    """``bnfold fold`` (:func:`bnfold.files.fold_file`)."""
+class InspectSettings:
+    """``bnfold inspect``: the options that decide a verdict in ``fold``, and ``health``.
+
+    :class:`FoldSettings` extends it: ``fold`` takes every option ``inspect`` takes, with the same
+    meaning, so a dry run gives the verdicts the fold will give.
+    """
 
     affine: bool = False
-    """ONNX output: turn BNs that have nothing to fold into into one Mul + one Add (``--affine``)."""
+    """ONNX: turn BNs that have nothing to fold into into one Mul + one Add (``--affine``)."""
+    eval_semantics: bool = False
+    """PyTorch: fold a module saved in ``train()`` mode with its inference semantics."""
+    health: bool = False
+    """Also audit the BNs (:func:`bnfold.health`) into ``report.health``."""
+    load: LoadSettings = field(default_factory=LoadSettings)
+    inputs: InputSettings = field(default_factory=InputSettings)
+    """The shapes / inputs that prove where a Linear meets a BatchNorm1d on 2-D data (PyTorch), that
+    verification runs on, and that a PyTorch export is traced with."""
+
+
+@dataclass(frozen=True, slots=True)
+class FoldSettings(InspectSettings):
+    """``bnfold fold`` (:func:`bnfold.files.fold_file`): the options of ``inspect`` and these."""
+
     verify: bool = True
     """Compare the result with the original in onnxruntime before it is put in place (``--no-verify``)."""
     force: bool = False
     """Write OUT even when verification fails (the job still raises ``FoldVerificationError``)."""
     in_place: bool = False
     """Allow OUT to be MODEL (replaced only after verification)."""
-    eval_semantics: bool = False
-    """PyTorch: fold a module saved in ``train()`` mode with its inference semantics."""
     external_data: bool | None = None
     """ONNX output: True writes ``OUT.data`` next to OUT, False inline; None keeps the input's layout
     (a PyTorch source: external only over the 2 GiB protobuf limit)."""
     flush_denormals: bool = True
     """Set subnormal values of the folded tensors to zero before verification (:mod:`bnfold.denormals`);
     a PyTorch source written to ``.onnx`` has every float initializer flushed (the exporter wrote them)."""
-    health: bool = False
-    """Also audit the BNs (:func:`bnfold.health`) into ``report.health``."""
     prune_constant_channels: bool = False
     """PyTorch module written to ``.pt``/``.pth``/``.pt2``: drop the channels that are constant after
     the fold where exact (:mod:`bnfold.constant_channels`)."""
     all_or_nothing: bool = False
     """When verification fails, refuse the whole model (otherwise, for an ONNX source or an
     ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are left: :mod:`bnfold.culprit`)."""
-    load: LoadSettings = field(default_factory=LoadSettings)
-    inputs: InputSettings = field(default_factory=InputSettings)
-    """The shapes / inputs verification runs on (and a PyTorch export is traced with)."""
     verification: VerifySettings = field(default_factory=VerifySettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     """How a PyTorch source is exported to ``.onnx`` (opset, dynamic batch, names)."""
-
-
-@dataclass(frozen=True, slots=True)
-class InspectSettings:
-    """``bnfold inspect``: the options that decide a verdict in ``fold``, and ``health``."""
-
-    affine: bool = False
-    """The verdicts ``fold --affine`` would give (ONNX)."""
-    eval_semantics: bool = False
-    """PyTorch: decide a module saved in ``train()`` mode with its inference semantics."""
-    health: bool = False
-    """Also audit the BNs (:func:`bnfold.health`)."""
-    load: LoadSettings = field(default_factory=LoadSettings)
-    inputs: InputSettings = field(default_factory=InputSettings)
-    """PyTorch: shapes that prove where a Linear meets a BatchNorm1d on 2-D data."""
 
 
 @dataclass(frozen=True, slots=True)
