@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .errors import InputError, OptionError
@@ -125,7 +125,6 @@ def fold_with_report(
 
     steps = PostFold(flush_denormals, health, prune_constant_channels)
     before = None if dry_run else before_fold(model, kind, steps, inplace=inplace)
-    t0 = time.perf_counter()
     given: Any = model  # one of the three kinds: model_kind dispatches, each backend takes its own
     out: Any
     report: FoldReport
@@ -151,13 +150,13 @@ def fold_with_report(
         out, report = fold_module(
             given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
         )
-    report.seconds = time.perf_counter() - t0
     if not dry_run:  # health audit, constant-channel pruning, denormal flush (bnfold.postfold)
-        after_fold(model, out, report, before, kind, steps)
+        report = after_fold(model, out, report, before, kind, steps)
     elif health:
         from .health import health as audit_copy
 
-        report.health = audit_copy(model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs)
+        report = replace(report, health=audit_copy(model, affine=affine, eval_semantics=eval_semantics,
+                                                   example_inputs=example_inputs))
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return cast("Model", out), report
 

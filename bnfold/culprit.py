@@ -26,10 +26,10 @@ the callback hides how a subset is folded (``bnfold.onnx.fold_model(exclude=...)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .records import Skip, SkipReason, VerifyReport
+from .records import FoldReport, Skip, SkipReason, VerifyReport
 
 __all__ = ["Culprit", "CulpritSearch", "find_culprits", "culprit_skips", "fold_without_culprits"]
 
@@ -165,10 +165,10 @@ def culprit_skips(search: CulpritSearch) -> dict[str, Skip]:
 
 
 def fold_without_culprits(
-    report: Any,
-    fold: Callable[[frozenset[str]], tuple[Any, Any]],
+    report: FoldReport,
+    fold: Callable[[frozenset[str]], tuple[Any, FoldReport]],
     verify: Callable[[Any], VerifyReport],
-) -> tuple[Any, Any, CulpritSearch]:
+) -> tuple[Any, FoldReport, CulpritSearch]:
     """Re-fold without the folds that fail verification; return ``(model, fold report, search)``.
 
     Args:
@@ -183,7 +183,7 @@ def fold_without_culprits(
         their error, ``verification`` set, ``culprits``) and the search. When the search is not
         resolved the model is None and the report is the one given.
     """
-    last: dict[frozenset[str], tuple[Any, Any]] = {}
+    last: dict[frozenset[str], tuple[Any, FoldReport]] = {}
 
     def check(excluded: frozenset[str]) -> VerifyReport:
         model, rep = fold(excluded)
@@ -195,8 +195,7 @@ def fold_without_culprits(
     sites = [s.bn for s in report.sites]
     search = find_culprits(sites, check, failed=report.verification)
     if not search.resolved:
-        report.culprits = search
-        return None, report, search
+        return None, replace(report, culprits=search), search
     excluded = frozenset(sites) - frozenset(search.kept)
     if excluded not in last:
         last.clear()
@@ -205,12 +204,9 @@ def fold_without_culprits(
         last[excluded] = (model, rep)
     model, new = last[excluded]
     skips = culprit_skips(search)
-    new.verdicts = [skips.get(v.bn, v) for v in new.verdicts]
-    new.verification = search.report
-    new.culprits = search
     names = ", ".join(c.bn for c in search.culprits)
-    new.notes.append(
-        f"{len(search.culprits)} fold(s) failed verification and were left in place ({names}); "
-        f"found in {search.checks} verification(s)"
-    )
+    note = (f"{len(search.culprits)} fold(s) failed verification and were left in place ({names}); "
+            f"found in {search.checks} verification(s)")
+    new = replace(new, verdicts=[skips.get(v.bn, v) for v in new.verdicts], verification=search.report,
+                  culprits=search, notes=(*new.notes, note))
     return model, new, search

@@ -36,7 +36,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError, VerificationError
@@ -179,7 +179,7 @@ def export_onnx(
         from .verification import verify as run_verify
 
         vrep = run_verify(model, onnx_model, example_inputs=args, atol=atol, rtol=rtol)
-        report.verification = vrep
+        report = replace(report, verification=vrep)
         if not vrep.passed and not force:
             from .verification import failure_message
 
@@ -188,8 +188,7 @@ def export_onnx(
     from .io import save
 
     save(onnx_model, path)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return replace(report, seconds=time.perf_counter() - t0)
 
 
 def _torch_export(model: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
@@ -238,11 +237,10 @@ def _export_module(
     left_in_onnx = count_bn(onnx_model)
     onnx_model, oreport = fold_model(onnx_model, affine=affine, inplace=True)
     report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
-    report.export = ExportCounts(
+    return onnx_model, replace(report, export=ExportCounts(
         torch=treport.folded, exporter=max(len(treport.skips) - left_in_onnx, 0), onnx=oreport.folded,
         left=oreport.bn_after, exporter_kind="dynamo" if dynamo else "legacy",
-    )
-    return onnx_model, report
+    ))
 
 
 def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, backend: str) -> FoldReport:
@@ -260,14 +258,12 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
     else:
         onnx_modules = {_module_of(v.bn) for v in oreport.verdicts}
         kept = [v for v in treport.verdicts if v.folded or v.bn not in onnx_modules]
-    report = FoldReport(backend=backend, verdicts=[*kept, *oreport.verdicts])
-    report.bn_before = treport.bn_before
-    report.bn_after = oreport.bn_after
-    report.nodes_before, report.params_before = treport.nodes_before, treport.params_before
-    report.nodes_after, report.params_after = oreport.nodes_after, oreport.params_after
-    report.notes.extend(treport.notes)
-    report.notes.extend(oreport.notes)
-    return report
+    return FoldReport(
+        backend=backend, verdicts=[*kept, *oreport.verdicts], bn_before=treport.bn_before,
+        bn_after=oreport.bn_after, nodes_before=treport.nodes_before, params_before=treport.params_before,
+        nodes_after=oreport.nodes_after, params_after=oreport.params_after,
+        notes=(*treport.notes, *oreport.notes),
+    )
 
 
 def _module_of(node_name: str) -> str:
@@ -344,6 +340,5 @@ def export_folded(
             input_names=export.input_names or None, output_names=export.output_names or None,
             dynamic_axes=None, dynamic_batch=export.dynamic_batch, affine=affine,
         )
-    report.seconds = time.perf_counter() - t
     progress("export", 1, 1)
-    return proto, report
+    return proto, replace(report, seconds=time.perf_counter() - t)

@@ -177,10 +177,9 @@ def freeze_with_report(
     root = model if inplace else copy_model(model)
     types = _freezable_types()
     names = _names_by_module(root)
-    report = FoldReport(backend="freeze")
     bns = [(n, m) for n, m in root.named_modules() if _is_bn_like(m)]
-    report.bn_before = len(bns)
-    report.params_before = sum(p.numel() for p in root.parameters())
+    params_before = sum(p.numel() for p in root.parameters())
+    verdicts: list[Verdict] = []
     unselected: list[str] = []
     new_root = root
     for name, bn in bns:
@@ -190,7 +189,7 @@ def freeze_with_report(
             continue
         spec = _verdict(name, bn)
         if isinstance(spec, Skip):
-            report.verdicts.append(spec)
+            verdicts.append(spec)
             continue
         assert spec.mean is not None and spec.var is not None
         try:
@@ -203,7 +202,7 @@ def freeze_with_report(
                 template=None if type(bn) in types else _template(bn),
             )
         except ValueError as e:  # e.g. bfloat16 rounding up to inf at the edge of the range
-            report.verdicts.append(Skip(name, SkipReason.OVERFLOW, str(e)))
+            verdicts.append(Skip(name, SkipReason.OVERFLOW, str(e)))
             continue
         for n in all_names:
             if n == "":
@@ -215,10 +214,9 @@ def freeze_with_report(
             detail += f"; {type(bn).__name__}'s activation/dropout kept"
         if len(all_names) > 1:
             detail += f"; shared at {', '.join(all_names)}"
-        report.verdicts.append(Site(name, "", "FrozenBatchNorm", Direction.AFFINE, detail))
-    if unselected:
-        report.notes.append(f"{len(unselected)} BatchNorm not selected: {', '.join(unselected)}")
-    left = report.skips
+        verdicts.append(Site(name, "", "FrozenBatchNorm", Direction.AFFINE, detail))
+    notes = (f"{len(unselected)} BatchNorm not selected: {', '.join(unselected)}",) if unselected else ()
+    left = [v for v in verdicts if isinstance(v, Skip)]
     if strict and left:
         shown = "; ".join(f"'{v.bn}' ({v.reason.value}: {v.detail})" for v in left[:5])
         more = f"; and {len(left) - 5} more" if len(left) > 5 else ""
@@ -226,9 +224,11 @@ def freeze_with_report(
             f"{len(left)} BatchNorm cannot be frozen: {shown}{more}. Pass strict=False to accept a "
             "partial freeze (the report names what was left)"
         )
-    report.bn_after = sum(1 for _, m in new_root.named_modules() if _is_bn_like(m))
-    report.params_after = sum(p.numel() for p in new_root.parameters())
-    report.seconds = time.perf_counter() - t0
+    report = FoldReport(
+        backend="freeze", verdicts=verdicts, notes=notes, bn_before=len(bns), params_before=params_before,
+        bn_after=sum(1 for _, m in new_root.named_modules() if _is_bn_like(m)),
+        params_after=sum(p.numel() for p in new_root.parameters()), seconds=time.perf_counter() - t0,
+    )
     return new_root, report
 
 

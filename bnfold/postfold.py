@@ -14,7 +14,7 @@ runs afterwards, checks the model as it leaves here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError
@@ -49,20 +49,26 @@ def before_fold(model: Any, kind: str, steps: PostFold, *, inplace: bool) -> Any
     return None
 
 
-def after_fold(original: Any, out: Any, report: FoldReport, before: Any, kind: str, steps: PostFold) -> None:
-    """Run the steps on the folded ``out`` (edited) and record their results in ``report``."""
+def after_fold(
+    original: Any, out: Any, report: FoldReport, before: Any, kind: str, steps: PostFold
+) -> FoldReport:
+    """Run the steps on the folded ``out`` (edited); ``report`` with their results recorded."""
     if steps.health:
         from .health import audit
 
-        report.health = audit(original, out, report, before)
+        report = replace(report, health=audit(original, out, report, before))
     if steps.prune_constant_channels:
         from .constant_channels import prune_constant_channels
 
         pruned = prune_constant_channels(out)
-        report.pruned_channels = tuple(pruned)
-        report.notes.append(f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned")
-        report.params_after = sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel"))
+        note = f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned"
+        report = replace(
+            report, pruned_channels=tuple(pruned), notes=(*report.notes, note),
+            params_after=sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel")),
+        )
     if steps.flush_denormals:
         from .denormals import flush_model, flush_targets
 
-        report.flushed_denormals = flush_targets(out, report) if kind == "onnx" else flush_model(out, before)
+        flushed = flush_targets(out, report) if kind == "onnx" else flush_model(out, before)
+        report = replace(report, flushed_denormals=flushed)
+    return report

@@ -290,7 +290,7 @@ class VerifyReport:
         }
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class FoldReport:
     """What a fold (or a dry run) did to a model: one verdict per BatchNorm, plus figures.
 
@@ -309,7 +309,7 @@ class FoldReport:
     dry_run: bool = False
     verification: VerifyReport | None = None
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
     flushed_denormals: int | None = None
     """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
     health: HealthReport | None = None

@@ -99,7 +99,7 @@ def fold_file(
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
     with ship.stage(result) as st:
         if s.verify:
-            report.verification = check(st.path)
+            report = replace(report, verification=check(st.path))
         if s.all_or_nothing or report.verification is None or report.verification.passed:
             return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
     # Left the block without commit: the failed staged file is gone before the re-folds.
@@ -108,7 +108,7 @@ def fold_file(
     del result
     with ship.stage(culprit_free) as st:
         if resolved and st.path is not culprit_free:  # a staged file: verify the bytes that ship
-            report.verification = check(st.path)
+            report = replace(report, verification=check(st.path))
         return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
 
 
@@ -137,22 +137,23 @@ def _finish(
 
     v = report.verification
     if v is not None:
-        report.notes.extend(runtime_notes(v))
+        report = replace(report, notes=(*report.notes, *runtime_notes(v)))
     failed = v is not None and not v.passed
     message = f"{dst}: the folded model is {failure_message(v, against=str(src))}" if v is not None and failed else ""
-    assert report.files is not None
+    files = report.files
+    assert files is not None
     if failed and not s.force:
-        report.files = replace(report.files, total_seconds=time.perf_counter() - t0)
+        report = replace(report, files=replace(files, total_seconds=time.perf_counter() - t0))
         raise FoldVerificationError(f"{message}; not written (--force writes it anyway)", report)
     if failed:
-        report.notes.append("verification failed; written anyway because of --force")
+        report = replace(report, notes=(*report.notes, "verification failed; written anyway because of --force"))
     st.commit()
-    if s.in_place and report.files.source_format == "onnx":
-        report.notes.extend(drop_orphaned_data([Path(f) for f in src_data], dst))
+    if s.in_place and files.source_format == "onnx":
+        report = replace(report, notes=(*report.notes, *drop_orphaned_data([Path(f) for f in src_data], dst)))
     out_data = onnx_data_files(dst) if out_fmt == "onnx" else []
-    report.files = replace(report.files, size_after=model_size(dst, out_fmt), written=True,
-                           total_seconds=time.perf_counter() - t0,
-                           output_data_files=tuple(str(f) for f in out_data))
+    report = replace(report, files=replace(files, size_after=model_size(dst, out_fmt), written=True,
+                                           total_seconds=time.perf_counter() - t0,
+                                           output_data_files=tuple(str(f) for f in out_data)))
     if failed:
         raise FoldVerificationError(f"{message}; written anyway because of --force", report)
     return report
@@ -170,12 +171,10 @@ def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress:
     # The flush runs as the fold writes (one pass); with the audit on, the post-fold step flushes.
     folded, report = fold_model(model, affine=s.affine, inplace=not post.health,
                                 flush_denormals=post.flush_denormals and not post.health)
-    after_fold(model, folded, report, before, "onnx", post)
+    report = after_fold(model, folded, report, before, "onnx", post)
     progress("fold", 1, 1)
-    report.signature = io_signature(folded)
-    if s.verify:
-        report.verified_on = verified_on(folded, prep, None)
-    return report, folded
+    return replace(report, signature=io_signature(folded),
+                   verified_on=verified_on(folded, prep, None) if s.verify else None), folded
 
 
 def _fold_torch(
@@ -192,10 +191,11 @@ def _fold_torch(
         raise reworded(e) from e
     names: list[str] = []
     if out_fmt == "onnx":
-        report.signature = io_signature(result)
+        report = replace(report, signature=io_signature(result))
+        assert report.signature is not None
         names = [i["name"] for i in report.signature["inputs"]]
     if s.verify:
-        report.verified_on = verified_on(result, prep, examples, names)
+        report = replace(report, verified_on=verified_on(result, prep, examples, names))
     import torch
 
     is_module = isinstance(model, torch.nn.Module)

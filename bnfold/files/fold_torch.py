@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,11 @@ def fold_torch(
         if post.health:
             from bnfold.health import health
 
-            report.health = health(model, example_inputs=None if is_ep else examples)
+            report = replace(report, health=health(model, example_inputs=None if is_ep else examples))
         if post.flush_denormals:  # every initializer of the exported model is new: no snapshot tells them apart
             from bnfold.denormals import flush_model
 
-            report.flushed_denormals = flush_model(result, None)
+            report = replace(report, flushed_denormals=flush_model(result, None))
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).

@@ -55,7 +55,7 @@ def inspect_file(
         refuse({"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
         check_onnx_shapes(model, prep.shapes, src_p)
         _, report = fold_with_report(model, dry_run=True, affine=s.affine)
-        report.signature = io_signature(model)
+        report = replace(report, signature=io_signature(model))
     else:
         import torch
 
@@ -82,9 +82,10 @@ def inspect_file(
         from bnfold.health import health as audit_model
 
         if loaded.format == "onnx":
-            report.health = audit_model(model, affine=s.affine)
+            audit = audit_model(model, affine=s.affine)
         else:
-            report.health = audit_model(model, eval_semantics=s.eval_semantics, example_inputs=examples)
+            audit = audit_model(model, eval_semantics=s.eval_semantics, example_inputs=examples)
+        report = replace(report, health=audit)
     prog("fold", 1, 1)
     files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
                      total_seconds=time.perf_counter() - t0)

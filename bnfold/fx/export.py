@@ -15,6 +15,8 @@ count (it may add ``getitem`` nodes to a batch norm that is left, for one).
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,18 +48,20 @@ def fold_exported(
     Raises:
         UnsupportedModelError: the program carries no example inputs to export it again with.
     """
+    t0 = time.perf_counter()
     gm = ep.module()
     matched, writes = plan_export_sites(gm, find_export_sites(gm))
     folds = [c for c in matched if isinstance(c, ExportCandidate)]
-    report = FoldReport(backend="export", verdicts=[c.site if isinstance(c, ExportCandidate) else c for c in matched])
-    report.nodes_before = sum(1 for _ in ep.graph.nodes)
-    report.params_before = sum(t.numel() for t in ep.state_dict.values())
-    report.bn_before = len(report.verdicts)
-    report.bn_after = len(report.skips)
-    report.dry_run = dry_run
+    verdicts = [c.site if isinstance(c, ExportCandidate) else c for c in matched]
+    nodes_before = sum(1 for _ in ep.graph.nodes)
+    report = FoldReport(
+        backend="export", verdicts=verdicts, dry_run=dry_run, nodes_before=nodes_before,
+        params_before=sum(t.numel() for t in ep.state_dict.values()),
+        bn_before=len(verdicts), bn_after=len(verdicts) - len(folds),
+    )
     if dry_run or not folds:
-        report.nodes_after, report.params_after = report.nodes_before, _predict_params(gm, folds, writes)
-        return ep, report
+        return ep, replace(report, nodes_after=nodes_before, params_after=_predict_params(gm, folds, writes),
+                           seconds=time.perf_counter() - t0)
     apply_exported(gm, folds, writes)
     if ep.example_inputs is None:
         raise UnsupportedModelError(
@@ -66,6 +70,7 @@ def fold_exported(
     args_in, kwargs_in = ep.example_inputs
     dynamic = _dynamic_shapes(ep) if any(True for _ in ep.range_constraints) else None
     new_ep = None
+    notes: tuple[str, ...] = ()
     if dynamic is not None:
         try:
             new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), dynamic_shapes=dynamic, strict=False)
@@ -74,13 +79,11 @@ def fold_exported(
     if new_ep is None:
         new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), strict=False)
         if any(True for _ in ep.range_constraints):
-            report.notes.append(
-                "the folded program was exported again with static shapes (its dynamic dims could not "
-                "be carried over)"
-            )
-    report.nodes_after = sum(1 for _ in new_ep.graph.nodes)
-    report.params_after = sum(t.numel() for t in new_ep.state_dict.values())
-    return new_ep, report
+            notes = ("the folded program was exported again with static shapes (its dynamic dims could not "
+                     "be carried over)",)
+    return new_ep, replace(report, notes=notes, nodes_after=sum(1 for _ in new_ep.graph.nodes),
+                           params_after=sum(t.numel() for t in new_ep.state_dict.values()),
+                           seconds=time.perf_counter() - t0)
 
 
 def _dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...] | None:

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -202,6 +203,7 @@ def fold_module(
             "a TorchScript module (torch.jit.script/trace) cannot be folded: its BatchNorms are compiled "
             "code; fold the nn.Module first (bnfold.fold(model)), then script or trace the result"
         )
+    t0 = time.perf_counter()
     _check_lazy(module)
     _check_mode(module, eval_semantics)
     nodes_before, params_before = _count(module)
@@ -244,21 +246,20 @@ def fold_module(
             for m in result.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
-    report.nodes_before, report.params_before = nodes_before, params_before
-    report.bn_before = len(report.verdicts)
-    report.dry_run = dry_run
     if dry_run:
         out = module
         # What the rewrite would remove (or add), counted without rewriting (see _predict).
-        report.bn_after = len(report.skips)
         if isinstance(analysis, str) or not analysis.use_graph:
-            report.nodes_after, report.params_after = _predict(module, plans)
+            nodes_after, params_after = _predict(module, plans)
         else:
-            report.nodes_after, report.params_after = _predict_graph(module, analysis, plans[0][1], traced)
+            nodes_after, params_after = _predict_graph(module, analysis, plans[0][1], traced)
     else:
-        report.bn_after = len(report.skips)
-        report.nodes_after, report.params_after = _count(out)
-    return out, report
+        nodes_after, params_after = _count(out)
+    return out, replace(
+        report, nodes_before=nodes_before, params_before=params_before, bn_before=len(report.verdicts),
+        dry_run=dry_run, bn_after=len(report.skips), nodes_after=nodes_after, params_after=params_after,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 @dataclass
@@ -307,16 +308,15 @@ def _apply(
 ) -> tuple[FoldReport, nn.Module]:
     """Apply ``plan`` (made on ``traced``, the copy the graph came from) to ``work``: a fresh copy, or
     the caller's model for ``inplace`` (module mode only); the plan refers to modules by name."""
-    report = FoldReport(backend="fx", verdicts=plan.report())
-    report.result = "graph_module" if a.use_graph else "module"
+    report = FoldReport(backend="fx", verdicts=plan.report(), result="graph_module" if a.use_graph else "module")
     if dry_run:
         return report, work
     if a.use_graph:
         _copy_trace_constants(a.graph, traced, work)
         gm = fx.GraphModule(work, a.graph, type(work).__name__)
         apply_graph_mode(gm, plan)
-        report.notes.append("returned a torch.fx.GraphModule: some folds needed a change of the call graph")
-        return report, gm
+        return replace(report, notes=(
+            "returned a torch.fx.GraphModule: some folds needed a change of the call graph",)), gm
     apply_module_mode(work, plan)
     return report, work
 
@@ -470,7 +470,5 @@ def _fold_fallback(
             verdicts.append(
                 Skip(n, SkipReason.NOT_TRACEABLE, f"not inside a part of the model that traces ({err})")
             )
-    report = FoldReport(backend="module", verdicts=verdicts)
-    report.result = "module"
-    report.notes.append(f"the model does not trace with torch.fx ({err}); folded inside the parts that do")
-    return report, result
+    note = f"the model does not trace with torch.fx ({err}); folded inside the parts that do"
+    return FoldReport(backend="module", verdicts=verdicts, result="module", notes=(note,)), result

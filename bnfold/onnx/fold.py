@@ -348,19 +348,12 @@ def fold_model(
         if gc_was_enabled:
             gc.enable()
     bn_after, nodes_after, params_after = _figures(work)
+    notes = (f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them",) if ctx.mul_add else ()
     report = FoldReport(
         backend="onnx", verdicts=verdicts, dry_run=dry_run,
         bn_before=bn_before, nodes_before=nodes_before, params_before=params_before,
         bn_after=bn_after, nodes_after=nodes_after, params_after=params_after,
+        mul_add=tuple(ctx.mul_add), notes=notes, flushed_denormals=ctx.flushed if ctx.flush else None,
+        seconds=time.perf_counter() - t0,
     )
-    if ctx.mul_add:
-        report.mul_add = tuple(ctx.mul_add)
-        report.notes.append(
-            f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them"
-        )
-    if dry_run:
-        report.nodes_after, report.params_after = nodes_after, params_after
-    if ctx.flush:
-        report.flushed_denormals = ctx.flushed
-    report.seconds = time.perf_counter() - t0
     return (model if dry_run else work), report
