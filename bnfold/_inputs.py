@@ -196,7 +196,6 @@ def random_inputs(
     return out
 
 
-_is_float = is_floating
 
 
 def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
@@ -211,7 +210,7 @@ def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: 
     for s in specs:
         a = np.asarray(sample[s.name])
         if a.dtype != s.dtype:
-            if _is_float(a.dtype) and _is_float(s.dtype):
+            if is_floating(a.dtype) and is_floating(s.dtype):
                 a = a.astype(s.dtype)
             elif a.dtype.kind in "iu" and s.dtype.kind in "iu":
                 a = a.astype(s.dtype)

@@ -56,7 +56,6 @@ _F16_TINY = float(np.finfo(np.float16).tiny)  # 6.10e-05
 _BF16_TINY = float(np.finfo(np.float32).tiny)  # bfloat16 has float32's exponent range
 
 
-_bf16 = bfloat16
 
 
 def _tiny(dtype: np.dtype[Any]) -> float:
@@ -65,7 +64,6 @@ def _tiny(dtype: np.dtype[Any]) -> float:
     return float(np.finfo(dtype).tiny)
 
 
-_is_float = is_floating
 
 
 def _subnormal_mask(a: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
@@ -76,14 +74,14 @@ def _subnormal_mask(a: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
 
 def count_subnormal(a: npt.NDArray[Any]) -> int:
     """Number of subnormal values of ``a`` in its own dtype (0 for non-float arrays)."""
-    if not _is_float(a.dtype):
+    if not is_floating(a.dtype):
         return 0
     return int(np.count_nonzero(_subnormal_mask(a)))
 
 
 def flush_array(a: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
     """``a`` with its subnormal values set to zero (a new array when any changed), and their count."""
-    if not _is_float(a.dtype):
+    if not is_floating(a.dtype):
         return a, 0
     mask = _subnormal_mask(a)
     n = int(np.count_nonzero(mask))
@@ -102,7 +100,7 @@ def range_counts(values: npt.ArrayLike) -> RangeCounts:
     if not a.size:
         return RangeCounts()
     out: list[int] = []
-    for dt, tiny in ((np.dtype(np.float16), _F16_TINY), (np.dtype(_bf16()), _BF16_TINY)):
+    for dt, tiny in ((np.dtype(np.float16), _F16_TINY), (np.dtype(bfloat16()), _BF16_TINY)):
         c = np.abs(cast_exact(a, dt).astype(np.float64))
         out += [int(np.count_nonzero(np.isinf(c))), int(np.count_nonzero(c < tiny))]
     return RangeCounts(*out)

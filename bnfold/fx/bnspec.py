@@ -27,7 +27,6 @@ NO_STATS = "track_running_stats=False: the layer normalises with batch statistic
 
 
 
-_t64 = to_float64
 
 
 
@@ -58,12 +57,12 @@ class BnSpec:
     def affine64(self) -> tuple[F64, F64]:
         """The eval map as float64 ``(scale, shift)``."""
         if self.frozen is not None:
-            s, t = _t64(self.frozen[0]), _t64(self.frozen[1])
+            s, t = to_float64(self.frozen[0]), to_float64(self.frozen[1])
             assert s is not None and t is not None
             return s.reshape(-1), t.reshape(-1)
-        mean, var = _t64(self.mean), _t64(self.var)
+        mean, var = to_float64(self.mean), to_float64(self.var)
         assert mean is not None and var is not None
-        return bn_affine(_t64(self.weight), _t64(self.bias), mean, var, self.eps)
+        return bn_affine(to_float64(self.weight), to_float64(self.bias), mean, var, self.eps)
 
     @property
     def has_tail(self) -> bool:

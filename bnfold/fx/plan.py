@@ -58,8 +58,6 @@ __all__ = [
     "bn_scale_shift",
     "layer_layout",
     "fits",
-    "to_f64",
-    "to_numpy",
     "from_numpy",
 ]
 
@@ -87,9 +85,6 @@ class Plan:
         return [v.site if isinstance(v, Candidate) else v for v in self.verdicts]
 
 
-to_f64 = to_float64
-"""A tensor as a float64 NumPy array (None stays None): :func:`bnfold._dtypes.to_float64`."""
-_np_dtype = numpy_dtype
 
 
 def from_numpy(a: Any, like: torch.Tensor) -> torch.Tensor:
@@ -105,7 +100,7 @@ def fits(a: F64, dtype: torch.dtype) -> bool:
     """``fits_dtype`` on the extremes only: rounding is monotonic, and min/max propagate NaN."""
     if a.size == 0:
         return True
-    return fits_dtype(np.array([a.min(), a.max()]), _np_dtype(dtype))
+    return fits_dtype(np.array([a.min(), a.max()]), numpy_dtype(dtype))
 
 
 def layer_layout(layer: nn.Module) -> WeightLayout:
@@ -130,7 +125,7 @@ def bn_scale_shift(bn_node: fx.Node, root: nn.Module, spec: BnSpec | None = None
 
     def get(key: str) -> F64 | None:
         v = a[key]
-        return None if v is None else to_f64(fetch_attr(root, str(v.target)))
+        return None if v is None else to_float64(fetch_attr(root, str(v.target)))
 
     return bn_affine(get("weight"), get("bias"), get("running_mean"), get("running_var"), float(a["eps"]))  # type: ignore[arg-type]
 
@@ -148,12 +143,12 @@ def plan_forward(
     """
     b_like = bias if bias is not None else weight.new_empty(0)
     if bias is not None and bias.dtype != weight.dtype:  # mixed dtypes: two roundings, one per tensor
-        w64, b64 = fold_forward(to_numpy(weight), to_f64(bias), scale, shift, layout)
+        w64, b64 = fold_forward(to_numpy(weight), to_float64(bias), scale, shift, layout)
         if not (fits(w64, weight.dtype) and fits(b64, bias.dtype)):
             return _overflow(bn, weight.dtype)
         return (
-            from_numpy(cast_exact(w64, _np_dtype(weight.dtype)), weight),
-            from_numpy(cast_exact(b64, _np_dtype(bias.dtype)), bias),
+            from_numpy(cast_exact(w64, numpy_dtype(weight.dtype)), weight),
+            from_numpy(cast_exact(b64, numpy_dtype(bias.dtype)), bias),
         )
     try:
         w_new, b_new, finite = fold_forward_cast(
@@ -212,8 +207,8 @@ def plan_sites(root: nn.Module, matched: list[Matched]) -> Plan:
         w0: torch.Tensor = layer.weight
         b_like = layer.bias if layer.bias is not None else w0.new_empty(0)
         writes[node] = (
-            from_numpy(cast_exact(w, _np_dtype(w0.dtype)), w0),
-            from_numpy(cast_exact(b, _np_dtype(b_like.dtype)), b_like),
+            from_numpy(cast_exact(w, numpy_dtype(w0.dtype)), w0),
+            from_numpy(cast_exact(b, numpy_dtype(b_like.dtype)), b_like),
         )
     return Plan(out, writes)
 
@@ -235,9 +230,9 @@ def _accumulate(
         if node in state:
             w, b = state[node]
         else:
-            w64 = to_f64(w0)
+            w64 = to_float64(w0)
             assert w64 is not None
-            w, b = w64, to_f64(layer.bias)  # type: ignore[assignment]
+            w, b = w64, to_float64(layer.bias)  # type: ignore[assignment]
         t = shift[lo:hi] if with_shift else np.zeros(hi - lo)
         try:
             w_new, b_new = fold(w, b, scale[lo:hi], t, layer_layout(layer))
@@ -272,7 +267,7 @@ def plan_export_sites(
         a = c.bn_args
         g, beta, mean, var = (None if a[k] is None else fetch_attr(gm, str(a[k].target))
                               for k in ("weight", "bias", "running_mean", "running_var"))
-        scale, shift = bn_affine(to_f64(g), to_f64(beta), to_f64(mean), to_f64(var), float(a["eps"]))  # type: ignore[arg-type]
+        scale, shift = bn_affine(to_float64(g), to_float64(beta), to_float64(mean), to_float64(var), float(a["eps"]))  # type: ignore[arg-type]
         weight = fetch_attr(gm, str(c.weight.target))
         bias = fetch_attr(gm, str(c.bias.target)) if c.bias is not None else None
         got = plan_forward(weight, bias, scale, shift, c.layout, c.site.bn)
