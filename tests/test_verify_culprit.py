@@ -185,9 +185,16 @@ def test_failure_no_fold_explains_still_refuses(tmp_path: Path, monkeypatch: pyt
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_branches(), str(src))
     monkeypatch.setattr(fold_job, "run_verify", lambda *a, **k: _report(False, 1.0))
-    with pytest.raises(FoldVerificationError):
+    with pytest.raises(FoldVerificationError) as ei:
         fold_file(src, out)
     assert not out.exists()
+    search = ei.value.fold_report.culprits  # the search that found no explanation is reported
+    assert search is not None and not search.resolved
+    # --force writes the whole fold (every BN folded), still exit-1 material
+    with pytest.raises(FoldVerificationError) as ei:
+        fold_file(src, out, FoldSettings(force=True))
+    assert out.exists() and ei.value.fold_report.files is not None and ei.value.fold_report.files.written
+    assert not [n for n in onnx.load(str(out)).graph.node if n.op_type == "BatchNormalization"]
 
 
 # ------------------------------------------------------------------------------------- PyTorch

@@ -102,10 +102,15 @@ def fold_file(
             report = replace(report, verification=check(st.path))
         if s.all_or_nothing or report.verification is None or report.verification.passed:
             return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
-    # Left the block without commit: the failed staged file is gone before the re-folds.
-    report, culprit_free = _without_culprits(src_p, loaded, out_fmt, prep, s, report, result, prog)
-    resolved = culprit_free is not result
+    # Left the block without commit: the failed staged file is gone before the re-folds. An ONNX
+    # source is re-read by every re-fold, so the failed fold (the loaded model, folded in place) is
+    # freed first: memory stays at one model plus the one being verified.
+    if loaded.format == "onnx":
+        loaded, result = replace(loaded, model=None), None
+    report, culprit_free, resolved = _without_culprits(src_p, loaded, out_fmt, prep, s, report, result, prog)
     del result
+    if culprit_free is None:  # nothing to write: _finish raises before it would commit
+        return _finish(None, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
     with ship.stage(culprit_free) as st:
         if resolved and st.path is not culprit_free:  # a staged file: verify the bytes that ship
             report = replace(report, verification=check(st.path))
@@ -216,8 +221,12 @@ def _fold_torch(
 def _without_culprits(
     src: Path, loaded: Any, out_fmt: str, prep: Prepared, s: FoldSettings, report: FoldReport, result: Any,
     prog: ProgressFn,
-) -> tuple[FoldReport, Any]:
-    """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`) where the backend can exclude."""
+) -> tuple[FoldReport, Any, bool]:
+    """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`) where the backend can exclude.
+
+    Returns ``(report, model, resolved)``: unresolved, the model is the failed fold (an ONNX source is
+    folded again for it: ``result`` was freed) and the report carries the search.
+    """
     if loaded.format == "onnx":
         from bnfold import io as bio
         from bnfold.culprit import fold_without_culprits
@@ -231,7 +240,10 @@ def _without_culprits(
             return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))
 
         model, new, search = fold_without_culprits(report, fold, check)
-        return (replace(advised(new), files=report.files), model) if search.resolved else (report, result)
+        if search.resolved:
+            return replace(advised(new), files=report.files), model, True
+        # Unresolved: the failed fold is written only with --force (otherwise nothing is staged).
+        return new, fold(frozenset())[0] if s.force else None, False
     if out_fmt in ("torch", "pt2") and report.backend in ("fx", "module"):
         from bnfold._inputs import torch_examples
 
@@ -239,5 +251,5 @@ def _without_culprits(
 
         examples = torch_examples(loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs)
         new, folded = without_culprits(src, loaded.model, out_fmt, examples, prep, report, result, progress=prog)
-        return (replace(advised(new), files=report.files) if new is not report else report), folded
-    return report, result
+        return replace(advised(new), files=report.files), folded, folded is not result
+    return report, result, False

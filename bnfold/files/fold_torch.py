@@ -103,7 +103,7 @@ def without_culprits(
                           progress=progress, where=str(src))
 
     folded, new, search = fold_without_culprits(report, fold, check)
-    return (new, folded) if search.resolved else (report, result)
+    return (new, folded) if search.resolved else (new, result)  # unresolved: the search is reported
 
 
 def check_other_batch(
