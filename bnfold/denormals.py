@@ -113,15 +113,10 @@ def _kind(model: Any) -> str:
     return model_kind(model)
 
 
-def _onnx_graphs(model: Any) -> Iterator[Any]:
-    from .onnx.graph import node_subgraphs
+def _onnx_graphs(model: Any) -> list[Any]:
+    from .onnx.graph import all_graphs
 
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        yield g
-        for n in g.node:
-            stack.extend(sub for _, sub in node_subgraphs(n))
+    return all_graphs(model.graph)
 
 
 def _onnx_float_initializers(model: Any) -> Iterator[Any]:

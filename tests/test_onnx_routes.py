@@ -53,6 +53,13 @@ def reason_of(model: onnx.ModelProto, bn: str = "bn") -> tuple[SkipReason, str]:
     return v.reason, v.detail  # type: ignore[union-attr]
 
 
+def refused(model: onnx.ModelProto, bn: str = "bn") -> tuple[SkipReason, str]:
+    """The reason and detail of ``bn``'s refusal, after checking that the fold leaves it and stays exact."""
+    why = reason_of(model, bn)
+    fold_ok(model, bn_after=1)
+    return why
+
+
 # ---- Case 6: LinearNorm ------------------------------------------------------------------------------
 def linear_norm(dtype: int, *, bias: str = "", route: str = "reshape", b: int = 2, n: int = 5, k: int = 8,
                 d: int = 12, opset_shape: list[int] | None = None, extra_reader: bool = False) -> G:
@@ -108,8 +115,7 @@ def test_linear_norm_reshape_that_moves_the_channel_is_refused() -> None:
     g.bn("flat", "y", 6, "bn")
     g.output("y")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.LAYOUT
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.LAYOUT
 
 
 def test_linear_norm_computed_shape_is_refused() -> None:
@@ -124,8 +130,7 @@ def test_linear_norm_computed_shape_is_refused() -> None:
 
 def test_linear_norm_product_read_elsewhere_is_refused() -> None:
     m = linear_norm(F32, bias="right", extra_reader=True).model()
-    assert reason_of(m)[0] is SkipReason.OTHER_CONSUMERS
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.OTHER_CONSUMERS
 
 
 def test_linear_norm_shape_reader_is_fine() -> None:
@@ -200,15 +205,13 @@ def test_concat_on_another_axis_is_refused() -> None:
     g.bn("cat", "y", 4, "bn")
     g.output("y")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.LAYOUT
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.LAYOUT
 
 
 @pytest.mark.parametrize("extra,reason", [("input", SkipReason.UNFOLDABLE_BRANCH), ("twice", SkipReason.OTHER_CONSUMERS)])
 def test_concat_refusals(extra: str, reason: SkipReason) -> None:
     m = concat_graph(F32, extra=extra).model()
-    assert reason_of(m)[0] is reason
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is reason
 
 
 def test_concat_producer_read_elsewhere_is_refused() -> None:
@@ -216,8 +219,7 @@ def test_concat_producer_read_elsewhere_is_refused() -> None:
     g.node("Sigmoid", ["b"], ["side"])
     g.output("side")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.OTHER_CONSUMERS
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.OTHER_CONSUMERS
 
 
 # ---- Case 9: sums of layer branches ----------------------------------------------------------------------
@@ -272,9 +274,8 @@ def test_residual_identity_branch_is_refused() -> None:
     g.bn("s", "y", 4, "bn")
     g.output("y")
     m = g.model()
-    r, detail = reason_of(m)
+    r, detail = refused(m)
     assert r is SkipReason.UNFOLDABLE_BRANCH and "residual identity" in detail
-    fold_ok(m, bn_after=1)
 
 
 def test_branch_broadcast_over_channels_is_refused() -> None:
@@ -286,8 +287,7 @@ def test_branch_broadcast_over_channels_is_refused() -> None:
     g.bn("s", "y", 4, "bn")
     g.output("y")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.LAYOUT
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.LAYOUT
 
 
 def test_branches_of_different_rank_are_refused() -> None:
@@ -299,9 +299,8 @@ def test_branches_of_different_rank_are_refused() -> None:
     g.bn("s", "y", 4, "bn")
     g.output("y")
     m = g.model()
-    r, detail = reason_of(m)
+    r, detail = refused(m)
     assert r is SkipReason.LAYOUT and "ranks" in detail
-    fold_ok(m, bn_after=1)
 
 
 # ---- Case 7: layer -> Add(constant) -> BN ------------------------------------------------------------
@@ -333,8 +332,7 @@ def test_conv_add_full_constant_is_refused() -> None:
     g.bn("s", "y", 5, "bn")
     g.output("y")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.LAYOUT
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.LAYOUT
 
 
 # ---- Case 13: Identity / Dropout ------------------------------------------------------------------------
@@ -415,8 +413,7 @@ def test_noop_output_read_elsewhere_is_refused() -> None:
     g.output("y")
     g.output("side")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.OTHER_CONSUMERS
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.OTHER_CONSUMERS
 
 
 # ---- exported torch models (models/onnx_routes.py) ----------------------------------------------------
@@ -534,8 +531,7 @@ def test_route_producer_that_is_a_graph_output_is_refused() -> None:
     g = concat_graph(F32)
     g.output("a")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.GRAPH_OUTPUT
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.GRAPH_OUTPUT
 
 
 def test_noop_between_add_constant_and_bn_is_refused() -> None:
@@ -546,8 +542,7 @@ def test_noop_between_add_constant_and_bn_is_refused() -> None:
     g.bn("i", "y", 5, "bn")
     g.output("y")
     m = g.model()
-    assert reason_of(m)[0] is SkipReason.UNSUPPORTED_LAYER
-    fold_ok(m, bn_after=1)
+    assert refused(m)[0] is SkipReason.UNSUPPORTED_LAYER
 
 
 
@@ -594,5 +589,4 @@ def test_matmul_transpose_bn(bias: bool, perm: list[int], ok: bool) -> None:
     if ok:
         fold_ok(m)
     else:
-        assert reason_of(m)[0] is SkipReason.LAYOUT
-        fold_ok(m, bn_after=1)
+        assert refused(m)[0] is SkipReason.LAYOUT

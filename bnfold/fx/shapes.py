@@ -36,7 +36,6 @@ _ELEMENTWISE_MODULES = (
     nn.Identity,
 )
 _ELEMENTWISE_FUNCS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.dropout}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "float", "half", "to"}
 
 
 def flatten_to_2d(start: Any, end: Any) -> bool:

@@ -40,11 +40,6 @@ def _remember_saved(dst: str, refs: tuple[str, ...]) -> None:
     remember(file_key(dst), refs)
 
 
-def _onnx_refs(path: str) -> tuple[str, ...]:
-    """External-data files of the ONNX file ``path`` (absolute); () if it is not a readable ONNX file."""
-    return data_refs(path)
-
-
 def files_read_by(path: str | os.PathLike[str]) -> list[str]:
     """The files that loading the model at ``path`` reads: the file itself, then (ONNX) every
     external-data file its tensors reference, as absolute paths (the data files need not exist).
@@ -53,7 +48,7 @@ def files_read_by(path: str | os.PathLike[str]) -> list[str]:
     otherwise the field headers of an ONNX file are walked (its payloads are not read).
     """
     p = os.path.abspath(os.fspath(path))
-    return [p, *(r for r in _onnx_refs(p) if r != p)]
+    return [p, *(r for r in data_refs(p) if r != p)]
 
 
 def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
@@ -65,7 +60,7 @@ def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
     p = os.path.abspath(os.fspath(path))
     if not os.path.exists(p):
         return None
-    return _total_size([p, *_onnx_refs(p)])
+    return _total_size([p, *data_refs(p)])
 
 
 def _total_size(files: Iterable[str]) -> int:
@@ -124,7 +119,7 @@ def check_output_path(
         return
     s = os.path.abspath(os.fspath(src))
     files = ([os.fspath(f) for f in input_files] if input_files is not None
-             else [s, *_onnx_refs(s)])
+             else [s, *data_refs(s)])
     _refuse_input_files(d, files)
 
 

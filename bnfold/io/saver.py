@@ -37,7 +37,8 @@ from .atomic import (
     _temp_folder,
     _umask_mode,
 )
-from .paths import _input_file_error, _onnx_refs, _protected, _remember_saved, _remove_old_data
+from .datafiles import data_refs
+from .paths import _input_file_error, _protected, _remember_saved, _remove_old_data
 from .stream import _PartTooLarge, _read_in_nested_lazy, _weight_bytes, _write_onnx_stream
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "Staged", "save", "staged_save"]
@@ -77,7 +78,7 @@ def _stage_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: s
         def commit_inline() -> None:
             os.chmod(tmp, _umask_mode())
             with _folder_lock(folder):
-                old_refs = _onnx_refs(dst) if os.path.lexists(dst) else ()
+                old_refs = data_refs(dst) if os.path.lexists(dst) else ()
                 with _signals_deferred():
                     os.replace(tmp, dst)
                 _remove_old_data(dst, old_refs, None, protect_ids)
@@ -143,7 +144,7 @@ def _commit_pair(dst: str, folder: str, location: str, tmp_model: str, tmp_data:
         final = os.path.join(folder, location)
         if tmp_data is not None and os.path.lexists(final):  # another writer drew the same 32 bits
             raise OutputError(f"{dst}: its data file {final} appeared while saving; save again")
-        old_refs = _onnx_refs(dst) if os.path.lexists(dst) else ()
+        old_refs = data_refs(dst) if os.path.lexists(dst) else ()
         moved: str | None = None
         try:
             os.chmod(tmp_model, mode)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .datafiles import _graphs
 
-__all__ = []
+__all__ = ["tensor_nbytes"]
 
 
 def _varint(n: int) -> bytes:
@@ -125,7 +125,7 @@ def _inline_tensor(t: Any) -> Any:
     return out
 
 
-def _tensor_nbytes(t: Any) -> int:
+def tensor_nbytes(t: Any) -> int:
     """Bytes of a tensor's values from its shape and type (``ByteSize()`` serialises, and fails at 2 GiB)."""
     import onnx
 
@@ -169,7 +169,7 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> N
     inits = []
     for t in graph.initializer:
         if data is not None and (_lazy_source(t) is not None
-                                 or t.data_location != t.EXTERNAL and _tensor_nbytes(t) >= 1024):
+                                 or t.data_location != t.EXTERNAL and tensor_nbytes(t) >= 1024):
             t = _external_tensor(t, data, location)
         inits.append(t)
     # The graph's length comes first on the wire but is known only after the initializers are
@@ -224,19 +224,8 @@ def _padded_varint(n: int) -> bytes:
 
 def _weight_bytes(model: Any) -> int:
     """The initializers' size from their shapes and dtypes (upb's ByteSize() would serialise them)."""
-    import onnx
 
-    total = 0
-    for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= int(d)
-        try:
-            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, TypeError, ValueError):
-            item = 8
-        total += n * item
-    return total
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
 def _read_in_nested_lazy(model: Any) -> None:

@@ -41,7 +41,7 @@ from bnfold.errors import InputError
 from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
-from .graph import GraphIndex, is_bn, node_labels, node_subgraphs
+from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .rewrite import Names, PassRewriter, remove_dead
 
@@ -64,24 +64,14 @@ class _Ctx:
     """Main graph: the original of each placeholder initializer (see :func:`_copy_model`)."""
 
 
-def _walk(graph: GraphProto) -> list[GraphProto]:
-    out, stack = [], [graph]
-    while stack:
-        g = stack.pop()
-        out.append(g)
-        for n in g.node:
-            stack.extend(sub for _, sub in node_subgraphs(n))
-    return out
-
-
 def count_bn(model: ModelProto) -> int:
     """Number of BatchNormalization nodes in the model, subgraphs included."""
-    return sum(1 for g in _walk(model.graph) for n in g.node if is_bn(n))
+    return sum(1 for g in all_graphs(model.graph) for n in g.node if is_bn(n))
 
 
 def _figures(model: ModelProto) -> tuple[int, int, int]:
     bn = nodes = params = 0
-    for g in _walk(model.graph):
+    for g in all_graphs(model.graph):
         nodes += len(g.node)
         bn += sum(1 for n in g.node if is_bn(n))
         for t in g.initializer:

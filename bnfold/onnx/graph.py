@@ -36,6 +36,7 @@ __all__ = [
     "ValueType",
     "subgraph_reads",
     "node_subgraphs",
+    "all_graphs",
     "node_labels",
     "BN_OP",
     "is_bn",
@@ -124,6 +125,17 @@ def node_subgraphs(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
         elif a.type == onnx.AttributeProto.GRAPHS:
             for k, g in enumerate(a.graphs):
                 yield f"{a.name}[{k}]", g
+
+
+def all_graphs(graph: GraphProto) -> list[GraphProto]:
+    """``graph`` and every subgraph nested in it (If/Loop/Scan bodies, at any depth)."""
+    out, stack = [], [graph]
+    while stack:
+        g = stack.pop()
+        out.append(g)
+        for n in g.node:
+            stack.extend(sub for _, sub in node_subgraphs(n))
+    return out
 
 
 def subgraph_reads(graph: GraphProto) -> set[str]:

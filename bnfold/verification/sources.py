@@ -23,7 +23,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,27 +51,22 @@ _FILE_ABOVE_BYTES = 256 * 2**20
 """A proto with more tensor bytes than this goes to onnxruntime as a file with external data: no
 serialised copy is held next to the model and onnxruntime's own, and past 2 GiB protobuf cannot
 serialise it at all. Smaller ones go as bytes (no disk write)."""
-def _tensors(model: Any) -> Iterator[Any]:
-    """Every TensorProto of the model that may hold weights: initializers and Constant values, subgraphs too."""
+def _weight_bytes(model: Any) -> int:
+    """Bytes of tensor data held in the proto: initializers and Constant values, subgraphs too.
+
+    From shapes and types (:func:`bnfold.io.stream.tensor_nbytes`), never ``len(raw_data)`` (upb copies
+    the payload to answer) nor ``ByteSize()`` (it serialises, and fails past 2 GiB).
+    """
     from onnx import AttributeProto
 
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        yield from g.initializer
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == AttributeProto.TENSOR:
-                    yield a.t
-                elif a.type == AttributeProto.GRAPH:
-                    stack.append(a.g)
-                elif a.type == AttributeProto.GRAPHS:
-                    stack.extend(a.graphs)
+    from bnfold.io.stream import tensor_nbytes
+    from bnfold.onnx.graph import all_graphs
 
-
-def _weight_bytes(model: Any) -> int:
-    """Bytes of tensor data held in the proto (not ``ByteSize()``: that fails past 2 GiB)."""
-    return sum(len(t.raw_data) for t in _tensors(model) if t.HasField("raw_data"))
+    held = 0
+    for g in all_graphs(model.graph):
+        tensors = [*g.initializer, *(a.t for n in g.node for a in n.attribute if a.type == AttributeProto.TENSOR)]
+        held += sum(tensor_nbytes(t) for t in tensors if t.HasField("raw_data"))
+    return held
 
 
 def _write_with_external_data(model: Any, folder: str) -> str:
