@@ -248,7 +248,7 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
 
     A BN the PyTorch fold left is in the exported graph (its ONNX verdict replaces the PyTorch one) or
     was removed by the exporter itself (legacy exporter, Conv+BN in eval mode): then the PyTorch skip
-    stays, and ``extra["exporter"]`` counts it. When the exported graph has as many BNs as the PyTorch
+    stays, and ``report.export.exporter`` counts it. When the exported graph has as many BNs as the PyTorch
     fold left (``left_in_onnx``), every one of them is there: only the ONNX verdicts are kept for them.
     Otherwise the legacy exporter's node names tell which (they carry the module path:
     ``/layer1/layer1.0/bn1/BatchNormalization`` for ``layer1.0.bn1``).
