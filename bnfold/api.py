@@ -121,38 +121,38 @@ def fold_with_report(
         "inplace": inplace, "affine": affine, "eval_semantics": eval_semantics,
         "example_inputs": example_inputs, "prune_constant_channels": prune_constant_channels,
     })
-    from .postfold import PostFold, after_fold, before_fold
+    from .postfold import PostFold, run
 
     steps = PostFold(flush_denormals, health, prune_constant_channels)
-    before = None if dry_run else before_fold(model, kind, steps, inplace=inplace)
     given: Any = model  # one of the three kinds: model_kind dispatches, each backend takes its own
-    out: Any
-    report: FoldReport
-    if kind == "onnx":
-        from .io import check_model_data
-        from .onnx import fold_model
 
-        check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
-        # The flush runs as the fold writes each tensor (no second pass over the weights); with the
-        # health audit on, the audit must see the fold unflushed, so the post-fold step flushes.
-        out, report = fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
-                                 flush_denormals=flush_denormals and not health and not dry_run)
-    elif kind == "export":
-        from .fx import fold_exported
+    def backend() -> tuple[Any, FoldReport]:
+        if kind == "onnx":
+            from .io import check_model_data
+            from .onnx import fold_model
 
-        out, report = fold_exported(given, dry_run=dry_run)
-    else:
+            check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
+            # The flush runs as the fold writes each tensor (no second pass over the weights).
+            return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
+                              flush_denormals=steps.flush_as_written and not dry_run)
+        if kind == "export":
+            from .fx import fold_exported
+
+            return fold_exported(given, dry_run=dry_run)
         import torch
 
         from .fx import fold_module
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        out, report = fold_module(
-            given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex
-        )
-    if not dry_run:  # health audit, constant-channel pruning, denormal flush (bnfold.postfold)
-        report = after_fold(model, out, report, before, kind, steps)
-    elif health:
+        return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex)
+
+    out: Any
+    report: FoldReport
+    if not dry_run:  # the post-fold steps (bnfold.postfold): health audit, constant-channel pruning, flush
+        out, report = run(model, kind, steps, backend, inplace=inplace)
+    else:
+        out, report = backend()
+    if dry_run and health:
         from .health import health as audit_copy
 
         report = replace(report, health=audit_copy(model, affine=affine, eval_semantics=eval_semantics,

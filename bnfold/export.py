@@ -2,11 +2,13 @@
 
 Steps of :func:`export_onnx`:
 
-1. ``bnfold.fx.fold_module`` on a copy of the model (the caller's model is never changed);
+1. ``bnfold.fx.fold_module`` on a copy of the model (the caller's model is never changed), then the
+   post-fold steps of :mod:`bnfold.postfold` (denormal flush of what the fold wrote, as ``bnfold.fold``);
 2. ``torch.onnx.export`` of the folded copy (legacy exporter by default, ``dynamo=True`` for the
    current one). The legacy exporter in eval mode already folds Conv+BN itself (not ConvTranspose or
    Linear); the current exporter with ``optimize=False`` keeps BN. Whatever the exporter left,
-3. ``bnfold.onnx.fold_model`` folds in the ONNX graph, so the file has no foldable BN left;
+3. ``bnfold.onnx.fold_model`` folds in the ONNX graph, so the file has no foldable BN left (flushing
+   the denormals of what it writes); the report's ``flushed_denormals`` is the sum of both folds;
 4. ``bnfold.verification.verify`` runs the ONNX model in onnxruntime (graph optimisations off) against the
    *original* PyTorch model on the example inputs; a mismatch raises
    :class:`~bnfold.errors.VerificationError` and nothing is written (unless ``force=True``);
@@ -28,6 +30,10 @@ exports a torch.export program (dynamo exporter), which :func:`export_onnx` does
 The report's ``export`` (:class:`~bnfold.records.ExportCounts`) says who folded what (torch, onnx, exporter) where
 ``exporter`` counts BNs that were neither folded by bnfold in PyTorch nor present in the exported graph
 (the exporter removed them itself).
+
+Threads: torch's exporter keeps its state in globals, so every export runs under one process-wide
+lock (:data:`bnfold.torch_onnx.EXPORT_LOCK`): :func:`export_onnx` may be called from several threads,
+their exports run one at a time (folding and verification still run in parallel).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError, VerificationError
+from .postfold import PostFold, added_flushes, run
 from .records import ExportCounts, FoldReport, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
@@ -142,6 +149,7 @@ def export_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
+    flush_denormals: bool = True,
 ) -> FoldReport:
     """Fold ``model`` in PyTorch, export it to ONNX, fold the ONNX graph, verify, write ``path``.
 
@@ -160,6 +168,8 @@ def export_onnx(
         atol: absolute tolerance of the check (bnfold's per-dtype default when None).
         rtol: relative tolerance of the check.
         force: write the file even when the check fails (the report still says so).
+        flush_denormals: set the subnormal values of the tensors the folds wrote to zero, as
+            :func:`bnfold.fold` does (on by default); ``report.flushed_denormals`` says how many.
 
     Returns:
         A :class:`~bnfold.records.FoldReport` (backend "export_onnx"): verdicts of the PyTorch fold
@@ -168,12 +178,15 @@ def export_onnx(
     Raises:
         VerificationError: the ONNX model does not compute what ``model`` computes (nothing written).
         ModelStateError: ``model`` is in train() mode.
+
+    Thread safety: callable from several threads at once; the ``torch.onnx.export`` step is serialised
+    by a process-wide lock (torch's exporter state is global), the rest runs in parallel.
     """
     t0 = time.perf_counter()
     args = _as_tuple(example_inputs)
     onnx_model, report = _export_module(
         model, args, opset=opset, dynamo=dynamo, input_names=input_names, output_names=output_names,
-        dynamic_axes=dynamic_axes, dynamic_batch=dynamic_batch,
+        dynamic_axes=dynamic_axes, dynamic_batch=dynamic_batch, post=PostFold(flush_denormals),
     )
     if verify:
         from .verification import verify as run_verify
@@ -192,15 +205,19 @@ def export_onnx(
 
 
 def _torch_export(model: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-    """``torch.onnx.export`` -> ``ModelProto`` in memory (legacy exporter into a buffer; dynamo's proto)."""
+    """``torch.onnx.export`` -> ``ModelProto`` in memory (legacy exporter into a buffer; dynamo's proto).
+
+    The exporter runs under :data:`bnfold.torch_onnx.EXPORT_LOCK` (its state is global in torch).
+    """
     import onnx
-    import torch
+
+    from .torch_onnx import export as locked_export
 
     if kw.get("dynamo"):
-        prog = torch.onnx.export(model, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
-        return prog.model_proto  # type: ignore[union-attr]
+        prog = locked_export(model, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
+        return prog.model_proto
     buf = io.BytesIO()
-    torch.onnx.export(model, args, buf, **kw)  # type: ignore[arg-type]
+    locked_export(model, args, buf, **kw)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -214,15 +231,19 @@ def _export_module(
     output_names: Sequence[str] | None,
     dynamic_axes: Mapping[str, Any] | None,
     dynamic_batch: bool,
+    post: PostFold,
     affine: bool = False,
 ) -> tuple[Any, FoldReport]:
-    """Steps 1-3 of :func:`export_onnx`: fold in PyTorch, export, fold what is left; ``(ModelProto, report)``."""
+    """Steps 1-3 of :func:`export_onnx`: fold in PyTorch, export, fold what is left; ``(ModelProto, report)``.
+
+    Each fold runs the post-fold steps ``post`` (:func:`bnfold.postfold.run`; pruning is refused
+    for ONNX outputs before this point).
+    """
     import torch
 
     from .fx import fold_module
-    from .onnx import count_bn, fold_model
 
-    folded, treport = fold_module(model, example_inputs=args)
+    folded, treport = run(model, "module", post, lambda: fold_module(model, example_inputs=args))
     with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
         outputs = _flat_outputs(folded(*args))
     in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
@@ -233,14 +254,27 @@ def _export_module(
         kw["dynamic_axes"] = dict(dynamic_axes)
     elif dynamic_batch and not dynamo:
         kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
-    onnx_model = _torch_export(folded, args, kw)
-    left_in_onnx = count_bn(onnx_model)
-    onnx_model, oreport = fold_model(onnx_model, affine=affine, inplace=True)
+    onnx_model, oreport, left_in_onnx = _fold_export(_torch_export(folded, args, kw), affine, post)
     report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
     return onnx_model, replace(report, export=ExportCounts(
         torch=treport.folded, exporter=max(len(treport.skips) - left_in_onnx, 0), onnx=oreport.folded,
         left=oreport.bn_after, exporter_kind="dynamo" if dynamo else "legacy",
     ))
+
+
+def _fold_export(proto: Any, affine: bool, post: PostFold) -> tuple[Any, FoldReport, int]:
+    """Step 3: fold what the exporter left in ``proto`` (in place), flushing what it writes.
+
+    The health audit (of the PyTorch fold) and pruning are the first fold's: only the flush runs here.
+    Returns ``(proto, report, BNs in the exported graph)``.
+    """
+    from .onnx import count_bn, fold_model
+
+    left_in_onnx = count_bn(proto)
+    steps = PostFold(post.flush_denormals)
+    proto, oreport = run(proto, "onnx", steps, lambda: fold_model(
+        proto, affine=affine, inplace=True, flush_denormals=steps.flush_as_written), inplace=True)
+    return proto, oreport, left_in_onnx
 
 
 def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, backend: str) -> FoldReport:
@@ -262,7 +296,8 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         backend=backend, verdicts=[*kept, *oreport.verdicts], bn_before=treport.bn_before,
         bn_after=oreport.bn_after, nodes_before=treport.nodes_before, params_before=treport.params_before,
         nodes_after=oreport.nodes_after, params_after=oreport.params_after,
-        notes=(*treport.notes, *oreport.notes),
+        notes=(*treport.notes, *oreport.notes), health=treport.health,
+        flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
     )
 
 
@@ -298,29 +333,31 @@ def export_folded(
     export: ExportSettings,
     affine: bool,
     progress: Callable[[str, int, int], None],
+    post: PostFold | None = None,
 ) -> tuple[Any, FoldReport]:
     """PyTorch -> folded ONNX for the file jobs: ``(ModelProto, report)``; nothing is verified or written.
 
     An ``nn.Module`` goes through :func:`export_onnx` (into a temporary folder); an ExportedProgram is
     folded as a program, exported with the dynamo exporter and folded again. ``affine`` turns the BNs
-    left in the ONNX graph into Mul + Add.
+    left in the ONNX graph into Mul + Add. ``post``: the post-fold steps each fold runs (default: the
+    denormal flush only); the health audit is of the PyTorch fold.
 
     Raises:
         OptionError: ``--static-batch`` for a program (it keeps the shapes it was exported with).
     """
     import torch
 
+    post = post or PostFold()
     progress("export", 0, 1)
     t = time.perf_counter()
     if isinstance(model, torch.export.ExportedProgram):
         # A program is folded as a program, exported as one (dynamo exporter: its dynamic shapes and
         # signature names are the program's own), and folded again.
         from .api import fold_with_report
-        from .onnx import fold_model
 
         if not export.dynamic_batch:
             raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
-        folded_ep, treport = fold_with_report(model)
+        folded_ep, treport = fold_with_report(model, flush_denormals=post.flush_denormals, health=post.health)
         kw: dict[str, Any] = {"dynamo": True, "verbose": False}
         if export.opset is not None:
             kw["opset_version"] = export.opset
@@ -328,17 +365,13 @@ def export_folded(
             kw["input_names"] = list(export.input_names)
         if export.output_names:
             kw["output_names"] = list(export.output_names)
-        from .onnx import count_bn
-
-        proto = _torch_export(folded_ep, (), kw)
-        left_in_onnx = count_bn(proto)
-        proto, oreport = fold_model(proto, affine=affine, inplace=True)
+        proto, oreport, left_in_onnx = _fold_export(_torch_export(folded_ep, (), kw), affine, post)
         report = _merged(treport, oreport, left_in_onnx, backend=treport.backend)
     else:
         proto, report = _export_module(
             model, tuple(examples or ()), opset=export.opset, dynamo=False,
             input_names=export.input_names or None, output_names=export.output_names or None,
-            dynamic_axes=None, dynamic_batch=export.dynamic_batch, affine=affine,
+            dynamic_axes=None, dynamic_batch=export.dynamic_batch, post=post, affine=affine,
         )
     progress("export", 1, 1)
     return proto, replace(report, seconds=time.perf_counter() - t)

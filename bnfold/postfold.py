@@ -1,5 +1,10 @@
 """The optional steps after a fold, in their order: health audit, constant-channel pruning, flush.
 
+:func:`run` owns the sequence (snapshot -> backend fold -> these steps) and every entry point goes
+through it: ``bnfold.fold`` / ``fold_with_report``, ``files.fold_file`` (ONNX and PyTorch sources,
+the culprit re-folds included) and ``bnfold.export_onnx`` / ``export_folded``, where each of the two
+folds (PyTorch, then ONNX on what the exporter left) runs it and the report adds their flushes.
+
 Rules:
 
 1. the audit (:mod:`bnfold.health`) sees the fold as the backend wrote it: before pruning and flush;
@@ -14,13 +19,14 @@ runs afterwards, checks the model as it leaves here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError
 from .records import FoldReport
 
-__all__ = ["PostFold", "before_fold", "after_fold"]
+__all__ = ["PostFold", "run", "before_fold", "after_fold", "added_flushes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,32 @@ class PostFold:
     flush_denormals: bool = True
     health: bool = False
     prune_constant_channels: bool = False
+
+    @property
+    def flush_as_written(self) -> bool:
+        """ONNX: the fold itself flushes each tensor as it writes it (one pass, the same rule); not with
+        the audit on, which must see the fold unflushed (then :func:`after_fold` flushes)."""
+        return self.flush_denormals and not self.health
+
+
+def run(
+    model: Any, kind: str, steps: PostFold, fold: Callable[[], tuple[Any, FoldReport]], *, inplace: bool = False
+) -> tuple[Any, FoldReport]:
+    """The fold sequence: :func:`before_fold` on ``model``, ``fold()`` (the backend), :func:`after_fold`.
+
+    ``fold`` folds ``model`` (an ONNX fold may flush as it writes: :attr:`PostFold.flush_as_written`).
+
+    Returns:
+        ``(folded model, report)`` with the steps' results recorded.
+    """
+    before = before_fold(model, kind, steps, inplace=inplace)
+    out, report = fold()
+    return out, after_fold(model, out, report, before, kind, steps)
+
+
+def added_flushes(a: int | None, b: int | None) -> int | None:
+    """The flush count of two folds of one model (None when neither flushed)."""
+    return None if a is None and b is None else (a or 0) + (b or 0)
 
 
 def before_fold(model: Any, kind: str, steps: PostFold, *, inplace: bool) -> Any:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError, FoldVerificationError
-from bnfold.postfold import PostFold
+from bnfold.postfold import PostFold, run
 from bnfold.records import FileInfo, FoldReport, VerifyReport
 
 from .load import ProgressFn, advised, load, noop, reworded
@@ -166,17 +166,13 @@ def _finish(
 
 def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress: ProgressFn) -> tuple[FoldReport, Any]:
     from bnfold.onnx import fold_model
-    from bnfold.postfold import after_fold, before_fold
 
     check_onnx_shapes(model, prep.shapes, src)
     post = PostFold(s.flush_denormals, s.health, s.prune_constant_channels)
     progress("fold", 0, 1)
-    before = before_fold(model, "onnx", post, inplace=False)
     # The audit reads the original BN parameters: then the fold works on a copy.
-    # The flush runs as the fold writes (one pass); with the audit on, the post-fold step flushes.
-    folded, report = fold_model(model, affine=s.affine, inplace=not post.health,
-                                flush_denormals=post.flush_denormals and not post.health)
-    report = after_fold(model, folded, report, before, "onnx", post)
+    folded, report = run(model, "onnx", post, lambda: fold_model(
+        model, affine=s.affine, inplace=not post.health, flush_denormals=post.flush_as_written))
     progress("fold", 1, 1)
     return replace(report, signature=io_signature(folded),
                    verified_on=verified_on(folded, prep, None) if s.verify else None), folded
@@ -232,9 +228,12 @@ def _without_culprits(
         from bnfold.culprit import fold_without_culprits
         from bnfold.onnx import fold_model
 
+        post = PostFold(s.flush_denormals)  # the audit is the first fold's (a re-fold is in place)
+
         def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
-            return fold_model(bio.load(src), affine=s.affine, inplace=True, exclude=excluded,
-                              flush_denormals=s.flush_denormals)
+            m = bio.load(src)
+            return run(m, "onnx", post, lambda: fold_model(m, affine=s.affine, inplace=True, exclude=excluded,
+                                                           flush_denormals=post.flush_as_written), inplace=True)
 
         def check(model: Any) -> VerifyReport:
             return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))

@@ -11,7 +11,6 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +53,9 @@ def fold_torch(
     examples = (torch_examples(model, prep.shapes, prep.arrays, prep.seed, src, default_examples)
                 if needs_examples else None)
     if out_fmt == "onnx":
+        # each fold runs the post-fold steps (bnfold.postfold): the audit and flush of what bnfold wrote
         result, report = export_folded(model, examples, export=settings.export, affine=settings.affine,
-                                       progress=progress)
-        if post.health:
-            from bnfold.health import health
-
-            report = replace(report, health=health(model, example_inputs=None if is_ep else examples))
-        if post.flush_denormals:  # every initializer of the exported model is new: no snapshot tells them apart
-            from bnfold.denormals import flush_model
-
-            report = replace(report, flushed_denormals=flush_model(result, None))
+                                       progress=progress, post=post)
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).

@@ -133,8 +133,13 @@ def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
 def _export_candidate(
     model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec], outputs: Sequence[str]
 ) -> bytes:
-    """Export a PyTorch candidate to ONNX in memory, with the reference's input and output names."""
+    """Export a PyTorch candidate to ONNX in memory, with the reference's input and output names.
+
+    Under :data:`bnfold.torch_onnx.EXPORT_LOCK`: torch's exporter state is global (one export at a time).
+    """
     import torch
+
+    from bnfold.torch_onnx import export as locked_export
 
     args = tuple(from_numpy(feeds[s.name]) for s in specs)
     in_names = [s.name for s in specs]
@@ -146,14 +151,14 @@ def _export_candidate(
             dynamic_axes[s.name] = axes
     try:
         if isinstance(model, torch.export.ExportedProgram):
-            prog = torch.onnx.export(model, args, dynamo=True, optimize=False, input_names=in_names,
+            prog = locked_export(model, args, dynamo=True, optimize=False, input_names=in_names,
                                      output_names=list(outputs), verbose=False)
             assert prog is not None
             return bytes(prog.model_proto.SerializeToString())
         buf = _io.BytesIO()
         with _eval_mode(model):
-            torch.onnx.export(
-                model, args, buf,  # type: ignore[arg-type]
+            locked_export(
+                model, args, buf,
                 dynamo=False, do_constant_folding=False, input_names=in_names, output_names=list(outputs), dynamic_axes=dynamic_axes or None,
             )
         return buf.getvalue()
