@@ -48,7 +48,21 @@ training), records the per-channel statistics of every BN's *input*, and writes 
        eval mode and a hook gives their batch-normalised output locally, so the forward passes make
        no collective calls and processes may see different numbers of batches. The prior uses each
        process's own source statistics: they must be equal on all processes (a replicated model).
-    5. Errors: no batch at all (on any process) is an ``OptionError``, non-finite statistics (inf
+    5. Agreement (distributed): before any batch is run, one ``all_gather`` of a fixed-size row per
+       process (an error flag and its first line, ``prior`` and ``pooled``, the number of layers and
+       channels, a hash of the names, shapes and dtypes of every recalibrated BN's statistics and,
+       with a prior, a hash of those statistics) checks that every process holds the same layout,
+       options and source statistics; after the batches a second ``all_gather`` of the same row says
+       whether each process got through them ("ok?") before the data ``all_reduce``. So every
+       process learns of a failure on any other, and all of them raise together, never waiting for
+       the process group's timeout: a different layout or differing source statistics
+       (with a prior) is a ``ModelStateError``, differing ``prior``/``pooled`` an ``OptionError``;
+       the process that failed raises its own error, the others an error of the same bnfold class
+       (``InputError`` for any other exception) naming the process and its first line. The rows are
+       fixed-size, so models of different sizes never reach the backend's size checks (gloo aborts the
+       process on a size mismatch). A process that does not call ``recalibrate`` at all still leaves
+       the others waiting for the group's timeout.
+    6. Errors: no batch at all (on any process) is an ``OptionError``, non-finite statistics (inf
        or nan in the data) an ``InputError`` naming the layer; on an exception the model's
        statistics are restored (with ``inplace=True`` too) and the flags put back. Under
        ``torch.distributed`` every process of the group must call it (it is a collective), on the
@@ -64,8 +78,10 @@ and up it was worse than plain freezing).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +92,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import InputError, OptionError
+from . import errors
+from .errors import InputError, ModelStateError, OptionError
 from .fx.module import copy_model
 
 __all__ = ["recalibrate", "param_groups"]
@@ -172,6 +189,145 @@ def _group(process_group: Any | None, distributed: bool) -> Any | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
+# One row per process in the agreement all_gather (rule 5): fixed size, raw bytes in a uint8 tensor.
+_ROW = struct.Struct("<B?dqq16s16s")  # failed, pooled, prior, layers, channels, layout hash, source hash
+_MESSAGE = 240  # bytes of "ErrorClass: first line" a failed process sends
+_ROW_BYTES = _ROW.size + _MESSAGE
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What one process tells the others (rule 5)."""
+
+    failed: bool = False
+    pooled: bool = False
+    prior: float = 0.0
+    layers: int = 0
+    channels: int = 0
+    layout: bytes = bytes(16)
+    source: bytes = bytes(16)
+    message: str = ""
+
+    def encode(self) -> Tensor:
+        head = _ROW.pack(self.failed, self.pooled, self.prior, self.layers, self.channels, self.layout, self.source)
+        msg = self.message.encode("utf-8", "replace")[:_MESSAGE]
+        raw = head + msg + bytes(_MESSAGE - len(msg))
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    @classmethod
+    def decode(cls, t: Tensor) -> _Row:
+        raw = bytes(t.cpu().tolist())
+        failed, pooled, prior, layers, channels, layout, source = _ROW.unpack(raw[: _ROW.size])
+        message = raw[_ROW.size :].rstrip(b"\0").decode("utf-8", "replace")
+        return cls(failed, pooled, prior, layers, channels, layout, source, message)
+
+
+def _failed_row(e: BaseException) -> _Row:
+    lines = str(e).strip().splitlines()
+    return _Row(failed=True, message=f"{type(e).__name__}: {lines[0] if lines else ''}")
+
+
+def _digest(parts: Iterable[bytes]) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(struct.pack("<q", len(p)))
+        h.update(p)
+    return h.digest()[:16]
+
+
+def _layout_row(named: list[tuple[str, _BatchNorm]], prior: float | None, pooled: bool) -> _Row:
+    """This process's row: options, layout hash and (with a prior) the hash of the source statistics."""
+
+    def describe(name: str, m: _BatchNorm) -> bytes:
+        stats = [(k, getattr(m, k)) for k in _STATS]
+        return repr([name, [(k, None if t is None else (tuple(t.shape), str(t.dtype))) for k, t in stats]]).encode()
+
+    source = b""
+    if prior:
+        source = _digest(
+            t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            for _, m in named
+            for t in (m.running_mean, m.running_var)
+            if t is not None
+        )
+    return _Row(
+        pooled=pooled, prior=float(prior or 0.0), layers=len(named),
+        channels=sum(int(m.running_mean.numel()) for _, m in named if m.running_mean is not None),
+        layout=_digest(describe(n, m) for n, m in named), source=source.ljust(16, b"\0"),
+    )
+
+
+class _Peers:
+    """The agreement of rule 5 among the processes of ``group`` (nothing to agree on without one)."""
+
+    def __init__(self, group: Any | None) -> None:
+        self.group = group
+
+    def _gather(self, row: _Row) -> list[_Row]:
+        backend = str(dist.get_backend(self.group))
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        mine = row.encode().to(device)
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(rows, mine, group=self.group)
+        return [_Row.decode(r) for r in rows]
+
+    def fail(self, e: BaseException) -> None:
+        """This process failed with ``e``: tell the others (the caller re-raises ``e``)."""
+        if self.group is not None:
+            self._gather(_failed_row(e))
+
+    def agree(self, row: _Row, stage: str) -> None:
+        """This process is fine: exchange rows; raise on every process when any failed or rows differ.
+
+        Raises:
+            InputError (or the failed process's bnfold class): another process failed.
+            ModelStateError: the layouts differ, or (with a prior) the source statistics do.
+            OptionError: ``prior`` or ``pooled`` differ.
+        """
+        if self.group is None:
+            return
+        rows = self._gather(row)
+        ranks = dist.get_process_group_ranks(self.group)  # global ranks, in group order
+        failed = [(r, x) for r, x in zip(ranks, rows) if x.failed]
+        if failed:
+            rank, x = failed[0]
+            cls = getattr(errors, x.message.partition(":")[0], None)
+            if not (isinstance(cls, type) and issubclass(cls, InputError)):
+                cls = InputError
+            raise cls(f"recalibrate stopped on every process: process {rank} failed {stage}: {x.message}")
+        first = rows[0]
+
+        def differ(key: Any, fmt: Any) -> str:
+            """``process a: ...; process b: ...`` for the first process and the first that differs."""
+            r, x = next((r, x) for r, x in zip(ranks, rows) if key(x) != key(first))
+            return f"process {ranks[0]}: {fmt(first)}; process {r}: {fmt(x)}"
+
+        def options(x: _Row) -> tuple[float, bool]:
+            return x.prior, x.pooled
+
+        def layout(x: _Row) -> bytes:
+            return x.layout
+
+        if any(options(x) != options(first) for x in rows):
+            raise OptionError(
+                "recalibrate under torch.distributed: every process must pass the same prior and pooled ("
+                + differ(options, lambda x: f"prior={x.prior:g}, pooled={x.pooled}") + ")"
+            )
+        if any(layout(x) != layout(first) for x in rows):
+            raise ModelStateError(
+                "recalibrate under torch.distributed: the processes hold different models ("
+                + differ(layout, lambda x: f"{x.layers} BatchNorm layer(s), {x.channels} channels")
+                + "): every process must pass the same model (names, shapes and dtypes of every BatchNorm's "
+                "statistics)"
+            )
+        if any(x.source != first.source for x in rows):
+            raise ModelStateError(
+                f"recalibrate under torch.distributed: prior={first.prior:g} keeps each process's own running "
+                "statistics, and they differ between processes: load the same statistics on every process "
+                "(a replicated model), or pass prior=None"
+            )
+
+
 def _target_stats(acc: _Acc, pooled: bool) -> tuple[Tensor, Tensor]:
     """(mean, unbiased var) of the new data, float64 (rule 2)."""
     if pooled:
@@ -236,20 +392,27 @@ def recalibrate(
         >>> model = bnfold.recalibrate(model, (x for x, _ in loader))        # new domain
         >>> model = bnfold.recalibrate(model, few_batches, prior=16)         # keep the source as 16 samples
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"recalibrate expects a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        # its forward broadcasts buffers (a collective per batch) and it cannot be deep-copied
-        raise InputError("recalibrate the wrapped module (ddp_model.module), not the DistributedDataParallel")
-    if prior is not None and not (math.isfinite(prior) and prior >= 0):
-        raise OptionError(f"prior must be a finite number >= 0, got {prior}")
     group = _group(process_group, distributed)
-    root = model if inplace else copy_model(model)  # copes with tensors a forward cached (LeViT)
-    named = [
-        (n, m)
-        for n, m in root.named_modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
+    peers = _Peers(group)
+    try:  # every check that can fail on one process alone, then the agreement (rule 5)
+        if not isinstance(model, nn.Module):
+            raise InputError(f"recalibrate expects a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # its forward broadcasts buffers (a collective per batch) and it cannot be deep-copied
+            raise InputError("recalibrate the wrapped module (ddp_model.module), not the DistributedDataParallel")
+        if prior is not None and not (math.isfinite(prior) and prior >= 0):
+            raise OptionError(f"prior must be a finite number >= 0, got {prior}")
+        root = model if inplace else copy_model(model)  # copes with tensors a forward cached (LeViT)
+        named: list[tuple[str, _BatchNorm]] = [
+            (n, m)
+            for n, m in root.named_modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+        ]
+        row = _layout_row(named, prior, pooled)
+    except Exception as e:
+        peers.fail(e)
+        raise
+    peers.agree(row, "its checks")
     bns = [m for _, m in named]
     sync = _sync_types()
     flags = {id(m): m.training for m in root.modules()}
@@ -275,10 +438,15 @@ def recalibrate(
             else:
                 m.train()
         count = 0
-        with torch.no_grad():
-            for batch in batches:
-                _call(root, batch)
-                count += 1
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    _call(root, batch)
+                    count += 1
+        except Exception as e:
+            peers.fail(e)
+            raise
+        peers.agree(_Row(), "in its batches")  # "ok?" before the data collective
         for h in hooks:
             h.remove()
         hooks = []
