@@ -386,7 +386,14 @@ def recalibrate(
         InputError: ``model`` is not an ``nn.Module``, or is a ``DistributedDataParallel`` wrapper
             (pass ``ddp_model.module``), or a layer's new statistics are not finite (inf/nan in the
             data; the model is left as it was).
-        OptionError: no batch (on any process), or ``prior`` negative or not finite.
+        OptionError: no batch (on any process), or ``prior`` negative or not finite; under
+            ``torch.distributed``, ``prior`` or ``pooled`` differ between processes.
+        ModelStateError: under ``torch.distributed``, the processes hold different models (names,
+            shapes or dtypes of the BN statistics), or with a ``prior`` different source statistics.
+
+    Under ``torch.distributed`` an error on one process is raised on every process (module
+    docstring, rule 5): the failed process raises its own, the others one of the same bnfold class
+    (``InputError`` for any other exception) naming the failed process; none waits for a timeout.
 
     Example:
         >>> model = bnfold.recalibrate(model, (x for x, _ in loader))        # new domain
