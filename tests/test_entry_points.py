@@ -84,6 +84,8 @@ def test_every_entry_point_flushes_the_same_denormals(tmp_path: Path) -> None:
         **{f"fold_file .pt -> .{k.split('.')[1]}": r.flushed_denormals for k, r in file_reports.items()},
     }
     assert flushed == dict.fromkeys(flushed, n_sub)
+    reports = {"fold_with_report": report, "export_onnx": export_report, **file_reports}
+    assert {k: (r.folded, r.bn_after) for k, r in reports.items()} == dict.fromkeys(reports, (1, 0))
     want_w, want_b = _module_weights(folded)
     assert _subnormal(want_w) == 0 and np.count_nonzero(want_w[1] == 0) == n_sub
     for where, (w, b) in written.items():
