@@ -158,3 +158,24 @@ def test_cli_inspect_of_the_tiny_model_stays_small(tmp_path: Path) -> None:
     exit_code, grown_mib, said = out.stdout.split()
     assert exit_code == "0" and said == "True", out.stdout + out.stderr
     assert int(grown_mib) < 200, grown_mib
+
+
+def test_freed_evaluators_give_their_bytes_back() -> None:
+    """A fold builds one evaluator per pass: the budget bounds what is alive, not the sum over passes."""
+    from bnfold.onnx.graph import GraphIndex
+
+    m = _hostile(1 << 16, chain=("Neg",))  # 512 KiB + 512 KiB computed
+    index = GraphIndex.build(m.graph, None, m.ir_version)
+    budget = const.ConstBudget(3 << 19)  # 1.5 MiB: one evaluation fits, two alive at once do not
+    for _ in range(5):
+        ev = const.ConstEvaluator(index, 17, budget=budget)
+        v, reason, detail = ev.resolve("k1")
+        assert v is not None, detail
+        assert budget.used == 1 << 20
+        del ev, v
+    assert budget.used == 0
+    a = const.ConstEvaluator(index, 17, budget=budget)
+    b = const.ConstEvaluator(index, 17, budget=budget)
+    assert a.resolve("k1")[0] is not None
+    v, reason, detail = b.resolve("k1")
+    assert v is None and reason is SkipReason.NON_CONSTANT and "budget" in detail

@@ -17,7 +17,8 @@ weights and BN parameters it folds, nothing else).
 
 Memory bound: every value a node computes is kept (one evaluation per value), so what an evaluation
 allocates is bounded in *bytes*, in total, by one :class:`ConstBudget` shared by an evaluator and the
-evaluators of its subgraphs: :data:`CONST_BUDGET_BYTES` plus twice the bytes of the model's own
+evaluators of its subgraphs (an evaluator's bytes return to the budget when it and its cache are
+freed, as a fold does between passes): :data:`CONST_BUDGET_BYTES` plus twice the bytes of the model's own
 initializers (a float16 weight cast to float32 at run time fits). Each result's size is known from the
 input shapes and dtypes *before* NumPy allocates it, and charged then (float64 and complex128 count 8
 and 16 bytes an element); views (Reshape, Transpose, Slice, (Un)Squeeze, Identity) cost nothing. A
@@ -29,6 +30,7 @@ absurd constant). A 600-byte model can therefore not make ``inspect`` or ``fold`
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +120,12 @@ class ConstBudget:
         """:data:`CONST_BUDGET_BYTES` plus twice the bytes the graph's initializers hold."""
         return cls(CONST_BUDGET_BYTES + 2 * sum(_held_bytes(index.tensor(n)) for n in index.initializers))
 
-    def charge(self, shape: tuple[int, ...], dtype: np.dtype[Any], what: str) -> None:
+    def release(self, held: list[int]) -> None:
+        """Give back the bytes an evaluator held (called when it is freed: its cache goes with it)."""
+        self.used -= held[0]
+        held[0] = 0
+
+    def charge(self, shape: tuple[int, ...], dtype: np.dtype[Any], what: str) -> int:
         """Account for a result of ``shape`` and ``dtype`` before it is allocated; refuse past the limit."""
         _fits(shape)
         n = _nbytes(shape, dtype)
@@ -129,6 +136,7 @@ class ConstBudget:
                 f"for this model ({_mib(self.used)} used)",
             )
         self.used += n
+        return n
 
 
 def _held_bytes(t: TensorProto) -> int:
@@ -233,6 +241,10 @@ class ConstEvaluator:
             budget = outer.budget if outer is not None else ConstBudget.for_graph(_root(index))
         assert budget is not None
         self.budget: ConstBudget = budget
+        # What this evaluator's cache holds goes back to the budget when it is freed (a fold builds a
+        # new evaluator per pass): the budget bounds the bytes alive at once, over the whole evaluation.
+        self._held = [0]
+        weakref.finalize(self, budget.release, self._held)
 
     # ---- public --------------------------------------------------------------------------------
     def resolve(self, name: str) -> Resolved:
@@ -324,7 +336,7 @@ class ConstEvaluator:
         raise _NotConstant(reason or SkipReason.NON_CONSTANT, f"shape of '{name}' is not static ({detail})")
 
     def _alloc(self, node: NodeProto, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> None:
-        self.budget.charge(tuple(int(d) for d in shape), np.dtype(dtype), f"{node.op_type} '{node.name}'")
+        self._held[0] += self.budget.charge(tuple(int(d) for d in shape), np.dtype(dtype), f"{node.op_type} '{node.name}'")
 
     def _eval(self, node: NodeProto) -> Array:
         op = node.op_type
