@@ -341,7 +341,7 @@ def fold_without_culprits(
     sites = [s.bn for s in report.sites]
     search = find_culprits(sites, check, failed=report.verification, budget=budget)
     if not search.resolved:
-        note = f"no fold could be kept: {search.why_none_kept} ({_spent(search)})"
+        note = f"no fold could be kept: {search.why_none_kept}" + (f" ({_spent(search)})" if search.checks else "")
         return None, replace(report, culprits=search, notes=(*report.notes, note)), search
     excluded = frozenset(sites) - frozenset(search.kept)
     if excluded not in last:
