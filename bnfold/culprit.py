@@ -25,7 +25,9 @@ Bounds (:class:`CulpritBudget`, stated in the report's note and in ``--json`` un
 * at most ``max_checks`` verifications (64) and no new one after ``max_seconds`` (600 s), plus one
   final verification of the model kept;
 * folds fail everywhere: after ``give_up_after`` (8) single folds failed while no verification passed
-  yet, or as many additions in a row in step 3, the search stops;
+  yet, one verification of the group the bisection would search last (the far half) decides: it
+  passes (the culprits were only dense at the start) and the search goes on, or it stops; in step 3,
+  as many failed additions in a row stop it;
 * stopped early, the search keeps the groups it verified to pass (together, if they pass together;
   else the largest one), and leaves every fold it did not clear ("untested");
 * no fold kept (all culprits, stopped with none cleared, or step 4): ``resolved`` is False, and the
@@ -238,9 +240,13 @@ def find_culprits(
                 cleared.append(group)
             elif len(group) == 1:
                 culprits.append(Culprit(group[0], rep))
-                if not cleared and len(culprits) >= budget.give_up_after:
-                    raise _Stop(f"folds fail everywhere: the first {len(culprits)} single folds tried all failed "
-                                "and no verification passed")
+                if not cleared and len(culprits) == budget.give_up_after:
+                    # Everywhere, or only dense at the start? The group searched last (the far half) tells.
+                    far = pending.pop(0) if pending else []
+                    if not far or not run(frozenset(far)).passed:
+                        raise _Stop(f"folds fail everywhere: the first {len(culprits)} single folds tried all "
+                                    "failed, and so did the far half of the folds")
+                    cleared.append(far)
             else:
                 half = len(group) // 2
                 pending += [group[half:], group[:half]]

@@ -189,3 +189,14 @@ def test_every_fold_failing_is_exit_1_not_equivalent(tmp_path: Path, monkeypatch
     assert any("no fold could be kept: every fold fails verification" in n and "budget of 64" in n for n in rep.notes)
     r = runner.invoke(app, ["fold", str(src), "-o", str(out), "--json"])
     assert r.exit_code == 1 and not out.exists()
+
+
+def test_dense_culprits_at_the_start_are_not_mistaken_for_everywhere() -> None:
+    """10 bad folds first, 54 good ones after: the give-up probe (every other fold) passes and is kept."""
+    sites = [f"s{i}" for i in range(64)]
+    bad = set(sites[:10])
+    check, _ = _oracle(sites, lambda folded: bool(folded & bad))
+    res = find_culprits(sites, check, failed=_report(False))  # type: ignore[arg-type]
+    assert res.resolved and res.report.passed and not res.stopped
+    assert set(res.kept) == set(sites[10:]) and not set(res.kept) & bad
+    assert {c.bn for c in res.culprits} == bad and not res.untested
