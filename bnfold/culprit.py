@@ -22,8 +22,8 @@ Bounds (:class:`CulpritBudget`, stated in the report's note and in ``--json`` un
 
 * no bisection when no fold can pass: every floating output's tolerance is below its dtype's rounding
   (:func:`bnfold.verification.policy.tolerance_below_rounding`, e.g. ``--rtol 1e-9`` on float32);
-* at most ``max_checks`` verifications (64) and no new one after ``max_seconds`` (600 s), plus one
-  final verification of the model kept;
+* at most ``max_checks`` verifications (64) and no new one after ``max_seconds`` (600 s), plus the
+  verifications that settle what is kept (at most two);
 * folds fail everywhere: after ``give_up_after`` (8) single folds failed while no verification passed
   yet, one verification of the group the bisection would search last (the far half) decides: it
   passes (the culprits were only dense at the start) and the search goes on, or it stops; in step 3,
