@@ -10,16 +10,23 @@ Rules:
       ``ml_dtypes``); integer inputs uniform in ``[0, INT_HIGH)`` (= 10, valid for small vocabularies and
       index inputs; pass real data otherwise); boolean inputs are random bits;
     * user data (a dict of arrays, a list of dicts, or an ``.npz`` path) must name every input and
-      nothing else; floating arrays are cast to the input's floating dtype, other kinds must match.
+      nothing else; floating arrays are cast to the input's floating dtype, other kinds must match;
+    * an ``.npz`` file is read by :func:`read_npz`, which checks what every entry *declares* before
+      anything is decompressed: the zip entry's size must be its ``.npy`` header plus shape x itemsize,
+      and the declared sizes together may exceed neither :data:`NPZ_FREE_BYTES` nor
+      :data:`NPZ_MAX_RATIO` times the file's own size, whichever is larger (a 2 MB file cannot make
+      bnfold allocate 2 GB); where the model is known, each array's declared dtype kind, rank and fixed
+      dimensions are checked against the model's input first (:func:`user_inputs`).
 
 Nothing here imports onnxruntime; torch only inside :func:`torch_examples` (for a PyTorch model).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +47,9 @@ __all__ = [
     "user_inputs",
     "np_dtype",
     "load_inputs",
+    "read_npz",
+    "NPZ_FREE_BYTES",
+    "NPZ_MAX_RATIO",
     "onnx_input_specs",
     "torch_examples",
 ]
@@ -50,6 +60,11 @@ DEFAULT_DIM = 8
 """Value of any other symbolic dimension (sequence length, spatial size, ...)."""
 INT_HIGH = 10
 """Random integer inputs are drawn from ``[0, INT_HIGH)``."""
+NPZ_FREE_BYTES = 64 << 20
+"""Uncompressed bytes an ``.npz`` may declare whatever its size (64 MiB: a batch of 128 RGB 224x224 float32 images)."""
+NPZ_MAX_RATIO = 16
+"""Beyond :data:`NPZ_FREE_BYTES`, the declared bytes may be at most this multiple of the file's size
+(real data compresses a few times at most; a file saved with ``numpy.savez`` is never compressed)."""
 
 Dim = int | str | None
 
@@ -229,21 +244,109 @@ def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.nd
     """Samples from user data: a dict of arrays (one sample), a list of dicts, or an ``.npz`` path.
 
     Raises:
-        OptionError: unreadable file, missing or extra names, wrong dtype kind or shape.
+        OptionError: unreadable file, missing or extra names, wrong dtype kind or shape, a file that
+            declares more data than it may hold (see the module rules).
     """
     if isinstance(inputs, (str, os.PathLike)):
         path = os.fspath(inputs)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise OptionError(f"{path}: cannot read inputs as .npz ({str(e).splitlines()[0]})") from e
+        by_name = {s.name: s for s in specs}
+
+        def fits(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+            s = by_name.get(name)
+            if s is None:
+                return  # _check_sample names it
+            if len(shape) != len(s.dims):
+                raise OptionError(f"{path}: input {name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+            for i, (want, got) in enumerate(zip(s.dims, shape)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise OptionError(f"{path}: input {name!r} dimension {i} is {got}, the model fixes it to {want}")
+            if is_floating(dtype) != is_floating(s.dtype):
+                raise OptionError(f"{path}: input {name!r} is {dtype}, the model expects {s.dtype}")
+
+        data = read_npz(path, "inputs", check=fits)
         return [_check_sample(specs, data, path)]
     if isinstance(inputs, Mapping):
         return [_check_sample(specs, inputs, "inputs")]
     if isinstance(inputs, Sequence) and inputs and all(isinstance(x, Mapping) for x in inputs):
         return [_check_sample(specs, x, f"inputs[{i}]") for i, x in enumerate(inputs)]
     raise OptionError("inputs must be a dict of arrays, a non-empty list of such dicts, or a path to an .npz file")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.4g} MiB"
+
+
+def read_npz(
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    check: Callable[[str, tuple[int, ...], np.dtype[Any]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, each checked from what it declares before it is decompressed.
+
+    Args:
+        path: the file.
+        what: the option or role named in errors ("--inputs", "--load-outputs").
+        check: ``check(name, shape, dtype)`` on every entry's declared shape and dtype, before any
+            entry is decompressed; it raises to refuse.
+
+    Raises:
+        OptionError: not a zip of ``.npy`` arrays, an entry whose size does not match its header, an
+            object array, or more declared data than the bound (see the module rules). One line.
+    """
+    import zipfile
+
+    p = os.fspath(path)
+    try:
+        size = os.stat(p).st_size
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+            limit = max(NPZ_FREE_BYTES, NPZ_MAX_RATIO * size)
+            declared = sum(int(i.file_size) for i in infos)
+            if declared > limit:
+                raise OptionError(
+                    f"{p}: {what}: declares {_mib(declared)} of uncompressed data in a file of {_mib(size)} "
+                    f"(more than {_mib(limit)}); refused as a possible compression bomb (save large arrays "
+                    "uncompressed, with numpy.savez)"
+                )
+            names: list[tuple[str, zipfile.ZipInfo]] = []
+            for info in infos:
+                name = info.filename.removesuffix(".npy")
+                shape, dtype = _npy_header(zf, info, p, what)
+                if check is not None:
+                    check(name, shape, dtype)
+                names.append((name, info))
+            out: dict[str, np.ndarray] = {}
+            for name, info in names:
+                with zf.open(info) as f:
+                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+            return out
+    except OptionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a hostile file may fail anywhere in zipfile/zlib/numpy
+        first = (str(e).splitlines() or [""])[0]
+        raise OptionError(f"{p}: {what}: not a readable NumPy .npz archive ({type(e).__name__}: {first})") from e
+
+
+def _npy_header(zf: Any, info: Any, p: str, what: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype of one ``.npy`` entry, read from its header only; its size must match them."""
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _fortran, dtype = fmt.read_array_header_1_0(f)
+        else:
+            shape, _fortran, dtype = fmt.read_array_header_2_0(f)
+        header = f.tell()
+    if dtype.hasobject:
+        raise OptionError(f"{p}: {what}: entry {info.filename!r} holds Python objects (only plain arrays are read)")
+    nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+    if header + nbytes != info.file_size:
+        raise OptionError(
+            f"{p}: {what}: entry {info.filename!r} declares shape {list(shape)} of {dtype} ({nbytes} bytes) "
+            f"but holds {info.file_size - header} bytes"
+        )
+    return tuple(int(d) for d in shape), dtype
 
 
 # ------------------------------------------------------------------ inputs for the file jobs and bench
@@ -255,17 +358,12 @@ def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     """
     if path is None:
         return None
-    import zipfile
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
         raise OptionError(f"{p}: --inputs: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise OptionError(f"{p}: --inputs: not a NumPy .npz archive ({e})") from e
+    arrays = read_npz(p, "--inputs")
     if not arrays:
         raise OptionError(f"{p}: --inputs: the archive holds no array")
     return arrays

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ._inputs import np_dtype
+from ._inputs import np_dtype, read_npz
 from .errors import OptionError, OutputError
 
 __all__ = ["Recording", "save_outputs", "load_outputs", "GOLDEN_VERSION"]
@@ -98,37 +97,47 @@ def save_outputs(path: str | os.PathLike[str], rec: Recording) -> None:
 def load_outputs(path: str | os.PathLike[str]) -> Recording:
     """Read a recording written by :func:`save_outputs`.
 
+    The file is read by :func:`bnfold._inputs.read_npz`: what each entry declares is checked before it is
+    decompressed, so a small file cannot make bnfold allocate gigabytes.
+
     Raises:
-        OptionError: the file is missing, not a bnfold golden ``.npz``, or of another version.
+        OptionError: the file is missing, not a bnfold golden ``.npz``, of another version, malformed
+            (one line naming what), or declaring more data than it may hold.
     """
     p = Path(path)
     if not p.is_file():
         raise OptionError(f"{p}: --load-outputs: no such file")
+    data = read_npz(p, "--load-outputs")
     try:
-        with np.load(p, allow_pickle=False) as data:
-            if "__meta__" not in data.files:
-                raise OptionError(f"{p}: not a bnfold outputs file (no __meta__ entry)")
-            meta = json.loads(str(data["__meta__"]))
-            if meta.get("format") != "bnfold-golden" or meta.get("version") != GOLDEN_VERSION:
-                raise OptionError(f"{p}: not a bnfold outputs file of version {GOLDEN_VERSION}")
-            dtypes: dict[str, str] = meta["dtypes"]
+        if "__meta__" not in data:
+            raise OptionError(f"{p}: not a bnfold outputs file (no __meta__ entry)")
+        meta = json.loads(str(data["__meta__"]))
+        if not isinstance(meta, dict) or meta.get("format") != "bnfold-golden" or meta.get("version") != GOLDEN_VERSION:
+            raise OptionError(f"{p}: not a bnfold outputs file of version {GOLDEN_VERSION}")
+        dtypes: dict[str, str] = meta["dtypes"]
 
-            def get(key: str) -> np.ndarray:
-                a = np.asarray(data[key])
-                return a.view(np_dtype("bfloat16")) if dtypes.get(key) == "bfloat16" else a
+        def get(key: str) -> np.ndarray:
+            a = np.asarray(data[key])
+            return a.view(np_dtype("bfloat16")) if dtypes.get(key) == "bfloat16" else a
 
-            ins, outs, n = list(meta["inputs"]), list(meta["outputs"]), int(meta["samples"])
-            if n < 1 or not outs or len(set(ins)) != len(ins) or len(set(outs)) != len(outs):
-                raise OptionError(f"{p}: holds no sample, no output, or a name twice")
-            feeds = [{name: get(f"in_{s}_{i}") for i, name in enumerate(ins)} for s in range(n)]
-            ref = [{name: get(f"ref_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
-            cand = (
-                [{name: get(f"cand_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
-                if meta.get("has_candidate")
-                else None
-            )
+        ins, outs, n = list(meta["inputs"]), list(meta["outputs"]), int(meta["samples"])
+        if n < 1 or not outs or len(set(ins)) != len(ins) or len(set(outs)) != len(outs):
+            raise OptionError(f"{p}: holds no sample, no output, or a name twice")
+        if not all(isinstance(x, str) for x in (*ins, *outs)):
+            raise OptionError(f"{p}: input and output names must be strings")
+        feeds = [{name: get(f"in_{s}_{i}") for i, name in enumerate(ins)} for s in range(n)]
+        ref = [{name: get(f"ref_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
+        cand = (
+            [{name: get(f"cand_{s}_{i}") for i, name in enumerate(outs)} for s in range(n)]
+            if meta.get("has_candidate")
+            else None
+        )
+        runtimes = meta.get("runtimes", {})
+        if not isinstance(runtimes, dict) or not all(isinstance(v, str) for v in runtimes.values()):
+            raise OptionError(f"{p}: 'runtimes' must map roles to names")
+        return Recording(ins, outs, feeds, ref, cand, {str(k): v for k, v in runtimes.items()})
     except OptionError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
-        raise OptionError(f"{p}: not a readable bnfold outputs file ({type(e).__name__}: {e})") from e
-    return Recording(ins, outs, feeds, ref, cand, dict(meta.get("runtimes", {})))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, json.JSONDecodeError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise OptionError(f"{p}: not a readable bnfold outputs file ({type(e).__name__}: {first})") from e

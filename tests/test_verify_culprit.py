@@ -169,13 +169,16 @@ def test_all_or_nothing_keeps_todays_refusal(tmp_path: Path) -> None:
     assert ei.value.fold_report.bn_after == 0 and not out.exists()
 
 
-def test_every_fold_failing_leaves_every_bn(tmp_path: Path) -> None:
+def test_every_fold_failing_is_refused_not_written(tmp_path: Path) -> None:
+    """rtol=0 on every output: no fold can pass, so nothing is kept: exit 1, nothing written (issue 28.6,
+    22.14; it used to write the unfolded model with exit 0)."""
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_branches(), str(src))
-    rep = fold_file(src, out, FoldSettings(verification=VerifySettings(rtol={"*": 0.0})))
-    assert rep.bn_after == 3 and rep.verification is not None and rep.verification.passed
-    assert {v.bn for v in rep.skips if v.reason is SkipReason.VERIFICATION} == {"bn0", "bn1", "bn2"}
-    assert out.exists()
+    with pytest.raises(FoldVerificationError) as ei:
+        fold_file(src, out, FoldSettings(verification=VerifySettings(rtol={"*": 0.0})))
+    assert not out.exists()
+    search = ei.value.fold_report.culprits
+    assert search is not None and not search.resolved and "rtol=0 is below float32 rounding" in search.stopped
 
 
 def test_failure_no_fold_explains_still_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,11 +33,15 @@ refused (the padded zeros would not be shifted).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.errors import BnfoldError, OptionError, UnsupportedModelError
 
 from .bnspec import NO_STATS, BnSpec, StatsFn, TailFn
 from .custom_traced import SubTracer, make_probe, signature, tail_ops, trace_subclass
@@ -79,12 +83,82 @@ def register_bn_like(cls: type, *, stats: StatsFn | None = None, tail: TailFn | 
         tail: ``tail(m) -> nn.Module | None``, the module applied to the BN output (for example
             ``lambda m: m.act``); default: nothing after the normalisation.
 
+    A callback that raises, or returns something else than documented, stops the fold or freeze with
+    an :class:`~bnfold.errors.UnsupportedModelError` naming the class, the callback and the error.
+
+    Raises:
+        OptionError: ``cls`` is not an ``nn.Module`` class, or ``stats``/``tail`` is not callable.
+
     Example:
         >>> bnfold.register_bn_like(MyBNAct, tail=lambda m: m.act)
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_bn_like expects an nn.Module class, got {cls!r}")
-    _REGISTRY[cls] = _Registered(stats, tail)
+        raise OptionError(f"register_bn_like expects an nn.Module class, got {type(cls).__name__}")
+    for what, fn in (("stats", stats), ("tail", tail)):
+        if fn is not None and not callable(fn):
+            raise OptionError(f"register_bn_like({cls.__name__}): {what} must be callable, got {type(fn).__name__}")
+    _REGISTRY[cls] = _Registered(stats, None if tail is None else _checked_tail(cls, tail))
+
+
+def _failed(cls: type, what: str, e: Exception) -> UnsupportedModelError:
+    first = (str(e).splitlines() or [""])[0]
+    return UnsupportedModelError(
+        f"the {what} function registered for {cls.__name__} (register_bn_like) failed: {type(e).__name__}: {first}"
+    )
+
+
+def _checked_tail(cls: type, tail: TailFn) -> TailFn:
+    """``tail`` whose failures and wrong results are typed errors naming the registration."""
+
+    def run(m: nn.Module) -> nn.Module | None:
+        try:
+            out = tail(m)
+        except BnfoldError:
+            raise
+        except Exception as e:  # noqa: BLE001 - user code: any failure becomes one typed line
+            raise _failed(cls, "tail", e) from e
+        if out is not None and not isinstance(out, nn.Module):
+            raise UnsupportedModelError(
+                f"the tail function registered for {cls.__name__} (register_bn_like) must return an nn.Module "
+                f"or None, got {type(out).__name__}"
+            )
+        return out
+
+    return run
+
+
+def _registered_stats(m: nn.Module, reg: _Registered) -> tuple[Any, Any, Any, Any, float]:
+    """``reg.stats(m)`` checked: five values, tensors (weight/bias may be None), a finite float eps."""
+    cls = type(m)
+    assert reg.stats is not None
+    try:
+        got: Any = reg.stats(m)
+    except BnfoldError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: any failure becomes one typed line
+        raise _failed(cls, "stats", e) from e
+    shape = "(weight, bias, running_mean, running_var, eps)"
+    if not isinstance(got, (tuple, list)) or len(got) != 5:
+        raise UnsupportedModelError(
+            f"the stats function registered for {cls.__name__} (register_bn_like) must return {shape}, "
+            f"got {type(got).__name__}" + (f" of {len(got)}" if isinstance(got, (tuple, list)) else "")
+        )
+    w, b, mean, var, eps = got
+    names = ("weight", "bias", "running_mean", "running_var")
+    for name, t in zip(names, (w, b, mean, var)):
+        if not (t is None or isinstance(t, Tensor)):  # no mean/var: reported as no running statistics
+            raise UnsupportedModelError(
+                f"the stats function registered for {cls.__name__} (register_bn_like): {name} must be a tensor "
+                f"or None, got {type(t).__name__}"
+            )
+    if isinstance(eps, Tensor) and eps.numel() == 1:
+        eps = eps.item()
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps) < math.inf:
+        raise UnsupportedModelError(
+            f"the stats function registered for {cls.__name__} (register_bn_like): eps must be a finite number "
+            f">= 0, got {type(eps).__name__} {str(eps)[:40]}"
+        )
+    return w, b, mean, var, float(eps)
 
 
 def registered_bn_like(m: nn.Module) -> bool:
@@ -128,7 +202,7 @@ def describe_bn(m: nn.Module) -> BnSpec | str:
         mean: Tensor | None
         var: Tensor | None
         if reg.stats is not None:
-            w, b, mean, var, eps = reg.stats(m)
+            w, b, mean, var, eps = _registered_stats(m, reg)
         else:
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
             mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)

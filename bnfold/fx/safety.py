@@ -63,9 +63,20 @@ def register_checkpoint_runner(fn: Callable[..., Any], runs: str = "children") -
     ``checkpoint_seq`` or ``torch.utils.checkpoint.checkpoint_sequential``). A parent whose code
     hands ``self.stages`` to such a helper then still "calls the part whole" for the fold's safety
     proof. timm's ``checkpoint_seq`` and torch's two helpers are known already.
+
+    Raises:
+        OptionError: ``fn`` is not a (hashable) callable, or ``runs`` is neither value.
     """
+    from bnfold.errors import OptionError
+
     if runs not in ("call", "children"):
-        raise ValueError(f"runs must be 'call' or 'children', not {runs!r}")
+        raise OptionError(f"register_checkpoint_runner: runs must be 'call' or 'children', not {str(runs)[:40]!r}")
+    if not callable(fn):
+        raise OptionError(f"register_checkpoint_runner expects a function, got {type(fn).__name__}")
+    try:
+        hash(fn)
+    except TypeError as e:
+        raise OptionError(f"register_checkpoint_runner expects a hashable function, got {type(fn).__name__}") from e
     _RUNNERS[fn] = runs
     _chains.cache_clear()
 

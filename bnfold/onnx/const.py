@@ -14,11 +14,23 @@ A value is constant when it is
 A value produced by ``DequantizeLinear`` is reported as quantized, and any other node makes the value
 depend on model inputs. Only the tensors asked for are converted to NumPy (the matcher asks for the
 weights and BN parameters it folds, nothing else).
+
+Memory bound: every value a node computes is kept (one evaluation per value), so what an evaluation
+allocates is bounded in *bytes*, in total, by one :class:`ConstBudget` shared by an evaluator and the
+evaluators of its subgraphs (an evaluator's bytes return to the budget when it and its cache are
+freed, as a fold does between passes): :data:`CONST_BUDGET_BYTES` plus twice the bytes of the model's own
+initializers (a float16 weight cast to float32 at run time fits). Each result's size is known from the
+input shapes and dtypes *before* NumPy allocates it, and charged then (float64 and complex128 count 8
+and 16 bytes an element); views (Reshape, Transpose, Slice, (Un)Squeeze, Identity) cost nothing. A
+value that would pass the budget is not a constant: the BN that needs it is left with the reason, and
+every other BN of a valid model is still folded (a typed error would refuse the whole model for one
+absurd constant). A 600-byte model can therefore not make ``inspect`` or ``fold`` allocate gigabytes.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +44,8 @@ from bnfold.records import Skip, SkipReason
 from .graph import GraphIndex, read_lazy_tensor
 
 __all__ = [
+    "CONST_BUDGET_BYTES",
+    "ConstBudget",
     "ConstEvaluator",
     "Resolved",
     "PURE_OPS",
@@ -81,8 +95,61 @@ def _fits(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _expand(x: Array, shape: Array) -> Array:
-    out = _fits(np.broadcast_shapes(x.shape, tuple(int(d) for d in shape)))
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    return math.prod(max(int(d), 0) for d in shape) * max(int(dtype.itemsize), 1)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.4g} MiB"
+
+
+class ConstBudget:
+    """Bytes an evaluation may still allocate (see the module docstring); shared along subgraphs.
+
+    Attributes:
+        limit: the bound, in bytes.
+        used: bytes charged so far.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.used = 0
+
+    @classmethod
+    def for_graph(cls, index: GraphIndex) -> ConstBudget:
+        """:data:`CONST_BUDGET_BYTES` plus twice the bytes the graph's initializers hold."""
+        return cls(CONST_BUDGET_BYTES + 2 * sum(_held_bytes(index.tensor(n)) for n in index.initializers))
+
+    def release(self, held: list[int]) -> None:
+        """Give back the bytes an evaluator held (called when it is freed: its cache goes with it)."""
+        self.used -= held[0]
+        held[0] = 0
+
+    def charge(self, shape: tuple[int, ...], dtype: np.dtype[Any], what: str) -> int:
+        """Account for a result of ``shape`` and ``dtype`` before it is allocated; refuse past the limit."""
+        _fits(shape)
+        n = _nbytes(shape, dtype)
+        if self.used + n > self.limit:
+            raise _NotConstant(
+                SkipReason.NON_CONSTANT,
+                f"{what} would need {_mib(n)} more, past the constant evaluator's budget of {_mib(self.limit)} "
+                f"for this model ({_mib(self.used)} used)",
+            )
+        self.used += n
+        return n
+
+
+def _held_bytes(t: TensorProto) -> int:
+    """Bytes a tensor's values take in the model as loaded (not what its dims claim)."""
+    if t.raw_data:
+        return len(t.raw_data)
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        return int(info["length"]) if info.get("length", "").isdigit() else 0
+    return 8 * (len(t.float_data) + len(t.double_data) + len(t.int32_data) + len(t.int64_data) + len(t.uint64_data))
+
+
+def _expand(x: Array, out: tuple[int, ...]) -> Array:
     return np.broadcast_to(x, out).copy()
 
 
@@ -122,6 +189,7 @@ _BINARY: dict[str, Callable[[Array, Array], Array]] = {
     "Div": lambda a, b: (a // b) if np.issubdtype(a.dtype, np.integer) else np.divide(a, b),
     "Pow": lambda a, b: np.power(a, b).astype(a.dtype),
 }
+_TO_FLOAT = frozenset({"Sqrt", "Reciprocal"})  # an integer input gives a float result
 _UNARY: dict[str, Callable[[Array], Array]] = {
     "Identity": lambda x: x,
     "Neg": np.negative,
@@ -153,17 +221,30 @@ PURE_OPS = frozenset(
 """Ops this module evaluates; a dead node of these kinds can be removed without changing the model."""
 
 _MAX_ELEMENTS = 1 << 28
-_CACHE_LIMIT = 1 << 14  # refuse to materialise absurdly large computed constants
+_CACHE_LIMIT = 1 << 14  # initializers above this many elements are converted again, not cached
+CONST_BUDGET_BYTES = 64 << 20
+"""Bytes computed constants may take beyond twice the model's own data (64 MiB: far more than the
+biases and shapes exporters compute at run time)."""
 
 
 class ConstEvaluator:
     """Resolve values of one graph to constants, memoised (one evaluation per value)."""
 
-    def __init__(self, index: GraphIndex, opset: int, outer: ConstEvaluator | None = None) -> None:
+    def __init__(
+        self, index: GraphIndex, opset: int, outer: ConstEvaluator | None = None, budget: ConstBudget | None = None
+    ) -> None:
         self.index = index
         self.opset = opset
         self.outer = outer
         self._cache: dict[str, Resolved] = {}
+        if budget is None:  # a subgraph shares its enclosing graph's budget
+            budget = outer.budget if outer is not None else ConstBudget.for_graph(_root(index))
+        assert budget is not None
+        self.budget: ConstBudget = budget
+        # What this evaluator's cache holds goes back to the budget when it is freed (a fold builds a
+        # new evaluator per pass): the budget bounds the bytes alive at once, over the whole evaluation.
+        self._held = [0]
+        weakref.finalize(self, budget.release, self._held)
 
     # ---- public --------------------------------------------------------------------------------
     def resolve(self, name: str) -> Resolved:
@@ -254,6 +335,9 @@ class ConstEvaluator:
             return tuple(v.shape)
         raise _NotConstant(reason or SkipReason.NON_CONSTANT, f"shape of '{name}' is not static ({detail})")
 
+    def _alloc(self, node: NodeProto, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> None:
+        self._held[0] += self.budget.charge(tuple(int(d) for d in shape), np.dtype(dtype), f"{node.op_type} '{node.name}'")
+
     def _eval(self, node: NodeProto) -> Array:
         op = node.op_type
         a = _attrs(node)
@@ -268,21 +352,37 @@ class ConstEvaluator:
             end = a.get("end", r)
             return np.array(shape[slice(start, end)], dtype=np.int64)
         if op == "CastLike":
-            return self._req(node, 0).astype(np_dtype(self._elem_type(node.input[1])))
+            x, to = self._req(node, 0), np_dtype(self._elem_type(node.input[1]))
+            self._alloc(node, x.shape, to)
+            return x.astype(to)
         if op in _UNARY:
-            return np.asarray(_UNARY[op](self._req(node, 0)))
+            x = self._req(node, 0)
+            if op != "Identity":
+                self._alloc(node, x.shape, np.result_type(x.dtype, np.float16) if op in _TO_FLOAT else x.dtype)
+            return np.asarray(_UNARY[op](x))
         if op in _BINARY:
             x, y = self._req(node, 0), self._req(node, 1)
-            _fits(np.broadcast_shapes(x.shape, y.shape))
+            shape = np.broadcast_shapes(x.shape, y.shape)
+            self._alloc(node, shape, np.result_type(x.dtype, y.dtype))
+            if op == "Pow":  # np.power's result, then its cast
+                self._alloc(node, shape, x.dtype)
             return np.asarray(_BINARY[op](x, y))
         if op == "Cast":
-            return self._req(node, 0).astype(np_dtype(int(a["to"])))
+            x, to = self._req(node, 0), np_dtype(int(a["to"]))
+            self._alloc(node, x.shape, to)
+            return x.astype(to)
         if op == "Expand":
-            return _expand(self._req(node, 0), self._req(node, 1))
+            x, shape_in = self._req(node, 0), self._req(node, 1)
+            out = np.broadcast_shapes(x.shape, tuple(int(d) for d in shape_in))
+            self._alloc(node, out, x.dtype)
+            return _expand(x, out)
         if op == "Reshape":
+            x = self._req(node, 0)
+            if not x.flags.c_contiguous:  # a copy
+                self._alloc(node, x.shape, x.dtype)
             if "shape" in a:  # opset < 5
-                return _reshape(self._req(node, 0), np.array(a["shape"]), 0)
-            return _reshape(self._req(node, 0), self._req(node, 1), int(a.get("allowzero", 0)))
+                return _reshape(x, np.array(a["shape"]), 0)
+            return _reshape(x, self._req(node, 1), int(a.get("allowzero", 0)))
         if op == "Unsqueeze":
             axes = a["axes"] if "axes" in a else [int(v) for v in self._req(node, 1)]
             return _unsqueeze(self._req(node, 0), list(axes))
@@ -293,22 +393,25 @@ class ConstEvaluator:
             return _squeeze(self._req(node, 0), None if ax is None else [int(v) for v in ax])
         if op == "Concat":
             parts = [self._req(node, k) for k in range(len(node.input))]
-            _fits((sum(int(p.size) for p in parts),))
+            self._alloc(node, (sum(int(p.size) for p in parts),), np.result_type(*[p.dtype for p in parts]))
             return np.concatenate(parts, axis=int(a["axis"]))
         if op == "Gather":
             x, ind = self._req(node, 0), self._req(node, 1)
             g_ax = int(a.get("axis", 0)) % max(x.ndim, 1)
-            _fits((*x.shape[:g_ax], *ind.shape, *x.shape[g_ax + 1:]))
+            self._alloc(node, (*x.shape[:g_ax], *ind.shape, *x.shape[g_ax + 1:]), x.dtype)
             return np.take(x, ind, axis=int(a.get("axis", 0)))
         if op == "Transpose":
             return np.transpose(self._req(node, 0), a.get("perm"))
         if op == "Flatten":
             xf = self._req(node, 0)
+            if not xf.flags.c_contiguous:  # a copy
+                self._alloc(node, xf.shape, xf.dtype)
             axis = int(a.get("axis", 1)) % (xf.ndim + 1) if xf.ndim else 0
             return xf.reshape(int(np.prod(xf.shape[:axis])), -1)
         if op == "ConstantOfShape":
             shape = _fits(tuple(int(d) for d in self._req(node, 0)))
             val = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+            self._alloc(node, shape, val.dtype)
             return np.full(shape, val.reshape(-1)[0], dtype=val.dtype)
         if op == "Slice":
             if "starts" in a:  # opset < 10
@@ -327,6 +430,12 @@ class ConstEvaluator:
                 self._in(node, 4),
             )
         raise ValueError(f"no evaluator for {op}")  # pragma: no cover - PURE_OPS is the guard
+
+
+def _root(index: GraphIndex) -> GraphIndex:
+    while index.outer is not None:
+        index = index.outer
+    return index
 
 
 class _NotConstant(Exception):

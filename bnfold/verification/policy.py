@@ -10,7 +10,15 @@ into an error or a line of text use these, so that the policy and its words live
     * :func:`ensure_passed`: raise :class:`~bnfold.errors.VerificationError` (exit code 1) with that
       line, the report attached; a subclass (e.g. the file job's ``FoldVerificationError``) builds
       its message from :func:`failure_message` the same way;
-    * :func:`runtime_notes`: one line per side that did not run in onnxruntime (which runtime, why).
+    * :func:`runtime_notes`: one line per side that did not run in onnxruntime (which runtime, why);
+    * :func:`tolerance_below_rounding`: why no rewrite can pass at all, when every floating output's
+      tolerance is below one rounding step of its dtype (``fold --rtol 1e-9`` on a float32 model).
+      :func:`failure_message` says so too, and :mod:`bnfold.culprit` does not bisect then.
+
+Rounding: a rewrite that changes the arithmetic (a fold, a fusion) moves a float output by at least
+about one unit in the last place of its largest values, ``eps * scale`` with ``eps`` of the output's
+dtype (:data:`ROUNDING_EPS`). A tolerance ``atol + rtol * scale`` below that, on every floating output
+judged by its largest error, can only be met by a bit-identical result.
 """
 
 from __future__ import annotations
@@ -22,7 +30,50 @@ from bnfold.records import OutputCheck, VerifyReport
 
 from .runners import REFERENCE_EVALUATOR
 
-__all__ = ["describe_failure", "failure_message", "ensure_passed", "runtime_notes"]
+__all__ = [
+    "describe_failure",
+    "failure_message",
+    "ensure_passed",
+    "runtime_notes",
+    "tolerance_below_rounding",
+    "ROUNDING_EPS",
+]
+
+ROUNDING_EPS: dict[str, float] = {
+    "float64": 2.0**-52,
+    "float32": 2.0**-23,
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+}
+"""One unit in the last place, relative (machine epsilon), per floating dtype."""
+_NEGLIGIBLE_ATOL = 1e-30  # the default atols are the smallest normal numbers (1.2e-38 for float32)
+
+
+def tolerance_below_rounding(report: VerifyReport) -> str | None:
+    """Why no rewrite can pass ``report``'s tolerances, or ``None`` (see the module docstring).
+
+    Only when ``report`` failed on a tolerance and *every* floating output is judged by its largest
+    error (``error_stat="max"``) with ``atol + rtol * scale < eps * scale``; an output with a tolerance
+    above rounding may let a fold pass, so then this says nothing.
+    """
+    floats = [c for c in report.checks if c.dtype in ROUNDING_EPS]
+    if not floats or not any(c.failure == "tolerance" for c in floats):
+        return None
+    for c in floats:
+        if c.error_stat != "max":
+            return None
+        scale = c.max_abs_error / c.max_rel_error if c.max_rel_error > 0 else None
+        if scale is None and c.atol > _NEGLIGIBLE_ATOL:
+            return None  # no error seen on this output, and an absolute tolerance: its scale is unknown
+        rel = c.rtol + (c.atol / scale if scale else 0.0)
+        if not rel < ROUNDING_EPS[c.dtype]:
+            return None
+    c = next(c for c in floats if c.failure == "tolerance")
+    eps = ROUNDING_EPS[c.dtype]
+    return (
+        f"rtol={c.rtol:g} is below {c.dtype} rounding (one unit in the last place is {eps:.3g} of the output's "
+        f"scale), so no change to the arithmetic can pass it (use rtol {eps * 10:.1g} or more)"
+    )
 
 
 def failure_message(report: VerifyReport, against: str | None = None) -> str | None:
@@ -45,7 +96,8 @@ def failure_message(report: VerifyReport, against: str | None = None) -> str | N
         worst = rep.worst()
         what = describe_failure(worst) if worst is not None else "verification failed"
         level = "" if rep is report else f" with onnxruntime level {rep.optimization_level!r}"
-        return f"not equivalent{to}{level}: {what}"
+        below = tolerance_below_rounding(rep)
+        return f"not equivalent{to}{level}: {what}" + (f"; {below}" if below else "")
     return f"not equivalent{to}"  # pragma: no cover - passed is False only when a check failed
 
 
