@@ -232,9 +232,11 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     worst = v.worst()
     where = f" at {clean(worst.name)}" if worst is not None else ""
     verdict = "equivalent" if v.passed else "NOT equivalent"
+    from .verification import runtimes_label
+
     return Text(
         f"{verdict}: max abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where} "
-        f"({v.samples} sample{'s' if v.samples != 1 else ''}{', ' + on if on else ''}; onnxruntime, {levels})",
+        f"({v.samples} sample{'s' if v.samples != 1 else ''}{', ' + on if on else ''}; {clean(runtimes_label(v))}, {levels})",
         style="green" if v.passed else "bold red",
     )
 

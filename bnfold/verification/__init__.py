@@ -75,7 +75,7 @@ from bnfold.compare import (
 )
 
 from .driver import verify
-from .policy import describe_failure, ensure_passed, failure_message, runtime_notes
+from .policy import describe_failure, ensure_passed, failure_message, runtime_notes, runtimes_label
 from .runners import OPTIMIZATION_LEVELS, REFERENCE_EVALUATOR, check_level
 
 __all__ = [
@@ -84,6 +84,7 @@ __all__ = [
     "failure_message",
     "describe_failure",
     "runtime_notes",
+    "runtimes_label",
     "check_level",
     "parse_input_shapes",
     "Tolerance",

@@ -10,7 +10,8 @@ into an error or a line of text use these, so that the policy and its words live
     * :func:`ensure_passed`: raise :class:`~bnfold.errors.VerificationError` (exit code 1) with that
       line, the report attached; a subclass (e.g. the file job's ``FoldVerificationError``) builds
       its message from :func:`failure_message` the same way;
-    * :func:`runtime_notes`: one line per side that did not run in onnxruntime (which runtime, why).
+    * :func:`runtime_notes`: one line per side that did not run in onnxruntime (which runtime, why);
+    * :func:`runtimes_label`: the runtimes that ran the ONNX sides, for a summary line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bnfold.records import OutputCheck, VerifyReport
 
 from .runners import REFERENCE_EVALUATOR
 
-__all__ = ["describe_failure", "failure_message", "ensure_passed", "runtime_notes"]
+__all__ = ["describe_failure", "failure_message", "ensure_passed", "runtime_notes", "runtimes_label"]
 
 
 def failure_message(report: VerifyReport, against: str | None = None) -> str | None:
@@ -76,6 +77,22 @@ def runtime_notes(report: VerifyReport) -> list[str]:
         for r in report.runtimes
         if r.runtime not in ("onnxruntime", "torch")
     ]
+
+
+def runtimes_label(report: VerifyReport) -> str:
+    """The runtimes that ran the models, truthfully: "onnxruntime", "the ONNX reference evaluator", both, ...
+
+    Eager PyTorch and recorded outputs are named as such; a side onnxruntime could not run is never
+    called onnxruntime.
+    """
+    names = {"onnxruntime": "onnxruntime", REFERENCE_EVALUATOR: "the ONNX reference evaluator",
+             "torch": "PyTorch", "file": "recorded outputs"}
+    seen: list[str] = []
+    for r in report.runtimes:
+        name = names.get(r.runtime, r.runtime)
+        if name not in seen:
+            seen.append(name)
+    return " and ".join(seen) if seen else "onnxruntime"
 
 
 def describe_failure(c: OutputCheck) -> str:
