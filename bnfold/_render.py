@@ -192,7 +192,10 @@ def render_fold_report(
     if v is not None:
         grid.add_row("verification", _verification_line(v, report.verified_on))
     elif not report.dry_run:
-        grid.add_row("verification", Text("skipped (--no-verify)", style="yellow"))
+        from .files.fold import NOTHING_CHANGED
+
+        why = "not needed (nothing changed)" if NOTHING_CHANGED in report.notes else "skipped (--no-verify)"
+        grid.add_row("verification", Text(why, style="yellow"))
     if report.flushed_denormals:  # the flush is the default: a row only when it changed something
         grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:

@@ -35,8 +35,8 @@ from .checks import (
     _extra_level,
     _torch_specs,
 )
-from .recorded import _save_recording, _verify_recorded
 from .isolation import WorkerCrashed, printable, worker_scope
+from .recorded import _save_recording, _verify_recorded
 from .runners import (
     _flatten,
     _onnx_runner,

@@ -32,13 +32,13 @@ import pickle
 import signal
 import struct
 import sys
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 _HEAD = struct.Struct("<QI")
 _LEN = struct.Struct("<Q")
 
 
-def write_frame(f: BinaryIO, obj: Any) -> None:
+def write_frame(f: IO[bytes], obj: Any) -> None:
     """One message: the pickle (protocol 5) and its out-of-band buffers (array bytes, not copied)."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
@@ -51,7 +51,7 @@ def write_frame(f: BinaryIO, obj: Any) -> None:
     f.flush()
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytearray:
+def _read_exact(f: IO[bytes], n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -63,7 +63,7 @@ def _read_exact(f: BinaryIO, n: int) -> bytearray:
     return buf
 
 
-def read_frame(f: BinaryIO, unpickler: type[pickle.Unpickler] = pickle.Unpickler) -> Any:
+def read_frame(f: IO[bytes], unpickler: type[pickle.Unpickler] = pickle.Unpickler) -> Any:
     """One message written by :func:`write_frame`."""
     size, count = _HEAD.unpack(_read_exact(f, _HEAD.size))
     data = _read_exact(f, size)
