@@ -150,6 +150,32 @@ def test_a_candidate_that_crashes_onnxruntime_is_one_typed_line(tmp_path: Path) 
     assert not _worker_children() or len(_worker_children()) == 1  # at most the idle worker, no crashed one
 
 
+def _left_bn(bn_outputs: tuple[str, ...]) -> onnx.ModelProto:
+    """x -> BN (left: the padded Conv after it cannot take it) -> Conv(pads 1) -> y."""
+    rng = np.random.default_rng(4)
+    inits = [*_bn_stats(rng, 2), nh.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "W")]
+    nodes = [
+        h.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["a", *bn_outputs[1:]], name="bn"),
+        h.make_node("Conv", ["a", "W"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+    ]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 2, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 3, 8, 8])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 12)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_a_bn_left_in_place_loses_its_empty_outputs() -> None:
+    """The written model runs in onnxruntime: the BN that stays has no empty output slots left."""
+    model = _left_bn(("a", "", "", "", ""))
+    folded, rep = fold_model(model)
+    assert rep.folded == 0 and rep.bn_after == 1
+    onnx.checker.check_model(folded, full_check=True)
+    assert [list(n.output) for n in folded.graph.node if n.op_type == "BatchNormalization"] == [["a"]]
+    report = verify(_left_bn(("a",)), folded)  # the same model without empty outputs, in onnxruntime
+    assert report.passed and [r.runtime for r in report.runtimes] == ["onnxruntime", "onnxruntime"]
+
+
 # -- 28.9: signals do not wait for onnxruntime --------------------------------------------------------------
 
 
