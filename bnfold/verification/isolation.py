@@ -102,6 +102,7 @@ class OrtWorker:
         self._loaded: set[int] = set()
         self.busy = False
         self.starts = 0
+        self._logged = 0
 
     # -- process -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,10 +112,16 @@ class OrtWorker:
         self._log = tempfile.TemporaryFile(prefix="bnfold-ort-log-")
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-u", _SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, env=env, close_fds=True,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, _SCRIPT, str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self._log, env=env, close_fds=True,
+            )
+        except OSError as e:  # no interpreter to start (an embedded Python), too many processes
+            self._log.close()
+            self._log = None
+            raise NotComparableError(f"cannot start the onnxruntime worker process ({printable(str(e))})") from e
+        self._logged = 0
         self._ready = False
         self._loaded.clear()
         self.starts += 1
@@ -122,8 +129,18 @@ class OrtWorker:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def _debug_log(self) -> None:
+        """Pass what onnxruntime logged since the last call to this module's logger (``--debug``)."""
+        if self._log is None or not log.isEnabledFor(logging.DEBUG):
+            return
+        text = self.log_text()
+        if len(text) > self._logged:
+            log.debug("onnxruntime's log:\n%s", text[self._logged:].rstrip())
+            self._logged = len(text)
+
     def kill(self) -> None:
         """End the child now (SIGKILL) and close its pipes and log; a later request starts a new one."""
+        self._debug_log()
         proc, self._proc = self._proc, None
         if proc is not None:
             with contextlib.suppress(OSError):
@@ -234,6 +251,7 @@ class OrtWorker:
 
     def reset(self) -> None:
         """Drop every session (the worker goes back to the idle slot)."""
+        self._debug_log()
         if self.alive() and self._loaded:
             self.request(("reset",))
         self._specs.clear()

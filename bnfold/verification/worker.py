@@ -73,15 +73,23 @@ def read_frame(f: IO[bytes], unpickler: type[pickle.Unpickler] = pickle.Unpickle
     return unpickler(io.BytesIO(data), buffers=buffers).load()
 
 
-def _parent_death_signal() -> None:
-    """Linux: the child gets SIGKILL when the parent dies (a SIGKILLed bnfold leaves no worker)."""
-    try:
-        import ctypes
+def _watch_parent(parent: int) -> None:
+    """End the worker when its parent is gone (a SIGKILLed bnfold leaves no worker running a model).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the closed stdin ends the worker after its current run
-        pass
+    A thread polls the parent's id: onnxruntime releases the interpreter while it runs, so this also
+    ends a long run. (Not ``PR_SET_PDEATHSIG``: it fires when the *thread* that started the child
+    exits, and a worker outlives the thread of the verification that started it.)
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="bnfold-parent-watch", daemon=True).start()
 
 
 class _Worker:
@@ -132,7 +140,7 @@ class _Worker:
 def main() -> None:
     """Serve requests on stdin until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
-    _parent_death_signal()
+    _watch_parent(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not break the frames
     worker = _Worker()
