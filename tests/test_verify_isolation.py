@@ -176,6 +176,50 @@ def test_a_bn_left_in_place_loses_its_empty_outputs() -> None:
     assert report.passed and [r.runtime for r in report.runtimes] == ["onnxruntime", "onnxruntime"]
 
 
+def _crashing_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sessions: str) -> None:
+    """The real worker, except that running a session in ``sessions`` (e.g. "{1}") writes a log line
+    with escape codes and kills the process with SIGABRT."""
+    from bnfold.verification import isolation
+
+    fake = tmp_path / "crashing_worker.py"
+    fake.write_text(
+        "import os, runpy, signal, sys\n"
+        f"g = runpy.run_path({isolation._SCRIPT!r}, run_name='worker')\n"
+        "real = g['_Worker'].run\n"
+        "def run(self, sid, *a):\n"
+        f"    if sid in {sessions}:\n"
+        "        sys.stderr.write('\\x1b[31mfatal: \\x1b]0;title\\x07 gone\\n'); sys.stderr.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGABRT)\n"
+        "    return real(self, sid, *a)\n"
+        "g['_Worker'].run = run\n"
+        "g['main']()\n"
+    )
+    monkeypatch.setattr(isolation, "_SCRIPT", str(fake))
+    isolation._kill_idle()  # the next verification starts the crashing worker
+
+
+def test_any_crash_of_the_worker_is_one_typed_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever kills onnxruntime's process while it runs the candidate, bnfold gets one escaped line."""
+    _crashing_worker(tmp_path, monkeypatch, "{1}")  # session 0: the reference, 1: the candidate
+    with pytest.raises(NotComparableError) as e:
+        verify(_conv_bn(), _conv_bn(), samples=2)
+    msg = str(e.value)
+    assert msg.startswith("candidate: onnxruntime crashed (SIGABRT) on sample 0")
+    assert "fatal:" in msg and "\x1b" not in msg and "\x07" not in msg and "\n" not in msg
+    assert _worker_children() == []
+
+
+def test_a_crash_on_both_sides_runs_both_in_the_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _crashing_worker(tmp_path, monkeypatch, "{0, 1}")
+    model = _conv_bn()
+    folded, rep = fold_model(model)
+    assert rep.folded == 1
+    report = verify(model, folded, samples=2)
+    assert report.passed
+    assert [r.runtime for r in report.runtimes] == [REFERENCE_EVALUATOR, REFERENCE_EVALUATOR]
+    assert all("onnxruntime crashed (SIGABRT)" in r.reason for r in report.runtimes)
+
+
 # -- 28.9: signals do not wait for onnxruntime --------------------------------------------------------------
 
 
@@ -230,12 +274,17 @@ def test_a_signal_during_verification_exits_at_once_and_leaves_nothing(
 # -- 28.7 / 22.8: onnxruntime's log and names from the file ----------------------------------------------
 
 
-def test_runtime_errors_are_escaped_and_its_log_stays_off_stderr(capfd: pytest.CaptureFixture[str]) -> None:
-    """A node name with escape codes fails at run time: the error quotes it escaped; fd 2 stays clean."""
+def _fails_at_run() -> onnx.ModelProto:
+    """Conv+BN and a Reshape named with terminal escape codes that fails in onnxruntime at run time."""
     evil = "\x1b]0;pwned\x07\x1b[2J"
     extra = [h.make_node("Reshape", ["s0", "bad_shape"], ["s"], name=evil)]
-    model = _conv_bn(("y",), opset=17, extra=(extra, [h.make_tensor_value_info("s", T.FLOAT, [2, 3])],
-                                              [nh.from_array(np.array([2, 3], np.int64), "bad_shape")]))
+    return _conv_bn(("y",), opset=17, extra=(extra, [h.make_tensor_value_info("s", T.FLOAT, [2, 3])],
+                                             [nh.from_array(np.array([2, 3], np.int64), "bad_shape")]))
+
+
+def test_runtime_errors_are_escaped_and_its_log_stays_off_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """A node name with escape codes fails at run time: the error quotes it escaped; fd 2 stays clean."""
+    model = _fails_at_run()
     folded, rep = fold_model(model)
     assert rep.folded == 1
     capfd.readouterr()
@@ -246,6 +295,24 @@ def test_runtime_errors_are_escaped_and_its_log_stays_off_stderr(capfd: pytest.C
     assert "\n" not in msg
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""  # onnxruntime's own log did not reach the terminal
+
+
+def test_json_fold_gets_no_runtime_log_on_stderr(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``fold --json``: the document on stdout, one escaped line on stderr, nothing from onnxruntime."""
+    import json
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_fails_at_run(), str(src))
+    capfd.readouterr()
+    r = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "out.onnx"), "--json"])
+    assert r.exit_code == 2
+    doc = json.loads(r.stdout)
+    assert doc["error"]["type"] == "NotComparableError" and "\\x1b" in doc["error"]["message"]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "\x1b" not in lines[0] and "\x07" not in lines[0]
+    fd = capfd.readouterr()
+    assert fd.err == "" and fd.out == ""  # onnxruntime wrote nothing to the process's own stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 # -- 22.8: shapes bnfold chose ---------------------------------------------------------------------------

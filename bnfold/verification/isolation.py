@@ -61,11 +61,22 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 class WorkerCrashed(NotComparableError):
-    """The onnxruntime worker died (a crash inside onnxruntime): ``.how`` says how, on one line."""
+    """The onnxruntime worker died (a crash inside onnxruntime).
 
-    def __init__(self, how: str) -> None:
-        super().__init__(how)
+    Attributes:
+        how: "crashed (SIGSEGV)", "exited with status 1", ...
+        last: the last line of onnxruntime's log, escaped ("" when it wrote none).
+    """
+
+    def __init__(self, how: str, last: str = "") -> None:
+        super().__init__(how + (f" (its last log line: {last})" if last else ""))
         self.how = how
+        self.last = last
+
+    def words(self, when: str = "") -> str:
+        """``onnxruntime <how>[ <when>][ (its last log line: ...)]`` on one line."""
+        return f"onnxruntime {self.how}{' ' + when if when else ''}" + (
+            f" (its last log line: {self.last})" if self.last else "")
 
 
 class RuntimeFailed(Exception):
@@ -175,7 +186,7 @@ class OrtWorker:
             how = f"exited with status {code}"
         last = self._last_log_line()
         self.kill()
-        return WorkerCrashed(how + (f"; its last log line: {last}" if last else ""))
+        return WorkerCrashed(how, last)
 
     def _last_log_line(self) -> str:
         if self._log is None:

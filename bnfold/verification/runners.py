@@ -71,7 +71,7 @@ def _first_line(e: BaseException) -> str:
     the model file, and nothing from a file reaches a terminal raw.
     """
     if isinstance(e, WorkerCrashed):
-        return f"onnxruntime {e.how}"
+        return e.words()
     return printable(str(e), 300) or type(e).__name__
 
 
@@ -139,7 +139,7 @@ class _OrtRunner(_OnnxRunner):
             crash = e.__cause__
             if not isinstance(crash, WorkerCrashed):
                 raise
-            why = f"onnxruntime {crash.how} on sample {sample}"
+            why = crash.words(f"on sample {sample}")
             if not self.may_fall_back:
                 raise NotComparableError(f"{self.label}: {why}") from crash
             log.debug("%s: %s; falling back to the ONNX reference evaluator", self.label, why)
