@@ -243,15 +243,18 @@ def test_an_interrupt_stops_a_long_onnxruntime_run_at_once() -> None:
     assert _worker_children() == []  # the worker running the Loop was killed
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_verification_exits_at_once_and_leaves_nothing(
     tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
+    """``kill`` (SIGTERM to bnfold) and Ctrl-C (SIGINT to the whole process group, the worker included).
+
+    SIGHUP takes SIGTERM's path (tests/test_cli_safety.py)."""
     src, out = tmp_path / "slow.onnx", tmp_path / "out.onnx"
     onnx.save(_slow(), str(src))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not any(f.name.startswith(".out.onnx.") for f in tmp_path.iterdir()):  # staged: verifying now
@@ -259,7 +262,10 @@ def test_a_signal_during_verification_exits_at_once_and_leaves_nothing(
             time.sleep(0.05)
         time.sleep(1.0)  # onnxruntime is inside the long run
         t0 = time.monotonic()
-        p.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)  # what a terminal does on Ctrl-C
+        else:
+            p.send_signal(sig)
         _, err = p.communicate(timeout=20)
         took = time.monotonic() - t0
     finally:
@@ -269,6 +275,16 @@ def test_a_signal_during_verification_exits_at_once_and_leaves_nothing(
     assert took < 3.0
     assert "Traceback" not in err and "interrupted" in err
     assert sorted(f.name for f in tmp_path.iterdir()) == ["slow.onnx"]  # no output, no temporary
+    mark = f"worker.py\x00{p.pid}".encode()
+    left = [d for d in os.listdir("/proc") if d.isdigit() and _cmdline_has(d, mark)]
+    assert left == []  # bnfold's worker went with it
+
+
+def _cmdline_has(pid: str, mark: bytes) -> bool:
+    try:
+        return mark in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 # -- 28.7 / 22.8: onnxruntime's log and names from the file ----------------------------------------------
