@@ -4,7 +4,9 @@ Rules:
     * onnxruntime runs on the CPU with the graph optimisation level asked for (default
       ``ORT_DISABLE_ALL``: from its basic level up it fuses Conv+BN itself, which would hide a wrong
       fold); it gets bytes or a path, so a model file with external data is read by onnxruntime
-      itself, never parsed or serialised here;
+      itself, never parsed or serialised here. It runs in the verification's worker process
+      (:mod:`.isolation`): a crash there is a :class:`~bnfold.errors.NotComparableError`, or a run
+      in the reference evaluator for a side that may fall back (see :class:`_OrtRunner`);
     * a model onnxruntime cannot load runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph
       optimisation), with bnfold's inference BatchNormalization for every opset (:func:`_inference_ops`); a
       candidate that only the fallback runs while onnxruntime runs the reference is refused
