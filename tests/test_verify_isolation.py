@@ -388,3 +388,21 @@ def test_fallback_batchnorm_ignores_momentum(tmp_path: Path, opset: int) -> None
     assert r.exit_code == 0, r.output
     line = " ".join(r.stdout.split())
     assert "the ONNX reference evaluator, optimisations off" in line and "onnxruntime, optimisations" not in line
+
+
+# -- the worker's life ---------------------------------------------------------------------------------------
+
+
+def test_one_worker_serves_many_verifications_and_a_big_one_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfold.verification import isolation
+
+    model = _conv_bn()
+    folded, _ = fold_model(model)
+    assert verify(model, folded, samples=3, extra_level="all").passed
+    first = _worker_children()
+    assert len(first) == 1  # idle, waiting for the next verification
+    assert verify(model, folded).passed and verify(folded, model).passed
+    assert _worker_children() == first  # the same process: started once
+    monkeypatch.setattr(isolation, "_KEEP_IDLE_BELOW", 0)  # every model counts as big now
+    assert verify(model, folded).passed
+    assert _worker_children() == []  # the worker that held a big model is ended, not kept

@@ -5,7 +5,7 @@ Rules:
       imports overlap the parent's preparation) and holding every onnxruntime session of it
       (reference, candidate, the ``extra_level`` re-run); a healthy worker is kept idle afterwards and
       reused by the next verification in this process (its sessions dropped), so that a culprit
-      search pays the start once;
+      search pays the start once; one that held models over :data:`_KEEP_IDLE_BELOW` is ended instead;
     * a model goes to the child as the path it came as (the child's onnxruntime reads the file and
       its external data) or as bytes; feeds and outputs as numpy arrays (out-of-band pickle buffers);
     * the parent waits on a pipe: a signal (Ctrl-C, SIGTERM, SIGHUP) raises in the parent at once,
@@ -114,6 +114,7 @@ class OrtWorker:
         self.busy = False
         self.starts = 0
         self._logged = 0
+        self.held = 0  # bytes of the models loaded since the last reset (a big one is not kept idle)
 
     # -- process -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -245,6 +246,7 @@ class OrtWorker:
         sid = self._next
         self._next += 1
         self._specs[sid] = (source, level)
+        self.held += _size(source)
         io_ = self.request(("load", sid, _out_of_band(source), level, _severity()))
         self._loaded.add(sid)
         return sid, io_
@@ -267,6 +269,21 @@ class OrtWorker:
             self.request(("reset",))
         self._specs.clear()
         self._loaded.clear()
+        self.held = 0
+
+
+def _size(source: str | bytes) -> int:
+    if isinstance(source, str):
+        try:
+            return os.path.getsize(source)
+        except OSError:
+            return 0
+    return len(source)
+
+
+_KEEP_IDLE_BELOW = 256 * 2**20
+"""A worker that held models larger than this is ended, not kept idle: the memory a process freed is
+not always given back to the system, and an idle worker should cost little."""
 
 
 def _out_of_band(source: str | bytes) -> Any:
@@ -307,7 +324,7 @@ def worker_scope() -> Iterator[OrtWorker]:
         ok = True
     finally:
         keep = False
-        if ok or not w.busy:
+        if (ok or not w.busy) and w.held <= _KEEP_IDLE_BELOW:
             try:
                 w.reset()
                 keep = w.alive()
