@@ -23,7 +23,7 @@ import numpy as np
 
 from bnfold._inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
 from bnfold.compare import Comparator, ToleranceArg
-from bnfold.errors import NotComparableError, OptionError, OutputError
+from bnfold.errors import BnfoldError, NotComparableError, OptionError, OutputError
 from bnfold.records import VerifyReport
 
 from .checks import (
@@ -35,7 +35,7 @@ from .checks import (
     _extra_level,
     _torch_specs,
 )
-from .isolation import WorkerCrashed, printable, worker_scope
+from .isolation import printable, worker_scope
 from .recorded import _save_recording, _verify_recorded
 from .runners import (
     _flatten,
@@ -74,8 +74,8 @@ def _run_all(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], filled: Map
     try:
         return [runner.run(f, i) for i, f in enumerate(feeds)]
     except NotComparableError as e:
-        if not filled or isinstance(e.__cause__, WorkerCrashed):
-            raise
+        if not filled or e.__cause__ is None or isinstance(e.__cause__, BnfoldError):
+            raise  # not the runtime failing on the data (a crash, a missing input, a training-mode BN)
         tried = "; ".join(f"{printable(n, 80)}={'x'.join(str(d) for d in s)}" for n, s in filled.items())
         raise NotComparableError(
             f"{e}; bnfold chose the symbolic dimensions ({tried}): give the shapes the model takes with "

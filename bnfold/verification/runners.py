@@ -54,18 +54,6 @@ def check_level(level: str) -> str:
     return level
 
 
-def _ort_level(level: str) -> Any:
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    return levels[check_level(level)]
-
-
 def _first_line(e: BaseException) -> str:
     """The error's message on one line (onnxruntime spreads some over several), at most 300 characters.
 
@@ -216,7 +204,8 @@ def _inference_ops(proto: Any) -> list[Any]:
     The evaluator has no BatchNormalization-1 (opsets 1-5), ignores ``spatial``, runs
     BatchNormalization-6's training branch from opset 7 on (no ``is_test`` attribute), and in
     BatchNormalization-9 (opsets 9-13) normalises with *batch* statistics mixed in by ``momentum``
-    whenever that attribute is set, although ``momentum`` only describes the training update. This one
+    whenever ``momentum`` has a value, and the schema's default (0.9) gives it one on every such node,
+    although ``momentum`` only describes the training update. This one
     computes the inference formula in float64 with one cast, statistics per channel (``spatial=1``, the
     default) or per element of ``C x D1 x ...`` (``spatial=0``, opsets up to 8), and refuses training
     mode: ``is_test=0`` up to opset 6; more than one output (empty names are absent outputs) for opsets
