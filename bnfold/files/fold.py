@@ -129,7 +129,8 @@ def _unchanged(report: FoldReport) -> bool:
     return (
         report.folded == 0 and not report.mul_add and not report.flushed_denormals
         and not any(p.pruned for p in report.pruned_channels or ())
-        and report.nodes_before == report.nodes_after and report.params_before == report.params_after
+        and report.bn_before == report.bn_after and report.nodes_before == report.nodes_after
+        and report.params_before == report.params_after
     )
 
 
