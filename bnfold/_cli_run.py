@@ -163,7 +163,7 @@ def progress_bar(quiet: bool, stages: tuple[str, ...]) -> Iterator[Callable[[str
                 if mod not in seen and mod in sys.modules:
                     seen.add(mod)
                     _quiet_libraries()
-            if stage in ("verify", "bench"):
+            if stage == "bench":  # verification runs onnxruntime in a child process whose log is captured
                 _ort_quiet()
             bar(stage, done, total)
 

@@ -192,7 +192,10 @@ def render_fold_report(
     if v is not None:
         grid.add_row("verification", _verification_line(v, report.verified_on))
     elif not report.dry_run:
-        grid.add_row("verification", Text("skipped (--no-verify)", style="yellow"))
+        from .files.fold import NOTHING_CHANGED
+
+        why = "not needed (nothing changed)" if NOTHING_CHANGED in report.notes else "skipped (--no-verify)"
+        grid.add_row("verification", Text(why, style="yellow"))
     if report.flushed_denormals:  # the flush is the default: a row only when it changed something
         grid.add_row("denormals", f"{report.flushed_denormals:,} subnormal value(s) flushed to zero")
     for note in report.notes:
@@ -232,9 +235,11 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     worst = v.worst()
     where = f" at {clean(worst.name)}" if worst is not None else ""
     verdict = "equivalent" if v.passed else "NOT equivalent"
+    from .verification import runtimes_label
+
     return Text(
         f"{verdict}: max abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where} "
-        f"({v.samples} sample{'s' if v.samples != 1 else ''}{', ' + on if on else ''}; onnxruntime, {levels})",
+        f"({v.samples} sample{'s' if v.samples != 1 else ''}{', ' + on if on else ''}; {clean(runtimes_label(v))}, {levels})",
         style="green" if v.passed else "bold red",
     )
 

@@ -90,6 +90,7 @@ def locate_divergence(
     Raises:
         NotComparableError: a model that no runtime can run with its intermediate outputs.
     """
+    from .verification.isolation import worker_scope
     from .verification.runners import _onnx_runner
     from .verification.sources import _onnx_source
 
@@ -100,8 +101,9 @@ def locate_divergence(
     _expose(cand, common)
     with contextlib.ExitStack() as stack:
         try:
-            r_run = _onnx_runner(_onnx_source(ref, "reference", stack), "disable", "reference (locate)")
-            c_run = _onnx_runner(_onnx_source(cand, "candidate", stack), "disable", "candidate (locate)")
+            worker = stack.enter_context(worker_scope())
+            r_run = _onnx_runner(_onnx_source(ref, "reference", stack), "disable", "reference (locate)", worker)
+            c_run = _onnx_runner(_onnx_source(cand, "candidate", stack), "disable", "candidate (locate)", worker)
             r_out = r_run.run(feeds, 0)
             c_out = c_run.run(feeds, 0)
         except NotComparableError as e:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -117,17 +116,19 @@ def test_a_candidate_file_with_external_data_is_verified_as_it_is_on_disk(
     data = tmp_path / "staged.onnx.data"
     assert data.stat().st_size == weights  # every weight lives in the data file
 
-    sources_seen: list[object] = []
-    real_session = ort.InferenceSession
+    from bnfold.verification.isolation import OrtWorker
 
-    def session(source: object, *a: object, **k: object) -> object:
-        sources_seen.append(source)
-        return real_session(source, *a, **k)
+    sources_seen: list[object] = []
+    real_load = OrtWorker.load
+
+    def session(self: OrtWorker, source: object, *a: object, **k: object) -> object:
+        sources_seen.append(source)  # what the onnxruntime worker is asked to load
+        return real_load(self, source, *a, **k)  # type: ignore[arg-type]
 
     def no_parse(*a: object, **k: object) -> None:
         raise AssertionError("the candidate file was parsed or loaded by bnfold")
 
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(OrtWorker, "load", session)
     for name in ("load", "load_model", "load_model_from_string"):
         monkeypatch.setattr(onnx, name, no_parse)
     monkeypatch.setattr(bio, "detect_format", no_parse)

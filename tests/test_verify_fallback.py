@@ -118,11 +118,11 @@ def test_old_opsets_fold_and_verify(opset: int) -> None:
 
 def test_legacy_batchnorm_matches_the_evaluators_own_batchnorm6() -> None:
     """The BatchNormalization-1 added for opsets 1-5 computes what the evaluator's BN-6 computes."""
-    from bnfold.verification.runners import _legacy_ops
+    from bnfold.verification.runners import _inference_ops
 
     x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
     old, new = _conv_bn(T.FLOAT, opset=5), _conv_bn(T.FLOAT, opset=6)
-    got = ReferenceEvaluator(old, new_ops=_legacy_ops(old)).run(None, {"x": x})[0]
+    got = ReferenceEvaluator(old, new_ops=_inference_ops(old)).run(None, {"x": x})[0]
     want = _run_ref(new, {"x": x})[0]
     assert got.dtype == want.dtype
     # a few float32 roundings apart (the two evaluate the same formula in a different order)
@@ -173,11 +173,11 @@ def _bn_as_arithmetic(opset: int, spatial: int, dtype: int) -> tuple[onnx.ModelP
 @pytest.mark.parametrize("dtype", [T.FLOAT, T.DOUBLE])
 def test_legacy_batchnorm_semantics_against_plain_arithmetic(opset: int, spatial: int, dtype: int) -> None:
     """spatial=0 (per-element statistics) and opsets 7/8 (no is_test) run with inference semantics."""
-    from bnfold.verification.runners import _legacy_ops
+    from bnfold.verification.runners import _inference_ops
 
     bn, arith = _bn_as_arithmetic(opset, spatial, dtype)
     x = np.random.default_rng(2).standard_normal((2, 3, 4, 4)).astype(h.tensor_dtype_to_np_dtype(dtype))
-    got = ReferenceEvaluator(bn, new_ops=_legacy_ops(bn)).run(None, {"x": x})[0]
+    got = ReferenceEvaluator(bn, new_ops=_inference_ops(bn)).run(None, {"x": x})[0]
     want = _run_ref(arith, {"x": x})[0]
     rtol = DEFAULT_TOLERANCES[np.dtype(got.dtype).name].rtol
     assert got.dtype == want.dtype

@@ -33,7 +33,7 @@ from .output import check_output, check_pairing, drop_orphaned_data, same_file, 
 from .settings import FoldSettings, check_fold, refuse
 from .verify import Prepared, check_onnx_shapes, io_signature, prepare, run_verify, verified_on
 
-__all__ = ["fold_file"]
+__all__ = ["fold_file", "NOTHING_CHANGED"]
 
 _NOT_ONNX = "applies only to PyTorch models (MODEL is an ONNX model)"
 
@@ -97,8 +97,12 @@ def fold_file(
                      source_data_files=tuple(loaded.data_files), output=str(dst_p), output_format=out_fmt)
     report = replace(advised(report), files=files)
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
+    verify_now = s.verify
+    if s.verify and loaded.format == "onnx" and _unchanged(report):
+        verify_now = False  # the written model computes what the source computes: nothing to run
+        report = replace(report, notes=(*report.notes, NOTHING_CHANGED))
     with ship.stage(result) as st:
-        if s.verify:
+        if verify_now:
             report = replace(report, verification=check(st.path))
         if s.all_or_nothing or report.verification is None or report.verification.passed:
             return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
@@ -115,6 +119,19 @@ def fold_file(
         if resolved and st.path is not culprit_free:  # a staged file: verify the bytes that ship
             report = replace(report, verification=check(st.path))
         return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
+
+
+NOTHING_CHANGED = "not verified: nothing changed (no fold, no other edit), the output computes what MODEL computes"
+
+
+def _unchanged(report: FoldReport) -> bool:
+    """An ONNX fold that edited nothing: no BN or Mul+Add folded, no value flushed, no channel pruned, same counts."""
+    return (
+        report.folded == 0 and not report.mul_add and not report.flushed_denormals
+        and not any(p.pruned for p in report.pruned_channels or ())
+        and report.bn_before == report.bn_after and report.nodes_before == report.nodes_after
+        and report.params_before == report.params_after
+    )
 
 
 @dataclass(frozen=True, slots=True)

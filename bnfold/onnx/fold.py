@@ -282,6 +282,21 @@ def _fold_graph(
     return verdicts
 
 
+def _drop_empty_bn_outputs(model: ModelProto) -> None:
+    """A BatchNormalization left in place loses its trailing empty outputs (``["Y", "", "", "", ""]``).
+
+    An empty name is an absent optional output, so nothing changes; onnxruntime (1.2x) takes five
+    output slots as training mode and crashes on the empty ones.
+    """
+    for g in all_graphs(model.graph):
+        for n in g.node:
+            if is_bn(n) and n.output and not n.output[-1]:
+                keep = list(n.output)
+                while len(keep) > 1 and not keep[-1]:
+                    keep.pop()
+                del n.output[len(keep):]
+
+
 def fold_model(
     model: ModelProto,
     *,
@@ -333,6 +348,7 @@ def fold_model(
         verdicts = _fold_graph(work.graph, None, None, "", ctx, main=True)
         if not dry_run:
             _fill_placeholders(work, sources)
+            _drop_empty_bn_outputs(work)
     finally:
         release_scratch()
         if gc_was_enabled:

@@ -14,9 +14,13 @@ What runs:
       same reference outputs (``VerifyReport.extra``);
     * fallback: an ONNX model that onnxruntime cannot load (no float64 Conv kernel, opsets 1-6, an op
       it lacks) runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph optimisation; bnfold
-      supplies the BatchNormalization of opsets 1-8, which the evaluator lacks or gets wrong). ``VerifyReport.runtimes`` names the runtime of each side
+      supplies an inference BatchNormalization for every opset, which the evaluator lacks or gets wrong). ``VerifyReport.runtimes`` names the runtime of each side
       and onnxruntime's reason. A candidate that only the fallback runs while onnxruntime runs the
       reference is refused (``NotComparableError``): the rewrite broke the model for onnxruntime;
+    * onnxruntime runs in a child process (:mod:`.isolation`, one per verification, reused): a crash
+      inside it becomes a :class:`~bnfold.errors.NotComparableError` (or, for a side the fallback may
+      run, a run in the reference evaluator), a signal interrupts the run at once, and onnxruntime's
+      own log never reaches the user's stderr;
     * onnxruntime always gets bytes or a file: a proto whose tensors pass the 2 GiB protobuf limit is
       written to a temporary folder as a small model file plus an external-data file, tensor by tensor
       (:func:`bnfold.io.save`), never serialised whole (also above 256 MiB of weights, so that no
@@ -71,7 +75,7 @@ from bnfold.compare import (
 )
 
 from .driver import verify
-from .policy import describe_failure, ensure_passed, failure_message, runtime_notes
+from .policy import describe_failure, ensure_passed, failure_message, runtime_notes, runtimes_label
 from .runners import OPTIMIZATION_LEVELS, REFERENCE_EVALUATOR, check_level
 
 __all__ = [
@@ -80,6 +84,7 @@ __all__ = [
     "failure_message",
     "describe_failure",
     "runtime_notes",
+    "runtimes_label",
     "check_level",
     "parse_input_shapes",
     "Tolerance",

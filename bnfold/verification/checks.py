@@ -24,6 +24,7 @@ from bnfold.compare import Comparator, compare_output
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import OutputCheck, VerifyReport
 
+from .isolation import OrtWorker
 from .runners import _onnx_runner
 
 __all__: list[str] = []
@@ -123,11 +124,13 @@ def _extra_level(
     ref_out: Sequence[Mapping[str, np.ndarray]],
     out_names: Sequence[str],
     comparator: Comparator,
+    worker: OrtWorker,
 ) -> tuple[VerifyReport, ...]:
     """The candidate run again at onnxruntime level ``level`` (nothing when it runs in the fallback)."""
     if level is None:
         return ()
-    second = _onnx_runner(source, level, f"candidate ({level})")
+    second = _onnx_runner(source, level, f"candidate ({level})", worker)
+    second.may_fall_back = False  # a crash at the deployment level is a finding, not a reason to fall back
     if second.runtime.runtime != "onnxruntime":
         return ()  # the reference evaluator has no optimisation levels: the first check is the only one
     cand_out = [second.run(f, i) for i, f in enumerate(feeds)]

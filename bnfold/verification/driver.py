@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._inputs import random_inputs, resolve_shapes, user_inputs
+from bnfold._inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
 from bnfold.compare import Comparator, ToleranceArg
-from bnfold.errors import OptionError, OutputError
+from bnfold.errors import BnfoldError, NotComparableError, OptionError, OutputError
 from bnfold.records import VerifyReport
 
 from .checks import (
@@ -35,10 +35,12 @@ from .checks import (
     _extra_level,
     _torch_specs,
 )
+from .isolation import printable, worker_scope
 from .recorded import _save_recording, _verify_recorded
 from .runners import (
     _flatten,
     _onnx_runner,
+    _OrtRunner,
     _run_torch_once,
     _Runner,
     _same_runtime_or_better,
@@ -48,6 +50,37 @@ from .runners import (
 from .sources import _export_candidate, _is_torch, _onnx_source
 
 __all__ = ["verify"]
+
+
+def _filled_dims(
+    specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]], given: Mapping[str, Sequence[int]] | None
+) -> dict[str, tuple[int, ...]]:
+    """The inputs whose symbolic dimensions bnfold filled with its defaults (not given by the caller)."""
+    given = given or {}
+    return {
+        s.name: tuple(int(d) for d in shapes[s.name])
+        for s in specs
+        if s.name not in given and s.name in shapes and any(not (isinstance(d, int) and d > 0) for d in s.dims)
+    }
+
+
+def _run_all(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], filled: Mapping[str, tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+    """Every sample through ``runner``; a failure on inputs whose shapes bnfold chose says which and how to set them.
+
+    Symbolic dimensions are filled with defaults (2 for a first dimension, 8 for the others) that a real
+    model may not take (a detector needs 640, an audio model a window length): the error then names
+    the input, the shape tried and the way to give another one.
+    """
+    try:
+        return [runner.run(f, i) for i, f in enumerate(feeds)]
+    except NotComparableError as e:
+        if not filled or e.__cause__ is None or isinstance(e.__cause__, BnfoldError):
+            raise  # not the runtime failing on the data (a crash, a missing input, a training-mode BN)
+        tried = "; ".join(f"{printable(n, 80)}={'x'.join(str(d) for d in s)}" for n, s in filled.items())
+        raise NotComparableError(
+            f"{e}; bnfold chose the symbolic dimensions ({tried}): give the shapes the model takes with "
+            f"--input-shape/-s {printable(next(iter(filled)), 80)}=DIMS (input_shapes= in Python) or real inputs with --inputs FILE.npz"
+        ) from e
 
 
 def verify(
@@ -140,6 +173,7 @@ def verify(
         raise OptionError("verify needs a reference and a candidate (or load_outputs)")
 
     with contextlib.ExitStack() as stack:
+        worker = stack.enter_context(worker_scope())  # started now: its imports overlap what follows
         ref_src = _onnx_source(reference, "reference", stack)
         cand_src = _onnx_source(candidate, "candidate", stack)
         ref_torch, cand_torch = _is_torch(ref_src), _is_torch(cand_src)
@@ -147,11 +181,11 @@ def verify(
         ref: _Runner
         cand: _Runner | None = None
         if not ref_torch:
-            ref = _onnx_runner(ref_src, optimization_level, "reference")
+            ref = _onnx_runner(ref_src, optimization_level, "reference", worker)
             specs = ref.inputs
             out_names = ref.outputs
         if not cand_torch:
-            cand = _onnx_runner(cand_src, optimization_level, "candidate")
+            cand = _onnx_runner(cand_src, optimization_level, "candidate", worker)
             if ref_torch:
                 specs, out_names = cand.inputs, cand.outputs
             else:
@@ -185,7 +219,7 @@ def verify(
                 n_out = len(_flatten(_run_torch_once(cand_src, feeds[0], specs)))
                 out_names = [f"output_{i}" for i in range(n_out)]
             onnx_bytes = _export_candidate(cand_src, feeds[0], specs, out_names)
-            cand = _onnx_runner(onnx_bytes, optimization_level, "candidate (exported to ONNX)")
+            cand = _onnx_runner(onnx_bytes, optimization_level, "candidate (exported to ONNX)", worker)
             _check_inputs(specs, cand.inputs, exported=True)
             _check_outputs(out_names, cand.outputs)
         assert cand is not None
@@ -193,11 +227,16 @@ def verify(
             ref.outputs = list(out_names)
 
         comparator.validate(out_names)
-        ref_out = [ref.run(f, i) for i, f in enumerate(feeds)]
-        cand_out = [cand.run(f, i) for i, f in enumerate(feeds)]
+        filled = {} if inputs is not None else _filled_dims(specs, shapes, input_shapes)
+        ref_out = _run_all(ref, feeds, filled)
+        # a candidate falls back on a crash only where its reference did not run in onnxruntime
+        cand.may_fall_back = not (isinstance(ref, _OrtRunner) and ref.runtime.runtime == "onnxruntime")
+        cand_out = _run_all(cand, feeds, filled)
+        if not ref_torch:
+            _same_runtime_or_better(ref, cand)
         checks = _compare_outputs(ref_out, cand_out, out_names, comparator)
         extra = _extra_level(
-            extra_level, cand_src if not cand_torch else onnx_bytes, feeds, ref_out, out_names, comparator
+            extra_level, cand_src if not cand_torch else onnx_bytes, feeds, ref_out, out_names, comparator, worker
         )
         runtimes = (ref.runtime, cand.runtime)
         located = None

@@ -11,6 +11,7 @@ into an error or a line of text use these, so that the policy and its words live
       line, the report attached; a subclass (e.g. the file job's ``FoldVerificationError``) builds
       its message from :func:`failure_message` the same way;
     * :func:`runtime_notes`: one line per side that did not run in onnxruntime (which runtime, why);
+    * :func:`runtimes_label`: the runtimes that ran the ONNX sides, for a summary line.
     * :func:`tolerance_below_rounding`: why no rewrite can pass at all, when every floating output's
       tolerance is below one rounding step of its dtype (``fold --rtol 1e-9`` on a float32 model).
       :func:`failure_message` says so too, and :mod:`bnfold.culprit` does not bisect then.
@@ -36,6 +37,7 @@ __all__ = [
     "ensure_passed",
     "runtime_notes",
     "tolerance_below_rounding",
+    "runtimes_label",
     "ROUNDING_EPS",
 ]
 
@@ -128,6 +130,22 @@ def runtime_notes(report: VerifyReport) -> list[str]:
         for r in report.runtimes
         if r.runtime not in ("onnxruntime", "torch")
     ]
+
+
+def runtimes_label(report: VerifyReport) -> str:
+    """The runtimes that ran the models, truthfully: "onnxruntime", "the ONNX reference evaluator", both, ...
+
+    Eager PyTorch and recorded outputs are named as such; a side onnxruntime could not run is never
+    called onnxruntime.
+    """
+    names = {"onnxruntime": "onnxruntime", REFERENCE_EVALUATOR: "the ONNX reference evaluator",
+             "torch": "PyTorch", "file": "recorded outputs"}
+    seen: list[str] = []
+    for r in report.runtimes:
+        name = names.get(r.runtime, r.runtime)
+        if name not in seen:
+            seen.append(name)
+    return " and ".join(seen) if seen else "onnxruntime"
 
 
 def describe_failure(c: OutputCheck) -> str:

@@ -25,6 +25,7 @@ from bnfold.errors import OptionError
 from bnfold.records import RuntimeUse, VerifyReport
 
 from .checks import _check_inputs, _check_outputs, _compare_outputs, _extra_level
+from .isolation import worker_scope
 from .runners import _onnx_runner
 from .sources import _export_candidate, _is_torch, _onnx_source
 
@@ -79,12 +80,13 @@ def _verify_recorded(
         src = _onnx_source(candidate, "candidate", stack)
         if _is_torch(src):
             src = _export_candidate(src, rec.feeds[0], specs, rec.output_names)
-        cand = _onnx_runner(src, level, "candidate")
+        worker = stack.enter_context(worker_scope())
+        cand = _onnx_runner(src, level, "candidate", worker)
         _check_inputs(specs, cand.inputs, exported=False)
         _check_outputs(rec.output_names, cand.outputs)
         cand_out = [cand.run(f, i) for i, f in enumerate(rec.feeds)]
         checks = _compare_outputs(rec.reference, cand_out, rec.output_names, comparator)
-        extra = _extra_level(extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator)
+        extra = _extra_level(extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator, worker)
     if save_to is not None:
         _save_recording(save_to, specs, rec.output_names, rec.feeds, rec.reference, cand_out, (golden, cand.runtime))
     return VerifyReport(

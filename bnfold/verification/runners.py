@@ -4,9 +4,11 @@ Rules:
     * onnxruntime runs on the CPU with the graph optimisation level asked for (default
       ``ORT_DISABLE_ALL``: from its basic level up it fuses Conv+BN itself, which would hide a wrong
       fold); it gets bytes or a path, so a model file with external data is read by onnxruntime
-      itself, never parsed or serialised here;
+      itself, never parsed or serialised here. It runs in the verification's worker process
+      (:mod:`.isolation`): a crash there is a :class:`~bnfold.errors.NotComparableError`, or a run
+      in the reference evaluator for a side that may fall back (see :class:`_OrtRunner`);
     * a model onnxruntime cannot load runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph
-      optimisation), with bnfold's BatchNormalization for opsets 1-8 (:func:`_legacy_ops`); a
+      optimisation), with bnfold's inference BatchNormalization for every opset (:func:`_inference_ops`); a
       candidate that only the fallback runs while onnxruntime runs the reference is refused
       (:func:`_same_runtime_or_better`);
     * a PyTorch reference runs eagerly, in eval mode (every submodule's flag restored afterwards),
@@ -30,6 +32,8 @@ from bnfold._inputs import InputSpec, np_dtype
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import RuntimeUse
 
+from .isolation import OrtWorker, RuntimeFailed, WorkerCrashed, printable
+
 __all__ = ["OPTIMIZATION_LEVELS", "REFERENCE_EVALUATOR", "check_level"]
 
 log = logging.getLogger(__name__)
@@ -50,22 +54,15 @@ def check_level(level: str) -> str:
     return level
 
 
-def _ort_level(level: str) -> Any:
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    return levels[check_level(level)]
-
-
 def _first_line(e: BaseException) -> str:
-    """The error's message on one line (onnxruntime spreads some over several), at most 300 characters."""
-    text = " ".join(str(e).split())
-    return (text[:297] + "...") if len(text) > 300 else (text or type(e).__name__)
+    """The error's message on one line (onnxruntime spreads some over several), at most 300 characters.
+
+    Control characters are escaped (:func:`~.isolation.printable`): the message can quote names from
+    the model file, and nothing from a file reaches a terminal raw.
+    """
+    if isinstance(e, WorkerCrashed):
+        return e.words()
+    return printable(str(e), 300) or type(e).__name__
 
 
 class _OnnxRunner(abc.ABC):
@@ -101,42 +98,47 @@ class _OnnxRunner(abc.ABC):
 
 
 class _OrtRunner(_OnnxRunner):
-    """One onnxruntime session, created once and run on every sample."""
+    """One onnxruntime session, created once in the verification's worker process and run on every sample.
+
+    The session lives in the child process of :mod:`.isolation`: a crash of onnxruntime ends the
+    child, not bnfold. A side that crashes while running falls back to the ONNX reference evaluator
+    when ``may_fall_back`` (the driver clears it for a candidate whose reference onnxruntime runs:
+    see :func:`_same_runtime_or_better`); otherwise the crash is a :class:`NotComparableError`.
+    """
 
     engine = "onnxruntime"
 
-    def __init__(self, source: str | bytes, level: str, label: str) -> None:
-        import onnxruntime as ort
-
-        ort.set_default_logger_severity(3)  # model-load warnings (old opsets) would print on stderr
-        so = ort.SessionOptions()
-        so.graph_optimization_level = _ort_level(level)
-        so.log_severity_level = 3
+    def __init__(self, source: str | bytes, level: str, label: str, worker: OrtWorker) -> None:
         self.label = label
         self.level = level
+        self.source = source
+        self.worker = worker
+        self.may_fall_back = True
+        self.fallback: _RefRunner | None = None
         self.runtime = RuntimeUse(label.split(" ")[0], "onnxruntime")
-        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-        self.inputs = [
-            InputSpec(i.name, np_dtype(i.type), tuple(i.shape)) for i in self.session.get_inputs()
-        ]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.sid, (inputs, outputs) = worker.load(source, OPTIMIZATION_LEVELS.index(check_level(level)))
+        self.inputs = [InputSpec(n, np_dtype(t), tuple(d)) for n, t, d in inputs]
+        self.outputs = list(outputs)
+
+    def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
+        if self.fallback is not None:
+            return self.fallback.run(feeds, sample)
+        try:
+            return super().run(feeds, sample)
+        except NotComparableError as e:
+            crash = e.__cause__
+            if not isinstance(crash, WorkerCrashed):
+                raise
+            why = crash.words(f"on sample {sample}")
+            if not self.may_fall_back:
+                raise NotComparableError(f"{self.label}: {why}") from crash
+            log.debug("%s: %s; falling back to the ONNX reference evaluator", self.label, why)
+            self.fallback = _RefRunner(self.source, self.label, why)
+            self.runtime = self.fallback.runtime
+            return self.fallback.run(feeds, sample)
 
     def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
-        import onnxruntime as ort
-        from onnx import TensorProto
-
-        if not any(feeds[n].dtype.name == "bfloat16" for n in names):
-            return list(self.session.run(self.outputs, {n: feeds[n] for n in names}))
-        # onnxruntime takes bfloat16 only as an OrtValue built from the raw 16-bit pattern.
-        vals = {
-            n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                np.ascontiguousarray(feeds[n]).view(np.uint16), TensorProto.BFLOAT16
-            )
-            if feeds[n].dtype.name == "bfloat16"
-            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]))
-            for n in names
-        }
-        return [v.numpy() for v in self.session.run_with_ort_values(self.outputs, vals)]
+        return self.worker.run(self.sid, self.outputs, {n: feeds[n] for n in names})
 
 
 REFERENCE_EVALUATOR = "onnx.reference"
@@ -165,7 +167,7 @@ class _RefRunner(_OnnxRunner):
             proto = onnx.load(source)  # a path: external data resolved next to the file
         else:
             proto = source
-        self.session = ReferenceEvaluator(proto, new_ops=_legacy_ops(proto) or None)
+        self.session = ReferenceEvaluator(proto, new_ops=_inference_ops(proto))
         init = {t.name for t in proto.graph.initializer}
         self.inputs = []
         for vi in proto.graph.input:
@@ -192,19 +194,25 @@ def _same_runtime_or_better(ref: Any, cand: Any) -> None:
         )
 
 
-def _legacy_ops(proto: Any) -> list[Any]:
-    """BatchNormalization for opsets 1-8, where the reference evaluator is missing or wrong.
+_EPSILON_DEFAULT = float(np.float32(1e-5))
+"""BatchNormalization's ``epsilon`` default: a float attribute is a float32 (what onnxruntime uses)."""
 
-    The evaluator has no BatchNormalization-1 (opsets 1-5), ignores ``spatial`` and, from opset 7
-    on (no ``is_test`` attribute), runs BatchNormalization-6's training branch. This one computes the
-    inference formula in float64 with one cast, statistics per channel (``spatial=1``, the default) or
-    per element of ``C x D1 x ...`` (``spatial=0``), and refuses training mode: ``is_test=0`` up to
-    opset 6, more than one output from opset 7 (``consumed_inputs`` of opset 1-5 only described
-    in-place updates of the running statistics in training).
+
+def _inference_ops(proto: Any) -> list[Any]:
+    """BatchNormalization for every opset, inference only: the evaluator's own is missing or wrong.
+
+    The evaluator has no BatchNormalization-1 (opsets 1-5), ignores ``spatial``, runs
+    BatchNormalization-6's training branch from opset 7 on (no ``is_test`` attribute), and in
+    BatchNormalization-9 (opsets 9-13) normalises with *batch* statistics mixed in by ``momentum``
+    whenever ``momentum`` has a value, and the schema's default (0.9) gives it one on every such node,
+    although ``momentum`` only describes the training update. This one
+    computes the inference formula in float64 with one cast, statistics per channel (``spatial=1``, the
+    default) or per element of ``C x D1 x ...`` (``spatial=0``, opsets up to 8), and refuses training
+    mode: ``is_test=0`` up to opset 6; more than one output (empty names are absent outputs) for opsets
+    7-13; ``training_mode=1`` from opset 14 (``consumed_inputs`` of opsets 1-5 only described in-place
+    updates of the running statistics in training).
     """
     opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    if opset >= 9:
-        return []
     from onnx.reference.op_run import OpRun
 
     class BatchNormalization(OpRun):  # the class name is the op type the evaluator looks up
@@ -213,11 +221,16 @@ def _legacy_ops(proto: Any) -> list[Any]:
         def _run(self, x, scale, bias, mean, var, epsilon=None, is_test=None, momentum=None,  # type: ignore[no-untyped-def]
                  spatial=None, consumed_inputs=None, training_mode=None):
             outputs = [o for o in self.onnx_node.output if o]
-            training = not is_test if opset < 7 else len(outputs) > 1
+            if opset < 7:
+                training = not is_test
+            elif opset < 14:
+                training = len(outputs) > 1
+            else:
+                training = bool(training_mode)
             if training:
                 raise NotComparableError(f"BatchNormalization (opset {opset}) in training mode: not an inference model")
-            eps = 1e-5 if epsilon is None else epsilon
-            if spatial == 0:  # statistics per element of C x D1 x ...
+            eps = _EPSILON_DEFAULT if epsilon is None else epsilon
+            if spatial == 0 and opset < 9:  # statistics per element of C x D1 x ...
                 shape = (1, *x.shape[1:])
             else:
                 shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
@@ -238,11 +251,15 @@ _ONNX_TYPE_NAMES = {
 _Runner = Any  # _OrtRunner | _RefRunner: both have label, level, runtime, inputs, outputs, run()
 
 
-def _onnx_runner(source: Any, level: str, label: str) -> _Runner:
-    """onnxruntime when it loads the model, else the ONNX reference evaluator (and the reason why)."""
+def _onnx_runner(source: Any, level: str, label: str, worker: OrtWorker) -> _Runner:
+    """onnxruntime when it loads the model, else the ONNX reference evaluator (and the reason why).
+
+    onnxruntime runs in ``worker`` (:func:`~.isolation.worker_scope`); a crash while loading counts as
+    a model it cannot load.
+    """
     try:
-        return _OrtRunner(source, level, label)
-    except Exception as e:  # onnxruntime raises several private exception types
+        return _OrtRunner(source, level, label, worker)
+    except (RuntimeFailed, WorkerCrashed) as e:
         why = f"onnxruntime cannot load it: {_first_line(e)}"
         log.debug("%s: %s; falling back to the ONNX reference evaluator", label, why)
         try:
