@@ -148,3 +148,96 @@ def test_file_factory_named_like_an_imported_module_is_refused(tmp_path: Path) -
     assert "module name 'json' is already taken" in r.stderr and "Traceback" not in r.output
     assert sys.modules["json"] is json
     assert sorted(p.name for p in tmp_path.iterdir()) == ["json.py", "w.pt"]
+
+
+# ------------------------------------------------------------------ 22.18 unfreeze, to_bn_state_dict
+def _bn_net() -> torch.nn.Module:
+    """Conv -> BN(eps 1e-3) -> ReLU -> BN(affine=False) -> flatten -> Linear -> BN1d(eps 1e-5)."""
+    from torch import nn
+
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(), nn.BatchNorm2d(8, affine=False),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.BatchNorm1d(6),
+    )
+    return randomize_bn(net, seed=5).eval()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+
+
+def _assert_same_bn_state(got: torch.nn.Module, want: torch.nn.Module) -> None:
+    g, w = got.state_dict(), want.state_dict()
+    assert g.keys() == w.keys()
+    for k, v in w.items():
+        assert g[k].dtype == v.dtype and torch.equal(g[k], v), k  # bit for bit, not "close"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_unfreeze_gives_the_bn_back_bit_for_bit(dtype: torch.dtype) -> None:
+    import bnfold
+
+    net = _bn_net().to(dtype)
+    back = bnfold.unfreeze(bnfold.freeze(net)).eval()
+    _assert_same_bn_state(back, net)
+    with torch.no_grad():
+        assert torch.equal(back(_x().to(dtype)), net(_x().to(dtype)))
+
+
+def test_unfreeze_after_a_state_dict_round_trip_is_exact(tmp_path: Path) -> None:
+    import bnfold
+
+    net = _bn_net()
+    path = tmp_path / "frozen.pt"
+    torch.save(bnfold.freeze(net).state_dict(), path)
+    other = _bn_net()
+    with torch.no_grad():  # other statistics before loading
+        for m in other.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.add_(0.25)
+    fresh = bnfold.freeze(other)
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    back = bnfold.unfreeze(fresh).eval()
+    _assert_same_bn_state(back, net)
+    with torch.no_grad():
+        assert torch.equal(back(_x()), net(_x()))
+
+
+def test_fine_tuned_frozen_layer_maps_back_within_the_stated_bound() -> None:
+    import bnfold
+
+    net = _bn_net()
+    frozen = bnfold.freeze(net, learnable=True)
+    with torch.no_grad():  # as after fine-tuning the affine
+        frozen[1].scale.mul_(1.25)
+        frozen[1].shift.add_(0.125)
+        expected = frozen.eval()(_x())
+        got = bnfold.unfreeze(frozen).eval()(_x())
+    # gamma/beta rounded once to float32: a few float32 ulp of the output's scale
+    assert (got - expected).abs().max() <= 8 * torch.finfo(torch.float32).eps * expected.abs().max()
+
+
+def test_to_bn_state_dict_requires_eps_or_takes_it_from_the_model() -> None:
+    import bnfold
+    from bnfold.freezing import to_bn_state_dict
+
+    net = _bn_net()
+    frozen = bnfold.freeze(net, learnable=True)
+    with torch.no_grad():  # fine-tuned: the BN values must be derived with the right eps
+        for i in (1, 6):
+            frozen[i].scale.mul_(1.25)
+        expected = frozen.eval()(_x())
+    saved = {k: v.clone() for k, v in frozen.state_dict().items()}
+    with pytest.raises(bnfold.OptionError, match="epsilon of layer '1' is unknown"):
+        to_bn_state_dict(saved)
+    target = _bn_net()
+    target.load_state_dict(to_bn_state_dict(saved, model=target), strict=True)
+    with torch.no_grad():
+        got = target(_x())
+    assert (got - expected).abs().max() <= 8 * torch.finfo(torch.float32).eps * expected.abs().max()
+    # a frozen model gives eps as well; an unfine-tuned layer comes back bit for bit
+    exact = to_bn_state_dict(bnfold.freeze(net).state_dict(), model=bnfold.freeze(_bn_net()))
+    assert all(torch.equal(exact[k], v) for k, v in net.state_dict().items())
