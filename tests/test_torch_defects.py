@@ -241,3 +241,140 @@ def test_to_bn_state_dict_requires_eps_or_takes_it_from_the_model() -> None:
     # a frozen model gives eps as well; an unfine-tuned layer comes back bit for bit
     exact = to_bn_state_dict(bnfold.freeze(net).state_dict(), model=bnfold.freeze(_bn_net()))
     assert all(torch.equal(exact[k], v) for k, v in net.state_dict().items())
+
+
+# ------------------------------------------------------------------- 22.12 torch.export programs
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def test_levit_pt2_folds_every_bn_as_the_module_backend_does(tmp_path: Path) -> None:
+    import bnfold
+    from bnfold.fx import fold_exported
+    from models.levit import levit
+
+    m = levit()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _, by_module = bnfold.fold_with_report(m, example_inputs=(x,))
+    ep = torch.export.export(m, (x,))
+    out, rep = fold_exported(ep)
+    assert (rep.bn_before, rep.folded, rep.bn_after) == (19, 19, 0)
+    # named by module path, the same verdicts as the module backend (LinearNorm forward, heads backward)
+    assert [(v.bn, v.target, v.direction) for v in rep.sites] == [
+        (v.bn, v.target, v.direction) for v in by_module.sites
+    ]
+    assert {v.bn for v in rep.sites} >= {"stage1.attn.qkv.bn", "down.q.1.bn", "head.bn", "head_dist.bn"}
+    torch.export.save(out, tmp_path / "levit.pt2")
+    again = torch.export.load(tmp_path / "levit.pt2").module()
+    with torch.no_grad():
+        assert _err(again(x), m(x)) <= FP32_ATOL
+    assert not any("batch_norm" in str(n.target) for n in out.graph.nodes)
+
+
+def test_levit_pt2_through_the_cli(tmp_path: Path) -> None:
+    from models.levit import levit
+
+    m = levit()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "levit.pt2"
+    torch.export.save(torch.export.export(m, (x,)), src)
+    before = src.read_bytes()
+    r = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "out.pt2"), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert (data["summary"]["bn_before"], data["summary"]["folded"], data["summary"]["bn_after"]) == (19, 19, 0)
+    assert data["verification"]["passed"] is True
+    assert src.read_bytes() == before
+
+
+class _Routes(torch.nn.Module):
+    """bn0 -> conv (no padding) -> bn1 (two folds in one conv); cat and sum of convs -> BN; a padded conv."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 1, bias=False)
+        self.cat_bn = nn.BatchNorm2d(8)
+        self.c, self.d = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.sum_bn = nn.BatchNorm2d(6)
+        self.pre_pad = nn.BatchNorm2d(6)
+        self.padded = nn.Conv2d(6, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv(self.bn0(x)))
+        y = self.cat_bn(torch.cat([self.a(y), self.b(y)], 1))
+        y = self.sum_bn(self.c(y) + self.d(y))
+        return self.padded(self.pre_pad(torch.relu(y)))
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_pt2_channel_routes_and_backward_folds(decompose: bool) -> None:
+    from bnfold.fx import fold_exported
+    from bnfold.records import Direction, SkipReason
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    m = randomize_bn(_Routes(), seed=4).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    ep = torch.export.export(m, (x,))
+    if decompose:
+        ep = ep.run_decompositions()
+    out, rep = fold_exported(ep)
+    got = {v.bn: (getattr(v, "target", None), getattr(v, "direction", None), getattr(v, "reason", None))
+           for v in rep.verdicts}
+    assert got == {
+        "bn0": ("conv", Direction.BACKWARD, None),
+        "bn1": ("conv", Direction.FORWARD, None),
+        "cat_bn": ("a", Direction.FORWARD, None),
+        "sum_bn": ("c", Direction.FORWARD, None),
+        "pre_pad": (None, None, SkipReason.PADDING),  # the padded zeros would not be shifted
+    }
+    with torch.no_grad():
+        assert _err(out.module()(x), m(x)) <= FP32_ATOL
+        assert _err(ep.module()(x), m(x)) <= FP32_ATOL  # the given program is untouched
+    _, dry = fold_exported(ep, dry_run=True)
+    assert (dry.bn_after, dry.params_after) == (rep.bn_after, rep.params_after) == (1, rep.params_after)
+
+
+class _Refused(torch.nn.Module):
+    """Linear on tokens -> BN1d over the tokens (not the Linear's channels); a residual tap; a reshape
+    that moves the channel axis."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.token_bn = nn.BatchNorm1d(5)
+        self.conv = nn.Conv2d(5, 6, 1)
+        self.tap_bn = nn.BatchNorm2d(6)
+        self.fc2 = nn.Linear(24, 8)
+        self.moved_bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.token_bn(self.fc(x))  # (B, 5, 4): BN1d channels are the 5 tokens
+        z = self.conv(y.unsqueeze(-1))
+        z = self.tap_bn(z) + z
+        w = self.fc2(z.flatten(1))  # (B, 8)
+        return self.moved_bn(w.reshape(-1, 4))  # each row mixes two of fc2's channels per BN channel
+
+
+def test_pt2_refusals_keep_their_reasons() -> None:
+    from bnfold.fx import fold_exported
+    from bnfold.records import SkipReason
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    m = randomize_bn(_Refused(), seed=2).eval()
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+    out, rep = fold_exported(torch.export.export(m, (x,)))
+    assert {v.bn: v.reason for v in rep.skips} == {
+        "token_bn": SkipReason.LAYOUT,
+        "tap_bn": SkipReason.OTHER_CONSUMERS,
+        "moved_bn": SkipReason.LAYOUT,
+    }
+    assert rep.folded == 0

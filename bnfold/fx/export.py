@@ -159,5 +159,5 @@ def _predict_params(
     for r in reads:
         if isinstance(r, fx.Node):
             readers[str(r.target)] -= 1
-    kept = sum(t.numel() for name, t in ep.state_dict.items() if readers.get(name, 1) > 0)
+    kept: int = sum(int(t.numel()) for name, t in ep.state_dict.items() if readers.get(name, 1) > 0)
     return kept + sum(w.numel() + b.numel() for w, b in writes.values())
