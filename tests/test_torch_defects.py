@@ -248,7 +248,8 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
 
 
-def test_levit_pt2_folds_every_bn_as_the_module_backend_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decompose", [False, True])
+def test_levit_pt2_folds_every_bn_as_the_module_backend_does(tmp_path: Path, decompose: bool) -> None:
     import bnfold
     from bnfold.fx import fold_exported
     from models.levit import levit
@@ -257,6 +258,8 @@ def test_levit_pt2_folds_every_bn_as_the_module_backend_does(tmp_path: Path) -> 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     _, by_module = bnfold.fold_with_report(m, example_inputs=(x,))
     ep = torch.export.export(m, (x,))
+    if decompose:  # linear on a non-contiguous token tensor becomes bmm(x, expand(permute(w)))
+        ep = ep.run_decompositions()
     out, rep = fold_exported(ep)
     assert (rep.bn_before, rep.folded, rep.bn_after) == (19, 19, 0)
     # named by module path, the same verdicts as the module backend (LinearNorm forward, heads backward)

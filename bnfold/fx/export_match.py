@@ -9,6 +9,7 @@ the ``val`` every exported node records. The cases mirror the fx backend's rules
 1. Layers: ``aten.conv1d/2d/3d`` (also the ``.padding`` overloads), ``aten.conv_transpose1d/2d/3d``,
    ``aten.convolution`` (its ``transposed`` argument), ``aten.linear``, and a decomposed linear
    ``addmm(bias, x, permute(weight, [1, 0]))`` / ``mm(x, permute(weight, [1, 0]))`` (or ``t(weight)``),
+   or ``bmm(x, view(expand(permute(weight, [1, 0]))))`` (a linear on a non-contiguous 3-D input),
    whose weight and bias (if any) are model attributes (``NON_CONSTANT`` otherwise; a non-float
    weight is ``UNSUPPORTED_DTYPE``). A convolution counts only on a batched input (its output has
    the weight's rank, channels at dim 1).
@@ -64,6 +65,7 @@ __all__ = [
     "find_export_sites",
     "schema_args",
     "layer_weight",
+    "weight_path",
 ]
 
 aten = torch.ops.aten
@@ -207,27 +209,59 @@ def _value_users(n: fx.Node) -> list[fx.Node]:
     return out
 
 
+def weight_path(node: fx.Node) -> list[fx.Node]:
+    """The nodes that turn a decomposed linear's weight into its operand, operand first.
+
+    ``permute(w, [1, 0])`` (or ``t(w)``) for ``addmm``/``mm``; for ``bmm`` also the ``expand`` to the
+    batch and the ``view`` after it. Empty when the operand is not the transposed weight alone.
+    """
+    p = node.args[1] if node.target is not aten.addmm.default else node.args[2]
+    path: list[fx.Node] = []
+    if node.target is aten.bmm.default:
+        while isinstance(p, fx.Node) and p.target in (aten.view.default, aten.expand.default, aten._unsafe_view.default):
+            if len(p.users) != 1:
+                return []
+            path.append(p)
+            p = p.args[0]
+    if not (isinstance(p, fx.Node) and len(p.users) == 1 and p.args and _is_attr(p.args[0])):
+        return []
+    ok = (p.target is aten.permute.default and list(p.args[1]) == [1, 0]) or (  # type: ignore[arg-type]
+        p.target in (aten.t.default, aten.numpy_T.default)
+    )
+    return [*path, p] if ok else []
+
+
 def _decomposed_linear(node: Any) -> tuple[fx.Node, fx.Node | None, fx.Node] | None:
-    """``(weight, bias, input)`` of ``addmm(bias, x, permute(w, [1, 0]))`` or ``mm(x, permute(w))``."""
+    """``(weight, bias, input)`` of a decomposed linear (Case 1), else None.
+
+    ``addmm(bias, x, permute(w, [1, 0]))``, ``mm(x, permute(w, [1, 0]))``, or -- a linear on a 3-D
+    input that is not contiguous -- ``bmm(x, view(expand(permute(w, [1, 0]), [B, C, O])))``, whose
+    operand is the transposed weight repeated over the batch (checked on the recorded shapes).
+    """
     if not (isinstance(node, fx.Node) and node.op == "call_function" and not node.kwargs):
         return None
     if node.target is aten.addmm.default and len(node.args) == 3 and _is_attr(node.args[0]):
         bias: fx.Node | None = node.args[0]  # type: ignore[assignment]
-        x, p = node.args[1], node.args[2]
-    elif node.target is aten.mm.default and len(node.args) == 2:
-        bias, x, p = None, node.args[0], node.args[1]
+        x = node.args[1]
+    elif node.target in (aten.mm.default, aten.bmm.default) and len(node.args) == 2:
+        bias, x = None, node.args[0]
     else:
         return None
-    if not (isinstance(p, fx.Node) and len(p.users) == 1 and p.args and _is_attr(p.args[0])):
+    path = weight_path(node)
+    if not path or not isinstance(x, fx.Node):
         return None
-    ok = (p.target is aten.permute.default and list(p.args[1]) == [1, 0]) or (  # type: ignore[arg-type]
-        p.target in (aten.t.default, aten.numpy_T.default)
-    )
-    return (p.args[0], bias, x) if ok else None  # type: ignore[return-value]
+    w: fx.Node = path[-1].args[0]  # type: ignore[assignment]
+    if node.target is aten.bmm.default:
+        wv, operand, xv = _val(w), _val(node.args[1]), _val(x)
+        if wv is None or operand is None or xv is None or operand.dim() != 3 or xv.dim() != 3:
+            return None
+        if not (_same_dim(operand.shape[1], wv.shape[1]) and _same_dim(operand.shape[2], wv.shape[0])):
+            return None
+    return w, bias, x
 
 
 def addmm_weight(node: Any) -> fx.Node | None:
-    """The weight of a decomposed linear (``addmm``/``mm`` of a transposed weight), else None."""
+    """The weight of a decomposed linear (``addmm``/``mm``/``bmm`` of a transposed weight), else None."""
     got = _decomposed_linear(node)
     return None if got is None else got[0]
 

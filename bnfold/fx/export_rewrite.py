@@ -12,8 +12,9 @@ Rewrite (Before / After)::
     After:   x -> dropout(train=False) -> linear(_, _bnfold_w0, _bnfold_b0) -> y
 
 Every layer a fold writes gets *new* attributes (``_bnfold_w<k>`` / ``_bnfold_b<k>``), so a weight
-shared with another op is never changed; a decomposed linear (``addmm(bias, x, permute(w))`` or
-``mm(x, permute(w))``) becomes one ``aten.linear`` with the new tensors. Each folded batch norm is
+shared with another op is never changed; a decomposed linear (``addmm(bias, x, permute(w))``,
+``mm(x, permute(w))`` or ``bmm(x, view(expand(permute(w))))``) becomes one ``aten.linear`` with the
+new tensors. Each folded batch norm is
 removed: its users read its input (the reshapes, no-ops, ``cat`` or sum between the layer and the
 BN commute with a per-channel affine, which the layer now computes). Attributes no node reads any
 more are dropped. The caller exports the module again.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .export_match import ExportCandidate, layer_weight
+from .export_match import ExportCandidate, layer_weight, weight_path
 
 __all__ = ["apply_exported"]
 
@@ -36,13 +37,14 @@ def _as_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     got = layer_weight(node)
     assert got is not None
     _, w, b, x, _ = got
-    perm = node.args[2] if node.target is aten.addmm.default else node.args[1]
+    path = weight_path(node)
     with gm.graph.inserting_before(node):
         lin = gm.graph.call_function(aten.linear.default, (x, w, b))
     lin.meta = dict(node.meta)
     node.replace_all_uses_with(lin)
     gm.graph.erase_node(node)
-    gm.graph.erase_node(perm)  # type: ignore[arg-type]
+    for p in path:  # the transposed (and expanded) weight, read by nothing else
+        gm.graph.erase_node(p)
     return lin
 
 
@@ -51,7 +53,7 @@ def apply_exported(
 ) -> None:
     """Point each written layer at its new tensors, remove the folded BNs, drop what nothing reads."""
     for k, (node, (w_t, b_t)) in enumerate(writes.items()):
-        src = _as_linear(gm, node) if node.target in (aten.addmm.default, aten.mm.default) else node
+        src = _as_linear(gm, node) if node.target in (aten.addmm.default, aten.mm.default, aten.bmm.default) else node
         wn, bname = f"_bnfold_w{k}", f"_bnfold_b{k}"
         gm.register_parameter(wn, nn.Parameter(w_t, requires_grad=False))
         gm.register_parameter(bname, nn.Parameter(b_t, requires_grad=False))
