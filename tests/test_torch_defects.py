@@ -381,3 +381,29 @@ def test_pt2_refusals_keep_their_reasons() -> None:
         "moved_bn": SkipReason.LAYOUT,
     }
     assert rep.folded == 0
+
+
+class _PadThenConv(torch.nn.Module):
+    """BN -> F.pad (zeros, at run time, as timm's Conv2dSame) -> conv without padding of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nn.functional.pad(self.bn(x), (1, 1, 1, 1)))
+
+
+def test_pt2_bn_before_zeros_padded_at_run_time_is_left() -> None:
+    from bnfold.fx import fold_exported
+    from bnfold.records import SkipReason
+    from models.stats import randomize_bn
+
+    m = randomize_bn(_PadThenConv(), seed=3).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    out, rep = fold_exported(torch.export.export(m, (x,)))
+    assert [(v.bn, v.reason) for v in rep.skips] == [("bn", SkipReason.PADDING)]
+    assert "padded at run time" in rep.skips[0].detail
+    with torch.no_grad():
+        assert _err(out.module()(x), m(x)) <= FP32_ATOL

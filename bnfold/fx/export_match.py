@@ -34,7 +34,8 @@ the ``val`` every exported node records. The cases mirror the fx backend's rules
 6. Backward fold (BN -> layer), when nothing before the BN folds: through eval no-ops, copying pads
    (``pad`` with mode reflect/replicate/circular: each padded value is a BN output) and at most one
    flatten to ``(N, C * k)``, the BN output has one user, a convolution or linear reading it as its
-   input. Exact only when the layer reads no zero padding (``PADDING`` otherwise); a transposed
+   input. Exact only when the layer reads no zero padding, its own or a pad op's before it
+   (``PADDING`` otherwise); a transposed
    convolution cannot absorb an input shift (``UNSUPPORTED_LAYER``); a linear needs a 2-D input
    (Case 4), after a flatten each channel covers ``in_features / C`` consecutive features.
 
@@ -488,6 +489,15 @@ def _match_forward(gm: fx.GraphModule, name: str, a: dict[str, Any], nf: int | N
     return c
 
 
+def _zero_pad(n: fx.Node) -> bool:
+    """A pad that adds constants (``F.pad`` default mode, as timm's ``Conv2dSame`` does)."""
+    if n.op != "call_function":
+        return False
+    if n.target is aten.constant_pad_nd.default:
+        return True
+    return n.target is aten.pad.default and schema_args(n).get("mode") in ("constant", None)
+
+
 def _zero_padding(kind: str, pa: dict[str, Any]) -> bool:
     """Case 6: the convolution reads no padded zeros."""
     pad = pa.get("padding", 0)
@@ -520,6 +530,13 @@ def _match_backward(gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any
         if u.target is aten.pad.default and schema_args(u).get("mode") in _COPY_PADS and not flat:
             cur = u
             continue
+        if _zero_pad(u) and len(u.users) == 1:
+            nxt = next(iter(u.users))
+            got = layer_weight(nxt)
+            if got is not None and got[3] is u and got[0] != "Linear":
+                return Skip(name, SkipReason.PADDING, f"'{_layer_name(got[1], nxt)}' reads zeros padded at run "
+                                                      "time, which the batch norm shift would not reach")
+            return None
         if u.target in _RESHAPES and not flat:
             vin, vout = _val(cur), _val(u)
             if vin is None or vout is None or vin.dim() < 2 or vout.dim() != 2 or not _same_dim(vin.shape[0], vout.shape[0]):
