@@ -471,7 +471,7 @@ def _match_forward(gm: fx.GraphModule, name: str, a: dict[str, Any], nf: int | N
     if why_not:
         return Skip(name, SkipReason.OTHER_CONSUMERS, why_not)
     if len(_value_users(src)) != 1:  # Case 3
-        return Skip(name, SkipReason.OTHER_CONSUMERS, f"the output of {_layer_name(w, src)} is also used elsewhere")
+        return Skip(name, SkipReason.OTHER_CONSUMERS, f"the output of '{_layer_name(w, src)}' is also used elsewhere")
     axis = "last" if kind == "Linear" else "dim1"
     if kind != "Linear" and not _batched_conv(src, gm, w):
         return Skip(name, SkipReason.LAYOUT, "the convolution has an unbatched input: its channels are not on dim 1")
