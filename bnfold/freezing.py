@@ -22,7 +22,10 @@ in float64, cast once to the layer dtype. Rules:
        new module when the root itself is a BN). A module registered at several names is replaced by
        one frozen layer registered at the same names (it stays shared).
     4. ``unfreeze`` maps a frozen layer back to the BN class it came from (``torch.nn.BatchNorm2d``
-       when unknown) with identical eval output, see :meth:`FrozenBatchNorm.bn_state`.
+       when unknown), see :meth:`FrozenBatchNorm.bn_state`: a layer unchanged since it was frozen
+       gives back the BN's own gamma, beta, mean and var, bit for bit; a layer whose scale/shift
+       changed (fine-tuned) gives a BN whose gamma/beta are rounded once to the dtype, so its eval
+       output agrees with the frozen layer's to a few ulp.
     5. ``recalibrate`` re-estimates the running statistics of every BN as the cumulative average over
        the given batches (PyTorch ``momentum=None``) with only the BNs in train mode and no gradient;
        nothing else changes.
@@ -34,7 +37,8 @@ Checkpoints, both directions:
       ``eps``; ``affine=False`` BNs have no weight/bias); frozen checkpoints (``scale``/``shift``) load
       too.
     * frozen -> BN: ``bn_model.load_state_dict(bn_state_dict(frozen_model))``, or
-      :func:`to_bn_state_dict` on a saved frozen state_dict when no model is at hand.
+      :func:`to_bn_state_dict` on a saved frozen state_dict, with the BN ``eps`` given or read from
+      the model the result loads into.
 
 The module is named ``freezing`` (not ``freeze``) so that importing it never rebinds the package
 attribute ``bnfold.freeze``, which is the function.
@@ -52,11 +56,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._dtypes import numpy_dtype, to_float64
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, OptionError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
 from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train
 from .fx.module import copy_model
-from .nn.frozen import FrozenBatchNorm
+from .nn.frozen import _SOURCE_KEYS, FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
 
 __all__ = [
@@ -316,18 +320,26 @@ def _to_bn(layer: FrozenBatchNorm) -> nn.Module:
         return _from_template(layer, template)
     cls = _bn_class(layer)
     momentum = layer.momentum
+    affine = True
+    if not layer.source_affine:  # as the source BN, unless its map no longer fits a BN without gamma/beta
+        try:
+            state, affine = layer.bn_state(affine=False), False
+        except ValueError:
+            pass
+    if affine:
+        state = layer.bn_state(affine=True)
     bn = cls(
         layer.num_features,
         eps=layer.eps,
         momentum=momentum,  # type: ignore[arg-type]
-        affine=True,
+        affine=affine,
         track_running_stats=True,
         device=layer.scale.device,
         dtype=layer.scale.dtype,
     )
-    state = layer.bn_state(affine=True)
-    bn.weight.copy_(state["weight"])
-    bn.bias.copy_(state["bias"])
+    if affine:
+        bn.weight.copy_(state["weight"])
+        bn.bias.copy_(state["bias"])
     assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
     bn.running_mean.copy_(state["running_mean"])
     bn.running_var.copy_(state["running_var"])
@@ -341,8 +353,10 @@ def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     The BN class is the one the layer was frozen from (``SyncBatchNorm`` stays ``SyncBatchNorm``;
     ``BatchNorm{dim}d`` when only the ``dim`` hint is known, ``BatchNorm2d`` otherwise). Statistics
-    and affine parameters follow :meth:`FrozenBatchNorm.bn_state`: a layer frozen from a BN and never
-    trained comes back as that BN (up to rounding).
+    and affine parameters follow :meth:`FrozenBatchNorm.bn_state`: a layer frozen from a BN and
+    unchanged since comes back as that BN, bit for bit (also after a ``state_dict`` save and load);
+    a fine-tuned layer comes back with gamma/beta rounded once to the dtype (eval output within a
+    few ulp of the frozen layer's).
 
     Args:
         model: the model (not changed unless ``inplace``).
@@ -385,7 +399,7 @@ def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     for key, value in state.items():
         mod, _, leaf = key.rpartition(".")
-        if mod in frozen and leaf in ("scale", "shift", "source_mean", "source_var"):
+        if mod in frozen and leaf in ("scale", "shift", *_SOURCE_KEYS):
             if leaf == "scale":
                 pre = mod + "." if mod else ""
                 out.update({pre + k: v for k, v in frozen[mod].bn_state().items()})
@@ -401,31 +415,38 @@ def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def to_bn_state_dict(
     state_dict: Mapping[str, Tensor],
-    eps: float | Mapping[str, float] = 1e-5,
-    affine: bool | Mapping[str, bool] = True,
+    eps: float | Mapping[str, float] | None = None,
+    affine: bool | Mapping[str, bool] | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> dict[str, Tensor]:
-    """Convert a saved frozen state_dict (no model at hand) to BatchNorm format.
+    """Convert a saved frozen state_dict to BatchNorm format.
 
-    Every pair ``<m>.scale`` / ``<m>.shift`` of equal 1-D shape is taken as a frozen layer ``<m>``
-    and mapped with ``running_mean = 0``, ``running_var = 1 - eps`` (0 if ``eps >= 1``),
-    ``weight = scale * sqrt(running_var + eps)``, ``bias = shift``: a BN with that ``eps`` gives the
-    same eval output. Prefer :func:`bn_state_dict` when the frozen model exists (it restores the
-    original statistics when known).
+    Every pair ``<m>.scale`` / ``<m>.shift`` of equal 1-D shape is taken as a frozen layer ``<m>`` and
+    mapped as :meth:`FrozenBatchNorm.bn_state` does: the source BN's own values when the state_dict
+    holds them (``<m>.source_*``) and ``scale``/``shift`` are still their fold with ``eps``; otherwise
+    derived (``running_mean = 0``, ``running_var = 1 - eps`` (0 if ``eps >= 1``), ``weight = scale *
+    sqrt(running_var + eps)``, ``bias = shift`` when the statistics are unknown). A BN with that
+    ``eps`` gives the same eval output. The state_dict does not record ``eps`` and the output
+    depends on it, so it is given or read from ``model``; never assumed.
 
     Args:
         state_dict: the frozen model's state_dict.
-        eps: the BN epsilon, one for all layers or per layer name ``<m>`` (default 1e-5).
-        affine: whether the target BN has weight and bias, for all layers or per layer name; for
-            ``affine=False`` see :meth:`FrozenBatchNorm.bn_state`.
+        eps: the BN epsilon, one for all layers or per layer name ``<m>``.
+        affine: whether the target BN has weight and bias, for all layers or per layer name (default:
+            as ``model``'s layer, else True); for ``affine=False`` see :meth:`FrozenBatchNorm.bn_state`.
+        model: the model the result will load into (BN or frozen layers at the names ``<m>``): gives
+            each layer's ``eps`` (and ``affine``) where ``eps`` (``affine``) does not.
 
     Raises:
+        OptionError: a layer's ``eps`` is neither given nor found in ``model``.
         ValueError: a layer cannot be written as a BN with ``affine=False``.
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         mod, _, leaf = key.rpartition(".")
         pre = mod + "." if mod else ""
-        if leaf in ("source_mean", "source_var") and pre + "scale" in state_dict:
+        if leaf in _SOURCE_KEYS and pre + "scale" in state_dict:
             continue  # read with the layer's scale below
         other = state_dict.get(pre + ("shift" if leaf == "scale" else "scale"))
         if (
@@ -436,15 +457,51 @@ def to_bn_state_dict(
         ):
             if leaf == "shift":
                 continue
-            e = float(eps[mod]) if isinstance(eps, Mapping) else float(eps)
+            e, a = _layer_eps_affine(mod, eps, affine, model)
             layer = FrozenBatchNorm(value.numel(), e, dtype=value.dtype, device=value.device)
             entries = {"scale": value, "shift": other}
-            for k in ("source_mean", "source_var"):
+            for k in _SOURCE_KEYS:
                 if pre + k in state_dict:
                     entries[k] = state_dict[pre + k]
             layer.load_state_dict(entries)
-            a = bool(affine.get(mod, True)) if isinstance(affine, Mapping) else bool(affine)
             out.update({pre + k: v for k, v in layer.bn_state(affine=a).items()})
             continue
         out[key] = value
     return out
+
+
+def _layer_eps_affine(
+    name: str,
+    eps: float | Mapping[str, float] | None,
+    affine: bool | Mapping[str, bool] | None,
+    model: nn.Module | None,
+) -> tuple[float, bool]:
+    """Layer ``name``'s ``(eps, affine)`` for :func:`to_bn_state_dict`: as given, else from ``model``."""
+    layer: nn.Module | None = None
+    if model is not None:
+        try:
+            layer = model.get_submodule(name) if name else model
+        except AttributeError:
+            layer = None
+    e: float | None = None
+    if isinstance(eps, Mapping):
+        e = None if name not in eps else float(eps[name])
+    elif eps is not None:
+        e = float(eps)
+    layer_eps = getattr(layer, "eps", None)
+    if e is None and isinstance(layer_eps, (int, float)) and not isinstance(layer_eps, bool):
+        e = float(layer_eps)
+    if e is None:
+        where = "" if model is None else f" and the model has no BatchNorm or frozen layer '{name}'"
+        raise OptionError(
+            f"to_bn_state_dict: the epsilon of layer '{name}' is unknown (a state_dict does not record it)"
+            f"{where}: pass eps= (the BatchNorm eps) or model= (the model the result will load into)"
+        )
+    a: bool | None = None
+    if isinstance(affine, Mapping):
+        a = None if name not in affine else bool(affine[name])
+    elif affine is not None:
+        a = bool(affine)
+    if a is None and layer is not None:
+        a = bool(layer.source_affine) if isinstance(layer, FrozenBatchNorm) else getattr(layer, "weight", None) is not None
+    return e, True if a is None else a

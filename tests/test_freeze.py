@@ -245,7 +245,10 @@ def test_unfreeze_restores_trainable_bn() -> None:
     assert count(back, FrozenBatchNorm) == 0
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
     bns = [m for m in back.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert all(m.weight.requires_grad and m.eps == 1e-3 for m in bns)
+    # as the source BNs: affine ones with trainable gamma/beta, affine=False ones without
+    src = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert [m.affine for m in bns] == [m.affine for m in src] and not all(m.affine for m in src)
+    assert all((m.weight is None or m.weight.requires_grad) and m.eps == 1e-3 for m in bns)
     torch.testing.assert_close(back.eval()(x), model(x), atol=ATOL32, rtol=0)
     # never fine-tuned: it is the original BN again, also in train mode
     torch.testing.assert_close(back.train()(x), copy.deepcopy(model).train()(x), atol=ATOL32, rtol=0)

@@ -1,7 +1,7 @@
 """Fold BatchNorm in a ``torch.export`` program: the driver of the export backend.
 
 Stages, as in the module and ONNX backends: :mod:`bnfold.fx.export_match` (structure -> one
-``ExportCandidate | Skip`` per batch-norm op, by schema), :func:`bnfold.fx.plan.plan_export_sites`
+``ExportCandidate | Skip`` per batch-norm op, by schema), :mod:`bnfold.fx.export_plan`
 (float64 numbers -> new tensors, or ``Skip(OVERFLOW)``), :mod:`bnfold.fx.export_rewrite` (apply
 only). The rewritten unlifted module is exported again (non-strict) with the program's own example
 inputs; dynamic dimensions (plain symbols on positional inputs) are carried over, and when they
@@ -25,9 +25,9 @@ from torch import fx
 from bnfold.errors import UnsupportedModelError
 from bnfold.records import FoldReport
 
-from .export_match import ExportCandidate, find_export_sites
+from .export_match import ExportCandidate, find_export_sites, layer_weight
+from .export_plan import plan_export_sites
 from .export_rewrite import apply_exported
-from .plan import plan_export_sites
 
 __all__ = ["fold_exported", "find_export_sites"]
 
@@ -60,7 +60,7 @@ def fold_exported(
         bn_before=len(verdicts), bn_after=len(verdicts) - len(folds),
     )
     if dry_run or not folds:
-        return ep, replace(report, nodes_after=nodes_before, params_after=_predict_params(gm, folds, writes),
+        return ep, replace(report, nodes_after=nodes_before, params_after=_predict_params(ep, gm, folds, writes),
                            seconds=time.perf_counter() - t0)
     apply_exported(gm, folds, writes)
     if ep.example_inputs is None:
@@ -139,23 +139,25 @@ def _finite_int(v: Any) -> int | None:
 
 
 def _predict_params(
-    gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
+    ep: torch.export.ExportedProgram, gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
 ) -> int:
     """The parameter count of the program a fold would export, counted without rewriting.
 
-    A tensor whose reads all go (the BN's four, the producer's old weight and bias, and tensors no
-    node read: :func:`~bnfold.fx.export_rewrite.apply_exported` drops unread attributes) leaves the
-    program; each fold adds its new weight and bias.
+    A tensor whose reads all go (the folded BNs' four, each written layer's old weight and bias, and
+    tensors no node read: :func:`~bnfold.fx.export_rewrite.apply_exported` drops unread attributes)
+    leaves the program; each written layer adds its new weight and bias.
     """
-    tensors = {n: t for n, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
     readers: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             readers[str(n.target)] = readers.get(str(n.target), 0) + len(n.users)
-    for c in folds:
-        reads = [c.bn_args[k] for k in ("weight", "bias", "running_mean", "running_var")] + [c.weight, c.bias]
-        for r in reads:
-            if isinstance(r, fx.Node):
-                readers[str(r.target)] -= 1
-    kept = sum(t.numel() for name, t in tensors.items() if readers.get(name, 1) > 0)
+    reads: list[object] = [c.bn_args[k] for c in folds for k in ("weight", "bias", "running_mean", "running_var")]
+    for node in writes:
+        got = layer_weight(node)
+        assert got is not None
+        reads += [got[1], got[2]]
+    for r in reads:
+        if isinstance(r, fx.Node):
+            readers[str(r.target)] -= 1
+    kept: int = sum(int(t.numel()) for name, t in ep.state_dict.items() if readers.get(name, 1) > 0)
     return kept + sum(w.numel() + b.numel() for w, b in writes.values())

@@ -5,10 +5,19 @@ Rewrite (Before / After)::
     Before:  x -> conv(x, w, b) -> batch_norm(_, g, beta, mean, var) -> y
     After:   x -> conv(x, _bnfold_w0, _bnfold_b0) -> y
 
-The folded weight and bias become *new* attributes (``_bnfold_w<k>`` / ``_bnfold_b<k>``), so a weight
-shared with another op is never changed; the BN's users read the producer; a decomposed linear
-(``addmm(bias, x, permute(w))``) becomes one ``aten.linear`` with the new tensors; attributes no
-node reads any more are dropped. The caller exports the module again.
+    Before:  x -> linear(x, w) -> flatten(0, 1) -> batch_norm -> reshape_as(_, linear) -> y   (LinearNorm)
+    After:   x -> linear(x, _bnfold_w0, _bnfold_b0) -> flatten(0, 1) -> reshape_as(_, linear) -> y
+
+    Before:  x -> batch_norm -> dropout(train=False) -> linear(_, w, b) -> y                (backward)
+    After:   x -> dropout(train=False) -> linear(_, _bnfold_w0, _bnfold_b0) -> y
+
+Every layer a fold writes gets *new* attributes (``_bnfold_w<k>`` / ``_bnfold_b<k>``), so a weight
+shared with another op is never changed; a decomposed linear (``addmm(bias, x, permute(w))``,
+``mm(x, permute(w))`` or ``bmm(x, view(expand(permute(w))))``) becomes one ``aten.linear`` with the
+new tensors. Each folded batch norm is
+removed: its users read its input (the reshapes, no-ops, ``cat`` or sum between the layer and the
+BN commute with a per-channel affine, which the layer now computes). Attributes no node reads any
+more are dropped. The caller exports the module again.
 """
 
 from __future__ import annotations
@@ -16,33 +25,35 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .export_match import ExportCandidate, addmm_weight
+from .export_match import ExportCandidate, layer_weight, weight_path
 
 __all__ = ["apply_exported"]
 
 aten = torch.ops.aten
 
 
-def _as_linear(gm: fx.GraphModule, addmm: fx.Node) -> fx.Node:
-    """``addmm(bias, x, permute(w, [1, 0]))`` as ``aten.linear(x, w, bias)`` (the same math)."""
-    w = addmm_weight(addmm)
-    with gm.graph.inserting_before(addmm):
-        lin = gm.graph.call_function(aten.linear.default, (addmm.args[1], w, addmm.args[0]))
-    lin.meta = dict(addmm.meta)
-    perm = addmm.args[2]
-    addmm.replace_all_uses_with(lin)
-    gm.graph.erase_node(addmm)
-    gm.graph.erase_node(perm)  # type: ignore[arg-type]
+def _as_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``addmm(bias, x, permute(w, [1, 0]))`` / ``mm(x, permute(w))`` as ``aten.linear(x, w, bias)``."""
+    got = layer_weight(node)
+    assert got is not None
+    _, w, b, x, _ = got
+    path = weight_path(node)
+    with gm.graph.inserting_before(node):
+        lin = gm.graph.call_function(aten.linear.default, (x, w, b))
+    lin.meta = dict(node.meta)
+    node.replace_all_uses_with(lin)
+    gm.graph.erase_node(node)
+    for p in path:  # the transposed (and expanded) weight, read by nothing else
+        gm.graph.erase_node(p)
     return lin
 
 
 def apply_exported(
     gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
-    """Point each folded producer at its new tensors, remove its BN, drop what nothing reads."""
-    for k, c in enumerate(folds):
-        w_t, b_t = writes[c.producer]
-        src = _as_linear(gm, c.producer) if c.producer.target is aten.addmm.default else c.producer
+    """Point each written layer at its new tensors, remove the folded BNs, drop what nothing reads."""
+    for k, (node, (w_t, b_t)) in enumerate(writes.items()):
+        src = _as_linear(gm, node) if node.target in (aten.addmm.default, aten.mm.default, aten.bmm.default) else node
         wn, bname = f"_bnfold_w{k}", f"_bnfold_b{k}"
         gm.register_parameter(wn, nn.Parameter(w_t, requires_grad=False))
         gm.register_parameter(bname, nn.Parameter(b_t, requires_grad=False))
@@ -54,12 +65,15 @@ def apply_exported(
             args.append(None)
         args[1], args[2] = w_attr, b_attr
         src.args, src.kwargs = tuple(args), {k2: v2 for k2, v2 in src.kwargs.items() if k2 != "bias"}
+    for c in folds:
         bn = c.bn
+        x = bn.args[0]  # the input of both BN ops; read now: a decomposed linear there was replaced
+        assert isinstance(x, fx.Node)
         if bn.target is aten.batch_norm.default:
-            bn.replace_all_uses_with(src)
+            bn.replace_all_uses_with(x)
         else:
             for u in list(bn.users):  # the getitem(bn, 0) users (the matcher proved there are no others)
-                u.replace_all_uses_with(src)
+                u.replace_all_uses_with(x)
                 gm.graph.erase_node(u)
         gm.graph.erase_node(bn)
     dropped: set[str] = set()

@@ -46,14 +46,12 @@ from bnfold.fold_math import (
 from bnfold.records import Direction, Skip, SkipReason, Verdict
 
 from .custom import BnSpec, describe_bn
-from .export_match import ExportCandidate, ExportMatched
 from .layers import fetch_attr
 from .sites import Candidate, Matched, functional_bn_args
 
 __all__ = [
     "Plan",
     "plan_sites",
-    "plan_export_sites",
     "plan_forward",
     "bn_scale_shift",
     "layer_layout",
@@ -244,36 +242,3 @@ def _accumulate(
         new[node] = (w_new, b_new)
     state.update(new)
     return None
-
-
-def plan_export_sites(
-    gm: nn.Module, matched: list[ExportMatched]
-) -> tuple[list[ExportMatched], dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]]:
-    """The numeric stage of the ``torch.export`` backend: every fold through :func:`plan_forward`.
-
-    Args:
-        gm: the unlifted module the matcher read (not changed).
-        matched: :func:`bnfold.fx.export_match.find_export_sites`'s verdicts.
-
-    Returns:
-        ``(verdicts with OVERFLOW swapped in, new (weight, bias) per producer node)``.
-    """
-    out: list[ExportMatched] = []
-    writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
-    for c in matched:
-        if not isinstance(c, ExportCandidate):
-            out.append(c)
-            continue
-        a = c.bn_args
-        g, beta, mean, var = (None if a[k] is None else fetch_attr(gm, str(a[k].target))
-                              for k in ("weight", "bias", "running_mean", "running_var"))
-        scale, shift = bn_affine(to_float64(g), to_float64(beta), to_float64(mean), to_float64(var), float(a["eps"]))  # type: ignore[arg-type]
-        weight = fetch_attr(gm, str(c.weight.target))
-        bias = fetch_attr(gm, str(c.bias.target)) if c.bias is not None else None
-        got = plan_forward(weight, bias, scale, shift, c.layout, c.site.bn)
-        if isinstance(got, Skip):
-            out.append(got)
-            continue
-        writes[c.producer] = got
-        out.append(c)
-    return out, writes

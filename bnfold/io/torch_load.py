@@ -35,6 +35,52 @@ def _add_cwd_as_fallback() -> None:
         sys.path.append(cwd)
 
 
+def _import_file(spec: str, mod_name: str) -> Any:
+    """``dir/name.py`` imported as the module ``name``, registered in ``sys.modules`` like any import.
+
+    A module only executed from its file (not registered) breaks what needs ``sys.modules`` to find
+    its classes: pickling (``torch.save`` of the folded model: "not the same object as name.Net")
+    and reading a class's source (:mod:`bnfold.fx.safety`, for models that do not trace). So the file
+    is imported under its stem, as ``import name`` would with its folder on ``sys.path`` (appended,
+    as a fallback, so that the file's own sibling imports resolve), and the pickled classes say
+    ``name.Net``, which loads again wherever ``name`` imports. The same file twice is one module; a
+    different module already imported under that name is refused rather than shadowed.
+    """
+    file = os.path.realpath(os.path.abspath(mod_name))
+    if not os.path.isfile(file):
+        raise OptionError(f"bad model factory {spec!r}: {mod_name} does not exist")
+    name = Path(file).stem
+    if not name.isidentifier():
+        raise OptionError(f"bad model factory {spec!r}: {Path(file).name} is not an importable module name "
+                          "(rename the file to a Python identifier)")
+    known = sys.modules.get(name)
+    if known is not None:
+        known_file = getattr(known, "__file__", None)
+        if known_file and os.path.realpath(known_file) == file:
+            return known
+        if not getattr(known, _FROM_FILE, False):
+            raise OptionError(f"bad model factory {spec!r}: the module name {name!r} is already taken by "
+                              f"{known_file or 'a built-in module'}; rename {Path(file).name}")
+    folder = os.path.dirname(file)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    mspec = importlib.util.spec_from_file_location(name, file)
+    assert mspec is not None and mspec.loader is not None
+    module = importlib.util.module_from_spec(mspec)
+    setattr(module, _FROM_FILE, True)
+    sys.modules[name] = module
+    try:
+        mspec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)  # as a failed import leaves nothing behind
+        raise
+    return module
+
+
+#: Marks a module bnfold imported from a file path: a later factory file with the same stem replaces it.
+_FROM_FILE = "__bnfold_factory_file__"
+
+
 def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
     """``"module.path:factory"`` (or ``"file.py:factory"``) -> the callable; a callable is returned as is.
 
@@ -52,13 +98,7 @@ def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
         raise OptionError(f"bad model factory {spec!r}: expected module.path:factory (e.g. models.lenet:lenet5)")
     try:
         if mod_name.endswith(".py"):
-            file = os.path.abspath(mod_name)
-            if not os.path.isfile(file):
-                raise OptionError(f"bad model factory {spec!r}: {mod_name} does not exist")
-            mspec = importlib.util.spec_from_file_location(Path(file).stem, file)
-            assert mspec is not None and mspec.loader is not None
-            module = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(module)
+            module = _import_file(spec, mod_name)
         else:
             _add_cwd_as_fallback()
             module = importlib.import_module(mod_name)

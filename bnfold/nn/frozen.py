@@ -16,19 +16,28 @@ Rules:
       ``scale``/``shift`` entries load as they are. :meth:`FrozenBatchNorm.bn_state` maps back;
     * exports to ONNX as one ``Mul`` and one ``Add`` with constant per-channel operands.
 
-Mapping back to BN (eval output identical, same ``eps``): when the statistics the layer was frozen from
-are known (``from_bn`` or a BN-format checkpoint), ``mean`` and ``var`` are those and
-``weight = scale * sqrt(var + eps)``, ``bias = shift + mean * scale`` (so an unchanged layer gives
-back its BN); otherwise ``mean = 0``, ``var = 1 - eps`` (0 when ``eps >= 1``) and
-``weight = scale * sqrt(var + eps)``, which in float32 is ``scale`` itself because ``var + eps`` rounds
-to 1.
+Mapping back to BN (same ``eps``), in three cases:
+
+1. The layer still computes exactly what its source BN computed: the source values are known
+   (``from_bn`` or a BN-format checkpoint keep ``source_weight``/``source_bias``/``source_mean``/
+   ``source_var``) and ``scale``/``shift`` are bit for bit the fold of those values with this ``eps``.
+   The BN comes back *exactly*: its own gamma, beta, mean and var, so also the same eval output.
+2. Only the statistics are known, or ``scale``/``shift`` changed since (fine-tuned with
+   ``learnable=True``): ``mean`` and ``var`` are the source statistics, ``weight = scale * sqrt(var +
+   eps)``, ``bias = shift + mean * scale``, computed in float64 and rounded once to the dtype.
+3. Nothing is known: ``mean = 0``, ``var = 1 - eps`` (0 when ``eps >= 1``), the same formulas.
+
+In cases 2 and 3 ``weight`` and ``bias`` are each within half an ulp of the dtype of the values that
+reproduce ``scale``/``shift``, so the BN's eval output agrees with the frozen layer's to a few ulp of
+the dtype (float32: ~1e-7 relative), not bit for bit.
 
 Post-processing kept (a frozen ``BatchNormAct2d``): ``tail``, when set, is applied to the affine
 output (``y = tail(x * scale + shift)``), in train mode too (dropout stays active); BN-format
 checkpoint keys of the tail's modules (``act.weight``) load into ``tail.act.weight``.
 
-The source statistics (``source_mean``/``source_var``, in the BN's dtype) are persistent buffers once
-known, so ``unfreeze`` after a save/load round trip gives back the BN exactly; for a BN class bnfold
+The source values (``source_weight``/``source_bias``/``source_mean``/``source_var`` in the BN's dtype,
+``source_num_batches_tracked``) are persistent buffers once known, so ``unfreeze`` after a save/load round trip gives back the BN
+exactly (case 1); for a BN class bnfold
 cannot rebuild from its constructor (a subclass with its own ``__init__``) a copy of the source layer
 is kept as a template.
 
@@ -51,6 +60,8 @@ from bnfold.fold_math import bn_affine
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_SOURCE_KEYS = ("source_weight", "source_bias", "source_mean", "source_var", "source_num_batches_tracked")
+"""Buffers holding the BN values a layer was frozen from (see "Mapping back to BN")."""
 
 
 def _affine64(
@@ -58,6 +69,11 @@ def _affine64(
 ) -> tuple[Any, Any]:
     """Eval-mode BN as float64 NumPy ``(scale, shift)`` (:func:`bnfold.fold_math.bn_affine`)."""
     return bn_affine(to_float64(gamma), to_float64(beta), to_float64(mean), to_float64(var), float(eps))
+
+
+def _counter(n: Tensor, device: torch.device | str) -> Tensor:
+    """A copy of a BN's ``num_batches_tracked`` (int64 scalar)."""
+    return n.detach().clone().reshape(()).to(device=device, dtype=torch.long)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -82,8 +98,11 @@ class FrozenBatchNorm(nn.Module):
 
     scale: Tensor
     shift: Tensor
+    source_weight: Tensor | None
+    source_bias: Tensor | None
     source_mean: Tensor | None
     source_var: Tensor | None
+    source_num_batches_tracked: Tensor | None
 
     def __init__(
         self,
@@ -104,7 +123,6 @@ class FrozenBatchNorm(nn.Module):
         self.dim = dim
         self.source: type[nn.Module] | None = None
         self.momentum: float | None = 0.1
-        self.source_num_batches = 0
         self.source_affine = True
         self.tail: nn.Module | None
         self.register_module("tail", None)
@@ -118,9 +136,10 @@ class FrozenBatchNorm(nn.Module):
         else:
             self.register_buffer("scale", scale)
             self.register_buffer("shift", shift)
-        # Statistics the layer was frozen from (saved in state_dict once known; None when unknown).
-        self.register_buffer("source_mean", None)
-        self.register_buffer("source_var", None)
+        # The BN values the layer was frozen from (saved in state_dict once known; None when unknown;
+        # gamma/beta also None for a BN with affine=False).
+        for name in _SOURCE_KEYS:
+            self.register_buffer(name, None)
 
     @classmethod
     def from_bn(
@@ -172,7 +191,7 @@ class FrozenBatchNorm(nn.Module):
         momentum = getattr(bn, "momentum", 0.1)
         layer.momentum = None if momentum is None else float(momentum)
         nbt = getattr(bn, "num_batches_tracked", None)
-        layer.source_num_batches = int(nbt.item()) if nbt is not None else 0
+        layer.source_num_batches_tracked = None if nbt is None else _counter(nbt, mean.device)
         layer.tail = tail
         if template is not None:
             object.__setattr__(layer, "source_template", template)
@@ -191,8 +210,26 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError(f"frozen scale/shift are not finite in {self.scale.dtype}")
         self.scale.copy_(scale)
         self.shift.copy_(shift)
+        self.source_num_batches_tracked = None
+        self.source_weight = None if weight is None else weight.detach().clone().reshape(-1).to(dev)
+        self.source_bias = None if bias is None else bias.detach().clone().reshape(-1).to(dev)
         self.source_mean = mean.detach().clone().reshape(-1).to(dev)
         self.source_var = var.detach().clone().reshape(-1).to(dev)
+
+    @torch.no_grad()
+    def _source_unchanged(self) -> bool:
+        """Case 1 of the mapping back: ``scale``/``shift`` are bit for bit the fold of the source values."""
+        mean, var = self.source_mean, self.source_var
+        if mean is None or var is None:
+            return False
+        try:
+            scale64, shift64 = _affine64(self.source_weight, self.source_bias, mean, var, self.eps)
+        except ValueError:
+            return False
+        dev = self.scale.device
+        scale = from_float64(scale64.reshape(-1), self.scale.dtype, dev)
+        shift = from_float64(shift64.reshape(-1), self.shift.dtype, dev)
+        return bool(torch.equal(scale, self.scale.detach())) and bool(torch.equal(shift, self.shift.detach()))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2:
@@ -214,7 +251,8 @@ class FrozenBatchNorm(nn.Module):
         Returns:
             ``weight`` and ``bias`` (when affine), ``running_mean``, ``running_var`` (this layer's
             dtype and device) and ``num_batches_tracked`` (int64), as a ``torch.nn.BatchNorm*d``
-            state_dict holds them.
+            state_dict holds them: the source BN's own values when the layer is unchanged since it
+            was frozen (case 1 of the module docstring), else derived from ``scale``/``shift``.
 
         Raises:
             ValueError: ``affine=False`` and some channel's scale is not in ``(0, 1/sqrt(eps)]``.
@@ -222,9 +260,19 @@ class FrozenBatchNorm(nn.Module):
         dt, dev = self.scale.dtype, self.scale.device
         scale = self.scale.detach().to(torch.float64)
         shift = self.shift.detach().to(torch.float64)
-        nbt = torch.tensor(self.source_num_batches, dtype=torch.long, device=dev)
+        counted = self.source_num_batches_tracked
+        nbt = torch.zeros((), dtype=torch.long, device=dev) if counted is None else _counter(counted, dev)
         if affine is None:
             affine = self.source_affine
+        if self._source_unchanged():
+            assert self.source_mean is not None and self.source_var is not None
+            exact = {"running_mean": self.source_mean.to(dev, dt), "running_var": self.source_var.to(dev, dt)}
+            w, b = self.source_weight, self.source_bias
+            if affine:  # a BN without gamma/beta computes what gamma = 1, beta = 0 computes
+                exact["weight"] = torch.ones_like(scale, dtype=dt) if w is None else w.to(dev, dt)
+                exact["bias"] = torch.zeros_like(scale, dtype=dt) if b is None else b.to(dev, dt)
+            if affine or (w is None and b is None):
+                return {**exact, "num_batches_tracked": nbt}
         if not affine:
             var = 1.0 / scale.square() - self.eps
             if not (bool((scale > 0).all()) and bool((var >= 0).all())):
@@ -273,8 +321,7 @@ class FrozenBatchNorm(nn.Module):
                 rest = key[len(prefix):]
                 if rest.split(".")[0] in heads and prefix + "tail." + rest not in state_dict:
                     state_dict[prefix + "tail." + rest] = state_dict.pop(key)
-        src_mean = state_dict.pop(prefix + "source_mean", None)
-        src_var = state_dict.pop(prefix + "source_var", None)
+        source = {k: state_dict.pop(prefix + k, None) for k in _SOURCE_KEYS}
         # A checkpoint saved from a BatchNorm: convert its entries to scale/shift with this eps.
         has_bn = any(prefix + k in state_dict for k in _BN_KEYS[:4])
         if has_bn and prefix + "scale" not in state_dict:
@@ -295,21 +342,20 @@ class FrozenBatchNorm(nn.Module):
                 error_msgs.append(f"{prefix or 'FrozenBatchNorm'}: {e}")
                 return
             self.source_affine = weight is not None
-            if nbt is not None:
-                self.source_num_batches = int(nbt.item())
+            self.source_num_batches_tracked = None if nbt is None else _counter(nbt, self.scale.device)
             return
         state_dict.pop(prefix + "num_batches_tracked", None)
         given = prefix + "scale" in state_dict
-        if given:  # the source statistics are read here, not by the default loader
-            self.source_mean = None
-            self.source_var = None
+        if given:  # the source values are read here, not by the default loader
+            for k in _SOURCE_KEYS:
+                setattr(self, k, None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if given and src_mean is not None and src_var is not None:
-            # scale/shift given directly: the statistics they came from are saved with them, or unknown.
-            self.source_mean = src_mean.detach().clone().to(self.scale.device)
-            self.source_var = src_var.detach().clone().to(self.scale.device)
+        if given and source["source_mean"] is not None and source["source_var"] is not None:
+            # scale/shift given directly: the values they came from are saved with them, or unknown.
+            for k, v in source.items():
+                setattr(self, k, None if v is None else v.detach().clone().to(self.scale.device))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, learnable={self.learnable}"
