@@ -108,6 +108,22 @@ def _bn_param_problem(graph: Any, inits: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _value_name_problem(graph: Any) -> str | None:
+    """A value name that is not valid UTF-8 (protobuf gives it as bytes): onnxruntime cannot run such a
+    model (its Python API decodes input and output names), nor can a report name it as text. Node and
+    graph names may be any bytes (the ONNX backend carries them, surrogate-escaped)."""
+    values = [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    for node in graph.node:
+        values.extend(node.input)
+        values.extend(node.output)
+    for v in values:
+        if isinstance(v, bytes):
+            shown = v.decode("utf-8", "surrogateescape")
+            return (f"graph '{graph.name if isinstance(graph.name, str) else graph.name.decode('utf-8', 'surrogateescape')}'"
+                    f": the value name '{shown}' is not valid UTF-8; rename it (node and graph names may be any bytes)")
+    return None
+
+
 def check_model_data(model: Any, where: str = "model") -> None:
     """Refuse an ONNX model whose data is inconsistent, before anything reads its weights.
 
@@ -120,6 +136,9 @@ def check_model_data(model: Any, where: str = "model") -> None:
         ModelFormatError: one line naming ``where`` and the tensor or node.
     """
     for graph in _graphs(model.graph):
+        problem = _value_name_problem(graph)
+        if problem:
+            raise ModelFormatError(f"{where}: {problem}")
         inits: dict[str, Any] = {}
         for t in graph.initializer:
             if t.name in inits:

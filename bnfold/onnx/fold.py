@@ -41,7 +41,7 @@ from bnfold.errors import InputError
 from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
-from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs
+from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .rewrite import Names, PassRewriter, remove_dead
 
@@ -111,7 +111,24 @@ def _copy_fields(src: Message, dst: Message, skip: str) -> None:
             if fd.type == fd.TYPE_MESSAGE:
                 getattr(dst, name).CopyFrom(getattr(src, name))
             else:
-                setattr(dst, name, getattr(src, name))
+                value = getattr(src, name)
+                if isinstance(value, bytes) and fd.type == fd.TYPE_STRING:
+                    # Not valid UTF-8 (protobuf gives bytes; onnx accepts such names): a setter would
+                    # decode it, so the field is merged in as its wire encoding (length-delimited).
+                    dst.MergeFromString(_varint((fd.number << 3) | 2) + _varint(len(value)) + value)
+                else:
+                    setattr(dst, name, value)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
 def _has_unknown(msg: Message) -> bool:
@@ -191,7 +208,7 @@ def _fold_graph(
     for i, n in enumerate(graph.node):
         if is_bn(n):
             key = n.output[0]
-            label = prefix + (n.name or node_label.get(key, f"BatchNormalization_{i}"))
+            label = prefix + (text(n.name) or node_label.get(key, f"BatchNormalization_{i}"))
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:  # node names need not be unique: keep the verdicts apart
                 label = f"{label}#{seen[label]}"

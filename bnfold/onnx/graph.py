@@ -41,6 +41,8 @@ __all__ = [
     "BN_OP",
     "is_bn",
     "read_lazy_tensor",
+    "text",
+    "name_of",
 ]
 
 BN_OP = "BatchNormalization"
@@ -73,6 +75,20 @@ def read_lazy_tensor(t: TensorProto) -> np.ndarray[Any, Any] | None:
         tmp.raw_data = raw
         return onnx.numpy_helper.to_array(tmp)
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(dims)
+
+
+def text(value: str | bytes) -> str:
+    """A name from the model as ``str``. protobuf gives a string field that is not valid UTF-8 (onnx
+    accepts such names) as ``bytes``; it is decoded with ``surrogateescape`` (PEP 383), which is
+    lossless: byte ``0xNN`` becomes the lone surrogate ``U+DCNN`` and ``.encode("utf-8",
+    "surrogateescape")`` gives the original bytes back. Renderers show such a character as ``\\xNN``.
+    """
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def name_of(item: Any) -> str:
+    """``item.name`` (a node, tensor or value) as ``str`` (see :func:`text`)."""
+    return text(item.name)
 
 
 def attr(node: NodeProto, name: str, default: Any) -> Any:
@@ -167,7 +183,7 @@ def node_labels(graph: GraphProto) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, n in enumerate(graph.node):
         if not n.name and n.output and n.output[0]:
-            out[n.output[0]] = f"{n.op_type}_{i}"
+            out[n.output[0]] = f"{text(n.op_type)}_{i}"
     return out
 
 
@@ -251,10 +267,10 @@ class GraphIndex:
         """The verdict label of node ``i``: its name, else its stable ``<op_type>_<index>`` label."""
         n = self.nodes[i]
         if n.name:
-            return n.name
+            return text(n.name)
         if n.output and n.output[0] in self.labels:
             return self.labels[n.output[0]]
-        return f"{n.op_type}_{i}"
+        return f"{text(n.op_type)}_{i}"
 
     def tensor(self, name: str) -> TensorProto:
         """The initializer ``name`` holding its values: the original for a placeholder copy."""

@@ -24,6 +24,7 @@ import numpy as np
 from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
+from .graph import name_of
 from .match_forward import Fwd, common, exclusive, matmul_weight
 from .plan import Fold, Write, attr, finish, resolve_weight, scale_out
 
@@ -47,7 +48,7 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
         perm = [int(p) for p in attr(rn, "perm", [])]
         if len(perm) < 2 or perm[1] != len(perm) - 1:
             return (
-                f"Transpose '{rn.name}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
+                f"Transpose '{name_of(rn)}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
             )
         return None
     if rn.op_type == "Flatten":
@@ -57,13 +58,13 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
         # axis and rank.
         return None
     if len(rn.input) < 2:
-        return f"Reshape '{rn.name}' has no shape input"
+        return f"Reshape '{name_of(rn)}' has no shape input"
     v, _, detail = c.ev.resolve(rn.input[1])
     if v is None:
-        return f"the target shape of Reshape '{rn.name}' is not a constant ({detail})"
+        return f"the target shape of Reshape '{name_of(rn)}' is not a constant ({detail})"
     shape = [int(e) for e in np.asarray(v).reshape(-1)]
     if len(shape) < 2 or shape[1] != d or any(e != 1 for e in shape[2:]):
-        return f"Reshape '{rn.name}' to {shape} does not keep the last axis ({d}) as axis 1"
+        return f"Reshape '{name_of(rn)}' to {shape} does not keep the last axis ({d}) as axis 1"
     return None
 
 
@@ -88,10 +89,10 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
         return Skip(
             c.label,
             SkipReason.NO_PRODUCER,
-            f"its input comes from {rn.op_type} '{rn.name}', which does not reshape a MatMul product",
+            f"its input comes from {rn.op_type} '{name_of(rn)}', which does not reshape a MatMul product",
         ), False
     m, mnode = q, idx.nodes[q]
-    target = f"MatMul '{mnode.name}' (through {rn.op_type} '{rn.name}')"
+    target = f"MatMul '{name_of(mnode)}' (through {rn.op_type} '{name_of(rn)}')"
     bad = common(c, target) or exclusive(c, rn.input[0], target, kept=True)
     if bad is None and add is not None:
         bad = exclusive(c, mnode.output[0], target, kept=True)
@@ -109,7 +110,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     wres = scale_out(mw, None, s, None, WeightLayout.matmul(), c.label, f"weight of {target}")
     if isinstance(wres, Skip):
         return wres, True
-    base = c.base(m, "MatMul", f"through {rn.op_type} '{rn.name}'")
+    base = c.base(m, "MatMul", f"through {rn.op_type} '{name_of(rn)}'")
     if add is None:
         # No bias to absorb the shift: the BN becomes Add(x, t), t laid out on axis 1 of the BN input.
         if rn.op_type == "Flatten":
@@ -141,7 +142,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
         return Skip(
             c.label,
             SkipReason.LAYOUT,
-            f"the bias of Add '{an.name}' (shape {list(bias.shape)}) is not one value per output feature",
+            f"the bias of Add '{name_of(an)}' (shape {list(bias.shape)}) is not one value per output feature",
         ), True
     # Keep the bias's rank (all its leading axes are 1), so that the Add's output shape is unchanged.
     new_shape = (tuple(bias.shape[:-1]) + (c.prm.channels,)) if bias.ndim else (c.prm.channels,)

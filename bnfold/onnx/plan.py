@@ -22,7 +22,7 @@ from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cas
 from bnfold.records import Site, Skip, SkipReason
 
 from .const import is_float, optional_input, resolve_weight, weight_and_bias
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, text
 
 __all__ = [
     "Array",
@@ -102,7 +102,7 @@ class BnParams:
 
 def label_of(node: NodeProto, index: int) -> str:
     """The node's name, or ``<op>_<index>`` for an unnamed node."""
-    return node.name or f"{node.op_type}_{index}"
+    return text(node.name) or f"{node.op_type}_{index}"
 
 
 def finish(arrays: list[Array], dtype: np.dtype[Any], bn: str, what: str) -> list[Array] | Skip:
