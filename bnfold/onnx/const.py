@@ -29,7 +29,7 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 from bnfold._dtypes import is_floating
 from bnfold.records import Skip, SkipReason
 
-from .graph import GraphIndex, read_lazy_tensor, name_of
+from .graph import GraphIndex, name_of, read_lazy_tensor
 
 __all__ = [
     "ConstEvaluator",

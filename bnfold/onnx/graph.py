@@ -21,6 +21,7 @@ Nothing here edits the model; the index is rebuilt after each rewrite pass.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,12 +92,46 @@ def name_of(item: Any) -> str:
     return text(item.name)
 
 
-def attr(node: NodeProto, name: str, default: Any) -> Any:
-    """The value of attribute ``name`` of ``node``, or ``default``."""
+def attr(node: NodeProto, name: str, default: Any, opset: int | None = None) -> Any:
+    """The value of attribute ``name`` of ``node``, read as the operator schema types it.
+
+    The one place attributes are read. A present attribute has its stored type (a FLOAT attribute is a
+    float32: ``1e-5`` reads as ``9.99999974737875e-06``). An absent one takes the default of the
+    operator's schema in force at ``opset`` (the model's opset of the node's domain; None: the newest
+    version), which is what a runtime uses -- BatchNormalization's ``epsilon`` is float32(1e-5), not the
+    double 1e-5; opset-6's ``is_test`` is 0. ``default`` serves only where that schema gives none (an
+    attribute without a default or not in that version, an operator of another domain); it is then
+    rounded to the schema's type (FLOAT: float32).
+    """
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
+    spec = _schema_attribute(text(node.domain), text(node.op_type), name, opset)
+    if spec is None:
+        return default
+    if spec.default_value.name:  # the schema gives a default
+        return onnx.helper.get_attribute_value(spec.default_value)
+    if spec.type == onnx.AttributeProto.FLOAT and isinstance(default, (int, float)):
+        return float(np.float32(default))
+    if spec.type == onnx.AttributeProto.FLOATS and isinstance(default, (list, tuple)):
+        return [float(np.float32(v)) for v in default]
     return default
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_attribute(domain: str, op_type: str, name: str, opset: int | None) -> Any:
+    """The schema entry (``OpSchema.Attribute``) of attribute ``name`` of the operator version in force
+    at ``opset`` (None: the newest); None where no schema knows the operator or that attribute."""
+    domain = "" if domain == "ai.onnx" else domain
+    try:
+        schema = (
+            onnx.defs.get_schema(op_type, domain)
+            if opset is None
+            else onnx.defs.get_schema(op_type, max(int(opset), 1), domain)
+        )
+    except onnx.defs.SchemaError:
+        return None
+    return schema.attributes.get(name)
 
 
 def is_bn(node: NodeProto) -> bool:

@@ -80,9 +80,10 @@ __all__ = [
 
 def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str) -> BnParams | Skip:
     """Read a BN's attributes and constant parameters; refuse what is not an inference BN."""
-    if int(attr(node, "training_mode", 0)) == 1:
+    opset = ev.opset
+    if int(attr(node, "training_mode", 0, opset)) == 1:
         return Skip(label, SkipReason.TRAINING_MODE, "training_mode=1: it normalises with batch statistics")
-    if int(attr(node, "is_test", 1)) == 0:
+    if int(attr(node, "is_test", 1, opset)) == 0:
         return Skip(
             label, SkipReason.TRAINING_MODE, "is_test=0 (opset 6): it normalises with batch statistics"
         )
@@ -106,7 +107,7 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
             )
         vals.append(v)
     gamma, beta, mean, var = vals
-    eps = float(attr(node, "epsilon", 1e-5))
+    eps = float(attr(node, "epsilon", 1e-5, opset))  # float32(1e-5) when absent, as the schema says
     scale, shift = bn_affine(gamma, beta, mean, var, eps)
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return Skip(
