@@ -56,3 +56,64 @@ def test_opset6_bn_without_is_test_is_training_mode() -> None:
     g.output("y")
     v = verdict(g.model(opset=6), "bn")
     assert isinstance(v, Skip) and v.reason is SkipReason.TRAINING_MODE, v
+
+
+# ---- 22.11: shapes are inferred (on a light copy) before matching --------------------------------------
+def mlp(*, identity: bool = False, declare: bool = False) -> onnx.ModelProto:
+    """``x[8, 6] -> Relu -> MatMul -> [Identity] -> BN1d -> MatMul``: only the input's shape is declared."""
+    g = G(seed=5)
+    g.node("Relu", [g.input("x", [8, 6])], ["xr"], name="relu0")
+    g.node("MatMul", ["xr", g.rand("w1", (6, 5))], ["h"], name="mm1")
+    src = "h"
+    if identity:
+        g.node("Identity", ["h"], ["hi"], name="id")
+        src = "hi"
+    g.bn(src, "hb", 5, "bn")
+    g.node("Relu", ["hb"], ["r"], name="relu")
+    g.node("MatMul", ["r", g.rand("w2", (5, 3))], ["y"], name="mm2")
+    if declare:
+        g.vi("h", [8, 5])
+    g.output("y", shape=["N", 3])
+    return g.model()
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_matmul_bn_folds_with_inferred_rank(identity: bool) -> None:
+    m = mlp(identity=identity)
+    before = [v.SerializeToString() for v in m.graph.value_info]
+    out, report = check_fold(m)
+    assert [(s.bn, s.target_kind) for s in report.sites] == [("bn", "MatMul")]
+    # the written model keeps its value_info as it was: nothing inferred is added
+    assert [v.SerializeToString() for v in out.graph.value_info] == before == []
+
+
+def test_shape_inference_failure_does_not_fail_the_fold() -> None:
+    """A node inference cannot type (an unknown op of another domain) only means less is known."""
+    g = G()
+    g.node("Conv", [g.input("x", [1, 3, 5, 5]), g.rand("w", (4, 3, 3, 3))], ["t"], name="conv")
+    g.bn("t", "u", 4, "bn")
+    g.node("Mystery", ["u"], ["y"], name="custom", domain="com.example")
+    g.output("y", shape=[1, 4, 3, 3])
+    m = g.model()
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    out, report = fold_model(m)
+    assert [s.bn for s in report.sites] == ["bn"]
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Mystery"]
+
+
+# ---- 22.3: a MatMul product whose ranks disagree is not turned into a Gemm -----------------------------
+def test_rank3_matmul_product_declared_rank2_is_refused() -> None:
+    """``x[2, 4, 6] @ W`` has rank 3; a value_info declaring the BN output rank 2 must not make it a Gemm
+    (Gemm takes rank-2 inputs only: the written model would not load)."""
+    g = G(seed=7)
+    g.node("MatMul", [g.input("x", [2, 4, 6]), g.rand("w", (6, 4))], ["h"], name="mm")
+    g.bn("h", "hb", 4, "bn")
+    g.vi("hb", [8, 4])  # wrong, but only onnxruntime would notice
+    g.node("Relu", ["hb"], ["y"], name="relu")
+    g.output("y")
+    m = g.model()
+    v = verdict(m, "bn")
+    assert isinstance(v, Skip) and v.reason is SkipReason.LAYOUT, v
+    assert "rank 2 or 3" in v.detail
+    out, report = fold_model(m)
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "BatchNormalization", "Relu"]

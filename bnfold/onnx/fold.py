@@ -2,6 +2,8 @@
 
 Algorithm (linear in the number of nodes per pass; passes repeat only while something folds):
 
+0. Infer shapes once, on a light copy without the weights (:func:`~bnfold.onnx.shapes.infer_types`):
+   the matcher sees the ranks of values the file does not declare; the model is not changed.
 1. Index the graph once (:class:`~bnfold.onnx.graph.GraphIndex`) and match every BN
    (:func:`~bnfold.onnx.match.match_bn`) and every per-channel Mul+Add after a layer, in node order.
    Each plan is applied as soon as it is matched (:class:`~bnfold.onnx.rewrite.PassRewriter`: the new
@@ -41,9 +43,10 @@ from bnfold.errors import InputError
 from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
-from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
+from .graph import GraphIndex, ValueType, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .rewrite import Names, PassRewriter, remove_dead
+from .shapes import copy_fields, infer_types
 
 __all__ = ["fold_model", "count_bn"]
 
@@ -62,6 +65,8 @@ class _Ctx:
     flushed: int = 0
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Main graph: the original of each placeholder initializer (see :func:`_copy_model`)."""
+    inferred: dict[str, ValueType] = field(default_factory=dict)
+    """Inferred types of every graph's values (:func:`~bnfold.onnx.shapes.infer_types`)."""
 
 
 def count_bn(model: ModelProto) -> int:
@@ -94,43 +99,6 @@ def _opset(model: ModelProto) -> int:
 _PLACEHOLDER_BYTES = 1 << 12
 
 
-def _copy_fields(src: Message, dst: Message, skip: str) -> None:
-    """Copy every set field of ``src`` but ``skip`` into the empty ``dst`` (a message of its type).
-
-    Walks the schema rather than ``ListFields``, which would read (copy) the skipped field too.
-    """
-    for fd in src.DESCRIPTOR.fields:
-        name = fd.name
-        if name == skip:
-            continue
-        if fd.is_repeated:
-            value = getattr(src, name)
-            if len(value):
-                getattr(dst, name).extend(value)
-        elif src.HasField(name):  # onnx.proto is proto2: every singular field has presence
-            if fd.type == fd.TYPE_MESSAGE:
-                getattr(dst, name).CopyFrom(getattr(src, name))
-            else:
-                value = getattr(src, name)
-                if isinstance(value, bytes) and fd.type == fd.TYPE_STRING:
-                    # Not valid UTF-8 (protobuf gives bytes; onnx accepts such names): a setter would
-                    # decode it, so the field is merged in as its wire encoding (length-delimited).
-                    dst.MergeFromString(_varint((fd.number << 3) | 2) + _varint(len(value)) + value)
-                else:
-                    setattr(dst, name, value)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _has_unknown(msg: Message) -> bool:
     """True when ``msg`` holds fields this protobuf schema does not know (a field copy would drop them)."""
     return len(UnknownFieldSet(msg)) > 0
@@ -161,8 +129,8 @@ def _copy_model(model: ModelProto) -> tuple[ModelProto, dict[str, TensorProto]]:
     if not big or len(names) != len(graph.initializer) or _has_unknown(model) or _has_unknown(graph):
         work.CopyFrom(model)
         return work, {}
-    _copy_fields(model, work, "graph")
-    _copy_fields(graph, work.graph, "initializer")
+    copy_fields(model, work, {"graph"})
+    copy_fields(graph, work.graph, {"initializer"})
     sources: dict[str, TensorProto] = {}
     inits = work.graph.initializer
     run: list[TensorProto] = []  # consecutive small tensors, copied in one call (order kept)
@@ -173,7 +141,7 @@ def _copy_model(model: ModelProto) -> tuple[ModelProto, dict[str, TensorProto]]:
         if run:
             inits.extend(run)
             run = []
-        _copy_fields(t, inits.add(), "raw_data")
+        copy_fields(t, inits.add(), {"raw_data"})
         sources[t.name] = t
     if run:
         inits.extend(run)
@@ -219,7 +187,9 @@ def _fold_graph(
     add_inputs = main and ctx.ir_version < 4
 
     def build() -> GraphIndex:
-        return GraphIndex.build(graph, outer, ctx.ir_version, labels=node_label, sources=sources)
+        return GraphIndex.build(
+            graph, outer, ctx.ir_version, labels=node_label, sources=sources, inferred=ctx.inferred
+        )
 
     def rewriter(index: GraphIndex) -> PassRewriter:
         return PassRewriter(graph, index, ctx.names, add_inputs=add_inputs, flush=ctx.flush)
@@ -341,6 +311,7 @@ def fold_model(
     ctx = _Ctx(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
         flush=flush_denormals and not dry_run, sources=sources,
+        inferred=infer_types(model),  # read-only: nothing inferred is written to the model
     )
     # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
     # large graph again and again (super-linear time), so it is paused for the fold.

@@ -248,6 +248,9 @@ class GraphIndex:
     """Stable labels of unnamed nodes by first output (:func:`node_labels`); shared across passes."""
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Original tensors of placeholder initializers (functional fold); shared across passes."""
+    inferred: dict[str, ValueType] = field(default_factory=dict)
+    """Types from shape inference (:func:`bnfold.onnx.shapes.infer_types`), used where no shape is
+    declared; shared across passes and subgraphs."""
 
     @classmethod
     def build(
@@ -258,13 +261,18 @@ class GraphIndex:
         *,
         labels: dict[str, str] | None = None,
         sources: dict[str, TensorProto] | None = None,
+        inferred: dict[str, ValueType] | None = None,
     ) -> GraphIndex:
-        """Index ``graph`` in one pass (``labels`` and ``sources`` are kept by reference, not copied)."""
+        """Index ``graph`` in one pass (``labels``, ``sources`` and ``inferred`` are kept by reference)."""
         idx = cls(graph=graph, outer=outer, ir_version=ir_version)
         if labels is not None:
             idx.labels = labels
         if sources is not None:
             idx.sources = sources
+        if inferred is not None:
+            idx.inferred = inferred
+        elif outer is not None:
+            idx.inferred = outer.inferred
         idx.nodes = list(graph.node)
         producer = idx.producer
         consumers = idx.consumers
@@ -323,7 +331,7 @@ class GraphIndex:
             return None
         return cons[0]
 
-    def value_type(self, value: str) -> ValueType | None:
+    def declared_type(self, value: str) -> ValueType | None:
         """Declared type of ``value`` here or in an enclosing graph."""
         idx: GraphIndex | None = self
         while idx is not None:
@@ -332,6 +340,21 @@ class GraphIndex:
                 return vt
             idx = idx.outer
         return None
+
+    def value_type(self, value: str) -> ValueType | None:
+        """Type of ``value``: the declared one when it has a shape, else the inferred one (if any)."""
+        vt = self.declared_type(value)
+        if vt is not None and vt.shape is not None:
+            return vt
+        return self.inferred.get(value, vt)
+
+    def ranks(self, value: str) -> set[int]:
+        """Every rank known for ``value``, declared and inferred (two when they disagree)."""
+        out = set()
+        for vt in (self.declared_type(value), self.inferred.get(value)):
+            if vt is not None and vt.rank is not None:
+                out.add(vt.rank)
+        return out
 
     def is_local(self, value: str) -> bool:
         """True when ``value`` is defined in this graph (node output, input or initializer)."""

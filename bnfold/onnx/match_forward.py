@@ -278,7 +278,9 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     bad = common(c, target)
     if bad is not None:
         return bad, True
-    bad = rank2_or_skip(idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis")
+    bad = rank2_or_skip(
+        idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis", mnode.input[0]
+    )
     if bad is not None:
         return bad, True
     mw = matmul_weight(c, m, target)

@@ -179,13 +179,28 @@ def value_rank(index: GraphIndex, *names: str) -> int | None:
     return None
 
 
-def rank2_or_skip(index: GraphIndex, x: str, y: str, bn: str, subject: str, axis: str) -> Skip | None:
-    """None when the BN data (``x`` or ``y``) has the declared rank 2, else the skip: only at rank 2
-    is the BN channel (axis 1) the last axis, the one a MatMul reads (``axis``) on ``subject``."""
-    rank = value_rank(index, x, y)
-    if rank == 2:
+def rank2_or_skip(
+    index: GraphIndex, x: str, y: str, bn: str, subject: str, axis: str, operand: str | None = None
+) -> Skip | None:
+    """None when the BN data (``x`` and ``y``) provably has rank 2, else the skip: only at rank 2 is
+    the BN channel (axis 1) the last axis, the one a MatMul reads (``axis``) on ``subject``.
+
+    Every rank known counts -- declared and inferred, of ``x``, ``y`` and, for a MatMul product,
+    of the MatMul's left ``operand`` (with a 2-D right operand, the product has the left operand's
+    rank) -- and all must be 2: a declaration that contradicts another (a rank-3 product declared
+    rank 2 downstream) is refused rather than trusted (a Gemm needs rank-2 inputs).
+    """
+    ranks = index.ranks(x) | index.ranks(y)
+    if operand is not None:
+        ranks |= {r if r >= 2 else 1 for r in index.ranks(operand)}
+    if ranks == {2}:
         return None
-    why = "unknown (no shape information)" if rank is None else str(rank)
+    if not ranks:
+        why = "unknown (no shape information)"
+    elif len(ranks) > 1:
+        why = f"{' or '.join(map(str, sorted(ranks)))} (its declared and inferred shapes disagree)"
+    else:
+        why = str(next(iter(ranks)))
     return Skip(
         bn,
         SkipReason.LAYOUT,
