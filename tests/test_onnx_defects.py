@@ -117,3 +117,13 @@ def test_rank3_matmul_product_declared_rank2_is_refused() -> None:
     assert "rank 2 or 3" in v.detail
     out, report = fold_model(m)
     assert [n.op_type for n in out.graph.node] == ["MatMul", "BatchNormalization", "Relu"]
+
+
+def test_inferred_rank_in_place_fold() -> None:
+    """An in-place fold infers before it edits the model (mid-pass its graph is not inferable)."""
+    m = mlp()
+    ref = run(m, feeds_for(m))
+    out, report = fold_model(m, inplace=True)
+    assert out is m and [s.bn for s in report.sites] == ["bn"]
+    onnx.checker.check_model(out, full_check=True)
+    np.testing.assert_allclose(run(out, feeds_for(out))[0], ref[0], rtol=1e-5, atol=1e-5)

@@ -2,8 +2,8 @@
 
 Algorithm (linear in the number of nodes per pass; passes repeat only while something folds):
 
-0. Infer shapes once, on a light copy without the weights (:func:`~bnfold.onnx.shapes.infer_types`):
-   the matcher sees the ranks of values the file does not declare; the model is not changed.
+0. Shapes the file does not declare are inferred once, when the matcher first asks for one, on a
+   light copy without the weights (:mod:`~bnfold.onnx.shapes`); the model is not changed.
 1. Index the graph once (:class:`~bnfold.onnx.graph.GraphIndex`) and match every BN
    (:func:`~bnfold.onnx.match.match_bn`) and every per-channel Mul+Add after a layer, in node order.
    Each plan is applied as soon as it is matched (:class:`~bnfold.onnx.rewrite.PassRewriter`: the new
@@ -43,10 +43,10 @@ from bnfold.errors import InputError
 from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
-from .graph import GraphIndex, ValueType, all_graphs, is_bn, node_labels, node_subgraphs, text
+from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .rewrite import Names, PassRewriter, remove_dead
-from .shapes import copy_fields, infer_types
+from .shapes import LazyTypes, copy_fields
 
 __all__ = ["fold_model", "count_bn"]
 
@@ -65,8 +65,8 @@ class _Ctx:
     flushed: int = 0
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Main graph: the original of each placeholder initializer (see :func:`_copy_model`)."""
-    inferred: dict[str, ValueType] = field(default_factory=dict)
-    """Inferred types of every graph's values (:func:`~bnfold.onnx.shapes.infer_types`)."""
+    inferred: LazyTypes = field(default_factory=LazyTypes)
+    """Inferred types of every graph's values, inferred when first asked (:class:`~bnfold.onnx.shapes.LazyTypes`)."""
 
 
 def count_bn(model: ModelProto) -> int:
@@ -311,8 +311,10 @@ def fold_model(
     ctx = _Ctx(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
         flush=flush_denormals and not dry_run, sources=sources,
-        inferred=infer_types(model),  # read-only: nothing inferred is written to the model
+        inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
     )
+    if work is model:
+        ctx.inferred.prime_if_needed(model, affine)
     # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
     # large graph again and again (super-linear time), so it is paused for the fold.
     gc_was_enabled = gc.isenabled()

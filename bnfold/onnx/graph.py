@@ -248,9 +248,9 @@ class GraphIndex:
     """Stable labels of unnamed nodes by first output (:func:`node_labels`); shared across passes."""
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Original tensors of placeholder initializers (functional fold); shared across passes."""
-    inferred: dict[str, ValueType] = field(default_factory=dict)
-    """Types from shape inference (:func:`bnfold.onnx.shapes.infer_types`), used where no shape is
-    declared; shared across passes and subgraphs."""
+    inferred: Any = None
+    """Types from shape inference (a :class:`bnfold.onnx.shapes.LazyTypes`, or anything with
+    ``get(name, default)``), used where no shape is declared; shared across passes and subgraphs."""
 
     @classmethod
     def build(
@@ -261,7 +261,7 @@ class GraphIndex:
         *,
         labels: dict[str, str] | None = None,
         sources: dict[str, TensorProto] | None = None,
-        inferred: dict[str, ValueType] | None = None,
+        inferred: Any = None,
     ) -> GraphIndex:
         """Index ``graph`` in one pass (``labels``, ``sources`` and ``inferred`` are kept by reference)."""
         idx = cls(graph=graph, outer=outer, ir_version=ir_version)
@@ -346,12 +346,16 @@ class GraphIndex:
         vt = self.declared_type(value)
         if vt is not None and vt.shape is not None:
             return vt
-        return self.inferred.get(value, vt)
+        if self.inferred is None:
+            return vt
+        got: ValueType | None = self.inferred.get(value, vt)
+        return got
 
     def ranks(self, value: str) -> set[int]:
         """Every rank known for ``value``, declared and inferred (two when they disagree)."""
         out = set()
-        for vt in (self.declared_type(value), self.inferred.get(value)):
+        inferred = None if self.inferred is None else self.inferred.get(value)
+        for vt in (self.declared_type(value), inferred):
             if vt is not None and vt.rank is not None:
                 out.add(vt.rank)
         return out

@@ -12,6 +12,7 @@ static shape (a Reshape that provably flattens). Exporters often leave intermedi
   kept): a wrong declaration (a rank-3 product declared rank 2) would otherwise make inference stop at
   the conflict, or be taken for the truth. Declared and inferred types are both kept, and a fold that
   depends on a rank checks that every known one agrees (:func:`bnfold.onnx.plan.rank2_or_skip`);
+* lazily (:class:`LazyTypes`): only when the matcher asks for a type the file does not declare;
 * inference failing for any reason (an unknown op, a type error) only means nothing is inferred: the
   fold goes on with the declared types, never fails because of it.
 
@@ -30,7 +31,7 @@ from onnx import GraphProto, ModelProto, TensorProto
 
 from .graph import ValueType, _value_type, all_graphs
 
-__all__ = ["infer_types", "copy_fields"]
+__all__ = ["infer_types", "LazyTypes", "copy_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,35 @@ def infer_types(model: ModelProto) -> dict[str, ValueType]:
     for g in all_graphs(inferred.graph):
         _collect(g, out)
     return out
+
+
+class LazyTypes:
+    """:func:`infer_types` of a model, run the first time a type is asked for (most folds -- Conv -> BN
+    -- never ask: their models pay nothing)."""
+
+    def __init__(self, model: ModelProto | None = None) -> None:
+        self._model = model
+        self._types: dict[str, ValueType] | None = None if model is not None else {}
+
+    def get(self, name: str, default: ValueType | None = None) -> ValueType | None:
+        """The inferred type of ``name``, or ``default``."""
+        if self._types is None:
+            assert self._model is not None
+            self._types = infer_types(self._model)
+            self._model = None
+        return self._types.get(name, default)
+
+    def prime_if_needed(self, model: ModelProto, affine: bool) -> None:
+        """Infer now if the matcher may ask later: before an in-place fold starts editing ``model``
+        (mid-pass its graph is not one inference can read). The matcher asks for types around the
+        ops in :data:`_ASKS` and for affine replacements."""
+        if self._types is None and (
+            affine or any(n.op_type in _ASKS for g in all_graphs(model.graph) for n in g.node)
+        ):
+            self.get("")
+
+
+_ASKS = frozenset({"MatMul", "Reshape", "Shape", "Size", "CastLike"})
 
 
 def _collect(g: GraphProto, out: dict[str, ValueType]) -> None:
