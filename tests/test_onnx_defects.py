@@ -19,9 +19,24 @@ import bnfold
 from bnfold.errors import BnfoldError
 from bnfold.onnx import fold_model
 from bnfold.records import Site, Skip, SkipReason
+from bnfold.cli import app
 from models.onnx_graphs import G, check_fold, feeds_for, run
+from typer.testing import CliRunner
 
 F64 = TensorProto.DOUBLE
+
+
+def cli(*args: str | Path) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result: object, code: int = 2) -> str:
+    """The single stderr line of a failed command (exit ``code``, no traceback)."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)  # type: ignore[attr-defined]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error:"), lines
+    assert "Traceback" not in result.output  # type: ignore[attr-defined]
+    return lines[0]
 
 
 def verdict(model: onnx.ModelProto, bn: str) -> Site | Skip:
@@ -127,3 +142,113 @@ def test_inferred_rank_in_place_fold() -> None:
     assert out is m and [s.bn for s in report.sites] == ["bn"]
     onnx.checker.check_model(out, full_check=True)
     np.testing.assert_allclose(run(out, feeds_for(out))[0], ref[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- 22.4: a grouped layer whose weight does not fit its groups is a typed error ---------------------
+def bad_groups(op: str) -> onnx.ModelProto:
+    """A Conv / ConvTranspose whose weight's first axis (5) is not divisible by group=2, then a BN."""
+    g = G(seed=2)
+    x = g.input("x", [1, 5 if op == "ConvTranspose" else 4, 4, 4])
+    w = g.rand("w", (5, 3, 3, 3) if op == "ConvTranspose" else (5, 2, 3, 3))
+    g.node(op, [x, w], ["t"], name="layer", group=2)
+    c = 6 if op == "ConvTranspose" else 5
+    g.bn("t", "y", c, "bn")
+    g.output("y", shape=[1, c, 6 if op == "ConvTranspose" else 2, 6 if op == "ConvTranspose" else 2])
+    return g.model()
+
+
+@pytest.mark.parametrize("op", ["ConvTranspose", "Conv"])
+def test_weight_not_fitting_groups_is_a_typed_error(op: str, tmp_path: Path) -> None:
+    m = bad_groups(op)
+    before = m.SerializeToString()
+    for call in (bnfold.fold_with_report, bnfold.inspect):
+        with pytest.raises(BnfoldError, match="group=2 does not divide") as e:
+            call(m)  # type: ignore[operator]
+        assert e.value.exit_code == 2
+    assert m.SerializeToString() == before
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    line = one_error_line(cli("fold", src, "-o", out))
+    assert "group=2" in line and "ValueError" not in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert "ValueError" not in one_error_line(cli("inspect", src))
+
+
+def test_weight_not_fitting_groups_stops_an_in_place_fold_before_any_edit() -> None:
+    """The check runs before anything is edited: the other BN is not folded half-way."""
+    g = G(seed=4)
+    g.node("Conv", [g.input("x", [1, 3, 6, 6]), g.rand("w0", (4, 3, 1, 1))], ["a"], name="first")
+    g.bn("a", "b", 4, "bn0")
+    g.node("ConvTranspose", ["b", g.rand("w", (4, 3, 1, 1))], ["t"], name="ct", group=3)
+    g.bn("t", "y", 9, "bn")
+    g.output("y", shape=[1, 9, 6, 6])
+    m = g.model()
+    before = m.SerializeToString()
+    with pytest.raises(BnfoldError, match="ConvTranspose 'ct'"):
+        fold_model(m, inplace=True)
+    assert m.SerializeToString() == before
+
+
+# ---- 28.8: node and graph names that are not UTF-8 ------------------------------------------------------
+def non_utf8_names() -> bytes:
+    """A valid model (onnx.checker passes) whose conv, one BN and the graph have names that are not UTF-8
+    (one with an escape byte): serialised, since protobuf setters take only valid text."""
+    g = G(seed=8)
+    g.node("Conv", [g.input("x", [1, 3, 5, 5]), g.rand("w", (4, 3, 3, 3))], ["t"], name="QQconv")
+    g.bn("t", "u", 4, "bn1").name = "QQbn"
+    g.node("Relu", ["u"], ["r"], name="")
+    g.bn("r", "y", 4, "bn2")
+    g.output("y")
+    m = g.model()
+    m.graph.name = "QQg"
+    raw = m.SerializeToString()
+    for old, new in ((b"QQconv", b"conv\xff\xfe"), (b"QQbn", b"b\xff\x1bX"), (b"QQg", b"gg\xc3")):
+        assert len(old) == len(new) and raw.count(old) == 1
+        raw = raw.replace(old, new)
+    return raw
+
+
+def test_names_that_are_not_utf8_fold_and_are_carried(tmp_path: Path) -> None:
+    raw = non_utf8_names()
+    m = onnx.ModelProto()
+    m.ParseFromString(raw)
+    onnx.checker.check_model(m, full_check=True)
+    assert m.graph.node[0].name == b"conv\xff\xfe"  # protobuf hands such a name out as bytes
+    out, report = check_fold(m, bn_after=1)
+    bn1 = "b\udcff\x1bX"  # surrogateescape: lossless, .encode("utf-8", "surrogateescape") gives the bytes
+    assert [(s.bn, s.target) for s in report.sites] == [(bn1, "conv\udcff\udcfe")]
+    assert bn1.encode("utf-8", "surrogateescape") == b"b\xff\x1bX"
+    assert out.graph.name == b"gg\xc3" and out.graph.node[0].name == b"conv\xff\xfe"  # names kept as they were
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    src.write_bytes(raw)
+    r = cli("inspect", src, "-v")
+    assert r.exit_code == 0, r.output
+    assert "b\\xff\\x1bX" in r.stdout and "conv\\xff\\xfe" in r.stdout  # escaped for the terminal
+    assert "\x1b" not in r.stdout and "\ufffd" not in r.stdout
+    r = cli("inspect", src, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert {v["bn"] for v in doc["verdicts"]} == {bn1, "bn2"}  # lossless through --json
+    r = cli("fold", src, "-o", dst)
+    assert r.exit_code == 0, r.output
+    assert onnx.load(str(dst)).graph.node[0].name == b"conv\xff\xfe"
+    r = cli("verify", src, dst)
+    assert r.exit_code == 0, r.output
+    assert src.read_bytes() == raw
+
+
+def test_value_names_that_are_not_utf8_are_one_clear_error(tmp_path: Path) -> None:
+    """onnxruntime cannot run a model whose input/output names are not UTF-8: refused, typed, one line."""
+    g = G()
+    g.node("Conv", [g.input("x", [1, 3, 5, 5]), g.rand("w", (4, 3, 3, 3))], ["t"], name="conv")
+    g.bn("t", "QQy", 4, "bn")
+    g.output("QQy")
+    src = tmp_path / "m.onnx"
+    src.write_bytes(g.model().SerializeToString().replace(b"QQy", b"y\xff\x1b"))
+    for args in (("inspect", src), ("fold", src, "-o", tmp_path / "o.onnx"), ("verify", src, src)):
+        line = one_error_line(cli(*args))
+        assert "not valid UTF-8" in line and "y\\xff\\x1b" in line and "Decode" not in line
+    m = onnx.load(str(src))
+    with pytest.raises(BnfoldError, match="not valid UTF-8"):
+        bnfold.fold_with_report(m)

@@ -45,6 +45,7 @@ from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 from .const import ConstEvaluator
 from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
+from .plan import conv_groups
 from .rewrite import Names, PassRewriter, remove_dead
 from .shapes import LazyTypes, copy_fields
 
@@ -269,6 +270,18 @@ def _fold_graph(
     return verdicts
 
 
+def _check_groups(model: ModelProto) -> None:
+    """Refuse a Conv / ConvTranspose whose initializer weight does not fit its groups (from the dims:
+    no weight is read); a computed weight is checked when it is resolved (:func:`~.plan.conv_groups`)."""
+    for g in all_graphs(model.graph):
+        dims = {t.name: t.dims for t in g.initializer}
+        for n in g.node:
+            if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx") and len(n.input) > 1:
+                d = dims.get(n.input[1])
+                if d is not None:
+                    conv_groups(n, tuple(int(v) for v in d))
+
+
 def fold_model(
     model: ModelProto,
     *,
@@ -298,10 +311,13 @@ def fold_model(
 
     Raises:
         InputError: ``model`` is not an ``onnx.ModelProto``.
+        ModelFormatError: a Conv / ConvTranspose weight does not fit the layer's groups (checked
+            before anything is edited).
     """
     if not isinstance(model, ModelProto):
         raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
     t0 = time.perf_counter()
+    _check_groups(model)  # before anything is edited: an invalid layer stops the fold, not half of it
     sources: dict[str, TensorProto] = {}
     if inplace and not dry_run:
         work = model

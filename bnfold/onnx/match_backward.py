@@ -21,7 +21,7 @@ from bnfold.records import Direction, Site, Skip, SkipReason
 from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight_and_bias
 from .graph import GraphIndex, attr, name_of
 from .noops import walk_down
-from .plan import BnParams, Fold, Write, finish, rank2_or_skip
+from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
 
 __all__ = ["match_backward", "reshape_flattens"]
 
@@ -179,7 +179,7 @@ def _case_conv(c: Bwd) -> Result:
     if isinstance(wb, Skip):
         return wb, True
     w, b = wb
-    g = int(attr(kn, "group", 1))
+    g = conv_groups(kn, tuple(w.shape))
     if w.shape[1] * g != prm.channels:
         return Skip(
             label, SkipReason.LAYOUT, f"{target} has {w.shape[1] * g} input channels, the BN {prm.channels}"

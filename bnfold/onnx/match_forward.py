@@ -20,7 +20,7 @@ from bnfold.records import Direction, Site, Skip, SkipReason
 from .const import Array, ConstEvaluator, is_float, resolve_weight, weight_and_bias
 from .graph import GraphIndex, attr, name_of
 from .noops import walk_up
-from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out
+from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip, scale_out
 
 __all__ = [
     "Fwd",
@@ -188,7 +188,7 @@ def conv_layout(ev: ConstEvaluator, c: Fwd, p: int) -> tuple[Array, Array | None
     if isinstance(wb, Skip):
         return wb
     w, b = wb
-    g = int(attr(pn, "group", 1))
+    g = conv_groups(pn, tuple(w.shape))
     if pn.op_type == "Conv":
         return w, b, WeightLayout.conv(g), int(w.shape[0])
     return w, b, WeightLayout.conv_transpose(g), int(w.shape[1]) * g

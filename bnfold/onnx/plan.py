@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from onnx import NodeProto, TensorProto
 
+from bnfold.errors import ModelFormatError
 from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cast
 from bnfold.records import Site, Skip, SkipReason
 
@@ -42,6 +43,7 @@ __all__ = [
     "rank2_or_skip",
     "value_rank",
     "trace_type",
+    "conv_groups",
 ]
 
 Array = npt.NDArray[Any]
@@ -98,6 +100,28 @@ class BnParams:
     def channels(self) -> int:
         """Number of channels (length of ``scale``)."""
         return int(self.scale.shape[0])
+
+
+def conv_groups(node: NodeProto, shape: tuple[int, ...]) -> int:
+    """The ``group`` of a Conv / ConvTranspose ``node`` whose weight has ``shape``, checked against it.
+
+    Both weights have their full channel axis first (Conv ``[C_out, C_in/g, ..]``, ConvTranspose
+    ``[C_in, C_out/g, ..]``), which the groups must divide. A weight that does not fit its groups is
+    not a valid layer (no runtime runs it): the model is refused as bad input (a typed error, exit 2),
+    not guessed at.
+
+    Raises:
+        ModelFormatError: the group is not positive, or does not divide the weight's first axis.
+    """
+    g = int(attr(node, "group", 1))
+    if g < 1 or len(shape) < 2 or int(shape[0]) % g:
+        side = "output" if node.op_type == "Conv" else "input"
+        raise ModelFormatError(
+            f"{node.op_type} '{text(node.name)}': its weight of shape {list(shape)} has "
+            f"{int(shape[0]) if shape else 0} {side} channels, which group={g} does not divide: "
+            "not a valid layer"
+        )
+    return g
 
 
 def label_of(node: NodeProto, index: int) -> str:
