@@ -252,3 +252,50 @@ def test_value_names_that_are_not_utf8_are_one_clear_error(tmp_path: Path) -> No
     m = onnx.load(str(src))
     with pytest.raises(BnfoldError, match="not valid UTF-8"):
         bnfold.fold_with_report(m)
+
+
+# ---- 22.5: a BN bnfold cannot fold is left with a reason, never exit 2 -------------------------------
+def spatial0_model() -> onnx.ModelProto:
+    """Opset 7: a BN with ``spatial=0`` (per-(C, H, W) statistics) and a plain BN after it."""
+    g = G(seed=1)
+    g.node("Conv", [g.input("x", [1, 3, 6, 6]), g.rand("w", (4, 3, 3, 3))], ["t"], name="conv")
+    g.bn("t", "u", 4, "bn_sp", shape=(4, 4, 4), spatial=0)
+    g.node("Conv", ["u", g.rand("w2", (5, 4, 1, 1))], ["v"], name="conv2")
+    g.bn("v", "y", 5, "bn_ok")
+    g.output("y", shape=[1, 5, 4, 4])
+    return g.model(opset=7)
+
+
+def test_spatial0_bn_is_left_and_the_rest_folds(tmp_path: Path) -> None:
+    m = spatial0_model()
+    out, report = bnfold.fold_with_report(m)
+    assert [s.bn for s in report.sites] == ["bn_ok"]
+    assert [(k.bn, k.reason) for k in report.skips] == [("bn_sp", SkipReason.SPATIAL)]
+    check_fold(m, bn_after=1)
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    r = cli("inspect", src, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["summary"]["by_reason"] == {"spatial": 1}
+    r = cli("fold", src, "-o", dst)
+    assert r.exit_code == 0, r.output
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(dst)).graph.node) == 1
+
+
+def test_spatial0_with_1d_statistics_on_4d_data_is_not_folded() -> None:
+    """spatial=0 with [C] statistics on rank-4 data has no semantics (onnxruntime refuses it): left."""
+    g = G(seed=1)
+    g.node("Conv", [g.input("x", [1, 3, 6, 6]), g.rand("w", (4, 3, 3, 3))], ["t"], name="conv")
+    g.bn("t", "y", 4, "bn", spatial=0)
+    g.output("y", shape=[1, 4, 4, 4])
+    v = verdict(g.model(opset=7), "bn")
+    assert isinstance(v, Skip) and v.reason is SkipReason.SPATIAL and "rank 4" in v.detail, v
+
+
+def test_spatial0_bn1d_folds() -> None:
+    """On 2-D data, [C] statistics are the per-element ones: the BN folds into the Gemm."""
+    g = G(seed=6, dtype=F64)
+    g.node("Gemm", [g.input("x", [3, 6]), g.rand("w", (6, 4)), g.rand("c", (4,))], ["t"], name="gemm")
+    g.bn("t", "y", 4, "bn", spatial=0)
+    g.output("y", shape=[3, 4])
+    check_fold(g.model(opset=7))

@@ -101,7 +101,10 @@ def _bn_param_problem(graph: Any, inits: Mapping[str, Any]) -> str | None:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         dims = [tuple(int(d) for d in inits[i].dims) for i in node.input[1:5] if i in inits]
-        if len(dims) == 4 and (len({d for d in dims}) > 1 or len(dims[0]) != 1):
+        # Opsets 6-8 with spatial=0 keep statistics per element [C, D1, ...]: valid, of any rank >= 1.
+        per_element = any(a.name == "spatial" and a.i == 0 for a in node.attribute)
+        if len(dims) == 4 and (len({d for d in dims}) > 1 or (len(dims[0]) != 1 and not per_element)
+                               or not dims[0]):
             label = node.name or node.output[0] if node.output else node.name
             return (f"BatchNormalization '{label}': scale, B, mean and var have shapes "
                     f"{', '.join(str(list(d)) for d in dims)}; they must be 1-D and of one length (the channels)")
@@ -130,7 +133,7 @@ def check_model_data(model: Any, where: str = "model") -> None:
     Checked in every graph and subgraph: initializer names are unique (a second ``W`` would silently
     replace the first, depending on who reads the list); every initializer and Constant tensor holds
     exactly as many values as its shape needs; the four parameters of a BatchNormalization (when they
-    are initializers) are 1-D tensors of one length.
+    are initializers) are 1-D tensors of one length (of one shape ``[C, D1, ...]`` with ``spatial=0``).
 
     Raises:
         ModelFormatError: one line naming ``where`` and the tensor or node.

@@ -116,6 +116,18 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
             "variance + epsilon is not positive (or not finite) for some channel: the BN itself yields inf/NaN",
         )
     per_element = False
+    if opset < 9 and int(attr(node, "spatial", 1, opset)) == 0 and scale.ndim <= 1:
+        # spatial=0 wants statistics of shape [C, D1, ...] (the data's shape but the batch axis):
+        # 1-D statistics fit only 2-D data; on other data the runtime refuses the BN (no semantics).
+        ranks = index.ranks(node.input[0]) | index.ranks(node.output[0])
+        if ranks != {2}:
+            shown = "unknown" if not ranks else " or ".join(map(str, sorted(ranks)))
+            return Skip(
+                label,
+                SkipReason.SPATIAL,
+                f"spatial=0 with 1-D statistics on data of rank {shown}: per-element statistics "
+                "need the data's shape [C, D1, ...]",
+            )
     if scale.ndim > 1:
         # Opset 6/7/8 with spatial=0 on rank > 2 data: statistics per element [C, D1, ...]. They fold as
         # per-channel values only when constant over the spatial positions.
