@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from typer.testing import CliRunner
 
 import bnfold
+from bnfold.cli import app
 from bnfold.errors import BnfoldError
 from bnfold.onnx import fold_model
 from bnfold.records import Site, Skip, SkipReason
-from bnfold.cli import app
 from models.onnx_graphs import G, check_fold, feeds_for, run
-from typer.testing import CliRunner
 
 F64 = TensorProto.DOUBLE
 
@@ -299,3 +299,70 @@ def test_spatial0_bn1d_folds() -> None:
     g.bn("t", "y", 4, "bn", spatial=0)
     g.output("y", shape=[3, 4])
     check_fold(g.model(opset=7))
+
+
+# ---- 22.10: MatMul -> Reshape -> Transpose -> BN (onnxruntime's MatmulBNFusion path) -----------------
+def matmul_route(route: list[tuple[str, object]], *, x_shape: list[int], d: int = 6, bias: bool = False,
+                 bn_c: int | None = None, dtype: int = F64) -> onnx.ModelProto:
+    """``x @ W [+ b] -> route... -> BN -> Relu``; ``route`` is ``[(op, perm | shape | axis), ...]``."""
+    g = G(dtype, seed=11)
+    k = x_shape[-1]
+    g.node("MatMul", [g.input("x", x_shape), g.rand("w", (k, d))], ["mm"], name="mm")
+    src = "mm"
+    if bias:
+        g.node("Add", ["mm", g.rand("b", (d,))], ["mma"], name="bias")
+        src = "mma"
+    for i, (op, arg) in enumerate(route):
+        out = f"r{i}"
+        if op == "Transpose":
+            g.node(op, [src], [out], name=f"{op}_{i}", perm=list(arg))  # type: ignore[call-overload]
+        elif op == "Flatten":
+            g.node(op, [src], [out], name=f"{op}_{i}", axis=int(arg))  # type: ignore[call-overload]
+        else:
+            g.node(op, [src, g.init(f"shape{i}", np.array(arg), np.int64)], [out], name=f"{op}_{i}")
+        src = out
+    g.bn(src, "bn_out", bn_c or d, "bn")
+    g.node("Relu", ["bn_out"], ["y"], name="relu")
+    g.output("y")
+    return g.model()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("x_shape", "route"),
+    [
+        ([4, 5], [("Reshape", [4, 1, 6]), ("Transpose", [0, 2, 1])]),  # [B, C] -> [B, 1, C] -> [B, C, 1]
+        ([2, 3, 5], [("Reshape", [6, 6]), ("Reshape", [2, 3, 6]), ("Transpose", [0, 2, 1])]),
+        ([2, 3, 5], [("Transpose", [1, 0, 2]), ("Reshape", [0, -1, 6]), ("Transpose", [0, 2, 1])]),
+        ([2, 3, 5], [("Flatten", 2), ("Reshape", [-1, 6, 1])]),
+    ],
+)
+def test_matmul_reshape_transpose_bn_folds(x_shape: list[int], route: list[tuple[str, object]], bias: bool) -> None:
+    m = matmul_route(route, x_shape=x_shape, bias=bias)
+    out, report = fold_model(m)
+    assert [(s.bn, s.target) for s in report.sites] == [("bn", "mm")]
+    onnx.checker.check_model(out, full_check=True)
+    assert all(n.op_type != "BatchNormalization" for n in out.graph.node)
+    assert len(out.graph.node) == len(m.graph.node) - (1 if bias else 0)  # the shift: into the bias, or one Add
+    for seed in range(2):
+        feeds = feeds_for(m, seed)
+        np.testing.assert_allclose(run(out, feeds)[0], run(m, feeds)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "route", "bn_c"),
+    [
+        # [2, 3, 6] -> [2, 6, 3] by a Reshape: the column axis is split across axes 1 and 2
+        ([2, 3, 5], [("Reshape", [2, 6, 3]), ("Transpose", [0, 1, 2])], 6),
+        # the rows (not the columns) land on the BN channel axis
+        ([6, 5], [("Reshape", [1, 6, 6]), ("Transpose", [0, 1, 2])], 6),
+        # [2, 3, 6] -> [2, 18] -> [2, 6, 3]: 6 columns merged with rows, then cut at another stride
+        ([2, 3, 5], [("Reshape", [2, 18]), ("Reshape", [2, 6, 3])], 6),
+    ],
+)
+def test_matmul_route_that_moves_the_column_is_refused(x_shape: list[int], route: list[tuple[str, object]],
+                                                         bn_c: int) -> None:
+    m = matmul_route(route, x_shape=x_shape, bn_c=bn_c)
+    v = verdict(m, "bn")
+    assert isinstance(v, Skip) and v.reason is SkipReason.LAYOUT, v
+    check_fold(m, bn_after=1)
