@@ -144,11 +144,12 @@ class LazyTypes:
     def prime_if_needed(self, model: ModelProto, affine: bool) -> None:
         """Infer now if the matcher may ask later: before an in-place fold starts editing ``model``
         (mid-pass its graph is not one inference can read). The matcher asks for types around the
-        ops in :data:`_ASKS` and for affine replacements."""
-        if self._types is None and (
-            affine or any(n.op_type in _ASKS for g in all_graphs(model.graph) for n in g.node)
-        ):
-            self.get("")
+        ops in :data:`_ASKS` and for affine replacements, for a BN; a model without one is not
+        inferred (a lazy inference that fails mid-pass only means less is known: refusals)."""
+        if self._types is None:
+            ops = {n.op_type for g in all_graphs(model.graph) for n in g.node}
+            if "BatchNormalization" in ops and (affine or ops & _ASKS):
+                self.get("")
 
 
 _ASKS = frozenset({"MatMul", "Reshape", "Shape", "Size", "CastLike"})
