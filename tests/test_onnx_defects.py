@@ -366,3 +366,40 @@ def test_matmul_route_that_moves_the_column_is_refused(x_shape: list[int], route
     v = verdict(m, "bn")
     assert isinstance(v, Skip) and v.reason is SkipReason.LAYOUT, v
     check_fold(m, bn_after=1)
+
+
+def gemm_route(route: list[tuple[str, object]], *, trans_b: int = 0) -> onnx.ModelProto:
+    """``x[4, 5] -> Gemm(alpha, beta, C) [6 features] -> route... -> BN -> Relu`` (float64)."""
+    g = G(F64, seed=12)
+    w = g.rand("w", (6, 5) if trans_b else (5, 6))
+    g.node("Gemm", [g.input("x", [4, 5]), w, g.rand("c", (6,))], ["gm"], name="gemm", alpha=0.7, beta=0.4,
+           transB=trans_b)
+    src = "gm"
+    for i, (op, arg) in enumerate(route):
+        if op == "Transpose":
+            g.node(op, [src], [f"r{i}"], name=f"{op}_{i}", perm=list(arg))  # type: ignore[call-overload]
+        else:
+            g.node(op, [src, g.init(f"shape{i}", np.array(arg), np.int64)], [f"r{i}"], name=f"{op}_{i}")
+        src = f"r{i}"
+    g.bn(src, "bn_out", 6, "bn")
+    g.node("Relu", ["bn_out"], ["y"], name="relu")
+    g.output("y")
+    return g.model()
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize(
+    "route",
+    [[("Reshape", [4, 6, 1])], [("Reshape", [2, 2, 6]), ("Transpose", [0, 2, 1])]],
+)
+def test_gemm_reshape_bn_folds_into_the_gemm(route: list[tuple[str, object]], trans_b: int) -> None:
+    out, report = check_fold(gemm_route(route, trans_b=trans_b))
+    assert [(s.bn, s.target, s.target_kind) for s in report.sites] == [("bn", "gemm", "Gemm")]
+
+
+def test_gemm_reshape_that_moves_the_features_is_refused() -> None:
+    """[4, 6] -> [2, 6, 2]: axis 1 has 6 entries, but not the Gemm's 6 features (rows and columns mixed)."""
+    m = gemm_route([("Reshape", [2, 6, 2]), ("Transpose", [0, 1, 2])])
+    v = verdict(m, "bn")
+    assert isinstance(v, Skip) and v.reason is SkipReason.LAYOUT, v
+    check_fold(m, bn_after=1)

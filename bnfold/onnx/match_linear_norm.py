@@ -28,7 +28,7 @@ from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
 from .graph import name_of
-from .match_forward import Fwd, common, exclusive, matmul_weight
+from .match_forward import Fwd, common, exclusive, gemm_fold, matmul_weight
 from .plan import Fold, Write, attr, finish, resolve_weight, scale_out
 
 __all__ = ["match_linear_norm"]
@@ -73,12 +73,15 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
 
 def _product_shape(c: Fwd, value: str, m: int) -> list[int | None] | None:
     """The (partly static) shape of the MatMul product ``value`` (or its Add): declared or inferred, else
-    the rank of the MatMul's left operand (the right one is 2-D); None where the rank is unknown."""
+    the rank of the MatMul's left operand (the right one is 2-D); None where the rank is unknown. A
+    Gemm's output has rank 2."""
     idx = c.index
     for v in (value, idx.nodes[m].output[0]):
         vt = idx.value_type(v)
         if vt is not None and vt.shape is not None:
             return list(vt.shape)
+    if idx.nodes[m].op_type == "Gemm":
+        return [None, None]
     ranks = idx.ranks(idx.nodes[m].input[0])
     if value == idx.nodes[m].output[0] and len(ranks) == 1 and min(ranks) >= 2:
         return [None] * min(ranks)
@@ -171,6 +174,43 @@ def _track_column(c: Fwd, chain: list[int], d: int, product: str, m: int) -> tup
     return None, len(shape)
 
 
+def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
+    """``Gemm -> Reshape / Flatten / Transpose ... -> BN``: a Gemm's output (rank 2) has its features on
+    the last axis, as a MatMul's; when they provably arrive at the BN's axis 1 the BN folds into the
+    Gemm as in case 3 (B's feature columns scaled, the shift into C, beta = 1)."""
+    idx = c.index
+    gn = idx.nodes[g]
+    route = ", ".join(f"{idx.nodes[k].op_type} '{name_of(idx.nodes[k])}'" for k in reversed(chain))
+    target = f"Gemm '{name_of(gn)}' (through {route})"
+    bad = common(c, target)
+    for k in chain:
+        bad = bad or exclusive(c, idx.nodes[k].input[0], target, kept=True)
+    if bad is not None:
+        return bad, True
+    bw = resolve_weight(c.ev, gn, 1, c.label, "B")
+    if isinstance(bw, Skip):
+        return bw, True
+    if bw.ndim != 2:
+        return Skip(c.label, SkipReason.LAYOUT, f"B of {target} has rank {bw.ndim}"), True
+    d = int(bw.shape[0] if attr(gn, "transB", 0) else bw.shape[1])
+    if d != c.prm.channels:
+        return Skip(c.label, SkipReason.LAYOUT, f"{target} has {d} output features, the BN {c.prm.channels}"), True
+    if len(chain) == 1:
+        why = _keeps_last_axis(c, chain[0], d)
+    else:
+        why, _ = _track_column(c, chain[::-1], d, gn.output[0], g)
+    if why is not None:
+        return Skip(
+            c.label, SkipReason.LAYOUT, f"{why}: the BN channel may not be the Gemm's output axis"
+        ), True
+    writes = gemm_fold(c, g, c.prm.scale, c.prm.shift)
+    if isinstance(writes, Skip):
+        return writes, True
+    return Fold(
+        **c.base(g, "Gemm", f"through {route}"), locks=c.locks(g), writes=writes, beta_one=(g,)
+    ), True
+
+
 _ROUTE = ("Reshape", "Flatten", "Transpose")
 _MAX_ROUTE = 8
 
@@ -199,6 +239,8 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
             ):
                 add, q = q, m
                 break
+    if q is not None and add is None and idx.nodes[q].op_type == "Gemm" and idx.nodes[q].domain in ("", "ai.onnx"):
+        return _gemm_route(c, q, chain)
     if q is None or idx.nodes[q].op_type != "MatMul":
         return Skip(
             c.label,
