@@ -19,7 +19,9 @@ Forward (:mod:`~bnfold.onnx.match_forward`; the layer output is read by the BN's
     6. LinearNorm (:mod:`~bnfold.onnx.match_linear_norm`): MatMul (.., K)x(K, D) [-> Add(bias)] ->
        Reshape to a constant ``[a, D, 1, ..]``, Flatten, or a Transpose with ``perm[1]`` last -> BN:
        the BN channel is the MatMul's output axis throughout; scale W, shift into the bias, or the
-       BN becomes one ``Add(x, t)``.
+       BN becomes one ``Add(x, t)``. A chain of those (``MatMul -> Reshape -> Transpose -> BN``) folds
+       when the output axis provably arrives intact at axis 1 (a stride proof on static shapes); a
+       Gemm before the route folds as case 3.
     7. Conv/ConvTranspose/Gemm -> Add(constant per channel) -> BN: the constant joins the bias.
 Routes (:mod:`~bnfold.onnx.match_routes`):
     8. Concat on the channel axis of layers: the BN split per slice, each slice folded into its producer.
@@ -38,6 +40,10 @@ Other plans:
         shaped ``[C, 1, ..., 1]`` (or the per-element statistics of opset-7 ``spatial=0``).
     15. Frozen BN: a per-channel Mul then Add with constant operands after Conv/ConvTranspose/Gemm folds
         as cases 1-3 (:mod:`~bnfold.onnx.match_frozen`).
+
+Ranks and static shapes come from the file's declarations and from shape inference on a light copy
+(:mod:`~bnfold.onnx.shapes`); a fold that needs a rank refuses when any two known ranks disagree.
+Attributes are read with the types and defaults of the operator schema (:func:`~bnfold.onnx.graph.attr`).
 
 Refusals: training mode or optional outputs (TRAINING_MODE); non-constant weights or statistics
 (NON_CONSTANT; a DequantizeLinear weight is QUANTIZED); non-float tensors (UNSUPPORTED_DTYPE); a folded
