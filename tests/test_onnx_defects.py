@@ -236,6 +236,14 @@ def test_names_that_are_not_utf8_fold_and_are_carried(tmp_path: Path) -> None:
     r = cli("verify", src, dst)
     assert r.exit_code == 0, r.output
     assert src.read_bytes() == raw
+    # a candidate that differs: --locate names the BN and conv escaped, whoever prints the line
+    bad = onnx.load(str(dst))
+    w = next(t for t in bad.graph.initializer if t.name == "w")
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.1, "w"))
+    (tmp_path / "bad.onnx").write_bytes(bad.SerializeToString())
+    r = cli("verify", src, tmp_path / "bad.onnx", "--locate")
+    assert r.exit_code == 1, r.output
+    assert "b\\xff\\x1bX" in r.stdout and "\x1b" not in r.output and "\ufffd" not in r.output
 
 
 def test_value_names_that_are_not_utf8_are_one_clear_error(tmp_path: Path) -> None:
