@@ -41,7 +41,6 @@ __all__ = [
     "optional_input",
     "weight_and_bias",
     "rank2_or_skip",
-    "value_rank",
     "trace_type",
     "conv_groups",
 ]
@@ -192,15 +191,6 @@ def scale_out(
         assert isinstance(res, Skip)
         return res
     return [np.frombuffer(w_new.tobytes(), dtype=w.dtype).reshape(w.shape), b_new]
-
-
-def value_rank(index: GraphIndex, *names: str) -> int | None:
-    """The declared rank of the first of ``names`` that has one."""
-    for n in names:
-        vt = index.value_type(n)
-        if vt is not None and vt.rank is not None:
-            return vt.rank
-    return None
 
 
 def rank2_or_skip(
