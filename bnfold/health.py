@@ -235,7 +235,6 @@ def _onnx_params(model: Any) -> dict[str, _Params | str]:
 
 def _onnx_bn(node: Any, ev: Any) -> _Params | str:
     import numpy as np
-    from onnx import helper
 
     if len(node.input) < 5:
         return "BatchNormalization with fewer than 5 inputs"
@@ -245,10 +244,9 @@ def _onnx_bn(node: Any, ev: Any) -> _Params | str:
         if v is None:
             return f"BN {what} is not a constant ({detail})"
         arrays.append(np.asarray(v).astype(np.float64).reshape(-1))
-    eps = 1e-5
-    for a in node.attribute:
-        if a.name == "epsilon":
-            eps = float(helper.get_attribute_value(a))
+    from bnfold.onnx.graph import attr
+
+    eps = float(attr(node, "epsilon", 1e-5, getattr(ev, "opset", None)))  # float32(1e-5) when absent
     return _Params(arrays[0], arrays[1], eps)
 
 

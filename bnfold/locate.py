@@ -52,7 +52,16 @@ def _producers(model: Any) -> dict[str, Any]:
 
 
 def _label(node: Any) -> str:
-    return f"{node.op_type} {node.name!r}" if node.name else node.op_type
+    if not node.name:
+        return str(node.op_type)
+    # Shown escaped, whoever prints it: a byte that is not UTF-8 as \xNN, a control character as
+    # \xNN / \uNNNN (the repr a str name had before; a name that is not UTF-8 arrives as bytes).
+    raw = node.name if isinstance(node.name, bytes) else node.name.encode("utf-8", "surrogatepass")
+    shown = "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in raw.decode("utf-8", "backslashreplace")
+    )
+    return f"{node.op_type} '{shown}'"
 
 
 def _expose(model: Any, names: list[str]) -> None:

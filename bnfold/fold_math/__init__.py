@@ -50,10 +50,11 @@ from .folds import (
     fold_gemm_backward,
     fold_gemm_forward,
 )
-from .layout import WeightLayout, channel_factor
+from .layout import LayoutError, WeightLayout, channel_factor
 
 __all__ = [
     "WeightLayout",
+    "LayoutError",
     "bn_affine",
     "channel_factor",
     "fold_forward",

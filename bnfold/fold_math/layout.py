@@ -12,9 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnfold.errors import ModelFormatError
+
 from .cast import F64, ArrayLike, f64
 
-__all__ = ["WeightLayout", "channel_factor"]
+__all__ = ["WeightLayout", "channel_factor", "LayoutError"]
+
+
+class LayoutError(ModelFormatError, ValueError):
+    """Per-channel values do not fit a weight's layout (a channel count, or groups that do not divide
+    the weight): the layer is not what its layout says. A typed bnfold error (exit 2); still a
+    ``ValueError`` for callers that caught one before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +94,7 @@ def channel_factor(values: ArrayLike, shape: tuple[int, ...], layout: WeightLayo
     if axis == full or g == 1:
         expected = shape[axis] if axis == full else shape[axis] * g
         if v.shape[0] != expected:
-            raise ValueError(f"{v.shape[0]} channel values for a weight axis of {expected} channels")
+            raise LayoutError(f"{v.shape[0]} channel values for a weight axis of {expected} channels")
         if axis != full:  # g == 1
             v = v[: shape[axis]]
         target = [1] * ndim
@@ -97,7 +105,9 @@ def channel_factor(values: ArrayLike, shape: tuple[int, ...], layout: WeightLayo
     per_group_full = n_full // g
     per_group = shape[axis]
     if v.shape[0] != per_group * g or n_full % g:
-        raise ValueError(f"{v.shape[0]} channel values do not fit {g} groups of {per_group}")
+        raise LayoutError(
+            f"{v.shape[0]} channel values do not fit {g} groups of {per_group} (a weight axis of {n_full})"
+        )
     group_of_full = np.arange(n_full) // per_group_full  # [n_full]
     idx = group_of_full[:, None] * per_group + np.arange(per_group)[None, :]  # [n_full, per_group]
     fac: F64 = v[idx]

@@ -101,10 +101,29 @@ def _bn_param_problem(graph: Any, inits: Mapping[str, Any]) -> str | None:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         dims = [tuple(int(d) for d in inits[i].dims) for i in node.input[1:5] if i in inits]
-        if len(dims) == 4 and (len({d for d in dims}) > 1 or len(dims[0]) != 1):
+        # Opsets 6-8 with spatial=0 keep statistics per element [C, D1, ...]: valid, of any rank >= 1.
+        per_element = any(a.name == "spatial" and a.i == 0 for a in node.attribute)
+        if len(dims) == 4 and (len({d for d in dims}) > 1 or (len(dims[0]) != 1 and not per_element)
+                               or not dims[0]):
             label = node.name or node.output[0] if node.output else node.name
             return (f"BatchNormalization '{label}': scale, B, mean and var have shapes "
                     f"{', '.join(str(list(d)) for d in dims)}; they must be 1-D and of one length (the channels)")
+    return None
+
+
+def _value_name_problem(graph: Any) -> str | None:
+    """A value name that is not valid UTF-8 (protobuf gives it as bytes): onnxruntime cannot run such a
+    model (its Python API decodes input and output names), nor can a report name it as text. Node and
+    graph names may be any bytes (the ONNX backend carries them, surrogate-escaped)."""
+    values = [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    for node in graph.node:
+        values.extend(node.input)
+        values.extend(node.output)
+    for v in values:
+        if isinstance(v, bytes):
+            shown = v.decode("utf-8", "surrogateescape")
+            return (f"graph '{graph.name if isinstance(graph.name, str) else graph.name.decode('utf-8', 'surrogateescape')}'"
+                    f": the value name '{shown}' is not valid UTF-8; rename it (node and graph names may be any bytes)")
     return None
 
 
@@ -114,12 +133,15 @@ def check_model_data(model: Any, where: str = "model") -> None:
     Checked in every graph and subgraph: initializer names are unique (a second ``W`` would silently
     replace the first, depending on who reads the list); every initializer and Constant tensor holds
     exactly as many values as its shape needs; the four parameters of a BatchNormalization (when they
-    are initializers) are 1-D tensors of one length.
+    are initializers) are 1-D tensors of one length (of one shape ``[C, D1, ...]`` with ``spatial=0``).
 
     Raises:
         ModelFormatError: one line naming ``where`` and the tensor or node.
     """
     for graph in _graphs(model.graph):
+        problem = _value_name_problem(graph)
+        if problem:
+            raise ModelFormatError(f"{where}: {problem}")
         inits: dict[str, Any] = {}
         for t in graph.initializer:
             if t.name in inits:

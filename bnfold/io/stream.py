@@ -44,7 +44,13 @@ def _copy_field(src: Any, dst: Any, field: Any) -> None:
     elif field.message_type is not None:
         getattr(dst, field.name).CopyFrom(getattr(src, field.name))
     else:
-        setattr(dst, field.name, getattr(src, field.name))
+        value = getattr(src, field.name)
+        if isinstance(value, bytes) and field.type == field.TYPE_STRING:
+            # Not valid UTF-8 (protobuf then gives bytes; onnx accepts such names): a setter would
+            # decode it, so the field is merged in as its wire encoding.
+            dst.MergeFromString(_field_header(field.number, len(value)) + value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _single_field(msg: Any, field: Any) -> Any:

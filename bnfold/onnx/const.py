@@ -41,7 +41,7 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 from bnfold._dtypes import is_floating
 from bnfold.records import Skip, SkipReason
 
-from .graph import GraphIndex, read_lazy_tensor
+from .graph import GraphIndex, name_of, read_lazy_tensor
 
 __all__ = [
     "CONST_BUDGET_BYTES",
@@ -283,19 +283,19 @@ class ConstEvaluator:
             return None, SkipReason.NON_CONSTANT, f"'{name}' has no producer"
         node = idx.nodes[p]
         if node.op_type in ("DequantizeLinear", "QLinearConv", "DynamicQuantizeLinear"):
-            return None, SkipReason.QUANTIZED, f"'{name}' comes from {node.op_type} '{node.name}'"
+            return None, SkipReason.QUANTIZED, f"'{name}' comes from {node.op_type} '{name_of(node)}'"
         if node.domain not in ("", "ai.onnx") or node.op_type not in PURE_OPS:
             return (
                 None,
                 SkipReason.NON_CONSTANT,
-                f"'{name}' is computed by {node.op_type} '{node.name}' at run time",
+                f"'{name}' is computed by {node.op_type} '{name_of(node)}' at run time",
             )
         try:
             out = self._eval(node)
         except _NotConstant as e:
             return None, e.reason, e.detail
         except (ValueError, TypeError, IndexError, KeyError) as e:
-            return None, SkipReason.NON_CONSTANT, f"cannot evaluate {node.op_type} '{node.name}': {e}"
+            return None, SkipReason.NON_CONSTANT, f"cannot evaluate {node.op_type} '{name_of(node)}': {e}"
         if out.size > _MAX_ELEMENTS:
             return None, SkipReason.NON_CONSTANT, f"'{name}' is too large to evaluate"
         return out, None, ""
@@ -454,13 +454,13 @@ def is_float(a: Array) -> bool:
 def resolve_weight(ev: ConstEvaluator, node: NodeProto, slot: int, bn: str, what: str) -> Array | Skip:
     """The constant float input ``slot`` of ``node``, or the refusal naming why it is not one."""
     if slot >= len(node.input) or not node.input[slot]:
-        return Skip(bn, SkipReason.UNSUPPORTED_LAYER, f"{node.op_type} '{node.name}' has no {what}")
+        return Skip(bn, SkipReason.UNSUPPORTED_LAYER, f"{node.op_type} '{name_of(node)}' has no {what}")
     v, reason, detail = ev.resolve(node.input[slot])
     if v is None:
         r = reason or SkipReason.NON_CONSTANT
-        return Skip(bn, r, f"the {what} of {node.op_type} '{node.name}' is not a constant: {detail}")
+        return Skip(bn, r, f"the {what} of {node.op_type} '{name_of(node)}' is not a constant: {detail}")
     if not is_float(v):
-        return Skip(bn, SkipReason.UNSUPPORTED_DTYPE, f"the {what} of '{node.name}' has dtype {v.dtype}")
+        return Skip(bn, SkipReason.UNSUPPORTED_DTYPE, f"the {what} of '{name_of(node)}' has dtype {v.dtype}")
     return v
 
 

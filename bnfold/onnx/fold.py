@@ -2,6 +2,8 @@
 
 Algorithm (linear in the number of nodes per pass; passes repeat only while something folds):
 
+0. Shapes the file does not declare are inferred once, when the matcher first asks for one, on a
+   light copy without the weights (:mod:`~bnfold.onnx.shapes`); the model is not changed.
 1. Index the graph once (:class:`~bnfold.onnx.graph.GraphIndex`) and match every BN
    (:func:`~bnfold.onnx.match.match_bn`) and every per-channel Mul+Add after a layer, in node order.
    Each plan is applied as soon as it is matched (:class:`~bnfold.onnx.rewrite.PassRewriter`: the new
@@ -41,9 +43,11 @@ from bnfold.errors import InputError
 from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
-from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs
+from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
+from .plan import conv_groups
 from .rewrite import Names, PassRewriter, remove_dead
+from .shapes import LazyTypes, copy_fields
 
 __all__ = ["fold_model", "count_bn"]
 
@@ -62,6 +66,8 @@ class _Ctx:
     flushed: int = 0
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Main graph: the original of each placeholder initializer (see :func:`_copy_model`)."""
+    inferred: LazyTypes = field(default_factory=LazyTypes)
+    """Inferred types of every graph's values, inferred when first asked (:class:`~bnfold.onnx.shapes.LazyTypes`)."""
 
 
 def count_bn(model: ModelProto) -> int:
@@ -94,26 +100,6 @@ def _opset(model: ModelProto) -> int:
 _PLACEHOLDER_BYTES = 1 << 12
 
 
-def _copy_fields(src: Message, dst: Message, skip: str) -> None:
-    """Copy every set field of ``src`` but ``skip`` into the empty ``dst`` (a message of its type).
-
-    Walks the schema rather than ``ListFields``, which would read (copy) the skipped field too.
-    """
-    for fd in src.DESCRIPTOR.fields:
-        name = fd.name
-        if name == skip:
-            continue
-        if fd.is_repeated:
-            value = getattr(src, name)
-            if len(value):
-                getattr(dst, name).extend(value)
-        elif src.HasField(name):  # onnx.proto is proto2: every singular field has presence
-            if fd.type == fd.TYPE_MESSAGE:
-                getattr(dst, name).CopyFrom(getattr(src, name))
-            else:
-                setattr(dst, name, getattr(src, name))
-
-
 def _has_unknown(msg: Message) -> bool:
     """True when ``msg`` holds fields this protobuf schema does not know (a field copy would drop them)."""
     return len(UnknownFieldSet(msg)) > 0
@@ -144,8 +130,8 @@ def _copy_model(model: ModelProto) -> tuple[ModelProto, dict[str, TensorProto]]:
     if not big or len(names) != len(graph.initializer) or _has_unknown(model) or _has_unknown(graph):
         work.CopyFrom(model)
         return work, {}
-    _copy_fields(model, work, "graph")
-    _copy_fields(graph, work.graph, "initializer")
+    copy_fields(model, work, {"graph"})
+    copy_fields(graph, work.graph, {"initializer"})
     sources: dict[str, TensorProto] = {}
     inits = work.graph.initializer
     run: list[TensorProto] = []  # consecutive small tensors, copied in one call (order kept)
@@ -156,7 +142,7 @@ def _copy_model(model: ModelProto) -> tuple[ModelProto, dict[str, TensorProto]]:
         if run:
             inits.extend(run)
             run = []
-        _copy_fields(t, inits.add(), "raw_data")
+        copy_fields(t, inits.add(), {"raw_data"})
         sources[t.name] = t
     if run:
         inits.extend(run)
@@ -191,7 +177,7 @@ def _fold_graph(
     for i, n in enumerate(graph.node):
         if is_bn(n):
             key = n.output[0]
-            label = prefix + (n.name or node_label.get(key, f"BatchNormalization_{i}"))
+            label = prefix + (text(n.name) or node_label.get(key, f"BatchNormalization_{i}"))
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:  # node names need not be unique: keep the verdicts apart
                 label = f"{label}#{seen[label]}"
@@ -202,7 +188,9 @@ def _fold_graph(
     add_inputs = main and ctx.ir_version < 4
 
     def build() -> GraphIndex:
-        return GraphIndex.build(graph, outer, ctx.ir_version, labels=node_label, sources=sources)
+        return GraphIndex.build(
+            graph, outer, ctx.ir_version, labels=node_label, sources=sources, inferred=ctx.inferred
+        )
 
     def rewriter(index: GraphIndex) -> PassRewriter:
         return PassRewriter(graph, index, ctx.names, add_inputs=add_inputs, flush=ctx.flush)
@@ -297,6 +285,18 @@ def _drop_empty_bn_outputs(model: ModelProto) -> None:
                 del n.output[len(keep):]
 
 
+def _check_groups(model: ModelProto) -> None:
+    """Refuse a Conv / ConvTranspose whose initializer weight does not fit its groups (from the dims:
+    no weight is read); a computed weight is checked when it is resolved (:func:`~.plan.conv_groups`)."""
+    for g in all_graphs(model.graph):
+        dims = {t.name: t.dims for t in g.initializer}
+        for n in g.node:
+            if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx") and len(n.input) > 1:
+                d = dims.get(n.input[1])
+                if d is not None:
+                    conv_groups(n, tuple(int(v) for v in d))
+
+
 def fold_model(
     model: ModelProto,
     *,
@@ -326,10 +326,13 @@ def fold_model(
 
     Raises:
         InputError: ``model`` is not an ``onnx.ModelProto``.
+        ModelFormatError: a Conv / ConvTranspose weight does not fit the layer's groups (checked
+            before anything is edited).
     """
     if not isinstance(model, ModelProto):
         raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
     t0 = time.perf_counter()
+    _check_groups(model)  # before anything is edited: an invalid layer stops the fold, not half of it
     sources: dict[str, TensorProto] = {}
     if inplace and not dry_run:
         work = model
@@ -339,7 +342,10 @@ def fold_model(
     ctx = _Ctx(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
         flush=flush_denormals and not dry_run, sources=sources,
+        inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
     )
+    if work is model:
+        ctx.inferred.prime_if_needed(model, affine)
     # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
     # large graph again and again (super-linear time), so it is paused for the fold.
     gc_was_enabled = gc.isenabled()

@@ -21,6 +21,7 @@ Nothing here edits the model; the index is rebuilt after each rewrite pass.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ __all__ = [
     "BN_OP",
     "is_bn",
     "read_lazy_tensor",
+    "text",
+    "name_of",
 ]
 
 BN_OP = "BatchNormalization"
@@ -75,12 +78,60 @@ def read_lazy_tensor(t: TensorProto) -> np.ndarray[Any, Any] | None:
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(dims)
 
 
-def attr(node: NodeProto, name: str, default: Any) -> Any:
-    """The value of attribute ``name`` of ``node``, or ``default``."""
+def text(value: str | bytes) -> str:
+    """A name from the model as ``str``. protobuf gives a string field that is not valid UTF-8 (onnx
+    accepts such names) as ``bytes``; it is decoded with ``surrogateescape`` (PEP 383), which is
+    lossless: byte ``0xNN`` becomes the lone surrogate ``U+DCNN`` and ``.encode("utf-8",
+    "surrogateescape")`` gives the original bytes back. Renderers show such a character as ``\\xNN``.
+    """
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def name_of(item: Any) -> str:
+    """``item.name`` (a node, tensor or value) as ``str`` (see :func:`text`)."""
+    return text(item.name)
+
+
+def attr(node: NodeProto, name: str, default: Any, opset: int | None = None) -> Any:
+    """The value of attribute ``name`` of ``node``, read as the operator schema types it.
+
+    The one place attributes are read. A present attribute has its stored type (a FLOAT attribute is a
+    float32: ``1e-5`` reads as ``9.99999974737875e-06``). An absent one takes the default of the
+    operator's schema in force at ``opset`` (the model's opset of the node's domain; None: the newest
+    version), which is what a runtime uses -- BatchNormalization's ``epsilon`` is float32(1e-5), not the
+    double 1e-5; opset-6's ``is_test`` is 0. ``default`` serves only where that schema gives none (an
+    attribute without a default or not in that version, an operator of another domain); it is then
+    rounded to the schema's type (FLOAT: float32).
+    """
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
+    spec = _schema_attribute(text(node.domain), text(node.op_type), name, opset)
+    if spec is None:
+        return default
+    if spec.default_value.name:  # the schema gives a default
+        return onnx.helper.get_attribute_value(spec.default_value)
+    if spec.type == onnx.AttributeProto.FLOAT and isinstance(default, (int, float)):
+        return float(np.float32(default))
+    if spec.type == onnx.AttributeProto.FLOATS and isinstance(default, (list, tuple)):
+        return [float(np.float32(v)) for v in default]
     return default
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_attribute(domain: str, op_type: str, name: str, opset: int | None) -> Any:
+    """The schema entry (``OpSchema.Attribute``) of attribute ``name`` of the operator version in force
+    at ``opset`` (None: the newest); None where no schema knows the operator or that attribute."""
+    domain = "" if domain == "ai.onnx" else domain
+    try:
+        schema = (
+            onnx.defs.get_schema(op_type, domain)
+            if opset is None
+            else onnx.defs.get_schema(op_type, max(int(opset), 1), domain)
+        )
+    except onnx.defs.SchemaError:
+        return None
+    return schema.attributes.get(name)
 
 
 def is_bn(node: NodeProto) -> bool:
@@ -167,7 +218,7 @@ def node_labels(graph: GraphProto) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, n in enumerate(graph.node):
         if not n.name and n.output and n.output[0]:
-            out[n.output[0]] = f"{n.op_type}_{i}"
+            out[n.output[0]] = f"{text(n.op_type)}_{i}"
     return out
 
 
@@ -197,6 +248,9 @@ class GraphIndex:
     """Stable labels of unnamed nodes by first output (:func:`node_labels`); shared across passes."""
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Original tensors of placeholder initializers (functional fold); shared across passes."""
+    inferred: Any = None
+    """Types from shape inference (a :class:`bnfold.onnx.shapes.LazyTypes`, or anything with
+    ``get(name, default)``), used where no shape is declared; shared across passes and subgraphs."""
 
     @classmethod
     def build(
@@ -207,13 +261,18 @@ class GraphIndex:
         *,
         labels: dict[str, str] | None = None,
         sources: dict[str, TensorProto] | None = None,
+        inferred: Any = None,
     ) -> GraphIndex:
-        """Index ``graph`` in one pass (``labels`` and ``sources`` are kept by reference, not copied)."""
+        """Index ``graph`` in one pass (``labels``, ``sources`` and ``inferred`` are kept by reference)."""
         idx = cls(graph=graph, outer=outer, ir_version=ir_version)
         if labels is not None:
             idx.labels = labels
         if sources is not None:
             idx.sources = sources
+        if inferred is not None:
+            idx.inferred = inferred
+        elif outer is not None:
+            idx.inferred = outer.inferred
         idx.nodes = list(graph.node)
         producer = idx.producer
         consumers = idx.consumers
@@ -251,10 +310,10 @@ class GraphIndex:
         """The verdict label of node ``i``: its name, else its stable ``<op_type>_<index>`` label."""
         n = self.nodes[i]
         if n.name:
-            return n.name
+            return text(n.name)
         if n.output and n.output[0] in self.labels:
             return self.labels[n.output[0]]
-        return f"{n.op_type}_{i}"
+        return f"{text(n.op_type)}_{i}"
 
     def tensor(self, name: str) -> TensorProto:
         """The initializer ``name`` holding its values: the original for a placeholder copy."""
@@ -272,7 +331,7 @@ class GraphIndex:
             return None
         return cons[0]
 
-    def value_type(self, value: str) -> ValueType | None:
+    def declared_type(self, value: str) -> ValueType | None:
         """Declared type of ``value`` here or in an enclosing graph."""
         idx: GraphIndex | None = self
         while idx is not None:
@@ -281,6 +340,25 @@ class GraphIndex:
                 return vt
             idx = idx.outer
         return None
+
+    def value_type(self, value: str) -> ValueType | None:
+        """Type of ``value``: the declared one when it has a shape, else the inferred one (if any)."""
+        vt = self.declared_type(value)
+        if vt is not None and vt.shape is not None:
+            return vt
+        if self.inferred is None:
+            return vt
+        got: ValueType | None = self.inferred.get(value, vt)
+        return got
+
+    def ranks(self, value: str) -> set[int]:
+        """Every rank known for ``value``, declared and inferred (two when they disagree)."""
+        out = set()
+        inferred = None if self.inferred is None else self.inferred.get(value)
+        for vt in (self.declared_type(value), inferred):
+            if vt is not None and vt.rank is not None:
+                out.add(vt.rank)
+        return out
 
     def is_local(self, value: str) -> bool:
         """True when ``value`` is defined in this graph (node output, input or initializer)."""

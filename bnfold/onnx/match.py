@@ -19,7 +19,9 @@ Forward (:mod:`~bnfold.onnx.match_forward`; the layer output is read by the BN's
     6. LinearNorm (:mod:`~bnfold.onnx.match_linear_norm`): MatMul (.., K)x(K, D) [-> Add(bias)] ->
        Reshape to a constant ``[a, D, 1, ..]``, Flatten, or a Transpose with ``perm[1]`` last -> BN:
        the BN channel is the MatMul's output axis throughout; scale W, shift into the bias, or the
-       BN becomes one ``Add(x, t)``.
+       BN becomes one ``Add(x, t)``. A chain of those (``MatMul -> Reshape -> Transpose -> BN``) folds
+       when the output axis provably arrives intact at axis 1 (a stride proof on static shapes); a
+       Gemm before the route folds as case 3.
     7. Conv/ConvTranspose/Gemm -> Add(constant per channel) -> BN: the constant joins the bias.
 Routes (:mod:`~bnfold.onnx.match_routes`):
     8. Concat on the channel axis of layers: the BN split per slice, each slice folded into its producer.
@@ -38,6 +40,10 @@ Other plans:
         shaped ``[C, 1, ..., 1]`` (or the per-element statistics of opset-7 ``spatial=0``).
     15. Frozen BN: a per-channel Mul then Add with constant operands after Conv/ConvTranspose/Gemm folds
         as cases 1-3 (:mod:`~bnfold.onnx.match_frozen`).
+
+Ranks and static shapes come from the file's declarations and from shape inference on a light copy
+(:mod:`~bnfold.onnx.shapes`); a fold that needs a rank refuses when any two known ranks disagree.
+Attributes are read with the types and defaults of the operator schema (:func:`~bnfold.onnx.graph.attr`).
 
 Refusals: training mode or optional outputs (TRAINING_MODE); non-constant weights or statistics
 (NON_CONSTANT; a DequantizeLinear weight is QUANTIZED); non-float tensors (UNSUPPORTED_DTYPE); a folded
@@ -80,9 +86,10 @@ __all__ = [
 
 def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str) -> BnParams | Skip:
     """Read a BN's attributes and constant parameters; refuse what is not an inference BN."""
-    if int(attr(node, "training_mode", 0)) == 1:
+    opset = ev.opset
+    if int(attr(node, "training_mode", 0, opset)) == 1:
         return Skip(label, SkipReason.TRAINING_MODE, "training_mode=1: it normalises with batch statistics")
-    if int(attr(node, "is_test", 1)) == 0:
+    if int(attr(node, "is_test", 1, opset)) == 0:
         return Skip(
             label, SkipReason.TRAINING_MODE, "is_test=0 (opset 6): it normalises with batch statistics"
         )
@@ -106,7 +113,7 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
             )
         vals.append(v)
     gamma, beta, mean, var = vals
-    eps = float(attr(node, "epsilon", 1e-5))
+    eps = float(attr(node, "epsilon", 1e-5, opset))  # float32(1e-5) when absent, as the schema says
     scale, shift = bn_affine(gamma, beta, mean, var, eps)
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return Skip(
@@ -115,6 +122,18 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
             "variance + epsilon is not positive (or not finite) for some channel: the BN itself yields inf/NaN",
         )
     per_element = False
+    if opset < 9 and int(attr(node, "spatial", 1, opset)) == 0 and scale.ndim <= 1:
+        # spatial=0 wants statistics of shape [C, D1, ...] (the data's shape but the batch axis):
+        # 1-D statistics fit only 2-D data; on other data the runtime refuses the BN (no semantics).
+        ranks = index.ranks(node.input[0]) | index.ranks(node.output[0])
+        if ranks != {2}:
+            shown = "unknown" if not ranks else " or ".join(map(str, sorted(ranks)))
+            return Skip(
+                label,
+                SkipReason.SPATIAL,
+                f"spatial=0 with 1-D statistics on data of rank {shown}: per-element statistics "
+                "need the data's shape [C, D1, ...]",
+            )
     if scale.ndim > 1:
         # Opset 6/7/8 with spatial=0 on rank > 2 data: statistics per element [C, D1, ...]. They fold as
         # per-channel values only when constant over the spatial positions.

@@ -19,9 +19,9 @@ from bnfold.fold_math import WeightLayout, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight_and_bias
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, name_of
 from .noops import walk_down
-from .plan import BnParams, Fold, Write, finish, rank2_or_skip
+from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
 
 __all__ = ["match_backward", "reshape_flattens"]
 
@@ -89,14 +89,14 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             label,
             SkipReason.NO_PRODUCER,
             "nothing foldable before it, and its output is not the data "
-            f"input of {index.nodes[first].op_type} '{index.nodes[first].name}'",
+            f"input of {index.nodes[first].op_type} '{name_of(index.nodes[first])}'",
         ), False
     flattens = kn.op_type == "Reshape" and (
         reshape_flattens(index, ev, kn, cur) or reshape_flattens(index, ev, kn, x)
     )
     if kn.op_type == "Flatten" or flattens:
         if kn.op_type == "Flatten" and int(attr(kn, "axis", 1)) != 1:
-            return Skip(label, SkipReason.LAYOUT, f"Flatten '{kn.name}' after it has axis != 1"), True
+            return Skip(label, SkipReason.LAYOUT, f"Flatten '{name_of(kn)}' after it has axis != 1"), True
         f_out = kn.output[0]
         after, chain2 = walk_down(index, ev, f_out)
         k2 = index.single_consumer(after)
@@ -108,7 +108,7 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             return Skip(
                 label,
                 SkipReason.NO_PRODUCER,
-                f"nothing foldable before it, and {kn.op_type} '{kn.name}' does not feed one Gemm/MatMul",
+                f"nothing foldable before it, and {kn.op_type} '{name_of(kn)}' does not feed one Gemm/MatMul",
             ), False
         flat, ki, kn, cur = ki, k2, index.nodes[k2], after
         chain = chain + chain2
@@ -117,12 +117,12 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
         specific = kind == "ConvTranspose"
         reason = SkipReason.UNSUPPORTED_LAYER if specific else SkipReason.NO_PRODUCER
         msg = (
-            f"backward fold into ConvTranspose '{kn.name}' is not exact (border outputs sum fewer taps)"
+            f"backward fold into ConvTranspose '{name_of(kn)}' is not exact (border outputs sum fewer taps)"
             if specific
-            else f"nothing foldable before it, and its output goes to {kind} '{kn.name}'"
+            else f"nothing foldable before it, and its output goes to {kind} '{name_of(kn)}'"
         )
         return Skip(label, reason, msg), specific
-    target = f"{kind} '{kn.name}'"
+    target = f"{kind} '{name_of(kn)}'"
     if kn.input[0] != cur or y in kn.input[1:] or cur in kn.input[1:]:
         return Skip(
             label, SkipReason.UNSUPPORTED_LAYER, f"its output is not the data input of {target}"
@@ -179,7 +179,7 @@ def _case_conv(c: Bwd) -> Result:
     if isinstance(wb, Skip):
         return wb, True
     w, b = wb
-    g = int(attr(kn, "group", 1))
+    g = conv_groups(kn, tuple(w.shape))
     if w.shape[1] * g != prm.channels:
         return Skip(
             label, SkipReason.LAYOUT, f"{target} has {w.shape[1] * g} input channels, the BN {prm.channels}"

@@ -18,9 +18,9 @@ from bnfold.fold_math import WeightLayout, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, is_float, resolve_weight, weight_and_bias
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, name_of
 from .noops import walk_up
-from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out
+from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip, scale_out
 
 __all__ = [
     "Fwd",
@@ -103,7 +103,7 @@ def exclusive(c: Fwd, value: str, target: str, *, kept: bool = False) -> Skip | 
     if kept:
         cons = [k for k in cons if idx.nodes[k].op_type not in ("Shape", "Size") or idx.nodes[k].domain]
     if len(cons) > 1:
-        who = ", ".join(f"{idx.nodes[k].op_type} '{idx.nodes[k].name}'" for k in cons[1:4])
+        who = ", ".join(f"{idx.nodes[k].op_type} '{name_of(idx.nodes[k])}'" for k in cons[1:4])
         return Skip(
             c.label,
             SkipReason.OTHER_CONSUMERS,
@@ -156,7 +156,7 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
         return Skip(
             label,
             SkipReason.NO_PRODUCER,
-            f"its input comes from {pn.op_type} '{pn.name}' (domain {pn.domain}), which cannot absorb it",
+            f"its input comes from {pn.op_type} '{name_of(pn)}' (domain {pn.domain}), which cannot absorb it",
         ), False
     kind = pn.op_type
     if kind in ("Conv", "ConvTranspose"):
@@ -176,7 +176,7 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
 
         return match_concat(c, p) if kind == "Concat" else match_sum(c, p, list(pn.input))  # Cases 8, 9
     return Skip(
-        label, SkipReason.NO_PRODUCER, f"its input comes from {kind} '{pn.name}', which cannot absorb it"
+        label, SkipReason.NO_PRODUCER, f"its input comes from {kind} '{name_of(pn)}', which cannot absorb it"
     ), False
 
 
@@ -188,7 +188,7 @@ def conv_layout(ev: ConstEvaluator, c: Fwd, p: int) -> tuple[Array, Array | None
     if isinstance(wb, Skip):
         return wb
     w, b = wb
-    g = int(attr(pn, "group", 1))
+    g = conv_groups(pn, tuple(w.shape))
     if pn.op_type == "Conv":
         return w, b, WeightLayout.conv(g), int(w.shape[0])
     return w, b, WeightLayout.conv_transpose(g), int(w.shape[1]) * g
@@ -201,7 +201,7 @@ def layer_writes(c: Fwd, p: int, s: F64, t: F64 | None) -> list[Write] | Skip:
     pn = c.index.nodes[p]
     if pn.op_type == "Gemm":
         return gemm_fold(c, p, s, np.zeros_like(s) if t is None else t)
-    target = f"{pn.op_type} '{pn.name}'"
+    target = f"{pn.op_type} '{name_of(pn)}'"
     lay = conv_layout(c.ev, c, p)
     if isinstance(lay, Skip):
         return lay
@@ -220,7 +220,7 @@ def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Writ
     """Cases 1-3: scale the output channels of a Conv / ConvTranspose / Gemm ``p`` and shift its
     bias, with the writes ``writes`` computes (a Gemm also gets beta = 1)."""
     pn = c.index.nodes[p]
-    bad = common(c, f"{pn.op_type} '{pn.name}'")
+    bad = common(c, f"{pn.op_type} '{name_of(pn)}'")
     if bad is not None:
         return bad, True
     w = writes(c, p, c.prm.scale, c.prm.shift)
@@ -236,7 +236,7 @@ def gemm_fold(
 ) -> list[Write] | Skip:
     """The writes that scale Gemm ``p``'s output features by ``s`` and add ``t`` (beta becomes 1)."""
     pn = c.index.nodes[p]
-    target = f"Gemm '{pn.name}'"
+    target = f"Gemm '{name_of(pn)}'"
     bc = weight_and_bias(c.ev, pn, c.label, ("B", "C"))
     if isinstance(bc, Skip):
         return bc
@@ -274,11 +274,13 @@ def matmul_weight(c: Fwd, m: int, target: str) -> Array | Skip:
 def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     idx = c.index
     mnode = idx.nodes[m]
-    target = f"MatMul '{mnode.name}'" if add is None else f"MatMul+Add '{idx.nodes[add].name}'"
+    target = f"MatMul '{name_of(mnode)}'" if add is None else f"MatMul+Add '{name_of(idx.nodes[add])}'"
     bad = common(c, target)
     if bad is not None:
         return bad, True
-    bad = rank2_or_skip(idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis")
+    bad = rank2_or_skip(
+        idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis", mnode.input[0]
+    )
     if bad is not None:
         return bad, True
     mw = matmul_weight(c, m, target)
@@ -297,7 +299,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
         ), True
     # Case 5: MatMul -> Add(bias): scale W and the bias (b s + t)
     an = idx.nodes[add]
-    bad = exclusive(c, mnode.output[0], f"MatMul '{mnode.name}'", kept=True)
+    bad = exclusive(c, mnode.output[0], f"MatMul '{name_of(mnode)}'", kept=True)
     if bad is not None:
         return bad, True
     bias_slot = 1 if an.input[0] == mnode.output[0] else 0
@@ -306,7 +308,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
         return bias, True
     if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, c.prm.channels)):
         return Skip(
-            c.label, SkipReason.LAYOUT, f"the bias of Add '{an.name}' has shape {list(bias.shape)}"
+            c.label, SkipReason.LAYOUT, f"the bias of Add '{name_of(an)}' has shape {list(bias.shape)}"
         ), True
     wres = scale_out(mw, None, s, None, WeightLayout.matmul(), c.label, f"weight of {target}")
     if isinstance(wres, Skip):
@@ -327,7 +329,7 @@ def _case_add(c: Fwd, a: int) -> Result:
     an = idx.nodes[a]
     if len(an.input) != 2:
         return Skip(
-            c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{an.name}', not a layer"
+            c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{name_of(an)}', not a layer"
         ), False
     kinds = []
     for v in an.input:
@@ -344,7 +346,7 @@ def _case_add(c: Fwd, a: int) -> Result:
         from .match_routes import match_sum
 
         return match_sum(c, a, list(an.input))  # Case 9 (refuses a branch that is not a layer)
-    return Skip(c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{an.name}', not a layer"), False
+    return Skip(c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{name_of(an)}', not a layer"), False
 
 
 def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
@@ -352,13 +354,13 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
     Add and the BN go (``s (W x + b + k) + t = (s W) x + (s (b + k) + t)``)."""
     idx = c.index
     pn, an = idx.nodes[p], idx.nodes[a]
-    target = f"{pn.op_type} '{pn.name}' (+ Add '{an.name}')"
-    bad = common(c, target) or exclusive(c, pn.output[0], f"{pn.op_type} '{pn.name}'")
+    target = f"{pn.op_type} '{name_of(pn)}' (+ Add '{name_of(an)}')"
+    bad = common(c, target) or exclusive(c, pn.output[0], f"{pn.op_type} '{name_of(pn)}'")
     if bad is not None:
         return bad, True
     if c.chain:
         # The Add goes away; a no-op between it and the BN would lose its input.
-        return Skip(c.label, SkipReason.UNSUPPORTED_LAYER, f"no-ops between Add '{an.name}' and the BN"), True
+        return Skip(c.label, SkipReason.UNSUPPORTED_LAYER, f"no-ops between Add '{name_of(an)}' and the BN"), True
     k, _, _ = c.ev.resolve(an.input[const_slot])
     assert k is not None
     w = resolve_weight(c.ev, pn, 1, c.label, "weight")
@@ -370,14 +372,14 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
         return Skip(
             c.label,
             SkipReason.LAYOUT,
-            f"the constant of Add '{an.name}' (shape {list(k.shape)}) is not "
+            f"the constant of Add '{name_of(an)}' (shape {list(k.shape)}) is not "
             f"one value per channel of the {pn.op_type} output",
         ), True
     s, t = c.prm.scale, c.prm.shift
     writes = layer_writes(c, p, s, s * k64 + t)
     if isinstance(writes, Skip):
         return writes, True
-    base = c.base(p, pn.op_type, f"through Add '{an.name}' (constant)")
+    base = c.base(p, pn.op_type, f"through Add '{name_of(an)}' (constant)")
     base["remove"] = (c.bi, a)
     base["dropped"] = (an.output[0], pn.output[0])
     base["rename_output"] = (p, c.y)

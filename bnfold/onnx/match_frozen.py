@@ -15,7 +15,7 @@ from bnfold.records import Direction, Site, Skip
 from .const import Array, ConstEvaluator, is_float
 from .graph import GraphIndex, attr
 from .match_forward import per_channel
-from .plan import Fold, Write, finish
+from .plan import Fold, Write, conv_groups, finish
 
 __all__ = ["match_mul_add"]
 
@@ -74,9 +74,10 @@ def _fold_mul_add(
         trans_b = bool(attr(pn, "transB", 0))
         channels, rank = (w.shape[0] if trans_b else w.shape[1]), 2
     elif kind == "Conv":
+        conv_groups(pn, tuple(w.shape))
         channels, rank = w.shape[0], w.ndim
     else:
-        channels, rank = w.shape[1] * int(attr(pn, "group", 1)), w.ndim
+        channels, rank = w.shape[1] * conv_groups(pn, tuple(w.shape)), w.ndim
     s = per_channel(cval, rank, channels)
     t = per_channel(d, rank, channels)
     if s is None or t is None:
@@ -87,7 +88,7 @@ def _fold_mul_add(
             return None
         w64, b64 = fold_gemm_forward(w, b, alpha, beta, s, t, bool(attr(pn, "transB", 0)))
     else:
-        g = int(attr(pn, "group", 1))
+        g = conv_groups(pn, tuple(w.shape))
         layout = WeightLayout.conv(g) if kind == "Conv" else WeightLayout.conv_transpose(g)
         w64, b64 = fold_forward(w, b, s, t, layout)
     res = finish([w64, b64], w.dtype, label, "weight")

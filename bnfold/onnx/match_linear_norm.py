@@ -1,5 +1,8 @@
 """Case 6 of :mod:`bnfold.onnx.match`: LinearNorm, ``MatMul [-> Add(bias)] -> Reshape | Flatten | Transpose -> BN``.
 
+A chain of those (``MatMul -> Reshape -> Transpose -> BN``, which onnxruntime fuses) folds when the
+MatMul's output axis provably arrives intact at the BN's axis 1 (:func:`_track_column`).
+
 ``Linear`` on tokens ``(B, N, K)`` gives ``(B, N, D)``; ``flatten(0, 1)`` makes it ``(B*N, D)`` and the
 BN normalises axis 1 -- the MatMul's output axis, provided the reshape keeps the last axis as axis 1
 (the same holds for ``x.transpose(1, 2)`` before a BN1d: a Transpose whose ``perm[1]`` is the last axis).
@@ -24,7 +27,8 @@ import numpy as np
 from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
-from .match_forward import Fwd, common, exclusive, matmul_weight
+from .graph import name_of
+from .match_forward import Fwd, common, exclusive, gemm_fold, matmul_weight
 from .plan import Fold, Write, attr, finish, resolve_weight, scale_out
 
 __all__ = ["match_linear_norm"]
@@ -47,7 +51,7 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
         perm = [int(p) for p in attr(rn, "perm", [])]
         if len(perm) < 2 or perm[1] != len(perm) - 1:
             return (
-                f"Transpose '{rn.name}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
+                f"Transpose '{name_of(rn)}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
             )
         return None
     if rn.op_type == "Flatten":
@@ -57,20 +61,171 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
         # axis and rank.
         return None
     if len(rn.input) < 2:
-        return f"Reshape '{rn.name}' has no shape input"
+        return f"Reshape '{name_of(rn)}' has no shape input"
     v, _, detail = c.ev.resolve(rn.input[1])
     if v is None:
-        return f"the target shape of Reshape '{rn.name}' is not a constant ({detail})"
+        return f"the target shape of Reshape '{name_of(rn)}' is not a constant ({detail})"
     shape = [int(e) for e in np.asarray(v).reshape(-1)]
     if len(shape) < 2 or shape[1] != d or any(e != 1 for e in shape[2:]):
-        return f"Reshape '{rn.name}' to {shape} does not keep the last axis ({d}) as axis 1"
+        return f"Reshape '{name_of(rn)}' to {shape} does not keep the last axis ({d}) as axis 1"
     return None
 
 
-def match_linear_norm(c: Fwd, r: int) -> Result:
-    """Case 6: the BN channel is the MatMul's output axis throughout (LeViT's LinearNorm)."""
+def _product_shape(c: Fwd, value: str, m: int) -> list[int | None] | None:
+    """The (partly static) shape of the MatMul product ``value`` (or its Add): declared or inferred, else
+    the rank of the MatMul's left operand (the right one is 2-D); None where the rank is unknown. A
+    Gemm's output has rank 2."""
     idx = c.index
-    rn = idx.nodes[r]
+    for v in (value, idx.nodes[m].output[0]):
+        vt = idx.value_type(v)
+        if vt is not None and vt.shape is not None:
+            return list(vt.shape)
+    if idx.nodes[m].op_type == "Gemm":
+        return [None, None]
+    ranks = idx.ranks(idx.nodes[m].input[0])
+    if value == idx.nodes[m].output[0] and len(ranks) == 1 and min(ranks) >= 2:
+        return [None] * min(ranks)
+    return None
+
+
+def _prod(dims: list[int | None]) -> int | None:
+    out = 1
+    for d in dims:
+        if d is None:
+            return None
+        out *= int(d)
+    return out
+
+
+def _reshape_target(c: Fwd, node: int, shape: list[int | None]) -> list[int | None] | str:
+    """The output shape of Reshape / Flatten ``node`` on ``shape`` (None where not static), or why not."""
+    n = c.index.nodes[node]
+    if n.op_type == "Flatten":
+        k = int(attr(n, "axis", 1))
+        k = k + len(shape) if k < 0 else k
+        if not 0 <= k <= len(shape):
+            return f"Flatten '{name_of(n)}' has axis {k} for rank {len(shape)}"
+        return [_prod(shape[:k]), _prod(shape[k:])]
+    if len(n.input) < 2:
+        return f"Reshape '{name_of(n)}' has no shape input"
+    v, _, detail = c.ev.resolve(n.input[1])
+    if v is None:
+        return f"the target shape of Reshape '{name_of(n)}' is not a constant ({detail})"
+    target = [int(e) for e in np.asarray(v).reshape(-1)]
+    allowzero = int(attr(n, "allowzero", 0))
+    out: list[int | None] = []
+    for i, e in enumerate(target):
+        if e == 0 and not allowzero:
+            if i >= len(shape):
+                return f"Reshape '{name_of(n)}' copies axis {i} of a rank-{len(shape)} tensor"
+            out.append(shape[i])
+        else:
+            out.append(None if e == -1 else e)
+    if -1 in target:
+        total, rest = _prod(shape), _prod([d for d, e in zip(out, target) if e != -1])
+        if total is not None and rest:
+            out[target.index(-1)] = total // rest
+    return out
+
+
+def _track_column(c: Fwd, chain: list[int], d: int, product: str, m: int) -> tuple[str | None, int]:
+    """Follow the MatMul's output axis (size ``d``) through ``chain`` (Reshape / Flatten / Transpose,
+    top first) to the BN: ``(None, rank of the BN input)`` when it provably lands on axis 1 intact, else
+    ``(why, 0)``.
+
+    The axis is carried as a position ``a`` in a shape whose dims after ``a`` are static. A Transpose
+    moves it to ``perm.index(a)``. A Reshape keeps it intact, at axis ``j`` of the new shape, when
+    ``T[j] = d`` and the dims after ``j`` multiply to the same stride as the dims after ``a``: in
+    row-major order the flat index is ``(outer * d + i) * stride + r``, so index ``i`` of the old axis
+    is index ``i`` of the new one, for every element. Anything else (the axis split or merged, a shape
+    not known) is refused.
+    """
+    idx = c.index
+    shape = _product_shape(c, product, m)
+    if shape is None:
+        return "the rank of the MatMul product is unknown", 0
+    a = len(shape) - 1
+    if shape[a] not in (None, d):
+        return f"the MatMul product's last axis has {shape[a]} values, the weight {d} columns", 0
+    shape[a] = d
+    for k in chain:
+        n = idx.nodes[k]
+        if n.op_type == "Transpose":
+            perm = [int(p) for p in attr(n, "perm", [])] or list(range(len(shape)))[::-1]
+            if sorted(perm) != list(range(len(shape))):
+                return f"Transpose '{name_of(n)}' has perm {perm} for a rank-{len(shape)} tensor", 0
+            shape, a = [shape[p] for p in perm], perm.index(a)
+            continue
+        target = _reshape_target(c, k, shape)
+        if isinstance(target, str):
+            return target, 0
+        stride = _prod(shape[a + 1 :])
+        found = [
+            j for j in range(len(target)) if target[j] == d and _prod(target[j + 1 :]) == stride
+        ] if stride is not None else []
+        if len(found) != 1:
+            return (
+                f"{n.op_type} '{name_of(n)}' from {shape} to {target} may split or merge the MatMul's "
+                f"output axis ({d})"
+            ), 0
+        shape, a = target, found[0]
+    if a != 1:
+        return f"the MatMul's output axis arrives at axis {a} of the BN input, not its channel axis 1", 0
+    return None, len(shape)
+
+
+def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
+    """``Gemm -> Reshape / Flatten / Transpose ... -> BN``: a Gemm's output (rank 2) has its features on
+    the last axis, as a MatMul's; when they provably arrive at the BN's axis 1 the BN folds into the
+    Gemm as in case 3 (B's feature columns scaled, the shift into C, beta = 1)."""
+    idx = c.index
+    gn = idx.nodes[g]
+    route = ", ".join(f"{idx.nodes[k].op_type} '{name_of(idx.nodes[k])}'" for k in reversed(chain))
+    target = f"Gemm '{name_of(gn)}' (through {route})"
+    bad = common(c, target)
+    for k in chain:
+        bad = bad or exclusive(c, idx.nodes[k].input[0], target, kept=True)
+    if bad is not None:
+        return bad, True
+    bw = resolve_weight(c.ev, gn, 1, c.label, "B")
+    if isinstance(bw, Skip):
+        return bw, True
+    if bw.ndim != 2:
+        return Skip(c.label, SkipReason.LAYOUT, f"B of {target} has rank {bw.ndim}"), True
+    d = int(bw.shape[0] if attr(gn, "transB", 0) else bw.shape[1])
+    if d != c.prm.channels:
+        return Skip(c.label, SkipReason.LAYOUT, f"{target} has {d} output features, the BN {c.prm.channels}"), True
+    if len(chain) == 1:
+        why = _keeps_last_axis(c, chain[0], d)
+    else:
+        why, _ = _track_column(c, chain[::-1], d, gn.output[0], g)
+    if why is not None:
+        return Skip(
+            c.label, SkipReason.LAYOUT, f"{why}: the BN channel may not be the Gemm's output axis"
+        ), True
+    writes = gemm_fold(c, g, c.prm.scale, c.prm.shift)
+    if isinstance(writes, Skip):
+        return writes, True
+    return Fold(
+        **c.base(g, "Gemm", f"through {route}"), locks=c.locks(g), writes=writes, beta_one=(g,)
+    ), True
+
+
+_ROUTE = ("Reshape", "Flatten", "Transpose")
+_MAX_ROUTE = 8
+
+
+def match_linear_norm(c: Fwd, r: int) -> Result:
+    """Case 6: the BN channel is the MatMul's output axis throughout (LeViT's LinearNorm), through one
+    Reshape / Flatten / Transpose or a chain of them (``MatMul -> Reshape -> Transpose -> BN``)."""
+    idx = c.index
+    chain = [r]  # nearest the BN first
+    while len(chain) < _MAX_ROUTE:
+        above = idx.producer.get(idx.nodes[chain[-1]].input[0])
+        if above is None or idx.nodes[above].op_type not in _ROUTE or idx.nodes[above].domain not in ("", "ai.onnx"):
+            break
+        chain.append(above)
+    rn = idx.nodes[chain[-1]]  # the route node reading the product
     q = idx.producer.get(rn.input[0])
     add: int | None = None
     if q is not None and idx.nodes[q].op_type == "Add":
@@ -84,15 +239,20 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
             ):
                 add, q = q, m
                 break
+    if q is not None and add is None and idx.nodes[q].op_type == "Gemm" and idx.nodes[q].domain in ("", "ai.onnx"):
+        return _gemm_route(c, q, chain)
     if q is None or idx.nodes[q].op_type != "MatMul":
         return Skip(
             c.label,
             SkipReason.NO_PRODUCER,
-            f"its input comes from {rn.op_type} '{rn.name}', which does not reshape a MatMul product",
+            f"its input comes from {rn.op_type} '{name_of(rn)}', which does not reshape a MatMul product",
         ), False
     m, mnode = q, idx.nodes[q]
-    target = f"MatMul '{mnode.name}' (through {rn.op_type} '{rn.name}')"
-    bad = common(c, target) or exclusive(c, rn.input[0], target, kept=True)
+    route = ", ".join(f"{idx.nodes[k].op_type} '{name_of(idx.nodes[k])}'" for k in reversed(chain))
+    target = f"MatMul '{name_of(mnode)}' (through {route})"
+    bad = common(c, target)
+    for k in chain:
+        bad = bad or exclusive(c, idx.nodes[k].input[0], target, kept=True)
     if bad is None and add is not None:
         bad = exclusive(c, mnode.output[0], target, kept=True)
     if bad is not None:
@@ -100,7 +260,11 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     mw = matmul_weight(c, m, target)
     if isinstance(mw, Skip):
         return mw, True
-    why = _keeps_last_axis(c, r, int(mw.shape[1]))
+    rank = 0
+    if len(chain) == 1:
+        why = _keeps_last_axis(c, r, int(mw.shape[1]))
+    else:
+        why, rank = _track_column(c, chain[::-1], int(mw.shape[1]), rn.input[0], m)
     if why is not None:
         return Skip(
             c.label, SkipReason.LAYOUT, f"{why}: the BN channel may not be the MatMul's output axis"
@@ -109,15 +273,18 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     wres = scale_out(mw, None, s, None, WeightLayout.matmul(), c.label, f"weight of {target}")
     if isinstance(wres, Skip):
         return wres, True
-    base = c.base(m, "MatMul", f"through {rn.op_type} '{rn.name}'")
+    base = c.base(m, "MatMul", f"through {route}")
     if add is None:
         # No bias to absorb the shift: the BN becomes Add(x, t), t laid out on axis 1 of the BN input.
-        if rn.op_type == "Flatten":
+        r0 = idx.nodes[r]
+        if rank:  # a chain: the tracked rank
+            pass
+        elif r0.op_type == "Flatten":
             rank = 2
-        elif rn.op_type == "Transpose":
-            rank = len(attr(rn, "perm", []))
+        elif r0.op_type == "Transpose":
+            rank = len(attr(r0, "perm", []))
         else:
-            rank = int(np.asarray(c.ev.resolve(rn.input[1])[0]).size)
+            rank = int(np.asarray(c.ev.resolve(r0.input[1])[0]).size)
         tres = finish([t.reshape((-1,) + (1,) * (rank - 2))], mw.dtype, c.label, f"shift after {target}")
         if isinstance(tres, Skip):
             return tres, True
@@ -141,7 +308,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
         return Skip(
             c.label,
             SkipReason.LAYOUT,
-            f"the bias of Add '{an.name}' (shape {list(bias.shape)}) is not one value per output feature",
+            f"the bias of Add '{name_of(an)}' (shape {list(bias.shape)}) is not one value per output feature",
         ), True
     # Keep the bias's rank (all its leading axes are 1), so that the Add's output shape is unchanged.
     new_shape = (tuple(bias.shape[:-1]) + (c.prm.channels,)) if bias.ndim else (c.prm.channels,)

@@ -28,6 +28,7 @@ import numpy as np
 
 from bnfold.records import Skip, SkipReason
 
+from .graph import name_of
 from .match_forward import LAYERS, Fwd, common, conv_layout, exclusive, layer_writes
 from .plan import Fold, Write, attr
 
@@ -49,7 +50,7 @@ def _branches(c: Fwd, node: int, inputs: list[str], what: str) -> list[tuple[int
         p = idx.producer.get(v)
         pn = idx.nodes[p] if p is not None else None
         if pn is None or pn.op_type not in LAYERS or pn.domain not in ("", "ai.onnx"):
-            src = f"{pn.op_type} '{pn.name}'" if pn is not None else "a graph input or constant"
+            src = f"{pn.op_type} '{name_of(pn)}'" if pn is not None else "a graph input or constant"
             residual = pn is None or c.index.n_uses(v) > 1
             hint = " (a residual identity branch)" if residual else ""
             return Skip(
@@ -57,7 +58,7 @@ def _branches(c: Fwd, node: int, inputs: list[str], what: str) -> list[tuple[int
                 SkipReason.UNFOLDABLE_BRANCH,
                 f"the branch '{v}' of {what} comes from {src}{hint}, which cannot absorb the BN's scale",
             )
-        bad = exclusive(c, v, f"{pn.op_type} '{pn.name}'", kept=True)
+        bad = exclusive(c, v, f"{pn.op_type} '{name_of(pn)}'", kept=True)
         if bad is not None:
             return bad
         if pn.op_type == "Gemm":
@@ -67,7 +68,7 @@ def _branches(c: Fwd, node: int, inputs: list[str], what: str) -> list[tuple[int
             if isinstance(w, Skip):
                 return w
             if w.ndim != 2:
-                return Skip(c.label, SkipReason.LAYOUT, f"B of Gemm '{pn.name}' has rank {w.ndim}")
+                return Skip(c.label, SkipReason.LAYOUT, f"B of Gemm '{name_of(pn)}' has rank {w.ndim}")
             ch = int(w.shape[0] if attr(pn, "transB", 0) else w.shape[1])
             out.append((p, ch, 2))  # type: ignore[arg-type]
         else:
@@ -105,7 +106,7 @@ def _route_fold(c: Fwd, node: int, kind: str, plans: list[tuple[int, F64, F64 | 
 def match_concat(c: Fwd, node: int) -> Result:
     """Case 8: split the BN over the producers of a channel-axis Concat."""
     cn = c.index.nodes[node]
-    what = f"Concat '{cn.name}'"
+    what = f"Concat '{name_of(cn)}'"
     bad = common(c, what)
     if bad is not None:
         return bad, True
@@ -136,7 +137,7 @@ def match_concat(c: Fwd, node: int) -> Result:
 def match_sum(c: Fwd, node: int, inputs: list[str]) -> Result:
     """Case 9: scale every branch of a sum, the shift into the first branch's bias."""
     an = c.index.nodes[node]
-    what = f"{an.op_type} '{an.name}'"
+    what = f"{an.op_type} '{name_of(an)}'"
     bad = common(c, what)
     if bad is not None:
         return bad, True
@@ -149,7 +150,7 @@ def match_sum(c: Fwd, node: int, inputs: list[str]) -> Result:
             return Skip(
                 c.label,
                 SkipReason.LAYOUT,
-                f"the branch {pn.op_type} '{pn.name}' of {what} has {ch} "
+                f"the branch {pn.op_type} '{name_of(pn)}' of {what} has {ch} "
                 f"channels, the BN {c.prm.channels}: it is broadcast over the channels",
             ), True
     plans: list[tuple[int, F64, F64 | None]] = [

@@ -33,7 +33,7 @@ def is_noop(index: GraphIndex, ev: ConstEvaluator, node: NodeProto) -> bool:
         if extra and (index.n_uses(extra) or extra in index.graph_outputs):
             return False
     if ev.opset < 7:
-        return int(attr(node, "is_test", 0)) == 1
+        return int(attr(node, "is_test", 0, ev.opset)) == 1
     if ev.opset >= 12 and len(node.input) > 2 and node.input[2]:
         v, _, _ = ev.resolve(node.input[2])
         return v is not None and v.size == 1 and not bool(v.reshape(-1)[0])

@@ -18,11 +18,12 @@ import numpy as np
 import numpy.typing as npt
 from onnx import NodeProto, TensorProto
 
+from bnfold.errors import ModelFormatError
 from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cast
 from bnfold.records import Site, Skip, SkipReason
 
 from .const import is_float, optional_input, resolve_weight, weight_and_bias
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, text
 
 __all__ = [
     "Array",
@@ -40,8 +41,8 @@ __all__ = [
     "optional_input",
     "weight_and_bias",
     "rank2_or_skip",
-    "value_rank",
     "trace_type",
+    "conv_groups",
 ]
 
 Array = npt.NDArray[Any]
@@ -100,9 +101,31 @@ class BnParams:
         return int(self.scale.shape[0])
 
 
+def conv_groups(node: NodeProto, shape: tuple[int, ...]) -> int:
+    """The ``group`` of a Conv / ConvTranspose ``node`` whose weight has ``shape``, checked against it.
+
+    Both weights have their full channel axis first (Conv ``[C_out, C_in/g, ..]``, ConvTranspose
+    ``[C_in, C_out/g, ..]``), which the groups must divide. A weight that does not fit its groups is
+    not a valid layer (no runtime runs it): the model is refused as bad input (a typed error, exit 2),
+    not guessed at.
+
+    Raises:
+        ModelFormatError: the group is not positive, or does not divide the weight's first axis.
+    """
+    g = int(attr(node, "group", 1))
+    if g < 1 or len(shape) < 2 or int(shape[0]) % g:
+        side = "output" if node.op_type == "Conv" else "input"
+        raise ModelFormatError(
+            f"{node.op_type} '{text(node.name)}': its weight of shape {list(shape)} has "
+            f"{int(shape[0]) if shape else 0} {side} channels, which group={g} does not divide: "
+            "not a valid layer"
+        )
+    return g
+
+
 def label_of(node: NodeProto, index: int) -> str:
     """The node's name, or ``<op>_<index>`` for an unnamed node."""
-    return node.name or f"{node.op_type}_{index}"
+    return text(node.name) or f"{node.op_type}_{index}"
 
 
 def finish(arrays: list[Array], dtype: np.dtype[Any], bn: str, what: str) -> list[Array] | Skip:
@@ -170,22 +193,28 @@ def scale_out(
     return [np.frombuffer(w_new.tobytes(), dtype=w.dtype).reshape(w.shape), b_new]
 
 
-def value_rank(index: GraphIndex, *names: str) -> int | None:
-    """The declared rank of the first of ``names`` that has one."""
-    for n in names:
-        vt = index.value_type(n)
-        if vt is not None and vt.rank is not None:
-            return vt.rank
-    return None
+def rank2_or_skip(
+    index: GraphIndex, x: str, y: str, bn: str, subject: str, axis: str, operand: str | None = None
+) -> Skip | None:
+    """None when the BN data (``x`` and ``y``) provably has rank 2, else the skip: only at rank 2 is
+    the BN channel (axis 1) the last axis, the one a MatMul reads (``axis``) on ``subject``.
 
-
-def rank2_or_skip(index: GraphIndex, x: str, y: str, bn: str, subject: str, axis: str) -> Skip | None:
-    """None when the BN data (``x`` or ``y``) has the declared rank 2, else the skip: only at rank 2
-    is the BN channel (axis 1) the last axis, the one a MatMul reads (``axis``) on ``subject``."""
-    rank = value_rank(index, x, y)
-    if rank == 2:
+    Every rank known counts -- declared and inferred, of ``x``, ``y`` and, for a MatMul product,
+    of the MatMul's left ``operand`` (with a 2-D right operand, the product has the left operand's
+    rank) -- and all must be 2: a declaration that contradicts another (a rank-3 product declared
+    rank 2 downstream) is refused rather than trusted (a Gemm needs rank-2 inputs).
+    """
+    ranks = index.ranks(x) | index.ranks(y)
+    if operand is not None:
+        ranks |= {r if r >= 2 else 1 for r in index.ranks(operand)}
+    if ranks == {2}:
         return None
-    why = "unknown (no shape information)" if rank is None else str(rank)
+    if not ranks:
+        why = "unknown (no shape information)"
+    elif len(ranks) > 1:
+        why = f"{' or '.join(map(str, sorted(ranks)))} (its declared and inferred shapes disagree)"
+    else:
+        why = str(next(iter(ranks)))
     return Skip(
         bn,
         SkipReason.LAYOUT,

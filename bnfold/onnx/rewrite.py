@@ -36,7 +36,7 @@ from bnfold.denormals import flush_written
 from bnfold.records import Site
 
 from .const import PURE_OPS
-from .graph import GraphIndex, node_subgraphs
+from .graph import GraphIndex, node_subgraphs, text
 from .plan import Fold
 
 __all__ = ["Names", "PassRewriter", "remove_dead", "write_tensor"]
@@ -63,7 +63,11 @@ class Names:
         self._used = used
 
     def fresh(self, base: str) -> str:
-        """``base``, or ``base_1``, ``base_2``, ... whichever is unused; the name is then taken."""
+        """``base``, or ``base_1``, ``base_2``, ... whichever is unused; the name is then taken.
+
+        A byte of ``base`` that is not UTF-8 (a surrogate-escaped name, see
+        :func:`~bnfold.onnx.graph.text`) is written ``\\xNN``: a new name is always valid UTF-8."""
+        base = base.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         name, k = base, 0
         while name in self._used:
             k += 1
@@ -195,7 +199,7 @@ class PassRewriter:
                 write_tensor(t, self._flushed(w.value))
                 index.sources.pop(old, None)  # a placeholder copy now holds its own (new) values
                 continue
-            base = old or f"{node.name or node.op_type}.bias"
+            base = text(old) or f"{text(node.name) or node.op_type}.bias"
             new = names.fresh(f"{base}_bnfold" if old else base)
             self._new_initializer(new, w.value)
             while len(node.input) <= w.slot:
