@@ -61,6 +61,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto, helper
 
+from bnfold.errors import ModelFormatError
 from bnfold.fold_math import bn_affine
 from bnfold.records import Direction, Site, Skip, SkipReason
 
@@ -113,6 +114,15 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
             )
         vals.append(v)
     gamma, beta, mean, var = vals
+    shapes = [tuple(int(d) for d in v.shape) for v in vals]
+    per_element_stats = opset < 9 and int(attr(node, "spatial", 1, opset)) == 0
+    if len(set(shapes)) > 1 or not shapes[0] or (len(shapes[0]) != 1 and not per_element_stats) or 0 in shapes[0]:
+        # The same rule as for initializers (bnfold.io.checks), for parameters the evaluator computed:
+        # a BN whose parameters do not share one channel axis has no semantics (the runtime refuses it).
+        raise ModelFormatError(
+            f"BatchNormalization '{label}': scale, B, mean and var have shapes "
+            f"{', '.join(str(list(d)) for d in shapes)}; they must be 1-D and of one length (the channels)"
+        )
     eps = float(attr(node, "epsilon", 1e-5, opset))  # float32(1e-5) when absent, as the schema says
     scale, shift = bn_affine(gamma, beta, mean, var, eps)
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
