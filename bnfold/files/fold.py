@@ -75,9 +75,10 @@ def fold_file(
     prep = prepare(s.inputs, s.verification, src_p)
     check_output(src_p, dst_p, in_place=s.in_place)
     check_pairing(src_p, out_fmt, dst_p)
-    # Without verification the folded model goes only to the writer: ONNX weights stay in their files
-    # until the fold reads them (see bnfold.io.load_file).
-    loaded = load(src_p, s.load, prog, lazy_external_data=not s.verify)
+    # The folded model goes only to the writer (verification reads the source file and the staged
+    # one): ONNX weights stay in their files until the fold reads them (see bnfold.io.load_file).
+    # The health audit reads every original tensor from the model: it gets them loaded.
+    loaded = load(src_p, s.load, prog, lazy_external_data=not s.health)
     from bnfold import io as bio
 
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
@@ -98,15 +99,17 @@ def fold_file(
     report = replace(advised(report), files=files)
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
     with ship.stage(result) as st:
+        if loaded.format == "onnx":
+            # What ships is the staged file and the reference is the source file: the folded model
+            # is freed before onnxruntime loads both (only the report is kept).
+            loaded, result = replace(loaded, model=None), None
         if s.verify:
             report = replace(report, verification=check(st.path))
         if s.all_or_nothing or report.verification is None or report.verification.passed:
             return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
     # Left the block without commit: the failed staged file is gone before the re-folds. An ONNX
-    # source is re-read by every re-fold, so the failed fold (the loaded model, folded in place) is
-    # freed first: memory stays at one model plus the one being verified.
-    if loaded.format == "onnx":
-        loaded, result = replace(loaded, model=None), None
+    # source is re-read by every re-fold (its failed fold was freed above): memory stays at one model
+    # plus the one being verified.
     report, culprit_free, resolved = _without_culprits(src_p, loaded, out_fmt, prep, s, report, result, prog)
     del result
     if culprit_free is None:  # nothing to write: _finish raises before it would commit
