@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -67,9 +68,15 @@ def fold_file(
         FoldVerificationError: verification failed; nothing written unless ``force`` (then
             ``fold_report.files.written`` is True).
     """
+    with contextlib.ExitStack() as job:  # holds the spill file of an ONNX fold (see below)
+        return _fold_file(src, dst, settings or FoldSettings(), progress or noop, job)
+
+
+def _fold_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], s: FoldSettings, prog: ProgressFn,
+    job: contextlib.ExitStack,
+) -> FoldReport:
     t0 = time.perf_counter()
-    s = settings or FoldSettings()
-    prog = progress or noop
     src_p, dst_p = Path(src), Path(dst)
     out_fmt = check_fold(s, dst_p)
     prep = prepare(s.inputs, s.verification, src_p)
@@ -80,6 +87,7 @@ def fold_file(
     # The health audit reads every original tensor from the model: it gets them loaded.
     loaded = load(src_p, s.load, prog, lazy_external_data=not s.health)
     from bnfold import io as bio
+    from bnfold.io.stream import spilling
 
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
     protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
@@ -87,6 +95,8 @@ def fold_file(
     external_data = s.external_data
     if loaded.format == "onnx":
         refuse({**s.export.flags(), "--eval-semantics": s.eval_semantics}, _NOT_ONNX)
+        if not s.health:  # the weights the fold writes wait for the writer in a file, not in memory
+            job.enter_context(spilling(dst_p.parent))
         report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
         check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731
             str(src_p), cand, prep, example_inputs=None, progress=prog, where=str(src_p))
@@ -108,8 +118,9 @@ def fold_file(
         if s.all_or_nothing or report.verification is None or report.verification.passed:
             return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
     # Left the block without commit: the failed staged file is gone before the re-folds. An ONNX
-    # source is re-read by every re-fold (its failed fold was freed above): memory stays at one model
-    # plus the one being verified.
+    # source is re-read by every re-fold (its failed fold was freed above, and its spill file is
+    # closed now: the re-folds are checked in memory): memory stays at one model plus the one verified.
+    job.close()
     report, culprit_free, resolved = _without_culprits(src_p, loaded, out_fmt, prep, s, report, result, prog)
     del result
     if culprit_free is None:  # nothing to write: _finish raises before it would commit

@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,7 +57,11 @@ def inspect_file(
     if loaded.format == "onnx":
         refuse({"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
         check_onnx_shapes(model, prep.shapes, src_p)
-        _, report = fold_with_report(model, dry_run=True, affine=s.affine)
+        from bnfold.io.stream import spilling
+
+        # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
+        with spilling(None if s.health else tempfile.gettempdir()):
+            _, report = fold_with_report(model, dry_run=True, affine=s.affine)
         report = replace(report, signature=io_signature(model))
     else:
         import torch
