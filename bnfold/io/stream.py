@@ -278,7 +278,7 @@ class _Spill:
         arr = np.ascontiguousarray(value)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        view = memoryview(arr.reshape(-1)).cast("B")  # no copy
+        view = arr.reshape(-1).view(np.uint8).data  # the bytes, no copy
         offset, done = self.end, 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
