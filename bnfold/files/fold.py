@@ -11,8 +11,12 @@ Rules:
       memory and left in place (:mod:`bnfold.culprit`); the model that ships is staged and verified again;
     * a PyTorch output (``.pt``/``.pt2``) is verified in memory: reloading a pickle would need trust;
     * the reference for an ONNX source is the source *file* on disk: the loaded model is folded with
-      ``inplace=True`` (one copy of the weights in memory) and onnxruntime reads the untouched file
-      (external data resolved next to it); with ``in_place`` the source is only replaced at commit.
+      ``inplace=True`` and onnxruntime reads the untouched file (external data resolved next to it);
+      with ``in_place`` the source is only replaced at commit;
+    * memory (ONNX source, no health audit): external weights stay in their files until the fold reads
+      them (a lazy load), the weights the fold writes wait for the writer in an unnamed temporary file
+      next to OUT (:func:`bnfold.io.stream.spilling`), and the folded model is freed once staged,
+      before onnxruntime loads the source and the staged file.
 """
 
 from __future__ import annotations
