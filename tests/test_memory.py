@@ -142,6 +142,35 @@ def _params(path: Path) -> int:
     return sum(int(np.prod(t.dims, dtype=np.int64)) for t in m.graph.initializer)
 
 
+@pytest.mark.parametrize("external_in", [True, False], ids=["external-in", "inline-in"])
+def test_folded_model_is_freed_before_onnxruntime_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external_in: bool
+) -> None:
+    """Verification reads the source file and the staged output: no model of the job stays in memory
+    while onnxruntime holds both (before issue 28's fix the folded model did: one more copy of it)."""
+    import gc
+
+    import bnfold.verification as verification
+
+    model = _chain_model(C, 2, seed=9)
+    model.graph.name = "memory-probe"
+    src = _save(model, tmp_path / "in" / "model.onnx", external_in)
+    del model
+    seen: list[int] = []
+    real = verification.verify
+
+    def probe(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        seen.append(sum(1 for o in gc.get_objects()
+                        if type(o) is onnx.ModelProto and o.graph.name == "memory-probe"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verification, "verify", probe)
+    report = fold_file(src, tmp_path / "folded.onnx", FoldSettings())
+    assert report.verification is not None and report.verification.passed
+    assert seen == [0]
+
+
 def test_spilling_creates_no_name_and_is_off_without_a_folder(tmp_path: Path) -> None:
     with stream.spilling(tmp_path) as on:
         t = onnx.TensorProto()
