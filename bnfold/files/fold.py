@@ -13,10 +13,10 @@ Rules:
     * the reference for an ONNX source is the source *file* on disk: the loaded model is folded with
       ``inplace=True`` and onnxruntime reads the untouched file (external data resolved next to it);
       with ``in_place`` the source is only replaced at commit;
-    * memory (ONNX source, no health audit): external weights stay in their files until the fold reads
-      them (a lazy load), the weights the fold writes wait for the writer in an unnamed temporary file
-      next to OUT (:func:`bnfold.io.stream.spilling`), and the folded model is freed once staged,
-      before onnxruntime loads the source and the staged file.
+    * memory (ONNX source): external weights stay in their files until the fold reads them (a lazy
+      load); without the health audit the weights the fold writes wait for the writer in an unnamed
+      temporary file next to OUT (:func:`bnfold.io.stream.spilling`); the folded model is freed once
+      staged, before onnxruntime loads the source and the staged file.
 """
 
 from __future__ import annotations
@@ -88,8 +88,7 @@ def _fold_file(
     check_pairing(src_p, out_fmt, dst_p)
     # The folded model goes only to the writer (verification reads the source file and the staged
     # one): ONNX weights stay in their files until the fold reads them (see bnfold.io.load_file).
-    # The health audit reads every original tensor from the model: it gets them loaded.
-    loaded = load(src_p, s.load, prog, lazy_external_data=not s.health)
+    loaded = load(src_p, s.load, prog, lazy_external_data=True)
     from bnfold import io as bio
     from bnfold.io.stream import spilling
 
@@ -99,7 +98,9 @@ def _fold_file(
     external_data = s.external_data
     if loaded.format == "onnx":
         refuse({**s.export.flags(), "--eval-semantics": s.eval_semantics}, _NOT_ONNX)
-        if not s.health:  # the weights the fold writes wait for the writer in a file, not in memory
+        # The weights the fold writes wait for the writer in a file, not in memory (the health audit
+        # and its flush read the written tensors from the model: they stay there).
+        if not s.health:
             job.enter_context(spilling(dst_p.parent))
         report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
         check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731

@@ -46,9 +46,8 @@ def inspect_file(
     src_p = Path(src)
     check_inputs(s.inputs)
     prep = prepare(s.inputs, VerifySettings(), src_p)
-    # The dry run reads only the weights it folds, from their files (ONNX external data; the health
-    # audit reads every tensor from the model: it gets them loaded).
-    loaded = load(src_p, s.load, prog, lazy_external_data=not s.health)
+    # The dry run reads only the weights it folds, from their files (ONNX external data).
+    loaded = load(src_p, s.load, prog, lazy_external_data=True)
     model = loaded.model
     prog("fold", 0, 1)
     from bnfold.api import fold_with_report
