@@ -125,6 +125,22 @@ def test_every_tensor_spilled_still_folds_exactly(
             assert e.key != "location" or not os.path.isabs(e.value)
 
 
+def test_a_full_disk_under_the_spill_keeps_the_tensors_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream.os, "pwrite", full)
+    src = _save(_chain_model(C, 2, double_bn=True, seed=11), tmp_path / "in" / "model.onnx", True)
+    dst = tmp_path / "out.onnx"
+    report = fold_file(src, dst, FoldSettings())
+    assert report.verification is not None and report.verification.passed and _bns(dst) == 0
+    np.testing.assert_allclose(_outputs(dst, C), _outputs(src, C), rtol=1e-4, atol=1e-5)
+
+
 def test_inspect_with_spilled_dry_run_predicts_the_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stream, "SPILL_MIN_BYTES", 1)
     src = _save(_chain_model(C, 2, double_bn=True, seed=5), tmp_path / "in" / "model.onnx", True)

@@ -270,8 +270,10 @@ class _Spill:
         self.fd = fd
         self.location = f"/proc/self/fd/{fd}"
         self.end = 0
+        self.failed = False
+        """A write failed (e.g. the disk is full): nothing more is spilled, tensors stay in memory."""
 
-    def put(self, t: Any, value: Any) -> None:
+    def put(self, t: Any, value: Any) -> bool:
         import numpy as np
         import onnx
 
@@ -280,8 +282,12 @@ class _Spill:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         view = arr.reshape(-1).view(np.uint8).data  # the bytes, no copy
         offset, done = self.end, 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError:
+            self.failed = True
+            return False
         self.end = offset + done
         for f in ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
                   "uint64_data", "external_data"):
@@ -293,6 +299,7 @@ class _Spill:
         for key, val in (("location", self.location), ("offset", str(offset)), ("length", str(done))):
             entry = t.external_data.add()
             entry.key, entry.value = key, val
+        return True
 
 
 @contextlib.contextmanager
@@ -322,7 +329,9 @@ def spilling(folder: str | os.PathLike[str] | None) -> Iterator[bool]:
 def spillable(value: Any) -> bool:
     """True when a spill is active and :func:`spill_tensor` would take ``value`` (a plain numeric
     array of :data:`SPILL_MIN_BYTES` or more)."""
-    return _SPILL.get() is not None and value.nbytes >= SPILL_MIN_BYTES and value.dtype.kind in "fiub"
+    spill = _SPILL.get()
+    return (spill is not None and not spill.failed and value.nbytes >= SPILL_MIN_BYTES
+            and value.dtype.kind in "fiub")
 
 
 def spill_tensor(t: Any, value: Any) -> bool:
@@ -331,5 +340,4 @@ def spill_tensor(t: Any, value: Any) -> bool:
     spill = _SPILL.get()
     if spill is None or not spillable(value):
         return False
-    spill.put(t, value)
-    return True
+    return spill.put(t, value)

@@ -173,11 +173,10 @@ class PassRewriter:
 
     def _new_initializer(self, name: str, value: npt.NDArray[Any]) -> None:
         value = self._flushed(value)
+        t = TensorProto()
         if spillable(value):  # inside bnfold.io.stream.spilling: to a temporary file, not memory
-            t = TensorProto()
             t.name, t.data_type = name, _onnx_type(value)
-            spill_tensor(t, value)
-        else:
+        if not spill_tensor(t, value):
             t = numpy_helper.from_array(np.ascontiguousarray(value), name)
             if value.base is not None:  # a bytes-backed weight from the matcher: no second copy
                 t.raw_data = _raw_bytes(value)
