@@ -11,12 +11,17 @@ Rules:
       memory and left in place (:mod:`bnfold.culprit`); the model that ships is staged and verified again;
     * a PyTorch output (``.pt``/``.pt2``) is verified in memory: reloading a pickle would need trust;
     * the reference for an ONNX source is the source *file* on disk: the loaded model is folded with
-      ``inplace=True`` (one copy of the weights in memory) and onnxruntime reads the untouched file
-      (external data resolved next to it); with ``in_place`` the source is only replaced at commit.
+      ``inplace=True`` and onnxruntime reads the untouched file (external data resolved next to it);
+      with ``in_place`` the source is only replaced at commit;
+    * memory (ONNX source): external weights stay in their files until the fold reads them (a lazy
+      load); without the health audit the weights the fold writes wait for the writer in an unnamed
+      temporary file next to OUT (:func:`bnfold.io.stream.spilling`); the folded model is freed once
+      staged, before onnxruntime loads the source and the staged file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -67,18 +72,25 @@ def fold_file(
         FoldVerificationError: verification failed; nothing written unless ``force`` (then
             ``fold_report.files.written`` is True).
     """
+    with contextlib.ExitStack() as job:  # holds the spill file of an ONNX fold (see below)
+        return _fold_file(src, dst, settings or FoldSettings(), progress or noop, job)
+
+
+def _fold_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], s: FoldSettings, prog: ProgressFn,
+    job: contextlib.ExitStack,
+) -> FoldReport:
     t0 = time.perf_counter()
-    s = settings or FoldSettings()
-    prog = progress or noop
     src_p, dst_p = Path(src), Path(dst)
     out_fmt = check_fold(s, dst_p)
     prep = prepare(s.inputs, s.verification, src_p)
     check_output(src_p, dst_p, in_place=s.in_place)
     check_pairing(src_p, out_fmt, dst_p)
-    # Without verification the folded model goes only to the writer: ONNX weights stay in their files
-    # until the fold reads them (see bnfold.io.load_file).
-    loaded = load(src_p, s.load, prog, lazy_external_data=not s.verify)
+    # The folded model goes only to the writer (verification reads the source file and the staged
+    # one): ONNX weights stay in their files until the fold reads them (see bnfold.io.load_file).
+    loaded = load(src_p, s.load, prog, lazy_external_data=True)
     from bnfold import io as bio
+    from bnfold.io.stream import spilling
 
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
     protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
@@ -86,6 +98,10 @@ def fold_file(
     external_data = s.external_data
     if loaded.format == "onnx":
         refuse({**s.export.flags(), "--eval-semantics": s.eval_semantics}, _NOT_ONNX)
+        # The weights the fold writes wait for the writer in a file, not in memory (the health audit
+        # and its flush read the written tensors from the model: they stay there).
+        if not s.health:
+            job.enter_context(spilling(dst_p.parent))
         report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
         check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731
             str(src_p), cand, prep, example_inputs=None, progress=prog, where=str(src_p))
@@ -102,15 +118,18 @@ def fold_file(
         verify_now = False  # the written model computes what the source computes: nothing to run
         report = replace(report, notes=(*report.notes, NOTHING_CHANGED))
     with ship.stage(result) as st:
+        if loaded.format == "onnx":
+            # What ships is the staged file and the reference is the source file: the folded model
+            # is freed before onnxruntime loads both (only the report is kept).
+            loaded, result = replace(loaded, model=None), None
         if verify_now:
             report = replace(report, verification=check(st.path))
         if s.all_or_nothing or report.verification is None or report.verification.passed:
             return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
     # Left the block without commit: the failed staged file is gone before the re-folds. An ONNX
-    # source is re-read by every re-fold, so the failed fold (the loaded model, folded in place) is
-    # freed first: memory stays at one model plus the one being verified.
-    if loaded.format == "onnx":
-        loaded, result = replace(loaded, model=None), None
+    # source is re-read by every re-fold (its failed fold was freed above, and its spill file is
+    # closed now: the re-folds are checked in memory): memory stays at one model plus the one verified.
+    job.close()
     report, culprit_free, resolved = _without_culprits(src_p, loaded, out_fmt, prep, s, report, result, prog)
     del result
     if culprit_free is None:  # nothing to write: _finish raises before it would commit

@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +46,8 @@ def inspect_file(
     src_p = Path(src)
     check_inputs(s.inputs)
     prep = prepare(s.inputs, VerifySettings(), src_p)
-    loaded = load(src_p, s.load, prog)
+    # The dry run reads only the weights it folds, from their files (ONNX external data).
+    loaded = load(src_p, s.load, prog, lazy_external_data=True)
     model = loaded.model
     prog("fold", 0, 1)
     from bnfold.api import fold_with_report
@@ -54,7 +56,11 @@ def inspect_file(
     if loaded.format == "onnx":
         refuse({"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
         check_onnx_shapes(model, prep.shapes, src_p)
-        _, report = fold_with_report(model, dry_run=True, affine=s.affine)
+        from bnfold.io.stream import spilling
+
+        # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
+        with spilling(None if s.health else tempfile.gettempdir()):
+            _, report = fold_with_report(model, dry_run=True, affine=s.affine)
         report = replace(report, signature=io_signature(model))
     else:
         import torch

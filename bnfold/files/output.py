@@ -137,5 +137,6 @@ def staged(
         yield _InMemory(model, lambda: bio.save(model, dst, protect=protect))
     else:
         with bio.staged_save(model, dst, external_data=external_data, protect=protect) as st:
+            del model  # written: the caller may free it while the staged file is checked
             yield st
     progress("save", 1, 1)

@@ -165,8 +165,8 @@ def load_with_format(
     """:func:`load`, also returning the detected format (the file is read and parsed once).
 
     ``lazy_external_data``: ONNX with external data: leave the weights in their files (absolute
-    locations), read by the fold when needed and copied by :func:`save`; for a fold-and-save job that
-    hands the model to nothing else (the fold job without verification).
+    locations), read by the fold when needed and copied by :func:`save`; for a job that hands the
+    model to nothing but the fold and the writer (``fold`` and ``inspect``: onnxruntime reads files).
     """
     loaded = load_file(path, model_factory=model_factory, trust_pickle=trust_pickle,
                        lazy_external_data=lazy_external_data)
@@ -212,8 +212,8 @@ def load_file(
             if any, gives :attr:`Loaded.example_inputs`.
         trust_pickle: allow loading a whole pickled module (unpickling runs code from the file).
         lazy_external_data: ONNX with external data: leave the weights in their files (absolute
-            locations), read by the fold when needed and copied by :func:`save`; for a fold-and-save
-            job that hands the model to nothing else.
+            locations), read by the fold when needed and copied by :func:`save`; for a job that hands
+            the model to nothing but the fold and the writer.
 
     Returns:
         The :class:`Loaded` record.

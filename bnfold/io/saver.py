@@ -225,6 +225,7 @@ def staged_save(
             staged = _stage_onnx(model, dst, external_data, protect_ids, created)
         else:
             staged = _stage_torch(model, dst, fmt, protect_ids, created)
+        del model  # written: the caller may free it while the staged file is checked
         yield staged
     finally:
         if staged is None or not staged.committed:

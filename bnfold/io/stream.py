@@ -9,12 +9,15 @@ with continuation bytes, which is valid protobuf) and filled in at the end. Noth
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from .datafiles import _graphs
 
-__all__ = ["tensor_nbytes"]
+__all__ = ["tensor_nbytes", "spilling", "spillable", "spill_tensor"]
 
 
 def _varint(n: int) -> bytes:
@@ -250,3 +253,97 @@ def _read_in_nested_lazy(model: Any) -> None:
         for t in tensors:
             if _lazy_source(t) is not None:
                 t.CopyFrom(_inline_tensor(t))
+
+
+# --- Spilling: the tensors a fold writes go to an unnamed temporary file instead of memory ----------
+#
+# A fold that rewrites every weight would otherwise hold all the new weights in memory until the save
+# (with upb, in the model's arena, which never shrinks). Inside ``spilling(folder)``, each tensor of
+# :data:`SPILL_MIN_BYTES` or more that the ONNX rewriter writes is appended to one file opened with
+# ``O_TMPFILE`` in ``folder`` (no name: nothing to clean up, even after SIGKILL) and the tensor points
+# at it like a lazily loaded one (absolute location ``/proc/self/fd/N``): the fold reads it back when a
+# later pass needs it, and the streamed writer copies it in chunks. Such a model is valid only inside
+# the ``with`` block. Where the file system or platform has no ``O_TMPFILE`` (or no ``/proc``), nothing
+# is spilled and the tensors stay in memory as before.
+
+SPILL_MIN_BYTES = 1 << 20
+
+_SPILL: contextvars.ContextVar[_Spill | None] = contextvars.ContextVar("bnfold_spill", default=None)
+
+
+class _Spill:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.location = f"/proc/self/fd/{fd}"
+        self.end = 0
+        self.failed = False
+        """A write failed (e.g. the disk is full): nothing more is spilled, tensors stay in memory."""
+
+    def put(self, t: Any, value: Any) -> bool:
+        import numpy as np
+        import onnx
+
+        arr = np.ascontiguousarray(value)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        view = arr.reshape(-1).view(np.uint8).data  # the bytes, no copy
+        offset, done = self.end, 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError:
+            self.failed = True
+            return False
+        self.end = offset + done
+        for f in ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                  "uint64_data", "external_data"):
+            if len(getattr(t, f)):
+                t.ClearField(f)
+        del t.dims[:]
+        t.dims.extend(int(d) for d in arr.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, val in (("location", self.location), ("offset", str(offset)), ("length", str(done))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, val
+        return True
+
+
+@contextlib.contextmanager
+def spilling(folder: str | os.PathLike[str] | None) -> Iterator[bool]:
+    """Within the block, :func:`spill_tensor` moves large written tensors to an unnamed file in ``folder``.
+
+    Yields whether spilling is on (False where ``O_TMPFILE`` or ``/proc/self/fd`` is not available,
+    or ``folder`` is None); the file is closed, and its space freed, when the block ends.
+    """
+    fd = -1
+    if folder is not None and hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            fd = os.open(os.fspath(folder), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            fd = -1
+    if fd < 0:
+        yield False
+        return
+    token = _SPILL.set(_Spill(fd))
+    try:
+        yield True
+    finally:
+        _SPILL.reset(token)
+        os.close(fd)
+
+
+def spillable(value: Any) -> bool:
+    """True when a spill is active and :func:`spill_tensor` would take ``value`` (a plain numeric
+    array of :data:`SPILL_MIN_BYTES` or more)."""
+    spill = _SPILL.get()
+    return (spill is not None and not spill.failed and value.nbytes >= SPILL_MIN_BYTES
+            and value.dtype.kind in "fiub")
+
+
+def spill_tensor(t: Any, value: Any) -> bool:
+    """Write ``value`` into tensor ``t`` (its ``data_type`` already that of ``value``) through the active
+    spill file; False (nothing done) unless :func:`spillable`."""
+    spill = _SPILL.get()
+    if spill is None or not spillable(value):
+        return False
+    return spill.put(t, value)

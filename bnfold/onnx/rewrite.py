@@ -33,6 +33,7 @@ import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
 from bnfold.denormals import flush_written
+from bnfold.io.stream import spill_tensor, spillable
 from bnfold.records import Site
 
 from .const import PURE_OPS
@@ -90,6 +91,8 @@ def write_tensor(tensor: TensorProto, value: npt.NDArray[Any]) -> None:
         tensor.data_location = TensorProto.DEFAULT
     del tensor.dims[:]
     tensor.dims.extend(int(d) for d in value.shape)
+    if spill_tensor(tensor, value):  # inside bnfold.io.stream.spilling: to a temporary file, not memory
+        return
     tensor.raw_data = _raw_bytes(value)
 
 
@@ -174,9 +177,13 @@ class PassRewriter:
 
     def _new_initializer(self, name: str, value: npt.NDArray[Any]) -> None:
         value = self._flushed(value)
-        t = numpy_helper.from_array(np.ascontiguousarray(value), name)
-        if value.base is not None:  # a bytes-backed weight from the matcher: no second copy
-            t.raw_data = _raw_bytes(value)
+        t = TensorProto()
+        if spillable(value):  # inside bnfold.io.stream.spilling: to a temporary file, not memory
+            t.name, t.data_type = name, _onnx_type(value)
+        if not spill_tensor(t, value):
+            t = numpy_helper.from_array(np.ascontiguousarray(value), name)
+            if value.base is not None:  # a bytes-backed weight from the matcher: no second copy
+                t.raw_data = _raw_bytes(value)
         self.graph.initializer.append(t)
         if self.add_inputs:
             self.graph.input.append(helper.make_tensor_value_info(name, _onnx_type(value), list(value.shape)))
