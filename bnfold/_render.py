@@ -104,9 +104,16 @@ def _t(value: object, style: str = "") -> Text:
     return Text(clean(value), style=style)
 
 
+class _Console(Console):
+    """rich's console, leaving a closed pipe to the CLI (one exit code for it, whoever writes)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def make_console(*, stderr: bool = False) -> Console:
     """A console that interprets no markup, emoji codes or highlighting in what it prints."""
-    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+    return _Console(stderr=stderr, highlight=False, markup=False, emoji=False)
 
 
 def human_size(n: int | None) -> str:

@@ -1,0 +1,131 @@
+"""CLI and report defects found by outside users (issue 22 items 7, 15, 16, 17, 19; issue 28 items 7, 11).
+
+Each test drives the command line as a user would (CliRunner, or a real subprocess where a pipe or the
+process exit matters) and checks what the user sees: exit code, the one stderr line, what is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from bnfold.cli import app
+from models.stats import bn_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET = ROOT / "models" / "samples" / "lenet5.onnx"
+runner = CliRunner()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["COLUMNS"] = "80"
+    return env
+
+
+def _strict_json(text: str) -> Any:
+    """Parse as JSON proper: ``Infinity``/``NaN`` tokens are not JSON (jq and JSON.parse reject them)."""
+    def reject(token: str) -> Any:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def _conv_bn_onnx(c: int = 4, *, seed: int = 0, conv: str = "conv", bn: str = "bn") -> onnx.ModelProto:
+    """x -> Conv -> BN -> y with trained-looking BN statistics."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    gamma, beta, mean, var = (a.astype(np.float32) for a in bn_stats(c, rng))
+    inits = [numpy_helper.from_array(w, "W")] + [
+        numpy_helper.from_array(a, n) for a, n in zip((gamma, beta, mean, var), ("g", "b", "m", "v"))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name=conv, pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name=bn, epsilon=1e-5),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# ------------------------------------------------------------------ 22.7: a reader that stops early
+@pytest.mark.parametrize("args", [["inspect", str(LENET), "-v"], ["--help"], ["inspect", "--help"]])
+def test_closed_pipe_ends_quietly(args: list[str]) -> None:
+    """``bnfold inspect m.onnx -v | head -1`` and ``bnfold --help | true``: no traceback, no message."""
+    p = subprocess.Popen([sys.executable, "-m", "bnfold", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=_env())
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # the reader is gone before bnfold writes a byte
+    err = p.stderr.read().decode()
+    rc = p.wait(timeout=120)
+    assert err == ""
+    assert rc == 141  # 128 + SIGPIPE, what the shell reports for a Unix tool stopped by a closed pipe
+
+
+# ---------------------------------------------------------- 22.17: --json and -q before the command
+def test_json_and_quiet_before_the_command(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn_onnx(), str(src))
+    r = runner.invoke(app, ["--json", "inspect", str(src)])
+    assert r.exit_code == 0, r.output
+    doc = _strict_json(r.stdout)
+    assert doc["command"] == "inspect" and doc["summary"]["folded"] == 1
+    out = tmp_path / "o.onnx"
+    r = runner.invoke(app, ["-q", "fold", str(src), str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and out.exists()
+    r = runner.invoke(app, ["--quiet", "inspect", str(src)])
+    assert r.exit_code == 0 and r.stdout == ""
+    # the same refusal as after the command
+    r = runner.invoke(app, ["--json", "-q", "inspect", str(src)])
+    assert r.exit_code == 2 and "choose one" in r.stderr
+
+
+# ------------------------------------------------------------- 28.11: --json never emits Infinity
+def _identity_and_inf(tmp_path: Path) -> tuple[Path, Path]:
+    """Reference y = x; candidate y = x / 0 (inf everywhere): the errors are infinite."""
+    def model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save(model([helper.make_node("Identity", ["x"], ["y"])], []), str(ref))
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "z")
+    one = numpy_helper.from_array(np.ones((1,), np.float32), "o")
+    onnx.save(model([helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Add", ["a", "o"], ["p"]),
+                     helper.make_node("Div", ["p", "z"], ["y"])], [zero, one]), str(cand))
+    return ref, cand
+
+
+def test_json_has_no_infinity_token(tmp_path: Path) -> None:
+    ref, cand = _identity_and_inf(tmp_path)
+    r = runner.invoke(app, ["verify", str(ref), str(cand), "--json"])
+    assert r.exit_code == 1
+    assert "Infinity" not in r.stdout and "NaN" not in r.stdout
+    doc = _strict_json(r.stdout)
+    assert doc["verification"]["max_abs_error"] == "inf"
+    assert doc["passed"] is False
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    jsonschema.validate(doc, schema)
