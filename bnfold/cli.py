@@ -316,14 +316,16 @@ def _show_verify_details(console: Any, report: Any) -> None:
     """
     from rich.text import Text
 
-    for r in report.runtimes:
+    for r in report.runtimes:  # from a golden file too: every string is escaped
         if r.runtime != "onnxruntime":
-            console.print(Text(f"{r.role}: ran with {r.runtime}" + (f" ({r.reason})" if r.reason else "")))
+            console.print(Text(f"{clean(r.role)}: ran with {clean(r.runtime)}"
+                               + (f" ({clean(r.reason)})" if r.reason else "")))
     for c in report.checks:
         if not c.passed:
-            chans = ", ".join(f"{ch} ({e:.2e})" for ch, e in c.worst_channels)
+            chans = ", ".join(f"{clean(ch)} ({e:.2e})" for ch, e in c.worst_channels)
             console.print(Text(
-                f"{c.name} (sample {c.sample}): failed on {c.failure}; largest error at {list(c.worst_index)}"
+                f"{clean(c.name)} (sample {c.sample}): failed on {clean(c.failure)}; largest error at "
+                f"{list(c.worst_index)}"
                 + (f"; worst channels: {chans}" if chans else "")
                 + f"; cosine {c.cosine:.6f}" + (f", SNR {c.snr_db:.1f} dB" if c.snr_db is not None else "")
             ))
@@ -334,8 +336,8 @@ def _show_verify_details(console: Any, report: Any) -> None:
         else:
             t = next(t for t in loc.tensors if t.name == loc.first_divergence)
             console.print(Text(
-                f"locate: first divergence at {t.name} (computed by {t.producer}; matched by {t.matched_as}): "
-                f"max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
+                f"locate: first divergence at {clean(t.name)} (computed by {clean(t.producer)}; matched by "
+                f"{clean(t.matched_as)}): max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
                 f"({loc.compared} tensor(s) compared)"
             ))
 

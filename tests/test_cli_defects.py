@@ -129,3 +129,22 @@ def test_json_has_no_infinity_token(tmp_path: Path) -> None:
 
     schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
     jsonschema.validate(doc, schema)
+
+
+# ------------------------------------------------ 28.7: strings from a golden file reach the terminal escaped
+def test_golden_runtimes_are_escaped(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn_onnx(), str(src))
+    golden = tmp_path / "g.npz"
+    r = runner.invoke(app, ["verify", str(src), str(src), "--save-outputs", str(golden)])
+    assert r.exit_code == 0, r.output
+    with np.load(golden, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["__meta__"]))
+    meta["runtimes"] = {"reference": "\x1b]0;owned\x07\x1b[2J", "candidate": "ort\x1b[31m"}
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    np.savez(golden, **arrays)  # type: ignore[arg-type]
+    r = runner.invoke(app, ["verify", "--load-outputs", str(golden), str(src)])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "\\x1b]0;owned\\x07" in r.stdout  # shown, escaped
