@@ -7,8 +7,9 @@ Rules:
       control characters are shown escaped (``\\x1b``), rich markup (``[/oops]``) is shown as typed,
       so a name can neither drive the terminal nor make rendering raise;
     * the default fold/inspect view is compact: the summary first, then only the BatchNorms that are
-      left, each with its reason; ``verbose`` lists every BatchNorm. Long names are shortened in the
-      middle (``layer1.0.…conv2``) and never wrapped;
+      left, each with its reason; ``verbose`` lists every BatchNorm. Names are never cut: a table whose
+      names do not fit the terminal is printed wider (the terminal wraps the line), so every name
+      can be copied and searched for whole, on a terminal and in a pipe;
     * JSON documents (:func:`json_document`) follow one versioned schema,
       ``bnfold/schemas/report-v1.json``: a common head (``schema``, ``schema_version``, ``command``,
       ``ok``, ``exit_code``, ``bnfold_version``) and one body per command; an error is the head plus an
@@ -50,7 +51,6 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "clean",
-    "shorten",
     "human_size",
     "make_console",
     "render_fold_report",
@@ -91,24 +91,49 @@ def clean(value: object) -> str:
     return _CONTROL.sub(esc, str(value))
 
 
-def shorten(name: str, width: int) -> str:
-    """``name`` cut in the middle to at most ``width`` characters (``head…tail``); never wrapped."""
-    if width < 5 or len(name) <= width:
-        return name
-    keep = width - 1
-    head = (keep + 1) // 2
-    return f"{name[:head]}…{name[len(name) - (keep - head):]}"
+_MIN_TEXT = 30
+"""Columns of prose (a reason's sentence) keep at least this width: they wrap at spaces."""
+
+
+def print_whole(console: Console, table: Table, fixed: int) -> None:
+    """Print ``table`` at least ``fixed + _MIN_TEXT`` wide, never cropped.
+
+    ``fixed``: the width its unbreakable columns (names) need, padding included. rich would
+    otherwise shrink every column to the console width and cut names with an ellipsis.
+    """
+    wanted = fixed + _MIN_TEXT
+    if wanted <= console.width:
+        console.print(table)
+        return
+    previous = console.width
+    console.width = wanted  # rich never renders wider than its console: widen it for this table only
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = previous
+
+
+def _widest(values: Any) -> int:
+    return max((len(v) for v in values), default=0)
 
 
 def _t(value: object, style: str = "") -> Text:
     return Text(clean(value), style=style)
 
 
+_TRAILING = re.compile(r"[ ]+((?:\x1b\[[0-9;]*m)*)(?=\n)")
+"""Spaces at the end of a line (before any closing style codes): rich pads every cell of a table."""
+
+
 class _Console(Console):
-    """rich's console, leaving a closed pipe to the CLI (one exit code for it, whoever writes)."""
+    """rich's console, leaving a closed pipe to the CLI (one exit code for it, whoever writes), and
+    writing no trailing spaces (rich pads table cells to the column's width)."""
 
     def on_broken_pipe(self) -> None:
         raise BrokenPipeError
+
+    def _render_buffer(self, buffer: Any) -> str:
+        return _TRAILING.sub(r"\1", super()._render_buffer(buffer))
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -138,14 +163,14 @@ def _shape(dims: Any) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _signature_rows(sig: Mapping[str, Any], width: int) -> list[tuple[str, Text]]:
+def _signature_rows(sig: Mapping[str, Any]) -> list[tuple[str, Text]]:
     rows: list[tuple[str, Text]] = []
     if not sig:
         return rows
     for key in ("inputs", "outputs"):
         items = sig.get(key) or []
         shown = ", ".join(
-            f"{shorten(clean(i['name']), width)}: {clean(i['dtype'])} {clean(_shape(i['shape']))}" for i in items[:4]
+            f"{clean(i['name'])}: {clean(i['dtype'])} {clean(_shape(i['shape']))}" for i in items[:4]
         )
         if len(items) > 4:
             shown += f", ... ({len(items)} in all)"
@@ -166,7 +191,6 @@ def render_fold_report(
     """
     f = report.files
     c = counts(report)
-    width = max(20, console.width // 3)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
@@ -193,7 +217,7 @@ def render_fold_report(
         ops.append(f"parameters {_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}")
     if ops:
         grid.add_row("ops", Text(", ".join(ops)))
-    for key, row in _signature_rows(report.signature or {}, width):
+    for key, row in _signature_rows(report.signature or {}):
         grid.add_row(key, row)
     v = report.verification
     if v is not None:
@@ -214,18 +238,21 @@ def render_fold_report(
         table.add_column(no_wrap=True)
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
-        for v2 in shown:
-            table.add_row(*_verdict_cells(v2, width))
+        cells = [_verdict_cells(v2) for v2 in shown]
+        for row in cells:
+            table.add_row(*row)
         console.print(Text("every BatchNorm:" if verbose else "left:", style="bold"))
-        console.print(table)
+        targets = _widest(clean(v2.target) for v2 in shown if isinstance(v2, Site))
+        fixed = _widest(r[0].plain for r in cells) + _widest(r[1].plain for r in cells) + 4
+        print_whole(console, table, fixed + targets)
 
 
-def _verdict_cells(v: Site | Skip, width: int) -> tuple[Text, Text, Text]:
-    name = _t(shorten(clean(v.bn), width))
+def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:
+    name = _t(v.bn)
     if isinstance(v, Site):
         if v.direction is Direction.AFFINE:
             return name, Text("Mul + Add", style="cyan"), _t(v.detail)
-        into = f"{shorten(clean(v.target), width)} ({clean(v.target_kind)}, {v.direction.value})"
+        into = f"{clean(v.target)} ({clean(v.target_kind)}, {v.direction.value})"
         return name, Text("folded", style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
     return name, Text(v.reason.value, style="yellow"), _t(v.detail)
 
@@ -261,7 +288,6 @@ def _worst_per_output(checks: tuple[OutputCheck, ...]) -> list[OutputCheck]:
 
 def render_verify_report(console: Console, report: VerifyReport, *, title: str | None = None) -> None:
     """Per output (worst sample), the errors and tolerances; then the verdict, for every level run."""
-    width = max(20, console.width // 3)
     if title:
         console.print(_t(title, "bold"))
     for i, rep in enumerate((report, *report.extra)):
@@ -274,9 +300,10 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
         for col in ("abs err", "rel err", "bad", "atol", "rtol"):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("ok?", no_wrap=True)
-        for c in _worst_per_output(rep.checks):
+        worst = _worst_per_output(rep.checks)
+        for c in worst:
             table.add_row(
-                _t(shorten(clean(c.name), width)),
+                _t(c.name),
                 "x".join(str(d) for d in c.shape) or "scalar",
                 _t(c.dtype),
                 f"{c.max_abs_error:.2e}",
@@ -286,7 +313,7 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
                 f"{c.rtol:.0e}",
                 Text("ok", style="green") if c.passed else Text("FAIL", style="bold red"),
             )
-        console.print(table)
+        print_whole(console, table, _widest(clean(c.name) for c in worst) + 70)
     console.print(_verdict_text(report))
 
 
@@ -325,7 +352,6 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         f"{clean(f.source)} ({clean(f.source_format)}) -> {clean(f.output)} "
         f"({human_size(f.size_after)}) in {result.seconds:.2f} s"
     ))
-    width = max(20, console.width // 2)
     if not frozen and not left:
         console.print("No BatchNorm layer found: the model is written unchanged.")
     elif verbose and frozen:
@@ -333,8 +359,8 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         table.add_column(no_wrap=True)
         table.add_column(no_wrap=True)
         for name, kind in frozen:
-            table.add_row(_t(shorten(clean(name), width)), _t(kind))
-        console.print(table)
+            table.add_row(_t(name), _t(kind))
+        print_whole(console, table, _widest(clean(n) for n, _ in frozen) + _widest(clean(k) for _, k in frozen) + 2)
     if left:
         console.print(Text("BatchNorm layers left as they were:"))
         kept = Table.grid(padding=(0, 2))
@@ -342,8 +368,8 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         kept.add_column(no_wrap=True)
         kept.add_column()
         for name, reason, detail in left:
-            kept.add_row(_t(shorten(clean(name), width)), _t(clean(reason)), _t(clean(detail)))
-        console.print(kept)
+            kept.add_row(_t(name), _t(reason), _t(detail))
+        print_whole(console, kept, _widest(clean(n) for n, _, _ in left) + _widest(clean(r) for _, r, _ in left) + 4)
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -375,17 +401,17 @@ def render_health(console: Console, h: HealthReport, *, verbose: bool = False) -
     if verbose and h.bns:
         table = Table(title="BatchNorm health", title_justify="left")
         table.add_column("#", justify="right", style="dim")
-        table.add_column("BatchNorm", overflow="fold")
+        table.add_column("BatchNorm", no_wrap=True)
         table.add_column("status", no_wrap=True)
         table.add_column("max |scale|", justify="right", no_wrap=True)
         table.add_column("issues", overflow="fold")
         for i, b in enumerate(h.bns, 1):
             issues = "; ".join(b.issues) or b.note
             table.add_row(
-                str(i), b.bn, b.status, f"{b.max_abs_scale:.3g}",
-                Text(issues, style="yellow") if b.issues else Text(issues or "ok", style="green"),
+                str(i), _t(b.bn), _t(b.status), f"{b.max_abs_scale:.3g}",
+                _t(issues, "yellow") if b.issues else _t(issues or "ok", "green"),
             )
-        console.print(table)
+        print_whole(console, table, _widest(clean(b.bn) for b in h.bns) + 40)
     console.print(Text(health_summary(h), style="green" if h.healthy else "yellow"))
 
 

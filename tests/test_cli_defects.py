@@ -148,3 +148,37 @@ def test_golden_runtimes_are_escaped(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout
     assert "\\x1b]0;owned\\x07" in r.stdout  # shown, escaped
+
+
+# ------------------------------------------- 22.16 / 22.19: names are never cut; no trailing spaces
+def _long_named_bns(n: int = 3) -> onnx.ModelProto:
+    """Relu -> BN chains (left: no producer) whose names differ only in the middle, as exporters name them."""
+    rng = np.random.default_rng(1)
+    nodes, inits, prev = [], [], "x"
+    for i in range(n):
+        inits += [numpy_helper.from_array(a.astype(np.float32), f"{k}{i}") for a, k in zip(bn_stats(3, rng), "gbmv")]
+        nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
+        nodes.append(helper.make_node(
+            "BatchNormalization", [f"r{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"y{i}"],
+            name=f"/stages/stage.{i}/blocks/blocks.0/conv2/bn/BatchNormalization_of_the_block"))
+        prev = f"y{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"], ["-v", "--health"]])
+def test_names_are_whole_at_80_columns(tmp_path: Path, verbose: list[str]) -> None:
+    src = tmp_path / "m.onnx"
+    model = _long_named_bns()
+    onnx.save(model, str(src))
+    r = runner.invoke(app, ["inspect", str(src), *verbose], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            assert sum(node.name in line for line in lines) == (2 if "--health" in verbose else 1), node.name
+    assert "…" not in r.stdout
+    assert not [line for line in lines if line != line.rstrip()]  # no padding to column 80
