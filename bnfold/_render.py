@@ -239,8 +239,8 @@ def render_fold_report(
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
         cells = [_verdict_cells(v2) for v2 in shown]
-        for row in cells:
-            table.add_row(*row)
+        for cell in cells:
+            table.add_row(*cell)
         console.print(Text("every BatchNorm:" if verbose else "left:", style="bold"))
         targets = _widest(clean(v2.target) for v2 in shown if isinstance(v2, Site))
         fixed = _widest(r[0].plain for r in cells) + _widest(r[1].plain for r in cells) + 4
