@@ -212,7 +212,9 @@ def render_fold_report(
     what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
     grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))
     known = None if not report.dry_run else report.predicted_counts
-    ops = [f"nodes {_arrow(report.nodes_before, report.nodes_after)}"] if known is None or "nodes" in known else []
+    # A PyTorch model written to .onnx: nodes of the exported graph, before and after its ONNX fold.
+    unit = "exported ONNX nodes" if report.backend == "export_onnx" else "nodes"
+    ops = [f"{unit} {_arrow(report.nodes_before, report.nodes_after)}"] if known is None or "nodes" in known else []
     if known is None or "params" in known:
         ops.append(f"parameters {_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}")
     if ops:

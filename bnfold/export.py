@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError, VerificationError
-from .records import ExportCounts, FoldReport, Verdict
+from .records import Direction, ExportCounts, FoldReport, Site, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -258,9 +258,18 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
     else:
         onnx_modules = {_module_of(v.bn) for v in oreport.verdicts}
         kept = [v for v in treport.verdicts if v.folded or v.bn not in onnx_modules]
+        gone = [v for v in kept if not v.folded]
+        if len(gone) == len(treport.skips) - left_in_onnx:
+            # Not in the exported graph: the exporter removed them (folded into their Conv), so they
+            # are not left (a report "1 -> 0: left 1" contradicts itself).
+            kept = [v if v.folded else Site(v.bn, "", "exporter", Direction.FORWARD,
+                                             "folded by the ONNX exporter (not by bnfold's PyTorch fold: "
+                                             f"{v.detail})") for v in kept]
+    # Nodes are counted in the exported ONNX graph, before and after its ONNX fold: the PyTorch
+    # side counts modules, which cannot be compared with ONNX nodes.
     return FoldReport(
         backend=backend, verdicts=[*kept, *oreport.verdicts], bn_before=treport.bn_before,
-        bn_after=oreport.bn_after, nodes_before=treport.nodes_before, params_before=treport.params_before,
+        bn_after=oreport.bn_after, nodes_before=oreport.nodes_before, params_before=treport.params_before,
         nodes_after=oreport.nodes_after, params_after=oreport.params_after,
         notes=(*treport.notes, *oreport.notes),
     )

@@ -182,3 +182,132 @@ def test_names_are_whole_at_80_columns(tmp_path: Path, verbose: list[str]) -> No
             assert sum(node.name in line for line in lines) == (2 if "--health" in verbose else 1), node.name
     assert "…" not in r.stdout
     assert not [line for line in lines if line != line.rstrip()]  # no padding to column 80
+
+
+# ------------------------------------------------ 22.15: inspect says what fold does, counts compare
+def _verdicts(doc: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [(v["bn"], v["status"], v["target"], v["target_kind"], v["reason"]) for v in doc["verdicts"]]
+
+
+def _inspect_and_fold(src: Path, out: Path, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    r1 = runner.invoke(app, ["inspect", str(src), "--json", *extra])
+    assert r1.exit_code == 0, r1.output
+    r2 = runner.invoke(app, ["fold", str(src), str(out), "--json", *extra])
+    assert r2.exit_code == 0, r2.output
+    return _strict_json(r1.stdout), _strict_json(r2.stdout)
+
+
+@pytest.mark.parametrize("sample", ["lenet5.onnx", "cnn_opset6.onnx", "conv1d_net.onnx", "mnist_mlp.onnx",
+                                    "preact_net.onnx", "unet_decoder.onnx"])
+def test_inspect_verdicts_are_folds_onnx(sample: str, tmp_path: Path) -> None:
+    seen, done = _inspect_and_fold(ROOT / "models" / "samples" / sample, tmp_path / "o.onnx")
+    assert _verdicts(seen) == _verdicts(done)
+    for key in ("bn_before", "bn_after", "folded", "left", "by_reason", "nodes_before", "nodes_after",
+                "params_before", "params_after"):
+        assert seen["summary"][key] == done["summary"][key], key
+    assert done["summary"]["left"] == done["summary"]["bn_after"]
+
+
+_UNTRACEABLE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if float(y.sum()) > -1e30:  # data-dependent control flow: torch.fx cannot trace it
+            y = torch.relu(y)
+        return self.bn2(self.conv2(y))
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+        self.bn1d = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn1d(self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def _trained(m):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.25)
+                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(c, generator=g) - 0.5)
+    return m.eval()
+
+
+def net():
+    torch.manual_seed(0)
+    return _trained(Net())
+
+
+def plain():
+    torch.manual_seed(0)
+    return _trained(Plain())
+
+
+net.example_input_shape = (3, 8, 8)
+plain.example_input_shape = (3, 8, 8)
+'''
+
+
+@pytest.fixture()
+def factory_file(tmp_path: Path) -> Path:
+    import torch
+
+    f = tmp_path / "arch.py"
+    f.write_text(_UNTRACEABLE)
+    ns: dict[str, Any] = {}
+    exec(compile(_UNTRACEABLE, str(f), "exec"), ns)  # noqa: S102 - the test's own source
+    torch.save(ns["net"]().state_dict(), tmp_path / "net.pt")
+    torch.save(ns["plain"]().state_dict(), tmp_path / "plain.pt")
+    return f
+
+
+@pytest.mark.parametrize(("factory", "fmt", "form"), [
+    ("net", "pt", "dotted"), ("plain", "pt", "dotted"), ("plain", "pt2", "dotted"), ("plain", "pt2", "file"),
+])
+def test_inspect_verdicts_are_folds_pytorch(factory_file: Path, factory: str, fmt: str, form: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp = factory_file.parent
+    monkeypatch.chdir(tmp)  # the current folder is importable: "arch:net" names tmp/arch.py
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "arch", raising=False)
+    spec = f"arch:{factory}" if form == "dotted" else f"{factory_file}:{factory}"
+    seen, done = _inspect_and_fold(tmp / f"{factory}.pt", tmp / f"o.{fmt}", "-m", spec)
+    assert _verdicts(seen) == _verdicts(done)
+    for key in ("bn_before", "bn_after", "folded", "left", "by_reason", "params_before", "params_after"):
+        assert seen["summary"][key] == done["summary"][key], key
+    s = done["summary"]
+    if fmt == "pt":  # a folded BN leaves the module tree (an nn.Identity is no module left to run)
+        assert seen["summary"]["nodes_after"] == s["nodes_after"]
+        assert s["nodes_after"] == s["nodes_before"] - s["folded"]
+
+
+def test_export_report_counts_agree(factory_file: Path) -> None:
+    """A BN the exporter removed is not "left"; nodes compare ONNX with ONNX."""
+    tmp = factory_file.parent
+    r = runner.invoke(app, ["fold", str(tmp / "net.pt"), str(tmp / "o.onnx"), "--json", "-m", f"{factory_file}:net"])
+    assert r.exit_code == 0, r.output
+    s = _strict_json(r.stdout)["summary"]
+    out = onnx.load(str(tmp / "o.onnx"))
+    assert s["bn_after"] == s["left"] == sum(n.op_type == "BatchNormalization" for n in out.graph.node)
+    assert s["folded"] + s["left"] == s["bn_before"] == 2
+    assert s["nodes_after"] == len(out.graph.node)
