@@ -275,6 +275,11 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     )
 
 
+def _tol(value: float) -> str:
+    """A tolerance as given (``1.2e-38``, ``1e-05``, ``0``): never rounded to another value."""
+    return "0" if value == 0 else f"{value:.3g}"
+
+
 def _verdict_text(v: VerifyReport) -> Text:
     return _verification_line(v, None)
 
@@ -311,8 +316,8 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
                 f"{c.max_abs_error:.2e}",
                 f"{c.max_rel_error:.2e}",
                 str(c.mismatches),
-                f"{c.atol:.0e}",
-                f"{c.rtol:.0e}",
+                _tol(c.atol),
+                _tol(c.rtol),
                 Text("ok", style="green") if c.passed else Text("FAIL", style="bold red"),
             )
         print_whole(console, table, _widest(clean(c.name) for c in worst) + 70)
@@ -439,12 +444,14 @@ def progress_callback(
         transient=True,
     )
     tasks: dict[str, Any] = {}
+    order: list[str] = []  # stages as they come: numbered in that order, so [3/4] never follows [4/4]
 
     def update(stage: str, done: int, total: int) -> None:
         if "start" in tasks:
             bar.remove_task(tasks.pop("start"))
         if stage not in tasks:
-            tasks[stage] = bar.add_task(stage_label(stage, stages), total=max(total, 1))
+            order.append(stage)
+            tasks[stage] = bar.add_task(stage_label(stage, stages, order), total=max(total, 1))
         bar.update(tasks[stage], completed=done, total=max(total, 1))
 
     with bar:
@@ -453,9 +460,16 @@ def progress_callback(
         yield update
 
 
-def stage_label(stage: str, stages: tuple[str, ...]) -> str:
-    """``"[2/4] folding"`` for ``stage`` "fold" in ``stages`` ("load", "fold", "verify", "save")."""
+def stage_label(stage: str, stages: tuple[str, ...], seen: list[str] | None = None) -> str:
+    """``"[2/4] folding"`` for ``stage`` "fold" in ``stages`` ("load", "fold", "verify", "save").
+
+    ``seen``: the stages in the order the job reached them (``stage`` last); then the number is the
+    position in that order (a job may stage OUT before verifying it), and the total grows when the job
+    runs a stage ``stages`` did not list (an export).
+    """
     name = STAGES.get(stage, clean(stage))
+    if seen is not None and stages:
+        return f"[{seen.index(stage) + 1}/{max(len(stages), len(seen))}] {name}"
     return f"[{stages.index(stage) + 1}/{len(stages)}] {name}" if stage in stages else name
 
 

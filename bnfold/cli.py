@@ -33,6 +33,7 @@ from ._cli_options import (
     Affine,
     AllOrNothing,
     Atol,
+    CheckpointPath,
     Debug,
     EvalSemantics,
     ExternalData,
@@ -344,7 +345,7 @@ def _show_verify_details(console: Any, report: Any) -> None:
 
 @app.command(short_help="Turn BatchNorm into frozen affine layers (PyTorch files).")
 def freeze(
-    model: ModelPath,
+    model: CheckpointPath,
     out: OutArg = None,
     output: Output = None,
     learnable: Annotated[bool, typer.Option("--learnable", help="Make scale and shift trainable.")] = False,

@@ -311,3 +311,52 @@ def test_export_report_counts_agree(factory_file: Path) -> None:
     assert s["bn_after"] == s["left"] == sum(n.op_type == "BatchNormalization" for n in out.graph.node)
     assert s["folded"] + s["left"] == s["bn_before"] == 2
     assert s["nodes_after"] == len(out.graph.node)
+
+
+# ------------------------------------------------------- 22.19: progress stages numbered in order
+def test_progress_stages_count_up(tmp_path: Path) -> None:
+    """A real fold reports saving (staging OUT) before verifying it: the numbers still count up."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from bnfold import files
+    from bnfold._render import progress_callback
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn_onnx(), str(src))
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=80, color_system=None)
+    with progress_callback(console, stages=("load", "fold", "verify", "save")) as update:
+        files.fold_file(src, tmp_path / "o.onnx", files.FoldSettings(), update)
+    shown = [(int(a), int(b), name) for a, b, name in re.findall(r"\[(\d)/(\d)\] (\w+)", buf.getvalue())]
+    firsts: list[tuple[int, int, str]] = []
+    for item in shown:
+        if item[2] not in [f[2] for f in firsts]:
+            firsts.append(item)
+    assert [f[0] for f in firsts] == list(range(1, len(firsts) + 1)), firsts
+    assert {f[2] for f in firsts} == {"loading", "folding", "verifying", "saving"}
+
+
+def test_freeze_help_names_only_what_freeze_takes() -> None:
+    r = runner.invoke(app, ["freeze", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    model_line = next(line for line in r.stdout.splitlines() if line.strip().startswith("MODEL"))
+    assert ".onnx" not in model_line and ".pt2" not in model_line and ".pt" in model_line
+
+
+def test_verify_shows_the_default_tolerance_as_it_is(tmp_path: Path) -> None:
+    """float32's default atol is its smallest normal, 1.2e-38: not shown rounded to another number."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn_onnx(), str(src))
+    r = runner.invoke(app, ["verify", str(src), str(src)], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.stdout.splitlines() if line.split()[:1] == ["y"])
+    assert "1.18e-38" in row.split() or "1.2e-38" in row.split()
+    assert "1e-38" not in row.split()
+
+
+def test_cli_md_names_the_culprits_key() -> None:
+    text = (ROOT / "cli.md").read_text(encoding="utf-8")
+    assert "extra.culprits" not in text and "`culprits`" in text
