@@ -247,6 +247,26 @@ def render_fold_report(
         targets = _widest(clean(v2.target) for v2 in shown if isinstance(v2, Site))
         fixed = _widest(r[0].plain for r in cells) + _widest(r[1].plain for r in cells) + 4
         print_whole(console, table, fixed + targets)
+    if report.pruned_channels:
+        _render_pruned(console, report.pruned_channels)
+
+
+def _render_pruned(console: Console, pruned: Any) -> None:
+    """``--prune-constant-channels``: each layer with constant channels, pruned or why not."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for p in pruned:
+        chans = ", ".join(str(c) for c in p.channels)
+        if p.pruned:
+            table.add_row(_t(p.layer), Text("pruned", style="green"),
+                          _t(f"channel(s) {chans}; constant moved into {p.next_layer}'s bias"))
+        else:
+            table.add_row(_t(p.layer), Text("kept", style="yellow"),
+                          _t(f"channel(s) {chans}: {p.detail}" if chans else p.detail))
+    console.print(Text("constant channels:", style="bold"))
+    print_whole(console, table, _widest(clean(p.layer) for p in pruned) + 10)
 
 
 def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:

@@ -360,3 +360,60 @@ def test_verify_shows_the_default_tolerance_as_it_is(tmp_path: Path) -> None:
 def test_cli_md_names_the_culprits_key() -> None:
     text = (ROOT / "cli.md").read_text(encoding="utf-8")
     assert "extra.culprits" not in text and "`culprits`" in text
+
+
+_PRUNABLE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """conv1 -> bn1 (gamma = 0 on two channels) -> relu -> conv2 (padded: the constant is not exact there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn1(self.conv1(x))))
+
+
+def net():
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.5, 0.5)
+        m.bn1.running_var.uniform_(0.3, 2.0)
+        m.bn1.weight.uniform_(0.5, 1.5)
+        m.bn1.bias.uniform_(0.2, 0.5)
+        m.bn1.weight[[1, 4]] = 0.0
+    return m
+
+
+net.example_input_shape = (3, 8, 8)
+'''
+
+
+def test_prune_reasons_are_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    (tmp_path / "prunable.py").write_text(_PRUNABLE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "prunable", raising=False)
+    ns: dict[str, Any] = {}
+    exec(compile(_PRUNABLE, "prunable.py", "exec"), ns)  # noqa: S102 - the test's own source
+    torch.save(ns["net"]().state_dict(), tmp_path / "net.pt")
+    args = ["fold", "net.pt", "out.pt", "-m", "prunable:net", "--prune-constant-channels"]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    entries = _strict_json(r.stdout)["pruned_channels"]
+    assert entries and all(e["detail"] for e in entries if not e["pruned"])
+    r = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for e in entries:
+        assert e["layer"] in r.stdout
+        if not e["pruned"]:
+            assert " ".join(e["detail"].split()) in " ".join(r.stdout.split())
