@@ -417,3 +417,22 @@ def test_prune_reasons_are_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert e["layer"] in r.stdout
         if not e["pruned"]:
             assert " ".join(e["detail"].split()) in " ".join(r.stdout.split())
+
+
+def test_folded_bias_keeps_its_requires_grad() -> None:
+    """A frozen bias (requires_grad False) next to a trainable weight stays frozen after the fold."""
+    import torch
+    from torch import nn
+
+    import bnfold
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))).eval()
+    m[0].bias.requires_grad_(False)
+    m[2].weight.requires_grad_(False)  # and the other way round
+    x = torch.randn(2, 3, 8, 8)
+    folded = bnfold.fold(m)
+    convs = [mod for mod in folded.modules() if isinstance(mod, nn.Conv2d)]
+    assert [(c.weight.requires_grad, c.bias.requires_grad) for c in convs] == [(True, False), (False, True)]
+    torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
