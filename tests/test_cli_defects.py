@@ -436,3 +436,21 @@ def test_folded_bias_keeps_its_requires_grad() -> None:
     convs = [mod for mod in folded.modules() if isinstance(mod, nn.Conv2d)]
     assert [(c.weight.requires_grad, c.bias.requires_grad) for c in convs] == [(True, False), (False, True)]
     torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ir3_model_the_checker_rejects_is_bad_input(tmp_path: Path) -> None:
+    """IR < 4 lists every initializer as a graph input; onnx.checker rejects a file that does not."""
+    m = _conv_bn_onnx()
+    m.ir_version = 3
+    m.opset_import[0].version = 7
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(m)
+    src = tmp_path / "ir3.onnx"
+    onnx.save(m, str(src))
+    before = src.read_bytes()
+    for args in (["inspect", str(src)], ["fold", str(src), str(tmp_path / "o.onnx")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "onnx.checker" in lines[0] and "ir3.onnx" in lines[0]
+    assert not (tmp_path / "o.onnx").exists() and src.read_bytes() == before
