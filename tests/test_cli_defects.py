@@ -454,3 +454,58 @@ def test_ir3_model_the_checker_rejects_is_bad_input(tmp_path: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "onnx.checker" in lines[0] and "ir3.onnx" in lines[0]
     assert not (tmp_path / "o.onnx").exists() and src.read_bytes() == before
+
+
+# ------------------------------------------- 22.19: checkpoints as users have them; errors in CLI words
+def _lenet_checkpoints(tmp_path: Path) -> tuple[Path, Path, Any]:
+    """A Lightning-style checkpoint: weights under 'state_dict' with the LightningModule's 'model.' prefix,
+    plain metadata (loads weights-only) and one that pickles an argparse.Namespace (hyper-parameters)."""
+    import argparse
+
+    import torch
+
+    from models.lenet import lenet5
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    m = randomize_bn(lenet5()).eval()
+    sd = {f"model.{k}": v for k, v in m.state_dict().items()}
+    plain = {"epoch": 3, "global_step": 10, "pytorch-lightning_version": "2.1.0", "state_dict": sd,
+             "hyper_parameters": {"lr": 0.1}, "optimizer_states": [], "lr_schedulers": []}
+    torch.save(plain, tmp_path / "plain.ckpt")
+    torch.save({**plain, "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "hparams.ckpt")
+    return tmp_path / "plain.ckpt", tmp_path / "hparams.ckpt", m
+
+
+def test_lightning_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    plain, pickled, m = _lenet_checkpoints(tmp_path)
+    out = tmp_path / "o.pt"
+    r = runner.invoke(app, ["fold", str(plain), str(out), "-m", "models.lenet:lenet5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _strict_json(r.stdout)["summary"]["folded"] == 4
+    folded = torch.load(out, weights_only=False)
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
+
+    r = runner.invoke(app, ["inspect", str(pickled), "-m", "models.lenet:lenet5"])
+    assert r.exit_code == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "pickled PyTorch module" not in line and "training checkpoint" in line
+    assert "--trust-pickle" in line and "trust_pickle=" not in line
+
+
+def test_errors_use_cli_words(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    sd = tmp_path / "other.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), sd)
+    r = runner.invoke(app, ["inspect", str(sd), "-m", "models.lenet:lenet5"])
+    assert r.exit_code == 2
+    assert "models.lenet:lenet5" in r.stderr and "<function" not in r.stderr and " at 0x" not in r.stderr
+    r = runner.invoke(app, ["inspect", str(sd)])
+    assert r.exit_code == 2
+    assert "model_factory" not in r.stderr and "--model" in r.stderr

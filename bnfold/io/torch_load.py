@@ -118,6 +118,14 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _label(factory: str | Callable[[], Any]) -> str:
+    """A factory as the user names it (``'models.lenet:lenet5'``), never ``<function lenet5 at 0x...>``."""
+    if isinstance(factory, str):
+        return repr(factory)
+    mod, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
+    return repr(f"{mod}:{name}") if mod and name else type(factory).__name__
+
+
 def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, trust_pickle: bool) -> Any:
     """A PyTorch file of format ``fmt`` ("pt2", "pickled_module" or "state_dict"), with the right trust."""
     import torch
@@ -140,9 +148,12 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
         if not trust_pickle:
             raise _fail(
                 p,
-                "a pickled PyTorch module (torch.save(model)); loading it unpickles, which runs arbitrary code "
-                "from the file. If you trust the file, pass --trust-pickle (trust_pickle=True); otherwise save a "
-                "state_dict and load it with --model module.path:factory",
+                "a pickle of Python objects beyond tensors: a whole module (torch.save(model)), or a training "
+                "checkpoint that pickles other objects beside its weights (Lightning's hyper-parameters, "
+                "callbacks); loading it unpickles, which runs arbitrary code from the file. If you trust the "
+                "file, pass --trust-pickle (trust_pickle=True); otherwise save the weights alone "
+                "(torch.save(model.state_dict()) or torch.save(ckpt['state_dict'])) and load them with "
+                "--model module.path:factory",
             )
         try:
             # Unpickling imports the classes by module name: like `python` itself, find them in the
@@ -169,12 +180,16 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     try:
         model = factory()
     except Exception as e:
-        raise OptionError(f"model factory {model_factory!r} failed ({type(e).__name__}: {e})") from e
+        raise OptionError(f"model factory {_label(model_factory)} failed ({type(e).__name__}: {e})") from e
     if not isinstance(model, torch.nn.Module):
-        raise OptionError(f"model factory {model_factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise OptionError(f"model factory {_label(model_factory)} returned a {type(model).__name__}, not a torch.nn.Module")
     own = set(model.state_dict())
-    if not (set(sd) & own) and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from DataParallel / DDP
+    head = {k.split(".", 1)[0] for k in sd}
+    if not (set(sd) & own) and len(head) == 1 and all("." in k for k in sd):
+        # Saved from a wrapper: DataParallel / DDP ("module."), a LightningModule's attribute ("model.").
+        stripped = {k.split(".", 1)[1]: v for k, v in sd.items()}
+        if set(stripped) & own:
+            sd = stripped
     missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
     if missing or unexpected:
         parts = []
@@ -182,11 +197,11 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             parts.append(f"missing keys {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: {'; '.join(parts)}")
+        raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: {'; '.join(parts)}")
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: "
+        raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: "
                        f"{' '.join(str(e).split())[:300]}") from e
     return model.eval()
 
