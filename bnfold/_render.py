@@ -345,27 +345,40 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
 
 
 def render_bench_report(console: Console, report: BenchReport) -> None:
-    """Median latency of original and folded per runtime setting, and the speedup."""
+    """Median latency of original and folded per runtime setting, its spread, and the speedup.
+
+    The spread is the interquartile range of the runs (half of them fall inside it); the notes say
+    when the runs disagree or the speedup is within that spread.
+    """
     for note in report.notes:
         console.print(_t(note, "yellow"))
-    console.print(Text(f"latency, median of {report.runs} runs after {report.warmup} warm-up", style="bold"))
+    console.print(Text(f"latency in ms, median [interquartile range] of {report.runs} runs after "
+                       f"{report.warmup} warm-up", style="bold"))
     table = Table(box=None, padding=(0, 1), show_edge=False)
     table.add_column("runtime", no_wrap=True)
-    table.add_column("original ms", justify="right", no_wrap=True)
-    table.add_column("folded ms", justify="right", no_wrap=True)
+    table.add_column("original", justify="right", no_wrap=True)
+    table.add_column("folded", justify="right", no_wrap=True)
     table.add_column("speedup", justify="right", no_wrap=True)
     for t in report.timings:
-        style = "green" if t.speedup >= 1.0 else "yellow"
+        noisy = t.disagreement() is not None
+        style = "yellow" if noisy or t.speedup < 1.0 else "green"
         table.add_row(
-            t.setting, f"{t.original_ms:.3f}", f"{t.folded_ms:.3f}", Text(f"{t.speedup:.2f}x", style=style)
+            t.setting, _ms(t.original_ms, t.original_spread), _ms(t.folded_ms, t.folded_spread),
+            Text(f"{t.speedup:.2f}x" + ("?" if noisy else ""), style=style),
         )
-    console.print(table)
+    print_whole(console, table, 90)
     shapes = ", ".join(f"{clean(k)}={'x'.join(map(str, v))}" for k, v in report.input_shapes.items())
     fold = report.fold
     console.print(Text(
         f"inputs: {shapes or '-'}; BatchNorm {fold.bn_before} -> {fold.bn_after}; "
         f"threads: {report.threads or 'default'}"
     ))
+
+
+def _ms(median: float, spread: Any) -> str:
+    if spread is None:
+        return f"{median:.3f}"
+    return f"{median:.3f} [{spread.q1:.3f}-{spread.q3:.3f}]"
 
 
 def render_freeze_report(console: Console, result: FreezeReport, *, verbose: bool = False) -> None:

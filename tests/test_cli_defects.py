@@ -509,3 +509,43 @@ def test_errors_use_cli_words(tmp_path: Path) -> None:
     r = runner.invoke(app, ["inspect", str(sd)])
     assert r.exit_code == 2
     assert "model_factory" not in r.stderr and "--model" in r.stderr
+
+
+# ------------------------------------------------------------ 22.19: bench shows spread and warns
+def test_bench_reports_spread(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn_onnx(), str(src))
+    r = runner.invoke(app, ["bench", str(src), "--runs", "5", "--warmup", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    for t in _strict_json(r.stdout)["timings"]:
+        for side in ("original", "folded"):
+            s = t[f"{side}_spread_ms"]
+            assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+            assert s["median"] == t[f"{side}_ms"]
+    r = runner.invoke(app, ["bench", str(src), "--runs", "5", "--warmup", "1"], env={"COLUMNS": "120"})
+    assert r.exit_code == 0 and "interquartile" in r.stdout
+
+
+def test_bench_warns_when_runs_disagree() -> None:
+    import io
+
+    from rich.console import Console
+
+    from bnfold._render import render_bench_report
+    from bnfold.bench import BenchReport, Spread, Timing
+
+    steady = Spread.of([1.0, 1.01, 1.0, 0.99, 1.0])
+    faster = Spread.of([0.5, 0.51, 0.5, 0.49, 0.5])
+    noisy = Spread.of([0.5, 2.0, 0.6, 1.5, 0.9])
+    assert Timing("a", steady.median, faster.median, steady, faster).disagreement() is None
+    assert "runs disagree" in (Timing("b", steady.median, noisy.median, steady, noisy).disagreement() or "")
+    close = Spread.of([0.97, 0.98, 0.99, 1.0, 1.01])
+    assert "within noise" in (Timing("c", steady.median, close.median, steady, close).disagreement() or "")
+
+    from bnfold import bench
+
+    timings = [Timing("b", steady.median, noisy.median, steady, noisy)]
+    report = BenchReport("m.onnx", "onnx", 5, 1, 0, {"x": (1, 3)}, timings, notes=bench._spread_notes(timings))
+    buf = io.StringIO()
+    render_bench_report(Console(file=buf, width=100), report)
+    assert "runs disagree" in buf.getvalue() and "[" in buf.getvalue()
