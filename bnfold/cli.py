@@ -262,6 +262,9 @@ def verify(
                                                       "model: re-check the saved comparison).")] = None,
     locate: Annotated[bool, typer.Option("--locate", help="ONNX: compare the intermediate tensors both models "
                                          "have and name the first that diverges.")] = False,
+    name_map: Annotated[list[str] | None, typer.Option(
+        "--map", metavar="REF=CAND", show_default=False,
+        help="CANDIDATE's input or output CAND is REFERENCE's REF (names that differ; repeatable).")] = None,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -294,7 +297,7 @@ def verify(
             ),
         )
         with json_guard(json_out), progress_bar(quiet, ("load", "verify")) as progress:
-            report = files.verify_files(reference, candidate, settings, progress)
+            report = files.verify_files(reference, candidate, settings, progress, rename=_name_map(name_map))
         against = reference if reference is not None else load_outputs
         shown = candidate if candidate is not None else "saved outputs"
 
@@ -308,6 +311,21 @@ def verify(
             from .verification import failure_message
 
             fail(f"{shown}: {failure_message(report, against=str(against))}", 1, "VerificationError")
+
+
+def _name_map(values: list[str] | None) -> dict[str, str]:
+    """``--map REF=CAND`` (repeatable, or comma-separated) -> ``{REF: CAND}``."""
+    out: dict[str, str] = {}
+    for item in (p.strip() for v in values or () for p in v.split(",")):
+        if not item:
+            continue
+        ref, sep, cand = item.partition("=")
+        if not sep or not ref.strip() or not cand.strip():
+            raise OptionError(f"--map {item}: expected REF=CAND (a reference name = the candidate's name)")
+        if ref.strip() in out or cand.strip() in out.values():
+            raise OptionError(f"--map {item}: a name mapped twice")
+        out[ref.strip()] = cand.strip()
+    return out
 
 
 def _show_verify_details(console: Any, report: Any) -> None:

@@ -549,3 +549,26 @@ def test_bench_warns_when_runs_disagree() -> None:
     buf = io.StringIO()
     render_bench_report(Console(file=buf, width=100), report)
     assert "runs disagree" in buf.getvalue() and "[" in buf.getvalue()
+
+
+# ---------------------------------------------------- 22.19: verify models whose names differ
+def test_verify_maps_names(tmp_path: Path) -> None:
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save(_conv_bn_onnx(), str(ref))
+    m = _conv_bn_onnx()  # the same model, its input named "input.1" and output "logits"
+    for n in m.graph.node:
+        n.input[:] = ["input.1" if i == "x" else i for i in n.input]
+        n.output[:] = ["logits" if o == "y" else o for o in n.output]
+    m.graph.input[0].name, m.graph.output[0].name = "input.1", "logits"
+    onnx.save(m, str(cand))
+    before = cand.read_bytes()
+    r = runner.invoke(app, ["verify", str(ref), str(cand)])
+    assert r.exit_code == 2  # cannot compare: different names
+    r = runner.invoke(app, ["verify", str(ref), str(cand), "--map", "x=input.1", "--map", "y=logits", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _strict_json(r.stdout)["passed"] is True
+    assert cand.read_bytes() == before
+    r = runner.invoke(app, ["verify", str(ref), str(cand), "--map", "x=nope"])
+    assert r.exit_code == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["verify", str(ref), str(cand), "--map", "x"])
+    assert r.exit_code == 2 and "REF=CAND" in r.stderr
