@@ -572,3 +572,60 @@ def test_verify_maps_names(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = runner.invoke(app, ["verify", str(ref), str(cand), "--map", "x"])
     assert r.exit_code == 2 and "REF=CAND" in r.stderr
+
+
+# ------------------------------------------------------- 22.19: .safetensors weights with --model
+def _write_safetensors(path: Path, tensors: dict[str, Any], *, header_patch: dict[str, Any] | None = None) -> None:
+    """The safetensors layout written by hand: 8-byte header size, JSON header, raw little-endian data."""
+    names = {"float32": "F32", "float64": "F64", "int64": "I64"}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blobs, at = [], 0
+    for name, t in tensors.items():
+        arr = t.detach().cpu().numpy()
+        raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": names[str(arr.dtype)], "shape": list(arr.shape), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    header.update(header_patch or {})
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_safetensors_weights_fold(tmp_path: Path) -> None:
+    import torch
+
+    from models.lenet import lenet5
+    from models.stats import randomize_bn
+
+    torch.manual_seed(0)
+    m = randomize_bn(lenet5()).eval()
+    src = tmp_path / "lenet.safetensors"
+    _write_safetensors(src, dict(m.state_dict()))
+    before = src.read_bytes()
+    out = tmp_path / "o.pt"
+    r = runner.invoke(app, ["fold", str(src), str(out), "-m", "models.lenet:lenet5", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = _strict_json(r.stdout)
+    assert doc["summary"]["folded"] == 4 and doc["verification"]["passed"] is True
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(torch.load(out, weights_only=False)(x), m(x), rtol=1e-5, atol=1e-5)
+    assert src.read_bytes() == before
+    r = runner.invoke(app, ["inspect", str(src)])  # weights only: the architecture is needed
+    assert r.exit_code == 2 and "--model" in r.stderr
+
+
+def test_safetensors_lying_header_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from models.lenet import lenet5
+
+    sd = dict(lenet5().state_dict())
+    first = next(iter(sd))
+    bad = tmp_path / "bad.safetensors"
+    _write_safetensors(bad, sd, header_patch={first: {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}})
+    r = runner.invoke(app, ["inspect", str(bad), "-m", "models.lenet:lenet5"])
+    assert r.exit_code == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and "bad.safetensors" in line and "data_offsets" in line
+    del torch

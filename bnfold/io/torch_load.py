@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bnfold.errors import OptionError
+from bnfold.errors import ModelFormatError, OptionError
 
 from .sniff import _fail
 
@@ -169,7 +169,16 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
         return obj
     # state_dict
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with open(p, "rb") as f:
+            head = f.read(16)
+        from .safetensors import looks_like_safetensors, read_safetensors
+
+        if looks_like_safetensors(head, os.path.getsize(p)):
+            obj = read_safetensors(p)  # no pickle: a header and raw bytes
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except ModelFormatError:
+        raise
     except Exception as e:
         raise _fail(p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     sd = _state_dict_of(p, obj)
@@ -184,8 +193,8 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"model factory {_label(model_factory)} returned a {type(model).__name__}, not a torch.nn.Module")
     own = set(model.state_dict())
-    head = {k.split(".", 1)[0] for k in sd}
-    if not (set(sd) & own) and len(head) == 1 and all("." in k for k in sd):
+    prefixes = {k.split(".", 1)[0] for k in sd}
+    if not (set(sd) & own) and len(prefixes) == 1 and all("." in k for k in sd):
         # Saved from a wrapper: DataParallel / DDP ("module."), a LightningModule's attribute ("model.").
         stripped = {k.split(".", 1)[1]: v for k, v in sd.items()}
         if set(stripped) & own:
