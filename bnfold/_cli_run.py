@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -88,7 +89,8 @@ class Group(TyperGroup):
         except click.ClickException as e:
             command = next((a for a in argv if a in COMMANDS), "bnfold")
             hint = f" (see bnfold {command if command != 'bnfold' else ''} --help)".replace("  ", " ")
-            _usage_fail(command, clean(e.format_message()) + hint, e.exit_code, json_mode="--json" in argv)
+            _usage_fail(command, clean(plain_usage(e.format_message(), argv)) + hint, e.exit_code,
+                        json_mode="--json" in argv)
         except typer.Abort:
             sys.stderr.write("bnfold: interrupted\n")
             sys.exit(130)
@@ -105,6 +107,34 @@ class Group(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         with _pipe_guard():  # a command's --help, and every report, are printed from here
             return super().invoke(ctx)
+
+
+_LIBRARY_WORDING = (
+    # typer validates option values with pydantic: its phrases, in bnfold's words
+    (re.compile(r"\bValue error, "), ""),
+    (re.compile(r"Input should be a valid integer(, [^.()]*)?"), "expected an integer"),
+    (re.compile(r"Input should be a valid number(, [^.()]*)?"), "expected a number"),
+    (re.compile(r"Input should be a valid boolean(, [^.()]*)?"), "expected true or false"),
+    (re.compile(r"Input should be "), "expected "),
+)
+
+
+def plain_usage(message: str, argv: Sequence[str]) -> str:
+    """A usage error in bnfold's words: no validation-library phrasing, and the value that was given."""
+    text = " ".join(str(message).split())
+    for pattern, repl in _LIBRARY_WORDING:
+        text = pattern.sub(repl, text)
+    m = re.match(r"Invalid value for '(-[^']+)'", text)
+    if m is not None and "expected" in text:
+        flags = re.findall(r"'(-[^']+)'", text.split(":", 1)[0])
+        for i, a in enumerate(argv):
+            flag, eq, val = a.partition("=")
+            if flag in flags:
+                given = val if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+                if given is not None:
+                    text += f" (got {given!r})"
+                break
+    return text
 
 
 _GLOBAL_FLAGS = ("--json", "-q", "--quiet")

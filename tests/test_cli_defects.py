@@ -629,3 +629,19 @@ def test_safetensors_lying_header_is_refused(tmp_path: Path) -> None:
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "bad.safetensors" in line and "data_offsets" in line
     del torch
+
+
+@pytest.mark.parametrize(("args", "want"), [
+    (["--opt-level", "bogus"], "'bogus' is not one of"),
+    (["--samples", "abc"], "expected an integer (got 'abc')"),
+    (["-n", "1.5"], "expected an integer (got '1.5')"),
+])
+def test_usage_errors_in_bnfold_words(tmp_path: Path, args: list[str], want: str) -> None:
+    """typer validates with pydantic; its phrasing ("Value error,", "Input should be") stays out."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn_onnx(), str(src))
+    r = runner.invoke(app, ["fold", str(src), str(tmp_path / "o.onnx"), *args])
+    assert r.exit_code == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and want in line
+    assert "Value error" not in line and "Input should be" not in line
