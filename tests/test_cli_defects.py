@@ -495,6 +495,10 @@ def test_lightning_checkpoint(tmp_path: Path) -> None:
     assert len(line.splitlines()) == 1
     assert "pickled PyTorch module" not in line and "training checkpoint" in line
     assert "--trust-pickle" in line and "trust_pickle=" not in line
+    # trusted, its weights go into the factory's module
+    r = runner.invoke(app, ["fold", str(pickled), str(out), "-m", "models.lenet:lenet5", "--trust-pickle", "--json"])
+    assert r.exit_code == 0, r.output
+    torch.testing.assert_close(torch.load(out, weights_only=False)(x), m(x), rtol=1e-5, atol=1e-5)
 
 
 def test_errors_use_cli_words(tmp_path: Path) -> None:

@@ -164,8 +164,13 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         if isinstance(obj, Mapping):
             obj = next((v for v in obj.values() if isinstance(v, torch.nn.Module)), obj)
+        if isinstance(obj, Mapping) and model_factory is not None:
+            # A training checkpoint (Lightning): trusted, its weights go into the factory's module.
+            return _into_factory(p, _state_dict_of(p, obj), model_factory)
         if not isinstance(obj, torch.nn.Module):
-            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module")
+            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module"
+                           + (" (a training checkpoint? pass --model to load its state_dict)"
+                              if isinstance(obj, Mapping) else ""))
         return obj
     # state_dict
     try:
@@ -185,6 +190,13 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     if model_factory is None:
         raise _fail(p, "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
                        "architecture (model_factory=...)")
+    return _into_factory(p, sd, model_factory)
+
+
+def _into_factory(p: str, sd: Mapping[str, Any], model_factory: str | Callable[[], Any]) -> Any:
+    """The factory's module with the weights ``sd`` loaded (strict; a wrapper's key prefix dropped)."""
+    import torch
+
     factory = resolve_factory(model_factory)
     try:
         model = factory()
