@@ -3,7 +3,10 @@
 The one place where errors become exit codes (see :mod:`bnfold.cli` for the rules): a
 :class:`~bnfold.errors.BnfoldError` prints ``bnfold: error: <message>`` (one line) on stderr and exits
 with its ``exit_code``; any other exception prints one line too and exits 2; ``--debug`` shows the
-traceback; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129. Only the CLI imports this module.
+traceback; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129; a reader of stdout that went away (``| head``)
+ends the command quietly with 141 (128 + SIGPIPE). ``--json`` and ``-q`` are also taken before the
+command; usage errors are reworded out of the validation library's phrasing. Only the CLI imports this
+module.
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ Rules:
       exits with its ``exit_code`` (2 input, 1 verification); any other exception (a decoder, zip or
       pickle error from a bad file, an OSError) prints one line too and exits 2; ``--debug`` (or
       ``BNFOLD_DEBUG=1``) shows the traceback instead; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129
-      (outputs are written atomically, so no partial or temporary file is left);
+      (outputs are written atomically, so no partial or temporary file is left); a closed stdout pipe
+      (``bnfold inspect m.onnx -v | head -1``) ends quietly with 141;
     * usage errors (an unknown option, a missing argument) are one line too, exit 2 (see :class:`Group`);
     * human output goes to stdout; with ``--json`` stdout holds one JSON document (schema
-      ``bnfold/schemas/report-v1.json``), also on failure (an ``error`` object); progress and warnings go
+      ``bnfold/schemas/report-v1.json``, strict JSON: inf/nan as strings), also on failure (an ``error``
+      object); progress and warnings go
       to stderr; ``-q`` prints nothing but errors; ``-q`` with ``--json`` is refused;
     * every string from a model is shown escaped, never as terminal control or rich markup (see
       :mod:`bnfold._render`), so rendering cannot fail on a model's strings after OUT was written;
