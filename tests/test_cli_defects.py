@@ -282,7 +282,7 @@ def factory_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("factory", "fmt", "form"), [
-    ("net", "pt", "dotted"), ("plain", "pt", "dotted"), ("plain", "pt2", "dotted"), ("plain", "pt2", "file"),
+    ("net", "pt", "dotted"), ("plain", "pt", "dotted"), ("plain", "pt2", "file"),
 ])
 def test_inspect_verdicts_are_folds_pytorch(factory_file: Path, factory: str, fmt: str, form: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
