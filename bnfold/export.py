@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError, VerificationError
-from .records import Direction, ExportCounts, FoldReport, Site, Verdict
+from .records import ExportCounts, FoldReport, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -253,6 +253,11 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
     Otherwise the legacy exporter's node names tell which (they carry the module path:
     ``/layer1/layer1.0/bn1/BatchNormalization`` for ``layer1.0.bn1``).
     """
+    from .records import Direction, Site
+
+    # Nodes are counted in the exported ONNX graph, before and after its ONNX fold: the PyTorch
+    # side counts modules, which cannot be compared with ONNX nodes.
+    treport = replace(treport, nodes_before=oreport.nodes_before)
     if left_in_onnx == len(treport.skips):
         kept: list[Verdict] = list(treport.sites)
     else:
@@ -265,11 +270,9 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
             kept = [v if v.folded else Site(v.bn, "", "exporter", Direction.FORWARD,
                                              "folded by the ONNX exporter (not by bnfold's PyTorch fold: "
                                              f"{v.detail})") for v in kept]
-    # Nodes are counted in the exported ONNX graph, before and after its ONNX fold: the PyTorch
-    # side counts modules, which cannot be compared with ONNX nodes.
     return FoldReport(
         backend=backend, verdicts=[*kept, *oreport.verdicts], bn_before=treport.bn_before,
-        bn_after=oreport.bn_after, nodes_before=oreport.nodes_before, params_before=treport.params_before,
+        bn_after=oreport.bn_after, nodes_before=treport.nodes_before, params_before=treport.params_before,
         nodes_after=oreport.nodes_after, params_after=oreport.params_after,
         notes=(*treport.notes, *oreport.notes),
     )

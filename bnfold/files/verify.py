@@ -122,52 +122,6 @@ def check_onnx_shapes(model: Any, shapes: Mapping[str, tuple[int, ...]], path: P
         raise with_context(e, str(path)) from e
 
 
-def rename_io(model: Any, mapping: Mapping[str, str], where: str) -> None:
-    """Rename the ONNX model's inputs/outputs ``mapping[ref] = cand`` -> ``ref``, in place.
-
-    ``verify --map REF=CAND``: the candidate's input or output ``CAND`` plays the reference's ``REF``.
-    Every use of the name is renamed (nodes, subgraphs, value_info), so the model computes the same.
-
-    Raises:
-        OptionError: the candidate is not an ONNX model, has no input or output ``CAND``, or already
-            uses ``REF`` for another tensor.
-    """
-    import onnx
-
-    from bnfold.errors import OptionError
-    from bnfold.onnx.graph import all_graphs
-
-    if not mapping:
-        return
-    if not isinstance(model, onnx.ModelProto):
-        raise OptionError("--map: applies to an ONNX candidate (a PyTorch candidate is exported with the "
-                          "reference's names)")
-    g = model.graph
-    io_names = {v.name for v in (*g.input, *g.output)}
-    used = {t.name for t in g.initializer} | {o for gr in all_graphs(g) for n in gr.node for o in (*n.input, *n.output)}
-    used |= io_names
-    for ref, cand in mapping.items():
-        if cand not in io_names:
-            raise OptionError(f"--map {ref}={cand}: {where} has no input or output named {cand!r} "
-                              f"(its inputs and outputs: {', '.join(sorted(io_names))})")
-        if ref != cand and ref in used and ref not in mapping.values():
-            raise OptionError(f"--map {ref}={cand}: {where} already has a tensor named {ref!r}")
-    back = {cand: ref for ref, cand in mapping.items()}
-
-    def fix(names: Any) -> None:
-        for i, n in enumerate(names):
-            if n in back:
-                names[i] = back[n]
-
-    for gr in all_graphs(g):
-        for n in gr.node:
-            fix(n.input)
-            fix(n.output)
-    for vi in (*g.input, *g.output, *g.value_info):
-        if vi.name in back:
-            vi.name = back[vi.name]
-
-
 def verify_files(
     reference: str | os.PathLike[str] | None,
     candidate: str | os.PathLike[str] | None,
@@ -215,3 +169,49 @@ def verify_files(
     where = " vs ".join(str(p) for p in (ref_p, cand_p) if p is not None)
     return run_verify(None if ref is None else ref.model, None if cand is None else cand.model, prep,
                       example_inputs=examples, progress=prog, where=where)
+
+
+def rename_io(model: Any, mapping: Mapping[str, str], where: str) -> None:
+    """Rename the ONNX model's inputs/outputs ``mapping[ref] = cand`` -> ``ref``, in place.
+
+    ``verify --map REF=CAND``: the candidate's input or output ``CAND`` plays the reference's ``REF``.
+    Every use of the name is renamed (nodes, subgraphs, value_info), so the model computes the same.
+
+    Raises:
+        OptionError: the candidate is not an ONNX model, has no input or output ``CAND``, or already
+            uses ``REF`` for another tensor.
+    """
+    import onnx
+
+    from bnfold.errors import OptionError
+    from bnfold.onnx.graph import all_graphs
+
+    if not mapping:
+        return
+    if not isinstance(model, onnx.ModelProto):
+        raise OptionError("--map: applies to an ONNX candidate (a PyTorch candidate is exported with the "
+                          "reference's names)")
+    g = model.graph
+    io_names = {v.name for v in (*g.input, *g.output)}
+    used = {t.name for t in g.initializer} | {o for gr in all_graphs(g) for n in gr.node for o in (*n.input, *n.output)}
+    used |= io_names
+    for ref, cand in mapping.items():
+        if cand not in io_names:
+            raise OptionError(f"--map {ref}={cand}: {where} has no input or output named {cand!r} "
+                              f"(its inputs and outputs: {', '.join(sorted(io_names))})")
+        if ref != cand and ref in used and ref not in mapping.values():
+            raise OptionError(f"--map {ref}={cand}: {where} already has a tensor named {ref!r}")
+    back = {cand: ref for ref, cand in mapping.items()}
+
+    def fix(names: Any) -> None:
+        for i, n in enumerate(names):
+            if n in back:
+                names[i] = back[n]
+
+    for gr in all_graphs(g):
+        for n in gr.node:
+            fix(n.input)
+            fix(n.output)
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.name in back:
+            vi.name = back[vi.name]
