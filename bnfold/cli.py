@@ -195,6 +195,10 @@ def inspect(
     inputs: InputsNpz = None,
     seed: Seed = 0,
     fail_if_left: FailIfLeft = False,
+    to: Annotated[str | None, typer.Option(
+        "--to", metavar="onnx", show_default=False,
+        help="The verdicts of fold with an OUT of this format: onnx (a PyTorch MODEL folded, exported and "
+        "folded again in memory) [default: MODEL's own format].")] = None,
     health: Annotated[bool, typer.Option(
         "--health", help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals."
     )] = False,
@@ -218,8 +222,11 @@ def inspect(
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )
+        if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):
+            raise OptionError(f"--to {to}: expected onnx (or pt, pt2: MODEL's own format, the default)")
         with json_guard(json_out), progress_bar(quiet, ("load", "fold")) as progress:
-            report = files.inspect_file(model, settings, progress)
+            report = files.inspect_file(model, settings, progress,
+                                        output_format="onnx" if to and to.lower().lstrip(".") == "onnx" else None)
         code = 1 if fail_if_left and report.bn_after else 0
 
         def render(c: Any) -> None:

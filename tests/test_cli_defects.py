@@ -301,6 +301,23 @@ def test_inspect_verdicts_are_folds_pytorch(factory_file: Path, factory: str, fm
         assert s["nodes_after"] == s["nodes_before"] - s["folded"]
 
 
+@pytest.mark.parametrize("factory", ["net", "plain"])
+def test_inspect_to_onnx_verdicts_are_folds(factory_file: Path, factory: str) -> None:
+    """A PyTorch file written to .onnx: inspect --to onnx gives fold's verdicts (exporter folds included)."""
+    tmp = factory_file.parent
+    spec = f"{factory_file}:{factory}"
+    r = runner.invoke(app, ["fold", str(tmp / f"{factory}.pt"), str(tmp / "o.onnx"), "-m", spec, "--json"])
+    assert r.exit_code == 0, r.output
+    done = _strict_json(r.stdout)
+    r = runner.invoke(app, ["inspect", str(tmp / f"{factory}.pt"), "-m", spec, "--to", "onnx", "--json"])
+    assert r.exit_code == 0, r.output
+    seen = _strict_json(r.stdout)
+    assert _verdicts(seen) == _verdicts(done)
+    for key in ("bn_before", "bn_after", "folded", "left", "by_reason", "nodes_before", "nodes_after",
+                "params_before", "params_after"):
+        assert seen["summary"][key] == done["summary"][key], key
+
+
 def test_export_report_counts_agree(factory_file: Path) -> None:
     """A BN the exporter removed is not "left"; nodes compare ONNX with ONNX."""
     tmp = factory_file.parent
