@@ -34,6 +34,10 @@ def _version(value: bool) -> None:
 
 ModelPath = Annotated[Path, typer.Argument(metavar="MODEL", help="Model file: .onnx, .pt2, or a PyTorch checkpoint.",
                                            show_default=False)]
+CheckpointPath = Annotated[Path, typer.Argument(
+    metavar="MODEL", show_default=False,
+    help="A PyTorch checkpoint (.pt, .pth, .ckpt, .bin): a state_dict with --model, or a pickled "
+    "module with --trust-pickle.")]
 OutArg = Annotated[Path | None, typer.Argument(metavar="OUT", help="Output file (or -o OUT).",
                                                show_default=False)]
 ModelFactory = Annotated[

@@ -3,7 +3,10 @@
 The one place where errors become exit codes (see :mod:`bnfold.cli` for the rules): a
 :class:`~bnfold.errors.BnfoldError` prints ``bnfold: error: <message>`` (one line) on stderr and exits
 with its ``exit_code``; any other exception prints one line too and exits 2; ``--debug`` shows the
-traceback; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129. Only the CLI imports this module.
+traceback; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129; a reader of stdout that went away (``| head``)
+ends the command quietly with 141 (128 + SIGPIPE). ``--json`` and ``-q`` are also taken before the
+command; usage errors are reworded out of the validation library's phrasing. Only the CLI imports this
+module.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -24,6 +28,7 @@ import typer
 from typer import core as _typer_core
 from typer.core import TyperGroup
 
+from ._json import finite_json
 from ._render import clean, error_document, json_document, make_console
 from .errors import BnfoldError, OptionError, with_context
 
@@ -76,9 +81,9 @@ class Group(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = _globals_after_command(list(sys.argv[1:] if args is None else args))
         try:
-            with _signals():
+            with _signals(), _pipe_guard():
                 rv = super().main(args=argv, prog_name=prog_name or "bnfold", complete_var=complete_var,
                                   standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -87,8 +92,9 @@ class Group(TyperGroup):
         except click.ClickException as e:
             command = next((a for a in argv if a in COMMANDS), "bnfold")
             hint = f" (see bnfold {command if command != 'bnfold' else ''} --help)".replace("  ", " ")
-            _usage_fail(command, clean(e.format_message()) + hint, e.exit_code, json_mode="--json" in argv)
-        except click.exceptions.Abort:
+            _usage_fail(command, clean(plain_usage(e.format_message(), argv)) + hint, e.exit_code,
+                        json_mode="--json" in argv)
+        except typer.Abort:
             sys.stderr.write("bnfold: interrupted\n")
             sys.exit(130)
         except KeyboardInterrupt as e:  # raised outside a command (while parsing)
@@ -96,6 +102,86 @@ class Group(TyperGroup):
             sys.stderr.write("bnfold: interrupted\n")
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _pipe_guard():  # the root's --help is printed while parsing
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _pipe_guard():  # a command's --help, and every report, are printed from here
+            return super().invoke(ctx)
+
+
+_LIBRARY_WORDING = (
+    # typer validates option values with pydantic: its phrases, in bnfold's words
+    (re.compile(r"\bValue error, "), ""),
+    (re.compile(r"Input should be a valid integer(, [^.()]*)?"), "expected an integer"),
+    (re.compile(r"Input should be a valid number(, [^.()]*)?"), "expected a number"),
+    (re.compile(r"Input should be a valid boolean(, [^.()]*)?"), "expected true or false"),
+    (re.compile(r"Input should be "), "expected "),
+)
+
+
+def plain_usage(message: str, argv: Sequence[str]) -> str:
+    """A usage error in bnfold's words: no validation-library phrasing, and the value that was given."""
+    text = " ".join(str(message).split())
+    for pattern, repl in _LIBRARY_WORDING:
+        text = pattern.sub(repl, text)
+    m = re.match(r"Invalid value for '(-[^']+)'", text)
+    if m is not None and "expected" in text:
+        flags = re.findall(r"'(-[^']+)'", text.split(":", 1)[0])
+        for i, a in enumerate(argv):
+            flag, eq, val = a.partition("=")
+            if flag in flags:
+                given = val if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+                if given is not None:
+                    text += f" (got {given!r})"
+                break
+    return text
+
+
+_GLOBAL_FLAGS = ("--json", "-q", "--quiet")
+"""Per-command flags also accepted before the command (``bnfold --json inspect m.onnx``)."""
+
+
+def _globals_after_command(argv: list[str]) -> list[str]:
+    """``--json``/``-q`` given before the command move after it: they mean the same in either place."""
+    at = next((i for i, a in enumerate(argv) if a in COMMANDS or a == "--"), None)
+    if at is None or argv[at] == "--":
+        return argv
+    before = [a for a in argv[:at] if a in _GLOBAL_FLAGS]
+    if not before:
+        return argv
+    return [a for a in argv[:at] if a not in _GLOBAL_FLAGS] + [argv[at], *before] + argv[at + 1:]
+
+
+PIPE_CLOSED = 128 + 13
+"""Exit code when the reader of stdout went away (``| head``): 128 + SIGPIPE, as the shell reports it."""
+
+
+@contextmanager
+def _pipe_guard() -> Iterator[None]:
+    """A reader that stops early (``bnfold inspect m.onnx -v | head -1``) ends the command quietly.
+
+    Like a Unix tool killed by SIGPIPE: no traceback, no message; stdout is pointed at the null
+    device so that the interpreter's final flush of what is still buffered cannot fail again.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        _silence_stdout()
+        raise SystemExit(PIPE_CLOSED) from None
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner's buffer)
+        pass
 
 
 STATE: dict[str, Any] = {"debug": False, "json": False, "command": "bnfold"}
@@ -193,8 +279,8 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
             if not _debug():
                 warnings.simplefilter("ignore")
             yield
-    except (typer.Exit, typer.Abort, SystemExit):
-        raise
+    except (typer.Exit, typer.Abort, SystemExit, BrokenPipeError):
+        raise  # a closed stdout pipe ends quietly (Group's pipe guard)
     except KeyboardInterrupt as e:
         code = 128 + e.signum if isinstance(e, _Terminated) else 130
         what = signal.Signals(e.signum).name if isinstance(e, _Terminated) else "Ctrl-C"
@@ -203,8 +289,11 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
     except BnfoldError as e:
         if _debug():
             traceback.print_exc(file=sys.stderr)
-        # Every error line names the file (errors.with_context: the one way context is added).
-        fail(str(with_context(e, *(str(p) for p in paths))), e.exit_code, type(e).__name__)
+        # Every error line names the file (errors.with_context: the one way context is added), and
+        # advice worded for the Python API (trust_pickle=True) is worded as the CLI flag.
+        from .files.load import cli_advice
+
+        fail(cli_advice(str(with_context(e, *(str(p) for p in paths)))), e.exit_code, type(e).__name__)
     except Exception as e:  # last resort: a bad file must never show a traceback
         if _debug():
             traceback.print_exc(file=sys.stderr)
@@ -219,7 +308,8 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """One JSON document on stdout: strict JSON (``inf``/``nan`` become strings, see :func:`finite_json`)."""
+    sys.stdout.write(json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

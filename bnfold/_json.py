@@ -7,16 +7,43 @@ added within schema 1 (a removal or rename bumps :data:`SCHEMA_VERSION`); the to
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
 from .records import Direction, FoldReport, Site, Skip
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "counts", "json_document", "error_document"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "counts", "json_document", "error_document", "finite_json", "NON_FINITE"]
 
 SCHEMA = "bnfold.report"
 SCHEMA_VERSION = 1
 """Bumped on any change that removes or renames a key (new keys do not bump it)."""
+
+
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+"""How a number JSON cannot hold is written: the strings ``"inf"``, ``"-inf"``, ``"nan"`` (schema ``real``)."""
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every float that JSON cannot hold (inf, -inf, nan) replaced by its string.
+
+    ``json.dumps`` would write the bare ``Infinity``/``NaN`` tokens, which are not JSON: a strict
+    parser (``jq``, JavaScript's ``JSON.parse``) rejects the whole document. Numpy scalars become
+    Python numbers; containers are copied, never changed in place.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "ndim", None) == 0
+                                    and getattr(value.dtype, "kind", "") == "f"):
+        f = float(value)
+        if math.isfinite(f):
+            return f
+        return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _mul_add(report: FoldReport) -> int:

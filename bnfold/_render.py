@@ -7,8 +7,9 @@ Rules:
       control characters are shown escaped (``\\x1b``), rich markup (``[/oops]``) is shown as typed,
       so a name can neither drive the terminal nor make rendering raise;
     * the default fold/inspect view is compact: the summary first, then only the BatchNorms that are
-      left, each with its reason; ``verbose`` lists every BatchNorm. Long names are shortened in the
-      middle (``layer1.0.…conv2``) and never wrapped;
+      left, each with its reason; ``verbose`` lists every BatchNorm. Names are never cut: a table whose
+      names do not fit the terminal is printed wider (the terminal wraps the line), so every name
+      can be copied and searched for whole, on a terminal and in a pipe;
     * JSON documents (:func:`json_document`) follow one versioned schema,
       ``bnfold/schemas/report-v1.json``: a common head (``schema``, ``schema_version``, ``command``,
       ``ok``, ``exit_code``, ``bnfold_version``) and one body per command; an error is the head plus an
@@ -50,7 +51,6 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "clean",
-    "shorten",
     "human_size",
     "make_console",
     "render_fold_report",
@@ -95,22 +95,54 @@ def clean(value: object) -> str:
     return _CONTROL.sub(esc, str(value))
 
 
-def shorten(name: str, width: int) -> str:
-    """``name`` cut in the middle to at most ``width`` characters (``head…tail``); never wrapped."""
-    if width < 5 or len(name) <= width:
-        return name
-    keep = width - 1
-    head = (keep + 1) // 2
-    return f"{name[:head]}…{name[len(name) - (keep - head):]}"
+_MIN_TEXT = 30
+"""Columns of prose (a reason's sentence) keep at least this width: they wrap at spaces."""
+
+
+def print_whole(console: Console, table: Table, fixed: int) -> None:
+    """Print ``table`` at least ``fixed + _MIN_TEXT`` wide, never cropped.
+
+    ``fixed``: the width its unbreakable columns (names) need, padding included. rich would
+    otherwise shrink every column to the console width and cut names with an ellipsis.
+    """
+    wanted = fixed + _MIN_TEXT
+    if wanted <= console.width:
+        console.print(table)
+        return
+    previous = console.width
+    console.width = wanted  # rich never renders wider than its console: widen it for this table only
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = previous
+
+
+def _widest(values: Any) -> int:
+    return max((len(v) for v in values), default=0)
 
 
 def _t(value: object, style: str = "") -> Text:
     return Text(clean(value), style=style)
 
 
+_TRAILING = re.compile(r"[ ]+((?:\x1b\[[0-9;]*m)*)(?=\n)")
+"""Spaces at the end of a line (before any closing style codes): rich pads every cell of a table."""
+
+
+class _Console(Console):
+    """rich's console, leaving a closed pipe to the CLI (one exit code for it, whoever writes), and
+    writing no trailing spaces (rich pads table cells to the column's width)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+    def _render_buffer(self, buffer: Any) -> str:
+        return _TRAILING.sub(r"\1", super()._render_buffer(buffer))
+
+
 def make_console(*, stderr: bool = False) -> Console:
     """A console that interprets no markup, emoji codes or highlighting in what it prints."""
-    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+    return _Console(stderr=stderr, highlight=False, markup=False, emoji=False)
 
 
 def human_size(n: int | None) -> str:
@@ -135,14 +167,14 @@ def _shape(dims: Any) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _signature_rows(sig: Mapping[str, Any], width: int) -> list[tuple[str, Text]]:
+def _signature_rows(sig: Mapping[str, Any]) -> list[tuple[str, Text]]:
     rows: list[tuple[str, Text]] = []
     if not sig:
         return rows
     for key in ("inputs", "outputs"):
         items = sig.get(key) or []
         shown = ", ".join(
-            f"{shorten(clean(i['name']), width)}: {clean(i['dtype'])} {clean(_shape(i['shape']))}" for i in items[:4]
+            f"{clean(i['name'])}: {clean(i['dtype'])} {clean(_shape(i['shape']))}" for i in items[:4]
         )
         if len(items) > 4:
             shown += f", ... ({len(items)} in all)"
@@ -163,7 +195,6 @@ def render_fold_report(
     """
     f = report.files
     c = counts(report)
-    width = max(20, console.width // 3)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
@@ -185,12 +216,14 @@ def render_fold_report(
     what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
     grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))
     known = None if not report.dry_run else report.predicted_counts
-    ops = [f"nodes {_arrow(report.nodes_before, report.nodes_after)}"] if known is None or "nodes" in known else []
+    # A PyTorch model written to .onnx: nodes of the exported graph, before and after its ONNX fold.
+    unit = "exported ONNX nodes" if report.backend == "export_onnx" else "nodes"
+    ops = [f"{unit} {_arrow(report.nodes_before, report.nodes_after)}"] if known is None or "nodes" in known else []
     if known is None or "params" in known:
         ops.append(f"parameters {_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}")
     if ops:
         grid.add_row("ops", Text(", ".join(ops)))
-    for key, row in _signature_rows(report.signature or {}, width):
+    for key, row in _signature_rows(report.signature or {}):
         grid.add_row(key, row)
     v = report.verification
     if v is not None:
@@ -214,18 +247,42 @@ def render_fold_report(
         table.add_column(no_wrap=True)
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
-        for v2 in shown:
-            table.add_row(*_verdict_cells(v2, width))
+        cells = [_verdict_cells(v2) for v2 in shown]
+        for cell in cells:
+            table.add_row(*cell)
         console.print(Text("every BatchNorm:" if verbose else "left:", style="bold"))
-        console.print(table)
+        targets = _widest(clean(v2.target) for v2 in shown if isinstance(v2, Site))
+        fixed = _widest(r[0].plain for r in cells) + _widest(r[1].plain for r in cells) + 4
+        print_whole(console, table, fixed + targets)
+    if report.pruned_channels:
+        _render_pruned(console, report.pruned_channels)
 
 
-def _verdict_cells(v: Site | Skip, width: int) -> tuple[Text, Text, Text]:
-    name = _t(shorten(clean(v.bn), width))
+def _render_pruned(console: Console, pruned: Any) -> None:
+    """``--prune-constant-channels``: each layer with constant channels, pruned or why not."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for p in pruned:
+        chans = ", ".join(str(c) for c in p.channels)
+        if p.pruned:
+            table.add_row(_t(p.layer), Text("pruned", style="green"),
+                          _t(f"channel(s) {chans}; constant moved into {p.next_layer}'s bias"))
+        else:
+            table.add_row(_t(p.layer), Text("kept", style="yellow"),
+                          _t(f"channel(s) {chans}: {p.detail}" if chans else p.detail))
+    console.print(Text("constant channels:", style="bold"))
+    print_whole(console, table, _widest(clean(p.layer) for p in pruned) + 10)
+
+
+def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:
+    name = _t(v.bn)
     if isinstance(v, Site):
         if v.direction is Direction.AFFINE:
             return name, Text("Mul + Add", style="cyan"), _t(v.detail)
-        into = f"{shorten(clean(v.target), width)} ({clean(v.target_kind)}, {v.direction.value})"
+        into = (f"{clean(v.target)} ({clean(v.target_kind)}, {v.direction.value})" if v.target
+                else f"({clean(v.target_kind)})")  # folded by the ONNX exporter: no layer named
         return name, Text("folded", style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
     return name, Text(v.reason.value, style="yellow"), _t(v.detail)
 
@@ -248,6 +305,11 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     )
 
 
+def _tol(value: float) -> str:
+    """A tolerance as given (``1.2e-38``, ``1e-05``, ``0``): never rounded to another value."""
+    return "0" if value == 0 else f"{value:.3g}"
+
+
 def _verdict_text(v: VerifyReport) -> Text:
     return _verification_line(v, None)
 
@@ -263,7 +325,6 @@ def _worst_per_output(checks: tuple[OutputCheck, ...]) -> list[OutputCheck]:
 
 def render_verify_report(console: Console, report: VerifyReport, *, title: str | None = None) -> None:
     """Per output (worst sample), the errors and tolerances; then the verdict, for every level run."""
-    width = max(20, console.width // 3)
     if title:
         console.print(_t(title, "bold"))
     for i, rep in enumerate((report, *report.extra)):
@@ -276,44 +337,58 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
         for col in ("abs err", "rel err", "bad", "atol", "rtol"):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("ok?", no_wrap=True)
-        for c in _worst_per_output(rep.checks):
+        worst = _worst_per_output(rep.checks)
+        for c in worst:
             table.add_row(
-                _t(shorten(clean(c.name), width)),
+                _t(c.name),
                 "x".join(str(d) for d in c.shape) or "scalar",
                 _t(c.dtype),
                 f"{c.max_abs_error:.2e}",
                 f"{c.max_rel_error:.2e}",
                 str(c.mismatches),
-                f"{c.atol:.0e}",
-                f"{c.rtol:.0e}",
+                _tol(c.atol),
+                _tol(c.rtol),
                 Text("ok", style="green") if c.passed else Text("FAIL", style="bold red"),
             )
-        console.print(table)
+        print_whole(console, table, _widest(clean(c.name) for c in worst) + 70)
     console.print(_verdict_text(report))
 
 
 def render_bench_report(console: Console, report: BenchReport) -> None:
-    """Median latency of original and folded per runtime setting, and the speedup."""
+    """Median latency of original and folded per runtime setting, its spread, and the speedup.
+
+    The spread is the interquartile range of the runs (half of them fall inside it); the notes say
+    when the runs disagree or the speedup is within that spread.
+    """
     for note in report.notes:
         console.print(_t(note, "yellow"))
-    console.print(Text(f"latency, median of {report.runs} runs after {report.warmup} warm-up", style="bold"))
+    console.print(Text(f"latency in ms, median [interquartile range] of {report.runs} runs after "
+                       f"{report.warmup} warm-up", style="bold"))
     table = Table(box=None, padding=(0, 1), show_edge=False)
     table.add_column("runtime", no_wrap=True)
-    table.add_column("original ms", justify="right", no_wrap=True)
-    table.add_column("folded ms", justify="right", no_wrap=True)
+    table.add_column("original", justify="right", no_wrap=True)
+    table.add_column("folded", justify="right", no_wrap=True)
     table.add_column("speedup", justify="right", no_wrap=True)
     for t in report.timings:
-        style = "green" if t.speedup >= 1.0 else "yellow"
+        noisy = t.disagreement() is not None
+        style = "yellow" if noisy or t.speedup < 1.0 else "green"
         table.add_row(
-            t.setting, f"{t.original_ms:.3f}", f"{t.folded_ms:.3f}", Text(f"{t.speedup:.2f}x", style=style)
+            t.setting, _ms(t.original_ms, t.original_spread), _ms(t.folded_ms, t.folded_spread),
+            Text(f"{t.speedup:.2f}x" + ("?" if noisy else ""), style=style),
         )
-    console.print(table)
+    print_whole(console, table, 90)
     shapes = ", ".join(f"{clean(k)}={'x'.join(map(str, v))}" for k, v in report.input_shapes.items())
     fold = report.fold
     console.print(Text(
         f"inputs: {shapes or '-'}; BatchNorm {fold.bn_before} -> {fold.bn_after}; "
         f"threads: {report.threads or 'default'}"
     ))
+
+
+def _ms(median: float, spread: Any) -> str:
+    if spread is None:
+        return f"{median:.3f}"
+    return f"{median:.3f} [{spread.q1:.3f}-{spread.q3:.3f}]"
 
 
 def render_freeze_report(console: Console, result: FreezeReport, *, verbose: bool = False) -> None:
@@ -327,7 +402,6 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         f"{clean(f.source)} ({clean(f.source_format)}) -> {clean(f.output)} "
         f"({human_size(f.size_after)}) in {result.seconds:.2f} s"
     ))
-    width = max(20, console.width // 2)
     if not frozen and not left:
         console.print("No BatchNorm layer found: the model is written unchanged.")
     elif verbose and frozen:
@@ -335,8 +409,8 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         table.add_column(no_wrap=True)
         table.add_column(no_wrap=True)
         for name, kind in frozen:
-            table.add_row(_t(shorten(clean(name), width)), _t(kind))
-        console.print(table)
+            table.add_row(_t(name), _t(kind))
+        print_whole(console, table, _widest(clean(n) for n, _ in frozen) + _widest(clean(k) for _, k in frozen) + 2)
     if left:
         console.print(Text("BatchNorm layers left as they were:"))
         kept = Table.grid(padding=(0, 2))
@@ -344,8 +418,8 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         kept.add_column(no_wrap=True)
         kept.add_column()
         for name, reason, detail in left:
-            kept.add_row(_t(shorten(clean(name), width)), _t(clean(reason)), _t(clean(detail)))
-        console.print(kept)
+            kept.add_row(_t(name), _t(reason), _t(detail))
+        print_whole(console, kept, _widest(clean(n) for n, _, _ in left) + _widest(clean(r) for _, r, _ in left) + 4)
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -377,17 +451,17 @@ def render_health(console: Console, h: HealthReport, *, verbose: bool = False) -
     if verbose and h.bns:
         table = Table(title="BatchNorm health", title_justify="left")
         table.add_column("#", justify="right", style="dim")
-        table.add_column("BatchNorm", overflow="fold")
+        table.add_column("BatchNorm", no_wrap=True)
         table.add_column("status", no_wrap=True)
         table.add_column("max |scale|", justify="right", no_wrap=True)
         table.add_column("issues", overflow="fold")
         for i, b in enumerate(h.bns, 1):
             issues = "; ".join(b.issues) or b.note
             table.add_row(
-                str(i), b.bn, b.status, f"{b.max_abs_scale:.3g}",
-                Text(issues, style="yellow") if b.issues else Text(issues or "ok", style="green"),
+                str(i), _t(b.bn), _t(b.status), f"{b.max_abs_scale:.3g}",
+                _t(issues, "yellow") if b.issues else _t(issues or "ok", "green"),
             )
-        console.print(table)
+        print_whole(console, table, _widest(clean(b.bn) for b in h.bns) + 40)
     console.print(Text(health_summary(h), style="green" if h.healthy else "yellow"))
 
 
@@ -413,12 +487,14 @@ def progress_callback(
         transient=True,
     )
     tasks: dict[str, Any] = {}
+    order: list[str] = []  # stages as they come: numbered in that order, so [3/4] never follows [4/4]
 
     def update(stage: str, done: int, total: int) -> None:
         if "start" in tasks:
             bar.remove_task(tasks.pop("start"))
         if stage not in tasks:
-            tasks[stage] = bar.add_task(stage_label(stage, stages), total=max(total, 1))
+            order.append(stage)
+            tasks[stage] = bar.add_task(stage_label(stage, stages, order), total=max(total, 1))
         bar.update(tasks[stage], completed=done, total=max(total, 1))
 
     with bar:
@@ -427,9 +503,16 @@ def progress_callback(
         yield update
 
 
-def stage_label(stage: str, stages: tuple[str, ...]) -> str:
-    """``"[2/4] folding"`` for ``stage`` "fold" in ``stages`` ("load", "fold", "verify", "save")."""
+def stage_label(stage: str, stages: tuple[str, ...], seen: list[str] | None = None) -> str:
+    """``"[2/4] folding"`` for ``stage`` "fold" in ``stages`` ("load", "fold", "verify", "save").
+
+    ``seen``: the stages in the order the job reached them (``stage`` last); then the number is the
+    position in that order (a job may stage OUT before verifying it), and the total grows when the job
+    runs a stage ``stages`` did not list (an export).
+    """
     name = STAGES.get(stage, clean(stage))
+    if seen is not None and stages:
+        return f"[{seen.index(stage) + 1}/{max(len(stages), len(seen))}] {name}"
     return f"[{stages.index(stage) + 1}/{len(stages)}] {name}" if stage in stages else name
 
 

@@ -3,8 +3,11 @@
 Rules:
     * the same seeded inputs feed the original and the folded model;
     * each measurement is the median of ``runs`` timed calls after ``warmup`` untimed ones
-      (``time.perf_counter``), original and folded measured alternately per setting so that both see the
-      same machine state;
+      (``time.perf_counter``), with its spread (:class:`Spread`: min, quartiles, max), original and
+      folded measured alternately per setting so that both see the same machine state;
+    * the runs are checked against each other: a measurement whose interquartile range is over
+      :data:`NOISY` of its median, or a speedup whose two interquartile ranges overlap, gets a note
+      (the figures then say more about the machine than about the fold);
     * onnxruntime is measured with graph optimisations disabled (``ORT_DISABLE_ALL``: what folding
       itself buys) and enabled (``ORT_ENABLE_ALL``: what is left once onnxruntime fuses by itself);
       PyTorch files are also measured in eager mode (``torch.no_grad``), and exported to ONNX with
@@ -33,23 +36,71 @@ from ._dtypes import to_numpy
 from .errors import OptionError
 from .records import FoldReport
 
-__all__ = ["Timing", "BenchReport", "time_call", "bench_onnx", "bench_file"]
+__all__ = ["Timing", "Spread", "BenchReport", "time_call", "time_runs", "bench_onnx", "bench_file", "NOISY"]
+
+NOISY = 0.25
+"""A measurement is noisy when its interquartile range exceeds this fraction of its median."""
 
 ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
+class Spread:
+    """How the timed runs of one measurement spread, in milliseconds."""
+
+    min: float
+    q1: float
+    median: float
+    q3: float
+    max: float
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> Spread:
+        t = sorted(float(x) for x in times_ms)
+        if len(t) == 1:
+            return cls(t[0], t[0], t[0], t[0], t[0])
+        q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive")
+        return cls(t[0], q1, float(statistics.median(t)), q3, t[-1])
+
+    @property
+    def relative_iqr(self) -> float:
+        """Interquartile range over the median (0: every run the same)."""
+        return (self.q3 - self.q1) / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"min": self.min, "q1": self.q1, "median": self.median, "q3": self.q3, "max": self.max}
+
+
+@dataclass(frozen=True, slots=True)
 class Timing:
-    """Median latency of original and folded under one runtime setting."""
+    """Median latency of original and folded under one runtime setting (and how the runs spread)."""
 
     setting: str
     """"onnxruntime ORT_DISABLE_ALL", "onnxruntime ORT_ENABLE_ALL" or "pytorch eager"."""
     original_ms: float
     folded_ms: float
+    original_spread: Spread | None = None
+    folded_spread: Spread | None = None
 
     @property
     def speedup(self) -> float:
         return self.original_ms / self.folded_ms if self.folded_ms > 0 else float("inf")
+
+    def disagreement(self) -> str | None:
+        """Why these runs do not support a speedup figure, or None (see the module rules)."""
+        o, f = self.original_spread, self.folded_spread
+        if o is None or f is None:
+            return None
+        noisy = [(label, s) for label, s in (("original", o), ("folded", f)) if s.relative_iqr > NOISY]
+        if noisy:
+            return (f"{self.setting}: the runs disagree ("
+                    + ", ".join(f"{label}: {s.q1:.3g}-{s.q3:.3g} ms around {s.median:.3g}" for label, s in noisy)
+                    + "); the machine is busy or the runs too few: rerun with more --runs")
+        if o.q1 <= f.q3 and f.q1 <= o.q3 and self.original_ms != self.folded_ms:
+            return (f"{self.setting}: original and folded differ by less than their run-to-run spread "
+                    f"({o.q1:.3g}-{o.q3:.3g} ms vs {f.q1:.3g}-{f.q3:.3g} ms): the speedup "
+                    f"{self.speedup:.2f}x is within noise")
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,7 +108,13 @@ class Timing:
             "original_ms": self.original_ms,
             "folded_ms": self.folded_ms,
             "speedup": self.speedup,
+            "original_spread_ms": None if self.original_spread is None else self.original_spread.to_dict(),
+            "folded_spread_ms": None if self.folded_spread is None else self.folded_spread.to_dict(),
         }
+
+
+def _spread_notes(timings: Sequence[Timing]) -> list[str]:
+    return [why for t in timings if (why := t.disagreement()) is not None]
 
 
 @dataclass(slots=True)
@@ -91,6 +148,11 @@ class BenchReport:
 
 def time_call(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
+    return time_runs(fn, runs=runs, warmup=warmup, tick=tick).median
+
+
+def time_runs(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None) -> Spread:
+    """The spread (median, quartiles, extremes) of ``fn()``'s wall time in ms over ``runs`` calls."""
     for _ in range(warmup):
         fn()
         if tick:
@@ -102,7 +164,7 @@ def time_call(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[
         times.append((time.perf_counter() - t) * 1e3)
         if tick:
             tick()
-    return float(statistics.median(times))
+    return Spread.of(times)
 
 
 def _onnx_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
@@ -138,13 +200,13 @@ def bench_onnx(
     """Median latency of two serialized ONNX models (or paths) at ORT_DISABLE_ALL and ORT_ENABLE_ALL."""
     timings = []
     for level, label in (("disable", "onnxruntime ORT_DISABLE_ALL"), ("all", "onnxruntime ORT_ENABLE_ALL")):
-        medians = []
+        spreads = []
         for data in (original, folded):
             sess = _session(data, level, threads)
             names = {i.name for i in sess.get_inputs()}
             feed = {k: v for k, v in feeds.items() if k in names}
-            medians.append(time_call(partial(sess.run, None, feed), runs=runs, warmup=warmup, tick=tick))
-        timings.append(Timing(label, medians[0], medians[1]))
+            spreads.append(time_runs(partial(sess.run, None, feed), runs=runs, warmup=warmup, tick=tick))
+        timings.append(Timing(label, spreads[0].median, spreads[1].median, spreads[0], spreads[1]))
     return timings
 
 
@@ -222,7 +284,7 @@ def bench_file(
         return BenchReport(
             model=str(src_p), format=fmt, runs=runs, warmup=warmup, threads=threads,
             input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, timings=timings, fold=report,
-            notes=notes,
+            notes=[*notes, *_spread_notes(timings)],
         )
     return _bench_torch(
         src_p, fmt, model, loaded.example_inputs, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog, say=say
@@ -277,7 +339,7 @@ def _bench_torch(
 
     timings: list[Timing] = []
     with torch.no_grad():
-        eager = [time_call(partial(m, *args), runs=runs, warmup=warmup, tick=tick) for m in runnable]
+        eager = [time_runs(partial(m, *args), runs=runs, warmup=warmup, tick=tick) for m in runnable]
     names = [f"input{i}" for i in range(len(args))]
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
         paths = []
@@ -299,9 +361,9 @@ def _bench_torch(
             names = [i.name for i in graph.input if i.name not in init]
         feeds = {n: to_numpy(a) for n, a in zip(names, args)}
         timings.extend(bench_onnx(paths[0], paths[1], feeds, runs=runs, warmup=warmup, threads=threads, tick=tick))
-    timings.append(Timing("pytorch eager", eager[0], eager[1]))
+    timings.append(Timing("pytorch eager", eager[0].median, eager[1].median, eager[0], eager[1]))
     return BenchReport(
         model=str(src), format=fmt, runs=runs, warmup=warmup, threads=threads,
         input_shapes={n: tuple(a.shape) for n, a in zip(names, args)}, timings=timings, fold=report,
-        notes=notes,
+        notes=[*notes, *_spread_notes(timings)],
     )

@@ -6,10 +6,12 @@ Rules:
       exits with its ``exit_code`` (2 input, 1 verification); any other exception (a decoder, zip or
       pickle error from a bad file, an OSError) prints one line too and exits 2; ``--debug`` (or
       ``BNFOLD_DEBUG=1``) shows the traceback instead; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129
-      (outputs are written atomically, so no partial or temporary file is left);
+      (outputs are written atomically, so no partial or temporary file is left); a closed stdout pipe
+      (``bnfold inspect m.onnx -v | head -1``) ends quietly with 141;
     * usage errors (an unknown option, a missing argument) are one line too, exit 2 (see :class:`Group`);
     * human output goes to stdout; with ``--json`` stdout holds one JSON document (schema
-      ``bnfold/schemas/report-v1.json``), also on failure (an ``error`` object); progress and warnings go
+      ``bnfold/schemas/report-v1.json``, strict JSON: inf/nan as strings), also on failure (an ``error``
+      object); progress and warnings go
       to stderr; ``-q`` prints nothing but errors; ``-q`` with ``--json`` is refused;
     * every string from a model is shown escaped, never as terminal control or rich markup (see
       :mod:`bnfold._render`), so rendering cannot fail on a model's strings after OUT was written;
@@ -33,6 +35,7 @@ from ._cli_options import (
     Affine,
     AllOrNothing,
     Atol,
+    CheckpointPath,
     Debug,
     EvalSemantics,
     ExternalData,
@@ -192,6 +195,10 @@ def inspect(
     inputs: InputsNpz = None,
     seed: Seed = 0,
     fail_if_left: FailIfLeft = False,
+    to: Annotated[str | None, typer.Option(
+        "--to", metavar="onnx", show_default=False,
+        help="The verdicts of fold with an OUT of this format: onnx (a PyTorch MODEL folded, exported and "
+        "folded again in memory) [default: MODEL's own format].")] = None,
     health: Annotated[bool, typer.Option(
         "--health", help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals."
     )] = False,
@@ -215,8 +222,11 @@ def inspect(
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )
+        if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):
+            raise OptionError(f"--to {to}: expected onnx (or pt, pt2: MODEL's own format, the default)")
         with json_guard(json_out), progress_bar(quiet, ("load", "fold")) as progress:
-            report = files.inspect_file(model, settings, progress)
+            report = files.inspect_file(model, settings, progress,
+                                        output_format="onnx" if to and to.lower().lstrip(".") == "onnx" else None)
         code = 1 if fail_if_left and report.bn_after else 0
 
         def render(c: Any) -> None:
@@ -261,6 +271,9 @@ def verify(
                                                       "model: re-check the saved comparison).")] = None,
     locate: Annotated[bool, typer.Option("--locate", help="ONNX: compare the intermediate tensors both models "
                                          "have and name the first that diverges.")] = False,
+    name_map: Annotated[list[str] | None, typer.Option(
+        "--map", metavar="REF=CAND", show_default=False,
+        help="CANDIDATE's input or output CAND is REFERENCE's REF (names that differ; repeatable).")] = None,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -293,7 +306,7 @@ def verify(
             ),
         )
         with json_guard(json_out), progress_bar(quiet, ("load", "verify")) as progress:
-            report = files.verify_files(reference, candidate, settings, progress)
+            report = files.verify_files(reference, candidate, settings, progress, rename=_name_map(name_map))
         against = reference if reference is not None else load_outputs
         shown = candidate if candidate is not None else "saved outputs"
 
@@ -309,6 +322,21 @@ def verify(
             fail(f"{shown}: {failure_message(report, against=str(against))}", 1, "VerificationError")
 
 
+def _name_map(values: list[str] | None) -> dict[str, str]:
+    """``--map REF=CAND`` (repeatable, or comma-separated) -> ``{REF: CAND}``."""
+    out: dict[str, str] = {}
+    for item in (p.strip() for v in values or () for p in v.split(",")):
+        if not item:
+            continue
+        ref, sep, cand = item.partition("=")
+        if not sep or not ref.strip() or not cand.strip():
+            raise OptionError(f"--map {item}: expected REF=CAND (a reference name = the candidate's name)")
+        if ref.strip() in out or cand.strip() in out.values():
+            raise OptionError(f"--map {item}: a name mapped twice")
+        out[ref.strip()] = cand.strip()
+    return out
+
+
 def _show_verify_details(console: Any, report: Any) -> None:
     """Which runtime ran what (when not onnxruntime), where the errors are, and the first divergence.
 
@@ -316,14 +344,16 @@ def _show_verify_details(console: Any, report: Any) -> None:
     """
     from rich.text import Text
 
-    for r in report.runtimes:
+    for r in report.runtimes:  # from a golden file too: every string is escaped
         if r.runtime != "onnxruntime":
-            console.print(Text(f"{r.role}: ran with {r.runtime}" + (f" ({r.reason})" if r.reason else "")))
+            console.print(Text(f"{clean(r.role)}: ran with {clean(r.runtime)}"
+                               + (f" ({clean(r.reason)})" if r.reason else "")))
     for c in report.checks:
         if not c.passed:
-            chans = ", ".join(f"{ch} ({e:.2e})" for ch, e in c.worst_channels)
+            chans = ", ".join(f"{clean(ch)} ({e:.2e})" for ch, e in c.worst_channels)
             console.print(Text(
-                f"{c.name} (sample {c.sample}): failed on {c.failure}; largest error at {list(c.worst_index)}"
+                f"{clean(c.name)} (sample {c.sample}): failed on {clean(c.failure)}; largest error at "
+                f"{list(c.worst_index)}"
                 + (f"; worst channels: {chans}" if chans else "")
                 + f"; cosine {c.cosine:.6f}" + (f", SNR {c.snr_db:.1f} dB" if c.snr_db is not None else "")
             ))
@@ -334,15 +364,15 @@ def _show_verify_details(console: Any, report: Any) -> None:
         else:
             t = next(t for t in loc.tensors if t.name == loc.first_divergence)
             console.print(Text(
-                f"locate: first divergence at {t.name} (computed by {t.producer}; matched by {t.matched_as}): "
-                f"max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
+                f"locate: first divergence at {clean(t.name)} (computed by {clean(t.producer)}; matched by "
+                f"{clean(t.matched_as)}): max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
                 f"({loc.compared} tensor(s) compared)"
             ))
 
 
 @app.command(short_help="Turn BatchNorm into frozen affine layers (PyTorch files).")
 def freeze(
-    model: ModelPath,
+    model: CheckpointPath,
     out: OutArg = None,
     output: Output = None,
     learnable: Annotated[bool, typer.Option("--learnable", help="Make scale and shift trainable.")] = False,

@@ -287,11 +287,23 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
     Otherwise the legacy exporter's node names tell which (they carry the module path:
     ``/layer1/layer1.0/bn1/BatchNormalization`` for ``layer1.0.bn1``).
     """
+    from .records import Direction, Site
+
+    # Nodes are counted in the exported ONNX graph, before and after its ONNX fold: the PyTorch
+    # side counts modules, which cannot be compared with ONNX nodes.
+    treport = replace(treport, nodes_before=oreport.nodes_before)
     if left_in_onnx == len(treport.skips):
         kept: list[Verdict] = list(treport.sites)
     else:
         onnx_modules = {_module_of(v.bn) for v in oreport.verdicts}
         kept = [v for v in treport.verdicts if v.folded or v.bn not in onnx_modules]
+        gone = [v for v in kept if not v.folded]
+        if len(gone) == len(treport.skips) - left_in_onnx:
+            # Not in the exported graph: the exporter removed them (folded into their Conv), so they
+            # are not left (a report "1 -> 0: left 1" contradicts itself).
+            kept = [v if v.folded else Site(v.bn, "", "exporter", Direction.FORWARD,
+                                             "folded by the ONNX exporter (not by bnfold's PyTorch fold: "
+                                             f"{v.detail})") for v in kept]
     return FoldReport(
         backend=backend, verdicts=[*kept, *oreport.verdicts], bn_before=treport.bn_before,
         bn_after=oreport.bn_after, nodes_before=treport.nodes_before, params_before=treport.params_before,

@@ -29,11 +29,16 @@ __all__ = ["inspect_file"]
 
 
 def inspect_file(
-    src: str | os.PathLike[str], settings: InspectSettings | None = None, progress: ProgressFn | None = None
+    src: str | os.PathLike[str], settings: InspectSettings | None = None, progress: ProgressFn | None = None,
+    *, output_format: str | None = None,
 ) -> FoldReport:
     """The verdict for every BatchNorm of the model in ``src``, as ``fold`` would give it; nothing written.
 
     ``settings.health`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
+    ``output_format``: the format of ``fold``'s OUT the verdicts are for: ``None`` (the source's own:
+    ``.pt``/``.pt2`` for PyTorch), or ``"onnx"``: a PyTorch model is then folded, exported and folded
+    again in memory (:func:`bnfold.export.export_folded`, the default export settings), as
+    ``fold MODEL OUT.onnx`` does, so BNs the exporter or the ONNX fold remove are counted as folded.
 
     Returns:
         A dry-run :class:`FoldReport`; for a torch.export program
@@ -67,10 +72,23 @@ def inspect_file(
 
         from .fold_torch import eval_if
 
-        refuse({"--affine": s.affine}, "applies only to ONNX models (Mul + Add are ONNX nodes)")
+        to_onnx = output_format == "onnx"
+        if not to_onnx:
+            refuse({"--affine": s.affine}, "applies only to ONNX models (Mul + Add are ONNX nodes); with a "
+                   "PyTorch MODEL, together with --to onnx")
         model = eval_if(model, s.eval_semantics)
         try:
-            if isinstance(model, torch.export.ExportedProgram):
+            if to_onnx:
+                from bnfold.export import ExportSettings, export_folded
+
+                own = loaded.example_inputs if loaded.example_inputs is not None else getattr(
+                    model, "example_inputs", None)
+                examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
+                onnx_model, report = export_folded(model, examples, export=ExportSettings(), affine=s.affine,
+                                                   progress=lambda *a: None)
+                report = replace(report, dry_run=True, signature=io_signature(onnx_model))
+                del onnx_model
+            elif isinstance(model, torch.export.ExportedProgram):
                 _, report = fold_with_report(model, dry_run=True)
             else:
                 own = loaded.example_inputs if loaded.example_inputs is not None else getattr(
@@ -82,7 +100,7 @@ def inspect_file(
                 )
         except BnfoldError as e:
             raise reworded(e) from e
-        if isinstance(model, torch.export.ExportedProgram):
+        if isinstance(model, torch.export.ExportedProgram) and not to_onnx:
             report = replace(report, predicted_counts=("bn", "params"))
     if s.health:
         from bnfold.health import health as audit_model

@@ -127,11 +127,16 @@ def verify_files(
     candidate: str | os.PathLike[str] | None,
     settings: CompareSettings | None = None,
     progress: ProgressFn | None = None,
+    *,
+    rename: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Run the models in two files on the same inputs and compare every output.
 
     With ``settings.verification.load_outputs`` the reference is the saved outputs: ``reference`` is
     None and ``candidate`` may be None too (re-check the saved comparison).
+
+    ``rename``: ``{reference name: candidate name}`` for inputs and outputs named differently in the
+    candidate (an ONNX model; see :func:`rename_io`).
 
     Returns:
         The :class:`VerifyReport` (``passed`` False on a mismatch: this function does not raise for it).
@@ -152,6 +157,11 @@ def verify_files(
         ref = load(ref_p, s.load, prog)
     if cand_p is not None:
         cand = load(cand_p, s.load, prog)
+        rename_io(cand.model, rename or {}, str(cand_p))
+    elif rename:
+        from bnfold.errors import OptionError
+
+        raise OptionError("--map: needs a candidate model")
     examples = None
     if ref is not None and ref.format != "onnx":  # example inputs carry shapes and data for a PyTorch reference
         examples = torch_examples(ref.model, prep.shapes, prep.arrays, prep.seed, ref_p or first, ref.example_inputs)
@@ -159,3 +169,49 @@ def verify_files(
     where = " vs ".join(str(p) for p in (ref_p, cand_p) if p is not None)
     return run_verify(None if ref is None else ref.model, None if cand is None else cand.model, prep,
                       example_inputs=examples, progress=prog, where=where)
+
+
+def rename_io(model: Any, mapping: Mapping[str, str], where: str) -> None:
+    """Rename the ONNX model's inputs/outputs ``mapping[ref] = cand`` -> ``ref``, in place.
+
+    ``verify --map REF=CAND``: the candidate's input or output ``CAND`` plays the reference's ``REF``.
+    Every use of the name is renamed (nodes, subgraphs, value_info), so the model computes the same.
+
+    Raises:
+        OptionError: the candidate is not an ONNX model, has no input or output ``CAND``, or already
+            uses ``REF`` for another tensor.
+    """
+    import onnx
+
+    from bnfold.errors import OptionError
+    from bnfold.onnx.graph import all_graphs
+
+    if not mapping:
+        return
+    if not isinstance(model, onnx.ModelProto):
+        raise OptionError("--map: applies to an ONNX candidate (a PyTorch candidate is exported with the "
+                          "reference's names)")
+    g = model.graph
+    io_names = {v.name for v in (*g.input, *g.output)}
+    used = {t.name for t in g.initializer} | {o for gr in all_graphs(g) for n in gr.node for o in (*n.input, *n.output)}
+    used |= io_names
+    for ref, cand in mapping.items():
+        if cand not in io_names:
+            raise OptionError(f"--map {ref}={cand}: {where} has no input or output named {cand!r} "
+                              f"(its inputs and outputs: {', '.join(sorted(io_names))})")
+        if ref != cand and ref in used and ref not in mapping.values():
+            raise OptionError(f"--map {ref}={cand}: {where} already has a tensor named {ref!r}")
+    back = {cand: ref for ref, cand in mapping.items()}
+
+    def fix(names: Any) -> None:
+        for i, n in enumerate(names):
+            if n in back:
+                names[i] = back[n]
+
+    for gr in all_graphs(g):
+        for n in gr.node:
+            fix(n.input)
+            fix(n.output)
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.name in back:
+            vi.name = back[vi.name]

@@ -88,7 +88,8 @@ def _check_mode(module: nn.Module, eval_semantics: bool) -> None:
 
 
 def _count(module: nn.Module) -> tuple[int, int]:
-    mods = sum(1 for _ in module.modules())
+    """``(modules, parameters)``; ``nn.Identity`` is not counted (a folded BN becomes one: no op)."""
+    mods = sum(1 for m in module.modules() if not isinstance(m, nn.Identity))
     params = sum(t.numel() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
     return mods, params
 
@@ -345,7 +346,7 @@ def _predict(module: nn.Module, plans: list[tuple[str, Plan]]) -> tuple[int, int
         if id(m) in seen:
             continue
         seen.add(id(m))
-        mods += 1
+        mods += not isinstance(m, nn.Identity)  # as _count: a folded BN's Identity is no op
         stack.extend((_join(name, n), c) for n, c in m._modules.items() if c is not None)
     params = sum(t.numel() for k, t in module.state_dict().items() if isinstance(t, torch.Tensor) and not _under(k, gone))
     params += sum(t.numel() for tail in tails.values() for t in tail.state_dict().values() if isinstance(t, torch.Tensor))

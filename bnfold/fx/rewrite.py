@@ -31,8 +31,9 @@ __all__ = ["apply_module_mode", "apply_graph_mode", "replace_module", "tail_of"]
 
 def _set_layer(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
     w0: torch.Tensor = layer.weight  # type: ignore[assignment]
+    b0 = layer.bias  # each parameter keeps its own requires_grad (a frozen bias stays frozen)
     layer.weight = nn.Parameter(w, requires_grad=w0.requires_grad)
-    layer.bias = nn.Parameter(b, requires_grad=w0.requires_grad)
+    layer.bias = nn.Parameter(b, requires_grad=w0.requires_grad if b0 is None else bool(b0.requires_grad))
 
 
 def replace_module(root: nn.Module, target: str, new: nn.Module) -> None:

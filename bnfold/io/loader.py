@@ -234,7 +234,7 @@ def load_file(
     else:
         model = _load_as(p, fmt, parsed, model_factory, trust_pickle)
     examples = None
-    if fmt == "state_dict":
+    if fmt == "state_dict" or (fmt == "pickled_module" and model_factory is not None):  # the factory's shapes
         from .torch_load import factory_examples
 
         examples = factory_examples(model_factory)

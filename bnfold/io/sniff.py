@@ -7,7 +7,8 @@ Formats (:func:`detect_format`, from the bytes, never from the extension alone):
     3. ``"torchscript"``: a zip archive with ``*/code/`` or ``*/constants.pkl`` (``torch.jit.save``);
     4. ``"state_dict"``: a ``torch.save`` file (zip with ``*/data.pkl``, or a legacy pickle stream)
        whose pickle names only tensor-rebuilding globals (``collections.OrderedDict``,
-       ``torch._utils._rebuild_tensor_v2``, storages, dtypes, ...);
+       ``torch._utils._rebuild_tensor_v2``, storages, dtypes, ...); or a ``.safetensors`` file
+       (8-byte header length, then a JSON header: see :mod:`.safetensors`);
     5. ``"pickled_module"``: a ``torch.save`` file whose pickle names any other class (a whole
        ``nn.Module`` saved with ``torch.save(model)``). The pickle is *read* with ``pickletools``, never
        executed, to decide this.
@@ -229,6 +230,10 @@ def _sniff(path: str) -> tuple[str, Any]:
         with open(path, "rb") as f:
             data = f.read(min(size, 64 * 2**20))
         return _classify_pickle(path, data, 4), None
+    from .safetensors import looks_like_safetensors
+
+    if looks_like_safetensors(head, size):
+        return "state_dict", None  # weights only, read without pickle (bnfold.io.safetensors)
     if _looks_like_text(head):
         raise _fail(path, "a text file, not a model")
     problem = _onnx_wire_problem(path, size)

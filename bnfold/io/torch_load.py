@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bnfold.errors import OptionError
+from bnfold.errors import ModelFormatError, OptionError
 
 from .sniff import _fail
 
@@ -158,6 +158,14 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _label(factory: str | Callable[[], Any]) -> str:
+    """A factory as the user names it (``'models.lenet:lenet5'``), never ``<function lenet5 at 0x...>``."""
+    if isinstance(factory, str):
+        return repr(factory)
+    mod, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
+    return repr(f"{mod}:{name}") if mod and name else type(factory).__name__
+
+
 def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, trust_pickle: bool) -> Any:
     """A PyTorch file of format ``fmt`` ("pt2", "pickled_module" or "state_dict"), with the right trust."""
     import torch
@@ -180,9 +188,12 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
         if not trust_pickle:
             raise _fail(
                 p,
-                "a pickled PyTorch module (torch.save(model)); loading it unpickles, which runs arbitrary code "
-                "from the file. If you trust the file, pass --trust-pickle (trust_pickle=True); otherwise save a "
-                "state_dict and load it with --model module.path:factory",
+                "a pickle of Python objects beyond tensors: a whole module (torch.save(model)), or a training "
+                "checkpoint that pickles other objects beside its weights (Lightning's hyper-parameters, "
+                "callbacks); loading it unpickles, which runs arbitrary code from the file. If you trust the "
+                "file, pass --trust-pickle (trust_pickle=True); otherwise save the weights alone "
+                "(torch.save(model.state_dict()) or torch.save(ckpt['state_dict'])) and load them with "
+                "--model module.path:factory",
             )
         try:
             # Unpickling imports the classes by module name: like `python` itself, find them in the
@@ -193,28 +204,53 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         if isinstance(obj, Mapping):
             obj = next((v for v in obj.values() if isinstance(v, torch.nn.Module)), obj)
+        if isinstance(obj, Mapping) and model_factory is not None:
+            # A training checkpoint (Lightning): trusted, its weights go into the factory's module.
+            return _into_factory(p, _state_dict_of(p, obj), model_factory)
         if not isinstance(obj, torch.nn.Module):
-            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module")
+            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module"
+                           + (" (a training checkpoint? pass --model to load its state_dict)"
+                              if isinstance(obj, Mapping) else ""))
         return obj
     # state_dict
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with open(p, "rb") as f:
+            head = f.read(16)
+        from .safetensors import looks_like_safetensors, read_safetensors
+
+        if looks_like_safetensors(head, os.path.getsize(p)):
+            obj = read_safetensors(p)  # no pickle: a header and raw bytes
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except ModelFormatError:
+        raise
     except Exception as e:
         raise _fail(p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     sd = _state_dict_of(p, obj)
     if model_factory is None:
         raise _fail(p, "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
                        "architecture (model_factory=...)")
+    return _into_factory(p, sd, model_factory)
+
+
+def _into_factory(p: str, sd: Mapping[str, Any], model_factory: str | Callable[[], Any]) -> Any:
+    """The factory's module with the weights ``sd`` loaded (strict; a wrapper's key prefix dropped)."""
+    import torch
+
     factory = resolve_factory(model_factory)
     try:
         model = factory()
     except Exception as e:
-        raise OptionError(f"model factory {model_factory!r} failed ({type(e).__name__}: {e})") from e
+        raise OptionError(f"model factory {_label(model_factory)} failed ({type(e).__name__}: {e})") from e
     if not isinstance(model, torch.nn.Module):
-        raise OptionError(f"model factory {model_factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise OptionError(f"model factory {_label(model_factory)} returned a {type(model).__name__}, not a torch.nn.Module")
     own = set(model.state_dict())
-    if not (set(sd) & own) and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from DataParallel / DDP
+    prefixes = {k.split(".", 1)[0] for k in sd}
+    if not (set(sd) & own) and len(prefixes) == 1 and all("." in k for k in sd):
+        # Saved from a wrapper: DataParallel / DDP ("module."), a LightningModule's attribute ("model.").
+        stripped = {k.split(".", 1)[1]: v for k, v in sd.items()}
+        if set(stripped) & own:
+            sd = stripped
     missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
     if missing or unexpected:
         parts = []
@@ -222,11 +258,11 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             parts.append(f"missing keys {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: {'; '.join(parts)}")
+        raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: {'; '.join(parts)}")
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise _fail(p, f"does not fit the architecture built by {model_factory!r}: "
+        raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: "
                        f"{' '.join(str(e).split())[:300]}") from e
     return model.eval()
 
