@@ -302,9 +302,12 @@ def test_inspect_verdicts_are_folds_pytorch(factory_file: Path, factory: str, fm
 
 
 @pytest.mark.parametrize("factory", ["net", "plain"])
-def test_inspect_to_onnx_verdicts_are_folds(factory_file: Path, factory: str) -> None:
+def test_inspect_to_onnx_verdicts_are_folds(factory_file: Path, factory: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A PyTorch file written to .onnx: inspect --to onnx gives fold's verdicts (exporter folds included)."""
     tmp = factory_file.parent
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "arch", raising=False)  # another test's arch.py (one process here)
     spec = f"{factory_file}:{factory}"
     r = runner.invoke(app, ["fold", str(tmp / f"{factory}.pt"), str(tmp / "o.onnx"), "-m", spec, "--json"])
     assert r.exit_code == 0, r.output
