@@ -239,6 +239,25 @@ def owned_data(model_path: str | os.PathLike[str]) -> str | None:
     return data if _sha256_file(data) == rec.sha256 else None
 
 
+# The first byte of an ONNX file is the tag of a ModelProto field (ir_version, producer_name, ...,
+# graph, opset_import, metadata_props, training_info, functions): a photo or an archive is passed over
+# after one byte, not read whole.
+_MODEL_FIRST_BYTES = frozenset((0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA))
+
+
+def _may_be_onnx(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 1)[:1] in {bytes([b]) for b in _MODEL_FIRST_BYTES}
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 _SCAN_LIMIT = 10_000  # folder entries looked at; past it bnfold cannot tell, and keeps the file
 
 
@@ -286,7 +305,7 @@ def readers_of(data: str, besides: str) -> list[str] | None:
                     continue
             except OSError:
                 continue
-            if any(_identity(r) == target for r in data_refs(e.path)):
+            if _may_be_onnx(e.path) and any(_identity(r) == target for r in data_refs(e.path)):
                 found.append(e.path)
     return found
 
