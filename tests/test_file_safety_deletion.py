@@ -428,3 +428,17 @@ def test_a_saved_pytorch_module_is_the_same_bytes_every_time(tmp_path: Path) -> 
         (tmp_path / str(i)).mkdir()
         bio.save(net, tmp_path / str(i) / "net.pt")
     assert (tmp_path / "0" / "net.pt").read_bytes() == (tmp_path / "1" / "net.pt").read_bytes()
+
+
+def test_in_place_on_bnfolds_own_output_replaces_its_data(tmp_path: Path) -> None:
+    """The data bnfold wrote for the model it replaces (the record proves it) is removed: no orphan."""
+    src = tmp_path / "m.onnx"
+    bio.save(_conv_bn(), src, external_data=True)
+    (old,) = [p.name for p in tmp_path.iterdir() if _DATA.search(p.name)]
+    ref = _run(src)
+    r = _fold(str(src), str(src), "--in-place", "--json")
+    assert r.exit_code == 0, r.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "m.onnx" and _DATA.search(names[1]) and names[1] != old, names
+    assert not any("kept" in n for n in _notes(r.stdout))
+    np.testing.assert_allclose(_run(src), ref, rtol=1e-5, atol=1e-5)

@@ -19,8 +19,10 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bnfold.errors import OutputError
 
@@ -181,16 +183,38 @@ def _signals_deferred() -> Iterator[None]:
     clean-up itself: a signal handler that raises (as the CLI's do, and Python's for Ctrl-C) would
     otherwise leave a file nobody knows about. A signal that arrives meanwhile is delivered right
     after, where the clean-up of the ``except`` / ``finally`` around it runs.
+
+    Two layers: the thread's signal mask, and (in the main thread, where Python runs its handlers)
+    the Python handlers themselves, swapped for one that only notes the signal. The mask alone is not
+    enough: a signal sent to the process lands in any thread that does not block it (a BLAS or
+    onnxruntime worker), and Python then runs the handler in the main thread at its next bytecode,
+    inside the block.
     """
     mask = getattr(signal, "pthread_sigmask", None)
     if mask is None or not _DEFERRED_SIGNALS:  # pragma: no cover - not POSIX
         yield
         return
     old = mask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    held: list[int] = []
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _DEFERRED_SIGNALS:
+            if signal.getsignal(sig) is None:  # a handler not installed from Python: left alone
+                continue
+            with contextlib.suppress(ValueError, OSError):
+                saved[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
     try:
         yield
     finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
         mask(signal.SIG_SETMASK, old)
+        for sig in held:  # delivered now, as if it had arrived just after the block
+            handler = saved.get(sig)
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 def _discard(path: str | None) -> None:

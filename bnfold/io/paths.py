@@ -198,7 +198,23 @@ def _parse_record(text: str | None) -> _Record | None:
     return rec if len(rec.sha256) == 64 else None
 
 
-def _sha256_file(path: str) -> str | None:
+_DIGESTS: dict[Any, str] = {}  # file_key -> SHA-256 of files this process wrote or hashed (a few)
+
+
+def note_digest(path: str, sha256: str) -> None:
+    """Remember the SHA-256 of the file ``path`` as it is now (a data file just written)."""
+    key = file_key(path)
+    if key is not None:
+        while len(_DIGESTS) >= 16:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = sha256
+
+
+def sha256_file(path: str) -> str | None:
+    """The SHA-256 of the file ``path`` (remembered per file version); None if it cannot be read."""
+    key = file_key(path)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -206,6 +222,7 @@ def _sha256_file(path: str) -> str | None:
                 h.update(chunk)
     except OSError:
         return None
+    note_digest(path, h.hexdigest())
     return h.hexdigest()
 
 
@@ -236,7 +253,7 @@ def owned_data(model_path: str | os.PathLike[str]) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != rec.nbytes:
         return None
-    return data if _sha256_file(data) == rec.sha256 else None
+    return data if sha256_file(data) == rec.sha256 else None
 
 
 # The first byte of an ONNX file is the tag of a ModelProto field (ir_version, producer_name, ...,

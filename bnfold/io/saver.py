@@ -51,7 +51,9 @@ from .paths import (
     after_replace,
     data_name,
     make_record,
+    note_digest,
     owned_old_data,
+    sha256_file,
 )
 from .stream import _field_header, _PartTooLarge, _read_in_nested_lazy, _weight_bytes, _write_onnx_stream
 
@@ -210,11 +212,7 @@ def _same_content(path: str, nbytes: int, sha256: str) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != nbytes:
         return False
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            h.update(chunk)
-    return h.hexdigest() == sha256
+    return sha256_file(path) == sha256
 
 
 def _commit_pair(dst: str, folder: str, tmp_model: str, data: _StagedData | None,
@@ -245,6 +243,7 @@ def _commit_pair(dst: str, folder: str, tmp_model: str, data: _StagedData | None
                     os.chmod(data.path, mode)
                     os.replace(data.path, final)
                     moved = final
+                    note_digest(final, data.sha256)
                 os.replace(tmp_model, dst)
                 moved = None
         except BaseException:
