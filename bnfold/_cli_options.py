@@ -95,7 +95,7 @@ OutputNames = Annotated[list[str] | None, typer.Option("--output-names", metavar
 ExternalData = Annotated[
     bool | None,
     typer.Option("--external-data/--no-external-data", show_default=False,
-                 help="Write ONNX weights to OUT.data / inline [default: as the input]."),
+                 help="Write ONNX weights to OUT.<hash>.data / inline [default: as the input]."),
 ]
 FlushDenormals = Annotated[bool, typer.Option(
     "--flush-denormals/--keep-denormals",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,16 +83,23 @@ def save_outputs(path: str | os.PathLike[str], rec: Recording) -> None:
         "runtimes": rec.runtimes,
     }
     arrays["__meta__"] = np.array(json.dumps(meta))
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    from bnfold.io import atomic_path
+
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:  # checks OUT (never a directory, FIFO or device) and fits NAME_MAX
+            _write_npz(tmp, arrays)
     except OSError as e:
         raise OutputError(f"{p}: cannot write the outputs ({e.strerror or e})") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+
+def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """``numpy.savez`` without its time stamps: the same recording gives the same bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, a in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
 
 
 def load_outputs(path: str | os.PathLike[str]) -> Recording:

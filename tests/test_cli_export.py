@@ -176,7 +176,7 @@ def test_external_data_layout_is_kept_and_counted(tmp_path: Path) -> None:
     r = runner.invoke(app, ["fold", str(src), str(out), "--json"])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    (data,) = tmp_path.glob("out.onnx.*.data")  # a fresh name per write (bnfold.io.save)
+    (data,) = tmp_path.glob("out.onnx.*.data")  # named after its content (bnfold.io.save)
     assert data.stat().st_size > 0  # the input's layout: external
     assert doc["output"]["size_bytes"] == out.stat().st_size + data.stat().st_size
     assert doc["model"]["size_bytes"] == src.stat().st_size + (tmp_path / "w.bin").stat().st_size
@@ -194,15 +194,23 @@ def test_external_data_layout_is_kept_and_counted(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("forced.onnx.*.data"))) == 1
 
 
-def test_in_place_leaves_no_orphaned_data(tmp_path: Path) -> None:
+def test_in_place_keeps_data_bnfold_did_not_write_and_says_so(tmp_path: Path) -> None:
     src = _external(tmp_path)
+    before = (tmp_path / "w.bin").read_bytes()
     x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
     ref = _session(src).run(None, {"x": x})[0]
-    r = runner.invoke(app, ["fold", str(src), str(src), "--in-place", "-q"])
+    r = runner.invoke(app, ["fold", str(src), str(src), "--in-place", "--json"])
     assert r.exit_code == 0, r.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 and names[0] == "ext.onnx" and re.fullmatch(r"ext\.onnx\.[0-9a-f]{8}\.data", names[1])  # w.bin is gone
+    # w.bin was written by another tool: another model may read it, so it stays, and the report says so
+    assert len(names) == 3 and names[0] == "ext.onnx" and names[2] == "w.bin", names
+    assert re.fullmatch(r"ext\.onnx\.[0-9a-f]{16}\.data", names[1])
+    assert (tmp_path / "w.bin").read_bytes() == before
+    assert any("kept" in n and "w.bin" in n for n in json.loads(r.stdout)["notes"])
     np.testing.assert_allclose(_session(src).run(None, {"x": x})[0], ref, atol=FP32_ATOL, rtol=0)
+    # the output is bnfold's now: a second in-place run replaces its data and leaves no orphan of its own
+    assert runner.invoke(app, ["fold", str(src), str(src), "--in-place", "-q"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 def test_bench_on_a_folded_model_says_so(tmp_path: Path) -> None:

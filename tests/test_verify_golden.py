@@ -97,7 +97,7 @@ def test_bad_golden_files_are_refused(tmp_path: Path) -> None:
         verify(ref, ref, load_outputs=golden)
     with pytest.raises(OptionError, match="saved inputs are used"):
         verify(None, ref, load_outputs=golden, inputs={"x": np.zeros((1, 3, 8, 8), np.float32)})
-    with pytest.raises(OutputError, match="cannot write the outputs"):
+    with pytest.raises(OutputError, match="output folder .* does not exist"):
         verify(ref, ref, save_outputs=tmp_path / "missing" / "g.npz")
     assert not (tmp_path / "missing").exists()
 

@@ -34,7 +34,7 @@ from bnfold.postfold import PostFold, run
 from bnfold.records import FileInfo, FoldReport, VerifyReport
 
 from .load import ProgressFn, advised, load, noop, reworded
-from .output import check_output, check_pairing, drop_orphaned_data, same_file, staged
+from .output import check_output, check_pairing, same_file, staged
 from .settings import FoldSettings, check_fold, refuse
 from .verify import Prepared, check_onnx_shapes, io_signature, prepare, run_verify, verified_on
 
@@ -94,6 +94,8 @@ def _fold_file(
 
     # Exact now that the input was read: neither OUT nor its data file may be a file the input reads.
     protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
+    if s.inputs.inputs is not None:
+        protect.append(os.fspath(s.inputs.inputs))  # --inputs DATA.npz is read too
     bio.check_output_path(src_p, dst_p, in_place=s.in_place, input_files=protect)
     external_data = s.external_data
     if loaded.format == "onnx":
@@ -189,8 +191,7 @@ def _finish(
     if failed:
         report = replace(report, notes=(*report.notes, "verification failed; written anyway because of --force"))
     st.commit()
-    if s.in_place and files.source_format == "onnx":
-        report = replace(report, notes=(*report.notes, *drop_orphaned_data([Path(f) for f in src_data], dst)))
+    report = replace(report, notes=(*report.notes, *st.notes))  # data files kept (the deletion rule)
     out_data = onnx_data_files(dst) if out_fmt == "onnx" else []
     report = replace(report, files=replace(files, size_after=model_size(dst, out_fmt), written=True,
                                            total_seconds=time.perf_counter() - t0,

@@ -5,8 +5,9 @@ Rules:
       that names no format, a source/output pairing that cannot be written, all before any load;
     * MODEL is never modified; OUT is written by :func:`bnfold.io.save` / :func:`bnfold.io.staged_save`
       (temporary file in the same folder, then ``os.replace``), never half-written;
-    * after ``--in-place``, external-data files of the old model that nothing reads any more are removed,
-      except one another ONNX file in the same folder reads.
+    * bnfold removes only data files it proves it wrote for the output it replaces (the deletion rule,
+      :mod:`bnfold.io.paths`); every other file the replaced model read is kept, and a note says so
+      (``staged(...).notes`` after the commit).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import OptionError, OutputError
-from bnfold.io.datafiles import onnx_data_files
 
 from .load import ProgressFn
 
-__all__ = ["check_output", "same_file", "check_pairing", "save", "staged", "drop_orphaned_data"]
+__all__ = ["check_output", "same_file", "check_pairing", "save", "staged"]
 
 
 def check_output(src: Path, dst: Path, *, in_place: bool = False) -> None:
@@ -76,38 +76,10 @@ def save(model: Any, dst: Path, progress: ProgressFn, *, fmt: str | None = None)
     progress("save", 1, 1)
 
 
-def drop_orphaned_data(old: Sequence[Path], dst: Path) -> list[str]:
-    """After ``--in-place``: remove the input's external-data files that nothing reads any more.
-
-    A data file the new model still reads is kept, and so is one that another ONNX file in the same
-    folder references (a shared weights file belongs to that model too). Returns a note per file kept.
-    """
-    keep = set(onnx_data_files(dst))
-    notes: list[str] = []
-    candidates = [f for f in old if f not in keep and f.exists()]
-    if not candidates:
-        return notes
-    others: set[Path] = set()
-    try:
-        siblings = [p for p in dst.resolve().parent.iterdir() if p.suffix.lower() == ".onnx" and p.is_file()]
-    except OSError:
-        siblings = []
-    for sib in siblings:
-        if sib.resolve() != dst.resolve():
-            others.update(onnx_data_files(sib))
-    for f in candidates:
-        if f in others:
-            notes.append(f"kept {f.name}: another model in the folder reads it")
-            continue
-        try:
-            f.unlink()
-        except OSError:
-            notes.append(f"could not remove {f.name}, which the new model no longer reads")
-    return notes
-
-
 class _InMemory:
     """Stands for a staged file when the model is verified in memory: ``path`` is the model itself."""
+
+    notes: tuple[str, ...] = ()
 
     def __init__(self, model: Any, write: Callable[[], None]) -> None:
         self.path = model

@@ -122,6 +122,19 @@ def check_onnx_shapes(model: Any, shapes: Mapping[str, tuple[int, ...]], path: P
         raise with_context(e, str(path)) from e
 
 
+def check_recording_path(dst: str | os.PathLike[str], *reads: str | os.PathLike[str] | None) -> None:
+    """Refuse ``--save-outputs`` where it would write over a file the job reads (either model, their
+    external data, ``--inputs``, ``--load-outputs``), a directory, a FIFO or a device.
+
+    Raises:
+        OutputError: one line naming the path.
+    """
+    from bnfold import io as bio
+
+    files = [f for r in reads if r is not None for f in bio.files_read_by(r)]
+    bio.check_output_path(None, dst, input_files=files)
+
+
 def verify_files(
     reference: str | os.PathLike[str] | None,
     candidate: str | os.PathLike[str] | None,
@@ -150,6 +163,9 @@ def verify_files(
     check_inputs(s.inputs, s.verification.samples)
     ref_p = None if reference is None else Path(reference)
     cand_p = None if candidate is None else Path(candidate)
+    if s.verification.save_outputs is not None:  # before anything is loaded or run
+        check_recording_path(s.verification.save_outputs, ref_p, cand_p, s.inputs.inputs,
+                             s.verification.load_outputs)
     first = ref_p or cand_p or Path(os.fspath(s.verification.load_outputs or ""))
     prep = prepare(s.inputs, s.verification, first)
     ref = cand = None

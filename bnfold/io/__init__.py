@@ -20,7 +20,11 @@ Rules (details in each module):
     * outputs are staged in the destination folder and renamed into place; a failed or interrupted
       write leaves no partial file and no temporary; an ONNX model is never paired with another
       write's data;
-    * the input is never modified: the output may not be the input model nor any file it reads;
+    * the input is never modified: the output may not be the input model nor any file it reads, and
+      never a directory, a FIFO or a device;
+    * bnfold removes only files it created, and a data file it proves it wrote for the output it
+      replaces (a record in the model: name, size, SHA-256; see :mod:`.paths`); the same model
+      saved to the same path gives the same bytes (the data file is named after its SHA-256);
     * nothing here serialises a whole model or calls ``ByteSize()`` (protobuf stops at 2 GiB);
     * torch is imported only for PyTorch files, never for an ONNX file.
 """

@@ -1,25 +1,32 @@
 """Atomic file creation: temporary paths next to the destination, deferred signals, a folder lock.
 
 Rules: a temporary file is created in the destination's folder (one file system, so ``os.replace`` is
-atomic); SIGINT/SIGTERM/SIGHUP are held back in the few calls that create, rename or remove a file, so
-a signal turned into an exception never leaks a file nobody knows about; saves into one folder take
-turns under an exclusive ``flock`` on the folder itself (no lock file is left).
+atomic) under a name that fits the file system's name limit (``NAME_MAX``, 255 bytes: a long output
+name is shortened in the temporary's name, with a hash of the whole name); SIGINT/SIGTERM/SIGHUP are
+held back in the few calls that create, rename or remove a file, so a signal turned into an exception
+never leaks a file nobody knows about; saves into one folder take turns under an exclusive ``flock``
+on the folder itself (no lock file is left). An output path that exists and is not a regular file (a
+folder, a FIFO, a device, a socket; links followed) is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bnfold.errors import OutputError
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "check_target", "fit_name", "name_max"]
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +35,66 @@ def _output_error(path: str, e: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write ({e.strerror or e})")
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_target(path: str) -> None:
+    """Refuse an output path that exists and is not a regular file (links followed).
+
+    bnfold replaces regular files only: a FIFO or a device named as an output would otherwise be
+    replaced by a regular file (or, followed through a link, written into).
+
+    Raises:
+        OutputError: ``path`` is a directory, a FIFO, a device or a socket.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing (or a dangling link): nothing to damage
+    for test, what in _KINDS:
+        if test(mode):
+            raise OutputError(f"{path}: is {what}, not a regular file; bnfold writes only regular files")
+
+
 def _check_folder(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OutputError(f"{path}: output folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise OutputError(f"{path}: is a directory")
+    check_target(path)
     return folder
+
+
+_NAME_MAX = 255  # bytes: the limit of ext4, xfs, btrfs, tmpfs, APFS, NTFS (pathconf where it answers)
+
+
+def name_max(folder: str) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes."""
+    try:
+        return min(_NAME_MAX, os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return _NAME_MAX
+
+
+def fit_name(name: str, room: int) -> str:
+    """``name`` if its UTF-8 form is at most ``room`` bytes; else its head and a hash of the whole name
+    (``<head>~<12 hex>``), at most ``room`` bytes: the same name always gives the same result."""
+    if len(os.fsencode(name)) <= room:
+        return name
+    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    head = name
+    while head and len(os.fsencode(head + tag)) > room:
+        head = head[:-1]
+    return head + tag
+
+
+_RANDOM = 8  # characters tempfile adds between prefix and suffix
+
+
+def _temp_affixes(dst: str, folder: str, suffix: str) -> tuple[str, str]:
+    """(prefix, suffix) of a temporary for ``dst``: ``.<name>.`` ... ``<suffix>``, fitting NAME_MAX."""
+    room = name_max(folder) - _RANDOM - len(os.fsencode(suffix)) - 2  # the leading and the trailing dot
+    return f".{fit_name(os.path.basename(dst), room)}.", suffix
 
 
 def _umask_mode() -> int:
@@ -51,9 +111,10 @@ def _temp_file(dst: str, folder: str, created: list[str]) -> str:
     """
     name = os.path.basename(dst)
     suffix = "".join(Path(name).suffixes[-1:])
+    prefix, suffix = _temp_affixes(dst, folder, f".tmp{suffix}"[:16])
     with _signals_deferred():
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
         except OSError as e:
             raise _output_error(dst, e) from e
         created.append(tmp)
@@ -63,9 +124,10 @@ def _temp_file(dst: str, folder: str, created: list[str]) -> str:
 
 def _temp_folder(dst: str, folder: str, created: list[str]) -> str:
     """A fresh empty temporary folder next to ``dst`` (``.<name>.*.tmp``), noted in ``created``."""
+    prefix, suffix = _temp_affixes(dst, folder, ".tmp")
     with _signals_deferred():
         try:
-            work = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
+            work = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder)
         except OSError as e:
             raise _output_error(dst, e) from e
         created.append(work)
@@ -101,6 +163,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         tmp = _temp_file(dst, folder, created)
         yield tmp
         os.chmod(tmp, _umask_mode())
+        check_target(dst)  # again: a FIFO or device may have been put there meanwhile
         os.replace(tmp, dst)
     except BaseException:
         _remove_created(created)
@@ -120,16 +183,38 @@ def _signals_deferred() -> Iterator[None]:
     clean-up itself: a signal handler that raises (as the CLI's do, and Python's for Ctrl-C) would
     otherwise leave a file nobody knows about. A signal that arrives meanwhile is delivered right
     after, where the clean-up of the ``except`` / ``finally`` around it runs.
+
+    Two layers: the thread's signal mask, and (in the main thread, where Python runs its handlers)
+    the Python handlers themselves, swapped for one that only notes the signal. The mask alone is not
+    enough: a signal sent to the process lands in any thread that does not block it (a BLAS or
+    onnxruntime worker), and Python then runs the handler in the main thread at its next bytecode,
+    inside the block.
     """
     mask = getattr(signal, "pthread_sigmask", None)
     if mask is None or not _DEFERRED_SIGNALS:  # pragma: no cover - not POSIX
         yield
         return
     old = mask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    held: list[int] = []
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _DEFERRED_SIGNALS:
+            if signal.getsignal(sig) is None:  # a handler not installed from Python: left alone
+                continue
+            with contextlib.suppress(ValueError, OSError):
+                saved[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
     try:
         yield
     finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
         mask(signal.SIG_SETMASK, old)
+        for sig in held:  # delivered now, as if it had arrived just after the block
+            handler = saved.get(sig)
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 def _discard(path: str | None) -> None:

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "FileBytes", "absolute", "data_refs", "fields", "file_key", "model_locations", "model_size",
-    "onnx_data_files", "read_locations", "remember", "remembered",
+    "RECORD_KEY", "FileBytes", "absolute", "data_refs", "fields", "file_key", "model_locations", "model_size",
+    "onnx_data_files", "read_locations", "read_record", "remember", "remembered",
 ]
 
 _TENSOR = "Tensor"
@@ -204,6 +204,46 @@ def read_locations(path: str | os.PathLike[str]) -> list[str]:
             raise ValueError("a zip archive or a pickle, not ONNX")
         _walk(buf, 0, size, "Model", out, 0)
     return list(out)
+
+
+RECORD_KEY = "bnfold.external_data"
+"""``metadata_props`` key of the record bnfold writes into a model with external data: a JSON object
+``{"location": <data file name>, "bytes": <size>, "sha256": <hex digest of its bytes>}`` (see
+:mod:`bnfold.io.paths`: the proof that bnfold wrote that data file for that model)."""
+_METADATA_PROPS = 14  # ModelProto.metadata_props; StringStringEntryProto: 1 key, 2 value
+
+
+def read_record(path: str | os.PathLike[str]) -> str | None:
+    """The value of the last :data:`RECORD_KEY` entry of the ONNX file ``path``'s ``metadata_props``.
+
+    Only the top-level fields are walked (the graph is skipped whole). None if there is none, or the
+    file is not a readable, regular, well-formed protobuf.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            buf: Any = f.read() if st.st_size <= _WHOLE_FILE else FileBytes(f)
+            size = len(buf) if isinstance(buf, bytes) else st.st_size
+            found: str | None = None
+            for number, wire, length, at in fields(buf, 0, size):
+                if number != _METADATA_PROPS or wire != 2:
+                    continue
+                key = value = ""
+                for n, w, ln, p in fields(buf, at, at + length):
+                    if w == 2 and n in (1, 2):
+                        text = bytes(buf[p:p + ln]).decode("utf-8", "replace")
+                        key, value = (text, value) if n == 1 else (key, text)
+                if key == RECORD_KEY:
+                    found = value
+            return found
+    except (OSError, ValueError):
+        return None
 
 
 def model_locations(model: Any) -> list[str]:

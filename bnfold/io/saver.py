@@ -4,19 +4,24 @@ Rules:
     * :func:`staged_save` writes temporary files only; :meth:`Staged.commit` renames them into place;
       leaving the block without it (or by any exception: Ctrl-C, a signal turned into one) removes
       them all. :func:`save` is ``staged_save`` + ``commit``;
-    * ONNX with external data: a fresh data name per write (``<out>.<8 hex>.data``); the staged pair
-      lives in a temporary folder with the data already under that name, so the staged model loads
-      as it is; the commit moves the data into place before the model and removes the replaced
-      model's data after, under an exclusive lock on the folder: a model is never paired with another
-      write's data, and no existing file is overwritten;
+    * ONNX with external data: the data file is ``<out>.<16 hex>.data``, named after the SHA-256 of
+      its bytes (:func:`.paths.data_name`); the model gets a record of it (name, size, SHA-256: the
+      proof that bnfold wrote it, :mod:`.paths`). The staged
+      pair lives in a temporary folder with the data already under its final name, so the staged
+      model loads as it is; the commit moves the data into place before the model and removes the
+      replaced model's data after (only data bnfold proves it wrote, that nothing in sight reads),
+      under an exclusive lock on the folder: two bnfold saves never interleave;
+    * the same model saved to the same name gives the same bytes (no random name, no time stamp);
     * a model over protobuf's 2 GiB needs external data; ``protect`` names files never to write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
-import secrets
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,12 +41,25 @@ from .atomic import (
     _temp_file,
     _temp_folder,
     _umask_mode,
+    check_target,
 )
-from .datafiles import data_refs
-from .paths import _input_file_error, _protected, _remember_saved, _remove_old_data
-from .stream import _PartTooLarge, _read_in_nested_lazy, _weight_bytes, _write_onnx_stream
+from .datafiles import RECORD_KEY, data_refs
+from .paths import (
+    _input_file_error,
+    _protected,
+    _remember_saved,
+    after_replace,
+    data_name,
+    make_record,
+    note_digest,
+    owned_old_data,
+    sha256_file,
+)
+from .stream import _field_header, _PartTooLarge, _read_in_nested_lazy, _weight_bytes, _write_onnx_stream
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "Staged", "save", "staged_save"]
+
+log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """ONNX models larger than this (bytes) are saved with external data (protobuf stops at 2 GiB)."""
@@ -52,9 +70,9 @@ def _stage_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: s
     """Write an ONNX model to temporary files next to ``dst`` (each noted in ``created`` as it is made).
 
     Inline: one temporary ``.<name>.*.tmp.onnx``. With external data: a temporary folder
-    ``.<name>.*.tmp/`` holding ``model.onnx`` and its data under the fresh final name
-    ``<name>.<8 hex>.data``, so that the temporary model loads (in onnxruntime too) as it is, and
-    the commit only moves the two files.
+    ``.<name>.*.tmp/`` holding ``model.onnx`` and its data under the final name (``<name>.<16
+    hex>.data``, the hex from the SHA-256 of the data: :func:`.paths.data_name`), so that the
+    temporary model loads (in onnxruntime too) as it is, and the commit only moves the two files.
     """
     size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
@@ -68,98 +86,173 @@ def _stage_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: s
     if not use_external:
         tmp = _temp_file(dst, folder, created)
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f, _without_record(model):
                 _write_onnx_stream(model, f, None, "")
         except OSError as e:
             raise _output_error(dst, e) from e
         except _PartTooLarge as e:
             raise OutputError(f"{dst}: {e}") from e
 
-        def commit_inline() -> None:
+        def commit_inline() -> tuple[str, ...]:
             os.chmod(tmp, _umask_mode())
             with _folder_lock(folder):
+                check_target(dst)
                 old_refs = data_refs(dst) if os.path.lexists(dst) else ()
+                owned, notes = owned_old_data(dst, protect_ids)
                 with _signals_deferred():
                     os.replace(tmp, dst)
-                _remove_old_data(dst, old_refs, None, protect_ids)
+                notes = after_replace(dst, old_refs, (), owned, notes)
                 _remember_saved(dst, ())
+            return tuple(notes)
 
         return Staged(tmp, (), _commit=commit_inline, _target=dst)
-    location = _choose_data_name(dst)
-    work = _write_pair_staged(model, dst, folder, location, created)
-    tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
-    has_data = os.path.exists(tmp_data)
+    work, data = _write_pair_staged(model, dst, folder, created)
+    tmp_model = os.path.join(work, "model.onnx")
 
-    def commit_pair() -> None:
-        _commit_pair(dst, folder, location, tmp_model, tmp_data if has_data else None, protect_ids)
+    def commit_pair() -> tuple[str, ...]:
+        notes = _commit_pair(dst, folder, tmp_model, data, protect_ids)
         _remove_created(created)  # the folder, now empty
+        return notes
 
-    return Staged(tmp_model, (tmp_data,) if has_data else (), _commit=commit_pair, _target=dst)
-
-
-def _choose_data_name(dst: str) -> str:
-    """A fresh name for this write's data file: ``<dst>.<8 hex>.data`` (a basename in dst's folder).
-
-    Never a name that exists, and never the name of the data of the ``dst`` being replaced: the current
-    pair stays whole until the new model replaces it, and a reader that opened the old model can never
-    read the new data under the old name (a fixed ``<dst>.data`` reused by the next write would let it).
-    An existing ``<dst>.data`` that is not the data of ``dst`` (another model's) is never touched.
-    """
-    folder, name = os.path.dirname(os.path.abspath(dst)), os.path.basename(dst)
-    while True:
-        candidate = f"{name}.{secrets.token_hex(4)}.data"
-        if not os.path.lexists(os.path.join(folder, candidate)):
-            return candidate
+    return Staged(tmp_model, (data.path,) if data else (), _commit=commit_pair, _target=dst)
 
 
-def _write_pair_staged(model: Any, dst: str, folder: str, location: str, created: list[str]) -> str:
-    """Write model + data into a new temporary folder next to ``dst`` (noted in ``created``); return it.
-
-    The folder holds ``model.onnx`` and (when a tensor of 1 KiB or more exists) its data under the
-    final name ``location``, so the model loads from there as it is.
-    """
-    work = _temp_folder(dst, folder, created)
-    tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, location)
+@contextlib.contextmanager
+def _without_record(model: Any) -> Iterator[None]:
+    """Leave out a record the model carries from an earlier save (it describes another file) while
+    it is written; the caller's model is put back as it was."""
+    props = model.metadata_props
+    if not any(p.key == RECORD_KEY for p in props):
+        yield
+        return
+    saved = [(p.key, p.value) for p in props]
+    kept = [kv for kv in saved if kv[0] != RECORD_KEY]
+    del props[:]
+    for k, v in kept:
+        props.add(key=k, value=v)
     try:
-        with open(tmp_model, "wb") as f, open(tmp_data, "wb") as data:
+        yield
+    finally:
+        del props[:]
+        for k, v in saved:
+            props.add(key=k, value=v)
+
+
+class _Hashing:
+    """A write-only file that hashes what goes through it (the data file's SHA-256: its name, its record)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self._f.write(b)  # type: ignore[no-any-return]
+
+    def tell(self) -> int:
+        return self._f.tell()  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class _StagedData:
+    path: str  # in the temporary folder, under the final name
+    name: str
+    nbytes: int
+    sha256: str
+
+
+def _write_pair_staged(model: Any, dst: str, folder: str, created: list[str]) -> tuple[str, _StagedData | None]:
+    """Write model + data into a new temporary folder next to ``dst`` (noted in ``created``).
+
+    The folder holds ``model.onnx`` and (when a tensor of 1 KiB or more exists) its data under its
+    final name, chosen once the data is written (:func:`.paths.data_name`: from its SHA-256), so the
+    model loads from there as it is. The model ends with bnfold's record of the data file (a
+    ``metadata_props`` entry appended: protobuf concatenates repeated fields), which later proves
+    that bnfold wrote that file for this model.
+    """
+    import onnx
+
+    work = _temp_folder(dst, folder, created)
+    tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, "data.tmp")
+    named: list[str] = []
+    try:
+        with open(tmp_model, "wb") as f, open(tmp_data, "wb") as raw, _without_record(model):
+            data = _Hashing(raw)
+
+            def location() -> str:
+                named.append(data_name(os.path.basename(dst), folder, data.sha.hexdigest()))
+                return named[0]
+
             _write_onnx_stream(model, f, data, location)
+            if named:
+                entry = onnx.StringStringEntryProto(
+                    key=RECORD_KEY, value=make_record(named[0], data.nbytes, data.sha.hexdigest()))
+                body = entry.SerializeToString()
+                f.write(_field_header(_METADATA_PROPS, len(body)))
+                f.write(body)
+        if not named:
+            os.unlink(tmp_data)
+            return work, None
+        final = os.path.join(work, named[0])
+        os.replace(tmp_data, final)
     except OSError as e:
         raise _output_error(dst, e) from e
     except _PartTooLarge as e:
         raise OutputError(f"{dst}: {e}") from e
-    if not os.path.getsize(tmp_data):
-        os.unlink(tmp_data)
-    return work
+    return work, _StagedData(final, named[0], data.nbytes, data.sha.hexdigest())
 
 
-def _commit_pair(dst: str, folder: str, location: str, tmp_model: str, tmp_data: str | None,
-                 protect_ids: set[tuple[int, int]]) -> None:
+_METADATA_PROPS = 14  # ModelProto field number
+
+
+def _same_content(path: str, nbytes: int, sha256: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != nbytes:
+        return False
+    return sha256_file(path) == sha256
+
+
+def _commit_pair(dst: str, folder: str, tmp_model: str, data: _StagedData | None,
+                 protect_ids: set[tuple[int, int]]) -> tuple[str, ...]:
     """Move a staged pair into place: the data first, then the model, then remove the old data.
 
     Under the folder lock: the moment ``dst`` is the new model, its data is there; if the model
-    cannot be moved, the data moved before it is removed again.
+    cannot be moved, the data moved before it is removed again. A data file already at the final
+    name with the same bytes (the same model saved again) is left as it is: nothing is written over.
     """
     mode = _umask_mode()
     with _folder_lock(folder):
-        final = os.path.join(folder, location)
-        if tmp_data is not None and os.path.lexists(final):  # another writer drew the same 32 bits
-            raise OutputError(f"{dst}: its data file {final} appeared while saving; save again")
+        check_target(dst)
+        final = os.path.join(folder, data.name) if data is not None else None
+        keep_existing = False
+        if data is not None and final is not None and os.path.lexists(final):
+            if not _same_content(final, data.nbytes, data.sha256):
+                raise OutputError(f"{dst}: {final} exists and does not hold this model's data (bnfold names a data "
+                                  "file after its content); move it away or choose another output name")
+            keep_existing = True
         old_refs = data_refs(dst) if os.path.lexists(dst) else ()
+        owned, notes = owned_old_data(dst, protect_ids)
         moved: str | None = None
         try:
             os.chmod(tmp_model, mode)
             with _signals_deferred():  # the two renames and the note of what moved: one step
-                if tmp_data is not None:
-                    os.chmod(tmp_data, mode)
-                    os.replace(tmp_data, final)
+                if data is not None and final is not None and not keep_existing:
+                    os.chmod(data.path, mode)
+                    os.replace(data.path, final)
                     moved = final
+                    note_digest(final, data.sha256)
                 os.replace(tmp_model, dst)
                 moved = None
         except BaseException:
             _discard(moved)
             raise
-        _remove_old_data(dst, old_refs, final, protect_ids)
-        _remember_saved(dst, (final,) if tmp_data is not None else ())
+        new_refs = (final,) if final is not None else ()
+        out = after_replace(dst, old_refs, new_refs, owned, notes)
+        _remember_saved(dst, new_refs)
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -174,9 +267,11 @@ class Staged:
 
     path: str
     data_files: tuple[str, ...]
-    _commit: Callable[[], None] = _field(repr=False, compare=False)
+    _commit: Callable[[], tuple[str, ...]] = _field(repr=False, compare=False)
     _target: str = _field(default="", repr=False, compare=False)
     committed: bool = False
+    notes: tuple[str, ...] = ()
+    """After :meth:`commit`: what the user should know (data files kept, and why)."""
 
     def commit(self) -> None:
         """Rename the staged files into place (the guarantees of :func:`save`). Once only.
@@ -187,7 +282,7 @@ class Staged:
         if self.committed:
             raise OutputError(f"{self._target or self.path}: already committed")
         try:
-            self._commit()
+            self.notes = self._commit()
         except OSError as e:
             raise _output_error(self._target or self.path, e) from e
         self.committed = True
@@ -206,8 +301,8 @@ def staged_save(
 
     Arguments and errors are those of :func:`save` (which is ``staged_save`` + ``commit``). The
     yielded :class:`Staged` names the temporary main file, which loads as it is: an ONNX model with
-    external data lives in a temporary folder with its data already under the fresh final name
-    ``<path>.<8 hex>.data``. Leaving the block without ``commit()``, or by any exception, removes
+    external data lives in a temporary folder with its data already under its final name
+    (``<path>.<16 hex>.data``). After the commit, ``staged.notes`` says which files were kept. Leaving the block without ``commit()``, or by any exception, removes
     every temporary file; ``path`` and its data are then as they were.
 
     Example::
@@ -247,17 +342,20 @@ def save(
             TorchScript module (-> ``torch.jit.save``) or ``torch.nn.Module``.
         path: destination; its folder must exist.
         external_data: ONNX only: ``True`` writes the weights (tensors of 1 KiB or more) to
-            ``<name>.<8 hex>.data`` next to the model; default: only when the model exceeds :data:`EXTERNAL_DATA_THRESHOLD`.
+            ``<name>.<16 hex>.data`` next to the model; default: only when the model exceeds :data:`EXTERNAL_DATA_THRESHOLD`.
         fmt: nn.Module only: ``"module"`` (default: ``torch.save(model)``, architecture included, since a
             folded model's weights no longer fit the original architecture) or ``"state_dict"``.
         protect: files that must not be written or removed (pass :func:`files_read_by` of the input):
             neither the output nor its data file may be one of them.
 
-    ONNX with external data: the weights go to a fresh ``<path>.<8 hex>.data`` (a new name on every
-    write, so no existing file is ever overwritten); the data file is moved into place before the
-    model, and the data of the replaced model is removed after, under an exclusive lock on the folder.
-    So two processes saving to one path never leave a model paired with the other run's data, and a
-    reader sees the old pair, the new pair, or (old model, data already removed) a missing file.
+    ONNX with external data: the weights go to ``<path>.<16 hex>.data``, the hex from the SHA-256 of
+    the data (the same model: the same name and bytes; another model: another name, so a model is
+    never paired with another write's data); the model carries a record of that file (name, size,
+    SHA-256). The data file is moved into place before the model, and the data of the
+    replaced model is removed after (only if bnfold proves it wrote it for that model and no other
+    model in sight reads it: :mod:`bnfold.io.paths`), under an exclusive lock on the folder, so two
+    bnfold saves to one path never interleave. The same model saved to the same path gives the same
+    bytes. The notes of the commit (files kept) are logged at INFO level.
 
     Raises:
         OutputError: missing folder, not writable, disk errors (one line naming the path).
@@ -265,6 +363,8 @@ def save(
     """
     with staged_save(model, path, external_data=external_data, fmt=fmt, protect=protect) as staged:
         staged.commit()
+    for note in staged.notes:
+        log.info("%s", note)
 
 
 def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[int, int]],
@@ -275,12 +375,16 @@ def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[i
     import torch
 
     writer: Callable[[str], None]
+    # Written through an open file, never a path: torch names the archive's top folder after a
+    # path's file name (here a random temporary name), which would make every save's bytes differ.
     if isinstance(model, torch.export.ExportedProgram):
         def writer(t: str) -> None:
-            torch.export.save(model, t)
+            with open(t, "wb") as f:
+                torch.export.save(model, f)
     elif isinstance(model, torch.jit.ScriptModule):
         def writer(t: str) -> None:
-            torch.jit.save(model, t)
+            with open(t, "wb") as f:
+                torch.jit.save(model, f)
     elif isinstance(model, torch.nn.Module):
         kind = fmt or "module"
         if kind not in ("module", "state_dict"):
@@ -288,7 +392,8 @@ def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[i
         obj = model if kind == "module" else model.state_dict()
 
         def writer(t: str) -> None:
-            torch.save(obj, t)
+            with open(t, "wb") as f:
+                torch.save(obj, f)
     else:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
     folder = _check_folder(dst)
@@ -308,9 +413,11 @@ def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[i
                               "free space and retry") from e
         raise
 
-    def commit() -> None:
+    def commit() -> tuple[str, ...]:
         os.chmod(tmp, _umask_mode())
+        check_target(dst)
         with _signals_deferred():
             os.replace(tmp, dst)
+        return ()
 
     return Staged(tmp, (), _commit=commit, _target=dst)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .datafiles import _graphs
@@ -160,14 +160,16 @@ class _PartTooLarge(Exception):
     """A part of the model that protobuf cannot serialise (becomes an OutputError naming the path)."""
 
 
-def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> None:
+def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Callable[[], str]) -> None:
     """Serialise ``model`` to file ``f`` one initializer at a time, without one big bytes copy.
 
     Protobuf lets a message's fields come in any order and concatenates repeated fields, so the
     model is written as: every ModelProto field but ``graph``; then ``graph`` as its fields but
     ``initializer``, followed by each initializer. The file parses to the same ModelProto. Peak memory
     is the model plus one tensor (``SerializeToString`` would hold a second copy of every weight).
-    With ``data`` (an open file), initializers of 1 KiB or more go there as external data.
+    With ``data`` (an open file), initializers of 1 KiB or more go there as external data; a callable
+    ``location`` is asked for the data file's name once all of the data is written (so the name can
+    be a hash of the data: :mod:`bnfold.io.saver`).
     """
     for field, _ in model.ListFields():
         if field.number != _GRAPH_FIELD:
@@ -176,11 +178,19 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str) -> N
         return
     graph = model.graph
     inits = []
+    moved = []
     for t in graph.initializer:
         if data is not None and (_lazy_source(t) is not None
                                  or t.data_location != t.EXTERNAL and tensor_nbytes(t) >= 1024):
-            t = _external_tensor(t, data, location)
+            t = _external_tensor(t, data, location if isinstance(location, str) else "")
+            moved.append(t)
         inits.append(t)
+    if moved and not isinstance(location, str):
+        name = location()
+        for t in moved:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = name
     # The graph's length comes first on the wire but is known only after the initializers are
     # serialised (upb's ByteSize serialises too): write a fixed-width length and fill it in at the end.
     # A varint padded with continuation bytes is valid protobuf and parses to the same value.

@@ -23,7 +23,7 @@ import numpy as np
 
 from bnfold._inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
 from bnfold.compare import Comparator, ToleranceArg
-from bnfold.errors import BnfoldError, NotComparableError, OptionError, OutputError
+from bnfold.errors import BnfoldError, NotComparableError, OptionError
 from bnfold.records import VerifyReport
 
 from .checks import (
@@ -155,10 +155,12 @@ def verify(
         raise OptionError(f"samples must be at least 1, got {samples}")
     comparator = Comparator(atol, rtol, error_stat, min_cosine, min_snr_db)
     comparator.validate()
-    if save_outputs is not None:  # a cheap check before any model runs
-        folder = os.path.dirname(os.path.abspath(os.fspath(save_outputs)))
-        if not os.path.isdir(folder) or os.path.isdir(os.fspath(save_outputs)):
-            raise OutputError(f"{os.fspath(save_outputs)}: cannot write the outputs there (no such folder, or a folder)")
+    if save_outputs is not None:  # a cheap check before any model runs: never over a file read here
+        from bnfold.io import check_output_path, files_read_by
+
+        reads = [f for r in (reference, candidate, inputs, load_outputs) if isinstance(r, (str, os.PathLike))
+                 for f in files_read_by(r)]
+        check_output_path(None, save_outputs, input_files=reads)
     if load_outputs is not None:
         if inputs is not None:
             raise OptionError("load_outputs: the saved inputs are used; inputs cannot be given as well")
