@@ -424,6 +424,10 @@ def recalibrate(
                                          "average of per-batch statistics.")] = False,
     prior: Annotated[float | None, typer.Option("--prior", metavar="N", show_default=False,
                                                 help="Keep the file's statistics as N samples.")] = None,
+    upstream: Annotated[str | None, typer.Option("--upstream", metavar="new|batch", show_default=False,
+                                                 help="While a BN's input is recorded, the BNs before it use their "
+                                                 "new statistics (new, ONNX default) or each batch's own (batch: "
+                                                 "PyTorch's train-mode pass, one pass).")] = None,
     fold_after: Annotated[bool, typer.Option("--fold", help="ONNX: fold the recalibrated model (verified) "
                                              "into OUT.")] = False,
     in_place: InPlace = False,
@@ -449,7 +453,7 @@ def recalibrate(
         from .files.recalibrate import RecalibrateSettings, recalibrate_file
 
         settings = RecalibrateSettings(data=data, batch_size=batch_size, pooled=pooled, prior=prior, fold=fold_after,
-                                       in_place=in_place, external_data=external_data,
+                                       upstream=upstream, in_place=in_place, external_data=external_data,
                                        load=files.LoadSettings(model_factory, trust_pickle))
         stages = ("load", "recalibrate", *(("fold", "verify") if fold_after else ()), "save")
         with json_guard(json_out), progress_bar(quiet, stages) as progress:

@@ -437,3 +437,72 @@ def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pyte
     r = recal(ckpt, tmp_path / "b.pt", "--data", tmp_path / "bad.npz", "--model", "recal_factory:net")
     assert r.exit_code == 2 and "'img' is not an argument of Net.forward" in r.stderr, r.output
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_upstream_batch_equals_bnfold_recalibrate_on_the_torch_model(tmp_path: Path) -> None:
+    """--upstream batch is PyTorch's train-mode pass: the ONNX file gets what bnfold.recalibrate gives the module."""
+    net = make_net()
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    to_onnx(net, src, training={"bn2"})
+    dat = batches()
+    write_npz(data, dat)
+    for flags in ([], ["--pooled", "--prior", "6"]):
+        out = tmp_path / f"r{len(flags)}.onnx"
+        r = recal(src, out, "--data", data, "--batch-size", 5, "--upstream", "batch", *flags, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["passes"] == 1
+        want = bnfold.recalibrate(make_net().double(), [torch.from_numpy(b.astype(np.float64)) for b in dat],
+                                  pooled=bool(flags), prior=6 if flags else None)
+        got = stats_of(out)
+        for name in BNS:
+            m = getattr(want, name)
+            np.testing.assert_allclose(got[name][0], m.running_mean.numpy(), rtol=RTOL, atol=ATOL, err_msg=name)
+            np.testing.assert_allclose(got[name][1], m.running_var.numpy(), rtol=RTOL, atol=ATOL, err_msg=name)
+    # the default definition differs on this model (small batches): the option is not a no-op
+    r = recal(src, tmp_path / "n.onnx", "--data", data, "--batch-size", 5)
+    assert r.exit_code == 0, r.output
+    assert not np.allclose(stats_of(tmp_path / "n.onnx")["bn3"][1], stats_of(tmp_path / "r0.onnx")["bn3"][1])
+
+
+def test_json_documents_follow_the_schema(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    to_onnx(make_net(), src)
+    write_npz(data, batches(2))
+    ok = recal(src, tmp_path / "r.onnx", "--data", data, "--json")
+    np.savez(tmp_path / "bad.npz", img=np.ones((2, 3, 6, 6), np.float32))
+    bad = recal(src, tmp_path / "b.onnx", "--data", tmp_path / "bad.npz", "--json")
+    for r, code in ((ok, 0), (bad, 2)):
+        assert r.exit_code == code, r.output
+        doc = json.loads(r.stdout)
+        jsonschema.validate(doc, schema)
+        assert doc["command"] == "recalibrate" and doc["exit_code"] == code
+    assert json.loads(bad.stdout)["error"]["type"] == "InputError"
+
+
+def test_batches_stream_memory_independent_of_data_size(tmp_path: Path) -> None:
+    """Iterating 10x the data peaks at the same memory as 1x (one batch at a time, compressed too)."""
+    import tracemalloc
+
+    from bnfold._inputs import InputSpec
+    from bnfold.files.recalibrate import NpzBatches
+
+    spec = [InputSpec("x", np.dtype(np.float32), ("N", 3, 32, 32))]
+    rng = np.random.default_rng(0)
+    peaks = []
+    for n, compressed in ((64, False), (640, False), (64, True), (640, True)):
+        p = tmp_path / f"d{n}{compressed}.npz"
+        (np.savez_compressed if compressed else np.savez)(p, x=rng.standard_normal((n, 3, 32, 32)).astype(np.float32))
+        stream = NpzBatches(p, spec, 16)
+        assert len(stream) == n // 16
+        tracemalloc.start()
+        rows = sum(b["x"].shape[0] for b in stream())
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert rows == n
+    one_batch = 16 * 3 * 32 * 32 * 4  # the data is 4 or 40 batches
+    assert peaks[1] < 1.1 * peaks[0] and peaks[3] < 1.1 * peaks[2], peaks  # flat from 1x to 10x
+    assert max(peaks) < 6 * one_batch, (peaks, one_batch)

@@ -15,7 +15,9 @@ Rules:
     * batches are streamed: each array is read straight from the archive, ``B`` rows at a time
       (compressed or not), so memory is one batch whatever the size of the data; NaN or inf in a
       batch stops the job naming the array and the batch;
-    * ONNX (:mod:`bnfold.onnx.recalibrate`): one pass over the data per BN depth; the statistics are
+    * ONNX (:mod:`bnfold.onnx.recalibrate`): one pass over the data per BN depth (``upstream="new"``,
+      default) or one pass with every BN in training mode (``"batch"``, :func:`bnfold.recalibrate`'s
+      definition); the statistics are
       written in the file's dtype and nothing else changes; ``--fold`` then folds the recalibrated
       model through the ``fold`` job (verified against the recalibrated model) into OUT;
     * PyTorch checkpoints (a state_dict with ``--model``, or a pickled module with ``--trust-pickle``):
@@ -64,6 +66,8 @@ class RecalibrateSettings:
     pooled: bool = False
     prior: float | None = None
     fold: bool = False
+    upstream: str | None = None
+    """``"new"`` (ONNX default) or ``"batch"`` (PyTorch's train-mode pass; the only one for checkpoints)."""
     in_place: bool = False
     external_data: bool | None = None
     load: LoadSettings = field(default_factory=LoadSettings)
@@ -81,6 +85,7 @@ class RecalibrationReport:
     samples: int
     pooled: bool
     prior: float | None
+    upstream: str
     passes: int
     changes: tuple[BnChange, ...]
     fold: FoldReport | None
@@ -91,7 +96,7 @@ class RecalibrationReport:
             "model": self.files.source, "output": self.files.output, "format": self.files.source_format,
             "written": self.files.written, "data": self.data, "layout": self.layout,
             "batch_size": self.batch_size, "batches": self.batches, "samples": self.samples,
-            "pooled": self.pooled, "prior": self.prior, "passes": self.passes,
+            "pooled": self.pooled, "prior": self.prior, "upstream": self.upstream, "passes": self.passes,
             "recalibrated": len(self.changes), "bns": [c.to_dict() for c in self.changes],
             "fold": None if self.fold is None else {
                 "bn_before": self.fold.bn_before, "bn_after": self.fold.bn_after,
@@ -339,6 +344,8 @@ def _check_settings(s: RecalibrateSettings) -> None:
         raise OptionError(f"--batch-size must be a positive integer, got {s.batch_size}")
     if s.prior is not None and not (math.isfinite(s.prior) and s.prior >= 0):
         raise OptionError(f"--prior must be a finite number >= 0, got {s.prior}")
+    if s.upstream not in (None, "new", "batch"):
+        raise OptionError(f"--upstream must be new or batch, got {s.upstream!r}")
 
 
 def recalibrate_file(
@@ -378,6 +385,9 @@ def recalibrate_file(
             f"{src_p}: recalibrate works on ONNX files and PyTorch checkpoints (a state_dict with --model, or a "
             f"pickled module), not on a {fmt} file"
         )
+    if s.upstream == "new" and fmt != "onnx":
+        raise OptionError("--upstream new applies to ONNX models: a checkpoint is recalibrated with --upstream batch "
+                          "(bnfold.recalibrate)")
     if s.fold and fmt != "onnx":
         raise OptionError("--fold applies to ONNX models: run bnfold fold on the recalibrated checkpoint")
     loaded = load(src_p, s.load, prog)
@@ -401,7 +411,8 @@ def _onnx(
     model = loaded.model
     plan_levels(model)  # refuse an unsupported model before reading any data
     data = NpzBatches(s.data, onnx_input_specs(model), s.batch_size)
-    result = recalibrate_model(model, data, prior=s.prior, pooled=s.pooled, progress=prog, total_batches=len(data))
+    result = recalibrate_model(model, data, prior=s.prior, pooled=s.pooled, progress=prog, total_batches=len(data),
+                               upstream=s.upstream or "new")
     external = s.external_data if s.external_data is not None else (bool(loaded.data_files) or None)
     fold_report: FoldReport | None = None
     if s.fold:
@@ -414,7 +425,8 @@ def _onnx(
     files = replace(files, size_after=model_size(dst, "onnx"), written=True, total_seconds=time.perf_counter() - t0,
                     output_data_files=tuple(str(f) for f in out_data))
     return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
-                               s.prior, result.passes, result.changes, fold_report, time.perf_counter() - t0)
+                               s.prior, s.upstream or "new", result.passes, result.changes, fold_report,
+                               time.perf_counter() - t0)
 
 
 def _fold(src: Path, dst: Path, model: Any, s: RecalibrateSettings, external: bool | None,
@@ -492,5 +504,5 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
     files = replace(files, size_after=model_size(dst, loaded.format), written=True,
                     total_seconds=time.perf_counter() - t0)
     return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
-                               s.prior, 1, tuple(changes), None, time.perf_counter() - t0)
+                               s.prior, "batch", 1, tuple(changes), None, time.perf_counter() - t0)
 

@@ -13,8 +13,10 @@ Rules:
        by depth (the largest number of BNs on a path from the graph inputs to the BN's input, ``0``
        for a BN with none upstream); depth ``d`` is estimated in pass ``d + 1`` over the data, after
        depths ``< d`` were written. So a model whose deepest BN has ``D`` BNs upstream costs ``D + 1``
-       passes. (``bnfold.recalibrate`` on an ``nn.Module`` runs upstream BNs in train mode instead,
-       normalising with each batch's own statistics; the two agree as batches grow.)
+       passes. ``upstream="batch"`` is :func:`bnfold.recalibrate`'s definition instead (the train-mode
+       forward of PyTorch, ``torch.optim.swa_utils.update_bn``): every BN normalises with each batch's
+       own statistics (``training_mode=1`` in the pass), one pass for all BNs, opset 14 or later. The
+       two agree as batches grow.
     2. Each pass runs onnxruntime (graph optimisations off) on the nodes needed for that depth's BN
        inputs, exposed as graph outputs; every other node is left out of the pass.
     3. What is written: the BN's ``input_mean`` / ``input_var`` initializers, in their own dtype (one
@@ -43,7 +45,10 @@ import numpy as np
 
 from bnfold.errors import InputError, ModelStateError, OptionError, UnsupportedModelError
 
-__all__ = ["BnChange", "RecalibrationResult", "recalibrate_model", "plan_levels"]
+__all__ = ["BnChange", "RecalibrationResult", "recalibrate_model", "plan_levels", "UPSTREAM"]
+
+UPSTREAM = ("new", "batch")
+"""What the BNs upstream of a BN do while its input is recorded (``recalibrate_model(upstream=...)``)."""
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +290,17 @@ def _init_array(model: Any, name: str) -> np.ndarray:
     raise AssertionError(name)  # pragma: no cover
 
 
+def _train_mode(node: Any) -> Any:
+    """A copy of a BN node that normalises with its batch's statistics (``training_mode=1``, 3 outputs)."""
+    import onnx
+
+    n = _copy(node)
+    _clear_training(n)
+    n.attribute.append(onnx.helper.make_attribute("training_mode", 1))
+    n.output.extend([f"{n.output[0]}/bnfold_running_mean", f"{n.output[0]}/bnfold_running_var"])
+    return n
+
+
 def _clear_training(node: Any) -> None:
     keep = [a for a in node.attribute if a.name != "training_mode"]
     del node.attribute[:]
@@ -302,6 +318,7 @@ def recalibrate_model(
     pooled: bool = False,
     progress: ProgressFn | None = None,
     total_batches: int | None = None,
+    upstream: str = "new",
 ) -> RecalibrationResult:
     """Re-estimate every BN's ``input_mean``/``input_var`` of ``model`` (changed in place) on ``batches``.
 
@@ -313,6 +330,9 @@ def recalibrate_model(
         pooled: pooled estimator instead of the average of per-batch statistics.
         progress: ``progress("recalibrate", done, total)`` over all batches of all passes.
         total_batches: the number of batches per pass, when known (for the progress total).
+        upstream: ``"new"`` (rule 1: upstream BNs hold their new statistics, one pass per depth) or
+            ``"batch"`` (upstream BNs normalise with each batch's own statistics, as in the train-mode
+            forward of :func:`bnfold.recalibrate`; one pass; opset 14 or later).
 
     Returns:
         The :class:`RecalibrationResult` (per BN: depth, batches, distance between old and new).
@@ -324,7 +344,16 @@ def recalibrate_model(
     """
     if prior is not None and not (math.isfinite(prior) and prior >= 0):
         raise OptionError(f"--prior must be a finite number >= 0, got {prior}")
+    if upstream not in UPSTREAM:
+        raise OptionError(f"--upstream must be one of {', '.join(UPSTREAM)}, got {upstream!r}")
     bns = plan_levels(model)
+    if upstream == "batch":
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 14:
+            raise UnsupportedModelError(
+                f"--upstream batch runs BatchNormalization in training mode, which needs opset 14 or later "
+                f"(the model has opset {opset}); use --upstream new"
+            )
     if not bns:
         return RecalibrationResult((), 0, 0)
     stats = {n for b in bns for n in (b.mean, b.var)}
@@ -335,7 +364,7 @@ def recalibrate_model(
     saved_inits = {t.name: _copy(t) for t in model.graph.initializer if t.name in stats}
     saved_nodes = {b.index: _copy(model.graph.node[b.index]) for b in bns if b.training}
     try:
-        result = _run(model, bns, old, batches, prior, pooled, progress, total_batches)
+        result = _run(model, bns, old, batches, prior, pooled, progress, total_batches, upstream == "batch")
         if fingerprint(model, stats) != before:  # rule 3: an internal invariant, checked on every run
             raise AssertionError("recalibration changed more than the BatchNorm statistics")
     except BaseException:
@@ -356,21 +385,25 @@ def _copy(proto: Any) -> Any:
 
 def _run(
     work: Any, bns: list[_Bn], old: dict[str, tuple[np.ndarray, np.ndarray]], batches: Batches,
-    prior: float | None, pooled: bool, progress: ProgressFn | None, total_batches: int | None,
+    prior: float | None, pooled: bool, progress: ProgressFn | None, total_batches: int | None, batch_mode: bool,
 ) -> RecalibrationResult:
     import torch
 
     from bnfold.recalibration import _Acc, _mix, _target_stats
 
     prog = progress or (lambda stage, done, total: None)
-    depths = sorted({b.depth for b in bns})
+    depths = [-1] if batch_mode else sorted({b.depth for b in bns})
     changes: dict[str, BnChange] = {}
     nbatches = total_batches or 0
     done = 0
     for d in depths:
-        level = [b for b in bns if b.depth == d]
+        level = [b for b in bns if b.depth == d or batch_mode]
         xs = list(dict.fromkeys(b.x for b in level))
-        session = _session(work, _needed(work.graph, set(xs)), xs)
+        nodes = _needed(work.graph, set(xs))
+        if batch_mode:
+            nodes = [_train_mode(n) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") else n
+                     for n in nodes]
+        session = _session(work, nodes, xs)
         feeds_names = [i.name for i in session.get_inputs()]
         acc_of: dict[str, Any] = {}
         count = 0
@@ -424,7 +457,7 @@ def _run(
                 shift = np.abs(m - old_m) / np.sqrt(old_v + b.eps)
                 ratio = v / old_v
             changes[b.name] = BnChange(
-                b.name, d, c, acc.batches, acc.samples, acc.values,
+                b.name, b.depth, c, acc.batches, acc.samples, acc.values,
                 float(np.max(shift)) if shift.size else 0.0,
                 float(np.min(ratio)) if ratio.size else 1.0, float(np.max(ratio)) if ratio.size else 1.0,
                 b.training,
