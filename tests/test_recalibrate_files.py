@@ -506,3 +506,34 @@ def test_batches_stream_memory_independent_of_data_size(tmp_path: Path) -> None:
     one_batch = 16 * 3 * 32 * 32 * 4  # the data is 4 or 40 batches
     assert peaks[1] < 1.1 * peaks[0] and peaks[3] < 1.1 * peaks[2], peaks  # flat from 1x to 10x
     assert max(peaks) < 6 * one_batch, (peaks, one_batch)
+
+
+@pytest.mark.parametrize("case", ["shared statistics", "statistics from a graph input", "running outputs read"])
+def test_statistics_that_cannot_be_replaced_are_refused(tmp_path: Path, case: str) -> None:
+    def c(name: str, v: Any) -> Any:
+        return numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)
+
+    stats = [c("g", [1.5, 0.5, 2]), c("b", [0.1, -0.2, 0.3]), c("m", [0.3, 0.1, -0.2]), c("v", [2.0, 0.7, 1.3])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])]
+    if case == "shared statistics":
+        nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn_a"),
+                 helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn_b")]
+        want = "bn_a: its mean 'm' is also read elsewhere"
+    elif case == "statistics from a graph input":
+        nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "vin"], ["y"], name="bn")]
+        inputs.append(helper.make_tensor_value_info("vin", TensorProto.FLOAT, [3]))
+        want = "bn: its variance 'vin' is not an initializer"
+    else:
+        nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y", "rm", "rv"], name="bn",
+                                  training_mode=1)]
+        outputs.append(helper.make_tensor_value_info("rm", TensorProto.FLOAT, [3]))
+        want = "bn: a training-mode BatchNormalization whose running-statistics outputs are used"
+    g = helper.make_graph(nodes, "g", inputs, outputs, stats)
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 3, 4, 4), np.float32), vin=np.ones((4, 3), np.float32))
+    before = snapshot(tmp_path)
+    r = recal(tmp_path / "m.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert r.exit_code == 2 and want in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before

@@ -38,12 +38,12 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from bnfold.errors import InputError, ModelStateError, OptionError, UnsupportedModelError
+from bnfold.errors import InputError, OptionError, UnsupportedModelError
 
 __all__ = ["BnChange", "RecalibrationResult", "recalibrate_model", "plan_levels", "UPSTREAM"]
 
@@ -195,8 +195,8 @@ def plan_levels(model: Any) -> list[_Bn]:
             if o:
                 depth[o] = d
     names = [b.name for b in bns]
-    if len(set(names)) != len(names):
-        raise ModelStateError("two BatchNormalization nodes share a name")
+    if len(set(names)) != len(names):  # names need not be unique in ONNX: the report needs them to be
+        bns = [replace(b, name=f"{b.name}#{b.index}") if names.count(b.name) > 1 else b for b in bns]
     return bns
 
 
@@ -409,9 +409,7 @@ def _run(
         count = 0
         for batch in batches():
             try:
-                outs = session.run(xs, {n: batch[n] for n in feeds_names})
-            except KeyError as e:
-                raise InputError(f"the data has no array for the model input {e.args[0]!r}") from e
+                outs = session.run(xs, {n: batch[n] for n in feeds_names if n in batch})
             except Exception as e:
                 raise InputError(
                     f"onnxruntime failed on batch {count} ({' '.join(str(e).split())[:300]})"
