@@ -537,3 +537,62 @@ def test_statistics_that_cannot_be_replaced_are_refused(tmp_path: Path, case: st
     assert r.exit_code == 2 and want in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before
+
+
+def test_float16_model_statistics_in_float16(tmp_path: Path) -> None:
+    """float32 data for a float16 input is cast; the statistics are written as float16."""
+    rng = np.random.default_rng(5)
+
+    def c(name: str, v: Any) -> Any:
+        return numpy_helper.from_array(np.asarray(v, dtype=np.float16), name)
+
+    nodes = [helper.make_node("BatchNormalization", ["x", "g0", "b0", "m0", "v0"], ["h"], name="bn0", epsilon=1e-3),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("BatchNormalization", ["r", "g1", "b1", "m1", "v1"], ["y"], name="bn1", epsilon=1e-3)]
+    g0, b0, m0, v0 = [1.5, 0.5, 2.0], [0.1, -0.2, 0.3], [0.3, 0.1, -0.2], [2.0, 0.7, 1.3]
+    inits = [c("g0", g0), c("b0", b0), c("m0", m0), c("v0", v0), c("g1", [0.7, 1.2, 0.9]), c("b1", [0.0, 0.2, -0.1]),
+             c("m1", [0.5, 0.4, 0.6]), c("v1", [0.8, 1.1, 0.6])]
+    f16 = TensorProto.FLOAT16
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f16, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", f16, ["N", 3, 4, 4])], inits)
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx"))
+    x = (rng.standard_normal((12, 3, 4, 4)) * 2 + 1).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    r = recal(tmp_path / "m.onnx", tmp_path / "r.onnx", "--data", tmp_path / "d.npz", "--batch-size", 4, "--pooled")
+    assert r.exit_code == 0, r.output
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "r.onnx")).graph.initializer}
+    assert got["m0"].dtype == np.float16 and got["v1"].dtype == np.float16
+    xs = x.astype(np.float16).astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    mean0, var0 = xs.mean(axis=1), xs.var(axis=1, ddof=1)
+    np.testing.assert_allclose(got["m0"], mean0, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got["v0"], var0, rtol=1e-3)
+    h = (xs - mean0[:, None]) / np.sqrt(var0[:, None] + 1e-3) * np.array(g0)[:, None] + np.array(b0)[:, None]
+    rr = np.maximum(h, 0)
+    np.testing.assert_allclose(got["m1"], rr.mean(axis=1), rtol=3e-3, atol=3e-3)
+    np.testing.assert_allclose(got["v1"], rr.var(axis=1, ddof=1), rtol=3e-3, atol=3e-3)
+
+
+def test_human_output_progress_and_in_place(tmp_path: Path) -> None:
+    from bnfold.files.recalibrate import RecalibrateSettings, recalibrate_file
+
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    to_onnx(make_net(), src)
+    write_npz(data, batches())
+    r = recal(src, tmp_path / "r.onnx", "--data", data, "--batch-size", 5, "-v")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "4 BatchNorm recalibrated on 20 samples in 4 batches" in text
+    assert all(f" {n}: mean moved up to" in text for n in BNS)
+    seen: list[tuple[str, int, int]] = []
+    recalibrate_file(src, tmp_path / "p.onnx", RecalibrateSettings(data=data, batch_size=5),
+                     lambda stage, done, total: seen.append((stage, done, total)))
+    ticks = [(d, t) for s, d, t in seen if s == "recalibrate"]
+    assert ticks == [(i, 12) for i in range(1, 13)]  # 3 passes x 4 batches, the total known from the start
+    expect = stats_of(tmp_path / "r.onnx")
+    r = recal(src, src, "--data", data, "--batch-size", 5, "--in-place")
+    assert r.exit_code == 0, r.output
+    for n in BNS:
+        np.testing.assert_array_equal(stats_of(src)[n][0], expect[n][0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx", "p.onnx", "r.onnx"]
+    r = recal(src, src, "--data", data)
+    assert r.exit_code == 2 and "--in-place" in r.stderr
