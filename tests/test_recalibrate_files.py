@@ -10,6 +10,7 @@ pooled). It never calls bnfold's estimators.
 from __future__ import annotations
 
 import json
+import tempfile
 import os
 import textwrap
 from pathlib import Path
@@ -596,3 +597,23 @@ def test_human_output_progress_and_in_place(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx", "p.onnx", "r.onnx"]
     r = recal(src, src, "--data", data)
     assert r.exit_code == 2 and "--in-place" in r.stderr
+
+
+def test_pass_model_spilled_to_disk_past_the_protobuf_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SPILL_BYTES each pass model goes through a temporary folder (external data): same statistics."""
+    import bnfold.onnx.recalibrate as rec
+
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    to_onnx(make_net(), src)
+    write_npz(data, batches())
+    assert recal(src, tmp_path / "a.onnx", "--data", data, "--batch-size", 5).exit_code == 0
+    monkeypatch.setattr(rec, "SPILL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    r = recal(src, tmp_path / "b.onnx", "--data", data, "--batch-size", 5)
+    assert r.exit_code == 0, r.output
+    a, b = stats_of(tmp_path / "a.onnx"), stats_of(tmp_path / "b.onnx")
+    for n in BNS:
+        np.testing.assert_array_equal(a[n][0], b[n][0])
+        np.testing.assert_array_equal(a[n][1], b[n][1])
+    assert list((tmp_path / "tmp").iterdir()) == []  # the pass folders are gone

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -238,11 +239,29 @@ def fingerprint(model: Any, skip: set[str]) -> dict[str, bytes]:
     return out
 
 
+SPILL_BYTES = 1_800_000_000
+"""A pass model with more initializer bytes than this is written to a temporary folder with its weights as
+external data and onnxruntime reads it from there (a protobuf message stops at 2 GiB)."""
+
+
+def _init_bytes(model: Any) -> int:
+    return sum(len(t.raw_data) or (t.ByteSize() if not t.external_data else 0) for t in model.graph.initializer)
+
+
 def _session(model: Any, nodes: list[Any], outputs: Sequence[str]) -> Any:
-    """An onnxruntime session (optimisations off) on ``nodes`` with ``outputs`` exposed (rule 2)."""
+    """An onnxruntime session (optimisations off) on ``nodes`` with ``outputs`` exposed (rule 2).
+
+    ``model``'s node list and outputs are swapped for the pass while it is serialised (or, past
+    :data:`SPILL_BYTES`, written to a temporary folder), then put back: no copy of the weights is made.
+    """
+    import tempfile
+
     import onnx
     import onnxruntime as ort
 
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
     g = model.graph
     old_nodes = list(g.node)
     old_outputs = list(g.output)
@@ -251,21 +270,23 @@ def _session(model: Any, nodes: list[Any], outputs: Sequence[str]) -> Any:
         g.node.extend(nodes)
         del g.output[:]
         g.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-        data = model.SerializeToString()
+        if _init_bytes(model) <= SPILL_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        from bnfold import io as bio
+
+        with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as tmp:
+            path = os.path.join(tmp, "pass.onnx")
+            bio.save(model, path, external_data=True)
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"onnxruntime cannot run the model to recalibrate it ({' '.join(str(e).split())[:300]})"
+        ) from e
     finally:
         del g.node[:]
         g.node.extend(old_nodes)
         del g.output[:]
         g.output.extend(old_outputs)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise UnsupportedModelError(
-            f"onnxruntime cannot run the model to recalibrate it ({' '.join(str(e).split())[:300]})"
-        ) from e
 
 
 def _set_stat(model: Any, name: str, values: Any) -> None:
