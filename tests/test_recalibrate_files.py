@@ -10,8 +10,8 @@ pooled). It never calls bnfold's estimators.
 from __future__ import annotations
 
 import json
-import tempfile
 import os
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
