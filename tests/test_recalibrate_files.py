@@ -617,3 +617,29 @@ def test_pass_model_spilled_to_disk_past_the_protobuf_limit(tmp_path: Path, monk
         np.testing.assert_array_equal(a[n][0], b[n][0])
         np.testing.assert_array_equal(a[n][1], b[n][1])
     assert list((tmp_path / "tmp").iterdir()) == []  # the pass folders are gone
+
+
+def test_pt2_matches_bnfold_recalibrate(tmp_path: Path) -> None:
+    net = make_net()
+    src = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(net, (torch.from_numpy(batches(1)[0]),)), str(src))
+    dat = batches()
+    write_npz(tmp_path / "d.npz", dat)
+    before = src.read_bytes()
+    for flags in ([], ["--pooled", "--prior", "4"]):
+        out = tmp_path / f"r{len(flags)}.pt2"
+        r = recal(src, out, "--data", tmp_path / "d.npz", "--batch-size", 5, *flags, "--json")
+        assert r.exit_code == 0, r.output
+        assert len(json.loads(r.stdout)["bns"]) == 4
+        want = bnfold.recalibrate(make_net(), [torch.from_numpy(b) for b in dat], pooled=bool(flags),
+                                  prior=4 if flags else None)
+        ep = torch.export.load(str(out))
+        for k, v in want.state_dict().items():
+            torch.testing.assert_close(ep.state_dict[k], v, rtol=2e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+        x = torch.from_numpy(batches(1, seed=8)[0])
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), want.eval()(x), rtol=1e-4, atol=1e-4)
+    assert src.read_bytes() == before
+    r = recal(src, tmp_path / "n.pt2", "--data", tmp_path / "d.npz", "--upstream", "new")
+    assert r.exit_code == 2 and "--upstream new applies to ONNX models" in r.stderr
+    assert not (tmp_path / "n.pt2").exists()

@@ -22,7 +22,8 @@ Rules:
       model through the ``fold`` job (verified against the recalibrated model) into OUT;
     * PyTorch checkpoints (a state_dict with ``--model``, or a pickled module with ``--trust-pickle``):
       :func:`bnfold.recalibrate` with the arrays passed as keyword arguments of ``forward``; saved in
-      the source's kind. ``.pt2`` programs are refused;
+      the source's kind. ``.pt2`` programs: the same definition on the program's BN calls
+      (:func:`_pt2`), the arrays named after the program's inputs, saved as ``.pt2``;
     * any failure leaves nothing written (OUT is staged and renamed into place) and MODEL unchanged.
 """
 
@@ -380,14 +381,16 @@ def recalibrate_file(
         raise OptionError(f"{dst_p}: a recalibrated ONNX model is written as .onnx")
     if fmt in ("state_dict", "pickled_module") and out_kind != "torch":
         raise OptionError(f"{dst_p}: a recalibrated checkpoint is written as .pt/.pth/.ckpt/.bin, like its source")
-    if fmt not in ("onnx", "state_dict", "pickled_module"):
+    if fmt == "pt2" and out_kind != "pt2":
+        raise OptionError(f"{dst_p}: a recalibrated torch.export program is written as .pt2")
+    if fmt not in ("onnx", "state_dict", "pickled_module", "pt2"):
         raise UnsupportedModelError(
-            f"{src_p}: recalibrate works on ONNX files and PyTorch checkpoints (a state_dict with --model, or a "
-            f"pickled module), not on a {fmt} file"
+            f"{src_p}: recalibrate works on ONNX files, .pt2 programs and PyTorch checkpoints (a state_dict with "
+            f"--model, or a pickled module), not on a {fmt} file"
         )
     if s.upstream == "new" and fmt != "onnx":
-        raise OptionError("--upstream new applies to ONNX models: a checkpoint is recalibrated with --upstream batch "
-                          "(bnfold.recalibrate)")
+        raise OptionError("--upstream new applies to ONNX models: a PyTorch model is recalibrated with --upstream "
+                          "batch (bnfold.recalibrate)")
     if s.fold and fmt != "onnx":
         raise OptionError("--fold applies to ONNX models: run bnfold fold on the recalibrated checkpoint")
     loaded = load(src_p, s.load, prog)
@@ -397,6 +400,8 @@ def recalibrate_file(
                      source_data_files=tuple(loaded.data_files), output=str(dst_p), output_format=loaded.format)
     if loaded.format == "onnx":
         return _onnx(src_p, dst_p, loaded, s, files, protect, prog, t0)
+    if loaded.format == "pt2":
+        return _pt2(dst_p, loaded, s, files, prog, t0)
     return _torch(dst_p, loaded, s, files, prog, t0)
 
 
@@ -506,3 +511,104 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
     return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
                                s.prior, "batch", 1, tuple(changes), None, time.perf_counter() - t0)
 
+
+
+def _pt2(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: ProgressFn,
+         t0: float) -> RecalibrationReport:
+    """A torch.export program: :func:`bnfold.recalibrate`'s definition on its BatchNorm calls.
+
+    The program's module (``ep.module()``, a fresh copy) runs with every ``aten.batch_norm`` /
+    ``aten._native_batch_norm_legit_no_training`` call normalising with its batch's own statistics
+    (train mode, as in :func:`bnfold.recalibrate`) while its input is recorded with the same float64
+    accumulators; the new statistics replace the buffers in ``ep.state_dict``; nothing else changes.
+    """
+    import torch
+
+    from bnfold._dtypes import from_numpy
+    from bnfold.recalibration import _Acc, _mix, _target_stats
+
+    from .output import save
+
+    ep = loaded.model
+    aten = torch.ops.aten
+    ops = {aten.batch_norm.default: (3, 4, 7), aten._native_batch_norm_legit_no_training.default: (3, 4, 6)}
+    gm = ep.module()
+    sites: list[tuple[str, str, str, float]] = []  # (label, mean fqn, var fqn, eps)
+    accs: dict[str, _Acc] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ops:
+            continue
+        im, iv, ie = ops[node.target]
+        if node.target is aten.batch_norm.default and node.args[5] is not False:
+            continue  # a BN in train mode in the program normalises with its batch already and has no state to set
+        mean, var = node.args[im], node.args[iv]
+        if not (getattr(mean, "op", "") == "get_attr" and getattr(var, "op", "") == "get_attr"
+                and mean.target in ep.state_dict and var.target in ep.state_dict):
+            raise UnsupportedModelError(
+                f"{files.source}: the BatchNorm {node.name}: its running statistics are not buffers of the program"
+            )
+        eps = float(node.args[ie]) if len(node.args) > ie else 1e-5
+        label = str(mean.target).removesuffix(".running_mean")
+        sites.append((label, str(mean.target), str(var.target), eps))
+        accs[label] = _Acc.new(int(ep.state_dict[mean.target].numel()), torch.device("cpu"))
+
+        def batch_stats(*args: Any, _target: Any = node.target, _label: str = label, **kwargs: Any) -> Any:
+            x = args[0]
+            accs[_label].add(x)
+            dims = [0, *range(2, x.dim())]
+            v, m = torch.var_mean(x.detach().double(), dims, correction=0)
+            a = list(args)
+            a[ops[_target][0]], a[ops[_target][1]] = m.to(x.dtype), v.to(x.dtype)
+            return _target(*a, **kwargs)
+
+        node.target = batch_stats
+    gm.recompile()
+    if not sites:
+        raise UnsupportedModelError(f"{files.source}: the program has no BatchNorm with running statistics")
+    data = NpzBatches(s.data, None, s.batch_size)
+    names = [str(n) for n in ep.graph_signature.user_inputs]
+    ex = getattr(ep, "example_inputs", None)
+    nargs = len(ex[0]) if isinstance(ex, tuple) and len(ex) == 2 else len(names)
+    given = {_NUMBERED.sub(r"\1", k) if data.layout == "numbered" else k for k in data.members}
+    if given != set(names):
+        other = sorted(given ^ set(names))[0]
+        what = "is not an input of the program" if other in given else "has no data"
+        raise InputError(f"{s.data}: --data: {other!r} {what} (inputs: {', '.join(names)})")
+    count = 0
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(data()):
+                gm(*[from_numpy(b[n]) for n in names[:nargs]], **{n: from_numpy(b[n]) for n in names[nargs:]})
+                count += 1
+                prog("recalibrate", i + 1, len(data))
+    except (TypeError, RuntimeError) as e:
+        raise InputError(f"{s.data}: --data: the program failed on the data ({' '.join(str(e).split())[:300]})") from e
+    changes = []
+    new_state = {}
+    for label, fm, fv, eps in sites:
+        acc = accs[label]
+        if acc.batches == 0:
+            raise InputError(f"{label}: its input is empty in every batch (the BatchNorm never runs)")
+        old_m, old_v = ep.state_dict[fm].detach().double(), ep.state_dict[fv].detach().double()
+        m, v = _target_stats(acc, s.pooled)
+        if s.prior:
+            m, v = _mix(old_m, old_v, m, v, acc, s.prior)
+        if not bool(torch.isfinite(m).all() and torch.isfinite(v).all()):
+            raise InputError(f"{label}: the re-estimated statistics are not finite (inf or nan in the activations)")
+        new_state[fm] = m.to(ep.state_dict[fm].dtype)
+        new_state[fv] = v.to(ep.state_dict[fv].dtype)
+        shift = ((m - old_m).abs() / (old_v + eps).sqrt()).max().item()
+        ratio = v / old_v
+        changes.append(BnChange(label, None, int(m.numel()), acc.batches, acc.samples, acc.values, float(shift),
+                                float(ratio.min()), float(ratio.max())))
+    for k, t in new_state.items():
+        ep.state_dict[k] = t
+        tracked = k.removesuffix("running_mean") + "num_batches_tracked"
+        if k.endswith("running_mean") and tracked in ep.state_dict:
+            ep.state_dict[tracked] = torch.tensor(count, dtype=ep.state_dict[tracked].dtype)
+    save(ep, dst, prog)
+    from bnfold.io.datafiles import model_size
+
+    files = replace(files, size_after=model_size(dst, "pt2"), written=True, total_seconds=time.perf_counter() - t0)
+    return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
+                               s.prior, "batch", 1, tuple(changes), None, time.perf_counter() - t0)
