@@ -57,6 +57,18 @@ class Net(nn.Module):
 BNS = ("bn0", "bn1", "bn2", "bn3")  # graph order
 
 
+class Branchy(nn.Module):
+    """A BN on a branch the data never takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.spare = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spare(x) if x.shape[0] > 1000 else self.bn(x)
+
+
 def make_net(seed: int = 0) -> Net:
     torch.manual_seed(seed)
     net = Net()
@@ -409,10 +421,13 @@ def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "recal_factory.py").write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_recalibrate_files import Net
+        from test_recalibrate_files import Branchy, Net
 
         def net():
             return Net()
+
+        def branchy():
+            return Branchy()
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     net = make_net()
@@ -438,6 +453,11 @@ def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pyte
     r = recal(ckpt, tmp_path / "b.pt", "--data", tmp_path / "bad.npz", "--model", "recal_factory:net")
     assert r.exit_code == 2 and "'img' is not an argument of Net.forward" in r.stderr, r.output
     assert not (tmp_path / "b.pt").exists()
+    # a BN the data never reaches is one line too
+    torch.save(Branchy().state_dict(), tmp_path / "branchy.pt")
+    r = recal(tmp_path / "branchy.pt", tmp_path / "b.pt", "--data", tmp_path / "d.npz", "--model", "recal_factory:branchy")
+    assert r.exit_code == 2 and "spare: no batch reached this BatchNorm" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.pt").exists()
 
 
 def test_upstream_batch_equals_bnfold_recalibrate_on_the_torch_model(tmp_path: Path) -> None:

@@ -489,10 +489,24 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
     old = {n: (m.running_mean.detach().double().clone(), m.running_var.detach().double().clone())  # type: ignore[union-attr]
            for n, m in bns}
-    try:
-        new_model = recalibrate(model, batches(), prior=s.prior, pooled=s.pooled, distributed=False)
+    reached: dict[str, int] = {}
+    hooks = []
+    for n, m in bns:
+        def seen(_m: Any, args: tuple[Any, ...], _n: str = n) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].numel():
+                reached[_n] = reached.get(_n, 0) + 1
+
+        hooks.append(m.register_forward_pre_hook(seen))
+    try:  # the model was loaded for this job: recalibrated in place (the hooks see every batch)
+        new_model = recalibrate(model, batches(), prior=s.prior, pooled=s.pooled, distributed=False, inplace=True)
     except (TypeError, RuntimeError) as e:
         raise InputError(f"{s.data}: --data: the model failed on the data ({' '.join(str(e).split())[:300]})") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    never = [n for n, _ in bns if not reached.get(n)]
+    if never:
+        raise InputError(f"{never[0]}: no batch reached this BatchNorm (it never runs on the data); nothing written")
     mods = dict(new_model.named_modules())
     changes = []
     for n, _ in bns:
