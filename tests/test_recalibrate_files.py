@@ -181,8 +181,11 @@ def stats_of(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {n: (arr[f"{n}.mean"], arr[f"{n}.var"]) for n in BNS}
 
 
-def write_npz(path: Path, data: list[np.ndarray], *, numbered: bool = False, compressed: bool = False) -> None:
+def write_npz(path: Path, data: list[np.ndarray], *, numbered: bool = False, compressed: bool = False,
+              fortran: bool = False) -> None:
     arrays = {f"x__{i}": b for i, b in enumerate(data)} if numbered else {"x": np.concatenate(data)}
+    if fortran:  # column-major on disk: rows are not contiguous
+        arrays = {k: np.asfortranarray(v) for k, v in arrays.items()}
     (np.savez_compressed if compressed else np.savez)(path, **arrays)  # type: ignore[operator]
 
 
@@ -196,15 +199,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------ ONNX
 @pytest.mark.parametrize("pooled", [False, True])
-@pytest.mark.parametrize("layout", ["split", "numbered", "compressed"])
+@pytest.mark.parametrize("layout", ["split", "numbered", "compressed", "fortran", "numbered-fortran"])
 def test_onnx_equals_float64_oracle(tmp_path: Path, pooled: bool, layout: str) -> None:
     net = make_net()
     src, out, data = tmp_path / "m.onnx", tmp_path / "r.onnx", tmp_path / "d.npz"
     to_onnx(net, src)
     dat = batches()
-    write_npz(data, dat, numbered=layout == "numbered", compressed=layout == "compressed")
+    numbered = layout.startswith("numbered")
+    write_npz(data, dat, numbered=numbered, compressed=layout == "compressed", fortran="fortran" in layout)
     before = src.read_bytes()
-    extra = [] if layout == "numbered" else ["--batch-size", 5]
+    extra = [] if numbered else ["--batch-size", 5]
     r = recal(src, out, "--data", data, *extra, *(["--pooled"] if pooled else []), "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
