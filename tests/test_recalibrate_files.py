@@ -84,7 +84,7 @@ def make_net(seed: int = 0) -> Net:
 
 
 def to_onnx(net: Net, path: Path, *, training: set[str] = frozenset(), external: bool = False,  # type: ignore[assignment]
-            dtype: Any = np.float32) -> None:
+            dtype: Any = np.float32, opset: int = OPSET) -> None:
     """Write ``net`` as an ONNX graph, node for node (the BNs as BatchNormalization, not folded)."""
     inits: list[Any] = []
     nodes: list[Any] = []
@@ -122,7 +122,7 @@ def to_onnx(net: Net, path: Path, *, training: set[str] = frozenset(), external:
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", elem, ["N", 3, 6, 6])],
                               [helper.make_tensor_value_info("y", elem, ["N", 4, 6, 6])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     if external:
@@ -667,3 +667,30 @@ def test_pt2_matches_bnfold_recalibrate(tmp_path: Path) -> None:
     r = recal(src, tmp_path / "n.pt2", "--data", tmp_path / "d.npz", "--upstream", "new")
     assert r.exit_code == 2 and "--upstream new applies to ONNX models" in r.stderr
     assert not (tmp_path / "n.pt2").exists()
+
+
+def test_old_opset_and_the_python_api(tmp_path: Path) -> None:
+    """Opset 9: the default definition works, --upstream batch (training_mode needs opset 14) is refused;
+    recalibrate_model takes a list of batches and equals the command."""
+    from bnfold.onnx.recalibrate import recalibrate_model
+
+    net = make_net()
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    to_onnx(net, src, opset=9)
+    dat = batches()
+    write_npz(data, dat)
+    r = recal(src, tmp_path / "r.onnx", "--data", data, "--batch-size", 5)
+    assert r.exit_code == 0, r.output
+    expect, got = oracle(net, dat, pooled=False), stats_of(tmp_path / "r.onnx")
+    for name in BNS:
+        np.testing.assert_allclose(got[name][1], expect[name][1], rtol=RTOL, atol=ATOL)
+    r = recal(src, tmp_path / "b.onnx", "--data", data, "--upstream", "batch")
+    assert r.exit_code == 2 and "needs opset 14 or later (the model has opset 9)" in r.stderr, r.output
+    model = onnx.load(str(src))
+    result = recalibrate_model(model, [{"x": b} for b in dat])
+    assert result.passes == 3 and result.batches == 4
+    arr = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name in BNS:
+        np.testing.assert_array_equal(arr[f"{name}.var"], got[name][1])
+    with pytest.raises(bnfold.errors.OptionError, match="a generator is used up"):
+        recalibrate_model(onnx.load(str(src)), ({"x": b} for b in dat))

@@ -54,8 +54,9 @@ UPSTREAM = ("new", "batch")
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-"""A callable that starts one pass over the data: each call yields the batches again, in order."""
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]] | Sequence[Mapping[str, np.ndarray]]
+"""The data: a callable that starts one pass (each call yields the batches again, in order), or a
+sequence of batches (a list of ``{input name: array}``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,8 +346,8 @@ def recalibrate_model(
 
     Args:
         model: an ``onnx.ModelProto`` with its weights in memory; changed in place.
-        batches: a callable that yields the batches (``{input name: array}``) again on every call: it
-            is called once per pass (module docstring, rule 1).
+        batches: a callable that yields the batches (``{input name: array}``) again on every call
+            (called once per pass, module docstring rule 1), or a list of batches.
         prior: the statistics in the file count as this many samples (``None``/0: replaced).
         pooled: pooled estimator instead of the average of per-batch statistics.
         progress: ``progress("recalibrate", done, total)`` over all batches of all passes.
@@ -367,6 +368,12 @@ def recalibrate_model(
         raise OptionError(f"--prior must be a finite number >= 0, got {prior}")
     if upstream not in UPSTREAM:
         raise OptionError(f"--upstream must be one of {', '.join(UPSTREAM)}, got {upstream!r}")
+    if not callable(batches):
+        if not isinstance(batches, Sequence):
+            raise OptionError("batches must be a list of {input name: array} or a callable that yields them on "
+                              "every call (a generator is used up after the first pass)")
+        data = batches
+        batches = lambda: data  # noqa: E731
     bns = plan_levels(model)
     if upstream == "batch":
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -405,7 +412,8 @@ def _copy(proto: Any) -> Any:
 
 
 def _run(
-    work: Any, bns: list[_Bn], old: dict[str, tuple[np.ndarray, np.ndarray]], batches: Batches,
+    work: Any, bns: list[_Bn], old: dict[str, tuple[np.ndarray, np.ndarray]],
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
     prior: float | None, pooled: bool, progress: ProgressFn | None, total_batches: int | None, batch_mode: bool,
 ) -> RecalibrationResult:
     import torch
