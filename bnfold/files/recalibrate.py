@@ -276,7 +276,7 @@ class NpzBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _dtype_for(self, key: str, name: str) -> np.dtype[Any] | None:
+    def _dtype_for(self, name: str) -> np.dtype[Any] | None:
         if self.specs is None:
             return None
         want: np.dtype[Any] = np.dtype(self.specs[name].dtype)
@@ -333,7 +333,7 @@ class NpzBatches:
     def _cast(self, a: np.ndarray, batch: int, name: str) -> np.ndarray:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise InputError(f"{self.path}: --data: input {name!r} holds NaN or inf in batch {batch}")
-        want = self._dtype_for(name, name)
+        want = self._dtype_for(name)
         if want is not None and a.dtype != want:
             a = a.astype(want)
         return np.ascontiguousarray(a)
@@ -465,7 +465,7 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
     model = loaded.model
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"{files.source}: recalibrate needs an nn.Module (a state_dict with --model)")
-    data = NpzBatches(s.data, None, s.batch_size if s.batch_size is not None else None)
+    data = NpzBatches(s.data, None, s.batch_size)
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
