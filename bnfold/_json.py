@@ -181,6 +181,8 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
             notes=list(result.notes),
         )
         doc.update({k: doc["summary"][k] for k in ("bn_before", "bn_after", "folded")})
+    elif command == "recalibrate":
+        doc.update(result.to_dict())
     else:  # pragma: no cover - the CLI names its commands
         raise ValueError(f"unknown command {command!r}")
     return doc

@@ -440,6 +440,77 @@ def bench(
         show("bench", report, json_out, quiet, lambda c: render_bench_report(c, report))
 
 
+@app.command(short_help="New BatchNorm statistics from data (ONNX files, PyTorch checkpoints).")
+def recalibrate(
+    model: ModelPath,
+    out: OutArg = None,
+    output: Output = None,
+    data: Annotated[Path | None, typer.Option("--data", metavar="FILE.npz", show_default=False,
+                                              help="The data, arrays named after the inputs (see cli.md).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", show_default=False,
+                                                   help="Samples per batch [default: the model's fixed batch "
+                                                   "size, else 32].")] = None,
+    pooled: Annotated[bool, typer.Option("--pooled", help="Statistics of all values together, not the "
+                                         "average of per-batch statistics.")] = False,
+    prior: Annotated[float | None, typer.Option("--prior", metavar="N", show_default=False,
+                                                help="Keep the file's statistics as N samples.")] = None,
+    upstream: Annotated[str | None, typer.Option("--upstream", metavar="new|batch", show_default=False,
+                                                 help="While a BN's input is recorded, the BNs before it use their "
+                                                 "new statistics (new, ONNX default) or each batch's own (batch: "
+                                                 "PyTorch's train-mode pass, one pass).")] = None,
+    fold_after: Annotated[bool, typer.Option("--fold", help="ONNX: fold the recalibrated model (verified) "
+                                             "into OUT.")] = False,
+    in_place: InPlace = False,
+    model_factory: ModelFactory = None,
+    trust_pickle: TrustPickle = False,
+    external_data: ExternalData = None,
+    json_out: JsonFlag = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+    version: Version = None,
+) -> None:
+    """Re-estimate the BatchNorm statistics of MODEL on the data in FILE.npz; write OUT.
+
+    Example: bnfold recalibrate model.onnx model.recal.onnx --data camera.npz --batch-size 64
+    """
+    with guarded("recalibrate", model, json_out=json_out, debug=debug):
+        check_common(quiet, json_out)
+        dst = one_output(out, output)
+        if data is None:
+            raise OptionError("missing --data FILE.npz (the data to estimate the statistics on)")
+        from . import files
+        from .files.recalibrate import RecalibrateSettings, recalibrate_file
+
+        settings = RecalibrateSettings(data=data, batch_size=batch_size, pooled=pooled, prior=prior, fold=fold_after,
+                                       upstream=upstream, in_place=in_place, external_data=external_data,
+                                       load=files.LoadSettings(model_factory, trust_pickle))
+        stages = ("load", "recalibrate", *(("fold", "verify") if fold_after else ()), "save")
+        with json_guard(json_out), progress_bar(quiet, stages) as progress:
+            report = recalibrate_file(model, dst, settings, progress)
+        show("recalibrate", report, json_out, quiet, lambda c: _show_recalibrate(c, report, verbose))
+
+
+def _show_recalibrate(console: Any, report: Any, verbose: bool) -> None:
+    from rich.text import Text
+
+    how = "pooled" if report.pooled else "average of per-batch statistics"
+    prior = f", prior {report.prior:g} samples" if report.prior else ""
+    console.print(Text(
+        f"{report.files.source} -> {report.files.output}: {len(report.changes)} BatchNorm recalibrated on "
+        f"{report.samples} samples in {report.batches} batches ({how}{prior}; {report.passes} pass(es))"
+    ))
+    shown = report.changes if verbose else sorted(report.changes, key=lambda c: -c.mean_shift)[:5]
+    for c in shown:
+        console.print(Text(
+            f"  {c.bn}: mean moved up to {c.mean_shift:.3g} old std, var x{c.var_ratio_min:.3g}..{c.var_ratio_max:.3g}"
+            + (" (was training-mode)" if c.training_mode_cleared else "")
+        ))
+    if report.fold is not None:
+        console.print(Text(f"folded: {report.fold.bn_before - report.fold.bn_after} of {report.fold.bn_before} "
+                           "BatchNorm"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``bnfold``)."""
     app(args=argv, prog_name="bnfold")
