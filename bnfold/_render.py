@@ -464,11 +464,11 @@ def render_quant(console: Console, h: HealthReport, *, verbose: bool = False) ->
         table = Table(title="Per-tensor int8 readiness (flagged layers)", title_justify="left")
         table.add_column("layer", overflow="fold")
         table.add_column("kind", no_wrap=True)
-        table.add_column("channels", justify="right")
-        table.add_column("max/median range", justify="right", no_wrap=True)
+        table.add_column("ch", justify="right", no_wrap=True)
+        table.add_column("max/median", justify="right", no_wrap=True)
         table.add_column("bits lost", justify="right", no_wrap=True)
-        table.add_column("before fold", justify="right", no_wrap=True)
-        table.add_column("worst channel", justify="right")
+        table.add_column("unfolded", justify="right", no_wrap=True)
+        table.add_column("worst ch", justify="right", no_wrap=True)
         for q in h.quant_flagged:
             table.add_row(
                 _t(clean(q.layer)), q.kind, str(q.channels), f"{q.ratio:.3g}", f"{q.bits_lost:.1f}",
