@@ -114,7 +114,6 @@ def build(name: str, tiny: bool) -> tuple[Any, Any]:
 
 
 def study(name: str, tiny: bool) -> dict[str, Any]:
-    import torch
 
     import bnfold
 

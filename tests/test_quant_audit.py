@@ -177,3 +177,26 @@ def test_fold_cli_summary_line_verbose_table_and_json(tiny_onnx: Path, healthy_o
     assert healthy.exit_code == 0 and "quantisation:" not in healthy.stdout
     plain = runner.invoke(app, ["fold", str(tiny_onnx), "-o", str(out)])
     assert plain.exit_code == 0 and "quantisation:" not in plain.stdout
+
+
+def test_benchmark_flagged_layer_is_what_per_tensor_int8_breaks() -> None:
+    """The benchmark's figure (quick path): quantising the flagged layer per-tensor costs its typical
+    channel far more than any unflagged layer loses, and per-channel quantisation removes the loss."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_quant_audit", root / "benchmarks" / "bench_quant_audit.py")
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    r = bench.study("mobilenet_quant", True)
+    (flag,) = [p for p in r["per_layer"] if p["flagged"]]
+    clean = [p for p in r["per_layer"] if not p["flagged"]]
+    assert flag["layer"] == TINY_LAYER
+    assert flag["layer_tensor"] > 3 * max(p["layer_tensor"] for p in clean)
+    assert flag["layer_channel"] < flag["layer_tensor"] / 20
