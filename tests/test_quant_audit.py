@@ -200,3 +200,16 @@ def test_benchmark_flagged_layer_is_what_per_tensor_int8_breaks() -> None:
     assert flag["layer"] == TINY_LAYER
     assert flag["layer_tensor"] > 3 * max(p["layer_tensor"] for p in clean)
     assert flag["layer_channel"] < flag["layer_tensor"] / 20
+
+
+def test_inspect_pytorch_file_json_and_line(tmp_path: Path) -> None:
+    pt = tmp_path / "mnq.pt"
+    torch.save(mobilenet_quant(tiny_var=True).state_dict(), str(pt))
+    args = ["inspect", str(pt), "--model", "models.mobilenet_quant:mobilenet_quant", "--health"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert f"(worst: {TINY_LAYER}," in " ".join(r.stdout.split())
+    j = runner.invoke(app, [*args, "--json"])
+    assert j.exit_code == 0, j.output
+    h = json.loads(j.stdout)["health"]
+    assert [q["layer"] for q in h["quant"] if q["flagged"]] == [TINY_LAYER] and h["quant_flagged"] == 1
