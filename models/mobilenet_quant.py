@@ -22,7 +22,7 @@ from torch import nn
 from .mobilenet import InvertedResidual, _conv_bn_relu6
 from .stats import randomize_bn
 
-__all__ = ["MobileNetQuant", "mobilenet_quant", "mobilenet_quant_onnx", "TINY_BN", "TINY_VAR"]
+__all__ = ["MobileNetQuant", "mobilenet_quant", "mobilenet_quant_onnx", "TINY_BN", "TINY_LAYER", "TINY_VAR"]
 
 TINY_BN = "blocks.0.conv.1.1"
 """The BN given a tiny variance (depthwise BN of the first block); it folds into ``blocks.0.conv.1.0``."""
