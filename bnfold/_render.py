@@ -463,6 +463,7 @@ def render_health(console: Console, h: HealthReport, *, verbose: bool = False) -
             )
         print_whole(console, table, _widest(clean(b.bn) for b in h.bns) + 40)
     console.print(Text(health_summary(h), style="green" if h.healthy else "yellow"))
+    render_quant(console, h, verbose=verbose)
 
 
 @contextmanager
@@ -518,3 +519,47 @@ def stage_label(stage: str, stages: tuple[str, ...], seen: list[str] | None = No
 
 def _no_progress(stage: str, done: int, total: int) -> None:
     return None
+
+
+# ------------------------------------------------------------------------------------ quantisation
+
+
+def quant_summary(h: HealthReport) -> str | None:
+    """The one-line quantisation-readiness summary of a health audit; None when no layer is flagged."""
+    import math
+
+    from .health_records import QUANT_RATIO_FLAG
+
+    bad = h.quant_flagged
+    if not bad:
+        return None
+    worst = max(bad, key=lambda q: q.ratio)
+    bits = math.log2(QUANT_RATIO_FLAG)
+    return (
+        f"quantisation: {len(bad)} of {len(h.quant)} folded layer(s) lose >= {bits:g} bits under per-tensor "
+        f"int8 (worst: {clean(worst.layer)}, {worst.bits_lost:.1f} bits); use per-channel weight quantization "
+        "or cross-layer equalisation"
+    )
+
+
+def render_quant(console: Console, h: HealthReport, *, verbose: bool = False) -> None:
+    """The quantisation summary line when a layer is flagged; with ``verbose`` first the flagged layers."""
+    line = quant_summary(h)
+    if line is None:
+        return
+    if verbose:
+        table = Table(title="Per-tensor int8 readiness (flagged layers)", title_justify="left")
+        table.add_column("layer", overflow="fold")
+        table.add_column("kind", no_wrap=True)
+        table.add_column("ch", justify="right", no_wrap=True)
+        table.add_column("max/median", justify="right", no_wrap=True)
+        table.add_column("bits lost", justify="right", no_wrap=True)
+        table.add_column("unfolded", justify="right", no_wrap=True)
+        table.add_column("worst ch", justify="right", no_wrap=True)
+        for q in h.quant_flagged:
+            table.add_row(
+                _t(clean(q.layer)), q.kind, str(q.channels), f"{q.ratio:.3g}", f"{q.bits_lost:.1f}",
+                f"{q.ratio_before:.3g}" if q.ratio_before else "-", str(q.worst_channel),
+            )
+        console.print(table)
+    console.print(Text(line, style="yellow"))

@@ -5,10 +5,16 @@ Re-exported from :mod:`bnfold.records`; nothing here prints.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RangeCounts", "BnHealth", "HealthReport", "count_labels"]
+__all__ = ["RangeCounts", "BnHealth", "LayerQuant", "HealthReport", "count_labels", "QUANT_RATIO_FLAG"]
+
+QUANT_RATIO_FLAG = 16.0
+"""A layer is flagged when its largest per-output-channel weight range is at least this many times its
+median one (>= 4 bits lost): the median channel is then left fewer than 8 of int8's 127 levels per sign,
+coarser than per-channel int4."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,59 @@ class BnHealth:
 
 
 @dataclass(frozen=True, slots=True)
+class LayerQuant:
+    """Quantisation readiness of one layer a fold writes, from its folded weight (float64).
+
+    Folding multiplies each output channel by its own BN scale; per-tensor symmetric int8 takes one
+    scale, ``max |w| / 127``, for the whole tensor, so every channel whose range is smaller loses
+    resolution. ``range`` of a channel is its ``max |w|`` (what symmetric quantisation scales by).
+
+    Attributes:
+        layer: the layer's name, as in the fold report's targets.
+        kind: its type ("Conv", "Gemm", "Linear", "Conv2d", ...).
+        channels: number of output channels.
+        max_range: the largest per-channel range.
+        median_range: the median range over the channels with a nonzero weight (an all-zero channel
+            quantises exactly at any scale); 0 when every channel is zero.
+        worst_channel: the output channel with the largest range.
+        ratio: ``max_range / median_range`` (1 when every channel is zero).
+        ratio_before: the same ratio of the weight before the fold (what the fold changed); 0 if unknown.
+    """
+
+    layer: str
+    kind: str
+    channels: int
+    max_range: float
+    median_range: float
+    worst_channel: int
+    ratio: float
+    ratio_before: float = 0.0
+
+    @property
+    def bits_lost(self) -> float:
+        """``log2(ratio)``: of int8's 8 bits, how many the median channel loses under one per-tensor scale."""
+        return math.log2(self.ratio) if self.ratio > 1 else 0.0
+
+    @property
+    def flagged(self) -> bool:
+        return self.ratio >= QUANT_RATIO_FLAG
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "channels": self.channels,
+            "max_range": self.max_range,
+            "median_range": self.median_range,
+            "worst_channel": self.worst_channel,
+            "ratio": self.ratio,
+            "bits_lost": self.bits_lost,
+            "ratio_before": self.ratio_before,
+            "flagged": self.flagged,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class HealthReport:
     """The BN health audit of a model (see :func:`bnfold.health`).
 
@@ -135,6 +194,13 @@ class HealthReport:
     changed_values: int = 0
     subnormal: int = 0
     folded_range: RangeCounts = field(default_factory=RangeCounts)
+    quant: tuple[LayerQuant, ...] = ()
+    """One record per layer the fold writes a weight into (forward and backward folds), model order."""
+
+    @property
+    def quant_flagged(self) -> tuple[LayerQuant, ...]:
+        """The layers that lose >= 4 bits under per-tensor int8 (:data:`QUANT_RATIO_FLAG`)."""
+        return tuple(q for q in self.quant if q.flagged)
 
     @property
     def constant_channels(self) -> int:
@@ -178,4 +244,7 @@ class HealthReport:
             "scale_range": self.scale_range.to_dict(),
             "folded_range": self.folded_range.to_dict(),
             "bns": [b.to_dict() for b in self.bns],
+            "quant_ratio_flag": QUANT_RATIO_FLAG,
+            "quant_flagged": len(self.quant_flagged),
+            "quant": [q.to_dict() for q in self.quant],
         }
