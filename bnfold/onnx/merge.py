@@ -622,7 +622,7 @@ def _plan(
     chain: set[int],
     sum_label: str,
     exclude: frozenset[str],
-) -> tuple[_Ref, F64, F64] | Merge | None:
+) -> tuple[_Ref, F64, F64] | Merge:
     """Decide each branch; return the reference and the merged float64 weight and bias, or the refusal."""
     if sum_label in exclude:
         for b in branches:
