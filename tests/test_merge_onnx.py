@@ -1,0 +1,282 @@
+"""Branch merging in ONNX graphs (bnfold.onnx.merge): re-parameterisable blocks become one Conv.
+
+Each block of models/reparam.py is exported in eval mode with realistic BN statistics; the fold must
+leave as many Convs as the block's own hand-written re-parameterisation (exported the same way), no BN,
+and outputs equal to the original run in onnxruntime with optimisations off. Refusals are built so that a
+merge would be wrong (different strides, a branch read elsewhere, a kernel off the taps, an activation).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold.onnx import fold_model
+from bnfold.records import MergeReason
+from models.onnx_graphs import G, assert_close, run
+
+torch = pytest.importorskip("torch")
+
+from models import reparam  # noqa: E402
+from models.stats import randomize_bn  # noqa: E402
+
+# float32: the merged conv sums the branches' products in one accumulation instead of several plus an
+# Add: a few ulps of the output scale (~1e-7 each) over a 3x3xC dot product.
+TOL32 = 1e-5
+# float64: the same argument at 2e-16 per ulp.
+TOL64 = 1e-12
+
+
+def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"],
+                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def ops(m: onnx.ModelProto, op: str) -> int:
+    return sum(1 for n in m.graph.node if n.op_type == op)
+
+
+class RepVGGStage(torch.nn.Module):
+    """A RepVGG-A stage: a strided block (no identity) then blocks with the identity BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(
+            reparam.RepVGGBlock(4, 8, stride=2), reparam.RepVGGBlock(8, 8), reparam.RepVGGBlock(8, 8, groups=2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    def reparameterize(self) -> None:
+        for b in self.blocks:
+            b.reparameterize()
+
+
+class MobileOneS0Unit(torch.nn.Module):
+    """MobileOne-S0's unit: a depthwise block (k over-parameterised 3x3, 1x1 scale, BN skip) then a
+    pointwise block (k 1x1 branches, BN skip)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dw = reparam.MobileOneBlock(c, c, 3, groups=c, branches=4)
+        self.pw = reparam.MobileOneBlock(c, c, 1, branches=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x))
+
+    def reparameterize(self) -> None:
+        self.dw.reparameterize()
+        self.pw.reparameterize()
+
+
+BLOCKS = {
+    "repvgg": lambda: reparam.RepVGGBlock(8, 8),
+    "repvgg_groups": lambda: reparam.RepVGGBlock(8, 8, groups=4),
+    "repvgg_stage": RepVGGStage,
+    "mobileone_dw": lambda: reparam.MobileOneBlock(8, 8, 3, groups=8),
+    "mobileone_pw_widen": lambda: reparam.MobileOneBlock(8, 16, 1),
+    "mobileone_s0_unit": MobileOneS0Unit,
+    "ppyoloe_alpha": lambda: reparam.PPYoloeRepVggBlock(8, 8),
+    "repvit_bn_on_sum": lambda: reparam.RepVGGDW(8),
+    "dbb_avgpool": lambda: reparam.AvgBranchBlock(8),
+    "acnet": lambda: reparam.ACBlock(4, 8),
+}
+
+
+def build(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = randomize_bn(BLOCKS[name](), seed=1).eval().to(dtype)
+    cin = 4 if name in ("acnet", "repvgg_stage") else 8
+    x = torch.randn(2, cin, 7, 7, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    return model, x
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block_merges_like_its_own_reparameterisation(name: str) -> None:
+    model, x = build(name)
+    m = export(model, x)
+    before = m.SerializeToString()
+    out, rep = fold_model(m)
+    assert m.SerializeToString() == before, "the input model was changed"
+    onnx.checker.check_model(out, full_check=True)
+    hand = copy.deepcopy(model)
+    hand.reparameterize()  # type: ignore[operator]
+    ref = export(hand, x)
+    assert ops(out, "Conv") == ops(ref, "Conv") == rep.convs_after
+    assert ops(out, "BatchNormalization") == 0 and rep.bn_after == 0
+    assert ops(out, "Add") == ops(ref, "Add")
+    assert rep.convs_before == ops(m, "Conv") >= rep.convs_after and len(out.graph.node) < len(m.graph.node)
+    assert all(mg.merged for mg in rep.merges) and rep.merges
+    assert [o.name for o in out.graph.output] == [o.name for o in m.graph.output]
+    feeds = {"x": x.numpy()}
+    want = run(m, feeds)
+    assert_close(want, run(out, feeds), TOL32)
+    assert_close(want, run(ref, feeds), TOL32)  # the hand-written merge agrees too
+
+
+@pytest.mark.parametrize("name", ["repvgg_stage", "mobileone_dw", "repvit_bn_on_sum", "ppyoloe_alpha"])
+def test_float64_block_merges_to_rounding(name: str) -> None:
+    model, x = build(name, torch.float64)
+    m = export(model, x)
+    out, rep = fold_model(m)
+    assert rep.bn_after == 0 and all(mg.merged for mg in rep.merges)
+    feeds = {"x": x.numpy()}
+    assert_close(run(m, feeds), run(out, feeds), TOL64)
+
+
+def test_merge_verdicts_name_every_branch_and_the_absorbed_bn() -> None:
+    model, x = build("repvgg")
+    m = export(model, x)
+    _, rep = fold_model(m)
+    (mg,) = rep.merges
+    assert mg.input == "x" and mg.convs_before == 2 and mg.convs_after == 1 and mg.branches_merged == 3
+    assert sorted(b.kind for b in mg.branches) == ["bn", "conv", "conv"]
+    identity_bn = [v for v in rep.sites if "rbr_identity" in v.bn]
+    assert len(identity_bn) == 1 and identity_bn[0].target == mg.target and "merged" in identity_bn[0].detail
+    d = rep.to_dict()["extra"]["merges"][0]
+    assert d["merged"] is True and d["branches_merged"] == 3
+
+
+def test_merge_branches_false_keeps_the_branches() -> None:
+    model, x = build("repvgg")
+    m = export(model, x)
+    out, rep = fold_model(m, merge_branches=False)
+    assert rep.merges == () and ops(out, "Conv") == 2 and ops(out, "BatchNormalization") == 1
+
+
+def test_dry_run_predicts_the_merge() -> None:
+    import bnfold
+
+    model, x = build("repvit_bn_on_sum")
+    m = export(model, x)
+    before = m.SerializeToString()
+    rep = bnfold.inspect(m)
+    assert m.SerializeToString() == before
+    _, real = fold_model(m)
+    assert rep.bn_after == real.bn_after == 0 and rep.convs_after == real.convs_after == 1
+    assert [g.to_dict() for g in rep.merges] == [g.to_dict() for g in real.merges]
+
+
+def test_other_leaves_of_the_sum_stay() -> None:
+    # conv3x3(x) + y + conv1x1(x): the two convs of x merge; y is added to the merged conv.
+    g = G()
+    x = g.input("x", [2, 4, 6, 6])
+    y = g.input("y", [2, 5, 6, 6])
+    g.node("Conv", [x, g.rand("w3", (5, 4, 3, 3)), g.rand("b3", (5,))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("Conv", [x, g.rand("w1", (5, 4, 1, 1))], ["b"], name="k1")
+    g.node("Mul", ["b", g.rand("s", (5, 1, 1))], ["bs"], name="scale")
+    g.node("Add", ["a", y], ["t"], name="add1")
+    g.node("Add", ["t", "bs"], ["z"], name="add2")
+    g.output("z")
+    m = g.model()
+    out, rep = fold_model(m)
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Add"]
+    (mg,) = rep.merges
+    assert mg.merged and mg.sum == "add2" and mg.branches_merged == 2
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32),
+             "y": rng.standard_normal((2, 5, 6, 6)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+# ---- refusals: each branch gets the right reason, the model stays as it was folded -------------------
+def refused(m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[MergeReason | None, str]]:
+    before = m.SerializeToString()
+    out, rep = fold_model(m)
+    assert m.SerializeToString() == before
+    assert rep.convs_after == rep.convs_before
+    (mg,) = rep.merges
+    assert not mg.merged and mg.target == ""
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+    return {b.branch: (b.reason, b.detail) for b in mg.branches}
+
+
+def test_different_strides_are_refused() -> None:
+    # On a width-1 input a 1x1 of stride (1, 2) gives the same shape as a 3x3 of stride 1: merging would be wrong.
+    g = G()
+    x = g.input("x", [1, 4, 6, 1])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("Conv", [x, g.rand("w1", (4, 4, 1, 1))], ["b"], name="k1", strides=[1, 2])
+    g.node("Add", ["a", "b"], ["z"], name="sum")
+    g.output("z")
+    why = refused(g.model(), {"x": np.random.default_rng(0).standard_normal((1, 4, 6, 1)).astype(np.float32)})
+    assert why["k1"][0] is MergeReason.STRIDE and "stride [1, 2] differs from [1, 1]" in why["k1"][1]
+    assert why["k3"][0] is MergeReason.NO_PARTNER
+
+
+def test_kernel_off_the_taps_is_refused() -> None:
+    # 3x3 dilation 2 reads x[o-2], x[o], x[o+2]; a 2x2 dilation 2 with pads 1 reads x[o-1], x[o+1].
+    g = G()
+    x = g.input("x", [1, 4, 7, 7])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[2, 2, 2, 2], dilations=[2, 2])
+    g.node("Conv", [x, g.rand("w2", (4, 4, 2, 2))], ["b"], name="k2", pads=[1, 1, 1, 1], dilations=[2, 2])
+    g.node("Add", ["a", "b"], ["z"], name="sum")
+    g.output("z")
+    why = refused(g.model(), {"x": np.random.default_rng(0).standard_normal((1, 4, 7, 7)).astype(np.float32)})
+    assert why["k2"][0] is MergeReason.KERNEL and "cannot be centred" in why["k2"][1]
+
+
+def test_even_kernel_placed_by_its_padding_merges() -> None:
+    # A 2x2 with pads (1, 0) reads x[o-1], x[o]: the first two taps of a 3x3 with pads 1. Exact.
+    g = G()
+    x = g.input("x", [1, 4, 7, 7])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("Conv", [x, g.rand("w2", (4, 4, 2, 2))], ["b"], name="k2", pads=[1, 1, 0, 0])
+    g.node("Add", ["a", "b"], ["z"], name="sum")
+    g.output("z")
+    m = g.model()
+    out, rep = fold_model(m)
+    assert rep.merges[0].merged and ops(out, "Conv") == 1
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 7, 7)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_branch_read_elsewhere_is_refused() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(reparam.BranchReadElsewhere(8), seed=1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    why = refused(export(model, x), {"x": x.numpy()})
+    (reason, detail), = [v for k, v in why.items() if k.startswith("/b/")]
+    assert reason is MergeReason.OTHER_CONSUMERS and "also read by /Relu" in detail
+
+
+def test_activation_inside_a_branch_is_refused() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(reparam.ActivationInBranch(8), seed=1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    why = refused(export(model, x), {"x": x.numpy()})
+    (reason, detail), = [v for k, v in why.items() if k.startswith("/b/")]
+    assert reason is MergeReason.NONLINEAR and "Relu" in detail
+
+
+def test_avgpool_without_counted_padding_is_refused() -> None:
+    # count_include_pad=0 divides edge windows by fewer values: not a uniform conv kernel.
+    g = G()
+    x = g.input("x", [1, 4, 6, 6])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("AveragePool", [x], ["b"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g.node("Add", ["a", "b"], ["z"], name="sum")
+    g.output("z")
+    why = refused(g.model(), {"x": np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)})
+    assert why["pool"][0] is MergeReason.PADDING and "count_include_pad=0" in why["pool"][1]
+
+
+def test_resnet_block_is_not_a_candidate() -> None:
+    # conv2(relu(conv1(x))) + x: no two branches read one tensor (a sequential branch is no merge).
+    g = G()
+    x = g.input("x", [1, 4, 6, 6])
+    g.node("Conv", [x, g.rand("w1", (4, 4, 3, 3))], ["a"], name="c1", pads=[1, 1, 1, 1])
+    g.node("Relu", ["a"], ["r"])
+    g.node("Conv", ["r", g.rand("w2", (4, 4, 3, 3))], ["b"], name="c2", pads=[1, 1, 1, 1])
+    g.node("Add", ["b", x], ["z"], name="sum")
+    g.output("z")
+    out, rep = fold_model(g.model())
+    assert rep.merges == () and ops(out, "Conv") == 2
