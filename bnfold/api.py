@@ -85,6 +85,7 @@ def fold_with_report(
     flush_denormals: bool = True,
     health: bool = False,
     prune_constant_channels: bool = False,
+    merge_branches: bool = True,
 ) -> tuple[Model, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -107,6 +108,8 @@ def fold_with_report(
             (:mod:`bnfold.constant_channels`); ``report.pruned_channels`` lists them.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
+        merge_branches: ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
+            one Conv (:mod:`bnfold.onnx.merge`); ``report.merges`` lists them. False keeps the branches.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -134,7 +137,7 @@ def fold_with_report(
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
             return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
-                              flush_denormals=steps.flush_as_written and not dry_run)
+                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches)
         if kind == "export":
             from .fx import fold_exported
 
@@ -170,6 +173,7 @@ def fold(
     example_inputs: Any = None,
     flush_denormals: bool = True,
     prune_constant_channels: bool = False,
+    merge_branches: bool = True,
 ) -> Model:
     """Fold every exactly-foldable BatchNorm; return a model of the type given.
 
@@ -179,6 +183,7 @@ def fold(
     return fold_with_report(
         model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
         flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
+        merge_branches=merge_branches,
     )[0]
 
 
@@ -189,6 +194,7 @@ def inspect(
     eval_semantics: bool = False,
     example_inputs: Any = None,
     health: bool = False,
+    merge_branches: bool = True,
 ) -> FoldReport:
     """The verdict for every BatchNorm (folded where, or left and why) without changing anything.
 
@@ -196,5 +202,5 @@ def inspect(
     """
     return fold_with_report(
         model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        health=health,
+        health=health, merge_branches=merge_branches,
     )[1]

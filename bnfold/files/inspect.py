@@ -54,7 +54,7 @@ def inspect_file(
     if loaded.format == "onnx":
         refuse({"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
         check_onnx_shapes(model, prep.shapes, src_p)
-        _, report = fold_with_report(model, dry_run=True, affine=s.affine)
+        _, report = fold_with_report(model, dry_run=True, affine=s.affine, merge_branches=s.merge_branches)
         report = replace(report, signature=io_signature(model))
     else:
         import torch

@@ -511,6 +511,8 @@ def merge_branches(
         chain = set(chain_nodes)
         for b in branches:
             b.label = prefix + _kind_label(index, b, x)
+            if b.kind == "bn" and b.base is not None:
+                b.label = bn_labels.get(index.nodes[b.base].output[0], b.label)
         rec = _plan(index, ev, x, branches, chain, sum_label, exclude)
         touched = chain | {i for br in branches if br.reason is None for i in _path(br)}
         if isinstance(rec, Merge):
@@ -629,6 +631,9 @@ def _plan(
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
         return _refused(sum_label, x, branches, index)
     for b in branches:
+        if b.kind == "bn" and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
+            b.reason, b.detail = MergeReason.VERIFICATION, "left in place: its BN is excluded from folding"
+            continue
         if b.kind == "other":
             ops = ", ".join(f"{index.nodes[i].op_type} '{index.label(i)}'" for i in b.blockers)
             if any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers):
