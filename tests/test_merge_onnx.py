@@ -280,3 +280,66 @@ def test_resnet_block_is_not_a_candidate() -> None:
     g.output("z")
     out, rep = fold_model(g.model())
     assert rep.merges == () and ops(out, "Conv") == 2
+
+
+def test_float16_model_merges_within_its_precision() -> None:
+    # float16 is a model precision: the merged weight is rounded to 11 bits once (like the hand merge in
+    # float16), against a reference that rounds every branch and the sum in float16.
+    model, x = build("repvgg")
+    m = export(model, x)
+    from onnx import numpy_helper
+
+    for t in m.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in (*m.graph.input, *m.graph.output, *m.graph.value_info):
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    out, rep = fold_model(m)
+    assert rep.merges[0].merged and ops(out, "Conv") == 1 and rep.bn_after == 0
+    assert {t.data_type for t in out.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    feeds = {"x": x.numpy().astype(np.float16)}
+    assert_close(run(m, feeds), run(out, feeds), 1e-2)
+
+
+def test_cli_fold_merges_and_no_merge_branches(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    model, x = build("mobileone_dw")
+    src = tmp_path / "m.onnx"
+    onnx.save(export(model, x), str(src))
+    before = src.read_bytes()
+    runner = CliRunner()
+    r = runner.invoke(app, ["fold", str(src), str(tmp_path / "out.onnx"), "--json"])
+    assert r.exit_code == 0, r.stdout
+    doc = json.loads(r.stdout)
+    s = doc["summary"]
+    assert (s["merges"], s["branches_merged"], s["convs_before"], s["convs_after"]) == (1, 6, 5, 1)
+    assert doc["merges"][0]["merged"] is True and doc["verification"]["passed"] is True
+    assert ops(onnx.load(str(tmp_path / "out.onnx")), "Conv") == 1
+    r = runner.invoke(app, ["fold", str(src), str(tmp_path / "keep.onnx"), "--json", "--no-merge-branches"])
+    assert r.exit_code == 0, r.stdout
+    doc = json.loads(r.stdout)
+    assert doc["summary"]["merges"] == 0 and doc["merges"] == [] and doc["summary"]["convs_after"] == 5
+    r = runner.invoke(app, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["summary"]["convs_after"] == 1
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx", "m.onnx", "out.onnx"]
+
+
+def test_excluded_merge_is_left_with_its_reason() -> None:
+    # Culprit bisection leaves a merge whose verification failed by its sum label, like a BN.
+    model, x = build("repvgg")
+    m = export(model, x)
+    _, first = fold_model(m)
+    (mg,) = first.merges
+    out, rep = fold_model(m, exclude={mg.sum})
+    (left,) = rep.merges
+    assert not left.merged and all(b.reason is MergeReason.VERIFICATION for b in left.branches)
+    assert ops(out, "Conv") == 2
+    feeds = {"x": x.numpy()}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)

@@ -377,6 +377,11 @@ def fold_model(
     if n_merged:
         notes += (f"{n_merged} sum(s) of branches merged into one Conv each "
                   f"({sum(m.branches_merged for m in merges if m.merged)} branches)",)
+    refused = [m for m in merges if not m.merged]
+    if refused:
+        why = sorted({b.reason.value for m in refused for b in m.branches if b.reason is not None})
+        notes += (f"{len(refused)} sum(s) of branches of one tensor left unmerged ({', '.join(why)}): "
+                  "see 'merges' in --json",)
     report = FoldReport(
         backend="onnx", verdicts=verdicts, dry_run=dry_run,
         bn_before=bn_before, nodes_before=nodes_before, params_before=params_before,
