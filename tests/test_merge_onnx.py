@@ -343,3 +343,37 @@ def test_excluded_merge_is_left_with_its_reason() -> None:
     assert ops(out, "Conv") == 2
     feeds = {"x": x.numpy()}
     assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+# ---- Case 5: Conv 1x1 -> Conv kxk inside a branch (DBB) --------------------------------------------------
+def seq_graph(*, pads: int, bn_between: bool, bias1: bool) -> onnx.ModelProto:
+    g = G(seed=3)
+    x = g.input("x", [2, 4, 7, 7])
+    p = [pads] * 4
+    g.node("Conv", [x, g.rand("w3", (6, 4, 3, 3)), g.rand("b3", (6,))], ["a"], name="k3", pads=p)
+    g.node("Conv", [x, g.rand("w1", (5, 4, 1, 1)), *([g.rand("b1", (5,))] if bias1 else [])], ["m"], name="k1")
+    if bn_between:
+        g.bn("m", "mb", 5, "bn_mid")
+    g.node("Conv", ["mb" if bn_between else "m", g.rand("w13", (6, 5, 3, 3))], ["b"], name="k1k3", pads=p)
+    g.node("Add", ["a", "b"], ["z"], name="sum")
+    g.output("z")
+    return g.model()
+
+
+@pytest.mark.parametrize(("pads", "bn_between", "bias1"), [(1, False, False), (0, True, True), (0, False, True)])
+def test_conv1x1_then_kxk_merges_where_no_padded_zero_is_read(pads: int, bn_between: bool, bias1: bool) -> None:
+    m = seq_graph(pads=pads, bn_between=bn_between, bias1=bias1)
+    out, rep = fold_model(m)
+    onnx.checker.check_model(out, full_check=True)
+    (mg,) = rep.merges
+    assert mg.merged and mg.convs_before == 3 and ops(out, "Conv") == 1 and rep.bn_after == 0
+    assert sorted(b.kind for b in mg.branches) == ["conv", "seq"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 7, 7)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_conv1x1_with_shift_then_padded_kxk_is_refused() -> None:
+    # The BN between folds into the 1x1 as a bias; the 3x3 pads with zeros where that bias is missing.
+    m = seq_graph(pads=1, bn_between=True, bias1=False)
+    why = refused(m, {"x": np.random.default_rng(0).standard_normal((2, 4, 7, 7)).astype(np.float32)})
+    assert why["k1k3"][0] is MergeReason.PADDING and "pads [1, 1, 1, 1] with zeros" in why["k1k3"][1]

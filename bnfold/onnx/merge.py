@@ -104,6 +104,7 @@ class _Branch:
     base: int | None  # the Conv/BN/AveragePool node (None for the identity)
     muls: list[int]  # Mul nodes between the base and the sum (closest to the base first)
     blockers: list[int]  # non-linear nodes in the way (kind "other")
+    pre: int | None = None  # kind "seq": the 1x1 Conv before the base Conv
     label: str = ""
     reason: MergeReason | None = None
     detail: str = ""
@@ -162,6 +163,11 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
         if n.op_type in ("Conv", "BatchNormalization", "AveragePool"):
             kind = {"Conv": "conv", "BatchNormalization": "bn", "AveragePool": "avgpool"}[n.op_type]
             out.append((n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers))))
+            q = index.producer.get(n.input[0])
+            if n.op_type == "Conv" and not blockers and q is not None and index.nodes[q].op_type == "Conv" \
+                    and _is_std(index.nodes[q]) and _is_pointwise(ev, index.nodes[q]):
+                # Case 5: Conv 1x1 -> Conv kxk, one linear map of the 1x1's input
+                out.append((index.nodes[q].input[0], _Branch(leaf, "seq", p, list(muls), [], pre=q)))
             break
         if n.op_type in _SUM_OPS or n.op_type in ("Concat", "Gemm", "MatMul", "ConvTranspose"):
             break
@@ -170,6 +176,15 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
         muls = []
         v = n.input[0]
     return out
+
+
+def _is_pointwise(ev: ConstEvaluator, n: NodeProto) -> bool:
+    """A Conv whose kernel is 1 on every spatial axis (from ``kernel_shape`` or its constant weight)."""
+    ks = attr(n, "kernel_shape", None)
+    if ks is None and len(n.input) > 1:
+        vt = ev.index.value_type(n.input[1])
+        ks = None if vt is None or vt.shape is None else vt.shape[2:]
+    return ks is not None and len(ks) > 0 and all(k == 1 for k in ks)
 
 
 def _const_slot(ev: ConstEvaluator, n: NodeProto) -> int | None:
@@ -193,7 +208,9 @@ def _pick_input(
                 continue
             seen.add(x)
             score[x] = score.get(x, 0) + 1
-            if b.kind == "conv" or (b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv"):
+            if b.kind in ("conv", "seq") or (
+                b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv"
+            ):
                 convs[x] = convs.get(x, 0) + 1
     best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
     if not best:
@@ -332,16 +349,64 @@ def _weights(ev: ConstEvaluator, n: NodeProto, label: str) -> tuple[npt.NDArray[
     return w, vals[1]
 
 
+@dataclass(slots=True)
+class _ConvRead:
+    w: F64
+    bias: F64 | None
+    dtype: np.dtype[Any]
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]
+    group: int
+
+
+def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
+    """A conv branch's weight and geometry; for ``seq`` (Case 5: ``Conv 1x1 -> Conv kxk``) the product of
+    the two, ``W[o, i] = sum_m W2[o, m] W1[m, i]``, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``: exact only
+    when the kxk conv reads no padded zeros (there the 1x1's bias would be missing) or ``b1 = 0``."""
+    what = b.label
+    assert b.base is not None
+    n = index.nodes[b.base]
+    w, bias = _weights(ev, n, what)
+    if w.ndim < 3:
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
+    strides, dil, pads, group = _conv_geometry(n, w)
+    w64 = w.astype(np.float64)
+    b64 = None if bias is None else bias.astype(np.float64).reshape(-1)
+    if b.pre is not None:
+        pre = index.nodes[b.pre]
+        pre_label = index.label(b.pre)
+        w1, b1 = _weights(ev, pre, pre_label)
+        s1, _, p1, g1 = _conv_geometry(pre, w1)
+        if any(s != 1 for s in s1) or any(p1) or w1.ndim != w.ndim or any(k != 1 for k in w1.shape[2:]):
+            raise _Refuse(MergeReason.UNSUPPORTED, f"{pre_label} -> {what}: the first conv is not a 1x1, stride 1, unpadded")
+        if g1 != 1 or group != 1 or w1.shape[0] != w.shape[1]:
+            raise _Refuse(MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})")
+        b1_64 = None if b1 is None else b1.astype(np.float64).reshape(-1)
+        if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
+            raise _Refuse(
+                MergeReason.PADDING,
+                f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
+                "not be added: one conv cannot compute it",
+            )
+        m1 = w1.astype(np.float64).reshape(w1.shape[0], w1.shape[1])
+        comp = np.tensordot(w64, m1, axes=([1], [0]))  # [o, *k, i]
+        comp = np.moveaxis(comp, -1, 1)
+        if b1_64 is not None:
+            extra = w64.sum(axis=tuple(range(2, w64.ndim))) @ b1_64
+            b64 = extra if b64 is None else b64 + extra
+        w64 = comp
+    return _ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
+
+
 def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch, x: str) -> tuple[F64, F64]:
     """The branch as (weight, bias) of the merged conv's shape, in float64; _Refuse why not."""
     what = b.label
-    if b.kind == "conv":
-        assert b.base is not None
-        n = index.nodes[b.base]
-        w, bias = _weights(ev, n, what)
-        if w.dtype != ref.dtype:
-            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight dtype {w.dtype}, the merged conv {ref.dtype}")
-        strides, dil, pads, group = _conv_geometry(n, w)
+    if b.kind in ("conv", "seq"):
+        cr = _read_conv(index, ev, b)
+        w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
+        if cr.dtype != ref.dtype:
+            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}")
         if w.ndim - 2 != ref.rank:
             raise _Refuse(MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}")
         if strides != ref.strides:
@@ -355,10 +420,10 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
                 f"weight {[ref.c_out, ref.c_in_g]}",
             )
         offs = _placement(ref, tuple(int(k) for k in w.shape[2:]), pads, what)
-        w64 = _embed(ref, w.astype(np.float64), offs)
-        b64 = np.zeros(ref.c_out) if bias is None else bias.astype(np.float64).reshape(-1)
+        w64 = _embed(ref, w, offs)
+        b64 = np.zeros(ref.c_out) if bias is None else bias
         if b64.shape != (ref.c_out,):
-            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: bias of shape {bias.shape if bias is not None else ()}")
+            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
     elif b.kind == "identity":
         _identity_checks(ref, what)
         offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
@@ -442,8 +507,8 @@ def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
 
 
 def _path(b: _Branch) -> list[int]:
-    """The nodes of a branch from its base to the sum (the base, then its Muls)."""
-    return ([b.base] if b.base is not None else []) + b.muls
+    """The nodes of a branch from its base to the sum (a 1x1 Conv before it, the base, then its Muls)."""
+    return ([b.pre] if b.pre is not None else []) + ([b.base] if b.base is not None else []) + b.muls
 
 
 def _kind_label(index: GraphIndex, b: _Branch, x: str) -> str:
@@ -546,7 +611,7 @@ def merge_branches(
         res.candidates.update(v for v in ref_node.input[1:] if v)
         while len(ref_node.input) < 3:
             ref_node.input.append("")
-        ref_node.input[1], ref_node.input[2] = w_name, b_name
+        ref_node.input[0], ref_node.input[1], ref_node.input[2] = x, w_name, b_name
         top_out = index.nodes[top].output[0]
         old_out = ref_node.output[0]
         dropped.add(old_out)
@@ -585,8 +650,8 @@ def merge_branches(
         if label is not None:
             index.labels[ref_node.output[0]] = label
         res.applied += 1
-        convs = sum(1 for br in branches if br.kind == "conv")
-        left_convs = sum(1 for br in branches if br.kind == "conv" and br.reason is not None)
+        convs = sum(_n_convs(br) for br in branches)
+        left_convs = sum(_n_convs(br) for br in branches if br.reason is not None)
         res.merges.append(Merge(
             sum_label, x, base, True,
             tuple(BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail) for br in branches),
@@ -605,6 +670,10 @@ def merge_branches(
     return res
 
 
+def _n_convs(b: _Branch) -> int:
+    return {"conv": 1, "seq": 2}.get(b.kind, 0)
+
+
 def _refused(sum_label: str, x: str, branches: list[_Branch], index: GraphIndex) -> Merge:
     verdicts = []
     for b in branches:
@@ -612,7 +681,7 @@ def _refused(sum_label: str, x: str, branches: list[_Branch], index: GraphIndex)
         if reason is None:
             reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
         verdicts.append(BranchVerdict(b.label, b.kind, False, reason, detail))
-    convs = sum(1 for b in branches if b.kind == "conv")
+    convs = sum(_n_convs(b) for b in branches)
     return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
 
 
@@ -649,24 +718,20 @@ def _plan(
     ref: _Ref | None = None
     best = -1
     for b in branches:
-        if b.kind != "conv" or b.reason is not None:
+        if b.kind not in ("conv", "seq") or b.reason is not None:
             continue
         assert b.base is not None
-        n = index.nodes[b.base]
         try:
-            w, _ = _weights(ev, n, b.label)
-            strides, dil, pads, group = _conv_geometry(n, w)
+            cr = _read_conv(index, ev, b)
         except _Refuse as e:
             b.reason, b.detail = e.reason, e.detail
             continue
-        if w.ndim < 3:
-            b.reason, b.detail = MergeReason.UNSUPPORTED, f"{b.label}: weight of rank {w.ndim}"
-            continue
+        w = cr.w
         vol = int(np.prod(w.shape[2:]))
         if vol > best:
             best = vol
-            ref = _Ref(b.base, tuple(int(k) for k in w.shape[2:]), strides, dil, pads, group,
-                       int(w.shape[0]), int(w.shape[1]), np.dtype(w.dtype))
+            ref = _Ref(b.base, tuple(int(k) for k in w.shape[2:]), cr.strides, cr.dilations, cr.pads, cr.group,
+                       int(w.shape[0]), int(w.shape[1]), cr.dtype)
     if ref is None:
         return _refused(sum_label, x, branches, index)
     w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
