@@ -23,6 +23,14 @@ A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per
    is the bias.
 4. ``AveragePool(x)`` with the merged stride, ``count_include_pad=1`` (or no padding), ``ceil_mode=0``:
    the uniform kernel ``1 / prod(k)`` on the diagonal channel, centred as in 1.
+5. ``Conv kxk(Conv 1x1(x))`` (DBB), both ungrouped, the 1x1 of stride 1 and unpadded: the product
+   ``W[o, i] = sum_m W2[o, m] W1[m, i]``, bias ``b2 + sum_{m, taps} W2[o, m] b1[m]``. Exact only where
+   the kxk conv reads no padded zeros (pads 0) or the 1x1 has no bias: at a padded border the bias
+   ``b1`` is missing from the two-conv result; otherwise refused (PADDING).
+
+Kernels of any size merge when their padding places them on the taps of the largest one (an even
+kernel with asymmetric pads included): per axis, ``c = (P_begin - p_begin) / d`` must be an integer
+with ``0 <= c <= K - k`` and ``P_end - p_end = d * (K - k - c)`` (the same output size for any input).
 
 The merged weight and bias are summed in float64 and cast once to the weight dtype (an overflow
 refuses the merge). The largest conv (by kernel volume) is the reference: its attributes stay, its
@@ -160,7 +168,7 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
             muls.insert(0, p)
             v = n.input[1 - k]
             continue
-        if n.op_type in ("Conv", "BatchNormalization", "AveragePool"):
+        if n.op_type in ("Conv", "BatchNormalization", "AveragePool"):  # Cases 1, 3, 4
             kind = {"Conv": "conv", "BatchNormalization": "bn", "AveragePool": "avgpool"}[n.op_type]
             out.append((n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers))))
             q = index.producer.get(n.input[0])
@@ -402,7 +410,7 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
 def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch, x: str) -> tuple[F64, F64]:
     """The branch as (weight, bias) of the merged conv's shape, in float64; _Refuse why not."""
     what = b.label
-    if b.kind in ("conv", "seq"):
+    if b.kind in ("conv", "seq"):  # Cases 1 and 5
         cr = _read_conv(index, ev, b)
         w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
         if cr.dtype != ref.dtype:
@@ -424,11 +432,11 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
         b64 = np.zeros(ref.c_out) if bias is None else bias
         if b64.shape != (ref.c_out,):
             raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
-    elif b.kind == "identity":
+    elif b.kind == "identity":  # Case 2
         _identity_checks(ref, what)
         offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
         w64, b64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
-    elif b.kind == "bn":
+    elif b.kind == "bn":  # Case 3
         assert b.base is not None
         from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
 
@@ -443,7 +451,7 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
         offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
         w64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
         b64 = prm.shift.astype(np.float64)
-    elif b.kind == "avgpool":
+    elif b.kind == "avgpool":  # Case 4
         assert b.base is not None
         n = index.nodes[b.base]
         k = tuple(_ints(n, "kernel_shape", []))
