@@ -160,9 +160,9 @@ def main() -> None:
         with torch.no_grad():
             for _ in range(a.repeats):  # interleaved: drift hits every variant alike
                 for k, s in sessions.items():
-                    times[k].append(timed(lambda s=s: s.run(None, feeds), a.runs))
-                eager["train"].append(timed(lambda: net(x), a.runs))
-                eager["hand"].append(timed(lambda: hand_net(x), a.runs))
+                    times[k].append(timed(lambda s=s, f=feeds: s.run(None, f), a.runs))
+                eager["train"].append(timed(lambda n=net, t=x: n(t), a.runs))
+                eager["hand"].append(timed(lambda n=hand_net, t=x: n(t), a.runs))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         emed = {k: statistics.median(v) * 1e3 for k, v in eager.items()}
         rows.append((name, convs(train), convs(merged), convs(hand), rep.bn_after, med, emed, err))
