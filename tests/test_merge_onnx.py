@@ -377,3 +377,53 @@ def test_conv1x1_with_shift_then_padded_kxk_is_refused() -> None:
     m = seq_graph(pads=1, bn_between=True, bias1=False)
     why = refused(m, {"x": np.random.default_rng(0).standard_normal((2, 4, 7, 7)).astype(np.float32)})
     assert why["k1k3"][0] is MergeReason.PADDING and "pads [1, 1, 1, 1] with zeros" in why["k1k3"][1]
+
+
+def scaled_identity_block(g: G, x: str, pre: str = "") -> str:
+    """Sum(conv3x3(x), conv1x1(x), bn(x), alpha * x) -> BN: four branch kinds and a BN on the sum."""
+    g.node("Conv", [x, g.rand(pre + "w3", (4, 4, 3, 3))], [pre + "a"], name=pre + "k3", pads=[1, 1, 1, 1])
+    g.node("Conv", [x, g.rand(pre + "w1", (4, 4, 1, 1))], [pre + "b"], name=pre + "k1")
+    g.bn(x, pre + "c", 4, pre + "bn_id")
+    g.node("Mul", [x, g.rand(pre + "alpha", (1,))], [pre + "d"], name=pre + "scaled_id")
+    g.node("Sum", [pre + "a", pre + "b", pre + "c", pre + "d"], [pre + "s"], name=pre + "sum")
+    g.bn(pre + "s", pre + "y", 4, pre + "bn_sum")
+    return pre + "y"
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_sum_of_four_kinds_then_bn_is_one_conv(ir_version: int) -> None:
+    g = G()
+    g.output(scaled_identity_block(g, g.input("x", [1, 4, 5, 5])))
+    m = g.model(ir_version=ir_version)
+    out, rep = fold_model(m)
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and rep.bn_after == 0
+    assert all(v.folded for v in rep.verdicts)
+    (mg,) = rep.merges
+    assert sorted(b.kind for b in mg.branches) == ["bn", "conv", "conv", "identity"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_merge_inside_an_if_branch() -> None:
+    from onnx import TensorProto, helper
+
+    g = G()
+    g.input("x", [1, 4, 5, 5])
+    cond = g.input("c", [], TensorProto.BOOL)
+    sub = G(seed=1)
+    y = scaled_identity_block(sub, "x", "t_")
+    then = helper.make_graph(sub.nodes, "then", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+                             sub.inits)
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_y"])], "else", [],
+                              [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, None)])
+    g.node("If", [cond], ["z"], name="if", then_branch=then, else_branch=other)
+    g.output("z", shape=[1, 4, 5, 5])
+    m = g.model()
+    out, rep = fold_model(m)
+    onnx.checker.check_model(out, full_check=True)
+    assert [mg.sum for mg in rep.merges if mg.merged] == ["if/then_branch/t_sum"] and rep.bn_after == 0
+    body = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == ["Conv"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32), "c": np.array(True)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
