@@ -329,6 +329,11 @@ def test_cli_fold_merges_and_no_merge_branches(tmp_path) -> None:  # type: ignor
     r = runner.invoke(app, ["fold", str(src), str(tmp_path / "out.onnx"), "--json"])
     assert r.exit_code == 0, r.stdout
     doc = json.loads(r.stdout)
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    jsonschema.validate(doc, schema)
     s = doc["summary"]
     assert (s["merges"], s["branches_merged"], s["convs_before"], s["convs_after"]) == (1, 6, 5, 1)
     assert doc["merges"][0]["merged"] is True and doc["verification"]["passed"] is True
