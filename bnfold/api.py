@@ -67,6 +67,27 @@ _APPLIES = {
 _WHERE = {"onnx": "an ONNX model", "module": "an nn.Module", "export": "a torch.export program"}
 
 
+_REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse_reparam", "get_equivalent_kernel_bias", "fuse")
+"""Methods by which re-parameterisable blocks (RepVGG, MobileOne, FastViT, YOLOv6/7, ...) merge themselves."""
+
+
+def own_reparam_note(model: Any) -> str | None:
+    """A note naming the submodules of an ``nn.Module`` that have their own re-parameterisation method
+    (bnfold never calls them: they change the module in ways it cannot verify), or None."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        for meth in _REPARAM_METHODS:
+            if callable(getattr(type(m), meth, None)):
+                found.setdefault(meth, []).append(name or "<root>")
+                break
+    if not found:
+        return None
+    parts = [f"{meth}() on {len(n)} module(s) ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})"
+             for meth, n in found.items()]
+    return ("the model has its own re-parameterisation: " + "; ".join(parts) + ". bnfold did not call it; "
+            "export to ONNX to have bnfold merge the branches, verified")
+
+
 def _check_options(kind: str, given: dict[str, Any]) -> None:
     wrong = sorted(k for k, v in given.items() if not (v is None or v is False) and k not in _APPLIES[kind])
     if wrong:
@@ -155,6 +176,10 @@ def fold_with_report(
         out, report = run(model, kind, steps, backend, inplace=inplace)
     else:
         out, report = backend()
+    if kind == "module":
+        note = own_reparam_note(model)
+        if note is not None:
+            report = replace(report, notes=(*report.notes, note))
     if dry_run and health:
         from .health import health as audit_copy
 

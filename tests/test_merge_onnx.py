@@ -444,3 +444,17 @@ def test_merge_inside_an_if_branch() -> None:
     assert [n.op_type for n in body.node] == ["Conv"]
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32), "c": np.array(True)}
     assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_pytorch_fold_names_the_blocks_own_reparameterisation_and_does_not_call_it() -> None:
+    import bnfold
+
+    model, x = build("repvgg_stage")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, rep = bnfold.fold_with_report(model, example_inputs=x)
+    note = [n for n in rep.notes if "own re-parameterisation" in n]
+    assert len(note) == 1 and "reparameterize() on 4 module(s)" in note[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(b.rbr_reparam is None for b in model.blocks)  # type: ignore[union-attr]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-5)
