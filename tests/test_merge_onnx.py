@@ -458,3 +458,18 @@ def test_pytorch_fold_names_the_blocks_own_reparameterisation_and_does_not_call_
     assert all(b.rbr_reparam is None for b in model.blocks)  # type: ignore[union-attr]
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_identity_nodes_inside_branches_are_walked() -> None:
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("Identity", ["a"], ["a2"], name="id_a")
+    g.node("Identity", [x], ["x2"], name="id_x")
+    g.node("Add", ["a2", "x2"], ["z"], name="sum")
+    g.output("z")
+    m = g.model()
+    out, rep = fold_model(m)
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and rep.merges[0].merged
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)

@@ -10,7 +10,8 @@ RepVGG, MobileOne, RepViT, PP-YOLOE, DBB/ACNet-style blocks compute, after their
             +-> BN -----------------+
             +-------(identity)------+
 
-A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per-channel constant):
+A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per-channel constant, and
+``Identity`` nodes):
 
 1. ``Conv(x)`` with the merged Conv's stride, dilation and groups, ``auto_pad`` NOTSET/VALID, a kernel
    ``k <= K`` per axis with ``K - k`` even, whose padding centres it in the largest kernel ``K``:
@@ -161,6 +162,10 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
         n = index.nodes[p]
         if not _is_std(n) or not n.input:
             break
+        if n.op_type == "Identity" and len(n.input) == 1:  # exporters insert these: a scale of 1
+            muls.insert(0, p)
+            v = n.input[0]
+            continue
         if n.op_type == "Mul" and len(n.input) == 2:
             k = _const_slot(ev, n)
             if k is None:
@@ -486,6 +491,8 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
 
 
 def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: _Ref, label: str) -> F64:
+    if n.op_type == "Identity":
+        return np.ones(ref.c_out)
     k = _const_slot(ev, n)
     assert k is not None
     c, _, _ = ev.resolve(n.input[k])
