@@ -473,3 +473,16 @@ def test_identity_nodes_inside_branches_are_walked() -> None:
     assert [n.op_type for n in out.graph.node] == ["Conv"] and rep.merges[0].merged
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
     assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_pytorch_file_to_onnx_merges_the_exported_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import bnfold.files as files
+
+    model, x = build("repvgg_stage")
+    src = tmp_path / "m.pt"
+    torch.save(model, src)
+    rep = files.fold_file(src, tmp_path / "m.onnx", files.FoldSettings(
+        load=files.LoadSettings(trust_pickle=True), inputs=files.InputSettings(input_shapes=["x=2x4x7x7"])))
+    out = onnx.load(str(tmp_path / "m.onnx"))
+    assert ops(out, "Conv") == 3 and ops(out, "BatchNormalization") == 0
+    assert sum(mg.merged for mg in rep.merges) == 3 and rep.verification is not None and rep.verification.passed
