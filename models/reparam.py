@@ -14,6 +14,7 @@ Blocks (training form; ``reparameterize()`` turns each into one conv in place):
 * :class:`PPYoloeRepVggBlock` -- ``act(bn(conv3x3(x)) + alpha * bn(conv1x1(x)))`` with a learnt scalar.
 * :class:`RepVGGDW` -- RepViT's token mixer: ``bn(bn(dwconv3x3(x)) + dwconv1x1(x) + x)`` (BN on the sum).
 * :class:`AvgBranchBlock` -- a DBB-style average-pool branch: ``bn(conv3x3(x)) + avgpool3x3(x)``.
+* :class:`DBBLike` -- DBB's four branches (kxk, 1x1, 1x1 -> kxk, average pool), see its docstring.
 * :class:`ACBlock` -- ACNet's asymmetric kernels: ``bn(conv3x3) + bn(conv1x3) + bn(conv3x1)``.
 * Refused forms: :class:`BranchReadElsewhere`, :class:`ActivationInBranch` (different strides and
   kernels that cannot be centred are built as ONNX graphs in the tests: PyTorch's symmetric padding
@@ -34,6 +35,7 @@ __all__ = [
     "RepVGGDW",
     "AvgBranchBlock",
     "ACBlock",
+    "DBBLike",
     "BranchReadElsewhere",
     "ActivationInBranch",
     "conv_count",
@@ -217,6 +219,45 @@ class AvgBranchBlock(nn.Module):
         kavg[torch.arange(c), torch.arange(c)] = 1.0 / 9
         self.fused = _deploy_conv(self.conv[0], k3 + kavg, b3)
         del self.conv
+
+
+class DBBLike(nn.Module):
+    """Diverse Branch Block, in the form an exported graph can merge exactly: kxk+BN, 1x1+BN, a bias-free
+    1x1 -> kxk+BN sequence and an average pool (padding counted).
+
+    DBB itself puts a BN between the 1x1 and the kxk and pads with that BN's shift ("BNAndPad"); an ONNX
+    export of that is a Pad/Slice construction, not a Conv, so this re-creation leaves that BN out (with it,
+    the kxk would read zeros where the two-conv form reads the shift: bnfold refuses that case).
+    """
+
+    def __init__(self, c: int, k: int = 3) -> None:
+        super().__init__()
+        self.k = k
+        self.origin = conv_bn(c, c, k, 1, k // 2)
+        self.one = conv_bn(c, c, 1, 1, 0)
+        self.seq_1x1 = nn.Conv2d(c, c, 1, bias=False)
+        self.seq_kxk = conv_bn(c, c, k, 1, k // 2)
+        self.avg = nn.AvgPool2d(k, 1, k // 2, count_include_pad=True)
+        self.fused: nn.Conv2d | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(x)
+        return self.origin(x) + self.one(x) + self.seq_kxk(self.seq_1x1(x)) + self.avg(x)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        p = self.k // 2
+        ko, bo = fuse_bn(self.origin[0].weight, self.origin[1])
+        k1, b1 = fuse_bn(self.one[0].weight, self.one[1])
+        ks, bs = fuse_bn(self.seq_kxk[0].weight, self.seq_kxk[1])
+        ks = torch.einsum("omhw,mi->oihw", ks, self.seq_1x1.weight[:, :, 0, 0])
+        c = ko.shape[0]
+        kavg = torch.zeros_like(ko)
+        kavg[torch.arange(c), torch.arange(c)] = 1.0 / (self.k * self.k)
+        kernel = ko + F.pad(k1, [p, p, p, p]) + ks + kavg
+        self.fused = _deploy_conv(self.origin[0], kernel, bo + b1 + bs)
+        del self.origin, self.one, self.seq_1x1, self.seq_kxk
 
 
 class ACBlock(nn.Module):
