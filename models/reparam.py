@@ -11,6 +11,8 @@ Blocks (training form; ``reparameterize()`` turns each into one conv in place):
 * :class:`MobileOneBlock` -- ``act(sum_k bn(conv_kxk_k(x)) + bn(conv1x1(x)) + bn(x))``: ``k``
   over-parameterised branches, a 1x1 "scale" branch (kernel > 1 only), a BN skip; depthwise or
   pointwise as in MobileOne-S0.
+* :class:`RepMixer` -- FastViT's ``x + layer_scale * (mixer(x) - norm(x))`` (a Sub and a per-channel
+  scale over an inner sum).
 * :class:`PPYoloeRepVggBlock` -- ``act(bn(conv3x3(x)) + alpha * bn(conv1x1(x)))`` with a learnt scalar.
 * :class:`RepVGGDW` -- RepViT's token mixer: ``bn(bn(dwconv3x3(x)) + dwconv1x1(x) + x)`` (BN on the sum).
 * :class:`AvgBranchBlock` -- a DBB-style average-pool branch: ``bn(conv3x3(x)) + avgpool3x3(x)``.
@@ -32,6 +34,7 @@ __all__ = [
     "RepVGGBlock",
     "MobileOneBlock",
     "PPYoloeRepVggBlock",
+    "RepMixer",
     "RepVGGDW",
     "AvgBranchBlock",
     "ACBlock",
@@ -106,14 +109,15 @@ class RepVGGBlock(nn.Module):
 
 
 class MobileOneBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, branches: int = 4) -> None:
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, branches: int = 4,
+                 use_scale: bool = True, use_act: bool = True) -> None:
         super().__init__()
-        self.groups, self.k = groups, k
+        self.cin, self.cout, self.stride, self.groups, self.k = cin, cout, stride, groups, k
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
         self.rbr_conv = nn.ModuleList(conv_bn(cin, cout, k, stride, k // 2, groups) for _ in range(branches))
-        self.rbr_scale = conv_bn(cin, cout, 1, stride, 0, groups) if k > 1 else None
+        self.rbr_scale = conv_bn(cin, cout, 1, stride, 0, groups) if k > 1 and use_scale else None
         self.reparam_conv: nn.Conv2d | None = None
-        self.act = nn.ReLU()
+        self.act: nn.Module = nn.ReLU() if use_act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparam_conv is not None:
@@ -133,16 +137,47 @@ class MobileOneBlock(nn.Module):
             p = self.k // 2
             kernel, bias = F.pad(ks, [p, p, p, p]), bs
         if self.rbr_skip is not None:
-            ref = self.rbr_conv[0][0].weight
-            kid, bid = fuse_bn(identity_kernel(ref.shape[0], self.groups, self.k, ref), self.rbr_skip)
+            like = self.rbr_skip.weight
+            kid, bid = fuse_bn(identity_kernel(self.cout, self.groups, self.k, like), self.rbr_skip)
             kernel, bias = kernel + kid, bias + bid
         for branch in self.rbr_conv:
             kc, bc = fuse_bn(branch[0].weight, branch[1])
             kernel, bias = kernel + kc, bias + bc
         assert isinstance(kernel, torch.Tensor) and isinstance(bias, torch.Tensor)
-        self.reparam_conv = _deploy_conv(self.rbr_conv[0][0], kernel, bias)
+        shape = nn.Conv2d(self.cin, self.cout, self.k, self.stride, self.k // 2, groups=self.groups)
+        self.reparam_conv = _deploy_conv(shape, kernel, bias)
         del self.rbr_conv, self.rbr_scale, self.rbr_skip
         self.rbr_skip = self.rbr_scale = None
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: ``x + layer_scale * (mixer(x) - norm(x))``, the mixer a depthwise MobileOne
+    block without activation, the norm a MobileOne block with only its BN skip (``0 + bn(x)``)."""
+
+    def __init__(self, dim: int, k: int = 3) -> None:
+        super().__init__()
+        self.norm = MobileOneBlock(dim, dim, k, groups=dim, branches=0, use_scale=False, use_act=False)
+        self.mixer = MobileOneBlock(dim, dim, k, groups=dim, branches=1, use_act=False)
+        self.layer_scale = nn.Parameter(torch.linspace(0.2, 0.9, dim).reshape(dim, 1, 1))
+        self.k = k
+        self.reparam_conv: nn.Conv2d | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        self.mixer.reparameterize()
+        self.norm.reparameterize()
+        m, n = self.mixer.reparam_conv, self.norm.reparam_conv
+        assert m is not None and n is not None and m.bias is not None and n.bias is not None
+        dim = m.weight.shape[0]
+        w = identity_kernel(dim, dim, self.k, m.weight) + self.layer_scale.unsqueeze(-1) * (m.weight - n.weight)
+        b = self.layer_scale.squeeze() * (m.bias - n.bias)
+        self.reparam_conv = _deploy_conv(m, w, b)
+        del self.mixer, self.norm
 
 
 class PPYoloeRepVggBlock(nn.Module):

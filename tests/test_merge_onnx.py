@@ -96,6 +96,7 @@ BLOCKS = {
     "mobileone_s0_unit": MobileOneS0Unit,
     "ppyoloe_alpha": lambda: reparam.PPYoloeRepVggBlock(8, 8),
     "repvit_bn_on_sum": lambda: reparam.RepVGGDW(8),
+    "fastvit_repmixer": lambda: reparam.RepMixer(8),
     "dbb_avgpool": lambda: reparam.AvgBranchBlock(8),
     "dbb_four_branches": lambda: reparam.DBBLike(8),
     "acnet": lambda: reparam.ACBlock(4, 8),

@@ -75,6 +75,7 @@ _MAX_WALK = 4
 """Ops walked from a leaf of the sum towards a shared input when looking for a branch."""
 
 _SUM_OPS = ("Add", "Sum")
+"""Sum nodes; ``Sub`` joins a chain too (its second operand counts with sign -1)."""
 
 _ACTIVATIONS = frozenset(
     "Relu LeakyRelu PRelu Sigmoid HardSigmoid Tanh Clip Elu Selu Celu Gelu HardSwish Softplus Softsign Mish "
@@ -114,6 +115,8 @@ class _Branch:
     muls: list[int]  # Mul nodes between the base and the sum (closest to the base first)
     blockers: list[int]  # non-linear nodes in the way (kind "other")
     pre: int | None = None  # kind "seq": the 1x1 Conv before the base Conv
+    sign: int = 1  # -1: the second operand of a Sub of the chain
+    chain_muls: tuple[int, ...] = ()  # constant Muls of the chain over this leaf
     label: str = ""
     reason: MergeReason | None = None
     detail: str = ""
@@ -125,27 +128,72 @@ def _is_std(n: NodeProto) -> bool:
     return n.domain in ("", "ai.onnx")
 
 
-def _chain(index: GraphIndex, top: int) -> tuple[list[int], list[str]]:
-    """The Add/Sum nodes of the sum ending at ``top`` and its leaves, in the order the sum reads them. An
-    inner Add is part of the chain when the chain alone reads its output."""
+Coef = tuple[int, tuple[int, ...]]
+"""A leaf's coefficient in the sum: its sign (a Sub's second operand: -1) and the chain Muls over it."""
+
+
+def _chain(index: GraphIndex, ev: ConstEvaluator, top: int) -> tuple[list[int], list[str], list[Coef]]:
+    """The nodes of the sum ending at ``top`` (Add, Sum, Sub, and a Mul by a constant of an inner sum) and
+    its leaves with their coefficients, in the order the sum reads them. An inner node is part of the
+    chain when the chain alone reads its output."""
     nodes: list[int] = []
     leaves: list[str] = []
+    coefs: list[Coef] = []
 
-    def walk(i: int, depth: int) -> None:
+    def walk(i: int, sign: int, factors: tuple[int, ...], depth: int) -> None:
         nodes.append(i)
-        for v in index.nodes[i].input:
+        n = index.nodes[i]
+        if n.op_type == "Mul":  # Case 6: a constant scale of an inner sum (FastViT's layer scale)
+            k = _const_slot(ev, n)
+            assert k is not None
+            walk(index.producer[n.input[1 - k]], sign, (*factors, i), depth + 1)
+            return
+        for slot, v in enumerate(n.input):
+            s = -sign if n.op_type == "Sub" and slot == 1 else sign
             p = index.producer.get(v)
-            if p is not None and depth < 256 and _plain_sum(index.nodes[p]) and index.single_consumer(v) == i:
-                walk(p, depth + 1)
+            if p is not None and depth < 256 and index.single_consumer(v) == i and _expandable(index, ev, p):
+                walk(p, s, factors, depth + 1)
             else:
                 leaves.append(v)
+                coefs.append((s, factors))
 
-    walk(top, 0)
-    return nodes, leaves
+    walk(top, 1, (), 0)
+    return nodes, leaves, coefs
 
 
 def _plain_sum(n: NodeProto) -> bool:
-    return n.op_type in _SUM_OPS and _is_std(n) and not n.attribute and len(n.output) == 1
+    if not (_is_std(n) and not n.attribute and len(n.output) == 1):
+        return False
+    return n.op_type in _SUM_OPS or (n.op_type == "Sub" and len(n.input) == 2)
+
+
+def _expandable(index: GraphIndex, ev: ConstEvaluator, p: int) -> bool:
+    """Node ``p`` continues a sum: an Add/Sum/Sub, or a Mul by a constant of an Add/Sum/Sub read by it alone."""
+    n = index.nodes[p]
+    if _plain_sum(n):
+        return True
+    if n.op_type != "Mul" or not _is_std(n) or len(n.input) != 2 or len(n.output) != 1:
+        return False
+    k = _const_slot(ev, n)
+    if k is None:
+        return False
+    v = n.input[1 - k]
+    q = index.producer.get(v)
+    return q is not None and _plain_sum(index.nodes[q]) and index.single_consumer(v) == p
+
+
+def _chain_parent(index: GraphIndex, ev: ConstEvaluator, i: int) -> int | None:
+    """The chain node that would absorb sum node ``i`` (its reader, through one constant Mul), or None."""
+    c = index.single_consumer(index.nodes[i].output[0])
+    if c is None:
+        return None
+    if _plain_sum(index.nodes[c]):
+        return c
+    if _expandable(index, ev, c):
+        c2 = index.single_consumer(index.nodes[c].output[0])
+        if c2 is not None and _plain_sum(index.nodes[c2]):
+            return c2
+    return None
 
 
 def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[tuple[str, _Branch]]:
@@ -207,8 +255,8 @@ def _const_slot(ev: ConstEvaluator, n: NodeProto) -> int | None:
 
 
 def _pick_input(
-    index: GraphIndex, ev: ConstEvaluator, leaves: list[str]
-) -> tuple[str, list[_Branch], list[str]] | None:
+    index: GraphIndex, ev: ConstEvaluator, leaves: list[str], coefs: list[Coef]
+) -> tuple[str, list[_Branch], list[tuple[str, Coef]]] | None:
     """The shared input ``x`` read by the most leaves (at least two, one through a Conv): its branches
     (one per leaf that reaches it) and the other leaves."""
     per_leaf = [_interpretations(index, ev, v) for v in leaves]
@@ -230,14 +278,16 @@ def _pick_input(
         return None
     x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
     branches: list[_Branch] = []
-    rest: list[str] = []
-    for leaf, interp in zip(leaves, per_leaf):
+    rest: list[tuple[str, Coef]] = []
+    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
         cand = [b for xx, b in interp if xx == x]
         if not cand:
-            rest.append(leaf)
+            rest.append((leaf, coef))
             continue
         good = [b for b in cand if b.kind != "other"]
-        branches.append((good or cand)[0])
+        pick = (good or cand)[0]
+        pick.sign, pick.chain_muls = coef
+        branches.append(pick)
     return x, branches, rest
 
 
@@ -483,10 +533,12 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
         w64, b64 = _diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
     else:  # pragma: no cover - callers pass the four kinds
         raise AssertionError(b.kind)
-    for m in b.muls:  # Case: a constant scale after the branch (PP-YOLOE alpha, a layer scale)
+    for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
         f = _mul_factor(ev, index.nodes[m], ref, index.label(m))
         w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
         b64 = b64 * f
+    if b.sign < 0:
+        w64, b64 = -w64, -b64
     return w64, b64
 
 
@@ -497,14 +549,19 @@ def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: _Ref, label: str) -> F64:
     assert k is not None
     c, _, _ = ev.resolve(n.input[k])
     assert c is not None
+    return _channel_vector(c, ref, label, "scale")
+
+
+def _channel_vector(c: npt.NDArray[Any], ref: _Ref, label: str, what: str) -> F64:
+    """A constant that broadcasts per output channel over the merged conv's output, as a float64 [C]."""
     if not is_float(c):
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: scale of dtype {c.dtype}")
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of dtype {c.dtype}")
     full = ref.rank + 2
     if c.ndim > full:
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: scale of rank {c.ndim} > {full}")
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of rank {c.ndim} > {full}")
     shape = (1,) * (full - c.ndim) + tuple(c.shape)
     if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, ref.c_out):
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: scale of shape {list(c.shape)} is not per channel")
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of shape {list(c.shape)} is not per channel")
     return np.broadcast_to(c.astype(np.float64).reshape(-1), (ref.c_out,)).copy()
 
 
@@ -574,16 +631,14 @@ def merge_branches(
     for i, n in enumerate(index.nodes):
         if not _plain_sum(n):
             continue
-        out = n.output[0]
-        c = index.single_consumer(out)
-        if c is not None and _plain_sum(index.nodes[c]):
-            continue  # an inner Add of a longer chain
+        if _chain_parent(index, ev, i) is not None:
+            continue  # an inner node of a longer chain
         tops.append(i)
     for top in tops:
-        chain_nodes, leaves = _chain(index, top)
+        chain_nodes, leaves, coefs = _chain(index, ev, top)
         if any(c in in_chain for c in chain_nodes):
             continue
-        picked = _pick_input(index, ev, leaves)
+        picked = _pick_input(index, ev, leaves, coefs)
         if picked is None:
             continue
         x, branches, rest = picked
@@ -603,6 +658,33 @@ def merge_branches(
         locked |= touched
         in_chain |= chain
         ref, w_sum, b_sum = rec
+        # the leaves kept (not branches of x, or refused ones); a constant one joins the bias
+        kept: list[str] = []
+        odd: list[str] = []
+        for leaf, (sign, factors) in [*rest, *[(br.leaf, (br.sign, br.chain_muls)) for br in branches
+                                               if br.reason is not None]]:
+            c = ev.resolve(leaf)[0]
+            try:
+                if c is None:
+                    raise _Refuse(MergeReason.UNSUPPORTED, "not a constant")
+                vec = _channel_vector(c, ref, leaf, "constant")
+                for m in factors:
+                    vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
+                b_sum = b_sum + sign * vec
+                continue
+            except _Refuse:
+                pass
+            if sign < 0 or factors:
+                odd.append(leaf)
+            kept.append(leaf)
+        if odd:
+            for br in branches:
+                if br.reason is None:
+                    br.reason, br.detail = MergeReason.UNSUPPORTED, (
+                        f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
+                        f"of '{x}': one Conv plus an Add cannot replace it")
+            res.merges.append(_refused(sum_label, x, branches, index))
+            continue
         # write: the reference conv takes the merged weight and bias and the sum's output name
         ref_node = index.nodes[ref.node]
         out_dtype = ref.dtype
@@ -648,8 +730,7 @@ def merge_branches(
         for node in chain:
             removed.add(node)
             dropped.update(o for o in index.nodes[node].output if o and o != top_out)
-        # the leaves kept (not branches of x, or refused ones) are added back after the merged conv
-        kept = rest + [br.leaf for br in branches if br.reason is not None]
+        # the leaves kept are added back after the merged conv
         if not kept:
             ref_node.output[0] = top_out
         else:
