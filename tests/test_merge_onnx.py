@@ -488,3 +488,38 @@ def test_pytorch_file_to_onnx_merges_the_exported_blocks(tmp_path) -> None:  # t
     out = onnx.load(str(tmp_path / "m.onnx"))
     assert ops(out, "Conv") == 3 and ops(out, "BatchNormalization") == 0
     assert sum(mg.merged for mg in rep.merges) == 3 and rep.verification is not None and rep.verification.passed
+
+
+def test_sub_and_a_constant_leaf_merge_into_the_bias() -> None:
+    # (conv3(x) - bn(x)) * s + c + conv1(x): signs, a scaled inner sum and a constant leaf.
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.bn(x, "n", 4, "bn_id")
+    g.node("Sub", ["a", "n"], ["d"], name="sub")
+    g.node("Mul", [g.rand("s", (4, 1, 1)), "d"], ["ds"], name="scale")
+    g.node("Add", ["ds", g.rand("c", (4, 1, 1))], ["e"], name="add_c")
+    g.node("Conv", [x, g.rand("w1", (4, 4, 1, 1))], ["b"], name="k1")
+    g.node("Add", ["e", "b"], ["z"], name="sum")
+    g.output("z")
+    m = g.model()
+    out, rep = fold_model(m)
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and rep.merges[0].merged and rep.bn_after == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_subtracted_leaf_of_another_tensor_refuses_the_merge() -> None:
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    y = g.input("y", [1, 4, 5, 5])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("Conv", [x, g.rand("w1", (4, 4, 1, 1))], ["b"], name="k1")
+    g.node("Add", ["a", "b"], ["s"], name="add")
+    g.node("Sub", ["s", y], ["z"], name="sub")
+    g.output("z")
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal((1, 4, 5, 5)).astype(np.float32) for k in ("x", "y")}
+    why = refused(g.model(), feeds)
+    assert why["k3"][0] is MergeReason.UNSUPPORTED and "subtracts or scales 'y'" in why["k3"][1]

@@ -29,6 +29,11 @@ A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per
    the kxk conv reads no padded zeros (pads 0) or the 1x1 has no bias: at a padded border the bias
    ``b1`` is missing from the two-conv result; otherwise refused (PADDING).
 
+6. The sum itself may hold ``Sub`` (its second operand counts negated) and ``Mul`` by a per-channel
+   constant of an inner sum (FastViT: ``x + ls * (mixer(x) - norm(x))``); a leaf that is a per-channel
+   constant joins the bias. A leaf that is not a branch of ``x`` stays (added to the merged conv) unless
+   it is negated or scaled: then the merge is refused.
+
 Kernels of any size merge when their padding places them on the taps of the largest one (an even
 kernel with asymmetric pads included): per axis, ``c = (P_begin - p_begin) / d`` must be an integer
 with ``0 <= c <= K - k`` and ``P_end - p_end = d * (K - k - c)`` (the same output size for any input).
