@@ -70,6 +70,11 @@ def counts(report: FoldReport) -> dict[str, Any]:
         "params_before": report.params_before,
         "params_after": report.params_after,
         "predicted": report.dry_run,
+        # branch merging (bnfold.onnx.merge): sums merged into one Conv, their branches, Convs before/after
+        "merges": sum(1 for m in report.merges if m.merged),
+        "branches_merged": sum(m.branches_merged for m in report.merges if m.merged),
+        "convs_before": report.convs_before,
+        "convs_after": report.convs_after,
     }
 
 
@@ -124,6 +129,7 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
         "signature": report.signature,
         "verdicts": [_verdict_json(v) for v in report.verdicts],
         "mul_add": [m.to_dict() for m in report.mul_add],
+        "merges": [m.to_dict() for m in report.merges],
         "verification": None if report.verification is None else {
             **report.verification.to_dict(), "inputs": report.verified_on,
         },

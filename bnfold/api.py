@@ -67,6 +67,27 @@ _APPLIES = {
 _WHERE = {"onnx": "an ONNX model", "module": "an nn.Module", "export": "a torch.export program"}
 
 
+_REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse_reparam", "get_equivalent_kernel_bias", "fuse")
+"""Methods by which re-parameterisable blocks (RepVGG, MobileOne, FastViT, YOLOv6/7, ...) merge themselves."""
+
+
+def own_reparam_note(model: Any) -> str | None:
+    """A note naming the submodules of an ``nn.Module`` that have their own re-parameterisation method
+    (bnfold never calls them: they change the module in ways it cannot verify), or None."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        for meth in _REPARAM_METHODS:
+            if callable(getattr(type(m), meth, None)):
+                found.setdefault(meth, []).append(name or "<root>")
+                break
+    if not found:
+        return None
+    parts = [f"{meth}() on {len(n)} module(s) ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})"
+             for meth, n in found.items()]
+    return ("the model has its own re-parameterisation: " + "; ".join(parts) + ". bnfold did not call it; "
+            "export to ONNX to have bnfold merge the branches, verified")
+
+
 def _check_options(kind: str, given: dict[str, Any]) -> None:
     wrong = sorted(k for k, v in given.items() if not (v is None or v is False) and k not in _APPLIES[kind])
     if wrong:
@@ -85,6 +106,7 @@ def fold_with_report(
     flush_denormals: bool = True,
     health: bool = False,
     prune_constant_channels: bool = False,
+    merge_branches: bool = True,
 ) -> tuple[Model, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -107,6 +129,8 @@ def fold_with_report(
             (:mod:`bnfold.constant_channels`); ``report.pruned_channels`` lists them.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
+        merge_branches: ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
+            one Conv (:mod:`bnfold.onnx.merge`); ``report.merges`` lists them. False keeps the branches.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -134,7 +158,7 @@ def fold_with_report(
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
             return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
-                              flush_denormals=steps.flush_as_written and not dry_run)
+                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches)
         if kind == "export":
             from .fx import fold_exported
 
@@ -152,6 +176,10 @@ def fold_with_report(
         out, report = run(model, kind, steps, backend, inplace=inplace)
     else:
         out, report = backend()
+    if kind == "module":
+        note = own_reparam_note(model)
+        if note is not None:
+            report = replace(report, notes=(*report.notes, note))
     if dry_run and health:
         from .health import health as audit_copy
 
@@ -170,6 +198,7 @@ def fold(
     example_inputs: Any = None,
     flush_denormals: bool = True,
     prune_constant_channels: bool = False,
+    merge_branches: bool = True,
 ) -> Model:
     """Fold every exactly-foldable BatchNorm; return a model of the type given.
 
@@ -179,6 +208,7 @@ def fold(
     return fold_with_report(
         model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
         flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
+        merge_branches=merge_branches,
     )[0]
 
 
@@ -189,6 +219,7 @@ def inspect(
     eval_semantics: bool = False,
     example_inputs: Any = None,
     health: bool = False,
+    merge_branches: bool = True,
 ) -> FoldReport:
     """The verdict for every BatchNorm (folded where, or left and why) without changing anything.
 
@@ -196,5 +227,5 @@ def inspect(
     """
     return fold_with_report(
         model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        health=health,
+        health=health, merge_branches=merge_branches,
     )[1]

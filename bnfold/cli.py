@@ -109,6 +109,10 @@ def fold(
     out: OutArg = None,
     output: Output = None,
     affine: Affine = False,
+    merge_branches: Annotated[bool, typer.Option(
+        "--merge-branches/--no-merge-branches",
+        help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into one Conv.",
+    )] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
     in_place: InPlace = False,
@@ -153,7 +157,7 @@ def fold(
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
             affine=affine, verify=verify, force=force, in_place=in_place, eval_semantics=eval_semantics,
-            external_data=external_data, flush_denormals=flush_denormals, health=health,
+            merge_branches=merge_branches, external_data=external_data, flush_denormals=flush_denormals, health=health,
             prune_constant_channels=prune_constant_channels, all_or_nothing=all_or_nothing,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
@@ -188,6 +192,9 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
 def inspect(
     model: ModelPath,
     affine: Annotated[bool, typer.Option("--affine", help="The verdicts fold --affine would give.")] = False,
+    merge_branches: Annotated[bool, typer.Option(
+        "--merge-branches/--no-merge-branches", help="The merges fold would do (ONNX; on by default).",
+    )] = True,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     eval_semantics: EvalSemantics = False,
@@ -218,7 +225,7 @@ def inspect(
         from ._render import render_fold_report, render_health
 
         settings = files.InspectSettings(
-            affine=affine, eval_semantics=eval_semantics, health=health,
+            affine=affine, eval_semantics=eval_semantics, health=health, merge_branches=merge_branches,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )

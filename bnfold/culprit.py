@@ -344,7 +344,8 @@ def fold_without_culprits(
         last[excluded] = (model, rep)
         return v
 
-    sites = [s.bn for s in report.sites]
+    # a merged sum (bnfold.onnx.merge) is excluded by its label like a BN
+    sites = [s.bn for s in report.sites] + [m.sum for m in report.merges if m.merged]
     search = find_culprits(sites, check, failed=report.verification, budget=budget)
     if not search.resolved:
         note = f"no fold could be kept: {search.why_none_kept}" + (f" ({_spent(search)})" if search.checks else "")

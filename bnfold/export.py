@@ -310,6 +310,7 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         nodes_after=oreport.nodes_after, params_after=oreport.params_after,
         notes=(*treport.notes, *oreport.notes), health=treport.health,
         flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
+        merges=oreport.merges, convs_before=oreport.convs_before, convs_after=oreport.convs_after,
     )
 
 

@@ -38,6 +38,9 @@ __all__ = [
     "BnHealth",
     "HealthReport",
     "count_labels",
+    "MergeReason",
+    "BranchVerdict",
+    "Merge",
 ]
 
 
@@ -332,6 +335,12 @@ class FoldReport:
     """fx backend: "module" (the original class, weights edited) or "graph_module" (a traced copy)."""
     export: ExportCounts | None = None
     """PyTorch -> ONNX: who folded what (:mod:`bnfold.export`)."""
+    merges: tuple[Merge, ...] = ()
+    """Branch merges (structural re-parameterisation, :mod:`bnfold.onnx.merge`): done and refused."""
+    convs_before: int | None = None
+    """ONNX: Conv nodes before the fold (None: not counted)."""
+    convs_after: int | None = None
+    """ONNX: Conv nodes after the fold (a merge turns several branch convs into one)."""
 
     @property
     def sites(self) -> list[Site]:
@@ -382,6 +391,8 @@ class FoldReport:
             x["result"] = self.result
         if self.export is not None:
             x.update(self.export.to_dict())
+        if self.merges:
+            x["merges"] = [m.to_dict() for m in self.merges]
         return MappingProxyType(x)
 
     @property
@@ -441,4 +452,82 @@ class FreezeReport:
             "files": self.files.to_dict(), "learnable": self.learnable,
             "frozen": [list(f) for f in self.frozen], "left": [s.to_dict() for s in self.left],
             "seconds": self.seconds,
+        }
+
+
+class MergeReason(str, enum.Enum):
+    """Why a branch of a sum was not merged into one convolution (:mod:`bnfold.onnx.merge`)."""
+
+    STRIDE = "stride"
+    """Its stride differs from the merged convolution's (or an identity / pool on a strided sum)."""
+    DILATION = "dilation"
+    """Its dilation differs."""
+    GROUPS = "groups"
+    """Its groups or channel counts differ (or an identity where C_in != C_out)."""
+    PADDING = "padding"
+    """Its padding does not centre it in the largest kernel, or ``auto_pad`` SAME_*, or a pool that
+    does not count padded zeros."""
+    KERNEL = "kernel"
+    """Its kernel cannot be centred in the largest one (an odd difference of sizes, or larger on an axis)."""
+    OTHER_CONSUMERS = "other_consumers"
+    """A tensor inside the branch is also read elsewhere (or is a graph output)."""
+    NONLINEAR = "nonlinear"
+    """An activation or another non-linear op sits inside the branch."""
+    NON_CONSTANT = "non_constant"
+    """A weight, BN parameter or scale is not a constant."""
+    UNSUPPORTED = "unsupported"
+    """A branch form bnfold cannot merge (training-mode BN, per-element scale, another dtype, ...)."""
+    OVERFLOW = "overflow"
+    """The merged weight or bias would not be finite in the model's dtype."""
+    NO_PARTNER = "no_partner"
+    """Nothing else in the sum could be merged with it."""
+    VERIFICATION = "verification"
+    """Left unmerged on request (e.g. its merge failed verification)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BranchVerdict:
+    """One branch of a sum: merged, or left and why."""
+
+    branch: str
+    """The node that ends the branch (its label), or the shared input's name for an identity."""
+    kind: str
+    """"conv", "identity", "bn", "avgpool", or "other"."""
+    merged: bool
+    reason: MergeReason | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "branch": self.branch, "kind": self.kind, "merged": self.merged,
+            "reason": None if self.reason is None else self.reason.value, "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """A sum of branches that all read one tensor: merged into one Conv, or refused."""
+
+    sum: str
+    """Label of the sum (the last Add of the chain, or the Sum node)."""
+    input: str
+    """The tensor every branch reads."""
+    target: str
+    """The merged Conv ("" when refused)."""
+    merged: bool
+    branches: tuple[BranchVerdict, ...]
+    convs_before: int
+    """Conv nodes among the branches before the merge."""
+    convs_after: int
+    """Conv nodes left for them after (1 when merged)."""
+
+    @property
+    def branches_merged(self) -> int:
+        return sum(1 for b in self.branches if b.merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sum": self.sum, "input": self.input, "target": self.target, "merged": self.merged,
+            "branches_merged": self.branches_merged, "convs_before": self.convs_before,
+            "convs_after": self.convs_after, "branches": [b.to_dict() for b in self.branches],
         }

@@ -113,6 +113,8 @@ class InspectSettings:
 
     affine: bool = False
     """ONNX: turn BNs that have nothing to fold into into one Mul + one Add (``--affine``)."""
+    merge_branches: bool = True
+    """ONNX: merge sums of branches of one tensor into one Conv (``--no-merge-branches`` turns it off)."""
     eval_semantics: bool = False
     """PyTorch: fold a module saved in ``train()`` mode with its inference semantics."""
     health: bool = False

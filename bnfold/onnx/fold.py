@@ -40,11 +40,12 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import GraphProto, ModelProto, TensorProto
 
 from bnfold.errors import InputError
-from bnfold.records import FoldReport, Site, Skip, SkipReason, Verdict
+from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
 
 from .const import ConstEvaluator
 from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
+from .merge import merge_branches as _merge_branches
 from .plan import conv_groups
 from .rewrite import Names, PassRewriter, remove_dead
 from .shapes import LazyTypes, copy_fields
@@ -68,6 +69,10 @@ class _Ctx:
     """Main graph: the original of each placeholder initializer (see :func:`_copy_model`)."""
     inferred: LazyTypes = field(default_factory=LazyTypes)
     """Inferred types of every graph's values, inferred when first asked (:class:`~bnfold.onnx.shapes.LazyTypes`)."""
+    merge: bool = False
+    """Merge parallel branches into one Conv (:mod:`bnfold.onnx.merge`) once the folds settle."""
+    merges: dict[str, Merge] = field(default_factory=dict)
+    """Branch merges by sum label (the last decision for each sum)."""
 
 
 def count_bn(model: ModelProto) -> int:
@@ -238,6 +243,8 @@ def _fold_graph(
         candidates |= rw.candidates
         ctx.flushed += rw.flushed
         if not applied:
+            if ctx.merge and _merge_pass(graph, build(), outer_ev, prefix, ctx, labels, final, candidates):
+                continue  # fold again: a BN on a merged sum now folds into the merged conv
             break
 
     if ctx.affine:
@@ -297,6 +304,27 @@ def _check_groups(model: ModelProto) -> None:
                     conv_groups(n, tuple(int(v) for v in d))
 
 
+def _merge_pass(
+    graph: GraphProto, index: GraphIndex, outer_ev: ConstEvaluator | None, prefix: str, ctx: _Ctx,
+    labels: dict[str, str], final: dict[str, Verdict], candidates: set[str],
+) -> bool:
+    """One branch-merge pass (:mod:`bnfold.onnx.merge`); True when something merged."""
+    res = _merge_branches(
+        graph, index, ConstEvaluator(index, ctx.opset, outer_ev), ctx.names, prefix=prefix, bn_labels=labels,
+        exclude=ctx.exclude, add_inputs=index.outer is None and ctx.ir_version < 4, flush=ctx.flush,
+    )
+    for m in res.merges:
+        ctx.merges[m.sum] = m
+    final.update(res.absorbed)
+    candidates |= res.candidates
+    ctx.flushed += res.flushed
+    return res.applied > 0
+
+
+def _count_convs(model: ModelProto) -> int:
+    return sum(1 for g in all_graphs(model.graph) for n in g.node if n.op_type == "Conv")
+
+
 def fold_model(
     model: ModelProto,
     *,
@@ -305,6 +333,7 @@ def fold_model(
     inplace: bool = False,
     exclude: frozenset[str] | set[str] = frozenset(),
     flush_denormals: bool = False,
+    merge_branches: bool = True,
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
@@ -320,6 +349,9 @@ def fold_model(
         flush_denormals: set the subnormal values of every tensor the fold writes to zero as it
             is written (float32/float64/bfloat16; see :mod:`bnfold.denormals`);
             ``report.flushed_denormals`` says how many (None when not asked).
+        merge_branches: merge sums of branches that read one tensor (Conv, identity, BN, AveragePool,
+            each optionally scaled) into one Conv, and fold a BN on the sum into it
+            (:mod:`bnfold.onnx.merge`); ``report.merges`` lists each sum, merged or refused.
 
     Returns:
         ``(folded model, report)``; the report has one verdict per BatchNormalization node.
@@ -339,9 +371,10 @@ def fold_model(
     else:
         work, sources = _copy_model(model)  # one copy of each weight (see _copy_model)
     bn_before, nodes_before, params_before = _figures(work)
+    convs_before = _count_convs(work)
     ctx = _Ctx(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
-        flush=flush_denormals and not dry_run, sources=sources,
+        flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
     )
     if work is model:
@@ -360,12 +393,23 @@ def fold_model(
         if gc_was_enabled:
             gc.enable()
     bn_after, nodes_after, params_after = _figures(work)
-    notes = (f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them",) if ctx.mul_add else ()
+    notes: tuple[str, ...] = (f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them",) if ctx.mul_add else ()
+    merges = tuple(ctx.merges.values())
+    n_merged = sum(1 for m in merges if m.merged)
+    if n_merged:
+        notes += (f"{n_merged} sum(s) of branches merged into one Conv each "
+                  f"({sum(m.branches_merged for m in merges if m.merged)} branches)",)
+    refused = [m for m in merges if not m.merged]
+    if refused:
+        why = sorted({b.reason.value for m in refused for b in m.branches if b.reason is not None})
+        notes += (f"{len(refused)} sum(s) of branches of one tensor left unmerged ({', '.join(why)}): "
+                  "see 'merges' in --json",)
     report = FoldReport(
         backend="onnx", verdicts=verdicts, dry_run=dry_run,
         bn_before=bn_before, nodes_before=nodes_before, params_before=params_before,
         bn_after=bn_after, nodes_after=nodes_after, params_after=params_after,
         mul_add=tuple(ctx.mul_add), notes=notes, flushed_denormals=ctx.flushed if ctx.flush else None,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, merges=merges, convs_before=convs_before,
+        convs_after=_count_convs(work),
     )
     return (model if dry_run else work), report

@@ -1,0 +1,853 @@
+"""Merge parallel branches that read one tensor into one Conv (structural re-parameterisation).
+
+RepVGG, MobileOne, RepViT, PP-YOLOE, DBB/ACNet-style blocks compute, after their BNs are folded,
+``y = sum_i B_i(x)`` where every branch ``B_i`` is linear in ``x`` and reads the same tensor ``x``::
+
+    Before:                                   After:
+
+        x --+-> Conv kxk -----------+             x -> Conv kxk (W, b) -> y
+            +-> Conv 1x1 -> Mul(a) -+-> Add -> y
+            +-> BN -----------------+
+            +-------(identity)------+
+
+A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per-channel constant, and
+``Identity`` nodes):
+
+1. ``Conv(x)`` with the merged Conv's stride, dilation and groups, ``auto_pad`` NOTSET/VALID, a kernel
+   ``k <= K`` per axis with ``K - k`` even, whose padding centres it in the largest kernel ``K``:
+   ``p_small = p_large - d * (K - k) / 2`` on each side of each axis. Then the small conv reads
+   exactly the pixels the large one reads at offsets ``(K - k) / 2 .. (K + k) / 2 - 1``, and zero-padding
+   it to ``K`` gives the same output (same output size, by the same relation).
+2. ``x`` itself (identity: ``C_in == C_out``, stride 1): a kernel with a 1 at the centre tap of
+   input channel ``o mod (C_in / g)`` of output channel ``o`` (group-aware, depthwise included).
+3. ``BatchNormalization(x)`` in inference mode: the identity kernel scaled by the BN scale; the BN shift
+   is the bias.
+4. ``AveragePool(x)`` with the merged stride, ``count_include_pad=1`` (or no padding), ``ceil_mode=0``:
+   the uniform kernel ``1 / prod(k)`` on the diagonal channel, centred as in 1.
+5. ``Conv kxk(Conv 1x1(x))`` (DBB), both ungrouped, the 1x1 of stride 1 and unpadded: the product
+   ``W[o, i] = sum_m W2[o, m] W1[m, i]``, bias ``b2 + sum_{m, taps} W2[o, m] b1[m]``. Exact only where
+   the kxk conv reads no padded zeros (pads 0) or the 1x1 has no bias: at a padded border the bias
+   ``b1`` is missing from the two-conv result; otherwise refused (PADDING).
+
+6. The sum itself may hold ``Sub`` (its second operand counts negated) and ``Mul`` by a per-channel
+   constant of an inner sum (FastViT: ``x + ls * (mixer(x) - norm(x))``); a leaf that is a per-channel
+   constant joins the bias. A leaf that is not a branch of ``x`` stays (added to the merged conv) unless
+   it is negated or scaled: then the merge is refused.
+
+Kernels of any size merge when their padding places them on the taps of the largest one (an even
+kernel with asymmetric pads included): per axis, ``c = (P_begin - p_begin) / d`` must be an integer
+with ``0 <= c <= K - k`` and ``P_end - p_end = d * (K - k - c)`` (the same output size for any input).
+
+The merged weight and bias are summed in float64 and cast once to the weight dtype (an overflow
+refuses the merge). The largest conv (by kernel volume) is the reference: its attributes stay, its
+weight and bias are replaced, and its output takes the sum's name (graph outputs keep their names).
+Leaves of the sum that are not branches of ``x`` (any other tensor) stay, added to the merged conv.
+
+A sum is a *candidate* when at least two of its leaves reach the same ``x`` through at most a few
+single-input ops, at least one of them a Conv. Every branch of a candidate gets a verdict
+(:class:`~bnfold.records.BranchVerdict`): an activation inside a branch (NONLINEAR), a tensor inside a
+branch read elsewhere (OTHER_CONSUMERS), a different stride/dilation/groups, padding that does not
+centre, a kernel that cannot be centred, non-constant weights... A candidate where fewer than two
+branches can be merged is refused as a whole (a :class:`~bnfold.records.Merge` with ``merged=False``).
+
+The pass runs after bnfold's BN folds (so ``Conv -> BN`` branches are already plain Convs); the fold
+driver folds again after it, so that a BN on the sum (RepViT, QARepVGG) folds into the merged conv.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from onnx import GraphProto, NodeProto, helper, numpy_helper
+
+from bnfold.denormals import flush_written
+from bnfold.fold_math import cast_exact
+from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site, Skip
+
+from .const import ConstEvaluator, is_float
+from .graph import GraphIndex, attr
+from .rewrite import Names
+
+__all__ = ["MergeResult", "merge_branches"]
+
+F64 = npt.NDArray[np.float64]
+
+_MAX_WALK = 4
+"""Ops walked from a leaf of the sum towards a shared input when looking for a branch."""
+
+_SUM_OPS = ("Add", "Sum")
+"""Sum nodes; ``Sub`` joins a chain too (its second operand counts with sign -1)."""
+
+_ACTIVATIONS = frozenset(
+    "Relu LeakyRelu PRelu Sigmoid HardSigmoid Tanh Clip Elu Selu Celu Gelu HardSwish Softplus Softsign Mish "
+    "Swish Erf Abs Exp Log Sqrt Pow Reciprocal Sin Cos Floor Ceil Round Sign ThresholdedRelu Softmax "
+    "LogSoftmax MaxPool Max Min".split()
+)
+
+
+@dataclass(slots=True)
+class MergeResult:
+    """What one merge pass did."""
+
+    merges: list[Merge] = field(default_factory=list)
+    """Every candidate sum: merged or refused."""
+    absorbed: dict[str, Site] = field(default_factory=dict)
+    """``{BN output name: Site}`` for the identity-BN branches merged into a conv."""
+    candidates: set[str] = field(default_factory=set)
+    """Values that may have become unread (for :func:`bnfold.onnx.rewrite.remove_dead`)."""
+    applied: int = 0
+    flushed: int = 0
+
+
+class _Refuse(Exception):
+    def __init__(self, reason: MergeReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _Branch:
+    """One leaf of the sum read as a branch of ``x``."""
+
+    leaf: str
+    kind: str  # conv | identity | bn | avgpool | other
+    base: int | None  # the Conv/BN/AveragePool node (None for the identity)
+    muls: list[int]  # Mul nodes between the base and the sum (closest to the base first)
+    blockers: list[int]  # non-linear nodes in the way (kind "other")
+    pre: int | None = None  # kind "seq": the 1x1 Conv before the base Conv
+    sign: int = 1  # -1: the second operand of a Sub of the chain
+    chain_muls: tuple[int, ...] = ()  # constant Muls of the chain over this leaf
+    label: str = ""
+    reason: MergeReason | None = None
+    detail: str = ""
+    weight: F64 | None = None
+    bias: F64 | None = None
+
+
+def _is_std(n: NodeProto) -> bool:
+    return n.domain in ("", "ai.onnx")
+
+
+Coef = tuple[int, tuple[int, ...]]
+"""A leaf's coefficient in the sum: its sign (a Sub's second operand: -1) and the chain Muls over it."""
+
+
+def _chain(index: GraphIndex, ev: ConstEvaluator, top: int) -> tuple[list[int], list[str], list[Coef]]:
+    """The nodes of the sum ending at ``top`` (Add, Sum, Sub, and a Mul by a constant of an inner sum) and
+    its leaves with their coefficients, in the order the sum reads them. An inner node is part of the
+    chain when the chain alone reads its output."""
+    nodes: list[int] = []
+    leaves: list[str] = []
+    coefs: list[Coef] = []
+
+    def walk(i: int, sign: int, factors: tuple[int, ...], depth: int) -> None:
+        nodes.append(i)
+        n = index.nodes[i]
+        if n.op_type == "Mul":  # Case 6: a constant scale of an inner sum (FastViT's layer scale)
+            k = _const_slot(ev, n)
+            assert k is not None
+            walk(index.producer[n.input[1 - k]], sign, (*factors, i), depth + 1)
+            return
+        for slot, v in enumerate(n.input):
+            s = -sign if n.op_type == "Sub" and slot == 1 else sign
+            p = index.producer.get(v)
+            if p is not None and depth < 256 and index.single_consumer(v) == i and _expandable(index, ev, p):
+                walk(p, s, factors, depth + 1)
+            else:
+                leaves.append(v)
+                coefs.append((s, factors))
+
+    walk(top, 1, (), 0)
+    return nodes, leaves, coefs
+
+
+def _plain_sum(n: NodeProto) -> bool:
+    if not (_is_std(n) and not n.attribute and len(n.output) == 1):
+        return False
+    return n.op_type in _SUM_OPS or (n.op_type == "Sub" and len(n.input) == 2)
+
+
+def _expandable(index: GraphIndex, ev: ConstEvaluator, p: int) -> bool:
+    """Node ``p`` continues a sum: an Add/Sum/Sub, or a Mul by a constant of an Add/Sum/Sub read by it alone."""
+    n = index.nodes[p]
+    if _plain_sum(n):
+        return True
+    if n.op_type != "Mul" or not _is_std(n) or len(n.input) != 2 or len(n.output) != 1:
+        return False
+    k = _const_slot(ev, n)
+    if k is None:
+        return False
+    v = n.input[1 - k]
+    q = index.producer.get(v)
+    return q is not None and _plain_sum(index.nodes[q]) and index.single_consumer(v) == p
+
+
+def _chain_parent(index: GraphIndex, ev: ConstEvaluator, i: int) -> int | None:
+    """The chain node that would absorb sum node ``i`` (its reader, through one constant Mul), or None."""
+    c = index.single_consumer(index.nodes[i].output[0])
+    if c is None:
+        return None
+    if _plain_sum(index.nodes[c]):
+        return c
+    if _expandable(index, ev, c):
+        c2 = index.single_consumer(index.nodes[c].output[0])
+        if c2 is not None and _plain_sum(index.nodes[c2]):
+            return c2
+    return None
+
+
+def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[tuple[str, _Branch]]:
+    """Every ``(x, branch)`` reading of ``leaf`` as a branch of some tensor ``x``, nearest first."""
+    out: list[tuple[str, _Branch]] = []
+    v = leaf
+    muls: list[int] = []
+    blockers: list[int] = []
+    for _ in range(_MAX_WALK + 1):
+        out.append((v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers))))
+        p = index.producer.get(v)
+        if p is None:
+            break
+        n = index.nodes[p]
+        if not _is_std(n) or not n.input:
+            break
+        if n.op_type == "Identity" and len(n.input) == 1:  # exporters insert these: a scale of 1
+            muls.insert(0, p)
+            v = n.input[0]
+            continue
+        if n.op_type == "Mul" and len(n.input) == 2:
+            k = _const_slot(ev, n)
+            if k is None:
+                break
+            muls.insert(0, p)
+            v = n.input[1 - k]
+            continue
+        if n.op_type in ("Conv", "BatchNormalization", "AveragePool"):  # Cases 1, 3, 4
+            kind = {"Conv": "conv", "BatchNormalization": "bn", "AveragePool": "avgpool"}[n.op_type]
+            out.append((n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers))))
+            q = index.producer.get(n.input[0])
+            if n.op_type == "Conv" and not blockers and q is not None and index.nodes[q].op_type == "Conv" \
+                    and _is_std(index.nodes[q]) and _is_pointwise(ev, index.nodes[q]):
+                # Case 5: Conv 1x1 -> Conv kxk, one linear map of the 1x1's input
+                out.append((index.nodes[q].input[0], _Branch(leaf, "seq", p, list(muls), [], pre=q)))
+            break
+        if n.op_type in _SUM_OPS or n.op_type in ("Concat", "Gemm", "MatMul", "ConvTranspose"):
+            break
+        # any other op on one data input (activation, Clip, Pad, ...): a blocker
+        blockers.insert(0, p)
+        muls = []
+        v = n.input[0]
+    return out
+
+
+def _is_pointwise(ev: ConstEvaluator, n: NodeProto) -> bool:
+    """A Conv whose kernel is 1 on every spatial axis (from ``kernel_shape`` or its constant weight)."""
+    ks = attr(n, "kernel_shape", None)
+    if ks is None and len(n.input) > 1:
+        vt = ev.index.value_type(n.input[1])
+        ks = None if vt is None or vt.shape is None else vt.shape[2:]
+    return ks is not None and len(ks) > 0 and all(k == 1 for k in ks)
+
+
+def _const_slot(ev: ConstEvaluator, n: NodeProto) -> int | None:
+    """The input slot of a Mul that is a constant (the other one not), or None."""
+    consts = [k for k in (0, 1) if n.input[k] and ev.resolve(n.input[k])[0] is not None]
+    return consts[0] if len(consts) == 1 else None
+
+
+def _pick_input(
+    index: GraphIndex, ev: ConstEvaluator, leaves: list[str], coefs: list[Coef]
+) -> tuple[str, list[_Branch], list[tuple[str, Coef]]] | None:
+    """The shared input ``x`` read by the most leaves (at least two, one through a Conv): its branches
+    (one per leaf that reaches it) and the other leaves."""
+    per_leaf = [_interpretations(index, ev, v) for v in leaves]
+    score: dict[str, int] = {}
+    convs: dict[str, int] = {}
+    for interp in per_leaf:
+        seen: set[str] = set()
+        for x, b in interp:
+            if x in seen:
+                continue
+            seen.add(x)
+            score[x] = score.get(x, 0) + 1
+            if b.kind in ("conv", "seq") or (
+                b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv"
+            ):
+                convs[x] = convs.get(x, 0) + 1
+    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
+    if not best:
+        return None
+    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
+    branches: list[_Branch] = []
+    rest: list[tuple[str, Coef]] = []
+    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
+        cand = [b for xx, b in interp if xx == x]
+        if not cand:
+            rest.append((leaf, coef))
+            continue
+        good = [b for b in cand if b.kind != "other"]
+        pick = (good or cand)[0]
+        pick.sign, pick.chain_muls = coef
+        branches.append(pick)
+    return x, branches, rest
+
+
+# ---- per-branch checks ---------------------------------------------------------------------------
+
+
+def _ints(n: NodeProto, name: str, default: list[int]) -> list[int]:
+    return [int(v) for v in attr(n, name, default)]
+
+
+@dataclass(slots=True)
+class _Ref:
+    """The merged conv's geometry (from the reference conv)."""
+
+    node: int
+    kernel: tuple[int, ...]
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]  # begins then ends, as ONNX
+    group: int
+    c_out: int
+    c_in_g: int
+    dtype: np.dtype[Any]
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+
+def _conv_geometry(n: NodeProto, w: npt.NDArray[Any]) -> tuple[list[int], list[int], list[int], int]:
+    """strides, dilations, pads (begins + ends) and group of a Conv; raises _Refuse for auto_pad SAME."""
+    r = w.ndim - 2
+    auto = attr(n, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        raise _Refuse(MergeReason.PADDING, f"auto_pad={auto}: its padding depends on the input size")
+    pads = [0] * (2 * r) if auto == "VALID" else _ints(n, "pads", [0] * (2 * r))
+    return _ints(n, "strides", [1] * r), _ints(n, "dilations", [1] * r), pads, int(attr(n, "group", 1))
+
+
+def _placement(ref: _Ref, k: tuple[int, ...], pads: list[int], what: str) -> tuple[int, ...]:
+    """Offsets of a kernel ``k`` with ``pads`` inside the reference kernel, or _Refuse why it has none.
+
+    Per axis, with ``d`` the dilation: the small kernel's tap ``j`` reads the pixel of the large one's tap
+    ``j + c`` when ``P_begin - p_begin = d * c``; the output sizes agree for every input size when also
+    ``P_end - p_end = d * (K - k - c)``. A centred odd kernel has ``c = (K - k) / 2``.
+    """
+    r = ref.rank
+    if len(k) != r or len(pads) != 2 * r:
+        raise _Refuse(MergeReason.KERNEL, f"{what} has {len(k)} spatial axes, the merged conv {r}")
+    offs = []
+    for a in range(r):
+        d = ref.dilations[a]
+        if k[a] > ref.kernel[a]:
+            raise _Refuse(MergeReason.KERNEL, f"{what}: kernel {list(k)} is larger than {list(ref.kernel)} on axis {a}")
+        db, de = ref.pads[a] - pads[a], ref.pads[a + r] - pads[a + r]
+        if db % d or de % d:
+            raise _Refuse(
+                MergeReason.KERNEL,
+                f"{what}: kernel {list(k)} with pads {pads} does not fall on the taps of kernel {list(ref.kernel)} "
+                f"with pads {ref.pads} and dilation {d} (axis {a}): it cannot be centred",
+            )
+        c = db // d
+        if c < 0 or c + k[a] > ref.kernel[a]:
+            raise _Refuse(
+                MergeReason.KERNEL,
+                f"{what}: kernel {list(k)} with pads {pads} reads outside kernel {list(ref.kernel)} with pads "
+                f"{ref.pads} (axis {a}): it cannot be centred",
+            )
+        if de // d != ref.kernel[a] - k[a] - c:
+            raise _Refuse(
+                MergeReason.PADDING,
+                f"{what}: pads {pads} with kernel {list(k)} give another output size than pads {ref.pads} with "
+                f"kernel {list(ref.kernel)} (axis {a})",
+            )
+        offs.append(c)
+    return tuple(offs)
+
+
+def _embed(ref: _Ref, w: F64, offs: tuple[int, ...]) -> F64:
+    out = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    idx = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offs, w.shape[2:])))
+    out[idx] = w
+    return out
+
+
+def _diagonal(ref: _Ref, k: tuple[int, ...], offs: tuple[int, ...], value: float) -> F64:
+    """``value`` on a ``k`` window of input channel ``o mod (C_in/g)`` for each output channel ``o``."""
+    out = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    o = np.arange(ref.c_out)
+    win = tuple(slice(c, c + kk) for c, kk in zip(offs, k))
+    for ch in range(ref.c_out):  # small: one window per channel
+        out[(o[ch], o[ch] % ref.c_in_g, *win)] = value
+    return out
+
+
+def _identity_checks(ref: _Ref, what: str) -> None:
+    if any(s != 1 for s in ref.strides):
+        raise _Refuse(MergeReason.STRIDE, f"{what} on a sum with stride {ref.strides}: an identity has stride 1")
+    if ref.c_in_g * ref.group != ref.c_out:
+        raise _Refuse(
+            MergeReason.GROUPS,
+            f"{what}: the merged conv maps {ref.c_in_g * ref.group} channels to {ref.c_out} (an identity needs equal)",
+        )
+
+
+def _weights(ev: ConstEvaluator, n: NodeProto, label: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
+    vals: list[npt.NDArray[Any] | None] = []
+    for slot, what in ((1, "weight"), (2, "bias")):
+        if slot >= len(n.input) or not n.input[slot]:
+            vals.append(None)
+            continue
+        v, _, detail = ev.resolve(n.input[slot])
+        if v is None:
+            raise _Refuse(MergeReason.NON_CONSTANT, f"the {what} of {label} is not a constant: {detail}")
+        if not is_float(v):
+            raise _Refuse(MergeReason.UNSUPPORTED, f"the {what} of {label} has dtype {v.dtype}")
+        vals.append(v)
+    w = vals[0]
+    if w is None:
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label} has no weight")
+    return w, vals[1]
+
+
+@dataclass(slots=True)
+class _ConvRead:
+    w: F64
+    bias: F64 | None
+    dtype: np.dtype[Any]
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]
+    group: int
+
+
+def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
+    """A conv branch's weight and geometry; for ``seq`` (Case 5: ``Conv 1x1 -> Conv kxk``) the product of
+    the two, ``W[o, i] = sum_m W2[o, m] W1[m, i]``, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``: exact only
+    when the kxk conv reads no padded zeros (there the 1x1's bias would be missing) or ``b1 = 0``."""
+    what = b.label
+    assert b.base is not None
+    n = index.nodes[b.base]
+    w, bias = _weights(ev, n, what)
+    if w.ndim < 3:
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
+    strides, dil, pads, group = _conv_geometry(n, w)
+    w64 = w.astype(np.float64)
+    b64 = None if bias is None else bias.astype(np.float64).reshape(-1)
+    if b.pre is not None:
+        pre = index.nodes[b.pre]
+        pre_label = index.label(b.pre)
+        w1, b1 = _weights(ev, pre, pre_label)
+        s1, _, p1, g1 = _conv_geometry(pre, w1)
+        if any(s != 1 for s in s1) or any(p1) or w1.ndim != w.ndim or any(k != 1 for k in w1.shape[2:]):
+            raise _Refuse(MergeReason.UNSUPPORTED, f"{pre_label} -> {what}: the first conv is not a 1x1, stride 1, unpadded")
+        if g1 != 1 or group != 1 or w1.shape[0] != w.shape[1]:
+            raise _Refuse(MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})")
+        b1_64 = None if b1 is None else b1.astype(np.float64).reshape(-1)
+        if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
+            raise _Refuse(
+                MergeReason.PADDING,
+                f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
+                "not be added: one conv cannot compute it",
+            )
+        m1 = w1.astype(np.float64).reshape(w1.shape[0], w1.shape[1])
+        comp = np.tensordot(w64, m1, axes=([1], [0]))  # [o, *k, i]
+        comp = np.moveaxis(comp, -1, 1)
+        if b1_64 is not None:
+            extra = w64.sum(axis=tuple(range(2, w64.ndim))) @ b1_64
+            b64 = extra if b64 is None else b64 + extra
+        w64 = comp
+    return _ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
+
+
+def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch, x: str) -> tuple[F64, F64]:
+    """The branch as (weight, bias) of the merged conv's shape, in float64; _Refuse why not."""
+    what = b.label
+    if b.kind in ("conv", "seq"):  # Cases 1 and 5
+        cr = _read_conv(index, ev, b)
+        w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
+        if cr.dtype != ref.dtype:
+            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}")
+        if w.ndim - 2 != ref.rank:
+            raise _Refuse(MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}")
+        if strides != ref.strides:
+            raise _Refuse(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
+        if dil != ref.dilations:
+            raise _Refuse(MergeReason.DILATION, f"{what}: dilation {dil} differs from {ref.dilations}")
+        if group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
+            raise _Refuse(
+                MergeReason.GROUPS,
+                f"{what}: groups {group}, weight {list(w.shape[:2])} differ from groups {ref.group}, "
+                f"weight {[ref.c_out, ref.c_in_g]}",
+            )
+        offs = _placement(ref, tuple(int(k) for k in w.shape[2:]), pads, what)
+        w64 = _embed(ref, w, offs)
+        b64 = np.zeros(ref.c_out) if bias is None else bias
+        if b64.shape != (ref.c_out,):
+            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
+    elif b.kind == "identity":  # Case 2
+        _identity_checks(ref, what)
+        offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+        w64, b64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+    elif b.kind == "bn":  # Case 3
+        assert b.base is not None
+        from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
+
+        n = index.nodes[b.base]
+        prm = bn_params(index, ev, n, what)
+        if isinstance(prm, Skip):
+            reason = MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
+            raise _Refuse(reason, f"{what}: {prm.detail}")
+        if prm.per_element or prm.channels != ref.c_out:
+            raise _Refuse(MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}")
+        _identity_checks(ref, what)
+        offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+        w64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
+        b64 = prm.shift.astype(np.float64)
+    elif b.kind == "avgpool":  # Case 4
+        assert b.base is not None
+        n = index.nodes[b.base]
+        k = tuple(_ints(n, "kernel_shape", []))
+        r = len(k)
+        auto = attr(n, "auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto not in ("NOTSET", "VALID"):
+            raise _Refuse(MergeReason.PADDING, f"{what}: auto_pad={auto}")
+        pads = [0] * (2 * r) if auto == "VALID" else _ints(n, "pads", [0] * (2 * r))
+        if int(attr(n, "ceil_mode", 0)):
+            raise _Refuse(MergeReason.PADDING, f"{what}: ceil_mode=1 (its output size is not a conv's)")
+        if any(pads) and not int(attr(n, "count_include_pad", 0)):
+            raise _Refuse(
+                MergeReason.PADDING,
+                f"{what}: count_include_pad=0 with padding: edge windows divide by fewer values than a conv",
+            )
+        if _ints(n, "strides", [1] * r) != ref.strides:
+            raise _Refuse(MergeReason.STRIDE, f"{what}: stride {_ints(n, 'strides', [1] * r)} differs from {ref.strides}")
+        if _ints(n, "dilations", [1] * r) != ref.dilations:
+            raise _Refuse(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
+        if ref.c_in_g * ref.group != ref.c_out:
+            raise _Refuse(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
+        offs = _placement(ref, k, pads, what)
+        w64, b64 = _diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+    else:  # pragma: no cover - callers pass the four kinds
+        raise AssertionError(b.kind)
+    for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
+        f = _mul_factor(ev, index.nodes[m], ref, index.label(m))
+        w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
+        b64 = b64 * f
+    if b.sign < 0:
+        w64, b64 = -w64, -b64
+    return w64, b64
+
+
+def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: _Ref, label: str) -> F64:
+    if n.op_type == "Identity":
+        return np.ones(ref.c_out)
+    k = _const_slot(ev, n)
+    assert k is not None
+    c, _, _ = ev.resolve(n.input[k])
+    assert c is not None
+    return _channel_vector(c, ref, label, "scale")
+
+
+def _channel_vector(c: npt.NDArray[Any], ref: _Ref, label: str, what: str) -> F64:
+    """A constant that broadcasts per output channel over the merged conv's output, as a float64 [C]."""
+    if not is_float(c):
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of dtype {c.dtype}")
+    full = ref.rank + 2
+    if c.ndim > full:
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of rank {c.ndim} > {full}")
+    shape = (1,) * (full - c.ndim) + tuple(c.shape)
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, ref.c_out):
+        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of shape {list(c.shape)} is not per channel")
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (ref.c_out,)).copy()
+
+
+def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
+    """_Refuse when a tensor inside the branch is read by anything but the next node of the branch."""
+    path = _path(b)
+    for k, node in enumerate(path):
+        out = index.nodes[node].output[0]
+        readers = index.consumers.get(out, [])
+        allowed = {path[k + 1]} if k + 1 < len(path) else chain
+        if out in index.graph_outputs or any(r not in allowed for r in readers):
+            who = "a graph output" if out in index.graph_outputs else ", ".join(
+                sorted({index.label(r) for r in readers if r not in allowed}))
+            raise _Refuse(MergeReason.OTHER_CONSUMERS, f"'{out}' inside the branch is also read by {who}")
+
+
+def _path(b: _Branch) -> list[int]:
+    """The nodes of a branch from its base to the sum (a 1x1 Conv before it, the base, then its Muls)."""
+    return ([b.pre] if b.pre is not None else []) + ([b.base] if b.base is not None else []) + b.muls
+
+
+def _kind_label(index: GraphIndex, b: _Branch, x: str) -> str:
+    if b.base is not None:
+        return index.label(b.base)
+    if b.muls:
+        return index.label(b.muls[-1])
+    if b.blockers:
+        return index.label(b.blockers[-1])
+    return x
+
+
+# ---- the pass ------------------------------------------------------------------------------------
+
+
+def merge_branches(
+    graph: GraphProto,
+    index: GraphIndex,
+    ev: ConstEvaluator,
+    names: Names,
+    *,
+    prefix: str = "",
+    bn_labels: dict[str, str] | None = None,
+    exclude: frozenset[str] = frozenset(),
+    add_inputs: bool = False,
+    flush: bool = False,
+) -> MergeResult:
+    """Merge every sum of branches of one tensor into one Conv (see the module docstring); edit ``graph``.
+
+    Args:
+        graph: the graph (``index`` indexes it as it is now).
+        index: its index; ``ev`` its constant evaluator.
+        names: the model's name allocator.
+        prefix: subgraph label prefix of the verdicts.
+        bn_labels: ``{BN output: verdict label}`` for the BN branches merged.
+        exclude: labels of sums left unmerged (their record says why).
+        add_inputs: list new initializers as graph inputs (IR < 4).
+        flush: set subnormal values of the merged tensors to zero.
+    """
+    res = MergeResult()
+    locked: set[int] = set()
+    removed: set[int] = set()
+    inserts: dict[int, list[NodeProto]] = {}
+    dropped: set[str] = set()
+    bn_labels = bn_labels or {}
+    in_chain: set[int] = set()
+    tops = []
+    for i, n in enumerate(index.nodes):
+        if not _plain_sum(n):
+            continue
+        if _chain_parent(index, ev, i) is not None:
+            continue  # an inner node of a longer chain
+        tops.append(i)
+    for top in tops:
+        chain_nodes, leaves, coefs = _chain(index, ev, top)
+        if any(c in in_chain for c in chain_nodes):
+            continue
+        picked = _pick_input(index, ev, leaves, coefs)
+        if picked is None:
+            continue
+        x, branches, rest = picked
+        sum_label = prefix + index.label(top)
+        chain = set(chain_nodes)
+        for b in branches:
+            b.label = prefix + _kind_label(index, b, x)
+            if b.kind == "bn" and b.base is not None:
+                b.label = bn_labels.get(index.nodes[b.base].output[0], b.label)
+        rec = _plan(index, ev, x, branches, chain, sum_label, exclude)
+        touched = chain | {i for br in branches if br.reason is None for i in _path(br)}
+        if isinstance(rec, Merge):
+            res.merges.append(rec)
+            continue
+        if touched & locked:
+            continue  # overlaps a merge of this pass: decided in the next one
+        locked |= touched
+        in_chain |= chain
+        ref, w_sum, b_sum = rec
+        # the leaves kept (not branches of x, or refused ones); a constant one joins the bias
+        kept: list[str] = []
+        odd: list[str] = []
+        for leaf, (sign, factors) in [*rest, *[(br.leaf, (br.sign, br.chain_muls)) for br in branches
+                                               if br.reason is not None]]:
+            c = ev.resolve(leaf)[0]
+            try:
+                if c is None:
+                    raise _Refuse(MergeReason.UNSUPPORTED, "not a constant")
+                vec = _channel_vector(c, ref, leaf, "constant")
+                for m in factors:
+                    vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
+                b_sum = b_sum + sign * vec
+                continue
+            except _Refuse:
+                pass
+            if sign < 0 or factors:
+                odd.append(leaf)
+            kept.append(leaf)
+        if odd:
+            for br in branches:
+                if br.reason is None:
+                    br.reason, br.detail = MergeReason.UNSUPPORTED, (
+                        f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
+                        f"of '{x}': one Conv plus an Add cannot replace it")
+            res.merges.append(_refused(sum_label, x, branches, index))
+            continue
+        # write: the reference conv takes the merged weight and bias and the sum's output name
+        ref_node = index.nodes[ref.node]
+        out_dtype = ref.dtype
+        wc, bc = cast_exact(w_sum, out_dtype), cast_exact(b_sum, out_dtype)
+        if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
+            for br in branches:
+                if br.reason is None:
+                    br.reason, br.detail = MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {out_dtype}"
+            res.merges.append(_refused(sum_label, x, branches, index))
+            continue
+        if flush:
+            wc, n1 = flush_written(wc)
+            bc, n2 = flush_written(bc)
+            res.flushed += n1 + n2
+        base = ref_node.name or index.label(ref.node)
+        w_name, b_name = names.fresh(f"{base}.weight_merged"), names.fresh(f"{base}.bias_merged")
+        for nm, val in ((w_name, wc), (b_name, bc)):
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(val), nm))
+            if add_inputs:
+                graph.input.append(helper.make_tensor_value_info(nm, graph.initializer[-1].data_type, list(val.shape)))
+        res.candidates.update(v for v in ref_node.input[1:] if v)
+        while len(ref_node.input) < 3:
+            ref_node.input.append("")
+        ref_node.input[0], ref_node.input[1], ref_node.input[2] = x, w_name, b_name
+        top_out = index.nodes[top].output[0]
+        old_out = ref_node.output[0]
+        dropped.add(old_out)
+        label = index.labels.pop(old_out, None)
+        merged_branches = [br for br in branches if br.reason is None]
+        for br in merged_branches:
+            for node in _path(br):
+                if node != ref.node:
+                    removed.add(node)
+                    res.candidates.update(v for v in index.nodes[node].input if v)
+                    dropped.update(o for o in index.nodes[node].output if o)
+                    if br.kind == "bn" and node == br.base:
+                        key = index.nodes[node].output[0]
+                        bl = bn_labels.get(key, prefix + index.label(node))
+                        res.absorbed[key] = Site(
+                            bl, base, "Conv", Direction.FORWARD,
+                            f"identity BN branch merged into one Conv with the other branches of '{sum_label}'",
+                        )
+        for node in chain:
+            removed.add(node)
+            dropped.update(o for o in index.nodes[node].output if o and o != top_out)
+        # the leaves kept are added back after the merged conv
+        if not kept:
+            ref_node.output[0] = top_out
+        else:
+            mid = names.fresh(f"{old_out}_merged")
+            ref_node.output[0] = mid
+            cur = mid
+            new_nodes = []
+            for k, leaf in enumerate(kept):
+                o = top_out if k == len(kept) - 1 else names.fresh(f"{top_out}_part")
+                new_nodes.append(helper.make_node("Add", [cur, leaf], [o], name=names.fresh(f"{sum_label}_rest")))
+                cur = o
+            inserts[top] = new_nodes
+        if label is not None:
+            index.labels[ref_node.output[0]] = label
+        res.applied += 1
+        convs = sum(_n_convs(br) for br in branches)
+        left_convs = sum(_n_convs(br) for br in branches if br.reason is not None)
+        res.merges.append(Merge(
+            sum_label, x, base, True,
+            tuple(BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail) for br in branches),
+            convs, 1 + left_convs,
+        ))
+    # apply removals and inserts from the end (indices stay valid)
+    for i in sorted(removed | set(inserts), reverse=True):
+        if i in removed:
+            del graph.node[i]
+        for k, n in enumerate(inserts.get(i, [])):
+            graph.node.insert(i + k, n)
+    if dropped:
+        for k in range(len(graph.value_info) - 1, -1, -1):
+            if graph.value_info[k].name in dropped:
+                del graph.value_info[k]
+    return res
+
+
+def _n_convs(b: _Branch) -> int:
+    return {"conv": 1, "seq": 2}.get(b.kind, 0)
+
+
+def _refused(sum_label: str, x: str, branches: list[_Branch], index: GraphIndex) -> Merge:
+    verdicts = []
+    for b in branches:
+        reason, detail = b.reason, b.detail
+        if reason is None:
+            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
+        verdicts.append(BranchVerdict(b.label, b.kind, False, reason, detail))
+    convs = sum(_n_convs(b) for b in branches)
+    return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
+
+
+def _plan(
+    index: GraphIndex,
+    ev: ConstEvaluator,
+    x: str,
+    branches: list[_Branch],
+    chain: set[int],
+    sum_label: str,
+    exclude: frozenset[str],
+) -> tuple[_Ref, F64, F64] | Merge:
+    """Decide each branch; return the reference and the merged float64 weight and bias, or the refusal."""
+    if sum_label in exclude:
+        for b in branches:
+            b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
+        return _refused(sum_label, x, branches, index)
+    for b in branches:
+        if b.kind == "bn" and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
+            b.reason, b.detail = MergeReason.VERIFICATION, "left in place: its BN is excluded from folding"
+            continue
+        if b.kind == "other":
+            ops = ", ".join(f"{index.nodes[i].op_type} '{index.label(i)}'" for i in b.blockers)
+            if any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers):
+                b.reason, b.detail = MergeReason.NONLINEAR, f"{ops} inside the branch: it is not linear in '{x}'"
+            else:
+                b.reason, b.detail = MergeReason.UNSUPPORTED, f"{ops} inside the branch: not a form bnfold merges"
+            continue
+        try:
+            _exclusive(index, b, x, chain)
+        except _Refuse as e:
+            b.reason, b.detail = e.reason, e.detail
+    # the reference: the conv branch with the largest kernel (first on ties)
+    ref: _Ref | None = None
+    best = -1
+    for b in branches:
+        if b.kind not in ("conv", "seq") or b.reason is not None:
+            continue
+        assert b.base is not None
+        try:
+            cr = _read_conv(index, ev, b)
+        except _Refuse as e:
+            b.reason, b.detail = e.reason, e.detail
+            continue
+        w = cr.w
+        vol = int(np.prod(w.shape[2:]))
+        if vol > best:
+            best = vol
+            ref = _Ref(b.base, tuple(int(k) for k in w.shape[2:]), cr.strides, cr.dilations, cr.pads, cr.group,
+                       int(w.shape[0]), int(w.shape[1]), cr.dtype)
+    if ref is None:
+        return _refused(sum_label, x, branches, index)
+    w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    b_sum = np.zeros(ref.c_out, dtype=np.float64)
+    for b in branches:
+        if b.reason is not None:
+            continue
+        try:
+            w64, b64 = _branch_kernel(index, ev, ref, b, x)
+        except _Refuse as e:
+            b.reason, b.detail = e.reason, e.detail
+            continue
+        w_sum += w64
+        b_sum += b64
+    ok = [b for b in branches if b.reason is None]
+    if len(ok) < 2 or not any(b.base == ref.node for b in ok):
+        return _refused(sum_label, x, branches, index)
+    return ref, w_sum, b_sum
