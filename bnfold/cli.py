@@ -111,7 +111,7 @@ def fold(
     affine: Affine = False,
     merge_branches: Annotated[bool, typer.Option(
         "--merge-branches/--no-merge-branches",
-        help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into one Conv.",
+        help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one Conv.",
     )] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
