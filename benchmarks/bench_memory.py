@@ -98,29 +98,47 @@ def _rss_hwm(pid: int) -> tuple[int, int] | None:
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{ru.ru_maxrss * 1024} {os.waitstatus_to_exitcode(status)}")
+"""
+"""Forks the job from a small interpreter: a job forked from this benchmark would start its ``ru_maxrss``
+at this process's size (Linux keeps the high-water mark across ``exec``)."""
+
+
 def tree_peak(cmd: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
               timeout: float = 1800, interval: float = 0.02) -> TreePeak:
     """Run ``cmd`` and measure the peak memory of its whole process tree (Linux ``/proc``).
 
-    The job is started by this process (``fork`` + ``exec``: it inherits none of this process's
-    memory) and sampled every ``interval`` seconds: the sum of ``VmRSS`` over the job and all its
-    descendants (the sampled peak can miss a spike shorter than the interval), and each process's
-    ``VmHWM`` as last seen. The job's own high-water mark is exact at its end from ``wait4`` when it
-    is the largest process; otherwise its last sample is used.
+    The job is forked by a small launcher (:data:`_LAUNCHER`) and sampled every ``interval`` seconds:
+    the sum of ``VmRSS`` over the job and all its descendants (the launcher left out; the sampled
+    peak can miss a spike shorter than the interval), and each process's ``VmHWM`` as last seen. The
+    job's own high-water mark is exact at its end (``wait4``) when it is the largest process of the
+    tree; otherwise its last sample is used.
     """
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
     full_env.update(env or {})
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, "err"), "w+b") as err:
+        report = os.path.join(tmp, "rss")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd or REPO_ROOT, env=full_env, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
-        root = proc.pid
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, report, *cmd], cwd=cwd or REPO_ROOT, env=full_env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         hwm: dict[int, int] = {}
+        job = 0
         best = 0
-        status, ru = 0, None
         while True:
-            pids, todo = [], [root]
+            kids = _children(proc.pid)
+            job = kids[0] if kids else job
+            pids, todo = [], list(kids)
             while todo:
                 p = todo.pop()
                 pids.append(p)
@@ -132,25 +150,27 @@ def tree_peak(cmd: Sequence[str], *, cwd: str | Path | None = None, env: Mapping
                     total += got[0]
                     hwm[p] = max(hwm.get(p, 0), got[1])
             best = max(best, total)
-            done, status, ru = os.wait4(root, os.WNOHANG)
-            if done:
+            try:
+                proc.wait(interval)
                 break
-            if time.perf_counter() - t0 > timeout:
-                os.killpg(root, 9)
-                _, status, ru = os.wait4(root, 0)
-                break
-            time.sleep(interval)
+            except subprocess.TimeoutExpired:
+                if time.perf_counter() - t0 > timeout:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+                    break
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         text = err.read().decode("utf-8", "replace")
-    assert ru is not None
-    max_one = ru.ru_maxrss * 1024  # the largest single process of the tree (Linux: KiB)
-    others = sum(v for p, v in hwm.items() if p != root)
-    own = hwm.get(root, 0)
+        try:
+            with open(report) as f:
+                max_one, code = (int(v) for v in f.read().split())
+        except (OSError, ValueError):
+            max_one, code = 0, proc.returncode or 1
+    others = sum(v for p, v in hwm.items() if p != job)
+    own = hwm.get(job, 0)
     if max_one > max(hwm.values(), default=0):
         own = max_one  # the job itself peaked after its last sample (nothing else was that large)
-    return TreePeak(max(best, max_one), own + others, max_one, len(hwm), proc.returncode, seconds, text)
+    return TreePeak(max(best, max_one), own + others, max_one, len(hwm), code, seconds, text)
 
 
 def build_model(folder: Path, total_bytes: int, *, external: bool, blocks: int = 4) -> Path:
