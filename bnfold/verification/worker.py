@@ -137,6 +137,24 @@ class _Worker:
         return [v.numpy() for v in sess.run_with_ort_values(outputs, vals)]
 
 
+def _give_back() -> None:
+    """Hand the memory of a dropped session back to the system before the next model loads.
+
+    onnxruntime frees a session's weights when it is dropped (the session is destroyed at once: only
+    this dict held it); glibc keeps freed small blocks for reuse, ``malloc_trim`` returns them.
+    """
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+
+
 def main() -> None:
     """Serve requests on stdin until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
@@ -157,8 +175,10 @@ def main() -> None:
                 value = worker.run(*msg[1:])
             elif msg[0] == "drop":
                 value = worker.sessions.pop(msg[1], None) is not None
+                _give_back()
             elif msg[0] == "reset":
                 worker.sessions.clear()
+                _give_back()
                 value = True
             else:
                 raise ValueError(f"unknown request {msg[0]!r}")
