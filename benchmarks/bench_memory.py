@@ -10,7 +10,8 @@ Every job runs in a fresh process; its peak is that of its whole process tree (:
 what the job costs the machine is the parent and the worker *at the same time*. Three figures per job:
 
 * ``tree RSS`` (the one the ratios use) -- the largest sum of ``VmRSS`` over the job's process tree
-  (the job and every descendant, from ``/proc/<pid>/task/*/children``), sampled every 20 ms;
+  (the job and every descendant, from ``/proc/<pid>/task/*/children``), sampled every 20 ms; a
+  process whose high-water mark rose between two samples counts at that mark;
 * ``sum of HWM`` -- an upper bound: each process's own high-water mark (``VmHWM``) added up, as if
   every process peaked at the same moment;
 * ``max one`` -- ``ru_maxrss`` from ``wait4``: the largest single process of the tree (the figure
@@ -119,8 +120,9 @@ def tree_peak(cmd: Sequence[str], *, cwd: str | Path | None = None, env: Mapping
     """Run ``cmd`` and measure the peak memory of its whole process tree (Linux ``/proc``).
 
     The job is forked by a small launcher (:data:`_LAUNCHER`) and sampled every ``interval`` seconds:
-    the sum of ``VmRSS`` over the job and all its descendants (the launcher left out; the sampled
-    peak can miss a spike shorter than the interval), and each process's ``VmHWM`` as last seen. The
+    the sum of ``VmRSS`` over the job and all its descendants (the launcher left out), where a process
+    whose ``VmHWM`` rose since the previous sample counts at that high-water mark (a spike shorter than
+    the interval is not missed), and each process's ``VmHWM`` as last seen. The
     job's own high-water mark is exact at its end (``wait4``) when it is the largest process of the
     tree; otherwise its last sample is used.
     """
@@ -147,7 +149,8 @@ def tree_peak(cmd: Sequence[str], *, cwd: str | Path | None = None, env: Mapping
             for p in pids:
                 got = _rss_hwm(p)
                 if got is not None:
-                    total += got[0]
+                    rose = got[1] > hwm.get(p, 0)  # it peaked since the last sample: count that peak
+                    total += got[1] if rose else got[0]
                     hwm[p] = max(hwm.get(p, 0), got[1])
             best = max(best, total)
             try:
@@ -313,7 +316,8 @@ def main() -> None:
             print(f"\nModel: {size / GIB:.2f} GiB of float32 weights, {layout} "
                   f"({'a .data file' if layout == 'external' else 'inside the .onnx file'}; 4 Conv 1x1 -> BN "
                   f"blocks), median of {repeats} run(s). Peak of each job's process tree: the sum of VmRSS "
-                  f"over the job and its children (onnxruntime's worker), sampled every 20 ms; 'sum of HWM' "
+                  f"over the job and its children (onnxruntime's worker), sampled every 20 ms (a process whose "
+                  f"high-water mark rose since the last sample counts at that mark); 'sum of HWM' "
                   f"adds each process's own peak (an upper bound); 'max one' is the largest single process "
                   f"(wait4's ru_maxrss, the old figure)\n")
             print(markdown_table(["job", "tree RSS", "vs load+save", "net vs load+save", "target",
