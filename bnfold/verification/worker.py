@@ -105,10 +105,14 @@ class _Worker:
             3: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
 
-    def load(self, sid: int, source: Any, level: int, severity: int) -> Any:
+    def load(self, request: list[Any]) -> Any:
+        """``request``: ``["load", sid, source, level, severity]``, emptied here so that the buffer the
+        model's bytes arrived in is freed once they are copied (one copy of the model less at load)."""
+        _, sid, source, level, severity = request
+        request.clear()
         ort = self.ort
         if not isinstance(source, str):
-            source = bytes(source)  # the out-of-band buffer arrives as a bytearray
+            source = bytes(source)  # the out-of-band buffer arrives as a bytearray (freed now)
         ort.set_default_logger_severity(severity)
         so = ort.SessionOptions()
         so.graph_optimization_level = self.levels[level]
@@ -170,7 +174,8 @@ def main() -> None:
             return
         try:
             if msg[0] == "load":
-                value = worker.load(*msg[1:])
+                request, msg = list(msg), None
+                value = worker.load(request)
             elif msg[0] == "run":
                 value = worker.run(*msg[1:])
             elif msg[0] == "drop":
