@@ -220,10 +220,13 @@ def test_verification_holds_one_onnxruntime_model_at_a_time(tmp_path: Path, monk
     dst.parent.mkdir()
     assert fold_file(src, dst, FoldSettings(verify=False)).bn_after == 0
     held: list[int] = []
+    workers: list[isolation.OrtWorker] = []
     real = isolation.OrtWorker.load
 
     def load(self: isolation.OrtWorker, source: str | bytes, level: int) -> object:
         held.append(len(self._loaded))
+        workers.extend([] if self in workers else [self])
+        assert sum(w.alive() for w in workers) == 1  # one worker process at a time
         return real(self, source, level)
 
     monkeypatch.setattr(isolation.OrtWorker, "load", load)

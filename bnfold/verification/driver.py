@@ -189,8 +189,8 @@ def verify(
     if candidate is None or reference is None:
         raise OptionError("verify needs a reference and a candidate (or load_outputs)")
 
-    with contextlib.ExitStack() as stack:
-        worker = stack.enter_context(worker_scope())  # started now: its imports overlap what follows
+    with contextlib.ExitStack() as stack, contextlib.ExitStack() as ort_scope:
+        worker = ort_scope.enter_context(worker_scope())  # started now: its imports overlap what follows
         ref_src = _onnx_source(reference, "reference", stack)
         cand_src = _onnx_source(candidate, "candidate", stack)
         ref_torch, cand_torch = _is_torch(ref_src), _is_torch(cand_src)
@@ -260,6 +260,7 @@ def verify(
         checks = _compare_outputs(ref_out, cand_out, out_names, comparator)
         extra = _extra_level(extra_level, cand_from, feeds, ref_out, out_names, comparator, worker)
         runtimes = (ref.runtime, cand.runtime)
+        ort_scope.close()  # the worker goes back to the idle slot (or ends): locate's runs take it, not a second one
         located = None
         if locate:
             if ref_torch or cand_torch:
