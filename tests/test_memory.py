@@ -237,6 +237,9 @@ def test_verification_holds_one_onnxruntime_model_at_a_time(tmp_path: Path, monk
     rec = np.load(tmp_path / "rec.npz")
     for i in range(3):
         np.testing.assert_array_equal(run_onnx(src, {"x": rec[f"in_{i}_0"]})[0], rec[f"ref_{i}_0"])
+    held.clear()  # the recording stands for the reference: the candidate, then its re-run at level "all"
+    again = verification.verify(None, str(dst), load_outputs=tmp_path / "rec.npz", extra_level="all")
+    assert again.passed and [e.passed for e in again.extra] == [True] and held == [0, 0]
     # a wrong candidate is still found, and located
     bad = onnx.load(str(dst))
     w = next(t for t in bad.graph.initializer if t.name.startswith("W"))
