@@ -8,8 +8,11 @@ Order (each step raises before any model runs when it can):
        other (:mod:`.checks`); PyTorch inputs from the example tensors;
     4. inputs: the user's data, else seeded random tensors per sample (:mod:`bnfold._inputs`);
     5. a PyTorch candidate is exported to ONNX (named after the reference) and run in onnxruntime;
-    6. every sample through both sides, every output compared; ``extra_level``, ``locate`` and
-       ``save_outputs`` on top.
+    6. every sample through the reference first (its outputs kept), its onnxruntime session dropped,
+       then the candidate's session built and checked against the reference's inputs and outputs,
+       every sample through it, every output compared; ``extra_level`` (after the candidate's session
+       is dropped), ``locate`` and ``save_outputs`` on top. The worker holds one model at a time: a
+       verified fold costs one model's weights in onnxruntime, not two.
 """
 
 from __future__ import annotations
@@ -81,6 +84,20 @@ def _run_all(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], filled: Map
             f"{e}; bnfold chose the symbolic dimensions ({tried}): give the shapes the model takes with "
             f"--input-shape/-s {printable(next(iter(filled)), 80)}=DIMS (input_shapes= in Python) or real inputs with --inputs FILE.npz"
         ) from e
+
+
+class _Loaded:
+    """A runner's runtime as it was when its model loaded (what :func:`_same_runtime_or_better` reads)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+
+def _release(runner: _Runner) -> None:
+    """Drop ``runner``'s onnxruntime session (and its fallback's model): its outputs are all taken."""
+    if isinstance(runner, _OrtRunner):
+        runner.worker.drop(runner.sid)
+        runner.fallback = None  # the reference evaluator's copy of the model, if it came to that
 
 
 def verify(
@@ -174,8 +191,8 @@ def verify(
     if candidate is None or reference is None:
         raise OptionError("verify needs a reference and a candidate (or load_outputs)")
 
-    with contextlib.ExitStack() as stack:
-        worker = stack.enter_context(worker_scope())  # started now: its imports overlap what follows
+    with contextlib.ExitStack() as stack, contextlib.ExitStack() as ort_scope:
+        worker = ort_scope.enter_context(worker_scope())  # started now: its imports overlap what follows
         ref_src = _onnx_source(reference, "reference", stack)
         cand_src = _onnx_source(candidate, "candidate", stack)
         ref_torch, cand_torch = _is_torch(ref_src), _is_torch(cand_src)
@@ -186,14 +203,9 @@ def verify(
             ref = _onnx_runner(ref_src, optimization_level, "reference", worker)
             specs = ref.inputs
             out_names = ref.outputs
-        if not cand_torch:
+        elif not cand_torch:  # the reference runs in this process: the candidate's session names the inputs
             cand = _onnx_runner(cand_src, optimization_level, "candidate", worker)
-            if ref_torch:
-                specs, out_names = cand.inputs, cand.outputs
-            else:
-                _same_runtime_or_better(ref, cand)
-                _check_inputs(specs, cand.inputs, exported=False)
-                _check_outputs(out_names, cand.outputs)
+            specs, out_names = cand.inputs, cand.outputs
         if ref_torch and cand_torch:
             ex = _example_inputs(ref_src, example_inputs)
             ex = _example_inputs(cand_src, None) if ex is None else ex
@@ -216,31 +228,41 @@ def verify(
             rng = np.random.default_rng(seed)
             feeds = [random_inputs(specs, shapes, rng) for _ in range(samples)]
 
+        cand_from: Any = cand_src
+        cand_label = "candidate"
         if cand_torch:
             if not out_names:
                 n_out = len(_flatten(_run_torch_once(cand_src, feeds[0], specs)))
                 out_names = [f"output_{i}" for i in range(n_out)]
-            onnx_bytes = _export_candidate(cand_src, feeds[0], specs, out_names)
-            cand = _onnx_runner(onnx_bytes, optimization_level, "candidate (exported to ONNX)", worker)
-            _check_inputs(specs, cand.inputs, exported=True)
-            _check_outputs(out_names, cand.outputs)
-        assert cand is not None
+            cand_from = _export_candidate(cand_src, feeds[0], specs, out_names)
+            cand_label = "candidate (exported to ONNX)"
         if isinstance(ref, _TorchRunner):
             ref.outputs = list(out_names)
 
         comparator.validate(out_names)
         filled = {} if inputs is not None else _filled_dims(specs, shapes, input_shapes)
+        # One onnxruntime session at a time: the reference runs every sample (its outputs are kept),
+        # its session is dropped, then the candidate's is built. Both alive at once would cost the
+        # worker the two models' weights together.
+        loaded_as = ref.runtime  # how the reference loaded, before a crash in a run could change it
         ref_out = _run_all(ref, feeds, filled)
+        _release(ref)
+        if cand is None:
+            cand = _onnx_runner(cand_from, optimization_level, cand_label, worker)
+            if not ref_torch:
+                _same_runtime_or_better(_Loaded(loaded_as), cand)
+            _check_inputs(specs, cand.inputs, exported=cand_torch)
+            _check_outputs(out_names, cand.outputs)
         # a candidate falls back on a crash only where its reference did not run in onnxruntime
         cand.may_fall_back = not (isinstance(ref, _OrtRunner) and ref.runtime.runtime == "onnxruntime")
         cand_out = _run_all(cand, feeds, filled)
+        _release(cand)
         if not ref_torch:
             _same_runtime_or_better(ref, cand)
         checks = _compare_outputs(ref_out, cand_out, out_names, comparator)
-        extra = _extra_level(
-            extra_level, cand_src if not cand_torch else onnx_bytes, feeds, ref_out, out_names, comparator, worker
-        )
+        extra = _extra_level(extra_level, cand_from, feeds, ref_out, out_names, comparator, worker)
         runtimes = (ref.runtime, cand.runtime)
+        ort_scope.close()  # the worker goes back to the idle slot (or ends): locate's runs take it, not a second one
         located = None
         if locate:
             if ref_torch or cand_torch:

@@ -3,7 +3,8 @@
 Rules:
     * one worker per verification (:func:`worker_scope`), started when the verification starts (its
       imports overlap the parent's preparation) and holding every onnxruntime session of it
-      (reference, candidate, the ``extra_level`` re-run); a healthy worker is kept idle afterwards and
+      (reference, candidate, the ``extra_level`` re-run), one at a time: the driver drops a session
+      (:meth:`OrtWorker.drop`) before it loads the next one; a healthy worker is kept idle afterwards and
       reused by the next verification in this process (its sessions dropped), so that a culprit
       search pays the start once; one that held models over :data:`_KEEP_IDLE_BELOW` is ended instead;
     * a model goes to the child as the path it came as (the child's onnxruntime reads the file and
@@ -261,6 +262,18 @@ class OrtWorker:
             for n, a in feeds.items()
         }
         return list(self.request(("run", sid, list(outputs), sent)))
+
+    def drop(self, sid: int) -> None:
+        """Drop one session (its memory goes back to the system before the next model loads).
+
+        Nothing to do when the child is gone (a crash took the session with it); a crash while dropping
+        is left for the next request to report.
+        """
+        self._specs.pop(sid, None)
+        if sid in self._loaded and self.alive():
+            with contextlib.suppress(WorkerCrashed):
+                self.request(("drop", sid))
+        self._loaded.discard(sid)
 
     def reset(self) -> None:
         """Drop every session (the worker goes back to the idle slot)."""

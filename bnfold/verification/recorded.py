@@ -26,7 +26,7 @@ from bnfold.records import RuntimeUse, VerifyReport
 
 from .checks import _check_inputs, _check_outputs, _compare_outputs, _extra_level
 from .isolation import worker_scope
-from .runners import _onnx_runner
+from .runners import _onnx_runner, _OrtRunner
 from .sources import _export_candidate, _is_torch, _onnx_source
 
 __all__: list[str] = []
@@ -85,6 +85,8 @@ def _verify_recorded(
         _check_inputs(specs, cand.inputs, exported=False)
         _check_outputs(rec.output_names, cand.outputs)
         cand_out = [cand.run(f, i) for i, f in enumerate(rec.feeds)]
+        if isinstance(cand, _OrtRunner):  # dropped before the extra_level session loads: one model at a time
+            worker.drop(cand.sid)
         checks = _compare_outputs(rec.reference, cand_out, rec.output_names, comparator)
         extra = _extra_level(extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator, worker)
     if save_to is not None:

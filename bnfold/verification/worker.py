@@ -105,10 +105,14 @@ class _Worker:
             3: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
 
-    def load(self, sid: int, source: Any, level: int, severity: int) -> Any:
+    def load(self, request: list[Any]) -> Any:
+        """``request``: ``["load", sid, source, level, severity]``, emptied here so that the buffer the
+        model's bytes arrived in is freed once they are copied (one copy of the model less at load)."""
+        _, sid, source, level, severity = request
+        request.clear()
         ort = self.ort
         if not isinstance(source, str):
-            source = bytes(source)  # the out-of-band buffer arrives as a bytearray
+            source = bytes(source)  # the out-of-band buffer arrives as a bytearray (freed now)
         ort.set_default_logger_severity(severity)
         so = ort.SessionOptions()
         so.graph_optimization_level = self.levels[level]
@@ -137,6 +141,24 @@ class _Worker:
         return [v.numpy() for v in sess.run_with_ort_values(outputs, vals)]
 
 
+def _give_back() -> None:
+    """Hand the memory of a dropped session back to the system before the next model loads.
+
+    onnxruntime frees a session's weights when it is dropped (the session is destroyed at once: only
+    this dict held it); glibc keeps freed small blocks for reuse, ``malloc_trim`` returns them.
+    """
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+
+
 def main() -> None:
     """Serve requests on stdin until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
@@ -152,13 +174,16 @@ def main() -> None:
             return
         try:
             if msg[0] == "load":
-                value = worker.load(*msg[1:])
+                request, msg = list(msg), None
+                value = worker.load(request)
             elif msg[0] == "run":
                 value = worker.run(*msg[1:])
             elif msg[0] == "drop":
                 value = worker.sessions.pop(msg[1], None) is not None
+                _give_back()
             elif msg[0] == "reset":
                 worker.sessions.clear()
+                _give_back()
                 value = True
             else:
                 raise ValueError(f"unknown request {msg[0]!r}")
