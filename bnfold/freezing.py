@@ -331,7 +331,7 @@ def _to_bn(layer: FrozenBatchNorm) -> nn.Module:
     bn = cls(
         layer.num_features,
         eps=layer.eps,
-        momentum=momentum,  # type: ignore[arg-type]
+        momentum=momentum,
         affine=affine,
         track_running_stats=True,
         device=layer.scale.device,

@@ -512,7 +512,7 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
     for n, _ in bns:
         m = mods[n]
         om, ov = old[n]
-        nm, nv = m.running_mean.double(), m.running_var.double()  # type: ignore[union-attr]
+        nm, nv = m.running_mean.double(), m.running_var.double()
         shift = ((nm - om).abs() / (ov + float(m.eps)).sqrt()).max().item()
         ratio = nv / ov
         changes.append(BnChange(n, None, int(nm.numel()), len(data), data.samples, 0, float(shift),

@@ -91,9 +91,9 @@ def _forward_shape_ok(cls: type) -> bool:
     me = fn.args.args[0].arg
     returns = [n for n in ast.walk(fn) if isinstance(n, ast.Return)]
     last = fn.body[-1] if fn.body else None
-    if len(returns) != 1 or returns[0] is not last or not isinstance(last.value, ast.Call):  # type: ignore[union-attr]
+    if len(returns) != 1 or returns[0] is not last or not isinstance(last.value, ast.Call):
         return False
-    call_args = {id(a) for a in [*last.value.args, *(k.value for k in last.value.keywords)]}  # type: ignore[union-attr]
+    call_args = {id(a) for a in [*last.value.args, *(k.value for k in last.value.keywords)]}
     parents = {id(c): p for p in ast.walk(fn) for c in ast.iter_child_nodes(p)}
     for node in ast.walk(fn):
         if not (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias")):

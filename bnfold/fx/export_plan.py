@@ -114,7 +114,7 @@ def _accumulate(
         else:
             w64 = to_float64(w0)
             assert w64 is not None
-            w, b = w64, to_float64(b0)  # type: ignore[assignment]
+            w, b = w64, to_float64(b0)
         t = shift[p.lo:p.hi] if p.with_shift else np.zeros(p.hi - p.lo)
         try:
             w_new, b_new = fold(w, b, scale[p.lo:p.hi], t, p.layout)

@@ -230,7 +230,7 @@ def _accumulate(
         else:
             w64 = to_float64(w0)
             assert w64 is not None
-            w, b = w64, to_float64(layer.bias)  # type: ignore[assignment]
+            w, b = w64, to_float64(layer.bias)
         t = shift[lo:hi] if with_shift else np.zeros(hi - lo)
         try:
             w_new, b_new = fold(w, b, scale[lo:hi], t, layer_layout(layer))

@@ -178,7 +178,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             pt2_guard.check_pt2(p)
         try:
             with _quiet_logger("torch.export"):
-                program = torch.export.load(p)  # type: ignore[no-untyped-call]
+                program = torch.export.load(p)
         except Exception as e:
             raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         if not trust_pickle:

@@ -53,7 +53,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     non-differentiable global statistics (``count`` a float64 scalar tensor)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         xc, w, b = compute_dtype(x, weight, bias)
@@ -89,7 +89,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_y: torch.Tensor, *_: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, mean, invstd = ctx.saved_tensors

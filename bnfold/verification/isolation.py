@@ -347,6 +347,6 @@ def worker_scope() -> Iterator[OrtWorker]:
             with _LOCK:
                 if not _IDLE:
                     _IDLE.append(w)
-                    w = None  # type: ignore[assignment]
+                    w = None
         if w is not None:
             w.kill()
