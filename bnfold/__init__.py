@@ -29,7 +29,6 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .health import health  # eager: the submodule's name would otherwise shadow the function
 from .records import (
     BnHealth,
     Direction,
@@ -49,6 +48,7 @@ _LAZY = {
     "fold": "bnfold.api",
     "inspect": "bnfold.api",
     "fold_with_report": "bnfold.api",
+    "health": "bnfold.api",
     "verify": "bnfold.verification",
     "load": "bnfold.io",
     "save": "bnfold.io",
@@ -94,6 +94,7 @@ if TYPE_CHECKING:
     from . import nn as nn
     from .api import fold as fold
     from .api import fold_with_report as fold_with_report
+    from .api import health as health
     from .api import inspect as inspect
     from .export import export_onnx as export_onnx
     from .freezing import freeze as freeze

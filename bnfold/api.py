@@ -17,12 +17,12 @@ Rules:
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from .errors import InputError, OptionError
-from .records import FoldReport
+from .errors import OptionError, UnsupportedModelError
+from .kinds import model_kind
+from .records import FoldReport, HealthReport
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -31,31 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
 Model = TypeVar("Model", "onnx.ModelProto", "torch.nn.Module", "torch.export.ExportedProgram")
 """The three model types; ``fold`` returns the type it was given."""
 
-__all__ = ["Model", "fold", "inspect", "fold_with_report", "model_kind"]
+__all__ = ["Model", "fold", "inspect", "fold_with_report", "health", "model_kind"]
 
 log = logging.getLogger(__name__)
-
-
-def model_kind(model: Any) -> str:
-    """Which backend handles ``model``: "onnx", "export" or "module".
-
-    Raises:
-        InputError: the object is none of the supported model types.
-    """
-    mod = type(model).__module__
-    if mod.startswith("onnx") and type(model).__name__ == "ModelProto":
-        return "onnx"
-    if "torch" in sys.modules:
-        import torch
-
-        if isinstance(model, torch.export.ExportedProgram):
-            return "export"
-        if isinstance(model, torch.nn.Module):
-            return "module"
-    raise InputError(
-        f"cannot fold a {type(model).__module__}.{type(model).__name__}: expected an onnx.ModelProto, "
-        "a torch.nn.Module or a torch.export.ExportedProgram"
-    )
 
 
 # Options each kind of model takes beyond the common ones (dry_run, flush_denormals, health).
@@ -181,10 +159,8 @@ def fold_with_report(
         if note is not None:
             report = replace(report, notes=(*report.notes, note))
     if dry_run and health:
-        from .health import health as audit_copy
-
-        report = replace(report, health=audit_copy(model, affine=affine, eval_semantics=eval_semantics,
-                                                   example_inputs=example_inputs))
+        audit = _audit_copy(model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs)
+        report = replace(report, health=audit)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return cast("Model", out), report
 
@@ -229,3 +205,46 @@ def inspect(
         model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
         health=health, merge_branches=merge_branches,
     )[1]
+
+
+def health(
+    model: Any,
+    *,
+    affine: bool = False,
+    eval_semantics: bool = False,
+    example_inputs: Any = None,
+) -> HealthReport:
+    """Audit the BatchNorms of ``model``: dead channels, tiny variances, float16/bfloat16 range and
+    the subnormal values a fold would write (see the module docstring).
+
+    Args:
+        model: an ``onnx.ModelProto`` or a ``torch.nn.Module`` (not changed).
+        affine, eval_semantics, example_inputs: as :func:`bnfold.fold_with_report`, so that the
+            verdicts (and hence the targets) are those of the fold you would run.
+
+    Returns:
+        A :class:`~bnfold.records.HealthReport` with one :class:`~bnfold.records.BnHealth` per BN.
+
+    Raises:
+        UnsupportedModelError: a ``torch.export`` program.
+        InputError: not a model bnfold handles.
+    """
+    from .denormals import snapshot
+    from .health_audit import audit
+
+    kind = model_kind(model)
+    if kind == "export":
+        raise UnsupportedModelError(
+            "the health audit reads nn.Module and ONNX models, not torch.export programs: audit the "
+            "nn.Module it was exported from, or the ONNX file"
+        )
+    before = snapshot(model)
+    kwargs: dict[str, Any] = {"eval_semantics": eval_semantics, "example_inputs": example_inputs}
+    if kind == "onnx":
+        kwargs = {"affine": affine}
+    # What the fold itself writes, before any flush (which is what the audit is about).
+    folded, report = fold_with_report(model, flush_denormals=False, **kwargs)
+    return audit(model, folded, report, before)
+
+
+_audit_copy = health  # for fold_with_report, whose ``health`` argument shadows the function

@@ -108,7 +108,7 @@ def range_counts(values: npt.ArrayLike) -> RangeCounts:
 
 # ------------------------------------------------------------------------------- model post-pass
 def _kind(model: Any) -> str:
-    from .api import model_kind
+    from .kinds import model_kind
 
     return model_kind(model)
 

@@ -7,7 +7,7 @@ folds (PyTorch, then ONNX on what the exporter left) runs it and the report adds
 
 Rules:
 
-1. the audit (:mod:`bnfold.health`) sees the fold as the backend wrote it: before pruning and flush;
+1. the audit (:mod:`bnfold.health_audit`) sees the fold as the backend wrote it: before pruning and flush;
 2. pruning (:mod:`bnfold.constant_channels`, nn.Module only) runs on the folded copy;
 3. the denormal flush (:mod:`bnfold.denormals`) comes last, so it also covers the biases pruning wrote;
    ONNX: the initializers of the fold targets; PyTorch: the tensors that differ from the snapshot
@@ -86,7 +86,7 @@ def after_fold(
 ) -> FoldReport:
     """Run the steps on the folded ``out`` (edited); ``report`` with their results recorded."""
     if steps.health:
-        from .health import audit
+        from .health_audit import audit
 
         report = replace(report, health=audit(original, out, report, before))
     if steps.prune_constant_channels:

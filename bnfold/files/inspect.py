@@ -104,7 +104,7 @@ def inspect_file(
         if isinstance(model, torch.export.ExportedProgram) and not to_onnx:
             report = replace(report, predicted_counts=("bn", "params"))
     if s.health:
-        from bnfold.health import health as audit_model
+        from bnfold.api import health as audit_model
 
         if loaded.format == "onnx":
             audit = audit_model(model, affine=s.affine)

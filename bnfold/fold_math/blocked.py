@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bnfold._dtypes import is_bfloat16
-
-from .cast import F64, cast_exact
+from .cast import F64, cast_exact, is_bfloat16
 
 __all__ = ["scale_cast", "Scratch"]
 

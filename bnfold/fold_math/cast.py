@@ -13,9 +13,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bnfold._dtypes import is_bfloat16
 
-__all__ = ["F64", "ArrayLike", "f64", "cast_exact", "fits_dtype"]
+def is_bfloat16(dtype: Any) -> bool:
+    """True for ``ml_dtypes.bfloat16`` (by name: no import of ml_dtypes needed to say no)."""
+    try:
+        return bool(np.dtype(dtype).name == "bfloat16")
+    except TypeError:
+        return False
+
+
+__all__ = ["F64", "ArrayLike", "f64", "cast_exact", "fits_dtype", "is_bfloat16"]
 
 F64 = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike

@@ -25,7 +25,7 @@ per-tensor quantiser, removes the loss. It costs one ``max |w|`` pass over each 
 runs with the audit only (the audit is what knows which tensors the fold wrote).
 
 Which layer each BN folds into comes from the backends' own matchers: the audit folds a copy of the
-model with :func:`bnfold.fold_with_report` and reads the tensors the fold wrote (those that differ
+model (:func:`bnfold.health` = :func:`bnfold.api.health` folds a copy, then calls :func:`audit`) and reads the tensors the fold wrote (those that differ
 from the original, :func:`bnfold.denormals.changed_tensors`). The BN parameters are read from the
 original model. Nothing is changed; ``torch.export`` programs are not audited (fold them as the
 ``nn.Module`` they came from).
@@ -47,10 +47,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     F64 = npt.NDArray[np.float64]
 
-# ``bnfold/__init__.py`` imports this module eagerly (so that ``bnfold.health`` is the function, not
-# this module): NumPy and the backends are imported inside the functions.
+# NumPy and the backends are imported inside the functions (an ONNX user never imports torch).
 
-__all__ = ["NEAR_ZERO_GAMMA_REL", "health", "audit", "channel_ranges", "layer_quant"]
+__all__ = ["NEAR_ZERO_GAMMA_REL", "audit", "channel_ranges", "layer_quant"]
 
 NEAR_ZERO_GAMMA_REL = 1e-6
 """A gamma at most this fraction of the BN's largest |gamma| counts as near zero (a pruned channel)."""
@@ -66,45 +65,6 @@ class _Params:
     eps: float
 
 
-def health(
-    model: Any,
-    *,
-    affine: bool = False,
-    eval_semantics: bool = False,
-    example_inputs: Any = None,
-) -> HealthReport:
-    """Audit the BatchNorms of ``model``: dead channels, tiny variances, float16/bfloat16 range and
-    the subnormal values a fold would write (see the module docstring).
-
-    Args:
-        model: an ``onnx.ModelProto`` or a ``torch.nn.Module`` (not changed).
-        affine, eval_semantics, example_inputs: as :func:`bnfold.fold_with_report`, so that the
-            verdicts (and hence the targets) are those of the fold you would run.
-
-    Returns:
-        A :class:`~bnfold.records.HealthReport` with one :class:`~bnfold.records.BnHealth` per BN.
-
-    Raises:
-        UnsupportedModelError: a ``torch.export`` program.
-        InputError: not a model bnfold handles.
-    """
-    from .api import fold_with_report, model_kind
-    from .denormals import snapshot
-
-    kind = model_kind(model)
-    if kind == "export":
-        raise UnsupportedModelError(
-            "the health audit reads nn.Module and ONNX models, not torch.export programs: audit the "
-            "nn.Module it was exported from, or the ONNX file"
-        )
-    before = snapshot(model)
-    kwargs: dict[str, Any] = {"eval_semantics": eval_semantics, "example_inputs": example_inputs}
-    if kind == "onnx":
-        kwargs = {"affine": affine}
-    # What the fold itself writes, before any flush (which is what the audit is about).
-    folded, report = fold_with_report(model, flush_denormals=False, **kwargs)
-    return audit(model, folded, report, before)
-
 
 def audit(original: Any, folded: Any, report: FoldReport, before: Any = None) -> HealthReport:
     """The health report of a fold already done: ``folded`` and ``report`` came from ``original``.
@@ -116,8 +76,8 @@ def audit(original: Any, folded: Any, report: FoldReport, before: Any = None) ->
         before: :func:`bnfold.denormals.snapshot` of ``original`` taken before the fold; default: taken
             now (right when ``original`` was not folded in place).
     """
-    from .api import model_kind
     from .denormals import changed_tensors, count_subnormal, range_counts, snapshot, tensor_values
+    from .kinds import model_kind
 
     kind = model_kind(original)
     if kind == "export":
