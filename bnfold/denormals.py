@@ -36,8 +36,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._dtypes import bfloat16, is_floating, to_numpy
+from ._dtypes import bfloat16, to_numpy
 from .fold_math import cast_exact
+from .fold_math.subnormal import (
+    BF16_TINY,
+    BITS,
+    F16_TINY,
+    count_subnormal,
+    flush_array,
+    flush_written,
+    has_subnormal_bits,
+)
 from .records import FoldReport, RangeCounts
 
 __all__ = [
@@ -52,46 +61,6 @@ __all__ = [
     "flush_targets",
 ]
 
-_F16_TINY = float(np.finfo(np.float16).tiny)  # 6.10e-05
-_BF16_TINY = float(np.finfo(np.float32).tiny)  # bfloat16 has float32's exponent range
-
-
-
-
-def _tiny(dtype: np.dtype[Any]) -> float:
-    if dtype.name == "bfloat16":
-        return _BF16_TINY
-    return float(np.finfo(dtype).tiny)
-
-
-
-
-def _subnormal_mask(a: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
-    mag = np.abs(a.astype(np.float64) if a.dtype.name == "bfloat16" else a)
-    mask: npt.NDArray[np.bool_] = (mag > 0) & (mag < _tiny(a.dtype))
-    return mask
-
-
-def count_subnormal(a: npt.NDArray[Any]) -> int:
-    """Number of subnormal values of ``a`` in its own dtype (0 for non-float arrays)."""
-    if not is_floating(a.dtype):
-        return 0
-    return int(np.count_nonzero(_subnormal_mask(a)))
-
-
-def flush_array(a: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
-    """``a`` with its subnormal values set to zero (a new array when any changed), and their count."""
-    if not is_floating(a.dtype):
-        return a, 0
-    mask = _subnormal_mask(a)
-    n = int(np.count_nonzero(mask))
-    if not n:
-        return a, 0
-    out = np.array(a, copy=True)
-    out[mask] = 0
-    return out, n
-
-
 def range_counts(values: npt.ArrayLike) -> RangeCounts:
     """Overflow / underflow counts of ``values`` (any float dtype) cast to float16 and bfloat16."""
     a = np.asarray(values)
@@ -100,7 +69,7 @@ def range_counts(values: npt.ArrayLike) -> RangeCounts:
     if not a.size:
         return RangeCounts()
     out: list[int] = []
-    for dt, tiny in ((np.dtype(np.float16), _F16_TINY), (np.dtype(bfloat16()), _BF16_TINY)):
+    for dt, tiny in ((np.dtype(np.float16), F16_TINY), (np.dtype(bfloat16()), BF16_TINY)):
         c = np.abs(cast_exact(a, dt).astype(np.float64))
         out += [int(np.count_nonzero(np.isinf(c))), int(np.count_nonzero(c < tiny))]
     return RangeCounts(*out)
@@ -134,66 +103,13 @@ def _onnx_key(t: Any) -> int:
     return hash(t.SerializeToString(deterministic=True))
 
 
-# Bit patterns: a value is subnormal when its exponent bits are all 0 and its mantissa is not, i.e.
-# when ``(bits & ~sign) - 1 < mantissa mask`` in unsigned arithmetic (0 wraps around to the maximum).
-_BITS: dict[int, tuple[Any, int, int]] = {
-    1: (np.uint32, 0x7FFFFFFF, 0x007FFFFF),  # FLOAT
-    10: (np.uint16, 0x7FFF, 0x03FF),  # FLOAT16
-    16: (np.uint16, 0x7FFF, 0x007F),  # BFLOAT16
-    11: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x000FFFFFFFFFFFFF),  # DOUBLE
-}
-
-
-_CHUNK = 1 << 16  # values per step: the temporaries stay in cache (about 2x faster than whole arrays)
-
-
 def _onnx_has_subnormal(t: Any) -> bool:
     """Fast check on the raw bytes (no float conversion); other storage goes through NumPy."""
-    spec = _BITS.get(int(t.data_type))
+    spec = BITS.get(int(t.data_type))
     raw = t.raw_data
     if spec is None or not raw:
         return count_subnormal(tensor_values(t)) > 0
-    return _has_subnormal_bits(np.frombuffer(raw, dtype=np.dtype(spec[0]).newbyteorder("<")), spec)
-
-
-# NumPy dtype -> ONNX element type (bfloat16 is looked up by name), for the bit check of arrays.
-_ELEM = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
-
-
-def _has_subnormal_bits(bits: npt.NDArray[Any], spec: tuple[Any, int, int]) -> bool:
-    """True when a value of ``bits`` (the unsigned view of a float array) is subnormal; chunked."""
-    ut, nosign_bits, mant_bits = spec
-    nosign, one, mant = ut(nosign_bits), ut(1), ut(mant_bits)
-    bits = bits.reshape(-1)
-    buf: npt.NDArray[Any] = np.empty(min(_CHUNK, bits.size), dtype=bits.dtype)
-    for i in range(0, bits.size, _CHUNK):
-        c = bits[i : i + _CHUNK]
-        b = buf[: c.size]
-        np.bitwise_and(c, nosign, out=b)
-        np.subtract(b, one, out=b)  # zero wraps around to the maximum: only subnormals fall below mant
-        if b.min() < mant:
-            return True
-    return False
-
-
-def flush_written(a: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
-    """A tensor a fold is about to store, with its subnormal values set to zero, and their count.
-
-    The rule of the model post-pass (float32, float64 and bfloat16; float16 and non-float arrays are
-    returned as they are), applied before the tensor is stored, so nothing is read back out of the
-    model. The check runs on the bits (no float conversion); ``a`` itself is returned, uncopied, when
-    it holds no subnormal value (the usual case).
-    """
-    elem = _ELEM.get(a.dtype)
-    if elem is None and a.dtype.kind == "V" and a.dtype.name == "bfloat16":
-        elem = 16
-    if elem is None or elem == 10 or not a.size:
-        return a, 0
-    spec = _BITS[elem]
-    arr = np.ascontiguousarray(a)
-    if not _has_subnormal_bits(arr.view(np.dtype(spec[0]).newbyteorder(arr.dtype.byteorder)), spec):
-        return a, 0
-    return flush_array(arr)
+    return has_subnormal_bits(np.frombuffer(raw, dtype=np.dtype(spec[0]).newbyteorder("<")), spec)
 
 
 def _torch_has_subnormal(t: Any) -> bool:

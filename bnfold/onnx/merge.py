@@ -64,8 +64,8 @@ import numpy as np
 import numpy.typing as npt
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
-from bnfold.denormals import flush_written
 from bnfold.fold_math import cast_exact
+from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site, Skip
 
 from .const import ConstEvaluator, is_float

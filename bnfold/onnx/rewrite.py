@@ -32,7 +32,7 @@ import numpy.typing as npt
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
-from bnfold.denormals import flush_written
+from bnfold.fold_math.subnormal import flush_written
 from bnfold.io.stream import spill_tensor, spillable
 from bnfold.records import Site
 

@@ -54,7 +54,7 @@ place the policy lives); it raises :class:`~bnfold.errors.NotComparableError` wh
 two models cannot be compared (different input or output names, incompatible shapes, a model that
 no runtime can load or run). ``save_outputs`` / ``load_outputs`` record a run and check against it
 later (:mod:`bnfold.golden`); ``locate`` names the first intermediate tensor that diverges
-(:mod:`bnfold.locate`). An ONNX-only verification never imports torch.
+(:mod:`bnfold.verification.locate`). An ONNX-only verification never imports torch.
 
 Layout (one job per module): :mod:`.driver` (:func:`verify`), :mod:`.runners` (onnxruntime, the
 reference evaluator, eager PyTorch), :mod:`.sources` (bytes, files, external data, export of a

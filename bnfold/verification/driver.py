@@ -267,7 +267,7 @@ def verify(
         if locate:
             if ref_torch or cand_torch:
                 raise OptionError("locate compares intermediate tensors of two ONNX models; export the PyTorch side first")
-            from bnfold.locate import locate_divergence
+            from .locate import locate_divergence
 
             located = locate_divergence(ref_src, cand_src, feeds[0], comparator)
         if save_outputs is not None:

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .compare import Comparator, compare_output
-from .errors import NotComparableError
-from .records import LocateReport, TensorCheck
+from bnfold.compare import Comparator, compare_output
+from bnfold.errors import NotComparableError
+from bnfold.records import LocateReport, TensorCheck
 
 __all__ = ["locate_divergence"]
 
@@ -99,9 +99,9 @@ def locate_divergence(
     Raises:
         NotComparableError: a model that no runtime can run with its intermediate outputs.
     """
-    from .verification.isolation import worker_scope
-    from .verification.runners import _onnx_runner
-    from .verification.sources import _onnx_source
+    from .isolation import worker_scope
+    from .runners import _onnx_runner
+    from .sources import _onnx_source
 
     ref, cand = _load(reference), _load(candidate)
     ref_prod, cand_prod = _producers(ref), _producers(cand)
