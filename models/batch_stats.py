@@ -48,7 +48,7 @@ def onnx_training_bn(rank: int = 4, c: int = 4, opset: int = 15, *, read_running
                           name="bn", epsilon=1e-3, momentum=0.9, training_mode=1)
     relu = helper.make_node("Relu", ["z"], ["y"], name="relu")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, *spatial])
-    graph_outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    graph_outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, *spatial])]
     if read_running:
         graph_outs.append(helper.make_tensor_value_info("run_mean", TensorProto.FLOAT, [c]))
     g = helper.make_graph([layer, bn, relu], "training_bn", [x], graph_outs, inits)
@@ -86,7 +86,7 @@ def onnx_weight_standardised(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], ["y"], name="bn"),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])
     m = helper.make_model(helper.make_graph(nodes, "ws", [x], [y], inits),
                           opset_imports=[helper.make_opsetid("", 15)])
     m.ir_version = 8
