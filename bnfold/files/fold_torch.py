@@ -62,7 +62,7 @@ def fold_torch(
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
-    flags = {"flush_denormals": post.flush_denormals, "health": post.health,
+    flags: dict[str, Any] = {"flush_denormals": post.flush_denormals, "health": post.health,
              "prune_constant_channels": post.prune_constant_channels}
     if is_ep:
         result, report = fold_with_report(model, **flags)
