@@ -43,9 +43,14 @@ def onnx_training_bn(rank: int = 4, c: int = 4, opset: int = 15, *, read_running
     inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.normal(0, 0.3, c).astype(np.float32), "b")]
     p = _bn_params(c, rng)
     inits += [numpy_helper.from_array(v, f"bn_{k}") for k, v in p.items()]
-    outs = ["z", "run_mean", "run_var"]  # onnxruntime wants all three in training mode (unread here)
-    bn = helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], outs,
-                          name="bn", epsilon=1e-3, momentum=0.9, training_mode=1)
+    if opset >= 14:
+        outs = ["z", "run_mean", "run_var"]  # onnxruntime wants all three in training mode (unread here)
+        bn = helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], outs,
+                              name="bn", epsilon=1e-3, momentum=0.9, training_mode=1)
+    else:  # opsets 7-13: training mode is the optional outputs produced
+        outs = ["z", "run_mean", "run_var", "saved_mean", "saved_var"]
+        bn = helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], outs,
+                              name="bn", epsilon=1e-3, momentum=0.9)
     relu = helper.make_node("Relu", ["z"], ["y"], name="relu")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, *spatial])
     graph_outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, *spatial])]

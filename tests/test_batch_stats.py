@@ -88,6 +88,17 @@ def test_onnx_instance_differs_at_batch_2_as_the_report_says() -> None:
     assert np.abs(_run(folded, x) - _run(model, x)).max() > 1e-2
 
 
+def test_onnx_opset_9_training_outputs_convert_too() -> None:
+    """Opsets 7-13 say training mode with the optional outputs: converted when nothing reads them."""
+    model = onnx_training_bn(4, opset=9)
+    v = bnfold.inspect(model).verdicts[0]
+    assert isinstance(v, Skip) and "--batch-stats instance" in v.detail
+    folded = bnfold.fold(model, batch_stats="instance")
+    x = np.random.default_rng(4).normal(0.3, 1.5, (1, 3, 7, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _reference(model, x), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(_run(folded, x), _reference(model, x), atol=2e-5, rtol=1e-5)
+
+
 def test_onnx_without_the_option_the_reason_names_it() -> None:
     model = onnx_training_bn(4)
     folded, report = bnfold.fold_with_report(model)

@@ -101,7 +101,8 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
         return Skip(
             label,
             SkipReason.TRAINING_MODE,
-            f"its optional outputs ({', '.join(extra)}) are produced: this is a training-mode BN",
+            f"its optional outputs ({', '.join(extra)}) are produced: this is a training-mode BN"
+            + (f"; {OPTION_HINT}" if opset < 14 else ""),
         )
     if len(node.input) < 5:
         return Skip(label, SkipReason.UNSUPPORTED_LAYER, "BatchNormalization with fewer than 5 inputs")
