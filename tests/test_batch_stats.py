@@ -236,3 +236,25 @@ def test_cli_bad_value_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "--batch-stats batch: expected instance" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_onnx_instance_in_an_if_subgraph() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = onnx_training_bn(4).graph
+    then = helper.make_graph(list(g.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                      [1, 4, 7, 6])],
+                             list(g.initializer))
+    other = helper.make_graph([helper.make_node("Relu", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="if")
+    outer = helper.make_graph([node], "outer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(True), "c")])
+    model = helper.make_model(outer, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    folded, report = bnfold.fold_with_report(model, batch_stats="instance")
+    (v,) = report.verdicts
+    assert v.bn == "if/then_branch/bn" and isinstance(v, Site) and v.direction is Direction.CONVERTED
+    x = np.random.default_rng(5).normal(0.3, 1.5, (1, 3, 7, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), atol=2e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ whose detail names the option. This module never imports torch.
 from __future__ import annotations
 
 import numpy as np
-from onnx import GraphProto, NodeProto, helper, numpy_helper
+from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
@@ -121,6 +121,9 @@ def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Ver
     if elem not in FLOAT_TYPES:
         return Skip(label, SkipReason.UNSUPPORTED_DTYPE, "normalises with its batch; its data type is unknown "
                     "or not a float type: not converted")
+    if elem == TensorProto.BFLOAT16 and opset < 22:
+        return Skip(label, SkipReason.UNSUPPORTED_DTYPE, "normalises with its batch, in bfloat16: "
+                    f"InstanceNormalization takes bfloat16 from opset 22 (the model has opset {opset}); not converted")
     for k, what in ((1, "scale"), (2, "B")):
         vt = index.value_type(node.input[k]) if k < len(node.input) and node.input[k] else None
         if vt is None or vt.elem_type != elem:
