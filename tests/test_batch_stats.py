@@ -258,3 +258,16 @@ def test_onnx_instance_in_an_if_subgraph() -> None:
     assert v.bn == "if/then_branch/bn" and isinstance(v, Site) and v.direction is Direction.CONVERTED
     x = np.random.default_rng(5).normal(0.3, 1.5, (1, 3, 7, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(folded, x), _run(model, x), atol=2e-5, rtol=1e-5)
+
+
+def test_cli_dynamic_batch_verified_at_2_fails_and_says_batch_1(tmp_path: Path) -> None:
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(onnx_training_bn(4, batch="N"), src)
+    res = CliRunner().invoke(app, ["fold", str(src), str(dst), "--batch-stats", "instance", "-q"])
+    assert res.exit_code == 1
+    assert len(res.stderr.strip().splitlines()) == 1 and "exact at batch 1 only" in res.stderr
+    assert not dst.exists()
+    res = CliRunner().invoke(app, ["fold", str(src), str(dst), "--batch-stats", "instance", "-q",
+                                   "-s", "x=1x3x7x6"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]

@@ -183,6 +183,8 @@ def _finish(
         report = replace(report, notes=(*report.notes, *runtime_notes(v)))
     failed = v is not None and not v.passed
     message = f"{dst}: the folded model is {failure_message(v, against=str(src))}" if v is not None and failed else ""
+    if failed and s.batch_stats and report.verified_on and any(d and d[0] != 1 for d in report.verified_on.values()):
+        message += " (--batch-stats instance is exact at batch 1 only: verify at batch 1 with -s NAME=1x...)"
     files = report.files
     assert files is not None
     if failed and not s.force:

@@ -139,7 +139,7 @@ def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Ver
 
 def batch_stats_pass(
     graph: GraphProto, index: GraphIndex, ev: ConstEvaluator, labels: dict[str, str], prefix: str,
-    opset: int, mode: str | None,
+    opset: int, mode: str | None, exclude: frozenset[str] = frozenset(),
 ) -> dict[str, Verdict]:
     """Rewrite the training-mode BNs of ``graph`` (one pass, in place); verdicts by BN output name.
 
@@ -152,6 +152,8 @@ def batch_stats_pass(
             continue
         key = node.output[0]
         label = labels.get(key, prefix + index.label(i))
+        if label in exclude:  # left in place (e.g. the conversion failed verification): the matcher says so
+            continue
         read = _read_outputs(index, node)
         if read:
             if mode is not None:

@@ -209,7 +209,7 @@ def _fold_graph(
     if order:  # training-mode BNs: constants evaluated, InstanceNorm on request (bnfold.onnx.batch_stats)
         index = build()
         held = batch_stats_pass(graph, index, ConstEvaluator(index, ctx.opset, outer_ev), labels, prefix,
-                                ctx.opset, ctx.batch_stats)
+                                ctx.opset, ctx.batch_stats, ctx.exclude)
         final.update(held)
         ctx.converted += sum(1 for v in held.values() if isinstance(v, Site) and v.target_kind != "constant")
     has_subgraphs = False
