@@ -281,6 +281,8 @@ def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:
     if isinstance(v, Site):
         if v.direction is Direction.AFFINE:
             return name, Text("Mul + Add", style="cyan"), _t(v.detail)
+        if v.direction is Direction.CONVERTED:
+            return name, Text(clean(v.target_kind), style="cyan"), _t(v.detail)
         into = (f"{clean(v.target)} ({clean(v.target_kind)}, {v.direction.value})" if v.target
                 else f"({clean(v.target_kind)})")  # folded by the ONNX exporter: no layer named
         return name, Text("folded", style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))

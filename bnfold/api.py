@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # Options each kind of model takes beyond the common ones (dry_run, flush_denormals, health).
 _APPLIES = {
-    "onnx": {"inplace", "affine"},
-    "module": {"inplace", "eval_semantics", "example_inputs", "prune_constant_channels"},
+    "onnx": {"inplace", "affine", "batch_stats"},
+    "module": {"inplace", "eval_semantics", "example_inputs", "prune_constant_channels", "batch_stats"},
     "export": set(),
 }
 _WHERE = {"onnx": "an ONNX model", "module": "an nn.Module", "export": "a torch.export program"}
@@ -85,6 +85,7 @@ def fold_with_report(
     health: bool = False,
     prune_constant_channels: bool = False,
     merge_branches: bool = True,
+    batch_stats: str | None = None,
 ) -> tuple[Model, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -109,6 +110,11 @@ def fold_with_report(
             the original, so it is refused with ``inplace=True``.
         merge_branches: ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
             one Conv (:mod:`bnfold.onnx.merge`); ``report.merges`` lists them. False keeps the branches.
+        batch_stats: ``"instance"``: replace each BN that normalises with its batch at inference (ONNX
+            ``training_mode=1``, ``nn.BatchNorm{1,2,3}d(track_running_stats=False)``) by an InstanceNorm
+            with the BN's affine. Exact at batch 1 only: at batch > 1 the model then computes something
+            else (the report says so). None (default) leaves them, with a reason naming this option.
+            A batch-statistics BN on a constant (ONNX) is evaluated to a constant either way.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -122,7 +128,9 @@ def fold_with_report(
     _check_options(kind, {
         "inplace": inplace, "affine": affine, "eval_semantics": eval_semantics,
         "example_inputs": example_inputs, "prune_constant_channels": prune_constant_channels,
+        "batch_stats": batch_stats,
     })
+    check_batch_stats(batch_stats)
     from .postfold import PostFold, run
 
     steps = PostFold(flush_denormals, health, prune_constant_channels)
@@ -136,7 +144,8 @@ def fold_with_report(
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
             return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
-                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches)
+                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches,
+                              batch_stats=batch_stats)
         if kind == "export":
             from .fx import fold_exported
 
@@ -146,7 +155,15 @@ def fold_with_report(
         from .fx import fold_module
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex)
+        if batch_stats is None:
+            return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics,
+                               example_inputs=ex)
+        from .fx.batch_stats import convert_batch_stats, copy_for, with_conversions
+
+        work, sites = convert_batch_stats(given if dry_run else copy_for(given, inplace), dry_run=dry_run)
+        folded, rep = fold_module(work, inplace=inplace, dry_run=dry_run,
+                                  eval_semantics=eval_semantics, example_inputs=ex)
+        return folded, with_conversions(rep, sites, given, dry_run)
 
     out: Any
     report: FoldReport
@@ -165,6 +182,12 @@ def fold_with_report(
     return cast("Model", out), report
 
 
+def check_batch_stats(batch_stats: str | None) -> None:
+    """``batch_stats`` is None or ``"instance"``."""
+    if batch_stats not in (None, "instance"):
+        raise OptionError(f"batch_stats={batch_stats!r}: expected 'instance' (or None to leave such BNs)")
+
+
 def fold(
     model: Model,
     *,
@@ -175,6 +198,7 @@ def fold(
     flush_denormals: bool = True,
     prune_constant_channels: bool = False,
     merge_branches: bool = True,
+    batch_stats: str | None = None,
 ) -> Model:
     """Fold every exactly-foldable BatchNorm; return a model of the type given.
 
@@ -184,7 +208,7 @@ def fold(
     return fold_with_report(
         model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
         flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
-        merge_branches=merge_branches,
+        merge_branches=merge_branches, batch_stats=batch_stats,
     )[0]
 
 
@@ -196,6 +220,7 @@ def inspect(
     example_inputs: Any = None,
     health: bool = False,
     merge_branches: bool = True,
+    batch_stats: str | None = None,
 ) -> FoldReport:
     """The verdict for every BatchNorm (folded where, or left and why) without changing anything.
 
@@ -203,7 +228,7 @@ def inspect(
     """
     return fold_with_report(
         model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        health=health, merge_branches=merge_branches,
+        health=health, merge_branches=merge_branches, batch_stats=batch_stats,
     )[1]
 
 

@@ -102,6 +102,13 @@ def _root(version: Version = None, debug: Debug = False) -> None:
     STATE["debug"] = debug
 
 
+BatchStats = Annotated[str | None, typer.Option(
+    "--batch-stats", metavar="instance", show_default=False,
+    help="BNs that normalise with their batch (ONNX training_mode=1, track_running_stats=False): 'instance' "
+    "turns them into InstanceNorms, equal at batch 1 only (at batch > 1 the model changes).",
+)]
+
+
 # ------------------------------------------------------------------------------------------ commands
 @app.command(short_help="Fold every exactly-foldable BatchNorm, verify, write OUT.")
 def fold(
@@ -113,6 +120,7 @@ def fold(
         "--merge-branches/--no-merge-branches",
         help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one Conv.",
     )] = True,
+    batch_stats: BatchStats = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
     in_place: InPlace = False,
@@ -158,6 +166,7 @@ def fold(
         settings = files.FoldSettings(
             affine=affine, verify=verify, force=force, in_place=in_place, eval_semantics=eval_semantics,
             merge_branches=merge_branches, external_data=external_data, flush_denormals=flush_denormals, health=health,
+            batch_stats=batch_stats,
             prune_constant_channels=prune_constant_channels, all_or_nothing=all_or_nothing,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
@@ -195,6 +204,7 @@ def inspect(
     merge_branches: Annotated[bool, typer.Option(
         "--merge-branches/--no-merge-branches", help="The merges fold would do (ONNX; on by default).",
     )] = True,
+    batch_stats: BatchStats = None,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     eval_semantics: EvalSemantics = False,
@@ -226,7 +236,7 @@ def inspect(
 
         settings = files.InspectSettings(
             affine=affine, eval_semantics=eval_semantics, health=health, merge_branches=merge_branches,
-            load=files.LoadSettings(model_factory, trust_pickle),
+            batch_stats=batch_stats, load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )
         if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):

@@ -96,6 +96,8 @@ class Direction(str, enum.Enum):
     """BN -> layer: scale the layer's input channels, add the shift's image to its bias."""
     AFFINE = "affine"
     """BN -> Mul + Add with constant operands (nothing to fold into)."""
+    CONVERTED = "converted"
+    """A batch-statistics BN replaced by another normalisation (InstanceNorm, ``batch_stats="instance"``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class Site:
     def to_dict(self) -> dict[str, Any]:
         return {
             "bn": self.bn,
-            "status": "folded" if self.direction is not Direction.AFFINE else "affine",
+            "status": {Direction.AFFINE: "affine", Direction.CONVERTED: "converted"}.get(self.direction, "folded"),
             "target": self.target,
             "target_kind": self.target_kind,
             "direction": self.direction.value,

@@ -183,6 +183,8 @@ def _finish(
         report = replace(report, notes=(*report.notes, *runtime_notes(v)))
     failed = v is not None and not v.passed
     message = f"{dst}: the folded model is {failure_message(v, against=str(src))}" if v is not None and failed else ""
+    if failed and s.batch_stats and report.verified_on and any(d and d[0] != 1 for d in report.verified_on.values()):
+        message += " (--batch-stats instance is exact at batch 1 only: verify at batch 1 with -s NAME=1x...)"
     files = report.files
     assert files is not None
     if failed and not s.force:
@@ -210,7 +212,7 @@ def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress:
     # The audit reads the original BN parameters: then the fold works on a copy.
     folded, report = run(model, "onnx", post, lambda: fold_model(
         model, affine=s.affine, inplace=not post.health, flush_denormals=post.flush_as_written,
-        merge_branches=s.merge_branches))
+        merge_branches=s.merge_branches, batch_stats=s.batch_stats))
     progress("fold", 1, 1)
     return replace(report, signature=io_signature(folded),
                    verified_on=verified_on(folded, prep, None) if s.verify else None), folded
@@ -272,7 +274,8 @@ def _without_culprits(
             m = bio.load(src)
             return run(m, "onnx", post, lambda: fold_model(m, affine=s.affine, inplace=True, exclude=excluded,
                                                            flush_denormals=post.flush_as_written,
-                                                           merge_branches=s.merge_branches), inplace=True)
+                                                           merge_branches=s.merge_branches,
+                                                           batch_stats=s.batch_stats), inplace=True)
 
         def check(model: Any) -> VerifyReport:
             return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))

@@ -21,7 +21,7 @@ from bnfold.postfold import PostFold
 from bnfold.records import FoldReport, VerifyReport
 
 from .load import ProgressFn
-from .settings import FoldSettings
+from .settings import FoldSettings, refuse
 from .verify import Prepared, run_verify
 
 __all__ = ["fold_torch", "without_culprits", "check_other_batch", "eval_if"]
@@ -52,6 +52,9 @@ def fold_torch(
     needs_examples = settings.verify or out_fmt in ("onnx", "pt2")
     examples = (torch_examples(model, prep.shapes, prep.arrays, prep.seed, src, default_examples)
                 if needs_examples else None)
+    if out_fmt == "onnx" or is_ep:
+        refuse({"--batch-stats": settings.batch_stats}, "applies to ONNX models and nn.Modules written as "
+               ".pt/.pth/.pt2 (not to a PyTorch model written as .onnx, nor to a torch.export program)")
     if out_fmt == "onnx":
         # each fold runs the post-fold steps (bnfold.postfold): the audit and flush of what bnfold wrote
         result, report = export_folded(model, examples, export=settings.export, affine=settings.affine,
@@ -59,13 +62,13 @@ def fold_torch(
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
-    flags = {"flush_denormals": post.flush_denormals, "health": post.health,
+    flags: dict[str, Any] = {"flush_denormals": post.flush_denormals, "health": post.health,
              "prune_constant_channels": post.prune_constant_channels}
     if is_ep:
         result, report = fold_with_report(model, **flags)
     else:
         result, report = fold_with_report(model, example_inputs=examples, eval_semantics=settings.eval_semantics,
-                                          **flags)
+                                          batch_stats=settings.batch_stats, **flags)
     progress("fold", 1, 1)
     if out_fmt == "pt2" and not is_ep:
         progress("export", 0, 1)

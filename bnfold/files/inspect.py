@@ -22,7 +22,7 @@ from bnfold.errors import BnfoldError
 from bnfold.records import FileInfo, FoldReport
 
 from .load import ProgressFn, advised, load, noop, reworded
-from .settings import InspectSettings, VerifySettings, check_inputs, refuse
+from .settings import InspectSettings, VerifySettings, check_batch_stats, check_inputs, refuse
 from .verify import check_onnx_shapes, io_signature, prepare
 
 __all__ = ["inspect_file"]
@@ -50,6 +50,7 @@ def inspect_file(
     prog = progress or noop
     src_p = Path(src)
     check_inputs(s.inputs)
+    check_batch_stats(s.batch_stats)
     prep = prepare(s.inputs, VerifySettings(), src_p)
     # The dry run reads only the weights it folds, from their files (ONNX external data).
     loaded = load(src_p, s.load, prog, lazy_external_data=True)
@@ -66,7 +67,7 @@ def inspect_file(
         # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
         with spilling(None if s.health else tempfile.gettempdir()):
             _, report = fold_with_report(model, dry_run=True, affine=s.affine,
-                                         merge_branches=s.merge_branches)
+                                         merge_branches=s.merge_branches, batch_stats=s.batch_stats)
         report = replace(report, signature=io_signature(model))
     else:
         import torch
@@ -79,6 +80,9 @@ def inspect_file(
                    "PyTorch MODEL, together with --to onnx")
         model = eval_if(model, s.eval_semantics)
         try:
+            if to_onnx or isinstance(model, torch.export.ExportedProgram):
+                refuse({"--batch-stats": s.batch_stats}, "applies to ONNX models and nn.Modules folded as "
+                       "PyTorch (not with --to onnx, nor to a torch.export program)")
             if to_onnx:
                 from bnfold.export import ExportSettings, export_folded
 
@@ -97,7 +101,8 @@ def inspect_file(
                 if prep.shapes or prep.arrays or own is not None:
                     examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
                 _, report = fold_with_report(
-                    model, dry_run=True, example_inputs=examples, eval_semantics=s.eval_semantics
+                    model, dry_run=True, example_inputs=examples, eval_semantics=s.eval_semantics,
+                    batch_stats=s.batch_stats,
                 )
         except BnfoldError as e:
             raise reworded(e) from e

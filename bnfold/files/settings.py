@@ -41,6 +41,7 @@ __all__ = [
     "refuse",
     "check_inputs",
     "check_fold",
+    "check_batch_stats",
 ]
 
 OUTPUT_FORMATS: dict[str, str] = {
@@ -119,6 +120,9 @@ class InspectSettings:
     """PyTorch: fold a module saved in ``train()`` mode with its inference semantics."""
     health: bool = False
     """Also audit the BNs (:func:`bnfold.health`) into ``report.health``."""
+    batch_stats: str | None = None
+    """``"instance"``: BNs that normalise with their batch become InstanceNorms, exact at batch 1 only
+    (``--batch-stats instance``; :func:`bnfold.fold_with_report`)."""
     load: LoadSettings = field(default_factory=LoadSettings)
     inputs: InputSettings = field(default_factory=InputSettings)
     """The shapes / inputs that prove where a Linear meets a BatchNorm1d on 2-D data (PyTorch), that
@@ -202,10 +206,17 @@ def check_inputs(inputs: InputSettings, samples: int = 1) -> None:
         raise OptionError(f"--samples {samples}: does not apply with --inputs (the archive is the data)")
 
 
+def check_batch_stats(value: str | None) -> None:
+    """``--batch-stats`` takes ``instance``."""
+    if value is not None and value != "instance":
+        raise OptionError(f"--batch-stats {value}: expected instance")
+
+
 def check_fold(settings: FoldSettings, dst: Path) -> str:
     """Every fold option that needs no file, checked before anything is read; returns the output format."""
     v, exp = settings.verification, settings.export
     check_inputs(settings.inputs, v.samples)
+    check_batch_stats(settings.batch_stats)
     if exp.opset is not None and not 7 <= exp.opset <= 25:
         raise OptionError(f"--opset {exp.opset}: must be between 7 and 25")
     out_fmt = output_format(dst)

@@ -42,6 +42,8 @@ from onnx import GraphProto, ModelProto, TensorProto
 from bnfold.errors import InputError
 from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
 
+from .batch_stats import NOTE as _BATCH_NOTE
+from .batch_stats import batch_stats_pass
 from .const import ConstEvaluator
 from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
@@ -73,6 +75,9 @@ class _Ctx:
     """Merge parallel branches into one Conv (:mod:`bnfold.onnx.merge`) once the folds settle."""
     merges: dict[str, Merge] = field(default_factory=dict)
     """Branch merges by sum label (the last decision for each sum)."""
+    batch_stats: str | None = None
+    """Training-mode BNs: "instance" converts them (:mod:`bnfold.onnx.batch_stats`); None leaves them."""
+    converted: int = 0
 
 
 def count_bn(model: ModelProto) -> int:
@@ -200,6 +205,13 @@ def _fold_graph(
     def rewriter(index: GraphIndex) -> PassRewriter:
         return PassRewriter(graph, index, ctx.names, add_inputs=add_inputs, flush=ctx.flush)
 
+    held: dict[str, Verdict] = {}
+    if order:  # training-mode BNs: constants evaluated, InstanceNorm on request (bnfold.onnx.batch_stats)
+        index = build()
+        held = batch_stats_pass(graph, index, ConstEvaluator(index, ctx.opset, outer_ev), labels, prefix,
+                                ctx.opset, ctx.batch_stats, ctx.exclude)
+        final.update(held)
+        ctx.converted += sum(1 for v in held.values() if isinstance(v, Site) and v.target_kind != "constant")
     has_subgraphs = False
     for _ in range(_MAX_PASSES):
         index = build()
@@ -215,6 +227,8 @@ def _fold_graph(
                     continue
                 key = n.output[0]
                 label = labels.get(key, prefix + index.label(i))
+                if key in held:
+                    continue  # refused by the batch-statistics pass, with its own reason
                 if label in ctx.exclude:  # the caller keeps this BN (e.g. its fold failed verification)
                     final[key] = Skip(label, SkipReason.VERIFICATION, "left in place: excluded from folding")
                     continue
@@ -334,6 +348,7 @@ def fold_model(
     exclude: frozenset[str] | set[str] = frozenset(),
     flush_denormals: bool = False,
     merge_branches: bool = True,
+    batch_stats: str | None = None,
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
@@ -352,6 +367,9 @@ def fold_model(
         merge_branches: merge sums of branches that read one tensor (Conv, identity, BN, AveragePool,
             each optionally scaled) into one Conv, and fold a BN on the sum into it
             (:mod:`bnfold.onnx.merge`); ``report.merges`` lists each sum, merged or refused.
+        batch_stats: "instance" replaces each BN that normalises with its batch (training mode) by an
+            InstanceNormalization, exact at batch 1 only (:mod:`bnfold.onnx.batch_stats`); None leaves
+            them. A training-mode BN on a constant input is evaluated to a constant either way.
 
     Returns:
         ``(folded model, report)``; the report has one verdict per BatchNormalization node.
@@ -376,6 +394,7 @@ def fold_model(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
         flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
+        batch_stats=batch_stats,
     )
     if work is model:
         ctx.inferred.prime_if_needed(model, affine)
@@ -394,6 +413,8 @@ def fold_model(
             gc.enable()
     bn_after, nodes_after, params_after = _figures(work)
     notes: tuple[str, ...] = (f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them",) if ctx.mul_add else ()
+    if ctx.converted:
+        notes += (_BATCH_NOTE.format(n=ctx.converted),)
     merges = tuple(ctx.merges.values())
     n_merged = sum(1 for m in merges if m.merged)
     if n_merged:

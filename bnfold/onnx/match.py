@@ -65,6 +65,7 @@ from bnfold.errors import ModelFormatError
 from bnfold.fold_math import bn_affine
 from bnfold.records import Direction, Site, Skip, SkipReason
 
+from .batch_stats import OPTION_HINT
 from .const import Array, ConstEvaluator, is_float
 from .graph import GraphIndex, attr, is_bn
 from .match_backward import match_backward
@@ -89,17 +90,19 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
     """Read a BN's attributes and constant parameters; refuse what is not an inference BN."""
     opset = ev.opset
     if int(attr(node, "training_mode", 0, opset)) == 1:
-        return Skip(label, SkipReason.TRAINING_MODE, "training_mode=1: it normalises with batch statistics")
+        return Skip(label, SkipReason.TRAINING_MODE,
+                    f"training_mode=1: it normalises with batch statistics; {OPTION_HINT}")
     if int(attr(node, "is_test", 1, opset)) == 0:
         return Skip(
-            label, SkipReason.TRAINING_MODE, "is_test=0 (opset 6): it normalises with batch statistics"
+            label, SkipReason.TRAINING_MODE, f"is_test=0 (opset 6): it normalises with batch statistics; {OPTION_HINT}"
         )
     extra = [o for o in node.output[1:] if o]
     if extra:
         return Skip(
             label,
             SkipReason.TRAINING_MODE,
-            f"its optional outputs ({', '.join(extra)}) are produced: this is a training-mode BN",
+            f"its optional outputs ({', '.join(extra)}) are produced: this is a training-mode BN"
+            + (f"; {OPTION_HINT}" if opset < 14 else ""),
         )
     if len(node.input) < 5:
         return Skip(label, SkipReason.UNSUPPORTED_LAYER, "BatchNormalization with fewer than 5 inputs")
