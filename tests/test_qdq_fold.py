@@ -1,0 +1,177 @@
+"""Folds through quantized (QDQ) weights: the integers stay, the scales and the bias change."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from bnfold.records import SkipReason
+from bnfold.onnx import fold_model
+from models.onnx_graphs import TOL, G, check_fold, qdq_layer, skip_reason
+
+
+def with_bn(g: G, c: int, negate: tuple[int, ...] = (), zero: tuple[int, ...] = ()) -> onnx.ModelProto:
+    g.bn("t", "y", c, "bn")
+    gamma = next(t for t in g.inits if t.name == "bn.gamma")
+    v = np.abs(numpy_helper.to_array(gamma)).astype(np.float32)
+    v[list(negate)] *= -1
+    v[list(zero)] = 0
+    gamma.CopyFrom(numpy_helper.from_array(v, "bn.gamma"))
+    g.output("y")
+    return g.model(opset=17)
+
+
+def int32_bias_tol(m: onnx.ModelProto) -> float:
+    """The default float32 tolerance plus half a step of every requantised int32 bias (the bound
+    the report states; outputs are compared relative to max(1, max |output|), so an absolute bound
+    is a bound on the relative one)."""
+    out, _ = fold_model(m)
+    if not any(n.name == "dq_b" for n in out.graph.node):
+        return TOL[onnx.TensorProto.FLOAT]
+    return TOL[onnx.TensorProto.FLOAT] + float(np.max(dq_inputs(out, "dq_b")[1].astype(np.float64))) / 2
+
+
+def inits(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def dq_inputs(m: onnx.ModelProto, name: str) -> tuple[np.ndarray, ...]:
+    n = next(n for n in m.graph.node if n.name == name)
+    vals = inits(m)
+    return tuple(vals[i] for i in n.input if i)
+
+
+def dq_axis(m: onnx.ModelProto, name: str) -> int | None:
+    n = next(n for n in m.graph.node if n.name == name)
+    return next((a.i for a in n.attribute if a.name == "axis"), None)
+
+
+# Tolerance: the reference runs the BN after the layer in float32; the fold rounds each new scale once
+# (half an ulp, relative 6e-8): the default TOL of 2e-5. A requantised int32 bias adds its own
+# rounding, at most half a step of its new scale s_x * s_w' per channel (the bound the report states):
+# that is added to the tolerance of those graphs only (int32_bias_tol).
+
+
+@pytest.mark.parametrize("kind", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bias", ["none", "float", "int32"])
+def test_qdq_fold_exact(kind: str, per_channel: bool, bias: str) -> None:
+    if kind == "MatMul" and bias != "none":
+        pytest.skip("MatMul has no bias input")
+    g = qdq_layer(kind, per_channel=per_channel, bias=bias)
+    m = with_bn(g, 6)
+    w_before = inits(m)["w_q"].tobytes()
+    out, rep = check_fold(m, tol=int32_bias_tol(m))
+    assert rep.sites[0].target == "layer"
+    w_q, w_s, *_ = dq_inputs(out, "dq_w")
+    assert w_q.tobytes() == w_before  # the integers are byte-identical
+    assert w_s.shape == (6,) and w_s.dtype == np.float32
+    assert dq_axis(out, "dq_w") == (1 if kind in ("ConvTranspose", "Gemm", "MatMul") else 0)
+    if bias == "int32":
+        b_q, b_s = dq_inputs(out, "dq_b")
+        assert b_q.dtype == np.int32
+        x_s = inits(out)["x_s"].astype(np.float64)
+        # onnxruntime's QDQ Conv invariant: bias scale = input scale * weight scale (float32 product)
+        assert np.array_equal(b_s, (x_s * w_s.astype(np.float64)).astype(np.float32))
+        assert "half a step" in rep.sites[0].detail
+    layer = next(n for n in out.graph.node if n.name == "layer")
+    assert layer.op_type == ("Gemm" if kind == "MatMul" else kind)
+
+
+def test_qdq_gemm_trans_b() -> None:
+    m = with_bn(qdq_layer("Gemm", trans_b=1, bias="int32"), 6)
+    out, _ = check_fold(m, tol=int32_bias_tol(m))
+    assert dq_axis(out, "dq_w") == 0
+
+
+@pytest.mark.parametrize("zero_point", [0, 3])
+def test_qdq_negative_scale_negates_integers(zero_point: int) -> None:
+    m = with_bn(qdq_layer("Conv", zero_point=zero_point, bias="int32"), 6, negate=(1, 4))
+    before = inits(m)["w_q"]
+    out, rep = check_fold(m, tol=int32_bias_tol(m))
+    after = dq_inputs(out, "dq_w")[0]
+    keep = [0, 2, 3, 5]
+    assert np.array_equal(after[keep], before[keep])
+    assert np.array_equal(after[[1, 4]].astype(int), 2 * zero_point - before[[1, 4]].astype(int))
+    assert "negated on 2 channel(s)" in rep.sites[0].detail
+
+
+def test_qdq_negative_scale_with_int8_min_is_refused() -> None:
+    m = with_bn(qdq_layer("Conv", negate=(2,), min_weight=True), 6, negate=(2,))
+    v = skip_reason(m)
+    assert v.reason is SkipReason.QUANTIZED and "negative on channel 2" in v.detail and "overflow" in v.detail
+
+
+def test_qdq_int8_min_on_positive_channel_folds() -> None:
+    # -128 only where the BN scale is positive: nothing is negated there.
+    g = qdq_layer("Conv", negate=(2,), min_weight=True)
+    m = with_bn(g, 6, negate=(3,))
+    check_fold(m)
+
+
+def test_qdq_zero_scale_refused() -> None:
+    v = skip_reason(with_bn(qdq_layer("Conv"), 6, zero=(1,)))
+    assert v.reason is SkipReason.QUANTIZED and "zero on channel 1" in v.detail
+
+
+def test_qdq_blocked_refused() -> None:
+    g = qdq_layer("Conv")
+    dq = next(n for n in g.nodes if n.name == "dq_w")
+    dq.attribute.append(onnx.helper.make_attribute("block_size", 2))
+    m = with_bn(g, 6)
+    v = skip_reason(m)
+    assert v.reason is SkipReason.QUANTIZED and "block_size" in v.detail
+
+
+def test_qdq_other_axis_refused() -> None:
+    g = qdq_layer("Conv", c_out=4)  # weight [4, 4, 3, 3]: quantize on the input-channel axis instead
+    dq = next(n for n in g.nodes if n.name == "dq_w")
+    next(a for a in dq.attribute if a.name == "axis").i = 1
+    v = skip_reason(with_bn(g, 4))
+    assert v.reason is SkipReason.QUANTIZED and "axis 1" in v.detail
+
+
+def test_qdq_int4_refused() -> None:
+    g = qdq_layer("Conv")
+    for t in g.inits:
+        if t.name in ("w_q", "w_z"):
+            arr = numpy_helper.to_array(t).clip(-8, 7)
+            t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, arr.shape, arr.flatten().tolist()))
+    v = skip_reason(with_bn(g, 6), "bn") if False else None
+    m = with_bn(g, 6)
+    m.opset_import[0].version = 21
+    v = skip_reason(m)
+    assert v.reason is SkipReason.QUANTIZED and "int4" in v.detail
+
+
+def test_qdq_shared_dequantize_refused() -> None:
+    g = qdq_layer("Conv", bias="none")
+    g.node("Conv", ["x_dq", "w"], ["t2"], name="other", pads=[1, 1, 1, 1])
+    g.output("t2", shape=[2, 6, 6, 6])
+    v = skip_reason(with_bn(g, 6))
+    assert v.reason is SkipReason.OTHER_CONSUMERS and "not cloned" in v.detail
+
+
+def test_qdq_shared_initializer_is_cloned() -> None:
+    # Two DequantizeLinear nodes read the same w_q and w_s: the folded site gets its own scale.
+    g = qdq_layer("Conv", bias="float")
+    g.node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w2"], name="dq_w2", axis=0)
+    g.node("Conv", ["x_dq", "w2"], ["t2"], name="other", pads=[1, 1, 1, 1])
+    g.output("t2", shape=[2, 6, 6, 6])
+    m = with_bn(g, 6)
+    out, _ = check_fold(m)
+    assert np.array_equal(dq_inputs(out, "dq_w2")[1], inits(m)["w_s"])
+    assert dq_inputs(out, "dq_w")[0].tobytes() == inits(m)["w_q"].tobytes()
+
+
+def test_qdq_int32_bias_overflow_refused() -> None:
+    g = qdq_layer("Conv", bias="int32")
+    m = with_bn(g, 6)
+    beta = next(t for t in m.graph.initializer if t.name == "bn.beta")
+    v = numpy_helper.to_array(beta).copy()
+    v[0] = 1e6  # shift / (s_x * s_w') is far beyond int32
+    beta.CopyFrom(numpy_helper.from_array(v, "bn.beta"))
+    r = skip_reason(m)
+    assert r.reason is SkipReason.OVERFLOW and "int32" in r.detail
