@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bnfold.records import SkipReason
 from bnfold.onnx import fold_model
+from bnfold.records import SkipReason
 from models.onnx_graphs import TOL, G, check_fold, qdq_layer, skip_reason
 
 
@@ -139,7 +139,6 @@ def test_qdq_int4_refused() -> None:
         if t.name in ("w_q", "w_z"):
             arr = numpy_helper.to_array(t).clip(-8, 7)
             t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, arr.shape, arr.flatten().tolist()))
-    v = skip_reason(with_bn(g, 6), "bn") if False else None
     m = with_bn(g, 6)
     m.opset_import[0].version = 21
     v = skip_reason(m)
@@ -175,3 +174,58 @@ def test_qdq_int32_bias_overflow_refused() -> None:
     beta.CopyFrom(numpy_helper.from_array(v, "bn.beta"))
     r = skip_reason(m)
     assert r.reason is SkipReason.OVERFLOW and "int32" in r.detail
+
+
+# ---- A graph quantized by onnxruntime's own quantizer ---------------------------------------------
+def _ort_quantized(tmp_path, exclude_output: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    g = G(seed=1)
+    x = g.input("x", [1, 4, 8, 8])
+    g.node("Conv", [x, g.rand("w", (6, 4, 3, 3)), g.rand("b", (6,))], ["t"], name="conv", pads=[1, 1, 1, 1])
+    m = with_bn(g, 6, negate=(2,))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.it = iter([{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.it, None)
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "q.onnx"
+    onnx.save(m, src)
+    extra = {"OpTypesToExcludeOutputQuantization": ["Conv"]} if exclude_output else {}
+    # op_types_to_quantize=['Conv']: the quantizer leaves the BN (it neither fuses nor quantizes it).
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"], extra_options=extra)
+    return onnx.load(dst)
+
+
+def test_ort_quantized_conv_bn_folds(tmp_path) -> None:
+    q = _ort_quantized(tmp_path, exclude_output=True)
+    assert [n.op_type for n in q.graph.node][-2:] == ["Conv", "BatchNormalization"]
+    w_name = next(n for n in q.graph.node if n.op_type == "Conv").input[1]
+    dq_w = next(n for n in q.graph.node if n.output[0] == w_name)
+    before = inits(q)[dq_w.input[0]]
+    # the reference is the quantized model itself, BN included (its own Q/DQ), in onnxruntime
+    out, rep = check_fold(q, tol=TOL[onnx.TensorProto.FLOAT] + _bias_half_step(q))
+    assert rep.sites[0].target_kind == "Conv" and "half a step" in rep.sites[0].detail
+    dq_out = next(n for n in out.graph.node if n.output[0] == w_name)
+    after = inits(out)[dq_out.input[0]]
+    keep = [0, 1, 3, 4, 5]
+    assert after[keep].tobytes() == before[keep].tobytes()  # channel 2 has a negative BN scale
+    assert np.array_equal(after[2].astype(int), -before[2].astype(int))
+
+
+def _bias_half_step(m: onnx.ModelProto) -> float:
+    out, _ = fold_model(m)
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    dq_b = next(n for n in out.graph.node if n.output[0] == conv.input[2])
+    return float(np.max(inits(out)[dq_b.input[1]].astype(np.float64))) / 2
+
+
+def test_ort_quantized_with_output_qdq_refused(tmp_path) -> None:
+    q = _ort_quantized(tmp_path, exclude_output=False)
+    v = skip_reason(q)
+    assert v.reason is SkipReason.QUANTIZED and "quantized output of Conv 'conv'" in v.detail

@@ -164,6 +164,10 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
 
         if dq_weight(index, pn) is not None:
             return match_qdq(c, p)  # Cases 1-4 through a DequantizeLinear weight
+    if kind == "DequantizeLinear":
+        from .match_qdq import activation_skip
+
+        return activation_skip(c, p)
     if kind in ("Conv", "ConvTranspose"):
         return _case_layer(c, p, layer_writes)  # Cases 1 and 2
     if kind == "Gemm":

@@ -40,7 +40,7 @@ from .graph import GraphIndex, attr, name_of
 from .match_forward import Fwd, common, exclusive
 from .plan import Fold, Write, finish, rank2_or_skip
 
-__all__ = ["dq_weight", "match_qdq", "QDQ_LAYERS"]
+__all__ = ["dq_weight", "match_qdq", "activation_skip", "QDQ_LAYERS"]
 
 Result = tuple[Fold | Skip, bool]
 F64 = np.ndarray[Any, np.dtype[np.float64]]
@@ -240,7 +240,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         target_b = a * b64 + t
         # Keep the bias scale = input scale * weight scale where the graph had it so (ORT's QDQ Conv).
         xs = _input_scale(c, pn)
-        if xs is not None and np.array_equal(finish([xs * s64], bs.dtype, c.label, "")[0], bs64.astype(bs.dtype)):
+        if xs is not None and _same_product(xs, s64, bs64, bs.dtype):
             new_bs = finish([xs * s_new.astype(np.float64)], bs.dtype, c.label, f"bias scale of {target}")
         else:
             new_bs = finish([bs64 * np.abs(a)], bs.dtype, c.label, f"bias scale of {target}")
@@ -276,6 +276,26 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     )
 
 
+def activation_skip(c: Fwd, d: int) -> Result:
+    """The refusal for a BN reading a dequantized activation (``layer -> QuantizeLinear ->
+    DequantizeLinear -> BN``): scaling the layer would move its output across that quantization grid
+    (rounding and saturation), so no fold above it is exact."""
+    dn = c.index.nodes[d]
+    q = c.index.producer.get(dn.input[0]) if dn.input else None
+    via = ""
+    if q is not None and c.index.nodes[q].op_type == "QuantizeLinear":
+        src = c.index.producer.get(c.index.nodes[q].input[0])
+        if src is not None:
+            via = f" of {c.index.nodes[src].op_type} '{name_of(c.index.nodes[src])}'"
+    return Skip(
+        c.label,
+        SkipReason.QUANTIZED,
+        f"its input is the quantized output{via} (DequantizeLinear '{name_of(dn)}'): folding it into the "
+        "layer would change what that quantization rounds and clips; quantize without the layer's "
+        "output Q/DQ (or fold before quantizing)",
+    ), True
+
+
 def _input_scale(c: Fwd, pn: NodeProto) -> F64 | None:
     """The per-tensor scale of the DequantizeLinear feeding the layer's input, if any."""
     xd = _dq(c.index, pn.input[0])
@@ -285,3 +305,9 @@ def _input_scale(c: Fwd, pn: NodeProto) -> F64 | None:
     if v is None or v.size != 1 or not is_float(v):
         return None
     return np.asarray(v, np.float64).reshape(-1)[:1]
+
+
+def _same_product(xs: F64, s64: F64, bs64: F64, dtype: np.dtype[Any]) -> bool:
+    """True when the bias scale is exactly the input scale times the weight scale, rounded once."""
+    with np.errstate(over="ignore", under="ignore"):
+        return bool(np.array_equal((xs * s64).astype(dtype), bs64.astype(dtype)))
