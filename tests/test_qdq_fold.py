@@ -8,6 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from bnfold.onnx import fold_model
+from bnfold.onnx.match_qdq import requantize_int32_bias
 from bnfold.records import SkipReason
 from models.onnx_graphs import TOL, G, check_fold, qdq_layer, skip_reason
 
@@ -27,7 +28,8 @@ def int32_bias_tol(m: onnx.ModelProto) -> float:
     """The default float32 tolerance plus half a step of every requantised int32 bias (the bound
     the report states; outputs are compared relative to max(1, max |output|), so an absolute bound
     is a bound on the relative one)."""
-    out, _ = fold_model(m)
+    with requantize_int32_bias():
+        out, _ = fold_model(m)
     if not any(n.name == "dq_b" for n in out.graph.node):
         return TOL[onnx.TensorProto.FLOAT]
     return TOL[onnx.TensorProto.FLOAT] + float(np.max(dq_inputs(out, "dq_b")[1].astype(np.float64))) / 2
@@ -63,7 +65,7 @@ def test_qdq_fold_exact(kind: str, per_channel: bool, bias: str) -> None:
     g = qdq_layer(kind, per_channel=per_channel, bias=bias)
     m = with_bn(g, 6)
     w_before = inits(m)["w_q"].tobytes()
-    out, rep = check_fold(m, tol=int32_bias_tol(m))
+    out, rep = check_fold(m)
     assert rep.sites[0].target == "layer"
     w_q, w_s, *_ = dq_inputs(out, "dq_w")
     assert w_q.tobytes() == w_before  # the integers are byte-identical
@@ -71,18 +73,20 @@ def test_qdq_fold_exact(kind: str, per_channel: bool, bias: str) -> None:
     assert dq_axis(out, "dq_w") == (1 if kind in ("ConvTranspose", "Gemm", "MatMul") else 0)
     if bias == "int32":
         b_q, b_s = dq_inputs(out, "dq_b")
-        assert b_q.dtype == np.int32
+        assert b_q.tobytes() == inits(m)["b_q"].tobytes()  # exact: the int32 bias keeps its integers
         x_s = inits(out)["x_s"].astype(np.float64)
         # onnxruntime's QDQ Conv invariant: bias scale = input scale * weight scale (float32 product)
         assert np.array_equal(b_s, (x_s * w_s.astype(np.float64)).astype(np.float32))
-        assert "half a step" in rep.sites[0].detail
+        assert "shift kept as one Add" in rep.sites[0].detail
+        assert [n.op_type for n in out.graph.node][-1] == "Add" and out.graph.node[-1].output[0] == "y"
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
     layer = next(n for n in out.graph.node if n.name == "layer")
     assert layer.op_type == ("Gemm" if kind == "MatMul" else kind)
 
 
 def test_qdq_gemm_trans_b() -> None:
     m = with_bn(qdq_layer("Gemm", trans_b=1, bias="int32"), 6)
-    out, _ = check_fold(m, tol=int32_bias_tol(m))
+    out, _ = check_fold(m)
     assert dq_axis(out, "dq_w") == 0
 
 
@@ -90,7 +94,7 @@ def test_qdq_gemm_trans_b() -> None:
 def test_qdq_negative_scale_negates_integers(zero_point: int) -> None:
     m = with_bn(qdq_layer("Conv", zero_point=zero_point, bias="int32"), 6, negate=(1, 4))
     before = inits(m)["w_q"]
-    out, rep = check_fold(m, tol=int32_bias_tol(m))
+    out, rep = check_fold(m)
     after = dq_inputs(out, "dq_w")[0]
     keep = [0, 2, 3, 5]
     assert np.array_equal(after[keep], before[keep])
@@ -172,8 +176,24 @@ def test_qdq_int32_bias_overflow_refused() -> None:
     v = numpy_helper.to_array(beta).copy()
     v[0] = 1e6  # shift / (s_x * s_w') is far beyond int32
     beta.CopyFrom(numpy_helper.from_array(v, "bn.beta"))
-    r = skip_reason(m)
+    with requantize_int32_bias():
+        r = skip_reason(m)
     assert r.reason is SkipReason.OVERFLOW and "int32" in r.detail
+    check_fold(m)  # the exact default keeps the shift in an Add: nothing to overflow
+
+
+@pytest.mark.parametrize("kind", ["Conv", "Gemm"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_qdq_int32_bias_requantised(kind: str, per_channel: bool) -> None:
+    m = with_bn(qdq_layer(kind, per_channel=per_channel, bias="int32"), 6, negate=(3,))
+    tol = int32_bias_tol(m)
+    with requantize_int32_bias():
+        out, rep = check_fold(m, tol=tol)
+    assert "half a step" in rep.sites[0].detail
+    assert [n.op_type for n in out.graph.node][-1] == kind
+    b_s = dq_inputs(out, "dq_b")[1]
+    x_s = inits(out)["x_s"].astype(np.float64)
+    assert np.array_equal(b_s, (x_s * dq_inputs(out, "dq_w")[1].astype(np.float64)).astype(np.float32))
 
 
 # ---- A graph quantized by onnxruntime's own quantizer ---------------------------------------------
@@ -209,17 +229,29 @@ def test_ort_quantized_conv_bn_folds(tmp_path) -> None:
     dq_w = next(n for n in q.graph.node if n.output[0] == w_name)
     before = inits(q)[dq_w.input[0]]
     # the reference is the quantized model itself, BN included (its own Q/DQ), in onnxruntime
-    out, rep = check_fold(q, tol=TOL[onnx.TensorProto.FLOAT] + _bias_half_step(q))
-    assert rep.sites[0].target_kind == "Conv" and "half a step" in rep.sites[0].detail
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    b_name = next(n for n in q.graph.node if n.output[0] == conv.input[2]).input[0]
+    b_before = inits(q)[b_name]
+    keep = [0, 1, 3, 4, 5]  # channel 2 has a negative BN scale
+    out, rep = check_fold(q)  # exact by default: the default tolerance
+    assert rep.sites[0].target_kind == "Conv" and "shift kept as one Add" in rep.sites[0].detail
     dq_out = next(n for n in out.graph.node if n.output[0] == w_name)
     after = inits(out)[dq_out.input[0]]
-    keep = [0, 1, 3, 4, 5]
-    assert after[keep].tobytes() == before[keep].tobytes()  # channel 2 has a negative BN scale
+    assert after[keep].tobytes() == before[keep].tobytes()
     assert np.array_equal(after[2].astype(int), -before[2].astype(int))
+    b_after = inits(out)[b_name]
+    assert b_after[keep].tobytes() == b_before[keep].tobytes() and b_after[2] == -b_before[2]
+    # Requantised on request: no Add, the bias off by at most the half step the report states.
+    with requantize_int32_bias():
+        out, rep = check_fold(q, tol=TOL[onnx.TensorProto.FLOAT] + _bias_half_step(q))
+    assert "half a step" in rep.sites[0].detail
+    assert [n.op_type for n in out.graph.node][-1] == "Conv"
+    assert inits(out)[dq_out.input[0]].tobytes() == after.tobytes()
 
 
 def _bias_half_step(m: onnx.ModelProto) -> float:
-    out, _ = fold_model(m)
+    with requantize_int32_bias():
+        out, _ = fold_model(m)
     conv = next(n for n in out.graph.node if n.op_type == "Conv")
     dq_b = next(n for n in out.graph.node if n.output[0] == conv.input[2])
     return float(np.max(inits(out)[dq_b.input[1]].astype(np.float64))) / 2

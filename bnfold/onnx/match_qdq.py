@@ -28,6 +28,9 @@ rewriter, which writes a new initializer when the old one has other readers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -40,7 +43,7 @@ from .graph import GraphIndex, attr, name_of
 from .match_forward import Fwd, common, exclusive
 from .plan import Fold, Write, finish, rank2_or_skip
 
-__all__ = ["dq_weight", "match_qdq", "activation_skip", "QDQ_LAYERS"]
+__all__ = ["dq_weight", "match_qdq", "activation_skip", "requantize_int32_bias", "QDQ_LAYERS"]
 
 Result = tuple[Fold | Skip, bool]
 F64 = np.ndarray[Any, np.dtype[np.float64]]
@@ -48,6 +51,22 @@ F64 = np.ndarray[Any, np.dtype[np.float64]]
 QDQ_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _INT_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32))
 _I32 = np.iinfo(np.int32)
+_REQUANTIZE: ContextVar[bool] = ContextVar("bnfold_qdq_requantize", default=False)
+
+
+@contextmanager
+def requantize_int32_bias(on: bool = True) -> Iterator[None]:
+    """Within this block, an int32 bias through DequantizeLinear takes the BN shift by requantisation
+    (round to nearest: not exact, each bias value off by at most half a step of its new scale, the
+    bound the site's detail states) instead of the exact default (the shift kept as one Add).
+
+    The fold's verification compares at the default tolerance: a requantised fold may need
+    ``--atol`` of that bound on the outputs it reaches."""
+    tok = _REQUANTIZE.set(on)
+    try:
+        yield
+    finally:
+        _REQUANTIZE.reset(tok)
 
 
 def _dq(index: GraphIndex, value: str) -> int | None:
@@ -209,6 +228,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     )
     # Bias: b' = a b + t (Gemm: beta C a + t, beta becomes 1).
     beta = float(attr(pn, "beta", 1.0, opset)) if kind == "Gemm" else 1.0
+    beta_one, shift = True, None
     bname = pn.input[bias_slot] if 0 <= bias_slot < len(pn.input) else ""
     bd = _dq(idx, bname)
     if not bname:
@@ -249,28 +269,46 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         nbs = new_bs[0]
         if np.any(nbs == 0):
             return Skip(c.label, SkipReason.OVERFLOW, f"a new bias scale of {target} underflows to zero")
-        qv = np.rint(target_b / nbs.astype(np.float64))
+        if _REQUANTIZE.get():
+            qv = np.rint(target_b / nbs.astype(np.float64))
+            what = "requantised"
+        else:  # exact: the integers keep their value (negated where a < 0), the shift stays as one Add
+            qv = np.where(a < 0, -1.0, 1.0) * bq.astype(np.float64)
+            what = "negated"
+            beta_one = False  # C' = a C exactly (scale s_b |a|): beta keeps multiplying it
+            rank = q.ndim if kind in ("Conv", "ConvTranspose") else 2
+            sres = finish([t.reshape((-1,) + (1,) * (rank - 2))], s_new.dtype, c.label, f"shift after {target}")
+            if isinstance(sres, Skip):
+                return sres
+            shift = sres[0]
         if np.any(qv < _I32.min) or np.any(qv > _I32.max) or not np.all(np.isfinite(qv)):
             return Skip(
                 c.label,
                 SkipReason.OVERFLOW,
-                f"the requantised int32 bias of {target} would overflow int32 (max |value| "
+                f"the {what} int32 bias of {target} would overflow int32 (max |value| "
                 f"{float(np.max(np.abs(qv))):.3g})",
             )
-        writes.append(Write(bd, 0, qv.astype(np.int32)))
+        if shift is None or neg.any():
+            writes.append(Write(bd, 0, qv.astype(np.int32)))
         writes.append(Write(bd, 1, nbs))
         if bz is not None and b_pt:
             writes.append(Write(bd, 2, np.zeros(ch, np.int32)))
         attrs.append((bd, "axis", 0))
         locks.append(bd)
-        bound = float(np.max(nbs.astype(np.float64))) / 2
-        detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
+        if shift is None:
+            bound = float(np.max(nbs.astype(np.float64))) / 2
+            detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
+        else:
+            detail += "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
     base = c.base(p, kind, detail)
+    if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
+        base["rename_output"], base["dropped"] = None, ()
     return Fold(
         **base,
         locks=c.locks(*locks),
         writes=writes,
-        beta_one=(p,) if kind == "Gemm" else (),
+        shift=shift,
+        beta_one=(p,) if kind == "Gemm" and beta_one else (),
         to_gemm=p if kind == "MatMul" else None,
         set_int_attrs=tuple(attrs),
     )
