@@ -261,3 +261,23 @@ def test_ort_quantized_with_output_qdq_refused(tmp_path) -> None:
     q = _ort_quantized(tmp_path, exclude_output=False)
     v = skip_reason(q)
     assert v.reason is SkipReason.QUANTIZED and "quantized output of Conv 'conv'" in v.detail
+
+
+@pytest.mark.parametrize("kind,bias", [("Conv", "int32"), ("Gemm", "int32"), ("MatMul", "none")])
+def test_cli_fold_verifies_at_default_tolerance(tmp_path, kind: str, bias: str) -> None:
+    """`bnfold fold` verifies the folded QDQ model in onnxruntime at its default tolerance and passes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src, dst = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    onnx.save(with_bn(qdq_layer(kind, bias=bias, per_channel=False), 6, negate=(1,)), src)
+    before = src.read_bytes()
+    r = CliRunner().invoke(app, ["fold", str(src), "-o", str(dst), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["verification"]["passed"] is True and data["summary"]["bn_after"] == 0
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx", "q.onnx"]
