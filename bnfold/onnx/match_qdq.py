@@ -14,14 +14,21 @@ DequantizeLinear read by the layer alone):
   and its scale ``s |a|`` -- only where every new integer fits the type (int8 ``-128`` with zero point 0
   does not: refused);
 * a float bias takes ``a b + t``; a missing one is added (``t``); an int32 bias through
-  DequantizeLinear is requantised to the new scale ``s_x * s_w'`` (kept equal to the input scale times
-  the new weight scale where it was so before, as onnxruntime's QDQ Conv requires) with
-  round-to-nearest: the report states the bound (half a step); an int32 overflow is refused.
+  DequantizeLinear gets the new scale ``s_x * s_w'`` (kept equal to the input scale times the new
+  weight scale where it was so before, as onnxruntime's QDQ Conv requires). By default it stays exact:
+  its integers are kept (negated where ``a < 0``) and the shift, which an int32 bias cannot hold
+  exactly, stays as one ``Add`` in place of the BN. Within :func:`requantize_int32_bias` the shift is
+  requantised into the bias instead (round to nearest; the site's detail states the bound, half a step
+  of the new scale; an int32 overflow is refused) and the layer's output needs no Add.
+
+A BN reading a quantized *activation* (``layer -> QuantizeLinear -> DequantizeLinear -> BN``) is
+refused (QUANTIZED): scaling the layer would change what that Q/DQ rounds and clips.
 
 Refused with the reason QUANTIZED: a zero BN scale, blocked quantization (``block_size``), weights
 quantized on another axis, int4/uint4/float8 weights, per-tensor scales below opset 13, a non-zero
 bias zero point; OTHER_CONSUMERS: a DequantizeLinear output read by another node (shared weights are
-not cloned); OVERFLOW: a scale that is not finite or underflows to zero, an int32 bias overflow.
+not cloned); OVERFLOW: a scale that is not finite or underflows to zero, an int32 bias overflow (``-2**31``
+negated, or a requantised bias out of range).
 Shared *initializers* (one ``w_q`` or scale read by two DequantizeLinear nodes) are handled by the
 rewriter, which writes a new initializer when the old one has other readers.
 """
