@@ -163,10 +163,14 @@ def test_qdq_shared_initializer_is_cloned() -> None:
     g.node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w2"], name="dq_w2", axis=0)
     g.node("Conv", ["x_dq", "w2"], ["t2"], name="other", pads=[1, 1, 1, 1])
     g.output("t2", shape=[2, 6, 6, 6])
-    m = with_bn(g, 6)
+    m = with_bn(g, 6, negate=(1,))
     out, _ = check_fold(m)
+    # the other reader keeps the original integers and scales; the folded site has its own copies
     assert np.array_equal(dq_inputs(out, "dq_w2")[1], inits(m)["w_s"])
-    assert dq_inputs(out, "dq_w")[0].tobytes() == inits(m)["w_q"].tobytes()
+    assert dq_inputs(out, "dq_w2")[0].tobytes() == inits(m)["w_q"].tobytes()
+    folded = dq_inputs(out, "dq_w")[0]
+    assert np.array_equal(folded[1].astype(int), -inits(m)["w_q"][1].astype(int))
+    assert folded[[0, 2, 3, 4, 5]].tobytes() == inits(m)["w_q"][[0, 2, 3, 4, 5]].tobytes()
 
 
 def test_qdq_int32_bias_overflow_refused() -> None:
@@ -281,3 +285,31 @@ def test_cli_fold_verifies_at_default_tolerance(tmp_path, kind: str, bias: str) 
     assert data["verification"]["passed"] is True and data["summary"]["bn_after"] == 0
     assert src.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx", "q.onnx"]
+
+
+@pytest.mark.parametrize("bias", ["none", "float", "int32"])
+def test_qdq_gemm_alpha_beta(bias: str) -> None:
+    g = qdq_layer("Gemm", bias=bias, trans_b=1)
+    layer = next(n for n in g.nodes if n.name == "layer")
+    layer.attribute.extend([onnx.helper.make_attribute("alpha", 0.7), onnx.helper.make_attribute("beta", -1.3)])
+    m = with_bn(g, 6, negate=(0,))
+    check_fold(m)
+    if bias == "int32":
+        with requantize_int32_bias():
+            check_fold(m, tol=int32_bias_tol(m))
+
+
+def test_qdq_uint8_negated_around_zero_point() -> None:
+    # uint8 weights in [1, 100) with zero point 128: 2 * 128 - w_q lies in (156, 255]: fits.
+    m = with_bn(qdq_layer("Conv", wq_dtype=np.uint8, zero_point=128, bias="float"), 6, negate=(5,))
+    before = inits(m)["w_q"]
+    out, _ = check_fold(m)
+    after = dq_inputs(out, "dq_w")[0]
+    assert after.dtype == np.uint8 and np.array_equal(after[5].astype(int), 256 - before[5].astype(int))
+    assert after[:5].tobytes() == before[:5].tobytes()
+
+
+def test_qdq_uint8_negation_overflow_refused() -> None:
+    # zero point 0: every non-zero uint8 weight would become negative.
+    v = skip_reason(with_bn(qdq_layer("Conv", wq_dtype=np.uint8, zero_point=0), 6, negate=(5,)))
+    assert v.reason is SkipReason.QUANTIZED and "negative on channel 5" in v.detail
