@@ -99,7 +99,7 @@ def test_qdq_negative_scale_negates_integers(zero_point: int) -> None:
     keep = [0, 2, 3, 5]
     assert np.array_equal(after[keep], before[keep])
     assert np.array_equal(after[[1, 4]].astype(int), 2 * zero_point - before[[1, 4]].astype(int))
-    assert "negated on 2 channel(s)" in rep.sites[0].detail
+    assert "integers negated on 2 channel(s)" in rep.sites[0].detail
 
 
 def test_qdq_negative_scale_with_int8_min_is_refused() -> None:

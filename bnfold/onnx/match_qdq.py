@@ -230,8 +230,10 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     attrs: list[tuple[int, str, int]] = [(d, "axis", axis)]
     locks = [p, d]
-    detail = "quantized weight: scales multiplied, integers unchanged" + (
-        f", negated on {int(neg.sum())} channel(s)" if neg.any() else ""
+    detail = "quantized weight: scales multiplied, " + (
+        f"integers negated on {int(neg.sum())} channel(s) (BN scale < 0), the others unchanged"
+        if neg.any()
+        else "integers unchanged"
     )
     # Bias: b' = a b + t (Gemm: beta C a + t, beta becomes 1).
     beta = float(attr(pn, "beta", 1.0, opset)) if kind == "Gemm" else 1.0
