@@ -115,9 +115,19 @@ def test_qdq_int8_min_on_positive_channel_folds() -> None:
     check_fold(m)
 
 
-def test_qdq_zero_scale_refused() -> None:
-    v = skip_reason(with_bn(qdq_layer("Conv"), 6, zero=(1,)))
-    assert v.reason is SkipReason.QUANTIZED and "zero on channel 1" in v.detail
+@pytest.mark.parametrize("bias", ["none", "float", "int32"])
+def test_qdq_zero_scale_channel_becomes_its_bias(bias: str) -> None:
+    m = with_bn(qdq_layer("Conv", bias=bias, zero_point=2), 6, zero=(1,), negate=(4,))
+    before = inits(m)["w_q"]
+    out, rep = check_fold(m)
+    after = dq_inputs(out, "dq_w")[0]
+    assert np.all(after[1] == 2)  # the zero point: weights exactly 0
+    assert after[[0, 2, 3, 5]].tobytes() == before[[0, 2, 3, 5]].tobytes()
+    assert np.all(dq_inputs(out, "dq_w")[1] > 0)  # scales stay positive
+    assert "1 channel(s) zeroed" in rep.sites[0].detail
+    if bias == "int32":
+        with requantize_int32_bias():
+            check_fold(m, tol=int32_bias_tol(m))
 
 
 def test_qdq_blocked_refused() -> None:

@@ -24,7 +24,10 @@ DequantizeLinear read by the layer alone):
 A BN reading a quantized *activation* (``layer -> QuantizeLinear -> DequantizeLinear -> BN``) is
 refused (QUANTIZED): scaling the layer would change what that Q/DQ rounds and clips.
 
-Refused with the reason QUANTIZED: a zero BN scale, blocked quantization (``block_size``), weights
+A zero BN scale keeps the channel's scale and sets its integers to the zero point: its weights are
+exactly 0 and the channel is its (new) bias, as after the BN.
+
+Refused with the reason QUANTIZED: blocked quantization (``block_size``), weights
 quantized on another axis, int4/uint4/float8 weights, per-tensor scales below opset 13, a non-zero
 bias zero point; OTHER_CONSUMERS: a DequantizeLinear output read by another node (shared weights are
 not cloned); OVERFLOW: a scale that is not finite or underflows to zero, an int32 bias overflow (``-2**31``
@@ -196,12 +199,13 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     if q.shape[axis] != ch:
         raise _Refuse(SkipReason.LAYOUT, f"{target} has {q.shape[axis]} output channels, the BN {ch}")
     a, t = c.prm.scale, c.prm.shift
-    if np.any(a == 0):
-        k = int(np.flatnonzero(a == 0)[0])
-        raise _Refuse(SkipReason.QUANTIZED, f"the BN scale is zero on channel {k}: not folded into quantized weights")
-    # New weight scale s |a| (one rounding); negative channels negate the integers around the zero point.
+    # New weight scale s |a| (one rounding); negative channels negate the integers around the zero
+    # point; a zero BN scale keeps the scale and sets the channel's integers to the zero point (its
+    # weights become exactly 0: the channel is its bias, as after the BN).
+    zero = a == 0
+    sa = np.where(zero, 1.0, np.abs(a))
     s64 = _per_c(s, ch)
-    res = finish([s64 * np.abs(a)], s.dtype, c.label, f"weight scale of {target}")
+    res = finish([s64 * sa], s.dtype, c.label, f"weight scale of {target}")
     if isinstance(res, Skip):
         return res
     s_new = res[0]
@@ -212,13 +216,14 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     if per_tensor and zc is not None:
         writes.append(Write(d, 2, zc))
     neg = a < 0
-    if neg.any():
+    if neg.any() or zero.any():
         info = np.iinfo(q.dtype)
         z64 = zc.astype(np.int64) if zc is not None else np.zeros(ch, np.int64)
         shape = [1] * q.ndim
         shape[axis] = ch
         flipped = 2 * z64.reshape(shape) - q.astype(np.int64)
         new_q = np.where(neg.reshape(shape), flipped, q.astype(np.int64))
+        new_q = np.where(zero.reshape(shape), z64.reshape(shape), new_q)
         out_of_range = (new_q < info.min) | (new_q > info.max)
         if out_of_range.any():
             k = int(np.flatnonzero(np.moveaxis(out_of_range, axis, 0).reshape(ch, -1).any(axis=1))[0])
@@ -234,7 +239,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         f"integers negated on {int(neg.sum())} channel(s) (BN scale < 0), the others unchanged"
         if neg.any()
         else "integers unchanged"
-    )
+    ) + (f"; {int(zero.sum())} channel(s) zeroed (BN scale 0: the channel is its bias)" if zero.any() else "")
     # Bias: b' = a b + t (Gemm: beta C a + t, beta becomes 1).
     beta = float(attr(pn, "beta", 1.0, opset)) if kind == "Gemm" else 1.0
     beta_one, shift = True, None
@@ -272,7 +277,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         if xs is not None and _same_product(xs, s64, bs64, bs.dtype):
             new_bs = finish([xs * s_new.astype(np.float64)], bs.dtype, c.label, f"bias scale of {target}")
         else:
-            new_bs = finish([bs64 * np.abs(a)], bs.dtype, c.label, f"bias scale of {target}")
+            new_bs = finish([bs64 * sa], bs.dtype, c.label, f"bias scale of {target}")
         if isinstance(new_bs, Skip):
             return new_bs
         nbs = new_bs[0]
@@ -282,7 +287,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             qv = np.rint(target_b / nbs.astype(np.float64))
             what = "requantised"
         else:  # exact: the integers keep their value (negated where a < 0), the shift stays as one Add
-            qv = np.where(a < 0, -1.0, 1.0) * bq.astype(np.float64)
+            qv = np.sign(a) * bq.astype(np.float64)
             what = "negated"
             beta_one = False  # C' = a C exactly (scale s_b |a|): beta keeps multiplying it
             rank = q.ndim if kind in ("Conv", "ConvTranspose") else 2
