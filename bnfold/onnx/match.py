@@ -35,6 +35,12 @@ Backward (:mod:`~bnfold.onnx.match_backward`; the BN output is read by one node 
 Either direction:
     13. Identity and inference Dropout between the BN and its neighbour are walked
         (:mod:`~bnfold.onnx.noops`).
+Quantized weights (:mod:`~bnfold.onnx.match_qdq`):
+    16. Conv / ConvTranspose (group 1) / Gemm / MatMul whose weight is ``DequantizeLinear(w_q, s, z)``
+        per output channel or per tensor (opset >= 13): the scales become ``s |a|`` (integers kept;
+        negated around the zero point where ``a < 0`` and that fits), a float bias takes the shift;
+        an int32 bias through DequantizeLinear is rescaled exactly and the shift kept as one Add
+        (requantised on request, :func:`~bnfold.onnx.match_qdq.requantize_int32_bias`).
 Other plans:
     14. Affine (on request, when nothing can absorb the BN): ``Mul(x, scale) -> Add(_, shift)``, constants
         shaped ``[C, 1, ..., 1]`` (or the per-element statistics of opset-7 ``spatial=0``).
@@ -46,7 +52,7 @@ Ranks and static shapes come from the file's declarations and from shape inferen
 Attributes are read with the types and defaults of the operator schema (:func:`~bnfold.onnx.graph.attr`).
 
 Refusals: training mode or optional outputs (TRAINING_MODE); non-constant weights or statistics
-(NON_CONSTANT; a DequantizeLinear weight is QUANTIZED); non-float tensors (UNSUPPORTED_DTYPE); a folded
+(NON_CONSTANT; a quantized weight case 16 cannot fold, or a quantized activation, is QUANTIZED); non-float tensors (UNSUPPORTED_DTYPE); a folded
 tensor that is not finite in its dtype (OVERFLOW); zero padding (PADDING); channel not on the layer's
 feature axis (LAYOUT); per-element statistics (SPATIAL); a producer output read elsewhere
 (OTHER_CONSUMERS) or a graph output (GRAPH_OUTPUT); a producer in an enclosing graph (IN_SUBGRAPH); a

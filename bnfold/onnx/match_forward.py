@@ -159,6 +159,15 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
             f"its input comes from {pn.op_type} '{name_of(pn)}' (domain {pn.domain}), which cannot absorb it",
         ), False
     kind = pn.op_type
+    if kind in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        from .match_qdq import dq_weight, match_qdq
+
+        if dq_weight(index, pn) is not None:
+            return match_qdq(c, p)  # Cases 1-4 through a DequantizeLinear weight
+    if kind == "DequantizeLinear":
+        from .match_qdq import activation_skip
+
+        return activation_skip(c, p)
     if kind in ("Conv", "ConvTranspose"):
         return _case_layer(c, p, layer_writes)  # Cases 1 and 2
     if kind == "Gemm":

@@ -81,6 +81,9 @@ class Fold:
     """Values that no longer exist (their value_info is dropped)."""
     affine: tuple[Array, Array] | None = None
     """For an affine replacement: the constant Mul and Add operands."""
+    set_int_attrs: tuple[tuple[int, str, int], ...] = ()
+    """``(node, name, value)``: integer attributes set (e.g. a DequantizeLinear's ``axis`` when its
+    scale becomes per channel, :mod:`bnfold.onnx.match_qdq`)."""
     shift: Array | None = None
     """The BN (``remove[0]``) becomes ``Add(its input, shift)``: the scale went into a layer, the
     shift has no bias to go to (a MatMul on a rank > 2 product)."""

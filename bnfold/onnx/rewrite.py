@@ -225,6 +225,12 @@ class PassRewriter:
             for a in nodes[gi].attribute:
                 if a.name == "beta":
                     a.f = 1.0
+        for ni, aname, aval in f.set_int_attrs:
+            attrs = [a for a in nodes[ni].attribute if a.name == aname]
+            if attrs:
+                attrs[0].i = aval
+            else:
+                nodes[ni].attribute.append(helper.make_attribute(aname, aval))
         if f.rename_output is not None:
             ni, new_name = f.rename_output
             label = index.labels.pop(nodes[ni].output[0], None)
