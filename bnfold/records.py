@@ -96,6 +96,12 @@ class Direction(str, enum.Enum):
     """BN -> layer: scale the layer's input channels, add the shift's image to its bias."""
     AFFINE = "affine"
     """BN -> Mul + Add with constant operands (nothing to fold into)."""
+    PROPAGATED = "propagated"
+    """BN split into scale and shift, moved through activations / pooling / zero padding (exact identities):
+    the scale into a later layer's input channels, the shift into its bias or one per-channel Add."""
+
+
+_STATUS = {Direction.AFFINE: "affine", Direction.PROPAGATED: "propagated"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +129,7 @@ class Site:
     def to_dict(self) -> dict[str, Any]:
         return {
             "bn": self.bn,
-            "status": "folded" if self.direction is not Direction.AFFINE else "affine",
+            "status": _STATUS.get(self.direction, "folded"),
             "target": self.target,
             "target_kind": self.target_kind,
             "direction": self.direction.value,

@@ -47,6 +47,7 @@ from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, t
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .merge import merge_branches as _merge_branches
 from .plan import conv_groups
+from .propagate import propagate_graph
 from .rewrite import Names, PassRewriter, remove_dead
 from .shapes import LazyTypes, copy_fields
 
@@ -73,6 +74,8 @@ class _Ctx:
     """Merge parallel branches into one Conv (:mod:`bnfold.onnx.merge`) once the folds settle."""
     merges: dict[str, Merge] = field(default_factory=dict)
     """Branch merges by sum label (the last decision for each sum)."""
+    propagate: bool = True
+    """Split the BNs left into scale and shift and move them through activations (:mod:`bnfold.onnx.propagate`)."""
 
 
 def count_bn(model: ModelProto) -> int:
@@ -247,6 +250,9 @@ def _fold_graph(
                 continue  # fold again: a BN on a merged sum now folds into the merged conv
             break
 
+    if ctx.propagate and main:
+        candidates |= propagate_graph(graph, build, ctx.opset, ctx.names, labels, final)
+
     if ctx.affine:
         index = build()
         ev = ConstEvaluator(index, ctx.opset, outer_ev)
@@ -334,6 +340,7 @@ def fold_model(
     exclude: frozenset[str] | set[str] = frozenset(),
     flush_denormals: bool = False,
     merge_branches: bool = True,
+    propagate: bool = True,
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
@@ -352,6 +359,9 @@ def fold_model(
         merge_branches: merge sums of branches that read one tensor (Conv, identity, BN, AveragePool,
             each optionally scaled) into one Conv, and fold a BN on the sum into it
             (:mod:`bnfold.onnx.merge`); ``report.merges`` lists each sum, merged or refused.
+        propagate: split each BN still left into its scale and shift and move them, by exact
+            identities, through Relu / LeakyRelu / pooling / Flatten / zero padding into the next
+            Conv / Gemm / MatMul (:mod:`bnfold.onnx.propagate`); verdict direction ``propagated``.
 
     Returns:
         ``(folded model, report)``; the report has one verdict per BatchNormalization node.
@@ -374,7 +384,7 @@ def fold_model(
     convs_before = _count_convs(work)
     ctx = _Ctx(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
-        flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches,
+        flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches, propagate=propagate,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
     )
     if work is model:
