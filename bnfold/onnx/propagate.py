@@ -181,7 +181,7 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
             flattened = True
         elif op == "Pad" and not flattened:
-            _check_pad(index, n, opset, ranks)
+            _check_pad(index, j, opset, ranks)
             stop_shift(pos, label)
         else:
             raise _Refuse(f"{text(n.op_type)} '{index.label(j)}' cannot carry the scale")
@@ -262,8 +262,9 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
     return plan
 
 
-def _check_pad(index: GraphIndex, n: NodeProto, opset: int, ranks: set[int]) -> None:
-    label = f"Pad '{index.label(index.nodes.index(n))}'"
+def _check_pad(index: GraphIndex, j: int, opset: int, ranks: set[int]) -> None:
+    n = index.nodes[j]
+    label = f"Pad '{index.label(j)}'"
     if text(attr(n, "mode", "constant", opset)) != "constant":
         raise _Refuse(f"{label} is not a constant pad")
     if opset < 11:
