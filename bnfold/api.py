@@ -107,6 +107,7 @@ def fold_with_report(
     health: bool = False,
     prune_constant_channels: bool = False,
     merge_branches: bool = True,
+    propagate: bool = True,
 ) -> tuple[Model, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -131,6 +132,9 @@ def fold_with_report(
             the original, so it is refused with ``inplace=True``.
         merge_branches: ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
             one Conv (:mod:`bnfold.onnx.merge`); ``report.merges`` lists them. False keeps the branches.
+        propagate: ONNX: split each BN left into scale and shift and move them through Relu, pooling,
+            Flatten and zero padding into the next Conv / Gemm / MatMul, by exact identities
+            (:mod:`bnfold.onnx.propagate`, verdict status ``propagated``). False keeps those BNs.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -158,7 +162,8 @@ def fold_with_report(
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
             return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
-                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches)
+                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches,
+                              propagate=propagate)
         if kind == "export":
             from .fx import fold_exported
 
@@ -199,6 +204,7 @@ def fold(
     flush_denormals: bool = True,
     prune_constant_channels: bool = False,
     merge_branches: bool = True,
+    propagate: bool = True,
 ) -> Model:
     """Fold every exactly-foldable BatchNorm; return a model of the type given.
 
@@ -208,7 +214,7 @@ def fold(
     return fold_with_report(
         model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
         flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
-        merge_branches=merge_branches,
+        merge_branches=merge_branches, propagate=propagate,
     )[0]
 
 
@@ -220,6 +226,7 @@ def inspect(
     example_inputs: Any = None,
     health: bool = False,
     merge_branches: bool = True,
+    propagate: bool = True,
 ) -> FoldReport:
     """The verdict for every BatchNorm (folded where, or left and why) without changing anything.
 
@@ -227,5 +234,5 @@ def inspect(
     """
     return fold_with_report(
         model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        health=health, merge_branches=merge_branches,
+        health=health, merge_branches=merge_branches, propagate=propagate,
     )[1]

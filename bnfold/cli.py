@@ -113,6 +113,10 @@ def fold(
         "--merge-branches/--no-merge-branches",
         help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one Conv.",
     )] = True,
+    propagate: Annotated[bool, typer.Option(
+        "--propagate/--no-propagate",
+        help="ONNX: move the scale and shift of BNs left through ReLU, pooling and zero padding into the next layer.",
+    )] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
     in_place: InPlace = False,
@@ -157,7 +161,7 @@ def fold(
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
             affine=affine, verify=verify, force=force, in_place=in_place, eval_semantics=eval_semantics,
-            merge_branches=merge_branches, external_data=external_data, flush_denormals=flush_denormals, health=health,
+            merge_branches=merge_branches, propagate=propagate, external_data=external_data, flush_denormals=flush_denormals, health=health,
             prune_constant_channels=prune_constant_channels, all_or_nothing=all_or_nothing,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
@@ -195,6 +199,9 @@ def inspect(
     merge_branches: Annotated[bool, typer.Option(
         "--merge-branches/--no-merge-branches", help="The merges fold would do (ONNX; on by default).",
     )] = True,
+    propagate: Annotated[bool, typer.Option(
+        "--propagate/--no-propagate", help="The scale propagation fold would do (ONNX; on by default).",
+    )] = True,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     eval_semantics: EvalSemantics = False,
@@ -225,7 +232,7 @@ def inspect(
         from ._render import render_fold_report, render_health
 
         settings = files.InspectSettings(
-            affine=affine, eval_semantics=eval_semantics, health=health, merge_branches=merge_branches,
+            affine=affine, eval_semantics=eval_semantics, health=health, merge_branches=merge_branches, propagate=propagate,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )

@@ -101,7 +101,10 @@ def set_bn(model: nn.Module, seed: int = 0, *, sign: str = "positive") -> nn.Mod
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             c = m.num_features
-            u = lambda lo, hi: torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo  # noqa: E731
+
+            def u(lo: float, hi: float, c: int = c) -> torch.Tensor:
+                return torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo
+
             with torch.no_grad():
                 m.running_mean.copy_(u(-0.5, 0.5))
                 m.running_var.copy_(torch.exp(u(-1.4, 0.9)))
