@@ -30,7 +30,15 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-from common import env_summary, fmt_ratio, make_parser, markdown_table, ort_options, pin_threads, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    env_summary,
+    fmt_ratio,
+    make_parser,
+    markdown_table,
+    ort_options,
+    pin_threads,
+    time_interleaved,
+)
 from torch import nn  # noqa: E402
 
 from bnfold.onnx import fold_model  # noqa: E402
@@ -92,7 +100,7 @@ def main() -> None:
         got = sess["on"].run(None, feeds)[0]
         err = float(np.max(np.abs(ref - got)) / max(1.0, float(np.max(np.abs(ref)))))
         number = 5 if args.quick else 20
-        t = time_interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sess.items()},
+        t = time_interleaved({k: (lambda s=s, f=feeds: s.run(None, f)) for k, s in sess.items()},
                              repeats=args.repeats, warmup=args.warmup, number=number)
         fl = t["floor"].median
         rows.append([name, fmt_ratio(t["original"].median, fl), fmt_ratio(t["off"].median, fl),
