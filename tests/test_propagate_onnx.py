@@ -307,3 +307,49 @@ def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
     assert_close(run(mixed, {"x": x.float().numpy()}), run(out, {"x": x.float().numpy()}), 1e-5)
     assert counts(out)[0] == 4
     assert all("negative scale before MaxPool" in v.detail for v in report.skips)
+
+
+def test_cli_fold_json_and_no_propagate(tmp_path: Any) -> None:
+    import json
+    from importlib import resources
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src = tmp_path / "m.onnx"
+    onnx.save(chain([("Relu", {})], pads=1), str(src))
+    before = src.read_bytes()
+    runner = CliRunner()
+    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    docs = {}
+    for flag in ("--propagate", "--no-propagate"):
+        out = tmp_path / f"out{flag}.onnx"
+        r = runner.invoke(app, ["fold", str(src), str(out), "--json", flag])
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        docs[flag] = json.loads(r.stdout)
+        try:
+            import jsonschema
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            jsonschema.validate(docs[flag], schema)
+        assert counts(onnx.load(str(out)))[0] == (0 if flag == "--propagate" else 1)
+    assert src.read_bytes() == before
+    (v,) = [v for v in docs["--propagate"]["verdicts"] if v["bn"] == "bn"]
+    assert v["status"] == "propagated" and v["direction"] == "propagated" and v["target"] == "conv"
+    (w,) = [v for v in docs["--no-propagate"]["verdicts"] if v["bn"] == "bn"]
+    assert w["status"] == "left" and w["reason"] == "no_producer"
+    r = runner.invoke(app, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0
+    (u,) = [v for v in json.loads(r.stdout)["verdicts"] if v["bn"] == "bn"]
+    assert u["status"] == "propagated"
+
+
+def test_ir3_model_is_not_propagated() -> None:
+    m = chain([("Relu", {})], pads=1)
+    m.ir_version = 3
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    out, report = fold_and_check(m)
+    assert isinstance(verdict(report), Skip) and counts(out)[0] == 1

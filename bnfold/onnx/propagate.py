@@ -126,6 +126,8 @@ def _rank_of(index: GraphIndex, n: NodeProto, opset: int) -> int | None:
 
 def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
     bn = index.nodes[i]
+    if index.ir_version < 4:
+        raise _Refuse("IR version below 4 (initializers are graph inputs)")
     a, b = _bn_affine(index, bn, opset)
     C = a.size
     plan = _Plan(bn=i, x=bn.input[0], chain=[], layer=-1, a=a, b=b)
