@@ -353,3 +353,27 @@ def test_ir3_model_is_not_propagated() -> None:
         m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     out, report = fold_and_check(m)
     assert isinstance(verdict(report), Skip) and counts(out)[0] == 1
+
+
+def test_cli_fold_reads_weights_left_in_an_external_data_file(tmp_path: Any) -> None:
+    """The CLI loads external data lazily: the propagated conv's weight and the BN's parameters are read
+    from the file (this failed with an absolute-location ValidationError before)."""
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src = tmp_path / "ext.onnx"
+    m = chain([("MaxPool", {"kernel_shape": [2, 2]}), ("Relu", {})], pads=1)
+    saved = onnx.ModelProto()
+    saved.CopyFrom(m)  # onnx.save moves the tensors of the model it is given out to the file
+    onnx.save(saved, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+              size_threshold=0)
+    data = (tmp_path / "w.bin").read_bytes()
+    out = tmp_path / "out.onnx"
+    r = CliRunner().invoke(app, ["fold", str(src), str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "w.bin").read_bytes() == data
+    folded = onnx.load(str(out))
+    assert counts(folded) == (0, 0, 1)
+    feeds = {"x": np.random.default_rng(5).standard_normal((2, C, 8, 8)).astype(np.float32)}
+    assert_close(run(m, feeds), run(folded, feeds), 1e-5)

@@ -37,7 +37,7 @@ from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
-from .graph import GraphIndex, attr, is_bn, text
+from .graph import GraphIndex, attr, is_bn, read_lazy_tensor, text
 from .rewrite import Names
 
 __all__ = ["propagate_graph", "ELIGIBLE"]
@@ -80,7 +80,13 @@ class _Refuse(Exception):
 def _static(index: GraphIndex, name: str) -> Arr:
     if not name or name not in index.initializers or index.is_overridable(name):
         raise _Refuse(f"'{name}' is not a constant initializer")
-    return np.asarray(numpy_helper.to_array(index.tensor(name)))
+    t = index.tensor(name)  # a placeholder copy reads the original's bytes
+    if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
+        lazy = read_lazy_tensor(t)  # left in its file by a lazy load
+        if lazy is None:
+            raise _Refuse(f"external data of '{name}' is not loaded")
+        return np.asarray(lazy)
+    return np.asarray(numpy_helper.to_array(t))
 
 
 def _ints(node: NodeProto, name: str, opset: int) -> list[int]:
@@ -336,7 +342,7 @@ def propagate_graph(
 def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names) -> set[str]:
     bn = index.nodes[p.bn]
     layer = index.nodes[p.layer]
-    dtype = np.asarray(numpy_helper.to_array(index.tensor(layer.input[1]))).dtype
+    dtype = _static(index, layer.input[1]).dtype
     dead = {v for v in bn.input[1:] if v}
     # The first reader of the BN's output reads its input instead.
     first = index.nodes[(p.chain + [p.layer])[0]]
