@@ -251,7 +251,9 @@ def _fold_graph(
             break
 
     if ctx.propagate and main:
-        candidates |= propagate_graph(graph, build, ctx.opset, ctx.names, labels, final)
+        dead, flushed = propagate_graph(graph, build, ctx.opset, ctx.names, labels, final, flush=ctx.flush)
+        candidates |= dead
+        ctx.flushed += flushed
 
     if ctx.affine:
         index = build()

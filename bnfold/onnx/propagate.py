@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
+from bnfold.denormals import flush_written
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
 from .graph import GraphIndex, attr, is_bn, read_lazy_tensor, text
@@ -307,11 +308,20 @@ def _describe(index: GraphIndex, p: _Plan) -> str:
 
 def propagate_graph(
     graph: GraphProto, index_of: Callable[[], GraphIndex], opset: int, names: Names,
-    labels: dict[str, str], final: dict[str, Verdict],
-) -> set[str]:
+    labels: dict[str, str], final: dict[str, Verdict], flush: bool = False,
+) -> tuple[set[str], int]:
     """Propagate each BN of ``graph`` whose verdict is a :data:`ELIGIBLE` skip; return the names of
-    the initializers it may have left unread (for :func:`~bnfold.onnx.rewrite.remove_dead`)."""
+    the initializers it may have left unread (for :func:`~bnfold.onnx.rewrite.remove_dead`) and the
+    number of subnormal values set to zero in the tensors written (``flush``, as the folds do)."""
     candidates: set[str] = set()
+    flushed = [0]
+
+    def store(value: Arr, name: str) -> None:
+        if flush:
+            value, n = flush_written(value)
+            flushed[0] += n
+        graph.initializer.append(numpy_helper.from_array(value, name))
+
     tried: set[str] = set()
     while True:
         index = index_of()
@@ -332,14 +342,14 @@ def propagate_graph(
                 continue
             final[key] = Site(labels.get(key, index.label(i)), index.label(plan.layer),
                               index.nodes[plan.layer].op_type, Direction.PROPAGATED, _describe(index, plan))
-            candidates |= _apply(graph, index, plan, names)
+            candidates |= _apply(graph, index, plan, names, store)
             applied = True
             break  # the index is stale: rebuild
         if not applied:
-            return candidates
+            return candidates, flushed[0]
 
 
-def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names) -> set[str]:
+def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names, store: Callable[[Arr, str], None]) -> set[str]:
     bn = index.nodes[p.bn]
     layer = index.nodes[p.layer]
     dtype = _static(index, layer.input[1]).dtype
@@ -350,11 +360,11 @@ def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names) -> set[
     w_name = names.fresh(f"{layer.input[1]}_propagated")
     dead.add(layer.input[1])
     assert p.weight is not None
-    graph.initializer.append(numpy_helper.from_array(p.weight.astype(dtype), w_name))
+    store(p.weight.astype(dtype), w_name)
     layer.input[1] = w_name
     if p.bias is not None:
         b_name = names.fresh(f"{text(layer.name) or 'bias'}_propagated_bias")
-        graph.initializer.append(numpy_helper.from_array(p.bias.astype(dtype), b_name))
+        store(p.bias.astype(dtype), b_name)
         if len(layer.input) > 2 and layer.input[2]:
             dead.add(layer.input[2])
             layer.input[2] = b_name
@@ -369,7 +379,7 @@ def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names) -> set[
         target = index.nodes[before]
         s_name = names.fresh(f"{text(bn.name) or 'bn'}_shift")
         out = names.fresh(f"{text(bn.name) or 'bn'}_shifted")
-        graph.initializer.append(numpy_helper.from_array(p.shift.astype(dtype), s_name))
+        store(p.shift.astype(dtype), s_name)
         add = helper.make_node("Add", [target.input[0], s_name], [out], name=names.fresh(f"{text(bn.name) or 'bn'}_shift_add"))
         target.input[0] = out
     new: list[NodeProto] = []
