@@ -39,7 +39,7 @@ def gammas(sign: str, rng: np.random.Generator) -> np.ndarray:
 
 def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str = "positive",
           dtype: int = TensorProto.FLOAT, pads: int = 0, extra_out: bool = False, hw: int = 8,
-          producer: str = "Relu") -> onnx.ModelProto:
+          producer: str = "Relu", bias: bool = True, opset: int = 17, trans_b: int = 1) -> onnx.ModelProto:
     """x -> producer -> BN -> ops... -> layer -> y. ``producer`` "Relu" (nothing to fold into) or "Conv"."""
     rng = np.random.default_rng(7)
     t = NP[dtype]
@@ -62,16 +62,18 @@ def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str 
     flat = False
     for k, (op, attrs) in enumerate(ops):
         ins = [cur]
-        if op == "Pad":
+        if op == "Pad" and opset >= 11:
             inits.append(numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads"))
             ins.append("pads")
+        elif op == "Pad":
+            attrs = {"pads": [0, 0, 1, 2, 0, 0, 2, 1], **attrs}
         nodes.append(helper.make_node(op, ins, [f"h{k + 1}"], name=f"{op.lower()}{k}", **attrs))
         cur = f"h{k + 1}"
         flat = flat or op in ("Flatten", "GlobalAveragePool")
     outs = [helper.make_tensor_value_info("y", dtype, None)]
     if layer == "conv":
         nodes.append(helper.make_node("Conv", [cur, init("w", rng.standard_normal((4, C, 3, 3)) * 0.4),
-                                               init("wb", rng.standard_normal(4) * 0.2)], ["y"],
+                                               *([init("wb", rng.standard_normal(4) * 0.2)] if bias else [])], ["y"],
                                       name="conv", pads=[pads] * 4))
     elif layer == "dwconv":
         nodes.append(helper.make_node("Conv", [cur, init("w", rng.standard_normal((2 * C, 1, 3, 3)) * 0.4)], ["y"],
@@ -87,16 +89,17 @@ def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str 
             nodes.append(helper.make_node("Flatten", [cur], ["f"], name="flat"))
             cur = "f"
         if layer == "gemm":
-            nodes.append(helper.make_node("Gemm", [cur, init("w", rng.standard_normal((5, k_in)) * 0.3),
-                                                   init("wb", rng.standard_normal(5) * 0.2)], ["y"],
-                                          name="fc", transB=1, alpha=0.7, beta=1.3))
+            w = rng.standard_normal((5, k_in)) * 0.3
+            nodes.append(helper.make_node("Gemm", [cur, init("w", w if trans_b else w.T),
+                                                   *([init("wb", rng.standard_normal(5) * 0.2)] if bias else [])],
+                                          ["y"], name="fc", transB=trans_b, alpha=0.7, beta=1.3))
         else:
             nodes.append(helper.make_node("MatMul", [cur, init("w", rng.standard_normal((k_in, 5)) * 0.3)], ["y"],
                                           name="fc"))
     if extra_out:
         outs.append(helper.make_tensor_value_info("p", dtype, None))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [2, C, hw, hw])], outs, inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     inferred = {o.name: o.type for o in onnx.shape_inference.infer_shapes(m).graph.output}
     for o in m.graph.output:
@@ -377,3 +380,42 @@ def test_cli_fold_reads_weights_left_in_an_external_data_file(tmp_path: Any) -> 
     assert counts(folded) == (0, 0, 1)
     feeds = {"x": np.random.default_rng(5).standard_normal((2, C, 8, 8)).astype(np.float32)}
     assert_close(run(m, feeds), run(folded, feeds), 1e-5)
+
+
+def test_gemm_without_bias_and_transb_0_gets_the_shift_as_its_bias() -> None:
+    out, report = fold_and_check(chain([("GlobalAveragePool", {})], layer="gemm", sign="mixed", bias=False,
+                                       trans_b=0))
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+    (fc,) = [n for n in out.graph.node if n.op_type == "Gemm"]
+    assert len(fc.input) == 3
+
+
+def test_conv_without_bias_gets_one() -> None:
+    out, report = fold_and_check(chain([("MaxPool", {"kernel_shape": [2, 2]})], bias=False))
+    assert_propagated(report, "conv")
+    assert counts(out) == (0, 0, 0)
+
+
+def test_average_pool_ceil_mode_counting_pads_stops_the_shift() -> None:
+    ap = {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1, "count_include_pad": 1}
+    out, report = fold_and_check(chain([("AveragePool", ap)], sign="negative"))
+    v = assert_propagated(report, "conv")
+    assert "shift as one Add before AveragePool" in v.detail
+    assert counts(out) == (0, 0, 1)
+
+
+def test_pad_attribute_form_opset_10() -> None:
+    out, report = fold_and_check(chain([("Pad", {"mode": "constant"})], opset=10))
+    assert_propagated(report, "conv")
+    assert counts(out) == (0, 0, 1)
+
+
+def test_pad_with_a_non_zero_value_is_refused() -> None:
+    out, report = fold_and_check(chain([("Pad", {"mode": "constant", "value": 0.5})], opset=10))
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+def test_reflect_pad_is_refused() -> None:
+    out, report = fold_and_check(chain([("Pad", {"mode": "reflect"})]))
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
