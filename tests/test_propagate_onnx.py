@@ -419,3 +419,13 @@ def test_pad_with_a_non_zero_value_is_refused() -> None:
 def test_reflect_pad_is_refused() -> None:
     out, report = fold_and_check(chain([("Pad", {"mode": "reflect"})]))
     assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+def test_gemm_with_an_empty_bias_slot_gets_the_bias_there() -> None:
+    m = chain([("GlobalAveragePool", {})], layer="gemm", bias=False)
+    (fc,) = [n for n in m.graph.node if n.op_type == "Gemm"]
+    fc.input.append("")  # an absent optional C, spelled as an empty name
+    out, report = fold_and_check(m)
+    assert_propagated(report, "fc")
+    (fc,) = [n for n in out.graph.node if n.op_type == "Gemm"]
+    assert len(fc.input) == 3 and fc.input[2]

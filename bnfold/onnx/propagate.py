@@ -323,9 +323,11 @@ def propagate_graph(
         graph.initializer.append(numpy_helper.from_array(value, name))
 
     tried: set[str] = set()
-    while True:
+    while True:  # one pass per index; a plan touching a node another plan of the pass edits waits
         index = index_of()
-        applied = False
+        touched: set[int] = set()
+        removed: set[int] = set()
+        inserts: dict[int, NodeProto] = {}
         for i, n in enumerate(index.nodes):
             if not is_bn(n) or not n.output or n.output[0] in tried:
                 continue
@@ -333,23 +335,44 @@ def propagate_graph(
             prev = final.get(key)
             if not isinstance(prev, Skip) or prev.reason not in ELIGIBLE:
                 continue
-            tried.add(key)
             try:
                 plan = _plan_bn(index, i, opset)
             except _Refuse as e:
+                tried.add(key)
                 if "channels" in str(e):  # the verdict says how many channels blocked it
                     final[key] = Skip(prev.bn, prev.reason, f"{prev.detail}; not propagated: {e}")
                 continue
+            nodes = {i, plan.layer, *plan.chain}
+            if nodes & touched:
+                continue
+            touched |= nodes
+            tried.add(key)
             final[key] = Site(labels.get(key, index.label(i)), index.label(plan.layer),
                               index.nodes[plan.layer].op_type, Direction.PROPAGATED, _describe(index, plan))
-            candidates |= _apply(graph, index, plan, names, store)
-            applied = True
-            break  # the index is stale: rebuild
-        if not applied:
+            dead, add = _apply(graph, index, plan, names, store)
+            candidates |= dead
+            removed.add(i)
+            if add is not None:
+                inserts[add[0]] = add[1]
+        if not removed:
             return candidates, flushed[0]
+        new: list[NodeProto] = []
+        for k, n in enumerate(index.nodes):
+            if k in inserts:
+                new.append(inserts[k])
+            if k not in removed:
+                c = NodeProto()
+                c.CopyFrom(n)
+                new.append(c)
+        del graph.node[:]
+        graph.node.extend(new)
 
 
-def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names, store: Callable[[Arr, str], None]) -> set[str]:
+def _apply(
+    graph: GraphProto, index: GraphIndex, p: _Plan, names: Names, store: Callable[[Arr, str], None],
+) -> tuple[set[str], tuple[int, NodeProto] | None]:
+    """Edit the nodes of ``p`` in place and store its tensors; return the initializers it may leave
+    unread and the Add of the shift with the index of the node it goes before (the caller inserts it)."""
     bn = index.nodes[p.bn]
     layer = index.nodes[p.layer]
     dtype = _static(index, layer.input[1]).dtype
@@ -359,39 +382,27 @@ def _apply(graph: GraphProto, index: GraphIndex, p: _Plan, names: Names, store: 
     first.input[0] = p.x
     w_name = names.fresh(f"{layer.input[1]}_propagated")
     dead.add(layer.input[1])
-    assert p.weight is not None
+    if p.weight is None:  # pragma: no cover - every plan scales a weight
+        raise ValueError("a propagation plan without a weight")
     store(p.weight.astype(dtype), w_name)
     layer.input[1] = w_name
     if p.bias is not None:
         b_name = names.fresh(f"{text(layer.name) or 'bias'}_propagated_bias")
         store(p.bias.astype(dtype), b_name)
-        if len(layer.input) > 2 and layer.input[2]:
-            dead.add(layer.input[2])
+        if len(layer.input) > 2:  # a bias, or an empty name for an absent one
+            if layer.input[2]:
+                dead.add(layer.input[2])
             layer.input[2] = b_name
         else:
-            while len(layer.input) < 2:
-                layer.input.append("")
             layer.input.append(b_name)
-    add: NodeProto | None = None
-    before = -1
+    add: tuple[int, NodeProto] | None = None
     if p.shift is not None and p.shift_at is not None:
         before = (p.chain + [p.layer])[p.shift_at]
         target = index.nodes[before]
         s_name = names.fresh(f"{text(bn.name) or 'bn'}_shift")
         out = names.fresh(f"{text(bn.name) or 'bn'}_shifted")
         store(p.shift.astype(dtype), s_name)
-        add = helper.make_node("Add", [target.input[0], s_name], [out], name=names.fresh(f"{text(bn.name) or 'bn'}_shift_add"))
+        node = helper.make_node("Add", [target.input[0], s_name], [out], name=names.fresh(f"{text(bn.name) or 'bn'}_shift_add"))
         target.input[0] = out
-    new: list[NodeProto] = []
-    for k, n in enumerate(index.nodes):
-        if k == p.bn:
-            continue
-        if k == before and add is not None:
-            new.append(add)
-        new.append(n)
-    copies = [NodeProto() for _ in new]
-    for c, n in zip(copies, new):
-        c.CopyFrom(n)
-    del graph.node[:]
-    graph.node.extend(copies)
-    return dead
+        add = (before, node)
+    return dead, add
