@@ -67,9 +67,13 @@ def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str 
             ins.append("pads")
         elif op == "Pad":
             attrs = {"pads": [0, 0, 1, 2, 0, 0, 2, 1], **attrs}
+        if op == "Reshape":
+            attrs = dict(attrs)
+            inits.append(numpy_helper.from_array(np.array(attrs.pop("shape"), np.int64), f"shape{k}"))
+            ins.append(f"shape{k}")
         nodes.append(helper.make_node(op, ins, [f"h{k + 1}"], name=f"{op.lower()}{k}", **attrs))
         cur = f"h{k + 1}"
-        flat = flat or op in ("Flatten", "GlobalAveragePool")
+        flat = flat or op in ("Flatten", "GlobalAveragePool", "Reshape")
     outs = [helper.make_tensor_value_info("y", dtype, None)]
     if layer == "conv":
         nodes.append(helper.make_node("Conv", [cur, init("w", rng.standard_normal((4, C, 3, 3)) * 0.4),
@@ -429,3 +433,32 @@ def test_gemm_with_an_empty_bias_slot_gets_the_bias_there() -> None:
     assert_propagated(report, "fc")
     (fc,) = [n for n in out.graph.node if n.op_type == "Gemm"]
     assert len(fc.input) == 3 and fc.input[2]
+
+
+# MaxPool 2x2 of (2, 6, 8, 8): (2, 6, 4, 4), 96 features per sample.
+@pytest.mark.parametrize("shape", [[0, -1], [-1, 96], [2, -1], [2, 96]])
+def test_reshape_that_flattens_from_the_channel_axis_folds_into_the_gemm(shape: list[int]) -> None:
+    m = chain([("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}), ("Reshape", {"shape": shape})],
+              layer="gemm", sign="zero")
+    out, report = fold_and_check(m)
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+
+
+def test_reshape_that_regroups_rows_is_refused() -> None:
+    """(2, 96) -> (4, 48): a row holds half a sample; channel blocks no longer line up with the Gemm."""
+    m = chain([("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}), ("Reshape", {"shape": [-1, 48]})],
+              layer="gemm")
+    out, report = fold_and_check(m)
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+def test_dynamo_export_of_crepe_folds_every_bn() -> None:
+    """torch.onnx's dynamo exporter writes flatten as a Reshape to a constant shape."""
+    pytest.importorskip("onnxscript")
+    net = nets.set_bn(nets.Crepe(widths=(8, 8), length=128), sign="positive")
+    x = net.example()
+    m = torch.onnx.export(net, (x,), dynamo=True, input_names=["x"], verbose=False).model_proto
+    out, report = fold_model(m)
+    assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
+    assert counts(out)[0] == 0 and report.folded == report.bn_before == 2

@@ -189,6 +189,9 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
             if int(attr(n, "axis", 1, opset)) != 1:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
             flattened = True
+        elif op == "Reshape" and not flattened:
+            _check_flattening_reshape(index, j, opset)
+            flattened = True
         elif op == "Pad" and not flattened:
             _check_pad(index, j, opset, ranks)
             stop_shift(pos, label)
@@ -269,6 +272,27 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
         if v is not None and not np.isfinite(v.astype(dtype)).all():
             raise _Refuse(f"a propagated value would not be finite in {dtype}")
     return plan
+
+
+def _check_flattening_reshape(index: GraphIndex, j: int, opset: int) -> None:
+    """Refuse unless Reshape ``j`` is ``Flatten(axis=1)``: ``(N, C, ...) -> (N, C * prod(...))``, told by
+    a constant target shape of two entries and the input's static non-batch dimensions."""
+    n = index.nodes[j]
+    label = f"Reshape '{index.label(j)}'"
+    if len(n.input) < 2:
+        raise _Refuse(f"{label} has no shape")
+    shape = [int(v) for v in _static(index, n.input[1]).reshape(-1)]
+    vt = index.value_type(n.input[0])
+    dims = None if vt is None else vt.shape
+    if len(shape) != 2 or dims is None or len(dims) < 2 or any(not isinstance(d, int) for d in dims[1:]):
+        raise _Refuse(f"{label} is not known to flatten from the channel axis")
+    size = 1
+    for d in dims[1:]:
+        size *= int(d)  # type: ignore[arg-type]
+    allowzero = int(attr(n, "allowzero", 0, opset)) != 0
+    batch_kept = (shape[0] == 0 and not allowzero) or (isinstance(dims[0], int) and shape[0] == dims[0])
+    if not ((batch_kept and shape[1] in (size, -1)) or (shape[0] == -1 and shape[1] == size)):
+        raise _Refuse(f"{label} is not known to flatten from the channel axis")
 
 
 def _check_pad(index: GraphIndex, j: int, opset: int, ranks: set[int]) -> None:
