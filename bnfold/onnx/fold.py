@@ -12,6 +12,9 @@ Algorithm (linear in the number of nodes per pass; passes repeat only while some
    the index built at the start of the pass stays truthful for everything matched in it.
 2. Remove the folded nodes (one deletion per node, from the end) and repeat from 1 while a pass
    folded something (``Conv -> BN -> BN`` folds the second BN in the second pass).
+2b. With ``propagate=True`` (the default), each BN still left is split into scale and shift, moved by
+   exact identities through Relu / pooling / Flatten / zero padding into the next layer
+   (:mod:`~bnfold.onnx.propagate`; main graph only).
 3. With ``affine=True``, each BN still left (except training-mode ones) becomes one Mul and one Add.
 4. Fold the subgraphs (If/Loop/Scan bodies) the same way, with the enclosing graph's constants
    visible; a subgraph never edits an enclosing initializer (it writes its own).

@@ -7,7 +7,8 @@ previous tensor alone, and moves the BN's parts with exact identities (per chann
 * *full* nodes commute with the whole affine: ``MaxPool`` / ``GlobalMaxPool`` (``a >= 0``; max pads with
   -inf and a non-decreasing map commutes with max), ``GlobalAveragePool``, ``AveragePool`` whose divisor
   counts only real elements (``count_include_pad=0``, or no padding and no ceil mode), ``Flatten``
-  (``axis=1``: channel ``c`` becomes a block of features), ``Identity``;
+  (``axis=1``: channel ``c`` becomes a block of features), a ``Reshape`` to a constant 2-D shape that is
+  that flatten (the input's non-batch dimensions static), ``Identity``;
 * *scale-only* nodes commute with a per-channel scale but not with a shift: ``Relu`` and ``LeakyRelu``
   (``a >= 0``: ``relu(a*z) = a*relu(z)``), ``Pad`` with constant zeros off the batch and channel axes and an
   ``AveragePool`` that counts padded zeros (``pad0(a*z) = a*pad0(z)``);
@@ -18,6 +19,9 @@ The shift crosses full nodes unchanged. Where it cannot go further (before the f
 or before a layer that pads, or a ``MatMul``) it becomes ONE per-channel ``Add`` of ``b / a`` on the
 tensor at that point, ``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``; when it
 reaches a layer that does not pad it goes into the layer's bias (``W (a z + b) = (W a) z + W b``).
+
+The shift never moves back into a producer's bias here: a producer that could take it (a layer, or a
+sum of layers, read only by the BN) has already absorbed the whole BN in the exact folds.
 
 A BN is propagated only when every channel's scale can move; otherwise (a negative scale before a
 Relu / LeakyRelu / MaxPool, a zero scale with a non-zero shift where the shift must stop) the whole BN
