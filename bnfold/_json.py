@@ -104,7 +104,7 @@ def _file(path: Any, fmt: Any = None, size: Any = None, data_files: Any = (), **
 def _verdict_json(v: Site | Skip) -> dict[str, Any]:
     if isinstance(v, Site):
         return {
-            "bn": v.bn, "status": {Direction.AFFINE: "affine", Direction.CONVERTED: "converted"}.get(v.direction, "folded"),
+            "bn": v.bn, "status": v.to_dict()["status"],
             "target": v.target, "target_kind": v.target_kind, "direction": v.direction.value,
             "reason": None, "detail": v.detail,
         }

@@ -285,7 +285,8 @@ def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:
             return name, Text(clean(v.target_kind), style="cyan"), _t(v.detail)
         into = (f"{clean(v.target)} ({clean(v.target_kind)}, {v.direction.value})" if v.target
                 else f"({clean(v.target_kind)})")  # folded by the ONNX exporter: no layer named
-        return name, Text("folded", style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
+        status = "propagated" if v.direction is Direction.PROPAGATED else "folded"
+        return name, Text(status, style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
     return name, Text(v.reason.value, style="yellow"), _t(v.detail)
 
 

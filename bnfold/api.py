@@ -86,6 +86,7 @@ def fold_with_report(
     prune_constant_channels: bool = False,
     merge_branches: bool = True,
     batch_stats: str | None = None,
+    propagate: bool = True,
 ) -> tuple[Model, FoldReport]:
     """Fold every exactly-foldable BatchNorm and return ``(model, report)``.
 
@@ -115,6 +116,9 @@ def fold_with_report(
             with the BN's affine. Exact at batch 1 only: at batch > 1 the model then computes something
             else (the report says so). None (default) leaves them, with a reason naming this option.
             A batch-statistics BN on a constant (ONNX) is evaluated to a constant either way.
+        propagate: ONNX: split each BN left into scale and shift and move them through Relu, pooling,
+            Flatten and zero padding into the next Conv / Gemm / MatMul, by exact identities
+            (:mod:`bnfold.onnx.propagate`, verdict status ``propagated``). False keeps those BNs.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -145,7 +149,7 @@ def fold_with_report(
             # The flush runs as the fold writes each tensor (no second pass over the weights).
             return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
                               flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches,
-                              batch_stats=batch_stats)
+                              batch_stats=batch_stats, propagate=propagate)
         if kind == "export":
             from .fx import fold_exported
 
@@ -199,6 +203,7 @@ def fold(
     prune_constant_channels: bool = False,
     merge_branches: bool = True,
     batch_stats: str | None = None,
+    propagate: bool = True,
 ) -> Model:
     """Fold every exactly-foldable BatchNorm; return a model of the type given.
 
@@ -208,7 +213,7 @@ def fold(
     return fold_with_report(
         model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
         flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
-        merge_branches=merge_branches, batch_stats=batch_stats,
+        merge_branches=merge_branches, batch_stats=batch_stats, propagate=propagate,
     )[0]
 
 
@@ -221,6 +226,7 @@ def inspect(
     health: bool = False,
     merge_branches: bool = True,
     batch_stats: str | None = None,
+    propagate: bool = True,
 ) -> FoldReport:
     """The verdict for every BatchNorm (folded where, or left and why) without changing anything.
 
@@ -228,7 +234,7 @@ def inspect(
     """
     return fold_with_report(
         model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        health=health, merge_branches=merge_branches, batch_stats=batch_stats,
+        health=health, merge_branches=merge_branches, batch_stats=batch_stats, propagate=propagate,
     )[1]
 
 

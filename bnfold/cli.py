@@ -121,6 +121,10 @@ def fold(
         help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one Conv.",
     )] = True,
     batch_stats: BatchStats = None,
+    propagate: Annotated[bool, typer.Option(
+        "--propagate/--no-propagate",
+        help="ONNX: move the scale and shift of BNs left through ReLU, pooling and zero padding into the next layer.",
+    )] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
     in_place: InPlace = False,
@@ -166,7 +170,7 @@ def fold(
         settings = files.FoldSettings(
             affine=affine, verify=verify, force=force, in_place=in_place, eval_semantics=eval_semantics,
             merge_branches=merge_branches, external_data=external_data, flush_denormals=flush_denormals, health=health,
-            batch_stats=batch_stats,
+            batch_stats=batch_stats, propagate=propagate,
             prune_constant_channels=prune_constant_channels, all_or_nothing=all_or_nothing,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
@@ -205,6 +209,9 @@ def inspect(
         "--merge-branches/--no-merge-branches", help="The merges fold would do (ONNX; on by default).",
     )] = True,
     batch_stats: BatchStats = None,
+    propagate: Annotated[bool, typer.Option(
+        "--propagate/--no-propagate", help="The scale propagation fold would do (ONNX; on by default).",
+    )] = True,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     eval_semantics: EvalSemantics = False,
@@ -236,7 +243,7 @@ def inspect(
 
         settings = files.InspectSettings(
             affine=affine, eval_semantics=eval_semantics, health=health, merge_branches=merge_branches,
-            batch_stats=batch_stats, load=files.LoadSettings(model_factory, trust_pickle),
+            batch_stats=batch_stats, propagate=propagate, load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )
         if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):

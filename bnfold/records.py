@@ -98,6 +98,12 @@ class Direction(str, enum.Enum):
     """BN -> Mul + Add with constant operands (nothing to fold into)."""
     CONVERTED = "converted"
     """A batch-statistics BN replaced by another normalisation (InstanceNorm, ``batch_stats="instance"``)."""
+    PROPAGATED = "propagated"
+    """BN split into scale and shift, moved through activations / pooling / zero padding (exact identities):
+    the scale into a later layer's input channels, the shift into its bias or one per-channel Add."""
+
+
+_STATUS = {Direction.AFFINE: "affine", Direction.CONVERTED: "converted", Direction.PROPAGATED: "propagated"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +131,7 @@ class Site:
     def to_dict(self) -> dict[str, Any]:
         return {
             "bn": self.bn,
-            "status": {Direction.AFFINE: "affine", Direction.CONVERTED: "converted"}.get(self.direction, "folded"),
+            "status": _STATUS.get(self.direction, "folded"),
             "target": self.target,
             "target_kind": self.target_kind,
             "direction": self.direction.value,

@@ -154,7 +154,9 @@ def check_fold(model: onnx.ModelProto, *, bn_after: int | None = 0, affine: bool
     assert [v.SerializeToString() for v in out.graph.output] == [v.SerializeToString() for v in model.graph.output]
     n_affine = sum(1 for v in report.sites if v.direction.value == "affine")
     n_shift = sum(1 for v in report.sites if "shift kept as one Add" in v.detail)  # the BN became an Add
-    assert len(out.graph.node) <= len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine + n_shift
+    n_propagated = sum(1 for v in report.sites if v.direction.value == "propagated")  # at most one Add each
+    assert len(out.graph.node) <= (len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine
+                                   + n_shift + n_propagated)
     if run_ort:
         elem = model.graph.output[0].type.tensor_type.elem_type
         t = tol if tol is not None else TOL.get(elem, 2e-5)

@@ -212,7 +212,7 @@ def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress:
     # The audit reads the original BN parameters: then the fold works on a copy.
     folded, report = run(model, "onnx", post, lambda: fold_model(
         model, affine=s.affine, inplace=not post.health, flush_denormals=post.flush_as_written,
-        merge_branches=s.merge_branches, batch_stats=s.batch_stats))
+        merge_branches=s.merge_branches, batch_stats=s.batch_stats, propagate=s.propagate))
     progress("fold", 1, 1)
     return replace(report, signature=io_signature(folded),
                    verified_on=verified_on(folded, prep, None) if s.verify else None), folded
@@ -275,7 +275,7 @@ def _without_culprits(
             return run(m, "onnx", post, lambda: fold_model(m, affine=s.affine, inplace=True, exclude=excluded,
                                                            flush_denormals=post.flush_as_written,
                                                            merge_branches=s.merge_branches,
-                                                           batch_stats=s.batch_stats), inplace=True)
+                                                           batch_stats=s.batch_stats, propagate=s.propagate), inplace=True)
 
         def check(model: Any) -> VerifyReport:
             return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))

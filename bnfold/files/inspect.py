@@ -67,7 +67,7 @@ def inspect_file(
         # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
         with spilling(None if s.health else tempfile.gettempdir()):
             _, report = fold_with_report(model, dry_run=True, affine=s.affine,
-                                         merge_branches=s.merge_branches, batch_stats=s.batch_stats)
+                                         merge_branches=s.merge_branches, batch_stats=s.batch_stats, propagate=s.propagate)
         report = replace(report, signature=io_signature(model))
     else:
         import torch

@@ -116,6 +116,8 @@ class InspectSettings:
     """ONNX: turn BNs that have nothing to fold into into one Mul + one Add (``--affine``)."""
     merge_branches: bool = True
     """ONNX: merge sums of branches of one tensor into one Conv (``--no-merge-branches`` turns it off)."""
+    propagate: bool = True
+    """ONNX: move the scale and shift of BNs left through Relu / pooling / zero padding (``--no-propagate``)."""
     eval_semantics: bool = False
     """PyTorch: fold a module saved in ``train()`` mode with its inference semantics."""
     health: bool = False

@@ -12,6 +12,9 @@ Algorithm (linear in the number of nodes per pass; passes repeat only while some
    the index built at the start of the pass stays truthful for everything matched in it.
 2. Remove the folded nodes (one deletion per node, from the end) and repeat from 1 while a pass
    folded something (``Conv -> BN -> BN`` folds the second BN in the second pass).
+2b. With ``propagate=True`` (the default), each BN still left is split into scale and shift, moved by
+   exact identities through Relu / pooling / Flatten / zero padding into the next layer
+   (:mod:`~bnfold.onnx.propagate`; main graph only).
 3. With ``affine=True``, each BN still left (except training-mode ones) becomes one Mul and one Add.
 4. Fold the subgraphs (If/Loop/Scan bodies) the same way, with the enclosing graph's constants
    visible; a subgraph never edits an enclosing initializer (it writes its own).
@@ -49,6 +52,7 @@ from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, t
 from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
 from .merge import merge_branches as _merge_branches
 from .plan import conv_groups
+from .propagate import propagate_graph
 from .rewrite import Names, PassRewriter, remove_dead
 from .shapes import LazyTypes, copy_fields
 
@@ -78,6 +82,8 @@ class _Ctx:
     batch_stats: str | None = None
     """Training-mode BNs: "instance" converts them (:mod:`bnfold.onnx.batch_stats`); None leaves them."""
     converted: int = 0
+    propagate: bool = True
+    """Split the BNs left into scale and shift and move them through activations (:mod:`bnfold.onnx.propagate`)."""
 
 
 def count_bn(model: ModelProto) -> int:
@@ -261,6 +267,11 @@ def _fold_graph(
                 continue  # fold again: a BN on a merged sum now folds into the merged conv
             break
 
+    if ctx.propagate and main:
+        dead, flushed = propagate_graph(graph, build, ctx.opset, ctx.names, labels, final, flush=ctx.flush)
+        candidates |= dead
+        ctx.flushed += flushed
+
     if ctx.affine:
         index = build()
         ev = ConstEvaluator(index, ctx.opset, outer_ev)
@@ -349,6 +360,7 @@ def fold_model(
     flush_denormals: bool = False,
     merge_branches: bool = True,
     batch_stats: str | None = None,
+    propagate: bool = True,
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
@@ -370,6 +382,9 @@ def fold_model(
         batch_stats: "instance" replaces each BN that normalises with its batch (training mode) by an
             InstanceNormalization, exact at batch 1 only (:mod:`bnfold.onnx.batch_stats`); None leaves
             them. A training-mode BN on a constant input is evaluated to a constant either way.
+        propagate: split each BN still left into its scale and shift and move them, by exact
+            identities, through Relu / LeakyRelu / pooling / Flatten / zero padding into the next
+            Conv / Gemm / MatMul (:mod:`bnfold.onnx.propagate`); verdict direction ``propagated``.
 
     Returns:
         ``(folded model, report)``; the report has one verdict per BatchNormalization node.
@@ -392,7 +407,7 @@ def fold_model(
     convs_before = _count_convs(work)
     ctx = _Ctx(
         _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
-        flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches,
+        flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches, propagate=propagate,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
         batch_stats=batch_stats,
     )
