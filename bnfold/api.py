@@ -129,8 +129,9 @@ def fold_with_report(
             (:mod:`bnfold.constant_channels`); ``report.pruned_channels`` lists them.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
-        merge_branches: ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
-            one Conv (:mod:`bnfold.onnx.merge`); ``report.merges`` lists them. False keeps the branches.
+        merge_branches: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
+            one Conv (ONNX: :mod:`bnfold.onnx.merge`; nn.Module: :mod:`bnfold.fx.merge`, the result is then a
+            ``torch.fx.GraphModule``; not with ``inplace``); ``report.merges`` lists them. False keeps the branches.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one
@@ -168,7 +169,8 @@ def fold_with_report(
         from .fx import fold_module
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex)
+        return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics, example_inputs=ex,
+                           merge_branches=merge_branches)
 
     out: Any
     report: FoldReport
