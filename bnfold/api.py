@@ -85,7 +85,7 @@ def own_reparam_note(model: Any) -> str | None:
     parts = [f"{meth}() on {len(n)} module(s) ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})"
              for meth, n in found.items()]
     return ("the model has its own re-parameterisation: " + "; ".join(parts) + ". bnfold did not call it; "
-            "export to ONNX to have bnfold merge the branches, verified")
+            "bnfold's own branch merge (merge_branches) merges such blocks, compared against the original")
 
 
 def _check_options(kind: str, given: dict[str, Any]) -> None:

@@ -165,7 +165,8 @@ def _chain(gm: fx.GraphModule, top: fx.Node) -> tuple[list[fx.Node], list[Any], 
             assert isinstance(inner, fx.Node)
             walk(inner, sign, (*factors, n), depth + 1)
             return
-        for slot, v in enumerate(n.args):
+        for slot, arg in enumerate(n.args):
+            v: Any = arg
             s = -sign if n.target in _SUBS and slot == 1 else sign
             inner = _through_identity(gm, v)
             if isinstance(inner, fx.Node) and depth < 256 and _expandable(gm, inner) and len(inner.users) == 1 \
@@ -437,7 +438,7 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics
         assert isinstance(m, _POOLS)
         r = ref.rank
         k = tuple(_tup(m.kernel_size, r))
-        stride = _tup(m.stride if m.stride is not None and m.stride != [] else m.kernel_size, r)
+        stride = _tup(m.stride, r)  # torch sets a stride of None to the kernel size
         pad = _tup(m.padding, r)
         if m.ceil_mode:
             raise MergeRefusal(MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)")
@@ -622,9 +623,10 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
                     br.reason, br.detail = MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {dtype}"
             res.merges.append(_refused(top.name, x.name, branches))
             continue
-        new = type(ref_mod)(
+        conv_cls: Any = type(ref_mod)
+        new = conv_cls(
             ref_mod.in_channels, ref_mod.out_channels, ref_mod.kernel_size, ref_mod.stride,
-            ref.pads[: ref.rank], ref_mod.dilation, ref_mod.groups, bias=True, padding_mode="zeros",
+            tuple(ref.pads[: ref.rank]), ref_mod.dilation, ref_mod.groups, bias=True, padding_mode="zeros",
             device=ref_mod.weight.device, dtype=dtype,
         )
         with torch.no_grad():
