@@ -218,18 +218,18 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
         if not isinstance(v, fx.Node):
             break
         out.append((v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers))))
-        if v.op not in ("call_module", "call_function", "call_method") or not v.args \
-                or not isinstance(v.args[0], fx.Node):
-            break
-        m = _mod(gm, v)
-        if type(m) is nn.Identity or (isinstance(m, nn.Dropout) and not m.training):
-            muls.insert(0, v)
-            v = v.args[0]
-            continue
         k = _mul_slot(gm, v)
         if k is not None:
             muls.insert(0, v)
             v = v.args[1 - k]
+            continue
+        if v.op not in ("call_module", "call_function", "call_method") or not v.args \
+                or not isinstance(v.args[0], fx.Node):
+            break
+        m = _mod(gm, v)
+        if (type(m) is nn.Identity or (isinstance(m, nn.Dropout) and not m.training)) and len(v.args) == 1:
+            muls.insert(0, v)
+            v = v.args[0]
             continue
         if m is not None and isinstance(m, (*_CONVS, *_BNS, *_POOLS)) and len(v.args) == 1 and not v.kwargs:
             kind = "conv" if isinstance(m, _CONVS) else "bn" if isinstance(m, _BNS) else "avgpool"
