@@ -363,3 +363,62 @@ def test_merged_result_keeps_other_leaves_and_hooks_refuse() -> None:
 
 def test_merge_reason_values_are_the_onnx_ones() -> None:
     assert {r.value for r in MergeReason} >= {"dilation", "groups", "padding", "other_consumers", "nonlinear"}
+
+
+class InPlaceSum(nn.Module):
+    """MobileOne's own forward accumulates with ``+=``; optionally ``x`` itself is changed in place after
+    the branches read it (then the merged conv, placed at the sum, would read another x)."""
+
+    def __init__(self, mutate_x: bool = False) -> None:
+        super().__init__()
+        self.a = reparam.conv_bn(8, 8, 3, 1, 1)
+        self.b = reparam.conv_bn(8, 8, 1)
+        self.mutate_x = mutate_x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.a(x)
+        out += self.b(x)
+        if self.mutate_x:
+            x.mul_(2)
+        return out, x
+
+
+def test_in_place_accumulation_merges() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(InPlaceSum(), seed=1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x)
+    assert reasons(rep) == {"a.0": "merged", "b.0": "merged"} and len(convs(out)) == 1
+    with torch.no_grad():
+        close(model(x.clone())[0], out(x.clone())[0], TOL32)
+
+
+def test_input_changed_in_place_is_refused() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(InPlaceSum(mutate_x=True), seed=1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x.clone())
+    assert set(reasons(rep).values()) <= {"unsupported"} and len(convs(out)) == 2
+    with torch.no_grad():
+        close(model(x.clone())[0], out(x.clone())[0], TOL32)
+
+
+def test_scale_of_another_dtype_is_refused() -> None:
+    class Promoting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, 1, 1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.register_buffer("s", torch.linspace(0.5, 1.5, 4, dtype=torch.float64).reshape(4, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.s * self.b(x)  # float64 result: one float32 conv cannot give it
+
+    torch.manual_seed(0)
+    model = Promoting().eval()
+    x = torch.randn(1, 4, 5, 5)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x)
+    assert reasons(rep) == {"a": "no_partner", "b": "unsupported"}
+    with torch.no_grad():
+        want, got = model(x), out(x)
+    assert got.dtype == want.dtype == torch.float64 and torch.equal(want, got)

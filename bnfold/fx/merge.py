@@ -114,15 +114,47 @@ def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
     return None
 
 
+_INPLACE = (operator.iadd, operator.isub, operator.imul)
+
+
+def _inplace_ok(n: fx.Node) -> bool:
+    """An in-place ``+=``/``-=``/``*=`` reads like its out-of-place form only where nothing else reads the
+    tensor it overwrites."""
+    if n.target not in _INPLACE:
+        return True
+    a = n.args[0]
+    return not isinstance(a, fx.Node) or len(a.users) == 1
+
+
+def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``n`` may write into its first argument (an in-place op)."""
+    if n.op == "call_module":
+        return bool(getattr(_mod(gm, n), "inplace", False))
+    if n.op == "call_method":
+        name = str(n.target)
+    elif n.op == "call_function":
+        if n.target in _INPLACE or n.target in (operator.itruediv, operator.ipow, operator.setitem):
+            return True
+        name = getattr(n.target, "__name__", "")
+    else:
+        return False
+    return (name.endswith("_") and not name.startswith("_")) or "out" in n.kwargs
+
+
 def _is_sum(n: fx.Node) -> bool:
+    if n.op == "call_method":  # ``tensor + proxy`` traces as Tensor.add (commutative: the order does not matter)
+        return n.target == "add" and len(n.args) == 2 and not n.kwargs
     if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
         return False
-    return n.target in _ADDS or n.target in _SUBS
+    return (n.target in _ADDS or n.target in _SUBS) and _inplace_ok(n)
 
 
 def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
     """The constant operand slot of a plain two-operand multiply whose other operand is a node."""
-    if n.op != "call_function" or n.target not in _MULS or len(n.args) != 2 or n.kwargs:
+    if len(n.args) != 2 or n.kwargs:
+        return None
+    if not ((n.op == "call_function" and n.target in _MULS and _inplace_ok(n))
+            or (n.op == "call_method" and n.target == "mul")):  # ``tensor * proxy`` traces as Tensor.mul
         return None
     c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
     if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
@@ -227,7 +259,8 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
                 or not isinstance(v.args[0], fx.Node):
             break
         m = _mod(gm, v)
-        if (type(m) is nn.Identity or (isinstance(m, nn.Dropout) and not m.training)) and len(v.args) == 1:
+        if (type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training)) and len(v.args) == 1 \
+                and m is not None and not _hooks(m):
             muls.insert(0, v)
             v = v.args[0]
             continue
@@ -365,9 +398,12 @@ def _read_conv(gm: fx.GraphModule, b: _Branch) -> _ConvRead:
     return _ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
-def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str) -> F64:
+def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
     if not c.is_floating_point():
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
+    if not python_number and c.dim() > 0 and c.dtype != ref.dtype:
+        # a tensor of another dtype promotes the result's dtype: one conv of the model's dtype would not
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}, the merged conv {ref.dtype}")
     full = ref.rank + 2
     if c.dim() > full:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of rank {c.dim()} > {full}")
@@ -383,7 +419,7 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
         return np.ones(ref.c_out)
     c = _const(gm, n.args[k])
     assert c is not None
-    return _channel_vector(c, ref, f"'{n.name}': scale")
+    return _channel_vector(c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor)))
 
 
 def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics: bool) -> tuple[F64, F64]:
@@ -507,6 +543,14 @@ def _plan(gm: fx.GraphModule, x: fx.Node, branches: list[_Branch], chain: set[fx
             _exclusive(b, chain)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
+    inside = {n for b in branches for n in _path(b)}
+    writers = [u.name for u in x.users if u not in inside and _mutates(gm, u) and u.args and u.args[0] is x]
+    if writers:
+        for b in branches:
+            if b.reason is None:
+                b.reason, b.detail = MergeReason.UNSUPPORTED, (
+                    f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values")
+        return _refused(sum_label, x.name, branches)
     ref: MergeRef | None = None
     best = -1
     for b in branches:
@@ -588,7 +632,7 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
             c = _const(gm, leaf)
             if c is not None:
                 try:
-                    vec = _channel_vector(c.double() if not isinstance(leaf, fx.Node) else c, ref, "constant")
+                    vec = _channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
                     for m in factors:
                         vec = vec * _factor(gm, m, ref)
                     b_sum = b_sum + sign * vec
