@@ -422,3 +422,22 @@ def test_scale_of_another_dtype_is_refused() -> None:
     with torch.no_grad():
         want, got = model(x), out(x)
     assert got.dtype == want.dtype == torch.float64 and torch.equal(want, got)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_onnx_passes_merge_branches(tmp_path: Any, merge: bool) -> None:
+    import onnx
+
+    model, x = build("repvgg")
+    before = snapshot(model)
+    path = tmp_path / "m.onnx"
+    rep = bnfold.export_onnx(model, x, str(path), merge_branches=merge)  # verified in onnxruntime
+    assert_same_snapshot(before, snapshot(model))
+    g = onnx.load(str(path)).graph
+    n_conv = sum(1 for n in g.node if n.op_type == "Conv")
+    n_bn = sum(1 for n in g.node if n.op_type == "BatchNormalization")
+    assert rep.verification is not None and rep.verification.passed
+    if merge:
+        assert n_conv == 1 and n_bn == 0 and rep.merges and all(m.merged for m in rep.merges)
+    else:
+        assert n_conv == 2 and rep.merges == ()
