@@ -111,7 +111,7 @@ def fold(
     affine: Affine = False,
     merge_branches: Annotated[bool, typer.Option(
         "--merge-branches/--no-merge-branches",
-        help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one Conv.",
+        help="Merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one conv (ONNX, PyTorch).",
     )] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
@@ -193,7 +193,7 @@ def inspect(
     model: ModelPath,
     affine: Annotated[bool, typer.Option("--affine", help="The verdicts fold --affine would give.")] = False,
     merge_branches: Annotated[bool, typer.Option(
-        "--merge-branches/--no-merge-branches", help="The merges fold would do (ONNX; on by default).",
+        "--merge-branches/--no-merge-branches", help="The merges fold would do (on by default).",
     )] = True,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
