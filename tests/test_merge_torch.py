@@ -441,3 +441,34 @@ def test_export_onnx_passes_merge_branches(tmp_path: Any, merge: bool) -> None:
         assert n_conv == 1 and n_bn == 0 and rep.merges and all(m.merged for m in rep.merges)
     else:
         assert n_conv == 2 and rep.merges == ()
+
+
+def test_merged_module_saves_and_loads(tmp_path: Any) -> None:
+    # models/reparam.py annotates forward with strings (from __future__ import annotations)
+    model, x = build("repvgg")
+    out = bnfold.fold(model, example_inputs=x)
+    torch.save(out, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), out(x))
+
+
+def test_sequence_with_a_wider_middle_merges() -> None:
+    # DBB's 1x1 -> kxk branch with 6 middle channels between 4 in and 5 out; the kxk is the first branch
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = nn.Conv2d(4, 6, 1, bias=False)
+            self.k = reparam.conv_bn(6, 5, 3, 1, 1)
+            self.one = reparam.conv_bn(4, 5, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.k(self.p(x)) + self.one(x)
+
+    torch.manual_seed(0)
+    model = randomize_bn(Seq(), seed=1).eval()
+    x = torch.randn(2, 4, 6, 6)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x)
+    assert reasons(rep) == {"k.0": "merged", "one.0": "merged"} and len(convs(out)) == 1
+    with torch.no_grad():
+        close(model(x), out(x), TOL32)

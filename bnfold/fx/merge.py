@@ -669,7 +669,7 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
             continue
         conv_cls: Any = type(ref_mod)
         new = conv_cls(
-            ref_mod.in_channels, ref_mod.out_channels, ref_mod.kernel_size, ref_mod.stride,
+            ref.c_in_g * ref.group, ref.c_out, ref.kernel, ref_mod.stride,
             tuple(ref.pads[: ref.rank]), ref_mod.dilation, ref_mod.groups, bias=True, padding_mode="zeros",
             device=ref_mod.weight.device, dtype=dtype,
         )
@@ -706,6 +706,9 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
             sum(_n_convs(br) for br in branches), 1 + left,
         ))
     if res.applied:
+        for n in graph.nodes:
+            if isinstance(n.type, str):  # a string annotation (``from __future__ import annotations``) makes
+                n.type = None  # the generated code unpicklable: torch.save of the result would fail
         graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
