@@ -294,7 +294,12 @@ def _merge_and_refold(
                 log.debug("merge: trace failed: %s", e)
                 break
             gm = fx.GraphModule(cur, g, type(cur).__name__)
-            res = merge_graph_module(gm, eval_semantics=eval_semantics)
+            try:
+                res = merge_graph_module(gm, eval_semantics=eval_semantics)
+            except Exception as e:  # noqa: BLE001 - an unforeseen form: keep the branches (gm is discarded)
+                log.debug("merge failed: %s", e)
+                report = replace(report, notes=(*report.notes, f"branch merging stopped: {first_line(e)}"))
+                break
         applied += [m for m in res.merges if m.merged]
         refused = [m for m in res.merges if not m.merged]
         fixed.update(res.absorbed)
