@@ -194,7 +194,7 @@ def fold_module(
             ``SkipReason.VERIFICATION`` (used by culprit bisection).
         merge_branches: after the folds, merge sums of branches of one tensor into one conv module
             (:mod:`bnfold.fx.merge`; the result is then a ``torch.fx.GraphModule``) and fold again (a
-            BN on the sum). Not with ``inplace`` (a merge changes the call graph).
+            BN on the sum). Not with ``inplace`` or ``graph=False`` (a merge changes the call graph).
 
     Returns:
         ``(model, report)``; ``report.result`` says "module" or "graph_module".
@@ -251,9 +251,9 @@ def fold_module(
             for m in result.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
-    if merge_branches and not dry_run and not inplace and not isinstance(analysis, str):
+    if merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
         out, report = _merge_and_refold(module, out, report, eval_semantics, example_inputs)
-    if merge_branches and dry_run and not inplace:  # predict: the real fold and merge on a copy
+    if merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
         _, full = fold_module(module, eval_semantics=eval_semantics, graph=graph, example_inputs=example_inputs,
                               exclude=exclude, merge_branches=True)
         if any(m.merged for m in full.merges):
