@@ -472,3 +472,20 @@ def test_sequence_with_a_wider_middle_merges() -> None:
     assert reasons(rep) == {"k.0": "merged", "one.0": "merged"} and len(convs(out)) == 1
     with torch.no_grad():
         close(model(x), out(x), TOL32)
+
+
+@pytest.mark.parametrize(("k_big", "k_small"), [(3, 1), (4, 2), (4, 1), (3, 2)])
+def test_padding_same_branches(k_big: int, k_small: int) -> None:
+    # padding="same" pads k-1 per axis, the odd one at the end: any two such kernels fall on the same taps
+    # (even ones included), and the merged conv keeps padding="same"
+    torch.manual_seed(0)
+    model = TwoConvs(nn.Conv2d(4, 4, k_big, padding="same"), nn.Conv2d(4, 4, k_small, padding="same")).eval()
+    x = torch.randn(2, 4, 7, 6)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x)
+    assert reasons(rep) == {"a": "merged", "b": "merged"}
+    (conv,) = convs(out)
+    assert conv.kernel_size == (k_big, k_big)
+    with torch.no_grad():
+        close(model(x), out(x), TOL32)
+        y = torch.randn(1, 4, 9, 4)  # another size: the same output (the pads do not depend on it)
+        close(model(y), out(y), TOL32)

@@ -361,13 +361,17 @@ def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[
     if _hooks(m):
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: has forward hooks")
     r = len(m.kernel_size)
+    dil = _tup(m.dilation, r)
+    if m.padding == "same":  # torch: total d * (k - 1) per axis, the odd one on the end side
+        total = [d * (int(k) - 1) for d, k in zip(dil, m.kernel_size)]
+        return _tup(m.stride, r), dil, [t // 2 for t in total] + [t - t // 2 for t in total], int(m.groups)
     if isinstance(m.padding, str):
         if m.padding != "valid":
             raise MergeRefusal(MergeReason.PADDING, f"{what}: padding={m.padding!r}")
         p = [0] * r
     else:
         p = _tup(m.padding, r)
-    return _tup(m.stride, r), _tup(m.dilation, r), p + p, int(m.groups)
+    return _tup(m.stride, r), dil, p + p, int(m.groups)
 
 
 def _read_conv(gm: fx.GraphModule, b: _Branch) -> _ConvRead:
@@ -668,10 +672,12 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
             res.merges.append(_refused(top.name, x.name, branches))
             continue
         conv_cls: Any = type(ref_mod)
+        # the reference conv's own padding: symmetric pads, or its padding="same" (the pads it was read as)
+        padding: Any = tuple(ref.pads[: ref.rank]) if ref.pads[: ref.rank] == ref.pads[ref.rank:] else ref_mod.padding
+        assert padding == "same" or isinstance(padding, tuple)
         new = conv_cls(
-            ref.c_in_g * ref.group, ref.c_out, ref.kernel, ref_mod.stride,
-            tuple(ref.pads[: ref.rank]), ref_mod.dilation, ref_mod.groups, bias=True, padding_mode="zeros",
-            device=ref_mod.weight.device, dtype=dtype,
+            ref.c_in_g * ref.group, ref.c_out, ref.kernel, ref_mod.stride, padding, ref_mod.dilation,
+            ref_mod.groups, bias=True, padding_mode="zeros", device=ref_mod.weight.device, dtype=dtype,
         )
         with torch.no_grad():
             new.weight.copy_(torch.from_numpy(np.ascontiguousarray(wc)))
