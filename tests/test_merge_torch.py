@@ -489,3 +489,24 @@ def test_padding_same_branches(k_big: int, k_small: int) -> None:
         close(model(x), out(x), TOL32)
         y = torch.randn(1, 4, 9, 4)  # another size: the same output (the pads do not depend on it)
         close(model(y), out(y), TOL32)
+
+
+def test_builtin_sum_and_torch_add_merge() -> None:
+    class Sums(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList([reparam.conv_bn(6, 6, 3, 1, 1), reparam.conv_bn(6, 6, 1),
+                                           nn.BatchNorm2d(6)])
+            self.extra = reparam.conv_bn(6, 6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.add(sum(b(x) for b in self.branches), torch.sub(self.extra(x), x))
+
+    torch.manual_seed(0)
+    model = randomize_bn(Sums(), seed=2).eval()
+    x = torch.randn(2, 6, 5, 5)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x)
+    assert set(reasons(rep).values()) == {"merged"} and len(reasons(rep)) == 5
+    assert len(convs(out)) == 1 and bns(out) == 0 and rep.bn_after == 0
+    with torch.no_grad():
+        close(model(x), out(x), TOL32)
