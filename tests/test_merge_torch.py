@@ -474,6 +474,7 @@ def test_sequence_with_a_wider_middle_merges() -> None:
         close(model(x), out(x), TOL32)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own, on the model
 @pytest.mark.parametrize(("k_big", "k_small"), [(3, 1), (4, 2), (4, 1), (3, 2)])
 def test_padding_same_branches(k_big: int, k_small: int) -> None:
     # padding="same" pads k-1 per axis, the odd one at the end: any two such kernels fall on the same taps
