@@ -63,7 +63,7 @@ def own_reparam_note(model: Any) -> str | None:
     parts = [f"{meth}() on {len(n)} module(s) ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})"
              for meth, n in found.items()]
     return ("the model has its own re-parameterisation: " + "; ".join(parts) + ". bnfold did not call it; "
-            "export to ONNX to have bnfold merge the branches, verified")
+            "bnfold's own branch merge (merge_branches) merges such blocks, compared against the original")
 
 
 def _check_options(kind: str, given: dict[str, Any]) -> None:
@@ -109,8 +109,9 @@ def fold_with_report(
             (:mod:`bnfold.constant_channels`); ``report.pruned_channels`` lists them.
         health: also audit the BNs (:func:`bnfold.health`) into ``report.health``; the audit needs
             the original, so it is refused with ``inplace=True``.
-        merge_branches: ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
-            one Conv (:mod:`bnfold.onnx.merge`); ``report.merges`` lists them. False keeps the branches.
+        merge_branches: merge sums of branches that read one tensor (RepVGG, MobileOne, ...) into
+            one Conv (ONNX: :mod:`bnfold.onnx.merge`; nn.Module: :mod:`bnfold.fx.merge`, the result is then a
+            ``torch.fx.GraphModule``; not with ``inplace``); ``report.merges`` lists them. False keeps the branches.
         batch_stats: ``"instance"``: replace each BN that normalises with its batch at inference (ONNX
             ``training_mode=1``, ``nn.BatchNorm{1,2,3}d(track_running_stats=False)``) by an InstanceNorm
             with the BN's affine. Exact at batch 1 only: at batch > 1 the model then computes something
@@ -161,12 +162,12 @@ def fold_with_report(
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         if batch_stats is None:
             return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics,
-                               example_inputs=ex)
+                               example_inputs=ex, merge_branches=merge_branches)
         from .fx.batch_stats import convert_batch_stats, copy_for, with_conversions
 
         work, sites = convert_batch_stats(given if dry_run else copy_for(given, inplace), dry_run=dry_run)
         folded, rep = fold_module(work, inplace=inplace, dry_run=dry_run,
-                                  eval_semantics=eval_semantics, example_inputs=ex)
+                                  eval_semantics=eval_semantics, example_inputs=ex, merge_branches=merge_branches)
         return folded, with_conversions(rep, sites, given, dry_run)
 
     out: Any

@@ -118,7 +118,7 @@ def fold(
     affine: Affine = False,
     merge_branches: Annotated[bool, typer.Option(
         "--merge-branches/--no-merge-branches",
-        help="ONNX: merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one Conv.",
+        help="Merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one conv (ONNX, PyTorch).",
     )] = True,
     batch_stats: BatchStats = None,
     propagate: Annotated[bool, typer.Option(
@@ -206,7 +206,7 @@ def inspect(
     model: ModelPath,
     affine: Annotated[bool, typer.Option("--affine", help="The verdicts fold --affine would give.")] = False,
     merge_branches: Annotated[bool, typer.Option(
-        "--merge-branches/--no-merge-branches", help="The merges fold would do (ONNX; on by default).",
+        "--merge-branches/--no-merge-branches", help="The merges fold would do (on by default).",
     )] = True,
     batch_stats: BatchStats = None,
     propagate: Annotated[bool, typer.Option(

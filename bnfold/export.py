@@ -150,6 +150,7 @@ def export_onnx(
     rtol: float | None = None,
     force: bool = False,
     flush_denormals: bool = True,
+    merge_branches: bool = True,
 ) -> FoldReport:
     """Fold ``model`` in PyTorch, export it to ONNX, fold the ONNX graph, verify, write ``path``.
 
@@ -170,6 +171,8 @@ def export_onnx(
         force: write the file even when the check fails (the report still says so).
         flush_denormals: set the subnormal values of the tensors the folds wrote to zero, as
             :func:`bnfold.fold` does (on by default); ``report.flushed_denormals`` says how many.
+        merge_branches: merge sums of branches of one tensor into one conv, as :func:`bnfold.fold`
+            (in PyTorch, then in the ONNX graph for what the export left); False keeps the branches.
 
     Returns:
         A :class:`~bnfold.records.FoldReport` (backend "export_onnx"): verdicts of the PyTorch fold
@@ -187,6 +190,7 @@ def export_onnx(
     onnx_model, report = _export_module(
         model, args, opset=opset, dynamo=dynamo, input_names=input_names, output_names=output_names,
         dynamic_axes=dynamic_axes, dynamic_batch=dynamic_batch, post=PostFold(flush_denormals),
+        merge_branches=merge_branches,
     )
     if verify:
         from .verification import verify as run_verify
@@ -233,6 +237,7 @@ def _export_module(
     dynamic_batch: bool,
     post: PostFold,
     affine: bool = False,
+    merge_branches: bool = True,
 ) -> tuple[Any, FoldReport]:
     """Steps 1-3 of :func:`export_onnx`: fold in PyTorch, export, fold what is left; ``(ModelProto, report)``.
 
@@ -243,7 +248,8 @@ def _export_module(
 
     from .fx import fold_module
 
-    folded, treport = run(model, "module", post, lambda: fold_module(model, example_inputs=args))
+    folded, treport = run(model, "module", post, lambda: fold_module(
+        model, example_inputs=args, merge_branches=merge_branches))
     with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
         outputs = _flat_outputs(folded(*args))
     in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
@@ -254,7 +260,8 @@ def _export_module(
         kw["dynamic_axes"] = dict(dynamic_axes)
     elif dynamic_batch and not dynamo:
         kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
-    onnx_model, oreport, left_in_onnx = _fold_export(_torch_export(folded, args, kw), affine, post)
+    onnx_model, oreport, left_in_onnx = _fold_export(_torch_export(folded, args, kw), affine, post,
+                                                     merge_branches=merge_branches)
     report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
     return onnx_model, replace(report, export=ExportCounts(
         torch=treport.folded, exporter=max(len(treport.skips) - left_in_onnx, 0), onnx=oreport.folded,
@@ -262,7 +269,7 @@ def _export_module(
     ))
 
 
-def _fold_export(proto: Any, affine: bool, post: PostFold) -> tuple[Any, FoldReport, int]:
+def _fold_export(proto: Any, affine: bool, post: PostFold, *, merge_branches: bool = True) -> tuple[Any, FoldReport, int]:
     """Step 3: fold what the exporter left in ``proto`` (in place), flushing what it writes.
 
     The health audit (of the PyTorch fold) and pruning are the first fold's: only the flush runs here.
@@ -273,7 +280,8 @@ def _fold_export(proto: Any, affine: bool, post: PostFold) -> tuple[Any, FoldRep
     left_in_onnx = count_bn(proto)
     steps = PostFold(post.flush_denormals)
     proto, oreport = run(proto, "onnx", steps, lambda: fold_model(
-        proto, affine=affine, inplace=True, flush_denormals=steps.flush_as_written), inplace=True)
+        proto, affine=affine, inplace=True, flush_denormals=steps.flush_as_written, merge_branches=merge_branches),
+        inplace=True)
     return proto, oreport, left_in_onnx
 
 
@@ -310,7 +318,9 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         nodes_after=oreport.nodes_after, params_after=oreport.params_after,
         notes=(*treport.notes, *oreport.notes), health=treport.health,
         flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
-        merges=oreport.merges, convs_before=oreport.convs_before, convs_after=oreport.convs_after,
+        merges=(*treport.merges, *oreport.merges),
+        convs_before=treport.convs_before if treport.convs_before is not None else oreport.convs_before,
+        convs_after=oreport.convs_after,
     )
 
 
@@ -347,13 +357,14 @@ def export_folded(
     affine: bool,
     progress: Callable[[str, int, int], None],
     post: PostFold | None = None,
+    merge_branches: bool = True,
 ) -> tuple[Any, FoldReport]:
     """PyTorch -> folded ONNX for the file jobs: ``(ModelProto, report)``; nothing is verified or written.
 
     An ``nn.Module`` goes through :func:`export_onnx` (into a temporary folder); an ExportedProgram is
     folded as a program, exported with the dynamo exporter and folded again. ``affine`` turns the BNs
     left in the ONNX graph into Mul + Add. ``post``: the post-fold steps each fold runs (default: the
-    denormal flush only); the health audit is of the PyTorch fold.
+    denormal flush only); the health audit is of the PyTorch fold. ``merge_branches``: as :func:`export_onnx`.
 
     Raises:
         OptionError: ``--static-batch`` for a program (it keeps the shapes it was exported with).
@@ -370,7 +381,8 @@ def export_folded(
 
         if not export.dynamic_batch:
             raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
-        folded_ep, treport = fold_with_report(model, flush_denormals=post.flush_denormals, health=post.health)
+        folded_ep, treport = fold_with_report(model, flush_denormals=post.flush_denormals, health=post.health,
+                                              merge_branches=merge_branches)
         kw: dict[str, Any] = {"dynamo": True, "verbose": False}
         if export.opset is not None:
             kw["opset_version"] = export.opset
@@ -378,13 +390,15 @@ def export_folded(
             kw["input_names"] = list(export.input_names)
         if export.output_names:
             kw["output_names"] = list(export.output_names)
-        proto, oreport, left_in_onnx = _fold_export(_torch_export(folded_ep, (), kw), affine, post)
+        proto, oreport, left_in_onnx = _fold_export(_torch_export(folded_ep, (), kw), affine, post,
+                                                    merge_branches=merge_branches)
         report = _merged(treport, oreport, left_in_onnx, backend=treport.backend)
     else:
         proto, report = _export_module(
             model, tuple(examples or ()), opset=export.opset, dynamo=False,
             input_names=export.input_names or None, output_names=export.output_names or None,
             dynamic_axes=None, dynamic_batch=export.dynamic_batch, post=post, affine=affine,
+            merge_branches=merge_branches,
         )
     progress("export", 1, 1)
     return proto, replace(report, seconds=time.perf_counter() - t)

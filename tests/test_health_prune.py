@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -23,11 +24,11 @@ def _kill(bn: nn.Module, channels: list[int], beta: float | None = None) -> None
                 bn.bias[c] = beta
 
 
-def _check(m: nn.Module, x: torch.Tensor) -> tuple[nn.Module, bnfold.FoldReport]:
+def _check(m: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[nn.Module, bnfold.FoldReport]:
     """Fold with pruning; the original is untouched and both agree (reference: original in float64)."""
     state = {k: v.clone() for k, v in m.state_dict().items()}
     attrs = {n: sorted(vars(mod)) for n, mod in m.named_modules()}
-    out, rep = bnfold.fold_with_report(m, prune_constant_channels=True, example_inputs=(x,))
+    out, rep = bnfold.fold_with_report(m, prune_constant_channels=True, example_inputs=(x,), **kw)
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items()), "the original was changed"
     assert {n: sorted(vars(mod)) for n, mod in m.named_modules()} == attrs
     with torch.no_grad():
@@ -97,7 +98,8 @@ def test_second_reader_is_left() -> None:
     torch.manual_seed(3)
     m = randomize_bn(Res()).eval()
     _kill(m.bn, [1], beta=0.2)
-    out, rep = _check(m, torch.randn(2, 4, 5, 5))
+    # without merging (merged, conv2(y) + y is one conv: y then has one reader, and its channel goes)
+    out, rep = _check(m, torch.randn(2, 4, 5, 5), merge_branches=False)
     rec = _pruned(rep)["conv"]
     assert not rec["pruned"] and "more than one" in rec["detail"]
     assert out.conv.out_channels == 4

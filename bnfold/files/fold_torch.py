@@ -58,12 +58,13 @@ def fold_torch(
     if out_fmt == "onnx":
         # each fold runs the post-fold steps (bnfold.postfold): the audit and flush of what bnfold wrote
         result, report = export_folded(model, examples, export=settings.export, affine=settings.affine,
-                                       progress=progress, post=post)
+                                       progress=progress, post=post, merge_branches=settings.merge_branches)
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
     flags: dict[str, Any] = {"flush_denormals": post.flush_denormals, "health": post.health,
-             "prune_constant_channels": post.prune_constant_channels}
+                             "prune_constant_channels": post.prune_constant_channels,
+                             "merge_branches": settings.merge_branches}
     if is_ep:
         result, report = fold_with_report(model, **flags)
     else:

@@ -9,6 +9,8 @@ driven by ``onnx/fold.py``):
   (records in :mod:`~bnfold.fx.sites`); :mod:`bnfold.fx.export_match` for ``torch.export``;
 * plan (float64 numbers -> new tensors, or ``Skip(OVERFLOW)``): :mod:`bnfold.fx.plan`;
 * rewrite (apply only): :mod:`bnfold.fx.rewrite`, :mod:`bnfold.fx.export_rewrite`;
+* branch merging (structural re-parameterisation, after the folds): :mod:`bnfold.fx.merge`, its kernel
+  math shared with :mod:`bnfold.onnx.merge` in :mod:`bnfold.fold_math.merge`;
 * drivers: :func:`fold_module` (:mod:`bnfold.fx.module`, copies in :mod:`bnfold.fx.copying`) and
   :func:`fold_exported` (:mod:`bnfold.fx.export`).
 """

@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
-from bnfold.records import FoldReport, Skip, SkipReason, Verdict
+from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
 
 from .copying import copy_model, shadow
 from .custom import TRACE_LOCK, first_line
@@ -175,6 +175,7 @@ def fold_module(
     graph: bool | None = None,
     example_inputs: tuple[Any, ...] | None = None,
     exclude: frozenset[str] | set[str] = frozenset(),
+    merge_branches: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every exactly-foldable BatchNorm of ``module``.
 
@@ -191,6 +192,9 @@ def fold_module(
             on 2-D input).
         exclude: BN names (as in the report's verdicts) to leave in place, with reason
             ``SkipReason.VERIFICATION`` (used by culprit bisection).
+        merge_branches: after the folds, merge sums of branches of one tensor into one conv module
+            (:mod:`bnfold.fx.merge`; the result is then a ``torch.fx.GraphModule``) and fold again (a
+            BN on the sum). Not with ``inplace`` or ``graph=False`` (a merge changes the call graph).
 
     Returns:
         ``(model, report)``; ``report.result`` says "module" or "graph_module".
@@ -247,6 +251,14 @@ def fold_module(
             for m in result.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
+    if merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
+        out, report = _merge_and_refold(module, out, report, eval_semantics, example_inputs)
+    if merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
+        _, full = fold_module(module, eval_semantics=eval_semantics, graph=graph, example_inputs=example_inputs,
+                              exclude=exclude, merge_branches=True)
+        if any(m.merged for m in full.merges):
+            return module, replace(full, dry_run=True, seconds=time.perf_counter() - t0)
+        report = replace(report, merges=full.merges, convs_before=full.convs_before, convs_after=full.convs_after)
     if dry_run:
         out = module
         # What the rewrite would remove (or add), counted without rewriting (see _predict).
@@ -261,6 +273,48 @@ def fold_module(
         dry_run=dry_run, bn_after=len(report.skips), nodes_after=nodes_after, params_after=params_after,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _merge_and_refold(
+    module: nn.Module, out: nn.Module, report: FoldReport, eval_semantics: bool, example_inputs: tuple[Any, ...] | None
+) -> tuple[nn.Module, FoldReport]:
+    """Merge the branch sums of ``out`` (the folded copy) and fold again, a few rounds (a merged conv may make
+    another sum mergeable, or a BN on the sum foldable); ``report`` updated."""
+    from .merge import conv_modules, merge_graph_module
+
+    applied: list[Merge] = []
+    refused: list[Merge] = []
+    fixed: dict[str, Site] = {}
+    cur = out
+    for _ in range(4):
+        with _TRACE_LOCK:
+            try:
+                g = _trace(cur)
+            except Exception as e:  # noqa: BLE001 - a model that does not trace keeps its branches
+                log.debug("merge: trace failed: %s", e)
+                break
+            gm = fx.GraphModule(cur, g, type(cur).__name__)
+            try:
+                res = merge_graph_module(gm, eval_semantics=eval_semantics)
+            except Exception as e:  # noqa: BLE001 - an unforeseen form: keep the branches (gm is discarded)
+                log.debug("merge failed: %s", e)
+                report = replace(report, notes=(*report.notes, f"branch merging stopped: {first_line(e)}"))
+                break
+        applied += [m for m in res.merges if m.merged]
+        refused = [m for m in res.merges if not m.merged]
+        fixed.update(res.absorbed)
+        if not res.applied:
+            break
+        cur, again = fold_module(gm, inplace=True, eval_semantics=eval_semantics, example_inputs=example_inputs)
+        fixed.update({v.bn: v for v in again.verdicts if isinstance(v, Site)})
+    if not applied:
+        return out, replace(report, merges=tuple(refused), convs_before=conv_modules(module),
+                            convs_after=conv_modules(out))
+    verdicts: list[Verdict] = [fixed.get(v.bn, v) if isinstance(v, Skip) else v for v in report.verdicts]
+    notes = tuple(n for n in report.notes if "GraphModule" not in n) + (
+        "returned a torch.fx.GraphModule: branches were merged into one conv",)
+    return cur, replace(report, verdicts=verdicts, merges=tuple(applied + refused), result="graph_module",
+                        notes=notes, convs_before=conv_modules(module), convs_after=conv_modules(cur))
 
 
 @dataclass

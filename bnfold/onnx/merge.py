@@ -65,6 +65,12 @@ import numpy.typing as npt
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from bnfold.fold_math import cast_exact
+from bnfold.fold_math.merge import MergeRef as _Ref
+from bnfold.fold_math.merge import MergeRefusal as _Refuse
+from bnfold.fold_math.merge import diagonal as _diagonal
+from bnfold.fold_math.merge import embed as _embed
+from bnfold.fold_math.merge import identity_checks as _identity_checks
+from bnfold.fold_math.merge import placement as _placement
 from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site, Skip
 
@@ -101,13 +107,6 @@ class MergeResult:
     """Values that may have become unread (for :func:`bnfold.onnx.rewrite.remove_dead`)."""
     applied: int = 0
     flushed: int = 0
-
-
-class _Refuse(Exception):
-    def __init__(self, reason: MergeReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(slots=True)
@@ -303,25 +302,6 @@ def _ints(n: NodeProto, name: str, default: list[int]) -> list[int]:
     return [int(v) for v in attr(n, name, default)]
 
 
-@dataclass(slots=True)
-class _Ref:
-    """The merged conv's geometry (from the reference conv)."""
-
-    node: int
-    kernel: tuple[int, ...]
-    strides: list[int]
-    dilations: list[int]
-    pads: list[int]  # begins then ends, as ONNX
-    group: int
-    c_out: int
-    c_in_g: int
-    dtype: np.dtype[Any]
-
-    @property
-    def rank(self) -> int:
-        return len(self.kernel)
-
-
 def _conv_geometry(n: NodeProto, w: npt.NDArray[Any]) -> tuple[list[int], list[int], list[int], int]:
     """strides, dilations, pads (begins + ends) and group of a Conv; raises _Refuse for auto_pad SAME."""
     r = w.ndim - 2
@@ -331,72 +311,6 @@ def _conv_geometry(n: NodeProto, w: npt.NDArray[Any]) -> tuple[list[int], list[i
         raise _Refuse(MergeReason.PADDING, f"auto_pad={auto}: its padding depends on the input size")
     pads = [0] * (2 * r) if auto == "VALID" else _ints(n, "pads", [0] * (2 * r))
     return _ints(n, "strides", [1] * r), _ints(n, "dilations", [1] * r), pads, int(attr(n, "group", 1))
-
-
-def _placement(ref: _Ref, k: tuple[int, ...], pads: list[int], what: str) -> tuple[int, ...]:
-    """Offsets of a kernel ``k`` with ``pads`` inside the reference kernel, or _Refuse why it has none.
-
-    Per axis, with ``d`` the dilation: the small kernel's tap ``j`` reads the pixel of the large one's tap
-    ``j + c`` when ``P_begin - p_begin = d * c``; the output sizes agree for every input size when also
-    ``P_end - p_end = d * (K - k - c)``. A centred odd kernel has ``c = (K - k) / 2``.
-    """
-    r = ref.rank
-    if len(k) != r or len(pads) != 2 * r:
-        raise _Refuse(MergeReason.KERNEL, f"{what} has {len(k)} spatial axes, the merged conv {r}")
-    offs = []
-    for a in range(r):
-        d = ref.dilations[a]
-        if k[a] > ref.kernel[a]:
-            raise _Refuse(MergeReason.KERNEL, f"{what}: kernel {list(k)} is larger than {list(ref.kernel)} on axis {a}")
-        db, de = ref.pads[a] - pads[a], ref.pads[a + r] - pads[a + r]
-        if db % d or de % d:
-            raise _Refuse(
-                MergeReason.KERNEL,
-                f"{what}: kernel {list(k)} with pads {pads} does not fall on the taps of kernel {list(ref.kernel)} "
-                f"with pads {ref.pads} and dilation {d} (axis {a}): it cannot be centred",
-            )
-        c = db // d
-        if c < 0 or c + k[a] > ref.kernel[a]:
-            raise _Refuse(
-                MergeReason.KERNEL,
-                f"{what}: kernel {list(k)} with pads {pads} reads outside kernel {list(ref.kernel)} with pads "
-                f"{ref.pads} (axis {a}): it cannot be centred",
-            )
-        if de // d != ref.kernel[a] - k[a] - c:
-            raise _Refuse(
-                MergeReason.PADDING,
-                f"{what}: pads {pads} with kernel {list(k)} give another output size than pads {ref.pads} with "
-                f"kernel {list(ref.kernel)} (axis {a})",
-            )
-        offs.append(c)
-    return tuple(offs)
-
-
-def _embed(ref: _Ref, w: F64, offs: tuple[int, ...]) -> F64:
-    out = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
-    idx = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offs, w.shape[2:])))
-    out[idx] = w
-    return out
-
-
-def _diagonal(ref: _Ref, k: tuple[int, ...], offs: tuple[int, ...], value: float) -> F64:
-    """``value`` on a ``k`` window of input channel ``o mod (C_in/g)`` for each output channel ``o``."""
-    out = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
-    o = np.arange(ref.c_out)
-    win = tuple(slice(c, c + kk) for c, kk in zip(offs, k))
-    for ch in range(ref.c_out):  # small: one window per channel
-        out[(o[ch], o[ch] % ref.c_in_g, *win)] = value
-    return out
-
-
-def _identity_checks(ref: _Ref, what: str) -> None:
-    if any(s != 1 for s in ref.strides):
-        raise _Refuse(MergeReason.STRIDE, f"{what} on a sum with stride {ref.strides}: an identity has stride 1")
-    if ref.c_in_g * ref.group != ref.c_out:
-        raise _Refuse(
-            MergeReason.GROUPS,
-            f"{what}: the merged conv maps {ref.c_in_g * ref.group} channels to {ref.c_out} (an identity needs equal)",
-        )
 
 
 def _weights(ev: ConstEvaluator, n: NodeProto, label: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:

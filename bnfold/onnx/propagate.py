@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
-from bnfold.denormals import flush_written
+from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
 from .graph import GraphIndex, attr, is_bn, read_lazy_tensor, text

@@ -1,0 +1,131 @@
+"""Kernel math of branch merging (structural re-parameterisation), shared by the ONNX and fx backends.
+
+Every function works on float64 NumPy arrays in the merged conv's layout ``[C_out, C_in/g, *K]`` and
+raises :class:`MergeRefusal` (with a :class:`~bnfold.records.MergeReason`) where a branch cannot be
+expressed exactly as a kernel of the merged conv. Pads are ONNX-style: begins of every axis, then ends.
+Nothing here imports torch or onnx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bnfold.records import MergeReason
+
+__all__ = ["F64", "MergeRef", "MergeRefusal", "placement", "embed", "diagonal", "identity_checks", "compose_pointwise"]
+
+F64 = npt.NDArray[np.float64]
+
+
+class MergeRefusal(Exception):
+    """A branch cannot be merged: ``reason`` and a one-line ``detail``."""
+
+    def __init__(self, reason: MergeReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class MergeRef:
+    """The merged conv's geometry (from the reference conv)."""
+
+    node: Any
+    kernel: tuple[int, ...]
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]  # begins then ends, as ONNX
+    group: int
+    c_out: int
+    c_in_g: int
+    dtype: Any
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+
+def placement(ref: MergeRef, k: tuple[int, ...], pads: list[int], what: str) -> tuple[int, ...]:
+    """Offsets of a kernel ``k`` with ``pads`` inside the reference kernel, or MergeRefusal why it has none.
+
+    Per axis, with ``d`` the dilation: the small kernel's tap ``j`` reads the pixel of the large one's tap
+    ``j + c`` when ``P_begin - p_begin = d * c``; the output sizes agree for every input size when also
+    ``P_end - p_end = d * (K - k - c)``. A centred odd kernel has ``c = (K - k) / 2``.
+    """
+    r = ref.rank
+    if len(k) != r or len(pads) != 2 * r:
+        raise MergeRefusal(MergeReason.KERNEL, f"{what} has {len(k)} spatial axes, the merged conv {r}")
+    offs = []
+    for a in range(r):
+        d = ref.dilations[a]
+        if k[a] > ref.kernel[a]:
+            raise MergeRefusal(MergeReason.KERNEL,
+                               f"{what}: kernel {list(k)} is larger than {list(ref.kernel)} on axis {a}")
+        db, de = ref.pads[a] - pads[a], ref.pads[a + r] - pads[a + r]
+        if db % d or de % d:
+            raise MergeRefusal(
+                MergeReason.KERNEL,
+                f"{what}: kernel {list(k)} with pads {pads} does not fall on the taps of kernel {list(ref.kernel)} "
+                f"with pads {ref.pads} and dilation {d} (axis {a}): it cannot be centred",
+            )
+        c = db // d
+        if c < 0 or c + k[a] > ref.kernel[a]:
+            raise MergeRefusal(
+                MergeReason.KERNEL,
+                f"{what}: kernel {list(k)} with pads {pads} reads outside kernel {list(ref.kernel)} with pads "
+                f"{ref.pads} (axis {a}): it cannot be centred",
+            )
+        if de // d != ref.kernel[a] - k[a] - c:
+            raise MergeRefusal(
+                MergeReason.PADDING,
+                f"{what}: pads {pads} with kernel {list(k)} give another output size than pads {ref.pads} with "
+                f"kernel {list(ref.kernel)} (axis {a})",
+            )
+        offs.append(c)
+    return tuple(offs)
+
+
+def embed(ref: MergeRef, w: F64, offs: tuple[int, ...]) -> F64:
+    """``w`` zero-padded to the reference kernel, placed at ``offs``."""
+    out = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    idx = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offs, w.shape[2:])))
+    out[idx] = w
+    return out
+
+
+def diagonal(ref: MergeRef, k: tuple[int, ...], offs: tuple[int, ...], value: float) -> F64:
+    """``value`` on a ``k`` window of input channel ``o mod (C_in/g)`` for each output channel ``o``."""
+    out = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    o = np.arange(ref.c_out)
+    win = tuple(slice(c, c + kk) for c, kk in zip(offs, k))
+    for ch in range(ref.c_out):  # small: one window per channel
+        out[(o[ch], o[ch] % ref.c_in_g, *win)] = value
+    return out
+
+
+def identity_checks(ref: MergeRef, what: str) -> None:
+    """MergeRefusal unless an identity (stride 1, as many channels in as out) fits the merged conv."""
+    if any(s != 1 for s in ref.strides):
+        raise MergeRefusal(MergeReason.STRIDE, f"{what} on a sum with stride {ref.strides}: an identity has stride 1")
+    if ref.c_in_g * ref.group != ref.c_out:
+        raise MergeRefusal(
+            MergeReason.GROUPS,
+            f"{what}: the merged conv maps {ref.c_in_g * ref.group} channels to {ref.c_out} (an identity needs equal)",
+        )
+
+
+def compose_pointwise(w2: F64, b2: F64 | None, w1: F64, b1: F64 | None) -> tuple[F64, F64 | None]:
+    """``Conv kxk (w2, b2)`` after an ungrouped ``Conv 1x1 (w1, b1)`` as one conv (valid where the kxk reads
+    no padded zeros or ``b1`` is None/zero): ``W[o, i] = sum_m W2[o, m] W1[m, i]``,
+    ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``."""
+    m1 = w1.reshape(w1.shape[0], w1.shape[1])
+    comp = np.moveaxis(np.tensordot(w2, m1, axes=([1], [0])), -1, 1)
+    b = b2
+    if b1 is not None:
+        extra = w2.sum(axis=tuple(range(2, w2.ndim))) @ b1
+        b = extra if b is None else b + extra
+    return comp, b

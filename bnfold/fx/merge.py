@@ -1,0 +1,726 @@
+"""Merge parallel branches of one tensor into one ``nn.Conv2d`` in a traced module (fx backend).
+
+The PyTorch counterpart of :mod:`bnfold.onnx.merge` (read its docstring for the cases and the rules):
+after bnfold's BN folds, a sum (``+``, ``torch.add``, ``-``, a constant scale of an inner sum) of
+branches that all read the same fx node ``x``, each branch one of
+
+* an ``nn.Conv1d/2d/3d`` module call (exact type, ``padding_mode='zeros'``, no hooks) with the merged
+  conv's stride, dilation and groups, its kernel centred in the largest one;
+* ``x`` itself (identity), an eval-mode ``BatchNorm`` module on ``x`` alone;
+* an ``nn.AvgPool1d/2d/3d`` with ``count_include_pad=True`` (or no padding), no ``ceil_mode``, no
+  ``divisor_override``;
+* ``Conv kxk(Conv 1x1(x))`` (ungrouped; the kxk unpadded or the 1x1 without bias);
+* any of these times a per-tensor or per-channel constant (a parameter, buffer or Python number);
+
+becomes one new conv module (float64 sum, one rounding to the weight dtype). The result is a
+``torch.fx.GraphModule``. Every branch not merged gets a :class:`~bnfold.records.MergeReason`.
+The caller folds again afterwards so that a BN on the sum folds into the merged conv.
+The module's own ``reparameterize()``/``fuse()`` methods are never called.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from bnfold.fold_math import cast_exact
+from bnfold.fold_math.merge import (
+    F64,
+    MergeRef,
+    MergeRefusal,
+    compose_pointwise,
+    diagonal,
+    embed,
+    identity_checks,
+    placement,
+)
+from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site
+
+__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADDS = (operator.add, operator.iadd, torch.add)
+_SUBS = (operator.sub, operator.isub, torch.sub)
+_MULS = (operator.mul, operator.imul, torch.mul)
+_MAX_WALK = 4
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax, nn.MaxPool1d,
+                nn.MaxPool2d, nn.MaxPool3d, nn.Hardtanh, nn.GLU)
+_ACT_FUNCS = {"relu", "relu6", "silu", "gelu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
+              "elu", "selu", "celu", "mish", "softplus", "softmax", "max_pool2d", "max_pool1d", "max_pool3d",
+              "hardtanh", "clamp", "abs", "exp", "log", "sqrt", "relu_", "sigmoid_", "clip", "pow"}
+
+
+def conv_modules(module: nn.Module) -> int:
+    """Conv modules in the module tree."""
+    return sum(1 for m in module.modules() if isinstance(m, _CONVS))
+
+
+@dataclass(slots=True)
+class FxMergeResult:
+    merges: list[Merge] = field(default_factory=list)
+    absorbed: dict[str, Site] = field(default_factory=dict)
+    """``{BN module name: Site}`` for identity-BN branches merged into a conv."""
+    applied: int = 0
+
+
+@dataclass(slots=True)
+class _Branch:
+    leaf: Any
+    kind: str  # conv | seq | identity | bn | avgpool | other
+    base: fx.Node | None
+    muls: list[fx.Node]
+    blockers: list[fx.Node]
+    pre: fx.Node | None = None
+    sign: int = 1
+    chain_muls: tuple[fx.Node, ...] = ()
+    label: str = ""
+    reason: MergeReason | None = None
+    detail: str = ""
+
+
+def _mod(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(str(n.target))
+    except AttributeError:
+        return None
+
+
+def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
+    """The constant value of an argument (a Python number, a tensor, a get_attr node), or None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v), dtype=torch.float64)
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, fx.Node) and v.op == "get_attr":
+        obj: Any = gm
+        try:
+            for part in str(v.target).split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
+        return obj.detach() if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+_INPLACE = (operator.iadd, operator.isub, operator.imul)
+
+
+def _inplace_ok(n: fx.Node) -> bool:
+    """An in-place ``+=``/``-=``/``*=`` reads like its out-of-place form only where nothing else reads the
+    tensor it overwrites."""
+    if n.target not in _INPLACE:
+        return True
+    a = n.args[0]
+    return not isinstance(a, fx.Node) or len(a.users) == 1
+
+
+def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``n`` may write into its first argument (an in-place op)."""
+    if n.op == "call_module":
+        return bool(getattr(_mod(gm, n), "inplace", False))
+    if n.op == "call_method":
+        name = str(n.target)
+    elif n.op == "call_function":
+        if n.target in _INPLACE or n.target in (operator.itruediv, operator.ipow, operator.setitem):
+            return True
+        name = getattr(n.target, "__name__", "")
+    else:
+        return False
+    return (name.endswith("_") and not name.startswith("_")) or "out" in n.kwargs
+
+
+def _is_sum(n: fx.Node) -> bool:
+    if n.op == "call_method":  # ``tensor + proxy`` traces as Tensor.add (commutative: the order does not matter)
+        return n.target == "add" and len(n.args) == 2 and not n.kwargs
+    if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
+        return False
+    return (n.target in _ADDS or n.target in _SUBS) and _inplace_ok(n)
+
+
+def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
+    """The constant operand slot of a plain two-operand multiply whose other operand is a node."""
+    if len(n.args) != 2 or n.kwargs:
+        return None
+    if not ((n.op == "call_function" and n.target in _MULS and _inplace_ok(n))
+            or (n.op == "call_method" and n.target == "mul")):  # ``tensor * proxy`` traces as Tensor.mul
+        return None
+    c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
+    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
+        return None
+    return c[0]
+
+
+def _through_identity(gm: fx.GraphModule, v: Any) -> Any:
+    """``v``, seen through ``nn.Identity`` module calls read by one node only."""
+    while isinstance(v, fx.Node) and type(_mod(gm, v)) is nn.Identity and len(v.users) == 1 and v.args \
+            and isinstance(v.args[0], fx.Node):
+        v = v.args[0]
+    return v
+
+
+def _expandable(gm: fx.GraphModule, p: fx.Node) -> bool:
+    if _is_sum(p):
+        return True
+    k = _mul_slot(gm, p)
+    if k is None:
+        return False
+    q = _through_identity(gm, p.args[1 - k])
+    return isinstance(q, fx.Node) and _is_sum(q) and len(q.users) == 1
+
+
+def _chain(gm: fx.GraphModule, top: fx.Node) -> tuple[list[fx.Node], list[Any], list[tuple[int, tuple[fx.Node, ...]]]]:
+    nodes: list[fx.Node] = []
+    leaves: list[Any] = []
+    coefs: list[tuple[int, tuple[fx.Node, ...]]] = []
+
+    def walk(n: fx.Node, sign: int, factors: tuple[fx.Node, ...], depth: int) -> None:
+        nodes.append(n)
+        k = _mul_slot(gm, n) if not _is_sum(n) else None
+        if k is not None:
+            inner = n.args[1 - k]
+            while inner is not _through_identity(gm, inner):  # the Identity calls between belong to the chain
+                assert isinstance(inner, fx.Node)
+                nodes.append(inner)
+                inner = inner.args[0]
+            assert isinstance(inner, fx.Node)
+            walk(inner, sign, (*factors, n), depth + 1)
+            return
+        for slot, arg in enumerate(n.args):
+            v: Any = arg
+            s = -sign if n.target in _SUBS and slot == 1 else sign
+            inner = _through_identity(gm, v)
+            if isinstance(inner, fx.Node) and depth < 256 and _expandable(gm, inner) and len(inner.users) == 1 \
+                    and (inner is v or len(v.users) == 1):
+                if inner is not v:
+                    cur = v
+                    while cur is not inner:
+                        nodes.append(cur)
+                        cur = cur.args[0]
+                walk(inner, s, factors, depth + 1)
+            else:
+                leaves.append(v)
+                coefs.append((s, factors))
+
+    walk(top, 1, (), 0)
+    return nodes, leaves, coefs
+
+
+def _is_top(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A sum node that no longer chain absorbs."""
+    users = list(n.users)
+    if len(users) != 1:
+        return True
+    c = _through_identity_fwd(gm, users[0])
+    if c is None:
+        return True
+    if _is_sum(c):
+        return False
+    if _mul_slot(gm, c) is not None and len(c.users) == 1:
+        c2 = _through_identity_fwd(gm, next(iter(c.users)))
+        return not (c2 is not None and _is_sum(c2))
+    return True
+
+
+def _through_identity_fwd(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    while type(_mod(gm, n)) is nn.Identity:
+        if len(n.users) != 1:
+            return None
+        n = next(iter(n.users))
+    return n
+
+
+def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Branch]]:
+    out: list[tuple[fx.Node, _Branch]] = []
+    v = leaf
+    muls: list[fx.Node] = []
+    blockers: list[fx.Node] = []
+    for _ in range(_MAX_WALK + 1):
+        if not isinstance(v, fx.Node):
+            break
+        out.append((v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers))))
+        k = _mul_slot(gm, v)
+        if k is not None:
+            muls.insert(0, v)
+            v = v.args[1 - k]
+            continue
+        if v.op not in ("call_module", "call_function", "call_method") or not v.args \
+                or not isinstance(v.args[0], fx.Node):
+            break
+        m = _mod(gm, v)
+        if (type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training)) and len(v.args) == 1 \
+                and m is not None and not _hooks(m):
+            muls.insert(0, v)
+            v = v.args[0]
+            continue
+        if m is not None and isinstance(m, (*_CONVS, *_BNS, *_POOLS)) and len(v.args) == 1 and not v.kwargs:
+            kind = "conv" if isinstance(m, _CONVS) else "bn" if isinstance(m, _BNS) else "avgpool"
+            x = v.args[0]
+            assert isinstance(x, fx.Node)
+            out.append((x, _Branch(leaf, kind if not blockers else "other", v, list(muls), list(blockers))))
+            pm = _mod(gm, x)
+            if kind == "conv" and not blockers and isinstance(pm, _CONVS) and len(x.args) == 1 \
+                    and isinstance(x.args[0], fx.Node) and all(int(s) == 1 for s in pm.kernel_size):
+                out.append((x.args[0], _Branch(leaf, "seq", v, list(muls), [], pre=x)))
+            break
+        if _is_sum(v) or v.target in (torch.cat, torch.matmul, operator.matmul, operator.getitem):
+            break
+        blockers.insert(0, v)
+        muls = []
+        v = v.args[0]
+    return out
+
+
+def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
+    return b.kind in ("conv", "seq") or (b.kind == "other" and b.base is not None
+                                         and isinstance(_mod(gm, b.base), _CONVS))
+
+
+def _pick_input(gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]) \
+        -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
+    per_leaf = [_interpretations(gm, v) for v in leaves]
+    score: dict[fx.Node, int] = {}
+    convs: dict[fx.Node, int] = {}
+    for interp in per_leaf:
+        seen: set[fx.Node] = set()
+        for x, b in interp:
+            if x in seen:
+                continue
+            seen.add(x)
+            score[x] = score.get(x, 0) + 1
+            if _is_conv_branch(gm, b):
+                convs[x] = convs.get(x, 0) + 1
+    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
+    if not best:
+        return None
+    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
+    branches: list[_Branch] = []
+    rest: list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]] = []
+    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
+        cand = [b for xx, b in interp if xx is x]
+        if not cand:
+            rest.append((leaf, coef))
+            continue
+        good = [b for b in cand if b.kind != "other"]
+        pick = (good or cand)[0]
+        pick.sign, pick.chain_muls = coef
+        branches.append(pick)
+    return x, branches, rest
+
+
+def _path(b: _Branch) -> list[fx.Node]:
+    return ([b.pre] if b.pre is not None else []) + ([b.base] if b.base is not None else []) + b.muls
+
+
+def _exclusive(b: _Branch, chain: set[fx.Node]) -> None:
+    path = _path(b)
+    for k, node in enumerate(path):
+        allowed = {path[k + 1]} if k + 1 < len(path) else chain
+        others = [u for u in node.users if u not in allowed]
+        if others:
+            raise MergeRefusal(MergeReason.OTHER_CONSUMERS, f"the output of '{node.name}' inside the branch is also "
+                               f"read by {', '.join(sorted(u.name for u in others))}")
+
+
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _tup(v: Any, r: int) -> list[int]:
+    return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * r
+
+
+@dataclass(slots=True)
+class _ConvRead:
+    w: F64
+    bias: F64 | None
+    dtype: torch.dtype
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]
+    group: int
+
+
+def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[int], int]:
+    if type(m) not in _CONVS:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: a {type(m).__name__}, not a plain conv module")
+    assert isinstance(m, _CONVS)
+    if m.padding_mode != "zeros":
+        raise MergeRefusal(MergeReason.PADDING, f"{what}: padding_mode={m.padding_mode!r}, not zeros")
+    if _hooks(m):
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: has forward hooks")
+    r = len(m.kernel_size)
+    dil = _tup(m.dilation, r)
+    if m.padding == "same":  # torch: total d * (k - 1) per axis, the odd one on the end side
+        total = [d * (int(k) - 1) for d, k in zip(dil, m.kernel_size)]
+        return _tup(m.stride, r), dil, [t // 2 for t in total] + [t - t // 2 for t in total], int(m.groups)
+    if isinstance(m.padding, str):
+        if m.padding != "valid":
+            raise MergeRefusal(MergeReason.PADDING, f"{what}: padding={m.padding!r}")
+        p = [0] * r
+    else:
+        p = _tup(m.padding, r)
+    return _tup(m.stride, r), dil, p + p, int(m.groups)
+
+
+def _read_conv(gm: fx.GraphModule, b: _Branch) -> _ConvRead:
+    assert b.base is not None
+    m = _mod(gm, b.base)
+    assert m is not None
+    strides, dil, pads, group = _conv_geometry(m, b.label)
+    assert isinstance(m, _CONVS)
+    w64 = m.weight.detach().cpu().double().numpy()
+    b64 = None if m.bias is None else m.bias.detach().cpu().double().numpy()
+    if b.pre is not None:
+        pm = _mod(gm, b.pre)
+        assert pm is not None
+        s1, d1, p1, g1 = _conv_geometry(pm, b.pre.name)
+        assert isinstance(pm, _CONVS)
+        if any(s != 1 for s in s1) or any(p1) or pm.weight.dim() != m.weight.dim():
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: the first conv is not a 1x1, "
+                               "stride 1, unpadded")
+        if g1 != 1 or group != 1:
+            raise MergeRefusal(MergeReason.GROUPS, f"{b.pre.name} -> {b.label}: grouped convs in sequence")
+        if pm.weight.dtype != m.weight.dtype:
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: weight dtypes differ")
+        b1 = None if pm.bias is None else pm.bias.detach().cpu().double().numpy()
+        if any(pads) and b1 is not None and np.any(b1 != 0):
+            raise MergeRefusal(MergeReason.PADDING, f"{b.pre.name} -> {b.label}: the kxk conv pads {pads} with zeros, "
+                               "where the 1x1 conv's bias would not be added: one conv cannot compute it")
+        w64, b64 = compose_pointwise(w64, b64, pm.weight.detach().cpu().double().numpy(), b1)
+    return _ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
+
+
+def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
+    if not c.is_floating_point():
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
+    if not python_number and c.dim() > 0 and c.dtype != ref.dtype:
+        # a tensor of another dtype promotes the result's dtype: one conv of the model's dtype would not
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}, the merged conv {ref.dtype}")
+    full = ref.rank + 2
+    if c.dim() > full:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of rank {c.dim()} > {full}")
+    shape = (1,) * (full - c.dim()) + tuple(c.shape)
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, ref.c_out):
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of shape {list(c.shape)} is not per channel")
+    return np.broadcast_to(c.detach().cpu().double().numpy().reshape(-1), (ref.c_out,)).copy()
+
+
+def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
+    k = _mul_slot(gm, n)
+    if k is None:  # Identity / Dropout in eval
+        return np.ones(ref.c_out)
+    c = _const(gm, n.args[k])
+    assert c is not None
+    return _channel_vector(c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor)))
+
+
+def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics: bool) -> tuple[F64, F64]:
+    what = b.label
+    if b.kind in ("conv", "seq"):
+        cr = _read_conv(gm, b)
+        w = cr.w
+        if cr.dtype != ref.dtype:
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}")
+        if w.ndim - 2 != ref.rank:
+            raise MergeRefusal(MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}")
+        if cr.strides != ref.strides:
+            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
+        if cr.dilations != ref.dilations:
+            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}")
+        if cr.group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
+            raise MergeRefusal(MergeReason.GROUPS, f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
+                               f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}")
+        offs = placement(ref, tuple(int(k) for k in w.shape[2:]), cr.pads, what)
+        w64 = embed(ref, w, offs)
+        b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias
+    elif b.kind == "identity":
+        identity_checks(ref, what)
+        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+    elif b.kind == "bn":
+        assert b.base is not None
+        m = _mod(gm, b.base)
+        if type(m) not in _BNS or _hooks(m):  # type: ignore[arg-type]
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: not a plain BatchNorm module (or it has hooks)")
+        assert isinstance(m, _BNS)
+        if m.training and not eval_semantics:
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: in training mode")
+        if m.running_mean is None or m.running_var is None:
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: no running statistics (track_running_stats=False)")
+        if m.num_features != ref.c_out:
+            raise MergeRefusal(MergeReason.GROUPS, f"{what}: {m.num_features} BN channels, the merged conv {ref.c_out}")
+        identity_checks(ref, what)
+        mean = m.running_mean.detach().cpu().double().numpy()
+        var = m.running_var.detach().cpu().double().numpy()
+        gamma = np.ones(ref.c_out) if m.weight is None else m.weight.detach().cpu().double().numpy()
+        beta = np.zeros(ref.c_out) if m.bias is None else m.bias.detach().cpu().double().numpy()
+        scale = gamma / np.sqrt(var + float(m.eps))
+        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+        b64 = beta - mean * scale
+    elif b.kind == "avgpool":
+        assert b.base is not None
+        m = _mod(gm, b.base)
+        if type(m) not in _POOLS or _hooks(m):  # type: ignore[arg-type]
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: not a plain AvgPool module (or it has hooks)")
+        assert isinstance(m, _POOLS)
+        r = ref.rank
+        k = tuple(_tup(m.kernel_size, r))
+        stride = _tup(m.stride, r)  # torch sets a stride of None to the kernel size
+        pad = _tup(m.padding, r)
+        if m.ceil_mode:
+            raise MergeRefusal(MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)")
+        if getattr(m, "divisor_override", None):
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
+        if any(pad) and not m.count_include_pad:
+            raise MergeRefusal(MergeReason.PADDING, f"{what}: count_include_pad=False with padding: edge windows "
+                               "divide by fewer values than a conv")
+        if stride != ref.strides:
+            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {stride} differs from {ref.strides}")
+        if any(d != 1 for d in ref.dilations):
+            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
+        if ref.c_in_g * ref.group != ref.c_out:
+            raise MergeRefusal(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
+        offs = placement(ref, k, pad + pad, what)
+        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+    else:  # pragma: no cover
+        raise AssertionError(b.kind)
+    for n in (*b.muls, *b.chain_muls):
+        f = _factor(gm, n, ref)
+        w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
+        b64 = b64 * f
+    if b.sign < 0:
+        w64, b64 = -w64, -b64
+    return w64, b64
+
+
+def _n_convs(b: _Branch) -> int:
+    return {"conv": 1, "seq": 2}.get(b.kind, 0)
+
+
+def _refused(sum_label: str, x: str, branches: list[_Branch]) -> Merge:
+    verdicts = []
+    for b in branches:
+        reason, detail = b.reason, b.detail
+        if reason is None:
+            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
+        verdicts.append(BranchVerdict(b.label, b.kind, False, reason, detail))
+    convs = sum(_n_convs(b) for b in branches)
+    return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
+
+
+def _label(b: _Branch, x: fx.Node) -> str:
+    for n in (b.base, *(b.muls[-1:]), *(b.blockers[-1:])):
+        if n is not None:
+            return str(n.target) if n.op == "call_module" else n.name
+    return x.name
+
+
+def _plan(gm: fx.GraphModule, x: fx.Node, branches: list[_Branch], chain: set[fx.Node], sum_label: str,
+          eval_semantics: bool, exclude: frozenset[str]) -> tuple[MergeRef, F64, F64] | Merge:
+    if sum_label in exclude:
+        for b in branches:
+            b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
+        return _refused(sum_label, x.name, branches)
+    for b in branches:
+        if b.kind == "other":
+            ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
+            if any(isinstance(_mod(gm, n), _ACT_MODULES) or getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
+                   for n in b.blockers):
+                b.reason, b.detail = MergeReason.NONLINEAR, f"{ops} inside the branch: it is not linear in '{x.name}'"
+            else:
+                b.reason, b.detail = MergeReason.UNSUPPORTED, f"{ops} inside the branch: not a form bnfold merges"
+            continue
+        try:
+            _exclusive(b, chain)
+        except MergeRefusal as e:
+            b.reason, b.detail = e.reason, e.detail
+    inside = {n for b in branches for n in _path(b)}
+    writers = [u.name for u in x.users if u not in inside and _mutates(gm, u) and u.args and u.args[0] is x]
+    if writers:
+        for b in branches:
+            if b.reason is None:
+                b.reason, b.detail = MergeReason.UNSUPPORTED, (
+                    f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values")
+        return _refused(sum_label, x.name, branches)
+    ref: MergeRef | None = None
+    best = -1
+    for b in branches:
+        if b.kind not in ("conv", "seq") or b.reason is not None:
+            continue
+        assert b.base is not None
+        try:
+            cr = _read_conv(gm, b)
+        except MergeRefusal as e:
+            b.reason, b.detail = e.reason, e.detail
+            continue
+        vol = int(np.prod(cr.w.shape[2:]))
+        if vol > best:
+            best = vol
+            ref = MergeRef(b.base, tuple(int(k) for k in cr.w.shape[2:]), cr.strides, cr.dilations, cr.pads, cr.group,
+                           int(cr.w.shape[0]), int(cr.w.shape[1]), cr.dtype)
+    if ref is None:
+        return _refused(sum_label, x.name, branches)
+    w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    b_sum = np.zeros(ref.c_out, dtype=np.float64)
+    for b in branches:
+        if b.reason is not None:
+            continue
+        try:
+            w64, b64 = _branch_kernel(gm, ref, b, eval_semantics)
+        except MergeRefusal as e:
+            b.reason, b.detail = e.reason, e.detail
+            continue
+        w_sum += w64
+        b_sum += b64
+    ok = [b for b in branches if b.reason is None]
+    if len(ok) < 2 or not any(b.base is ref.node for b in ok):
+        return _refused(sum_label, x.name, branches)
+    return ref, w_sum, b_sum
+
+
+def _fresh(gm: fx.GraphModule, base: str) -> str:
+    name = base.replace(".", "_") + "_merged"
+    k = 0
+    cand = name
+    while hasattr(gm, cand):
+        k += 1
+        cand = f"{name}{k}"
+    return cand
+
+
+def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
+                       exclude: frozenset[str] = frozenset()) -> FxMergeResult:
+    """Merge every sum of branches of one node into one conv module; edit ``gm`` (graph and submodules)."""
+    res = FxMergeResult()
+    graph = gm.graph
+    done: set[fx.Node] = set()
+    tops = [n for n in graph.nodes if _is_sum(n) and _is_top(gm, n)]
+    for top in tops:
+        if top in done:
+            continue
+        chain_nodes, leaves, coefs = _chain(gm, top)
+        if any(c in done for c in chain_nodes):
+            continue
+        picked = _pick_input(gm, leaves, coefs)
+        if picked is None:
+            continue
+        x, branches, rest = picked
+        chain = set(chain_nodes)
+        for b in branches:
+            b.label = _label(b, x)
+        rec = _plan(gm, x, branches, chain, top.name, eval_semantics, exclude)
+        if isinstance(rec, Merge):
+            res.merges.append(rec)
+            continue
+        touched = chain | {n for br in branches if br.reason is None for n in _path(br)}
+        if touched & done:
+            continue
+        ref, w_sum, b_sum = rec
+        kept: list[Any] = []
+        odd: list[str] = []
+        for leaf, (sign, factors) in [*rest, *[(br.leaf, (br.sign, br.chain_muls)) for br in branches
+                                               if br.reason is not None]]:
+            c = _const(gm, leaf)
+            if c is not None:
+                try:
+                    vec = _channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
+                    for m in factors:
+                        vec = vec * _factor(gm, m, ref)
+                    b_sum = b_sum + sign * vec
+                    continue
+                except MergeRefusal:
+                    pass
+            if sign < 0 or factors:
+                odd.append(leaf.name if isinstance(leaf, fx.Node) else repr(leaf))
+            kept.append(leaf)
+        if odd:
+            for br in branches:
+                if br.reason is None:
+                    br.reason, br.detail = MergeReason.UNSUPPORTED, (
+                        f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
+                        "conv plus an add cannot replace it")
+            res.merges.append(_refused(top.name, x.name, branches))
+            continue
+        ref_mod = _mod(gm, ref.node)
+        assert isinstance(ref_mod, _CONVS)
+        dtype = ref_mod.weight.dtype
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
+        if np_dtype is None:
+            for br in branches:
+                if br.reason is None:
+                    br.reason, br.detail = MergeReason.UNSUPPORTED, "bfloat16 weights"
+            res.merges.append(_refused(top.name, x.name, branches))
+            continue
+        wc, bc = cast_exact(w_sum, np_dtype), cast_exact(b_sum, np_dtype)
+        if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
+            for br in branches:
+                if br.reason is None:
+                    br.reason, br.detail = MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {dtype}"
+            res.merges.append(_refused(top.name, x.name, branches))
+            continue
+        conv_cls: Any = type(ref_mod)
+        # the reference conv's own padding: symmetric pads, or its padding="same" (the pads it was read as)
+        padding: Any = tuple(ref.pads[: ref.rank]) if ref.pads[: ref.rank] == ref.pads[ref.rank:] else ref_mod.padding
+        assert padding == "same" or isinstance(padding, tuple)
+        new = conv_cls(
+            ref.c_in_g * ref.group, ref.c_out, ref.kernel, ref_mod.stride, padding, ref_mod.dilation,
+            ref_mod.groups, bias=True, padding_mode="zeros", device=ref_mod.weight.device, dtype=dtype,
+        )
+        with torch.no_grad():
+            new.weight.copy_(torch.from_numpy(np.ascontiguousarray(wc)))
+            assert new.bias is not None
+            new.bias.copy_(torch.from_numpy(np.ascontiguousarray(bc)))
+        new.weight.requires_grad_(ref_mod.weight.requires_grad)
+        new.bias.requires_grad_(ref_mod.weight.requires_grad)
+        new.train(ref_mod.training)
+        name = _fresh(gm, str(ref.node.target))
+        gm.add_submodule(name, new)
+        with graph.inserting_before(top):
+            cur = graph.call_module(name, (x,))
+            for leaf in kept:
+                cur = graph.call_function(operator.add, (cur, leaf))
+        top.replace_all_uses_with(cur)
+        merged = [br for br in branches if br.reason is None]
+        erase = list(chain) + [n for br in merged for n in _path(br)]
+        for br in merged:
+            if br.kind == "bn" and br.base is not None:
+                res.absorbed[str(br.base.target)] = Site(
+                    str(br.base.target), name, type(new).__name__, Direction.FORWARD,
+                    f"identity BN branch merged into one conv with the other branches of '{top.name}'")
+        for n in sorted(set(erase), key=_order(graph), reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+        done |= touched
+        res.applied += 1
+        left = sum(_n_convs(br) for br in branches if br.reason is not None)
+        res.merges.append(Merge(
+            top.name, x.name, name, True,
+            tuple(BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail) for br in branches),
+            sum(_n_convs(br) for br in branches), 1 + left,
+        ))
+    if res.applied:
+        for n in graph.nodes:
+            if isinstance(n.type, str):  # a string annotation (``from __future__ import annotations``) makes
+                n.type = None  # the generated code unpicklable: torch.save of the result would fail
+        graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return res
+
+
+def _order(graph: fx.Graph) -> Any:
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: pos[n]
