@@ -4,135 +4,40 @@ Every case returns ``(verdict, specific)``: a :class:`~bnfold.onnx.plan.Fold` or
 :class:`~bnfold.records.Skip`, and whether a refusal names a foldable layer (it is then reported rather
 than the backward matcher's generic NO_PRODUCER). The routes (Concat, sums of branches: cases 8-9)
 live in :mod:`bnfold.onnx.match_routes`; the no-ops walked first (case 13) in :mod:`bnfold.onnx.noops`.
+This module dispatches on the producer; the vocabulary every case shares (:class:`Fwd`, the route
+checks, the layer writes) is :mod:`bnfold.onnx.forward`, which imports no case module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from bnfold.fold_math import WeightLayout, fold_gemm_forward
-from bnfold.records import Direction, Site, Skip, SkipReason
+from bnfold.fold_math import WeightLayout
+from bnfold.records import Skip, SkipReason
 
-from .const import Array, ConstEvaluator, is_float, resolve_weight, weight_and_bias
-from .graph import GraphIndex, attr, name_of
+from .const import ConstEvaluator, is_float, resolve_weight
+from .forward import (
+    F64,
+    LAYERS,
+    Fwd,
+    Result,
+    common,
+    exclusive,
+    gemm_fold,
+    layer_writes,
+    matmul_weight,
+    per_channel,
+)
+from .graph import GraphIndex, name_of
+from .match_linear_norm import match_linear_norm
+from .match_qdq import activation_skip, dq_weight, match_qdq
+from .match_routes import match_concat, match_sum
 from .noops import walk_up
-from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip, scale_out
+from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out
 
-__all__ = [
-    "Fwd",
-    "match_forward",
-    "common",
-    "exclusive",
-    "per_channel",
-    "conv_layout",
-    "gemm_fold",
-    "layer_writes",
-    "matmul_weight",
-    "LAYERS",
-]
-
-Result = tuple[Fold | Skip, bool]
-F64 = np.ndarray[Any, np.dtype[np.float64]]
-
-LAYERS = ("Conv", "ConvTranspose", "Gemm")
-"""Layers whose output channels can absorb a per-channel scale (and a bias shift) in any route."""
-
-
-@dataclass(slots=True)
-class Fwd:
-    """What every forward case reads: the BN, its parameters, and the value the layer produced.
-
-    ``src`` is the BN input with the no-ops above it walked (case 13); ``head`` the node writing the
-    BN input itself (the last no-op, or the layer / route node), whose output is renamed to ``y``.
-    """
-
-    index: GraphIndex
-    ev: ConstEvaluator
-    bi: int
-    label: str
-    prm: BnParams
-    x: str
-    y: str
-    src: str
-    head: int
-    chain: list[int]
-
-    def base(self, target: int, kind: str, detail: str = "") -> dict[str, Any]:
-        """The Fold fields every forward case shares: BN removed, ``head`` renamed to ``y``."""
-        if self.chain:
-            detail = "; ".join(
-                filter(
-                    None,
-                    [
-                        detail,
-                        "through " + ", ".join(self.index.nodes[k].op_type for k in reversed(self.chain)),
-                    ],
-                )
-            )
-        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail)
-        return {
-            "site": site,
-            "remove": (self.bi,),
-            "rename_output": (self.head, self.y),
-            "dropped": (self.x,),
-        }
-
-    def locks(self, *nodes: int) -> tuple[int, ...]:
-        """The nodes edited: ``nodes`` and the head (renamed)."""
-        return tuple(dict.fromkeys((*nodes, self.head)))
-
-
-def exclusive(c: Fwd, value: str, target: str, *, kept: bool = False) -> Skip | None:
-    """Refuse when ``value`` (a layer output the fold scales) is a graph output or read by another node
-    than the one the route expects (``n_uses`` must be 1).
-
-    ``kept``: the value keeps its name after the fold, so Shape/Size readers (which see only its
-    unchanged shape) do not count."""
-    idx = c.index
-    if value in idx.graph_outputs:
-        return Skip(
-            c.label,
-            SkipReason.GRAPH_OUTPUT,
-            f"the output '{value}' of {target} is also a graph output and must stay unscaled",
-        )
-    cons = idx.consumers.get(value, [])
-    if kept:
-        cons = [k for k in cons if idx.nodes[k].op_type not in ("Shape", "Size") or idx.nodes[k].domain]
-    if len(cons) > 1:
-        who = ", ".join(f"{idx.nodes[k].op_type} '{name_of(idx.nodes[k])}'" for k in cons[1:4])
-        return Skip(
-            c.label,
-            SkipReason.OTHER_CONSUMERS,
-            f"the output '{value}' of {target} is read by "
-            f"{len(cons)} nodes (e.g. {who}); they need it unscaled",
-        )
-    return None
-
-
-def per_channel(v: Array, rank: int, channels: int) -> np.ndarray[Any, np.dtype[np.float64]] | None:
-    """``v`` as one value per channel (axis 1) of a rank-``rank`` tensor, or None if it is not one."""
-    if v.ndim > rank:
-        return None
-    shape = (1,) * (rank - v.ndim) + tuple(v.shape)
-    if any(d != 1 for ax, d in enumerate(shape) if ax != 1) or shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(v.astype(np.float64).reshape(-1), (channels,)).copy()
-
-
-def common(c: Fwd, target: str) -> Skip | None:
-    """Checks shared by every single-layer case: the produced value is the BN's alone; per channel."""
-    bad = exclusive(c, c.x, target) or (exclusive(c, c.src, target) if c.src != c.x else None)
-    if bad is not None:
-        return bad
-    if c.prm.per_element:
-        return Skip(
-            c.label, SkipReason.SPATIAL, "spatial=0 statistics differ per position: not a per-channel scale"
-        )
-    return None
+__all__ = ["match_forward"]
 
 
 def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, prm: BnParams) -> Result:
@@ -160,13 +65,9 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
         ), False
     kind = pn.op_type
     if kind in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        from .match_qdq import dq_weight, match_qdq
-
         if dq_weight(index, pn) is not None:
             return match_qdq(c, p)  # Cases 1-4 through a DequantizeLinear weight
     if kind == "DequantizeLinear":
-        from .match_qdq import activation_skip
-
         return activation_skip(c, p)
     if kind in ("Conv", "ConvTranspose"):
         return _case_layer(c, p, layer_writes)  # Cases 1 and 2
@@ -177,12 +78,8 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
     if kind == "Add":
         return _case_add(c, p)  # Cases 5, 7, 9
     if kind in ("Reshape", "Flatten", "Transpose"):
-        from .match_linear_norm import match_linear_norm
-
         return match_linear_norm(c, p)  # Case 6
     if kind in ("Concat", "Sum"):
-        from .match_routes import match_concat, match_sum
-
         return match_concat(c, p) if kind == "Concat" else match_sum(c, p, list(pn.input))  # Cases 8, 9
     return Skip(
         label, SkipReason.NO_PRODUCER, f"its input comes from {kind} '{name_of(pn)}', which cannot absorb it"
@@ -190,39 +87,6 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
 
 
 # ---- Cases 1 and 2: Conv / ConvTranspose -> BN ------------------------------------------------------
-def conv_layout(ev: ConstEvaluator, c: Fwd, p: int) -> tuple[Array, Array | None, WeightLayout, int] | Skip:
-    """Weight, bias, layout and output-channel count of a Conv / ConvTranspose ``p``."""
-    pn = c.index.nodes[p]
-    wb = weight_and_bias(ev, pn, c.label)
-    if isinstance(wb, Skip):
-        return wb
-    w, b = wb
-    g = conv_groups(pn, tuple(w.shape))
-    if pn.op_type == "Conv":
-        return w, b, WeightLayout.conv(g), int(w.shape[0])
-    return w, b, WeightLayout.conv_transpose(g), int(w.shape[1]) * g
-
-
-def layer_writes(c: Fwd, p: int, s: F64, t: F64 | None) -> list[Write] | Skip:
-    """The writes that scale layer ``p``'s output channels by ``s`` and add ``t`` (None: nothing) to its
-    bias: Conv / ConvTranspose through :func:`~bnfold.onnx.plan.scale_out`, Gemm through
-    :func:`gemm_fold`."""
-    pn = c.index.nodes[p]
-    if pn.op_type == "Gemm":
-        return gemm_fold(c, p, s, np.zeros_like(s) if t is None else t)
-    target = f"{pn.op_type} '{name_of(pn)}'"
-    lay = conv_layout(c.ev, c, p)
-    if isinstance(lay, Skip):
-        return lay
-    w, b, layout, c_out = lay
-    if c_out != s.shape[0]:
-        return Skip(c.label, SkipReason.LAYOUT, f"{target} has {c_out} output channels, the BN {s.shape[0]}")
-    res = scale_out(w, b, s, t, layout, c.label, f"weight or bias of {target}")
-    if isinstance(res, Skip):
-        return res
-    if b is None and t is None:
-        return [Write(p, 1, res[0])]  # no bias to scale and no shift: keep it bias-free
-    return [Write(p, 1, res[0]), Write(p, 2, res[1])]
 
 
 def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Write] | Skip]) -> Result:
@@ -240,44 +104,9 @@ def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Writ
 
 
 # ---- Case 3: Gemm -> BN ----------------------------------------------------------------------------
-def gemm_fold(
-    c: Fwd, p: int, s: np.ndarray[Any, np.dtype[np.float64]], t: np.ndarray[Any, np.dtype[np.float64]]
-) -> list[Write] | Skip:
-    """The writes that scale Gemm ``p``'s output features by ``s`` and add ``t`` (beta becomes 1)."""
-    pn = c.index.nodes[p]
-    target = f"Gemm '{name_of(pn)}'"
-    bc = weight_and_bias(c.ev, pn, c.label, ("B", "C"))
-    if isinstance(bc, Skip):
-        return bc
-    bw, cv = bc
-    trans_b = bool(attr(pn, "transB", 0))
-    if bw.ndim != 2:
-        return Skip(c.label, SkipReason.LAYOUT, f"B of {target} has rank {bw.ndim}")
-    n = bw.shape[0] if trans_b else bw.shape[1]
-    if n != s.shape[0]:
-        return Skip(c.label, SkipReason.LAYOUT, f"{target} has {n} output features, the BN {s.shape[0]}")
-    if cv is not None and cv.ndim > 2:
-        return Skip(c.label, SkipReason.UNSUPPORTED_LAYER, f"C of {target} has rank {cv.ndim}")
-    alpha, beta = float(attr(pn, "alpha", 1.0)), float(attr(pn, "beta", 1.0))
-    b64, c64 = fold_gemm_forward(bw, cv, alpha, beta, s, t, trans_b)
-    res = finish([b64, c64], bw.dtype, c.label, f"B or C of {target}")
-    if isinstance(res, Skip):
-        return res
-    return [Write(p, 1, res[0]), Write(p, 2, res[1])]
 
 
 # ---- Cases 4 and 5: MatMul [-> Add(bias)] -> BN, product of rank 2 -----------------------------------
-def matmul_weight(c: Fwd, m: int, target: str) -> Array | Skip:
-    mw = resolve_weight(c.ev, c.index.nodes[m], 1, c.label, "right operand")
-    if isinstance(mw, Skip):
-        return mw
-    if mw.ndim != 2 or mw.shape[1] != c.prm.channels:
-        return Skip(
-            c.label,
-            SkipReason.LAYOUT,
-            f"{target} right operand has shape {list(mw.shape)}, the BN {c.prm.channels} channels",
-        )
-    return mw
 
 
 def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
@@ -333,6 +162,8 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
 
 
 # ---- Cases 5, 7, 9: what an Add before the BN adds -----------------------------------------------------
+
+
 def _case_add(c: Fwd, a: int) -> Result:
     idx = c.index
     an = idx.nodes[a]
@@ -352,8 +183,6 @@ def _case_add(c: Fwd, a: int) -> Result:
         if kinds[side] in LAYERS and consts[1 - side]:
             return _case_add_const(c, idx.producer[an.input[side]], a, 1 - side)  # Case 7
     if any(k in LAYERS or k == "MatMul" for k in kinds):
-        from .match_routes import match_sum
-
         return match_sum(c, a, list(an.input))  # Case 9 (refuses a branch that is not a layer)
     return Skip(c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{name_of(an)}', not a layer"), False
 

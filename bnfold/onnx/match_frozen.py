@@ -13,8 +13,8 @@ from bnfold.fold_math import WeightLayout, fold_forward, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip
 
 from .const import Array, ConstEvaluator, is_float
+from .forward import per_channel
 from .graph import GraphIndex, attr
-from .match_forward import per_channel
 from .plan import Fold, Write, conv_groups, finish
 
 __all__ = ["match_mul_add"]

@@ -27,8 +27,8 @@ import numpy as np
 from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
+from .forward import Fwd, common, exclusive, gemm_fold, matmul_weight
 from .graph import name_of
-from .match_forward import Fwd, common, exclusive, gemm_fold, matmul_weight
 from .plan import Fold, Write, attr, finish, resolve_weight, scale_out
 
 __all__ = ["match_linear_norm"]

@@ -49,8 +49,8 @@ from onnx import NodeProto
 from bnfold.records import Skip, SkipReason
 
 from .const import Array, is_float
+from .forward import Fwd, common, exclusive
 from .graph import GraphIndex, attr, name_of
-from .match_forward import Fwd, common, exclusive
 from .plan import Fold, Write, finish, rank2_or_skip
 
 __all__ = ["dq_weight", "match_qdq", "activation_skip", "requantize_int32_bias", "QDQ_LAYERS"]

@@ -28,8 +28,8 @@ import numpy as np
 
 from bnfold.records import Skip, SkipReason
 
+from .forward import LAYERS, Fwd, common, conv_layout, exclusive, layer_writes
 from .graph import name_of
-from .match_forward import LAYERS, Fwd, common, conv_layout, exclusive, layer_writes
 from .plan import Fold, Write, attr
 
 __all__ = ["match_concat", "match_sum"]
