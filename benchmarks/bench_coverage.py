@@ -58,7 +58,9 @@ def render(rows: list[tuple[str, Coverage]]) -> str:
     tot = [0, 0, 0, 0]
     for name, c in rows:
         fuse = "crash" if c.fx_fuse is None else _pct(c.fx_fuse, c.bn)
-        lines.append(f"| {name} | {c.bn} | {_pct(c.torch_folded, c.bn)} | {_pct(c.onnx_folded, c.onnx_bn)} | {fuse} |")
+        lines.append(
+            f"| {name} | {c.bn} | {_pct(c.torch_folded, c.bn)} | {_pct(c.onnx_folded, c.onnx_bn)} | {fuse} |"
+        )
         tot[0] += c.bn
         tot[1] += c.torch_folded
         tot[2] += c.onnx_folded

@@ -85,9 +85,15 @@ def to_onnx(model: Any, x: Any) -> Any:
 
     buf = io.BytesIO()
     torch.onnx.export(
-        model, (x,), buf, dynamo=False, do_constant_folding=False,
-        training=torch.onnx.TrainingMode.PRESERVE, opset_version=17,
-        input_names=["input"], output_names=["logits"],
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
     )
     return onnx.load_from_string(buf.getvalue())
 
@@ -127,8 +133,10 @@ def main() -> None:
 
     width, hw = (16, 64) if args.quick else (32, 96)
     print(env_summary())
-    print(f"model: resnet18 width {width}, input 1x3x{hw}x{hw}; in every BN {FRACTION_TINY:.0%} of channels "
-          f"gamma = {TINY_GAMMA:g}, {FRACTION_DEAD:.0%} gamma = 0; threads {args.threads}\n")
+    print(
+        f"model: resnet18 width {width}, input 1x3x{hw}x{hw}; in every BN {FRACTION_TINY:.0%} of channels "
+        f"gamma = {TINY_GAMMA:g}, {FRACTION_DEAD:.0%} gamma = 0; threads {args.threads}\n"
+    )
 
     x = torch.randn(1, 3, hw, hw, generator=torch.Generator().manual_seed(0))
     sick = build(width, 0, sick=True)
@@ -152,11 +160,15 @@ def main() -> None:
     }
     oh = bnfold.health(proto)
     direct = direct_subnormal_count(protos["folded"])
-    print(f"health (PyTorch): {len(h.flagged)} of {len(h.bns)} BN flagged, {h.constant_channels} constant "
-          f"channels, the fold writes {h.subnormal:,} subnormal float32 values; flushed: "
-          f"{rep.flushed_denormals:,}")
-    print(f"health (ONNX): the fold writes {oh.subnormal:,} subnormal values; direct NumPy count on the folded "
-          f"model: {direct:,}; after flush: {direct_subnormal_count(protos['folded + flushed'])}\n")
+    print(
+        f"health (PyTorch): {len(h.flagged)} of {len(h.bns)} BN flagged, {h.constant_channels} constant "
+        f"channels, the fold writes {h.subnormal:,} subnormal float32 values; flushed: "
+        f"{rep.flushed_denormals:,}"
+    )
+    print(
+        f"health (ONNX): the fold writes {oh.subnormal:,} subnormal values; direct NumPy count on the folded "
+        f"model: {direct:,}; after flush: {direct_subnormal_count(protos['folded + flushed'])}\n"
+    )
 
     # Output error against the original, onnxruntime with optimisations off.
     xin = {"input": x.numpy()}
@@ -165,7 +177,13 @@ def main() -> None:
     err_rows = []
     for name in ("folded", "folded + flushed"):
         out = ort_session(protos[name], False).run(None, xin)[0].astype(np.float64)
-        err_rows.append([name, f"{float(np.max(np.abs(out - ref))):.2e}", f"{float(np.max(np.abs(out - ref))) / scale:.2e}"])
+        err_rows.append(
+            [
+                name,
+                f"{float(np.max(np.abs(out - ref))):.2e}",
+                f"{float(np.max(np.abs(out - ref))) / scale:.2e}",
+            ]
+        )
     print(markdown_table(["candidate", "max abs error vs original", "relative to output scale"], err_rows))
     print()
 
@@ -194,7 +212,9 @@ def main() -> None:
         fns: dict[str, Callable[[], object]] = {
             k: (lambda s=s: s.run(None, xin)) for k, s in sessions.items()
         }
-        t = time_interleaved({k: fns[k] for k in order}, repeats=args.repeats, warmup=max(args.warmup, 1), number=3)
+        t = time_interleaved(
+            {k: fns[k] for k in order}, repeats=args.repeats, warmup=max(args.warmup, 1), number=3
+        )
         results[setting] = {k: v.median for k, v in t.items()}
 
     def eager(m: Any, ftz: bool = False) -> Callable[[], object]:
@@ -212,24 +232,36 @@ def main() -> None:
 
     efns = {k: eager(m) for k, m in mods.items()}
     efns["folded, runtime FTZ"] = eager(mods["folded"], ftz=True)
-    t = time_interleaved({k: efns[k] for k in order}, repeats=args.repeats, warmup=max(args.warmup, 1), number=3)
+    t = time_interleaved(
+        {k: efns[k] for k in order}, repeats=args.repeats, warmup=max(args.warmup, 1), number=3
+    )
     results["PyTorch eager"] = {k: v.median for k, v in t.items()}
 
-    headers = ["runtime", *[f"{k} (ms)" for k in order], "original / folded", "original / flushed",
-               "flushed / floor"]
+    headers = [
+        "runtime",
+        *[f"{k} (ms)" for k in order],
+        "original / folded",
+        "original / flushed",
+        "flushed / floor",
+    ]
     rows = []
     for setting, r in results.items():
-        rows.append([
-            setting, *[f"{r[k] * 1e3:.2f}" for k in order],
-            fmt_ratio(r["original"], r["folded"]), fmt_ratio(r["original"], r["folded + flushed"]),
-            fmt_ratio(r["folded + flushed"], r["floor"]),
-        ])
+        rows.append(
+            [
+                setting,
+                *[f"{r[k] * 1e3:.2f}" for k in order],
+                fmt_ratio(r["original"], r["folded"]),
+                fmt_ratio(r["original"], r["folded + flushed"]),
+                fmt_ratio(r["folded + flushed"], r["floor"]),
+            ]
+        )
     table = markdown_table(headers, rows)
     print(table)
     slower = [s for s, r in results.items() if r["folded + flushed"] > r["original"] * 1.05]
     verdict = (
         "folded + flushed is not slower than the original in any setting"
-        if not slower else f"folded + flushed is slower than the original in: {', '.join(slower)}"
+        if not slower
+        else f"folded + flushed is slower than the original in: {', '.join(slower)}"
     )
     print(f"\n{verdict}")
 
@@ -243,7 +275,9 @@ def main() -> None:
             f"subnormal float32 values (ONNX; NumPy count {direct:,}). 1 thread; medians of "
             f"{args.repeats} interleaved rounds of 3 runs.\n\n"
             + markdown_table(["candidate", "max abs error vs original", "relative to output scale"], err_rows)
-            + "\n\n" + table + f"\n\n{verdict}.\n\n{fold_cost}.\n"
+            + "\n\n"
+            + table
+            + f"\n\n{verdict}.\n\n{fold_cost}.\n"
         )
         print(f"\nwrote {RESULTS.relative_to(REPO_ROOT)}")
     sys.stdout.flush()

@@ -115,8 +115,14 @@ with open(sys.argv[1], "w") as f:
 at this process's size (Linux keeps the high-water mark across ``exec``)."""
 
 
-def tree_peak(cmd: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
-              timeout: float = 1800, interval: float = 0.02) -> TreePeak:
+def tree_peak(
+    cmd: Sequence[str],
+    *,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 1800,
+    interval: float = 0.02,
+) -> TreePeak:
     """Run ``cmd`` and measure the peak memory of its whole process tree (Linux ``/proc``).
 
     The job is forked by a small launcher (:data:`_LAUNCHER`) and sampled every ``interval`` seconds:
@@ -132,8 +138,14 @@ def tree_peak(cmd: Sequence[str], *, cwd: str | Path | None = None, env: Mapping
     with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, "err"), "w+b") as err:
         report = os.path.join(tmp, "rss")
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, report, *cmd], cwd=cwd or REPO_ROOT, env=full_env,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, report, *cmd],
+            cwd=cwd or REPO_ROOT,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
         hwm: dict[int, int] = {}
         job = 0
         best = 0
@@ -210,8 +222,12 @@ def build_model(folder: Path, total_bytes: int, *, external: bool, blocks: int =
                 t = nh.from_array(w, f"W{i}")
             del w
             inits.append(t)
-            stats = [rng.uniform(0.5, 2.0, c), rng.normal(0.3, 0.5, c), rng.normal(0.5, 1.0, c),
-                     rng.uniform(0.3, 3.0, c)]
+            stats = [
+                rng.uniform(0.5, 2.0, c),
+                rng.normal(0.3, 0.5, c),
+                rng.normal(0.5, 1.0, c),
+                rng.uniform(0.3, 3.0, c),
+            ]
             names = [f"{k}{i}" for k in ("scale", "bias", "mean", "var")]
             inits += [nh.from_array(v.astype(np.float32), n) for v, n in zip(stats, names)]
             nodes.append(h.make_node("Conv", [x, f"W{i}"], [f"c{i}"], name=f"conv{i}"))
@@ -220,8 +236,13 @@ def build_model(folder: Path, total_bytes: int, *, external: bool, blocks: int =
     finally:
         if data is not None:
             data.close()
-    g = h.make_graph(nodes, "big", [h.make_tensor_value_info("x", T.FLOAT, [1, c, 1, 1])],
-                     [h.make_tensor_value_info(x, T.FLOAT, [1, c, 1, 1])], inits)
+    g = h.make_graph(
+        nodes,
+        "big",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, c, 1, 1])],
+        [h.make_tensor_value_info(x, T.FLOAT, [1, c, 1, 1])],
+        inits,
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     path = folder / "model.onnx"
     path.write_bytes(m.SerializeToString())
@@ -246,8 +267,9 @@ def _jobs(src: Path, out: Path, layout: str) -> dict[str, list[str]]:
     }
 
 
-def _measure(jobs: dict[str, list[str]], out: Path, repeats: int, env: dict[str, str] | None,
-             cwd: Path | None) -> dict[str, TreePeak]:
+def _measure(
+    jobs: dict[str, list[str]], out: Path, repeats: int, env: dict[str, str] | None, cwd: Path | None
+) -> dict[str, TreePeak]:
     """Each job's run with the median tree peak, in interleaved rounds."""
     runs: dict[str, list[TreePeak]] = {k: [] for k in jobs}
     names = list(jobs)
@@ -264,13 +286,22 @@ def _measure(jobs: dict[str, list[str]], out: Path, repeats: int, env: dict[str,
 
 
 def main() -> None:
-    parser = make_parser("Peak RSS of bnfold inspect / fold against onnx.load + onnx.save", repeats=1, quick_repeats=1)
+    parser = make_parser(
+        "Peak RSS of bnfold inspect / fold against onnx.load + onnx.save", repeats=1, quick_repeats=1
+    )
     parser.add_argument("--gb", type=float, default=None, help="model size in GB (default 0.4; --quick 0.1)")
-    parser.add_argument("--layouts", default="external,inline",
-                        help="comma-separated: external (weights in a .data file), inline (in the .onnx file)")
+    parser.add_argument(
+        "--layouts",
+        default="external,inline",
+        help="comma-separated: external (weights in a .data file), inline (in the .onnx file)",
+    )
     parser.add_argument("--folder", default=None, help="where to build the models (default: a temp folder)")
-    parser.add_argument("--compare-with", default=None, metavar="REPO",
-                        help="also run the bnfold jobs from another checkout (e.g. an older commit), side by side")
+    parser.add_argument(
+        "--compare-with",
+        default=None,
+        metavar="REPO",
+        help="also run the bnfold jobs from another checkout (e.g. an older commit), side by side",
+    )
     args = parser.parse_args()
     gb = args.gb if args.gb is not None else (0.1 if args.quick else 0.4)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
@@ -295,7 +326,9 @@ def main() -> None:
                 jobs = {k: v for k, v in _jobs(src, out, layout).items() if k != "onnx load+save"}
                 env = {"PYTHONPATH": str(other)}
                 o_peak = _measure(jobs, out, repeats, env, other)
-                o_fixed = _measure({k: v for k, v in _jobs(tiny, out, layout).items() if k in jobs}, out, 1, env, other)
+                o_fixed = _measure(
+                    {k: v for k, v in _jobs(tiny, out, layout).items() if k in jobs}, out, 1, env, other
+                )
                 rows_from[f" ({other.name})"] = (o_peak, o_fixed)
             shutil.rmtree(out)
             floor, floor_fixed = peak["onnx load+save"].tree_rss, fixed["onnx load+save"].tree_rss
@@ -305,23 +338,47 @@ def main() -> None:
                     if suffix and name == "onnx load+save":
                         continue
                     target = TARGETS.get(name)
-                    rows.append([
-                        name + suffix, f"{t.tree_rss / GIB:.2f} GiB", f"{t.tree_rss / floor:.2f}x",
-                        f"{(t.tree_rss - f[name].tree_rss) / max(1, floor - floor_fixed):.2f}x",
-                        f"<= {target:.1f}x" if target else "",
-                        f"{t.hwm_sum / floor:.2f}x", f"{t.max_one / floor:.2f}x", str(t.processes),
-                        f"{f[name].tree_rss / MIB:.0f} MiB", f"{t.seconds:.1f} s",
-                    ])
+                    rows.append(
+                        [
+                            name + suffix,
+                            f"{t.tree_rss / GIB:.2f} GiB",
+                            f"{t.tree_rss / floor:.2f}x",
+                            f"{(t.tree_rss - f[name].tree_rss) / max(1, floor - floor_fixed):.2f}x",
+                            f"<= {target:.1f}x" if target else "",
+                            f"{t.hwm_sum / floor:.2f}x",
+                            f"{t.max_one / floor:.2f}x",
+                            str(t.processes),
+                            f"{f[name].tree_rss / MIB:.0f} MiB",
+                            f"{t.seconds:.1f} s",
+                        ]
+                    )
             size = sum(f.stat().st_size for f in src.parent.iterdir())
-            print(f"\nModel: {size / GIB:.2f} GiB of float32 weights, {layout} "
-                  f"({'a .data file' if layout == 'external' else 'inside the .onnx file'}; 4 Conv 1x1 -> BN "
-                  f"blocks), median of {repeats} run(s). Peak of each job's process tree: the sum of VmRSS "
-                  f"over the job and its children (onnxruntime's worker), sampled every 20 ms (a process whose "
-                  f"high-water mark rose since the last sample counts at that mark); 'sum of HWM' "
-                  f"adds each process's own peak (an upper bound); 'max one' is the largest single process "
-                  f"(wait4's ru_maxrss, the old figure)\n")
-            print(markdown_table(["job", "tree RSS", "vs load+save", "net vs load+save", "target",
-                                  "sum of HWM", "max one", "procs", "fixed cost", "wall"], rows))
+            print(
+                f"\nModel: {size / GIB:.2f} GiB of float32 weights, {layout} "
+                f"({'a .data file' if layout == 'external' else 'inside the .onnx file'}; 4 Conv 1x1 -> BN "
+                f"blocks), median of {repeats} run(s). Peak of each job's process tree: the sum of VmRSS "
+                f"over the job and its children (onnxruntime's worker), sampled every 20 ms (a process whose "
+                f"high-water mark rose since the last sample counts at that mark); 'sum of HWM' "
+                f"adds each process's own peak (an upper bound); 'max one' is the largest single process "
+                f"(wait4's ru_maxrss, the old figure)\n"
+            )
+            print(
+                markdown_table(
+                    [
+                        "job",
+                        "tree RSS",
+                        "vs load+save",
+                        "net vs load+save",
+                        "target",
+                        "sum of HWM",
+                        "max one",
+                        "procs",
+                        "fixed cost",
+                        "wall",
+                    ],
+                    rows,
+                )
+            )
             shutil.rmtree(src.parent)
             shutil.rmtree(tiny.parent)
     finally:

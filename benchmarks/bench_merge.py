@@ -60,8 +60,13 @@ class RepViTBlock(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
         self.mixer = reparam.RepVGGDW(c)
-        self.ffn = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.GELU(), nn.Conv2d(2 * c, c, 1),
-                                 nn.BatchNorm2d(c))
+        self.ffn = nn.Sequential(
+            nn.Conv2d(c, 2 * c, 1),
+            nn.BatchNorm2d(2 * c),
+            nn.GELU(),
+            nn.Conv2d(2 * c, c, 1),
+            nn.BatchNorm2d(c),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mixer(x)
@@ -95,8 +100,13 @@ def mobileone_s0() -> Net:
 
 
 def repvit() -> Net:
-    stem = nn.Sequential(nn.Conv2d(3, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.GELU(), nn.Conv2d(48, 48, 3, 2, 1),
-                         nn.BatchNorm2d(48))
+    stem = nn.Sequential(
+        nn.Conv2d(3, 48, 3, 2, 1),
+        nn.BatchNorm2d(48),
+        nn.GELU(),
+        nn.Conv2d(48, 48, 3, 2, 1),
+        nn.BatchNorm2d(48),
+    )
     return Net(stem, *[RepViTBlock(48) for _ in range(4)])
 
 
@@ -105,8 +115,16 @@ NETS = {"RepVGG-A (small)": repvgg_a, "MobileOne-S0 (small)": mobileone_s0, "Rep
 
 def export(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"],
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
+    torch.onnx.export(
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        input_names=["x"],
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -130,8 +148,13 @@ def signature(m: onnx.ModelProto) -> list[str]:
     """Ops with their attributes and constant input shapes, order-free (names and values ignored)."""
     inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
     return sorted(
-        repr((n.op_type, sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute),
-              [inits.get(i) for i in n.input]))
+        repr(
+            (
+                n.op_type,
+                sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute),
+                [inits.get(i) for i in n.input],
+            )
+        )
         for n in m.graph.node
     )
 
@@ -163,9 +186,13 @@ def main() -> None:
         hand_net.reparameterize()
         hand = export(hand_net, x)
         feeds = {"x": x.numpy()}
-        sessions = {k: session(m, a.threads) for k, m in (("train", train), ("bnfold", merged), ("hand", hand))}
+        sessions = {
+            k: session(m, a.threads) for k, m in (("train", train), ("bnfold", merged), ("hand", hand))
+        }
         outs = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
-        err = float(np.max(np.abs(outs["bnfold"] - outs["train"])) / max(1.0, float(np.max(np.abs(outs["train"])))))
+        err = float(
+            np.max(np.abs(outs["bnfold"] - outs["train"])) / max(1.0, float(np.max(np.abs(outs["train"]))))
+        )
         times: dict[str, list[float]] = {k: [] for k in sessions}
         eager: dict[str, list[float]] = {"train": [], "hand": []}
         with torch.no_grad():
@@ -191,12 +218,17 @@ def main() -> None:
             f"| {name} | {ct} / {cb} / {ch} | {bn} | {med['train']:.3f} | {med['bnfold']:.3f} | {med['hand']:.3f} | "
             f"{med['bnfold'] / med['hand']:.3f} | {same} | {emed['train']:.3f} | {emed['hand']:.3f} | {err:.1e} |"
         )
-    lines += ["", "RepViT: the hand-written merge (the block's own) leaves the BNs of the channel mixer; bnfold folds "
-              "them too, so its graph is smaller than the hand-merged one."]
+    lines += [
+        "",
+        "RepViT: the hand-written merge (the block's own) leaves the BNs of the channel mixer; bnfold folds "
+        "them too, so its graph is smaller than the hand-merged one.",
+    ]
     text = "\n".join(lines)
     print(text)
     if a.out:
-        a.out.write_text("# Branch merging: latency before / after / hand-merged\n\n" + text + "\n", encoding="utf-8")
+        a.out.write_text(
+            "# Branch merging: latency before / after / hand-merged\n\n" + text + "\n", encoding="utf-8"
+        )
 
 
 if __name__ == "__main__":

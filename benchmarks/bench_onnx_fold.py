@@ -104,8 +104,9 @@ def run_job(job: str, src: Path, dst: Path) -> dict[str, float]:
     code = _WRAP.format(imports_and_job=JOBS[job])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True, env=env, check=True
+    )
     wall = time.perf_counter() - t0
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     return {"job_s": rec["job_s"], "wall_s": wall, "maxrss_mb": rec["maxrss_kb"] / 1024}
@@ -122,9 +123,17 @@ def build_resnet50(path: Path, quick: bool) -> None:
     torch.manual_seed(0)
     model = randomize_bn(resnet50(num_classes=1000, **({"width": 16} if quick else {})), 0).eval()
     x = torch.randn(1, 3, 224, 224)
-    torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17,
-                      input_names=["input"], output_names=["logits"])
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+    )
     m = onnx.load(path)
     n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
     assert n_bn == 53, f"expected 53 BN, got {n_bn}"
@@ -141,13 +150,25 @@ def chain_model(pairs: int):  # type: ignore[no-untyped-def]
         inits.append(numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), f"w{i}"))
         nodes.append(helper.make_node("Conv", [cur, f"w{i}"], [f"t{i}"], name=f"conv{i}"))
         names = [f"bn{i}.{k}" for k in "gbmv"]
-        for n, v in zip(names, (rng.uniform(0.5, 1.5, 4), rng.uniform(-0.5, 0.5, 4), rng.uniform(-0.5, 0.5, 4),
-                                rng.uniform(0.3, 2.0, 4))):
+        for n, v in zip(
+            names,
+            (
+                rng.uniform(0.5, 1.5, 4),
+                rng.uniform(-0.5, 0.5, 4),
+                rng.uniform(-0.5, 0.5, 4),
+                rng.uniform(0.3, 2.0, 4),
+            ),
+        ):
             inits.append(numpy_helper.from_array(v.astype(np.float32), n))
         cur = f"y{i}"
         nodes.append(helper.make_node("BatchNormalization", [f"t{i}", *names], [cur], name=f"bn{i}"))
-    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                          [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    g = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -232,8 +253,10 @@ def main() -> None:
         if args.model is None:
             t0 = time.perf_counter()
             build_resnet50(src, args.quick)
-            print(f"exported ResNet-50{' (narrow)' if args.quick else ''} in {time.perf_counter() - t0:.1f}s: "
-                  f"{src.stat().st_size / 1e6:.1f} MB")
+            print(
+                f"exported ResNet-50{' (narrow)' if args.quick else ''} in {time.perf_counter() - t0:.1f}s: "
+                f"{src.stat().st_size / 1e6:.1f} MB"
+            )
         dst = Path(tmp) / "out.onnx"
 
         # The fold alone, in memory.
@@ -243,8 +266,10 @@ def main() -> None:
 
         _, rep = fold_model(onnx.load_from_string(data), inplace=True)
         t_copy = med.pop("copy")
-        print(f"fold in memory ({rep.folded}/{rep.bn_before} BN folded), medians of {repeats} interleaved runs; "
-              f"floor: plain copy of the weights it rewrites {t_copy * 1e3:.1f} ms")
+        print(
+            f"fold in memory ({rep.folded}/{rep.bn_before} BN folded), medians of {repeats} interleaved runs; "
+            f"floor: plain copy of the weights it rewrites {t_copy * 1e3:.1f} ms"
+        )
         for k, t in med.items():
             print(f"  {k:<22}{t * 1e3:>8.1f} ms  x floor {t / t_copy:5.2f}")
         if args.fold_only:
@@ -263,17 +288,23 @@ def main() -> None:
                     res.pop(j)
         med = {j: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for j, rs in res.items() if rs}
         floor = med["floor"]
-        print(f"\n{'job':<12}{'job s':>9}{'x floor':>9}{'process s':>11}{'x floor':>9}{'peak MB':>9}{'x floor':>9}")
+        print(
+            f"\n{'job':<12}{'job s':>9}{'x floor':>9}{'process s':>11}{'x floor':>9}{'peak MB':>9}{'x floor':>9}"
+        )
         for j, r in med.items():
-            print(f"{j:<12}{r['job_s']:>9.3f}{r['job_s'] / floor['job_s']:>9.2f}{r['wall_s']:>11.3f}"
-                  f"{r['wall_s'] / floor['wall_s']:>9.2f}{r['maxrss_mb']:>9.0f}{r['maxrss_mb'] / floor['maxrss_mb']:>9.2f}")
+            print(
+                f"{j:<12}{r['job_s']:>9.3f}{r['job_s'] / floor['job_s']:>9.2f}{r['wall_s']:>11.3f}"
+                f"{r['wall_s'] / floor['wall_s']:>9.2f}{r['maxrss_mb']:>9.0f}{r['maxrss_mb'] / floor['maxrss_mb']:>9.2f}"
+            )
 
         # Linearity.
         small, big = (60, 600) if args.quick else (600, 6000)
         t_small = time_fold(lambda: chain_model(small), repeats)
         t_big = time_fold(lambda: chain_model(big), repeats)
-        print(f"\nchain fold: {small} pairs {t_small * 1e3:.1f} ms, {big} pairs {t_big * 1e3:.1f} ms, "
-              f"ratio {t_big / t_small:.1f} (10 = linear)")
+        print(
+            f"\nchain fold: {small} pairs {t_small * 1e3:.1f} ms, {big} pairs {t_big * 1e3:.1f} ms, "
+            f"ratio {t_big / t_small:.1f} (10 = linear)"
+        )
 
 
 if __name__ == "__main__":

@@ -40,18 +40,23 @@ from common import REPO_ROOT, ensure_repo_on_path, env_summary, make_parser, mar
 ensure_repo_on_path()
 
 _FLOOR_INLINE = "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
-_FLOOR_EXTERNAL = ("import onnx, os, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2], save_as_external_data=True, "
-                   "location=os.path.basename(sys.argv[2]) + '.data')")
+_FLOOR_EXTERNAL = (
+    "import onnx, os, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2], save_as_external_data=True, "
+    "location=os.path.basename(sys.argv[2]) + '.data')"
+)
 
 
-_API = ("import sys; from bnfold import io; from bnfold.onnx import fold_model; "
-        "loaded = io.load_file(sys.argv[1], lazy_external_data=True); m = fold_model(loaded.model, inplace=True)[0]; "
-        "io.save(m, sys.argv[2], external_data=bool(loaded.data_files) or None)")
+_API = (
+    "import sys; from bnfold import io; from bnfold.onnx import fold_model; "
+    "loaded = io.load_file(sys.argv[1], lazy_external_data=True); m = fold_model(loaded.model, inplace=True)[0]; "
+    "io.save(m, sys.argv[2], external_data=bool(loaded.data_files) or None)"
+)
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
-                                                         if p))
+    return dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    )
 
 
 def _clear(folder: Path, keep: set[str]) -> None:
@@ -72,7 +77,9 @@ def _commands(src: Path, dst: Path, external: bool) -> dict[str, list[str]]:
     }
 
 
-def time_processes(commands: dict[str, list[str]], folder: Path, keep: set[str], repeats: int) -> dict[str, float]:
+def time_processes(
+    commands: dict[str, list[str]], folder: Path, keep: set[str], repeats: int
+) -> dict[str, float]:
     """Median wall time of each command, in fresh processes, interleaved with a rotating order."""
     names = list(commands)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -81,7 +88,7 @@ def time_processes(commands: dict[str, list[str]], folder: Path, keep: set[str],
         subprocess.run(commands[n], env=env, check=True, capture_output=True)
         _clear(folder, keep)
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
             subprocess.run(commands[n], env=env, check=True, capture_output=True)
@@ -121,20 +128,26 @@ print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 def stage_breakdown(src: Path, dst: Path, external: bool, repeats: int) -> dict[str, float]:
     """Medians of each stage inside one process (imports done): the floor's load and save, and
     bnfold's load (checks included), fold and streamed save, alternated in each round."""
-    out = subprocess.run([sys.executable, "-c", _STAGES, str(src), str(dst), "1" if external else "0",
-                          str(repeats)], env=_env(), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _STAGES, str(src), str(dst), "1" if external else "0", str(repeats)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def import_breakdown(command: list[str]) -> list[tuple[str, float]]:
     """Cumulative import time (s) of each top-level package the process imports (``-X importtime``)."""
-    out = subprocess.run([command[0], "-X", "importtime", *command[1:]], env=_env(), capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [command[0], "-X", "importtime", *command[1:]], env=_env(), capture_output=True, text=True, check=True
+    )
     totals: dict[str, float] = {}
     for line in out.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
-        _, cumulative, name = (part.strip() for part in line[len("import time:"):].split("|"))
+        _, cumulative, name = (part.strip() for part in line[len("import time:") :].split("|"))
         if not cumulative.isdigit():
             continue
         # top level = no leading spaces in the name column (importtime indents nested imports)
@@ -162,21 +175,31 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             build_resnet50(inline, args.quick)
-            print(f"exported ResNet-50{' (narrow)' if args.quick else ''} in {time.perf_counter() - t0:.1f} s")
+            print(
+                f"exported ResNet-50{' (narrow)' if args.quick else ''} in {time.perf_counter() - t0:.1f} s"
+            )
         external = folder / "resnet50_ext.onnx"
-        onnx.save(onnx.load(str(inline)), str(external), save_as_external_data=True,
-                  location="resnet50_ext.onnx.data")
+        onnx.save(
+            onnx.load(str(inline)),
+            str(external),
+            save_as_external_data=True,
+            location="resnet50_ext.onnx.data",
+        )
         keep = {p.name for p in folder.iterdir()}
-        print(f"inline {inline.stat().st_size / 1e6:.1f} MB; external data {external.stat().st_size / 1e3:.0f} kB "
-              f"+ {(folder / 'resnet50_ext.onnx.data').stat().st_size / 1e6:.1f} MB; {args.repeats} rounds\n")
+        print(
+            f"inline {inline.stat().st_size / 1e6:.1f} MB; external data {external.stat().st_size / 1e3:.0f} kB "
+            f"+ {(folder / 'resnet50_ext.onnx.data').stat().st_size / 1e6:.1f} MB; {args.repeats} rounds\n"
+        )
         rows = []
         for label, src, ext in (("inline", inline, False), ("external data", external, True)):
             med = time_processes(_commands(src, folder / "out.onnx", ext), folder, keep, args.repeats)
             floor = med["floor"]
             for name, t in med.items():
                 rows.append([label, name, f"{t:.3f}", f"{t / floor:.2f}"])
-            print(f"{label}: bnfold / floor = {med['bnfold'] / floor:.2f} (target <= 1.2); "
-                  f"import bnfold.cli {med['import bnfold.cli']:.3f} s, import onnx {med['import onnx']:.3f} s")
+            print(
+                f"{label}: bnfold / floor = {med['bnfold'] / floor:.2f} (target <= 1.2); "
+                f"import bnfold.cli {med['import bnfold.cli']:.3f} s, import onnx {med['import onnx']:.3f} s"
+            )
         print()
         print(markdown_table(["variant", "process", "median s", "x floor"], rows))
         if args.breakdown:
@@ -184,11 +207,26 @@ def main() -> None:
             stage_rows = []
             for label, src, ext in (("inline", inline, False), ("external data", external, True)):
                 st = stage_breakdown(src, folder / "out.onnx", ext, args.repeats)
-                floor_s, ours = st["onnx.load"] + st["onnx.save"], st["io.load_file"] + st["fold_model"] + st["io.save"]
+                floor_s, ours = (
+                    st["onnx.load"] + st["onnx.save"],
+                    st["io.load_file"] + st["fold_model"] + st["io.save"],
+                )
                 stage_rows.append([label, *(f"{st[k]:.3f}" for k in st), f"{ours / floor_s:.2f}"])
                 _clear(folder, keep)
-            print(markdown_table(["variant", "onnx.load", "onnx.save", "io.load_file", "fold_model", "io.save",
-                                  "bnfold / floor"], stage_rows))
+            print(
+                markdown_table(
+                    [
+                        "variant",
+                        "onnx.load",
+                        "onnx.save",
+                        "io.load_file",
+                        "fold_model",
+                        "io.save",
+                        "bnfold / floor",
+                    ],
+                    stage_rows,
+                )
+            )
             cmd = _commands(inline, folder / "out.onnx", False)["bnfold"]
             print("\nimports of the fold process (cumulative s, top-level packages):")
             print(markdown_table(["package", "s"], [[k, f"{v:.3f}"] for k, v in import_breakdown(cmd)]))

@@ -47,7 +47,9 @@ from models import propagate as nets  # noqa: E402
 
 def export(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"], opset_version=17)
+    torch.onnx.export(
+        model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"], opset_version=17
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -93,22 +95,54 @@ def main() -> None:
         off, _ = fold_model(m, propagate=False)
         on, rep = fold_model(m)
         feeds = {"x": x.numpy()}
-        sess = {k: ort.InferenceSession(v.SerializeToString(), ort_options(args.threads, optimize=True),
-                                        providers=["CPUExecutionProvider"])
-                for k, v in {"original": m, "off": off, "on": on, "floor": floor}.items()}
+        sess = {
+            k: ort.InferenceSession(
+                v.SerializeToString(),
+                ort_options(args.threads, optimize=True),
+                providers=["CPUExecutionProvider"],
+            )
+            for k, v in {"original": m, "off": off, "on": on, "floor": floor}.items()
+        }
         ref = sess["original"].run(None, feeds)[0]
         got = sess["on"].run(None, feeds)[0]
         err = float(np.max(np.abs(ref - got)) / max(1.0, float(np.max(np.abs(ref)))))
         number = 5 if args.quick else 20
-        t = time_interleaved({k: (lambda s=s, f=feeds: s.run(None, f)) for k, s in sess.items()},
-                             repeats=args.repeats, warmup=args.warmup, number=number)
+        t = time_interleaved(
+            {k: (lambda s=s, f=feeds: s.run(None, f)) for k, s in sess.items()},
+            repeats=args.repeats,
+            warmup=args.warmup,
+            number=number,
+        )
         fl = t["floor"].median
-        rows.append([name, fmt_ratio(t["original"].median, fl), fmt_ratio(t["off"].median, fl),
-                     fmt_ratio(t["on"].median, fl), counts(m), counts(off), counts(on), counts(floor), f"{err:.1e}"])
-    print(markdown_table(
-        ["net", "original / floor", "fold, no propagation / floor", "fold + propagation / floor",
-         "BN/Mul/Add original", "BN/Mul/Add no propagation", "BN/Mul/Add propagation", "BN/Mul/Add floor",
-         "max rel. error"], rows))
+        rows.append(
+            [
+                name,
+                fmt_ratio(t["original"].median, fl),
+                fmt_ratio(t["off"].median, fl),
+                fmt_ratio(t["on"].median, fl),
+                counts(m),
+                counts(off),
+                counts(on),
+                counts(floor),
+                f"{err:.1e}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "net",
+                "original / floor",
+                "fold, no propagation / floor",
+                "fold + propagation / floor",
+                "BN/Mul/Add original",
+                "BN/Mul/Add no propagation",
+                "BN/Mul/Add propagation",
+                "BN/Mul/Add floor",
+                "max rel. error",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def weighted_layers(model: Any) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def run_quantised(model: Any, x: Any, layers: list[str], per_channel: bool | None,
-                  tap: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def run_quantised(
+    model: Any, x: Any, layers: list[str], per_channel: bool | None, tap: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The model's output with the weights of ``layers`` fake-quantised (restored afterwards), and the
     output of layer ``tap`` in that run (None without ``tap``)."""
     import torch
@@ -65,7 +66,8 @@ def run_quantised(model: Any, x: Any, layers: list[str], per_channel: bool | Non
     hook = None
     if tap is not None:
         hook = model.get_submodule(tap).register_forward_hook(
-            lambda _m, _i, o: seen.append(o.detach().double().numpy()))
+            lambda _m, _i, o: seen.append(o.detach().double().numpy())
+        )
     with torch.no_grad():
         for name in layers:
             w = model.get_submodule(name).weight
@@ -127,8 +129,11 @@ def study(name: str, tiny: bool) -> dict[str, Any]:
     for layer in layers:
         q = quant.get(layer)
         _, lref = run_quantised(folded, x, [], None, layer)
-        row: dict[str, Any] = {"layer": layer, "flagged": bool(q and q.flagged),
-                               "bits_lost": q.bits_lost if q else float("nan")}
+        row: dict[str, Any] = {
+            "layer": layer,
+            "flagged": bool(q and q.flagged),
+            "bits_lost": q.bits_lost if q else float("nan"),
+        }
         for mode, pc in (("tensor", False), ("channel", True)):
             y, ly = run_quantised(folded, x, [layer], pc, layer)
             assert lref is not None and ly is not None
@@ -140,8 +145,13 @@ def study(name: str, tiny: bool) -> dict[str, Any]:
         y, _ = run_quantised(folded, x, layers, pc)
         whole[mode] = rel_err(y, ref)
         whole[mode + "_top1"] = float(np.mean(y.argmax(1) == ref.argmax(1)))
-    return {"name": name + ("" if tiny else " (healthy)"), "per_layer": per_layer, "whole": whole,
-            "flagged": [q.layer for q in rep.health.quant_flagged], "audited": len(quant)}
+    return {
+        "name": name + ("" if tiny else " (healthy)"),
+        "per_layer": per_layer,
+        "whole": whole,
+        "flagged": [q.layer for q in rep.health.quant_flagged],
+        "audited": len(quant),
+    }
 
 
 def pct(v: float) -> str:
@@ -156,28 +166,57 @@ def report(results: list[dict[str, Any]]) -> str:
         clean = [p for p in r["per_layer"] if not p["flagged"]]
         keys = ("layer_tensor", "layer_channel", "tensor", "channel")
         for p in flagged:
-            rows.append([r["name"], f"flagged: {p['layer']}", f"{p['bits_lost']:.1f}", *(pct(p[k]) for k in keys)])
+            rows.append(
+                [r["name"], f"flagged: {p['layer']}", f"{p['bits_lost']:.1f}", *(pct(p[k]) for k in keys)]
+            )
         if clean:
             bits = np.array([p["bits_lost"] for p in clean])
             bits = bits[np.isfinite(bits)]
             for how, f in (("median", np.median), ("worst", np.max)):
-                rows.append([r["name"], f"unflagged, {how} of {len(clean)}",
-                             f"{f(bits):.1f}" if bits.size else "-",
-                             *(pct(float(f(np.array([p[k] for p in clean])))) for k in keys)])
+                rows.append(
+                    [
+                        r["name"],
+                        f"unflagged, {how} of {len(clean)}",
+                        f"{f(bits):.1f}" if bits.size else "-",
+                        *(pct(float(f(np.array([p[k] for p in clean])))) for k in keys),
+                    ]
+                )
         w = r["whole"]
         rows.append([r["name"], "every layer", "", "", "", pct(w["tensor"]), pct(w["channel"])])
-        rows.append([r["name"], "every layer: top-1 = float", "", "", "",
-                     pct(w["tensor_top1"]), pct(w["channel_top1"])])
-    out.append(markdown_table(
-        ["model", "weights int8-quantised", "bits lost (audit)", "layer out, per-tensor",
-         "layer out, per-channel", "model out, per-tensor", "model out, per-channel"],
-        rows, align="llrrrrr"))
+        rows.append(
+            [
+                r["name"],
+                "every layer: top-1 = float",
+                "",
+                "",
+                "",
+                pct(w["tensor_top1"]),
+                pct(w["channel_top1"]),
+            ]
+        )
+    out.append(
+        markdown_table(
+            [
+                "model",
+                "weights int8-quantised",
+                "bits lost (audit)",
+                "layer out, per-tensor",
+                "layer out, per-channel",
+                "model out, per-tensor",
+                "model out, per-channel",
+            ],
+            rows,
+            align="llrrrrr",
+        )
+    )
     out.append("")
-    out.append("layer out: the quantised layer's own output (float input), median over its output channels of "
-               "||y_c,q - y_c|| / ||y_c||. model out: ||y_q - y|| / ||y|| of the network's output. Both against "
-               "the folded model in float. 'flagged'/'unflagged' rows quantise one layer at a time (medians and "
-               "worst over the unflagged layers; the Linear classifier has no BN and no audit figure); "
-               "'every layer' quantises all of them.")
+    out.append(
+        "layer out: the quantised layer's own output (float input), median over its output channels of "
+        "||y_c,q - y_c|| / ||y_c||. model out: ||y_q - y|| / ||y|| of the network's output. Both against "
+        "the folded model in float. 'flagged'/'unflagged' rows quantise one layer at a time (medians and "
+        "worst over the unflagged layers; the Linear classifier has no BN and no audit figure); "
+        "'every layer' quantises all of them."
+    )
     return "\n".join(out)
 
 
@@ -193,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results)
     print(text)
     if not args.no_write and not args.quick:
-        RESULTS.write_text("# Quantisation audit: per-tensor vs per-channel int8 after folding\n\n"
-                           "`python benchmarks/bench_quant_audit.py`\n\n" + text + "\n", encoding="utf-8")
+        RESULTS.write_text(
+            "# Quantisation audit: per-tensor vs per-channel int8 after folding\n\n"
+            "`python benchmarks/bench_quant_audit.py`\n\n" + text + "\n",
+            encoding="utf-8",
+        )
         print(f"\nwritten: {RESULTS}")
     return 0
 

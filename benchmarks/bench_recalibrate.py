@@ -86,8 +86,11 @@ def acc_onnx(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def bn_stats(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
-            if t.name.endswith(("running_mean", "running_var"))}
+    return {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(path)).graph.initializer
+        if t.name.endswith(("running_mean", "running_var"))
+    }
 
 
 def main() -> None:
@@ -103,44 +106,88 @@ def main() -> None:
     model = train(x_tr, y_tr, epochs)
     tmp = Path(tempfile.mkdtemp(prefix="bench-recal-"))
     src = tmp / "m.onnx"
-    torch.onnx.export(model, (x_te[:2],), str(src), input_names=["x"], dynamic_axes={"x": {0: "N"}},
-                      dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    torch.onnx.export(
+        model,
+        (x_te[:2],),
+        str(src),
+        input_names=["x"],
+        dynamic_axes={"x": {0: "N"}},
+        dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
+    )
     rows = []
     worst = 0.0
     for name, shift in SHIFTS.items():
         g = torch.Generator().manual_seed(3)
         xs = shift(x_te, g).float()
         perm = torch.randperm(len(xs), generator=g)
-        cal, test = perm[: len(xs) // 2], perm[len(xs) // 2:]
+        cal, test = perm[: len(xs) // 2], perm[len(xs) // 2 :]
         np.savez(tmp / "cal.npz", x=xs[cal].numpy())
         recal = bnfold.recalibrate(model, list(xs[cal].split(50)))
         for up in ("batch", "new"):
-            recalibrate_file(src, tmp / f"{up}.onnx", RecalibrateSettings(data=tmp / "cal.npz", batch_size=50,
-                                                                          upstream=up))
-        ref = {f"{n}.running_mean": m.running_mean.numpy() for n, m in recal.named_modules()
-               if isinstance(m, nn.BatchNorm2d)}
-        ref.update({f"{n}.running_var": m.running_var.numpy() for n, m in recal.named_modules()
-                    if isinstance(m, nn.BatchNorm2d)})
+            recalibrate_file(
+                src, tmp / f"{up}.onnx", RecalibrateSettings(data=tmp / "cal.npz", batch_size=50, upstream=up)
+            )
+        ref = {
+            f"{n}.running_mean": m.running_mean.numpy()
+            for n, m in recal.named_modules()
+            if isinstance(m, nn.BatchNorm2d)
+        }
+        ref.update(
+            {
+                f"{n}.running_var": m.running_var.numpy()
+                for n, m in recal.named_modules()
+                if isinstance(m, nn.BatchNorm2d)
+            }
+        )
         got = bn_stats(tmp / "batch.onnx")
         common = sorted(set(ref) & set(got))
         diff = max(float(np.max(np.abs(got[k] - ref[k]) / (np.abs(ref[k]) + 1e-3))) for k in common)
         worst = max(worst, diff)
-        rows.append([name, f"{acc_torch(model, xs[test], y_te[test]):.3f}",
-                     f"{acc_torch(recal, xs[test], y_te[test]):.3f}",
-                     f"{acc_onnx(tmp / 'batch.onnx', xs[test], y_te[test]):.3f}",
-                     f"{acc_onnx(tmp / 'new.onnx', xs[test], y_te[test]):.3f}", f"{diff:.1e} ({len(common)})"])
-    print(markdown_table(["data", "original", "PyTorch recalibrate", "ONNX --upstream batch", "ONNX --upstream new",
-                          "max rel. diff ONNX batch vs PyTorch (stats)"], rows))
+        rows.append(
+            [
+                name,
+                f"{acc_torch(model, xs[test], y_te[test]):.3f}",
+                f"{acc_torch(recal, xs[test], y_te[test]):.3f}",
+                f"{acc_onnx(tmp / 'batch.onnx', xs[test], y_te[test]):.3f}",
+                f"{acc_onnx(tmp / 'new.onnx', xs[test], y_te[test]):.3f}",
+                f"{diff:.1e} ({len(common)})",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "data",
+                "original",
+                "PyTorch recalibrate",
+                "ONNX --upstream batch",
+                "ONNX --upstream new",
+                "max rel. diff ONNX batch vs PyTorch (stats)",
+            ],
+            rows,
+        )
+    )
     # memory: the ONNX job in a fresh process, on 1x and 10x the data (same batch size)
-    code = ("import sys; from bnfold.files.recalibrate import RecalibrateSettings, recalibrate_file; "
-            "recalibrate_file(sys.argv[1], sys.argv[2], RecalibrateSettings(data=sys.argv[3], batch_size=50))")
+    code = (
+        "import sys; from bnfold.files.recalibrate import RecalibrateSettings, recalibrate_file; "
+        "recalibrate_file(sys.argv[1], sys.argv[2], RecalibrateSettings(data=sys.argv[3], batch_size=50))"
+    )
     mem = []
     base = np.load(tmp / "cal.npz")["x"]
     for k in (1, 10):
         np.savez(tmp / f"d{k}.npz", x=np.concatenate([base] * k))
-        r = run_job([sys.executable, "-c", code, str(src), str(tmp / f"m{k}.onnx"), str(tmp / f"d{k}.npz")]).check()
-        mem.append([f"{k}x", fmt_bytes((tmp / f"d{k}.npz").stat().st_size), fmt_bytes(r.peak_rss),
-                    f"{r.seconds:.1f} s"])
+        r = run_job(
+            [sys.executable, "-c", code, str(src), str(tmp / f"m{k}.onnx"), str(tmp / f"d{k}.npz")]
+        ).check()
+        mem.append(
+            [
+                f"{k}x",
+                fmt_bytes((tmp / f"d{k}.npz").stat().st_size),
+                fmt_bytes(r.peak_rss),
+                f"{r.seconds:.1f} s",
+            ]
+        )
     print(markdown_table(["data", "data size", "peak RSS (ONNX job)", "time"], mem))
     print(f"worst relative difference, ONNX --upstream batch vs PyTorch statistics: {worst:.1e}")
     if args.json:

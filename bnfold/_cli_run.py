@@ -32,13 +32,27 @@ from ._json import finite_json
 from ._render import clean, error_document, json_document, make_console
 from .errors import BnfoldError, OptionError, with_context
 
-__all__ = ["Group", "STATE", "COMMANDS", "guarded", "fail", "progress_bar", "json_guard", "show", "emit_json",
-           "check_common", "tolerances", "split_names", "one_output"]
+__all__ = [
+    "Group",
+    "STATE",
+    "COMMANDS",
+    "guarded",
+    "fail",
+    "progress_bar",
+    "json_guard",
+    "show",
+    "emit_json",
+    "check_common",
+    "tolerances",
+    "split_names",
+    "one_output",
+]
 
 # typer vendors its own copy of click: its exceptions are the ones raised (not the `click` package's).
 click: Any = getattr(_typer_core, "_click")  # noqa: B009
 
 COMMANDS = ("fold", "inspect", "verify", "freeze", "bench")
+
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM / SIGHUP: unwinds like Ctrl-C (temporary files are removed on the way out)."""
@@ -84,16 +98,26 @@ class Group(TyperGroup):
         argv = _globals_after_command(list(sys.argv[1:] if args is None else args))
         try:
             with _signals(), _pipe_guard():
-                rv = super().main(args=argv, prog_name=prog_name or "bnfold", complete_var=complete_var,
-                                  standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+                rv = super().main(
+                    args=argv,
+                    prog_name=prog_name or "bnfold",
+                    complete_var=complete_var,
+                    standalone_mode=False,
+                    windows_expand_args=windows_expand_args,
+                    **extra,
+                )
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.ctx.get_help())
             sys.exit(2)
         except click.ClickException as e:
             command = next((a for a in argv if a in COMMANDS), "bnfold")
             hint = f" (see bnfold {command if command != 'bnfold' else ''} --help)".replace("  ", " ")
-            _usage_fail(command, clean(plain_usage(e.format_message(), argv)) + hint, e.exit_code,
-                        json_mode="--json" in argv)
+            _usage_fail(
+                command,
+                clean(plain_usage(e.format_message(), argv)) + hint,
+                e.exit_code,
+                json_mode="--json" in argv,
+            )
         except typer.Abort:
             sys.stderr.write("bnfold: interrupted\n")
             sys.exit(130)
@@ -152,7 +176,7 @@ def _globals_after_command(argv: list[str]) -> list[str]:
     before = [a for a in argv[:at] if a in _GLOBAL_FLAGS]
     if not before:
         return argv
-    return [a for a in argv[:at] if a not in _GLOBAL_FLAGS] + [argv[at], *before] + argv[at + 1:]
+    return [a for a in argv[:at] if a not in _GLOBAL_FLAGS] + [argv[at], *before] + argv[at + 1 :]
 
 
 PIPE_CLOSED = 128 + 13
@@ -301,7 +325,8 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         fail(
             f"{where}: {type(e).__name__}{': ' + msg if msg else ''} (run with --debug for the traceback)",
-            2, type(e).__name__,
+            2,
+            type(e).__name__,
         )
     finally:
         logging.disable(previous)
@@ -313,8 +338,16 @@ def emit_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def show(command: str, result: Any, json_out: bool, quiet: bool, render: Callable[[Any], None],
-          *, exit_code: int = 0, **files: Any) -> None:
+def show(
+    command: str,
+    result: Any,
+    json_out: bool,
+    quiet: bool,
+    render: Callable[[Any], None],
+    *,
+    exit_code: int = 0,
+    **files: Any,
+) -> None:
     """The one way a command reports: one JSON document on stdout, or the rendering, or nothing."""
     if json_out:
         emit_json(json_document(command, result, exit_code=exit_code, **files))
@@ -347,5 +380,3 @@ def one_output(positional: Path | None, option: Path | None) -> Path:
     if out is None:
         raise OptionError("missing OUT: give it as the second argument or with -o/--output")
     return out
-
-

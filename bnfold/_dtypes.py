@@ -20,7 +20,16 @@ import numpy.typing as npt
 
 from .fold_math.cast import is_bfloat16  # the pure NumPy test lives with the fold math (no cycle)
 
-__all__ = ["bfloat16", "is_bfloat16", "is_floating", "numpy_dtype", "to_numpy", "from_numpy", "to_float64", "from_float64"]
+__all__ = [
+    "bfloat16",
+    "is_bfloat16",
+    "is_floating",
+    "numpy_dtype",
+    "to_numpy",
+    "from_numpy",
+    "to_float64",
+    "from_float64",
+]
 
 
 def bfloat16() -> np.dtype[Any]:

@@ -122,7 +122,9 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise OptionError(f"--input-shape {spec!r}: expected name=1x3x224x224")
         parts = [p.strip() for p in re.split(r"[x,]", dims.strip())] if dims.strip() else []
         if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise OptionError(f"--input-shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224")
+            raise OptionError(
+                f"--input-shape {spec!r}: dimensions must be positive integers, e.g. name=1x3x224x224"
+            )
         if name in out:
             raise OptionError(f"--input-shape {spec!r}: input {name!r} given twice")
         out[name] = tuple(int(p) for p in parts)
@@ -155,7 +157,9 @@ def resolve_shapes(
     names = {s.name for s in specs}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise OptionError(f"--input-shape: given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
+        raise OptionError(
+            f"--input-shape: given for unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})"
+        )
     symbols: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for s in specs:  # pass 1: user overrides bind symbols
@@ -163,7 +167,9 @@ def resolve_shapes(
             continue
         shape = tuple(int(d) for d in overrides[s.name])
         if len(shape) != len(s.dims):
-            raise OptionError(f"--input-shape: {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+            raise OptionError(
+                f"--input-shape: {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}"
+            )
         for i, (want, got) in enumerate(zip(s.dims, shape)):
             if isinstance(want, int) and want > 0 and want != got:
                 raise OptionError(
@@ -211,8 +217,6 @@ def random_inputs(
     return out
 
 
-
-
 def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
     names = [s.name for s in specs]
     missing = [n for n in names if n not in sample]
@@ -232,10 +236,14 @@ def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: 
             else:
                 raise OptionError(f"{where}: input {s.name!r} is {a.dtype}, the model expects {s.dtype}")
         if a.ndim != len(s.dims):
-            raise OptionError(f"{where}: input {s.name!r} has rank {a.ndim}, the model expects rank {len(s.dims)}")
+            raise OptionError(
+                f"{where}: input {s.name!r} has rank {a.ndim}, the model expects rank {len(s.dims)}"
+            )
         for i, (want, got) in enumerate(zip(s.dims, a.shape)):
             if isinstance(want, int) and want > 0 and want != got:
-                raise OptionError(f"{where}: input {s.name!r} dimension {i} is {got}, the model fixes it to {want}")
+                raise OptionError(
+                    f"{where}: input {s.name!r} dimension {i} is {got}, the model fixes it to {want}"
+                )
         out[s.name] = a
     return out
 
@@ -256,10 +264,14 @@ def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.nd
             if s is None:
                 return  # _check_sample names it
             if len(shape) != len(s.dims):
-                raise OptionError(f"{path}: input {name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+                raise OptionError(
+                    f"{path}: input {name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}"
+                )
             for i, (want, got) in enumerate(zip(s.dims, shape)):
                 if isinstance(want, int) and want > 0 and want != got:
-                    raise OptionError(f"{path}: input {name!r} dimension {i} is {got}, the model fixes it to {want}")
+                    raise OptionError(
+                        f"{path}: input {name!r} dimension {i} is {got}, the model fixes it to {want}"
+                    )
             if is_floating(dtype) != is_floating(s.dtype):
                 raise OptionError(f"{path}: input {name!r} is {dtype}, the model expects {s.dtype}")
 
@@ -269,7 +281,9 @@ def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.nd
         return [_check_sample(specs, inputs, "inputs")]
     if isinstance(inputs, Sequence) and inputs and all(isinstance(x, Mapping) for x in inputs):
         return [_check_sample(specs, x, f"inputs[{i}]") for i, x in enumerate(inputs)]
-    raise OptionError("inputs must be a dict of arrays, a non-empty list of such dicts, or a path to an .npz file")
+    raise OptionError(
+        "inputs must be a dict of arrays, a non-empty list of such dicts, or a path to an .npz file"
+    )
 
 
 def _mib(n: int) -> str:
@@ -325,7 +339,9 @@ def read_npz(
         raise
     except Exception as e:  # noqa: BLE001 - a hostile file may fail anywhere in zipfile/zlib/numpy
         first = (str(e).splitlines() or [""])[0]
-        raise OptionError(f"{p}: {what}: not a readable NumPy .npz archive ({type(e).__name__}: {first})") from e
+        raise OptionError(
+            f"{p}: {what}: not a readable NumPy .npz archive ({type(e).__name__}: {first})"
+        ) from e
 
 
 def _npy_header(zf: Any, info: Any, p: str, what: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
@@ -339,7 +355,9 @@ def _npy_header(zf: Any, info: Any, p: str, what: str) -> tuple[tuple[int, ...],
             shape, _fortran, dtype = fmt.read_array_header_2_0(f)
         header = f.tell()
     if dtype.hasobject:
-        raise OptionError(f"{p}: {what}: entry {info.filename!r} holds Python objects (only plain arrays are read)")
+        raise OptionError(
+            f"{p}: {what}: entry {info.filename!r} holds Python objects (only plain arrays are read)"
+        )
     nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
     if header + nbytes != info.file_size:
         raise OptionError(

@@ -13,7 +13,15 @@ from typing import Any
 
 from .records import Direction, FoldReport, Site, Skip
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "counts", "json_document", "error_document", "finite_json", "NON_FINITE"]
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "counts",
+    "json_document",
+    "error_document",
+    "finite_json",
+    "NON_FINITE",
+]
 
 SCHEMA = "bnfold.report"
 SCHEMA_VERSION = 1
@@ -33,8 +41,11 @@ def finite_json(value: Any) -> Any:
     """
     if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
         return value
-    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "ndim", None) == 0
-                                    and getattr(value.dtype, "kind", "") == "f"):
+    if isinstance(value, float) or (
+        hasattr(value, "dtype")
+        and getattr(value, "ndim", None) == 0
+        and getattr(value.dtype, "kind", "") == "f"
+    ):
         f = float(value)
         if math.isfinite(f):
             return f
@@ -104,13 +115,22 @@ def _file(path: Any, fmt: Any = None, size: Any = None, data_files: Any = (), **
 def _verdict_json(v: Site | Skip) -> dict[str, Any]:
     if isinstance(v, Site):
         return {
-            "bn": v.bn, "status": v.to_dict()["status"],
-            "target": v.target, "target_kind": v.target_kind, "direction": v.direction.value,
-            "reason": None, "detail": v.detail,
+            "bn": v.bn,
+            "status": v.to_dict()["status"],
+            "target": v.target,
+            "target_kind": v.target_kind,
+            "direction": v.direction.value,
+            "reason": None,
+            "detail": v.detail,
         }
     return {
-        "bn": v.bn, "status": "left", "target": None, "target_kind": None, "direction": None,
-        "reason": v.reason.value, "detail": v.detail,
+        "bn": v.bn,
+        "status": "left",
+        "target": None,
+        "target_kind": None,
+        "direction": None,
+        "reason": v.reason.value,
+        "detail": v.detail,
     }
 
 
@@ -120,8 +140,9 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
     if f is not None and f.output:
         out = _file(f.output, f.output_format, f.size_after, f.output_data_files, written=f.written)
     return {
-        "model": _file(None, None, None) if f is None else _file(f.source, f.source_format, f.size_before,
-                                                                   f.source_data_files),
+        "model": _file(None, None, None)
+        if f is None
+        else _file(f.source, f.source_format, f.size_before, f.source_data_files),
         "output": out,
         "backend": report.backend,
         "dry_run": report.dry_run,
@@ -130,19 +151,32 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
         "verdicts": [_verdict_json(v) for v in report.verdicts],
         "mul_add": [m.to_dict() for m in report.mul_add],
         "merges": [m.to_dict() for m in report.merges],
-        "verification": None if report.verification is None else {
-            **report.verification.to_dict(), "inputs": report.verified_on,
+        "verification": None
+        if report.verification is None
+        else {
+            **report.verification.to_dict(),
+            "inputs": report.verified_on,
         },
         "culprits": None if report.culprits is None else report.culprits.to_dict(),
         "flushed_denormals": report.flushed_denormals,
-        "pruned_channels": None if report.pruned_channels is None else [p.to_dict() for p in report.pruned_channels],
+        "pruned_channels": None
+        if report.pruned_channels is None
+        else [p.to_dict() for p in report.pruned_channels],
         "health": None if report.health is None else report.health.to_dict(),
         "notes": list(report.notes),
         "seconds": float(report.total_seconds),
     }
 
 
-_LEGACY_COUNTS = ("bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after")
+_LEGACY_COUNTS = (
+    "bn_before",
+    "bn_after",
+    "folded",
+    "nodes_before",
+    "nodes_after",
+    "params_before",
+    "params_after",
+)
 """Top-level keys of the 0.1.0 documents, kept in schema 1 as aliases of ``summary.*`` (removed in 2)."""
 _LEGACY_VERIFY = ("passed", "samples", "max_abs_error", "max_rel_error", "outputs")
 """Top-level keys of 0.1.0's ``verify --json``, kept in schema 1 as aliases of ``verification.*``."""
@@ -163,7 +197,8 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
         doc.update({k: doc["summary"][k] for k in _LEGACY_COUNTS})
     elif command == "verify":
         doc.update(
-            reference=_file(files.get("reference")), candidate=_file(files.get("candidate")),
+            reference=_file(files.get("reference")),
+            candidate=_file(files.get("candidate")),
             verification={**result.to_dict(), "inputs": None},
         )
         doc.update({k: doc["verification"][k] for k in _LEGACY_VERIFY})
@@ -180,7 +215,9 @@ def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any
     elif command == "bench":
         doc.update(
             model=_file(result.model, result.format),
-            runs=result.runs, warmup=result.warmup, threads=result.threads,
+            runs=result.runs,
+            warmup=result.warmup,
+            threads=result.threads,
             input_shapes={k: list(v) for k, v in result.input_shapes.items()},
             timings=[t.to_dict() for t in result.timings],
             summary=counts(result.fold),
@@ -199,5 +236,3 @@ def error_document(command: str, error_type: str, message: str, exit_code: int) 
     doc = _head(command, exit_code)
     doc["error"] = {"type": error_type, "message": message, "exit_code": exit_code}
     return doc
-
-

@@ -86,6 +86,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069
 
 def clean(value: object) -> str:
     """``value`` as a single line with every control character escaped (``ESC`` -> ``\\x1b``)."""
+
     def esc(m: re.Match[str]) -> str:
         c = ord(m.group())
         if 0xDC80 <= c <= 0xDCFF:
@@ -218,7 +219,11 @@ def render_fold_report(
     known = None if not report.dry_run else report.predicted_counts
     # A PyTorch model written to .onnx: nodes of the exported graph, before and after its ONNX fold.
     unit = "exported ONNX nodes" if report.backend == "export_onnx" else "nodes"
-    ops = [f"{unit} {_arrow(report.nodes_before, report.nodes_after)}"] if known is None or "nodes" in known else []
+    ops = (
+        [f"{unit} {_arrow(report.nodes_before, report.nodes_after)}"]
+        if known is None or "nodes" in known
+        else []
+    )
     if known is None or "params" in known:
         ops.append(f"parameters {_arrow(f'{report.params_before:,}', f'{report.params_after:,}')}")
     if ops:
@@ -267,11 +272,17 @@ def _render_pruned(console: Console, pruned: Any) -> None:
     for p in pruned:
         chans = ", ".join(str(c) for c in p.channels)
         if p.pruned:
-            table.add_row(_t(p.layer), Text("pruned", style="green"),
-                          _t(f"channel(s) {chans}; constant moved into {p.next_layer}'s bias"))
+            table.add_row(
+                _t(p.layer),
+                Text("pruned", style="green"),
+                _t(f"channel(s) {chans}; constant moved into {p.next_layer}'s bias"),
+            )
         else:
-            table.add_row(_t(p.layer), Text("kept", style="yellow"),
-                          _t(f"channel(s) {chans}: {p.detail}" if chans else p.detail))
+            table.add_row(
+                _t(p.layer),
+                Text("kept", style="yellow"),
+                _t(f"channel(s) {chans}: {p.detail}" if chans else p.detail),
+            )
     console.print(Text("constant channels:", style="bold"))
     print_whole(console, table, _widest(clean(p.layer) for p in pruned) + 10)
 
@@ -283,8 +294,11 @@ def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:
             return name, Text("Mul + Add", style="cyan"), _t(v.detail)
         if v.direction is Direction.CONVERTED:
             return name, Text(clean(v.target_kind), style="cyan"), _t(v.detail)
-        into = (f"{clean(v.target)} ({clean(v.target_kind)}, {v.direction.value})" if v.target
-                else f"({clean(v.target_kind)})")  # folded by the ONNX exporter: no layer named
+        into = (
+            f"{clean(v.target)} ({clean(v.target_kind)}, {v.direction.value})"
+            if v.target
+            else f"({clean(v.target_kind)})"
+        )  # folded by the ONNX exporter: no layer named
         status = "propagated" if v.direction is Direction.PROPAGATED else "folded"
         return name, Text(status, style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
     return name, Text(v.reason.value, style="yellow"), _t(v.detail)
@@ -332,7 +346,9 @@ def render_verify_report(console: Console, report: VerifyReport, *, title: str |
         console.print(_t(title, "bold"))
     for i, rep in enumerate((report, *report.extra)):
         if i:
-            console.print(Text(f"onnxruntime optimisation level: {clean(rep.optimization_level)}", style="bold"))
+            console.print(
+                Text(f"onnxruntime optimisation level: {clean(rep.optimization_level)}", style="bold")
+            )
         table = Table(box=None, padding=(0, 1), show_edge=False)
         table.add_column("output", no_wrap=True)
         table.add_column("shape", no_wrap=True)
@@ -365,8 +381,13 @@ def render_bench_report(console: Console, report: BenchReport) -> None:
     """
     for note in report.notes:
         console.print(_t(note, "yellow"))
-    console.print(Text(f"latency in ms, median [interquartile range] of {report.runs} runs after "
-                       f"{report.warmup} warm-up", style="bold"))
+    console.print(
+        Text(
+            f"latency in ms, median [interquartile range] of {report.runs} runs after "
+            f"{report.warmup} warm-up",
+            style="bold",
+        )
+    )
     table = Table(box=None, padding=(0, 1), show_edge=False)
     table.add_column("runtime", no_wrap=True)
     table.add_column("original", justify="right", no_wrap=True)
@@ -376,16 +397,20 @@ def render_bench_report(console: Console, report: BenchReport) -> None:
         noisy = t.disagreement() is not None
         style = "yellow" if noisy or t.speedup < 1.0 else "green"
         table.add_row(
-            t.setting, _ms(t.original_ms, t.original_spread), _ms(t.folded_ms, t.folded_spread),
+            t.setting,
+            _ms(t.original_ms, t.original_spread),
+            _ms(t.folded_ms, t.folded_spread),
             Text(f"{t.speedup:.2f}x" + ("?" if noisy else ""), style=style),
         )
     print_whole(console, table, 90)
     shapes = ", ".join(f"{clean(k)}={'x'.join(map(str, v))}" for k, v in report.input_shapes.items())
     fold = report.fold
-    console.print(Text(
-        f"inputs: {shapes or '-'}; BatchNorm {fold.bn_before} -> {fold.bn_after}; "
-        f"threads: {report.threads or 'default'}"
-    ))
+    console.print(
+        Text(
+            f"inputs: {shapes or '-'}; BatchNorm {fold.bn_before} -> {fold.bn_after}; "
+            f"threads: {report.threads or 'default'}"
+        )
+    )
 
 
 def _ms(median: float, spread: Any) -> str:
@@ -400,11 +425,13 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
     left = [(s.bn, s.reason.value, s.detail) for s in result.left]
     learn = "learnable scale/shift" if result.learnable else "fixed scale/shift buffers"
     f = result.files
-    console.print(Text(
-        f"{len(frozen)} BatchNorm frozen ({learn}), {len(left)} left; "
-        f"{clean(f.source)} ({clean(f.source_format)}) -> {clean(f.output)} "
-        f"({human_size(f.size_after)}) in {result.seconds:.2f} s"
-    ))
+    console.print(
+        Text(
+            f"{len(frozen)} BatchNorm frozen ({learn}), {len(left)} left; "
+            f"{clean(f.source)} ({clean(f.source_format)}) -> {clean(f.output)} "
+            f"({human_size(f.size_after)}) in {result.seconds:.2f} s"
+        )
+    )
     if not frozen and not left:
         console.print("No BatchNorm layer found: the model is written unchanged.")
     elif verbose and frozen:
@@ -413,7 +440,9 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         table.add_column(no_wrap=True)
         for name, kind in frozen:
             table.add_row(_t(name), _t(kind))
-        print_whole(console, table, _widest(clean(n) for n, _ in frozen) + _widest(clean(k) for _, k in frozen) + 2)
+        print_whole(
+            console, table, _widest(clean(n) for n, _ in frozen) + _widest(clean(k) for _, k in frozen) + 2
+        )
     if left:
         console.print(Text("BatchNorm layers left as they were:"))
         kept = Table.grid(padding=(0, 2))
@@ -422,7 +451,9 @@ def render_freeze_report(console: Console, result: FreezeReport, *, verbose: boo
         kept.add_column()
         for name, reason, detail in left:
             kept.add_row(_t(name), _t(reason), _t(detail))
-        print_whole(console, kept, _widest(clean(n) for n, _, _ in left) + _widest(clean(r) for _, r, _ in left) + 4)
+        print_whole(
+            console, kept, _widest(clean(n) for n, _, _ in left) + _widest(clean(r) for _, r, _ in left) + 4
+        )
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -461,7 +492,10 @@ def render_health(console: Console, h: HealthReport, *, verbose: bool = False) -
         for i, b in enumerate(h.bns, 1):
             issues = "; ".join(b.issues) or b.note
             table.add_row(
-                str(i), _t(b.bn), _t(b.status), f"{b.max_abs_scale:.3g}",
+                str(i),
+                _t(b.bn),
+                _t(b.status),
+                f"{b.max_abs_scale:.3g}",
                 _t(issues, "yellow") if b.issues else _t(issues or "ok", "green"),
             )
         print_whole(console, table, _widest(clean(b.bn) for b in h.bns) + 40)
@@ -561,8 +595,13 @@ def render_quant(console: Console, h: HealthReport, *, verbose: bool = False) ->
         table.add_column("worst ch", justify="right", no_wrap=True)
         for q in h.quant_flagged:
             table.add_row(
-                _t(clean(q.layer)), q.kind, str(q.channels), f"{q.ratio:.3g}", f"{q.bits_lost:.1f}",
-                f"{q.ratio_before:.3g}" if q.ratio_before else "-", str(q.worst_channel),
+                _t(clean(q.layer)),
+                q.kind,
+                str(q.channels),
+                f"{q.ratio:.3g}",
+                f"{q.bits_lost:.1f}",
+                f"{q.ratio_before:.3g}" if q.ratio_before else "-",
+                str(q.worst_channel),
             )
         console.print(table)
     console.print(Text(line, style="yellow"))

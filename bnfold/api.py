@@ -45,7 +45,13 @@ _APPLIES = {
 _WHERE = {"onnx": "an ONNX model", "module": "an nn.Module", "export": "a torch.export program"}
 
 
-_REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse_reparam", "get_equivalent_kernel_bias", "fuse")
+_REPARAM_METHODS = (
+    "reparameterize",
+    "switch_to_deploy",
+    "fuse_reparam",
+    "get_equivalent_kernel_bias",
+    "fuse",
+)
 """Methods by which re-parameterisable blocks (RepVGG, MobileOne, FastViT, YOLOv6/7, ...) merge themselves."""
 
 
@@ -60,10 +66,14 @@ def own_reparam_note(model: Any) -> str | None:
                 break
     if not found:
         return None
-    parts = [f"{meth}() on {len(n)} module(s) ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})"
-             for meth, n in found.items()]
-    return ("the model has its own re-parameterisation: " + "; ".join(parts) + ". bnfold did not call it; "
-            "bnfold's own branch merge (merge_branches) merges such blocks, compared against the original")
+    parts = [
+        f"{meth}() on {len(n)} module(s) ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})"
+        for meth, n in found.items()
+    ]
+    return (
+        "the model has its own re-parameterisation: " + "; ".join(parts) + ". bnfold did not call it; "
+        "bnfold's own branch merge (merge_branches) merges such blocks, compared against the original"
+    )
 
 
 def _check_options(kind: str, given: dict[str, Any]) -> None:
@@ -130,11 +140,17 @@ def fold_with_report(
             ``nn.Module``, ``inplace`` on an ExportedProgram).
     """
     kind = model_kind(model)
-    _check_options(kind, {
-        "inplace": inplace, "affine": affine, "eval_semantics": eval_semantics,
-        "example_inputs": example_inputs, "prune_constant_channels": prune_constant_channels,
-        "batch_stats": batch_stats,
-    })
+    _check_options(
+        kind,
+        {
+            "inplace": inplace,
+            "affine": affine,
+            "eval_semantics": eval_semantics,
+            "example_inputs": example_inputs,
+            "prune_constant_channels": prune_constant_channels,
+            "batch_stats": batch_stats,
+        },
+    )
     check_batch_stats(batch_stats)
     from .postfold import PostFold, run
 
@@ -148,9 +164,16 @@ def fold_with_report(
 
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
-            return fold_model(given, affine=affine, dry_run=dry_run, inplace=inplace,
-                              flush_denormals=steps.flush_as_written and not dry_run, merge_branches=merge_branches,
-                              batch_stats=batch_stats, propagate=propagate)
+            return fold_model(
+                given,
+                affine=affine,
+                dry_run=dry_run,
+                inplace=inplace,
+                flush_denormals=steps.flush_as_written and not dry_run,
+                merge_branches=merge_branches,
+                batch_stats=batch_stats,
+                propagate=propagate,
+            )
         if kind == "export":
             from .fx import fold_exported
 
@@ -161,13 +184,25 @@ def fold_with_report(
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         if batch_stats is None:
-            return fold_module(given, inplace=inplace, dry_run=dry_run, eval_semantics=eval_semantics,
-                               example_inputs=ex, merge_branches=merge_branches)
+            return fold_module(
+                given,
+                inplace=inplace,
+                dry_run=dry_run,
+                eval_semantics=eval_semantics,
+                example_inputs=ex,
+                merge_branches=merge_branches,
+            )
         from .fx.batch_stats import convert_batch_stats, copy_for, with_conversions
 
         work, sites = convert_batch_stats(given if dry_run else copy_for(given, inplace), dry_run=dry_run)
-        folded, rep = fold_module(work, inplace=inplace, dry_run=dry_run,
-                                  eval_semantics=eval_semantics, example_inputs=ex, merge_branches=merge_branches)
+        folded, rep = fold_module(
+            work,
+            inplace=inplace,
+            dry_run=dry_run,
+            eval_semantics=eval_semantics,
+            example_inputs=ex,
+            merge_branches=merge_branches,
+        )
         return folded, with_conversions(rep, sites, given, dry_run)
 
     out: Any
@@ -181,7 +216,9 @@ def fold_with_report(
         if note is not None:
             report = replace(report, notes=(*report.notes, note))
     if dry_run and health:
-        audit = _audit_copy(model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs)
+        audit = _audit_copy(
+            model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs
+        )
         report = replace(report, health=audit)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return cast("Model", out), report
@@ -212,9 +249,16 @@ def fold(
     ``torch.export.ExportedProgram``. Arguments as :func:`fold_with_report`.
     """
     return fold_with_report(
-        model, inplace=inplace, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        flush_denormals=flush_denormals, prune_constant_channels=prune_constant_channels,
-        merge_branches=merge_branches, batch_stats=batch_stats, propagate=propagate,
+        model,
+        inplace=inplace,
+        affine=affine,
+        eval_semantics=eval_semantics,
+        example_inputs=example_inputs,
+        flush_denormals=flush_denormals,
+        prune_constant_channels=prune_constant_channels,
+        merge_branches=merge_branches,
+        batch_stats=batch_stats,
+        propagate=propagate,
     )[0]
 
 
@@ -234,8 +278,15 @@ def inspect(
     Arguments as :func:`fold_with_report` (the ones that decide a verdict).
     """
     return fold_with_report(
-        model, dry_run=True, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs,
-        health=health, merge_branches=merge_branches, batch_stats=batch_stats, propagate=propagate,
+        model,
+        dry_run=True,
+        affine=affine,
+        eval_semantics=eval_semantics,
+        example_inputs=example_inputs,
+        health=health,
+        merge_branches=merge_branches,
+        batch_stats=batch_stats,
+        propagate=propagate,
     )[1]
 
 

@@ -93,13 +93,17 @@ class Timing:
             return None
         noisy = [(label, s) for label, s in (("original", o), ("folded", f)) if s.relative_iqr > NOISY]
         if noisy:
-            return (f"{self.setting}: the runs disagree ("
-                    + ", ".join(f"{label}: {s.q1:.3g}-{s.q3:.3g} ms around {s.median:.3g}" for label, s in noisy)
-                    + "); the machine is busy or the runs too few: rerun with more --runs")
+            return (
+                f"{self.setting}: the runs disagree ("
+                + ", ".join(f"{label}: {s.q1:.3g}-{s.q3:.3g} ms around {s.median:.3g}" for label, s in noisy)
+                + "); the machine is busy or the runs too few: rerun with more --runs"
+            )
         if o.q1 <= f.q3 and f.q1 <= o.q3 and self.original_ms != self.folded_ms:
-            return (f"{self.setting}: original and folded differ by less than their run-to-run spread "
-                    f"({o.q1:.3g}-{o.q3:.3g} ms vs {f.q1:.3g}-{f.q3:.3g} ms): the speedup "
-                    f"{self.speedup:.2f}x is within noise")
+            return (
+                f"{self.setting}: original and folded differ by less than their run-to-run spread "
+                f"({o.q1:.3g}-{o.q3:.3g} ms vs {f.q1:.3g}-{f.q3:.3g} ms): the speedup "
+                f"{self.speedup:.2f}x is within noise"
+            )
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,12 +150,16 @@ class BenchReport:
         }
 
 
-def time_call(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None) -> float:
+def time_call(
+    fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
     return time_runs(fn, runs=runs, warmup=warmup, tick=tick).median
 
 
-def time_runs(fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None) -> Spread:
+def time_runs(
+    fn: Callable[[], Any], *, runs: int, warmup: int, tick: Callable[[], None] | None = None
+) -> Spread:
     """The spread (median, quartiles, extremes) of ``fn()``'s wall time in ms over ``runs`` calls."""
     for _ in range(warmup):
         fn()
@@ -179,7 +187,9 @@ def _session(data: bytes | str, level: str, threads: int) -> Any:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if level == "disable"
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
     if threads > 0:
         so.intra_op_num_threads = threads
@@ -280,14 +290,32 @@ def bench_file(
             done[0] += 1
             prog("bench", done[0], total)
 
-        timings = bench_onnx(original, folded_bytes, feeds, runs=runs, warmup=warmup, threads=threads, tick=tick)
+        timings = bench_onnx(
+            original, folded_bytes, feeds, runs=runs, warmup=warmup, threads=threads, tick=tick
+        )
         return BenchReport(
-            model=str(src_p), format=fmt, runs=runs, warmup=warmup, threads=threads,
-            input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, timings=timings, fold=report,
+            model=str(src_p),
+            format=fmt,
+            runs=runs,
+            warmup=warmup,
+            threads=threads,
+            input_shapes={k: tuple(v.shape) for k, v in feeds.items()},
+            timings=timings,
+            fold=report,
             notes=[*notes, *_spread_notes(timings)],
         )
     return _bench_torch(
-        src_p, fmt, model, loaded.example_inputs, shapes, runs=runs, warmup=warmup, threads=threads, seed=seed, progress=prog, say=say
+        src_p,
+        fmt,
+        model,
+        loaded.example_inputs,
+        shapes,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+        seed=seed,
+        progress=prog,
+        say=say,
     )
 
 
@@ -350,7 +378,12 @@ def _bench_torch(
                 prog.save(path)  # type: ignore[union-attr]
             else:
                 torch.onnx.export(
-                    m, args, path, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
+                    m,
+                    args,
+                    path,
+                    dynamo=False,
+                    training=torch.onnx.TrainingMode.PRESERVE,
+                    input_names=names,
                 )
             paths.append(path)
         if is_ep:
@@ -360,10 +393,18 @@ def _bench_torch(
             init = {t.name for t in graph.initializer}
             names = [i.name for i in graph.input if i.name not in init]
         feeds = {n: to_numpy(a) for n, a in zip(names, args)}
-        timings.extend(bench_onnx(paths[0], paths[1], feeds, runs=runs, warmup=warmup, threads=threads, tick=tick))
+        timings.extend(
+            bench_onnx(paths[0], paths[1], feeds, runs=runs, warmup=warmup, threads=threads, tick=tick)
+        )
     timings.append(Timing("pytorch eager", eager[0].median, eager[1].median, eager[0], eager[1]))
     return BenchReport(
-        model=str(src), format=fmt, runs=runs, warmup=warmup, threads=threads,
-        input_shapes={n: tuple(a.shape) for n, a in zip(names, args)}, timings=timings, fold=report,
+        model=str(src),
+        format=fmt,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+        input_shapes={n: tuple(a.shape) for n, a in zip(names, args)},
+        timings=timings,
+        fold=report,
         notes=[*notes, *_spread_notes(timings)],
     )

@@ -102,11 +102,16 @@ def _root(version: Version = None, debug: Debug = False) -> None:
     STATE["debug"] = debug
 
 
-BatchStats = Annotated[str | None, typer.Option(
-    "--batch-stats", metavar="instance", show_default=False,
-    help="BNs that normalise with their batch (ONNX training_mode=1, track_running_stats=False): 'instance' "
-    "turns them into InstanceNorms, equal at batch 1 only (at batch > 1 the model changes).",
-)]
+BatchStats = Annotated[
+    str | None,
+    typer.Option(
+        "--batch-stats",
+        metavar="instance",
+        show_default=False,
+        help="BNs that normalise with their batch (ONNX training_mode=1, track_running_stats=False): 'instance' "
+        "turns them into InstanceNorms, equal at batch 1 only (at batch > 1 the model changes).",
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -116,17 +121,25 @@ def fold(
     out: OutArg = None,
     output: Output = None,
     affine: Affine = False,
-    merge_branches: Annotated[bool, typer.Option(
-        "--merge-branches/--no-merge-branches",
-        help="Merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one conv (ONNX, PyTorch).",
-    )] = True,
+    merge_branches: Annotated[
+        bool,
+        typer.Option(
+            "--merge-branches/--no-merge-branches",
+            help="Merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one conv (ONNX, PyTorch).",
+        ),
+    ] = True,
     batch_stats: BatchStats = None,
-    propagate: Annotated[bool, typer.Option(
-        "--propagate/--no-propagate",
-        help="ONNX: move the scale and shift of BNs left through ReLU, pooling and zero padding into the next layer.",
-    )] = True,
+    propagate: Annotated[
+        bool,
+        typer.Option(
+            "--propagate/--no-propagate",
+            help="ONNX: move the scale and shift of BNs left through ReLU, pooling and zero padding into the next layer.",
+        ),
+    ] = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")
+    ] = False,
     in_place: InPlace = False,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
@@ -145,11 +158,16 @@ def fold(
     external_data: ExternalData = None,
     all_or_nothing: AllOrNothing = False,
     flush_denormals: FlushDenormals = True,
-    health: Annotated[bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")] = False,
-    prune_constant_channels: Annotated[bool, typer.Option(
-        "--prune-constant-channels",
-        help="PyTorch: drop channels that are constant after the fold (gamma = 0) where exact.",
-    )] = False,
+    health: Annotated[
+        bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")
+    ] = False,
+    prune_constant_channels: Annotated[
+        bool,
+        typer.Option(
+            "--prune-constant-channels",
+            help="PyTorch: drop channels that are constant after the fold (gamma = 0) where exact.",
+        ),
+    ] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -168,23 +186,44 @@ def fold(
         atol_v, rtol_v = tolerances(atol, rtol)
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
-            affine=affine, verify=verify, force=force, in_place=in_place, eval_semantics=eval_semantics,
-            merge_branches=merge_branches, external_data=external_data, flush_denormals=flush_denormals, health=health,
-            batch_stats=batch_stats, propagate=propagate,
-            prune_constant_channels=prune_constant_channels, all_or_nothing=all_or_nothing,
+            affine=affine,
+            verify=verify,
+            force=force,
+            in_place=in_place,
+            eval_semantics=eval_semantics,
+            merge_branches=merge_branches,
+            external_data=external_data,
+            flush_denormals=flush_denormals,
+            health=health,
+            batch_stats=batch_stats,
+            propagate=propagate,
+            prune_constant_channels=prune_constant_channels,
+            all_or_nothing=all_or_nothing,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
-            verification=files.VerifySettings(samples, atol_v, rtol_v, opt_level.value if opt_level else None),
-            export=files.ExportSettings(opset=opset, dynamic_batch=not static_batch,
-                                        input_names=split_names(input_names), output_names=split_names(output_names)),
+            verification=files.VerifySettings(
+                samples, atol_v, rtol_v, opt_level.value if opt_level else None
+            ),
+            export=files.ExportSettings(
+                opset=opset,
+                dynamic_batch=not static_batch,
+                input_names=split_names(input_names),
+                output_names=split_names(output_names),
+            ),
         )
         try:
             with json_guard(json_out), progress_bar(quiet, stages) as progress:
                 report = files.fold_file(model, dst, settings, progress)
         except FoldVerificationError as e:
             failed = e.fold_report
-            show("fold", failed, json_out, quiet, lambda c: _show_fold(c, failed, f"{model}: verification FAILED",
-                                                                       verbose), exit_code=1)
+            show(
+                "fold",
+                failed,
+                json_out,
+                quiet,
+                lambda c: _show_fold(c, failed, f"{model}: verification FAILED", verbose),
+                exit_code=1,
+            )
             raise
         show("fold", report, json_out, quiet, lambda c: _show_fold(c, report, str(model), verbose))
 
@@ -205,13 +244,21 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
 def inspect(
     model: ModelPath,
     affine: Annotated[bool, typer.Option("--affine", help="The verdicts fold --affine would give.")] = False,
-    merge_branches: Annotated[bool, typer.Option(
-        "--merge-branches/--no-merge-branches", help="The merges fold would do (on by default).",
-    )] = True,
+    merge_branches: Annotated[
+        bool,
+        typer.Option(
+            "--merge-branches/--no-merge-branches",
+            help="The merges fold would do (on by default).",
+        ),
+    ] = True,
     batch_stats: BatchStats = None,
-    propagate: Annotated[bool, typer.Option(
-        "--propagate/--no-propagate", help="The scale propagation fold would do (ONNX; on by default).",
-    )] = True,
+    propagate: Annotated[
+        bool,
+        typer.Option(
+            "--propagate/--no-propagate",
+            help="The scale propagation fold would do (ONNX; on by default).",
+        ),
+    ] = True,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     eval_semantics: EvalSemantics = False,
@@ -219,13 +266,23 @@ def inspect(
     inputs: InputsNpz = None,
     seed: Seed = 0,
     fail_if_left: FailIfLeft = False,
-    to: Annotated[str | None, typer.Option(
-        "--to", metavar="onnx", show_default=False,
-        help="The verdicts of fold with an OUT of this format: onnx (a PyTorch MODEL folded, exported and "
-        "folded again in memory) [default: MODEL's own format].")] = None,
-    health: Annotated[bool, typer.Option(
-        "--health", help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals."
-    )] = False,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="onnx",
+            show_default=False,
+            help="The verdicts of fold with an OUT of this format: onnx (a PyTorch MODEL folded, exported and "
+            "folded again in memory) [default: MODEL's own format].",
+        ),
+    ] = None,
+    health: Annotated[
+        bool,
+        typer.Option(
+            "--health",
+            help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals.",
+        ),
+    ] = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -242,15 +299,24 @@ def inspect(
         from ._render import render_fold_report, render_health
 
         settings = files.InspectSettings(
-            affine=affine, eval_semantics=eval_semantics, health=health, merge_branches=merge_branches,
-            batch_stats=batch_stats, propagate=propagate, load=files.LoadSettings(model_factory, trust_pickle),
+            affine=affine,
+            eval_semantics=eval_semantics,
+            health=health,
+            merge_branches=merge_branches,
+            batch_stats=batch_stats,
+            propagate=propagate,
+            load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )
         if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):
             raise OptionError(f"--to {to}: expected onnx (or pt, pt2: MODEL's own format, the default)")
         with json_guard(json_out), progress_bar(quiet, ("load", "fold")) as progress:
-            report = files.inspect_file(model, settings, progress,
-                                        output_format="onnx" if to and to.lower().lstrip(".") == "onnx" else None)
+            report = files.inspect_file(
+                model,
+                settings,
+                progress,
+                output_format="onnx" if to and to.lower().lstrip(".") == "onnx" else None,
+            )
         code = 1 if fail_if_left and report.bn_after else 0
 
         def render(c: Any) -> None:
@@ -265,10 +331,18 @@ def inspect(
 
 @app.command(short_help="Does CANDIDATE compute what REFERENCE does? (exit 0/1/2)")
 def verify(
-    reference: Annotated[Path | None, typer.Argument(metavar="REFERENCE", show_default=False,
-                                                     help="The reference model file (omitted with --load-outputs).")] = None,
-    candidate: Annotated[Path | None, typer.Argument(metavar="CANDIDATE", show_default=False,
-                                                     help="The model file to check against it.")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="REFERENCE",
+            show_default=False,
+            help="The reference model file (omitted with --load-outputs).",
+        ),
+    ] = None,
+    candidate: Annotated[
+        Path | None,
+        typer.Argument(metavar="CANDIDATE", show_default=False, help="The model file to check against it."),
+    ] = None,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     input_shape: InputShape = None,
@@ -278,26 +352,66 @@ def verify(
     atol: Atol = None,
     rtol: Rtol = None,
     opt_level: Opt = None,
-    error_stat: Annotated[str, typer.Option("--error-stat", metavar="max|mean|median|qQ",
-                                            help="Error statistic judged against the tolerance: max (every "
-                                            "element), mean, median or a quantile (q0.99, p99).")] = "max",
-    min_cosine: Annotated[float | None, typer.Option("--min-cosine", show_default=False,
-                                                     help="Also fail an output whose cosine similarity is "
-                                                     "below this.")] = None,
-    min_snr: Annotated[float | None, typer.Option("--min-snr", metavar="DB", show_default=False,
-                                                  help="Also fail an output whose signal-to-noise ratio is "
-                                                  "below this many dB.")] = None,
-    save_outputs: Annotated[Path | None, typer.Option("--save-outputs", metavar="GOLDEN.npz", show_default=False,
-                                                      help="Write the inputs and both models' outputs to this "
-                                                      "file.")] = None,
-    load_outputs: Annotated[Path | None, typer.Option("--load-outputs", metavar="GOLDEN.npz", show_default=False,
-                                                      help="Check CANDIDATE against outputs saved earlier (no "
-                                                      "model: re-check the saved comparison).")] = None,
-    locate: Annotated[bool, typer.Option("--locate", help="ONNX: compare the intermediate tensors both models "
-                                         "have and name the first that diverges.")] = False,
-    name_map: Annotated[list[str] | None, typer.Option(
-        "--map", metavar="REF=CAND", show_default=False,
-        help="CANDIDATE's input or output CAND is REFERENCE's REF (names that differ; repeatable).")] = None,
+    error_stat: Annotated[
+        str,
+        typer.Option(
+            "--error-stat",
+            metavar="max|mean|median|qQ",
+            help="Error statistic judged against the tolerance: max (every "
+            "element), mean, median or a quantile (q0.99, p99).",
+        ),
+    ] = "max",
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(
+            "--min-cosine",
+            show_default=False,
+            help="Also fail an output whose cosine similarity is below this.",
+        ),
+    ] = None,
+    min_snr: Annotated[
+        float | None,
+        typer.Option(
+            "--min-snr",
+            metavar="DB",
+            show_default=False,
+            help="Also fail an output whose signal-to-noise ratio is below this many dB.",
+        ),
+    ] = None,
+    save_outputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-outputs",
+            metavar="GOLDEN.npz",
+            show_default=False,
+            help="Write the inputs and both models' outputs to this file.",
+        ),
+    ] = None,
+    load_outputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--load-outputs",
+            metavar="GOLDEN.npz",
+            show_default=False,
+            help="Check CANDIDATE against outputs saved earlier (no model: re-check the saved comparison).",
+        ),
+    ] = None,
+    locate: Annotated[
+        bool,
+        typer.Option(
+            "--locate",
+            help="ONNX: compare the intermediate tensors both models have and name the first that diverges.",
+        ),
+    ] = False,
+    name_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            metavar="REF=CAND",
+            show_default=False,
+            help="CANDIDATE's input or output CAND is REFERENCE's REF (names that differ; repeatable).",
+        ),
+    ] = None,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -315,17 +429,28 @@ def verify(
 
         if load_outputs is not None:
             if candidate is not None:
-                raise OptionError("--load-outputs stands for the reference: give at most one model (the candidate)")
+                raise OptionError(
+                    "--load-outputs stands for the reference: give at most one model (the candidate)"
+                )
             reference, candidate = None, reference
         elif reference is None or candidate is None:
-            raise OptionError("verify needs REFERENCE and CANDIDATE (or --load-outputs GOLDEN.npz [CANDIDATE])")
+            raise OptionError(
+                "verify needs REFERENCE and CANDIDATE (or --load-outputs GOLDEN.npz [CANDIDATE])"
+            )
         atol_v, rtol_v = tolerances(atol, rtol)
         settings = files.CompareSettings(
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
             verification=files.VerifySettings(
-                samples, atol_v, rtol_v, opt_level.value if opt_level else None, error_stat=error_stat,
-                min_cosine=min_cosine, min_snr_db=min_snr, save_outputs=save_outputs, load_outputs=load_outputs,
+                samples,
+                atol_v,
+                rtol_v,
+                opt_level.value if opt_level else None,
+                error_stat=error_stat,
+                min_cosine=min_cosine,
+                min_snr_db=min_snr,
+                save_outputs=save_outputs,
+                load_outputs=load_outputs,
                 locate=locate,
             ),
         )
@@ -338,8 +463,16 @@ def verify(
             render_verify_report(c, report, title=f"{shown} vs {against}")
             _show_verify_details(c, report)
 
-        show("verify", report, json_out, quiet, render,
-              exit_code=0 if report.passed else 1, reference=reference, candidate=candidate)
+        show(
+            "verify",
+            report,
+            json_out,
+            quiet,
+            render,
+            exit_code=0 if report.passed else 1,
+            reference=reference,
+            candidate=candidate,
+        )
         if not report.passed:
             from .verification import failure_message
 
@@ -370,28 +503,37 @@ def _show_verify_details(console: Any, report: Any) -> None:
 
     for r in report.runtimes:  # from a golden file too: every string is escaped
         if r.runtime != "onnxruntime":
-            console.print(Text(f"{clean(r.role)}: ran with {clean(r.runtime)}"
-                               + (f" ({clean(r.reason)})" if r.reason else "")))
+            console.print(
+                Text(
+                    f"{clean(r.role)}: ran with {clean(r.runtime)}"
+                    + (f" ({clean(r.reason)})" if r.reason else "")
+                )
+            )
     for c in report.checks:
         if not c.passed:
             chans = ", ".join(f"{clean(ch)} ({e:.2e})" for ch, e in c.worst_channels)
-            console.print(Text(
-                f"{clean(c.name)} (sample {c.sample}): failed on {clean(c.failure)}; largest error at "
-                f"{list(c.worst_index)}"
-                + (f"; worst channels: {chans}" if chans else "")
-                + f"; cosine {c.cosine:.6f}" + (f", SNR {c.snr_db:.1f} dB" if c.snr_db is not None else "")
-            ))
+            console.print(
+                Text(
+                    f"{clean(c.name)} (sample {c.sample}): failed on {clean(c.failure)}; largest error at "
+                    f"{list(c.worst_index)}"
+                    + (f"; worst channels: {chans}" if chans else "")
+                    + f"; cosine {c.cosine:.6f}"
+                    + (f", SNR {c.snr_db:.1f} dB" if c.snr_db is not None else "")
+                )
+            )
     loc = report.locate
     if loc is not None:
         if loc.first_divergence is None:
             console.print(Text(f"locate: {loc.compared} intermediate tensor(s) compared, none diverges"))
         else:
             t = next(t for t in loc.tensors if t.name == loc.first_divergence)
-            console.print(Text(
-                f"locate: first divergence at {clean(t.name)} (computed by {clean(t.producer)}; matched by "
-                f"{clean(t.matched_as)}): max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
-                f"({loc.compared} tensor(s) compared)"
-            ))
+            console.print(
+                Text(
+                    f"locate: first divergence at {clean(t.name)} (computed by {clean(t.producer)}; matched by "
+                    f"{clean(t.matched_as)}): max abs error {t.max_abs_error:.3g}, {t.max_rel_error:.3g} of its scale "
+                    f"({loc.compared} tensor(s) compared)"
+                )
+            )
 
 
 @app.command(short_help="Turn BatchNorm into frozen affine layers (PyTorch files).")
@@ -428,7 +570,9 @@ def freeze(
 @app.command(short_help="Latency of the original and the folded model.")
 def bench(
     model: ModelPath,
-    runs: Annotated[int, typer.Option("--runs", "-r", help="Timed runs per measurement (median shown).")] = 20,
+    runs: Annotated[
+        int, typer.Option("--runs", "-r", help="Timed runs per measurement (median shown).")
+    ] = 20,
     warmup: Annotated[int, typer.Option("--warmup", "-w", help="Untimed runs before timing.")] = 3,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Intra-op threads (0: the default).")] = 0,
     affine: Annotated[bool, typer.Option("--affine", help="Fold with --affine (ONNX).")] = False,
@@ -457,8 +601,16 @@ def bench(
 
         with json_guard(json_out), progress_bar(quiet, ("load", "bench")) as progress:
             report = bench_mod.bench_file(
-                model, runs=runs, warmup=warmup, threads=threads, affine=affine, model_factory=model_factory,
-                trust_pickle=trust_pickle, input_shapes=input_shape or [], seed=seed, progress=progress,
+                model,
+                runs=runs,
+                warmup=warmup,
+                threads=threads,
+                affine=affine,
+                model_factory=model_factory,
+                trust_pickle=trust_pickle,
+                input_shapes=input_shape or [],
+                seed=seed,
+                progress=progress,
                 notice=notice,
             )
         show("bench", report, json_out, quiet, lambda c: render_bench_report(c, report))
@@ -469,21 +621,50 @@ def recalibrate(
     model: ModelPath,
     out: OutArg = None,
     output: Output = None,
-    data: Annotated[Path | None, typer.Option("--data", metavar="FILE.npz", show_default=False,
-                                              help="The data, arrays named after the inputs (see cli.md).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", show_default=False,
-                                                   help="Samples per batch [default: the model's fixed batch "
-                                                   "size, else 32].")] = None,
-    pooled: Annotated[bool, typer.Option("--pooled", help="Statistics of all values together, not the "
-                                         "average of per-batch statistics.")] = False,
-    prior: Annotated[float | None, typer.Option("--prior", metavar="N", show_default=False,
-                                                help="Keep the file's statistics as N samples.")] = None,
-    upstream: Annotated[str | None, typer.Option("--upstream", metavar="new|batch", show_default=False,
-                                                 help="While a BN's input is recorded, the BNs before it use their "
-                                                 "new statistics (new, ONNX default) or each batch's own (batch: "
-                                                 "PyTorch's train-mode pass, one pass).")] = None,
-    fold_after: Annotated[bool, typer.Option("--fold", help="ONNX: fold the recalibrated model (verified) "
-                                             "into OUT.")] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            metavar="FILE.npz",
+            show_default=False,
+            help="The data, arrays named after the inputs (see cli.md).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            show_default=False,
+            help="Samples per batch [default: the model's fixed batch size, else 32].",
+        ),
+    ] = None,
+    pooled: Annotated[
+        bool,
+        typer.Option(
+            "--pooled", help="Statistics of all values together, not the average of per-batch statistics."
+        ),
+    ] = False,
+    prior: Annotated[
+        float | None,
+        typer.Option(
+            "--prior", metavar="N", show_default=False, help="Keep the file's statistics as N samples."
+        ),
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            "--upstream",
+            metavar="new|batch",
+            show_default=False,
+            help="While a BN's input is recorded, the BNs before it use their "
+            "new statistics (new, ONNX default) or each batch's own (batch: "
+            "PyTorch's train-mode pass, one pass).",
+        ),
+    ] = None,
+    fold_after: Annotated[
+        bool, typer.Option("--fold", help="ONNX: fold the recalibrated model (verified) into OUT.")
+    ] = False,
     in_place: InPlace = False,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
@@ -506,9 +687,17 @@ def recalibrate(
         from . import files
         from .files.recalibrate import RecalibrateSettings, recalibrate_file
 
-        settings = RecalibrateSettings(data=data, batch_size=batch_size, pooled=pooled, prior=prior, fold=fold_after,
-                                       upstream=upstream, in_place=in_place, external_data=external_data,
-                                       load=files.LoadSettings(model_factory, trust_pickle))
+        settings = RecalibrateSettings(
+            data=data,
+            batch_size=batch_size,
+            pooled=pooled,
+            prior=prior,
+            fold=fold_after,
+            upstream=upstream,
+            in_place=in_place,
+            external_data=external_data,
+            load=files.LoadSettings(model_factory, trust_pickle),
+        )
         stages = ("load", "recalibrate", *(("fold", "verify") if fold_after else ()), "save")
         with json_guard(json_out), progress_bar(quiet, stages) as progress:
             report = recalibrate_file(model, dst, settings, progress)
@@ -520,19 +709,26 @@ def _show_recalibrate(console: Any, report: Any, verbose: bool) -> None:
 
     how = "pooled" if report.pooled else "average of per-batch statistics"
     prior = f", prior {report.prior:g} samples" if report.prior else ""
-    console.print(Text(
-        f"{report.files.source} -> {report.files.output}: {len(report.changes)} BatchNorm recalibrated on "
-        f"{report.samples} samples in {report.batches} batches ({how}{prior}; {report.passes} pass(es))"
-    ))
+    console.print(
+        Text(
+            f"{report.files.source} -> {report.files.output}: {len(report.changes)} BatchNorm recalibrated on "
+            f"{report.samples} samples in {report.batches} batches ({how}{prior}; {report.passes} pass(es))"
+        )
+    )
     shown = report.changes if verbose else sorted(report.changes, key=lambda c: -c.mean_shift)[:5]
     for c in shown:
-        console.print(Text(
-            f"  {c.bn}: mean moved up to {c.mean_shift:.3g} old std, var x{c.var_ratio_min:.3g}..{c.var_ratio_max:.3g}"
-            + (" (was training-mode)" if c.training_mode_cleared else "")
-        ))
+        console.print(
+            Text(
+                f"  {c.bn}: mean moved up to {c.mean_shift:.3g} old std, var x{c.var_ratio_min:.3g}..{c.var_ratio_max:.3g}"
+                + (" (was training-mode)" if c.training_mode_cleared else "")
+            )
+        )
     if report.fold is not None:
-        console.print(Text(f"folded: {report.fold.bn_before - report.fold.bn_after} of {report.fold.bn_before} "
-                           "BatchNorm"))
+        console.print(
+            Text(
+                f"folded: {report.fold.bn_before - report.fold.bn_after} of {report.fold.bn_before} BatchNorm"
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,7 +120,9 @@ def parse_tolerances(label: str, values: Iterable[str] | float | None) -> Tolera
         try:
             v = float(num)
         except ValueError:
-            raise OptionError(f"{label} {item!r}: {num!r} is not a number (expected VALUE or OUTPUT=VALUE)") from None
+            raise OptionError(
+                f"{label} {item!r}: {num!r} is not a number (expected VALUE or OUTPUT=VALUE)"
+            ) from None
         if key in out:
             raise OptionError(f"{label}: {key if key != '*' else 'the default'} given twice")
         out[key] = _check_value(f"{label} {item!r}", v)
@@ -151,7 +153,9 @@ def _parse_stat(stat: str) -> float | None:
     except ValueError:
         q = float("nan")
     if not (0.0 <= q <= 1.0):
-        raise OptionError(f"error statistic {stat!r}: use max, mean, median or a quantile such as q0.99 / p99")
+        raise OptionError(
+            f"error statistic {stat!r}: use max, mean, median or a quantile such as q0.99 / p99"
+        )
     return q
 
 
@@ -195,6 +199,7 @@ class Comparator:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (tolerance mappings as dicts)."""
+
         def tol(a: ToleranceArg) -> Any:
             return dict(a) if isinstance(a, Mapping) else a
 
@@ -219,7 +224,9 @@ def _heat(diff: np.ndarray) -> tuple[tuple[int, ...], tuple[tuple[int, float], .
     return index, tuple((int(ch), float(per_channel[ch])) for ch in order if per_channel[ch] > 0)
 
 
-def compare_output(name: str, sample: int, r: np.ndarray, c: np.ndarray, comparator: Comparator) -> OutputCheck:
+def compare_output(
+    name: str, sample: int, r: np.ndarray, c: np.ndarray, comparator: Comparator
+) -> OutputCheck:
     """Compare one output on one sample (see the module docstring for the rules).
 
     Raises:
@@ -231,7 +238,9 @@ def compare_output(name: str, sample: int, r: np.ndarray, c: np.ndarray, compara
         )
     r_float = is_floating(r.dtype)
     if r_float != is_floating(c.dtype):
-        raise NotComparableError(f"output {name!r} is {r.dtype} in the reference and {c.dtype} in the candidate")
+        raise NotComparableError(
+            f"output {name!r} is {r.dtype} in the reference and {c.dtype} in the candidate"
+        )
     quantile: float | None = 1.0
     stat = "max"
     if r_float:
@@ -318,7 +327,9 @@ def _cosine_snr(
         cosine = 0.0
     else:
         cosine = float(np.clip(np.dot(r, c) / (nr * nc), -1.0, 1.0))
-    noise = float(np.sum(np.square(diff[np.isfinite(diff)]))) + (math.inf if not np.all(np.isfinite(diff)) else 0.0)
+    noise = float(np.sum(np.square(diff[np.isfinite(diff)]))) + (
+        math.inf if not np.all(np.isfinite(diff)) else 0.0
+    )
     if noise == 0.0:
         return cosine, None
     signal = float(np.sum(np.square(r)))

@@ -38,8 +38,18 @@ __all__ = ["POINTWISE", "PrunedChannels", "prune_constant_channels"]
 log = logging.getLogger(__name__)
 
 POINTWISE = (
-    "ReLU", "ReLU6", "LeakyReLU", "ELU", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid",
-    "Mish", "Identity",
+    "ReLU",
+    "ReLU6",
+    "LeakyReLU",
+    "ELU",
+    "GELU",
+    "SiLU",
+    "Sigmoid",
+    "Tanh",
+    "Hardswish",
+    "Hardsigmoid",
+    "Mish",
+    "Identity",
 )
 """``torch.nn`` module classes that act on each element alone (also their ``torch``/``F`` functions)."""
 
@@ -69,8 +79,20 @@ def _pointwise_funcs() -> set[Any]:
     import torch.nn.functional as F  # noqa: N812
 
     return {
-        torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.sigmoid, F.sigmoid,
-        torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.mish,
+        torch.relu,
+        F.relu,
+        F.relu6,
+        F.leaky_relu,
+        F.elu,
+        F.gelu,
+        F.silu,
+        torch.sigmoid,
+        F.sigmoid,
+        torch.tanh,
+        F.tanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.mish,
     }
 
 
@@ -216,7 +238,9 @@ def prune_constant_channels(model: Any) -> list[PrunedChannels]:
         for p in (a.weight, a.bias, b.weight, b.bias):
             if p is not None:
                 owners[id(p)] = 1
-        out.append(PrunedChannels(node.target, b_name, channels, True, f"{len(chain)} pointwise op(s) between"))
+        out.append(
+            PrunedChannels(node.target, b_name, channels, True, f"{len(chain)} pointwise op(s) between")
+        )
     return out
 
 
@@ -232,7 +256,9 @@ def _prune(a: Any, b: Any, channels: tuple[int, ...], k64: Any) -> None:
         wb = b.weight.detach().double()
         cols = wb[:, idx].reshape(wb.shape[0], len(channels), -1).sum(dim=2)  # sum over the kernel
         delta = cols @ k64
-        bias64 = (b.bias.detach().double() if b.bias is not None else torch.zeros(wb.shape[0], dtype=torch.float64))
+        bias64 = (
+            b.bias.detach().double() if b.bias is not None else torch.zeros(wb.shape[0], dtype=torch.float64)
+        )
         new_bias = (bias64 + delta).to(b.weight.dtype)
         new_wb = b.weight.detach()[:, keep].clone()
         new_wa = a.weight.detach()[keep].clone()

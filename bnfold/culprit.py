@@ -110,7 +110,11 @@ class CulpritBudget:
     yet, or (step 3) this many additions in a row failed."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_checks": self.max_checks, "max_seconds": self.max_seconds, "give_up_after": self.give_up_after}
+        return {
+            "max_checks": self.max_checks,
+            "max_seconds": self.max_seconds,
+            "give_up_after": self.give_up_after,
+        }
 
 
 DEFAULT_BUDGET = CulpritBudget()
@@ -212,13 +216,28 @@ def find_culprits(
             runs[0] += 1
         return rep
 
-    def done(culprits: list[Culprit], rep: VerifyReport, kept: list[str], untested: Sequence[str] = (),
-             stopped: str = "", resolved: bool | None = None) -> CulpritSearch:
+    def done(
+        culprits: list[Culprit],
+        rep: VerifyReport,
+        kept: list[str],
+        untested: Sequence[str] = (),
+        stopped: str = "",
+        resolved: bool | None = None,
+    ) -> CulpritSearch:
         at = {s: i for i, s in enumerate(order)}
         culprits.sort(key=lambda c: at[c.bn])
         ok = bool(kept) and rep.passed if resolved is None else resolved
-        return CulpritSearch(culprits, rep, runs[0], ok, kept, sorted(untested, key=at.__getitem__), stopped,
-                             budget, clock() - t0)
+        return CulpritSearch(
+            culprits,
+            rep,
+            runs[0],
+            ok,
+            kept,
+            sorted(untested, key=at.__getitem__),
+            stopped,
+            budget,
+            clock() - t0,
+        )
 
     full = run(everything, final=True)
     if full.passed:
@@ -244,8 +263,10 @@ def find_culprits(
                     # Everywhere, or only dense at the start? The group searched last (the far half) tells.
                     far = pending.pop(0) if pending else []
                     if not far or not run(frozenset(far)).passed:
-                        raise _Stop(f"folds fail everywhere: the first {len(culprits)} single folds tried all "
-                                    "failed, and so did the far half of the folds")
+                        raise _Stop(
+                            f"folds fail everywhere: the first {len(culprits)} single folds tried all "
+                            "failed, and so did the far half of the folds"
+                        )
                     cleared.append(far)
             else:
                 half = len(group) // 2
@@ -308,8 +329,10 @@ def culprit_skips(search: CulpritSearch) -> dict[str, Skip]:
 
 def _spent(search: CulpritSearch) -> str:
     b = search.budget
-    return (f"{search.checks} verification(s) in {search.seconds:.3g} s, of a budget of {b.max_checks} "
-            f"verifications and {b.max_seconds:g} s")
+    return (
+        f"{search.checks} verification(s) in {search.seconds:.3g} s, of a budget of {b.max_checks} "
+        f"verifications and {b.max_seconds:g} s"
+    )
 
 
 def fold_without_culprits(
@@ -348,7 +371,9 @@ def fold_without_culprits(
     sites = [s.bn for s in report.sites] + [m.sum for m in report.merges if m.merged]
     search = find_culprits(sites, check, failed=report.verification, budget=budget)
     if not search.resolved:
-        note = f"no fold could be kept: {search.why_none_kept}" + (f" ({_spent(search)})" if search.checks else "")
+        note = f"no fold could be kept: {search.why_none_kept}" + (
+            f" ({_spent(search)})" if search.checks else ""
+        )
         return None, replace(report, culprits=search, notes=(*report.notes, note)), search
     excluded = frozenset(sites) - frozenset(search.kept)
     if excluded not in last:
@@ -359,10 +384,17 @@ def fold_without_culprits(
     model, new = last[excluded]
     skips = culprit_skips(search)
     names = ", ".join(c.bn for c in search.culprits)
-    notes = [f"{len(search.culprits)} fold(s) failed verification and were left in place ({names}); "
-             f"found in {_spent(search)}"]
+    notes = [
+        f"{len(search.culprits)} fold(s) failed verification and were left in place ({names}); "
+        f"found in {_spent(search)}"
+    ]
     if search.untested:
         notes.append(f"{search.stopped}: {len(search.untested)} fold(s) not tested were left in place too")
-    new = replace(new, verdicts=[skips.get(v.bn, v) for v in new.verdicts], verification=search.report,
-                  culprits=search, notes=(*new.notes, *notes))
+    new = replace(
+        new,
+        verdicts=[skips.get(v.bn, v) for v in new.verdicts],
+        verification=search.report,
+        culprits=search,
+        notes=(*new.notes, *notes),
+    )
     return model, new, search

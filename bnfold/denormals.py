@@ -61,6 +61,7 @@ __all__ = [
     "flush_targets",
 ]
 
+
 def range_counts(values: npt.ArrayLike) -> RangeCounts:
     """Overflow / underflow counts of ``values`` (any float dtype) cast to float16 and bfloat16."""
     a = np.asarray(values)
@@ -141,9 +142,7 @@ def snapshot(model: Any, *, full: bool = True) -> dict[str, Any]:
     """
     if _kind(model) == "onnx":
         return {
-            t.name: _onnx_key(t)
-            for t in _onnx_float_initializers(model)
-            if full or _onnx_has_subnormal(t)
+            t.name: _onnx_key(t) for t in _onnx_float_initializers(model) if full or _onnx_has_subnormal(t)
         }
     return dict(_torch_tensors(model))
 

@@ -103,9 +103,7 @@ def with_context(err: BnfoldError, *where: str, message: str | None = None) -> B
 
     msg = str(err) if message is None else message
     places = [w for w in where if w]
-    named = any(
-        w in msg or os.path.basename(w) in msg or msg.startswith(w.split(" vs ")[0]) for w in places
-    )
+    named = any(w in msg or os.path.basename(w) in msg or msg.startswith(w.split(" vs ")[0]) for w in places)
     if places and not named:
         msg = f"{', '.join(places)}: {msg}"
     if msg == str(err):

@@ -97,8 +97,10 @@ def io_names(
         OptionError: more names than the model has inputs/outputs, or a name used twice.
     """
     ins = list(input_names) if input_names else _positional_names(model, n_inputs)
-    outs = list(output_names) if output_names else (
-        ["output"] if n_outputs == 1 else [f"output{i}" for i in range(n_outputs)]
+    outs = (
+        list(output_names)
+        if output_names
+        else (["output"] if n_outputs == 1 else [f"output{i}" for i in range(n_outputs)])
     )
     if len(ins) > n_inputs:
         raise OptionError(f"--input-names: {len(ins)} names for a model with {n_inputs} input(s)")
@@ -188,8 +190,15 @@ def export_onnx(
     t0 = time.perf_counter()
     args = _as_tuple(example_inputs)
     onnx_model, report = _export_module(
-        model, args, opset=opset, dynamo=dynamo, input_names=input_names, output_names=output_names,
-        dynamic_axes=dynamic_axes, dynamic_batch=dynamic_batch, post=PostFold(flush_denormals),
+        model,
+        args,
+        opset=opset,
+        dynamo=dynamo,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        dynamic_batch=dynamic_batch,
+        post=PostFold(flush_denormals),
         merge_branches=merge_branches,
     )
     if verify:
@@ -248,8 +257,9 @@ def _export_module(
 
     from .fx import fold_module
 
-    folded, treport = run(model, "module", post, lambda: fold_module(
-        model, example_inputs=args, merge_branches=merge_branches))
+    folded, treport = run(
+        model, "module", post, lambda: fold_module(model, example_inputs=args, merge_branches=merge_branches)
+    )
     with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
         outputs = _flat_outputs(folded(*args))
     in_names, out_names = io_names(model, len(args), len(outputs), input_names, output_names)
@@ -260,16 +270,25 @@ def _export_module(
         kw["dynamic_axes"] = dict(dynamic_axes)
     elif dynamic_batch and not dynamo:
         kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
-    onnx_model, oreport, left_in_onnx = _fold_export(_torch_export(folded, args, kw), affine, post,
-                                                     merge_branches=merge_branches)
+    onnx_model, oreport, left_in_onnx = _fold_export(
+        _torch_export(folded, args, kw), affine, post, merge_branches=merge_branches
+    )
     report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
-    return onnx_model, replace(report, export=ExportCounts(
-        torch=treport.folded, exporter=max(len(treport.skips) - left_in_onnx, 0), onnx=oreport.folded,
-        left=oreport.bn_after, exporter_kind="dynamo" if dynamo else "legacy",
-    ))
+    return onnx_model, replace(
+        report,
+        export=ExportCounts(
+            torch=treport.folded,
+            exporter=max(len(treport.skips) - left_in_onnx, 0),
+            onnx=oreport.folded,
+            left=oreport.bn_after,
+            exporter_kind="dynamo" if dynamo else "legacy",
+        ),
+    )
 
 
-def _fold_export(proto: Any, affine: bool, post: PostFold, *, merge_branches: bool = True) -> tuple[Any, FoldReport, int]:
+def _fold_export(
+    proto: Any, affine: bool, post: PostFold, *, merge_branches: bool = True
+) -> tuple[Any, FoldReport, int]:
     """Step 3: fold what the exporter left in ``proto`` (in place), flushing what it writes.
 
     The health audit (of the PyTorch fold) and pruning are the first fold's: only the flush runs here.
@@ -279,9 +298,19 @@ def _fold_export(proto: Any, affine: bool, post: PostFold, *, merge_branches: bo
 
     left_in_onnx = count_bn(proto)
     steps = PostFold(post.flush_denormals)
-    proto, oreport = run(proto, "onnx", steps, lambda: fold_model(
-        proto, affine=affine, inplace=True, flush_denormals=steps.flush_as_written, merge_branches=merge_branches),
-        inplace=True)
+    proto, oreport = run(
+        proto,
+        "onnx",
+        steps,
+        lambda: fold_model(
+            proto,
+            affine=affine,
+            inplace=True,
+            flush_denormals=steps.flush_as_written,
+            merge_branches=merge_branches,
+        ),
+        inplace=True,
+    )
     return proto, oreport, left_in_onnx
 
 
@@ -309,14 +338,29 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         if len(gone) == len(treport.skips) - left_in_onnx:
             # Not in the exported graph: the exporter removed them (folded into their Conv), so they
             # are not left (a report "1 -> 0: left 1" contradicts itself).
-            kept = [v if v.folded else Site(v.bn, "", "exporter", Direction.FORWARD,
-                                             "folded by the ONNX exporter (not by bnfold's PyTorch fold: "
-                                             f"{v.detail})") for v in kept]
+            kept = [
+                v
+                if v.folded
+                else Site(
+                    v.bn,
+                    "",
+                    "exporter",
+                    Direction.FORWARD,
+                    f"folded by the ONNX exporter (not by bnfold's PyTorch fold: {v.detail})",
+                )
+                for v in kept
+            ]
     return FoldReport(
-        backend=backend, verdicts=[*kept, *oreport.verdicts], bn_before=treport.bn_before,
-        bn_after=oreport.bn_after, nodes_before=treport.nodes_before, params_before=treport.params_before,
-        nodes_after=oreport.nodes_after, params_after=oreport.params_after,
-        notes=(*treport.notes, *oreport.notes), health=treport.health,
+        backend=backend,
+        verdicts=[*kept, *oreport.verdicts],
+        bn_before=treport.bn_before,
+        bn_after=oreport.bn_after,
+        nodes_before=treport.nodes_before,
+        params_before=treport.params_before,
+        nodes_after=oreport.nodes_after,
+        params_after=oreport.params_after,
+        notes=(*treport.notes, *oreport.notes),
+        health=treport.health,
         flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
         merges=(*treport.merges, *oreport.merges),
         convs_before=treport.convs_before if treport.convs_before is not None else oreport.convs_before,
@@ -344,8 +388,10 @@ class ExportSettings:
     def flags(self) -> dict[str, object]:
         """The CLI flags these settings came from, with the values given (for option checks)."""
         return {
-            "--opset": self.opset, "--static-batch": not self.dynamic_batch,
-            "--input-names": self.input_names, "--output-names": self.output_names,
+            "--opset": self.opset,
+            "--static-batch": not self.dynamic_batch,
+            "--input-names": self.input_names,
+            "--output-names": self.output_names,
         }
 
 
@@ -381,8 +427,9 @@ def export_folded(
 
         if not export.dynamic_batch:
             raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
-        folded_ep, treport = fold_with_report(model, flush_denormals=post.flush_denormals, health=post.health,
-                                              merge_branches=merge_branches)
+        folded_ep, treport = fold_with_report(
+            model, flush_denormals=post.flush_denormals, health=post.health, merge_branches=merge_branches
+        )
         kw: dict[str, Any] = {"dynamo": True, "verbose": False}
         if export.opset is not None:
             kw["opset_version"] = export.opset
@@ -390,14 +437,22 @@ def export_folded(
             kw["input_names"] = list(export.input_names)
         if export.output_names:
             kw["output_names"] = list(export.output_names)
-        proto, oreport, left_in_onnx = _fold_export(_torch_export(folded_ep, (), kw), affine, post,
-                                                    merge_branches=merge_branches)
+        proto, oreport, left_in_onnx = _fold_export(
+            _torch_export(folded_ep, (), kw), affine, post, merge_branches=merge_branches
+        )
         report = _merged(treport, oreport, left_in_onnx, backend=treport.backend)
     else:
         proto, report = _export_module(
-            model, tuple(examples or ()), opset=export.opset, dynamo=False,
-            input_names=export.input_names or None, output_names=export.output_names or None,
-            dynamic_axes=None, dynamic_batch=export.dynamic_batch, post=post, affine=affine,
+            model,
+            tuple(examples or ()),
+            opset=export.opset,
+            dynamo=False,
+            input_names=export.input_names or None,
+            output_names=export.output_names or None,
+            dynamic_axes=None,
+            dynamic_batch=export.dynamic_batch,
+            post=post,
+            affine=affine,
             merge_branches=merge_branches,
         )
     progress("export", 1, 1)

@@ -141,7 +141,9 @@ def _verdict(name: str, bn: nn.Module) -> Skip | BnSpec:
         return Skip(name, SkipReason.UNSUPPORTED_DTYPE, f"parameters are {dtype}, not floating point")
     if not spec.eps > 0:
         return Skip(name, SkipReason.UNSUPPORTED_LAYER, f"eps={spec.eps} <= 0; set eps > 0 before freezing")
-    scale, shift = bn_affine(to_float64(weight), to_float64(bias), to_float64(mean), to_float64(var), spec.eps)
+    scale, shift = bn_affine(
+        to_float64(weight), to_float64(bias), to_float64(mean), to_float64(var), spec.eps
+    )
     np_dtype = numpy_dtype(dtype)  # bfloat16 exactly: the dtype FrozenBatchNorm stores the affine in
     if not (fits_dtype(scale, np_dtype) and fits_dtype(shift, np_dtype)):
         return Skip(name, SkipReason.OVERFLOW, f"scale or shift would not be finite in {dtype}")
@@ -229,9 +231,14 @@ def freeze_with_report(
             "partial freeze (the report names what was left)"
         )
     report = FoldReport(
-        backend="freeze", verdicts=verdicts, notes=notes, bn_before=len(bns), params_before=params_before,
+        backend="freeze",
+        verdicts=verdicts,
+        notes=notes,
+        bn_before=len(bns),
+        params_before=params_before,
         bn_after=sum(1 for _, m in new_root.named_modules() if _is_bn_like(m)),
-        params_after=sum(p.numel() for p in new_root.parameters()), seconds=time.perf_counter() - t0,
+        params_after=sum(p.numel() for p in new_root.parameters()),
+        seconds=time.perf_counter() - t0,
     )
     return new_root, report
 
@@ -407,7 +414,7 @@ def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
         owner = next((m for m in frozen if key.startswith((m + "." if m else "") + "tail.")), None)
         if owner is not None:  # a kept activation's entries go back where the BN-like layer had them
             pre = owner + "." if owner else ""
-            out[pre + key[len(pre) + len("tail."):]] = value
+            out[pre + key[len(pre) + len("tail.") :]] = value
             continue
         out[key] = value
     return out
@@ -503,5 +510,9 @@ def _layer_eps_affine(
     elif affine is not None:
         a = bool(affine)
     if a is None and layer is not None:
-        a = bool(layer.source_affine) if isinstance(layer, FrozenBatchNorm) else getattr(layer, "weight", None) is not None
+        a = (
+            bool(layer.source_affine)
+            if isinstance(layer, FrozenBatchNorm)
+            else getattr(layer, "weight", None) is not None
+        )
     return e, True if a is None else a

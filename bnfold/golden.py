@@ -120,7 +120,11 @@ def load_outputs(path: str | os.PathLike[str]) -> Recording:
         if "__meta__" not in data:
             raise OptionError(f"{p}: not a bnfold outputs file (no __meta__ entry)")
         meta = json.loads(str(data["__meta__"]))
-        if not isinstance(meta, dict) or meta.get("format") != "bnfold-golden" or meta.get("version") != GOLDEN_VERSION:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != "bnfold-golden"
+            or meta.get("version") != GOLDEN_VERSION
+        ):
             raise OptionError(f"{p}: not a bnfold outputs file of version {GOLDEN_VERSION}")
         dtypes: dict[str, str] = meta["dtypes"]
 

@@ -65,7 +65,6 @@ class _Params:
     eps: float
 
 
-
 def audit(original: Any, folded: Any, report: FoldReport, before: Any = None) -> HealthReport:
     """The health report of a fold already done: ``folded`` and ``report`` came from ``original``.
 
@@ -81,7 +80,9 @@ def audit(original: Any, folded: Any, report: FoldReport, before: Any = None) ->
 
     kind = model_kind(original)
     if kind == "export":
-        raise UnsupportedModelError("the health audit reads nn.Module and ONNX models, not torch.export programs")
+        raise UnsupportedModelError(
+            "the health audit reads nn.Module and ONNX models, not torch.export programs"
+        )
     if before is None:
         before = snapshot(original)
     changed = changed_tensors(folded, before) if folded is not original else []
@@ -150,8 +151,13 @@ def layer_quant(layer: str, kind: str, folded: F64, original: F64 | None = None)
     ratio, med = _ratio(folded)
     before = _ratio(original)[0] if original is not None and original.shape == folded.shape else 0.0
     return LayerQuant(
-        layer=layer, kind=kind, channels=int(folded.size), max_range=float(folded.max()) if folded.size else 0.0,
-        median_range=med, worst_channel=int(np.argmax(folded)) if folded.size else 0, ratio=ratio,
+        layer=layer,
+        kind=kind,
+        channels=int(folded.size),
+        max_range=float(folded.max()) if folded.size else 0.0,
+        median_range=med,
+        worst_channel=int(np.argmax(folded)) if folded.size else 0,
+        ratio=ratio,
         ratio_before=before,
     )
 
@@ -197,8 +203,9 @@ def _onnx_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:
             w = numpy_helper.to_array(inits[n.input[1]])
             if w.ndim < 2 or w.dtype.kind != "f":
                 continue
-            ranges = channel_ranges(w, n.op_type, groups=int(attrs.get("group", 1)),
-                                    trans_b=bool(attrs.get("transB", 0)))
+            ranges = channel_ranges(
+                w, n.op_type, groups=int(attrs.get("group", 1)), trans_b=bool(attrs.get("transB", 0))
+            )
             for label in hit:
                 out[label] = (n.op_type, ranges)
     return out

@@ -99,13 +99,15 @@ class BnHealth:
         )
         r = self.scale_range + self.folded_range
         if r.fp16_overflow or r.bf16_overflow:
-            out.append("overflows in " + "/".join(
-                n for n, c in (("float16", r.fp16_overflow), ("bfloat16", r.bf16_overflow)) if c
-            ))
+            out.append(
+                "overflows in "
+                + "/".join(n for n, c in (("float16", r.fp16_overflow), ("bfloat16", r.bf16_overflow)) if c)
+            )
         if r.fp16_subnormal or r.bf16_subnormal:
-            out.append("underflows in " + "/".join(
-                n for n, c in (("float16", r.fp16_subnormal), ("bfloat16", r.bf16_subnormal)) if c
-            ))
+            out.append(
+                "underflows in "
+                + "/".join(n for n, c in (("float16", r.fp16_subnormal), ("bfloat16", r.bf16_subnormal)) if c)
+            )
         return tuple(out)
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,7 +45,12 @@ class PostFold:
 
 
 def run(
-    model: Any, kind: str, steps: PostFold, fold: Callable[[], tuple[Any, FoldReport]], *, inplace: bool = False
+    model: Any,
+    kind: str,
+    steps: PostFold,
+    fold: Callable[[], tuple[Any, FoldReport]],
+    *,
+    inplace: bool = False,
 ) -> tuple[Any, FoldReport]:
     """The fold sequence: :func:`before_fold` on ``model``, ``fold()`` (the backend), :func:`after_fold`.
 
@@ -95,7 +100,9 @@ def after_fold(
         pruned = prune_constant_channels(out)
         note = f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned"
         report = replace(
-            report, pruned_channels=tuple(pruned), notes=(*report.notes, note),
+            report,
+            pruned_channels=tuple(pruned),
+            notes=(*report.notes, note),
             params_after=sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel")),
         )
     if steps.flush_denormals:

@@ -47,27 +47,112 @@ _TRUST = "If you trust the file, pass --trust-pickle (trust_pickle=True)"
 
 # ``torch.ops.<namespace>.<op>[.<overload>]``: no dunders, so no ``__class__`` walks.
 _OP_TARGET = re.compile(r"^torch\.ops\.(?!__)\w+\.(?!__)\w+(\.(?!__)\w+)?$")
-_PURE_OPERATOR = frozenset({
-    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne",
-    "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "matmul", "truth",
-})
+_PURE_OPERATOR = frozenset(
+    {
+        "getitem",
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "neg",
+        "pos",
+        "abs",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and_",
+        "or_",
+        "xor",
+        "not_",
+        "invert",
+        "lshift",
+        "rshift",
+        "matmul",
+        "truth",
+    }
+)
 _PURE_MATH = frozenset(n for n in dir(math) if not n.startswith("_") and callable(getattr(math, n)))
 _TORCH_FUNCTIONS = frozenset({"_C._set_grad_enabled", "_assert", "_assert_async", "_check", "_check_is_size"})
 
 # Names a sympy shape expression may call or mention (sympy's own and torch's shape functions).
-_SYMPY_NAMES = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "floor",
-    "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan",
-    "GreaterThan", "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair", "true",
-    "false", "True", "False", "oo", "zoo", "nan", "Infinity", "NegativeInfinity", "One", "Zero",
-    "NegativeOne", "Half", "BooleanTrue", "BooleanFalse", "sqrt", "int_oo", "IntInfinity",
-    "NegativeIntInfinity", "S",
-})
+_SYMPY_NAMES = frozenset(
+    {
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "floor",
+        "ceiling",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "StrictLessThan",
+        "StrictGreaterThan",
+        "LessThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ExprCondPair",
+        "true",
+        "false",
+        "True",
+        "False",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "One",
+        "Zero",
+        "NegativeOne",
+        "Half",
+        "BooleanTrue",
+        "BooleanFalse",
+        "sqrt",
+        "int_oo",
+        "IntInfinity",
+        "NegativeIntInfinity",
+        "S",
+    }
+)
 _SYMBOL = re.compile(r"^[a-z][a-z_]*\d+$")  # s0, u12, zuf3: what torch names its shape symbols
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _ALLOWED_EXPR_NODES = (
-    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
-    ast.BoolOp, ast.Compare, ast.operator, ast.unaryop, ast.boolop, ast.cmpop, ast.Tuple,
+    ast.Expression,
+    ast.Call,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.keyword,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.operator,
+    ast.unaryop,
+    ast.boolop,
+    ast.cmpop,
+    ast.Tuple,
 )
 _GUARD_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 
@@ -80,8 +165,11 @@ def _torch_function_names() -> frozenset[str]:
     except Exception:  # pragma: no cover - torch always ships them
         return frozenset()
     return frozenset(
-        n for n in dir(f)
-        if not n.startswith("_") and isinstance(getattr(f, n), type) and issubclass(getattr(f, n), sympy.Basic)
+        n
+        for n in dir(f)
+        if not n.startswith("_")
+        and isinstance(getattr(f, n), type)
+        and issubclass(getattr(f, n), sympy.Basic)
     )
 
 
@@ -122,8 +210,21 @@ def _guard_ok(text: str) -> bool:
     except (SyntaxError, ValueError):
         return False
     allowed = (
-        ast.Expression, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Constant, ast.Subscript,
-        ast.Name, ast.Load, ast.Attribute, ast.Call, ast.operator, ast.unaryop, ast.boolop, ast.cmpop,
+        ast.Expression,
+        ast.Compare,
+        ast.BoolOp,
+        ast.UnaryOp,
+        ast.BinOp,
+        ast.Constant,
+        ast.Subscript,
+        ast.Name,
+        ast.Load,
+        ast.Attribute,
+        ast.Call,
+        ast.operator,
+        ast.unaryop,
+        ast.boolop,
+        ast.cmpop,
     )
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
@@ -132,7 +233,9 @@ def _guard_ok(text: str) -> bool:
             return False
         if isinstance(node, ast.Attribute) and node.attr not in _GUARD_METHODS:
             return False
-        if isinstance(node, ast.Call) and (node.args or node.keywords or not isinstance(node.func, ast.Attribute)):
+        if isinstance(node, ast.Call) and (
+            node.args or node.keywords or not isinstance(node.func, ast.Attribute)
+        ):
             return False
         if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, bool, str)):
             return False
@@ -174,7 +277,9 @@ def _check_program_json(path: str, member: str, data: bytes) -> None:
     for d in _walk(program):
         expr = d.get("expr_str")
         if isinstance(expr, str) and not _expr_ok(expr, names):
-            raise _refuse(path, f"{member} holds a shape expression that is not plain arithmetic ({expr[:80]!r})")
+            raise _refuse(
+                path, f"{member} holds a shape expression that is not plain arithmetic ({expr[:80]!r})"
+            )
         target = d.get("target")
         if isinstance(target, str) and "inputs" in d and not _target_ok(target):
             raise _refuse(path, f"{member} calls {target[:80]!r}, which is not an operator")
@@ -216,14 +321,17 @@ def check_pt2(path: str) -> None:
             full = z.namelist()
             roots = {n.split("/", 1)[0] for n in full}
             prefix = f"{roots.pop()}/" if len(roots) == 1 and all("/" in n for n in full) else ""
-            names = {n[len(prefix):]: n for n in full}
+            names = {n[len(prefix) :]: n for n in full}
 
             def read(rel: str) -> bytes:
                 return z.read(names[rel])
 
             if "archive_version" not in names:
-                raise _refuse(path, "an old or unknown torch.export layout (no archive_version), which torch "
-                                    "deserialises with a pickle fallback")
+                raise _refuse(
+                    path,
+                    "an old or unknown torch.export layout (no archive_version), which torch "
+                    "deserialises with a pickle fallback",
+                )
             for rel in names:
                 if rel.startswith(("data/aotinductor/", "data/mtia")):
                     raise _refuse(path, "holds AOTInductor compiled code (shared libraries torch would load)")
@@ -231,7 +339,7 @@ def check_pt2(path: str) -> None:
             if not models:
                 raise ModelFormatError(f"{path}: a torch.export archive without a program (no models/*.json)")
             for rel in models:
-                model = rel[len("models/"):-len(".json")]
+                model = rel[len("models/") : -len(".json")]
                 _check_program_json(path, rel, read(rel))
                 for legacy in (f"data/weights/{model}.pt", f"data/constants/{model}.pt"):
                     if legacy in names:
@@ -280,8 +388,11 @@ def check_program(path: str, program: Any) -> None:
                 if isinstance(t, op_types) or t in allowed_py:
                     continue
                 if getattr(t, "__module__", "") in ("torch", "torch._C") and (
-                    name.startswith(("sym_", "_sym_")) or name in ("_set_grad_enabled", "_assert", "_assert_async")
+                    name.startswith(("sym_", "_sym_"))
+                    or name in ("_set_grad_enabled", "_assert", "_assert_async")
                 ):
                     continue
-                raise _refuse(path, f"the program calls {name or type(t).__name__!r}, which is not an operator")
+                raise _refuse(
+                    path, f"the program calls {name or type(t).__name__!r}, which is not an operator"
+                )
         stack.extend(m for m in gm.children() if isinstance(m, torch.fx.GraphModule))

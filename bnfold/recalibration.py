@@ -209,7 +209,9 @@ class _Row:
     message: str = ""
 
     def encode(self) -> Tensor:
-        head = _ROW.pack(self.failed, self.pooled, self.prior, self.layers, self.channels, self.layout, self.source)
+        head = _ROW.pack(
+            self.failed, self.pooled, self.prior, self.layers, self.channels, self.layout, self.source
+        )
         msg = self.message.encode("utf-8", "replace")[:_MESSAGE]
         raw = head + msg + bytes(_MESSAGE - len(msg))
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -240,7 +242,9 @@ def _layout_row(named: list[tuple[str, _BatchNorm]], prior: float | None, pooled
 
     def describe(name: str, m: _BatchNorm) -> bytes:
         stats = [(k, getattr(m, k)) for k in _STATS]
-        return repr([name, [(k, None if t is None else (tuple(t.shape), str(t.dtype))) for k, t in stats]]).encode()
+        return repr(
+            [name, [(k, None if t is None else (tuple(t.shape), str(t.dtype))) for k, t in stats]]
+        ).encode()
 
     source = b""
     if prior:
@@ -251,9 +255,12 @@ def _layout_row(named: list[tuple[str, _BatchNorm]], prior: float | None, pooled
             if t is not None
         )
     return _Row(
-        pooled=pooled, prior=float(prior or 0.0), layers=len(named),
+        pooled=pooled,
+        prior=float(prior or 0.0),
+        layers=len(named),
         channels=sum(int(m.running_mean.numel()) for _, m in named if m.running_mean is not None),
-        layout=_digest(describe(n, m) for n, m in named), source=source.ljust(16, b"\0"),
+        layout=_digest(describe(n, m) for n, m in named),
+        source=source.ljust(16, b"\0"),
     )
 
 
@@ -265,7 +272,9 @@ class _Peers:
 
     def _gather(self, row: _Row) -> list[_Row]:
         backend = str(dist.get_backend(self.group))
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
         mine = row.encode().to(device)
         rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(rows, mine, group=self.group)
@@ -311,7 +320,8 @@ class _Peers:
         if any(options(x) != options(first) for x in rows):
             raise OptionError(
                 "recalibrate under torch.distributed: every process must pass the same prior and pooled ("
-                + differ(options, lambda x: f"prior={x.prior:g}, pooled={x.pooled}") + ")"
+                + differ(options, lambda x: f"prior={x.prior:g}, pooled={x.pooled}")
+                + ")"
             )
         if any(layout(x) != layout(first) for x in rows):
             raise ModelStateError(
@@ -406,7 +416,9 @@ def recalibrate(
             raise InputError(f"recalibrate expects a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # its forward broadcasts buffers (a collective per batch) and it cannot be deep-copied
-            raise InputError("recalibrate the wrapped module (ddp_model.module), not the DistributedDataParallel")
+            raise InputError(
+                "recalibrate the wrapped module (ddp_model.module), not the DistributedDataParallel"
+            )
         if prior is not None and not (math.isfinite(prior) and prior >= 0):
             raise OptionError(f"prior must be a finite number >= 0, got {prior}")
         root = model if inplace else copy_model(model)  # copes with tensors a forward cached (LeViT)

@@ -457,8 +457,10 @@ class FreezeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "files": self.files.to_dict(), "learnable": self.learnable,
-            "frozen": [list(f) for f in self.frozen], "left": [s.to_dict() for s in self.left],
+            "files": self.files.to_dict(),
+            "learnable": self.learnable,
+            "frozen": [list(f) for f in self.frozen],
+            "left": [s.to_dict() for s in self.left],
             "seconds": self.seconds,
         }
 
@@ -507,8 +509,11 @@ class BranchVerdict:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "branch": self.branch, "kind": self.kind, "merged": self.merged,
-            "reason": None if self.reason is None else self.reason.value, "detail": self.detail,
+            "branch": self.branch,
+            "kind": self.kind,
+            "merged": self.merged,
+            "reason": None if self.reason is None else self.reason.value,
+            "detail": self.detail,
         }
 
 
@@ -535,7 +540,12 @@ class Merge:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sum": self.sum, "input": self.input, "target": self.target, "merged": self.merged,
-            "branches_merged": self.branches_merged, "convs_before": self.convs_before,
-            "convs_after": self.convs_after, "branches": [b.to_dict() for b in self.branches],
+            "sum": self.sum,
+            "input": self.input,
+            "target": self.target,
+            "merged": self.merged,
+            "branches_merged": self.branches_merged,
+            "convs_before": self.convs_before,
+            "convs_after": self.convs_after,
+            "branches": [b.to_dict() for b in self.branches],
         }

@@ -24,8 +24,15 @@ def _bn_params(c: int, rng: np.random.Generator, dtype: Any = np.float32) -> dic
     }
 
 
-def onnx_training_bn(rank: int = 4, c: int = 4, opset: int = 15, *, read_running: bool = False,
-                     batch: int | str = 1, seed: int = 0) -> onnx.ModelProto:
+def onnx_training_bn(
+    rank: int = 4,
+    c: int = 4,
+    opset: int = 15,
+    *,
+    read_running: bool = False,
+    batch: int | str = 1,
+    seed: int = 0,
+) -> onnx.ModelProto:
     """``x -> Conv (kernel 3, pads 1) -> BatchNormalization(training_mode=1) -> Relu -> y`` on data of ``rank``.
 
     ``read_running``: the BN's running-mean output is a second graph output. ``rank`` 2 uses a Gemm.
@@ -40,17 +47,33 @@ def onnx_training_bn(rank: int = 4, c: int = 4, opset: int = 15, *, read_running
     else:
         w = rng.normal(0, 0.5, (c, cin, *([3] * (rank - 2)))).astype(np.float32)
         layer = helper.make_node("Conv", ["x", "W", "b"], ["h"], name="conv", pads=[1] * (2 * (rank - 2)))
-    inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.normal(0, 0.3, c).astype(np.float32), "b")]
+    inits += [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(rng.normal(0, 0.3, c).astype(np.float32), "b"),
+    ]
     p = _bn_params(c, rng)
     inits += [numpy_helper.from_array(v, f"bn_{k}") for k, v in p.items()]
     if opset >= 14:
         outs = ["z", "run_mean", "run_var"]  # onnxruntime wants all three in training mode (unread here)
-        bn = helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], outs,
-                              name="bn", epsilon=1e-3, momentum=0.9, training_mode=1)
+        bn = helper.make_node(
+            "BatchNormalization",
+            ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"],
+            outs,
+            name="bn",
+            epsilon=1e-3,
+            momentum=0.9,
+            training_mode=1,
+        )
     else:  # opsets 7-13: training mode is the optional outputs produced
         outs = ["z", "run_mean", "run_var", "saved_mean", "saved_var"]
-        bn = helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], outs,
-                              name="bn", epsilon=1e-3, momentum=0.9)
+        bn = helper.make_node(
+            "BatchNormalization",
+            ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"],
+            outs,
+            name="bn",
+            epsilon=1e-3,
+            momentum=0.9,
+        )
     relu = helper.make_node("Relu", ["z"], ["y"], name="relu")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, *spatial])
     graph_outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, *spatial])]
@@ -84,16 +107,25 @@ def onnx_weight_standardised(seed: int = 0) -> onnx.ModelProto:
     inits += [numpy_helper.from_array(v, f"bn_{k}") for k, v in p.items()]
     nodes = [
         helper.make_node("Reshape", ["W", "ws_shape"], ["w3"], name="ws_flat"),
-        helper.make_node("BatchNormalization", ["w3", "gain", "zero", "ws_mean", "ws_var"], ["w3n", "ws_rm", "ws_rv"],
-                         name="ws_bn", epsilon=1e-4, training_mode=1),
+        helper.make_node(
+            "BatchNormalization",
+            ["w3", "gain", "zero", "ws_mean", "ws_var"],
+            ["w3n", "ws_rm", "ws_rv"],
+            name="ws_bn",
+            epsilon=1e-4,
+            training_mode=1,
+        ),
         helper.make_node("Reshape", ["w3n", "w_shape"], ["Wn"], name="ws_back"),
         helper.make_node("Conv", ["x", "Wn"], ["h"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], ["y"], name="bn"),
+        helper.make_node(
+            "BatchNormalization", ["h", "bn_scale", "bn_B", "bn_mean", "bn_var"], ["y"], name="bn"
+        ),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])
-    m = helper.make_model(helper.make_graph(nodes, "ws", [x], [y], inits),
-                          opset_imports=[helper.make_opsetid("", 15)])
+    m = helper.make_model(
+        helper.make_graph(nodes, "ws", [x], [y], inits), opset_imports=[helper.make_opsetid("", 15)]
+    )
     m.ir_version = 8
     return m
 
@@ -106,8 +138,13 @@ def torch_batch_stats_net(dims: int = 2, c: int = 4, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-    net = nn.Sequential(conv(3, c, 3, padding=1), bn(c, eps=1e-3, track_running_stats=False), nn.ReLU(),
-                        conv(c, c, 3, padding=1), bn(c))
+    net = nn.Sequential(
+        conv(3, c, 3, padding=1),
+        bn(c, eps=1e-3, track_running_stats=False),
+        nn.ReLU(),
+        conv(c, c, 3, padding=1),
+        bn(c),
+    )
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -32,8 +32,15 @@ def onnx_export_keeping_bn(model: nn.Module, x: torch.Tensor) -> bytes:
     """Legacy exporter, BN kept as BatchNormalization nodes (no constant folding, training preserved)."""
     buf = io.BytesIO()
     torch.onnx.export(
-        model, (x,), buf, dynamo=False, do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
-        opset_version=17, input_names=["input"], output_names=["output"],
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["output"],
     )
     return buf.getvalue()
 

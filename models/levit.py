@@ -75,7 +75,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, self.heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = (
+            self.qkv(x).view(b, n, self.heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        )
         q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
         attn = (q @ k) * self.scale + self.attention_biases[:, self.bias_idxs]
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, self.heads * self.val_dim)
@@ -144,8 +146,13 @@ class LeViT(nn.Module):
         super().__init__()
         d0, d1 = dims
         self.stem = nn.Sequential(
-            ConvNorm(3, d0 // 8), nn.Hardswish(), ConvNorm(d0 // 8, d0 // 4), nn.Hardswish(),
-            ConvNorm(d0 // 4, d0 // 2), nn.Hardswish(), ConvNorm(d0 // 2, d0),
+            ConvNorm(3, d0 // 8),
+            nn.Hardswish(),
+            ConvNorm(d0 // 8, d0 // 4),
+            nn.Hardswish(),
+            ConvNorm(d0 // 4, d0 // 2),
+            nn.Hardswish(),
+            ConvNorm(d0 // 2, d0),
         )
         res = img // 16
         self.stage1 = Block(d0, 8, 2, res)

@@ -88,7 +88,9 @@ def _old_opset_bytes(opset: int = 6) -> bytes:
         p = f"l{i}_"
         fan = cin * 9
         inits += [
-            numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(fan)).astype(f32), p + "W"),
+            numpy_helper.from_array(
+                (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(fan)).astype(f32), p + "W"
+            ),
             numpy_helper.from_array(rng.standard_normal(cout).astype(f32) * 0.1, p + "B"),
             # realistic statistics, as after training: mean != 0, var != 1, gamma != 1, beta != 0
             numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(f32), p + "gamma"),
@@ -97,10 +99,22 @@ def _old_opset_bytes(opset: int = 6) -> bytes:
             numpy_helper.from_array(rng.uniform(0.2, 3.0, cout).astype(f32), p + "var"),
         ]
         nodes += [
-            helper.make_node("Conv", [prev, p + "W", p + "B"], [p + "conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                             name=f"conv{i}"),
-            helper.make_node("BatchNormalization", [p + "conv", p + "gamma", p + "beta", p + "mean", p + "var"],
-                             [p + "bn"], epsilon=1e-5, is_test=1, name=f"bn{i}"),
+            helper.make_node(
+                "Conv",
+                [prev, p + "W", p + "B"],
+                [p + "conv"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                name=f"conv{i}",
+            ),
+            helper.make_node(
+                "BatchNormalization",
+                [p + "conv", p + "gamma", p + "beta", p + "mean", p + "var"],
+                [p + "bn"],
+                epsilon=1e-5,
+                is_test=1,
+                name=f"bn{i}",
+            ),
             helper.make_node("Relu", [p + "bn"], [p + "relu"], name=f"relu{i}"),
         ]
         prev, cin = p + "relu", cout
@@ -114,15 +128,20 @@ def _old_opset_bytes(opset: int = 6) -> bytes:
         helper.make_node("Gemm", ["flat", "fc_W", "fc_B"], ["logits"], transB=1, broadcast=1, name="fc"),
     ]
     graph = helper.make_graph(
-        nodes, f"cnn_opset{opset}",
+        nodes,
+        f"cnn_opset{opset}",
         # IR version 3: initializers are graph inputs too
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])]
         + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=3,
-                              producer_name="models.make_samples")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset)],
+        ir_version=3,
+        producer_name="models.make_samples",
+    )
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
 

@@ -63,9 +63,17 @@ def mobilenet_quant_onnx(model: nn.Module, x: torch.Tensor) -> Any:
     import onnx
 
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17,
-                      input_names=["x"], output_names=["y"])
+    torch.onnx.export(
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+    )
     return onnx.load_from_string(buf.getvalue())
 
 

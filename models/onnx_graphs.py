@@ -61,20 +61,32 @@ class G:
     def rand(self, name: str, shape: tuple[int, ...], scale: float = 0.5) -> str:
         return self.init(name, self.rng.standard_normal(shape) * scale)
 
-    def node(self, op: str, inputs: list[str], outputs: list[str], name: str = "", **attrs: Any) -> onnx.NodeProto:
+    def node(
+        self, op: str, inputs: list[str], outputs: list[str], name: str = "", **attrs: Any
+    ) -> onnx.NodeProto:
         n = helper.make_node(op, inputs, outputs, name=name or f"{op}_{len(self.nodes)}", **attrs)
         self.nodes.append(n)
         return n
 
-    def bn(self, x: str, y: str, c: int, name: str, param_dtype: Any = None, shape: tuple[int, ...] | None = None,
-           **attrs: Any) -> onnx.NodeProto:
+    def bn(
+        self,
+        x: str,
+        y: str,
+        c: int,
+        name: str,
+        param_dtype: Any = None,
+        shape: tuple[int, ...] | None = None,
+        **attrs: Any,
+    ) -> onnx.NodeProto:
         names = [f"{name}.{k}" for k in ("gamma", "beta", "mean", "var")]
         for n, v in zip(names, bn_stats(c, self.rng, shape)):
             self.init(n, v, param_dtype)
         return self.node("BatchNormalization", [x, *names], [y], name=name, **attrs)
 
     def model(self, opset: int = 17, ir_version: int | None = None) -> onnx.ModelProto:
-        g = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits, value_info=self.value_info)
+        g = helper.make_graph(
+            self.nodes, "g", self.inputs, self.outputs, self.inits, value_info=self.value_info
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = ir_version or min(m.ir_version, 10)
         if m.ir_version < 4:  # IR 3: every initializer is also listed as a graph input
@@ -134,8 +146,15 @@ def assert_close(ref: list[np.ndarray], got: list[np.ndarray], tol: float) -> No
         assert err <= tol * scale, f"max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
-def check_fold(model: onnx.ModelProto, *, bn_after: int | None = 0, affine: bool = False,
-               tol: float | None = None, seeds: int = 2, run_ort: bool = True):
+def check_fold(
+    model: onnx.ModelProto,
+    *,
+    bn_after: int | None = 0,
+    affine: bool = False,
+    tol: float | None = None,
+    seeds: int = 2,
+    run_ort: bool = True,
+):
     """Fold a copy, check the input is unchanged, the checker passes and every output agrees."""
     before = model.SerializeToString()
     out, report = fold_model(model, affine=affine)
@@ -145,18 +164,22 @@ def check_fold(model: onnx.ModelProto, *, bn_after: int | None = 0, affine: bool
     assert report.bn_after == count_bn(out)
     if bn_after is not None:
         assert report.bn_after == bn_after, [v.to_dict() for v in report.verdicts]
+
     # interface kept
     def real_inputs(m: onnx.ModelProto) -> list[bytes]:
         inits = {t.name for t in m.graph.initializer}
         return [v.SerializeToString() for v in m.graph.input if v.name not in inits]
 
     assert real_inputs(out) == real_inputs(model)
-    assert [v.SerializeToString() for v in out.graph.output] == [v.SerializeToString() for v in model.graph.output]
+    assert [v.SerializeToString() for v in out.graph.output] == [
+        v.SerializeToString() for v in model.graph.output
+    ]
     n_affine = sum(1 for v in report.sites if v.direction.value == "affine")
     n_shift = sum(1 for v in report.sites if "shift kept as one Add" in v.detail)  # the BN became an Add
     n_propagated = sum(1 for v in report.sites if v.direction.value == "propagated")  # at most one Add each
-    assert len(out.graph.node) <= (len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine
-                                   + n_shift + n_propagated)
+    assert len(out.graph.node) <= (
+        len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine + n_shift + n_propagated
+    )
     if run_ort:
         elem = model.graph.output[0].type.tensor_type.elem_type
         t = tol if tol is not None else TOL.get(elem, 2e-5)
@@ -176,9 +199,21 @@ def skip_reason(model: onnx.ModelProto, bn: str | None = None):
     return vs[0]
 
 
-def qdq_layer(kind: str = "Conv", *, per_channel: bool = True, bias: str = "float", c_out: int = 6,
-              negate: tuple[int, ...] = (), min_weight: bool = False, zero_point: int = 0, seed: int = 0,
-              trans_b: int = 0, opset: int = 17, x_qdq: bool = True, wq_dtype: Any = np.int8) -> G:
+def qdq_layer(
+    kind: str = "Conv",
+    *,
+    per_channel: bool = True,
+    bias: str = "float",
+    c_out: int = 6,
+    negate: tuple[int, ...] = (),
+    min_weight: bool = False,
+    zero_point: int = 0,
+    seed: int = 0,
+    trans_b: int = 0,
+    opset: int = 17,
+    x_qdq: bool = True,
+    wq_dtype: Any = np.int8,
+) -> G:
     """``[Q/DQ(x)] -> kind(DequantizeLinear(w_q, s, z)[, bias]) -> BN -> y``, the BN still to add.
 
     ``bias``: "none", "float" or "int32" (int32 through DequantizeLinear with scale ``s_x * s_w``, as
@@ -205,7 +240,13 @@ def qdq_layer(kind: str = "Conv", *, per_channel: bool = True, bias: str = "floa
     sw = (rng.uniform(0.002, 0.02, size=(c_out,)) if per_channel else np.array(0.01)).astype(np.float32)
     g.init("w_s", sw, np.float32)
     g.init("w_z", np.full(sw.shape, zero_point, wq_dtype), wq_dtype)
-    g.node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq_w", **({"axis": axis} if per_channel else {}))
+    g.node(
+        "DequantizeLinear",
+        ["w_q", "w_s", "w_z"],
+        ["w"],
+        name="dq_w",
+        **({"axis": axis} if per_channel else {}),
+    )
     sx = np.float32(0.03)
     if x_qdq:
         g.init("x_s", np.array(sx), np.float32)

@@ -81,7 +81,9 @@ class CSPBlock(nn.Module):
     def __init__(self, c: int = 8, hidden: int = 4) -> None:
         super().__init__()
         self.cv1 = nn.Conv2d(c, hidden, 1, bias=False)
-        self.m = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.m = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()
+        )
         self.cv3 = nn.Conv2d(self.m[0].out_channels, hidden, 1, bias=False)
         self.cv2 = nn.Conv2d(c, hidden, 1, bias=False)
         self.bn = nn.BatchNorm2d(2 * hidden)
@@ -101,7 +103,8 @@ class MixConv(nn.Module):
         super().__init__()
         self.splits = splits
         self.convs = nn.ModuleList(
-            nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=i == 1) for i, (c, k) in enumerate(zip(splits, (3, 5, 7)))
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=i == 1)
+            for i, (c, k) in enumerate(zip(splits, (3, 5, 7)))
         )
         self.bn = nn.BatchNorm2d(sum(splits))
 

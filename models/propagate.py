@@ -69,15 +69,28 @@ class DenseBlock(nn.Module):
 class Crepe(nn.Module):
     """CREPE-style: 1-D signal as ``(N, 1, L, 1)``; each layer Conv -> ReLU -> BN -> MaxPool (-> Dropout)."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 8, 8, 8), length: int = 256, ceil_mode: bool = False) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (16, 8, 8, 8), length: int = 256, ceil_mode: bool = False
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 1
         for k, w in enumerate(widths):
             kernel, stride = (32, 4) if k == 0 else (16, 1)
-            layers += [nn.ConstantPad2d((0, 0, kernel // 2 - 1, kernel // 2), 0.0) if k == 0 else nn.Identity(),
-                       nn.Conv2d(cin, w, (kernel, 1), stride=(stride, 1), padding=(0, 0) if k == 0 else (kernel // 2 - 1, 0)),
-                       nn.ReLU(), nn.BatchNorm2d(w), nn.MaxPool2d((2, 1), ceil_mode=ceil_mode), nn.Dropout(0.25)]
+            layers += [
+                nn.ConstantPad2d((0, 0, kernel // 2 - 1, kernel // 2), 0.0) if k == 0 else nn.Identity(),
+                nn.Conv2d(
+                    cin,
+                    w,
+                    (kernel, 1),
+                    stride=(stride, 1),
+                    padding=(0, 0) if k == 0 else (kernel // 2 - 1, 0),
+                ),
+                nn.ReLU(),
+                nn.BatchNorm2d(w),
+                nn.MaxPool2d((2, 1), ceil_mode=ceil_mode),
+                nn.Dropout(0.25),
+            ]
             cin = w
         self.body = nn.Sequential(*layers)
         with torch.no_grad():

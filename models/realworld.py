@@ -51,7 +51,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d + dropout + activation in one module, timm style (same state_dict keys as BN)."""
 
     def __init__(
-        self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *, act: nn.Module | None = None,
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        *,
+        act: nn.Module | None = None,
         drop: float = 0.0,
     ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
@@ -93,7 +98,9 @@ def pad_same(x: torch.Tensor, k: tuple[int, ...], s: tuple[int, ...], d: tuple[i
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow-like "SAME" padding decided at run time."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = False) -> None:
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = False
+    ) -> None:
         super().__init__(cin, cout, k, stride, 0, 1, groups, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +112,14 @@ class ConvNormAct(nn.Module):
     """conv -> BatchNormAct2d, as timm's ConvNormAct (``conv``, ``bn`` attributes)."""
 
     def __init__(
-        self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, *, same: bool = False,
+        self,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        *,
+        same: bool = False,
         act: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().__init__()
@@ -159,7 +173,9 @@ class LeViTAttention(nn.Module):
         self.qkv = LinearNorm(dim, heads * (2 * key_dim + self.val_dim))
         self.act = nn.Hardswish()
         self.proj = LinearNorm(heads * self.val_dim, dim)
-        pos = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")).flatten(1)
+        pos = torch.stack(
+            torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")
+        ).flatten(1)
         rel = (pos[..., :, None] - pos[..., None, :]).abs()
         rel = rel[0] * resolution + rel[1]
         self.attention_biases = nn.Parameter(torch.randn(heads, resolution * resolution) * 0.1)
@@ -183,7 +199,9 @@ class LeViTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, self.heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = (
+            self.qkv(x).view(b, n, self.heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        )
         q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
         attn = (q @ k.transpose(-2, -1)) * self.scale + self.get_attention_biases(x.device)
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, self.heads * self.val_dim)
@@ -200,7 +218,8 @@ class MixedConv2d(nn.Module):
         outs = [cout // len(kernels)] * (len(kernels) - 1)
         outs.append(cout - sum(outs))
         self.convs = nn.ModuleList(
-            nn.Conv2d(ci, co, k, padding=k // 2, bias=False) for ci, co, k in zip(self.splits_in, outs, kernels)
+            nn.Conv2d(ci, co, k, padding=k // 2, bias=False)
+            for ci, co, k in zip(self.splits_in, outs, kernels)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +267,9 @@ class _Block(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1, *, same: bool = False) -> None:
         super().__init__()
-        self.conv1 = Conv2dSame(cin, cout, 3, stride) if same else nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = (
+            Conv2dSame(cin, cout, 3, stride) if same else nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        )
         self.bn1 = BatchNormAct2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = BatchNormAct2d(cout, act=nn.Identity())
@@ -280,7 +301,9 @@ class TimmResNet(nn.Module):
     def __init__(self, width: int = 8, classes: int = 10) -> None:
         super().__init__()
         self.stem = ConvNormAct(3, width, 3, 2)
-        self.stages = nn.Sequential(_Block(width, width), _Block(width, 2 * width, 2), _Block(2 * width, 2 * width))
+        self.stages = nn.Sequential(
+            _Block(width, width), _Block(width, 2 * width, 2), _Block(2 * width, 2 * width)
+        )
         self.head = ClassifierHead(2 * width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +344,9 @@ class EfficientNetSame(nn.Module):
         super().__init__()
         self.conv_stem = Conv2dSame(3, width, 3, 2)
         self.bn1 = BatchNormAct2d(width, act=nn.SiLU())
-        self.blocks = nn.Sequential(_InvertedResidual(width, width, 1), _InvertedResidual(width, 2 * width, 2))
+        self.blocks = nn.Sequential(
+            _InvertedResidual(width, width, 1), _InvertedResidual(width, 2 * width, 2)
+        )
         self.conv_head = nn.Conv2d(2 * width, 4 * width, 1, bias=False)
         self.bn2 = BatchNormAct2d(4 * width, act=nn.SiLU(), drop=0.2)
         self.classifier = nn.Linear(4 * width, classes)
@@ -348,8 +373,11 @@ class LeViTNet(nn.Module):
     def __init__(self, dim: int = 16, classes: int = 10, resolution: int = 4) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, dim // 2, 3, 2, 1), nn.BatchNorm2d(dim // 2), nn.Hardswish(),
-            nn.Conv2d(dim // 2, dim, 3, 2, 1), nn.BatchNorm2d(dim),
+            nn.Conv2d(3, dim // 2, 3, 2, 1),
+            nn.BatchNorm2d(dim // 2),
+            nn.Hardswish(),
+            nn.Conv2d(dim // 2, dim, 3, 2, 1),
+            nn.BatchNorm2d(dim),
         )
         self.attn = LeViTAttention(dim, resolution=resolution)
         self.mlp = _LeViTMlp(dim)
@@ -428,5 +456,8 @@ REALWORLD: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 def partly_freezable() -> nn.Module:
     """conv -> BN without running statistics (cannot be frozen) -> conv -> BN."""
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
     )

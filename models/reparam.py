@@ -45,8 +45,14 @@ __all__ = [
 ]
 
 
-def conv_bn(cin: int, cout: int, k: int | tuple[int, int], stride: int = 1, padding: int | tuple[int, int] = 0,
-            groups: int = 1) -> nn.Sequential:
+def conv_bn(
+    cin: int,
+    cout: int,
+    k: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -70,8 +76,16 @@ def identity_kernel(channels: int, groups: int, k: int, like: torch.Tensor) -> t
 
 
 def _deploy_conv(ref: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    conv = nn.Conv2d(ref.in_channels, ref.out_channels, ref.kernel_size, ref.stride, ref.padding,
-                     ref.dilation, ref.groups, bias=True).to(kernel.dtype)
+    conv = nn.Conv2d(
+        ref.in_channels,
+        ref.out_channels,
+        ref.kernel_size,
+        ref.stride,
+        ref.padding,
+        ref.dilation,
+        ref.groups,
+        bias=True,
+    ).to(kernel.dtype)
     with torch.no_grad():
         conv.weight.copy_(kernel)
         assert conv.bias is not None
@@ -109,8 +123,17 @@ class RepVGGBlock(nn.Module):
 
 
 class MobileOneBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, branches: int = 4,
-                 use_scale: bool = True, use_act: bool = True) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int = 1,
+        groups: int = 1,
+        branches: int = 4,
+        use_scale: bool = True,
+        use_act: bool = True,
+    ) -> None:
         super().__init__()
         self.cin, self.cout, self.stride, self.groups, self.k = cin, cout, stride, groups, k
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
@@ -174,7 +197,9 @@ class RepMixer(nn.Module):
         m, n = self.mixer.reparam_conv, self.norm.reparam_conv
         assert m is not None and n is not None and m.bias is not None and n.bias is not None
         dim = m.weight.shape[0]
-        w = identity_kernel(dim, dim, self.k, m.weight) + self.layer_scale.unsqueeze(-1) * (m.weight - n.weight)
+        w = identity_kernel(dim, dim, self.k, m.weight) + self.layer_scale.unsqueeze(-1) * (
+            m.weight - n.weight
+        )
         b = self.layer_scale.squeeze() * (m.bias - n.bias)
         self.reparam_conv = _deploy_conv(m, w, b)
         del self.mixer, self.norm

@@ -23,8 +23,10 @@ def run_onnx(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = str(model) if isinstance(model, (str, Path)) else (
-        model if isinstance(model, bytes) else model.SerializeToString()
+    source = (
+        str(model)
+        if isinstance(model, (str, Path))
+        else (model if isinstance(model, bytes) else model.SerializeToString())
     )
     return list(ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]).run(None, dict(feeds)))
 

@@ -66,4 +66,8 @@ class CheckpointMethodParent(nn.Module):
         return self.block(x)
 
 
-UNSOUND = {"helper_self": HelperParent, "renamed_self": RenamedSelfParent, "checkpoint_method": CheckpointMethodParent}
+UNSOUND = {
+    "helper_self": HelperParent,
+    "renamed_self": RenamedSelfParent,
+    "checkpoint_method": CheckpointMethodParent,
+}

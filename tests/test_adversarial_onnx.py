@@ -47,7 +47,9 @@ def feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def fold_check(model: onnx.ModelProto, seeds: tuple[int, ...] = (0,)) -> tuple[onnx.ModelProto, bnfold.FoldReport]:
+def fold_check(
+    model: onnx.ModelProto, seeds: tuple[int, ...] = (0,)
+) -> tuple[onnx.ModelProto, bnfold.FoldReport]:
     before = model.SerializeToString()
     out, rep = bnfold.fold_with_report(model)
     assert model.SerializeToString() == before, "the input model was changed"
@@ -121,8 +123,12 @@ def test_non_constant_parameters_are_left(what: str) -> None:
     g.node("Conv", [x, w, b], ["t"], name="conv")
     gam, be, mu, var = bn_stats(4, np.random.default_rng(2))
     gname = g.input("gam", [4]) if what == "gamma" else g.init("gam", gam)
-    g.node("BatchNormalization", ["t", gname, g.init("be", be), g.init("mu", mu), g.init("var", var)], ["y"],
-           name="bn")
+    g.node(
+        "BatchNormalization",
+        ["t", gname, g.init("be", be), g.init("mu", mu), g.init("var", var)],
+        ["y"],
+        name="bn",
+    )
     g.output("y")
     _, rep = fold_check(g.model())
     assert reason(rep, "bn") is SkipReason.NON_CONSTANT
@@ -165,7 +171,9 @@ def test_two_bns_read_the_same_conv_output() -> None:
     g.output("y")
     g.output("z")
     _, rep = fold_check(g.model())
-    assert reason(rep, "bn") is SkipReason.OTHER_CONSUMERS and reason(rep, "bn2") is SkipReason.OTHER_CONSUMERS
+    assert (
+        reason(rep, "bn") is SkipReason.OTHER_CONSUMERS and reason(rep, "bn2") is SkipReason.OTHER_CONSUMERS
+    )
 
 
 def test_conv_output_also_graph_output() -> None:
@@ -206,8 +214,15 @@ def test_bn_gemm_trans_a_refused() -> None:
 def test_gemm_full_c_then_bn(trans_a: int) -> None:
     g = G()
     x = g.input("x", [3, 4] if trans_a else [4, 3])
-    g.node("Gemm", [x, g.rand("w", (3, 5)), g.rand("c", (4, 5))], ["t"], name="gemm", transA=trans_a,
-           alpha=0.7, beta=-1.3)
+    g.node(
+        "Gemm",
+        [x, g.rand("w", (3, 5)), g.rand("c", (4, 5))],
+        ["t"],
+        name="gemm",
+        transA=trans_a,
+        alpha=0.7,
+        beta=-1.3,
+    )
     g.bn("t", "y", 5, "bn")
     g.output("y")
     assert fold_check(g.model())[1].folded == 1
@@ -294,8 +309,17 @@ def test_bn_flatten_axis2_refused() -> None:
 # ---- ConvTranspose, padding -----------------------------------------------------------------------
 def test_conv_transpose_output_padding_dilation_groups_pads() -> None:
     g = G()
-    g.node("ConvTranspose", [g.input("x", [1, 4, 5, 5]), g.rand("w", (4, 3, 3, 3)), g.rand("b", (6,))], ["t"],
-           name="ct", group=2, strides=[2, 2], dilations=[2, 2], output_padding=[1, 1], pads=[1, 0, 1, 0])
+    g.node(
+        "ConvTranspose",
+        [g.input("x", [1, 4, 5, 5]), g.rand("w", (4, 3, 3, 3)), g.rand("b", (6,))],
+        ["t"],
+        name="ct",
+        group=2,
+        strides=[2, 2],
+        dilations=[2, 2],
+        output_padding=[1, 1],
+        pads=[1, 0, 1, 0],
+    )
     g.bn("t", "y", 6, "bn")
     g.output("y")
     assert fold_check(g.model())[1].folded == 1
@@ -319,7 +343,9 @@ def test_backward_auto_pad(auto_pad: str, folds: bool) -> None:
     g.node("Conv", ["u", g.rand("w", (4, 3, 3, 3))], ["y"], name="c1", auto_pad=auto_pad)
     g.output("y")
     _, rep = fold_check(g.model())
-    assert rep.folded == 1  # SAME padding: by scale propagation (issue 27), the shift as an Add before the conv
+    assert (
+        rep.folded == 1
+    )  # SAME padding: by scale propagation (issue 27), the shift as an Add before the conv
     if not folds:
         assert rep.verdicts[0].to_dict()["status"] == "propagated"
         _, rep = bnfold.fold_with_report(g.model(), propagate=False)
@@ -361,12 +387,20 @@ def test_loop_body_reads_the_folded_weight() -> None:
     g.bn("t0", "y0", 3, "obn")
     f32 = TensorProto.FLOAT
     body = helper.make_graph(
-        [helper.make_node("Conv", ["xin", "w"], ["xo"], name="lc"), helper.make_node("Identity", ["c"], ["co"])],
+        [
+            helper.make_node("Conv", ["xin", "w"], ["xo"], name="lc"),
+            helper.make_node("Identity", ["c"], ["co"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("xin", f32, [1, 3, 6, 6])],
-        [helper.make_tensor_value_info("co", TensorProto.BOOL, []), helper.make_tensor_value_info("xo", f32, [1, 3, 6, 6])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("xin", f32, [1, 3, 6, 6]),
+        ],
+        [
+            helper.make_tensor_value_info("co", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("xo", f32, [1, 3, 6, 6]),
+        ],
     )
     g.node("Loop", ["trip", "cond0", "y0"], ["y"], body=body)
     g.output("y", shape=[1, 3, 6, 6])
@@ -401,8 +435,15 @@ def test_legacy_exporter_preserve_mixed_layers() -> None:
     m = randomize_bn(Net(), 0).eval()
     x = torch.randn(2, 3, 8, 8)
     buf = io.BytesIO()
-    torch.onnx.export(m, (x,), buf, dynamo=False, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
+    torch.onnx.export(
+        m,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+    )
     model = onnx.load_from_string(buf.getvalue())
     out, rep = fold_check(model)
     assert rep.folded == 4 and bnfold.onnx.count_bn(out) == 0
@@ -431,7 +472,11 @@ def test_matmul_with_unknown_rank_is_refused(where: str) -> None:
     model = g.model()
     out, rep = bnfold.fold_with_report(model)
     assert reason(rep, "bn") is SkipReason.LAYOUT
-    x = np.random.default_rng(0).standard_normal((2, 3, 3) if where == "backward" else (2, 5, 3)).astype(np.float32)
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((2, 3, 3) if where == "backward" else (2, 5, 3))
+        .astype(np.float32)
+    )
     np.testing.assert_array_equal(ort_run(model, {"x": x})[0], ort_run(out, {"x": x})[0])
 
 
@@ -440,8 +485,15 @@ def test_backward_into_grouped_conv(groups: int, cin: int) -> None:
     g = G()
     g.node("Relu", [g.input("x", [1, cin, 6, 6])], ["r"])
     g.bn("r", "u", cin, "bn")
-    g.node("Conv", ["u", g.rand("w", (8, cin // groups, 3, 3)), g.rand("b", (8,))], ["y"], name="c", group=groups,
-           strides=[2, 2], dilations=[1, 2])
+    g.node(
+        "Conv",
+        ["u", g.rand("w", (8, cin // groups, 3, 3)), g.rand("b", (8,))],
+        ["y"],
+        name="c",
+        group=groups,
+        strides=[2, 2],
+        dilations=[1, 2],
+    )
     g.output("y")
     _, rep = fold_check(g.model())
     assert rep.folded == 1 and rep.sites[0].direction is Direction.BACKWARD

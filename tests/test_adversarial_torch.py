@@ -280,9 +280,13 @@ def test_nested_sequential_and_modulelist() -> None:
     assert rep.folded == 2
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, TOL16), (torch.bfloat16, 3 * TOL16), (torch.float64, 1e-12)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float16, TOL16), (torch.bfloat16, 3 * TOL16), (torch.float64, 1e-12)]
+)
 def test_low_and_high_precision(dtype: torch.dtype, tol: float) -> None:
-    m = prep(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)))
+    m = prep(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3))
+    )
     m = m.to(dtype)
     rep = fold_and_compare(m, torch.randn(2, 3, 8, 8, dtype=dtype), tol=tol)
     assert rep.folded == 2

@@ -26,9 +26,17 @@ def _onnx_model() -> object:
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
     for name, value in (("g", 1.5), ("b", 0.2), ("m", 0.3), ("v", 2.0)):
         inits.append(numpy_helper.from_array(np.full(4, value, np.float32), name))
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -49,7 +57,9 @@ def _module() -> nn.Module:
         (_onnx_model, {"prune_constant_channels": True}),
     ],
 )
-def test_an_option_that_does_not_apply_is_refused_not_ignored(make: object, option: dict[str, object]) -> None:
+def test_an_option_that_does_not_apply_is_refused_not_ignored(
+    make: object, option: dict[str, object]
+) -> None:
     model = make()  # type: ignore[operator]
     (name,) = option
     with pytest.raises(OptionError, match=name):
@@ -73,7 +83,8 @@ def test_exported_program_refuses_inplace_and_example_inputs() -> None:
 def test_misspelt_names_fail_type_checking_and_fold_keeps_the_type(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     script = tmp_path / "export_script.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import onnx
         import torch
         import bnfold
@@ -82,12 +93,26 @@ def test_misspelt_names_fail_type_checking_and_fold_keeps_the_type(tmp_path: Pat
         reveal_type(bnfold.fold(proto))
         reveal_type(bnfold.fold(torch.nn.Conv2d(1, 1, 1)))
         bnfold.fodl(proto)
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", "--ignore-missing-imports",
-         "--python-executable", sys.executable, str(script)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-incremental",
+            "--follow-imports=silent",
+            "--ignore-missing-imports",
+            "--python-executable",
+            sys.executable,
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
     )
     out = p.stdout
     assert p.returncode == 1, out

@@ -45,7 +45,9 @@ def _reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     if x.ndim == 2:
         h = x64 @ w.T + b
     else:
-        conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[x.ndim]
+        conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[
+            x.ndim
+        ]
         h = conv(torch.from_numpy(x64), torch.from_numpy(w), torch.from_numpy(b), padding=1).numpy()
     axes = tuple(a for a in range(h.ndim) if a != 1)
     shape = (1, -1) + (1,) * (h.ndim - 2)
@@ -143,16 +145,22 @@ def test_onnx_constant_bn_is_evaluated_by_default() -> None:
     assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
     by_name = {v.bn: v for v in report.verdicts}
     assert isinstance(by_name["ws_bn"], Site) and by_name["ws_bn"].target_kind == "constant"
-    assert isinstance(by_name["bn"], Site) and by_name["bn"].target == "conv"  # the BN after the conv folds too
+    assert (
+        isinstance(by_name["bn"], Site) and by_name["bn"].target == "conv"
+    )  # the BN after the conv folds too
     x = np.random.default_rng(2).normal(0.1, 1.0, (1, 3, 8, 8)).astype(np.float32)
     # Independent float64 reference: standardise each output filter (biased variance), conv, inference BN.
     init = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     w = init["W"].reshape(4, -1)
     wn = (w - w.mean(1, keepdims=True)) / np.sqrt(w.var(1, keepdims=True) + float(np.float32(1e-4)))
     wn = (wn * init["gain"][:, None]).reshape(4, 3, 3, 3)
-    h = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(wn), padding=1).numpy()
+    h = torch.nn.functional.conv2d(
+        torch.from_numpy(x.astype(np.float64)), torch.from_numpy(wn), padding=1
+    ).numpy()
     s = init["bn_scale"] / np.sqrt(init["bn_var"] + float(np.float32(1e-5)))
-    ref = (h - init["bn_mean"][None, :, None, None]) * s[None, :, None, None] + init["bn_B"][None, :, None, None]
+    ref = (h - init["bn_mean"][None, :, None, None]) * s[None, :, None, None] + init["bn_B"][
+        None, :, None, None
+    ]
     np.testing.assert_allclose(_run(model, x), ref, atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(_run(folded, x), ref, atol=1e-4, rtol=1e-5)
 
@@ -242,15 +250,27 @@ def test_onnx_instance_in_an_if_subgraph() -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     g = onnx_training_bn(4).graph
-    then = helper.make_graph(list(g.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                                      [1, 4, 7, 6])],
-                             list(g.initializer))
-    other = helper.make_graph([helper.make_node("Relu", ["x"], ["y2"])], "else", [],
-                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)])
+    then = helper.make_graph(
+        list(g.node),
+        "then",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 7, 6])],
+        list(g.initializer),
+    )
+    other = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y2"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+    )
     node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="if")
-    outer = helper.make_graph([node], "outer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.array(True), "c")])
+    outer = helper.make_graph(
+        [node],
+        "outer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(True), "c")],
+    )
     model = helper.make_model(outer, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     folded, report = bnfold.fold_with_report(model, batch_stats="instance")
@@ -267,7 +287,8 @@ def test_cli_dynamic_batch_verified_at_2_fails_and_says_batch_1(tmp_path: Path) 
     assert res.exit_code == 1
     assert len(res.stderr.strip().splitlines()) == 1 and "exact at batch 1 only" in res.stderr
     assert not dst.exists()
-    res = CliRunner().invoke(app, ["fold", str(src), str(dst), "--batch-stats", "instance", "-q",
-                                   "-s", "x=1x3x7x6"])
+    res = CliRunner().invoke(
+        app, ["fold", str(src), str(dst), "--batch-stats", "instance", "-q", "-s", "x=1x3x7x6"]
+    )
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]

@@ -27,7 +27,9 @@ class _BnAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = (1, -1, 1, 1)
-        return self.act((x - self.mu.view(s)) / torch.sqrt(self.sigma2.view(s) + 1e-3) * self.g.view(s) + self.b.view(s))
+        return self.act(
+            (x - self.mu.view(s)) / torch.sqrt(self.sigma2.view(s) + 1e-3) * self.g.view(s) + self.b.view(s)
+        )
 
 
 @pytest.fixture
@@ -44,7 +46,11 @@ def _good_stats(m: Any) -> tuple[Any, ...]:
     ("stats", "tail", "words"),
     [
         (lambda m: (m.gamma, m.b, m.mu, m.sigma2, 1e-3), None, "stats function registered for _BnAct"),
-        (lambda m: (m.g, m.b, m.mu), None, "must return (weight, bias, running_mean, running_var, eps), got tuple of 3"),
+        (
+            lambda m: (m.g, m.b, m.mu),
+            None,
+            "must return (weight, bias, running_mean, running_var, eps), got tuple of 3",
+        ),
         (lambda m: (m.g, m.b, m.mu, "var", 1e-3), None, "running_var must be a tensor"),
         (lambda m: (m.g, m.b, m.mu, m.sigma2, float("nan")), None, "eps must be a finite number"),
         (_good_stats, lambda m: m.activation, "tail function registered for _BnAct"),

@@ -35,12 +35,17 @@ def _bn_params(rng: np.random.Generator, p: str, c: int) -> list[onnx.TensorProt
     ]
 
 
-def _hostile(n: int, elem: int = T.DOUBLE, chain: tuple[str, ...] = ("Neg", "Abs", "Sqrt", "Neg")) -> onnx.ModelProto:
+def _hostile(
+    n: int, elem: int = T.DOUBLE, chain: tuple[str, ...] = ("Neg", "Abs", "Sqrt", "Neg")
+) -> onnx.ModelProto:
     """Two branches: bn0 on an ordinary conv; bn1's scale computed from ConstantOfShape([n]) through ``chain``."""
     rng = np.random.default_rng(0)
-    inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W0"),
-             nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W1"),
-             *_bn_params(rng, "a_", 4), *_bn_params(rng, "c_", 4)]
+    inits = [
+        nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W0"),
+        nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W1"),
+        *_bn_params(rng, "a_", 4),
+        *_bn_params(rng, "c_", 4),
+    ]
     nodes = [
         h.make_node("Constant", [], ["n"], value=h.make_tensor("n", T.INT64, [1], [n])),
         h.make_node("ConstantOfShape", ["n"], ["k0"], value=h.make_tensor("v", T.DOUBLE, [1], [1.5])),
@@ -68,9 +73,16 @@ def _hostile(n: int, elem: int = T.DOUBLE, chain: tuple[str, ...] = ("Neg", "Abs
         h.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
         h.make_node("BatchNormalization", ["c1", prev, "c_b", "c_m", "c_v"], ["y1"], name="bn1"),
     ]
-    g = h.make_graph(nodes, "hostile", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-                     [h.make_tensor_value_info("y0", T.FLOAT, [1, 4, 8, 8]),
-                      h.make_tensor_value_info("y1", T.FLOAT, [1, 4, 8, 8])], inits)
+    g = h.make_graph(
+        nodes,
+        "hostile",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [
+            h.make_tensor_value_info("y0", T.FLOAT, [1, 4, 8, 8]),
+            h.make_tensor_value_info("y1", T.FLOAT, [1, 4, 8, 8]),
+        ],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -120,8 +132,13 @@ def _cast_weights() -> onnx.ModelProto:
         h.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
         h.make_node("BatchNormalization", ["c", "p_g", "p_b", "p_m", "p_v"], ["y"], name="bn"),
     ]
-    g = h.make_graph(nodes, "cast", [h.make_tensor_value_info("x", T.FLOAT, [1, 16, 8, 8])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 8, 8])], inits)
+    g = h.make_graph(
+        nodes,
+        "cast",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 16, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 8, 8])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -135,8 +152,12 @@ def test_weights_computed_from_the_model_own_data_still_fold(monkeypatch: pytest
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     x = np.random.default_rng(6).standard_normal((1, 16, 8, 8)).astype(np.float32)
-    run = [ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-           for mm in (m, folded)]
+    run = [
+        ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        for mm in (m, folded)
+    ]
     assert np.max(np.abs(run[0] - run[1])) <= 1e-5 * np.max(np.abs(run[0]))
 
 
@@ -153,8 +174,13 @@ def test_cli_inspect_of_the_tiny_model_stays_small(tmp_path: Path) -> None:
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(r.exit_code, (peak - base) // 1024, 'budget' in r.stdout)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     exit_code, grown_mib, said = out.stdout.split()
     assert exit_code == "0" and said == "True", out.stdout + out.stderr
     assert int(grown_mib) < 200, grown_mib

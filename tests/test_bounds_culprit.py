@@ -29,8 +29,19 @@ runner = CliRunner()
 
 def _report(passed: bool, rtol: float = 1e-5, dtype: str = "float32", err: float = 1e-3) -> VerifyReport:
     e = 0.0 if passed else err
-    chk = OutputCheck("y", 0, dtype, (4,), e, e, 0 if passed else 1, 0.0, rtol, passed,
-                      failure="" if passed else "tolerance")
+    chk = OutputCheck(
+        "y",
+        0,
+        dtype,
+        (4,),
+        e,
+        e,
+        0 if passed else 1,
+        0.0,
+        rtol,
+        passed,
+        failure="" if passed else "tolerance",
+    )
     return VerifyReport(checks=(chk,), samples=1, optimization_level="disable")
 
 
@@ -84,7 +95,9 @@ def test_time_budget_stops_the_search() -> None:
         now[0] += 10.0  # every verification "takes" 10 s
         return now[0]
 
-    res = find_culprits(sites, check, failed=_report(False), budget=CulpritBudget(max_seconds=35), clock=clock)  # type: ignore[arg-type]
+    res = find_culprits(
+        sites, check, failed=_report(False), budget=CulpritBudget(max_seconds=35), clock=clock
+    )  # type: ignore[arg-type]
     assert "35 s" in res.stopped and res.checks <= 5
 
 
@@ -144,7 +157,9 @@ def _branches(n: int = 3) -> onnx.ModelProto:
         ]
         nodes += [
             h.make_node("Conv", ["x", p + "W", p + "B"], [p + "c"], pads=[1, 1, 1, 1], name=f"conv{i}"),
-            h.make_node("BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [f"y{i}"], name=f"bn{i}"),
+            h.make_node(
+                "BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [f"y{i}"], name=f"bn{i}"
+            ),
         ]
         outs.append(h.make_tensor_value_info(f"y{i}", T.FLOAT, ["N", 4, 8, 8]))
     g = h.make_graph(nodes, "branches", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])], outs, inits)
@@ -186,7 +201,9 @@ def test_every_fold_failing_is_exit_1_not_equivalent(tmp_path: Path, monkeypatch
     assert not out.exists()
     rep = ei.value.fold_report
     assert rep.culprits is not None and not rep.culprits.resolved and len(rep.culprits.culprits) == 3
-    assert any("no fold could be kept: every fold fails verification" in n and "budget of 64" in n for n in rep.notes)
+    assert any(
+        "no fold could be kept: every fold fails verification" in n and "budget of 64" in n for n in rep.notes
+    )
     r = runner.invoke(app, ["fold", str(src), "-o", str(out), "--json"])
     assert r.exit_code == 1 and not out.exists()
 

@@ -39,7 +39,9 @@ def _npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
     return buf.getvalue()
 
 
-def _bomb(path: Path, name: str = "x", nbytes: int = BOMB_BYTES, extra: dict[str, np.ndarray] | None = None) -> Path:
+def _bomb(
+    path: Path, name: str = "x", nbytes: int = BOMB_BYTES, extra: dict[str, np.ndarray] | None = None
+) -> Path:
     """An .npz whose entry ``name`` is ``nbytes`` of float32 zeros, deflated (written in 8 MiB chunks)."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
@@ -74,8 +76,13 @@ def _model(path: Path) -> Path:
         h.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
         h.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
     ]
-    g = h.make_graph(nodes, "m", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, "H", "W"])], inits)
+    g = h.make_graph(
+        nodes,
+        "m",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, "H", "W"])],
+        inits,
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     onnx.save(m, str(path))
     return path
@@ -178,8 +185,12 @@ def _golden(path: Path) -> Path:
 def test_golden_compression_bomb_is_refused(tmp_path: Path) -> None:
     good = _golden(tmp_path / "good.npz")
     with zipfile.ZipFile(good) as zf:
-        meta = {n.removesuffix(".npy"): np.lib.format.read_array(io.BytesIO(zf.read(n))) for n in zf.namelist()}
-    bomb = _bomb(tmp_path / "gbomb.npz", name="ref_0_0", extra={"__meta__": meta["__meta__"], "in_0_0": meta["in_0_0"]})
+        meta = {
+            n.removesuffix(".npy"): np.lib.format.read_array(io.BytesIO(zf.read(n))) for n in zf.namelist()
+        }
+    bomb = _bomb(
+        tmp_path / "gbomb.npz", name="ref_0_0", extra={"__meta__": meta["__meta__"], "in_0_0": meta["in_0_0"]}
+    )
     with pytest.raises(OptionError, match="compression bomb"):
         load_outputs(bomb)
     assert _peak_of(lambda: load_outputs(bomb)) < 8 << 20
@@ -192,12 +203,37 @@ def test_golden_compression_bomb_is_refused(tmp_path: Path) -> None:
     "meta",
     [
         "[1, 2]",  # not an object
-        json.dumps({"format": "bnfold-golden", "version": 1, "dtypes": [], "inputs": ["x"], "outputs": ["y"],
-                    "samples": 1}),  # dtypes not a mapping
-        json.dumps({"format": "bnfold-golden", "version": 1, "dtypes": {}, "inputs": ["x"], "outputs": ["y"],
-                    "samples": 1, "runtimes": {"reference": ["\x1b]0;x\x07"]}}),  # runtimes not strings
-        json.dumps({"format": "bnfold-golden", "version": 1, "dtypes": {}, "inputs": [1], "outputs": [{}],
-                    "samples": 1}),  # names not strings
+        json.dumps(
+            {
+                "format": "bnfold-golden",
+                "version": 1,
+                "dtypes": [],
+                "inputs": ["x"],
+                "outputs": ["y"],
+                "samples": 1,
+            }
+        ),  # dtypes not a mapping
+        json.dumps(
+            {
+                "format": "bnfold-golden",
+                "version": 1,
+                "dtypes": {},
+                "inputs": ["x"],
+                "outputs": ["y"],
+                "samples": 1,
+                "runtimes": {"reference": ["\x1b]0;x\x07"]},
+            }
+        ),  # runtimes not strings
+        json.dumps(
+            {
+                "format": "bnfold-golden",
+                "version": 1,
+                "dtypes": {},
+                "inputs": [1],
+                "outputs": [{}],
+                "samples": 1,
+            }
+        ),  # names not strings
     ],
 )
 def test_malformed_golden_is_one_typed_line(tmp_path: Path, meta: str) -> None:

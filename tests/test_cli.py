@@ -51,17 +51,24 @@ def tiny_onnx(seed: int = 0, *, out_channels: int = 4, input_name: str = "x") ->
     nodes = [
         helper.make_node("Conv", [input_name, "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node(
-            "BatchNormalization", ["c", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["n1"], name="bn1",
+            "BatchNormalization",
+            ["c", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"],
+            ["n1"],
+            name="bn1",
             epsilon=1e-5,
         ),
         helper.make_node("Relu", ["n1"], ["r"], name="relu"),
         helper.make_node(
-            "BatchNormalization", ["r", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["y"], name="bn2",
+            "BatchNormalization",
+            ["r", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"],
+            ["y"],
+            name="bn2",
             epsilon=1e-3,
         ),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
         inits,
@@ -159,7 +166,9 @@ def test_fold_onnx_json_and_affine(model_path: Path, tmp_path: Path) -> None:
 
 
 def test_fold_quiet_prints_nothing(model_path: Path, tmp_path: Path) -> None:
-    r = runner.invoke(app, ["fold", str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet", "--no-verify"])
+    r = runner.invoke(
+        app, ["fold", str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet", "--no-verify"]
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout == "" and r.stderr == ""
 
@@ -262,7 +271,9 @@ def test_freeze_state_dict(lenet_state_dict: Path, tmp_path: Path, monkeypatch) 
     monkeypatch.chdir(ROOT)
     before = digest(lenet_state_dict)
     out = tmp_path / "frozen.pt"
-    r = runner.invoke(app, ["freeze", str(lenet_state_dict), "--model", "models.lenet:lenet5", "-o", str(out), "--json"])
+    r = runner.invoke(
+        app, ["freeze", str(lenet_state_dict), "--model", "models.lenet:lenet5", "-o", str(out), "--json"]
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert len(data["frozen"]) == 4
@@ -286,7 +297,17 @@ def test_fold_state_dict_to_onnx(lenet_state_dict: Path, tmp_path: Path, monkeyp
     out = tmp_path / "lenet.onnx"
     r = runner.invoke(
         app,
-        ["fold", str(lenet_state_dict), "-m", "models.lenet:lenet5", "-s", "x=2x1x32x32", "-o", str(out), "--json"],
+        [
+            "fold",
+            str(lenet_state_dict),
+            "-m",
+            "models.lenet:lenet5",
+            "-s",
+            "x=2x1x32x32",
+            "-o",
+            str(out),
+            "--json",
+        ],
     )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
@@ -323,7 +344,9 @@ def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     broken = helper.make_model(
         helper.make_graph(
-            [helper.make_node("Relu", ["missing"], ["y"])], "g", [],
+            [helper.make_node("Relu", ["missing"], ["y"])],
+            "g",
+            [],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
         ),
         opset_imports=[helper.make_opsetid("", 17)],
@@ -356,10 +379,25 @@ def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[list[str], str]]:
 
 
 CASES = [
-    "missing path", "directory", "empty file", "random bytes", "truncated", "text file", "unknown format",
-    "checker rejects", "missing output folder", "unwritable output", "unknown output extension",
-    "bad shape option", "shape does not fit", "shape names no input", "out equals model",
-    "missing candidate", "bench missing", "freeze on onnx", "bad factory",
+    "missing path",
+    "directory",
+    "empty file",
+    "random bytes",
+    "truncated",
+    "text file",
+    "unknown format",
+    "checker rejects",
+    "missing output folder",
+    "unwritable output",
+    "unknown output extension",
+    "bad shape option",
+    "shape does not fit",
+    "shape names no input",
+    "out equals model",
+    "missing candidate",
+    "bench missing",
+    "freeze on onnx",
+    "bad factory",
 ]
 
 
@@ -403,7 +441,9 @@ def test_subprocess_fold_onnx_never_imports_torch(model_path: Path, tmp_path: Pa
         "leaked = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not leaked, leaked[:5]\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["summary"]["bn_after"] == 1
     assert count_bn(out) == 1
@@ -414,7 +454,10 @@ def test_subprocess_python_m_bad_file(tmp_path: Path) -> None:
     bad.write_bytes(os.urandom(2000))
     p = subprocess.run(
         [sys.executable, "-m", "bnfold", "fold", str(bad), "-o", str(tmp_path / "o.onnx")],
-        capture_output=True, text=True, env=_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
     )
     assert p.returncode == 2
     assert p.stdout == ""
@@ -444,7 +487,9 @@ def _raise_in_fold(monkeypatch, exc: BaseException) -> None:
     monkeypatch.setattr(bonnx, "fold_model", boom)
 
 
-def test_unexpected_error_is_one_line_and_debug_shows_traceback(model_path: Path, tmp_path: Path, monkeypatch) -> None:
+def test_unexpected_error_is_one_line_and_debug_shows_traceback(
+    model_path: Path, tmp_path: Path, monkeypatch
+) -> None:
     _raise_in_fold(monkeypatch, RuntimeError("something broke\nsecond line"))
     out = tmp_path / "out.onnx"
     r = runner.invoke(app, ["fold", str(model_path), "-o", str(out)])
@@ -490,13 +535,26 @@ def test_bench_pytorch_state_dict(lenet_state_dict: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     r = runner.invoke(
         app,
-        ["bench", str(lenet_state_dict), "-m", "models.lenet:lenet5", "-s", "x=1x1x32x32", "--runs", "2",
-         "--warmup", "0", "--json"],
+        [
+            "bench",
+            str(lenet_state_dict),
+            "-m",
+            "models.lenet:lenet5",
+            "-s",
+            "x=1x1x32x32",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+        ],
     )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert {t["setting"] for t in data["timings"]} == {
-        "onnxruntime ORT_DISABLE_ALL", "onnxruntime ORT_ENABLE_ALL", "pytorch eager",
+        "onnxruntime ORT_DISABLE_ALL",
+        "onnxruntime ORT_ENABLE_ALL",
+        "pytorch eager",
     }
     assert data["summary"]["bn_before"] == 4 and data["summary"]["bn_after"] == 0
 
@@ -506,8 +564,12 @@ def test_fold_file_returns_data_and_reports_progress(model_path: Path, tmp_path:
     from bnfold.files import FoldSettings, VerifySettings, fold_file
 
     stages: list[tuple[str, int, int]] = []
-    report = fold_file(model_path, tmp_path / "o.onnx", FoldSettings(verification=VerifySettings(samples=2)),
-                       progress=lambda *a: stages.append(a))
+    report = fold_file(
+        model_path,
+        tmp_path / "o.onnx",
+        FoldSettings(verification=VerifySettings(samples=2)),
+        progress=lambda *a: stages.append(a),
+    )
     assert report.folded == 1 and report.bn_after == 1
     assert report.verification is not None and report.verification.passed
     assert report.verification.samples == 2
@@ -516,17 +578,23 @@ def test_fold_file_returns_data_and_reports_progress(model_path: Path, tmp_path:
     assert all(0 <= d <= t for _, d, t in stages)
 
 
-def test_reference_state_dict_needs_no_input_shape(lenet_state_dict: Path, tmp_path: Path, monkeypatch) -> None:
+def test_reference_state_dict_needs_no_input_shape(
+    lenet_state_dict: Path, tmp_path: Path, monkeypatch
+) -> None:
     """The reference factories say what their input looks like: fold to ONNX and bench without --input-shape."""
     import onnx
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "lenet.onnx"
-    r = runner.invoke(app, ["fold", str(lenet_state_dict), "--model", "models.lenet:lenet5", "-o", str(out), "--json"])
+    r = runner.invoke(
+        app, ["fold", str(lenet_state_dict), "--model", "models.lenet:lenet5", "-o", str(out), "--json"]
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["verification"]["passed"]
     assert not [n for n in onnx.load(str(out)).graph.node if n.op_type == "BatchNormalization"]
-    r = runner.invoke(app, ["bench", str(lenet_state_dict), "--model", "models.lenet:lenet5", "--runs", "2", "--json"])
+    r = runner.invoke(
+        app, ["bench", str(lenet_state_dict), "--model", "models.lenet:lenet5", "--runs", "2", "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)

@@ -36,6 +36,7 @@ def _env() -> dict[str, str]:
 
 def _strict_json(text: str) -> Any:
     """Parse as JSON proper: ``Infinity``/``NaN`` tokens are not JSON (jq and JSON.parse reject them)."""
+
     def reject(token: str) -> Any:
         raise ValueError(f"not JSON: {token}")
 
@@ -55,8 +56,11 @@ def _conv_bn_onnx(c: int = 4, *, seed: int = 0, conv: str = "conv", bn: str = "b
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name=bn, epsilon=1e-5),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])], inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -68,8 +72,9 @@ def _conv_bn_onnx(c: int = 4, *, seed: int = 0, conv: str = "conv", bn: str = "b
 @pytest.mark.parametrize("args", [["inspect", str(LENET), "-v"], ["--help"], ["inspect", "--help"]])
 def test_closed_pipe_ends_quietly(args: list[str]) -> None:
     """``bnfold inspect m.onnx -v | head -1`` and ``bnfold --help | true``: no traceback, no message."""
-    p = subprocess.Popen([sys.executable, "-m", "bnfold", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=_env())
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bnfold", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
     assert p.stdout is not None and p.stderr is not None
     p.stdout.close()  # the reader is gone before bnfold writes a byte
     err = p.stderr.read().decode()
@@ -100,9 +105,15 @@ def test_json_and_quiet_before_the_command(tmp_path: Path) -> None:
 # ------------------------------------------------------------- 28.11: --json never emits Infinity
 def _identity_and_inf(tmp_path: Path) -> tuple[Path, Path]:
     """Reference y = x; candidate y = x / 0 (inf everywhere): the errors are infinite."""
+
     def model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+        g = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+            inits,
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
         m.ir_version = 8
         return m
@@ -111,8 +122,17 @@ def _identity_and_inf(tmp_path: Path) -> tuple[Path, Path]:
     onnx.save(model([helper.make_node("Identity", ["x"], ["y"])], []), str(ref))
     zero = numpy_helper.from_array(np.zeros((1,), np.float32), "z")
     one = numpy_helper.from_array(np.ones((1,), np.float32), "o")
-    onnx.save(model([helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Add", ["a", "o"], ["p"]),
-                     helper.make_node("Div", ["p", "z"], ["y"])], [zero, one]), str(cand))
+    onnx.save(
+        model(
+            [
+                helper.make_node("Abs", ["x"], ["a"]),
+                helper.make_node("Add", ["a", "o"], ["p"]),
+                helper.make_node("Div", ["p", "z"], ["y"]),
+            ],
+            [zero, one],
+        ),
+        str(cand),
+    )
     return ref, cand
 
 
@@ -127,7 +147,9 @@ def test_json_has_no_infinity_token(tmp_path: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     from importlib import resources
 
-    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    schema = json.loads(
+        resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8")
+    )
     jsonschema.validate(doc, schema)
 
 
@@ -156,14 +178,26 @@ def _long_named_bns(n: int = 3) -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     nodes, inits, prev = [], [], "x"
     for i in range(n):
-        inits += [numpy_helper.from_array(a.astype(np.float32), f"{k}{i}") for a, k in zip(bn_stats(3, rng), "gbmv")]
+        inits += [
+            numpy_helper.from_array(a.astype(np.float32), f"{k}{i}") for a, k in zip(bn_stats(3, rng), "gbmv")
+        ]
         nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
-        nodes.append(helper.make_node(
-            "BatchNormalization", [f"r{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"y{i}"],
-            name=f"/stages/stage.{i}/blocks/blocks.0/conv2/bn/BatchNormalization_of_the_block"))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [f"r{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"],
+                [f"y{i}"],
+                name=f"/stages/stage.{i}/blocks/blocks.0/conv2/bn/BatchNormalization_of_the_block",
+            )
+        )
         prev = f"y{i}"
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 3, 4, 4])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -197,18 +231,36 @@ def _inspect_and_fold(src: Path, out: Path, *extra: str) -> tuple[dict[str, Any]
     return _strict_json(r1.stdout), _strict_json(r2.stdout)
 
 
-@pytest.mark.parametrize("sample", ["lenet5.onnx", "cnn_opset6.onnx", "conv1d_net.onnx", "mnist_mlp.onnx",
-                                    "preact_net.onnx", "unet_decoder.onnx"])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        "lenet5.onnx",
+        "cnn_opset6.onnx",
+        "conv1d_net.onnx",
+        "mnist_mlp.onnx",
+        "preact_net.onnx",
+        "unet_decoder.onnx",
+    ],
+)
 def test_inspect_verdicts_are_folds_onnx(sample: str, tmp_path: Path) -> None:
     seen, done = _inspect_and_fold(ROOT / "models" / "samples" / sample, tmp_path / "o.onnx")
     assert _verdicts(seen) == _verdicts(done)
-    for key in ("bn_before", "bn_after", "folded", "left", "by_reason", "nodes_before", "nodes_after",
-                "params_before", "params_after"):
+    for key in (
+        "bn_before",
+        "bn_after",
+        "folded",
+        "left",
+        "by_reason",
+        "nodes_before",
+        "nodes_after",
+        "params_before",
+        "params_after",
+    ):
         assert seen["summary"][key] == done["summary"][key], key
     assert done["summary"]["left"] == done["summary"]["bn_after"]
 
 
-_UNTRACEABLE = '''
+_UNTRACEABLE = """
 import torch
 from torch import nn
 
@@ -265,7 +317,7 @@ def plain():
 
 net.example_input_shape = (3, 8, 8)
 plain.example_input_shape = (3, 8, 8)
-'''
+"""
 
 
 @pytest.fixture()
@@ -281,11 +333,17 @@ def factory_file(tmp_path: Path) -> Path:
     return f
 
 
-@pytest.mark.parametrize(("factory", "fmt", "form"), [
-    ("net", "pt", "dotted"), ("plain", "pt", "dotted"), ("plain", "pt2", "file"),
-])
-def test_inspect_verdicts_are_folds_pytorch(factory_file: Path, factory: str, fmt: str, form: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("factory", "fmt", "form"),
+    [
+        ("net", "pt", "dotted"),
+        ("plain", "pt", "dotted"),
+        ("plain", "pt2", "file"),
+    ],
+)
+def test_inspect_verdicts_are_folds_pytorch(
+    factory_file: Path, factory: str, fmt: str, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tmp = factory_file.parent
     monkeypatch.chdir(tmp)  # the current folder is importable: "arch:net" names tmp/arch.py
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -302,8 +360,9 @@ def test_inspect_verdicts_are_folds_pytorch(factory_file: Path, factory: str, fm
 
 
 @pytest.mark.parametrize("factory", ["net", "plain"])
-def test_inspect_to_onnx_verdicts_are_folds(factory_file: Path, factory: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_to_onnx_verdicts_are_folds(
+    factory_file: Path, factory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A PyTorch file written to .onnx: inspect --to onnx gives fold's verdicts (exporter folds included)."""
     tmp = factory_file.parent
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -316,15 +375,26 @@ def test_inspect_to_onnx_verdicts_are_folds(factory_file: Path, factory: str,
     assert r.exit_code == 0, r.output
     seen = _strict_json(r.stdout)
     assert _verdicts(seen) == _verdicts(done)
-    for key in ("bn_before", "bn_after", "folded", "left", "by_reason", "nodes_before", "nodes_after",
-                "params_before", "params_after"):
+    for key in (
+        "bn_before",
+        "bn_after",
+        "folded",
+        "left",
+        "by_reason",
+        "nodes_before",
+        "nodes_after",
+        "params_before",
+        "params_after",
+    ):
         assert seen["summary"][key] == done["summary"][key], key
 
 
 def test_export_report_counts_agree(factory_file: Path) -> None:
     """A BN the exporter removed is not "left"; nodes compare ONNX with ONNX."""
     tmp = factory_file.parent
-    r = runner.invoke(app, ["fold", str(tmp / "net.pt"), str(tmp / "o.onnx"), "--json", "-m", f"{factory_file}:net"])
+    r = runner.invoke(
+        app, ["fold", str(tmp / "net.pt"), str(tmp / "o.onnx"), "--json", "-m", f"{factory_file}:net"]
+    )
     assert r.exit_code == 0, r.output
     s = _strict_json(r.stdout)["summary"]
     out = onnx.load(str(tmp / "o.onnx"))
@@ -448,7 +518,9 @@ def test_folded_bias_keeps_its_requires_grad() -> None:
     from models.stats import randomize_bn
 
     torch.manual_seed(0)
-    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))).eval()
+    m = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    ).eval()
     m[0].bias.requires_grad_(False)
     m[2].weight.requires_grad_(False)  # and the other way round
     x = torch.randn(2, 3, 8, 8)
@@ -490,8 +562,15 @@ def _lenet_checkpoints(tmp_path: Path) -> tuple[Path, Path, Any]:
     torch.manual_seed(0)
     m = randomize_bn(lenet5()).eval()
     sd = {f"model.{k}": v for k, v in m.state_dict().items()}
-    plain = {"epoch": 3, "global_step": 10, "pytorch-lightning_version": "2.1.0", "state_dict": sd,
-             "hyper_parameters": {"lr": 0.1}, "optimizer_states": [], "lr_schedulers": []}
+    plain = {
+        "epoch": 3,
+        "global_step": 10,
+        "pytorch-lightning_version": "2.1.0",
+        "state_dict": sd,
+        "hyper_parameters": {"lr": 0.1},
+        "optimizer_states": [],
+        "lr_schedulers": [],
+    }
     torch.save(plain, tmp_path / "plain.ckpt")
     torch.save({**plain, "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "hparams.ckpt")
     return tmp_path / "plain.ckpt", tmp_path / "hparams.ckpt", m
@@ -516,7 +595,9 @@ def test_lightning_checkpoint(tmp_path: Path) -> None:
     assert "pickled PyTorch module" not in line and "training checkpoint" in line
     assert "--trust-pickle" in line and "trust_pickle=" not in line
     # trusted, its weights go into the factory's module
-    r = runner.invoke(app, ["fold", str(pickled), str(out), "-m", "models.lenet:lenet5", "--trust-pickle", "--json"])
+    r = runner.invoke(
+        app, ["fold", str(pickled), str(out), "-m", "models.lenet:lenet5", "--trust-pickle", "--json"]
+    )
     assert r.exit_code == 0, r.output
     torch.testing.assert_close(torch.load(out, weights_only=False)(x), m(x), rtol=1e-5, atol=1e-5)
 
@@ -569,7 +650,9 @@ def test_bench_warns_when_runs_disagree() -> None:
     from bnfold import bench
 
     timings = [Timing("b", steady.median, noisy.median, steady, noisy)]
-    report = BenchReport("m.onnx", "onnx", 5, 1, 0, {"x": (1, 3)}, timings, notes=bench._spread_notes(timings))
+    report = BenchReport(
+        "m.onnx", "onnx", 5, 1, 0, {"x": (1, 3)}, timings, notes=bench._spread_notes(timings)
+    )
     buf = io.StringIO()
     render_bench_report(Console(file=buf, width=100), report)
     assert "runs disagree" in buf.getvalue() and "[" in buf.getvalue()
@@ -588,7 +671,9 @@ def test_verify_maps_names(tmp_path: Path) -> None:
     before = cand.read_bytes()
     r = runner.invoke(app, ["verify", str(ref), str(cand)])
     assert r.exit_code == 2  # cannot compare: different names
-    r = runner.invoke(app, ["verify", str(ref), str(cand), "--map", "x=input.1", "--map", "y=logits", "--json"])
+    r = runner.invoke(
+        app, ["verify", str(ref), str(cand), "--map", "x=input.1", "--map", "y=logits", "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert _strict_json(r.stdout)["passed"] is True
     assert cand.read_bytes() == before
@@ -599,7 +684,9 @@ def test_verify_maps_names(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------- 22.19: .safetensors weights with --model
-def _write_safetensors(path: Path, tensors: dict[str, Any], *, header_patch: dict[str, Any] | None = None) -> None:
+def _write_safetensors(
+    path: Path, tensors: dict[str, Any], *, header_patch: dict[str, Any] | None = None
+) -> None:
     """The safetensors layout written by hand: 8-byte header size, JSON header, raw little-endian data."""
     names = {"float32": "F32", "float64": "F64", "int64": "I64"}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -607,7 +694,11 @@ def _write_safetensors(path: Path, tensors: dict[str, Any], *, header_patch: dic
     for name, t in tensors.items():
         arr = t.detach().cpu().numpy()
         raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": names[str(arr.dtype)], "shape": list(arr.shape), "data_offsets": [at, at + len(raw)]}
+        header[name] = {
+            "dtype": names[str(arr.dtype)],
+            "shape": list(arr.shape),
+            "data_offsets": [at, at + len(raw)],
+        }
         blobs.append(raw)
         at += len(raw)
     header.update(header_patch or {})
@@ -647,7 +738,9 @@ def test_safetensors_lying_header_is_refused(tmp_path: Path) -> None:
     sd = dict(lenet5().state_dict())
     first = next(iter(sd))
     bad = tmp_path / "bad.safetensors"
-    _write_safetensors(bad, sd, header_patch={first: {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}})
+    _write_safetensors(
+        bad, sd, header_patch={first: {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}
+    )
     r = runner.invoke(app, ["inspect", str(bad), "-m", "models.lenet:lenet5"])
     assert r.exit_code == 2
     line = r.stderr.strip()
@@ -655,11 +748,14 @@ def test_safetensors_lying_header_is_refused(tmp_path: Path) -> None:
     del torch
 
 
-@pytest.mark.parametrize(("args", "want"), [
-    (["--opt-level", "bogus"], "'bogus' is not one of"),
-    (["--samples", "abc"], "expected an integer (got 'abc')"),
-    (["-n", "1.5"], "expected an integer (got '1.5')"),
-])
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--opt-level", "bogus"], "'bogus' is not one of"),
+        (["--samples", "abc"], "expected an integer (got 'abc')"),
+        (["-n", "1.5"], "expected an integer (got '1.5')"),
+    ],
+)
 def test_usage_errors_in_bnfold_words(tmp_path: Path, args: list[str], want: str) -> None:
     """typer validates with pydantic; its phrasing ("Value error,", "Input should be") stays out."""
     src = tmp_path / "m.onnx"

@@ -44,7 +44,9 @@ def test_every_command_has_a_section() -> None:
     for name in group.commands:
         assert name in sections, f"cli.md has no '## bnfold {name}' section"
     doc_cmds = {k for k in sections if k not in ("Files", "Exit codes", "JSON output", "Global options")}
-    assert doc_cmds == set(group.commands), f"cli.md documents commands that do not exist: {doc_cmds - set(group.commands)}"
+    assert doc_cmds == set(group.commands), (
+        f"cli.md documents commands that do not exist: {doc_cmds - set(group.commands)}"
+    )
 
 
 def test_options_match_per_command() -> None:
@@ -56,7 +58,9 @@ def test_options_match_per_command() -> None:
         table = "\n".join(line for line in sections[name].splitlines() if line.startswith("|"))
         real, documented = _long_options(cmd), _documented_options(table)
         assert real <= documented, f"{name}: options missing from cli.md: {sorted(real - documented)}"
-        assert documented <= real, f"{name}: cli.md documents options that do not exist: {sorted(documented - real)}"
+        assert documented <= real, (
+            f"{name}: cli.md documents options that do not exist: {sorted(documented - real)}"
+        )
         for p in cmd.params:
             if p.param_type_name == "argument":
                 assert f"`{p.name.upper()}`" in table, f"{name}: argument {p.name.upper()} not in cli.md"

@@ -24,7 +24,7 @@ from bnfold.cli import app
 
 runner = CliRunner()
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch import nn
 from models.stats import randomize_bn
@@ -49,9 +49,9 @@ def net():
 
 
 net.example_input_shape = (3, 8, 8)
-'''
+"""
 
-NOSHAPE = '''
+NOSHAPE = """
 import torch
 from torch import nn
 from models.stats import randomize_bn
@@ -70,7 +70,7 @@ class Net(nn.Module):
 def net():
     torch.manual_seed(0)
     return randomize_bn(Net(), 0).eval()
-'''
+"""
 
 
 @pytest.fixture()
@@ -123,8 +123,26 @@ def test_export_has_signature_names_and_a_dynamic_batch(ckpt: tuple[Path, str], 
 def test_export_static_batch_names_and_opset(ckpt: tuple[Path, str], tmp_path: Path) -> None:
     src, spec = ckpt
     out = tmp_path / "net.onnx"
-    r = runner.invoke(app, ["fold", str(src), str(out), "-m", spec, "--static-batch", "--input-names", "img",
-                            "--output-names", "logits", "--opset", "17", "-s", "x=3x3x8x8", "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "fold",
+            str(src),
+            str(out),
+            "-m",
+            spec,
+            "--static-batch",
+            "--input-names",
+            "img",
+            "--output-names",
+            "logits",
+            "--opset",
+            "17",
+            "-s",
+            "x=3x3x8x8",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     m = onnx.load(str(out))
     assert [i.name for i in m.graph.input] == ["img"] and [o.name for o in m.graph.output] == ["logits"]
@@ -155,8 +173,9 @@ def test_train_mode_advice_names_the_flag(tmp_path: Path, monkeypatch: pytest.Mo
     assert_clean_error(r, 2, "train.pt")
     assert "--eval-semantics" in r.stderr and "eval_semantics=True" not in r.stderr
     assert not out.exists()
-    r = runner.invoke(app, ["fold", str(p), str(out), "--trust-pickle", "--eval-semantics", "-s", "x=2x1x32x32",
-                            "--json"])
+    r = runner.invoke(
+        app, ["fold", str(p), str(out), "--trust-pickle", "--eval-semantics", "-s", "x=2x1x32x32", "--json"]
+    )
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["summary"]["bn_after"] == 0 and json.loads(r.stdout)["verification"]["passed"]
 
@@ -164,8 +183,14 @@ def test_train_mode_advice_names_the_flag(tmp_path: Path, monkeypatch: pytest.Mo
 def _external(tmp_path: Path, location: str = "w.bin") -> Path:
     p = tmp_path / "ext.onnx"
     # 16 channels: the conv weight is over the 1 KiB under which bnfold keeps a tensor inline.
-    onnx.save(tiny_onnx(out_channels=16), str(p), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
-              size_threshold=0)
+    onnx.save(
+        tiny_onnx(out_channels=16),
+        str(p),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     assert (tmp_path / location).exists()
     return p
 
@@ -225,7 +250,7 @@ def test_bench_on_a_folded_model_says_so(tmp_path: Path) -> None:
     assert digest(folded) == before
 
 
-BAKED = '''
+BAKED = """
 import torch
 from torch import nn
 from models.stats import randomize_bn
@@ -248,7 +273,7 @@ def baked():
 
 
 baked.example_input_shape = (3, 4, 4)
-'''
+"""
 
 
 def test_a_baked_in_batch_is_not_exported_as_dynamic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,8 +309,13 @@ def test_folded_mul_add_pairs_count_as_folds(tmp_path: Path) -> None:
         helper.make_node("Mul", ["c", "s"], ["m"], name="frozen_mul"),
         helper.make_node("Add", ["m", "t"], ["y"], name="frozen_add"),
     ]
-    g = helper.make_graph(nodes, "frozen", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    g = helper.make_graph(
+        nodes,
+        "frozen",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     src = tmp_path / "frozen.onnx"
@@ -297,13 +327,16 @@ def test_folded_mul_add_pairs_count_as_folds(tmp_path: Path) -> None:
     assert s["folded"] == 1 and s["mul_add_folded"] == 1 and s["by_target_kind"] == {"Mul+Add": 1}
     assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv"]
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
-    np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
-                               atol=FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        _session(out).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0], atol=FP32_ATOL, rtol=0
+    )
     r = runner.invoke(app, ["fold", str(src), str(tmp_path / "o2.onnx")])
     assert "folded 1" in r.stdout  # the headline counts it too
 
 
-def test_inspect_advice_names_input_shape_and_takes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_advice_names_input_shape_and_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     monkeypatch.chdir(ROOT)

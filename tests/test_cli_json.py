@@ -61,7 +61,9 @@ def test_fold_inspect_verify_documents(model_path: Path, tmp_path: Path) -> None
     assert doc["model"]["size_bytes"] == model_path.stat().st_size
     assert doc["output"]["size_bytes"] == out.stat().st_size
     assert doc["summary"]["bn_before"] == 2 and doc["summary"]["bn_after"] == 1
-    assert doc["summary"]["by_target_kind"] == {"Conv": 1} and doc["summary"]["by_reason"] == {"no_producer": 1}
+    assert doc["summary"]["by_target_kind"] == {"Conv": 1} and doc["summary"]["by_reason"] == {
+        "no_producer": 1
+    }
     assert doc["verification"]["passed"] is True and doc["verification"]["inputs"] == {"x": [2, 3, 8, 8]}
     assert doc["signature"]["inputs"][0]["shape"] == ["N", 3, 8, 8]
 
@@ -112,13 +114,24 @@ def test_freeze_and_bench_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     onnx_path = tmp_path / "tiny.onnx"
     onnx.save(tiny_onnx(), str(onnx_path))
     doc = _doc(["bench", str(onnx_path), "--runs", "1", "--warmup", "0", "--json"], 0)
-    assert {t["setting"] for t in doc["timings"]} == {"onnxruntime ORT_DISABLE_ALL", "onnxruntime ORT_ENABLE_ALL"}
+    assert {t["setting"] for t in doc["timings"]} == {
+        "onnxruntime ORT_DISABLE_ALL",
+        "onnxruntime ORT_ENABLE_ALL",
+    }
 
 
 def test_legacy_keys_are_aliases_of_the_summary(model_path: Path, tmp_path: Path) -> None:
     """Scripts written for 0.1.0 read top-level counts; schema 1 keeps them equal to ``summary``."""
     doc = _doc(["fold", str(model_path), str(tmp_path / "o.onnx"), "--json"], 0)
-    for key in ("bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after"):
+    for key in (
+        "bn_before",
+        "bn_after",
+        "folded",
+        "nodes_before",
+        "nodes_after",
+        "params_before",
+        "params_after",
+    ):
         assert doc[key] == doc["summary"][key]
     doc = _doc(["verify", str(model_path), str(tmp_path / "o.onnx"), "--json"], 0)
     assert doc["passed"] is doc["verification"]["passed"] is True

@@ -63,8 +63,12 @@ def test_options_that_do_not_apply_are_refused_by_name(model_path: Path, tmp_pat
 
 
 def test_usage_errors_are_one_line(model_path: Path) -> None:
-    for args in (["fold", str(model_path), "--bogus"], ["fold"], ["inspect", str(model_path), "--samples", "x"],
-                 ["nosuchcommand"]):
+    for args in (
+        ["fold", str(model_path), "--bogus"],
+        ["fold"],
+        ["inspect", str(model_path), "--samples", "x"],
+        ["nosuchcommand"],
+    ):
         assert_clean_error(runner.invoke(app, args), 2)
 
 
@@ -102,7 +106,15 @@ def test_same_flags_on_every_command() -> None:
     # inspect takes every option that decides a verdict in fold, so it tells what fold would do.
     fold_opts = {o for p in group.commands["fold"].params for o in getattr(p, "opts", [])}
     inspect_opts = {o for p in group.commands["inspect"].params for o in getattr(p, "opts", [])}
-    deciding = {"--affine", "--eval-semantics", "--input-shape", "-s", "--inputs", "--model", "--trust-pickle"}
+    deciding = {
+        "--affine",
+        "--eval-semantics",
+        "--input-shape",
+        "-s",
+        "--inputs",
+        "--model",
+        "--trust-pickle",
+    }
     assert deciding <= fold_opts and deciding <= inspect_opts
 
 
@@ -116,8 +128,13 @@ def test_debug_after_the_command_shows_the_traceback(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cmd", [*COMMANDS, ""])
 def test_help_fits_80_columns(cmd: str) -> None:
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    p = subprocess.run([sys.executable, "-m", "bnfold", *([cmd] if cmd else []), "--help"], capture_output=True,
-                       text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "bnfold", *([cmd] if cmd else []), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, max(lines, key=len)

@@ -79,15 +79,24 @@ def test_model_strings_in_errors_are_escaped(tmp_path: Path) -> None:
 
 def test_unloadable_model_is_one_line_without_runtime_logs(tmp_path: Path) -> None:
     node = helper.make_node("Foo", ["x"], ["y"], domain="com.acme", name="foo")
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)])
     m.ir_version = 8
     p = tmp_path / "foo.onnx"
     onnx.save(m, str(p))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(p), str(p)], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bnfold", "verify", str(p), str(p)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bnfold: error:"), r.stderr
@@ -128,7 +137,9 @@ def test_output_suffix_is_refused_before_loading(tmp_path: Path, monkeypatch: py
         return real(p, *a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(bio, "_load_as", spy)
-    r = runner.invoke(app, ["fold", str(ROOT / "models" / "samples" / "lenet5.pt2"), "-o", str(tmp_path / "o.pt")])
+    r = runner.invoke(
+        app, ["fold", str(ROOT / "models" / "samples" / "lenet5.pt2"), "-o", str(tmp_path / "o.pt")]
+    )
     assert_clean_error(r, 2, ".pt2")
     assert loaded == [] and not (tmp_path / "o.pt").exists()
     onnx_src = tmp_path / "tiny.onnx"
@@ -148,8 +159,13 @@ def test_a_broken_pt2_is_one_line_without_library_tracebacks(tmp_path: Path) -> 
             if not name.endswith("archive_version"):
                 z.writestr(name, src.read(name))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "bnfold", "inspect", str(broken)], capture_output=True, text=True,
-                       env=env, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-m", "bnfold", "inspect", str(broken)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bnfold: error:") and "broken.pt2" in lines[0], r.stderr

@@ -28,7 +28,10 @@ def test_round_trip_keeps_every_bit(dtype: torch.dtype) -> None:
     assert a.dtype == numpy_dtype(dtype) and a.shape == (3, 5)
     back = from_numpy(a)
     assert back.dtype == dtype
-    assert torch.equal(back.view(torch.uint8) if dtype != torch.bool else back, t.view(torch.uint8) if dtype != torch.bool else t)
+    assert torch.equal(
+        back.view(torch.uint8) if dtype != torch.bool else back,
+        t.view(torch.uint8) if dtype != torch.bool else t,
+    )
     if dtype.is_floating_point:
         assert np.array_equal(a.astype(np.float64), t.double().numpy())  # the values, read as numbers
 

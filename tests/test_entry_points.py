@@ -68,8 +68,10 @@ def test_every_entry_point_flushes_the_same_denormals(tmp_path: Path) -> None:
     export_report = bnfold.export_onnx(model, x, str(tmp_path / "export.onnx"))
     src = tmp_path / "model.pt"
     torch.save(model, src)
-    settings = FoldSettings(load=LoadSettings(trust_pickle=True),  # the test wrote the pickle itself
-                            inputs=InputSettings(input_shapes={"input": tuple(x.shape)}))
+    settings = FoldSettings(
+        load=LoadSettings(trust_pickle=True),  # the test wrote the pickle itself
+        inputs=InputSettings(input_shapes={"input": tuple(x.shape)}),
+    )
     file_reports = {out: fold_file(src, tmp_path / out, settings) for out in ("file.onnx", "file.pt")}
     written = {
         "fold": _module_weights(folded),

@@ -45,13 +45,23 @@ def _conv_bn(seed: int = 0, c: int = 8) -> onnx.ModelProto:
     """Conv -> BN with realistic statistics (mean != 0, var != 1, gamma != 1, beta != 0)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
-    stats = [rng.uniform(0.5, 2.0, c), rng.normal(0.3, 0.5, c), rng.normal(0.5, 1.0, c), rng.uniform(0.3, 3.0, c)]
+    stats = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
     inits = [nh.from_array(w, "W")] + [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
     g = h.make_graph(
-        [h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
-         h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3)],
-        "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])], inits)
+        [
+            h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -64,17 +74,31 @@ def _run(path: Path) -> np.ndarray:
 
 
 def _save_external(m: onnx.ModelProto, path: Path, location: str) -> None:
-    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
-              size_threshold=0)
+    onnx.save(
+        m,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bnfold", *args], capture_output=True, text=True, env=_env(),
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bnfold", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def _one_line(text: str, *needles: str) -> None:
@@ -212,7 +236,9 @@ def test_two_processes_saving_one_path_never_mix_model_and_data(tmp_path: Path) 
     out = tmp_path / "out"
     out.mkdir()
     dst = out / "model.onnx"
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(dst), "60"], env=_env()) for i in (1, 2)]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(i), str(dst), "60"], env=_env()) for i in (1, 2)
+    ]
     checked = 0
     deadline = time.monotonic() + 60
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -262,7 +288,9 @@ def test_signal_mid_write_leaves_no_temporary(tmp_path: Path, sig: int, ext: str
     out = tmp_path / "out"
     out.mkdir()
     dst = out / "model.onnx"
-    p = subprocess.Popen([sys.executable, str(script), str(dst), ext], env=_env(), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(dst), ext], env=_env(), stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(n.name.startswith(".") for n in out.iterdir()):
@@ -324,7 +352,9 @@ def test_truncated_onnx_is_refused_from_its_tags(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- trust and sys.path
 def test_factory_module_does_not_shadow_installed_packages(tmp_path: Path) -> None:
     marker = tmp_path / "shadowed"
-    (tmp_path / "onnxruntime.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed')\n")
+    (tmp_path / "onnxruntime.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed')\n"
+    )
     (tmp_path / "mynet.py").write_text("def make():\n    return 42\n")
     runner = tmp_path / "elsewhere"
     runner.mkdir()
@@ -333,8 +363,14 @@ def test_factory_module_does_not_shadow_installed_packages(tmp_path: Path) -> No
         "f = resolve_factory('mynet:make')\nassert f() == 42\n"
         "import onnxruntime\nprint(sys.path.index(sys.path[-1]), onnxruntime.__file__)\n"
     )
-    r = subprocess.run([sys.executable, str(runner / "run.py")], capture_output=True, text=True, env=_env(),
-                       cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(runner / "run.py")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert not marker.exists() and "site-packages" in r.stdout or "dist-packages" in r.stdout
 
@@ -400,8 +436,12 @@ def test_huge_constant_is_refused_before_it_is_allocated() -> None:
     import resource
 
     m = _conv_bn()
-    m.graph.initializer.extend([nh.from_array(np.array(1.0, np.float32), "one"),
-                                nh.from_array(np.array([1_500_000_000], np.int64), "shape")])
+    m.graph.initializer.extend(
+        [
+            nh.from_array(np.array(1.0, np.float32), "one"),
+            nh.from_array(np.array([1_500_000_000], np.int64), "shape"),
+        ]
+    )
     m.graph.node.insert(0, h.make_node("Expand", ["one", "shape"], ["bias"], name="expand"))
     m.graph.node[1].input.append("bias")
     assert len(m.SerializeToString()) < 2000
@@ -431,8 +471,9 @@ def test_full_disk_while_writing_pt_is_an_output_error(tmp_path: Path) -> None:
         sys.exit(1)
         """
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "out.pt: cannot write" in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file, no temporary

@@ -39,13 +39,23 @@ def _conv_bn(seed: int = 0, c: int = 16) -> onnx.ModelProto:
     (c * 27 floats) is over the 1 KiB that goes to external data."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
-    stats = [rng.uniform(0.5, 2.0, c), rng.normal(0.3, 0.5, c), rng.normal(0.5, 1.0, c), rng.uniform(0.3, 3.0, c)]
+    stats = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
     inits = [nh.from_array(w, "W")] + [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
     g = h.make_graph(
-        [h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
-         h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3)],
-        "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])], inits)
+        [
+            h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -58,8 +68,14 @@ def _run(path: Path) -> np.ndarray:
 
 def _save_external(m: onnx.ModelProto, path: Path, location: str) -> None:
     """Save as another tool would (onnx.save): every tensor in the file ``location`` (relative to ``path``)."""
-    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
-              size_threshold=0)
+    onnx.save(
+        m,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
 
 
 def _point_at(m: onnx.ModelProto, location: str, folder: Path) -> onnx.ModelProto:
@@ -200,7 +216,9 @@ def test_in_place_keeps_data_another_model_reads(tmp_path: Path, layout: str) ->
     assert _temporaries(tmp_path) == []
 
 
-def test_in_place_through_a_link_to_the_input_in_another_folder_keeps_the_original_whole(tmp_path: Path) -> None:
+def test_in_place_through_a_link_to_the_input_in_another_folder_keeps_the_original_whole(
+    tmp_path: Path,
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -264,7 +282,9 @@ def test_overwriting_bnfolds_own_output_removes_its_data_when_nothing_else_reads
     r = _fold(str(tmp_path / "in2.onnx"), str(out), "--external-data", "--json")
     assert r.exit_code == 0, r.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 4 and names[:3] == ["in1.onnx", "in2.onnx", "out.onnx"] and _DATA.search(names[3]), names
+    assert len(names) == 4 and names[:3] == ["in1.onnx", "in2.onnx", "out.onnx"] and _DATA.search(names[3]), (
+        names
+    )
     assert _notes(r.stdout) == [] or not any("kept" in n for n in _notes(r.stdout))
 
 
@@ -287,8 +307,9 @@ def test_a_copied_model_does_not_make_bnfold_own_the_originals_data(tmp_path: Pa
     r = _fold(str(tmp_path / "in2.onnx"), str(other), "--external-data", "-q")
     assert r.exit_code == 0, r.stderr
     after = _digests(tmp_path)
-    assert {k: v for k, v in after.items() if k in before and k != str(other)} == \
-        {k: v for k, v in before.items() if k != str(other)}
+    assert {k: v for k, v in after.items() if k in before and k != str(other)} == {
+        k: v for k, v in before.items() if k != str(other)
+    }
     np.testing.assert_array_equal(_run(out), out_ref)
 
 
@@ -301,8 +322,9 @@ def test_a_forged_record_proves_nothing(tmp_path: Path) -> None:
     _save_external(_conv_bn(), out, name)
     m = onnx.load(str(out), load_external_data=False)
     size = (tmp_path / name).stat().st_size
-    m.metadata_props.add(key="bnfold.external_data",
-                         value=json.dumps({"bytes": size, "location": name, "sha256": "0" * 64}))
+    m.metadata_props.add(
+        key="bnfold.external_data", value=json.dumps({"bytes": size, "location": name, "sha256": "0" * 64})
+    )
     onnx.save(m, str(out))
     before = (tmp_path / name).read_bytes()
     r = _fold(str(src), str(out), "--external-data", "-q")
@@ -328,8 +350,10 @@ def test_save_outputs_never_writes_over_an_input(tmp_path: Path, target: str) ->
     ref, cand, inputs = _pair(tmp_path)
     (tmp_path / "alias.npz").symlink_to(ref)  # a link to the reference
     before = _digests(tmp_path)
-    r = runner.invoke(app, ["verify", str(ref), str(cand), "--inputs", str(inputs),
-                            "--save-outputs", str(tmp_path / target)])
+    r = runner.invoke(
+        app,
+        ["verify", str(ref), str(cand), "--inputs", str(inputs), "--save-outputs", str(tmp_path / target)],
+    )
     assert r.exit_code == 2, r.stdout
     _one_line(r.stderr, target)
     assert _digests(tmp_path) == before
@@ -342,7 +366,9 @@ def test_save_outputs_never_writes_over_the_golden_file_it_reads(tmp_path: Path)
     golden = tmp_path / "g.npz"
     assert runner.invoke(app, ["verify", str(ref), str(cand), "--save-outputs", str(golden)]).exit_code == 0
     before = _digests(tmp_path)
-    r = runner.invoke(app, ["verify", "--load-outputs", str(golden), str(cand), "--save-outputs", str(golden)])
+    r = runner.invoke(
+        app, ["verify", "--load-outputs", str(golden), str(cand), "--save-outputs", str(golden)]
+    )
     assert r.exit_code == 2
     _one_line(r.stderr, "g.npz")
     assert _digests(tmp_path) == before
@@ -360,12 +386,15 @@ def test_a_fifo_or_a_folder_as_an_output_is_refused(tmp_path: Path, kind: str, c
     link = tmp_path / ("link.onnx" if command == "fold" else "link.npz")
     link.symlink_to(target)  # and through a link
     for path in (target, link):
-        args = ([str(ref), str(path), "-q"] if command == "fold"
-                else [str(ref), str(cand), "--save-outputs", str(path)])
+        args = (
+            [str(ref), str(path), "-q"]
+            if command == "fold"
+            else [str(ref), str(cand), "--save-outputs", str(path)]
+        )
         r = runner.invoke(app, [command, *args])
         assert r.exit_code == 2, r.stdout
         _one_line(r.stderr, path.name)
-        assert (target.is_fifo() if kind == "fifo" else target.is_dir())
+        assert target.is_fifo() if kind == "fifo" else target.is_dir()
         assert link.is_symlink()
     assert _temporaries(tmp_path) == []
 
@@ -407,12 +436,18 @@ def test_the_same_command_writes_the_same_bytes(tmp_path: Path) -> None:
         folder = tmp_path / f"run{i}"
         folder.mkdir()
         assert _fold(str(src), str(folder / "out.onnx"), "-q").exit_code == 0
-        assert runner.invoke(app, ["verify", str(src), str(folder / "out.onnx"),
-                                   "--save-outputs", str(folder / "g.npz")]).exit_code == 0
+        assert (
+            runner.invoke(
+                app, ["verify", str(src), str(folder / "out.onnx"), "--save-outputs", str(folder / "g.npz")]
+            ).exit_code
+            == 0
+        )
         runs.append({p.name: p.read_bytes() for p in folder.iterdir()})
     assert runs[0] == runs[1]
     names = sorted(runs[0])
-    assert names[:2] == ["g.npz", "out.onnx"] and re.fullmatch(r"out\.onnx\.[0-9a-f]{16}\.data", names[2]), names
+    assert names[:2] == ["g.npz", "out.onnx"] and re.fullmatch(r"out\.onnx\.[0-9a-f]{16}\.data", names[2]), (
+        names
+    )
     # the data file the model names is the one written, under its final name
     assert bio.files_read_by(tmp_path / "run0" / "out.onnx")[1:] == [str(tmp_path / "run0" / names[2])]
     # and the same command again on the same OUT: the same bytes, no other file

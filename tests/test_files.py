@@ -69,7 +69,9 @@ def _physical_bn(m: nn.Module) -> int:
         (FoldSettings(export=bnfold.files.ExportSettings(opset=3)), "--opset 3"),
     ],
 )
-def test_bad_option_is_refused_by_its_flag_before_any_load(tmp_path: Path, settings: FoldSettings, flag: str) -> None:
+def test_bad_option_is_refused_by_its_flag_before_any_load(
+    tmp_path: Path, settings: FoldSettings, flag: str
+) -> None:
     src = tmp_path / "missing.onnx"  # never read: the option check comes first
     with pytest.raises(OptionError, match=flag):
         fold_file(src, tmp_path / "out.onnx", settings)
@@ -105,15 +107,24 @@ def test_pytorch_to_onnx_gives_one_verdict_per_physical_bn(tmp_path: Path, progr
     assert isinstance(rep.files, FileInfo) and rep.files.written and rep.files.output_format == "onnx"
 
 
-def test_onnx_output_verifies_the_staged_file_then_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_output_verifies_the_staged_file_then_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The candidate verification runs on is the file that is renamed into place (when io stages)."""
     from bnfold.files import fold as fold_job
 
     model = _net()
     src = tmp_path / "m.onnx"
     # The exporter keeps the BN (no fusion of its own), so bnfold's fold changes the model and verifies it.
-    torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), str(src), input_names=["x"], dynamo=False,
-                      do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE)
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 3, 8, 8),),
+        str(src),
+        input_names=["x"],
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+    )
     seen: list[object] = []
     real = fold_job.run_verify
 
@@ -135,13 +146,15 @@ def test_inspect_pytorch_predicts_every_count_of_the_fold(tmp_path: Path) -> Non
     src = tmp_path / "m.pt"
     torch.save(model, src)
     before = copy.deepcopy(model.state_dict())
-    rep = inspect_file(src, InspectSettings(load=LoadSettings(trust_pickle=True),
-                                            inputs=InputSettings(["x=2x3x8x8"])))
+    rep = inspect_file(
+        src, InspectSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x8x8"]))
+    )
     folded = bnfold.fold(model, example_inputs=(torch.randn(2, 3, 8, 8),))
     assert rep.dry_run and rep.predicted_counts is None  # every count is a prediction of the fold
     assert rep.bn_after == _physical_bn(folded)  # the prediction is what fold does
     assert rep.params_after == sum(p.numel() for p in folded.parameters()) + sum(
-        b.numel() for b in folded.buffers())  # params count parameters and buffers, as the fold reports
+        b.numel() for b in folded.buffers()
+    )  # params count parameters and buffers, as the fold reports
     assert rep.files is not None and rep.files.source_format == "pickled_module" and not rep.files.written
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -153,7 +166,9 @@ def test_freeze_returns_a_typed_report_of_the_frozen_modules(tmp_path: Path) -> 
     rep = freeze_file(src, dst, FreezeSettings(load=LoadSettings(trust_pickle=True)))
     assert isinstance(rep, FreezeReport) and rep.files.written and not rep.left
     written = torch.load(dst, weights_only=False)
-    assert [n for n, _ in rep.frozen] == [n for n, m in written.named_modules() if isinstance(m, FrozenBatchNorm)]
+    assert [n for n, _ in rep.frozen] == [
+        n for n, m in written.named_modules() if isinstance(m, FrozenBatchNorm)
+    ]
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(written(x), model(x))

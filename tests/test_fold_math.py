@@ -37,7 +37,12 @@ NP_DTYPES = {
 }
 # Unit roundoff of each dtype: a folded layer's output error, relative to the output scale, is a small
 # multiple of it (each weight is rounded once; the products are summed in float64 here).
-UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+UNIT_ROUNDOFF = {
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+    torch.float32: 2.0**-24,
+    torch.float64: 2.0**-53,
+}
 # Tolerance factor on top of the unit roundoff: the sum of fan-in rounded products grows like
 # sqrt(fan_in) in the typical case; 64 covers the fan-ins used here with margin.
 ROUNDOFF_FACTOR = 64.0
@@ -45,7 +50,9 @@ ROUNDOFF_FACTOR = 64.0
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _bn(c: int, dims: int, rng: np.random.Generator, eps: float, zero_var: bool, big_gamma: bool) -> nn.Module:
+def _bn(
+    c: int, dims: int, rng: np.random.Generator, eps: float, zero_var: bool, big_gamma: bool
+) -> nn.Module:
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](c, eps=eps).double().eval()
     with torch.no_grad():
         bn.running_mean.copy_(torch.from_numpy(rng.uniform(-1, 1, c)))
@@ -89,7 +96,11 @@ def _make_layer(kind: str, dims: int, cin: int, cout: int, groups: int, bias: bo
 
 
 def _layout(kind: str, groups: int) -> WeightLayout:
-    return {"linear": WeightLayout.linear(), "conv": WeightLayout.conv(groups), "convT": WeightLayout.conv_transpose(groups)}[kind]
+    return {
+        "linear": WeightLayout.linear(),
+        "conv": WeightLayout.conv(groups),
+        "convT": WeightLayout.conv_transpose(groups),
+    }[kind]
 
 
 def _input(kind: str, dims: int, cin: int, rng: np.random.Generator) -> torch.Tensor:
@@ -142,7 +153,9 @@ def test_forward_fold_matches_running_layers(case: dict[str, object]) -> None:
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(p.to(dtype).double())
-    bn = _bn(case["cout"], 1 if kind == "linear" else dims, rng, case["eps"], case["zero_var"], case["big_gamma"])  # type: ignore[arg-type]
+    bn = _bn(
+        case["cout"], 1 if kind == "linear" else dims, rng, case["eps"], case["zero_var"], case["big_gamma"]
+    )  # type: ignore[arg-type]
     x = _input(kind, dims, case["cin"], rng)  # type: ignore[arg-type]
     with torch.no_grad():
         ref = bn(layer(x))
@@ -178,7 +191,9 @@ def test_grouped_conv_transpose_channel_axis(dims: int, groups: int) -> None:
     with torch.no_grad():
         ref = bn(layer(x))
     s, t = _affine(bn)
-    w, b = fold_forward(layer.weight.detach().numpy(), layer.bias.detach().numpy(), s, t, WeightLayout.conv_transpose(groups))
+    w, b = fold_forward(
+        layer.weight.detach().numpy(), layer.bias.detach().numpy(), s, t, WeightLayout.conv_transpose(groups)
+    )
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(w))
         layer.bias.copy_(torch.from_numpy(b))
@@ -193,13 +208,19 @@ def test_backward_fold_into_conv(groups: int, padding_mode: str) -> None:
     rng = np.random.default_rng(groups)
     torch.manual_seed(groups)
     pad = 0 if padding_mode == "zeros" else 1
-    conv = nn.Conv2d(3 * groups, 2 * groups, 3, padding=pad, padding_mode=padding_mode, groups=groups).double().eval()
+    conv = (
+        nn.Conv2d(3 * groups, 2 * groups, 3, padding=pad, padding_mode=padding_mode, groups=groups)
+        .double()
+        .eval()
+    )
     bn = _bn(3 * groups, 2, rng, 1e-5, False, False)
     x = torch.from_numpy(rng.standard_normal((2, 3 * groups, 6, 6)))
     with torch.no_grad():
         ref = conv(bn(x))
     s, t = _affine(bn)
-    w, b = fold_backward(conv.weight.detach().numpy(), conv.bias.detach().numpy(), s, t, WeightLayout.conv(groups))
+    w, b = fold_backward(
+        conv.weight.detach().numpy(), conv.bias.detach().numpy(), s, t, WeightLayout.conv(groups)
+    )
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(w))
         conv.bias.copy_(torch.from_numpy(b))
@@ -248,7 +269,9 @@ def test_backward_fold_into_linear_and_matmul() -> None:
     torch.testing.assert_close(x @ torch.from_numpy(w2) + torch.from_numpy(b2), ref2, rtol=1e-12, atol=1e-12)
 
 
-def _gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float, trans_b: bool) -> np.ndarray:
+def _gemm(
+    a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float, trans_b: bool
+) -> np.ndarray:
     """ONNX Gemm as its spec defines it, run in float64 (the layer, not the fold)."""
     y = alpha * (a @ (b.T if trans_b else b))
     return y if c is None else y + beta * c
@@ -257,7 +280,9 @@ def _gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("c_shape", [None, (4,), (1,), (3, 4), (3, 1), (1, 4)])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (-1.5, 0.0)])
-def test_gemm_forward_and_backward(trans_b: bool, c_shape: tuple[int, ...] | None, alpha: float, beta: float) -> None:
+def test_gemm_forward_and_backward(
+    trans_b: bool, c_shape: tuple[int, ...] | None, alpha: float, beta: float
+) -> None:
     rng = np.random.default_rng(7)
     k, n, m = 5, 4, 3
     a = rng.standard_normal((m, k))
@@ -288,7 +313,9 @@ def test_affine_false_bn() -> None:
     x = torch.from_numpy(rng.standard_normal((6, 4)))
     s, t = bn_affine(None, None, bn.running_mean.numpy(), bn.running_var.numpy(), bn.eps)
     with torch.no_grad():
-        torch.testing.assert_close(x * torch.from_numpy(s) + torch.from_numpy(t), bn(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            x * torch.from_numpy(s) + torch.from_numpy(t), bn(x), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_cast_exact_bfloat16_is_correctly_rounded() -> None:
@@ -330,13 +357,19 @@ def _torch_fuse_error_ratio(dtype: torch.dtype, transposed: bool, seed: int) -> 
     x = torch.from_numpy(rng.standard_normal((2, 8, 6, 6)))
     conv64, bn64 = cls(8, 16, 3).double().eval(), _bn(16, 2, rng, 1e-5, False, False)
     conv64.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
-    bn64.load_state_dict({k: (v.double() if v.is_floating_point() else v) for k, v in bn.state_dict().items()})
+    bn64.load_state_dict(
+        {k: (v.double() if v.is_floating_point() else v) for k, v in bn.state_dict().items()}
+    )
     with torch.no_grad():
         ref = bn64(conv64(x))
     theirs = fuse_conv_bn_eval(conv, bn, transpose=transposed).double()
-    s, t = bn_affine(*(a.detach().double().numpy() for a in (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps)
+    s, t = bn_affine(
+        *(a.detach().double().numpy() for a in (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps
+    )
     layout = WeightLayout.conv_transpose() if transposed else WeightLayout.conv()
-    w, b = fold_forward(conv.weight.detach().double().numpy(), conv.bias.detach().double().numpy(), s, t, layout)
+    w, b = fold_forward(
+        conv.weight.detach().double().numpy(), conv.bias.detach().double().numpy(), s, t, layout
+    )
     ours = cls(8, 16, 3).double().eval()
     with torch.no_grad():
         ours.weight.copy_(_to_torch(w, dtype).double())

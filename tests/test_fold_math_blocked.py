@@ -40,7 +40,9 @@ CASES = [
 
 def _stats(c: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     gamma = rng.uniform(0.5, 1.5, c) * np.where(rng.random(c) < 0.1, -1.0, 1.0)
-    return bn_affine(gamma, rng.uniform(-0.5, 0.5, c), rng.uniform(-0.5, 0.5, c), np.exp(rng.uniform(-1.4, 0.9, c)), 1e-5)
+    return bn_affine(
+        gamma, rng.uniform(-0.5, 0.5, c), rng.uniform(-0.5, 0.5, c), np.exp(rng.uniform(-1.4, 0.9, c)), 1e-5
+    )
 
 
 def _reference(w: np.ndarray, fac: np.ndarray, dt: np.dtype) -> np.ndarray:
@@ -54,7 +56,9 @@ def _out_channels(shape: tuple[int, ...], layout: WeightLayout) -> int:
 
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape,layout", CASES, ids=[str(s) for s, _ in CASES])
-def test_scale_cast_is_the_reference_bit_for_bit(dt: np.dtype, shape: tuple[int, ...], layout: WeightLayout) -> None:
+def test_scale_cast_is_the_reference_bit_for_bit(
+    dt: np.dtype, shape: tuple[int, ...], layout: WeightLayout
+) -> None:
     rng = np.random.default_rng(len(shape) * 7 + shape[0])
     w = (rng.standard_normal(shape) * 0.3).astype(np.float32 if dt.itemsize >= 4 else dt)
     s, _ = _stats(_out_channels(shape, layout), rng)

@@ -79,7 +79,9 @@ def test_onnx_health_flags_each_sick_channel() -> None:
 def test_onnx_var_zero_small_eps_blows_up_scale() -> None:
     m = _sick_conv_bn(eps=1e-10)
     (b,) = bnfold.health(m).bns
-    gamma = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "bn.gamma")).astype(np.float64)
+    gamma = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "bn.gamma")).astype(
+        np.float64
+    )
     # var = 0: scale = gamma / sqrt(eps) = 1e5 * gamma on channel 2.
     assert b.max_abs_scale >= abs(gamma[2]) / np.sqrt(1e-10) * (1 - 1e-6)
     assert 2 in b.small_var
@@ -341,7 +343,9 @@ def test_exported_program_flush_keeps_original() -> None:
     before = {k: v.detach().clone() for k, v in ep.state_dict.items()}
     kept = bnfold.fold(ep, flush_denormals=False)
     out, rep = bnfold.fold_with_report(ep)
-    assert all(torch.equal(before[k], v) for k, v in ep.state_dict.items()), "the original program was changed"
+    assert all(torch.equal(before[k], v) for k, v in ep.state_dict.items()), (
+        "the original program was changed"
+    )
     n_kept = sum(_np_subnormal(v.detach().numpy()) for v in kept.state_dict.values() if v.is_floating_point())
     n_out = sum(_np_subnormal(v.detach().numpy()) for v in out.state_dict.values() if v.is_floating_point())
     n_orig = sum(_np_subnormal(v.detach().numpy()) for v in ep.state_dict.values() if v.is_floating_point())
@@ -359,7 +363,9 @@ def test_torch_source_to_onnx_flushes_the_export(tmp_path) -> None:  # type: ign
     m = _sick_module()
     src, dst = tmp_path / "m.pt", tmp_path / "m.onnx"
     torch.save(m, src)
-    rep = fold_file(src, dst, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x6x6"])))
+    rep = fold_file(
+        src, dst, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x6x6"]))
+    )
     assert rep.verification is not None and rep.verification.passed
     assert rep.flushed_denormals and rep.flushed_denormals > 0
     folded = onnx.load(str(dst))

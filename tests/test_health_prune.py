@@ -44,11 +44,16 @@ def _pruned(rep: bnfold.FoldReport) -> dict[str, dict]:
 
 def test_conv_bn_relu_conv_no_padding() -> None:
     torch.manual_seed(0)
-    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3))).eval()
+    m = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3))
+    ).eval()
     _kill(m[1], [1, 6], beta=0.7)  # constant relu(0.7) = 0.7, read by a conv without padding
     out, rep = _check(m, torch.randn(2, 3, 9, 9))
     assert _pruned(rep)["0"]["pruned"] and _pruned(rep)["0"]["channels"] == [1, 6]
-    assert out[0].out_channels == out[0].weight.shape[0] == 6 and out[3].in_channels == out[3].weight.shape[1] == 6
+    assert (
+        out[0].out_channels == out[0].weight.shape[0] == 6
+        and out[3].in_channels == out[3].weight.shape[1] == 6
+    )
     assert rep.bn_after == 0 and rep.params_after < rep.params_before
 
 
@@ -70,10 +75,17 @@ def test_next_conv_with_padding_is_left_unless_constant_is_zero() -> None:
 
 def test_linear_chain() -> None:
     torch.manual_seed(2)
-    m = randomize_bn(nn.Sequential(
-        nn.Linear(10, 16), nn.BatchNorm1d(16), nn.GELU(), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.Sigmoid(),
-        nn.Linear(12, 3),
-    )).eval()
+    m = randomize_bn(
+        nn.Sequential(
+            nn.Linear(10, 16),
+            nn.BatchNorm1d(16),
+            nn.GELU(),
+            nn.Linear(16, 12),
+            nn.BatchNorm1d(12),
+            nn.Sigmoid(),
+            nn.Linear(12, 3),
+        )
+    ).eval()
     _kill(m[1], [0, 5, 9], beta=0.3)
     _kill(m[4], [11])  # bias of the folded layer stays whatever beta was: sigmoid of it feeds the last Linear
     x = torch.randn(4, 10)

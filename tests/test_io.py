@@ -22,9 +22,13 @@ def _onnx_model(big: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     n = 64 if big else 4
     w = nh.from_array(rng.standard_normal((n, 3, 3, 3)).astype(np.float32), "W")
-    g = h.make_graph([h.make_node("Conv", ["x", "W"], ["y"])], "g",
-                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", n, 6, 6])], [w])
+    g = h.make_graph(
+        [h.make_node("Conv", ["x", "W"], ["y"])],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", n, 6, 6])],
+        [w],
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -75,8 +79,12 @@ def test_every_bad_input_is_a_one_line_format_error(tmp_path) -> None:
         assert ei.value.exit_code == 2
     with pytest.raises(ModelFormatError, match="rejected by onnx.checker"):
         bio.load(tmp_path / "rejected.onnx")
-    for name, what in [("empty.onnx", "empty file"), ("missing.onnx", "no such file"),
-                       ("folder.onnx", "directory"), ("notes.onnx", "text file")]:
+    for name, what in [
+        ("empty.onnx", "empty file"),
+        ("missing.onnx", "no such file"),
+        ("folder.onnx", "directory"),
+        ("notes.onnx", "text file"),
+    ]:
         with pytest.raises(ModelFormatError, match=what):
             bio.detect_format(tmp_path / name)
 
@@ -119,8 +127,12 @@ def test_detect_torch_formats(tmp_path) -> None:
     torch.jit.save(torch.jit.trace(net, x), tmp_path / "ts.pt")
     torch.export.save(torch.export.export(net, (x,)), tmp_path / "prog.pt2")
     expected = {
-        "sd.bin": "state_dict", "ckpt.pth": "state_dict", "whole.pt": "pickled_module",
-        "legacy.pt": "state_dict", "legacy_whole.pt": "pickled_module", "ts.pt": "torchscript",
+        "sd.bin": "state_dict",
+        "ckpt.pth": "state_dict",
+        "whole.pt": "pickled_module",
+        "legacy.pt": "state_dict",
+        "legacy_whole.pt": "pickled_module",
+        "ts.pt": "torchscript",
         "prog.pt2": "pt2",
     }
     for name, fmt in expected.items():
@@ -143,8 +155,7 @@ def test_state_dict_needs_a_factory_and_loads_with_it(tmp_path) -> None:
         assert torch.equal(loaded(x), net(x))
     # a factory defined in a file of our own, and a mismatching architecture
     (tmp_path / "arch.py").write_text(
-        "from torch import nn\n"
-        "def small():\n    return nn.Sequential(nn.Conv2d(1, 6, 5))\n"
+        "from torch import nn\ndef small():\n    return nn.Sequential(nn.Conv2d(1, 6, 5))\n"
     )
     with pytest.raises(ModelFormatError, match="unexpected keys") as ei:
         bio.load(p, model_factory=f"{tmp_path / 'arch.py'}:small")

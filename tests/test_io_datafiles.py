@@ -28,27 +28,47 @@ def _nested_model() -> onnx.ModelProto:
     c = nh.from_array(_RNG.standard_normal((8,)).astype(np.float32), "C_value")
     then_w = nh.from_array(_RNG.standard_normal((8,)).astype(np.float32), "then_w")
     else_w = nh.from_array(_RNG.standard_normal((8,)).astype(np.float32), "else_w")
-    then_g = h.make_graph([h.make_node("Add", ["y", "then_w"], ["t"])], "then", [],
-                          [h.make_tensor_value_info("t", T.FLOAT, [2, 8])], [then_w])
-    else_g = h.make_graph([h.make_node("Mul", ["y", "else_w"], ["e"])], "else", [],
-                          [h.make_tensor_value_info("e", T.FLOAT, [2, 8])], [else_w])
+    then_g = h.make_graph(
+        [h.make_node("Add", ["y", "then_w"], ["t"])],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", T.FLOAT, [2, 8])],
+        [then_w],
+    )
+    else_g = h.make_graph(
+        [h.make_node("Mul", ["y", "else_w"], ["e"])],
+        "else",
+        [],
+        [h.make_tensor_value_info("e", T.FLOAT, [2, 8])],
+        [else_w],
+    )
     nodes = [
         h.make_node("Constant", [], ["C"], value=c),
         h.make_node("MatMul", ["x", "W"], ["m"]),
         h.make_node("Add", ["m", "C"], ["y"]),
         h.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g),
     ]
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 8]),
-                                  h.make_tensor_value_info("cond", T.BOOL, [])],
-                     [h.make_tensor_value_info("out", T.FLOAT, [2, 8])], [w])
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [2, 8]), h.make_tensor_value_info("cond", T.BOOL, [])],
+        [h.make_tensor_value_info("out", T.FLOAT, [2, 8])],
+        [w],
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
 def _save_per_tensor(model: onnx.ModelProto, path: Path) -> None:
     """onnx's own writer, one data file per tensor (named after it), nested tensors included."""
     model = onnx.ModelProto.FromString(model.SerializeToString())  # onnx converts the model it is given
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=0, convert_attribute=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+        convert_attribute=True,
+    )
 
 
 _FEEDS = {"x": _RNG.standard_normal((2, 8)).astype(np.float32), "cond": np.array(True)}
@@ -71,7 +91,9 @@ def test_nested_external_tensors_are_found_by_both_uses(tmp_path: Path) -> None:
             bio.check_output_path(src, tmp_path / name)
     # the file layer: data files and sizes count the nested ones too
     assert {str(p) for p in _datafiles.onnx_data_files(src)} == expected
-    assert _datafiles.model_size(src, "onnx") == sum((tmp_path / n).stat().st_size for n in ["nested.onnx", *data])
+    assert _datafiles.model_size(src, "onnx") == sum(
+        (tmp_path / n).stat().st_size for n in ["nested.onnx", *data]
+    )
     assert bio.file_size_with_data(src) == _datafiles.model_size(src, "onnx")
     os.unlink(tmp_path / "then_w")
     with pytest.raises(Exception, match="then_w"):
@@ -112,7 +134,9 @@ def test_a_sparse_initializer_and_a_function_attribute_count(tmp_path: Path) -> 
     e = ft.t.external_data.add()
     e.key, e.value = "location", "fn2.bin"
     src.write_bytes(m.SerializeToString())
-    assert datafiles.read_locations(src) == datafiles.model_locations(m) == ["sparse.bin", "fn.bin", "fn2.bin"]
+    assert (
+        datafiles.read_locations(src) == datafiles.model_locations(m) == ["sparse.bin", "fn.bin", "fn2.bin"]
+    )
     # a location entry without data_location EXTERNAL is not read by onnx or onnxruntime
     values.data_location = T.DEFAULT
     src.write_bytes(m.SerializeToString())
@@ -150,13 +174,22 @@ def _reads_shared(n: int) -> onnx.ModelProto:
     for key, value in (("location", "shared.data"), ("offset", "0"), ("length", str(4 * n))):
         e = t.external_data.add()
         e.key, e.value = key, value
-    then_g = h.make_graph([h.make_node("Add", ["x", "k"], ["t"])], "then", [],
-                          [h.make_tensor_value_info("t", T.FLOAT, [n])], [t])
-    else_g = h.make_graph([h.make_node("Identity", ["x"], ["e"])], "else", [],
-                          [h.make_tensor_value_info("e", T.FLOAT, [n])])
-    g = h.make_graph([h.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)], "g",
-                     [h.make_tensor_value_info("x", T.FLOAT, [n]), h.make_tensor_value_info("cond", T.BOOL, [])],
-                     [h.make_tensor_value_info("out", T.FLOAT, [n])])
+    then_g = h.make_graph(
+        [h.make_node("Add", ["x", "k"], ["t"])],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", T.FLOAT, [n])],
+        [t],
+    )
+    else_g = h.make_graph(
+        [h.make_node("Identity", ["x"], ["e"])], "else", [], [h.make_tensor_value_info("e", T.FLOAT, [n])]
+    )
+    g = h.make_graph(
+        [h.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g)],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [n]), h.make_tensor_value_info("cond", T.BOOL, [])],
+        [h.make_tensor_value_info("out", T.FLOAT, [n])],
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -166,8 +199,13 @@ def test_in_place_keeps_a_data_file_that_a_sibling_reads_from_a_subgraph(tmp_pat
     from bnfold.files import FoldSettings, fold_file
 
     src = tmp_path / "a.onnx"
-    onnx.save_model(tiny_onnx(out_channels=16), str(src), save_as_external_data=True, location="shared.data",
-                    size_threshold=0)
+    onnx.save_model(
+        tiny_onnx(out_channels=16),
+        str(src),
+        save_as_external_data=True,
+        location="shared.data",
+        size_threshold=0,
+    )
     sibling = tmp_path / "b.onnx"
     sibling.write_bytes(_reads_shared(8).SerializeToString())
     feeds = {"x": _RNG.standard_normal(8).astype(np.float32), "cond": np.array(True)}
@@ -177,4 +215,6 @@ def test_in_place_keeps_a_data_file_that_a_sibling_reads_from_a_subgraph(tmp_pat
     assert str(tmp_path / "shared.data") not in bio.files_read_by(src)
     assert (tmp_path / "shared.data").exists()
     np.testing.assert_array_equal(run_onnx(str(sibling), feeds)[0], want)
-    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node) == 1  # BN2: after Relu
+    assert (
+        sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node) == 1
+    )  # BN2: after Relu

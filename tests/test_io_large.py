@@ -32,17 +32,27 @@ def _model(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     c = 8
     w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
-    stats = [rng.uniform(0.5, 2.0, c), rng.normal(0.3, 0.5, c), rng.normal(0.5, 1.0, c), rng.uniform(0.3, 3.0, c)]
+    stats = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
     m = rng.standard_normal((c * 36, 10)).astype(np.float32)
     inits = [nh.from_array(w, "W"), nh.from_array(m, "M")]
     inits += [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
     g = h.make_graph(
-        [h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
-         h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
-         h.make_node("Flatten", ["z"], ["f"], name="flat"),
-         h.make_node("MatMul", ["f", "M"], ["out"], name="mm")],
-        "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-        [h.make_tensor_value_info("out", T.FLOAT, [1, 10])], inits)
+        [
+            h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
+            h.make_node("Flatten", ["z"], ["f"], name="flat"),
+            h.make_node("MatMul", ["f", "M"], ["out"], name="mm"),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [h.make_tensor_value_info("out", T.FLOAT, [1, 10])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -55,11 +65,15 @@ def _run(path: Path) -> np.ndarray:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def _bn_count(path: Path) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return sum(
+        n.op_type == "BatchNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node
+    )
 
 
 @pytest.fixture
@@ -67,8 +81,14 @@ def src(tmp_path: Path) -> Path:
     folder = tmp_path / "in"
     folder.mkdir()
     path = folder / "model.onnx"
-    onnx.save(_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        _model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return path
 
 
@@ -111,7 +131,11 @@ def test_in_place_fold_of_a_lazy_model(src: Path) -> None:
     assert _bn_count(src) == 0
     np.testing.assert_allclose(_run(src), ref, rtol=0, atol=ATOL * float(np.abs(ref).max()))
     # the old data file is no longer read; bnfold did not write it (another model may read it): kept, and said
-    refs = {e.value for t in onnx.load(str(src), load_external_data=False).graph.initializer for e in t.external_data}
+    refs = {
+        e.value
+        for t in onnx.load(str(src), load_external_data=False).graph.initializer
+        for e in t.external_data
+    }
     assert "weights.bin" not in refs and (src.parent / "weights.bin").read_bytes() == old
     assert any("kept" in n and "weights.bin" in n for n in report.notes)
 
@@ -156,7 +180,9 @@ def test_external_length_that_does_not_fit_the_shape_is_refused(tmp_path: Path) 
         bio.load_with_format(path, lazy_external_data=True)
 
 
-def test_writer_never_serialises_a_whole_tensor_to_size_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_never_serialises_a_whole_tensor_to_size_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # ByteSize() serialises under upb and raises past 2 GiB: the writer sizes tensors from their shapes
     calls: list[str] = []
     real = onnx.TensorProto.ByteSize
@@ -172,13 +198,20 @@ def test_writer_never_serialises_a_whole_tensor_to_size_it(tmp_path: Path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("BNFOLD_BIG_TESTS") != "1",
-                    reason="writes 2.1 GB and peaks at ~6 GB of memory: set BNFOLD_BIG_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("BNFOLD_BIG_TESTS") != "1",
+    reason="writes 2.1 GB and peaks at ~6 GB of memory: set BNFOLD_BIG_TESTS=1",
+)
 def test_model_over_2gib_with_one_tensor_over_2gib_folds_and_saves(tmp_path: Path) -> None:
     """A single 2.1 GB weight (sparse file of zeros): fold and save without verification."""
     c = 23_000  # 23000^2 float32 = 2.116 GB > 2 GiB
     rng = np.random.default_rng(0)
-    stats = [rng.uniform(0.5, 2.0, c), rng.normal(0.3, 0.5, c), rng.normal(0.5, 1.0, c), rng.uniform(0.3, 3.0, c)]
+    stats = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
     w = onnx.TensorProto()
     w.name, w.data_type, w.data_location = "W", T.FLOAT, T.EXTERNAL
     w.dims.extend([c, c, 1, 1])
@@ -186,10 +219,16 @@ def test_model_over_2gib_with_one_tensor_over_2gib_folds_and_saves(tmp_path: Pat
         e = w.external_data.add()
         e.key, e.value = k, v
     inits = [w] + [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
-    g = h.make_graph([h.make_node("Conv", ["x", "W"], ["y"]),
-                      h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], epsilon=1e-5)],
-                     "g", [h.make_tensor_value_info("x", T.FLOAT, [1, c, 1, 1])],
-                     [h.make_tensor_value_info("z", T.FLOAT, [1, c, 1, 1])], inits)
+    g = h.make_graph(
+        [
+            h.make_node("Conv", ["x", "W"], ["y"]),
+            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], epsilon=1e-5),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, c, 1, 1])],
+        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 1, 1])],
+        inits,
+    )
     src = tmp_path / "big.onnx"
     src.write_bytes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8).SerializeToString())
     with open(tmp_path / "big.data", "wb") as f:
@@ -203,10 +242,14 @@ def test_model_over_2gib_with_one_tensor_over_2gib_folds_and_saves(tmp_path: Pat
     assert [n.op_type for n in saved.graph.node] == ["Conv"]
     bias_name = saved.graph.node[0].input[2]
     bias = next(t for t in saved.graph.initializer if t.name == bias_name)
-    onnx.external_data_helper.load_external_data_for_tensor(bias, str(out_dir)) if bias.external_data else None
+    onnx.external_data_helper.load_external_data_for_tensor(
+        bias, str(out_dir)
+    ) if bias.external_data else None
     gamma, beta, mean, var = (s.astype(np.float32).astype(np.float64) for s in stats)
     # zero weights: the folded conv is its bias alone, beta - mean * gamma / sqrt(var + eps) (BN's definition)
-    np.testing.assert_allclose(nh.to_array(bias), beta - mean * gamma / np.sqrt(var + 1e-5), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        nh.to_array(bias), beta - mean * gamma / np.sqrt(var + 1e-5), rtol=1e-6, atol=1e-6
+    )
     assert bio.file_size_with_data(out) >= c * c * 4
 
 

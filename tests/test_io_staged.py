@@ -23,9 +23,13 @@ def _conv_model(n: int = 64) -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     w = nh.from_array(rng.standard_normal((n, 3, 3, 3)).astype(np.float32), "W")
     b = nh.from_array(rng.standard_normal(n).astype(np.float32), "B")
-    g = h.make_graph([h.make_node("Conv", ["x", "W", "B"], ["y"])], "g",
-                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", n, 6, 6])], [w, b])
+    g = h.make_graph(
+        [h.make_node("Conv", ["x", "W", "B"], ["y"])],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", n, 6, 6])],
+        [w, b],
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -79,8 +83,9 @@ def test_an_exception_in_the_block_leaves_the_old_pair_whole(tmp_path: Path, ext
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_an_interrupt_right_after_the_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           external: bool) -> None:
+def test_an_interrupt_right_after_the_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
+) -> None:
     real = bio.saver._stage_onnx
 
     def then_interrupted(*a: object, **k: object) -> object:
@@ -164,7 +169,10 @@ def test_staged_refuses_a_protected_output_before_writing(tmp_path: Path) -> Non
     src = tmp_path / "in.onnx"
     bio.save(_conv_model(), src)
     digest = _sha(src)
-    with pytest.raises(OutputError, match="input model reads"), bio.staged_save(_conv_model(), src, protect=[src]):
+    with (
+        pytest.raises(OutputError, match="input model reads"),
+        bio.staged_save(_conv_model(), src, protect=[src]),
+    ):
         pass
     assert _listing(tmp_path) == ["in.onnx"] and _sha(src) == digest
 

@@ -32,7 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stats(rng: np.random.Generator, c: int, names: list[str]) -> list[onnx.TensorProto]:
-    values = [rng.uniform(0.5, 2.0, c), rng.normal(0.3, 0.5, c), rng.normal(0.5, 1.0, c), rng.uniform(0.3, 3.0, c)]
+    values = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
     return [nh.from_array(v.astype(np.float32), n) for v, n in zip(values, names)]
 
 
@@ -52,20 +57,33 @@ def _chain_model(c: int, blocks: int, *, double_bn: bool = False, seed: int = 0)
             inits += _stats(rng, c, names)
             nodes.append(h.make_node("BatchNormalization", [x, *names], [f"y{i}_{k}"], name=f"bn{i}_{k}"))
             x = f"y{i}_{k}"
-    g = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, [1, c, 1, 1])],
-                     [h.make_tensor_value_info(x, T.FLOAT, [1, c, 1, 1])], inits)
+    g = h.make_graph(
+        nodes,
+        "chain",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, c, 1, 1])],
+        [h.make_tensor_value_info(x, T.FLOAT, [1, c, 1, 1])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
 def _save(model: onnx.ModelProto, path: Path, external: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=1024)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     return path
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def _outputs(path: Path, c: int) -> np.ndarray:
@@ -74,7 +92,9 @@ def _outputs(path: Path, c: int) -> np.ndarray:
 
 
 def _bns(path: Path) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return sum(
+        n.op_type == "BatchNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node
+    )
 
 
 # 600 x 600 float32: 1.4 MB a weight, over the 1 MiB spill threshold
@@ -83,7 +103,9 @@ C = 600
 
 @pytest.mark.parametrize("external_in", [True, False], ids=["external-in", "inline-in"])
 @pytest.mark.parametrize("verify", [True, False], ids=["verified", "no-verify"])
-def test_fold_with_spilled_weights_is_exact_and_leaves_nothing(tmp_path: Path, external_in: bool, verify: bool) -> None:
+def test_fold_with_spilled_weights_is_exact_and_leaves_nothing(
+    tmp_path: Path, external_in: bool, verify: bool
+) -> None:
     src = _save(_chain_model(C, 2, double_bn=True), tmp_path / "in" / "model.onnx", external_in)
     before = _digest(src.parent)
     out_dir = tmp_path / "out"
@@ -142,7 +164,9 @@ def test_a_full_disk_under_the_spill_keeps_the_tensors_in_memory(
     np.testing.assert_allclose(_outputs(dst, C), _outputs(src, C), rtol=1e-4, atol=1e-5)
 
 
-def test_inspect_with_spilled_dry_run_predicts_the_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_with_spilled_dry_run_predicts_the_fold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(stream, "SPILL_MIN_BYTES", 1)
     src = _save(_chain_model(C, 2, double_bn=True, seed=5), tmp_path / "in" / "model.onnx", True)
     before = _digest(src.parent)
@@ -150,7 +174,9 @@ def test_inspect_with_spilled_dry_run_predicts_the_fold(tmp_path: Path, monkeypa
     assert _digest(src.parent) == before
     dst = tmp_path / "folded.onnx"
     done = fold_file(src, dst, FoldSettings())
-    assert [(v.bn, type(v).__name__) for v in dry.verdicts] == [(v.bn, type(v).__name__) for v in done.verdicts]
+    assert [(v.bn, type(v).__name__) for v in dry.verdicts] == [
+        (v.bn, type(v).__name__) for v in done.verdicts
+    ]
     assert (dry.bn_after, dry.params_after) == (done.bn_after, done.params_after) == (0, _params(dst))
 
 
@@ -178,8 +204,9 @@ def test_folded_model_is_freed_before_onnxruntime_runs(
 
     def probe(*args: object, **kwargs: object) -> object:
         gc.collect()
-        seen.append(sum(1 for o in gc.get_objects()
-                        if type(o) is onnx.ModelProto and o.graph.name == "memory-probe"))
+        seen.append(
+            sum(1 for o in gc.get_objects() if type(o) is onnx.ModelProto and o.graph.name == "memory-probe")
+        )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(verification, "verify", probe)
@@ -208,7 +235,9 @@ def test_spilling_creates_no_name_and_is_off_without_a_folder(tmp_path: Path) ->
 # --- one onnxruntime model at a time --------------------------------------------------------------
 
 
-def test_verification_holds_one_onnxruntime_model_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_holds_one_onnxruntime_model_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The worker drops the reference's session before it loads the candidate's, and the candidate's
     before the ``extra_level`` re-run (before issue 28's second pass it held both: the two models'
     weights at once); the results are those of a verification that held both."""
@@ -230,7 +259,9 @@ def test_verification_holds_one_onnxruntime_model_at_a_time(tmp_path: Path, monk
         return real(self, source, level)
 
     monkeypatch.setattr(isolation.OrtWorker, "load", load)
-    report = verification.verify(str(src), str(dst), samples=3, extra_level="all", save_outputs=tmp_path / "rec.npz")
+    report = verification.verify(
+        str(src), str(dst), samples=3, extra_level="all", save_outputs=tmp_path / "rec.npz"
+    )
     assert report.passed and report.samples == 3 and [e.passed for e in report.extra] == [True]
     assert held == [0, 0, 0]  # reference, candidate, candidate at level "all": each loads alone
     # the recorded reference outputs are the source model's, on each sample's inputs

@@ -33,8 +33,16 @@ TOL64 = 1e-12
 
 def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"],
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
+    torch.onnx.export(
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        input_names=["x"],
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -43,8 +51,13 @@ def signature(m: onnx.ModelProto) -> list[str]:
     the same work (so run as fast)."""
     inits = {t.name: tuple(t.dims) for t in m.graph.initializer}
     return sorted(
-        repr((n.op_type, sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute),
-              [inits.get(i) for i in n.input]))
+        repr(
+            (
+                n.op_type,
+                sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute),
+                [inits.get(i) for i in n.input],
+            )
+        )
         for n in m.graph.node
     )
 
@@ -59,7 +72,9 @@ class RepVGGStage(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.blocks = torch.nn.Sequential(
-            reparam.RepVGGBlock(4, 8, stride=2), reparam.RepVGGBlock(8, 8), reparam.RepVGGBlock(8, 8, groups=2)
+            reparam.RepVGGBlock(4, 8, stride=2),
+            reparam.RepVGGBlock(8, 8),
+            reparam.RepVGGBlock(8, 8, groups=2),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +211,10 @@ def test_other_leaves_of_the_sum_stay() -> None:
     (mg,) = rep.merges
     assert mg.merged and mg.sum == "add2" and mg.branches_merged == 2
     rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32),
-             "y": rng.standard_normal((2, 5, 6, 6)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32),
+        "y": rng.standard_normal((2, 5, 6, 6)).astype(np.float32),
+    }
     assert_close(run(m, feeds), run(out, feeds), TOL32)
 
 
@@ -258,7 +275,7 @@ def test_branch_read_elsewhere_is_refused() -> None:
     model = randomize_bn(reparam.BranchReadElsewhere(8), seed=1).eval()
     x = torch.randn(2, 8, 6, 6)
     why = refused(export(model, x), {"x": x.numpy()})
-    (reason, detail), = [v for k, v in why.items() if k.startswith("/b/")]
+    ((reason, detail),) = [v for k, v in why.items() if k.startswith("/b/")]
     assert reason is MergeReason.OTHER_CONSUMERS and "also read by /Relu" in detail
 
 
@@ -267,7 +284,7 @@ def test_activation_inside_a_branch_is_refused() -> None:
     model = randomize_bn(reparam.ActivationInBranch(8), seed=1).eval()
     x = torch.randn(2, 8, 6, 6)
     why = refused(export(model, x), {"x": x.numpy()})
-    (reason, detail), = [v for k, v in why.items() if k.startswith("/b/")]
+    ((reason, detail),) = [v for k, v in why.items() if k.startswith("/b/")]
     assert reason is MergeReason.NONLINEAR and "Relu" in detail
 
 
@@ -334,7 +351,9 @@ def test_cli_fold_merges_and_no_merge_branches(tmp_path) -> None:  # type: ignor
     jsonschema = pytest.importorskip("jsonschema")
     from importlib import resources
 
-    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    schema = json.loads(
+        resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8")
+    )
     jsonschema.validate(doc, schema)
     s = doc["summary"]
     assert (s["merges"], s["branches_merged"], s["convs_before"], s["convs_after"]) == (1, 6, 5, 1)
@@ -370,7 +389,9 @@ def seq_graph(*, pads: int, bn_between: bool, bias1: bool) -> onnx.ModelProto:
     x = g.input("x", [2, 4, 7, 7])
     p = [pads] * 4
     g.node("Conv", [x, g.rand("w3", (6, 4, 3, 3)), g.rand("b3", (6,))], ["a"], name="k3", pads=p)
-    g.node("Conv", [x, g.rand("w1", (5, 4, 1, 1)), *([g.rand("b1", (5,))] if bias1 else [])], ["m"], name="k1")
+    g.node(
+        "Conv", [x, g.rand("w1", (5, 4, 1, 1)), *([g.rand("b1", (5,))] if bias1 else [])], ["m"], name="k1"
+    )
     if bn_between:
         g.bn("m", "mb", 5, "bn_mid")
     g.node("Conv", ["mb" if bn_between else "m", g.rand("w13", (6, 5, 3, 3))], ["b"], name="k1k3", pads=p)
@@ -379,8 +400,12 @@ def seq_graph(*, pads: int, bn_between: bool, bias1: bool) -> onnx.ModelProto:
     return g.model()
 
 
-@pytest.mark.parametrize(("pads", "bn_between", "bias1"), [(1, False, False), (0, True, True), (0, False, True)])
-def test_conv1x1_then_kxk_merges_where_no_padded_zero_is_read(pads: int, bn_between: bool, bias1: bool) -> None:
+@pytest.mark.parametrize(
+    ("pads", "bn_between", "bias1"), [(1, False, False), (0, True, True), (0, False, True)]
+)
+def test_conv1x1_then_kxk_merges_where_no_padded_zero_is_read(
+    pads: int, bn_between: bool, bias1: bool
+) -> None:
     m = seq_graph(pads=pads, bn_between=bn_between, bias1=bias1)
     out, rep = fold_model(m)
     onnx.checker.check_model(out, full_check=True)
@@ -432,10 +457,15 @@ def test_merge_inside_an_if_branch() -> None:
     cond = g.input("c", [], TensorProto.BOOL)
     sub = G(seed=1)
     y = scaled_identity_block(sub, "x", "t_")
-    then = helper.make_graph(sub.nodes, "then", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
-                             sub.inits)
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_y"])], "else", [],
-                              [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, None)])
+    then = helper.make_graph(
+        sub.nodes, "then", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], sub.inits
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e_y"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, None)],
+    )
     g.node("If", [cond], ["z"], name="if", then_branch=then, else_branch=other)
     g.output("z", shape=[1, 4, 5, 5])
     m = g.model()
@@ -444,7 +474,10 @@ def test_merge_inside_an_if_branch() -> None:
     assert [mg.sum for mg in rep.merges if mg.merged] == ["if/then_branch/t_sum"] and rep.bn_after == 0
     body = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in body.node] == ["Conv"]
-    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32), "c": np.array(True)}
+    feeds = {
+        "x": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32),
+        "c": np.array(True),
+    }
     assert_close(run(m, feeds), run(out, feeds), TOL32)
 
 
@@ -483,11 +516,18 @@ def test_pytorch_file_to_onnx_merges_the_exported_blocks(tmp_path) -> None:  # t
     model, x = build("repvgg_stage")
     src = tmp_path / "m.pt"
     torch.save(model, src)
-    rep = files.fold_file(src, tmp_path / "m.onnx", files.FoldSettings(
-        load=files.LoadSettings(trust_pickle=True), inputs=files.InputSettings(input_shapes=["x=2x4x7x7"])))
+    rep = files.fold_file(
+        src,
+        tmp_path / "m.onnx",
+        files.FoldSettings(
+            load=files.LoadSettings(trust_pickle=True), inputs=files.InputSettings(input_shapes=["x=2x4x7x7"])
+        ),
+    )
     out = onnx.load(str(tmp_path / "m.onnx"))
     assert ops(out, "Conv") == 3 and ops(out, "BatchNormalization") == 0
-    assert sum(mg.merged for mg in rep.merges) == 3 and rep.verification is not None and rep.verification.passed
+    assert (
+        sum(mg.merged for mg in rep.merges) == 3 and rep.verification is not None and rep.verification.passed
+    )
 
 
 def test_sub_and_a_constant_leaf_merge_into_the_bias() -> None:

@@ -33,8 +33,11 @@ class RepVGGStage(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(reparam.RepVGGBlock(4, 8, stride=2), reparam.RepVGGBlock(8, 8),
-                                    reparam.RepVGGBlock(8, 8, groups=2))
+        self.blocks = nn.Sequential(
+            reparam.RepVGGBlock(4, 8, stride=2),
+            reparam.RepVGGBlock(8, 8),
+            reparam.RepVGGBlock(8, 8, groups=2),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
@@ -102,7 +105,9 @@ _CIN4 = ("acnet", "repvgg_stage", "repvit_net")
 def build(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = randomize_bn(BLOCKS[name](), seed=1).eval().to(dtype)
-    x = torch.randn(2, 4 if name in _CIN4 else 8, 7, 7, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    x = torch.randn(
+        2, 4 if name in _CIN4 else 8, 7, 7, generator=torch.Generator().manual_seed(2), dtype=dtype
+    )
     return model, x
 
 
@@ -125,8 +130,14 @@ def snapshot(m: nn.Module) -> list[tuple[str, str, dict[str, Any], dict[str, tor
     """Every submodule: name, type, plain attributes, and its own tensors (cloned)."""
     out = []
     for name, mod in m.named_modules():
-        plain = {k: v for k, v in vars(mod).items() if not k.startswith("_") and not isinstance(v, torch.Tensor)}
-        tensors = {k: v.detach().clone() for k, v in [*mod._parameters.items(), *mod._buffers.items()] if v is not None}
+        plain = {
+            k: v for k, v in vars(mod).items() if not k.startswith("_") and not isinstance(v, torch.Tensor)
+        }
+        tensors = {
+            k: v.detach().clone()
+            for k, v in [*mod._parameters.items(), *mod._buffers.items()]
+            if v is not None
+        }
         out.append((name, type(mod).__qualname__, plain, tensors))
     return out
 
@@ -164,7 +175,9 @@ def test_block_merges_like_its_own_reparameterisation(name: str) -> None:
         return
     for a, b in pairs(out, hand):  # the same convs, the same weights (to float32 rounding)
         assert torch.allclose(a.weight, b.weight, rtol=1e-5, atol=1e-6)
-        assert a.bias is not None and b.bias is not None and torch.allclose(a.bias, b.bias, rtol=1e-5, atol=1e-5)
+        assert (
+            a.bias is not None and b.bias is not None and torch.allclose(a.bias, b.bias, rtol=1e-5, atol=1e-5)
+        )
 
 
 def pairs(out: nn.Module, hand: nn.Module) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
@@ -172,18 +185,33 @@ def pairs(out: nn.Module, hand: nn.Module) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
     left = convs(out)
     got = []
     for b in convs(hand):
-        same = [a for a in left if (a.weight.shape, a.stride, a.padding, a.dilation, a.groups)
-                == (b.weight.shape, b.stride, b.padding, b.dilation, b.groups)]
+        same = [
+            a
+            for a in left
+            if (a.weight.shape, a.stride, a.padding, a.dilation, a.groups)
+            == (b.weight.shape, b.stride, b.padding, b.dilation, b.groups)
+        ]
         assert same, f"no conv like {b} in the merged model"
-        a = min(same, key=lambda c: float((c.weight.detach().double() - b.weight.detach().double()).abs().max()))
+        a = min(
+            same, key=lambda c: float((c.weight.detach().double() - b.weight.detach().double()).abs().max())
+        )
         left.remove(a)
         got.append((a, b))
     assert not left
     return got
 
 
-@pytest.mark.parametrize("name", ["repvgg_stage", "mobileone_s0_unit", "repvit_bn_on_sum", "ppyoloe_alpha",
-                                  "fastvit_repmixer", "dbb_four_branches"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "repvgg_stage",
+        "mobileone_s0_unit",
+        "repvit_bn_on_sum",
+        "ppyoloe_alpha",
+        "fastvit_repmixer",
+        "dbb_four_branches",
+    ],
+)
 def test_float64_merge_equals_the_original_and_the_hand_merge_to_rounding(name: str) -> None:
     model, x = build(name, torch.float64)
     with torch.no_grad():
@@ -286,13 +314,18 @@ def check_refused(model: nn.Module, x: torch.Tensor, want: dict[str, str]) -> No
 
 def test_refused_branch_read_elsewhere() -> None:
     torch.manual_seed(0)
-    check_refused(reparam.BranchReadElsewhere(8), torch.randn(2, 8, 6, 6),
-                  {"a.0": "no_partner", "b.0": "other_consumers"})
+    check_refused(
+        reparam.BranchReadElsewhere(8),
+        torch.randn(2, 8, 6, 6),
+        {"a.0": "no_partner", "b.0": "other_consumers"},
+    )
 
 
 def test_refused_activation_inside_a_branch() -> None:
     torch.manual_seed(0)
-    check_refused(reparam.ActivationInBranch(8), torch.randn(2, 8, 6, 6), {"a.0": "no_partner", "b.0": "nonlinear"})
+    check_refused(
+        reparam.ActivationInBranch(8), torch.randn(2, 8, 6, 6), {"a.0": "no_partner", "b.0": "nonlinear"}
+    )
 
 
 class TwoConvs(nn.Module):
@@ -304,16 +337,21 @@ class TwoConvs(nn.Module):
         return self.a(x) + self.b(x)
 
 
-@pytest.mark.parametrize(("b", "reason"), [
-    (nn.Conv2d(8, 8, 3, 1, 2, dilation=2), "dilation"),
-    (nn.Conv2d(8, 8, 3, 1, 1, groups=2), "groups"),
-    (nn.Conv2d(8, 8, 3, 1, 1, padding_mode="reflect"), "padding"),
-    (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "padding"),
-    (nn.AvgPool2d(3, 1, 1, ceil_mode=True), "padding"),
-])
+@pytest.mark.parametrize(
+    ("b", "reason"),
+    [
+        (nn.Conv2d(8, 8, 3, 1, 2, dilation=2), "dilation"),
+        (nn.Conv2d(8, 8, 3, 1, 1, groups=2), "groups"),
+        (nn.Conv2d(8, 8, 3, 1, 1, padding_mode="reflect"), "padding"),
+        (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "padding"),
+        (nn.AvgPool2d(3, 1, 1, ceil_mode=True), "padding"),
+    ],
+)
 def test_refused_branch_forms(b: nn.Module, reason: str) -> None:
     torch.manual_seed(0)
-    check_refused(TwoConvs(nn.Conv2d(8, 8, 3, 1, 1), b), torch.randn(2, 8, 6, 6), {"a": "no_partner", "b": reason})
+    check_refused(
+        TwoConvs(nn.Conv2d(8, 8, 3, 1, 1), b), torch.randn(2, 8, 6, 6), {"a": "no_partner", "b": reason}
+    )
 
 
 def test_strided_sum_refuses_the_identity_branch_only() -> None:
@@ -496,8 +534,9 @@ def test_builtin_sum_and_torch_add_merge() -> None:
     class Sums(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.branches = nn.ModuleList([reparam.conv_bn(6, 6, 3, 1, 1), reparam.conv_bn(6, 6, 1),
-                                           nn.BatchNorm2d(6)])
+            self.branches = nn.ModuleList(
+                [reparam.conv_bn(6, 6, 3, 1, 1), reparam.conv_bn(6, 6, 1), nn.BatchNorm2d(6)]
+            )
             self.extra = reparam.conv_bn(6, 6, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ def _conv_bn(scale_len: int) -> onnx.ModelProto:
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
     ]
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
         inits,
@@ -59,8 +60,12 @@ def test_cli_says_one_line_and_exits_2(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(_conv_bn(3), src)
     out = tmp_path / "out.onnx"
-    r = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(src), str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fold", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "must be 1-D" in lines[0] and "Traceback" not in r.stderr

@@ -87,8 +87,9 @@ def test_functional_fold_equals_the_in_place_fold_and_leaves_the_input() -> None
     assert out.SerializeToString(deterministic=True) == in_place.SerializeToString(deterministic=True)
     assert m.SerializeToString(deterministic=True) == before
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    np.testing.assert_array_equal(inits["w2"], numpy_helper.to_array(next(t for t in m.graph.initializer
-                                                                          if t.name == "w2")))
+    np.testing.assert_array_equal(
+        inits["w2"], numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2"))
+    )
 
 
 def test_functional_fold_with_repeated_initializer_names_copies_the_whole_model() -> None:
@@ -170,7 +171,9 @@ def test_unnamed_if_keeps_its_label_after_the_bn_before_it_folds() -> None:
     onnx.checker.check_model(out, full_check=True)
     assert rep.bn_after == 0
     assert {v.bn for v in rep.verdicts} == {
-        "BatchNormalization_1", "If_2/then_branch/bn0", "If_2/else_branch/bn1",
+        "BatchNormalization_1",
+        "If_2/then_branch/bn0",
+        "If_2/else_branch/bn1",
     }
     assert m.graph.node[2].op_type == "If"
     for c in (True, False):

@@ -218,7 +218,9 @@ def test_names_that_are_not_utf8_fold_and_are_carried(tmp_path: Path) -> None:
     bn1 = "b\udcff\x1bX"  # surrogateescape: lossless, .encode("utf-8", "surrogateescape") gives the bytes
     assert [(s.bn, s.target) for s in report.sites] == [(bn1, "conv\udcff\udcfe")]
     assert bn1.encode("utf-8", "surrogateescape") == b"b\xff\x1bX"
-    assert out.graph.name == b"gg\xc3" and out.graph.node[0].name == b"conv\xff\xfe"  # names kept as they were
+    assert (
+        out.graph.name == b"gg\xc3" and out.graph.node[0].name == b"conv\xff\xfe"
+    )  # names kept as they were
 
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     src.write_bytes(raw)
@@ -310,8 +312,15 @@ def test_spatial0_bn1d_folds() -> None:
 
 
 # ---- 22.10: MatMul -> Reshape -> Transpose -> BN (onnxruntime's MatmulBNFusion path) -----------------
-def matmul_route(route: list[tuple[str, object]], *, x_shape: list[int], d: int = 6, bias: bool = False,
-                 bn_c: int | None = None, dtype: int = F64) -> onnx.ModelProto:
+def matmul_route(
+    route: list[tuple[str, object]],
+    *,
+    x_shape: list[int],
+    d: int = 6,
+    bias: bool = False,
+    bn_c: int | None = None,
+    dtype: int = F64,
+) -> onnx.ModelProto:
     """``x @ W [+ b] -> route... -> BN -> Relu``; ``route`` is ``[(op, perm | shape | axis), ...]``."""
     g = G(dtype, seed=11)
     k = x_shape[-1]
@@ -345,13 +354,17 @@ def matmul_route(route: list[tuple[str, object]], *, x_shape: list[int], d: int 
         ([2, 3, 5], [("Flatten", 2), ("Reshape", [-1, 6, 1])]),
     ],
 )
-def test_matmul_reshape_transpose_bn_folds(x_shape: list[int], route: list[tuple[str, object]], bias: bool) -> None:
+def test_matmul_reshape_transpose_bn_folds(
+    x_shape: list[int], route: list[tuple[str, object]], bias: bool
+) -> None:
     m = matmul_route(route, x_shape=x_shape, bias=bias)
     out, report = fold_model(m)
     assert [(s.bn, s.target) for s in report.sites] == [("bn", "mm")]
     onnx.checker.check_model(out, full_check=True)
     assert all(n.op_type != "BatchNormalization" for n in out.graph.node)
-    assert len(out.graph.node) == len(m.graph.node) - (1 if bias else 0)  # the shift: into the bias, or one Add
+    assert len(out.graph.node) == len(m.graph.node) - (
+        1 if bias else 0
+    )  # the shift: into the bias, or one Add
     for seed in range(2):
         feeds = feeds_for(m, seed)
         np.testing.assert_allclose(run(out, feeds)[0], run(m, feeds)[0], rtol=1e-12, atol=1e-12)
@@ -368,8 +381,9 @@ def test_matmul_reshape_transpose_bn_folds(x_shape: list[int], route: list[tuple
         ([2, 3, 5], [("Reshape", [2, 18]), ("Reshape", [2, 6, 3])], 6),
     ],
 )
-def test_matmul_route_that_moves_the_column_is_refused(x_shape: list[int], route: list[tuple[str, object]],
-                                                         bn_c: int) -> None:
+def test_matmul_route_that_moves_the_column_is_refused(
+    x_shape: list[int], route: list[tuple[str, object]], bn_c: int
+) -> None:
     m = matmul_route(route, x_shape=x_shape, bn_c=bn_c)
     v = verdict(m, "bn")
     assert isinstance(v, Skip) and v.reason is SkipReason.LAYOUT, v
@@ -380,8 +394,15 @@ def gemm_route(route: list[tuple[str, object]], *, trans_b: int = 0) -> onnx.Mod
     """``x[4, 5] -> Gemm(alpha, beta, C) [6 features] -> route... -> BN -> Relu`` (float64)."""
     g = G(F64, seed=12)
     w = g.rand("w", (6, 5) if trans_b else (5, 6))
-    g.node("Gemm", [g.input("x", [4, 5]), w, g.rand("c", (6,))], ["gm"], name="gemm", alpha=0.7, beta=0.4,
-           transB=trans_b)
+    g.node(
+        "Gemm",
+        [g.input("x", [4, 5]), w, g.rand("c", (6,))],
+        ["gm"],
+        name="gemm",
+        alpha=0.7,
+        beta=0.4,
+        transB=trans_b,
+    )
     src = "gm"
     for i, (op, arg) in enumerate(route):
         if op == "Transpose":

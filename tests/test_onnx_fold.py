@@ -37,8 +37,14 @@ def test_conv_bn(dtype: int, bias: bool, groups: int) -> None:
 def test_conv_transpose_bn_grouped(groups: int) -> None:
     g = G()
     x = g.input("x", [2, 6, 5, 5])
-    g.node("ConvTranspose", [x, g.rand("w", (6, 12 // groups, 3, 3)), g.rand("b", (12,))], ["t"],
-           name="deconv", group=groups, strides=[2, 2])
+    g.node(
+        "ConvTranspose",
+        [x, g.rand("w", (6, 12 // groups, 3, 3)), g.rand("b", (12,))],
+        ["t"],
+        name="deconv",
+        group=groups,
+        strides=[2, 2],
+    )
     g.bn("t", "y", 12, "bn")
     g.output("y", shape=[2, 12, 11, 11])
     check_fold(g.model())
@@ -115,8 +121,14 @@ def test_bn_conv_backward(bias: bool, groups: int) -> None:
 def test_bn_gemm_backward(trans_b: int, alpha: float, beta: float) -> None:
     g = G()
     g.bn(g.input("x", [3, 4]), "t", 4, "bn")
-    g.node("Gemm", ["t", g.rand("B", (5, 4) if trans_b else (4, 5)), g.rand("C", (5,))], ["y"],
-           transB=trans_b, alpha=alpha, beta=beta)
+    g.node(
+        "Gemm",
+        ["t", g.rand("B", (5, 4) if trans_b else (4, 5)), g.rand("C", (5,))],
+        ["y"],
+        transB=trans_b,
+        alpha=alpha,
+        beta=beta,
+    )
     g.output("y")
     check_fold(g.model())
 
@@ -184,7 +196,9 @@ def test_shared_weight_two_sites() -> None:
     ws = {n.input[1] for n in out.graph.node}
     assert len(ws) == 2  # each conv has its own folded weight
     orig = numpy_helper.to_array(m.graph.initializer[0])
-    assert all(not np.array_equal(numpy_helper.to_array(t), orig) for t in out.graph.initializer if t.name in ws)
+    assert all(
+        not np.array_equal(numpy_helper.to_array(t), orig) for t in out.graph.initializer if t.name in ws
+    )
 
 
 def test_bn_output_is_graph_output_keeps_name() -> None:
@@ -375,8 +389,14 @@ def test_external_data_round_trip(tmp_path) -> None:
     feeds = feeds_for(m)
     ref = run(m, feeds)[0]
     src = tmp_path / "in.onnx"
-    onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
-              size_threshold=64)
+    onnx.save(
+        m,
+        src,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="in.data",
+        size_threshold=64,
+    )
     # weights not loaded: nothing to fold, and it says why
     lazy = onnx.load(src, load_external_data=False)
     _, rep = fold_model(lazy, dry_run=True)
@@ -401,7 +421,9 @@ def test_external_data_round_trip(tmp_path) -> None:
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_forward_fold_matches(kind: str, groups: int, k: int, stride: int, bias: bool, seed: int) -> None:
+def test_property_forward_fold_matches(
+    kind: str, groups: int, k: int, stride: int, bias: bool, seed: int
+) -> None:
     g = G(seed=seed)
     cin, cout = 4, 8
     wshape = (cout, cin // groups, k, k) if kind == "Conv" else (cin, cout // groups, k, k)

@@ -52,8 +52,15 @@ def _export(name: str, dynamo: bool) -> onnx.ModelProto:
         prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False)
         return prog.model_proto
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
+    torch.onnx.export(
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=17,
+    )
     return onnx.load_from_string(buf.getvalue())
 
 

@@ -38,7 +38,9 @@ def fold_ok(model: onnx.ModelProto, *, bn_after: int = 0, seeds: int = 2, tol: f
     onnx.checker.check_model(out, full_check=True)
     assert len(rep.verdicts) == rep.bn_before == count_bn(model)
     assert rep.bn_after == count_bn(out) == bn_after, [v.to_dict() for v in rep.verdicts]
-    assert [o.SerializeToString() for o in out.graph.output] == [o.SerializeToString() for o in model.graph.output]
+    assert [o.SerializeToString() for o in out.graph.output] == [
+        o.SerializeToString() for o in model.graph.output
+    ]
     elem = model.graph.output[0].type.tensor_type.elem_type
     for s in range(seeds):
         feeds = feeds_for(model, s)
@@ -61,8 +63,18 @@ def refused(model: onnx.ModelProto, bn: str = "bn") -> tuple[SkipReason, str]:
 
 
 # ---- Case 6: LinearNorm ------------------------------------------------------------------------------
-def linear_norm(dtype: int, *, bias: str = "", route: str = "reshape", b: int = 2, n: int = 5, k: int = 8,
-                d: int = 12, opset_shape: list[int] | None = None, extra_reader: bool = False) -> G:
+def linear_norm(
+    dtype: int,
+    *,
+    bias: str = "",
+    route: str = "reshape",
+    b: int = 2,
+    n: int = 5,
+    k: int = 8,
+    d: int = 12,
+    opset_shape: list[int] | None = None,
+    extra_reader: bool = False,
+) -> G:
     g = G(dtype)
     x = g.input("x", [b, n, k])
     g.node("MatMul", [x, g.rand("w", (k, d))], ["mm"], name="mm")
@@ -151,8 +163,17 @@ def concat_graph(dtype: int, *, axis: int = 1, shared: bool = False, extra: str 
         g.node("Conv", [x, w], ["b"], name="conv2", pads=[1, 1, 1, 1])
     else:
         g.node("Conv", [x, g.rand("w2", (2, 4, 1, 1))], ["b"], name="conv2")
-    grp = 2 if dtype == F32 else 1  # onnx's reference evaluator (the float64 runner) mis-runs grouped ConvTranspose
-    g.node("ConvTranspose", [x, g.rand("w3", (4, 4 // grp, 3, 3))], ["c"], name="convt", group=grp, pads=[1, 1, 1, 1])
+    grp = (
+        2 if dtype == F32 else 1
+    )  # onnx's reference evaluator (the float64 runner) mis-runs grouped ConvTranspose
+    g.node(
+        "ConvTranspose",
+        [x, g.rand("w3", (4, 4 // grp, 3, 3))],
+        ["c"],
+        name="convt",
+        group=grp,
+        pads=[1, 1, 1, 1],
+    )
     inputs = ["a", "b", "c"]
     ch = 3 + (3 if shared else 2) + 4
     if extra == "input":
@@ -208,7 +229,9 @@ def test_concat_on_another_axis_is_refused() -> None:
     assert refused(m)[0] is SkipReason.LAYOUT
 
 
-@pytest.mark.parametrize("extra,reason", [("input", SkipReason.UNFOLDABLE_BRANCH), ("twice", SkipReason.OTHER_CONSUMERS)])
+@pytest.mark.parametrize(
+    "extra,reason", [("input", SkipReason.UNFOLDABLE_BRANCH), ("twice", SkipReason.OTHER_CONSUMERS)]
+)
 def test_concat_refusals(extra: str, reason: SkipReason) -> None:
     m = concat_graph(F32, extra=extra).model()
     assert refused(m)[0] is reason
@@ -240,7 +263,9 @@ def test_branch_sum_folds(dtype: int, op: str) -> None:
     out, rep = fold_ok(g.model())
     assert rep.sites[0].target_kind == op
     # Then the two convs of x merge into one (bnfold.onnx.merge); the ConvTranspose branch is added to it.
-    assert [n.op_type for n in out.graph.node] == (["Conv"] if op == "Add" else ["Conv", "ConvTranspose", "Add"])
+    assert [n.op_type for n in out.graph.node] == (
+        ["Conv"] if op == "Add" else ["Conv", "ConvTranspose", "Add"]
+    )
     _, unmerged = fold_model(g.model(), merge_branches=False)
     assert unmerged.sites[0].target_kind == op and unmerged.merges == ()
 
@@ -322,7 +347,9 @@ def test_conv_add_constant_folds(shape: tuple[int, ...]) -> None:
 
 def test_gemm_add_constant_folds() -> None:
     g = G()
-    g.node("Gemm", [g.input("x", [3, 4]), g.rand("w", (4, 5)), g.rand("c", (5,))], ["a"], name="gemm", beta=0.5)
+    g.node(
+        "Gemm", [g.input("x", [3, 4]), g.rand("w", (4, 5)), g.rand("c", (5,))], ["a"], name="gemm", beta=0.5
+    )
     g.node("Add", [g.rand("k", (5,)), "a"], ["s"], name="plus")
     g.bn("s", "y", 5, "bn")
     g.output("y")
@@ -431,14 +458,33 @@ def _export(name: str, opset: int):  # type: ignore[no-untyped-def]
 
     model, x = build_route_model(name)
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=opset)
+    torch.onnx.export(
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=opset,
+    )
     return model, x, onnx.load_from_string(buf.getvalue())
 
 
 @pytest.mark.parametrize("opset", [11, 17])
-@pytest.mark.parametrize("name", ["linear_norm", "linear_norm_bias", "token_linear_bn", "levit_mlp", "csp_block", "mixconv",
-                                  "branch_sum", "residual_sum_bn", "norm_linear_head"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear_norm",
+        "linear_norm_bias",
+        "token_linear_bn",
+        "levit_mlp",
+        "csp_block",
+        "mixconv",
+        "branch_sum",
+        "residual_sum_bn",
+        "norm_linear_head",
+    ],
+)
 def test_exported_route_models(name: str, opset: int) -> None:
     import copy
 
@@ -499,8 +545,9 @@ def test_dynamo_exported_route_models(name: str) -> None:
     noop=st.sampled_from(["", "Identity", "Dropout"]),
     seed=st.integers(0, 1000),
 )
-def test_property_routes_fold_exactly(route: str, kinds: list[str], bias: list[bool], groups: int, share: bool,
-                                      noop: str, seed: int) -> None:
+def test_property_routes_fold_exactly(
+    route: str, kinds: list[str], bias: list[bool], groups: int, share: bool, noop: str, seed: int
+) -> None:
     if route == "Add" and len(kinds) != 2:
         kinds = (kinds * 2)[:2]
     g = G(seed=seed)
@@ -550,7 +597,6 @@ def test_noop_between_add_constant_and_bn_is_refused() -> None:
     assert refused(m)[0] is SkipReason.UNSUPPORTED_LAYER
 
 
-
 @pytest.mark.parametrize("opset", [11, 13, 15, 18, 21])
 def test_routes_across_opsets(opset: int) -> None:
     fold_ok(concat_graph(F32).model(opset=opset))
@@ -581,7 +627,12 @@ def test_branch_sum_float16() -> None:
 def test_matmul_transpose_bn(bias: bool, perm: list[int], ok: bool) -> None:
     # Linear on tokens, then x.transpose(1, 2) into a BN1d over the features.
     g = G()
-    g.node("MatMul", [g.input("x", [2, 5, 8]), g.rand("w", (8, 5 if perm == [0, 1, 2] else 6))], ["mm"], name="mm")
+    g.node(
+        "MatMul",
+        [g.input("x", [2, 5, 8]), g.rand("w", (8, 5 if perm == [0, 1, 2] else 6))],
+        ["mm"],
+        name="mm",
+    )
     src = "mm"
     if bias:
         g.node("Add", ["mm", g.rand("b", (5 if perm == [0, 1, 2] else 6,))], ["mma"], name="add")

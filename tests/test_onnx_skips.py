@@ -56,7 +56,11 @@ def test_non_constant_weight() -> None:
 def test_non_constant_bn_param() -> None:
     g = G()
     g.node("Conv", [g.input("x", [1, 3, 5, 5]), g.rand("w", (4, 3, 3, 3))], ["t"], name="conv")
-    names = [g.input("gamma", [4])] + [g.rand(f"p{k}", (4,)) for k in range(2)] + [g.init("var", np.ones(4) * 0.7)]
+    names = (
+        [g.input("gamma", [4])]
+        + [g.rand(f"p{k}", (4,)) for k in range(2)]
+        + [g.init("var", np.ones(4) * 0.7)]
+    )
     g.node("BatchNormalization", ["t", *names], ["y"], name="bn")
     g.output("y")
     assert_skip(g.model(), SkipReason.NON_CONSTANT, text="BN scale")
@@ -81,7 +85,9 @@ def test_dequantize_linear_weight() -> None:
     g.bn("t", "y", 4, "bn")
     g.output("y")
     # Opset 12: a per-tensor scale cannot become per-channel (QDQ folds: tests/test_qdq_fold.py).
-    assert_skip(g.model(opset=12), SkipReason.QUANTIZED, text="opset 12 < 13 has no per-channel DequantizeLinear")
+    assert_skip(
+        g.model(opset=12), SkipReason.QUANTIZED, text="opset 12 < 13 has no per-channel DequantizeLinear"
+    )
 
 
 def test_training_mode() -> None:
@@ -117,8 +123,15 @@ def test_integer_dtype_refused() -> None:
 
 def test_float16_overflow_refused() -> None:
     g = G(F16)
-    g.node("Conv", [g.input("x", [1, 3, 5, 5]), g.init("w", np.full((4, 3, 3, 3), 60000.0))], ["t"], name="conv")
-    names = [g.init("g", np.full(4, 4.0)), g.init("b", np.zeros(4)), g.init("m", np.zeros(4)), g.init("v", np.ones(4))]
+    g.node(
+        "Conv", [g.input("x", [1, 3, 5, 5]), g.init("w", np.full((4, 3, 3, 3), 60000.0))], ["t"], name="conv"
+    )
+    names = [
+        g.init("g", np.full(4, 4.0)),
+        g.init("b", np.zeros(4)),
+        g.init("m", np.zeros(4)),
+        g.init("v", np.ones(4)),
+    ]
     g.node("BatchNormalization", ["t", *names], ["y"], name="bn")
     g.output("y")
     v = skip_reason(g.model())
@@ -128,7 +141,12 @@ def test_float16_overflow_refused() -> None:
 def test_variance_underflow_refused() -> None:
     g = G()
     g.node("Conv", [g.input("x", [1, 3, 5, 5]), g.rand("w", (4, 3, 3, 3))], ["t"], name="conv")
-    names = [g.init("g", np.ones(4)), g.init("b", np.zeros(4)), g.init("m", np.zeros(4)), g.init("v", np.zeros(4))]
+    names = [
+        g.init("g", np.ones(4)),
+        g.init("b", np.zeros(4)),
+        g.init("m", np.zeros(4)),
+        g.init("v", np.zeros(4)),
+    ]
     g.node("BatchNormalization", ["t", *names], ["y"], name="bn", epsilon=0.0)
     g.output("y")
     v = skip_reason(g.model())

@@ -37,9 +37,19 @@ def gammas(sign: str, rng: np.random.Generator) -> np.ndarray:
     return g
 
 
-def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str = "positive",
-          dtype: int = TensorProto.FLOAT, pads: int = 0, extra_out: bool = False, hw: int = 8,
-          producer: str = "Relu", bias: bool = True, opset: int = 17, trans_b: int = 1) -> onnx.ModelProto:
+def chain(
+    ops: list[tuple[str, dict[str, Any]]],
+    layer: str = "conv",
+    sign: str = "positive",
+    dtype: int = TensorProto.FLOAT,
+    pads: int = 0,
+    extra_out: bool = False,
+    hw: int = 8,
+    producer: str = "Relu",
+    bias: bool = True,
+    opset: int = 17,
+    trans_b: int = 1,
+) -> onnx.ModelProto:
     """x -> producer -> BN -> ops... -> layer -> y. ``producer`` "Relu" (nothing to fold into) or "Conv"."""
     rng = np.random.default_rng(7)
     t = NP[dtype]
@@ -53,10 +63,24 @@ def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str 
     if producer == "Relu":
         nodes.append(helper.make_node("Relu", ["x"], ["p"], name="pre"))
     else:
-        nodes.append(helper.make_node("Conv", ["x", init("pw", rng.standard_normal((C, C, 1, 1)) * 0.5),
-                                               init("pb", rng.standard_normal(C) * 0.3)], ["p"], name="pre"))
-    bn_in = [init("g", gammas(sign, rng)), init("b", rng.uniform(-0.5, 0.5, C)),
-             init("m", rng.uniform(-0.5, 0.5, C)), init("v", np.exp(rng.uniform(-1.4, 0.9, C)))]
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [
+                    "x",
+                    init("pw", rng.standard_normal((C, C, 1, 1)) * 0.5),
+                    init("pb", rng.standard_normal(C) * 0.3),
+                ],
+                ["p"],
+                name="pre",
+            )
+        )
+    bn_in = [
+        init("g", gammas(sign, rng)),
+        init("b", rng.uniform(-0.5, 0.5, C)),
+        init("m", rng.uniform(-0.5, 0.5, C)),
+        init("v", np.exp(rng.uniform(-1.4, 0.9, C))),
+    ]
     nodes.append(helper.make_node("BatchNormalization", ["p", *bn_in], ["h0"], name="bn", epsilon=1e-3))
     cur = "h0"
     flat = False
@@ -76,33 +100,75 @@ def chain(ops: list[tuple[str, dict[str, Any]]], layer: str = "conv", sign: str 
         flat = flat or op in ("Flatten", "GlobalAveragePool", "Reshape")
     outs = [helper.make_tensor_value_info("y", dtype, None)]
     if layer == "conv":
-        nodes.append(helper.make_node("Conv", [cur, init("w", rng.standard_normal((4, C, 3, 3)) * 0.4),
-                                               *([init("wb", rng.standard_normal(4) * 0.2)] if bias else [])], ["y"],
-                                      name="conv", pads=[pads] * 4))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [
+                    cur,
+                    init("w", rng.standard_normal((4, C, 3, 3)) * 0.4),
+                    *([init("wb", rng.standard_normal(4) * 0.2)] if bias else []),
+                ],
+                ["y"],
+                name="conv",
+                pads=[pads] * 4,
+            )
+        )
     elif layer == "dwconv":
-        nodes.append(helper.make_node("Conv", [cur, init("w", rng.standard_normal((2 * C, 1, 3, 3)) * 0.4)], ["y"],
-                                      name="conv", pads=[pads] * 4, group=C))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [cur, init("w", rng.standard_normal((2 * C, 1, 3, 3)) * 0.4)],
+                ["y"],
+                name="conv",
+                pads=[pads] * 4,
+                group=C,
+            )
+        )
     else:
         k_in = C if not flat or ops[-1][0] == "GlobalAveragePool" else None
         if k_in is None:  # Flatten of (N, C, H, W) after the ops: find the feature count by inference
-            probe = helper.make_model(helper.make_graph(nodes, "p", [helper.make_tensor_value_info(
-                "x", dtype, [2, C, hw, hw])], [helper.make_tensor_value_info(cur, dtype, None)], inits),
-                opset_imports=[helper.make_opsetid("", 17)])
+            probe = helper.make_model(
+                helper.make_graph(
+                    nodes,
+                    "p",
+                    [helper.make_tensor_value_info("x", dtype, [2, C, hw, hw])],
+                    [helper.make_tensor_value_info(cur, dtype, None)],
+                    inits,
+                ),
+                opset_imports=[helper.make_opsetid("", 17)],
+            )
             k_in = int(run(probe, {"x": np.zeros((2, C, hw, hw), t)})[0].shape[1])
         if ops and ops[-1][0] == "GlobalAveragePool":
             nodes.append(helper.make_node("Flatten", [cur], ["f"], name="flat"))
             cur = "f"
         if layer == "gemm":
             w = rng.standard_normal((5, k_in)) * 0.3
-            nodes.append(helper.make_node("Gemm", [cur, init("w", w if trans_b else w.T),
-                                                   *([init("wb", rng.standard_normal(5) * 0.2)] if bias else [])],
-                                          ["y"], name="fc", transB=trans_b, alpha=0.7, beta=1.3))
+            nodes.append(
+                helper.make_node(
+                    "Gemm",
+                    [
+                        cur,
+                        init("w", w if trans_b else w.T),
+                        *([init("wb", rng.standard_normal(5) * 0.2)] if bias else []),
+                    ],
+                    ["y"],
+                    name="fc",
+                    transB=trans_b,
+                    alpha=0.7,
+                    beta=1.3,
+                )
+            )
         else:
-            nodes.append(helper.make_node("MatMul", [cur, init("w", rng.standard_normal((k_in, 5)) * 0.3)], ["y"],
-                                          name="fc"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul", [cur, init("w", rng.standard_normal((k_in, 5)) * 0.3)], ["y"], name="fc"
+                )
+            )
     if extra_out:
         outs.append(helper.make_tensor_value_info("p", dtype, None))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [2, C, hw, hw])], outs, inits)
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", dtype, [2, C, hw, hw])], outs, inits
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     inferred = {o.name: o.type for o in onnx.shape_inference.infer_shapes(m).graph.output}
@@ -116,7 +182,9 @@ def counts(m: onnx.ModelProto) -> tuple[int, int, int]:
     return ops.count("BatchNormalization"), ops.count("Mul"), ops.count("Add")
 
 
-def fold_and_check(m: onnx.ModelProto, dtype: int = TensorProto.FLOAT, **kw: Any) -> tuple[onnx.ModelProto, Any]:
+def fold_and_check(
+    m: onnx.ModelProto, dtype: int = TensorProto.FLOAT, **kw: Any
+) -> tuple[onnx.ModelProto, Any]:
     before = m.SerializeToString()
     out, report = fold_model(m, **kw)
     assert m.SerializeToString() == before, "the input model was changed"
@@ -142,7 +210,9 @@ def assert_propagated(report: Any, target: str) -> Site:
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
 @pytest.mark.parametrize("op,attrs", [("Relu", {}), ("LeakyRelu", {"alpha": 0.13})])
-def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(op: str, attrs: dict[str, Any], dtype: int) -> None:
+def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(
+    op: str, attrs: dict[str, Any], dtype: int
+) -> None:
     m = chain([(op, attrs)], dtype=dtype, pads=1)
     assert counts(m) == (1, 0, 0)
     out, report = fold_and_check(m, dtype)
@@ -152,9 +222,14 @@ def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(op: str, attr
     assert report.bn_after == 0
 
 
-@pytest.mark.parametrize("sign,why", [("negative", "6 of 6 channels have a negative scale"),
-                                      ("mixed", "3 of 6 channels have a negative scale"),
-                                      ("zero", "2 of 6 channels have a zero scale and a non-zero shift")])
+@pytest.mark.parametrize(
+    "sign,why",
+    [
+        ("negative", "6 of 6 channels have a negative scale"),
+        ("mixed", "3 of 6 channels have a negative scale"),
+        ("zero", "2 of 6 channels have a zero scale and a non-zero shift"),
+    ],
+)
 def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -> None:
     out, report = fold_and_check(chain([("Relu", {})], sign=sign))
     v = verdict(report)
@@ -165,7 +240,9 @@ def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
 @pytest.mark.parametrize("pads,ceil", [(0, 0), (1, 1), (1, 0)])
 @pytest.mark.parametrize("sign", ["positive", "zero"])
-def test_maxpool_carries_scale_and_shift_into_an_unpadded_conv(pads: int, ceil: int, sign: str, dtype: int) -> None:
+def test_maxpool_carries_scale_and_shift_into_an_unpadded_conv(
+    pads: int, ceil: int, sign: str, dtype: int
+) -> None:
     """maxpool(a*x + b) = a*maxpool(x) + b for a >= 0 (any pads: max pads with -inf; ceil mode):
     then the shift goes into the conv's bias, nothing is left."""
     mp = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [pads] * 4, "ceil_mode": ceil}
@@ -211,7 +288,9 @@ def test_pad_op_passes_the_scale_not_the_shift(sign: str) -> None:
 
 
 @pytest.mark.parametrize("cip,adds", [(0, 0), (1, 1)])
-def test_average_pool_with_padding_passes_the_shift_only_when_padding_is_not_counted(cip: int, adds: int) -> None:
+def test_average_pool_with_padding_passes_the_shift_only_when_padding_is_not_counted(
+    cip: int, adds: int
+) -> None:
     ap = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": cip}
     out, report = fold_and_check(chain([("AveragePool", ap)], sign="mixed"))
     assert_propagated(report, "conv")
@@ -220,7 +299,9 @@ def test_average_pool_with_padding_passes_the_shift_only_when_padding_is_not_cou
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
 def test_global_pool_flatten_gemm_folds_completely_for_any_sign(dtype: int) -> None:
-    out, report = fold_and_check(chain([("GlobalAveragePool", {})], layer="gemm", sign="mixed", dtype=dtype), dtype)
+    out, report = fold_and_check(
+        chain([("GlobalAveragePool", {})], layer="gemm", sign="mixed", dtype=dtype), dtype
+    )
     assert_propagated(report, "fc")
     assert counts(out) == (0, 0, 0)
 
@@ -231,7 +312,9 @@ def test_crepe_head_maxpool_flatten_linear(layer: str, adds: int, dtype: int) ->
     """BN -> MaxPool (ceil mode, padded) -> Flatten -> Gemm: scale and shift both into the Gemm;
     MatMul has no bias: the shift stays as one Add on the flattened features."""
     mp = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1}
-    out, report = fold_and_check(chain([("MaxPool", mp), ("Flatten", {"axis": 1})], layer=layer, dtype=dtype), dtype)
+    out, report = fold_and_check(
+        chain([("MaxPool", mp), ("Flatten", {"axis": 1})], layer=layer, dtype=dtype), dtype
+    )
     assert_propagated(report, "fc")
     assert counts(out) == (0, 0, adds)
 
@@ -283,7 +366,9 @@ from models import propagate as nets  # noqa: E402
 
 def export(model: Any, x: Any) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"], opset_version=17)
+    torch.onnx.export(
+        model, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"], opset_version=17
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -328,7 +413,9 @@ def test_cli_fold_json_and_no_propagate(tmp_path: Any) -> None:
     onnx.save(chain([("Relu", {})], pads=1), str(src))
     before = src.read_bytes()
     runner = CliRunner()
-    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    schema = json.loads(
+        resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8")
+    )
     docs = {}
     for flag in ("--propagate", "--no-propagate"):
         out = tmp_path / f"out{flag}.onnx"
@@ -373,8 +460,14 @@ def test_cli_fold_reads_weights_left_in_an_external_data_file(tmp_path: Any) -> 
     m = chain([("MaxPool", {"kernel_shape": [2, 2]}), ("Relu", {})], pads=1)
     saved = onnx.ModelProto()
     saved.CopyFrom(m)  # onnx.save moves the tensors of the model it is given out to the file
-    onnx.save(saved, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
-              size_threshold=0)
+    onnx.save(
+        saved,
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="w.bin",
+        size_threshold=0,
+    )
     data = (tmp_path / "w.bin").read_bytes()
     out = tmp_path / "out.onnx"
     r = CliRunner().invoke(app, ["fold", str(src), str(out), "-q"])
@@ -387,8 +480,9 @@ def test_cli_fold_reads_weights_left_in_an_external_data_file(tmp_path: Any) -> 
 
 
 def test_gemm_without_bias_and_transb_0_gets_the_shift_as_its_bias() -> None:
-    out, report = fold_and_check(chain([("GlobalAveragePool", {})], layer="gemm", sign="mixed", bias=False,
-                                       trans_b=0))
+    out, report = fold_and_check(
+        chain([("GlobalAveragePool", {})], layer="gemm", sign="mixed", bias=False, trans_b=0)
+    )
     assert_propagated(report, "fc")
     assert counts(out) == (0, 0, 0)
     (fc,) = [n for n in out.graph.node if n.op_type == "Gemm"]
@@ -438,8 +532,11 @@ def test_gemm_with_an_empty_bias_slot_gets_the_bias_there() -> None:
 # MaxPool 2x2 of (2, 6, 8, 8): (2, 6, 4, 4), 96 features per sample.
 @pytest.mark.parametrize("shape", [[0, -1], [-1, 96], [2, -1], [2, 96]])
 def test_reshape_that_flattens_from_the_channel_axis_folds_into_the_gemm(shape: list[int]) -> None:
-    m = chain([("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}), ("Reshape", {"shape": shape})],
-              layer="gemm", sign="zero")
+    m = chain(
+        [("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}), ("Reshape", {"shape": shape})],
+        layer="gemm",
+        sign="zero",
+    )
     out, report = fold_and_check(m)
     assert_propagated(report, "fc")
     assert counts(out) == (0, 0, 0)
@@ -447,8 +544,10 @@ def test_reshape_that_flattens_from_the_channel_axis_folds_into_the_gemm(shape: 
 
 def test_reshape_that_regroups_rows_is_refused() -> None:
     """(2, 96) -> (4, 48): a row holds half a sample; channel blocks no longer line up with the Gemm."""
-    m = chain([("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}), ("Reshape", {"shape": [-1, 48]})],
-              layer="gemm")
+    m = chain(
+        [("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}), ("Reshape", {"shape": [-1, 48]})],
+        layer="gemm",
+    )
     out, report = fold_and_check(m)
     assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
 

@@ -62,7 +62,9 @@ def _pickled(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _rewrite(src: Path, dst: Path, change: dict[str, bytes | None], add: dict[str, bytes] | None = None) -> Path:
+def _rewrite(
+    src: Path, dst: Path, change: dict[str, bytes | None], add: dict[str, bytes] | None = None
+) -> Path:
     """Copy the archive, replacing (or dropping, with None) members named relative to its root folder."""
     with zipfile.ZipFile(src) as z:
         members = [(i.filename, z.read(i.filename)) for i in z.infolist()]
@@ -92,18 +94,31 @@ def _weights_payload(tmp_path: Path, marker: Path) -> Path:
     entry = cfg["config"]["conv.weight"]
     entry["use_pickle"] = True
     evil = _pickled(_Payload(marker, "torch.nn.Parameter(torch.randn(4, 3, 3, 3))"))
-    return _rewrite(clean, tmp_path / "evil.pt2", {
-        "data/weights/model_weights_config.json": json.dumps(cfg).encode(),
-        f"data/weights/{entry['path_name']}": evil,
-    })
+    return _rewrite(
+        clean,
+        tmp_path / "evil.pt2",
+        {
+            "data/weights/model_weights_config.json": json.dumps(cfg).encode(),
+            f"data/weights/{entry['path_name']}": evil,
+        },
+    )
 
 
 def _constants_payload(tmp_path: Path, marker: Path) -> Path:
     clean = _archive(tmp_path)
-    cfg = {"config": {"evil": {"path_name": "tensor_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}}
-    return _rewrite(clean, tmp_path / "evil.pt2", {
-        "data/constants/model_constants_config.json": json.dumps(cfg).encode(),
-    }, add={"data/constants/tensor_0": _pickled(_Payload(marker, "torch.zeros(1)"))})
+    cfg = {
+        "config": {
+            "evil": {"path_name": "tensor_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+        }
+    }
+    return _rewrite(
+        clean,
+        tmp_path / "evil.pt2",
+        {
+            "data/constants/model_constants_config.json": json.dumps(cfg).encode(),
+        },
+        add={"data/constants/tensor_0": _pickled(_Payload(marker, "torch.zeros(1)"))},
+    )
 
 
 def _sample_inputs_payload(tmp_path: Path, marker: Path) -> Path:
@@ -148,8 +163,14 @@ def test_cli_refuses_payload_in_one_line(tmp_path: Path, command: str) -> None:
         "bench": ["bench", str(evil)],
     }[command]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "NO_COLOR": "1"}
-    p = subprocess.run([sys.executable, "-m", "bnfold", *args], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=180)
+    p = subprocess.run(
+        [sys.executable, "-m", "bnfold", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--trust-pickle" in lines[0], p.stderr
@@ -227,10 +248,19 @@ def test_guard_code_payload_is_refused(tmp_path: Path) -> None:
 
 def test_custom_object_constant_is_refused(tmp_path: Path) -> None:
     clean = _archive(tmp_path)
-    cfg = {"config": {"obj": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}}
-    evil = _rewrite(clean, tmp_path / "evil.pt2", {
-        "data/constants/model_constants_config.json": json.dumps(cfg).encode(),
-    }, add={"data/constants/opaque_obj_0": b"\x80\x04N."})
+    cfg = {
+        "config": {
+            "obj": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+        }
+    }
+    evil = _rewrite(
+        clean,
+        tmp_path / "evil.pt2",
+        {
+            "data/constants/model_constants_config.json": json.dumps(cfg).encode(),
+        },
+        add={"data/constants/opaque_obj_0": b"\x80\x04N."},
+    )
     with pytest.raises(ModelFormatError, match="custom object.*--trust-pickle"):
         bnfold.load(evil)
 

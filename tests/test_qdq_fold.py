@@ -152,7 +152,9 @@ def test_qdq_int4_refused() -> None:
     for t in g.inits:
         if t.name in ("w_q", "w_z"):
             arr = numpy_helper.to_array(t).clip(-8, 7)
-            t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, arr.shape, arr.flatten().tolist()))
+            t.CopyFrom(
+                onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, arr.shape, arr.flatten().tolist())
+            )
     m = with_bn(g, 6)
     m.opset_import[0].version = 21
     v = skip_reason(m)
@@ -231,8 +233,16 @@ def _ort_quantized(tmp_path, exclude_output: bool) -> onnx.ModelProto:
     onnx.save(m, src)
     extra = {"OpTypesToExcludeOutputQuantization": ["Conv"]} if exclude_output else {}
     # op_types_to_quantize=['Conv']: the quantizer leaves the BN (it neither fuses nor quantizes it).
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"], extra_options=extra)
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv"],
+        extra_options=extra,
+    )
     return onnx.load(dst)
 
 
@@ -301,7 +311,9 @@ def test_cli_fold_verifies_at_default_tolerance(tmp_path, kind: str, bias: str) 
 def test_qdq_gemm_alpha_beta(bias: str) -> None:
     g = qdq_layer("Gemm", bias=bias, trans_b=1)
     layer = next(n for n in g.nodes if n.name == "layer")
-    layer.attribute.extend([onnx.helper.make_attribute("alpha", 0.7), onnx.helper.make_attribute("beta", -1.3)])
+    layer.attribute.extend(
+        [onnx.helper.make_attribute("alpha", 0.7), onnx.helper.make_attribute("beta", -1.3)]
+    )
     m = with_bn(g, 6, negate=(0,))
     check_fold(m)
     if bias == "int32":

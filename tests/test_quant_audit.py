@@ -132,8 +132,10 @@ def _matmul_bn(weight_first_axis_out: bool) -> onnx.ModelProto:
     gamma, beta, mean, var = bn_stats(6, rng)
     var[4] = 1e-6
     w = rng.standard_normal((5, 6))
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
-             ((gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"))]
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"))
+    ]
     if weight_first_axis_out:
         inits.append(numpy_helper.from_array(w.T.astype(np.float32).copy(), "W"))
         mm = helper.make_node("Gemm", ["x", "W"], ["h"], name="mm", transB=1)
@@ -141,8 +143,13 @@ def _matmul_bn(weight_first_axis_out: bool) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(w.astype(np.float32), "W"))
         mm = helper.make_node("MatMul", ["x", "W"], ["h"], name="mm")
     bn = helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")
-    g = helper.make_graph([mm, bn], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
+    g = helper.make_graph(
+        [mm, bn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -151,13 +158,17 @@ def test_onnx_gemm_and_matmul_output_channel_axes(gemm: bool) -> None:
     folded, rep = bnfold.fold_with_report(_matmul_bn(gemm), health=True, flush_denormals=False)
     assert rep.health is not None and rep.folded == 1
     (q,) = rep.health.quant
-    w = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1]))
+    w = numpy_helper.to_array(
+        next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
+    )
     per_out = np.abs(w.astype(np.float64)).max(axis=1 if gemm else 0)
     assert q.worst_channel == 4 and q.channels == 6 and q.flagged
     assert q.ratio == pytest.approx(_expected(per_out), rel=1e-12)
 
 
-def test_fold_cli_summary_line_verbose_table_and_json(tiny_onnx: Path, healthy_onnx: Path, tmp_path: Path) -> None:
+def test_fold_cli_summary_line_verbose_table_and_json(
+    tiny_onnx: Path, healthy_onnx: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out.onnx"
     r = runner.invoke(app, ["fold", str(tiny_onnx), "-o", str(out), "--health"])
     assert r.exit_code == 0, r.output
@@ -188,7 +199,9 @@ def test_benchmark_flagged_layer_is_what_per_tensor_int8_breaks() -> None:
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("bench_quant_audit", root / "benchmarks" / "bench_quant_audit.py")
+        spec = importlib.util.spec_from_file_location(
+            "bench_quant_audit", root / "benchmarks" / "bench_quant_audit.py"
+        )
         assert spec is not None and spec.loader is not None
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)

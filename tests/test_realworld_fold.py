@@ -104,7 +104,9 @@ class CountingBN(nn.BatchNorm2d):
 
 class BatchStatsBN(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, self.eps
+        )
 
 
 @pytest.mark.parametrize(
@@ -456,7 +458,10 @@ def test_untraceable_parent_folds_the_pairs_it_provably_runs() -> None:
     out, rep = fold_checked(ready(UntraceableStem()), torch.rand(2, 3, 6, 6))
     reasons = {v.bn: (v.reason if isinstance(v, Skip) else "folded") for v in rep.verdicts}
     assert reasons == {
-        "bn1": "folded", "bn2": "folded", "bn3": SkipReason.NOT_TRACEABLE, "bn4": SkipReason.NOT_TRACEABLE
+        "bn1": "folded",
+        "bn2": "folded",
+        "bn3": SkipReason.NOT_TRACEABLE,
+        "bn4": SkipReason.NOT_TRACEABLE,
     }
 
 

@@ -35,7 +35,9 @@ KEYS = ("running_mean", "running_var", "num_batches_tracked")
 def _model(widths: tuple[int, int] = (4, 4), seed: int = 4) -> nn.Module:
     torch.manual_seed(0)
     a, b = widths
-    model = nn.Sequential(nn.Conv2d(3, a, 1), nn.BatchNorm2d(a), nn.ReLU(), nn.Conv2d(a, b, 1), nn.BatchNorm2d(b))
+    model = nn.Sequential(
+        nn.Conv2d(3, a, 1), nn.BatchNorm2d(a), nn.ReLU(), nn.Conv2d(a, b, 1), nn.BatchNorm2d(b)
+    )
     return randomize_bn(model.double(), seed=seed).eval()
 
 
@@ -45,7 +47,9 @@ def _batches(rank: int, channels: int = 3) -> list[torch.Tensor]:
 
 
 def _stats(model: nn.Module) -> list[dict[str, torch.Tensor]]:
-    return [{k: getattr(m, k).clone() for k in KEYS} for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return [
+        {k: getattr(m, k).clone() for k in KEYS} for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    ]
 
 
 def _case(name: str, odd: bool, rank: int) -> tuple[nn.Module, list[Any], dict[str, Any]]:
@@ -70,8 +74,13 @@ def _case(name: str, odd: bool, rank: int) -> tuple[nn.Module, list[Any], dict[s
 
 
 CASES = [
-    "same-size-other-layers", "other-size", "prior-other-source", "other-prior", "bad-option-on-one",
-    "batch-fails-on-one", "no-prior-other-source",
+    "same-size-other-layers",
+    "other-size",
+    "prior-other-source",
+    "other-prior",
+    "bad-option-on-one",
+    "batch-fails-on-one",
+    "no-prior-other-source",
 ]
 
 
@@ -92,8 +101,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             except Exception as e:  # noqa: BLE001 - the process catches its own error and goes on
                 error, message = type(e).__name__, str(e)
             results[name] = {
-                "error": error, "message": message, "seconds": time.perf_counter() - t,
-                "unchanged": all(torch.equal(b[k], a[k]) for b, a in zip(before, _stats(model)) for k in KEYS),
+                "error": error,
+                "message": message,
+                "seconds": time.perf_counter() - t,
+                "unchanged": all(
+                    torch.equal(b[k], a[k]) for b, a in zip(before, _stats(model)) for k in KEYS
+                ),
                 "stats": _stats(model),
             }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -162,7 +175,10 @@ def test_differing_prior_is_an_option_error_everywhere(ranks: list[dict[str, Any
 @pytest.mark.slow
 def test_a_bad_option_on_one_process_stops_all(ranks: list[dict[str, Any]]) -> None:
     got = _all(ranks, "bad-option-on-one")
-    assert got[ODD]["error"] == "OptionError" and got[ODD]["message"] == "prior must be a finite number >= 0, got -1.0"
+    assert (
+        got[ODD]["error"] == "OptionError"
+        and got[ODD]["message"] == "prior must be a finite number >= 0, got -1.0"
+    )
     for rank, g in enumerate(got):
         if rank != ODD:
             assert g["error"] == "OptionError", g

@@ -83,8 +83,15 @@ def make_net(seed: int = 0) -> Net:
     return net.eval()
 
 
-def to_onnx(net: Net, path: Path, *, training: set[str] = frozenset(), external: bool = False,  # type: ignore[assignment]
-            dtype: Any = np.float32, opset: int = OPSET) -> None:
+def to_onnx(
+    net: Net,
+    path: Path,
+    *,
+    training: set[str] = frozenset(),
+    external: bool = False,  # type: ignore[assignment]
+    dtype: Any = np.float32,
+    opset: int = OPSET,
+) -> None:
     """Write ``net`` as an ONNX graph, node for node (the BNs as BatchNormalization, not folded)."""
     inits: list[Any] = []
     nodes: list[Any] = []
@@ -95,8 +102,13 @@ def to_onnx(net: Net, path: Path, *, training: set[str] = frozenset(), external:
 
     def bn(name: str, x: str, y: str) -> None:
         m = getattr(net, name)
-        ins = [x, t(f"{name}.w", m.weight), t(f"{name}.b", m.bias), t(f"{name}.mean", m.running_mean),
-               t(f"{name}.var", m.running_var)]
+        ins = [
+            x,
+            t(f"{name}.w", m.weight),
+            t(f"{name}.b", m.bias),
+            t(f"{name}.mean", m.running_mean),
+            t(f"{name}.var", m.running_var),
+        ]
         attrs: dict[str, Any] = {"epsilon": m.eps}
         outs = [y]
         if name in training:  # what exporters write: running-statistics outputs nothing reads
@@ -120,14 +132,25 @@ def to_onnx(net: Net, path: Path, *, training: set[str] = frozenset(), external:
     nodes.append(helper.make_node("Add", ["z2", "c3"], ["s"], name="add"))
     bn("bn3", "s", "y")
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", elem, ["N", 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", elem, ["N", 4, 6, 6])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", elem, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", elem, ["N", 4, 6, 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=0)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=0,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -135,8 +158,10 @@ def to_onnx(net: Net, path: Path, *, training: set[str] = frozenset(), external:
 def batches(n: int = 4, size: int = 5, seed: int = 1, shift: float = 0.7) -> list[np.ndarray]:
     """Data unlike the source statistics (shifted, scaled), batches that differ from each other."""
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((size, 3, 6, 6)) * (1.5 + 0.3 * i) + shift + 0.2 * i).astype(np.float32)
-            for i in range(n)]
+    return [
+        (rng.standard_normal((size, 3, 6, 6)) * (1.5 + 0.3 * i) + shift + 0.2 * i).astype(np.float32)
+        for i in range(n)
+    ]
 
 
 def oracle(net: Net, data: list[np.ndarray], *, pooled: bool, prior: float | None = None) -> dict[str, Any]:
@@ -181,8 +206,14 @@ def stats_of(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {n: (arr[f"{n}.mean"], arr[f"{n}.var"]) for n in BNS}
 
 
-def write_npz(path: Path, data: list[np.ndarray], *, numbered: bool = False, compressed: bool = False,
-              fortran: bool = False) -> None:
+def write_npz(
+    path: Path,
+    data: list[np.ndarray],
+    *,
+    numbered: bool = False,
+    compressed: bool = False,
+    fortran: bool = False,
+) -> None:
     arrays = {f"x__{i}": b for i, b in enumerate(data)} if numbered else {"x": np.concatenate(data)}
     if fortran:  # column-major on disk: rows are not contiguous
         arrays = {k: np.asfortranarray(v) for k, v in arrays.items()}
@@ -226,7 +257,9 @@ def test_onnx_equals_float64_oracle(tmp_path: Path, pooled: bool, layout: str) -
     assert src.read_bytes() == before
     # nothing else changed: every other initializer byte-identical, the same nodes
     a, b = onnx.load(str(src)), onnx.load(str(out))
-    other = {t.name: t.SerializeToString() for t in a.graph.initializer if not t.name.endswith((".mean", ".var"))}
+    other = {
+        t.name: t.SerializeToString() for t in a.graph.initializer if not t.name.endswith((".mean", ".var"))
+    }
     assert other == {t.name: t.SerializeToString() for t in b.graph.initializer if t.name in other}
     assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
     onnx.checker.check_model(b, full_check=True)
@@ -240,7 +273,9 @@ def test_onnx_prior_equals_oracle_and_pooled_union(tmp_path: Path) -> None:
     write_npz(data, dat)
     for pooled in (False, True):
         out = tmp_path / f"p{pooled}.onnx"
-        r = recal(src, out, "--data", data, "--batch-size", 5, "--prior", 7, *(["--pooled"] if pooled else []))
+        r = recal(
+            src, out, "--data", data, "--batch-size", 5, "--prior", 7, *(["--pooled"] if pooled else [])
+        )
         assert r.exit_code == 0, r.output
         expect, got = oracle(net, dat, pooled=pooled, prior=7), stats_of(out)
         for name in BNS:
@@ -259,8 +294,17 @@ def test_prior_on_pooled_source_equals_pooled_over_both(tmp_path: Path) -> None:
     np.savez(tmp_path / "t.npz", x=np.concatenate(t_data))
     np.savez(tmp_path / "st.npz", x=np.concatenate(s_data + t_data))
     assert recal(src, tmp_path / "s.onnx", "--data", tmp_path / "s.npz", "--pooled").exit_code == 0
-    r = recal(tmp_path / "s.onnx", tmp_path / "st_prior.onnx", "--data", tmp_path / "t.npz", "--pooled",
-              "--prior", 10, "--batch-size", 5)
+    r = recal(
+        tmp_path / "s.onnx",
+        tmp_path / "st_prior.onnx",
+        "--data",
+        tmp_path / "t.npz",
+        "--pooled",
+        "--prior",
+        10,
+        "--batch-size",
+        5,
+    )
     assert r.exit_code == 0, r.output
     assert recal(src, tmp_path / "st.onnx", "--data", tmp_path / "st.npz", "--pooled").exit_code == 0
     a, b = stats_of(tmp_path / "st_prior.onnx"), stats_of(tmp_path / "st.onnx")
@@ -321,8 +365,12 @@ def test_fold_in_the_same_run(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     x = batches(1, seed=9)[0]
-    ya = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    yb = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ya = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    yb = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
     np.testing.assert_allclose(yb, ya, rtol=1e-4, atol=1e-4)
 
 
@@ -335,8 +383,11 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[Any], str]]:
         "wrong dtype": ({"x": good.astype(np.int64)}, [], "dtype int64"),
         "wrong rank": ({"x": good[:, 0]}, [], "rank 3"),
         "wrong shape": ({"x": good[:, :2]}, [], "dimension 1 is 2"),
-        "nan": ({"x": np.where(np.arange(good.size).reshape(good.shape) == 700, np.nan, good)}, ["--batch-size", 5],
-                "NaN or inf in batch 1"),  # sample 6 of batches of 5
+        "nan": (
+            {"x": np.where(np.arange(good.size).reshape(good.shape) == 700, np.nan, good)},
+            ["--batch-size", 5],
+            "NaN or inf in batch 1",
+        ),  # sample 6 of batches of 5
         "empty archive": ({}, [], "holds no array"),
         "no sample": ({"x": good[:0]}, [], "holds no sample"),
         "gap": ({"x__0": good[:5], "x__2": good[5:]}, [], "no gap"),
@@ -375,20 +426,38 @@ def test_bad_data_is_one_line_exit_2_nothing_written(tmp_path: Path) -> None:
 
 def _if_model(path: Path) -> None:
     """A BN inside an If branch."""
+
     def const(name: str, v: Any) -> Any:
         return numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)
 
     branch = helper.make_graph(
         [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["yb"], name="inner_bn")],
-        "then", [], [helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["N", 3, 4, 4])])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["yo"])], "else", [],
-                              [helper.make_tensor_value_info("yo", TensorProto.FLOAT, ["N", 3, 4, 4])])
+        "then",
+        [],
+        [helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["N", 3, 4, 4])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["yo"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("yo", TensorProto.FLOAT, ["N", 3, 4, 4])],
+    )
     nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other, name="if")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]),
-                                       helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                          [const("g", [1.5, 0.5, 2]), const("b", [0.1, -0.2, 0.3]), const("m", [0.3, 0.1, -0.2]),
-                           const("v", [2.0, 0.7, 1.3])])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [
+            const("g", [1.5, 0.5, 2]),
+            const("b", [0.1, -0.2, 0.3]),
+            const("m", [0.3, 0.1, -0.2]),
+            const("v", [2.0, 0.7, 1.3]),
+        ],
+    )
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
 
 
@@ -403,17 +472,32 @@ def test_unsupported_models_refused(tmp_path: Path) -> None:
 
 def test_bn_that_never_runs(tmp_path: Path) -> None:
     """A BN whose input is empty in every batch (a Slice that keeps nothing)."""
+
     def c(name: str, v: Any, dt: Any = np.float32) -> Any:
         return numpy_helper.from_array(np.asarray(v, dtype=dt), name)
 
-    nodes = [helper.make_node("Slice", ["x", "st", "en", "ax"], ["e"]),
-             helper.make_node("BatchNormalization", ["e", "g", "b", "m", "v"], ["y"], name="bn")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                          [c("st", [2], np.int64), c("en", [2], np.int64), c("ax", [2], np.int64),
-                           c("g", [1.5, 0.5, 2]), c("b", [0.1, -0.2, 0.3]), c("m", [0.3, 0.1, -0.2]),
-                           c("v", [2.0, 0.7, 1.3])])
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx"))
+    nodes = [
+        helper.make_node("Slice", ["x", "st", "en", "ax"], ["e"]),
+        helper.make_node("BatchNormalization", ["e", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [
+            c("st", [2], np.int64),
+            c("en", [2], np.int64),
+            c("ax", [2], np.int64),
+            c("g", [1.5, 0.5, 2]),
+            c("b", [0.1, -0.2, 0.3]),
+            c("m", [0.3, 0.1, -0.2]),
+            c("v", [2.0, 0.7, 1.3]),
+        ],
+    )
+    onnx.save_model(
+        helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx")
+    )
     np.savez(tmp_path / "d.npz", x=np.ones((4, 3, 4, 4), np.float32))
     r = recal(tmp_path / "m.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
     assert r.exit_code == 2 and "bn: its input is empty in every batch" in r.stderr, r.output
@@ -422,7 +506,8 @@ def test_bn_that_never_runs(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------- PyTorch
 def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "recal_factory.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "recal_factory.py").write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_recalibrate_files import Branchy, Net
@@ -432,7 +517,8 @@ def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pyte
 
         def branchy():
             return Branchy()
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     net = make_net()
     ckpt = tmp_path / "ckpt.pt"
@@ -442,12 +528,26 @@ def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pyte
     before = ckpt.read_bytes()
     for flags in ([], ["--pooled", "--prior", "4"]):
         out = tmp_path / "r.pt"
-        r = recal(ckpt, out, "--data", tmp_path / "d.npz", "--model", "recal_factory:net", "--batch-size", 5,
-                  *flags, "--json")
+        r = recal(
+            ckpt,
+            out,
+            "--data",
+            tmp_path / "d.npz",
+            "--model",
+            "recal_factory:net",
+            "--batch-size",
+            5,
+            *flags,
+            "--json",
+        )
         assert r.exit_code == 0, r.output
         assert len(json.loads(r.stdout)["bns"]) == 4
-        want = bnfold.recalibrate(make_net(), [torch.from_numpy(b) for b in dat], pooled="--pooled" in flags,
-                                  prior=4 if flags else None)
+        want = bnfold.recalibrate(
+            make_net(),
+            [torch.from_numpy(b) for b in dat],
+            pooled="--pooled" in flags,
+            prior=4 if flags else None,
+        )
         got = torch.load(out, weights_only=True)
         for k, v in want.state_dict().items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
@@ -459,7 +559,14 @@ def test_checkpoint_matches_bnfold_recalibrate(tmp_path: Path, monkeypatch: pyte
     assert not (tmp_path / "b.pt").exists()
     # a BN the data never reaches is one line too
     torch.save(Branchy().state_dict(), tmp_path / "branchy.pt")
-    r = recal(tmp_path / "branchy.pt", tmp_path / "b.pt", "--data", tmp_path / "d.npz", "--model", "recal_factory:branchy")
+    r = recal(
+        tmp_path / "branchy.pt",
+        tmp_path / "b.pt",
+        "--data",
+        tmp_path / "d.npz",
+        "--model",
+        "recal_factory:branchy",
+    )
     assert r.exit_code == 2 and "spare: no batch reached this BatchNorm" in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.pt").exists()
 
@@ -476,13 +583,21 @@ def test_upstream_batch_equals_bnfold_recalibrate_on_the_torch_model(tmp_path: P
         r = recal(src, out, "--data", data, "--batch-size", 5, "--upstream", "batch", *flags, "--json")
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["passes"] == 1
-        want = bnfold.recalibrate(make_net().double(), [torch.from_numpy(b.astype(np.float64)) for b in dat],
-                                  pooled=bool(flags), prior=6 if flags else None)
+        want = bnfold.recalibrate(
+            make_net().double(),
+            [torch.from_numpy(b.astype(np.float64)) for b in dat],
+            pooled=bool(flags),
+            prior=6 if flags else None,
+        )
         got = stats_of(out)
         for name in BNS:
             m = getattr(want, name)
-            np.testing.assert_allclose(got[name][0], m.running_mean.numpy(), rtol=RTOL, atol=ATOL, err_msg=name)
-            np.testing.assert_allclose(got[name][1], m.running_var.numpy(), rtol=RTOL, atol=ATOL, err_msg=name)
+            np.testing.assert_allclose(
+                got[name][0], m.running_mean.numpy(), rtol=RTOL, atol=ATOL, err_msg=name
+            )
+            np.testing.assert_allclose(
+                got[name][1], m.running_var.numpy(), rtol=RTOL, atol=ATOL, err_msg=name
+            )
     # the default definition differs on this model (small batches): the option is not a no-op
     r = recal(src, tmp_path / "n.onnx", "--data", data, "--batch-size", 5)
     assert r.exit_code == 0, r.output
@@ -493,7 +608,9 @@ def test_json_documents_follow_the_schema(tmp_path: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     from importlib import resources
 
-    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8"))
+    schema = json.loads(
+        resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8")
+    )
     src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
     to_onnx(make_net(), src)
     write_npz(data, batches(2))
@@ -520,7 +637,9 @@ def test_batches_stream_memory_independent_of_data_size(tmp_path: Path) -> None:
     peaks = []
     for n, compressed in ((64, False), (640, False), (64, True), (640, True)):
         p = tmp_path / f"d{n}{compressed}.npz"
-        (np.savez_compressed if compressed else np.savez)(p, x=rng.standard_normal((n, 3, 32, 32)).astype(np.float32))
+        (np.savez_compressed if compressed else np.savez)(
+            p, x=rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+        )
         stream = NpzBatches(p, spec, 16)
         assert len(stream) == n // 16
         tracemalloc.start()
@@ -533,29 +652,43 @@ def test_batches_stream_memory_independent_of_data_size(tmp_path: Path) -> None:
     assert max(peaks) < 6 * one_batch, (peaks, one_batch)
 
 
-@pytest.mark.parametrize("case", ["shared statistics", "statistics from a graph input", "running outputs read"])
+@pytest.mark.parametrize(
+    "case", ["shared statistics", "statistics from a graph input", "running outputs read"]
+)
 def test_statistics_that_cannot_be_replaced_are_refused(tmp_path: Path, case: str) -> None:
     def c(name: str, v: Any) -> Any:
         return numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)
 
-    stats = [c("g", [1.5, 0.5, 2]), c("b", [0.1, -0.2, 0.3]), c("m", [0.3, 0.1, -0.2]), c("v", [2.0, 0.7, 1.3])]
+    stats = [
+        c("g", [1.5, 0.5, 2]),
+        c("b", [0.1, -0.2, 0.3]),
+        c("m", [0.3, 0.1, -0.2]),
+        c("v", [2.0, 0.7, 1.3]),
+    ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])]
     if case == "shared statistics":
-        nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn_a"),
-                 helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn_b")]
+        nodes = [
+            helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn_a"),
+            helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn_b"),
+        ]
         want = "bn_a: its mean 'm' is also read elsewhere"
     elif case == "statistics from a graph input":
         nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "vin"], ["y"], name="bn")]
         inputs.append(helper.make_tensor_value_info("vin", TensorProto.FLOAT, [3]))
         want = "bn: its variance 'vin' is not an initializer"
     else:
-        nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y", "rm", "rv"], name="bn",
-                                  training_mode=1)]
+        nodes = [
+            helper.make_node(
+                "BatchNormalization", ["x", "g", "b", "m", "v"], ["y", "rm", "rv"], name="bn", training_mode=1
+            )
+        ]
         outputs.append(helper.make_tensor_value_info("rm", TensorProto.FLOAT, [3]))
         want = "bn: a training-mode BatchNormalization whose running-statistics outputs are used"
     g = helper.make_graph(nodes, "g", inputs, outputs, stats)
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx"))
+    onnx.save_model(
+        helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx")
+    )
     np.savez(tmp_path / "d.npz", x=np.ones((4, 3, 4, 4), np.float32), vin=np.ones((4, 3), np.float32))
     before = snapshot(tmp_path)
     r = recal(tmp_path / "m.onnx", tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
@@ -571,19 +704,42 @@ def test_float16_model_statistics_in_float16(tmp_path: Path) -> None:
     def c(name: str, v: Any) -> Any:
         return numpy_helper.from_array(np.asarray(v, dtype=np.float16), name)
 
-    nodes = [helper.make_node("BatchNormalization", ["x", "g0", "b0", "m0", "v0"], ["h"], name="bn0", epsilon=1e-3),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("BatchNormalization", ["r", "g1", "b1", "m1", "v1"], ["y"], name="bn1", epsilon=1e-3)]
+    nodes = [
+        helper.make_node(
+            "BatchNormalization", ["x", "g0", "b0", "m0", "v0"], ["h"], name="bn0", epsilon=1e-3
+        ),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node(
+            "BatchNormalization", ["r", "g1", "b1", "m1", "v1"], ["y"], name="bn1", epsilon=1e-3
+        ),
+    ]
     g0, b0, m0, v0 = [1.5, 0.5, 2.0], [0.1, -0.2, 0.3], [0.3, 0.1, -0.2], [2.0, 0.7, 1.3]
-    inits = [c("g0", g0), c("b0", b0), c("m0", m0), c("v0", v0), c("g1", [0.7, 1.2, 0.9]), c("b1", [0.0, 0.2, -0.1]),
-             c("m1", [0.5, 0.4, 0.6]), c("v1", [0.8, 1.1, 0.6])]
+    inits = [
+        c("g0", g0),
+        c("b0", b0),
+        c("m0", m0),
+        c("v0", v0),
+        c("g1", [0.7, 1.2, 0.9]),
+        c("b1", [0.0, 0.2, -0.1]),
+        c("m1", [0.5, 0.4, 0.6]),
+        c("v1", [0.8, 1.1, 0.6]),
+    ]
     f16 = TensorProto.FLOAT16
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f16, ["N", 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", f16, ["N", 3, 4, 4])], inits)
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx"))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f16, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", f16, ["N", 3, 4, 4])],
+        inits,
+    )
+    onnx.save_model(
+        helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "m.onnx")
+    )
     x = (rng.standard_normal((12, 3, 4, 4)) * 2 + 1).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
-    r = recal(tmp_path / "m.onnx", tmp_path / "r.onnx", "--data", tmp_path / "d.npz", "--batch-size", 4, "--pooled")
+    r = recal(
+        tmp_path / "m.onnx", tmp_path / "r.onnx", "--data", tmp_path / "d.npz", "--batch-size", 4, "--pooled"
+    )
     assert r.exit_code == 0, r.output
     got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "r.onnx")).graph.initializer}
     assert got["m0"].dtype == np.float16 and got["v1"].dtype == np.float16
@@ -609,8 +765,12 @@ def test_human_output_progress_and_in_place(tmp_path: Path) -> None:
     assert "4 BatchNorm recalibrated on 20 samples in 4 batches" in text
     assert all(f" {n}: mean moved up to" in text for n in BNS)
     seen: list[tuple[str, int, int]] = []
-    recalibrate_file(src, tmp_path / "p.onnx", RecalibrateSettings(data=data, batch_size=5),
-                     lambda stage, done, total: seen.append((stage, done, total)))
+    recalibrate_file(
+        src,
+        tmp_path / "p.onnx",
+        RecalibrateSettings(data=data, batch_size=5),
+        lambda stage, done, total: seen.append((stage, done, total)),
+    )
     ticks = [(d, t) for s, d, t in seen if s == "recalibrate"]
     assert ticks == [(i, 12) for i in range(1, 13)]  # 3 passes x 4 batches, the total known from the start
     expect = stats_of(tmp_path / "r.onnx")
@@ -623,7 +783,9 @@ def test_human_output_progress_and_in_place(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--in-place" in r.stderr
 
 
-def test_pass_model_spilled_to_disk_past_the_protobuf_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pass_model_spilled_to_disk_past_the_protobuf_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past SPILL_BYTES each pass model goes through a temporary folder (external data): same statistics."""
     import bnfold.onnx.recalibrate as rec
 
@@ -655,11 +817,14 @@ def test_pt2_matches_bnfold_recalibrate(tmp_path: Path) -> None:
         r = recal(src, out, "--data", tmp_path / "d.npz", "--batch-size", 5, *flags, "--json")
         assert r.exit_code == 0, r.output
         assert len(json.loads(r.stdout)["bns"]) == 4
-        want = bnfold.recalibrate(make_net(), [torch.from_numpy(b) for b in dat], pooled=bool(flags),
-                                  prior=4 if flags else None)
+        want = bnfold.recalibrate(
+            make_net(), [torch.from_numpy(b) for b in dat], pooled=bool(flags), prior=4 if flags else None
+        )
         ep = torch.export.load(str(out))
         for k, v in want.state_dict().items():
-            torch.testing.assert_close(ep.state_dict[k], v, rtol=2e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                ep.state_dict[k], v, rtol=2e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}"
+            )
         x = torch.from_numpy(batches(1, seed=8)[0])
         with torch.no_grad():
             torch.testing.assert_close(ep.module()(x), want.eval()(x), rtol=1e-4, atol=1e-4)

@@ -199,7 +199,11 @@ def test_dry_run_predicts_the_fold(make: object, example: tuple[torch.Tensor, ..
     assert_unchanged(before, m)
     out, real = fold_module(m, example_inputs=example)
     assert real.folded > 0 and dry.folded == real.folded
-    assert (dry.bn_after, dry.nodes_after, dry.params_after) == (real.bn_after, real.nodes_after, real.params_after)
+    assert (dry.bn_after, dry.nodes_after, dry.params_after) == (
+        real.bn_after,
+        real.nodes_after,
+        real.params_after,
+    )
     assert dry.bn_before == real.bn_before and dry.bn_after < dry.bn_before
 
 
@@ -219,7 +223,9 @@ def _same_shape(a: object, b: object, depth: int = 0) -> None:
             _same_shape(x, y, depth + 1)
 
 
-@pytest.mark.parametrize("name", ["timm_resnet", "efficientnet_same", "levit", "csp_mixconv", "checkpoint_net"])
+@pytest.mark.parametrize(
+    "name", ["timm_resnet", "efficientnet_same", "levit", "csp_mixconv", "checkpoint_net"]
+)
 def test_copy_model_equals_deepcopy_on_reference_nets(name: str) -> None:
     from models.realworld import REALWORLD
 

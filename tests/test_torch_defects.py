@@ -111,7 +111,9 @@ def test_file_factory_pt_output_pickles_the_class_from_that_file(
     before = weights.read_bytes()
     out = work / "folded.pt"
     # --no-verify: the written model is loaded and compared below
-    r = runner.invoke(app, ["fold", str(weights), "-m", f"{py}:factory", "-o", str(out), "--json", "--no-verify"])
+    r = runner.invoke(
+        app, ["fold", str(weights), "-m", f"{py}:factory", "-o", str(out), "--json", "--no-verify"]
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["summary"]["bn_before"] == 1 and data["summary"]["bn_after"] == 0
@@ -159,8 +161,13 @@ def _bn_net() -> torch.nn.Module:
 
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(), nn.BatchNorm2d(8, affine=False),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.BatchNorm1d(6),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8, eps=1e-3),
+        nn.ReLU(),
+        nn.BatchNorm2d(8, affine=False),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 6),
+        nn.BatchNorm1d(6),
     )
     return randomize_bn(net, seed=5).eval()
 
@@ -292,7 +299,11 @@ def test_levit_pt2_through_the_cli(
     r = runner.invoke(app, ["fold", str(src), "-o", str(out), "--json", "--no-verify"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert (data["summary"]["bn_before"], data["summary"]["folded"], data["summary"]["bn_after"]) == (19, 19, 0)
+    assert (data["summary"]["bn_before"], data["summary"]["folded"], data["summary"]["bn_after"]) == (
+        19,
+        19,
+        0,
+    )
     assert {v["bn"] for v in data["verdicts"]} >= {"stem.0.bn", "stage2.mlp.ln2.bn", "head_dist.bn"}
     assert src.read_bytes() == before
     with torch.no_grad():
@@ -368,8 +379,10 @@ def test_pt2_channel_routes_and_backward_folds(decompose: bool) -> None:
     if decompose:
         ep = ep.run_decompositions()
     out, rep = fold_exported(ep)
-    got = {v.bn: (getattr(v, "target", None), getattr(v, "direction", None), getattr(v, "reason", None))
-           for v in rep.verdicts}
+    got = {
+        v.bn: (getattr(v, "target", None), getattr(v, "direction", None), getattr(v, "reason", None))
+        for v in rep.verdicts
+    }
     assert got == {
         "bn0": ("conv", Direction.BACKWARD, None),
         "bn1": ("conv", Direction.FORWARD, None),

@@ -187,8 +187,11 @@ class ResidualBN(nn.BatchNorm2d):
 
 def test_custom_bn_subclass() -> None:
     # BN-then-ReLU subclass: the BN part folds, the ReLU stays; a residual subclass is refused.
-    m = prep(nn.Sequential(nn.Conv2d(3, 4, 3), ActBN(4), nn.Conv2d(4, 4, 1), PlainSub(4), nn.Conv2d(4, 4, 1),
-                           ResidualBN(4)))
+    m = prep(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), ActBN(4), nn.Conv2d(4, 4, 1), PlainSub(4), nn.Conv2d(4, 4, 1), ResidualBN(4)
+        )
+    )
     out, rep = check(m, torch.randn(2, 3, 6, 6))
     assert isinstance(verdict(rep, "1"), bnfold.Site)
     assert verdict(rep, "5").reason is SkipReason.CUSTOM_BN

@@ -43,9 +43,14 @@ def _model(dtype: int = T.FLOAT, batch: str | int = "N", seed: int = 0, opset: i
         h.make_node("Gemm", ["f", "G"], ["z"]),
     ]
     g = h.make_graph(
-        nodes, "g", [h.make_tensor_value_info("x", dtype, [batch, 3, 8, 8])],
-        [h.make_tensor_value_info("y", dtype, None), h.make_tensor_value_info("z", dtype, None),
-         h.make_tensor_value_info("a", T.INT64, None)],
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", dtype, [batch, 3, 8, 8])],
+        [
+            h.make_tensor_value_info("y", dtype, None),
+            h.make_tensor_value_info("z", dtype, None),
+            h.make_tensor_value_info("a", T.INT64, None),
+        ],
         inits,
     )
     return h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=8)
@@ -122,7 +127,9 @@ def test_a_failure_is_worded_in_one_place() -> None:
     bad = verify(ref, _perturb(ref, "G"))
     msg = failure_message(bad)
     assert msg is not None and re.match(r"not equivalent: output 'z' differs on sample 0", msg)
-    assert failure_message(bad, against="ref.onnx") == msg.replace("not equivalent:", "not equivalent to ref.onnx:")
+    assert failure_message(bad, against="ref.onnx") == msg.replace(
+        "not equivalent:", "not equivalent to ref.onnx:"
+    )
     with pytest.raises(VerificationError) as ei:
         ensure_passed(bad, where="cand.onnx", against="ref.onnx")
     assert str(ei.value) == f"cand.onnx: {failure_message(bad, against='ref.onnx')}"
@@ -168,9 +175,13 @@ def _two_input_model(scale_b: float = 1.0) -> onnx.ModelProto:
         h.make_node("Where", ["mask", "a", "zero"], ["m"]),
     ]
     g = h.make_graph(
-        nodes, "g",
-        [h.make_tensor_value_info("a", T.FLOAT, ["N", "S", 4]), h.make_tensor_value_info("b", T.FLOAT, ["N", "S", 6]),
-         h.make_tensor_value_info("mask", T.BOOL, ["N", "S", 4])],
+        nodes,
+        "g",
+        [
+            h.make_tensor_value_info("a", T.FLOAT, ["N", "S", 4]),
+            h.make_tensor_value_info("b", T.FLOAT, ["N", "S", 6]),
+            h.make_tensor_value_info("mask", T.BOOL, ["N", "S", 4]),
+        ],
         [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("s", "r", "m")],
         inits,
     )
@@ -269,8 +280,12 @@ def test_unloadable_candidate(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "spec, match",
-    [("x1x3", "expected name="), ("x=1xax3", "positive integers"), ("=1x2", "expected name="),
-     ("x=1x0", "positive integers")],
+    [
+        ("x1x3", "expected name="),
+        ("x=1xax3", "positive integers"),
+        ("=1x2", "expected name="),
+        ("x=1x0", "positive integers"),
+    ],
 )
 def test_bad_shape_spec(spec: str, match: str) -> None:
     with pytest.raises(OptionError, match=match) as ei:
@@ -279,7 +294,11 @@ def test_bad_shape_spec(spec: str, match: str) -> None:
 
 
 def test_parse_input_shapes() -> None:
-    assert parse_input_shapes(["x=1x3x224x224", "ids=2,16", "s="]) == {"x": (1, 3, 224, 224), "ids": (2, 16), "s": ()}
+    assert parse_input_shapes(["x=1x3x224x224", "ids=2,16", "s="]) == {
+        "x": (1, 3, 224, 224),
+        "ids": (2, 16),
+        "s": (),
+    }
     with pytest.raises(OptionError, match="given twice"):
         parse_input_shapes(["x=1", "x=2"])
 
@@ -296,9 +315,13 @@ def test_extra_level_runs_second_check() -> None:
 def test_integer_inputs_get_valid_values() -> None:
     """An int64 index input (Gather) gets values in [0, 10): a table of 10 rows is always valid."""
     table = nh.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "T")
-    g = h.make_graph([h.make_node("Gather", ["T", "ids"], ["e"])], "g",
-                     [h.make_tensor_value_info("ids", T.INT64, ["N", "L"])],
-                     [h.make_tensor_value_info("e", T.FLOAT, None)], [table])
+    g = h.make_graph(
+        [h.make_node("Gather", ["T", "ids"], ["e"])],
+        "g",
+        [h.make_tensor_value_info("ids", T.INT64, ["N", "L"])],
+        [h.make_tensor_value_info("e", T.FLOAT, None)],
+        [table],
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     rep = verify(m, m, samples=3)
     assert rep.passed and rep.checks[0].shape == (2, 8, 4)
@@ -344,8 +367,15 @@ def test_pytorch_module_vs_its_onnx_export(tmp_path) -> None:
 
     net = _torch_net()
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y", "z"], dynamic_axes={"x": {0: "N"}})
+    torch.onnx.export(
+        net,
+        (torch.randn(1, 3, 8, 8),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y", "z"],
+        dynamic_axes={"x": {0: "N"}},
+    )
     rep = verify(net, path, samples=2)  # eager reference vs ONNX file
     assert rep.passed, rep.to_dict()
     assert {c.name for c in rep.checks} == {"y", "z"}
@@ -377,8 +407,9 @@ def test_train_mode_reference_is_restored(tmp_path) -> None:
 
     net = _torch_net()
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y", "z"])
+    torch.onnx.export(
+        net, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, input_names=["x"], output_names=["y", "z"]
+    )
     net.train()
     before = net.bn.running_mean.clone()
     assert verify(net, path).passed  # compared in eval mode
@@ -404,15 +435,24 @@ def test_paths_of_any_format(tmp_path) -> None:
     ep = torch.export.export(net, (torch.randn(2, 3, 8, 8),))
     torch.export.save(ep, tmp_path / "net.pt2")
     onnx_path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(onnx_path), dynamo=False, input_names=["x"],
-                      output_names=["y", "z"])
+    torch.onnx.export(
+        net,
+        (torch.randn(2, 3, 8, 8),),
+        str(onnx_path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y", "z"],
+    )
     assert verify(tmp_path / "net.pt2", onnx_path).passed
 
 
 def test_onnxruntime_run_failure_is_not_comparable() -> None:
     ref = _two_input_model()
-    feeds = {"a": np.zeros((1, 2, 4), np.float32), "b": np.zeros((1, 3, 6), np.float32),
-             "mask": np.zeros((1, 2, 4), bool)}  # S = 2 and S = 3: the Add cannot broadcast
+    feeds = {
+        "a": np.zeros((1, 2, 4), np.float32),
+        "b": np.zeros((1, 3, 6), np.float32),
+        "mask": np.zeros((1, 2, 4), bool),
+    }  # S = 2 and S = 3: the Add cannot broadcast
     with pytest.raises(NotComparableError, match="onnxruntime failed on sample 0") as ei:
         verify(ref, ref, inputs=feeds)
     assert "\n" not in str(ei.value)
@@ -424,8 +464,15 @@ def test_example_inputs_give_symbolic_dims(tmp_path) -> None:
 
     net = _torch_net()
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y", "z"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    torch.onnx.export(
+        net,
+        (torch.randn(1, 3, 8, 8),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y", "z"],
+        dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}},
+    )
     rep = verify(net, path, example_inputs=(torch.randn(3, 3, 16, 16),))
     assert rep.passed and rep.checks[0].shape == (3, 4, 16, 16)
     rep = verify(net, path, example_inputs=(torch.randn(3, 3, 16, 16),), input_shapes={"x": (1, 3, 4, 4)})

@@ -41,7 +41,12 @@ def test_parse_tolerances() -> None:
     assert parse_tolerances("--rtol", ["1e-4"]) == 1e-4
     assert parse_tolerances("--rtol", ["1e-4", "logits=1e-3"]) == {"*": 1e-4, "logits": 1e-3}
     assert parse_tolerances("--rtol", ["a=b=1e-3"]) == {"a=b": 1e-3}  # the value follows the last '='
-    for bad, msg in ((["x=abc"], "not a number"), (["-1"], ">= 0"), (["x=1", "x=2"], "twice"), (["=1"], "OUTPUT")):
+    for bad, msg in (
+        (["x=abc"], "not a number"),
+        (["-1"], ">= 0"),
+        (["x=1", "x=2"], "twice"),
+        (["=1"], "OUTPUT"),
+    ):
         with pytest.raises(OptionError, match=msg):
             parse_tolerances("--rtol", bad)
 
@@ -122,7 +127,13 @@ def test_defaults_unchanged() -> None:
     rep = verify(ref, _fold_by_hand(ref))
     assert rep.passed
     assert all(c.error_stat == "max" and c.failure == "" for c in rep.checks)
-    assert rep.comparator == {"atol": None, "rtol": None, "error_stat": "max", "min_cosine": None, "min_snr_db": None}
+    assert rep.comparator == {
+        "atol": None,
+        "rtol": None,
+        "error_stat": "max",
+        "min_cosine": None,
+        "min_snr_db": None,
+    }
 
 
 def _typed(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -107,7 +107,9 @@ def _branches(n: int = 3, seed: int = 0) -> onnx.ModelProto:
         ]
         nodes += [
             h.make_node("Conv", ["x", p + "W", p + "B"], [p + "c"], pads=[1, 1, 1, 1], name=f"conv{i}"),
-            h.make_node("BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [f"y{i}"], name=f"bn{i}"),
+            h.make_node(
+                "BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [f"y{i}"], name=f"bn{i}"
+            ),
         ]
         outs.append(h.make_tensor_value_info(f"y{i}", T.FLOAT, ["N", 4, 8, 8]))
     g = h.make_graph(nodes, "branches", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])], outs, inits)
@@ -126,7 +128,9 @@ def _run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
 def test_exclude_keyword_leaves_those_bns() -> None:
     m = _branches()
     folded, rep = fold_model(m, exclude={"bn1"})
-    assert rep.bn_after == 1 and [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"] == ["bn1"]
+    assert rep.bn_after == 1 and [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"] == [
+        "bn1"
+    ]
     v = next(v for v in rep.verdicts if v.bn == "bn1")
     assert isinstance(v, Skip) and v.reason is SkipReason.VERIFICATION
 
@@ -225,7 +229,9 @@ def test_pytorch_bisection_through_fold_module() -> None:
         folded, _ = fold_module(model, exclude=excluded)
         with torch.no_grad():
             got = [t.numpy() for t in folded(x)]
-        checks = tuple(compare_output(f"output_{i}", 0, w, g, strict) for i, (w, g) in enumerate(zip(want, got)))
+        checks = tuple(
+            compare_output(f"output_{i}", 0, w, g, strict) for i, (w, g) in enumerate(zip(want, got))
+        )
         return VerifyReport(checks=checks, samples=1, optimization_level="eager")
 
     res = find_culprits(["b0", "b1"], check)
@@ -252,7 +258,9 @@ def _chain_with_offset(offset: float = 1e4, seed: int = 0) -> onnx.ModelProto:
         bias = rng.standard_normal(4) + (offset if i == 1 else 0.0)
         mean = rng.uniform(-0.5, 0.5, 4) + (offset if i == 1 else 0.0)
         inits += [
-            nh.from_array((rng.standard_normal((4, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32), p + "W"),
+            nh.from_array(
+                (rng.standard_normal((4, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32), p + "W"
+            ),
             nh.from_array(bias.astype(np.float32), p + "B"),
             nh.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), p + "g"),
             nh.from_array(rng.uniform(-0.5, 0.5, 4).astype(np.float32), p + "b"),
@@ -261,12 +269,19 @@ def _chain_with_offset(offset: float = 1e4, seed: int = 0) -> onnx.ModelProto:
         ]
         nodes += [
             h.make_node("Conv", [prev, p + "W", p + "B"], [p + "c"], pads=[1, 1, 1, 1], name=f"conv{i}"),
-            h.make_node("BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [p + "n"], name=f"bn{i}"),
+            h.make_node(
+                "BatchNormalization", [p + "c", p + "g", p + "b", p + "m", p + "v"], [p + "n"], name=f"bn{i}"
+            ),
             h.make_node("Relu", [p + "n"], [p + "r" if i < 2 else "y"], name=f"relu{i}"),
         ]
         prev, cin = p + "r", 4
-    g = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])], inits)
+    g = h.make_graph(
+        nodes,
+        "chain",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
+        inits,
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -285,7 +300,11 @@ def test_a_fold_that_fails_with_default_tolerances_is_found(tmp_path: Path) -> N
     assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))  # what is written matches the original
     # without the bisection the whole model is refused
     with pytest.raises(FoldVerificationError):
-        fold_file(src, tmp_path / "all.onnx", FoldSettings(all_or_nothing=True, verification=VerifySettings(samples=2)))
+        fold_file(
+            src,
+            tmp_path / "all.onnx",
+            FoldSettings(all_or_nothing=True, verification=VerifySettings(samples=2)),
+        )
 
 
 def test_pytorch_file_fold_leaves_the_culprit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,7 +326,9 @@ def test_pytorch_file_fold_leaves_the_culprit(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(fold_job, "run_verify", fake_verify)
     monkeypatch.setattr(fold_torch_job, "run_verify", fake_verify)
-    rep = fold_file(src, out, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x8x8"])))
+    rep = fold_file(
+        src, out, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x3x8x8"]))
+    )
     verdicts = {v.bn: v for v in rep.verdicts}
     assert isinstance(verdicts["b1"], Skip) and verdicts["b1"].reason is SkipReason.VERIFICATION
     assert verdicts["b0"].folded and rep.bn_after == 1

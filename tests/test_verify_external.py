@@ -27,15 +27,23 @@ runner = CliRunner()
 
 
 def _save_external(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
 
 
 def test_model_with_external_data_on_disk_folds_and_verifies(tmp_path: Path) -> None:
     src = tmp_path / "ext.onnx"
     _save_external(_branches(), src)
     assert (tmp_path / "ext.onnx.data").stat().st_size > 1000
-    assert all(t.data_location == T.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer)
+    assert all(
+        t.data_location == T.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer
+    )
     folded, rep = fold_model(onnx.load(str(src)))
     assert rep.folded == 3
     assert verify(str(src), folded).passed
@@ -60,8 +68,13 @@ def _wide(c: int = 256, seed: int = 0) -> onnx.ModelProto:
         h.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
         h.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
     ]
-    g = h.make_graph(nodes, "wide", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", c, 8, 8])], inits)
+    g = h.make_graph(
+        nodes,
+        "wide",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", c, 8, 8])],
+        inits,
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -174,8 +187,13 @@ def test_model_over_2gib_verifies(tmp_path: Path) -> None:
         h.make_node("Gather", ["table", "idx"], ["e"]),
     ]
     g = h.make_graph(
-        nodes, "big", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-        [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8]), h.make_tensor_value_info("e", T.FLOAT, [2, dim])],
+        nodes,
+        "big",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [
+            h.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8]),
+            h.make_tensor_value_info("e", T.FLOAT, [2, dim]),
+        ],
         [*small, table],
     )
     src = tmp_path / "big.onnx"

@@ -60,7 +60,9 @@ def _conv_bn(dtype: int = T.DOUBLE, opset: int = 17, seed: int = 0) -> onnx.Mode
         bn_attrs["consumed_inputs"] = [0, 0, 0, 1, 1]
     nodes = [
         h.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
-        h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn", **bn_attrs),
+        h.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn", **bn_attrs
+        ),
         h.make_node("Relu", ["n"], ["y"], name="relu"),
     ]
     inputs = [h.make_tensor_value_info("x", dtype, ["N", 3, 8, 8])]
@@ -135,8 +137,10 @@ def _bn_as_arithmetic(opset: int, spatial: int, dtype: int) -> tuple[onnx.ModelP
     npdt = h.tensor_dtype_to_np_dtype(dtype)
     stat = (3, 4, 4) if spatial == 0 else (3,)
     vals = {
-        "g": rng.uniform(0.5, 1.5, stat), "b": rng.uniform(-0.5, 0.5, stat),
-        "m": rng.uniform(-0.8, 0.8, stat), "v": rng.uniform(0.25, 2.5, stat),
+        "g": rng.uniform(0.5, 1.5, stat),
+        "b": rng.uniform(-0.5, 0.5, stat),
+        "m": rng.uniform(-0.8, 0.8, stat),
+        "v": rng.uniform(0.25, 2.5, stat),
     }
     inits = [nh.from_array(a.astype(npdt), k) for k, a in vals.items()]
     attrs: dict[str, object] = {"epsilon": 1e-3, "spatial": spatial}
@@ -145,8 +149,11 @@ def _bn_as_arithmetic(opset: int, spatial: int, dtype: int) -> tuple[onnx.ModelP
     inputs = [h.make_tensor_value_info("x", dtype, [2, 3, 4, 4])]
     inputs += [h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]  # IR 3
     bn = h.make_graph(
-        [h.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], **attrs)], "bn", inputs,
-        [h.make_tensor_value_info("y", dtype, [2, 3, 4, 4])], inits,
+        [h.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], **attrs)],
+        "bn",
+        inputs,
+        [h.make_tensor_value_info("y", dtype, [2, 3, 4, 4])],
+        inits,
     )
     shape = (3, 4, 4) if spatial == 0 else (3, 1, 1)
     arith_inits = [nh.from_array(a.reshape(shape).astype(npdt), k) for k, a in vals.items()]
@@ -160,8 +167,10 @@ def _bn_as_arithmetic(opset: int, spatial: int, dtype: int) -> tuple[onnx.ModelP
             h.make_node("Mul", ["n", "g"], ["ng"]),
             h.make_node("Add", ["ng", "b"], ["y"]),
         ],
-        "arith", [h.make_tensor_value_info("x", dtype, [2, 3, 4, 4])],
-        [h.make_tensor_value_info("y", dtype, [2, 3, 4, 4])], arith_inits,
+        "arith",
+        [h.make_tensor_value_info("x", dtype, [2, 3, 4, 4])],
+        [h.make_tensor_value_info("y", dtype, [2, 3, 4, 4])],
+        arith_inits,
     )
     return (
         h.make_model(bn, opset_imports=[h.make_opsetid("", opset)], ir_version=3),
@@ -214,7 +223,9 @@ def test_a_candidate_only_the_fallback_runs_is_refused() -> None:
     broken.graph.input.extend(
         h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in broken.graph.initializer
     )
-    with pytest.raises(NotComparableError, match="onnxruntime cannot load it although it loads the reference"):
+    with pytest.raises(
+        NotComparableError, match="onnxruntime cannot load it although it loads the reference"
+    ):
         verify(ref, broken)
 
 
@@ -235,7 +246,11 @@ def test_cli_folds_and_verifies_the_fp64_and_old_opset_samples(
     v = d["verification"]
     assert v["passed"]
     ref_rt = v["runtimes"][0]
-    assert ref_rt["role"] == "reference" and ref_rt["runtime"] == REFERENCE_EVALUATOR and reason in ref_rt["reason"]
+    assert (
+        ref_rt["role"] == "reference"
+        and ref_rt["runtime"] == REFERENCE_EVALUATOR
+        and reason in ref_rt["reason"]
+    )
     assert any(n.startswith("reference run with the ONNX reference evaluator") for n in d["notes"])
     assert _digest(src) == before
     # Independent check: both files run in the reference evaluator and agree.
@@ -253,7 +268,9 @@ def test_cli_folds_and_verifies_the_fp64_and_old_opset_samples(
 
 def test_cli_verify_names_the_fallback_runtime(tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
-    assert runner.invoke(app, ["fold", str(SAMPLES / "lenet5_fp64.onnx"), "-o", str(out), "-q"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["fold", str(SAMPLES / "lenet5_fp64.onnx"), "-o", str(out), "-q"]).exit_code == 0
+    )
     r = runner.invoke(app, ["verify", str(SAMPLES / "lenet5_fp64.onnx"), str(out)])
     assert r.exit_code == 0, r.output
     assert "reference: ran with onnx.reference" in " ".join(r.stdout.split())

@@ -64,7 +64,9 @@ def test_bfloat16_and_odd_names_round_trip(tmp_path: Path) -> None:
 
     bf = np_dtype("bfloat16")
     x = np.arange(6, dtype=np.float32).reshape(2, 3).astype(bf)
-    rec = Recording(["in/put:0"], ["out 1"], [{"in/put:0": x}], [{"out 1": x}], None, {"reference": "onnxruntime"})
+    rec = Recording(
+        ["in/put:0"], ["out 1"], [{"in/put:0": x}], [{"out 1": x}], None, {"reference": "onnxruntime"}
+    )
     save_outputs(tmp_path / "g.npz", rec)
     back = load_outputs(tmp_path / "g.npz")
     assert back.feeds[0]["in/put:0"].dtype == bf
@@ -78,8 +80,16 @@ def test_bad_golden_files_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "plain.npz", x=np.zeros(3))
     with pytest.raises(OptionError, match="not a bnfold outputs file"):
         load_outputs(tmp_path / "plain.npz")
-    meta = {"format": "bnfold-golden", "version": 1, "inputs": ["x"], "outputs": ["y"], "samples": 0,
-            "has_candidate": False, "dtypes": {}, "runtimes": {}}
+    meta = {
+        "format": "bnfold-golden",
+        "version": 1,
+        "inputs": ["x"],
+        "outputs": ["y"],
+        "samples": 0,
+        "has_candidate": False,
+        "dtypes": {},
+        "runtimes": {},
+    }
     np.savez(tmp_path / "empty.npz", __meta__=np.array(json.dumps(meta)))
     with pytest.raises(OptionError, match="no sample"):
         load_outputs(tmp_path / "empty.npz")

@@ -46,9 +46,13 @@ def _bn_stats(rng: np.random.Generator, c: int, dtype: type = np.float32) -> lis
     ]
 
 
-def _conv_bn(bn_outputs: tuple[str, ...] = ("y",), opset: int = 12, dtype: int = T.FLOAT,
-             momentum: float | None = None, extra: tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto],
-                                                         list[onnx.TensorProto]] | None = None) -> onnx.ModelProto:
+def _conv_bn(
+    bn_outputs: tuple[str, ...] = ("y",),
+    opset: int = 12,
+    dtype: int = T.FLOAT,
+    momentum: float | None = None,
+    extra: tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto], list[onnx.TensorProto]] | None = None,
+) -> onnx.ModelProto:
     """x[1,2,8,8] -> Conv -> BatchNormalization(outputs ``bn_outputs``) -> y, plus ``extra`` nodes."""
     rng = np.random.default_rng(0)
     npdt = h.tensor_dtype_to_np_dtype(dtype)
@@ -58,7 +62,9 @@ def _conv_bn(bn_outputs: tuple[str, ...] = ("y",), opset: int = 12, dtype: int =
         attrs["momentum"] = momentum
     nodes = [
         h.make_node("Conv", ["x", "W"], ["c"], name="conv"),
-        h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], list(bn_outputs), name="bn", **attrs),
+        h.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], list(bn_outputs), name="bn", **attrs
+        ),
     ]
     ins = [h.make_tensor_value_info("x", dtype, [1, 2, 8, 8])]
     outs = [h.make_tensor_value_info("y", dtype, [1, 3, 6, 6])]
@@ -82,14 +88,24 @@ def _slow(trips: int = 30_000_000) -> onnx.ModelProto:
     body = h.make_graph(
         [h.make_node("Add", ["s_in", "one"], ["s_out"]), h.make_node("Identity", ["cond_in"], ["cond_out"])],
         "body",
-        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
-         h.make_tensor_value_info("s_in", T.FLOAT, [1])],
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("s_in", T.FLOAT, [1]),
+        ],
         [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("s_out", T.FLOAT, [1])],
         [nh.from_array(np.ones(1, np.float32), "one")],
     )
     loop = h.make_node("Loop", ["trips", "", "s0"], ["s"], body=body, name="loop")
-    return _conv_bn(("y",), opset=17, extra=([loop], [h.make_tensor_value_info("s", T.FLOAT, [1])],
-                                            [nh.from_array(np.array(trips, np.int64), "trips")]))
+    return _conv_bn(
+        ("y",),
+        opset=17,
+        extra=(
+            [loop],
+            [h.make_tensor_value_info("s", T.FLOAT, [1])],
+            [nh.from_array(np.array(trips, np.int64), "trips")],
+        ),
+    )
 
 
 def _ort(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -126,7 +142,9 @@ def test_fold_of_a_model_that_crashes_onnxruntime_runs_its_reference_in_the_fall
     before = _digest(src)
     r = runner.invoke(app, ["fold", str(src), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert "onnxruntime crashed (SIGSEGV)" in " ".join(r.output.split())  # the note says why the reference ran elsewhere
+    assert "onnxruntime crashed (SIGSEGV)" in " ".join(
+        r.output.split()
+    )  # the note says why the reference ran elsewhere
     assert _digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]  # no temporary left
     x = np.random.default_rng(1).standard_normal((1, 2, 8, 8)).astype(np.float32)
@@ -155,11 +173,18 @@ def _left_bn(bn_outputs: tuple[str, ...]) -> onnx.ModelProto:
     rng = np.random.default_rng(4)
     inits = [*_bn_stats(rng, 2), nh.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "W")]
     nodes = [
-        h.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["a", *bn_outputs[1:]], name="bn"),
+        h.make_node(
+            "BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["a", *bn_outputs[1:]], name="bn"
+        ),
         h.make_node("Conv", ["a", "W"], ["y"], pads=[1, 1, 1, 1], name="conv"),
     ]
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 2, 8, 8])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, 3, 8, 8])], inits)
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 2, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, 3, 8, 8])],
+        inits,
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 12)])
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -209,7 +234,9 @@ def test_any_crash_of_the_worker_is_one_typed_line(tmp_path: Path, monkeypatch: 
     assert _worker_children() == []
 
 
-def test_a_crash_on_both_sides_runs_both_in_the_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_on_both_sides_runs_both_in_the_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _crashing_worker(tmp_path, monkeypatch, "{0, 1}")
     model = _conv_bn()
     folded, rep = fold_model(model)
@@ -253,8 +280,14 @@ def test_a_signal_during_verification_exits_at_once_and_leaves_nothing(
     src, out = tmp_path / "slow.onnx", tmp_path / "out.onnx"
     onnx.save(_slow(), str(src))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not any(f.name.startswith(".out.onnx.") for f in tmp_path.iterdir()):  # staged: verifying now
@@ -294,8 +327,15 @@ def _fails_at_run() -> onnx.ModelProto:
     """Conv+BN and a Reshape named with terminal escape codes that fails in onnxruntime at run time."""
     evil = "\x1b]0;pwned\x07\x1b[2J"
     extra = [h.make_node("Reshape", ["s0", "bad_shape"], ["s"], name=evil)]
-    return _conv_bn(("y",), opset=17, extra=(extra, [h.make_tensor_value_info("s", T.FLOAT, [2, 3])],
-                                             [nh.from_array(np.array([2, 3], np.int64), "bad_shape")]))
+    return _conv_bn(
+        ("y",),
+        opset=17,
+        extra=(
+            extra,
+            [h.make_tensor_value_info("s", T.FLOAT, [2, 3])],
+            [nh.from_array(np.array([2, 3], np.int64), "bad_shape")],
+        ),
+    )
 
 
 def test_runtime_errors_are_escaped_and_its_log_stays_off_stderr(capfd: pytest.CaptureFixture[str]) -> None:
@@ -337,14 +377,24 @@ def test_json_fold_gets_no_runtime_log_on_stderr(tmp_path: Path, capfd: pytest.C
 def _symbolic(bn: bool = True) -> onnx.ModelProto:
     """x[1, T] -> Reshape [1, 3, -1] (T must be a multiple of 3: the default 8 is not) -> Conv1d [-> BN]."""
     rng = np.random.default_rng(2)
-    inits = [nh.from_array(np.array([1, 3, -1], np.int64), "shape"),
-             nh.from_array(rng.standard_normal((3, 3, 1)).astype(np.float32), "W")]
-    nodes = [h.make_node("Reshape", ["x", "shape"], ["r"]), h.make_node("Conv", ["r", "W"], ["c" if bn else "y"])]
+    inits = [
+        nh.from_array(np.array([1, 3, -1], np.int64), "shape"),
+        nh.from_array(rng.standard_normal((3, 3, 1)).astype(np.float32), "W"),
+    ]
+    nodes = [
+        h.make_node("Reshape", ["x", "shape"], ["r"]),
+        h.make_node("Conv", ["r", "W"], ["c" if bn else "y"]),
+    ]
     if bn:
         inits += _bn_stats(rng, 3)
         nodes.append(h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]))
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, "T"])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, 3, None])], inits)
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, "T"])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, 3, None])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
@@ -387,13 +437,17 @@ def test_fallback_batchnorm_ignores_momentum(tmp_path: Path, opset: int) -> None
     r = runner.invoke(app, ["fold", str(src), "-o", str(out)])
     assert r.exit_code == 0, r.output
     line = " ".join(r.stdout.split())
-    assert "the ONNX reference evaluator, optimisations off" in line and "onnxruntime, optimisations" not in line
+    assert (
+        "the ONNX reference evaluator, optimisations off" in line and "onnxruntime, optimisations" not in line
+    )
 
 
 # -- the worker's life ---------------------------------------------------------------------------------------
 
 
-def test_one_worker_serves_many_verifications_and_a_big_one_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_worker_serves_many_verifications_and_a_big_one_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from bnfold.verification import isolation
 
     model = _conv_bn()

@@ -46,7 +46,9 @@ def test_first_divergence_is_the_changed_layer(k: int) -> None:
     assert all(t.passed for t in loc.tensors[:i])  # everything computed before it still agrees
     hit = loc.tensors[i]
     # the folded Conv's output is matched with the BN output of the reference
-    assert hit.producer.startswith("BatchNormalization") and hit.matched_as.startswith("fold: BatchNormalization")
+    assert hit.producer.startswith("BatchNormalization") and hit.matched_as.startswith(
+        "fold: BatchNormalization"
+    )
     assert "-> Conv" in hit.matched_as
     assert loc.only_in_reference > 0  # the pre-BN Conv outputs have no counterpart
     ref_bn = sum(n.op_type == "BatchNormalization" for n in ref.graph.node)

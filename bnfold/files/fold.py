@@ -77,7 +77,10 @@ def fold_file(
 
 
 def _fold_file(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], s: FoldSettings, prog: ProgressFn,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    s: FoldSettings,
+    prog: ProgressFn,
     job: contextlib.ExitStack,
 ) -> FoldReport:
     t0 = time.perf_counter()
@@ -106,13 +109,20 @@ def _fold_file(
             job.enter_context(spilling(dst_p.parent))
         report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
         check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731
-            str(src_p), cand, prep, example_inputs=None, progress=prog, where=str(src_p))
+            str(src_p), cand, prep, example_inputs=None, progress=prog, where=str(src_p)
+        )
         if external_data is None:
             external_data = bool(loaded.data_files) or None
     else:
         report, result, check = _fold_torch(src_p, loaded, out_fmt, prep, s, prog)
-    files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
-                     source_data_files=tuple(loaded.data_files), output=str(dst_p), output_format=out_fmt)
+    files = FileInfo(
+        source=str(src_p),
+        source_format=loaded.format,
+        size_before=loaded.size,
+        source_data_files=tuple(loaded.data_files),
+        output=str(dst_p),
+        output_format=out_fmt,
+    )
     report = replace(advised(report), files=files)
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
     verify_now = s.verify
@@ -142,15 +152,20 @@ def _fold_file(
         return _finish(st, src_p, dst_p, report, s, t0, out_fmt, loaded.data_files)
 
 
-NOTHING_CHANGED = "not verified: nothing changed (no fold, no other edit), the output computes what MODEL computes"
+NOTHING_CHANGED = (
+    "not verified: nothing changed (no fold, no other edit), the output computes what MODEL computes"
+)
 
 
 def _unchanged(report: FoldReport) -> bool:
     """An ONNX fold that edited nothing: no BN or Mul+Add folded, no value flushed, no channel pruned, same counts."""
     return (
-        report.folded == 0 and not report.mul_add and not report.flushed_denormals
+        report.folded == 0
+        and not report.mul_add
+        and not report.flushed_denormals
         and not any(p.pruned for p in report.pruned_channels or ())
-        and report.bn_before == report.bn_after and report.nodes_before == report.nodes_after
+        and report.bn_before == report.bn_after
+        and report.nodes_before == report.nodes_after
         and report.params_before == report.params_after
     )
 
@@ -166,12 +181,24 @@ class _Ship:
     progress: ProgressFn
 
     def stage(self, model: Any) -> Any:
-        return staged(model, self.dst, self.progress, onnx_file=self.out_fmt == "onnx",
-                      external_data=self.external_data, protect=self.protect)
+        return staged(
+            model,
+            self.dst,
+            self.progress,
+            onnx_file=self.out_fmt == "onnx",
+            external_data=self.external_data,
+            protect=self.protect,
+        )
 
 
 def _finish(
-    st: Any, src: Path, dst: Path, report: FoldReport, s: FoldSettings, t0: float, out_fmt: str,
+    st: Any,
+    src: Path,
+    dst: Path,
+    report: FoldReport,
+    s: FoldSettings,
+    t0: float,
+    out_fmt: str,
     src_data: tuple[str, ...],
 ) -> FoldReport:
     """The verification-failed policy (the one place), then commit and the output's figures."""
@@ -182,8 +209,17 @@ def _finish(
     if v is not None:
         report = replace(report, notes=(*report.notes, *runtime_notes(v)))
     failed = v is not None and not v.passed
-    message = f"{dst}: the folded model is {failure_message(v, against=str(src))}" if v is not None and failed else ""
-    if failed and s.batch_stats and report.verified_on and any(d and d[0] != 1 for d in report.verified_on.values()):
+    message = (
+        f"{dst}: the folded model is {failure_message(v, against=str(src))}"
+        if v is not None and failed
+        else ""
+    )
+    if (
+        failed
+        and s.batch_stats
+        and report.verified_on
+        and any(d and d[0] != 1 for d in report.verified_on.values())
+    ):
         message += " (--batch-stats instance is exact at batch 1 only: verify at batch 1 with -s NAME=1x...)"
     files = report.files
     assert files is not None
@@ -191,31 +227,56 @@ def _finish(
         report = replace(report, files=replace(files, total_seconds=time.perf_counter() - t0))
         raise FoldVerificationError(f"{message}; not written (--force writes it anyway)", report)
     if failed:
-        report = replace(report, notes=(*report.notes, "verification failed; written anyway because of --force"))
+        report = replace(
+            report, notes=(*report.notes, "verification failed; written anyway because of --force")
+        )
     st.commit()
     report = replace(report, notes=(*report.notes, *st.notes))  # data files kept (the deletion rule)
     out_data = onnx_data_files(dst) if out_fmt == "onnx" else []
-    report = replace(report, files=replace(files, size_after=model_size(dst, out_fmt), written=True,
-                                           total_seconds=time.perf_counter() - t0,
-                                           output_data_files=tuple(str(f) for f in out_data)))
+    report = replace(
+        report,
+        files=replace(
+            files,
+            size_after=model_size(dst, out_fmt),
+            written=True,
+            total_seconds=time.perf_counter() - t0,
+            output_data_files=tuple(str(f) for f in out_data),
+        ),
+    )
     if failed:
         raise FoldVerificationError(f"{message}; written anyway because of --force", report)
     return report
 
 
-def _fold_onnx(src: Path, model: Any, prep: Prepared, s: FoldSettings, progress: ProgressFn) -> tuple[FoldReport, Any]:
+def _fold_onnx(
+    src: Path, model: Any, prep: Prepared, s: FoldSettings, progress: ProgressFn
+) -> tuple[FoldReport, Any]:
     from bnfold.onnx import fold_model
 
     check_onnx_shapes(model, prep.shapes, src)
     post = PostFold(s.flush_denormals, s.health, s.prune_constant_channels)
     progress("fold", 0, 1)
     # The audit reads the original BN parameters: then the fold works on a copy.
-    folded, report = run(model, "onnx", post, lambda: fold_model(
-        model, affine=s.affine, inplace=not post.health, flush_denormals=post.flush_as_written,
-        merge_branches=s.merge_branches, batch_stats=s.batch_stats, propagate=s.propagate))
+    folded, report = run(
+        model,
+        "onnx",
+        post,
+        lambda: fold_model(
+            model,
+            affine=s.affine,
+            inplace=not post.health,
+            flush_denormals=post.flush_as_written,
+            merge_branches=s.merge_branches,
+            batch_stats=s.batch_stats,
+            propagate=s.propagate,
+        ),
+    )
     progress("fold", 1, 1)
-    return replace(report, signature=io_signature(folded),
-                   verified_on=verified_on(folded, prep, None) if s.verify else None), folded
+    return replace(
+        report,
+        signature=io_signature(folded),
+        verified_on=verified_on(folded, prep, None) if s.verify else None,
+    ), folded
 
 
 def _fold_torch(
@@ -243,8 +304,14 @@ def _fold_torch(
 
     def check(candidate: Any) -> VerifyReport:
         try:
-            rep = run_verify(model, candidate, prep.carried_by_examples(), example_inputs=examples,
-                             progress=prog, where=str(src))
+            rep = run_verify(
+                model,
+                candidate,
+                prep.carried_by_examples(),
+                example_inputs=examples,
+                progress=prog,
+                where=str(src),
+            )
             if out_fmt == "onnx" and s.export.dynamic_batch and is_module and examples:
                 check_other_batch(model, candidate, examples, prep, prog, src)
         except BnfoldError as e:
@@ -255,7 +322,13 @@ def _fold_torch(
 
 
 def _without_culprits(
-    src: Path, loaded: Any, out_fmt: str, prep: Prepared, s: FoldSettings, report: FoldReport, result: Any,
+    src: Path,
+    loaded: Any,
+    out_fmt: str,
+    prep: Prepared,
+    s: FoldSettings,
+    report: FoldReport,
+    result: Any,
     prog: ProgressFn,
 ) -> tuple[FoldReport, Any, bool]:
     """Bisect over the folds (:func:`bnfold.culprit.fold_without_culprits`) where the backend can exclude.
@@ -272,10 +345,22 @@ def _without_culprits(
 
         def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
             m = bio.load(src)
-            return run(m, "onnx", post, lambda: fold_model(m, affine=s.affine, inplace=True, exclude=excluded,
-                                                           flush_denormals=post.flush_as_written,
-                                                           merge_branches=s.merge_branches,
-                                                           batch_stats=s.batch_stats, propagate=s.propagate), inplace=True)
+            return run(
+                m,
+                "onnx",
+                post,
+                lambda: fold_model(
+                    m,
+                    affine=s.affine,
+                    inplace=True,
+                    exclude=excluded,
+                    flush_denormals=post.flush_as_written,
+                    merge_branches=s.merge_branches,
+                    batch_stats=s.batch_stats,
+                    propagate=s.propagate,
+                ),
+                inplace=True,
+            )
 
         def check(model: Any) -> VerifyReport:
             return run_verify(str(src), model, prep, example_inputs=None, progress=prog, where=str(src))
@@ -290,7 +375,11 @@ def _without_culprits(
 
         from .fold_torch import without_culprits
 
-        examples = torch_examples(loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs)
-        new, folded = without_culprits(src, loaded.model, out_fmt, examples, prep, report, result, progress=prog)
+        examples = torch_examples(
+            loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs
+        )
+        new, folded = without_culprits(
+            src, loaded.model, out_fmt, examples, prep, report, result, progress=prog
+        )
         return replace(advised(new), files=report.files), folded, folded is not result
     return report, result, False

@@ -39,8 +39,13 @@ def eval_if(model: Any, eval_semantics: bool) -> Any:
 
 
 def fold_torch(
-    src: Path, model: Any, default_examples: tuple[Any, ...] | None, out_fmt: str, prep: Prepared,
-    settings: FoldSettings, progress: ProgressFn,
+    src: Path,
+    model: Any,
+    default_examples: tuple[Any, ...] | None,
+    out_fmt: str,
+    prep: Prepared,
+    settings: FoldSettings,
+    progress: ProgressFn,
 ) -> tuple[FoldReport, Any, tuple[Any, ...] | None]:
     """Fold (and for ``.onnx`` export) ``model``; returns ``(report, result, example inputs)``; nothing verified."""
     import torch
@@ -50,26 +55,47 @@ def fold_torch(
     post = PostFold(settings.flush_denormals, settings.health, settings.prune_constant_channels)
     is_ep = isinstance(model, torch.export.ExportedProgram)
     needs_examples = settings.verify or out_fmt in ("onnx", "pt2")
-    examples = (torch_examples(model, prep.shapes, prep.arrays, prep.seed, src, default_examples)
-                if needs_examples else None)
+    examples = (
+        torch_examples(model, prep.shapes, prep.arrays, prep.seed, src, default_examples)
+        if needs_examples
+        else None
+    )
     if out_fmt == "onnx" or is_ep:
-        refuse({"--batch-stats": settings.batch_stats}, "applies to ONNX models and nn.Modules written as "
-               ".pt/.pth/.pt2 (not to a PyTorch model written as .onnx, nor to a torch.export program)")
+        refuse(
+            {"--batch-stats": settings.batch_stats},
+            "applies to ONNX models and nn.Modules written as "
+            ".pt/.pth/.pt2 (not to a PyTorch model written as .onnx, nor to a torch.export program)",
+        )
     if out_fmt == "onnx":
         # each fold runs the post-fold steps (bnfold.postfold): the audit and flush of what bnfold wrote
-        result, report = export_folded(model, examples, export=settings.export, affine=settings.affine,
-                                       progress=progress, post=post, merge_branches=settings.merge_branches)
+        result, report = export_folded(
+            model,
+            examples,
+            export=settings.export,
+            affine=settings.affine,
+            progress=progress,
+            post=post,
+            merge_branches=settings.merge_branches,
+        )
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
-    flags: dict[str, Any] = {"flush_denormals": post.flush_denormals, "health": post.health,
-                             "prune_constant_channels": post.prune_constant_channels,
-                             "merge_branches": settings.merge_branches}
+    flags: dict[str, Any] = {
+        "flush_denormals": post.flush_denormals,
+        "health": post.health,
+        "prune_constant_channels": post.prune_constant_channels,
+        "merge_branches": settings.merge_branches,
+    }
     if is_ep:
         result, report = fold_with_report(model, **flags)
     else:
-        result, report = fold_with_report(model, example_inputs=examples, eval_semantics=settings.eval_semantics,
-                                          batch_stats=settings.batch_stats, **flags)
+        result, report = fold_with_report(
+            model,
+            example_inputs=examples,
+            eval_semantics=settings.eval_semantics,
+            batch_stats=settings.batch_stats,
+            **flags,
+        )
     progress("fold", 1, 1)
     if out_fmt == "pt2" and not is_ep:
         progress("export", 0, 1)
@@ -79,8 +105,15 @@ def fold_torch(
 
 
 def without_culprits(
-    src: Path, model: Any, out_fmt: str, examples: tuple[Any, ...], prep: Prepared, report: FoldReport,
-    result: Any, *, progress: ProgressFn,
+    src: Path,
+    model: Any,
+    out_fmt: str,
+    examples: tuple[Any, ...],
+    prep: Prepared,
+    report: FoldReport,
+    result: Any,
+    *,
+    progress: ProgressFn,
 ) -> tuple[FoldReport, Any]:
     """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``)."""
     import torch
@@ -95,8 +128,14 @@ def without_culprits(
         return out, rep
 
     def check(candidate: Any) -> VerifyReport:
-        return run_verify(model, candidate, prep.carried_by_examples(), example_inputs=examples,
-                          progress=progress, where=str(src))
+        return run_verify(
+            model,
+            candidate,
+            prep.carried_by_examples(),
+            example_inputs=examples,
+            progress=progress,
+            where=str(src),
+        )
 
     folded, new, search = fold_without_culprits(report, fold, check)
     return (new, folded) if search.resolved else (new, result)  # unresolved: the search is reported
@@ -119,8 +158,14 @@ def check_other_batch(
     other = tuple(torch.randn((batch + 1, *t.shape[1:]), generator=g, dtype=t.dtype) for t in examples)
     why = ""
     try:
-        rep = run_verify(model, candidate, prep.carried_by_examples(), example_inputs=other, progress=progress,
-                         where=str(src))
+        rep = run_verify(
+            model,
+            candidate,
+            prep.carried_by_examples(),
+            example_inputs=other,
+            progress=progress,
+            where=str(src),
+        )
         if not rep.passed:
             why = f"max abs error {rep.max_abs_error:.3g}"
     except BnfoldError as e:
@@ -130,5 +175,3 @@ def check_other_batch(
             f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} "
             f"({why}): the model fixes its batch size; pass --static-batch"
         )
-
-

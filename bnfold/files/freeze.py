@@ -71,8 +71,20 @@ def freeze_file(
     prog("freeze", 1, 1)
     names = tuple((n, type(m).__name__) for n, m in frozen.named_modules() if isinstance(m, FrozenBatchNorm))
     save(frozen, dst_p, prog, fmt="state_dict" if loaded.format == "state_dict" else "module")
-    files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
-                     output=str(dst_p), output_format=loaded.format, size_after=model_size(dst_p, loaded.format),
-                     written=True, total_seconds=time.perf_counter() - t0)
-    return FreezeReport(files=files, learnable=s.learnable, frozen=names, left=tuple(report.skips),
-                        seconds=time.perf_counter() - t0)
+    files = FileInfo(
+        source=str(src_p),
+        source_format=loaded.format,
+        size_before=loaded.size,
+        output=str(dst_p),
+        output_format=loaded.format,
+        size_after=model_size(dst_p, loaded.format),
+        written=True,
+        total_seconds=time.perf_counter() - t0,
+    )
+    return FreezeReport(
+        files=files,
+        learnable=s.learnable,
+        frozen=names,
+        left=tuple(report.skips),
+        seconds=time.perf_counter() - t0,
+    )

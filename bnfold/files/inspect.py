@@ -29,8 +29,11 @@ __all__ = ["inspect_file"]
 
 
 def inspect_file(
-    src: str | os.PathLike[str], settings: InspectSettings | None = None, progress: ProgressFn | None = None,
-    *, output_format: str | None = None,
+    src: str | os.PathLike[str],
+    settings: InspectSettings | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    output_format: str | None = None,
 ) -> FoldReport:
     """The verdict for every BatchNorm of the model in ``src``, as ``fold`` would give it; nothing written.
 
@@ -60,14 +63,22 @@ def inspect_file(
 
     examples: Any = None
     if loaded.format == "onnx":
-        refuse({"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)")
+        refuse(
+            {"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)"
+        )
         check_onnx_shapes(model, prep.shapes, src_p)
         from bnfold.io.stream import spilling
 
         # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
         with spilling(None if s.health else tempfile.gettempdir()):
-            _, report = fold_with_report(model, dry_run=True, affine=s.affine,
-                                         merge_branches=s.merge_branches, batch_stats=s.batch_stats, propagate=s.propagate)
+            _, report = fold_with_report(
+                model,
+                dry_run=True,
+                affine=s.affine,
+                merge_branches=s.merge_branches,
+                batch_stats=s.batch_stats,
+                propagate=s.propagate,
+            )
         report = replace(report, signature=io_signature(model))
     else:
         import torch
@@ -76,32 +87,48 @@ def inspect_file(
 
         to_onnx = output_format == "onnx"
         if not to_onnx:
-            refuse({"--affine": s.affine}, "applies only to ONNX models (Mul + Add are ONNX nodes); with a "
-                   "PyTorch MODEL, together with --to onnx")
+            refuse(
+                {"--affine": s.affine},
+                "applies only to ONNX models (Mul + Add are ONNX nodes); with a "
+                "PyTorch MODEL, together with --to onnx",
+            )
         model = eval_if(model, s.eval_semantics)
         try:
             if to_onnx or isinstance(model, torch.export.ExportedProgram):
-                refuse({"--batch-stats": s.batch_stats}, "applies to ONNX models and nn.Modules folded as "
-                       "PyTorch (not with --to onnx, nor to a torch.export program)")
+                refuse(
+                    {"--batch-stats": s.batch_stats},
+                    "applies to ONNX models and nn.Modules folded as "
+                    "PyTorch (not with --to onnx, nor to a torch.export program)",
+                )
             if to_onnx:
                 from bnfold.export import ExportSettings, export_folded
 
-                own = loaded.example_inputs if loaded.example_inputs is not None else getattr(
-                    model, "example_inputs", None)
+                own = (
+                    loaded.example_inputs
+                    if loaded.example_inputs is not None
+                    else getattr(model, "example_inputs", None)
+                )
                 examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
-                onnx_model, report = export_folded(model, examples, export=ExportSettings(), affine=s.affine,
-                                                   progress=lambda *a: None)
+                onnx_model, report = export_folded(
+                    model, examples, export=ExportSettings(), affine=s.affine, progress=lambda *a: None
+                )
                 report = replace(report, dry_run=True, signature=io_signature(onnx_model))
                 del onnx_model
             elif isinstance(model, torch.export.ExportedProgram):
                 _, report = fold_with_report(model, dry_run=True)
             else:
-                own = loaded.example_inputs if loaded.example_inputs is not None else getattr(
-                    model, "example_inputs", None)
+                own = (
+                    loaded.example_inputs
+                    if loaded.example_inputs is not None
+                    else getattr(model, "example_inputs", None)
+                )
                 if prep.shapes or prep.arrays or own is not None:
                     examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
                 _, report = fold_with_report(
-                    model, dry_run=True, example_inputs=examples, eval_semantics=s.eval_semantics,
+                    model,
+                    dry_run=True,
+                    example_inputs=examples,
+                    eval_semantics=s.eval_semantics,
                     batch_stats=s.batch_stats,
                 )
         except BnfoldError as e:
@@ -117,6 +144,10 @@ def inspect_file(
             audit = audit_model(model, eval_semantics=s.eval_semantics, example_inputs=examples)
         report = replace(report, health=audit)
     prog("fold", 1, 1)
-    files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
-                     total_seconds=time.perf_counter() - t0)
+    files = FileInfo(
+        source=str(src_p),
+        source_format=loaded.format,
+        size_before=loaded.size,
+        total_seconds=time.perf_counter() - t0,
+    )
     return replace(advised(report), files=files)

@@ -44,14 +44,17 @@ def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     return _resolve(spec)
 
 
-def load(src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False) -> Loaded:
+def load(
+    src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False
+) -> Loaded:
     """Load ``src`` once (:func:`bnfold.io.load_file`) between two progress ticks."""
     from bnfold.io import load_file
 
     factory = resolve_factory(settings.model_factory)
     progress("load", 0, 1)
-    loaded = load_file(src, model_factory=factory, trust_pickle=settings.trust_pickle,
-                       lazy_external_data=lazy_external_data)
+    loaded = load_file(
+        src, model_factory=factory, trust_pickle=settings.trust_pickle, lazy_external_data=lazy_external_data
+    )
     progress("load", 1, 1)
     return loaded
 
@@ -59,8 +62,10 @@ def load(src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_extern
 _ADVICE = (
     # (what the Python API says, what a CLI user types)
     ("pass eval_semantics=True", "pass --eval-semantics"),
-    ("pass example_inputs=(x,) to bnfold.fold to record the shapes",
-     "pass -s/--input-shape NAME=SHAPE (or --inputs DATA.npz) to record the shapes"),
+    (
+        "pass example_inputs=(x,) to bnfold.fold to record the shapes",
+        "pass -s/--input-shape NAME=SHAPE (or --inputs DATA.npz) to record the shapes",
+    ),
     (" (trust_pickle=True)", ""),
     (" (model_factory=...)", ""),
 )
@@ -75,7 +80,9 @@ def cli_advice(text: str) -> str:
 
 def advised(report: FoldReport) -> FoldReport:
     """The report with every verdict's detail and note worded for the CLI (see :func:`cli_advice`)."""
-    verdicts = [Skip(v.bn, v.reason, cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts]
+    verdicts = [
+        Skip(v.bn, v.reason, cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts
+    ]
     return replace(report, verdicts=verdicts, notes=tuple(cli_advice(n) for n in report.notes))
 
 

@@ -35,7 +35,9 @@ def check_output(src: Path, dst: Path, *, in_place: bool = False) -> None:
     from bnfold.io import check_output_path
 
     if same_file(src, dst) and not in_place:
-        raise OutputError(f"{dst}: is the input model; choose another output or pass --in-place to overwrite it")
+        raise OutputError(
+            f"{dst}: is the input model; choose another output or pass --in-place to overwrite it"
+        )
     if dst.is_dir():
         raise OutputError(f"{dst}: is a folder, not a file name")
     check_output_path(src, dst, in_place=in_place)
@@ -91,7 +93,12 @@ class _InMemory:
 
 @contextmanager
 def staged(
-    model: Any, dst: Path, progress: ProgressFn, *, onnx_file: bool, external_data: bool | None = None,
+    model: Any,
+    dst: Path,
+    progress: ProgressFn,
+    *,
+    onnx_file: bool,
+    external_data: bool | None = None,
     protect: Sequence[str] = (),
 ) -> Iterator[Any]:
     """Write ``model`` for ``dst`` without putting it in place; yields an object with ``path`` and ``commit()``.

@@ -50,7 +50,13 @@ from .load import ProgressFn, load, noop
 from .output import check_output, same_file, staged
 from .settings import OUTPUT_FORMATS, LoadSettings
 
-__all__ = ["RecalibrateSettings", "RecalibrationReport", "NpzBatches", "recalibrate_file", "DEFAULT_BATCH_SIZE"]
+__all__ = [
+    "RecalibrateSettings",
+    "RecalibrationReport",
+    "NpzBatches",
+    "recalibrate_file",
+    "DEFAULT_BATCH_SIZE",
+]
 
 DEFAULT_BATCH_SIZE = 32
 """Rows per batch in the split layout when the model does not fix its batch dimension."""
@@ -94,13 +100,26 @@ class RecalibrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.files.source, "output": self.files.output, "format": self.files.source_format,
-            "written": self.files.written, "data": self.data, "layout": self.layout,
-            "batch_size": self.batch_size, "batches": self.batches, "samples": self.samples,
-            "pooled": self.pooled, "prior": self.prior, "upstream": self.upstream, "passes": self.passes,
-            "recalibrated": len(self.changes), "bns": [c.to_dict() for c in self.changes],
-            "fold": None if self.fold is None else {
-                "bn_before": self.fold.bn_before, "bn_after": self.fold.bn_after,
+            "model": self.files.source,
+            "output": self.files.output,
+            "format": self.files.source_format,
+            "written": self.files.written,
+            "data": self.data,
+            "layout": self.layout,
+            "batch_size": self.batch_size,
+            "batches": self.batches,
+            "samples": self.samples,
+            "pooled": self.pooled,
+            "prior": self.prior,
+            "upstream": self.upstream,
+            "passes": self.passes,
+            "recalibrated": len(self.changes),
+            "bns": [c.to_dict() for c in self.changes],
+            "fold": None
+            if self.fold is None
+            else {
+                "bn_before": self.fold.bn_before,
+                "bn_after": self.fold.bn_after,
                 "verified": None if self.fold.verification is None else self.fold.verification.passed,
             },
             "seconds": float(self.seconds),
@@ -147,7 +166,9 @@ class NpzBatches:
             split layout with different lengths, no row at all; while iterating, NaN/inf in a batch.
     """
 
-    def __init__(self, path: str | os.PathLike[str], specs: Sequence[Any] | None, batch_size: int | None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], specs: Sequence[Any] | None, batch_size: int | None
+    ) -> None:
         self.path = Path(path)
         where = f"{self.path}: --data"
         if not self.path.is_file():
@@ -170,7 +191,9 @@ class NpzBatches:
             if m.dtype.hasobject:
                 raise InputError(f"{where}: array {m.key!r} holds Python objects; save numeric arrays")
         names = [s.name for s in specs] if specs is not None else None
-        numbered = all(_NUMBERED.match(k) for k in members) and not (names and all(n in members for n in names))
+        numbered = all(_NUMBERED.match(k) for k in members) and not (
+            names and all(n in members for n in names)
+        )
         self.layout = "numbered" if numbered else "split"
         self.members = members
         self.specs = {s.name: s for s in specs} if specs is not None else None
@@ -189,10 +212,14 @@ class NpzBatches:
             counts = {n: sorted(g) for n, g in groups.items()}
             first = next(iter(counts.values()))
             if first != list(range(len(first))):
-                raise InputError(f"{where}: numbered batches must be NAME__0 .. NAME__{len(first) - 1} with no gap")
+                raise InputError(
+                    f"{where}: numbered batches must be NAME__0 .. NAME__{len(first) - 1} with no gap"
+                )
             for n, idx in counts.items():
                 if idx != first:
-                    raise InputError(f"{where}: input {n!r} has {len(idx)} batches, another input {len(first)}")
+                    raise InputError(
+                        f"{where}: input {n!r} has {len(idx)} batches, another input {len(first)}"
+                    )
             self.batches = [{n: groups[n][i] for n in groups} for i in first]
             for i, b in enumerate(self.batches):
                 rows = {m.shape[0] if m.shape else 1 for m in b.values()}
@@ -201,8 +228,9 @@ class NpzBatches:
                 if len(rows) > 1:
                     raise InputError(f"{where}: the arrays of batch {i} have different first dimensions")
             self.batch_size = None
-            self.samples = sum(next(iter(b.values())).shape[0] if next(iter(b.values())).shape else 1
-                               for b in self.batches)
+            self.samples = sum(
+                next(iter(b.values())).shape[0] if next(iter(b.values())).shape else 1 for b in self.batches
+            )
         else:
             self._check_names(list(members), where)
             lengths = {m.shape[0] if m.shape else None for m in members.values()}
@@ -215,12 +243,18 @@ class NpzBatches:
                 )
             total = int(next(iter(lengths)) or 0)
             if batch_size is None:
-                fixed = [s.dims[0] for s in (specs or ()) if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0]
+                fixed = [
+                    s.dims[0]
+                    for s in (specs or ())
+                    if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0
+                ]
                 batch_size = fixed[0] if fixed else DEFAULT_BATCH_SIZE
             if batch_size <= 0:
                 raise OptionError(f"--batch-size must be a positive integer, got {batch_size}")
             for m in members.values():
-                self._check_member(m, f"{where}: {m.key!r}", batch_dim=False, batch_size=batch_size, rows=total)
+                self._check_member(
+                    m, f"{where}: {m.key!r}", batch_dim=False, batch_size=batch_size, rows=total
+                )
             self.batch_size = batch_size
             self.samples = total
             self.batches = [dict(members) for _ in range(math.ceil(total / batch_size))]
@@ -241,7 +275,9 @@ class NpzBatches:
         if missing:
             raise InputError(f"{where}: no data for input {missing[0]!r} (inputs: {', '.join(inputs)})")
 
-    def _check_member(self, m: _Member, where: str, *, batch_dim: bool, batch_size: int = 0, rows: int = 0) -> None:
+    def _check_member(
+        self, m: _Member, where: str, *, batch_dim: bool, batch_size: int = 0, rows: int = 0
+    ) -> None:
         if self.specs is None:
             if m.dtype.kind not in "fiub":
                 raise InputError(f"{where}: dtype {m.dtype} is not a numeric array")
@@ -249,8 +285,11 @@ class NpzBatches:
         name = _NUMBERED.match(m.key).group(1) if batch_dim and _NUMBERED.match(m.key) else m.key  # type: ignore[union-attr]
         spec = self.specs[name]
         want = np.dtype(spec.dtype)
-        ok = m.dtype == want or (m.dtype.kind == "f" and want.kind in "fV") or (
-            m.dtype.kind in "iu" and want.kind in "iu")
+        ok = (
+            m.dtype == want
+            or (m.dtype.kind == "f" and want.kind in "fV")
+            or (m.dtype.kind in "iu" and want.kind in "iu")
+        )
         if not ok:
             raise InputError(f"{where}: dtype {m.dtype}, the model input {name!r} is {want}")
         if len(m.shape) != len(spec.dims):
@@ -310,7 +349,7 @@ class NpzBatches:
                     out = {}
                     for k, m in self.members.items():
                         if k in whole:
-                            out[k] = self._cast(np.ascontiguousarray(whole[k][start:start + rows]), i, k)
+                            out[k] = self._cast(np.ascontiguousarray(whole[k][start : start + rows]), i, k)
                         else:
                             out[k] = self._rows(handles[k], m, rows, i, k)
                     yield out
@@ -380,7 +419,9 @@ def recalibrate_file(
     if fmt == "onnx" and out_kind != "onnx":
         raise OptionError(f"{dst_p}: a recalibrated ONNX model is written as .onnx")
     if fmt in ("state_dict", "pickled_module") and out_kind != "torch":
-        raise OptionError(f"{dst_p}: a recalibrated checkpoint is written as .pt/.pth/.ckpt/.bin, like its source")
+        raise OptionError(
+            f"{dst_p}: a recalibrated checkpoint is written as .pt/.pth/.ckpt/.bin, like its source"
+        )
     if fmt == "pt2" and out_kind != "pt2":
         raise OptionError(f"{dst_p}: a recalibrated torch.export program is written as .pt2")
     if fmt not in ("onnx", "state_dict", "pickled_module", "pt2"):
@@ -389,15 +430,23 @@ def recalibrate_file(
             f"--model, or a pickled module), not on a {fmt} file"
         )
     if s.upstream == "new" and fmt != "onnx":
-        raise OptionError("--upstream new applies to ONNX models: a PyTorch model is recalibrated with --upstream "
-                          "batch (bnfold.recalibrate)")
+        raise OptionError(
+            "--upstream new applies to ONNX models: a PyTorch model is recalibrated with --upstream "
+            "batch (bnfold.recalibrate)"
+        )
     if s.fold and fmt != "onnx":
         raise OptionError("--fold applies to ONNX models: run bnfold fold on the recalibrated checkpoint")
     loaded = load(src_p, s.load, prog)
     protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
     bio.check_output_path(src_p, dst_p, in_place=s.in_place, input_files=protect)
-    files = FileInfo(source=str(src_p), source_format=loaded.format, size_before=loaded.size,
-                     source_data_files=tuple(loaded.data_files), output=str(dst_p), output_format=loaded.format)
+    files = FileInfo(
+        source=str(src_p),
+        source_format=loaded.format,
+        size_before=loaded.size,
+        source_data_files=tuple(loaded.data_files),
+        output=str(dst_p),
+        output_format=loaded.format,
+    )
     if loaded.format == "onnx":
         return _onnx(src_p, dst_p, loaded, s, files, protect, prog, t0)
     if loaded.format == "pt2":
@@ -406,8 +455,14 @@ def recalibrate_file(
 
 
 def _onnx(
-    src: Path, dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, protect: list[str],
-    prog: ProgressFn, t0: float,
+    src: Path,
+    dst: Path,
+    loaded: Any,
+    s: RecalibrateSettings,
+    files: FileInfo,
+    protect: list[str],
+    prog: ProgressFn,
+    t0: float,
 ) -> RecalibrationReport:
     from bnfold._inputs import onnx_input_specs
     from bnfold.io.datafiles import model_size, onnx_data_files
@@ -416,8 +471,15 @@ def _onnx(
     model = loaded.model
     plan_levels(model)  # refuse an unsupported model before reading any data
     data = NpzBatches(s.data, onnx_input_specs(model), s.batch_size)
-    result = recalibrate_model(model, data, prior=s.prior, pooled=s.pooled, progress=prog, total_batches=len(data),
-                               upstream=s.upstream or "new")
+    result = recalibrate_model(
+        model,
+        data,
+        prior=s.prior,
+        pooled=s.pooled,
+        progress=prog,
+        total_batches=len(data),
+        upstream=s.upstream or "new",
+    )
     external = s.external_data if s.external_data is not None else (bool(loaded.data_files) or None)
     fold_report: FoldReport | None = None
     if s.fold:
@@ -427,15 +489,33 @@ def _onnx(
             st.commit()
         prog("save", 1, 1)
     out_data = onnx_data_files(dst)
-    files = replace(files, size_after=model_size(dst, "onnx"), written=True, total_seconds=time.perf_counter() - t0,
-                    output_data_files=tuple(str(f) for f in out_data))
-    return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
-                               s.prior, s.upstream or "new", result.passes, result.changes, fold_report,
-                               time.perf_counter() - t0)
+    files = replace(
+        files,
+        size_after=model_size(dst, "onnx"),
+        written=True,
+        total_seconds=time.perf_counter() - t0,
+        output_data_files=tuple(str(f) for f in out_data),
+    )
+    return RecalibrationReport(
+        files,
+        str(s.data),
+        data.layout,
+        data.batch_size,
+        len(data),
+        data.samples,
+        s.pooled,
+        s.prior,
+        s.upstream or "new",
+        result.passes,
+        result.changes,
+        fold_report,
+        time.perf_counter() - t0,
+    )
 
 
-def _fold(src: Path, dst: Path, model: Any, s: RecalibrateSettings, external: bool | None,
-          prog: ProgressFn) -> FoldReport:
+def _fold(
+    src: Path, dst: Path, model: Any, s: RecalibrateSettings, external: bool | None, prog: ProgressFn
+) -> FoldReport:
     """Fold the recalibrated ``model`` into ``dst`` through the ``fold`` job (verified against it)."""
     from bnfold import io as bio
 
@@ -450,8 +530,9 @@ def _fold(src: Path, dst: Path, model: Any, s: RecalibrateSettings, external: bo
     return report
 
 
-def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: ProgressFn,
-           t0: float) -> RecalibrationReport:
+def _torch(
+    dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: ProgressFn, t0: float
+) -> RecalibrationReport:
     import inspect
 
     import torch
@@ -464,7 +545,9 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
 
     model = loaded.model
     if not isinstance(model, torch.nn.Module):
-        raise UnsupportedModelError(f"{files.source}: recalibrate needs an nn.Module (a state_dict with --model)")
+        raise UnsupportedModelError(
+            f"{files.source}: recalibrate needs an nn.Module (a state_dict with --model)"
+        )
     data = NpzBatches(s.data, None, s.batch_size)
     try:
         params = inspect.signature(model.forward).parameters
@@ -485,28 +568,40 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
             yield {k: from_numpy(v) for k, v in b.items()}
             prog("recalibrate", i + 1, total)
 
-    bns = [(n, m) for n, m in model.named_modules()
-           if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
-    old = {n: (m.running_mean.detach().double().clone(), m.running_var.detach().double().clone())  # type: ignore[union-attr]
-           for n, m in bns}
+    bns = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    ]
+    old = {
+        n: (m.running_mean.detach().double().clone(), m.running_var.detach().double().clone())  # type: ignore[union-attr]
+        for n, m in bns
+    }
     reached: dict[str, int] = {}
     hooks = []
     for n, m in bns:
+
         def seen(_m: Any, args: tuple[Any, ...], _n: str = n) -> None:
             if args and isinstance(args[0], torch.Tensor) and args[0].numel():
                 reached[_n] = reached.get(_n, 0) + 1
 
         hooks.append(m.register_forward_pre_hook(seen))
     try:  # the model was loaded for this job: recalibrated in place (the hooks see every batch)
-        new_model = recalibrate(model, batches(), prior=s.prior, pooled=s.pooled, distributed=False, inplace=True)
+        new_model = recalibrate(
+            model, batches(), prior=s.prior, pooled=s.pooled, distributed=False, inplace=True
+        )
     except (TypeError, RuntimeError) as e:
-        raise InputError(f"{s.data}: --data: the model failed on the data ({' '.join(str(e).split())[:300]})") from e
+        raise InputError(
+            f"{s.data}: --data: the model failed on the data ({' '.join(str(e).split())[:300]})"
+        ) from e
     finally:
         for h in hooks:
             h.remove()
     never = [n for n, _ in bns if not reached.get(n)]
     if never:
-        raise InputError(f"{never[0]}: no batch reached this BatchNorm (it never runs on the data); nothing written")
+        raise InputError(
+            f"{never[0]}: no batch reached this BatchNorm (it never runs on the data); nothing written"
+        )
     mods = dict(new_model.named_modules())
     changes = []
     for n, _ in bns:
@@ -515,20 +610,45 @@ def _torch(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog
         nm, nv = m.running_mean.double(), m.running_var.double()
         shift = ((nm - om).abs() / (ov + float(m.eps)).sqrt()).max().item()
         ratio = nv / ov
-        changes.append(BnChange(n, None, int(nm.numel()), len(data), data.samples, 0, float(shift),
-                                float(ratio.min()), float(ratio.max())))
+        changes.append(
+            BnChange(
+                n,
+                None,
+                int(nm.numel()),
+                len(data),
+                data.samples,
+                0,
+                float(shift),
+                float(ratio.min()),
+                float(ratio.max()),
+            )
+        )
     save(new_model, dst, prog, fmt="state_dict" if loaded.format == "state_dict" else "module")
     from bnfold.io.datafiles import model_size
 
-    files = replace(files, size_after=model_size(dst, loaded.format), written=True,
-                    total_seconds=time.perf_counter() - t0)
-    return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
-                               s.prior, "batch", 1, tuple(changes), None, time.perf_counter() - t0)
+    files = replace(
+        files, size_after=model_size(dst, loaded.format), written=True, total_seconds=time.perf_counter() - t0
+    )
+    return RecalibrationReport(
+        files,
+        str(s.data),
+        data.layout,
+        data.batch_size,
+        len(data),
+        data.samples,
+        s.pooled,
+        s.prior,
+        "batch",
+        1,
+        tuple(changes),
+        None,
+        time.perf_counter() - t0,
+    )
 
 
-
-def _pt2(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: ProgressFn,
-         t0: float) -> RecalibrationReport:
+def _pt2(
+    dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: ProgressFn, t0: float
+) -> RecalibrationReport:
     """A torch.export program: :func:`bnfold.recalibrate`'s definition on its BatchNorm calls.
 
     The program's module (``ep.module()``, a fresh copy) runs with every ``aten.batch_norm`` /
@@ -556,8 +676,12 @@ def _pt2(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: 
         if node.target is aten.batch_norm.default and node.args[5] is not False:
             continue  # a BN in train mode in the program normalises with its batch already and has no state to set
         mean, var = node.args[im], node.args[iv]
-        if not (getattr(mean, "op", "") == "get_attr" and getattr(var, "op", "") == "get_attr"
-                and mean.target in ep.state_dict and var.target in ep.state_dict):
+        if not (
+            getattr(mean, "op", "") == "get_attr"
+            and getattr(var, "op", "") == "get_attr"
+            and mean.target in ep.state_dict
+            and var.target in ep.state_dict
+        ):
             raise UnsupportedModelError(
                 f"{files.source}: the BatchNorm {node.name}: its running statistics are not buffers of the program"
             )
@@ -596,7 +720,9 @@ def _pt2(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: 
                 count += 1
                 prog("recalibrate", i + 1, len(data))
     except (TypeError, RuntimeError) as e:
-        raise InputError(f"{s.data}: --data: the program failed on the data ({' '.join(str(e).split())[:300]})") from e
+        raise InputError(
+            f"{s.data}: --data: the program failed on the data ({' '.join(str(e).split())[:300]})"
+        ) from e
     changes = []
     new_state = {}
     for label, fm, fv, eps in sites:
@@ -608,13 +734,26 @@ def _pt2(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: 
         if s.prior:
             m, v = _mix(old_m, old_v, m, v, acc, s.prior)
         if not bool(torch.isfinite(m).all() and torch.isfinite(v).all()):
-            raise InputError(f"{label}: the re-estimated statistics are not finite (inf or nan in the activations)")
+            raise InputError(
+                f"{label}: the re-estimated statistics are not finite (inf or nan in the activations)"
+            )
         new_state[fm] = m.to(ep.state_dict[fm].dtype)
         new_state[fv] = v.to(ep.state_dict[fv].dtype)
         shift = ((m - old_m).abs() / (old_v + eps).sqrt()).max().item()
         ratio = v / old_v
-        changes.append(BnChange(label, None, int(m.numel()), acc.batches, acc.samples, acc.values, float(shift),
-                                float(ratio.min()), float(ratio.max())))
+        changes.append(
+            BnChange(
+                label,
+                None,
+                int(m.numel()),
+                acc.batches,
+                acc.samples,
+                acc.values,
+                float(shift),
+                float(ratio.min()),
+                float(ratio.max()),
+            )
+        )
     for k, t in new_state.items():
         ep.state_dict[k] = t
         tracked = k.removesuffix("running_mean") + "num_batches_tracked"
@@ -623,6 +762,21 @@ def _pt2(dst: Path, loaded: Any, s: RecalibrateSettings, files: FileInfo, prog: 
     save(ep, dst, prog)
     from bnfold.io.datafiles import model_size
 
-    files = replace(files, size_after=model_size(dst, "pt2"), written=True, total_seconds=time.perf_counter() - t0)
-    return RecalibrationReport(files, str(s.data), data.layout, data.batch_size, len(data), data.samples, s.pooled,
-                               s.prior, "batch", 1, tuple(changes), None, time.perf_counter() - t0)
+    files = replace(
+        files, size_after=model_size(dst, "pt2"), written=True, total_seconds=time.perf_counter() - t0
+    )
+    return RecalibrationReport(
+        files,
+        str(s.data),
+        data.layout,
+        data.batch_size,
+        len(data),
+        data.samples,
+        s.pooled,
+        s.prior,
+        "batch",
+        1,
+        tuple(changes),
+        None,
+        time.perf_counter() - t0,
+    )

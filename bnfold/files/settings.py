@@ -97,8 +97,10 @@ class VerifySettings:
         """The options of :func:`bnfold.verification.verify` beyond inputs and tolerances (given ones only)."""
         given = {
             "error_stat": None if self.error_stat == "max" else self.error_stat,
-            "min_cosine": self.min_cosine, "min_snr_db": self.min_snr_db,
-            "save_outputs": self.save_outputs, "load_outputs": self.load_outputs,
+            "min_cosine": self.min_cosine,
+            "min_snr_db": self.min_snr_db,
+            "save_outputs": self.save_outputs,
+            "load_outputs": self.load_outputs,
             "locate": self.locate or None,
         }
         return {k: v for k, v in given.items() if v is not None}
@@ -223,11 +225,15 @@ def check_fold(settings: FoldSettings, dst: Path) -> str:
         raise OptionError(f"--opset {exp.opset}: must be between 7 and 25")
     out_fmt = output_format(dst)
     if out_fmt != "onnx":
-        refuse({**exp.flags(), "--external-data": settings.external_data is not None},
-               f"applies only when the output is .onnx, not {dst.suffix}")
+        refuse(
+            {**exp.flags(), "--external-data": settings.external_data is not None},
+            f"applies only when the output is .onnx, not {dst.suffix}",
+        )
     if not settings.verify:
-        refuse({"--atol": v.atol, "--rtol": v.rtol, "--opt-level": v.opt_level, "--samples": v.samples != 1},
-               "does not apply with --no-verify")
+        refuse(
+            {"--atol": v.atol, "--rtol": v.rtol, "--opt-level": v.opt_level, "--samples": v.samples != 1},
+            "does not apply with --no-verify",
+        )
     if settings.prune_constant_channels and out_fmt == "onnx":
         raise OptionError(
             f"{dst}: --prune-constant-channels works on PyTorch modules written to .pt/.pth/.pt2, not on .onnx"

@@ -24,7 +24,15 @@ from bnfold.records import VerifyReport
 from .load import ProgressFn, load, noop
 from .settings import CompareSettings, InputSettings, VerifySettings, check_inputs
 
-__all__ = ["Prepared", "prepare", "run_verify", "verified_on", "io_signature", "check_onnx_shapes", "verify_files"]
+__all__ = [
+    "Prepared",
+    "prepare",
+    "run_verify",
+    "verified_on",
+    "io_signature",
+    "check_onnx_shapes",
+    "verify_files",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +51,9 @@ class Prepared:
 
 def prepare(inputs: InputSettings, check: VerifySettings, where: str | os.PathLike[str]) -> Prepared:
     """Parse ``--input-shape`` (errors name ``where``) and read ``--inputs``."""
-    return Prepared(parse_shapes_for(inputs.input_shapes, where), load_inputs(inputs.inputs), inputs.seed, check)
+    return Prepared(
+        parse_shapes_for(inputs.input_shapes, where), load_inputs(inputs.inputs), inputs.seed, check
+    )
 
 
 def run_verify(
@@ -62,11 +72,17 @@ def run_verify(
     c = prep.check
     try:
         report: VerifyReport = verify(
-            reference, candidate,
+            reference,
+            candidate,
             inputs=dict(prep.arrays) if prep.arrays else None,
             input_shapes=dict(prep.shapes) if prep.shapes else None,
-            samples=c.samples, seed=prep.seed, atol=c.atol, rtol=c.rtol, extra_level=c.opt_level,
-            example_inputs=example_inputs, **c.compare_options(),
+            samples=c.samples,
+            seed=prep.seed,
+            atol=c.atol,
+            rtol=c.rtol,
+            extra_level=c.opt_level,
+            example_inputs=example_inputs,
+            **c.compare_options(),
         )
     except BnfoldError as e:
         raise with_context(e, where) from e
@@ -164,8 +180,9 @@ def verify_files(
     ref_p = None if reference is None else Path(reference)
     cand_p = None if candidate is None else Path(candidate)
     if s.verification.save_outputs is not None:  # before anything is loaded or run
-        check_recording_path(s.verification.save_outputs, ref_p, cand_p, s.inputs.inputs,
-                             s.verification.load_outputs)
+        check_recording_path(
+            s.verification.save_outputs, ref_p, cand_p, s.inputs.inputs, s.verification.load_outputs
+        )
     first = ref_p or cand_p or Path(os.fspath(s.verification.load_outputs or ""))
     prep = prepare(s.inputs, s.verification, first)
     ref = cand = None
@@ -179,12 +196,22 @@ def verify_files(
 
         raise OptionError("--map: needs a candidate model")
     examples = None
-    if ref is not None and ref.format != "onnx":  # example inputs carry shapes and data for a PyTorch reference
-        examples = torch_examples(ref.model, prep.shapes, prep.arrays, prep.seed, ref_p or first, ref.example_inputs)
+    if (
+        ref is not None and ref.format != "onnx"
+    ):  # example inputs carry shapes and data for a PyTorch reference
+        examples = torch_examples(
+            ref.model, prep.shapes, prep.arrays, prep.seed, ref_p or first, ref.example_inputs
+        )
         prep = prep.carried_by_examples()
     where = " vs ".join(str(p) for p in (ref_p, cand_p) if p is not None)
-    return run_verify(None if ref is None else ref.model, None if cand is None else cand.model, prep,
-                      example_inputs=examples, progress=prog, where=where)
+    return run_verify(
+        None if ref is None else ref.model,
+        None if cand is None else cand.model,
+        prep,
+        example_inputs=examples,
+        progress=prog,
+        where=where,
+    )
 
 
 def rename_io(model: Any, mapping: Mapping[str, str], where: str) -> None:
@@ -205,16 +232,21 @@ def rename_io(model: Any, mapping: Mapping[str, str], where: str) -> None:
     if not mapping:
         return
     if not isinstance(model, onnx.ModelProto):
-        raise OptionError("--map: applies to an ONNX candidate (a PyTorch candidate is exported with the "
-                          "reference's names)")
+        raise OptionError(
+            "--map: applies to an ONNX candidate (a PyTorch candidate is exported with the reference's names)"
+        )
     g = model.graph
     io_names = {v.name for v in (*g.input, *g.output)}
-    used = {t.name for t in g.initializer} | {o for gr in all_graphs(g) for n in gr.node for o in (*n.input, *n.output)}
+    used = {t.name for t in g.initializer} | {
+        o for gr in all_graphs(g) for n in gr.node for o in (*n.input, *n.output)
+    }
     used |= io_names
     for ref, cand in mapping.items():
         if cand not in io_names:
-            raise OptionError(f"--map {ref}={cand}: {where} has no input or output named {cand!r} "
-                              f"(its inputs and outputs: {', '.join(sorted(io_names))})")
+            raise OptionError(
+                f"--map {ref}={cand}: {where} has no input or output named {cand!r} "
+                f"(its inputs and outputs: {', '.join(sorted(io_names))})"
+            )
         if ref != cand and ref in used and ref not in mapping.values():
             raise OptionError(f"--map {ref}={cand}: {where} already has a tensor named {ref!r}")
     back = {cand: ref for ref, cand in mapping.items()}

@@ -158,7 +158,13 @@ def fold_backward(
 
 
 def fold_gemm_forward(
-    b_weight: ArrayLike, c: ArrayLike | None, alpha: float, beta: float, scale: ArrayLike, shift: ArrayLike, trans_b: bool
+    b_weight: ArrayLike,
+    c: ArrayLike | None,
+    alpha: float,
+    beta: float,
+    scale: ArrayLike,
+    shift: ArrayLike,
+    trans_b: bool,
 ) -> tuple[F64, F64]:
     """Fold a BN after ONNX ``Gemm(A, B, C) = alpha * A' @ B' + beta * C`` (channel = column N).
 
@@ -180,7 +186,13 @@ def fold_gemm_forward(
 
 
 def fold_gemm_backward(
-    b_weight: ArrayLike, c: ArrayLike | None, alpha: float, beta: float, scale: ArrayLike, shift: ArrayLike, trans_b: bool
+    b_weight: ArrayLike,
+    c: ArrayLike | None,
+    alpha: float,
+    beta: float,
+    scale: ArrayLike,
+    shift: ArrayLike,
+    trans_b: bool,
 ) -> tuple[F64, F64]:
     """Fold a BN on the (untransposed) A input of ONNX Gemm, channel = column K of A.
 

@@ -16,7 +16,16 @@ import numpy.typing as npt
 
 from bnfold.records import MergeReason
 
-__all__ = ["F64", "MergeRef", "MergeRefusal", "placement", "embed", "diagonal", "identity_checks", "compose_pointwise"]
+__all__ = [
+    "F64",
+    "MergeRef",
+    "MergeRefusal",
+    "placement",
+    "embed",
+    "diagonal",
+    "identity_checks",
+    "compose_pointwise",
+]
 
 F64 = npt.NDArray[np.float64]
 
@@ -63,8 +72,9 @@ def placement(ref: MergeRef, k: tuple[int, ...], pads: list[int], what: str) -> 
     for a in range(r):
         d = ref.dilations[a]
         if k[a] > ref.kernel[a]:
-            raise MergeRefusal(MergeReason.KERNEL,
-                               f"{what}: kernel {list(k)} is larger than {list(ref.kernel)} on axis {a}")
+            raise MergeRefusal(
+                MergeReason.KERNEL, f"{what}: kernel {list(k)} is larger than {list(ref.kernel)} on axis {a}"
+            )
         db, de = ref.pads[a] - pads[a], ref.pads[a + r] - pads[a + r]
         if db % d or de % d:
             raise MergeRefusal(
@@ -110,7 +120,9 @@ def diagonal(ref: MergeRef, k: tuple[int, ...], offs: tuple[int, ...], value: fl
 def identity_checks(ref: MergeRef, what: str) -> None:
     """MergeRefusal unless an identity (stride 1, as many channels in as out) fits the merged conv."""
     if any(s != 1 for s in ref.strides):
-        raise MergeRefusal(MergeReason.STRIDE, f"{what} on a sum with stride {ref.strides}: an identity has stride 1")
+        raise MergeRefusal(
+            MergeReason.STRIDE, f"{what} on a sum with stride {ref.strides}: an identity has stride 1"
+        )
     if ref.c_in_g * ref.group != ref.c_out:
         raise MergeRefusal(
             MergeReason.GROUPS,

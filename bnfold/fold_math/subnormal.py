@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["count_subnormal", "flush_array", "flush_written", "has_subnormal_bits", "BITS", "BF16_TINY", "F16_TINY"]
+__all__ = [
+    "count_subnormal",
+    "flush_array",
+    "flush_written",
+    "has_subnormal_bits",
+    "BITS",
+    "BF16_TINY",
+    "F16_TINY",
+]
 
 
 def _is_floating(dtype: np.dtype[Any]) -> bool:
@@ -23,14 +31,10 @@ F16_TINY = float(np.finfo(np.float16).tiny)  # 6.10e-05
 BF16_TINY = float(np.finfo(np.float32).tiny)  # bfloat16 has float32's exponent range
 
 
-
-
 def _tiny(dtype: np.dtype[Any]) -> float:
     if dtype.name == "bfloat16":
         return BF16_TINY
     return float(np.finfo(dtype).tiny)
-
-
 
 
 def _subnormal_mask(a: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:

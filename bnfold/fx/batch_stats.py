@@ -40,9 +40,11 @@ _PAIRS: dict[type[nn.Module], type[nn.Module]] = {
 
 def convertible(m: nn.Module) -> bool:
     """A plain BatchNorm{1,2,3}d that normalises with its batch in every mode."""
-    return type(m) in _PAIRS and (not getattr(m, "track_running_stats", True)
-                                  and getattr(m, "running_mean", None) is None
-                                  and getattr(m, "running_var", None) is None)
+    return type(m) in _PAIRS and (
+        not getattr(m, "track_running_stats", True)
+        and getattr(m, "running_mean", None) is None
+        and getattr(m, "running_var", None) is None
+    )
 
 
 def _instance(bn: Any) -> nn.Module:
@@ -61,8 +63,16 @@ def convert_batch_stats(module: nn.Module, *, dry_run: bool = False) -> tuple[nn
     ``dry_run``: change nothing, return the verdicts only. The root module itself is swapped into a new one.
     """
     names = [name for name, m in module.named_modules() if convertible(m)]
-    sites = [Site(name or "<root>", name or "<root>", f"InstanceNorm{type(module.get_submodule(name)).__name__[-2:]}",
-                  Direction.CONVERTED, INSTANCE_DETAIL) for name in names]
+    sites = [
+        Site(
+            name or "<root>",
+            name or "<root>",
+            f"InstanceNorm{type(module.get_submodule(name)).__name__[-2:]}",
+            Direction.CONVERTED,
+            INSTANCE_DETAIL,
+        )
+        for name in names
+    ]
     if dry_run or not names:
         return module, sites
     if names == [""]:
@@ -95,8 +105,14 @@ def with_conversions(report: FoldReport, sites: list[Site], original: nn.Module,
         return report
     names = {s.bn for s in sites}
     order = {name or "<root>": i for i, (name, _) in enumerate(original.named_modules())}
-    verdicts = sorted([v for v in report.verdicts if v.bn not in names] + list(sites),
-                      key=lambda v: order.get(v.bn, len(order)))
+    verdicts = sorted(
+        [v for v in report.verdicts if v.bn not in names] + list(sites),
+        key=lambda v: order.get(v.bn, len(order)),
+    )
     extra = 0 if dry_run else len(sites)
-    return replace(report, verdicts=verdicts, bn_before=report.bn_before + extra,
-                   notes=(*report.notes, NOTE.format(n=len(sites))))
+    return replace(
+        report,
+        verdicts=verdicts,
+        bn_before=report.bn_before + extra,
+        notes=(*report.notes, NOTE.format(n=len(sites))),
+    )

@@ -22,12 +22,7 @@ StatsFn = Callable[[nn.Module], tuple[Tensor | None, Tensor | None, Tensor, Tens
 TailFn = Callable[[nn.Module], nn.Module | None]
 
 
-
 NO_STATS = "track_running_stats=False: the layer normalises with batch statistics even in eval mode"
-
-
-
-
 
 
 @dataclass

@@ -84,7 +84,9 @@ def _forward_shape_ok(cls: type) -> bool:
                 tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
             except (OSError, TypeError, SyntaxError):
                 return False
-            fn = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "forward"), None)
+            fn = next(
+                (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "forward"), None
+            )
             break
     if fn is None or not fn.args.args:
         return False
@@ -150,8 +152,11 @@ def input_side_conv(m: nn.Module) -> str | None:
                 continue
             if func in _CONV_FUNCS[nd]:
                 cargs = list(args) + [kwargs.get(k2) for k2 in ("weight", "bias") if k2 in kwargs]
-                if len(cargs) >= 3 and cargs[1] is w and cargs[2] is b and all(
-                    a is not w and a is not b for a in [cargs[0], *cargs[3:]]
+                if (
+                    len(cargs) >= 3
+                    and cargs[1] is w
+                    and cargs[2] is b
+                    and all(a is not w and a is not b for a in [cargs[0], *cargs[3:]])
                 ):
                     conv_calls.append(i)
                     continue
@@ -162,7 +167,7 @@ def input_side_conv(m: nn.Module) -> str | None:
         result = rec.calls[idx][3]
         if y is not result:
             return None
-        for func, args, kwargs, _res in rec.calls[idx + 1:]:
+        for func, args, kwargs, _res in rec.calls[idx + 1 :]:
             if any(a is result for a in [*args, *kwargs.values()]) and _func_name(func) not in _META:
                 return None
         if not isinstance(y, Tensor) or y.shape[1] != w0.shape[0]:

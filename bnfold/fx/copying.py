@@ -110,7 +110,9 @@ class _Copier:
         return copy.deepcopy(t, self.memo)
 
 
-def copy_model(module: nn.Module, *, share_tensors: bool = False, keep: Sequence[torch.Tensor] = ()) -> nn.Module:
+def copy_model(
+    module: nn.Module, *, share_tensors: bool = False, keep: Sequence[torch.Tensor] = ()
+) -> nn.Module:
     """``copy.deepcopy(module)`` (Rule 1) that shares tensors on request (Rule 2) and copes with
     tensors cached by a forward (Rule 3).
 

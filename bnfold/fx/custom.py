@@ -96,7 +96,9 @@ def register_bn_like(cls: type, *, stats: StatsFn | None = None, tail: TailFn | 
         raise OptionError(f"register_bn_like expects an nn.Module class, got {type(cls).__name__}")
     for what, fn in (("stats", stats), ("tail", tail)):
         if fn is not None and not callable(fn):
-            raise OptionError(f"register_bn_like({cls.__name__}): {what} must be callable, got {type(fn).__name__}")
+            raise OptionError(
+                f"register_bn_like({cls.__name__}): {what} must be callable, got {type(fn).__name__}"
+            )
     _REGISTRY[cls] = _Registered(stats, None if tail is None else _checked_tail(cls, tail))
 
 
@@ -230,13 +232,21 @@ def _frozen_spec(m: nn.Module) -> BnSpec | str | None:
         return None
     if type(m).forward is not FrozenBatchNorm.forward:
         return f"{type(m).__name__} overrides forward (extra behaviour kept)"
+
     def frozen_tail(mod: nn.Module) -> nn.Module | None:
         t = getattr(mod, "tail", None)
         return t if isinstance(t, nn.Module) else None
 
     return BnSpec(
-        None, None, None, None, m.eps, m.num_features, "frozen",
-        tail_fn=None if m.tail is None else frozen_tail, frozen=(m.scale, m.shift),
+        None,
+        None,
+        None,
+        None,
+        m.eps,
+        m.num_features,
+        "frozen",
+        tail_fn=None if m.tail is None else frozen_tail,
+        frozen=(m.scale, m.shift),
     )
 
 
@@ -260,9 +270,11 @@ def tail_same_in_train(m: nn.Module) -> bool:
         train_ops = tail_ops(SubTracer().trace(probe))
     except Exception:  # noqa: BLE001 - not traceable in train mode: not proven
         train_ops = None
-    eval_ops = [] if spec.tail_graph is None else [
-        (n.op, n.target) for n in spec.tail_graph.nodes if n.op not in ("placeholder", "output")
-    ]
+    eval_ops = (
+        []
+        if spec.tail_graph is None
+        else [(n.op, n.target) for n in spec.tail_graph.nodes if n.op not in ("placeholder", "output")]
+    )
     same = train_ops is not None and [o for o in train_ops if o[0] != "get_attr"] == [
         o for o in eval_ops if o[0] != "get_attr"
     ]

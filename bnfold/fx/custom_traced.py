@@ -27,9 +27,23 @@ from .tracing import ThreadSafeTracer, first_line
 __all__ = ["trace_subclass", "signature", "make_probe", "tail_ops", "SubTracer"]
 
 
-_CHECK_FUNCS: set[Any] = {torch._assert, getattr, operator.eq, operator.ne, operator.lt, operator.le,
-                          operator.gt, operator.ge, operator.not_, operator.and_, operator.or_, operator.getitem,
-                          operator.truth, len, isinstance}
+_CHECK_FUNCS: set[Any] = {
+    torch._assert,
+    getattr,
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    operator.not_,
+    operator.and_,
+    operator.or_,
+    operator.getitem,
+    operator.truth,
+    len,
+    isinstance,
+}
 _CHECK_METHODS = {"size", "dim"}
 _BN_SLOTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BN_DEFAULTS: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
@@ -90,7 +104,15 @@ def trace_subclass(m: nn.Module) -> BnSpec | str:
     if not (isinstance(mean, Tensor) and isinstance(var, Tensor)):
         return "no_running_stats: " + NO_STATS
     return BnSpec(
-        w, b, mean, var, got.eps, int(mean.numel()), "traced", tail_graph=got.tail_graph, tail_names=got.tail_names
+        w,
+        b,
+        mean,
+        var,
+        got.eps,
+        int(mean.numel()),
+        "traced",
+        tail_graph=got.tail_graph,
+        tail_names=got.tail_names,
     )
 
 
@@ -168,8 +190,10 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
         for a in n.all_input_nodes:
             if a is bn or a in tail:
                 continue
-            if a.op == "get_attr" and str(a.target) not in own and str(a.target) not in (
-                "num_batches_tracked",
+            if (
+                a.op == "get_attr"
+                and str(a.target) not in own
+                and str(a.target) not in ("num_batches_tracked",)
             ):
                 continue
             return f"{why_prefix} and its output reads more than the normalised value ({a.name})"
@@ -195,7 +219,9 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
         env: dict[fx.Node, fx.Node] = {bn: x}
         for n in nodes:
             if n in tail:
-                env[n] = tail_graph.node_copy(n, lambda a: env[a] if a in env else _copy_attr(a, env, tail_graph))
+                env[n] = tail_graph.node_copy(
+                    n, lambda a: env[a] if a in env else _copy_attr(a, env, tail_graph)
+                )
         tail_graph.output(env[out.args[0]])
         names = tuple(str(n.target) for n in tail if n.op == "call_module")
     mean_t, var_t = targets["running_mean"], targets["running_var"]

@@ -33,6 +33,7 @@ __all__ = ["fold_exported", "find_export_sites"]
 
 log = logging.getLogger(__name__)
 
+
 def fold_exported(
     ep: torch.export.ExportedProgram, *, dry_run: bool = False
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
@@ -55,13 +56,21 @@ def fold_exported(
     verdicts = [c.site if isinstance(c, ExportCandidate) else c for c in matched]
     nodes_before = sum(1 for _ in ep.graph.nodes)
     report = FoldReport(
-        backend="export", verdicts=verdicts, dry_run=dry_run, nodes_before=nodes_before,
+        backend="export",
+        verdicts=verdicts,
+        dry_run=dry_run,
+        nodes_before=nodes_before,
         params_before=sum(t.numel() for t in ep.state_dict.values()),
-        bn_before=len(verdicts), bn_after=len(verdicts) - len(folds),
+        bn_before=len(verdicts),
+        bn_after=len(verdicts) - len(folds),
     )
     if dry_run or not folds:
-        return ep, replace(report, nodes_after=nodes_before, params_after=_predict_params(ep, gm, folds, writes),
-                           seconds=time.perf_counter() - t0)
+        return ep, replace(
+            report,
+            nodes_after=nodes_before,
+            params_after=_predict_params(ep, gm, folds, writes),
+            seconds=time.perf_counter() - t0,
+        )
     apply_exported(gm, folds, writes)
     if ep.example_inputs is None:
         raise UnsupportedModelError(
@@ -73,17 +82,25 @@ def fold_exported(
     notes: tuple[str, ...] = ()
     if dynamic is not None:
         try:
-            new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), dynamic_shapes=dynamic, strict=False)
+            new_ep = torch.export.export(
+                gm, tuple(args_in), dict(kwargs_in), dynamic_shapes=dynamic, strict=False
+            )
         except Exception as e:  # the dims could not be re-derived: fall back to static shapes, say so
             log.debug("re-export with dynamic shapes failed: %s", e)
     if new_ep is None:
         new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), strict=False)
         if any(True for _ in ep.range_constraints):
-            notes = ("the folded program was exported again with static shapes (its dynamic dims could not "
-                     "be carried over)",)
-    return new_ep, replace(report, notes=notes, nodes_after=sum(1 for _ in new_ep.graph.nodes),
-                           params_after=sum(t.numel() for t in new_ep.state_dict.values()),
-                           seconds=time.perf_counter() - t0)
+            notes = (
+                "the folded program was exported again with static shapes (its dynamic dims could not "
+                "be carried over)",
+            )
+    return new_ep, replace(
+        report,
+        notes=notes,
+        nodes_after=sum(1 for _ in new_ep.graph.nodes),
+        params_after=sum(t.numel() for t in new_ep.state_dict.values()),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...] | None:
@@ -119,8 +136,10 @@ def _dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...] | None:
                 vr = ranges[name]
                 lo, hi = int(vr.lower), vr.upper
                 hi_i = _finite_int(hi)
-                dims[name] = torch.export.Dim(f"d_{name}", min=lo, max=hi_i) if hi_i is not None else (
-                    torch.export.Dim(f"d_{name}", min=lo)
+                dims[name] = (
+                    torch.export.Dim(f"d_{name}", min=lo, max=hi_i)
+                    if hi_i is not None
+                    else (torch.export.Dim(f"d_{name}", min=lo))
                 )
             entry[i] = dims[name]
         spec.append(entry or None)
@@ -139,7 +158,10 @@ def _finite_int(v: Any) -> int | None:
 
 
 def _predict_params(
-    ep: torch.export.ExportedProgram, gm: fx.GraphModule, folds: list[ExportCandidate], writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
+    ep: torch.export.ExportedProgram,
+    gm: fx.GraphModule,
+    folds: list[ExportCandidate],
+    writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]],
 ) -> int:
     """The parameter count of the program a fold would export, counted without rewriting.
 
@@ -151,7 +173,9 @@ def _predict_params(
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             readers[str(n.target)] = readers.get(str(n.target), 0) + len(n.users)
-    reads: list[object] = [c.bn_args[k] for c in folds for k in ("weight", "bias", "running_mean", "running_var")]
+    reads: list[object] = [
+        c.bn_args[k] for c in folds for k in ("weight", "bias", "running_mean", "running_var")
+    ]
     for node in writes:
         got = layer_weight(node)
         assert got is not None

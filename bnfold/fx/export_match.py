@@ -202,8 +202,10 @@ def _value_users(n: fx.Node) -> list[fx.Node]:
     out = []
     for u in n.users:
         shape_at = _SHAPE_READS.get(u.target)
-        if shape_at is not None and all(a is not n for i, a in enumerate(u.args) if i not in shape_at) and not any(
-            v is n for v in u.kwargs.values()
+        if (
+            shape_at is not None
+            and all(a is not n for i, a in enumerate(u.args) if i not in shape_at)
+            and not any(v is n for v in u.kwargs.values())
         ):
             continue
         out.append(u)
@@ -219,7 +221,11 @@ def weight_path(node: fx.Node) -> list[fx.Node]:
     p = node.args[1] if node.target is not aten.addmm.default else node.args[2]
     path: list[fx.Node] = []
     if node.target is aten.bmm.default:
-        while isinstance(p, fx.Node) and p.target in (aten.view.default, aten.expand.default, aten._unsafe_view.default):
+        while isinstance(p, fx.Node) and p.target in (
+            aten.view.default,
+            aten.expand.default,
+            aten._unsafe_view.default,
+        ):
             if len(p.users) != 1:
                 return []
             path.append(p)
@@ -301,7 +307,9 @@ def _bn_verdict(bn: fx.Node, name: str) -> dict[str, Any] | Skip | None:
     if not _bn_outputs_ok(bn):
         return Skip(name, SkipReason.TRAINING_MODE, "the batch norm's mean/var outputs are used")
     stats = (a["running_mean"], a["running_var"])
-    if not (all(_is_attr(p) for p in stats) and all(a[k] is None or _is_attr(a[k]) for k in ("weight", "bias"))):
+    if not (
+        all(_is_attr(p) for p in stats) and all(a[k] is None or _is_attr(a[k]) for k in ("weight", "bias"))
+    ):
         return Skip(name, SkipReason.NON_CONSTANT, "a batch norm parameter is computed at run time")
     return a
 
@@ -350,8 +358,10 @@ def _keeps_channel(n: fx.Node, axis: str) -> bool:
         return False
     if axis == "last":
         return _static(vin.shape[-1]) is not None and _same_dim(vin.shape[-1], vout.shape[-1])
-    return _static(vin.shape[1]) is not None and _same_dim(vin.shape[1], vout.shape[1]) and _same_dim(
-        vin.shape[0], vout.shape[0]
+    return (
+        _static(vin.shape[1]) is not None
+        and _same_dim(vin.shape[1], vout.shape[1])
+        and _same_dim(vin.shape[0], vout.shape[0])
     )
 
 
@@ -399,8 +409,11 @@ def _route_leaves(src: fx.Node) -> tuple[str, list[Any]] | None:
 
         def walk(n: Any, top: bool) -> bool:
             if (
-                isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.add.Tensor
-                and schema_args(n).get("alpha", 1) == 1 and (top or len(n.users) == 1)
+                isinstance(n, fx.Node)
+                and n.op == "call_function"
+                and n.target is aten.add.Tensor
+                and schema_args(n).get("alpha", 1) == 1
+                and (top or len(n.users) == 1)
             ):
                 return all(walk(x, False) for x in n.args[:2])
             leaves.append(n)
@@ -411,9 +424,18 @@ def _route_leaves(src: fx.Node) -> tuple[str, list[Any]] | None:
     return None
 
 
-def _match_route(gm: fx.GraphModule, name: str, how: str, src: fx.Node, leaves: list[Any], nf: int | None,
-                 c: ExportCandidate) -> ExportMatched:
-    none = Skip(name, SkipReason.NO_PRODUCER, f"its input is a {how} whose inputs are not all convolution outputs")
+def _match_route(
+    gm: fx.GraphModule,
+    name: str,
+    how: str,
+    src: fx.Node,
+    leaves: list[Any],
+    nf: int | None,
+    c: ExportCandidate,
+) -> ExportMatched:
+    none = Skip(
+        name, SkipReason.NO_PRODUCER, f"its input is a {how} whose inputs are not all convolution outputs"
+    )
     if len(_value_users(src)) != 1:
         return none
     out = _val(src)
@@ -429,19 +451,27 @@ def _match_route(gm: fx.GraphModule, name: str, how: str, src: fx.Node, leaves: 
         if why is not None:
             return why
         if leaves.count(leaf) > 1 or len(_value_users(leaf)) != 1:
-            return Skip(name, SkipReason.OTHER_CONSUMERS, f"the output of '{_layer_name(w, leaf)}' is also read elsewhere")
+            return Skip(
+                name,
+                SkipReason.OTHER_CONSUMERS,
+                f"the output of '{_layer_name(w, leaf)}' is also read elsewhere",
+            )
         v = _val(leaf)
         if not _batched_conv(leaf, gm, w) or v is None or _static(v.shape[1]) is None:
             return none
         if how == "sum" and (out is None or tuple(v.shape) != tuple(out.shape)):
-            return Skip(name, SkipReason.LAYOUT, f"the branch '{_layer_name(w, leaf)}' is broadcast in the sum")
+            return Skip(
+                name, SkipReason.LAYOUT, f"the branch '{_layer_name(w, leaf)}' is broadcast in the sum"
+            )
         ch = int(v.shape[1])
         if how == "cat":
             c.parts.append(ExportPart(leaf, w, b, _layout(kind, pa), lo, lo + ch))
             lo += ch
         else:
             if nf is not None and ch != nf:
-                return Skip(name, SkipReason.LAYOUT, f"{ch} channels in '{_layer_name(w, leaf)}' for {nf} BN features")
+                return Skip(
+                    name, SkipReason.LAYOUT, f"{ch} channels in '{_layer_name(w, leaf)}' for {nf} BN features"
+                )
             c.parts.append(ExportPart(leaf, w, b, _layout(kind, pa), 0, ch, with_shift=i == 0))
         names.append(_layer_name(w, leaf))
         kinds.add(kind)
@@ -452,8 +482,9 @@ def _match_route(gm: fx.GraphModule, name: str, how: str, src: fx.Node, leaves: 
     return c
 
 
-def _match_forward(gm: fx.GraphModule, name: str, a: dict[str, Any], nf: int | None,
-                   c: ExportCandidate) -> ExportMatched:
+def _match_forward(
+    gm: fx.GraphModule, name: str, a: dict[str, Any], nf: int | None, c: ExportCandidate
+) -> ExportMatched:
     none = Skip(name, SkipReason.NO_PRODUCER, "its input is not a convolution or linear op")
     src, passed, why_not = _walk_back(a["input"])
     if not isinstance(src, fx.Node):
@@ -471,12 +502,18 @@ def _match_forward(gm: fx.GraphModule, name: str, a: dict[str, Any], nf: int | N
     if why_not:
         return Skip(name, SkipReason.OTHER_CONSUMERS, why_not)
     if len(_value_users(src)) != 1:  # Case 3
-        return Skip(name, SkipReason.OTHER_CONSUMERS, f"the output of '{_layer_name(w, src)}' is also used elsewhere")
+        return Skip(
+            name, SkipReason.OTHER_CONSUMERS, f"the output of '{_layer_name(w, src)}' is also used elsewhere"
+        )
     axis = "last" if kind == "Linear" else "dim1"
     if kind != "Linear" and not _batched_conv(src, gm, w):
-        return Skip(name, SkipReason.LAYOUT, "the convolution has an unbatched input: its channels are not on dim 1")
+        return Skip(
+            name, SkipReason.LAYOUT, "the convolution has an unbatched input: its channels are not on dim 1"
+        )
     if not all(_is_noop(p) or _keeps_channel(p, axis) for p in passed):
-        return Skip(name, SkipReason.LAYOUT, "a reshape between the layer and the batch norm moves the channel axis")
+        return Skip(
+            name, SkipReason.LAYOUT, "a reshape between the layer and the batch norm moves the channel axis"
+        )
     via = "through a reshape" if any(not _is_noop(p) for p in passed) else ""
     if kind == "Linear":  # Case 4
         v = _val(a["input"])
@@ -508,8 +545,9 @@ def _zero_padding(kind: str, pa: dict[str, Any]) -> bool:
     return all(p == 0 for p in pad)
 
 
-def _match_backward(gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any], nf: int | None,
-                    c: ExportCandidate) -> ExportMatched | None:
+def _match_backward(
+    gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any], nf: int | None, c: ExportCandidate
+) -> ExportMatched | None:
     """Case 6; None when the BN output does not lead to a layer at all."""
     cur = _bn_output(bn)
     if cur is None:
@@ -534,12 +572,22 @@ def _match_backward(gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any
             nxt = next(iter(u.users))
             got = layer_weight(nxt)
             if got is not None and got[3] is u and got[0] != "Linear":
-                return Skip(name, SkipReason.PADDING, f"'{_layer_name(got[1], nxt)}' reads zeros padded at run "
-                                                      "time, which the batch norm shift would not reach")
+                return Skip(
+                    name,
+                    SkipReason.PADDING,
+                    f"'{_layer_name(got[1], nxt)}' reads zeros padded at run "
+                    "time, which the batch norm shift would not reach",
+                )
             return None
         if u.target in _RESHAPES and not flat:
             vin, vout = _val(cur), _val(u)
-            if vin is None or vout is None or vin.dim() < 2 or vout.dim() != 2 or not _same_dim(vin.shape[0], vout.shape[0]):
+            if (
+                vin is None
+                or vout is None
+                or vin.dim() < 2
+                or vout.dim() != 2
+                or not _same_dim(vin.shape[0], vout.shape[0])
+            ):
                 return None
             flat = 1 if vin.dim() == 2 else 2
             cur = u
@@ -553,10 +601,17 @@ def _match_backward(gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any
     if why is not None:
         return why
     if kind != "Linear" and _transposed(kind, pa):
-        return Skip(name, SkipReason.UNSUPPORTED_LAYER,
-                    "a transposed convolution cannot absorb a batch norm before it (the shift does not map to a bias)")
+        return Skip(
+            name,
+            SkipReason.UNSUPPORTED_LAYER,
+            "a transposed convolution cannot absorb a batch norm before it (the shift does not map to a bias)",
+        )
     if kind != "Linear" and not _zero_padding(kind, pa):
-        return Skip(name, SkipReason.PADDING, f"'{_layer_name(w, u)}' pads with zeros, which the batch norm shift would not reach")
+        return Skip(
+            name,
+            SkipReason.PADDING,
+            f"'{_layer_name(w, u)}' pads with zeros, which the batch norm shift would not reach",
+        )
     weight = fetch_attr(gm, str(w.target))
     v_in = _val(cur)
     repeat = 1
@@ -566,10 +621,14 @@ def _match_backward(gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any
         if flat == 2:
             in_f = int(weight.shape[1])
             if nf is None or in_f % nf:
-                return Skip(name, SkipReason.LAYOUT, f"{in_f} features after the flatten for {nf} BN channels")
+                return Skip(
+                    name, SkipReason.LAYOUT, f"{in_f} features after the flatten for {nf} BN channels"
+                )
             repeat = in_f // nf
     elif flat or v_in is None or v_in.dim() != weight.dim():
-        return Skip(name, SkipReason.LAYOUT, "the convolution does not read the batch norm's channels on dim 1")
+        return Skip(
+            name, SkipReason.LAYOUT, "the convolution does not read the batch norm's channels on dim 1"
+        )
     c.parts.append(ExportPart(u, w, b, _layout(kind, pa), 0, (nf or 0) * repeat))
     c.repeat = repeat
     via = f"through flatten: each channel covers {repeat} features" if repeat > 1 else ""
@@ -583,7 +642,9 @@ def _match_one(gm: fx.GraphModule, bn: fx.Node, name: str, a: dict[str, Any]) ->
     fwd = _match_forward(gm, name, a, nf, ExportCandidate(Site(name, "", "", Direction.FORWARD), bn, a))
     if isinstance(fwd, ExportCandidate):
         return fwd
-    back = _match_backward(gm, name, bn, a, nf, ExportCandidate(Site(name, "", "", Direction.BACKWARD), bn, a))
+    back = _match_backward(
+        gm, name, bn, a, nf, ExportCandidate(Site(name, "", "", Direction.BACKWARD), bn, a)
+    )
     if isinstance(back, ExportCandidate) or (back is not None and fwd.reason is SkipReason.NO_PRODUCER):
         return back
     return fwd

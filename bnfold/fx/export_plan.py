@@ -39,8 +39,10 @@ def _tensor(gm: nn.Module, n: fx.Node | None) -> torch.Tensor | None:
 
 def _scale_shift(gm: nn.Module, c: ExportCandidate) -> tuple[F64, F64]:
     a = c.bn_args
-    g, beta, mean, var = (None if a[k] is None else to_float64(fetch_attr(gm, str(a[k].target)))
-                          for k in ("weight", "bias", "running_mean", "running_var"))
+    g, beta, mean, var = (
+        None if a[k] is None else to_float64(fetch_attr(gm, str(a[k].target)))
+        for k in ("weight", "bias", "running_mean", "running_var")
+    )
     scale, shift = bn_affine(g, beta, mean, var, float(a["eps"]))  # type: ignore[arg-type]
     if c.repeat > 1:  # BN -> flatten -> linear: channel c covers features c*k .. c*k + k - 1
         scale, shift = np.repeat(scale, c.repeat), np.repeat(shift, c.repeat)
@@ -115,14 +117,16 @@ def _accumulate(
             w64 = to_float64(w0)
             assert w64 is not None
             w, b = w64, to_float64(b0)
-        t = shift[p.lo:p.hi] if p.with_shift else np.zeros(p.hi - p.lo)
+        t = shift[p.lo : p.hi] if p.with_shift else np.zeros(p.hi - p.lo)
         try:
-            w_new, b_new = fold(w, b, scale[p.lo:p.hi], t, p.layout)
+            w_new, b_new = fold(w, b, scale[p.lo : p.hi], t, p.layout)
         except ValueError as e:
             return Skip(c.site.bn, SkipReason.LAYOUT, f"channels do not line up ({e})")
         b_dt = b0.dtype if b0 is not None else w0.dtype
         if not (fits(w_new, w0.dtype) and fits(b_new, b_dt)):
-            return Skip(c.site.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {w0.dtype}")
+            return Skip(
+                c.site.bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {w0.dtype}"
+            )
         new[p.producer] = (w_new, b_new)
     state.update(new)
     return None

@@ -53,7 +53,11 @@ def apply_exported(
 ) -> None:
     """Point each written layer at its new tensors, remove the folded BNs, drop what nothing reads."""
     for k, (node, (w_t, b_t)) in enumerate(writes.items()):
-        src = _as_linear(gm, node) if node.target in (aten.addmm.default, aten.mm.default, aten.bmm.default) else node
+        src = (
+            _as_linear(gm, node)
+            if node.target in (aten.addmm.default, aten.mm.default, aten.bmm.default)
+            else node
+        )
         wn, bname = f"_bnfold_w{k}", f"_bnfold_b{k}"
         gm.register_parameter(wn, nn.Parameter(w_t, requires_grad=False))
         gm.register_parameter(bname, nn.Parameter(b_t, requires_grad=False))

@@ -66,9 +66,11 @@ def spec_skip(spec: BnSpec | str) -> tuple[SkipReason, str] | None:
     if isinstance(spec, BnSpec):
         return None
     if spec.startswith("no_running_stats: "):
-        return SkipReason.NO_RUNNING_STATS, (spec.removeprefix("no_running_stats: ") + "; --batch-stats instance "
-                                             "(batch_stats='instance') converts a BatchNorm1d/2d/3d to an "
-                                             "InstanceNorm, exact at batch 1")
+        return SkipReason.NO_RUNNING_STATS, (
+            spec.removeprefix("no_running_stats: ") + "; --batch-stats instance "
+            "(batch_stats='instance') converts a BatchNorm1d/2d/3d to an "
+            "InstanceNorm, exact at batch 1"
+        )
     return SkipReason.CUSTOM_BN, spec
 
 
@@ -116,4 +118,3 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-

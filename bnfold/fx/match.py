@@ -116,7 +116,12 @@ def _bn_info(
                 None,
             )
     if a["training"] is not False:
-        return name, None, Skip(name, SkipReason.TRAINING_MODE, "F.batch_norm is called with training=True"), None
+        return (
+            name,
+            None,
+            Skip(name, SkipReason.TRAINING_MODE, "F.batch_norm is called with training=True"),
+            None,
+        )
     mean = fetch_attr(root, str(a["running_mean"].target))
     return name, int(mean.numel()), None, None
 
@@ -202,7 +207,10 @@ def match_bn(
     cand.spec = spec
     if spec is not None and spec.has_tail:
         cand.site = Site(
-            cand.site.bn, cand.site.target, cand.site.target_kind, cand.site.direction,
+            cand.site.bn,
+            cand.site.target,
+            cand.site.target_kind,
+            cand.site.direction,
             "; ".join(d for d in (cand.site.detail, "its activation/dropout kept") if d),
         )
     return cand

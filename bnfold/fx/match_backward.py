@@ -85,7 +85,9 @@ def match_backward(
     repeat = 1
     if flat:
         if kind != "Linear" or nf is None or in_ch % nf:
-            return Skip(shown, SkipReason.LAYOUT, f"{in_ch} features after the flatten for {nf} BN channels"), None
+            return Skip(
+                shown, SkipReason.LAYOUT, f"{in_ch} features after the flatten for {nf} BN channels"
+            ), None
         repeat = in_ch // nf
     elif nf is not None and in_ch != nf:
         return Skip(shown, SkipReason.LAYOUT, f"{in_ch} layer input channels for {nf} BN features"), None
@@ -108,6 +110,8 @@ def match_backward(
             ), None
     why = idx.shared_why(target)
     via = f"through flatten: each channel covers {repeat} features" if flat else ""
-    site = Site(shown, q(target), kind, Direction.BACKWARD, "; ".join(d for d in (clone_detail(why), via) if d))
+    site = Site(
+        shown, q(target), kind, Direction.BACKWARD, "; ".join(d for d in (clone_detail(why), via) if d)
+    )
     both = "; ".join(w for w in (why, bn_why) if w)
     return None, Candidate(site, node, u, bool(both), both, repeat=repeat)

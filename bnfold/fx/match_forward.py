@@ -99,7 +99,9 @@ def match_forward(
                 return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
             if not (start == 0 and (end == -2 or (rank is not None and end == rank - 2))):
                 return Skip(
-                    shown, SkipReason.LAYOUT, f"flatten({start}, {end}) moves the Linear's output axis off dim 1"
+                    shown,
+                    SkipReason.LAYOUT,
+                    f"flatten({start}, {end}) moves the Linear's output axis off dim 1",
                 ), None
             rank = 2
             via = "through flatten to (tokens, channels)"
@@ -117,7 +119,9 @@ def match_forward(
     elif fl is not None:
         start = fl[0]
         if not (isinstance(start, int) and start >= 2):  # flatten(2) of (N, C, H, W) keeps C at dim 1
-            return Skip(shown, SkipReason.LAYOUT, f"flatten{fl} moves the layer's channel axis off dim 1"), None
+            return Skip(
+                shown, SkipReason.LAYOUT, f"flatten{fl} moves the layer's channel axis off dim 1"
+            ), None
         via = "through a spatial flatten"
     why = idx.shared_why(target)
     detail = "; ".join(d for d in (clone_detail(why), note, via) if d)

@@ -23,7 +23,7 @@ __all__ = ["match_route", "route_kind", "sum_leaves"]
 
 
 def route_kind(n: fx.Node) -> str | None:
-    """"cat" for ``torch.cat(list, dim=1)``, "sum" for ``a + b`` (torch.add without alpha), else None."""
+    """ "cat" for ``torch.cat(list, dim=1)``, "sum" for ``a + b`` (torch.add without alpha), else None."""
     if n.op != "call_function":
         return None
     if n.target is torch.cat:
@@ -54,7 +54,9 @@ def match_route(
     """Rule 6: BN on ``cat`` of layer outputs (a slice per layer) or on a sum of layer outputs."""
     how = route_kind(src)
     leaves = list(src.args[0]) if how == "cat" else sum_leaves(src)  # type: ignore[arg-type]
-    none = Skip(shown, SkipReason.NO_PRODUCER, f"its input is a {how} whose inputs are not all foldable layer outputs")
+    none = Skip(
+        shown, SkipReason.NO_PRODUCER, f"its input is a {how} whose inputs are not all foldable layer outputs"
+    )
     if not leaves or len(value_users(src)) != 1:
         return none, None
     parts: list[tuple[fx.Node, int, int, bool]] = []
@@ -70,22 +72,30 @@ def match_route(
         if kind is None or kind == "Linear":  # Linear's channel axis is last, the route's is dim 1
             return none, None
         if leaves.count(leaf) > 1 or len(value_users(leaf)) != 1:
-            return Skip(shown, SkipReason.OTHER_CONSUMERS, f"the output of '{q(target)}' is also read elsewhere"), None
+            return Skip(
+                shown, SkipReason.OTHER_CONSUMERS, f"the output of '{q(target)}' is also read elsewhere"
+            ), None
         why = idx.shared_why(target)
         if why:
-            return Skip(shown, SkipReason.SHARED_MODULE, f"{why}: a routed fold needs each branch's own layer"), None
+            return Skip(
+                shown, SkipReason.SHARED_MODULE, f"{why}: a routed fold needs each branch's own layer"
+            ), None
         ch = int(layer.out_channels)
         if how == "cat":
             parts.append((leaf, lo, lo + ch, True))
             lo += ch
         else:
             if nf is not None and ch != nf:
-                return Skip(shown, SkipReason.LAYOUT, f"{ch} channels in '{q(target)}' for {nf} BN features"), None
+                return Skip(
+                    shown, SkipReason.LAYOUT, f"{ch} channels in '{q(target)}' for {nf} BN features"
+                ), None
             parts.append((leaf, 0, ch, i == 0))
         names.append(q(target))
         kinds.add(kind)
     if how == "cat" and nf is not None and lo != nf:
-        return Skip(shown, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features"), None
+        return Skip(
+            shown, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features"
+        ), None
     detail = f"{'split per concatenated input' if how == 'cat' else 'scaled per summed branch'}: {', '.join(names)}"
     site = Site(shown, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail)
     cand = Candidate(site, node, parts[0][0], bool(bn_why), bn_why, parts=parts)

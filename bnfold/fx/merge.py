@@ -50,12 +50,59 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _SUBS = (operator.sub, operator.isub, torch.sub)
 _MULS = (operator.mul, operator.imul, torch.mul)
 _MAX_WALK = 4
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax, nn.MaxPool1d,
-                nn.MaxPool2d, nn.MaxPool3d, nn.Hardtanh, nn.GLU)
-_ACT_FUNCS = {"relu", "relu6", "silu", "gelu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
-              "elu", "selu", "celu", "mish", "softplus", "softmax", "max_pool2d", "max_pool1d", "max_pool3d",
-              "hardtanh", "clamp", "abs", "exp", "log", "sqrt", "relu_", "sigmoid_", "clip", "pow"}
+_ACT_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Softmax,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Hardtanh,
+    nn.GLU,
+)
+_ACT_FUNCS = {
+    "relu",
+    "relu6",
+    "silu",
+    "gelu",
+    "sigmoid",
+    "tanh",
+    "hardswish",
+    "hardsigmoid",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "celu",
+    "mish",
+    "softplus",
+    "softmax",
+    "max_pool2d",
+    "max_pool1d",
+    "max_pool3d",
+    "hardtanh",
+    "clamp",
+    "abs",
+    "exp",
+    "log",
+    "sqrt",
+    "relu_",
+    "sigmoid_",
+    "clip",
+    "pow",
+}
 
 
 def conv_modules(module: nn.Module) -> int:
@@ -142,7 +189,9 @@ def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 def _is_sum(n: fx.Node) -> bool:
-    if n.op == "call_method":  # ``tensor + proxy`` traces as Tensor.add (commutative: the order does not matter)
+    if (
+        n.op == "call_method"
+    ):  # ``tensor + proxy`` traces as Tensor.add (commutative: the order does not matter)
         return n.target == "add" and len(n.args) == 2 and not n.kwargs
     if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
         return False
@@ -153,8 +202,10 @@ def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
     """The constant operand slot of a plain two-operand multiply whose other operand is a node."""
     if len(n.args) != 2 or n.kwargs:
         return None
-    if not ((n.op == "call_function" and n.target in _MULS and _inplace_ok(n))
-            or (n.op == "call_method" and n.target == "mul")):  # ``tensor * proxy`` traces as Tensor.mul
+    if not (
+        (n.op == "call_function" and n.target in _MULS and _inplace_ok(n))
+        or (n.op == "call_method" and n.target == "mul")
+    ):  # ``tensor * proxy`` traces as Tensor.mul
         return None
     c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
     if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
@@ -164,8 +215,13 @@ def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
 
 def _through_identity(gm: fx.GraphModule, v: Any) -> Any:
     """``v``, seen through ``nn.Identity`` module calls read by one node only."""
-    while isinstance(v, fx.Node) and type(_mod(gm, v)) is nn.Identity and len(v.users) == 1 and v.args \
-            and isinstance(v.args[0], fx.Node):
+    while (
+        isinstance(v, fx.Node)
+        and type(_mod(gm, v)) is nn.Identity
+        and len(v.users) == 1
+        and v.args
+        and isinstance(v.args[0], fx.Node)
+    ):
         v = v.args[0]
     return v
 
@@ -180,7 +236,9 @@ def _expandable(gm: fx.GraphModule, p: fx.Node) -> bool:
     return isinstance(q, fx.Node) and _is_sum(q) and len(q.users) == 1
 
 
-def _chain(gm: fx.GraphModule, top: fx.Node) -> tuple[list[fx.Node], list[Any], list[tuple[int, tuple[fx.Node, ...]]]]:
+def _chain(
+    gm: fx.GraphModule, top: fx.Node
+) -> tuple[list[fx.Node], list[Any], list[tuple[int, tuple[fx.Node, ...]]]]:
     nodes: list[fx.Node] = []
     leaves: list[Any] = []
     coefs: list[tuple[int, tuple[fx.Node, ...]]] = []
@@ -201,8 +259,13 @@ def _chain(gm: fx.GraphModule, top: fx.Node) -> tuple[list[fx.Node], list[Any], 
             v: Any = arg
             s = -sign if n.target in _SUBS and slot == 1 else sign
             inner = _through_identity(gm, v)
-            if isinstance(inner, fx.Node) and depth < 256 and _expandable(gm, inner) and len(inner.users) == 1 \
-                    and (inner is v or len(v.users) == 1):
+            if (
+                isinstance(inner, fx.Node)
+                and depth < 256
+                and _expandable(gm, inner)
+                and len(inner.users) == 1
+                and (inner is v or len(v.users) == 1)
+            ):
                 if inner is not v:
                     cur = v
                     while cur is not inner:
@@ -249,18 +312,27 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
     for _ in range(_MAX_WALK + 1):
         if not isinstance(v, fx.Node):
             break
-        out.append((v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers))))
+        out.append(
+            (v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers)))
+        )
         k = _mul_slot(gm, v)
         if k is not None:
             muls.insert(0, v)
             v = v.args[1 - k]
             continue
-        if v.op not in ("call_module", "call_function", "call_method") or not v.args \
-                or not isinstance(v.args[0], fx.Node):
+        if (
+            v.op not in ("call_module", "call_function", "call_method")
+            or not v.args
+            or not isinstance(v.args[0], fx.Node)
+        ):
             break
         m = _mod(gm, v)
-        if (type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training)) and len(v.args) == 1 \
-                and m is not None and not _hooks(m):
+        if (
+            (type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training))
+            and len(v.args) == 1
+            and m is not None
+            and not _hooks(m)
+        ):
             muls.insert(0, v)
             v = v.args[0]
             continue
@@ -270,8 +342,14 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
             assert isinstance(x, fx.Node)
             out.append((x, _Branch(leaf, kind if not blockers else "other", v, list(muls), list(blockers))))
             pm = _mod(gm, x)
-            if kind == "conv" and not blockers and isinstance(pm, _CONVS) and len(x.args) == 1 \
-                    and isinstance(x.args[0], fx.Node) and all(int(s) == 1 for s in pm.kernel_size):
+            if (
+                kind == "conv"
+                and not blockers
+                and isinstance(pm, _CONVS)
+                and len(x.args) == 1
+                and isinstance(x.args[0], fx.Node)
+                and all(int(s) == 1 for s in pm.kernel_size)
+            ):
                 out.append((x.args[0], _Branch(leaf, "seq", v, list(muls), [], pre=x)))
             break
         if _is_sum(v) or v.target in (torch.cat, torch.matmul, operator.matmul, operator.getitem):
@@ -283,12 +361,14 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
 
 
 def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
-    return b.kind in ("conv", "seq") or (b.kind == "other" and b.base is not None
-                                         and isinstance(_mod(gm, b.base), _CONVS))
+    return b.kind in ("conv", "seq") or (
+        b.kind == "other" and b.base is not None and isinstance(_mod(gm, b.base), _CONVS)
+    )
 
 
-def _pick_input(gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]) \
-        -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
+def _pick_input(
+    gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]
+) -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
     per_leaf = [_interpretations(gm, v) for v in leaves]
     score: dict[fx.Node, int] = {}
     convs: dict[fx.Node, int] = {}
@@ -329,8 +409,11 @@ def _exclusive(b: _Branch, chain: set[fx.Node]) -> None:
         allowed = {path[k + 1]} if k + 1 < len(path) else chain
         others = [u for u in node.users if u not in allowed]
         if others:
-            raise MergeRefusal(MergeReason.OTHER_CONSUMERS, f"the output of '{node.name}' inside the branch is also "
-                               f"read by {', '.join(sorted(u.name for u in others))}")
+            raise MergeRefusal(
+                MergeReason.OTHER_CONSUMERS,
+                f"the output of '{node.name}' inside the branch is also "
+                f"read by {', '.join(sorted(u.name for u in others))}",
+            )
 
 
 def _hooks(m: nn.Module) -> bool:
@@ -388,16 +471,21 @@ def _read_conv(gm: fx.GraphModule, b: _Branch) -> _ConvRead:
         s1, d1, p1, g1 = _conv_geometry(pm, b.pre.name)
         assert isinstance(pm, _CONVS)
         if any(s != 1 for s in s1) or any(p1) or pm.weight.dim() != m.weight.dim():
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: the first conv is not a 1x1, "
-                               "stride 1, unpadded")
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED,
+                f"{b.pre.name} -> {b.label}: the first conv is not a 1x1, stride 1, unpadded",
+            )
         if g1 != 1 or group != 1:
             raise MergeRefusal(MergeReason.GROUPS, f"{b.pre.name} -> {b.label}: grouped convs in sequence")
         if pm.weight.dtype != m.weight.dtype:
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: weight dtypes differ")
         b1 = None if pm.bias is None else pm.bias.detach().cpu().double().numpy()
         if any(pads) and b1 is not None and np.any(b1 != 0):
-            raise MergeRefusal(MergeReason.PADDING, f"{b.pre.name} -> {b.label}: the kxk conv pads {pads} with zeros, "
-                               "where the 1x1 conv's bias would not be added: one conv cannot compute it")
+            raise MergeRefusal(
+                MergeReason.PADDING,
+                f"{b.pre.name} -> {b.label}: the kxk conv pads {pads} with zeros, "
+                "where the 1x1 conv's bias would not be added: one conv cannot compute it",
+            )
         w64, b64 = compose_pointwise(w64, b64, pm.weight.detach().cpu().double().numpy(), b1)
     return _ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
@@ -423,7 +511,9 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
         return np.ones(ref.c_out)
     c = _const(gm, n.args[k])
     assert c is not None
-    return _channel_vector(c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor)))
+    return _channel_vector(
+        c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor))
+    )
 
 
 def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics: bool) -> tuple[F64, F64]:
@@ -432,16 +522,25 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics
         cr = _read_conv(gm, b)
         w = cr.w
         if cr.dtype != ref.dtype:
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}")
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
+            )
         if w.ndim - 2 != ref.rank:
-            raise MergeRefusal(MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}")
+            raise MergeRefusal(
+                MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
+            )
         if cr.strides != ref.strides:
             raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
         if cr.dilations != ref.dilations:
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}")
+            raise MergeRefusal(
+                MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}"
+            )
         if cr.group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
-            raise MergeRefusal(MergeReason.GROUPS, f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
-                               f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}")
+            raise MergeRefusal(
+                MergeReason.GROUPS,
+                f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
+                f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}",
+            )
         offs = placement(ref, tuple(int(k) for k in w.shape[2:]), cr.pads, what)
         w64 = embed(ref, w, offs)
         b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias
@@ -453,14 +552,20 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics
         assert b.base is not None
         m = _mod(gm, b.base)
         if type(m) not in _BNS or _hooks(m):  # type: ignore[arg-type]
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: not a plain BatchNorm module (or it has hooks)")
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED, f"{what}: not a plain BatchNorm module (or it has hooks)"
+            )
         assert isinstance(m, _BNS)
         if m.training and not eval_semantics:
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: in training mode")
         if m.running_mean is None or m.running_var is None:
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: no running statistics (track_running_stats=False)")
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED, f"{what}: no running statistics (track_running_stats=False)"
+            )
         if m.num_features != ref.c_out:
-            raise MergeRefusal(MergeReason.GROUPS, f"{what}: {m.num_features} BN channels, the merged conv {ref.c_out}")
+            raise MergeRefusal(
+                MergeReason.GROUPS, f"{what}: {m.num_features} BN channels, the merged conv {ref.c_out}"
+            )
         identity_checks(ref, what)
         mean = m.running_mean.detach().cpu().double().numpy()
         var = m.running_var.detach().cpu().double().numpy()
@@ -474,25 +579,34 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics
         assert b.base is not None
         m = _mod(gm, b.base)
         if type(m) not in _POOLS or _hooks(m):  # type: ignore[arg-type]
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: not a plain AvgPool module (or it has hooks)")
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED, f"{what}: not a plain AvgPool module (or it has hooks)"
+            )
         assert isinstance(m, _POOLS)
         r = ref.rank
         k = tuple(_tup(m.kernel_size, r))
         stride = _tup(m.stride, r)  # torch sets a stride of None to the kernel size
         pad = _tup(m.padding, r)
         if m.ceil_mode:
-            raise MergeRefusal(MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)")
+            raise MergeRefusal(
+                MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)"
+            )
         if getattr(m, "divisor_override", None):
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
         if any(pad) and not m.count_include_pad:
-            raise MergeRefusal(MergeReason.PADDING, f"{what}: count_include_pad=False with padding: edge windows "
-                               "divide by fewer values than a conv")
+            raise MergeRefusal(
+                MergeReason.PADDING,
+                f"{what}: count_include_pad=False with padding: edge windows "
+                "divide by fewer values than a conv",
+            )
         if stride != ref.strides:
             raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {stride} differs from {ref.strides}")
         if any(d != 1 for d in ref.dilations):
             raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
         if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
+            raise MergeRefusal(
+                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
+            )
         offs = placement(ref, k, pad + pad, what)
         w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
     else:  # pragma: no cover
@@ -528,8 +642,15 @@ def _label(b: _Branch, x: fx.Node) -> str:
     return x.name
 
 
-def _plan(gm: fx.GraphModule, x: fx.Node, branches: list[_Branch], chain: set[fx.Node], sum_label: str,
-          eval_semantics: bool, exclude: frozenset[str]) -> tuple[MergeRef, F64, F64] | Merge:
+def _plan(
+    gm: fx.GraphModule,
+    x: fx.Node,
+    branches: list[_Branch],
+    chain: set[fx.Node],
+    sum_label: str,
+    eval_semantics: bool,
+    exclude: frozenset[str],
+) -> tuple[MergeRef, F64, F64] | Merge:
     if sum_label in exclude:
         for b in branches:
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
@@ -537,11 +658,20 @@ def _plan(gm: fx.GraphModule, x: fx.Node, branches: list[_Branch], chain: set[fx
     for b in branches:
         if b.kind == "other":
             ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
-            if any(isinstance(_mod(gm, n), _ACT_MODULES) or getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
-                   for n in b.blockers):
-                b.reason, b.detail = MergeReason.NONLINEAR, f"{ops} inside the branch: it is not linear in '{x.name}'"
+            if any(
+                isinstance(_mod(gm, n), _ACT_MODULES)
+                or getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
+                for n in b.blockers
+            ):
+                b.reason, b.detail = (
+                    MergeReason.NONLINEAR,
+                    f"{ops} inside the branch: it is not linear in '{x.name}'",
+                )
             else:
-                b.reason, b.detail = MergeReason.UNSUPPORTED, f"{ops} inside the branch: not a form bnfold merges"
+                b.reason, b.detail = (
+                    MergeReason.UNSUPPORTED,
+                    f"{ops} inside the branch: not a form bnfold merges",
+                )
             continue
         try:
             _exclusive(b, chain)
@@ -552,8 +682,12 @@ def _plan(gm: fx.GraphModule, x: fx.Node, branches: list[_Branch], chain: set[fx
     if writers:
         for b in branches:
             if b.reason is None:
-                b.reason, b.detail = MergeReason.UNSUPPORTED, (
-                    f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values")
+                b.reason, b.detail = (
+                    MergeReason.UNSUPPORTED,
+                    (
+                        f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values"
+                    ),
+                )
         return _refused(sum_label, x.name, branches)
     ref: MergeRef | None = None
     best = -1
@@ -569,8 +703,17 @@ def _plan(gm: fx.GraphModule, x: fx.Node, branches: list[_Branch], chain: set[fx
         vol = int(np.prod(cr.w.shape[2:]))
         if vol > best:
             best = vol
-            ref = MergeRef(b.base, tuple(int(k) for k in cr.w.shape[2:]), cr.strides, cr.dilations, cr.pads, cr.group,
-                           int(cr.w.shape[0]), int(cr.w.shape[1]), cr.dtype)
+            ref = MergeRef(
+                b.base,
+                tuple(int(k) for k in cr.w.shape[2:]),
+                cr.strides,
+                cr.dilations,
+                cr.pads,
+                cr.group,
+                int(cr.w.shape[0]),
+                int(cr.w.shape[1]),
+                cr.dtype,
+            )
     if ref is None:
         return _refused(sum_label, x.name, branches)
     w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
@@ -601,8 +744,9 @@ def _fresh(gm: fx.GraphModule, base: str) -> str:
     return cand
 
 
-def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
-                       exclude: frozenset[str] = frozenset()) -> FxMergeResult:
+def merge_graph_module(
+    gm: fx.GraphModule, *, eval_semantics: bool = False, exclude: frozenset[str] = frozenset()
+) -> FxMergeResult:
     """Merge every sum of branches of one node into one conv module; edit ``gm`` (graph and submodules)."""
     res = FxMergeResult()
     graph = gm.graph
@@ -631,12 +775,16 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
         ref, w_sum, b_sum = rec
         kept: list[Any] = []
         odd: list[str] = []
-        for leaf, (sign, factors) in [*rest, *[(br.leaf, (br.sign, br.chain_muls)) for br in branches
-                                               if br.reason is not None]]:
+        for leaf, (sign, factors) in [
+            *rest,
+            *[(br.leaf, (br.sign, br.chain_muls)) for br in branches if br.reason is not None],
+        ]:
             c = _const(gm, leaf)
             if c is not None:
                 try:
-                    vec = _channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
+                    vec = _channel_vector(
+                        c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor))
+                    )
                     for m in factors:
                         vec = vec * _factor(gm, m, ref)
                     b_sum = b_sum + sign * vec
@@ -649,9 +797,13 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
         if odd:
             for br in branches:
                 if br.reason is None:
-                    br.reason, br.detail = MergeReason.UNSUPPORTED, (
-                        f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
-                        "conv plus an add cannot replace it")
+                    br.reason, br.detail = (
+                        MergeReason.UNSUPPORTED,
+                        (
+                            f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
+                            "conv plus an add cannot replace it"
+                        ),
+                    )
             res.merges.append(_refused(top.name, x.name, branches))
             continue
         ref_mod = _mod(gm, ref.node)
@@ -668,16 +820,30 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
             for br in branches:
                 if br.reason is None:
-                    br.reason, br.detail = MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {dtype}"
+                    br.reason, br.detail = (
+                        MergeReason.OVERFLOW,
+                        f"the merged weight or bias is not finite in {dtype}",
+                    )
             res.merges.append(_refused(top.name, x.name, branches))
             continue
         conv_cls: Any = type(ref_mod)
         # the reference conv's own padding: symmetric pads, or its padding="same" (the pads it was read as)
-        padding: Any = tuple(ref.pads[: ref.rank]) if ref.pads[: ref.rank] == ref.pads[ref.rank:] else ref_mod.padding
+        padding: Any = (
+            tuple(ref.pads[: ref.rank]) if ref.pads[: ref.rank] == ref.pads[ref.rank :] else ref_mod.padding
+        )
         assert padding == "same" or isinstance(padding, tuple)
         new = conv_cls(
-            ref.c_in_g * ref.group, ref.c_out, ref.kernel, ref_mod.stride, padding, ref_mod.dilation,
-            ref_mod.groups, bias=True, padding_mode="zeros", device=ref_mod.weight.device, dtype=dtype,
+            ref.c_in_g * ref.group,
+            ref.c_out,
+            ref.kernel,
+            ref_mod.stride,
+            padding,
+            ref_mod.dilation,
+            ref_mod.groups,
+            bias=True,
+            padding_mode="zeros",
+            device=ref_mod.weight.device,
+            dtype=dtype,
         )
         with torch.no_grad():
             new.weight.copy_(torch.from_numpy(np.ascontiguousarray(wc)))
@@ -698,19 +864,32 @@ def merge_graph_module(gm: fx.GraphModule, *, eval_semantics: bool = False,
         for br in merged:
             if br.kind == "bn" and br.base is not None:
                 res.absorbed[str(br.base.target)] = Site(
-                    str(br.base.target), name, type(new).__name__, Direction.FORWARD,
-                    f"identity BN branch merged into one conv with the other branches of '{top.name}'")
+                    str(br.base.target),
+                    name,
+                    type(new).__name__,
+                    Direction.FORWARD,
+                    f"identity BN branch merged into one conv with the other branches of '{top.name}'",
+                )
         for n in sorted(set(erase), key=_order(graph), reverse=True):
             if not n.users:
                 graph.erase_node(n)
         done |= touched
         res.applied += 1
         left = sum(_n_convs(br) for br in branches if br.reason is not None)
-        res.merges.append(Merge(
-            top.name, x.name, name, True,
-            tuple(BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail) for br in branches),
-            sum(_n_convs(br) for br in branches), 1 + left,
-        ))
+        res.merges.append(
+            Merge(
+                top.name,
+                x.name,
+                name,
+                True,
+                tuple(
+                    BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail)
+                    for br in branches
+                ),
+                sum(_n_convs(br) for br in branches),
+                1 + left,
+            )
+        )
     if res.applied:
         for n in graph.nodes:
             if isinstance(n.type, str):  # a string annotation (``from __future__ import annotations``) makes

@@ -125,7 +125,10 @@ def _replaced(module: nn.Module, a: _Analysis, plan: Plan) -> list[torch.Tensor]
     one name): the result's copy need not copy them, as it never holds them."""
     owners = Counter(
         id(t)
-        for _, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        for _, t in [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]
     )
     cloned = {n for c in plan.folds if c.site.detail.startswith("cloned:") for n in _layer_nodes(c)}
     out: list[torch.Tensor] = []
@@ -133,7 +136,9 @@ def _replaced(module: nn.Module, a: _Analysis, plan: Plan) -> list[torch.Tensor]
         if a.use_graph and node in cloned:
             continue  # the clone copies them; the shared module keeps the originals' values
         layer = fetch_attr(module, str(node.target))
-        out.extend(t for t in (layer.weight, layer.bias) if isinstance(t, torch.Tensor) and owners[id(t)] == 1)
+        out.extend(
+            t for t in (layer.weight, layer.bias) if isinstance(t, torch.Tensor) and owners[id(t)] == 1
+        )
     return out
 
 
@@ -155,7 +160,9 @@ def _copy_trace_constants(graph: fx.Graph, traced: nn.Module, work: nn.Module) -
         value = fetch_attr(traced, target)
         parent_name, _, attr = target.rpartition(".")
         parent = work.get_submodule(parent_name) if parent_name else work
-        setattr(parent, attr, value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value))
+        setattr(
+            parent, attr, value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+        )
 
 
 def _bn_names(module: nn.Module) -> set[str]:
@@ -254,11 +261,19 @@ def fold_module(
     if merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
         out, report = _merge_and_refold(module, out, report, eval_semantics, example_inputs)
     if merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
-        _, full = fold_module(module, eval_semantics=eval_semantics, graph=graph, example_inputs=example_inputs,
-                              exclude=exclude, merge_branches=True)
+        _, full = fold_module(
+            module,
+            eval_semantics=eval_semantics,
+            graph=graph,
+            example_inputs=example_inputs,
+            exclude=exclude,
+            merge_branches=True,
+        )
         if any(m.merged for m in full.merges):
             return module, replace(full, dry_run=True, seconds=time.perf_counter() - t0)
-        report = replace(report, merges=full.merges, convs_before=full.convs_before, convs_after=full.convs_after)
+        report = replace(
+            report, merges=full.merges, convs_before=full.convs_before, convs_after=full.convs_after
+        )
     if dry_run:
         out = module
         # What the rewrite would remove (or add), counted without rewriting (see _predict).
@@ -269,14 +284,24 @@ def fold_module(
     else:
         nodes_after, params_after = _count(out)
     return out, replace(
-        report, nodes_before=nodes_before, params_before=params_before, bn_before=len(report.verdicts),
-        dry_run=dry_run, bn_after=len(report.skips), nodes_after=nodes_after, params_after=params_after,
+        report,
+        nodes_before=nodes_before,
+        params_before=params_before,
+        bn_before=len(report.verdicts),
+        dry_run=dry_run,
+        bn_after=len(report.skips),
+        nodes_after=nodes_after,
+        params_after=params_after,
         seconds=time.perf_counter() - t0,
     )
 
 
 def _merge_and_refold(
-    module: nn.Module, out: nn.Module, report: FoldReport, eval_semantics: bool, example_inputs: tuple[Any, ...] | None
+    module: nn.Module,
+    out: nn.Module,
+    report: FoldReport,
+    eval_semantics: bool,
+    example_inputs: tuple[Any, ...] | None,
 ) -> tuple[nn.Module, FoldReport]:
     """Merge the branch sums of ``out`` (the folded copy) and fold again, a few rounds (a merged conv may make
     another sum mergeable, or a BN on the sum foldable); ``report`` updated."""
@@ -305,16 +330,27 @@ def _merge_and_refold(
         fixed.update(res.absorbed)
         if not res.applied:
             break
-        cur, again = fold_module(gm, inplace=True, eval_semantics=eval_semantics, example_inputs=example_inputs)
+        cur, again = fold_module(
+            gm, inplace=True, eval_semantics=eval_semantics, example_inputs=example_inputs
+        )
         fixed.update({v.bn: v for v in again.verdicts if isinstance(v, Site)})
     if not applied:
-        return out, replace(report, merges=tuple(refused), convs_before=conv_modules(module),
-                            convs_after=conv_modules(out))
+        return out, replace(
+            report, merges=tuple(refused), convs_before=conv_modules(module), convs_after=conv_modules(out)
+        )
     verdicts: list[Verdict] = [fixed.get(v.bn, v) if isinstance(v, Skip) else v for v in report.verdicts]
     notes = tuple(n for n in report.notes if "GraphModule" not in n) + (
-        "returned a torch.fx.GraphModule: branches were merged into one conv",)
-    return cur, replace(report, verdicts=verdicts, merges=tuple(applied + refused), result="graph_module",
-                        notes=notes, convs_before=conv_modules(module), convs_after=conv_modules(cur))
+        "returned a torch.fx.GraphModule: branches were merged into one conv",
+    )
+    return cur, replace(
+        report,
+        verdicts=verdicts,
+        merges=tuple(applied + refused),
+        result="graph_module",
+        notes=notes,
+        convs_before=conv_modules(module),
+        convs_after=conv_modules(cur),
+    )
 
 
 @dataclass
@@ -334,7 +370,9 @@ def _analyse(root: nn.Module, graph: bool | None, example_inputs: tuple[Any, ...
     if example_inputs is not None:
         _shape_prop(root, g, example_inputs)
     matched = _add_uncalled(root, find_sites(g, root))
-    use_graph = graph is True or (graph is None and any(isinstance(c, Candidate) and c.needs_graph for c in matched))
+    use_graph = graph is True or (
+        graph is None and any(isinstance(c, Candidate) and c.needs_graph for c in matched)
+    )
     if not use_graph:
         matched = _demote_all(matched)
     return _Analysis(g, matched, use_graph)
@@ -348,7 +386,9 @@ def _demote_all(matched: list[Matched]) -> list[Matched]:
 def _exclude(a: _Analysis, names: frozenset[str]) -> _Analysis:
     """The analysis with the BNs in ``names`` left in place (reason: verification)."""
     matched: list[Matched] = [
-        Skip(_name(v), SkipReason.VERIFICATION, "left in place: excluded from folding") if _name(v) in names else v
+        Skip(_name(v), SkipReason.VERIFICATION, "left in place: excluded from folding")
+        if _name(v) in names
+        else v
         for v in a.matched
     ]
     return _Analysis(a.graph, matched, a.use_graph)
@@ -363,15 +403,18 @@ def _apply(
 ) -> tuple[FoldReport, nn.Module]:
     """Apply ``plan`` (made on ``traced``, the copy the graph came from) to ``work``: a fresh copy, or
     the caller's model for ``inplace`` (module mode only); the plan refers to modules by name."""
-    report = FoldReport(backend="fx", verdicts=plan.report(), result="graph_module" if a.use_graph else "module")
+    report = FoldReport(
+        backend="fx", verdicts=plan.report(), result="graph_module" if a.use_graph else "module"
+    )
     if dry_run:
         return report, work
     if a.use_graph:
         _copy_trace_constants(a.graph, traced, work)
         gm = fx.GraphModule(work, a.graph, type(work).__name__)
         apply_graph_mode(gm, plan)
-        return replace(report, notes=(
-            "returned a torch.fx.GraphModule: some folds needed a change of the call graph",)), gm
+        return replace(
+            report, notes=("returned a torch.fx.GraphModule: some folds needed a change of the call graph",)
+        ), gm
     apply_module_mode(work, plan)
     return report, work
 
@@ -402,8 +445,17 @@ def _predict(module: nn.Module, plans: list[tuple[str, Plan]]) -> tuple[int, int
         seen.add(id(m))
         mods += not isinstance(m, nn.Identity)  # as _count: a folded BN's Identity is no op
         stack.extend((_join(name, n), c) for n, c in m._modules.items() if c is not None)
-    params = sum(t.numel() for k, t in module.state_dict().items() if isinstance(t, torch.Tensor) and not _under(k, gone))
-    params += sum(t.numel() for tail in tails.values() for t in tail.state_dict().values() if isinstance(t, torch.Tensor))
+    params = sum(
+        t.numel()
+        for k, t in module.state_dict().items()
+        if isinstance(t, torch.Tensor) and not _under(k, gone)
+    )
+    params += sum(
+        t.numel()
+        for tail in tails.values()
+        for t in tail.state_dict().values()
+        if isinstance(t, torch.Tensor)
+    )
     return mods, params + new_bias
 
 
@@ -463,7 +515,9 @@ def _fold_direct_pairs(
             q = f"{path}.{bn}" if path else bn
             if q in done or not is_bn_module(getattr(u, bn, nn.Identity())):
                 continue
-            if _ancestors_reach_in(work, q) or _ancestors_reach_in(work, f"{path}.{layer}" if path else layer):
+            if _ancestors_reach_in(work, q) or _ancestors_reach_in(
+                work, f"{path}.{layer}" if path else layer
+            ):
                 continue
             g = fx.Graph()
             x = g.placeholder("x")
@@ -483,7 +537,9 @@ def _fold_direct_pairs(
 
 
 def _demote_site(c: Candidate) -> Skip:
-    return Skip(c.site.bn, SkipReason.SHARED_MODULE, "the layer or BN is shared: folding would change its other uses")
+    return Skip(
+        c.site.bn, SkipReason.SHARED_MODULE, "the layer or BN is shared: folding would change its other uses"
+    )
 
 
 def _fold_fallback(

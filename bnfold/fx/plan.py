@@ -83,13 +83,16 @@ class Plan:
         return [v.site if isinstance(v, Candidate) else v for v in self.verdicts]
 
 
-
-
 def from_numpy(a: Any, like: torch.Tensor) -> torch.Tensor:
     """An array already in ``like``'s dtype as a tensor on its device, in its memory format (Rule 4)."""
     t: torch.Tensor = _from_numpy(a).to(like.device)
     for rank, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
-        if t.dim() == rank and like.dim() == rank and like.is_contiguous(memory_format=fmt) and not like.is_contiguous():
+        if (
+            t.dim() == rank
+            and like.dim() == rank
+            and like.is_contiguous(memory_format=fmt)
+            and not like.is_contiguous()
+        ):
             return t.contiguous(memory_format=fmt)
     return t
 

@@ -44,8 +44,17 @@ from torch import nn
 __all__ = ["unsafe_use", "register_checkpoint_runner", "direct_pairs"]
 
 _DYNAMIC = frozenset(
-    {"_modules", "__dict__", "children", "named_children", "modules", "named_modules", "get_submodule",
-     "_parameters", "_buffers"}
+    {
+        "_modules",
+        "__dict__",
+        "children",
+        "named_children",
+        "modules",
+        "named_modules",
+        "get_submodule",
+        "_parameters",
+        "_buffers",
+    }
 )
 _WILD = "*"
 
@@ -70,13 +79,17 @@ def register_checkpoint_runner(fn: Callable[..., Any], runs: str = "children") -
     from bnfold.errors import OptionError
 
     if runs not in ("call", "children"):
-        raise OptionError(f"register_checkpoint_runner: runs must be 'call' or 'children', not {str(runs)[:40]!r}")
+        raise OptionError(
+            f"register_checkpoint_runner: runs must be 'call' or 'children', not {str(runs)[:40]!r}"
+        )
     if not callable(fn):
         raise OptionError(f"register_checkpoint_runner expects a function, got {type(fn).__name__}")
     try:
         hash(fn)
     except TypeError as e:
-        raise OptionError(f"register_checkpoint_runner expects a hashable function, got {type(fn).__name__}") from e
+        raise OptionError(
+            f"register_checkpoint_runner expects a hashable function, got {type(fn).__name__}"
+        ) from e
     _RUNNERS[fn] = runs
     _chains.cache_clear()
 
@@ -90,7 +103,9 @@ def _runner_kind(fn: Any) -> str | None:
         return "children"
     if fn in _RUNNERS:
         return _RUNNERS[fn]
-    if getattr(fn, "__name__", "") == "checkpoint_seq" and str(getattr(fn, "__module__", "")).startswith("timm."):
+    if getattr(fn, "__name__", "") == "checkpoint_seq" and str(getattr(fn, "__module__", "")).startswith(
+        "timm."
+    ):
         return "children"
     return None
 
@@ -119,14 +134,15 @@ def _chains(cls: type) -> tuple[tuple[tuple[str, ...], str], ...] | str:
         mod = sys.modules.get(klass.__module__)
         glb: dict[str, Any] = dict(vars(mod)) if mod is not None else {}
         entries = {
-            n: v for n, v in vars(klass).items()
+            n: v
+            for n, v in vars(klass).items()
             if callable(v) or isinstance(v, (staticmethod, classmethod, property, functools.cached_property))
         }
-        defs = {} if tree is None else {
-            f.name: f
-            for f in ast.walk(tree)
-            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-        }
+        defs = (
+            {}
+            if tree is None
+            else {f.name: f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        )
         for n, v in entries.items():
             if trusted:
                 methods.setdefault(n, "trusted")
@@ -233,8 +249,10 @@ def _use(node: ast.AST, parent: ast.AST | None, glb: dict[str, Any]) -> str:
         return "call"
     if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:
         kind = _runner_kind(_resolve(parent.func, glb))
-        flatten = any(k.arg == "flatten" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-                      for k in parent.keywords)
+        flatten = any(
+            k.arg == "flatten" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+            for k in parent.keywords
+        )
         if kind == "call":
             return "call"
         if kind == "children":
@@ -370,11 +388,15 @@ def direct_pairs(module: nn.Module) -> list[tuple[str, str]]:
                 call = s2.value
                 if layer is None or bn is None or not isinstance(call, ast.Call):
                     continue
-                if len(call.args) == 1 and not call.keywords and isinstance(call.args[0], ast.Name) and (
-                    call.args[0].id == t1.id
+                if (
+                    len(call.args) == 1
+                    and not call.keywords
+                    and isinstance(call.args[0], ast.Name)
+                    and (call.args[0].id == t1.id)
                 ):
                     pairs.append((layer, bn))
     return [
-        (a, b) for a, b in pairs
+        (a, b)
+        for a, b in pairs
         if a != b and uses[a] == 1 and uses[b] == 1 and exact[(a,)] == 1 and exact[(b,)] == 1
     ]

@@ -68,8 +68,17 @@ def flatten_dims(node: fx.Node, root: nn.Module) -> tuple[Any, Any] | None:
     return None
 
 
-_ARITH = {operator.add, operator.mul, operator.sub, operator.truediv, operator.matmul, torch.add, torch.mul,
-          torch.sub, torch.matmul}
+_ARITH = {
+    operator.add,
+    operator.mul,
+    operator.sub,
+    operator.truediv,
+    operator.matmul,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.matmul,
+}
 _REDUCE = {"mean", "sum", "amax", "amin"}
 
 
@@ -91,8 +100,23 @@ def _indexed_rank(node: fx.Node, r: int | None) -> int | None:
     if r is None or not all(isinstance(i, (int, slice)) for i in items) or len(items) > r:
         return None
     return r - sum(isinstance(i, int) for i in items)
-_SAME_RANK_METHODS = {"transpose", "contiguous", "relu", "sigmoid", "tanh", "float", "half", "to", "mul",
-                      "add", "sub", "div", "clone"}
+
+
+_SAME_RANK_METHODS = {
+    "transpose",
+    "contiguous",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "float",
+    "half",
+    "to",
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "clone",
+}
 
 
 def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
@@ -186,11 +210,15 @@ def is_noop(n: fx.Node, root: nn.Module) -> bool:
     """An eval-mode identity between a BN and its neighbour: Identity, Dropout, dropout(training=False)."""
     if n.op == "call_module":
         m = fetch_attr(root, str(n.target))
-        return type(m) in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout) and not (
-            m._forward_hooks or m._forward_pre_hooks
-        )
+        return type(m) in (
+            nn.Identity,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.AlphaDropout,
+        ) and not (m._forward_hooks or m._forward_pre_hooks)
     if n.op == "call_function" and n.target is F.dropout:
         training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
         return training is False
     return n.op == "call_method" and n.target == "contiguous" and len(n.args) == 1
-

@@ -43,8 +43,9 @@ class ThreadSafeTracer(fx.Tracer):
             self._owner = threading.get_ident()
             return super().trace(root, concrete_args)
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if threading.get_ident() != self._owner:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)

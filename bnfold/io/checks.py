@@ -42,9 +42,14 @@ def _check_onnx(path: str, model: Any) -> None:
     declared = {v.name for v in g.input}
     check_model_data(model, path)
     for t in model.graph.initializer:
-        if t.name not in declared and model.ir_version < 4:  # the checker's own rule, which the copy would hide
-            raise _fail(path, f"rejected by onnx.checker: {t.name} in initializer but not in graph input "
-                              f"(IR version {model.ir_version} < 4 lists every initializer as an input)")
+        if (
+            t.name not in declared and model.ir_version < 4
+        ):  # the checker's own rule, which the copy would hide
+            raise _fail(
+                path,
+                f"rejected by onnx.checker: {t.name} in initializer but not in graph input "
+                f"(IR version {model.ir_version} < 4 lists every initializer as an input)",
+            )
         if t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
@@ -80,19 +85,32 @@ def _tensor_problem(t: Any) -> str | None:
     per = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
     got = len(getattr(t, field))
     if got != n * per:
-        return (f"tensor '{t.name}' holds {got} values in {field}, its shape {list(t.dims)} needs {n * per}")
+        return f"tensor '{t.name}' holds {got} values in {field}, its shape {list(t.dims)} needs {n * per}"
     return None
 
 
 # Where a tensor without raw_data keeps its values, by TensorProto.DataType (onnx.proto).
 _TYPED_FIELD = {
-    1: "float_data", 14: "float_data",  # FLOAT, COMPLEX64
-    2: "int32_data", 3: "int32_data", 4: "int32_data", 5: "int32_data", 6: "int32_data", 9: "int32_data",
-    10: "int32_data", 16: "int32_data", 17: "int32_data", 18: "int32_data", 19: "int32_data", 20: "int32_data",
+    1: "float_data",
+    14: "float_data",  # FLOAT, COMPLEX64
+    2: "int32_data",
+    3: "int32_data",
+    4: "int32_data",
+    5: "int32_data",
+    6: "int32_data",
+    9: "int32_data",
+    10: "int32_data",
+    16: "int32_data",
+    17: "int32_data",
+    18: "int32_data",
+    19: "int32_data",
+    20: "int32_data",
     7: "int64_data",  # INT64
     8: "string_data",  # STRING
-    11: "double_data", 15: "double_data",  # DOUBLE, COMPLEX128
-    12: "uint64_data", 13: "uint64_data",  # UINT32, UINT64
+    11: "double_data",
+    15: "double_data",  # DOUBLE, COMPLEX128
+    12: "uint64_data",
+    13: "uint64_data",  # UINT32, UINT64
 }
 
 
@@ -106,11 +124,14 @@ def _bn_param_problem(graph: Any, inits: Mapping[str, Any]) -> str | None:
         dims = [tuple(int(d) for d in inits[i].dims) for i in node.input[1:5] if i in inits]
         # Opsets 6-8 with spatial=0 keep statistics per element [C, D1, ...]: valid, of any rank >= 1.
         per_element = any(a.name == "spatial" and a.i == 0 for a in node.attribute)
-        if len(dims) == 4 and (len({d for d in dims}) > 1 or (len(dims[0]) != 1 and not per_element)
-                               or not dims[0]):
+        if len(dims) == 4 and (
+            len({d for d in dims}) > 1 or (len(dims[0]) != 1 and not per_element) or not dims[0]
+        ):
             label = node.name or node.output[0] if node.output else node.name
-            return (f"BatchNormalization '{label}': scale, B, mean and var have shapes "
-                    f"{', '.join(str(list(d)) for d in dims)}; they must be 1-D and of one length (the channels)")
+            return (
+                f"BatchNormalization '{label}': scale, B, mean and var have shapes "
+                f"{', '.join(str(list(d)) for d in dims)}; they must be 1-D and of one length (the channels)"
+            )
     return None
 
 
@@ -125,8 +146,10 @@ def _value_name_problem(graph: Any) -> str | None:
     for v in values:
         if isinstance(v, bytes):
             shown = v.decode("utf-8", "surrogateescape")
-            return (f"graph '{graph.name if isinstance(graph.name, str) else graph.name.decode('utf-8', 'surrogateescape')}'"
-                    f": the value name '{shown}' is not valid UTF-8; rename it (node and graph names may be any bytes)")
+            return (
+                f"graph '{graph.name if isinstance(graph.name, str) else graph.name.decode('utf-8', 'surrogateescape')}'"
+                f": the value name '{shown}' is not valid UTF-8; rename it (node and graph names may be any bytes)"
+            )
     return None
 
 
@@ -148,8 +171,10 @@ def check_model_data(model: Any, where: str = "model") -> None:
         inits: dict[str, Any] = {}
         for t in graph.initializer:
             if t.name in inits:
-                raise ModelFormatError(f"{where}: initializer '{t.name}' is defined twice in graph "
-                                       f"'{graph.name}'; each name must be unique")
+                raise ModelFormatError(
+                    f"{where}: initializer '{t.name}' is defined twice in graph "
+                    f"'{graph.name}'; each name must be unique"
+                )
             inits[t.name] = t
             problem = _tensor_problem(t)
             if problem:

@@ -42,8 +42,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "RECORD_KEY", "FileBytes", "absolute", "data_refs", "fields", "file_key", "model_locations", "model_size",
-    "onnx_data_files", "read_locations", "read_record", "remember", "remembered",
+    "RECORD_KEY",
+    "FileBytes",
+    "absolute",
+    "data_refs",
+    "fields",
+    "file_key",
+    "model_locations",
+    "model_size",
+    "onnx_data_files",
+    "read_locations",
+    "read_record",
+    "remember",
+    "remembered",
 ]
 
 _TENSOR = "Tensor"
@@ -55,13 +66,21 @@ _SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
     "Graph": {1: ("node", "Node"), 5: ("initializer", _TENSOR), 15: ("sparse_initializer", "Sparse")},
     "Function": {7: ("node", "Node")},
     "Node": {5: ("attribute", "Attribute")},
-    "Attribute": {5: ("t", _TENSOR), 6: ("g", "Graph"), 10: ("tensors", _TENSOR), 11: ("graphs", "Graph"),
-                  22: ("sparse_tensor", "Sparse"), 23: ("sparse_tensors", "Sparse")},
+    "Attribute": {
+        5: ("t", _TENSOR),
+        6: ("g", "Graph"),
+        10: ("tensors", _TENSOR),
+        11: ("graphs", "Graph"),
+        22: ("sparse_tensor", "Sparse"),
+        23: ("sparse_tensors", "Sparse"),
+    },
     "Sparse": {1: ("values", _TENSOR), 2: ("indices", _TENSOR)},
 }
 _EXTERNAL_DATA, _DATA_LOCATION, _EXTERNAL = 13, 14, 1  # TensorProto fields; DataLocation.EXTERNAL
 _NOT_ONNX_FIRST_BYTES = (0x50, 0x80)  # "PK" of a zip (torch.save, .pt2), a pickle's PROTO opcode
-_WHOLE_FILE = 8 * 2**20  # bytes: a file up to this size is read whole (the headers of a model with external data)
+_WHOLE_FILE = (
+    8 * 2**20
+)  # bytes: a file up to this size is read whole (the headers of a model with external data)
 _MAX_DEPTH = 64  # nested graphs; protobuf's own parser stops at 100 levels of messages
 
 
@@ -140,7 +159,7 @@ def _tensor(buf: Any, pos: int, end: int, out: dict[str, None]) -> None:
             key = text = ""
             for n, w, length, p in fields(buf, at, at + value):
                 if w == 2 and n in (1, 2):
-                    s = bytes(buf[p:p + length]).decode("utf-8", "replace")
+                    s = bytes(buf[p : p + length]).decode("utf-8", "replace")
                     key, text = (s, text) if n == 1 else (key, s)
             if key == "location" and text:
                 locations.append(text)
@@ -173,7 +192,7 @@ class FileBytes:
                 self._load(a, b - a)
             if b - self._start > len(self._data):
                 raise ValueError("the file ended early")
-            return self._data[a - self._start:b - self._start]
+            return self._data[a - self._start : b - self._start]
         i = index - self._start
         if not 0 <= i < len(self._data):
             self._load(index, 1)
@@ -237,7 +256,7 @@ def read_record(path: str | os.PathLike[str]) -> str | None:
                 key = value = ""
                 for n, w, ln, p in fields(buf, at, at + length):
                     if w == 2 and n in (1, 2):
-                        text = bytes(buf[p:p + ln]).decode("utf-8", "replace")
+                        text = bytes(buf[p : p + ln]).decode("utf-8", "replace")
                         key, value = (text, value) if n == 1 else (key, text)
                 if key == RECORD_KEY:
                     found = value
@@ -275,7 +294,6 @@ def _graphs(graph: Any) -> Iterator[Any]:
                 yield from _graphs(attr.g)
             for sub in attr.graphs:
                 yield from _graphs(sub)
-
 
 
 # ---------------------------------------------------------------------- remembered answers per file

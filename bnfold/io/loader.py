@@ -45,10 +45,15 @@ def _load_onnx(path: str, parsed: Any, lazy: bool = False) -> Any:
         try:
             st = os.stat(ref)
         except OSError as e:
-            raise _fail(path, f"cannot load the ONNX model's external data ({os.path.basename(ref)}: "
-                              f"{e.strerror or e})") from e
+            raise _fail(
+                path,
+                f"cannot load the ONNX model's external data ({os.path.basename(ref)}: {e.strerror or e})",
+            ) from e
         if not stat.S_ISREG(st.st_mode):
-            raise _fail(path, f"external data {os.path.basename(ref)} is not a regular file ({_file_kind(st.st_mode)})")
+            raise _fail(
+                path,
+                f"external data {os.path.basename(ref)} is not a regular file ({_file_kind(st.st_mode)})",
+            )
     if lazy and any(uses_external_data(t) for t in model.graph.initializer) and not _nested_external(model):
         _make_lazy(path, model, base)
     elif any(uses_external_data(t) for t in model.graph.initializer):
@@ -82,7 +87,9 @@ def _make_lazy(path: str, model: Any, base: str) -> None:
             continue
         info = ExternalDataInfo(t)
         try:
-            fd = _open_external_data_fd(base, info.location, t.name, True)  # onnx's checks: no escape from base
+            fd = _open_external_data_fd(
+                base, info.location, t.name, True
+            )  # onnx's checks: no escape from base
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise _fail(path, f"cannot load the ONNX model's external data ({msg})") from e
@@ -104,8 +111,11 @@ def _make_lazy(path: str, model: Any, base: str) -> None:
         if t.data_type in _SUBBYTE_TYPES:
             need = length
         if offset < 0 or offset + length > st.st_size or length != need:
-            raise _fail(path, f"external data of tensor '{t.name}' ({info.location}, offset {offset}, length "
-                              f"{length}) does not fit its file ({st.st_size} bytes) or its shape ({need} bytes)")
+            raise _fail(
+                path,
+                f"external data of tensor '{t.name}' ({info.location}, offset {offset}, length "
+                f"{length}) does not fit its file ({st.st_size} bytes) or its shape ({need} bytes)",
+            )
         entries = {"location": real, "offset": str(offset), "length": str(length)}
         del t.external_data[:]
         for key, value in entries.items():
@@ -168,8 +178,9 @@ def load_with_format(
     locations), read by the fold when needed and copied by :func:`save`; for a job that hands the
     model to nothing but the fold and the writer (``fold`` and ``inspect``: onnxruntime reads files).
     """
-    loaded = load_file(path, model_factory=model_factory, trust_pickle=trust_pickle,
-                       lazy_external_data=lazy_external_data)
+    loaded = load_file(
+        path, model_factory=model_factory, trust_pickle=trust_pickle, lazy_external_data=lazy_external_data
+    )
     return loaded.model, loaded.format
 
 
@@ -238,8 +249,14 @@ def load_file(
         from .torch_load import factory_examples
 
         examples = factory_examples(model_factory)
-    return Loaded(model=model, format=fmt, path=p, example_inputs=examples, data_files=data_files,
-                  size=_total_size([os.path.abspath(p), *data_files]) if os.path.exists(p) else None)
+    return Loaded(
+        model=model,
+        format=fmt,
+        path=p,
+        example_inputs=examples,
+        data_files=data_files,
+        size=_total_size([os.path.abspath(p), *data_files]) if os.path.exists(p) else None,
+    )
 
 
 def _load_as(
@@ -250,9 +267,12 @@ def _load_as(
     if fmt == "torchscript":
         # Recognised from the zip's member names; never handed to torch.jit.load, which runs the
         # archive's code. Its graph is compiled, so there is nothing bnfold could fold into anyway.
-        raise _fail(p, "a TorchScript archive (torch.jit.save): bnfold does not load TorchScript (loading runs "
-                       "code from the file); save the nn.Module (state_dict with --model, torch.export.save, or "
-                       "ONNX) and fold that")
+        raise _fail(
+            p,
+            "a TorchScript archive (torch.jit.save): bnfold does not load TorchScript (loading runs "
+            "code from the file); save the nn.Module (state_dict with --model, torch.export.save, or "
+            "ONNX) and fold that",
+        )
     from .torch_load import load_torch
 
     return load_torch(p, fmt, model_factory, trust_pickle)

@@ -41,8 +41,17 @@ from bnfold.errors import OutputError
 from .atomic import _check_folder, _identity, fit_name, name_max
 from .datafiles import absolute, data_refs, file_key, model_locations, read_record, remember
 
-__all__ = ["files_read_by", "file_size_with_data", "check_output_path", "data_name", "owned_data",
-           "readers_of", "owned_old_data", "make_record", "after_replace"]
+__all__ = [
+    "files_read_by",
+    "file_size_with_data",
+    "check_output_path",
+    "data_name",
+    "owned_data",
+    "readers_of",
+    "owned_old_data",
+    "make_record",
+    "after_replace",
+]
 
 
 def _external_refs(model: Any, base: str) -> tuple[str, ...]:
@@ -132,7 +141,9 @@ def check_output_path(
         s = os.fspath(src)
         if _identity(d) is not None and _identity(d) == _identity(s):
             if not in_place:
-                raise OutputError(f"{d}: is the input model; choose another output or pass --in-place to overwrite it")
+                raise OutputError(
+                    f"{d}: is the input model; choose another output or pass --in-place to overwrite it"
+                )
             files = [f for f in files if _identity(f) != _identity(s)]
             _refuse_input_files(d, files, data_too=False)
             return
@@ -158,8 +169,10 @@ def _protected(path: str, protect_ids: set[tuple[int, int]]) -> bool:
 
 
 def _input_file_error(dst: str, path: str, what: str) -> OutputError:
-    return OutputError(f"{dst}: {what} {path} is a file the input model reads or another input of this command; "
-                       "writing it would damage the input. Choose another output name")
+    return OutputError(
+        f"{dst}: {what} {path} is a file the input model reads or another input of this command; "
+        "writing it would damage the input. Choose another output name"
+    )
 
 
 # ------------------------------------------------------------------------- which data bnfold owns
@@ -183,8 +196,9 @@ class _Record:
 
 def make_record(location: str, nbytes: int, sha256: str) -> str:
     """The record's text (canonical JSON: the same data gives the same bytes)."""
-    return json.dumps({"bytes": nbytes, "location": location, "sha256": sha256}, sort_keys=True,
-                      separators=(",", ":"))
+    return json.dumps(
+        {"bytes": nbytes, "location": location, "sha256": sha256}, sort_keys=True, separators=(",", ":")
+    )
 
 
 def _parse_record(text: str | None) -> _Record | None:
@@ -268,7 +282,9 @@ def _may_be_onnx(path: str) -> bool:
     except OSError:
         return False
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 1)[:1] in {bytes([b]) for b in _MODEL_FIRST_BYTES}
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 1)[:1] in {
+            bytes([b]) for b in _MODEL_FIRST_BYTES
+        }
     except OSError:
         return False
     finally:
@@ -290,7 +306,9 @@ def readers_of(data: str, besides: str) -> list[str] | None:
     if target is None:
         return []
     skip = os.path.realpath(besides)
-    bases = list(dict.fromkeys((os.path.dirname(os.path.abspath(data)), os.path.dirname(os.path.realpath(data)))))
+    bases = list(
+        dict.fromkeys((os.path.dirname(os.path.abspath(data)), os.path.dirname(os.path.realpath(data))))
+    )
     folders: dict[str, None] = {}
     for base in bases:
         folders.setdefault(base, None)
@@ -335,14 +353,17 @@ def owned_old_data(dst: str, protect_ids: set[tuple[int, int]]) -> tuple[str | N
         return None, []
     readers = readers_of(owned, dst)
     if readers is None:
-        return None, [f"kept {owned}: bnfold wrote it for {dst} but cannot tell whether another model reads it"]
+        return None, [
+            f"kept {owned}: bnfold wrote it for {dst} but cannot tell whether another model reads it"
+        ]
     if readers:
         return None, [f"kept {owned}: bnfold wrote it for {dst}, and {readers[0]} reads it too"]
     return owned, []
 
 
-def after_replace(dst: str, old_refs: Iterable[str], new_refs: Iterable[str], owned: str | None,
-                  notes: Iterable[str] = ()) -> list[str]:
+def after_replace(
+    dst: str, old_refs: Iterable[str], new_refs: Iterable[str], owned: str | None, notes: Iterable[str] = ()
+) -> list[str]:
     """After ``dst`` was replaced: remove ``owned`` (see :func:`owned_old_data`) if the new model does
     not read it; return ``notes`` and a note for every other file the old ``dst`` read that the new one
     does not read, which is kept."""
@@ -358,11 +379,15 @@ def after_replace(dst: str, old_refs: Iterable[str], new_refs: Iterable[str], ow
             try:
                 os.unlink(ref)
             except OSError as e:
-                out.append(f"could not remove {ref}, which bnfold wrote for the replaced model ({e.strerror or e})")
+                out.append(
+                    f"could not remove {ref}, which bnfold wrote for the replaced model ({e.strerror or e})"
+                )
             continue
         if ref in said:
             continue
-        out.append(f"kept {ref}: the replaced {os.path.basename(dst)} read it and the new one does not; bnfold "
-                   "cannot prove it wrote it for this output, so another model may read it (remove it yourself "
-                   "if nothing does)")
+        out.append(
+            f"kept {ref}: the replaced {os.path.basename(dst)} read it and the new one does not; bnfold "
+            "cannot prove it wrote it for this output, so another model may read it (remove it yourself "
+            "if nothing does)"
+        )
     return out

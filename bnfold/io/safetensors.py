@@ -26,10 +26,21 @@ MAX_HEADER = 100 * 2**20
 """The largest header accepted (the safetensors package's own limit)."""
 
 _DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 
 
@@ -66,19 +77,26 @@ def _header(path: str, f: Any, size: int) -> tuple[int, dict[str, tuple[str, lis
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _DTYPES:
             raise _fail(path, f"an unknown dtype {dtype!r} for {name!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                   for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise _fail(path, f"a bad shape for {name!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise _fail(path, f"bad data_offsets for {name!r}")
         begin, end = offsets
         count = 1
         for d in shape:
             count *= d
         if not 0 <= begin <= end <= data_len or end - begin != count * _DTYPES[dtype][1]:
-            raise _fail(path, f"data_offsets {offsets} for {name!r} that do not fit its shape {shape} and "
-                              f"dtype {dtype} inside the {data_len} bytes of data")
+            raise _fail(
+                path,
+                f"data_offsets {offsets} for {name!r} that do not fit its shape {shape} and "
+                f"dtype {dtype} inside the {data_len} bytes of data",
+            )
         out[name] = (_DTYPES[dtype][0], shape, begin, end)
     spans = sorted((b, e, k) for k, (_, _, b, e) in out.items() if e > b)
     for (_, e1, k1), (b2, _, k2) in zip(spans, spans[1:]):

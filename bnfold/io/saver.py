@@ -65,8 +65,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """ONNX models larger than this (bytes) are saved with external data (protobuf stops at 2 GiB)."""
 
 
-def _stage_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]],
-                created: list[str]) -> Staged:
+def _stage_onnx(
+    model: Any, dst: str, external_data: bool | None, protect_ids: set[tuple[int, int]], created: list[str]
+) -> Staged:
     """Write an ONNX model to temporary files next to ``dst`` (each noted in ``created`` as it is made).
 
     Inline: one temporary ``.<name>.*.tmp.onnx``. With external data: a temporary folder
@@ -77,8 +78,10 @@ def _stage_onnx(model: Any, dst: str, external_data: bool | None, protect_ids: s
     size = _weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     if not use_external and size >= 2**31:
-        raise OutputError(f"{dst}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; save it "
-                          "with external data")
+        raise OutputError(
+            f"{dst}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; save it "
+            "with external data"
+        )
     folder = _check_folder(dst)
     if _protected(dst, protect_ids):
         raise _input_file_error(dst, dst, "the output")
@@ -161,7 +164,9 @@ class _StagedData:
     sha256: str
 
 
-def _write_pair_staged(model: Any, dst: str, folder: str, created: list[str]) -> tuple[str, _StagedData | None]:
+def _write_pair_staged(
+    model: Any, dst: str, folder: str, created: list[str]
+) -> tuple[str, _StagedData | None]:
     """Write model + data into a new temporary folder next to ``dst`` (noted in ``created``).
 
     The folder holds ``model.onnx`` and (when a tensor of 1 KiB or more exists) its data under its
@@ -186,7 +191,8 @@ def _write_pair_staged(model: Any, dst: str, folder: str, created: list[str]) ->
             _write_onnx_stream(model, f, data, location)
             if named:
                 entry = onnx.StringStringEntryProto(
-                    key=RECORD_KEY, value=make_record(named[0], data.nbytes, data.sha.hexdigest()))
+                    key=RECORD_KEY, value=make_record(named[0], data.nbytes, data.sha.hexdigest())
+                )
                 body = entry.SerializeToString()
                 f.write(_field_header(_METADATA_PROPS, len(body)))
                 f.write(body)
@@ -215,8 +221,9 @@ def _same_content(path: str, nbytes: int, sha256: str) -> bool:
     return sha256_file(path) == sha256
 
 
-def _commit_pair(dst: str, folder: str, tmp_model: str, data: _StagedData | None,
-                 protect_ids: set[tuple[int, int]]) -> tuple[str, ...]:
+def _commit_pair(
+    dst: str, folder: str, tmp_model: str, data: _StagedData | None, protect_ids: set[tuple[int, int]]
+) -> tuple[str, ...]:
     """Move a staged pair into place: the data first, then the model, then remove the old data.
 
     Under the folder lock: the moment ``dst`` is the new model, its data is there; if the model
@@ -230,8 +237,10 @@ def _commit_pair(dst: str, folder: str, tmp_model: str, data: _StagedData | None
         keep_existing = False
         if data is not None and final is not None and os.path.lexists(final):
             if not _same_content(final, data.nbytes, data.sha256):
-                raise OutputError(f"{dst}: {final} exists and does not hold this model's data (bnfold names a data "
-                                  "file after its content); move it away or choose another output name")
+                raise OutputError(
+                    f"{dst}: {final} exists and does not hold this model's data (bnfold names a data "
+                    "file after its content); move it away or choose another output name"
+                )
             keep_existing = True
         old_refs = data_refs(dst) if os.path.lexists(dst) else ()
         owned, notes = owned_old_data(dst, protect_ids)
@@ -367,8 +376,9 @@ def save(
         log.info("%s", note)
 
 
-def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[int, int]],
-                 created: list[str]) -> Staged:
+def _stage_torch(
+    model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[int, int]], created: list[str]
+) -> Staged:
     """Write a PyTorch model to a temporary file next to ``dst`` (noted in ``created``)."""
     if "torch" not in sys.modules:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
@@ -378,10 +388,12 @@ def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[i
     # Written through an open file, never a path: torch names the archive's top folder after a
     # path's file name (here a random temporary name), which would make every save's bytes differ.
     if isinstance(model, torch.export.ExportedProgram):
+
         def writer(t: str) -> None:
             with open(t, "wb") as f:
                 torch.export.save(model, f)
     elif isinstance(model, torch.jit.ScriptModule):
+
         def writer(t: str) -> None:
             with open(t, "wb") as f:
                 torch.jit.save(model, f)
@@ -409,8 +421,10 @@ def _stage_torch(model: Any, dst: str, fmt: str | None, protect_ids: set[tuple[i
         # "RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos"
         msg = " ".join(str(e).split())
         if "enforce fail" in msg or "write" in msg.lower() or "file" in msg.lower():
-            raise OutputError(f"{dst}: cannot write (the write failed: disk full or a file size limit?); "
-                              "free space and retry") from e
+            raise OutputError(
+                f"{dst}: cannot write (the write failed: disk full or a file size limit?); "
+                "free space and retry"
+            ) from e
         raise
 
     def commit() -> tuple[str, ...]:

@@ -160,8 +160,21 @@ def _is_safe_global(g: str) -> bool:
     if module not in _SAFE_GLOBAL_MODULES:
         return False
     if module == "torch":
-        return name.endswith("Storage") or name.startswith(_SAFE_TORCH_NAMES_PREFIX) or name in (
-            "float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool",
+        return (
+            name.endswith("Storage")
+            or name.startswith(_SAFE_TORCH_NAMES_PREFIX)
+            or name
+            in (
+                "float32",
+                "float64",
+                "float16",
+                "bfloat16",
+                "int64",
+                "int32",
+                "int8",
+                "uint8",
+                "bool",
+            )
         )
     return True
 
@@ -169,7 +182,9 @@ def _is_safe_global(g: str) -> bool:
 def _classify_pickle(path: str, data: bytes, max_pickles: int) -> str:
     globs = _globals_of(data, max_pickles)
     if globs is None:
-        raise _fail(path, "unknown format: not ONNX, not a PyTorch file (torch.save, torch.export, TorchScript)")
+        raise _fail(
+            path, "unknown format: not ONNX, not a PyTorch file (torch.save, torch.export, TorchScript)"
+        )
     return "state_dict" if all(_is_safe_global(g) for g in globs) else "pickled_module"
 
 
@@ -215,7 +230,9 @@ def _sniff(path: str) -> tuple[str, Any]:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-                if any(n.endswith("/archive_format") or "/models/" in n and n.endswith(".json") for n in names):
+                if any(
+                    n.endswith("/archive_format") or "/models/" in n and n.endswith(".json") for n in names
+                ):
                     return "pt2", None
                 if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
                     return "torchscript", None
@@ -248,7 +265,12 @@ def _sniff(path: str) -> tuple[str, Any]:
         raise _fail(path, "unknown format or truncated file: not ONNX, not a PyTorch file") from e
     except Exception as e:
         raise _fail(path, f"unknown format: not ONNX, not a PyTorch file ({type(e).__name__})") from e
-    if not model.HasField("graph") or model.ir_version <= 0 or not model.graph.node and not model.graph.output:
+    if (
+        not model.HasField("graph")
+        or model.ir_version <= 0
+        or not model.graph.node
+        and not model.graph.output
+    ):
         raise _fail(path, "unknown format: not ONNX (no graph), not a PyTorch file")
     _remember_refs(path, model)
     return "onnx", model

@@ -152,8 +152,10 @@ def _serialise(msg: Any, what: str) -> bytes:
     try:
         return msg.SerializeToString()  # type: ignore[no-any-return]
     except Exception as e:  # EncodeError / ValueError from protobuf past 2 GiB
-        raise _PartTooLarge(f"cannot write {what}: one protobuf message over 2 GiB ({type(e).__name__}); "
-                            "large constants must be initializers to go to external data") from e
+        raise _PartTooLarge(
+            f"cannot write {what}: one protobuf message over 2 GiB ({type(e).__name__}); "
+            "large constants must be initializers to go to external data"
+        ) from e
 
 
 class _PartTooLarge(Exception):
@@ -180,8 +182,9 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Cal
     inits = []
     moved = []
     for t in graph.initializer:
-        if data is not None and (_lazy_source(t) is not None
-                                 or t.data_location != t.EXTERNAL and tensor_nbytes(t) >= 1024):
+        if data is not None and (
+            _lazy_source(t) is not None or t.data_location != t.EXTERNAL and tensor_nbytes(t) >= 1024
+        ):
             t = _external_tensor(t, data, location if isinstance(location, str) else "")
             moved.append(t)
         inits.append(t)
@@ -305,8 +308,16 @@ class _Spill:
             self.failed = True
             return False
         self.end = offset + done
-        for f in ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
-                  "uint64_data", "external_data"):
+        for f in (
+            "raw_data",
+            "float_data",
+            "int32_data",
+            "string_data",
+            "int64_data",
+            "double_data",
+            "uint64_data",
+            "external_data",
+        ):
             if len(getattr(t, f)):
                 t.ClearField(f)
         del t.dims[:]
@@ -346,8 +357,12 @@ def spillable(value: Any) -> bool:
     """True when a spill is active and :func:`spill_tensor` would take ``value`` (a plain numeric
     array of :data:`SPILL_MIN_BYTES` or more)."""
     spill = _SPILL.get()
-    return (spill is not None and not spill.failed and value.nbytes >= SPILL_MIN_BYTES
-            and value.dtype.kind in "fiub")
+    return (
+        spill is not None
+        and not spill.failed
+        and value.nbytes >= SPILL_MIN_BYTES
+        and value.dtype.kind in "fiub"
+    )
 
 
 def spill_tensor(t: Any, value: Any) -> bool:

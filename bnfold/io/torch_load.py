@@ -51,16 +51,20 @@ def _import_file(spec: str, mod_name: str) -> Any:
         raise OptionError(f"bad model factory {spec!r}: {mod_name} does not exist")
     name = Path(file).stem
     if not name.isidentifier():
-        raise OptionError(f"bad model factory {spec!r}: {Path(file).name} is not an importable module name "
-                          "(rename the file to a Python identifier)")
+        raise OptionError(
+            f"bad model factory {spec!r}: {Path(file).name} is not an importable module name "
+            "(rename the file to a Python identifier)"
+        )
     known = sys.modules.get(name)
     if known is not None:
         known_file = getattr(known, "__file__", None)
         if known_file and os.path.realpath(known_file) == file:
             return known
         if not getattr(known, _FROM_FILE, False):
-            raise OptionError(f"bad model factory {spec!r}: the module name {name!r} is already taken by "
-                              f"{known_file or 'a built-in module'}; rename {Path(file).name}")
+            raise OptionError(
+                f"bad model factory {spec!r}: the module name {name!r} is already taken by "
+                f"{known_file or 'a built-in module'}; rename {Path(file).name}"
+            )
     folder = os.path.dirname(file)
     if folder not in sys.path:
         sys.path.append(folder)
@@ -95,7 +99,9 @@ def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
         return spec
     mod_name, sep, attr = str(spec).partition(":")
     if not sep or not mod_name or not attr:
-        raise OptionError(f"bad model factory {spec!r}: expected module.path:factory (e.g. models.lenet:lenet5)")
+        raise OptionError(
+            f"bad model factory {spec!r}: expected module.path:factory (e.g. models.lenet:lenet5)"
+        )
     try:
         if mod_name.endswith(".py"):
             module = _import_file(spec, mod_name)
@@ -105,7 +111,9 @@ def resolve_factory(spec: str | Callable[[], Any]) -> Callable[[], Any]:
     except OptionError:
         raise
     except Exception as e:
-        raise OptionError(f"bad model factory {spec!r}: cannot import {mod_name} ({type(e).__name__}: {e})") from e
+        raise OptionError(
+            f"bad model factory {spec!r}: cannot import {mod_name} ({type(e).__name__}: {e})"
+        ) from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -120,8 +128,10 @@ def _state_dict_of(path: str, obj: Any) -> Mapping[str, Any]:
     import torch
 
     def is_sd(d: Any) -> bool:
-        return isinstance(d, Mapping) and bool(d) and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+        return (
+            isinstance(d, Mapping)
+            and bool(d)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
         )
 
     if is_sd(obj):
@@ -130,8 +140,11 @@ def _state_dict_of(path: str, obj: Any) -> Mapping[str, Any]:
         for key in ("state_dict", "model_state_dict", "model", "module", "net"):
             if is_sd(obj.get(key)):
                 return obj[key]  # type: ignore[no-any-return]
-    raise _fail(path, "a torch.save checkpoint without a state_dict (a dict of tensors, or one under "
-                      "'state_dict' / 'model_state_dict' / 'model')")
+    raise _fail(
+        path,
+        "a torch.save checkpoint without a state_dict (a dict of tensors, or one under "
+        "'state_dict' / 'model_state_dict' / 'model')",
+    )
 
 
 def _check_pt2_members(path: str) -> None:
@@ -142,8 +155,11 @@ def _check_pt2_members(path: str) -> None:
     except zipfile.BadZipFile as e:
         raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
     if not any(n == "archive_version" or n.endswith("/archive_version") for n in names):
-        raise _fail(path, "a torch.export archive without archive_version: truncated or not written by "
-                          "torch.export.save; export the model again")
+        raise _fail(
+            path,
+            "a torch.export archive without archive_version: truncated or not written by "
+            "torch.export.save; export the model again",
+        )
 
 
 @contextlib.contextmanager
@@ -180,7 +196,10 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             with _quiet_logger("torch.export"):
                 program = torch.export.load(p)
         except Exception as e:
-            raise _fail(p, f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            raise _fail(
+                p,
+                f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            ) from e
         if not trust_pickle:
             pt2_guard.check_program(p, program)
         return program
@@ -201,16 +220,24 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             _add_cwd_as_fallback()
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise _fail(p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            raise _fail(
+                p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
         if isinstance(obj, Mapping):
             obj = next((v for v in obj.values() if isinstance(v, torch.nn.Module)), obj)
         if isinstance(obj, Mapping) and model_factory is not None:
             # A training checkpoint (Lightning): trusted, its weights go into the factory's module.
             return _into_factory(p, _state_dict_of(p, obj), model_factory)
         if not isinstance(obj, torch.nn.Module):
-            raise _fail(p, f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module"
-                           + (" (a training checkpoint? pass --model to load its state_dict)"
-                              if isinstance(obj, Mapping) else ""))
+            raise _fail(
+                p,
+                f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module"
+                + (
+                    " (a training checkpoint? pass --model to load its state_dict)"
+                    if isinstance(obj, Mapping)
+                    else ""
+                ),
+            )
         return obj
     # state_dict
     try:
@@ -225,11 +252,16 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     except ModelFormatError:
         raise
     except Exception as e:
-        raise _fail(p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise _fail(
+            p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     sd = _state_dict_of(p, obj)
     if model_factory is None:
-        raise _fail(p, "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
-                       "architecture (model_factory=...)")
+        raise _fail(
+            p,
+            "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
+            "architecture (model_factory=...)",
+        )
     return _into_factory(p, sd, model_factory)
 
 
@@ -243,7 +275,9 @@ def _into_factory(p: str, sd: Mapping[str, Any], model_factory: str | Callable[[
     except Exception as e:
         raise OptionError(f"model factory {_label(model_factory)} failed ({type(e).__name__}: {e})") from e
     if not isinstance(model, torch.nn.Module):
-        raise OptionError(f"model factory {_label(model_factory)} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise OptionError(
+            f"model factory {_label(model_factory)} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     own = set(model.state_dict())
     prefixes = {k.split(".", 1)[0] for k in sd}
     if not (set(sd) & own) and len(prefixes) == 1 and all("." in k for k in sd):
@@ -257,13 +291,18 @@ def _into_factory(p: str, sd: Mapping[str, Any], model_factory: str | Callable[[
         if missing:
             parts.append(f"missing keys {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
-            parts.append(f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+            parts.append(
+                f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
+            )
         raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: {'; '.join(parts)}")
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: "
-                       f"{' '.join(str(e).split())[:300]}") from e
+        raise _fail(
+            p,
+            f"does not fit the architecture built by {_label(model_factory)}: "
+            f"{' '.join(str(e).split())[:300]}",
+        ) from e
     return model.eval()
 
 

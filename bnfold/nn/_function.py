@@ -82,6 +82,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: centred two-pass result, which is used beyond it.
 FAST_MEAN_RATIO = 4.0
 
+
 def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
     """All dimensions but the channel dimension 1."""
     return (0, *range(2, x.dim()))

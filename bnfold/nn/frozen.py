@@ -318,7 +318,7 @@ class FrozenBatchNorm(nn.Module):
             # BN-format keys of the tail's modules (``act.weight``) live under ``tail.`` here.
             heads = {n for n, _ in self.tail.named_children()}
             for key in [k for k in state_dict if k.startswith(prefix)]:
-                rest = key[len(prefix):]
+                rest = key[len(prefix) :]
                 if rest.split(".")[0] in heads and prefix + "tail." + rest not in state_dict:
                     state_dict[prefix + "tail." + rest] = state_dict.pop(key)
         source = {k: state_dict.pop(prefix + k, None) for k in _SOURCE_KEYS}

@@ -37,7 +37,9 @@ __all__ = ["BATCH_STATS_MODES", "OPTION_HINT", "is_training_bn", "batch_stats_pa
 BATCH_STATS_MODES = ("instance",)
 """The values ``batch_stats`` takes (None: leave batch-statistics BNs as they are)."""
 
-OPTION_HINT = "--batch-stats instance (batch_stats='instance') converts it to an InstanceNorm, exact at batch 1"
+OPTION_HINT = (
+    "--batch-stats instance (batch_stats='instance') converts it to an InstanceNorm, exact at batch 1"
+)
 """The end of the reason of a batch-statistics BN left in place: the option that converts it."""
 
 INSTANCE_DETAIL = (
@@ -96,8 +98,13 @@ def _constant(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
     value = numpy_helper.from_array(np.ascontiguousarray(y), name=y_name)
     new = helper.make_node("Constant", [], [y_name], name=node.name, value=value)
     node.CopyFrom(new)
-    return Site(label, node.name or y_name, "constant", Direction.FORWARD,
-                "batch statistics of a constant input: evaluated once (float64), the BN is a constant")
+    return Site(
+        label,
+        node.name or y_name,
+        "constant",
+        Direction.FORWARD,
+        "batch statistics of a constant input: evaluated once (float64), the BN is a constant",
+    )
 
 
 def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Verdict:
@@ -111,35 +118,58 @@ def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Ver
         ranks.add(rank)
     if len(ranks) != 1:
         shown = "unknown" if not ranks else " or ".join(map(str, sorted(ranks)))
-        return Skip(label, SkipReason.TRAINING_MODE,
-                    f"normalises with its batch, on data of rank {shown}: an InstanceNorm needs a known rank >= 3")
+        return Skip(
+            label,
+            SkipReason.TRAINING_MODE,
+            f"normalises with its batch, on data of rank {shown}: an InstanceNorm needs a known rank >= 3",
+        )
     r = next(iter(ranks))
     if r < 3:
-        return Skip(label, SkipReason.TRAINING_MODE,
-                    f"normalises with its batch, on data of rank {r} (N, C): at batch 1 its variance is 0, "
-                    "and an InstanceNorm needs spatial axes; not converted")
+        return Skip(
+            label,
+            SkipReason.TRAINING_MODE,
+            f"normalises with its batch, on data of rank {r} (N, C): at batch 1 its variance is 0, "
+            "and an InstanceNorm needs spatial axes; not converted",
+        )
     if elem not in FLOAT_TYPES:
-        return Skip(label, SkipReason.UNSUPPORTED_DTYPE, "normalises with its batch; its data type is unknown "
-                    "or not a float type: not converted")
+        return Skip(
+            label,
+            SkipReason.UNSUPPORTED_DTYPE,
+            "normalises with its batch; its data type is unknown or not a float type: not converted",
+        )
     if elem == TensorProto.BFLOAT16 and opset < 22:
-        return Skip(label, SkipReason.UNSUPPORTED_DTYPE, "normalises with its batch, in bfloat16: "
-                    f"InstanceNormalization takes bfloat16 from opset 22 (the model has opset {opset}); not converted")
+        return Skip(
+            label,
+            SkipReason.UNSUPPORTED_DTYPE,
+            "normalises with its batch, in bfloat16: "
+            f"InstanceNormalization takes bfloat16 from opset 22 (the model has opset {opset}); not converted",
+        )
     for k, what in ((1, "scale"), (2, "B")):
         vt = index.value_type(node.input[k]) if k < len(node.input) and node.input[k] else None
         if vt is None or vt.elem_type != elem:
-            return Skip(label, SkipReason.UNSUPPORTED_DTYPE,
-                        f"normalises with its batch; BN {what} has another (or an unknown) type than the data: "
-                        "InstanceNormalization takes one type; not converted")
+            return Skip(
+                label,
+                SkipReason.UNSUPPORTED_DTYPE,
+                f"normalises with its batch; BN {what} has another (or an unknown) type than the data: "
+                "InstanceNormalization takes one type; not converted",
+            )
     eps = float(attr(node, "epsilon", 1e-5, opset))
-    new = helper.make_node("InstanceNormalization", [x, node.input[1], node.input[2]], [y],
-                           name=node.name, epsilon=eps)
+    new = helper.make_node(
+        "InstanceNormalization", [x, node.input[1], node.input[2]], [y], name=node.name, epsilon=eps
+    )
     node.CopyFrom(new)
     return Site(label, node.name or y, "InstanceNormalization", Direction.CONVERTED, INSTANCE_DETAIL)
 
 
 def batch_stats_pass(
-    graph: GraphProto, index: GraphIndex, ev: ConstEvaluator, labels: dict[str, str], prefix: str,
-    opset: int, mode: str | None, exclude: frozenset[str] = frozenset(),
+    graph: GraphProto,
+    index: GraphIndex,
+    ev: ConstEvaluator,
+    labels: dict[str, str],
+    prefix: str,
+    opset: int,
+    mode: str | None,
+    exclude: frozenset[str] = frozenset(),
 ) -> dict[str, Verdict]:
     """Rewrite the training-mode BNs of ``graph`` (one pass, in place); verdicts by BN output name.
 
@@ -157,8 +187,11 @@ def batch_stats_pass(
         read = _read_outputs(index, node)
         if read:
             if mode is not None:
-                out[key] = Skip(label, SkipReason.TRAINING_MODE,
-                                f"its running-statistic outputs ({', '.join(read)}) are read: not converted")
+                out[key] = Skip(
+                    label,
+                    SkipReason.TRAINING_MODE,
+                    f"its running-statistic outputs ({', '.join(read)}) are read: not converted",
+                )
             continue
         site = _constant(index, ev, node, label, opset)
         if site is not None:

@@ -91,7 +91,9 @@ def _fits(shape: tuple[int, ...]) -> tuple[int, ...]:
     alone, so it is refused here instead of after NumPy allocated gigabytes.
     """
     if math.prod(max(int(d), 0) for d in shape) > _MAX_ELEMENTS:
-        raise _NotConstant(SkipReason.NON_CONSTANT, f"a constant of shape {list(shape)} is too large to evaluate")
+        raise _NotConstant(
+            SkipReason.NON_CONSTANT, f"a constant of shape {list(shape)} is too large to evaluate"
+        )
     return shape
 
 
@@ -146,7 +148,9 @@ def _held_bytes(t: TensorProto) -> int:
     if t.data_location == TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
         return int(info["length"]) if info.get("length", "").isdigit() else 0
-    return 8 * (len(t.float_data) + len(t.double_data) + len(t.int32_data) + len(t.int64_data) + len(t.uint64_data))
+    return 8 * (
+        len(t.float_data) + len(t.double_data) + len(t.int32_data) + len(t.int64_data) + len(t.uint64_data)
+    )
 
 
 def _expand(x: Array, out: tuple[int, ...]) -> Array:
@@ -231,7 +235,11 @@ class ConstEvaluator:
     """Resolve values of one graph to constants, memoised (one evaluation per value)."""
 
     def __init__(
-        self, index: GraphIndex, opset: int, outer: ConstEvaluator | None = None, budget: ConstBudget | None = None
+        self,
+        index: GraphIndex,
+        opset: int,
+        outer: ConstEvaluator | None = None,
+        budget: ConstBudget | None = None,
     ) -> None:
         self.index = index
         self.opset = opset
@@ -336,7 +344,9 @@ class ConstEvaluator:
         raise _NotConstant(reason or SkipReason.NON_CONSTANT, f"shape of '{name}' is not static ({detail})")
 
     def _alloc(self, node: NodeProto, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> None:
-        self._held[0] += self.budget.charge(tuple(int(d) for d in shape), np.dtype(dtype), f"{node.op_type} '{node.name}'")
+        self._held[0] += self.budget.charge(
+            tuple(int(d) for d in shape), np.dtype(dtype), f"{node.op_type} '{node.name}'"
+        )
 
     def _eval(self, node: NodeProto) -> Array:
         op = node.op_type
@@ -358,7 +368,9 @@ class ConstEvaluator:
         if op in _UNARY:
             x = self._req(node, 0)
             if op != "Identity":
-                self._alloc(node, x.shape, np.result_type(x.dtype, np.float16) if op in _TO_FLOAT else x.dtype)
+                self._alloc(
+                    node, x.shape, np.result_type(x.dtype, np.float16) if op in _TO_FLOAT else x.dtype
+                )
             return np.asarray(_UNARY[op](x))
         if op in _BINARY:
             x, y = self._req(node, 0), self._req(node, 1)
@@ -398,7 +410,7 @@ class ConstEvaluator:
         if op == "Gather":
             x, ind = self._req(node, 0), self._req(node, 1)
             g_ax = int(a.get("axis", 0)) % max(x.ndim, 1)
-            self._alloc(node, (*x.shape[:g_ax], *ind.shape, *x.shape[g_ax + 1:]), x.dtype)
+            self._alloc(node, (*x.shape[:g_ax], *ind.shape, *x.shape[g_ax + 1 :]), x.dtype)
             return np.take(x, ind, axis=int(a.get("axis", 0)))
         if op == "Transpose":
             return np.transpose(self._req(node, 0), a.get("perm"))

@@ -214,8 +214,16 @@ def _fold_graph(
     held: dict[str, Verdict] = {}
     if order:  # training-mode BNs: constants evaluated, InstanceNorm on request (bnfold.onnx.batch_stats)
         index = build()
-        held = batch_stats_pass(graph, index, ConstEvaluator(index, ctx.opset, outer_ev), labels, prefix,
-                                ctx.opset, ctx.batch_stats, ctx.exclude)
+        held = batch_stats_pass(
+            graph,
+            index,
+            ConstEvaluator(index, ctx.opset, outer_ev),
+            labels,
+            prefix,
+            ctx.opset,
+            ctx.batch_stats,
+            ctx.exclude,
+        )
         final.update(held)
         ctx.converted += sum(1 for v in held.values() if isinstance(v, Site) and v.target_kind != "constant")
     has_subgraphs = False
@@ -314,7 +322,7 @@ def _drop_empty_bn_outputs(model: ModelProto) -> None:
                 keep = list(n.output)
                 while len(keep) > 1 and not keep[-1]:
                     keep.pop()
-                del n.output[len(keep):]
+                del n.output[len(keep) :]
 
 
 def _check_groups(model: ModelProto) -> None:
@@ -330,13 +338,26 @@ def _check_groups(model: ModelProto) -> None:
 
 
 def _merge_pass(
-    graph: GraphProto, index: GraphIndex, outer_ev: ConstEvaluator | None, prefix: str, ctx: _Ctx,
-    labels: dict[str, str], final: dict[str, Verdict], candidates: set[str],
+    graph: GraphProto,
+    index: GraphIndex,
+    outer_ev: ConstEvaluator | None,
+    prefix: str,
+    ctx: _Ctx,
+    labels: dict[str, str],
+    final: dict[str, Verdict],
+    candidates: set[str],
 ) -> bool:
     """One branch-merge pass (:mod:`bnfold.onnx.merge`); True when something merged."""
     res = _merge_branches(
-        graph, index, ConstEvaluator(index, ctx.opset, outer_ev), ctx.names, prefix=prefix, bn_labels=labels,
-        exclude=ctx.exclude, add_inputs=index.outer is None and ctx.ir_version < 4, flush=ctx.flush,
+        graph,
+        index,
+        ConstEvaluator(index, ctx.opset, outer_ev),
+        ctx.names,
+        prefix=prefix,
+        bn_labels=labels,
+        exclude=ctx.exclude,
+        add_inputs=index.outer is None and ctx.ir_version < 4,
+        flush=ctx.flush,
     )
     for m in res.merges:
         ctx.merges[m.sum] = m
@@ -406,8 +427,15 @@ def fold_model(
     bn_before, nodes_before, params_before = _figures(work)
     convs_before = _count_convs(work)
     ctx = _Ctx(
-        _opset(work), affine, Names(work), int(work.ir_version), exclude=frozenset(exclude),
-        flush=flush_denormals and not dry_run, sources=sources, merge=merge_branches, propagate=propagate,
+        _opset(work),
+        affine,
+        Names(work),
+        int(work.ir_version),
+        exclude=frozenset(exclude),
+        flush=flush_denormals and not dry_run,
+        sources=sources,
+        merge=merge_branches,
+        propagate=propagate,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
         batch_stats=batch_stats,
     )
@@ -427,25 +455,43 @@ def fold_model(
         if gc_was_enabled:
             gc.enable()
     bn_after, nodes_after, params_after = _figures(work)
-    notes: tuple[str, ...] = (f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them",) if ctx.mul_add else ()
+    notes: tuple[str, ...] = (
+        (f"{len(ctx.mul_add)} per-channel Mul+Add pair(s) folded into the layer before them",)
+        if ctx.mul_add
+        else ()
+    )
     if ctx.converted:
         notes += (_BATCH_NOTE.format(n=ctx.converted),)
     merges = tuple(ctx.merges.values())
     n_merged = sum(1 for m in merges if m.merged)
     if n_merged:
-        notes += (f"{n_merged} sum(s) of branches merged into one Conv each "
-                  f"({sum(m.branches_merged for m in merges if m.merged)} branches)",)
+        notes += (
+            f"{n_merged} sum(s) of branches merged into one Conv each "
+            f"({sum(m.branches_merged for m in merges if m.merged)} branches)",
+        )
     refused = [m for m in merges if not m.merged]
     if refused:
         why = sorted({b.reason.value for m in refused for b in m.branches if b.reason is not None})
-        notes += (f"{len(refused)} sum(s) of branches of one tensor left unmerged ({', '.join(why)}): "
-                  "see 'merges' in --json",)
+        notes += (
+            f"{len(refused)} sum(s) of branches of one tensor left unmerged ({', '.join(why)}): "
+            "see 'merges' in --json",
+        )
     report = FoldReport(
-        backend="onnx", verdicts=verdicts, dry_run=dry_run,
-        bn_before=bn_before, nodes_before=nodes_before, params_before=params_before,
-        bn_after=bn_after, nodes_after=nodes_after, params_after=params_after,
-        mul_add=tuple(ctx.mul_add), notes=notes, flushed_denormals=ctx.flushed if ctx.flush else None,
-        seconds=time.perf_counter() - t0, merges=merges, convs_before=convs_before,
+        backend="onnx",
+        verdicts=verdicts,
+        dry_run=dry_run,
+        bn_before=bn_before,
+        nodes_before=nodes_before,
+        params_before=params_before,
+        bn_after=bn_after,
+        nodes_after=nodes_after,
+        params_after=params_after,
+        mul_add=tuple(ctx.mul_add),
+        notes=notes,
+        flushed_denormals=ctx.flushed if ctx.flush else None,
+        seconds=time.perf_counter() - t0,
+        merges=merges,
+        convs_before=convs_before,
         convs_after=_count_convs(work),
     )
     return (model if dry_run else work), report

@@ -47,8 +47,6 @@ LAYERS = ("Conv", "ConvTranspose", "Gemm")
 
 
 @dataclass(slots=True)
-
-
 class Fwd:
     """What every forward case reads: the BN, its parameters, and the value the layer produced.
 

@@ -69,7 +69,11 @@ def read_lazy_tensor(t: TensorProto) -> np.ndarray[Any, Any] | None:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     except (KeyError, TypeError, ValueError):
         dtype = None
-    if dtype is None or dtype.kind in "OSU" or len(raw) != dtype.itemsize * int(np.prod(dims, dtype=np.int64)):
+    if (
+        dtype is None
+        or dtype.kind in "OSU"
+        or len(raw) != dtype.itemsize * int(np.prod(dims, dtype=np.int64))
+    ):
         tmp = TensorProto()  # packed or unusual types: onnx's own conversion
         tmp.data_type = t.data_type
         tmp.dims.extend(dims)

@@ -96,11 +96,16 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
     """Read a BN's attributes and constant parameters; refuse what is not an inference BN."""
     opset = ev.opset
     if int(attr(node, "training_mode", 0, opset)) == 1:
-        return Skip(label, SkipReason.TRAINING_MODE,
-                    f"training_mode=1: it normalises with batch statistics; {OPTION_HINT}")
+        return Skip(
+            label,
+            SkipReason.TRAINING_MODE,
+            f"training_mode=1: it normalises with batch statistics; {OPTION_HINT}",
+        )
     if int(attr(node, "is_test", 1, opset)) == 0:
         return Skip(
-            label, SkipReason.TRAINING_MODE, f"is_test=0 (opset 6): it normalises with batch statistics; {OPTION_HINT}"
+            label,
+            SkipReason.TRAINING_MODE,
+            f"is_test=0 (opset 6): it normalises with batch statistics; {OPTION_HINT}",
         )
     extra = [o for o in node.output[1:] if o]
     if extra:
@@ -125,7 +130,12 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
     gamma, beta, mean, var = vals
     shapes = [tuple(int(d) for d in v.shape) for v in vals]
     per_element_stats = opset < 9 and int(attr(node, "spatial", 1, opset)) == 0
-    if len(set(shapes)) > 1 or not shapes[0] or (len(shapes[0]) != 1 and not per_element_stats) or 0 in shapes[0]:
+    if (
+        len(set(shapes)) > 1
+        or not shapes[0]
+        or (len(shapes[0]) != 1 and not per_element_stats)
+        or 0 in shapes[0]
+    ):
         # The same rule as for initializers (bnfold.io.checks), for parameters the evaluator computed:
         # a BN whose parameters do not share one channel axis has no semantics (the runtime refuses it).
         raise ModelFormatError(

@@ -193,7 +193,16 @@ def _case_conv(c: Bwd) -> Result:
 
 def _case_gemm(cx: Bwd, flat: bool) -> Result:
     """Case 11: BN -> Gemm (transA = 0) / MatMul on a rank-2 input; case 12: after a Flatten(axis=1)."""
-    ev, kn, ki, label, prm, target, base, locks = cx.ev, cx.kn, cx.ki, cx.label, cx.prm, cx.target, cx.base, cx.locks
+    ev, kn, ki, label, prm, target, base, locks = (
+        cx.ev,
+        cx.kn,
+        cx.ki,
+        cx.label,
+        cx.prm,
+        cx.target,
+        cx.base,
+        cx.locks,
+    )
     kind = kn.op_type
     if kind == "Gemm" and int(attr(kn, "transA", 0)):
         return Skip(

@@ -184,7 +184,9 @@ def _case_add(c: Fwd, a: int) -> Result:
             return _case_add_const(c, idx.producer[an.input[side]], a, 1 - side)  # Case 7
     if any(k in LAYERS or k == "MatMul" for k in kinds):
         return match_sum(c, a, list(an.input))  # Case 9 (refuses a branch that is not a layer)
-    return Skip(c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{name_of(an)}', not a layer"), False
+    return Skip(
+        c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{name_of(an)}', not a layer"
+    ), False
 
 
 def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
@@ -198,7 +200,9 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
         return bad, True
     if c.chain:
         # The Add goes away; a no-op between it and the BN would lose its input.
-        return Skip(c.label, SkipReason.UNSUPPORTED_LAYER, f"no-ops between Add '{name_of(an)}' and the BN"), True
+        return Skip(
+            c.label, SkipReason.UNSUPPORTED_LAYER, f"no-ops between Add '{name_of(an)}' and the BN"
+        ), True
     k, _, _ = c.ev.resolve(an.input[const_slot])
     assert k is not None
     w = resolve_weight(c.ev, pn, 1, c.label, "weight")

@@ -50,9 +50,7 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
         # Output axis 1 is input axis perm[1]: the MatMul's output axis when that is the last one.
         perm = [int(p) for p in attr(rn, "perm", [])]
         if len(perm) < 2 or perm[1] != len(perm) - 1:
-            return (
-                f"Transpose '{name_of(rn)}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
-            )
+            return f"Transpose '{name_of(rn)}' with perm {perm or 'reversed'} does not bring the last axis to axis 1"
         return None
     if rn.op_type == "Flatten":
         # Flatten(axis=k) of (d_0, .., d_{r-1} = D) has dim 1 = d_k * .. * d_{r-1}, which the BN reads
@@ -160,9 +158,11 @@ def _track_column(c: Fwd, chain: list[int], d: int, product: str, m: int) -> tup
         if isinstance(target, str):
             return target, 0
         stride = _prod(shape[a + 1 :])
-        found = [
-            j for j in range(len(target)) if target[j] == d and _prod(target[j + 1 :]) == stride
-        ] if stride is not None else []
+        found = (
+            [j for j in range(len(target)) if target[j] == d and _prod(target[j + 1 :]) == stride]
+            if stride is not None
+            else []
+        )
         if len(found) != 1:
             return (
                 f"{n.op_type} '{name_of(n)}' from {shape} to {target} may split or merge the MatMul's "
@@ -194,7 +194,9 @@ def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
         return Skip(c.label, SkipReason.LAYOUT, f"B of {target} has rank {bw.ndim}"), True
     d = int(bw.shape[0] if attr(gn, "transB", 0) else bw.shape[1])
     if d != c.prm.channels:
-        return Skip(c.label, SkipReason.LAYOUT, f"{target} has {d} output features, the BN {c.prm.channels}"), True
+        return Skip(
+            c.label, SkipReason.LAYOUT, f"{target} has {d} output features, the BN {c.prm.channels}"
+        ), True
     if len(chain) == 1:
         why = _keeps_last_axis(c, chain[0], d)
     else:
@@ -206,9 +208,7 @@ def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
     writes = gemm_fold(c, g, c.prm.scale, c.prm.shift)
     if isinstance(writes, Skip):
         return writes, True
-    return Fold(
-        **c.base(g, "Gemm", f"through {route}"), locks=c.locks(g), writes=writes, beta_one=(g,)
-    ), True
+    return Fold(**c.base(g, "Gemm", f"through {route}"), locks=c.locks(g), writes=writes, beta_one=(g,)), True
 
 
 _ROUTE = ("Reshape", "Flatten", "Transpose")
@@ -222,7 +222,11 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     chain = [r]  # nearest the BN first
     while len(chain) < _MAX_ROUTE:
         above = idx.producer.get(idx.nodes[chain[-1]].input[0])
-        if above is None or idx.nodes[above].op_type not in _ROUTE or idx.nodes[above].domain not in ("", "ai.onnx"):
+        if (
+            above is None
+            or idx.nodes[above].op_type not in _ROUTE
+            or idx.nodes[above].domain not in ("", "ai.onnx")
+        ):
             break
         chain.append(above)
     rn = idx.nodes[chain[-1]]  # the route node reading the product
@@ -239,7 +243,12 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
             ):
                 add, q = q, m
                 break
-    if q is not None and add is None and idx.nodes[q].op_type == "Gemm" and idx.nodes[q].domain in ("", "ai.onnx"):
+    if (
+        q is not None
+        and add is None
+        and idx.nodes[q].op_type == "Gemm"
+        and idx.nodes[q].domain in ("", "ai.onnx")
+    ):
         return _gemm_route(c, q, chain)
     if q is None or idx.nodes[q].op_type != "MatMul":
         return Skip(

@@ -187,8 +187,9 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     elif kind == "Gemm":
         axis, ndim, bias_slot = (0 if int(attr(pn, "transB", 0, opset)) else 1), 2, 2
     else:  # MatMul: becomes Gemm(A, W', t) on a rank-2 product
-        bad = rank2_or_skip(idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis",
-                            pn.input[0])
+        bad = rank2_or_skip(
+            idx, c.x, c.y, c.label, f"the product of {target}", "the MatMul's feature axis", pn.input[0]
+        )
         if bad is not None:
             return bad
         axis, ndim, bias_slot = 1, 2, -1
@@ -235,11 +236,19 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     attrs: list[tuple[int, str, int]] = [(d, "axis", axis)]
     locks = [p, d]
-    detail = "quantized weight: scales multiplied, " + (
-        f"integers negated on {int(neg.sum())} channel(s) (BN scale < 0), the others unchanged"
-        if neg.any()
-        else "integers unchanged"
-    ) + (f"; {int(zero.sum())} channel(s) zeroed (BN scale 0: the channel is its bias)" if zero.any() else "")
+    detail = (
+        "quantized weight: scales multiplied, "
+        + (
+            f"integers negated on {int(neg.sum())} channel(s) (BN scale < 0), the others unchanged"
+            if neg.any()
+            else "integers unchanged"
+        )
+        + (
+            f"; {int(zero.sum())} channel(s) zeroed (BN scale 0: the channel is its bias)"
+            if zero.any()
+            else ""
+        )
+    )
     # Bias: b' = a b + t (Gemm: beta C a + t, beta becomes 1).
     beta = float(attr(pn, "beta", 1.0, opset)) if kind == "Gemm" else 1.0
     beta_one, shift = True, None
@@ -291,7 +300,9 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             what = "negated"
             beta_one = False  # C' = a C exactly (scale s_b |a|): beta keeps multiplying it
             rank = q.ndim if kind in ("Conv", "ConvTranspose") else 2
-            sres = finish([t.reshape((-1,) + (1,) * (rank - 2))], s_new.dtype, c.label, f"shift after {target}")
+            sres = finish(
+                [t.reshape((-1,) + (1,) * (rank - 2))], s_new.dtype, c.label, f"shift after {target}"
+            )
             if isinstance(sres, Skip):
                 return sres
             shift = sres[0]
@@ -313,7 +324,9 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             bound = float(np.max(nbs.astype(np.float64))) / 2
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
         else:
-            detail += "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
+            detail += (
+                "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
+            )
     base = c.base(p, kind, detail)
     if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
         base["rename_output"], base["dropped"] = None, ()

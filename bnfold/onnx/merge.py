@@ -207,7 +207,9 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
     muls: list[int] = []
     blockers: list[int] = []
     for _ in range(_MAX_WALK + 1):
-        out.append((v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers))))
+        out.append(
+            (v, _Branch(leaf, "identity" if not blockers else "other", None, list(muls), list(blockers)))
+        )
         p = index.producer.get(v)
         if p is None:
             break
@@ -227,10 +229,18 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
             continue
         if n.op_type in ("Conv", "BatchNormalization", "AveragePool"):  # Cases 1, 3, 4
             kind = {"Conv": "conv", "BatchNormalization": "bn", "AveragePool": "avgpool"}[n.op_type]
-            out.append((n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers))))
+            out.append(
+                (n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers)))
+            )
             q = index.producer.get(n.input[0])
-            if n.op_type == "Conv" and not blockers and q is not None and index.nodes[q].op_type == "Conv" \
-                    and _is_std(index.nodes[q]) and _is_pointwise(ev, index.nodes[q]):
+            if (
+                n.op_type == "Conv"
+                and not blockers
+                and q is not None
+                and index.nodes[q].op_type == "Conv"
+                and _is_std(index.nodes[q])
+                and _is_pointwise(ev, index.nodes[q])
+            ):
                 # Case 5: Conv 1x1 -> Conv kxk, one linear map of the 1x1's input
                 out.append((index.nodes[q].input[0], _Branch(leaf, "seq", p, list(muls), [], pre=q)))
             break
@@ -313,7 +323,9 @@ def _conv_geometry(n: NodeProto, w: npt.NDArray[Any]) -> tuple[list[int], list[i
     return _ints(n, "strides", [1] * r), _ints(n, "dilations", [1] * r), pads, int(attr(n, "group", 1))
 
 
-def _weights(ev: ConstEvaluator, n: NodeProto, label: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
+def _weights(
+    ev: ConstEvaluator, n: NodeProto, label: str
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
     vals: list[npt.NDArray[Any] | None] = []
     for slot, what in ((1, "weight"), (2, "bias")):
         if slot >= len(n.input) or not n.input[slot]:
@@ -361,9 +373,14 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
         w1, b1 = _weights(ev, pre, pre_label)
         s1, _, p1, g1 = _conv_geometry(pre, w1)
         if any(s != 1 for s in s1) or any(p1) or w1.ndim != w.ndim or any(k != 1 for k in w1.shape[2:]):
-            raise _Refuse(MergeReason.UNSUPPORTED, f"{pre_label} -> {what}: the first conv is not a 1x1, stride 1, unpadded")
+            raise _Refuse(
+                MergeReason.UNSUPPORTED,
+                f"{pre_label} -> {what}: the first conv is not a 1x1, stride 1, unpadded",
+            )
         if g1 != 1 or group != 1 or w1.shape[0] != w.shape[1]:
-            raise _Refuse(MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})")
+            raise _Refuse(
+                MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})"
+            )
         b1_64 = None if b1 is None else b1.astype(np.float64).reshape(-1)
         if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
             raise _Refuse(
@@ -388,9 +405,13 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
         cr = _read_conv(index, ev, b)
         w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
         if cr.dtype != ref.dtype:
-            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}")
+            raise _Refuse(
+                MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
+            )
         if w.ndim - 2 != ref.rank:
-            raise _Refuse(MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}")
+            raise _Refuse(
+                MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
+            )
         if strides != ref.strides:
             raise _Refuse(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
         if dil != ref.dilations:
@@ -417,10 +438,14 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
         n = index.nodes[b.base]
         prm = bn_params(index, ev, n, what)
         if isinstance(prm, Skip):
-            reason = MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
+            reason = (
+                MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
+            )
             raise _Refuse(reason, f"{what}: {prm.detail}")
         if prm.per_element or prm.channels != ref.c_out:
-            raise _Refuse(MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}")
+            raise _Refuse(
+                MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}"
+            )
         _identity_checks(ref, what)
         offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
         w64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
@@ -443,7 +468,10 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
                 f"{what}: count_include_pad=0 with padding: edge windows divide by fewer values than a conv",
             )
         if _ints(n, "strides", [1] * r) != ref.strides:
-            raise _Refuse(MergeReason.STRIDE, f"{what}: stride {_ints(n, 'strides', [1] * r)} differs from {ref.strides}")
+            raise _Refuse(
+                MergeReason.STRIDE,
+                f"{what}: stride {_ints(n, 'strides', [1] * r)} differs from {ref.strides}",
+            )
         if _ints(n, "dilations", [1] * r) != ref.dilations:
             raise _Refuse(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
         if ref.c_in_g * ref.group != ref.c_out:
@@ -492,8 +520,11 @@ def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
         readers = index.consumers.get(out, [])
         allowed = {path[k + 1]} if k + 1 < len(path) else chain
         if out in index.graph_outputs or any(r not in allowed for r in readers):
-            who = "a graph output" if out in index.graph_outputs else ", ".join(
-                sorted({index.label(r) for r in readers if r not in allowed}))
+            who = (
+                "a graph output"
+                if out in index.graph_outputs
+                else ", ".join(sorted({index.label(r) for r in readers if r not in allowed}))
+            )
             raise _Refuse(MergeReason.OTHER_CONSUMERS, f"'{out}' inside the branch is also read by {who}")
 
 
@@ -580,8 +611,10 @@ def merge_branches(
         # the leaves kept (not branches of x, or refused ones); a constant one joins the bias
         kept: list[str] = []
         odd: list[str] = []
-        for leaf, (sign, factors) in [*rest, *[(br.leaf, (br.sign, br.chain_muls)) for br in branches
-                                               if br.reason is not None]]:
+        for leaf, (sign, factors) in [
+            *rest,
+            *[(br.leaf, (br.sign, br.chain_muls)) for br in branches if br.reason is not None],
+        ]:
             c = ev.resolve(leaf)[0]
             try:
                 if c is None:
@@ -599,9 +632,13 @@ def merge_branches(
         if odd:
             for br in branches:
                 if br.reason is None:
-                    br.reason, br.detail = MergeReason.UNSUPPORTED, (
-                        f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
-                        f"of '{x}': one Conv plus an Add cannot replace it")
+                    br.reason, br.detail = (
+                        MergeReason.UNSUPPORTED,
+                        (
+                            f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
+                            f"of '{x}': one Conv plus an Add cannot replace it"
+                        ),
+                    )
             res.merges.append(_refused(sum_label, x, branches, index))
             continue
         # write: the reference conv takes the merged weight and bias and the sum's output name
@@ -611,7 +648,10 @@ def merge_branches(
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
             for br in branches:
                 if br.reason is None:
-                    br.reason, br.detail = MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {out_dtype}"
+                    br.reason, br.detail = (
+                        MergeReason.OVERFLOW,
+                        f"the merged weight or bias is not finite in {out_dtype}",
+                    )
             res.merges.append(_refused(sum_label, x, branches, index))
             continue
         if flush:
@@ -623,7 +663,9 @@ def merge_branches(
         for nm, val in ((w_name, wc), (b_name, bc)):
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(val), nm))
             if add_inputs:
-                graph.input.append(helper.make_tensor_value_info(nm, graph.initializer[-1].data_type, list(val.shape)))
+                graph.input.append(
+                    helper.make_tensor_value_info(nm, graph.initializer[-1].data_type, list(val.shape))
+                )
         res.candidates.update(v for v in ref_node.input[1:] if v)
         while len(ref_node.input) < 3:
             ref_node.input.append("")
@@ -643,7 +685,10 @@ def merge_branches(
                         key = index.nodes[node].output[0]
                         bl = bn_labels.get(key, prefix + index.label(node))
                         res.absorbed[key] = Site(
-                            bl, base, "Conv", Direction.FORWARD,
+                            bl,
+                            base,
+                            "Conv",
+                            Direction.FORWARD,
                             f"identity BN branch merged into one Conv with the other branches of '{sum_label}'",
                         )
         for node in chain:
@@ -659,7 +704,9 @@ def merge_branches(
             new_nodes = []
             for k, leaf in enumerate(kept):
                 o = top_out if k == len(kept) - 1 else names.fresh(f"{top_out}_part")
-                new_nodes.append(helper.make_node("Add", [cur, leaf], [o], name=names.fresh(f"{sum_label}_rest")))
+                new_nodes.append(
+                    helper.make_node("Add", [cur, leaf], [o], name=names.fresh(f"{sum_label}_rest"))
+                )
                 cur = o
             inserts[top] = new_nodes
         if label is not None:
@@ -667,11 +714,20 @@ def merge_branches(
         res.applied += 1
         convs = sum(_n_convs(br) for br in branches)
         left_convs = sum(_n_convs(br) for br in branches if br.reason is not None)
-        res.merges.append(Merge(
-            sum_label, x, base, True,
-            tuple(BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail) for br in branches),
-            convs, 1 + left_convs,
-        ))
+        res.merges.append(
+            Merge(
+                sum_label,
+                x,
+                base,
+                True,
+                tuple(
+                    BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail)
+                    for br in branches
+                ),
+                convs,
+                1 + left_convs,
+            )
+        )
     # apply removals and inserts from the end (indices stay valid)
     for i in sorted(removed | set(inserts), reverse=True):
         if i in removed:
@@ -721,9 +777,15 @@ def _plan(
         if b.kind == "other":
             ops = ", ".join(f"{index.nodes[i].op_type} '{index.label(i)}'" for i in b.blockers)
             if any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers):
-                b.reason, b.detail = MergeReason.NONLINEAR, f"{ops} inside the branch: it is not linear in '{x}'"
+                b.reason, b.detail = (
+                    MergeReason.NONLINEAR,
+                    f"{ops} inside the branch: it is not linear in '{x}'",
+                )
             else:
-                b.reason, b.detail = MergeReason.UNSUPPORTED, f"{ops} inside the branch: not a form bnfold merges"
+                b.reason, b.detail = (
+                    MergeReason.UNSUPPORTED,
+                    f"{ops} inside the branch: not a form bnfold merges",
+                )
             continue
         try:
             _exclusive(index, b, x, chain)
@@ -745,8 +807,17 @@ def _plan(
         vol = int(np.prod(w.shape[2:]))
         if vol > best:
             best = vol
-            ref = _Ref(b.base, tuple(int(k) for k in w.shape[2:]), cr.strides, cr.dilations, cr.pads, cr.group,
-                       int(w.shape[0]), int(w.shape[1]), cr.dtype)
+            ref = _Ref(
+                b.base,
+                tuple(int(k) for k in w.shape[2:]),
+                cr.strides,
+                cr.dilations,
+                cr.pads,
+                cr.group,
+                int(w.shape[0]),
+                int(w.shape[1]),
+                cr.dtype,
+            )
     if ref is None:
         return _refused(sum_label, x, branches, index)
     w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)

@@ -47,10 +47,16 @@ from .rewrite import Names
 
 __all__ = ["propagate_graph", "ELIGIBLE"]
 
-ELIGIBLE = frozenset({
-    SkipReason.NO_PRODUCER, SkipReason.OTHER_CONSUMERS, SkipReason.GRAPH_OUTPUT, SkipReason.PADDING,
-    SkipReason.UNFOLDABLE_BRANCH, SkipReason.UNSUPPORTED_LAYER,
-})
+ELIGIBLE = frozenset(
+    {
+        SkipReason.NO_PRODUCER,
+        SkipReason.OTHER_CONSUMERS,
+        SkipReason.GRAPH_OUTPUT,
+        SkipReason.PADDING,
+        SkipReason.UNFOLDABLE_BRANCH,
+        SkipReason.UNSUPPORTED_LAYER,
+    }
+)
 """Skip reasons of the BNs this pass tries (never training mode, verification, non-constant, ...)."""
 
 _FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
@@ -226,8 +232,10 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
         wg = w64.reshape((g, M // g, Cg) + w.shape[2:])
         ag = a.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))
         plan.weight = (wg * ag).reshape(w.shape)
-        pads = not (text(attr(layer, "auto_pad", "NOTSET", opset)) in ("NOTSET", "VALID")
-                    and not any(_ints(layer, "pads", opset)))
+        pads = not (
+            text(attr(layer, "auto_pad", "NOTSET", opset)) in ("NOTSET", "VALID")
+            and not any(_ints(layer, "pads", opset))
+        )
         if shift_live and not pads:
             bg = b.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))
             bias_add = (wg * bg).reshape(w.shape).reshape(M, -1).sum(axis=1)
@@ -335,8 +343,13 @@ def _describe(index: GraphIndex, p: _Plan) -> str:
 
 
 def propagate_graph(
-    graph: GraphProto, index_of: Callable[[], GraphIndex], opset: int, names: Names,
-    labels: dict[str, str], final: dict[str, Verdict], flush: bool = False,
+    graph: GraphProto,
+    index_of: Callable[[], GraphIndex],
+    opset: int,
+    names: Names,
+    labels: dict[str, str],
+    final: dict[str, Verdict],
+    flush: bool = False,
 ) -> tuple[set[str], int]:
     """Propagate each BN of ``graph`` whose verdict is a :data:`ELIGIBLE` skip; return the names of
     the initializers it may have left unread (for :func:`~bnfold.onnx.rewrite.remove_dead`) and the
@@ -375,8 +388,13 @@ def propagate_graph(
                 continue
             touched |= nodes
             tried.add(key)
-            final[key] = Site(labels.get(key, index.label(i)), index.label(plan.layer),
-                              index.nodes[plan.layer].op_type, Direction.PROPAGATED, _describe(index, plan))
+            final[key] = Site(
+                labels.get(key, index.label(i)),
+                index.label(plan.layer),
+                index.nodes[plan.layer].op_type,
+                Direction.PROPAGATED,
+                _describe(index, plan),
+            )
             dead, add = _apply(graph, index, plan, names, store)
             candidates |= dead
             removed.add(i)
@@ -397,7 +415,11 @@ def propagate_graph(
 
 
 def _apply(
-    graph: GraphProto, index: GraphIndex, p: _Plan, names: Names, store: Callable[[Arr, str], None],
+    graph: GraphProto,
+    index: GraphIndex,
+    p: _Plan,
+    names: Names,
+    store: Callable[[Arr, str], None],
 ) -> tuple[set[str], tuple[int, NodeProto] | None]:
     """Edit the nodes of ``p`` in place and store its tensors; return the initializers it may leave
     unread and the Add of the shift with the index of the node it goes before (the caller inserts it)."""
@@ -430,7 +452,9 @@ def _apply(
         s_name = names.fresh(f"{text(bn.name) or 'bn'}_shift")
         out = names.fresh(f"{text(bn.name) or 'bn'}_shifted")
         store(p.shift.astype(dtype), s_name)
-        node = helper.make_node("Add", [target.input[0], s_name], [out], name=names.fresh(f"{text(bn.name) or 'bn'}_shift_add"))
+        node = helper.make_node(
+            "Add", [target.input[0], s_name], [out], name=names.fresh(f"{text(bn.name) or 'bn'}_shift_add")
+        )
         target.input[0] = out
         add = (before, node)
     return dead, add

@@ -81,9 +81,15 @@ class BnChange:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "bn": self.bn, "depth": self.depth, "channels": self.channels, "batches": self.batches,
-            "samples": self.samples, "values_per_channel": self.values, "mean_shift": _json_float(self.mean_shift),
-            "var_ratio_min": _json_float(self.var_ratio_min), "var_ratio_max": _json_float(self.var_ratio_max),
+            "bn": self.bn,
+            "depth": self.depth,
+            "channels": self.channels,
+            "batches": self.batches,
+            "samples": self.samples,
+            "values_per_channel": self.values,
+            "mean_shift": _json_float(self.mean_shift),
+            "var_ratio_min": _json_float(self.var_ratio_min),
+            "var_ratio_max": _json_float(self.var_ratio_max),
             "training_mode_cleared": self.training_mode_cleared,
         }
 
@@ -184,7 +190,9 @@ def plan_levels(model: Any) -> list[_Bn]:
                         "reader too"
                     )
             if _attr(node, "spatial", 1) == 0:
-                raise UnsupportedModelError(f"{label}: spatial=0 (per-element statistics, opsets 7-8) is not supported")
+                raise UnsupportedModelError(
+                    f"{label}: spatial=0 (per-element statistics, opsets 7-8) is not supported"
+                )
             training = bool(_attr(node, "training_mode", 0))
             if training and any(o and (readers.get(o, 0) or o in outputs) for o in node.output[1:]):
                 raise UnsupportedModelError(
@@ -246,7 +254,9 @@ external data and onnxruntime reads it from there (a protobuf message stops at 2
 
 
 def _init_bytes(model: Any) -> int:
-    return sum(len(t.raw_data) or (t.ByteSize() if not t.external_data else 0) for t in model.graph.initializer)
+    return sum(
+        len(t.raw_data) or (t.ByteSize() if not t.external_data else 0) for t in model.graph.initializer
+    )
 
 
 def _session(model: Any, nodes: list[Any], outputs: Sequence[str]) -> Any:
@@ -296,8 +306,9 @@ def _set_stat(model: Any, name: str, values: Any) -> None:
     for k, t in enumerate(model.graph.initializer):
         if t.name == name:
             old = numpy_helper.to_array(t)
-            new = numpy_helper.from_array(np.asarray(values, dtype=np.float64).astype(old.dtype).reshape(old.shape),
-                                          name)
+            new = numpy_helper.from_array(
+                np.asarray(values, dtype=np.float64).astype(old.dtype).reshape(old.shape), name
+            )
             model.graph.initializer[k].CopyFrom(new)
             return
     raise AssertionError(name)  # pragma: no cover - plan_levels checked it is an initializer
@@ -370,8 +381,10 @@ def recalibrate_model(
         raise OptionError(f"--upstream must be one of {', '.join(UPSTREAM)}, got {upstream!r}")
     if not callable(batches):
         if not isinstance(batches, Sequence):
-            raise OptionError("batches must be a list of {input name: array} or a callable that yields them on "
-                              "every call (a generator is used up after the first pass)")
+            raise OptionError(
+                "batches must be a list of {input name: array} or a callable that yields them on "
+                "every call (a generator is used up after the first pass)"
+            )
         data = batches
         batches = lambda: data  # noqa: E731
     bns = plan_levels(model)
@@ -412,9 +425,15 @@ def _copy(proto: Any) -> Any:
 
 
 def _run(
-    work: Any, bns: list[_Bn], old: dict[str, tuple[np.ndarray, np.ndarray]],
+    work: Any,
+    bns: list[_Bn],
+    old: dict[str, tuple[np.ndarray, np.ndarray]],
     batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
-    prior: float | None, pooled: bool, progress: ProgressFn | None, total_batches: int | None, batch_mode: bool,
+    prior: float | None,
+    pooled: bool,
+    progress: ProgressFn | None,
+    total_batches: int | None,
+    batch_mode: bool,
 ) -> RecalibrationResult:
     import torch
 
@@ -430,8 +449,10 @@ def _run(
         xs = list(dict.fromkeys(b.x for b in level))
         nodes = _needed(work.graph, set(xs))
         if batch_mode:
-            nodes = [_train_mode(n) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") else n
-                     for n in nodes]
+            nodes = [
+                _train_mode(n) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") else n
+                for n in nodes
+            ]
         session = _session(work, nodes, xs)
         feeds_names = [i.name for i in session.get_inputs()]
         acc_of: dict[str, Any] = {}
@@ -446,7 +467,9 @@ def _run(
             for x, out in zip(xs, outs):
                 a = np.asarray(out)
                 if a.ndim < 2:
-                    raise InputError(f"the input {x!r} of a BatchNormalization has rank {a.ndim} on batch {count}")
+                    raise InputError(
+                        f"the input {x!r} of a BatchNormalization has rank {a.ndim} on batch {count}"
+                    )
                 if x not in acc_of:
                     acc_of[x] = _Acc.new(a.shape[1], torch.device("cpu"))
                 acc_of[x].add(torch.from_numpy(a.astype(np.float64, copy=False)))
@@ -459,15 +482,23 @@ def _run(
         for b in level:
             acc = acc_of.get(b.x)
             if acc is None or acc.batches == 0:
-                raise InputError(f"{b.name}: its input is empty in every batch (the BatchNormalization never runs)")
+                raise InputError(
+                    f"{b.name}: its input is empty in every batch (the BatchNormalization never runs)"
+                )
             mean_s, var_s = old[b.name]
             c = int(acc.mean.numel())
             if mean_s.size != c:
                 raise InputError(f"{b.name}: its input has {c} channels, its statistics {mean_s.size}")
             mean_t, var_t = _target_stats(acc, pooled)
             if prior:
-                mean_t, var_t = _mix(torch.from_numpy(mean_s.astype(np.float64).ravel()),
-                                     torch.from_numpy(var_s.astype(np.float64).ravel()), mean_t, var_t, acc, prior)
+                mean_t, var_t = _mix(
+                    torch.from_numpy(mean_s.astype(np.float64).ravel()),
+                    torch.from_numpy(var_s.astype(np.float64).ravel()),
+                    mean_t,
+                    var_t,
+                    acc,
+                    prior,
+                )
             m, v = mean_t.numpy(), var_t.numpy()
             if not (np.isfinite(m).all() and np.isfinite(v).all()):
                 raise InputError(
@@ -484,9 +515,15 @@ def _run(
                 shift = np.abs(m - old_m) / np.sqrt(old_v + b.eps)
                 ratio = v / old_v
             changes[b.name] = BnChange(
-                b.name, b.depth, c, acc.batches, acc.samples, acc.values,
+                b.name,
+                b.depth,
+                c,
+                acc.batches,
+                acc.samples,
+                acc.values,
                 float(np.max(shift)) if shift.size else 0.0,
-                float(np.min(ratio)) if ratio.size else 1.0, float(np.max(ratio)) if ratio.size else 1.0,
+                float(np.min(ratio)) if ratio.size else 1.0,
+                float(np.max(ratio)) if ratio.size else 1.0,
                 b.training,
             )
         log.debug("depth %d: %d BatchNormalization over %d batches", d, len(level), count)

@@ -115,7 +115,9 @@ def infer_types(model: ModelProto) -> dict[str, ValueType]:
     """Inferred element types and shapes of the model's values (empty when inference fails)."""
     try:
         light = _light_model(model)
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            light, check_type=False, strict_mode=False, data_prop=True
+        )
     except Exception as e:  # inference is a help, never a reason to fail a fold
         log.debug("shape inference failed: %s", e)
         return {}

@@ -34,7 +34,11 @@ def _check_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec], exported:
     rn, cn = [s.name for s in ref], [s.name for s in cand]
     if not exported and set(rn) != set(cn):
         only_r, only_c = sorted(set(rn) - set(cn)), sorted(set(cn) - set(rn))
-        what = f"input {only_r[0]!r} only in the reference" if only_r else f"input {only_c[0]!r} only in the candidate"
+        what = (
+            f"input {only_r[0]!r} only in the reference"
+            if only_r
+            else f"input {only_c[0]!r} only in the candidate"
+        )
         raise NotComparableError(f"the models have different inputs: {what}")
     by_name = {s.name: s for s in ref}
     for s in cand:
@@ -42,7 +46,9 @@ def _check_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec], exported:
         if r is None:
             raise NotComparableError(f"the candidate has input {s.name!r}, which the reference does not have")
         if r.dtype != s.dtype:
-            raise NotComparableError(f"input {s.name!r} is {r.dtype} in the reference and {s.dtype} in the candidate")
+            raise NotComparableError(
+                f"input {s.name!r} is {r.dtype} in the reference and {s.dtype} in the candidate"
+            )
         if len(r.dims) != len(s.dims):
             raise NotComparableError(
                 f"input {s.name!r} has rank {len(r.dims)} in the reference and {len(s.dims)} in the candidate"

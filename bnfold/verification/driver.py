@@ -63,11 +63,15 @@ def _filled_dims(
     return {
         s.name: tuple(int(d) for d in shapes[s.name])
         for s in specs
-        if s.name not in given and s.name in shapes and any(not (isinstance(d, int) and d > 0) for d in s.dims)
+        if s.name not in given
+        and s.name in shapes
+        and any(not (isinstance(d, int) and d > 0) for d in s.dims)
     }
 
 
-def _run_all(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], filled: Mapping[str, tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+def _run_all(
+    runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], filled: Mapping[str, tuple[int, ...]]
+) -> list[dict[str, np.ndarray]]:
     """Every sample through ``runner``; a failure on inputs whose shapes bnfold chose says which and how to set them.
 
     Symbolic dimensions are filled with defaults (2 for a first dimension, 8 for the others) that a real
@@ -175,14 +179,20 @@ def verify(
     if save_outputs is not None:  # a cheap check before any model runs: never over a file read here
         from bnfold.io import check_output_path, files_read_by
 
-        reads = [f for r in (reference, candidate, inputs, load_outputs) if isinstance(r, (str, os.PathLike))
-                 for f in files_read_by(r)]
+        reads = [
+            f
+            for r in (reference, candidate, inputs, load_outputs)
+            if isinstance(r, (str, os.PathLike))
+            for f in files_read_by(r)
+        ]
         check_output_path(None, save_outputs, input_files=reads)
     if load_outputs is not None:
         if inputs is not None:
             raise OptionError("load_outputs: the saved inputs are used; inputs cannot be given as well")
         if reference is not None:
-            raise OptionError("load_outputs: the saved outputs are the reference; pass only a candidate (or none)")
+            raise OptionError(
+                "load_outputs: the saved outputs are the reference; pass only a candidate (or none)"
+            )
         if locate:
             raise OptionError("locate needs both models (not saved outputs)")
         return _verify_recorded(
@@ -266,15 +276,20 @@ def verify(
         located = None
         if locate:
             if ref_torch or cand_torch:
-                raise OptionError("locate compares intermediate tensors of two ONNX models; export the PyTorch side first")
+                raise OptionError(
+                    "locate compares intermediate tensors of two ONNX models; export the PyTorch side first"
+                )
             from .locate import locate_divergence
 
             located = locate_divergence(ref_src, cand_src, feeds[0], comparator)
         if save_outputs is not None:
             _save_recording(save_outputs, specs, out_names, feeds, ref_out, cand_out, runtimes)
     return VerifyReport(
-        checks=checks, samples=len(feeds), optimization_level=optimization_level, extra=extra,
-        runtimes=runtimes, comparator=comparator.to_dict(), locate=located,
+        checks=checks,
+        samples=len(feeds),
+        optimization_level=optimization_level,
+        extra=extra,
+        runtimes=runtimes,
+        comparator=comparator.to_dict(),
+        locate=located,
     )
-
-

@@ -77,7 +77,8 @@ class WorkerCrashed(NotComparableError):
     def words(self, when: str = "") -> str:
         """``onnxruntime <how>[ <when>][ (its last log line: ...)]`` on one line."""
         return f"onnxruntime {self.how}{' ' + when if when else ''}" + (
-            f" (its last log line: {self.last})" if self.last else "")
+            f" (its last log line: {self.last})" if self.last else ""
+        )
 
 
 class RuntimeFailed(Exception):
@@ -127,13 +128,19 @@ class OrtWorker:
         env.pop("PYTHONSTARTUP", None)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, _SCRIPT, str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=self._log, env=env, close_fds=True,
+                [sys.executable, _SCRIPT, str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                env=env,
+                close_fds=True,
             )
         except OSError as e:  # no interpreter to start (an embedded Python), too many processes
             self._log.close()
             self._log = None
-            raise NotComparableError(f"cannot start the onnxruntime worker process ({printable(str(e))})") from e
+            raise NotComparableError(
+                f"cannot start the onnxruntime worker process ({printable(str(e))})"
+            ) from e
         self._logged = 0
         self._ready = False
         self._loaded.clear()
@@ -148,7 +155,7 @@ class OrtWorker:
             return
         text = self.log_text()
         if len(text) > self._logged:
-            log.debug("onnxruntime's log:\n%s", text[self._logged:].rstrip())
+            log.debug("onnxruntime's log:\n%s", text[self._logged :].rstrip())
             self._logged = len(text)
 
     def kill(self) -> None:

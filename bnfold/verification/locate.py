@@ -111,8 +111,12 @@ def locate_divergence(
     with contextlib.ExitStack() as stack:
         try:
             worker = stack.enter_context(worker_scope())
-            r_run = _onnx_runner(_onnx_source(ref, "reference", stack), "disable", "reference (locate)", worker)
-            c_run = _onnx_runner(_onnx_source(cand, "candidate", stack), "disable", "candidate (locate)", worker)
+            r_run = _onnx_runner(
+                _onnx_source(ref, "reference", stack), "disable", "reference (locate)", worker
+            )
+            c_run = _onnx_runner(
+                _onnx_source(cand, "candidate", stack), "disable", "candidate (locate)", worker
+            )
             r_out = r_run.run(feeds, 0)
             c_out = c_run.run(feeds, 0)
         except NotComparableError as e:

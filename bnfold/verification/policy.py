@@ -138,8 +138,12 @@ def runtimes_label(report: VerifyReport) -> str:
     Eager PyTorch and recorded outputs are named as such; a side onnxruntime could not run is never
     called onnxruntime.
     """
-    names = {"onnxruntime": "onnxruntime", REFERENCE_EVALUATOR: "the ONNX reference evaluator",
-             "torch": "PyTorch", "file": "recorded outputs"}
+    names = {
+        "onnxruntime": "onnxruntime",
+        REFERENCE_EVALUATOR: "the ONNX reference evaluator",
+        "torch": "PyTorch",
+        "file": "recorded outputs",
+    }
     seen: list[str] = []
     for r in report.runtimes:
         name = names.get(r.runtime, r.runtime)

@@ -46,8 +46,12 @@ def _save_recording(
     save_outputs(
         path,
         Recording(
-            [s.name for s in specs], list(out_names), [dict(f) for f in feeds], [dict(r) for r in ref_out],
-            None if cand_out is None else [dict(c) for c in cand_out], {r.role: r.runtime for r in runtimes},
+            [s.name for s in specs],
+            list(out_names),
+            [dict(f) for f in feeds],
+            [dict(r) for r in ref_out],
+            None if cand_out is None else [dict(c) for c in cand_out],
+            {r.role: r.runtime for r in runtimes},
         ),
     )
 
@@ -65,14 +69,23 @@ def _verify_recorded(
 
     rec = load_outputs(path)
     comparator.validate(rec.output_names)
-    golden = RuntimeUse("reference", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('reference', '?')})")
+    golden = RuntimeUse(
+        "reference", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('reference', '?')})"
+    )
     if candidate is None:
         if rec.candidate is None:
-            raise OptionError(f"{os.fspath(path)}: holds no candidate outputs; pass a candidate model to check")
+            raise OptionError(
+                f"{os.fspath(path)}: holds no candidate outputs; pass a candidate model to check"
+            )
         checks = _compare_outputs(rec.reference, rec.candidate, rec.output_names, comparator)
-        cand_rt = RuntimeUse("candidate", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('candidate', '?')})")
+        cand_rt = RuntimeUse(
+            "candidate", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('candidate', '?')})"
+        )
         return VerifyReport(
-            checks=checks, samples=len(rec.feeds), optimization_level="recorded", runtimes=(golden, cand_rt),
+            checks=checks,
+            samples=len(rec.feeds),
+            optimization_level="recorded",
+            runtimes=(golden, cand_rt),
             comparator=comparator.to_dict(),
         )
     specs = [InputSpec(n, rec.feeds[0][n].dtype, tuple(rec.feeds[0][n].shape)) for n in rec.input_names]
@@ -90,10 +103,14 @@ def _verify_recorded(
         checks = _compare_outputs(rec.reference, cand_out, rec.output_names, comparator)
         extra = _extra_level(extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator, worker)
     if save_to is not None:
-        _save_recording(save_to, specs, rec.output_names, rec.feeds, rec.reference, cand_out, (golden, cand.runtime))
+        _save_recording(
+            save_to, specs, rec.output_names, rec.feeds, rec.reference, cand_out, (golden, cand.runtime)
+        )
     return VerifyReport(
-        checks=checks, samples=len(rec.feeds), optimization_level=level, extra=extra,
-        runtimes=(golden, cand.runtime), comparator=comparator.to_dict(),
+        checks=checks,
+        samples=len(rec.feeds),
+        optimization_level=level,
+        extra=extra,
+        runtimes=(golden, cand.runtime),
+        comparator=comparator.to_dict(),
     )
-
-

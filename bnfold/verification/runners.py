@@ -50,7 +50,9 @@ def check_level(level: str) -> str:
     model runs, and so may a caller that validates its options up front.
     """
     if level not in OPTIMIZATION_LEVELS:
-        raise OptionError(f"unknown optimization level {level!r} (choose from {', '.join(OPTIMIZATION_LEVELS)})")
+        raise OptionError(
+            f"unknown optimization level {level!r} (choose from {', '.join(OPTIMIZATION_LEVELS)})"
+        )
     return level
 
 
@@ -83,7 +85,9 @@ class _OnnxRunner(abc.ABC):
         names = [s.name for s in self.inputs]
         missing = [n for n in names if n not in feeds]
         if missing:
-            raise NotComparableError(f"{self.label}: has input {missing[0]!r} that the other model does not have")
+            raise NotComparableError(
+                f"{self.label}: has input {missing[0]!r} that the other model does not have"
+            )
         try:
             outs = self._outputs(feeds, names)
         except Exception as e:
@@ -174,8 +178,16 @@ class _RefRunner(_OnnxRunner):
             if vi.name in init:
                 continue
             tt = vi.type.tensor_type
-            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-            self.inputs.append(InputSpec(vi.name, np_dtype(_ONNX_TYPE_NAMES.get(tt.elem_type, f"tensor(type {tt.elem_type})")), dims))
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+            )
+            self.inputs.append(
+                InputSpec(
+                    vi.name,
+                    np_dtype(_ONNX_TYPE_NAMES.get(tt.elem_type, f"tensor(type {tt.elem_type})")),
+                    dims,
+                )
+            )
         self.outputs = [o.name for o in proto.graph.output]
 
     def _outputs(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[Any]:
@@ -218,8 +230,20 @@ def _inference_ops(proto: Any) -> list[Any]:
     class BatchNormalization(OpRun):  # the class name is the op type the evaluator looks up
         op_domain = ""
 
-        def _run(self, x, scale, bias, mean, var, epsilon=None, is_test=None, momentum=None,  # type: ignore[no-untyped-def]
-                 spatial=None, consumed_inputs=None, training_mode=None):
+        def _run(  # type: ignore[no-untyped-def]
+            self,
+            x,
+            scale,
+            bias,
+            mean,
+            var,
+            epsilon=None,
+            is_test=None,
+            momentum=None,
+            spatial=None,
+            consumed_inputs=None,
+            training_mode=None,
+        ):
             outputs = [o for o in self.onnx_node.output if o]
             if opset < 7:
                 training = not is_test
@@ -228,7 +252,9 @@ def _inference_ops(proto: Any) -> list[Any]:
             else:
                 training = bool(training_mode)
             if training:
-                raise NotComparableError(f"BatchNormalization (opset {opset}) in training mode: not an inference model")
+                raise NotComparableError(
+                    f"BatchNormalization (opset {opset}) in training mode: not an inference model"
+                )
             eps = _EPSILON_DEFAULT if epsilon is None else epsilon
             if spatial == 0 and opset < 9:  # statistics per element of C x D1 x ...
                 shape = (1, *x.shape[1:])
@@ -242,9 +268,19 @@ def _inference_ops(proto: Any) -> list[Any]:
 
 
 _ONNX_TYPE_NAMES = {
-    1: "tensor(float)", 2: "tensor(uint8)", 3: "tensor(int8)", 4: "tensor(uint16)", 5: "tensor(int16)",
-    6: "tensor(int32)", 7: "tensor(int64)", 9: "tensor(bool)", 10: "tensor(float16)", 11: "tensor(double)",
-    12: "tensor(uint32)", 13: "tensor(uint64)", 16: "tensor(bfloat16)",
+    1: "tensor(float)",
+    2: "tensor(uint8)",
+    3: "tensor(int8)",
+    4: "tensor(uint16)",
+    5: "tensor(int16)",
+    6: "tensor(int32)",
+    7: "tensor(int64)",
+    9: "tensor(bool)",
+    10: "tensor(float16)",
+    11: "tensor(double)",
+    12: "tensor(uint32)",
+    13: "tensor(uint64)",
+    16: "tensor(bfloat16)",
 }
 
 
@@ -318,7 +354,7 @@ class _TorchRunner:
         import torch
 
         args = tuple(from_numpy(feeds[s.name]) for s in specs)
-        with torch.no_grad(), (contextlib.nullcontext() if self.exported else _eval_mode(self.model)):
+        with torch.no_grad(), contextlib.nullcontext() if self.exported else _eval_mode(self.model):
             return self.model(*args)
 
     def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
@@ -326,7 +362,9 @@ class _TorchRunner:
         try:
             out = self.call(feeds, self.inputs)
         except Exception as e:
-            raise NotComparableError(f"{self.label}: the PyTorch model failed on sample {sample} ({_first_line(e)})") from e
+            raise NotComparableError(
+                f"{self.label}: the PyTorch model failed on sample {sample} ({_first_line(e)})"
+            ) from e
         flat = _flatten(out)
         if len(flat) != len(self.outputs):
             raise NotComparableError(

@@ -51,6 +51,8 @@ _FILE_ABOVE_BYTES = 256 * 2**20
 """A proto with more tensor bytes than this goes to onnxruntime as a file with external data: no
 serialised copy is held next to the model and onnxruntime's own, and past 2 GiB protobuf cannot
 serialise it at all. Smaller ones go as bytes (no disk write)."""
+
+
 def _weight_bytes(model: Any) -> int:
     """Bytes of tensor data held in the proto: initializers and Constant values, subgraphs too.
 
@@ -64,7 +66,10 @@ def _weight_bytes(model: Any) -> int:
 
     held = 0
     for g in all_graphs(model.graph):
-        tensors = [*g.initializer, *(a.t for n in g.node for a in n.attribute if a.type == AttributeProto.TENSOR)]
+        tensors = [
+            *g.initializer,
+            *(a.t for n in g.node for a in n.attribute if a.type == AttributeProto.TENSOR),
+        ]
         held += sum(tensor_nbytes(t) for t in tensors if t.HasField("raw_data"))
     return held
 
@@ -145,24 +150,38 @@ def _export_candidate(
     in_names = [s.name for s in specs]
     dynamic_axes: dict[str, dict[int, str]] = {}
     for s in specs:
-        axes = {i: (d if isinstance(d, str) and d else f"{s.name}_dim{i}") for i, d in enumerate(s.dims)
-                if not (isinstance(d, int) and d > 0)}
+        axes = {
+            i: (d if isinstance(d, str) and d else f"{s.name}_dim{i}")
+            for i, d in enumerate(s.dims)
+            if not (isinstance(d, int) and d > 0)
+        }
         if axes:
             dynamic_axes[s.name] = axes
     try:
         if isinstance(model, torch.export.ExportedProgram):
-            prog = locked_export(model, args, dynamo=True, optimize=False, input_names=in_names,
-                                     output_names=list(outputs), verbose=False)
+            prog = locked_export(
+                model,
+                args,
+                dynamo=True,
+                optimize=False,
+                input_names=in_names,
+                output_names=list(outputs),
+                verbose=False,
+            )
             assert prog is not None
             return bytes(prog.model_proto.SerializeToString())
         buf = _io.BytesIO()
         with _eval_mode(model):
             locked_export(
-                model, args, buf,
-                dynamo=False, do_constant_folding=False, input_names=in_names, output_names=list(outputs), dynamic_axes=dynamic_axes or None,
+                model,
+                args,
+                buf,
+                dynamo=False,
+                do_constant_folding=False,
+                input_names=in_names,
+                output_names=list(outputs),
+                dynamic_axes=dynamic_axes or None,
             )
         return buf.getvalue()
     except Exception as e:
         raise NotComparableError(f"candidate: torch.onnx.export failed ({_first_line(e)})") from e
-
-

@@ -120,7 +120,10 @@ class _Worker:
         sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         self.sessions[sid] = sess
         return (
-            [(i.name, i.type, [d if isinstance(d, (int, str)) else None for d in i.shape]) for i in sess.get_inputs()],
+            [
+                (i.name, i.type, [d if isinstance(d, (int, str)) else None for d in i.shape])
+                for i in sess.get_inputs()
+            ],
             [o.name for o in sess.get_outputs()],
         )
 
@@ -133,7 +136,9 @@ class _Worker:
             return list(sess.run(outputs, {n: a for n, (a, _) in feeds.items()}))
         # onnxruntime takes bfloat16 only as an OrtValue built from the raw 16-bit pattern.
         vals = {
-            n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(a), 16)  # TensorProto.BFLOAT16
+            n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(a), 16
+            )  # TensorProto.BFLOAT16
             if bf16
             else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
             for n, (a, bf16) in feeds.items()
