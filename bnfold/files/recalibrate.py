@@ -629,21 +629,7 @@ def _torch(
     files = replace(
         files, size_after=model_size(dst, loaded.format), written=True, total_seconds=time.perf_counter() - t0
     )
-    return RecalibrationReport(
-        files,
-        str(s.data),
-        data.layout,
-        data.batch_size,
-        len(data),
-        data.samples,
-        s.pooled,
-        s.prior,
-        "batch",
-        1,
-        tuple(changes),
-        None,
-        time.perf_counter() - t0,
-    )
+    return _batch_report(files, s, data, changes, t0)
 
 
 def _pt2(
@@ -765,6 +751,11 @@ def _pt2(
     files = replace(
         files, size_after=model_size(dst, "pt2"), written=True, total_seconds=time.perf_counter() - t0
     )
+    return _batch_report(files, s, data, changes, t0)
+
+
+def _batch_report(files: FileInfo, s: Any, data: Any, changes: Any, t0: float) -> RecalibrationReport:
+    """The report of a one-pass (``upstream="batch"``) recalibration: checkpoints and ``.pt2``."""
     return RecalibrationReport(
         files,
         str(s.data),
