@@ -116,7 +116,7 @@ def _verdict_json(v: Site | Skip) -> dict[str, Any]:
     if isinstance(v, Site):
         return {
             "bn": v.bn,
-            "status": v.to_dict()["status"],
+            "status": v.status,
             "target": v.target,
             "target_kind": v.target_kind,
             "direction": v.direction.value,

@@ -128,10 +128,15 @@ class Site:
     def folded(self) -> bool:
         return True
 
+    @property
+    def status(self) -> str:
+        """The verdict's status word: folded, affine, converted or propagated."""
+        return _STATUS.get(self.direction, "folded")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "bn": self.bn,
-            "status": _STATUS.get(self.direction, "folded"),
+            "status": self.status,
             "target": self.target,
             "target_kind": self.target_kind,
             "direction": self.direction.value,

@@ -39,6 +39,13 @@ class MergeRefusal(Exception):
         self.detail = detail
 
 
+def blocker_refusal(ops: str, nonlinear: bool, x: str) -> MergeRefusal:
+    """The refusal of a branch that holds ``ops`` (named for the user) between ``x`` and the sum."""
+    if nonlinear:
+        return MergeRefusal(MergeReason.NONLINEAR, f"{ops} inside the branch: it is not linear in '{x}'")
+    return MergeRefusal(MergeReason.UNSUPPORTED, f"{ops} inside the branch: not a form bnfold merges")
+
+
 @dataclass(slots=True)
 class MergeRef:
     """The merged conv's geometry (from the reference conv)."""

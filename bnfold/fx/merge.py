@@ -33,6 +33,7 @@ from bnfold.fold_math.merge import (
     F64,
     MergeRef,
     MergeRefusal,
+    blocker_refusal,
     compose_pointwise,
     diagonal,
     embed,
@@ -658,20 +659,13 @@ def _plan(
     for b in branches:
         if b.kind == "other":
             ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
-            if any(
+            nonlinear = any(
                 isinstance(_mod(gm, n), _ACT_MODULES)
                 or getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
                 for n in b.blockers
-            ):
-                b.reason, b.detail = (
-                    MergeReason.NONLINEAR,
-                    f"{ops} inside the branch: it is not linear in '{x.name}'",
-                )
-            else:
-                b.reason, b.detail = (
-                    MergeReason.UNSUPPORTED,
-                    f"{ops} inside the branch: not a form bnfold merges",
-                )
+            )
+            r = blocker_refusal(ops, nonlinear, x.name)
+            b.reason, b.detail = r.reason, r.detail
             continue
         try:
             _exclusive(b, chain)

@@ -39,6 +39,7 @@ import numpy.typing as npt
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from bnfold._dtypes import is_floating
+from bnfold.io.stream import tensor_nbytes
 from bnfold.records import Skip, SkipReason
 
 from .graph import GraphIndex, name_of, read_lazy_tensor
@@ -142,40 +143,15 @@ class ConstBudget:
 
 
 def _held_bytes(t: TensorProto) -> int:
-    """Bytes a tensor's values take, from its dims and type (reading ``raw_data`` would copy every
-    weight: 50 ms a fold on ResNet-50). A tensor whose data does not fill its dims is refused before a
-    fold by :func:`bnfold.io.check_model_data`; external data counts its stated length."""
+    """Bytes a tensor's values take, from its dims and type (:func:`bnfold.io.stream.tensor_nbytes`:
+    reading ``raw_data`` would copy every weight, 50 ms a fold on ResNet-50). A tensor whose data does
+    not fill its dims is refused before a fold by :func:`bnfold.io.check_model_data`; external data
+    counts its stated length."""
     if t.data_location == TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
         if info.get("length", "").isdigit():
             return int(info["length"])
-    n = 1
-    for d in t.dims:
-        n *= max(int(d), 0)
-    size = _ITEMSIZE.get(int(t.data_type), 8)
-    return n * size
-
-
-_ITEMSIZE = {
-    int(k): int(np.dtype(v).itemsize)
-    for k, v in {
-        TensorProto.FLOAT: np.float32,
-        TensorProto.DOUBLE: np.float64,
-        TensorProto.FLOAT16: np.float16,
-        TensorProto.INT8: np.int8,
-        TensorProto.UINT8: np.uint8,
-        TensorProto.INT16: np.int16,
-        TensorProto.UINT16: np.uint16,
-        TensorProto.INT32: np.int32,
-        TensorProto.UINT32: np.uint32,
-        TensorProto.INT64: np.int64,
-        TensorProto.UINT64: np.uint64,
-        TensorProto.BOOL: np.bool_,
-        TensorProto.BFLOAT16: np.uint16,
-        TensorProto.COMPLEX64: np.complex64,
-        TensorProto.COMPLEX128: np.complex128,
-    }.items()
-}
+    return tensor_nbytes(t)
 
 
 def _expand(x: Array, out: tuple[int, ...]) -> Array:

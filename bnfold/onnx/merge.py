@@ -65,12 +65,15 @@ import numpy.typing as npt
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from bnfold.fold_math import cast_exact
-from bnfold.fold_math.merge import MergeRef as _Ref
-from bnfold.fold_math.merge import MergeRefusal as _Refuse
-from bnfold.fold_math.merge import diagonal as _diagonal
-from bnfold.fold_math.merge import embed as _embed
-from bnfold.fold_math.merge import identity_checks as _identity_checks
-from bnfold.fold_math.merge import placement as _placement
+from bnfold.fold_math.merge import (
+    MergeRef,
+    MergeRefusal,
+    blocker_refusal,
+    diagonal,
+    embed,
+    identity_checks,
+    placement,
+)
 from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site, Skip
 
@@ -313,12 +316,12 @@ def _ints(n: NodeProto, name: str, default: list[int]) -> list[int]:
 
 
 def _conv_geometry(n: NodeProto, w: npt.NDArray[Any]) -> tuple[list[int], list[int], list[int], int]:
-    """strides, dilations, pads (begins + ends) and group of a Conv; raises _Refuse for auto_pad SAME."""
+    """strides, dilations, pads (begins + ends) and group of a Conv; raises MergeRefusal for auto_pad SAME."""
     r = w.ndim - 2
     auto = attr(n, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        raise _Refuse(MergeReason.PADDING, f"auto_pad={auto}: its padding depends on the input size")
+        raise MergeRefusal(MergeReason.PADDING, f"auto_pad={auto}: its padding depends on the input size")
     pads = [0] * (2 * r) if auto == "VALID" else _ints(n, "pads", [0] * (2 * r))
     return _ints(n, "strides", [1] * r), _ints(n, "dilations", [1] * r), pads, int(attr(n, "group", 1))
 
@@ -333,13 +336,13 @@ def _weights(
             continue
         v, _, detail = ev.resolve(n.input[slot])
         if v is None:
-            raise _Refuse(MergeReason.NON_CONSTANT, f"the {what} of {label} is not a constant: {detail}")
+            raise MergeRefusal(MergeReason.NON_CONSTANT, f"the {what} of {label} is not a constant: {detail}")
         if not is_float(v):
-            raise _Refuse(MergeReason.UNSUPPORTED, f"the {what} of {label} has dtype {v.dtype}")
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"the {what} of {label} has dtype {v.dtype}")
         vals.append(v)
     w = vals[0]
     if w is None:
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label} has no weight")
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{label} has no weight")
     return w, vals[1]
 
 
@@ -363,7 +366,7 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
     n = index.nodes[b.base]
     w, bias = _weights(ev, n, what)
     if w.ndim < 3:
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
     strides, dil, pads, group = _conv_geometry(n, w)
     w64 = w.astype(np.float64)
     b64 = None if bias is None else bias.astype(np.float64).reshape(-1)
@@ -373,17 +376,17 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
         w1, b1 = _weights(ev, pre, pre_label)
         s1, _, p1, g1 = _conv_geometry(pre, w1)
         if any(s != 1 for s in s1) or any(p1) or w1.ndim != w.ndim or any(k != 1 for k in w1.shape[2:]):
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.UNSUPPORTED,
                 f"{pre_label} -> {what}: the first conv is not a 1x1, stride 1, unpadded",
             )
         if g1 != 1 or group != 1 or w1.shape[0] != w.shape[1]:
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})"
             )
         b1_64 = None if b1 is None else b1.astype(np.float64).reshape(-1)
         if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.PADDING,
                 f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
                 "not be added: one conv cannot compute it",
@@ -398,39 +401,41 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
     return _ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
 
 
-def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch, x: str) -> tuple[F64, F64]:
-    """The branch as (weight, bias) of the merged conv's shape, in float64; _Refuse why not."""
+def _branch_kernel(
+    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, b: _Branch, x: str
+) -> tuple[F64, F64]:
+    """The branch as (weight, bias) of the merged conv's shape, in float64; MergeRefusal why not."""
     what = b.label
     if b.kind in ("conv", "seq"):  # Cases 1 and 5
         cr = _read_conv(index, ev, b)
         w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
         if cr.dtype != ref.dtype:
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
             )
         if w.ndim - 2 != ref.rank:
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
             )
         if strides != ref.strides:
-            raise _Refuse(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
+            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
         if dil != ref.dilations:
-            raise _Refuse(MergeReason.DILATION, f"{what}: dilation {dil} differs from {ref.dilations}")
+            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation {dil} differs from {ref.dilations}")
         if group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.GROUPS,
                 f"{what}: groups {group}, weight {list(w.shape[:2])} differ from groups {ref.group}, "
                 f"weight {[ref.c_out, ref.c_in_g]}",
             )
-        offs = _placement(ref, tuple(int(k) for k in w.shape[2:]), pads, what)
-        w64 = _embed(ref, w, offs)
+        offs = placement(ref, tuple(int(k) for k in w.shape[2:]), pads, what)
+        w64 = embed(ref, w, offs)
         b64 = np.zeros(ref.c_out) if bias is None else bias
         if b64.shape != (ref.c_out,):
-            raise _Refuse(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
+            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
     elif b.kind == "identity":  # Case 2
-        _identity_checks(ref, what)
-        offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        identity_checks(ref, what)
+        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
     elif b.kind == "bn":  # Case 3
         assert b.base is not None
         from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
@@ -441,14 +446,14 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
             reason = (
                 MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
             )
-            raise _Refuse(reason, f"{what}: {prm.detail}")
+            raise MergeRefusal(reason, f"{what}: {prm.detail}")
         if prm.per_element or prm.channels != ref.c_out:
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}"
             )
-        _identity_checks(ref, what)
-        offs = _placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = _diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
+        identity_checks(ref, what)
+        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
         b64 = prm.shift.astype(np.float64)
     elif b.kind == "avgpool":  # Case 4
         assert b.base is not None
@@ -458,26 +463,28 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
         auto = attr(n, "auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else str(auto)
         if auto not in ("NOTSET", "VALID"):
-            raise _Refuse(MergeReason.PADDING, f"{what}: auto_pad={auto}")
+            raise MergeRefusal(MergeReason.PADDING, f"{what}: auto_pad={auto}")
         pads = [0] * (2 * r) if auto == "VALID" else _ints(n, "pads", [0] * (2 * r))
         if int(attr(n, "ceil_mode", 0)):
-            raise _Refuse(MergeReason.PADDING, f"{what}: ceil_mode=1 (its output size is not a conv's)")
+            raise MergeRefusal(MergeReason.PADDING, f"{what}: ceil_mode=1 (its output size is not a conv's)")
         if any(pads) and not int(attr(n, "count_include_pad", 0)):
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.PADDING,
                 f"{what}: count_include_pad=0 with padding: edge windows divide by fewer values than a conv",
             )
         if _ints(n, "strides", [1] * r) != ref.strides:
-            raise _Refuse(
+            raise MergeRefusal(
                 MergeReason.STRIDE,
                 f"{what}: stride {_ints(n, 'strides', [1] * r)} differs from {ref.strides}",
             )
         if _ints(n, "dilations", [1] * r) != ref.dilations:
-            raise _Refuse(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
+            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
         if ref.c_in_g * ref.group != ref.c_out:
-            raise _Refuse(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
-        offs = _placement(ref, k, pads, what)
-        w64, b64 = _diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+            raise MergeRefusal(
+                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
+            )
+        offs = placement(ref, k, pads, what)
+        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
     else:  # pragma: no cover - callers pass the four kinds
         raise AssertionError(b.kind)
     for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
@@ -489,7 +496,7 @@ def _branch_kernel(index: GraphIndex, ev: ConstEvaluator, ref: _Ref, b: _Branch,
     return w64, b64
 
 
-def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: _Ref, label: str) -> F64:
+def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: MergeRef, label: str) -> F64:
     if n.op_type == "Identity":
         return np.ones(ref.c_out)
     k = _const_slot(ev, n)
@@ -499,21 +506,23 @@ def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: _Ref, label: str) -> F64:
     return _channel_vector(c, ref, label, "scale")
 
 
-def _channel_vector(c: npt.NDArray[Any], ref: _Ref, label: str, what: str) -> F64:
+def _channel_vector(c: npt.NDArray[Any], ref: MergeRef, label: str, what: str) -> F64:
     """A constant that broadcasts per output channel over the merged conv's output, as a float64 [C]."""
     if not is_float(c):
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of dtype {c.dtype}")
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{label}: {what} of dtype {c.dtype}")
     full = ref.rank + 2
     if c.ndim > full:
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of rank {c.ndim} > {full}")
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{label}: {what} of rank {c.ndim} > {full}")
     shape = (1,) * (full - c.ndim) + tuple(c.shape)
     if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, ref.c_out):
-        raise _Refuse(MergeReason.UNSUPPORTED, f"{label}: {what} of shape {list(c.shape)} is not per channel")
+        raise MergeRefusal(
+            MergeReason.UNSUPPORTED, f"{label}: {what} of shape {list(c.shape)} is not per channel"
+        )
     return np.broadcast_to(c.astype(np.float64).reshape(-1), (ref.c_out,)).copy()
 
 
 def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
-    """_Refuse when a tensor inside the branch is read by anything but the next node of the branch."""
+    """MergeRefusal when a tensor inside the branch is read by anything but the next node of the branch."""
     path = _path(b)
     for k, node in enumerate(path):
         out = index.nodes[node].output[0]
@@ -525,7 +534,9 @@ def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
                 if out in index.graph_outputs
                 else ", ".join(sorted({index.label(r) for r in readers if r not in allowed}))
             )
-            raise _Refuse(MergeReason.OTHER_CONSUMERS, f"'{out}' inside the branch is also read by {who}")
+            raise MergeRefusal(
+                MergeReason.OTHER_CONSUMERS, f"'{out}' inside the branch is also read by {who}"
+            )
 
 
 def _path(b: _Branch) -> list[int]:
@@ -618,13 +629,13 @@ def merge_branches(
             c = ev.resolve(leaf)[0]
             try:
                 if c is None:
-                    raise _Refuse(MergeReason.UNSUPPORTED, "not a constant")
+                    raise MergeRefusal(MergeReason.UNSUPPORTED, "not a constant")
                 vec = _channel_vector(c, ref, leaf, "constant")
                 for m in factors:
                     vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
                 b_sum = b_sum + sign * vec
                 continue
-            except _Refuse:
+            except MergeRefusal:
                 pass
             if sign < 0 or factors:
                 odd.append(leaf)
@@ -764,7 +775,7 @@ def _plan(
     chain: set[int],
     sum_label: str,
     exclude: frozenset[str],
-) -> tuple[_Ref, F64, F64] | Merge:
+) -> tuple[MergeRef, F64, F64] | Merge:
     """Decide each branch; return the reference and the merged float64 weight and bias, or the refusal."""
     if sum_label in exclude:
         for b in branches:
@@ -776,23 +787,15 @@ def _plan(
             continue
         if b.kind == "other":
             ops = ", ".join(f"{index.nodes[i].op_type} '{index.label(i)}'" for i in b.blockers)
-            if any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers):
-                b.reason, b.detail = (
-                    MergeReason.NONLINEAR,
-                    f"{ops} inside the branch: it is not linear in '{x}'",
-                )
-            else:
-                b.reason, b.detail = (
-                    MergeReason.UNSUPPORTED,
-                    f"{ops} inside the branch: not a form bnfold merges",
-                )
+            r = blocker_refusal(ops, any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers), x)
+            b.reason, b.detail = r.reason, r.detail
             continue
         try:
             _exclusive(index, b, x, chain)
-        except _Refuse as e:
+        except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
     # the reference: the conv branch with the largest kernel (first on ties)
-    ref: _Ref | None = None
+    ref: MergeRef | None = None
     best = -1
     for b in branches:
         if b.kind not in ("conv", "seq") or b.reason is not None:
@@ -800,14 +803,14 @@ def _plan(
         assert b.base is not None
         try:
             cr = _read_conv(index, ev, b)
-        except _Refuse as e:
+        except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
         w = cr.w
         vol = int(np.prod(w.shape[2:]))
         if vol > best:
             best = vol
-            ref = _Ref(
+            ref = MergeRef(
                 b.base,
                 tuple(int(k) for k in w.shape[2:]),
                 cr.strides,
@@ -827,7 +830,7 @@ def _plan(
             continue
         try:
             w64, b64 = _branch_kernel(index, ev, ref, b, x)
-        except _Refuse as e:
+        except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
         w_sum += w64
