@@ -96,7 +96,7 @@ from . import errors
 from .errors import InputError, ModelStateError, OptionError
 from .fx.module import copy_model
 
-__all__ = ["recalibrate", "param_groups"]
+__all__ = ["recalibrate", "param_groups", "StatsAccumulator", "target_stats", "mix_with_prior"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _sync_types() -> tuple[type[nn.Module], ...]:
 
 
 @dataclass
-class _Acc:
+class StatsAccumulator:
     """Per-layer float64 accumulators on one process (see rule 2)."""
 
     sum_mean: Tensor
@@ -128,7 +128,7 @@ class _Acc:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def new(cls, c: int, device: torch.device) -> _Acc:
+    def new(cls, c: int, device: torch.device) -> StatsAccumulator:
         def z() -> Tensor:
             return torch.zeros(c, dtype=torch.float64, device=device)
 
@@ -338,15 +338,15 @@ class _Peers:
             )
 
 
-def _target_stats(acc: _Acc, pooled: bool) -> tuple[Tensor, Tensor]:
+def target_stats(acc: StatsAccumulator, pooled: bool) -> tuple[Tensor, Tensor]:
     """(mean, unbiased var) of the new data, float64 (rule 2)."""
     if pooled:
         return acc.mean, acc.m2 / max(acc.values - 1, 1)
     return acc.sum_mean / acc.batches, acc.sum_var / acc.batches
 
 
-def _mix(
-    mean_s: Tensor, var_s: Tensor, mean_t: Tensor, var_t: Tensor, acc: _Acc, prior: float
+def mix_with_prior(
+    mean_s: Tensor, var_s: Tensor, mean_t: Tensor, var_t: Tensor, acc: StatsAccumulator, prior: float
 ) -> tuple[Tensor, Tensor]:
     """Source statistics as ``prior`` samples combined with the target ones (rule 3), float64."""
     k_t = float(acc.values)
@@ -436,14 +436,14 @@ def recalibrate(
     sync = _sync_types()
     flags = {id(m): m.training for m in root.modules()}
     saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if k in _STATS} for m in bns]
-    accs = [_Acc.new(m.num_features, m.running_mean.device) for m in bns]  # type: ignore[union-attr]
+    accs = [StatsAccumulator.new(m.num_features, m.running_mean.device) for m in bns]  # type: ignore[union-attr]
     hooks = []
     ok = False
     try:
         root.eval()
         for m, acc in zip(bns, accs):
 
-            def record(_m: nn.Module, args: tuple[Any, ...], acc: _Acc = acc) -> None:
+            def record(_m: nn.Module, args: tuple[Any, ...], acc: StatsAccumulator = acc) -> None:
                 acc.add(args[0])
 
             hooks.append(m.register_forward_pre_hook(record))
@@ -488,9 +488,9 @@ def recalibrate(
                     for k, v in old.items():
                         getattr(m, k).copy_(v)
                     continue
-                mean, var = _target_stats(acc, pooled)
+                mean, var = target_stats(acc, pooled)
                 if prior:
-                    mean, var = _mix(
+                    mean, var = mix_with_prior(
                         old["running_mean"].double(), old["running_var"].double(), mean, var, acc, prior
                     )
                 if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):

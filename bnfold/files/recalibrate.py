@@ -645,7 +645,7 @@ def _pt2(
     import torch
 
     from bnfold._dtypes import from_numpy
-    from bnfold.recalibration import _Acc, _mix, _target_stats
+    from bnfold.recalibration import StatsAccumulator, mix_with_prior, target_stats
 
     from .output import save
 
@@ -654,7 +654,7 @@ def _pt2(
     ops = {aten.batch_norm.default: (3, 4, 7), aten._native_batch_norm_legit_no_training.default: (3, 4, 6)}
     gm = ep.module()
     sites: list[tuple[str, str, str, float]] = []  # (label, mean fqn, var fqn, eps)
-    accs: dict[str, _Acc] = {}
+    accs: dict[str, StatsAccumulator] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ops:
             continue
@@ -674,7 +674,7 @@ def _pt2(
         eps = float(node.args[ie]) if len(node.args) > ie else 1e-5
         label = str(mean.target).removesuffix(".running_mean")
         sites.append((label, str(mean.target), str(var.target), eps))
-        accs[label] = _Acc.new(int(ep.state_dict[mean.target].numel()), torch.device("cpu"))
+        accs[label] = StatsAccumulator.new(int(ep.state_dict[mean.target].numel()), torch.device("cpu"))
 
         def batch_stats(*args: Any, _target: Any = node.target, _label: str = label, **kwargs: Any) -> Any:
             x = args[0]
@@ -716,9 +716,9 @@ def _pt2(
         if acc.batches == 0:
             raise InputError(f"{label}: its input is empty in every batch (the BatchNorm never runs)")
         old_m, old_v = ep.state_dict[fm].detach().double(), ep.state_dict[fv].detach().double()
-        m, v = _target_stats(acc, s.pooled)
+        m, v = target_stats(acc, s.pooled)
         if s.prior:
-            m, v = _mix(old_m, old_v, m, v, acc, s.prior)
+            m, v = mix_with_prior(old_m, old_v, m, v, acc, s.prior)
         if not bool(torch.isfinite(m).all() and torch.isfinite(v).all()):
             raise InputError(
                 f"{label}: the re-estimated statistics are not finite (inf or nan in the activations)"

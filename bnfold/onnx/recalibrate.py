@@ -1,7 +1,7 @@
 """Re-estimate the statistics of every BatchNormalization of an ONNX model on data (``bnfold recalibrate``).
 
 The estimators are :func:`bnfold.recalibrate`'s (its module docstring, rules 2 and 3), computed by the
-same functions (:class:`bnfold.recalibration._Acc`, ``_target_stats``, ``_mix``), in float64:
+same functions (:class:`bnfold.recalibration._Acc`, ``target_stats``, ``mix_with_prior``), in float64:
 
     * default: ``mean = (1/B) sum_b mean_b``, ``var = (1/B) sum_b var_b`` (per-batch unbiased variance);
     * ``pooled``: the statistics of all values together, ``var = M2 / (K - 1)``;
@@ -437,7 +437,7 @@ def _run(
 ) -> RecalibrationResult:
     import torch
 
-    from bnfold.recalibration import _Acc, _mix, _target_stats
+    from bnfold.recalibration import StatsAccumulator, mix_with_prior, target_stats
 
     prog = progress or (lambda stage, done, total: None)
     depths = [-1] if batch_mode else sorted({b.depth for b in bns})
@@ -471,7 +471,7 @@ def _run(
                         f"the input {x!r} of a BatchNormalization has rank {a.ndim} on batch {count}"
                     )
                 if x not in acc_of:
-                    acc_of[x] = _Acc.new(a.shape[1], torch.device("cpu"))
+                    acc_of[x] = StatsAccumulator.new(a.shape[1], torch.device("cpu"))
                 acc_of[x].add(torch.from_numpy(a.astype(np.float64, copy=False)))
             count += 1
             done += 1
@@ -489,9 +489,9 @@ def _run(
             c = int(acc.mean.numel())
             if mean_s.size != c:
                 raise InputError(f"{b.name}: its input has {c} channels, its statistics {mean_s.size}")
-            mean_t, var_t = _target_stats(acc, pooled)
+            mean_t, var_t = target_stats(acc, pooled)
             if prior:
-                mean_t, var_t = _mix(
+                mean_t, var_t = mix_with_prior(
                     torch.from_numpy(mean_s.astype(np.float64).ravel()),
                     torch.from_numpy(var_s.astype(np.float64).ravel()),
                     mean_t,
