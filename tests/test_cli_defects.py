@@ -412,7 +412,7 @@ def test_progress_stages_count_up(tmp_path: Path) -> None:
     from rich.console import Console
 
     from bnfold import files
-    from bnfold._render import progress_callback
+    from bnfold.cli.render import progress_callback
 
     src = tmp_path / "m.onnx"
     onnx.save(_conv_bn_onnx(), str(src))
@@ -636,7 +636,7 @@ def test_bench_warns_when_runs_disagree() -> None:
 
     from rich.console import Console
 
-    from bnfold._render import render_bench_report
+    from bnfold.cli.render import render_bench_report
     from bnfold.bench import BenchReport, Spread, Timing
 
     steady = Spread.of([1.0, 1.01, 1.0, 0.99, 1.0])

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from bnfold._render import progress_callback, stage_label
+from bnfold.cli.render import progress_callback, stage_label
 
 
 def test_progress_shows_at_once_and_numbers_stages() -> None:

@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from .records import Direction, FoldReport, Site, Skip
+from bnfold.records import Direction, FoldReport, Site, Skip
 
 __all__ = [
     "SCHEMA",
@@ -90,7 +90,7 @@ def counts(report: FoldReport) -> dict[str, Any]:
 
 
 def _head(command: str, exit_code: int) -> dict[str, Any]:
-    from . import __version__
+    from bnfold import __version__
 
     return {
         "schema": SCHEMA,

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._cli_options import (
+from .options import (
     Affine,
     AllOrNothing,
     Atol,
@@ -62,7 +62,7 @@ from ._cli_options import (
     Verbose,
     Version,
 )
-from ._cli_run import (
+from .run import (
     STATE,
     Group,
     check_common,
@@ -75,8 +75,8 @@ from ._cli_run import (
     split_names,
     tolerances,
 )
-from ._render import clean
-from .errors import FoldVerificationError, OptionError
+from .render import clean
+from bnfold.errors import FoldVerificationError, OptionError
 
 __all__ = ["app", "main"]
 
@@ -181,7 +181,7 @@ def fold(
     with guarded("fold", model, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
         dst = one_output(out, output)
-        from . import files
+        from bnfold import files
 
         atol_v, rtol_v = tolerances(atol, rtol)
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
@@ -229,11 +229,11 @@ def fold(
 
 
 def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
-    from ._render import render_fold_report, render_verify_report
+    from .render import render_fold_report, render_verify_report
 
     render_fold_report(console, report, title=title, verbose=verbose)
     if report.health is not None:
-        from ._render import render_health
+        from .render import render_health
 
         render_health(console, report.health, verbose=verbose)
     if report.verification is not None and not report.verification.passed:
@@ -295,8 +295,8 @@ def inspect(
     """
     with guarded("inspect", model, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
-        from . import files
-        from ._render import render_fold_report, render_health
+        from bnfold import files
+        from .render import render_fold_report, render_health
 
         settings = files.InspectSettings(
             affine=affine,
@@ -424,8 +424,8 @@ def verify(
     paths = [p for p in (reference, candidate, load_outputs) if p is not None]
     with guarded("verify", *paths, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
-        from . import files
-        from ._render import render_verify_report
+        from bnfold import files
+        from .render import render_verify_report
 
         if load_outputs is not None:
             if candidate is not None:
@@ -474,7 +474,7 @@ def verify(
             candidate=candidate,
         )
         if not report.passed:
-            from .verification import failure_message
+            from bnfold.verification import failure_message
 
             fail(f"{shown}: {failure_message(report, against=str(against))}", 1, "VerificationError")
 
@@ -558,8 +558,8 @@ def freeze(
     with guarded("freeze", model, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
         dst = one_output(out, output)
-        from . import files
-        from ._render import render_freeze_report
+        from bnfold import files
+        from .render import render_freeze_report
 
         settings = files.FreezeSettings(learnable, in_place, files.LoadSettings(model_factory, trust_pickle))
         with json_guard(json_out), progress_bar(quiet, ("load", "freeze", "save")) as progress:
@@ -591,8 +591,8 @@ def bench(
     """
     with guarded("bench", model, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
-        from . import bench as bench_mod
-        from ._render import render_bench_report
+        from bnfold import bench as bench_mod
+        from .render import render_bench_report
 
         def notice(text: str) -> None:
             if not quiet and not json_out:
@@ -684,8 +684,8 @@ def recalibrate(
         dst = one_output(out, output)
         if data is None:
             raise OptionError("missing --data FILE.npz (the data to estimate the statistics on)")
-        from . import files
-        from .files.recalibrate import RecalibrateSettings, recalibrate_file
+        from bnfold import files
+        from bnfold.files.recalibrate import RecalibrateSettings, recalibrate_file
 
         settings = RecalibrateSettings(
             data=data,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
+from bnfold import __version__
 
 __all__ = ["OptLevel"]
 

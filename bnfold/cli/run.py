@@ -28,9 +28,9 @@ import typer
 from typer import core as _typer_core
 from typer.core import TyperGroup
 
-from ._json import finite_json
-from ._render import clean, error_document, json_document, make_console
-from .errors import BnfoldError, OptionError, with_context
+from .jsonout import finite_json
+from .render import clean, error_document, json_document, make_console
+from bnfold.errors import BnfoldError, OptionError, with_context
 
 __all__ = [
     "Group",
@@ -263,7 +263,7 @@ def _quiet_libraries() -> None:
 @contextmanager
 def progress_bar(quiet: bool, stages: tuple[str, ...]) -> Iterator[Callable[[str, int, int], None]]:
     """The progress callback for a job: a stage line on stderr (terminals only), library logs quiet."""
-    from ._render import progress_callback
+    from .render import progress_callback
 
     with progress_callback(make_console(stderr=True), enabled=not quiet, stages=stages) as bar:
         seen: set[str] = set()
@@ -315,7 +315,7 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
             traceback.print_exc(file=sys.stderr)
         # Every error line names the file (errors.with_context: the one way context is added), and
         # advice worded for the Python API (trust_pickle=True) is worded as the CLI flag.
-        from .files.load import cli_advice
+        from bnfold.files.load import cli_advice
 
         fail(cli_advice(str(with_context(e, *(str(p) for p in paths)))), e.exit_code, type(e).__name__)
     except Exception as e:  # last resort: a bad file must never show a traceback
@@ -363,7 +363,7 @@ def check_common(quiet: bool, json_out: bool) -> None:
 
 def tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
     """``--atol 1e-4 --atol out=1e-3`` -> the comparator's tolerance mappings (checked once, by flag)."""
-    from .compare import parse_tolerances
+    from bnfold.compare import parse_tolerances
 
     return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)
 

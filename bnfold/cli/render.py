@@ -29,8 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ._json import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
-from .records import (
+from .jsonout import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
+from bnfold.records import (
     Direction,
     FoldReport,
     FreezeReport,
@@ -45,7 +45,7 @@ from .records import (
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
 
-    from .bench import BenchReport
+    from bnfold.bench import BenchReport
 
 __all__ = [
     "SCHEMA",
@@ -234,7 +234,7 @@ def render_fold_report(
     if v is not None:
         grid.add_row("verification", _verification_line(v, report.verified_on))
     elif not report.dry_run:
-        from .files.fold import NOTHING_CHANGED
+        from bnfold.files.fold import NOTHING_CHANGED
 
         why = "not needed (nothing changed)" if NOTHING_CHANGED in report.notes else "skipped (--no-verify)"
         grid.add_row("verification", Text(why, style="yellow"))
@@ -313,7 +313,7 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     worst = v.worst()
     where = f" at {clean(worst.name)}" if worst is not None else ""
     verdict = "equivalent" if v.passed else "NOT equivalent"
-    from .verification import runtimes_label
+    from bnfold.verification import runtimes_label
 
     return Text(
         f"{verdict}: max abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where} "
@@ -565,7 +565,7 @@ def quant_summary(h: HealthReport) -> str | None:
     """The one-line quantisation-readiness summary of a health audit; None when no layer is flagged."""
     import math
 
-    from .health_records import QUANT_RATIO_FLAG
+    from bnfold.health_records import QUANT_RATIO_FLAG
 
     bad = h.quant_flagged
     if not bad:
