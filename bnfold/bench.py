@@ -176,7 +176,7 @@ def time_runs(
 
 
 def _onnx_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    from ._inputs import onnx_input_specs, random_inputs, resolve_shapes
+    from bnfold.verification.inputs import onnx_input_specs, random_inputs, resolve_shapes
 
     specs = onnx_input_specs(model)
     return random_inputs(specs, resolve_shapes(specs, shapes), np.random.default_rng(seed))
@@ -252,7 +252,7 @@ def bench_file(
         A :class:`BenchReport`.
     """
     from . import io as bio
-    from ._inputs import parse_shapes_for
+    from bnfold.verification.inputs import parse_shapes_for
     from .api import fold_with_report
     from .errors import BnfoldError, with_context
 
@@ -348,7 +348,7 @@ def _bench_torch(
     from .api import fold_with_report
 
     is_ep = isinstance(model, torch.export.ExportedProgram)
-    from ._inputs import torch_examples
+    from bnfold.verification.inputs import torch_examples
 
     # An exported program runs on its own example inputs (its graph is specialised to them).
     args = torch_examples(model, {} if is_ep else shapes, None, seed, src, own_examples)

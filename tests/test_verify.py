@@ -222,7 +222,7 @@ def test_argmax_output_compares_exactly() -> None:
 
 
 def test_nan_handling() -> None:
-    from bnfold.compare import Comparator, compare_output
+    from bnfold.verification.compare import Comparator, compare_output
 
     r = np.array([1.0, np.nan, np.inf], np.float32)
     assert compare_output("o", 0, r, r.copy(), Comparator()).passed

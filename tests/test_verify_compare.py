@@ -12,7 +12,7 @@ from onnx import numpy_helper as nh
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.compare import Comparator, compare_output, parse_tolerances
+from bnfold.verification.compare import Comparator, compare_output, parse_tolerances
 from bnfold.errors import OptionError, VerificationError
 from bnfold.verification import ensure_passed, verify
 from tests.test_verify import PERTURB, _fold_by_hand, _model, _perturb

@@ -19,7 +19,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.compare import Comparator, compare_output
+from bnfold.verification.compare import Comparator, compare_output
 from bnfold.culprit import find_culprits
 from bnfold.files import (
     FoldSettings,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from bnfold.cli import app
 from bnfold.errors import OptionError, OutputError
-from bnfold.golden import Recording, load_outputs, save_outputs
+from bnfold.verification.golden import Recording, load_outputs, save_outputs
 from bnfold.verification import checks, driver, recorded, verify
 from tests.test_verify import _fold_by_hand, _model, _perturb
 from tests.test_verify_compare import _typed
@@ -60,7 +60,7 @@ def test_recheck_saved_outputs_without_running(tmp_path: Path, monkeypatch: pyte
 
 
 def test_bfloat16_and_odd_names_round_trip(tmp_path: Path) -> None:
-    from bnfold._inputs import np_dtype
+    from bnfold.verification.inputs import np_dtype
 
     bf = np_dtype("bfloat16")
     x = np.arange(6, dtype=np.float32).reshape(2, 3).astype(bf)

@@ -363,7 +363,7 @@ def check_common(quiet: bool, json_out: bool) -> None:
 
 def tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
     """``--atol 1e-4 --atol out=1e-3`` -> the comparator's tolerance mappings (checked once, by flag)."""
-    from bnfold.compare import parse_tolerances
+    from bnfold.verification.compare import parse_tolerances
 
     return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)
 

@@ -371,7 +371,7 @@ def _without_culprits(
         # Unresolved: the failed fold is written only with --force (otherwise nothing is staged).
         return new, fold(frozenset())[0] if s.force else None, False
     if out_fmt in ("torch", "pt2") and report.backend in ("fx", "module"):
-        from bnfold._inputs import torch_examples
+        from bnfold.verification.inputs import torch_examples
 
         from .fold_torch import without_culprits
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnfold._inputs import torch_examples
+from bnfold.verification.inputs import torch_examples
 from bnfold.errors import BnfoldError, OptionError, VerificationError
 from bnfold.export import export_folded
 from bnfold.postfold import PostFold

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bnfold._inputs import torch_examples
+from bnfold.verification.inputs import torch_examples
 from bnfold.errors import BnfoldError
 from bnfold.records import FileInfo, FoldReport
 

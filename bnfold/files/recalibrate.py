@@ -464,7 +464,7 @@ def _onnx(
     prog: ProgressFn,
     t0: float,
 ) -> RecalibrationReport:
-    from bnfold._inputs import onnx_input_specs
+    from bnfold.verification.inputs import onnx_input_specs
     from bnfold.io.datafiles import model_size, onnx_data_files
     from bnfold.onnx.recalibrate import plan_levels, recalibrate_model
 

@@ -64,8 +64,8 @@ PyTorch candidate), :mod:`.checks` (input/output compatibility, the per-output c
 
 from __future__ import annotations
 
-from bnfold._inputs import parse_input_shapes
-from bnfold.compare import (
+from .inputs import parse_input_shapes
+from .compare import (
     DEFAULT_TOLERANCES,
     ERROR_STATS,
     Comparator,

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from bnfold._dtypes import numpy_dtype
-from bnfold._inputs import InputSpec
-from bnfold.compare import Comparator, compare_output
+from .inputs import InputSpec
+from .compare import Comparator, compare_output
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import OutputCheck, VerifyReport
 

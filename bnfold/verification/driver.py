@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
-from bnfold.compare import Comparator, ToleranceArg
+from .inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
+from .compare import Comparator, ToleranceArg
 from bnfold.errors import BnfoldError, NotComparableError, OptionError
 from bnfold.records import VerifyReport
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.compare import Comparator, compare_output
+from .compare import Comparator, compare_output
 from bnfold.errors import NotComparableError
 from bnfold.records import LocateReport, TensorCheck
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._inputs import InputSpec
-from bnfold.compare import Comparator
+from .inputs import InputSpec
+from .compare import Comparator
 from bnfold.errors import OptionError
 from bnfold.records import RuntimeUse, VerifyReport
 
@@ -41,7 +41,7 @@ def _save_recording(
     cand_out: Sequence[Mapping[str, np.ndarray]] | None,
     runtimes: Sequence[RuntimeUse],
 ) -> None:
-    from bnfold.golden import Recording, save_outputs
+    from .golden import Recording, save_outputs
 
     save_outputs(
         path,
@@ -65,7 +65,7 @@ def _verify_recorded(
     save_to: str | os.PathLike[str] | None,
 ) -> VerifyReport:
     """Check ``candidate`` (or the saved candidate outputs) against the outputs saved in ``path``."""
-    from bnfold.golden import load_outputs
+    from .golden import load_outputs
 
     rec = load_outputs(path)
     comparator.validate(rec.output_names)

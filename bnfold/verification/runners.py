@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bnfold._dtypes import from_numpy, to_numpy
-from bnfold._inputs import InputSpec, np_dtype
+from .inputs import InputSpec, np_dtype
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import RuntimeUse
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bnfold._dtypes import from_numpy
-from bnfold._inputs import InputSpec
+from .inputs import InputSpec
 from bnfold.errors import NotComparableError, OptionError
 
 from .runners import _eval_mode, _first_line

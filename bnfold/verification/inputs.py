@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import bfloat16, from_numpy, is_floating
-from .errors import OptionError
+from bnfold._dtypes import bfloat16, from_numpy, is_floating
+from bnfold.errors import OptionError
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -135,7 +135,7 @@ def parse_shapes_for(
     specs: Sequence[str] | Mapping[str, tuple[int, ...]] | None, where: str | os.PathLike[str]
 ) -> dict[str, tuple[int, ...]]:
     """:func:`parse_input_shapes` for a job on ``where`` (an error names it); a mapping passes through."""
-    from .errors import BnfoldError, with_context
+    from bnfold.errors import BnfoldError, with_context
 
     if isinstance(specs, Mapping):
         return dict(specs)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._inputs import np_dtype, read_npz
-from .errors import OptionError, OutputError
+from .inputs import np_dtype, read_npz
+from bnfold.errors import OptionError, OutputError
 
 __all__ = ["Recording", "save_outputs", "load_outputs", "GOLDEN_VERSION"]
 

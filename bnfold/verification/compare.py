@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import is_floating
-from .errors import NotComparableError, OptionError
-from .records import OutputCheck
+from bnfold._dtypes import is_floating
+from bnfold.errors import NotComparableError, OptionError
+from bnfold.records import OutputCheck
 
 __all__ = [
     "Tolerance",
