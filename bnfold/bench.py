@@ -251,8 +251,9 @@ def bench_file(
     Returns:
         A :class:`BenchReport`.
     """
-    from . import io as bio
     from bnfold.verification.inputs import parse_shapes_for
+
+    from . import io as bio
     from .api import fold_with_report
     from .errors import BnfoldError, with_context
 

@@ -2,7 +2,7 @@
 
 Every error the library raises on purpose is a :class:`BnfoldError`. Each class carries the exit code
 the CLI uses for it, so that the mapping from error to exit code lives in exactly one place
-(:attr:`BnfoldError.exit_code`), and ``cli.py`` only reads it.
+(:attr:`BnfoldError.exit_code`), and the CLI (``bnfold/cli/``) only reads it.
 
 Exit codes:
     * 2 -- the input cannot be used (missing or unreadable file, bad option, unsupported model,

@@ -268,7 +268,7 @@ class VerifyReport:
     runtimes: tuple[RuntimeUse, ...] = ()
     """Which runtime ran each side (onnxruntime, or the ONNX reference evaluator where it could not)."""
     comparator: dict[str, Any] = field(default_factory=dict)
-    """The comparison settings used (see :class:`bnfold.compare.Comparator`)."""
+    """The comparison settings used (see :class:`bnfold.verification.compare.Comparator`)."""
     locate: LocateReport | None = None
     """With ``locate=True``: the intermediate tensors compared and the first divergence."""
 

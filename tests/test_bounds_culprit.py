@@ -18,10 +18,10 @@ from onnx import numpy_helper as nh
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.verification.compare import DEFAULT_TOLERANCES
 from bnfold.culprit import CulpritBudget, find_culprits
 from bnfold.files import FoldSettings, FoldVerificationError, fold_file
 from bnfold.records import OutputCheck, VerifyReport
+from bnfold.verification.compare import DEFAULT_TOLERANCES
 from bnfold.verification.policy import failure_message, tolerance_below_rounding
 
 runner = CliRunner()

@@ -23,10 +23,10 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 from typer.testing import CliRunner
 
-from bnfold.verification.inputs import NPZ_FREE_BYTES, load_inputs, onnx_input_specs, user_inputs
 from bnfold.cli import app
 from bnfold.errors import OptionError
 from bnfold.verification.golden import Recording, load_outputs, save_outputs
+from bnfold.verification.inputs import NPZ_FREE_BYTES, load_inputs, onnx_input_specs, user_inputs
 
 runner = CliRunner()
 

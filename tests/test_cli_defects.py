@@ -636,8 +636,8 @@ def test_bench_warns_when_runs_disagree() -> None:
 
     from rich.console import Console
 
-    from bnfold.cli.render import render_bench_report
     from bnfold.bench import BenchReport, Spread, Timing
+    from bnfold.cli.render import render_bench_report
 
     steady = Spread.of([1.0, 1.01, 1.0, 0.99, 1.0])
     faster = Spread.of([0.5, 0.51, 0.5, 0.49, 0.5])

@@ -629,8 +629,8 @@ def test_batches_stream_memory_independent_of_data_size(tmp_path: Path) -> None:
     """Iterating 10x the data peaks at the same memory as 1x (one batch at a time, compressed too)."""
     import tracemalloc
 
-    from bnfold.verification.inputs import InputSpec
     from bnfold.files.recalibrate import NpzBatches
+    from bnfold.verification.inputs import InputSpec
 
     spec = [InputSpec("x", np.dtype(np.float32), ("N", 3, 32, 32))]
     rng = np.random.default_rng(0)

@@ -12,9 +12,9 @@ from onnx import numpy_helper as nh
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.verification.compare import Comparator, compare_output, parse_tolerances
 from bnfold.errors import OptionError, VerificationError
 from bnfold.verification import ensure_passed, verify
+from bnfold.verification.compare import Comparator, compare_output, parse_tolerances
 from tests.test_verify import PERTURB, _fold_by_hand, _model, _perturb
 
 runner = CliRunner()

@@ -19,7 +19,6 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.verification.compare import Comparator, compare_output
 from bnfold.culprit import find_culprits
 from bnfold.files import (
     FoldSettings,
@@ -32,6 +31,7 @@ from bnfold.files import (
 from bnfold.fx.module import fold_module
 from bnfold.onnx import fold_model
 from bnfold.records import OutputCheck, Skip, SkipReason, VerifyReport
+from bnfold.verification.compare import Comparator, compare_output
 
 runner = CliRunner()
 

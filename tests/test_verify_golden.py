@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from bnfold.cli import app
 from bnfold.errors import OptionError, OutputError
-from bnfold.verification.golden import Recording, load_outputs, save_outputs
 from bnfold.verification import checks, driver, recorded, verify
+from bnfold.verification.golden import Recording, load_outputs, save_outputs
 from tests.test_verify import _fold_by_hand, _model, _perturb
 from tests.test_verify_compare import _typed
 

@@ -14,11 +14,11 @@ Rules:
       object); progress and warnings go
       to stderr; ``-q`` prints nothing but errors; ``-q`` with ``--json`` is refused;
     * every string from a model is shown escaped, never as terminal control or rich markup (see
-      :mod:`bnfold._render`), so rendering cannot fail on a model's strings after OUT was written;
+      :mod:`bnfold.cli.render`), so rendering cannot fail on a model's strings after OUT was written;
     * library log records and warnings are off while a command runs (``--debug`` shows them), and
       onnxruntime's logger is set to FATAL: a failure is bnfold's one line;
     * the same flag means the same on every command (``-q``, ``--json``, ``--debug``, ``-V``, ``-v``);
-      options are declared once (:mod:`bnfold._cli_options`), and each command is one function;
+      options are declared once (:mod:`bnfold.cli.options`), and each command is one function;
     * this module imports neither torch nor anything that imports torch: an ONNX-only run never pays
       for it, and ``bnfold --help`` stays fast.
 """
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from bnfold.errors import FoldVerificationError, OptionError
 
 from .options import (
     Affine,
@@ -62,6 +64,7 @@ from .options import (
     Verbose,
     Version,
 )
+from .render import clean
 from .run import (
     STATE,
     Group,
@@ -75,8 +78,6 @@ from .run import (
     split_names,
     tolerances,
 )
-from .render import clean
-from bnfold.errors import FoldVerificationError, OptionError
 
 __all__ = ["app", "main"]
 
@@ -296,6 +297,7 @@ def inspect(
     with guarded("inspect", model, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
         from bnfold import files
+
         from .render import render_fold_report, render_health
 
         settings = files.InspectSettings(
@@ -425,6 +427,7 @@ def verify(
     with guarded("verify", *paths, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
         from bnfold import files
+
         from .render import render_verify_report
 
         if load_outputs is not None:
@@ -559,6 +562,7 @@ def freeze(
         check_common(quiet, json_out)
         dst = one_output(out, output)
         from bnfold import files
+
         from .render import render_freeze_report
 
         settings = files.FreezeSettings(learnable, in_place, files.LoadSettings(model_factory, trust_pickle))
@@ -592,6 +596,7 @@ def bench(
     with guarded("bench", model, json_out=json_out, debug=debug):
         check_common(quiet, json_out)
         from bnfold import bench as bench_mod
+
         from .render import render_bench_report
 
         def notice(text: str) -> None:

@@ -1,5 +1,5 @@
 """The CLI's options, declared once: each command lists the ones it takes (the same flag means the same
-on every command). Only :mod:`bnfold.cli` imports this module.
+on every command). Only :mod:`bnfold.cli.commands` imports this module.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .jsonout import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
 from bnfold.records import (
     Direction,
     FoldReport,
@@ -41,6 +40,8 @@ from bnfold.records import (
     VerifyReport,
     count_labels,
 )
+
+from .jsonout import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable

@@ -1,6 +1,6 @@
 """How a CLI command runs: signals, one-line usage errors, errors -> exit codes, progress, JSON output.
 
-The one place where errors become exit codes (see :mod:`bnfold.cli` for the rules): a
+The one place where errors become exit codes (see :mod:`bnfold.cli.commands` for the rules): a
 :class:`~bnfold.errors.BnfoldError` prints ``bnfold: error: <message>`` (one line) on stderr and exits
 with its ``exit_code``; any other exception prints one line too and exits 2; ``--debug`` shows the
 traceback; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129; a reader of stdout that went away (``| head``)
@@ -28,9 +28,10 @@ import typer
 from typer import core as _typer_core
 from typer.core import TyperGroup
 
+from bnfold.errors import BnfoldError, OptionError, with_context
+
 from .jsonout import finite_json
 from .render import clean, error_document, json_document, make_console
-from bnfold.errors import BnfoldError, OptionError, with_context
 
 __all__ = [
     "Group",

@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnfold.verification.inputs import torch_examples
 from bnfold.errors import BnfoldError, OptionError, VerificationError
 from bnfold.export import export_folded
 from bnfold.postfold import PostFold
 from bnfold.records import FoldReport, VerifyReport
+from bnfold.verification.inputs import torch_examples
 
 from .load import ProgressFn
 from .settings import FoldSettings, refuse

@@ -17,9 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bnfold.verification.inputs import torch_examples
 from bnfold.errors import BnfoldError
 from bnfold.records import FileInfo, FoldReport
+from bnfold.verification.inputs import torch_examples
 
 from .load import ProgressFn, advised, load, noop, reworded
 from .settings import InspectSettings, VerifySettings, check_batch_stats, check_inputs, refuse

@@ -156,7 +156,7 @@ class NpzBatches:
 
     Calling the object starts a pass: it yields ``{name: array}`` per batch, each array read from the
     archive when its batch comes. ``specs`` (``name``, ``dtype``, ``dims`` as in
-    :class:`bnfold._inputs.InputSpec`) are the model's inputs; ``None`` (a PyTorch module) takes the
+    :class:`bnfold.verification.inputs.InputSpec`) are the model's inputs; ``None`` (a PyTorch module) takes the
     names as they are and checks neither dtypes nor shapes.
 
     Raises:
@@ -464,9 +464,9 @@ def _onnx(
     prog: ProgressFn,
     t0: float,
 ) -> RecalibrationReport:
-    from bnfold.verification.inputs import onnx_input_specs
     from bnfold.io.datafiles import model_size, onnx_data_files
     from bnfold.onnx.recalibrate import plan_levels, recalibrate_model
+    from bnfold.verification.inputs import onnx_input_specs
 
     model = loaded.model
     plan_levels(model)  # refuse an unsupported model before reading any data

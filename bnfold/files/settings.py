@@ -83,7 +83,7 @@ class VerifySettings:
 
     samples: int = 1
     atol: Any = None
-    """A float, ``{output: float}`` or None (per-dtype default): :data:`bnfold.compare.ToleranceArg`."""
+    """A float, ``{output: float}`` or None (per-dtype default): :data:`bnfold.verification.compare.ToleranceArg`."""
     rtol: Any = None
     opt_level: str | None = None
     error_stat: str = "max"

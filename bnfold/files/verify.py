@@ -17,9 +17,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bnfold.verification.inputs import load_inputs, onnx_input_specs, parse_shapes_for, resolve_shapes, torch_examples
 from bnfold.errors import BnfoldError, with_context
 from bnfold.records import VerifyReport
+from bnfold.verification.inputs import (
+    load_inputs,
+    onnx_input_specs,
+    parse_shapes_for,
+    resolve_shapes,
+    torch_examples,
+)
 
 from .load import ProgressFn, load, noop
 from .settings import CompareSettings, InputSettings, VerifySettings, check_inputs

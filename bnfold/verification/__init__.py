@@ -27,7 +27,7 @@ What runs:
       serialised copy is held in memory). A path is handed to onnxruntime as it is: the file verified is
       the file on disk (the file jobs verify their staged output that way), not parsed again here.
 
-Inputs: see :mod:`bnfold._inputs` (seeded random tensors matching dtype and shape; symbolic dims from
+Inputs: see :mod:`bnfold.verification.inputs` (seeded random tensors matching dtype and shape; symbolic dims from
 ``input_shapes``, else 2 for the first dimension and 8 for the others; integers in [0, 10); or user data).
 
 Comparison, per output and sample, in float64 (``r`` reference, ``c`` candidate)::
@@ -39,7 +39,7 @@ Comparison, per output and sample, in float64 (``r`` reference, ``c`` candidate)
 
 NaN on both sides at the same place, and equal infinities, count as equal; NaN on one side only is a
 mismatch (error = inf). Integer and boolean outputs compare exactly (atol = rtol = 0). By default an
-output passes when it has no mismatch; :mod:`bnfold.compare` adds the options (per-output tolerances,
+output passes when it has no mismatch; :mod:`bnfold.verification.compare` adds the options (per-output tolerances,
 an error statistic, cosine and SNR thresholds, NaN/Inf named as such, a heat summary). Default tolerances (:data:`DEFAULT_TOLERANCES`, per dtype, the less precise
 dtype of the two sides wins): rtol is tens to hundreds of roundings of the dtype at the output's scale
 (an exact fold changes each output by a few roundings, about 2-7e-7 of the scale in float32), atol is
@@ -53,7 +53,7 @@ Verification never raises on a mismatch (``report.passed`` is False; :func:`ensu
 place the policy lives); it raises :class:`~bnfold.errors.NotComparableError` when the
 two models cannot be compared (different input or output names, incompatible shapes, a model that
 no runtime can load or run). ``save_outputs`` / ``load_outputs`` record a run and check against it
-later (:mod:`bnfold.golden`); ``locate`` names the first intermediate tensor that diverges
+later (:mod:`bnfold.verification.golden`); ``locate`` names the first intermediate tensor that diverges
 (:mod:`bnfold.verification.locate`). An ONNX-only verification never imports torch.
 
 Layout (one job per module): :mod:`.driver` (:func:`verify`), :mod:`.runners` (onnxruntime, the
@@ -64,7 +64,6 @@ PyTorch candidate), :mod:`.checks` (input/output compatibility, the per-output c
 
 from __future__ import annotations
 
-from .inputs import parse_input_shapes
 from .compare import (
     DEFAULT_TOLERANCES,
     ERROR_STATS,
@@ -73,8 +72,8 @@ from .compare import (
     default_tolerance,
     parse_tolerances,
 )
-
 from .driver import verify
+from .inputs import parse_input_shapes
 from .policy import describe_failure, ensure_passed, failure_message, runtime_notes, runtimes_label
 from .runners import OPTIMIZATION_LEVELS, REFERENCE_EVALUATOR, check_level
 

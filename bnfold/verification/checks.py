@@ -8,7 +8,7 @@ Rules:
     * PyTorch inputs are positional: ``input_0``, ``input_1``, ... from the example tensors; an
       example's shape fills the symbolic dimensions of the ONNX input it fits (same rank, same fixed
       dimensions), an ``ExportedProgram``'s own example inputs are used when none are given;
-    * each output of each sample is compared by :func:`bnfold.compare.compare_output`.
+    * each output of each sample is compared by :func:`bnfold.verification.compare.compare_output`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from bnfold._dtypes import numpy_dtype
-from .inputs import InputSpec
-from .compare import Comparator, compare_output
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import OutputCheck, VerifyReport
 
+from .compare import Comparator, compare_output
+from .inputs import InputSpec
 from .isolation import OrtWorker
 from .runners import _onnx_runner
 

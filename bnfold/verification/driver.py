@@ -1,12 +1,12 @@
 """The driver of a verification: options checked, sources prepared, both sides run, outputs compared.
 
 Order (each step raises before any model runs when it can):
-    1. options: onnxruntime levels, samples, tolerances and thresholds (:class:`bnfold.compare.Comparator`),
+    1. options: onnxruntime levels, samples, tolerances and thresholds (:class:`bnfold.verification.compare.Comparator`),
        the ``save_outputs`` folder; ``load_outputs`` hands over to :mod:`.recorded`;
     2. sources (:mod:`.sources`): bytes or a file for each ONNX side, PyTorch models as they are;
     3. runners (:mod:`.runners`) for the ONNX sides; their inputs and outputs checked against each
        other (:mod:`.checks`); PyTorch inputs from the example tensors;
-    4. inputs: the user's data, else seeded random tensors per sample (:mod:`bnfold._inputs`);
+    4. inputs: the user's data, else seeded random tensors per sample (:mod:`bnfold.verification.inputs`);
     5. a PyTorch candidate is exported to ONNX (named after the reference) and run in onnxruntime;
     6. every sample through the reference first (its outputs kept), its onnxruntime session dropped,
        then the candidate's session built and checked against the reference's inputs and outputs,
@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
-from .compare import Comparator, ToleranceArg
 from bnfold.errors import BnfoldError, NotComparableError, OptionError
 from bnfold.records import VerifyReport
 
@@ -38,6 +36,8 @@ from .checks import (
     _extra_level,
     _torch_specs,
 )
+from .compare import Comparator, ToleranceArg
+from .inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
 from .isolation import printable, worker_scope
 from .recorded import _save_recording, _verify_recorded
 from .runners import (
@@ -139,7 +139,7 @@ def verify(
             ones); defaults: 2 for a symbolic first dimension, 8 for any other.
         samples: number of random samples (each a fresh draw from ``seed``).
         seed: seed of the random inputs.
-        atol: absolute tolerance for floating outputs (default per dtype, :data:`~bnfold.compare.DEFAULT_TOLERANCES`):
+        atol: absolute tolerance for floating outputs (default per dtype, :data:`~bnfold.verification.compare.DEFAULT_TOLERANCES`):
             one value, or ``{output: value}`` (key ``"*"`` for the other outputs).
         rtol: tolerance relative to the output's scale (max |reference|), default per dtype; same forms.
         optimization_level: onnxruntime graph optimisation for both models: "disable" (default),
@@ -149,11 +149,11 @@ def verify(
         example_inputs: a tuple of tensors giving input shapes and dtypes when both models are PyTorch
             (an ``ExportedProgram``'s own example inputs are used when absent).
         error_stat: the statistic of ``|c - r|`` judged against the tolerance: "max" (default: every
-            element), "mean", "median" or a quantile ("q0.99", "p99"); see :mod:`bnfold.compare`.
+            element), "mean", "median" or a quantile ("q0.99", "p99"); see :mod:`bnfold.verification.compare`.
         min_cosine: also fail an output whose cosine similarity with the reference is below this.
         min_snr_db: also fail an output whose signal-to-noise ratio is below this many dB.
         save_outputs: write the inputs and both models' outputs to this ``.npz`` file
-            (:mod:`bnfold.golden`).
+            (:mod:`bnfold.verification.golden`).
         load_outputs: a file written with ``save_outputs``: its inputs and reference outputs stand
             for the reference (pass ``reference=None``); with ``candidate=None`` too, the saved
             candidate outputs are compared again (no model runs).

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .inputs import np_dtype, read_npz
 from bnfold.errors import OptionError, OutputError
+
+from .inputs import np_dtype, read_npz
 
 __all__ = ["Recording", "save_outputs", "load_outputs", "GOLDEN_VERSION"]
 
@@ -105,7 +106,7 @@ def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
 def load_outputs(path: str | os.PathLike[str]) -> Recording:
     """Read a recording written by :func:`save_outputs`.
 
-    The file is read by :func:`bnfold._inputs.read_npz`: what each entry declares is checked before it is
+    The file is read by :func:`bnfold.verification.inputs.read_npz`: what each entry declares is checked before it is
     decompressed, so a small file cannot make bnfold allocate gigabytes.
 
     Raises:

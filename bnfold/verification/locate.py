@@ -10,7 +10,7 @@ Rules:
     * both models get every compared tensor as an extra graph output (on a fresh copy read from the
       source, never on the caller's model) and run once on the first sample, in onnxruntime with
       optimisations off, or the ONNX reference evaluator where onnxruntime cannot run them;
-    * each tensor is compared like a graph output (:func:`bnfold.compare.compare_output`: its error
+    * each tensor is compared like a graph output (:func:`bnfold.verification.compare.compare_output`: its error
       relative to its own scale, the dtype's default tolerance unless a tolerance is given for that
       name or for ``"*"``); tensors whose shape or dtype differ are left out;
     * tensors are listed in the reference's node order (ONNX graphs are topologically sorted), and
@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .compare import Comparator, compare_output
 from bnfold.errors import NotComparableError
 from bnfold.records import LocateReport, TensorCheck
+
+from .compare import Comparator, compare_output
 
 __all__ = ["locate_divergence"]
 

@@ -2,7 +2,7 @@
 
 Rules:
     * ``save_outputs`` writes the inputs, the input and output names, the reference's outputs, the
-      candidate's outputs and the runtime of each side to one ``.npz`` file (:mod:`bnfold.golden`);
+      candidate's outputs and the runtime of each side to one ``.npz`` file (:mod:`bnfold.verification.golden`);
     * ``load_outputs`` reads such a file: its inputs are the inputs and its reference outputs stand for
       the reference (no reference model runs); a candidate model is checked against them with the
       same runners and checks as a live verification, a missing candidate re-compares the saved
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import InputSpec
-from .compare import Comparator
 from bnfold.errors import OptionError
 from bnfold.records import RuntimeUse, VerifyReport
 
 from .checks import _check_inputs, _check_outputs, _compare_outputs, _extra_level
+from .compare import Comparator
+from .inputs import InputSpec
 from .isolation import worker_scope
 from .runners import _onnx_runner, _OrtRunner
 from .sources import _export_candidate, _is_torch, _onnx_source

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from bnfold._dtypes import from_numpy, to_numpy
-from .inputs import InputSpec, np_dtype
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import RuntimeUse
 
+from .inputs import InputSpec, np_dtype
 from .isolation import OrtWorker, RuntimeFailed, WorkerCrashed, printable
 
 __all__ = ["OPTIMIZATION_LEVELS", "REFERENCE_EVALUATOR", "check_level"]

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from bnfold._dtypes import from_numpy
-from .inputs import InputSpec
 from bnfold.errors import NotComparableError, OptionError
 
+from .inputs import InputSpec
 from .runners import _eval_mode, _first_line
 
 __all__: list[str] = []
