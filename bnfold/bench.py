@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import to_numpy
+from .dtypes import to_numpy
 from .errors import OptionError
 from .records import FoldReport
 

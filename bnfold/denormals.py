@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._dtypes import bfloat16, to_numpy
+from .dtypes import bfloat16, to_numpy
 from .fold_math import cast_exact
 from .fold_math.subnormal import (
     BF16_TINY,

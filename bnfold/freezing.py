@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._dtypes import numpy_dtype, to_float64
+from .dtypes import numpy_dtype, to_float64
 from .errors import InputError, OptionError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
 from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train

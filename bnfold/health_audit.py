@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._dtypes import to_float64
+from .dtypes import to_float64
 from .errors import UnsupportedModelError
 from .health_records import LayerQuant
 from .records import BnHealth, Direction, FoldReport, HealthReport, RangeCounts, Site, Verdict

@@ -1,4 +1,4 @@
-"""The torch <-> NumPy bridge (bnfold._dtypes): exact both ways, bfloat16 included, one rounding from float64."""
+"""The torch <-> NumPy bridge (bnfold.dtypes): exact both ways, bfloat16 included, one rounding from float64."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnfold._dtypes import (
+from bnfold.dtypes import (
     from_float64,
     from_numpy,
     is_bfloat16,

@@ -538,7 +538,7 @@ def _torch(
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from bnfold._dtypes import from_numpy
+    from bnfold.dtypes import from_numpy
     from bnfold.recalibration import recalibrate
 
     from .output import save
@@ -644,7 +644,7 @@ def _pt2(
     """
     import torch
 
-    from bnfold._dtypes import from_numpy
+    from bnfold.dtypes import from_numpy
     from bnfold.recalibration import StatsAccumulator, mix_with_prior, target_stats
 
     from .output import save

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx, nn
 
-from bnfold._dtypes import to_float64
+from bnfold.dtypes import to_float64
 from bnfold.fold_math import F64, bn_affine
 
 __all__ = ["BnSpec", "StatsFn", "TailFn", "NO_STATS"]

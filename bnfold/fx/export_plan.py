@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold._dtypes import numpy_dtype, to_float64
+from bnfold.dtypes import numpy_dtype, to_float64
 from bnfold.fold_math import F64, bn_affine, cast_exact, fold_backward, fold_forward
 from bnfold.records import Direction, Skip, SkipReason
 

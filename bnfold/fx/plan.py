@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold._dtypes import from_numpy as _from_numpy
-from bnfold._dtypes import numpy_dtype, to_float64, to_numpy
+from bnfold.dtypes import from_numpy as _from_numpy
+from bnfold.dtypes import numpy_dtype, to_float64, to_numpy
 from bnfold.fold_math import (
     F64,
     WeightLayout,

@@ -3,7 +3,7 @@
 Rules (the same as ``torch.nn.BatchNorm*``):
 
 1. Training, or ``track_running_stats=False`` in either mode: normalise with the batch mean and the
-   biased batch variance (:class:`bnfold.nn._function.BatchNormFunction`, closed-form backward).
+   biased batch variance (:class:`bnfold.nn.kernel.BatchNormFunction`, closed-form backward).
 2. Training with ``track_running_stats=True``: ``num_batches_tracked += 1`` and
    ``running = (1 - f) * running + f * batch`` with the *unbiased* batch variance, where
    ``f = momentum``, or ``f = 1 / num_batches_tracked`` (cumulative average) when ``momentum is None``.
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._function import batch_norm_train
+from .kernel import batch_norm_train
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_forward"]
 

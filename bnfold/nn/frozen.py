@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnfold._dtypes import from_float64, to_float64
+from bnfold.dtypes import from_float64, to_float64
 from bnfold.fold_math import bn_affine
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._function import (
+from .batchnorm import bn_forward
+from .kernel import (
     _LOW_PRECISION,
     _like_x,
     batch_norm_train,
@@ -43,7 +44,6 @@ from ._function import (
     grad_sums,
     normalize,
 )
-from .batchnorm import bn_forward
 
 __all__ = ["SyncBatchNorm"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._dtypes import numpy_dtype
+from bnfold.dtypes import numpy_dtype
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import OutputCheck, VerifyReport
 

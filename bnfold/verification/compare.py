@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._dtypes import is_floating
+from bnfold.dtypes import is_floating
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import OutputCheck
 

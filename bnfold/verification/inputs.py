@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._dtypes import bfloat16, from_numpy, is_floating
+from bnfold.dtypes import bfloat16, from_numpy, is_floating
 from bnfold.errors import OptionError
 
 __all__ = [

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._dtypes import from_numpy, to_numpy
+from bnfold.dtypes import from_numpy, to_numpy
 from bnfold.errors import NotComparableError, OptionError
 from bnfold.records import RuntimeUse
 

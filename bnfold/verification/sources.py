@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold._dtypes import from_numpy
+from bnfold.dtypes import from_numpy
 from bnfold.errors import NotComparableError, OptionError
 
 from .inputs import InputSpec
