@@ -60,7 +60,7 @@ from .errors import InputError, OptionError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
 from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train
 from .fx.module import copy_model
-from .nn.frozen import _SOURCE_KEYS, FrozenBatchNorm
+from .nn.frozen import SOURCE_KEYS, FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
 
 __all__ = [
@@ -406,7 +406,7 @@ def bn_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     for key, value in state.items():
         mod, _, leaf = key.rpartition(".")
-        if mod in frozen and leaf in ("scale", "shift", *_SOURCE_KEYS):
+        if mod in frozen and leaf in ("scale", "shift", *SOURCE_KEYS):
             if leaf == "scale":
                 pre = mod + "." if mod else ""
                 out.update({pre + k: v for k, v in frozen[mod].bn_state().items()})
@@ -453,7 +453,7 @@ def to_bn_state_dict(
     for key, value in state_dict.items():
         mod, _, leaf = key.rpartition(".")
         pre = mod + "." if mod else ""
-        if leaf in _SOURCE_KEYS and pre + "scale" in state_dict:
+        if leaf in SOURCE_KEYS and pre + "scale" in state_dict:
             continue  # read with the layer's scale below
         other = state_dict.get(pre + ("shift" if leaf == "scale" else "scale"))
         if (
@@ -467,7 +467,7 @@ def to_bn_state_dict(
             e, a = _layer_eps_affine(mod, eps, affine, model)
             layer = FrozenBatchNorm(value.numel(), e, dtype=value.dtype, device=value.device)
             entries = {"scale": value, "shift": other}
-            for k in _SOURCE_KEYS:
+            for k in SOURCE_KEYS:
                 if pre + k in state_dict:
                     entries[k] = state_dict[pre + k]
             layer.load_state_dict(entries)

@@ -120,7 +120,7 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, sig: signal.Signals) ->
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 128 + int(sig), (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr and "interrupted" in r.stderr
-    # The signal is held for the rename (bnfold.io.atomic._signals_deferred) and delivered right after it:
+    # The signal is held for the rename (bnfold.io.atomic.signals_deferred) and delivered right after it:
     # OUT is then the whole new model, and no temporary file is left.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "tiny.onnx"]
     assert len(onnx.load(str(out)).graph.node) >= 1

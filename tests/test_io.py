@@ -224,7 +224,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
         f.write(model.SerializeToString()[:100])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bio.saver, "_write_onnx_stream", half_write)  # where save calls it
+    monkeypatch.setattr(bio.saver, "write_onnx_stream", half_write)  # where save calls it
     with pytest.raises(OutputError, match="No space left") as ei:
         bio.save(m, out)
     monkeypatch.undo()

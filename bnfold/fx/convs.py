@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .custom import _has_hooks
+from .custom import has_hooks
 
 __all__ = ["input_side_conv"]
 
@@ -118,7 +118,7 @@ def input_side_conv(m: nn.Module) -> str | None:
     if not found:
         return None
     nd, base = found[0]
-    if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
+    if has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
         return None
     if not _forward_shape_ok(type(m)):  # type: ignore[arg-type]
         return None

@@ -56,6 +56,7 @@ __all__ = [
     "ThreadSafeTracer",
     "TRACE_LOCK",
     "tail_same_in_train",
+    "has_hooks",
 ]
 
 
@@ -181,14 +182,14 @@ def _plain_bn_forwards() -> set[Any]:
         from bnfold.nn import batchnorm as bnb
         from bnfold.nn import sync
 
-        fwds.add(bnb._BnfoldBatchNorm.forward)
+        fwds.add(bnb.BnfoldBatchNorm.forward)
         fwds.add(sync.SyncBatchNorm.forward)
     except (ImportError, AttributeError):  # pragma: no cover - depends on bnfold.nn's layout
         pass
     return fwds
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
 
 
@@ -197,7 +198,7 @@ def describe_bn(m: nn.Module) -> BnSpec | str:
 
     ``"no_running_stats: ..."`` marks a BN without running statistics.
     """
-    if _has_hooks(m):
+    if has_hooks(m):
         return "the BatchNorm has forward hooks, which a fold would drop"
     reg = _lookup(type(m))
     if reg is not None:  # Rule 2

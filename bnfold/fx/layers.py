@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfold.records import SkipReason
 
 from .convs import input_side_conv
-from .custom import BnSpec, ThreadSafeTracer, _has_hooks, describe_bn, registered_bn_like
+from .custom import BnSpec, ThreadSafeTracer, describe_bn, has_hooks, registered_bn_like
 
 __all__ = [
     "CONV_TYPES",
@@ -83,7 +83,7 @@ def layer_kind(m: nn.Module) -> str | None:
                 return None
             if hasattr(base, "_conv_forward") and getattr(t, "_conv_forward", None) is not base._conv_forward:
                 return None
-            if _has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
+            if has_hooks(m) or torch.nn.utils.parametrize.is_parametrized(m):
                 return None
             if not isinstance(m.weight, torch.Tensor) or not m.weight.is_floating_point():
                 return None

@@ -26,12 +26,27 @@ from typing import Any
 
 from bnfold.errors import OutputError
 
-__all__ = ["atomic_path", "check_target", "fit_name", "name_max"]
+__all__ = [
+    "atomic_path",
+    "check_target",
+    "fit_name",
+    "name_max",
+    "check_folder",
+    "discard",
+    "folder_lock",
+    "file_identity",
+    "output_error",
+    "remove_created",
+    "signals_deferred",
+    "temp_file",
+    "temp_folder",
+    "umask_mode",
+]
 
 log = logging.getLogger(__name__)
 
 
-def _output_error(path: str, e: OSError) -> OutputError:
+def output_error(path: str, e: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write ({e.strerror or e})")
 
 
@@ -62,7 +77,7 @@ def check_target(path: str) -> None:
             raise OutputError(f"{path}: is {what}, not a regular file; bnfold writes only regular files")
 
 
-def _check_folder(path: str) -> str:
+def check_folder(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OutputError(f"{path}: output folder {folder} does not exist")
@@ -102,46 +117,46 @@ def _temp_affixes(dst: str, folder: str, suffix: str) -> tuple[str, str]:
     return f".{fit_name(os.path.basename(dst), room)}.", suffix
 
 
-def _umask_mode() -> int:
+def umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
 
 
-def _temp_file(dst: str, folder: str, created: list[str]) -> str:
+def temp_file(dst: str, folder: str, created: list[str]) -> str:
     """A fresh empty temporary file next to ``dst`` (``.<name>.*.tmp<suffix>``), noted in ``created``.
 
     Creating the file and noting its name are one step that a signal cannot cut, so the caller's
-    clean-up (:func:`_remove_created`, in a ``finally`` opened *before* this call) always knows it.
+    clean-up (:func:`remove_created`, in a ``finally`` opened *before* this call) always knows it.
     """
     name = os.path.basename(dst)
     suffix = "".join(Path(name).suffixes[-1:])
     prefix, suffix = _temp_affixes(dst, folder, f".tmp{suffix}"[:16])
-    with _signals_deferred():
+    with signals_deferred():
         try:
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
         except OSError as e:
-            raise _output_error(dst, e) from e
+            raise output_error(dst, e) from e
         created.append(tmp)
         os.close(fd)
     return tmp
 
 
-def _temp_folder(dst: str, folder: str, created: list[str]) -> str:
+def temp_folder(dst: str, folder: str, created: list[str]) -> str:
     """A fresh empty temporary folder next to ``dst`` (``.<name>.*.tmp``), noted in ``created``."""
     prefix, suffix = _temp_affixes(dst, folder, ".tmp")
-    with _signals_deferred():
+    with signals_deferred():
         try:
             work = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder)
         except OSError as e:
-            raise _output_error(dst, e) from e
+            raise output_error(dst, e) from e
         created.append(work)
     return work
 
 
-def _remove_created(created: list[str]) -> None:
+def remove_created(created: list[str]) -> None:
     """Remove the temporary files and folders in ``created`` (newest first), as one uncut step."""
-    with _signals_deferred():
+    with signals_deferred():
         for path in reversed(created):
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -162,16 +177,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         OutputError: the folder does not exist or is not writable.
     """
     dst = os.fspath(path)
-    folder = _check_folder(dst)
+    folder = check_folder(dst)
     created: list[str] = []
     try:
-        tmp = _temp_file(dst, folder, created)
+        tmp = temp_file(dst, folder, created)
         yield tmp
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         check_target(dst)  # again: a FIFO or device may have been put there meanwhile
         os.replace(tmp, dst)
     except BaseException:
-        _remove_created(created)
+        remove_created(created)
         raise
 
 
@@ -181,7 +196,7 @@ _DEFERRED_SIGNALS = frozenset(
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM/SIGHUP back for a few system calls that must not be cut in two.
 
     Creating a temporary and recording its name, moving a data file and noting that it moved, and the
@@ -222,15 +237,15 @@ def _signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), sig)
 
 
-def _discard(path: str | None) -> None:
+def discard(path: str | None) -> None:
     """Remove the file ``path`` (None: nothing) if it exists, as one step that a signal cannot cut."""
-    with _signals_deferred():
+    with signals_deferred():
         if path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def file_identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of an existing file, following links; None if it does not exist."""
     try:
         st = os.stat(path)
@@ -240,7 +255,7 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: str) -> Iterator[None]:
+def folder_lock(folder: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``folder`` itself: bnfold saves into one folder take turns.
 
     Needed for the model + data pair: deciding the data file's name, the renames and the removal of

@@ -14,14 +14,14 @@ from typing import Any
 
 from bnfold.errors import ModelFormatError
 
-from .datafiles import _graphs
-from .sniff import _fail
-from .stream import _copy_field
+from .datafiles import walk_graphs
+from .sniff import format_error
+from .stream import copy_field
 
-__all__ = ["check_model_data"]
+__all__ = ["check_model_data", "SUBBYTE_TYPES", "check_onnx"]
 
 
-def _check_onnx(path: str, model: Any) -> None:
+def check_onnx(path: str, model: Any) -> None:
     """``onnx.checker.check_model`` on the model's structure, without re-reading or copying its weights.
 
     The checker validates nodes, types, opsets and graph wiring; weights matter to it by name, type and
@@ -34,18 +34,18 @@ def _check_onnx(path: str, model: Any) -> None:
     light = onnx.ModelProto()
     for field, _ in model.ListFields():
         if field.name != "graph":
-            _copy_field(model, light, field)
+            copy_field(model, light, field)
     g = light.graph
     for field, _ in model.graph.ListFields():
         if field.name != "initializer":
-            _copy_field(model.graph, g, field)
+            copy_field(model.graph, g, field)
     declared = {v.name for v in g.input}
     check_model_data(model, path)
     for t in model.graph.initializer:
         if (
             t.name not in declared and model.ir_version < 4
         ):  # the checker's own rule, which the copy would hide
-            raise _fail(
+            raise format_error(
                 path,
                 f"rejected by onnx.checker: {t.name} in initializer but not in graph input "
                 f"(IR version {model.ir_version} < 4 lists every initializer as an input)",
@@ -56,14 +56,14 @@ def _check_onnx(path: str, model: Any) -> None:
         onnx.checker.check_model(light)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
-        raise _fail(path, f"rejected by onnx.checker: {msg}") from e
+        raise format_error(path, f"rejected by onnx.checker: {msg}") from e
 
 
 def _tensor_problem(t: Any) -> str | None:
     """Why tensor ``t``'s stored values do not fit its shape and type (what ``to_array`` would trip on)."""
     import onnx
 
-    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in _SUBBYTE_TYPES:
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in SUBBYTE_TYPES:
         return None
     n = 1
     for d in t.dims:
@@ -114,7 +114,7 @@ _TYPED_FIELD = {
 }
 
 
-_SUBBYTE_TYPES = frozenset({21, 22, 23, 25, 26})  # UINT4, INT4, FLOAT4E2M1 and 2-bit types: packed
+SUBBYTE_TYPES = frozenset({21, 22, 23, 25, 26})  # UINT4, INT4, FLOAT4E2M1 and 2-bit types: packed
 
 
 def _bn_param_problem(graph: Any, inits: Mapping[str, Any]) -> str | None:
@@ -164,7 +164,7 @@ def check_model_data(model: Any, where: str = "model") -> None:
     Raises:
         ModelFormatError: one line naming ``where`` and the tensor or node.
     """
-    for graph in _graphs(model.graph):
+    for graph in walk_graphs(model.graph):
         problem = _value_name_problem(graph)
         if problem:
             raise ModelFormatError(f"{where}: {problem}")

@@ -55,6 +55,7 @@ __all__ = [
     "read_record",
     "remember",
     "remembered",
+    "walk_graphs",
 ]
 
 _TENSOR = "Tensor"
@@ -285,15 +286,15 @@ def _walk_message(msg: Any, kind: str, out: dict[str, None]) -> None:
                         out.setdefault(e.value, None)
 
 
-def _graphs(graph: Any) -> Iterator[Any]:
+def walk_graphs(graph: Any) -> Iterator[Any]:
     """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _graphs(attr.g)
+                yield from walk_graphs(attr.g)
             for sub in attr.graphs:
-                yield from _graphs(sub)
+                yield from walk_graphs(sub)
 
 
 # ---------------------------------------------------------------------- remembered answers per file

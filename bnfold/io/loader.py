@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import _SUBBYTE_TYPES, _check_onnx
+from .checks import SUBBYTE_TYPES, check_onnx
 from .datafiles import data_refs
-from .paths import _external_refs, _total_size
-from .sniff import _fail, _file_kind, _sniff
+from .paths import external_refs, total_size
+from .sniff import file_kind, format_error, sniff_file
 
 __all__ = ["Loaded", "load", "load_file", "load_with_format"]
 
@@ -41,18 +41,18 @@ def _load_onnx(path: str, parsed: Any, lazy: bool = False) -> Any:
 
     model = parsed
     base = os.path.dirname(os.path.abspath(path))
-    for ref in _external_refs(model, base):  # what this parse reads (the file may have changed since)
+    for ref in external_refs(model, base):  # what this parse reads (the file may have changed since)
         try:
             st = os.stat(ref)
         except OSError as e:
-            raise _fail(
+            raise format_error(
                 path,
                 f"cannot load the ONNX model's external data ({os.path.basename(ref)}: {e.strerror or e})",
             ) from e
         if not stat.S_ISREG(st.st_mode):
-            raise _fail(
+            raise format_error(
                 path,
-                f"external data {os.path.basename(ref)} is not a regular file ({_file_kind(st.st_mode)})",
+                f"external data {os.path.basename(ref)} is not a regular file ({file_kind(st.st_mode)})",
             )
     if lazy and any(uses_external_data(t) for t in model.graph.initializer) and not _nested_external(model):
         _make_lazy(path, model, base)
@@ -61,14 +61,14 @@ def _load_onnx(path: str, parsed: Any, lazy: bool = False) -> Any:
             load_external_data_for_model(model, base)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise _fail(path, f"cannot load the ONNX model's external data ({msg})") from e
+            raise format_error(path, f"cannot load the ONNX model's external data ({msg})") from e
     elif _has_nested_external_data(model):
         try:
             model = onnx.load_model(path, load_external_data=True)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise _fail(path, f"cannot load the ONNX model or its external data ({msg})") from e
-    _check_onnx(path, model)
+            raise format_error(path, f"cannot load the ONNX model or its external data ({msg})") from e
+    check_onnx(path, model)
     return model
 
 
@@ -92,7 +92,7 @@ def _make_lazy(path: str, model: Any, base: str) -> None:
             )  # onnx's checks: no escape from base
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise _fail(path, f"cannot load the ONNX model's external data ({msg})") from e
+            raise format_error(path, f"cannot load the ONNX model's external data ({msg})") from e
         try:
             st = os.fstat(fd)
             real = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else None
@@ -108,10 +108,10 @@ def _make_lazy(path: str, model: Any, base: str) -> None:
             need = n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         except (KeyError, TypeError, ValueError):
             need = length
-        if t.data_type in _SUBBYTE_TYPES:
+        if t.data_type in SUBBYTE_TYPES:
             need = length
         if offset < 0 or offset + length > st.st_size or length != need:
-            raise _fail(
+            raise format_error(
                 path,
                 f"external data of tensor '{t.name}' ({info.location}, offset {offset}, length "
                 f"{length}) does not fit its file ({st.st_size} bytes) or its shape ({need} bytes)",
@@ -235,7 +235,7 @@ def load_file(
         OptionError: a factory string that does not resolve, or a factory that fails.
     """
     p = os.fspath(path)
-    fmt, parsed = _sniff(p)
+    fmt, parsed = sniff_file(p)
     data_files: tuple[str, ...] = ()
     if fmt == "onnx":
         # remembered by the sniff (no second walk), before the load replaces the locations
@@ -255,7 +255,7 @@ def load_file(
         path=p,
         example_inputs=examples,
         data_files=data_files,
-        size=_total_size([os.path.abspath(p), *data_files]) if os.path.exists(p) else None,
+        size=total_size([os.path.abspath(p), *data_files]) if os.path.exists(p) else None,
     )
 
 
@@ -267,7 +267,7 @@ def _load_as(
     if fmt == "torchscript":
         # Recognised from the zip's member names; never handed to torch.jit.load, which runs the
         # archive's code. Its graph is compiled, so there is nothing bnfold could fold into anyway.
-        raise _fail(
+        raise format_error(
             p,
             "a TorchScript archive (torch.jit.save): bnfold does not load TorchScript (loading runs "
             "code from the file); save the nn.Module (state_dict with --model, torch.export.save, or "

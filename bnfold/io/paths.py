@@ -38,7 +38,7 @@ from typing import Any
 
 from bnfold.errors import OutputError
 
-from .atomic import _check_folder, _identity, fit_name, name_max
+from .atomic import check_folder, file_identity, fit_name, name_max
 from .datafiles import absolute, data_refs, file_key, model_locations, read_record, remember
 
 __all__ = [
@@ -51,20 +51,26 @@ __all__ = [
     "owned_old_data",
     "make_record",
     "after_replace",
+    "external_refs",
+    "input_file_error",
+    "is_protected",
+    "remember_refs",
+    "remember_saved",
+    "total_size",
 ]
 
 
-def _external_refs(model: Any, base: str) -> tuple[str, ...]:
+def external_refs(model: Any, base: str) -> tuple[str, ...]:
     """Absolute paths of the external-data files the tensors of the parsed ``model`` point at."""
     return absolute(base, model_locations(model))
 
 
-def _remember_refs(path: str, parsed: Any) -> None:
+def remember_refs(path: str, parsed: Any) -> None:
     """Note which external files the ONNX file ``path`` reads, while its tensors still say so."""
-    remember(file_key(path), _external_refs(parsed, os.path.dirname(os.path.abspath(path))))
+    remember(file_key(path), external_refs(parsed, os.path.dirname(os.path.abspath(path))))
 
 
-def _remember_saved(dst: str, refs: tuple[str, ...]) -> None:
+def remember_saved(dst: str, refs: tuple[str, ...]) -> None:
     """What the file just written reads (so a size or a check after the save does not walk it)."""
     remember(file_key(dst), refs)
 
@@ -89,10 +95,10 @@ def file_size_with_data(path: str | os.PathLike[str]) -> int | None:
     p = os.path.abspath(os.fspath(path))
     if not os.path.exists(p):
         return None
-    return _total_size([p, *data_refs(p)])
+    return total_size([p, *data_refs(p)])
 
 
-def _total_size(files: Iterable[str]) -> int:
+def total_size(files: Iterable[str]) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for f in files:
@@ -133,18 +139,18 @@ def check_output_path(
         OutputError: one line naming ``dst``.
     """
     d = os.fspath(dst)
-    folder = _check_folder(d)
+    folder = check_folder(d)
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{d}: cannot write to folder {folder} (permission denied)")
     files = [os.fspath(f) for f in input_files] if input_files is not None else []
     if src is not None:
         s = os.fspath(src)
-        if _identity(d) is not None and _identity(d) == _identity(s):
+        if file_identity(d) is not None and file_identity(d) == file_identity(s):
             if not in_place:
                 raise OutputError(
                     f"{d}: is the input model; choose another output or pass --in-place to overwrite it"
                 )
-            files = [f for f in files if _identity(f) != _identity(s)]
+            files = [f for f in files if file_identity(f) != file_identity(s)]
             _refuse_input_files(d, files, data_too=False)
             return
         if input_files is None:
@@ -154,21 +160,21 @@ def check_output_path(
 
 
 def _refuse_input_files(dst: str, files: list[str], *, data_too: bool = True) -> None:
-    ids = {i: f for f in files if (i := _identity(f)) is not None}
+    ids = {i: f for f in files if (i := file_identity(f)) is not None}
     names = {os.path.realpath(f) for f in files}
     checks = [(dst, "the output")]
     if data_too:
         checks.append((os.path.abspath(dst) + ".data", "the output's external data"))
     for path, what in checks:
-        if _identity(path) in ids or os.path.realpath(path) in names:
-            raise _input_file_error(dst, path, what)
+        if file_identity(path) in ids or os.path.realpath(path) in names:
+            raise input_file_error(dst, path, what)
 
 
-def _protected(path: str, protect_ids: set[tuple[int, int]]) -> bool:
-    return _identity(path) in protect_ids
+def is_protected(path: str, protect_ids: set[tuple[int, int]]) -> bool:
+    return file_identity(path) in protect_ids
 
 
-def _input_file_error(dst: str, path: str, what: str) -> OutputError:
+def input_file_error(dst: str, path: str, what: str) -> OutputError:
     return OutputError(
         f"{dst}: {what} {path} is a file the input model reads or another input of this command; "
         "writing it would damage the input. Choose another output name"
@@ -302,7 +308,7 @@ def readers_of(data: str, besides: str) -> list[str] | None:
         The readers found (empty: none), or None when bnfold cannot tell (a folder it cannot list, or
         more than :data:`_SCAN_LIMIT` entries).
     """
-    target = _identity(data)
+    target = file_identity(data)
     if target is None:
         return []
     skip = os.path.realpath(besides)
@@ -336,11 +342,11 @@ def readers_of(data: str, besides: str) -> list[str] | None:
                         folders[e.path] = None
                         queue.append(e.path)
                     continue
-                if not e.is_file() or os.path.realpath(e.path) == skip or _identity(e.path) == target:
+                if not e.is_file() or os.path.realpath(e.path) == skip or file_identity(e.path) == target:
                     continue
             except OSError:
                 continue
-            if _may_be_onnx(e.path) and any(_identity(r) == target for r in data_refs(e.path)):
+            if _may_be_onnx(e.path) and any(file_identity(r) == target for r in data_refs(e.path)):
                 found.append(e.path)
     return found
 
@@ -349,7 +355,7 @@ def owned_old_data(dst: str, protect_ids: set[tuple[int, int]]) -> tuple[str | N
     """Before ``dst`` is replaced: the data file bnfold may remove with it (proven its own, not an input,
     read by no other model in sight), or None; and a note for an owned file that must be kept."""
     owned = owned_data(dst) if os.path.lexists(dst) else None
-    if owned is None or _protected(owned, protect_ids):
+    if owned is None or is_protected(owned, protect_ids):
         return None, []
     readers = readers_of(owned, dst)
     if readers is None:
@@ -369,10 +375,10 @@ def after_replace(
     does not read, which is kept."""
     out = list(notes)
     said = " ".join(out)
-    new_ids = {i for r in new_refs if (i := _identity(r)) is not None}
+    new_ids = {i for r in new_refs if (i := file_identity(r)) is not None}
     me = os.path.realpath(dst)
     for ref in old_refs:
-        ident = _identity(ref)
+        ident = file_identity(ref)
         if ident is None or ident in new_ids or os.path.realpath(ref) == me:
             continue
         if ref == owned:

@@ -31,31 +31,31 @@ from typing import Any
 from bnfold.errors import OptionError, OutputError
 
 from .atomic import (
-    _check_folder,
-    _discard,
-    _folder_lock,
-    _identity,
-    _output_error,
-    _remove_created,
-    _signals_deferred,
-    _temp_file,
-    _temp_folder,
-    _umask_mode,
+    check_folder,
     check_target,
+    discard,
+    file_identity,
+    folder_lock,
+    output_error,
+    remove_created,
+    signals_deferred,
+    temp_file,
+    temp_folder,
+    umask_mode,
 )
 from .datafiles import RECORD_KEY, data_refs
 from .paths import (
-    _input_file_error,
-    _protected,
-    _remember_saved,
     after_replace,
     data_name,
+    input_file_error,
+    is_protected,
     make_record,
     note_digest,
     owned_old_data,
+    remember_saved,
     sha256_file,
 )
-from .stream import _field_header, _PartTooLarge, _read_in_nested_lazy, _weight_bytes, _write_onnx_stream
+from .stream import PartTooLarge, field_header, read_in_nested_lazy, weight_bytes, write_onnx_stream
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "Staged", "save", "staged_save"]
 
@@ -75,37 +75,37 @@ def _stage_onnx(
     hex>.data``, the hex from the SHA-256 of the data: :func:`.paths.data_name`), so that the
     temporary model loads (in onnxruntime too) as it is, and the commit only moves the two files.
     """
-    size = _weight_bytes(model)
+    size = weight_bytes(model)
     use_external = bool(external_data) if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     if not use_external and size >= 2**31:
         raise OutputError(
             f"{dst}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; save it "
             "with external data"
         )
-    folder = _check_folder(dst)
-    if _protected(dst, protect_ids):
-        raise _input_file_error(dst, dst, "the output")
-    _read_in_nested_lazy(model)
+    folder = check_folder(dst)
+    if is_protected(dst, protect_ids):
+        raise input_file_error(dst, dst, "the output")
+    read_in_nested_lazy(model)
     if not use_external:
-        tmp = _temp_file(dst, folder, created)
+        tmp = temp_file(dst, folder, created)
         try:
             with open(tmp, "wb") as f, _without_record(model):
-                _write_onnx_stream(model, f, None, "")
+                write_onnx_stream(model, f, None, "")
         except OSError as e:
-            raise _output_error(dst, e) from e
-        except _PartTooLarge as e:
+            raise output_error(dst, e) from e
+        except PartTooLarge as e:
             raise OutputError(f"{dst}: {e}") from e
 
         def commit_inline() -> tuple[str, ...]:
-            os.chmod(tmp, _umask_mode())
-            with _folder_lock(folder):
+            os.chmod(tmp, umask_mode())
+            with folder_lock(folder):
                 check_target(dst)
                 old_refs = data_refs(dst) if os.path.lexists(dst) else ()
                 owned, notes = owned_old_data(dst, protect_ids)
-                with _signals_deferred():
+                with signals_deferred():
                     os.replace(tmp, dst)
                 notes = after_replace(dst, old_refs, (), owned, notes)
-                _remember_saved(dst, ())
+                remember_saved(dst, ())
             return tuple(notes)
 
         return Staged(tmp, (), _commit=commit_inline, _target=dst)
@@ -114,7 +114,7 @@ def _stage_onnx(
 
     def commit_pair() -> tuple[str, ...]:
         notes = _commit_pair(dst, folder, tmp_model, data, protect_ids)
-        _remove_created(created)  # the folder, now empty
+        remove_created(created)  # the folder, now empty
         return notes
 
     return Staged(tmp_model, (data.path,) if data else (), _commit=commit_pair, _target=dst)
@@ -177,7 +177,7 @@ def _write_pair_staged(
     """
     import onnx
 
-    work = _temp_folder(dst, folder, created)
+    work = temp_folder(dst, folder, created)
     tmp_model, tmp_data = os.path.join(work, "model.onnx"), os.path.join(work, "data.tmp")
     named: list[str] = []
     try:
@@ -188,13 +188,13 @@ def _write_pair_staged(
                 named.append(data_name(os.path.basename(dst), folder, data.sha.hexdigest()))
                 return named[0]
 
-            _write_onnx_stream(model, f, data, location)
+            write_onnx_stream(model, f, data, location)
             if named:
                 entry = onnx.StringStringEntryProto(
                     key=RECORD_KEY, value=make_record(named[0], data.nbytes, data.sha.hexdigest())
                 )
                 body = entry.SerializeToString()
-                f.write(_field_header(_METADATA_PROPS, len(body)))
+                f.write(field_header(_METADATA_PROPS, len(body)))
                 f.write(body)
         if not named:
             os.unlink(tmp_data)
@@ -202,8 +202,8 @@ def _write_pair_staged(
         final = os.path.join(work, named[0])
         os.replace(tmp_data, final)
     except OSError as e:
-        raise _output_error(dst, e) from e
-    except _PartTooLarge as e:
+        raise output_error(dst, e) from e
+    except PartTooLarge as e:
         raise OutputError(f"{dst}: {e}") from e
     return work, _StagedData(final, named[0], data.nbytes, data.sha.hexdigest())
 
@@ -230,8 +230,8 @@ def _commit_pair(
     cannot be moved, the data moved before it is removed again. A data file already at the final
     name with the same bytes (the same model saved again) is left as it is: nothing is written over.
     """
-    mode = _umask_mode()
-    with _folder_lock(folder):
+    mode = umask_mode()
+    with folder_lock(folder):
         check_target(dst)
         final = os.path.join(folder, data.name) if data is not None else None
         keep_existing = False
@@ -247,7 +247,7 @@ def _commit_pair(
         moved: str | None = None
         try:
             os.chmod(tmp_model, mode)
-            with _signals_deferred():  # the two renames and the note of what moved: one step
+            with signals_deferred():  # the two renames and the note of what moved: one step
                 if data is not None and final is not None and not keep_existing:
                     os.chmod(data.path, mode)
                     os.replace(data.path, final)
@@ -256,11 +256,11 @@ def _commit_pair(
                 os.replace(tmp_model, dst)
                 moved = None
         except BaseException:
-            _discard(moved)
+            discard(moved)
             raise
         new_refs = (final,) if final is not None else ()
         out = after_replace(dst, old_refs, new_refs, owned, notes)
-        _remember_saved(dst, new_refs)
+        remember_saved(dst, new_refs)
     return tuple(out)
 
 
@@ -293,7 +293,7 @@ class Staged:
         try:
             self.notes = self._commit()
         except OSError as e:
-            raise _output_error(self._target or self.path, e) from e
+            raise output_error(self._target or self.path, e) from e
         self.committed = True
 
 
@@ -321,8 +321,8 @@ def staged_save(
             staged.commit()
     """
     dst = os.fspath(path)
-    protect_ids = {i for f in protect if (i := _identity(os.fspath(f))) is not None}
-    created: list[str] = []  # every temporary, noted the moment it exists (see atomic._temp_file)
+    protect_ids = {i for f in protect if (i := file_identity(os.fspath(f))) is not None}
+    created: list[str] = []  # every temporary, noted the moment it exists (see atomic.temp_file)
     staged: Staged | None = None
     try:  # opened before any file exists: a signal at any point after leaves nothing behind
         if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
@@ -333,7 +333,7 @@ def staged_save(
         yield staged
     finally:
         if staged is None or not staged.committed:
-            _remove_created(created)
+            remove_created(created)
 
 
 def save(
@@ -408,14 +408,14 @@ def _stage_torch(
                 torch.save(obj, f)
     else:
         raise OptionError(f"cannot save a {type(model).__name__}: not an ONNX or PyTorch model")
-    folder = _check_folder(dst)
-    if _protected(dst, protect_ids):
-        raise _input_file_error(dst, dst, "the output")
-    tmp = _temp_file(dst, folder, created)
+    folder = check_folder(dst)
+    if is_protected(dst, protect_ids):
+        raise input_file_error(dst, dst, "the output")
+    tmp = temp_file(dst, folder, created)
     try:
         writer(tmp)
     except OSError as e:
-        raise _output_error(dst, e) from e
+        raise output_error(dst, e) from e
     except RuntimeError as e:
         # torch's zip writer reports a failed write (disk full, file size limit) as
         # "RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos"
@@ -428,9 +428,9 @@ def _stage_torch(
         raise
 
     def commit() -> tuple[str, ...]:
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         check_target(dst)
-        with _signals_deferred():
+        with signals_deferred():
             os.replace(tmp, dst)
         return ()
 

@@ -32,9 +32,9 @@ from typing import Any
 from bnfold.errors import ModelFormatError
 
 from .datafiles import FileBytes, fields
-from .paths import _remember_refs
+from .paths import remember_refs
 
-__all__ = ["FORMATS", "detect_format"]
+__all__ = ["FORMATS", "detect_format", "format_error", "file_kind", "sniff_file"]
 
 FORMATS = ("onnx", "pt2", "state_dict", "pickled_module", "torchscript")
 """What :func:`detect_format` can return."""
@@ -58,7 +58,7 @@ _SAFE_GLOBAL_MODULES = {
 _SAFE_TORCH_NAMES_PREFIX = ("_rebuild_", "Size", "device", "dtype")
 
 
-def _fail(path: str | os.PathLike[str], problem: str) -> ModelFormatError:
+def format_error(path: str | os.PathLike[str], problem: str) -> ModelFormatError:
     return ModelFormatError(f"{os.fspath(path)}: {problem}")
 
 
@@ -70,15 +70,17 @@ def _check_readable(path: str) -> int:
     for a FIFO between the two calls cannot hang the read either.
     """
     if not os.path.lexists(path):
-        raise _fail(path, "no such file")
+        raise format_error(path, "no such file")
     try:
         st = os.stat(path)
     except OSError as e:
-        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+        raise format_error(path, f"cannot read ({e.strerror or e})") from e
     if stat.S_ISDIR(st.st_mode):
-        raise _fail(path, "is a directory, not a model file")
+        raise format_error(path, "is a directory, not a model file")
     if not stat.S_ISREG(st.st_mode):
-        raise _fail(path, f"is not a regular file ({_file_kind(st.st_mode)}); bnfold reads model files only")
+        raise format_error(
+            path, f"is not a regular file ({file_kind(st.st_mode)}); bnfold reads model files only"
+        )
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
@@ -86,15 +88,17 @@ def _check_readable(path: str) -> int:
         finally:
             os.close(fd)
     except OSError as e:
-        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+        raise format_error(path, f"cannot read ({e.strerror or e})") from e
     if not stat.S_ISREG(st.st_mode):
-        raise _fail(path, f"is not a regular file ({_file_kind(st.st_mode)}); bnfold reads model files only")
+        raise format_error(
+            path, f"is not a regular file ({file_kind(st.st_mode)}); bnfold reads model files only"
+        )
     if st.st_size == 0:
-        raise _fail(path, "empty file")
+        raise format_error(path, "empty file")
     return st.st_size
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISSOCK(mode):
@@ -182,7 +186,7 @@ def _is_safe_global(g: str) -> bool:
 def _classify_pickle(path: str, data: bytes, max_pickles: int) -> str:
     globs = _globals_of(data, max_pickles)
     if globs is None:
-        raise _fail(
+        raise format_error(
             path, "unknown format: not ONNX, not a PyTorch file (torch.save, torch.export, TorchScript)"
         )
     return "state_dict" if all(_is_safe_global(g) for g in globs) else "pickled_module"
@@ -221,7 +225,7 @@ def _onnx_wire_problem(path: str, size: int) -> str | None:
     return None
 
 
-def _sniff(path: str) -> tuple[str, Any]:
+def sniff_file(path: str) -> tuple[str, Any]:
     """(format, parsed ONNX model or None). Raises ModelFormatError."""
     size = _check_readable(path)
     with open(path, "rb") as f:
@@ -240,8 +244,10 @@ def _sniff(path: str) -> tuple[str, Any]:
                 if pkls:
                     return _classify_pickle(path, z.read(pkls[0]), 1), None
         except zipfile.BadZipFile as e:
-            raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
-        raise _fail(path, "a zip archive that is not a PyTorch file (no data.pkl, no torch.export archive)")
+            raise format_error(path, f"a truncated or corrupt zip archive ({e})") from e
+        raise format_error(
+            path, "a zip archive that is not a PyTorch file (no data.pkl, no torch.export archive)"
+        )
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         # legacy torch.save: magic number, protocol, system info, then the object, each a pickle
         with open(path, "rb") as f:
@@ -252,27 +258,27 @@ def _sniff(path: str) -> tuple[str, Any]:
     if looks_like_safetensors(head, size):
         return "state_dict", None  # weights only, read without pickle (bnfold.io.safetensors)
     if _looks_like_text(head):
-        raise _fail(path, "a text file, not a model")
+        raise format_error(path, "a text file, not a model")
     problem = _onnx_wire_problem(path, size)
     if problem is not None:
-        raise _fail(path, f"unknown format: not ONNX ({problem}), not a PyTorch file")
+        raise format_error(path, f"unknown format: not ONNX ({problem}), not a PyTorch file")
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load_model(path, load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
-        raise _fail(path, "unknown format or truncated file: not ONNX, not a PyTorch file") from e
+        raise format_error(path, "unknown format or truncated file: not ONNX, not a PyTorch file") from e
     except Exception as e:
-        raise _fail(path, f"unknown format: not ONNX, not a PyTorch file ({type(e).__name__})") from e
+        raise format_error(path, f"unknown format: not ONNX, not a PyTorch file ({type(e).__name__})") from e
     if (
         not model.HasField("graph")
         or model.ir_version <= 0
         or not model.graph.node
         and not model.graph.output
     ):
-        raise _fail(path, "unknown format: not ONNX (no graph), not a PyTorch file")
-    _remember_refs(path, model)
+        raise format_error(path, "unknown format: not ONNX (no graph), not a PyTorch file")
+    remember_refs(path, model)
     return "onnx", model
 
 
@@ -289,4 +295,4 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         ModelFormatError: missing path, directory, empty, text, random bytes, truncated or unknown file
             (one line naming the file).
     """
-    return _sniff(os.fspath(path))[0]
+    return sniff_file(os.fspath(path))[0]

@@ -15,9 +15,20 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .datafiles import _graphs
+from .datafiles import walk_graphs
 
-__all__ = ["tensor_nbytes", "spilling", "spillable", "spill_tensor"]
+__all__ = [
+    "tensor_nbytes",
+    "spilling",
+    "spillable",
+    "spill_tensor",
+    "PartTooLarge",
+    "copy_field",
+    "field_header",
+    "read_in_nested_lazy",
+    "weight_bytes",
+    "write_onnx_stream",
+]
 
 
 def _varint(n: int) -> bytes:
@@ -36,11 +47,11 @@ _GRAPH_FIELD = 7  # ModelProto.graph
 _INITIALIZER_FIELD = 5  # GraphProto.initializer
 
 
-def _field_header(number: int, size: int) -> bytes:
+def field_header(number: int, size: int) -> bytes:
     return _varint((number << 3) | 2) + _varint(size)
 
 
-def _copy_field(src: Any, dst: Any, field: Any) -> None:
+def copy_field(src: Any, dst: Any, field: Any) -> None:
     """Copy one field of protobuf message ``src`` into ``dst`` (same message type)."""
     if field.is_repeated:
         getattr(dst, field.name).extend(getattr(src, field.name))
@@ -51,7 +62,7 @@ def _copy_field(src: Any, dst: Any, field: Any) -> None:
         if isinstance(value, bytes) and field.type == field.TYPE_STRING:
             # Not valid UTF-8 (protobuf then gives bytes; onnx accepts such names): a setter would
             # decode it, so the field is merged in as its wire encoding.
-            dst.MergeFromString(_field_header(field.number, len(value)) + value)
+            dst.MergeFromString(field_header(field.number, len(value)) + value)
         else:
             setattr(dst, field.name, value)
 
@@ -59,7 +70,7 @@ def _copy_field(src: Any, dst: Any, field: Any) -> None:
 def _single_field(msg: Any, field: Any) -> Any:
     """A message of ``msg``'s type holding only ``field`` (a small copy: no weights are in it)."""
     part = type(msg)()
-    _copy_field(msg, part, field)
+    copy_field(msg, part, field)
     return part
 
 
@@ -152,17 +163,17 @@ def _serialise(msg: Any, what: str) -> bytes:
     try:
         return msg.SerializeToString()  # type: ignore[no-any-return]
     except Exception as e:  # EncodeError / ValueError from protobuf past 2 GiB
-        raise _PartTooLarge(
+        raise PartTooLarge(
             f"cannot write {what}: one protobuf message over 2 GiB ({type(e).__name__}); "
             "large constants must be initializers to go to external data"
         ) from e
 
 
-class _PartTooLarge(Exception):
+class PartTooLarge(Exception):
     """A part of the model that protobuf cannot serialise (becomes an OutputError naming the path)."""
 
 
-def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Callable[[], str]) -> None:
+def write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Callable[[], str]) -> None:
     """Serialise ``model`` to file ``f`` one initializer at a time, without one big bytes copy.
 
     Protobuf lets a message's fields come in any order and concatenates repeated fields, so the
@@ -209,7 +220,7 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Cal
             # and no message larger than one element is ever built
             for item in getattr(graph, field.name):
                 b = _serialise(item, field.name)
-                hdr = _field_header(field.number, len(b))
+                hdr = field_header(field.number, len(b))
                 f.write(hdr)
                 f.write(b)
                 total += len(hdr) + len(b)
@@ -221,7 +232,7 @@ def _write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Cal
         if _lazy_source(t) is not None:  # saved without external data: read in, one tensor at a time
             t = _inline_tensor(t)
         b = _serialise(t, f"initializer '{t.name}'")
-        hdr = _field_header(_INITIALIZER_FIELD, len(b))
+        hdr = field_header(_INITIALIZER_FIELD, len(b))
         f.write(hdr)
         f.write(b)
         total += len(hdr) + len(b)
@@ -244,13 +255,13 @@ def _padded_varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _weight_bytes(model: Any) -> int:
+def weight_bytes(model: Any) -> int:
     """The initializers' size from their shapes and dtypes (upb's ByteSize() would serialise them)."""
 
     return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
-def _read_in_nested_lazy(model: Any) -> None:
+def read_in_nested_lazy(model: Any) -> None:
     """Lazily loaded tensors that a rewrite moved out of the main graph's initializers (the streamed
     writer's scope) get their bytes read in, so that no absolute location is ever written."""
     from onnx.external_data_helper import _get_all_tensors
@@ -258,7 +269,7 @@ def _read_in_nested_lazy(model: Any) -> None:
     main = sum(1 for t in model.graph.initializer if _lazy_source(t) is not None)
     if sum(1 for t in _get_all_tensors(model) if _lazy_source(t) is not None) == main:
         return
-    for i, g in enumerate(_graphs(model.graph)):  # the main graph comes first
+    for i, g in enumerate(walk_graphs(model.graph)):  # the main graph comes first
         tensors = [a.t for n in g.node for a in n.attribute if a.HasField("t")]
         tensors += [t for n in g.node for a in n.attribute for t in a.tensors]
         if i:

@@ -23,7 +23,7 @@ from typing import Any
 
 from bnfold.errors import ModelFormatError, OptionError
 
-from .sniff import _fail
+from .sniff import format_error
 
 __all__ = ["resolve_factory", "load_torch", "factory_examples"]
 
@@ -140,7 +140,7 @@ def _state_dict_of(path: str, obj: Any) -> Mapping[str, Any]:
         for key in ("state_dict", "model_state_dict", "model", "module", "net"):
             if is_sd(obj.get(key)):
                 return obj[key]  # type: ignore[no-any-return]
-    raise _fail(
+    raise format_error(
         path,
         "a torch.save checkpoint without a state_dict (a dict of tensors, or one under "
         "'state_dict' / 'model_state_dict' / 'model')",
@@ -153,9 +153,9 @@ def _check_pt2_members(path: str) -> None:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except zipfile.BadZipFile as e:
-        raise _fail(path, f"a truncated or corrupt zip archive ({e})") from e
+        raise format_error(path, f"a truncated or corrupt zip archive ({e})") from e
     if not any(n == "archive_version" or n.endswith("/archive_version") for n in names):
-        raise _fail(
+        raise format_error(
             path,
             "a torch.export archive without archive_version: truncated or not written by "
             "torch.export.save; export the model again",
@@ -196,7 +196,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             with _quiet_logger("torch.export"):
                 program = torch.export.load(p)
         except Exception as e:
-            raise _fail(
+            raise format_error(
                 p,
                 f"cannot load the torch.export archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
             ) from e
@@ -205,7 +205,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
         return program
     if fmt == "pickled_module":
         if not trust_pickle:
-            raise _fail(
+            raise format_error(
                 p,
                 "a pickle of Python objects beyond tensors: a whole module (torch.save(model)), or a training "
                 "checkpoint that pickles other objects beside its weights (Lightning's hyper-parameters, "
@@ -220,7 +220,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             _add_cwd_as_fallback()
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise _fail(
+            raise format_error(
                 p, f"cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from e
         if isinstance(obj, Mapping):
@@ -229,7 +229,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             # A training checkpoint (Lightning): trusted, its weights go into the factory's module.
             return _into_factory(p, _state_dict_of(p, obj), model_factory)
         if not isinstance(obj, torch.nn.Module):
-            raise _fail(
+            raise format_error(
                 p,
                 f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module"
                 + (
@@ -252,12 +252,12 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     except ModelFormatError:
         raise
     except Exception as e:
-        raise _fail(
+        raise format_error(
             p, f"cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
     sd = _state_dict_of(p, obj)
     if model_factory is None:
-        raise _fail(
+        raise format_error(
             p,
             "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
             "architecture (model_factory=...)",
@@ -294,11 +294,13 @@ def _into_factory(p: str, sd: Mapping[str, Any], model_factory: str | Callable[[
             parts.append(
                 f"unexpected keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
             )
-        raise _fail(p, f"does not fit the architecture built by {_label(model_factory)}: {'; '.join(parts)}")
+        raise format_error(
+            p, f"does not fit the architecture built by {_label(model_factory)}: {'; '.join(parts)}"
+        )
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise _fail(
+        raise format_error(
             p,
             f"does not fit the architecture built by {_label(model_factory)}: "
             f"{' '.join(str(e).split())[:300]}",

@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .kernel import batch_norm_train
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_forward"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_forward", "BnfoldBatchNorm"]
 
 
 #: ``(x, weight, bias, running_mean, running_var, factor, eps) -> y``
@@ -65,13 +65,13 @@ def bn_forward(module: _BatchNorm, input: torch.Tensor, train_fn: TrainFn = batc
     )
 
 
-class _BnfoldBatchNorm(_BatchNorm):
+class BnfoldBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)  # type: ignore[no-untyped-call]
         return bn_forward(self, input)
 
 
-class BatchNorm1d(_BnfoldBatchNorm):
+class BatchNorm1d(BnfoldBatchNorm):
     """Batch normalisation over ``(N, C)`` or ``(N, C, L)`` input; arguments as ``torch.nn.BatchNorm1d``.
 
     Args:
@@ -88,7 +88,7 @@ class BatchNorm1d(_BnfoldBatchNorm):
             raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
 
-class BatchNorm2d(_BnfoldBatchNorm):
+class BatchNorm2d(BnfoldBatchNorm):
     """Batch normalisation over ``(N, C, H, W)`` input; arguments as ``torch.nn.BatchNorm2d``.
 
     Args: as :class:`BatchNorm1d`. channels_last input gives channels_last output and gradient.
@@ -99,7 +99,7 @@ class BatchNorm2d(_BnfoldBatchNorm):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
-class BatchNorm3d(_BnfoldBatchNorm):
+class BatchNorm3d(BnfoldBatchNorm):
     """Batch normalisation over ``(N, C, D, H, W)`` input; arguments as ``torch.nn.BatchNorm3d``.
 
     Args: as :class:`BatchNorm1d`.

@@ -57,10 +57,10 @@ from torch import Tensor, nn
 from bnfold.dtypes import from_float64, to_float64
 from bnfold.fold_math import bn_affine
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SOURCE_KEYS"]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_SOURCE_KEYS = ("source_weight", "source_bias", "source_mean", "source_var", "source_num_batches_tracked")
+SOURCE_KEYS = ("source_weight", "source_bias", "source_mean", "source_var", "source_num_batches_tracked")
 """Buffers holding the BN values a layer was frozen from (see "Mapping back to BN")."""
 
 
@@ -138,7 +138,7 @@ class FrozenBatchNorm(nn.Module):
             self.register_buffer("shift", shift)
         # The BN values the layer was frozen from (saved in state_dict once known; None when unknown;
         # gamma/beta also None for a BN with affine=False).
-        for name in _SOURCE_KEYS:
+        for name in SOURCE_KEYS:
             self.register_buffer(name, None)
 
     @classmethod
@@ -321,7 +321,7 @@ class FrozenBatchNorm(nn.Module):
                 rest = key[len(prefix) :]
                 if rest.split(".")[0] in heads and prefix + "tail." + rest not in state_dict:
                     state_dict[prefix + "tail." + rest] = state_dict.pop(key)
-        source = {k: state_dict.pop(prefix + k, None) for k in _SOURCE_KEYS}
+        source = {k: state_dict.pop(prefix + k, None) for k in SOURCE_KEYS}
         # A checkpoint saved from a BatchNorm: convert its entries to scale/shift with this eps.
         has_bn = any(prefix + k in state_dict for k in _BN_KEYS[:4])
         if has_bn and prefix + "scale" not in state_dict:
@@ -347,7 +347,7 @@ class FrozenBatchNorm(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         given = prefix + "scale" in state_dict
         if given:  # the source values are read here, not by the default loader
-            for k in _SOURCE_KEYS:
+            for k in SOURCE_KEYS:
                 setattr(self, k, None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

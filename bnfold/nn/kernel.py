@@ -72,9 +72,11 @@ __all__ = [
     "grad_sums",
     "grad_input",
     "update_running_stats",
+    "LOW_PRECISION",
+    "like_x",
 ]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 #: Largest |mean| / std of a channel for which the one-pass (un-centred) sums are used. The rounding
 #: error of ``sum(x^2) - n mean^2`` grows like ``(mean / std)^2`` ulps and that of
@@ -137,7 +139,7 @@ def compute_dtype(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``x``, ``weight`` and ``bias`` in the dtype the statistics are computed in (float16 and
     bfloat16 in float32, as torch's kernels do; other dtypes as they are)."""
-    xc = x.float() if x.dtype in _LOW_PRECISION else x
+    xc = x.float() if x.dtype in LOW_PRECISION else x
     w = weight.to(xc.dtype) if weight is not None else None
     b = bias.to(xc.dtype) if bias is not None else None
     return xc, w, b
@@ -200,7 +202,7 @@ def normalize(
     return affine(torch.empty_like(x), x, scale, shift)
 
 
-def _like_x(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def like_x(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``g`` with ``x``'s strides (a copy only when they differ), so the passes stay elementwise-fast."""
     if g.stride() == x.stride():
         return g
@@ -254,7 +256,7 @@ def backward_train(
     need_dx: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dx, sum_g, sum_gxm)``; ``dx`` is None when not needed."""
-    g = _like_x(g, x)
+    g = like_x(g, x)
     nd = x.dim()
     n = _count(x)
     if not bool((mean.abs() * invstd <= FAST_MEAN_RATIO).all()):
@@ -306,7 +308,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx: Any, grad_y: torch.Tensor, _gm: Any, _gv: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, mean, invstd = ctx.saved_tensors
-        xc = x.float() if x.dtype in _LOW_PRECISION else x
+        xc = x.float() if x.dtype in LOW_PRECISION else x
         g = grad_y.to(xc.dtype)
         w = weight.to(xc.dtype) if weight is not None else None
         dx, sum_g, sum_gxm = backward_train(g, xc, mean, invstd, w, ctx.needs_input_grad[0])

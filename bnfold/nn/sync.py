@@ -35,13 +35,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import bn_forward
 from .kernel import (
-    _LOW_PRECISION,
-    _like_x,
+    LOW_PRECISION,
     batch_norm_train,
     batch_stats,
     compute_dtype,
     grad_input,
     grad_sums,
+    like_x,
     normalize,
 )
 
@@ -98,8 +98,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx: Any, grad_y: torch.Tensor, *_: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, mean, invstd = ctx.saved_tensors
-        xc = x.float() if x.dtype in _LOW_PRECISION else x
-        g = _like_x(grad_y.to(xc.dtype), xc)
+        xc = x.float() if x.dtype in LOW_PRECISION else x
+        g = like_x(grad_y.to(xc.dtype), xc)
         buf = torch.empty_like(xc)  # x - mean, then the input gradient
         sum_g, sum_gxm = grad_sums(g, xc, mean, buf)
         dw = db = None

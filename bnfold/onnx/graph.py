@@ -44,6 +44,7 @@ __all__ = [
     "read_lazy_tensor",
     "text",
     "name_of",
+    "value_info_type",
 ]
 
 BN_OP = "BatchNormalization"
@@ -161,7 +162,7 @@ class ValueType:
         return tuple(int(d) for d in self.shape if d is not None)
 
 
-def _value_type(vi: onnx.ValueInfoProto) -> ValueType | None:
+def value_info_type(vi: onnx.ValueInfoProto) -> ValueType | None:
     t = vi.type
     if t.WhichOneof("value") != "tensor_type":
         return None
@@ -304,7 +305,7 @@ class GraphIndex:
             types[t.name] = ValueType(t.data_type, tuple(int(d) for d in t.dims))
         for coll in (graph.input, graph.value_info, graph.output):
             for vi in coll:
-                vt = _value_type(vi)
+                vt = value_info_type(vi)
                 if vt is not None and (vi.name not in types or types[vi.name].shape is None):
                     types[vi.name] = vt
         return idx

@@ -29,7 +29,7 @@ import onnx
 from google.protobuf.message import Message
 from onnx import GraphProto, ModelProto, TensorProto
 
-from .graph import ValueType, _value_type, all_graphs
+from .graph import ValueType, all_graphs, value_info_type
 
 __all__ = ["infer_types", "LazyTypes", "copy_fields"]
 
@@ -161,6 +161,6 @@ def _collect(g: GraphProto, out: dict[str, ValueType]) -> None:
     for coll in (g.value_info, g.output, g.input):
         vi: Any
         for vi in coll:
-            vt = _value_type(vi)
+            vt = value_info_type(vi)
             if vt is not None and vt.shape is not None and vi.name not in out:
                 out[vi.name] = vt

@@ -25,12 +25,20 @@ from bnfold.records import OutputCheck, VerifyReport
 from .compare import Comparator, compare_output
 from .inputs import InputSpec
 from .isolation import OrtWorker
-from .runners import _onnx_runner
+from .runners import onnx_runner
 
-__all__: list[str] = []
+__all__: list[str] = [
+    "check_inputs",
+    "check_outputs",
+    "compare_outputs",
+    "example_inputs_for",
+    "example_shapes",
+    "check_extra_level",
+    "torch_specs",
+]
 
 
-def _check_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec], exported: bool) -> None:
+def check_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec], exported: bool) -> None:
     rn, cn = [s.name for s in ref], [s.name for s in cand]
     if not exported and set(rn) != set(cn):
         only_r, only_c = sorted(set(rn) - set(cn)), sorted(set(cn) - set(rn))
@@ -60,7 +68,7 @@ def _check_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec], exported:
                 )
 
 
-def _check_outputs(ref: Sequence[str], cand: Sequence[str]) -> None:
+def check_outputs(ref: Sequence[str], cand: Sequence[str]) -> None:
     if sorted(ref) != sorted(cand):
         only_r, only_c = sorted(set(ref) - set(cand)), sorted(set(cand) - set(ref))
         if only_r:
@@ -72,7 +80,7 @@ def _check_outputs(ref: Sequence[str], cand: Sequence[str]) -> None:
         raise NotComparableError(f"the models have different outputs: {what}")
 
 
-def _torch_specs(example_inputs: Any) -> list[InputSpec]:
+def torch_specs(example_inputs: Any) -> list[InputSpec]:
     import torch
 
     if isinstance(example_inputs, torch.Tensor):
@@ -86,7 +94,7 @@ def _torch_specs(example_inputs: Any) -> list[InputSpec]:
     return specs
 
 
-def _example_shapes(example_inputs: Any, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+def example_shapes(example_inputs: Any, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
     """Shapes of example tensors (positional) for the inputs they fit (same rank, same fixed dims)."""
     items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     out: dict[str, tuple[int, ...]] = {}
@@ -100,7 +108,7 @@ def _example_shapes(example_inputs: Any, specs: Sequence[InputSpec]) -> dict[str
     return out
 
 
-def _example_inputs(model: Any, given: Any) -> Any:
+def example_inputs_for(model: Any, given: Any) -> Any:
     import torch
 
     if given is not None:
@@ -110,7 +118,7 @@ def _example_inputs(model: Any, given: Any) -> Any:
     return None
 
 
-def _compare_outputs(
+def compare_outputs(
     ref_out: Sequence[Mapping[str, np.ndarray]],
     cand_out: Sequence[Mapping[str, np.ndarray]],
     out_names: Sequence[str],
@@ -123,7 +131,7 @@ def _compare_outputs(
     )
 
 
-def _extra_level(
+def check_extra_level(
     level: str | None,
     source: Any,
     feeds: Sequence[Mapping[str, np.ndarray]],
@@ -135,14 +143,14 @@ def _extra_level(
     """The candidate run again at onnxruntime level ``level`` (nothing when it runs in the fallback)."""
     if level is None:
         return ()
-    second = _onnx_runner(source, level, f"candidate ({level})", worker)
+    second = onnx_runner(source, level, f"candidate ({level})", worker)
     second.may_fall_back = False  # a crash at the deployment level is a finding, not a reason to fall back
     if second.runtime.runtime != "onnxruntime":
         return ()  # the reference evaluator has no optimisation levels: the first check is the only one
     cand_out = [second.run(f, i) for i, f in enumerate(feeds)]
     return (
         VerifyReport(
-            checks=_compare_outputs(ref_out, cand_out, out_names, comparator),
+            checks=compare_outputs(ref_out, cand_out, out_names, comparator),
             samples=len(feeds),
             optimization_level=level,
             runtimes=(second.runtime,),

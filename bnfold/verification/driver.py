@@ -28,29 +28,29 @@ from bnfold.errors import BnfoldError, NotComparableError, OptionError
 from bnfold.records import VerifyReport
 
 from .checks import (
-    _check_inputs,
-    _check_outputs,
-    _compare_outputs,
-    _example_inputs,
-    _example_shapes,
-    _extra_level,
-    _torch_specs,
+    check_extra_level,
+    check_inputs,
+    check_outputs,
+    compare_outputs,
+    example_inputs_for,
+    example_shapes,
+    torch_specs,
 )
 from .compare import Comparator, ToleranceArg
 from .inputs import InputSpec, random_inputs, resolve_shapes, user_inputs
 from .isolation import printable, worker_scope
-from .recorded import _save_recording, _verify_recorded
+from .recorded import save_recording, verify_recorded
 from .runners import (
-    _flatten,
-    _onnx_runner,
-    _OrtRunner,
-    _run_torch_once,
-    _Runner,
-    _same_runtime_or_better,
-    _TorchRunner,
+    OrtRunner,
+    Runner,
+    TorchRunner,
     check_level,
+    flatten,
+    onnx_runner,
+    run_torch_once,
+    same_runtime_or_better,
 )
-from .sources import _export_candidate, _is_torch, _onnx_source
+from .sources import export_candidate, is_torch, onnx_source
 
 __all__ = ["verify"]
 
@@ -91,15 +91,15 @@ def _run_all(
 
 
 class _Loaded:
-    """A runner's runtime as it was when its model loaded (what :func:`_same_runtime_or_better` reads)."""
+    """A runner's runtime as it was when its model loaded (what :func:`same_runtime_or_better` reads)."""
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
 
 
-def _release(runner: _Runner) -> None:
+def _release(runner: Runner) -> None:
     """Drop ``runner``'s onnxruntime session (and its fallback's model): its outputs are all taken."""
-    if isinstance(runner, _OrtRunner):
+    if isinstance(runner, OrtRunner):
         runner.worker.drop(runner.sid)
         runner.fallback = None  # the reference evaluator's copy of the model, if it came to that
 
@@ -195,7 +195,7 @@ def verify(
             )
         if locate:
             raise OptionError("locate needs both models (not saved outputs)")
-        return _verify_recorded(
+        return verify_recorded(
             load_outputs, candidate, comparator, optimization_level, extra_level, save_outputs
         )
     if candidate is None or reference is None:
@@ -203,34 +203,34 @@ def verify(
 
     with contextlib.ExitStack() as stack, contextlib.ExitStack() as ort_scope:
         worker = ort_scope.enter_context(worker_scope())  # started now: its imports overlap what follows
-        ref_src = _onnx_source(reference, "reference", stack)
-        cand_src = _onnx_source(candidate, "candidate", stack)
-        ref_torch, cand_torch = _is_torch(ref_src), _is_torch(cand_src)
+        ref_src = onnx_source(reference, "reference", stack)
+        cand_src = onnx_source(candidate, "candidate", stack)
+        ref_torch, cand_torch = is_torch(ref_src), is_torch(cand_src)
 
-        ref: _Runner
-        cand: _Runner | None = None
+        ref: Runner
+        cand: Runner | None = None
         if not ref_torch:
-            ref = _onnx_runner(ref_src, optimization_level, "reference", worker)
+            ref = onnx_runner(ref_src, optimization_level, "reference", worker)
             specs = ref.inputs
             out_names = ref.outputs
         elif not cand_torch:  # the reference runs in this process: the candidate's session names the inputs
-            cand = _onnx_runner(cand_src, optimization_level, "candidate", worker)
+            cand = onnx_runner(cand_src, optimization_level, "candidate", worker)
             specs, out_names = cand.inputs, cand.outputs
         if ref_torch and cand_torch:
-            ex = _example_inputs(ref_src, example_inputs)
-            ex = _example_inputs(cand_src, None) if ex is None else ex
+            ex = example_inputs_for(ref_src, example_inputs)
+            ex = example_inputs_for(cand_src, None) if ex is None else ex
             if ex is None:
                 raise OptionError("both models are PyTorch: pass example_inputs (a tuple of tensors)")
-            specs = _torch_specs(ex)
+            specs = torch_specs(ex)
             out_names = []  # named after the exported candidate below
         if ref_torch:
-            ref = _TorchRunner(ref_src, "reference")
+            ref = TorchRunner(ref_src, "reference")
             ref.inputs = specs
 
         if not (ref_torch and cand_torch):
-            ex = _example_inputs(ref_src, example_inputs) if ref_torch else example_inputs
+            ex = example_inputs_for(ref_src, example_inputs) if ref_torch else example_inputs
             if ex is not None:  # symbolic dims of the ONNX side take the example's shape
-                input_shapes = {**_example_shapes(ex, specs), **dict(input_shapes or {})}
+                input_shapes = {**example_shapes(ex, specs), **dict(input_shapes or {})}
         shapes = resolve_shapes(specs, input_shapes)
         if inputs is not None:
             feeds = user_inputs(specs, inputs)
@@ -242,11 +242,11 @@ def verify(
         cand_label = "candidate"
         if cand_torch:
             if not out_names:
-                n_out = len(_flatten(_run_torch_once(cand_src, feeds[0], specs)))
+                n_out = len(flatten(run_torch_once(cand_src, feeds[0], specs)))
                 out_names = [f"output_{i}" for i in range(n_out)]
-            cand_from = _export_candidate(cand_src, feeds[0], specs, out_names)
+            cand_from = export_candidate(cand_src, feeds[0], specs, out_names)
             cand_label = "candidate (exported to ONNX)"
-        if isinstance(ref, _TorchRunner):
+        if isinstance(ref, TorchRunner):
             ref.outputs = list(out_names)
 
         comparator.validate(out_names)
@@ -258,19 +258,19 @@ def verify(
         ref_out = _run_all(ref, feeds, filled)
         _release(ref)
         if cand is None:
-            cand = _onnx_runner(cand_from, optimization_level, cand_label, worker)
+            cand = onnx_runner(cand_from, optimization_level, cand_label, worker)
             if not ref_torch:
-                _same_runtime_or_better(_Loaded(loaded_as), cand)
-            _check_inputs(specs, cand.inputs, exported=cand_torch)
-            _check_outputs(out_names, cand.outputs)
+                same_runtime_or_better(_Loaded(loaded_as), cand)
+            check_inputs(specs, cand.inputs, exported=cand_torch)
+            check_outputs(out_names, cand.outputs)
         # a candidate falls back on a crash only where its reference did not run in onnxruntime
-        cand.may_fall_back = not (isinstance(ref, _OrtRunner) and ref.runtime.runtime == "onnxruntime")
+        cand.may_fall_back = not (isinstance(ref, OrtRunner) and ref.runtime.runtime == "onnxruntime")
         cand_out = _run_all(cand, feeds, filled)
         _release(cand)
         if not ref_torch:
-            _same_runtime_or_better(ref, cand)
-        checks = _compare_outputs(ref_out, cand_out, out_names, comparator)
-        extra = _extra_level(extra_level, cand_from, feeds, ref_out, out_names, comparator, worker)
+            same_runtime_or_better(ref, cand)
+        checks = compare_outputs(ref_out, cand_out, out_names, comparator)
+        extra = check_extra_level(extra_level, cand_from, feeds, ref_out, out_names, comparator, worker)
         runtimes = (ref.runtime, cand.runtime)
         ort_scope.close()  # the worker goes back to the idle slot (or ends): locate's runs take it, not a second one
         located = None
@@ -283,7 +283,7 @@ def verify(
 
             located = locate_divergence(ref_src, cand_src, feeds[0], comparator)
         if save_outputs is not None:
-            _save_recording(save_outputs, specs, out_names, feeds, ref_out, cand_out, runtimes)
+            save_recording(save_outputs, specs, out_names, feeds, ref_out, cand_out, runtimes)
     return VerifyReport(
         checks=checks,
         samples=len(feeds),

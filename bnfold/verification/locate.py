@@ -101,8 +101,8 @@ def locate_divergence(
         NotComparableError: a model that no runtime can run with its intermediate outputs.
     """
     from .isolation import worker_scope
-    from .runners import _onnx_runner
-    from .sources import _onnx_source
+    from .runners import onnx_runner
+    from .sources import onnx_source
 
     ref, cand = _load(reference), _load(candidate)
     ref_prod, cand_prod = _producers(ref), _producers(cand)
@@ -112,11 +112,9 @@ def locate_divergence(
     with contextlib.ExitStack() as stack:
         try:
             worker = stack.enter_context(worker_scope())
-            r_run = _onnx_runner(
-                _onnx_source(ref, "reference", stack), "disable", "reference (locate)", worker
-            )
-            c_run = _onnx_runner(
-                _onnx_source(cand, "candidate", stack), "disable", "candidate (locate)", worker
+            r_run = onnx_runner(onnx_source(ref, "reference", stack), "disable", "reference (locate)", worker)
+            c_run = onnx_runner(
+                onnx_source(cand, "candidate", stack), "disable", "candidate (locate)", worker
             )
             r_out = r_run.run(feeds, 0)
             c_out = c_run.run(feeds, 0)

@@ -22,17 +22,17 @@ import numpy as np
 from bnfold.errors import OptionError
 from bnfold.records import RuntimeUse, VerifyReport
 
-from .checks import _check_inputs, _check_outputs, _compare_outputs, _extra_level
+from .checks import check_extra_level, check_inputs, check_outputs, compare_outputs
 from .compare import Comparator
 from .inputs import InputSpec
 from .isolation import worker_scope
-from .runners import _onnx_runner, _OrtRunner
-from .sources import _export_candidate, _is_torch, _onnx_source
+from .runners import OrtRunner, onnx_runner
+from .sources import export_candidate, is_torch, onnx_source
 
-__all__: list[str] = []
+__all__: list[str] = ["save_recording", "verify_recorded"]
 
 
-def _save_recording(
+def save_recording(
     path: str | os.PathLike[str],
     specs: Sequence[InputSpec],
     out_names: Sequence[str],
@@ -56,7 +56,7 @@ def _save_recording(
     )
 
 
-def _verify_recorded(
+def verify_recorded(
     path: str | os.PathLike[str],
     candidate: Any,
     comparator: Comparator,
@@ -77,7 +77,7 @@ def _verify_recorded(
             raise OptionError(
                 f"{os.fspath(path)}: holds no candidate outputs; pass a candidate model to check"
             )
-        checks = _compare_outputs(rec.reference, rec.candidate, rec.output_names, comparator)
+        checks = compare_outputs(rec.reference, rec.candidate, rec.output_names, comparator)
         cand_rt = RuntimeUse(
             "candidate", "file", f"{os.fspath(path)} (recorded with {rec.runtimes.get('candidate', '?')})"
         )
@@ -90,20 +90,22 @@ def _verify_recorded(
         )
     specs = [InputSpec(n, rec.feeds[0][n].dtype, tuple(rec.feeds[0][n].shape)) for n in rec.input_names]
     with contextlib.ExitStack() as stack:
-        src = _onnx_source(candidate, "candidate", stack)
-        if _is_torch(src):
-            src = _export_candidate(src, rec.feeds[0], specs, rec.output_names)
+        src = onnx_source(candidate, "candidate", stack)
+        if is_torch(src):
+            src = export_candidate(src, rec.feeds[0], specs, rec.output_names)
         worker = stack.enter_context(worker_scope())
-        cand = _onnx_runner(src, level, "candidate", worker)
-        _check_inputs(specs, cand.inputs, exported=False)
-        _check_outputs(rec.output_names, cand.outputs)
+        cand = onnx_runner(src, level, "candidate", worker)
+        check_inputs(specs, cand.inputs, exported=False)
+        check_outputs(rec.output_names, cand.outputs)
         cand_out = [cand.run(f, i) for i, f in enumerate(rec.feeds)]
-        if isinstance(cand, _OrtRunner):  # dropped before the extra_level session loads: one model at a time
+        if isinstance(cand, OrtRunner):  # dropped before the extra_level session loads: one model at a time
             worker.drop(cand.sid)
-        checks = _compare_outputs(rec.reference, cand_out, rec.output_names, comparator)
-        extra = _extra_level(extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator, worker)
+        checks = compare_outputs(rec.reference, cand_out, rec.output_names, comparator)
+        extra = check_extra_level(
+            extra_level, src, rec.feeds, rec.reference, rec.output_names, comparator, worker
+        )
     if save_to is not None:
-        _save_recording(
+        save_recording(
             save_to, specs, rec.output_names, rec.feeds, rec.reference, cand_out, (golden, cand.runtime)
         )
     return VerifyReport(

@@ -6,11 +6,11 @@ Rules:
       fold); it gets bytes or a path, so a model file with external data is read by onnxruntime
       itself, never parsed or serialised here. It runs in the verification's worker process
       (:mod:`.isolation`): a crash there is a :class:`~bnfold.errors.NotComparableError`, or a run
-      in the reference evaluator for a side that may fall back (see :class:`_OrtRunner`);
+      in the reference evaluator for a side that may fall back (see :class:`OrtRunner`);
     * a model onnxruntime cannot load runs in ``onnx.reference.ReferenceEvaluator`` (numpy, no graph
       optimisation), with bnfold's inference BatchNormalization for every opset (:func:`_inference_ops`); a
       candidate that only the fallback runs while onnxruntime runs the reference is refused
-      (:func:`_same_runtime_or_better`);
+      (:func:`same_runtime_or_better`);
     * a PyTorch reference runs eagerly, in eval mode (every submodule's flag restored afterwards),
       under ``torch.no_grad()``; its outputs are flattened in order and named after the ONNX side;
     * every failure of a runtime is a :class:`~bnfold.errors.NotComparableError` naming the side, the
@@ -34,7 +34,20 @@ from bnfold.records import RuntimeUse
 from .inputs import InputSpec, np_dtype
 from .isolation import OrtWorker, RuntimeFailed, WorkerCrashed, printable
 
-__all__ = ["OPTIMIZATION_LEVELS", "REFERENCE_EVALUATOR", "check_level"]
+__all__ = [
+    "OPTIMIZATION_LEVELS",
+    "REFERENCE_EVALUATOR",
+    "check_level",
+    "OrtRunner",
+    "Runner",
+    "TorchRunner",
+    "eval_mode",
+    "first_line",
+    "flatten",
+    "onnx_runner",
+    "run_torch_once",
+    "same_runtime_or_better",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +69,7 @@ def check_level(level: str) -> str:
     return level
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The error's message on one line (onnxruntime spreads some over several), at most 300 characters.
 
     Control characters are escaped (:func:`~.isolation.printable`): the message can quote names from
@@ -92,7 +105,7 @@ class _OnnxRunner(abc.ABC):
             outs = self._outputs(feeds, names)
         except Exception as e:
             raise NotComparableError(
-                f"{self.label}: {self.engine} failed on sample {sample} ({_first_line(e)})"
+                f"{self.label}: {self.engine} failed on sample {sample} ({first_line(e)})"
             ) from e
         return {n: np.asarray(o) for n, o in zip(self.outputs, outs)}
 
@@ -101,13 +114,13 @@ class _OnnxRunner(abc.ABC):
         """The outputs of one run, in ``self.outputs`` order."""
 
 
-class _OrtRunner(_OnnxRunner):
+class OrtRunner(_OnnxRunner):
     """One onnxruntime session, created once in the verification's worker process and run on every sample.
 
     The session lives in the child process of :mod:`.isolation`: a crash of onnxruntime ends the
     child, not bnfold. A side that crashes while running falls back to the ONNX reference evaluator
     when ``may_fall_back`` (the driver clears it for a candidate whose reference onnxruntime runs:
-    see :func:`_same_runtime_or_better`); otherwise the crash is a :class:`NotComparableError`.
+    see :func:`same_runtime_or_better`); otherwise the crash is a :class:`NotComparableError`.
     """
 
     engine = "onnxruntime"
@@ -194,7 +207,7 @@ class _RefRunner(_OnnxRunner):
         return list(self.session.run(self.outputs, {n: feeds[n] for n in names}))
 
 
-def _same_runtime_or_better(ref: Any, cand: Any) -> None:
+def same_runtime_or_better(ref: Any, cand: Any) -> None:
     """A candidate must load wherever its reference does: one that only the fallback runs is refused.
 
     Otherwise a rewrite that breaks the model for onnxruntime (where it is deployed) would pass,
@@ -284,19 +297,19 @@ _ONNX_TYPE_NAMES = {
 }
 
 
-_Runner = Any  # _OrtRunner | _RefRunner: both have label, level, runtime, inputs, outputs, run()
+Runner = Any  # OrtRunner | _RefRunner: both have label, level, runtime, inputs, outputs, run()
 
 
-def _onnx_runner(source: Any, level: str, label: str, worker: OrtWorker) -> _Runner:
+def onnx_runner(source: Any, level: str, label: str, worker: OrtWorker) -> Runner:
     """onnxruntime when it loads the model, else the ONNX reference evaluator (and the reason why).
 
     onnxruntime runs in ``worker`` (:func:`~.isolation.worker_scope`); a crash while loading counts as
     a model it cannot load.
     """
     try:
-        return _OrtRunner(source, level, label, worker)
+        return OrtRunner(source, level, label, worker)
     except (RuntimeFailed, WorkerCrashed) as e:
-        why = f"onnxruntime cannot load it: {_first_line(e)}"
+        why = f"onnxruntime cannot load it: {first_line(e)}"
         log.debug("%s: %s; falling back to the ONNX reference evaluator", label, why)
         try:
             return _RefRunner(source, label, why)
@@ -306,13 +319,13 @@ def _onnx_runner(source: Any, level: str, label: str, worker: OrtWorker) -> _Run
 
                 bio.detect_format(source)
             raise NotComparableError(
-                f"{label}: onnxruntime cannot load the model ({_first_line(e)}); the ONNX reference "
-                f"evaluator cannot run it either ({_first_line(e2)})"
+                f"{label}: onnxruntime cannot load the model ({first_line(e)}); the ONNX reference "
+                f"evaluator cannot run it either ({first_line(e2)})"
             ) from e
 
 
 @contextlib.contextmanager
-def _eval_mode(module: Any) -> Iterator[None]:
+def eval_mode(module: Any) -> Iterator[None]:
     """Eval mode for the duration of the run; every submodule's flag restored afterwards."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -323,19 +336,19 @@ def _eval_mode(module: Any) -> Iterator[None]:
             m.training = t
 
 
-def _flatten(out: Any) -> list[Any]:
+def flatten(out: Any) -> list[Any]:
     import torch
 
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten(v)]
+        return [t for v in out.values() for t in flatten(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
+        return [t for v in out for t in flatten(v)]
     return []
 
 
-class _TorchRunner:
+class TorchRunner:
     """A PyTorch reference run eagerly; outputs flattened and named after the ONNX side's outputs."""
 
     def __init__(self, model: Any, label: str) -> None:
@@ -354,7 +367,7 @@ class _TorchRunner:
         import torch
 
         args = tuple(from_numpy(feeds[s.name]) for s in specs)
-        with torch.no_grad(), contextlib.nullcontext() if self.exported else _eval_mode(self.model):
+        with torch.no_grad(), contextlib.nullcontext() if self.exported else eval_mode(self.model):
             return self.model(*args)
 
     def run(self, feeds: Mapping[str, np.ndarray], sample: int) -> dict[str, np.ndarray]:
@@ -363,9 +376,9 @@ class _TorchRunner:
             out = self.call(feeds, self.inputs)
         except Exception as e:
             raise NotComparableError(
-                f"{self.label}: the PyTorch model failed on sample {sample} ({_first_line(e)})"
+                f"{self.label}: the PyTorch model failed on sample {sample} ({first_line(e)})"
             ) from e
-        flat = _flatten(out)
+        flat = flatten(out)
         if len(flat) != len(self.outputs):
             raise NotComparableError(
                 f"{self.label} returns {len(flat)} tensors, the other model has {len(self.outputs)} outputs "
@@ -374,6 +387,6 @@ class _TorchRunner:
         return {n: to_numpy(t) for n, t in zip(self.outputs, flat)}
 
 
-def _run_torch_once(model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> Any:
+def run_torch_once(model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> Any:
     """A PyTorch candidate run once (to count its outputs before it is exported)."""
-    return _TorchRunner(model, "candidate").call(feeds, specs)
+    return TorchRunner(model, "candidate").call(feeds, specs)

@@ -32,14 +32,14 @@ from bnfold.dtypes import from_numpy
 from bnfold.errors import NotComparableError, OptionError
 
 from .inputs import InputSpec
-from .runners import _eval_mode, _first_line
+from .runners import eval_mode, first_line
 
-__all__: list[str] = []
+__all__: list[str] = ["export_candidate", "is_torch", "onnx_source"]
 
 log = logging.getLogger(__name__)
 
 
-def _is_torch(model: Any) -> bool:
+def is_torch(model: Any) -> bool:
     if "torch" not in sys.modules:
         return False
     import torch
@@ -92,13 +92,13 @@ _TORCH_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05
 """First bytes of a PyTorch file (a zip archive, a legacy pickle stream); anything else is taken as ONNX."""
 
 
-def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
+def onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
     """What onnxruntime loads: bytes, a path, or a torch object (returned unchanged).
 
     A path to an ONNX file is handed over as it is: onnxruntime reads the file and its external data
     itself, so the file that is verified is the file on disk (no parse, no second serialisation here);
     a file that neither runtime can load is named by :func:`bnfold.io.detect_format`
-    (:func:`~bnfold.verification.runners._onnx_runner`). A PyTorch file is loaded with
+    (:func:`~bnfold.verification.runners.onnx_runner`). A PyTorch file is loaded with
     :func:`bnfold.io.load` (trusted formats only).
     """
     if isinstance(model, (bytes, bytearray)):
@@ -127,7 +127,7 @@ def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
                 log.debug("%s: cannot serialise (%s); writing it with external data", label, e)
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
         return _write_with_external_data(model, folder)
-    if _is_torch(model):
+    if is_torch(model):
         return model
     raise OptionError(
         f"{label}: cannot verify a {type(model).__module__}.{type(model).__name__}: expected an onnx.ModelProto, "
@@ -135,7 +135,7 @@ def _onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
     )
 
 
-def _export_candidate(
+def export_candidate(
     model: Any, feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec], outputs: Sequence[str]
 ) -> bytes:
     """Export a PyTorch candidate to ONNX in memory, with the reference's input and output names.
@@ -171,7 +171,7 @@ def _export_candidate(
             assert prog is not None
             return bytes(prog.model_proto.SerializeToString())
         buf = _io.BytesIO()
-        with _eval_mode(model):
+        with eval_mode(model):
             locked_export(
                 model,
                 args,
@@ -184,4 +184,4 @@ def _export_candidate(
             )
         return buf.getvalue()
     except Exception as e:
-        raise NotComparableError(f"candidate: torch.onnx.export failed ({_first_line(e)})") from e
+        raise NotComparableError(f"candidate: torch.onnx.export failed ({first_line(e)})") from e
