@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bnfold.nn as bnn
-from bnfold.nn import _function
+from bnfold.nn import kernel
 from models.stats import randomize_bn
 
 # float32: the batch statistics are reductions over up to a few hundred values, summed in a different
@@ -180,12 +180,12 @@ def test_gradcheck_float64() -> None:
     b = torch.randn(2, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _function.BatchNormFunction.apply(x, w, b, 1e-5)[0]  # type: ignore[no-any-return]
+        return kernel.BatchNormFunction.apply(x, w, b, 1e-5)[0]  # type: ignore[no-any-return]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     x4 = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x: _function.BatchNormFunction.apply(x, None, None, 1e-3)[0], (x4,)
+        lambda x: kernel.BatchNormFunction.apply(x, None, None, 1e-3)[0], (x4,)
     )
 
 
