@@ -184,9 +184,7 @@ def test_gradcheck_float64() -> None:
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     x4 = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x: kernel.BatchNormFunction.apply(x, None, None, 1e-3)[0], (x4,)
-    )
+    assert torch.autograd.gradcheck(lambda x: kernel.BatchNormFunction.apply(x, None, None, 1e-3)[0], (x4,))
 
 
 def test_double_backward_raises_clear_error() -> None:
