@@ -202,12 +202,15 @@ def test_negation_overflow_refused() -> None:
     assert v.reason is SkipReason.QUANTIZED and "overflow" in v.detail
 
 
-def test_shared_dequantized_weight_refused() -> None:
+def test_shared_dequantized_weight_is_copied() -> None:
     m = pre_bn("Conv", quant="in")
     m.graph.node.append(onnx.helper.make_node("Identity", ["w"], ["w_copy"], name="reader"))
-    m.graph.output.append(onnx.helper.make_tensor_value_info("w_copy", onnx.TensorProto.FLOAT, None))
-    v = skip_reason(m)
-    assert v.reason is SkipReason.OTHER_CONSUMERS and "'w'" in v.detail
+    m.graph.output.append(onnx.helper.make_tensor_value_info("w_copy", onnx.TensorProto.FLOAT, [6, 4, 3, 3]))
+    out, rep = check_fold(m)  # y and w_copy (the original weight) equal to the original's
+    assert "shared DequantizeLinear copied" in rep.sites[0].detail
+    layer = next(n for n in out.graph.node if n.name == "layer")
+    copy = next(n for n in out.graph.node if n.output[0] == layer.input[1])
+    assert copy.op_type == "DequantizeLinear" and copy.name != "dq_w" and copy.input[0] == "w_q"
 
 
 def test_int32_bias_shift_refused_by_default_requantised_on_request() -> None:

@@ -132,6 +132,13 @@ def _sole(c: Fwd, d: int, reader: str) -> None:
         raise _Refuse(bad.reason, bad.detail + f" (a quantized tensor of {reader} shared: not cloned)")
 
 
+def _shared(index: GraphIndex, d: int) -> bool:
+    """True when the output of DequantizeLinear ``d`` is read by more than one node or is a graph
+    output: the folded layer then reads a copy of ``d`` (``Fold.clone``), the others keep ``d``."""
+    out = index.nodes[d].output[0]
+    return out in index.graph_outputs or len(index.consumers.get(out, [])) > 1
+
+
 def _dq_parts(
     c: Fwd, d: int, channels: int, axis: int, ndim: int, what: str
 ) -> tuple[Array, Array, Array | None, bool]:
@@ -194,7 +201,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         return bad
     d = dq_weight(idx, pn)
     assert d is not None
-    _sole(c, d, target)
+    clone = (d, p, 1) if _shared(idx, d) else None
     ch = c.prm.channels
     if kind == "Conv":
         axis, ndim, bias_slot = 0, 0, 2
@@ -254,6 +261,10 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     attrs: list[tuple[int, str, int]] = [(d, "axis", axis)]
     locks = [p, d]
+    if clone is not None:
+        detail_clone = "; the shared DequantizeLinear copied for this layer (integers shared)"
+    else:
+        detail_clone = ""
     detail = (
         "quantized weight: scales multiplied, "
         + (
@@ -345,7 +356,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             detail += (
                 "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
             )
-    base = c.base(p, kind, detail)
+    base = c.base(p, kind, detail + detail_clone)
     if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
         base["rename_output"], base["dropped"] = None, ()
     return Fold(
@@ -356,6 +367,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         beta_one=(p,) if kind == "Gemm" and beta_one else (),
         to_gemm=p if kind == "MatMul" else None,
         set_int_attrs=tuple(attrs),
+        clone=clone,
     )
 
 
@@ -457,13 +469,7 @@ def _backward(
     d = dq_weight(idx, kn)
     assert d is not None
     dn = idx.nodes[d]
-    w_out = dn.output[0]
-    if w_out in idx.graph_outputs or len(idx.consumers.get(w_out, [])) != 1:
-        raise _Refuse(
-            SkipReason.OTHER_CONSUMERS,
-            f"the dequantized weight '{w_out}' of {target} is read elsewhere (or is a graph output): "
-            "it must stay unscaled there",
-        )
+    clone = (d, ki, 1) if _shared(idx, d) else None
     if int(attr(dn, "block_size", 0, opset)) != 0:
         raise _Refuse(SkipReason.QUANTIZED, f"the weight of {target} uses blocked quantization (block_size)")
     q = _const(c, dn.input[0], f"quantized weight of {target}")
@@ -668,6 +674,8 @@ def _backward(
                 writes.append(Write(bd, 2, np.zeros(n_out, np.int32)))
             bias_attrs = ((bd, "axis", 0),)
         lock.append(bd)
+    if clone is not None:
+        detail += "; the shared DequantizeLinear copied for this layer (integers shared)"
     site: Site = base["site"]
     detail = "; ".join(filter(None, ["quantized weight: " + detail, site.detail]))
     return Fold(
@@ -677,6 +685,7 @@ def _backward(
         beta_one=(ki,) if kind == "Gemm" else (),
         to_gemm=ki if kind == "MatMul" else None,
         set_int_attrs=bias_attrs,
+        clone=clone,
     )
 
 
