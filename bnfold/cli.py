@@ -236,6 +236,10 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
         from ._render import render_health
 
         render_health(console, report.health, verbose=verbose)
+    else:  # the cheap part of the audit: layers flagged for per-tensor int8
+        from ._render import render_fold_quant
+
+        render_fold_quant(console, report.quant, verbose=verbose)
     if report.verification is not None and not report.verification.passed:
         render_verify_report(console, report.verification, title="verification")
 
