@@ -120,7 +120,9 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
     """
     import numpy as np
 
-    w = np.abs(np.asarray(weight, dtype=np.float64))
+    w = np.asarray(weight)
+    if w.dtype not in (np.float16, np.float32, np.float64):
+        w = w.astype(np.float64)
     k = kind.lower()
     if "transpose" in k:
         g = max(int(groups), 1)
@@ -130,7 +132,10 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
         w = np.moveaxis(w, -1, 0).reshape(w.shape[-1], -1)
     else:
         w = w.reshape(w.shape[0], -1)
-    return np.asarray(w.max(axis=1) if w.size else np.zeros(w.shape[0]), dtype=np.float64)
+    if not w.size:
+        return np.zeros(w.shape[0], dtype=np.float64)
+    # max |w| = max(max w, -min w), exact in the weight's own dtype: no float64 copy of the weight
+    return np.maximum(w.max(axis=1).astype(np.float64), -w.min(axis=1).astype(np.float64))
 
 
 def _ratio(ranges: F64) -> tuple[float, float]:
