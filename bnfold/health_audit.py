@@ -135,7 +135,9 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
     if not w.size:
         return np.zeros(w.shape[0], dtype=np.float64)
     # max |w| = max(max w, -min w), exact in the weight's own dtype: no float64 copy of the weight
-    return np.maximum(w.max(axis=1).astype(np.float64), -w.min(axis=1).astype(np.float64))
+    hi, lo = w.max(axis=1).astype(np.float64), w.min(axis=1).astype(np.float64)
+    out: F64 = np.maximum(hi, -lo)
+    return out
 
 
 def _ratio(ranges: F64) -> tuple[float, float]:
