@@ -54,6 +54,7 @@ from ._cli_options import (
     Output,
     OutputNames,
     Quiet,
+    RequantizeBias,
     Rtol,
     Samples,
     Seed,
@@ -157,6 +158,7 @@ def fold(
     output_names: OutputNames = None,
     external_data: ExternalData = None,
     all_or_nothing: AllOrNothing = False,
+    requantize_bias: RequantizeBias = False,
     flush_denormals: FlushDenormals = True,
     health: Annotated[
         bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")
@@ -211,9 +213,12 @@ def fold(
                 output_names=split_names(output_names),
             ),
         )
+        from bnfold.onnx.match_qdq import requantize_int32_bias
+
         try:
             with json_guard(json_out), progress_bar(quiet, stages) as progress:
-                report = files.fold_file(model, dst, settings, progress)
+                with requantize_int32_bias(requantize_bias):
+                    report = files.fold_file(model, dst, settings, progress)
         except FoldVerificationError as e:
             failed = e.fold_report
             show(

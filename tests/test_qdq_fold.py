@@ -368,3 +368,34 @@ def test_qdq_uint8_negation_overflow_refused() -> None:
     # zero point 0: every non-zero uint8 weight would become negative.
     v = skip_reason(with_bn(qdq_layer("Conv", wq_dtype=np.uint8, zero_point=0), 6, negate=(5,)))
     assert v.reason is SkipReason.QUANTIZED and "negative on channel 5" in v.detail
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_cli_requantize_bias_flag(tmp_path, flag: bool) -> None:
+    """`--requantize-bias` folds the shift into the int32 bias (no Add; the report states the bound);
+    without it the shift stays as one exact Add."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src, dst = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    m = with_bn(qdq_layer("Conv", bias="int32"), 6, negate=(1,))
+    onnx.save(m, src)
+    args = ["fold", str(src), "-o", str(dst), "--json", "--atol", "1e-3"]
+    r = CliRunner().invoke(app, args + (["--requantize-bias"] if flag else []))
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["verification"]["passed"] is True and data["summary"]["bn_after"] == 0
+    (v,) = data["verdicts"]
+    out = onnx.load(str(dst))
+    ops = [n.op_type for n in out.graph.node]
+    if flag:
+        assert "half a step" in v["detail"] and "Add" not in ops
+        b_q = dq_inputs(out, "dq_b")[0]
+        assert b_q.tobytes() != inits(m)["b_q"].tobytes()  # the shift went into the integers
+    else:
+        assert "shift kept as one Add" in v["detail"] and ops[-1] == "Add"
+    # the flag is scoped to the command: the library default is the exact fold again
+    assert "shift kept as one Add" in fold_model(m)[1].sites[0].detail
