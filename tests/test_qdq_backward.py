@@ -231,3 +231,40 @@ def test_int32_bias_with_zero_shift_is_exact() -> None:
     assert "int32 bias takes the shift exactly" in rep.sites[0].detail
     b = next(n for n in out.graph.node if n.name == "dq_b")
     assert inits(out)[b.input[0]].tobytes() == inits(m)["b_q"].tobytes()
+
+
+def test_ort_quantized_pre_bn_conv_refused(tmp_path) -> None:
+    """onnxruntime's quantize_static on ``BN -> Conv``: it quantizes the conv's input (the BN output)
+    and its weight per output channel: the BN is left, with the Q/DQ after it named."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    g = G(seed=5)
+    x = g.input("x", [1, 4, 8, 8])
+    g.bn(x, "h", 4, "bn")
+    g.node("Conv", ["h", g.rand("w", (6, 4, 3, 3)), g.rand("b", (6,))], ["y"], name="conv")
+    g.output("y")
+    m = g.model(opset=17)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.it = iter([{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.it, None)
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "q.onnx"
+    onnx.save(m, src)
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv"],
+    )
+    q = onnx.load(dst)
+    assert any(n.op_type == "BatchNormalization" for n in q.graph.node)
+    v = skip_reason(q)
+    assert v.reason is SkipReason.QUANTIZED and "its output is quantized (QuantizeLinear" in v.detail

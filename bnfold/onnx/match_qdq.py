@@ -29,11 +29,21 @@ exactly 0 and the channel is its (new) bias, as after the BN.
 
 Refused with the reason QUANTIZED: blocked quantization (``block_size``), weights
 quantized on another axis, int4/uint4/float8 weights, per-tensor scales below opset 13, a non-zero
-bias zero point; OTHER_CONSUMERS: a DequantizeLinear output read by another node (shared weights are
-not cloned); OVERFLOW: a scale that is not finite or underflows to zero, an int32 bias overflow (``-2**31``
-negated, or a requantised bias out of range).
-Shared *initializers* (one ``w_q`` or scale read by two DequantizeLinear nodes) are handled by the
-rewriter, which writes a new initializer when the old one has other readers.
+bias zero point; OTHER_CONSUMERS: a quantized *bias* read by another node; OVERFLOW: a scale that is
+not finite or underflows to zero, an int32 bias overflow (``-2**31`` negated, or a requantised bias out
+of range).
+
+Shared weights: a weight DequantizeLinear whose output other nodes read too is copied for the folded
+layer (``Fold.clone``: the rewriter inserts the copy after it; the copy reads the same ``w_q`` and
+zero point and gets its own scale -- and its own integers only where a channel is negated); the other
+readers keep the original. Shared *initializers* (one ``w_q`` or scale read by two DequantizeLinear
+nodes) are handled by the rewriter, which writes a new initializer when the old one has other readers.
+
+Backward (``BN -> layer(DequantizeLinear weight)``, :func:`match_qdq_backward`): the BN scales the
+layer's input channels; exact only with one BN scale for every channel (case B1) or a weight quantized
+per input channel (case B2), the shift ``W t`` into a float bias (an int32 bias where exact, or
+requantised on request); a BN whose output is quantized (``BN -> QuantizeLinear``) is refused by
+:mod:`~bnfold.onnx.match_backward`.
 """
 
 from __future__ import annotations
