@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from bnfold.onnx import fold_model
 from bnfold.onnx.match_qdq import requantize_int32_bias
 from bnfold.records import Direction, SkipReason
 from models.onnx_graphs import TOL, G, check_fold, skip_reason
@@ -33,6 +34,7 @@ def pre_bn(
     trans_b: int = 0,
     zero_point: int = 0,
     no_shift: bool = False,
+    bias_product: bool = False,
 ) -> onnx.ModelProto:
     """``x [-> Q/DQ] -> BN [-> Q/DQ] [-> Flatten] -> kind(DequantizeLinear(w_q, s, z)[, bias]) -> y``.
 
@@ -42,9 +44,10 @@ def pre_bn(
     g = G(seed=3)
     rng = g.rng
     c = 4
+    n = 8 if group == 4 else 6  # output channels: a multiple of the groups
     if kind == "Conv":
         x = g.input("x", [2, c, 5, 5])
-        wshape: tuple[int, ...] = (6, c // group, 3, 3)
+        wshape: tuple[int, ...] = (n, c // group, 3, 3)
         out_axis, in_axis = 0, 1
     elif flatten:
         x = g.input("x", [3, c, 2, 2])
@@ -95,10 +98,13 @@ def pre_bn(
     g.node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq_w", **axis)
     ins = [h, "w"]
     if bias == "float":
-        ins.append(g.rand("b", (6,)))
+        ins.append(g.rand("b", (n,)))
     elif bias == "int32":
-        g.init("b_q", rng.integers(-2000, 2000, size=(6,)).astype(np.int32), np.int32)
-        g.init("b_s", np.full(6, 0.001, np.float32), np.float32)
+        g.init("b_q", rng.integers(-2000, 2000, size=(n,)).astype(np.int32), np.int32)
+        bs = np.full(n, 0.001)
+        if bias_product:  # s_x * s_w per output channel, as onnxruntime's quantizer writes it
+            bs = np.float64(np.float32(0.02)) * np.broadcast_to(sw.astype(np.float64), (n,))
+        g.init("b_s", bs.astype(np.float32), np.float32)
         g.node("DequantizeLinear", ["b_q", "b_s"], ["b"], name="dq_b", axis=0)
         ins.append("b")
     attrs: dict[str, Any] = {"group": group} if kind == "Conv" else {}
@@ -268,3 +274,27 @@ def test_ort_quantized_pre_bn_conv_refused(tmp_path) -> None:
     assert any(n.op_type == "BatchNormalization" for n in q.graph.node)
     v = skip_reason(q)
     assert v.reason is SkipReason.QUANTIZED and "its output is quantized (QuantizeLinear" in v.detail
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_grouped_conv_with_one_bn_scale_folds(group: int) -> None:
+    m = pre_bn("Conv", quant="out", uniform=True, group=group, negate=(0, 1, 2, 3), zero_point=1)
+    out, rep = check_fold(m)
+    assert np.array_equal(dq_w(out)[0].astype(int), 2 - inits(m)["w_q"].astype(int))
+
+
+def test_int32_bias_scale_follows_the_weight_scale() -> None:
+    # bias scale = s_x * s_w (x quantized before the BN): with one BN scale alpha the weight scales
+    # become s_w |alpha| and the bias scale s_x * s_w' (kept as onnxruntime's QDQ Conv reads it).
+    m = pre_bn("Conv", quant="out", uniform=True, bias="int32", x_qdq=True, bias_product=True)
+    assert skip_reason(m).reason is SkipReason.QUANTIZED  # the integers cannot stay exact
+    with requantize_int32_bias():
+        first, _ = fold_model(m)
+        b = next(n for n in first.graph.node if n.name == "dq_b")
+        half_step = float(np.max(inits(first)[b.input[1]].astype(np.float64))) / 2  # the stated bound
+        out, rep = check_fold(m, tol=TOL[onnx.TensorProto.FLOAT] + half_step)
+    b = next(n for n in out.graph.node if n.name == "dq_b")
+    b_s = inits(out)[b.input[1]].astype(np.float64)
+    w_s = dq_w(out)[1].astype(np.float64)
+    assert np.array_equal(b_s.astype(np.float32), (np.float64(np.float32(0.02)) * w_s).astype(np.float32))
+    assert "half a step" in rep.sites[0].detail
