@@ -388,6 +388,7 @@ class FoldReport:
             **({"extra": dict(self.extra)} if self.extra else {}),
             **({"flushed_denormals": self.flushed_denormals} if self.flushed_denormals is not None else {}),
             **({"health": self.health.to_dict()} if self.health is not None else {}),
+            **({"quant": [q.to_dict() for q in self.quant]} if self.quant else {}),
             **({"files": self.files.to_dict()} if self.files is not None else {}),
             **({"signature": self.signature} if self.signature is not None else {}),
             **({"verified_on": self.verified_on} if self.verified_on is not None else {}),
