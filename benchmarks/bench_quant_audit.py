@@ -23,6 +23,10 @@ Reported, against the folded model in float on the same inputs, quantising one l
 * the network's output error ``||y_q - y|| / ||y||``, and the top-1 agreement with the float model.
 
 Run: ``python benchmarks/bench_quant_audit.py [--quick]``; writes ``benchmarks/results/quant_audit.md``.
+
+``--fold-overhead MODEL.onnx``: what the summary line costs ``bnfold fold --no-verify`` (the records of
+:func:`bnfold.health_audit.fold_quant`, computed after every fold): the file fold timed with and
+without it, alternated in one process (``--repeats`` rounds, medians), and ``fold_quant`` alone.
 """
 
 from __future__ import annotations
@@ -220,10 +224,51 @@ def report(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def fold_overhead(path: str, repeats: int) -> str:
+    """Median wall time of ``files.fold_file(verify=False)`` on ``path`` with and without the
+    quantisation records (alternated), and of ``fold_quant`` alone on the folded model."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import onnx
+
+    import bnfold
+    from bnfold import files, health_audit
+
+    real = health_audit.fold_quant
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "out.onnx"
+        for _ in range(repeats):
+            for mode in ("with", "without"):
+                health_audit.fold_quant = real if mode == "with" else (lambda folded, report: ())  # type: ignore[assignment]
+                t0 = time.perf_counter()
+                files.fold_file(path, dst, files.FoldSettings(verify=False))
+                times[mode].append(time.perf_counter() - t0)
+        health_audit.fold_quant = real
+    folded, rep = bnfold.fold_with_report(onnx.load(path))
+    alone = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        q = real(folded, rep)
+        alone.append(time.perf_counter() - t0)
+    w, wo = float(np.median(times["with"])), float(np.median(times["without"]))
+    return (
+        f"{Path(path).name}: fold --no-verify {wo * 1e3:.0f} ms without the records, {w * 1e3:.0f} ms with "
+        f"({(w / wo - 1) * 100:+.1f}%); fold_quant alone {float(np.median(alone)) * 1e3:.1f} ms for "
+        f"{len(q)} layers ({sum(x.flagged for x in q)} flagged); medians of {repeats} alternated rounds"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("Per-tensor vs per-channel int8 output error of flagged and unflagged folded layers")
     p.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.relative_to(REPO_ROOT)}")
+    p.add_argument("--fold-overhead", metavar="MODEL.onnx", help="time the fold summary's records on MODEL")
     args = p.parse_args(argv)
+    if args.fold_overhead:
+        print(fold_overhead(args.fold_overhead, args.repeats))
+        return 0
     import torch
 
     torch.set_num_threads(max(args.threads, 1))

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # NumPy and the backends are imported inside the functions (an ONNX user never imports torch).
 
-__all__ = ["NEAR_ZERO_GAMMA_REL", "audit", "channel_ranges", "layer_quant"]
+__all__ = ["NEAR_ZERO_GAMMA_REL", "audit", "channel_ranges", "fold_quant", "layer_quant"]
 
 NEAR_ZERO_GAMMA_REL = 1e-6
 """A gamma at most this fraction of the BN's largest |gamma| counts as near zero (a pruned channel)."""
@@ -120,7 +120,9 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
     """
     import numpy as np
 
-    w = np.abs(np.asarray(weight, dtype=np.float64))
+    w = np.asarray(weight)
+    if w.dtype not in (np.float16, np.float32, np.float64):
+        w = w.astype(np.float64)
     k = kind.lower()
     if "transpose" in k:
         g = max(int(groups), 1)
@@ -130,7 +132,12 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
         w = np.moveaxis(w, -1, 0).reshape(w.shape[-1], -1)
     else:
         w = w.reshape(w.shape[0], -1)
-    return np.asarray(w.max(axis=1) if w.size else np.zeros(w.shape[0]), dtype=np.float64)
+    if not w.size:
+        return np.zeros(w.shape[0], dtype=np.float64)
+    # max |w| = max(max w, -min w), exact in the weight's own dtype: no float64 copy of the weight
+    hi, lo = w.max(axis=1).astype(np.float64), w.min(axis=1).astype(np.float64)
+    out: F64 = np.maximum(hi, -lo)
+    return out
 
 
 def _ratio(ranges: F64) -> tuple[float, float]:
@@ -162,9 +169,24 @@ def layer_quant(layer: str, kind: str, folded: F64, original: F64 | None = None)
     )
 
 
+def fold_quant(folded: Any, report: FoldReport) -> tuple[LayerQuant, ...]:
+    """The quantisation-readiness records of a fold already done, without the rest of the audit:
+    the per-channel weight ranges of the layers the fold wrote into, read from ``folded`` alone (no
+    snapshot, no original, no runtime; ``ratio_before`` is 0). One ``max |w|`` pass over each of
+    those weights -- what ``bnfold fold`` adds to every fold for its summary line. A weight the fold
+    left in a spill file (:func:`bnfold.io.stream.spilling`) or a lazy external file is read from it.
+    """
+    from .kinds import model_kind
+
+    kind = model_kind(folded)
+    if report.dry_run or kind not in ("onnx", "module", "fx"):
+        return ()
+    return _quant(None, folded, report, kind)
+
+
 def _quant(original: Any, folded: Any, report: FoldReport, kind: str) -> tuple[LayerQuant, ...]:
     """One record per distinct layer a forward or backward fold wrote into (skipped: layers whose
-    weight is not a constant the audit can read)."""
+    weight is not a constant the audit can read). ``original`` None: no ``ratio_before``."""
     seen: dict[str, str] = {}
     for v in report.verdicts:
         if isinstance(v, Site) and v.direction is not Direction.AFFINE and v.target:
@@ -172,7 +194,8 @@ def _quant(original: Any, folded: Any, report: FoldReport, kind: str) -> tuple[L
     if folded is original or not seen:
         return ()
     read = _onnx_weights if kind == "onnx" else _torch_weights
-    now, then = read(folded, set(seen)), read(original, set(seen))
+    now = read(folded, set(seen))
+    then = read(original, set(seen)) if original is not None else {}
     out: list[LayerQuant] = []
     for name in seen:
         if name not in now:
@@ -187,6 +210,8 @@ def _onnx_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:
     whose weight is an initializer."""
     from onnx import helper, numpy_helper
 
+    from .onnx.graph import read_lazy_tensor
+
     out: dict[str, tuple[str, F64]] = {}
     for g, prefix, _ in _onnx_walk(model):
         inits = {t.name: t for t in g.initializer}
@@ -200,7 +225,9 @@ def _onnx_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             if n.op_type == "Gemm" and attrs.get("transA", 0):
                 continue
-            w = numpy_helper.to_array(inits[n.input[1]])
+            t = inits[n.input[1]]
+            lazy = read_lazy_tensor(t) if t.data_location == t.EXTERNAL else None
+            w = lazy if lazy is not None else numpy_helper.to_array(t)
             if w.ndim < 2 or w.dtype.kind != "f":
                 continue
             ranges = channel_ranges(

@@ -94,6 +94,11 @@ def after_fold(
         from .health_audit import audit
 
         report = replace(report, health=audit(original, out, report, before))
+    from .health_audit import fold_quant  # the cheap part of the audit, after every fold
+
+    report = replace(
+        report, quant=report.health.quant if report.health is not None else fold_quant(out, report)
+    )
     if steps.prune_constant_channels:
         from .constant_channels import prune_constant_channels
 

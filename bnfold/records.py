@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .health_records import BnHealth, HealthReport, RangeCounts, count_labels
+from .health_records import BnHealth, HealthReport, LayerQuant, RangeCounts, count_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .constant_channels import PrunedChannels
@@ -330,6 +330,9 @@ class FoldReport:
     """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
     health: HealthReport | None = None
     """The BN health audit (:func:`bnfold.health`), when asked for."""
+    quant: tuple[LayerQuant, ...] = ()
+    """After a fold (not a dry run): the per-tensor int8 readiness of every layer it wrote into
+    (:func:`bnfold.health_audit.fold_quant`; the audit's own records with ``health``)."""
     files: FileInfo | None = None
     """A file job's paths, formats, sizes and total time (:mod:`bnfold.files`); None in memory."""
     signature: dict[str, Any] | None = None
@@ -385,6 +388,7 @@ class FoldReport:
             **({"extra": dict(self.extra)} if self.extra else {}),
             **({"flushed_denormals": self.flushed_denormals} if self.flushed_denormals is not None else {}),
             **({"health": self.health.to_dict()} if self.health is not None else {}),
+            **({"quant": [q.to_dict() for q in self.quant]} if self.quant else {}),
             **({"files": self.files.to_dict()} if self.files is not None else {}),
             **({"signature": self.signature} if self.signature is not None else {}),
             **({"verified_on": self.verified_on} if self.verified_on is not None else {}),

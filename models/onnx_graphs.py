@@ -177,8 +177,14 @@ def check_fold(
     n_affine = sum(1 for v in report.sites if v.direction.value == "affine")
     n_shift = sum(1 for v in report.sites if "shift kept as one Add" in v.detail)  # the BN became an Add
     n_propagated = sum(1 for v in report.sites if v.direction.value == "propagated")  # at most one Add each
+    n_copied = sum(1 for v in report.sites if "DequantizeLinear copied" in v.detail)  # a shared DQ copied
     assert len(out.graph.node) <= (
-        len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine + n_shift + n_propagated
+        len(model.graph.node)
+        - (report.bn_before - report.bn_after)
+        + 2 * n_affine
+        + n_shift
+        + n_propagated
+        + n_copied
     )
     if run_ort:
         elem = model.graph.output[0].type.tensor_type.elem_type

@@ -161,12 +161,45 @@ def test_qdq_int4_refused() -> None:
     assert v.reason is SkipReason.QUANTIZED and "int4" in v.detail
 
 
-def test_qdq_shared_dequantize_refused() -> None:
-    g = qdq_layer("Conv", bias="none")
+@pytest.mark.parametrize("negate", [(), (2,)])
+def test_qdq_shared_dequantize_is_copied(negate: tuple[int, ...]) -> None:
+    # One DequantizeLinear read by two convs, only one followed by a BN: the folded conv reads a copy
+    # of it with its own scale (and its own integers only where a channel is negated).
+    g = qdq_layer("Conv", bias="float")
     g.node("Conv", ["x_dq", "w"], ["t2"], name="other", pads=[1, 1, 1, 1])
     g.output("t2", shape=[2, 6, 6, 6])
-    v = skip_reason(with_bn(g, 6))
-    assert v.reason is SkipReason.OTHER_CONSUMERS and "not cloned" in v.detail
+    m = with_bn(g, 6, negate=negate)
+    out, rep = check_fold(m)  # both outputs (y and t2) equal to the original's
+    assert "shared DequantizeLinear copied" in rep.sites[0].detail
+    dqs = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] != "x_q"]
+    assert len(dqs) == 2
+    orig = next(n for n in dqs if n.name == "dq_w")
+    copy = next(n for n in dqs if n.name != "dq_w")
+    assert next(n for n in out.graph.node if n.name == "other").input[1] == orig.output[0] == "w"
+    assert next(n for n in out.graph.node if n.name == "layer").input[1] == copy.output[0]
+    assert list(orig.input) == ["w_q", "w_s", "w_z"]  # the other reader: untouched
+    vals = inits(out)
+    assert vals["w_s"].tobytes() == inits(m)["w_s"].tobytes()
+    assert copy.input[1] != "w_s" and copy.input[2] == "w_z"
+    if negate:
+        assert copy.input[0] != "w_q"
+        assert np.array_equal(vals[copy.input[0]][2].astype(int), -inits(m)["w_q"][2].astype(int))
+    else:
+        assert copy.input[0] == "w_q"  # the int8 initializer is shared, not copied
+    assert len(out.graph.initializer) == len(m.graph.initializer) - 4 + 1 + bool(negate)
+
+
+def test_qdq_shared_dequantize_both_readers_fold() -> None:
+    # Both convs reading one DequantizeLinear are followed by BNs: each folds with its own scales.
+    g = qdq_layer("Conv", bias="int32")
+    g.node("Conv", ["x_dq", "w"], ["t2"], name="other", pads=[1, 1, 1, 1])
+    g.bn("t2", "y2", 6, "bn2")
+    g.output("y2", shape=[2, 6, 6, 6])
+    m = with_bn(g, 6, negate=(1,))
+    out, rep = check_fold(m)
+    assert len(rep.sites) == 2
+    w_q = [n.input[0] for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] != "x_q"]
+    assert len([n for n in w_q if n == "w_q"]) >= 1  # the integers of the unnegated reader stay shared
 
 
 def test_qdq_shared_initializer_is_cloned() -> None:
@@ -335,3 +368,34 @@ def test_qdq_uint8_negation_overflow_refused() -> None:
     # zero point 0: every non-zero uint8 weight would become negative.
     v = skip_reason(with_bn(qdq_layer("Conv", wq_dtype=np.uint8, zero_point=0), 6, negate=(5,)))
     assert v.reason is SkipReason.QUANTIZED and "negative on channel 5" in v.detail
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_cli_requantize_bias_flag(tmp_path, flag: bool) -> None:
+    """`--requantize-bias` folds the shift into the int32 bias (no Add; the report states the bound);
+    without it the shift stays as one exact Add."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src, dst = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    m = with_bn(qdq_layer("Conv", bias="int32"), 6, negate=(1,))
+    onnx.save(m, src)
+    args = ["fold", str(src), "-o", str(dst), "--json", "--atol", "1e-3"]
+    r = CliRunner().invoke(app, args + (["--requantize-bias"] if flag else []))
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["verification"]["passed"] is True and data["summary"]["bn_after"] == 0
+    (v,) = data["verdicts"]
+    out = onnx.load(str(dst))
+    ops = [n.op_type for n in out.graph.node]
+    if flag:
+        assert "half a step" in v["detail"] and "Add" not in ops
+        b_q = dq_inputs(out, "dq_b")[0]
+        assert b_q.tobytes() != inits(m)["b_q"].tobytes()  # the shift went into the integers
+    else:
+        assert "shift kept as one Add" in v["detail"] and ops[-1] == "Add"
+    # the flag is scoped to the command: the library default is the exact fold again
+    assert "shift kept as one Add" in fold_model(m)[1].sites[0].detail

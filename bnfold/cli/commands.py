@@ -56,6 +56,7 @@ from .options import (
     Output,
     OutputNames,
     Quiet,
+    RequantizeBias,
     Rtol,
     Samples,
     Seed,
@@ -158,6 +159,7 @@ def fold(
     output_names: OutputNames = None,
     external_data: ExternalData = None,
     all_or_nothing: AllOrNothing = False,
+    requantize_bias: RequantizeBias = False,
     flush_denormals: FlushDenormals = True,
     health: Annotated[
         bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")
@@ -212,9 +214,12 @@ def fold(
                 output_names=split_names(output_names),
             ),
         )
+        from bnfold.onnx.match_qdq import requantize_int32_bias
+
         try:
             with json_guard(json_out), progress_bar(quiet, stages) as progress:
-                report = files.fold_file(model, dst, settings, progress)
+                with requantize_int32_bias(requantize_bias):
+                    report = files.fold_file(model, dst, settings, progress)
         except FoldVerificationError as e:
             failed = e.fold_report
             show(
@@ -237,6 +242,10 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
         from .render import render_health
 
         render_health(console, report.health, verbose=verbose)
+    else:  # the cheap part of the audit: layers flagged for per-tensor int8
+        from .render import render_fold_quant
+
+        render_fold_quant(console, report.quant, verbose=verbose)
     if report.verification is not None and not report.verification.passed:
         render_verify_report(console, report.verification, title="verification")
 

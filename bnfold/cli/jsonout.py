@@ -163,6 +163,7 @@ def _fold_body(report: FoldReport) -> dict[str, Any]:
         if report.pruned_channels is None
         else [p.to_dict() for p in report.pruned_channels],
         "health": None if report.health is None else report.health.to_dict(),
+        "quant": _quant_json(report),
         "notes": list(report.notes),
         "seconds": float(report.total_seconds),
     }
@@ -180,6 +181,17 @@ _LEGACY_COUNTS = (
 """Top-level keys of the 0.1.0 documents, kept in schema 1 as aliases of ``summary.*`` (removed in 2)."""
 _LEGACY_VERIFY = ("passed", "samples", "max_abs_error", "max_rel_error", "outputs")
 """Top-level keys of 0.1.0's ``verify --json``, kept in schema 1 as aliases of ``verification.*``."""
+
+
+def _quant_json(report: FoldReport) -> dict[str, Any]:
+    """Per-tensor int8 readiness of the layers the fold wrote (empty for a dry run)."""
+    from bnfold.health_records import QUANT_RATIO_FLAG
+
+    return {
+        "ratio_flag": QUANT_RATIO_FLAG,
+        "flagged": sum(1 for q in report.quant if q.flagged),
+        "layers": [q.to_dict() for q in report.quant],
+    }
 
 
 def json_document(command: str, result: Any, *, exit_code: int = 0, **files: Any) -> dict[str, Any]:

@@ -166,4 +166,12 @@ AllOrNothing = Annotated[
         "BNs whose fold fails it.",
     ),
 ]
+RequantizeBias = Annotated[
+    bool,
+    typer.Option(
+        "--requantize-bias",
+        help="QDQ graphs: fold the BN shift into an int32 bias by requantisation (round to nearest, "
+        "at most half a step off) instead of keeping it as one exact Add.",
+    ),
+]
 FailIfLeft = Annotated[bool, typer.Option("--fail-if-left", help="Exit 1 when any BatchNorm would be left.")]

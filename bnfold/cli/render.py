@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
 
     from bnfold.bench import BenchReport
+    from bnfold.health_records import LayerQuant
 
 __all__ = [
     "SCHEMA",
@@ -62,6 +63,7 @@ __all__ = [
     "error_document",
     "render_health",
     "health_summary",
+    "render_fold_quant",
     "progress_callback",
     "stage_label",
     "STAGES",
@@ -580,11 +582,35 @@ def quant_summary(h: HealthReport) -> str | None:
     )
 
 
+def fold_quant_summary(quant: tuple[LayerQuant, ...]) -> str | None:
+    """The one-line quantisation-readiness summary after a fold (``FoldReport.quant``); None when no
+    layer is flagged."""
+    bad = [q for q in quant if q.flagged]
+    if not bad:
+        return None
+    worst = max(bad, key=lambda q: q.ratio)
+    return (
+        f"quantisation: {len(bad)} layer(s) flagged for per-tensor int8 (worst: {clean(worst.layer)}, "
+        f"{worst.bits_lost:.1f} bits lost); use per-channel quantization or cross-layer equalisation"
+        + ("" if len(bad) == 1 else " (-v lists them)")
+    )
+
+
+def render_fold_quant(console: Console, quant: tuple[LayerQuant, ...], *, verbose: bool = False) -> None:
+    """After ``fold`` without ``--health``: the summary line; with ``verbose`` first the flagged layers."""
+    line = fold_quant_summary(quant)
+    if line is not None:
+        _render_quant_lines(console, line, tuple(q for q in quant if q.flagged), verbose)
+
+
 def render_quant(console: Console, h: HealthReport, *, verbose: bool = False) -> None:
     """The quantisation summary line when a layer is flagged; with ``verbose`` first the flagged layers."""
     line = quant_summary(h)
-    if line is None:
-        return
+    if line is not None:
+        _render_quant_lines(console, line, h.quant_flagged, verbose)
+
+
+def _render_quant_lines(console: Console, line: str, flagged: tuple[LayerQuant, ...], verbose: bool) -> None:
     if verbose:
         table = Table(title="Per-tensor int8 readiness (flagged layers)", title_justify="left")
         table.add_column("layer", overflow="fold")
@@ -594,7 +620,7 @@ def render_quant(console: Console, h: HealthReport, *, verbose: bool = False) ->
         table.add_column("bits lost", justify="right", no_wrap=True)
         table.add_column("unfolded", justify="right", no_wrap=True)
         table.add_column("worst ch", justify="right", no_wrap=True)
-        for q in h.quant_flagged:
+        for q in flagged:
             table.add_row(
                 _t(clean(q.layer)),
                 q.kind,

@@ -40,7 +40,10 @@ Quantized weights (:mod:`~bnfold.onnx.match_qdq`):
         per output channel or per tensor (opset >= 13): the scales become ``s |a|`` (integers kept;
         negated around the zero point where ``a < 0`` and that fits), a float bias takes the shift;
         an int32 bias through DequantizeLinear is rescaled exactly and the shift kept as one Add
-        (requantised on request, :func:`~bnfold.onnx.match_qdq.requantize_int32_bias`).
+        (requantised on request, :func:`~bnfold.onnx.match_qdq.requantize_int32_bias`). Backward
+        (BN -> such a layer, no padding): with one BN scale for all channels or a weight quantized
+        per input channel (:func:`~bnfold.onnx.match_qdq.match_qdq_backward`); a shared weight
+        DequantizeLinear is copied for the folded layer.
 Other plans:
     14. Affine (on request, when nothing can absorb the BN): ``Mul(x, scale) -> Add(_, shift)``, constants
         shaped ``[C, 1, ..., 1]`` (or the per-element statistics of opset-7 ``spatial=0``).

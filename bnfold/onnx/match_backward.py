@@ -20,6 +20,7 @@ from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight_and_bias
 from .graph import GraphIndex, attr, name_of
+from .match_qdq import dq_weight, match_qdq_backward
 from .noops import walk_down
 from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
 
@@ -113,6 +114,13 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
         flat, ki, kn, cur = ki, k2, index.nodes[k2], after
         chain = chain + chain2
     kind = kn.op_type
+    if kind == "QuantizeLinear" and flat is None:
+        return Skip(
+            label,
+            SkipReason.QUANTIZED,
+            f"its output is quantized (QuantizeLinear '{name_of(kn)}'): without the BN that quantization "
+            "would round and clip other values; fold before quantizing",
+        ), True
     if kind not in ("Conv", "Gemm", "MatMul") or kn.domain not in ("", "ai.onnx"):
         specific = kind == "ConvTranspose"
         reason = SkipReason.UNSUPPORTED_LAYER if specific else SkipReason.NO_PRODUCER
@@ -175,6 +183,8 @@ def _case_conv(c: Bwd) -> Result:
             f"{target} pads its input with zeros, which the BN shift "
             "would not reach; fold only convolutions without padding",
         ), True
+    if dq_weight(c.index, kn) is not None:  # Case 16, backward: a quantized weight
+        return match_qdq_backward(c.index, ev, ki, label, prm, base, locks)
     wb = weight_and_bias(ev, kn, label)
     if isinstance(wb, Skip):
         return wb, True
@@ -212,6 +222,8 @@ def _case_gemm(cx: Bwd, flat: bool) -> Result:
         bad = rank2_or_skip(cx.index, cx.x, cx.y, label, f"the input of {target}", "the contracted axis")
         if bad is not None:
             return bad, True
+    if dq_weight(cx.index, kn) is not None:  # Case 16, backward: a quantized weight
+        return match_qdq_backward(cx.index, ev, ki, label, prm, base, locks, flat)
     bw = resolve_weight(ev, kn, 1, label, "weight")
     if isinstance(bw, Skip):
         return bw, True

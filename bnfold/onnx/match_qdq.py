@@ -29,11 +29,21 @@ exactly 0 and the channel is its (new) bias, as after the BN.
 
 Refused with the reason QUANTIZED: blocked quantization (``block_size``), weights
 quantized on another axis, int4/uint4/float8 weights, per-tensor scales below opset 13, a non-zero
-bias zero point; OTHER_CONSUMERS: a DequantizeLinear output read by another node (shared weights are
-not cloned); OVERFLOW: a scale that is not finite or underflows to zero, an int32 bias overflow (``-2**31``
-negated, or a requantised bias out of range).
-Shared *initializers* (one ``w_q`` or scale read by two DequantizeLinear nodes) are handled by the
-rewriter, which writes a new initializer when the old one has other readers.
+bias zero point; OTHER_CONSUMERS: a quantized *bias* read by another node; OVERFLOW: a scale that is
+not finite or underflows to zero, an int32 bias overflow (``-2**31`` negated, or a requantised bias out
+of range).
+
+Shared weights: a weight DequantizeLinear whose output other nodes read too is copied for the folded
+layer (``Fold.clone``: the rewriter inserts the copy after it; the copy reads the same ``w_q`` and
+zero point and gets its own scale -- and its own integers only where a channel is negated); the other
+readers keep the original. Shared *initializers* (one ``w_q`` or scale read by two DequantizeLinear
+nodes) are handled by the rewriter, which writes a new initializer when the old one has other readers.
+
+Backward (``BN -> layer(DequantizeLinear weight)``, :func:`match_qdq_backward`): the BN scales the
+layer's input channels; exact only with one BN scale for every channel (case B1) or a weight quantized
+per input channel (case B2), the shift ``W t`` into a float bias (an int32 bias where exact, or
+requantised on request); a BN whose output is quantized (``BN -> QuantizeLinear``) is refused by
+:mod:`~bnfold.onnx.match_backward`.
 """
 
 from __future__ import annotations
@@ -41,19 +51,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.records import Skip, SkipReason
+from bnfold.fold_math import WeightLayout, channel_factor, fold_backward, fold_gemm_backward
+from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .const import Array, is_float
+from .const import Array, ConstEvaluator, is_float
 from .forward import Fwd, common, exclusive
 from .graph import GraphIndex, attr, name_of
-from .plan import Fold, Write, finish, rank2_or_skip
+from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
 
-__all__ = ["dq_weight", "match_qdq", "activation_skip", "requantize_int32_bias", "QDQ_LAYERS"]
+__all__ = [
+    "dq_weight",
+    "match_qdq",
+    "match_qdq_backward",
+    "activation_skip",
+    "requantize_int32_bias",
+    "QDQ_LAYERS",
+]
 
 Result = tuple[Fold | Skip, bool]
 F64 = np.ndarray[Any, np.dtype[np.float64]]
@@ -100,7 +118,17 @@ class _Refuse(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _const(c: Fwd, name: str, what: str) -> Array:
+class _Ctx(Protocol):
+    """What the constant readers need (a forward :class:`Fwd` or the backward :class:`_Back`)."""
+
+    @property
+    def index(self) -> GraphIndex: ...
+
+    @property
+    def ev(self) -> ConstEvaluator: ...
+
+
+def _const(c: _Ctx, name: str, what: str) -> Array:
     v, reason, detail = c.ev.resolve(name)
     if v is None:
         raise _Refuse(reason or SkipReason.NON_CONSTANT, f"the {what} is not a constant: {detail}")
@@ -112,6 +140,13 @@ def _sole(c: Fwd, d: int, reader: str) -> None:
     bad = exclusive(c, out, f"DequantizeLinear '{name_of(c.index.nodes[d])}'")
     if bad is not None:
         raise _Refuse(bad.reason, bad.detail + f" (a quantized tensor of {reader} shared: not cloned)")
+
+
+def _shared(index: GraphIndex, d: int) -> bool:
+    """True when the output of DequantizeLinear ``d`` is read by more than one node or is a graph
+    output: the folded layer then reads a copy of ``d`` (``Fold.clone``), the others keep ``d``."""
+    out = index.nodes[d].output[0]
+    return out in index.graph_outputs or len(index.consumers.get(out, [])) > 1
 
 
 def _dq_parts(
@@ -176,7 +211,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         return bad
     d = dq_weight(idx, pn)
     assert d is not None
-    _sole(c, d, target)
+    clone = (d, p, 1) if _shared(idx, d) else None
     ch = c.prm.channels
     if kind == "Conv":
         axis, ndim, bias_slot = 0, 0, 2
@@ -236,6 +271,10 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     attrs: list[tuple[int, str, int]] = [(d, "axis", axis)]
     locks = [p, d]
+    if clone is not None:
+        detail_clone = "; the shared DequantizeLinear copied for this layer (integers shared)"
+    else:
+        detail_clone = ""
     detail = (
         "quantized weight: scales multiplied, "
         + (
@@ -327,7 +366,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             detail += (
                 "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
             )
-    base = c.base(p, kind, detail)
+    base = c.base(p, kind, detail + detail_clone)
     if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
         base["rename_output"], base["dropped"] = None, ()
     return Fold(
@@ -338,13 +377,15 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         beta_one=(p,) if kind == "Gemm" and beta_one else (),
         to_gemm=p if kind == "MatMul" else None,
         set_int_attrs=tuple(attrs),
+        clone=clone,
     )
 
 
 def activation_skip(c: Fwd, d: int) -> Result:
     """The refusal for a BN reading a dequantized activation (``layer -> QuantizeLinear ->
     DequantizeLinear -> BN``): scaling the layer would move its output across that quantization grid
-    (rounding and saturation), so no fold above it is exact."""
+    (rounding and saturation), so no fold above it is exact. Not specific: a backward verdict that
+    names the layer after the BN (a fold into it, or its own refusal) is reported instead."""
     dn = c.index.nodes[d]
     q = c.index.producer.get(dn.input[0]) if dn.input else None
     via = ""
@@ -358,7 +399,7 @@ def activation_skip(c: Fwd, d: int) -> Result:
         f"its input is the quantized output{via} (DequantizeLinear '{name_of(dn)}'): folding it into the "
         "layer would change what that quantization rounds and clips; quantize without the layer's "
         "output Q/DQ (or fold before quantizing)",
-    ), True
+    ), False
 
 
 def _input_scale(c: Fwd, pn: NodeProto) -> F64 | None:
@@ -376,3 +417,294 @@ def _same_product(xs: F64, s64: F64, bs64: F64, dtype: np.dtype[Any]) -> bool:
     """True when the bias scale is exactly the input scale times the weight scale, rounded once."""
     with np.errstate(over="ignore", under="ignore"):
         return bool(np.array_equal((xs * s64).astype(dtype), bs64.astype(dtype)))
+
+
+# ---- Backward: BN -> layer(DequantizeLinear weight) ------------------------------------------------
+class _Back:
+    """What the backward QDQ case reads (the constant readers' :class:`_Ctx`)."""
+
+    __slots__ = ("index", "ev")
+
+    def __init__(self, index: GraphIndex, ev: ConstEvaluator) -> None:
+        self.index, self.ev = index, ev
+
+
+def match_qdq_backward(
+    index: GraphIndex,
+    ev: ConstEvaluator,
+    ki: int,
+    label: str,
+    prm: BnParams,
+    base: dict[str, Any],
+    locks: tuple[int, ...],
+    flat: bool = False,
+) -> Result:
+    """The backward verdict for ``BN -> layer(DequantizeLinear(w_q, s, z))`` (Conv without padding,
+    Gemm with ``transA = 0``, MatMul on a rank-2 input; ``reps`` > 1 after a Flatten). The caller has
+    checked what the float backward fold checks (padding, transA, ranks, the K axis).
+
+    ``layer(a x + t) = layer_{W diag(a)}(x) + W t``: the BN scales the layer's *input* channels.
+    The integers stay (negated around the zero point where the factor is negative, the zero point
+    where it is 0) and the scales take ``|factor|`` -- which a DequantizeLinear can express exactly
+    (one rounding of each new scale, as every float fold rounds its weights once) in two cases only:
+
+    * Case B1, one factor for the whole weight: every BN scale is the same ``alpha`` (any quantization
+      axis, per tensor included): ``s' = s |alpha|``.
+    * Case B2, the weight is quantized per *input* channel (the DequantizeLinear axis is the layer's
+      input-channel axis: Conv axis 1 with one group, or BN channels that agree across the groups;
+      Gemm/MatMul the K axis): ``s'[k] = s[k] |a[k]|``.
+
+    Anything else (per-output-channel or per-tensor scales with BN scales that differ per channel)
+    would need new integers ``(w_q - z) a[k] / alpha`` off the integer grid: refused (QUANTIZED).
+
+    The shift's image ``W t`` is computed in float64 from the weight as the graph dequantizes it
+    (``(w_q - z) s`` rounded to the scale's dtype) and goes into a float bias (or a new one). An
+    int32 bias through DequantizeLinear keeps its scale (or ``s_x * s_w'`` where it was the input
+    scale times the weight scale) and takes the shift only when the new integers are exact; within
+    :func:`requantize_int32_bias` it is rounded to nearest (the detail states the bound, half a step);
+    otherwise refused with that reason.
+    """
+    try:
+        return _backward(_Back(index, ev), ki, label, prm, base, locks, flat), True
+    except _Refuse as e:
+        return Skip(label, e.reason, e.detail), True
+
+
+def _backward(
+    c: _Back, ki: int, label: str, prm: BnParams, base: dict[str, Any], locks: tuple[int, ...], flat: bool
+) -> Fold | Skip:
+    idx, opset = c.index, c.ev.opset
+    kn = idx.nodes[ki]
+    kind, target = kn.op_type, f"{kn.op_type} '{name_of(kn)}'"
+    d = dq_weight(idx, kn)
+    assert d is not None
+    dn = idx.nodes[d]
+    clone = (d, ki, 1) if _shared(idx, d) else None
+    if int(attr(dn, "block_size", 0, opset)) != 0:
+        raise _Refuse(SkipReason.QUANTIZED, f"the weight of {target} uses blocked quantization (block_size)")
+    q = _const(c, dn.input[0], f"quantized weight of {target}")
+    if np.dtype(q.dtype) not in _INT_TYPES:
+        raise _Refuse(
+            SkipReason.QUANTIZED,
+            f"the quantized weight of {target} has type {q.dtype} (only 8/16/32-bit integers fold)",
+        )
+    s = _const(c, dn.input[1], f"scale of the weight of {target}")
+    if not is_float(s):
+        raise _Refuse(SkipReason.QUANTIZED, f"the scale of the weight of {target} has type {s.dtype}")
+    z = (
+        _const(c, dn.input[2], f"zero point of the weight of {target}")
+        if len(dn.input) > 2 and dn.input[2]
+        else None
+    )
+    if z is not None and (z.dtype != q.dtype or z.shape != s.shape):
+        raise _Refuse(
+            SkipReason.QUANTIZED, f"the zero point of the weight of {target} does not match its data or scale"
+        )
+    per_tensor = s.size == 1 and s.ndim <= 1
+    qaxis = None
+    if not per_tensor:
+        qaxis = int(attr(dn, "axis", 1, opset))
+        qaxis = qaxis + q.ndim if qaxis < 0 else qaxis
+        if s.ndim != 1 or not 0 <= qaxis < q.ndim or s.shape[0] != q.shape[qaxis]:
+            raise _Refuse(SkipReason.QUANTIZED, f"the weight scales of {target} do not fit its axis {qaxis}")
+    trans_b = kind == "Gemm" and bool(attr(kn, "transB", 0, opset))
+    reps = 1
+    if kind == "Conv":
+        g = conv_groups(kn, tuple(q.shape))
+        layout, in_axis = WeightLayout.conv(g), 1
+        if q.shape[1] * g != prm.channels:
+            raise _Refuse(
+                SkipReason.LAYOUT, f"{target} has {q.shape[1] * g} input channels, the BN {prm.channels}"
+            )
+    else:
+        if q.ndim != 2:
+            raise _Refuse(SkipReason.LAYOUT, f"the weight of {target} has rank {q.ndim}")
+        g, in_axis = 1, (1 if trans_b else 0)
+        layout = WeightLayout(out_axis=1 - in_axis, in_axis=in_axis)
+        reps = max(1, q.shape[in_axis] // prm.channels) if flat else 1
+        if q.shape[in_axis] != prm.channels * reps:
+            raise _Refuse(
+                SkipReason.LAYOUT,
+                f"{target} reads {q.shape[in_axis]} features, the BN {prm.channels}"
+                + (f" x {reps}" if reps > 1 else ""),
+            )
+    a = np.repeat(prm.scale, reps) if reps > 1 else prm.scale
+    t = np.repeat(prm.shift, reps) if reps > 1 else prm.shift
+    n_in = q.shape[in_axis]
+    # The factor per scale entry, or the refusal.
+    if np.all(a == a[0]):  # Case B1: one factor
+        f = np.full(s.size, a[0])
+        case = "one BN scale for every channel: weight scales multiplied"
+    elif qaxis == in_axis:  # Case B2: per input channel
+        full = np.broadcast_to(channel_factor(a, tuple(q.shape), layout, "in"), q.shape)
+        rows = np.moveaxis(full, in_axis, 0).reshape(n_in, -1)
+        if not np.all(rows == rows[:, :1]):
+            raise _Refuse(
+                SkipReason.QUANTIZED,
+                f"{target} has {g} groups whose BN scales differ for the same weight input channel: "
+                "its per-input-channel weight scales cannot take them",
+            )
+        f = rows[:, 0].copy()
+        case = "weight quantized per input channel: scales multiplied"
+    else:
+        how = "per tensor" if per_tensor else f"on axis {qaxis}, not its input-channel axis {in_axis}"
+        raise _Refuse(
+            SkipReason.QUANTIZED,
+            f"the BN scales the input channels of {target} by different factors, but its weight is "
+            f"quantized {how}: the scaled weights are off its integer grid; quantize the weight per "
+            "input channel, or fold before quantizing",
+        )
+    zero, neg = f == 0, f < 0
+    res = finish(
+        [s.astype(np.float64).reshape(-1) * np.where(zero, 1.0, np.abs(f))],
+        s.dtype,
+        label,
+        f"weight scale of {target}",
+    )
+    if isinstance(res, Skip):
+        return res
+    s_new = res[0].reshape(s.shape)
+    if np.any(s_new == 0):
+        return Skip(label, SkipReason.OVERFLOW, f"a new weight scale of {target} underflows to zero")
+    writes = [Write(d, 1, s_new)]
+    shape = [1] * q.ndim
+    if qaxis is not None:
+        shape[qaxis] = s.size
+    z64 = np.zeros(shape, np.int64) if z is None else z.astype(np.int64).reshape(shape)
+    if neg.any() or zero.any():
+        info = np.iinfo(q.dtype)
+        q64 = q.astype(np.int64)
+        new_q = np.where(neg.reshape(shape), 2 * z64 - q64, q64)
+        new_q = np.where(zero.reshape(shape), z64, new_q)
+        if np.any((new_q < info.min) | (new_q > info.max)):
+            raise _Refuse(
+                SkipReason.QUANTIZED,
+                f"a BN scale is negative and negating the {q.dtype} weights of {target} around their zero "
+                f"point would overflow (e.g. {info.min} with zero point 0)",
+            )
+        writes.append(Write(d, 0, new_q.astype(q.dtype)))
+    # The shift's image W t, from the weight as the graph dequantizes it (rounded to the scale's dtype).
+    w_dq = ((q.astype(np.float64) - z64) * s.astype(np.float64).reshape(shape)).astype(s.dtype)
+    ones = np.ones(n_in if kind != "Conv" else prm.channels)
+    if kind == "Conv":
+        _, delta = fold_backward(w_dq, None, ones, prm.shift, layout)
+    else:
+        alpha = float(attr(kn, "alpha", 1.0, opset)) if kind == "Gemm" else 1.0
+        _, delta = fold_gemm_backward(w_dq, None, alpha, 1.0, ones, t, trans_b)
+    n_out = q.shape[layout.out_axis]
+    detail = case + (
+        f", integers negated on {int(neg.sum())} slice(s)" if neg.any() else ", integers unchanged"
+    )
+    if zero.any():
+        detail += f", {int(zero.sum())} slice(s) zeroed (BN scale 0)"
+    bias_slot = 2 if kind in ("Conv", "Gemm") else -1
+    bname = kn.input[bias_slot] if 0 <= bias_slot < len(kn.input) else ""
+    bd = _dq(idx, bname)
+    beta = float(attr(kn, "beta", 1.0, opset)) if kind == "Gemm" else 1.0
+    lock = [ki, d]
+    bias_attrs: tuple[tuple[int, str, int], ...] = ()
+    if not bname:
+        bres = finish([delta.reshape(-1)], s_new.dtype, label, f"bias of {target}")
+        if isinstance(bres, Skip):
+            return bres
+        writes.append(Write(ki, 2, bres[0]))
+    elif bd is None:
+        b = _const(c, bname, f"bias of {target}")
+        if not is_float(b):
+            raise _Refuse(SkipReason.UNSUPPORTED_DTYPE, f"the bias of {target} has dtype {b.dtype}")
+        if b.ndim > 2 or b.size not in (1, n_out) and kind == "Conv":
+            raise _Refuse(SkipReason.LAYOUT, f"the bias of {target} has shape {list(b.shape)}")
+        new_b = beta * b.astype(np.float64) + delta.reshape(-1)  # beta becomes 1
+        bres = finish([new_b], b.dtype, label, f"bias of {target}")
+        if isinstance(bres, Skip):
+            return bres
+        writes.append(Write(ki, 2, bres[0]))
+    else:
+        wo = idx.nodes[bd].output[0]
+        if wo in idx.graph_outputs or len(idx.consumers.get(wo, [])) != 1:
+            raise _Refuse(
+                SkipReason.OTHER_CONSUMERS, f"the dequantized bias '{wo}' of {target} is read elsewhere"
+            )
+        bdn = idx.nodes[bd]
+        bq = _const(c, bdn.input[0], f"quantized bias of {target}")
+        bs = _const(c, bdn.input[1], f"scale of the bias of {target}")
+        bz = (
+            _const(c, bdn.input[2], f"zero point of the bias of {target}")
+            if len(bdn.input) > 2 and bdn.input[2]
+            else None
+        )
+        if bq.dtype != np.int32 or bq.shape != (n_out,) or not is_float(bs) or bs.size not in (1, n_out):
+            raise _Refuse(
+                SkipReason.QUANTIZED, f"the quantized bias of {target} is not int32 per output channel"
+            )
+        if bz is not None and np.any(bz != 0):
+            raise _Refuse(SkipReason.QUANTIZED, f"the quantized bias of {target} has a non-zero zero point")
+        bs64 = np.broadcast_to(bs.astype(np.float64).reshape(-1), (n_out,))
+        value = bq.astype(np.float64) * bs64 * beta + delta.reshape(-1)  # beta becomes 1
+        # The bias scale: s_x * s_w' where it was the input scale times the weight scale per output
+        # channel (what onnxruntime's QDQ Conv reads); else kept.
+        nbs64, rescaled = bs64, False
+        xs = _input_scale_of(c, base["rename_input"][2])
+        if xs is not None and qaxis != in_axis:
+            old = np.broadcast_to(xs * s.astype(np.float64).reshape(-1), (n_out,))
+            if np.array_equal(old.astype(bs.dtype), bs64.astype(bs.dtype)):
+                new = np.broadcast_to(xs * s_new.astype(np.float64).reshape(-1), (n_out,)).copy()
+                nb = finish([new], bs.dtype, label, f"bias scale of {target}")
+                if isinstance(nb, Skip):
+                    return nb
+                if np.any(nb[0] == 0):
+                    return Skip(
+                        label, SkipReason.OVERFLOW, f"a new bias scale of {target} underflows to zero"
+                    )
+                nbs64, rescaled = nb[0].astype(np.float64), not np.array_equal(nb[0], bs64.astype(bs.dtype))
+        exact = value / nbs64
+        qv = np.rint(exact)
+        if not np.all(np.isfinite(qv)) or np.any(qv < _I32.min) or np.any(qv > _I32.max):
+            return Skip(
+                label,
+                SkipReason.OVERFLOW,
+                f"the int32 bias of {target} would overflow int32 with the BN shift",
+            )
+        if np.array_equal(qv, exact):
+            detail += "; int32 bias takes the shift exactly"
+        elif _REQUANTIZE.get():
+            bound = float(np.max(nbs64)) / 2
+            detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
+        else:
+            raise _Refuse(
+                SkipReason.QUANTIZED,
+                f"the int32 bias of {target} cannot hold the BN shift W t exactly (not a multiple of its "
+                "scale); requantise it (requantize_int32_bias, --requantize-bias: at most half a step off) "
+                "or fold before quantizing",
+            )
+        writes.append(Write(bd, 0, qv.astype(np.int32)))
+        if rescaled:
+            writes.append(Write(bd, 1, nbs64.astype(bs.dtype)))
+            if bz is not None and bz.size != n_out:
+                writes.append(Write(bd, 2, np.zeros(n_out, np.int32)))
+            bias_attrs = ((bd, "axis", 0),)
+        lock.append(bd)
+    if clone is not None:
+        detail += "; the shared DequantizeLinear copied for this layer (integers shared)"
+    site: Site = base["site"]
+    detail = "; ".join(filter(None, ["quantized weight: " + detail, site.detail]))
+    return Fold(
+        **{**base, "site": Site(site.bn, site.target, site.target_kind, Direction.BACKWARD, detail)},
+        locks=tuple(dict.fromkeys((*locks, *lock))),
+        writes=writes,
+        beta_one=(ki,) if kind == "Gemm" else (),
+        to_gemm=ki if kind == "MatMul" else None,
+        set_int_attrs=bias_attrs,
+        clone=clone,
+    )
+
+
+def _input_scale_of(c: _Ctx, x: str) -> F64 | None:
+    """The per-tensor scale of the DequantizeLinear producing ``x``, if any."""
+    xd = _dq(c.index, x)
+    if xd is None or len(c.index.nodes[xd].input) < 2:
+        return None
+    v, _, _ = c.ev.resolve(c.index.nodes[xd].input[1])
+    if v is None or v.size != 1 or not is_float(v):
+        return None
+    return np.asarray(v, np.float64).reshape(-1)[:1]

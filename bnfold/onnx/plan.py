@@ -84,6 +84,10 @@ class Fold:
     set_int_attrs: tuple[tuple[int, str, int], ...] = ()
     """``(node, name, value)``: integer attributes set (e.g. a DequantizeLinear's ``axis`` when its
     scale becomes per channel, :mod:`bnfold.onnx.match_qdq`)."""
+    clone: tuple[int, int, int] | None = None
+    """``(dq, layer, slot)``: DequantizeLinear ``dq`` is also read by other nodes; ``layer`` reads a
+    copy of it at ``slot`` (same inputs: the integer initializer stays shared), and the writes and
+    attributes aimed at ``dq`` go to that copy, always as new initializers."""
     shift: Array | None = None
     """The BN (``remove[0]``) becomes ``Add(its input, shift)``: the scale went into a layer, the
     shift has no bias to go to (a MatMul on a rank > 2 product)."""

@@ -15,7 +15,9 @@ Rules:
   reader in this graph (not a graph input or output, not read in a subgraph); otherwise the folded
   tensor is written to a new initializer with a fresh name and the old one is left to its readers.
   Weights computed by constant subgraphs (Constant, Shape/Expand/CastLike...) also get a new
-  initializer; the constant nodes that end up unread are removed.
+  initializer; the constant nodes that end up unread are removed. A DequantizeLinear read by other
+  nodes too (``Fold.clone``) is copied for the folded layer (inserted right after it, its integer
+  initializer still shared); what the fold writes goes to the copy's new initializers.
 * **Memory.** Only the tensors written are converted; an in-place write replaces ``raw_data`` of the
   same TensorProto (the old bytes are released), so the weights are never held twice.
 * **Order.** Removed nodes are deleted by index from the end (no re-scan, no copy of the node list); the
@@ -165,6 +167,7 @@ class PassRewriter:
         self.candidates: set[str] = set()
         """Value names that may have become unread (for :func:`remove_dead`)."""
         self._removed: dict[int, list[onnx.NodeProto]] = {}
+        self._after: dict[int, list[onnx.NodeProto]] = {}
         self._dropped: set[str] = set()
 
     def _flushed(self, value: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -192,12 +195,28 @@ class PassRewriter:
         """Apply one plan now (removals deferred); return its final :class:`Site`."""
         index, nodes, names = self.index, self.index.nodes, self.names
         notes: list[str] = []
+        copy: onnx.NodeProto | None = None
+        if f.clone is not None:  # a shared DequantizeLinear: the layer gets its own copy, after it
+            dq, layer, slot = f.clone
+            copy = onnx.NodeProto()
+            copy.CopyFrom(nodes[dq])
+            copy.name = names.fresh(f"{text(nodes[dq].name) or 'DequantizeLinear'}_bnfold")
+            del copy.output[:]
+            copy.output.append(names.fresh(f"{text(nodes[dq].output[0])}_bnfold"))
+            nodes[layer].input[slot] = copy.output[0]
+            self._after.setdefault(dq, []).append(copy)
+            notes.append(f"new DequantizeLinear for shared '{text(nodes[dq].output[0])}'")
+
+        def target(i: int) -> onnx.NodeProto:
+            return copy if copy is not None and f.clone is not None and i == f.clone[0] else nodes[i]
+
         for w in f.writes:
-            node = nodes[w.node]
+            node = target(w.node)
             old = node.input[w.slot] if w.slot < len(node.input) else ""
             t = index.initializers.get(old) if old else None
             if (
-                t is not None
+                node is not copy
+                and t is not None
                 and _sole_reader(index, old, tuple(int(d) for d in t.dims) == w.value.shape)
                 and not index.is_real_input(old)
                 and old not in index.graph_outputs
@@ -214,7 +233,7 @@ class PassRewriter:
             node.input[w.slot] = new
             if old:
                 self.candidates.add(old)
-                if old in index.initializers:
+                if old in index.initializers and node is not copy:
                     notes.append(f"new initializer for shared '{old}'")
         w_list = f.writes
         f.writes = []  # release the new tensors as soon as they are stored
@@ -226,11 +245,11 @@ class PassRewriter:
                 if a.name == "beta":
                     a.f = 1.0
         for ni, aname, aval in f.set_int_attrs:
-            attrs = [a for a in nodes[ni].attribute if a.name == aname]
+            attrs = [a for a in target(ni).attribute if a.name == aname]
             if attrs:
                 attrs[0].i = aval
             else:
-                nodes[ni].attribute.append(helper.make_attribute(aname, aval))
+                target(ni).attribute.append(helper.make_attribute(aname, aval))
         if f.rename_output is not None:
             ni, new_name = f.rename_output
             label = index.labels.pop(nodes[ni].output[0], None)
@@ -271,15 +290,19 @@ class PassRewriter:
     def finish(self) -> None:
         """Remove the nodes of the applied plans (from the end: indices stay valid) and stale value_info."""
         graph = self.graph
-        for i in sorted(self._removed, reverse=True):
-            del graph.node[i]
-            for k, n in enumerate(self._removed[i]):
-                graph.node.insert(i + k, n)
+        for i in sorted(self._removed.keys() | self._after.keys(), reverse=True):
+            for k, n in enumerate(self._after.get(i, ())):  # copies of a node, right after it
+                graph.node.insert(i + 1 + k, n)
+            if i in self._removed:
+                del graph.node[i]
+                for k, n in enumerate(self._removed[i]):
+                    graph.node.insert(i + k, n)
         if self._dropped:
             for k in range(len(graph.value_info) - 1, -1, -1):
                 if graph.value_info[k].name in self._dropped:
                     del graph.value_info[k]
         self._removed.clear()
+        self._after.clear()
         self._dropped.clear()
 
 
