@@ -478,7 +478,8 @@ def _match_route(
     if how == "cat" and nf is not None and lo != nf:
         return Skip(name, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features")
     detail = f"{'split per concatenated input' if how == 'cat' else 'scaled per summed branch'}: {', '.join(names)}"
-    c.site = Site(name, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail)
+    pattern = "concat-split" if how == "cat" else "branch-sum"
+    c.site = Site(name, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail, pattern)
     return c
 
 
@@ -522,7 +523,8 @@ def _match_forward(
         if via:
             via = "through a reshape to (tokens, channels)"
     c.parts.append(ExportPart(src, w, b, _layout(kind, pa), 0, nf or 0))
-    c.site = Site(name, _layer_name(w, src), kind, Direction.FORWARD, via)
+    pattern = "conv-bn" if kind != "Linear" else "linear-norm" if via else "gemm-bn"
+    c.site = Site(name, _layer_name(w, src), kind, Direction.FORWARD, via, pattern)
     return c
 
 
@@ -632,7 +634,8 @@ def _match_backward(
     c.parts.append(ExportPart(u, w, b, _layout(kind, pa), 0, (nf or 0) * repeat))
     c.repeat = repeat
     via = f"through flatten: each channel covers {repeat} features" if repeat > 1 else ""
-    c.site = Site(name, _layer_name(w, u), kind, Direction.BACKWARD, via)
+    pattern = "bn-conv" if kind != "Linear" else "bn-flatten-gemm" if flat == 2 else "bn-gemm"
+    c.site = Site(name, _layer_name(w, u), kind, Direction.BACKWARD, via, pattern)
     return c
 
 

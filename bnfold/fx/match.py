@@ -212,5 +212,6 @@ def match_bn(
             cand.site.target_kind,
             cand.site.direction,
             "; ".join(d for d in (cand.site.detail, "its activation/dropout kept") if d),
+            cand.site.pattern,
         )
     return cand

@@ -110,8 +110,14 @@ def match_backward(
             ), None
     why = idx.shared_why(target)
     via = f"through flatten: each channel covers {repeat} features" if flat else ""
+    pattern = "bn-gemm" if kind == "Linear" else "bn-conv"
     site = Site(
-        shown, q(target), kind, Direction.BACKWARD, "; ".join(d for d in (clone_detail(why), via) if d)
+        shown,
+        q(target),
+        kind,
+        Direction.BACKWARD,
+        "; ".join(d for d in (clone_detail(why), via) if d),
+        "bn-flatten-gemm" if flat else pattern,
     )
     both = "; ".join(w for w in (why, bn_why) if w)
     return None, Candidate(site, node, u, bool(both), both, repeat=repeat)

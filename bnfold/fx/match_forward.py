@@ -125,6 +125,7 @@ def match_forward(
         via = "through a spatial flatten"
     why = idx.shared_why(target)
     detail = "; ".join(d for d in (clone_detail(why), note, via) if d)
-    site = Site(shown, q(target), kind, Direction.FORWARD, detail)
+    pattern = "conv-bn" if kind != "Linear" else "gemm-bn" if fl is None else "linear-norm"
+    site = Site(shown, q(target), kind, Direction.FORWARD, detail, pattern)
     both = "; ".join(w for w in (why, bn_why) if w)
     return none, Candidate(site, node, src, bool(both), both)

@@ -97,6 +97,7 @@ def match_route(
             shown, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features"
         ), None
     detail = f"{'split per concatenated input' if how == 'cat' else 'scaled per summed branch'}: {', '.join(names)}"
-    site = Site(shown, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail)
+    pattern = "concat-split" if how == "cat" else "branch-sum"
+    site = Site(shown, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail, pattern)
     cand = Candidate(site, node, parts[0][0], bool(bn_why), bn_why, parts=parts)
     return none, cand

@@ -104,6 +104,7 @@ def _constant(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
         "constant",
         Direction.FORWARD,
         "batch statistics of a constant input: evaluated once (float64), the BN is a constant",
+        "bn-constant",
     )
 
 
@@ -158,7 +159,9 @@ def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Ver
         "InstanceNormalization", [x, node.input[1], node.input[2]], [y], name=node.name, epsilon=eps
     )
     node.CopyFrom(new)
-    return Site(label, node.name or y, "InstanceNormalization", Direction.CONVERTED, INSTANCE_DETAIL)
+    return Site(
+        label, node.name or y, "InstanceNormalization", Direction.CONVERTED, INSTANCE_DETAIL, "bn-instance"
+    )
 
 
 def batch_stats_pass(

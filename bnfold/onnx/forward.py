@@ -65,8 +65,9 @@ class Fwd:
     head: int
     chain: list[int]
 
-    def base(self, target: int, kind: str, detail: str = "") -> dict[str, Any]:
-        """The Fold fields every forward case shares: BN removed, ``head`` renamed to ``y``."""
+    def base(self, target: int, kind: str, detail: str = "", pattern: str | None = None) -> dict[str, Any]:
+        """The Fold fields every forward case shares: BN removed, ``head`` renamed to ``y``; ``pattern``
+        is the catalogue id (:mod:`bnfold.patterns`) the case matched."""
         if self.chain:
             detail = "; ".join(
                 filter(
@@ -77,7 +78,7 @@ class Fwd:
                     ],
                 )
             )
-        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail)
+        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail, pattern)
         return {
             "site": site,
             "remove": (self.bi,),

@@ -222,5 +222,5 @@ def match_affine(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, ops
     res = finish([s, t], dtype, label, "scale or shift")
     if isinstance(res, Skip):
         return None
-    site = Site(label, "", "Mul+Add", Direction.AFFINE, "BN replaced by one Mul and one Add")
+    site = Site(label, "", "Mul+Add", Direction.AFFINE, "BN replaced by one Mul and one Add", "bn-affine")
     return Fold(site=site, remove=(bi,), affine=(res[0], res[1]))

@@ -132,7 +132,9 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             label, SkipReason.SPATIAL, "spatial=0 statistics differ per position: not a per-channel scale"
         ), True
     via = [index.nodes[k].op_type for k in chain] + ([index.nodes[flat].op_type] if flat is not None else [])
-    site = Site(label, index.label(ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
+    pattern = "bn-conv" if kind == "Conv" else "bn-gemm" if flat is None else "bn-flatten-gemm"
+    detail = f"through {', '.join(via)}" if via else ""
+    site = Site(label, index.label(ki), kind, Direction.BACKWARD, detail, pattern)
     base: dict[str, Any] = {"site": site, "remove": (bi,), "rename_input": (first, 0, x), "dropped": (y,)}
     locks = tuple(dict.fromkeys((ki, first) + (() if flat is None else (flat,))))
     c = Bwd(index, ev, kn, ki, label, prm, target, base, locks, x, y)

@@ -100,7 +100,8 @@ def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Writ
     if isinstance(w, Skip):
         return w, True
     beta_one = (p,) if pn.op_type == "Gemm" else ()
-    return Fold(**c.base(p, pn.op_type), locks=c.locks(p), writes=w, beta_one=beta_one), True
+    pattern = "gemm-bn" if pn.op_type == "Gemm" else "conv-bn"
+    return Fold(**c.base(p, pn.op_type, pattern=pattern), locks=c.locks(p), writes=w, beta_one=beta_one), True
 
 
 # ---- Case 3: Gemm -> BN ----------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
         if isinstance(res, Skip):
             return res, True
         return Fold(
-            **c.base(m, "MatMul"),
+            **c.base(m, "MatMul", pattern="gemm-bn"),
             locks=c.locks(m),
             writes=[Write(m, 1, res[0]), Write(m, 2, res[1])],
             to_gemm=m,
@@ -155,7 +156,7 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     if isinstance(bres, Skip):
         return bres, True
     return Fold(
-        **c.base(m, "MatMul"),
+        **c.base(m, "MatMul", pattern="gemm-bn"),
         locks=c.locks(add, m),
         writes=[Write(m, 1, wres[0]), Write(add, bias_slot, bres[0])],
     ), True
@@ -221,7 +222,7 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
     writes = layer_writes(c, p, s, s * k64 + t)
     if isinstance(writes, Skip):
         return writes, True
-    base = c.base(p, pn.op_type, f"through Add '{name_of(an)}' (constant)")
+    base = c.base(p, pn.op_type, f"through Add '{name_of(an)}' (constant)", "const-add-bn")
     base["remove"] = (c.bi, a)
     base["dropped"] = (an.output[0], pn.output[0])
     base["rename_output"] = (p, c.y)

@@ -94,7 +94,9 @@ def _fold_mul_add(
     res = finish([w64, b64], w.dtype, label, "weight")
     if isinstance(res, Skip):
         return None
-    site = Site(label, index.label(pi), kind, Direction.FORWARD, "per-channel Mul+Add (frozen BN)")
+    site = Site(
+        label, index.label(pi), kind, Direction.FORWARD, "per-channel Mul+Add (frozen BN)", "frozen-bn"
+    )
     return Fold(
         site=site,
         remove=(mi, ai),

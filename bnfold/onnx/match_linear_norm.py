@@ -208,7 +208,8 @@ def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
     writes = gemm_fold(c, g, c.prm.scale, c.prm.shift)
     if isinstance(writes, Skip):
         return writes, True
-    return Fold(**c.base(g, "Gemm", f"through {route}"), locks=c.locks(g), writes=writes, beta_one=(g,)), True
+    base = c.base(g, "Gemm", f"through {route}", "linear-norm")
+    return Fold(**base, locks=c.locks(g), writes=writes, beta_one=(g,)), True
 
 
 _ROUTE = ("Reshape", "Flatten", "Transpose")
@@ -282,7 +283,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     wres = scale_out(mw, None, s, None, WeightLayout.matmul(), c.label, f"weight of {target}")
     if isinstance(wres, Skip):
         return wres, True
-    base = c.base(m, "MatMul", f"through {route}")
+    base = c.base(m, "MatMul", f"through {route}", "linear-norm")
     if add is None:
         # No bias to absorb the shift: the BN becomes Add(x, t), t laid out on axis 1 of the BN input.
         r0 = idx.nodes[r]
@@ -304,6 +305,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
             site.target_kind,
             site.direction,
             "; ".join(filter(None, [site.detail, "shift kept as one Add"])),
+            site.pattern,
         )
         return Fold(
             site=site, remove=(c.bi,), locks=c.locks(m), writes=[Write(m, 1, wres[0])], shift=tres[0]

@@ -327,7 +327,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             detail += (
                 "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
             )
-    base = c.base(p, kind, detail)
+    base = c.base(p, kind, detail, "qdq-bn")
     if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
         base["rename_output"], base["dropped"] = None, ()
     return Fold(

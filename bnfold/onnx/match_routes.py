@@ -97,7 +97,8 @@ def _route_fold(c: Fwd, node: int, kind: str, plans: list[tuple[int, F64, F64 | 
         if c.index.nodes[p].op_type == "Gemm":
             gemms.append(p)
     names = ", ".join(c.index.label(p) for p, _, _ in plans)
-    base = c.base(node, kind, f"{what} into {len(plans)} producers: {names}")
+    pattern = "concat-split" if kind == "Concat" else "branch-sum"
+    base = c.base(node, kind, f"{what} into {len(plans)} producers: {names}", pattern)
     return Fold(
         **base, locks=c.locks(node, *(p for p, _, _ in plans)), writes=writes, beta_one=tuple(gemms)
     ), True

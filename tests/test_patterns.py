@@ -1,0 +1,179 @@
+"""The catalogue of fold patterns (:mod:`bnfold.patterns`) is the one vocabulary of every verdict.
+
+What a user relies on: every BN folded carries a pattern id from the catalogue, on each backend; the
+same BN gets the same id through PyTorch and through ONNX; ``--json`` carries it; the README's table is
+the catalogue's; the schema names every id.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import bnfold
+from bnfold import patterns
+from bnfold.cli import app
+from bnfold.records import Direction, FoldReport, Site
+from models.lenet import lenet5
+from models.preact import preact_net
+from models.reparam import RepVGGBlock, RepVGGDW
+from models.resnet import resnet18
+from models.stats import randomize_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "models" / "samples"
+README = ROOT / "README.md"
+
+
+# ---- the catalogue itself ------------------------------------------------------------------------------
+
+
+def test_ids_are_unique_short_and_well_formed() -> None:
+    ids = patterns.ids()
+    assert len(ids) == len(set(ids)) == len(patterns.CATALOGUE)
+    for p in patterns.CATALOGUE:
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", p.id) and len(p.id) <= 20, p.id
+        assert p.title and p.math and p.example, p.id
+        assert Direction(p.direction), p.id  # a direction a Site can carry
+        assert p.backends, f"{p.id} is matched by no backend"
+        assert patterns.get(p.id) is p
+
+
+def test_unknown_id_is_a_key_error() -> None:
+    with pytest.raises(KeyError):
+        patterns.get("conv_bn")
+
+
+def test_readme_table_is_the_generated_one() -> None:
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"<!-- patterns:begin[^\n]*-->\n(.*?)<!-- patterns:end -->", text, re.S)
+    assert found is not None, "README.md lost its <!-- patterns:begin --> / <!-- patterns:end --> markers"
+    assert found.group(1) == patterns.markdown_table()
+
+
+def test_table_has_one_row_per_pattern() -> None:
+    rows = [line for line in patterns.markdown_table().splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == list(patterns.ids())
+    assert all(r.count(" | ") == 5 for r in rows)  # a "|" inside a cell is escaped
+
+
+def test_schema_names_every_pattern_id() -> None:
+    text = resources.files("bnfold").joinpath("schemas/report-v1.json").read_text(encoding="utf-8")
+    verdict = json.loads(text)["$defs"]["verdict"]
+    assert "pattern" in verdict["required"]
+    assert verdict["properties"]["pattern"]["enum"] == [*patterns.ids(), None]
+
+
+# ---- every verdict carries its pattern, on both backends ------------------------------------------------
+
+
+def _check_sites(report: FoldReport, backend: str) -> dict[str, str]:
+    """{bn: pattern} of the sites; each id in the catalogue, matched on ``backend``, same direction."""
+    out = {}
+    for v in report.verdicts:
+        if not isinstance(v, Site):
+            assert v.pattern is None or v.pattern in patterns.ids(), v
+            continue
+        assert v.pattern is not None, f"{backend}: {v.bn} folded without a pattern"
+        p = patterns.get(v.pattern)
+        assert backend in p.backends, f"{v.bn}: {p.id} is not listed for {backend}"
+        assert v.direction.value == p.direction, v
+        out[v.bn] = v.pattern
+    return out
+
+
+def _torch(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(model, seed).eval()
+
+
+def _onnx(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    """The model exported as the samples are (legacy exporter, BN nodes kept, opset 17)."""
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False, opset_version=17)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _module_of(node_name: str) -> str:
+    """``/layer1/layer1.0/bn1/BatchNormalization`` -> ``layer1.0.bn1`` (the exporter's scope names)."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(p.rsplit(".", 1)[-1] for p in parts[:-1]) if len(parts) >= 2 else node_name
+
+
+def test_lenet_patterns_on_every_backend() -> None:
+    """LeNet-5: three Conv -> BN2d and one Linear -> BN1d on (N, 84), the same ids on all three backends."""
+    model, x = _torch(lenet5()), torch.randn(2, 1, 32, 32)
+    want = {"1": "conv-bn", "5": "conv-bn", "9": "conv-bn", "13": "gemm-bn"}
+    assert _check_sites(bnfold.inspect(model, example_inputs=(x,)), "fx") == want
+    exported = torch.export.export(model, (x,))
+    assert _check_sites(bnfold.inspect(exported), "export") == want
+    onnx_sites = _check_sites(bnfold.inspect(_onnx(model, x)), "onnx")
+    assert {_module_of(k): v for k, v in onnx_sites.items()} == want
+
+
+@pytest.mark.parametrize(
+    "name, build, shape",
+    [
+        ("resnet18", lambda: resnet18(width=8), (1, 3, 32, 32)),
+        ("preact", preact_net, (1, 3, 32, 32)),
+        ("repvgg", lambda: RepVGGBlock(8, 8), (1, 8, 12, 12)),
+        ("repvit", lambda: RepVGGDW(8), (1, 8, 12, 12)),
+    ],
+)
+def test_same_bn_same_pattern_through_pytorch_and_onnx(name: str, build: Any, shape: tuple[int, ...]) -> None:
+    model = _torch(build())
+    x = torch.randn(*shape)
+    fx_sites = _check_sites(bnfold.inspect(model, example_inputs=(x,)), "fx")
+    onnx_sites = {_module_of(k): v for k, v in _check_sites(bnfold.inspect(_onnx(model, x)), "onnx").items()}
+    both = set(fx_sites) & set(onnx_sites)
+    assert both, f"{name}: no BN folded by both backends"
+    assert {k: fx_sites[k] for k in both} == {k: onnx_sites[k] for k in both}
+
+
+def test_preact_folds_forward_backward_and_propagated() -> None:
+    """The pre-activation net: its BN -> ReLU -> Conv pairs are propagated in ONNX, and the BNs that fold
+    on both backends (models.preact.FOLDABLE) name the pattern of their direction."""
+    from models.preact import FOLDABLE
+
+    model, x = _torch(preact_net()), torch.randn(1, 3, 32, 32)
+    fx_sites = _check_sites(bnfold.inspect(model, example_inputs=(x,)), "fx")
+    for bn, (direction, _) in FOLDABLE.items():
+        assert patterns.get(fx_sites[bn]).direction == direction
+    onnx_sites = _check_sites(bnfold.inspect(_onnx(model, x)), "onnx")
+    assert "scale-propagation" in onnx_sites.values()
+
+
+@pytest.mark.parametrize("sample", sorted(p.name for p in SAMPLES.glob("*.onnx")))
+def test_onnx_samples_carry_catalogue_ids(sample: str) -> None:
+    report = bnfold.inspect(onnx.load(str(SAMPLES / sample)), affine=True)
+    assert _check_sites(report, "onnx"), f"{sample}: nothing folded"
+
+
+def test_pattern_is_in_json_for_every_verdict(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["inspect", str(SAMPLES / "preact_net.onnx"), "--json"])
+    assert r.exit_code == 0, r.stdout
+    verdicts = json.loads(r.stdout)["verdicts"]
+    assert verdicts and all("pattern" in v for v in verdicts)
+    for v in verdicts:
+        if v["status"] == "left":
+            assert v["pattern"] is None or v["pattern"] in patterns.ids()
+        else:
+            assert patterns.get(v["pattern"]).direction == v["direction"]
+
+
+def test_freeze_and_batch_stats_name_their_pattern() -> None:
+    model = _torch(lenet5())
+    _, report = bnfold.freeze_with_report(model)
+    assert _check_sites(report, "fx") == dict.fromkeys(("1", "5", "9", "13"), "bn-freeze")
+    stats = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
+    conv = bnfold.inspect(stats.eval(), batch_stats="instance")
+    assert _check_sites(conv, "fx") == {"1": "bn-instance"}
