@@ -177,3 +177,26 @@ def test_freeze_and_batch_stats_name_their_pattern() -> None:
     stats = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
     conv = bnfold.inspect(stats.eval(), batch_stats="instance")
     assert _check_sites(conv, "fx") == {"1": "bn-instance"}
+
+
+def test_a_refusal_names_the_pattern_it_was_tried_as() -> None:
+    """A Conv -> BN whose folded weight would overflow float32 is left (OVERFLOW), tried as conv-bn,
+    on every backend; a BN with no neighbour at all was tried as nothing."""
+    model = _torch(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    with torch.no_grad():
+        model[1].eps, model[1].running_var[2] = 1e-12, 1e-12
+        model[1].weight[2] = 1e35  # scale ~7e40: the folded weight is not a float32
+    x = torch.randn(1, 3, 8, 8)
+    reports = {  # folded, not inspected: the PyTorch backends decide overflow when they compute
+        "fx": bnfold.fold_with_report(model)[1],
+        "export": bnfold.fold_with_report(torch.export.export(model, (x,)))[1],
+        "onnx": bnfold.fold_with_report(_onnx(model, x), propagate=False)[1],
+    }
+    for backend, report in reports.items():
+        (v,) = report.verdicts
+        assert not v.folded and v.reason.value == "overflow", (backend, v)
+        assert v.pattern == "conv-bn", backend
+        assert json.loads(json.dumps(report.to_dict()))["verdicts"][0]["pattern"] == "conv-bn"
+    alone = _torch(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    (v,) = bnfold.inspect(_onnx(alone, x), propagate=False).verdicts
+    assert v.reason.value == "no_producer" and v.pattern is None
