@@ -158,7 +158,7 @@ def test_onnx_samples_carry_catalogue_ids(sample: str) -> None:
     assert _check_sites(report, "onnx"), f"{sample}: nothing folded"
 
 
-def test_pattern_is_in_json_for_every_verdict(tmp_path: Path) -> None:
+def test_pattern_is_in_json_for_every_verdict() -> None:
     r = CliRunner().invoke(app, ["inspect", str(SAMPLES / "preact_net.onnx"), "--json"])
     assert r.exit_code == 0, r.stdout
     verdicts = json.loads(r.stdout)["verdicts"]
