@@ -96,8 +96,7 @@ CATALOGUE: tuple[Pattern, ...] = (
         "per-channel Mul + Add with constant operands (a frozen BN) after Conv / ConvTranspose / Gemm",
         "forward",
         "W' = m·W, b' = m·b + a for Mul(m), Add(a); both nodes go",
-        onnx="yes",
-        fx="as `FrozenBatchNorm` (`conv-bn`)",
+        onnx="yes (PyTorch: a `FrozenBatchNorm` module folds as `conv-bn`)",
         example="detectron2 FrozenBatchNorm2d exported to ONNX",
     ),
     Pattern(

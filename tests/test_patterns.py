@@ -200,3 +200,130 @@ def test_a_refusal_names_the_pattern_it_was_tried_as() -> None:
     alone = _torch(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
     (v,) = bnfold.inspect(_onnx(alone, x), propagate=False).verdicts
     assert v.reason.value == "no_producer" and v.pattern is None
+
+
+# ---- the catalogue's backend columns are true: each id is produced where it says --------------------------
+
+nn = torch.nn
+
+
+class _Net(nn.Module):
+    """One tiny model per pattern: ``body`` is the forward of ``x`` with the modules given."""
+
+    def __init__(self, body: Any, **mods: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        for k, m in mods.items():
+            self.add_module(k, m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self, x)  # type: ignore[no-any-return]
+
+
+def _tokens(m: _Net, x: torch.Tensor) -> torch.Tensor:  # LeViT's LinearNorm
+    y = m.fc(x)
+    return m.bn(y.flatten(0, 1)).reshape_as(y)  # type: ignore[no-any-return]
+
+
+TORCH_CASES: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "conv-bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 8, 8)),
+    "gemm-bn": (lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), (3, 6)),
+    "linear-norm": (lambda: _Net(_tokens, fc=nn.Linear(6, 5), bn=nn.BatchNorm1d(5)), (2, 7, 6)),
+    "concat-split": (
+        lambda: _Net(
+            lambda m, x: m.bn(torch.cat([m.a(x), m.b(x)], 1)),
+            a=nn.Conv2d(3, 2, 1),
+            b=nn.Conv2d(3, 3, 3, padding=1),
+            bn=nn.BatchNorm2d(5),
+        ),
+        (2, 3, 6, 6),
+    ),
+    "branch-sum": (  # branches of different tensors: a sum branch merging cannot take first
+        lambda: _Net(
+            lambda m, x: m.bn(m.a(x) + m.b(torch.relu(x))),
+            a=nn.Conv2d(3, 4, 1),
+            b=nn.Conv2d(3, 4, 1),
+            bn=nn.BatchNorm2d(4),
+        ),
+        (2, 3, 6, 6),
+    ),
+    "bn-conv": (lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)), (2, 3, 8, 8)),
+    "bn-gemm": (lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 5)), (3, 6)),
+    "bn-flatten-gemm": (
+        lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)),
+        (2, 3, 4, 4),
+    ),
+    "branch-merge": (lambda: RepVGGBlock(4, 4), (1, 4, 6, 6)),
+    "scale-propagation": (preact_net, (1, 3, 32, 32)),
+    "bn-instance": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+        (1, 3, 8, 8),
+    ),
+}
+
+
+def _onnx_cases() -> dict[str, onnx.ModelProto]:
+    from models.batch_stats import onnx_training_bn, onnx_weight_standardised
+    from models.onnx_graphs import G, qdq_layer
+
+    def one_bn(g: G, x: str, c: int) -> onnx.ModelProto:
+        g.bn(x, "y", c, "bn")
+        g.output("y")
+        return g.model(opset=17)
+
+    const_add = G()
+    const_add.node(
+        "Conv", [const_add.input("x", [2, 3, 6, 6]), const_add.rand("w", (4, 3, 3, 3))], ["c"], "conv"
+    )
+    const_add.node("Add", ["c", const_add.rand("k", (1, 4, 1, 1))], ["t"], "add")
+    frozen = G()
+    frozen.node("Conv", [frozen.input("x", [2, 3, 6, 6]), frozen.rand("w", (4, 3, 3, 3))], ["c"], "conv")
+    frozen.node("Mul", ["c", frozen.init("m", frozen.rng.uniform(0.5, 1.5, (1, 4, 1, 1)))], ["p"], "mul")
+    frozen.node("Add", ["p", frozen.rand("a", (1, 4, 1, 1))], ["y"], "add")
+    frozen.output("y")
+    affine = G()
+    return {
+        "const-add-bn": one_bn(const_add, "t", 4),
+        "frozen-bn": frozen.model(opset=17),
+        "qdq-bn": one_bn(qdq_layer("Conv"), "t", 6),
+        "bn-constant": onnx_weight_standardised(),
+        "bn-affine": one_bn(affine, affine.input("x", [2, 3, 4, 4]), 3),
+        "bn-instance": onnx_training_bn(),
+    }
+
+
+def _produced(model: Any, backend: str, x: torch.Tensor | None, pattern: str) -> set[str]:
+    opts: dict[str, Any] = {"batch_stats": "instance"} if pattern == "bn-instance" else {}
+    if backend == "onnx":
+        opts["affine"] = pattern == "bn-affine"
+    elif backend == "fx":
+        opts["example_inputs"] = (x,)
+    report = bnfold.fold_with_report(model, **opts)[1]
+    sites = [v for v in report.verdicts if isinstance(v, Site)] + list(report.mul_add)
+    return {v.pattern for v in sites if v.pattern is not None}
+
+
+@pytest.mark.parametrize("pattern, backend", [(p.id, b) for p in patterns.CATALOGUE for b in p.backends])
+def test_every_backend_column_of_the_catalogue_is_true(pattern: str, backend: str) -> None:
+    """Each id is produced by each backend its row names (a tiny model per pattern, realistic BN stats)."""
+    if pattern == "bn-freeze":
+        _, rep = bnfold.freeze_with_report(_torch(lenet5()))
+        assert {v.pattern for v in rep.verdicts if isinstance(v, Site)} == {"bn-freeze"}
+        return
+    onnx_cases = _onnx_cases() if backend == "onnx" else {}
+    if pattern in onnx_cases:
+        assert pattern in _produced(onnx_cases[pattern], "onnx", None, pattern)
+        return
+    build, shape = TORCH_CASES[pattern]
+    model, x = _torch(build()), torch.randn(*shape)
+    if pattern == "scale-propagation":
+        with torch.no_grad():  # an exact move through Relu needs a positive scale
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.abs_()
+    target: Any = model
+    if backend == "export":
+        target = torch.export.export(model, (x,))
+    elif backend == "onnx":
+        target = _onnx(model, x)
+    assert pattern in _produced(target, backend, x, pattern)
