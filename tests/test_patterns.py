@@ -327,3 +327,26 @@ def test_every_backend_column_of_the_catalogue_is_true(pattern: str, backend: st
     elif backend == "onnx":
         target = _onnx(model, x)
     assert pattern in _produced(target, backend, x, pattern)
+
+
+def test_a_shared_module_refusal_names_the_pattern() -> None:
+    """One conv called twice, each call followed by its own BN: without a GraphModule both are left
+    (SHARED_MODULE), each tried as conv-bn; the model comes back unchanged."""
+    from bnfold.fx import fold_module
+
+    class TwoCalls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = (
+                nn.Conv2d(4, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.BatchNorm2d(4),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn1(self.conv(x)) + self.bn2(self.conv(x * 2))  # type: ignore[no-any-return]
+
+    model, x = _torch(TwoCalls()), torch.randn(2, 4, 6, 6)
+    out, rep = fold_module(model, graph=False)
+    assert [(v.reason.value, v.pattern) for v in rep.skips] == [("shared_module", "conv-bn")] * 2
+    assert torch.equal(out(x), model(x))
