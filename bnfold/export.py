@@ -347,6 +347,7 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
                     "exporter",
                     Direction.FORWARD,
                     f"folded by the ONNX exporter (not by bnfold's PyTorch fold: {v.detail})",
+                    "conv-bn",
                 )
                 for v in kept
             ]

@@ -220,7 +220,7 @@ def freeze_with_report(
             detail += f"; {type(bn).__name__}'s activation/dropout kept"
         if len(all_names) > 1:
             detail += f"; shared at {', '.join(all_names)}"
-        verdicts.append(Site(name, "", "FrozenBatchNorm", Direction.AFFINE, detail))
+        verdicts.append(Site(name, "", "FrozenBatchNorm", Direction.AFFINE, detail, "bn-freeze"))
     notes = (f"{len(unselected)} BatchNorm not selected: {', '.join(unselected)}",) if unselected else ()
     left = [v for v in verdicts if isinstance(v, Skip)]
     if strict and left:

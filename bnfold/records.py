@@ -116,6 +116,7 @@ class Site:
         target_kind: "Conv", "ConvTranspose", "Gemm", "MatMul", "Linear", "Conv2d", ...
         direction: forward, backward or affine.
         detail: optional remark (e.g. "cloned shared weight").
+        pattern: the id of the fold pattern it was matched as (:data:`bnfold.patterns.CATALOGUE`).
     """
 
     bn: str
@@ -123,6 +124,7 @@ class Site:
     target_kind: str
     direction: Direction = Direction.FORWARD
     detail: str = ""
+    pattern: str | None = None
 
     @property
     def folded(self) -> bool:
@@ -141,23 +143,31 @@ class Site:
             "target_kind": self.target_kind,
             "direction": self.direction.value,
             "detail": self.detail,
+            "pattern": self.pattern,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """A BatchNorm that is left in the model, and why."""
+    """A BatchNorm that is left in the model, and why (``pattern``: the pattern it was tried as, where known)."""
 
     bn: str
     reason: SkipReason
     detail: str
+    pattern: str | None = None
 
     @property
     def folded(self) -> bool:
         return False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bn": self.bn, "status": "left", "reason": self.reason.value, "detail": self.detail}
+        return {
+            "bn": self.bn,
+            "status": "left",
+            "reason": self.reason.value,
+            "detail": self.detail,
+            "pattern": self.pattern,
+        }
 
 
 Verdict = Site | Skip

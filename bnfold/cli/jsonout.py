@@ -122,6 +122,7 @@ def _verdict_json(v: Site | Skip) -> dict[str, Any]:
             "direction": v.direction.value,
             "reason": None,
             "detail": v.detail,
+            "pattern": v.pattern,
         }
     return {
         "bn": v.bn,
@@ -131,6 +132,7 @@ def _verdict_json(v: Site | Skip) -> dict[str, Any]:
         "direction": None,
         "reason": v.reason.value,
         "detail": v.detail,
+        "pattern": v.pattern,
     }
 
 

@@ -70,6 +70,7 @@ def convert_batch_stats(module: nn.Module, *, dry_run: bool = False) -> tuple[nn
             f"InstanceNorm{type(module.get_submodule(name)).__name__[-2:]}",
             Direction.CONVERTED,
             INSTANCE_DETAIL,
+            "bn-instance",
         )
         for name in names
     ]

@@ -3,8 +3,9 @@
 The matcher stage of the ``torch.export`` backend (driver: :mod:`bnfold.fx.export`); it reads the
 graph and never edits it. Op arguments are read by name through the op's schema (as
 ``torch/ao/quantization/pt2e/utils.py`` does), never by position; tensor ranks and sizes come from
-the ``val`` every exported node records. The cases mirror the fx backend's rules
-(:mod:`bnfold.fx.match`) and are cited as "Case n":
+the ``val`` every exported node records. Items 1 and 2 (what a layer and a BN are) are cited as
+"Case n"; the folds are the patterns of :data:`bnfold.patterns.CATALOGUE`, cited by id, as in the fx
+and ONNX matchers:
 
 1. Layers: ``aten.conv1d/2d/3d`` (also the ``.padding`` overloads), ``aten.conv_transpose1d/2d/3d``,
    ``aten.convolution`` (its ``transposed`` argument), ``aten.linear``, and a decomposed linear
@@ -17,27 +18,31 @@ the ``val`` every exported node records. The cases mirror the fx backend's rules
    ``aten._native_batch_norm_legit_no_training`` whose only used output is item 0 (decomposed graphs),
    with statistics and affine parameters that are model attributes. Training-mode BN ops, or used
    mean/var outputs: ``TRAINING_MODE``.
-3. Forward fold (layer -> BN): the BN input is the layer's output, through eval no-ops (dropout with
+``conv-bn``, ``gemm-bn``, ``linear-norm``:
+   Forward fold (layer -> BN): the BN input is the layer's output, through eval no-ops (dropout with
    ``train=False``, clone, contiguous, alias) and reshapes that keep each element's channel: for a
    convolution, a view/reshape/flatten that keeps dims 0 and 1; for a linear (channels on the last
    dim), one that keeps the last dim. Every node on the way has that one user, and the layer's
    output is read by nothing else (reads of its shape only, as ``reshape_as(y, x)``, do not count;
    ``OTHER_CONSUMERS`` otherwise).
-4. Linear meets BN (channels on dim 1) only where the tensor the BN reads is 2-D ``(N, C)``: directly,
+``gemm-bn``, ``bn-gemm``, ``linear-norm``:
+   Linear meets BN (channels on dim 1) only where the tensor the BN reads is 2-D ``(N, C)``: directly,
    or after a reshape to ``(tokens, C)`` -- LeViT's LinearNorm, ``linear(x) -> flatten(0, 1) ->
    batch_norm -> reshape_as(x)`` (``LAYOUT`` otherwise).
-5. Channel routes: a BN on ``cat([...], dim=1)`` of convolution outputs is split per slice, each
+``concat-split``, ``branch-sum``:
+   Channel routes: a BN on ``cat([...], dim=1)`` of convolution outputs is split per slice, each
    slice folded into its producer; a BN on a sum (``add`` without ``alpha``, nested) of convolution
    outputs of the sum's own shape scales every branch and puts the shift into the first branch's
    bias. Every branch's output is read by nothing else; a linear branch (channels last) or any other
    input leaves the BN.
-6. Backward fold (BN -> layer), when nothing before the BN folds: through eval no-ops, copying pads
+``bn-conv``, ``bn-gemm``, ``bn-flatten-gemm``:
+   Backward fold (BN -> layer), when nothing before the BN folds: through eval no-ops, copying pads
    (``pad`` with mode reflect/replicate/circular: each padded value is a BN output) and at most one
    flatten to ``(N, C * k)``, the BN output has one user, a convolution or linear reading it as its
    input. Exact only when the layer reads no zero padding, its own or a pad op's before it
    (``PADDING`` otherwise); a transposed
    convolution cannot absorb an input shift (``UNSUPPORTED_LAYER``); a linear needs a 2-D input
-   (Case 4), after a flatten each channel covers ``in_features / C`` consecutive features.
+   (``bn-gemm``), after a flatten each channel covers ``in_features / C`` consecutive features.
 
 Names: a BN is reported by the module path the program records for it (``nn_module_stack``, else
 the owner of its running mean), ``path#2`` for a second call of the same module; a layer by the
@@ -87,7 +92,7 @@ _CONV: dict[Any, str] = {
 }
 _BN = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 _BN_TRAIN = (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit_functional.default)
-# eval-mode identities (Case 3, 6); dropout only with train=False (checked below)
+# eval-mode identities (forward and backward patterns); dropout only with train=False (checked below)
 _NOOPS = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default)
 _DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
@@ -126,7 +131,7 @@ class ExportPart:
 
 @dataclass(slots=True)
 class ExportCandidate:
-    """A BN op that folds into the layer(s) next to it (Cases 1-6 hold).
+    """A BN op that folds into the layer(s) next to it (Cases 1-2 and its pattern hold).
 
     Attributes:
         site: the verdict as the report lists it (its direction says forward or backward).
@@ -198,7 +203,7 @@ def _bn_output(bn: fx.Node) -> fx.Node | None:
 
 
 def _value_users(n: fx.Node) -> list[fx.Node]:
-    """The users that read ``n``'s values, not only its shape (Case 3)."""
+    """The users that read ``n``'s values, not only its shape (forward patterns)."""
     out = []
     for u in n.users:
         shape_at = _SHAPE_READS.get(u.target)
@@ -350,7 +355,7 @@ def _is_noop(n: fx.Node) -> bool:
 
 
 def _keeps_channel(n: fx.Node, axis: str) -> bool:
-    """A reshape that keeps each element's channel: dims 0, 1 (``axis="dim1"``) or the last dim (Case 3)."""
+    """A reshape that keeps each element's channel: dims 0, 1 (``axis="dim1"``) or the last dim (conv-bn, linear-norm)."""
     if n.op != "call_function" or n.target not in _RESHAPES:
         return False
     vin, vout = _val(n.args[0]), _val(n)
@@ -394,7 +399,7 @@ def _batched_conv(node: fx.Node, gm: fx.GraphModule, w: fx.Node) -> bool:
 
 
 def _route_leaves(src: fx.Node) -> tuple[str, list[Any]] | None:
-    """Case 5: ``("cat", inputs)`` for a cat on dim 1, ``("sum", branches)`` for a tree of adds."""
+    """concat-split / branch-sum: ``("cat", inputs)`` for a cat on dim 1, ``("sum", branches)`` for a tree of adds."""
     if src.op != "call_function":
         return None
     if src.target is aten.cat.default:
@@ -478,7 +483,8 @@ def _match_route(
     if how == "cat" and nf is not None and lo != nf:
         return Skip(name, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features")
     detail = f"{'split per concatenated input' if how == 'cat' else 'scaled per summed branch'}: {', '.join(names)}"
-    c.site = Site(name, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail)
+    pattern = "concat-split" if how == "cat" else "branch-sum"
+    c.site = Site(name, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail, pattern)
     return c
 
 
@@ -501,7 +507,7 @@ def _match_forward(
         return why
     if why_not:
         return Skip(name, SkipReason.OTHER_CONSUMERS, why_not)
-    if len(_value_users(src)) != 1:  # Case 3
+    if len(_value_users(src)) != 1:  # conv-bn / gemm-bn: a residual tap needs the unscaled value
         return Skip(
             name, SkipReason.OTHER_CONSUMERS, f"the output of '{_layer_name(w, src)}' is also used elsewhere"
         )
@@ -515,14 +521,15 @@ def _match_forward(
             name, SkipReason.LAYOUT, "a reshape between the layer and the batch norm moves the channel axis"
         )
     via = "through a reshape" if any(not _is_noop(p) for p in passed) else ""
-    if kind == "Linear":  # Case 4
+    if kind == "Linear":  # gemm-bn on (N, C), linear-norm through a reshape to (tokens, C)
         v = _val(a["input"])
         if not (isinstance(v, torch.Tensor) and v.dim() == 2):
             return Skip(name, SkipReason.LAYOUT, "linear meets batch norm on a tensor that is not 2-D (N, C)")
         if via:
             via = "through a reshape to (tokens, channels)"
     c.parts.append(ExportPart(src, w, b, _layout(kind, pa), 0, nf or 0))
-    c.site = Site(name, _layer_name(w, src), kind, Direction.FORWARD, via)
+    pattern = "conv-bn" if kind != "Linear" else "linear-norm" if via else "gemm-bn"
+    c.site = Site(name, _layer_name(w, src), kind, Direction.FORWARD, via, pattern)
     return c
 
 
@@ -536,7 +543,7 @@ def _zero_pad(n: fx.Node) -> bool:
 
 
 def _zero_padding(kind: str, pa: dict[str, Any]) -> bool:
-    """Case 6: the convolution reads no padded zeros."""
+    """bn-conv: the convolution reads no padded zeros."""
     pad = pa.get("padding", 0)
     if isinstance(pad, str):
         return pad == "valid"
@@ -548,7 +555,7 @@ def _zero_padding(kind: str, pa: dict[str, Any]) -> bool:
 def _match_backward(
     gm: fx.GraphModule, name: str, bn: fx.Node, a: dict[str, Any], nf: int | None, c: ExportCandidate
 ) -> ExportMatched | None:
-    """Case 6; None when the BN output does not lead to a layer at all."""
+    """bn-conv, bn-gemm, bn-flatten-gemm; None when the BN output does not lead to a layer at all."""
     cur = _bn_output(bn)
     if cur is None:
         return None
@@ -616,7 +623,7 @@ def _match_backward(
     v_in = _val(cur)
     repeat = 1
     if kind == "Linear":
-        if v_in is None or v_in.dim() != 2:  # Case 4
+        if v_in is None or v_in.dim() != 2:  # bn-gemm needs (N, C)
             return Skip(name, SkipReason.LAYOUT, "batch norm -> linear is exact only on a 2-D (N, C) tensor")
         if flat == 2:
             in_f = int(weight.shape[1])
@@ -632,7 +639,8 @@ def _match_backward(
     c.parts.append(ExportPart(u, w, b, _layout(kind, pa), 0, (nf or 0) * repeat))
     c.repeat = repeat
     via = f"through flatten: each channel covers {repeat} features" if repeat > 1 else ""
-    c.site = Site(name, _layer_name(w, u), kind, Direction.BACKWARD, via)
+    pattern = "bn-conv" if kind != "Linear" else "bn-flatten-gemm" if flat == 2 else "bn-gemm"
+    c.site = Site(name, _layer_name(w, u), kind, Direction.BACKWARD, via, pattern)
     return c
 
 

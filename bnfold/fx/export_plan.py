@@ -15,6 +15,7 @@ Mirrors :func:`bnfold.fx.plan.plan_sites` for the graph of an exported program (
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -76,13 +77,13 @@ def plan_export_sites(gm: nn.Module, matched: list[ExportMatched]) -> tuple[list
             assert weight is not None
             got = plan_forward(weight, bias, scale, shift, first.layout, c.site.bn)
             if isinstance(got, Skip):
-                out.append(got)
+                out.append(replace(got, pattern=c.site.pattern))  # the pattern it was tried as
                 continue
             writes[first.producer] = got
             out.append(c)
             continue
         why = _accumulate(gm, c, scale, shift, state)
-        out.append(c if why is None else why)
+        out.append(c if why is None else replace(why, pattern=c.site.pattern))
     for c in matched:
         if not isinstance(c, ExportCandidate):
             continue

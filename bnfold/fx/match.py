@@ -1,7 +1,8 @@
 """One verdict per BatchNorm in a ``torch.fx`` graph: a :class:`~bnfold.records.Site` or a
 :class:`~bnfold.records.Skip`.
 
-Rules (cited in the code as "Rule n"):
+Rules 1 and 5 (cited as "Rule n") say what a BN is and when a layer may change; the others are fold
+patterns, cited by their id in :data:`bnfold.patterns.CATALOGUE` (the ids of the ONNX matcher):
 
 1. A BN is a call of a BN-like module whose eval map :func:`bnfold.fx.custom.describe_bn` knows
    (plain torch/bnfold BatchNorm and SyncBatchNorm, a ``bnfold.nn.FrozenBatchNorm``, a subclass whose
@@ -11,7 +12,8 @@ Rules (cited in the code as "Rule n"):
    ``training=False``. Anything else, or hooks: ``CUSTOM_BN`` with the reason; no running
    statistics: ``NO_RUNNING_STATS``. A BN with a tail never folds backward (it cannot move past
    its activation).
-2. Forward fold (layer -> BN): the BN input is, through eval no-ops (Identity, Dropout,
+``conv-bn``, ``gemm-bn``:
+   Forward fold (layer -> BN): the BN input is, through eval no-ops (Identity, Dropout,
    ``dropout(training=False)``, ``contiguous``), a call of a plain Conv1d/2d/3d, ConvTranspose1d/2d/3d
    or Linear module (``forward`` not overridden, no hooks, not parametrized), or of a Conv subclass
    that changes only its input (timm's ``Conv2dSame``, proved by
@@ -19,14 +21,16 @@ Rules (cited in the code as "Rule n"):
    (``OTHER_CONSUMERS`` otherwise: a residual tap needs the unscaled value; reads of its shape only,
    as ``reshape_as(x)``, do not count). A flatten on the way is allowed when it keeps the layer's
    channel axis at dim 1: ``flatten(2)`` after a conv, ``flatten(0, -2)`` after a Linear on tokens
-   (LeViT's LinearNorm, Rule 4).
-3. Backward fold (BN -> layer): through eval no-ops and at most one ``flatten(1, -1)``, the BN output
+   (LeViT's LinearNorm, ``linear-norm``).
+``bn-conv``, ``bn-gemm``, ``bn-flatten-gemm``:
+   Backward fold (BN -> layer): through eval no-ops and at most one ``flatten(1, -1)``, the BN output
    has exactly one user, a plain Conv or Linear that reads it as its input; after the flatten each
    channel covers ``in_features / C`` consecutive features. A Conv that pads with zeros is refused
    (``PADDING``: the padded zeros would not be shifted), as is one that pads at run time;
    ``padding_mode`` reflect/replicate/circular copies BN outputs and stays exact. ConvTranspose
    cannot absorb an input shift (``UNSUPPORTED_LAYER``).
-4. Linear acts on the last dim and BN on dim 1: they meet only when the tensor between them is 2-D
+``gemm-bn``, ``bn-gemm``, ``linear-norm``:
+   Linear acts on the last dim and BN on dim 1: they meet only when the tensor between them is 2-D
    ``(N, C)``. The rank is read from recorded shapes (``ShapeProp`` with example inputs) or from the
    graph (:func:`rank_of`: BatchNorm2d/3d inputs, flatten, view/reshape sizes, reductions, ...).
    Another rank: ``LAYOUT``. Unknown rank (an MLP whose first Linear reads the model input, with no
@@ -35,7 +39,8 @@ Rules (cited in the code as "Rule n"):
 5. A layer module called at several places, read as an attribute in ``forward``, or registered
    under several names, is folded per call site on a clone (``needs_graph``: only a GraphModule
    can call a clone); the same holds for a BN module called at several places and for functional BN.
-6. Channel routes: a BN on ``torch.cat([...], dim=1)`` of layer outputs is split per slice, each
+``concat-split``, ``branch-sum``:
+   Channel routes: a BN on ``torch.cat([...], dim=1)`` of layer outputs is split per slice, each
    slice folded into its producer; a BN on a sum of layer outputs scales every branch and puts the
    shift into the first branch's bias. Every branch must be a Conv-kind layer (not Linear: its
    channel axis is last) whose output is read nowhere else, called once (``OTHER_CONSUMERS`` /
@@ -169,8 +174,8 @@ def match_bn(
 ) -> Matched:
     """The verdict for one BN call (the counterpart of :func:`bnfold.onnx.match.match_bn`).
 
-    Rule 1 first (what the BN computes), then the forward fold (Rules 2, 4, 6), then the backward
-    fold (Rules 3, 4) when nothing before the BN folds. ``seen_bn`` counts calls per BN module (a
+    Rule 1 first (what the BN computes), then the forward patterns, then the backward
+    patterns when nothing before the BN folds. ``seen_bn`` counts calls per BN module (a
     second call is shown as ``name#2``); ``specs`` caches :func:`describe_bn` per module.
     """
 
@@ -212,5 +217,6 @@ def match_bn(
             cand.site.target_kind,
             cand.site.direction,
             "; ".join(d for d in (cand.site.detail, "its activation/dropout kept") if d),
+            cand.site.pattern,
         )
     return cand

@@ -1,4 +1,4 @@
-"""Backward folds in an fx graph (BN -> layer): Rules 3 and 4 of :mod:`bnfold.fx.match`."""
+"""Backward folds in an fx graph (BN -> layer): bn-conv, bn-gemm, bn-flatten-gemm (:mod:`bnfold.fx.match`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["match_backward"]
 
 
 def _zero_padding(conv: Any) -> bool:
-    """True when the conv reads no padded zeros (Rule 3)."""
+    """True when the conv reads no padded zeros (bn-conv)."""
     if conv.padding_mode != "zeros":
         return True
     pad = conv.padding
@@ -102,16 +102,22 @@ def match_backward(
         )
     if not flat:
         rank = rank_of(node.args[0], root) if kind == "Linear" else 2
-        if rank is None:  # Rule 4: not proven
+        if rank is None:  # bn-gemm: the rank is not proven
             return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
-        if rank != 2:  # Rule 4
+        if rank != 2:  # bn-gemm needs (N, C)
             return Skip(
                 shown, SkipReason.LAYOUT, f"BN -> Linear is exact only on a 2-D tensor, not {rank}-D"
             ), None
     why = idx.shared_why(target)
     via = f"through flatten: each channel covers {repeat} features" if flat else ""
+    pattern = "bn-gemm" if kind == "Linear" else "bn-conv"
     site = Site(
-        shown, q(target), kind, Direction.BACKWARD, "; ".join(d for d in (clone_detail(why), via) if d)
+        shown,
+        q(target),
+        kind,
+        Direction.BACKWARD,
+        "; ".join(d for d in (clone_detail(why), via) if d),
+        "bn-flatten-gemm" if flat else pattern,
     )
     both = "; ".join(w for w in (why, bn_why) if w)
     return None, Candidate(site, node, u, bool(both), both, repeat=repeat)

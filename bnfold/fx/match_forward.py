@@ -1,7 +1,7 @@
-"""Forward folds in an fx graph (layer -> BN): Rules 2 and 4 of :mod:`bnfold.fx.match`.
+"""Forward folds in an fx graph (layer -> BN): conv-bn, gemm-bn, linear-norm (:mod:`bnfold.fx.match`).
 
 The BN input is walked back through eval no-ops and at most one flatten to the producing layer
-call; a ``cat`` or sum there is a channel route (Rule 6, :mod:`bnfold.fx.match_routes`).
+call; a ``cat`` or sum there is a channel route (concat-split, branch-sum: :mod:`bnfold.fx.match_routes`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def match_forward(
         return none, None
     if why_not:
         return Skip(shown, SkipReason.OTHER_CONSUMERS, why_not), None
-    # Rule 2: a residual tap (or a graph output) needs the unscaled value.
+    # conv-bn / gemm-bn: a residual tap (or a graph output) needs the unscaled value.
     users = value_users(src)
     if len(users) != 1:
         return (
@@ -93,7 +93,7 @@ def match_forward(
     if kind == "Linear":
         rank = rank_of(src, root)
         if fl is not None:
-            # Rule 4: Linear on (B, N, C) -> flatten(0, -2) -> BN1d on (B*N, C): C stays the BN channel.
+            # linear-norm: Linear on (B, N, C) -> flatten(0, -2) -> BN1d on (B*N, C): C stays the BN channel.
             start, end = fl
             if rank is None and end != -2:
                 return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
@@ -105,9 +105,9 @@ def match_forward(
                 ), None
             rank = 2
             via = "through flatten to (tokens, channels)"
-        if rank is None:  # Rule 4: not proven
+        if rank is None:  # gemm-bn: the rank is not proven
             return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
-        if rank != 2:  # Rule 4
+        if rank != 2:  # gemm-bn needs (N, C)
             return (
                 Skip(
                     shown,
@@ -125,6 +125,7 @@ def match_forward(
         via = "through a spatial flatten"
     why = idx.shared_why(target)
     detail = "; ".join(d for d in (clone_detail(why), note, via) if d)
-    site = Site(shown, q(target), kind, Direction.FORWARD, detail)
+    pattern = "conv-bn" if kind != "Linear" else "gemm-bn" if fl is None else "linear-norm"
+    site = Site(shown, q(target), kind, Direction.FORWARD, detail, pattern)
     both = "; ".join(w for w in (why, bn_why) if w)
     return none, Candidate(site, node, src, bool(both), both)

@@ -1,4 +1,4 @@
-"""Channel routes in an fx graph: Rule 6 of :mod:`bnfold.fx.match`.
+"""Channel routes in an fx graph: concat-split and branch-sum (:mod:`bnfold.fx.match`).
 
 A BN on ``torch.cat([...], dim=1)`` of layer outputs is split per slice, each slice folded into its
 producer; a BN on a sum of layer outputs scales every branch and puts the shift into the first
@@ -51,7 +51,7 @@ def sum_leaves(n: fx.Node, top: bool = True) -> list[Any] | None:
 def match_route(
     node: fx.Node, src: fx.Node, root: nn.Module, idx: Index, shown: str, nf: int | None, bn_why: str, q: Any
 ) -> tuple[Skip, Candidate | None]:
-    """Rule 6: BN on ``cat`` of layer outputs (a slice per layer) or on a sum of layer outputs."""
+    """concat-split / branch-sum: BN on ``cat`` of layer outputs (a slice per layer) or on a sum of layer outputs."""
     how = route_kind(src)
     leaves = list(src.args[0]) if how == "cat" else sum_leaves(src)  # type: ignore[arg-type]
     none = Skip(
@@ -97,6 +97,7 @@ def match_route(
             shown, SkipReason.LAYOUT, f"the concatenation has {lo} channels for {nf} BN features"
         ), None
     detail = f"{'split per concatenated input' if how == 'cat' else 'scaled per summed branch'}: {', '.join(names)}"
-    site = Site(shown, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail)
+    pattern = "concat-split" if how == "cat" else "branch-sum"
+    site = Site(shown, names[0], "+".join(sorted(kinds)), Direction.FORWARD, detail, pattern)
     cand = Candidate(site, node, parts[0][0], bool(bn_why), bn_why, parts=parts)
     return none, cand

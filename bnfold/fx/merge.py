@@ -863,6 +863,7 @@ def merge_graph_module(
                     type(new).__name__,
                     Direction.FORWARD,
                     f"identity BN branch merged into one conv with the other branches of '{top.name}'",
+                    "branch-merge",
                 )
         for n in sorted(set(erase), key=_order(graph), reverse=True):
             if not n.users:

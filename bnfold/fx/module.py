@@ -117,6 +117,7 @@ def _demote(c: Candidate) -> Skip:
         c.site.bn,
         SkipReason.SHARED_MODULE,
         f"{c.graph_why}: folding needs a GraphModule (call with graph=True and inplace=False)",
+        c.site.pattern,
     )
 
 

@@ -24,7 +24,7 @@ dtype. Rules (cited as "Rule n"):
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -196,13 +196,13 @@ def plan_sites(root: nn.Module, matched: list[Matched]) -> Plan:
             layer = fetch_attr(root, str(c.layer_node.target))
             got = plan_forward(layer.weight, layer.bias, scale, shift, layer_layout(layer), c.site.bn)
             if isinstance(got, Skip):
-                out.append(got)
+                out.append(replace(got, pattern=c.site.pattern))  # the pattern it was tried as
                 continue
             writes[c.layer_node] = got
             out.append(c)
             continue
         why = _accumulate(root, c, parts, scale, shift, state)
-        out.append(c if why is None else why)
+        out.append(c if why is None else replace(why, pattern=c.site.pattern))
     for node, (w, b) in state.items():
         layer = fetch_attr(root, str(node.target))
         w0: torch.Tensor = layer.weight

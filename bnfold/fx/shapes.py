@@ -120,7 +120,7 @@ _SAME_RANK_METHODS = {
 
 
 def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
-    """The tensor rank of ``node``'s value when the graph proves it (Rule 4), else None.
+    """The tensor rank of ``node``'s value when the graph proves it (gemm-bn, bn-gemm need 2-D), else None.
 
     Facts used: recorded shapes; ``BatchNorm2d``/``3d`` refuse any input but 4-D/5-D; flatten,
     view/reshape with explicit sizes, permute; layers, activations, transpose keep their input's

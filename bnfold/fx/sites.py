@@ -29,7 +29,7 @@ __all__ = ["Candidate", "Matched", "Index", "functional_bn_args", "BN_FUNCS", "U
 class Candidate:
     """A BN call that can be folded, with what the rewrite needs.
 
-    ``parts``: for a BN after a channel route (Rule 6), ``(layer node, first channel, end, shift?)``
+    ``parts``: for a BN after a channel route (concat-split, branch-sum), ``(layer node, first channel, end, shift?)``
     per branch; ``layer_node`` is then the first branch. ``spec`` is the BN module's eval description (None for functional BN); ``repeat`` > 1 when a
     Flatten sits between the BN and a Linear (each channel covers ``repeat`` consecutive features).
     """

@@ -79,7 +79,7 @@ def _read_outputs(index: GraphIndex, node: NodeProto) -> list[str]:
 
 
 def _constant(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str, opset: int) -> Site | None:
-    """Case 1: the BN's ``Y`` as a constant, written into ``node`` (which becomes a Constant), or None."""
+    """bn-constant: the BN's ``Y`` as a constant, written into ``node`` (which becomes a Constant), or None."""
     x, _, _ = ev.resolve(node.input[0])
     if x is None or not is_float(x) or x.ndim < 2 or x.size == 0 or len(node.input) < 3:
         return None
@@ -104,11 +104,12 @@ def _constant(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
         "constant",
         Direction.FORWARD,
         "batch statistics of a constant input: evaluated once (float64), the BN is a constant",
+        "bn-constant",
     )
 
 
 def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Verdict:
-    """Case 2: replace ``node`` by an InstanceNormalization (in place), or say why not."""
+    """bn-instance: replace ``node`` by an InstanceNormalization (in place), or say why not."""
     if opset < 9 and int(attr(node, "spatial", 1, opset)) == 0:
         return Skip(label, SkipReason.SPATIAL, "spatial=0: per-element batch statistics are no InstanceNorm")
     x, y = node.input[0], node.output[0]
@@ -158,7 +159,9 @@ def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Ver
         "InstanceNormalization", [x, node.input[1], node.input[2]], [y], name=node.name, epsilon=eps
     )
     node.CopyFrom(new)
-    return Site(label, node.name or y, "InstanceNormalization", Direction.CONVERTED, INSTANCE_DETAIL)
+    return Site(
+        label, node.name or y, "InstanceNormalization", Direction.CONVERTED, INSTANCE_DETAIL, "bn-instance"
+    )
 
 
 def batch_stats_pass(

@@ -3,8 +3,9 @@
 :class:`Fwd` is what each case reads (the BN, its parameters, the value the layer produced); the
 helpers check a route (:func:`exclusive`, :func:`common`) and write a layer (:func:`layer_writes`,
 :func:`gemm_fold`, :func:`matmul_weight`). The cases themselves live in :mod:`bnfold.onnx.match_forward`
-(1-5, 7: it dispatches on the producer), :mod:`~bnfold.onnx.match_linear_norm` (6),
-:mod:`~bnfold.onnx.match_routes` (8-9) and :mod:`~bnfold.onnx.match_qdq` (16); all of them import this
+(conv-bn, gemm-bn, const-add-bn: it dispatches on the producer), :mod:`~bnfold.onnx.match_linear_norm`
+(linear-norm), :mod:`~bnfold.onnx.match_routes` (concat-split, branch-sum) and :mod:`~bnfold.onnx.match_qdq`
+(qdq-bn); all of them import this
 module and none imports another case module back, so the matchers form no import circle.
 """
 
@@ -50,7 +51,7 @@ LAYERS = ("Conv", "ConvTranspose", "Gemm")
 class Fwd:
     """What every forward case reads: the BN, its parameters, and the value the layer produced.
 
-    ``src`` is the BN input with the no-ops above it walked (case 13); ``head`` the node writing the
+    ``src`` is the BN input with the no-ops above it walked; ``head`` the node writing the
     BN input itself (the last no-op, or the layer / route node), whose output is renamed to ``y``.
     """
 
@@ -65,8 +66,9 @@ class Fwd:
     head: int
     chain: list[int]
 
-    def base(self, target: int, kind: str, detail: str = "") -> dict[str, Any]:
-        """The Fold fields every forward case shares: BN removed, ``head`` renamed to ``y``."""
+    def base(self, target: int, kind: str, detail: str = "", pattern: str | None = None) -> dict[str, Any]:
+        """The Fold fields every forward case shares: BN removed, ``head`` renamed to ``y``; ``pattern``
+        is the catalogue id (:mod:`bnfold.patterns`) the case matched."""
         if self.chain:
             detail = "; ".join(
                 filter(
@@ -77,7 +79,7 @@ class Fwd:
                     ],
                 )
             )
-        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail)
+        site = Site(self.label, self.index.label(target), kind, Direction.FORWARD, detail, pattern)
         return {
             "site": site,
             "remove": (self.bi,),

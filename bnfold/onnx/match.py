@@ -6,37 +6,38 @@ The matcher reads the graph through a :class:`~bnfold.onnx.graph.GraphIndex` and
 :mod:`bnfold.fold_math`, cast back once with ``cast_exact``; the large products through its blocked
 ``scale_cast``), so that an overflow is a refusal, never an inf in the model.
 
-Eval-mode BN is ``y = scale * x + shift`` per channel (axis 1). The cases, each cited by number where it
-is handled (``# Case N``):
+Eval-mode BN is ``y = scale * x + shift`` per channel (axis 1). The patterns, each an id of
+:data:`bnfold.patterns.CATALOGUE` (``Site.pattern``) cited where it is handled (``# conv-bn``):
 
 Forward (:mod:`~bnfold.onnx.match_forward`; the layer output is read by the BN's route alone):
-    1. Conv -> BN (with or without conv bias): scale output channels of W ``[C_out, C_in/g, *k]``.
-    2. ConvTranspose -> BN: W ``[C_in, C_out/g, *k]``, output channel ``g*C_out/g + j`` (grouped).
-    3. Gemm -> BN: ``alpha A'B' + beta C`` becomes ``alpha A'(B' s) + (beta C s + t)``, beta = 1;
+    conv-bn: Conv -> BN (with or without conv bias): scale output channels of W ``[C_out, C_in/g, *k]``.
+    conv-bn: ConvTranspose -> BN: W ``[C_in, C_out/g, *k]``, output channel ``g*C_out/g + j`` (grouped).
+    gemm-bn: Gemm -> BN: ``alpha A'B' + beta C`` becomes ``alpha A'(B' s) + (beta C s + t)``, beta = 1;
        a broadcast C grows to ``broadcast(C, [N])``.
-    4. MatMul -> BN, product (N, C) with a constant 2-D right operand: becomes ``Gemm(A, W s, t)``.
-    5. MatMul -> Add(bias) -> BN, product (N, C): scale W and the bias (``b s + t``).
-    6. LinearNorm (:mod:`~bnfold.onnx.match_linear_norm`): MatMul (.., K)x(K, D) [-> Add(bias)] ->
+    gemm-bn: MatMul -> BN, product (N, C) with a constant 2-D right operand: becomes ``Gemm(A, W s, t)``.
+    gemm-bn: MatMul -> Add(bias) -> BN, product (N, C): scale W and the bias (``b s + t``).
+    linear-norm: LinearNorm (:mod:`~bnfold.onnx.match_linear_norm`): MatMul (.., K)x(K, D) [-> Add(bias)] ->
        Reshape to a constant ``[a, D, 1, ..]``, Flatten, or a Transpose with ``perm[1]`` last -> BN:
        the BN channel is the MatMul's output axis throughout; scale W, shift into the bias, or the
        BN becomes one ``Add(x, t)``. A chain of those (``MatMul -> Reshape -> Transpose -> BN``) folds
        when the output axis provably arrives intact at axis 1 (a stride proof on static shapes); a
-       Gemm before the route folds as case 3.
-    7. Conv/ConvTranspose/Gemm -> Add(constant per channel) -> BN: the constant joins the bias.
+       Gemm before the route folds with the Gemm math of gemm-bn.
+    const-add-bn: Conv/ConvTranspose/Gemm -> Add(constant per channel) -> BN: the constant joins the bias.
 Routes (:mod:`~bnfold.onnx.match_routes`):
-    8. Concat on the channel axis of layers: the BN split per slice, each slice folded into its producer.
-    9. Add / Sum of layer branches: every branch scaled, the shift into one bias; a branch that is not a
-       layer (a residual identity) is refused (UNFOLDABLE_BRANCH).
+    concat-split: Concat on the channel axis of layers: the BN split per slice, each slice folded into
+       its producer.
+    branch-sum: Add / Sum of layer branches: every branch scaled, the shift into one bias; a branch that
+       is not a layer (a residual identity) is refused (UNFOLDABLE_BRANCH).
 Backward (:mod:`~bnfold.onnx.match_backward`; the BN output is read by one node and is no graph output):
-    10. BN -> Conv with all pads zero (auto_pad NOTSET/VALID): scale input channels, bias += W t.
-    11. BN -> Gemm (transA = 0) and BN -> MatMul on a rank-2 input (becomes Gemm).
-    12. BN -> Flatten(axis=1) (or a Reshape that provably flattens) -> Gemm/MatMul: scale and shift
-        repeated over the K/C spatial positions.
-Either direction:
-    13. Identity and inference Dropout between the BN and its neighbour are walked
+    bn-conv: BN -> Conv with all pads zero (auto_pad NOTSET/VALID): scale input channels, bias += W t.
+    bn-gemm: BN -> Gemm (transA = 0) and BN -> MatMul on a rank-2 input (becomes Gemm).
+    bn-flatten-gemm: BN -> Flatten(axis=1) (or a Reshape that provably flattens) -> Gemm/MatMul: scale
+       and shift repeated over the K/C spatial positions.
+Either direction (no pattern of its own: the site keeps the pattern of its fold, the detail says "through"):
+    Identity and inference Dropout between the BN and its neighbour are walked
         (:mod:`~bnfold.onnx.noops`).
 Quantized weights (:mod:`~bnfold.onnx.match_qdq`):
-    16. Conv / ConvTranspose (group 1) / Gemm / MatMul whose weight is ``DequantizeLinear(w_q, s, z)``
+    qdq-bn: Conv / ConvTranspose (group 1) / Gemm / MatMul whose weight is ``DequantizeLinear(w_q, s, z)``
         per output channel or per tensor (opset >= 13): the scales become ``s |a|`` (integers kept;
         negated around the zero point where ``a < 0`` and that fits), a float bias takes the shift;
         an int32 bias through DequantizeLinear is rescaled exactly and the shift kept as one Add
@@ -45,17 +46,17 @@ Quantized weights (:mod:`~bnfold.onnx.match_qdq`):
         per input channel (:func:`~bnfold.onnx.match_qdq.match_qdq_backward`); a shared weight
         DequantizeLinear is copied for the folded layer.
 Other plans:
-    14. Affine (on request, when nothing can absorb the BN): ``Mul(x, scale) -> Add(_, shift)``, constants
+    bn-affine: on request, when nothing can absorb the BN: ``Mul(x, scale) -> Add(_, shift)``, constants
         shaped ``[C, 1, ..., 1]`` (or the per-element statistics of opset-7 ``spatial=0``).
-    15. Frozen BN: a per-channel Mul then Add with constant operands after Conv/ConvTranspose/Gemm folds
-        as cases 1-3 (:mod:`~bnfold.onnx.match_frozen`).
+    frozen-bn: a per-channel Mul then Add with constant operands after Conv/ConvTranspose/Gemm folds
+        as conv-bn / gemm-bn (:mod:`~bnfold.onnx.match_frozen`).
 
 Ranks and static shapes come from the file's declarations and from shape inference on a light copy
 (:mod:`~bnfold.onnx.shapes`); a fold that needs a rank refuses when any two known ranks disagree.
 Attributes are read with the types and defaults of the operator schema (:func:`~bnfold.onnx.graph.attr`).
 
 Refusals: training mode or optional outputs (TRAINING_MODE); non-constant weights or statistics
-(NON_CONSTANT; a quantized weight case 16 cannot fold, or a quantized activation, is QUANTIZED); non-float tensors (UNSUPPORTED_DTYPE); a folded
+(NON_CONSTANT; a quantized weight qdq-bn cannot fold, or a quantized activation, is QUANTIZED); non-float tensors (UNSUPPORTED_DTYPE); a folded
 tensor that is not finite in its dtype (OVERFLOW); zero padding (PADDING); channel not on the layer's
 feature axis (LAYOUT); per-element statistics (SPATIAL); a producer output read elsewhere
 (OTHER_CONSUMERS) or a graph output (GRAPH_OUTPUT); a producer in an enclosing graph (IN_SUBGRAPH); a
@@ -202,7 +203,7 @@ def match_bn(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str) -> Fold
 
 
 def match_affine(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, opset: int) -> Fold | None:
-    """Case 14: plan ``BN -> Mul + Add`` for a BN nothing can absorb, or None when that is not possible."""
+    """bn-affine: plan ``BN -> Mul + Add`` for a BN nothing can absorb, or None when that is not possible."""
     node = index.nodes[bi]
     prm = bn_params(index, ev, node, label)
     if isinstance(prm, Skip):
@@ -225,5 +226,5 @@ def match_affine(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, ops
     res = finish([s, t], dtype, label, "scale or shift")
     if isinstance(res, Skip):
         return None
-    site = Site(label, "", "Mul+Add", Direction.AFFINE, "BN replaced by one Mul and one Add")
+    site = Site(label, "", "Mul+Add", Direction.AFFINE, "BN replaced by one Mul and one Add", "bn-affine")
     return Fold(site=site, remove=(bi,), affine=(res[0], res[1]))

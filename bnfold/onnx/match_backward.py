@@ -1,9 +1,9 @@
-"""Backward folds (BN -> layer): the cases 10-12 of :mod:`bnfold.onnx.match`, through the no-ops of
-case 13.
+"""Backward folds (BN -> layer): the patterns bn-conv, bn-gemm, bn-flatten-gemm of :mod:`bnfold.patterns`,
+through the no-ops of :mod:`bnfold.onnx.noops`.
 
 The BN output must be read by one node only and must not be a graph output; after the fold that node
-(the first no-op, the Flatten, or the layer) reads the BN input instead. Case 10 needs a Conv without
-zero padding (padded zeros are not shifted by the BN); cases 11 and 12 contract the BN channel with the
+(the first no-op, the Flatten, or the layer) reads the BN input instead. bn-conv needs a Conv without
+zero padding (padded zeros are not shifted by the BN); bn-gemm and bn-flatten-gemm contract the BN channel with the
 layer's K axis (rank 2, or the K/C spatial positions after a Flatten from axis 1).
 """
 
@@ -22,7 +22,7 @@ from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight
 from .graph import GraphIndex, attr, name_of
 from .match_qdq import dq_weight, match_qdq_backward
 from .noops import walk_down
-from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
+from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip, tried
 
 __all__ = ["match_backward", "reshape_flattens"]
 
@@ -30,7 +30,7 @@ Result = tuple[Fold | Skip, bool]
 
 
 def reshape_flattens(index: GraphIndex, ev: ConstEvaluator, node: Any, x: str) -> bool:
-    """True when ``Reshape(x, shape)`` provably computes ``Flatten(x, axis=1)`` (case 12).
+    """True when ``Reshape(x, shape)`` provably computes ``Flatten(x, axis=1)`` (bn-flatten-gemm).
 
     Accepted targets: ``[0, -1]`` (dim 0 copied, the rest flattened, any rank); with the static
     shape of ``x`` known, ``[d0 | 0 | -1, prod(dims 1..)]`` and ``[d0, -1]``.
@@ -74,7 +74,7 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             label, SkipReason.NO_PRODUCER, f"nothing foldable before it, and {what} read its output"
         ), False
     first = cons[0]  # renamed to read x
-    cur, chain = walk_down(index, ev, y)  # Case 13: Identity / inference Dropout after the BN
+    cur, chain = walk_down(index, ev, y)  # no-ops: Identity / inference Dropout after the BN
     ki = index.single_consumer(cur)
     if ki is None:
         return Skip(
@@ -140,13 +140,15 @@ def match_backward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, p
             label, SkipReason.SPATIAL, "spatial=0 statistics differ per position: not a per-channel scale"
         ), True
     via = [index.nodes[k].op_type for k in chain] + ([index.nodes[flat].op_type] if flat is not None else [])
-    site = Site(label, index.label(ki), kind, Direction.BACKWARD, f"through {', '.join(via)}" if via else "")
+    pattern = "bn-conv" if kind == "Conv" else "bn-gemm" if flat is None else "bn-flatten-gemm"
+    detail = f"through {', '.join(via)}" if via else ""
+    site = Site(label, index.label(ki), kind, Direction.BACKWARD, detail, pattern)
     base: dict[str, Any] = {"site": site, "remove": (bi,), "rename_input": (first, 0, x), "dropped": (y,)}
     locks = tuple(dict.fromkeys((ki, first) + (() if flat is None else (flat,))))
     c = Bwd(index, ev, kn, ki, label, prm, target, base, locks, x, y)
     if kind == "Conv":
-        return _case_conv(c)  # Case 10
-    return _case_gemm(c, flat is not None)  # Cases 11, 12
+        return tried(_case_conv(c), "bn-conv")
+    return tried(_case_gemm(c, flat is not None), pattern)
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Bwd:
 
 
 def _case_conv(c: Bwd) -> Result:
-    """Case 10: BN -> Conv with all pads zero: scale input channels, bias += W t."""
+    """bn-conv: BN -> Conv with all pads zero: scale input channels, bias += W t."""
     ev, kn, ki, label, prm, target, base, locks = c.ev, c.kn, c.ki, c.label, c.prm, c.target, c.base, c.locks
     pads = list(attr(kn, "pads", []))
     auto_pad = attr(kn, "auto_pad", b"NOTSET")
@@ -202,7 +204,7 @@ def _case_conv(c: Bwd) -> Result:
 
 
 def _case_gemm(cx: Bwd, flat: bool) -> Result:
-    """Case 11: BN -> Gemm (transA = 0) / MatMul on a rank-2 input; case 12: after a Flatten(axis=1)."""
+    """bn-gemm: BN -> Gemm (transA = 0) / MatMul on a rank-2 input; bn-flatten-gemm: after a Flatten(axis=1)."""
     ev, kn, ki, label, prm, target, base, locks = (
         cx.ev,
         cx.kn,

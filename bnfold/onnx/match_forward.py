@@ -3,7 +3,7 @@
 Every case returns ``(verdict, specific)``: a :class:`~bnfold.onnx.plan.Fold` or a
 :class:`~bnfold.records.Skip`, and whether a refusal names a foldable layer (it is then reported rather
 than the backward matcher's generic NO_PRODUCER). The routes (Concat, sums of branches: cases 8-9)
-live in :mod:`bnfold.onnx.match_routes`; the no-ops walked first (case 13) in :mod:`bnfold.onnx.noops`.
+live in :mod:`bnfold.onnx.match_routes`; the no-ops walked first in :mod:`bnfold.onnx.noops`.
 This module dispatches on the producer; the vocabulary every case shares (:class:`Fwd`, the route
 checks, the layer writes) is :mod:`bnfold.onnx.forward`, which imports no case module.
 """
@@ -35,13 +35,13 @@ from .match_linear_norm import match_linear_norm
 from .match_qdq import activation_skip, dq_weight, match_qdq
 from .match_routes import match_concat, match_sum
 from .noops import walk_up
-from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out
+from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out, tried
 
 __all__ = ["match_forward"]
 
 
 def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, prm: BnParams) -> Result:
-    """The forward verdict for the BN at ``bi`` (cases 1-9, through the no-ops of case 13)."""
+    """The forward verdict for the BN at ``bi`` (the forward patterns, through no-ops)."""
     bn = index.nodes[bi]
     x, y = bn.input[0], bn.output[0]
     head = index.producer.get(x)
@@ -51,7 +51,7 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
                 label, SkipReason.IN_SUBGRAPH, f"its input '{x}' comes from the enclosing graph"
             ), True
         return Skip(label, SkipReason.NO_PRODUCER, f"its input '{x}' is a graph input or constant"), False
-    src, chain = walk_up(index, ev, x)  # Case 13: Identity / inference Dropout above the BN
+    src, chain = walk_up(index, ev, x)  # no-ops: Identity / inference Dropout above the BN
     p = index.producer.get(src)
     if p is None:
         return Skip(label, SkipReason.NO_PRODUCER, f"its input comes (through no-ops) from '{src}'"), False
@@ -66,31 +66,33 @@ def match_forward(index: GraphIndex, ev: ConstEvaluator, bi: int, label: str, pr
     kind = pn.op_type
     if kind in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         if dq_weight(index, pn) is not None:
-            return match_qdq(c, p)  # Cases 1-4 through a DequantizeLinear weight
+            return tried(match_qdq(c, p), "qdq-bn")  # conv-bn / gemm-bn through a DequantizeLinear weight
     if kind == "DequantizeLinear":
         return activation_skip(c, p)
     if kind in ("Conv", "ConvTranspose"):
-        return _case_layer(c, p, layer_writes)  # Cases 1 and 2
+        return tried(_case_layer(c, p, layer_writes), "conv-bn")
     if kind == "Gemm":
-        return _case_layer(c, p, gemm_fold)  # Case 3
+        return tried(_case_layer(c, p, gemm_fold), "gemm-bn")
     if kind == "MatMul":
-        return _case_matmul(c, p, None)  # Case 4
+        return tried(_case_matmul(c, p, None), "gemm-bn")
     if kind == "Add":
-        return _case_add(c, p)  # Cases 5, 7, 9
+        return _case_add(c, p)  # gemm-bn (MatMul -> Add), const-add-bn, branch-sum
     if kind in ("Reshape", "Flatten", "Transpose"):
-        return match_linear_norm(c, p)  # Case 6
-    if kind in ("Concat", "Sum"):
-        return match_concat(c, p) if kind == "Concat" else match_sum(c, p, list(pn.input))  # Cases 8, 9
+        return tried(match_linear_norm(c, p), "linear-norm")
+    if kind == "Concat":
+        return tried(match_concat(c, p), "concat-split")
+    if kind == "Sum":
+        return tried(match_sum(c, p, list(pn.input)), "branch-sum")
     return Skip(
         label, SkipReason.NO_PRODUCER, f"its input comes from {kind} '{name_of(pn)}', which cannot absorb it"
     ), False
 
 
-# ---- Cases 1 and 2: Conv / ConvTranspose -> BN ------------------------------------------------------
+# ---- conv-bn: Conv / ConvTranspose -> BN ------------------------------------------------------------
 
 
 def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Write] | Skip]) -> Result:
-    """Cases 1-3: scale the output channels of a Conv / ConvTranspose / Gemm ``p`` and shift its
+    """conv-bn, gemm-bn: scale the output channels of a Conv / ConvTranspose / Gemm ``p`` and shift its
     bias, with the writes ``writes`` computes (a Gemm also gets beta = 1)."""
     pn = c.index.nodes[p]
     bad = common(c, f"{pn.op_type} '{name_of(pn)}'")
@@ -100,13 +102,14 @@ def _case_layer(c: Fwd, p: int, writes: Callable[[Fwd, int, F64, F64], list[Writ
     if isinstance(w, Skip):
         return w, True
     beta_one = (p,) if pn.op_type == "Gemm" else ()
-    return Fold(**c.base(p, pn.op_type), locks=c.locks(p), writes=w, beta_one=beta_one), True
+    pattern = "gemm-bn" if pn.op_type == "Gemm" else "conv-bn"
+    return Fold(**c.base(p, pn.op_type, pattern=pattern), locks=c.locks(p), writes=w, beta_one=beta_one), True
 
 
-# ---- Case 3: Gemm -> BN ----------------------------------------------------------------------------
+# ---- gemm-bn: Gemm -> BN ---------------------------------------------------------------------------
 
 
-# ---- Cases 4 and 5: MatMul [-> Add(bias)] -> BN, product of rank 2 -----------------------------------
+# ---- gemm-bn: MatMul [-> Add(bias)] -> BN, product of rank 2 ----------------------------------------
 
 
 def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
@@ -125,17 +128,17 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     if isinstance(mw, Skip):
         return mw, True
     s, t = c.prm.scale, c.prm.shift
-    if add is None:  # Case 4: becomes Gemm(A, W s, t)
+    if add is None:  # gemm-bn: becomes Gemm(A, W s, t)
         res = scale_out(mw, None, s, t, WeightLayout.matmul(), c.label, f"weight of {target}")
         if isinstance(res, Skip):
             return res, True
         return Fold(
-            **c.base(m, "MatMul"),
+            **c.base(m, "MatMul", pattern="gemm-bn"),
             locks=c.locks(m),
             writes=[Write(m, 1, res[0]), Write(m, 2, res[1])],
             to_gemm=m,
         ), True
-    # Case 5: MatMul -> Add(bias): scale W and the bias (b s + t)
+    # gemm-bn: MatMul -> Add(bias): scale W and the bias (b s + t)
     an = idx.nodes[add]
     bad = exclusive(c, mnode.output[0], f"MatMul '{name_of(mnode)}'", kept=True)
     if bad is not None:
@@ -155,13 +158,13 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
     if isinstance(bres, Skip):
         return bres, True
     return Fold(
-        **c.base(m, "MatMul"),
+        **c.base(m, "MatMul", pattern="gemm-bn"),
         locks=c.locks(add, m),
         writes=[Write(m, 1, wres[0]), Write(add, bias_slot, bres[0])],
     ), True
 
 
-# ---- Cases 5, 7, 9: what an Add before the BN adds -----------------------------------------------------
+# ---- gemm-bn, const-add-bn, branch-sum: what an Add before the BN adds ---------------------------------
 
 
 def _case_add(c: Fwd, a: int) -> Result:
@@ -179,18 +182,18 @@ def _case_add(c: Fwd, a: int) -> Result:
     for side in (0, 1):
         if kinds[side] == "MatMul" and consts[1 - side]:
             q = idx.producer[an.input[side]]
-            return _case_matmul(c, q, a)  # Case 5
+            return tried(_case_matmul(c, q, a), "gemm-bn")
         if kinds[side] in LAYERS and consts[1 - side]:
-            return _case_add_const(c, idx.producer[an.input[side]], a, 1 - side)  # Case 7
+            return tried(_case_add_const(c, idx.producer[an.input[side]], a, 1 - side), "const-add-bn")
     if any(k in LAYERS or k == "MatMul" for k in kinds):
-        return match_sum(c, a, list(an.input))  # Case 9 (refuses a branch that is not a layer)
+        return tried(match_sum(c, a, list(an.input)), "branch-sum")  # refuses a branch that is not a layer
     return Skip(
         c.label, SkipReason.NO_PRODUCER, f"its input comes from Add '{name_of(an)}', not a layer"
     ), False
 
 
 def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
-    """Case 7: ``layer -> Add(constant per channel) -> BN``: the constant joins the layer's bias, the
+    """const-add-bn: ``layer -> Add(constant per channel) -> BN``: the constant joins the layer's bias, the
     Add and the BN go (``s (W x + b + k) + t = (s W) x + (s (b + k) + t)``)."""
     idx = c.index
     pn, an = idx.nodes[p], idx.nodes[a]
@@ -221,7 +224,7 @@ def _case_add_const(c: Fwd, p: int, a: int, const_slot: int) -> Result:
     writes = layer_writes(c, p, s, s * k64 + t)
     if isinstance(writes, Skip):
         return writes, True
-    base = c.base(p, pn.op_type, f"through Add '{name_of(an)}' (constant)")
+    base = c.base(p, pn.op_type, f"through Add '{name_of(an)}' (constant)", "const-add-bn")
     base["remove"] = (c.bi, a)
     base["dropped"] = (an.output[0], pn.output[0])
     base["rename_output"] = (p, c.y)

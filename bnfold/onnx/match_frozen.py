@@ -1,4 +1,4 @@
-"""Case 15 of :mod:`bnfold.onnx.match`: a frozen BN, ``layer -> Mul(constant) -> Add(constant)``.
+"""Pattern ``frozen-bn``: a frozen BN, ``layer -> Mul(constant) -> Add(constant)``.
 
 When both constants are one value per output channel of a Conv / ConvTranspose / Gemm whose output
 only the Mul reads, ``k * (W x + b) + d = (k W) x + (k b + d)``: it folds as cases 1-3, and both
@@ -21,7 +21,7 @@ __all__ = ["match_mul_add"]
 
 
 def match_mul_add(index: GraphIndex, ev: ConstEvaluator, ai: int) -> Fold | None:
-    """Case 15: plan the fold of ``layer -> Mul(const) -> Add(const)`` (a frozen BN) at the Add ``ai``, or None."""
+    """Plan the fold of ``layer -> Mul(const) -> Add(const)`` (a frozen BN) at the Add ``ai``, or None."""
     add = index.nodes[ai]
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
         return None
@@ -94,7 +94,9 @@ def _fold_mul_add(
     res = finish([w64, b64], w.dtype, label, "weight")
     if isinstance(res, Skip):
         return None
-    site = Site(label, index.label(pi), kind, Direction.FORWARD, "per-channel Mul+Add (frozen BN)")
+    site = Site(
+        label, index.label(pi), kind, Direction.FORWARD, "per-channel Mul+Add (frozen BN)", "frozen-bn"
+    )
     return Fold(
         site=site,
         remove=(mi, ai),

@@ -1,4 +1,4 @@
-"""Case 6 of :mod:`bnfold.onnx.match`: LinearNorm, ``MatMul [-> Add(bias)] -> Reshape | Flatten | Transpose -> BN``.
+"""Pattern ``linear-norm``: LinearNorm, ``MatMul [-> Add(bias)] -> Reshape | Flatten | Transpose -> BN``.
 
 A chain of those (``MatMul -> Reshape -> Transpose -> BN``, which onnxruntime fuses) folds when the
 MatMul's output axis provably arrives intact at the BN's axis 1 (:func:`_track_column`).
@@ -177,7 +177,7 @@ def _track_column(c: Fwd, chain: list[int], d: int, product: str, m: int) -> tup
 def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
     """``Gemm -> Reshape / Flatten / Transpose ... -> BN``: a Gemm's output (rank 2) has its features on
     the last axis, as a MatMul's; when they provably arrive at the BN's axis 1 the BN folds into the
-    Gemm as in case 3 (B's feature columns scaled, the shift into C, beta = 1)."""
+    Gemm as in gemm-bn (B's feature columns scaled, the shift into C, beta = 1)."""
     idx = c.index
     gn = idx.nodes[g]
     route = ", ".join(f"{idx.nodes[k].op_type} '{name_of(idx.nodes[k])}'" for k in reversed(chain))
@@ -208,7 +208,8 @@ def _gemm_route(c: Fwd, g: int, chain: list[int]) -> Result:
     writes = gemm_fold(c, g, c.prm.scale, c.prm.shift)
     if isinstance(writes, Skip):
         return writes, True
-    return Fold(**c.base(g, "Gemm", f"through {route}"), locks=c.locks(g), writes=writes, beta_one=(g,)), True
+    base = c.base(g, "Gemm", f"through {route}", "linear-norm")
+    return Fold(**base, locks=c.locks(g), writes=writes, beta_one=(g,)), True
 
 
 _ROUTE = ("Reshape", "Flatten", "Transpose")
@@ -216,7 +217,7 @@ _MAX_ROUTE = 8
 
 
 def match_linear_norm(c: Fwd, r: int) -> Result:
-    """Case 6: the BN channel is the MatMul's output axis throughout (LeViT's LinearNorm), through one
+    """linear-norm: the BN channel is the MatMul's output axis throughout (LeViT's LinearNorm), through one
     Reshape / Flatten / Transpose or a chain of them (``MatMul -> Reshape -> Transpose -> BN``)."""
     idx = c.index
     chain = [r]  # nearest the BN first
@@ -282,7 +283,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
     wres = scale_out(mw, None, s, None, WeightLayout.matmul(), c.label, f"weight of {target}")
     if isinstance(wres, Skip):
         return wres, True
-    base = c.base(m, "MatMul", f"through {route}")
+    base = c.base(m, "MatMul", f"through {route}", "linear-norm")
     if add is None:
         # No bias to absorb the shift: the BN becomes Add(x, t), t laid out on axis 1 of the BN input.
         r0 = idx.nodes[r]
@@ -304,6 +305,7 @@ def match_linear_norm(c: Fwd, r: int) -> Result:
             site.target_kind,
             site.direction,
             "; ".join(filter(None, [site.detail, "shift kept as one Add"])),
+            site.pattern,
         )
         return Fold(
             site=site, remove=(c.bi,), locks=c.locks(m), writes=[Write(m, 1, wres[0])], shift=tres[0]

@@ -366,7 +366,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             detail += (
                 "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
             )
-    base = c.base(p, kind, detail + detail_clone)
+    base = c.base(p, kind, detail + detail_clone, "qdq-bn")
     if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
         base["rename_output"], base["dropped"] = None, ()
     return Fold(
@@ -689,7 +689,10 @@ def _backward(
     site: Site = base["site"]
     detail = "; ".join(filter(None, ["quantized weight: " + detail, site.detail]))
     return Fold(
-        **{**base, "site": Site(site.bn, site.target, site.target_kind, Direction.BACKWARD, detail)},
+        **{
+            **base,
+            "site": Site(site.bn, site.target, site.target_kind, Direction.BACKWARD, detail, "bn-qdq"),
+        },
         locks=tuple(dict.fromkeys((*locks, *lock))),
         writes=writes,
         beta_one=(ki,) if kind == "Gemm" else (),

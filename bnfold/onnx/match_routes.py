@@ -1,6 +1,6 @@
-"""BN after a channel route: Concat of layers (case 8) and the sum of layer branches (case 9).
+"""BN after a channel route: Concat of layers (``concat-split``) and the sum of layer branches (``branch-sum``).
 
-Case 8, ``BN(Concat(P_1(x_1), ..., P_k(x_k), axis=1))``: the BN is per channel, so the slice of
+``concat-split``, ``BN(Concat(P_1(x_1), ..., P_k(x_k), axis=1))``: the BN is per channel, so the slice of
 channels ``[o_i, o_i + C_i)`` that producer ``P_i`` writes is scaled and shifted by
 ``scale[o_i : o_i + C_i]`` and ``shift[...]`` alone -- a forward fold of each producer with its slice::
 
@@ -8,7 +8,7 @@ channels ``[o_i, o_i + C_i)`` that producer ``P_i`` writes is scaled and shifted
                         Concat -> c -> BN -> y                          Concat -> y
              P_2 -> b --/                                  P_2' -> b --/
 
-Case 9, ``BN(P_1(x_1) + ... + P_k(x_k))`` (Add, or Sum): ``s * (sum_i z_i) + t = sum_i (s z_i) + t``,
+``branch-sum``, ``BN(P_1(x_1) + ... + P_k(x_k))`` (Add, or Sum): ``s * (sum_i z_i) + t = sum_i (s z_i) + t``,
 so every branch's output channels are scaled by ``s`` and the shift goes into the first branch's bias
 once. Every branch must be a layer with ``C`` output channels of the same rank (so that its channel
 axis is the sum's axis 1 under broadcasting); a broadcast along other axes is fine (each output
@@ -97,14 +97,15 @@ def _route_fold(c: Fwd, node: int, kind: str, plans: list[tuple[int, F64, F64 | 
         if c.index.nodes[p].op_type == "Gemm":
             gemms.append(p)
     names = ", ".join(c.index.label(p) for p, _, _ in plans)
-    base = c.base(node, kind, f"{what} into {len(plans)} producers: {names}")
+    pattern = "concat-split" if kind == "Concat" else "branch-sum"
+    base = c.base(node, kind, f"{what} into {len(plans)} producers: {names}", pattern)
     return Fold(
         **base, locks=c.locks(node, *(p for p, _, _ in plans)), writes=writes, beta_one=tuple(gemms)
     ), True
 
 
 def match_concat(c: Fwd, node: int) -> Result:
-    """Case 8: split the BN over the producers of a channel-axis Concat."""
+    """concat-split: split the BN over the producers of a channel-axis Concat."""
     cn = c.index.nodes[node]
     what = f"Concat '{name_of(cn)}'"
     bad = common(c, what)
@@ -135,7 +136,7 @@ def match_concat(c: Fwd, node: int) -> Result:
 
 
 def match_sum(c: Fwd, node: int, inputs: list[str]) -> Result:
-    """Case 9: scale every branch of a sum, the shift into the first branch's bias."""
+    """branch-sum: scale every branch of a sum, the shift into the first branch's bias."""
     an = c.index.nodes[node]
     what = f"{an.op_type} '{name_of(an)}'"
     bad = common(c, what)

@@ -701,6 +701,7 @@ def merge_branches(
                             "Conv",
                             Direction.FORWARD,
                             f"identity BN branch merged into one Conv with the other branches of '{sum_label}'",
+                            "branch-merge",
                         )
         for node in chain:
             removed.add(node)

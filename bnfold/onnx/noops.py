@@ -1,4 +1,4 @@
-"""Eval-time no-ops between a BN and its neighbour (matcher case 13): Identity and inference Dropout.
+"""Eval-time no-ops between a BN and its neighbour (walked by every pattern): Identity and inference Dropout.
 
 ``Identity(x) = x``; ``Dropout(x) = x`` when it does not train: opset >= 12 with the ``training_mode``
 input absent or a constant false, opset 7-11 always (no training mode in inference), opset < 7 only

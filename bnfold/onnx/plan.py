@@ -11,7 +11,7 @@ of one layer (``W' = W * s[out]``, ``b' = b * s + t``) through
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "rank2_or_skip",
     "trace_type",
     "conv_groups",
+    "tried",
 ]
 
 Array = npt.NDArray[Any]
@@ -272,3 +273,12 @@ def trace_type(index: GraphIndex, x: str, y: str) -> tuple[int, int | None]:
             elem = elem or vt.elem_type
             rank = rank if rank is not None else vt.rank
     return elem, rank
+
+
+def tried(res: tuple[Fold | Skip, bool], pattern: str) -> tuple[Fold | Skip, bool]:
+    """A matcher's ``(verdict, specific)`` with a refusal specific to its case naming the pattern it was
+    tried as (``Skip.pattern``, an id of :mod:`bnfold.patterns`)."""
+    v, specific = res
+    if specific and isinstance(v, Skip) and v.pattern is None:
+        return replace(v, pattern=pattern), specific
+    return res

@@ -394,6 +394,7 @@ def propagate_graph(
                 index.nodes[plan.layer].op_type,
                 Direction.PROPAGATED,
                 _describe(index, plan),
+                "scale-propagation",
             )
             dead, add = _apply(graph, index, plan, names, store)
             candidates |= dead

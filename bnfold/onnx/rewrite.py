@@ -263,7 +263,7 @@ class PassRewriter:
             self.candidates.update(v for v in nodes[ri].input if v)
             self._removed[ri] = []
         if f.shift is not None:
-            # Case 6 without a bias: the BN becomes Add(its input, shift), keeping its output name.
+            # linear-norm without a bias: the BN becomes Add(its input, shift), keeping its output name.
             bn = nodes[f.remove[0]]
             shift_name = names.fresh(f"{f.site.bn}.shift")
             self._new_initializer(shift_name, f.shift)
