@@ -231,9 +231,29 @@ def test_cli_fold_batch_stats_instance(tmp_path: Path) -> None:
     assert v["status"] == "converted" and "batch > 1" in v["detail"]
     assert any("batch 1 only" in n for n in doc["notes"])
     assert doc["verification"]["passed"]
+    # a conversion is no fold: counted apart
+    assert (doc["summary"]["converted"], doc["summary"]["folded"]) == (1, 0)
+    assert doc["summary"]["by_target_kind"] == {}
     x = np.random.default_rng(3).normal(0.3, 1.5, (1, 3, 7, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(onnx.load(dst), x), _reference(model, x), atol=2e-5, rtol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
+
+
+def test_counts_keep_conversions_apart_from_folds(tmp_path: Path) -> None:
+    """PyTorch: one BN converted, one folded: the summary says so, in --json and in the human view."""
+    net = torch_batch_stats_net(2)
+    _, report = bnfold.fold_with_report(net, batch_stats="instance")
+    d = report.to_dict()
+    assert (d["folded"], d["converted"]) == (1, 1)
+    from bnfold._json import counts
+
+    c = counts(report)
+    assert (c["folded"], c["converted"], c["by_target_kind"]) == (1, 1, {"Conv2d": 1})
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx_training_bn(4), src)
+    res = CliRunner().invoke(app, ["inspect", str(src), "--batch-stats", "instance"])
+    assert res.exit_code == 0, res.output
+    assert "would fold 0" in res.output and "would convert 1 to InstanceNorm" in res.output, res.output
 
 
 def test_cli_bad_value_is_one_line_exit_2(tmp_path: Path) -> None:
