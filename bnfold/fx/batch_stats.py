@@ -76,12 +76,17 @@ def _instance(bn: Any) -> nn.Module:
     return new
 
 
-def convert_batch_stats(module: nn.Module, *, dry_run: bool = False) -> tuple[nn.Module, list[Site]]:
+def convert_batch_stats(
+    module: nn.Module, *, dry_run: bool = False, exclude: frozenset[str] | set[str] = frozenset()
+) -> tuple[nn.Module, list[Site]]:
     """Swap every convertible BN of ``module`` (in place) for an InstanceNorm; the verdicts, in module order.
 
     ``dry_run``: change nothing, return the verdicts only. The root module itself is swapped into a new one.
+    ``exclude``: BN names to leave as they are (a conversion that failed verification, culprit search).
     """
-    names = [name for name, m in module.named_modules() if convertible(m)]
+    names = [
+        name for name, m in module.named_modules() if convertible(m) and (name or "<root>") not in exclude
+    ]
     sites = [
         Site(
             name or "<root>",
