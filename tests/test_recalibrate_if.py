@@ -155,7 +155,9 @@ def _forward(
     return bn(y, "bn_d")
 
 
-def _oracle(p: dict[str, np.ndarray], data: list[np.ndarray], pooled: bool) -> dict[str, Any]:
+def _oracle(
+    p: dict[str, np.ndarray], data: list[np.ndarray], pooled: bool, prior: float | None = None
+) -> dict[str, Any]:
     p = dict(p)
     out: dict[str, Any] = {}
     for name in BNS:
@@ -169,6 +171,15 @@ def _oracle(p: dict[str, np.ndarray], data: list[np.ndarray], pooled: bool) -> d
         else:
             mean = np.mean([f.mean(axis=1) for f in flat], axis=0)
             var = np.mean([f.var(axis=1, ddof=1) for f in flat], axis=0)
+        if prior:
+            # the file's statistics as `prior` samples of the size of the batches this BN saw: two pooled groups
+            k_t = sum(f.shape[1] for f in flat)
+            k_s = prior * k_t / sum(s.shape[0] for s in seen[name])
+            ms = p[f"{name}.mean"].astype(np.float32).astype(np.float64)
+            vs = p[f"{name}.var"].astype(np.float32).astype(np.float64)
+            tot = k_s + k_t
+            m2 = vs * (k_s - 1) + var * (k_t - 1) + (ms - mean) ** 2 * k_s * k_t / tot
+            mean, var = (k_s * ms + k_t * mean) / tot, m2 / (tot - 1)
         p[f"{name}.mean"], p[f"{name}.var"] = mean, var
         out[name] = (mean, var, len(flat))
     return out
@@ -233,23 +244,21 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 SHIFTS = [-1.0, 0.5, 1.6, -0.8, 0.4, 1.4]
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_bns_in_if_branches_equal_float64_oracle(tmp_path: Path, pooled: bool) -> None:
+@pytest.mark.parametrize(("pooled", "prior"), [(False, None), (True, None), (False, 6.0), (True, 6.0)])
+def test_bns_in_if_branches_equal_float64_oracle(tmp_path: Path, pooled: bool, prior: float | None) -> None:
     p = _params()
     src, data, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx"
     _write(src, p)
     batches = _data(SHIFTS)
     _npz(data, batches)
     before = src.read_bytes()
-    r = runner.invoke(
-        app,
-        ["recalibrate", str(src), str(out), "--data", str(data), "--json", *(["--pooled"] if pooled else [])],
-    )
+    flags = [*(["--pooled"] if pooled else []), *(["--prior", str(prior)] if prior else [])]
+    r = runner.invoke(app, ["recalibrate", str(src), str(out), "--data", str(data), "--json", *flags])
     assert r.exit_code == 0, r.output
     assert src.read_bytes() == before
     doc = json.loads(r.stdout)
     assert doc["passes"] == 3  # bn_a, bn_c: depth 0; bn_n: 1; bn_d: 2 (after the If)
-    want = _oracle(p, batches, pooled)
+    want = _oracle(p, batches, pooled, prior)
     got = _stats(out)
     per_bn = {c["bn"]: c for c in doc["bns"]}
     for name in BNS:
