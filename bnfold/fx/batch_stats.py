@@ -295,7 +295,7 @@ def constant_layers(module: nn.Module) -> list[ConstantLayer]:
     statistics (timm ``StdConv2d`` / ``ScaledStdConv2d``, NF-ResNets), with its plain replacement.
 
     Only leaf modules of classes outside ``torch.nn``, with no hooks and no parametrizations, whose
-    forward traces to ``F.conv*``/``F.linear`` of the input with a weight (and bias) computed from the
+    forward names ``batch_norm`` in its own code and traces to ``F.conv*``/``F.linear`` of the input with a weight (and bias) computed from the
     module's own tensors through at least one ``F.batch_norm(..., None, None, training=True)``, and whose
     ancestors call them whole (:func:`bnfold.fx.safety.unsafe_use`). The constant is evaluated in
     float64 and cast once to the layer's dtype.
@@ -311,6 +311,9 @@ def constant_layers(module: nn.Module) -> list[ConstantLayer]:
             continue
         if m._forward_hooks or m._forward_pre_hooks or getattr(m, "parametrizations", None) is not None:
             continue
+        code = getattr(getattr(cls, "forward", None), "__code__", None)
+        if code is None or "batch_norm" not in code.co_names:
+            continue  # cheap: only a forward that names batch_norm itself is traced
         c = _constant_layer(m, name)
         if c is None:
             continue
