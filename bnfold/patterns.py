@@ -197,9 +197,10 @@ CATALOGUE: tuple[Pattern, ...] = (
         "bn-constant",
         "batch-statistics BN on a constant input",
         "forward",
-        "y = BN_batch(x) evaluated once in float64: the BN becomes a Constant",
+        "y = BN_batch(x) evaluated once in float64: the BN becomes a Constant (PyTorch: the standardised weight)",
         onnx="yes",
-        example="a training-mode BN on a constant embedding",
+        fx="weight standardisation (`F.batch_norm` on a layer's weight)",
+        example="NF-ResNet / timm `StdConv2d`, a training-mode BN on a constant embedding",
     ),
     Pattern(
         "bn-affine",

@@ -378,7 +378,13 @@ class FoldReport:
 
     @property
     def folded(self) -> int:
+        """BNs removed: folded, turned affine, propagated or converted (every :class:`Site`)."""
         return len(self.sites)
+
+    @property
+    def converted(self) -> int:
+        """BNs replaced by another normalisation (``batch_stats="instance"``), counted apart in ``to_dict``."""
+        return sum(1 for s in self.sites if s.direction is Direction.CONVERTED)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -386,7 +392,8 @@ class FoldReport:
             "dry_run": self.dry_run,
             "bn_before": self.bn_before,
             "bn_after": self.bn_after,
-            "folded": self.folded,
+            "folded": self.folded - self.converted,
+            "converted": self.converted,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "params_before": self.params_before,

@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 
 def _bn_params(c: int, rng: np.random.Generator, dtype: Any = np.float32) -> dict[str, np.ndarray]:
@@ -153,4 +156,90 @@ def torch_batch_stats_net(dims: int = 2, c: int = 4, seed: int = 0) -> Any:
                 if m.running_mean is not None:
                     m.running_mean.uniform_(-0.5, 0.5)
                     m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+# Re-creations of timm's ``StdConv2d`` and ``ScaledStdConv2d`` (``timm/layers/std_conv.py``): the weight
+# standardised per output filter by ``F.batch_norm(..., training=True)`` in every forward.
+class StdConv2d(nn.Conv2d):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        k: int,
+        *,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(cin, cout, k, padding=padding, groups=groups, bias=bias)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        k: int,
+        *,
+        padding: int = 0,
+        bias: bool = True,
+        gamma: float = 1.0,
+        eps: float = 1e-6,
+        gain_init: float = 1.0,
+    ) -> None:
+        super().__init__(cin, cout, k, padding=padding, bias=bias)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain_init))
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def torch_weight_standardised_net(seed: int = 0) -> Any:
+    """An NF-ResNet-style stem: ``ScaledStdConv2d(bias) -> ReLU -> StdConv2d(groups=2) -> BN -> ReLU``, eval mode.
+
+    Weights with a non-zero mean per filter, gains != 1, a BN with realistic statistics.
+    """
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        ScaledStdConv2d(3, 6, 3, padding=1, gamma=1.7, eps=1e-5),
+        nn.ReLU(),
+        StdConv2d(6, 4, 3, padding=1, groups=2, eps=1e-4),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+    )
+    with torch.no_grad():
+        net[0].weight.normal_(0.2, 0.5)
+        net[0].gain.uniform_(0.5, 2.0)
+        net[0].bias.uniform_(-0.5, 0.5)
+        net[2].weight.normal_(-0.1, 0.3)
+        bn = net[3]
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
     return net.eval()

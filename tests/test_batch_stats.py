@@ -22,7 +22,11 @@ import bnfold
 from bnfold.cli import app
 from bnfold.errors import OptionError
 from bnfold.records import Direction, Site, Skip, SkipReason
-from models.batch_stats import onnx_training_bn, onnx_weight_standardised, torch_batch_stats_net
+from models.batch_stats import (
+    onnx_training_bn,
+    onnx_weight_standardised,
+    torch_batch_stats_net,
+)
 
 SPATIAL = {3: (9,), 4: (7, 6), 5: (5, 4, 3)}
 
@@ -231,9 +235,29 @@ def test_cli_fold_batch_stats_instance(tmp_path: Path) -> None:
     assert v["status"] == "converted" and "batch > 1" in v["detail"]
     assert any("batch 1 only" in n for n in doc["notes"])
     assert doc["verification"]["passed"]
+    # a conversion is no fold: counted apart
+    assert (doc["summary"]["converted"], doc["summary"]["folded"]) == (1, 0)
+    assert doc["summary"]["by_target_kind"] == {}
     x = np.random.default_rng(3).normal(0.3, 1.5, (1, 3, 7, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(onnx.load(dst), x), _reference(model, x), atol=2e-5, rtol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
+
+
+def test_counts_keep_conversions_apart_from_folds(tmp_path: Path) -> None:
+    """PyTorch: one BN converted, one folded: the summary says so, in --json and in the human view."""
+    net = torch_batch_stats_net(2)
+    _, report = bnfold.fold_with_report(net, batch_stats="instance")
+    d = report.to_dict()
+    assert (d["folded"], d["converted"]) == (1, 1)
+    from bnfold._json import counts
+
+    c = counts(report)
+    assert (c["folded"], c["converted"], c["by_target_kind"]) == (1, 1, {"Conv2d": 1})
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx_training_bn(4), src)
+    res = CliRunner().invoke(app, ["inspect", str(src), "--batch-stats", "instance"])
+    assert res.exit_code == 0, res.output
+    assert "would fold 0" in res.output and "would convert 1 to InstanceNorm" in res.output, res.output
 
 
 def test_cli_bad_value_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -292,3 +316,46 @@ def test_cli_dynamic_batch_verified_at_2_fails_and_says_batch_1(tmp_path: Path) 
     )
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
+
+
+def test_cli_culprit_search_keeps_the_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch file with --batch-stats instance: the fold of '4' fails verification, the culprit search
+    leaves it, and its re-folds convert '1' as the first fold did. The verification is a stand-in that
+    fails exactly when '4' is folded (the wiring under test); the written model is then compared with the
+    original for real."""
+    from bnfold.files import fold as fold_job
+    from bnfold.files import fold_torch as fold_torch_job
+    from bnfold.records import OutputCheck, VerifyReport
+
+    def fake_verify(
+        reference: torch.nn.Module, candidate: torch.nn.Module, *a: object, **k: object
+    ) -> VerifyReport:
+        assert isinstance(reference[1], torch.nn.BatchNorm2d)  # the reference is never the converted model
+        ok = isinstance(candidate[4], torch.nn.BatchNorm2d)
+        chk = OutputCheck("y", 0, "float32", (1,), 0.0 if ok else 1.0, 0.0, 0 if ok else 1, 0.0, 1e-5, ok)
+        return VerifyReport(checks=(chk,), samples=1, optimization_level="disable")
+
+    monkeypatch.setattr(fold_job, "run_verify", fake_verify)
+    monkeypatch.setattr(fold_torch_job, "run_verify", fake_verify)
+    (tmp_path / "bs_factory.py").write_text(
+        "from models.batch_stats import torch_batch_stats_net\ndef make():\n    return torch_batch_stats_net(2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src, dst = tmp_path / "m.pt", tmp_path / "out.pt"
+    torch.save(torch_batch_stats_net(2).state_dict(), src)
+    before = src.read_bytes()
+    args = [str(src), "-o", str(dst), "--model", "bs_factory:make", "-s", "x=1x3x8x8"]
+    res = CliRunner().invoke(app, ["fold", *args, "--batch-stats", "instance", "--json"])
+    assert res.exit_code == 0, res.output
+    assert src.read_bytes() == before
+    doc = json.loads(res.stdout)
+    status = {v["bn"]: (v["status"], v["reason"]) for v in doc["verdicts"]}
+    assert status == {"1": ("converted", None), "4": ("left", "verification")}, doc["verdicts"]
+    assert doc["summary"]["converted"] == 1 and doc["verification"]["passed"]
+    net = torch_batch_stats_net(2)
+    net.load_state_dict(torch.load(src))
+    written = torch.load(dst, weights_only=False)
+    assert isinstance(written[1], torch.nn.InstanceNorm2d) and isinstance(written[4], torch.nn.BatchNorm2d)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(written(x), net(x), atol=2e-5, rtol=1e-5)

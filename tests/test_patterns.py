@@ -225,6 +225,12 @@ def _tokens(m: _Net, x: torch.Tensor) -> torch.Tensor:  # LeViT's LinearNorm
     return m.bn(y.flatten(0, 1)).reshape_as(y)  # type: ignore[no-any-return]
 
 
+def _weight_standardised() -> nn.Module:
+    from models.batch_stats import torch_weight_standardised_net
+
+    return torch_weight_standardised_net()  # type: ignore[no-any-return]
+
+
 TORCH_CASES: dict[str, tuple[Any, tuple[int, ...]]] = {
     "conv-bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 8, 8)),
     "gemm-bn": (lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), (3, 6)),
@@ -259,6 +265,7 @@ TORCH_CASES: dict[str, tuple[Any, tuple[int, ...]]] = {
         lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
         (1, 3, 8, 8),
     ),
+    "bn-constant": (_weight_standardised, (1, 3, 16, 16)),
 }
 
 

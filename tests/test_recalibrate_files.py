@@ -424,52 +424,6 @@ def test_bad_data_is_one_line_exit_2_nothing_written(tmp_path: Path) -> None:
         assert snapshot(tmp_path) == before, name
 
 
-def _if_model(path: Path) -> None:
-    """A BN inside an If branch."""
-
-    def const(name: str, v: Any) -> Any:
-        return numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)
-
-    branch = helper.make_graph(
-        [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["yb"], name="inner_bn")],
-        "then",
-        [],
-        [helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["N", 3, 4, 4])],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["yo"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("yo", TensorProto.FLOAT, ["N", 3, 4, 4])],
-    )
-    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other, name="if")]
-    g = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
-        [
-            const("g", [1.5, 0.5, 2]),
-            const("b", [0.1, -0.2, 0.3]),
-            const("m", [0.3, 0.1, -0.2]),
-            const("v", [2.0, 0.7, 1.3]),
-        ],
-    )
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
-
-
-def test_unsupported_models_refused(tmp_path: Path) -> None:
-    data = tmp_path / "d.npz"
-    np.savez(data, x=np.ones((2, 3, 4, 4), np.float32), c=np.ones((2,), bool))
-    _if_model(tmp_path / "if.onnx")
-    r = recal(tmp_path / "if.onnx", tmp_path / "o.onnx", "--data", data)
-    assert r.exit_code == 2 and "inside the If node 'if'" in r.stderr, r.output
-    assert not (tmp_path / "o.onnx").exists()
-
-
 def test_bn_that_never_runs(tmp_path: Path) -> None:
     """A BN whose input is empty in every batch (a Slice that keeps nothing)."""
 

@@ -64,14 +64,18 @@ def _mul_add(report: FoldReport) -> int:
 
 def counts(report: FoldReport) -> dict[str, Any]:
     affine = sum(1 for s in report.sites if s.direction is Direction.AFFINE)
-    by_kind = Counter(s.target_kind for s in report.sites if s.direction is not Direction.AFFINE)
+    converted = report.converted  # batch_stats="instance": counted apart, not as folds
+    by_kind = Counter(
+        s.target_kind for s in report.sites if s.direction not in (Direction.AFFINE, Direction.CONVERTED)
+    )
     if _mul_add(report):
         by_kind["Mul+Add"] += _mul_add(report)
     return {
         "bn_before": report.bn_before,
         "bn_after": report.bn_after,
-        "folded": report.folded - affine + _mul_add(report),
+        "folded": report.folded - affine - converted + _mul_add(report),
         "affine": affine,
+        "converted": converted,
         "mul_add_folded": _mul_add(report),
         "left": len(report.skips),
         "by_target_kind": dict(sorted(by_kind.items())),

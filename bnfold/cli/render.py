@@ -216,6 +216,8 @@ def render_fold_report(
     what = f"{verb} {c['folded']}" + (f" ({kinds})" if kinds else "")
     if c["affine"]:
         what += f", {'would turn' if report.dry_run else 'turned'} {c['affine']} into Mul+Add"
+    if c["converted"]:
+        what += f", {'would convert' if report.dry_run else 'converted'} {c['converted']} to InstanceNorm"
     reasons = ", ".join(f"{r} {n}" for r, n in c["by_reason"].items())
     what += f"; left {c['left']}" + (f" ({reasons})" if reasons else "")
     grid.add_row("BatchNorm", Text(f"{_arrow(report.bn_before, report.bn_after)}: {what}"))

@@ -379,7 +379,15 @@ def _without_culprits(
             loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs
         )
         new, folded = without_culprits(
-            src, loaded.model, out_fmt, examples, prep, report, result, progress=prog
+            src,
+            loaded.model,
+            out_fmt,
+            examples,
+            prep,
+            report,
+            result,
+            progress=prog,
+            batch_stats=s.batch_stats,
         )
         return replace(advised(new), files=report.files), folded, folded is not result
     return report, result, False

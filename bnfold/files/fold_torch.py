@@ -114,15 +114,23 @@ def without_culprits(
     result: Any,
     *,
     progress: ProgressFn,
+    batch_stats: str | None = None,
 ) -> tuple[FoldReport, Any]:
-    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``)."""
+    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``);
+    ``batch_stats="instance"``: the conversions too, as the first fold made them (excluded ones are left)."""
     import torch
 
     from bnfold.culprit import fold_without_culprits
+    from bnfold.fx.batch_stats import convert_batch_stats, copy_for, with_conversions
     from bnfold.fx.module import fold_module
 
     def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
-        out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
+        if batch_stats is not None:
+            work, sites = convert_batch_stats(copy_for(model, False), exclude=excluded)
+            out, rep = fold_module(work, example_inputs=examples, exclude=excluded)
+            rep = with_conversions(rep, sites, model, False)
+        else:
+            out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
         if out_fmt == "pt2":
             return torch.export.export(out, tuple(examples)), rep
         return out, rep

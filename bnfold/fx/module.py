@@ -219,6 +219,13 @@ def fold_module(
     t0 = time.perf_counter()
     _check_lazy(module)
     _check_mode(module, eval_semantics)
+    from .batch_stats import constant_layers
+
+    consts = [c for c in constant_layers(module) if c.site.bn not in exclude]
+    if consts:  # weight standardisation: evaluated once, the plain layers then fold as any
+        return _fold_constants(
+            module, consts, inplace, dry_run, eval_semantics, graph, example_inputs, exclude, merge_branches
+        )
     nodes_before, params_before = _count(module)
     if inplace:
         graph = False
@@ -293,6 +300,52 @@ def fold_module(
         bn_after=len(report.skips),
         nodes_after=nodes_after,
         params_after=params_after,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _fold_constants(
+    module: nn.Module,
+    consts: list[Any],
+    inplace: bool,
+    dry_run: bool,
+    eval_semantics: bool,
+    graph: bool | None,
+    example_inputs: tuple[Any, ...] | None,
+    exclude: frozenset[str] | set[str],
+    merge_branches: bool,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold ``module`` with the constant layers (:func:`bnfold.fx.batch_stats.constant_layers`) swapped in:
+    into ``module`` itself with ``inplace``, else into a shadow (the caller's module tree untouched)."""
+    from .batch_stats import swap_in
+
+    t0 = time.perf_counter()
+    nodes_before, params_before = _count(module)
+    work = module if inplace and not dry_run else shadow(module)
+    swap_in(work, consts)
+    out, report = fold_module(
+        work,
+        inplace=inplace and not dry_run,
+        dry_run=dry_run,
+        eval_semantics=eval_semantics,
+        graph=graph,
+        example_inputs=example_inputs,
+        exclude=exclude,
+        merge_branches=merge_branches,
+    )
+    order = {name: i for i, (name, _) in enumerate(module.named_modules())}
+    sites = [c.site for c in consts]
+    ids = {id(s) for s in sites}
+    verdicts = sorted(
+        [*sites, *report.verdicts],
+        key=lambda v: order.get(v.target if id(v) in ids else v.bn.split("#")[0], len(order)),
+    )
+    return module if dry_run else out, replace(
+        report,
+        verdicts=verdicts,
+        bn_before=report.bn_before + len(sites),
+        nodes_before=nodes_before,
+        params_before=params_before,
         seconds=time.perf_counter() - t0,
     )
 

@@ -18,18 +18,22 @@ Rules:
        own statistics (``training_mode=1`` in the pass), one pass for all BNs, opset 14 or later. The
        two agree as batches grow.
     2. Each pass runs onnxruntime (graph optimisations off) on the nodes needed for that depth's BN
-       inputs, exposed as graph outputs; every other node is left out of the pass.
+       inputs, exposed as graph outputs; every other node is left out of the pass. A BN inside an
+       ``If`` branch (nested ``If`` too) is exposed through a copy of the ``If`` node made for the pass:
+       the branch that holds the BN outputs its input cast to float64 (exact), every other branch an
+       empty tensor (:func:`_expose`), so a BN counts exactly the batches on which its branch ran.
     3. What is written: the BN's ``input_mean`` / ``input_var`` initializers, in their own dtype (one
        cast from float64), under their own names; a BN with ``training_mode=1`` becomes an inference
        BN (the attribute removed) with the new statistics. Nothing else changes: after the update every
        other initializer and every node but those attributes is checked byte for byte.
-    4. Refused (:class:`~bnfold.errors.UnsupportedModelError`, nothing changed): a BN inside an
-       ``If``/``Loop``/``Scan`` subgraph (its input is not a tensor of the main graph; every branch
-       would need its own data), a BN whose mean or variance is not an initializer of its own (a graph
-       input, a computed tensor, or shared with another node), a training-mode BN whose running-mean
-       / running-variance outputs are used, ``spatial=0`` (opsets 7-8).
-    5. Bad data (:class:`~bnfold.errors.InputError`): a BN whose input is empty in every batch ("never
-       runs"), non-finite statistics (inf/nan in the data or the activations).
+    4. Refused (:class:`~bnfold.errors.UnsupportedModelError`, nothing changed): a BN inside a
+       ``Loop``/``Scan`` (or any non-``If``) subgraph, at any nesting (its input exists once per
+       iteration), a BN whose mean or variance is not an initializer of its own (a graph input, a
+       computed tensor, or shared with another node), a training-mode BN whose running-mean /
+       running-variance outputs are used, ``spatial=0`` (opsets 7-8).
+    5. Bad data (:class:`~bnfold.errors.InputError`): a BN whose input is empty in every batch, or
+       whose ``If`` branch ran on no batch ("never runs"), non-finite statistics (inf/nan in the data
+       or the activations).
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def _json_float(v: float) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class _Bn:
-    index: int  # node index in the main graph
+    index: int  # node index in its graph
     name: str
     x: str
     mean: str
@@ -117,6 +121,8 @@ class _Bn:
     eps: float
     training: bool
     depth: int
+    # Where its graph sits: () for the main graph, else one (If node index, branch attribute) per level.
+    path: tuple[tuple[int, str], ...] = ()
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -145,36 +151,100 @@ def _label(node: Any, index: int) -> str:
     return node.name or f"BatchNormalization#{index}"
 
 
+_BRANCHES = ("then_branch", "else_branch")
+
+
+def _is_bn(node: Any) -> bool:
+    return bool(node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"))
+
+
+def _is_if(node: Any) -> bool:
+    return bool(node.op_type == "If" and node.domain in ("", "ai.onnx"))
+
+
+def _subgraphs(node: Any) -> list[tuple[str, Any]]:
+    return [(a.name, g) for a in node.attribute for g in [*a.graphs, *([a.g] if a.HasField("g") else [])]]
+
+
+def _all_graphs(graph: Any) -> Iterable[Any]:
+    """``graph`` and every subgraph in it, recursively."""
+    yield graph
+    for n in graph.node:
+        for _, sub in _subgraphs(n):
+            yield from _all_graphs(sub)
+
+
+def _graph_at(model: Any, path: tuple[tuple[int, str], ...]) -> Any:
+    g = model.graph
+    for index, branch in path:
+        g = dict(_subgraphs(g.node[index]))[branch]
+    return g
+
+
+def _node_of(model: Any, b: _Bn) -> Any:
+    return _graph_at(model, b.path).node[b.index]
+
+
+def _refuse_nested(node: Any, blocker: Any = None) -> None:
+    """Rule 4: a BN in a subgraph of anything but an ``If`` (``Loop``, ``Scan``, custom ops), at any
+    depth of nesting, is refused."""
+    blocker = blocker if blocker is not None else (None if _is_if(node) else node)
+    for _, sub in _subgraphs(node):
+        for n in sub.node:
+            if _is_bn(n) and blocker is not None:
+                raise UnsupportedModelError(
+                    f"a BatchNormalization inside the {blocker.op_type} node "
+                    f"{blocker.name or blocker.output[0]!r} cannot be recalibrated: its input exists only while "
+                    "that subgraph runs, and only If branches are supported (move the BN out of the subgraph, "
+                    "or recalibrate the model before export)"
+                )
+            _refuse_nested(n, blocker)
+
+
 def plan_levels(model: Any) -> list[_Bn]:
-    """Every BN of the main graph with its depth (rule 1), in graph order; refuses what rule 4 names.
+    """Every BN of the model with its depth (rule 1), in graph order (a BN in an ``If`` branch where the
+    ``If`` node stands); refuses what rule 4 names.
 
     Raises:
         UnsupportedModelError: rule 4.
     """
     g = model.graph
     for node in g.node:
-        for a in node.attribute:
-            for sub in [*a.graphs, *([a.g] if a.HasField("g") else [])]:
-                if any(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in _walk(sub)):
-                    raise UnsupportedModelError(
-                        f"a BatchNormalization inside the {node.op_type} node {node.name or node.output[0]!r} "
-                        "cannot be recalibrated: its input exists only while that subgraph runs (move the BN out "
-                        "of the subgraph, or recalibrate the model before export)"
-                    )
-    inits = {t.name for t in g.initializer}
+        _refuse_nested(node)
+    inits = {t.name for sub in _all_graphs(g) for t in sub.initializer}
     readers: dict[str, int] = {}
-    for node in g.node:
-        for name in {*node.input, *_subgraph_names(node)}:
-            if name:
-                readers[name] = readers.get(name, 0) + 1
-    outputs = {o.name for o in g.output}
-    depth: dict[str, int] = {}  # tensor -> number of BNs on the longest path to it
+    outputs = {o.name for sub in _all_graphs(g) for o in sub.output}
+    for sub in _all_graphs(g):
+        for node in sub.node:
+            for name in set(node.input):
+                if name:
+                    readers[name] = readers.get(name, 0) + 1
     bns: list[_Bn] = []
+    _plan_graph(g, (), {}, bns, inits, readers, outputs)
+    names = [b.name for b in bns]
+    if len(set(names)) != len(names):  # names need not be unique in ONNX: the report needs them to be
+        bns = [replace(b, name=f"{b.name}#{_where(b)}") if names.count(b.name) > 1 else b for b in bns]
+    return bns
+
+
+def _where(b: _Bn) -> str:
+    return ".".join([*(f"{i}.{branch}" for i, branch in b.path), str(b.index)])
+
+
+def _plan_graph(
+    g: Any,
+    path: tuple[tuple[int, str], ...],
+    depth: dict[str, int],  # tensor -> number of BNs on the longest path to it (outer scopes included)
+    bns: list[_Bn],
+    inits: set[str],
+    readers: dict[str, int],
+    outputs: set[str],
+) -> None:
     for i, node in enumerate(g.node):
         ins = [n for n in (*node.input, *_subgraph_names(node)) if n]
         d = max((depth.get(n, 0) for n in ins), default=0)
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            label = _label(node, i)
+        if _is_bn(node):
+            label = node.name or f"BatchNormalization#{_where(_Bn(i, '', '', '', '', 0.0, False, 0, path))}"
             if len(node.input) < 5:
                 raise UnsupportedModelError(f"{label}: a BatchNormalization without mean and variance inputs")
             x, mean, var = node.input[0], node.input[3], node.input[4]
@@ -199,15 +269,18 @@ def plan_levels(model: Any) -> list[_Bn]:
                     f"{label}: a training-mode BatchNormalization whose running-statistics outputs are used"
                 )
             bd = depth.get(x, 0)
-            bns.append(_Bn(i, label, x, mean, var, float(_attr(node, "epsilon", 1e-5)), training, bd))
+            bns.append(_Bn(i, label, x, mean, var, float(_attr(node, "epsilon", 1e-5)), training, bd, path))
             d = max(d, bd + 1)
+        elif _is_if(node) and any(_is_bn(n) for _, sub in _subgraphs(node) for n in _walk(sub)):
+            # Case: BNs in the branches. Each branch sees the outer depths; the If's outputs are as deep
+            # as the deepest branch output.
+            for branch, sub in _subgraphs(node):
+                local = dict(depth)
+                _plan_graph(sub, (*path, (i, branch)), local, bns, inits, readers, outputs)
+                d = max(d, max((local.get(o.name, 0) for o in sub.output), default=0))
         for o in node.output:
             if o:
                 depth[o] = d
-    names = [b.name for b in bns]
-    if len(set(names)) != len(names):  # names need not be unique in ONNX: the report needs them to be
-        bns = [replace(b, name=f"{b.name}#{b.index}") if names.count(b.name) > 1 else b for b in bns]
-    return bns
 
 
 def _walk(graph: Any) -> Iterable[Any]:
@@ -218,8 +291,8 @@ def _walk(graph: Any) -> Iterable[Any]:
                 yield from _walk(sub)
 
 
-def _needed(graph: Any, wanted: set[str]) -> list[Any]:
-    """The nodes needed to compute ``wanted`` (backward closure), in graph order."""
+def _needed(graph: Any, wanted: set[str]) -> list[int]:
+    """The indices of the nodes needed to compute ``wanted`` (backward closure), in graph order."""
     need = set(wanted)
     keep = [False] * len(graph.node)
     for i in range(len(graph.node) - 1, -1, -1):
@@ -227,7 +300,86 @@ def _needed(graph: Any, wanted: set[str]) -> list[Any]:
         if any(o in need for o in node.output if o):
             keep[i] = True
             need.update(n for n in (*node.input, *_subgraph_names(node)) if n)
-    return [n for n, k in zip(graph.node, keep) if k]
+    return [i for i, k in enumerate(keep) if k]
+
+
+Exposure = tuple[str, tuple[tuple[int, str], ...], str, str]
+"""(branch attribute, path below that branch, BN input name, output name of the If node)."""
+
+
+def _expose(node: Any, items: list[Exposure]) -> None:
+    """Add one output per item to the ``If`` node ``node`` (a copy, changed in place).
+
+    Before:  If(cond) -> y            then: ... BN(x) ...      else: ...
+    After:   If(cond) -> y, out       then: ..., Cast(x) -> out/then_branch (float64)
+                                      else: ..., Constant(empty float64) -> out/else_branch
+
+    So ``out`` holds the BN's input (exactly, as float64) on a batch where its branch ran and an empty
+    tensor on one where it did not. A BN in a nested ``If`` is exposed through every level.
+    """
+    from onnx import TensorProto, helper
+
+    for branch, g in _subgraphs(node):
+        nested: dict[int, list[Exposure]] = {}
+        for b, rest, x, out in items:
+            if b == branch and rest:
+                nested.setdefault(rest[0][0], []).append((rest[0][1], rest[1:], x, f"{out}/{branch}"))
+        for index, sub_items in nested.items():
+            _expose(g.node[index], sub_items)
+        for b, rest, x, out in items:
+            name = f"{out}/{branch}"
+            if b == branch and not rest:
+                g.node.append(helper.make_node("Cast", [x], [name], to=TensorProto.DOUBLE))
+            elif b != branch:
+                empty = helper.make_tensor(f"{name}/empty", TensorProto.DOUBLE, [0], [])
+                g.node.append(helper.make_node("Constant", [], [name], value=empty))
+            g.output.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, None))
+    node.output.extend(out for _, _, _, out in items)
+
+
+def _train_all(graph: Any) -> None:
+    """Every BN of ``graph`` and of its subgraphs in training mode (``upstream="batch"``), in place."""
+    for k, n in enumerate(graph.node):
+        if _is_bn(n):
+            graph.node[k].CopyFrom(_train_mode(n))
+        for _, sub in _subgraphs(n):
+            _train_all(sub)
+
+
+def _pass_nodes(work: Any, level: list[_Bn], batch_mode: bool) -> tuple[list[Any], dict[str, str]]:
+    """The nodes of one pass (rule 2) and, per BN of ``level``, the pass output that holds its input."""
+    g = work.graph
+    taken = (
+        {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    )
+    key: dict[str, str] = {}
+    exposures: dict[int, list[Exposure]] = {}
+    for b in level:
+        if not b.path:
+            key[b.name] = b.x
+            continue
+        out = f"bnfold_recal/{_where(b)}"
+        while out in taken:
+            out += "_"
+        taken.add(out)
+        key[b.name] = out
+        (top, branch), rest = b.path[0], b.path[1:]
+        exposures.setdefault(top, []).append((branch, rest, b.x, out))
+    wanted = {b.x for b in level if not b.path} | {o for i in exposures for o in g.node[i].output if o}
+    nodes: list[Any] = []
+    for i in _needed(g, wanted):
+        node = g.node[i]
+        if i in exposures or (batch_mode and _subgraphs(node)):
+            node = _copy(node)
+            if batch_mode:
+                for _, sub in _subgraphs(node):
+                    _train_all(sub)
+            if i in exposures:
+                _expose(node, exposures[i])
+        elif batch_mode and _is_bn(node):
+            node = _train_mode(node)
+        nodes.append(node)
+    return nodes, key
 
 
 def _hash_tensor(t: Any) -> bytes:
@@ -237,15 +389,29 @@ def _hash_tensor(t: Any) -> bytes:
 
 
 def fingerprint(model: Any, skip: set[str]) -> dict[str, bytes]:
-    """Hashes of every initializer not in ``skip`` and of every node (training_mode attributes ignored)."""
-    out = {f"init:{t.name}": _hash_tensor(t) for t in model.graph.initializer if t.name not in skip}
-    for i, node in enumerate(model.graph.node):
-        n = type(node)()
-        n.CopyFrom(node)
-        if n.op_type == "BatchNormalization":
-            _clear_training(n)
-        out[f"node:{i}"] = hashlib.sha256(n.SerializeToString(deterministic=True)).digest()
+    """Hashes of every initializer not in ``skip`` and of every node (training_mode attributes ignored),
+    in the main graph and in every subgraph (each subgraph hashed on its own)."""
+    out: dict[str, bytes] = {}
+    _fingerprint_graph(model.graph, "", skip, out)
     return out
+
+
+def _fingerprint_graph(graph: Any, prefix: str, skip: set[str], out: dict[str, bytes]) -> None:
+    out.update({f"{prefix}init:{t.name}": _hash_tensor(t) for t in graph.initializer if t.name not in skip})
+    out[f"{prefix}io"] = hashlib.sha256(
+        b"".join(v.SerializeToString(deterministic=True) for v in (*graph.input, *graph.output))
+    ).digest()
+    for i, node in enumerate(graph.node):
+        n = _copy(node)
+        if _is_bn(n):
+            _clear_training(n)
+        for a in n.attribute:
+            if a.HasField("g"):
+                a.ClearField("g")
+            del a.graphs[:]
+        out[f"{prefix}node:{i}"] = hashlib.sha256(n.SerializeToString(deterministic=True)).digest()
+        for k, (name, sub) in enumerate(_subgraphs(node)):
+            _fingerprint_graph(sub, f"{prefix}node:{i}/{name}.{k}/", skip, out)
 
 
 SPILL_BYTES = 1_800_000_000
@@ -300,27 +466,31 @@ def _session(model: Any, nodes: list[Any], outputs: Sequence[str]) -> Any:
         g.output.extend(old_outputs)
 
 
+def _find_init(model: Any, name: str) -> tuple[Any, int]:
+    """The graph (main or subgraph) that holds initializer ``name``, and its index there."""
+    for g in _all_graphs(model.graph):
+        for k, t in enumerate(g.initializer):
+            if t.name == name:
+                return g, k
+    raise AssertionError(name)  # pragma: no cover - plan_levels checked it is an initializer
+
+
 def _set_stat(model: Any, name: str, values: Any) -> None:
     from onnx import numpy_helper
 
-    for k, t in enumerate(model.graph.initializer):
-        if t.name == name:
-            old = numpy_helper.to_array(t)
-            new = numpy_helper.from_array(
-                np.asarray(values, dtype=np.float64).astype(old.dtype).reshape(old.shape), name
-            )
-            model.graph.initializer[k].CopyFrom(new)
-            return
-    raise AssertionError(name)  # pragma: no cover - plan_levels checked it is an initializer
+    g, k = _find_init(model, name)
+    old = numpy_helper.to_array(g.initializer[k])
+    new = numpy_helper.from_array(
+        np.asarray(values, dtype=np.float64).astype(old.dtype).reshape(old.shape), name
+    )
+    g.initializer[k].CopyFrom(new)
 
 
 def _init_array(model: Any, name: str) -> np.ndarray:
     from onnx import numpy_helper
 
-    for t in model.graph.initializer:
-        if t.name == name:
-            return np.asarray(numpy_helper.to_array(t))
-    raise AssertionError(name)  # pragma: no cover
+    g, k = _find_init(model, name)
+    return np.asarray(numpy_helper.to_array(g.initializer[k]))
 
 
 def _train_mode(node: Any) -> Any:
@@ -402,18 +572,21 @@ def recalibrate_model(
     old = {b.name: (_init_array(model, b.mean), _init_array(model, b.var)) for b in bns}
     # ``model`` is updated depth by depth (each pass sees the new statistics before it): what it held
     # is kept (the statistics and the training-mode nodes, both small) and put back on any failure.
-    saved_inits = {t.name: _copy(t) for t in model.graph.initializer if t.name in stats}
-    saved_nodes = {b.index: _copy(model.graph.node[b.index]) for b in bns if b.training}
+    saved_inits = {
+        t.name: _copy(t) for g in _all_graphs(model.graph) for t in g.initializer if t.name in stats
+    }
+    saved_nodes = {(b.path, b.index): _copy(_node_of(model, b)) for b in bns if b.training}
     try:
         result = _run(model, bns, old, batches, prior, pooled, progress, total_batches, upstream == "batch")
         if fingerprint(model, stats) != before:  # rule 3: an internal invariant, checked on every run
             raise AssertionError("recalibration changed more than the BatchNorm statistics")
     except BaseException:
-        for k, t in enumerate(model.graph.initializer):
-            if t.name in saved_inits:
-                model.graph.initializer[k].CopyFrom(saved_inits[t.name])
-        for i, node in saved_nodes.items():
-            model.graph.node[i].CopyFrom(node)
+        for g in _all_graphs(model.graph):
+            for k, t in enumerate(g.initializer):
+                if t.name in saved_inits:
+                    g.initializer[k].CopyFrom(saved_inits[t.name])
+        for (path, i), node in saved_nodes.items():
+            _graph_at(model, path).node[i].CopyFrom(node)
         raise
     return result
 
@@ -446,13 +619,8 @@ def _run(
     done = 0
     for d in depths:
         level = [b for b in bns if b.depth == d or batch_mode]
-        xs = list(dict.fromkeys(b.x for b in level))
-        nodes = _needed(work.graph, set(xs))
-        if batch_mode:
-            nodes = [
-                _train_mode(n) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") else n
-                for n in nodes
-            ]
+        nodes, key = _pass_nodes(work, level, batch_mode)
+        xs = list(dict.fromkeys(key.values()))
         session = _session(work, nodes, xs)
         feeds_names = [i.name for i in session.get_inputs()]
         acc_of: dict[str, Any] = {}
@@ -466,6 +634,8 @@ def _run(
                 ) from e
             for x, out in zip(xs, outs):
                 a = np.asarray(out)
+                if a.size == 0:  # empty, or an If branch that did not run on this batch: nothing to count
+                    continue
                 if a.ndim < 2:
                     raise InputError(
                         f"the input {x!r} of a BatchNormalization has rank {a.ndim} on batch {count}"
@@ -480,7 +650,12 @@ def _run(
             raise OptionError("the data holds no batch")
         nbatches = count
         for b in level:
-            acc = acc_of.get(b.x)
+            acc = acc_of.get(key[b.name])
+            if (acc is None or acc.batches == 0) and b.path:
+                raise InputError(
+                    f"{b.name}: the If branch that holds this BatchNormalization ran on no batch of the data "
+                    "(the BatchNormalization never runs): there is nothing to estimate its statistics from"
+                )
             if acc is None or acc.batches == 0:
                 raise InputError(
                     f"{b.name}: its input is empty in every batch (the BatchNormalization never runs)"
@@ -508,7 +683,7 @@ def _run(
             _set_stat(work, b.mean, m)
             _set_stat(work, b.var, v)
             if b.training:
-                _clear_training(work.graph.node[b.index])
+                _clear_training(_node_of(work, b))
             old_m = mean_s.astype(np.float64).ravel()
             old_v = var_s.astype(np.float64).ravel()
             with np.errstate(divide="ignore", invalid="ignore"):
