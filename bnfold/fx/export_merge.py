@@ -135,7 +135,7 @@ def _is_sum(n: Any) -> bool:
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target in _SUMS and len(n.args) == 2):
         return False
     alpha = n.kwargs.get("alpha", 1)
-    return alpha == 1 and set(n.kwargs) <= {"alpha"}
+    return bool(alpha == 1) and set(n.kwargs) <= {"alpha"}
 
 
 def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
@@ -169,7 +169,10 @@ def _expandable(gm: fx.GraphModule, n: Any) -> bool:
     if _is_sum(n):
         return True
     k = _mul_slot(gm, n)
-    return k is not None and _is_sum(n.args[1 - k]) and len(n.args[1 - k].users) == 1
+    if k is None:
+        return False
+    inner = n.args[1 - k]
+    return isinstance(inner, fx.Node) and _is_sum(inner) and len(inner.users) == 1
 
 
 def _chain(gm: fx.GraphModule, top: fx.Node) -> tuple[list[fx.Node], list[_Branch]]:
@@ -184,7 +187,7 @@ def _chain(gm: fx.GraphModule, top: fx.Node) -> tuple[list[fx.Node], list[_Branc
             return
         for slot, arg in enumerate(n.args):
             s = -sign if n.target is aten.sub.Tensor and slot == 1 else sign
-            if depth < 256 and _expandable(gm, arg):
+            if depth < 256 and isinstance(arg, fx.Node) and _expandable(gm, arg):
                 walk(arg, s, factors, depth + 1)
             else:
                 leaves.append(_Branch(arg, s, factors))
@@ -273,7 +276,12 @@ def _label(b: _Branch, x: fx.Node) -> str:
         return b.base.name
     if b.kind == "bn" and b.base is not None:
         return bn_path(b.base, schema_args(b.base))
-    for n in (*b.muls[-1:], *b.blockers[-1:]):
+    for n in b.blockers[-1:]:
+        w = n.args[1] if n.target in _CONV_OPS and len(n.args) > 1 else None
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            return str(w.target).rpartition(".")[0] or n.name
+        return _name(n)
+    for n in b.muls[-1:]:
         return _name(n)
     return x.name
 
@@ -282,7 +290,7 @@ def _bn_affine(gm: fx.GraphModule, bn: fx.Node, what: str) -> tuple[F64, F64]:
     a = schema_args(bn)
     if a.get("training", False) is not False:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: the batch norm uses batch statistics")
-    vals = {}
+    vals: dict[str, F64 | None] = {}
     for k in ("weight", "bias", "running_mean", "running_var"):
         p = a.get(k)
         if p is None and k in ("weight", "bias"):
@@ -569,8 +577,8 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         for b in branches:
             if b.kind == "other":
                 ops = ", ".join(f"'{n.name}'" for n in b.blockers)
-                r = blocker_refusal(ops, any(_nonlinear(n) for n in b.blockers), x.name)
-                b.reason, b.detail = r.reason, r.detail
+                why = blocker_refusal(ops, any(_nonlinear(n) for n in b.blockers), x.name)
+                b.reason, b.detail = why.reason, why.detail
                 continue
             for n in b.path:
                 if len(n.users) != 1:
@@ -740,12 +748,27 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         res.applied += 1
         res.merges.append(_record(top, x.name, name, branches))
     if res.applied:
+        dropped: set[str] = set()
         for n in list(graph.nodes):
             if n.op == "get_attr" and not n.users:
+                dropped.add(str(n.target))
                 graph.erase_node(n)
         graph.lint()
         gm.recompile()
+        _drop_unused_attrs(gm, dropped)
     return res
+
+
+def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
+    """Delete the parameters and buffers the merge left unread (the branches' weights and BN tensors)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in dropped - used:
+        mod_name, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(mod_name) if mod_name else gm
+        if attr in mod._parameters:
+            del mod._parameters[attr]
+        elif attr in mod._buffers:
+            del mod._buffers[attr]
 
 
 def _order(graph: fx.Graph) -> Any:
