@@ -17,10 +17,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_merge_torch import BLOCKS, TOL32, TOL64, build, close, convs, hand_merged  # noqa: E402
+
 import bnfold  # noqa: E402
 from models import reparam  # noqa: E402
 from models.stats import randomize_bn  # noqa: E402
-from test_merge_torch import BLOCKS, TOL32, TOL64, build, close, convs, hand_merged  # noqa: E402
 
 nn = torch.nn
 aten = torch.ops.aten
