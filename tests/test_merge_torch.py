@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -550,3 +551,22 @@ def test_builtin_sum_and_torch_add_merge() -> None:
     assert len(convs(out)) == 1 and bns(out) == 0 and rep.bn_after == 0
     with torch.no_grad():
         close(model(x), out(x), TOL32)
+
+
+@pytest.mark.parametrize("name", ["repvgg", "mobileone_dw", "repvit_bn_on_sum", "ppyoloe_alpha"])
+def test_float16_merge_is_the_float64_merge_rounded_once(name: str) -> None:
+    """A float16 model's merged conv is the block's own merge computed in float64 from the float16
+    parameters (conv weights and BN statistics, also a BN on the sum), rounded once: bit for bit or within
+    one float16 ulp (the float64 sums may differ in their order), nearly all bit for bit. Summing the
+    folded float16 weights instead rounds twice and is off by more."""
+    m16, x = build(name, torch.float16)
+    (ref,) = convs(hand_merged(copy.deepcopy(m16).double()))  # the hand formula on the same values, float64
+    assert ref.bias is not None
+    out = bnfold.fold(m16, example_inputs=x)
+    (conv,) = convs(out)
+    assert bns(out) == 0 and conv.bias is not None
+    for got, want64 in ((conv.weight.detach(), ref.weight.detach()), (conv.bias.detach(), ref.bias.detach())):
+        want = want64.to(torch.float16)
+        ulp = torch.from_numpy(np.spacing(np.abs(want.numpy()))).double()
+        assert ((got.double() - want.double()).abs() <= ulp).all()
+        assert (got != want).sum() <= got.numel() // 20

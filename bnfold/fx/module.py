@@ -305,12 +305,13 @@ def _merge_and_refold(
 ) -> tuple[nn.Module, FoldReport]:
     """Merge the branch sums of ``out`` (the folded copy) and fold again, a few rounds (a merged conv may make
     another sum mergeable, or a BN on the sum foldable); ``report`` updated."""
-    from .merge import conv_modules, merge_graph_module
+    from .merge import conv_modules, exact_folds, merge_graph_module
 
     applied: list[Merge] = []
     refused: list[Merge] = []
     fixed: dict[str, Site] = {}
     cur = out
+    exact = exact_folds(module, report)  # the folded convs in float64: each merge rounds once
     for _ in range(4):
         with _TRACE_LOCK:
             try:
@@ -320,7 +321,7 @@ def _merge_and_refold(
                 break
             gm = fx.GraphModule(cur, g, type(cur).__name__)
             try:
-                res = merge_graph_module(gm, eval_semantics=eval_semantics)
+                res = merge_graph_module(gm, eval_semantics=eval_semantics, exact=exact)
             except Exception as e:  # noqa: BLE001 - an unforeseen form: keep the branches (gm is discarded)
                 log.debug("merge failed: %s", e)
                 report = replace(report, notes=(*report.notes, f"branch merging stopped: {first_line(e)}"))
