@@ -121,8 +121,10 @@ def without_culprits(
     from bnfold.culprit import fold_without_culprits
     from bnfold.fx.module import fold_module
 
+    merge = any(m.merged for m in report.merges)  # a merged sum is bisected like a fold (by its label)
+
     def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
-        out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
+        out, rep = fold_module(model, example_inputs=examples, exclude=excluded, merge_branches=merge)
         if out_fmt == "pt2":
             return torch.export.export(out, tuple(examples)), rep
         return out, rep

@@ -695,6 +695,24 @@ def _refused(sum_label: str, x: str, branches: list[_Branch]) -> Merge:
     return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
 
 
+def _excluded(sum_label: str, exclude: frozenset[str]) -> bool:
+    """``sum_label`` or a sum sharing a branch module with it is excluded (a branch whose BN bisection left
+    drops out of the sum's label, the sum stays the one excluded)."""
+    if sum_label in exclude:
+        return True
+    parts = set(sum_label.split("+"))
+    return any("+" in e and parts & set(e.split("+")) for e in exclude)
+
+
+def _module_label(b: _Branch) -> str:
+    """The module path that ends a branch (as :func:`_label`), or "" where that is no module call: it stays
+    the same whether the branch's own BN was folded or not (bisection leaves some)."""
+    for n in (b.base, *(b.muls[-1:]), *(b.blockers[-1:])):
+        if n is not None:
+            return str(n.target) if n.op == "call_module" else ""
+    return ""
+
+
 def _label(b: _Branch, x: fx.Node) -> str:
     for n in (b.base, *(b.muls[-1:]), *(b.blockers[-1:])):
         if n is not None:
@@ -712,11 +730,14 @@ def _plan(
     exclude: frozenset[str],
     exact: Exact,
 ) -> tuple[MergeRef, F64, F64] | Merge:
-    if sum_label in exclude:
+    if _excluded(sum_label, exclude):
         for b in branches:
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
         return _refused(sum_label, x.name, branches)
     for b in branches:
+        if b.kind == "bn" and b.base is not None and str(b.base.target) in exclude:
+            b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from folding"
+            continue
         if b.kind == "other":
             ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
             nonlinear = any(
@@ -851,7 +872,10 @@ def merge_graph_module(
         chain = set(chain_nodes)
         for b in branches:
             b.label = _label(b, x)
-        rec = _plan(gm, x, branches, chain, top.name, eval_semantics, exclude, exact or {})
+        # the label names the conv modules the sum adds (stable when the model is traced again; a node
+        # name is not): culprit bisection excludes a merge by it
+        sum_label = "+".join(m for m in (_module_label(b) for b in branches) if m) or top.name
+        rec = _plan(gm, x, branches, chain, sum_label, eval_semantics, exclude, exact or {})
         if isinstance(rec, Merge):
             res.merges.append(rec)
             continue
@@ -890,9 +914,11 @@ def merge_graph_module(
                             "conv plus an add cannot replace it"
                         ),
                     )
-            res.merges.append(_refused(top.name, x.name, branches))
+            res.merges.append(_refused(sum_label, x.name, branches))
             continue
         post = None if kept else _post_bn(gm, top, ref, eval_semantics)
+        if post is not None and str(post[0].target) in exclude:
+            post = None
         if post is not None:
             scale, shift = post[1]
             w_sum = w_sum * scale.reshape((-1,) + (1,) * (ref.rank + 1))
@@ -905,7 +931,7 @@ def merge_graph_module(
             for br in branches:
                 if br.reason is None:
                     br.reason, br.detail = MergeReason.UNSUPPORTED, "bfloat16 weights"
-            res.merges.append(_refused(top.name, x.name, branches))
+            res.merges.append(_refused(sum_label, x.name, branches))
             continue
         wc, bc = cast_exact(w_sum, np_dtype), cast_exact(b_sum, np_dtype)
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
@@ -915,7 +941,7 @@ def merge_graph_module(
                         MergeReason.OVERFLOW,
                         f"the merged weight or bias is not finite in {dtype}",
                     )
-            res.merges.append(_refused(top.name, x.name, branches))
+            res.merges.append(_refused(sum_label, x.name, branches))
             continue
         conv_cls: Any = type(ref_mod)
         # the reference conv's own padding: symmetric pads, or its padding="same" (the pads it was read as)
@@ -960,7 +986,7 @@ def merge_graph_module(
                 name,
                 type(new).__name__,
                 Direction.FORWARD,
-                f"BN on the sum '{top.name}' folded into its merged conv",
+                f"BN on the sum '{sum_label}' folded into its merged conv",
             )
         for br in merged:
             if br.kind == "bn" and br.base is not None:
@@ -969,7 +995,7 @@ def merge_graph_module(
                     name,
                     type(new).__name__,
                     Direction.FORWARD,
-                    f"identity BN branch merged into one conv with the other branches of '{top.name}'",
+                    f"identity BN branch merged into one conv with the other branches of '{sum_label}'",
                 )
         for n in sorted(set(erase), key=_order(graph), reverse=True):
             if not n.users:
@@ -979,7 +1005,7 @@ def merge_graph_module(
         left = sum(_n_convs(br) for br in branches if br.reason is not None)
         res.merges.append(
             Merge(
-                top.name,
+                sum_label,
                 x.name,
                 name,
                 True,
