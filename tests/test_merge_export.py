@@ -27,8 +27,7 @@ nn = torch.nn
 aten = torch.ops.aten
 _CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
 
-# DBB's Conv 1x1 -> Conv kxk branch is not merged on this backend (refused with the reason, see below)
-EXPORT_BLOCKS = sorted(n for n in BLOCKS if n != "dbb_four_branches")
+EXPORT_BLOCKS = sorted(BLOCKS)
 
 
 def ops(ep: Any, targets: tuple[Any, ...]) -> int:
@@ -152,17 +151,20 @@ def test_refused_activation_inside_a_branch() -> None:
     )
 
 
-def test_refused_sequence_branch() -> None:
-    """DBB's Conv 1x1 -> Conv kxk branch is refused with the reason; the other branches merge."""
-    model, x = build("dbb_four_branches")
-    ep = program(model, x)
-    out, rep = bnfold.fold_with_report(ep)
-    (mg,) = rep.merges
-    left = [b for b in mg.branches if not b.merged]
-    assert (
-        mg.merged and len(left) == 1 and left[0].reason is not None and left[0].reason.value == "unsupported"
-    )
-    assert "not a form bnfold merges" in left[0].detail
-    assert ops(out, _CONVS) == 3 and bn_ops(out) == 0
-    with torch.no_grad():
-        close(model(x), out.module()(x), TOL32)
+class _PaddedSequence(nn.Module):
+    """3x3 + (1x1 with a bias -> 3x3 padded): the 3x3 reads padded zeros where the two-conv form reads the
+    1x1's bias, so the sequence cannot be one conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = reparam.conv_bn(8, 8, 3, 1, 1)
+        self.pre = nn.Conv2d(8, 8, 1)
+        self.b = reparam.conv_bn(8, 8, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(self.pre(x))
+
+
+def test_refused_sequence_that_reads_padded_zeros() -> None:
+    torch.manual_seed(0)
+    check_refused(_PaddedSequence(), torch.randn(2, 8, 6, 6), {"a.0": "no_partner", "b.0": "padding"})

@@ -8,6 +8,7 @@ constant scale of an inner sum) of branches that all read the same node ``x``, e
 * ``conv1d/2d/3d`` (or ``convolution`` not transposed) on ``x``, optionally followed by an eval-mode
   batch norm (``batch_norm(training=False)`` or ``_native_batch_norm_legit_no_training`` item 0), with
   the merged conv's stride, dilation and groups, its kernel centred in the largest one;
+* ``Conv kxk(Conv 1x1(x))`` (ungrouped; the kxk unpadded or the 1x1 without bias), its BN as above;
 * ``x`` itself (identity), an eval-mode batch norm on ``x`` alone;
 * ``avg_pool1d/2d/3d`` that counts padded zeros (or has none), no ``ceil_mode``, no ``divisor_override``;
 * any of these times a per-tensor or per-channel constant (a model attribute or a Python number);
@@ -15,8 +16,7 @@ constant scale of an inner sum) of branches that all read the same node ``x``, e
 becomes one ``aten.conv*d`` with new attributes ``_bnfold_m<k>_weight`` / ``_bnfold_m<k>_bias``. Constant
 leaves of the sum go into the bias; an eval-mode batch norm that alone reads the sum is folded in too.
 All of it is summed in float64 and rounded once to the weight dtype (also float16). Every branch not
-merged gets a :class:`~bnfold.records.MergeReason`; forms not listed (``Conv kxk(Conv 1x1(x))`` among
-them) are refused with the reason. The caller folds the BNs that are left, then exports again.
+merged gets a :class:`~bnfold.records.MergeReason`; forms not listed are refused with the reason. The caller folds the BNs that are left, then exports again.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from bnfold.fold_math.merge import (
     MergeRef,
     MergeRefusal,
     blocker_refusal,
+    compose_pointwise,
     diagonal,
     embed,
     identity_checks,
@@ -123,6 +124,7 @@ class _Branch:
     muls: list[fx.Node] = field(default_factory=list)
     base: fx.Node | None = None  # the conv / bn / pool op
     post: fx.Node | None = None  # the BN op after a conv
+    pre: fx.Node | None = None  # the 1x1 conv before the conv of a ``seq`` branch
     path: list[fx.Node] = field(default_factory=list)  # nodes the merge removes (each read once)
     src: Any = None  # the node the base reads
     blockers: list[fx.Node] = field(default_factory=list)
@@ -224,6 +226,19 @@ def _bn_of(v: Any) -> fx.Node | None:
     return None
 
 
+def _with_pre(b: _Branch) -> None:
+    """A conv branch whose conv reads another conv read by nothing else: ``Conv kxk(Conv 1x1(x))``."""
+    inner = b.src
+    if (
+        isinstance(inner, fx.Node)
+        and inner.op == "call_function"
+        and inner.target in _CONV_OPS
+        and len(inner.users) == 1
+    ):
+        b.kind, b.pre, b.src = "seq", inner, inner.args[0]
+        b.path.append(inner)
+
+
 def _decompose(gm: fx.GraphModule, b: _Branch) -> None:
     v = b.leaf
     while isinstance(v, fx.Node) and _mul_slot(gm, v) is not None:
@@ -237,12 +252,14 @@ def _decompose(gm: fx.GraphModule, b: _Branch) -> None:
         if isinstance(inp, fx.Node) and inp.op == "call_function" and inp.target in _CONV_OPS:
             b.kind, b.base, b.post, b.src = "conv", inp, bn, inp.args[0]
             b.path.append(inp)
+            _with_pre(b)
         else:
             b.kind, b.base, b.src = "bn", bn, inp
         return
     if isinstance(v, fx.Node) and v.op == "call_function" and v.target in _CONV_OPS:
         b.kind, b.base, b.src = "conv", v, v.args[0]
         b.path.append(v)
+        _with_pre(b)
     elif isinstance(v, fx.Node) and v.op == "call_function" and v.target in _POOL_OPS:
         b.kind, b.base, b.src = "avgpool", v, v.args[0]
         b.path.append(v)
@@ -269,8 +286,8 @@ def _name(n: fx.Node) -> str:
 
 
 def _label(b: _Branch, x: fx.Node) -> str:
-    if b.kind in ("conv", "avgpool") and b.base is not None:
-        w = b.base.args[1] if b.kind == "conv" else None
+    if b.kind in ("conv", "seq", "avgpool") and b.base is not None:
+        w = b.base.args[1] if b.kind != "avgpool" else None
         if isinstance(w, fx.Node) and w.op == "get_attr":
             return str(w.target).rpartition(".")[0] or b.base.name
         return b.base.name
@@ -361,6 +378,38 @@ def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> _Conv:
     )
 
 
+def _branch_conv(gm: fx.GraphModule, b: _Branch) -> _Conv:
+    """A conv branch's conv (before its BN); for ``seq`` the product of the 1x1 and the kxk (exact only when
+    the kxk reads no padded zeros or the 1x1 has no bias)."""
+    assert b.base is not None
+    cr = _read_conv(gm, b.base, b.label)
+    if b.pre is None:
+        return cr
+    what = f"{b.pre.name} -> {b.label}"
+    p = _read_conv(gm, b.pre, what)
+    if (
+        any(s != 1 for s in p.strides)
+        or any(p.pads)
+        or p.w.ndim != cr.w.ndim
+        or any(k != 1 for k in p.w.shape[2:])
+    ):
+        raise MergeRefusal(
+            MergeReason.UNSUPPORTED, f"{what}: the first conv is not a 1x1, stride 1, unpadded"
+        )
+    if p.group != 1 or cr.group != 1 or p.w.shape[0] != cr.w.shape[1]:
+        raise MergeRefusal(MergeReason.GROUPS, f"{what}: grouped convs in sequence")
+    if p.dtype != cr.dtype:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight dtypes differ")
+    if any(cr.pads) and p.b is not None and np.any(p.b != 0):
+        raise MergeRefusal(
+            MergeReason.PADDING,
+            f"{what}: the kxk conv pads {cr.pads} with zeros, where the 1x1 conv's bias would not be added: "
+            "one conv cannot compute it",
+        )
+    w, bias = compose_pointwise(cr.w, cr.b, p.w, p.b)
+    return _Conv(w, bias, cr.dtype, cr.strides, cr.dilations, cr.pads, cr.group)
+
+
 def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, number: bool) -> F64:
     if not c.is_floating_point():
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
@@ -386,9 +435,9 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
 def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, F64]:
     what = b.label
     col = (-1,) + (1,) * (ref.rank + 1)
-    if b.kind == "conv":
+    if b.kind in ("conv", "seq"):
         assert b.base is not None
-        cr = _read_conv(gm, b.base, what)
+        cr = _branch_conv(gm, b)
         w = cr.w
         if cr.dtype != ref.dtype:
             raise MergeRefusal(
@@ -482,7 +531,7 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
 
 
 def _n_convs(b: _Branch) -> int:
-    return 1 if b.kind == "conv" else 0
+    return {"conv": 1, "seq": 2}.get(b.kind, 0)
 
 
 def _record(top: fx.Node, x: str, target: str, branches: list[_Branch]) -> Merge:
@@ -545,14 +594,14 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         chain = set(chain_nodes)
         for b in leaves:
             _decompose(gm, b)
-        srcs = Counter(b.src for b in leaves if b.kind == "conv" and isinstance(b.src, fx.Node))
+        srcs = Counter(b.src for b in leaves if b.kind in ("conv", "seq") and isinstance(b.src, fx.Node))
         if not srcs:
             continue
         x: fx.Node = srcs.most_common(1)[0][0]
         branches: list[_Branch] = []
         rest: list[_Branch] = []
         for b in leaves:
-            if b.kind in ("conv", "bn", "avgpool") and b.src is x:
+            if b.kind in ("conv", "seq", "bn", "avgpool") and b.src is x:
                 branches.append(b)
             elif b.kind == "value" and b.src is x:
                 b.kind, b.path = "identity", list(b.muls)
@@ -590,11 +639,11 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         ref: MergeRef | None = None
         best = -1
         for b in branches:
-            if b.kind != "conv" or b.reason is not None:
+            if b.kind not in ("conv", "seq") or b.reason is not None:
                 continue
             assert b.base is not None
             try:
-                cr = _read_conv(gm, b.base, b.label)
+                cr = _branch_conv(gm, b)
             except MergeRefusal as e:
                 b.reason, b.detail = e.reason, e.detail
                 continue
