@@ -168,3 +168,22 @@ class _PaddedSequence(nn.Module):
 def test_refused_sequence_that_reads_padded_zeros() -> None:
     torch.manual_seed(0)
     check_refused(_PaddedSequence(), torch.randn(2, 8, 6, 6), {"a.0": "no_partner", "b.0": "padding"})
+
+
+def test_pt2_file_fold_merges_and_verifies(tmp_path: Any) -> None:
+    """``bnfold fold m.pt2 -o out.pt2``: the program's branches merge (as many convolutions as the hand
+    re-parameterisation), the verification passes, the source file is unchanged."""
+    from bnfold.files import FoldSettings, fold_file
+
+    model, x = build("repvgg_stage")
+    src, out = tmp_path / "m.pt2", tmp_path / "out.pt2"
+    torch.export.save(program(model, x), src)
+    before = src.read_bytes()
+    rep = fold_file(src, out, FoldSettings())
+    assert rep.verification is not None and rep.verification.passed
+    assert sum(m.merged for m in rep.merges) == 3 and rep.convs_after == 3
+    back = torch.export.load(out)
+    assert ops(back, _CONVS) == len(convs(hand_merged(model))) == 3 and bn_ops(back) == 0
+    with torch.no_grad():
+        close(model(x), back.module()(x), TOL32)
+    assert src.read_bytes() == before
