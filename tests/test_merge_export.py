@@ -187,3 +187,20 @@ def test_pt2_file_fold_merges_and_verifies(tmp_path: Any) -> None:
     with torch.no_grad():
         close(model(x), back.module()(x), TOL32)
     assert src.read_bytes() == before
+
+
+class _Strides(nn.Module):
+    """3x3 stride 2 + 1x1 stride 3 on 7x7: both give 3x3, but the 1x1 reads other pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = reparam.conv_bn(8, 8, 3, 2, 0)
+        self.b = reparam.conv_bn(8, 8, 1, 3, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_refused_different_strides() -> None:
+    torch.manual_seed(0)
+    check_refused(_Strides(), torch.randn(2, 8, 7, 7), {"a.0": "no_partner", "b.0": "stride"})
