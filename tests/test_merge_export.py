@@ -204,3 +204,27 @@ class _Strides(nn.Module):
 def test_refused_different_strides() -> None:
     torch.manual_seed(0)
     check_refused(_Strides(), torch.randn(2, 8, 7, 7), {"a.0": "no_partner", "b.0": "stride"})
+
+
+class _AfterNonlinearStem(nn.Module):
+    """RepViT's first mixer reads the stem's BN output (conv -> BN after a GELU): the identity branch of the
+    mixer is that BN's output, not a BN branch of the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1), nn.GELU(), *reparam.conv_bn(8, 8, 3, 1, 1))
+        self.mix = reparam.RepVGGDW(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.stem(x))
+
+
+def test_identity_branch_that_is_a_bn_output_merges() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_AfterNonlinearStem(), seed=3).eval()
+    x = torch.randn(2, 4, 7, 7)
+    out, rep = bnfold.fold_with_report(program(model, x))
+    assert bn_ops(out) == 0 and ops(out, _CONVS) == 3 and [m.merged for m in rep.merges] == [True]
+    assert sorted(b.kind for b in rep.merges[0].branches) == ["conv", "conv", "identity"]
+    with torch.no_grad():
+        close(model(x), out.module()(x), TOL32)

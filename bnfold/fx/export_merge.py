@@ -125,6 +125,7 @@ class _Branch:
     base: fx.Node | None = None  # the conv / bn / pool op
     post: fx.Node | None = None  # the BN op after a conv
     pre: fx.Node | None = None  # the 1x1 conv before the conv of a ``seq`` branch
+    value: Any = None  # the leaf without its scales
     path: list[fx.Node] = field(default_factory=list)  # nodes the merge removes (each read once)
     src: Any = None  # the node the base reads
     blockers: list[fx.Node] = field(default_factory=list)
@@ -245,6 +246,7 @@ def _decompose(gm: fx.GraphModule, b: _Branch) -> None:
         b.muls.append(v)
         v = v.args[1 - _mul_slot(gm, v)]  # type: ignore[operator]
     b.path = list(b.muls)
+    b.value = v
     bn = _bn_of(v)
     if bn is not None:
         inp = bn.args[0]
@@ -601,10 +603,10 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         branches: list[_Branch] = []
         rest: list[_Branch] = []
         for b in leaves:
-            if b.kind in ("conv", "seq", "bn", "avgpool") and b.src is x:
+            if b.value is x:  # x itself (also where x is a BN or conv output)
+                b.kind, b.path, b.base, b.post, b.pre = "identity", list(b.muls), None, None, None
                 branches.append(b)
-            elif b.kind == "value" and b.src is x:
-                b.kind, b.path = "identity", list(b.muls)
+            elif b.kind in ("conv", "seq", "bn", "avgpool") and b.src is x:
                 branches.append(b)
             else:
                 blk = _reaches(b.leaf, x)
