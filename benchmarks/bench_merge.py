@@ -9,10 +9,14 @@ of ``--repeats`` rounds of ``--runs`` calls:
 * **bnfold**: ``bnfold.onnx.fold_model`` of that file (folds, then merges, then folds again);
 * **hand**: the network after its blocks' own ``reparameterize()``, exported the same way.
 
-Also eager PyTorch: training form vs hand-merged (bnfold's merge is ONNX-only so far). Reported: latency
-per call (the fastest round: on a shared machine the other rounds measure the neighbours), the ratio
-bnfold / hand (target <= 1.02), Conv counts, and whether bnfold's graph is the hand-merged graph node
-for node (same ops, attributes and weight shapes: then any latency gap is noise). Quote ratios, not seconds.
+Reported: latency per call (the fastest round: on a shared machine the other rounds measure the
+neighbours), the ratio bnfold / hand (target <= 1.02), Conv counts, and whether bnfold's graph is the
+hand-merged graph node for node (same ops, attributes and weight shapes: then any latency gap is noise).
+
+Eager PyTorch, the same three as modules: the training-form ``nn.Module``, ``bnfold.fold`` of it (folds and
+merges: a ``torch.fx.GraphModule``) and the hand-reparameterised module; medians of ``--repeats`` rounds of
+``--runs`` calls, interleaved with rotation (``benchmarks.common.time_interleaved``), conv modules before /
+after / hand. Quote ratios, not seconds.
 ``--quick``: fewer runs (smoke test). ``--out FILE`` writes the markdown table.
 """
 
@@ -28,13 +32,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from common import time_interleaved  # noqa: E402
 from torch import nn  # noqa: E402
 
+import bnfold  # noqa: E402
+from bnfold.fx.merge import conv_modules  # noqa: E402
 from bnfold.onnx import fold_model  # noqa: E402
 from models import reparam  # noqa: E402
 from models.stats import randomize_bn  # noqa: E402
@@ -176,6 +184,7 @@ def main() -> None:
         a.repeats, a.runs, a.size = 3, 3, 64
     torch.set_num_threads(a.threads)
     rows = []
+    erows = []
     for name, make in NETS.items():
         torch.manual_seed(0)
         net = randomize_bn(make(), seed=1).eval()
@@ -194,34 +203,59 @@ def main() -> None:
             np.max(np.abs(outs["bnfold"] - outs["train"])) / max(1.0, float(np.max(np.abs(outs["train"]))))
         )
         times: dict[str, list[float]] = {k: [] for k in sessions}
-        eager: dict[str, list[float]] = {"train": [], "hand": []}
-        with torch.no_grad():
-            for _ in range(a.repeats):  # interleaved: drift hits every variant alike
-                for k, s in sessions.items():
-                    times[k].append(timed(lambda s=s, f=feeds: s.run(None, f), a.runs))
-                eager["train"].append(timed(lambda n=net, t=x: n(t), a.runs))
-                eager["hand"].append(timed(lambda n=hand_net, t=x: n(t), a.runs))
+        for _ in range(a.repeats):  # interleaved: drift hits every variant alike
+            for k, s in sessions.items():
+                times[k].append(timed(lambda s=s, f=feeds: s.run(None, f), a.runs))
         med = {k: min(v) * 1e3 for k, v in times.items()}
-        emed = {k: min(v) * 1e3 for k, v in eager.items()}
+        bn_net, trep = bnfold.fold_with_report(net, example_inputs=x)
+        with torch.no_grad():
+            eager_err = float((bn_net(x) - net(x)).abs().max() / max(1.0, float(net(x).abs().max())))
+            eager = time_interleaved(
+                {
+                    k: (lambda m=m, t=x: m(t))
+                    for k, m in (("train", net), ("bnfold", bn_net), ("hand", hand_net))
+                },
+                repeats=a.repeats,
+                warmup=2,
+                number=a.runs,
+            )
+        emed = {k: t.median * 1e3 for k, t in eager.items()}
+        ecv = (conv_modules(net), conv_modules(bn_net), conv_modules(hand_net))
         same = "yes" if signature(merged) == signature(hand) else "no"
-        rows.append((name, convs(train), convs(merged), convs(hand), rep.bn_after, med, emed, err, same))
+        rows.append((name, convs(train), convs(merged), convs(hand), rep.bn_after, med, err, same))
+        erows.append((name, ecv, len(trep.skips), emed, eager_err))
     lines = [
         f"onnxruntime {ort.__version__} CPU, {a.threads} thread(s), input 1x3x{a.size}x{a.size}, "
         f"fastest of {a.repeats} rounds of {a.runs} calls (ms per call)",
         "",
         "| network | convs train / bnfold / hand | BN left | ORT train | ORT bnfold | ORT hand | bnfold / hand "
-        "| same graph as hand | eager train | eager hand | max rel. error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| same graph as hand | max rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, ct, cb, ch, bn, med, emed, err, same in rows:
+    for name, ct, cb, ch, bn, med, err, same in rows:
         lines.append(
             f"| {name} | {ct} / {cb} / {ch} | {bn} | {med['train']:.3f} | {med['bnfold']:.3f} | {med['hand']:.3f} | "
-            f"{med['bnfold'] / med['hand']:.3f} | {same} | {emed['train']:.3f} | {emed['hand']:.3f} | {err:.1e} |"
+            f"{med['bnfold'] / med['hand']:.3f} | {same} | {err:.1e} |"
         )
     lines += [
         "",
-        "RepViT: the hand-written merge (the block's own) leaves the BNs of the channel mixer; bnfold folds "
-        "them too, so its graph is smaller than the hand-merged one.",
+        f"Eager PyTorch {torch.__version__} CPU, {a.threads} thread(s), same input: median of {a.repeats} "
+        f"interleaved rounds of {a.runs} calls (ms per call); bnfold = ``bnfold.fold`` (a torch.fx.GraphModule)",
+        "",
+        "| network | conv modules train / bnfold / hand | BN left | eager train | eager bnfold | eager hand "
+        "| bnfold / hand | max rel. error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (ct, cb, ch), bn, emed, err in erows:
+        lines.append(
+            f"| {name} | {ct} / {cb} / {ch} | {bn} | {emed['train']:.3f} | {emed['bnfold']:.3f} | "
+            f"{emed['hand']:.3f} | {emed['bnfold'] / emed['hand']:.3f} | {err:.1e} |"
+        )
+    lines += [
+        "",
+        "RepViT: the hand-written merge (the block's own) leaves the BNs of the stem and the channel mixer "
+        "(eager: they stay BatchNorm modules); bnfold folds them too, so its graph is smaller than the "
+        "hand-merged one.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -177,7 +177,7 @@ def fold_with_report(
         if kind == "export":
             from .fx import fold_exported
 
-            return fold_exported(given, dry_run=dry_run)
+            return fold_exported(given, dry_run=dry_run, merge_branches=merge_branches)
         import torch
 
         from .fx import fold_module

@@ -173,6 +173,7 @@ CATALOGUE: tuple[Pattern, ...] = (
         "K = Σ_i embed(K_i), bias = Σ_i b_i (float64, rounded once); a branch BN is the identity kernel scaled",
         onnx="yes, merged",
         fx="yes (nn.Module, torch.fx)",
+        export="yes (one convolution op per merged sum)",
         example="RepVGG, MobileOne, RepViT",
     ),
     Pattern(

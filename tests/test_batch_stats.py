@@ -249,7 +249,7 @@ def test_counts_keep_conversions_apart_from_folds(tmp_path: Path) -> None:
     _, report = bnfold.fold_with_report(net, batch_stats="instance")
     d = report.to_dict()
     assert (d["folded"], d["converted"]) == (1, 1)
-    from bnfold._json import counts
+    from bnfold.cli.jsonout import counts
 
     c = counts(report)
     assert (c["folded"], c["converted"], c["by_target_kind"]) == (1, 1, {"Conv2d": 1})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -550,3 +551,69 @@ def test_builtin_sum_and_torch_add_merge() -> None:
     assert len(convs(out)) == 1 and bns(out) == 0 and rep.bn_after == 0
     with torch.no_grad():
         close(model(x), out(x), TOL32)
+
+
+@pytest.mark.parametrize("name", ["repvgg", "mobileone_dw", "repvit_bn_on_sum", "ppyoloe_alpha"])
+def test_float16_merge_is_the_float64_merge_rounded_once(name: str) -> None:
+    """A float16 model's merged conv is the block's own merge computed in float64 from the float16
+    parameters (conv weights and BN statistics, also a BN on the sum), rounded once: bit for bit or within
+    one float16 ulp (the float64 sums may differ in their order), nearly all bit for bit. Summing the
+    folded float16 weights instead rounds twice and is off by more."""
+    m16, x = build(name, torch.float16)
+    (ref,) = convs(hand_merged(copy.deepcopy(m16).double()))  # the hand formula on the same values, float64
+    assert ref.bias is not None
+    out = bnfold.fold(m16, example_inputs=x)
+    (conv,) = convs(out)
+    assert bns(out) == 0 and conv.bias is not None
+    for got, want64 in ((conv.weight.detach(), ref.weight.detach()), (conv.bias.detach(), ref.bias.detach())):
+        want = want64.to(torch.float16)
+        ulp = torch.from_numpy(np.spacing(np.abs(want.numpy()))).double()
+        assert ((got.double() - want.double()).abs() <= ulp).all()
+        assert (got != want).sum() <= got.numel() // 20
+
+
+def test_pytorch_file_bisection_leaves_the_failing_merge_and_keeps_the_rest(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bnfold fold --model x.pt``: a merge whose verification fails is left (its branches folded, not
+    merged), the other merge kept. The verification fails exactly when the second block is merged (the real
+    comparison is tested elsewhere; here the wiring)."""
+    from test_verify_culprit import _report
+
+    from bnfold.files import FoldSettings, InputSettings, LoadSettings, fold_file
+    from bnfold.files import fold as fold_job
+    from bnfold.files import fold_torch as fold_torch_job
+    from bnfold.records import VerifyReport
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(reparam.RepVGGBlock(8, 8), reparam.RepVGGBlock(8, 8)), seed=2).eval()
+    src, out = tmp_path / "two.pt", tmp_path / "out.pt"
+    torch.save(model, src)
+    before = src.read_bytes()
+    seen: list[bool] = []
+
+    def second_merged(m: nn.Module) -> bool:
+        return any(name.startswith("1_") and name.endswith("_merged") for name, _ in m.named_modules())
+
+    def fake_verify(reference: nn.Module, candidate: nn.Module, *a: object, **k: object) -> VerifyReport:
+        assert bns(reference) == 6  # the reference is never the folded model
+        seen.append(second_merged(candidate))
+        return _report(passed=not seen[-1])
+
+    monkeypatch.setattr(fold_job, "run_verify", fake_verify)
+    monkeypatch.setattr(fold_torch_job, "run_verify", fake_verify)
+    rep = fold_file(
+        src, out, FoldSettings(load=LoadSettings(trust_pickle=True), inputs=InputSettings(["x=2x8x7x7"]))
+    )
+    assert seen[0] and len(seen) >= 2  # the full fold failed, then the bisection
+    assert rep.verification is not None and rep.verification.passed
+    done = {m.sum: m for m in rep.merges}
+    assert sum(m.merged for m in done.values()) == 1
+    (left,) = [m for m in done.values() if not m.merged]
+    assert {b.reason for b in left.branches} == {MergeReason.VERIFICATION}
+    written = torch.load(out, weights_only=False)
+    assert not second_merged(written) and len(convs(written)) == 3
+    assert src.read_bytes() == before
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        close(model(x), written(x), TOL32)

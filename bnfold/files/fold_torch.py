@@ -124,13 +124,15 @@ def without_culprits(
     from bnfold.fx.batch_stats import convert_batch_stats, copy_for, with_conversions
     from bnfold.fx.module import fold_module
 
+    merge = any(m.merged for m in report.merges)  # a merged sum is bisected like a fold (by its label)
+
     def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
         if batch_stats is not None:
             work, sites = convert_batch_stats(copy_for(model, False), exclude=excluded)
-            out, rep = fold_module(work, example_inputs=examples, exclude=excluded)
+            out, rep = fold_module(work, example_inputs=examples, exclude=excluded, merge_branches=merge)
             rep = with_conversions(rep, sites, model, False)
         else:
-            out, rep = fold_module(model, example_inputs=examples, exclude=excluded)
+            out, rep = fold_module(model, example_inputs=examples, exclude=excluded, merge_branches=merge)
         if out_fmt == "pt2":
             return torch.export.export(out, tuple(examples)), rep
         return out, rep

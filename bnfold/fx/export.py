@@ -23,9 +23,10 @@ import torch
 from torch import fx
 
 from bnfold.errors import UnsupportedModelError
-from bnfold.records import FoldReport
+from bnfold.records import FoldReport, Merge, Site, Verdict
 
 from .export_match import ExportCandidate, find_export_sites, layer_weight
+from .export_merge import conv_ops, merge_exported_graph
 from .export_plan import plan_export_sites
 from .export_rewrite import apply_exported
 
@@ -35,13 +36,21 @@ log = logging.getLogger(__name__)
 
 
 def fold_exported(
-    ep: torch.export.ExportedProgram, *, dry_run: bool = False
+    ep: torch.export.ExportedProgram,
+    *,
+    dry_run: bool = False,
+    merge_branches: bool = False,
+    exclude_merges: frozenset[str] = frozenset(),
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every exactly-foldable BN of an exported program; return a new program and the report.
 
     Args:
         ep: the program (not changed).
         dry_run: decide only; ``ep`` comes back as given.
+        merge_branches: first merge sums of branches of one tensor into one convolution
+            (:mod:`bnfold.fx.export_merge`, from the original weights and BN statistics, rounded once);
+            ``report.merges`` lists each sum, merged or refused.
+        exclude_merges: sum labels to leave unmerged (culprit bisection).
 
     Returns:
         ``(program, report)``: the program runs, re-exports and saves with ``torch.export.save``.
@@ -50,11 +59,28 @@ def fold_exported(
         UnsupportedModelError: the program carries no example inputs to export it again with.
     """
     t0 = time.perf_counter()
+    if dry_run and merge_branches:  # predict: the real merge and fold on a copy
+        _, full = fold_exported(ep, merge_branches=True, exclude_merges=exclude_merges)
+        if any(m.merged for m in full.merges):
+            return ep, replace(full, dry_run=True, seconds=time.perf_counter() - t0)
     gm = ep.module()
+    merges: tuple[Merge, ...] = ()
+    absorbed: list[Site] = []
+    convs_before = conv_ops(gm)
+    if merge_branches:
+        mres = merge_exported_graph(gm, exclude=exclude_merges)
+        merges, absorbed = tuple(mres.merges), mres.absorbed
+    applied = sum(1 for m in merges if m.merged)
     matched, writes = plan_export_sites(gm, find_export_sites(gm))
     folds = [c for c in matched if isinstance(c, ExportCandidate)]
-    verdicts = [c.site if isinstance(c, ExportCandidate) else c for c in matched]
+    verdicts: list[Verdict] = [*absorbed, *(c.site if isinstance(c, ExportCandidate) else c for c in matched)]
     nodes_before = sum(1 for _ in ep.graph.nodes)
+    notes: tuple[str, ...] = ()
+    if applied:
+        notes = (
+            f"{applied} sum(s) of branches merged into one conv each "
+            f"({sum(m.branches_merged for m in merges if m.merged)} branches)",
+        )
     report = FoldReport(
         backend="export",
         verdicts=verdicts,
@@ -62,9 +88,13 @@ def fold_exported(
         nodes_before=nodes_before,
         params_before=sum(t.numel() for t in ep.state_dict.values()),
         bn_before=len(verdicts),
-        bn_after=len(verdicts) - len(folds),
+        bn_after=len(verdicts) - len(folds) - len(absorbed),
+        merges=merges,
+        notes=notes,
+        convs_before=convs_before if merge_branches else None,
+        convs_after=conv_ops(gm) if merge_branches else None,
     )
-    if dry_run or not folds:
+    if dry_run or not (folds or applied):
         return ep, replace(
             report,
             nodes_after=nodes_before,
@@ -79,7 +109,6 @@ def fold_exported(
     args_in, kwargs_in = ep.example_inputs
     dynamic = _dynamic_shapes(ep) if any(True for _ in ep.range_constraints) else None
     new_ep = None
-    notes: tuple[str, ...] = ()
     if dynamic is not None:
         try:
             new_ep = torch.export.export(
@@ -91,6 +120,7 @@ def fold_exported(
         new_ep = torch.export.export(gm, tuple(args_in), dict(kwargs_in), strict=False)
         if any(True for _ in ep.range_constraints):
             notes = (
+                *notes,
                 "the folded program was exported again with static shapes (its dynamic dims could not "
                 "be carried over)",
             )

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold.fold_math import cast_exact
+from bnfold.fold_math import bn_affine, cast_exact
 from bnfold.fold_math.merge import (
     F64,
     MergeRef,
@@ -40,9 +40,12 @@ from bnfold.fold_math.merge import (
     identity_checks,
     placement,
 )
-from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site
+from bnfold.records import BranchVerdict, Direction, FoldReport, Merge, MergeReason, Site
 
-__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules"]
+__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact"]
+
+Exact = dict[str, tuple[F64, F64]]
+"""``{conv module name: (weight, bias)}``: a folded conv's parameters in float64, before their rounding."""
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -109,6 +112,61 @@ _ACT_FUNCS = {
 def conv_modules(module: nn.Module) -> int:
     """Conv modules in the module tree."""
     return sum(1 for m in module.modules() if isinstance(m, _CONVS))
+
+
+def exact_folds(module: nn.Module, report: FoldReport) -> Exact:
+    """The float64 weight and bias of every conv that one forward BN fold wrote, from ``module``'s own
+    (unfolded) conv and BN: what the fold rounded once. The merge sums these, not the rounded weights, so a
+    float16 model's merged conv is rounded once too (:func:`merge_graph_module` checks each against the
+    folded conv, bit for bit, before it uses it)."""
+    sites = [v for v in report.verdicts if isinstance(v, Site)]
+    per_layer: dict[str, int] = {}
+    for v in sites:
+        per_layer[v.target] = per_layer.get(v.target, 0) + 1
+    out: Exact = {}
+    for v in sites:
+        if v.direction is not Direction.FORWARD or per_layer[v.target] != 1:
+            continue
+        try:
+            conv, bn = module.get_submodule(v.target), module.get_submodule(v.bn)
+        except AttributeError:
+            continue
+        if type(conv) not in _CONVS or type(bn) not in _BNS:
+            continue
+        assert isinstance(conv, _CONVS) and isinstance(bn, _BNS)
+        if bn.running_mean is None or bn.running_var is None or bn.num_features != conv.out_channels:
+            continue
+        scale, shift = bn_affine(
+            None if bn.weight is None else _np(bn.weight),
+            None if bn.bias is None else _np(bn.bias),
+            _np(bn.running_mean),
+            _np(bn.running_var),
+            float(bn.eps),
+        )
+        w = _np(conv.weight) * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
+        b = (np.zeros(conv.out_channels) if conv.bias is None else _np(conv.bias)) * scale + shift
+        out[v.target] = (w, b)
+    return out
+
+
+def _np(t: torch.Tensor) -> F64:
+    a: F64 = t.detach().cpu().double().numpy()
+    return a
+
+
+def _params(m: nn.Module, name: str, exact: Exact) -> tuple[F64, F64 | None]:
+    """A conv module's weight and bias in float64: the exact values of its fold where they round to them."""
+    assert isinstance(m, _CONVS)
+    w, b = _np(m.weight), None if m.bias is None else _np(m.bias)
+    got = exact.get(name)
+    if got is None or m.weight.dtype == torch.bfloat16 or b is None or got[0].shape != w.shape:
+        return w, b
+    dt = torch.empty((), dtype=m.weight.dtype).numpy().dtype
+    if np.array_equal(cast_exact(got[0], dt).astype(np.float64), w) and np.array_equal(
+        cast_exact(got[1], dt).astype(np.float64), b
+    ):
+        return got
+    return w, b
 
 
 @dataclass(slots=True)
@@ -458,14 +516,13 @@ def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[
     return _tup(m.stride, r), dil, p + p, int(m.groups)
 
 
-def _read_conv(gm: fx.GraphModule, b: _Branch) -> _ConvRead:
+def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> _ConvRead:
     assert b.base is not None
     m = _mod(gm, b.base)
     assert m is not None
     strides, dil, pads, group = _conv_geometry(m, b.label)
     assert isinstance(m, _CONVS)
-    w64 = m.weight.detach().cpu().double().numpy()
-    b64 = None if m.bias is None else m.bias.detach().cpu().double().numpy()
+    w64, b64 = _params(m, str(b.base.target), exact)
     if b.pre is not None:
         pm = _mod(gm, b.pre)
         assert pm is not None
@@ -480,14 +537,14 @@ def _read_conv(gm: fx.GraphModule, b: _Branch) -> _ConvRead:
             raise MergeRefusal(MergeReason.GROUPS, f"{b.pre.name} -> {b.label}: grouped convs in sequence")
         if pm.weight.dtype != m.weight.dtype:
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: weight dtypes differ")
-        b1 = None if pm.bias is None else pm.bias.detach().cpu().double().numpy()
+        w1, b1 = _params(pm, str(b.pre.target), exact)
         if any(pads) and b1 is not None and np.any(b1 != 0):
             raise MergeRefusal(
                 MergeReason.PADDING,
                 f"{b.pre.name} -> {b.label}: the kxk conv pads {pads} with zeros, "
                 "where the 1x1 conv's bias would not be added: one conv cannot compute it",
             )
-        w64, b64 = compose_pointwise(w64, b64, pm.weight.detach().cpu().double().numpy(), b1)
+        w64, b64 = compose_pointwise(w64, b64, w1, b1)
     return _ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
@@ -517,10 +574,12 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     )
 
 
-def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics: bool) -> tuple[F64, F64]:
+def _branch_kernel(
+    gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics: bool, exact: Exact
+) -> tuple[F64, F64]:
     what = b.label
     if b.kind in ("conv", "seq"):
-        cr = _read_conv(gm, b)
+        cr = _read_conv(gm, b, exact)
         w = cr.w
         if cr.dtype != ref.dtype:
             raise MergeRefusal(
@@ -636,6 +695,24 @@ def _refused(sum_label: str, x: str, branches: list[_Branch]) -> Merge:
     return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
 
 
+def _excluded(sum_label: str, exclude: frozenset[str]) -> bool:
+    """``sum_label`` or a sum sharing a branch module with it is excluded (a branch whose BN bisection left
+    drops out of the sum's label, the sum stays the one excluded)."""
+    if sum_label in exclude:
+        return True
+    parts = set(sum_label.split("+"))
+    return any("+" in e and parts & set(e.split("+")) for e in exclude)
+
+
+def _module_label(b: _Branch) -> str:
+    """The module path that ends a branch (as :func:`_label`), or "" where that is no module call: it stays
+    the same whether the branch's own BN was folded or not (bisection leaves some)."""
+    for n in (b.base, *(b.muls[-1:]), *(b.blockers[-1:])):
+        if n is not None:
+            return str(n.target) if n.op == "call_module" else ""
+    return ""
+
+
 def _label(b: _Branch, x: fx.Node) -> str:
     for n in (b.base, *(b.muls[-1:]), *(b.blockers[-1:])):
         if n is not None:
@@ -651,12 +728,16 @@ def _plan(
     sum_label: str,
     eval_semantics: bool,
     exclude: frozenset[str],
+    exact: Exact,
 ) -> tuple[MergeRef, F64, F64] | Merge:
-    if sum_label in exclude:
+    if _excluded(sum_label, exclude):
         for b in branches:
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
         return _refused(sum_label, x.name, branches)
     for b in branches:
+        if b.kind == "bn" and b.base is not None and str(b.base.target) in exclude:
+            b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from folding"
+            continue
         if b.kind == "other":
             ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
             nonlinear = any(
@@ -690,7 +771,7 @@ def _plan(
             continue
         assert b.base is not None
         try:
-            cr = _read_conv(gm, b)
+            cr = _read_conv(gm, b, exact)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
@@ -716,7 +797,7 @@ def _plan(
         if b.reason is not None:
             continue
         try:
-            w64, b64 = _branch_kernel(gm, ref, b, eval_semantics)
+            w64, b64 = _branch_kernel(gm, ref, b, eval_semantics, exact)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
@@ -726,6 +807,31 @@ def _plan(
     if len(ok) < 2 or not any(b.base is ref.node for b in ok):
         return _refused(sum_label, x.name, branches)
     return ref, w_sum, b_sum
+
+
+def _post_bn(
+    gm: fx.GraphModule, top: fx.Node, ref: MergeRef, eval_semantics: bool
+) -> tuple[fx.Node, tuple[F64, F64]] | None:
+    """The eval-mode BN module call that alone reads the sum ``top``, with its float64 scale and shift."""
+    users = list(top.users)
+    if len(users) != 1:
+        return None
+    u = users[0]
+    m = _mod(gm, u)
+    if type(m) not in _BNS or _hooks(m) or u.args[:1] != (top,) or len(u.args) != 1 or u.kwargs:  # type: ignore[arg-type]
+        return None
+    assert isinstance(m, _BNS)
+    if (m.training and not eval_semantics) or m.running_mean is None or m.running_var is None:
+        return None
+    if m.num_features != ref.c_out:
+        return None
+    return u, bn_affine(
+        None if m.weight is None else _np(m.weight),
+        None if m.bias is None else _np(m.bias),
+        _np(m.running_mean),
+        _np(m.running_var),
+        float(m.eps),
+    )
 
 
 def _fresh(gm: fx.GraphModule, base: str) -> str:
@@ -739,9 +845,16 @@ def _fresh(gm: fx.GraphModule, base: str) -> str:
 
 
 def merge_graph_module(
-    gm: fx.GraphModule, *, eval_semantics: bool = False, exclude: frozenset[str] = frozenset()
+    gm: fx.GraphModule,
+    *,
+    eval_semantics: bool = False,
+    exclude: frozenset[str] = frozenset(),
+    exact: Exact | None = None,
 ) -> FxMergeResult:
-    """Merge every sum of branches of one node into one conv module; edit ``gm`` (graph and submodules)."""
+    """Merge every sum of branches of one node into one conv module; edit ``gm`` (graph and submodules).
+
+    ``exact``: :func:`exact_folds` of the folds before (the branches' float64 values, rounded once at the
+    end). An eval-mode BN module that alone reads a merged sum is folded into the merged conv too."""
     res = FxMergeResult()
     graph = gm.graph
     done: set[fx.Node] = set()
@@ -759,7 +872,10 @@ def merge_graph_module(
         chain = set(chain_nodes)
         for b in branches:
             b.label = _label(b, x)
-        rec = _plan(gm, x, branches, chain, top.name, eval_semantics, exclude)
+        # the label names the conv modules the sum adds (stable when the model is traced again; a node
+        # name is not): culprit bisection excludes a merge by it
+        sum_label = "+".join(m for m in (_module_label(b) for b in branches) if m) or top.name
+        rec = _plan(gm, x, branches, chain, sum_label, eval_semantics, exclude, exact or {})
         if isinstance(rec, Merge):
             res.merges.append(rec)
             continue
@@ -798,8 +914,15 @@ def merge_graph_module(
                             "conv plus an add cannot replace it"
                         ),
                     )
-            res.merges.append(_refused(top.name, x.name, branches))
+            res.merges.append(_refused(sum_label, x.name, branches))
             continue
+        post = None if kept else _post_bn(gm, top, ref, eval_semantics)
+        if post is not None and str(post[0].target) in exclude:
+            post = None
+        if post is not None:
+            scale, shift = post[1]
+            w_sum = w_sum * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+            b_sum = b_sum * scale + shift
         ref_mod = _mod(gm, ref.node)
         assert isinstance(ref_mod, _CONVS)
         dtype = ref_mod.weight.dtype
@@ -808,7 +931,7 @@ def merge_graph_module(
             for br in branches:
                 if br.reason is None:
                     br.reason, br.detail = MergeReason.UNSUPPORTED, "bfloat16 weights"
-            res.merges.append(_refused(top.name, x.name, branches))
+            res.merges.append(_refused(sum_label, x.name, branches))
             continue
         wc, bc = cast_exact(w_sum, np_dtype), cast_exact(b_sum, np_dtype)
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
@@ -818,7 +941,7 @@ def merge_graph_module(
                         MergeReason.OVERFLOW,
                         f"the merged weight or bias is not finite in {dtype}",
                     )
-            res.merges.append(_refused(top.name, x.name, branches))
+            res.merges.append(_refused(sum_label, x.name, branches))
             continue
         conv_cls: Any = type(ref_mod)
         # the reference conv's own padding: symmetric pads, or its padding="same" (the pads it was read as)
@@ -855,6 +978,17 @@ def merge_graph_module(
         top.replace_all_uses_with(cur)
         merged = [br for br in branches if br.reason is None]
         erase = list(chain) + [n for br in merged for n in _path(br)]
+        if post is not None:
+            post[0].replace_all_uses_with(cur)
+            erase.append(post[0])
+            res.absorbed[str(post[0].target)] = Site(
+                str(post[0].target),
+                name,
+                type(new).__name__,
+                Direction.FORWARD,
+                f"BN on the sum '{sum_label}' folded into its merged conv",
+                "conv-bn",  # the merged conv is a conv: the same pattern as ONNX's next pass
+            )
         for br in merged:
             if br.kind == "bn" and br.base is not None:
                 res.absorbed[str(br.base.target)] = Site(
@@ -862,7 +996,7 @@ def merge_graph_module(
                     name,
                     type(new).__name__,
                     Direction.FORWARD,
-                    f"identity BN branch merged into one conv with the other branches of '{top.name}'",
+                    f"identity BN branch merged into one conv with the other branches of '{sum_label}'",
                     "branch-merge",
                 )
         for n in sorted(set(erase), key=_order(graph), reverse=True):
@@ -873,7 +1007,7 @@ def merge_graph_module(
         left = sum(_n_convs(br) for br in branches if br.reason is not None)
         res.merges.append(
             Merge(
-                top.name,
+                sum_label,
                 x.name,
                 name,
                 True,

@@ -267,7 +267,9 @@ def fold_module(
                 if id(m) in flags:
                     m.training = flags[id(m)]
     if merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
-        out, report = _merge_and_refold(module, out, report, eval_semantics, example_inputs)
+        out, report = _merge_and_refold(
+            module, out, report, eval_semantics, example_inputs, frozenset(exclude)
+        )
     if merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
         _, full = fold_module(
             module,
@@ -356,15 +358,17 @@ def _merge_and_refold(
     report: FoldReport,
     eval_semantics: bool,
     example_inputs: tuple[Any, ...] | None,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[nn.Module, FoldReport]:
     """Merge the branch sums of ``out`` (the folded copy) and fold again, a few rounds (a merged conv may make
     another sum mergeable, or a BN on the sum foldable); ``report`` updated."""
-    from .merge import conv_modules, merge_graph_module
+    from .merge import conv_modules, exact_folds, merge_graph_module
 
     applied: list[Merge] = []
     refused: list[Merge] = []
     fixed: dict[str, Site] = {}
     cur = out
+    exact = exact_folds(module, report)  # the folded convs in float64: each merge rounds once
     for _ in range(4):
         with _TRACE_LOCK:
             try:
@@ -374,7 +378,7 @@ def _merge_and_refold(
                 break
             gm = fx.GraphModule(cur, g, type(cur).__name__)
             try:
-                res = merge_graph_module(gm, eval_semantics=eval_semantics)
+                res = merge_graph_module(gm, eval_semantics=eval_semantics, exact=exact, exclude=exclude)
             except Exception as e:  # noqa: BLE001 - an unforeseen form: keep the branches (gm is discarded)
                 log.debug("merge failed: %s", e)
                 report = replace(report, notes=(*report.notes, f"branch merging stopped: {first_line(e)}"))
@@ -385,7 +389,7 @@ def _merge_and_refold(
         if not res.applied:
             break
         cur, again = fold_module(
-            gm, inplace=True, eval_semantics=eval_semantics, example_inputs=example_inputs
+            gm, inplace=True, eval_semantics=eval_semantics, example_inputs=example_inputs, exclude=exclude
         )
         fixed.update({v.bn: v for v in again.verdicts if isinstance(v, Site)})
     if not applied:
