@@ -221,7 +221,7 @@ def fold_with_options(
             eval_semantics=options.eval_semantics,
             example_inputs=example_inputs,
         )
-        report = replace(report, health=audit)
+        report = report.with_post(health=audit)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return cast("Model", out), report
 

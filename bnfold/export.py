@@ -48,7 +48,7 @@ from typing import Any
 from .errors import OptionError, VerificationError
 from .options import FoldOptions
 from .postfold import added_flushes, run
-from .records import ExportCounts, FoldReport, Verdict
+from .records import ExportCounts, FoldReport, PostFoldResult, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -344,8 +344,10 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         nodes_after=oreport.nodes_after,
         params_after=oreport.params_after,
         notes=(*treport.notes, *oreport.notes),
-        health=treport.health,
-        flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
+        post=PostFoldResult(
+            health=treport.health,
+            flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
+        ),
         merges=(*treport.merges, *oreport.merges),
         convs_before=treport.convs_before if treport.convs_before is not None else oreport.convs_before,
         convs_after=oreport.convs_after,

@@ -80,15 +80,14 @@ def after_fold(
     if options.health:
         from .health_audit import audit
 
-        report = replace(report, health=audit(original, out, report, before))
+        report = report.with_post(health=audit(original, out, report, before))
     if options.prune_constant_channels:
         from .constant_channels import prune_constant_channels
 
         pruned = prune_constant_channels(out)
         note = f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned"
         report = replace(
-            report,
-            pruned_channels=tuple(pruned),
+            report.with_post(pruned_channels=tuple(pruned)),
             notes=(*report.notes, note),
             params_after=sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel")),
         )
@@ -96,5 +95,5 @@ def after_fold(
         from .denormals import flush_model, flush_targets
 
         flushed = flush_targets(out, report) if kind == "onnx" else flush_model(out, before)
-        report = replace(report, flushed_denormals=flushed)
+        report = report.with_post(flushed_denormals=flushed)
     return report

@@ -133,7 +133,7 @@ def inspect_file(
             audit = audit_model(model, affine=opts.affine)
         else:
             audit = audit_model(model, eval_semantics=opts.eval_semantics, example_inputs=examples)
-        report = replace(report, health=audit)
+        report = report.with_post(health=audit)
     prog("fold", 1, 1)
     files = FileInfo(
         source=str(src_p),

@@ -45,7 +45,7 @@ from onnx import GraphProto, ModelProto, TensorProto
 
 from bnfold.errors import InputError
 from bnfold.options import FoldOptions
-from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
+from bnfold.records import FoldReport, Merge, PostFoldResult, Site, Skip, SkipReason, Verdict
 
 from .batch_stats import NOTE as _BATCH_NOTE
 from .batch_stats import batch_stats_pass
@@ -499,7 +499,7 @@ def fold_model(
         params_after=params_after,
         mul_add=tuple(ctx.mul_add),
         notes=notes,
-        flushed_denormals=ctx.flushed if ctx.flush else None,
+        post=PostFoldResult(flushed_denormals=ctx.flushed if ctx.flush else None),
         seconds=time.perf_counter() - t0,
         merges=merges,
         convs_before=convs_before,
