@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .errors import OptionError, UnsupportedModelError
 from .kinds import model_kind
+from .options import FoldOptions
 from .records import FoldReport, HealthReport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Model = TypeVar("Model", "onnx.ModelProto", "torch.nn.Module", "torch.export.ExportedProgram")
 """The three model types; ``fold`` returns the type it was given."""
 
-__all__ = ["Model", "fold", "inspect", "fold_with_report", "health", "model_kind"]
+__all__ = ["Model", "fold", "inspect", "fold_with_report", "fold_with_options", "health", "model_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,12 @@ def own_reparam_note(model: Any) -> str | None:
     )
 
 
-def _check_options(kind: str, given: dict[str, Any]) -> None:
+_RESTRICTED = frozenset().union(*_APPLIES.values())
+"""The options that apply to some kinds of model only."""
+
+
+def _check_options(kind: str, options: FoldOptions, **call: Any) -> None:
+    given = {k: getattr(options, k) for k in _RESTRICTED if hasattr(options, k)} | call
     wrong = sorted(k for k, v in given.items() if not (v is None or v is False) and k not in _APPLIES[kind])
     if wrong:
         where = " or ".join(_WHERE[k] for k in _APPLIES if wrong[0] in _APPLIES[k])
@@ -139,22 +145,38 @@ def fold_with_report(
         OptionError: an option that does not apply to this kind of model (e.g. ``affine`` on an
             ``nn.Module``, ``inplace`` on an ExportedProgram).
     """
-    kind = model_kind(model)
-    _check_options(
-        kind,
-        {
-            "inplace": inplace,
-            "affine": affine,
-            "eval_semantics": eval_semantics,
-            "example_inputs": example_inputs,
-            "prune_constant_channels": prune_constant_channels,
-            "batch_stats": batch_stats,
-        },
+    options = FoldOptions(
+        affine=affine,
+        merge_branches=merge_branches,
+        propagate=propagate,
+        batch_stats=batch_stats,
+        eval_semantics=eval_semantics,
+        flush_denormals=flush_denormals,
+        health=health,
+        prune_constant_channels=prune_constant_channels,
     )
-    check_batch_stats(batch_stats)
-    from .postfold import PostFold, run
+    return fold_with_options(model, options, inplace=inplace, dry_run=dry_run, example_inputs=example_inputs)
 
-    steps = PostFold(flush_denormals, health, prune_constant_channels)
+
+def fold_with_options(
+    model: Model,
+    options: FoldOptions,
+    *,
+    inplace: bool = False,
+    dry_run: bool = False,
+    example_inputs: Any = None,
+) -> tuple[Model, FoldReport]:
+    """:func:`fold_with_report` with its choices as one :class:`~bnfold.options.FoldOptions` record
+    (what the file jobs and the export call); ``inplace``, ``dry_run`` and ``example_inputs`` as there.
+
+    Raises:
+        OptionError: an option that does not apply to this kind of model.
+    """
+    kind = model_kind(model)
+    _check_options(kind, options, inplace=inplace, example_inputs=example_inputs)
+    check_batch_stats(options.batch_stats)
+    from .postfold import run
+
     given: Any = model  # one of the three kinds: model_kind dispatches, each backend takes its own
 
     def backend() -> tuple[Any, FoldReport]:
@@ -164,62 +186,42 @@ def fold_with_report(
 
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
-            return fold_model(
-                given,
-                affine=affine,
-                dry_run=dry_run,
-                inplace=inplace,
-                flush_denormals=steps.flush_as_written and not dry_run,
-                merge_branches=merge_branches,
-                batch_stats=batch_stats,
-                propagate=propagate,
-            )
+            return fold_model(given, options=options, dry_run=dry_run, inplace=inplace)
         if kind == "export":
             from .fx import fold_exported
 
-            return fold_exported(given, dry_run=dry_run, merge_branches=merge_branches)
+            return fold_exported(given, dry_run=dry_run, merge_branches=options.merge_branches)
         import torch
 
         from .fx import fold_module
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        if batch_stats is None:
-            return fold_module(
-                given,
-                inplace=inplace,
-                dry_run=dry_run,
-                eval_semantics=eval_semantics,
-                example_inputs=ex,
-                merge_branches=merge_branches,
-            )
+        if options.batch_stats is None:
+            return fold_module(given, options=options, inplace=inplace, dry_run=dry_run, example_inputs=ex)
         from .fx.batch_stats import convert_batch_stats, copy_for, with_conversions
 
         work, sites = convert_batch_stats(given if dry_run else copy_for(given, inplace), dry_run=dry_run)
-        folded, rep = fold_module(
-            work,
-            inplace=inplace,
-            dry_run=dry_run,
-            eval_semantics=eval_semantics,
-            example_inputs=ex,
-            merge_branches=merge_branches,
-        )
+        folded, rep = fold_module(work, options=options, inplace=inplace, dry_run=dry_run, example_inputs=ex)
         return folded, with_conversions(rep, sites, given, dry_run)
 
     out: Any
     report: FoldReport
     if not dry_run:  # the post-fold steps (bnfold.postfold): health audit, constant-channel pruning, flush
-        out, report = run(model, kind, steps, backend, inplace=inplace)
+        out, report = run(model, kind, options, backend, inplace=inplace)
     else:
         out, report = backend()
     if kind == "module":
         note = own_reparam_note(model)
         if note is not None:
             report = replace(report, notes=(*report.notes, note))
-    if dry_run and health:
+    if dry_run and options.health:
         audit = _audit_copy(
-            model, affine=affine, eval_semantics=eval_semantics, example_inputs=example_inputs
+            model,
+            affine=options.affine,
+            eval_semantics=options.eval_semantics,
+            example_inputs=example_inputs,
         )
-        report = replace(report, health=audit)
+        report = report.with_post(health=audit)
     log.debug("folded %d of %d BN in %.3fs", report.folded, report.bn_before, report.seconds)
     return cast("Model", out), report
 
@@ -248,18 +250,16 @@ def fold(
     ``model = bnfold.fold(model)`` works for ``onnx.ModelProto``, ``torch.nn.Module`` and
     ``torch.export.ExportedProgram``. Arguments as :func:`fold_with_report`.
     """
-    return fold_with_report(
-        model,
-        inplace=inplace,
+    options = FoldOptions(
         affine=affine,
+        merge_branches=merge_branches,
+        propagate=propagate,
+        batch_stats=batch_stats,
         eval_semantics=eval_semantics,
-        example_inputs=example_inputs,
         flush_denormals=flush_denormals,
         prune_constant_channels=prune_constant_channels,
-        merge_branches=merge_branches,
-        batch_stats=batch_stats,
-        propagate=propagate,
-    )[0]
+    )
+    return fold_with_options(model, options, inplace=inplace, example_inputs=example_inputs)[0]
 
 
 def inspect(
@@ -277,17 +277,15 @@ def inspect(
 
     Arguments as :func:`fold_with_report` (the ones that decide a verdict).
     """
-    return fold_with_report(
-        model,
-        dry_run=True,
+    options = FoldOptions(
         affine=affine,
-        eval_semantics=eval_semantics,
-        example_inputs=example_inputs,
-        health=health,
         merge_branches=merge_branches,
-        batch_stats=batch_stats,
         propagate=propagate,
-    )[1]
+        batch_stats=batch_stats,
+        eval_semantics=eval_semantics,
+        health=health,
+    )
+    return fold_with_options(model, options, dry_run=True, example_inputs=example_inputs)[1]
 
 
 def health(

@@ -46,8 +46,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import OptionError, VerificationError
-from .postfold import PostFold, added_flushes, run
-from .records import ExportCounts, FoldReport, Verdict
+from .options import FoldOptions
+from .postfold import added_flushes, run
+from .records import ExportCounts, FoldReport, PostFoldResult, Verdict
 
 __all__ = ["export_onnx", "export_folded", "ExportSettings", "io_names", "batch_axes", "BATCH_DIM"]
 
@@ -198,8 +199,7 @@ def export_onnx(
         output_names=output_names,
         dynamic_axes=dynamic_axes,
         dynamic_batch=dynamic_batch,
-        post=PostFold(flush_denormals),
-        merge_branches=merge_branches,
+        options=FoldOptions(flush_denormals=flush_denormals, merge_branches=merge_branches),
     )
     if verify:
         from .verification import verify as run_verify
@@ -244,13 +244,11 @@ def _export_module(
     output_names: Sequence[str] | None,
     dynamic_axes: Mapping[str, Any] | None,
     dynamic_batch: bool,
-    post: PostFold,
-    affine: bool = False,
-    merge_branches: bool = True,
+    options: FoldOptions,
 ) -> tuple[Any, FoldReport]:
     """Steps 1-3 of :func:`export_onnx`: fold in PyTorch, export, fold what is left; ``(ModelProto, report)``.
 
-    Each fold runs the post-fold steps ``post`` (:func:`bnfold.postfold.run`; pruning is refused
+    Each fold runs the post-fold steps of ``options`` (:func:`bnfold.postfold.run`; pruning is refused
     for ONNX outputs before this point).
     """
     import torch
@@ -258,7 +256,7 @@ def _export_module(
     from .fx import fold_module
 
     folded, treport = run(
-        model, "module", post, lambda: fold_module(model, example_inputs=args, merge_branches=merge_branches)
+        model, "module", options, lambda: fold_module(model, options=options, example_inputs=args)
     )
     with torch.no_grad():  # one run tells how many outputs there are and which carry the batch
         outputs = _flat_outputs(folded(*args))
@@ -270,9 +268,7 @@ def _export_module(
         kw["dynamic_axes"] = dict(dynamic_axes)
     elif dynamic_batch and not dynamo:
         kw["dynamic_axes"] = batch_axes(in_names, args, out_names, outputs)
-    onnx_model, oreport, left_in_onnx = _fold_export(
-        _torch_export(folded, args, kw), affine, post, merge_branches=merge_branches
-    )
+    onnx_model, oreport, left_in_onnx = _fold_export(_torch_export(folded, args, kw), options)
     report = _merged(treport, oreport, left_in_onnx, backend="export_onnx")
     return onnx_model, replace(
         report,
@@ -286,30 +282,18 @@ def _export_module(
     )
 
 
-def _fold_export(
-    proto: Any, affine: bool, post: PostFold, *, merge_branches: bool = True
-) -> tuple[Any, FoldReport, int]:
+def _fold_export(proto: Any, options: FoldOptions) -> tuple[Any, FoldReport, int]:
     """Step 3: fold what the exporter left in ``proto`` (in place), flushing what it writes.
 
-    The health audit (of the PyTorch fold) and pruning are the first fold's: only the flush runs here.
-    Returns ``(proto, report, BNs in the exported graph)``.
+    The health audit (of the PyTorch fold) and pruning are the first fold's: only the flush runs here
+    (:meth:`~bnfold.options.FoldOptions.refold`). Returns ``(proto, report, BNs in the exported graph)``.
     """
     from .onnx import count_bn, fold_model
 
     left_in_onnx = count_bn(proto)
-    steps = PostFold(post.flush_denormals)
+    again = options.refold()
     proto, oreport = run(
-        proto,
-        "onnx",
-        steps,
-        lambda: fold_model(
-            proto,
-            affine=affine,
-            inplace=True,
-            flush_denormals=steps.flush_as_written,
-            merge_branches=merge_branches,
-        ),
-        inplace=True,
+        proto, "onnx", again, lambda: fold_model(proto, options=again, inplace=True), inplace=True
     )
     return proto, oreport, left_in_onnx
 
@@ -361,8 +345,11 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         nodes_after=oreport.nodes_after,
         params_after=oreport.params_after,
         notes=(*treport.notes, *oreport.notes),
-        health=treport.health,
-        flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
+        post=PostFoldResult(
+            health=treport.health,
+            flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
+        ),
+        quant=(*treport.quant, *oreport.quant),
         merges=(*treport.merges, *oreport.merges),
         convs_before=treport.convs_before if treport.convs_before is not None else oreport.convs_before,
         convs_after=oreport.convs_after,
@@ -401,36 +388,34 @@ def export_folded(
     examples: tuple[Any, ...] | None,
     *,
     export: ExportSettings,
-    affine: bool,
     progress: Callable[[str, int, int], None],
-    post: PostFold | None = None,
-    merge_branches: bool = True,
+    options: FoldOptions | None = None,
 ) -> tuple[Any, FoldReport]:
     """PyTorch -> folded ONNX for the file jobs: ``(ModelProto, report)``; nothing is verified or written.
 
     An ``nn.Module`` goes through :func:`export_onnx` (into a temporary folder); an ExportedProgram is
-    folded as a program, exported with the dynamo exporter and folded again. ``affine`` turns the BNs
-    left in the ONNX graph into Mul + Add. ``post``: the post-fold steps each fold runs (default: the
-    denormal flush only); the health audit is of the PyTorch fold. ``merge_branches``: as :func:`export_onnx`.
+    folded as a program, exported with the dynamo exporter and folded again. ``options``
+    (:class:`~bnfold.options.FoldOptions`, default: ``bnfold.fold``'s): ``affine`` turns the BNs left in
+    the ONNX graph into Mul + Add; the post-fold steps run after each fold, the health audit is of the
+    PyTorch fold.
 
     Raises:
         OptionError: ``--static-batch`` for a program (it keeps the shapes it was exported with).
     """
     import torch
 
-    post = post or PostFold()
+    options = options or FoldOptions()
     progress("export", 0, 1)
     t = time.perf_counter()
     if isinstance(model, torch.export.ExportedProgram):
         # A program is folded as a program, exported as one (dynamo exporter: its dynamic shapes and
         # signature names are the program's own), and folded again.
-        from .api import fold_with_report
+        from .api import fold_with_options
 
         if not export.dynamic_batch:
             raise OptionError("--static-batch: a torch.export program keeps the shapes it was exported with")
-        folded_ep, treport = fold_with_report(
-            model, flush_denormals=post.flush_denormals, health=post.health, merge_branches=merge_branches
-        )
+        # affine is the ONNX fold's (Mul + Add are ONNX nodes)
+        folded_ep, treport = fold_with_options(model, replace(options, affine=False))
         kw: dict[str, Any] = {"dynamo": True, "verbose": False}
         if export.opset is not None:
             kw["opset_version"] = export.opset
@@ -438,9 +423,7 @@ def export_folded(
             kw["input_names"] = list(export.input_names)
         if export.output_names:
             kw["output_names"] = list(export.output_names)
-        proto, oreport, left_in_onnx = _fold_export(
-            _torch_export(folded_ep, (), kw), affine, post, merge_branches=merge_branches
-        )
+        proto, oreport, left_in_onnx = _fold_export(_torch_export(folded_ep, (), kw), options)
         report = _merged(treport, oreport, left_in_onnx, backend=treport.backend)
     else:
         proto, report = _export_module(
@@ -452,9 +435,7 @@ def export_folded(
             output_names=export.output_names or None,
             dynamic_axes=None,
             dynamic_batch=export.dynamic_batch,
-            post=post,
-            affine=affine,
-            merge_branches=merge_branches,
+            options=options,
         )
     progress("export", 1, 1)
     return proto, replace(report, seconds=time.perf_counter() - t)

@@ -20,48 +20,35 @@ runs afterwards, checks the model as it leaves here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from .errors import OptionError
+from .options import FoldOptions
 from .records import FoldReport
 
-__all__ = ["PostFold", "run", "before_fold", "after_fold", "added_flushes"]
-
-
-@dataclass(frozen=True, slots=True)
-class PostFold:
-    """Which steps to run."""
-
-    flush_denormals: bool = True
-    health: bool = False
-    prune_constant_channels: bool = False
-
-    @property
-    def flush_as_written(self) -> bool:
-        """ONNX: the fold itself flushes each tensor as it writes it (one pass, the same rule); not with
-        the audit on, which must see the fold unflushed (then :func:`after_fold` flushes)."""
-        return self.flush_denormals and not self.health
+__all__ = ["run", "before_fold", "after_fold", "added_flushes"]
 
 
 def run(
     model: Any,
     kind: str,
-    steps: PostFold,
+    options: FoldOptions,
     fold: Callable[[], tuple[Any, FoldReport]],
     *,
     inplace: bool = False,
 ) -> tuple[Any, FoldReport]:
     """The fold sequence: :func:`before_fold` on ``model``, ``fold()`` (the backend), :func:`after_fold`.
 
-    ``fold`` folds ``model`` (an ONNX fold may flush as it writes: :attr:`PostFold.flush_as_written`).
+    ``options``: the steps run are its ``health``, ``prune_constant_channels`` and ``flush_denormals``.
+    ``fold`` folds ``model`` (an ONNX fold may flush as it writes: :attr:`FoldOptions.flush_as_written`).
 
     Returns:
         ``(folded model, report)`` with the steps' results recorded.
     """
-    before = before_fold(model, kind, steps, inplace=inplace)
+    before = before_fold(model, kind, options, inplace=inplace)
     out, report = fold()
-    return out, after_fold(model, out, report, before, kind, steps)
+    return out, after_fold(model, out, report, before, kind, options)
 
 
 def added_flushes(a: int | None, b: int | None) -> int | None:
@@ -69,17 +56,17 @@ def added_flushes(a: int | None, b: int | None) -> int | None:
     return None if a is None and b is None else (a or 0) + (b or 0)
 
 
-def before_fold(model: Any, kind: str, steps: PostFold, *, inplace: bool) -> Any:
+def before_fold(model: Any, kind: str, options: FoldOptions, *, inplace: bool) -> Any:
     """Check the options against the model and return the snapshot the later steps need (or None).
 
     Raises:
         OptionError: pruning on a model that is not an ``nn.Module``; a health audit of an in-place fold.
     """
-    if steps.prune_constant_channels and kind != "module":
+    if options.prune_constant_channels and kind != "module":
         raise OptionError("prune_constant_channels works on nn.Module models only")
-    if steps.health and inplace:
+    if options.health and inplace:
         raise OptionError("health=True needs the original model: it cannot be combined with inplace=True")
-    if steps.health or (steps.flush_denormals and kind != "onnx"):
+    if options.health or (options.flush_denormals and kind != "onnx"):
         from .denormals import snapshot
 
         return snapshot(model)  # what the fold writes is told apart from what was there
@@ -87,32 +74,31 @@ def before_fold(model: Any, kind: str, steps: PostFold, *, inplace: bool) -> Any
 
 
 def after_fold(
-    original: Any, out: Any, report: FoldReport, before: Any, kind: str, steps: PostFold
+    original: Any, out: Any, report: FoldReport, before: Any, kind: str, options: FoldOptions
 ) -> FoldReport:
     """Run the steps on the folded ``out`` (edited); ``report`` with their results recorded."""
-    if steps.health:
+    if options.health:
         from .health_audit import audit
 
-        report = replace(report, health=audit(original, out, report, before))
+        report = report.with_post(health=audit(original, out, report, before))
     from .health_audit import fold_quant  # the cheap part of the audit, after every fold
 
     report = replace(
         report, quant=report.health.quant if report.health is not None else fold_quant(out, report)
     )
-    if steps.prune_constant_channels:
+    if options.prune_constant_channels:
         from .constant_channels import prune_constant_channels
 
         pruned = prune_constant_channels(out)
         note = f"{sum(len(p.channels) for p in pruned if p.pruned)} constant channel(s) pruned"
         report = replace(
-            report,
-            pruned_channels=tuple(pruned),
+            report.with_post(pruned_channels=tuple(pruned)),
             notes=(*report.notes, note),
             params_after=sum(t.numel() for t in out.state_dict().values() if hasattr(t, "numel")),
         )
-    if steps.flush_denormals:
+    if options.flush_denormals:
         from .denormals import flush_model, flush_targets
 
         flushed = flush_targets(out, report) if kind == "onnx" else flush_model(out, before)
-        report = replace(report, flushed_denormals=flushed)
+        report = report.with_post(flushed_denormals=flushed)
     return report

@@ -9,7 +9,7 @@ into JSON-ready dictionaries with ``to_dict()``.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "LocateReport",
     "VerifyReport",
     "FoldReport",
+    "PostFoldResult",
     "FileInfo",
     "ExportCounts",
     "FreezeReport",
@@ -317,10 +318,24 @@ class VerifyReport:
 
 
 @dataclass(frozen=True, slots=True)
+class PostFoldResult:
+    """What the post-fold steps (:mod:`bnfold.postfold`) did; a part of :class:`FoldReport` (``report.post``)."""
+
+    health: HealthReport | None = None
+    """The BN health audit (:func:`bnfold.health`), when asked for."""
+    pruned_channels: tuple[PrunedChannels, ...] | None = None
+    """``prune_constant_channels``: the channels dropped per layer (or why none were)."""
+    flushed_denormals: int | None = None
+    """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
+
+
+@dataclass(frozen=True, slots=True)
 class FoldReport:
     """What a fold (or a dry run) did to a model: one verdict per BatchNorm, plus figures.
 
-    ``bn_before``/``bn_after`` count BatchNorm layers (nodes or modules) before and after.
+    ``bn_before``/``bn_after`` count BatchNorm layers (nodes or modules) before and after. The results
+    of the post-fold steps are one record, ``post`` (:class:`PostFoldResult`), read through
+    ``health``, ``pruned_channels`` and ``flushed_denormals``; :meth:`with_post` sets them.
     """
 
     backend: str
@@ -336,10 +351,8 @@ class FoldReport:
     verification: VerifyReport | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
-    flushed_denormals: int | None = None
-    """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
-    health: HealthReport | None = None
-    """The BN health audit (:func:`bnfold.health`), when asked for."""
+    post: PostFoldResult = field(default_factory=PostFoldResult)
+    """What the post-fold steps did (health audit, pruned channels, flushed denormals)."""
     quant: tuple[LayerQuant, ...] = ()
     """After a fold (not a dry run): the per-tensor int8 readiness of every layer it wrote into
     (:func:`bnfold.health_audit.fold_quant`; the audit's own records with ``health``)."""
@@ -355,8 +368,6 @@ class FoldReport:
     """ONNX: per-channel Mul+Add pairs (a frozen BN) folded into the layer before them."""
     culprits: CulpritSearch | None = None
     """The search for the folds that failed verification (:mod:`bnfold.culprit`), when one ran."""
-    pruned_channels: tuple[PrunedChannels, ...] | None = None
-    """``prune_constant_channels``: the channels dropped per layer (or why none were)."""
     result: str | None = None
     """fx backend: "module" (the original class, weights edited) or "graph_module" (a traced copy)."""
     export: ExportCounts | None = None
@@ -367,6 +378,25 @@ class FoldReport:
     """ONNX: Conv nodes before the fold (None: not counted)."""
     convs_after: int | None = None
     """ONNX: Conv nodes after the fold (a merge turns several branch convs into one)."""
+
+    @property
+    def health(self) -> HealthReport | None:
+        """The BN health audit (:func:`bnfold.health`), when asked for (``post.health``)."""
+        return self.post.health
+
+    @property
+    def pruned_channels(self) -> tuple[PrunedChannels, ...] | None:
+        """``prune_constant_channels``: the channels dropped per layer (``post.pruned_channels``)."""
+        return self.post.pruned_channels
+
+    @property
+    def flushed_denormals(self) -> int | None:
+        """Subnormal values set to zero in the folded layers; None: not asked (``post.flushed_denormals``)."""
+        return self.post.flushed_denormals
+
+    def with_post(self, **changes: Any) -> FoldReport:
+        """This report with fields of :class:`PostFoldResult` replaced (``report.with_post(health=audit)``)."""
+        return replace(self, post=replace(self.post, **changes))
 
     @property
     def sites(self) -> list[Site]:

@@ -16,11 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.onnx import count_bn, fold_model
 
 from .stats import bn_stats
+from .testing import ATOL_F32_DEEP, run_onnx
 
 # Tolerances relative to the output scale (max |reference|), per dtype:
 # float32: a fold changes the rounding of each product: a few ulps over short sums (~1e-7 each).
 TOL = {
-    TensorProto.FLOAT: 2e-5,
+    TensorProto.FLOAT: ATOL_F32_DEEP,
     # float64: same argument at 2e-16 per ulp.
     TensorProto.DOUBLE: 1e-11,
     # float16: weights rounded to 11 bits once more than the unfused model (~5e-4 each), plus the BN
@@ -129,11 +130,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 
 def _run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return run_onnx(model, feeds)
 
 
 def assert_close(ref: list[np.ndarray], got: list[np.ndarray], tol: float) -> None:

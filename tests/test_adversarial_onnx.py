@@ -12,23 +12,20 @@ import io
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold.records import Direction, SkipReason
 from models.onnx_graphs import G, bn_stats
+from models.testing import ATOL_F32_DEEP, run_onnx
 
 # float32 relative to the output scale: folded in float64, rounded once; a few ulps per short sum.
-TOL32 = 2e-5
+TOL32 = ATOL_F32_DEEP  # models.testing: the one tolerance table
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in sess.run(None, feeds)]
+    return [np.asarray(o) for o in run_onnx(model, feeds)]
 
 
 def feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

@@ -16,12 +16,13 @@ import bnfold
 from bnfold.errors import InputError
 from bnfold.records import Direction, Site, Skip, SkipReason
 from models.stats import randomize_bn
+from models.testing import ATOL_F16, ATOL_F32_DEEP
 
 # Max |folded - original| relative to the output scale. float32: the fold is computed in float64 and
 # rounded once, so only the rounding of each product changes (a few ulps over short sums).
-TOL32 = 2e-5
+TOL32 = ATOL_F32_DEEP  # models.testing: the one tolerance table
 # float16: weights rounded to 11 bits once more than in the unfused model.
-TOL16 = 2e-2
+TOL16 = ATOL_F16  # models.testing: the one tolerance table
 
 
 def prep(m: nn.Module, seed: int = 0) -> nn.Module:

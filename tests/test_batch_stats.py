@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -22,21 +21,14 @@ import bnfold
 from bnfold.cli import app
 from bnfold.errors import OptionError
 from bnfold.records import Direction, Site, Skip, SkipReason
-from models.batch_stats import (
-    onnx_training_bn,
-    onnx_weight_standardised,
-    torch_batch_stats_net,
-)
+from models.batch_stats import onnx_training_bn, onnx_weight_standardised, torch_batch_stats_net
+from models.testing import ort_session
 
 SPATIAL = {3: (9,), 4: (7, 6), 5: (5, 4, 3)}
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    out: np.ndarray = s.run(["y"], {"x": x})[0]
+    out: np.ndarray = ort_session(model).run(["y"], {"x": x})[0]
     return out
 
 

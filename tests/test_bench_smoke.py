@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+
+from models.testing import run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +54,6 @@ def test_chain_is_valid_and_bn_changes_output() -> None:
     model = bench.build_chain(3)
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 3
     x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    y = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-        None, {"input": x}
-    )[0]
+    y = run_onnx(model, {"input": x})[0]
     assert y.shape == x.shape and np.isfinite(y).all()
     assert np.abs(y - x).max() > 1e-2  # the BNs are not the identity

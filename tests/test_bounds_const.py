@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -24,6 +23,7 @@ from onnx import numpy_helper as nh
 import bnfold
 from bnfold.onnx import const
 from bnfold.records import Skip, SkipReason
+from models.testing import ATOL_F32, run_onnx
 
 
 def _bn_params(rng: np.random.Generator, p: str, c: int) -> list[onnx.TensorProto]:
@@ -149,16 +149,9 @@ def test_weights_computed_from_the_model_own_data_still_fold(monkeypatch: pytest
     folded = bnfold.fold(m)
     assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
     onnx.checker.check_model(folded, full_check=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     x = np.random.default_rng(6).standard_normal((1, 16, 8, 8)).astype(np.float32)
-    run = [
-        ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-            None, {"x": x}
-        )[0]
-        for mm in (m, folded)
-    ]
-    assert np.max(np.abs(run[0] - run[1])) <= 1e-5 * np.max(np.abs(run[0]))
+    run = [run_onnx(mm, {"x": x})[0] for mm in (m, folded)]
+    assert np.max(np.abs(run[0] - run[1])) <= ATOL_F32 * np.max(np.abs(run[0]))
 
 
 def test_cli_inspect_of_the_tiny_model_stays_small(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
@@ -24,9 +23,10 @@ from typer.testing import CliRunner
 import bnfold
 from bnfold.cli import app
 from models.stats import bn_stats
+from models.testing import ATOL_F32, ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
-FP32_ATOL = 1e-5
+FP32_ATOL = ATOL_F32  # models.testing: the one tolerance table
 """float32 fold error floor on outputs of scale ~1-10 (a few ulp of the accumulated conv sums)."""
 
 runner = CliRunner()
@@ -84,9 +84,7 @@ def count_bn(path: Path) -> int:
 
 
 def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

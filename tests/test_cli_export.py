@@ -21,6 +21,7 @@ from test_cli import FP32_ATOL, ROOT, assert_clean_error, count_bn, digest, tiny
 from typer.testing import CliRunner
 
 from bnfold.cli import app
+from models.testing import ort_session
 
 runner = CliRunner()
 
@@ -88,9 +89,7 @@ def ckpt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(path)
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[object]:

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -14,9 +13,10 @@ from torch import nn
 import bnfold
 from bnfold.errors import ModelStateError, VerificationError
 from models.stats import randomize_bn
+from models.testing import ATOL_F32, ort_session
 
 # float32 through two folds and two runtimes: a few ulps of the output scale.
-TOL32 = 1e-5
+TOL32 = ATOL_F32  # models.testing: the one tolerance table
 
 
 class Shared(nn.Module):
@@ -40,9 +40,7 @@ class Shared(nn.Module):
 
 
 def _run(path: str, x: torch.Tensor) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    s = ort_session(path)
     return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
 
 

@@ -81,7 +81,9 @@ def test_bad_option_is_refused_by_its_flag_before_any_load(
 def test_settings_are_frozen() -> None:
     s = FoldSettings()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        s.affine = True  # type: ignore[misc]
+        s.verify = False  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.options.affine = True  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("program", [False, True], ids=["module", "exported_program"])

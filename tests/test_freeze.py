@@ -17,12 +17,13 @@ from bnfold.freezing import bn_state_dict, freeze_with_report, recalibrate, to_b
 from bnfold.nn.frozen import FrozenBatchNorm
 from bnfold.records import Site, SkipReason
 from models.stats import randomize_bn
+from models.testing import ATOL_F32, ATOL_F64, run_onnx
 
 # Frozen vs BN in float32: both are one multiply-add per element from float32-rounded scale/shift; the
 # BN kernel rounds its own scale differently, so a few ulps of the output scale (|y| ~ 10).
-ATOL32 = 1e-5
+ATOL32 = ATOL_F32  # models.testing: the one tolerance table
 # float64: same, at the float64 floor.
-ATOL64 = 1e-12
+ATOL64 = ATOL_F64  # models.testing: the one tolerance table
 # float16: scale/shift rounded to 11 bits; outputs of size ~10 differ by a few float16 ulps.
 ATOL16 = 3e-2
 
@@ -336,7 +337,7 @@ def test_recalibrate_is_cumulative_average_and_changes_nothing_else() -> None:
 
 
 def test_onnx_export_is_mul_add_and_matches_onnxruntime(tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     model = ready(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
     x = x_img()
@@ -348,10 +349,7 @@ def test_onnx_export_is_mul_add_and_matches_onnxruntime(tmp_path) -> None:
         ops = [n.op_type for n in proto.graph.node]
         assert "BatchNormalization" not in ops and ops.count("Mul") == 1 and ops.count("Add") == 1
         onnx.checker.check_model(proto, full_check=True)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        (y,) = sess.run(None, {"x": x.numpy()})
+        (y,) = run_onnx(path, {"x": x.numpy()})
         np.testing.assert_allclose(y, model(x).detach().numpy(), atol=ATOL32, rtol=0)
 
 

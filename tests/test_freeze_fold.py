@@ -10,9 +10,10 @@ from torch import nn
 import bnfold
 from bnfold.nn.frozen import FrozenBatchNorm
 from models.stats import randomize_bn
+from models.testing import ATOL_F32, run_onnx
 
 # float32 fold of one affine map into a conv: a few ulps of the output scale (|y| ~ 10).
-ATOL32 = 1e-5
+ATOL32 = ATOL_F32  # models.testing: the one tolerance table
 
 
 def frozen_net(learnable: bool) -> tuple[nn.Module, nn.Module]:
@@ -38,7 +39,7 @@ def test_frozen_module_folds_in_pytorch(learnable: bool) -> None:
 
 def test_frozen_export_folds_in_onnx(tmp_path) -> None:
     onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     model, frozen = frozen_net(False)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     path = tmp_path / "frozen.onnx"
@@ -49,10 +50,7 @@ def test_frozen_export_folds_in_onnx(tmp_path) -> None:
     ops = [n.op_type for n in folded.graph.node]
     assert "Mul" not in ops and "Add" not in ops
     onnx.checker.check_model(folded, full_check=True)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(folded.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    (y,) = sess.run(None, {"x": x.numpy()})
+    (y,) = run_onnx(folded, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(y, model(x).numpy(), atol=ATOL32, rtol=0)
 

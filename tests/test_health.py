@@ -21,10 +21,11 @@ import bnfold
 from bnfold.denormals import count_subnormal, flush_array, range_counts
 from models.onnx_graphs import G, assert_close, feeds_for, run
 from models.stats import randomize_bn
+from models.testing import ATOL_F32_DEEP
 
 F32_TINY = np.finfo(np.float32).tiny
 # float32 fold vs unfolded float32 model: a few ulps per product over short sums (see models.onnx_graphs).
-TOL_F32 = 2e-5
+TOL_F32 = ATOL_F32_DEEP  # models.testing: the one tolerance table
 
 
 def _np_subnormal(a: np.ndarray) -> int:

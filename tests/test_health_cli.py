@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from test_health import _sick_conv_bn
 from typer.testing import CliRunner
 
 from bnfold.cli import app
+from models.testing import run_onnx
 
 runner = CliRunner()
 F32_TINY = np.finfo(np.float32).tiny
@@ -34,9 +34,7 @@ def _subnormals(p: Path) -> int:
 
 
 def _run(p: Path, x: np.ndarray) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return run_onnx(p, {"x": x})[0]
 
 
 @pytest.fixture()

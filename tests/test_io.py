@@ -16,6 +16,7 @@ from onnx import numpy_helper as nh
 
 from bnfold import io as bio
 from bnfold.errors import ModelFormatError, OptionError, OutputError
+from models.testing import ort_session
 
 
 def _onnx_model(big: bool = False) -> onnx.ModelProto:
@@ -329,14 +330,13 @@ def test_malicious_pickle_is_never_run(tmp_path, protocol) -> None:
 
 def test_streamed_save_parses_to_the_same_model(tmp_path) -> None:
     """bnfold writes ONNX one initializer at a time; onnx and onnxruntime must read the same model."""
-    import onnxruntime as ort
 
     m = _onnx_model()
     out = tmp_path / "out.onnx"
     bio.save(m, out)
     assert onnx.load(str(out)).SerializeToString() == m.SerializeToString()
     onnx.checker.check_model(str(out), full_check=True)
-    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ort_session(out)
 
 
 def test_tensor_bytes_that_do_not_fit_the_shape_are_rejected(tmp_path) -> None:

@@ -21,10 +21,10 @@ from onnx import numpy_helper as nh
 from bnfold import io as bio
 from bnfold.errors import ModelFormatError
 from bnfold.files import FoldSettings, fold_file
-from models.testing import run_onnx
+from models.testing import ATOL_F32, run_onnx
 
 # float32 conv + BN folded: a few ulps of the output scale (the fold itself is float64)
-ATOL = 1e-5
+ATOL = ATOL_F32  # models.testing: the one tolerance table
 
 
 def _model(seed: int = 0) -> onnx.ModelProto:

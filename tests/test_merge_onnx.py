@@ -23,12 +23,13 @@ torch = pytest.importorskip("torch")
 
 from models import reparam  # noqa: E402
 from models.stats import randomize_bn  # noqa: E402
+from models.testing import ATOL_F32, ATOL_F64  # noqa: E402
 
 # float32: the merged conv sums the branches' products in one accumulation instead of several plus an
 # Add: a few ulps of the output scale (~1e-7 each) over a 3x3xC dot product.
-TOL32 = 1e-5
+TOL32 = ATOL_F32  # models.testing: the one tolerance table
 # float64: the same argument at 2e-16 per ulp.
-TOL64 = 1e-12
+TOL64 = ATOL_F64  # models.testing: the one tolerance table
 
 
 def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:

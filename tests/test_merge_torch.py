@@ -20,13 +20,14 @@ import bnfold  # noqa: E402
 from bnfold.records import MergeReason  # noqa: E402
 from models import reparam  # noqa: E402
 from models.stats import randomize_bn  # noqa: E402
+from models.testing import ATOL_F32, ATOL_F64  # noqa: E402
 
 nn = torch.nn
 
 # float32: the merged conv sums the branches' products in one accumulation instead of several plus an
 # add: a few ulps of the output scale over a 3x3xC dot product.
-TOL32 = 1e-5
-TOL64 = 1e-12
+TOL32 = ATOL_F32  # models.testing: the one tolerance table
+TOL64 = ATOL_F64  # models.testing: the one tolerance table
 
 
 class RepVGGStage(nn.Module):

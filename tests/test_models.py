@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 from models.make_samples import ONNX_SAMPLES, SAMPLES_DIR, SEED
 from models.preact import FOLDABLE, NOT_FOLDABLE
 from models.stats import bn_modules
+from models.testing import ort_session
 from models.zoo import SMALL_SHAPES, ZOO, build, example_input
 
 # ORT and PyTorch run the same float32 graph with different kernels (conv algorithms, summation
@@ -151,9 +151,7 @@ def test_onnx_sample_matches_zoo_model(fname: str) -> None:
     reference = build(name, seed=SEED)
     assert ops["BatchNormalization"] == len(bn_modules(reference))
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     assert [i.name for i in sess.get_inputs()] == ["input"]
     assert [o.name for o in sess.get_outputs()] == ["logits"]
     x = example_input(name, batch=3, seed=11)  # batch 3: the batch dimension is dynamic

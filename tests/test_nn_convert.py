@@ -10,9 +10,10 @@ from torch import nn
 
 import bnfold.nn as bnn
 from models.stats import randomize_bn
+from models.testing import ATOL_F32
 
 # float32 training step: batch statistics summed in another order than torch's kernel (a few ulps)
-ATOL = 1e-5
+ATOL = ATOL_F32  # models.testing: the one tolerance table
 
 
 def _model() -> nn.Module:

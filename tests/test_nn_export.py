@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -14,9 +13,10 @@ from torch import nn
 import bnfold
 import bnfold.nn as bnn
 from models.stats import randomize_bn
+from models.testing import ATOL_F32, ort_session
 
 # float32 eval-mode BN, run by torch and by onnxruntime (optimisations off): a few ulps of O(1) values
-ATOL = 1e-5
+ATOL = ATOL_F32  # models.testing: the one tolerance table
 
 
 def _net() -> nn.Module:
@@ -32,9 +32,7 @@ def _net() -> nn.Module:
 
 
 def _run_onnx(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(model)
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 

@@ -22,12 +22,13 @@ from onnx import TensorProto, helper
 from bnfold.onnx import count_bn, fold_model
 from bnfold.records import Direction, SkipReason
 from models.onnx_graphs import TOL, G, assert_close, feeds_for, run
+from models.testing import ATOL_F32
 
 F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
 DTYPES = [F32, F64]
 # Exported models vs the torch module in float64: the float32 model's own rounding over a few layers
 # (each ~1e-7 relative), with margin for fan-in sums of up to 32 terms.
-TORCH_TOL = 1e-5
+TORCH_TOL = ATOL_F32  # models.testing: the one tolerance table
 
 
 def fold_ok(model: onnx.ModelProto, *, bn_after: int = 0, seeds: int = 2, tol: float | None = None):

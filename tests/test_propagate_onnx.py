@@ -20,8 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.onnx import fold_model
 from bnfold.records import Direction, Site, Skip, SkipReason
 from models.onnx_graphs import assert_close, run
+from models.testing import atol
 
-TOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12}
+TOL = {TensorProto.FLOAT: atol(TensorProto.FLOAT), TensorProto.DOUBLE: atol(TensorProto.DOUBLE)}
 NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}
 C = 6
 

@@ -19,11 +19,12 @@ from bnfold.records import Direction, Site, Skip, SkipReason
 from models import realworld as rw
 from models.snapshot import assert_unchanged, snapshot
 from models.stats import randomize_bn
+from models.testing import ATOL_F32_DEEP, ATOL_F64
 from models.unsound import UNSOUND
 
 # |folded - original| / output scale. float32: folded in float64, rounded once; the sums inside the
 # layers change order (a few ulps times depth). float64: the same, 1e-16 ulps.
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+TOL = {torch.float32: ATOL_F32_DEEP, torch.float64: ATOL_F64}
 
 bnfold.register_checkpoint_runner(rw.checkpoint_seq, "children")
 

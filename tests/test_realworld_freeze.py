@@ -23,10 +23,11 @@ from bnfold.records import SkipReason
 from models import realworld as rw
 from models.snapshot import assert_unchanged, snapshot
 from models.stats import randomize_bn
+from models.testing import ATOL_F32_DEEP
 
 # x * scale + shift against BN's (x - mean) / sqrt(var + eps) * gamma + beta in float32: a few ulps
 # of the output scale per layer.
-TOL = 2e-5
+TOL = ATOL_F32_DEEP  # models.testing: the one tolerance table
 
 
 def ready(m: nn.Module, seed: int = 0) -> nn.Module:

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
+from models.testing import run_onnx
 
 runner = CliRunner()
 
@@ -338,14 +339,12 @@ def test_external_data_and_training_mode(tmp_path: Path) -> None:
     m = onnx.load(str(out))
     assert all(a.name != "training_mode" for n in m.graph.node for a in n.attribute)
     # the written model runs, as an inference model, the torch module with the new statistics
-    import onnxruntime as ort
-
     ref = make_net()
     for name, (mean, var) in expect.items():
         getattr(ref, name).running_mean.copy_(torch.from_numpy(mean))
         getattr(ref, name).running_var.copy_(torch.from_numpy(var))
     x = dat[0]
-    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = run_onnx(out, {"x": x})[0]
     with torch.no_grad():
         np.testing.assert_allclose(y, ref(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
 
@@ -362,15 +361,9 @@ def test_fold_in_the_same_run(tmp_path: Path) -> None:
     doc = json.loads(r.stdout)
     assert doc["fold"]["verified"] is True and doc["fold"]["bn_after"] < doc["fold"]["bn_before"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "f.onnx", "m.onnx", "r.onnx"]
-    import onnxruntime as ort
-
     x = batches(1, seed=9)[0]
-    ya = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )[0]
-    yb = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )[0]
+    ya = run_onnx(tmp_path / "r.onnx", {"x": x})[0]
+    yb = run_onnx(tmp_path / "f.onnx", {"x": x})[0]
     np.testing.assert_allclose(yb, ya, rtol=1e-4, atol=1e-4)
 
 

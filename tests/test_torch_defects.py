@@ -22,10 +22,11 @@ import torch
 from typer.testing import CliRunner
 
 from bnfold.cli import app
+from models.testing import ATOL_F32
 
 runner = CliRunner()
 
-FP32_ATOL = 1e-5
+FP32_ATOL = ATOL_F32  # models.testing: the one tolerance table
 """float32 fold error floor on outputs of scale ~1-10 (a few ulp of the accumulated sums)."""
 
 

@@ -15,10 +15,16 @@ from bnfold.errors import ModelStateError, UnsupportedModelError
 from bnfold.fx import fold_module
 from bnfold.records import Direction, SkipReason
 from models.stats import randomize_bn
+from models.testing import ATOL_BF16, ATOL_F16, ATOL_F32_DEEP, ATOL_F64
 
 # Max |folded - original| relative to the output scale, per dtype. float32: the fold is computed in
 # float64 and rounded once, so only the order of the conv sums changes (a few ulps times depth).
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+TOL = {
+    torch.float32: ATOL_F32_DEEP,
+    torch.float64: ATOL_F64,
+    torch.float16: ATOL_F16,
+    torch.bfloat16: ATOL_BF16,
+}
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto as T
@@ -32,6 +31,7 @@ from bnfold.fx.module import fold_module
 from bnfold.onnx import fold_model
 from bnfold.records import OutputCheck, Skip, SkipReason, VerifyReport
 from bnfold.verification.compare import Comparator, compare_output
+from models.testing import ort_session
 
 runner = CliRunner()
 
@@ -119,9 +119,7 @@ def _branches(n: int = 3, seed: int = 0) -> onnx.ModelProto:
 
 
 def _run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    s = ort_session(path)
     return dict(zip([o.name for o in s.get_outputs()], s.run(None, {"x": x})))
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -27,6 +26,7 @@ from bnfold.cli import app
 from bnfold.errors import NotComparableError
 from bnfold.onnx import fold_model
 from bnfold.verification import REFERENCE_EVALUATOR, verify
+from models.testing import run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -109,10 +109,7 @@ def _slow(trips: int = 30_000_000) -> onnx.ModelProto:
 
 
 def _ort(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return list(ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds))
+    return run_onnx(model, feeds)
 
 
 def _worker_children() -> list[int]:

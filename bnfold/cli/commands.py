@@ -189,18 +189,20 @@ def fold(
         atol_v, rtol_v = tolerances(atol, rtol)
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
-            affine=affine,
+            options=files.FoldOptions(
+                affine=affine,
+                merge_branches=merge_branches,
+                propagate=propagate,
+                batch_stats=batch_stats,
+                eval_semantics=eval_semantics,
+                flush_denormals=flush_denormals,
+                health=health,
+                prune_constant_channels=prune_constant_channels,
+            ),
             verify=verify,
             force=force,
             in_place=in_place,
-            eval_semantics=eval_semantics,
-            merge_branches=merge_branches,
             external_data=external_data,
-            flush_denormals=flush_denormals,
-            health=health,
-            batch_stats=batch_stats,
-            propagate=propagate,
-            prune_constant_channels=prune_constant_channels,
             all_or_nothing=all_or_nothing,
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
@@ -310,12 +312,14 @@ def inspect(
         from .render import render_fold_report, render_health
 
         settings = files.InspectSettings(
-            affine=affine,
-            eval_semantics=eval_semantics,
-            health=health,
-            merge_branches=merge_branches,
-            batch_stats=batch_stats,
-            propagate=propagate,
+            options=files.FoldOptions(
+                affine=affine,
+                merge_branches=merge_branches,
+                propagate=propagate,
+                batch_stats=batch_stats,
+                eval_semantics=eval_semantics,
+                health=health,
+            ),
             load=files.LoadSettings(model_factory, trust_pickle),
             inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
         )

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError, FoldVerificationError
-from bnfold.postfold import PostFold, run
+from bnfold.postfold import run
 from bnfold.records import FileInfo, FoldReport, VerifyReport
 
 from .load import ProgressFn, advised, load, noop, reworded
@@ -102,10 +102,10 @@ def _fold_file(
     bio.check_output_path(src_p, dst_p, in_place=s.in_place, input_files=protect)
     external_data = s.external_data
     if loaded.format == "onnx":
-        refuse({**s.export.flags(), "--eval-semantics": s.eval_semantics}, _NOT_ONNX)
+        refuse({**s.export.flags(), "--eval-semantics": s.options.eval_semantics}, _NOT_ONNX)
         # The weights the fold writes wait for the writer in a file, not in memory (the health audit
         # and its flush read the written tensors from the model: they stay there).
-        if not s.health:
+        if not s.options.health:
             job.enter_context(spilling(dst_p.parent))
         report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
         check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731
@@ -216,7 +216,7 @@ def _finish(
     )
     if (
         failed
-        and s.batch_stats
+        and s.options.batch_stats
         and report.verified_on
         and any(d and d[0] != 1 for d in report.verified_on.values())
     ):
@@ -254,22 +254,10 @@ def _fold_onnx(
     from bnfold.onnx import fold_model
 
     check_onnx_shapes(model, prep.shapes, src)
-    post = PostFold(s.flush_denormals, s.health, s.prune_constant_channels)
     progress("fold", 0, 1)
     # The audit reads the original BN parameters: then the fold works on a copy.
     folded, report = run(
-        model,
-        "onnx",
-        post,
-        lambda: fold_model(
-            model,
-            affine=s.affine,
-            inplace=not post.health,
-            flush_denormals=post.flush_as_written,
-            merge_branches=s.merge_branches,
-            batch_stats=s.batch_stats,
-            propagate=s.propagate,
-        ),
+        model, "onnx", s.options, lambda: fold_model(model, options=s.options, inplace=not s.options.health)
     )
     progress("fold", 1, 1)
     return replace(
@@ -285,8 +273,8 @@ def _fold_torch(
     from .fold_torch import check_other_batch, eval_if, fold_torch
 
     if out_fmt != "onnx":
-        refuse({"--affine": s.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
-    model = eval_if(loaded.model, s.eval_semantics)
+        refuse({"--affine": s.options.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
+    model = eval_if(loaded.model, s.options.eval_semantics)
     try:
         report, result, examples = fold_torch(src, model, loaded.example_inputs, out_fmt, prep, s, prog)
     except BnfoldError as e:
@@ -341,24 +329,15 @@ def _without_culprits(
         from bnfold.culprit import fold_without_culprits
         from bnfold.onnx import fold_model
 
-        post = PostFold(s.flush_denormals)  # the audit is the first fold's (a re-fold is in place)
+        again = s.options.refold()  # the audit is the first fold's (a re-fold is in place)
 
         def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
             m = bio.load(src)
             return run(
                 m,
                 "onnx",
-                post,
-                lambda: fold_model(
-                    m,
-                    affine=s.affine,
-                    inplace=True,
-                    exclude=excluded,
-                    flush_denormals=post.flush_as_written,
-                    merge_branches=s.merge_branches,
-                    batch_stats=s.batch_stats,
-                    propagate=s.propagate,
-                ),
+                again,
+                lambda: fold_model(m, options=again, inplace=True, exclude=excluded),
                 inplace=True,
             )
 
@@ -379,15 +358,7 @@ def _without_culprits(
             loaded.model, prep.shapes, prep.arrays, prep.seed, src, loaded.example_inputs
         )
         new, folded = without_culprits(
-            src,
-            loaded.model,
-            out_fmt,
-            examples,
-            prep,
-            report,
-            result,
-            progress=prog,
-            batch_stats=s.batch_stats,
+            src, loaded.model, out_fmt, examples, prep, report, result, options=s.options, progress=prog
         )
         return replace(advised(new), files=report.files), folded, folded is not result
     return report, result, False

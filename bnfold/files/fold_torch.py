@@ -11,12 +11,13 @@ Rules:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError, OptionError, VerificationError
 from bnfold.export import export_folded
-from bnfold.postfold import PostFold
+from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, VerifyReport
 from bnfold.verification.inputs import torch_examples
 
@@ -50,9 +51,9 @@ def fold_torch(
     """Fold (and for ``.onnx`` export) ``model``; returns ``(report, result, example inputs)``; nothing verified."""
     import torch
 
-    from bnfold.api import fold_with_report
+    from bnfold.api import fold_with_options
 
-    post = PostFold(settings.flush_denormals, settings.health, settings.prune_constant_channels)
+    options = settings.options
     is_ep = isinstance(model, torch.export.ExportedProgram)
     needs_examples = settings.verify or out_fmt in ("onnx", "pt2")
     examples = (
@@ -62,40 +63,19 @@ def fold_torch(
     )
     if out_fmt == "onnx" or is_ep:
         refuse(
-            {"--batch-stats": settings.batch_stats},
+            {"--batch-stats": options.batch_stats},
             "applies to ONNX models and nn.Modules written as "
             ".pt/.pth/.pt2 (not to a PyTorch model written as .onnx, nor to a torch.export program)",
         )
     if out_fmt == "onnx":
         # each fold runs the post-fold steps (bnfold.postfold): the audit and flush of what bnfold wrote
         result, report = export_folded(
-            model,
-            examples,
-            export=settings.export,
-            affine=settings.affine,
-            progress=progress,
-            post=post,
-            merge_branches=settings.merge_branches,
+            model, examples, export=settings.export, progress=progress, options=options
         )
         return report, result, examples
     progress("fold", 0, 1)
     # Example inputs prove where a Linear meets a BatchNorm1d on 2-D data (see bnfold.fold).
-    flags: dict[str, Any] = {
-        "flush_denormals": post.flush_denormals,
-        "health": post.health,
-        "prune_constant_channels": post.prune_constant_channels,
-        "merge_branches": settings.merge_branches,
-    }
-    if is_ep:
-        result, report = fold_with_report(model, **flags)
-    else:
-        result, report = fold_with_report(
-            model,
-            example_inputs=examples,
-            eval_semantics=settings.eval_semantics,
-            batch_stats=settings.batch_stats,
-            **flags,
-        )
+    result, report = fold_with_options(model, options, example_inputs=None if is_ep else examples)
     progress("fold", 1, 1)
     if out_fmt == "pt2" and not is_ep:
         progress("export", 0, 1)
@@ -113,11 +93,15 @@ def without_culprits(
     report: FoldReport,
     result: Any,
     *,
+    options: FoldOptions,
     progress: ProgressFn,
-    batch_stats: str | None = None,
 ) -> tuple[FoldReport, Any]:
-    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``);
-    ``batch_stats="instance"``: the conversions too, as the first fold made them (excluded ones are left)."""
+    """An ``nn.Module`` written as ``.pt``/``.pt2``: bisect over its folds (``fold_module(exclude=...)``).
+
+    The re-folds take ``options`` (:meth:`~bnfold.options.FoldOptions.refold`), merging where the first fold
+    merged (a merged sum is bisected like a fold, by its label); ``batch_stats="instance"``: the conversions
+    too, as the first fold made them (excluded ones are left).
+    """
     import torch
 
     from bnfold.culprit import fold_without_culprits
@@ -125,14 +109,15 @@ def without_culprits(
     from bnfold.fx.module import fold_module
 
     merge = any(m.merged for m in report.merges)  # a merged sum is bisected like a fold (by its label)
+    again = replace(options.refold(), merge_branches=merge)
 
     def fold(excluded: frozenset[str]) -> tuple[Any, FoldReport]:
-        if batch_stats is not None:
+        if again.batch_stats is not None:
             work, sites = convert_batch_stats(copy_for(model, False), exclude=excluded)
-            out, rep = fold_module(work, example_inputs=examples, exclude=excluded, merge_branches=merge)
+            out, rep = fold_module(work, options=again, example_inputs=examples, exclude=excluded)
             rep = with_conversions(rep, sites, model, False)
         else:
-            out, rep = fold_module(model, example_inputs=examples, exclude=excluded, merge_branches=merge)
+            out, rep = fold_module(model, options=again, example_inputs=examples, exclude=excluded)
         if out_fmt == "pt2":
             return torch.export.export(out, tuple(examples)), rep
         return out, rep

@@ -37,7 +37,7 @@ def inspect_file(
 ) -> FoldReport:
     """The verdict for every BatchNorm of the model in ``src``, as ``fold`` would give it; nothing written.
 
-    ``settings.health`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
+    ``settings.options.health`` also audits the BNs (:func:`bnfold.health`) into ``report.health``.
     ``output_format``: the format of ``fold``'s OUT the verdicts are for: ``None`` (the source's own:
     ``.pt``/``.pt2`` for PyTorch), or ``"onnx"``: a PyTorch model is then folded, exported and folded
     again in memory (:func:`bnfold.export.export_folded`, the default export settings), as
@@ -53,32 +53,29 @@ def inspect_file(
     prog = progress or noop
     src_p = Path(src)
     check_inputs(s.inputs)
-    check_batch_stats(s.batch_stats)
+    opts = s.options
+    check_batch_stats(opts.batch_stats)
     prep = prepare(s.inputs, VerifySettings(), src_p)
     # The dry run reads only the weights it folds, from their files (ONNX external data).
     loaded = load(src_p, s.load, prog, lazy_external_data=True)
     model = loaded.model
     prog("fold", 0, 1)
-    from bnfold.api import fold_with_report
+    from bnfold.api import fold_with_options
+
+    dry = replace(opts, health=False)  # the audit runs once, below
 
     examples: Any = None
     if loaded.format == "onnx":
         refuse(
-            {"--eval-semantics": s.eval_semantics}, "applies only to PyTorch models (MODEL is an ONNX model)"
+            {"--eval-semantics": opts.eval_semantics},
+            "applies only to PyTorch models (MODEL is an ONNX model)",
         )
         check_onnx_shapes(model, prep.shapes, src_p)
         from bnfold.io.stream import spilling
 
         # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
-        with spilling(None if s.health else tempfile.gettempdir()):
-            _, report = fold_with_report(
-                model,
-                dry_run=True,
-                affine=s.affine,
-                merge_branches=s.merge_branches,
-                batch_stats=s.batch_stats,
-                propagate=s.propagate,
-            )
+        with spilling(None if opts.health else tempfile.gettempdir()):
+            _, report = fold_with_options(model, dry, dry_run=True)
         report = replace(report, signature=io_signature(model))
     else:
         import torch
@@ -88,15 +85,15 @@ def inspect_file(
         to_onnx = output_format == "onnx"
         if not to_onnx:
             refuse(
-                {"--affine": s.affine},
+                {"--affine": opts.affine},
                 "applies only to ONNX models (Mul + Add are ONNX nodes); with a "
                 "PyTorch MODEL, together with --to onnx",
             )
-        model = eval_if(model, s.eval_semantics)
+        model = eval_if(model, opts.eval_semantics)
         try:
             if to_onnx or isinstance(model, torch.export.ExportedProgram):
                 refuse(
-                    {"--batch-stats": s.batch_stats},
+                    {"--batch-stats": opts.batch_stats},
                     "applies to ONNX models and nn.Modules folded as "
                     "PyTorch (not with --to onnx, nor to a torch.export program)",
                 )
@@ -110,12 +107,12 @@ def inspect_file(
                 )
                 examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
                 onnx_model, report = export_folded(
-                    model, examples, export=ExportSettings(), affine=s.affine, progress=lambda *a: None
+                    model, examples, export=ExportSettings(), progress=lambda *a: None, options=dry
                 )
                 report = replace(report, dry_run=True, signature=io_signature(onnx_model))
                 del onnx_model
             elif isinstance(model, torch.export.ExportedProgram):
-                _, report = fold_with_report(model, dry_run=True)
+                _, report = fold_with_options(model, dry, dry_run=True)
             else:
                 own = (
                     loaded.example_inputs
@@ -124,25 +121,19 @@ def inspect_file(
                 )
                 if prep.shapes or prep.arrays or own is not None:
                     examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
-                _, report = fold_with_report(
-                    model,
-                    dry_run=True,
-                    example_inputs=examples,
-                    eval_semantics=s.eval_semantics,
-                    batch_stats=s.batch_stats,
-                )
+                _, report = fold_with_options(model, dry, dry_run=True, example_inputs=examples)
         except BnfoldError as e:
             raise reworded(e) from e
         if isinstance(model, torch.export.ExportedProgram) and not to_onnx:
             report = replace(report, predicted_counts=("bn", "params"))
-    if s.health:
+    if opts.health:
         from bnfold.api import health as audit_model
 
         if loaded.format == "onnx":
-            audit = audit_model(model, affine=s.affine)
+            audit = audit_model(model, affine=opts.affine)
         else:
-            audit = audit_model(model, eval_semantics=s.eval_semantics, example_inputs=examples)
-        report = replace(report, health=audit)
+            audit = audit_model(model, eval_semantics=opts.eval_semantics, example_inputs=examples)
+        report = report.with_post(health=audit)
     prog("fold", 1, 1)
     files = FileInfo(
         source=str(src_p),

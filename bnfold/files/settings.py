@@ -3,9 +3,9 @@
 A job takes ``(src, dst, settings, progress=None)``; the CLI builds the record from its flags and the
 Python API builds it by hand. Records nest the parts jobs share:
 
-    FoldSettings    = fold flags + load: LoadSettings + inputs: InputSettings
+    FoldSettings    = fold flags + options: FoldOptions + load: LoadSettings + inputs: InputSettings
                       + verification: VerifySettings + export: ExportSettings
-    InspectSettings = inspect flags + load + inputs
+    InspectSettings = options + load + inputs
     CompareSettings = load + inputs + verification           (``bnfold verify``)
     FreezeSettings  = freeze flags + load
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from bnfold.errors import OptionError
 from bnfold.export import ExportSettings
+from bnfold.options import FoldOptions
 
 __all__ = [
     "LoadSettings",
@@ -36,6 +37,7 @@ __all__ = [
     "CompareSettings",
     "FreezeSettings",
     "ExportSettings",
+    "FoldOptions",
     "OUTPUT_FORMATS",
     "output_format",
     "refuse",
@@ -114,19 +116,11 @@ class InspectSettings:
     meaning, so a dry run gives the verdicts the fold will give.
     """
 
-    affine: bool = False
-    """ONNX: turn BNs that have nothing to fold into into one Mul + one Add (``--affine``)."""
-    merge_branches: bool = True
-    """ONNX: merge sums of branches of one tensor into one Conv (``--no-merge-branches`` turns it off)."""
-    propagate: bool = True
-    """ONNX: move the scale and shift of BNs left through Relu / pooling / zero padding (``--no-propagate``)."""
-    eval_semantics: bool = False
-    """PyTorch: fold a module saved in ``train()`` mode with its inference semantics."""
-    health: bool = False
-    """Also audit the BNs (:func:`bnfold.health`) into ``report.health``."""
-    batch_stats: str | None = None
-    """``"instance"``: BNs that normalise with their batch become InstanceNorms, exact at batch 1 only
-    (``--batch-stats instance``; :func:`bnfold.fold_with_report`)."""
+    options: FoldOptions = field(default_factory=FoldOptions)
+    """The rewrite choices and post-fold steps (:class:`~bnfold.options.FoldOptions`): ``--affine``,
+    ``--no-merge-branches``, ``--no-propagate``, ``--batch-stats``, ``--eval-semantics``, ``--health``,
+    and for ``fold`` ``--no-flush-denormals`` and ``--prune-constant-channels`` (a dry run writes
+    nothing to flush or prune)."""
     load: LoadSettings = field(default_factory=LoadSettings)
     inputs: InputSettings = field(default_factory=InputSettings)
     """The shapes / inputs that prove where a Linear meets a BatchNorm1d on 2-D data (PyTorch), that
@@ -146,12 +140,6 @@ class FoldSettings(InspectSettings):
     external_data: bool | None = None
     """ONNX output: True writes ``OUT.data`` next to OUT, False inline; None keeps the input's layout
     (a PyTorch source: external only over the 2 GiB protobuf limit)."""
-    flush_denormals: bool = True
-    """Set subnormal values of the folded tensors to zero before verification (:mod:`bnfold.denormals`);
-    a PyTorch source written to ``.onnx`` has every float initializer flushed (the exporter wrote them)."""
-    prune_constant_channels: bool = False
-    """PyTorch module written to ``.pt``/``.pth``/``.pt2``: drop the channels that are constant after
-    the fold where exact (:mod:`bnfold.constant_channels`)."""
     all_or_nothing: bool = False
     """When verification fails, refuse the whole model (otherwise, for an ONNX source or an
     ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are left: :mod:`bnfold.culprit`)."""
@@ -220,7 +208,7 @@ def check_fold(settings: FoldSettings, dst: Path) -> str:
     """Every fold option that needs no file, checked before anything is read; returns the output format."""
     v, exp = settings.verification, settings.export
     check_inputs(settings.inputs, v.samples)
-    check_batch_stats(settings.batch_stats)
+    check_batch_stats(settings.options.batch_stats)
     if exp.opset is not None and not 7 <= exp.opset <= 25:
         raise OptionError(f"--opset {exp.opset}: must be between 7 and 25")
     out_fmt = output_format(dst)
@@ -234,7 +222,7 @@ def check_fold(settings: FoldSettings, dst: Path) -> str:
             {"--atol": v.atol, "--rtol": v.rtol, "--opt-level": v.opt_level, "--samples": v.samples != 1},
             "does not apply with --no-verify",
         )
-    if settings.prune_constant_channels and out_fmt == "onnx":
+    if settings.options.prune_constant_channels and out_fmt == "onnx":
         raise OptionError(
             f"{dst}: --prune-constant-channels works on PyTorch modules written to .pt/.pth/.pt2, not on .onnx"
         )

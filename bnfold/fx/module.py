@@ -44,6 +44,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
+from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
 
 from .copying import copy_model, shadow
@@ -173,26 +174,32 @@ def _bn_names(module: nn.Module) -> set[str]:
 # The whole analysis (traces, shape propagation) holds the trace lock: see bnfold.fx.custom.
 _TRACE_LOCK = TRACE_LOCK
 
+_DIRECT = FoldOptions(merge_branches=False)
+"""The options of a direct call without any: no branch merge (the module keeps its call graph)."""
+
 
 def fold_module(
     module: nn.Module,
     *,
+    options: FoldOptions | None = None,
     inplace: bool = False,
     dry_run: bool = False,
-    eval_semantics: bool = False,
     graph: bool | None = None,
     example_inputs: tuple[Any, ...] | None = None,
     exclude: frozenset[str] | set[str] = frozenset(),
-    merge_branches: bool = False,
+    **choices: Any,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every exactly-foldable BatchNorm of ``module``.
 
     Args:
         module: the model. It is not changed unless ``inplace=True`` (and is never traced itself).
+        options: the rewrite choices (:class:`~bnfold.options.FoldOptions`); this backend reads
+            ``eval_semantics`` and ``merge_branches`` (the post-fold steps are :mod:`bnfold.postfold`'s).
+            None: the defaults of ``bnfold.fold`` without the branch merge (a direct call keeps the
+            module's call graph).
         inplace: fold into ``module`` itself (module mode only: it keeps its class and forward).
         dry_run: decide only; ``module`` comes back as given, and the report predicts the BN,
             module and parameter counts of the result.
-        eval_semantics: fold a model in ``train()`` mode with its inference semantics.
         graph: None: return a ``torch.fx.GraphModule`` only when a fold needs one (a module called
             at several places, functional BN); False: never (those BNs are left); True: always when
             the model traces.
@@ -200,9 +207,13 @@ def fold_module(
             on 2-D input).
         exclude: BN names (as in the report's verdicts) to leave in place, with reason
             ``SkipReason.VERIFICATION`` (used by culprit bisection).
-        merge_branches: after the folds, merge sums of branches of one tensor into one conv module
-            (:mod:`bnfold.fx.merge`; the result is then a ``torch.fx.GraphModule``) and fold again (a
-            BN on the sum). Not with ``inplace`` or ``graph=False`` (a merge changes the call graph).
+        choices: :class:`~bnfold.options.FoldOptions` fields that replace those of ``options``
+            (``fold_module(m, eval_semantics=True)``). What they do here:
+
+            * ``eval_semantics``: fold a model in ``train()`` mode with its inference semantics;
+            * ``merge_branches``: after the folds, merge sums of branches of one tensor into one conv module
+              (:mod:`bnfold.fx.merge`; the result is then a ``torch.fx.GraphModule``) and fold again (a
+              BN on the sum). Not with ``inplace`` or ``graph=False`` (a merge changes the call graph).
 
     Returns:
         ``(model, report)``; ``report.result`` says "module" or "graph_module".
@@ -210,7 +221,10 @@ def fold_module(
     Raises:
         ModelStateError: the model is in ``train()`` mode and ``eval_semantics`` is False.
         UnsupportedModelError: a lazy module is not initialised, or the module is TorchScript.
+        TypeError: a name in ``choices`` that is not an option.
     """
+    opts = (options or _DIRECT).given(choices)
+    eval_semantics = opts.eval_semantics
     if isinstance(module, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             "a TorchScript module (torch.jit.script/trace) cannot be folded: its BatchNorms are compiled "
@@ -223,9 +237,7 @@ def fold_module(
 
     consts = [c for c in constant_layers(module) if c.site.bn not in exclude]
     if consts:  # weight standardisation: evaluated once, the plain layers then fold as any
-        return _fold_constants(
-            module, consts, inplace, dry_run, eval_semantics, graph, example_inputs, exclude, merge_branches
-        )
+        return _fold_constants(module, consts, inplace, dry_run, opts, graph, example_inputs, exclude)
     nodes_before, params_before = _count(module)
     if inplace:
         graph = False
@@ -266,18 +278,11 @@ def fold_module(
             for m in result.modules():
                 if id(m) in flags:
                     m.training = flags[id(m)]
-    if merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
-        out, report = _merge_and_refold(
-            module, out, report, eval_semantics, example_inputs, frozenset(exclude)
-        )
-    if merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
+    if opts.merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
+        out, report = _merge_and_refold(module, out, report, opts, example_inputs, frozenset(exclude))
+    if opts.merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
         _, full = fold_module(
-            module,
-            eval_semantics=eval_semantics,
-            graph=graph,
-            example_inputs=example_inputs,
-            exclude=exclude,
-            merge_branches=True,
+            module, options=opts, graph=graph, example_inputs=example_inputs, exclude=exclude
         )
         if any(m.merged for m in full.merges):
             return module, replace(full, dry_run=True, seconds=time.perf_counter() - t0)
@@ -311,11 +316,10 @@ def _fold_constants(
     consts: list[Any],
     inplace: bool,
     dry_run: bool,
-    eval_semantics: bool,
+    options: FoldOptions,
     graph: bool | None,
     example_inputs: tuple[Any, ...] | None,
     exclude: frozenset[str] | set[str],
-    merge_branches: bool,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold ``module`` with the constant layers (:func:`bnfold.fx.batch_stats.constant_layers`) swapped in:
     into ``module`` itself with ``inplace``, else into a shadow (the caller's module tree untouched)."""
@@ -327,13 +331,12 @@ def _fold_constants(
     swap_in(work, consts)
     out, report = fold_module(
         work,
+        options=options,
         inplace=inplace and not dry_run,
         dry_run=dry_run,
-        eval_semantics=eval_semantics,
         graph=graph,
         example_inputs=example_inputs,
         exclude=exclude,
-        merge_branches=merge_branches,
     )
     order = {name: i for i, (name, _) in enumerate(module.named_modules())}
     sites = [c.site for c in consts]
@@ -356,7 +359,7 @@ def _merge_and_refold(
     module: nn.Module,
     out: nn.Module,
     report: FoldReport,
-    eval_semantics: bool,
+    options: FoldOptions,
     example_inputs: tuple[Any, ...] | None,
     exclude: frozenset[str] = frozenset(),
 ) -> tuple[nn.Module, FoldReport]:
@@ -378,7 +381,9 @@ def _merge_and_refold(
                 break
             gm = fx.GraphModule(cur, g, type(cur).__name__)
             try:
-                res = merge_graph_module(gm, eval_semantics=eval_semantics, exact=exact, exclude=exclude)
+                res = merge_graph_module(
+                    gm, eval_semantics=options.eval_semantics, exact=exact, exclude=exclude
+                )
             except Exception as e:  # noqa: BLE001 - an unforeseen form: keep the branches (gm is discarded)
                 log.debug("merge failed: %s", e)
                 report = replace(report, notes=(*report.notes, f"branch merging stopped: {first_line(e)}"))
@@ -389,7 +394,11 @@ def _merge_and_refold(
         if not res.applied:
             break
         cur, again = fold_module(
-            gm, inplace=True, eval_semantics=eval_semantics, example_inputs=example_inputs, exclude=exclude
+            gm,
+            options=replace(options, merge_branches=False),
+            inplace=True,
+            example_inputs=example_inputs,
+            exclude=exclude,
         )
         fixed.update({v.bn: v for v in again.verdicts if isinstance(v, Site)})
     if not applied:

@@ -37,13 +37,15 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import GraphProto, ModelProto, TensorProto
 
 from bnfold.errors import InputError
-from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
+from bnfold.options import FoldOptions
+from bnfold.records import FoldReport, Merge, PostFoldResult, Site, Skip, SkipReason, Verdict
 
 from .batch_stats import NOTE as _BATCH_NOTE
 from .batch_stats import batch_stats_pass
@@ -59,6 +61,9 @@ from .shapes import LazyTypes, copy_fields
 __all__ = ["fold_model", "count_bn"]
 
 _MAX_PASSES = 10_000
+
+_DIRECT = FoldOptions(flush_denormals=False)
+"""The options of a direct call without any: a direct call writes the exact rounded fold (no flush)."""
 
 
 @dataclass(slots=True)
@@ -374,38 +379,42 @@ def _count_convs(model: ModelProto) -> int:
 def fold_model(
     model: ModelProto,
     *,
-    affine: bool = False,
+    options: FoldOptions | None = None,
     dry_run: bool = False,
     inplace: bool = False,
     exclude: frozenset[str] | set[str] = frozenset(),
-    flush_denormals: bool = False,
-    merge_branches: bool = True,
-    batch_stats: str | None = None,
-    propagate: bool = True,
+    **choices: Any,
 ) -> tuple[ModelProto, FoldReport]:
     """Fold every exactly-foldable BatchNormalization node of an ONNX model.
 
     Args:
         model: the model (weights loaded, external data included).
-        affine: turn each BN that nothing can absorb into one Mul and one Add with constant operands.
+        options: the rewrite choices (:class:`~bnfold.options.FoldOptions`); this backend reads
+            ``affine``, ``merge_branches``, ``batch_stats``, ``propagate`` and ``flush_as_written``.
+            None: the defaults of ``bnfold.fold`` without the flush (a direct call writes the exact
+            rounded fold; ``bnfold.fold`` flushes).
         dry_run: decide only; the model returned is the one given, unchanged.
         inplace: edit ``model`` itself (no copy of the model); otherwise a copy is folded and
             ``model`` is left untouched. Note: with protobuf's upb backend the replaced bytes of a
             rewritten initializer stay in the model's arena until the model is freed, so an in-place
             fold grows the process by the size of the weights it rewrites.
         exclude: labels of BNs to leave in place (their verdict says why).
-        flush_denormals: set the subnormal values of every tensor the fold writes to zero as it
-            is written (float32/float64/bfloat16; see :mod:`bnfold.denormals`);
-            ``report.flushed_denormals`` says how many (None when not asked).
-        merge_branches: merge sums of branches that read one tensor (Conv, identity, BN, AveragePool,
-            each optionally scaled) into one Conv, and fold a BN on the sum into it
-            (:mod:`bnfold.onnx.merge`); ``report.merges`` lists each sum, merged or refused.
-        batch_stats: "instance" replaces each BN that normalises with its batch (training mode) by an
-            InstanceNormalization, exact at batch 1 only (:mod:`bnfold.onnx.batch_stats`); None leaves
-            them. A training-mode BN on a constant input is evaluated to a constant either way.
-        propagate: split each BN still left into its scale and shift and move them, by exact
-            identities, through Relu / LeakyRelu / pooling / Flatten / zero padding into the next
-            Conv / Gemm / MatMul (:mod:`bnfold.onnx.propagate`); verdict direction ``propagated``.
+        choices: :class:`~bnfold.options.FoldOptions` fields that replace those of ``options``
+            (``fold_model(m, propagate=False)``). What they do:
+
+            * ``affine``: turn each BN that nothing can absorb into one Mul and one Add with constant operands;
+            * ``flush_denormals`` (as written, not with ``health``): set the subnormal values of every
+              tensor the fold writes to zero as it is written (float32/float64/bfloat16; see
+              :mod:`bnfold.denormals`); ``report.flushed_denormals`` says how many (None when not asked);
+            * ``merge_branches``: merge sums of branches that read one tensor (Conv, identity, BN,
+              AveragePool, each optionally scaled) into one Conv, and fold a BN on the sum into it
+              (:mod:`bnfold.onnx.merge`); ``report.merges`` lists each sum, merged or refused;
+            * ``batch_stats``: "instance" replaces each BN that normalises with its batch (training mode)
+              by an InstanceNormalization, exact at batch 1 only (:mod:`bnfold.onnx.batch_stats`); None
+              leaves them. A training-mode BN on a constant input is evaluated to a constant either way;
+            * ``propagate``: split each BN still left into its scale and shift and move them, by exact
+              identities, through Relu / LeakyRelu / pooling / Flatten / zero padding into the next
+              Conv / Gemm / MatMul (:mod:`bnfold.onnx.propagate`); verdict direction ``propagated``.
 
     Returns:
         ``(folded model, report)``; the report has one verdict per BatchNormalization node.
@@ -414,7 +423,9 @@ def fold_model(
         InputError: ``model`` is not an ``onnx.ModelProto``.
         ModelFormatError: a Conv / ConvTranspose weight does not fit the layer's groups (checked
             before anything is edited).
+        TypeError: a name in ``choices`` that is not an option.
     """
+    opts = (options or _DIRECT).given(choices)
     if not isinstance(model, ModelProto):
         raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
     t0 = time.perf_counter()
@@ -428,19 +439,19 @@ def fold_model(
     convs_before = _count_convs(work)
     ctx = _Ctx(
         _opset(work),
-        affine,
+        opts.affine,
         Names(work),
         int(work.ir_version),
         exclude=frozenset(exclude),
-        flush=flush_denormals and not dry_run,
+        flush=opts.flush_as_written and not dry_run,
         sources=sources,
-        merge=merge_branches,
-        propagate=propagate,
+        merge=opts.merge_branches,
+        propagate=opts.propagate,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
-        batch_stats=batch_stats,
+        batch_stats=opts.batch_stats,
     )
     if work is model:
-        ctx.inferred.prime_if_needed(model, affine)
+        ctx.inferred.prime_if_needed(model, opts.affine)
     # The index holds no reference cycles; the cyclic collector would only re-walk every object of a
     # large graph again and again (super-linear time), so it is paused for the fold.
     gc_was_enabled = gc.isenabled()
@@ -488,7 +499,7 @@ def fold_model(
         params_after=params_after,
         mul_add=tuple(ctx.mul_add),
         notes=notes,
-        flushed_denormals=ctx.flushed if ctx.flush else None,
+        post=PostFoldResult(flushed_denormals=ctx.flushed if ctx.flush else None),
         seconds=time.perf_counter() - t0,
         merges=merges,
         convs_before=convs_before,
