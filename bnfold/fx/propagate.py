@@ -429,6 +429,8 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
                 raise _Refuse("the rank of the BN's input is not known")
             s = s.reshape((C,) + (1,) * spatial)
         plan.shift = s
+    if plan.chain and plan.shift_at != 0 and _inplace(gm, first):
+        raise _Refuse(f"{plan.labels[0]} would write the BN's input in place")
     for v in (plan.weight, plan.bias, plan.shift):
         if v is not None and not torch.isfinite(v.to(dtype)).all():
             raise _Refuse(f"a propagated value would not be finite in {dtype}")
