@@ -55,7 +55,9 @@ def set_stats(m: nn.Module, sign: str = "positive", seed: int = 7) -> nn.Module:
 class Chain(nn.Module):
     """producer -> BN -> ops -> layer (-> also the producer's output when ``extra_out``)."""
 
-    def __init__(self, ops: list[nn.Module], layer: nn.Module, producer: str = "relu", extra_out: bool = False):
+    def __init__(
+        self, ops: list[nn.Module], layer: nn.Module, producer: str = "relu", extra_out: bool = False
+    ):
         super().__init__()
         self.pre = nn.Conv2d(C, C, 1) if producer == "conv" else nn.ReLU()
         self.bn = nn.BatchNorm2d(C, eps=1e-3)
@@ -147,7 +149,9 @@ def assert_propagated(report: FoldReport, target: str = "layer", name: str = "bn
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.13), nn.LeakyReLU(-0.4)])
-def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(act: nn.Module, dtype: torch.dtype) -> None:
+def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(
+    act: nn.Module, dtype: torch.dtype
+) -> None:
     m = set_stats(Chain([act], conv(pads=1)))
     assert counts(m) == (1, 0, 0)
     out, report = fold_and_check(m, dtype=dtype)
@@ -169,7 +173,11 @@ def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -
     m = set_stats(Chain([nn.ReLU()], conv(pads=1)), sign)
     out, report = fold_and_check(m)
     v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.NO_PRODUCER and v.detail.endswith("; not propagated: " + why)
+    assert (
+        isinstance(v, Skip)
+        and v.reason is SkipReason.NO_PRODUCER
+        and v.detail.endswith("; not propagated: " + why)
+    )
     assert counts(out) == (1, 0, 0) and type(out) is Chain
 
 
@@ -231,7 +239,9 @@ def test_non_zero_constant_pad_is_refused() -> None:
 
 
 @pytest.mark.parametrize("cip,adds", [(False, 0), (True, 1)])
-def test_average_pool_with_padding_passes_the_shift_only_when_padding_is_not_counted(cip: bool, adds: int) -> None:
+def test_average_pool_with_padding_passes_the_shift_only_when_padding_is_not_counted(
+    cip: bool, adds: int
+) -> None:
     m = set_stats(Chain([nn.AvgPool2d(3, padding=1, count_include_pad=cip)], conv()), "mixed")
     out, report = fold_and_check(m, x_for(shape=(2, C, 9, 9)))
     assert_propagated(report)
@@ -460,7 +470,9 @@ def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
 
     net, x = network(name, sign)
     buf = io.BytesIO()
-    torch.onnx.export(net, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"], opset_version=17)
+    torch.onnx.export(
+        net, (x,), buf, dynamo=False, do_constant_folding=False, input_names=["x"], opset_version=17
+    )
     _, rep_onnx = fold_model(onnx.load_from_string(buf.getvalue()))
     _, rep_torch = bnfold.fold_with_report(net)
     via_onnx = {_module_name(v.bn): v.to_dict()["status"] for v in rep_onnx.verdicts}

@@ -48,7 +48,6 @@ from torch import fx, nn
 from bnfold.fold_math import bn_affine
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
-from .custom import _has_hooks
 from .layers import layer_kind
 
 __all__ = ["propagate_graph_module", "ELIGIBLE"]
@@ -118,6 +117,10 @@ class _Plan:
     layer_kind: str = ""
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
+
+
 def _module(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
     if n.op != "call_module":
         return None
@@ -166,7 +169,7 @@ def _is_flatten_view(n: fx.Node, cur: fx.Node) -> bool:
     if n.op != "call_method" or n.target not in ("view", "reshape") or len(n.args) != 3 or n.kwargs:
         return False
     size, rest = n.args[1], n.args[2]
-    return (
+    return bool(
         isinstance(size, fx.Node)
         and size.op == "call_method"
         and size.target == "size"
@@ -198,7 +201,7 @@ def _classify(gm: fx.GraphModule, n: fx.Node, cur: fx.Node, spatial: int | None,
         if t in _DROPOUTS:
             return "full" if (not m.training or eval_semantics) else "scale"
         if t is nn.Flatten:
-            if m.start_dim != 1 or m.end_dim != -1:  # type: ignore[comparison-overlap]
+            if m.start_dim != 1 or m.end_dim != -1:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
             return "flatten"
         rank = {**_MAXPOOLS, **_AVGPOOLS, **_ADAPTIVE_AVG, **_PADS}.get(t)
@@ -303,8 +306,8 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     x = bn_node.args[0]
     if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == bn_node.target) != 1:
         raise _Refuse("the BN is called at several places")
-    w_bn = bn.weight if getattr(bn, "affine", False) else None
-    b_bn = bn.bias if getattr(bn, "affine", False) else None
+    w_bn = getattr(bn, "weight", None) if getattr(bn, "affine", False) else None
+    b_bn = getattr(bn, "bias", None) if getattr(bn, "affine", False) else None
     a_np, b_np = bn_affine(
         None if w_bn is None else w_bn.detach().cpu().double().numpy(),
         None if b_bn is None else b_bn.detach().cpu().double().numpy(),
