@@ -287,15 +287,20 @@ def test_conv1d_and_conv3d(rank: int) -> None:
     pool_t = {1: nn.MaxPool1d, 3: nn.MaxPool3d}[rank]
     m = nn.Sequential(nn.ReLU(), bn_t(C), pool_t(2, padding=1, ceil_mode=True), conv_t(C, 4, 3, padding=1))
     set_stats(m)
-    x = x_for(shape=(2, C) + (7,) * rank)
-    # A BatchNorm1d reads (N, C) or (N, C, L): only recorded shapes prove the rank.
-    kw = {"example_inputs": x.float()} if rank == 1 else {}
-    out, report = fold_and_check(m, x, **kw)
+    out, report = fold_and_check(m, x_for(shape=(2, C) + (7,) * rank))
     assert_propagated(report, target="3", name="1")
     assert counts(out) == (0, 0, 1)
-    if rank == 1:
-        _, r1 = fold_and_check(m, x)
-        assert isinstance(verdict(r1, "1"), Skip)
+
+
+def test_batchnorm1d_into_linear_needs_recorded_shapes() -> None:
+    """BatchNorm1d -> ReLU -> Linear is exact on (N, C) only: the rank comes from example_inputs."""
+    m = set_stats(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(C), nn.ReLU(), nn.Linear(C, 3)))
+    x = x_for(shape=(5, C))
+    _, r0 = fold_and_check(m, x)
+    assert isinstance(verdict(r0, "1"), Skip)
+    out, report = fold_and_check(m, x, example_inputs=x.float())
+    v = assert_propagated(report, target="3", name="1")
+    assert "shift as one Add before ReLU '2'" in v.detail and bn_count(out) == 0
 
 
 def test_functional_relu_flatten_and_pad() -> None:

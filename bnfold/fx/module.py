@@ -378,8 +378,8 @@ def _propagate(
         except Exception as e:  # noqa: BLE001 - the folded model keeps its BNs
             log.debug("propagate: trace failed: %s", e)
             return out, report
-        if example_inputs is not None:
-            try:
+        if example_inputs is not None and any(isinstance(m, nn.BatchNorm1d) for m in out.modules()):
+            try:  # a BatchNorm1d's rank (2-D or 3-D input) is known only from recorded shapes
                 _shape_prop(out, g, example_inputs)
             except InputError:
                 pass  # no shapes: a BatchNorm1d is then not propagated

@@ -49,6 +49,7 @@ from bnfold.fold_math import bn_affine
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
 from .layers import layer_kind
+from .shapes import rank_of
 
 __all__ = ["propagate_graph_module", "ELIGIBLE"]
 
@@ -274,13 +275,15 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
     return str(getattr(n.target, "__name__", n.target))
 
 
-def _spatial(bn: nn.Module, x: fx.Node) -> int | None:
+def _spatial(gm: fx.GraphModule, bn: nn.Module, x: fx.Node) -> tuple[int | None, bool]:
+    """The BN input's spatial rank and whether it is proven. A BatchNorm1d whose input rank the graph does not
+    prove (:func:`~bnfold.fx.shapes.rank_of`) is taken as 3-D only where a Conv1d ends the walk (as the
+    backward fold does for ``BN1d -> Conv1d``)."""
     s = _BNS[type(bn)]
     if s >= 0:
-        return s
-    meta = x.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return None if shape is None else len(shape) - 2
+        return s, True
+    r = rank_of(x, gm)
+    return (1, False) if r is None else (r - 2, True)
 
 
 def _conv_pads(m: nn.Module) -> bool:
@@ -319,7 +322,7 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise _Refuse("its scale or shift is not finite")
     C = a.numel()
-    spatial = _spatial(bn, x)
+    spatial, proven = _spatial(gm, bn, x)
     plan = _Plan(bn=bn_node, x=x, chain=[], layer=bn_node, a=a, b=b)
     shift_live = bool((b != 0).any())
     flattened = False
@@ -406,6 +409,8 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
         elif shift_live:
             stop_shift(pos, f"{label} (it pads with zeros)")
     else:  # nn.Linear
+        if not proven:
+            raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
         if not flattened and spatial != 0:
             raise _Refuse(f"{label} may not read the BN's channel axis")
         K = w.shape[1]
