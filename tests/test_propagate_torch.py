@@ -483,3 +483,28 @@ def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
     via_onnx = {_module_name(v.bn): v.to_dict()["status"] for v in rep_onnx.verdicts}
     via_torch = {v.bn: v.to_dict()["status"] for v in rep_torch.verdicts}
     assert via_torch == via_onnx
+
+
+def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() -> None:
+    """A train()-mode model folded with eval_semantics: recording shapes for propagation must not run the
+    kept BN in train mode (which would update its running statistics)."""
+    m = nn.Sequential(
+        nn.ReLU(),
+        nn.BatchNorm1d(C),
+        nn.ReLU(),
+        nn.Linear(C, C),
+        nn.ReLU(),
+        nn.BatchNorm1d(C),
+        nn.ReLU(),
+        nn.Linear(C, 3),
+    )
+    set_stats(m)
+    set_stats(m[5], "mixed", seed=9)
+    x = x_for(torch.float32, (5, C))
+    ref = outputs(copy.deepcopy(m).eval(), x)[0]
+    m.train()
+    snap = snapshot(m)
+    out, report = bnfold.fold_with_report(m, eval_semantics=True, example_inputs=x)
+    assert_untouched(m, snap)
+    assert isinstance(verdict(report, "1"), Site) and isinstance(verdict(report, "5"), Skip)
+    assert torch.allclose(outputs(out.eval(), x)[0], ref, atol=1e-5, rtol=1e-5)

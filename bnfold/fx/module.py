@@ -379,10 +379,15 @@ def _propagate(
             log.debug("propagate: trace failed: %s", e)
             return out, report
         if example_inputs is not None and any(isinstance(m, nn.BatchNorm1d) for m in out.modules()):
+            flags = {m: m.training for m in out.modules()}
+            out.eval()  # a train()-mode BN (eval_semantics) would update its statistics
             try:  # a BatchNorm1d's rank (2-D or 3-D input) is known only from recorded shapes
                 _shape_prop(out, g, example_inputs)
             except InputError:
                 pass  # no shapes: a BatchNorm1d is then not propagated
+            finally:
+                for m, t in flags.items():
+                    m.training = t
         gm = fx.GraphModule(out, g, type(out).__name__)
         verdicts, n = propagate_graph_module(gm, list(report.verdicts), eval_semantics=eval_semantics)
     if not n:
