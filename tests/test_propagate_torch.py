@@ -508,3 +508,13 @@ def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() ->
     assert_untouched(m, snap)
     assert isinstance(verdict(report, "1"), Site) and isinstance(verdict(report, "5"), Skip)
     assert torch.allclose(outputs(out.eval(), x)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_result_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
+    """The networks use postponed annotations (strings), which torch.save of a GraphModule cannot write."""
+    net, x = network("crepe", "positive")
+    out = bnfold.fold(net)
+    path = tmp_path / "m.pt"
+    torch.save(out, path)
+    back = torch.load(path, weights_only=False)
+    assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
