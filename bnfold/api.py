@@ -133,9 +133,11 @@ def fold_with_report(
             with the BN's affine. Exact at batch 1 only: at batch > 1 the model then computes something
             else (the report says so). None (default) leaves them, with a reason naming this option.
             A batch-statistics BN on a constant (ONNX) is evaluated to a constant either way.
-        propagate: ONNX: split each BN left into scale and shift and move them through Relu, pooling,
-            Flatten and zero padding into the next Conv / Gemm / MatMul, by exact identities
-            (:mod:`bnfold.onnx.propagate`, verdict status ``propagated``). False keeps those BNs.
+        propagate: split each BN left into scale and shift and move them through ReLU, pooling,
+            Flatten and zero padding into the next Conv / Gemm / MatMul (ONNX) or Conv / Linear
+            (nn.Module; the result is then a ``torch.fx.GraphModule``; not with ``inplace``), by exact
+            identities (:mod:`bnfold.onnx.propagate`, :mod:`bnfold.fx.propagate`; verdict status
+            ``propagated``). False keeps those BNs.
 
     Returns:
         The folded model (same type as given) and a :class:`~bnfold.records.FoldReport` with one

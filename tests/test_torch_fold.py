@@ -110,7 +110,7 @@ def test_bn_then_linear_and_conv_backward() -> None:
     out, rep = check(m, torch.randn(2, 6, 8, 8))
     assert rep.sites[0].direction is Direction.BACKWARD and bn_count(out) == 0
     m = prep(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)))
-    out, rep = check(m, torch.randn(2, 6, 8, 8))
+    out, rep = check(m, torch.randn(2, 6, 8, 8), propagate=False)  # no exact fold (propagation moves it)
     assert verdict(rep, "1").reason is SkipReason.PADDING
     m = prep(
         nn.Sequential(nn.ReLU(), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"))

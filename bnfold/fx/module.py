@@ -214,6 +214,10 @@ def fold_module(
             * ``merge_branches``: after the folds, merge sums of branches of one tensor into one conv module
               (:mod:`bnfold.fx.merge`; the result is then a ``torch.fx.GraphModule``) and fold again (a
               BN on the sum). Not with ``inplace`` or ``graph=False`` (a merge changes the call graph).
+            * ``propagate``: after the folds (and merges), split each BN left into scale and shift and move
+              them through ReLU, pooling, flatten and zero padding into the next Conv / Linear
+              (:mod:`bnfold.fx.propagate`; the result is then a ``torch.fx.GraphModule``). Not with
+              ``inplace``, ``graph=False`` or a model that does not trace whole.
 
     Returns:
         ``(model, report)``; ``report.result`` says "module" or "graph_module".
@@ -280,15 +284,20 @@ def fold_module(
                     m.training = flags[id(m)]
     if opts.merge_branches and not dry_run and graph is not False and not isinstance(analysis, str):
         out, report = _merge_and_refold(module, out, report, opts, example_inputs, frozenset(exclude))
-    if opts.merge_branches and dry_run and graph is not False:  # predict: the real fold and merge on a copy
+    traces = not isinstance(analysis, str)
+    if opts.propagate and not dry_run and graph is not False and traces:
+        out, report = _propagate(out, report, opts.eval_semantics, example_inputs)
+    if dry_run and graph is not False and (opts.merge_branches or (opts.propagate and traces)):
+        # predict: the real fold, merge and propagation on a copy
         _, full = fold_module(
             module, options=opts, graph=graph, example_inputs=example_inputs, exclude=exclude
         )
-        if any(m.merged for m in full.merges):
+        if any(m.merged for m in full.merges) or full.verdicts != report.verdicts:
             return module, replace(full, dry_run=True, seconds=time.perf_counter() - t0)
-        report = replace(
-            report, merges=full.merges, convs_before=full.convs_before, convs_after=full.convs_after
-        )
+        if opts.merge_branches:
+            report = replace(
+                report, merges=full.merges, convs_before=full.convs_before, convs_after=full.convs_after
+            )
     if dry_run:
         out = module
         # What the rewrite would remove (or add), counted without rewriting (see _predict).
@@ -418,6 +427,38 @@ def _merge_and_refold(
         convs_before=conv_modules(module),
         convs_after=conv_modules(cur),
     )
+
+
+def _propagate(
+    out: nn.Module, report: FoldReport, eval_semantics: bool, example_inputs: tuple[Any, ...] | None
+) -> tuple[nn.Module, FoldReport]:
+    """Scale propagation (:mod:`bnfold.fx.propagate`) on ``out`` (the folded copy); ``report`` updated."""
+    from .propagate import ELIGIBLE, propagate_graph_module
+
+    if not any(isinstance(v, Skip) and v.reason in ELIGIBLE for v in report.verdicts):
+        return out, report
+    with _TRACE_LOCK:
+        try:
+            g = _trace(out)
+        except Exception as e:  # noqa: BLE001 - the folded model keeps its BNs
+            log.debug("propagate: trace failed: %s", e)
+            return out, report
+        if example_inputs is not None and any(isinstance(m, nn.BatchNorm1d) for m in out.modules()):
+            flags = {m: m.training for m in out.modules()}
+            out.eval()  # a train()-mode BN (eval_semantics) would update its statistics
+            try:  # a BatchNorm1d's rank (2-D or 3-D input) is known only from recorded shapes
+                _shape_prop(out, g, example_inputs)
+            except InputError:
+                pass  # no shapes: a BatchNorm1d is then not propagated
+            finally:
+                for m, t in flags.items():
+                    m.training = t
+        gm = fx.GraphModule(out, g, type(out).__name__)
+        verdicts, n = propagate_graph_module(gm, list(report.verdicts), eval_semantics=eval_semantics)
+    if not n:
+        return out, replace(report, verdicts=verdicts)
+    note = "returned a torch.fx.GraphModule: BNs were split into scale and shift and moved (propagated)"
+    return gm, replace(report, verdicts=verdicts, result="graph_module", notes=(*report.notes, note))
 
 
 @dataclass

@@ -1,0 +1,546 @@
+"""Scale propagation in a traced ``nn.Module``: split a BatchNorm no exact fold removed into scale and shift.
+
+The PyTorch counterpart of :mod:`bnfold.onnx.propagate` (same identities, same verdicts). A BN left
+after the folds is ``y = a * x + b`` per channel (``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``,
+float64). This pass follows ``y`` forward through nodes that each read the previous tensor alone
+(a ``.size()`` read aside) and moves the BN's parts with exact identities (per channel ``c``):
+
+* *full* nodes commute with the whole affine: ``nn.MaxPool{1,2,3}d`` / ``nn.AdaptiveMaxPool{1,2,3}d``
+  (``a >= 0``; any padding and ceil mode: max pads with -inf), ``nn.AdaptiveAvgPool{1,2,3}d``,
+  ``nn.AvgPool{1,2,3}d`` whose divisor counts only real elements (``count_include_pad=False``, or no
+  padding and no ceil mode; no ``divisor_override``), ``nn.Flatten`` / ``torch.flatten`` /
+  ``x.view(x.size(0), -1)`` from dim 1 (channel ``c`` becomes a block of features), ``nn.Identity``,
+  ``nn.Dropout`` in eval mode (or with ``eval_semantics``);
+* *scale-only* nodes commute with a per-channel scale but not with a shift: ``ReLU`` and ``LeakyReLU``
+  (module, ``torch.relu``, ``F.relu``, ``F.leaky_relu``, ``x.relu()``; ``a >= 0``), zero padding
+  (``nn.ZeroPad*d``, ``nn.ConstantPad*d`` with 0, ``F.pad`` constant 0 off the batch and channel
+  axes), an ``nn.AvgPool`` that counts padded zeros or has a ``divisor_override``, ``nn.Dropout`` in
+  train mode;
+* the walk ends at a plain ``nn.Conv{1,2,3}d`` (its rank that of the BN; any padding, group-aware) or
+  ``nn.Linear`` (after a flatten, or on a tensor proven 2-D) reading the tensor: the scale multiplies
+  the layer's input channels.
+
+The shift crosses full nodes unchanged. Where it cannot go further (before the first scale-only node,
+or before a Conv that pads) it becomes ONE per-channel add of ``b / a`` (a registered buffer) on the
+tensor at that point, ``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``; when it
+reaches a layer that does not pad it goes into the layer's bias (``W (a z + b) = (W a) z + W b``).
+
+A BN is propagated only when every channel's scale can move; otherwise the whole BN is kept and the
+verdict's detail says how many channels blocked it (the ONNX wording). Only plain
+``nn.BatchNorm{1,2,3}d`` modules called once are tried (no hooks; a BatchNorm1d needs its input's rank
+recorded by ``example_inputs``). Chain modules with hooks, in-place reads of the BN's input and
+shared tensors refuse. All values are computed in float64 and cast once to the layer's dtype; a
+result that is not finite refuses the BN. The layer gets a new module (same type, new tensors); the
+model's other tensors are not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnfold.fold_math import bn_affine
+from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+
+from .layers import layer_kind
+from .shapes import rank_of
+
+__all__ = ["propagate_graph_module", "ELIGIBLE"]
+
+ELIGIBLE = frozenset(
+    {
+        SkipReason.NO_PRODUCER,
+        SkipReason.OTHER_CONSUMERS,
+        SkipReason.GRAPH_OUTPUT,
+        SkipReason.PADDING,
+        SkipReason.UNFOLDABLE_BRANCH,
+        SkipReason.UNSUPPORTED_LAYER,
+    }
+)
+"""Skip reasons of the BNs this pass tries (as :data:`bnfold.onnx.propagate.ELIGIBLE`)."""
+
+_BNS: dict[type[nn.Module], int] = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.BatchNorm1d: -1}
+_CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_MAXPOOLS: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+_AVGPOOLS: dict[type[nn.Module], int] = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVG: dict[type[nn.Module], int] = {
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
+_PADS: dict[type[nn.Module], int] = {
+    nn.ZeroPad1d: 1,
+    nn.ZeroPad2d: 2,
+    nn.ZeroPad3d: 3,
+    nn.ConstantPad1d: 1,
+    nn.ConstantPad2d: 2,
+    nn.ConstantPad3d: 3,
+}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_RELU_FUNCS = (torch.relu, F.relu, torch.relu_)
+_FLATTEN_FUNCS = (torch.flatten,)
+_MAX_CHAIN = 32
+_PREFIX = "not propagated: "
+
+
+class _Refuse(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Plan:
+    bn: fx.Node
+    x: fx.Node
+    chain: list[fx.Node]
+    layer: fx.Node
+    a: torch.Tensor
+    b: torch.Tensor
+    labels: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    shift_at: int | None = None
+    flat_at: int | None = None
+    shift: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    layer_kind: str = ""
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
+
+
+def _module(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(str(n.target))
+    except AttributeError:
+        return None
+
+
+def _readers(n: fx.Node) -> list[fx.Node]:
+    """The nodes reading ``n``'s value (a ``.size()`` call reads only its shape, which stays)."""
+    return [u for u in n.users if not (u.op == "call_method" and u.target == "size")]
+
+
+def _inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``n`` may write into its first argument."""
+    if n.op == "call_module":
+        return bool(getattr(_module(gm, n), "inplace", False))
+    if n.op == "call_function":
+        if n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem):
+            return True
+        name = getattr(n.target, "__name__", "")
+        return bool(n.kwargs.get("inplace")) or name.endswith("_") or "out" in n.kwargs
+    if n.op == "call_method":
+        return str(n.target).endswith("_")
+    return False
+
+
+def _arg(n: fx.Node, i: int, name: str, default: Any) -> Any:
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def _only_input(n: fx.Node, cur: fx.Node, allowed: set[str]) -> bool:
+    """``cur`` is ``n``'s first argument and no other argument is a node (besides ``size`` reads)."""
+    if not n.args or n.args[0] is not cur:
+        return False
+    others = [*n.args[1:], *n.kwargs.values()]
+    nodes = [v for v in others if isinstance(v, fx.Node)]
+    return all(v.op == "call_method" and v.target == "size" for v in nodes) and set(n.kwargs) <= allowed
+
+
+def _is_flatten_view(n: fx.Node, cur: fx.Node) -> bool:
+    """``cur.view(cur.size(0), -1)`` / ``cur.reshape(cur.size(0), -1)``."""
+    if n.op != "call_method" or n.target not in ("view", "reshape") or len(n.args) != 3 or n.kwargs:
+        return False
+    size, rest = n.args[1], n.args[2]
+    return bool(
+        isinstance(size, fx.Node)
+        and size.op == "call_method"
+        and size.target == "size"
+        and size.args == (cur, 0)
+        and not size.kwargs
+        and rest == -1
+    )
+
+
+def _classify(gm: fx.GraphModule, n: fx.Node, cur: fx.Node, spatial: int | None, eval_semantics: bool) -> str:
+    """What ``n`` (reading ``cur``) lets through: "full", "positive_full", "scale", "positive_scale",
+    "flatten", "layer"; raises :class:`_Refuse` otherwise."""
+    m = _module(gm, n)
+    label = _label(gm, n)
+    if m is not None:
+        if n.args[:1] != (cur,) or len(n.args) != 1 or n.kwargs:
+            raise _Refuse(f"{label} cannot carry the scale")
+        if _has_hooks(m):
+            raise _Refuse(f"{label} has hooks")
+        t = type(m)
+        if t in _CONVS or t is nn.Linear:
+            if layer_kind(m) is None:
+                raise _Refuse(f"{label} is not a plain layer")
+            return "layer"
+        if t is nn.ReLU or t is nn.LeakyReLU:
+            return "positive_scale"
+        if t is nn.Identity:
+            return "full"
+        if t in _DROPOUTS:
+            return "full" if (not m.training or eval_semantics) else "scale"
+        if t is nn.Flatten:
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise _Refuse(f"{label} does not flatten from the channel axis")
+            return "flatten"
+        rank = {**_MAXPOOLS, **_AVGPOOLS, **_ADAPTIVE_AVG, **_PADS}.get(t)
+        if rank is None:
+            raise _Refuse(f"{label} cannot carry the scale")
+        if spatial is None or rank != spatial:
+            raise _Refuse(f"{label} may not act on the BN's spatial axes")
+        if t in _MAXPOOLS:
+            if getattr(m, "return_indices", False):
+                raise _Refuse(f"{label} returns indices")
+            return "positive_full"
+        if t in _ADAPTIVE_AVG:
+            return "full"
+        if t in _AVGPOOLS:
+            pads = any(int(p) for p in _tuple(getattr(m, "padding", 0)))
+            if getattr(m, "divisor_override", None):
+                return "scale"
+            counts_pad = bool(getattr(m, "count_include_pad", True))
+            return "scale" if counts_pad and (pads or getattr(m, "ceil_mode", False)) else "full"
+        if float(getattr(m, "value", 0.0)) != 0.0:
+            raise _Refuse(f"{label} pads with a non-zero value")
+        return "scale"
+    if n.op == "call_function":
+        if n.target in _RELU_FUNCS and _only_input(n, cur, {"inplace"}) and len(n.args) <= 2:
+            return "positive_scale"
+        if n.target is F.leaky_relu and _only_input(n, cur, {"negative_slope", "inplace"}):
+            return "positive_scale"
+        if n.target in _FLATTEN_FUNCS and _only_input(n, cur, {"start_dim", "end_dim"}):
+            if _arg(n, 1, "start_dim", 0) != 1 or _arg(n, 2, "end_dim", -1) != -1:
+                raise _Refuse(f"{label} does not flatten from the channel axis")
+            return "flatten"
+        if n.target is F.pad and _only_input(n, cur, {"pad", "mode", "value"}):
+            pad = _arg(n, 1, "pad", ())
+            mode = _arg(n, 2, "mode", "constant")
+            value = _arg(n, 3, "value", None)
+            if mode != "constant" or value not in (None, 0, 0.0):
+                raise _Refuse(f"{label} is not a zero pad")
+            if not isinstance(pad, (tuple, list)) or spatial is None or len(pad) > 2 * spatial:
+                raise _Refuse(f"{label} may pad the batch or channel axis")
+            return "scale"
+    if n.op == "call_method" and n.args[:1] == (cur,):
+        if n.target in ("relu", "relu_") and len(n.args) == 1 and not n.kwargs:
+            return "positive_scale"
+        if n.target == "flatten" and _only_input(n, cur, {"start_dim", "end_dim"}):
+            if _arg(n, 1, "start_dim", 0) != 1 or _arg(n, 2, "end_dim", -1) != -1:
+                raise _Refuse(f"{label} does not flatten from the channel axis")
+            return "flatten"
+        if _is_flatten_view(n, cur):
+            return "flatten"
+    raise _Refuse(f"{label} cannot carry the scale")
+
+
+def _tuple(v: Any) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _label(gm: fx.GraphModule, n: fx.Node) -> str:
+    m = _module(gm, n)
+    if m is not None:
+        return f"{type(m).__name__} '{n.target}'"
+    if n.op == "call_function":
+        return f"{getattr(n.target, '__name__', str(n.target))} '{n.name}'"
+    return f"{n.target} '{n.name}'"
+
+
+def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
+    m = _module(gm, n)
+    if m is not None:
+        return type(m).__name__
+    return str(getattr(n.target, "__name__", n.target))
+
+
+def _spatial(gm: fx.GraphModule, bn: nn.Module, x: fx.Node) -> tuple[int | None, bool]:
+    """The BN input's spatial rank and whether it is proven. A BatchNorm1d whose input rank the graph does not
+    prove (:func:`~bnfold.fx.shapes.rank_of`) is taken as 3-D only where a Conv1d ends the walk (as the
+    backward fold does for ``BN1d -> Conv1d``)."""
+    s = _BNS[type(bn)]
+    if s >= 0:
+        return s, True
+    r = rank_of(x, gm)
+    return (1, False) if r is None else (r - 2, True)
+
+
+def _conv_pads(m: nn.Module) -> bool:
+    pad = getattr(m, "padding", 0)
+    if isinstance(pad, str):
+        if pad == "valid":
+            return False
+        return any(d * (k - 1) for d, k in zip(_tuple(m.dilation), _tuple(m.kernel_size)))
+    return any(int(p) for p in _tuple(pad))
+
+
+def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
+    bn = _module(gm, bn_node)
+    if bn is None or type(bn) not in _BNS or _has_hooks(bn):
+        raise _Refuse("not a plain BatchNorm module")
+    if bn.training and not eval_semantics:
+        raise _Refuse("the BN is in train() mode")
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        raise _Refuse("the BN has no running statistics")
+    if len(bn_node.args) != 1 or bn_node.kwargs or not isinstance(bn_node.args[0], fx.Node):
+        raise _Refuse("the BN call has extra arguments")
+    x = bn_node.args[0]
+    if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == bn_node.target) != 1:
+        raise _Refuse("the BN is called at several places")
+    w_bn = getattr(bn, "weight", None) if getattr(bn, "affine", False) else None
+    b_bn = getattr(bn, "bias", None) if getattr(bn, "affine", False) else None
+    a_np, b_np = bn_affine(
+        None if w_bn is None else w_bn.detach().cpu().double().numpy(),
+        None if b_bn is None else b_bn.detach().cpu().double().numpy(),
+        mean.detach().cpu().double().numpy(),
+        var.detach().cpu().double().numpy(),
+        float(bn.eps),  # type: ignore[arg-type]
+    )
+    a, b = torch.from_numpy(a_np.reshape(-1).copy()), torch.from_numpy(b_np.reshape(-1).copy())
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise _Refuse("its scale or shift is not finite")
+    C = a.numel()
+    spatial, proven = _spatial(gm, bn, x)
+    plan = _Plan(bn=bn_node, x=x, chain=[], layer=bn_node, a=a, b=b)
+    shift_live = bool((b != 0).any())
+    flattened = False
+
+    def stop_shift(pos: int, before: str) -> None:
+        nonlocal shift_live
+        if not shift_live:
+            return
+        blocked = int(((a == 0) & (b != 0)).sum())
+        if blocked:
+            raise _Refuse(f"{blocked} of {C} channels have a zero scale and a non-zero shift before {before}")
+        plan.shift_at = pos
+        shift_live = False
+
+    def positive(what: str) -> None:
+        bad = int((a < 0).sum())
+        if bad:
+            raise _Refuse(f"{bad} of {C} channels have a negative scale before {what}")
+
+    cur = bn_node
+    for _ in range(_MAX_CHAIN):
+        readers = _readers(cur)
+        if len(readers) != 1 or readers[0].op == "output":
+            raise _Refuse(f"'{cur.name}' is read by {len(readers)} readers (or is an output)")
+        n = readers[0]
+        kind = _classify(gm, n, cur, None if flattened else spatial, eval_semantics)
+        label = _label(gm, n)
+        if kind == "layer":
+            plan.layer = n
+            break
+        if flattened and kind not in ("full", "positive_scale", "scale"):
+            raise _Refuse(f"{label} after a flatten")
+        pos = len(plan.chain)
+        if kind.startswith("positive"):
+            positive(label)
+        if kind.endswith("scale"):
+            stop_shift(pos, label)
+        if kind == "flatten":
+            flattened = True
+            plan.flat_at = pos
+        plan.chain.append(n)
+        plan.labels.append(label)
+        plan.kinds.append(_kind(gm, n))
+        cur = n
+    else:
+        raise _Refuse("the chain is too long")
+
+    # The BN's input must not be written in place before the first reader reads it instead of the BN.
+    first = (plan.chain + [plan.layer])[0]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for u in x.users:
+        if u is not bn_node and order[bn_node] < order[u] < order[first] and _inplace(gm, u):
+            raise _Refuse(f"'{x.name}' is written in place before the BN's reader runs")
+
+    layer_node = plan.layer
+    layer = _module(gm, layer_node)
+    assert layer is not None
+    label = _label(gm, layer_node)
+    plan.layer_kind = layer_kind(layer) or type(layer).__name__
+    w = layer.weight
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise _Refuse(f"the weight of {label} is not floating point")
+    if mean.dtype != w.dtype:
+        raise _Refuse(f"the BN's dtype differs from the weight's of {label}")
+    w64 = w.detach().cpu().double()
+    bias_add: torch.Tensor | None = None
+    pos = len(plan.chain)
+    rep = 1
+    if type(layer) in _CONVS:
+        if flattened:
+            raise _Refuse(f"{label} after a flatten")
+        if spatial is None or _CONVS[type(layer)] != spatial:
+            raise _Refuse(f"{label} may not read the BN's channel axis")
+        g = int(layer.groups)  # type: ignore[arg-type]
+        M, Cg = w.shape[0], w.shape[1]
+        if Cg * g != C or M % g:
+            raise _Refuse(f"{label} does not read {C} channels")
+        wg = w64.reshape((g, M // g, Cg) + tuple(w.shape[2:]))
+        ag = a.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))
+        plan.weight = (wg * ag).reshape(w.shape)
+        if shift_live and not _conv_pads(layer):
+            bg = b.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))
+            bias_add = (wg * bg).reshape(M, -1).sum(dim=1)
+        elif shift_live:
+            stop_shift(pos, f"{label} (it pads with zeros)")
+    else:  # nn.Linear
+        if not proven:
+            raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
+        if not flattened and spatial != 0:
+            raise _Refuse(f"{label} may not read the BN's channel axis")
+        K = w.shape[1]
+        if K % C or (not flattened and K != C):
+            raise _Refuse(f"{label} does not read {C} channels")
+        rep = K // C
+        af, bf = a.repeat_interleave(rep), b.repeat_interleave(rep)
+        plan.weight = w64 * af[None, :]
+        if shift_live:
+            bias_add = w64 @ bf
+    dtype = w.dtype
+    if bias_add is not None:
+        old = layer.bias
+        if isinstance(old, torch.Tensor) and old.dtype != dtype:
+            raise _Refuse("the bias dtype differs from the weight's")
+        base = old.detach().cpu().double() if isinstance(old, torch.Tensor) else torch.zeros_like(bias_add)
+        plan.bias = base + bias_add
+    if plan.shift_at is not None:
+        s = torch.where(a == 0, torch.zeros_like(a), b / torch.where(a == 0, torch.ones_like(a), a))
+        if plan.flat_at is not None and plan.flat_at < plan.shift_at:
+            s = s.repeat_interleave(rep)
+        else:
+            if spatial is None:
+                raise _Refuse("the rank of the BN's input is not known")
+            s = s.reshape((C,) + (1,) * spatial)
+        plan.shift = s
+    if plan.chain and plan.shift_at != 0 and _inplace(gm, first):
+        raise _Refuse(f"{plan.labels[0]} would write the BN's input in place")
+    for v in (plan.weight, plan.bias, plan.shift):
+        if v is not None and not torch.isfinite(v.to(dtype)).all():
+            raise _Refuse(f"a propagated value would not be finite in {dtype}")
+    return plan
+
+
+def _describe(p: _Plan, layer_label: str) -> str:
+    through = ", ".join(p.kinds) or "nothing"
+    where = f"{p.layer_kind} '{p.layer.target}'"
+    if p.bias is not None:
+        shift = f"shift into the bias of {where}"
+    elif p.shift is not None:
+        at = (p.labels + [layer_label])[p.shift_at or 0]
+        shift = f"shift as one Add before {at}"
+    else:
+        shift = "no shift"
+    return f"scale into the input channels of {where} through {through}; {shift}"
+
+
+def _fresh(gm: fx.GraphModule, base: str) -> str:
+    name = base.replace(".", "_")
+    k = 0
+    cand = name
+    while hasattr(gm, cand):
+        k += 1
+        cand = f"{name}_{k}"
+    return cand
+
+
+def _apply(gm: fx.GraphModule, p: _Plan) -> None:
+    graph = gm.graph
+    layer = _module(gm, p.layer)
+    assert layer is not None and p.weight is not None
+    w = layer.weight
+    assert isinstance(w, torch.Tensor)
+    dtype, device = w.dtype, w.device
+    new = copy.copy(layer)  # a shallow copy: new tensors go in, the old ones stay where they are
+    new._parameters = dict(layer._parameters)
+    new._buffers = dict(layer._buffers)
+    new._modules = dict(layer._modules)
+    new.weight = nn.Parameter(p.weight.to(dtype).to(device), requires_grad=w.requires_grad)
+    if p.bias is not None:
+        rg = layer.bias.requires_grad if isinstance(layer.bias, torch.Tensor) else w.requires_grad
+        new.bias = nn.Parameter(p.bias.to(dtype).to(device), requires_grad=rg)
+    target = str(p.layer.target)
+    calls = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
+    read = any(
+        n.op == "get_attr" and (str(n.target) == target or str(n.target).startswith(target + "."))
+        for n in graph.nodes
+    )
+    if calls == 1 and not read:
+        parent, _, attr = target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, new)
+    else:
+        name = _fresh(gm, f"{target}_propagated")
+        gm.add_submodule(name, new)
+        p.layer.target = name
+    p.bn.replace_all_uses_with(p.x)
+    graph.erase_node(p.bn)
+    if p.shift is not None and p.shift_at is not None:
+        before = (p.chain + [p.layer])[p.shift_at]
+        name = _fresh(gm, f"{p.bn.target}_shift")
+        gm.register_buffer(name, p.shift.to(dtype).to(device))
+        with graph.inserting_before(before):
+            s = graph.get_attr(name)
+            add = graph.call_function(operator.add, (before.args[0], s))
+        before.update_arg(0, add)
+
+
+def propagate_graph_module(
+    gm: fx.GraphModule, verdicts: list[Verdict], *, eval_semantics: bool = False
+) -> tuple[list[Verdict], int]:
+    """Propagate each BN of ``gm`` (edited in place) whose verdict is an :data:`ELIGIBLE` skip; return the
+    verdicts (``Site(direction=PROPAGATED)`` for those moved, the blocked channels counted in the detail of
+    those kept) and how many BNs were propagated. ``gm.recompile()`` is called when one was."""
+    by_name = {v.bn: i for i, v in enumerate(verdicts)}
+    out = list(verdicts)
+    done = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or str(n.target) not in by_name:
+            continue
+        i = by_name[str(n.target)]
+        prev = out[i]
+        if not isinstance(prev, Skip) or prev.reason not in ELIGIBLE:
+            continue
+        try:
+            plan = _plan(gm, n, eval_semantics)
+        except _Refuse as e:
+            if "channels" in str(e):
+                out[i] = Skip(prev.bn, prev.reason, f"{prev.detail}; {_PREFIX}{e}")
+            continue
+        layer_label = _label(gm, plan.layer)
+        detail = _describe(plan, layer_label)
+        target = str(plan.layer.target)
+        _apply(gm, plan)
+        out[i] = Site(prev.bn, target, plan.layer_kind, Direction.PROPAGATED, detail, "scale-propagation")
+        done += 1
+    if done:
+        for n in gm.graph.nodes:  # a postponed annotation (a string) would make the result unpicklable
+            if isinstance(n.type, str):
+                n.type = None
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+    return out, done
