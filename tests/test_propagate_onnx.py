@@ -189,7 +189,7 @@ def fold_and_check(
     out, report = fold_model(m, **kw)
     assert m.SerializeToString() == before, "the input model was changed"
     if all(o.type.tensor_type.HasField("shape") for o in m.graph.output):
-        onnx.checker.check_model(out)
+        onnx.checker.check_model(out, full_check=True)
     feeds = {"x": np.random.default_rng(3).standard_normal((2, C, 8, 8)).astype(NP[dtype])}
     assert_close(run(m, feeds), run(out, feeds), TOL[dtype])
     return out, report
@@ -222,19 +222,58 @@ def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(
     assert report.bn_after == 0
 
 
-@pytest.mark.parametrize(
-    "sign,why",
-    [
-        ("negative", "6 of 6 channels have a negative scale"),
-        ("mixed", "3 of 6 channels have a negative scale"),
-        ("zero", "2 of 6 channels have a zero scale and a non-zero shift"),
-    ],
-)
-def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -> None:
-    out, report = fold_and_check(chain([("Relu", {})], sign=sign))
+def test_relu_every_channel_negative_keeps_the_whole_bn() -> None:
+    """Nothing would move: the BN stays, its verdict says how many channels blocked it."""
+    out, report = fold_and_check(chain([("Relu", {})], sign="negative"))
     v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.NO_PRODUCER and why in v.detail
+    assert isinstance(v, Skip) and v.reason is SkipReason.NO_PRODUCER
+    assert "6 of 6 channels have a negative scale" in v.detail
     assert counts(out) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("pads", [0, 1])
+@pytest.mark.parametrize("op,attrs", [("Relu", {}), ("LeakyRelu", {"alpha": 0.21})])
+def test_mixed_sign_channels_split_the_bn(op: str, attrs: dict[str, Any], pads: int, dtype: int) -> None:
+    """The 3 negative channels keep their affine as one Mul (1 on the others) and one Add before the
+    activation; the 3 positive channels' scales move into the conv."""
+    out, report = fold_and_check(chain([(op, attrs)], sign="mixed", pads=pads, dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert f"3 of 6 channels keep their affine (3 with a negative scale before {op}" in v.detail
+    assert counts(out) == (0, 1, 1)
+    (mul,) = [n for n in out.graph.node if n.op_type == "Mul"]
+    m = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}[mul.input[1]].reshape(-1)
+    assert (m[1::2] == 1).all() and (m[::2] < 0).all()  # gammas() negates the even channels
+
+
+@pytest.mark.parametrize(
+    "pads,op,kept", [(1, "Relu", 2), (1, "LeakyRelu", 2), (0, "LeakyRelu", 2), (0, "Relu", 0)]
+)
+def test_zero_scale_channels(pads: int, op: str, kept: int) -> None:
+    """A zero scale with a non-zero shift blocks the channel where the shift must stop; through a Relu
+    into a conv that does not pad, relu(0*x + b) = relu(b) is a constant and goes into the bias."""
+    out, report = fold_and_check(chain([(op, {})], sign="zero", pads=pads))
+    v = assert_propagated(report, "conv")
+    if kept:
+        assert f"{kept} of 6 channels keep their affine ({kept} with a zero scale" in v.detail
+        assert counts(out) == (0, 1, 1)
+    else:
+        assert "keep their affine" not in v.detail and "now a Max" in v.detail
+        assert counts(out) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("tail", [[], [("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})]])
+def test_relu_into_an_unpadded_layer_becomes_a_max_and_the_shift_reaches_the_bias(
+    tail: list[tuple[str, dict[str, Any]]], dtype: int
+) -> None:
+    """relu(a*x + b) = a*max(x, -b/a) + b: the Relu becomes a Max, nothing is added."""
+    out, report = fold_and_check(chain([("Relu", {}), *tail], dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert "(now a Max) into the bias of Conv" in v.detail
+    assert counts(out) == (0, 0, 0)
+    assert [n.op_type for n in out.graph.node].count("Max") == 1
+    assert "Relu" not in [n.op_type for n in out.graph.node][1:]
 
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
@@ -252,10 +291,20 @@ def test_maxpool_carries_scale_and_shift_into_an_unpadded_conv(
     assert counts(out) == (0, 0, 0)
 
 
-def test_maxpool_negative_scale_keeps_the_bn() -> None:
-    out, report = fold_and_check(chain([("MaxPool", {"kernel_shape": [2, 2]})], sign="mixed"))
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_maxpool_mixed_signs_keep_the_affine_of_the_negative_channels_only(dtype: int) -> None:
+    mp = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}
+    out, report = fold_and_check(chain([("MaxPool", mp)], sign="mixed", dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert "3 of 6 channels keep their affine (3 with a negative scale before MaxPool" in v.detail
+    assert "shift into the bias of Conv" in v.detail
+    assert counts(out) == (0, 1, 1)
+
+
+def test_maxpool_every_channel_negative_keeps_the_bn() -> None:
+    out, report = fold_and_check(chain([("MaxPool", {"kernel_shape": [2, 2]})], sign="negative"))
     v = verdict(report)
-    assert isinstance(v, Skip) and "negative scale before MaxPool" in v.detail
+    assert isinstance(v, Skip) and "6 of 6 channels have a negative scale before MaxPool" in v.detail
     assert counts(out) == (1, 0, 0)
 
 
@@ -272,11 +321,13 @@ def test_bn_into_a_zero_padded_conv_is_propagated(sign: str) -> None:
     assert counts(out) == (0, 0, 1)
 
 
-def test_zero_padded_conv_with_zero_scale_and_shift_keeps_the_bn() -> None:
+def test_zero_padded_conv_with_zero_scale_channels_keeps_their_affine() -> None:
     out, report = fold_and_check(chain([], sign="zero", pads=1))
-    v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.PADDING and "zero scale" in v.detail
-    assert counts(out) == (1, 0, 0)
+    v = assert_propagated(report, "conv")
+    assert (
+        "2 of 6 channels keep their affine (2 with a zero scale and a non-zero shift before Conv" in v.detail
+    )
+    assert counts(out) == (0, 1, 1)
 
 
 @pytest.mark.parametrize("sign", ["positive", "mixed"])
@@ -397,8 +448,10 @@ def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
     mixed = export(nets.set_bn(nets.Crepe(), sign="mixed"), x.float())
     out, report = fold_model(mixed)
     assert_close(run(mixed, {"x": x.float().numpy()}), run(out, {"x": x.float().numpy()}), 1e-5)
-    assert counts(out)[0] == 4
-    assert all("negative scale before MaxPool" in v.detail for v in report.skips)
+    assert counts(out)[0] == 0 and counts(out)[1] == counts(mixed)[1] + 4
+    assert all(
+        "keep their affine" in v.detail for v in report.verdicts if v.to_dict()["status"] == "propagated"
+    )
 
 
 def test_cli_fold_json_and_no_propagate(tmp_path: Any) -> None:
