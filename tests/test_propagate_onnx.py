@@ -614,3 +614,180 @@ def test_dynamo_export_of_crepe_folds_every_bn() -> None:
     out, report = fold_model(m)
     assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
     assert counts(out)[0] == 0 and report.folded == report.bn_before == 2
+
+
+# ---- Transpose: the channel axis is followed through perm ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("sign,muls", [("positive", 0), ("mixed", 1)])
+def test_transpose_to_channels_last_relu_matmul(sign: str, muls: int, dtype: int) -> None:
+    """NCHW -> NHWC -> Relu -> MatMul over the channel: the scale goes into the MatMul's rows, the shift
+    (and the negative channels' affine) stays before the Relu, shaped for the last axis."""
+    m = chain([("Transpose", {"perm": [0, 2, 3, 1]}), ("Relu", {})], layer="matmul", sign=sign, dtype=dtype)
+    out, report = fold_and_check(m, dtype)
+    v = assert_propagated(report, "fc")
+    assert "before Relu" in v.detail
+    assert counts(out) == (0, muls, 1)
+
+
+def test_transpose_there_and_back_then_maxpool_into_a_conv() -> None:
+    ops = [
+        ("Transpose", {"perm": [0, 2, 3, 1]}),
+        ("Transpose", {"perm": [0, 3, 1, 2]}),
+        ("MaxPool", {"kernel_shape": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}),
+    ]
+    out, report = fold_and_check(chain(ops))
+    assert_propagated(report, "conv")
+    assert counts(out) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_transpose_channels_last_then_flatten_tiles_the_channels_into_the_gemm(dtype: int) -> None:
+    m = chain([("Transpose", {"perm": [0, 2, 3, 1]}), ("Flatten", {"axis": 1})], layer="gemm", sign="mixed")
+    out, report = fold_and_check(m)
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+
+
+def test_transpose_that_leaves_the_channel_in_the_middle_is_not_flattened() -> None:
+    m = chain([("Transpose", {"perm": [0, 2, 1, 3]}), ("Flatten", {"axis": 1})], layer="gemm")
+    out, report = fold_and_check(m)
+    v = verdict(report)
+    assert isinstance(v, Skip) and counts(out) == (1, 0, 0)
+
+
+def test_transpose_of_the_spatial_axes_keeps_the_channel_for_the_conv() -> None:
+    out, report = fold_and_check(chain([("Transpose", {"perm": [0, 1, 3, 2]})], sign="mixed"))
+    assert_propagated(report, "conv")
+    assert counts(out) == (0, 0, 0)
+
+
+def test_transpose_then_matmul_over_a_spatial_axis_is_refused() -> None:
+    """After (0, 1, 3, 2) a MatMul contracts a spatial axis, not the channel."""
+    m = chain([("Transpose", {"perm": [0, 1, 3, 2]})], layer="matmul")
+    for n in m.graph.node:  # make the weight (8, 5): it reads the 8 rows
+        if n.op_type == "MatMul":
+            (w,) = [t for t in m.graph.initializer if t.name == n.input[1]]
+            w.CopyFrom(numpy_helper.from_array(np.ones((8, 5), np.float32) * 0.1, w.name))
+    m.graph.output[0].type.tensor_type.ClearField("shape")
+    m.graph.output[0].type.CopyFrom(onnx.shape_inference.infer_shapes(m).graph.output[0].type)
+    out, report = fold_and_check(m)
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+# ---- the shift back into a producer's bias ----------------------------------------------------------
+
+
+def residual(kind: str, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x -> Conv 'pre' -> p -> BN -> Relu -> Conv 'conv' (pads 1) -> c, and a reader of p:
+    "compensated": y = p + c; "output": p is also a graph output; "small": as compensated with |a| < 1/8;
+    "sigmoid": p is also read by a Sigmoid; "sum": p = pre(x) + sigmoid(x), read only by the BN."""
+    rng = np.random.default_rng(11)
+    t = NP[dtype]
+    inits = []
+
+    def init(name: str, v: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(v).astype(t), name))
+        return name
+
+    g = rng.uniform(0.5, 1.5, C) * (0.05 if kind == "small" else 1.0)
+    nodes = [
+        helper.make_node(
+            "Conv",
+            [
+                "x",
+                init("pw", rng.standard_normal((C, C, 1, 1)) * 0.5),
+                init("pb", rng.standard_normal(C) * 0.3),
+            ],
+            ["q" if kind == "sum" else "p"],
+            name="pre",
+        )
+    ]
+    if kind == "sum":  # x's Sigmoid: not a branch of pre's input, so the merge pass leaves the sum
+        nodes.append(helper.make_node("Sigmoid", ["x"], ["z"], name="sig"))
+        nodes.append(helper.make_node("Add", ["q", "z"], ["p"], name="sum"))
+    bn_in = [
+        init("g", g),
+        init("b", rng.uniform(-0.5, 0.5, C)),
+        init("m", rng.uniform(-0.5, 0.5, C)),
+        init("v", np.exp(rng.uniform(-1.4, 0.9, C))),
+    ]
+    nodes += [
+        helper.make_node("BatchNormalization", ["p", *bn_in], ["h"], name="bn", epsilon=1e-3),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node(
+            "Conv",
+            [
+                "r",
+                init("w", rng.standard_normal((C, C, 3, 3)) * 0.3),
+                init("wb", rng.standard_normal(C) * 0.2),
+            ],
+            ["c"],
+            name="conv",
+            pads=[1, 1, 1, 1],
+        ),
+    ]
+    outs = ["y"]
+    if kind in ("compensated", "small"):
+        nodes.append(helper.make_node("Add", ["p", "c"], ["y"], name="residual"))
+    elif kind == "sigmoid":
+        nodes += [
+            helper.make_node("Sigmoid", ["p"], ["s"], name="sig"),
+            helper.make_node("Add", ["s", "c"], ["y"], name="residual"),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["c"], ["y"], name="out"))
+        if kind == "output":
+            outs.append("p")
+    graph = helper.make_graph(
+        nodes,
+        "r",
+        [helper.make_tensor_value_info("x", dtype, [2, C, 8, 8])],
+        [helper.make_tensor_value_info(o, dtype, [2, C, 8, 8]) for o in outs],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def initializer(m: onnx.ModelProto, node: str, slot: int) -> np.ndarray:
+    (n,) = [n for n in m.graph.node if n.name == node]
+    return numpy_helper.to_array([t for t in m.graph.initializer if t.name == n.input[slot]][0])
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_shift_moves_into_a_producer_read_by_a_residual_add_and_is_taken_back_out(dtype: int) -> None:
+    """Pre-activation block: p = pre(x) feeds the BN and the residual sum p + conv(...). The shift
+    s = b/a goes into pre's bias, and conv's bias gives it back: (p + s) + (c - s) = p + c."""
+    m = residual("compensated", dtype)
+    out, report = fold_and_check(m, dtype)
+    v = assert_propagated(report, "conv")
+    assert "shift into the bias of Conv 'pre'" in v.detail and "Conv 'conv'" in v.detail
+    assert counts(out) == (0, 0, 1)  # the residual sum only
+    s = initializer(out, "pre", 2).astype(np.float64) - initializer(m, "pre", 2)
+    assert np.abs(s).min() > 0
+    assert not np.allclose(initializer(out, "conv", 2), initializer(m, "conv", 2))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_shift_into_the_layer_term_of_a_sum_read_only_by_the_bn(dtype: int) -> None:
+    """BN(pre(x) + sigmoid(x)): the scale cannot go back, the shift goes into pre's bias."""
+    m = residual("sum", dtype)
+    out, report = fold_and_check(m, dtype)
+    v = assert_propagated(report, "conv")
+    assert "shift into the bias of Conv 'pre'" in v.detail and "taken back" not in v.detail
+    assert counts(out) == (0, 0, 1)  # the sum only
+
+
+@pytest.mark.parametrize("kind", ["output", "sigmoid", "small"])
+def test_shift_reaching_a_producer_that_must_stay_is_an_add(kind: str) -> None:
+    """p is also a graph output, or read by a Sigmoid (nothing to take the shift back out), or the
+    scale is so small that (p + s) - s would lose p's precision: pre's bias is untouched."""
+    m = residual(kind)
+    out, report = fold_and_check(m)
+    v = assert_propagated(report, "conv")
+    assert "shift as one Add before Relu 'relu'" in v.detail
+    assert counts(out) == (0, 0, counts(m)[2] + 1)
+    assert np.array_equal(initializer(out, "pre", 2), initializer(m, "pre", 2))

@@ -128,6 +128,10 @@ class _Refuse(Exception):
     pass
 
 
+class _Busy(Exception):
+    """The plan reads a node another plan of this pass has edited: plan it again in the next pass."""
+
+
 def _static(index: GraphIndex, name: str) -> Arr:
     if not name or name not in index.initializers or index.is_overridable(name):
         raise _Refuse(f"'{name}' is not a constant initializer")
@@ -184,7 +188,7 @@ def _over(b: Arr, a: Arr) -> Arr:
     return np.where(a == 0, 0.0, b / np.where(a == 0, 1.0, a))
 
 
-def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
+def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     bn = index.nodes[i]
     if index.ir_version < 4:
         raise _Refuse("IR version below 4 (initializers are graph inputs)")
@@ -211,6 +215,8 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
         j = index.single_consumer(cur)
         if j is None:
             raise _Refuse(f"'{cur}' is read by {index.n_uses(cur)} readers (or is a graph output)")
+        if j in busy:
+            raise _Busy
         n = index.nodes[j]
         op = n.op_type if n.domain in _DEFAULT else ""
         if op in ("Conv", "Gemm", "MatMul") and n.input and n.input[0] == cur:
@@ -385,7 +391,7 @@ def _plan_bn(index: GraphIndex, i: int, opset: int) -> _Plan:
         plan.shift = f"shift into the bias of {where}"
     else:
         s = _over(b, a)
-        back = _producer_shift(index, i, plan.x, s, a, C, opset)
+        back = _producer_shift(index, i, plan.x, s, a, C, opset, busy)
         if back is not None:
             edits, touched, desc = back
             plan.edits += edits
@@ -463,14 +469,20 @@ def _bias_target(index: GraphIndex, j: int, C: int, rank: int, opset: int) -> tu
 
 
 def _producer_shift(
-    index: GraphIndex, i: int, x: str, s: Arr, a: Arr, C: int, opset: int
+    index: GraphIndex, i: int, x: str, s: Arr, a: Arr, C: int, opset: int, busy: set[int]
 ) -> tuple[list[_Edit], set[int], str] | None:
     """Case 2 of the module docstring: the edits that add ``s`` to ``x`` through a producer's bias and
-    take it back out of every other reader of ``x``; None when that is not possible."""
+    take it back out of every other reader of ``x``; None when that is not possible. Raises
+    :class:`_Busy` when a node it would read was edited by another plan of this pass."""
     ranks = index.ranks(x)
     p = index.producer.get(x)
     if p is None or len(ranks) != 1 or x in index.graph_outputs:
         return None
+    near = {p, *index.consumers.get(x, [])}
+    for v in [*index.nodes[p].input, *(o for k in near for o in index.nodes[k].input)]:
+        near.add(index.producer.get(v, p))
+    if near & busy:
+        raise _Busy
     rank = next(iter(ranks))
     pn = index.nodes[p]
     target: int | None = None
@@ -608,7 +620,9 @@ def propagate_graph(
             if not isinstance(prev, Skip) or prev.reason not in ELIGIBLE:
                 continue
             try:
-                plan = _plan_bn(index, i, opset)
+                plan = _plan_bn(index, i, opset, touched)
+            except _Busy:
+                continue
             except _Refuse as e:
                 tried.add(key)
                 if "channels" in str(e):  # the verdict says how many channels blocked it
