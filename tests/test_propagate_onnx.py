@@ -791,3 +791,73 @@ def test_shift_reaching_a_producer_that_must_stay_is_an_add(kind: str) -> None:
     assert "shift as one Add before Relu 'relu'" in v.detail
     assert counts(out) == (0, 0, counts(m)[2] + 1)
     assert np.array_equal(initializer(out, "pre", 2), initializer(m, "pre", 2))
+
+
+# ---- subgraphs -------------------------------------------------------------------------------------
+
+
+def if_model(outer_weight: bool) -> onnx.ModelProto:
+    """The then-branch of an If holds Relu -> BN -> Relu -> Conv (pads 1); the else-branch a Relu.
+    ``outer_weight``: the conv's weight is an initializer of the main graph (the body reads it)."""
+    body = chain([("Relu", {})], pads=1, sign="mixed")
+    g = body.graph
+    w = [t for t in g.initializer if t.name == "w"][0]
+    outer_inits = []
+    if outer_weight:
+        g.initializer.remove(w)
+        outer_inits.append(w)
+    then = helper.make_graph(
+        list(g.node),
+        "then",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        list(g.initializer),
+    )
+    other = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["e"], name="else_relu"),
+            helper.make_node("Slice", ["e", "st", "en", "ax"], ["y2"]),
+        ],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [
+            numpy_helper.from_array(np.array(v, np.int64), n)
+            for n, v in (("st", [0, 0]), ("en", [4, 8]), ("ax", [1, 2]))
+        ],
+    )
+    main = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=then, else_branch=other)],
+        "main",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C, 8, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])],
+        outer_inits,
+    )
+    m = helper.make_model(main, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("outer_weight", [False, True])
+def test_bn_inside_an_if_branch(outer_weight: bool) -> None:
+    m = if_model(outer_weight)
+    before = m.SerializeToString()
+    out, report = fold_model(m)
+    assert m.SerializeToString() == before
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(3).standard_normal((2, C, 8, 8)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        assert_close(run(m, feeds), run(out, feeds), TOL[TensorProto.FLOAT])
+    (v,) = report.verdicts
+    assert v.bn == "branch/then_branch/bn"
+    body = [a.g for a in out.graph.node[0].attribute if a.name == "then_branch"][0]
+    ops = [n.op_type for n in body.node]
+    if outer_weight:  # the conv's weight belongs to the main graph: the body may not rewrite it
+        assert isinstance(v, Skip) and ops.count("BatchNormalization") == 1
+    else:
+        assert v.to_dict()["status"] == "propagated" and "3 of 6 channels keep their affine" in v.detail
+        assert (ops.count("BatchNormalization"), ops.count("Mul"), ops.count("Add")) == (0, 1, 1)

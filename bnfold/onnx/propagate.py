@@ -48,8 +48,9 @@ says how many channels blocked it; otherwise the verdict is ``propagated`` and s
 affine.
 
 No approximation is made: all values are computed in float64 and cast once to the layer's dtype; a
-result that is not finite refuses the BN. Only the main graph is handled (a BN inside an If / Loop /
-Scan body keeps its verdict). This module never imports torch.
+result that is not finite refuses the BN. In an If / Loop / Scan body the pass runs on the body with
+the body's own initializers (a BN or layer reading a constant of an enclosing graph is refused, its
+verdict kept). This module never imports torch.
 """
 
 from __future__ import annotations
