@@ -176,7 +176,10 @@ def check_fold(
     ]
     n_affine = sum(1 for v in report.sites if v.direction.value == "affine")
     n_shift = sum(1 for v in report.sites if "shift kept as one Add" in v.detail)  # the BN became an Add
-    n_propagated = sum(1 for v in report.sites if v.direction.value == "propagated")  # at most one Add each
+    # propagated: at most one Add each, and a Mul where some channels keep their affine (issue 27)
+    n_propagated = sum(
+        1 + ("keep their affine" in v.detail) for v in report.sites if v.direction.value == "propagated"
+    )
     assert len(out.graph.node) <= (
         len(model.graph.node) - (report.bn_before - report.bn_after) + 2 * n_affine + n_shift + n_propagated
     )

@@ -15,7 +15,9 @@ previous tensor alone, and moves the BN's parts with exact identities (per chann
   ``AveragePool`` that counts padded zeros (``pad0(a*z) = a*pad0(z)``);
 * the walk ends at a *layer* reading the tensor as its data input: ``Conv`` (any padding, group-aware;
   channel on axis 1), ``Gemm`` (``transA=0``) or ``MatMul`` (the channel is the contracted last axis):
-  the scale multiplies the layer's input channels.
+  the scale multiplies the layer's input channels. The last tensor may fork into several such layers
+  (a pre-activation block's projection shortcut and first conv): each takes the scale, and the shift
+  goes into every bias, or stops before them all.
 
 Where the shift goes (the first case that applies):
 
@@ -112,10 +114,12 @@ class _Plan:
     x: str
     chain: list[int]
     """Node indices from the BN's consumer up to, not including, the layer."""
-    layer: int
+    layers: list[int]
+    """The layers reading the end of the chain as their data input (one, or several where it forks)."""
     edits: list[_Edit] = field(default_factory=list)
     inserts: list[tuple[int, str, Arr]] = field(default_factory=list)
-    """(position in ``chain + [layer]``, ``Mul`` or ``Add``, constant): nodes put before that position."""
+    """(position in ``chain`` or ``len(chain)`` for the layers, ``Mul`` or ``Add``, constant): nodes put
+    before that position (before every layer, for the last one)."""
     max_at: int | None = None
     """Position in ``chain`` of the Relu that becomes ``Max`` (case 3), with its threshold ``max_t``."""
     max_t: Arr | None = None
@@ -189,13 +193,88 @@ def _over(b: Arr, a: Arr) -> Arr:
     return np.where(a == 0, 0.0, b / np.where(a == 0, 1.0, a))
 
 
+@dataclass(slots=True)
+class _Fit:
+    """How layer ``node`` takes a per-channel scale of its input (``scale_w``: its new float64 weight)
+    and a per-channel shift (``bias_of``: the float64 term added to its bias, where ``takes_shift``)."""
+
+    node: int
+    where: str
+    dtype: Any
+    rep: int
+    takes_shift: bool
+    why: str
+    scale_w: Callable[[Arr], Arr]
+    bias_of: Callable[[Arr], Arr]
+
+
+def _fit_layer(index: GraphIndex, L: int, layout: Layout, ranks: set[int], C: int, opset: int) -> _Fit:
+    layer = index.nodes[L]
+    op = layer.op_type
+    where = f"{op} '{index.label(L)}'"
+    w = _static(index, layer.input[1] if len(layer.input) > 1 else "")
+    if w.dtype.type not in _FLOATS.values():
+        raise _Refuse(f"the weight of '{index.label(L)}' is not floating point")
+    w64 = w.astype(np.float64)
+    rep = 1
+    if op == "Conv":
+        if layout != 1:
+            raise _Refuse(f"{where} does not read the channel on axis 1")
+        g = int(attr(layer, "group", 1, opset))
+        if w.ndim < 3 or w.shape[1] * g != C or w.shape[0] % g:
+            raise _Refuse(f"{where} does not read {C} channels")
+        ranks.add(w.ndim)
+        M, Cg = w.shape[0], w.shape[1]
+        wg = w64.reshape((g, M // g, Cg) + w.shape[2:])
+
+        def scale_w(v: Arr) -> Arr:
+            return (wg * v.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+        def bias_of(v: Arr) -> Arr:
+            return np.asarray(scale_w(v).reshape(M, -1).sum(axis=1))
+
+        takes_shift = text(attr(layer, "auto_pad", "NOTSET", opset)) in ("NOTSET", "VALID") and not any(
+            _ints(layer, "pads", opset)
+        )
+        why = f"{where} (it pads with zeros)"
+    else:  # Gemm, MatMul
+        if w.ndim != 2:
+            raise _Refuse(f"{op} '{index.label(L)}' has a weight of rank {w.ndim}")
+        trans_b = op == "Gemm" and int(attr(layer, "transB", 0, opset)) != 0
+        if op == "Gemm" and int(attr(layer, "transA", 0, opset)) != 0:
+            raise _Refuse(f"Gemm '{index.label(L)}' has transA=1")
+        if isinstance(layout, int):
+            if op == "Gemm" and (layout != 1 or not ranks <= {2}):
+                raise _Refuse(f"Gemm '{index.label(L)}' does not read the channel on axis 1 of a matrix")
+            if op == "MatMul" and layout != _one_rank(ranks) - 1:
+                raise _Refuse(f"MatMul '{index.label(L)}' may not contract the channel axis")
+            if op == "Gemm":
+                ranks.add(2)
+        K = w.shape[1] if trans_b else w.shape[0]
+        if K % C or (isinstance(layout, int) and K != C):
+            raise _Refuse(f"{op} '{index.label(L)}' does not read {C} channels")
+        rep = K // C
+        beta = float(attr(layer, "beta", 1.0, opset)) if op == "Gemm" else 0.0
+        alpha = float(attr(layer, "alpha", 1.0, opset)) if op == "Gemm" else 1.0
+
+        def scale_w(v: Arr) -> Arr:
+            return w64 * (v[None, :] if trans_b else v[:, None])
+
+        def bias_of(v: Arr) -> Arr:
+            return alpha * (w64 @ v if trans_b else v @ w64) / beta
+
+        takes_shift = op == "Gemm" and beta != 0
+        why = where
+    return _Fit(L, where, w.dtype, rep, takes_shift, why, scale_w, bias_of)
+
+
 def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     bn = index.nodes[i]
     if index.ir_version < 4:
         raise _Refuse("IR version below 4 (initializers are graph inputs)")
     a, b = _bn_affine(index, bn, opset)
     C = a.size
-    plan = _Plan(bn=i, x=bn.input[0], chain=[], layer=-1)
+    plan = _Plan(bn=i, x=bn.input[0], chain=[], layers=[])
     cur = bn.output[0]
     ranks: set[int] = set(index.ranks(bn.input[0]))
     layout: Layout = 1
@@ -215,13 +294,19 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     for _ in range(_MAX_CHAIN):
         j = index.single_consumer(cur)
         if j is None:
-            raise _Refuse(f"'{cur}' is read by {index.n_uses(cur)} readers (or is a graph output)")
+            readers = _layer_readers(index, cur)
+            if readers is None:
+                raise _Refuse(f"'{cur}' is read by {index.n_uses(cur)} readers (or is a graph output)")
+            if set(readers) & busy:
+                raise _Busy
+            plan.layers = readers
+            break
         if j in busy:
             raise _Busy
         n = index.nodes[j]
         op = n.op_type if n.domain in _DEFAULT else ""
-        if op in ("Conv", "Gemm", "MatMul") and n.input and n.input[0] == cur:
-            plan.layer = j
+        if op in ("Conv", "Gemm", "MatMul") and n.input and n.input[0] == cur and cur not in n.input[1:]:
+            plan.layers = [j]
             break
         if not n.output or len([o for o in n.output if o]) != 1 or n.input[0] != cur:
             raise _Refuse(f"{text(op or n.op_type)} '{index.label(j)}' cannot carry the scale")
@@ -274,67 +359,16 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
         raise _Refuse("the chain is too long")
     layouts.append(layout)
 
-    # ---- the layer: how it takes a per-channel scale of its input, and a shift into its bias ---------
-    L = plan.layer
-    layer = index.nodes[L]
-    op = layer.op_type
-    where = f"{op} '{index.label(L)}'"
+    # ---- the layers: how each takes a per-channel scale of its input, and a shift into its bias -----
+    fits = [_fit_layer(index, L, layout, ranks, C, opset) for L in plan.layers]
+    rep = fits[0].rep
+    if any(f.rep != rep or f.dtype != fits[0].dtype for f in fits):
+        raise _Refuse("the layers reading the tensor differ in width or dtype")
+    plan.dtype = fits[0].dtype
     pos_layer = len(plan.chain)
-    w = _static(index, layer.input[1] if len(layer.input) > 1 else "")
-    if w.dtype.type not in _FLOATS.values():
-        raise _Refuse(f"the weight of '{index.label(L)}' is not floating point")
-    w64 = w.astype(np.float64)
-    plan.dtype = w.dtype
-    rep = 1
-    takes_shift = True
-    if op == "Conv":
-        if layout != 1:
-            raise _Refuse(f"{where} does not read the channel on axis 1")
-        g = int(attr(layer, "group", 1, opset))
-        if w.ndim < 3 or w.shape[1] * g != C or w.shape[0] % g:
-            raise _Refuse(f"{where} does not read {C} channels")
-        ranks.add(w.ndim)
-        M, Cg = w.shape[0], w.shape[1]
-        wg = w64.reshape((g, M // g, Cg) + w.shape[2:])
-
-        def scale_w(v: Arr) -> Arr:
-            return (wg * v.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))).reshape(w.shape)
-
-        def bias_of(v: Arr) -> Arr:
-            return np.asarray(scale_w(v).reshape(M, -1).sum(axis=1))
-
-        takes_shift = text(attr(layer, "auto_pad", "NOTSET", opset)) in ("NOTSET", "VALID") and not any(
-            _ints(layer, "pads", opset)
-        )
-        why = f"{where} (it pads with zeros)"
-    else:  # Gemm, MatMul
-        if w.ndim != 2:
-            raise _Refuse(f"{op} '{index.label(L)}' has a weight of rank {w.ndim}")
-        trans_b = op == "Gemm" and int(attr(layer, "transB", 0, opset)) != 0
-        if op == "Gemm" and int(attr(layer, "transA", 0, opset)) != 0:
-            raise _Refuse(f"Gemm '{index.label(L)}' has transA=1")
-        if isinstance(layout, int):
-            if op == "Gemm" and (layout != 1 or not ranks <= {2}):
-                raise _Refuse(f"Gemm '{index.label(L)}' does not read the channel on axis 1 of a matrix")
-            if op == "MatMul" and layout != _one_rank(ranks) - 1:
-                raise _Refuse(f"MatMul '{index.label(L)}' may not contract the channel axis")
-            if op == "Gemm":
-                ranks.add(2)
-        K = w.shape[1] if trans_b else w.shape[0]
-        if K % C or (isinstance(layout, int) and K != C):
-            raise _Refuse(f"{op} '{index.label(L)}' does not read {C} channels")
-        rep = K // C
-        beta = float(attr(layer, "beta", 1.0, opset)) if op == "Gemm" else 0.0
-        alpha = float(attr(layer, "alpha", 1.0, opset)) if op == "Gemm" else 1.0
-
-        def scale_w(v: Arr) -> Arr:
-            return w64 * (v[None, :] if trans_b else v[:, None])
-
-        def bias_of(v: Arr) -> Arr:
-            return alpha * (w64 @ v if trans_b else v @ w64) / beta
-
-        takes_shift = op == "Gemm" and beta != 0
-        why = where
+    takes_shift = all(f.takes_shift for f in fits)
+    why = next((f.why for f in fits if not f.takes_shift), fits[0].why)
+    where = ", ".join(f.where for f in fits)
 
     def shaped(v: Arr, lay: Layout) -> Arr:
         if lay == "repeat":
@@ -366,7 +400,7 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
         raise _Refuse("; ".join(parts))
     am = np.where(blocked, 1.0, a)
     to_bias: Arr | None = None  # the shift that reaches the layer, per channel
-    plan.touched = {i, L, *plan.chain}
+    plan.touched = {i, *plan.layers, *plan.chain}
     if nb:
         firsts = [p for p in (sign_pos if neg.any() else None, S) if p is not None]
         q = min(firsts)
@@ -411,27 +445,45 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
 
     # ---- the layer's new weight and bias --------------------------------------------------------
     expand = (lambda v: shaped(v, layout)) if isinstance(layout, str) else (lambda v: v)
-    plan.edits.append(_Edit(L, 1, scale_w(expand(am)), w.dtype, "propagated"))
-    if to_bias is not None and (to_bias != 0).any():
+    for f in fits:
+        layer = index.nodes[f.node]
+        plan.edits.append(_Edit(f.node, 1, f.scale_w(expand(am)), f.dtype, "propagated"))
+        if to_bias is None or not (to_bias != 0).any():
+            continue
         old = layer.input[2] if len(layer.input) > 2 and layer.input[2] else ""
-        add = bias_of(expand(to_bias))
+        add = f.bias_of(expand(to_bias))
         if old:
             base = _static(index, old)
-            if base.dtype != w.dtype:
+            if base.dtype != f.dtype:
                 raise _Refuse("the bias dtype differs from the weight's")
-            if op == "Gemm" and base.shape != add.shape:
+            if layer.op_type == "Gemm" and base.shape != add.shape:
                 base = np.broadcast_to(base, np.broadcast_shapes(base.shape, add.shape))
             add = base.astype(np.float64) + add
-        plan.edits.append(_Edit(L, 2, add, w.dtype, "propagated_bias"))
+        plan.edits.append(_Edit(f.node, 2, add, f.dtype, "propagated_bias"))
     for e in plan.edits:
         if not np.isfinite(e.value.astype(e.dtype)).all():
             raise _Refuse(f"a propagated value would not be finite in {e.dtype}")
     for _, _, v in plan.inserts:
-        if not np.isfinite(v.astype(w.dtype)).all():
-            raise _Refuse(f"a propagated value would not be finite in {w.dtype}")
-    if plan.max_t is not None and not np.isfinite(plan.max_t.astype(w.dtype)).all():
-        raise _Refuse(f"a propagated value would not be finite in {w.dtype}")
+        if not np.isfinite(v.astype(plan.dtype)).all():
+            raise _Refuse(f"a propagated value would not be finite in {plan.dtype}")
+    if plan.max_t is not None and not np.isfinite(plan.max_t.astype(plan.dtype)).all():
+        raise _Refuse(f"a propagated value would not be finite in {plan.dtype}")
     return plan
+
+
+def _layer_readers(index: GraphIndex, value: str) -> list[int] | None:
+    """The readers of ``value`` when there are several and each is a Conv / Gemm / MatMul reading it as
+    its data input only (the scale forks into each; a shift either goes into every bias or stops)."""
+    readers = index.consumers.get(value, [])
+    if value in index.graph_outputs or len(readers) < 2 or len(set(readers)) != len(readers):
+        return None
+    for k in readers:
+        n = index.nodes[k]
+        if n.domain not in _DEFAULT or n.op_type not in ("Conv", "Gemm", "MatMul"):
+            return None
+        if not n.input or n.input[0] != value or value in n.input[1:]:
+            return None
+    return sorted(readers)
 
 
 def _bias_target(index: GraphIndex, j: int, C: int, rank: int, opset: int) -> tuple[Arr, Any, float] | None:
@@ -580,9 +632,9 @@ def _check_pad(index: GraphIndex, j: int, opset: int, ranks: set[int], axis: int
 
 
 def _describe(index: GraphIndex, p: _Plan) -> str:
-    layer = index.nodes[p.layer]
+    layers = ", ".join(f"{index.nodes[k].op_type} '{index.label(k)}'" for k in p.layers)
     through = ", ".join(index.nodes[j].op_type for j in p.chain) or "nothing"
-    out = f"scale into the input channels of {layer.op_type} '{index.label(p.layer)}' through {through}; {p.shift}"
+    out = f"scale into the input channels of {layers} through {through}; {p.shift}"
     return f"{out}; {p.kept}" if p.kept else out
 
 
@@ -635,8 +687,8 @@ def propagate_graph(
             tried.add(key)
             final[key] = Site(
                 labels.get(key, index.label(i)),
-                index.label(plan.layer),
-                index.nodes[plan.layer].op_type,
+                index.label(plan.layers[0]),
+                index.nodes[plan.layers[0]].op_type,
                 Direction.PROPAGATED,
                 _describe(index, plan),
             )
@@ -672,8 +724,8 @@ def _apply(
     base = text(bn.name) or "bn"
     dead = {v for v in bn.input[1:] if v}
     # The first reader of the BN's output reads its input instead.
-    first = index.nodes[(p.chain + [p.layer])[0]]
-    first.input[0] = p.x
+    for k in p.chain[:1] or p.layers:
+        index.nodes[k].input[0] = p.x
     for e in p.edits:
         node = index.nodes[e.node]
         old = node.input[e.slot] if len(node.input) > e.slot else ""
@@ -696,7 +748,8 @@ def _apply(
         relu.input.append(t_name)
     added: list[tuple[int, NodeProto]] = []
     for pos, op, value in p.inserts:
-        before = (p.chain + [p.layer])[pos]
+        readers = [p.chain[pos]] if pos < len(p.chain) else p.layers
+        before = min(readers)
         target = index.nodes[before]
         kind = "scale" if op == "Mul" else "shift"
         c_name = names.fresh(f"{base}_{kind}")
@@ -705,6 +758,7 @@ def _apply(
         node = helper.make_node(
             op, [target.input[0], c_name], [out], name=names.fresh(f"{base}_{kind}_{op.lower()}")
         )
-        target.input[0] = out
+        for k in readers:
+            index.nodes[k].input[0] = out
         added.append((before, node))
     return dead, added
