@@ -861,3 +861,46 @@ def test_bn_inside_an_if_branch(outer_weight: bool) -> None:
     else:
         assert v.to_dict()["status"] == "propagated" and "3 of 6 channels keep their affine" in v.detail
         assert (ops.count("BatchNormalization"), ops.count("Mul"), ops.count("Add")) == (0, 1, 1)
+
+
+# ---- a fork into several layers (pre-activation projection shortcut) -------------------------------
+
+
+def fork(sign: str, pads: int, second: str = "Conv", dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x -> Relu -> BN -> Relu -> r; outputs conv(r) and second(r): a 1x1 stride-2 Conv 'shortcut' (a
+    projection, padded like conv) or a Sigmoid. (A sum of the two would be merged into one conv first.)"""
+    m = chain([("Relu", {})], sign=sign, pads=pads, dtype=dtype)
+    g = m.graph
+    rng = np.random.default_rng(5)
+    if second == "Conv":
+        w = numpy_helper.from_array((rng.standard_normal((3, C, 1, 1)) * 0.4).astype(NP[dtype]), "w2")
+        g.initializer.extend([w, numpy_helper.from_array(rng.standard_normal(3).astype(NP[dtype]), "b2")])
+        g.node.append(
+            helper.make_node(
+                "Conv", ["h1", "w2", "b2"], ["z"], name="shortcut", pads=[pads] * 4, strides=[2, 2]
+            )
+        )
+    else:
+        g.node.append(helper.make_node("Sigmoid", ["h1"], ["z"], name="sig"))
+    g.output.append(helper.make_tensor_value_info("z", dtype, None))
+    g.output[1].type.CopyFrom(onnx.shape_inference.infer_shapes(m).graph.output[1].type)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize(
+    "sign,pads,muls,adds", [("positive", 0, 0, 0), ("positive", 1, 0, 1), ("mixed", 1, 1, 1)]
+)
+def test_fork_into_two_convs_scales_both(sign: str, pads: int, muls: int, adds: int, dtype: int) -> None:
+    """No padding: the Relu becomes a Max, the shift goes into both biases; padding: one Add before the
+    Relu serves both convs; mixed signs: one Mul and one Add."""
+    out, report = fold_and_check(fork(sign, pads, dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert "Conv 'conv', Conv 'shortcut'" in v.detail
+    assert counts(out) == (0, muls, adds)
+
+
+def test_fork_into_a_layer_and_another_op_keeps_the_bn() -> None:
+    out, report = fold_and_check(fork("positive", 1, second="Sigmoid"))
+    v = verdict(report)
+    assert isinstance(v, Skip) and counts(out)[0] == 1
