@@ -904,3 +904,20 @@ def test_fork_into_a_layer_and_another_op_keeps_the_bn() -> None:
     out, report = fold_and_check(fork("positive", 1, second="Sigmoid"))
     v = verdict(report)
     assert isinstance(v, Skip) and counts(out)[0] == 1
+
+
+@pytest.mark.parametrize("name", ["preact", "dense"])
+def test_preact_and_dense_nets_reach_the_node_counts_of_their_bn_free_floor(name: str) -> None:
+    """Every shift reaches a bias (a producer's, taken back out of the residual sum; or through a Relu
+    become Max), so no Mul or Add is left that the same net without BNs does not have."""
+    net = nets.set_bn(nets.MODELS[name](), sign="positive")
+    x = net.example()
+    m = export(net, x)
+    floor = nets.MODELS[name]()
+    for parent in floor.modules():
+        for k, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, k, torch.nn.Identity())
+    out, report = fold_model(m)
+    assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
+    assert counts(out) == counts(export(floor.eval(), x))
