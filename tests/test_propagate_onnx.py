@@ -650,11 +650,27 @@ def test_transpose_channels_last_then_flatten_tiles_the_channels_into_the_gemm(d
     assert counts(out) == (0, 0, 0)
 
 
-def test_transpose_that_leaves_the_channel_in_the_middle_is_not_flattened() -> None:
-    m = chain([("Transpose", {"perm": [0, 2, 1, 3]}), ("Flatten", {"axis": 1})], layer="gemm")
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_transpose_that_leaves_the_channel_in_the_middle_then_flatten(dtype: int) -> None:
+    """(N, C, H, W) -> (N, H, C, W) -> Flatten: channel c is the runs of W features at h*C*W + c*W."""
+    m = chain([("Transpose", {"perm": [0, 2, 1, 3]}), ("Flatten", {"axis": 1})], layer="gemm", sign="mixed")
     out, report = fold_and_check(m)
-    v = verdict(report)
-    assert isinstance(v, Skip) and counts(out) == (1, 0, 0)
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+
+
+# MaxPool 2x2 of (2, 6, 8, 8): (2, 6, 4, 4); permuted (2, 4, 6, 4): 96 features per sample.
+@pytest.mark.parametrize("shape", [[-1, 96], [0, -1]])
+def test_torchcrepe_head_maxpool_permute_reshape_linear(shape: list[int]) -> None:
+    """torchcrepe: BN -> MaxPool -> permute(0, 2, 1, 3) -> reshape(-1, features) -> Linear."""
+    ops = [
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+        ("Transpose", {"perm": [0, 2, 1, 3]}),
+        ("Reshape", {"shape": shape}),
+    ]
+    out, report = fold_and_check(chain(ops, layer="gemm", sign="zero"))
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
 
 
 def test_transpose_of_the_spatial_axes_keeps_the_channel_for_the_conv() -> None:

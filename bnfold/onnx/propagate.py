@@ -93,8 +93,9 @@ _DEFAULT = ("", "ai.onnx")
 
 Arr = np.ndarray[Any, Any]
 Layout = int | str
-"""The channel's place in a tensor of the chain: its axis, or "repeat" / "tile" once flattened (channel
-``c`` is the block ``c*r .. c*r + r - 1`` of the features, or every ``C``-th feature from ``c``)."""
+"""The channel's place in a tensor of the chain: its axis, or once flattened "repeat" (channel ``c`` is
+the block ``c*r .. c*r + r - 1`` of the features), "tile" (every ``C``-th feature from ``c``) or
+"inner:<n>" (runs of ``n`` features, ``C * n`` apart: a channel in the middle, e.g. after a permute)."""
 
 
 @dataclass(slots=True)
@@ -284,12 +285,21 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     sign_pos: int | None = None
     stops: list[int] = []
 
-    def flat_mode() -> str:
+    def flat_mode(value: str) -> str:
+        """The layout after flattening ``value`` from axis 1: "repeat" (channel on axis 1), "tile"
+        (nothing but size-1 axes after the channel), else "inner:<n>" (``n``: the static size after it)."""
         if layout == 1:
             return "repeat"
-        if layout == _one_rank(ranks) - 1:
+        rank = _one_rank(ranks)
+        if layout == rank - 1:
             return "tile"
-        raise _Refuse(f"{label} flattens a tensor whose channel is neither axis 1 nor the last axis")
+        vt = index.value_type(value)
+        dims = None if vt is None else vt.shape
+        after = [] if dims is None or len(dims) != rank else list(dims[int(layout) + 1 :])
+        if not after or not all(isinstance(d, int) and d > 0 for d in after):
+            raise _Refuse(f"{label} flattens a tensor whose sizes after the channel axis are not known")
+        inner = int(np.prod([int(d) for d in after]))  # type: ignore[arg-type]
+        return "tile" if inner == 1 else f"inner:{inner}"
 
     for _ in range(_MAX_CHAIN):
         j = index.single_consumer(cur)
@@ -336,10 +346,10 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
         elif op == "Flatten" and not flat:
             if int(attr(n, "axis", 1, opset)) != 1:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
-            layout = flat_mode()
+            layout = flat_mode(cur)
         elif op == "Reshape" and not flat:
             _check_flattening_reshape(index, j, opset)
-            layout = flat_mode()
+            layout = flat_mode(cur)
         elif op == "Pad" and not flat:
             _check_pad(index, j, opset, ranks, int(layout))
             stops.append(pos)
@@ -375,6 +385,11 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
             return np.repeat(v, rep)
         if lay == "tile":
             return np.tile(v, rep)
+        if isinstance(lay, str):  # "inner:<n>": each channel a run of n features, the runs C apart
+            n = int(lay.split(":")[1])
+            if rep % n:
+                raise _Refuse("the features do not split into the channel's runs")
+            return np.tile(np.repeat(v, n), rep // n)
         return v.reshape((C,) + (1,) * (_one_rank(ranks) - 1 - int(lay)))
 
     if not takes_shift:
