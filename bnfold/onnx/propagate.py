@@ -7,9 +7,9 @@ previous tensor alone, and moves the BN's parts with exact identities (per chann
 * *full* nodes commute with the whole affine: ``MaxPool`` / ``GlobalMaxPool`` (``a >= 0``; max pads with
   -inf and a non-decreasing map commutes with max), ``GlobalAveragePool``, ``AveragePool`` whose divisor
   counts only real elements (``count_include_pad=0``, or no padding and no ceil mode), ``Flatten``
-  (``axis=1``: channel ``c`` becomes a block of features, or every ``C``-th feature when the channel is the
-  last axis), a ``Reshape`` to a constant 2-D shape that is that flatten (the input's non-batch dimensions
-  static), ``Transpose`` (the channel axis is followed through ``perm``), ``Identity``;
+  (``axis=1``: channel ``c`` becomes a block of features, every ``C``-th feature when the channel is the
+  last axis, or runs of features when it sits in the middle with static sizes after it), a ``Reshape``
+  to a constant 2-D shape that is that flatten (the input's non-batch dimensions static), ``Transpose`` (the channel axis is followed through ``perm``), ``Identity``;
 * *scale-only* nodes commute with a per-channel scale but not with a shift: ``Relu`` and ``LeakyRelu``
   (``a >= 0``: ``relu(a*z) = a*relu(z)``), ``Pad`` with constant zeros off the batch and channel axes and an
   ``AveragePool`` that counts padded zeros (``pad0(a*z) = a*pad0(z)``);
@@ -33,9 +33,9 @@ Where the shift goes (the first case that applies):
    producer (the Add of case 4 stays).
 3. *Through a Relu*, when it is the only scale-only node and the layer after it takes a bias:
    ``relu(a z + b) = a * max(z, -b/a) + b`` (``a > 0``; ``= 0 * z + relu(b)`` for ``a = 0``): the ``Relu``
-   becomes ``Max(z, t)`` with a per-channel ``t`` and the shift goes on into the bias. In float the
-   ``Max`` is bitwise ``relu(z + b/a) - b/a`` shifted back: where ``z > t`` both compute ``z + b/a``; else
-   both are 0. This costs what the Relu cost, where an Add would be one more pass.
+   becomes ``Max(z, t)`` with a per-channel ``t`` and the shift goes on into the bias. The Max rounds
+   nothing; ``b`` enters the bias as in any fold. One pass where the Relu was (a broadcasting Max runs
+   at about 1.5x a Relu in onnxruntime; an Add before the Relu is a second pass).
 4. Otherwise ONE per-channel ``Add`` of ``b / a`` before the first node that stops it
    (``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``).
 
@@ -416,7 +416,7 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     am = np.where(blocked, 1.0, a)
     to_bias: Arr | None = None  # the shift that reaches the layer, per channel
     plan.touched = {i, *plan.layers, *plan.chain}
-    if nb:
+    if nb:  # blocked channels: one Mul and one Add where the first of them blocks (or the shift stops)
         firsts = [p for p in (sign_pos if neg.any() else None, S) if p is not None]
         q = min(firsts)
         if opset < 7:
@@ -436,23 +436,23 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
         if zero.any() and S is not None:
             what.append(f"{int(zero.sum())} with a zero scale and a non-zero shift before {stop_labels[S]}")
         plan.kept = f"{nb} of {C} channels keep their affine ({', '.join(what)}): one Mul and one Add before {stop_labels[q]}"
-    elif S is None:
+    elif S is None:  # Case 1: nothing stops the shift
         to_bias = b
         plan.shift = f"shift into the bias of {where}"
     else:
         s = _over(b, a)
-        back = _producer_shift(index, i, plan.x, s, a, C, opset, busy)
+        back = _producer_shift(index, i, plan.x, s, a, C, opset, busy)  # Case 2
         if back is not None:
             edits, touched, desc = back
             plan.edits += edits
             plan.touched |= touched
             plan.shift = desc
-        elif use_max:
+        elif use_max:  # Case 3
             plan.max_at = S
             plan.max_t = shaped(np.where(a > 0, -s, 0.0), layouts[S])
             to_bias = np.where(a > 0, b, np.maximum(b, 0.0))
             plan.shift = f"shift through {stop_labels[S]} (now a Max) into the bias of {where}"
-        else:
+        else:  # Case 4
             if opset < 7:
                 raise _Refuse("opset below 7 (no broadcasting Add)")
             plan.inserts.append((S, "Add", shaped(s, layouts[S])))
