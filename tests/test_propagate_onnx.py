@@ -937,3 +937,24 @@ def test_preact_and_dense_nets_reach_the_node_counts_of_their_bn_free_floor(name
     out, report = fold_model(m)
     assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
     assert counts(out) == counts(export(floor.eval(), x))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_relu_then_spatial_reduce_mean_head(keepdims: int, dtype: int) -> None:
+    """BN -> Relu -> ReduceMean(H, W) (the dynamo export of adaptive_avg_pool2d(1) + flatten) -> Gemm:
+    the Relu becomes a Max, scale and shift go into the Gemm."""
+    ops = [("Relu", {}), ("ReduceMean", {"axes": [2, 3], "keepdims": keepdims})]
+    if keepdims:
+        ops.append(("Flatten", {"axis": 1}))
+    out, report = fold_and_check(chain(ops, layer="gemm", dtype=dtype), dtype)
+    v = assert_propagated(report, "fc")
+    assert "(now a Max)" in v.detail
+    assert counts(out) == (0, 0, 0)
+
+
+def test_reduce_mean_over_the_channel_is_refused() -> None:
+    ops = [("ReduceMean", {"axes": [1], "keepdims": 1}), ("Flatten", {"axis": 1})]
+    m = chain(ops, layer="gemm")
+    out, report = fold_and_check(m)
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)

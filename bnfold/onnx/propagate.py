@@ -6,7 +6,8 @@ previous tensor alone, and moves the BN's parts with exact identities (per chann
 
 * *full* nodes commute with the whole affine: ``MaxPool`` / ``GlobalMaxPool`` (``a >= 0``; max pads with
   -inf and a non-decreasing map commutes with max), ``GlobalAveragePool``, ``AveragePool`` whose divisor
-  counts only real elements (``count_include_pad=0``, or no padding and no ceil mode), ``Flatten``
+  counts only real elements (``count_include_pad=0``, or no padding and no ceil mode), ``ReduceMean``
+  over spatial axes (all of them when ``keepdims=0``: then a flatten), ``Flatten``
   (``axis=1``: channel ``c`` becomes a block of features, every ``C``-th feature when the channel is the
   last axis, or runs of features when it sits in the middle with static sizes after it), a ``Reshape``
   to a constant 2-D shape that is that flatten (the input's non-batch dimensions static), ``Transpose`` (the channel axis is followed through ``perm``), ``Identity``;
@@ -343,6 +344,9 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
                 stops.append(pos)
         elif op == "Identity":
             pass
+        elif op == "ReduceMean" and layout == 1:
+            if _reduce_spatial(index, n, opset, _one_rank(ranks), label):  # keepdims=0: (N, C)
+                layout = "repeat"
         elif op == "Flatten" and not flat:
             if int(attr(n, "axis", 1, opset)) != 1:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
@@ -623,6 +627,24 @@ def _check_flattening_reshape(index: GraphIndex, j: int, opset: int) -> None:
     batch_kept = (shape[0] == 0 and not allowzero) or (isinstance(dims[0], int) and shape[0] == dims[0])
     if not ((batch_kept and shape[1] in (size, -1)) or (shape[0] == -1 and shape[1] == size)):
         raise _Refuse(f"{label} is not known to flatten from the channel axis")
+
+
+def _reduce_spatial(index: GraphIndex, n: NodeProto, opset: int, rank: int, label: str) -> bool:
+    """Refuse unless ``ReduceMean`` ``n`` averages over spatial axes only (a mean commutes with a
+    per-channel affine); True when it drops them all (``keepdims=0``: the result is ``(N, C)``)."""
+    if opset >= 18:
+        axes_in = n.input[1] if len(n.input) > 1 else ""
+        axes = [int(v) for v in _static(index, axes_in).reshape(-1)] if axes_in else []
+    else:
+        axes = _ints(n, "axes", opset)
+    axes = sorted({v + rank if v < 0 else v for v in axes})
+    if not axes or axes[0] < 2 or axes[-1] >= rank:
+        raise _Refuse(f"{label} does not average over spatial axes only")
+    if int(attr(n, "keepdims", 1, opset)):
+        return False
+    if axes != list(range(2, rank)):
+        raise _Refuse(f"{label} drops some spatial axes only")
+    return True
 
 
 def _check_pad(index: GraphIndex, j: int, opset: int, ranks: set[int], axis: int) -> None:
