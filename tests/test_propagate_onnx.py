@@ -958,3 +958,22 @@ def test_reduce_mean_over_the_channel_is_refused() -> None:
     m = chain(ops, layer="gemm")
     out, report = fold_and_check(m)
     assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("sign", ["positive", "mixed", "zero"])
+def test_preact_resnet_keeps_no_bn(sign: str) -> None:
+    """ResNet-v2 with a projection shortcut and a BN -> ReLU -> GAP -> Linear head: every BN goes;
+    channels with a negative scale before a ReLU, or a zero scale before a ReLU and a padded conv, keep
+    their affine (one Mul each, counted in the verdict). The head's zero-scale channels give relu(b) to
+    the Gemm through a Max; their shift must not go into the producer's bias (it did: wrong outputs)."""
+    net = nets.set_bn(nets.PreActResNet(), sign=sign)
+    x = net.example()
+    m = export(net, x)
+    before = m.SerializeToString()
+    out, report = fold_model(m)
+    assert m.SerializeToString() == before
+    onnx.checker.check_model(out, full_check=True)
+    assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
+    assert counts(out)[0] == 0 and report.folded == report.bn_before
+    kept = [v for v in report.sites if "keep their affine" in v.detail]
+    assert counts(out)[1] == len(kept) and (sign != "positive") == bool(kept)

@@ -445,7 +445,9 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
         plan.shift = f"shift into the bias of {where}"
     else:
         s = _over(b, a)
-        back = _producer_shift(index, i, plan.x, s, a, C, opset, busy)  # Case 2
+        # Case 2; not where a zero scale meets a non-zero shift (only the Max of case 3 carries relu(b))
+        zero_shift = bool(((a == 0) & (b != 0)).any())
+        back = None if zero_shift else _producer_shift(index, i, plan.x, s, a, C, opset, busy)
         if back is not None:
             edits, touched, desc = back
             plan.edits += edits
