@@ -1,6 +1,8 @@
 """Scale propagation in ONNX (issue 27, bnfold.onnx.propagate): a BN no exact fold removes is split into
-its scale and its shift, moved through Relu / LeakyRelu / pooling / Flatten / zero padding into the next
-layer by exact identities; channels whose scale cannot move keep the whole BN.
+its scale and its shift, moved through Relu / LeakyRelu / pooling / Flatten / Transpose / zero padding into
+the next layer(s) by exact identities; the shift into a bias (the layer's, a producer's with its other
+readers compensated, or through a Relu become Max) or one Add; channels whose scale cannot move keep
+their affine (one Mul and one Add), and the BN stays whole only when no channel can move.
 
 Each case runs the original and the folded model in onnxruntime with optimisations off and compares
 (float32: 1e-5 of the output scale; float64: 1e-12), counts BN / Mul / Add nodes, and checks the input
