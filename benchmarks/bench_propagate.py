@@ -8,7 +8,9 @@ fusion is in the baseline), interleaved, medians of ``--repeats`` rounds:
 * **original**: the exported network;
 * **fold (no propagation)**: ``fold_model(m, propagate=False)`` -- the BNs behind a ReLU / MaxPool or
   before a zero-padded conv stay;
-* **fold (propagation)**: ``fold_model(m)`` -- they are split and moved (one Add may stay per BN);
+* **fold (propagation)**: ``fold_model(m)`` -- they are split and moved: the shift goes into a bias
+  (the next layer's, a producer's with the other readers compensated, or through a Relu turned into
+  ``Max``), else one Add stays per BN (CREPE: before each zero-padded conv, where no exact move exists);
 * **floor**: the same network with every BN deleted (``nn.Identity``), exported the same way.
 
 Reported: latency ratio to the floor, and BN / Mul / Add node counts. Quote ratios, not seconds.

@@ -173,7 +173,10 @@ def check_fold(
     ]
     n_affine = sum(1 for v in report.sites if v.direction.value == "affine")
     n_shift = sum(1 for v in report.sites if "shift kept as one Add" in v.detail)  # the BN became an Add
-    n_propagated = sum(1 for v in report.sites if v.direction.value == "propagated")  # at most one Add each
+    # propagated: at most one Add each, and a Mul where some channels keep their affine (issue 27)
+    n_propagated = sum(
+        1 + ("keep their affine" in v.detail) for v in report.sites if v.direction.value == "propagated"
+    )
     n_copied = sum(1 for v in report.sites if "DequantizeLinear copied" in v.detail)  # a shared DQ copied
     assert len(out.graph.node) <= (
         len(model.graph.node)

@@ -134,3 +134,49 @@ def set_bn(model: nn.Module, seed: int = 0, *, sign: str = "positive") -> nn.Mod
 
 
 MODELS = {"preact": PreActBlock, "dense": DenseBlock, "crepe": Crepe}
+
+
+class PreActResNet(nn.Module):
+    """ResNet-v2 (pre-activation): blocks ``x + conv(relu(bn(conv(relu(bn(x))))))``; a downsampling block's
+    projection shortcut reads ``relu(bn(x))`` like its first conv (the tensor forks into two convs); head
+    ``bn -> relu -> global average pool -> flatten -> linear``."""
+
+    def __init__(self, c: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.ModuleList([_PreAct(c, c, 1), _PreAct(c, 2 * c, 2), _PreAct(2 * c, 2 * c, 1)])
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.fc = nn.Linear(2 * c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = torch.relu(self.bn(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    @staticmethod
+    def example(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(4))
+
+
+class _PreAct(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        short = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        return self.conv2(torch.relu(self.bn2(out))) + short
+
+
+MODELS["preact_resnet"] = PreActResNet
+__all__ += ["PreActResNet"]

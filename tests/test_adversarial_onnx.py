@@ -194,7 +194,9 @@ def test_bn_feeding_two_consumers_is_not_folded_backward(second: str) -> None:
     else:
         g.output("u", shape=[1, 3, 6, 6])
     _, rep = fold_check(g.model())
-    assert rep.folded == 0
+    # no exact fold; the fork into two convs is scale propagation (issue 27), outputs checked above
+    assert not any(s.direction in (Direction.FORWARD, Direction.BACKWARD) for s in rep.sites)
+    assert rep.folded == (1 if second == "conv" else 0)
 
 
 # ---- Gemm / MatMul layouts ------------------------------------------------------------------------

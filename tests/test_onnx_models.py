@@ -9,8 +9,9 @@ from pathlib import Path
 import onnx
 import pytest
 
+from bnfold.onnx import fold_model
 from bnfold.records import Direction
-from models.onnx_graphs import check_fold
+from models.onnx_graphs import assert_close, check_fold, feeds_for, run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "models" / "samples"
 # float32 through a deep network: a few ulps per layer accumulate over ~50 layers.
@@ -19,7 +20,7 @@ DEEP_TOL = 1e-4
 
 @pytest.mark.parametrize(
     "name,bn_after",
-    [("lenet5", 0), ("mnist_mlp", 0), ("unet_decoder", 0), ("conv1d_net", 0), ("preact_net", 3)],
+    [("lenet5", 0), ("mnist_mlp", 0), ("unet_decoder", 0), ("conv1d_net", 0), ("preact_net", 0)],
 )
 def test_samples(name: str, bn_after: int) -> None:
     path = SAMPLES / f"{name}.onnx"
@@ -29,8 +30,9 @@ def test_samples(name: str, bn_after: int) -> None:
     out, rep = check_fold(m, bn_after=bn_after, tol=DEEP_TOL)
     if name == "preact_net":
         dirs = sorted(s.direction.value for s in rep.sites)
-        # pad.bn (BN -> zero-padded conv) by scale propagation (issue 27); 3 stay (negative scales before a Relu)
-        assert dirs == ["backward", "backward", "forward", "forward", "forward", "propagated"]
+        # pad.bn (BN -> zero-padded conv) and the three BNs before a Relu by scale propagation (issue 27);
+        # the channels with a negative scale before the Relu keep their affine (a Mul and an Add)
+        assert dirs == ["backward", "backward", "forward", "forward", "forward"] + ["propagated"] * 4
         assert any(s.detail == "through Flatten" for s in rep.sites)
 
 
@@ -96,4 +98,9 @@ def test_preact_affine_turns_the_rest_into_mul_add() -> None:
         pytest.skip(f"{path} not generated")
     m = onnx.load(path)  # legacy export: no value_info, so rank and dtype are traced through the graph
     out, rep = check_fold(m, bn_after=0, affine=True, tol=DEEP_TOL)
-    assert sum(s.direction is Direction.AFFINE for s in rep.sites) == 3  # pad.bn is propagated (issue 27)
+    assert sum(s.direction is Direction.AFFINE for s in rep.sites) == 0  # all propagated (issue 27)
+    out, rep = fold_model(m, affine=True, propagate=False)
+    assert sum(s.direction is Direction.AFFINE for s in rep.sites) == 4 and rep.bn_after == 0
+    for seed in range(2):
+        feeds = feeds_for(m, seed)
+        assert_close(run(m, feeds), run(out, feeds), DEEP_TOL)

@@ -1,6 +1,8 @@
 """Scale propagation in ONNX (issue 27, bnfold.onnx.propagate): a BN no exact fold removes is split into
-its scale and its shift, moved through Relu / LeakyRelu / pooling / Flatten / zero padding into the next
-layer by exact identities; channels whose scale cannot move keep the whole BN.
+its scale and its shift, moved through Relu / LeakyRelu / pooling / Flatten / Transpose / zero padding into
+the next layer(s) by exact identities; the shift into a bias (the layer's, a producer's with its other
+readers compensated, or through a Relu become Max) or one Add; channels whose scale cannot move keep
+their affine (one Mul and one Add), and the BN stays whole only when no channel can move.
 
 Each case runs the original and the folded model in onnxruntime with optimisations off and compares
 (float32: 1e-5 of the output scale; float64: 1e-12), counts BN / Mul / Add nodes, and checks the input
@@ -190,7 +192,7 @@ def fold_and_check(
     out, report = fold_model(m, **kw)
     assert m.SerializeToString() == before, "the input model was changed"
     if all(o.type.tensor_type.HasField("shape") for o in m.graph.output):
-        onnx.checker.check_model(out)
+        onnx.checker.check_model(out, full_check=True)
     feeds = {"x": np.random.default_rng(3).standard_normal((2, C, 8, 8)).astype(NP[dtype])}
     assert_close(run(m, feeds), run(out, feeds), TOL[dtype])
     return out, report
@@ -223,19 +225,58 @@ def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(
     assert report.bn_after == 0
 
 
-@pytest.mark.parametrize(
-    "sign,why",
-    [
-        ("negative", "6 of 6 channels have a negative scale"),
-        ("mixed", "3 of 6 channels have a negative scale"),
-        ("zero", "2 of 6 channels have a zero scale and a non-zero shift"),
-    ],
-)
-def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -> None:
-    out, report = fold_and_check(chain([("Relu", {})], sign=sign))
+def test_relu_every_channel_negative_keeps_the_whole_bn() -> None:
+    """Nothing would move: the BN stays, its verdict says how many channels blocked it."""
+    out, report = fold_and_check(chain([("Relu", {})], sign="negative"))
     v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.NO_PRODUCER and why in v.detail
+    assert isinstance(v, Skip) and v.reason is SkipReason.NO_PRODUCER
+    assert "6 of 6 channels have a negative scale" in v.detail
     assert counts(out) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("pads", [0, 1])
+@pytest.mark.parametrize("op,attrs", [("Relu", {}), ("LeakyRelu", {"alpha": 0.21})])
+def test_mixed_sign_channels_split_the_bn(op: str, attrs: dict[str, Any], pads: int, dtype: int) -> None:
+    """The 3 negative channels keep their affine as one Mul (1 on the others) and one Add before the
+    activation; the 3 positive channels' scales move into the conv."""
+    out, report = fold_and_check(chain([(op, attrs)], sign="mixed", pads=pads, dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert f"3 of 6 channels keep their affine (3 with a negative scale before {op}" in v.detail
+    assert counts(out) == (0, 1, 1)
+    (mul,) = [n for n in out.graph.node if n.op_type == "Mul"]
+    m = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}[mul.input[1]].reshape(-1)
+    assert (m[1::2] == 1).all() and (m[::2] < 0).all()  # gammas() negates the even channels
+
+
+@pytest.mark.parametrize(
+    "pads,op,kept", [(1, "Relu", 2), (1, "LeakyRelu", 2), (0, "LeakyRelu", 2), (0, "Relu", 0)]
+)
+def test_zero_scale_channels(pads: int, op: str, kept: int) -> None:
+    """A zero scale with a non-zero shift blocks the channel where the shift must stop; through a Relu
+    into a conv that does not pad, relu(0*x + b) = relu(b) is a constant and goes into the bias."""
+    out, report = fold_and_check(chain([(op, {})], sign="zero", pads=pads))
+    v = assert_propagated(report, "conv")
+    if kept:
+        assert f"{kept} of 6 channels keep their affine ({kept} with a zero scale" in v.detail
+        assert counts(out) == (0, 1, 1)
+    else:
+        assert "keep their affine" not in v.detail and "now a Max" in v.detail
+        assert counts(out) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("tail", [[], [("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})]])
+def test_relu_into_an_unpadded_layer_becomes_a_max_and_the_shift_reaches_the_bias(
+    tail: list[tuple[str, dict[str, Any]]], dtype: int
+) -> None:
+    """relu(a*x + b) = a*max(x, -b/a) + b: the Relu becomes a Max, nothing is added."""
+    out, report = fold_and_check(chain([("Relu", {}), *tail], dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert "(now a Max) into the bias of Conv" in v.detail
+    assert counts(out) == (0, 0, 0)
+    assert [n.op_type for n in out.graph.node].count("Max") == 1
+    assert "Relu" not in [n.op_type for n in out.graph.node][1:]
 
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
@@ -253,10 +294,20 @@ def test_maxpool_carries_scale_and_shift_into_an_unpadded_conv(
     assert counts(out) == (0, 0, 0)
 
 
-def test_maxpool_negative_scale_keeps_the_bn() -> None:
-    out, report = fold_and_check(chain([("MaxPool", {"kernel_shape": [2, 2]})], sign="mixed"))
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_maxpool_mixed_signs_keep_the_affine_of_the_negative_channels_only(dtype: int) -> None:
+    mp = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}
+    out, report = fold_and_check(chain([("MaxPool", mp)], sign="mixed", dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert "3 of 6 channels keep their affine (3 with a negative scale before MaxPool" in v.detail
+    assert "shift into the bias of Conv" in v.detail
+    assert counts(out) == (0, 1, 1)
+
+
+def test_maxpool_every_channel_negative_keeps_the_bn() -> None:
+    out, report = fold_and_check(chain([("MaxPool", {"kernel_shape": [2, 2]})], sign="negative"))
     v = verdict(report)
-    assert isinstance(v, Skip) and "negative scale before MaxPool" in v.detail
+    assert isinstance(v, Skip) and "6 of 6 channels have a negative scale before MaxPool" in v.detail
     assert counts(out) == (1, 0, 0)
 
 
@@ -273,11 +324,13 @@ def test_bn_into_a_zero_padded_conv_is_propagated(sign: str) -> None:
     assert counts(out) == (0, 0, 1)
 
 
-def test_zero_padded_conv_with_zero_scale_and_shift_keeps_the_bn() -> None:
+def test_zero_padded_conv_with_zero_scale_channels_keeps_their_affine() -> None:
     out, report = fold_and_check(chain([], sign="zero", pads=1))
-    v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.PADDING and "zero scale" in v.detail
-    assert counts(out) == (1, 0, 0)
+    v = assert_propagated(report, "conv")
+    assert (
+        "2 of 6 channels keep their affine (2 with a zero scale and a non-zero shift before Conv" in v.detail
+    )
+    assert counts(out) == (0, 1, 1)
 
 
 @pytest.mark.parametrize("sign", ["positive", "mixed"])
@@ -398,8 +451,10 @@ def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
     mixed = export(nets.set_bn(nets.Crepe(), sign="mixed"), x.float())
     out, report = fold_model(mixed)
     assert_close(run(mixed, {"x": x.float().numpy()}), run(out, {"x": x.float().numpy()}), 1e-5)
-    assert counts(out)[0] == 4
-    assert all("negative scale before MaxPool" in v.detail for v in report.skips)
+    assert counts(out)[0] == 0 and counts(out)[1] == counts(mixed)[1] + 4
+    assert all(
+        "keep their affine" in v.detail for v in report.verdicts if v.to_dict()["status"] == "propagated"
+    )
 
 
 def test_cli_fold_json_and_no_propagate(tmp_path: Any) -> None:
@@ -562,3 +617,366 @@ def test_dynamo_export_of_crepe_folds_every_bn() -> None:
     out, report = fold_model(m)
     assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
     assert counts(out)[0] == 0 and report.folded == report.bn_before == 2
+
+
+# ---- Transpose: the channel axis is followed through perm ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("sign,muls", [("positive", 0), ("mixed", 1)])
+def test_transpose_to_channels_last_relu_matmul(sign: str, muls: int, dtype: int) -> None:
+    """NCHW -> NHWC -> Relu -> MatMul over the channel: the scale goes into the MatMul's rows, the shift
+    (and the negative channels' affine) stays before the Relu, shaped for the last axis."""
+    m = chain([("Transpose", {"perm": [0, 2, 3, 1]}), ("Relu", {})], layer="matmul", sign=sign, dtype=dtype)
+    out, report = fold_and_check(m, dtype)
+    v = assert_propagated(report, "fc")
+    assert "before Relu" in v.detail
+    assert counts(out) == (0, muls, 1)
+
+
+def test_transpose_there_and_back_then_maxpool_into_a_conv() -> None:
+    ops = [
+        ("Transpose", {"perm": [0, 2, 3, 1]}),
+        ("Transpose", {"perm": [0, 3, 1, 2]}),
+        ("MaxPool", {"kernel_shape": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}),
+    ]
+    out, report = fold_and_check(chain(ops))
+    assert_propagated(report, "conv")
+    assert counts(out) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_transpose_channels_last_then_flatten_tiles_the_channels_into_the_gemm(dtype: int) -> None:
+    m = chain([("Transpose", {"perm": [0, 2, 3, 1]}), ("Flatten", {"axis": 1})], layer="gemm", sign="mixed")
+    out, report = fold_and_check(m)
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_transpose_that_leaves_the_channel_in_the_middle_then_flatten(dtype: int) -> None:
+    """(N, C, H, W) -> (N, H, C, W) -> Flatten: channel c is the runs of W features at h*C*W + c*W."""
+    m = chain([("Transpose", {"perm": [0, 2, 1, 3]}), ("Flatten", {"axis": 1})], layer="gemm", sign="mixed")
+    out, report = fold_and_check(m)
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+
+
+# MaxPool 2x2 of (2, 6, 8, 8): (2, 6, 4, 4); permuted (2, 4, 6, 4): 96 features per sample.
+@pytest.mark.parametrize("shape", [[-1, 96], [0, -1]])
+def test_torchcrepe_head_maxpool_permute_reshape_linear(shape: list[int]) -> None:
+    """torchcrepe: BN -> MaxPool -> permute(0, 2, 1, 3) -> reshape(-1, features) -> Linear."""
+    ops = [
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+        ("Transpose", {"perm": [0, 2, 1, 3]}),
+        ("Reshape", {"shape": shape}),
+    ]
+    out, report = fold_and_check(chain(ops, layer="gemm", sign="zero"))
+    assert_propagated(report, "fc")
+    assert counts(out) == (0, 0, 0)
+
+
+def test_transpose_of_the_spatial_axes_keeps_the_channel_for_the_conv() -> None:
+    out, report = fold_and_check(chain([("Transpose", {"perm": [0, 1, 3, 2]})], sign="mixed"))
+    assert_propagated(report, "conv")
+    assert counts(out) == (0, 0, 0)
+
+
+def test_transpose_then_matmul_over_a_spatial_axis_is_refused() -> None:
+    """After (0, 1, 3, 2) a MatMul contracts a spatial axis, not the channel."""
+    m = chain([("Transpose", {"perm": [0, 1, 3, 2]})], layer="matmul")
+    for n in m.graph.node:  # make the weight (8, 5): it reads the 8 rows
+        if n.op_type == "MatMul":
+            (w,) = [t for t in m.graph.initializer if t.name == n.input[1]]
+            w.CopyFrom(numpy_helper.from_array(np.ones((8, 5), np.float32) * 0.1, w.name))
+    m.graph.output[0].type.tensor_type.ClearField("shape")
+    m.graph.output[0].type.CopyFrom(onnx.shape_inference.infer_shapes(m).graph.output[0].type)
+    out, report = fold_and_check(m)
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+# ---- the shift back into a producer's bias ----------------------------------------------------------
+
+
+def residual(kind: str, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x -> Conv 'pre' -> p -> BN -> Relu -> Conv 'conv' (pads 1) -> c, and a reader of p:
+    "compensated": y = p + c; "output": p is also a graph output; "small": as compensated with |a| < 1/8;
+    "sigmoid": p is also read by a Sigmoid; "sum": p = pre(x) + sigmoid(x), read only by the BN."""
+    rng = np.random.default_rng(11)
+    t = NP[dtype]
+    inits = []
+
+    def init(name: str, v: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(v).astype(t), name))
+        return name
+
+    g = rng.uniform(0.5, 1.5, C) * (0.05 if kind == "small" else 1.0)
+    nodes = [
+        helper.make_node(
+            "Conv",
+            [
+                "x",
+                init("pw", rng.standard_normal((C, C, 1, 1)) * 0.5),
+                init("pb", rng.standard_normal(C) * 0.3),
+            ],
+            ["q" if kind == "sum" else "p"],
+            name="pre",
+        )
+    ]
+    if kind == "sum":  # x's Sigmoid: not a branch of pre's input, so the merge pass leaves the sum
+        nodes.append(helper.make_node("Sigmoid", ["x"], ["z"], name="sig"))
+        nodes.append(helper.make_node("Add", ["q", "z"], ["p"], name="sum"))
+    bn_in = [
+        init("g", g),
+        init("b", rng.uniform(-0.5, 0.5, C)),
+        init("m", rng.uniform(-0.5, 0.5, C)),
+        init("v", np.exp(rng.uniform(-1.4, 0.9, C))),
+    ]
+    nodes += [
+        helper.make_node("BatchNormalization", ["p", *bn_in], ["h"], name="bn", epsilon=1e-3),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node(
+            "Conv",
+            [
+                "r",
+                init("w", rng.standard_normal((C, C, 3, 3)) * 0.3),
+                init("wb", rng.standard_normal(C) * 0.2),
+            ],
+            ["c"],
+            name="conv",
+            pads=[1, 1, 1, 1],
+        ),
+    ]
+    outs = ["y"]
+    if kind in ("compensated", "small"):
+        nodes.append(helper.make_node("Add", ["p", "c"], ["y"], name="residual"))
+    elif kind == "sigmoid":
+        nodes += [
+            helper.make_node("Sigmoid", ["p"], ["s"], name="sig"),
+            helper.make_node("Add", ["s", "c"], ["y"], name="residual"),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["c"], ["y"], name="out"))
+        if kind == "output":
+            outs.append("p")
+    graph = helper.make_graph(
+        nodes,
+        "r",
+        [helper.make_tensor_value_info("x", dtype, [2, C, 8, 8])],
+        [helper.make_tensor_value_info(o, dtype, [2, C, 8, 8]) for o in outs],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def initializer(m: onnx.ModelProto, node: str, slot: int) -> np.ndarray:
+    (n,) = [n for n in m.graph.node if n.name == node]
+    return numpy_helper.to_array([t for t in m.graph.initializer if t.name == n.input[slot]][0])
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_shift_moves_into_a_producer_read_by_a_residual_add_and_is_taken_back_out(dtype: int) -> None:
+    """Pre-activation block: p = pre(x) feeds the BN and the residual sum p + conv(...). The shift
+    s = b/a goes into pre's bias, and conv's bias gives it back: (p + s) + (c - s) = p + c."""
+    m = residual("compensated", dtype)
+    out, report = fold_and_check(m, dtype)
+    v = assert_propagated(report, "conv")
+    assert "shift into the bias of Conv 'pre'" in v.detail and "Conv 'conv'" in v.detail
+    assert counts(out) == (0, 0, 1)  # the residual sum only
+    s = initializer(out, "pre", 2).astype(np.float64) - initializer(m, "pre", 2)
+    assert np.abs(s).min() > 0
+    assert not np.allclose(initializer(out, "conv", 2), initializer(m, "conv", 2))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+def test_shift_into_the_layer_term_of_a_sum_read_only_by_the_bn(dtype: int) -> None:
+    """BN(pre(x) + sigmoid(x)): the scale cannot go back, the shift goes into pre's bias."""
+    m = residual("sum", dtype)
+    out, report = fold_and_check(m, dtype)
+    v = assert_propagated(report, "conv")
+    assert "shift into the bias of Conv 'pre'" in v.detail and "taken back" not in v.detail
+    assert counts(out) == (0, 0, 1)  # the sum only
+
+
+@pytest.mark.parametrize("kind", ["output", "sigmoid", "small"])
+def test_shift_reaching_a_producer_that_must_stay_is_an_add(kind: str) -> None:
+    """p is also a graph output, or read by a Sigmoid (nothing to take the shift back out), or the
+    scale is so small that (p + s) - s would lose p's precision: pre's bias is untouched."""
+    m = residual(kind)
+    out, report = fold_and_check(m)
+    v = assert_propagated(report, "conv")
+    assert "shift as one Add before Relu 'relu'" in v.detail
+    assert counts(out) == (0, 0, counts(m)[2] + 1)
+    assert np.array_equal(initializer(out, "pre", 2), initializer(m, "pre", 2))
+
+
+# ---- subgraphs -------------------------------------------------------------------------------------
+
+
+def if_model(outer_weight: bool) -> onnx.ModelProto:
+    """The then-branch of an If holds Relu -> BN -> Relu -> Conv (pads 1); the else-branch a Relu.
+    ``outer_weight``: the conv's weight is an initializer of the main graph (the body reads it)."""
+    body = chain([("Relu", {})], pads=1, sign="mixed")
+    g = body.graph
+    w = [t for t in g.initializer if t.name == "w"][0]
+    outer_inits = []
+    if outer_weight:
+        g.initializer.remove(w)
+        outer_inits.append(w)
+    then = helper.make_graph(
+        list(g.node),
+        "then",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        list(g.initializer),
+    )
+    other = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["e"], name="else_relu"),
+            helper.make_node("Slice", ["e", "st", "en", "ax"], ["y2"]),
+        ],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [
+            numpy_helper.from_array(np.array(v, np.int64), n)
+            for n, v in (("st", [0, 0]), ("en", [4, 8]), ("ax", [1, 2]))
+        ],
+    )
+    main = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=then, else_branch=other)],
+        "main",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C, 8, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])],
+        outer_inits,
+    )
+    m = helper.make_model(main, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("outer_weight", [False, True])
+def test_bn_inside_an_if_branch(outer_weight: bool) -> None:
+    m = if_model(outer_weight)
+    before = m.SerializeToString()
+    out, report = fold_model(m)
+    assert m.SerializeToString() == before
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(3).standard_normal((2, C, 8, 8)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        assert_close(run(m, feeds), run(out, feeds), TOL[TensorProto.FLOAT])
+    (v,) = report.verdicts
+    assert v.bn == "branch/then_branch/bn"
+    body = [a.g for a in out.graph.node[0].attribute if a.name == "then_branch"][0]
+    ops = [n.op_type for n in body.node]
+    if outer_weight:  # the conv's weight belongs to the main graph: the body may not rewrite it
+        assert isinstance(v, Skip) and ops.count("BatchNormalization") == 1
+    else:
+        assert v.to_dict()["status"] == "propagated" and "3 of 6 channels keep their affine" in v.detail
+        assert (ops.count("BatchNormalization"), ops.count("Mul"), ops.count("Add")) == (0, 1, 1)
+
+
+# ---- a fork into several layers (pre-activation projection shortcut) -------------------------------
+
+
+def fork(sign: str, pads: int, second: str = "Conv", dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x -> Relu -> BN -> Relu -> r; outputs conv(r) and second(r): a 1x1 stride-2 Conv 'shortcut' (a
+    projection, padded like conv) or a Sigmoid. (A sum of the two would be merged into one conv first.)"""
+    m = chain([("Relu", {})], sign=sign, pads=pads, dtype=dtype)
+    g = m.graph
+    rng = np.random.default_rng(5)
+    if second == "Conv":
+        w = numpy_helper.from_array((rng.standard_normal((3, C, 1, 1)) * 0.4).astype(NP[dtype]), "w2")
+        g.initializer.extend([w, numpy_helper.from_array(rng.standard_normal(3).astype(NP[dtype]), "b2")])
+        g.node.append(
+            helper.make_node(
+                "Conv", ["h1", "w2", "b2"], ["z"], name="shortcut", pads=[pads] * 4, strides=[2, 2]
+            )
+        )
+    else:
+        g.node.append(helper.make_node("Sigmoid", ["h1"], ["z"], name="sig"))
+    g.output.append(helper.make_tensor_value_info("z", dtype, None))
+    g.output[1].type.CopyFrom(onnx.shape_inference.infer_shapes(m).graph.output[1].type)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize(
+    "sign,pads,muls,adds", [("positive", 0, 0, 0), ("positive", 1, 0, 1), ("mixed", 1, 1, 1)]
+)
+def test_fork_into_two_convs_scales_both(sign: str, pads: int, muls: int, adds: int, dtype: int) -> None:
+    """No padding: the Relu becomes a Max, the shift goes into both biases; padding: one Add before the
+    Relu serves both convs; mixed signs: one Mul and one Add."""
+    out, report = fold_and_check(fork(sign, pads, dtype=dtype), dtype)
+    v = assert_propagated(report, "conv")
+    assert "Conv 'conv', Conv 'shortcut'" in v.detail
+    assert counts(out) == (0, muls, adds)
+
+
+def test_fork_into_a_layer_and_another_op_keeps_the_bn() -> None:
+    out, report = fold_and_check(fork("positive", 1, second="Sigmoid"))
+    v = verdict(report)
+    assert isinstance(v, Skip) and counts(out)[0] == 1
+
+
+@pytest.mark.parametrize("name", ["preact", "dense"])
+def test_preact_and_dense_nets_reach_the_node_counts_of_their_bn_free_floor(name: str) -> None:
+    """Every shift reaches a bias (a producer's, taken back out of the residual sum; or through a Relu
+    become Max), so no Mul or Add is left that the same net without BNs does not have."""
+    net = nets.set_bn(nets.MODELS[name](), sign="positive")
+    x = net.example()
+    m = export(net, x)
+    floor = nets.MODELS[name]()
+    for parent in floor.modules():
+        for k, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, k, torch.nn.Identity())
+    out, report = fold_model(m)
+    assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
+    assert counts(out) == counts(export(floor.eval(), x))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.DOUBLE])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_relu_then_spatial_reduce_mean_head(keepdims: int, dtype: int) -> None:
+    """BN -> Relu -> ReduceMean(H, W) (the dynamo export of adaptive_avg_pool2d(1) + flatten) -> Gemm:
+    the Relu becomes a Max, scale and shift go into the Gemm."""
+    ops = [("Relu", {}), ("ReduceMean", {"axes": [2, 3], "keepdims": keepdims})]
+    if keepdims:
+        ops.append(("Flatten", {"axis": 1}))
+    out, report = fold_and_check(chain(ops, layer="gemm", dtype=dtype), dtype)
+    v = assert_propagated(report, "fc")
+    assert "(now a Max)" in v.detail
+    assert counts(out) == (0, 0, 0)
+
+
+def test_reduce_mean_over_the_channel_is_refused() -> None:
+    ops = [("ReduceMean", {"axes": [1], "keepdims": 1}), ("Flatten", {"axis": 1})]
+    m = chain(ops, layer="gemm")
+    out, report = fold_and_check(m)
+    assert isinstance(verdict(report), Skip) and counts(out) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("sign", ["positive", "mixed", "zero"])
+def test_preact_resnet_keeps_no_bn(sign: str) -> None:
+    """ResNet-v2 with a projection shortcut and a BN -> ReLU -> GAP -> Linear head: every BN goes;
+    channels with a negative scale before a ReLU, or a zero scale before a ReLU and a padded conv, keep
+    their affine (one Mul each, counted in the verdict). The head's zero-scale channels give relu(b) to
+    the Gemm through a Max; their shift must not go into the producer's bias (it did: wrong outputs)."""
+    net = nets.set_bn(nets.PreActResNet(), sign=sign)
+    x = net.example()
+    m = export(net, x)
+    before = m.SerializeToString()
+    out, report = fold_model(m)
+    assert m.SerializeToString() == before
+    onnx.checker.check_model(out, full_check=True)
+    assert_close(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()}), 1e-5)
+    assert counts(out)[0] == 0 and report.folded == report.bn_before
+    kept = [v for v in report.sites if "keep their affine" in v.detail]
+    assert counts(out)[1] == len(kept) and (sign != "positive") == bool(kept)

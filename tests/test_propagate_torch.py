@@ -482,7 +482,13 @@ def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
     _, rep_torch = bnfold.fold_with_report(net)
     via_onnx = {_module_name(v.bn): v.to_dict()["status"] for v in rep_onnx.verdicts}
     via_torch = {v.bn: v.to_dict()["status"] for v in rep_torch.verdicts}
-    assert via_torch == via_onnx
+    assert via_torch.keys() == via_onnx.keys()
+    # The ONNX pass also splits mixed-sign BNs per channel and follows a tensor that forks into several
+    # layers; PyTorch does neither yet: a BN PyTorch leaves may be propagated by ONNX, never the reverse.
+    for bn, status in via_torch.items():
+        if status == "left" and via_onnx[bn] == "propagated":
+            continue
+        assert status == via_onnx[bn], bn
 
 
 def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() -> None:

@@ -14,7 +14,7 @@ Algorithm (linear in the number of nodes per pass; passes repeat only while some
    folded something (``Conv -> BN -> BN`` folds the second BN in the second pass).
 2b. With ``propagate=True`` (the default), each BN still left is split into scale and shift, moved by
    exact identities through Relu / pooling / Flatten / zero padding into the next layer
-   (:mod:`~bnfold.onnx.propagate`; main graph only).
+   (:mod:`~bnfold.onnx.propagate`; in subgraphs too, with their own constants).
 3. With ``affine=True``, each BN still left (except training-mode ones) becomes one Mul and one Add.
 4. Fold the subgraphs (If/Loop/Scan bodies) the same way, with the enclosing graph's constants
    visible; a subgraph never edits an enclosing initializer (it writes its own).
@@ -280,7 +280,7 @@ def _fold_graph(
                 continue  # fold again: a BN on a merged sum now folds into the merged conv
             break
 
-    if ctx.propagate and main:
+    if ctx.propagate:  # If / Loop / Scan bodies too: their own constants only (an outer one refuses)
         dead, flushed = propagate_graph(graph, build, ctx.opset, ctx.names, labels, final, flush=ctx.flush)
         candidates |= dead
         ctx.flushed += flushed
