@@ -21,8 +21,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .errors import OptionError, UnsupportedModelError
+from .health_records import HealthReport
 from .kinds import model_kind
-from .records import FoldReport, HealthReport
+from .records import FoldReport
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -159,8 +160,8 @@ def fold_with_report(
 
     def backend() -> tuple[Any, FoldReport]:
         if kind == "onnx":
-            from .io import check_model_data
-            from .onnx import fold_model
+            from .io.checks import check_model_data
+            from .onnx.fold import fold_model
 
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
@@ -175,12 +176,12 @@ def fold_with_report(
                 propagate=propagate,
             )
         if kind == "export":
-            from .fx import fold_exported
+            from .fx.export import fold_exported
 
             return fold_exported(given, dry_run=dry_run)
         import torch
 
-        from .fx import fold_module
+        from .fx.module import fold_module
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         if batch_stats is None:

@@ -95,7 +95,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import errors
 from .errors import InputError, ModelStateError, OptionError
 from .fold_math.stats import ChannelStats, mix_with_prior, target_stats
-from .fx.module import copy_model
+from .fx.copying import copy_model
 
 __all__ = ["recalibrate", "param_groups", "StatsAccumulator"]
 
@@ -107,7 +107,7 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 def _sync_types() -> tuple[type[nn.Module], ...]:
     types: list[type[nn.Module]] = [nn.SyncBatchNorm]
     try:
-        from .nn import SyncBatchNorm
+        from .nn.sync import SyncBatchNorm
 
         types.append(SyncBatchNorm)
     except ImportError:  # pragma: no cover - bnfold.nn always ships

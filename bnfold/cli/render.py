@@ -29,17 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.records import (
-    Direction,
-    FoldReport,
-    FreezeReport,
-    HealthReport,
-    OutputCheck,
-    Site,
-    Skip,
-    VerifyReport,
-    count_labels,
-)
+from bnfold.health_records import HealthReport, count_labels
+from bnfold.records import Direction, FoldReport, FreezeReport, OutputCheck, Site, Skip, VerifyReport
 
 from .jsonout import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
 
@@ -318,7 +309,7 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     worst = v.worst()
     where = f" at {clean(worst.name)}" if worst is not None else ""
     verdict = "equivalent" if v.passed else "NOT equivalent"
-    from bnfold.verification import runtimes_label
+    from bnfold.verification.policy import runtimes_label
 
     return Text(
         f"{verdict}: max abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where} "

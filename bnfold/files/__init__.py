@@ -19,6 +19,7 @@ Modules:
 from __future__ import annotations
 
 from bnfold.errors import FoldVerificationError
+from bnfold.export import ExportSettings
 
 from .fold import fold_file
 from .freeze import freeze_file
@@ -28,7 +29,6 @@ from .output import check_output
 from .settings import (
     OUTPUT_FORMATS,
     CompareSettings,
-    ExportSettings,
     FoldSettings,
     FreezeSettings,
     InputSettings,

@@ -55,7 +55,8 @@ from torch import fx, nn
 
 from bnfold.records import Site, Skip, SkipReason
 
-from .custom import BnSpec, describe_bn
+from .bnspec import BnSpec
+from .custom import describe_bn
 from .layers import (
     CONV_TYPES,
     CONVT_TYPES,

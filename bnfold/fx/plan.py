@@ -33,19 +33,13 @@ from torch import fx, nn
 
 from bnfold.dtypes import from_numpy as _from_numpy
 from bnfold.dtypes import numpy_dtype, to_float64, to_numpy
-from bnfold.fold_math import (
-    F64,
-    WeightLayout,
-    bn_affine,
-    cast_exact,
-    fits_dtype,
-    fold_backward,
-    fold_forward,
-    fold_forward_cast,
-)
+from bnfold.fold_math.cast import F64, cast_exact, fits_dtype
+from bnfold.fold_math.folds import bn_affine, fold_backward, fold_forward, fold_forward_cast
+from bnfold.fold_math.layout import WeightLayout
 from bnfold.records import Direction, Skip, SkipReason, Verdict
 
-from .custom import BnSpec, describe_bn
+from .bnspec import BnSpec
+from .custom import describe_bn
 from .layers import fetch_attr
 from .sites import Candidate, Matched, functional_bn_args
 
