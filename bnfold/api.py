@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Model = TypeVar("Model", "onnx.ModelProto", "torch.nn.Module", "torch.export.ExportedProgram")
 """The three model types; ``fold`` returns the type it was given."""
 
-__all__ = ["Model", "fold", "inspect", "fold_with_report", "health", "model_kind"]
+__all__ = ["Model", "fold", "inspect", "fold_with_report", "health"]
 
 log = logging.getLogger(__name__)
 

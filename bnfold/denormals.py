@@ -44,7 +44,6 @@ from .fold_math.subnormal import (
     F16_TINY,
     count_subnormal,
     flush_array,
-    flush_written,
     has_subnormal_bits,
 )
 from .health_records import RangeCounts
@@ -57,7 +56,6 @@ __all__ = [
     "snapshot",
     "changed_tensors",
     "flush_model",
-    "flush_written",
     "fold_targets",
     "flush_targets",
 ]

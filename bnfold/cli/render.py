@@ -32,7 +32,7 @@ from rich.text import Text
 from bnfold.health_records import HealthReport, count_labels
 from bnfold.records import Direction, FoldReport, FreezeReport, OutputCheck, Site, Skip, VerifyReport
 
-from .jsonout import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
+from .jsonout import counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -41,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from bnfold.health_records import LayerQuant
 
 __all__ = [
-    "SCHEMA",
-    "SCHEMA_VERSION",
     "clean",
     "human_size",
     "make_console",
@@ -50,8 +48,6 @@ __all__ = [
     "render_verify_report",
     "render_bench_report",
     "render_freeze_report",
-    "json_document",
-    "error_document",
     "render_health",
     "health_summary",
     "render_fold_quant",

@@ -35,7 +35,6 @@ __all__ = [
     "InspectSettings",
     "CompareSettings",
     "FreezeSettings",
-    "ExportSettings",
     "OUTPUT_FORMATS",
     "output_format",
     "refuse",

@@ -29,7 +29,7 @@ from .export_match import ExportCandidate, find_export_sites, layer_weight
 from .export_plan import plan_export_sites
 from .export_rewrite import apply_exported
 
-__all__ = ["fold_exported", "find_export_sites"]
+__all__ = ["fold_exported"]
 
 log = logging.getLogger(__name__)
 

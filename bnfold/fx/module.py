@@ -55,7 +55,7 @@ from .safety import direct_pairs, unsafe_use
 from .sites import Candidate, Matched
 from .tracing import TRACE_LOCK, first_line
 
-__all__ = ["fold_module", "copy_model"]
+__all__ = ["fold_module"]
 
 log = logging.getLogger(__name__)
 
