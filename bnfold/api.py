@@ -160,8 +160,8 @@ def fold_with_report(
 
     def backend() -> tuple[Any, FoldReport]:
         if kind == "onnx":
-            from .io.checks import check_model_data
-            from .onnx.fold import fold_model
+            from .io import check_model_data
+            from .onnx import fold_model
 
             check_model_data(given)  # as io.load does for a file: duplicate names, short tensors, BN lengths
             # The flush runs as the fold writes each tensor (no second pass over the weights).
@@ -176,12 +176,12 @@ def fold_with_report(
                 propagate=propagate,
             )
         if kind == "export":
-            from .fx.export import fold_exported
+            from .fx import fold_exported
 
             return fold_exported(given, dry_run=dry_run)
         import torch
 
-        from .fx.module import fold_module
+        from .fx import fold_module
 
         ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         if batch_stats is None:

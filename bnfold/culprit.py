@@ -78,7 +78,7 @@ class Culprit:
 
     def describe(self) -> str:
         """One sentence for the BN's verdict: the error this fold caused and the tolerance it exceeds."""
-        from .verification.policy import describe_failure
+        from .verification import describe_failure
 
         worst = self.report.worst()
         what = describe_failure(worst) if worst is not None else "verification failed"

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .dtypes import bfloat16, to_numpy
-from .fold_math.cast import cast_exact
+from .fold_math import cast_exact
 from .fold_math.subnormal import (
     BF16_TINY,
     BITS,

@@ -85,7 +85,7 @@ def to_float64(t: Any) -> npt.NDArray[np.float64] | None:
 
 def from_float64(a: npt.ArrayLike, dtype: Any, device: Any = None) -> Any:
     """Float64 values rounded once (to nearest, ties to even) to torch ``dtype``, on ``device``."""
-    from .fold_math.cast import cast_exact
+    from .fold_math import cast_exact
 
     t = from_numpy(cast_exact(a, numpy_dtype(dtype)))
     return t if device is None else t.to(device)

@@ -202,16 +202,16 @@ def export_onnx(
         merge_branches=merge_branches,
     )
     if verify:
-        from .verification.driver import verify as run_verify
+        from .verification import verify as run_verify
 
         vrep = run_verify(model, onnx_model, example_inputs=args, atol=atol, rtol=rtol)
         report = replace(report, verification=vrep)
         if not vrep.passed and not force:
-            from .verification.policy import failure_message
+            from .verification import failure_message
 
             message = failure_message(vrep, against="the PyTorch model")
             raise VerificationError(f"{path}: the exported ONNX model is {message}; nothing written", vrep)
-    from .io.saver import save
+    from .io import save
 
     save(onnx_model, path)
     return replace(report, seconds=time.perf_counter() - t0)
@@ -255,7 +255,7 @@ def _export_module(
     """
     import torch
 
-    from .fx.module import fold_module
+    from .fx import fold_module
 
     folded, treport = run(
         model, "module", post, lambda: fold_module(model, example_inputs=args, merge_branches=merge_branches)
@@ -294,7 +294,7 @@ def _fold_export(
     The health audit (of the PyTorch fold) and pruning are the first fold's: only the flush runs here.
     Returns ``(proto, report, BNs in the exported graph)``.
     """
-    from .onnx.fold import count_bn, fold_model
+    from .onnx import count_bn, fold_model
 
     left_in_onnx = count_bn(proto)
     steps = PostFold(post.flush_denormals)

@@ -57,8 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dtypes import numpy_dtype, to_float64
 from .errors import InputError, OptionError, UnsupportedModelError
-from .fold_math.cast import fits_dtype
-from .fold_math.folds import bn_affine
+from .fold_math import bn_affine, fits_dtype
 from .fx.bnspec import BnSpec
 from .fx.copying import copy_model
 from .fx.custom import describe_bn, registered_bn_like, tail_same_in_train

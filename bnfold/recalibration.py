@@ -107,7 +107,7 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 def _sync_types() -> tuple[type[nn.Module], ...]:
     types: list[type[nn.Module]] = [nn.SyncBatchNorm]
     try:
-        from .nn.sync import SyncBatchNorm
+        from .nn import SyncBatchNorm
 
         types.append(SyncBatchNorm)
     except ImportError:  # pragma: no cover - bnfold.nn always ships

@@ -486,7 +486,7 @@ def verify(
             candidate=candidate,
         )
         if not report.passed:
-            from bnfold.verification.policy import failure_message
+            from bnfold.verification import failure_message
 
             fail(f"{shown}: {failure_message(report, against=str(against))}", 1, "VerificationError")
 

@@ -305,7 +305,7 @@ def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Tex
     worst = v.worst()
     where = f" at {clean(worst.name)}" if worst is not None else ""
     verdict = "equivalent" if v.passed else "NOT equivalent"
-    from bnfold.verification.policy import runtimes_label
+    from bnfold.verification import runtimes_label
 
     return Text(
         f"{verdict}: max abs {v.max_abs_error:.2e}, rel {v.max_rel_error:.2e}{where} "

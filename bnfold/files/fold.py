@@ -203,7 +203,7 @@ def _finish(
 ) -> FoldReport:
     """The verification-failed policy (the one place), then commit and the output's figures."""
     from bnfold.io.datafiles import model_size, onnx_data_files
-    from bnfold.verification.policy import failure_message, runtime_notes
+    from bnfold.verification import failure_message, runtime_notes
 
     v = report.verification
     if v is not None:
@@ -251,7 +251,7 @@ def _finish(
 def _fold_onnx(
     src: Path, model: Any, prep: Prepared, s: FoldSettings, progress: ProgressFn
 ) -> tuple[FoldReport, Any]:
-    from bnfold.onnx.fold import fold_model
+    from bnfold.onnx import fold_model
 
     check_onnx_shapes(model, prep.shapes, src)
     post = PostFold(s.flush_denormals, s.health, s.prune_constant_channels)
@@ -339,7 +339,7 @@ def _without_culprits(
     if loaded.format == "onnx":
         from bnfold import io as bio
         from bnfold.culprit import fold_without_culprits
-        from bnfold.onnx.fold import fold_model
+        from bnfold.onnx import fold_model
 
         post = PostFold(s.flush_denormals)  # the audit is the first fold's (a re-fold is in place)
 

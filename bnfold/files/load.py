@@ -22,7 +22,7 @@ from bnfold.records import FoldReport, Skip
 from .settings import LoadSettings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.io.loader import Loaded
+    from bnfold.io import Loaded
 
 __all__ = ["ProgressFn", "noop", "load", "resolve_factory", "cli_advice", "advised", "reworded"]
 
@@ -39,7 +39,7 @@ def resolve_factory(spec: str | None) -> Callable[[], Any] | None:
     """``--model module.path:factory`` -> the callable (see :func:`bnfold.io.resolve_factory`)."""
     if spec is None:
         return None
-    from bnfold.io.torch_load import resolve_factory as _resolve
+    from bnfold.io import resolve_factory as _resolve
 
     return _resolve(spec)
 
@@ -48,7 +48,7 @@ def load(
     src: Path, settings: LoadSettings, progress: ProgressFn, *, lazy_external_data: bool = False
 ) -> Loaded:
     """Load ``src`` once (:func:`bnfold.io.load_file`) between two progress ticks."""
-    from bnfold.io.loader import load_file
+    from bnfold.io import load_file
 
     factory = resolve_factory(settings.model_factory)
     progress("load", 0, 1)

@@ -32,7 +32,7 @@ def check_output(src: Path, dst: Path, *, in_place: bool = False) -> None:
         OutputError: ``dst`` is the input without ``in_place``, a folder, or its folder is missing or
             not writable.
     """
-    from bnfold.io.paths import check_output_path
+    from bnfold.io import check_output_path
 
     if same_file(src, dst) and not in_place:
         raise OutputError(

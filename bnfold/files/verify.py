@@ -72,7 +72,7 @@ def run_verify(
     where: str = "",
 ) -> VerifyReport:
     """:func:`bnfold.verification.verify` with the job's settings; errors name ``where``."""
-    from bnfold.verification.driver import verify
+    from bnfold.verification import verify
 
     progress("verify", 0, 1)
     c = prep.check

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, fx, nn
 
 from bnfold.dtypes import to_float64
-from bnfold.fold_math.cast import F64
-from bnfold.fold_math.folds import bn_affine
+from bnfold.fold_math import F64, bn_affine
 
 __all__ = ["BnSpec", "StatsFn", "TailFn", "NO_STATS"]
 

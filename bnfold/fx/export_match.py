@@ -59,7 +59,7 @@ from typing import Any, Union
 import torch
 from torch import fx
 
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import WeightLayout
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .layers import fetch_attr

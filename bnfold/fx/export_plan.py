@@ -22,8 +22,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.dtypes import numpy_dtype, to_float64
-from bnfold.fold_math.cast import F64, cast_exact
-from bnfold.fold_math.folds import bn_affine, fold_backward, fold_forward
+from bnfold.fold_math import F64, bn_affine, cast_exact, fold_backward, fold_forward
 from bnfold.records import Direction, Skip, SkipReason
 
 from .export_match import ExportCandidate, ExportMatched

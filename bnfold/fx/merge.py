@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold.fold_math.cast import cast_exact
+from bnfold.fold_math import cast_exact
 from bnfold.fold_math.merge import (
     F64,
     MergeRef,

@@ -33,9 +33,16 @@ from torch import fx, nn
 
 from bnfold.dtypes import from_numpy as _from_numpy
 from bnfold.dtypes import numpy_dtype, to_float64, to_numpy
-from bnfold.fold_math.cast import F64, cast_exact, fits_dtype
-from bnfold.fold_math.folds import bn_affine, fold_backward, fold_forward, fold_forward_cast
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import (
+    F64,
+    WeightLayout,
+    bn_affine,
+    cast_exact,
+    fits_dtype,
+    fold_backward,
+    fold_forward,
+    fold_forward_cast,
+)
 from bnfold.records import Direction, Skip, SkipReason, Verdict
 
 from .bnspec import BnSpec

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from bnfold.dtypes import from_float64, to_float64
-from bnfold.fold_math.folds import bn_affine
+from bnfold.fold_math import bn_affine
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SOURCE_KEYS"]
 

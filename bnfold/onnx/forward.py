@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.fold_math.folds import fold_gemm_forward
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import WeightLayout, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, resolve_weight, weight_and_bias

@@ -72,7 +72,7 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from bnfold.errors import ModelFormatError
-from bnfold.fold_math.folds import bn_affine
+from bnfold.fold_math import bn_affine
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .batch_stats import OPTION_HINT

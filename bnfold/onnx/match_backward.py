@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.fold_math.folds import fold_backward, fold_gemm_backward
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import WeightLayout, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, optional_input, resolve_weight, weight_and_bias

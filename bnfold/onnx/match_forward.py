@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import WeightLayout
 from bnfold.records import Skip, SkipReason
 
 from .const import ConstEvaluator, is_float, resolve_weight

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from onnx import NodeProto
 
-from bnfold.fold_math.folds import fold_forward, fold_gemm_forward
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import WeightLayout, fold_forward, fold_gemm_forward
 from bnfold.records import Direction, Site, Skip
 
 from .const import Array, ConstEvaluator, is_float

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
 from .const import resolve_weight

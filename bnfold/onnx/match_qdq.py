@@ -56,8 +56,7 @@ from typing import Any, Protocol
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.fold_math.folds import fold_backward, fold_gemm_backward
-from bnfold.fold_math.layout import WeightLayout, channel_factor
+from bnfold.fold_math import WeightLayout, channel_factor, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, is_float

@@ -64,7 +64,7 @@ import numpy as np
 import numpy.typing as npt
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
-from bnfold.fold_math.cast import cast_exact
+from bnfold.fold_math import cast_exact
 from bnfold.fold_math.merge import (
     MergeRef,
     MergeRefusal,

@@ -19,10 +19,7 @@ import numpy.typing as npt
 from onnx import NodeProto, TensorProto
 
 from bnfold.errors import ModelFormatError
-from bnfold.fold_math.blocked import Scratch
-from bnfold.fold_math.cast import cast_exact
-from bnfold.fold_math.folds import fold_forward_cast
-from bnfold.fold_math.layout import WeightLayout
+from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cast
 from bnfold.records import Site, Skip, SkipReason
 
 from .graph import GraphIndex, attr, text
@@ -189,7 +186,7 @@ def scale_out(
     shift = np.zeros_like(s) if t is None else t
     w_new, b_new, finite = fold_forward_cast(w, b, s, shift, layout, out=buf)
     if not finite:
-        from bnfold.fold_math.folds import fold_forward
+        from bnfold.fold_math import fold_forward
 
         w64, b64 = fold_forward(w, b, s, shift, layout)
         res = finish([w64, b64], w.dtype, bn, what)

@@ -177,7 +177,7 @@ def verify(
     comparator = Comparator(atol, rtol, error_stat, min_cosine, min_snr_db)
     comparator.validate()
     if save_outputs is not None:  # a cheap check before any model runs: never over a file read here
-        from bnfold.io.paths import check_output_path, files_read_by
+        from bnfold.io import check_output_path, files_read_by
 
         reads = [
             f

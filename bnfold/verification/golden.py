@@ -84,7 +84,7 @@ def save_outputs(path: str | os.PathLike[str], rec: Recording) -> None:
         "runtimes": rec.runtimes,
     }
     arrays["__meta__"] = np.array(json.dumps(meta))
-    from bnfold.io.atomic import atomic_path
+    from bnfold.io import atomic_path
 
     try:
         with atomic_path(p) as tmp:  # checks OUT (never a directory, FIFO or device) and fits NAME_MAX
