@@ -29,18 +29,8 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .records import (
-    BnHealth,
-    Direction,
-    FoldReport,
-    HealthReport,
-    OutputCheck,
-    RangeCounts,
-    Site,
-    Skip,
-    SkipReason,
-    VerifyReport,
-)
+from .health_records import BnHealth, HealthReport, RangeCounts
+from .records import Direction, FoldReport, OutputCheck, Site, Skip, SkipReason, VerifyReport
 
 __version__ = "0.1.0"
 
@@ -99,10 +89,10 @@ if TYPE_CHECKING:
     from .export import export_onnx as export_onnx
     from .freezing import freeze as freeze
     from .freezing import freeze_with_report as freeze_with_report
-    from .freezing import recalibrate as recalibrate
     from .freezing import unfreeze as unfreeze
     from .io import load as load
     from .io import save as save
+    from .recalibration import recalibrate as recalibrate
     from .verification import verify as verify
 else:
 

@@ -21,9 +21,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .errors import OptionError, UnsupportedModelError
+from .health_records import HealthReport
 from .kinds import model_kind
 from .options import FoldOptions
-from .records import FoldReport, HealthReport
+from .records import FoldReport
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Model = TypeVar("Model", "onnx.ModelProto", "torch.nn.Module", "torch.export.ExportedProgram")
 """The three model types; ``fold`` returns the type it was given."""
 
-__all__ = ["Model", "fold", "inspect", "fold_with_report", "fold_with_options", "health", "model_kind"]
+__all__ = ["Model", "fold", "inspect", "fold_with_report", "fold_with_options", "health"]
 
 log = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ from .fold_math.subnormal import (
     F16_TINY,
     count_subnormal,
     flush_array,
-    flush_written,
     has_subnormal_bits,
 )
-from .records import FoldReport, RangeCounts
+from .health_records import RangeCounts
+from .records import FoldReport
 
 __all__ = [
     "count_subnormal",
@@ -56,7 +56,6 @@ __all__ = [
     "snapshot",
     "changed_tensors",
     "flush_model",
-    "flush_written",
     "fold_targets",
     "flush_targets",
 ]

@@ -18,7 +18,8 @@ from typing import Any, overload
 import numpy as np
 import numpy.typing as npt
 
-from .fold_math.cast import is_bfloat16  # the pure NumPy test lives with the fold math (no cycle)
+# The pure NumPy tests live with the fold math (no cycle; the ONNX backend uses them without this bridge).
+from .fold_math.cast import is_bfloat16, is_floating
 
 __all__ = [
     "bfloat16",
@@ -38,12 +39,6 @@ def bfloat16() -> np.dtype[Any]:
 
     dt: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
     return dt
-
-
-def is_floating(dtype: Any) -> bool:
-    """True for NumPy float16/32/64 and bfloat16 (whose kind is ``"V"``, not ``"f"``)."""
-    dt = np.dtype(dtype)
-    return bool(dt.kind == "f" or dt.name == "bfloat16")
 
 
 def numpy_dtype(dtype: Any) -> np.dtype[Any]:

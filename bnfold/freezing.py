@@ -58,8 +58,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .dtypes import numpy_dtype, to_float64
 from .errors import InputError, OptionError, UnsupportedModelError
 from .fold_math import bn_affine, fits_dtype
-from .fx.custom import BnSpec, describe_bn, registered_bn_like, tail_same_in_train
-from .fx.module import copy_model
+from .fx.bnspec import BnSpec
+from .fx.copying import copy_model
+from .fx.custom import describe_bn, registered_bn_like, tail_same_in_train
 from .nn.frozen import SOURCE_KEYS, FrozenBatchNorm
 from .records import Direction, FoldReport, Site, Skip, SkipReason, Verdict
 

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from .dtypes import to_float64
 from .errors import UnsupportedModelError
-from .health_records import LayerQuant
-from .records import BnHealth, Direction, FoldReport, HealthReport, RangeCounts, Site, Verdict
+from .health_records import BnHealth, HealthReport, LayerQuant, RangeCounts
+from .records import Direction, FoldReport, Site, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -75,7 +75,8 @@ def audit(original: Any, folded: Any, report: FoldReport, before: Any = None) ->
         before: :func:`bnfold.denormals.snapshot` of ``original`` taken before the fold; default: taken
             now (right when ``original`` was not folded in place).
     """
-    from .denormals import changed_tensors, count_subnormal, range_counts, snapshot, tensor_values
+    from .denormals import changed_tensors, range_counts, snapshot, tensor_values
+    from .fold_math.subnormal import count_subnormal
     from .kinds import model_kind
 
     kind = model_kind(original)
@@ -265,7 +266,8 @@ def _record(
 ) -> BnHealth:
     import numpy as np
 
-    from .denormals import count_subnormal, range_counts
+    from .denormals import range_counts
+    from .fold_math.subnormal import count_subnormal
 
     status = "left"
     target = ""

@@ -94,9 +94,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import errors
 from .errors import InputError, ModelStateError, OptionError
-from .fx.module import copy_model
+from .fold_math.stats import ChannelStats, mix_with_prior, target_stats
+from .fx.copying import copy_model
 
-__all__ = ["recalibrate", "param_groups", "StatsAccumulator", "target_stats", "mix_with_prior"]
+__all__ = ["recalibrate", "param_groups", "StatsAccumulator"]
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +116,9 @@ def _sync_types() -> tuple[type[nn.Module], ...]:
 
 
 @dataclass
-class StatsAccumulator:
-    """Per-layer float64 accumulators on one process (see rule 2)."""
+class StatsAccumulator(ChannelStats[Tensor]):
+    """Per-layer float64 accumulators on one process (see rule 2), torch tensors on ``device``."""
 
-    sum_mean: Tensor
-    sum_var: Tensor
-    mean: Tensor  # pooled running mean (Chan)
-    m2: Tensor  # pooled centred sum of squares (Chan)
-    batches: int = 0
-    values: int = 0  # K: values per channel
-    samples: int = 0  # n: size of dim 0, summed
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
@@ -142,16 +136,7 @@ class StatsAccumulator:
         xd = x.detach().to(torch.float64)
         dims = [0, *range(2, xd.dim())]
         var_b, mean_b = torch.var_mean(xd, dims, correction=0)  # two-pass, float64
-        m2_b = var_b * k
-        self.sum_mean += mean_b
-        self.sum_var += m2_b / (k - 1) if k > 1 else torch.full_like(m2_b, math.nan)
-        total = self.values + k
-        delta = mean_b - self.mean
-        self.mean += delta * (k / total)
-        self.m2 += m2_b + delta * delta * (self.values * k / total)
-        self.values = total
-        self.batches += 1
-        self.samples += x.shape[0]
+        self.add_moments(mean_b, var_b, k, x.shape[0])
 
     def pack(self) -> Tensor:
         s1 = self.mean * self.values
@@ -336,26 +321,6 @@ class _Peers:
                 "statistics, and they differ between processes: load the same statistics on every process "
                 "(a replicated model), or pass prior=None"
             )
-
-
-def target_stats(acc: StatsAccumulator, pooled: bool) -> tuple[Tensor, Tensor]:
-    """(mean, unbiased var) of the new data, float64 (rule 2)."""
-    if pooled:
-        return acc.mean, acc.m2 / max(acc.values - 1, 1)
-    return acc.sum_mean / acc.batches, acc.sum_var / acc.batches
-
-
-def mix_with_prior(
-    mean_s: Tensor, var_s: Tensor, mean_t: Tensor, var_t: Tensor, acc: StatsAccumulator, prior: float
-) -> tuple[Tensor, Tensor]:
-    """Source statistics as ``prior`` samples combined with the target ones (rule 3), float64."""
-    k_t = float(acc.values)
-    k_s = prior * k_t / acc.samples
-    total = k_s + k_t
-    m2 = var_s * max(k_s - 1.0, 0.0) + var_t * (k_t - 1.0)
-    d = mean_s - mean_t
-    m2 = m2 + d * d * (k_s * k_t / total)
-    return (k_s * mean_s + k_t * mean_t) / total, m2 / max(total - 1.0, 1.0)
 
 
 def recalibrate(

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .health_records import BnHealth, HealthReport, LayerQuant, RangeCounts, count_labels
+from .health_records import HealthReport, LayerQuant
 
 if TYPE_CHECKING:  # pragma: no cover
     from .constant_channels import PrunedChannels
@@ -35,10 +35,6 @@ __all__ = [
     "FileInfo",
     "ExportCounts",
     "FreezeReport",
-    "RangeCounts",
-    "BnHealth",
-    "HealthReport",
-    "count_labels",
     "MergeReason",
     "BranchVerdict",
     "Merge",

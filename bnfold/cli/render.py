@@ -29,19 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.records import (
-    Direction,
-    FoldReport,
-    FreezeReport,
-    HealthReport,
-    OutputCheck,
-    Site,
-    Skip,
-    VerifyReport,
-    count_labels,
-)
+from bnfold.health_records import HealthReport, count_labels
+from bnfold.records import Direction, FoldReport, FreezeReport, OutputCheck, Site, Skip, VerifyReport
 
-from .jsonout import SCHEMA, SCHEMA_VERSION, counts, error_document, json_document
+from .jsonout import counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -50,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from bnfold.health_records import LayerQuant
 
 __all__ = [
-    "SCHEMA",
-    "SCHEMA_VERSION",
     "clean",
     "human_size",
     "make_console",
@@ -59,8 +48,6 @@ __all__ = [
     "render_verify_report",
     "render_bench_report",
     "render_freeze_report",
-    "json_document",
-    "error_document",
     "render_health",
     "health_summary",
     "render_fold_quant",

@@ -30,8 +30,8 @@ from typer.core import TyperGroup
 
 from bnfold.errors import BnfoldError, OptionError, with_context
 
-from .jsonout import finite_json
-from .render import clean, error_document, json_document, make_console
+from .jsonout import error_document, finite_json, json_document
+from .render import clean, make_console
 
 __all__ = [
     "Group",

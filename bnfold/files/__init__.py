@@ -19,6 +19,8 @@ Modules:
 from __future__ import annotations
 
 from bnfold.errors import FoldVerificationError
+from bnfold.export import ExportSettings
+from bnfold.options import FoldOptions
 
 from .fold import fold_file
 from .freeze import freeze_file
@@ -28,8 +30,6 @@ from .output import check_output
 from .settings import (
     OUTPUT_FORMATS,
     CompareSettings,
-    ExportSettings,
-    FoldOptions,
     FoldSettings,
     FreezeSettings,
     InputSettings,

@@ -645,7 +645,8 @@ def _pt2(
     import torch
 
     from bnfold.dtypes import from_numpy
-    from bnfold.recalibration import StatsAccumulator, mix_with_prior, target_stats
+    from bnfold.fold_math.stats import mix_with_prior, target_stats
+    from bnfold.recalibration import StatsAccumulator
 
     from .output import save
 

@@ -36,8 +36,6 @@ __all__ = [
     "InspectSettings",
     "CompareSettings",
     "FreezeSettings",
-    "ExportSettings",
-    "FoldOptions",
     "OUTPUT_FORMATS",
     "output_format",
     "refuse",

@@ -22,7 +22,13 @@ def is_bfloat16(dtype: Any) -> bool:
         return False
 
 
-__all__ = ["F64", "ArrayLike", "f64", "cast_exact", "fits_dtype", "is_bfloat16"]
+def is_floating(dtype: Any) -> bool:
+    """True for NumPy float16/32/64 and bfloat16 (whose kind is ``"V"``, not ``"f"``)."""
+    dt = np.dtype(dtype)
+    return bool(dt.kind == "f" or dt.name == "bfloat16")
+
+
+__all__ = ["F64", "ArrayLike", "f64", "cast_exact", "fits_dtype", "is_bfloat16", "is_floating"]
 
 F64 = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike

@@ -45,16 +45,11 @@ from bnfold.errors import BnfoldError, OptionError, UnsupportedModelError
 
 from .bnspec import NO_STATS, BnSpec, StatsFn, TailFn
 from .custom_traced import SubTracer, make_probe, signature, tail_ops, trace_subclass
-from .tracing import TRACE_LOCK, ThreadSafeTracer, first_line
 
 __all__ = [
-    "BnSpec",
     "describe_bn",
     "register_bn_like",
     "registered_bn_like",
-    "first_line",
-    "ThreadSafeTracer",
-    "TRACE_LOCK",
     "tail_same_in_train",
     "has_hooks",
 ]

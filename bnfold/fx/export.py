@@ -30,7 +30,7 @@ from .export_merge import conv_ops, merge_exported_graph
 from .export_plan import plan_export_sites
 from .export_rewrite import apply_exported
 
-__all__ = ["fold_exported", "find_export_sites"]
+__all__ = ["fold_exported"]
 
 log = logging.getLogger(__name__)
 

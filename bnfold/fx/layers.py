@@ -16,8 +16,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import SkipReason
 
+from .bnspec import BnSpec
 from .convs import input_side_conv
-from .custom import BnSpec, ThreadSafeTracer, describe_bn, has_hooks, registered_bn_like
+from .custom import describe_bn, has_hooks, registered_bn_like
+from .tracing import ThreadSafeTracer
 
 __all__ = [
     "CONV_TYPES",

@@ -55,38 +55,22 @@ from torch import fx, nn
 
 from bnfold.records import Site, Skip, SkipReason
 
-from .custom import BnSpec, describe_bn
+from .bnspec import BnSpec
+from .custom import describe_bn
 from .layers import (
-    CONV_TYPES,
-    CONVT_TYPES,
-    Tracer,
-    bn_module_skip,
     fetch_attr,
     is_bn_module,
-    is_frozen_bn,
-    layer_kind,
     spec_skip,
 )
 from .match_backward import match_backward
 from .match_forward import match_forward
 from .shapes import record_ranks
-from .sites import BN_FUNCS, Candidate, Index, Matched, functional_bn_args
+from .sites import BN_FUNCS, Index, Matched, functional_bn_args
 
 __all__ = [
-    "Candidate",
-    "Matched",
-    "Tracer",
     "find_sites",
     "match_bn",
-    "functional_bn_args",
     "is_bn_node",
-    "layer_kind",
-    "bn_module_skip",
-    "is_bn_module",
-    "is_frozen_bn",
-    "fetch_attr",
-    "CONV_TYPES",
-    "CONVT_TYPES",
 ]
 
 

@@ -48,14 +48,15 @@ from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
 
 from .copying import copy_model, shadow
-from .custom import TRACE_LOCK, first_line
-from .match import Tracer, fetch_attr, find_sites, is_bn_module
+from .layers import Tracer, fetch_attr, is_bn_module
+from .match import find_sites
 from .plan import Plan, plan_sites
 from .rewrite import apply_graph_mode, apply_module_mode, tail_of
 from .safety import direct_pairs, unsafe_use
 from .sites import Candidate, Matched
+from .tracing import TRACE_LOCK, first_line
 
-__all__ = ["fold_module", "copy_model"]
+__all__ = ["fold_module"]
 
 log = logging.getLogger(__name__)
 

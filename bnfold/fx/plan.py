@@ -45,7 +45,8 @@ from bnfold.fold_math import (
 )
 from bnfold.records import Direction, Skip, SkipReason, Verdict
 
-from .custom import BnSpec, describe_bn
+from .bnspec import BnSpec
+from .custom import describe_bn
 from .layers import fetch_attr
 from .sites import Candidate, Matched, functional_bn_args
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from bnfold.records import Site, Skip
 
-from .custom import BnSpec
+from .bnspec import BnSpec
 from .layers import fetch_attr
 
 __all__ = ["Candidate", "Matched", "Index", "functional_bn_args", "BN_FUNCS", "UNPROVEN_RANK", "clone_detail"]

@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from bnfold.dtypes import is_floating
+from bnfold.fold_math.cast import is_floating
 from bnfold.io.stream import tensor_nbytes
 from bnfold.records import Skip, SkipReason
 

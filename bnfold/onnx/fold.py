@@ -51,9 +51,10 @@ from .batch_stats import NOTE as _BATCH_NOTE
 from .batch_stats import batch_stats_pass
 from .const import ConstEvaluator
 from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
-from .match import Fold, match_affine, match_bn, match_mul_add, release_scratch
+from .match import match_affine, match_bn
+from .match_frozen import match_mul_add
 from .merge import merge_branches as _merge_branches
-from .plan import conv_groups
+from .plan import Fold, conv_groups, release_scratch
 from .propagate import propagate_graph
 from .rewrite import Names, PassRewriter, remove_dead
 from .shapes import LazyTypes, copy_fields

@@ -80,19 +80,12 @@ from .const import Array, ConstEvaluator, is_float
 from .graph import GraphIndex, attr, is_bn
 from .match_backward import match_backward
 from .match_forward import match_forward
-from .match_frozen import match_mul_add
-from .plan import FLOAT_TYPES, BnParams, Fold, Write, finish, release_scratch, trace_type
+from .plan import FLOAT_TYPES, BnParams, Fold, finish, trace_type
 
 __all__ = [
-    "Fold",
-    "Write",
-    "BnParams",
     "bn_params",
-    "release_scratch",
     "match_bn",
     "match_affine",
-    "match_mul_add",
-    "FLOAT_TYPES",
 ]
 
 

@@ -27,9 +27,10 @@ import numpy as np
 from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
 
+from .const import resolve_weight
 from .forward import Fwd, common, exclusive, gemm_fold, matmul_weight
-from .graph import name_of
-from .plan import Fold, Write, attr, finish, resolve_weight, scale_out
+from .graph import attr, name_of
+from .plan import Fold, Write, finish, scale_out
 
 __all__ = ["match_linear_norm"]
 

@@ -29,8 +29,8 @@ import numpy as np
 from bnfold.records import Skip, SkipReason
 
 from .forward import LAYERS, Fwd, common, conv_layout, exclusive, layer_writes
-from .graph import name_of
-from .plan import Fold, Write, attr
+from .graph import attr, name_of
+from .plan import Fold, Write
 
 __all__ = ["match_concat", "match_sum"]
 
@@ -62,7 +62,7 @@ def _branches(c: Fwd, node: int, inputs: list[str], what: str) -> list[tuple[int
         if bad is not None:
             return bad
         if pn.op_type == "Gemm":
-            from .plan import resolve_weight
+            from .const import resolve_weight
 
             w = resolve_weight(c.ev, pn, 1, c.label, "B")
             if isinstance(w, Skip):

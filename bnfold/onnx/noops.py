@@ -13,8 +13,7 @@ from __future__ import annotations
 from onnx import NodeProto
 
 from .const import ConstEvaluator
-from .graph import GraphIndex
-from .plan import attr
+from .graph import GraphIndex, attr
 
 __all__ = ["is_noop", "walk_up", "walk_down"]
 

@@ -22,7 +22,6 @@ from bnfold.errors import ModelFormatError
 from bnfold.fold_math import Scratch, WeightLayout, cast_exact, fold_forward_cast
 from bnfold.records import Site, Skip, SkipReason
 
-from .const import is_float, optional_input, resolve_weight, weight_and_bias
 from .graph import GraphIndex, attr, text
 
 __all__ = [
@@ -31,15 +30,10 @@ __all__ = [
     "Write",
     "Fold",
     "BnParams",
-    "attr",
     "label_of",
-    "is_float",
     "finish",
     "scale_out",
     "release_scratch",
-    "resolve_weight",
-    "optional_input",
-    "weight_and_bias",
     "rank2_or_skip",
     "trace_type",
     "conv_groups",

@@ -1,7 +1,7 @@
 """Re-estimate the statistics of every BatchNormalization of an ONNX model on data (``bnfold recalibrate``).
 
 The estimators are :func:`bnfold.recalibrate`'s (its module docstring, rules 2 and 3), computed by the
-same functions (:class:`bnfold.recalibration._Acc`, ``target_stats``, ``mix_with_prior``), in float64:
+same functions (:mod:`bnfold.fold_math.stats`: ``ChannelStats``, ``target_stats``, ``mix_with_prior``), in float64:
 
     * default: ``mean = (1/B) sum_b mean_b``, ``var = (1/B) sum_b var_b`` (per-batch unbiased variance);
     * ``pooled``: the statistics of all values together, ``var = M2 / (K - 1)``;
@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import InputError, OptionError, UnsupportedModelError
+from bnfold.fold_math.stats import NumpyStats, mix_with_prior, target_stats
 
 __all__ = ["BnChange", "RecalibrationResult", "recalibrate_model", "plan_levels", "UPSTREAM"]
 
@@ -449,11 +450,11 @@ def _session(model: Any, nodes: list[Any], outputs: Sequence[str]) -> Any:
         g.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
         if _init_bytes(model) <= SPILL_BYTES:
             return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        from bnfold import io as bio
+        from bnfold.io.saver import save
 
         with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as tmp:
             path = os.path.join(tmp, "pass.onnx")
-            bio.save(model, path, external_data=True)
+            save(model, path, external_data=True)
             return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise UnsupportedModelError(
@@ -608,9 +609,6 @@ def _run(
     total_batches: int | None,
     batch_mode: bool,
 ) -> RecalibrationResult:
-    import torch
-
-    from bnfold.recalibration import StatsAccumulator, mix_with_prior, target_stats
 
     prog = progress or (lambda stage, done, total: None)
     depths = [-1] if batch_mode else sorted({b.depth for b in bns})
@@ -623,7 +621,7 @@ def _run(
         xs = list(dict.fromkeys(key.values()))
         session = _session(work, nodes, xs)
         feeds_names = [i.name for i in session.get_inputs()]
-        acc_of: dict[str, Any] = {}
+        acc_of: dict[str, NumpyStats] = {}
         count = 0
         for batch in batches():
             try:
@@ -641,8 +639,8 @@ def _run(
                         f"the input {x!r} of a BatchNormalization has rank {a.ndim} on batch {count}"
                     )
                 if x not in acc_of:
-                    acc_of[x] = StatsAccumulator.new(a.shape[1], torch.device("cpu"))
-                acc_of[x].add(torch.from_numpy(a.astype(np.float64, copy=False)))
+                    acc_of[x] = NumpyStats.new(a.shape[1])
+                acc_of[x].add(a)
             count += 1
             done += 1
             prog("recalibrate", done, len(depths) * max(count, nbatches))
@@ -661,20 +659,20 @@ def _run(
                     f"{b.name}: its input is empty in every batch (the BatchNormalization never runs)"
                 )
             mean_s, var_s = old[b.name]
-            c = int(acc.mean.numel())
+            c = int(acc.mean.size)
             if mean_s.size != c:
                 raise InputError(f"{b.name}: its input has {c} channels, its statistics {mean_s.size}")
             mean_t, var_t = target_stats(acc, pooled)
             if prior:
                 mean_t, var_t = mix_with_prior(
-                    torch.from_numpy(mean_s.astype(np.float64).ravel()),
-                    torch.from_numpy(var_s.astype(np.float64).ravel()),
+                    mean_s.astype(np.float64).ravel(),
+                    var_s.astype(np.float64).ravel(),
                     mean_t,
                     var_t,
                     acc,
                     prior,
                 )
-            m, v = mean_t.numpy(), var_t.numpy()
+            m, v = mean_t, var_t
             if not (np.isfinite(m).all() and np.isfinite(v).all()):
                 raise InputError(
                     f"{b.name}: the re-estimated statistics are not finite (inf or nan in the data or in the "

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.dtypes import is_floating
 from bnfold.errors import NotComparableError, OptionError
+from bnfold.fold_math.cast import is_floating
 from bnfold.records import OutputCheck
 
 __all__ = [

@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.dtypes import bfloat16, from_numpy, is_floating
+from bnfold.dtypes import bfloat16, from_numpy
 from bnfold.errors import OptionError
+from bnfold.fold_math.cast import is_floating
 
 __all__ = [
     "DEFAULT_BATCH",
