@@ -352,7 +352,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
                 f"the {what} int32 bias of {target} would overflow int32 (max |value| "
                 f"{float(np.max(np.abs(qv))):.3g})",
             )
-        if shift is None or neg.any():
+        if shift is None or neg.any() or zero.any():  # integers changed: negated, or 0 where a = 0
             writes.append(Write(bd, 0, qv.astype(np.int32)))
         writes.append(Write(bd, 1, nbs))
         if bz is not None and b_pt:
