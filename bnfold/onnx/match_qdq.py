@@ -54,7 +54,7 @@ from contextvars import ContextVar
 from typing import Any, Protocol
 
 import numpy as np
-from onnx import NodeProto
+from onnx import NodeProto, TensorProto, helper
 
 from bnfold.fold_math import WeightLayout, channel_factor, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
@@ -135,6 +135,20 @@ def _const(c: _Ctx, name: str, what: str) -> Array:
     return v
 
 
+def _same_output_dtype(c: _Ctx, dn: NodeProto, s: Array, what: str) -> None:
+    """Refuse a DequantizeLinear whose ``output_dtype`` (opset 23) is not its scale's dtype: the
+    folded scale is rounded to the scale's dtype, which would lose what a wider output keeps (and a
+    new bias or shift written in the scale's dtype would not match the layer's)."""
+    od = int(attr(dn, "output_dtype", 0, c.ev.opset))
+    if od and od != helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)):
+        raise _Refuse(
+            SkipReason.QUANTIZED,
+            f"the DequantizeLinear of the {what} has output_dtype {TensorProto.DataType.Name(od).lower()} "
+            f"and {np.dtype(s.dtype).name} scales: a folded scale rounded to {np.dtype(s.dtype).name} "
+            "would lose precision the output keeps",
+        )
+
+
 def _sole(c: Fwd, d: int, reader: str) -> None:
     out = c.index.nodes[d].output[0]
     bad = exclusive(c, out, f"DequantizeLinear '{name_of(c.index.nodes[d])}'")
@@ -167,6 +181,7 @@ def _dq_parts(
     s = _const(c, dn.input[1], f"scale of the {what}")
     if not is_float(s):
         raise _Refuse(SkipReason.QUANTIZED, f"the scale of the {what} has type {s.dtype}")
+    _same_output_dtype(c, dn, s, what)
     z = _const(c, dn.input[2], f"zero point of the {what}") if len(dn.input) > 2 and dn.input[2] else None
     if z is not None and (z.dtype != q.dtype or z.shape != s.shape):
         raise _Refuse(SkipReason.QUANTIZED, f"the zero point of the {what} does not match its data or scale")
@@ -491,6 +506,7 @@ def _backward(
     s = _const(c, dn.input[1], f"scale of the weight of {target}")
     if not is_float(s):
         raise _Refuse(SkipReason.QUANTIZED, f"the scale of the weight of {target} has type {s.dtype}")
+    _same_output_dtype(c, dn, s, f"weight of {target}")
     z = (
         _const(c, dn.input[2], f"zero point of the weight of {target}")
         if len(dn.input) > 2 and dn.input[2]
@@ -639,6 +655,7 @@ def _backward(
             )
         if bz is not None and np.any(bz != 0):
             raise _Refuse(SkipReason.QUANTIZED, f"the quantized bias of {target} has a non-zero zero point")
+        _same_output_dtype(c, bdn, bs, f"bias of {target}")
         bs64 = np.broadcast_to(bs.astype(np.float64).reshape(-1), (n_out,))
         value = bq.astype(np.float64) * bs64 * beta + delta.reshape(-1)  # beta becomes 1
         # The bias scale: s_x * s_w' where it was the input scale times the weight scale per output
