@@ -87,3 +87,23 @@ def test_output_dtype_wider_than_scale_refused(direction: str, bias: str) -> Non
     onnx.checker.check_model(m, full_check=True)
     v = skip_reason(m, "bn")
     assert v.reason is SkipReason.QUANTIZED and "output_dtype" in v.detail, v.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "zero_point", "bad", "becomes"),
+    [(np.int8, 0, -128, 128), (np.int8, 5, -120, 130), (np.int8, -128, 1, -257), (np.uint8, 128, 0, 256),
+     (np.uint8, 0, 7, -7), (np.uint8, 255, 3, 507)],
+)  # fmt: skip
+def test_negation_overflow_names_the_integer(dtype: type, zero_point: int, bad: int, becomes: int) -> None:
+    # A negative BN scale negates the channel's integers around its zero point (2 z - w_q): where one
+    # leaves the type the BN is left, and the reason names that integer and its range.
+    g = qdq_layer("Conv", zero_point=zero_point, wq_dtype=dtype)
+    wq = next(t for t in g.inits if t.name == "w_q")
+    arr = np.full(numpy_helper.to_array(wq).shape, zero_point, dtype)  # every weight 0 ...
+    arr[1, 0, 0, 0] = bad  # ... but one, on the negated channel
+    wq.CopyFrom(numpy_helper.from_array(arr, "w_q"))
+    v = skip_reason(with_bn(g, 6, [0.8, -1.1, 1.3, 0.7, 0.6, 1.2]))
+    info = np.iinfo(dtype)
+    assert v.reason is SkipReason.QUANTIZED
+    assert "negative on channel 1" in v.detail and f"zero point {zero_point}" in v.detail
+    assert f"weight {bad} would become {becomes}, outside [{info.min}, {info.max}]" in v.detail, v.detail

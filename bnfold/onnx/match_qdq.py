@@ -203,6 +203,15 @@ def _dq_parts(
     return q, s, z, False
 
 
+def _first_overflow(q: Array, new_q: Array, out: Array, info: np.iinfo[Any]) -> str:
+    """The first integer whose negation around its zero point leaves the type, as the reason says it."""
+    i = int(np.flatnonzero(out.reshape(-1))[0])
+    return (
+        f"weight {int(q.reshape(-1)[i])} would become {int(new_q.reshape(-1)[i])}, outside "
+        f"[{info.min}, {info.max}]"
+    )
+
+
 def _per_c(v: Array, channels: int) -> F64:
     return np.broadcast_to(v.astype(np.float64).reshape(-1), (channels,)).copy()
 
@@ -281,7 +290,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             raise _Refuse(
                 SkipReason.QUANTIZED,
                 f"the BN scale is negative on channel {k} and negating its {q.dtype} weights around zero "
-                f"point {int(z64[k])} would overflow (e.g. {info.min} with zero point 0)",
+                f"point {int(z64[k])} would overflow: {_first_overflow(q, new_q, out_of_range, info)}",
             )
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     attrs: list[tuple[int, str, int]] = [(d, "axis", axis)]
@@ -592,11 +601,12 @@ def _backward(
         q64 = q.astype(np.int64)
         new_q = np.where(neg.reshape(shape), 2 * z64 - q64, q64)
         new_q = np.where(zero.reshape(shape), z64, new_q)
-        if np.any((new_q < info.min) | (new_q > info.max)):
+        out_of_range = (new_q < info.min) | (new_q > info.max)
+        if out_of_range.any():
             raise _Refuse(
                 SkipReason.QUANTIZED,
                 f"a BN scale is negative and negating the {q.dtype} weights of {target} around their zero "
-                f"point would overflow (e.g. {info.min} with zero point 0)",
+                f"point would overflow: {_first_overflow(q, new_q, out_of_range, info)}",
             )
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     # The shift's image W t, from the weight as the graph dequantizes it (rounded to the scale's dtype).
