@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from bnfold.onnx import fold_model
 from bnfold.records import SkipReason
 from models.onnx_graphs import G, check_fold, qdq_layer, skip_reason
 
@@ -107,3 +108,209 @@ def test_negation_overflow_names_the_integer(dtype: type, zero_point: int, bad: 
     assert v.reason is SkipReason.QUANTIZED
     assert "negative on channel 1" in v.detail and f"zero point {zero_point}" in v.detail
     assert f"weight {bad} would become {becomes}, outside [{info.min}, {info.max}]" in v.detail, v.detail
+
+
+# ---- Forward: layer(DequantizeLinear weight) -> BN ----------------------------------------------
+GAMMAS = {
+    "negative": [0.8, -1.1, 1.3, 0.7, -0.6, 1.2],
+    "zero_and_negative": [0.8, 0.0, 1.3, -0.7, 0.6, 0.0],
+}
+# (integer type, zero point): zero points in the middle and at both ends of each type
+ZERO_POINTS = [(np.int8, 0), (np.int8, -128), (np.int8, 127), (np.uint8, 128), (np.uint8, 255)]
+
+
+def negation_overflows(m: onnx.ModelProto, axis: int, gamma: list[float]) -> bool:
+    """True when some integer of a channel with a negative BN scale leaves its type once negated
+    around the zero point (2 z - w_q): the one case the forward fold must refuse."""
+    vals = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    q, z = vals["w_q"], vals["w_z"]
+    info = np.iinfo(q.dtype)
+    for k, gk in enumerate(gamma):
+        if gk < 0:
+            zk = int(z.reshape(-1)[k if z.size > 1 else 0])
+            flipped = 2 * zk - np.take(q, k, axis=axis).astype(np.int64)
+            if flipped.min() < info.min or flipped.max() > info.max:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("gamma", sorted(GAMMAS))
+@pytest.mark.parametrize(("dtype", "zero_point"), ZERO_POINTS)
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize(
+    ("kind", "bias"),
+    [("Conv", "none"), ("Conv", "float"), ("Conv", "int32"), ("ConvTranspose", "int32"), ("Gemm", "int32"),
+     ("MatMul", "none")],
+)  # fmt: skip
+def test_forward_exact_or_refused(
+    kind: str, bias: str, per_channel: bool, dtype: type, zero_point: int, gamma: str
+) -> None:
+    g = qdq_layer(kind, bias=bias, per_channel=per_channel, zero_point=zero_point, wq_dtype=dtype)
+    m = with_bn(g, 6, GAMMAS[gamma])
+    axis = 1 if kind in ("ConvTranspose", "Gemm", "MatMul") else 0
+    if negation_overflows(m, axis, GAMMAS[gamma]):
+        v = skip_reason(m)
+        assert v.reason is SkipReason.QUANTIZED and "would overflow" in v.detail, v.to_dict()
+    else:
+        check_fold(m, seeds=1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "axis", "trans_b", "folds"),
+    [("Conv", -4, 0, True), ("ConvTranspose", -3, 0, True), ("Gemm", -1, 0, True), ("Gemm", -2, 1, True),
+     ("MatMul", -1, 0, True), ("Conv", 1, 0, False), ("Conv", -3, 0, False), ("ConvTranspose", 0, 0, False),
+     ("Gemm", 0, 0, False), ("Gemm", 1, 1, False), ("MatMul", 0, 0, False)],
+)  # fmt: skip
+def test_quantization_axis(kind: str, axis: int, trans_b: int, folds: bool) -> None:
+    # Negative axes that name the output channel fold; any other axis (the input channels of a
+    # square weight, so the scale count matches) is refused.
+    bias = "none" if kind == "MatMul" else "float"
+    g = qdq_layer(kind, trans_b=trans_b, bias=bias, c_out=4 if kind in ("Conv", "ConvTranspose") else 5)
+    next(a for a in next(n for n in g.nodes if n.name == "dq_w").attribute if a.name == "axis").i = axis
+    c = 4 if kind in ("Conv", "ConvTranspose") else 5
+    m = with_bn(g, c, [0.8, -1.1, 1.3, 0.7, 0.9][:c])
+    if folds:
+        check_fold(m, seeds=1)
+    else:
+        v = skip_reason(m)
+        assert v.reason is SkipReason.QUANTIZED and "not per output channel" in v.detail
+
+
+@pytest.mark.parametrize("opset", [10, 11, 12])
+def test_per_tensor_below_opset_13_refused(opset: int) -> None:
+    m = with_bn(qdq_layer("Conv", per_channel=False, x_qdq=False), 6, GAMMAS["negative"], opset=opset)
+    v = skip_reason(m)
+    assert v.reason is SkipReason.QUANTIZED and f"opset {opset} < 13" in v.detail
+
+
+@pytest.mark.parametrize("name", ["w_q", "w_s", "w_z", "b_q", "b_s", "bn.gamma"])
+def test_initializer_that_is_a_graph_input_refused(name: str) -> None:
+    # A user can feed an initializer that is also a graph input: not a constant, never folded.
+    m = with_bn(qdq_layer("Conv", bias="int32"), 6, GAMMAS["negative"])
+    t = next(t for t in m.graph.initializer if t.name == name)
+    m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    v = skip_reason(m)
+    assert (
+        v.reason is SkipReason.NON_CONSTANT
+        and f"'{name}' is an initializer that is also a graph input" in v.detail
+    )
+
+
+def half_scales(m: onnx.ModelProto, value: float | None = None) -> onnx.ModelProto:
+    """The model in float16 (opset 19: float16 DequantizeLinear scales), weight scales set to ``value``."""
+    for t in m.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32:
+            a = np.full_like(a, value) if value is not None and t.name == "w_s" else a
+            t.CopyFrom(numpy_helper.from_array(a.astype(np.float16), t.name))
+    for v in (*m.graph.input, *m.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    m.opset_import[0].version = 19
+    return m
+
+
+def test_half_scales_fold_within_float16_tolerance() -> None:
+    m = half_scales(with_bn(qdq_layer("Conv", bias="int32"), 6, GAMMAS["zero_and_negative"]))
+    check_fold(m, seeds=1)
+
+
+@pytest.mark.parametrize(
+    ("scale", "gamma", "what"), [(60.0, 3000.0, "not be finite"), (1e-4, 1e-4, "underflows")]
+)
+def test_half_scales_overflow_and_underflow_refused(scale: float, gamma: float, what: str) -> None:
+    # s * a past float16's range (inf) or below its smallest subnormal (0): refused, never written.
+    m = half_scales(with_bn(qdq_layer("Conv", bias="none"), 6, [gamma] * 6), scale)
+    v = skip_reason(m)
+    assert v.reason is SkipReason.OVERFLOW and what in v.detail, v.to_dict()
+
+
+@pytest.mark.parametrize("elem", ["UINT4", "FLOAT8E4M3FN", "FLOAT8E5M2"])
+def test_low_bit_weights_refused(elem: str) -> None:
+    g = qdq_layer("Conv")
+    dt = getattr(onnx.TensorProto, elem)
+    for t in g.inits:
+        if t.name in ("w_q", "w_z"):
+            arr = numpy_helper.to_array(t).astype(np.float32)
+            arr = np.clip(arr, 0, 15) if elem == "UINT4" else arr / 16
+            t.CopyFrom(onnx.helper.make_tensor(t.name, dt, arr.shape, arr.flatten().tolist()))
+    v = skip_reason(with_bn(g, 6, GAMMAS["negative"], opset=21))
+    assert v.reason is SkipReason.QUANTIZED and "only 8/16/32-bit integers fold" in v.detail
+
+
+@pytest.mark.parametrize("share", ["w_s", "w_q", "w_z", "all"])
+@pytest.mark.parametrize("second_bn", [True, False])
+def test_initializers_shared_by_two_dequantize_nodes(share: str, second_bn: bool) -> None:
+    # Two DequantizeLinear nodes (two convs) read one initializer: the fold of one conv writes new
+    # initializers, the other conv (folded or not) keeps reading the original values.
+    g = qdq_layer("Conv", bias="float")
+    for name in ("w_q", "w_s", "w_z"):
+        t = next(t for t in g.inits if t.name == name)
+        g.init(name + "2", numpy_helper.to_array(t)[::-1].copy(), numpy_helper.to_array(t).dtype)
+    ins = [n if share in (n, "all") else n + "2" for n in ("w_q", "w_s", "w_z")]
+    g.node("DequantizeLinear", ins, ["w2"], name="dq_w2", axis=0)
+    g.node("Conv", ["x_dq", "w2"], ["t2"], name="other", pads=[1, 1, 1, 1])
+    if second_bn:
+        g.bn("t2", "y2", 6, "bn2")
+        g.output("y2", shape=[2, 6, 6, 6])
+    else:
+        g.output("t2", shape=[2, 6, 6, 6])
+    m = with_bn(g, 6, GAMMAS["negative"])
+    check_fold(m, seeds=1)
+
+
+def test_dequantized_weight_read_in_a_subgraph_is_copied() -> None:
+    # The weight DequantizeLinear's output is read inside an If branch too: the branch keeps the
+    # original weight, the folded conv reads a copy.
+    g = qdq_layer("Conv", bias="int32")
+    g.input("cond", [], onnx.TensorProto.BOOL)
+    vi = onnx.helper.make_tensor_value_info
+    then = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x_dq", "w"], ["e"], pads=[1, 1, 1, 1])],
+        "then",
+        [],
+        [vi("e", onnx.TensorProto.FLOAT, [2, 6, 6, 6])],
+    )
+    other = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x_dq"], ["f"])],
+        "else",
+        [],
+        [vi("f", onnx.TensorProto.FLOAT, None)],
+    )
+    g.node("If", ["cond"], ["branch"], name="if", then_branch=then, else_branch=other)
+    g.output("branch", shape=[2, 6, 6, 6])
+    m = with_bn(g, 6, GAMMAS["negative"])
+    out, rep = check_fold(m, seeds=1)  # feeds cond=True: the branch that reads the weight
+    assert "shared DequantizeLinear copied" in rep.sites[0].detail
+
+
+def test_qdq_fold_inside_an_if_branch() -> None:
+    # The whole layer + BN inside a branch, its initializers in the enclosing graph.
+    g = qdq_layer("Conv", bias="int32")
+    body = with_bn(g, 6, GAMMAS["zero_and_negative"]).graph
+    outer = G()
+    outer.input("cond", [], onnx.TensorProto.BOOL)
+    outer.input("x", [2, 4, 6, 6])
+    outer.inits.extend(body.initializer)
+    vi = onnx.helper.make_tensor_value_info
+    then = onnx.helper.make_graph(list(body.node), "then", [], list(body.output))
+    other = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["f"])], "else", [], [vi("f", onnx.TensorProto.FLOAT, None)]
+    )
+    outer.node("If", ["cond"], ["branch"], name="if", then_branch=then, else_branch=other)
+    outer.output("branch", shape=None)
+    m = outer.model(opset=17)
+    out, rep = check_fold(m, seeds=1)
+    assert rep.bn_after == 0 and "shift kept as one Add" in rep.sites[0].detail
+
+
+def test_second_bn_after_the_shift_add_is_left() -> None:
+    # layer(int32 bias) -> BN -> BN: the first becomes the exact Add; the second is left with its
+    # reason (the dry run says so too), and the two-step result is still the original.
+    g = qdq_layer("Conv", bias="int32")
+    g.bn("t", "y1", 6, "bn")
+    g.bn("y1", "y", 6, "bn2")
+    g.output("y")
+    m = g.model(opset=17)
+    dry = [(v.bn, type(v).__name__) for v in fold_model(m, dry_run=True)[1].verdicts]
+    out, rep = check_fold(m, bn_after=1, seeds=1)
+    assert [(v.bn, type(v).__name__) for v in rep.verdicts] == dry
