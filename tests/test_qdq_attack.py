@@ -49,17 +49,35 @@ def half_scales_float_output(m: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def pre_bn_layer(kind: str, bias: str, quant: str = "tensor") -> onnx.ModelProto:
-    """``x -> BN (one scale for every channel) -> kind(DequantizeLinear weight[, bias]) -> y``."""
+BN_SCALES = {  # gamma, var per BN channel (4 channels)
+    "uniform": ([0.8] * 4, [1.7] * 4),
+    "uniform_negative": ([-0.8] * 4, [1.7] * 4),
+    "zero": ([0.0] * 4, [1.7] * 4),
+    "varied": ([0.8, -1.1, 1.3, 0.0], [1.7, 0.4, 2.2, 1.0]),
+}
+
+
+def pre_bn_layer(kind: str, bias: str, quant: str = "tensor", scales: str = "uniform") -> onnx.ModelProto:
+    """``x -> BN -> kind(DequantizeLinear weight[, bias]) -> y`` with the weight quantized per
+    "tensor", per "out" channel or per "in" channel; BN scales from :data:`BN_SCALES`."""
     g = G(seed=4)
     x = g.input("x", [2, 4, 5, 5] if kind == "Conv" else [3, 4])
     wshape = (6, 4, 3, 3) if kind == "Conv" else (4, 6)
+    out_axis, in_axis = (0, 1) if kind == "Conv" else (1, 0)
     g.init("w_q", g.rng.integers(-100, 100, size=wshape), np.int8)
-    axis = {} if quant == "tensor" else {"axis": 0 if kind == "Conv" else 1}
-    g.init("w_s", np.array(0.01) if quant == "tensor" else g.rng.uniform(0.002, 0.02, 6), np.float32)
-    g.node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="dq_w", **axis)
-    for k, v in (("gamma", 0.8), ("beta", 0.3), ("mean", -0.2), ("var", 1.7)):
-        g.init(f"bn.{k}", np.full(4, v) + (np.arange(4) * 0.1 if k in ("beta", "mean") else 0))
+    axis = {} if quant == "tensor" else {"axis": out_axis if quant == "out" else in_axis}
+    n = wshape[axis["axis"]] if axis else 1
+    g.init("w_s", np.array(0.01) if quant == "tensor" else g.rng.uniform(0.002, 0.02, n), np.float32)
+    g.init("w_z", np.full(() if quant == "tensor" else (n,), 3), np.int8)
+    g.node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq_w", **axis)
+    gamma, var = BN_SCALES[scales]
+    for k, v in (
+        ("gamma", gamma),
+        ("beta", [0.3, -0.2, 0.1, 0.4]),
+        ("mean", [-0.2, 0.5, 0.0, 0.3]),
+        ("var", var),
+    ):
+        g.init(f"bn.{k}", np.asarray(v))
     g.node("BatchNormalization", [x, "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["h"], name="bn")
     ins = ["h", "w"]
     if bias == "float":
@@ -314,3 +332,72 @@ def test_second_bn_after_the_shift_add_is_left() -> None:
     dry = [(v.bn, type(v).__name__) for v in fold_model(m, dry_run=True)[1].verdicts]
     out, rep = check_fold(m, bn_after=1, seeds=1)
     assert [(v.bn, type(v).__name__) for v in rep.verdicts] == dry
+
+
+# ---- Backward: BN -> layer(DequantizeLinear weight) ---------------------------------------------
+@pytest.mark.parametrize("scales", sorted(BN_SCALES))
+@pytest.mark.parametrize("quant", ["tensor", "out", "in"])
+@pytest.mark.parametrize(
+    ("kind", "bias"), [("Conv", "float"), ("Conv", "none"), ("Gemm", "float"), ("MatMul", "none")]
+)
+def test_backward_exact_or_refused(kind: str, bias: str, quant: str, scales: str) -> None:
+    # Exact only with one BN scale for every channel, or a weight quantized per input channel.
+    m = pre_bn_layer(kind, bias, quant, scales)
+    gamma, var = BN_SCALES[scales]
+    if quant == "in" or (len(set(gamma)) == 1 and len(set(var)) == 1):
+        out, rep = check_fold(m, seeds=1)
+        assert rep.sites[0].direction.value == "backward"
+    else:
+        v = skip_reason(m)
+        assert v.reason is SkipReason.QUANTIZED and "off its integer grid" in v.detail, v.to_dict()
+
+
+def test_backward_into_padded_conv_refused() -> None:
+    m = pre_bn_layer("Conv", "float")
+    next(n for n in m.graph.node if n.name == "layer").attribute.append(
+        onnx.helper.make_attribute("pads", [1, 1, 1, 1])
+    )
+    m.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 5
+    m.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 5
+    v = skip_reason(m)
+    assert v.reason is SkipReason.PADDING
+
+
+# ---- The CLI: exit codes and one line, dry run agreeing with the fold ---------------------------
+@pytest.mark.parametrize(
+    "case", ["zero_scale_int32", "output_dtype", "negation_overflow", "backward_refused", "backward_folds"]
+)
+def test_cli_fold_and_inspect_agree(tmp_path, case: str) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    models = {
+        "zero_scale_int32": lambda: with_bn(
+            qdq_layer("Conv", bias="int32"), 6, [0.8, 0.0, 1.3, 0.7, 0.0, 1.2]
+        ),
+        "output_dtype": lambda: half_scales_float_output(with_bn(qdq_layer("Conv", x_qdq=False), 6)),
+        "negation_overflow": lambda: with_bn(
+            qdq_layer("Conv", negate=(1,), min_weight=True), 6, [0.8, -1.1, 1.3, 0.7, 0.6, 1.2]
+        ),
+        "backward_refused": lambda: pre_bn_layer("Conv", "float", "tensor", "varied"),
+        "backward_folds": lambda: pre_bn_layer("Gemm", "float", "in", "varied"),
+    }
+    src, dst = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    onnx.save(models[case](), src)
+    before = src.read_bytes()
+    r = CliRunner().invoke(app, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    predicted = [(v["bn"], v["status"], v.get("reason")) for v in json.loads(r.stdout)["verdicts"]]
+    r = CliRunner().invoke(app, ["fold", str(src), "-o", str(dst), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [(v["bn"], v["status"], v.get("reason")) for v in data["verdicts"]] == [
+        (b, "folded" if s in ("folded", "would fold") else s, reason) for b, s, reason in predicted
+    ]
+    folds = any(s == "folded" for _, s, _ in predicted) or any(s == "would fold" for _, s, _ in predicted)
+    # a fold is verified in onnxruntime and passes; nothing folded: nothing to verify
+    assert (data["verification"] or {}).get("passed") is (True if folds else None)
+    assert src.read_bytes() == before
