@@ -401,3 +401,21 @@ def test_cli_fold_and_inspect_agree(tmp_path, case: str) -> None:
     # a fold is verified in onnxruntime and passes; nothing folded: nothing to verify
     assert (data["verification"] or {}).get("passed") is (True if folds else None)
     assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("declared", ["graph_input_ir3", "value_info"])
+def test_per_tensor_scale_made_per_channel_keeps_declarations_valid(declared: str) -> None:
+    # A per-tensor scale and zero point rewritten in place become per-channel ([] -> [6]): where the
+    # model also declares those initializers (as IR 3 graph inputs, or in value_info) the declared
+    # shape must follow, or the folded model fails the checker (and, IR 3, onnxruntime's loader).
+    g = qdq_layer("Conv", bias="int32", per_channel=False)
+    m = with_bn(g, 6, GAMMAS["negative"])
+    decl = [
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer
+    ]
+    if declared == "value_info":
+        m.graph.value_info.extend(decl)
+    else:
+        m.ir_version = 3
+        m.graph.input.extend(decl)
+    check_fold(m, seeds=1)
