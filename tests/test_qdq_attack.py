@@ -419,3 +419,24 @@ def test_per_tensor_scale_made_per_channel_keeps_declarations_valid(declared: st
         m.ir_version = 3
         m.graph.input.extend(decl)
     check_fold(m, seeds=1)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_one_dequantize_read_by_a_forward_and_a_backward_fold(per_channel: bool) -> None:
+    # conv1 -> bn1 (forward) and bn2 -> conv2 (backward, one BN scale) read one DequantizeLinear:
+    # each fold gets its own scales, neither sees the other's.
+    g = G(seed=5)
+    x = g.input("x", [2, 4, 5, 5])
+    g.init("w_q", g.rng.integers(-100, 100, size=(4, 4, 1, 1)), np.int8)
+    g.init("w_s", g.rng.uniform(0.01, 0.02, 4) if per_channel else np.array(0.01), np.float32)
+    g.node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="dq_w", **({"axis": 0} if per_channel else {}))
+    g.node("Conv", [x, "w"], ["t1"], name="conv1")
+    g.bn("t1", "y1", 4, "bn1")
+    for k, v in (("gamma", 0.9), ("beta", 0.2), ("mean", -0.3), ("var", 1.3)):
+        g.init(f"bn2.{k}", np.full(4, v) + (np.arange(4) * 0.1 if k in ("beta", "mean") else 0))
+    g.node("BatchNormalization", [x, "bn2.gamma", "bn2.beta", "bn2.mean", "bn2.var"], ["h2"], name="bn2")
+    g.node("Conv", ["h2", "w"], ["y2"], name="conv2")
+    g.output("y1", shape=[2, 4, 5, 5])
+    g.output("y2", shape=[2, 4, 5, 5])
+    out, rep = check_fold(g.model(opset=17), seeds=1)
+    assert sorted(s.direction.value for s in rep.sites) == ["backward", "forward"]
