@@ -13,6 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from bnfold.onnx import fold_model
+from bnfold.onnx.match_qdq import requantize_int32_bias
 from bnfold.records import SkipReason
 from models.onnx_graphs import G, check_fold, qdq_layer, skip_reason
 
@@ -440,3 +441,35 @@ def test_one_dequantize_read_by_a_forward_and_a_backward_fold(per_channel: bool)
     g.output("y2", shape=[2, 4, 5, 5])
     out, rep = check_fold(g.model(opset=17), seeds=1)
     assert sorted(s.direction.value for s in rep.sites) == ["backward", "forward"]
+
+
+def stated_bound(detail: str) -> float:
+    """The requantisation bound a site's detail states (``|error| <= B``)."""
+    import re
+
+    found = re.search(r"\|error\| <= (\S+),", detail)
+    assert found is not None, detail
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_requantised_bias_error_within_the_stated_bound(direction: str, sign: float) -> None:
+    # Weight scales may be negative (DequantizeLinear allows it; the bias scale s_x * s_w then is
+    # too): the bound the report states is half a step in magnitude, and the outputs agree within it.
+    from models.onnx_graphs import assert_close, feeds_for, run
+
+    if direction == "forward":
+        m = with_bn(qdq_layer("Gemm", bias="int32"), 6, GAMMAS["negative"])
+    else:
+        m = pre_bn_layer("Gemm", "int32", "in", "varied")
+    for t in m.graph.initializer:
+        if t.name in ("w_s", "b_s"):
+            t.CopyFrom(numpy_helper.from_array(sign * numpy_helper.to_array(t), t.name))
+    with requantize_int32_bias():
+        out, rep = fold_model(m)
+    bound = stated_bound(rep.sites[0].detail)
+    assert bound > 0
+    feeds = feeds_for(m)
+    ref, got = run(m, feeds), run(out, feeds)
+    assert_close(ref, got, 2e-5 + bound)  # relative to max(1, |output|): the absolute bound bounds it

@@ -384,7 +384,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         attrs.append((bd, "axis", 0))
         locks.append(bd)
         if shift is None:
-            bound = float(np.max(nbs.astype(np.float64))) / 2
+            bound = float(np.max(np.abs(nbs.astype(np.float64)))) / 2  # scales may be negative
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
         else:
             detail += (
@@ -695,7 +695,7 @@ def _backward(
         if np.array_equal(qv, exact):
             detail += "; int32 bias takes the shift exactly"
         elif _REQUANTIZE.get():
-            bound = float(np.max(nbs64)) / 2
+            bound = float(np.max(np.abs(nbs64))) / 2  # scales may be negative
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
         else:
             raise _Refuse(
