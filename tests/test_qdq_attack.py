@@ -473,3 +473,22 @@ def test_requantised_bias_error_within_the_stated_bound(direction: str, sign: fl
     feeds = feeds_for(m)
     ref, got = run(m, feeds), run(out, feeds)
     assert_close(ref, got, 2e-5 + bound)  # relative to max(1, |output|): the absolute bound bounds it
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_zero_weight_scale_refused_with_its_reason(direction: str) -> None:
+    # A weight scale that is already 0 is not an underflow of the fold: the reason says what it is.
+    m = (
+        with_bn(qdq_layer("Conv"), 6, GAMMAS["negative"])
+        if direction == "forward"
+        else pre_bn_layer("Gemm", "float", "in")
+    )
+    for t in m.graph.initializer:
+        if t.name == "w_s":
+            a = numpy_helper.to_array(t).copy()
+            a[1] = 0
+            t.CopyFrom(numpy_helper.from_array(a, "w_s"))
+    v = skip_reason(m)
+    assert v.reason is SkipReason.QUANTIZED and "a weight scale of" in v.detail and "is 0" in v.detail, (
+        v.to_dict()
+    )

@@ -212,6 +212,10 @@ def _first_overflow(q: Array, new_q: Array, out: Array, info: np.iinfo[Any]) -> 
     )
 
 
+def _first(mask: Array) -> int:
+    return int(np.flatnonzero(mask.reshape(-1))[0])
+
+
 def _per_c(v: Array, channels: int) -> F64:
     return np.broadcast_to(v.astype(np.float64).reshape(-1), (channels,)).copy()
 
@@ -269,6 +273,8 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     if isinstance(res, Skip):
         return res
     s_new = res[0]
+    if np.any(s64 == 0):
+        raise _Refuse(SkipReason.QUANTIZED, f"a weight scale of {target} is 0 (channel {_first(s64 == 0)})")
     if np.any(s_new == 0):
         return Skip(c.label, SkipReason.OVERFLOW, f"a new weight scale of {target} underflows to zero")
     writes = [Write(d, 1, s_new)]
@@ -589,6 +595,10 @@ def _backward(
     if isinstance(res, Skip):
         return res
     s_new = res[0].reshape(s.shape)
+    if np.any(s == 0):
+        raise _Refuse(
+            SkipReason.QUANTIZED, f"a weight scale of {target} is 0 (entry {_first(s.reshape(-1) == 0)})"
+        )
     if np.any(s_new == 0):
         return Skip(label, SkipReason.OVERFLOW, f"a new weight scale of {target} underflows to zero")
     writes = [Write(d, 1, s_new)]
