@@ -30,9 +30,9 @@ exactly 0 and the channel is its (new) bias, as after the BN.
 Refused with the reason QUANTIZED: blocked quantization (``block_size``), weights
 quantized on another axis, int4/uint4/float8 weights, per-tensor scales below opset 13, a non-zero
 bias zero point, a DequantizeLinear whose ``output_dtype`` (opset 23) is not its scale's dtype (the
-folded scale, rounded to the scale's dtype, would lose what the output keeps), a weight scale of 0; OTHER_CONSUMERS: a quantized *bias* read
-by another node; OVERFLOW: a scale that is not finite or underflows to zero, an int32 bias overflow (``-2**31`` negated, or a requantised bias out
-of range).
+folded scale, rounded to the scale's dtype, would lose what the output keeps), a weight scale of 0;
+OTHER_CONSUMERS: a quantized *bias* read by another node; OVERFLOW: a scale that is not finite or
+underflows to zero, an int32 bias overflow (``-2**31`` negated, or a requantised bias out of range).
 
 Shared weights: a weight DequantizeLinear whose output other nodes read too is copied for the folded
 layer (``Fold.clone``: the rewriter inserts the copy after it; the copy reads the same ``w_q`` and
