@@ -211,13 +211,14 @@ def _onnx_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:
     whose weight is an initializer."""
     from onnx import helper, numpy_helper
 
-    from .onnx.graph import read_lazy_tensor
+    from .onnx.graph import read_lazy_tensor, text
 
     out: dict[str, tuple[str, F64]] = {}
     for g, prefix, _ in _onnx_walk(model):
         inits = {t.name: t for t in g.initializer}
         for i, n in enumerate(g.node):
-            labels = {prefix + n.name, f"{prefix}{n.op_type}_{i}"} if n.name else {f"{prefix}{n.op_type}_{i}"}
+            name = text(n.name)  # a name that is not UTF-8 comes as bytes: labelled as the fold labels it
+            labels = {prefix + name, f"{prefix}{n.op_type}_{i}"} if name else {f"{prefix}{n.op_type}_{i}"}
             hit = labels & names
             if not hit or n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.input) < 2:
                 continue
@@ -316,7 +317,7 @@ def _record(
 def _onnx_walk(model: Any) -> list[tuple[Any, str, Any]]:
     """``(graph, prefix, outer graph)`` for the main graph and every subgraph, with the label prefixes
     :func:`bnfold.onnx.fold.fold_model` gives the BNs inside them."""
-    from .onnx.graph import node_subgraphs
+    from .onnx.graph import node_subgraphs, text
 
     out: list[tuple[Any, str, Any]] = []
     stack: list[tuple[Any, str, Any]] = [(model.graph, "", None)]
@@ -325,7 +326,7 @@ def _onnx_walk(model: Any) -> list[tuple[Any, str, Any]]:
         out.append((g, prefix, outer))
         for i, n in enumerate(g.node):
             for attr, sub in node_subgraphs(n):
-                stack.append((sub, f"{prefix}{n.name or f'{n.op_type}_{i}'}/{attr}/", g))
+                stack.append((sub, f"{prefix}{text(n.name) or f'{n.op_type}_{i}'}/{attr}/", g))
     return out
 
 

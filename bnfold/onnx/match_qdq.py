@@ -29,9 +29,10 @@ exactly 0 and the channel is its (new) bias, as after the BN.
 
 Refused with the reason QUANTIZED: blocked quantization (``block_size``), weights
 quantized on another axis, int4/uint4/float8 weights, per-tensor scales below opset 13, a non-zero
-bias zero point; OTHER_CONSUMERS: a quantized *bias* read by another node; OVERFLOW: a scale that is
-not finite or underflows to zero, an int32 bias overflow (``-2**31`` negated, or a requantised bias out
-of range).
+bias zero point, a DequantizeLinear whose ``output_dtype`` (opset 23) is not its scale's dtype (the
+folded scale, rounded to the scale's dtype, would lose what the output keeps), a weight scale of 0;
+OTHER_CONSUMERS: a quantized *bias* read by another node; OVERFLOW: a scale that is not finite or
+underflows to zero, an int32 bias overflow (``-2**31`` negated, or a requantised bias out of range).
 
 Shared weights: a weight DequantizeLinear whose output other nodes read too is copied for the folded
 layer (``Fold.clone``: the rewriter inserts the copy after it; the copy reads the same ``w_q`` and
@@ -54,7 +55,7 @@ from contextvars import ContextVar
 from typing import Any, Protocol
 
 import numpy as np
-from onnx import NodeProto
+from onnx import NodeProto, TensorProto, helper
 
 from bnfold.fold_math import WeightLayout, channel_factor, fold_backward, fold_gemm_backward
 from bnfold.records import Direction, Site, Skip, SkipReason
@@ -135,6 +136,20 @@ def _const(c: _Ctx, name: str, what: str) -> Array:
     return v
 
 
+def _same_output_dtype(c: _Ctx, dn: NodeProto, s: Array, what: str) -> None:
+    """Refuse a DequantizeLinear whose ``output_dtype`` (opset 23) is not its scale's dtype: the
+    folded scale is rounded to the scale's dtype, which would lose what a wider output keeps (and a
+    new bias or shift written in the scale's dtype would not match the layer's)."""
+    od = int(attr(dn, "output_dtype", 0, c.ev.opset))
+    if od and od != helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)):
+        raise _Refuse(
+            SkipReason.QUANTIZED,
+            f"the DequantizeLinear of the {what} has output_dtype {TensorProto.DataType.Name(od).lower()} "
+            f"and {np.dtype(s.dtype).name} scales: a folded scale rounded to {np.dtype(s.dtype).name} "
+            "would lose precision the output keeps",
+        )
+
+
 def _sole(c: Fwd, d: int, reader: str) -> None:
     out = c.index.nodes[d].output[0]
     bad = exclusive(c, out, f"DequantizeLinear '{name_of(c.index.nodes[d])}'")
@@ -167,6 +182,7 @@ def _dq_parts(
     s = _const(c, dn.input[1], f"scale of the {what}")
     if not is_float(s):
         raise _Refuse(SkipReason.QUANTIZED, f"the scale of the {what} has type {s.dtype}")
+    _same_output_dtype(c, dn, s, what)
     z = _const(c, dn.input[2], f"zero point of the {what}") if len(dn.input) > 2 and dn.input[2] else None
     if z is not None and (z.dtype != q.dtype or z.shape != s.shape):
         raise _Refuse(SkipReason.QUANTIZED, f"the zero point of the {what} does not match its data or scale")
@@ -186,6 +202,19 @@ def _dq_parts(
             f"(axis {axis}, {channels} channels)",
         )
     return q, s, z, False
+
+
+def _first_overflow(q: Array, new_q: Array, out: Array, info: np.iinfo[Any]) -> str:
+    """The first integer whose negation around its zero point leaves the type, as the reason says it."""
+    i = int(np.flatnonzero(out.reshape(-1))[0])
+    return (
+        f"weight {int(q.reshape(-1)[i])} would become {int(new_q.reshape(-1)[i])}, outside "
+        f"[{info.min}, {info.max}]"
+    )
+
+
+def _first(mask: Array) -> int:
+    return int(np.flatnonzero(mask.reshape(-1))[0])
 
 
 def _per_c(v: Array, channels: int) -> F64:
@@ -245,6 +274,8 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
     if isinstance(res, Skip):
         return res
     s_new = res[0]
+    if np.any(s64 == 0):
+        raise _Refuse(SkipReason.QUANTIZED, f"a weight scale of {target} is 0 (channel {_first(s64 == 0)})")
     if np.any(s_new == 0):
         return Skip(c.label, SkipReason.OVERFLOW, f"a new weight scale of {target} underflows to zero")
     writes = [Write(d, 1, s_new)]
@@ -266,7 +297,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             raise _Refuse(
                 SkipReason.QUANTIZED,
                 f"the BN scale is negative on channel {k} and negating its {q.dtype} weights around zero "
-                f"point {int(z64[k])} would overflow (e.g. {info.min} with zero point 0)",
+                f"point {int(z64[k])} would overflow: {_first_overflow(q, new_q, out_of_range, info)}",
             )
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     attrs: list[tuple[int, str, int]] = [(d, "axis", axis)]
@@ -352,7 +383,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
                 f"the {what} int32 bias of {target} would overflow int32 (max |value| "
                 f"{float(np.max(np.abs(qv))):.3g})",
             )
-        if shift is None or neg.any():
+        if shift is None or neg.any() or zero.any():  # integers changed: negated, or 0 where a = 0
             writes.append(Write(bd, 0, qv.astype(np.int32)))
         writes.append(Write(bd, 1, nbs))
         if bz is not None and b_pt:
@@ -360,7 +391,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         attrs.append((bd, "axis", 0))
         locks.append(bd)
         if shift is None:
-            bound = float(np.max(nbs.astype(np.float64))) / 2
+            bound = float(np.max(np.abs(nbs.astype(np.float64)))) / 2  # scales may be negative
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
         else:
             detail += (
@@ -491,6 +522,7 @@ def _backward(
     s = _const(c, dn.input[1], f"scale of the weight of {target}")
     if not is_float(s):
         raise _Refuse(SkipReason.QUANTIZED, f"the scale of the weight of {target} has type {s.dtype}")
+    _same_output_dtype(c, dn, s, f"weight of {target}")
     z = (
         _const(c, dn.input[2], f"zero point of the weight of {target}")
         if len(dn.input) > 2 and dn.input[2]
@@ -564,6 +596,10 @@ def _backward(
     if isinstance(res, Skip):
         return res
     s_new = res[0].reshape(s.shape)
+    if np.any(s == 0):
+        raise _Refuse(
+            SkipReason.QUANTIZED, f"a weight scale of {target} is 0 (entry {_first(s.reshape(-1) == 0)})"
+        )
     if np.any(s_new == 0):
         return Skip(label, SkipReason.OVERFLOW, f"a new weight scale of {target} underflows to zero")
     writes = [Write(d, 1, s_new)]
@@ -576,11 +612,12 @@ def _backward(
         q64 = q.astype(np.int64)
         new_q = np.where(neg.reshape(shape), 2 * z64 - q64, q64)
         new_q = np.where(zero.reshape(shape), z64, new_q)
-        if np.any((new_q < info.min) | (new_q > info.max)):
+        out_of_range = (new_q < info.min) | (new_q > info.max)
+        if out_of_range.any():
             raise _Refuse(
                 SkipReason.QUANTIZED,
                 f"a BN scale is negative and negating the {q.dtype} weights of {target} around their zero "
-                f"point would overflow (e.g. {info.min} with zero point 0)",
+                f"point would overflow: {_first_overflow(q, new_q, out_of_range, info)}",
             )
         writes.append(Write(d, 0, new_q.astype(q.dtype)))
     # The shift's image W t, from the weight as the graph dequantizes it (rounded to the scale's dtype).
@@ -639,6 +676,7 @@ def _backward(
             )
         if bz is not None and np.any(bz != 0):
             raise _Refuse(SkipReason.QUANTIZED, f"the quantized bias of {target} has a non-zero zero point")
+        _same_output_dtype(c, bdn, bs, f"bias of {target}")
         bs64 = np.broadcast_to(bs.astype(np.float64).reshape(-1), (n_out,))
         value = bq.astype(np.float64) * bs64 * beta + delta.reshape(-1)  # beta becomes 1
         # The bias scale: s_x * s_w' where it was the input scale times the weight scale per output
@@ -668,7 +706,7 @@ def _backward(
         if np.array_equal(qv, exact):
             detail += "; int32 bias takes the shift exactly"
         elif _REQUANTIZE.get():
-            bound = float(np.max(nbs64)) / 2
+            bound = float(np.max(np.abs(nbs64))) / 2  # scales may be negative
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
         else:
             raise _Refuse(

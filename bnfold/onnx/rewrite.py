@@ -191,6 +191,17 @@ class PassRewriter:
         if self.add_inputs:
             self.graph.input.append(helper.make_tensor_value_info(name, _onnx_type(value), list(value.shape)))
 
+    def _redeclare(self, name: str, shape: tuple[int, ...]) -> None:
+        """An initializer rewritten in place with a new shape: its graph-input entry (IR < 4) takes
+        that shape and its value_info entries are dropped (they would contradict it)."""
+        for v in self.graph.input:
+            if v.name == name and v.type.HasField("tensor_type"):
+                dims = v.type.tensor_type.shape.dim
+                del dims[:]
+                for d in shape:
+                    dims.add().dim_value = int(d)
+        self._dropped.add(name)
+
     def apply(self, f: Fold) -> Site:
         """Apply one plan now (removals deferred); return its final :class:`Site`."""
         index, nodes, names = self.index, self.index.nodes, self.names
@@ -222,8 +233,11 @@ class PassRewriter:
                 and old not in index.graph_outputs
                 and t.data_type == _onnx_type(w.value)
             ):
+                reshaped = tuple(int(d) for d in t.dims) != w.value.shape
                 write_tensor(t, self._flushed(w.value))
                 index.sources.pop(old, None)  # a placeholder copy now holds its own (new) values
+                if reshaped:  # a per-tensor quantization scale made per channel: its declarations follow
+                    self._redeclare(old, w.value.shape)
                 continue
             base = text(old) or f"{text(node.name) or node.op_type}.bias"
             new = names.fresh(f"{base}_bnfold" if old else base)
