@@ -201,13 +201,16 @@ class MobileOneBlock(nn.Module):
         use_act: bool = True,
         use_scale_branch: bool = True,
         num_conv_branches: int = 1,
+        byobnet: bool = False,
     ) -> None:
         super().__init__()
         self.groups = cin // group_size if group_size else 1
         self.cin, self.cout, self.k, self.stride = cin, cout, k, stride
         self.se: nn.Module = SqueezeExcite(cout, 0.0625) if use_se else nn.Identity()
         self.reparam_conv: nn.Conv2d | None = None
-        self.identity = nn.BatchNorm2d(cin) if cout == cin and stride == 1 else None
+        # fastvit.py: nn.BatchNorm2d; byobnet.py: layers.norm_act(out_chs, apply_act=False)
+        norm: Any = (lambda c: BatchNormAct2d(c, apply_act=False)) if byobnet else nn.BatchNorm2d
+        self.identity = norm(cin) if cout == cin and stride == 1 else None
         self.conv_kxk = (
             nn.ModuleList(ConvNormAct(cin, cout, k, stride, 1, self.groups) for _ in range(num_conv_branches))
             if num_conv_branches > 0
@@ -1026,6 +1029,10 @@ FAMILIES: dict[str, tuple[Any, tuple[int, int, int]]] = {
         (8, 9, 9),
     ),
     "mobileone_s0_net": (MobileOneS0Net, (3, 16, 16)),
+    "mobileone_byobnet_dw": (
+        lambda: MobileOneBlock(8, 8, 3, group_size=1, num_conv_branches=4, byobnet=True),
+        (8, 9, 9),
+    ),
     "fastvit_repmixer": (lambda: RepMixer(8), (8, 9, 9)),
     "fastvit_repcpe": (lambda: RepConditionalPosEnc(8), (8, 9, 9)),
     "fastvit_large_kernel": (lambda: ReparamLargeKernelConv(8, 16, 7, 2, 1, 3), (8, 12, 12)),

@@ -36,7 +36,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 # dbb_*: DBB's BNAndPadLayer pads with the BN's shift by slice assignment (not traceable by fx; in ONNX
 # a Pad + ScatterND construction) and IdentityBasedConv1x1 is a functional conv of a computed weight.
 PARTIAL = {"acnet_crop", "dbb_block", "dbb_depthwise"}
-NETS = {name for name in rf.FAMILIES if name.endswith("_net") or name.endswith("_net_legacy")}
 
 
 def build(name: str, dtype: Any = torch.float32) -> tuple[Any, Any]:
@@ -128,7 +127,20 @@ def test_family_merges_like_its_own_reparameterisation_in_onnx(name: str) -> Non
     onnx_case(name, torch.float32)
 
 
-@pytest.mark.parametrize("name", sorted(set(rf.FAMILIES) - NETS))
+F64_BLOCKS = [
+    "timm_repvgg_dilated_groups",
+    "mobileone_byobnet_dw",
+    "mobileone_block_k4_se",
+    "fastvit_repmixer",
+    "fastvit_large_kernel",
+    "repvit_repvggdw",
+    "ppyoloe_block",
+    "yolov6_qarepvgg_v2",
+    "acnet_k5_stride2",
+]
+
+
+@pytest.mark.parametrize("name", F64_BLOCKS)
 def test_float64_family_merges_to_rounding(name: str) -> None:
     torch_case(name, torch.float64)
     onnx_case(name, torch.float64)
@@ -205,3 +217,16 @@ def test_bn_subclass_with_an_activation_is_not_merged() -> None:
         assert rel_err(want, out(x)) <= 1e-5
     refused = {b.branch: b.reason for mg in rep.merges for b in mg.branches if not b.merged}
     assert refused.get("identity") == MergeReason.NONLINEAR
+
+
+def test_export_onnx_of_a_family_network_merges(tmp_path: Any) -> None:
+    """bnfold.export_onnx (PyTorch fold, export, ONNX fold, verify) on a whole MobileOne-S0 network."""
+    model, x = build("mobileone_s0_net")
+    with torch.no_grad():
+        want = model(x).numpy()
+    path = tmp_path / "m.onnx"
+    bnfold.export_onnx(model, x, str(path))
+    m = onnx.load(str(path))
+    assert ops(m, "Conv") == hand_convs(model) and ops(m, "BatchNormalization") == 0
+    assert rel_err(want, run(m, {m.graph.input[0].name: x.numpy()})) <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
