@@ -230,3 +230,63 @@ def test_export_onnx_of_a_family_network_merges(tmp_path: Any) -> None:
     assert ops(m, "Conv") == hand_convs(model) and ops(m, "BatchNormalization") == 0
     assert rel_err(want, run(m, {m.graph.input[0].name: x.numpy()})) <= 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+class _ScaledInput(nn.BatchNorm2d):
+    def forward(self, x: Any) -> Any:
+        return nn.functional.batch_norm(
+            x * 2, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class _Shifted(nn.BatchNorm2d):
+    def forward(self, x: Any) -> Any:
+        y = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return y + 1
+
+
+class _ComputedVar(nn.BatchNorm2d):
+    def forward(self, x: Any) -> Any:
+        var = self.running_var * 2
+        return nn.functional.batch_norm(
+            x, self.running_mean, var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class _Renamed(nn.BatchNorm2d):
+    pass
+
+
+class _SubclassIdentity(nn.Module):
+    def __init__(self, cls: Any) -> None:
+        super().__init__()
+        self.c = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4))
+        self.i = cls(4)
+
+    def forward(self, x: Any) -> Any:
+        return self.c(x) + self.i(x)
+
+
+@pytest.mark.parametrize(
+    ("cls", "reason"),
+    [
+        (_ScaledInput, MergeReason.UNSUPPORTED),
+        (_Shifted, MergeReason.NONLINEAR),
+        (_ComputedVar, MergeReason.UNSUPPORTED),
+        (_Renamed, None),
+    ],
+)
+def test_bn_subclass_identity_branch_merges_only_as_a_plain_bn(cls: Any, reason: Any) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_SubclassIdentity(cls), seed=1).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    out, rep = bnfold.fold_with_report(model, example_inputs=x)
+    with torch.no_grad():
+        assert rel_err(want, out(x)) <= 1e-5
+    got = {b.branch: b.reason for mg in rep.merges for b in mg.branches}
+    assert got["i"] == reason
+    assert rf.conv_count(out) == 1 and rep.bn_after == (0 if reason is None else 1)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from bnfold.errors import BnfoldError
 from bnfold.fold_math import cast_exact
 from bnfold.fold_math.merge import (
     F64,
@@ -647,7 +648,10 @@ def _noop_tail(tail: nn.Module | None) -> bool:
 def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: bool) -> tuple[F64, F64]:
     """A BatchNorm subclass (timm's ``BatchNormAct2d``) on ``x`` alone: merged where bnfold's BN fold reads
     it as a plain BN (its own forward traced) whose output is not post-processed (no tail)."""
-    spec = describe_bn(m)
+    try:
+        spec = describe_bn(m)
+    except BnfoldError as e:  # a registered BN-like whose stats function fails
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: {e}") from None
     if isinstance(spec, str):
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: {spec}")
     if spec.has_tail and not _noop_tail(spec.make_tail(m)):
