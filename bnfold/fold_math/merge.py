@@ -25,6 +25,7 @@ __all__ = [
     "diagonal",
     "identity_checks",
     "compose_pointwise",
+    "same_dilation",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -104,6 +105,15 @@ def placement(ref: MergeRef, k: tuple[int, ...], pads: list[int], what: str) -> 
             )
         offs.append(c)
     return tuple(offs)
+
+
+def same_dilation(ref: MergeRef, k: tuple[int, ...], dilations: list[int]) -> bool:
+    """A kernel ``k`` with ``dilations`` reads like the merged conv's dilation: equal on every axis where the
+    kernel has more than one tap (a one-tap axis reads one pixel whatever its dilation, e.g. timm's 1x1
+    branch of a dilated RepVGG block)."""
+    return len(dilations) == ref.rank and all(
+        d == rd or kk == 1 for d, rd, kk in zip(dilations, ref.dilations, k)
+    )
 
 
 def embed(ref: MergeRef, w: F64, offs: tuple[int, ...]) -> F64:

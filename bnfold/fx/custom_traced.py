@@ -173,7 +173,10 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
             continue
         if not (isinstance(v, fx.Node) and v.op == "get_attr"):
             return f"{why_prefix} and its F.batch_norm {key} is not an attribute of the layer"
-        t = _fetch(m, str(v.target))
+        try:
+            t = _fetch(m, str(v.target))
+        except AttributeError:  # a tensor computed in forward (``self.running_var * 2``): a traced constant
+            return f"{why_prefix} and its F.batch_norm {key} is computed, not an attribute of the layer"
         if not isinstance(t, Tensor):
             return f"{why_prefix} and its F.batch_norm {key} is not a tensor"
         tensors[key] = t

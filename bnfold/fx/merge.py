@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from bnfold.errors import BnfoldError
 from bnfold.fold_math import bn_affine, cast_exact
 from bnfold.fold_math.merge import (
     F64,
@@ -39,7 +40,9 @@ from bnfold.fold_math.merge import (
     embed,
     identity_checks,
     placement,
+    same_dilation,
 )
+from bnfold.fx.custom import describe_bn
 from bnfold.records import BranchVerdict, Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact"]
@@ -591,7 +594,7 @@ def _branch_kernel(
             )
         if cr.strides != ref.strides:
             raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
-        if cr.dilations != ref.dilations:
+        if not same_dilation(ref, tuple(int(k) for k in w.shape[2:]), cr.dilations):
             raise MergeRefusal(
                 MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}"
             )
@@ -611,6 +614,8 @@ def _branch_kernel(
     elif b.kind == "bn":
         assert b.base is not None
         m = _mod(gm, b.base)
+        if m is not None and type(m) not in _BNS and not _hooks(m):
+            return _bn_subclass_kernel(ref, m, what, eval_semantics)
         if type(m) not in _BNS or _hooks(m):  # type: ignore[arg-type]
             raise MergeRefusal(
                 MergeReason.UNSUPPORTED, f"{what}: not a plain BatchNorm module (or it has hooks)"
@@ -678,6 +683,52 @@ def _branch_kernel(
     if b.sign < 0:
         w64, b64 = -w64, -b64
     return w64, b64
+
+
+def _noop_tail(tail: nn.Module | None) -> bool:
+    """The tail of a BN subclass does nothing: absent, ``nn.Identity``, or a graph of ``nn.Identity`` calls
+    (timm's ``BatchNormAct2d`` with ``apply_act=False``: ``drop`` and ``act`` are ``nn.Identity``)."""
+    if tail is None or type(tail) is nn.Identity:
+        return True
+    if not isinstance(tail, fx.GraphModule):
+        return False
+    for n in tail.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        if (
+            n.op != "call_module"
+            or type(_mod(tail, n)) is not nn.Identity
+            or _hooks(tail.get_submodule(str(n.target)))
+        ):
+            return False
+    return True
+
+
+def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: bool) -> tuple[F64, F64]:
+    """A BatchNorm subclass (timm's ``BatchNormAct2d``) on ``x`` alone: merged where bnfold's BN fold reads
+    it as a plain BN (its own forward traced) whose output is not post-processed (no tail)."""
+    try:
+        spec = describe_bn(m)
+    except BnfoldError as e:  # a registered BN-like whose stats function fails
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: {e}") from None
+    if isinstance(spec, str):
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: {spec}")
+    if spec.has_tail and not _noop_tail(spec.make_tail(m)):
+        raise MergeRefusal(
+            MergeReason.NONLINEAR,
+            f"{what}: {type(m).__name__} post-processes its output (e.g. an activation)",
+        )
+    if m.training and not eval_semantics:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: in training mode")
+    if spec.num_features != ref.c_out:
+        raise MergeRefusal(
+            MergeReason.GROUPS, f"{what}: {spec.num_features} BN channels, the merged conv {ref.c_out}"
+        )
+    identity_checks(ref, what)
+    scale, shift = spec.affine64()
+    offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
+    w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+    return w64, shift.copy()
 
 
 def _n_convs(b: _Branch) -> int:

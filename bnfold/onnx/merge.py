@@ -73,6 +73,7 @@ from bnfold.fold_math.merge import (
     embed,
     identity_checks,
     placement,
+    same_dilation,
 )
 from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site, Skip
@@ -419,7 +420,7 @@ def _branch_kernel(
             )
         if strides != ref.strides:
             raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
-        if dil != ref.dilations:
+        if not same_dilation(ref, tuple(int(k) for k in w.shape[2:]), dil):
             raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation {dil} differs from {ref.dilations}")
         if group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
             raise MergeRefusal(
