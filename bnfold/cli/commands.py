@@ -64,7 +64,6 @@ from .options import (
     Verbose,
     Version,
 )
-from .render import clean
 from .run import (
     STATE,
     Group,
@@ -78,6 +77,7 @@ from .run import (
     split_names,
     tolerances,
 )
+from .text import clean
 
 __all__ = ["app", "main"]
 
