@@ -10,7 +10,10 @@ What a CLI user waits for, interpreter start and imports included, measured side
 * **bnfold API**: the same job through the Python API in a plain script (``io.load_file``,
   ``bnfold.onnx.fold_model``, ``io.save``): the CLI's own share is ``bnfold - bnfold API``;
 * **imports**: ``python -c "import bnfold.cli"`` and ``python -c "import onnx"``: what the two pay
-  before any work, to tell the CLI's import cost from the job's.
+  before any work, to tell the CLI's import cost from the job's;
+* with ``--baseline DIR`` (another checkout of bnfold, e.g. ``git worktree add /tmp/base main``) also
+  **bnfold (baseline)** and **import bnfold.cli (baseline)**, the same commands run from DIR, in the
+  same rounds: a change is judged against the code before it on the same machine at the same time.
 
 Two variants of one ResNet-50 (``models.resnet.resnet50``, 53 BN, realistic BN statistics, exported
 with every BN kept): **inline** (one 100 MB file) and **external data** (a small model file + one data
@@ -20,6 +23,7 @@ the stages inside one process (the floor's ``onnx.load`` / ``onnx.save`` against
 process by top-level package (``python -X importtime``), to tell where the difference goes.
 
     python benchmarks/bench_process.py [--quick] [--repeats 7] [--breakdown] [--model in.onnx]
+        [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -53,10 +57,14 @@ _API = (
 )
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = REPO_ROOT) -> dict[str, str]:
     return dict(
-        os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     )
+
+
+_BASELINE = " (baseline)"
+"""Suffix of the commands run from ``--baseline DIR`` (with DIR first on PYTHONPATH)."""
 
 
 def _clear(folder: Path, keep: set[str]) -> None:
@@ -66,32 +74,37 @@ def _clear(folder: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def _commands(src: Path, dst: Path, external: bool) -> dict[str, list[str]]:
+def _commands(src: Path, dst: Path, external: bool, baseline: Path | None = None) -> dict[str, list[str]]:
     py = sys.executable
-    return {
+    commands = {
         "floor": [py, "-c", _FLOOR_EXTERNAL if external else _FLOOR_INLINE, str(src), str(dst)],
         "bnfold": [py, "-m", "bnfold", "fold", "--no-verify", "--quiet", str(src), str(dst)],
         "bnfold API": [py, "-c", _API, str(src), str(dst)],
         "import bnfold.cli": [py, "-c", "import bnfold.cli"],
         "import onnx": [py, "-c", "import onnx"],
     }
+    if baseline is not None:
+        for name in ("bnfold", "import bnfold.cli"):
+            commands[name + _BASELINE] = commands[name]
+    return commands
 
 
 def time_processes(
-    commands: dict[str, list[str]], folder: Path, keep: set[str], repeats: int
+    commands: dict[str, list[str]], folder: Path, keep: set[str], repeats: int, baseline: Path | None = None
 ) -> dict[str, float]:
-    """Median wall time of each command, in fresh processes, interleaved with a rotating order."""
+    """Median wall time of each command, in fresh processes, interleaved with a rotating order
+    (the ``(baseline)`` commands run with ``baseline`` first on PYTHONPATH)."""
     names = list(commands)
     times: dict[str, list[float]] = {n: [] for n in names}
-    env = _env()
+    envs = {n: _env(baseline) if baseline is not None and n.endswith(_BASELINE) else _env() for n in names}
     for n in names:  # warm-up: page cache, .pyc files
-        subprocess.run(commands[n], env=env, check=True, capture_output=True)
+        subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
         _clear(folder, keep)
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
-            subprocess.run(commands[n], env=env, check=True, capture_output=True)
+            subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
             times[n].append(time.perf_counter() - t0)
             _clear(folder, keep)
     return {n: statistics.median(v) for n, v in times.items()}
@@ -162,6 +175,9 @@ def main() -> None:
     ap = make_parser(__doc__.splitlines()[0], repeats=7, quick_repeats=3)
     ap.add_argument("--breakdown", action="store_true", help="import times of the fold process by package")
     ap.add_argument("--model", type=Path, default=None, help="use this .onnx instead of exporting ResNet-50")
+    ap.add_argument(
+        "--baseline", type=Path, default=None, help="another bnfold checkout, timed in the same rounds"
+    )
     args = ap.parse_args()
     import onnx
     from bench_onnx_fold import build_resnet50
@@ -192,13 +208,21 @@ def main() -> None:
         )
         rows = []
         for label, src, ext in (("inline", inline, False), ("external data", external, True)):
-            med = time_processes(_commands(src, folder / "out.onnx", ext), folder, keep, args.repeats)
+            med = time_processes(
+                _commands(src, folder / "out.onnx", ext, args.baseline),
+                folder,
+                keep,
+                args.repeats,
+                args.baseline,
+            )
             floor = med["floor"]
             for name, t in med.items():
                 rows.append([label, name, f"{t:.3f}", f"{t / floor:.2f}"])
+            before = med.get("bnfold" + _BASELINE)
             print(
-                f"{label}: bnfold / floor = {med['bnfold'] / floor:.2f} (target <= 1.2); "
-                f"import bnfold.cli {med['import bnfold.cli']:.3f} s, import onnx {med['import onnx']:.3f} s"
+                f"{label}: bnfold / floor = {med['bnfold'] / floor:.2f} (target <= 1.2)"
+                + (f", baseline {before / floor:.2f}" if before is not None else "")
+                + f"; import bnfold.cli {med['import bnfold.cli']:.3f} s, import onnx {med['import onnx']:.3f} s"
             )
         print()
         print(markdown_table(["variant", "process", "median s", "x floor"], rows))
