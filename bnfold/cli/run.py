@@ -449,6 +449,8 @@ def check_common(quiet: bool, json_out: bool) -> None:
 
 def tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
     """``--atol 1e-4 --atol out=1e-3`` -> the comparator's tolerance mappings (checked once, by flag)."""
+    if not atol and not rtol:
+        return None, None  # the per-dtype defaults (parse_tolerances' answer to no value); nothing to import
     from bnfold.verification.compare import parse_tolerances
 
     return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)
