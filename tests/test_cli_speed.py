@@ -116,3 +116,49 @@ def test_paths_and_numbers_given_on_the_command_line(tmp_path: Path) -> None:
         "bnfold: error: Invalid value for '--samples' / '-n': expected an integer (got 'two') "
         "(see bnfold fold --help)"
     ]
+
+
+def test_spilled_weights_written_inline_are_the_bytes_protobuf_would_write(tmp_path: Path) -> None:
+    """The streamed writer copies a spilled (or lazily loaded) weight from its file straight into OUT:
+    OUT is byte for byte what serialising the model with the weights in memory gives, doc strings and
+    empty tensors included, and it loads back to the same values."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from bnfold.io.stream import spill_tensor, spilling, write_onnx_stream
+
+    rng = np.random.default_rng(0)
+    values = {
+        "w": rng.normal(0.5, 2.0, (64, 32, 3, 3)).astype(np.float32),  # 72 KiB: stays in memory
+        "big": rng.normal(-1.0, 0.3, (512, 1024)).astype(np.float32),  # 2 MiB: spilled
+        "b": rng.normal(0.1, 0.2, (7,)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [7])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [7])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    graph.initializer[1].doc_string = "a weight with a doc string"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    in_memory = tmp_path / "in_memory.onnx"
+    with open(in_memory, "wb") as f:
+        write_onnx_stream(model, f, None, "")
+    out = tmp_path / "out.onnx"
+    with spilling(tmp_path) as on:
+        assert on
+        for t in model.graph.initializer:
+            assert spill_tensor(t, numpy_helper.to_array(t)) == (t.name == "big")
+        assert model.graph.initializer[1].data_location == onnx.TensorProto.EXTERNAL
+        with open(out, "wb") as f:
+            write_onnx_stream(model, f, None, "")
+    back = onnx.load(str(out))
+    for t in back.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), values[t.name])
+    assert back.graph.initializer[1].doc_string == "a weight with a doc string"
+    assert out.read_bytes() == in_memory.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in_memory.onnx",
+        "out.onnx",
+    ]  # the spill has no name
