@@ -10,22 +10,28 @@ What a CLI user waits for, interpreter start and imports included, measured side
 * **bnfold API**: the same job through the Python API in a plain script (``io.load_file``,
   ``bnfold.onnx.fold_model``, ``io.save``): the CLI's own share is ``bnfold - bnfold API``;
 * **imports**: ``python -c "import bnfold.cli"`` and ``python -c "import onnx"``: what the two pay
-  before any work, to tell the CLI's import cost from the job's.
+  before any work, to tell the CLI's import cost from the job's;
+* with ``--baseline DIR`` (another checkout of bnfold, e.g. ``git worktree add /tmp/base main``) also
+  **bnfold (baseline)** and **import bnfold.cli (baseline)**, the same commands run from DIR, in the
+  same rounds: a change is judged against the code before it on the same machine at the same time.
 
 Two variants of one ResNet-50 (``models.resnet.resnet50``, 53 BN, realistic BN statistics, exported
 with every BN kept): **inline** (one 100 MB file) and **external data** (a small model file + one data
-file). The figure is ``bnfold / floor`` per variant (target: at most 1.2). ``--breakdown`` also prints
+file). The figure is ``bnfold / floor`` per variant (target: at most 1.2), in wall time and in CPU
+time (user + system: what others running on the machine change least). ``--breakdown`` also prints
 the stages inside one process (the floor's ``onnx.load`` / ``onnx.save`` against bnfold's
 ``io.load_file`` / ``fold_model`` / ``io.save``, imports done) and the import times of the fold
 process by top-level package (``python -X importtime``), to tell where the difference goes.
 
     python benchmarks/bench_process.py [--quick] [--repeats 7] [--breakdown] [--model in.onnx]
+        [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,10 +59,14 @@ _API = (
 )
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = REPO_ROOT) -> dict[str, str]:
     return dict(
-        os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     )
+
+
+_BASELINE = " (baseline)"
+"""Suffix of the commands run from ``--baseline DIR`` (with DIR first on PYTHONPATH)."""
 
 
 def _clear(folder: Path, keep: set[str]) -> None:
@@ -66,35 +76,48 @@ def _clear(folder: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def _commands(src: Path, dst: Path, external: bool) -> dict[str, list[str]]:
+def _commands(src: Path, dst: Path, external: bool, baseline: Path | None = None) -> dict[str, list[str]]:
     py = sys.executable
-    return {
+    commands = {
         "floor": [py, "-c", _FLOOR_EXTERNAL if external else _FLOOR_INLINE, str(src), str(dst)],
         "bnfold": [py, "-m", "bnfold", "fold", "--no-verify", "--quiet", str(src), str(dst)],
         "bnfold API": [py, "-c", _API, str(src), str(dst)],
         "import bnfold.cli": [py, "-c", "import bnfold.cli"],
         "import onnx": [py, "-c", "import onnx"],
     }
+    if baseline is not None:
+        for name in ("bnfold", "import bnfold.cli"):
+            commands[name + _BASELINE] = commands[name]
+    return commands
 
 
 def time_processes(
-    commands: dict[str, list[str]], folder: Path, keep: set[str], repeats: int
-) -> dict[str, float]:
-    """Median wall time of each command, in fresh processes, interleaved with a rotating order."""
+    commands: dict[str, list[str]], folder: Path, keep: set[str], repeats: int, baseline: Path | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median CPU time (user + system) of each command, in fresh processes,
+    interleaved with a rotating order (the ``(baseline)`` commands run with ``baseline`` first on
+    PYTHONPATH). CPU time barely moves when others load the machine; wall time is what a user waits."""
     names = list(commands)
     times: dict[str, list[float]] = {n: [] for n in names}
-    env = _env()
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    envs = {n: _env(baseline) if baseline is not None and n.endswith(_BASELINE) else _env() for n in names}
     for n in names:  # warm-up: page cache, .pyc files
-        subprocess.run(commands[n], env=env, check=True, capture_output=True)
+        subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
         _clear(folder, keep)
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            subprocess.run(commands[n], env=env, check=True, capture_output=True)
+            subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
             times[n].append(time.perf_counter() - t0)
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[n].append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)
             _clear(folder, keep)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return (
+        {n: statistics.median(v) for n, v in times.items()},
+        {n: statistics.median(v) for n, v in cpu.items()},
+    )
 
 
 _STAGES = """
@@ -162,6 +185,9 @@ def main() -> None:
     ap = make_parser(__doc__.splitlines()[0], repeats=7, quick_repeats=3)
     ap.add_argument("--breakdown", action="store_true", help="import times of the fold process by package")
     ap.add_argument("--model", type=Path, default=None, help="use this .onnx instead of exporting ResNet-50")
+    ap.add_argument(
+        "--baseline", type=Path, default=None, help="another bnfold checkout, timed in the same rounds"
+    )
     args = ap.parse_args()
     import onnx
     from bench_onnx_fold import build_resnet50
@@ -192,16 +218,35 @@ def main() -> None:
         )
         rows = []
         for label, src, ext in (("inline", inline, False), ("external data", external, True)):
-            med = time_processes(_commands(src, folder / "out.onnx", ext), folder, keep, args.repeats)
-            floor = med["floor"]
+            med, cpu = time_processes(
+                _commands(src, folder / "out.onnx", ext, args.baseline),
+                folder,
+                keep,
+                args.repeats,
+                args.baseline,
+            )
+            floor, cpu_floor = med["floor"], cpu["floor"]
             for name, t in med.items():
-                rows.append([label, name, f"{t:.3f}", f"{t / floor:.2f}"])
+                rows.append(
+                    [
+                        label,
+                        name,
+                        f"{t:.3f}",
+                        f"{t / floor:.2f}",
+                        f"{cpu[name]:.3f}",
+                        f"{cpu[name] / cpu_floor:.2f}",
+                    ]
+                )
+            before = "bnfold" + _BASELINE
             print(
-                f"{label}: bnfold / floor = {med['bnfold'] / floor:.2f} (target <= 1.2); "
-                f"import bnfold.cli {med['import bnfold.cli']:.3f} s, import onnx {med['import onnx']:.3f} s"
+                f"{label}: bnfold / floor = {med['bnfold'] / floor:.2f} (target <= 1.2)"
+                + (f", baseline {med[before] / floor:.2f}" if before in med else "")
+                + f"; CPU time {cpu['bnfold'] / cpu_floor:.2f}"
+                + (f", baseline {cpu[before] / cpu_floor:.2f}" if before in cpu else "")
+                + f"; import bnfold.cli {med['import bnfold.cli']:.3f} s, import onnx {med['import onnx']:.3f} s"
             )
         print()
-        print(markdown_table(["variant", "process", "median s", "x floor"], rows))
+        print(markdown_table(["variant", "process", "median s", "x floor", "CPU s", "CPU x floor"], rows))
         if args.breakdown:
             print("\nstages inside one process (imports done; medians, s):")
             stage_rows = []

@@ -2,7 +2,8 @@
 
 One concept a module: :mod:`.commands` (the typer commands), :mod:`.run` (how a command runs: signals,
 errors to exit codes, progress, JSON out), :mod:`.options` (the flags, declared once), :mod:`.render` (rich
-rendering, model strings escaped) and :mod:`.jsonout` (the ``--json`` documents).
+rendering), :mod:`.jsonout` (the ``--json`` documents) and :mod:`.text` (model strings escaped: what every
+other module prints goes through it). rich is imported only to draw: a ``-q`` run never loads it.
 """
 
 from __future__ import annotations

@@ -35,19 +35,26 @@ from bnfold.errors import FoldVerificationError, OptionError
 
 from .options import (
     Affine,
+    AffineBench,
+    AffinePreview,
     AllOrNothing,
     Atol,
+    BatchStats,
     CheckpointPath,
     Debug,
     EvalSemantics,
     ExternalData,
     FailIfLeft,
     FlushDenormals,
+    Health,
+    HealthAudit,
     InPlace,
     InputNames,
     InputShape,
     InputsNpz,
     JsonFlag,
+    MergeBranches,
+    MergeBranchesPreview,
     ModelFactory,
     ModelPath,
     Opset,
@@ -55,6 +62,8 @@ from .options import (
     OutArg,
     Output,
     OutputNames,
+    Propagate,
+    PropagatePreview,
     Quiet,
     RequantizeBias,
     Rtol,
@@ -63,9 +72,9 @@ from .options import (
     StaticBatch,
     TrustPickle,
     Verbose,
+    VerboseFrozen,
     Version,
 )
-from .render import clean
 from .run import (
     STATE,
     Group,
@@ -79,6 +88,7 @@ from .run import (
     split_names,
     tolerances,
 )
+from .text import clean
 
 __all__ = ["app", "main"]
 
@@ -104,18 +114,6 @@ def _root(version: Version = None, debug: Debug = False) -> None:
     STATE["debug"] = debug
 
 
-BatchStats = Annotated[
-    str | None,
-    typer.Option(
-        "--batch-stats",
-        metavar="instance",
-        show_default=False,
-        help="BNs that normalise with their batch (ONNX training_mode=1, track_running_stats=False): 'instance' "
-        "turns them into InstanceNorms, equal at batch 1 only (at batch > 1 the model changes).",
-    ),
-]
-
-
 # ------------------------------------------------------------------------------------------ commands
 @app.command(short_help="Fold every exactly-foldable BatchNorm, verify, write OUT.")
 def fold(
@@ -123,21 +121,9 @@ def fold(
     out: OutArg = None,
     output: Output = None,
     affine: Affine = False,
-    merge_branches: Annotated[
-        bool,
-        typer.Option(
-            "--merge-branches/--no-merge-branches",
-            help="Merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one conv (ONNX, PyTorch).",
-        ),
-    ] = True,
+    merge_branches: MergeBranches = True,
     batch_stats: BatchStats = None,
-    propagate: Annotated[
-        bool,
-        typer.Option(
-            "--propagate/--no-propagate",
-            help="ONNX: move the scale and shift of BNs left through ReLU, pooling and zero padding into the next layer.",
-        ),
-    ] = True,
+    propagate: Propagate = True,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify before writing OUT.")] = True,
     force: Annotated[
         bool, typer.Option("--force", help="Write OUT even when verification fails (exit 1).")
@@ -161,9 +147,7 @@ def fold(
     all_or_nothing: AllOrNothing = False,
     requantize_bias: RequantizeBias = False,
     flush_denormals: FlushDenormals = True,
-    health: Annotated[
-        bool, typer.Option("--health", help="Also audit the BatchNorms (see inspect --health).")
-    ] = False,
+    health: Health = False,
     prune_constant_channels: Annotated[
         bool,
         typer.Option(
@@ -255,22 +239,10 @@ def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
 @app.command(short_help="What fold would do to every BatchNorm; writes nothing.")
 def inspect(
     model: ModelPath,
-    affine: Annotated[bool, typer.Option("--affine", help="The verdicts fold --affine would give.")] = False,
-    merge_branches: Annotated[
-        bool,
-        typer.Option(
-            "--merge-branches/--no-merge-branches",
-            help="The merges fold would do (on by default).",
-        ),
-    ] = True,
+    affine: AffinePreview = False,
+    merge_branches: MergeBranchesPreview = True,
     batch_stats: BatchStats = None,
-    propagate: Annotated[
-        bool,
-        typer.Option(
-            "--propagate/--no-propagate",
-            help="The scale propagation fold would do (ONNX; on by default).",
-        ),
-    ] = True,
+    propagate: PropagatePreview = True,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     eval_semantics: EvalSemantics = False,
@@ -288,13 +260,7 @@ def inspect(
             "folded again in memory) [default: MODEL's own format].",
         ),
     ] = None,
-    health: Annotated[
-        bool,
-        typer.Option(
-            "--health",
-            help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals.",
-        ),
-    ] = False,
+    health: HealthAudit = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -563,7 +529,7 @@ def freeze(
     trust_pickle: TrustPickle = False,
     json_out: JsonFlag = False,
     quiet: Quiet = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every frozen layer.")] = False,
+    verbose: VerboseFrozen = False,
     debug: Debug = False,
     version: Version = None,
 ) -> None:
@@ -592,7 +558,7 @@ def bench(
     ] = 20,
     warmup: Annotated[int, typer.Option("--warmup", "-w", help="Untimed runs before timing.")] = 3,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Intra-op threads (0: the default).")] = 0,
-    affine: Annotated[bool, typer.Option("--affine", help="Fold with --affine (ONNX).")] = False,
+    affine: AffineBench = False,
     model_factory: ModelFactory = None,
     trust_pickle: TrustPickle = False,
     input_shape: InputShape = None,

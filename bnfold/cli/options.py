@@ -108,10 +108,58 @@ Opt = Annotated[
         "--opt-level", help="Also compare at this onnxruntime optimisation level.", show_default=False
     ),
 ]
-Affine = Annotated[bool, typer.Option("--affine", help="Turn BNs left over into one Mul + one Add (ONNX).")]
+# A flag that more than one command takes, with the same meaning: its declaration once; where a command
+# words it for what it does there (inspect shows what fold *would* do), one alias per wording.
+_AFFINE = "--affine"
+_MERGE_BRANCHES = "--merge-branches/--no-merge-branches"
+_PROPAGATE = "--propagate/--no-propagate"
+_HEALTH = "--health"
+
+Affine = Annotated[bool, typer.Option(_AFFINE, help="Turn BNs left over into one Mul + one Add (ONNX).")]
+AffinePreview = Annotated[bool, typer.Option(_AFFINE, help="The verdicts fold --affine would give.")]
+AffineBench = Annotated[bool, typer.Option(_AFFINE, help="Fold with --affine (ONNX).")]
+MergeBranches = Annotated[
+    bool,
+    typer.Option(
+        _MERGE_BRANCHES,
+        help="Merge sums of branches that read one tensor (RepVGG, MobileOne, DBB) into one conv (ONNX, PyTorch).",
+    ),
+]
+MergeBranchesPreview = Annotated[
+    bool, typer.Option(_MERGE_BRANCHES, help="The merges fold would do (on by default).")
+]
+Propagate = Annotated[
+    bool,
+    typer.Option(
+        _PROPAGATE,
+        help="ONNX: move the scale and shift of BNs left through ReLU, pooling and zero padding into the next layer.",
+    ),
+]
+PropagatePreview = Annotated[
+    bool, typer.Option(_PROPAGATE, help="The scale propagation fold would do (ONNX; on by default).")
+]
+Health = Annotated[bool, typer.Option(_HEALTH, help="Also audit the BatchNorms (see inspect --health).")]
+HealthAudit = Annotated[
+    bool,
+    typer.Option(
+        _HEALTH, help="Audit the BatchNorms: dead channels, var ~ 0, float16/bfloat16 range, subnormals."
+    ),
+]
+BatchStats = Annotated[
+    str | None,
+    typer.Option(
+        "--batch-stats",
+        metavar="instance",
+        show_default=False,
+        help="BNs that normalise with their batch (ONNX training_mode=1, track_running_stats=False): 'instance' "
+        "turns them into InstanceNorms, equal at batch 1 only (at batch > 1 the model changes).",
+    ),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (nothing else).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="List every BatchNorm, not only those left.")]
+_VERBOSE = ("--verbose", "-v")
+Verbose = Annotated[bool, typer.Option(*_VERBOSE, help="List every BatchNorm, not only those left.")]
+VerboseFrozen = Annotated[bool, typer.Option(*_VERBOSE, help="List every frozen layer.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors (also BNFOLD_DEBUG=1).")]
 Output = Annotated[
     Path | None,

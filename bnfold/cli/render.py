@@ -33,6 +33,7 @@ from bnfold.health_records import HealthReport, count_labels
 from bnfold.records import Direction, FoldReport, FreezeReport, OutputCheck, Site, Skip, VerifyReport
 
 from .jsonout import counts
+from .text import clean
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
@@ -41,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from bnfold.health_records import LayerQuant
 
 __all__ = [
-    "clean",
     "human_size",
     "make_console",
     "render_fold_report",
@@ -67,24 +67,6 @@ STAGES: dict[str, str] = {
     "bench": "benchmarking",
 }
 """Stage key -> label shown on the progress line."""
-
-# C0 and C1 control characters, DEL, and the bidirectional overrides that reorder what a terminal shows.
-# Lone surrogates U+DC80..U+DCFF are the bytes of a name that is not UTF-8 (decoded with surrogateescape
-# by the ONNX backend): shown as the byte they stand for, ``\\xNN``.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
-
-
-def clean(value: object) -> str:
-    """``value`` as a single line with every control character escaped (``ESC`` -> ``\\x1b``)."""
-
-    def esc(m: re.Match[str]) -> str:
-        c = ord(m.group())
-        if 0xDC80 <= c <= 0xDCFF:
-            c -= 0xDC00
-        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-
-    return _CONTROL.sub(esc, str(value))
-
 
 _MIN_TEXT = 30
 """Columns of prose (a reason's sentence) keep at least this width: they wrap at spaces."""

@@ -11,6 +11,8 @@ module.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ from typer.core import TyperGroup
 from bnfold.errors import BnfoldError, OptionError, with_context
 
 from .jsonout import error_document, finite_json, json_document
-from .render import clean, make_console
+from .text import clean
 
 __all__ = [
     "Group",
@@ -97,6 +99,7 @@ class Group(TyperGroup):
         **extra: Any,
     ) -> Any:
         argv = _globals_after_command(list(sys.argv[1:] if args is None else args))
+        plain_coercion(self.params)
         try:
             with _signals(), _pipe_guard():
                 rv = super().main(
@@ -128,6 +131,17 @@ class Group(TyperGroup):
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        plain_coercion([option])
+        return option
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:  # its help option is made here (typer caches it): the one it parses with
+            plain_coercion([*command.params, command.get_help_option(ctx)])
+        return command
+
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         with _pipe_guard():  # the root's --help is printed while parsing
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -135,6 +149,65 @@ class Group(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         with _pipe_guard():  # a command's --help, and every report, are printed from here
             return super().invoke(ctx)
+
+
+# ------------------------------------------------------------------------------ option values, fast
+# typer (0.2x) turns every option value into its type through a pydantic TypeAdapter built for each
+# parameter of the command, defaults included: importing pydantic and building ~20 adapters is most of
+# what the CLI adds to a short job. The plain cases (a value that already has its type, a string for a
+# str or list[str] option, a non-empty string for a Path) are converted here exactly as typer converts
+# them; every other value (a number to parse, a choice, an empty path) goes to typer's own converter,
+# built on first use, so its checks and its error messages are unchanged.
+try:
+    from typer._coercion import RuntimeParam as _RuntimeParam
+    from typer._coercion import build_runtime_param as _build_runtime_param
+    from typer._param_types import coerce_cli_path as _coerce_cli_path
+except ImportError:  # pragma: no cover - another typer: its own conversion, unchanged
+    _RuntimeParam = None  # type: ignore[assignment,misc]
+
+if _RuntimeParam is not None:
+
+    @dataclasses.dataclass(frozen=True)
+    class _PlainParam(_RuntimeParam):
+        """typer's conversion of one parameter, with its plain cases done without pydantic."""
+
+        descriptor: Any = None
+        built: list[Any] = dataclasses.field(default_factory=list)
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            kind, info = self.annotation, self.parameter_info
+            if kind in (str, int, float) and type(value) is kind:
+                return value
+            if kind == list[str] and all(type(v) is str for v in value):
+                return list(value)
+            if (
+                kind is Path
+                and type(value) is str
+                and value
+                and "\0" not in value
+                and getattr(info, "parser", None) is None
+                and getattr(info, "path_type", None) is None
+            ):
+                return _coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
+            if not self.built:
+                self.built.append(_build_runtime_param(self.descriptor))
+            return self.built[0]._coerce_value(value, param=param, ctx=ctx)
+
+
+def plain_coercion(params: Sequence[Any]) -> None:
+    """Give each typer parameter of a command the fast conversion above (see there); a no-op where
+    typer has no such internals."""
+    if _RuntimeParam is None:
+        return  # pragma: no cover
+    for p in params:
+        descriptor = getattr(p, "type_descriptor", None)
+        if descriptor is None or getattr(p, "_runtime_param", True) is not None:
+            continue  # not typer's parameter, or its converter is already built
+        if getattr(descriptor, "file_annotation", None) is not None:
+            continue  # typer opens files itself
+        p._runtime_param = _PlainParam(
+            parameter_info=descriptor.parameter_info, annotation=descriptor.annotation, descriptor=descriptor
+        )
 
 
 _LIBRARY_WORDING = (
@@ -263,10 +336,16 @@ def _quiet_libraries() -> None:
 
 @contextmanager
 def progress_bar(quiet: bool, stages: tuple[str, ...]) -> Iterator[Callable[[str, int, int], None]]:
-    """The progress callback for a job: a stage line on stderr (terminals only), library logs quiet."""
-    from .render import progress_callback
+    """The progress callback for a job: a stage line on stderr (terminals only), library logs quiet.
 
-    with progress_callback(make_console(stderr=True), enabled=not quiet, stages=stages) as bar:
+    With ``quiet`` nothing is drawn, and rich is not even imported.
+    """
+    with contextlib.ExitStack() as stack:
+        bar: Callable[[str, int, int], None] = _no_bar
+        if not quiet:
+            from .render import make_console, progress_callback
+
+            bar = stack.enter_context(progress_callback(make_console(stderr=True), stages=stages))
         seen: set[str] = set()
 
         def update(stage: str, done: int, total: int) -> None:
@@ -279,6 +358,10 @@ def progress_bar(quiet: bool, stages: tuple[str, ...]) -> Iterator[Callable[[str
             bar(stage, done, total)
 
         yield update
+
+
+def _no_bar(stage: str, done: int, total: int) -> None:
+    return None
 
 
 def _ort_quiet() -> None:
@@ -354,6 +437,8 @@ def show(
         emit_json(json_document(command, result, exit_code=exit_code, **files))
         STATE["emitted"] = True
     elif not quiet:
+        from .render import make_console
+
         render(make_console())
 
 
@@ -364,6 +449,8 @@ def check_common(quiet: bool, json_out: bool) -> None:
 
 def tolerances(atol: list[str] | None, rtol: list[str] | None) -> tuple[Any, Any]:
     """``--atol 1e-4 --atol out=1e-3`` -> the comparator's tolerance mappings (checked once, by flag)."""
+    if not atol and not rtol:
+        return None, None  # the per-dtype defaults (parse_tolerances' answer to no value); nothing to import
     from bnfold.verification.compare import parse_tolerances
 
     return parse_tolerances("--atol", atol), parse_tolerances("--rtol", rtol)

@@ -145,6 +145,40 @@ def _inline_tensor(t: Any) -> Any:
     return out
 
 
+_RAW_DATA_FIELD = 9  # TensorProto.raw_data
+
+
+def _write_lazy_inline(t: Any, f: Any) -> int:
+    """Write lazily loaded tensor ``t`` to ``f`` as one ``initializer`` record with its bytes inline;
+    returns the bytes written.
+
+    The same bytes as serialising :func:`_inline_tensor`'s copy (protobuf writes fields in number
+    order: dims, data_type, name, then raw_data, then doc_string), but the values go from their file to
+    ``f`` in chunks, never through a bytes object and a protobuf message.
+    """
+    import onnx
+
+    src, offset, length = _lazy_source(t)  # type: ignore[misc]
+    head = onnx.TensorProto()
+    head.name, head.data_type = t.name, t.data_type
+    head.dims.extend(t.dims)
+    head_bytes = _serialise(head, f"initializer '{t.name}'")
+    raw_header = field_header(_RAW_DATA_FIELD, length)
+    tail = b""
+    if t.doc_string:
+        doc = onnx.TensorProto()
+        doc.doc_string = t.doc_string
+        tail = _serialise(doc, f"initializer '{t.name}'")
+    size = len(head_bytes) + len(raw_header) + length + len(tail)
+    record = field_header(_INITIALIZER_FIELD, size)
+    f.write(record)
+    f.write(head_bytes)
+    f.write(raw_header)
+    _copy_range(src, offset, length, f)
+    f.write(tail)
+    return len(record) + size
+
+
 def tensor_nbytes(t: Any) -> int:
     """Bytes of a tensor's values from its shape and type (``ByteSize()`` serialises, and fails at 2 GiB)."""
     import onnx
@@ -229,8 +263,9 @@ def write_onnx_stream(model: Any, f: Any, data: Any | None, location: str | Call
             f.write(b)
             total += len(b)
     for t in inits:
-        if _lazy_source(t) is not None:  # saved without external data: read in, one tensor at a time
-            t = _inline_tensor(t)
+        if _lazy_source(t) is not None:  # saved without external data: copied in, one tensor at a time
+            total += _write_lazy_inline(t, f)
+            continue
         b = _serialise(t, f"initializer '{t.name}'")
         hdr = field_header(_INITIALIZER_FIELD, len(b))
         f.write(hdr)
