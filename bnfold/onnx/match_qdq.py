@@ -90,8 +90,9 @@ def requantize_int32_bias(on: bool = True) -> Iterator[None]:
     (round to nearest: not exact, each bias value off by at most half a step of its new scale, the
     bound the site's detail states) instead of the exact default (the shift kept as one Add).
 
-    The fold's verification compares at the default tolerance: a requantised fold may need
-    ``--atol`` of that bound on the outputs it reaches."""
+    The site records the bound (:attr:`~bnfold.records.Site.bias_rounding`); the file job's
+    verification adds it to the default tolerance of the outputs it reaches
+    (:func:`bnfold.verification.policy.bias_rounding_atol`)."""
     tok = _REQUANTIZE.set(on)
     try:
         yield
