@@ -135,3 +135,95 @@ def test_bound_propagation_rules() -> None:
     assert set(got) == {"o_keep", "o_sum", "o_cat"}
     assert got["o_keep"] == pytest.approx(1e-3) and got["o_sum"] == pytest.approx(3e-3)
     assert got["o_cat"] == pytest.approx(2e-3)
+
+
+# ------------------------------------------------------------------ fold_quant on QDQ weights
+def dequantized_weight(m: onnx.ModelProto, layer: str) -> np.ndarray:
+    """The layer's weight as DequantizeLinear computes it: (q - z) * s, s and z along ``axis``."""
+    node = next(n for n in m.graph.node if n.name == layer)
+    dq = next(n for n in m.graph.node if n.output[0] == node.input[1])
+    vals = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    q = vals[dq.input[0]].astype(np.float64)
+    s = vals[dq.input[1]].astype(np.float64)
+    z = vals[dq.input[2]].astype(np.float64) if len(dq.input) > 2 else np.zeros_like(s)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    shape = [1] * q.ndim
+    if s.size > 1:
+        shape[axis] = -1
+    return (q - z.reshape(shape)) * s.reshape(shape)
+
+
+def expected_ranges(w: np.ndarray, out_axis: int) -> np.ndarray:
+    return np.abs(np.moveaxis(w, out_axis, 0)).reshape(w.shape[out_axis], -1).max(axis=1)
+
+
+def pre_bn_conv() -> onnx.ModelProto:
+    """``x -> BN -> Conv(DequantizeLinear(w_q, s, z, axis=1))``: quantized per input channel, the axis
+    the backward fold scales (not the output axis the readiness ranges are taken on)."""
+    g = G(seed=5)
+    g.input("x", [2, 4, 5, 5])
+    g.init("w_q", g.rng.integers(-100, 100, size=(6, 4, 3, 3)), np.int8)
+    g.init("w_s", np.array([0.01, 0.004, 0.02, 0.008]), np.float32)
+    g.init("w_z", np.array([3, -2, 0, 5]), np.int8)
+    g.node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq_w", axis=1)
+    for k, v in (("gamma", [0.9, 1.7, 0.4, 1.2]), ("beta", [0.3, -0.2, 0.1, 0.4])):
+        g.init(f"bn.{k}", np.asarray(v))
+    g.init("bn.mean", np.asarray([-0.2, 0.5, 0.0, 0.3]))
+    g.init("bn.var", np.asarray([1.3, 0.6, 2.0, 0.9]))
+    g.node("BatchNormalization", ["x", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["h"], name="bn")
+    g.node("Conv", ["h", "w"], ["y"], name="layer")
+    g.output("y")
+    return g.model(opset=17)
+
+
+@pytest.mark.parametrize(
+    ("kind", "trans_b", "per_channel", "out_axis"),
+    [
+        ("Conv", 0, True, 0),
+        ("Conv", 0, False, 0),
+        ("ConvTranspose", 0, True, 1),
+        ("Gemm", 0, True, 1),
+        ("Gemm", 1, False, 0),
+        ("MatMul", 0, True, 1),
+        ("backward", 0, False, 0),
+    ],
+)
+def test_fold_quant_reads_dequantized_weights(
+    kind: str, trans_b: int, per_channel: bool, out_axis: int
+) -> None:
+    """Every fold's int8-readiness summary includes layers whose weight comes through
+    DequantizeLinear: the per-channel ranges of the weight it dequantizes to."""
+    from bnfold.api import fold_with_report
+
+    if kind == "backward":
+        m = pre_bn_conv()
+    else:
+        g = qdq_layer(kind, per_channel=per_channel, trans_b=trans_b, zero_point=2, seed=1)
+        g.bn("t", "y", 6, "bn")
+        g.output("y")
+        m = g.model(opset=17)
+    out, rep = fold_with_report(m)
+    assert rep.bn_after == 0
+    (rec,) = rep.quant
+    ranges = expected_ranges(dequantized_weight(out, rec.layer), out_axis)
+    assert rec.layer == "layer" and rec.channels == ranges.size
+    assert rec.max_range == pytest.approx(ranges.max(), rel=1e-12)
+    assert rec.worst_channel == int(np.argmax(ranges))
+    assert rec.ratio == pytest.approx(ranges.max() / np.median(ranges), rel=1e-12)
+
+
+def test_fold_quant_flags_a_tiny_variance_channel_of_a_qdq_layer() -> None:
+    from bnfold.api import fold_with_report
+    from bnfold.health_records import QUANT_RATIO_FLAG
+
+    g = qdq_layer("Conv", seed=1)
+    g.bn("t", "y", 6, "bn")
+    g.output("y")
+    m = g.model(opset=17)
+    var = next(t for t in m.graph.initializer if t.name == "bn.var")
+    v = numpy_helper.to_array(var).copy()
+    v[4] = 1e-9  # the channel saw a constant input: its BN scale ~ gamma / sqrt(eps)
+    var.CopyFrom(numpy_helper.from_array(v, "bn.var"))
+    _, rep = fold_with_report(m)
+    (rec,) = rep.quant
+    assert rec.worst_channel == 4 and rec.ratio >= QUANT_RATIO_FLAG
