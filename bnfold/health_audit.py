@@ -22,7 +22,10 @@ symmetric int8. Folding multiplies each channel by its own BN scale, so one chan
 variance can set the whole tensor's scale (MobileNetV2: 71.7% -> 0.1% top-1 with per-tensor int8 after
 folding, Nagel et al. 2019). Per-channel weight quantisation, or cross-layer equalisation before a
 per-tensor quantiser, removes the loss. It costs one ``max |w|`` pass over each written weight, and
-runs with the audit only (the audit is what knows which tensors the fold wrote).
+runs with the audit only (the audit is what knows which tensors the fold wrote). A weight that comes
+through ``DequantizeLinear`` (QDQ graphs) counts as the weight it dequantizes to: per output channel
+``max |q - z| * |s|`` from the integers' extremes (:func:`dq_channel_ranges`; no runtime, no float copy
+where the scale is per tensor or on the output axis).
 
 Which layer each BN folds into comes from the backends' own matchers: the audit folds a copy of the
 model (:func:`bnfold.health` = :func:`bnfold.api.health` folds a copy, then calls :func:`audit`) and reads the tensors the fold wrote (those that differ

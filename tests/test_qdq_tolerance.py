@@ -66,6 +66,11 @@ def test_requantised_bias_passes_default_verification(tmp_path: Path, after: str
     (v,) = data["verdicts"]
     bound = v["bias_rounding"]["bound"]
     assert v["bias_rounding"]["value"] == "y" and f"|error| <= {bound:.3g}" in v["detail"]
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(resources.files("bnfold").joinpath("schemas/report-v1.json").read_text("utf-8"))
+    jsonschema.validate(data, schema)  # the new field is in the schema
     out = "y" if after is None else "z"
     assert any(f"'{out}' {bound:.3g}" in n for n in data["notes"]), data["notes"]
     # The rounding is real: the largest error is past what the default tolerance allows (it failed
@@ -114,6 +119,13 @@ def test_bound_stops_at_an_amplifying_operator(tmp_path: Path) -> None:
     (v,) = data["verdicts"]
     value, bound = v["bias_rounding"]["value"], v["bias_rounding"]["bound"]
     assert bias_rounding_atol(folded, [(value, bound)]) == {}
+    # Without --atol: the default tolerance, the note says why, and the 7x amplified rounding fails it.
+    (tmp_path / "f.onnx").unlink()
+    r, data = run_fold(tmp_path, m)
+    assert r.exit_code == 1 and data is not None
+    assert any(
+        "'layer' reaches the outputs only through operators that may amplify" in n for n in data["notes"]
+    )
 
 
 def test_bound_propagation_rules() -> None:
