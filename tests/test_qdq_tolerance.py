@@ -239,3 +239,18 @@ def test_fold_quant_flags_a_tiny_variance_channel_of_a_qdq_layer() -> None:
     _, rep = fold_with_report(m)
     (rec,) = rep.quant
     assert rec.worst_channel == 4 and rec.ratio >= QUANT_RATIO_FLAG
+
+
+@pytest.mark.parametrize("kind", ["Conv", "Gemm"])
+def test_backward_requantised_bias_passes_default_verification(tmp_path: Path, kind: str) -> None:
+    """BN -> QDQ layer with an int32 bias: the requantised bias is the layer's own output."""
+    from test_qdq_attack import pre_bn_layer
+
+    r, data = run_fold(tmp_path, pre_bn_layer(kind, "int32", "in", "varied"))
+    assert r.exit_code == 0, r.output
+    assert data is not None and data["verification"]["passed"] is True
+    (v,) = data["verdicts"]
+    assert v["direction"] == "backward" and v["bias_rounding"]["value"] == "y"
+    (o,) = data["verification"]["outputs"]
+    scale = o["max_abs_error"] / o["max_rel_error"]
+    assert 1e-5 * scale < o["max_abs_error"] <= v["bias_rounding"]["bound"] + 1e-5 * scale
