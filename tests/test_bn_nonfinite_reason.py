@@ -86,3 +86,16 @@ def test_cli_names_the_channel(tmp_path) -> None:
     assert v["status"] == "left" and v["reason"] == "overflow"
     assert v["detail"].startswith("gamma has NaN at channel 2")
     assert src.read_bytes() == before
+
+
+def test_torch_export_nonfinite_bn_reason() -> None:
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        m[1].running_mean.copy_(torch.tensor([0.4, -0.3, 0.1, 0.2]))
+        m[1].running_var.copy_(torch.tensor([0.7, 1.6, 0.9, 2.1]))
+        m[1].weight[1] = NAN
+    ep = torch.export.export(m, (torch.randn(1, 3, 8, 8),))
+    _, rep = fold_with_report(ep)
+    (v,) = rep.verdicts
+    assert not v.folded and v.reason is SkipReason.OVERFLOW
+    assert v.detail == "gamma has NaN at channel 1: the BN itself yields NaN/inf"
