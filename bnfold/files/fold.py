@@ -273,7 +273,8 @@ def _bias_rounding_tolerance(prep: Prepared, report: FoldReport, folded: Any) ->
     """Without ``--atol``: the absolute tolerance of every output a requantised int32 bias reaches
     (``--requantize-bias``) widened by the bound its site states, propagated by
     :func:`bnfold.verification.policy.bias_rounding_atol`; a note says which outputs and by how much,
-    and which requantised layers reach no output that way (those outputs keep the default)."""
+    and which requantised layers reach no output that way (those outputs keep the default). The
+    re-folds of a culprit search are checked with the same tolerances."""
     from bnfold.verification.policy import bias_rounding_atol
 
     sites = [v for v in report.verdicts if isinstance(v, Site) and v.bias_rounding is not None]
