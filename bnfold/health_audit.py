@@ -22,7 +22,10 @@ symmetric int8. Folding multiplies each channel by its own BN scale, so one chan
 variance can set the whole tensor's scale (MobileNetV2: 71.7% -> 0.1% top-1 with per-tensor int8 after
 folding, Nagel et al. 2019). Per-channel weight quantisation, or cross-layer equalisation before a
 per-tensor quantiser, removes the loss. It costs one ``max |w|`` pass over each written weight, and
-runs with the audit only (the audit is what knows which tensors the fold wrote).
+runs with the audit only (the audit is what knows which tensors the fold wrote). A weight that comes
+through ``DequantizeLinear`` (QDQ graphs) counts as the weight it dequantizes to: per output channel
+``max |q - z| * |s|`` from the integers' extremes (:func:`dq_channel_ranges`; no runtime, no float copy
+where the scale is per tensor or on the output axis).
 
 Which layer each BN folds into comes from the backends' own matchers: the audit folds a copy of the
 model (:func:`bnfold.health` = :func:`bnfold.api.health` folds a copy, then calls :func:`audit`) and reads the tensors the fold wrote (those that differ
@@ -49,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # NumPy and the backends are imported inside the functions (an ONNX user never imports torch).
 
-__all__ = ["NEAR_ZERO_GAMMA_REL", "audit", "channel_ranges", "fold_quant", "layer_quant"]
+__all__ = ["NEAR_ZERO_GAMMA_REL", "audit", "channel_ranges", "dq_channel_ranges", "fold_quant", "layer_quant"]
 
 NEAR_ZERO_GAMMA_REL = 1e-6
 """A gamma at most this fraction of the BN's largest |gamma| counts as near zero (a pruned channel)."""
@@ -121,8 +124,18 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
     """
     import numpy as np
 
+    hi, lo = _channel_extremes(weight, kind, groups=groups, trans_b=trans_b)
+    out: F64 = np.maximum(hi, -lo)
+    return out
+
+
+def _channel_extremes(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = False) -> tuple[F64, F64]:
+    """``(max w, min w)`` of each output channel (see :func:`channel_ranges`), in float64; an integer
+    weight is read in its own dtype (no float copy)."""
+    import numpy as np
+
     w = np.asarray(weight)
-    if w.dtype not in (np.float16, np.float32, np.float64):
+    if w.dtype not in (np.float16, np.float32, np.float64) and w.dtype.kind not in "iu":
         w = w.astype(np.float64)
     k = kind.lower()
     if "transpose" in k:
@@ -134,11 +147,42 @@ def channel_ranges(weight: Any, kind: str, *, groups: int = 1, trans_b: bool = F
     else:
         w = w.reshape(w.shape[0], -1)
     if not w.size:
-        return np.zeros(w.shape[0], dtype=np.float64)
-    # max |w| = max(max w, -min w), exact in the weight's own dtype: no float64 copy of the weight
-    hi, lo = w.max(axis=1).astype(np.float64), w.min(axis=1).astype(np.float64)
-    out: F64 = np.maximum(hi, -lo)
-    return out
+        zero = np.zeros(w.shape[0], dtype=np.float64)
+        return zero, zero
+    # exact in the weight's own dtype: no float64 copy of the weight
+    return w.max(axis=1).astype(np.float64), w.min(axis=1).astype(np.float64)
+
+
+def dq_channel_ranges(
+    q: Any, scale: Any, zero_point: Any, axis: int, kind: str, *, groups: int = 1, trans_b: bool = False
+) -> F64 | None:
+    """``max |w|`` per output channel of ``w = DequantizeLinear(q, scale, zero_point, axis)``, in float64.
+
+    A per-tensor scale, or per-channel scales on the output-channel axis: ``max |q - z| * |s|`` from
+    each channel's integer extremes (no dequantized copy). Scales on another axis: the weight is
+    dequantized in float64 once. None where the scales fit neither (blocked quantization).
+    """
+    import numpy as np
+
+    q = np.asarray(q)
+    s = np.asarray(scale, dtype=np.float64)
+    z = np.zeros_like(s) if zero_point is None else np.asarray(zero_point).astype(np.float64)
+    if q.ndim < 2 or z.shape != s.shape or s.ndim > 1:
+        return None
+    k = kind.lower()
+    out_axis = 0 if k == "conv" or (k == "gemm" and trans_b) else (1 if "transpose" in k else q.ndim - 1)
+    axis = axis + q.ndim if axis < 0 else axis
+    if s.size != 1 and (axis >= q.ndim or s.size != q.shape[axis]):
+        return None
+    if s.size == 1 or (axis == out_axis and ("transpose" not in k or max(int(groups), 1) == 1)):
+        hi, lo = _channel_extremes(q, kind, groups=groups, trans_b=trans_b)
+        zc, sc = z.reshape(-1), np.abs(s.reshape(-1))  # one value, or one per output channel
+        out: F64 = np.maximum(hi - zc, zc - lo) * sc
+        return out
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    w = (q.astype(np.float64) - z.reshape(shape)) * s.reshape(shape)
+    return channel_ranges(w, kind, groups=groups, trans_b=trans_b)
 
 
 def _ratio(ranges: F64) -> tuple[float, float]:
@@ -208,7 +252,8 @@ def _quant(original: Any, folded: Any, report: FoldReport, kind: str) -> tuple[L
 
 def _onnx_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:
     """Node label -> (op type, per-channel ranges) of the named Conv/ConvTranspose/Gemm/MatMul nodes
-    whose weight is an initializer."""
+    whose weight is an initializer, or a DequantizeLinear of initializers (integer weights, float
+    scales: :func:`dq_channel_ranges`)."""
     from onnx import helper, numpy_helper
 
     from .onnx.graph import read_lazy_tensor, text
@@ -216,28 +261,57 @@ def _onnx_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:
     out: dict[str, tuple[str, F64]] = {}
     for g, prefix, _ in _onnx_walk(model):
         inits = {t.name: t for t in g.initializer}
+        dqs = {
+            n.output[0]: n
+            for n in g.node
+            if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx") and n.output
+        }
         for i, n in enumerate(g.node):
             name = text(n.name)  # a name that is not UTF-8 comes as bytes: labelled as the fold labels it
             labels = {prefix + name, f"{prefix}{n.op_type}_{i}"} if name else {f"{prefix}{n.op_type}_{i}"}
             hit = labels & names
             if not hit or n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.input) < 2:
                 continue
-            if n.input[1] not in inits:
-                continue
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             if n.op_type == "Gemm" and attrs.get("transA", 0):
+                continue
+            groups, trans_b = int(attrs.get("group", 1)), bool(attrs.get("transB", 0))
+            if n.input[1] not in inits:  # a quantized weight: DequantizeLinear of int initializers
+                dq = _dq_ranges(dqs.get(n.input[1]), inits, n.op_type, groups, trans_b)
+                if dq is not None:
+                    for label in hit:
+                        out[label] = (n.op_type, dq)
                 continue
             t = inits[n.input[1]]
             lazy = read_lazy_tensor(t) if t.data_location == t.EXTERNAL else None
             w = lazy if lazy is not None else numpy_helper.to_array(t)
             if w.ndim < 2 or w.dtype.kind != "f":
                 continue
-            ranges = channel_ranges(
-                w, n.op_type, groups=int(attrs.get("group", 1)), trans_b=bool(attrs.get("transB", 0))
-            )
+            ranges = channel_ranges(w, n.op_type, groups=groups, trans_b=trans_b)
             for label in hit:
                 out[label] = (n.op_type, ranges)
     return out
+
+
+def _dq_ranges(dq: Any, inits: dict[str, Any], kind: str, groups: int, trans_b: bool) -> F64 | None:
+    """The per-channel ranges of a weight that DequantizeLinear ``dq`` makes from initializers, or None."""
+    if dq is None or not 2 <= len(dq.input) <= 3 or any(i and i not in inits for i in dq.input):
+        return None
+    from onnx import helper, numpy_helper
+
+    from .onnx.graph import read_lazy_tensor
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    if int(attrs.get("block_size", 0)):
+        return None
+    t = inits[dq.input[0]]
+    lazy = read_lazy_tensor(t) if t.data_location == t.EXTERNAL else None
+    q = lazy if lazy is not None else numpy_helper.to_array(t)
+    s = numpy_helper.to_array(inits[dq.input[1]])
+    z = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
+    if q.dtype.kind not in "iu" or s.dtype.kind != "f" or (z is not None and z.dtype.kind not in "iu"):
+        return None
+    return dq_channel_ranges(q, s, z, int(attrs.get("axis", 1)), kind, groups=groups, trans_b=trans_b)
 
 
 def _torch_weights(model: Any, names: set[str]) -> dict[str, tuple[str, F64]]:

@@ -114,6 +114,9 @@ class Site:
         direction: forward, backward or affine.
         detail: optional remark (e.g. "cloned shared weight").
         pattern: the id of the fold pattern it was matched as (:data:`bnfold.patterns.CATALOGUE`).
+        bias_rounding: ``(value, bound)`` where the fold is not exact because an int32 bias was
+            requantised (QDQ graphs, ``--requantize-bias``): the value the layer writes is off by at
+            most ``bound`` (half a step of the new bias scale); None for an exact fold.
     """
 
     bn: str
@@ -122,6 +125,7 @@ class Site:
     direction: Direction = Direction.FORWARD
     detail: str = ""
     pattern: str | None = None
+    bias_rounding: tuple[str, float] | None = None
 
     @property
     def folded(self) -> bool:
@@ -133,7 +137,7 @@ class Site:
         return _STATUS.get(self.direction, "folded")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "bn": self.bn,
             "status": self.status,
             "target": self.target,
@@ -142,6 +146,9 @@ class Site:
             "detail": self.detail,
             "pattern": self.pattern,
         }
+        if self.bias_rounding is not None:
+            d["bias_rounding"] = {"value": self.bias_rounding[0], "bound": self.bias_rounding[1]}
+        return d
 
 
 @dataclass(frozen=True, slots=True)

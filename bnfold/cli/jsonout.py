@@ -127,7 +127,11 @@ def _verdict_json(v: Site | Skip) -> dict[str, Any]:
             "reason": None,
             "detail": v.detail,
             "pattern": v.pattern,
-        }
+        } | (
+            {}
+            if v.bias_rounding is None
+            else {"bias_rounding": {"value": v.bias_rounding[0], "bound": v.bias_rounding[1]}}
+        )
     return {
         "bn": v.bn,
         "status": "left",

@@ -31,7 +31,7 @@ from typing import Any
 
 from bnfold.errors import BnfoldError, FoldVerificationError
 from bnfold.postfold import run
-from bnfold.records import FileInfo, FoldReport, VerifyReport
+from bnfold.records import FileInfo, FoldReport, Site, VerifyReport
 
 from .load import ProgressFn, advised, load, noop, reworded
 from .output import check_output, check_pairing, same_file, staged
@@ -108,6 +108,8 @@ def _fold_file(
         if not s.options.health:
             job.enter_context(spilling(dst_p.parent))
         report, result = _fold_onnx(src_p, loaded.model, prep, s, prog)
+        if s.verify and s.verification.atol is None:
+            prep, report = _bias_rounding_tolerance(prep, report, result)
         check: Callable[[Any], VerifyReport] = lambda cand: run_verify(  # noqa: E731
             str(src_p), cand, prep, example_inputs=None, progress=prog, where=str(src_p)
         )
@@ -265,6 +267,41 @@ def _fold_onnx(
         signature=io_signature(folded),
         verified_on=verified_on(folded, prep, None) if s.verify else None,
     ), folded
+
+
+def _bias_rounding_tolerance(prep: Prepared, report: FoldReport, folded: Any) -> tuple[Prepared, FoldReport]:
+    """Without ``--atol``: the absolute tolerance of every output a requantised int32 bias reaches
+    (``--requantize-bias``) widened by the bound its site states, propagated by
+    :func:`bnfold.verification.policy.bias_rounding_atol`; a note says which outputs and by how much,
+    and which requantised layers reach no output that way (those outputs keep the default). The
+    re-folds of a culprit search are checked with the same tolerances."""
+    from bnfold.verification.policy import bias_rounding_atol
+
+    sites = [v for v in report.verdicts if isinstance(v, Site) and v.bias_rounding is not None]
+    if not sites:
+        return prep, report
+    notes = list(report.notes)
+    atol = bias_rounding_atol(folded, [v.bias_rounding for v in sites if v.bias_rounding is not None])
+    if atol:
+        widths = ", ".join(f"{k!r} {v:.3g}" for k, v in atol.items())
+        notes.append(
+            f"verification: atol widened by the requantised int32 bias bound on output(s) {widths} "
+            "(--requantize-bias rounds to nearest; give --atol to set it yourself)"
+        )
+        prep = replace(prep, check=replace(prep.check, atol=atol))
+    unbounded = [
+        v.target
+        for v in sites
+        if v.bias_rounding is not None and not bias_rounding_atol(folded, [v.bias_rounding])
+    ]
+    if unbounded:
+        notes.append(
+            "verification: the requantised int32 bias of "
+            + ", ".join(repr(t) for t in unbounded)
+            + " reaches the outputs only through operators that may amplify its rounding: compared at "
+            "the default tolerance (give --atol to widen it)"
+        )
+    return prep, replace(report, notes=tuple(notes))
 
 
 def _fold_torch(

@@ -44,6 +44,7 @@ from .blocked import Scratch, scale_cast
 from .cast import F64, cast_exact, fits_dtype
 from .folds import (
     bn_affine,
+    bn_nonfinite_reason,
     fold_backward,
     fold_forward,
     fold_forward_cast,
@@ -56,6 +57,7 @@ __all__ = [
     "WeightLayout",
     "LayoutError",
     "bn_affine",
+    "bn_nonfinite_reason",
     "channel_factor",
     "fold_forward",
     "fold_forward_cast",

@@ -19,6 +19,7 @@ from .layout import WeightLayout, channel_factor
 
 __all__ = [
     "bn_affine",
+    "bn_nonfinite_reason",
     "fold_forward",
     "fold_forward_cast",
     "fold_backward",
@@ -55,6 +56,42 @@ def bn_affine(
         scale = np.broadcast_to(scale, np.broadcast_shapes(scale.shape, m.shape)).copy()
         shift = -m * scale if beta is None else f64(beta) - m * scale
     return scale, shift
+
+
+def bn_nonfinite_reason(
+    gamma: ArrayLike | None, beta: ArrayLike | None, mean: ArrayLike, var: ArrayLike, eps: float
+) -> str | None:
+    """Why :func:`bn_affine` of these parameters is not finite, naming the first cause and channel:
+    a NaN/inf parameter ("gamma has NaN at channel 2"), then ``var + eps <= 0``, then an overflow of
+    the scale or shift; None when both are finite. The BN itself yields NaN/inf there."""
+    scale, shift = bn_affine(gamma, beta, mean, var, eps)
+    bad = ~(np.isfinite(scale) & np.isfinite(shift))
+    if not bad.any():
+        return None
+
+    def where(mask: Any) -> str:
+        idx = np.argwhere(mask)
+        first = ", ".join(str(int(i)) for i in idx[0]) if idx.size else "?"
+        more = len(idx) - 1
+        return f"channel {first}" + (f" (and {more} other channel(s))" if more > 0 else "")
+
+    for name, p in (("gamma", gamma), ("beta", beta), ("running mean", mean), ("running variance", var)):
+        if p is None:
+            continue
+        v = f64(p)
+        for what, mask in (("NaN", np.isnan(v)), ("inf", np.isinf(v))):
+            if mask.any():
+                return f"{name} has {what} at {where(mask)}: the BN itself yields NaN/inf"
+    v = f64(var)
+    with np.errstate(invalid="ignore", over="ignore"):
+        low = ~(v + float(eps) > 0)
+    if low.any():
+        k = tuple(int(i) for i in np.argwhere(low)[0])
+        return (
+            f"running variance + epsilon is not positive at {where(low)} (var {float(v[k]):.3g}, "
+            f"eps {float(eps):.3g}): the BN itself yields NaN/inf"
+        )
+    return f"the BN's scale or shift overflows float64 at {where(bad)}"
 
 
 def _channels(scale: ArrayLike, shift: ArrayLike) -> tuple[F64, F64]:

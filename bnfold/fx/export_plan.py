@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.dtypes import numpy_dtype, to_float64
-from bnfold.fold_math import F64, bn_affine, cast_exact, fold_backward, fold_forward
+from bnfold.fold_math import F64, bn_affine, bn_nonfinite_reason, cast_exact, fold_backward, fold_forward
 from bnfold.records import Direction, Skip, SkipReason
 
 from .export_match import ExportCandidate, ExportMatched
@@ -38,6 +38,10 @@ def _tensor(gm: nn.Module, n: fx.Node | None) -> torch.Tensor | None:
     return None if n is None else fetch_attr(gm, str(n.target))
 
 
+class _NonFinite(Exception):
+    """The BN's own eval map is not finite (the reason: :func:`bn_nonfinite_reason`)."""
+
+
 def _scale_shift(gm: nn.Module, c: ExportCandidate) -> tuple[F64, F64]:
     a = c.bn_args
     g, beta, mean, var = (
@@ -45,6 +49,9 @@ def _scale_shift(gm: nn.Module, c: ExportCandidate) -> tuple[F64, F64]:
         for k in ("weight", "bias", "running_mean", "running_var")
     )
     scale, shift = bn_affine(g, beta, mean, var, float(a["eps"]))  # type: ignore[arg-type]
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+        why = bn_nonfinite_reason(g, beta, mean, var, float(a["eps"]))  # type: ignore[arg-type]
+        raise _NonFinite(why or "its scale or shift is not finite")
     if c.repeat > 1:  # BN -> flatten -> linear: channel c covers features c*k .. c*k + k - 1
         scale, shift = np.repeat(scale, c.repeat), np.repeat(shift, c.repeat)
     return scale, shift
@@ -70,7 +77,11 @@ def plan_export_sites(gm: nn.Module, matched: list[ExportMatched]) -> tuple[list
         if not isinstance(c, ExportCandidate):
             out.append(c)
             continue
-        scale, shift = _scale_shift(gm, c)
+        try:
+            scale, shift = _scale_shift(gm, c)
+        except _NonFinite as e:
+            out.append(Skip(c.site.bn, SkipReason.OVERFLOW, str(e), c.site.pattern))
+            continue
         first = c.parts[0]
         if c.site.direction is Direction.FORWARD and len(c.parts) == 1 and touches[first.producer] == 1:
             weight, bias = _tensor(gm, first.weight), _tensor(gm, first.bias)

@@ -37,6 +37,7 @@ from bnfold.fold_math import (
     F64,
     WeightLayout,
     bn_affine,
+    bn_nonfinite_reason,
     cast_exact,
     fits_dtype,
     fold_backward,
@@ -132,6 +133,27 @@ def bn_scale_shift(bn_node: fx.Node, root: nn.Module, spec: BnSpec | None = None
     return bn_affine(get("weight"), get("bias"), get("running_mean"), get("running_var"), float(a["eps"]))  # type: ignore[arg-type]
 
 
+def bn_nonfinite(bn_node: fx.Node, root: nn.Module, spec: BnSpec | None = None) -> str:
+    """Why the eval map of the BN at ``bn_node`` is not finite (:func:`bn_nonfinite_reason`)."""
+    if bn_node.op == "call_module":
+        got = spec if spec is not None else describe_bn(fetch_attr(root, str(bn_node.target)))
+        assert isinstance(got, BnSpec)
+        if got.frozen is not None:
+            return "its frozen scale or shift is not finite: the BN itself yields NaN/inf"
+        params: list[F64 | None] = [to_float64(t) for t in (got.weight, got.bias, got.mean, got.var)]
+        eps = float(got.eps)
+    else:
+        a = functional_bn_args(bn_node)
+        params = [
+            None if a[k] is None else to_float64(fetch_attr(root, str(a[k].target)))
+            for k in ("weight", "bias", "running_mean", "running_var")
+        ]
+        eps = float(a["eps"])
+    gamma, beta, mean, var = params
+    assert mean is not None and var is not None
+    return bn_nonfinite_reason(gamma, beta, mean, var, eps) or "its scale or shift is not finite"
+
+
 def _overflow(bn: str, dtype: torch.dtype) -> Skip:
     return Skip(bn, SkipReason.OVERFLOW, f"the folded weights would not be finite in {dtype}")
 
@@ -190,6 +212,10 @@ def plan_sites(root: nn.Module, matched: list[Matched]) -> Plan:
             out.append(c)
             continue
         scale, shift = bn_scale_shift(c.bn_node, root, c.spec)
+        if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+            reason = bn_nonfinite(c.bn_node, root, c.spec)
+            out.append(Skip(c.site.bn, SkipReason.OVERFLOW, reason, c.site.pattern))
+            continue
         if c.repeat > 1:  # BN -> Flatten -> Linear: channel c covers features c*k .. c*k + k - 1
             scale, shift = np.repeat(scale, c.repeat), np.repeat(shift, c.repeat)
         parts = _parts(c, scale.shape[0])

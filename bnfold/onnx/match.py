@@ -72,7 +72,7 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from bnfold.errors import ModelFormatError
-from bnfold.fold_math import bn_affine
+from bnfold.fold_math import bn_affine, bn_nonfinite_reason
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .batch_stats import OPTION_HINT
@@ -141,12 +141,9 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
         )
     eps = float(attr(node, "epsilon", 1e-5, opset))  # float32(1e-5) when absent, as the schema says
     scale, shift = bn_affine(gamma, beta, mean, var, eps)
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return Skip(
-            label,
-            SkipReason.OVERFLOW,
-            "variance + epsilon is not positive (or not finite) for some channel: the BN itself yields inf/NaN",
-        )
+    why = bn_nonfinite_reason(gamma, beta, mean, var, eps)
+    if why is not None:
+        return Skip(label, SkipReason.OVERFLOW, why)
     per_element = False
     if opset < 9 and int(attr(node, "spatial", 1, opset)) == 0 and scale.ndim <= 1:
         # spatial=0 wants statistics of shape [C, D1, ...] (the data's shape but the batch axis):

@@ -52,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -89,8 +90,9 @@ def requantize_int32_bias(on: bool = True) -> Iterator[None]:
     (round to nearest: not exact, each bias value off by at most half a step of its new scale, the
     bound the site's detail states) instead of the exact default (the shift kept as one Add).
 
-    The fold's verification compares at the default tolerance: a requantised fold may need
-    ``--atol`` of that bound on the outputs it reaches."""
+    The site records the bound (:attr:`~bnfold.records.Site.bias_rounding`); the file job's
+    verification adds it to the default tolerance of the outputs it reaches
+    (:func:`bnfold.verification.policy.bias_rounding_atol`)."""
     tok = _REQUANTIZE.set(on)
     try:
         yield
@@ -306,6 +308,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         detail_clone = "; the shared DequantizeLinear copied for this layer (integers shared)"
     else:
         detail_clone = ""
+    rounding: tuple[str, float] | None = None
     detail = (
         "quantized weight: scales multiplied, "
         + (
@@ -393,11 +396,14 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         if shift is None:
             bound = float(np.max(np.abs(nbs.astype(np.float64)))) / 2  # scales may be negative
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
+            rounding = (c.y, bound)  # the layer's output takes the BN's name
         else:
             detail += (
                 "; int32 bias rescaled exactly, the shift kept as one Add (an int32 bias cannot hold it)"
             )
     base = c.base(p, kind, detail + detail_clone, "qdq-bn")
+    if rounding is not None:
+        base["site"] = replace(base["site"], bias_rounding=rounding)
     if shift is not None:  # the BN becomes Add(its input, shift): the layer keeps its output name
         base["rename_output"], base["dropped"] = None, ()
     return Fold(
@@ -629,6 +635,7 @@ def _backward(
         alpha = float(attr(kn, "alpha", 1.0, opset)) if kind == "Gemm" else 1.0
         _, delta = fold_gemm_backward(w_dq, None, alpha, 1.0, ones, t, trans_b)
     n_out = q.shape[layout.out_axis]
+    rounding: tuple[str, float] | None = None
     detail = case + (
         f", integers negated on {int(neg.sum())} slice(s)" if neg.any() else ", integers unchanged"
     )
@@ -708,6 +715,7 @@ def _backward(
         elif _REQUANTIZE.get():
             bound = float(np.max(np.abs(nbs64))) / 2  # scales may be negative
             detail += f"; int32 bias requantised (round to nearest, |error| <= {bound:.3g}, half a step)"
+            rounding = (kn.output[0], bound)
         else:
             raise _Refuse(
                 SkipReason.QUANTIZED,
@@ -729,7 +737,15 @@ def _backward(
     return Fold(
         **{
             **base,
-            "site": Site(site.bn, site.target, site.target_kind, Direction.BACKWARD, detail, "bn-qdq"),
+            "site": Site(
+                site.bn,
+                site.target,
+                site.target_kind,
+                Direction.BACKWARD,
+                detail,
+                "bn-qdq",
+                bias_rounding=rounding,
+            ),
         },
         locks=tuple(dict.fromkeys((*locks, *lock))),
         writes=writes,

@@ -15,6 +15,17 @@ into an error or a line of text use these, so that the policy and its words live
     * :func:`tolerance_below_rounding`: why no rewrite can pass at all, when every floating output's
       tolerance is below one rounding step of its dtype (``fold --rtol 1e-9`` on a float32 model).
       :func:`failure_message` says so too, and :mod:`bnfold.culprit` does not bisect then.
+    * :func:`bias_rounding_atol`: the absolute tolerance a fold that is not exact by design (an int32
+      bias requantised, ``--requantize-bias``) adds to the outputs its stated bound reaches.
+
+Requantised biases: such a fold moves the value its layer writes by at most a stated bound ``B``
+(:attr:`~bnfold.records.Site.bias_rounding`, half a step of the new bias scale). That bound holds on a
+graph output only where the value reaches it through operators that do not amplify an error: data
+movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity, Dropout at inference), 1-Lipschitz
+element-wise maps (Relu, Clip, Tanh, Sigmoid), max and average pooling, Concat (the largest bound of
+its inputs) and Add/Sub (the sum). Anything else (a further layer, a Mul, a QuantizeLinear whose
+rounding may flip by a whole step, a subgraph) stops it: those outputs keep the default tolerance, and
+the caller says so. Nothing else is added: the float rounding of the fold stays under ``rtol``.
 
 Rounding: a rewrite that changes the arithmetic (a fold, a fusion) moves a float output by at least
 about one unit in the last place of its largest values, ``eps * scale`` with ``eps`` of the output's
@@ -24,11 +35,15 @@ judged by its largest error, can only be met by a bit-identical result.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 
 from bnfold.errors import VerificationError
 from bnfold.records import OutputCheck, VerifyReport
 
+from .compare import DEFAULT_TOLERANCES
 from .runners import REFERENCE_EVALUATOR
 
 __all__ = [
@@ -39,6 +54,8 @@ __all__ = [
     "tolerance_below_rounding",
     "runtimes_label",
     "ROUNDING_EPS",
+    "bias_rounding_atol",
+    "BOUND_KEEPING_OPS",
 ]
 
 ROUNDING_EPS: dict[str, float] = {
@@ -174,3 +191,59 @@ def describe_failure(c: OutputCheck) -> str:
         f"{where}: max abs error {c.max_abs_error:.3g} ({c.max_rel_error:.3g} of the output's scale), "
         f"{c.mismatches} of {n} elements outside atol={c.atol:g} + rtol={c.rtol:g} x scale{at}"
     )
+
+
+BOUND_KEEPING_OPS = frozenset(
+    {
+        "Identity",
+        "Dropout",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Relu",
+        "Clip",
+        "Tanh",
+        "Sigmoid",
+        "MaxPool",
+        "GlobalMaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+    }
+)
+"""Operators whose first output is off by at most the error of their first input (the others constant)."""
+_SUMMING_OPS = frozenset({"Add", "Sub"})
+
+
+def bias_rounding_atol(model: Any, bounds: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """``{graph output: atol}`` for the outputs the ``(value, bound)`` errors reach: the bound plus
+    the dtype's default absolute tolerance (:data:`~bnfold.verification.compare.DEFAULT_TOLERANCES`).
+
+    ``model`` is the folded ONNX model (its main graph's nodes in topological order, as ONNX
+    requires); see the module docstring for the operators a bound passes through. An output that
+    no bound reaches is absent. Floating outputs only (integer outputs compare exactly).
+    """
+    err: dict[str, float] = {}
+    for value, bound in bounds:
+        err[value] = err.get(value, 0.0) + abs(float(bound))
+    if not err:
+        return {}
+    for node in model.graph.node:
+        ins = [err.get(i, 0.0) if i else 0.0 for i in node.input]
+        if not any(ins) or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        if node.op_type in BOUND_KEEPING_OPS:
+            if ins[0] and not any(ins[1:]):
+                err[node.output[0]] = err.get(node.output[0], 0.0) + ins[0]
+        elif node.op_type in _SUMMING_OPS:
+            err[node.output[0]] = err.get(node.output[0], 0.0) + sum(ins)
+        elif node.op_type == "Concat":
+            err[node.output[0]] = max(err.get(node.output[0], 0.0), *ins)
+    floats = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}  # TensorProto elem types
+    out: dict[str, float] = {}
+    for vi in model.graph.output:
+        dtype = floats.get(vi.type.tensor_type.elem_type)
+        if dtype is not None and err.get(vi.name):
+            out[vi.name] = err[vi.name] + DEFAULT_TOLERANCES[dtype].atol
+    return out
