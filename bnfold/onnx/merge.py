@@ -100,6 +100,121 @@ _ACTIVATIONS = frozenset(
 
 
 @dataclass(slots=True)
+class Exact:
+    """The float64 values a conv's rounded weight and bias came from: ``(w * s, b * s + t)`` per output
+    channel (``s`` None: ``(w, b)`` as they are). Kept so that a merge (and a BN folded into a merged conv
+    afterwards) sums and scales these, not the rounded tensors, and rounds once (a float16 model would
+    otherwise round twice). Used only where it rounds to exactly the tensors in the graph."""
+
+    bias_name: str
+    w: npt.NDArray[Any]
+    b: npt.NDArray[Any] | None
+    s: F64 | None = None
+    t: F64 | None = None
+
+    def values(self) -> tuple[F64, F64]:
+        """The float64 weight and bias."""
+        w = self.w.astype(np.float64)
+        b = np.zeros(w.shape[0]) if self.b is None else self.b.astype(np.float64).reshape(-1)
+        if self.s is None:
+            return w, b
+        t = np.zeros_like(self.s) if self.t is None else self.t
+        return w * self.s.reshape((-1,) + (1,) * (w.ndim - 1)), b * self.s + t
+
+
+ExactTable = dict[str, Exact]
+"""``{weight initializer name: Exact}`` of the convs a fold or a merge wrote (see :class:`Exact`)."""
+
+_EXACT_READERS = frozenset(("Add", "Sum", "Sub", "Mul", "Identity"))
+"""A fold is recorded only when the BN's output is read by these alone (a possible branch of a sum):
+the original weight is held until the merge, so only for convs that may merge."""
+
+
+def exact_values(
+    exact: ExactTable, n: NodeProto, w: npt.NDArray[Any], bias: npt.NDArray[Any] | None
+) -> tuple[F64, F64 | None]:
+    """Conv ``n``'s weight and bias in float64: the exact values of the fold or merge that wrote them where
+    they round to exactly ``w`` and ``bias`` (bit for bit), else ``w`` and ``bias`` themselves."""
+    got = _recorded(exact, n, w, bias)
+    if got is not None:
+        return got
+    return w.astype(np.float64), None if bias is None else bias.astype(np.float64).reshape(-1)
+
+
+def _recorded(
+    exact: ExactTable, n: NodeProto, w: npt.NDArray[Any], bias: npt.NDArray[Any] | None
+) -> tuple[F64, F64] | None:
+    rec = exact.get(n.input[1]) if len(n.input) > 1 else None
+    b_name = n.input[2] if len(n.input) > 2 else ""
+    if rec is None or bias is None or rec.bias_name != b_name or w.dtype == np.float64:
+        return None
+    ew, eb = rec.values()
+    if ew.shape != w.shape or eb.shape != (w.shape[0],) or bias.size != w.shape[0]:
+        return None
+    if _same_bits(cast_exact(ew, w.dtype), w) and _same_bits(cast_exact(eb, bias.dtype), bias.reshape(-1)):
+        return ew, eb
+    return None
+
+
+def _same_bits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def exact_fold(index: GraphIndex, ev: ConstEvaluator, plan: Any, exact: ExactTable) -> tuple[int, Exact] | None:
+    """Before a forward BN fold into a Conv is applied: ``(conv node, Exact)`` to record under the conv's
+    weight name once applied (the caller sets its ``bias_name``), or None.
+
+    The plan's result must be ``cast(w * s)``, ``cast(b * s + t)`` of the conv's current tensors and the
+    BN's scale and shift (checked bit for bit: folds through reshapes or channel splits are not
+    recorded), and the BN's output read by a sum (or a scale of one) only. When the conv's tensors came
+    from an exact record themselves (a merged conv with a BN on its sum: RepViT, QARepVGG), the plan's
+    writes are replaced by the once-rounded ``cast(exact * s)``, ``cast(exact_b * s + t)``."""
+    from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
+
+    if plan.clone is not None or not plan.remove or plan.site.direction is not Direction.FORWARD:
+        return None
+    bn = index.nodes[plan.remove[0]]
+    if bn.op_type != "BatchNormalization":
+        return None
+    readers = index.consumers.get(bn.output[0], [])
+    if not readers or any(index.nodes[r].op_type not in _EXACT_READERS for r in readers):
+        return None
+    if len({wr.node for wr in plan.writes}) != 1 or sorted(wr.slot for wr in plan.writes) != [1, 2]:
+        return None
+    ci = plan.writes[0].node
+    conv = index.nodes[ci]
+    if conv.op_type != "Conv" or not _is_std(conv):
+        return None
+    w = ev.resolve(conv.input[1])[0]
+    b = ev.resolve(conv.input[2])[0] if len(conv.input) > 2 and conv.input[2] else None
+    prm = bn_params(index, ev, bn, plan.site.bn)
+    if w is None or isinstance(prm, Skip) or prm.per_element or not is_float(w) or w.dtype == np.float64:
+        return None
+    if prm.channels != w.shape[0] or (b is not None and (b.size != w.shape[0] or b.dtype != w.dtype)):
+        return None
+    new_w = next(wr for wr in plan.writes if wr.slot == 1)
+    new_b = next(wr for wr in plan.writes if wr.slot == 2)
+    plain = Exact("", w, b, prm.scale, prm.shift)
+    pw, pb = plain.values()
+    if not (
+        _same_bits(cast_exact(pw, w.dtype), new_w.value)
+        and _same_bits(cast_exact(pb, w.dtype), new_b.value.reshape(-1))
+    ):
+        return None
+    base = _recorded(exact, conv, w, b)
+    if base is None:
+        return ci, plain
+    rec = Exact("", base[0], base[1], prm.scale, prm.shift)
+    ew, eb = rec.values()
+    cw, cb = cast_exact(ew, w.dtype), cast_exact(eb, w.dtype)
+    if not (np.all(np.isfinite(cw)) and np.all(np.isfinite(cb))):
+        return ci, plain
+    new_w.value = cw
+    new_b.value = cb.reshape(new_b.value.shape)
+    return ci, rec
+
+
+@dataclass(slots=True)
 class MergeResult:
     """What one merge pass did."""
 
@@ -358,7 +473,7 @@ class _ConvRead:
     group: int
 
 
-def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
+def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTable) -> _ConvRead:
     """A conv branch's weight and geometry; for ``seq`` (Case 5: ``Conv 1x1 -> Conv kxk``) the product of
     the two, ``W[o, i] = sum_m W2[o, m] W1[m, i]``, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``: exact only
     when the kxk conv reads no padded zeros (there the 1x1's bias would be missing) or ``b1 = 0``."""
@@ -369,8 +484,7 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
     if w.ndim < 3:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
     strides, dil, pads, group = _conv_geometry(n, w)
-    w64 = w.astype(np.float64)
-    b64 = None if bias is None else bias.astype(np.float64).reshape(-1)
+    w64, b64 = exact_values(exact, n, w, bias)  # a folded conv's float64 values: the merge rounds once
     if b.pre is not None:
         pre = index.nodes[b.pre]
         pre_label = index.label(b.pre)
@@ -385,14 +499,14 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})"
             )
-        b1_64 = None if b1 is None else b1.astype(np.float64).reshape(-1)
+        m1, b1_64 = exact_values(exact, pre, w1, b1)
         if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
             raise MergeRefusal(
                 MergeReason.PADDING,
                 f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
                 "not be added: one conv cannot compute it",
             )
-        m1 = w1.astype(np.float64).reshape(w1.shape[0], w1.shape[1])
+        m1 = m1.reshape(w1.shape[0], w1.shape[1])
         comp = np.tensordot(w64, m1, axes=([1], [0]))  # [o, *k, i]
         comp = np.moveaxis(comp, -1, 1)
         if b1_64 is not None:
@@ -403,12 +517,12 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
 
 
 def _branch_kernel(
-    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, b: _Branch, x: str
+    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, b: _Branch, x: str, exact: ExactTable
 ) -> tuple[F64, F64]:
     """The branch as (weight, bias) of the merged conv's shape, in float64; MergeRefusal why not."""
     what = b.label
     if b.kind in ("conv", "seq"):  # Cases 1 and 5
-        cr = _read_conv(index, ev, b)
+        cr = _read_conv(index, ev, b, exact)
         w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
         if cr.dtype != ref.dtype:
             raise MergeRefusal(
@@ -569,6 +683,7 @@ def merge_branches(
     exclude: frozenset[str] = frozenset(),
     add_inputs: bool = False,
     flush: bool = False,
+    exact: ExactTable | None = None,
 ) -> MergeResult:
     """Merge every sum of branches of one tensor into one Conv (see the module docstring); edit ``graph``.
 
@@ -581,7 +696,10 @@ def merge_branches(
         exclude: labels of sums left unmerged (their record says why).
         add_inputs: list new initializers as graph inputs (IR < 4).
         flush: set subnormal values of the merged tensors to zero.
+        exact: the float64 values of the convs folds wrote (:class:`Exact`), read for the branches and
+            extended with each merged conv's (a BN on the sum folds into it with one rounding).
     """
+    exact = {} if exact is None else exact
     res = MergeResult()
     locked: set[int] = set()
     removed: set[int] = set()
@@ -610,7 +728,7 @@ def merge_branches(
             b.label = prefix + _kind_label(index, b, x)
             if b.kind == "bn" and b.base is not None:
                 b.label = bn_labels.get(index.nodes[b.base].output[0], b.label)
-        rec = _plan(index, ev, x, branches, chain, sum_label, exclude)
+        rec = _plan(index, ev, x, branches, chain, sum_label, exclude, exact)
         touched = chain | {i for br in branches if br.reason is None for i in _path(br)}
         if isinstance(rec, Merge):
             res.merges.append(rec)
@@ -679,6 +797,7 @@ def merge_branches(
                     helper.make_tensor_value_info(nm, graph.initializer[-1].data_type, list(val.shape))
                 )
         res.candidates.update(v for v in ref_node.input[1:] if v)
+        exact[w_name] = Exact(b_name, w_sum, b_sum)
         while len(ref_node.input) < 3:
             ref_node.input.append("")
         ref_node.input[0], ref_node.input[1], ref_node.input[2] = x, w_name, b_name
@@ -777,6 +896,7 @@ def _plan(
     chain: set[int],
     sum_label: str,
     exclude: frozenset[str],
+    exact: ExactTable,
 ) -> tuple[MergeRef, F64, F64] | Merge:
     """Decide each branch; return the reference and the merged float64 weight and bias, or the refusal."""
     if sum_label in exclude:
@@ -804,7 +924,7 @@ def _plan(
             continue
         assert b.base is not None
         try:
-            cr = _read_conv(index, ev, b)
+            cr = _read_conv(index, ev, b, exact)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
@@ -831,7 +951,7 @@ def _plan(
         if b.reason is not None:
             continue
         try:
-            w64, b64 = _branch_kernel(index, ev, ref, b, x)
+            w64, b64 = _branch_kernel(index, ev, ref, b, x, exact)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
