@@ -160,7 +160,9 @@ def _same_bits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == np.ascontiguousarray(b).tobytes()
 
 
-def exact_fold(index: GraphIndex, ev: ConstEvaluator, plan: Any, exact: ExactTable) -> tuple[int, Exact] | None:
+def exact_fold(
+    index: GraphIndex, ev: ConstEvaluator, plan: Any, exact: ExactTable
+) -> tuple[int, Exact] | None:
     """Before a forward BN fold into a Conv is applied: ``(conv node, Exact)`` to record under the conv's
     weight name once applied (the caller sets its ``bias_name``), or None.
 
@@ -175,9 +177,6 @@ def exact_fold(index: GraphIndex, ev: ConstEvaluator, plan: Any, exact: ExactTab
         return None
     bn = index.nodes[plan.remove[0]]
     if bn.op_type != "BatchNormalization":
-        return None
-    readers = index.consumers.get(bn.output[0], [])
-    if not readers or any(index.nodes[r].op_type not in _EXACT_READERS for r in readers):
         return None
     if len({wr.node for wr in plan.writes}) != 1 or sorted(wr.slot for wr in plan.writes) != [1, 2]:
         return None
@@ -203,6 +202,9 @@ def exact_fold(index: GraphIndex, ev: ConstEvaluator, plan: Any, exact: ExactTab
         return None
     base = _recorded(exact, conv, w, b)
     if base is None:
+        readers = index.consumers.get(bn.output[0], [])
+        if not readers or any(index.nodes[r].op_type not in _EXACT_READERS for r in readers):
+            return None  # not a branch of a sum: nothing to merge it with, nothing held
         return ci, plain
     rec = Exact("", base[0], base[1], prm.scale, prm.shift)
     ew, eb = rec.values()
