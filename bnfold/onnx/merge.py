@@ -240,6 +240,8 @@ class _Branch:
     muls: list[int]  # Mul nodes between the base and the sum (closest to the base first)
     blockers: list[int]  # non-linear nodes in the way (kind "other")
     pre: int | None = None  # kind "seq": the 1x1 Conv before the base Conv
+    post: int | None = None  # kind "avgpool": a BatchNormalization right after the pool (DBB's avgbn)
+    crop: int | None = None  # kind "conv": a Slice of x the conv reads (ACNet's cropping form)
     sign: int = 1  # -1: the second operand of a Sub of the chain
     chain_muls: tuple[int, ...] = ()  # constant Muls of the chain over this leaf
     label: str = ""
@@ -354,6 +356,20 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
                 (n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers)))
             )
             q = index.producer.get(n.input[0])
+            qn = index.nodes[q] if q is not None else None
+            if n.op_type == "BatchNormalization" and not blockers and qn is not None and _is_std(qn):
+                if qn.op_type == "AveragePool" and qn.input:
+                    # Case 4b: AveragePool -> BN (DBB's avg branch): a uniform kernel, scaled and shifted
+                    out.append((qn.input[0], _Branch(leaf, "avgpool", q, list(muls), [], post=p)))
+            if (
+                n.op_type == "Conv"
+                and not blockers
+                and qn is not None
+                and _is_std(qn)
+                and qn.op_type == "Slice"
+            ):
+                # Case 1b: Conv(Slice(x)) (ACNet with padding < k // 2): a conv of x with the crop as pads
+                out.append((qn.input[0], _Branch(leaf, "conv", p, list(muls), [], crop=q)))
             if (
                 n.op_type == "Conv"
                 and not blockers
@@ -487,6 +503,8 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTa
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
     strides, dil, pads, group = _conv_geometry(n, w)
     w64, b64 = exact_values(exact, n, w, bias)  # a folded conv's float64 values: the merge rounds once
+    if b.crop is not None:
+        pads = _crop_pads(index, ev, b.crop, pads, w.ndim, what)
     if b.pre is not None:
         pre = index.nodes[b.pre]
         pre_label = index.label(b.pre)
@@ -516,6 +534,67 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTa
             b64 = extra if b64 is None else b64 + extra
         w64 = comp
     return _ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
+
+
+_TO_END = 2**31 - 1
+"""A Slice end at or past this reads to the end of the axis (exporters write INT32_MAX or INT64_MAX)."""
+
+
+def _crop_pads(
+    index: GraphIndex, ev: ConstEvaluator, i: int, pads: list[int], ndim: int, what: str
+) -> list[int]:
+    """Case 1b: the pads of a conv of ``x`` equal to the conv (``pads``) of ``Slice(x)`` (node ``i``).
+
+    A slice that drops ``s`` pixels at the begin and ``e`` at the end of a spatial axis (step 1, the end
+    counted from the end: independent of the input size) followed by a conv with pads ``p`` reads what a
+    conv of ``x`` with pads ``p - s`` (and ``p - e``) reads -- a negative pad crops -- provided it does not
+    both crop and pad one side (the padded zeros would sit where ``x`` has values). Refused otherwise."""
+    sl = index.nodes[i]
+    label = index.label(i)
+    r = ndim - 2
+    if len(sl.input) < 3:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} reads Slice '{label}' of the attribute form")
+    vals: list[list[int] | None] = []
+    for slot in (1, 2, 3, 4):
+        if slot >= len(sl.input) or not sl.input[slot]:
+            vals.append(None)
+            continue
+        v = ev.resolve(sl.input[slot])[0]
+        if v is None or v.dtype.kind not in "iu":
+            raise MergeRefusal(
+                MergeReason.NON_CONSTANT,
+                f"{what} reads Slice '{label}' whose starts/ends/axes/steps are not constant",
+            )
+        vals.append([int(k) for k in np.asarray(v).reshape(-1)])
+    starts, ends, axes, steps = vals
+    assert starts is not None and ends is not None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if not (len(starts) == len(ends) == len(axes) == len(steps)):
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} reads Slice '{label}' of inconsistent inputs")
+    out = list(pads)
+    for ax, st, en, step in zip(axes, starts, ends, steps):
+        ax = ax + ndim if ax < 0 else ax
+        full = st == 0 and en >= _TO_END
+        if full:
+            continue
+        if step != 1 or ax < 2 or ax >= ndim or st < 0 or (0 <= en < _TO_END):
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED,
+                f"{what} reads Slice '{label}' (axis {ax}, {st}:{en}:{step}): only a crop of a spatial axis, step 1, "
+                "its end counted from the end, is a conv of the uncropped input",
+            )
+        a = ax - 2
+        e = 0 if en >= _TO_END else -en
+        if (st and out[a]) or (e and out[a + r]):
+            raise MergeRefusal(
+                MergeReason.PADDING,
+                f"{what} pads {pads} after Slice '{label}' crops axis {ax}: the padded zeros sit where the "
+                "uncropped input has values",
+            )
+        out[a] -= st
+        out[a + r] -= e
+    return out
 
 
 def _branch_kernel(
@@ -555,23 +634,11 @@ def _branch_kernel(
         w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
     elif b.kind == "bn":  # Case 3
         assert b.base is not None
-        from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
-
-        n = index.nodes[b.base]
-        prm = bn_params(index, ev, n, what)
-        if isinstance(prm, Skip):
-            reason = (
-                MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
-            )
-            raise MergeRefusal(reason, f"{what}: {prm.detail}")
-        if prm.per_element or prm.channels != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}"
-            )
+        s, t = _bn_affine(index, ev, b.base, ref, what)
         identity_checks(ref, what)
         offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
-        b64 = prm.shift.astype(np.float64)
+        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * s.reshape((-1,) + (1,) * (ref.rank + 1))
+        b64 = t
     elif b.kind == "avgpool":  # Case 4
         assert b.base is not None
         n = index.nodes[b.base]
@@ -602,6 +669,10 @@ def _branch_kernel(
             )
         offs = placement(ref, k, pads, what)
         w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        if b.post is not None:  # Case 4b: the BN after the pool scales and shifts it per channel
+            s, t = _bn_affine(index, ev, b.post, ref, what)
+            w64 = w64 * s.reshape((-1,) + (1,) * (ref.rank + 1))
+            b64 = t
     else:  # pragma: no cover - callers pass the four kinds
         raise AssertionError(b.kind)
     for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
@@ -611,6 +682,21 @@ def _branch_kernel(
     if b.sign < 0:
         w64, b64 = -w64, -b64
     return w64, b64
+
+
+def _bn_affine(index: GraphIndex, ev: ConstEvaluator, i: int, ref: MergeRef, what: str) -> tuple[F64, F64]:
+    """BN node ``i`` as a float64 per-channel ``(scale, shift)`` over the merged conv's output channels."""
+    from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
+
+    prm = bn_params(index, ev, index.nodes[i], what)
+    if isinstance(prm, Skip):
+        reason = MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
+        raise MergeRefusal(reason, f"{what}: {prm.detail}")
+    if prm.per_element or prm.channels != ref.c_out:
+        raise MergeRefusal(
+            MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}"
+        )
+    return prm.scale.astype(np.float64), prm.shift.astype(np.float64)
 
 
 def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: MergeRef, label: str) -> F64:
@@ -658,7 +744,13 @@ def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
 
 def _path(b: _Branch) -> list[int]:
     """The nodes of a branch from its base to the sum (a 1x1 Conv before it, the base, then its Muls)."""
-    return ([b.pre] if b.pre is not None else []) + ([b.base] if b.base is not None else []) + b.muls
+    return (
+        ([b.crop] if b.crop is not None else [])
+        + ([b.pre] if b.pre is not None else [])
+        + ([b.base] if b.base is not None else [])
+        + ([b.post] if b.post is not None else [])
+        + b.muls
+    )
 
 
 def _kind_label(index: GraphIndex, b: _Branch, x: str) -> str:
@@ -730,6 +822,8 @@ def merge_branches(
             b.label = prefix + _kind_label(index, b, x)
             if b.kind == "bn" and b.base is not None:
                 b.label = bn_labels.get(index.nodes[b.base].output[0], b.label)
+            if b.post is not None:
+                b.label = bn_labels.get(index.nodes[b.post].output[0], b.label)
         rec = _plan(index, ev, x, branches, chain, sum_label, exclude, exact)
         touched = chain | {i for br in branches if br.reason is None for i in _path(br)}
         if isinstance(rec, Merge):
@@ -814,7 +908,7 @@ def merge_branches(
                     removed.add(node)
                     res.candidates.update(v for v in index.nodes[node].input if v)
                     dropped.update(o for o in index.nodes[node].output if o)
-                    if br.kind == "bn" and node == br.base:
+                    if (br.kind == "bn" and node == br.base) or node == br.post:
                         key = index.nodes[node].output[0]
                         bl = bn_labels.get(key, prefix + index.label(node))
                         res.absorbed[key] = Site(
@@ -906,7 +1000,9 @@ def _plan(
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
         return _refused(sum_label, x, branches, index)
     for b in branches:
-        if b.kind == "bn" and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
+        if (
+            b.kind == "bn" or b.post is not None
+        ) and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: its BN is excluded from folding"
             continue
         if b.kind == "other":
@@ -922,7 +1018,7 @@ def _plan(
     ref: MergeRef | None = None
     best = -1
     for b in branches:
-        if b.kind not in ("conv", "seq") or b.reason is not None:
+        if b.kind not in ("conv", "seq") or b.reason is not None or b.crop is not None:
             continue
         assert b.base is not None
         try:
