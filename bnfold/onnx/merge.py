@@ -24,6 +24,12 @@ A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per
    is the bias.
 4. ``AveragePool(x)`` with the merged stride, ``count_include_pad=1`` (or no padding), ``ceil_mode=0``:
    the uniform kernel ``1 / prod(k)`` on the diagonal channel, centred as in 1.
+   4b. ``BatchNormalization(AveragePool(x))`` (DBB's avg branch with its BN): that kernel scaled by the
+   BN scale per channel, the BN shift as bias.
+1b. ``Conv(Slice(x))`` (ACNet with padding < k // 2: the 1x3 / 3x1 convs read ``x[..., 1:-1]``): a slice
+   dropping ``s`` pixels at the begin and ``e`` at the end of spatial axes (step 1, the end counted from
+   the end) is a conv of ``x`` with pads ``p - s`` / ``p - e`` (negative: a crop), placed as in 1.
+   Refused where it both crops and pads one side, slices another axis, or ends at a fixed index.
 5. ``Conv kxk(Conv 1x1(x))`` (DBB), both ungrouped, the 1x1 of stride 1 and unpadded: the product
    ``W[o, i] = sum_m W2[o, m] W1[m, i]``, bias ``b2 + sum_{m, taps} W2[o, m] b1[m]``. Exact only where
    the kxk conv reads no padded zeros (pads 0) or the 1x1 has no bias: at a padded border the bias
@@ -39,7 +45,10 @@ kernel with asymmetric pads included): per axis, ``c = (P_begin - p_begin) / d``
 with ``0 <= c <= K - k`` and ``P_end - p_end = d * (K - k - c)`` (the same output size for any input).
 
 The merged weight and bias are summed in float64 and cast once to the weight dtype (an overflow
-refuses the merge). The largest conv (by kernel volume) is the reference: its attributes stay, its
+refuses the merge). A branch conv that a BN fold wrote is read as the float64 values that fold rounded
+(:class:`Exact`, recorded by the fold driver through :func:`exact_fold` and used only where they round
+to exactly the tensors in the graph), so a float16 merge rounds once, not once per branch and again for
+the sum; a BN on the merged sum then folds from the merged float64 values (one rounding again). The largest conv (by kernel volume) is the reference: its attributes stay, its
 weight and bias are replaced, and its output takes the sum's name (graph outputs keep their names).
 Leaves of the sum that are not branches of ``x`` (any other tensor) stay, added to the merged conv.
 
