@@ -193,6 +193,10 @@ def exact_fold(
     conv = index.nodes[ci]
     if conv.op_type != "Conv" or not _is_std(conv):
         return None
+    if conv.input[1] not in exact:  # cheap test first: most folds are no branch of a sum
+        readers = index.consumers.get(bn.output[0], [])
+        if not readers or any(index.nodes[r].op_type not in _EXACT_READERS for r in readers):
+            return None  # not a branch of a sum: nothing to merge it with, nothing held
     w = ev.resolve(conv.input[1])[0]
     b = ev.resolve(conv.input[2])[0] if len(conv.input) > 2 and conv.input[2] else None
     prm = bn_params(index, ev, bn, plan.site.bn)
@@ -211,9 +215,6 @@ def exact_fold(
         return None
     base = _recorded(exact, conv, w, b)
     if base is None:
-        readers = index.consumers.get(bn.output[0], [])
-        if not readers or any(index.nodes[r].op_type not in _EXACT_READERS for r in readers):
-            return None  # not a branch of a sum: nothing to merge it with, nothing held
         return ci, plain
     rec = Exact("", base[0], base[1], prm.scale, prm.shift)
     ew, eb = rec.values()
