@@ -151,7 +151,8 @@ def test_float64_family_merges_to_rounding(name: str) -> None:
 
 def test_partial_families_say_why() -> None:
     """DBB's faithful block: the BNs bnfold leaves carry the reason (fx cannot trace BNAndPadLayer's slice
-    assignment; in ONNX the average-pool branch's BN follows the AveragePool)."""
+    assignment; in ONNX its Pad + ScatterND is no conv: the avg branch's BN is left, and both branches that
+    pass through it get a verdict naming the ops)."""
     model, x = build("dbb_block")
     _, rep = bnfold.fold_with_report(model, example_inputs=x)
     assert rep.bn_after == 5 and {s.reason for s in rep.skips} == {SkipReason.NOT_TRACEABLE}
@@ -159,9 +160,14 @@ def test_partial_families_say_why() -> None:
     assert [(s.bn, s.reason) for s in orep.skips] == [
         ("/dbb_avg/avgbn/BatchNormalization", SkipReason.NO_PRODUCER)
     ]
-    assert [(mg.merged, [b.branch for b in mg.branches]) for mg in orep.merges] == [
-        (True, ["/dbb_origin/conv/Conv", "/dbb_1x1/conv/Conv"])
+    (mg,) = orep.merges
+    assert mg.merged and [(b.branch, b.merged, b.reason) for b in mg.branches] == [
+        ("/dbb_origin/conv/Conv", True, None),
+        ("/dbb_1x1/conv/Conv", True, None),
+        ("/dbb_avg/avgbn/BatchNormalization", False, MergeReason.UNSUPPORTED),
+        ("/dbb_1x1_kxk/conv2/Conv", False, MergeReason.UNSUPPORTED),
     ]
+    assert all("ScatterND" in b.detail and "reads 'x' through" in b.detail for b in mg.branches[2:])
 
 
 def test_dbb_depthwise_avg_branch_merges_with_its_bn_in_onnx() -> None:
@@ -175,9 +181,14 @@ def test_dbb_depthwise_avg_branch_merges_with_its_bn_in_onnx() -> None:
     assert [(mg.merged, [(b.branch, b.kind, b.merged) for b in mg.branches]) for mg in rep.merges] == [
         (
             True,
-            [("/dbb_origin/conv/Conv", "conv", True), ("/dbb_avg/avgbn/BatchNormalization", "avgpool", True)],
+            [
+                ("/dbb_origin/conv/Conv", "conv", True),
+                ("/dbb_avg/avgbn/BatchNormalization", "avgpool", True),
+                ("/dbb_1x1_kxk/conv2/Conv", "other", False),
+            ],
         )
     ]
+    assert "ScatterND" in rep.merges[0].branches[2].detail
     site = next(v for v in rep.sites if v.bn == "/dbb_avg/avgbn/BatchNormalization")
     assert site.target == "/dbb_origin/conv/Conv" and "merged" in site.detail
     assert rel_err(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()})) <= TOL[torch.float32]

@@ -763,6 +763,44 @@ def _path(b: _Branch) -> list[int]:
     )
 
 
+_FAR_WALK = 64
+"""Nodes walked (first inputs only) from a leaf that is no branch to find that it still reads ``x``."""
+
+
+def _far_branch(index: GraphIndex, leaf: str, x: str) -> _Branch | None:
+    """A leaf of the sum that reads ``x`` through more (or other) ops than a branch has, as a refused
+    branch naming them (DBB's BNAndPadLayer exported as Pad + ScatterND, ...); None when it does not."""
+    v = leaf
+    path: list[int] = []
+    for _ in range(_FAR_WALK):
+        p = index.producer.get(v)
+        if p is None or not index.nodes[p].input:
+            return None
+        path.append(p)
+        v = index.nodes[p].input[0]
+        if v == x:
+            break
+    else:
+        return None
+    kinds: list[str] = []
+    for i in reversed(path):
+        op = index.nodes[i].op_type
+        if op not in kinds:
+            kinds.append(op)
+    return _Branch(
+        leaf,
+        "other",
+        None,
+        [],
+        [path[0]],
+        reason=MergeReason.UNSUPPORTED,
+        detail=(
+            f"reads '{x}' through {len(path)} ops ({', '.join(kinds)}): not a form bnfold merges "
+            "(a branch is a Conv, Conv 1x1 -> Conv, AveragePool, BN or the identity, each optionally scaled)"
+        ),
+    )
+
+
 def _kind_label(index: GraphIndex, b: _Branch, x: str) -> str:
     if b.base is not None:
         return index.label(b.base)
@@ -826,6 +864,12 @@ def merge_branches(
         if picked is None:
             continue
         x, branches, rest = picked
+        for leaf, coef in list(rest):  # a leaf that reads x through a longer path: a verdict, kept as is
+            far = _far_branch(index, leaf, x)
+            if far is not None:
+                far.sign, far.chain_muls = coef
+                branches.append(far)
+                rest.remove((leaf, coef))
         sum_label = prefix + index.label(top)
         chain = set(chain_nodes)
         for b in branches:
@@ -1015,6 +1059,8 @@ def _plan(
         ) and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: its BN is excluded from folding"
             continue
+        if b.kind == "other" and b.reason is not None:
+            continue  # decided already (_far_branch)
         if b.kind == "other":
             ops = ", ".join(f"{index.nodes[i].op_type} '{index.label(i)}'" for i in b.blockers)
             r = blocker_refusal(ops, any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers), x)
