@@ -30,12 +30,15 @@ from models.stats import randomize_bn  # noqa: E402
 nn = torch.nn
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
-# Families bnfold does not merge fully, with the reason (both backends unless said).
-# acnet_crop: ACNet's padding < k//2 form feeds the 3x1/1x3 convs a slice of x (x[..., 1:-1]): they do
-# not read the same tensor as the square conv, so the sum is no candidate (exact, left as is).
+# Families bnfold does not merge fully, with the reason.
+# acnet_crop (PyTorch only): ACNet's padding < k//2 form feeds the 3x1/1x3 convs a slice of x
+# (x[..., 1:-1]); the ONNX merge reads a Conv of a Slice as a conv of x with the crop as negative pads.
 # dbb_*: DBB's BNAndPadLayer pads with the BN's shift by slice assignment (not traceable by fx; in ONNX
-# a Pad + ScatterND construction) and IdentityBasedConv1x1 is a functional conv of a computed weight.
+# a Pad + ScatterND construction bnfold does not read as a conv) and IdentityBasedConv1x1 is a functional
+# conv of a computed weight. In ONNX the avg branch's BN merges with its AveragePool where the pool reads
+# x itself (dbb_depthwise).
 PARTIAL = {"acnet_crop", "dbb_block", "dbb_depthwise"}
+ONNX_PARTIAL = {"dbb_block", "dbb_depthwise"}
 
 
 def build(name: str, dtype: Any = torch.float32) -> tuple[Any, Any]:
@@ -111,7 +114,7 @@ def onnx_case(name: str, dtype: Any) -> None:
     feeds = {"x": x.numpy()}
     want, got = run(m, feeds), run(out, feeds)
     assert rel_err(want, got) <= TOL[dtype]
-    if name in PARTIAL:
+    if name in ONNX_PARTIAL:
         return
     assert ops(out, "BatchNormalization") == 0 and rep.bn_after == 0
     assert ops(out, "Conv") == hand_convs(model) == rep.convs_after <= rep.convs_before
@@ -148,7 +151,8 @@ def test_float64_family_merges_to_rounding(name: str) -> None:
 
 def test_partial_families_say_why() -> None:
     """DBB's faithful block: the BNs bnfold leaves carry the reason (fx cannot trace BNAndPadLayer's slice
-    assignment; in ONNX the average-pool branch's BN follows the AveragePool)."""
+    assignment; in ONNX its Pad + ScatterND is no conv: the avg branch's BN is left, and both branches that
+    pass through it get a verdict naming the ops)."""
     model, x = build("dbb_block")
     _, rep = bnfold.fold_with_report(model, example_inputs=x)
     assert rep.bn_after == 5 and {s.reason for s in rep.skips} == {SkipReason.NOT_TRACEABLE}
@@ -156,9 +160,38 @@ def test_partial_families_say_why() -> None:
     assert [(s.bn, s.reason) for s in orep.skips] == [
         ("/dbb_avg/avgbn/BatchNormalization", SkipReason.NO_PRODUCER)
     ]
-    assert [(mg.merged, [b.branch for b in mg.branches]) for mg in orep.merges] == [
-        (True, ["/dbb_origin/conv/Conv", "/dbb_1x1/conv/Conv"])
+    (mg,) = orep.merges
+    assert mg.merged and [(b.branch, b.merged, b.reason) for b in mg.branches] == [
+        ("/dbb_origin/conv/Conv", True, None),
+        ("/dbb_1x1/conv/Conv", True, None),
+        ("/dbb_avg/avgbn/BatchNormalization", False, MergeReason.UNSUPPORTED),
+        ("/dbb_1x1_kxk/conv2/Conv", False, MergeReason.UNSUPPORTED),
     ]
+    assert all("ScatterND" in b.detail and "reads 'x' through" in b.detail for b in mg.branches[2:])
+
+
+def test_dbb_depthwise_avg_branch_merges_with_its_bn_in_onnx() -> None:
+    """DBB with groups == channels: the avg branch is AvgPool(x) -> BN, merged into the kxk conv with its
+    BN (no BN left); the 1x1 -> BNAndPad -> kxk branch (Pad + ScatterND in ONNX) stays: 3 convs, not 1."""
+    model, x = build("dbb_depthwise")
+    m = export(model, x)
+    out, rep = fold_model(m)
+    assert rep.bn_after == 0 and ops(out, "BatchNormalization") == 0 and ops(out, "AveragePool") == 0
+    assert ops(out, "Conv") == rep.convs_after == 3 and hand_convs(model) == 1
+    assert [(mg.merged, [(b.branch, b.kind, b.merged) for b in mg.branches]) for mg in rep.merges] == [
+        (
+            True,
+            [
+                ("/dbb_origin/conv/Conv", "conv", True),
+                ("/dbb_avg/avgbn/BatchNormalization", "avgpool", True),
+                ("/dbb_1x1_kxk/conv2/Conv", "other", False),
+            ],
+        )
+    ]
+    assert "ScatterND" in rep.merges[0].branches[2].detail
+    site = next(v for v in rep.sites if v.bn == "/dbb_avg/avgbn/BatchNormalization")
+    assert site.target == "/dbb_origin/conv/Conv" and "merged" in site.detail
+    assert rel_err(run(m, {"x": x.numpy()}), run(out, {"x": x.numpy()})) <= TOL[torch.float32]
 
 
 # ---- the rules the families needed, and their limits ----------------------------------------------

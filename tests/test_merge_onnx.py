@@ -564,3 +564,87 @@ def test_subtracted_leaf_of_another_tensor_refuses_the_merge() -> None:
     feeds = {k: rng.standard_normal((1, 4, 5, 5)).astype(np.float32) for k in ("x", "y")}
     why = refused(g.model(), feeds)
     assert why["k3"][0] is MergeReason.UNSUPPORTED and "subtracts or scales 'y'" in why["k3"][1]
+
+
+# ---- DBB's average-pool branch with its BN, ACNet's cropping form ----------------------------------
+
+
+def pool_bn_graph(**pool: object) -> onnx.ModelProto:
+    """conv3x3(x) + BN(AveragePool 3x3(x)) + x (DBB's avg branch with its BN, the identity)."""
+    g = G()
+    x = g.input("x", [1, 4, 6, 6])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3)), g.rand("b3", (4,))], ["a"], name="k3", pads=[1, 1, 1, 1])
+    g.node("AveragePool", [x], ["p"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1], **pool)
+    g.bn("p", "pb", 4, "avgbn")
+    g.node("Add", ["a", "pb"], ["s"], name="sum1")
+    g.node("Add", ["s", x], ["z"], name="sum2")
+    g.output("z")
+    return g.model()
+
+
+def test_avgpool_then_bn_branch_merges() -> None:
+    m = pool_bn_graph(count_include_pad=1)
+    out, rep = fold_model(m)
+    assert ops(out, "Conv") == 1 and ops(out, "BatchNormalization") == 0 and ops(out, "AveragePool") == 0
+    (mg,) = rep.merges
+    assert mg.merged and sorted(b.kind for b in mg.branches) == ["avgpool", "conv", "identity"]
+    (site,) = rep.sites
+    assert site.bn == "avgbn" and site.target == "k3" and "merged" in site.detail
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_avgpool_then_bn_without_counted_padding_is_refused() -> None:
+    m = pool_bn_graph()
+    out, rep = fold_model(m)
+    mg = next(mg for mg in rep.merges if mg.sum == "sum2")
+    assert mg.merged and ops(out, "Conv") == 1  # the conv and the identity merge; the pool branch stays
+    why = {b.branch: (b.reason, b.detail) for b in mg.branches}
+    assert why["avgbn"][0] is MergeReason.PADDING and "count_include_pad=0" in why["avgbn"][1]
+    assert ops(out, "AveragePool") == 1 and ops(out, "BatchNormalization") == 1
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def crop_graph(
+    starts: list[int], ends: list[int], kernel: tuple[int, int], pads: list[int]
+) -> onnx.ModelProto:
+    """conv3x3 pads 0 (x) + conv(kernel, pads)(Slice(x)[H axis starts:ends]): ACNet with padding < k // 2."""
+    g = G()
+    x = g.input("x", [1, 4, 9, 9])
+    g.node("Conv", [x, g.rand("w3", (4, 4, 3, 3)), g.rand("b3", (4,))], ["a"], name="square")
+    g.init("st", np.array(starts), np.int64)
+    g.init("en", np.array(ends), np.int64)
+    g.init("ax", np.array([2]), np.int64)
+    g.node("Slice", [x, "st", "en", "ax"], ["xs"], name="crop")
+    g.node("Conv", ["xs", g.rand("wk", (4, 4, *kernel))], ["b"], name="ver", pads=pads)
+    g.node("Add", ["a", "b"], ["z"], name="sum")
+    g.output("z")
+    return g.model()
+
+
+def test_conv_of_a_crop_merges_as_negative_pads() -> None:
+    # x[:, :, 1:-1] then a 1x3 unpadded: the middle row of the 3x3's taps (ACNet's cropping form)
+    m = crop_graph([1], [-1], (1, 3), [0, 0, 0, 0])
+    out, rep = fold_model(m)
+    assert ops(out, "Conv") == 1 and ops(out, "Slice") == 0 and rep.merges[0].merged
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype(np.float32)}
+    assert_close(run(m, feeds), run(out, feeds), TOL32)
+
+
+def test_conv_of_a_crop_that_pads_the_cropped_side_is_refused() -> None:
+    # x[:, :, 1:-1] then a 3x3 padded 1 on H: it reads zeros where x has rows 0 and 8
+    why = refused(
+        crop_graph([1], [-1], (3, 3), [1, 0, 1, 0]),
+        {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype(np.float32)},
+    )
+    assert why["ver"][0] is MergeReason.PADDING and "crops axis 2" in why["ver"][1]
+
+
+def test_conv_of_a_crop_ending_at_a_fixed_index_is_refused() -> None:
+    # x[:, :, 1:8]: its end depends on the input size, not a conv of x for every size
+    why = refused(
+        crop_graph([1], [8], (1, 3), [0, 0, 0, 0]),
+        {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype(np.float32)},
+    )
+    assert why["ver"][0] is MergeReason.UNSUPPORTED and "counted from the end" in why["ver"][1]

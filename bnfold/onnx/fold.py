@@ -53,6 +53,7 @@ from .const import ConstEvaluator
 from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
 from .match import match_affine, match_bn
 from .match_frozen import match_mul_add
+from .merge import ExactTable, exact_fold
 from .merge import merge_branches as _merge_branches
 from .plan import Fold, conv_groups, release_scratch
 from .propagate import propagate_graph
@@ -85,6 +86,8 @@ class _Ctx:
     """Merge parallel branches into one Conv (:mod:`bnfold.onnx.merge`) once the folds settle."""
     merges: dict[str, Merge] = field(default_factory=dict)
     """Branch merges by sum label (the last decision for each sum)."""
+    exact: ExactTable = field(default_factory=dict)
+    """With ``merge``: the float64 values of the convs folds and merges wrote, so each merge rounds once."""
     batch_stats: str | None = None
     """Training-mode BNs: "instance" converts them (:mod:`bnfold.onnx.batch_stats`); None leaves them."""
     converted: int = 0
@@ -267,8 +270,13 @@ def _fold_graph(
             locked |= touched
             # Read before applying: applying renames the BN's neighbours.
             bn_key = index.nodes[plan.remove[0]].output[0] if is_bn(index.nodes[plan.remove[0]]) else None
+            rec = exact_fold(index, ev, plan, ctx.exact) if ctx.merge else None
             site = rw.apply(plan)
             applied += 1
+            if rec is not None:  # recorded under the names the conv reads once the fold is applied
+                conv = index.nodes[rec[0]]
+                rec[1].bias_name = conv.input[2]
+                ctx.exact[conv.input[1]] = rec[1]
             if bn_key is not None:
                 final[bn_key] = site
             else:
@@ -364,6 +372,7 @@ def _merge_pass(
         exclude=ctx.exclude,
         add_inputs=index.outer is None and ctx.ir_version < 4,
         flush=ctx.flush,
+        exact=ctx.exact,
     )
     for m in res.merges:
         ctx.merges[m.sum] = m

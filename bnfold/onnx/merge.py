@@ -24,6 +24,12 @@ A branch is one of (each optionally followed by ``Mul`` with a per-tensor or per
    is the bias.
 4. ``AveragePool(x)`` with the merged stride, ``count_include_pad=1`` (or no padding), ``ceil_mode=0``:
    the uniform kernel ``1 / prod(k)`` on the diagonal channel, centred as in 1.
+   4b. ``BatchNormalization(AveragePool(x))`` (DBB's avg branch with its BN): that kernel scaled by the
+   BN scale per channel, the BN shift as bias.
+1b. ``Conv(Slice(x))`` (ACNet with padding < k // 2: the 1x3 / 3x1 convs read ``x[..., 1:-1]``): a slice
+   dropping ``s`` pixels at the begin and ``e`` at the end of spatial axes (step 1, the end counted from
+   the end) is a conv of ``x`` with pads ``p - s`` / ``p - e`` (negative: a crop), placed as in 1.
+   Refused where it both crops and pads one side, slices another axis, or ends at a fixed index.
 5. ``Conv kxk(Conv 1x1(x))`` (DBB), both ungrouped, the 1x1 of stride 1 and unpadded: the product
    ``W[o, i] = sum_m W2[o, m] W1[m, i]``, bias ``b2 + sum_{m, taps} W2[o, m] b1[m]``. Exact only where
    the kxk conv reads no padded zeros (pads 0) or the 1x1 has no bias: at a padded border the bias
@@ -39,7 +45,10 @@ kernel with asymmetric pads included): per axis, ``c = (P_begin - p_begin) / d``
 with ``0 <= c <= K - k`` and ``P_end - p_end = d * (K - k - c)`` (the same output size for any input).
 
 The merged weight and bias are summed in float64 and cast once to the weight dtype (an overflow
-refuses the merge). The largest conv (by kernel volume) is the reference: its attributes stay, its
+refuses the merge). A branch conv that a BN fold wrote is read as the float64 values that fold rounded
+(:class:`Exact`, recorded by the fold driver through :func:`exact_fold` and used only where they round
+to exactly the tensors in the graph), so a float16 merge rounds once, not once per branch and again for
+the sum; a BN on the merged sum then folds from the merged float64 values (one rounding again). The largest conv (by kernel volume) is the reference: its attributes stay, its
 weight and bias are replaced, and its output takes the sum's name (graph outputs keep their names).
 Leaves of the sum that are not branches of ``x`` (any other tensor) stay, added to the merged conv.
 
@@ -100,6 +109,124 @@ _ACTIVATIONS = frozenset(
 
 
 @dataclass(slots=True)
+class Exact:
+    """The float64 values a conv's rounded weight and bias came from: ``(w * s, b * s + t)`` per output
+    channel (``s`` None: ``(w, b)`` as they are). Kept so that a merge (and a BN folded into a merged conv
+    afterwards) sums and scales these, not the rounded tensors, and rounds once (a float16 model would
+    otherwise round twice). Used only where it rounds to exactly the tensors in the graph."""
+
+    bias_name: str
+    w: npt.NDArray[Any]
+    b: npt.NDArray[Any] | None
+    s: F64 | None = None
+    t: F64 | None = None
+
+    def values(self) -> tuple[F64, F64]:
+        """The float64 weight and bias."""
+        w = self.w.astype(np.float64)
+        b = np.zeros(w.shape[0]) if self.b is None else self.b.astype(np.float64).reshape(-1)
+        if self.s is None:
+            return w, b
+        t = np.zeros_like(self.s) if self.t is None else self.t
+        return w * self.s.reshape((-1,) + (1,) * (w.ndim - 1)), b * self.s + t
+
+
+ExactTable = dict[str, Exact]
+"""``{weight initializer name: Exact}`` of the convs a fold or a merge wrote (see :class:`Exact`)."""
+
+_EXACT_READERS = frozenset(("Add", "Sum", "Sub", "Mul", "Identity"))
+"""A fold is recorded only when the BN's output is read by these alone (a possible branch of a sum):
+the original weight is held until the merge, so only for convs that may merge."""
+
+
+def exact_values(
+    exact: ExactTable, n: NodeProto, w: npt.NDArray[Any], bias: npt.NDArray[Any] | None
+) -> tuple[F64, F64 | None]:
+    """Conv ``n``'s weight and bias in float64: the exact values of the fold or merge that wrote them where
+    they round to exactly ``w`` and ``bias`` (bit for bit), else ``w`` and ``bias`` themselves."""
+    got = _recorded(exact, n, w, bias)
+    if got is not None:
+        return got
+    return w.astype(np.float64), None if bias is None else bias.astype(np.float64).reshape(-1)
+
+
+def _recorded(
+    exact: ExactTable, n: NodeProto, w: npt.NDArray[Any], bias: npt.NDArray[Any] | None
+) -> tuple[F64, F64] | None:
+    rec = exact.get(n.input[1]) if len(n.input) > 1 else None
+    b_name = n.input[2] if len(n.input) > 2 else ""
+    if rec is None or bias is None or rec.bias_name != b_name or w.dtype == np.float64:
+        return None
+    ew, eb = rec.values()
+    if ew.shape != w.shape or eb.shape != (w.shape[0],) or bias.size != w.shape[0]:
+        return None
+    if _same_bits(cast_exact(ew, w.dtype), w) and _same_bits(cast_exact(eb, bias.dtype), bias.reshape(-1)):
+        return ew, eb
+    return None
+
+
+def _same_bits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def exact_fold(
+    index: GraphIndex, ev: ConstEvaluator, plan: Any, exact: ExactTable
+) -> tuple[int, Exact] | None:
+    """Before a forward BN fold into a Conv is applied: ``(conv node, Exact)`` to record under the conv's
+    weight name once applied (the caller sets its ``bias_name``), or None.
+
+    The plan's result must be ``cast(w * s)``, ``cast(b * s + t)`` of the conv's current tensors and the
+    BN's scale and shift (checked bit for bit: folds through reshapes or channel splits are not
+    recorded), and the BN's output read by a sum (or a scale of one) only. When the conv's tensors came
+    from an exact record themselves (a merged conv with a BN on its sum: RepViT, QARepVGG), the plan's
+    writes are replaced by the once-rounded ``cast(exact * s)``, ``cast(exact_b * s + t)``."""
+    from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
+
+    if plan.clone is not None or not plan.remove or plan.site.direction is not Direction.FORWARD:
+        return None
+    bn = index.nodes[plan.remove[0]]
+    if bn.op_type != "BatchNormalization":
+        return None
+    if len({wr.node for wr in plan.writes}) != 1 or sorted(wr.slot for wr in plan.writes) != [1, 2]:
+        return None
+    ci = plan.writes[0].node
+    conv = index.nodes[ci]
+    if conv.op_type != "Conv" or not _is_std(conv):
+        return None
+    if conv.input[1] not in exact:  # cheap test first: most folds are no branch of a sum
+        readers = index.consumers.get(bn.output[0], [])
+        if not readers or any(index.nodes[r].op_type not in _EXACT_READERS for r in readers):
+            return None  # not a branch of a sum: nothing to merge it with, nothing held
+    w = ev.resolve(conv.input[1])[0]
+    b = ev.resolve(conv.input[2])[0] if len(conv.input) > 2 and conv.input[2] else None
+    prm = bn_params(index, ev, bn, plan.site.bn)
+    if w is None or isinstance(prm, Skip) or prm.per_element or not is_float(w) or w.dtype == np.float64:
+        return None
+    if prm.channels != w.shape[0] or (b is not None and (b.size != w.shape[0] or b.dtype != w.dtype)):
+        return None
+    new_w = next(wr for wr in plan.writes if wr.slot == 1)
+    new_b = next(wr for wr in plan.writes if wr.slot == 2)
+    plain = Exact("", w, b, prm.scale, prm.shift)
+    pw, pb = plain.values()
+    if not (
+        _same_bits(cast_exact(pw, w.dtype), new_w.value)
+        and _same_bits(cast_exact(pb, w.dtype), new_b.value.reshape(-1))
+    ):
+        return None
+    base = _recorded(exact, conv, w, b)
+    if base is None:
+        return ci, plain
+    rec = Exact("", base[0], base[1], prm.scale, prm.shift)
+    ew, eb = rec.values()
+    cw, cb = cast_exact(ew, w.dtype), cast_exact(eb, w.dtype)
+    if not (np.all(np.isfinite(cw)) and np.all(np.isfinite(cb))):
+        return ci, plain
+    new_w.value = cw
+    new_b.value = cb.reshape(new_b.value.shape)
+    return ci, rec
+
+
+@dataclass(slots=True)
 class MergeResult:
     """What one merge pass did."""
 
@@ -123,6 +250,8 @@ class _Branch:
     muls: list[int]  # Mul nodes between the base and the sum (closest to the base first)
     blockers: list[int]  # non-linear nodes in the way (kind "other")
     pre: int | None = None  # kind "seq": the 1x1 Conv before the base Conv
+    post: int | None = None  # kind "avgpool": a BatchNormalization right after the pool (DBB's avgbn)
+    crop: int | None = None  # kind "conv": a Slice of x the conv reads (ACNet's cropping form)
     sign: int = 1  # -1: the second operand of a Sub of the chain
     chain_muls: tuple[int, ...] = ()  # constant Muls of the chain over this leaf
     label: str = ""
@@ -237,6 +366,20 @@ def _interpretations(index: GraphIndex, ev: ConstEvaluator, leaf: str) -> list[t
                 (n.input[0], _Branch(leaf, kind if not blockers else "other", p, list(muls), list(blockers)))
             )
             q = index.producer.get(n.input[0])
+            qn = index.nodes[q] if q is not None else None
+            if n.op_type == "BatchNormalization" and not blockers and qn is not None and _is_std(qn):
+                if qn.op_type == "AveragePool" and qn.input:
+                    # Case 4b: AveragePool -> BN (DBB's avg branch): a uniform kernel, scaled and shifted
+                    out.append((qn.input[0], _Branch(leaf, "avgpool", q, list(muls), [], post=p)))
+            if (
+                n.op_type == "Conv"
+                and not blockers
+                and qn is not None
+                and _is_std(qn)
+                and qn.op_type == "Slice"
+            ):
+                # Case 1b: Conv(Slice(x)) (ACNet with padding < k // 2): a conv of x with the crop as pads
+                out.append((qn.input[0], _Branch(leaf, "conv", p, list(muls), [], crop=q)))
             if (
                 n.op_type == "Conv"
                 and not blockers
@@ -358,7 +501,7 @@ class _ConvRead:
     group: int
 
 
-def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
+def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTable) -> _ConvRead:
     """A conv branch's weight and geometry; for ``seq`` (Case 5: ``Conv 1x1 -> Conv kxk``) the product of
     the two, ``W[o, i] = sum_m W2[o, m] W1[m, i]``, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``: exact only
     when the kxk conv reads no padded zeros (there the 1x1's bias would be missing) or ``b1 = 0``."""
@@ -369,8 +512,9 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
     if w.ndim < 3:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight of rank {w.ndim}")
     strides, dil, pads, group = _conv_geometry(n, w)
-    w64 = w.astype(np.float64)
-    b64 = None if bias is None else bias.astype(np.float64).reshape(-1)
+    w64, b64 = exact_values(exact, n, w, bias)  # a folded conv's float64 values: the merge rounds once
+    if b.crop is not None:
+        pads = _crop_pads(index, ev, b.crop, pads, w.ndim, what)
     if b.pre is not None:
         pre = index.nodes[b.pre]
         pre_label = index.label(b.pre)
@@ -385,14 +529,14 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})"
             )
-        b1_64 = None if b1 is None else b1.astype(np.float64).reshape(-1)
+        m1, b1_64 = exact_values(exact, pre, w1, b1)
         if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
             raise MergeRefusal(
                 MergeReason.PADDING,
                 f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
                 "not be added: one conv cannot compute it",
             )
-        m1 = w1.astype(np.float64).reshape(w1.shape[0], w1.shape[1])
+        m1 = m1.reshape(w1.shape[0], w1.shape[1])
         comp = np.tensordot(w64, m1, axes=([1], [0]))  # [o, *k, i]
         comp = np.moveaxis(comp, -1, 1)
         if b1_64 is not None:
@@ -402,13 +546,74 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch) -> _ConvRead:
     return _ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
 
 
+_TO_END = 2**31 - 1
+"""A Slice end at or past this reads to the end of the axis (exporters write INT32_MAX or INT64_MAX)."""
+
+
+def _crop_pads(
+    index: GraphIndex, ev: ConstEvaluator, i: int, pads: list[int], ndim: int, what: str
+) -> list[int]:
+    """Case 1b: the pads of a conv of ``x`` equal to the conv (``pads``) of ``Slice(x)`` (node ``i``).
+
+    A slice that drops ``s`` pixels at the begin and ``e`` at the end of a spatial axis (step 1, the end
+    counted from the end: independent of the input size) followed by a conv with pads ``p`` reads what a
+    conv of ``x`` with pads ``p - s`` (and ``p - e``) reads -- a negative pad crops -- provided it does not
+    both crop and pad one side (the padded zeros would sit where ``x`` has values). Refused otherwise."""
+    sl = index.nodes[i]
+    label = index.label(i)
+    r = ndim - 2
+    if len(sl.input) < 3:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} reads Slice '{label}' of the attribute form")
+    vals: list[list[int] | None] = []
+    for slot in (1, 2, 3, 4):
+        if slot >= len(sl.input) or not sl.input[slot]:
+            vals.append(None)
+            continue
+        v = ev.resolve(sl.input[slot])[0]
+        if v is None or v.dtype.kind not in "iu":
+            raise MergeRefusal(
+                MergeReason.NON_CONSTANT,
+                f"{what} reads Slice '{label}' whose starts/ends/axes/steps are not constant",
+            )
+        vals.append([int(k) for k in np.asarray(v).reshape(-1)])
+    starts, ends, axes, steps = vals
+    assert starts is not None and ends is not None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if not (len(starts) == len(ends) == len(axes) == len(steps)):
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} reads Slice '{label}' of inconsistent inputs")
+    out = list(pads)
+    for ax, st, en, step in zip(axes, starts, ends, steps):
+        ax = ax + ndim if ax < 0 else ax
+        full = st == 0 and en >= _TO_END
+        if full:
+            continue
+        if step != 1 or ax < 2 or ax >= ndim or st < 0 or (0 <= en < _TO_END):
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED,
+                f"{what} reads Slice '{label}' (axis {ax}, {st}:{en}:{step}): only a crop of a spatial axis, step 1, "
+                "its end counted from the end, is a conv of the uncropped input",
+            )
+        a = ax - 2
+        e = 0 if en >= _TO_END else -en
+        if (st and out[a]) or (e and out[a + r]):
+            raise MergeRefusal(
+                MergeReason.PADDING,
+                f"{what} pads {pads} after Slice '{label}' crops axis {ax}: the padded zeros sit where the "
+                "uncropped input has values",
+            )
+        out[a] -= st
+        out[a + r] -= e
+    return out
+
+
 def _branch_kernel(
-    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, b: _Branch, x: str
+    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, b: _Branch, x: str, exact: ExactTable
 ) -> tuple[F64, F64]:
     """The branch as (weight, bias) of the merged conv's shape, in float64; MergeRefusal why not."""
     what = b.label
     if b.kind in ("conv", "seq"):  # Cases 1 and 5
-        cr = _read_conv(index, ev, b)
+        cr = _read_conv(index, ev, b, exact)
         w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
         if cr.dtype != ref.dtype:
             raise MergeRefusal(
@@ -439,23 +644,11 @@ def _branch_kernel(
         w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
     elif b.kind == "bn":  # Case 3
         assert b.base is not None
-        from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
-
-        n = index.nodes[b.base]
-        prm = bn_params(index, ev, n, what)
-        if isinstance(prm, Skip):
-            reason = (
-                MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
-            )
-            raise MergeRefusal(reason, f"{what}: {prm.detail}")
-        if prm.per_element or prm.channels != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}"
-            )
+        s, t = _bn_affine(index, ev, b.base, ref, what)
         identity_checks(ref, what)
         offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * prm.scale.reshape((-1,) + (1,) * (ref.rank + 1))
-        b64 = prm.shift.astype(np.float64)
+        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * s.reshape((-1,) + (1,) * (ref.rank + 1))
+        b64 = t
     elif b.kind == "avgpool":  # Case 4
         assert b.base is not None
         n = index.nodes[b.base]
@@ -486,6 +679,10 @@ def _branch_kernel(
             )
         offs = placement(ref, k, pads, what)
         w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        if b.post is not None:  # Case 4b: the BN after the pool scales and shifts it per channel
+            s, t = _bn_affine(index, ev, b.post, ref, what)
+            w64 = w64 * s.reshape((-1,) + (1,) * (ref.rank + 1))
+            b64 = t
     else:  # pragma: no cover - callers pass the four kinds
         raise AssertionError(b.kind)
     for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
@@ -495,6 +692,21 @@ def _branch_kernel(
     if b.sign < 0:
         w64, b64 = -w64, -b64
     return w64, b64
+
+
+def _bn_affine(index: GraphIndex, ev: ConstEvaluator, i: int, ref: MergeRef, what: str) -> tuple[F64, F64]:
+    """BN node ``i`` as a float64 per-channel ``(scale, shift)`` over the merged conv's output channels."""
+    from .match import bn_params  # the fold's own reading of a BN (no import cycle at load)
+
+    prm = bn_params(index, ev, index.nodes[i], what)
+    if isinstance(prm, Skip):
+        reason = MergeReason.NON_CONSTANT if prm.reason.value == "non_constant" else MergeReason.UNSUPPORTED
+        raise MergeRefusal(reason, f"{what}: {prm.detail}")
+    if prm.per_element or prm.channels != ref.c_out:
+        raise MergeRefusal(
+            MergeReason.GROUPS, f"{what}: {prm.channels} BN channels, the merged conv {ref.c_out}"
+        )
+    return prm.scale.astype(np.float64), prm.shift.astype(np.float64)
 
 
 def _mul_factor(ev: ConstEvaluator, n: NodeProto, ref: MergeRef, label: str) -> F64:
@@ -542,7 +754,51 @@ def _exclusive(index: GraphIndex, b: _Branch, x: str, chain: set[int]) -> None:
 
 def _path(b: _Branch) -> list[int]:
     """The nodes of a branch from its base to the sum (a 1x1 Conv before it, the base, then its Muls)."""
-    return ([b.pre] if b.pre is not None else []) + ([b.base] if b.base is not None else []) + b.muls
+    return (
+        ([b.crop] if b.crop is not None else [])
+        + ([b.pre] if b.pre is not None else [])
+        + ([b.base] if b.base is not None else [])
+        + ([b.post] if b.post is not None else [])
+        + b.muls
+    )
+
+
+_FAR_WALK = 64
+"""Nodes walked (first inputs only) from a leaf that is no branch to find that it still reads ``x``."""
+
+
+def _far_branch(index: GraphIndex, leaf: str, x: str) -> _Branch | None:
+    """A leaf of the sum that reads ``x`` through more (or other) ops than a branch has, as a refused
+    branch naming them (DBB's BNAndPadLayer exported as Pad + ScatterND, ...); None when it does not."""
+    v = leaf
+    path: list[int] = []
+    for _ in range(_FAR_WALK):
+        p = index.producer.get(v)
+        if p is None or not index.nodes[p].input:
+            return None
+        path.append(p)
+        v = index.nodes[p].input[0]
+        if v == x:
+            break
+    else:
+        return None
+    kinds: list[str] = []
+    for i in reversed(path):
+        op = index.nodes[i].op_type
+        if op not in kinds:
+            kinds.append(op)
+    return _Branch(
+        leaf,
+        "other",
+        None,
+        [],
+        [path[0]],
+        reason=MergeReason.UNSUPPORTED,
+        detail=(
+            f"reads '{x}' through {len(path)} ops ({', '.join(kinds)}): not a form bnfold merges "
+            "(a branch is a Conv, Conv 1x1 -> Conv, AveragePool, BN or the identity, each optionally scaled)"
+        ),
+    )
 
 
 def _kind_label(index: GraphIndex, b: _Branch, x: str) -> str:
@@ -569,6 +825,7 @@ def merge_branches(
     exclude: frozenset[str] = frozenset(),
     add_inputs: bool = False,
     flush: bool = False,
+    exact: ExactTable | None = None,
 ) -> MergeResult:
     """Merge every sum of branches of one tensor into one Conv (see the module docstring); edit ``graph``.
 
@@ -581,7 +838,10 @@ def merge_branches(
         exclude: labels of sums left unmerged (their record says why).
         add_inputs: list new initializers as graph inputs (IR < 4).
         flush: set subnormal values of the merged tensors to zero.
+        exact: the float64 values of the convs folds wrote (:class:`Exact`), read for the branches and
+            extended with each merged conv's (a BN on the sum folds into it with one rounding).
     """
+    exact = {} if exact is None else exact
     res = MergeResult()
     locked: set[int] = set()
     removed: set[int] = set()
@@ -604,13 +864,21 @@ def merge_branches(
         if picked is None:
             continue
         x, branches, rest = picked
+        for leaf, coef in list(rest):  # a leaf that reads x through a longer path: a verdict, kept as is
+            far = _far_branch(index, leaf, x)
+            if far is not None:
+                far.sign, far.chain_muls = coef
+                branches.append(far)
+                rest.remove((leaf, coef))
         sum_label = prefix + index.label(top)
         chain = set(chain_nodes)
         for b in branches:
             b.label = prefix + _kind_label(index, b, x)
             if b.kind == "bn" and b.base is not None:
                 b.label = bn_labels.get(index.nodes[b.base].output[0], b.label)
-        rec = _plan(index, ev, x, branches, chain, sum_label, exclude)
+            if b.post is not None:
+                b.label = bn_labels.get(index.nodes[b.post].output[0], b.label)
+        rec = _plan(index, ev, x, branches, chain, sum_label, exclude, exact)
         touched = chain | {i for br in branches if br.reason is None for i in _path(br)}
         if isinstance(rec, Merge):
             res.merges.append(rec)
@@ -679,6 +947,7 @@ def merge_branches(
                     helper.make_tensor_value_info(nm, graph.initializer[-1].data_type, list(val.shape))
                 )
         res.candidates.update(v for v in ref_node.input[1:] if v)
+        exact[w_name] = Exact(b_name, w_sum, b_sum)
         while len(ref_node.input) < 3:
             ref_node.input.append("")
         ref_node.input[0], ref_node.input[1], ref_node.input[2] = x, w_name, b_name
@@ -693,7 +962,7 @@ def merge_branches(
                     removed.add(node)
                     res.candidates.update(v for v in index.nodes[node].input if v)
                     dropped.update(o for o in index.nodes[node].output if o)
-                    if br.kind == "bn" and node == br.base:
+                    if (br.kind == "bn" and node == br.base) or node == br.post:
                         key = index.nodes[node].output[0]
                         bl = bn_labels.get(key, prefix + index.label(node))
                         res.absorbed[key] = Site(
@@ -777,6 +1046,7 @@ def _plan(
     chain: set[int],
     sum_label: str,
     exclude: frozenset[str],
+    exact: ExactTable,
 ) -> tuple[MergeRef, F64, F64] | Merge:
     """Decide each branch; return the reference and the merged float64 weight and bias, or the refusal."""
     if sum_label in exclude:
@@ -784,9 +1054,13 @@ def _plan(
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: excluded from merging"
         return _refused(sum_label, x, branches, index)
     for b in branches:
-        if b.kind == "bn" and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
+        if (
+            b.kind == "bn" or b.post is not None
+        ) and b.label in exclude:  # the caller keeps this BN (its fold failed verification)
             b.reason, b.detail = MergeReason.VERIFICATION, "left in place: its BN is excluded from folding"
             continue
+        if b.kind == "other" and b.reason is not None:
+            continue  # decided already (_far_branch)
         if b.kind == "other":
             ops = ", ".join(f"{index.nodes[i].op_type} '{index.label(i)}'" for i in b.blockers)
             r = blocker_refusal(ops, any(index.nodes[i].op_type in _ACTIVATIONS for i in b.blockers), x)
@@ -800,11 +1074,11 @@ def _plan(
     ref: MergeRef | None = None
     best = -1
     for b in branches:
-        if b.kind not in ("conv", "seq") or b.reason is not None:
+        if b.kind not in ("conv", "seq") or b.reason is not None or b.crop is not None:
             continue
         assert b.base is not None
         try:
-            cr = _read_conv(index, ev, b)
+            cr = _read_conv(index, ev, b, exact)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
@@ -831,7 +1105,7 @@ def _plan(
         if b.reason is not None:
             continue
         try:
-            w64, b64 = _branch_kernel(index, ev, ref, b, x)
+            w64, b64 = _branch_kernel(index, ev, ref, b, x, exact)
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
             continue
