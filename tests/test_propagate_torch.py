@@ -161,24 +161,68 @@ def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(
     assert counts(out) == (0, 0, 1) and report.bn_after == 0
 
 
-@pytest.mark.parametrize(
-    "sign,why",
-    [
-        ("negative", "6 of 6 channels have a negative scale before ReLU 'ops.0'"),
-        ("mixed", "3 of 6 channels have a negative scale before ReLU 'ops.0'"),
-        ("zero", "2 of 6 channels have a zero scale and a non-zero shift before ReLU 'ops.0'"),
-    ],
-)
-def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -> None:
-    m = set_stats(Chain([nn.ReLU()], conv(pads=1)), sign)
+def test_relu_with_every_channel_blocked_keeps_the_whole_bn() -> None:
+    m = set_stats(Chain([nn.ReLU()], conv(pads=1)), "negative")
     out, report = fold_and_check(m)
     v = verdict(report)
+    why = "6 of 6 channels have a negative scale before ReLU 'ops.0'"
     assert (
         isinstance(v, Skip)
         and v.reason is SkipReason.NO_PRODUCER
         and v.detail.endswith("; not propagated: " + why)
     )
     assert counts(out) == (1, 0, 0) and type(out) is Chain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "sign,kept",
+    [
+        ("mixed", "3 of 6 channels keep their affine (3 with a negative scale before ReLU 'ops.0')"),
+        (
+            "zero",
+            "2 of 6 channels keep their affine (2 with a zero scale and a non-zero shift before ReLU 'ops.0')",
+        ),
+    ],
+)
+def test_relu_blocked_channels_keep_one_multiply_the_others_move(
+    sign: str, kept: str, dtype: torch.dtype
+) -> None:
+    """Channels whose scale cannot pass the ReLU keep ``a*x + b`` (a Mul and an Add before it); the
+    others' scale goes into the conv, their shift into that Add."""
+    m = set_stats(Chain([nn.ReLU()], conv(pads=1)), sign)
+    out, report = fold_and_check(m, dtype=dtype)
+    v = assert_propagated(report)
+    assert v.detail == (
+        "scale into the input channels of Conv2d 'layer' through ReLU; shift in that Add before ReLU 'ops.0'; "
+        f"{kept}: one Mul and one Add before ReLU 'ops.0'"
+    )
+    assert counts(out) == (0, 1, 1) and report.bn_after == 0
+
+
+def test_mixed_signs_before_maxpool_keep_their_affine_there_the_shift_goes_into_the_bias() -> None:
+    m = set_stats(Chain([nn.AdaptiveAvgPool2d(6), nn.MaxPool2d(2)], conv()), "mixed")
+    out, report = fold_and_check(m)
+    v = assert_propagated(report)
+    assert v.detail.endswith(
+        "shift into the bias of Conv2d 'layer'; 3 of 6 channels keep their affine "
+        "(3 with a negative scale before MaxPool2d 'ops.1'): one Mul and one Add before MaxPool2d 'ops.1'"
+    )
+    assert counts(out) == (0, 1, 1)
+
+
+def test_mixed_signs_and_zero_scales_before_a_flatten_and_linear() -> None:
+    """Blocked channels of both kinds; the shift stops at the ReLU after a flatten (a per-feature add)."""
+    m = set_stats(Chain([nn.MaxPool2d(2), nn.Flatten(), nn.ReLU()], nn.Linear(C * 16, 5)), "mixed")
+    with torch.no_grad():
+        m.bn.weight[1] = 0.0
+    out, report = fold_and_check(m)
+    v = assert_propagated(report)
+    assert (
+        "4 of 6 channels keep their affine (3 with a negative scale before MaxPool2d 'ops.0', 1 with a zero"
+        in v.detail
+    )
+    fold_and_check(m, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -196,7 +240,7 @@ def test_maxpool_carries_scale_and_shift_into_an_unpadded_conv(
 
 
 def test_maxpool_negative_scale_keeps_the_bn() -> None:
-    out, report = fold_and_check(set_stats(Chain([nn.MaxPool2d(2)], conv()), "mixed"))
+    out, report = fold_and_check(set_stats(Chain([nn.MaxPool2d(2)], conv()), "negative"))
     v = verdict(report)
     assert isinstance(v, Skip) and "negative scale before MaxPool2d" in v.detail
     assert counts(out) == (1, 0, 0)
@@ -217,10 +261,30 @@ def test_bn_into_a_zero_padded_conv_is_propagated(sign: str, dtype: torch.dtype)
     assert counts(out) == (0, 0, 1)
 
 
-def test_zero_padded_conv_with_zero_scale_and_shift_keeps_the_bn() -> None:
-    out, report = fold_and_check(set_stats(Chain([], conv(pads=1)), "zero"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_padded_conv_with_some_zero_scales_keeps_their_affine(dtype: torch.dtype) -> None:
+    out, report = fold_and_check(set_stats(Chain([], conv(pads=1)), "zero"), dtype=dtype)
+    v = assert_propagated(report)
+    assert v.detail == (
+        "scale into the input channels of Conv2d 'layer' through nothing; shift in that Add before Conv2d "
+        "'layer' (it pads with zeros); 2 of 6 channels keep their affine (2 with a zero scale and a non-zero "
+        "shift before Conv2d 'layer' (it pads with zeros)): one Mul and one Add before Conv2d 'layer' (it pads "
+        "with zeros)"
+    )
+    assert counts(out) == (0, 1, 1)
+
+
+def test_zero_padded_conv_with_every_scale_zero_keeps_the_bn() -> None:
+    m = set_stats(Chain([], conv(pads=1)))
+    with torch.no_grad():
+        m.bn.weight.zero_()
+    out, report = fold_and_check(m)
     v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.PADDING and "zero scale" in v.detail
+    assert isinstance(v, Skip) and v.reason is SkipReason.PADDING
+    assert v.detail.endswith(
+        "; not propagated: 6 of 6 channels have a zero scale and a non-zero shift before Conv2d 'layer' "
+        "(it pads with zeros)"
+    )
     assert counts(out) == (1, 0, 0)
 
 
@@ -437,10 +501,75 @@ def test_networks_lose_every_bn_for_positive_scales(name: str) -> None:
     assert counts(out)[1] == 0
 
 
-def test_preact_net_keeps_only_the_bn_read_by_two_layers() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_preact_net_bn_read_by_two_layers_scales_both(dtype: torch.dtype) -> None:
+    """block2.bn1 -> ReLU -> {shortcut 1x1 (no padding), conv1 3x3 (padded)}: both take the scale; the
+    shift stops before them (the 3x3 pads) as one Add."""
     net, x = network("preact_net", "positive")
-    out, report = fold_and_check(net, x, dtype=torch.float64)
-    assert [v.bn for v in report.skips] == ["block2.bn1"] and bn_count(out) == 1
+    out, report = fold_and_check(net, x, dtype=dtype)
+    assert report.skips == [] and bn_count(out) == 0
+    v = assert_propagated(report, "block2.shortcut", "block2.bn1")
+    assert v.detail == (
+        "scale into the input channels of Conv2d 'block2.shortcut', Conv2d 'block2.conv1' through ReLU; "
+        "shift as one Add before ReLU 'block2.relu'"
+    )
+
+
+class Fork(nn.Module):
+    """producer -> BN [-> ReLU] -> {conv a, conv b[, linear after a pool]}: the tensor forks into layers."""
+
+    def __init__(self, relu: bool, pads: int, bias: bool):
+        super().__init__()
+        self.pre = nn.ReLU()
+        self.bn = nn.BatchNorm2d(C, eps=1e-3)
+        self.act = nn.ReLU() if relu else nn.Identity()
+        self.a = nn.Conv2d(C, 4, 1, bias=bias)
+        self.b = nn.Conv2d(C, 5, 3, padding=pads, bias=bias)
+        self.c = nn.Conv2d(C, C, 3, groups=C)
+        self.pads = pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.act(self.bn(self.pre(x)))
+        u = self.a(t)[:, :, 1:-1, 1:-1].sum(1, keepdim=True)
+        y = self.b(t).mean(1, keepdim=True)
+        return u + (y[..., 1:-1, 1:-1] if self.pads else y) + self.c(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "relu,pads,sign,shift",
+    [
+        (False, 0, "positive", "shift into the bias of Conv2d 'a', Conv2d 'b', Conv2d 'c'"),
+        (False, 1, "mixed", "shift as one Add before Conv2d 'a', Conv2d 'b', Conv2d 'c'"),
+        (True, 0, "positive", "shift as one Add before ReLU 'act'"),
+        (True, 0, "mixed", "shift in that Add before ReLU 'act'; 3 of 6 channels keep"),
+    ],
+)
+def test_fork_into_several_layers_scales_every_reader(
+    relu: bool, pads: int, sign: str, shift: str, dtype: torch.dtype
+) -> None:
+    m = set_stats(Fork(relu, pads, bias=pads == 0), sign)
+    x = x_for(shape=(2, C, 6, 6))
+    out, report = fold_and_check(m, x, dtype=dtype)
+    v = assert_propagated(report, "a")
+    assert f"scale into the input channels of Conv2d 'a', Conv2d 'b', Conv2d 'c' through " in v.detail
+    assert shift in v.detail
+    assert bn_count(out) == 0
+
+
+def test_fork_into_a_layer_and_another_op_keeps_the_bn() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(C)
+            self.conv = nn.Conv2d(C, C, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = torch.relu(self.bn(torch.relu(x)))
+            return self.conv(t) * t
+
+    out, report = fold_and_check(set_stats(M()))
+    assert isinstance(verdict(report), Skip) and bn_count(out) == 1
 
 
 def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
@@ -449,8 +578,9 @@ def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
     assert bn_count(out) == 0
     mixed = nets.set_bn(nets.Crepe(), sign="mixed")
     out, report = fold_and_check(mixed, mixed.example())
-    assert bn_count(out) == 4
-    assert all("negative scale before MaxPool2d" in v.detail for v in report.skips)
+    assert bn_count(out) == 0 and report.skips == []
+    kept = [v.detail for v in report.verdicts if "keep their affine" in v.detail]
+    assert len(kept) == 4 and all("with a negative scale before MaxPool2d" in d for d in kept)
 
 
 # ---- parity with the ONNX backend -------------------------------------------------------------------
@@ -483,12 +613,7 @@ def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
     via_onnx = {_module_name(v.bn): v.to_dict()["status"] for v in rep_onnx.verdicts}
     via_torch = {v.bn: v.to_dict()["status"] for v in rep_torch.verdicts}
     assert via_torch.keys() == via_onnx.keys()
-    # The ONNX pass also splits mixed-sign BNs per channel and follows a tensor that forks into several
-    # layers; PyTorch does neither yet: a BN PyTorch leaves may be propagated by ONNX, never the reverse.
-    for bn, status in via_torch.items():
-        if status == "left" and via_onnx[bn] == "propagated":
-            continue
-        assert status == via_onnx[bn], bn
+    assert via_torch == via_onnx
 
 
 def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() -> None:
@@ -505,7 +630,7 @@ def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() ->
         nn.Linear(C, 3),
     )
     set_stats(m)
-    set_stats(m[5], "mixed", seed=9)
+    set_stats(m[5], "negative", seed=9)
     x = x_for(torch.float32, (5, C))
     ref = outputs(copy.deepcopy(m).eval(), x)[0]
     m.train()
