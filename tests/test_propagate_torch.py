@@ -552,7 +552,7 @@ def test_fork_into_several_layers_scales_every_reader(
     x = x_for(shape=(2, C, 6, 6))
     out, report = fold_and_check(m, x, dtype=dtype)
     v = assert_propagated(report, "a")
-    assert f"scale into the input channels of Conv2d 'a', Conv2d 'b', Conv2d 'c' through " in v.detail
+    assert "scale into the input channels of Conv2d 'a', Conv2d 'b', Conv2d 'c' through " in v.detail
     assert shift in v.detail
     assert bn_count(out) == 0
 
@@ -649,3 +649,105 @@ def test_result_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
     torch.save(out, path)
     back = torch.load(path, weights_only=False)
     assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
+
+
+class RepVGGBlock(nn.Module):
+    """conv3x3+BN + conv1x1+BN + BN identity, summed then ReLU: branch merging returns a GraphModule. This
+    module's annotations are strings (``from __future__ import annotations``), as in most model code."""
+
+    def __init__(self, c: int = C) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.bn_id = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_id(x))
+
+
+def test_merged_graph_module_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
+    net = set_stats(RepVGGBlock())
+    out, report = bnfold.fold_with_report(net)
+    assert isinstance(out, fx.GraphModule) and any(m.merged for m in report.merges)
+    path = tmp_path / "m.pt"
+    torch.save(out, path)
+    back = torch.load(path, weights_only=False)
+    x = x_for(torch.float32)
+    assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
+    assert torch.allclose(outputs(back, x)[0], outputs(net, x)[0], atol=1e-5)
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each call followed by its own BN: folded per call site on a clone, which
+    needs a GraphModule (graph mode); string annotations as in :class:`RepVGGBlock`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+        self.bn_a = nn.BatchNorm2d(C)
+        self.bn_b = nn.BatchNorm2d(C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_a(self.conv(x)) * self.bn_b(self.conv(x + 1))
+
+
+def test_graph_mode_result_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
+    net = set_stats(SharedConv())
+    out, report = bnfold.fold_with_report(net)
+    assert isinstance(out, fx.GraphModule) and report.bn_after == 0
+    path = tmp_path / "m.pt"
+    torch.save(out, path)
+    back = torch.load(path, weights_only=False)
+    x = x_for(torch.float32)
+    assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
+    assert torch.allclose(outputs(back, x)[0], outputs(net, x)[0], atol=1e-5)
+
+
+_REPVGG_SOURCE = """from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn_id = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_id(x))
+
+
+def make() -> Block:
+    return Block()
+"""
+
+
+def test_cli_writes_a_merged_graph_module_that_loads(tmp_path: Any) -> None:
+    """``bnfold fold ckpt.pt -m file.py:make out.pt`` on a state_dict of a model whose module has string
+    annotations: the merged GraphModule is written with torch.save and loads back."""
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src_py = tmp_path / "repvgg_strs.py"
+    src_py.write_text(_REPVGG_SOURCE)
+    ns: dict[str, Any] = {}
+    exec(compile(_REPVGG_SOURCE, str(src_py), "exec"), ns)
+    net = set_stats(ns["make"]())
+    ckpt, dst = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    torch.save(net.state_dict(), ckpt)
+    before = ckpt.read_bytes()
+    res = CliRunner().invoke(app, ["fold", str(ckpt), "-m", f"{src_py}:make", str(dst), "-s", "x=1x4x8x8"])
+    assert res.exit_code == 0, res.output
+    assert ckpt.read_bytes() == before
+    back = torch.load(dst, weights_only=False)
+    assert isinstance(back, fx.GraphModule) and bn_count(back) == 0
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(outputs(back, x)[0], outputs(net, x)[0], atol=1e-5)

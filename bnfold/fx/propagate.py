@@ -646,9 +646,6 @@ def propagate_graph_module(
         out[i] = Site(prev.bn, target, kind, Direction.PROPAGATED, detail, "scale-propagation")
         done += 1
     if done:
-        for n in gm.graph.nodes:  # a postponed annotation (a string) would make the result unpicklable
-            if isinstance(n.type, str):
-                n.type = None
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
