@@ -211,6 +211,19 @@ def test_mixed_signs_before_maxpool_keep_their_affine_there_the_shift_goes_into_
     assert counts(out) == (0, 1, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_signs_after_a_flatten_keep_a_per_feature_affine(dtype: torch.dtype) -> None:
+    """The Mul and Add go after the flatten (before the ReLU): one value per feature, channel-major."""
+    m = set_stats(Chain([nn.AvgPool2d(2), nn.Flatten(), nn.LeakyReLU(0.2)], nn.Linear(C * 16, 5)), "mixed")
+    out, report = fold_and_check(m, dtype=dtype)
+    v = assert_propagated(report)
+    assert (
+        v.detail.endswith("one Mul and one Add before LeakyReLU 'ops.2'")
+        and "shift in that Add before LeakyReLU 'ops.2'" in v.detail
+    )
+    assert counts(out) == (0, 1, 1)
+
+
 def test_mixed_signs_and_zero_scales_before_a_flatten_and_linear() -> None:
     """Blocked channels of both kinds; the shift stops at the ReLU after a flatten (a per-feature add)."""
     m = set_stats(Chain([nn.MaxPool2d(2), nn.Flatten(), nn.ReLU()], nn.Linear(C * 16, 5)), "mixed")

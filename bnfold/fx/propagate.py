@@ -18,19 +18,27 @@ float64). This pass follows ``y`` forward through nodes that each read the previ
   train mode;
 * the walk ends at a plain ``nn.Conv{1,2,3}d`` (its rank that of the BN; any padding, group-aware) or
   ``nn.Linear`` (after a flatten, or on a tensor proven 2-D) reading the tensor: the scale multiplies
-  the layer's input channels.
+  the layer's input channels. The last tensor may fork into several such layers (a pre-activation
+  block's projection shortcut and first conv): each takes the scale, and the shift goes into every
+  bias, or stops before them all.
 
-The shift crosses full nodes unchanged. Where it cannot go further (before the first scale-only node,
-or before a Conv that pads) it becomes ONE per-channel add of ``b / a`` (a registered buffer) on the
-tensor at that point, ``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``; when it
-reaches a layer that does not pad it goes into the layer's bias (``W (a z + b) = (W a) z + W b``).
+Where the shift goes (the ONNX cases 1 and 4; this backend has no producer-bias or Max case):
 
-A BN is propagated only when every channel's scale can move; otherwise the whole BN is kept and the
-verdict's detail says how many channels blocked it (the ONNX wording). Only plain
-``nn.BatchNorm{1,2,3}d`` modules called once are tried (no hooks; a BatchNorm1d needs its input's rank
-recorded by ``example_inputs``). Chain modules with hooks, in-place reads of the BN's input and
-shared tensors refuse. All values are computed in float64 and cast once to the layer's dtype; a
-result that is not finite refuses the BN. The layer gets a new module (same type, new tensors); the
+1. No scale-only node and no layer that pads: into the layers' biases (``W (a z + b) = (W a) z + W b``).
+2. Otherwise ONE per-channel add of ``b / a`` (a registered buffer) before the first node that stops
+   it, ``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``.
+
+*Blocked channels* (a negative scale where a ReLU / LeakyReLU / MaxPool follows, a zero scale with a
+non-zero shift where the shift must stop) keep their affine: one per-channel multiply (``a`` for blocked
+channels, 1 for the others) and one add (``b`` for blocked channels; ``b/a`` for the others when their
+shift stops, else 0) go before the first node that blocks or stops, where only full nodes precede them;
+the scale of the movable channels goes on alone. When every channel is blocked the BN is kept and its
+verdict's detail says how many channels blocked it; otherwise the verdict is ``propagated`` and its
+detail says how many kept their affine (the ONNX wording). Only plain ``nn.BatchNorm{1,2,3}d`` modules
+called once are tried (no hooks; a BatchNorm1d needs its input's rank recorded by ``example_inputs``).
+Chain modules with hooks, in-place reads of the BN's input and tensors shared with anything but layers
+refuse. All values are computed in float64 and cast once to the layer's dtype; a
+result that is not finite refuses the BN. Each layer gets a new module (same type, new tensors); the
 model's other tensors are not touched.
 """
 
