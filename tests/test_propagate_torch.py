@@ -224,6 +224,30 @@ def test_mixed_signs_after_a_flatten_keep_a_per_feature_affine(dtype: torch.dtyp
     assert counts(out) == (0, 1, 1)
 
 
+class FunctionalPoolHead(nn.Module):
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(C)
+        self.fc = nn.Linear(C * 4, 3)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.relu(self.bn(torch.relu(x)))
+        p = F.adaptive_avg_pool2d(t, 2) if self.pool == "avg" else F.adaptive_max_pool2d(t, (2, 2))
+        return self.fc(torch.flatten(p, 1))
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("sign", ["positive", "mixed"])
+def test_functional_adaptive_pools_carry_the_scale(pool: str, sign: str) -> None:
+    out, report = fold_and_check(set_stats(FunctionalPoolHead(pool), sign))
+    v = assert_propagated(report, "fc")
+    assert v.detail.startswith(
+        f"scale into the input channels of Linear 'fc' through relu, adaptive_{pool}_pool2d, flatten; "
+    )
+    assert bn_count(out) == 0 and counts(out)[1] == (sign == "mixed")
+
+
 def test_mixed_signs_and_zero_scales_before_a_flatten_and_linear() -> None:
     """Blocked channels of both kinds; the shift stops at the ReLU after a flatten (a per-feature add)."""
     m = set_stats(Chain([nn.MaxPool2d(2), nn.Flatten(), nn.ReLU()], nn.Linear(C * 16, 5)), "mixed")
@@ -505,7 +529,7 @@ def network(name: str, sign: str) -> tuple[nn.Module, torch.Tensor]:
     return net, net.example()
 
 
-@pytest.mark.parametrize("name", ["preact", "dense", "crepe"])
+@pytest.mark.parametrize("name", ["preact", "dense", "crepe", "preact_resnet"])
 def test_networks_lose_every_bn_for_positive_scales(name: str) -> None:
     net, x = network(name, "positive")
     out, report = fold_and_check(net, x)
@@ -611,7 +635,7 @@ def _module_name(onnx_name: str) -> str:
 
 
 @pytest.mark.parametrize("sign", ["positive", "mixed"])
-@pytest.mark.parametrize("name", ["preact", "dense", "crepe", "preact_net"])
+@pytest.mark.parametrize("name", ["preact", "dense", "crepe", "preact_net", "preact_resnet"])
 def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
     onnx = pytest.importorskip("onnx")
     from bnfold.onnx import fold_model

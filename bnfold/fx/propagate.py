@@ -7,7 +7,7 @@ float64). This pass follows ``y`` forward through nodes that each read the previ
 
 * *full* nodes commute with the whole affine: ``nn.MaxPool{1,2,3}d`` / ``nn.AdaptiveMaxPool{1,2,3}d``
   (``a >= 0``; any padding and ceil mode: max pads with -inf), ``nn.AdaptiveAvgPool{1,2,3}d``,
-  ``nn.AvgPool{1,2,3}d`` whose divisor counts only real elements (``count_include_pad=False``, or no
+  their functional forms ``F.adaptive_{avg,max}_pool{1,2,3}d``, ``nn.AvgPool{1,2,3}d`` whose divisor counts only real elements (``count_include_pad=False``, or no
   padding and no ceil mode; no ``divisor_override``), ``nn.Flatten`` / ``torch.flatten`` /
   ``x.view(x.size(0), -1)`` from dim 1 (channel ``c`` becomes a block of features), ``nn.Identity``,
   ``nn.Dropout`` in eval mode (or with ``eval_semantics``);
@@ -101,6 +101,16 @@ _PADS: dict[type[nn.Module], int] = {
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _RELU_FUNCS = (torch.relu, F.relu, torch.relu_)
 _FLATTEN_FUNCS = (torch.flatten,)
+_ADAPTIVE_AVG_FUNCS: dict[Any, int] = {
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+}
+_ADAPTIVE_MAX_FUNCS: dict[Any, int] = {
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}
 _MAX_CHAIN = 32
 _PREFIX = "not propagated: "
 
@@ -254,6 +264,15 @@ def _classify(gm: fx.GraphModule, n: fx.Node, cur: fx.Node, spatial: int | None,
             return "positive_scale"
         if n.target is F.leaky_relu and _only_input(n, cur, {"negative_slope", "inplace"}):
             return "positive_scale"
+        pool = _ADAPTIVE_AVG_FUNCS.get(n.target) or _ADAPTIVE_MAX_FUNCS.get(n.target)
+        if pool is not None and _only_input(n, cur, {"output_size", "return_indices"}):
+            if spatial is None or pool != spatial:
+                raise _Refuse(f"{label} may not act on the BN's spatial axes")
+            if n.target in _ADAPTIVE_AVG_FUNCS:
+                return "full"
+            if _arg(n, 2, "return_indices", False):
+                raise _Refuse(f"{label} returns indices")
+            return "positive_full"
         if n.target in _FLATTEN_FUNCS and _only_input(n, cur, {"start_dim", "end_dim"}):
             if _arg(n, 1, "start_dim", 0) != 1 or _arg(n, 2, "end_dim", -1) != -1:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
