@@ -1,7 +1,9 @@
 """Benchmark scale propagation for nn.Module (bnfold.fx.propagate, issue 27): eager PyTorch latency.
 
-For the three networks of ``models/propagate.py`` (pre-activation ResNet blocks, a DenseNet-style block,
-a CREPE-style audio net; realistic BN statistics, every gamma positive, eval mode, ``torch.no_grad``),
+For the networks of ``models/propagate.py`` (pre-activation ResNet blocks, a DenseNet-style block, a
+CREPE-style audio net, a ResNet-v2 whose projection blocks fork one tensor into two convs; realistic BN
+statistics, every gamma positive, plus two nets with mixed-sign gammas, where half the channels keep
+a per-channel multiply; eval mode, ``torch.no_grad``),
 four models are timed in eager PyTorch (CPU), interleaved, medians of ``--repeats`` rounds:
 
 * **original**: the network as built;
@@ -52,7 +54,7 @@ def strip_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor]:
+def build(name: str, quick: bool, sign: str = "positive") -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     if name == "preact":
@@ -61,11 +63,14 @@ def build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor]:
     elif name == "dense":
         net = nets.DenseBlock(c=32, growth=16 if quick else 32, layers=4 if quick else 6)
         x = torch.randn(1, 3, 28 if quick else 56, 28 if quick else 56, generator=g)
+    elif name == "preact_resnet":
+        net = nets.PreActResNet(c=16 if quick else 32)
+        x = torch.randn(1, 3, 32 if quick else 56, 32 if quick else 56, generator=g)
     else:
         length = 512 if quick else 1024
         net = nets.Crepe(widths=(128, 32, 32, 32) if quick else (256, 32, 32, 32, 64, 128), length=length)
         x = torch.randn(1, 1, length, 1, generator=g)
-    return nets.set_bn(net, sign="positive"), x
+    return nets.set_bn(net, sign=sign), x
 
 
 def counts(m: nn.Module) -> str:
@@ -85,8 +90,10 @@ def main() -> None:
     print(env_summary())
     rows: list[list[Any]] = []
     results: dict[str, Any] = {}
-    for name in ("preact", "dense", "crepe"):
-        net, x = build(name, args.quick)
+    cases = [(n, "positive") for n in ("preact", "dense", "crepe", "preact_resnet")]
+    for case in [*cases, ("preact", "mixed"), ("crepe", "mixed")]:
+        name = case[0] if case[1] == "positive" else f"{case[0]} ({case[1]} signs)"
+        net, x = build(case[0], args.quick, case[1])
         floor = strip_bn(copy.deepcopy(net)).eval()  # the same weights, BNs deleted
         off = bnfold.fold(net, propagate=False)
         on, rep = bnfold.fold_with_report(net)

@@ -161,24 +161,105 @@ def test_relu_positive_scale_moves_into_the_conv_and_one_add_stays(
     assert counts(out) == (0, 0, 1) and report.bn_after == 0
 
 
-@pytest.mark.parametrize(
-    "sign,why",
-    [
-        ("negative", "6 of 6 channels have a negative scale before ReLU 'ops.0'"),
-        ("mixed", "3 of 6 channels have a negative scale before ReLU 'ops.0'"),
-        ("zero", "2 of 6 channels have a zero scale and a non-zero shift before ReLU 'ops.0'"),
-    ],
-)
-def test_relu_channels_that_cannot_move_keep_the_whole_bn(sign: str, why: str) -> None:
-    m = set_stats(Chain([nn.ReLU()], conv(pads=1)), sign)
+def test_relu_with_every_channel_blocked_keeps_the_whole_bn() -> None:
+    m = set_stats(Chain([nn.ReLU()], conv(pads=1)), "negative")
     out, report = fold_and_check(m)
     v = verdict(report)
+    why = "6 of 6 channels have a negative scale before ReLU 'ops.0'"
     assert (
         isinstance(v, Skip)
         and v.reason is SkipReason.NO_PRODUCER
         and v.detail.endswith("; not propagated: " + why)
     )
     assert counts(out) == (1, 0, 0) and type(out) is Chain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "sign,kept",
+    [
+        ("mixed", "3 of 6 channels keep their affine (3 with a negative scale before ReLU 'ops.0')"),
+        (
+            "zero",
+            "2 of 6 channels keep their affine (2 with a zero scale and a non-zero shift before ReLU 'ops.0')",
+        ),
+    ],
+)
+def test_relu_blocked_channels_keep_one_multiply_the_others_move(
+    sign: str, kept: str, dtype: torch.dtype
+) -> None:
+    """Channels whose scale cannot pass the ReLU keep ``a*x + b`` (a Mul and an Add before it); the
+    others' scale goes into the conv, their shift into that Add."""
+    m = set_stats(Chain([nn.ReLU()], conv(pads=1)), sign)
+    out, report = fold_and_check(m, dtype=dtype)
+    v = assert_propagated(report)
+    assert v.detail == (
+        "scale into the input channels of Conv2d 'layer' through ReLU; shift in that Add before ReLU 'ops.0'; "
+        f"{kept}: one Mul and one Add before ReLU 'ops.0'"
+    )
+    assert counts(out) == (0, 1, 1) and report.bn_after == 0
+
+
+def test_mixed_signs_before_maxpool_keep_their_affine_there_the_shift_goes_into_the_bias() -> None:
+    m = set_stats(Chain([nn.AdaptiveAvgPool2d(6), nn.MaxPool2d(2)], conv()), "mixed")
+    out, report = fold_and_check(m)
+    v = assert_propagated(report)
+    assert v.detail.endswith(
+        "shift into the bias of Conv2d 'layer'; 3 of 6 channels keep their affine "
+        "(3 with a negative scale before MaxPool2d 'ops.1'): one Mul and one Add before MaxPool2d 'ops.1'"
+    )
+    assert counts(out) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_signs_after_a_flatten_keep_a_per_feature_affine(dtype: torch.dtype) -> None:
+    """The Mul and Add go after the flatten (before the ReLU): one value per feature, channel-major."""
+    m = set_stats(Chain([nn.AvgPool2d(2), nn.Flatten(), nn.LeakyReLU(0.2)], nn.Linear(C * 16, 5)), "mixed")
+    out, report = fold_and_check(m, dtype=dtype)
+    v = assert_propagated(report)
+    assert (
+        v.detail.endswith("one Mul and one Add before LeakyReLU 'ops.2'")
+        and "shift in that Add before LeakyReLU 'ops.2'" in v.detail
+    )
+    assert counts(out) == (0, 1, 1)
+
+
+class FunctionalPoolHead(nn.Module):
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(C)
+        self.fc = nn.Linear(C * 4, 3)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.relu(self.bn(torch.relu(x)))
+        p = F.adaptive_avg_pool2d(t, 2) if self.pool == "avg" else F.adaptive_max_pool2d(t, (2, 2))
+        return self.fc(torch.flatten(p, 1))
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("sign", ["positive", "mixed"])
+def test_functional_adaptive_pools_carry_the_scale(pool: str, sign: str) -> None:
+    out, report = fold_and_check(set_stats(FunctionalPoolHead(pool), sign))
+    v = assert_propagated(report, "fc")
+    assert v.detail.startswith(
+        f"scale into the input channels of Linear 'fc' through relu, adaptive_{pool}_pool2d, flatten; "
+    )
+    assert bn_count(out) == 0 and counts(out)[1] == (sign == "mixed")
+
+
+def test_mixed_signs_and_zero_scales_before_a_flatten_and_linear() -> None:
+    """Blocked channels of both kinds; the shift stops at the ReLU after a flatten (a per-feature add)."""
+    m = set_stats(Chain([nn.MaxPool2d(2), nn.Flatten(), nn.ReLU()], nn.Linear(C * 16, 5)), "mixed")
+    with torch.no_grad():
+        m.bn.weight[1] = 0.0
+    out, report = fold_and_check(m)
+    v = assert_propagated(report)
+    assert (
+        "4 of 6 channels keep their affine (3 with a negative scale before MaxPool2d 'ops.0', 1 with a zero"
+        in v.detail
+    )
+    fold_and_check(m, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -196,7 +277,7 @@ def test_maxpool_carries_scale_and_shift_into_an_unpadded_conv(
 
 
 def test_maxpool_negative_scale_keeps_the_bn() -> None:
-    out, report = fold_and_check(set_stats(Chain([nn.MaxPool2d(2)], conv()), "mixed"))
+    out, report = fold_and_check(set_stats(Chain([nn.MaxPool2d(2)], conv()), "negative"))
     v = verdict(report)
     assert isinstance(v, Skip) and "negative scale before MaxPool2d" in v.detail
     assert counts(out) == (1, 0, 0)
@@ -217,10 +298,30 @@ def test_bn_into_a_zero_padded_conv_is_propagated(sign: str, dtype: torch.dtype)
     assert counts(out) == (0, 0, 1)
 
 
-def test_zero_padded_conv_with_zero_scale_and_shift_keeps_the_bn() -> None:
-    out, report = fold_and_check(set_stats(Chain([], conv(pads=1)), "zero"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_padded_conv_with_some_zero_scales_keeps_their_affine(dtype: torch.dtype) -> None:
+    out, report = fold_and_check(set_stats(Chain([], conv(pads=1)), "zero"), dtype=dtype)
+    v = assert_propagated(report)
+    assert v.detail == (
+        "scale into the input channels of Conv2d 'layer' through nothing; shift in that Add before Conv2d "
+        "'layer' (it pads with zeros); 2 of 6 channels keep their affine (2 with a zero scale and a non-zero "
+        "shift before Conv2d 'layer' (it pads with zeros)): one Mul and one Add before Conv2d 'layer' (it pads "
+        "with zeros)"
+    )
+    assert counts(out) == (0, 1, 1)
+
+
+def test_zero_padded_conv_with_every_scale_zero_keeps_the_bn() -> None:
+    m = set_stats(Chain([], conv(pads=1)))
+    with torch.no_grad():
+        m.bn.weight.zero_()
+    out, report = fold_and_check(m)
     v = verdict(report)
-    assert isinstance(v, Skip) and v.reason is SkipReason.PADDING and "zero scale" in v.detail
+    assert isinstance(v, Skip) and v.reason is SkipReason.PADDING
+    assert v.detail.endswith(
+        "; not propagated: 6 of 6 channels have a zero scale and a non-zero shift before Conv2d 'layer' "
+        "(it pads with zeros)"
+    )
     assert counts(out) == (1, 0, 0)
 
 
@@ -428,7 +529,7 @@ def network(name: str, sign: str) -> tuple[nn.Module, torch.Tensor]:
     return net, net.example()
 
 
-@pytest.mark.parametrize("name", ["preact", "dense", "crepe"])
+@pytest.mark.parametrize("name", ["preact", "dense", "crepe", "preact_resnet"])
 def test_networks_lose_every_bn_for_positive_scales(name: str) -> None:
     net, x = network(name, "positive")
     out, report = fold_and_check(net, x)
@@ -437,10 +538,75 @@ def test_networks_lose_every_bn_for_positive_scales(name: str) -> None:
     assert counts(out)[1] == 0
 
 
-def test_preact_net_keeps_only_the_bn_read_by_two_layers() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_preact_net_bn_read_by_two_layers_scales_both(dtype: torch.dtype) -> None:
+    """block2.bn1 -> ReLU -> {shortcut 1x1 (no padding), conv1 3x3 (padded)}: both take the scale; the
+    shift stops before them (the 3x3 pads) as one Add."""
     net, x = network("preact_net", "positive")
-    out, report = fold_and_check(net, x, dtype=torch.float64)
-    assert [v.bn for v in report.skips] == ["block2.bn1"] and bn_count(out) == 1
+    out, report = fold_and_check(net, x, dtype=dtype)
+    assert report.skips == [] and bn_count(out) == 0
+    v = assert_propagated(report, "block2.shortcut", "block2.bn1")
+    assert v.detail == (
+        "scale into the input channels of Conv2d 'block2.shortcut', Conv2d 'block2.conv1' through ReLU; "
+        "shift as one Add before ReLU 'block2.relu'"
+    )
+
+
+class Fork(nn.Module):
+    """producer -> BN [-> ReLU] -> {conv a, conv b[, linear after a pool]}: the tensor forks into layers."""
+
+    def __init__(self, relu: bool, pads: int, bias: bool):
+        super().__init__()
+        self.pre = nn.ReLU()
+        self.bn = nn.BatchNorm2d(C, eps=1e-3)
+        self.act = nn.ReLU() if relu else nn.Identity()
+        self.a = nn.Conv2d(C, 4, 1, bias=bias)
+        self.b = nn.Conv2d(C, 5, 3, padding=pads, bias=bias)
+        self.c = nn.Conv2d(C, C, 3, groups=C)
+        self.pads = pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.act(self.bn(self.pre(x)))
+        u = self.a(t)[:, :, 1:-1, 1:-1].sum(1, keepdim=True)
+        y = self.b(t).mean(1, keepdim=True)
+        return u + (y[..., 1:-1, 1:-1] if self.pads else y) + self.c(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "relu,pads,sign,shift",
+    [
+        (False, 0, "positive", "shift into the bias of Conv2d 'a', Conv2d 'b', Conv2d 'c'"),
+        (False, 1, "mixed", "shift as one Add before Conv2d 'a', Conv2d 'b', Conv2d 'c'"),
+        (True, 0, "positive", "shift as one Add before ReLU 'act'"),
+        (True, 0, "mixed", "shift in that Add before ReLU 'act'; 3 of 6 channels keep"),
+    ],
+)
+def test_fork_into_several_layers_scales_every_reader(
+    relu: bool, pads: int, sign: str, shift: str, dtype: torch.dtype
+) -> None:
+    m = set_stats(Fork(relu, pads, bias=pads == 0), sign)
+    x = x_for(shape=(2, C, 6, 6))
+    out, report = fold_and_check(m, x, dtype=dtype)
+    v = assert_propagated(report, "a")
+    assert "scale into the input channels of Conv2d 'a', Conv2d 'b', Conv2d 'c' through " in v.detail
+    assert shift in v.detail
+    assert bn_count(out) == 0
+
+
+def test_fork_into_a_layer_and_another_op_keeps_the_bn() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(C)
+            self.conv = nn.Conv2d(C, C, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = torch.relu(self.bn(torch.relu(x)))
+            return self.conv(t) * t
+
+    out, report = fold_and_check(set_stats(M()))
+    assert isinstance(verdict(report), Skip) and bn_count(out) == 1
 
 
 def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
@@ -449,8 +615,9 @@ def test_crepe_ceil_mode_float64_and_mixed_signs() -> None:
     assert bn_count(out) == 0
     mixed = nets.set_bn(nets.Crepe(), sign="mixed")
     out, report = fold_and_check(mixed, mixed.example())
-    assert bn_count(out) == 4
-    assert all("negative scale before MaxPool2d" in v.detail for v in report.skips)
+    assert bn_count(out) == 0 and report.skips == []
+    kept = [v.detail for v in report.verdicts if "keep their affine" in v.detail]
+    assert len(kept) == 4 and all("with a negative scale before MaxPool2d" in d for d in kept)
 
 
 # ---- parity with the ONNX backend -------------------------------------------------------------------
@@ -468,7 +635,7 @@ def _module_name(onnx_name: str) -> str:
 
 
 @pytest.mark.parametrize("sign", ["positive", "mixed"])
-@pytest.mark.parametrize("name", ["preact", "dense", "crepe", "preact_net"])
+@pytest.mark.parametrize("name", ["preact", "dense", "crepe", "preact_net", "preact_resnet"])
 def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
     onnx = pytest.importorskip("onnx")
     from bnfold.onnx import fold_model
@@ -483,12 +650,7 @@ def test_same_bns_propagated_as_through_onnx(name: str, sign: str) -> None:
     via_onnx = {_module_name(v.bn): v.to_dict()["status"] for v in rep_onnx.verdicts}
     via_torch = {v.bn: v.to_dict()["status"] for v in rep_torch.verdicts}
     assert via_torch.keys() == via_onnx.keys()
-    # The ONNX pass also splits mixed-sign BNs per channel and follows a tensor that forks into several
-    # layers; PyTorch does neither yet: a BN PyTorch leaves may be propagated by ONNX, never the reverse.
-    for bn, status in via_torch.items():
-        if status == "left" and via_onnx[bn] == "propagated":
-            continue
-        assert status == via_onnx[bn], bn
+    assert via_torch == via_onnx
 
 
 def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() -> None:
@@ -505,7 +667,7 @@ def test_eval_semantics_with_recorded_shapes_leaves_the_kept_bns_statistics() ->
         nn.Linear(C, 3),
     )
     set_stats(m)
-    set_stats(m[5], "mixed", seed=9)
+    set_stats(m[5], "negative", seed=9)
     x = x_for(torch.float32, (5, C))
     ref = outputs(copy.deepcopy(m).eval(), x)[0]
     m.train()
@@ -524,3 +686,105 @@ def test_result_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
     torch.save(out, path)
     back = torch.load(path, weights_only=False)
     assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
+
+
+class RepVGGBlock(nn.Module):
+    """conv3x3+BN + conv1x1+BN + BN identity, summed then ReLU: branch merging returns a GraphModule. This
+    module's annotations are strings (``from __future__ import annotations``), as in most model code."""
+
+    def __init__(self, c: int = C) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.bn_id = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_id(x))
+
+
+def test_merged_graph_module_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
+    net = set_stats(RepVGGBlock())
+    out, report = bnfold.fold_with_report(net)
+    assert isinstance(out, fx.GraphModule) and any(m.merged for m in report.merges)
+    path = tmp_path / "m.pt"
+    torch.save(out, path)
+    back = torch.load(path, weights_only=False)
+    x = x_for(torch.float32)
+    assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
+    assert torch.allclose(outputs(back, x)[0], outputs(net, x)[0], atol=1e-5)
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each call followed by its own BN: folded per call site on a clone, which
+    needs a GraphModule (graph mode); string annotations as in :class:`RepVGGBlock`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+        self.bn_a = nn.BatchNorm2d(C)
+        self.bn_b = nn.BatchNorm2d(C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_a(self.conv(x)) * self.bn_b(self.conv(x + 1))
+
+
+def test_graph_mode_result_saves_and_loads_with_torch_save(tmp_path: Any) -> None:
+    net = set_stats(SharedConv())
+    out, report = bnfold.fold_with_report(net)
+    assert isinstance(out, fx.GraphModule) and report.bn_after == 0
+    path = tmp_path / "m.pt"
+    torch.save(out, path)
+    back = torch.load(path, weights_only=False)
+    x = x_for(torch.float32)
+    assert torch.equal(outputs(back, x)[0], outputs(out, x)[0])
+    assert torch.allclose(outputs(back, x)[0], outputs(net, x)[0], atol=1e-5)
+
+
+_REPVGG_SOURCE = """from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn_id = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_id(x))
+
+
+def make() -> Block:
+    return Block()
+"""
+
+
+def test_cli_writes_a_merged_graph_module_that_loads(tmp_path: Any) -> None:
+    """``bnfold fold ckpt.pt -m file.py:make out.pt`` on a state_dict of a model whose module has string
+    annotations: the merged GraphModule is written with torch.save and loads back."""
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    src_py = tmp_path / "repvgg_strs.py"
+    src_py.write_text(_REPVGG_SOURCE)
+    ns: dict[str, Any] = {}
+    exec(compile(_REPVGG_SOURCE, str(src_py), "exec"), ns)
+    net = set_stats(ns["make"]())
+    ckpt, dst = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    torch.save(net.state_dict(), ckpt)
+    before = ckpt.read_bytes()
+    res = CliRunner().invoke(app, ["fold", str(ckpt), "-m", f"{src_py}:make", str(dst), "-s", "x=1x4x8x8"])
+    assert res.exit_code == 0, res.output
+    assert ckpt.read_bytes() == before
+    back = torch.load(dst, weights_only=False)
+    assert isinstance(back, fx.GraphModule) and bn_count(back) == 0
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(outputs(back, x)[0], outputs(net, x)[0], atol=1e-5)

@@ -1071,9 +1071,6 @@ def merge_graph_module(
             )
         )
     if res.applied:
-        for n in graph.nodes:
-            if isinstance(n.type, str):  # a string annotation (``from __future__ import annotations``) makes
-                n.type = None  # the generated code unpicklable: torch.save of the result would fail
         graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()

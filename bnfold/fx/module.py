@@ -97,7 +97,14 @@ def _count(module: nn.Module) -> tuple[int, int]:
 
 
 def _trace(root: nn.Module) -> fx.Graph:
-    return Tracer().trace(root)
+    """The fx graph of ``root``, without string annotations: a postponed annotation
+    (``from __future__ import annotations``) on ``forward`` would make every GraphModule built from it
+    (graph-mode folds, merged branches, propagated BNs) fail ``torch.save``."""
+    g = Tracer().trace(root)
+    for n in g.nodes:
+        if isinstance(n.type, str):
+            n.type = None
+    return g
 
 
 def _shape_prop(root: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> None:

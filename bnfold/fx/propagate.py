@@ -7,7 +7,7 @@ float64). This pass follows ``y`` forward through nodes that each read the previ
 
 * *full* nodes commute with the whole affine: ``nn.MaxPool{1,2,3}d`` / ``nn.AdaptiveMaxPool{1,2,3}d``
   (``a >= 0``; any padding and ceil mode: max pads with -inf), ``nn.AdaptiveAvgPool{1,2,3}d``,
-  ``nn.AvgPool{1,2,3}d`` whose divisor counts only real elements (``count_include_pad=False``, or no
+  their functional forms ``F.adaptive_{avg,max}_pool{1,2,3}d``, ``nn.AvgPool{1,2,3}d`` whose divisor counts only real elements (``count_include_pad=False``, or no
   padding and no ceil mode; no ``divisor_override``), ``nn.Flatten`` / ``torch.flatten`` /
   ``x.view(x.size(0), -1)`` from dim 1 (channel ``c`` becomes a block of features), ``nn.Identity``,
   ``nn.Dropout`` in eval mode (or with ``eval_semantics``);
@@ -18,19 +18,27 @@ float64). This pass follows ``y`` forward through nodes that each read the previ
   train mode;
 * the walk ends at a plain ``nn.Conv{1,2,3}d`` (its rank that of the BN; any padding, group-aware) or
   ``nn.Linear`` (after a flatten, or on a tensor proven 2-D) reading the tensor: the scale multiplies
-  the layer's input channels.
+  the layer's input channels. The last tensor may fork into several such layers (a pre-activation
+  block's projection shortcut and first conv): each takes the scale, and the shift goes into every
+  bias, or stops before them all.
 
-The shift crosses full nodes unchanged. Where it cannot go further (before the first scale-only node,
-or before a Conv that pads) it becomes ONE per-channel add of ``b / a`` (a registered buffer) on the
-tensor at that point, ``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``; when it
-reaches a layer that does not pad it goes into the layer's bias (``W (a z + b) = (W a) z + W b``).
+Where the shift goes (the ONNX cases 1 and 4; this backend has no producer-bias or Max case):
 
-A BN is propagated only when every channel's scale can move; otherwise the whole BN is kept and the
-verdict's detail says how many channels blocked it (the ONNX wording). Only plain
-``nn.BatchNorm{1,2,3}d`` modules called once are tried (no hooks; a BatchNorm1d needs its input's rank
-recorded by ``example_inputs``). Chain modules with hooks, in-place reads of the BN's input and
-shared tensors refuse. All values are computed in float64 and cast once to the layer's dtype; a
-result that is not finite refuses the BN. The layer gets a new module (same type, new tensors); the
+1. No scale-only node and no layer that pads: into the layers' biases (``W (a z + b) = (W a) z + W b``).
+2. Otherwise ONE per-channel add of ``b / a`` (a registered buffer) before the first node that stops
+   it, ``a*z + b = a*(z + b/a)``, which needs ``a != 0`` wherever ``b != 0``.
+
+*Blocked channels* (a negative scale where a ReLU / LeakyReLU / MaxPool follows, a zero scale with a
+non-zero shift where the shift must stop) keep their affine: one per-channel multiply (``a`` for blocked
+channels, 1 for the others) and one add (``b`` for blocked channels; ``b/a`` for the others when their
+shift stops, else 0) go before the first node that blocks or stops, where only full nodes precede them;
+the scale of the movable channels goes on alone. When every channel is blocked the BN is kept and its
+verdict's detail says how many channels blocked it; otherwise the verdict is ``propagated`` and its
+detail says how many kept their affine (the ONNX wording). Only plain ``nn.BatchNorm{1,2,3}d`` modules
+called once are tried (no hooks; a BatchNorm1d needs its input's rank recorded by ``example_inputs``).
+Chain modules with hooks, in-place reads of the BN's input and tensors shared with anything but layers
+refuse. All values are computed in float64 and cast once to the layer's dtype; a
+result that is not finite refuses the BN. Each layer gets a new module (same type, new tensors); the
 model's other tensors are not touched.
 """
 
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +101,16 @@ _PADS: dict[type[nn.Module], int] = {
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _RELU_FUNCS = (torch.relu, F.relu, torch.relu_)
 _FLATTEN_FUNCS = (torch.flatten,)
+_ADAPTIVE_AVG_FUNCS: dict[Any, int] = {
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+}
+_ADAPTIVE_MAX_FUNCS: dict[Any, int] = {
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}
 _MAX_CHAIN = 32
 _PREFIX = "not propagated: "
 
@@ -101,21 +120,36 @@ class _Refuse(Exception):
 
 
 @dataclass(slots=True)
+class _Fit:
+    """How layer ``node`` takes a per-channel scale of its input (``scale_w``: its new float64 weight) and
+    a per-channel shift (``bias_of``: the float64 term added to its bias, where ``takes_shift``)."""
+
+    node: fx.Node
+    where: str
+    kind: str
+    label: str
+    rep: int
+    takes_shift: bool
+    why: str
+    scale_w: Callable[[torch.Tensor], torch.Tensor]
+    bias_of: Callable[[torch.Tensor], torch.Tensor]
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
 class _Plan:
     bn: fx.Node
     x: fx.Node
     chain: list[fx.Node]
-    layer: fx.Node
-    a: torch.Tensor
-    b: torch.Tensor
-    labels: list[str] = field(default_factory=list)
+    fits: list[_Fit] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
-    shift_at: int | None = None
-    flat_at: int | None = None
-    shift: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    layer_kind: str = ""
+    inserts: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+    """(position in ``chain``, or ``len(chain)`` for the layers; ``mul`` or ``add``; constant): nodes put
+    on the tensor read at that position (by every layer, for the last one)."""
+    shift: str = "no shift"
+    kept: str = ""
+    dtype: torch.dtype = torch.float32
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -230,6 +264,15 @@ def _classify(gm: fx.GraphModule, n: fx.Node, cur: fx.Node, spatial: int | None,
             return "positive_scale"
         if n.target is F.leaky_relu and _only_input(n, cur, {"negative_slope", "inplace"}):
             return "positive_scale"
+        pool = _ADAPTIVE_AVG_FUNCS.get(n.target) or _ADAPTIVE_MAX_FUNCS.get(n.target)
+        if pool is not None and _only_input(n, cur, {"output_size", "return_indices"}):
+            if spatial is None or pool != spatial:
+                raise _Refuse(f"{label} may not act on the BN's spatial axes")
+            if n.target in _ADAPTIVE_AVG_FUNCS:
+                return "full"
+            if _arg(n, 2, "return_indices", False):
+                raise _Refuse(f"{label} returns indices")
+            return "positive_full"
         if n.target in _FLATTEN_FUNCS and _only_input(n, cur, {"start_dim", "end_dim"}):
             if _arg(n, 1, "start_dim", 0) != 1 or _arg(n, 2, "end_dim", -1) != -1:
                 raise _Refuse(f"{label} does not flatten from the channel axis")
@@ -295,6 +338,77 @@ def _conv_pads(m: nn.Module) -> bool:
     return any(int(p) for p in _tuple(pad))
 
 
+def _fit(
+    gm: fx.GraphModule, node: fx.Node, C: int, spatial: int | None, proven: bool, flattened: bool, dtype: Any
+) -> _Fit:
+    """How the layer of ``node`` takes the BN's scale (per channel) and shift."""
+    layer = _module(gm, node)
+    assert layer is not None
+    label = _label(gm, node)
+    kind = layer_kind(layer) or type(layer).__name__
+    where = f"{kind} '{node.target}'"
+    w = layer.weight
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise _Refuse(f"the weight of {label} is not floating point")
+    if dtype != w.dtype:
+        raise _Refuse(f"the BN's dtype differs from the weight's of {label}")
+    old = layer.bias
+    if isinstance(old, torch.Tensor) and old.dtype != w.dtype:
+        raise _Refuse("the bias dtype differs from the weight's")
+    w64 = w.detach().cpu().double()
+    if type(layer) in _CONVS:
+        if flattened:
+            raise _Refuse(f"{label} after a flatten")
+        if spatial is None or _CONVS[type(layer)] != spatial:
+            raise _Refuse(f"{label} may not read the BN's channel axis")
+        g = int(layer.groups)  # type: ignore[arg-type]
+        M, Cg = w.shape[0], w.shape[1]
+        if Cg * g != C or M % g:
+            raise _Refuse(f"{label} does not read {C} channels")
+        wg = w64.reshape((g, M // g, Cg) + tuple(w.shape[2:]))
+        tail = (1,) * (w.ndim - 2)
+
+        def scale_w(v: torch.Tensor) -> torch.Tensor:
+            return (wg * v.reshape((g, 1, Cg) + tail)).reshape(w.shape)
+
+        def bias_of(v: torch.Tensor) -> torch.Tensor:
+            return scale_w(v).reshape(M, -1).sum(dim=1)
+
+        return _Fit(
+            node,
+            where,
+            kind,
+            label,
+            1,
+            not _conv_pads(layer),
+            f"{label} (it pads with zeros)",
+            scale_w,
+            bias_of,
+        )
+    # nn.Linear
+    if not proven:
+        raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
+    if not flattened and spatial != 0:
+        raise _Refuse(f"{label} may not read the BN's channel axis")
+    K = w.shape[1]
+    if K % C or (not flattened and K != C):
+        raise _Refuse(f"{label} does not read {C} channels")
+    rep = K // C
+
+    def scale_lin(v: torch.Tensor) -> torch.Tensor:
+        return w64 * v.repeat_interleave(rep)[None, :]
+
+    def bias_lin(v: torch.Tensor) -> torch.Tensor:
+        return w64 @ v.repeat_interleave(rep)
+
+    return _Fit(node, where, kind, label, rep, True, label, scale_lin, bias_lin)
+
+
+def _over(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``b / a``, 0 where ``a == 0`` (used only where ``b == 0`` there or the channel keeps its affine)."""
+    return torch.where(a == 0, torch.zeros_like(a), b / torch.where(a == 0, torch.ones_like(a), a))
+
+
 def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     bn = _module(gm, bn_node)
     if bn is None or type(bn) not in _BNS or _has_hooks(bn):
@@ -323,139 +437,150 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
         raise _Refuse("its scale or shift is not finite")
     C = a.numel()
     spatial, proven = _spatial(gm, bn, x)
-    plan = _Plan(bn=bn_node, x=x, chain=[], layer=bn_node, a=a, b=b)
-    shift_live = bool((b != 0).any())
-    flattened = False
-
-    def stop_shift(pos: int, before: str) -> None:
-        nonlocal shift_live
-        if not shift_live:
-            return
-        blocked = int(((a == 0) & (b != 0)).sum())
-        if blocked:
-            raise _Refuse(f"{blocked} of {C} channels have a zero scale and a non-zero shift before {before}")
-        plan.shift_at = pos
-        shift_live = False
-
-    def positive(what: str) -> None:
-        bad = int((a < 0).sum())
-        if bad:
-            raise _Refuse(f"{bad} of {C} channels have a negative scale before {what}")
+    plan = _Plan(bn=bn_node, x=x, chain=[], dtype=mean.dtype)
+    labels: list[str] = []
+    sign_pos: int | None = None
+    stops: list[int] = []
+    flat_at: int | None = None
+    layers: list[fx.Node] = []
 
     cur = bn_node
     for _ in range(_MAX_CHAIN):
         readers = _readers(cur)
-        if len(readers) != 1 or readers[0].op == "output":
+        if not readers or any(r.op == "output" for r in readers):
             raise _Refuse(f"'{cur.name}' is read by {len(readers)} readers (or is an output)")
+        flattened = flat_at is not None
+        if len(readers) > 1:  # a fork: every reader must be a layer reading the tensor alone
+            for r in readers:
+                try:
+                    kind = _classify(gm, r, cur, None if flattened else spatial, eval_semantics)
+                except _Refuse:
+                    kind = ""
+                if kind != "layer":
+                    raise _Refuse(f"'{cur.name}' is read by {len(readers)} readers, not all of them layers")
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            layers = sorted(readers, key=order.__getitem__)
+            break
         n = readers[0]
         kind = _classify(gm, n, cur, None if flattened else spatial, eval_semantics)
         label = _label(gm, n)
         if kind == "layer":
-            plan.layer = n
+            layers = [n]
             break
         if flattened and kind not in ("full", "positive_scale", "scale"):
             raise _Refuse(f"{label} after a flatten")
         pos = len(plan.chain)
-        if kind.startswith("positive"):
-            positive(label)
+        if kind.startswith("positive") and sign_pos is None:
+            sign_pos = pos
         if kind.endswith("scale"):
-            stop_shift(pos, label)
+            stops.append(pos)
         if kind == "flatten":
-            flattened = True
-            plan.flat_at = pos
+            flat_at = pos
         plan.chain.append(n)
-        plan.labels.append(label)
+        labels.append(label)
         plan.kinds.append(_kind(gm, n))
         cur = n
     else:
         raise _Refuse("the chain is too long")
+    flattened = flat_at is not None
 
-    # The BN's input must not be written in place before the first reader reads it instead of the BN.
-    first = (plan.chain + [plan.layer])[0]
+    # The BN's input must not be written in place before its last new reader reads it.
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(order[n] for n in (plan.chain[:1] or layers))
     for u in x.users:
-        if u is not bn_node and order[bn_node] < order[u] < order[first] and _inplace(gm, u):
+        if u is not bn_node and order[bn_node] < order[u] < last and _inplace(gm, u):
             raise _Refuse(f"'{x.name}' is written in place before the BN's reader runs")
 
-    layer_node = plan.layer
-    layer = _module(gm, layer_node)
-    assert layer is not None
-    label = _label(gm, layer_node)
-    plan.layer_kind = layer_kind(layer) or type(layer).__name__
-    w = layer.weight
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise _Refuse(f"the weight of {label} is not floating point")
-    if mean.dtype != w.dtype:
-        raise _Refuse(f"the BN's dtype differs from the weight's of {label}")
-    w64 = w.detach().cpu().double()
-    bias_add: torch.Tensor | None = None
-    pos = len(plan.chain)
-    rep = 1
-    if type(layer) in _CONVS:
-        if flattened:
-            raise _Refuse(f"{label} after a flatten")
-        if spatial is None or _CONVS[type(layer)] != spatial:
-            raise _Refuse(f"{label} may not read the BN's channel axis")
-        g = int(layer.groups)  # type: ignore[arg-type]
-        M, Cg = w.shape[0], w.shape[1]
-        if Cg * g != C or M % g:
-            raise _Refuse(f"{label} does not read {C} channels")
-        wg = w64.reshape((g, M // g, Cg) + tuple(w.shape[2:]))
-        ag = a.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))
-        plan.weight = (wg * ag).reshape(w.shape)
-        if shift_live and not _conv_pads(layer):
-            bg = b.reshape((g, 1, Cg) + (1,) * (w.ndim - 2))
-            bias_add = (wg * bg).reshape(M, -1).sum(dim=1)
-        elif shift_live:
-            stop_shift(pos, f"{label} (it pads with zeros)")
-    else:  # nn.Linear
-        if not proven:
-            raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
-        if not flattened and spatial != 0:
-            raise _Refuse(f"{label} may not read the BN's channel axis")
-        K = w.shape[1]
-        if K % C or (not flattened and K != C):
-            raise _Refuse(f"{label} does not read {C} channels")
-        rep = K // C
-        af, bf = a.repeat_interleave(rep), b.repeat_interleave(rep)
-        plan.weight = w64 * af[None, :]
-        if shift_live:
-            bias_add = w64 @ bf
-    dtype = w.dtype
-    if bias_add is not None:
-        old = layer.bias
-        if isinstance(old, torch.Tensor) and old.dtype != dtype:
-            raise _Refuse("the bias dtype differs from the weight's")
-        base = old.detach().cpu().double() if isinstance(old, torch.Tensor) else torch.zeros_like(bias_add)
-        plan.bias = base + bias_add
-    if plan.shift_at is not None:
-        s = torch.where(a == 0, torch.zeros_like(a), b / torch.where(a == 0, torch.ones_like(a), a))
-        if plan.flat_at is not None and plan.flat_at < plan.shift_at:
-            s = s.repeat_interleave(rep)
+    fits = [_fit(gm, n, C, spatial, proven, flattened, mean.dtype) for n in layers]
+    rep = fits[0].rep
+    if any(f.rep != rep for f in fits):
+        raise _Refuse("the layers reading the tensor differ in width")
+    plan.fits = fits
+    pos_layer = len(plan.chain)
+    if not all(f.takes_shift for f in fits):
+        stops.append(pos_layer)
+    why = next((f.why for f in fits if not f.takes_shift), fits[0].why)
+    stop_labels = labels + [why]
+    add_labels = labels + [", ".join(f.label for f in fits)]
+    where = ", ".join(f.where for f in fits)
+
+    def shaped(v: torch.Tensor, pos: int) -> torch.Tensor:
+        if flat_at is not None and flat_at < pos:
+            return v.repeat_interleave(rep)
+        if spatial is None:
+            raise _Refuse("the rank of the BN's input is not known")
+        return v.reshape((C,) + (1,) * spatial)
+
+    # ---- which channels keep their affine, and where the shift goes (the ONNX cases 1, 4) ----------
+    S = stops[0] if stops else None
+    none = torch.zeros(C, dtype=torch.bool)
+    neg = (a < 0) if sign_pos is not None else none
+    zero = ((a == 0) & (b != 0)) if S is not None else none
+    blocked = neg | zero
+    nb = int(blocked.sum())
+    if nb == C:
+        parts = []
+        if neg.any() and sign_pos is not None:
+            parts.append(f"{int(neg.sum())} of {C} channels have a negative scale before {labels[sign_pos]}")
+        if zero.any() and S is not None:
+            parts.append(
+                f"{int(zero.sum())} of {C} channels have a zero scale and a non-zero shift before {stop_labels[S]}"
+            )
+        raise _Refuse("; ".join(parts))
+    one = torch.ones_like(a)
+    am = torch.where(blocked, one, a)
+    to_bias: torch.Tensor | None = None
+    if nb:  # one multiply and one add before the first node that blocks (or where the shift stops)
+        q = min(p for p in (sign_pos if neg.any() else None, S) if p is not None)
+        m = torch.where(blocked, a, one)
+        if S is not None:
+            t = torch.where(blocked, b, _over(b, a))
+            plan.shift = f"shift in that Add before {stop_labels[q]}"
         else:
-            if spatial is None:
-                raise _Refuse("the rank of the BN's input is not known")
-            s = s.reshape((C,) + (1,) * spatial)
-        plan.shift = s
-    if plan.chain and plan.shift_at != 0 and _inplace(gm, first):
-        raise _Refuse(f"{plan.labels[0]} would write the BN's input in place")
-    for v in (plan.weight, plan.bias, plan.shift):
-        if v is not None and not torch.isfinite(v.to(dtype)).all():
+            t = torch.where(blocked, b, torch.zeros_like(b))
+            to_bias = torch.where(blocked, torch.zeros_like(b), b)
+            plan.shift = f"shift into the bias of {where}"
+        plan.inserts += [(q, "mul", shaped(m, q)), (q, "add", shaped(t, q))]
+        what = []
+        if neg.any() and sign_pos is not None:
+            what.append(f"{int(neg.sum())} with a negative scale before {labels[sign_pos]}")
+        if zero.any() and S is not None:
+            what.append(f"{int(zero.sum())} with a zero scale and a non-zero shift before {stop_labels[S]}")
+        plan.kept = (
+            f"{nb} of {C} channels keep their affine ({', '.join(what)}): "
+            f"one Mul and one Add before {stop_labels[q]}"
+        )
+    elif S is None:
+        if bool((b != 0).any()):
+            to_bias = b
+            plan.shift = f"shift into the bias of {where}"
+    elif bool((b != 0).any()):
+        plan.inserts.append((S, "add", shaped(_over(b, a), S)))
+        plan.shift = f"shift as one Add before {add_labels[S]}"
+    if plan.chain and not any(pos == 0 for pos, _, _ in plan.inserts) and _inplace(gm, plan.chain[0]):
+        raise _Refuse(f"{labels[0]} would write the BN's input in place")
+
+    dtype = plan.dtype
+    values: list[torch.Tensor] = [v for _, _, v in plan.inserts]
+    for f in fits:
+        f.weight = f.scale_w(am)
+        if to_bias is not None and bool((to_bias != 0).any()):
+            layer = _module(gm, f.node)
+            old = getattr(layer, "bias", None)
+            base = old.detach().cpu().double() if isinstance(old, torch.Tensor) else 0.0
+            f.bias = base + f.bias_of(to_bias)
+        values += [v for v in (f.weight, f.bias) if v is not None]
+    for v in values:
+        if not torch.isfinite(v.to(dtype)).all():
             raise _Refuse(f"a propagated value would not be finite in {dtype}")
     return plan
 
 
-def _describe(p: _Plan, layer_label: str) -> str:
+def _describe(p: _Plan) -> str:
     through = ", ".join(p.kinds) or "nothing"
-    where = f"{p.layer_kind} '{p.layer.target}'"
-    if p.bias is not None:
-        shift = f"shift into the bias of {where}"
-    elif p.shift is not None:
-        at = (p.labels + [layer_label])[p.shift_at or 0]
-        shift = f"shift as one Add before {at}"
-    else:
-        shift = "no shift"
-    return f"scale into the input channels of {where} through {through}; {shift}"
+    where = ", ".join(f.where for f in p.fits)
+    out = f"scale into the input channels of {where} through {through}; {p.shift}"
+    return f"{out}; {p.kept}" if p.kept else out
 
 
 def _fresh(gm: fx.GraphModule, base: str) -> str:
@@ -468,10 +593,9 @@ def _fresh(gm: fx.GraphModule, base: str) -> str:
     return cand
 
 
-def _apply(gm: fx.GraphModule, p: _Plan) -> None:
-    graph = gm.graph
-    layer = _module(gm, p.layer)
-    assert layer is not None and p.weight is not None
+def _apply_layer(gm: fx.GraphModule, f: _Fit) -> None:
+    layer = _module(gm, f.node)
+    assert layer is not None and f.weight is not None
     w = layer.weight
     assert isinstance(w, torch.Tensor)
     dtype, device = w.dtype, w.device
@@ -479,11 +603,12 @@ def _apply(gm: fx.GraphModule, p: _Plan) -> None:
     new._parameters = dict(layer._parameters)
     new._buffers = dict(layer._buffers)
     new._modules = dict(layer._modules)
-    new.weight = nn.Parameter(p.weight.to(dtype).to(device), requires_grad=w.requires_grad)
-    if p.bias is not None:
+    new.weight = nn.Parameter(f.weight.to(dtype).to(device), requires_grad=w.requires_grad)
+    if f.bias is not None:
         rg = layer.bias.requires_grad if isinstance(layer.bias, torch.Tensor) else w.requires_grad
-        new.bias = nn.Parameter(p.bias.to(dtype).to(device), requires_grad=rg)
-    target = str(p.layer.target)
+        new.bias = nn.Parameter(f.bias.to(dtype).to(device), requires_grad=rg)
+    graph = gm.graph
+    target = str(f.node.target)
     calls = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
     read = any(
         n.op == "get_attr" and (str(n.target) == target or str(n.target).startswith(target + "."))
@@ -495,17 +620,29 @@ def _apply(gm: fx.GraphModule, p: _Plan) -> None:
     else:
         name = _fresh(gm, f"{target}_propagated")
         gm.add_submodule(name, new)
-        p.layer.target = name
+        f.node.target = name
+
+
+def _apply(gm: fx.GraphModule, p: _Plan) -> None:
+    graph = gm.graph
+    for f in p.fits:
+        _apply_layer(gm, f)
+    layer = _module(gm, p.fits[0].node)
+    assert layer is not None and isinstance(layer.weight, torch.Tensor)
+    device = layer.weight.device
     p.bn.replace_all_uses_with(p.x)
     graph.erase_node(p.bn)
-    if p.shift is not None and p.shift_at is not None:
-        before = (p.chain + [p.layer])[p.shift_at]
-        name = _fresh(gm, f"{p.bn.target}_shift")
-        gm.register_buffer(name, p.shift.to(dtype).to(device))
-        with graph.inserting_before(before):
-            s = graph.get_attr(name)
-            add = graph.call_function(operator.add, (before.args[0], s))
-        before.update_arg(0, add)
+    layers = [f.node for f in p.fits]
+    for pos, op, value in p.inserts:
+        readers = [p.chain[pos]] if pos < len(p.chain) else layers
+        first = next(n for n in graph.nodes if n in readers)
+        name = _fresh(gm, f"{p.bn.target}_{'scale' if op == 'mul' else 'shift'}")
+        gm.register_buffer(name, value.to(p.dtype).to(device))
+        with graph.inserting_before(first):
+            c = graph.get_attr(name)
+            new = graph.call_function(operator.mul if op == "mul" else operator.add, (first.args[0], c))
+        for r in readers:
+            r.update_arg(0, new)
 
 
 def propagate_graph_module(
@@ -530,16 +667,12 @@ def propagate_graph_module(
             if "channels" in str(e):
                 out[i] = Skip(prev.bn, prev.reason, f"{prev.detail}; {_PREFIX}{e}")
             continue
-        layer_label = _label(gm, plan.layer)
-        detail = _describe(plan, layer_label)
-        target = str(plan.layer.target)
+        detail = _describe(plan)
+        target, kind = str(plan.fits[0].node.target), plan.fits[0].kind
         _apply(gm, plan)
-        out[i] = Site(prev.bn, target, plan.layer_kind, Direction.PROPAGATED, detail, "scale-propagation")
+        out[i] = Site(prev.bn, target, kind, Direction.PROPAGATED, detail, "scale-propagation")
         done += 1
     if done:
-        for n in gm.graph.nodes:  # a postponed annotation (a string) would make the result unpicklable
-            if isinstance(n.type, str):
-                n.type = None
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
