@@ -183,7 +183,7 @@ CATALOGUE: tuple[Pattern, ...] = (
         "s moved through the exact identities (s > 0) into the next layer's input channels, t into its "
         "bias or one Add",
         onnx="yes, `propagated` (a Mul + Add only for channels that cannot move; an Add only where the shift cannot reach a bias)",
-        fx="yes, `propagated` (Conv1d/2d/3d, Linear; the result a GraphModule; not with `inplace`)",
+        fx="yes, `propagated` (Conv1d/2d/3d, Linear; a Mul + Add only for blocked channels; forks into several layers; the result a GraphModule; not with `inplace`)",
         example="pre-activation ResNet, DenseNet, CREPE",
     ),
     Pattern(
