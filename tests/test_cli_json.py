@@ -135,3 +135,18 @@ def test_legacy_keys_are_aliases_of_the_summary(model_path: Path, tmp_path: Path
         assert doc[key] == doc["summary"][key]
     doc = _doc(["verify", str(model_path), str(tmp_path / "o.onnx"), "--json"], 0)
     assert doc["passed"] is doc["verification"]["passed"] is True
+
+
+def test_propagated_bns_are_counted_apart_in_the_summary(tmp_path: Path) -> None:
+    """A user reading the summary sees how many BNs went by scale propagation (also in ``folded``):
+    the count equals the verdicts whose status is ``propagated``, and ``--no-propagate`` leaves them."""
+    src = ROOT / "models" / "samples" / "preact_net.onnx"
+    doc = _doc(["--json", "inspect", str(src)], 0)
+    summary, verdicts = doc["summary"], doc["verdicts"]
+    propagated = [v for v in verdicts if v["status"] == "propagated"]
+    assert propagated and summary["propagated"] == len(propagated)
+    assert summary["folded"] == sum(v["status"] in ("folded", "propagated") for v in verdicts)
+    off = _doc(["--json", "inspect", str(src), "--no-propagate"], 0)["summary"]
+    assert off["propagated"] == 0 and off["left"] == len(propagated)
+    human = CliRunner().invoke(app, ["inspect", str(src)])
+    assert f"{len(propagated)} of them by scale propagation" in " ".join(human.output.split())  # wrapped

@@ -76,6 +76,8 @@ def counts(report: FoldReport) -> dict[str, Any]:
         "folded": report.folded - affine - converted + _mul_add(report),
         "affine": affine,
         "converted": converted,
+        # scale propagation: BNs removed by moving their scale and shift (in "folded" too)
+        "propagated": sum(1 for s in report.sites if s.direction is Direction.PROPAGATED),
         "mul_add_folded": _mul_add(report),
         "left": len(report.skips),
         "by_target_kind": dict(sorted(by_kind.items())),

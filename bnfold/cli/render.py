@@ -183,6 +183,8 @@ def render_fold_report(
     verb = "would fold" if report.dry_run else "folded"
     kinds = ", ".join(f"{k} {n}" for k, n in c["by_target_kind"].items())
     what = f"{verb} {c['folded']}" + (f" ({kinds})" if kinds else "")
+    if c["propagated"]:
+        what += f", {c['propagated']} of them by scale propagation"
     if c["affine"]:
         what += f", {'would turn' if report.dry_run else 'turned'} {c['affine']} into Mul+Add"
     if c["converted"]:
