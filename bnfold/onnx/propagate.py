@@ -482,14 +482,20 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
             add = base.astype(np.float64) + add
         plan.edits.append(_Edit(f.node, 2, add, f.dtype, "propagated_bias"))
     for e in plan.edits:
-        if not np.isfinite(e.value.astype(e.dtype)).all():
+        if not _finite_in(e.value, e.dtype):
             raise _Refuse(f"a propagated value would not be finite in {e.dtype}")
     for _, _, v in plan.inserts:
-        if not np.isfinite(v.astype(plan.dtype)).all():
+        if not _finite_in(v, plan.dtype):
             raise _Refuse(f"a propagated value would not be finite in {plan.dtype}")
-    if plan.max_t is not None and not np.isfinite(plan.max_t.astype(plan.dtype)).all():
+    if plan.max_t is not None and not _finite_in(plan.max_t, plan.dtype):
         raise _Refuse(f"a propagated value would not be finite in {plan.dtype}")
     return plan
+
+
+def _finite_in(value: Arr, dtype: Any) -> bool:
+    """True when ``value`` stays finite cast to ``dtype`` (an overflow is the answer, not a warning)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(value.astype(dtype)).all())
 
 
 def _layer_readers(index: GraphIndex, value: str) -> list[int] | None:
@@ -712,7 +718,8 @@ def propagate_graph(
             if not isinstance(prev, Skip) or prev.reason not in ELIGIBLE:
                 continue
             try:
-                plan = _plan_bn(index, i, opset, touched)
+                with np.errstate(all="ignore"):  # an overflow is refused by the finiteness checks
+                    plan = _plan_bn(index, i, opset, touched)
             except _Busy:
                 continue
             except _Refuse as e:
