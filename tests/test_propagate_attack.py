@@ -11,13 +11,18 @@ with warnings as errors, so a numpy overflow warning is an exception too). BN st
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
+import torch
+import torch.nn.functional as F
 from onnx import numpy_helper, parser
+from torch import nn
 
+import bnfold
 from bnfold.onnx import fold_model
 from bnfold.records import Direction, Site, Skip
 from models.onnx_graphs import assert_close, run
@@ -84,3 +89,101 @@ def test_onnx_scale_whose_shift_overflows_the_dtype_is_refused_without_a_warning
         assert isinstance(verdict, Skip)
     else:
         assert isinstance(verdict, Site) and verdict.direction is Direction.PROPAGATED
+
+
+# ---- PyTorch ---------------------------------------------------------------------------------------
+
+
+def _torch_bn(fresh_shift: bool, seed: int = 0) -> nn.BatchNorm2d:
+    """A BN with realistic statistics; ``fresh_shift``: mean 0 and beta 0 (a BN as initialised, whose
+    shift ``b`` is exactly 0 while its scale is not 1), else realistic mean and beta."""
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(C)
+    bn.weight.data = torch.rand(C, generator=g) + 0.5
+    bn.running_var.data = torch.rand(C, generator=g) + 0.5
+    if not fresh_shift:
+        bn.bias.data = torch.rand(C, generator=g) - 0.5
+        bn.running_mean.data = torch.rand(C, generator=g) - 0.5
+    return bn
+
+
+def _fold_torch_and_compare(m: nn.Module, x: torch.Tensor) -> Any:
+    m.eval()
+    with torch.no_grad():
+        ref = copy.deepcopy(m).double()(x.double())
+    out, report = bnfold.fold_with_report(m)
+    with torch.no_grad():
+        got = out(x)
+    scale = max(1.0, float(ref.abs().max()))
+    err = float((ref - got.double()).abs().max())
+    assert err <= atol(torch.float32) * scale, f"max error {err:.3g}"
+    return report
+
+
+class _AliasThenInplaceRelu(nn.Module):
+    """x -> BN -> ``mid`` -> ReLU(inplace=True) -> ``tail``; x itself is read again afterwards."""
+
+    def __init__(self, mid: nn.Module, tail: nn.Module, fresh_shift: bool) -> None:
+        super().__init__()
+        self.bn = _torch_bn(fresh_shift)
+        self.mid = mid
+        self.act = nn.ReLU(inplace=True)
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0
+        y = self.tail(self.act(self.mid(self.bn(x))))
+        return y.flatten(1).sum(1) + x.sum((1, 2, 3))
+
+
+@pytest.mark.parametrize("fresh_shift", [True, False])
+@pytest.mark.parametrize(
+    "mid, tail",
+    [
+        (nn.Identity, lambda: nn.Conv2d(C, 3, 3, padding=1)),
+        (lambda: nn.Dropout(0.2), lambda: nn.Conv2d(C, 3, 3, padding=1)),
+        (nn.Flatten, lambda: nn.Linear(C * 16, 3)),
+    ],
+    ids=["identity", "dropout", "flatten"],
+)
+def test_torch_inplace_relu_behind_an_aliasing_op_never_writes_the_bn_input(
+    mid: Any, tail: Any, fresh_shift: bool
+) -> None:
+    """Identity, eval Dropout and flatten return their input (or a view): an in-place ReLU after them
+    wrote the BN's *input* once the BN was removed. Defect: with a shift of exactly 0 (a BN as
+    initialised: mean 0, beta 0) no Add went before the ReLU, the ReLU clamped the residual tensor
+    read afterwards, and the output was wrong. Now refused there; exact either way."""
+    torch.manual_seed(0)
+    m = _AliasThenInplaceRelu(mid(), tail(), fresh_shift)
+    _fold_torch_and_compare(m, torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1)))
+
+
+class _WriteThroughView(nn.Module):
+    """The BN's input is written through a view between the BN and the ReLU that reads its output."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.bn = _torch_bn(False)
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0
+        v = x.view(2, C, 16)
+        h = self.bn(x)
+        if self.how == "view":
+            v.mul_(2)
+        else:
+            x[:, 0].mul_(0)
+        return self.conv(F.relu(h)) + x
+
+
+@pytest.mark.parametrize("how", ["view", "select"])
+def test_torch_bn_input_written_through_a_view_is_not_read_late(how: str) -> None:
+    """Defect: only direct in-place users of the BN's input were looked for; a write through
+    ``x.view(...)`` or ``x[:, 0]`` between the BN and its reader changed what the inserted Add read
+    (the BN had read the input before the write). Now refused; the output is the original's."""
+    torch.manual_seed(0)
+    _fold_torch_and_compare(
+        _WriteThroughView(how), torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1))
+    )

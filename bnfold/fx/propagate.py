@@ -184,6 +184,30 @@ def _inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _allocates(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``n``'s value is a new tensor, never its input nor a view of it (conservative: False if unsure)."""
+    if _inplace(gm, n):
+        return False
+    m = _module(gm, n)
+    if m is not None:
+        t = type(m)
+        return (
+            t in _CONVS
+            or t is nn.Linear
+            or t in _BNS
+            or t in _MAXPOOLS
+            or t in _AVGPOOLS
+            or t
+            in (
+                nn.ReLU,
+                nn.LeakyReLU,
+            )
+        )
+    if n.op == "call_function":
+        return n.target in (*_RELU_FUNCS, F.leaky_relu, operator.add, operator.mul, torch.add, torch.mul)
+    return n.op == "call_method" and n.target == "relu"
+
+
 def _arg(n: fx.Node, i: int, name: str, default: Any) -> Any:
     if len(n.args) > i:
         return n.args[i]
@@ -487,9 +511,15 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     # The BN's input must not be written in place before its last new reader reads it.
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last = max(order[n] for n in (plan.chain[:1] or layers))
-    for u in x.users:
-        if u is not bn_node and order[bn_node] < order[u] < last and _inplace(gm, u):
-            raise _Refuse(f"'{x.name}' is written in place before the BN's reader runs")
+    # Any in-place write in between counts unless it writes a tensor made after the BN by an op that
+    # allocates: a write through a view of the input (``x.view(...).mul_(2)``, ``x[:, 0].mul_(0)``)
+    # changes the input too.
+    for u in gm.graph.nodes:
+        if not (order[bn_node] < order[u] < last) or not _inplace(gm, u):
+            continue
+        w = u.kwargs.get("out", u.args[0] if u.args else None)
+        if not (isinstance(w, fx.Node) and order[w] > order[bn_node] and _allocates(gm, w)):
+            raise _Refuse(f"'{x.name}' may be written in place before the BN's reader runs")
 
     fits = [_fit(gm, n, C, spatial, proven, flattened, mean.dtype) for n in layers]
     rep = fits[0].rep
@@ -557,8 +587,15 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     elif bool((b != 0).any()):
         plan.inserts.append((S, "add", shaped(_over(b, a), S)))
         plan.shift = f"shift as one Add before {add_labels[S]}"
-    if plan.chain and not any(pos == 0 for pos, _, _ in plan.inserts) and _inplace(gm, plan.chain[0]):
-        raise _Refuse(f"{labels[0]} would write the BN's input in place")
+    # A chain node reading the BN's input itself (or a view of it: Identity, Dropout, flatten return
+    # their input or a view) must not write in place: the BN's output was a new tensor, the input is not.
+    inserted = {pos for pos, _, _ in plan.inserts}
+    aliased = True
+    for k, n in enumerate(plan.chain):
+        aliased = aliased and k not in inserted
+        if aliased and _inplace(gm, n):
+            raise _Refuse(f"{labels[k]} would write the BN's input in place")
+        aliased = aliased and not _allocates(gm, n)
 
     dtype = plan.dtype
     values: list[torch.Tensor] = [v for _, _, v in plan.inserts]
