@@ -187,3 +187,127 @@ def test_torch_bn_input_written_through_a_view_is_not_read_late(how: str) -> Non
     _fold_torch_and_compare(
         _WriteThroughView(how), torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1))
     )
+
+
+# ---- sound today: kept as regression cases (each exact, propagated or refused) ---------------------
+
+_I = np.int64
+_ONNX_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    # ops that look like activations but do not commute with a per-channel scale
+    "prelu": ("q = PRelu(h, sl)\ny = Conv(q, w, wb)", {"sl": ("n", (C, 1, 1))}),
+    "clip": ("q = Clip(h, lo, hi)\ny = Conv(q, w, wb)", {"lo": np.float32(0.0), "hi": np.float32(0.6)}),
+    "hardswish": ("q = HardSwish(h)\ny = Conv(q, w, wb)", {}),
+    "leaky_negative_slope": ("q = LeakyRelu<alpha=-0.5>(h)\ny = Conv<pads=[1,1,1,1]>(q, w3, wb)", {}),
+    "leaky_slope_2": ("q = LeakyRelu<alpha=2.0>(h)\ny = Conv(q, w, wb)", {}),
+    # pooling with dilation, padding and ceil mode; counting padded zeros
+    "maxpool_dil_pad_ceil": (
+        "q = MaxPool<kernel_shape=[3,3], pads=[1,1,1,1], dilations=[2,2], ceil_mode=1, strides=[2,2]>(h)\n"
+        "r = Relu(q)\ny = Conv<pads=[1,1,1,1]>(r, w3, wb)",
+        {},
+    ),
+    "avgpool_counts_pads": (
+        "q = AveragePool<kernel_shape=[3,3], pads=[1,1,1,1], count_include_pad=1>(h)\ny = Conv(q, w, wb)",
+        {},
+    ),
+    "lppool": ("q = LpPool<kernel_shape=[2,2]>(h)\ny = Conv(q, w, wb)", {}),
+    # shapes that move the channel
+    "channel_shuffle": (
+        "r = Reshape(h, s1)\nt = Transpose<perm=[0,2,1,3]>(r)\nu = Reshape(t, s2)\ny = Conv(u, w, wb)",
+        {"s1": np.array([2, 3, 2, 16], _I), "s2": np.array([2, C, 4, 4], _I)},
+    ),
+    "flatten_axis2": ("r = Flatten<axis=2>(h)\ny = MatMul(r, wf)", {"wf": ("n", (16, 3))}),
+    "batch_channel_swap_flatten": (
+        "t = Transpose<perm=[1,0,2,3]>(h)\nr = Flatten(t)\ny = MatMul(r, wf)",
+        {"wf": ("n", (32, 3))},
+    ),
+    "channel_middle_flatten": (
+        "t = Transpose<perm=[0,2,1,3]>(h)\nq = Relu(t)\nr = Flatten(q)\ny = Gemm<transB=1>(r, wf, bf)",
+        {"wf": ("n", (3, C * 16)), "bf": ("n", (3,))},
+    ),
+    "reduce_channel": ("r = ReduceMean<axes=[1]>(h)\ny = Conv(r, w1, wb)", {"w1": ("n", (4, 1, 1, 1))}),
+    "reduce_h_only_keepdims0": (
+        "r = ReduceMean<axes=[2], keepdims=0>(h)\ny = MatMul(r, wf)",
+        {"wf": ("n", (4, 3))},
+    ),
+    "channel_last_matmul": (
+        "t = Transpose<perm=[0,2,3,1]>(h)\nq = Relu(t)\ny = MatMul(q, wf)",
+        {"wf": ("n", (C, 3))},
+    ),
+    # padding that is not zero padding, or pads the channel axis
+    "pad_edge": (
+        'r = Pad<mode="edge">(h, pd)\ny = Conv(r, w3, wb)',
+        {"pd": np.array([0, 0, 1, 1, 0, 0, 1, 1], _I)},
+    ),
+    "pad_reflect": (
+        'r = Pad<mode="reflect">(h, pd)\ny = Conv(r, w3, wb)',
+        {"pd": np.array([0, 0, 1, 1, 0, 0, 1, 1], _I)},
+    ),
+    "pad_value": (
+        "r = Pad(h, pd, cv)\ny = Conv(r, w3, wb)",
+        {"pd": np.array([0, 0, 1, 1, 0, 0, 1, 1], _I), "cv": np.float32(0.5)},
+    ),
+    "pad_channel": (
+        "r = Pad(h, pd)\ny = Conv(r, wc, wb)",
+        {"pd": np.array([0, 1, 0, 0, 0, 1, 0, 0], _I), "wc": ("n", (4, C + 2, 1, 1))},
+    ),
+    "pad_crop": (
+        "r = Pad(h, pd)\nq = Relu(r)\ny = Conv(q, w3, wb)",
+        {"pd": np.array([0, 0, -1, 1, 0, 0, 1, -1], _I)},
+    ),
+    # forks and layers that cannot take the shift
+    "fork_padded_and_grouped": (
+        "c = Conv<pads=[1,1,1,1]>(h, w3, wb)\nd = Conv<group=2>(h, wg)\ny = Add(c, d)",
+        {"wg": ("n", (4, 3, 1, 1))},
+    ),
+    "concat": ("r = Concat<axis=1>(h, p)\ny = Conv(r, wcat, wb)", {"wcat": ("n", (4, 2 * C, 1, 1))}),
+    "conv_transpose": ("q = Relu(h)\ny = ConvTranspose(q, wt, wb)", {"wt": ("n", (C, 4, 3, 3))}),
+    "conv_same_upper_stride": (
+        'q = Relu(h)\ny = Conv<auto_pad="SAME_UPPER", strides=[2,2]>(q, w2, wb)',
+        {"w2": ("n", (4, C, 2, 2))},
+    ),
+}
+
+
+@pytest.mark.parametrize("gamma", ["positive", "mixed", "zero"])
+@pytest.mark.parametrize("case", sorted(_ONNX_CASES))
+def test_onnx_attack_is_exact_or_refused(case: str, gamma: str) -> None:
+    rng = np.random.default_rng(11)
+    g = rng.uniform(0.5, 1.5, C)
+    if gamma == "mixed":
+        g[::2] = -g[::2]
+    elif gamma == "zero":
+        g[1::3] = 0.0
+    body, extra = _ONNX_CASES[case]
+    inits: dict[str, np.ndarray] = {
+        "w": rng.standard_normal((4, C, 1, 1)) * 0.4,
+        "w3": rng.standard_normal((4, C, 3, 3)) * 0.4,
+        "wb": rng.standard_normal(4) * 0.2,
+    }
+    for k, v in extra.items():
+        inits[k] = rng.standard_normal(v[1]) * 0.4 if isinstance(v, tuple) else v
+    _fold_and_compare(_model(_PRE + body, {**_bn_params(rng, g), **inits}))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.01, 0.5, 1e3])
+def test_onnx_residual_shift_into_producer_with_compensation_is_exact(scale: float) -> None:
+    """Two pre-activation blocks in a row: each BN's shift goes back into its producer's bias and is
+    taken out of the residual's other branch; the second block's producer bias is the first block's
+    compensated one (two plans edit one bias: the second waits for the next pass)."""
+    rng = np.random.default_rng(5)
+    body = (
+        "ca = Conv(x, wl, bl)\ns = Add(ca, x)\n"
+        "h = BatchNormalization(s, g, b, m, v)\nq = Relu(h)\nc2 = Conv<pads=[1,1,1,1]>(q, w2, b2)\n"
+        "c3 = Conv(c2, w3, b3)\nt = Add(s, c3)\n"
+        "h2 = BatchNormalization(t, g, b, m, v)\nq2 = Relu(h2)\nc4 = Conv<pads=[1,1,1,1]>(q2, w2, b2)\n"
+        "c5 = Conv(c4, w3, b3)\ny = Add(t, c5)"
+    )
+    inits = {
+        **_bn_params(rng, rng.uniform(0.5, 1.5, C) * scale),
+        **{
+            f"w{k}": rng.standard_normal((C, C, 3 if k == "2" else 1, 3 if k == "2" else 1)) * 0.4
+            for k in "l23"
+        },
+        **{f"b{k}": rng.standard_normal(C) * 0.2 for k in "l23"},
+    }
+    report = _fold_and_compare(_model(body, inits))
+    assert all(isinstance(v, Site) for v in report.verdicts)
