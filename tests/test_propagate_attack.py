@@ -311,3 +311,71 @@ def test_onnx_residual_shift_into_producer_with_compensation_is_exact(scale: flo
     }
     report = _fold_and_compare(_model(body, inits))
     assert all(isinstance(v, Site) for v in report.verdicts)
+
+
+def _torch_ops() -> dict[str, Any]:
+    return {
+        "relu6": lambda: [nn.ReLU6(), nn.Conv2d(C, 4, 3)],
+        "prelu": lambda: [nn.PReLU(C), nn.Conv2d(C, 4, 3)],
+        "hardswish": lambda: [nn.Hardswish(), nn.Conv2d(C, 4, 3)],
+        "leaky_negative_slope": lambda: [nn.LeakyReLU(-0.3), nn.Conv2d(C, 4, 3, padding=1)],
+        "leaky_slope_2": lambda: [nn.LeakyReLU(2.0), nn.Conv2d(C, 4, 3, padding=1)],
+        "maxpool_dil_pad_ceil": lambda: [
+            nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True),
+            nn.ReLU(),
+            nn.Conv2d(C, 4, 3, padding=1),
+        ],
+        "avgpool_counts_pads": lambda: [nn.AvgPool2d(3, 1, 1, count_include_pad=True), nn.Conv2d(C, 4, 1)],
+        "avgpool_divisor_override": lambda: [nn.AvgPool2d(2, divisor_override=3), nn.Conv2d(C, 4, 1)],
+        "reflection_pad": lambda: [nn.ReflectionPad2d(1), nn.Conv2d(C, 4, 3)],
+        "constant_pad_half": lambda: [nn.ConstantPad2d(1, 0.5), nn.Conv2d(C, 4, 3)],
+        "conv_reflect_mode": lambda: [nn.ReLU(), nn.Conv2d(C, 4, 3, padding=1, padding_mode="reflect")],
+        "conv_same_dilated": lambda: [nn.ReLU(), nn.Conv2d(C, 4, 4, padding="same", dilation=2)],
+        "conv_transpose": lambda: [nn.ReLU(), nn.ConvTranspose2d(C, 4, 3)],
+        "upsample": lambda: [nn.Upsample(scale_factor=2), nn.Conv2d(C, 4, 3)],
+        "flatten_dim2": lambda: [nn.ReLU(), nn.Flatten(2), nn.Linear(64, 3)],
+        "pool_flatten_linear": lambda: [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(C * 16, 3)],
+    }
+
+
+class _Chain(nn.Module):
+    def __init__(self, ops: list[nn.Module], gamma: str) -> None:
+        super().__init__()
+        self.pre = nn.ReLU()
+        self.bn = _torch_bn(False, seed=3)
+        if gamma == "mixed":
+            self.bn.weight.data[::2] *= -1
+        elif gamma == "zero":
+            self.bn.weight.data[1::3] = 0.0
+        self.ops = nn.Sequential(*ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops(self.bn(self.pre(x)))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("gamma", ["positive", "mixed", "zero"])
+@pytest.mark.parametrize("case", sorted(_torch_ops()))
+def test_torch_attack_is_exact_or_refused(case: str, gamma: str) -> None:
+    torch.manual_seed(0)
+    m = _Chain(_torch_ops()[case](), gamma)
+    _fold_torch_and_compare(m, torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+
+class _SharedLayer(nn.Module):
+    """The layer the scale goes into is called again on another tensor (and under a second name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = _torch_bn(False)
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.alias = self.conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.relu(self.bn(F.relu(x)))) + self.alias(x) + self.conv(x)
+
+
+def test_torch_layer_called_elsewhere_keeps_its_weight_there() -> None:
+    report = _fold_torch_and_compare(
+        _SharedLayer(), torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1))
+    )
+    assert isinstance(report.verdicts[0], Site) and report.verdicts[0].direction is Direction.PROPAGATED
