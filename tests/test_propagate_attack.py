@@ -379,3 +379,26 @@ def test_torch_layer_called_elsewhere_keeps_its_weight_there() -> None:
         _SharedLayer(), torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1))
     )
     assert isinstance(report.verdicts[0], Site) and report.verdicts[0].direction is Direction.PROPAGATED
+
+
+@pytest.mark.parametrize("pads", ["<pads=[1,1,1,1]>", ""])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onnx_layer_taking_the_scale_is_also_the_compensated_reader(pads: str, bias: bool) -> None:
+    """A residual block whose BN sits inside it: ``xp -> BN -> Relu -> Conv_L -> Add(xp, .)``. The
+    shift goes into ``xp``'s producer and is taken back out through Conv_L's bias, while Conv_L's
+    weight takes the scale: two edits of one layer (weight and bias), both from the original."""
+    rng = np.random.default_rng(8)
+    k = 3 if pads else 1
+    inits = {
+        **_bn_params(rng),
+        "wp": rng.standard_normal((C, C, 1, 1)) * 0.4,
+        "wl": rng.standard_normal((C, C, k, k)) * 0.4,
+        **({"bp": rng.standard_normal(C) * 0.2, "bl": rng.standard_normal(C) * 0.2} if bias else {}),
+    }
+    bp, bl = (", bp", ", bl") if bias else ("", "")
+    body = (
+        f"xp = Conv(x, wp{bp})\nh = BatchNormalization(xp, g, b, m, v)\nq = Relu(h)\n"
+        f"u = Conv{pads}(q, wl{bl})\ny = Add(xp, u)"
+    )
+    report = _fold_and_compare(_model(body, inits))
+    assert isinstance(report.verdicts[0], Site)
