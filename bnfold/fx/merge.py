@@ -32,18 +32,23 @@ from bnfold.errors import BnfoldError
 from bnfold.fold_math import bn_affine, cast_exact
 from bnfold.fold_math.merge import (
     F64,
+    ConvRead,
     MergeRef,
     MergeRefusal,
     blocker_refusal,
+    check_conv,
     compose_pointwise,
     diagonal,
     embed,
     identity_checks,
+    merge_record,
+    pick_reference,
     placement,
-    same_dilation,
+    refuse_open,
+    sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
-from bnfold.records import BranchVerdict, Direction, FoldReport, Merge, MergeReason, Site
+from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact"]
 
@@ -486,17 +491,6 @@ def _tup(v: Any, r: int) -> list[int]:
     return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * r
 
 
-@dataclass(slots=True)
-class _ConvRead:
-    w: F64
-    bias: F64 | None
-    dtype: torch.dtype
-    strides: list[int]
-    dilations: list[int]
-    pads: list[int]
-    group: int
-
-
 def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[int], int]:
     if type(m) not in _CONVS:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: a {type(m).__name__}, not a plain conv module")
@@ -519,7 +513,7 @@ def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[
     return _tup(m.stride, r), dil, p + p, int(m.groups)
 
 
-def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> _ConvRead:
+def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
     assert b.base is not None
     m = _mod(gm, b.base)
     assert m is not None
@@ -548,7 +542,7 @@ def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> _ConvRead:
                 "where the 1x1 conv's bias would not be added: one conv cannot compute it",
             )
         w64, b64 = compose_pointwise(w64, b64, w1, b1)
-    return _ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
+    return ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
 def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
@@ -583,29 +577,7 @@ def _branch_kernel(
     what = b.label
     if b.kind in ("conv", "seq"):
         cr = _read_conv(gm, b, exact)
-        w = cr.w
-        if cr.dtype != ref.dtype:
-            raise MergeRefusal(
-                MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
-            )
-        if w.ndim - 2 != ref.rank:
-            raise MergeRefusal(
-                MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
-            )
-        if cr.strides != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
-        if not same_dilation(ref, tuple(int(k) for k in w.shape[2:]), cr.dilations):
-            raise MergeRefusal(
-                MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}"
-            )
-        if cr.group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
-            raise MergeRefusal(
-                MergeReason.GROUPS,
-                f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
-                f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}",
-            )
-        offs = placement(ref, tuple(int(k) for k in w.shape[2:]), cr.pads, what)
-        w64 = embed(ref, w, offs)
+        w64 = embed(ref, cr.w, check_conv(ref, cr, what))
         b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias
     elif b.kind == "identity":
         identity_checks(ref, what)
@@ -731,19 +703,8 @@ def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: 
     return w64, shift.copy()
 
 
-def _n_convs(b: _Branch) -> int:
-    return {"conv": 1, "seq": 2}.get(b.kind, 0)
-
-
 def _refused(sum_label: str, x: str, branches: list[_Branch]) -> Merge:
-    verdicts = []
-    for b in branches:
-        reason, detail = b.reason, b.detail
-        if reason is None:
-            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
-        verdicts.append(BranchVerdict(b.label, b.kind, False, reason, detail))
-    convs = sum(_n_convs(b) for b in branches)
-    return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
+    return merge_record(sum_label, x, "", branches)
 
 
 def _excluded(sum_label: str, exclude: frozenset[str]) -> bool:
@@ -806,54 +767,19 @@ def _plan(
     inside = {n for b in branches for n in _path(b)}
     writers = [u.name for u in x.users if u not in inside and _mutates(gm, u) and u.args and u.args[0] is x]
     if writers:
-        for b in branches:
-            if b.reason is None:
-                b.reason, b.detail = (
-                    MergeReason.UNSUPPORTED,
-                    (
-                        f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values"
-                    ),
-                )
+        refuse_open(
+            branches,
+            MergeReason.UNSUPPORTED,
+            f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values",
+        )
         return _refused(sum_label, x.name, branches)
-    ref: MergeRef | None = None
-    best = -1
-    for b in branches:
-        if b.kind not in ("conv", "seq") or b.reason is not None:
-            continue
-        assert b.base is not None
-        try:
-            cr = _read_conv(gm, b, exact)
-        except MergeRefusal as e:
-            b.reason, b.detail = e.reason, e.detail
-            continue
-        vol = int(np.prod(cr.w.shape[2:]))
-        if vol > best:
-            best = vol
-            ref = MergeRef(
-                b.base,
-                tuple(int(k) for k in cr.w.shape[2:]),
-                cr.strides,
-                cr.dilations,
-                cr.pads,
-                cr.group,
-                int(cr.w.shape[0]),
-                int(cr.w.shape[1]),
-                cr.dtype,
-            )
+    ref = pick_reference(
+        [b for b in branches if b.kind in ("conv", "seq") and b.reason is None],
+        lambda b: (b.base, _read_conv(gm, b, exact)),
+    )
     if ref is None:
         return _refused(sum_label, x.name, branches)
-    w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
-    b_sum = np.zeros(ref.c_out, dtype=np.float64)
-    for b in branches:
-        if b.reason is not None:
-            continue
-        try:
-            w64, b64 = _branch_kernel(gm, ref, b, eval_semantics, exact)
-        except MergeRefusal as e:
-            b.reason, b.detail = e.reason, e.detail
-            continue
-        w_sum += w64
-        b_sum += b64
+    w_sum, b_sum = sum_kernels(ref, branches, lambda b: _branch_kernel(gm, ref, b, eval_semantics, exact))
     ok = [b for b in branches if b.reason is None]
     if len(ok) < 2 or not any(b.base is ref.node for b in ok):
         return _refused(sum_label, x.name, branches)
@@ -956,15 +882,12 @@ def merge_graph_module(
                 odd.append(leaf.name if isinstance(leaf, fx.Node) else repr(leaf))
             kept.append(leaf)
         if odd:
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = (
-                        MergeReason.UNSUPPORTED,
-                        (
-                            f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
-                            "conv plus an add cannot replace it"
-                        ),
-                    )
+            refuse_open(
+                branches,
+                MergeReason.UNSUPPORTED,
+                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
+                "conv plus an add cannot replace it",
+            )
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         post = None if kept else _post_bn(gm, top, ref, eval_semantics)
@@ -979,19 +902,12 @@ def merge_graph_module(
         dtype = ref_mod.weight.dtype
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
         if np_dtype is None:
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = MergeReason.UNSUPPORTED, "bfloat16 weights"
+            refuse_open(branches, MergeReason.UNSUPPORTED, "bfloat16 weights")
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         wc, bc = cast_exact(w_sum, np_dtype), cast_exact(b_sum, np_dtype)
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = (
-                        MergeReason.OVERFLOW,
-                        f"the merged weight or bias is not finite in {dtype}",
-                    )
+            refuse_open(branches, MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {dtype}")
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         conv_cls: Any = type(ref_mod)
@@ -1055,21 +971,7 @@ def merge_graph_module(
                 graph.erase_node(n)
         done |= touched
         res.applied += 1
-        left = sum(_n_convs(br) for br in branches if br.reason is not None)
-        res.merges.append(
-            Merge(
-                sum_label,
-                x.name,
-                name,
-                True,
-                tuple(
-                    BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail)
-                    for br in branches
-                ),
-                sum(_n_convs(br) for br in branches),
-                1 + left,
-            )
-        )
+        res.merges.append(merge_record(sum_label, x.name, name, branches))
     if res.applied:
         graph.lint()
         gm.delete_all_unused_submodules()
