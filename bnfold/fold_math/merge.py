@@ -8,7 +8,7 @@ Nothing here imports torch or onnx.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -25,8 +25,11 @@ __all__ = [
     "ConvRead",
     "blocker_refusal",
     "pick_reference",
+    "pick_input",
     "check_conv",
     "sum_kernels",
+    "identity_kernel",
+    "pool_kernel",
     "refuse_open",
     "merge_record",
     "placement",
@@ -99,6 +102,46 @@ class MergeBranch(Protocol):
 
 
 B = TypeVar("B", bound=MergeBranch)
+X = TypeVar("X", bound=Hashable)
+L = TypeVar("L")
+C = TypeVar("C")
+
+
+def pick_input(
+    leaves: Sequence[L],
+    coefs: Sequence[C],
+    per_leaf: Sequence[Sequence[tuple[X, B]]],
+    is_conv: Callable[[B], bool],
+) -> tuple[X, list[tuple[B, C]], list[tuple[L, C]]] | None:
+    """The shared input ``x`` read by the most leaves (at least two, one through a conv): the branch of each
+    leaf that reaches it (a linear reading first) with the leaf's coefficient, and the other leaves.
+
+    ``per_leaf[i]``: the readings of leaf ``i`` as ``(input, branch)``; ``is_conv``: the branch is a conv."""
+    score: dict[X, int] = {}
+    convs: dict[X, int] = {}
+    for interp in per_leaf:
+        seen: set[X] = set()
+        for x, b in interp:
+            if x in seen:
+                continue
+            seen.add(x)
+            score[x] = score.get(x, 0) + 1
+            if is_conv(b):
+                convs[x] = convs.get(x, 0) + 1
+    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
+    if not best:
+        return None
+    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
+    branches: list[tuple[B, C]] = []
+    rest: list[tuple[L, C]] = []
+    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
+        cand = [b for xx, b in interp if xx == x]
+        if not cand:
+            rest.append((leaf, coef))
+            continue
+        good = [b for b in cand if b.kind != "other"]
+        branches.append(((good or cand)[0], coef))
+    return x, branches, rest
 
 
 def pick_reference(candidates: Iterable[B], read: Callable[[B], tuple[Any, ConvRead]]) -> MergeRef | None:
@@ -289,6 +332,30 @@ def identity_checks(ref: MergeRef, what: str) -> None:
             MergeReason.GROUPS,
             f"{what}: the merged conv maps {ref.c_in_g * ref.group} channels to {ref.c_out} (an identity needs equal)",
         )
+
+
+def identity_kernel(ref: MergeRef, what: str, scale: F64 | None = None) -> F64:
+    """The kernel of an identity branch (times a per-channel ``scale``: a BN on ``x``), or MergeRefusal
+    where an identity does not fit the merged conv."""
+    identity_checks(ref, what)
+    one = (1,) * ref.rank
+    w = diagonal(ref, one, placement(ref, one, [0] * (2 * ref.rank), what), 1.0)
+    return w if scale is None else w * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+
+
+def pool_kernel(
+    ref: MergeRef, k: tuple[int, ...], strides: list[int], pads: list[int], dilated: bool, what: str
+) -> F64:
+    """The kernel of an average pool (window ``k``, pads ONNX-style, counting padded zeros) on ``x``, or
+    MergeRefusal where it does not fit the merged conv (``dilated``: the pool reads with another dilation)."""
+    if strides != ref.strides:
+        raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
+    if dilated:
+        raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
+    if ref.c_in_g * ref.group != ref.c_out:
+        raise MergeRefusal(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
+    offs = placement(ref, k, pads, what)
+    return diagonal(ref, k, offs, 1.0 / float(np.prod(k)))
 
 
 def compose_pointwise(w2: F64, b2: F64 | None, w1: F64, b1: F64 | None) -> tuple[F64, F64 | None]:

@@ -41,12 +41,11 @@ from bnfold.fold_math.merge import (
     blocker_refusal,
     check_conv,
     compose_pointwise,
-    diagonal,
     embed,
-    identity_checks,
+    identity_kernel,
     merge_record,
     pick_reference,
-    placement,
+    pool_kernel,
     refuse_open,
     sum_kernels,
 )
@@ -54,6 +53,7 @@ from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
 from .layers import fetch_attr
+from .merge import channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
 
@@ -408,26 +408,12 @@ def _branch_conv(gm: fx.GraphModule, b: _Branch) -> ConvRead:
     return ConvRead(w, bias, cr.dtype, cr.strides, cr.dilations, cr.pads, cr.group)
 
 
-def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, number: bool) -> F64:
-    if not c.is_floating_point():
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
-    if not number and c.dim() > 0 and c.dtype != ref.dtype:
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}, the merged conv {ref.dtype}")
-    full = ref.rank + 2
-    if c.dim() > full:
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of rank {c.dim()} > {full}")
-    shape = (1,) * (full - c.dim()) + tuple(c.shape)
-    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, ref.c_out):
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of shape {list(c.shape)} is not per channel")
-    return np.broadcast_to(c.detach().cpu().double().numpy().reshape(-1), (ref.c_out,)).copy()
-
-
 def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     k = _mul_slot(gm, n)
     assert k is not None
     c = _const(gm, n.args[k])
     assert c is not None
-    return _channel_vector(c, ref, f"'{n.name}': scale", not isinstance(n.args[k], fx.Node))
+    return channel_vector(c, ref, f"'{n.name}': scale", not isinstance(n.args[k], fx.Node))
 
 
 def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, F64]:
@@ -447,9 +433,7 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
             w64 = w64 * scale.reshape(col)
             b64 = b64 * scale + shift
     elif b.kind == "identity":
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
         scale, shift = _bn_affine(gm, b.base, what)
@@ -457,9 +441,7 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{what}: {scale.shape[0]} BN channels, the merged conv {ref.c_out}"
             )
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape(col)
+        w64 = identity_kernel(ref, what, scale)
         b64 = shift
     elif b.kind == "avgpool":
         assert b.base is not None
@@ -486,16 +468,8 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
                 MergeReason.PADDING,
                 f"{what}: count_include_pad=False with padding: edge windows divide by fewer values than a conv",
             )
-        if stride != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {stride} differs from {ref.strides}")
-        if any(d != 1 for d in ref.dilations):
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
-        if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
-            )
-        offs = placement(ref, k, pad + pad, what)
-        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        dilated = any(d != 1 for d in ref.dilations)
+        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
     else:  # pragma: no cover
         raise AssertionError(b.kind)
     for n in (*b.muls, *b.factors):
@@ -618,7 +592,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
             c = _const(gm, b.leaf) if not b.muls else None
             if c is not None:
                 try:
-                    vec = _channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
+                    vec = channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
                     for m in b.factors:
                         vec = vec * _factor(gm, m, ref)
                     b_sum = b_sum + b.sign * vec

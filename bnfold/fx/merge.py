@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,19 +39,19 @@ from bnfold.fold_math.merge import (
     blocker_refusal,
     check_conv,
     compose_pointwise,
-    diagonal,
     embed,
-    identity_checks,
+    identity_kernel,
     merge_record,
+    pick_input,
     pick_reference,
-    placement,
+    pool_kernel,
     refuse_open,
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
-__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact"]
+__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact", "channel_vector"]
 
 Exact = dict[str, tuple[F64, F64]]
 """``{conv module name: (weight, bias)}``: a folded conv's parameters in float64, before their rounding."""
@@ -436,34 +437,15 @@ def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
 def _pick_input(
     gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]
 ) -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
-    per_leaf = [_interpretations(gm, v) for v in leaves]
-    score: dict[fx.Node, int] = {}
-    convs: dict[fx.Node, int] = {}
-    for interp in per_leaf:
-        seen: set[fx.Node] = set()
-        for x, b in interp:
-            if x in seen:
-                continue
-            seen.add(x)
-            score[x] = score.get(x, 0) + 1
-            if _is_conv_branch(gm, b):
-                convs[x] = convs.get(x, 0) + 1
-    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
-    if not best:
+    picked = pick_input(
+        leaves, coefs, [_interpretations(gm, v) for v in leaves], partial(_is_conv_branch, gm)
+    )
+    if picked is None:
         return None
-    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
-    branches: list[_Branch] = []
-    rest: list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]] = []
-    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
-        cand = [b for xx, b in interp if xx is x]
-        if not cand:
-            rest.append((leaf, coef))
-            continue
-        good = [b for b in cand if b.kind != "other"]
-        pick = (good or cand)[0]
-        pick.sign, pick.chain_muls = coef
-        branches.append(pick)
-    return x, branches, rest
+    x, picks, rest = picked
+    for b, coef in picks:
+        b.sign, b.chain_muls = coef
+    return x, [b for b, _ in picks], rest
 
 
 def _path(b: _Branch) -> list[fx.Node]:
@@ -545,7 +527,10 @@ def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
     return ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
-def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
+def channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
+    """A constant ``c`` (a scale or a constant leaf of a sum) as a float64 vector over the merged conv's
+    output channels, or MergeRefusal where it is not per channel or would change the result's dtype
+    (``python_number``: a Python number, which never does)."""
     if not c.is_floating_point():
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
     if not python_number and c.dim() > 0 and c.dtype != ref.dtype:
@@ -566,7 +551,7 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
         return np.ones(ref.c_out)
     c = _const(gm, n.args[k])
     assert c is not None
-    return _channel_vector(
+    return channel_vector(
         c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor))
     )
 
@@ -580,9 +565,7 @@ def _branch_kernel(
         w64 = embed(ref, cr.w, check_conv(ref, cr, what))
         b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias
     elif b.kind == "identity":
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
         m = _mod(gm, b.base)
@@ -603,14 +586,12 @@ def _branch_kernel(
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{what}: {m.num_features} BN channels, the merged conv {ref.c_out}"
             )
-        identity_checks(ref, what)
         mean = m.running_mean.detach().cpu().double().numpy()
         var = m.running_var.detach().cpu().double().numpy()
         gamma = np.ones(ref.c_out) if m.weight is None else m.weight.detach().cpu().double().numpy()
         beta = np.zeros(ref.c_out) if m.bias is None else m.bias.detach().cpu().double().numpy()
         scale = gamma / np.sqrt(var + float(m.eps))
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+        w64 = identity_kernel(ref, what, scale)
         b64 = beta - mean * scale
     elif b.kind == "avgpool":
         assert b.base is not None
@@ -636,16 +617,8 @@ def _branch_kernel(
                 f"{what}: count_include_pad=False with padding: edge windows "
                 "divide by fewer values than a conv",
             )
-        if stride != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {stride} differs from {ref.strides}")
-        if any(d != 1 for d in ref.dilations):
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
-        if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
-            )
-        offs = placement(ref, k, pad + pad, what)
-        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        dilated = any(d != 1 for d in ref.dilations)
+        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
     else:  # pragma: no cover
         raise AssertionError(b.kind)
     for n in (*b.muls, *b.chain_muls):
@@ -696,11 +669,8 @@ def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: 
         raise MergeRefusal(
             MergeReason.GROUPS, f"{what}: {spec.num_features} BN channels, the merged conv {ref.c_out}"
         )
-    identity_checks(ref, what)
     scale, shift = spec.affine64()
-    offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-    w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape((-1,) + (1,) * (ref.rank + 1))
-    return w64, shift.copy()
+    return identity_kernel(ref, what, scale), shift.copy()
 
 
 def _refused(sum_label: str, x: str, branches: list[_Branch]) -> Merge:
@@ -869,7 +839,7 @@ def merge_graph_module(
             c = _const(gm, leaf)
             if c is not None:
                 try:
-                    vec = _channel_vector(
+                    vec = channel_vector(
                         c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor))
                     )
                     for m in factors:

@@ -81,12 +81,12 @@ from bnfold.fold_math.merge import (
     blocker_refusal,
     check_conv,
     compose_pointwise,
-    diagonal,
     embed,
-    identity_checks,
+    identity_kernel,
     merge_record,
+    pick_input,
     pick_reference,
-    placement,
+    pool_kernel,
     refuse_open,
     sum_kernels,
 )
@@ -426,36 +426,21 @@ def _pick_input(
 ) -> tuple[str, list[_Branch], list[tuple[str, Coef]]] | None:
     """The shared input ``x`` read by the most leaves (at least two, one through a Conv): its branches
     (one per leaf that reaches it) and the other leaves."""
-    per_leaf = [_interpretations(index, ev, v) for v in leaves]
-    score: dict[str, int] = {}
-    convs: dict[str, int] = {}
-    for interp in per_leaf:
-        seen: set[str] = set()
-        for x, b in interp:
-            if x in seen:
-                continue
-            seen.add(x)
-            score[x] = score.get(x, 0) + 1
-            if b.kind in ("conv", "seq") or (
-                b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv"
-            ):
-                convs[x] = convs.get(x, 0) + 1
-    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
-    if not best:
+    picked = pick_input(
+        leaves,
+        coefs,
+        [_interpretations(index, ev, v) for v in leaves],
+        lambda b: (
+            b.kind in ("conv", "seq")
+            or (b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv")
+        ),
+    )
+    if picked is None:
         return None
-    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
-    branches: list[_Branch] = []
-    rest: list[tuple[str, Coef]] = []
-    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
-        cand = [b for xx, b in interp if xx == x]
-        if not cand:
-            rest.append((leaf, coef))
-            continue
-        good = [b for b in cand if b.kind != "other"]
-        pick = (good or cand)[0]
-        pick.sign, pick.chain_muls = coef
-        branches.append(pick)
-    return x, branches, rest
+    x, picks, rest = picked
+    for b, coef in picks:
+        b.sign, b.chain_muls = coef
+    return x, [b for b, _ in picks], rest
 
 
 # ---- per-branch checks ---------------------------------------------------------------------------
@@ -608,15 +593,11 @@ def _branch_kernel(
         if b64.shape != (ref.c_out,):
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
     elif b.kind == "identity":  # Case 2
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":  # Case 3
         assert b.base is not None
         s, t = _bn_affine(index, ev, b.base, ref, what)
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * s.reshape((-1,) + (1,) * (ref.rank + 1))
+        w64 = identity_kernel(ref, what, s)
         b64 = t
     elif b.kind == "avgpool":  # Case 4
         assert b.base is not None
@@ -635,19 +616,9 @@ def _branch_kernel(
                 MergeReason.PADDING,
                 f"{what}: count_include_pad=0 with padding: edge windows divide by fewer values than a conv",
             )
-        if _ints(n, "strides", [1] * r) != ref.strides:
-            raise MergeRefusal(
-                MergeReason.STRIDE,
-                f"{what}: stride {_ints(n, 'strides', [1] * r)} differs from {ref.strides}",
-            )
-        if _ints(n, "dilations", [1] * r) != ref.dilations:
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
-        if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
-            )
-        offs = placement(ref, k, pads, what)
-        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        dilated = _ints(n, "dilations", [1] * r) != ref.dilations
+        w64 = pool_kernel(ref, k, _ints(n, "strides", [1] * r), pads, dilated, what)
+        b64 = np.zeros(ref.c_out)
         if b.post is not None:  # Case 4b: the BN after the pool scales and shifts it per channel
             s, t = _bn_affine(index, ev, b.post, ref, what)
             w64 = w64 * s.reshape((-1,) + (1,) * (ref.rank + 1))
