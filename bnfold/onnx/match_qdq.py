@@ -62,7 +62,7 @@ from bnfold.fold_math import WeightLayout, channel_factor, fold_backward, fold_g
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, is_float
-from .forward import Fwd, common, exclusive
+from .forward import F64, Fwd, Result, common, exclusive
 from .graph import GraphIndex, attr, name_of
 from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
 
@@ -75,8 +75,6 @@ __all__ = [
     "QDQ_LAYERS",
 ]
 
-Result = tuple[Fold | Skip, bool]
-F64 = np.ndarray[Any, np.dtype[np.float64]]
 
 QDQ_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _INT_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32))
