@@ -53,7 +53,7 @@ from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
 from .layers import fetch_attr
-from .merge import channel_vector
+from .merge import NONLINEAR_NAMES, channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
 
@@ -79,33 +79,7 @@ _POOL_OPS = (aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.d
 _BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 _SUMS = (aten.add.Tensor, aten.sub.Tensor)
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
-_NONLINEAR = (
-    "relu",
-    "relu6",
-    "silu",
-    "gelu",
-    "sigmoid",
-    "tanh",
-    "hardswish",
-    "hardsigmoid",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "celu",
-    "mish",
-    "softplus",
-    "softmax",
-    "max_pool",
-    "hardtanh",
-    "clamp",
-    "abs",
-    "exp",
-    "log",
-    "sqrt",
-    "pow",
-    "prelu",
-    "glu",
-)
+_NONLINEAR = (*NONLINEAR_NAMES, "max_pool", "prelu", "glu")  # prefixes of aten op names
 _MAX_WALK = 4
 
 

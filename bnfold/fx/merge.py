@@ -51,7 +51,15 @@ from bnfold.fold_math.merge import (
 from bnfold.fx.custom import describe_bn
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
-__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact", "channel_vector"]
+__all__ = [
+    "FxMergeResult",
+    "merge_graph_module",
+    "conv_modules",
+    "exact_folds",
+    "Exact",
+    "channel_vector",
+    "NONLINEAR_NAMES",
+]
 
 Exact = dict[str, tuple[F64, F64]]
 """``{conv module name: (weight, bias)}``: a folded conv's parameters in float64, before their rounding."""
@@ -86,7 +94,7 @@ _ACT_MODULES = (
     nn.Hardtanh,
     nn.GLU,
 )
-_ACT_FUNCS = {
+NONLINEAR_NAMES = (
     "relu",
     "relu6",
     "silu",
@@ -102,20 +110,16 @@ _ACT_FUNCS = {
     "mish",
     "softplus",
     "softmax",
-    "max_pool2d",
-    "max_pool1d",
-    "max_pool3d",
     "hardtanh",
     "clamp",
     "abs",
     "exp",
     "log",
     "sqrt",
-    "relu_",
-    "sigmoid_",
-    "clip",
     "pow",
-}
+)
+"""Functions (by name; aten ops by prefix) that are not linear: a branch through one is refused as such."""
+_ACT_FUNCS = {*NONLINEAR_NAMES, "max_pool1d", "max_pool2d", "max_pool3d", "relu_", "sigmoid_", "clip"}
 
 
 def conv_modules(module: nn.Module) -> int:
