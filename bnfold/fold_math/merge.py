@@ -31,6 +31,7 @@ __all__ = [
     "identity_kernel",
     "pool_kernel",
     "refuse_open",
+    "absorb_constants",
     "merge_record",
     "placement",
     "embed",
@@ -225,6 +226,35 @@ def sum_kernels(
         w_sum += w64
         b_sum += b64
     return w_sum, b_sum
+
+
+def absorb_constants(
+    b_sum: F64,
+    leaves: Iterable[tuple[L, int, Sequence[Any]]],
+    constant: Callable[[L, Sequence[Any]], F64 | None],
+) -> tuple[F64, list[L], list[L]]:
+    """The leaves of a sum that are not merged branches: ``(leaf, sign, chain scales)``. A constant one
+    (``constant`` gives its per-channel vector, chain scales applied; None or MergeRefusal where it has
+    none) joins the bias ``b_sum`` (in order); the others are kept, and those also subtracted or scaled
+    are odd (one conv plus an add cannot replace them).
+
+    Returns:
+        ``(b_sum, kept, odd)``.
+    """
+    kept: list[L] = []
+    odd: list[L] = []
+    for leaf, sign, factors in leaves:
+        try:
+            vec = constant(leaf, factors)
+        except MergeRefusal:
+            vec = None
+        if vec is not None:
+            b_sum = b_sum + sign * vec
+            continue
+        if sign < 0 or factors:
+            odd.append(leaf)
+        kept.append(leaf)
+    return b_sum, kept, odd
 
 
 def refuse_open(branches: Iterable[MergeBranch], reason: MergeReason, detail: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,6 +39,7 @@ from bnfold.fold_math.merge import (
     ConvRead,
     MergeRef,
     MergeRefusal,
+    absorb_constants,
     blocker_refusal,
     check_conv,
     compose_pointwise,
@@ -560,22 +562,13 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         if len(ok) < 2 or not any(b.base is ref.node for b in ok):
             res.merges.append(_record(top, x.name, "", branches))
             continue
-        kept: list[Any] = []
-        odd: list[str] = []
-        for b in [*rest, *(b for b in branches if b.reason is not None)]:
-            c = _const(gm, b.leaf) if not b.muls else None
-            if c is not None:
-                try:
-                    vec = channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
-                    for m in b.factors:
-                        vec = vec * _factor(gm, m, ref)
-                    b_sum = b_sum + b.sign * vec
-                    continue
-                except MergeRefusal:
-                    pass
-            if b.sign < 0 or b.factors:
-                odd.append(b.leaf.name if isinstance(b.leaf, fx.Node) else repr(b.leaf))
-            kept.append(b.leaf)
+        b_sum, kept_b, odd_b = absorb_constants(
+            b_sum,
+            [(b, b.sign, b.factors) for b in [*rest, *(b for b in branches if b.reason is not None)]],
+            partial(_constant_leaf, gm, ref),
+        )
+        kept: list[Any] = [b.leaf for b in kept_b]
+        odd = [b.leaf.name if isinstance(b.leaf, fx.Node) else repr(b.leaf) for b in odd_b]
         if odd:
             refuse_open(
                 ok,
@@ -684,6 +677,18 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         gm.recompile()
         _drop_unused_attrs(gm, dropped)
     return res
+
+
+def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, b: _Branch, factors: Sequence[fx.Node]) -> F64 | None:
+    """A constant leaf ``b`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or
+    None where it is not a constant."""
+    c = _const(gm, b.leaf) if not b.muls else None
+    if c is None:
+        return None
+    vec = channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
+    for m in factors:
+        vec = vec * _factor(gm, m, ref)
+    return vec
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:

@@ -21,6 +21,7 @@ The module's own ``reparameterize()``/``fuse()`` methods are never called.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -36,6 +37,7 @@ from bnfold.fold_math.merge import (
     ConvRead,
     MergeRef,
     MergeRefusal,
+    absorb_constants,
     blocker_refusal,
     check_conv,
     compose_pointwise,
@@ -634,6 +636,18 @@ def _branch_kernel(
     return w64, b64
 
 
+def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, leaf: Any, factors: Sequence[fx.Node]) -> F64 | None:
+    """A constant ``leaf`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or None
+    where it is not a constant."""
+    c = _const(gm, leaf)
+    if c is None:
+        return None
+    vec = channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
+    for m in factors:
+        vec = vec * _factor(gm, m, ref)
+    return vec
+
+
 def _noop_tail(tail: nn.Module | None) -> bool:
     """The tail of a BN subclass does nothing: absent, ``nn.Identity``, or a graph of ``nn.Identity`` calls
     (timm's ``BatchNormAct2d`` with ``apply_act=False``: ``drop`` and ``act`` are ``nn.Identity``)."""
@@ -834,27 +848,15 @@ def merge_graph_module(
         if touched & done:
             continue
         ref, w_sum, b_sum = rec
-        kept: list[Any] = []
-        odd: list[str] = []
-        for leaf, (sign, factors) in [
-            *rest,
-            *[(br.leaf, (br.sign, br.chain_muls)) for br in branches if br.reason is not None],
-        ]:
-            c = _const(gm, leaf)
-            if c is not None:
-                try:
-                    vec = channel_vector(
-                        c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor))
-                    )
-                    for m in factors:
-                        vec = vec * _factor(gm, m, ref)
-                    b_sum = b_sum + sign * vec
-                    continue
-                except MergeRefusal:
-                    pass
-            if sign < 0 or factors:
-                odd.append(leaf.name if isinstance(leaf, fx.Node) else repr(leaf))
-            kept.append(leaf)
+        b_sum, kept, odd_leaves = absorb_constants(
+            b_sum,
+            [
+                *((leaf, sign, factors) for leaf, (sign, factors) in rest),
+                *((br.leaf, br.sign, br.chain_muls) for br in branches if br.reason is not None),
+            ],
+            partial(_constant_leaf, gm, ref),
+        )
+        odd = [leaf.name if isinstance(leaf, fx.Node) else repr(leaf) for leaf in odd_leaves]
         if odd:
             refuse_open(
                 branches,

@@ -66,7 +66,9 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -78,6 +80,7 @@ from bnfold.fold_math.merge import (
     ConvRead,
     MergeRef,
     MergeRefusal,
+    absorb_constants,
     blocker_refusal,
     check_conv,
     compose_pointwise,
@@ -829,26 +832,14 @@ def merge_branches(
         in_chain |= chain
         ref, w_sum, b_sum = rec
         # the leaves kept (not branches of x, or refused ones); a constant one joins the bias
-        kept: list[str] = []
-        odd: list[str] = []
-        for leaf, (sign, factors) in [
-            *rest,
-            *[(br.leaf, (br.sign, br.chain_muls)) for br in branches if br.reason is not None],
-        ]:
-            c = ev.resolve(leaf)[0]
-            try:
-                if c is None:
-                    raise MergeRefusal(MergeReason.UNSUPPORTED, "not a constant")
-                vec = _channel_vector(c, ref, leaf, "constant")
-                for m in factors:
-                    vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
-                b_sum = b_sum + sign * vec
-                continue
-            except MergeRefusal:
-                pass
-            if sign < 0 or factors:
-                odd.append(leaf)
-            kept.append(leaf)
+        b_sum, kept, odd = absorb_constants(
+            b_sum,
+            [
+                *((leaf, sign, factors) for leaf, (sign, factors) in rest),
+                *((br.leaf, br.sign, br.chain_muls) for br in branches if br.reason is not None),
+            ],
+            partial(_constant_leaf, index, ev, ref),
+        )
         if odd:
             refuse_open(
                 branches,
@@ -940,6 +931,20 @@ def merge_branches(
             if graph.value_info[k].name in dropped:
                 del graph.value_info[k]
     return res
+
+
+def _constant_leaf(
+    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, leaf: str, factors: Sequence[int]
+) -> F64 | None:
+    """A constant ``leaf`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or None
+    where it is not a constant."""
+    c = ev.resolve(leaf)[0]
+    if c is None:
+        return None
+    vec = _channel_vector(c, ref, leaf, "constant")
+    for m in factors:
+        vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
+    return vec
 
 
 def _refused(sum_label: str, x: str, branches: list[_Branch], index: GraphIndex) -> Merge:
