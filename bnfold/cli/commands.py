@@ -59,6 +59,7 @@ from .options import (
     ModelPath,
     Opset,
     Opt,
+    OptLevel,
     OutArg,
     Output,
     OutputNames,
@@ -170,7 +171,6 @@ def fold(
         dst = one_output(out, output)
         from bnfold import files
 
-        atol_v, rtol_v = tolerances(atol, rtol)
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
             options=files.FoldOptions(
@@ -188,11 +188,8 @@ def fold(
             in_place=in_place,
             external_data=external_data,
             all_or_nothing=all_or_nothing,
-            load=files.LoadSettings(model_factory, trust_pickle),
-            inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
-            verification=files.VerifySettings(
-                samples, atol_v, rtol_v, opt_level.value if opt_level else None
-            ),
+            **_sources(model_factory, trust_pickle, input_shape, inputs, seed),
+            verification=_verify_settings(samples, atol, rtol, opt_level),
             export=files.ExportSettings(
                 opset=opset,
                 dynamic_batch=not static_batch,
@@ -218,6 +215,32 @@ def fold(
             )
             raise
         show("fold", report, json_out, quiet, lambda c: _show_fold(c, report, str(model), verbose))
+
+
+def _sources(
+    model_factory: str | None,
+    trust_pickle: bool,
+    input_shape: list[str] | None,
+    inputs: Path | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The ``load`` and ``inputs`` settings of a command (how MODEL is loaded, what it is run on)."""
+    from bnfold import files
+
+    return {
+        "load": files.LoadSettings(model_factory, trust_pickle),
+        "inputs": files.InputSettings(tuple(input_shape or ()), inputs, seed),
+    }
+
+
+def _verify_settings(
+    samples: int, atol: list[str] | None, rtol: list[str] | None, opt_level: OptLevel | None, **more: Any
+) -> Any:
+    """``--samples --atol --rtol --opt-level`` (and ``more`` VerifySettings fields) as the VerifySettings."""
+    from bnfold import files
+
+    atol_v, rtol_v = tolerances(atol, rtol)
+    return files.VerifySettings(samples, atol_v, rtol_v, opt_level.value if opt_level else None, **more)
 
 
 def _show_fold(console: Any, report: Any, title: str, verbose: bool) -> None:
@@ -286,8 +309,7 @@ def inspect(
                 eval_semantics=eval_semantics,
                 health=health,
             ),
-            load=files.LoadSettings(model_factory, trust_pickle),
-            inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
+            **_sources(model_factory, trust_pickle, input_shape, inputs, seed),
         )
         if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):
             raise OptionError(f"--to {to}: expected onnx (or pt, pt2: MODEL's own format, the default)")
@@ -419,15 +441,13 @@ def verify(
             raise OptionError(
                 "verify needs REFERENCE and CANDIDATE (or --load-outputs GOLDEN.npz [CANDIDATE])"
             )
-        atol_v, rtol_v = tolerances(atol, rtol)
         settings = files.CompareSettings(
-            load=files.LoadSettings(model_factory, trust_pickle),
-            inputs=files.InputSettings(tuple(input_shape or ()), inputs, seed),
-            verification=files.VerifySettings(
+            **_sources(model_factory, trust_pickle, input_shape, inputs, seed),
+            verification=_verify_settings(
                 samples,
-                atol_v,
-                rtol_v,
-                opt_level.value if opt_level else None,
+                atol,
+                rtol,
+                opt_level,
                 error_stat=error_stat,
                 min_cosine=min_cosine,
                 min_snr_db=min_snr,

@@ -496,21 +496,7 @@ def _onnx(
         total_seconds=time.perf_counter() - t0,
         output_data_files=tuple(str(f) for f in out_data),
     )
-    return RecalibrationReport(
-        files,
-        str(s.data),
-        data.layout,
-        data.batch_size,
-        len(data),
-        data.samples,
-        s.pooled,
-        s.prior,
-        s.upstream or "new",
-        result.passes,
-        result.changes,
-        fold_report,
-        time.perf_counter() - t0,
-    )
+    return _report(files, s, data, result.changes, t0, s.upstream or "new", result.passes, fold_report)
 
 
 def _fold(
@@ -629,7 +615,7 @@ def _torch(
     files = replace(
         files, size_after=model_size(dst, loaded.format), written=True, total_seconds=time.perf_counter() - t0
     )
-    return _batch_report(files, s, data, changes, t0)
+    return _report(files, s, data, changes, t0)
 
 
 def _pt2(
@@ -752,11 +738,21 @@ def _pt2(
     files = replace(
         files, size_after=model_size(dst, "pt2"), written=True, total_seconds=time.perf_counter() - t0
     )
-    return _batch_report(files, s, data, changes, t0)
+    return _report(files, s, data, changes, t0)
 
 
-def _batch_report(files: FileInfo, s: Any, data: Any, changes: Any, t0: float) -> RecalibrationReport:
-    """The report of a one-pass (``upstream="batch"``) recalibration: checkpoints and ``.pt2``."""
+def _report(
+    files: FileInfo,
+    s: Any,
+    data: Any,
+    changes: Any,
+    t0: float,
+    upstream: str = "batch",
+    passes: int = 1,
+    fold_report: FoldReport | None = None,
+) -> RecalibrationReport:
+    """The report of a recalibration; by default a one-pass (``upstream="batch"``) one: checkpoints and
+    ``.pt2``."""
     return RecalibrationReport(
         files,
         str(s.data),
@@ -766,9 +762,9 @@ def _batch_report(files: FileInfo, s: Any, data: Any, changes: Any, t0: float) -
         data.samples,
         s.pooled,
         s.prior,
-        "batch",
-        1,
+        upstream,
+        passes,
         tuple(changes),
-        None,
+        fold_report,
         time.perf_counter() - t0,
     )

@@ -8,18 +8,31 @@ Nothing here imports torch or onnx.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from bnfold.records import MergeReason
+from bnfold.records import BranchVerdict, Merge, MergeReason
 
 __all__ = [
     "F64",
     "MergeRef",
     "MergeRefusal",
+    "MergeBranch",
+    "ConvRead",
+    "blocker_refusal",
+    "pick_reference",
+    "pick_input",
+    "check_conv",
+    "sum_kernels",
+    "identity_kernel",
+    "pool_kernel",
+    "refuse_open",
+    "absorb_constants",
+    "merge_record",
     "placement",
     "embed",
     "diagonal",
@@ -64,6 +77,210 @@ class MergeRef:
     @property
     def rank(self) -> int:
         return len(self.kernel)
+
+
+@dataclass(slots=True)
+class ConvRead:
+    """A conv branch as read by a backend: float64 weight ``[C_out, C_in/g, *K]`` and bias, the weight's
+    dtype (the backend's own dtype object) and the geometry (pads ONNX-style)."""
+
+    w: F64
+    bias: F64 | None
+    dtype: Any
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]
+    group: int
+
+
+class MergeBranch(Protocol):
+    """What the shared steps read and write of a backend's branch."""
+
+    label: str
+    kind: str  # conv | seq | identity | bn | avgpool | other
+    reason: MergeReason | None
+    detail: str
+
+
+B = TypeVar("B", bound=MergeBranch)
+X = TypeVar("X", bound=Hashable)
+L = TypeVar("L")
+C = TypeVar("C")
+
+
+def pick_input(
+    leaves: Sequence[L],
+    coefs: Sequence[C],
+    per_leaf: Sequence[Sequence[tuple[X, B]]],
+    is_conv: Callable[[B], bool],
+) -> tuple[X, list[tuple[B, C]], list[tuple[L, C]]] | None:
+    """The shared input ``x`` read by the most leaves (at least two, one through a conv): the branch of each
+    leaf that reaches it (a linear reading first) with the leaf's coefficient, and the other leaves.
+
+    ``per_leaf[i]``: the readings of leaf ``i`` as ``(input, branch)``; ``is_conv``: the branch is a conv."""
+    score: dict[X, int] = {}
+    convs: dict[X, int] = {}
+    for interp in per_leaf:
+        seen: set[X] = set()
+        for x, b in interp:
+            if x in seen:
+                continue
+            seen.add(x)
+            score[x] = score.get(x, 0) + 1
+            if is_conv(b):
+                convs[x] = convs.get(x, 0) + 1
+    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
+    if not best:
+        return None
+    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
+    branches: list[tuple[B, C]] = []
+    rest: list[tuple[L, C]] = []
+    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
+        cand = [b for xx, b in interp if xx == x]
+        if not cand:
+            rest.append((leaf, coef))
+            continue
+        good = [b for b in cand if b.kind != "other"]
+        branches.append(((good or cand)[0], coef))
+    return x, branches, rest
+
+
+def pick_reference(candidates: Iterable[B], read: Callable[[B], tuple[Any, ConvRead]]) -> MergeRef | None:
+    """The merged conv's geometry: the candidate conv with the largest kernel (first on ties).
+
+    ``read`` gives a candidate's reference node and its conv, or raises MergeRefusal (recorded on the
+    branch, which drops out)."""
+    ref: MergeRef | None = None
+    best = -1
+    for b in candidates:
+        try:
+            node, cr = read(b)
+        except MergeRefusal as e:
+            b.reason, b.detail = e.reason, e.detail
+            continue
+        w = cr.w
+        vol = int(np.prod(w.shape[2:]))
+        if vol > best:
+            best = vol
+            ref = MergeRef(
+                node,
+                tuple(int(k) for k in w.shape[2:]),
+                cr.strides,
+                cr.dilations,
+                cr.pads,
+                cr.group,
+                int(w.shape[0]),
+                int(w.shape[1]),
+                cr.dtype,
+            )
+    return ref
+
+
+def check_conv(
+    ref: MergeRef, cr: ConvRead, what: str, *, any_one_tap_dilation: bool = True
+) -> tuple[int, ...]:
+    """The offsets of a conv branch ``cr`` inside the merged conv, or MergeRefusal why it does not fit
+    (dtype, rank, stride, dilation, groups, placement). ``any_one_tap_dilation``: dilations compare as
+    :func:`same_dilation` (else they must be equal)."""
+    w = cr.w
+    if cr.dtype != ref.dtype:
+        raise MergeRefusal(
+            MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
+        )
+    if w.ndim - 2 != ref.rank:
+        raise MergeRefusal(
+            MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
+        )
+    if cr.strides != ref.strides:
+        raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
+    k = tuple(int(kk) for kk in w.shape[2:])
+    dil_ok = same_dilation(ref, k, cr.dilations) if any_one_tap_dilation else cr.dilations == ref.dilations
+    if not dil_ok:
+        raise MergeRefusal(
+            MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}"
+        )
+    if cr.group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
+        raise MergeRefusal(
+            MergeReason.GROUPS,
+            f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
+            f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}",
+        )
+    return placement(ref, k, cr.pads, what)
+
+
+def sum_kernels(
+    ref: MergeRef, branches: Iterable[B], kernel: Callable[[B], tuple[F64, F64]]
+) -> tuple[F64, F64]:
+    """The float64 sum of the kernels and biases of the branches not refused; a branch whose ``kernel``
+    raises MergeRefusal records why and drops out."""
+    w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
+    b_sum = np.zeros(ref.c_out, dtype=np.float64)
+    for b in branches:
+        if b.reason is not None:
+            continue
+        try:
+            w64, b64 = kernel(b)
+        except MergeRefusal as e:
+            b.reason, b.detail = e.reason, e.detail
+            continue
+        w_sum += w64
+        b_sum += b64
+    return w_sum, b_sum
+
+
+def absorb_constants(
+    b_sum: F64,
+    leaves: Iterable[tuple[L, int, Sequence[Any]]],
+    constant: Callable[[L, Sequence[Any]], F64 | None],
+) -> tuple[F64, list[L], list[L]]:
+    """The leaves of a sum that are not merged branches: ``(leaf, sign, chain scales)``. A constant one
+    (``constant`` gives its per-channel vector, chain scales applied; None or MergeRefusal where it has
+    none) joins the bias ``b_sum`` (in order); the others are kept, and those also subtracted or scaled
+    are odd (one conv plus an add cannot replace them).
+
+    Returns:
+        ``(b_sum, kept, odd)``.
+    """
+    kept: list[L] = []
+    odd: list[L] = []
+    for leaf, sign, factors in leaves:
+        try:
+            vec = constant(leaf, factors)
+        except MergeRefusal:
+            vec = None
+        if vec is not None:
+            b_sum = b_sum + sign * vec
+            continue
+        if sign < 0 or factors:
+            odd.append(leaf)
+        kept.append(leaf)
+    return b_sum, kept, odd
+
+
+def refuse_open(branches: Iterable[MergeBranch], reason: MergeReason, detail: str) -> None:
+    """Refuse every branch not refused yet, with ``reason`` and ``detail``."""
+    for b in branches:
+        if b.reason is None:
+            b.reason, b.detail = reason, detail
+
+
+def _n_convs(b: MergeBranch) -> int:
+    return {"conv": 1, "seq": 2}.get(b.kind, 0)
+
+
+def merge_record(sum_label: str, x: str, target: str, branches: Iterable[MergeBranch]) -> Merge:
+    """The record of a sum: merged into ``target`` (the branches not refused), or refused where ``target``
+    is "" (a branch without a reason of its own had no partner)."""
+    verdicts = []
+    branches = list(branches)
+    for b in branches:
+        reason, detail = b.reason, b.detail
+        if not target and reason is None:
+            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
+        verdicts.append(BranchVerdict(b.label, b.kind, bool(target) and b.reason is None, reason, detail))
+    before = sum(_n_convs(b) for b in branches)
+    after = before if not target else 1 + sum(_n_convs(b) for b in branches if b.reason is not None)
+    return Merge(sum_label, x, target, bool(target), tuple(verdicts), before, after)
 
 
 def placement(ref: MergeRef, k: tuple[int, ...], pads: list[int], what: str) -> tuple[int, ...]:
@@ -145,6 +362,30 @@ def identity_checks(ref: MergeRef, what: str) -> None:
             MergeReason.GROUPS,
             f"{what}: the merged conv maps {ref.c_in_g * ref.group} channels to {ref.c_out} (an identity needs equal)",
         )
+
+
+def identity_kernel(ref: MergeRef, what: str, scale: F64 | None = None) -> F64:
+    """The kernel of an identity branch (times a per-channel ``scale``: a BN on ``x``), or MergeRefusal
+    where an identity does not fit the merged conv."""
+    identity_checks(ref, what)
+    one = (1,) * ref.rank
+    w = diagonal(ref, one, placement(ref, one, [0] * (2 * ref.rank), what), 1.0)
+    return w if scale is None else w * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+
+
+def pool_kernel(
+    ref: MergeRef, k: tuple[int, ...], strides: list[int], pads: list[int], dilated: bool, what: str
+) -> F64:
+    """The kernel of an average pool (window ``k``, pads ONNX-style, counting padded zeros) on ``x``, or
+    MergeRefusal where it does not fit the merged conv (``dilated``: the pool reads with another dilation)."""
+    if strides != ref.strides:
+        raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
+    if dilated:
+        raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
+    if ref.c_in_g * ref.group != ref.c_out:
+        raise MergeRefusal(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
+    offs = placement(ref, k, pads, what)
+    return diagonal(ref, k, offs, 1.0 / float(np.prod(k)))
 
 
 def compose_pointwise(w2: F64, b2: F64 | None, w1: F64, b1: F64 | None) -> tuple[F64, F64 | None]:

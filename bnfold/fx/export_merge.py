@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,19 +36,26 @@ from bnfold.dtypes import numpy_dtype
 from bnfold.fold_math import cast_exact
 from bnfold.fold_math.merge import (
     F64,
+    ConvRead,
     MergeRef,
     MergeRefusal,
+    absorb_constants,
     blocker_refusal,
+    check_conv,
     compose_pointwise,
-    diagonal,
     embed,
-    identity_checks,
-    placement,
+    identity_kernel,
+    merge_record,
+    pick_reference,
+    pool_kernel,
+    refuse_open,
+    sum_kernels,
 )
-from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site
+from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
 from .layers import fetch_attr
+from .merge import NONLINEAR_NAMES, channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
 
@@ -72,33 +81,7 @@ _POOL_OPS = (aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.d
 _BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 _SUMS = (aten.add.Tensor, aten.sub.Tensor)
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
-_NONLINEAR = (
-    "relu",
-    "relu6",
-    "silu",
-    "gelu",
-    "sigmoid",
-    "tanh",
-    "hardswish",
-    "hardsigmoid",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "celu",
-    "mish",
-    "softplus",
-    "softmax",
-    "max_pool",
-    "hardtanh",
-    "clamp",
-    "abs",
-    "exp",
-    "log",
-    "sqrt",
-    "pow",
-    "prelu",
-    "glu",
-)
+_NONLINEAR = (*NONLINEAR_NAMES, "max_pool", "prelu", "glu")  # prefixes of aten op names
 _MAX_WALK = 4
 
 
@@ -327,18 +310,7 @@ def _bn_affine(gm: fx.GraphModule, bn: fx.Node, what: str) -> tuple[F64, F64]:
     return scale, beta - mean * scale
 
 
-@dataclass(slots=True)
-class _Conv:
-    w: F64
-    b: F64 | None
-    dtype: Any
-    strides: list[int]
-    dilations: list[int]
-    pads: list[int]
-    group: int
-
-
-def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> _Conv:
+def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> ConvRead:
     a = schema_args(n)
     if n.target is aten.convolution.default and (
         a.get("transposed") or any(int(p) for p in a.get("output_padding") or [])
@@ -369,7 +341,7 @@ def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> _Conv:
     else:
         p = tup(pad)
         pads = p + p
-    return _Conv(
+    return ConvRead(
         wt.cpu().double().numpy(),
         None if bt is None else bt.cpu().double().numpy(),
         wt.dtype,
@@ -380,7 +352,7 @@ def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> _Conv:
     )
 
 
-def _branch_conv(gm: fx.GraphModule, b: _Branch) -> _Conv:
+def _branch_conv(gm: fx.GraphModule, b: _Branch) -> ConvRead:
     """A conv branch's conv (before its BN); for ``seq`` the product of the 1x1 and the kxk (exact only when
     the kxk reads no padded zeros or the 1x1 has no bias)."""
     assert b.base is not None
@@ -402,28 +374,14 @@ def _branch_conv(gm: fx.GraphModule, b: _Branch) -> _Conv:
         raise MergeRefusal(MergeReason.GROUPS, f"{what}: grouped convs in sequence")
     if p.dtype != cr.dtype:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight dtypes differ")
-    if any(cr.pads) and p.b is not None and np.any(p.b != 0):
+    if any(cr.pads) and p.bias is not None and np.any(p.bias != 0):
         raise MergeRefusal(
             MergeReason.PADDING,
             f"{what}: the kxk conv pads {cr.pads} with zeros, where the 1x1 conv's bias would not be added: "
             "one conv cannot compute it",
         )
-    w, bias = compose_pointwise(cr.w, cr.b, p.w, p.b)
-    return _Conv(w, bias, cr.dtype, cr.strides, cr.dilations, cr.pads, cr.group)
-
-
-def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, number: bool) -> F64:
-    if not c.is_floating_point():
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
-    if not number and c.dim() > 0 and c.dtype != ref.dtype:
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}, the merged conv {ref.dtype}")
-    full = ref.rank + 2
-    if c.dim() > full:
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of rank {c.dim()} > {full}")
-    shape = (1,) * (full - c.dim()) + tuple(c.shape)
-    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, ref.c_out):
-        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of shape {list(c.shape)} is not per channel")
-    return np.broadcast_to(c.detach().cpu().double().numpy().reshape(-1), (ref.c_out,)).copy()
+    w, bias = compose_pointwise(cr.w, cr.bias, p.w, p.bias)
+    return ConvRead(w, bias, cr.dtype, cr.strides, cr.dilations, cr.pads, cr.group)
 
 
 def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
@@ -431,7 +389,7 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     assert k is not None
     c = _const(gm, n.args[k])
     assert c is not None
-    return _channel_vector(c, ref, f"'{n.name}': scale", not isinstance(n.args[k], fx.Node))
+    return channel_vector(c, ref, f"'{n.name}': scale", not isinstance(n.args[k], fx.Node))
 
 
 def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, F64]:
@@ -440,30 +398,8 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
     if b.kind in ("conv", "seq"):
         assert b.base is not None
         cr = _branch_conv(gm, b)
-        w = cr.w
-        if cr.dtype != ref.dtype:
-            raise MergeRefusal(
-                MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
-            )
-        if w.ndim - 2 != ref.rank:
-            raise MergeRefusal(
-                MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
-            )
-        if cr.strides != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
-        if cr.dilations != ref.dilations:
-            raise MergeRefusal(
-                MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}"
-            )
-        if cr.group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
-            raise MergeRefusal(
-                MergeReason.GROUPS,
-                f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
-                f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}",
-            )
-        offs = placement(ref, tuple(int(k) for k in w.shape[2:]), cr.pads, what)
-        w64 = embed(ref, w, offs)
-        b64 = np.zeros(ref.c_out) if cr.b is None else cr.b.copy()
+        w64 = embed(ref, cr.w, check_conv(ref, cr, what, any_one_tap_dilation=False))
+        b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias.copy()
         if b.post is not None:
             scale, shift = _bn_affine(gm, b.post, what)
             if scale.shape[0] != ref.c_out:
@@ -473,9 +409,7 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
             w64 = w64 * scale.reshape(col)
             b64 = b64 * scale + shift
     elif b.kind == "identity":
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
         scale, shift = _bn_affine(gm, b.base, what)
@@ -483,9 +417,7 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{what}: {scale.shape[0]} BN channels, the merged conv {ref.c_out}"
             )
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape(col)
+        w64 = identity_kernel(ref, what, scale)
         b64 = shift
     elif b.kind == "avgpool":
         assert b.base is not None
@@ -512,16 +444,8 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
                 MergeReason.PADDING,
                 f"{what}: count_include_pad=False with padding: edge windows divide by fewer values than a conv",
             )
-        if stride != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {stride} differs from {ref.strides}")
-        if any(d != 1 for d in ref.dilations):
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
-        if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
-            )
-        offs = placement(ref, k, pad + pad, what)
-        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        dilated = any(d != 1 for d in ref.dilations)
+        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
     else:  # pragma: no cover
         raise AssertionError(b.kind)
     for n in (*b.muls, *b.factors):
@@ -532,20 +456,8 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
     return w64, b64
 
 
-def _n_convs(b: _Branch) -> int:
-    return {"conv": 1, "seq": 2}.get(b.kind, 0)
-
-
 def _record(top: fx.Node, x: str, target: str, branches: list[_Branch]) -> Merge:
-    verdicts = []
-    for b in branches:
-        reason, detail = b.reason, b.detail
-        if not target and reason is None:
-            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
-        verdicts.append(BranchVerdict(b.label, b.kind, bool(target) and b.reason is None, reason, detail))
-    before = sum(_n_convs(b) for b in branches)
-    after = before if not target else 1 + sum(_n_convs(b) for b in branches if b.reason is not None)
-    return Merge(top.name, x, target, bool(target), tuple(verdicts), before, after)
+    return merge_record(top.name, x, target, branches)
 
 
 def _nonlinear(n: fx.Node) -> bool:
@@ -638,73 +550,32 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
                         f"'{n.name}' inside the branch is also read elsewhere",
                     )
                     break
-        ref: MergeRef | None = None
-        best = -1
-        for b in branches:
-            if b.kind not in ("conv", "seq") or b.reason is not None:
-                continue
-            assert b.base is not None
-            try:
-                cr = _branch_conv(gm, b)
-            except MergeRefusal as e:
-                b.reason, b.detail = e.reason, e.detail
-                continue
-            vol = int(np.prod(cr.w.shape[2:]))
-            if vol > best:
-                best = vol
-                ref = MergeRef(
-                    b.base,
-                    tuple(int(k) for k in cr.w.shape[2:]),
-                    cr.strides,
-                    cr.dilations,
-                    cr.pads,
-                    cr.group,
-                    int(cr.w.shape[0]),
-                    int(cr.w.shape[1]),
-                    cr.dtype,
-                )
+        ref = pick_reference(
+            [b for b in branches if b.kind in ("conv", "seq") and b.reason is None],
+            lambda b: (b.base, _branch_conv(gm, b)),
+        )
         if ref is None:
             res.merges.append(_record(top, x.name, "", branches))
             continue
-        w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
-        b_sum = np.zeros(ref.c_out, dtype=np.float64)
-        for b in branches:
-            if b.reason is not None:
-                continue
-            try:
-                w64, b64 = _branch_kernel(gm, ref, b)
-            except MergeRefusal as e:
-                b.reason, b.detail = e.reason, e.detail
-                continue
-            w_sum += w64
-            b_sum += b64
+        w_sum, b_sum = sum_kernels(ref, branches, partial(_branch_kernel, gm, ref))
         ok = [b for b in branches if b.reason is None]
         if len(ok) < 2 or not any(b.base is ref.node for b in ok):
             res.merges.append(_record(top, x.name, "", branches))
             continue
-        kept: list[Any] = []
-        odd: list[str] = []
-        for b in [*rest, *(b for b in branches if b.reason is not None)]:
-            c = _const(gm, b.leaf) if not b.muls else None
-            if c is not None:
-                try:
-                    vec = _channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
-                    for m in b.factors:
-                        vec = vec * _factor(gm, m, ref)
-                    b_sum = b_sum + b.sign * vec
-                    continue
-                except MergeRefusal:
-                    pass
-            if b.sign < 0 or b.factors:
-                odd.append(b.leaf.name if isinstance(b.leaf, fx.Node) else repr(b.leaf))
-            kept.append(b.leaf)
+        b_sum, kept_b, odd_b = absorb_constants(
+            b_sum,
+            [(b, b.sign, b.factors) for b in [*rest, *(b for b in branches if b.reason is not None)]],
+            partial(_constant_leaf, gm, ref),
+        )
+        kept: list[Any] = [b.leaf for b in kept_b]
+        odd = [b.leaf.name if isinstance(b.leaf, fx.Node) else repr(b.leaf) for b in odd_b]
         if odd:
-            for b in ok:
-                b.reason, b.detail = (
-                    MergeReason.UNSUPPORTED,
-                    f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': "
-                    "one conv plus an add cannot replace it",
-                )
+            refuse_open(
+                ok,
+                MergeReason.UNSUPPORTED,
+                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': "
+                "one conv plus an add cannot replace it",
+            )
             res.merges.append(_record(top, x.name, "", branches))
             continue
         end = top
@@ -722,11 +593,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         np_dtype = numpy_dtype(ref.dtype)
         wc, bc = cast_exact(w_sum, np_dtype), cast_exact(b_sum, np_dtype)
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
-            for b in ok:
-                b.reason, b.detail = (
-                    MergeReason.OVERFLOW,
-                    f"the merged weight or bias is not finite in {ref.dtype}",
-                )
+            refuse_open(ok, MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {ref.dtype}")
             res.merges.append(_record(top, x.name, "", branches))
             continue
         # rewrite
@@ -810,6 +677,18 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         gm.recompile()
         _drop_unused_attrs(gm, dropped)
     return res
+
+
+def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, b: _Branch, factors: Sequence[fx.Node]) -> F64 | None:
+    """A constant leaf ``b`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or
+    None where it is not a constant."""
+    c = _const(gm, b.leaf) if not b.muls else None
+    if c is None:
+        return None
+    vec = channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
+    for m in factors:
+        vec = vec * _factor(gm, m, ref)
+    return vec
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:

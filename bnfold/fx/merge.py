@@ -21,7 +21,9 @@ The module's own ``reparameterize()``/``fuse()`` methods are never called.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,20 +34,34 @@ from bnfold.errors import BnfoldError
 from bnfold.fold_math import bn_affine, cast_exact
 from bnfold.fold_math.merge import (
     F64,
+    ConvRead,
     MergeRef,
     MergeRefusal,
+    absorb_constants,
     blocker_refusal,
+    check_conv,
     compose_pointwise,
-    diagonal,
     embed,
-    identity_checks,
-    placement,
-    same_dilation,
+    identity_kernel,
+    merge_record,
+    pick_input,
+    pick_reference,
+    pool_kernel,
+    refuse_open,
+    sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
-from bnfold.records import BranchVerdict, Direction, FoldReport, Merge, MergeReason, Site
+from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
-__all__ = ["FxMergeResult", "merge_graph_module", "conv_modules", "exact_folds", "Exact"]
+__all__ = [
+    "FxMergeResult",
+    "merge_graph_module",
+    "conv_modules",
+    "exact_folds",
+    "Exact",
+    "channel_vector",
+    "NONLINEAR_NAMES",
+]
 
 Exact = dict[str, tuple[F64, F64]]
 """``{conv module name: (weight, bias)}``: a folded conv's parameters in float64, before their rounding."""
@@ -80,7 +96,7 @@ _ACT_MODULES = (
     nn.Hardtanh,
     nn.GLU,
 )
-_ACT_FUNCS = {
+NONLINEAR_NAMES = (
     "relu",
     "relu6",
     "silu",
@@ -96,20 +112,16 @@ _ACT_FUNCS = {
     "mish",
     "softplus",
     "softmax",
-    "max_pool2d",
-    "max_pool1d",
-    "max_pool3d",
     "hardtanh",
     "clamp",
     "abs",
     "exp",
     "log",
     "sqrt",
-    "relu_",
-    "sigmoid_",
-    "clip",
     "pow",
-}
+)
+"""Functions (by name; aten ops by prefix) that are not linear: a branch through one is refused as such."""
+_ACT_FUNCS = {*NONLINEAR_NAMES, "max_pool1d", "max_pool2d", "max_pool3d", "relu_", "sigmoid_", "clip"}
 
 
 def conv_modules(module: nn.Module) -> int:
@@ -431,34 +443,15 @@ def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
 def _pick_input(
     gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]
 ) -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
-    per_leaf = [_interpretations(gm, v) for v in leaves]
-    score: dict[fx.Node, int] = {}
-    convs: dict[fx.Node, int] = {}
-    for interp in per_leaf:
-        seen: set[fx.Node] = set()
-        for x, b in interp:
-            if x in seen:
-                continue
-            seen.add(x)
-            score[x] = score.get(x, 0) + 1
-            if _is_conv_branch(gm, b):
-                convs[x] = convs.get(x, 0) + 1
-    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
-    if not best:
+    picked = pick_input(
+        leaves, coefs, [_interpretations(gm, v) for v in leaves], partial(_is_conv_branch, gm)
+    )
+    if picked is None:
         return None
-    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
-    branches: list[_Branch] = []
-    rest: list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]] = []
-    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
-        cand = [b for xx, b in interp if xx is x]
-        if not cand:
-            rest.append((leaf, coef))
-            continue
-        good = [b for b in cand if b.kind != "other"]
-        pick = (good or cand)[0]
-        pick.sign, pick.chain_muls = coef
-        branches.append(pick)
-    return x, branches, rest
+    x, picks, rest = picked
+    for b, coef in picks:
+        b.sign, b.chain_muls = coef
+    return x, [b for b, _ in picks], rest
 
 
 def _path(b: _Branch) -> list[fx.Node]:
@@ -486,17 +479,6 @@ def _tup(v: Any, r: int) -> list[int]:
     return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * r
 
 
-@dataclass(slots=True)
-class _ConvRead:
-    w: F64
-    bias: F64 | None
-    dtype: torch.dtype
-    strides: list[int]
-    dilations: list[int]
-    pads: list[int]
-    group: int
-
-
 def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[int], int]:
     if type(m) not in _CONVS:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: a {type(m).__name__}, not a plain conv module")
@@ -519,7 +501,7 @@ def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[
     return _tup(m.stride, r), dil, p + p, int(m.groups)
 
 
-def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> _ConvRead:
+def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
     assert b.base is not None
     m = _mod(gm, b.base)
     assert m is not None
@@ -548,10 +530,13 @@ def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> _ConvRead:
                 "where the 1x1 conv's bias would not be added: one conv cannot compute it",
             )
         w64, b64 = compose_pointwise(w64, b64, w1, b1)
-    return _ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
+    return ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
-def _channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
+def channel_vector(c: torch.Tensor, ref: MergeRef, what: str, python_number: bool = False) -> F64:
+    """A constant ``c`` (a scale or a constant leaf of a sum) as a float64 vector over the merged conv's
+    output channels, or MergeRefusal where it is not per channel or would change the result's dtype
+    (``python_number``: a Python number, which never does)."""
     if not c.is_floating_point():
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what} of dtype {c.dtype}")
     if not python_number and c.dim() > 0 and c.dtype != ref.dtype:
@@ -572,7 +557,7 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
         return np.ones(ref.c_out)
     c = _const(gm, n.args[k])
     assert c is not None
-    return _channel_vector(
+    return channel_vector(
         c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor))
     )
 
@@ -583,34 +568,10 @@ def _branch_kernel(
     what = b.label
     if b.kind in ("conv", "seq"):
         cr = _read_conv(gm, b, exact)
-        w = cr.w
-        if cr.dtype != ref.dtype:
-            raise MergeRefusal(
-                MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
-            )
-        if w.ndim - 2 != ref.rank:
-            raise MergeRefusal(
-                MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
-            )
-        if cr.strides != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {cr.strides} differs from {ref.strides}")
-        if not same_dilation(ref, tuple(int(k) for k in w.shape[2:]), cr.dilations):
-            raise MergeRefusal(
-                MergeReason.DILATION, f"{what}: dilation {cr.dilations} differs from {ref.dilations}"
-            )
-        if cr.group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
-            raise MergeRefusal(
-                MergeReason.GROUPS,
-                f"{what}: groups {cr.group}, weight {list(w.shape[:2])} differ "
-                f"from groups {ref.group}, weight {[ref.c_out, ref.c_in_g]}",
-            )
-        offs = placement(ref, tuple(int(k) for k in w.shape[2:]), cr.pads, what)
-        w64 = embed(ref, w, offs)
+        w64 = embed(ref, cr.w, check_conv(ref, cr, what))
         b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias
     elif b.kind == "identity":
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
         m = _mod(gm, b.base)
@@ -631,14 +592,12 @@ def _branch_kernel(
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{what}: {m.num_features} BN channels, the merged conv {ref.c_out}"
             )
-        identity_checks(ref, what)
         mean = m.running_mean.detach().cpu().double().numpy()
         var = m.running_var.detach().cpu().double().numpy()
         gamma = np.ones(ref.c_out) if m.weight is None else m.weight.detach().cpu().double().numpy()
         beta = np.zeros(ref.c_out) if m.bias is None else m.bias.detach().cpu().double().numpy()
         scale = gamma / np.sqrt(var + float(m.eps))
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape((-1,) + (1,) * (ref.rank + 1))
+        w64 = identity_kernel(ref, what, scale)
         b64 = beta - mean * scale
     elif b.kind == "avgpool":
         assert b.base is not None
@@ -664,16 +623,8 @@ def _branch_kernel(
                 f"{what}: count_include_pad=False with padding: edge windows "
                 "divide by fewer values than a conv",
             )
-        if stride != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {stride} differs from {ref.strides}")
-        if any(d != 1 for d in ref.dilations):
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
-        if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
-            )
-        offs = placement(ref, k, pad + pad, what)
-        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        dilated = any(d != 1 for d in ref.dilations)
+        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
     else:  # pragma: no cover
         raise AssertionError(b.kind)
     for n in (*b.muls, *b.chain_muls):
@@ -683,6 +634,18 @@ def _branch_kernel(
     if b.sign < 0:
         w64, b64 = -w64, -b64
     return w64, b64
+
+
+def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, leaf: Any, factors: Sequence[fx.Node]) -> F64 | None:
+    """A constant ``leaf`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or None
+    where it is not a constant."""
+    c = _const(gm, leaf)
+    if c is None:
+        return None
+    vec = channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
+    for m in factors:
+        vec = vec * _factor(gm, m, ref)
+    return vec
 
 
 def _noop_tail(tail: nn.Module | None) -> bool:
@@ -724,26 +687,12 @@ def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: 
         raise MergeRefusal(
             MergeReason.GROUPS, f"{what}: {spec.num_features} BN channels, the merged conv {ref.c_out}"
         )
-    identity_checks(ref, what)
     scale, shift = spec.affine64()
-    offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-    w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * scale.reshape((-1,) + (1,) * (ref.rank + 1))
-    return w64, shift.copy()
-
-
-def _n_convs(b: _Branch) -> int:
-    return {"conv": 1, "seq": 2}.get(b.kind, 0)
+    return identity_kernel(ref, what, scale), shift.copy()
 
 
 def _refused(sum_label: str, x: str, branches: list[_Branch]) -> Merge:
-    verdicts = []
-    for b in branches:
-        reason, detail = b.reason, b.detail
-        if reason is None:
-            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
-        verdicts.append(BranchVerdict(b.label, b.kind, False, reason, detail))
-    convs = sum(_n_convs(b) for b in branches)
-    return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
+    return merge_record(sum_label, x, "", branches)
 
 
 def _excluded(sum_label: str, exclude: frozenset[str]) -> bool:
@@ -806,54 +755,19 @@ def _plan(
     inside = {n for b in branches for n in _path(b)}
     writers = [u.name for u in x.users if u not in inside and _mutates(gm, u) and u.args and u.args[0] is x]
     if writers:
-        for b in branches:
-            if b.reason is None:
-                b.reason, b.detail = (
-                    MergeReason.UNSUPPORTED,
-                    (
-                        f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values"
-                    ),
-                )
+        refuse_open(
+            branches,
+            MergeReason.UNSUPPORTED,
+            f"'{x.name}' is changed in place by {', '.join(writers)}: the branches may read different values",
+        )
         return _refused(sum_label, x.name, branches)
-    ref: MergeRef | None = None
-    best = -1
-    for b in branches:
-        if b.kind not in ("conv", "seq") or b.reason is not None:
-            continue
-        assert b.base is not None
-        try:
-            cr = _read_conv(gm, b, exact)
-        except MergeRefusal as e:
-            b.reason, b.detail = e.reason, e.detail
-            continue
-        vol = int(np.prod(cr.w.shape[2:]))
-        if vol > best:
-            best = vol
-            ref = MergeRef(
-                b.base,
-                tuple(int(k) for k in cr.w.shape[2:]),
-                cr.strides,
-                cr.dilations,
-                cr.pads,
-                cr.group,
-                int(cr.w.shape[0]),
-                int(cr.w.shape[1]),
-                cr.dtype,
-            )
+    ref = pick_reference(
+        [b for b in branches if b.kind in ("conv", "seq") and b.reason is None],
+        lambda b: (b.base, _read_conv(gm, b, exact)),
+    )
     if ref is None:
         return _refused(sum_label, x.name, branches)
-    w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
-    b_sum = np.zeros(ref.c_out, dtype=np.float64)
-    for b in branches:
-        if b.reason is not None:
-            continue
-        try:
-            w64, b64 = _branch_kernel(gm, ref, b, eval_semantics, exact)
-        except MergeRefusal as e:
-            b.reason, b.detail = e.reason, e.detail
-            continue
-        w_sum += w64
-        b_sum += b64
+    w_sum, b_sum = sum_kernels(ref, branches, lambda b: _branch_kernel(gm, ref, b, eval_semantics, exact))
     ok = [b for b in branches if b.reason is None]
     if len(ok) < 2 or not any(b.base is ref.node for b in ok):
         return _refused(sum_label, x.name, branches)
@@ -934,37 +848,22 @@ def merge_graph_module(
         if touched & done:
             continue
         ref, w_sum, b_sum = rec
-        kept: list[Any] = []
-        odd: list[str] = []
-        for leaf, (sign, factors) in [
-            *rest,
-            *[(br.leaf, (br.sign, br.chain_muls)) for br in branches if br.reason is not None],
-        ]:
-            c = _const(gm, leaf)
-            if c is not None:
-                try:
-                    vec = _channel_vector(
-                        c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor))
-                    )
-                    for m in factors:
-                        vec = vec * _factor(gm, m, ref)
-                    b_sum = b_sum + sign * vec
-                    continue
-                except MergeRefusal:
-                    pass
-            if sign < 0 or factors:
-                odd.append(leaf.name if isinstance(leaf, fx.Node) else repr(leaf))
-            kept.append(leaf)
+        b_sum, kept, odd_leaves = absorb_constants(
+            b_sum,
+            [
+                *((leaf, sign, factors) for leaf, (sign, factors) in rest),
+                *((br.leaf, br.sign, br.chain_muls) for br in branches if br.reason is not None),
+            ],
+            partial(_constant_leaf, gm, ref),
+        )
+        odd = [leaf.name if isinstance(leaf, fx.Node) else repr(leaf) for leaf in odd_leaves]
         if odd:
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = (
-                        MergeReason.UNSUPPORTED,
-                        (
-                            f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
-                            "conv plus an add cannot replace it"
-                        ),
-                    )
+            refuse_open(
+                branches,
+                MergeReason.UNSUPPORTED,
+                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
+                "conv plus an add cannot replace it",
+            )
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         post = None if kept else _post_bn(gm, top, ref, eval_semantics)
@@ -979,19 +878,12 @@ def merge_graph_module(
         dtype = ref_mod.weight.dtype
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
         if np_dtype is None:
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = MergeReason.UNSUPPORTED, "bfloat16 weights"
+            refuse_open(branches, MergeReason.UNSUPPORTED, "bfloat16 weights")
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         wc, bc = cast_exact(w_sum, np_dtype), cast_exact(b_sum, np_dtype)
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = (
-                        MergeReason.OVERFLOW,
-                        f"the merged weight or bias is not finite in {dtype}",
-                    )
+            refuse_open(branches, MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {dtype}")
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         conv_cls: Any = type(ref_mod)
@@ -1055,21 +947,7 @@ def merge_graph_module(
                 graph.erase_node(n)
         done |= touched
         res.applied += 1
-        left = sum(_n_convs(br) for br in branches if br.reason is not None)
-        res.merges.append(
-            Merge(
-                sum_label,
-                x.name,
-                name,
-                True,
-                tuple(
-                    BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail)
-                    for br in branches
-                ),
-                sum(_n_convs(br) for br in branches),
-                1 + left,
-            )
-        )
+        res.merges.append(merge_record(sum_label, x.name, name, branches))
     if res.applied:
         graph.lint()
         gm.delete_all_unused_submodules()

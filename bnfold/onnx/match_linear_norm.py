@@ -23,6 +23,7 @@ move the axis or a computed target shape).
 from __future__ import annotations
 
 import numpy as np
+from onnx import NodeProto
 
 from bnfold.fold_math import WeightLayout
 from bnfold.records import Site, Skip, SkipReason
@@ -35,6 +36,16 @@ from .plan import Fold, Write, finish, scale_out
 __all__ = ["match_linear_norm"]
 
 Result = tuple[Fold | Skip, bool]
+
+
+def _target_shape(c: Fwd, n: NodeProto) -> list[int] | str:
+    """The constant target shape of Reshape ``n``, or why it has none."""
+    if len(n.input) < 2:
+        return f"Reshape '{name_of(n)}' has no shape input"
+    v, _, detail = c.ev.resolve(n.input[1])
+    if v is None:
+        return f"the target shape of Reshape '{name_of(n)}' is not a constant ({detail})"
+    return [int(e) for e in np.asarray(v).reshape(-1)]
 
 
 def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
@@ -59,12 +70,9 @@ def _keeps_last_axis(c: Fwd, r: int, d: int) -> str | None:
         # the runtime): so d_k .. d_{r-2} are all 1 and the last index is the index of axis 1, for any
         # axis and rank.
         return None
-    if len(rn.input) < 2:
-        return f"Reshape '{name_of(rn)}' has no shape input"
-    v, _, detail = c.ev.resolve(rn.input[1])
-    if v is None:
-        return f"the target shape of Reshape '{name_of(rn)}' is not a constant ({detail})"
-    shape = [int(e) for e in np.asarray(v).reshape(-1)]
+    shape = _target_shape(c, rn)
+    if isinstance(shape, str):
+        return shape
     if len(shape) < 2 or shape[1] != d or any(e != 1 for e in shape[2:]):
         return f"Reshape '{name_of(rn)}' to {shape} does not keep the last axis ({d}) as axis 1"
     return None
@@ -105,12 +113,9 @@ def _reshape_target(c: Fwd, node: int, shape: list[int | None]) -> list[int | No
         if not 0 <= k <= len(shape):
             return f"Flatten '{name_of(n)}' has axis {k} for rank {len(shape)}"
         return [_prod(shape[:k]), _prod(shape[k:])]
-    if len(n.input) < 2:
-        return f"Reshape '{name_of(n)}' has no shape input"
-    v, _, detail = c.ev.resolve(n.input[1])
-    if v is None:
-        return f"the target shape of Reshape '{name_of(n)}' is not a constant ({detail})"
-    target = [int(e) for e in np.asarray(v).reshape(-1)]
+    target = _target_shape(c, n)
+    if isinstance(target, str):
+        return target
     allowzero = int(attr(n, "allowzero", 0))
     out: list[int | None] = []
     for i, e in enumerate(target):

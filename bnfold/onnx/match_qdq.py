@@ -62,7 +62,7 @@ from bnfold.fold_math import WeightLayout, channel_factor, fold_backward, fold_g
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .const import Array, ConstEvaluator, is_float
-from .forward import Fwd, common, exclusive
+from .forward import F64, Fwd, Result, common, exclusive
 from .graph import GraphIndex, attr, name_of
 from .plan import BnParams, Fold, Write, conv_groups, finish, rank2_or_skip
 
@@ -75,8 +75,6 @@ __all__ = [
     "QDQ_LAYERS",
 ]
 
-Result = tuple[Fold | Skip, bool]
-F64 = np.ndarray[Any, np.dtype[np.float64]]
 
 QDQ_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _INT_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32))
@@ -333,9 +331,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
             return bres
         writes.append(Write(p, 2, bres[0]))
     elif bd is None:
-        b = _const(c, bname, f"bias of {target}")
-        if not is_float(b):
-            raise _Refuse(SkipReason.UNSUPPORTED_DTYPE, f"the bias of {target} has dtype {b.dtype}")
+        b = _float_bias(c, bname, target)
         if b.size not in (1, ch) or b.ndim > 2 or (b.ndim == 2 and b.shape[0] != 1):
             raise _Refuse(SkipReason.LAYOUT, f"the bias of {target} has shape {list(b.shape)}")
         bres = finish([beta * _per_c(b, ch) * a + t], b.dtype, c.label, f"bias of {target}")
@@ -355,7 +351,7 @@ def _match(c: Fwd, p: int) -> Fold | Skip:
         b64 = bq.astype(np.float64) * bs64 * beta
         target_b = a * b64 + t
         # Keep the bias scale = input scale * weight scale where the graph had it so (ORT's QDQ Conv).
-        xs = _input_scale(c, pn)
+        xs = _input_scale_of(c, pn.input[0])  # the layer's input
         if xs is not None and _same_product(xs, s64, bs64, bs.dtype):
             new_bs = finish([xs * s_new.astype(np.float64)], bs.dtype, c.label, f"bias scale of {target}")
         else:
@@ -437,17 +433,6 @@ def activation_skip(c: Fwd, d: int) -> Result:
         "layer would change what that quantization rounds and clips; quantize without the layer's "
         "output Q/DQ (or fold before quantizing)",
     ), False
-
-
-def _input_scale(c: Fwd, pn: NodeProto) -> F64 | None:
-    """The per-tensor scale of the DequantizeLinear feeding the layer's input, if any."""
-    xd = _dq(c.index, pn.input[0])
-    if xd is None or len(c.index.nodes[xd].input) < 2:
-        return None
-    v, _, _ = c.ev.resolve(c.index.nodes[xd].input[1])
-    if v is None or v.size != 1 or not is_float(v):
-        return None
-    return np.asarray(v, np.float64).reshape(-1)[:1]
 
 
 def _same_product(xs: F64, s64: F64, bs64: F64, dtype: np.dtype[Any]) -> bool:
@@ -653,9 +638,7 @@ def _backward(
             return bres
         writes.append(Write(ki, 2, bres[0]))
     elif bd is None:
-        b = _const(c, bname, f"bias of {target}")
-        if not is_float(b):
-            raise _Refuse(SkipReason.UNSUPPORTED_DTYPE, f"the bias of {target} has dtype {b.dtype}")
+        b = _float_bias(c, bname, target)
         if b.ndim > 2 or b.size not in (1, n_out) and kind == "Conv":
             raise _Refuse(SkipReason.LAYOUT, f"the bias of {target} has shape {list(b.shape)}")
         new_b = beta * b.astype(np.float64) + delta.reshape(-1)  # beta becomes 1
@@ -754,6 +737,14 @@ def _backward(
         set_int_attrs=bias_attrs,
         clone=clone,
     )
+
+
+def _float_bias(c: _Ctx, name: str, target: str) -> Array:
+    """The float bias ``name`` of ``target`` (a constant, not dequantized), or _Refuse why not."""
+    b = _const(c, name, f"bias of {target}")
+    if not is_float(b):
+        raise _Refuse(SkipReason.UNSUPPORTED_DTYPE, f"the bias of {target} has dtype {b.dtype}")
+    return b
 
 
 def _input_scale_of(c: _Ctx, x: str) -> F64 | None:

@@ -66,7 +66,9 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -75,17 +77,24 @@ from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from bnfold.fold_math import cast_exact
 from bnfold.fold_math.merge import (
+    ConvRead,
     MergeRef,
     MergeRefusal,
+    absorb_constants,
     blocker_refusal,
-    diagonal,
+    check_conv,
+    compose_pointwise,
     embed,
-    identity_checks,
-    placement,
-    same_dilation,
+    identity_kernel,
+    merge_record,
+    pick_input,
+    pick_reference,
+    pool_kernel,
+    refuse_open,
+    sum_kernels,
 )
 from bnfold.fold_math.subnormal import flush_written
-from bnfold.records import BranchVerdict, Direction, Merge, MergeReason, Site, Skip
+from bnfold.records import Direction, Merge, MergeReason, Site, Skip
 
 from .const import ConstEvaluator, is_float
 from .graph import GraphIndex, attr
@@ -420,36 +429,21 @@ def _pick_input(
 ) -> tuple[str, list[_Branch], list[tuple[str, Coef]]] | None:
     """The shared input ``x`` read by the most leaves (at least two, one through a Conv): its branches
     (one per leaf that reaches it) and the other leaves."""
-    per_leaf = [_interpretations(index, ev, v) for v in leaves]
-    score: dict[str, int] = {}
-    convs: dict[str, int] = {}
-    for interp in per_leaf:
-        seen: set[str] = set()
-        for x, b in interp:
-            if x in seen:
-                continue
-            seen.add(x)
-            score[x] = score.get(x, 0) + 1
-            if b.kind in ("conv", "seq") or (
-                b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv"
-            ):
-                convs[x] = convs.get(x, 0) + 1
-    best = [x for x in score if score[x] >= 2 and convs.get(x, 0) >= 1]
-    if not best:
+    picked = pick_input(
+        leaves,
+        coefs,
+        [_interpretations(index, ev, v) for v in leaves],
+        lambda b: (
+            b.kind in ("conv", "seq")
+            or (b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv")
+        ),
+    )
+    if picked is None:
         return None
-    x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
-    branches: list[_Branch] = []
-    rest: list[tuple[str, Coef]] = []
-    for leaf, coef, interp in zip(leaves, coefs, per_leaf):
-        cand = [b for xx, b in interp if xx == x]
-        if not cand:
-            rest.append((leaf, coef))
-            continue
-        good = [b for b in cand if b.kind != "other"]
-        pick = (good or cand)[0]
-        pick.sign, pick.chain_muls = coef
-        branches.append(pick)
-    return x, branches, rest
+    x, picks, rest = picked
+    for b, coef in picks:
+        b.sign, b.chain_muls = coef
+    return x, [b for b, _ in picks], rest
 
 
 # ---- per-branch checks ---------------------------------------------------------------------------
@@ -490,18 +484,7 @@ def _weights(
     return w, vals[1]
 
 
-@dataclass(slots=True)
-class _ConvRead:
-    w: F64
-    bias: F64 | None
-    dtype: np.dtype[Any]
-    strides: list[int]
-    dilations: list[int]
-    pads: list[int]
-    group: int
-
-
-def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTable) -> _ConvRead:
+def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTable) -> ConvRead:
     """A conv branch's weight and geometry; for ``seq`` (Case 5: ``Conv 1x1 -> Conv kxk``) the product of
     the two, ``W[o, i] = sum_m W2[o, m] W1[m, i]``, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``: exact only
     when the kxk conv reads no padded zeros (there the 1x1's bias would be missing) or ``b1 = 0``."""
@@ -536,14 +519,8 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTa
                 f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
                 "not be added: one conv cannot compute it",
             )
-        m1 = m1.reshape(w1.shape[0], w1.shape[1])
-        comp = np.tensordot(w64, m1, axes=([1], [0]))  # [o, *k, i]
-        comp = np.moveaxis(comp, -1, 1)
-        if b1_64 is not None:
-            extra = w64.sum(axis=tuple(range(2, w64.ndim))) @ b1_64
-            b64 = extra if b64 is None else b64 + extra
-        w64 = comp
-    return _ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
+        w64, b64 = compose_pointwise(w64, b64, m1, b1_64)
+    return ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
 
 
 _TO_END = 2**31 - 1
@@ -614,40 +591,16 @@ def _branch_kernel(
     what = b.label
     if b.kind in ("conv", "seq"):  # Cases 1 and 5
         cr = _read_conv(index, ev, b, exact)
-        w, bias, strides, dil, pads, group = cr.w, cr.bias, cr.strides, cr.dilations, cr.pads, cr.group
-        if cr.dtype != ref.dtype:
-            raise MergeRefusal(
-                MergeReason.UNSUPPORTED, f"{what}: weight dtype {cr.dtype}, the merged conv {ref.dtype}"
-            )
-        if w.ndim - 2 != ref.rank:
-            raise MergeRefusal(
-                MergeReason.KERNEL, f"{what}: {w.ndim - 2} spatial axes, the merged conv {ref.rank}"
-            )
-        if strides != ref.strides:
-            raise MergeRefusal(MergeReason.STRIDE, f"{what}: stride {strides} differs from {ref.strides}")
-        if not same_dilation(ref, tuple(int(k) for k in w.shape[2:]), dil):
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation {dil} differs from {ref.dilations}")
-        if group != ref.group or w.shape[0] != ref.c_out or w.shape[1] != ref.c_in_g:
-            raise MergeRefusal(
-                MergeReason.GROUPS,
-                f"{what}: groups {group}, weight {list(w.shape[:2])} differ from groups {ref.group}, "
-                f"weight {[ref.c_out, ref.c_in_g]}",
-            )
-        offs = placement(ref, tuple(int(k) for k in w.shape[2:]), pads, what)
-        w64 = embed(ref, w, offs)
-        b64 = np.zeros(ref.c_out) if bias is None else bias
+        w64 = embed(ref, cr.w, check_conv(ref, cr, what))
+        b64 = np.zeros(ref.c_out) if cr.bias is None else cr.bias
         if b64.shape != (ref.c_out,):
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: bias of shape {list(b64.shape)}")
     elif b.kind == "identity":  # Case 2
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64, b64 = diagonal(ref, (1,) * ref.rank, offs, 1.0), np.zeros(ref.c_out)
+        w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":  # Case 3
         assert b.base is not None
         s, t = _bn_affine(index, ev, b.base, ref, what)
-        identity_checks(ref, what)
-        offs = placement(ref, (1,) * ref.rank, [0] * (2 * ref.rank), what)
-        w64 = diagonal(ref, (1,) * ref.rank, offs, 1.0) * s.reshape((-1,) + (1,) * (ref.rank + 1))
+        w64 = identity_kernel(ref, what, s)
         b64 = t
     elif b.kind == "avgpool":  # Case 4
         assert b.base is not None
@@ -666,19 +619,9 @@ def _branch_kernel(
                 MergeReason.PADDING,
                 f"{what}: count_include_pad=0 with padding: edge windows divide by fewer values than a conv",
             )
-        if _ints(n, "strides", [1] * r) != ref.strides:
-            raise MergeRefusal(
-                MergeReason.STRIDE,
-                f"{what}: stride {_ints(n, 'strides', [1] * r)} differs from {ref.strides}",
-            )
-        if _ints(n, "dilations", [1] * r) != ref.dilations:
-            raise MergeRefusal(MergeReason.DILATION, f"{what}: dilation differs from {ref.dilations}")
-        if ref.c_in_g * ref.group != ref.c_out:
-            raise MergeRefusal(
-                MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them"
-            )
-        offs = placement(ref, k, pads, what)
-        w64, b64 = diagonal(ref, k, offs, 1.0 / float(np.prod(k))), np.zeros(ref.c_out)
+        dilated = _ints(n, "dilations", [1] * r) != ref.dilations
+        w64 = pool_kernel(ref, k, _ints(n, "strides", [1] * r), pads, dilated, what)
+        b64 = np.zeros(ref.c_out)
         if b.post is not None:  # Case 4b: the BN after the pool scales and shifts it per channel
             s, t = _bn_affine(index, ev, b.post, ref, what)
             w64 = w64 * s.reshape((-1,) + (1,) * (ref.rank + 1))
@@ -889,36 +832,21 @@ def merge_branches(
         in_chain |= chain
         ref, w_sum, b_sum = rec
         # the leaves kept (not branches of x, or refused ones); a constant one joins the bias
-        kept: list[str] = []
-        odd: list[str] = []
-        for leaf, (sign, factors) in [
-            *rest,
-            *[(br.leaf, (br.sign, br.chain_muls)) for br in branches if br.reason is not None],
-        ]:
-            c = ev.resolve(leaf)[0]
-            try:
-                if c is None:
-                    raise MergeRefusal(MergeReason.UNSUPPORTED, "not a constant")
-                vec = _channel_vector(c, ref, leaf, "constant")
-                for m in factors:
-                    vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
-                b_sum = b_sum + sign * vec
-                continue
-            except MergeRefusal:
-                pass
-            if sign < 0 or factors:
-                odd.append(leaf)
-            kept.append(leaf)
+        b_sum, kept, odd = absorb_constants(
+            b_sum,
+            [
+                *((leaf, sign, factors) for leaf, (sign, factors) in rest),
+                *((br.leaf, br.sign, br.chain_muls) for br in branches if br.reason is not None),
+            ],
+            partial(_constant_leaf, index, ev, ref),
+        )
         if odd:
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = (
-                        MergeReason.UNSUPPORTED,
-                        (
-                            f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
-                            f"of '{x}': one Conv plus an Add cannot replace it"
-                        ),
-                    )
+            refuse_open(
+                branches,
+                MergeReason.UNSUPPORTED,
+                f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
+                f"of '{x}': one Conv plus an Add cannot replace it",
+            )
             res.merges.append(_refused(sum_label, x, branches, index))
             continue
         # write: the reference conv takes the merged weight and bias and the sum's output name
@@ -926,12 +854,9 @@ def merge_branches(
         out_dtype = ref.dtype
         wc, bc = cast_exact(w_sum, out_dtype), cast_exact(b_sum, out_dtype)
         if not (np.all(np.isfinite(wc)) and np.all(np.isfinite(bc))):
-            for br in branches:
-                if br.reason is None:
-                    br.reason, br.detail = (
-                        MergeReason.OVERFLOW,
-                        f"the merged weight or bias is not finite in {out_dtype}",
-                    )
+            refuse_open(
+                branches, MergeReason.OVERFLOW, f"the merged weight or bias is not finite in {out_dtype}"
+            )
             res.merges.append(_refused(sum_label, x, branches, index))
             continue
         if flush:
@@ -994,22 +919,7 @@ def merge_branches(
         if label is not None:
             index.labels[ref_node.output[0]] = label
         res.applied += 1
-        convs = sum(_n_convs(br) for br in branches)
-        left_convs = sum(_n_convs(br) for br in branches if br.reason is not None)
-        res.merges.append(
-            Merge(
-                sum_label,
-                x,
-                base,
-                True,
-                tuple(
-                    BranchVerdict(br.label, br.kind, br.reason is None, br.reason, br.detail)
-                    for br in branches
-                ),
-                convs,
-                1 + left_convs,
-            )
-        )
+        res.merges.append(merge_record(sum_label, x, base, branches))
     # apply removals and inserts from the end (indices stay valid)
     for i in sorted(removed | set(inserts), reverse=True):
         if i in removed:
@@ -1023,19 +933,22 @@ def merge_branches(
     return res
 
 
-def _n_convs(b: _Branch) -> int:
-    return {"conv": 1, "seq": 2}.get(b.kind, 0)
+def _constant_leaf(
+    index: GraphIndex, ev: ConstEvaluator, ref: MergeRef, leaf: str, factors: Sequence[int]
+) -> F64 | None:
+    """A constant ``leaf`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or None
+    where it is not a constant."""
+    c = ev.resolve(leaf)[0]
+    if c is None:
+        return None
+    vec = _channel_vector(c, ref, leaf, "constant")
+    for m in factors:
+        vec = vec * _mul_factor(ev, index.nodes[m], ref, index.label(m))
+    return vec
 
 
 def _refused(sum_label: str, x: str, branches: list[_Branch], index: GraphIndex) -> Merge:
-    verdicts = []
-    for b in branches:
-        reason, detail = b.reason, b.detail
-        if reason is None:
-            reason, detail = MergeReason.NO_PARTNER, "no other branch of the sum can be merged with it"
-        verdicts.append(BranchVerdict(b.label, b.kind, False, reason, detail))
-    convs = sum(_n_convs(b) for b in branches)
-    return Merge(sum_label, x, "", False, tuple(verdicts), convs, convs)
+    return merge_record(sum_label, x, "", branches)
 
 
 def _plan(
@@ -1071,46 +984,13 @@ def _plan(
         except MergeRefusal as e:
             b.reason, b.detail = e.reason, e.detail
     # the reference: the conv branch with the largest kernel (first on ties)
-    ref: MergeRef | None = None
-    best = -1
-    for b in branches:
-        if b.kind not in ("conv", "seq") or b.reason is not None or b.crop is not None:
-            continue
-        assert b.base is not None
-        try:
-            cr = _read_conv(index, ev, b, exact)
-        except MergeRefusal as e:
-            b.reason, b.detail = e.reason, e.detail
-            continue
-        w = cr.w
-        vol = int(np.prod(w.shape[2:]))
-        if vol > best:
-            best = vol
-            ref = MergeRef(
-                b.base,
-                tuple(int(k) for k in w.shape[2:]),
-                cr.strides,
-                cr.dilations,
-                cr.pads,
-                cr.group,
-                int(w.shape[0]),
-                int(w.shape[1]),
-                cr.dtype,
-            )
+    ref = pick_reference(
+        [b for b in branches if b.kind in ("conv", "seq") and b.reason is None and b.crop is None],
+        lambda b: (b.base, _read_conv(index, ev, b, exact)),
+    )
     if ref is None:
         return _refused(sum_label, x, branches, index)
-    w_sum = np.zeros((ref.c_out, ref.c_in_g, *ref.kernel), dtype=np.float64)
-    b_sum = np.zeros(ref.c_out, dtype=np.float64)
-    for b in branches:
-        if b.reason is not None:
-            continue
-        try:
-            w64, b64 = _branch_kernel(index, ev, ref, b, x, exact)
-        except MergeRefusal as e:
-            b.reason, b.detail = e.reason, e.detail
-            continue
-        w_sum += w64
-        b_sum += b64
+    w_sum, b_sum = sum_kernels(ref, branches, lambda b: _branch_kernel(index, ev, ref, b, x, exact))
     ok = [b for b in branches if b.reason is None]
     if len(ok) < 2 or not any(b.base == ref.node for b in ok):
         return _refused(sum_label, x, branches, index)

@@ -167,17 +167,15 @@ def resolve_shapes(
         if s.name not in overrides:
             continue
         shape = tuple(int(d) for d in overrides[s.name])
-        if len(shape) != len(s.dims):
-            raise OptionError(
-                f"--input-shape: {s.name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}"
-            )
-        for i, (want, got) in enumerate(zip(s.dims, shape)):
-            if isinstance(want, int) and want > 0 and want != got:
-                raise OptionError(
-                    f"--input-shape: {s.name!r}: dimension {i} is fixed to {want} in the model, got {got}"
-                )
-            if isinstance(want, str) and want:
-                symbols.setdefault(want, got)
+        _check_shape(
+            s,
+            shape,
+            f"--input-shape: {s.name!r}",
+            "{}: dimension {i} is fixed to {want} in the model, got {got}",
+        )
+        for dim, size in zip(s.dims, shape):
+            if isinstance(dim, str) and dim:
+                symbols.setdefault(dim, size)
         shapes[s.name] = shape
     for s in specs:  # pass 2: defaults
         if s.name in shapes:
@@ -218,6 +216,21 @@ def random_inputs(
     return out
 
 
+def _check_shape(
+    s: InputSpec,
+    shape: Sequence[int],
+    subject: str,
+    fixed: str = "{} dimension {i} is {got}, the model fixes it to {want}",
+) -> None:
+    """OptionError unless ``shape`` fits input ``s``: its rank, and the dimensions the model fixes (the
+    message ``fixed``, formatted with ``subject``, the axis ``i``, ``want`` and ``got``)."""
+    if len(shape) != len(s.dims):
+        raise OptionError(f"{subject} has rank {len(shape)}, the model expects rank {len(s.dims)}")
+    for i, (want, got) in enumerate(zip(s.dims, shape)):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise OptionError(fixed.format(subject, i=i, want=want, got=got))
+
+
 def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
     names = [s.name for s in specs]
     missing = [n for n in names if n not in sample]
@@ -236,15 +249,7 @@ def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: 
                 a = a.astype(s.dtype)
             else:
                 raise OptionError(f"{where}: input {s.name!r} is {a.dtype}, the model expects {s.dtype}")
-        if a.ndim != len(s.dims):
-            raise OptionError(
-                f"{where}: input {s.name!r} has rank {a.ndim}, the model expects rank {len(s.dims)}"
-            )
-        for i, (want, got) in enumerate(zip(s.dims, a.shape)):
-            if isinstance(want, int) and want > 0 and want != got:
-                raise OptionError(
-                    f"{where}: input {s.name!r} dimension {i} is {got}, the model fixes it to {want}"
-                )
+        _check_shape(s, a.shape, f"{where}: input {s.name!r}")
         out[s.name] = a
     return out
 
@@ -264,15 +269,7 @@ def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.nd
             s = by_name.get(name)
             if s is None:
                 return  # _check_sample names it
-            if len(shape) != len(s.dims):
-                raise OptionError(
-                    f"{path}: input {name!r} has rank {len(shape)}, the model expects rank {len(s.dims)}"
-                )
-            for i, (want, got) in enumerate(zip(s.dims, shape)):
-                if isinstance(want, int) and want > 0 and want != got:
-                    raise OptionError(
-                        f"{path}: input {name!r} dimension {i} is {got}, the model fixes it to {want}"
-                    )
+            _check_shape(s, shape, f"{path}: input {name!r}")
             if is_floating(dtype) != is_floating(s.dtype):
                 raise OptionError(f"{path}: input {name!r} is {dtype}, the model expects {s.dtype}")
 
