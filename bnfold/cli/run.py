@@ -54,7 +54,7 @@ __all__ = [
 # typer vendors its own copy of click: its exceptions are the ones raised (not the `click` package's).
 click: Any = getattr(_typer_core, "_click")  # noqa: B009
 
-COMMANDS = ("fold", "inspect", "verify", "freeze", "bench")
+COMMANDS = ("fold", "inspect", "verify", "freeze", "bench", "recalibrate")
 
 
 class _Terminated(KeyboardInterrupt):

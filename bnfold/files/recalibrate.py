@@ -676,8 +676,8 @@ def _pt2(
     gm.recompile()
     if not sites:
         raise UnsupportedModelError(f"{files.source}: the program has no BatchNorm with running statistics")
-    data = NpzBatches(s.data, None, s.batch_size)
     names = [str(n) for n in ep.graph_signature.user_inputs]
+    data = NpzBatches(s.data, _program_input_specs(ep, names), s.batch_size)
     ex = getattr(ep, "example_inputs", None)
     nargs = len(ex[0]) if isinstance(ex, tuple) and len(ex) == 2 else len(names)
     given = {_NUMBERED.sub(r"\1", k) if data.layout == "numbered" else k for k in data.members}
@@ -768,3 +768,28 @@ def _report(
         fold_report,
         time.perf_counter() - t0,
     )
+
+
+def _program_input_specs(ep: Any, names: Sequence[str]) -> list[Any] | None:
+    """The program's user inputs as :class:`~bnfold.verification.inputs.InputSpec`, with the dimensions
+    it fixed (a symbolic one is ``None``), so that the data is checked and batched as for an ONNX model
+    (``--batch-size`` defaults to a fixed batch). ``None`` where an input has no recorded tensor."""
+    import torch
+
+    from bnfold.verification.inputs import InputSpec
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    specs = []
+    for name in names:
+        val = vals.get(name)
+        if not isinstance(val, torch.Tensor):
+            return None
+        try:
+            dtype = (
+                np.float32 if val.dtype.is_floating_point else np.dtype(str(val.dtype).removeprefix("torch."))
+            )
+        except TypeError:
+            return None  # a dtype NumPy does not have: the data is checked as for a module
+        dims = tuple(d if isinstance(d, int) else None for d in val.shape)
+        specs.append(InputSpec(name, np.dtype(dtype), dims))
+    return specs
