@@ -360,3 +360,18 @@ def test_a_shared_module_refusal_names_the_pattern() -> None:
     out, rep = fold_module(model, graph=False)
     assert [(v.reason.value, v.pattern) for v in rep.skips] == [("shared_module", "conv-bn")] * 2
     assert torch.equal(out(x), model(x))
+
+
+def test_a_refusal_keeps_its_pattern_through_the_cli(tmp_path: Path) -> None:
+    """The CLI rewords a refusal's advice for its flags; the verdict must keep the pattern it was tried
+    as (``--json``), as the Python API reports it."""
+    model = _torch(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    with torch.no_grad():
+        model[1].eps, model[1].running_var[2] = 1e-12, 1e-12
+        model[1].weight[2] = 1e35  # the folded weight is not a float32: left, tried as conv-bn
+    src = tmp_path / "m.onnx"
+    onnx.save(_onnx(model, torch.randn(1, 3, 8, 8)), str(src))
+    r = CliRunner().invoke(app, ["--json", "inspect", str(src), "--no-propagate"])
+    assert r.exit_code == 0, r.output
+    (v,) = json.loads(r.stdout)["verdicts"]
+    assert v["status"] == "left" and v["pattern"] == "conv-bn", v

@@ -81,7 +81,7 @@ def cli_advice(text: str) -> str:
 def advised(report: FoldReport) -> FoldReport:
     """The report with every verdict's detail and note worded for the CLI (see :func:`cli_advice`)."""
     verdicts = [
-        Skip(v.bn, v.reason, cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts
+        replace(v, detail=cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts
     ]
     return replace(report, verdicts=verdicts, notes=tuple(cli_advice(n) for n in report.notes))
 
