@@ -295,7 +295,11 @@ def fold_module(
     traces = not isinstance(analysis, str)
     if opts.propagate and not dry_run and graph is not False and traces:
         out, report = _propagate(out, report, opts.eval_semantics, example_inputs)
-    if dry_run and graph is not False and (opts.merge_branches or (opts.propagate and traces)):
+    if (
+        dry_run
+        and graph is not False
+        and (opts.merge_branches or (opts.propagate and traces and _movable(report)))
+    ):
         # predict: the real fold, merge and propagation on a copy
         _, full = fold_module(
             module, options=opts, graph=graph, example_inputs=example_inputs, exclude=exclude
@@ -437,13 +441,20 @@ def _merge_and_refold(
     )
 
 
+def _movable(report: FoldReport) -> bool:
+    """Whether propagation may change ``report``: a BN left with a reason the pass tries."""
+    from .propagate import ELIGIBLE
+
+    return any(isinstance(v, Skip) and v.reason in ELIGIBLE for v in report.verdicts)
+
+
 def _propagate(
     out: nn.Module, report: FoldReport, eval_semantics: bool, example_inputs: tuple[Any, ...] | None
 ) -> tuple[nn.Module, FoldReport]:
     """Scale propagation (:mod:`bnfold.fx.propagate`) on ``out`` (the folded copy); ``report`` updated."""
-    from .propagate import ELIGIBLE, propagate_graph_module
+    from .propagate import propagate_graph_module
 
-    if not any(isinstance(v, Skip) and v.reason in ELIGIBLE for v in report.verdicts):
+    if not _movable(report):
         return out, report
     with _TRACE_LOCK:
         try:
