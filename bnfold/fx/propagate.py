@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.fold_math import bn_affine
+from bnfold.fold_math.propagation import all_blocked, kept_affine
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
 from .layers import layer_kind
@@ -548,15 +549,14 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     zero = ((a == 0) & (b != 0)) if S is not None else none
     blocked = neg | zero
     nb = int(blocked.sum())
+    counts = (
+        int(neg.sum()),
+        labels[sign_pos] if sign_pos is not None else None,
+        int(zero.sum()),
+        stop_labels[S] if S is not None else None,
+    )
     if nb == C:
-        parts = []
-        if neg.any() and sign_pos is not None:
-            parts.append(f"{int(neg.sum())} of {C} channels have a negative scale before {labels[sign_pos]}")
-        if zero.any() and S is not None:
-            parts.append(
-                f"{int(zero.sum())} of {C} channels have a zero scale and a non-zero shift before {stop_labels[S]}"
-            )
-        raise _Refuse("; ".join(parts))
+        raise _Refuse(all_blocked(C, *counts))
     one = torch.ones_like(a)
     am = torch.where(blocked, one, a)
     to_bias: torch.Tensor | None = None
@@ -571,15 +571,7 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
             to_bias = torch.where(blocked, torch.zeros_like(b), b)
             plan.shift = f"shift into the bias of {where}"
         plan.inserts += [(q, "mul", shaped(m, q)), (q, "add", shaped(t, q))]
-        what = []
-        if neg.any() and sign_pos is not None:
-            what.append(f"{int(neg.sum())} with a negative scale before {labels[sign_pos]}")
-        if zero.any() and S is not None:
-            what.append(f"{int(zero.sum())} with a zero scale and a non-zero shift before {stop_labels[S]}")
-        plan.kept = (
-            f"{nb} of {C} channels keep their affine ({', '.join(what)}): "
-            f"one Mul and one Add before {stop_labels[q]}"
-        )
+        plan.kept = kept_affine(C, *counts, stop_labels[q])
     elif S is None:
         if bool((b != 0).any()):
             to_bias = b

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
+from bnfold.fold_math.propagation import all_blocked, kept_affine
 from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
 
@@ -408,15 +409,14 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     zero = (a == 0) & (b != 0) if (S is not None and not use_max) else np.zeros(C, bool)
     blocked = neg | zero
     nb = int(blocked.sum())
+    counts = (
+        int(neg.sum()),
+        labels[sign_pos] if sign_pos is not None else None,
+        int(zero.sum()),
+        stop_labels[S] if S is not None else None,
+    )
     if nb == C:
-        parts = []
-        if neg.any() and sign_pos is not None:
-            parts.append(f"{int(neg.sum())} of {C} channels have a negative scale before {labels[sign_pos]}")
-        if zero.any() and S is not None:
-            parts.append(
-                f"{int(zero.sum())} of {C} channels have a zero scale and a non-zero shift before {stop_labels[S]}"
-            )
-        raise _Refuse("; ".join(parts))
+        raise _Refuse(all_blocked(C, *counts))
     am = np.where(blocked, 1.0, a)
     to_bias: Arr | None = None  # the shift that reaches the layer, per channel
     plan.touched = {i, *plan.layers, *plan.chain}
@@ -434,12 +434,7 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
             to_bias = np.where(blocked, 0.0, b)
             plan.shift = f"shift into the bias of {where}"
         plan.inserts += [(q, "Mul", shaped(m, layouts[q])), (q, "Add", shaped(t, layouts[q]))]
-        what = []
-        if neg.any() and sign_pos is not None:
-            what.append(f"{int(neg.sum())} with a negative scale before {labels[sign_pos]}")
-        if zero.any() and S is not None:
-            what.append(f"{int(zero.sum())} with a zero scale and a non-zero shift before {stop_labels[S]}")
-        plan.kept = f"{nb} of {C} channels keep their affine ({', '.join(what)}): one Mul and one Add before {stop_labels[q]}"
+        plan.kept = kept_affine(C, *counts, stop_labels[q])
     elif S is None:  # Case 1: nothing stops the shift
         to_bias = b
         plan.shift = f"shift into the bias of {where}"
