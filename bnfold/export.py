@@ -348,8 +348,8 @@ def _merged(treport: FoldReport, oreport: FoldReport, left_in_onnx: int, *, back
         post=PostFoldResult(
             health=treport.health,
             flushed_denormals=added_flushes(treport.flushed_denormals, oreport.flushed_denormals),
+            quant=(*treport.quant, *oreport.quant),
         ),
-        quant=(*treport.quant, *oreport.quant),
         merges=(*treport.merges, *oreport.merges),
         convs_before=treport.convs_before if treport.convs_before is not None else oreport.convs_before,
         convs_after=oreport.convs_after,

@@ -83,8 +83,8 @@ def after_fold(
         report = report.with_post(health=audit(original, out, report, before))
     from .health_audit import fold_quant  # the cheap part of the audit, after every fold
 
-    report = replace(
-        report, quant=report.health.quant if report.health is not None else fold_quant(out, report)
+    report = report.with_post(
+        quant=report.health.quant if report.health is not None else fold_quant(out, report)
     )
     if options.prune_constant_channels:
         from .constant_channels import prune_constant_channels

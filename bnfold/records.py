@@ -330,6 +330,9 @@ class PostFoldResult:
     """``prune_constant_channels``: the channels dropped per layer (or why none were)."""
     flushed_denormals: int | None = None
     """Subnormal values set to zero in the folded layers (``flush_denormals=True``); None: not asked."""
+    quant: tuple[LayerQuant, ...] = ()
+    """After a fold (not a dry run): the per-tensor int8 readiness of every layer it wrote into
+    (:func:`bnfold.health_audit.fold_quant`; the audit's own records with ``health``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +341,7 @@ class FoldReport:
 
     ``bn_before``/``bn_after`` count BatchNorm layers (nodes or modules) before and after. The results
     of the post-fold steps are one record, ``post`` (:class:`PostFoldResult`), read through
-    ``health``, ``pruned_channels`` and ``flushed_denormals``; :meth:`with_post` sets them.
+    ``health``, ``pruned_channels``, ``flushed_denormals`` and ``quant``; :meth:`with_post` sets them.
     """
 
     backend: str
@@ -356,9 +359,6 @@ class FoldReport:
     notes: tuple[str, ...] = ()
     post: PostFoldResult = field(default_factory=PostFoldResult)
     """What the post-fold steps did (health audit, pruned channels, flushed denormals)."""
-    quant: tuple[LayerQuant, ...] = ()
-    """After a fold (not a dry run): the per-tensor int8 readiness of every layer it wrote into
-    (:func:`bnfold.health_audit.fold_quant`; the audit's own records with ``health``)."""
     files: FileInfo | None = None
     """A file job's paths, formats, sizes and total time (:mod:`bnfold.files`); None in memory."""
     signature: dict[str, Any] | None = None
@@ -396,6 +396,11 @@ class FoldReport:
     def flushed_denormals(self) -> int | None:
         """Subnormal values set to zero in the folded layers; None: not asked (``post.flushed_denormals``)."""
         return self.post.flushed_denormals
+
+    @property
+    def quant(self) -> tuple[LayerQuant, ...]:
+        """The int8 readiness of the layers the fold wrote (``post.quant``)."""
+        return self.post.quant
 
     def with_post(self, **changes: Any) -> FoldReport:
         """This report with fields of :class:`PostFoldResult` replaced (``report.with_post(health=audit)``)."""
