@@ -34,7 +34,7 @@ import numpy as np
 
 from .dtypes import to_numpy
 from .errors import OptionError
-from .records import FoldReport
+from .records import FoldReport, file_entry
 
 __all__ = ["Timing", "Spread", "BenchReport", "time_call", "time_runs", "bench_onnx", "bench_file", "NOISY"]
 
@@ -136,17 +136,16 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The body of ``bnfold bench --json`` (the CLI adds the common head): the one serialisation."""
         return {
-            "model": self.model,
-            "format": self.format,
+            "model": file_entry(self.model, self.format),
             "runs": self.runs,
             "warmup": self.warmup,
             "threads": self.threads,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "timings": [t.to_dict() for t in self.timings],
-            "bn_before": self.fold.bn_before,
-            "bn_after": self.fold.bn_after,
-            "folded": self.fold.folded,
+            "summary": self.fold.summary(),
+            "notes": list(self.notes),
         }
 
 

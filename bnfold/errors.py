@@ -12,6 +12,10 @@ Exit codes:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from .hints import Hint, Surface, advise
+
 __all__ = [
     "BnfoldError",
     "InputError",
@@ -28,9 +32,33 @@ __all__ = [
 
 
 class BnfoldError(Exception):
-    """Base class of every error bnfold raises on purpose."""
+    """Base class of every error bnfold raises on purpose.
+
+    Attributes:
+        hints: the options that would avoid the error (:mod:`bnfold.hints`), kept apart from the
+            reason so that each surface words them: ``str(err)`` for a Python caller,
+            ``err.text("cli")`` for the command line.
+    """
 
     exit_code: int = 2
+    hints: tuple[Hint, ...] = ()
+
+    def __init__(self, *args: object, hints: Iterable[Hint] = ()) -> None:
+        super().__init__(*args)
+        if hints:
+            self.hints = tuple(hints)
+
+    @property
+    def reason(self) -> str:
+        """The message without the hints."""
+        return str(self.args[0]) if self.args else ""
+
+    def text(self, surface: Surface = "python") -> str:
+        """The reason followed by the hints worded for ``surface``."""
+        return advise(self.reason, self.hints, surface)
+
+    def __str__(self) -> str:
+        return self.text("python")
 
 
 class InputError(BnfoldError):
@@ -72,8 +100,8 @@ class VerificationError(BnfoldError):
 
     exit_code = 1
 
-    def __init__(self, message: str, report: object | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, report: object | None = None, *, hints: Iterable[Hint] = ()) -> None:
+        super().__init__(message, hints=hints)
         self.report = report
 
 
@@ -93,7 +121,7 @@ class FoldVerificationError(VerificationError):
 
 
 def with_context(err: BnfoldError, *where: str, message: str | None = None) -> BnfoldError:
-    """The same error (class and attributes) with ``where: `` prepended: the one way file context is added.
+    """The same error (class, attributes, hints) with ``where: `` prepended: the one way file context is added.
 
     Nothing is prepended when no ``where`` is given or the message already names one of them (a path or
     its file name, or the first part of ``"a vs b"``). ``message`` replaces the text first, when given.
@@ -101,12 +129,12 @@ def with_context(err: BnfoldError, *where: str, message: str | None = None) -> B
     """
     import os
 
-    msg = str(err) if message is None else message
+    msg = err.reason if message is None else message
     places = [w for w in where if w]
     named = any(w in msg or os.path.basename(w) in msg or msg.startswith(w.split(" vs ")[0]) for w in places)
     if places and not named:
         msg = f"{', '.join(places)}: {msg}"
-    if msg == str(err):
+    if msg == err.reason:
         return err
     new = type(err).__new__(type(err))
     Exception.__init__(new, msg)

@@ -40,10 +40,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from .errors import ModelFormatError
+from .hints import TRUST_PICKLE
 
 __all__ = ["check_pt2", "check_program"]
 
-_TRUST = "If you trust the file, pass --trust-pickle (trust_pickle=True)"
 
 # ``torch.ops.<namespace>.<op>[.<overload>]``: no dunders, so no ``__class__`` walks.
 _OP_TARGET = re.compile(r"^torch\.ops\.(?!__)\w+\.(?!__)\w+(\.(?!__)\w+)?$")
@@ -174,7 +174,9 @@ def _torch_function_names() -> frozenset[str]:
 
 
 def _refuse(path: str, problem: str) -> ModelFormatError:
-    return ModelFormatError(f"{path}: {problem}; loading it could run code from the file. {_TRUST}")
+    return ModelFormatError(
+        f"{path}: {problem}; loading it could run code from the file", hints=[TRUST_PICKLE]
+    )
 
 
 def _expr_ok(text: str, names: frozenset[str]) -> bool:

@@ -9,11 +9,13 @@ into JSON-ready dictionaries with ``to_dict()``.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .health_records import HealthReport, LayerQuant
+from .health_records import QUANT_RATIO_FLAG, HealthReport, LayerQuant
+from .hints import Hint, Surface, advise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .constant_channels import PrunedChannels
@@ -31,6 +33,7 @@ __all__ = [
     "LocateReport",
     "VerifyReport",
     "FoldReport",
+    "FileJob",
     "PostFoldResult",
     "FileInfo",
     "ExportCounts",
@@ -143,8 +146,10 @@ class Site:
             "target": self.target,
             "target_kind": self.target_kind,
             "direction": self.direction.value,
+            "reason": None,
             "detail": self.detail,
             "pattern": self.pattern,
+            "hints": [],
         }
         if self.bias_rounding is not None:
             d["bias_rounding"] = {"value": self.bias_rounding[0], "bound": self.bias_rounding[1]}
@@ -153,24 +158,42 @@ class Site:
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """A BatchNorm that is left in the model, and why (``pattern``: the pattern it was tried as, where known)."""
+    """A BatchNorm that is left in the model, and why.
+
+    Attributes:
+        bn: node or module name of the BatchNorm.
+        reason: the reason class.
+        detail: the reason in words (without advice: see ``hints``).
+        pattern: the pattern it was tried as, where known (:data:`bnfold.patterns.CATALOGUE`).
+        hints: the options that would fold it (:mod:`bnfold.hints`), worded by each surface:
+            :meth:`text` for a reader, both wordings in :meth:`to_dict`.
+    """
 
     bn: str
     reason: SkipReason
     detail: str
     pattern: str | None = None
+    hints: tuple[Hint, ...] = ()
 
     @property
     def folded(self) -> bool:
         return False
 
+    def text(self, surface: Surface = "python") -> str:
+        """The detail followed by the hints worded for ``surface``."""
+        return advise(self.detail, self.hints, surface)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "bn": self.bn,
             "status": "left",
+            "target": None,
+            "target_kind": None,
+            "direction": None,
             "reason": self.reason.value,
             "detail": self.detail,
             "pattern": self.pattern,
+            "hints": [h.to_dict() for h in self.hints],
         }
 
 
@@ -336,6 +359,20 @@ class PostFoldResult:
 
 
 @dataclass(frozen=True, slots=True)
+class FileJob:
+    """What a file job (:mod:`bnfold.files`) adds to a fold's report; empty for a fold in memory."""
+
+    files: FileInfo | None = None
+    """The files read and written: paths, formats, sizes, total time."""
+    signature: dict[str, Any] | None = None
+    """An ONNX result's inputs and outputs (:func:`bnfold.files.io_signature`)."""
+    verified_on: dict[str, list[int]] | None = None
+    """The input shapes verification ran on."""
+    predicted_counts: tuple[str, ...] | None = None
+    """A dry run that predicts only these counts (torch.export: ``("bn", "params")``); None: every count."""
+
+
+@dataclass(frozen=True, slots=True)
 class FoldReport:
     """What a fold (or a dry run) did to a model: one verdict per BatchNorm, plus figures.
 
@@ -359,14 +396,9 @@ class FoldReport:
     notes: tuple[str, ...] = ()
     post: PostFoldResult = field(default_factory=PostFoldResult)
     """What the post-fold steps did (health audit, pruned channels, flushed denormals)."""
-    files: FileInfo | None = None
-    """A file job's paths, formats, sizes and total time (:mod:`bnfold.files`); None in memory."""
-    signature: dict[str, Any] | None = None
-    """An ONNX result's inputs and outputs (:func:`bnfold.files.io_signature`), set by the file jobs."""
-    verified_on: dict[str, list[int]] | None = None
-    """The input shapes verification ran on, set by the file jobs."""
-    predicted_counts: tuple[str, ...] | None = None
-    """A dry run that predicts only these counts (torch.export: ``("bn", "params")``); None: every count."""
+    job: FileJob = field(default_factory=lambda: FileJob())
+    """What a file job (:mod:`bnfold.files`) adds: files, signature, the shapes verified on; read through
+    ``files``, ``signature``, ``verified_on`` and ``predicted_counts``; :meth:`with_job` sets them."""
     mul_add: tuple[Site, ...] = ()
     """ONNX: per-channel Mul+Add pairs (a frozen BN) folded into the layer before them."""
     culprits: CulpritSearch | None = None
@@ -402,6 +434,30 @@ class FoldReport:
         """The int8 readiness of the layers the fold wrote (``post.quant``)."""
         return self.post.quant
 
+    @property
+    def files(self) -> FileInfo | None:
+        """A file job's paths, formats, sizes and total time; None in memory (``job.files``)."""
+        return self.job.files
+
+    @property
+    def signature(self) -> dict[str, Any] | None:
+        """An ONNX result's inputs and outputs (``job.signature``)."""
+        return self.job.signature
+
+    @property
+    def verified_on(self) -> dict[str, list[int]] | None:
+        """The input shapes verification ran on (``job.verified_on``)."""
+        return self.job.verified_on
+
+    @property
+    def predicted_counts(self) -> tuple[str, ...] | None:
+        """A dry run that predicts only these counts (``job.predicted_counts``); None: every count."""
+        return self.job.predicted_counts
+
+    def with_job(self, **changes: Any) -> FoldReport:
+        """The same report with fields of :attr:`job` changed (what the file jobs write)."""
+        return replace(self, job=replace(self.job, **changes))
+
     def with_post(self, **changes: Any) -> FoldReport:
         """This report with fields of :class:`PostFoldResult` replaced (``report.with_post(health=audit)``)."""
         return replace(self, post=replace(self.post, **changes))
@@ -424,29 +480,70 @@ class FoldReport:
         """BNs replaced by another normalisation (``batch_stats="instance"``), counted apart in ``to_dict``."""
         return sum(1 for s in self.sites if s.direction is Direction.CONVERTED)
 
-    def to_dict(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The counts of the ``--json`` document's ``summary``: by verdict, layer kind and reason; nodes,
+        parameters, merges."""
+        mul_add = len(self.mul_add)  # per-channel Mul+Add pairs folded into a layer: folds like any BN
+        affine = sum(1 for s in self.sites if s.direction is Direction.AFFINE)
+        converted = self.converted  # batch_stats="instance": counted apart, not as folds
+        by_kind = Counter(
+            s.target_kind for s in self.sites if s.direction not in (Direction.AFFINE, Direction.CONVERTED)
+        )
+        if mul_add:
+            by_kind["Mul+Add"] += mul_add
         return {
-            "backend": self.backend,
-            "dry_run": self.dry_run,
             "bn_before": self.bn_before,
             "bn_after": self.bn_after,
-            "folded": self.folded - self.converted,
-            "converted": self.converted,
+            "folded": self.folded - affine - converted + mul_add,
+            "affine": affine,
+            "converted": converted,
+            # scale propagation: BNs removed by moving their scale and shift (in "folded" too)
+            "propagated": sum(1 for s in self.sites if s.direction is Direction.PROPAGATED),
+            "mul_add_folded": mul_add,
+            "left": len(self.skips),
+            "by_target_kind": dict(sorted(by_kind.items())),
+            "by_reason": dict(sorted(Counter(s.reason.value for s in self.skips).items())),
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "params_before": self.params_before,
             "params_after": self.params_after,
-            "seconds": self.seconds,
+            "predicted": self.dry_run,
+            # branch merging: sums merged into one Conv, their branches, Convs before/after
+            "merges": sum(1 for m in self.merges if m.merged),
+            "branches_merged": sum(m.branches_merged for m in self.merges if m.merged),
+            "convs_before": self.convs_before,
+            "convs_after": self.convs_after,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as the body of ``bnfold fold --json`` / ``inspect --json`` (schema
+        ``bnfold/schemas/report-v1.json``; the CLI adds the common head): the one serialisation."""
+        f = self.files
+        return {
+            **(FileInfo.NONE if f is None else f).to_dict(),
+            "backend": self.backend,
+            "dry_run": self.dry_run,
+            "summary": self.summary(),
+            "signature": self.signature,
             "verdicts": [v.to_dict() for v in self.verdicts],
-            "verification": None if self.verification is None else self.verification.to_dict(),
+            "mul_add": [m.to_dict() for m in self.mul_add],
+            "merges": [m.to_dict() for m in self.merges],
+            "verification": None
+            if self.verification is None
+            else {**self.verification.to_dict(), "inputs": self.verified_on},
+            "culprits": None if self.culprits is None else self.culprits.to_dict(),
+            "flushed_denormals": self.flushed_denormals,
+            "pruned_channels": None
+            if self.pruned_channels is None
+            else [p.to_dict() for p in self.pruned_channels],
+            "health": None if self.health is None else self.health.to_dict(),
+            "quant": {
+                "ratio_flag": QUANT_RATIO_FLAG,
+                "flagged": sum(1 for q in self.quant if q.flagged),
+                "layers": [q.to_dict() for q in self.quant],
+            },
             "notes": list(self.notes),
-            **({"extra": dict(self.extra)} if self.extra else {}),
-            **({"flushed_denormals": self.flushed_denormals} if self.flushed_denormals is not None else {}),
-            **({"health": self.health.to_dict()} if self.health is not None else {}),
-            **({"quant": [q.to_dict() for q in self.quant]} if self.quant else {}),
-            **({"files": self.files.to_dict()} if self.files is not None else {}),
-            **({"signature": self.signature} if self.signature is not None else {}),
-            **({"verified_on": self.verified_on} if self.verified_on is not None else {}),
+            "seconds": float(self.total_seconds),
         }
 
     @property
@@ -505,8 +602,37 @@ class FileInfo:
     written: bool = False
     total_seconds: float | None = None
 
+    NONE: ClassVar[FileInfo]
+    """No file (a model passed in memory): ``model`` with null fields, ``output`` null."""
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """``model`` and ``output`` as the ``--json`` documents write them (``output`` null when none)."""
+        return {
+            "model": file_entry(
+                self.source or None, self.source_format or None, self.size_before, self.source_data_files
+            ),
+            "output": None
+            if not self.output
+            else file_entry(
+                self.output, self.output_format, self.size_after, self.output_data_files, written=self.written
+            ),
+        }
+
+
+FileInfo.NONE = FileInfo("", "")
+
+
+def file_entry(
+    path: Any, fmt: str | None = None, size: int | None = None, data_files: Any = (), **more: Any
+) -> dict[str, Any]:
+    """One file of a ``--json`` document: path, format, size on disk, external data files (and ``more``)."""
+    return {
+        "path": None if path is None else str(path),
+        "format": fmt,
+        "size_bytes": size,
+        "data_files": [str(f) for f in data_files or ()],
+        **more,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,12 +646,13 @@ class FreezeReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The body of ``bnfold freeze --json`` (the CLI adds the common head): the one serialisation."""
         return {
-            "files": self.files.to_dict(),
+            **self.files.to_dict(),
             "learnable": self.learnable,
-            "frozen": [list(f) for f in self.frozen],
-            "left": [s.to_dict() for s in self.left],
-            "seconds": self.seconds,
+            "frozen": [{"module": n, "kind": k} for n, k in self.frozen],
+            "left": [{"module": s.bn, "reason": s.reason.value, "detail": s.detail} for s in self.left],
+            "seconds": float(self.seconds),
         }
 
 

@@ -150,3 +150,29 @@ def test_propagated_bns_are_counted_apart_in_the_summary(tmp_path: Path) -> None
     assert off["propagated"] == 0 and off["left"] == len(propagated)
     human = CliRunner().invoke(app, ["inspect", str(src)])
     assert f"{len(propagated)} of them by scale propagation" in " ".join(human.output.split())  # wrapped
+
+
+def test_the_python_report_and_the_cli_document_are_one_serialisation(model_path: Path, tmp_path: Path) -> None:
+    """``FoldReport.to_dict()`` of the file job is the ``--json`` document without its head and aliases."""
+    from bnfold.cli.jsonout import finite_json
+    from bnfold.files import FoldSettings, InspectSettings, fold_file, inspect_file
+
+    head = {"schema", "schema_version", "command", "ok", "exit_code", "bnfold_version"}
+    legacy = {"bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after"}
+    for args, job in (
+        (["inspect", str(model_path), "--json"], lambda: inspect_file(model_path, InspectSettings())),
+        (
+            ["fold", str(model_path), str(tmp_path / "a.onnx"), "--json"],
+            lambda: fold_file(model_path, tmp_path / "b.onnx", FoldSettings()),
+        ),
+    ):
+        doc = _doc(args, 0)
+        body = json.loads(json.dumps(finite_json(job().to_dict())))
+        jsonschema.validate({**{k: doc[k] for k in head | legacy}, **body}, _schema())
+        for k in ("seconds",):  # timings differ between two runs
+            body.pop(k), doc.pop(k)
+        for d in (body, doc):
+            for side in ("model", "output"):
+                if d.get(side):
+                    d[side].pop("path"), d[side].pop("size_bytes")
+        assert {k: v for k, v in doc.items() if k not in head | legacy} == body

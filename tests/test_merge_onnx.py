@@ -170,7 +170,7 @@ def test_merge_verdicts_name_every_branch_and_the_absorbed_bn() -> None:
     assert sorted(b.kind for b in mg.branches) == ["bn", "conv", "conv"]
     identity_bn = [v for v in rep.sites if "rbr_identity" in v.bn]
     assert len(identity_bn) == 1 and identity_bn[0].target == mg.target and "merged" in identity_bn[0].detail
-    d = rep.to_dict()["extra"]["merges"][0]
+    d = rep.to_dict()["merges"][0]
     assert d["merged"] is True and d["branches_merged"] == 3
 
 

@@ -252,7 +252,7 @@ def test_merge_report_names_every_branch_and_the_absorbed_bn() -> None:
     (identity_bn,) = [v for v in rep.sites if v.bn == "rbr_identity"]
     assert identity_bn.target == mg.target and "merged" in identity_bn.detail
     assert any("reparameterize()" in n for n in rep.notes)  # it exists; bnfold did not call it
-    assert rep.to_dict()["extra"]["merges"][0]["branches_merged"] == 3
+    assert rep.to_dict()["merges"][0]["branches_merged"] == 3
 
 
 def test_own_reparameterize_is_never_called() -> None:

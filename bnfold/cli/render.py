@@ -32,7 +32,6 @@ from rich.text import Text
 from bnfold.health_records import HealthReport, count_labels
 from bnfold.records import Direction, FoldReport, FreezeReport, OutputCheck, Site, Skip, VerifyReport
 
-from .jsonout import counts
 from .text import clean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -167,7 +166,7 @@ def render_fold_report(
     ``verbose`` lists every BatchNorm (folded: into what; left: why) instead of only those left.
     """
     f = report.files
-    c = counts(report)
+    c = report.summary()
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
@@ -277,7 +276,7 @@ def _verdict_cells(v: Site | Skip) -> tuple[Text, Text, Text]:
         )  # folded by the ONNX exporter: no layer named
         status = "propagated" if v.direction is Direction.PROPAGATED else "folded"
         return name, Text(status, style="green"), Text(into + (f"; {clean(v.detail)}" if v.detail else ""))
-    return name, Text(v.reason.value, style="yellow"), _t(v.detail)
+    return name, Text(v.reason.value, style="yellow"), _t(v.text("cli"))
 
 
 def _verification_line(v: VerifyReport, shapes: Mapping[str, Any] | None) -> Text:
@@ -398,7 +397,7 @@ def _ms(median: float, spread: Any) -> str:
 def render_freeze_report(console: Console, result: FreezeReport, *, verbose: bool = False) -> None:
     """One summary line, then the BNs left as they were (with the reason); ``verbose`` lists every frozen layer."""
     frozen = list(result.frozen)
-    left = [(s.bn, s.reason.value, s.detail) for s in result.left]
+    left = [(s.bn, s.reason.value, s.text("cli")) for s in result.left]
     learn = "learnable scale/shift" if result.learnable else "fixed scale/shift buffers"
     f = result.files
     console.print(

@@ -398,10 +398,8 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
         if _debug():
             traceback.print_exc(file=sys.stderr)
         # Every error line names the file (errors.with_context: the one way context is added), and
-        # advice worded for the Python API (trust_pickle=True) is worded as the CLI flag.
-        from bnfold.files.load import cli_advice
-
-        fail(cli_advice(str(with_context(e, *(str(p) for p in paths)))), e.exit_code, type(e).__name__)
+        # its hints are worded as the CLI flags (bnfold.hints).
+        fail(with_context(e, *(str(p) for p in paths)).text("cli"), e.exit_code, type(e).__name__)
     except Exception as e:  # last resort: a bad file must never show a traceback
         if _debug():
             traceback.print_exc(file=sys.stderr)

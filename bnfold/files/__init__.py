@@ -7,7 +7,7 @@ a record (:class:`~bnfold.records.FoldReport`, :class:`~bnfold.records.VerifyRep
 
 Modules:
     settings   the records, the option checks (``OptionError`` naming the flag), output formats
-    load       one load per file (``Loaded``), the factory, advice reworded for the CLI
+    load       one load per file (``Loaded``), the factory
     output     output-path checks, staging (write, verify that file, rename), ``--in-place`` clean-up
     verify     verification with a job's settings, the ``verify`` job
     fold       the ``fold`` job (ONNX path, the verification-failed policy)
@@ -25,7 +25,7 @@ from bnfold.options import FoldOptions
 from .fold import fold_file
 from .freeze import freeze_file
 from .inspect import inspect_file
-from .load import ProgressFn, cli_advice, resolve_factory
+from .load import ProgressFn, resolve_factory
 from .output import check_output
 from .settings import (
     OUTPUT_FORMATS,
@@ -46,7 +46,6 @@ __all__ = [
     "OUTPUT_FORMATS",
     "output_format",
     "check_output",
-    "cli_advice",
     "resolve_factory",
     "io_signature",
     "LoadSettings",

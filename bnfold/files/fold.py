@@ -29,11 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bnfold.errors import BnfoldError, FoldVerificationError
+from bnfold.errors import FoldVerificationError
 from bnfold.postfold import run
 from bnfold.records import FileInfo, FoldReport, Site, VerifyReport
 
-from .load import ProgressFn, advised, load, noop, reworded
+from .load import ProgressFn, load, noop
 from .output import check_output, check_pairing, same_file, staged
 from .settings import FoldSettings, check_fold, refuse
 from .verify import Prepared, check_onnx_shapes, io_signature, prepare, run_verify, verified_on
@@ -125,7 +125,7 @@ def _fold_file(
         output=str(dst_p),
         output_format=out_fmt,
     )
-    report = replace(advised(report), files=files)
+    report = report.with_job(files=files)
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
     verify_now = s.verify
     if s.verify and loaded.format == "onnx" and _unchanged(report):
@@ -226,7 +226,7 @@ def _finish(
     files = report.files
     assert files is not None
     if failed and not s.force:
-        report = replace(report, files=replace(files, total_seconds=time.perf_counter() - t0))
+        report = report.with_job(files=replace(files, total_seconds=time.perf_counter() - t0))
         raise FoldVerificationError(f"{message}; not written (--force writes it anyway)", report)
     if failed:
         report = replace(
@@ -235,8 +235,7 @@ def _finish(
     st.commit()
     report = replace(report, notes=(*report.notes, *st.notes))  # data files kept (the deletion rule)
     out_data = onnx_data_files(dst) if out_fmt == "onnx" else []
-    report = replace(
-        report,
+    report = report.with_job(
         files=replace(
             files,
             size_after=model_size(dst, out_fmt),
@@ -262,8 +261,7 @@ def _fold_onnx(
         model, "onnx", s.options, lambda: fold_model(model, options=s.options, inplace=not s.options.health)
     )
     progress("fold", 1, 1)
-    return replace(
-        report,
+    return report.with_job(
         signature=io_signature(folded),
         verified_on=verified_on(folded, prep, None) if s.verify else None,
     ), folded
@@ -312,35 +310,29 @@ def _fold_torch(
     if out_fmt != "onnx":
         refuse({"--affine": s.options.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
     model = eval_if(loaded.model, s.options.eval_semantics)
-    try:
-        report, result, examples = fold_torch(src, model, loaded.example_inputs, out_fmt, prep, s, prog)
-    except BnfoldError as e:
-        raise reworded(e) from e
+    report, result, examples = fold_torch(src, model, loaded.example_inputs, out_fmt, prep, s, prog)
     names: list[str] = []
     if out_fmt == "onnx":
-        report = replace(report, signature=io_signature(result))
+        report = report.with_job(signature=io_signature(result))
         assert report.signature is not None
         names = [i["name"] for i in report.signature["inputs"]]
     if s.verify:
-        report = replace(report, verified_on=verified_on(result, prep, examples, names))
+        report = report.with_job(verified_on=verified_on(result, prep, examples, names))
     import torch
 
     is_module = isinstance(model, torch.nn.Module)
 
     def check(candidate: Any) -> VerifyReport:
-        try:
-            rep = run_verify(
-                model,
-                candidate,
-                prep.carried_by_examples(),
-                example_inputs=examples,
-                progress=prog,
-                where=str(src),
-            )
-            if out_fmt == "onnx" and s.export.dynamic_batch and is_module and examples:
-                check_other_batch(model, candidate, examples, prep, prog, src)
-        except BnfoldError as e:
-            raise reworded(e) from e
+        rep = run_verify(
+            model,
+            candidate,
+            prep.carried_by_examples(),
+            example_inputs=examples,
+            progress=prog,
+            where=str(src),
+        )
+        if out_fmt == "onnx" and s.export.dynamic_batch and is_module and examples:
+            check_other_batch(model, candidate, examples, prep, prog, src)
         return rep
 
     return report, result, check
@@ -383,7 +375,7 @@ def _without_culprits(
 
         model, new, search = fold_without_culprits(report, fold, check)
         if search.resolved:
-            return replace(advised(new), files=report.files), model, True
+            return new.with_job(files=report.files), model, True
         # Unresolved: the failed fold is written only with --force (otherwise nothing is staged).
         return new, fold(frozenset())[0] if s.force else None, False
     if out_fmt in ("torch", "pt2") and report.backend in ("fx", "module"):
@@ -397,5 +389,5 @@ def _without_culprits(
         new, folded = without_culprits(
             src, loaded.model, out_fmt, examples, prep, report, result, options=s.options, progress=prog
         )
-        return replace(advised(new), files=report.files), folded, folded is not result
+        return new.with_job(files=report.files), folded, folded is not result
     return report, result, False

@@ -17,6 +17,7 @@ from typing import Any
 
 from bnfold.errors import BnfoldError, OptionError, VerificationError
 from bnfold.export import export_folded
+from bnfold.hints import STATIC_BATCH
 from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, VerifyReport
 from bnfold.verification.inputs import torch_examples
@@ -167,6 +168,6 @@ def check_other_batch(
         why = str(e)
     if why:
         raise VerificationError(
-            f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} "
-            f"({why}): the model fixes its batch size; pass --static-batch"
+            f"{src}: the exported ONNX model is right at batch {batch} but not at batch {batch + 1} ({why})",
+            hints=[STATIC_BATCH],
         )

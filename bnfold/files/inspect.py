@@ -17,11 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bnfold.errors import BnfoldError
 from bnfold.records import FileInfo, FoldReport
 from bnfold.verification.inputs import torch_examples
 
-from .load import ProgressFn, advised, load, noop, reworded
+from .load import ProgressFn, load, noop
 from .settings import InspectSettings, VerifySettings, check_batch_stats, check_inputs, refuse
 from .verify import check_onnx_shapes, io_signature, prepare
 
@@ -76,7 +75,7 @@ def inspect_file(
         # The dry run folds a copy: the weights it writes go to an unnamed temporary file, not memory.
         with spilling(None if opts.health else tempfile.gettempdir()):
             _, report = fold_with_options(model, dry, dry_run=True)
-        report = replace(report, signature=io_signature(model))
+        report = report.with_job(signature=io_signature(model))
     else:
         import torch
 
@@ -90,42 +89,39 @@ def inspect_file(
                 "PyTorch MODEL, together with --to onnx",
             )
         model = eval_if(model, opts.eval_semantics)
-        try:
-            if to_onnx or isinstance(model, torch.export.ExportedProgram):
-                refuse(
-                    {"--batch-stats": opts.batch_stats},
-                    "applies to ONNX models and nn.Modules folded as "
-                    "PyTorch (not with --to onnx, nor to a torch.export program)",
-                )
-            if to_onnx:
-                from bnfold.export import ExportSettings, export_folded
+        if to_onnx or isinstance(model, torch.export.ExportedProgram):
+            refuse(
+                {"--batch-stats": opts.batch_stats},
+                "applies to ONNX models and nn.Modules folded as "
+                "PyTorch (not with --to onnx, nor to a torch.export program)",
+            )
+        if to_onnx:
+            from bnfold.export import ExportSettings, export_folded
 
-                own = (
-                    loaded.example_inputs
-                    if loaded.example_inputs is not None
-                    else getattr(model, "example_inputs", None)
-                )
+            own = (
+                loaded.example_inputs
+                if loaded.example_inputs is not None
+                else getattr(model, "example_inputs", None)
+            )
+            examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
+            onnx_model, report = export_folded(
+                model, examples, export=ExportSettings(), progress=lambda *a: None, options=dry
+            )
+            report = replace(report, dry_run=True).with_job(signature=io_signature(onnx_model))
+            del onnx_model
+        elif isinstance(model, torch.export.ExportedProgram):
+            _, report = fold_with_options(model, dry, dry_run=True)
+        else:
+            own = (
+                loaded.example_inputs
+                if loaded.example_inputs is not None
+                else getattr(model, "example_inputs", None)
+            )
+            if prep.shapes or prep.arrays or own is not None:
                 examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
-                onnx_model, report = export_folded(
-                    model, examples, export=ExportSettings(), progress=lambda *a: None, options=dry
-                )
-                report = replace(report, dry_run=True, signature=io_signature(onnx_model))
-                del onnx_model
-            elif isinstance(model, torch.export.ExportedProgram):
-                _, report = fold_with_options(model, dry, dry_run=True)
-            else:
-                own = (
-                    loaded.example_inputs
-                    if loaded.example_inputs is not None
-                    else getattr(model, "example_inputs", None)
-                )
-                if prep.shapes or prep.arrays or own is not None:
-                    examples = torch_examples(model, prep.shapes, prep.arrays, prep.seed, src_p, own)
-                _, report = fold_with_options(model, dry, dry_run=True, example_inputs=examples)
-        except BnfoldError as e:
-            raise reworded(e) from e
+            _, report = fold_with_options(model, dry, dry_run=True, example_inputs=examples)
         if isinstance(model, torch.export.ExportedProgram) and not to_onnx:
-            report = replace(report, predicted_counts=("bn", "params"))
+            report = report.with_job(predicted_counts=("bn", "params"))
     if opts.health:
         from bnfold.api import health as audit_model
 
@@ -141,4 +137,4 @@ def inspect_file(
         size_before=loaded.size,
         total_seconds=time.perf_counter() - t0,
     )
-    return replace(advised(report), files=files)
+    return report.with_job(files=files)

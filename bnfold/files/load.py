@@ -4,27 +4,21 @@ Rules:
     * a file is sniffed and parsed once (:func:`bnfold.io.load_file`); later steps read the record,
       never the file's format again;
     * the factory's example inputs travel in the record, not as an attribute stuck on the model;
-    * a bad ``--model`` fails even when the file does not need it (the factory is resolved first);
-    * advice written for the Python API is reworded as the CLI flags that do the same
-      (:func:`cli_advice`), so every message a CLI user reads names flags they can type.
+    * a bad ``--model`` fails even when the file does not need it (the factory is resolved first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from bnfold.errors import BnfoldError, with_context
-from bnfold.records import FoldReport, Skip
 
 from .settings import LoadSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.io import Loaded
 
-__all__ = ["ProgressFn", "noop", "load", "resolve_factory", "cli_advice", "advised", "reworded"]
+__all__ = ["ProgressFn", "noop", "load", "resolve_factory"]
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``."""
@@ -57,35 +51,3 @@ def load(
     )
     progress("load", 1, 1)
     return loaded
-
-
-_ADVICE = (
-    # (what the Python API says, what a CLI user types)
-    ("pass eval_semantics=True", "pass --eval-semantics"),
-    (
-        "pass example_inputs=(x,) to bnfold.fold to record the shapes",
-        "pass -s/--input-shape NAME=SHAPE (or --inputs DATA.npz) to record the shapes",
-    ),
-    (" (trust_pickle=True)", ""),
-    (" (model_factory=...)", ""),
-)
-
-
-def cli_advice(text: str) -> str:
-    """``text`` with advice worded for the Python API reworded as the CLI flags that do the same."""
-    for api, flag in _ADVICE:
-        text = text.replace(api, flag)
-    return text
-
-
-def advised(report: FoldReport) -> FoldReport:
-    """The report with every verdict's detail and note worded for the CLI (see :func:`cli_advice`)."""
-    verdicts = [
-        replace(v, detail=cli_advice(v.detail)) if isinstance(v, Skip) else v for v in report.verdicts
-    ]
-    return replace(report, verdicts=verdicts, notes=tuple(cli_advice(n) for n in report.notes))
-
-
-def reworded(err: BnfoldError) -> BnfoldError:
-    """The same error with its advice worded for the CLI."""
-    return with_context(err, message=cli_advice(str(err)))

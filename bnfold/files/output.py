@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import OptionError, OutputError
+from bnfold.hints import IN_PLACE
 
 from .load import ProgressFn
 
@@ -35,9 +36,7 @@ def check_output(src: Path, dst: Path, *, in_place: bool = False) -> None:
     from bnfold.io import check_output_path
 
     if same_file(src, dst) and not in_place:
-        raise OutputError(
-            f"{dst}: is the input model; choose another output or pass --in-place to overwrite it"
-        )
+        raise OutputError(f"{dst}: is the input model", hints=[IN_PLACE])
     if dst.is_dir():
         raise OutputError(f"{dst}: is a folder, not a file name")
     check_output_path(src, dst, in_place=in_place)

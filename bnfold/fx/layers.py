@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfold.hints import BATCH_STATS_INSTANCE, Hint
 from bnfold.records import SkipReason
 
 from .bnspec import BnSpec
@@ -58,22 +59,19 @@ def is_bn_module(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) or is_frozen_bn(m) or registered_bn_like(m)
 
 
-def bn_module_skip(m: nn.Module) -> tuple[SkipReason, str] | None:
+def bn_module_skip(m: nn.Module) -> tuple[SkipReason, str, tuple[Hint, ...]] | None:
     """Rule 1 for a BN module: why it can never be folded, or None when its eval map is known."""
     spec = describe_bn(m)
     return spec_skip(spec)
 
 
-def spec_skip(spec: BnSpec | str) -> tuple[SkipReason, str] | None:
+def spec_skip(spec: BnSpec | str) -> tuple[SkipReason, str, tuple[Hint, ...]] | None:
+    """(reason, detail, hints) of a BN whose spec says it can never be folded, else None."""
     if isinstance(spec, BnSpec):
         return None
     if spec.startswith("no_running_stats: "):
-        return SkipReason.NO_RUNNING_STATS, (
-            spec.removeprefix("no_running_stats: ") + "; --batch-stats instance "
-            "(batch_stats='instance') converts a BatchNorm1d/2d/3d to an "
-            "InstanceNorm, exact at batch 1"
-        )
-    return SkipReason.CUSTOM_BN, spec
+        return SkipReason.NO_RUNNING_STATS, spec.removeprefix("no_running_stats: "), (BATCH_STATS_INSTANCE,)
+    return SkipReason.CUSTOM_BN, spec, ()
 
 
 def layer_kind(m: nn.Module) -> str | None:

@@ -50,6 +50,7 @@ patterns, cited by their id in :data:`bnfold.patterns.CATALOGUE` (the ids of the
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from torch import fx, nn
 
@@ -86,10 +87,10 @@ def _bn_info(
         spec = specs[id(m)]
         why = spec_skip(spec)
         if why is None and (len(node.args) != 1 or node.kwargs):
-            why = (SkipReason.CUSTOM_BN, f"'{name}' is called with more than one input")
+            why = (SkipReason.CUSTOM_BN, f"'{name}' is called with more than one input", ())
         if why is not None or not isinstance(spec, BnSpec):
             assert why is not None
-            return name, None, Skip(name, why[0], why[1]), None
+            return name, None, Skip(name, why[0], why[1], hints=why[2]), None
         return name, spec.num_features, None, spec
     name = node.name
     a = functional_bn_args(node)
@@ -170,7 +171,7 @@ def match_bn(
     seen_bn[name] += 1
     shown = q(name) if seen_bn[name] == 1 else f"{q(name)}#{seen_bn[name]}"
     if skip is not None:
-        return Skip(shown, skip.reason, skip.detail)
+        return replace(skip, bn=shown, pattern=None)
     if node.op == "call_function":
         bn_graph_why = "functional F.batch_norm is removed from the graph"
     else:

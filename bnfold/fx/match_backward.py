@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from bnfold.hints import EXAMPLE_INPUTS
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .convs import input_side_conv
@@ -103,7 +104,7 @@ def match_backward(
     if not flat:
         rank = rank_of(node.args[0], root) if kind == "Linear" else 2
         if rank is None:  # bn-gemm: the rank is not proven
-            return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
+            return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK, hints=(EXAMPLE_INPUTS,)), None
         if rank != 2:  # bn-gemm needs (N, C)
             return Skip(
                 shown, SkipReason.LAYOUT, f"BN -> Linear is exact only on a 2-D tensor, not {rank}-D"

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from bnfold.hints import EXAMPLE_INPUTS
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .layers import LAYER_TYPES, fetch_attr, forward_layer_kind
@@ -96,7 +97,7 @@ def match_forward(
             # linear-norm: Linear on (B, N, C) -> flatten(0, -2) -> BN1d on (B*N, C): C stays the BN channel.
             start, end = fl
             if rank is None and end != -2:
-                return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
+                return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK, hints=(EXAMPLE_INPUTS,)), None
             if not (start == 0 and (end == -2 or (rank is not None and end == rank - 2))):
                 return Skip(
                     shown,
@@ -106,7 +107,7 @@ def match_forward(
             rank = 2
             via = "through flatten to (tokens, channels)"
         if rank is None:  # gemm-bn: the rank is not proven
-            return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK), None
+            return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK, hints=(EXAMPLE_INPUTS,)), None
         if rank != 2:  # gemm-bn needs (N, C)
             return (
                 Skip(

@@ -44,6 +44,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.errors import InputError, ModelStateError, UnsupportedModelError
+from bnfold.hints import EVAL_SEMANTICS
 from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, Merge, Site, Skip, SkipReason, Verdict
 
@@ -85,7 +86,8 @@ def _check_mode(module: nn.Module, eval_semantics: bool) -> None:
     if names:
         raise ModelStateError(
             f"the model is in train() mode ({', '.join(names[:3])}{'...' if len(names) > 3 else ''}): folding "
-            "uses the running statistics of inference; call model.eval() first, or pass eval_semantics=True"
+            "uses the running statistics of inference; call model.eval() first",
+            hints=[EVAL_SEMANTICS],
         )
 
 

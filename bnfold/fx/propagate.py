@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -694,7 +694,7 @@ def propagate_graph_module(
             plan = _plan(gm, n, eval_semantics)
         except _Refuse as e:
             if "channels" in str(e):
-                out[i] = Skip(prev.bn, prev.reason, f"{prev.detail}; {_PREFIX}{e}")
+                out[i] = replace(prev, detail=f"{prev.detail}; {_PREFIX}{e}", pattern=None)
             continue
         detail = _describe(plan)
         target, kind = str(plan.fits[0].node.target), plan.fits[0].kind

@@ -112,8 +112,9 @@ class Index:
 
 UNPROVEN_RANK = (
     "Linear acts on the last dim and BN on dim 1, the same axis only for 2-D (N, C) tensors, and "
-    "nothing proves this one is 2-D: pass example_inputs=(x,) to bnfold.fold to record the shapes"
+    "nothing proves this one is 2-D"
 )
+"""The detail of a Linear/BN pair whose rank is unproven (its Skip carries :data:`bnfold.hints.EXAMPLE_INPUTS`)."""
 
 
 def clone_detail(why: str) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold.errors import OutputError
+from bnfold.hints import IN_PLACE
 
 from .atomic import check_folder, file_identity, fit_name, name_max
 from .datafiles import absolute, data_refs, file_key, model_locations, read_record, remember
@@ -147,9 +148,7 @@ def check_output_path(
         s = os.fspath(src)
         if file_identity(d) is not None and file_identity(d) == file_identity(s):
             if not in_place:
-                raise OutputError(
-                    f"{d}: is the input model; choose another output or pass --in-place to overwrite it"
-                )
+                raise OutputError(f"{d}: is the input model", hints=[IN_PLACE])
             files = [f for f in files if file_identity(f) != file_identity(s)]
             _refuse_input_files(d, files, data_too=False)
             return

@@ -27,9 +27,11 @@ import os
 import pickletools
 import stat
 import zipfile
+from collections.abc import Iterable
 from typing import Any
 
 from bnfold.errors import ModelFormatError
+from bnfold.hints import Hint
 
 from .datafiles import FileBytes, fields
 from .paths import remember_refs
@@ -58,8 +60,8 @@ _SAFE_GLOBAL_MODULES = {
 _SAFE_TORCH_NAMES_PREFIX = ("_rebuild_", "Size", "device", "dtype")
 
 
-def format_error(path: str | os.PathLike[str], problem: str) -> ModelFormatError:
-    return ModelFormatError(f"{os.fspath(path)}: {problem}")
+def format_error(path: str | os.PathLike[str], problem: str, hints: Iterable[Hint] = ()) -> ModelFormatError:
+    return ModelFormatError(f"{os.fspath(path)}: {problem}", hints=hints)
 
 
 def _check_readable(path: str) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import ModelFormatError, OptionError
+from bnfold.hints import MODEL_FACTORY, TRUST_PICKLE
 
 from .sniff import format_error
 
@@ -209,10 +210,10 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
                 p,
                 "a pickle of Python objects beyond tensors: a whole module (torch.save(model)), or a training "
                 "checkpoint that pickles other objects beside its weights (Lightning's hyper-parameters, "
-                "callbacks); loading it unpickles, which runs arbitrary code from the file. If you trust the "
-                "file, pass --trust-pickle (trust_pickle=True); otherwise save the weights alone "
-                "(torch.save(model.state_dict()) or torch.save(ckpt['state_dict'])) and load them with "
-                "--model module.path:factory",
+                "callbacks); loading it unpickles, which runs arbitrary code from the file. Save the weights "
+                "alone (torch.save(model.state_dict()) or torch.save(ckpt['state_dict'])) and load them into "
+                "the architecture",
+                hints=[MODEL_FACTORY, TRUST_PICKLE],
             )
         try:
             # Unpickling imports the classes by module name: like `python` itself, find them in the
@@ -232,11 +233,8 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
             raise format_error(
                 p,
                 f"the pickle holds a {type(obj).__name__}, not a torch.nn.Module"
-                + (
-                    " (a training checkpoint? pass --model to load its state_dict)"
-                    if isinstance(obj, Mapping)
-                    else ""
-                ),
+                + (" (a training checkpoint?)" if isinstance(obj, Mapping) else ""),
+                [MODEL_FACTORY] if isinstance(obj, Mapping) else [],
             )
         return obj
     # state_dict
@@ -257,11 +255,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
         ) from e
     sd = _state_dict_of(p, obj)
     if model_factory is None:
-        raise format_error(
-            p,
-            "a state_dict checkpoint (weights only): pass --model module.path:factory to build the "
-            "architecture (model_factory=...)",
-        )
+        raise format_error(p, "a state_dict checkpoint (weights only)", [MODEL_FACTORY])
     return _into_factory(p, sd, model_factory)
 
 

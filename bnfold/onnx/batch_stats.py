@@ -32,15 +32,10 @@ from .const import ConstEvaluator, is_float
 from .graph import GraphIndex, attr, is_bn
 from .plan import FLOAT_TYPES, trace_type
 
-__all__ = ["BATCH_STATS_MODES", "OPTION_HINT", "is_training_bn", "batch_stats_pass", "batch_stat_bn", "NOTE"]
+__all__ = ["BATCH_STATS_MODES", "is_training_bn", "batch_stats_pass", "batch_stat_bn", "NOTE"]
 
 BATCH_STATS_MODES = ("instance",)
 """The values ``batch_stats`` takes (None: leave batch-statistics BNs as they are)."""
-
-OPTION_HINT = (
-    "--batch-stats instance (batch_stats='instance') converts it to an InstanceNorm, exact at batch 1"
-)
-"""The end of the reason of a batch-statistics BN left in place: the option that converts it."""
 
 INSTANCE_DETAIL = (
     "normalises with its batch: replaced by InstanceNormalization (batch_stats='instance'), exact at "

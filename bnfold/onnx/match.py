@@ -73,9 +73,9 @@ from onnx import NodeProto, helper
 
 from bnfold.errors import ModelFormatError
 from bnfold.fold_math import bn_affine, bn_nonfinite_reason
+from bnfold.hints import BATCH_STATS_INSTANCE
 from bnfold.records import Direction, Site, Skip, SkipReason
 
-from .batch_stats import OPTION_HINT
 from .const import Array, ConstEvaluator, is_float
 from .graph import GraphIndex, attr, is_bn
 from .match_backward import match_backward
@@ -96,21 +96,23 @@ def bn_params(index: GraphIndex, ev: ConstEvaluator, node: NodeProto, label: str
         return Skip(
             label,
             SkipReason.TRAINING_MODE,
-            f"training_mode=1: it normalises with batch statistics; {OPTION_HINT}",
+            "training_mode=1: it normalises with batch statistics",
+            hints=(BATCH_STATS_INSTANCE,),
         )
     if int(attr(node, "is_test", 1, opset)) == 0:
         return Skip(
             label,
             SkipReason.TRAINING_MODE,
-            f"is_test=0 (opset 6): it normalises with batch statistics; {OPTION_HINT}",
+            "is_test=0 (opset 6): it normalises with batch statistics",
+            hints=(BATCH_STATS_INSTANCE,),
         )
     extra = [o for o in node.output[1:] if o]
     if extra:
         return Skip(
             label,
             SkipReason.TRAINING_MODE,
-            f"its optional outputs ({', '.join(extra)}) are produced: this is a training-mode BN"
-            + (f"; {OPTION_HINT}" if opset < 14 else ""),
+            f"its optional outputs ({', '.join(extra)}) are produced: this is a training-mode BN",
+            hints=(BATCH_STATS_INSTANCE,) if opset < 14 else (),
         )
     if len(node.input) < 5:
         return Skip(label, SkipReason.UNSUPPORTED_LAYER, "BatchNormalization with fewer than 5 inputs")

@@ -59,7 +59,7 @@ verdict kept). This module never imports torch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -720,7 +720,7 @@ def propagate_graph(
             except _Refuse as e:
                 tried.add(key)
                 if "channels" in str(e):  # the verdict says how many channels blocked it
-                    final[key] = Skip(prev.bn, prev.reason, f"{prev.detail}; not propagated: {e}")
+                    final[key] = replace(prev, detail=f"{prev.detail}; not propagated: {e}", pattern=None)
                 continue
             if plan.touched & touched:
                 continue

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, NotComparableError, OptionError
+from bnfold.hints import INPUT_SHAPES
 from bnfold.records import VerifyReport
 
 from .checks import (
@@ -85,8 +86,7 @@ def _run_all(
             raise  # not the runtime failing on the data (a crash, a missing input, a training-mode BN)
         tried = "; ".join(f"{printable(n, 80)}={'x'.join(str(d) for d in s)}" for n, s in filled.items())
         raise NotComparableError(
-            f"{e}; bnfold chose the symbolic dimensions ({tried}): give the shapes the model takes with "
-            f"--input-shape/-s {printable(next(iter(filled)), 80)}=DIMS (input_shapes= in Python) or real inputs with --inputs FILE.npz"
+            f"{e}; bnfold chose the symbolic dimensions ({tried})", hints=[INPUT_SHAPES]
         ) from e
 
 

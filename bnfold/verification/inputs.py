@@ -35,6 +35,7 @@ import numpy as np
 from bnfold.dtypes import bfloat16, from_numpy
 from bnfold.errors import OptionError
 from bnfold.fold_math.cast import is_floating
+from bnfold.hints import INPUT_SHAPES
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -428,7 +429,4 @@ def torch_examples(
     if ex is not None:
         args = ex[0] if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else ex
         return tuple(args)
-    raise OptionError(
-        f"{path}: a PyTorch module has no input signature: pass --input-shape (e.g. "
-        "--input-shape x=1x3x224x224) or --inputs data.npz"
-    )
+    raise OptionError(f"{path}: a PyTorch module has no input signature", hints=[INPUT_SHAPES])
