@@ -48,6 +48,7 @@ from bnfold.fold_math.merge import (
     merge_record,
     pick_reference,
     pool_kernel,
+    refuse_odd,
     refuse_open,
     sum_kernels,
 )
@@ -374,13 +375,7 @@ def _branch_conv(gm: fx.GraphModule, b: _Branch) -> ConvRead:
         raise MergeRefusal(MergeReason.GROUPS, f"{what}: grouped convs in sequence")
     if p.dtype != cr.dtype:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight dtypes differ")
-    if any(cr.pads) and p.bias is not None and np.any(p.bias != 0):
-        raise MergeRefusal(
-            MergeReason.PADDING,
-            f"{what}: the kxk conv pads {cr.pads} with zeros, where the 1x1 conv's bias would not be added: "
-            "one conv cannot compute it",
-        )
-    w, bias = compose_pointwise(cr.w, cr.bias, p.w, p.bias)
+    w, bias = compose_pointwise(cr.w, cr.bias, p.w, p.bias, cr.pads, what)
     return ConvRead(w, bias, cr.dtype, cr.strides, cr.dilations, cr.pads, cr.group)
 
 
@@ -570,12 +565,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         kept: list[Any] = [b.leaf for b in kept_b]
         odd = [b.leaf.name if isinstance(b.leaf, fx.Node) else repr(b.leaf) for b in odd_b]
         if odd:
-            refuse_open(
-                ok,
-                MergeReason.UNSUPPORTED,
-                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': "
-                "one conv plus an add cannot replace it",
-            )
+            refuse_odd(ok, odd, x.name)
             res.merges.append(_record(top, x.name, "", branches))
             continue
         end = top

@@ -47,6 +47,7 @@ from bnfold.fold_math.merge import (
     pick_input,
     pick_reference,
     pool_kernel,
+    refuse_odd,
     refuse_open,
     sum_kernels,
 )
@@ -443,15 +444,7 @@ def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
 def _pick_input(
     gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]
 ) -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
-    picked = pick_input(
-        leaves, coefs, [_interpretations(gm, v) for v in leaves], partial(_is_conv_branch, gm)
-    )
-    if picked is None:
-        return None
-    x, picks, rest = picked
-    for b, coef in picks:
-        b.sign, b.chain_muls = coef
-    return x, [b for b, _ in picks], rest
+    return pick_input(leaves, coefs, [_interpretations(gm, v) for v in leaves], partial(_is_conv_branch, gm))
 
 
 def _path(b: _Branch) -> list[fx.Node]:
@@ -523,13 +516,7 @@ def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
         if pm.weight.dtype != m.weight.dtype:
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: weight dtypes differ")
         w1, b1 = _params(pm, str(b.pre.target), exact)
-        if any(pads) and b1 is not None and np.any(b1 != 0):
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{b.pre.name} -> {b.label}: the kxk conv pads {pads} with zeros, "
-                "where the 1x1 conv's bias would not be added: one conv cannot compute it",
-            )
-        w64, b64 = compose_pointwise(w64, b64, w1, b1)
+        w64, b64 = compose_pointwise(w64, b64, w1, b1, pads, f"{b.pre.name} -> {b.label}")
     return ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
@@ -858,12 +845,7 @@ def merge_graph_module(
         )
         odd = [leaf.name if isinstance(leaf, fx.Node) else repr(leaf) for leaf in odd_leaves]
         if odd:
-            refuse_open(
-                branches,
-                MergeReason.UNSUPPORTED,
-                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
-                "conv plus an add cannot replace it",
-            )
+            refuse_odd(branches, odd, x.name)
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         post = None if kept else _post_bn(gm, top, ref, eval_semantics)
