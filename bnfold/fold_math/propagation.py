@@ -1,4 +1,4 @@
-"""The words of scale propagation that both backends write (:mod:`bnfold.onnx.propagate`,
+"""The verdicts of scale propagation that both backends write (:mod:`bnfold.onnx.propagate`,
 :mod:`bnfold.fx.propagate`), so that one BN gets the same verdict detail through ONNX and PyTorch.
 
 A channel's scale is *blocked* when it cannot move: negative before a ReLU / LeakyReLU / MaxPool
@@ -7,7 +7,22 @@ A channel's scale is *blocked* when it cannot move: negative before a ReLU / Lea
 
 from __future__ import annotations
 
-__all__ = ["all_blocked", "kept_affine"]
+from bnfold.records import SkipReason
+
+__all__ = ["ELIGIBLE", "all_blocked", "kept_affine"]
+
+ELIGIBLE = frozenset(
+    {
+        SkipReason.NO_PRODUCER,
+        SkipReason.OTHER_CONSUMERS,
+        SkipReason.GRAPH_OUTPUT,
+        SkipReason.PADDING,
+        SkipReason.UNFOLDABLE_BRANCH,
+        SkipReason.UNSUPPORTED_LAYER,
+    }
+)
+"""Skip reasons of the BNs scale propagation tries, in both backends (never training mode, verification,
+non-constant, ...)."""
 
 
 def _parts(

@@ -55,25 +55,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.fold_math import bn_affine
-from bnfold.fold_math.propagation import all_blocked, kept_affine
-from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+from bnfold.fold_math.propagation import ELIGIBLE, all_blocked, kept_affine
+from bnfold.records import Direction, Site, Skip, Verdict
 
 from .layers import layer_kind
 from .shapes import rank_of
 
-__all__ = ["propagate_graph_module", "ELIGIBLE"]
-
-ELIGIBLE = frozenset(
-    {
-        SkipReason.NO_PRODUCER,
-        SkipReason.OTHER_CONSUMERS,
-        SkipReason.GRAPH_OUTPUT,
-        SkipReason.PADDING,
-        SkipReason.UNFOLDABLE_BRANCH,
-        SkipReason.UNSUPPORTED_LAYER,
-    }
-)
-"""Skip reasons of the BNs this pass tries (as :data:`bnfold.onnx.propagate.ELIGIBLE`)."""
+__all__ = ["propagate_graph_module"]
 
 _BNS: dict[type[nn.Module], int] = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.BatchNorm1d: -1}
 _CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -677,7 +665,7 @@ def _apply(gm: fx.GraphModule, p: _Plan) -> None:
 def propagate_graph_module(
     gm: fx.GraphModule, verdicts: list[Verdict], *, eval_semantics: bool = False
 ) -> tuple[list[Verdict], int]:
-    """Propagate each BN of ``gm`` (edited in place) whose verdict is an :data:`ELIGIBLE` skip; return the
+    """Propagate each BN of ``gm`` (edited in place) whose verdict is an :data:`~bnfold.fold_math.propagation.ELIGIBLE` skip; return the
     verdicts (``Site(direction=PROPAGATED)`` for those moved, the blocked channels counted in the detail of
     those kept) and how many BNs were propagated. ``gm.recompile()`` is called when one was."""
     by_name = {v.bn: i for i, v in enumerate(verdicts)}

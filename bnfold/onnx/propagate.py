@@ -65,26 +65,15 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
-from bnfold.fold_math.propagation import all_blocked, kept_affine
+from bnfold.fold_math.propagation import ELIGIBLE, all_blocked, kept_affine
 from bnfold.fold_math.subnormal import flush_written
-from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+from bnfold.records import Direction, Site, Skip, Verdict
 
 from .graph import GraphIndex, attr, is_bn, read_lazy_tensor, text
 from .rewrite import Names
 
-__all__ = ["propagate_graph", "ELIGIBLE"]
+__all__ = ["propagate_graph"]
 
-ELIGIBLE = frozenset(
-    {
-        SkipReason.NO_PRODUCER,
-        SkipReason.OTHER_CONSUMERS,
-        SkipReason.GRAPH_OUTPUT,
-        SkipReason.PADDING,
-        SkipReason.UNFOLDABLE_BRANCH,
-        SkipReason.UNSUPPORTED_LAYER,
-    }
-)
-"""Skip reasons of the BNs this pass tries (never training mode, verification, non-constant, ...)."""
 
 _FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 _MAX_CHAIN = 32
@@ -687,7 +676,7 @@ def propagate_graph(
     final: dict[str, Verdict],
     flush: bool = False,
 ) -> tuple[set[str], int]:
-    """Propagate each BN of ``graph`` whose verdict is a :data:`ELIGIBLE` skip; return the names of
+    """Propagate each BN of ``graph`` whose verdict is a :data:`~bnfold.fold_math.propagation.ELIGIBLE` skip; return the names of
     the initializers it may have left unread (for :func:`~bnfold.onnx.rewrite.remove_dead`) and the
     number of subnormal values set to zero in the tensors written (``flush``, as the folds do)."""
     candidates: set[str] = set()
