@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import SkipReason
@@ -33,6 +33,8 @@ __all__ = [
     "forward_layer_kind",
     "Tracer",
     "fetch_attr",
+    "called_module",
+    "fresh_attr",
 ]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -120,3 +122,23 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def called_module(gm: nn.Module, n: fx.Node) -> nn.Module | None:
+    """The submodule a ``call_module`` fx node calls, or None (another node, or a target no longer there)."""
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(str(n.target))
+    except AttributeError:
+        return None
+
+
+def fresh_attr(root: nn.Module, name: str, sep: str = "_") -> str:
+    """``name``, else ``name<sep>1``, ``name<sep>2``, ...: the first that is not an attribute of ``root``."""
+    k = 0
+    cand = name
+    while hasattr(root, cand):
+        k += 1
+        cand = f"{name}{sep}{k}"
+    return cand

@@ -52,6 +52,7 @@ from bnfold.fold_math.merge import (
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
+from bnfold.fx.layers import called_module, fresh_attr
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = [
@@ -208,15 +209,6 @@ class _Branch:
     detail: str = ""
 
 
-def _mod(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    if n.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(str(n.target))
-    except AttributeError:
-        return None
-
-
 def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
     """The constant value of an argument (a Python number, a tensor, a get_attr node), or None."""
     if isinstance(v, bool):
@@ -251,7 +243,7 @@ def _inplace_ok(n: fx.Node) -> bool:
 def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
     """``n`` may write into its first argument (an in-place op)."""
     if n.op == "call_module":
-        return bool(getattr(_mod(gm, n), "inplace", False))
+        return bool(getattr(called_module(gm, n), "inplace", False))
     if n.op == "call_method":
         name = str(n.target)
     elif n.op == "call_function":
@@ -292,7 +284,7 @@ def _through_identity(gm: fx.GraphModule, v: Any) -> Any:
     """``v``, seen through ``nn.Identity`` module calls read by one node only."""
     while (
         isinstance(v, fx.Node)
-        and type(_mod(gm, v)) is nn.Identity
+        and type(called_module(gm, v)) is nn.Identity
         and len(v.users) == 1
         and v.args
         and isinstance(v.args[0], fx.Node)
@@ -372,7 +364,7 @@ def _is_top(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 def _through_identity_fwd(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
-    while type(_mod(gm, n)) is nn.Identity:
+    while type(called_module(gm, n)) is nn.Identity:
         if len(n.users) != 1:
             return None
         n = next(iter(n.users))
@@ -401,7 +393,7 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
             or not isinstance(v.args[0], fx.Node)
         ):
             break
-        m = _mod(gm, v)
+        m = called_module(gm, v)
         if (
             (type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training))
             and len(v.args) == 1
@@ -416,7 +408,7 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
             x = v.args[0]
             assert isinstance(x, fx.Node)
             out.append((x, _Branch(leaf, kind if not blockers else "other", v, list(muls), list(blockers))))
-            pm = _mod(gm, x)
+            pm = called_module(gm, x)
             if (
                 kind == "conv"
                 and not blockers
@@ -437,7 +429,7 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
 
 def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
     return b.kind in ("conv", "seq") or (
-        b.kind == "other" and b.base is not None and isinstance(_mod(gm, b.base), _CONVS)
+        b.kind == "other" and b.base is not None and isinstance(called_module(gm, b.base), _CONVS)
     )
 
 
@@ -496,13 +488,13 @@ def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[
 
 def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
     assert b.base is not None
-    m = _mod(gm, b.base)
+    m = called_module(gm, b.base)
     assert m is not None
     strides, dil, pads, group = _conv_geometry(m, b.label)
     assert isinstance(m, _CONVS)
     w64, b64 = _params(m, str(b.base.target), exact)
     if b.pre is not None:
-        pm = _mod(gm, b.pre)
+        pm = called_module(gm, b.pre)
         assert pm is not None
         s1, d1, p1, g1 = _conv_geometry(pm, b.pre.name)
         assert isinstance(pm, _CONVS)
@@ -561,7 +553,7 @@ def _branch_kernel(
         w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
-        m = _mod(gm, b.base)
+        m = called_module(gm, b.base)
         if m is not None and type(m) not in _BNS and not _hooks(m):
             return _bn_subclass_kernel(ref, m, what, eval_semantics)
         if type(m) not in _BNS or _hooks(m):  # type: ignore[arg-type]
@@ -588,7 +580,7 @@ def _branch_kernel(
         b64 = beta - mean * scale
     elif b.kind == "avgpool":
         assert b.base is not None
-        m = _mod(gm, b.base)
+        m = called_module(gm, b.base)
         if type(m) not in _POOLS or _hooks(m):  # type: ignore[arg-type]
             raise MergeRefusal(
                 MergeReason.UNSUPPORTED, f"{what}: not a plain AvgPool module (or it has hooks)"
@@ -647,7 +639,7 @@ def _noop_tail(tail: nn.Module | None) -> bool:
             continue
         if (
             n.op != "call_module"
-            or type(_mod(tail, n)) is not nn.Identity
+            or type(called_module(tail, n)) is not nn.Identity
             or _hooks(tail.get_submodule(str(n.target)))
         ):
             return False
@@ -728,7 +720,7 @@ def _plan(
         if b.kind == "other":
             ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
             nonlinear = any(
-                isinstance(_mod(gm, n), _ACT_MODULES)
+                isinstance(called_module(gm, n), _ACT_MODULES)
                 or getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
                 for n in b.blockers
             )
@@ -769,7 +761,7 @@ def _post_bn(
     if len(users) != 1:
         return None
     u = users[0]
-    m = _mod(gm, u)
+    m = called_module(gm, u)
     if type(m) not in _BNS or _hooks(m) or u.args[:1] != (top,) or len(u.args) != 1 or u.kwargs:  # type: ignore[arg-type]
         return None
     assert isinstance(m, _BNS)
@@ -784,16 +776,6 @@ def _post_bn(
         _np(m.running_var),
         float(m.eps),
     )
-
-
-def _fresh(gm: fx.GraphModule, base: str) -> str:
-    name = base.replace(".", "_") + "_merged"
-    k = 0
-    cand = name
-    while hasattr(gm, cand):
-        k += 1
-        cand = f"{name}{k}"
-    return cand
 
 
 def merge_graph_module(
@@ -855,7 +837,7 @@ def merge_graph_module(
             scale, shift = post[1]
             w_sum = w_sum * scale.reshape((-1,) + (1,) * (ref.rank + 1))
             b_sum = b_sum * scale + shift
-        ref_mod = _mod(gm, ref.node)
+        ref_mod = called_module(gm, ref.node)
         assert isinstance(ref_mod, _CONVS)
         dtype = ref_mod.weight.dtype
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
@@ -894,7 +876,7 @@ def merge_graph_module(
         new.weight.requires_grad_(ref_mod.weight.requires_grad)
         new.bias.requires_grad_(ref_mod.weight.requires_grad)
         new.train(ref_mod.training)
-        name = _fresh(gm, str(ref.node.target))
+        name = fresh_attr(gm, str(ref.node.target).replace(".", "_") + "_merged", sep="")
         gm.add_submodule(name, new)
         with graph.inserting_before(top):
             cur = graph.call_module(name, (x,))
