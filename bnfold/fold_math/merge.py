@@ -40,6 +40,7 @@ __all__ = [
     "diagonal",
     "identity_checks",
     "compose_pointwise",
+    "scale_branch",
     "same_dilation",
 ]
 
@@ -412,6 +413,15 @@ def pool_kernel(
         raise MergeRefusal(MergeReason.GROUPS, f"{what}: a pool keeps channels; the merged conv changes them")
     offs = placement(ref, k, pads, what)
     return diagonal(ref, k, offs, 1.0 / float(np.prod(k)))
+
+
+def scale_branch(ref: MergeRef, w: F64, b: F64, factors: Iterable[F64], sign: int) -> tuple[F64, F64]:
+    """A branch's kernel and bias times its constant scales (``factors``, per output channel of the merged
+    conv or per tensor; taken in order, so the first that raises MergeRefusal refuses) and its sign in the sum."""
+    for f in factors:
+        w = w * f.reshape((-1,) + (1,) * (ref.rank + 1))
+        b = b * f
+    return (-w, -b) if sign < 0 else (w, b)
 
 
 def compose_pointwise(

@@ -47,16 +47,16 @@ from bnfold.fold_math.merge import (
     identity_kernel,
     merge_record,
     pick_reference,
-    pool_kernel,
     refuse_odd,
     refuse_open,
+    scale_branch,
     sum_kernels,
 )
 from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
 from .layers import fetch_attr
-from .merge import NONLINEAR_NAMES, channel_vector
+from .merge import NONLINEAR_NAMES, avg_pool_kernel, channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
 
@@ -428,27 +428,19 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
         k = tuple(tup(a["kernel_size"], []))
         stride = tup(a.get("stride") or [], list(k))
         pad = tup(a.get("padding") or [0], [0] * r)
-        if a.get("ceil_mode"):
-            raise MergeRefusal(
-                MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)"
-            )
-        if a.get("divisor_override"):
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
-        if any(pad) and not a.get("count_include_pad", True):
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{what}: count_include_pad=False with padding: edge windows divide by fewer values than a conv",
-            )
-        dilated = any(d != 1 for d in ref.dilations)
-        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
+        w64, b64 = avg_pool_kernel(
+            ref,
+            what,
+            k,
+            stride,
+            pad,
+            bool(a.get("ceil_mode")),
+            a.get("divisor_override"),
+            bool(a.get("count_include_pad", True)),
+        )
     else:  # pragma: no cover
         raise AssertionError(b.kind)
-    for n in (*b.muls, *b.factors):
-        f = _factor(gm, n, ref)
-        w64, b64 = w64 * f.reshape(col), b64 * f
-    if b.sign < 0:
-        w64, b64 = -w64, -b64
-    return w64, b64
+    return scale_branch(ref, w64, b64, (_factor(gm, n, ref) for n in (*b.muls, *b.factors)), b.sign)
 
 
 def _record(top: fx.Node, x: str, target: str, branches: list[_Branch]) -> Merge:

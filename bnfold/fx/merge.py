@@ -49,6 +49,7 @@ from bnfold.fold_math.merge import (
     pool_kernel,
     refuse_odd,
     refuse_open,
+    scale_branch,
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
@@ -62,6 +63,7 @@ __all__ = [
     "exact_folds",
     "Exact",
     "channel_vector",
+    "avg_pool_kernel",
     "NONLINEAR_NAMES",
 ]
 
@@ -541,6 +543,31 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     )
 
 
+def avg_pool_kernel(
+    ref: MergeRef,
+    what: str,
+    k: tuple[int, ...],
+    stride: list[int],
+    pad: list[int],
+    ceil_mode: bool,
+    divisor_override: Any,
+    count_include_pad: bool,
+) -> tuple[F64, F64]:
+    """A torch average pool (an ``nn.AvgPool`` module or an ``aten.avg_pool`` call; ``pad`` per axis, both
+    sides) as a kernel of the merged conv and a zero bias, or MergeRefusal why it is not one."""
+    if ceil_mode:
+        raise MergeRefusal(MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)")
+    if divisor_override:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
+    if any(pad) and not count_include_pad:
+        raise MergeRefusal(
+            MergeReason.PADDING,
+            f"{what}: count_include_pad=False with padding: edge windows divide by fewer values than a conv",
+        )
+    dilated = any(d != 1 for d in ref.dilations)
+    return pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
+
+
 def _branch_kernel(
     gm: fx.GraphModule, ref: MergeRef, b: _Branch, eval_semantics: bool, exact: Exact
 ) -> tuple[F64, F64]:
@@ -590,29 +617,12 @@ def _branch_kernel(
         k = tuple(_tup(m.kernel_size, r))
         stride = _tup(m.stride, r)  # torch sets a stride of None to the kernel size
         pad = _tup(m.padding, r)
-        if m.ceil_mode:
-            raise MergeRefusal(
-                MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)"
-            )
-        if getattr(m, "divisor_override", None):
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
-        if any(pad) and not m.count_include_pad:
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{what}: count_include_pad=False with padding: edge windows "
-                "divide by fewer values than a conv",
-            )
-        dilated = any(d != 1 for d in ref.dilations)
-        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
+        w64, b64 = avg_pool_kernel(
+            ref, what, k, stride, pad, m.ceil_mode, getattr(m, "divisor_override", None), m.count_include_pad
+        )
     else:  # pragma: no cover
         raise AssertionError(b.kind)
-    for n in (*b.muls, *b.chain_muls):
-        f = _factor(gm, n, ref)
-        w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
-        b64 = b64 * f
-    if b.sign < 0:
-        w64, b64 = -w64, -b64
-    return w64, b64
+    return scale_branch(ref, w64, b64, (_factor(gm, n, ref) for n in (*b.muls, *b.chain_muls)), b.sign)
 
 
 def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, leaf: Any, factors: Sequence[fx.Node]) -> F64 | None:

@@ -92,6 +92,7 @@ from bnfold.fold_math.merge import (
     pool_kernel,
     refuse_odd,
     refuse_open,
+    scale_branch,
     sum_kernels,
 )
 from bnfold.fold_math.subnormal import flush_written
@@ -617,13 +618,9 @@ def _branch_kernel(
             b64 = t
     else:  # pragma: no cover - callers pass the four kinds
         raise AssertionError(b.kind)
-    for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
-        f = _mul_factor(ev, index.nodes[m], ref, index.label(m))
-        w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
-        b64 = b64 * f
-    if b.sign < 0:
-        w64, b64 = -w64, -b64
-    return w64, b64
+    # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
+    factors = (_mul_factor(ev, index.nodes[m], ref, index.label(m)) for m in (*b.muls, *b.chain_muls))
+    return scale_branch(ref, w64, b64, factors, b.sign)
 
 
 def _bn_affine(index: GraphIndex, ev: ConstEvaluator, i: int, ref: MergeRef, what: str) -> tuple[F64, F64]:
