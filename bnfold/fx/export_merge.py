@@ -55,7 +55,7 @@ from bnfold.fold_math.merge import (
 from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
-from .layers import fetch_attr
+from .layers import constant_arg
 from .merge import NONLINEAR_NAMES, avg_pool_kernel, channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
@@ -125,26 +125,12 @@ def _is_sum(n: Any) -> bool:
     return bool(alpha == 1) and set(n.kwargs) <= {"alpha"}
 
 
-def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=torch.float64)
-    if isinstance(v, fx.Node) and v.op == "get_attr":
-        try:
-            t = fetch_attr(gm, str(v.target))
-        except AttributeError:
-            return None
-        return t.detach() if isinstance(t, torch.Tensor) else None
-    return None
-
-
 def _mul_slot(gm: fx.GraphModule, n: Any) -> int | None:
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target in _MULS and len(n.args) == 2):
         return None
     if n.kwargs:
         return None
-    c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
+    c = [k for k in (0, 1) if constant_arg(gm, n.args[k]) is not None]
     if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
         return None
     return c[0]
@@ -299,7 +285,7 @@ def _bn_affine(gm: fx.GraphModule, bn: fx.Node, what: str) -> tuple[F64, F64]:
         if p is None and k in ("weight", "bias"):
             vals[k] = None
             continue
-        c = _const(gm, p) if isinstance(p, fx.Node) else None
+        c = constant_arg(gm, p) if isinstance(p, fx.Node) else None
         if c is None:
             raise MergeRefusal(MergeReason.NON_CONSTANT, f"{what}: batch norm {k} is not a model attribute")
         vals[k] = c.detach().cpu().double().numpy().reshape(-1)
@@ -317,8 +303,8 @@ def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> ConvRead:
         a.get("transposed") or any(int(p) for p in a.get("output_padding") or [])
     ):
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: a transposed convolution")
-    wt = _const(gm, a["weight"]) if isinstance(a["weight"], fx.Node) else None
-    bt = None if a.get("bias") is None else _const(gm, a["bias"])
+    wt = constant_arg(gm, a["weight"]) if isinstance(a["weight"], fx.Node) else None
+    bt = None if a.get("bias") is None else constant_arg(gm, a["bias"])
     if wt is None or (a.get("bias") is not None and bt is None):
         raise MergeRefusal(MergeReason.NON_CONSTANT, f"{what}: weight or bias is not a model attribute")
     if not wt.is_floating_point() or wt.dtype == torch.bfloat16:
@@ -382,7 +368,7 @@ def _branch_conv(gm: fx.GraphModule, b: _Branch) -> ConvRead:
 def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     k = _mul_slot(gm, n)
     assert k is not None
-    c = _const(gm, n.args[k])
+    c = constant_arg(gm, n.args[k])
     assert c is not None
     return channel_vector(c, ref, f"'{n.name}': scale", not isinstance(n.args[k], fx.Node))
 
@@ -580,7 +566,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
             continue
         # rewrite
         ref_w = schema_args(ref.node)["weight"]
-        dev = _const(gm, ref_w).device  # type: ignore[union-attr]
+        dev = constant_arg(gm, ref_w).device  # type: ignore[union-attr]
         name = _fresh(gm, res.applied)
         gm.register_parameter(
             f"{name}_weight",
@@ -664,7 +650,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
 def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, b: _Branch, factors: Sequence[fx.Node]) -> F64 | None:
     """A constant leaf ``b`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or
     None where it is not a constant."""
-    c = _const(gm, b.leaf) if not b.muls else None
+    c = constant_arg(gm, b.leaf) if not b.muls else None
     if c is None:
         return None
     vec = channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))

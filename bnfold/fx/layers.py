@@ -34,6 +34,7 @@ __all__ = [
     "Tracer",
     "fetch_attr",
     "called_module",
+    "constant_arg",
     "fresh_attr",
 ]
 
@@ -122,6 +123,24 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def constant_arg(root: nn.Module, v: Any) -> torch.Tensor | None:
+    """The constant value of a node's argument (a Python number as a float64 scalar, a tensor, a get_attr
+    node's tensor), or None (a bool, another node, anything else)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v), dtype=torch.float64)
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, fx.Node) and v.op == "get_attr":
+        try:
+            t = fetch_attr(root, str(v.target))
+        except AttributeError:
+            return None
+        return t.detach() if isinstance(t, torch.Tensor) else None
+    return None
 
 
 def called_module(gm: nn.Module, n: fx.Node) -> nn.Module | None:

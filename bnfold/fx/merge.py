@@ -53,7 +53,7 @@ from bnfold.fold_math.merge import (
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
-from bnfold.fx.layers import called_module, fresh_attr
+from bnfold.fx.layers import called_module, constant_arg, fresh_attr
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = [
@@ -211,25 +211,6 @@ class _Branch:
     detail: str = ""
 
 
-def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
-    """The constant value of an argument (a Python number, a tensor, a get_attr node), or None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=torch.float64)
-    if isinstance(v, torch.Tensor):
-        return v.detach()
-    if isinstance(v, fx.Node) and v.op == "get_attr":
-        obj: Any = gm
-        try:
-            for part in str(v.target).split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            return None
-        return obj.detach() if isinstance(obj, torch.Tensor) else None
-    return None
-
-
 _INPLACE = (operator.iadd, operator.isub, operator.imul)
 
 
@@ -276,7 +257,7 @@ def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
         or (n.op == "call_method" and n.target == "mul")
     ):  # ``tensor * proxy`` traces as Tensor.mul
         return None
-    c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
+    c = [k for k in (0, 1) if constant_arg(gm, n.args[k]) is not None]
     if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
         return None
     return c[0]
@@ -536,7 +517,7 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     k = _mul_slot(gm, n)
     if k is None:  # Identity / Dropout in eval
         return np.ones(ref.c_out)
-    c = _const(gm, n.args[k])
+    c = constant_arg(gm, n.args[k])
     assert c is not None
     return channel_vector(
         c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor))
@@ -628,7 +609,7 @@ def _branch_kernel(
 def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, leaf: Any, factors: Sequence[fx.Node]) -> F64 | None:
     """A constant ``leaf`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or None
     where it is not a constant."""
-    c = _const(gm, leaf)
+    c = constant_arg(gm, leaf)
     if c is None:
         return None
     vec = channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
