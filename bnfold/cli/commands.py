@@ -173,16 +173,7 @@ def fold(
 
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
-            options=files.FoldOptions(
-                affine=affine,
-                merge_branches=merge_branches,
-                propagate=propagate,
-                batch_stats=batch_stats,
-                eval_semantics=eval_semantics,
-                flush_denormals=flush_denormals,
-                health=health,
-                prune_constant_channels=prune_constant_channels,
-            ),
+            options=files.FoldOptions.from_args(locals()),
             verify=verify,
             force=force,
             in_place=in_place,
@@ -301,14 +292,7 @@ def inspect(
         from .render import render_fold_report, render_health
 
         settings = files.InspectSettings(
-            options=files.FoldOptions(
-                affine=affine,
-                merge_branches=merge_branches,
-                propagate=propagate,
-                batch_stats=batch_stats,
-                eval_semantics=eval_semantics,
-                health=health,
-            ),
+            options=files.FoldOptions.from_args(locals()),
             **_sources(model_factory, trust_pickle, input_shape, inputs, seed),
         )
         if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):
