@@ -79,7 +79,6 @@ from .options import (
 from .run import (
     STATE,
     Group,
-    check_common,
     fail,
     guarded,
     json_guard,
@@ -166,8 +165,7 @@ def fold(
 
     Example: bnfold fold model.onnx model.folded.onnx
     """
-    with guarded("fold", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("fold", model, json_out=json_out, quiet=quiet, debug=debug):
         dst = one_output(out, output)
         from bnfold import files
 
@@ -285,8 +283,7 @@ def inspect(
 
     Example: bnfold inspect model.onnx --fail-if-left
     """
-    with guarded("inspect", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("inspect", model, json_out=json_out, quiet=quiet, debug=debug):
         from bnfold import files
 
         from .render import render_fold_report, render_health
@@ -409,8 +406,7 @@ def verify(
     Example: bnfold verify model.onnx model.folded.onnx --samples 4
     """
     paths = [p for p in (reference, candidate, load_outputs) if p is not None]
-    with guarded("verify", *paths, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("verify", *paths, json_out=json_out, quiet=quiet, debug=debug):
         from bnfold import files
 
         from .render import render_verify_report
@@ -541,8 +537,7 @@ def freeze(
 
     Example: bnfold freeze ckpt.pt ckpt.frozen.pt --model models.resnet:resnet18
     """
-    with guarded("freeze", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("freeze", model, json_out=json_out, quiet=quiet, debug=debug):
         dst = one_output(out, output)
         from bnfold import files
 
@@ -576,8 +571,7 @@ def bench(
 
     Example: bnfold bench model.onnx --runs 50 --threads 1
     """
-    with guarded("bench", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("bench", model, json_out=json_out, quiet=quiet, debug=debug):
         from bnfold import bench as bench_mod
 
         from .render import render_bench_report
@@ -667,8 +661,7 @@ def recalibrate(
 
     Example: bnfold recalibrate model.onnx model.recal.onnx --data camera.npz --batch-size 64
     """
-    with guarded("recalibrate", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("recalibrate", model, json_out=json_out, quiet=quiet, debug=debug):
         dst = one_output(out, output)
         if data is None:
             raise OptionError("missing --data FILE.npz (the data to estimate the statistics on)")
