@@ -307,7 +307,7 @@ def _bias_rounding_tolerance(prep: Prepared, report: FoldReport, folded: Any) ->
 def _fold_torch(
     src: Path, loaded: Any, out_fmt: str, prep: Prepared, s: FoldSettings, prog: ProgressFn
 ) -> tuple[FoldReport, Any, Callable[[Any], VerifyReport]]:
-    from .fold_torch import check_other_batch, eval_if, fold_torch
+    from .fold_torch import check_other_batch, eval_if, fold_torch, verify_on_examples
 
     if out_fmt != "onnx":
         refuse({"--affine": s.options.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
@@ -329,14 +329,7 @@ def _fold_torch(
 
     def check(candidate: Any) -> VerifyReport:
         try:
-            rep = run_verify(
-                model,
-                candidate,
-                prep.carried_by_examples(),
-                example_inputs=examples,
-                progress=prog,
-                where=str(src),
-            )
+            rep = verify_on_examples(model, candidate, examples, prep, prog, src)
             if out_fmt == "onnx" and s.export.dynamic_batch and is_module and examples:
                 check_other_batch(model, candidate, examples, prep, prog, src)
         except BnfoldError as e:
