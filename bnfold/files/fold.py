@@ -31,9 +31,9 @@ from typing import Any
 
 from bnfold.errors import BnfoldError, FoldVerificationError
 from bnfold.postfold import run
-from bnfold.records import FileInfo, FoldReport, Site, VerifyReport
+from bnfold.records import FoldReport, Site, VerifyReport
 
-from .load import ProgressFn, advised, load, noop, reworded
+from .load import ProgressFn, advised, file_info, load, noop, reworded
 from .output import check_output, check_pairing, same_file, staged
 from .settings import FoldSettings, check_fold, refuse
 from .verify import Prepared, check_onnx_shapes, io_signature, prepare, run_verify, verified_on
@@ -117,14 +117,7 @@ def _fold_file(
             external_data = bool(loaded.data_files) or None
     else:
         report, result, check = _fold_torch(src_p, loaded, out_fmt, prep, s, prog)
-    files = FileInfo(
-        source=str(src_p),
-        source_format=loaded.format,
-        size_before=loaded.size,
-        source_data_files=tuple(loaded.data_files),
-        output=str(dst_p),
-        output_format=out_fmt,
-    )
+    files = file_info(loaded, src_p, dst_p, out_fmt)
     report = replace(advised(report), files=files)
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
     verify_now = s.verify
