@@ -55,6 +55,7 @@ from bnfold.fold_math.merge import (
 from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
+from .export_rewrite import drop_unread_attrs
 from .layers import constant_arg
 from .merge import NONLINEAR_NAMES, avg_pool_kernel, channel_vector
 
@@ -636,14 +637,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         res.applied += 1
         res.merges.append(_record(top, x.name, name, branches))
     if res.applied:
-        dropped: set[str] = set()
-        for n in list(graph.nodes):
-            if n.op == "get_attr" and not n.users:
-                dropped.add(str(n.target))
-                graph.erase_node(n)
-        graph.lint()
-        gm.recompile()
-        _drop_unused_attrs(gm, dropped)
+        drop_unread_attrs(gm, aliases=True)
     return res
 
 
@@ -657,18 +651,6 @@ def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, b: _Branch, factors: Seque
     for m in factors:
         vec = vec * _factor(gm, m, ref)
     return vec
-
-
-def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
-    """Delete the parameters and buffers the merge left unread (the branches' weights and BN tensors)."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in dropped - used:
-        mod_name, _, attr = name.rpartition(".")
-        mod = gm.get_submodule(mod_name) if mod_name else gm
-        if attr in mod._parameters:
-            del mod._parameters[attr]
-        elif attr in mod._buffers:
-            del mod._buffers[attr]
 
 
 def _order(graph: fx.Graph) -> Any:
