@@ -56,7 +56,7 @@ from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
 from .export_rewrite import drop_unread_attrs
-from .layers import constant_arg
+from .layers import constant_arg, constant_slot
 from .merge import NONLINEAR_NAMES, avg_pool_kernel, channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
@@ -131,10 +131,7 @@ def _mul_slot(gm: fx.GraphModule, n: Any) -> int | None:
         return None
     if n.kwargs:
         return None
-    c = [k for k in (0, 1) if constant_arg(gm, n.args[k]) is not None]
-    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
-        return None
-    return c[0]
+    return constant_slot(gm, n)
 
 
 def _expandable(gm: fx.GraphModule, n: Any) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "fetch_attr",
     "called_module",
     "constant_arg",
+    "constant_slot",
     "fresh_attr",
 ]
 
@@ -141,6 +142,15 @@ def constant_arg(root: nn.Module, v: Any) -> torch.Tensor | None:
             return None
         return t.detach() if isinstance(t, torch.Tensor) else None
     return None
+
+
+def constant_slot(root: nn.Module, n: fx.Node) -> int | None:
+    """The argument slot (0 or 1) of a two-operand call that is a constant (:func:`constant_arg`) while the
+    other one is a node, or None."""
+    c = [k for k in (0, 1) if constant_arg(root, n.args[k]) is not None]
+    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
+        return None
+    return c[0]
 
 
 def called_module(gm: nn.Module, n: fx.Node) -> nn.Module | None:

@@ -53,7 +53,7 @@ from bnfold.fold_math.merge import (
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
-from bnfold.fx.layers import called_module, constant_arg, fresh_attr
+from bnfold.fx.layers import called_module, constant_arg, constant_slot, fresh_attr
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = [
@@ -257,10 +257,7 @@ def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
         or (n.op == "call_method" and n.target == "mul")
     ):  # ``tensor * proxy`` traces as Tensor.mul
         return None
-    c = [k for k in (0, 1) if constant_arg(gm, n.args[k]) is not None]
-    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
-        return None
-    return c[0]
+    return constant_slot(gm, n)
 
 
 def _through_identity(gm: fx.GraphModule, v: Any) -> Any:
