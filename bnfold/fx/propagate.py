@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.fold_math import bn_affine
-from bnfold.fold_math.propagation import ELIGIBLE, all_blocked, kept_affine
+from bnfold.fold_math.propagation import ELIGIBLE, Blocked
 from bnfold.records import Direction, Site, Skip, Verdict
 
 from .layers import called_module, fresh_attr, layer_kind
@@ -528,19 +528,14 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     neg = (a < 0) if sign_pos is not None else none
     zero = ((a == 0) & (b != 0)) if S is not None else none
     blocked = neg | zero
-    nb = int(blocked.sum())
-    counts = (
-        int(neg.sum()),
-        labels[sign_pos] if sign_pos is not None else None,
-        int(zero.sum()),
-        stop_labels[S] if S is not None else None,
-    )
-    if nb == C:
-        raise _Refuse(all_blocked(C, *counts))
+    held = Blocked.of(neg, zero, labels, sign_pos, stop_labels, S)
+    whole = held.whole()
+    if whole is not None:
+        raise _Refuse(whole)
     one = torch.ones_like(a)
     am = torch.where(blocked, one, a)
     to_bias: torch.Tensor | None = None
-    if nb:  # one multiply and one add before the first node that blocks (or where the shift stops)
+    if held.count:  # one multiply and one add before the first node that blocks (or where the shift stops)
         q = min(p for p in (sign_pos if neg.any() else None, S) if p is not None)
         m = torch.where(blocked, a, one)
         if S is not None:
@@ -551,7 +546,7 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
             to_bias = torch.where(blocked, torch.zeros_like(b), b)
             plan.shift = f"shift into the bias of {where}"
         plan.inserts += [(q, "mul", shaped(m, q)), (q, "add", shaped(t, q))]
-        plan.kept = kept_affine(C, *counts, stop_labels[q])
+        plan.kept = held.kept(stop_labels[q])
     elif S is None:
         if bool((b != 0).any()):
             to_bias = b
