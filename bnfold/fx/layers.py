@@ -4,6 +4,9 @@ A BN-like module has an eval map :func:`bnfold.fx.custom.describe_bn` knows; a l
 Conv/ConvTranspose/Linear (``forward`` not overridden, no hooks, not parametrized, floating weight),
 or, for a forward fold only, a Conv subclass that changes only its input (Rule 5 of
 :mod:`bnfold.fx.custom`). :class:`Tracer` keeps all of them leaves.
+
+The readers of a traced module that the fx passes share live here too: an attribute by its dotted
+name, the submodule a node calls, a node argument's constant value, a fresh attribute name.
 """
 
 from __future__ import annotations
