@@ -148,16 +148,7 @@ def fold_with_report(
         OptionError: an option that does not apply to this kind of model (e.g. ``affine`` on an
             ``nn.Module``, ``inplace`` on an ExportedProgram).
     """
-    options = FoldOptions(
-        affine=affine,
-        merge_branches=merge_branches,
-        propagate=propagate,
-        batch_stats=batch_stats,
-        eval_semantics=eval_semantics,
-        flush_denormals=flush_denormals,
-        health=health,
-        prune_constant_channels=prune_constant_channels,
-    )
+    options = FoldOptions.from_args(locals())
     return fold_with_options(model, options, inplace=inplace, dry_run=dry_run, example_inputs=example_inputs)
 
 
@@ -253,15 +244,7 @@ def fold(
     ``model = bnfold.fold(model)`` works for ``onnx.ModelProto``, ``torch.nn.Module`` and
     ``torch.export.ExportedProgram``. Arguments as :func:`fold_with_report`.
     """
-    options = FoldOptions(
-        affine=affine,
-        merge_branches=merge_branches,
-        propagate=propagate,
-        batch_stats=batch_stats,
-        eval_semantics=eval_semantics,
-        flush_denormals=flush_denormals,
-        prune_constant_channels=prune_constant_channels,
-    )
+    options = FoldOptions.from_args(locals())
     return fold_with_options(model, options, inplace=inplace, example_inputs=example_inputs)[0]
 
 
@@ -280,14 +263,7 @@ def inspect(
 
     Arguments as :func:`fold_with_report` (the ones that decide a verdict).
     """
-    options = FoldOptions(
-        affine=affine,
-        merge_branches=merge_branches,
-        propagate=propagate,
-        batch_stats=batch_stats,
-        eval_semantics=eval_semantics,
-        health=health,
-    )
+    options = FoldOptions.from_args(locals())
     return fold_with_options(model, options, dry_run=True, example_inputs=example_inputs)[1]
 
 

@@ -13,7 +13,8 @@ culprit search excludes are arguments of each call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 __all__ = ["FoldOptions"]
@@ -50,6 +51,13 @@ class FoldOptions:
         """The options of a second fold of the same model (a culprit re-fold, the ONNX fold of an
         export): the health audit and pruning are the first fold's, the rewrite choices and the flush stay."""
         return replace(self, health=False, prune_constant_channels=False)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> FoldOptions:
+        """The options among the arguments of an entry point whose parameters carry the fields' names
+        (its ``locals()``): ``bnfold.fold``, ``inspect``, the CLI's commands. Fields it does not take keep
+        their defaults; other names are not options (``inplace``, ``dry_run``, ``verify``, ...)."""
+        return cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args})
 
     def given(self, choices: dict[str, Any]) -> FoldOptions:
         """These options with ``choices`` (field names) replaced: the keyword form of a direct backend

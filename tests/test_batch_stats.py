@@ -18,9 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 import bnfold
-from bnfold.hints import BATCH_STATS_INSTANCE
 from bnfold.cli import app
 from bnfold.errors import OptionError
+from bnfold.hints import BATCH_STATS_INSTANCE
 from bnfold.records import Direction, Site, Skip, SkipReason
 from models.batch_stats import onnx_training_bn, onnx_weight_standardised, torch_batch_stats_net
 from models.testing import ort_session

@@ -152,13 +152,23 @@ def test_propagated_bns_are_counted_apart_in_the_summary(tmp_path: Path) -> None
     assert f"{len(propagated)} of them by scale propagation" in " ".join(human.output.split())  # wrapped
 
 
-def test_the_python_report_and_the_cli_document_are_one_serialisation(model_path: Path, tmp_path: Path) -> None:
+def test_the_python_report_and_the_cli_document_are_one_serialisation(
+    model_path: Path, tmp_path: Path
+) -> None:
     """``FoldReport.to_dict()`` of the file job is the ``--json`` document without its head and aliases."""
     from bnfold.cli.jsonout import finite_json
     from bnfold.files import FoldSettings, InspectSettings, fold_file, inspect_file
 
     head = {"schema", "schema_version", "command", "ok", "exit_code", "bnfold_version"}
-    legacy = {"bn_before", "bn_after", "folded", "nodes_before", "nodes_after", "params_before", "params_after"}
+    legacy = {
+        "bn_before",
+        "bn_after",
+        "folded",
+        "nodes_before",
+        "nodes_after",
+        "params_before",
+        "params_after",
+    }
     for args, job in (
         (["inspect", str(model_path), "--json"], lambda: inspect_file(model_path, InspectSettings())),
         (

@@ -79,7 +79,6 @@ from .options import (
 from .run import (
     STATE,
     Group,
-    check_common,
     fail,
     guarded,
     json_guard,
@@ -166,23 +165,13 @@ def fold(
 
     Example: bnfold fold model.onnx model.folded.onnx
     """
-    with guarded("fold", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("fold", model, json_out=json_out, quiet=quiet, debug=debug):
         dst = one_output(out, output)
         from bnfold import files
 
         stages = ("load", "fold", *(("verify",) if verify else ()), "save")
         settings = files.FoldSettings(
-            options=files.FoldOptions(
-                affine=affine,
-                merge_branches=merge_branches,
-                propagate=propagate,
-                batch_stats=batch_stats,
-                eval_semantics=eval_semantics,
-                flush_denormals=flush_denormals,
-                health=health,
-                prune_constant_channels=prune_constant_channels,
-            ),
+            options=files.FoldOptions.from_args(locals()),
             verify=verify,
             force=force,
             in_place=in_place,
@@ -294,21 +283,13 @@ def inspect(
 
     Example: bnfold inspect model.onnx --fail-if-left
     """
-    with guarded("inspect", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("inspect", model, json_out=json_out, quiet=quiet, debug=debug):
         from bnfold import files
 
         from .render import render_fold_report, render_health
 
         settings = files.InspectSettings(
-            options=files.FoldOptions(
-                affine=affine,
-                merge_branches=merge_branches,
-                propagate=propagate,
-                batch_stats=batch_stats,
-                eval_semantics=eval_semantics,
-                health=health,
-            ),
+            options=files.FoldOptions.from_args(locals()),
             **_sources(model_factory, trust_pickle, input_shape, inputs, seed),
         )
         if to is not None and to.lower().lstrip(".") not in ("onnx", "pt", "pth", "pt2"):
@@ -425,8 +406,7 @@ def verify(
     Example: bnfold verify model.onnx model.folded.onnx --samples 4
     """
     paths = [p for p in (reference, candidate, load_outputs) if p is not None]
-    with guarded("verify", *paths, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("verify", *paths, json_out=json_out, quiet=quiet, debug=debug):
         from bnfold import files
 
         from .render import render_verify_report
@@ -557,8 +537,7 @@ def freeze(
 
     Example: bnfold freeze ckpt.pt ckpt.frozen.pt --model models.resnet:resnet18
     """
-    with guarded("freeze", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("freeze", model, json_out=json_out, quiet=quiet, debug=debug):
         dst = one_output(out, output)
         from bnfold import files
 
@@ -592,8 +571,7 @@ def bench(
 
     Example: bnfold bench model.onnx --runs 50 --threads 1
     """
-    with guarded("bench", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("bench", model, json_out=json_out, quiet=quiet, debug=debug):
         from bnfold import bench as bench_mod
 
         from .render import render_bench_report
@@ -683,8 +661,7 @@ def recalibrate(
 
     Example: bnfold recalibrate model.onnx model.recal.onnx --data camera.npz --batch-size 64
     """
-    with guarded("recalibrate", model, json_out=json_out, debug=debug):
-        check_common(quiet, json_out)
+    with guarded("recalibrate", model, json_out=json_out, quiet=quiet, debug=debug):
         dst = one_output(out, output)
         if data is None:
             raise OptionError("missing --data FILE.npz (the data to estimate the statistics on)")

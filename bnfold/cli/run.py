@@ -372,8 +372,11 @@ def _ort_quiet() -> None:
 
 
 @contextmanager
-def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: bool = False) -> Iterator[None]:
-    """Map every exception to one stderr line and an exit code (see the module docstring)."""
+def guarded(
+    command: str, *paths: Path | str, json_out: bool = False, quiet: bool = False, debug: bool = False
+) -> Iterator[None]:
+    """Map every exception to one stderr line and an exit code (see the module docstring); first refuse
+    ``-q`` with ``--json`` (the flags every command has)."""
     STATE.update(command=command, json=json_out, emitted=False, debug=STATE["debug"] or debug)
     _quiet_libraries()
     # Libraries log through `logging` (torch.export prints a whole traceback as warnings when an archive
@@ -386,6 +389,7 @@ def guarded(command: str, *paths: Path | str, json_out: bool = False, debug: boo
         with warnings.catch_warnings():
             if not _debug():
                 warnings.simplefilter("ignore")
+            check_common(quiet, json_out)
             yield
     except (typer.Exit, typer.Abort, SystemExit, BrokenPipeError):
         raise  # a closed stdout pipe ends quietly (Group's pipe guard)

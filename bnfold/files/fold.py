@@ -31,9 +31,9 @@ from typing import Any
 
 from bnfold.errors import FoldVerificationError
 from bnfold.postfold import run
-from bnfold.records import FileInfo, FoldReport, Site, VerifyReport
+from bnfold.records import FoldReport, Site, VerifyReport
 
-from .load import ProgressFn, load, noop
+from .load import ProgressFn, file_info, load, noop
 from .output import check_output, check_pairing, same_file, staged
 from .settings import FoldSettings, check_fold, refuse
 from .verify import Prepared, check_onnx_shapes, io_signature, prepare, run_verify, verified_on
@@ -117,14 +117,7 @@ def _fold_file(
             external_data = bool(loaded.data_files) or None
     else:
         report, result, check = _fold_torch(src_p, loaded, out_fmt, prep, s, prog)
-    files = FileInfo(
-        source=str(src_p),
-        source_format=loaded.format,
-        size_before=loaded.size,
-        source_data_files=tuple(loaded.data_files),
-        output=str(dst_p),
-        output_format=out_fmt,
-    )
+    files = file_info(loaded, src_p, dst_p, out_fmt)
     report = report.with_job(files=files)
     ship = _Ship(dst_p, out_fmt, external_data, protect, prog)
     verify_now = s.verify
@@ -305,7 +298,7 @@ def _bias_rounding_tolerance(prep: Prepared, report: FoldReport, folded: Any) ->
 def _fold_torch(
     src: Path, loaded: Any, out_fmt: str, prep: Prepared, s: FoldSettings, prog: ProgressFn
 ) -> tuple[FoldReport, Any, Callable[[Any], VerifyReport]]:
-    from .fold_torch import check_other_batch, eval_if, fold_torch
+    from .fold_torch import check_other_batch, eval_if, fold_torch, verify_on_examples
 
     if out_fmt != "onnx":
         refuse({"--affine": s.options.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
@@ -323,14 +316,7 @@ def _fold_torch(
     is_module = isinstance(model, torch.nn.Module)
 
     def check(candidate: Any) -> VerifyReport:
-        rep = run_verify(
-            model,
-            candidate,
-            prep.carried_by_examples(),
-            example_inputs=examples,
-            progress=prog,
-            where=str(src),
-        )
+        rep = verify_on_examples(model, candidate, examples, prep, prog, src)
         if out_fmt == "onnx" and s.export.dynamic_batch and is_module and examples:
             check_other_batch(model, candidate, examples, prep, prog, src)
         return rep

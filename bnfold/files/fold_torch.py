@@ -26,7 +26,7 @@ from .load import ProgressFn
 from .settings import FoldSettings, refuse
 from .verify import Prepared, run_verify
 
-__all__ = ["fold_torch", "without_culprits", "check_other_batch", "eval_if"]
+__all__ = ["fold_torch", "without_culprits", "check_other_batch", "verify_on_examples", "eval_if"]
 
 
 def eval_if(model: Any, eval_semantics: bool) -> Any:
@@ -124,17 +124,30 @@ def without_culprits(
         return out, rep
 
     def check(candidate: Any) -> VerifyReport:
-        return run_verify(
-            model,
-            candidate,
-            prep.carried_by_examples(),
-            example_inputs=examples,
-            progress=progress,
-            where=str(src),
-        )
+        return verify_on_examples(model, candidate, examples, prep, progress, src)
 
     folded, new, search = fold_without_culprits(report, fold, check)
     return (new, folded) if search.resolved else (new, result)  # unresolved: the search is reported
+
+
+def verify_on_examples(
+    model: Any,
+    candidate: Any,
+    examples: tuple[Any, ...] | None,
+    prep: Prepared,
+    progress: ProgressFn,
+    src: Path,
+) -> VerifyReport:
+    """A PyTorch ``model`` and ``candidate`` compared on the example tensors (which carry the shapes and
+    the data; the job's other settings as ``prep``); errors name ``src``."""
+    return run_verify(
+        model,
+        candidate,
+        prep.carried_by_examples(),
+        example_inputs=examples,
+        progress=progress,
+        where=str(src),
+    )
 
 
 def check_other_batch(
@@ -154,14 +167,7 @@ def check_other_batch(
     other = tuple(torch.randn((batch + 1, *t.shape[1:]), generator=g, dtype=t.dtype) for t in examples)
     why = ""
     try:
-        rep = run_verify(
-            model,
-            candidate,
-            prep.carried_by_examples(),
-            example_inputs=other,
-            progress=progress,
-            where=str(src),
-        )
+        rep = verify_on_examples(model, candidate, other, prep, progress, src)
         if not rep.passed:
             why = f"max abs error {rep.max_abs_error:.3g}"
     except BnfoldError as e:

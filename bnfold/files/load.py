@@ -13,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnfold.records import FileInfo
+
 from .settings import LoadSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.io import Loaded
 
-__all__ = ["ProgressFn", "noop", "load", "resolve_factory"]
+__all__ = ["ProgressFn", "noop", "load", "file_info", "resolve_factory"]
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``."""
@@ -27,6 +29,19 @@ ProgressFn = Callable[[str, int, int], None]
 def noop(stage: str, done: int, total: int) -> None:
     """The progress callback when none is given."""
     return None
+
+
+def file_info(loaded: Loaded, src: Path, dst: Path, output_format: str) -> FileInfo:
+    """The files of a job that read ``loaded`` from ``src`` and writes ``dst`` (what the write adds comes
+    later: sizes after, data files written, time)."""
+    return FileInfo(
+        source=str(src),
+        source_format=loaded.format,
+        size_before=loaded.size,
+        source_data_files=tuple(loaded.data_files),
+        output=str(dst),
+        output_format=output_format,
+    )
 
 
 def resolve_factory(spec: str | None) -> Callable[[], Any] | None:

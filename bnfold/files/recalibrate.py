@@ -46,7 +46,7 @@ from bnfold.errors import InputError, OptionError, UnsupportedModelError
 from bnfold.onnx.recalibrate import BnChange
 from bnfold.records import FileInfo, FoldReport
 
-from .load import ProgressFn, load, noop
+from .load import ProgressFn, file_info, load, noop
 from .output import check_output, same_file, staged
 from .settings import OUTPUT_FORMATS, LoadSettings
 
@@ -439,14 +439,7 @@ def recalibrate_file(
     loaded = load(src_p, s.load, prog)
     protect = [] if same_file(src_p, dst_p) else bio.files_read_by(src_p)
     bio.check_output_path(src_p, dst_p, in_place=s.in_place, input_files=protect)
-    files = FileInfo(
-        source=str(src_p),
-        source_format=loaded.format,
-        size_before=loaded.size,
-        source_data_files=tuple(loaded.data_files),
-        output=str(dst_p),
-        output_format=loaded.format,
-    )
+    files = file_info(loaded, src_p, dst_p, loaded.format)
     if loaded.format == "onnx":
         return _onnx(src_p, dst_p, loaded, s, files, protect, prog, t0)
     if loaded.format == "pt2":

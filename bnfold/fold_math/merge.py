@@ -22,6 +22,7 @@ __all__ = [
     "MergeRef",
     "MergeRefusal",
     "MergeBranch",
+    "SumBranch",
     "ConvRead",
     "blocker_refusal",
     "pick_reference",
@@ -31,6 +32,7 @@ __all__ = [
     "identity_kernel",
     "pool_kernel",
     "refuse_open",
+    "refuse_odd",
     "absorb_constants",
     "merge_record",
     "placement",
@@ -38,6 +40,7 @@ __all__ = [
     "diagonal",
     "identity_checks",
     "compose_pointwise",
+    "scale_branch",
     "same_dilation",
 ]
 
@@ -102,20 +105,29 @@ class MergeBranch(Protocol):
     detail: str
 
 
+class SumBranch(MergeBranch, Protocol):
+    """A branch that is a leaf of a sum chain: the leaf's sign and the chain's scales over it."""
+
+    sign: int
+    chain_muls: tuple[Any, ...]
+
+
 B = TypeVar("B", bound=MergeBranch)
+S = TypeVar("S", bound=SumBranch)
 X = TypeVar("X", bound=Hashable)
 L = TypeVar("L")
-C = TypeVar("C")
+C = TypeVar("C", bound=tuple[int, tuple[Any, ...]])
 
 
 def pick_input(
     leaves: Sequence[L],
     coefs: Sequence[C],
-    per_leaf: Sequence[Sequence[tuple[X, B]]],
-    is_conv: Callable[[B], bool],
-) -> tuple[X, list[tuple[B, C]], list[tuple[L, C]]] | None:
+    per_leaf: Sequence[Sequence[tuple[X, S]]],
+    is_conv: Callable[[S], bool],
+) -> tuple[X, list[S], list[tuple[L, C]]] | None:
     """The shared input ``x`` read by the most leaves (at least two, one through a conv): the branch of each
-    leaf that reaches it (a linear reading first) with the leaf's coefficient, and the other leaves.
+    leaf that reaches it (a linear reading first), given the leaf's coefficient ``(sign, chain scales)``,
+    and the other leaves with theirs.
 
     ``per_leaf[i]``: the readings of leaf ``i`` as ``(input, branch)``; ``is_conv``: the branch is a conv."""
     score: dict[X, int] = {}
@@ -133,7 +145,7 @@ def pick_input(
     if not best:
         return None
     x = max(best, key=lambda k: (score[k], convs.get(k, 0)))
-    branches: list[tuple[B, C]] = []
+    branches: list[S] = []
     rest: list[tuple[L, C]] = []
     for leaf, coef, interp in zip(leaves, coefs, per_leaf):
         cand = [b for xx, b in interp if xx == x]
@@ -141,7 +153,9 @@ def pick_input(
             rest.append((leaf, coef))
             continue
         good = [b for b in cand if b.kind != "other"]
-        branches.append(((good or cand)[0], coef))
+        branch = (good or cand)[0]
+        branch.sign, branch.chain_muls = coef
+        branches.append(branch)
     return x, branches, rest
 
 
@@ -262,6 +276,19 @@ def refuse_open(branches: Iterable[MergeBranch], reason: MergeReason, detail: st
     for b in branches:
         if b.reason is None:
             b.reason, b.detail = reason, detail
+
+
+def refuse_odd(
+    branches: Iterable[MergeBranch], odd: Sequence[str], x: str, ops: str = "conv plus an add"
+) -> None:
+    """Refuse every open branch of a sum that also subtracts or scales ``odd`` (leaves that are not branches
+    of ``x``, as shown): one conv plus an add (``ops``, in the backend's words) cannot replace it."""
+    refuse_open(
+        branches,
+        MergeReason.UNSUPPORTED,
+        f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x}': one {ops} cannot "
+        "replace it",
+    )
 
 
 def _n_convs(b: MergeBranch) -> int:
@@ -388,10 +415,27 @@ def pool_kernel(
     return diagonal(ref, k, offs, 1.0 / float(np.prod(k)))
 
 
-def compose_pointwise(w2: F64, b2: F64 | None, w1: F64, b1: F64 | None) -> tuple[F64, F64 | None]:
-    """``Conv kxk (w2, b2)`` after an ungrouped ``Conv 1x1 (w1, b1)`` as one conv (valid where the kxk reads
-    no padded zeros or ``b1`` is None/zero): ``W[o, i] = sum_m W2[o, m] W1[m, i]``,
-    ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``."""
+def scale_branch(ref: MergeRef, w: F64, b: F64, factors: Iterable[F64], sign: int) -> tuple[F64, F64]:
+    """A branch's kernel and bias times its constant scales (``factors``, per output channel of the merged
+    conv or per tensor; taken in order, so the first that raises MergeRefusal refuses) and its sign in the sum."""
+    for f in factors:
+        w = w * f.reshape((-1,) + (1,) * (ref.rank + 1))
+        b = b * f
+    return (-w, -b) if sign < 0 else (w, b)
+
+
+def compose_pointwise(
+    w2: F64, b2: F64 | None, w1: F64, b1: F64 | None, pads: list[int], what: str
+) -> tuple[F64, F64 | None]:
+    """``Conv kxk (w2, b2)`` with ``pads`` after an ungrouped ``Conv 1x1 (w1, b1)`` as one conv:
+    ``W[o, i] = sum_m W2[o, m] W1[m, i]``, ``b = b2 + sum_{m, taps} W2[o, m] b1[m]``; or MergeRefusal
+    (PADDING) where the kxk pads and ``b1`` is not zero (at a padded border ``b1`` would be missing)."""
+    if any(pads) and b1 is not None and np.any(b1 != 0):
+        raise MergeRefusal(
+            MergeReason.PADDING,
+            f"{what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would not be added: "
+            "one conv cannot compute it",
+        )
     m1 = w1.reshape(w1.shape[0], w1.shape[1])
     comp = np.moveaxis(np.tensordot(w2, m1, axes=([1], [0])), -1, 1)
     b = b2

@@ -47,15 +47,17 @@ from bnfold.fold_math.merge import (
     identity_kernel,
     merge_record,
     pick_reference,
-    pool_kernel,
+    refuse_odd,
     refuse_open,
+    scale_branch,
     sum_kernels,
 )
 from bnfold.records import Direction, Merge, MergeReason, Site
 
 from .export_match import bn_path, schema_args
-from .layers import fetch_attr
-from .merge import NONLINEAR_NAMES, channel_vector
+from .export_rewrite import drop_unread_attrs
+from .layers import constant_arg, constant_slot
+from .merge import NONLINEAR_NAMES, avg_pool_kernel, channel_vector
 
 __all__ = ["ExportMergeResult", "merge_exported_graph", "conv_ops"]
 
@@ -124,29 +126,12 @@ def _is_sum(n: Any) -> bool:
     return bool(alpha == 1) and set(n.kwargs) <= {"alpha"}
 
 
-def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=torch.float64)
-    if isinstance(v, fx.Node) and v.op == "get_attr":
-        try:
-            t = fetch_attr(gm, str(v.target))
-        except AttributeError:
-            return None
-        return t.detach() if isinstance(t, torch.Tensor) else None
-    return None
-
-
 def _mul_slot(gm: fx.GraphModule, n: Any) -> int | None:
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target in _MULS and len(n.args) == 2):
         return None
     if n.kwargs:
         return None
-    c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
-    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
-        return None
-    return c[0]
+    return constant_slot(gm, n)
 
 
 def _expandable(gm: fx.GraphModule, n: Any) -> bool:
@@ -298,7 +283,7 @@ def _bn_affine(gm: fx.GraphModule, bn: fx.Node, what: str) -> tuple[F64, F64]:
         if p is None and k in ("weight", "bias"):
             vals[k] = None
             continue
-        c = _const(gm, p) if isinstance(p, fx.Node) else None
+        c = constant_arg(gm, p) if isinstance(p, fx.Node) else None
         if c is None:
             raise MergeRefusal(MergeReason.NON_CONSTANT, f"{what}: batch norm {k} is not a model attribute")
         vals[k] = c.detach().cpu().double().numpy().reshape(-1)
@@ -316,8 +301,8 @@ def _read_conv(gm: fx.GraphModule, n: fx.Node, what: str) -> ConvRead:
         a.get("transposed") or any(int(p) for p in a.get("output_padding") or [])
     ):
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: a transposed convolution")
-    wt = _const(gm, a["weight"]) if isinstance(a["weight"], fx.Node) else None
-    bt = None if a.get("bias") is None else _const(gm, a["bias"])
+    wt = constant_arg(gm, a["weight"]) if isinstance(a["weight"], fx.Node) else None
+    bt = None if a.get("bias") is None else constant_arg(gm, a["bias"])
     if wt is None or (a.get("bias") is not None and bt is None):
         raise MergeRefusal(MergeReason.NON_CONSTANT, f"{what}: weight or bias is not a model attribute")
     if not wt.is_floating_point() or wt.dtype == torch.bfloat16:
@@ -374,20 +359,14 @@ def _branch_conv(gm: fx.GraphModule, b: _Branch) -> ConvRead:
         raise MergeRefusal(MergeReason.GROUPS, f"{what}: grouped convs in sequence")
     if p.dtype != cr.dtype:
         raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: weight dtypes differ")
-    if any(cr.pads) and p.bias is not None and np.any(p.bias != 0):
-        raise MergeRefusal(
-            MergeReason.PADDING,
-            f"{what}: the kxk conv pads {cr.pads} with zeros, where the 1x1 conv's bias would not be added: "
-            "one conv cannot compute it",
-        )
-    w, bias = compose_pointwise(cr.w, cr.bias, p.w, p.bias)
+    w, bias = compose_pointwise(cr.w, cr.bias, p.w, p.bias, cr.pads, what)
     return ConvRead(w, bias, cr.dtype, cr.strides, cr.dilations, cr.pads, cr.group)
 
 
 def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     k = _mul_slot(gm, n)
     assert k is not None
-    c = _const(gm, n.args[k])
+    c = constant_arg(gm, n.args[k])
     assert c is not None
     return channel_vector(c, ref, f"'{n.name}': scale", not isinstance(n.args[k], fx.Node))
 
@@ -433,27 +412,19 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
         k = tuple(tup(a["kernel_size"], []))
         stride = tup(a.get("stride") or [], list(k))
         pad = tup(a.get("padding") or [0], [0] * r)
-        if a.get("ceil_mode"):
-            raise MergeRefusal(
-                MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)"
-            )
-        if a.get("divisor_override"):
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
-        if any(pad) and not a.get("count_include_pad", True):
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{what}: count_include_pad=False with padding: edge windows divide by fewer values than a conv",
-            )
-        dilated = any(d != 1 for d in ref.dilations)
-        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
+        w64, b64 = avg_pool_kernel(
+            ref,
+            what,
+            k,
+            stride,
+            pad,
+            bool(a.get("ceil_mode")),
+            a.get("divisor_override"),
+            bool(a.get("count_include_pad", True)),
+        )
     else:  # pragma: no cover
         raise AssertionError(b.kind)
-    for n in (*b.muls, *b.factors):
-        f = _factor(gm, n, ref)
-        w64, b64 = w64 * f.reshape(col), b64 * f
-    if b.sign < 0:
-        w64, b64 = -w64, -b64
-    return w64, b64
+    return scale_branch(ref, w64, b64, (_factor(gm, n, ref) for n in (*b.muls, *b.factors)), b.sign)
 
 
 def _record(top: fx.Node, x: str, target: str, branches: list[_Branch]) -> Merge:
@@ -570,12 +541,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         kept: list[Any] = [b.leaf for b in kept_b]
         odd = [b.leaf.name if isinstance(b.leaf, fx.Node) else repr(b.leaf) for b in odd_b]
         if odd:
-            refuse_open(
-                ok,
-                MergeReason.UNSUPPORTED,
-                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': "
-                "one conv plus an add cannot replace it",
-            )
+            refuse_odd(ok, odd, x.name)
             res.merges.append(_record(top, x.name, "", branches))
             continue
         end = top
@@ -598,7 +564,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
             continue
         # rewrite
         ref_w = schema_args(ref.node)["weight"]
-        dev = _const(gm, ref_w).device  # type: ignore[union-attr]
+        dev = constant_arg(gm, ref_w).device  # type: ignore[union-attr]
         name = _fresh(gm, res.applied)
         gm.register_parameter(
             f"{name}_weight",
@@ -668,39 +634,20 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
         res.applied += 1
         res.merges.append(_record(top, x.name, name, branches))
     if res.applied:
-        dropped: set[str] = set()
-        for n in list(graph.nodes):
-            if n.op == "get_attr" and not n.users:
-                dropped.add(str(n.target))
-                graph.erase_node(n)
-        graph.lint()
-        gm.recompile()
-        _drop_unused_attrs(gm, dropped)
+        drop_unread_attrs(gm, aliases=True)
     return res
 
 
 def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, b: _Branch, factors: Sequence[fx.Node]) -> F64 | None:
     """A constant leaf ``b`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or
     None where it is not a constant."""
-    c = _const(gm, b.leaf) if not b.muls else None
+    c = constant_arg(gm, b.leaf) if not b.muls else None
     if c is None:
         return None
     vec = channel_vector(c, ref, "constant", not isinstance(b.leaf, fx.Node))
     for m in factors:
         vec = vec * _factor(gm, m, ref)
     return vec
-
-
-def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
-    """Delete the parameters and buffers the merge left unread (the branches' weights and BN tensors)."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in dropped - used:
-        mod_name, _, attr = name.rpartition(".")
-        mod = gm.get_submodule(mod_name) if mod_name else gm
-        if attr in mod._parameters:
-            del mod._parameters[attr]
-        elif attr in mod._buffers:
-            del mod._buffers[attr]
 
 
 def _order(graph: fx.Graph) -> Any:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold.dtypes import numpy_dtype, to_float64
-from bnfold.fold_math import F64, bn_affine, bn_nonfinite_reason, cast_exact, fold_backward, fold_forward
+from bnfold.dtypes import to_float64
+from bnfold.fold_math import F64, bn_affine, bn_nonfinite_reason, fold_backward, fold_forward
 from bnfold.records import Direction, Skip, SkipReason
 
 from .export_match import ExportCandidate, ExportMatched
 from .layers import fetch_attr
-from .plan import fits, from_numpy, plan_forward
+from .plan import fits, plan_forward, round_accumulated, write_forward
 
 __all__ = ["plan_export_sites"]
 
@@ -86,15 +86,12 @@ def plan_export_sites(gm: nn.Module, matched: list[ExportMatched]) -> tuple[list
         if c.site.direction is Direction.FORWARD and len(c.parts) == 1 and touches[first.producer] == 1:
             weight, bias = _tensor(gm, first.weight), _tensor(gm, first.bias)
             assert weight is not None
-            got = plan_forward(weight, bias, scale, shift, first.layout, c.site.bn)
-            if isinstance(got, Skip):
-                out.append(replace(got, pattern=c.site.pattern))  # the pattern it was tried as
-                continue
-            writes[first.producer] = got
-            out.append(c)
-            continue
-        why = _accumulate(gm, c, scale, shift, state)
-        out.append(c if why is None else replace(why, pattern=c.site.pattern))
+            why = write_forward(
+                writes, first.producer, plan_forward(weight, bias, scale, shift, first.layout, c.site.bn)
+            )
+        else:
+            why = _accumulate(gm, c, scale, shift, state)
+        out.append(c if why is None else replace(why, pattern=c.site.pattern))  # the pattern it was tried as
     for c in matched:
         if not isinstance(c, ExportCandidate):
             continue
@@ -103,12 +100,7 @@ def plan_export_sites(gm: nn.Module, matched: list[ExportMatched]) -> tuple[list
                 continue
             w0, b0 = _tensor(gm, p.weight), _tensor(gm, p.bias)
             assert w0 is not None
-            w, b = state[p.producer]
-            b_like = b0 if b0 is not None else w0.new_empty(0)
-            writes[p.producer] = (
-                from_numpy(cast_exact(w, numpy_dtype(w0.dtype)), w0),
-                from_numpy(cast_exact(b, numpy_dtype(b_like.dtype)), b_like),
-            )
+            writes[p.producer] = round_accumulated(*state[p.producer], w0, b0)
     return out, writes
 
 

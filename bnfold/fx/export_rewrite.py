@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from .export_match import ExportCandidate, layer_weight, weight_path
 
-__all__ = ["apply_exported"]
+__all__ = ["apply_exported", "drop_unread_attrs"]
 
 aten = torch.ops.aten
 
@@ -80,6 +80,16 @@ def apply_exported(
                 u.replace_all_uses_with(x)
                 gm.graph.erase_node(u)
         gm.graph.erase_node(bn)
+    drop_unread_attrs(gm, aliases=False)
+
+
+def drop_unread_attrs(gm: fx.GraphModule, *, aliases: bool) -> None:
+    """Erase the ``get_attr`` nodes nothing reads any more, recompile, and delete the parameters and buffers
+    only they read.
+
+    ``aliases``: delete every such name (branch merge: the branches' tensors go). Without it, only the
+    names ``named_parameters``/``named_buffers`` list (the first name of each tensor): a second name of
+    a tied tensor stays (the fold's rewrite)."""
     dropped: set[str] = set()
     for n in list(gm.graph.nodes):
         if n.op == "get_attr" and not n.users:
@@ -87,14 +97,9 @@ def apply_exported(
             gm.graph.erase_node(n)
     gm.graph.lint()
     gm.recompile()
-    _drop_unused_attrs(gm, dropped)
-
-
-def _drop_unused_attrs(gm: fx.GraphModule, dropped: set[str]) -> None:
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used or name not in dropped:
-            continue
+    listed = dropped if aliases else {name for name, _ in [*gm.named_parameters(), *gm.named_buffers()]}
+    for name in sorted((dropped & listed) - used):
         mod_name, _, attr = name.rpartition(".")
         mod = gm.get_submodule(mod_name) if mod_name else gm
         if attr in mod._parameters:

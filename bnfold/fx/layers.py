@@ -4,6 +4,9 @@ A BN-like module has an eval map :func:`bnfold.fx.custom.describe_bn` knows; a l
 Conv/ConvTranspose/Linear (``forward`` not overridden, no hooks, not parametrized, floating weight),
 or, for a forward fold only, a Conv subclass that changes only its input (Rule 5 of
 :mod:`bnfold.fx.custom`). :class:`Tracer` keeps all of them leaves.
+
+The readers of a traced module that the fx passes share live here too: an attribute by its dotted
+name, the submodule a node calls, a node argument's constant value, a fresh attribute name.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.hints import BATCH_STATS_INSTANCE, Hint
@@ -34,6 +37,10 @@ __all__ = [
     "forward_layer_kind",
     "Tracer",
     "fetch_attr",
+    "called_module",
+    "constant_arg",
+    "constant_slot",
+    "fresh_attr",
 ]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -118,3 +125,50 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def constant_arg(root: nn.Module, v: Any) -> torch.Tensor | None:
+    """The constant value of a node's argument (a Python number as a float64 scalar, a tensor, a get_attr
+    node's tensor), or None (a bool, another node, anything else)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v), dtype=torch.float64)
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, fx.Node) and v.op == "get_attr":
+        try:
+            t = fetch_attr(root, str(v.target))
+        except AttributeError:
+            return None
+        return t.detach() if isinstance(t, torch.Tensor) else None
+    return None
+
+
+def constant_slot(root: nn.Module, n: fx.Node) -> int | None:
+    """The argument slot (0 or 1) of a two-operand call that is a constant (:func:`constant_arg`) while the
+    other one is a node, or None."""
+    c = [k for k in (0, 1) if constant_arg(root, n.args[k]) is not None]
+    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
+        return None
+    return c[0]
+
+
+def called_module(gm: nn.Module, n: fx.Node) -> nn.Module | None:
+    """The submodule a ``call_module`` fx node calls, or None (another node, or a target no longer there)."""
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(str(n.target))
+    except AttributeError:
+        return None
+
+
+def fresh_attr(root: nn.Module, name: str, sep: str = "_") -> str:
+    """``name``, else ``name<sep>1``, ``name<sep>2``, ...: the first that is not an attribute of ``root``."""
+    k = 0
+    cand = name
+    while hasattr(root, cand):
+        k += 1
+        cand = f"{name}{sep}{k}"
+    return cand

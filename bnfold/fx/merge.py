@@ -47,10 +47,13 @@ from bnfold.fold_math.merge import (
     pick_input,
     pick_reference,
     pool_kernel,
+    refuse_odd,
     refuse_open,
+    scale_branch,
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
+from bnfold.fx.layers import called_module, constant_arg, constant_slot, fresh_attr
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "exact_folds",
     "Exact",
     "channel_vector",
+    "avg_pool_kernel",
     "NONLINEAR_NAMES",
 ]
 
@@ -207,34 +211,6 @@ class _Branch:
     detail: str = ""
 
 
-def _mod(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    if n.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(str(n.target))
-    except AttributeError:
-        return None
-
-
-def _const(gm: fx.GraphModule, v: Any) -> torch.Tensor | None:
-    """The constant value of an argument (a Python number, a tensor, a get_attr node), or None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=torch.float64)
-    if isinstance(v, torch.Tensor):
-        return v.detach()
-    if isinstance(v, fx.Node) and v.op == "get_attr":
-        obj: Any = gm
-        try:
-            for part in str(v.target).split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            return None
-        return obj.detach() if isinstance(obj, torch.Tensor) else None
-    return None
-
-
 _INPLACE = (operator.iadd, operator.isub, operator.imul)
 
 
@@ -250,7 +226,7 @@ def _inplace_ok(n: fx.Node) -> bool:
 def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
     """``n`` may write into its first argument (an in-place op)."""
     if n.op == "call_module":
-        return bool(getattr(_mod(gm, n), "inplace", False))
+        return bool(getattr(called_module(gm, n), "inplace", False))
     if n.op == "call_method":
         name = str(n.target)
     elif n.op == "call_function":
@@ -281,17 +257,14 @@ def _mul_slot(gm: fx.GraphModule, n: fx.Node) -> int | None:
         or (n.op == "call_method" and n.target == "mul")
     ):  # ``tensor * proxy`` traces as Tensor.mul
         return None
-    c = [k for k in (0, 1) if _const(gm, n.args[k]) is not None]
-    if len(c) != 1 or not isinstance(n.args[1 - c[0]], fx.Node):
-        return None
-    return c[0]
+    return constant_slot(gm, n)
 
 
 def _through_identity(gm: fx.GraphModule, v: Any) -> Any:
     """``v``, seen through ``nn.Identity`` module calls read by one node only."""
     while (
         isinstance(v, fx.Node)
-        and type(_mod(gm, v)) is nn.Identity
+        and type(called_module(gm, v)) is nn.Identity
         and len(v.users) == 1
         and v.args
         and isinstance(v.args[0], fx.Node)
@@ -371,7 +344,7 @@ def _is_top(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 def _through_identity_fwd(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
-    while type(_mod(gm, n)) is nn.Identity:
+    while type(called_module(gm, n)) is nn.Identity:
         if len(n.users) != 1:
             return None
         n = next(iter(n.users))
@@ -400,7 +373,7 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
             or not isinstance(v.args[0], fx.Node)
         ):
             break
-        m = _mod(gm, v)
+        m = called_module(gm, v)
         if (
             (type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training))
             and len(v.args) == 1
@@ -415,7 +388,7 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
             x = v.args[0]
             assert isinstance(x, fx.Node)
             out.append((x, _Branch(leaf, kind if not blockers else "other", v, list(muls), list(blockers))))
-            pm = _mod(gm, x)
+            pm = called_module(gm, x)
             if (
                 kind == "conv"
                 and not blockers
@@ -436,22 +409,14 @@ def _interpretations(gm: fx.GraphModule, leaf: Any) -> list[tuple[fx.Node, _Bran
 
 def _is_conv_branch(gm: fx.GraphModule, b: _Branch) -> bool:
     return b.kind in ("conv", "seq") or (
-        b.kind == "other" and b.base is not None and isinstance(_mod(gm, b.base), _CONVS)
+        b.kind == "other" and b.base is not None and isinstance(called_module(gm, b.base), _CONVS)
     )
 
 
 def _pick_input(
     gm: fx.GraphModule, leaves: list[Any], coefs: list[tuple[int, tuple[fx.Node, ...]]]
 ) -> tuple[fx.Node, list[_Branch], list[tuple[Any, tuple[int, tuple[fx.Node, ...]]]]] | None:
-    picked = pick_input(
-        leaves, coefs, [_interpretations(gm, v) for v in leaves], partial(_is_conv_branch, gm)
-    )
-    if picked is None:
-        return None
-    x, picks, rest = picked
-    for b, coef in picks:
-        b.sign, b.chain_muls = coef
-    return x, [b for b, _ in picks], rest
+    return pick_input(leaves, coefs, [_interpretations(gm, v) for v in leaves], partial(_is_conv_branch, gm))
 
 
 def _path(b: _Branch) -> list[fx.Node]:
@@ -503,13 +468,13 @@ def _conv_geometry(m: nn.Module, what: str) -> tuple[list[int], list[int], list[
 
 def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
     assert b.base is not None
-    m = _mod(gm, b.base)
+    m = called_module(gm, b.base)
     assert m is not None
     strides, dil, pads, group = _conv_geometry(m, b.label)
     assert isinstance(m, _CONVS)
     w64, b64 = _params(m, str(b.base.target), exact)
     if b.pre is not None:
-        pm = _mod(gm, b.pre)
+        pm = called_module(gm, b.pre)
         assert pm is not None
         s1, d1, p1, g1 = _conv_geometry(pm, b.pre.name)
         assert isinstance(pm, _CONVS)
@@ -523,13 +488,7 @@ def _read_conv(gm: fx.GraphModule, b: _Branch, exact: Exact) -> ConvRead:
         if pm.weight.dtype != m.weight.dtype:
             raise MergeRefusal(MergeReason.UNSUPPORTED, f"{b.pre.name} -> {b.label}: weight dtypes differ")
         w1, b1 = _params(pm, str(b.pre.target), exact)
-        if any(pads) and b1 is not None and np.any(b1 != 0):
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{b.pre.name} -> {b.label}: the kxk conv pads {pads} with zeros, "
-                "where the 1x1 conv's bias would not be added: one conv cannot compute it",
-            )
-        w64, b64 = compose_pointwise(w64, b64, w1, b1)
+        w64, b64 = compose_pointwise(w64, b64, w1, b1, pads, f"{b.pre.name} -> {b.label}")
     return ConvRead(w64, b64, m.weight.dtype, strides, dil, pads, group)
 
 
@@ -555,11 +514,36 @@ def _factor(gm: fx.GraphModule, n: fx.Node, ref: MergeRef) -> F64:
     k = _mul_slot(gm, n)
     if k is None:  # Identity / Dropout in eval
         return np.ones(ref.c_out)
-    c = _const(gm, n.args[k])
+    c = constant_arg(gm, n.args[k])
     assert c is not None
     return channel_vector(
         c, ref, f"'{n.name}': scale", python_number=not isinstance(n.args[k], (fx.Node, torch.Tensor))
     )
+
+
+def avg_pool_kernel(
+    ref: MergeRef,
+    what: str,
+    k: tuple[int, ...],
+    stride: list[int],
+    pad: list[int],
+    ceil_mode: bool,
+    divisor_override: Any,
+    count_include_pad: bool,
+) -> tuple[F64, F64]:
+    """A torch average pool (an ``nn.AvgPool`` module or an ``aten.avg_pool`` call; ``pad`` per axis, both
+    sides) as a kernel of the merged conv and a zero bias, or MergeRefusal why it is not one."""
+    if ceil_mode:
+        raise MergeRefusal(MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)")
+    if divisor_override:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
+    if any(pad) and not count_include_pad:
+        raise MergeRefusal(
+            MergeReason.PADDING,
+            f"{what}: count_include_pad=False with padding: edge windows divide by fewer values than a conv",
+        )
+    dilated = any(d != 1 for d in ref.dilations)
+    return pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
 
 
 def _branch_kernel(
@@ -574,7 +558,7 @@ def _branch_kernel(
         w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
-        m = _mod(gm, b.base)
+        m = called_module(gm, b.base)
         if m is not None and type(m) not in _BNS and not _hooks(m):
             return _bn_subclass_kernel(ref, m, what, eval_semantics)
         if type(m) not in _BNS or _hooks(m):  # type: ignore[arg-type]
@@ -601,7 +585,7 @@ def _branch_kernel(
         b64 = beta - mean * scale
     elif b.kind == "avgpool":
         assert b.base is not None
-        m = _mod(gm, b.base)
+        m = called_module(gm, b.base)
         if type(m) not in _POOLS or _hooks(m):  # type: ignore[arg-type]
             raise MergeRefusal(
                 MergeReason.UNSUPPORTED, f"{what}: not a plain AvgPool module (or it has hooks)"
@@ -611,35 +595,18 @@ def _branch_kernel(
         k = tuple(_tup(m.kernel_size, r))
         stride = _tup(m.stride, r)  # torch sets a stride of None to the kernel size
         pad = _tup(m.padding, r)
-        if m.ceil_mode:
-            raise MergeRefusal(
-                MergeReason.PADDING, f"{what}: ceil_mode=True (its output size is not a conv's)"
-            )
-        if getattr(m, "divisor_override", None):
-            raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: divisor_override")
-        if any(pad) and not m.count_include_pad:
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{what}: count_include_pad=False with padding: edge windows "
-                "divide by fewer values than a conv",
-            )
-        dilated = any(d != 1 for d in ref.dilations)
-        w64, b64 = pool_kernel(ref, k, stride, pad + pad, dilated, what), np.zeros(ref.c_out)
+        w64, b64 = avg_pool_kernel(
+            ref, what, k, stride, pad, m.ceil_mode, getattr(m, "divisor_override", None), m.count_include_pad
+        )
     else:  # pragma: no cover
         raise AssertionError(b.kind)
-    for n in (*b.muls, *b.chain_muls):
-        f = _factor(gm, n, ref)
-        w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
-        b64 = b64 * f
-    if b.sign < 0:
-        w64, b64 = -w64, -b64
-    return w64, b64
+    return scale_branch(ref, w64, b64, (_factor(gm, n, ref) for n in (*b.muls, *b.chain_muls)), b.sign)
 
 
 def _constant_leaf(gm: fx.GraphModule, ref: MergeRef, leaf: Any, factors: Sequence[fx.Node]) -> F64 | None:
     """A constant ``leaf`` of a sum as a per-channel vector (its chain scales ``factors`` applied), or None
     where it is not a constant."""
-    c = _const(gm, leaf)
+    c = constant_arg(gm, leaf)
     if c is None:
         return None
     vec = channel_vector(c, ref, "constant", python_number=not isinstance(leaf, (fx.Node, torch.Tensor)))
@@ -660,7 +627,7 @@ def _noop_tail(tail: nn.Module | None) -> bool:
             continue
         if (
             n.op != "call_module"
-            or type(_mod(tail, n)) is not nn.Identity
+            or type(called_module(tail, n)) is not nn.Identity
             or _hooks(tail.get_submodule(str(n.target)))
         ):
             return False
@@ -741,7 +708,7 @@ def _plan(
         if b.kind == "other":
             ops = ", ".join(f"'{_label(_Branch(None, 'other', n, [], []), x)}'" for n in b.blockers)
             nonlinear = any(
-                isinstance(_mod(gm, n), _ACT_MODULES)
+                isinstance(called_module(gm, n), _ACT_MODULES)
                 or getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
                 for n in b.blockers
             )
@@ -782,7 +749,7 @@ def _post_bn(
     if len(users) != 1:
         return None
     u = users[0]
-    m = _mod(gm, u)
+    m = called_module(gm, u)
     if type(m) not in _BNS or _hooks(m) or u.args[:1] != (top,) or len(u.args) != 1 or u.kwargs:  # type: ignore[arg-type]
         return None
     assert isinstance(m, _BNS)
@@ -797,16 +764,6 @@ def _post_bn(
         _np(m.running_var),
         float(m.eps),
     )
-
-
-def _fresh(gm: fx.GraphModule, base: str) -> str:
-    name = base.replace(".", "_") + "_merged"
-    k = 0
-    cand = name
-    while hasattr(gm, cand):
-        k += 1
-        cand = f"{name}{k}"
-    return cand
 
 
 def merge_graph_module(
@@ -858,12 +815,7 @@ def merge_graph_module(
         )
         odd = [leaf.name if isinstance(leaf, fx.Node) else repr(leaf) for leaf in odd_leaves]
         if odd:
-            refuse_open(
-                branches,
-                MergeReason.UNSUPPORTED,
-                f"the sum also subtracts or scales {', '.join(odd)}, which is not a branch of '{x.name}': one "
-                "conv plus an add cannot replace it",
-            )
+            refuse_odd(branches, odd, x.name)
             res.merges.append(_refused(sum_label, x.name, branches))
             continue
         post = None if kept else _post_bn(gm, top, ref, eval_semantics)
@@ -873,7 +825,7 @@ def merge_graph_module(
             scale, shift = post[1]
             w_sum = w_sum * scale.reshape((-1,) + (1,) * (ref.rank + 1))
             b_sum = b_sum * scale + shift
-        ref_mod = _mod(gm, ref.node)
+        ref_mod = called_module(gm, ref.node)
         assert isinstance(ref_mod, _CONVS)
         dtype = ref_mod.weight.dtype
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
@@ -912,7 +864,7 @@ def merge_graph_module(
         new.weight.requires_grad_(ref_mod.weight.requires_grad)
         new.bias.requires_grad_(ref_mod.weight.requires_grad)
         new.train(ref_mod.training)
-        name = _fresh(gm, str(ref.node.target))
+        name = fresh_attr(gm, str(ref.node.target).replace(".", "_") + "_merged", sep="")
         gm.add_submodule(name, new)
         with graph.inserting_before(top):
             cur = graph.call_module(name, (x,))

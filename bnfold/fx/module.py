@@ -445,7 +445,7 @@ def _merge_and_refold(
 
 def _movable(report: FoldReport) -> bool:
     """Whether propagation may change ``report``: a BN left with a reason the pass tries."""
-    from .propagate import ELIGIBLE
+    from bnfold.fold_math.propagation import ELIGIBLE
 
     return any(isinstance(v, Skip) and v.reason in ELIGIBLE for v in report.verdicts)
 

@@ -55,6 +55,8 @@ __all__ = [
     "Plan",
     "plan_sites",
     "plan_forward",
+    "write_forward",
+    "round_accumulated",
     "bn_scale_shift",
     "layer_layout",
     "fits",
@@ -185,6 +187,30 @@ def plan_forward(
     return from_numpy(w_new, weight), from_numpy(b_new, b_like)
 
 
+def write_forward(
+    writes: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]],
+    node: fx.Node,
+    got: tuple[torch.Tensor, torch.Tensor] | Skip,
+) -> Skip | None:
+    """Record a forward fold's tensors (:func:`plan_forward`) for the layer ``node``; the Skip if refused."""
+    if isinstance(got, Skip):
+        return got
+    writes[node] = got
+    return None
+
+
+def round_accumulated(
+    w: F64, b: F64, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's float64 weight and bias accumulated over its folds (Rule 2), rounded once to the dtypes of
+    its weight and bias (the weight's where it has no bias)."""
+    b_like = bias if bias is not None else weight.new_empty(0)
+    return (
+        from_numpy(cast_exact(w, numpy_dtype(weight.dtype)), weight),
+        from_numpy(cast_exact(b, numpy_dtype(b_like.dtype)), b_like),
+    )
+
+
 def _parts(c: Candidate, channels: int) -> list[tuple[fx.Node, int, int, bool]]:
     # One layer, or the branches of a channel route: a slice of the BN per concatenated input, or
     # the whole BN per summed branch with the shift going into the first branch only.
@@ -222,22 +248,13 @@ def plan_sites(root: nn.Module, matched: list[Matched]) -> Plan:
         if c.site.direction is Direction.FORWARD and len(parts) == 1 and touches[c.layer_node] == 1:
             layer = fetch_attr(root, str(c.layer_node.target))
             got = plan_forward(layer.weight, layer.bias, scale, shift, layer_layout(layer), c.site.bn)
-            if isinstance(got, Skip):
-                out.append(replace(got, pattern=c.site.pattern))  # the pattern it was tried as
-                continue
-            writes[c.layer_node] = got
-            out.append(c)
-            continue
-        why = _accumulate(root, c, parts, scale, shift, state)
-        out.append(c if why is None else replace(why, pattern=c.site.pattern))
+            why = write_forward(writes, c.layer_node, got)
+        else:
+            why = _accumulate(root, c, parts, scale, shift, state)
+        out.append(c if why is None else replace(why, pattern=c.site.pattern))  # the pattern it was tried as
     for node, (w, b) in state.items():
         layer = fetch_attr(root, str(node.target))
-        w0: torch.Tensor = layer.weight
-        b_like = layer.bias if layer.bias is not None else w0.new_empty(0)
-        writes[node] = (
-            from_numpy(cast_exact(w, numpy_dtype(w0.dtype)), w0),
-            from_numpy(cast_exact(b, numpy_dtype(b_like.dtype)), b_like),
-        )
+        writes[node] = round_accumulated(w, b, layer.weight, layer.bias)
     return Plan(out, writes)
 
 

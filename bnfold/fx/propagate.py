@@ -55,25 +55,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.fold_math import bn_affine
-from bnfold.fold_math.propagation import all_blocked, kept_affine
-from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+from bnfold.fold_math.propagation import ELIGIBLE, Blocked
+from bnfold.records import Direction, Site, Skip, Verdict
 
-from .layers import layer_kind
+from .layers import called_module, fresh_attr, layer_kind
 from .shapes import rank_of
 
-__all__ = ["propagate_graph_module", "ELIGIBLE"]
+__all__ = ["propagate_graph_module"]
 
-ELIGIBLE = frozenset(
-    {
-        SkipReason.NO_PRODUCER,
-        SkipReason.OTHER_CONSUMERS,
-        SkipReason.GRAPH_OUTPUT,
-        SkipReason.PADDING,
-        SkipReason.UNFOLDABLE_BRANCH,
-        SkipReason.UNSUPPORTED_LAYER,
-    }
-)
-"""Skip reasons of the BNs this pass tries (as :data:`bnfold.onnx.propagate.ELIGIBLE`)."""
 
 _BNS: dict[type[nn.Module], int] = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.BatchNorm1d: -1}
 _CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -157,15 +146,6 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
 
 
-def _module(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    if n.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(str(n.target))
-    except AttributeError:
-        return None
-
-
 def _readers(n: fx.Node) -> list[fx.Node]:
     """The nodes reading ``n``'s value (a ``.size()`` call reads only its shape, which stays)."""
     return [u for u in n.users if not (u.op == "call_method" and u.target == "size")]
@@ -174,7 +154,7 @@ def _readers(n: fx.Node) -> list[fx.Node]:
 def _inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
     """``n`` may write into its first argument."""
     if n.op == "call_module":
-        return bool(getattr(_module(gm, n), "inplace", False))
+        return bool(getattr(called_module(gm, n), "inplace", False))
     if n.op == "call_function":
         if n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem):
             return True
@@ -189,7 +169,7 @@ def _allocates(gm: fx.GraphModule, n: fx.Node) -> bool:
     """``n``'s value is a new tensor, never its input nor a view of it (conservative: False if unsure)."""
     if _inplace(gm, n):
         return False
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         t = type(m)
         return (
@@ -242,7 +222,7 @@ def _is_flatten_view(n: fx.Node, cur: fx.Node) -> bool:
 def _classify(gm: fx.GraphModule, n: fx.Node, cur: fx.Node, spatial: int | None, eval_semantics: bool) -> str:
     """What ``n`` (reading ``cur``) lets through: "full", "positive_full", "scale", "positive_scale",
     "flatten", "layer"; raises :class:`_Refuse` otherwise."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     label = _label(gm, n)
     if m is not None:
         if n.args[:1] != (cur,) or len(n.args) != 1 or n.kwargs:
@@ -328,7 +308,7 @@ def _tuple(v: Any) -> tuple[Any, ...]:
 
 
 def _label(gm: fx.GraphModule, n: fx.Node) -> str:
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         return f"{type(m).__name__} '{n.target}'"
     if n.op == "call_function":
@@ -337,7 +317,7 @@ def _label(gm: fx.GraphModule, n: fx.Node) -> str:
 
 
 def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         return type(m).__name__
     return str(getattr(n.target, "__name__", n.target))
@@ -367,7 +347,7 @@ def _fit(
     gm: fx.GraphModule, node: fx.Node, C: int, spatial: int | None, proven: bool, flattened: bool, dtype: Any
 ) -> _Fit:
     """How the layer of ``node`` takes the BN's scale (per channel) and shift."""
-    layer = _module(gm, node)
+    layer = called_module(gm, node)
     assert layer is not None
     label = _label(gm, node)
     kind = layer_kind(layer) or type(layer).__name__
@@ -435,7 +415,7 @@ def _over(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
-    bn = _module(gm, bn_node)
+    bn = called_module(gm, bn_node)
     if bn is None or type(bn) not in _BNS or _has_hooks(bn):
         raise _Refuse("not a plain BatchNorm module")
     if bn.training and not eval_semantics:
@@ -548,19 +528,14 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     neg = (a < 0) if sign_pos is not None else none
     zero = ((a == 0) & (b != 0)) if S is not None else none
     blocked = neg | zero
-    nb = int(blocked.sum())
-    counts = (
-        int(neg.sum()),
-        labels[sign_pos] if sign_pos is not None else None,
-        int(zero.sum()),
-        stop_labels[S] if S is not None else None,
-    )
-    if nb == C:
-        raise _Refuse(all_blocked(C, *counts))
+    held = Blocked.of(neg, zero, labels, sign_pos, stop_labels, S)
+    whole = held.whole()
+    if whole is not None:
+        raise _Refuse(whole)
     one = torch.ones_like(a)
     am = torch.where(blocked, one, a)
     to_bias: torch.Tensor | None = None
-    if nb:  # one multiply and one add before the first node that blocks (or where the shift stops)
+    if held.count:  # one multiply and one add before the first node that blocks (or where the shift stops)
         q = min(p for p in (sign_pos if neg.any() else None, S) if p is not None)
         m = torch.where(blocked, a, one)
         if S is not None:
@@ -571,7 +546,7 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
             to_bias = torch.where(blocked, torch.zeros_like(b), b)
             plan.shift = f"shift into the bias of {where}"
         plan.inserts += [(q, "mul", shaped(m, q)), (q, "add", shaped(t, q))]
-        plan.kept = kept_affine(C, *counts, stop_labels[q])
+        plan.kept = held.kept(stop_labels[q])
     elif S is None:
         if bool((b != 0).any()):
             to_bias = b
@@ -594,7 +569,7 @@ def _plan(gm: fx.GraphModule, bn_node: fx.Node, eval_semantics: bool) -> _Plan:
     for f in fits:
         f.weight = f.scale_w(am)
         if to_bias is not None and bool((to_bias != 0).any()):
-            layer = _module(gm, f.node)
+            layer = called_module(gm, f.node)
             old = getattr(layer, "bias", None)
             base = old.detach().cpu().double() if isinstance(old, torch.Tensor) else 0.0
             f.bias = base + f.bias_of(to_bias)
@@ -612,18 +587,8 @@ def _describe(p: _Plan) -> str:
     return f"{out}; {p.kept}" if p.kept else out
 
 
-def _fresh(gm: fx.GraphModule, base: str) -> str:
-    name = base.replace(".", "_")
-    k = 0
-    cand = name
-    while hasattr(gm, cand):
-        k += 1
-        cand = f"{name}_{k}"
-    return cand
-
-
 def _apply_layer(gm: fx.GraphModule, f: _Fit) -> None:
-    layer = _module(gm, f.node)
+    layer = called_module(gm, f.node)
     assert layer is not None and f.weight is not None
     w = layer.weight
     assert isinstance(w, torch.Tensor)
@@ -647,7 +612,7 @@ def _apply_layer(gm: fx.GraphModule, f: _Fit) -> None:
         parent, _, attr = target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, new)
     else:
-        name = _fresh(gm, f"{target}_propagated")
+        name = fresh_attr(gm, f"{target}_propagated".replace(".", "_"))
         gm.add_submodule(name, new)
         f.node.target = name
 
@@ -656,7 +621,7 @@ def _apply(gm: fx.GraphModule, p: _Plan) -> None:
     graph = gm.graph
     for f in p.fits:
         _apply_layer(gm, f)
-    layer = _module(gm, p.fits[0].node)
+    layer = called_module(gm, p.fits[0].node)
     assert layer is not None and isinstance(layer.weight, torch.Tensor)
     device = layer.weight.device
     p.bn.replace_all_uses_with(p.x)
@@ -665,7 +630,7 @@ def _apply(gm: fx.GraphModule, p: _Plan) -> None:
     for pos, op, value in p.inserts:
         readers = [p.chain[pos]] if pos < len(p.chain) else layers
         first = next(n for n in graph.nodes if n in readers)
-        name = _fresh(gm, f"{p.bn.target}_{'scale' if op == 'mul' else 'shift'}")
+        name = fresh_attr(gm, f"{p.bn.target}_{'scale' if op == 'mul' else 'shift'}".replace(".", "_"))
         gm.register_buffer(name, value.to(p.dtype).to(device))
         with graph.inserting_before(first):
             c = graph.get_attr(name)
@@ -677,7 +642,7 @@ def _apply(gm: fx.GraphModule, p: _Plan) -> None:
 def propagate_graph_module(
     gm: fx.GraphModule, verdicts: list[Verdict], *, eval_semantics: bool = False
 ) -> tuple[list[Verdict], int]:
-    """Propagate each BN of ``gm`` (edited in place) whose verdict is an :data:`ELIGIBLE` skip; return the
+    """Propagate each BN of ``gm`` (edited in place) whose verdict is an :data:`~bnfold.fold_math.propagation.ELIGIBLE` skip; return the
     verdicts (``Site(direction=PROPAGATED)`` for those moved, the blocked channels counted in the detail of
     those kept) and how many BNs were propagated. ``gm.recompile()`` is called when one was."""
     by_name = {v.bn: i for i, v in enumerate(verdicts)}

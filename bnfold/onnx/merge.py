@@ -90,7 +90,9 @@ from bnfold.fold_math.merge import (
     pick_input,
     pick_reference,
     pool_kernel,
+    refuse_odd,
     refuse_open,
+    scale_branch,
     sum_kernels,
 )
 from bnfold.fold_math.subnormal import flush_written
@@ -429,7 +431,7 @@ def _pick_input(
 ) -> tuple[str, list[_Branch], list[tuple[str, Coef]]] | None:
     """The shared input ``x`` read by the most leaves (at least two, one through a Conv): its branches
     (one per leaf that reaches it) and the other leaves."""
-    picked = pick_input(
+    return pick_input(
         leaves,
         coefs,
         [_interpretations(index, ev, v) for v in leaves],
@@ -438,12 +440,6 @@ def _pick_input(
             or (b.kind == "other" and b.base is not None and index.nodes[b.base].op_type == "Conv")
         ),
     )
-    if picked is None:
-        return None
-    x, picks, rest = picked
-    for b, coef in picks:
-        b.sign, b.chain_muls = coef
-    return x, [b for b, _ in picks], rest
 
 
 # ---- per-branch checks ---------------------------------------------------------------------------
@@ -513,13 +509,7 @@ def _read_conv(index: GraphIndex, ev: ConstEvaluator, b: _Branch, exact: ExactTa
                 MergeReason.GROUPS, f"{pre_label} -> {what}: grouped convs in sequence (groups {g1}, {group})"
             )
         m1, b1_64 = exact_values(exact, pre, w1, b1)
-        if any(pads) and b1_64 is not None and np.any(b1_64 != 0):
-            raise MergeRefusal(
-                MergeReason.PADDING,
-                f"{pre_label} -> {what}: the kxk conv pads {pads} with zeros, where the 1x1 conv's bias would "
-                "not be added: one conv cannot compute it",
-            )
-        w64, b64 = compose_pointwise(w64, b64, m1, b1_64)
+        w64, b64 = compose_pointwise(w64, b64, m1, b1_64, pads, f"{pre_label} -> {what}")
     return ConvRead(w64, b64, np.dtype(w.dtype), strides, dil, pads, group)
 
 
@@ -628,13 +618,9 @@ def _branch_kernel(
             b64 = t
     else:  # pragma: no cover - callers pass the four kinds
         raise AssertionError(b.kind)
-    for m in (*b.muls, *b.chain_muls):  # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
-        f = _mul_factor(ev, index.nodes[m], ref, index.label(m))
-        w64 = w64 * f.reshape((-1,) + (1,) * (ref.rank + 1))
-        b64 = b64 * f
-    if b.sign < 0:
-        w64, b64 = -w64, -b64
-    return w64, b64
+    # a constant scale after the branch (PP-YOLOE alpha, a layer scale)
+    factors = (_mul_factor(ev, index.nodes[m], ref, index.label(m)) for m in (*b.muls, *b.chain_muls))
+    return scale_branch(ref, w64, b64, factors, b.sign)
 
 
 def _bn_affine(index: GraphIndex, ev: ConstEvaluator, i: int, ref: MergeRef, what: str) -> tuple[F64, F64]:
@@ -841,12 +827,7 @@ def merge_branches(
             partial(_constant_leaf, index, ev, ref),
         )
         if odd:
-            refuse_open(
-                branches,
-                MergeReason.UNSUPPORTED,
-                f"the sum also subtracts or scales {', '.join(repr(v) for v in odd)}, which is not a branch "
-                f"of '{x}': one Conv plus an Add cannot replace it",
-            )
+            refuse_odd(branches, [repr(v) for v in odd], x, ops="Conv plus an Add")
             res.merges.append(_refused(sum_label, x, branches, index))
             continue
         # write: the reference conv takes the merged weight and bias and the sum's output name

@@ -65,26 +65,15 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
-from bnfold.fold_math.propagation import all_blocked, kept_affine
+from bnfold.fold_math.propagation import ELIGIBLE, Blocked
 from bnfold.fold_math.subnormal import flush_written
-from bnfold.records import Direction, Site, Skip, SkipReason, Verdict
+from bnfold.records import Direction, Site, Skip, Verdict
 
 from .graph import GraphIndex, attr, is_bn, read_lazy_tensor, text
 from .rewrite import Names
 
-__all__ = ["propagate_graph", "ELIGIBLE"]
+__all__ = ["propagate_graph"]
 
-ELIGIBLE = frozenset(
-    {
-        SkipReason.NO_PRODUCER,
-        SkipReason.OTHER_CONSUMERS,
-        SkipReason.GRAPH_OUTPUT,
-        SkipReason.PADDING,
-        SkipReason.UNFOLDABLE_BRANCH,
-        SkipReason.UNSUPPORTED_LAYER,
-    }
-)
-"""Skip reasons of the BNs this pass tries (never training mode, verification, non-constant, ...)."""
 
 _FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 _MAX_CHAIN = 32
@@ -408,19 +397,15 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     use_max = relu_only and not neg.any() and opset >= 8
     zero = (a == 0) & (b != 0) if (S is not None and not use_max) else np.zeros(C, bool)
     blocked = neg | zero
-    nb = int(blocked.sum())
-    counts = (
-        int(neg.sum()),
-        labels[sign_pos] if sign_pos is not None else None,
-        int(zero.sum()),
-        stop_labels[S] if S is not None else None,
-    )
-    if nb == C:
-        raise _Refuse(all_blocked(C, *counts))
+    held = Blocked.of(neg, zero, labels, sign_pos, stop_labels, S)
+    whole = held.whole()
+    if whole is not None:
+        raise _Refuse(whole)
     am = np.where(blocked, 1.0, a)
     to_bias: Arr | None = None  # the shift that reaches the layer, per channel
     plan.touched = {i, *plan.layers, *plan.chain}
-    if nb:  # blocked channels: one Mul and one Add where the first of them blocks (or the shift stops)
+    # blocked channels: one Mul and one Add where the first of them blocks (or the shift stops)
+    if held.count:
         firsts = [p for p in (sign_pos if neg.any() else None, S) if p is not None]
         q = min(firsts)
         if opset < 7:
@@ -434,7 +419,7 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
             to_bias = np.where(blocked, 0.0, b)
             plan.shift = f"shift into the bias of {where}"
         plan.inserts += [(q, "Mul", shaped(m, layouts[q])), (q, "Add", shaped(t, layouts[q]))]
-        plan.kept = kept_affine(C, *counts, stop_labels[q])
+        plan.kept = held.kept(stop_labels[q])
     elif S is None:  # Case 1: nothing stops the shift
         to_bias = b
         plan.shift = f"shift into the bias of {where}"
@@ -687,7 +672,7 @@ def propagate_graph(
     final: dict[str, Verdict],
     flush: bool = False,
 ) -> tuple[set[str], int]:
-    """Propagate each BN of ``graph`` whose verdict is a :data:`ELIGIBLE` skip; return the names of
+    """Propagate each BN of ``graph`` whose verdict is a :data:`~bnfold.fold_math.propagation.ELIGIBLE` skip; return the names of
     the initializers it may have left unread (for :func:`~bnfold.onnx.rewrite.remove_dead`) and the
     number of subnormal values set to zero in the tensors written (``flush``, as the folds do)."""
     candidates: set[str] = set()
