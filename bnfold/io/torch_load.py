@@ -211,8 +211,7 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
                 "a pickle of Python objects beyond tensors: a whole module (torch.save(model)), or a training "
                 "checkpoint that pickles other objects beside its weights (Lightning's hyper-parameters, "
                 "callbacks); loading it unpickles, which runs arbitrary code from the file. Save the weights "
-                "alone (torch.save(model.state_dict()) or torch.save(ckpt['state_dict'])) and load them into "
-                "the architecture",
+                "alone (torch.save(model.state_dict()) or torch.save(ckpt['state_dict']))",
                 hints=[MODEL_FACTORY, TRUST_PICKLE],
             )
         try:
