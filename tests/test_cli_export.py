@@ -352,7 +352,11 @@ def test_inspect_advice_names_input_shape_and_takes_it(
     left = [v for v in doc["verdicts"] if v["status"] == "left"]
     assert [v["bn"] for v in left] == ["bn"]  # Linear -> BatchNorm1d: nothing proves the input is 2-D
     (hint,) = left[0]["hints"]
-    assert hint["flag"] == "--input-shape" and "--input-shape" in hint["cli"] and "example_inputs=" not in hint["cli"]
+    assert (
+        hint["flag"] == "--input-shape"
+        and "--input-shape" in hint["cli"]
+        and "example_inputs=" not in hint["cli"]
+    )
     r = runner.invoke(app, ["inspect", str(src), "-m", spec, "-s", "image=2x8", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["summary"]["bn_after"] == 0  # what fold with the same -s would do
