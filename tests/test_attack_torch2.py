@@ -1,0 +1,68 @@
+"""Attacks on the PyTorch paths (second round): odd models where a fold could go wrong or crash.
+
+The reference is always the original model run on the same inputs; the original must come back
+unchanged (state and attributes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfold
+from bnfold.records import SkipReason
+from models.testing import ATOL_F32_DEEP
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def check(
+    m: nn.Module, xs: list[torch.Tensor], tol: float = ATOL_F32_DEEP, **kw: object
+) -> bnfold.FoldReport:
+    """Fold ``m``; every input gives the original's output and ``m`` comes back unchanged."""
+    with torch.no_grad():
+        refs = [m(x) for x in xs]
+    before = state(m)
+    attrs = {id(s): dict(vars(s)) for s in m.modules()}
+    out, rep = bnfold.fold_with_report(m, **kw)
+    with torch.no_grad():
+        for x, ref in zip(xs, refs):
+            assert err(out(x), ref) <= tol
+    after = state(m)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {id(s): dict(vars(s)) for s in m.modules()}.keys() == attrs.keys()
+    return rep
+
+
+def reasons(rep: bnfold.FoldReport) -> dict[str, str]:
+    return {v.bn: getattr(v, "reason", None) and v.reason.value or "folded" for v in rep.verdicts}  # type: ignore[union-attr]
+
+
+# ---- F.batch_norm whose eps is computed at run time: left, not a crash ----------------------------
+class _EpsFromInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.register_buffer("m", torch.linspace(-0.5, 0.5, 4))
+        self.register_buffer("v", torch.linspace(0.3, 2.0, 4))
+        self.w = nn.Parameter(torch.linspace(0.6, 1.4, 4))
+        self.b = nn.Parameter(torch.linspace(-0.3, 0.4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.c(x), self.m, self.v, self.w, self.b, False, 0.1, eps=x.shape[2] * 1e-3)
+
+
+def test_functional_bn_with_a_run_time_eps_is_left_not_a_crash() -> None:
+    torch.manual_seed(0)
+    m = _EpsFromInput().eval()
+    rep = check(m, [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 20, 9)])
+    (v,) = rep.verdicts
+    assert v.reason is SkipReason.NON_CONSTANT and "eps" in v.detail  # type: ignore[union-attr]
