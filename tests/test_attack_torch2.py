@@ -6,6 +6,8 @@ unchanged (state and attributes).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,9 @@ def reasons(rep: bnfold.FoldReport) -> dict[str, str]:
 
 # ---- F.batch_norm whose eps is computed at run time: left, not a crash ----------------------------
 class _EpsFromInput(nn.Module):
+    m: torch.Tensor
+    v: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.c = nn.Conv2d(3, 4, 3)
