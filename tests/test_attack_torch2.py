@@ -26,9 +26,7 @@ def state(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def check(
-    m: nn.Module, xs: list[torch.Tensor], tol: float = ATOL_F32_DEEP, **kw: object
-) -> bnfold.FoldReport:
+def check(m: nn.Module, xs: list[torch.Tensor], tol: float = ATOL_F32_DEEP, **kw: Any) -> bnfold.FoldReport:
     """Fold ``m``; every input gives the original's output and ``m`` comes back unchanged."""
     with torch.no_grad():
         refs = [m(x) for x in xs]
