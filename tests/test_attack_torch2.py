@@ -6,13 +6,16 @@ unchanged (state and attributes).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import bnfold
+from bnfold.errors import UnsupportedModelError
 from bnfold.records import SkipReason
 from models.testing import ATOL_F32_DEEP
 
@@ -69,3 +72,17 @@ def test_functional_bn_with_a_run_time_eps_is_left_not_a_crash() -> None:
     rep = check(m, [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 20, 9)])
     (v,) = rep.verdicts
     assert v.reason is SkipReason.NON_CONSTANT and "eps" in v.detail  # type: ignore[union-attr]
+
+
+# ---- export_onnx: the exporter's own failure is a typed error, nothing written -------------------
+@pytest.mark.filterwarnings("ignore:ONNX export mode is set to TrainingMode.EVAL")  # torch's, on the model
+def test_export_onnx_exporter_failure_is_a_typed_error(tmp_path: Path) -> None:
+    # torch's legacy exporter asserts on a batch-statistics BN with a dynamic batch
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    before = state(m)
+    with pytest.raises(UnsupportedModelError, match=r"torch\.onnx\.export failed \(AssertionError"):
+        bnfold.export_onnx(m, (torch.randn(2, 3, 8, 8),), str(tmp_path / "m.onnx"))
+    assert list(tmp_path.iterdir()) == []
+    after = state(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
