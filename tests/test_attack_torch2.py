@@ -17,6 +17,7 @@ from torch import nn
 import bnfold
 from bnfold.errors import UnsupportedModelError
 from bnfold.records import SkipReason
+from models.stats import randomize_bn
 from models.testing import ATOL_F32_DEEP
 
 
@@ -86,3 +87,38 @@ def test_export_onnx_exporter_failure_is_a_typed_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     after = state(m)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- a Dropout left in train() inside an eval model draws a mask: the BN does not cross it ----------
+class _ConvDropBn(nn.Module):
+    def __init__(self, forward: bool) -> None:
+        super().__init__()
+        self.forward_fold = forward
+        self.c = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm2d(4 if forward else 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor
+        if self.forward_fold:
+            y = self.bn(self.drop(self.c(x)))
+        else:
+            y = self.c(self.drop(self.bn(x)))
+        return y
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_bn_does_not_cross_a_dropout_in_train_mode(forward: bool) -> None:
+    torch.manual_seed(0)
+    m = _ConvDropBn(forward)
+    randomize_bn(m, seed=3).eval()
+    m.drop.train()  # e.g. Monte-Carlo dropout: the model is in eval, its dropout is not
+    x = torch.randn(2, 3, 8, 8)
+    for propagate in (False, True):
+        out, rep = bnfold.fold_with_report(m, propagate=propagate)
+        for seed in (1, 2):  # the same mask on both sides
+            torch.manual_seed(seed)
+            ref = m(x)
+            torch.manual_seed(seed)
+            assert err(out(x), ref) <= ATOL_F32_DEEP
+        assert propagate or rep.folded == 0
