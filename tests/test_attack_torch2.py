@@ -122,3 +122,29 @@ def test_bn_does_not_cross_a_dropout_in_train_mode(forward: bool) -> None:
             torch.manual_seed(seed)
             assert err(out(x), ref) <= ATOL_F32_DEEP
         assert propagate or rep.folded == 0
+
+
+# ---- forward hooks registered for every module: refused, not a silently different model -----------
+@pytest.mark.parametrize("pre", [False, True])
+def test_global_module_forward_hooks_are_refused(pre: bool) -> None:
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    randomize_bn(m, seed=4).eval()
+
+    def post(mod: nn.Module, args: object, out: torch.Tensor) -> Any:
+        return out + 1 if isinstance(mod, nn.BatchNorm2d) else None
+
+    def before(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
+        return (args[0] * 2,) if isinstance(mod, nn.BatchNorm2d) else None
+
+    handle = register_module_forward_pre_hook(before) if pre else register_module_forward_hook(post)
+    try:
+        before_state = state(m)
+        with pytest.raises(UnsupportedModelError, match="global module forward hooks"):
+            bnfold.fold(m)
+        assert all(torch.equal(before_state[k], v) for k, v in state(m).items())
+    finally:
+        handle.remove()
+    assert isinstance(bnfold.fold(m), nn.Module)  # without the hook it folds
