@@ -148,3 +148,33 @@ def test_global_module_forward_hooks_are_refused(pre: bool) -> None:
     finally:
         handle.remove()
     assert isinstance(bnfold.fold(m), nn.Module)  # without the hook it folds
+
+
+# ---- torch.batch_norm (the affine parameters before the statistics) is a BN too --------------------
+class _TorchBatchNorm(nn.Module):
+    m: torch.Tensor
+    v: torch.Tensor
+
+    def __init__(self, training: bool) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.register_buffer("m", torch.linspace(-0.5, 0.5, 4))
+        self.register_buffer("v", torch.linspace(0.3, 2.0, 4))
+        self.w = nn.Parameter(torch.linspace(0.6, -1.4, 4))
+        self.b = nn.Parameter(torch.linspace(-0.3, 0.4, 4))
+        self.batch_stats = training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.batch_norm(self.c(x), self.w, self.b, self.m, self.v, self.batch_stats, 0.1, 1e-3, False)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_batch_norm_call_is_folded_or_left_with_its_reason(training: bool) -> None:
+    torch.manual_seed(0)
+    m = _TorchBatchNorm(training).eval()
+    rep = check(m, [torch.randn(2, 3, 8, 8), torch.randn(5, 3, 6, 9)])
+    (v,) = rep.verdicts  # was: no verdict at all (the BN was not seen)
+    if training:
+        assert v.reason is SkipReason.TRAINING_MODE  # type: ignore[union-attr]
+    else:
+        assert v.target == "c" and rep.folded == 1  # type: ignore[union-attr]
