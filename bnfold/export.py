@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import OptionError, VerificationError
+from .errors import BnfoldError, OptionError, UnsupportedModelError, VerificationError
 from .options import FoldOptions
 from .postfold import added_flushes, run
 from .records import ExportCounts, FoldReport, PostFoldResult, Verdict
@@ -226,11 +226,18 @@ def _torch_export(model: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
 
     from .torch_onnx import export as locked_export
 
-    if kw.get("dynamo"):
-        prog = locked_export(model, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
-        return prog.model_proto
-    buf = io.BytesIO()
-    locked_export(model, args, buf, **kw)
+    try:
+        if kw.get("dynamo"):
+            prog = locked_export(model, args, **{k: v for k, v in kw.items() if k != "dynamic_axes"})
+            return prog.model_proto
+        buf = io.BytesIO()
+        locked_export(model, args, buf, **kw)
+    except (BnfoldError, Warning):  # a warning raised as an error (``-W error``) stays what it is
+        raise
+    except Exception as e:  # the exporter's own failure (an AssertionError, a RuntimeError...): typed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise UnsupportedModelError(f"torch.onnx.export failed ({what})") from e
     return onnx.load_from_string(buf.getvalue())
 
 

@@ -105,6 +105,14 @@ def _bn_info(
                 Skip(name, SkipReason.NON_CONSTANT, f"F.batch_norm's {key} is not a model attribute"),
                 None,
             )
+    eps = a["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return (
+            name,
+            None,
+            Skip(name, SkipReason.NON_CONSTANT, "F.batch_norm's eps is computed at run time"),
+            None,
+        )
     if a["training"] is not False:
         return (
             name,

@@ -91,6 +91,20 @@ def _check_mode(module: nn.Module, eval_semantics: bool) -> None:
         )
 
 
+def _check_global_hooks() -> None:
+    """Forward hooks registered for every module (``register_module_forward_hook`` and ``_pre_hook``) run
+    on each call of each layer: removing a BN or changing a conv changes what they see and return, and no
+    fold can keep that exact."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        raise UnsupportedModelError(
+            "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+            "or register_module_forward_pre_hook): they run on every layer, so folding a BN would change what "
+            "they compute; remove them before folding"
+        )
+
+
 def _count(module: nn.Module) -> tuple[int, int]:
     """``(modules, parameters)``; ``nn.Identity`` is not counted (a folded BN becomes one: no op)."""
     mods = sum(1 for m in module.modules() if not isinstance(m, nn.Identity))
@@ -247,6 +261,7 @@ def fold_module(
     t0 = time.perf_counter()
     _check_lazy(module)
     _check_mode(module, eval_semantics)
+    _check_global_hooks()
     from .batch_stats import constant_layers
 
     consts = [c for c in constant_layers(module) if c.site.bn not in exclude]

@@ -207,17 +207,16 @@ def value_users(n: fx.Node) -> list[fx.Node]:
 
 
 def is_noop(n: fx.Node, root: nn.Module) -> bool:
-    """An eval-mode identity between a BN and its neighbour: Identity, Dropout, dropout(training=False)."""
+    """An identity between a BN and its neighbour: Identity, a Dropout module in eval mode (one left in
+    ``train()`` inside an eval model draws a mask: not an identity), dropout(training=False)."""
     if n.op == "call_module":
         m = fetch_attr(root, str(n.target))
-        return type(m) in (
-            nn.Identity,
-            nn.Dropout,
-            nn.Dropout1d,
-            nn.Dropout2d,
-            nn.Dropout3d,
-            nn.AlphaDropout,
-        ) and not (m._forward_hooks or m._forward_pre_hooks)
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if type(m) is nn.Identity:
+            return True
+        dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+        return type(m) in dropouts and not m.training
     if n.op == "call_function" and n.target is F.dropout:
         training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
         return training is False

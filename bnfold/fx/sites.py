@@ -48,7 +48,7 @@ Matched = Union[Candidate, Skip]
 """One matcher verdict per BN call: a candidate that folds, or the reason it does not."""
 
 
-BN_FUNCS = (F.batch_norm,)
+BN_FUNCS = (F.batch_norm, torch.batch_norm)
 _BN_FN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BN_FN_DEFAULTS: dict[str, Any] = {
     "weight": None,
@@ -59,10 +59,15 @@ _BN_FN_DEFAULTS: dict[str, Any] = {
 }
 
 
+_TORCH_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+"""``torch.batch_norm``'s order (then ``cudnn_enabled``): the affine parameters before the statistics."""
+
+
 def functional_bn_args(node: fx.Node) -> dict[str, Any]:
-    """Arguments of an ``F.batch_norm`` call by name."""
+    """Arguments of an ``F.batch_norm`` (or ``torch.batch_norm``) call by name."""
     out = dict(_BN_FN_DEFAULTS)
-    for name, a in zip(_BN_FN_ARGS, node.args):
+    names = _TORCH_BN_ARGS if node.target is torch.batch_norm else _BN_FN_ARGS
+    for name, a in zip(names, node.args):
         out[name] = a
     out.update(node.kwargs)
     return out
