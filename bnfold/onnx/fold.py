@@ -50,7 +50,7 @@ from bnfold.records import FoldReport, Merge, PostFoldResult, Site, Skip, SkipRe
 from .batch_stats import NOTE as _BATCH_NOTE
 from .batch_stats import batch_stats_pass
 from .const import ConstEvaluator
-from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
+from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, shadowed_names, text
 from .match import match_affine, match_bn
 from .match_frozen import match_mul_add
 from .merge import ExactTable, exact_fold
@@ -91,6 +91,8 @@ class _Ctx:
     batch_stats: str | None = None
     """Training-mode BNs: "instance" converts them (:mod:`bnfold.onnx.batch_stats`); None leaves them."""
     converted: int = 0
+    shadowed: frozenset[str] = frozenset()
+    """Names a subgraph defines again (:func:`~bnfold.onnx.graph.shadowed_names`): never constants."""
     propagate: bool = True
     """Split the BNs left into scale and shift and move them through activations (:mod:`bnfold.onnx.propagate`)."""
 
@@ -214,7 +216,13 @@ def _fold_graph(
 
     def build() -> GraphIndex:
         return GraphIndex.build(
-            graph, outer, ctx.ir_version, labels=node_label, sources=sources, inferred=ctx.inferred
+            graph,
+            outer,
+            ctx.ir_version,
+            labels=node_label,
+            sources=sources,
+            inferred=ctx.inferred,
+            shadowed=ctx.shadowed,
         )
 
     def rewriter(index: GraphIndex) -> PassRewriter:
@@ -459,6 +467,7 @@ def fold_model(
         propagate=opts.propagate,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
         batch_stats=opts.batch_stats,
+        shadowed=shadowed_names(work.graph),
     )
     if work is model:
         ctx.inferred.prime_if_needed(model, opts.affine)

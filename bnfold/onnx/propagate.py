@@ -141,7 +141,7 @@ class _Busy(Exception):
 
 
 def _static(index: GraphIndex, name: str) -> Arr:
-    if not name or name not in index.initializers or index.is_overridable(name):
+    if not name or name not in index.initializers or index.is_overridable(name) or name in index.shadowed:
         raise _Refuse(f"'{name}' is not a constant initializer")
     t = index.tensor(name)  # a placeholder copy reads the original's bytes
     if t.data_location == TensorProto.EXTERNAL and not t.raw_data:

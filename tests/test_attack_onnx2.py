@@ -1,0 +1,132 @@
+"""Second round of attacks on the ONNX backend: hand-built graphs where a fold could silently go wrong.
+
+Each test runs the original and the folded model in onnxruntime with graph optimisations off (the
+oracle, :func:`models.testing.run_onnx`) on the same inputs, checks the folded model with
+``onnx.checker.check_model(full_check=True)``, checks that the input model is unchanged, and names
+the verdict a user reads for each BN left.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from bnfold.records import SkipReason
+from models.stats import bn_stats
+from models.testing import ATOL_F32_DEEP, run_onnx
+
+F = TensorProto.FLOAT
+VI = helper.make_tensor_value_info
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def _bn_params(prefix: str, c: int, rng: np.random.Generator) -> tuple[list[onnx.TensorProto], list[str]]:
+    names = [f"{prefix}.{k}" for k in ("gamma", "beta", "mean", "var")]
+    return [_init(n, v) for n, v in zip(names, bn_stats(c, rng))], names
+
+
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[str],
+    inits: list[onnx.TensorProto],
+    opset: int = 17,
+) -> onnx.ModelProto:
+    outs = [VI(o, F, None) for o in outputs]
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outs, inits), opset_imports=[helper.make_opsetid("", opset)]
+    )
+    m.ir_version = min(m.ir_version, 10)
+    inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(m).graph.output}
+    for o in m.graph.output:
+        o.type.CopyFrom(inferred[o.name].type)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _fold_and_compare(
+    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **options: object
+) -> bnfold.FoldReport:
+    before = model.SerializeToString()
+    out, rep = bnfold.fold_with_report(model, **options)  # type: ignore[arg-type]
+    assert model.SerializeToString() == before, "the input model was changed"
+    onnx.checker.check_model(out, full_check=True)
+    for f in feeds:
+        ref, got = run_onnx(model, f), run_onnx(out, f)
+        assert len(ref) == len(got)
+        for a, b in zip(ref, got):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape and a.dtype == b.dtype
+            scale = max(1.0, float(np.abs(a).max()))
+            err = float(np.abs(a.astype(np.float64) - b).max())
+            assert err <= ATOL_F32_DEEP * scale, f"max error {err:.3g} (output scale {scale:.3g})"
+    return rep
+
+
+def _reason(rep: bnfold.FoldReport, bn: str) -> SkipReason:
+    found = [v.reason for v in rep.skips if v.bn == bn]
+    assert found, f"no skip verdict for {bn}: {rep.verdicts}"
+    return found[0]
+
+
+# ---- names of a subgraph that shadow names of the enclosing graph ----------------------------------
+def _branch(name: str, bn: str, rng: np.random.Generator, own_w: np.ndarray | None = None) -> onnx.GraphProto:
+    params, names = _bn_params(bn, 4, rng)
+    inits = params + ([_init("w", own_w)] if own_w is not None else [])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], [f"t_{name}"], name=f"conv_{name}"),
+        helper.make_node("BatchNormalization", [f"t_{name}", *names], [f"y_{name}"], name=bn),
+    ]
+    return helper.make_graph(nodes, name, [], [VI(f"y_{name}", F, None)], inits)
+
+
+def _if_feeds() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return [
+        {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32), "c": np.array(c)} for c in (True, False)
+    ]
+
+
+def test_subgraph_initializer_shadowing_the_outer_weight_is_not_folded() -> None:
+    # The then-branch holds its own initializer 'w' under the name of the outer weight: onnxruntime
+    # reads the outer one there, a fold of the branch's own would change nothing it computes.
+    rng = np.random.default_rng(0)
+    w_outer, w_inner = rng.standard_normal((2, 4, 3, 3, 3)).astype(np.float32) * 0.5
+    then = _branch("then", "bn_then", rng, own_w=w_inner)
+    other = _branch("else", "bn_else", rng)
+    node = helper.make_node("If", ["c"], ["z"], name="if", then_branch=then, else_branch=other)
+    m = _model(
+        [node], [VI("x", F, [1, 3, 5, 5]), VI("c", TensorProto.BOOL, [])], ["z"], [_init("w", w_outer)]
+    )
+    rep = _fold_and_compare(m, _if_feeds())
+    # Folding the else branch (which reads the outer 'w') into a copy of 'w' changed which 'w' the
+    # then-branch reads in onnxruntime: no BN reading a shadowed name is folded.
+    assert _reason(rep, "if/then_branch/bn_then") is SkipReason.IN_SUBGRAPH
+    assert _reason(rep, "if/else_branch/bn_else") is SkipReason.IN_SUBGRAPH
+    assert rep.folded == 0
+
+
+def test_subgraph_bn_parameters_shadowing_outer_ones_are_not_folded() -> None:
+    # The else-branch BN's statistics carry the names of the outer BN's: which tensor a reader gets is
+    # not fixed (onnxruntime reads the branch's own, onnx's reference evaluator the outer ones).
+    rng = np.random.default_rng(1)
+    params, names = _bn_params("bn", 4, rng)
+    outer = [
+        helper.make_node("Conv", ["x", "w"], ["t"], name="conv"),
+        helper.make_node("BatchNormalization", ["t", *names], ["y"], name="bn"),
+    ]
+    then, other = _branch("then", "bn_then", rng), _branch("else", "bn", rng)
+    node = helper.make_node("If", ["c"], ["z"], name="if", then_branch=then, else_branch=other)
+    w = _init("w", rng.standard_normal((4, 3, 3, 3)) * 0.5)
+    m = _model(
+        [*outer, node], [VI("x", F, [1, 3, 5, 5]), VI("c", TensorProto.BOOL, [])], ["y", "z"], [w, *params]
+    )
+    rep = _fold_and_compare(m, _if_feeds())
+    assert _reason(rep, "if/else_branch/bn") is SkipReason.IN_SUBGRAPH
+    assert _reason(rep, "bn") is SkipReason.IN_SUBGRAPH  # the outer BN reads those names too
+    assert rep.folded == 1
