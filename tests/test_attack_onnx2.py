@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -130,3 +131,25 @@ def test_subgraph_bn_parameters_shadowing_outer_ones_are_not_folded() -> None:
     assert _reason(rep, "if/else_branch/bn") is SkipReason.IN_SUBGRAPH
     assert _reason(rep, "bn") is SkipReason.IN_SUBGRAPH  # the outer BN reads those names too
     assert rep.folded == 1
+
+
+# ---- recalibration: a statistic that is also the BN's own scale or shift ---------------------------
+def test_recalibrate_refuses_a_mean_that_is_also_the_scale() -> None:
+    # BatchNormalization(x, scale=m, B=b, mean=m, var=v): writing new statistics into 'm' would change
+    # the BN's scale too, a change no recalibration asked for.
+    from bnfold.errors import UnsupportedModelError
+    from bnfold.onnx.recalibrate import recalibrate_model
+
+    rng = np.random.default_rng(2)
+    params, (_, beta, mean, var) = _bn_params("bn", 4, rng)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["t"], name="conv"),
+        helper.make_node("BatchNormalization", ["t", mean, beta, mean, var], ["y"], name="bn"),
+    ]
+    w = _init("w", rng.standard_normal((4, 3, 3, 3)) * 0.5)
+    m = _model(nodes, [VI("x", F, [2, 3, 5, 5])], ["y"], [w, *params[1:]])
+    before = m.SerializeToString()
+    batches = [{"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)} for _ in range(2)]
+    with pytest.raises(UnsupportedModelError, match="'bn.mean'"):
+        recalibrate_model(m, batches)
+    assert m.SerializeToString() == before

@@ -255,7 +255,9 @@ def _plan_graph(
                         f"{label}: its {what} {name!r} is not an initializer (a graph input or a computed tensor): "
                         "there are no statistics in the file to replace"
                     )
-                if readers.get(name, 0) != 1 or name in outputs or mean == var:
+                # Case: one tensor for two inputs of the BN (mean and scale, variance and B): new
+                # statistics would change the BN's affine too.
+                if readers.get(name, 0) != 1 or name in outputs or list(node.input).count(name) != 1:
                     raise UnsupportedModelError(
                         f"{label}: its {what} {name!r} is also read elsewhere; new statistics would change that "
                         "reader too"
