@@ -153,3 +153,53 @@ def test_recalibrate_refuses_a_mean_that_is_also_the_scale() -> None:
     with pytest.raises(UnsupportedModelError, match="'bn.mean'"):
         recalibrate_model(m, batches)
     assert m.SerializeToString() == before
+
+
+# ---- malformed nodes: one typed error, no traceback out of the fold ---------------------------------
+def _conv_bn_model(rng: np.random.Generator, bn_outputs: list[str]) -> onnx.ModelProto:
+    params, names = _bn_params("bn", 4, rng)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["t"], name="conv"),
+        helper.make_node("BatchNormalization", ["t", *names], bn_outputs, name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [VI("x", F, [1, 3, 5, 5])],
+        [VI(o, F, [1, 4, 3, 3]) for o in (bn_outputs or ["t"])],
+        [_init("w", rng.standard_normal((4, 3, 3, 3))), *params],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = min(m.ir_version, 10)
+    return m
+
+
+@pytest.mark.parametrize(
+    ("node", "attribute"),
+    [
+        (1, helper.make_attribute("epsilon", "1e-5")),  # a string: float() raised ValueError
+        (1, helper.make_attribute("epsilon", [1e-5, 1e-3])),  # a list: TypeError
+        (1, helper.make_attribute("epsilon", 1)),  # an INT: folded with eps = 1, a model no runtime loads
+        (0, helper.make_attribute("group", 1.0)),  # a FLOAT group
+    ],
+    ids=["epsilon-string", "epsilon-list", "epsilon-int", "group-float"],
+)
+def test_attribute_of_the_wrong_type_is_a_model_format_error(
+    node: int, attribute: onnx.AttributeProto
+) -> None:
+    from bnfold.errors import ModelFormatError
+
+    m = _conv_bn_model(np.random.default_rng(3), ["y"])
+    m.graph.node[node].attribute.append(attribute)
+    before = m.SerializeToString()
+    with pytest.raises(ModelFormatError, match=f"attribute '{attribute.name}' is of type"):
+        bnfold.fold_with_report(m)
+    assert m.SerializeToString() == before
+
+
+def test_bn_without_outputs_is_a_model_format_error() -> None:
+    from bnfold.errors import ModelFormatError
+
+    m = _conv_bn_model(np.random.default_rng(4), [])
+    with pytest.raises(ModelFormatError, match="'bn' has no output"):
+        bnfold.fold_with_report(m)  # was an IndexError

@@ -43,7 +43,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import GraphProto, ModelProto, TensorProto
 
-from bnfold.errors import InputError
+from bnfold.errors import InputError, ModelFormatError
 from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, Merge, PostFoldResult, Site, Skip, SkipReason, Verdict
 
@@ -349,10 +349,13 @@ def _drop_empty_bn_outputs(model: ModelProto) -> None:
 
 def _check_groups(model: ModelProto) -> None:
     """Refuse a Conv / ConvTranspose whose initializer weight does not fit its groups (from the dims:
-    no weight is read); a computed weight is checked when it is resolved (:func:`~.plan.conv_groups`)."""
+    no weight is read); a computed weight is checked when it is resolved (:func:`~.plan.conv_groups`).
+    Refuse a BatchNormalization without an output (its verdict is keyed by its output)."""
     for g in all_graphs(model.graph):
         dims = {t.name: t.dims for t in g.initializer}
         for n in g.node:
+            if is_bn(n) and not n.output:
+                raise ModelFormatError(f"BatchNormalization '{text(n.name)}' has no output: not a valid node")
             if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx") and len(n.input) > 1:
                 d = dims.get(n.input[1])
                 if d is not None:

@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
+from bnfold.errors import ModelFormatError
+
 __all__ = [
     "GraphIndex",
     "attr",
@@ -108,9 +110,20 @@ def attr(node: NodeProto, name: str, default: Any, opset: int | None = None) -> 
     double 1e-5; opset-6's ``is_test`` is 0. ``default`` serves only where that schema gives none (an
     attribute without a default or not in that version, an operator of another domain); it is then
     rounded to the schema's type (FLOAT: float32).
+
+    Raises:
+        ModelFormatError: the attribute is present with another type than the schema's (``epsilon``
+            as a string: the model is invalid, onnx.checker and onnxruntime reject it).
     """
     for a in node.attribute:
         if a.name == name:
+            spec = _schema_attribute(text(node.domain), text(node.op_type), name, opset)
+            if spec is not None and a.type != int(spec.type):  # what onnx.checker rejects, as one typed error
+                kind = onnx.AttributeProto.AttributeType.Name
+                raise ModelFormatError(
+                    f"{text(node.op_type)} '{name_of(node)}': attribute '{name}' is of type "
+                    f"{kind(a.type)}, the operator takes {kind(int(spec.type))}"
+                )
             return onnx.helper.get_attribute_value(a)
     spec = _schema_attribute(text(node.domain), text(node.op_type), name, opset)
     if spec is None:
