@@ -203,3 +203,37 @@ def test_bn_without_outputs_is_a_model_format_error() -> None:
     m = _conv_bn_model(np.random.default_rng(4), [])
     with pytest.raises(ModelFormatError, match="'bn' has no output"):
         bnfold.fold_with_report(m)  # was an IndexError
+
+
+def test_recalibrate_refuses_branch_statistics_named_like_an_outer_initializer() -> None:
+    # The then-branch BN's mean and variance are its own initializers; the main graph holds unused
+    # initializers of the same names. onnxruntime reads the branch's; the recalibration wrote the
+    # outer ones: the model came back "recalibrated" and computing exactly what it computed before.
+    from bnfold.errors import UnsupportedModelError
+    from bnfold.onnx.recalibrate import recalibrate_model
+
+    rng = np.random.default_rng(5)
+    params, names = _bn_params("bnt", 4, rng)
+    then = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["tt"], name="ct"),
+            helper.make_node("BatchNormalization", ["tt", *names], ["yt"], name="bnt"),
+        ],
+        "then",
+        [],
+        [VI("yt", F, None)],
+        params,
+    )
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["ye"])], "else", [], [VI("ye", F, None)])
+    outer_copies = [_init(t.name, np.full(4, 7.0)) for t in params[2:]]
+    node = helper.make_node("If", ["c"], ["z"], name="if", then_branch=then, else_branch=other)
+    w = _init("w", rng.standard_normal((4, 3, 3, 3)) * 0.5)
+    m = _model([node], [VI("x", F, [2, 3, 5, 5]), VI("c", TensorProto.BOOL, [])], ["z"], [w, *outer_copies])
+    before = m.SerializeToString()
+    batches = [
+        {"x": (rng.standard_normal((2, 3, 5, 5)) * 2 + 1).astype(np.float32), "c": np.array(True)}
+        for _ in range(2)
+    ]
+    with pytest.raises(UnsupportedModelError, match="'bnt.mean' is defined in two graphs"):
+        recalibrate_model(m, batches)
+    assert m.SerializeToString() == before
