@@ -268,3 +268,31 @@ def test_matmul_add_bn_rank_declared_only_by_value_info_is_not_folded() -> None:
     feeds = [{"x": x, "shape": np.array(s, np.int64)} for s in ((2, 4, 4), (8, 4))]
     rep = _fold_and_compare(m, feeds, full_check=False)  # its declarations contradict the run
     assert _reason(rep, "bn") is SkipReason.LAYOUT
+
+
+def test_propagation_into_matmul_needs_an_enforced_rank() -> None:
+    # BN -> Relu -> MatMul on a Reshape to a shape fed at run time, value_info saying rank 2: at rank 3
+    # the MatMul contracts the last axis, not the BN channel (axis 1); scaling its rows was silently wrong.
+    rng = np.random.default_rng(7)
+    params, names = _bn_params("bn", 4, rng)
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["a"], name="reshape"),
+        helper.make_node("BatchNormalization", ["a", *names], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [VI("x", F, ["N", 16]), VI("shape", TensorProto.INT64, ["K"])],
+        [VI("y", F, ["N", 4])],
+        [_init("W", rng.standard_normal((4, 4))), *params],
+        value_info=[VI(v, F, ["N", 4]) for v in ("a", "b", "r")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = min(m.ir_version, 10)
+    onnx.checker.check_model(m)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    feeds = [{"x": x, "shape": np.array(s, np.int64)} for s in ((2, 4, 4), (8, 4))]
+    rep = _fold_and_compare(m, feeds, full_check=False)  # its declarations contradict the run
+    assert rep.folded == 0 and [v.bn for v in rep.skips] == ["bn"]
