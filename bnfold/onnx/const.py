@@ -273,6 +273,12 @@ class ConstEvaluator:
         idx = self.index
         if not name:
             return None, SkipReason.NON_CONSTANT, "missing input"
+        if name in idx.shadowed:
+            return (
+                None,
+                SkipReason.IN_SUBGRAPH,
+                f"'{name}' is defined both in this subgraph and in an enclosing graph",
+            )
         if name in idx.initializers:
             if idx.is_overridable(name):
                 return None, SkipReason.NON_CONSTANT, f"'{name}' is an initializer that is also a graph input"

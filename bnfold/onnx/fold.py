@@ -43,14 +43,14 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import GraphProto, ModelProto, TensorProto
 
-from bnfold.errors import InputError
+from bnfold.errors import InputError, ModelFormatError
 from bnfold.options import FoldOptions
 from bnfold.records import FoldReport, Merge, PostFoldResult, Site, Skip, SkipReason, Verdict
 
 from .batch_stats import NOTE as _BATCH_NOTE
 from .batch_stats import batch_stats_pass
 from .const import ConstEvaluator
-from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, text
+from .graph import GraphIndex, all_graphs, is_bn, node_labels, node_subgraphs, shadowed_names, text
 from .match import match_affine, match_bn
 from .match_frozen import match_mul_add
 from .merge import ExactTable, exact_fold
@@ -91,6 +91,8 @@ class _Ctx:
     batch_stats: str | None = None
     """Training-mode BNs: "instance" converts them (:mod:`bnfold.onnx.batch_stats`); None leaves them."""
     converted: int = 0
+    shadowed: frozenset[str] = frozenset()
+    """Names a subgraph defines again (:func:`~bnfold.onnx.graph.shadowed_names`): never constants."""
     propagate: bool = True
     """Split the BNs left into scale and shift and move them through activations (:mod:`bnfold.onnx.propagate`)."""
 
@@ -214,7 +216,13 @@ def _fold_graph(
 
     def build() -> GraphIndex:
         return GraphIndex.build(
-            graph, outer, ctx.ir_version, labels=node_label, sources=sources, inferred=ctx.inferred
+            graph,
+            outer,
+            ctx.ir_version,
+            labels=node_label,
+            sources=sources,
+            inferred=ctx.inferred,
+            shadowed=ctx.shadowed,
         )
 
     def rewriter(index: GraphIndex) -> PassRewriter:
@@ -341,10 +349,13 @@ def _drop_empty_bn_outputs(model: ModelProto) -> None:
 
 def _check_groups(model: ModelProto) -> None:
     """Refuse a Conv / ConvTranspose whose initializer weight does not fit its groups (from the dims:
-    no weight is read); a computed weight is checked when it is resolved (:func:`~.plan.conv_groups`)."""
+    no weight is read); a computed weight is checked when it is resolved (:func:`~.plan.conv_groups`).
+    Refuse a BatchNormalization without an output (its verdict is keyed by its output)."""
     for g in all_graphs(model.graph):
         dims = {t.name: t.dims for t in g.initializer}
         for n in g.node:
+            if is_bn(n) and not n.output:
+                raise ModelFormatError(f"BatchNormalization '{text(n.name)}' has no output: not a valid node")
             if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx") and len(n.input) > 1:
                 d = dims.get(n.input[1])
                 if d is not None:
@@ -459,6 +470,7 @@ def fold_model(
         propagate=opts.propagate,
         inferred=LazyTypes(model),  # the model as given; nothing inferred is written to it
         batch_stats=opts.batch_stats,
+        shadowed=shadowed_names(work.graph),
     )
     if work is model:
         ctx.inferred.prime_if_needed(model, opts.affine)

@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
+from bnfold.errors import ModelFormatError
+
 __all__ = [
     "GraphIndex",
     "attr",
@@ -39,6 +41,7 @@ __all__ = [
     "node_subgraphs",
     "all_graphs",
     "node_labels",
+    "shadowed_names",
     "BN_OP",
     "is_bn",
     "read_lazy_tensor",
@@ -107,9 +110,20 @@ def attr(node: NodeProto, name: str, default: Any, opset: int | None = None) -> 
     double 1e-5; opset-6's ``is_test`` is 0. ``default`` serves only where that schema gives none (an
     attribute without a default or not in that version, an operator of another domain); it is then
     rounded to the schema's type (FLOAT: float32).
+
+    Raises:
+        ModelFormatError: the attribute is present with another type than the schema's (``epsilon``
+            as a string: the model is invalid, onnx.checker and onnxruntime reject it).
     """
     for a in node.attribute:
         if a.name == name:
+            spec = _schema_attribute(text(node.domain), text(node.op_type), name, opset)
+            if spec is not None and a.type != int(spec.type):  # what onnx.checker rejects, as one typed error
+                kind = onnx.AttributeProto.AttributeType.Name
+                raise ModelFormatError(
+                    f"{text(node.op_type)} '{name_of(node)}': attribute '{name}' is of type "
+                    f"{kind(a.type)}, the operator takes {kind(int(spec.type))}"
+                )
             return onnx.helper.get_attribute_value(a)
     spec = _schema_attribute(text(node.domain), text(node.op_type), name, opset)
     if spec is None:
@@ -213,6 +227,27 @@ def subgraph_reads(graph: GraphProto) -> set[str]:
     return reads
 
 
+def shadowed_names(graph: GraphProto) -> frozenset[str]:
+    """The names a subgraph defines again (initializer, node output) though an enclosing graph defines them.
+
+    Which of the two tensors a reader then gets is not settled: onnxruntime 1.2x reads the outer
+    weight of a Conv when another branch reads it too and the branch's own otherwise, onnx's reference
+    evaluator the outer one. A fold that reads such a name, or changes who reads it, can change what
+    the model computes: none of them is ever a constant to the fold.
+    """
+    out: set[str] = set()
+    stack: list[tuple[GraphProto, frozenset[str]]] = [(graph, frozenset())]
+    while stack:
+        g, enclosing = stack.pop()
+        own = {t.name for t in g.initializer} | {v.name for v in g.input}
+        own.update(o for n in g.node for o in n.output if o)
+        out.update(own & enclosing)
+        inner = enclosing | own
+        for n in g.node:
+            stack.extend((sub, inner) for _, sub in node_subgraphs(n))
+    return frozenset(out)
+
+
 def node_labels(graph: GraphProto) -> dict[str, str]:
     """``{first output name: label}`` of the unnamed nodes of ``graph``, label ``<op_type>_<index>``.
 
@@ -253,6 +288,8 @@ class GraphIndex:
     """Stable labels of unnamed nodes by first output (:func:`node_labels`); shared across passes."""
     sources: dict[str, TensorProto] = field(default_factory=dict)
     """Original tensors of placeholder initializers (functional fold); shared across passes."""
+    shadowed: frozenset[str] = frozenset()
+    """The model's :func:`shadowed_names`: never a constant anywhere; shared across passes and subgraphs."""
     inferred: Any = None
     """Types from shape inference (a :class:`bnfold.onnx.shapes.LazyTypes`, or anything with
     ``get(name, default)``), used where no shape is declared; shared across passes and subgraphs."""
@@ -267,9 +304,15 @@ class GraphIndex:
         labels: dict[str, str] | None = None,
         sources: dict[str, TensorProto] | None = None,
         inferred: Any = None,
+        shadowed: frozenset[str] | None = None,
     ) -> GraphIndex:
-        """Index ``graph`` in one pass (``labels``, ``sources`` and ``inferred`` are kept by reference)."""
+        """Index ``graph`` in one pass (``labels``, ``sources`` and ``inferred`` are kept by reference;
+        ``shadowed`` defaults to the enclosing graph's)."""
         idx = cls(graph=graph, outer=outer, ir_version=ir_version)
+        if shadowed is not None:
+            idx.shadowed = shadowed
+        elif outer is not None:
+            idx.shadowed = outer.shadowed
         if labels is not None:
             idx.labels = labels
         if sources is not None:

@@ -35,7 +35,7 @@ from .match_linear_norm import match_linear_norm
 from .match_qdq import activation_skip, dq_weight, match_qdq
 from .match_routes import match_concat, match_sum
 from .noops import walk_up
-from .plan import BnParams, Fold, Write, finish, rank2_or_skip, scale_out, tried
+from .plan import BnParams, Fold, Write, enforced_rank, finish, rank2_or_skip, scale_out, tried
 
 __all__ = ["match_forward"]
 
@@ -138,7 +138,16 @@ def _case_matmul(c: Fwd, m: int, add: int | None) -> Result:
             writes=[Write(m, 1, res[0]), Write(m, 2, res[1])],
             to_gemm=m,
         ), True
-    # gemm-bn: MatMul -> Add(bias): scale W and the bias (b s + t)
+    # gemm-bn: MatMul -> Add(bias): scale W and the bias (b s + t). The MatMul stays a MatMul, which
+    # takes any rank: the rank 2 must be one the runtime enforces, not only declared (a value_info
+    # entry on an intermediate value is never checked; a rank-3 product would be scaled on its rows).
+    if enforced_rank(idx, mnode.input[0]) != 2:
+        return Skip(
+            c.label,
+            SkipReason.LAYOUT,
+            f"the rank of the left operand of {target} is declared, not enforced by the model (it comes "
+            "from no graph input, initializer, Gemm, Flatten or constant-shape Reshape of rank 2)",
+        ), True
     an = idx.nodes[add]
     bad = exclusive(c, mnode.output[0], f"MatMul '{name_of(mnode)}'", kept=True)
     if bad is not None:

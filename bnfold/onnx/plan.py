@@ -35,6 +35,7 @@ __all__ = [
     "scale_out",
     "release_scratch",
     "rank2_or_skip",
+    "enforced_rank",
     "trace_type",
     "conv_groups",
     "tried",
@@ -232,6 +233,47 @@ _SAME_TYPE_RANK = frozenset(
         "InstanceNormalization LRN MaxPool AveragePool LpPool Pad Concat Upsample Resize Softmax"
     ).split()
 )
+
+
+_SAME_RANK_UNARY = frozenset(
+    "Relu LeakyRelu Sigmoid Tanh Elu Selu HardSigmoid HardSwish Softplus Mish Gelu Erf Abs Neg Exp Log Sqrt "
+    "Identity Dropout Cast Softmax Transpose".split()
+)
+_BROADCAST = frozenset("Add Sub Mul Div Max Min Sum Mean Pow".split())
+
+
+def enforced_rank(index: GraphIndex, value: str, budget: int = 64) -> int | None:
+    """The rank of ``value`` as the runtime makes it, not as a declaration says: a graph input's
+    declared rank (onnxruntime refuses a feed of another rank), an initializer's, the output of Gemm
+    or Flatten (2) or of a Reshape by a constant shape, walked up through unary ops that keep the rank
+    and element-wise ops (the largest rank of their inputs). None where nothing enforces it: a
+    ``value_info`` entry on an intermediate value is not checked by onnxruntime."""
+    if budget <= 0:
+        return None
+    p = index.producer.get(value)
+    if p is None:
+        if value in index.initializers:
+            return len(index.initializers[value].dims)
+        if index.outer is None and index.is_real_input(value):
+            vt = index.types.get(value)
+            return None if vt is None else vt.rank
+        if index.outer is not None and not index.is_local(value):
+            return enforced_rank(index.outer, value, budget - 1)
+        return None
+    n = index.nodes[p]
+    if n.domain not in ("", "ai.onnx") or not n.input:
+        return None
+    if n.op_type in ("Gemm", "Flatten"):
+        return 2
+    if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in index.initializers:
+        dims = index.initializers[n.input[1]].dims
+        return int(dims[0]) if len(dims) == 1 else None
+    if n.op_type in _SAME_RANK_UNARY:
+        return enforced_rank(index, n.input[0], budget - 1)
+    if n.op_type in _BROADCAST:
+        ranks = [enforced_rank(index, v, budget - 1) for v in n.input if v]
+        return None if not ranks or any(r is None for r in ranks) else max(r for r in ranks if r is not None)
+    return None
 
 
 def trace_type(index: GraphIndex, x: str, y: str) -> tuple[int, int | None]:

@@ -70,6 +70,7 @@ from bnfold.fold_math.subnormal import flush_written
 from bnfold.records import Direction, Site, Skip, Verdict
 
 from .graph import GraphIndex, attr, is_bn, read_lazy_tensor, text
+from .plan import enforced_rank
 from .rewrite import Names
 
 __all__ = ["propagate_graph"]
@@ -130,7 +131,7 @@ class _Busy(Exception):
 
 
 def _static(index: GraphIndex, name: str) -> Arr:
-    if not name or name not in index.initializers or index.is_overridable(name):
+    if not name or name not in index.initializers or index.is_overridable(name) or name in index.shadowed:
         raise _Refuse(f"'{name}' is not a constant initializer")
     t = index.tensor(name)  # a placeholder copy reads the original's bytes
     if t.data_location == TensorProto.EXTERNAL and not t.raw_data:
@@ -364,6 +365,13 @@ def _plan_bn(index: GraphIndex, i: int, opset: int, busy: set[int]) -> _Plan:
     layouts.append(layout)
 
     # ---- the layers: how each takes a per-channel scale of its input, and a shift into its bias -----
+    if isinstance(layout, int) and any(index.nodes[L].op_type == "MatMul" for L in plan.layers):
+        # A MatMul takes any rank: which axis it contracts rests on a rank the runtime enforces, not on
+        # a value_info entry (never checked by onnxruntime).
+        enforced = enforced_rank(index, plan.x)
+        if enforced is None:
+            raise _Refuse(f"the rank of '{plan.x}' is only declared, not enforced by the model")
+        ranks.add(enforced)
     fits = [_fit_layer(index, L, layout, ranks, C, opset) for L in plan.layers]
     rep = fits[0].rep
     if any(f.rep != rep or f.dtype != fits[0].dtype for f in fits):

@@ -29,7 +29,8 @@ Rules:
     4. Refused (:class:`~bnfold.errors.UnsupportedModelError`, nothing changed): a BN inside a
        ``Loop``/``Scan`` (or any non-``If``) subgraph, at any nesting (its input exists once per
        iteration), a BN whose mean or variance is not an initializer of its own (a graph input, a
-       computed tensor, or shared with another node), a training-mode BN whose running-mean /
+       computed tensor, shared with another node or with its own scale or shift, or a name another graph
+       of the model defines too), a training-mode BN whose running-mean /
        running-variance outputs are used, ``spatial=0`` (opsets 7-8).
     5. Bad data (:class:`~bnfold.errors.InputError`): a BN whose input is empty in every batch, or
        whose ``If`` branch ran on no batch ("never runs"), non-finite statistics (inf/nan in the data
@@ -213,6 +214,15 @@ def plan_levels(model: Any) -> list[_Bn]:
     for node in g.node:
         _refuse_nested(node)
     inits = {t.name for sub in _all_graphs(g) for t in sub.initializer}
+    # Names defined in two graphs (a branch initializer shadowing an outer one, or two branches with one
+    # name): onnxruntime may read the branch's own while the write, by name, goes to the other one.
+    defined: dict[str, int] = {}
+    for sub in _all_graphs(g):
+        own = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+        own.update(o for n in sub.node for o in n.output if o)
+        for name in own:
+            defined[name] = defined.get(name, 0) + 1
+    twice = {n for n, k in defined.items() if k > 1}
     readers: dict[str, int] = {}
     outputs = {o.name for sub in _all_graphs(g) for o in sub.output}
     for sub in _all_graphs(g):
@@ -221,7 +231,7 @@ def plan_levels(model: Any) -> list[_Bn]:
                 if name:
                     readers[name] = readers.get(name, 0) + 1
     bns: list[_Bn] = []
-    _plan_graph(g, (), {}, bns, inits, readers, outputs)
+    _plan_graph(g, (), {}, bns, inits, readers, outputs, twice)
     names = [b.name for b in bns]
     if len(set(names)) != len(names):  # names need not be unique in ONNX: the report needs them to be
         bns = [replace(b, name=f"{b.name}#{_where(b)}") if names.count(b.name) > 1 else b for b in bns]
@@ -240,6 +250,7 @@ def _plan_graph(
     inits: set[str],
     readers: dict[str, int],
     outputs: set[str],
+    twice: set[str],
 ) -> None:
     for i, node in enumerate(g.node):
         ins = [n for n in (*node.input, *_subgraph_names(node)) if n]
@@ -250,12 +261,19 @@ def _plan_graph(
                 raise UnsupportedModelError(f"{label}: a BatchNormalization without mean and variance inputs")
             x, mean, var = node.input[0], node.input[3], node.input[4]
             for what, name in (("mean", mean), ("variance", var)):
+                if name in twice:
+                    raise UnsupportedModelError(
+                        f"{label}: its {what} {name!r} is defined in two graphs (a subgraph and an enclosing or "
+                        "sibling one): the new statistics could go to the one this BN does not read (rename one)"
+                    )
                 if name not in inits:
                     raise UnsupportedModelError(
                         f"{label}: its {what} {name!r} is not an initializer (a graph input or a computed tensor): "
                         "there are no statistics in the file to replace"
                     )
-                if readers.get(name, 0) != 1 or name in outputs or mean == var:
+                # Case: one tensor for two inputs of the BN (mean and scale, variance and B): new
+                # statistics would change the BN's affine too.
+                if readers.get(name, 0) != 1 or name in outputs or list(node.input).count(name) != 1:
                     raise UnsupportedModelError(
                         f"{label}: its {what} {name!r} is also read elsewhere; new statistics would change that "
                         "reader too"
@@ -277,7 +295,7 @@ def _plan_graph(
             # as the deepest branch output.
             for branch, sub in _subgraphs(node):
                 local = dict(depth)
-                _plan_graph(sub, (*path, (i, branch)), local, bns, inits, readers, outputs)
+                _plan_graph(sub, (*path, (i, branch)), local, bns, inits, readers, outputs, twice)
                 d = max(d, max((local.get(o.name, 0) for o in sub.output), default=0))
         for o in node.output:
             if o:
