@@ -349,3 +349,13 @@ def test_cli_culprit_search_keeps_the_conversion(tmp_path: Path, monkeypatch: py
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(written(x), net(x), atol=2e-5, rtol=1e-5)
+
+
+def test_onnx_a_fixed_batch_above_one_is_not_converted() -> None:
+    """At batch 2 for every input the model takes, an InstanceNorm is never equal to the BN: refused."""
+    model = onnx_training_bn(4, batch=2)
+    x = np.random.default_rng(5).normal(0.3, 1.5, (2, 3, 7, 6)).astype(np.float32)
+    folded, report = bnfold.fold_with_report(model, batch_stats="instance")
+    (v,) = report.verdicts
+    assert isinstance(v, Skip) and v.reason is SkipReason.TRAINING_MODE and "batch at 2" in v.detail
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), atol=1e-6, rtol=1e-6)

@@ -127,6 +127,15 @@ def _instance(index: GraphIndex, node: NodeProto, label: str, opset: int) -> Ver
             f"normalises with its batch, on data of rank {r} (N, C): at batch 1 its variance is 0, "
             "and an InstanceNorm needs spatial axes; not converted",
         )
+    vt = index.value_type(x)
+    batch = None if vt is None or not vt.shape else vt.shape[0]
+    if batch is not None and batch > 1:
+        return Skip(
+            label,
+            SkipReason.TRAINING_MODE,
+            f"normalises with its batch, and the model fixes its batch at {batch}: an InstanceNorm (equal "
+            "at batch 1 only) would compute something else for every input the model takes; not converted",
+        )
     if elem not in FLOAT_TYPES:
         return Skip(
             label,
