@@ -345,13 +345,13 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
 
 def _spatial(gm: fx.GraphModule, bn: nn.Module, x: fx.Node) -> tuple[int | None, bool]:
     """The BN input's spatial rank and whether it is proven. A BatchNorm1d whose input rank the graph does not
-    prove (:func:`~bnfold.fx.shapes.rank_of`) is taken as 3-D only where a Conv1d ends the walk (as the
-    backward fold does for ``BN1d -> Conv1d``)."""
+    prove (:func:`~bnfold.fx.shapes.rank_of`) has no spatial rank: a Conv1d also reads an unbatched ``(C, L)``,
+    where its channels are the BN's dim 0, so neither a Conv1d nor a Linear may take its scale."""
     s = _BNS[type(bn)]
     if s >= 0:
         return s, True
     r = rank_of(x, gm)
-    return (1, False) if r is None else (r - 2, True)
+    return (None, False) if r is None else (r - 2, True)
 
 
 def _conv_pads(m: nn.Module) -> bool:
@@ -384,6 +384,8 @@ def _fit(
     if type(layer) in _CONVS:
         if flattened:
             raise _Refuse(f"{label} after a flatten")
+        if not proven:
+            raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
         if spatial is None or _CONVS[type(layer)] != spatial:
             raise _Refuse(f"{label} may not read the BN's channel axis")
         g = int(layer.groups)  # type: ignore[arg-type]

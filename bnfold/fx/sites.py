@@ -22,7 +22,16 @@ from bnfold.records import Site, Skip
 from .bnspec import BnSpec
 from .layers import fetch_attr
 
-__all__ = ["Candidate", "Matched", "Index", "functional_bn_args", "BN_FUNCS", "UNPROVEN_RANK", "clone_detail"]
+__all__ = [
+    "Candidate",
+    "Matched",
+    "Index",
+    "functional_bn_args",
+    "BN_FUNCS",
+    "UNPROVEN_RANK",
+    "UNPROVEN_BATCH",
+    "clone_detail",
+]
 
 
 @dataclass
@@ -113,6 +122,11 @@ class Index:
 UNPROVEN_RANK = (
     "Linear acts on the last dim and BN on dim 1, the same axis only for 2-D (N, C) tensors, and "
     "nothing proves this one is 2-D: pass example_inputs=(x,) to bnfold.fold to record the shapes"
+)
+
+UNPROVEN_BATCH = (
+    "a Conv also takes unbatched (C, ...) input, whose channel axis is dim 0 and not the BN's dim 1, and "
+    "nothing proves this one is batched: pass example_inputs=(x,) to bnfold.fold to record the shapes"
 )
 
 
