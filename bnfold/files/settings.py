@@ -141,6 +141,9 @@ class FoldSettings(InspectSettings):
     all_or_nothing: bool = False
     """When verification fails, refuse the whole model (otherwise, for an ONNX source or an
     ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are left: :mod:`bnfold.culprit`)."""
+    requantize_bias: bool = False
+    """ONNX source (QDQ graphs): requantise an int32 bias to its new scale, at most half a step off
+    (``--requantize-bias``, :func:`bnfold.onnx.match_qdq.requantize_int32_bias`); an error for a PyTorch source."""
     verification: VerifySettings = field(default_factory=VerifySettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     """How a PyTorch source is exported to ``.onnx`` (opset, dynamic batch, names)."""

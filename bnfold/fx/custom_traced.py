@@ -157,6 +157,9 @@ def trace_subclass(m: nn.Module) -> BnSpec | str:
     )
 
 
+_CHECKED = "_bnfold_checked_inputs"
+
+
 def make_probe(m: nn.Module, *, train: bool) -> nn.Module:
     """A deep copy of ``m`` in train or eval mode to trace, without torch's input-shape checks."""
     probe = copy.deepcopy(m)
@@ -164,10 +167,13 @@ def make_probe(m: nn.Module, *, train: bool) -> nn.Module:
         probe.train()
     else:
         probe.eval()
+    checked: list[Any] = []  # what the rank check was called on (the forward's input: its ranks hold)
+    object.__setattr__(probe, _CHECKED, checked)
     for check in ("_check_input_dim", "_check_non_zero_input_channels"):
         if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
             # torch's shape checks only raise (on a Proxy they cannot even decide): skip them here.
-            object.__setattr__(probe, check, lambda x: None)
+            stub = checked.append if check == "_check_input_dim" else (lambda x: None)
+            object.__setattr__(probe, check, stub)
     return probe
 
 
@@ -275,8 +281,15 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
         float(args["eps"]),
         tail_graph,
         names,
-        _asserted_ranks(nodes, phs[0]),
+        _asserted_ranks(nodes, phs[0]) or _checked(probe, m, phs[0]),
     )
+
+
+def _checked(probe: nn.Module, m: nn.Module, x: fx.Node) -> frozenset[int] | None:
+    """The ranks torch's ``_check_input_dim`` (stubbed in the probe) lets through, where the traced forward
+    called it on its input (``super().forward(x)``)."""
+    seen = getattr(probe, _CHECKED, [])
+    return checked_ranks(type(m)) if any(getattr(a, "node", None) is x for a in seen) else None
 
 
 def _reach(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
