@@ -319,8 +319,13 @@ def fold_module(
             nodes_after, params_after = _predict_graph(module, analysis, plans[0][1], traced)
     else:
         nodes_after, params_after = _count(out)
+    from .merge import conv_modules
+
     return out, replace(
         report,
+        # counted as the ONNX backend does, merged or not (a fold or a dry run leaves the convs)
+        convs_before=conv_modules(module) if report.convs_before is None else report.convs_before,
+        convs_after=conv_modules(out) if report.convs_after is None else report.convs_after,
         nodes_before=nodes_before,
         params_before=params_before,
         bn_before=len(report.verdicts),
