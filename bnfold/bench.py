@@ -251,6 +251,7 @@ def bench_file(
     Returns:
         A :class:`BenchReport`.
     """
+    from bnfold.verification.bounds import MAX_RUNS, MAX_THREADS, MAX_WARMUP, check_at_most, check_shape_sizes
     from bnfold.verification.inputs import parse_shapes_for
 
     from . import io as bio
@@ -263,6 +264,11 @@ def bench_file(
         raise OptionError(f"--warmup {warmup}: must be >= 0")
     if threads < 0:
         raise OptionError(f"--threads {threads}: must be >= 0")
+    check_at_most("--runs", runs, MAX_RUNS)
+    check_at_most("--warmup", warmup, MAX_WARMUP)
+    check_at_most("--threads", threads, MAX_THREADS)
+    if input_shapes is not None and not isinstance(input_shapes, Mapping):
+        check_shape_sizes(list(input_shapes))
     prog = progress or (lambda stage, done, total: None)
     src_p = Path(src)
     if seed < 0:
