@@ -267,8 +267,7 @@ def bench_file(
     check_at_most("--runs", runs, MAX_RUNS)
     check_at_most("--warmup", warmup, MAX_WARMUP)
     check_at_most("--threads", threads, MAX_THREADS)
-    if input_shapes is not None and not isinstance(input_shapes, Mapping):
-        check_shape_sizes(list(input_shapes))
+    check_shape_sizes(input_shapes or ())
     prog = progress or (lambda stage, done, total: None)
     src_p = Path(src)
     if seed < 0:

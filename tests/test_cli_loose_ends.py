@@ -148,10 +148,14 @@ def test_cli_md_states_the_bounds() -> None:
 def test_api_counts_convs_merged_or_not(merge: bool) -> None:
     m = _net()
     x = torch.randn(2, 3, 8, 8)
-    for model in (m, torch.export.export(m, (x,))):
-        _, rep = bnfold.fold_with_report(model, merge_branches=merge)
-        assert (rep.convs_before, rep.convs_after) == (2, 2), (type(model), rep.convs_before)
-        assert bnfold.inspect(model, merge_branches=merge).convs_after == 2
+    ep = torch.export.export(m, (x,))
+    for rep in (
+        bnfold.fold_with_report(m, merge_branches=merge)[1],
+        bnfold.fold_with_report(ep, merge_branches=merge)[1],
+    ):
+        assert (rep.convs_before, rep.convs_after) == (2, 2), rep.backend
+    assert bnfold.inspect(m, merge_branches=merge).convs_after == 2
+    assert bnfold.inspect(ep, merge_branches=merge).convs_after == 2
 
 
 class _Untraceable(nn.Module):
@@ -160,7 +164,7 @@ class _Untraceable(nn.Module):
         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
+        y: torch.Tensor = self.bn(self.conv(x))
         return y if float(y.sum()) > -1e30 else -y  # data-dependent: torch.fx cannot trace it
 
 

@@ -41,9 +41,12 @@ class _Sum(nn.Module):
         self.post = post
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor
         if self.post:  # a BN on the sum of two convs (branch-sum / merged with the sum)
-            return self.bn(self.a(x) + self.b(x))
-        return self.a(x) + self.b(x) + self.bn(x)  # a BN branch beside convs (merged as a scaled identity)
+            y = self.bn(self.a(x) + self.b(x))
+        else:  # a BN branch beside convs (merged as a scaled identity)
+            y = self.a(x) + self.b(x) + self.bn(x)
+        return y
 
 
 class _Cat(nn.Module):
@@ -53,7 +56,8 @@ class _Cat(nn.Module):
         self.bn = nn.BatchNorm1d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+        y: torch.Tensor = self.bn(torch.cat([self.a(x), self.b(x)], 1))
+        return y
 
 
 class _Functional(nn.Module):
@@ -176,7 +180,7 @@ class _AssertedBN(nn.BatchNorm2d):
     """timm's BatchNormAct2d: F.batch_norm after ``torch._assert(x.ndim == 4)``, then an activation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        torch._assert(x.ndim == 4, "expected 4D input")
+        torch._assert(x.ndim == 4, "expected 4D input")  # type: ignore[no-untyped-call]
         y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         return torch.relu(y)
 
@@ -204,10 +208,10 @@ def test_a_bn_that_refuses_the_unbatched_rank_folds_without_shapes(bn: type) -> 
     m = nn.Sequential(nn.Conv2d(3, 4, 3), bn(4) if bn is not nn.LazyBatchNorm2d else bn())
     x = torch.randn(2, 3, 6, 6)
     m(x)  # a lazy BN takes its size here
-    m = _ready(m)
+    ready = _ready(m)
     with torch.no_grad():
-        ref = m(x)
-        out, rep = bnfold.fold_with_report(m)
+        ref = ready(x)
+        out, rep = bnfold.fold_with_report(ready)
         assert _close(out(x), ref)
     assert rep.folded == 1, rep.verdicts
     assert isinstance(rep.verdicts[0], Site)

@@ -8,7 +8,7 @@ over all samples), and ``bnfold bench``'s ``--runs``, ``--warmup`` and ``--threa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from bnfold.errors import OptionError
 
@@ -43,13 +43,13 @@ def check_at_most(flag: str, value: int, bound: int) -> None:
         raise OptionError(f"{flag} {value}: must be at most {bound}")
 
 
-def check_shape_sizes(specs: Sequence[str], samples: int = 1) -> None:
+def check_shape_sizes(specs: Sequence[str] | Mapping[str, tuple[int, ...]], samples: int = 1) -> None:
     """``--input-shape`` specs: at most :data:`MAX_INPUT_VALUES` values per input and :data:`MAX_DRAWN_VALUES`
     over all inputs and ``samples``. A spec that does not parse is left to the parser (its own error)."""
     from .inputs import parse_input_shapes
 
     try:
-        shapes = parse_input_shapes(specs)
+        shapes = dict(specs) if isinstance(specs, Mapping) else parse_input_shapes(specs)
     except OptionError:
         return
     total = 0
