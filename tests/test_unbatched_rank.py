@@ -225,3 +225,16 @@ def test_a_bn_subclass_without_a_rank_check_needs_shapes() -> None:
         out, rep = bnfold.fold_with_report(m)
         assert _close(out(x), ref)
     assert rep.folded == 0 and rep.verdicts[0].detail == UNPROVEN_BATCH
+
+
+@pytest.mark.parametrize("post", [True, False])
+def test_exported_merge_of_a_bn_needs_a_batched_input(post: bool) -> None:
+    """torch.export records the rank: a BN branch or a BN on the sum merges for (N, C, L), not for (C, L)."""
+    m = _ready(_Sum(nn.Conv1d, nn.BatchNorm1d, post))
+    for shape, merged in (((4, 4), False), ((2, 4, 7), True)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = m(x)
+            out, rep = bnfold.fold_with_report(torch.export.export(m, (x,)))
+            assert _close(out.module()(x), ref), (shape, (out.module()(x) - ref).abs().max())
+        assert (rep.bn_after == 0) is merged, (shape, rep.verdicts)
