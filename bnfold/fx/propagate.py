@@ -384,8 +384,11 @@ def _fit(
     if type(layer) in _CONVS:
         if flattened:
             raise _Refuse(f"{label} after a flatten")
-        if not proven:
-            raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
+        if not proven:  # a conv also reads an unbatched (C, ...), its channels on dim 0
+            raise _Refuse(
+                f"the rank of the BN's input is not known (pass example_inputs): {label} may read its channels "
+                "on dim 0 (an unbatched input)"
+            )
         if spatial is None or _CONVS[type(layer)] != spatial:
             raise _Refuse(f"{label} may not read the BN's channel axis")
         g = int(layer.groups)  # type: ignore[arg-type]
