@@ -250,6 +250,7 @@ def bench_file(
     Returns:
         A :class:`BenchReport`.
     """
+    from bnfold.verification.bounds import MAX_RUNS, MAX_THREADS, MAX_WARMUP, check_at_most, check_shape_sizes
     from bnfold.verification.inputs import parse_shapes_for
 
     from . import io as bio
@@ -262,6 +263,10 @@ def bench_file(
         raise OptionError(f"--warmup {warmup}: must be >= 0")
     if threads < 0:
         raise OptionError(f"--threads {threads}: must be >= 0")
+    check_at_most("--runs", runs, MAX_RUNS)
+    check_at_most("--warmup", warmup, MAX_WARMUP)
+    check_at_most("--threads", threads, MAX_THREADS)
+    check_shape_sizes(input_shapes or ())
     prog = progress or (lambda stage, done, total: None)
     src_p = Path(src)
     if seed < 0:

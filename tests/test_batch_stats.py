@@ -173,14 +173,15 @@ def test_bad_value_is_an_option_error() -> None:
 def test_torch_instance_equals_original_at_batch_1(dims: int) -> None:
     net = torch_batch_stats_net(dims)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    folded, report = bnfold.fold_with_report(net, batch_stats="instance")
+    x = torch.randn(1, 3, *([6] * dims)) * 2 + 0.5
+    # Conv1d -> BatchNorm1d folds where the shapes prove the batch (a Conv1d also reads an unbatched (C, L))
+    folded, report = bnfold.fold_with_report(net, batch_stats="instance", example_inputs=(x,))
     # the original is untouched: same modules, same values
     assert isinstance(net[1], torch.nn.modules.batchnorm._BatchNorm)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     inst = {1: torch.nn.InstanceNorm1d, 2: torch.nn.InstanceNorm2d, 3: torch.nn.InstanceNorm3d}[dims]
     assert sum(isinstance(m, inst) for m in folded.modules()) == 1
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    x = torch.randn(1, 3, *([6] * dims)) * 2 + 0.5
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), atol=2e-5, rtol=1e-5)
         x2 = torch.cat([x, 3 * x + 1])

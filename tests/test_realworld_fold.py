@@ -157,7 +157,7 @@ def test_register_bn_like_folds_and_freezes_a_declared_layer() -> None:
     assert before.folded == 0  # not a BN until declared
     bnfold.register_bn_like(BnActLike, stats=lambda m: (m.g, m.b, m.mu, m.sigma2, 1e-3), tail=lambda m: m.act)
     try:
-        out, rep = fold_checked(m, x)
+        out, rep = fold_checked(m, x, example_inputs=(x,))  # a declared layer may run on any rank
         assert rep.folded == 1 and isinstance(out[1], nn.ReLU6)
         frozen = bnfold.freeze(m)
         assert type(frozen[1]).__name__ == "FrozenBatchNorm" and frozen[1].tail is not None
@@ -408,7 +408,8 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
 
 def test_sync_batchnorm_act_subclass_folds() -> None:
     m = ready(nn.Sequential(nn.Conv2d(3, 4, 3), SyncBatchNormAct(4)))
-    out, rep = fold_checked(m, torch.randn(2, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    out, rep = fold_checked(m, x, example_inputs=(x,))  # SyncBatchNorm runs on any rank >= 2
     assert rep.folded == 1 and isinstance(out[1].act, nn.Hardswish)
 
 

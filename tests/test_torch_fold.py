@@ -76,7 +76,10 @@ CONVTS = [
 def test_conv_bn_forward(layer: type, bn: type, shape: tuple[int, ...], groups: int, bias: bool) -> None:
     out_ch = 8 if groups == 8 else 12
     m = prep(nn.Sequential(layer(8, out_ch, 3, groups=groups, bias=bias), bn(out_ch), nn.ReLU()))
-    out, rep = check(m, torch.randn(shape))
+    x = torch.randn(shape)
+    # A Conv1d also runs on an unbatched (C, L), which BatchNorm1d reads as (N, C): only recorded shapes
+    # prove the batch (BatchNorm2d/3d refuse the unbatched rank themselves).
+    out, rep = check(m, x, **({"example_inputs": (x,)} if bn is nn.BatchNorm1d else {}))
     assert rep.folded == 1 and bn_count(out) == 0
     assert type(out) is nn.Sequential and isinstance(out[1], nn.Identity)
 
@@ -172,7 +175,9 @@ class Functional(nn.Module):
 
 
 def test_functional_batch_norm() -> None:
-    out, rep = check(prep(Functional()), torch.randn(2, 3, 7, 7))
+    x = torch.randn(2, 3, 7, 7)
+    # F.batch_norm takes any rank >= 2: only the recorded shapes prove the conv's output is batched
+    out, rep = check(prep(Functional()), x, example_inputs=(x,))
     assert rep.folded == 1
     assert "batch_norm" not in out.code
 
@@ -299,7 +304,11 @@ def test_bnfold_nn_and_sync_bn() -> None:
     m = prep(
         nn.Sequential(nn.Conv2d(3, 4, 3), bnfold.nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4))
     )
-    out, rep = check(m, torch.randn(2, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    out, rep = check(m, x)
+    assert rep.folded == 1  # SyncBatchNorm takes any rank >= 2: an unbatched (C, H, W) is not refused
+    assert verdict(rep, "3").reason is SkipReason.LAYOUT  # type: ignore[attr-defined]
+    out, rep = check(m, x, example_inputs=(x,))
     assert rep.folded == 2
 
 
@@ -313,7 +322,8 @@ def test_frozen_bn_folds() -> None:
         else bnfold.freeze(nn.Sequential(bn))[0]
     )
     m = nn.Sequential(nn.Conv2d(3, 4, 3), fz).eval()
-    out, rep = check(m, torch.randn(2, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    out, rep = check(m, x, example_inputs=(x,))  # a frozen BN runs on any rank >= 2
     assert rep.folded == 1
 
 

@@ -177,6 +177,7 @@ def fold(
             in_place=in_place,
             external_data=external_data,
             all_or_nothing=all_or_nothing,
+            requantize_bias=requantize_bias,
             **_sources(model_factory, trust_pickle, input_shape, inputs, seed),
             verification=_verify_settings(samples, atol, rtol, opt_level),
             export=files.ExportSettings(
@@ -186,12 +187,9 @@ def fold(
                 output_names=split_names(output_names),
             ),
         )
-        from bnfold.onnx.match_qdq import requantize_int32_bias
-
         try:
             with json_guard(json_out), progress_bar(quiet, stages) as progress:
-                with requantize_int32_bias(requantize_bias):
-                    report = files.fold_file(model, dst, settings, progress)
+                report = files.fold_file(model, dst, settings, progress)
         except FoldVerificationError as e:
             failed = e.fold_report
             show(

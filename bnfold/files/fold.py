@@ -72,8 +72,13 @@ def fold_file(
         FoldVerificationError: verification failed; nothing written unless ``force`` (then
             ``fold_report.files.written`` is True).
     """
+    s = settings or FoldSettings()
     with contextlib.ExitStack() as job:  # holds the spill file of an ONNX fold (see below)
-        return _fold_file(src, dst, settings or FoldSettings(), progress or noop, job)
+        if s.requantize_bias:  # every fold of the job, the culprit search's included
+            from bnfold.onnx.match_qdq import requantize_int32_bias
+
+            job.enter_context(requantize_int32_bias(True))
+        return _fold_file(src, dst, s, progress or noop, job)
 
 
 def _fold_file(
@@ -302,6 +307,10 @@ def _fold_torch(
 
     if out_fmt != "onnx":
         refuse({"--affine": s.options.affine}, "applies only to ONNX outputs (Mul + Add are ONNX nodes)")
+    refuse(
+        {"--requantize-bias": s.requantize_bias},
+        "applies only to an ONNX model (the int32 biases of its QDQ graph), not to a PyTorch model",
+    )
     model = eval_if(loaded.model, s.options.eval_semantics)
     report, result, examples = fold_torch(src, model, loaded.example_inputs, out_fmt, prep, s, prog)
     names: list[str] = []

@@ -141,6 +141,9 @@ class FoldSettings(InspectSettings):
     all_or_nothing: bool = False
     """When verification fails, refuse the whole model (otherwise, for an ONNX source or an
     ``nn.Module`` written as ``.pt``/``.pt2``, the folds that make it fail are left: :mod:`bnfold.culprit`)."""
+    requantize_bias: bool = False
+    """ONNX source (QDQ graphs): requantise an int32 bias to its new scale, at most half a step off
+    (``--requantize-bias``, :func:`bnfold.onnx.match_qdq.requantize_int32_bias`); an error for a PyTorch source."""
     verification: VerifySettings = field(default_factory=VerifySettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     """How a PyTorch source is exported to ``.onnx`` (opset, dynamic batch, names)."""
@@ -187,9 +190,14 @@ def output_format(dst: Path) -> str:
 
 
 def check_inputs(inputs: InputSettings, samples: int = 1) -> None:
-    """``--samples`` and ``--seed`` are checked once, here, for every job that draws inputs."""
+    """``--samples``, ``--seed`` and the sizes of ``--input-shape`` are checked once, here, for every job
+    that draws inputs (the upper bounds: :mod:`bnfold.verification.bounds`)."""
+    from bnfold.verification.bounds import MAX_SAMPLES, check_at_most, check_shape_sizes
+
     if samples < 1:
         raise OptionError(f"--samples {samples}: must be >= 1")
+    check_at_most("--samples", samples, MAX_SAMPLES)
+    check_shape_sizes(inputs.input_shapes, samples if inputs.inputs is None else 1)
     if inputs.seed < 0:
         raise OptionError(f"--seed {inputs.seed}: must be >= 0")
     if inputs.inputs is not None and samples != 1:

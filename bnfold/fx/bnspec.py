@@ -35,6 +35,7 @@ class BnSpec:
         tail_graph: the fx graph of the tail (Rule 3; input placeholder = the BN output), or None.
         tail_fn: the registered tail factory (Rule 2), or None.
         kind: "plain", "registered" or "traced".
+        ranks: the input ranks the layer accepts (it raises on any other), None when any rank >= 2 runs.
     """
 
     weight: Tensor | None
@@ -48,6 +49,7 @@ class BnSpec:
     tail_fn: TailFn | None = None
     tail_names: tuple[str, ...] = field(default=())
     frozen: tuple[Tensor, Tensor] | None = None
+    ranks: frozenset[int] | None = None
 
     def affine64(self) -> tuple[F64, F64]:
         """The eval map as float64 ``(scale, shift)``."""

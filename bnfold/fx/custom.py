@@ -44,7 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfold.errors import BnfoldError, OptionError, UnsupportedModelError
 
 from .bnspec import NO_STATS, BnSpec, StatsFn, TailFn
-from .custom_traced import SubTracer, make_probe, signature, tail_ops, trace_subclass
+from .custom_traced import SubTracer, checked_ranks, make_probe, signature, tail_ops, trace_subclass
 
 __all__ = [
     "describe_bn",
@@ -216,7 +216,15 @@ def describe_bn(m: nn.Module) -> BnSpec | str:
     if type(m).forward in _plain_bn_forwards():  # Rule 1
         if not m.track_running_stats or m.running_mean is None or m.running_var is None:
             return "no_running_stats: " + NO_STATS
-        return BnSpec(m.weight, m.bias, m.running_mean, m.running_var, float(m.eps), int(m.num_features))
+        return BnSpec(
+            m.weight,
+            m.bias,
+            m.running_mean,
+            m.running_var,
+            float(m.eps),
+            int(m.num_features),
+            ranks=checked_ranks(type(m)),
+        )
     return trace_subclass(m)  # Rule 3
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, fx, nn
 from .bnspec import NO_STATS, BnSpec
 from .tracing import ThreadSafeTracer, first_line
 
-__all__ = ["trace_subclass", "signature", "make_probe", "tail_ops", "SubTracer"]
+__all__ = ["trace_subclass", "signature", "make_probe", "tail_ops", "SubTracer", "checked_ranks"]
 
 
 _CHECK_FUNCS: set[Any] = {
@@ -56,6 +56,45 @@ _TORCH_DIM_CHECKS = {
 } - {None}
 
 
+def checked_ranks(cls: type) -> frozenset[int] | None:
+    """The input ranks a BN class's ``_check_input_dim`` lets through (torch's or bnfold.nn's BatchNorm1d/2d/3d,
+    inherited unchanged), None when it may let any rank >= 2 through (SyncBatchNorm, an override)."""
+    from bnfold.nn import batchnorm as bnb
+
+    check = getattr(cls, "_check_input_dim", None)
+    for one, two, three in (
+        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+        (bnb.BatchNorm1d, bnb.BatchNorm2d, bnb.BatchNorm3d),
+    ):
+        if check is one._check_input_dim:
+            return frozenset((2, 3))
+        if check is two._check_input_dim:
+            return frozenset((4,))
+        if check is three._check_input_dim:
+            return frozenset((5,))
+    return None
+
+
+def _asserted_ranks(nodes: list[fx.Node], x: fx.Node) -> frozenset[int] | None:
+    """The input rank a traced forward asserts (``torch._assert(x.ndim == 4, ...)``, ``x.dim() == 4``), else None."""
+    for n in nodes:
+        if not (n.op == "call_function" and n.target is torch._assert and n.args):
+            continue
+        cond = n.args[0]
+        if not (isinstance(cond, fx.Node) and cond.op == "call_function" and cond.target is operator.eq):
+            continue
+        a, k = cond.args[0], cond.args[1]
+        if isinstance(a, int) and not isinstance(a, bool):
+            a, k = k, a
+        if not (isinstance(k, int) and not isinstance(k, bool) and isinstance(a, fx.Node)):
+            continue
+        ndim = a.op == "call_function" and a.target is getattr and a.args[:2] == (x, "ndim")
+        dim = a.op == "call_method" and a.target == "dim" and a.args == (x,)
+        if ndim or dim:
+            return frozenset((k,))
+    return None
+
+
 class SubTracer(ThreadSafeTracer):
     """Traces a BN subclass's own forward: its children stay leaves (they end up in the tail)."""
 
@@ -71,6 +110,7 @@ class _Traced:
     eps: float
     tail_graph: fx.Graph | None
     tail_names: tuple[str, ...]
+    ranks: frozenset[int] | None = None
 
 
 _TRACED: dict[Any, _Traced | str] = {}
@@ -113,7 +153,11 @@ def trace_subclass(m: nn.Module) -> BnSpec | str:
         "traced",
         tail_graph=got.tail_graph,
         tail_names=got.tail_names,
+        ranks=got.ranks,
     )
+
+
+_CHECKED = "_bnfold_checked_inputs"
 
 
 def make_probe(m: nn.Module, *, train: bool) -> nn.Module:
@@ -123,10 +167,13 @@ def make_probe(m: nn.Module, *, train: bool) -> nn.Module:
         probe.train()
     else:
         probe.eval()
+    checked: list[Any] = []  # what the rank check was called on (the forward's input: its ranks hold)
+    object.__setattr__(probe, _CHECKED, checked)
     for check in ("_check_input_dim", "_check_non_zero_input_channels"):
         if getattr(type(m), check, None) in _TORCH_DIM_CHECKS:
             # torch's shape checks only raise (on a Proxy they cannot even decide): skip them here.
-            object.__setattr__(probe, check, lambda x: None)
+            stub = checked.append if check == "_check_input_dim" else (lambda x: None)
+            object.__setattr__(probe, check, stub)
     return probe
 
 
@@ -229,7 +276,20 @@ def _trace_subclass_uncached(m: nn.Module) -> _Traced | str:
         names = tuple(str(n.target) for n in tail if n.op == "call_module")
     mean_t, var_t = targets["running_mean"], targets["running_var"]
     assert mean_t is not None and var_t is not None
-    return _Traced((targets["weight"], targets["bias"], mean_t, var_t), float(args["eps"]), tail_graph, names)
+    return _Traced(
+        (targets["weight"], targets["bias"], mean_t, var_t),
+        float(args["eps"]),
+        tail_graph,
+        names,
+        _asserted_ranks(nodes, phs[0]) or _checked(probe, m, phs[0]),
+    )
+
+
+def _checked(probe: nn.Module, m: nn.Module, x: fx.Node) -> frozenset[int] | None:
+    """The ranks torch's ``_check_input_dim`` (stubbed in the probe) lets through, where the traced forward
+    called it on its input (``super().forward(x)``)."""
+    seen = getattr(probe, _CHECKED, [])
+    return checked_ranks(type(m)) if any(getattr(a, "node", None) is x for a in seen) else None
 
 
 def _reach(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:

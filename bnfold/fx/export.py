@@ -91,8 +91,8 @@ def fold_exported(
         bn_after=len(verdicts) - len(folds) - len(absorbed),
         merges=merges,
         notes=notes,
-        convs_before=convs_before if merge_branches else None,
-        convs_after=conv_ops(gm) if merge_branches else None,
+        convs_before=convs_before,
+        convs_after=conv_ops(gm),  # merged or not: the folds that follow leave the convs
     )
     if dry_run or not (folds or applied):
         return ep, replace(

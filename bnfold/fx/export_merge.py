@@ -391,6 +391,11 @@ def _branch_kernel(gm: fx.GraphModule, ref: MergeRef, b: _Branch) -> tuple[F64, 
         w64, b64 = identity_kernel(ref, what), np.zeros(ref.c_out)
     elif b.kind == "bn":
         assert b.base is not None
+        if not _batched(b.base.args[0], ref.rank):
+            raise MergeRefusal(
+                MergeReason.UNSUPPORTED,
+                f"{what}: the input is unbatched (C, ...): the convs' channels are dim 0, the batch norm's dim 1",
+            )
         scale, shift = _bn_affine(gm, b.base, what)
         if scale.shape[0] != ref.c_out:
             raise MergeRefusal(
@@ -434,6 +439,13 @@ def _record(top: fx.Node, x: str, target: str, branches: list[_Branch]) -> Merge
 def _nonlinear(n: fx.Node) -> bool:
     name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
     return any(name.startswith(a) for a in _NONLINEAR)
+
+
+def _batched(n: Any, rank: int) -> bool:
+    """True when ``n``'s recorded value is a batched ``(N, C, ...)`` input of a conv with ``rank`` spatial axes
+    (a conv also runs on an unbatched ``(C, ...)``, where its channels are not the batch norm's dim 1)."""
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == rank + 2
 
 
 def _post_bn(gm: fx.GraphModule, top: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -545,7 +557,7 @@ def merge_exported_graph(gm: fx.GraphModule, *, exclude: frozenset[str] = frozen
             res.merges.append(_record(top, x.name, "", branches))
             continue
         end = top
-        post = None if kept else _post_bn(gm, top)
+        post = None if kept or not _batched(top, ref.rank) else _post_bn(gm, top)
         absorbed_post: fx.Node | None = None
         if post is not None:
             try:

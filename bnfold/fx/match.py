@@ -185,7 +185,8 @@ def match_bn(
     else:
         bn_graph_why = idx.shared_why(name)
     src = node.args[0] if node.args else None
-    verdict, cand = match_forward(node, src, root, idx, shown, nf, bn_graph_why, q)
+    ranks = spec.ranks if spec is not None else None
+    verdict, cand = match_forward(node, src, root, idx, shown, nf, bn_graph_why, q, ranks)
     if cand is None:
         if spec is not None and spec.has_tail:
             # Rule 1: layer(tail(bn(x))) -- the BN cannot move past its own activation.
@@ -197,7 +198,7 @@ def match_bn(
                     "post-processing (activation/dropout) keeps it from folding into the next layer",
                 )
         else:
-            bverdict, bcand = match_backward(node, root, idx, shown, nf, bn_graph_why, q)
+            bverdict, bcand = match_backward(node, root, idx, shown, nf, bn_graph_why, q, ranks)
             if bcand is not None or (verdict.reason is SkipReason.NO_PRODUCER and bverdict is not None):
                 verdict, cand = bverdict, bcand  # type: ignore[assignment]
     if cand is None:

@@ -6,13 +6,12 @@ from typing import Any
 
 from torch import fx, nn
 
-from bnfold.hints import EXAMPLE_INPUTS
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .convs import input_side_conv
 from .layers import fetch_attr, layer_kind
-from .shapes import flatten_dims, flatten_to_2d, is_noop, rank_of, value_users
-from .sites import UNPROVEN_RANK, Candidate, Index, clone_detail
+from .shapes import flatten_dims, flatten_to_2d, is_noop, rank_of, unbatched_why, value_users
+from .sites import UNPROVEN_RANK, Candidate, Index, clone_detail, layout_skip
 
 __all__ = ["match_backward"]
 
@@ -33,8 +32,16 @@ def _sole_input_user(layer_node: fx.Node, bn_node: fx.Node) -> bool:
 
 
 def match_backward(
-    node: fx.Node, root: nn.Module, idx: Index, shown: str, nf: int | None, bn_why: str, q: Any
+    node: fx.Node,
+    root: nn.Module,
+    idx: Index,
+    shown: str,
+    nf: int | None,
+    bn_why: str,
+    q: Any,
+    ranks: frozenset[int] | None = None,
 ) -> tuple[Skip | None, Candidate | None]:
+    """bn-conv, bn-gemm, bn-flatten-gemm; ``ranks``: the input ranks the BN accepts (None: any)."""
     # Walk forward through eval no-ops and at most one flatten(1, -1) (BN2d -> Flatten -> Linear).
     cur = node
     flat = False
@@ -101,10 +108,12 @@ def match_backward(
             ),
             None,
         )
+    if kind != "Linear" and (unbatched := unbatched_why(node.args[0], len(layer.kernel_size), ranks, root)):
+        return layout_skip(shown, unbatched), None
     if not flat:
         rank = rank_of(node.args[0], root) if kind == "Linear" else 2
         if rank is None:  # bn-gemm: the rank is not proven
-            return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK, hints=(EXAMPLE_INPUTS,)), None
+            return layout_skip(shown, UNPROVEN_RANK), None
         if rank != 2:  # bn-gemm needs (N, C)
             return Skip(
                 shown, SkipReason.LAYOUT, f"BN -> Linear is exact only on a 2-D tensor, not {rank}-D"

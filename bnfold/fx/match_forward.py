@@ -10,13 +10,12 @@ from typing import Any
 
 from torch import fx, nn
 
-from bnfold.hints import EXAMPLE_INPUTS
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .layers import LAYER_TYPES, fetch_attr, forward_layer_kind
 from .match_routes import match_route, route_kind
-from .shapes import flatten_dims, is_noop, rank_of, value_users
-from .sites import UNPROVEN_RANK, Candidate, Index, clone_detail
+from .shapes import flatten_dims, is_noop, rank_of, unbatched_why, value_users
+from .sites import UNPROVEN_RANK, Candidate, Index, clone_detail, layout_skip
 
 __all__ = ["match_forward", "walk_back"]
 
@@ -41,8 +40,17 @@ def walk_back(src: Any, root: nn.Module) -> tuple[Any, tuple[Any, Any] | None, s
 
 
 def match_forward(
-    node: fx.Node, src: Any, root: nn.Module, idx: Index, shown: str, nf: int | None, bn_why: str, q: Any
+    node: fx.Node,
+    src: Any,
+    root: nn.Module,
+    idx: Index,
+    shown: str,
+    nf: int | None,
+    bn_why: str,
+    q: Any,
+    ranks: frozenset[int] | None = None,
 ) -> tuple[Skip, Candidate | None]:
+    """conv-bn, gemm-bn, linear-norm or a channel route; ``ranks``: the input ranks the BN accepts (None: any)."""
     none = Skip(shown, SkipReason.NO_PRODUCER, "its input is not a Conv/ConvTranspose/Linear module output")
     src, fl, why_not = walk_back(src, root)
     if not isinstance(src, fx.Node):
@@ -59,7 +67,7 @@ def match_forward(
             ), None
         return none, None
     if fl is None and route_kind(src) is not None:
-        return match_route(node, src, root, idx, shown, nf, bn_why, q)
+        return match_route(node, src, root, idx, shown, nf, bn_why, q, ranks)
     target = str(src.target)
     layer = fetch_attr(root, target)
     kind, note = forward_layer_kind(layer)
@@ -97,7 +105,7 @@ def match_forward(
             # linear-norm: Linear on (B, N, C) -> flatten(0, -2) -> BN1d on (B*N, C): C stays the BN channel.
             start, end = fl
             if rank is None and end != -2:
-                return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK, hints=(EXAMPLE_INPUTS,)), None
+                return layout_skip(shown, UNPROVEN_RANK), None
             if not (start == 0 and (end == -2 or (rank is not None and end == rank - 2))):
                 return Skip(
                     shown,
@@ -107,7 +115,7 @@ def match_forward(
             rank = 2
             via = "through flatten to (tokens, channels)"
         if rank is None:  # gemm-bn: the rank is not proven
-            return Skip(shown, SkipReason.LAYOUT, UNPROVEN_RANK, hints=(EXAMPLE_INPUTS,)), None
+            return layout_skip(shown, UNPROVEN_RANK), None
         if rank != 2:  # gemm-bn needs (N, C)
             return (
                 Skip(
@@ -117,6 +125,8 @@ def match_forward(
                 ),
                 None,
             )
+    elif (unbatched := unbatched_why(src, len(layer.kernel_size), ranks, root, fl)) != "":
+        return layout_skip(shown, unbatched), None
     elif fl is not None:
         start = fl[0]
         if not (isinstance(start, int) and start >= 2):  # flatten(2) of (N, C, H, W) keeps C at dim 1

@@ -16,8 +16,8 @@ from torch import fx, nn
 from bnfold.records import Direction, Site, Skip, SkipReason
 
 from .layers import fetch_attr, forward_layer_kind
-from .shapes import value_users
-from .sites import Candidate, Index
+from .shapes import unbatched_why, value_users
+from .sites import Candidate, Index, layout_skip
 
 __all__ = ["match_route", "route_kind", "sum_leaves"]
 
@@ -49,7 +49,15 @@ def sum_leaves(n: fx.Node, top: bool = True) -> list[Any] | None:
 
 
 def match_route(
-    node: fx.Node, src: fx.Node, root: nn.Module, idx: Index, shown: str, nf: int | None, bn_why: str, q: Any
+    node: fx.Node,
+    src: fx.Node,
+    root: nn.Module,
+    idx: Index,
+    shown: str,
+    nf: int | None,
+    bn_why: str,
+    q: Any,
+    ranks: frozenset[int] | None = None,
 ) -> tuple[Skip, Candidate | None]:
     """concat-split / branch-sum: BN on ``cat`` of layer outputs (a slice per layer) or on a sum of layer outputs."""
     how = route_kind(src)
@@ -80,6 +88,9 @@ def match_route(
             return Skip(
                 shown, SkipReason.SHARED_MODULE, f"{why}: a routed fold needs each branch's own layer"
             ), None
+        unbatched = unbatched_why(leaf, len(layer.kernel_size), ranks, root)
+        if unbatched:
+            return layout_skip(shown, unbatched), None
         ch = int(layer.out_channels)
         if how == "cat":
             parts.append((leaf, lo, lo + ch, True))

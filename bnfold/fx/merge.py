@@ -53,7 +53,9 @@ from bnfold.fold_math.merge import (
     sum_kernels,
 )
 from bnfold.fx.custom import describe_bn
+from bnfold.fx.custom_traced import checked_ranks
 from bnfold.fx.layers import called_module, constant_arg, constant_slot, fresh_attr
+from bnfold.fx.shapes import unbatched_why
 from bnfold.records import Direction, FoldReport, Merge, MergeReason, Site
 
 __all__ = [
@@ -560,7 +562,7 @@ def _branch_kernel(
         assert b.base is not None
         m = called_module(gm, b.base)
         if m is not None and type(m) not in _BNS and not _hooks(m):
-            return _bn_subclass_kernel(ref, m, what, eval_semantics)
+            return _bn_subclass_kernel(gm, b.base, ref, m, what, eval_semantics)
         if type(m) not in _BNS or _hooks(m):  # type: ignore[arg-type]
             raise MergeRefusal(
                 MergeReason.UNSUPPORTED, f"{what}: not a plain BatchNorm module (or it has hooks)"
@@ -576,6 +578,7 @@ def _branch_kernel(
             raise MergeRefusal(
                 MergeReason.GROUPS, f"{what}: {m.num_features} BN channels, the merged conv {ref.c_out}"
             )
+        _batched(gm, b.base, ref, checked_ranks(type(m)), what)
         mean = m.running_mean.detach().cpu().double().numpy()
         var = m.running_var.detach().cpu().double().numpy()
         gamma = np.ones(ref.c_out) if m.weight is None else m.weight.detach().cpu().double().numpy()
@@ -634,7 +637,16 @@ def _noop_tail(tail: nn.Module | None) -> bool:
     return True
 
 
-def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: bool) -> tuple[F64, F64]:
+def _batched(gm: fx.GraphModule, bn: fx.Node, ref: MergeRef, ranks: frozenset[int] | None, what: str) -> None:
+    """Refuses a BN on the sum's input unless that input is batched (a conv's channel axis is dim 1 only then)."""
+    why = unbatched_why(bn.args[0], ref.rank, ranks, gm)
+    if why:
+        raise MergeRefusal(MergeReason.UNSUPPORTED, f"{what}: {why}")
+
+
+def _bn_subclass_kernel(
+    gm: fx.GraphModule, bn: fx.Node, ref: MergeRef, m: nn.Module, what: str, eval_semantics: bool
+) -> tuple[F64, F64]:
     """A BatchNorm subclass (timm's ``BatchNormAct2d``) on ``x`` alone: merged where bnfold's BN fold reads
     it as a plain BN (its own forward traced) whose output is not post-processed (no tail)."""
     try:
@@ -654,6 +666,7 @@ def _bn_subclass_kernel(ref: MergeRef, m: nn.Module, what: str, eval_semantics: 
         raise MergeRefusal(
             MergeReason.GROUPS, f"{what}: {spec.num_features} BN channels, the merged conv {ref.c_out}"
         )
+    _batched(gm, bn, ref, spec.ranks, what)
     scale, shift = spec.affine64()
     return identity_kernel(ref, what, scale), shift.copy()
 
@@ -755,8 +768,8 @@ def _post_bn(
     assert isinstance(m, _BNS)
     if (m.training and not eval_semantics) or m.running_mean is None or m.running_var is None:
         return None
-    if m.num_features != ref.c_out:
-        return None
+    if m.num_features != ref.c_out or unbatched_why(top, ref.rank, checked_ranks(type(m)), gm):
+        return None  # the BN stays, with the fold matcher's verdict
     return u, bn_affine(
         None if m.weight is None else _np(m.weight),
         None if m.bias is None else _np(m.bias),

@@ -336,8 +336,13 @@ def fold_module(
             nodes_after, params_after = _predict_graph(module, analysis, plans[0][1], traced)
     else:
         nodes_after, params_after = _count(out)
+    from .merge import conv_modules
+
     return out, replace(
         report,
+        # counted as the ONNX backend does, merged or not (a fold or a dry run leaves the convs)
+        convs_before=conv_modules(module) if report.convs_before is None else report.convs_before,
+        convs_after=conv_modules(out) if report.convs_after is None else report.convs_after,
         nodes_before=nodes_before,
         params_before=params_before,
         bn_before=len(report.verdicts),
@@ -417,6 +422,8 @@ def _merge_and_refold(
             except Exception as e:  # noqa: BLE001 - a model that does not trace keeps its branches
                 log.debug("merge: trace failed: %s", e)
                 break
+            if example_inputs is not None and any(is_bn_module(m) for m in cur.modules()):
+                _eval_shapes(cur, g, example_inputs)  # a BN branch merges only where x is batched
             gm = fx.GraphModule(cur, g, type(cur).__name__)
             try:
                 res = merge_graph_module(
@@ -465,6 +472,20 @@ def _movable(report: FoldReport) -> bool:
     return any(isinstance(v, Skip) and v.reason in ELIGIBLE for v in report.verdicts)
 
 
+def _eval_shapes(out: nn.Module, g: fx.Graph, example_inputs: tuple[Any, ...]) -> None:
+    """Shapes of one eval-mode run into ``g`` (none where it does not run): a BatchNorm1d's rank (2-D or
+    3-D), whether a conv's input is batched, are known only from them."""
+    flags = {m: m.training for m in out.modules()}
+    out.eval()  # a train()-mode BN (eval_semantics) would update its statistics
+    try:
+        _shape_prop(out, g, example_inputs)
+    except InputError:
+        pass
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
 def _propagate(
     out: nn.Module, report: FoldReport, eval_semantics: bool, example_inputs: tuple[Any, ...] | None
 ) -> tuple[nn.Module, FoldReport]:
@@ -480,15 +501,7 @@ def _propagate(
             log.debug("propagate: trace failed: %s", e)
             return out, report
         if example_inputs is not None and any(isinstance(m, nn.BatchNorm1d) for m in out.modules()):
-            flags = {m: m.training for m in out.modules()}
-            out.eval()  # a train()-mode BN (eval_semantics) would update its statistics
-            try:  # a BatchNorm1d's rank (2-D or 3-D input) is known only from recorded shapes
-                _shape_prop(out, g, example_inputs)
-            except InputError:
-                pass  # no shapes: a BatchNorm1d is then not propagated
-            finally:
-                for m, t in flags.items():
-                    m.training = t
+            _eval_shapes(out, g, example_inputs)  # no shapes: a BatchNorm1d is then not propagated
         gm = fx.GraphModule(out, g, type(out).__name__)
         verdicts, n = propagate_graph_module(gm, list(report.verdicts), eval_semantics=eval_semantics)
     if not n:

@@ -56,6 +56,7 @@ from torch import fx, nn
 
 from bnfold.fold_math import bn_affine
 from bnfold.fold_math.propagation import ELIGIBLE, Blocked
+from bnfold.hints import EXAMPLE_INPUTS, Hint
 from bnfold.records import Direction, Site, Skip, Verdict
 
 from .layers import called_module, fresh_attr, layer_kind
@@ -106,7 +107,11 @@ _PREFIX = "not propagated: "
 
 
 class _Refuse(Exception):
-    pass
+    """Why a BN's scale cannot move; ``hints``: the options that would let it (:mod:`bnfold.hints`)."""
+
+    def __init__(self, message: str, hints: tuple[Hint, ...] = ()) -> None:
+        super().__init__(message)
+        self.hints = hints
 
 
 @dataclass(slots=True)
@@ -325,13 +330,13 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
 
 def _spatial(gm: fx.GraphModule, bn: nn.Module, x: fx.Node) -> tuple[int | None, bool]:
     """The BN input's spatial rank and whether it is proven. A BatchNorm1d whose input rank the graph does not
-    prove (:func:`~bnfold.fx.shapes.rank_of`) is taken as 3-D only where a Conv1d ends the walk (as the
-    backward fold does for ``BN1d -> Conv1d``)."""
+    prove (:func:`~bnfold.fx.shapes.rank_of`) has no spatial rank: a Conv1d also reads an unbatched ``(C, L)``,
+    where its channels are the BN's dim 0, so neither a Conv1d nor a Linear may take its scale."""
     s = _BNS[type(bn)]
     if s >= 0:
         return s, True
     r = rank_of(x, gm)
-    return (1, False) if r is None else (r - 2, True)
+    return (None, False) if r is None else (r - 2, True)
 
 
 def _conv_pads(m: nn.Module) -> bool:
@@ -364,6 +369,12 @@ def _fit(
     if type(layer) in _CONVS:
         if flattened:
             raise _Refuse(f"{label} after a flatten")
+        if not proven:  # a conv also reads an unbatched (C, ...), its channels on dim 0
+            raise _Refuse(
+                f"the rank of the BN's input is not known: {label} may read its channels on dim 0 (an unbatched "
+                "input)",
+                (EXAMPLE_INPUTS,),
+            )
         if spatial is None or _CONVS[type(layer)] != spatial:
             raise _Refuse(f"{label} may not read the BN's channel axis")
         g = int(layer.groups)  # type: ignore[arg-type]
@@ -392,7 +403,7 @@ def _fit(
         )
     # nn.Linear
     if not proven:
-        raise _Refuse(f"the rank of the BN's input is not known (pass example_inputs) before {label}")
+        raise _Refuse(f"the rank of the BN's input is not known before {label}", (EXAMPLE_INPUTS,))
     if not flattened and spatial != 0:
         raise _Refuse(f"{label} may not read the BN's channel axis")
     K = w.shape[1]
@@ -659,7 +670,8 @@ def propagate_graph_module(
             plan = _plan(gm, n, eval_semantics)
         except _Refuse as e:
             if "channels" in str(e):
-                out[i] = replace(prev, detail=f"{prev.detail}; {_PREFIX}{e}", pattern=None)
+                hints = (*prev.hints, *(h for h in e.hints if h not in prev.hints))
+                out[i] = replace(prev, detail=f"{prev.detail}; {_PREFIX}{e}", pattern=None, hints=hints)
             continue
         detail = _describe(plan)
         target, kind = str(plan.fits[0].node.target), plan.fits[0].kind

@@ -17,8 +17,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .layers import LAYER_TYPES, fetch_attr, is_bn_module
+from .sites import UNPROVEN_BATCH
 
-__all__ = ["rank_of", "record_ranks", "flatten_dims", "flatten_to_2d", "value_users", "is_noop"]
+__all__ = [
+    "rank_of",
+    "record_ranks",
+    "flatten_dims",
+    "flatten_to_2d",
+    "value_users",
+    "is_noop",
+    "unbatched_why",
+]
 
 _ELEMENTWISE_MODULES = (
     nn.ReLU,
@@ -177,6 +186,30 @@ def rank_of(node: Any, root: nn.Module, depth: int = 0) -> int | None:
 
 
 _RANK = "bnfold_rank"
+
+
+def unbatched_why(
+    t: Any, d: int, ranks: frozenset[int] | None, root: nn.Module, fl: tuple[Any, Any] | None = None
+) -> str:
+    """Why the channel axis of a ``d``-D conv may not be dim 1 where a BN reads it ("" when it is).
+
+    ``t`` is the conv's output (a BN after it, through ``flatten`` dims ``fl``) or the BN input (a
+    BN before it); ``ranks`` the input ranks the BN accepts (None: any). A ConvNd also runs on an
+    unbatched ``(C, ...)`` tensor of rank N + 1, where its channels are dim 0: the fold holds only for
+    rank N + 2, proven by the recorded shapes or the graph, or because the BN refuses the other rank.
+    """
+    r = rank_of(t, root)
+    if r == d + 1:
+        return f"the {d}-D conv's tensor is {r}-D here (unbatched): its channel axis is dim 0, not the BN's dim 1"
+    if r is not None or ranks is None:
+        return "" if r is not None else UNPROVEN_BATCH
+    u: int | None = d + 1
+    if fl is not None:
+        start, end = fl
+        if not all(isinstance(i, int) and -(d + 1) <= i < d + 1 for i in (start, end)):
+            return UNPROVEN_BATCH if not all(isinstance(i, int) for i in (start, end)) else ""
+        u = _flatten_rank(d + 1, start, end)
+    return "" if u is None or u not in ranks else UNPROVEN_BATCH  # None: the flatten raises on it
 
 
 def record_ranks(graph: fx.Graph, root: nn.Module) -> None:

@@ -17,12 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bnfold.records import Site, Skip
+from bnfold.hints import EXAMPLE_INPUTS
+from bnfold.records import Site, Skip, SkipReason
 
 from .bnspec import BnSpec
 from .layers import fetch_attr
 
-__all__ = ["Candidate", "Matched", "Index", "functional_bn_args", "BN_FUNCS", "UNPROVEN_RANK", "clone_detail"]
+__all__ = [
+    "Candidate",
+    "Matched",
+    "Index",
+    "functional_bn_args",
+    "BN_FUNCS",
+    "UNPROVEN_RANK",
+    "UNPROVEN_BATCH",
+    "layout_skip",
+    "clone_detail",
+]
 
 
 @dataclass
@@ -120,6 +131,18 @@ UNPROVEN_RANK = (
     "nothing proves this one is 2-D"
 )
 """The detail of a Linear/BN pair whose rank is unproven (its Skip carries :data:`bnfold.hints.EXAMPLE_INPUTS`)."""
+
+UNPROVEN_BATCH = (
+    "a Conv also takes unbatched (C, ...) input, whose channel axis is dim 0 and not the BN's dim 1, and "
+    "nothing proves this one is batched"
+)
+"""The detail of a Conv/BN pair whose batch axis is unproven (its Skip carries :data:`bnfold.hints.EXAMPLE_INPUTS`)."""
+
+
+def layout_skip(bn: str, why: str) -> Skip:
+    """A LAYOUT refusal; an unproven rank or batch carries the hint that records the shapes."""
+    hints = (EXAMPLE_INPUTS,) if why in (UNPROVEN_RANK, UNPROVEN_BATCH) else ()
+    return Skip(bn, SkipReason.LAYOUT, why, hints=hints)
 
 
 def clone_detail(why: str) -> str:
