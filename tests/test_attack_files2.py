@@ -1,0 +1,110 @@
+"""Second outside attack on bnfold's file handling: crafted paths and files given to every command.
+
+Each test builds its files under ``tmp_path``, runs the real CLI (a subprocess) or the file API, and
+checks what a user would: the exit code, one line on stderr, the output computes what the input does,
+the input unchanged, no temporary left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from models.testing import run_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _cli(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "bnfold", *args], capture_output=True, cwd=cwd, env=_env(), timeout=120
+    )
+
+
+def _conv_bn(c: int = 8) -> onnx.ModelProto:
+    """Conv -> BN with realistic statistics (mean != 0, var != 1, gamma != 1, beta != 0)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    stats = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
+    inits = [nh.from_array(w, "W")] + [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
+    g = h.make_graph(
+        [
+            h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])],
+        inits,
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+def _one_error_line(p: subprocess.CompletedProcess[bytes]) -> str:
+    err = p.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------- output names that are not UTF-8
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_output_name_that_is_not_utf8_is_written_and_verified(tmp_path: Path, external: bool) -> None:
+    """A file name is bytes on Linux: OUT ``\\xff.onnx`` is a valid name. The fold must verify the staged
+    file (onnxruntime takes only UTF-8 paths) and write it, not fail with onnxruntime's binding error."""
+    model = _conv_bn(c=16)  # W: 16x3x3x3 float32 = 1.7 KiB, external with --external-data
+    onnx.save(model, tmp_path / "m.onnx")
+    before = (tmp_path / "m.onnx").read_bytes()
+    out = os.fsdecode(b"\xff\xfe.onnx")
+    extra = ["--external-data"] if external else []
+    p = _cli("fold", "m.onnx", out, *extra, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr.decode("utf-8", "replace")
+    assert (tmp_path / "m.onnx").read_bytes() == before
+    written = tmp_path / out
+    folded = onnx.load(str(written))
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_onnx(folded, {"x": x})[0], run_onnx(model, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary left
+
+
+def test_model_in_a_folder_whose_name_is_not_utf8_folds_and_verifies(tmp_path: Path) -> None:
+    """The staged output lies in OUT's folder; a folder named with bytes that are not UTF-8 must not
+    stop the verification of an inline model (onnxruntime is given the parsed model instead)."""
+    folder = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xff")))
+    folder.mkdir()
+    model = _conv_bn()
+    onnx.save(model, str(folder / "m.onnx"))
+    p = _cli("fold", "m.onnx", "o.onnx", cwd=folder)
+    assert p.returncode == 0, p.stderr.decode("utf-8", "replace")
+    folded = onnx.load(str(folder / "o.onnx"))
+    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_onnx(folded, {"x": x})[0], run_onnx(model, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
+    assert sorted(os.listdir(folder)) == ["m.onnx", "o.onnx"]
