@@ -108,3 +108,25 @@ def test_model_in_a_folder_whose_name_is_not_utf8_folds_and_verifies(tmp_path: P
         run_onnx(folded, {"x": x})[0], run_onnx(model, {"x": x})[0], rtol=1e-5, atol=1e-5
     )
     assert sorted(os.listdir(folder)) == ["m.onnx", "o.onnx"]
+
+
+# ----------------------------------------------------------------- inputs that make verification vacuous
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e300])
+def test_non_finite_inputs_cannot_make_different_models_equivalent(tmp_path: Path, value: float) -> None:
+    """An ``--inputs`` file of NaN (or inf, or float64 values that overflow float32) makes every output
+    NaN on both sides: two different models then compared "equivalent". Refused in one line instead."""
+    onnx.save(_conv_bn(), tmp_path / "a.onnx")
+    other = _conv_bn()
+    w = other.graph.initializer[0]
+    w.CopyFrom(nh.from_array(nh.to_array(w) * 3.0 + 1.0, "W"))  # another model, same signature
+    onnx.save(other, tmp_path / "b.onnx")
+    np.savez(tmp_path / "bad.npz", x=np.full((1, 3, 8, 8), value, np.float64))
+    p = _cli("verify", "a.onnx", "b.onnx", "--inputs", "bad.npz", cwd=tmp_path)
+    assert p.returncode == 2, p.stdout.decode()
+    line = _one_error_line(p)
+    assert "'x'" in line and "NaN or infinite" in line
+    p = _cli("fold", "a.onnx", "o.onnx", "--inputs", "bad.npz", cwd=tmp_path)
+    assert p.returncode == 2 and "NaN or infinite" in _one_error_line(p)
+    assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx", "bad.npz"]

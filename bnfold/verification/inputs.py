@@ -250,6 +250,11 @@ def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: 
             else:
                 raise OptionError(f"{where}: input {s.name!r} is {a.dtype}, the model expects {s.dtype}")
         _check_shape(s, a.shape, f"{where}: input {s.name!r}")
+        if is_floating(a.dtype) and not bool(np.isfinite(a.astype(np.float32, copy=False)).all()):
+            raise OptionError(
+                f"{where}: input {s.name!r} holds NaN or infinite values (after the cast to {s.dtype}); "
+                "outputs computed from them compare NaN with NaN and prove nothing: give finite data"
+            )
         out[s.name] = a
     return out
 
