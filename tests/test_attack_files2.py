@@ -130,3 +130,18 @@ def test_non_finite_inputs_cannot_make_different_models_equivalent(tmp_path: Pat
     p = _cli("fold", "a.onnx", "o.onnx", "--inputs", "bad.npz", cwd=tmp_path)
     assert p.returncode == 2 and "NaN or infinite" in _one_error_line(p)
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx", "bad.npz"]
+
+
+def test_golden_file_with_nan_inputs_cannot_pass_any_candidate(tmp_path: Path) -> None:
+    """``--load-outputs GOLDEN CANDIDATE`` runs CANDIDATE on the saved inputs: a crafted golden file
+    whose inputs and reference outputs are NaN would pass every candidate of that signature."""
+    onnx.save(_conv_bn(), tmp_path / "a.onnx")
+    p = _cli("verify", "a.onnx", "a.onnx", "--save-outputs", "g.npz", "-q", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr.decode()
+    with np.load(tmp_path / "g.npz") as z:
+        forged = {k: np.full_like(z[k], np.nan) if z[k].dtype.kind == "f" else z[k] for k in z.files}
+    np.savez(tmp_path / "forged.npz", **forged)
+    p = _cli("verify", "--load-outputs", "forged.npz", "a.onnx", cwd=tmp_path)
+    assert p.returncode == 2, p.stdout.decode()
+    line = _one_error_line(p)
+    assert "forged.npz" in line and "NaN or infinite" in line
