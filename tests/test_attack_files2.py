@@ -145,3 +145,63 @@ def test_golden_file_with_nan_inputs_cannot_pass_any_candidate(tmp_path: Path) -
     assert p.returncode == 2, p.stdout.decode()
     line = _one_error_line(p)
     assert "forged.npz" in line and "NaN or infinite" in line
+
+
+# ----------------------------------------------------------------- compression bombs in PyTorch archives
+
+
+def _rezip_with_bomb(src: Path, dst: Path, member_suffix: str | None, mib: int = 200) -> None:
+    """Copy the zip ``src`` to ``dst``; the member ending in ``member_suffix`` (None: a new member) becomes
+    ``mib`` MiB of deflated zeros (a few hundred KiB on disk)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        infos = zin.infolist()
+        target = next(
+            (i.filename for i in infos if member_suffix and i.filename.endswith(member_suffix)), None
+        )
+        for info in infos:
+            if info.filename != target:
+                zout.writestr(info, zin.read(info.filename))
+        zi = zipfile.ZipInfo(target or infos[0].filename.split("/")[0] + "/data/weights/extra")
+        zi.compress_type = zipfile.ZIP_DEFLATED
+        with zout.open(zi, "w", force_zip64=True) as f:
+            for _ in range(mib):
+                f.write(bytes(2**20))
+
+
+@pytest.mark.parametrize("kind", ["pt2-extra", "pt2-weight", "pt-storage"])
+def test_pytorch_archive_compression_bomb_is_refused_before_reading(tmp_path: Path, kind: str) -> None:
+    """A .pt2 / .pt of a few hundred KiB whose zip members inflate to 200 MiB (torch writes its archives
+    uncompressed): refused from the zip directory, in one line, before torch inflates a member."""
+    import torch
+    from torch import nn
+
+    import bnfold
+    from bnfold.errors import ModelFormatError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    if kind.startswith("pt2"):
+        torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), str(tmp_path / "m.pt2"))
+        src, bomb = tmp_path / "m.pt2", tmp_path / "bomb.pt2"
+        _rezip_with_bomb(src, bomb, None if kind == "pt2-extra" else "data/weights/weight_0")
+        args: list[str] = []
+    else:
+        torch.save(net.state_dict(), tmp_path / "sd.pt")
+        src, bomb = tmp_path / "sd.pt", tmp_path / "bomb.pt"
+        _rezip_with_bomb(src, bomb, "data/0")
+        (tmp_path / "net.py").write_text(
+            "import torch.nn as nn\n\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+        )
+        args = ["--model", "net.py:net"]
+    assert bomb.stat().st_size < 2**20
+    p = _cli("inspect", bomb.name, *args, cwd=tmp_path)
+    assert p.returncode == 2, p.stdout.decode()
+    line = _one_error_line(p)
+    assert bomb.name in line and "compression bomb" in line
+    with pytest.raises(ModelFormatError, match="compression bomb"):
+        bnfold.load(bomb, model_factory=str(tmp_path / "net.py") + ":net" if args else None)
+    bnfold.load(
+        src, model_factory=str(tmp_path / "net.py") + ":net" if args else None
+    )  # the real file still loads
