@@ -205,3 +205,45 @@ def test_pytorch_archive_compression_bomb_is_refused_before_reading(tmp_path: Pa
     bnfold.load(
         src, model_factory=str(tmp_path / "net.py") + ":net" if args else None
     )  # the real file still loads
+
+
+def test_checkpoint_whose_pickle_is_a_bomb_is_refused_before_format_detection_reads_it(
+    tmp_path: Path,
+) -> None:
+    """Format detection reads ``data.pkl`` to tell weights from pickled code: a deflated 200 MiB
+    ``data.pkl`` (valid pickle, then zeros) is refused from the zip directory before that read."""
+    import resource
+
+    import torch
+    from torch import nn
+
+    import bnfold
+    from bnfold.errors import ModelFormatError
+
+    torch.save(nn.BatchNorm2d(4).state_dict(), tmp_path / "sd.pt")
+    _rezip_with_bomb_after(tmp_path / "sd.pt", tmp_path / "bomb.pt", "data.pkl")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFormatError, match="compression bomb"):
+        bnfold.io.detect_format(tmp_path / "bomb.pt")
+    with pytest.raises(ModelFormatError, match="compression bomb"):
+        bnfold.load(tmp_path / "bomb.pt", model_factory="torch.nn:Identity")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 100 * 1024  # never inflated (200 MiB)
+
+
+def _rezip_with_bomb_after(src: Path, dst: Path, member_suffix: str, mib: int = 200) -> None:
+    """Copy ``src`` to ``dst``; the member ending in ``member_suffix`` keeps its bytes, deflated and
+    followed by ``mib`` MiB of zeros (a pickle ignores what follows its STOP)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith(member_suffix):
+                zout.writestr(info, zin.read(info.filename))
+                continue
+            zi = zipfile.ZipInfo(info.filename)
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            with zout.open(zi, "w", force_zip64=True) as f:
+                f.write(zin.read(info.filename))
+                for _ in range(mib):
+                    f.write(bytes(2**20))

@@ -34,7 +34,7 @@ from bnfold.errors import ModelFormatError
 from .datafiles import FileBytes, fields
 from .paths import remember_refs
 
-__all__ = ["FORMATS", "detect_format", "format_error", "file_kind", "sniff_file"]
+__all__ = ["FORMATS", "check_zip_sizes", "detect_format", "format_error", "file_kind", "sniff_file"]
 
 FORMATS = ("onnx", "pt2", "state_dict", "pickled_module", "torchscript")
 """What :func:`detect_format` can return."""
@@ -225,12 +225,35 @@ def _onnx_wire_problem(path: str, size: int) -> str | None:
     return None
 
 
+_ZIP_FREE_BYTES = 64 * 2**20
+_ZIP_MAX_RATIO = 16
+
+
+def check_zip_sizes(path: str) -> None:
+    """A zip archive (torch.save, torch.export.save: members stored uncompressed) whose members declare
+    more than 64 MiB or 16 times the file's size, whichever is larger, is refused before torch reads
+    a member (the bound of ``--inputs`` archives): a small file must not cost gigabytes."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip (a legacy pickle) or unreadable: the loader names it
+    limit = max(_ZIP_FREE_BYTES, _ZIP_MAX_RATIO * os.path.getsize(path))
+    if declared > limit:
+        raise format_error(
+            path,
+            f"its zip members declare {declared} bytes uncompressed, more than {limit} (64 MiB or 16 times "
+            "the file's size); refused as a possible compression bomb (torch writes its archives uncompressed)",
+        )
+
+
 def sniff_file(path: str) -> tuple[str, Any]:
     """(format, parsed ONNX model or None). Raises ModelFormatError."""
     size = _check_readable(path)
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(_ZIP_MAGIC):
+        check_zip_sizes(path)
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()

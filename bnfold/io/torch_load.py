@@ -23,7 +23,7 @@ from typing import Any
 
 from bnfold.errors import ModelFormatError, OptionError
 
-from .sniff import format_error
+from .sniff import check_zip_sizes, format_error
 
 __all__ = ["resolve_factory", "load_torch", "factory_examples"]
 
@@ -182,33 +182,11 @@ def _label(factory: str | Callable[[], Any]) -> str:
     return repr(f"{mod}:{name}") if mod and name else type(factory).__name__
 
 
-_ZIP_FREE_BYTES = 64 * 2**20
-_ZIP_MAX_RATIO = 16
-
-
-def _check_zip_sizes(path: str) -> None:
-    """A zip archive (torch.save, torch.export.save: members stored uncompressed) whose members declare
-    more than 64 MiB or 16 times the file's size, whichever is larger, is refused before torch reads
-    a member (the bound of ``--inputs`` archives): a small file must not cost gigabytes."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            declared = sum(i.file_size for i in z.infolist())
-    except (zipfile.BadZipFile, OSError):
-        return  # not a zip (a legacy pickle) or unreadable: the loader names it
-    limit = max(_ZIP_FREE_BYTES, _ZIP_MAX_RATIO * os.path.getsize(path))
-    if declared > limit:
-        raise format_error(
-            path,
-            f"its zip members declare {declared} bytes uncompressed, more than {limit} (64 MiB or 16 times "
-            "the file's size); refused as a possible compression bomb (torch writes its archives uncompressed)",
-        )
-
-
 def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, trust_pickle: bool) -> Any:
     """A PyTorch file of format ``fmt`` ("pt2", "pickled_module" or "state_dict"), with the right trust."""
     import torch
 
-    _check_zip_sizes(p)
+    check_zip_sizes(p)
     if fmt == "pt2":
         from bnfold import pt2_guard
 
