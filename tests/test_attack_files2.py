@@ -247,3 +247,27 @@ def _rezip_with_bomb_after(src: Path, dst: Path, member_suffix: str, mib: int = 
                 f.write(zin.read(info.filename))
                 for _ in range(mib):
                     f.write(bytes(2**20))
+
+
+# ----------------------------------------------------------------- output names the OS refuses
+
+
+@pytest.mark.parametrize("command", ["fold", "freeze", "recalibrate"])
+@pytest.mark.parametrize("what", ["name-too-long", "link-loop"])
+def test_output_the_os_cannot_open_is_one_typed_line(tmp_path: Path, command: str, what: str) -> None:
+    """OUT named past the file system's limit (ENAMETOOLONG) or a symbolic link to itself (ELOOP): an
+    output error naming OUT, not ``OSError: ...`` / ``RuntimeError: Symlink loop`` from the catch-all."""
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    ext = ".pt" if command == "freeze" else ".onnx"
+    out = "x" * 300 + ext if what == "name-too-long" else "loop" + ext
+    if what == "link-loop":
+        os.symlink(out, tmp_path / out)
+    extra = ["--data", "d.npz"] if command == "recalibrate" else []
+    before = sorted(os.listdir(tmp_path))
+    p = _cli(command, "m.onnx", out, *extra, cwd=tmp_path)
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert "cannot write" in line and out in line
+    assert "OSError" not in line and "RuntimeError" not in line and "--debug" not in line
+    assert sorted(os.listdir(tmp_path)) == before
