@@ -271,3 +271,34 @@ def test_output_the_os_cannot_open_is_one_typed_line(tmp_path: Path, command: st
     assert "cannot write" in line and out in line
     assert "OSError" not in line and "RuntimeError" not in line and "--debug" not in line
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["fold", "m.onnx", "o.onnx", "--inputs", "{f}"], "--inputs"),
+        (["verify", "m.onnx", "m.onnx", "--inputs", "{f}"], "--inputs"),
+        (["verify", "--load-outputs", "{f}"], "--load-outputs"),
+        (["recalibrate", "m.onnx", "o.onnx", "--data", "{f}"], "--data"),
+    ],
+)
+@pytest.mark.parametrize("what", ["name-too-long", "fifo", "folder"])
+def test_data_file_option_that_is_no_file_says_what_it_is(
+    tmp_path: Path, args: list[str], option: str, what: str
+) -> None:
+    """A data option (``--inputs``, ``--load-outputs``, ``--data``) naming a path the OS cannot stat
+    (ENAMETOOLONG) was the catch-all ``OSError``; a FIFO or a folder was "no such file"."""
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    f = {"name-too-long": "y" * 300 + ".npz", "fifo": "pipe.npz", "folder": "dir.npz"}[what]
+    if what == "fifo":
+        os.mkfifo(tmp_path / f)
+    elif what == "folder":
+        (tmp_path / f).mkdir()
+    before = sorted(os.listdir(tmp_path))
+    p = _cli(*[a.format(f=f) for a in args], cwd=tmp_path)
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert f"{f}: {option}: " in line
+    expected = {"name-too-long": "File name too long", "fifo": "is a FIFO", "folder": "is a folder"}[what]
+    assert expected in line and "--debug" not in line
+    assert sorted(os.listdir(tmp_path)) == before

@@ -22,6 +22,7 @@ here (without its external data) and the parse is handed on to the loader.
 
 from __future__ import annotations
 
+import errno
 import io as _io
 import os
 import pickletools
@@ -34,7 +35,15 @@ from bnfold.errors import ModelFormatError
 from .datafiles import FileBytes, fields
 from .paths import remember_refs
 
-__all__ = ["FORMATS", "check_zip_sizes", "detect_format", "format_error", "file_kind", "sniff_file"]
+__all__ = [
+    "FORMATS",
+    "check_zip_sizes",
+    "detect_format",
+    "format_error",
+    "file_kind",
+    "not_a_file",
+    "sniff_file",
+]
 
 FORMATS = ("onnx", "pt2", "state_dict", "pickled_module", "torchscript")
 """What :func:`detect_format` can return."""
@@ -106,6 +115,20 @@ def file_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "not a plain file"
+
+
+def not_a_file(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not an existing regular file (None: it is one), for a data option's one line:
+    "no such file", a folder, a FIFO or a device, or what ``stat`` says (a name too long, a link loop)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "no such file" if e.errno == errno.ENOENT else f"cannot read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {file_kind(st.st_mode)}, not a file"
+    return None
 
 
 def _looks_like_text(head: bytes) -> bool:

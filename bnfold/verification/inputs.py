@@ -388,9 +388,11 @@ def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
         return None
     from pathlib import Path
 
+    from bnfold.io.sniff import not_a_file
+
     p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"{p}: --inputs: no such file")
+    if (why := not_a_file(p)) is not None:
+        raise OptionError(f"{p}: --inputs: {why}")
     arrays = read_npz(p, "--inputs")
     if not arrays:
         raise OptionError(f"{p}: --inputs: the archive holds no array")
