@@ -302,3 +302,13 @@ def test_data_file_option_that_is_no_file_says_what_it_is(
     expected = {"name-too-long": "File name too long", "fifo": "is a FIFO", "folder": "is a folder"}[what]
     assert expected in line and "--debug" not in line
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "bench"])
+def test_model_path_over_the_name_limit_says_so(tmp_path: Path, command: str) -> None:
+    """MODEL named past the file system's limit cannot exist: the line says why (it said "no such file")."""
+    name = "z" * 300 + ".onnx"
+    p = _cli(command, name, cwd=tmp_path)
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert "File name too long" in line and "no such file" not in line

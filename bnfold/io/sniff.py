@@ -78,8 +78,12 @@ def _check_readable(path: str) -> int:
     comes); the file is then opened non-blocking and checked again on the descriptor, so a path swapped
     for a FIFO between the two calls cannot hang the read either.
     """
-    if not os.path.lexists(path):
-        raise format_error(path, "no such file")
+    try:
+        os.lstat(path)
+    except FileNotFoundError as e:
+        raise format_error(path, "no such file") from e
+    except OSError:
+        pass  # a name too long, a folder on the path that is a file: stat below says which
     try:
         st = os.stat(path)
     except OSError as e:
