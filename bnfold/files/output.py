@@ -35,9 +35,13 @@ def check_output(src: Path, dst: Path, *, in_place: bool = False) -> None:
     """
     from bnfold.io import check_output_path
 
-    if same_file(src, dst) and not in_place:
+    try:
+        same, is_dir = same_file(src, dst), dst.is_dir()
+    except (OSError, RuntimeError) as e:  # a name too long, a link loop (pathlib's RuntimeError before 3.13)
+        raise OutputError(f"{dst}: cannot write ({getattr(e, 'strerror', None) or e})") from e
+    if same and not in_place:
         raise OutputError(f"{dst}: is the input model", hints=[IN_PLACE])
-    if dst.is_dir():
+    if is_dir:
         raise OutputError(f"{dst}: is a folder, not a file name")
     check_output_path(src, dst, in_place=in_place)
 

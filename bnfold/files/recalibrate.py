@@ -171,8 +171,10 @@ class NpzBatches:
     ) -> None:
         self.path = Path(path)
         where = f"{self.path}: --data"
-        if not self.path.is_file():
-            raise OptionError(f"{where}: no such file")
+        from bnfold.io.sniff import not_a_file
+
+        if (why := not_a_file(self.path)) is not None:
+            raise OptionError(f"{where}: {why}")
         try:
             with zipfile.ZipFile(self.path) as zf:
                 members = {}
@@ -411,8 +413,10 @@ def recalibrate_file(
     src_p, dst_p = Path(src), Path(dst)
     check_output(src_p, dst_p, in_place=s.in_place)
     out_kind = OUTPUT_FORMATS.get(dst_p.suffix.lower())
-    if not Path(s.data).is_file():
-        raise OptionError(f"{s.data}: --data: no such file")
+    from bnfold.io.sniff import not_a_file
+
+    if (why := not_a_file(s.data)) is not None:
+        raise OptionError(f"{s.data}: --data: {why}")
     from bnfold import io as bio
 
     fmt = bio.detect_format(src_p)

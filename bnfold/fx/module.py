@@ -123,15 +123,39 @@ def _trace(root: nn.Module) -> fx.Graph:
     return g
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` hold the same bytes (NaN equal to the same NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.numel() == 0:
+        return True
+    try:
+        return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    except (RuntimeError, TypeError):  # a dtype without a byte view (quantized): copy it back anyway
+        return False
+
+
 def _shape_prop(root: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> None:
+    """Record the shapes of one run on ``example_inputs`` into ``graph``.
+
+    ``root`` may share the caller's tensors (the shadow copy): a forward that writes a buffer (a
+    ``torch.batch_norm`` / ``F.batch_norm`` call with ``training=True`` updates its running statistics)
+    would change the caller's model, so every buffer the run changed gets its value back.
+    """
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = fx.GraphModule(root, graph)
+    saved = [(b, b.detach().clone()) for b in {id(b): b for b in root.buffers()}.values()]
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 - the model rejected the inputs the user gave
         raise InputError(f"the model does not run on example_inputs: {first_line(e)}") from e
+    finally:
+        with torch.no_grad():
+            for b, before in saved:
+                if not _same_bits(b, before):
+                    b.copy_(before)
     for a, b in zip(graph.nodes, gm.graph.nodes):
         if "tensor_meta" in b.meta:
             a.meta["tensor_meta"] = b.meta["tensor_meta"]

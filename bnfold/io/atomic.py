@@ -114,7 +114,10 @@ _RANDOM = 8  # characters tempfile adds between prefix and suffix
 def _temp_affixes(dst: str, folder: str, suffix: str) -> tuple[str, str]:
     """(prefix, suffix) of a temporary for ``dst``: ``.<name>.`` ... ``<suffix>``, fitting NAME_MAX."""
     room = name_max(folder) - _RANDOM - len(os.fsencode(suffix)) - 2  # the leading and the trailing dot
-    return f".{fit_name(os.path.basename(dst), room)}.", suffix
+    # A byte of the name that is not UTF-8 (surrogate-escaped) becomes U+FFFD: onnx and onnxruntime,
+    # which load the staged file for verification, take UTF-8 paths only.
+    name = os.fsencode(os.path.basename(dst)).decode("utf-8", "replace")
+    return f".{fit_name(name, room)}.", suffix
 
 
 def umask_mode() -> int:

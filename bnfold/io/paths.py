@@ -187,8 +187,12 @@ _DIGEST_HEX = 16  # characters of the SHA-256 in a data file's name (64 bits)
 
 def data_name(model_name: str, folder: str, sha256: str) -> str:
     """The name bnfold gives the data file of a model called ``model_name`` whose data has this SHA-256:
-    ``<name>.<16 hex>.data`` (the name shortened with a hash where over the file system's limit)."""
+    ``<name>.<16 hex>.data`` (the name shortened with a hash where over the file system's limit, a byte
+    that is not UTF-8 replaced by U+FFFD)."""
     suffix = f".{sha256[:_DIGEST_HEX]}.data"
+    # The name is stored in the model (a protobuf string: UTF-8 only); a byte of a model name that is
+    # not UTF-8 (a surrogate-escaped ``\xff``) becomes U+FFFD there.
+    model_name = os.fsencode(model_name).decode("utf-8", "replace")
     return fit_name(model_name, name_max(folder) - len(suffix)) + suffix
 
 

@@ -22,6 +22,7 @@ here (without its external data) and the parse is handed on to the loader.
 
 from __future__ import annotations
 
+import errno
 import io as _io
 import os
 import pickletools
@@ -36,7 +37,15 @@ from bnfold.hints import Hint
 from .datafiles import FileBytes, fields
 from .paths import remember_refs
 
-__all__ = ["FORMATS", "detect_format", "format_error", "file_kind", "sniff_file"]
+__all__ = [
+    "FORMATS",
+    "check_zip_sizes",
+    "detect_format",
+    "format_error",
+    "file_kind",
+    "not_a_file",
+    "sniff_file",
+]
 
 FORMATS = ("onnx", "pt2", "state_dict", "pickled_module", "torchscript")
 """What :func:`detect_format` can return."""
@@ -71,8 +80,12 @@ def _check_readable(path: str) -> int:
     comes); the file is then opened non-blocking and checked again on the descriptor, so a path swapped
     for a FIFO between the two calls cannot hang the read either.
     """
-    if not os.path.lexists(path):
-        raise format_error(path, "no such file")
+    try:
+        os.lstat(path)
+    except FileNotFoundError as e:
+        raise format_error(path, "no such file") from e
+    except OSError:
+        pass  # a name too long, a folder on the path that is a file: stat below says which
     try:
         st = os.stat(path)
     except OSError as e:
@@ -108,6 +121,20 @@ def file_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "not a plain file"
+
+
+def not_a_file(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not an existing regular file (None: it is one), for a data option's one line:
+    "no such file", a folder, a FIFO or a device, or what ``stat`` says (a name too long, a link loop)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "no such file" if e.errno == errno.ENOENT else f"cannot read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {file_kind(st.st_mode)}, not a file"
+    return None
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -227,12 +254,35 @@ def _onnx_wire_problem(path: str, size: int) -> str | None:
     return None
 
 
+_ZIP_FREE_BYTES = 64 * 2**20
+_ZIP_MAX_RATIO = 16
+
+
+def check_zip_sizes(path: str) -> None:
+    """A zip archive (torch.save, torch.export.save: members stored uncompressed) whose members declare
+    more than 64 MiB or 16 times the file's size, whichever is larger, is refused before torch reads
+    a member (the bound of ``--inputs`` archives): a small file must not cost gigabytes."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip (a legacy pickle) or unreadable: the loader names it
+    limit = max(_ZIP_FREE_BYTES, _ZIP_MAX_RATIO * os.path.getsize(path))
+    if declared > limit:
+        raise format_error(
+            path,
+            f"its zip members declare {declared} bytes uncompressed, more than {limit} (64 MiB or 16 times "
+            "the file's size); refused as a possible compression bomb (torch writes its archives uncompressed)",
+        )
+
+
 def sniff_file(path: str) -> tuple[str, Any]:
     """(format, parsed ONNX model or None). Raises ModelFormatError."""
     size = _check_readable(path)
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(_ZIP_MAGIC):
+        check_zip_sizes(path)
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()

@@ -113,9 +113,11 @@ def load_outputs(path: str | os.PathLike[str]) -> Recording:
         OptionError: the file is missing, not a bnfold golden ``.npz``, of another version, malformed
             (one line naming what), or declaring more data than it may hold.
     """
+    from bnfold.io.sniff import not_a_file
+
     p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"{p}: --load-outputs: no such file")
+    if (why := not_a_file(p)) is not None:
+        raise OptionError(f"{p}: --load-outputs: {why}")
     data = read_npz(p, "--load-outputs")
     try:
         if "__meta__" not in data:

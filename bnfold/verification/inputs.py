@@ -52,6 +52,7 @@ __all__ = [
     "read_npz",
     "NPZ_FREE_BYTES",
     "NPZ_MAX_RATIO",
+    "require_finite",
     "onnx_input_specs",
     "torch_examples",
 ]
@@ -251,8 +252,19 @@ def _check_sample(specs: Sequence[InputSpec], sample: Mapping[str, Any], where: 
             else:
                 raise OptionError(f"{where}: input {s.name!r} is {a.dtype}, the model expects {s.dtype}")
         _check_shape(s, a.shape, f"{where}: input {s.name!r}")
+        require_finite(a, f"{where}: input {s.name!r}")
         out[s.name] = a
     return out
+
+
+def require_finite(a: np.ndarray, subject: str) -> None:
+    """OptionError when the floating array ``a`` (an input to verify on) holds NaN or inf: outputs
+    computed from it are NaN on both sides, and NaN compared with NaN proves nothing."""
+    if is_floating(a.dtype) and not bool(np.isfinite(a.astype(np.float32, copy=False)).all()):
+        raise OptionError(
+            f"{subject} holds NaN or infinite values (in {a.dtype}); outputs computed from them "
+            "compare NaN with NaN and prove nothing: give finite data"
+        )
 
 
 def user_inputs(specs: Sequence[InputSpec], inputs: Any) -> list[dict[str, np.ndarray]]:
@@ -377,9 +389,11 @@ def load_inputs(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
         return None
     from pathlib import Path
 
+    from bnfold.io.sniff import not_a_file
+
     p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"{p}: --inputs: no such file")
+    if (why := not_a_file(p)) is not None:
+        raise OptionError(f"{p}: --inputs: {why}")
     arrays = read_npz(p, "--inputs")
     if not arrays:
         raise OptionError(f"{p}: --inputs: the archive holds no array")

@@ -24,7 +24,7 @@ from bnfold.records import RuntimeUse, VerifyReport
 
 from .checks import check_extra_level, check_inputs, check_outputs, compare_outputs
 from .compare import Comparator
-from .inputs import InputSpec
+from .inputs import InputSpec, require_finite
 from .isolation import worker_scope
 from .runners import OrtRunner, onnx_runner
 from .sources import export_candidate, is_torch, onnx_source
@@ -88,6 +88,9 @@ def verify_recorded(
             runtimes=(golden, cand_rt),
             comparator=comparator.to_dict(),
         )
+    for i, feed in enumerate(rec.feeds):
+        for name, a in feed.items():
+            require_finite(a, f"{os.fspath(path)}: saved input {name!r} of sample {i}")
     specs = [InputSpec(n, rec.feeds[0][n].dtype, tuple(rec.feeds[0][n].shape)) for n in rec.input_names]
     with contextlib.ExitStack() as stack:
         src = onnx_source(candidate, "candidate", stack)

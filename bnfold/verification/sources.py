@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.dtypes import from_numpy
-from bnfold.errors import NotComparableError, OptionError
+from bnfold.errors import ModelFormatError, NotComparableError, OptionError
 
 from .inputs import InputSpec
 from .runners import eval_mode, first_line
@@ -115,9 +115,25 @@ def onnx_source(model: Any, label: str, stack: contextlib.ExitStack) -> Any:
         except OSError:
             bio.detect_format(path)  # raises the ModelFormatError naming the file (missing, a folder, ...)
             raise
-        if not head.startswith(_TORCH_MAGIC):
-            return path
-        return bio.load(path)
+        if head.startswith(_TORCH_MAGIC):
+            return bio.load(path)
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # A Linux path is bytes: one that is not UTF-8 (``\xff.onnx``, surrogate-escaped here) is a
+            # valid file name that onnxruntime cannot be given; hand it the model parsed (data included).
+            import onnx
+
+            try:
+                parsed = onnx.load(path)
+            except Exception as e:  # noqa: BLE001 - onnx's C++ external-data reader takes UTF-8 only too
+                bio.detect_format(path)  # a file that is no model: named as such
+                raise ModelFormatError(
+                    f"{path}: cannot load the model for verification: its path is not UTF-8 and "
+                    f"onnx cannot read its external data there ({first_line(e)}); rename the folder"
+                ) from e
+            return onnx_source(parsed, label, stack)
+        return path
     if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
         # Decide on the tensor bytes, not ByteSize(): that serialises the whole proto (and fails past 2 GiB).
         if _weight_bytes(model) <= _FILE_ABOVE_BYTES:
