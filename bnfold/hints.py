@@ -12,7 +12,7 @@ option the Python API takes and a flag the CLI has (``tests/test_hints.py``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 __all__ = [
@@ -58,6 +58,10 @@ class Hint:
     def to_dict(self) -> dict[str, Any]:
         return {"option": self.option, "flag": self.flag, "python": self.python, "cli": self.cli}
 
+    def naming(self, name: str) -> Hint:
+        """The same hint with the placeholder ``NAME`` (an input's name) filled in, in both wordings."""
+        return replace(self, python=self.python.replace("NAME", name), cli=self.cli.replace("NAME", name))
+
 
 def advise(reason: str, hints: Iterable[Hint], surface: Surface = "python") -> str:
     """``reason`` followed by each hint worded for ``surface`` (joined with "; ")."""
@@ -80,7 +84,7 @@ INPUT_SHAPES = Hint(
     "input_shapes",
     "--input-shape",
     "give the shapes the model takes with input_shapes={'NAME': DIMS} or real inputs with inputs=",
-    "give the shapes the model takes with -s/--input-shape NAME=DIMS or real inputs with --inputs DATA.npz",
+    "give the shapes the model takes with --input-shape/-s NAME=DIMS or real inputs with --inputs DATA.npz",
 )
 TRUST_PICKLE = Hint(
     "trust_pickle",

@@ -138,11 +138,11 @@ RUNNABLE = {
 def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path, where: str) -> None:
     marker = tmp_path / "pwned"
     evil = RUNNABLE[where](tmp_path, marker)
-    with pytest.raises(ModelFormatError, match="--trust-pickle") as e:
+    with pytest.raises(ModelFormatError, match="trust_pickle=True") as e:
         bnfold.load(evil)
     assert "\n" not in str(e.value)
     assert not marker.exists()
-    with pytest.raises(ModelFormatError, match="--trust-pickle"):
+    with pytest.raises(ModelFormatError, match="trust_pickle=True"):
         bnfold.verify(evil, evil)
     assert not marker.exists()
     # The payload is real: trusting the file runs it, and torch then loads a working program.
@@ -212,7 +212,7 @@ def test_shape_expression_payload_is_refused(tmp_path: Path) -> None:
     sym = exprs[0]["expr_str"]
     exprs[0]["expr_str"] = f"(open({str(marker)!r}, 'w').write('ran'), {sym})[1]"
     evil = _with_program(tmp_path, clean, program)
-    with pytest.raises(ModelFormatError, match="shape expression.*--trust-pickle"):
+    with pytest.raises(ModelFormatError, match="shape expression.*trust_pickle=True"):
         bnfold.load(evil)
     assert not marker.exists()
     # The same clean program still loads: the check accepts what torch writes.
@@ -233,7 +233,7 @@ def test_node_target_outside_operators_is_refused(tmp_path: Path) -> None:
     clean = _archive(tmp_path)
     program = _program_json(clean)
     program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.serialization.os.system"
-    with pytest.raises(ModelFormatError, match="not an operator.*--trust-pickle"):
+    with pytest.raises(ModelFormatError, match="not an operator.*trust_pickle=True"):
         bnfold.load(_with_program(tmp_path, clean, program))
 
 
@@ -261,7 +261,7 @@ def test_custom_object_constant_is_refused(tmp_path: Path) -> None:
         },
         add={"data/constants/opaque_obj_0": b"\x80\x04N."},
     )
-    with pytest.raises(ModelFormatError, match="custom object.*--trust-pickle"):
+    with pytest.raises(ModelFormatError, match="custom object.*trust_pickle=True"):
         bnfold.load(evil)
 
 

@@ -96,7 +96,7 @@ def test_linear_bn1d_2d_folds_and_3d_refused() -> None:
     # Rank unknown (no example inputs): refused, and the model still computes the same on 3-D input.
     out, rep = fold_module(m3)
     assert verdict(rep, "1").reason is SkipReason.LAYOUT
-    assert "example_inputs" in verdict(rep, "1").detail
+    assert "example_inputs" in verdict(rep, "1").text()  # the hint, worded for Python
     assert close(out(x3), m3(x3))
     # Shapes recorded from example inputs prove a 2-D input.
     m4 = prep(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)))

@@ -86,7 +86,8 @@ def _run_all(
             raise  # not the runtime failing on the data (a crash, a missing input, a training-mode BN)
         tried = "; ".join(f"{printable(n, 80)}={'x'.join(str(d) for d in s)}" for n, s in filled.items())
         raise NotComparableError(
-            f"{e}; bnfold chose the symbolic dimensions ({tried})", hints=[INPUT_SHAPES]
+            f"{e}; bnfold chose the symbolic dimensions ({tried})",
+            hints=[INPUT_SHAPES.naming(printable(next(iter(filled)), 80))],
         ) from e
 
 
