@@ -274,3 +274,30 @@ def qdq_layer(
         attrs["pads"] = [1, 1, 1, 1]
     g.node(kind, ins, ["t"], name="layer", **attrs)
     return g
+
+
+def small_conv_bn(seed: int = 0, c: int = 8) -> onnx.ModelProto:
+    """``x (1, 3, 8, 8) -> Conv 3x3 (c) -> BN -> z`` with realistic statistics (mean != 0, var != 1,
+    gamma != 1, beta != 0); the file-safety tests' model (c >= 10 puts the weight over the 1 KiB that goes
+    to external data)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    stats = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(0.3, 0.5, c),
+        rng.normal(0.5, 1.0, c),
+        rng.uniform(0.3, 3.0, c),
+    ]
+    inits = [numpy_helper.from_array(w, "W")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["y"], name="conv"),
+            helper.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, c, 6, 6])],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T
-from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from models.onnx_graphs import small_conv_bn
 from models.testing import run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,27 +36,7 @@ def _cli(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
 
 
 def _conv_bn(c: int = 8) -> onnx.ModelProto:
-    """Conv -> BN with realistic statistics (mean != 0, var != 1, gamma != 1, beta != 0)."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
-    stats = [
-        rng.uniform(0.5, 2.0, c),
-        rng.normal(0.3, 0.5, c),
-        rng.normal(0.5, 1.0, c),
-        rng.uniform(0.3, 3.0, c),
-    ]
-    inits = [nh.from_array(w, "W")] + [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
-    g = h.make_graph(
-        [
-            h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
-            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
-        ],
-        "g",
-        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])],
-        inits,
-    )
-    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    return small_conv_bn(0, c)
 
 
 def _one_error_line(p: subprocess.CompletedProcess[bytes]) -> str:

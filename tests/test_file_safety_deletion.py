@@ -22,12 +22,12 @@ import onnx
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
-from onnx import numpy_helper as nh
 from typer.testing import CliRunner
 
 from bnfold import io as bio
 from bnfold.cli import app
 from bnfold.errors import OutputError
+from models.onnx_graphs import small_conv_bn
 from models.testing import run_onnx
 
 runner = CliRunner()
@@ -35,28 +35,8 @@ _DATA = re.compile(r"\.[0-9a-f]{16}\.data$")
 
 
 def _conv_bn(seed: int = 0, c: int = 16) -> onnx.ModelProto:
-    """Conv -> BN with realistic statistics (mean != 0, var != 1, gamma != 1, beta != 0); the conv weight
-    (c * 27 floats) is over the 1 KiB that goes to external data."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
-    stats = [
-        rng.uniform(0.5, 2.0, c),
-        rng.normal(0.3, 0.5, c),
-        rng.normal(0.5, 1.0, c),
-        rng.uniform(0.3, 3.0, c),
-    ]
-    inits = [nh.from_array(w, "W")] + [nh.from_array(v.astype(np.float32), k) for k, v in zip("sbmv", stats)]
-    g = h.make_graph(
-        [
-            h.make_node("Conv", ["x", "W"], ["y"], name="conv"),
-            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn", epsilon=1e-3),
-        ],
-        "g",
-        [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-        [h.make_tensor_value_info("z", T.FLOAT, [1, c, 6, 6])],
-        inits,
-    )
-    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    """The conv weight (c * 27 floats) is over the 1 KiB that goes to external data."""
+    return small_conv_bn(seed, c)
 
 
 _X = {"x": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
