@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -73,7 +74,7 @@ def _worker(tree: Path) -> None:
     _, report = fold_module(model)
     if report.bn_after != 0:
         raise SystemExit(f"{tree}: {report.bn_after} BN left")
-    fns = {
+    fns: dict[str, Callable[[], object]] = {
         "fold": lambda: fold_module(model),
         "fuse": lambda: fuse(model),
         "dry_run": lambda: fold_module(model, dry_run=True),
@@ -197,8 +198,8 @@ def print_fold_ab(times: dict[str, dict[str, list[float]]], rounds: int, clock: 
         fig[f"fold {k}/fuse of both workers"] = med[k]["fold"] / pooled
         fig[f"dry run {k}/fuse of both workers"] = med[k]["dry_run"] / pooled
     print(f"ratios of the medians ({clock}):")
-    for name, v in fig.items():
-        print(f"  {name:<44} {v:.3f}")
+    for name, ratio in fig.items():
+        print(f"  {name:<44} {ratio:.3f}")
     # ratios inside one round (the two trees ran next to each other), and inside one worker's round
     print(f"per-round ratios ({clock}), median [q1, q3]:")
     pairs = {
