@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--process", action="store_true", help="also the ONNX CLI process against load+save")
     ap.add_argument("--process-rounds", type=int, default=7, help="interleaved rounds of --process (7)")
     ap.add_argument("--no-fold", action="store_true", help="skip the PyTorch fold (with --process)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every round's seconds here")
     ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         times = fold_ab(args.old, args.new, rounds, 1 if args.quick else max(1, min(args.pairs, rounds)))
         for clock in ("cpu", "wall"):
             print_fold_ab(times, rounds, clock)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"old": str(args.old), "new": str(args.new), "times": times}))
     if args.process:
         process_ab(args.old, args.new, 1 if args.quick else args.process_rounds)
 
