@@ -220,7 +220,8 @@ def print_fold_ab(times: dict[str, dict[str, list[float]]], rounds: int, clock: 
 # --- the ONNX CLI process (bench_process.py's commands, both trees) ------------------------------
 
 
-def process_ab(old: Path, new: Path, rounds: int) -> None:
+def process_ab(old: Path, new: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of each process per round (``floor``, ``bnfold new``, ``bnfold old``)."""
     sys.path.insert(0, str(HERE))
     import bench_process as bp
 
@@ -243,23 +244,24 @@ def process_ab(old: Path, new: Path, rounds: int) -> None:
         roots = {"floor": new, "bnfold new": new, "bnfold old": old}
         envs = {n: dict(os.environ, PYTHONPATH=str(roots[n])) for n in commands}
         wall, cpu = _time_processes(commands, envs, folder, {src.name}, rounds)
-    print(f"\nONNX ResNet-50 inline, whole process, medians of {rounds} interleaved rounds (s):")
-    print(f"  {'':<12} {'wall':>7} {'cpu':>7} {'cpu min':>8} {'cpu max':>8}")
+    print(f"\nONNX ResNet-50 inline, whole process, {rounds} interleaved rounds (s; median [q1, q3]):")
+    print(f"  {'':<12} {'wall':>20} {'cpu':>20}")
     for n in commands:
-        print(
-            f"  {n:<12} {statistics.median(wall[n]):7.2f} {statistics.median(cpu[n]):7.2f}"
-            f" {min(cpu[n]):8.2f} {max(cpu[n]):8.2f}"
-        )
-    mw = {n: statistics.median(v) for n, v in wall.items()}
-    mc = {n: statistics.median(v) for n, v in cpu.items()}
-    for k in ("new", "old"):
-        print(
-            f"  bnfold {k} / floor: cpu {mc['bnfold ' + k] / mc['floor']:.2f}, "
-            f"wall {mw['bnfold ' + k] / mw['floor']:.2f}"
-        )
-    print(
-        f"  new/old: cpu {mc['bnfold new'] / mc['bnfold old']:.3f}, wall {mw['bnfold new'] / mw['bnfold old']:.3f}"
-    )
+        cells = []
+        for v in (wall[n], cpu[n]):
+            q1, q3 = _quartiles(v) if len(v) > 1 else (v[0], v[0])
+            cells.append(f"{statistics.median(v):6.2f} [{q1:5.2f}, {q3:5.2f}]")
+        print(f"  {n:<12} {cells[0]:>20} {cells[1]:>20}")
+    print("ratios of the medians, and per-round median [q1, q3]:")
+    for clock, t in (("cpu", cpu), ("wall", wall)):
+        for a, b in (("bnfold new", "floor"), ("bnfold old", "floor"), ("bnfold new", "bnfold old")):
+            per = [x / y for x, y in zip(t[a], t[b], strict=True)]
+            q1, q3 = _quartiles(per) if len(per) > 1 else (per[0], per[0])
+            print(
+                f"  {clock:<4} {a} / {b:<10} {statistics.median(t[a]) / statistics.median(t[b]):.3f}"
+                f"   per round {statistics.median(per):.3f} [{q1:.3f}, {q3:.3f}]"
+            )
+    return {"wall": wall, "cpu": cpu}
 
 
 _EXPORT = """
@@ -327,14 +329,16 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"{tree} holds no bnfold/ package")
     rounds = 3 if args.quick else args.rounds
     print(f"python {sys.version.split()[0]}; new {args.new}, old {args.old}")
+    record: dict[str, object] = {"old": str(args.old), "new": str(args.new)}
     if not args.no_fold:
         times = fold_ab(args.old, args.new, rounds, 1 if args.quick else max(1, min(args.pairs, rounds)))
         for clock in ("cpu", "wall"):
             print_fold_ab(times, rounds, clock)
-        if args.json is not None:
-            args.json.write_text(json.dumps({"old": str(args.old), "new": str(args.new), "times": times}))
+        record["times"] = times
     if args.process:
-        process_ab(args.old, args.new, 1 if args.quick else args.process_rounds)
+        record["process"] = process_ab(args.old, args.new, 1 if args.quick else args.process_rounds)
+    if args.json is not None:
+        args.json.write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
