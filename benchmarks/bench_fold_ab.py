@@ -243,6 +243,17 @@ def process_ab(old: Path, new: Path, rounds: int) -> dict[str, dict[str, list[fl
         }
         roots = {"floor": new, "bnfold new": new, "bnfold old": old}
         envs = {n: dict(os.environ, PYTHONPATH=str(roots[n])) for n in commands}
+        for n in ("bnfold new", "bnfold old"):  # the tree first on PYTHONPATH wins over an installed bnfold
+            where = subprocess.run(
+                [py, "-c", "import bnfold; print(bnfold.__file__)"],
+                env=envs[n],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            if roots[n].resolve() not in Path(where).resolve().parents:
+                raise SystemExit(f"{n}: bnfold imported from {where}, not from {roots[n]}")
+            print(f"  {n}: bnfold from {Path(where).parent}")
         wall, cpu = _time_processes(commands, envs, folder, {src.name}, rounds)
     print(f"\nONNX ResNet-50 inline, whole process, {rounds} interleaved rounds (s; median [q1, q3]):")
     print(f"  {'':<12} {'wall':>20} {'cpu':>20}")
