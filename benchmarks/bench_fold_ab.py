@@ -243,10 +243,13 @@ def process_ab(old: Path, new: Path, rounds: int) -> dict[str, dict[str, list[fl
         }
         roots = {"floor": new, "bnfold new": new, "bnfold old": old}
         envs = {n: dict(os.environ, PYTHONPATH=str(roots[n])) for n in commands}
-        for n in ("bnfold new", "bnfold old"):  # the tree first on PYTHONPATH wins over an installed bnfold
+        # run in ``folder``: ``python -c`` / ``-m`` put the working directory before PYTHONPATH, so from a
+        # checkout's root both sides would import that checkout's bnfold
+        for n in ("bnfold new", "bnfold old"):
             where = subprocess.run(
                 [py, "-c", "import bnfold; print(bnfold.__file__)"],
                 env=envs[n],
+                cwd=folder,
                 check=True,
                 capture_output=True,
                 text=True,
@@ -303,13 +306,13 @@ def _time_processes(
                 p.unlink()
 
     for n in names:  # warm-up: page cache, .pyc files
-        subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
+        subprocess.run(commands[n], env=envs[n], check=True, capture_output=True, cwd=folder)
         clear()
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
+            subprocess.run(commands[n], env=envs[n], check=True, capture_output=True, cwd=folder)
             wall[n].append(time.perf_counter() - t0)
             c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[n].append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)
