@@ -20,7 +20,9 @@ its own ``fuse``. With ``--process`` also the ONNX half: the whole ``bnfold fold
 process on the inline ResNet-50 against a plain ``onnx.save(onnx.load(m))`` process, both trees in
 the same rounds (``bench_process.py``'s commands; CPU and wall time).
 
-    python benchmarks/bench_fold_ab.py OLD [--new DIR] [--rounds 21] [--process] [--process-rounds 7]
+    python benchmarks/bench_fold_ab.py OLD [--new DIR] [--rounds 21] [--pairs 3] [--process]
+        [--process-rounds 7] [--json PATH]
+    python benchmarks/bench_fold_ab.py --combine RUN1.json RUN2.json ...   (the pooled tables)
 """
 
 from __future__ import annotations
@@ -331,10 +333,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--process-rounds", type=int, default=7, help="interleaved rounds of --process (7)")
     ap.add_argument("--no-fold", action="store_true", help="skip the PyTorch fold (with --process)")
     ap.add_argument("--json", type=Path, default=None, help="also write every round's seconds here")
+    ap.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the pooled tables of earlier --json files",
+    )
     ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         _worker(args.worker)
+        return
+    if args.combine is not None:
+        pooled: dict[str, dict[str, list[float]]] = {"new": {}, "old": {}}
+        for path in args.combine:
+            got = json.loads(path.read_text())["times"]
+            for k, series in pooled.items():
+                for c, v in got[k].items():
+                    series.setdefault(c, []).extend(v)
+        n = len(pooled["new"]["fold"])
+        print(f"pooled {n} rounds from {len(args.combine)} run(s)")
+        for clock in ("cpu", "wall"):
+            print_fold_ab(pooled, n, clock)
         return
     if args.old is None:
         ap.error("OLD (another bnfold checkout) is required")
