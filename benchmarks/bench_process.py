@@ -195,7 +195,12 @@ def main() -> None:
     from bench_onnx_fold import build_resnet50
 
     print(env_summary())
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as pyc:
+        # every process reads cached bytecode, as an installed package (and onnx) does: with
+        # PYTHONDONTWRITEBYTECODE set, bnfold alone was compiled from source in every run; the cache
+        # lives in a temporary folder (PYTHONPYCACHEPREFIX), never in a checkout, filled by the warm-up
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = pyc
         folder = Path(tmp)
         inline = folder / "resnet50.onnx"
         if args.model is not None:
