@@ -101,15 +101,17 @@ def time_processes(
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     envs = {n: _env(baseline) if baseline is not None and n.endswith(_BASELINE) else _env() for n in names}
+    # every process runs in ``folder``: ``python -c`` / ``-m`` put the working directory before
+    # PYTHONPATH, so from a checkout's root the baseline would import that checkout's bnfold
     for n in names:  # warm-up: page cache, .pyc files
-        subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
+        subprocess.run(commands[n], env=envs[n], check=True, capture_output=True, cwd=folder)
         _clear(folder, keep)
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            subprocess.run(commands[n], env=envs[n], check=True, capture_output=True)
+            subprocess.run(commands[n], env=envs[n], check=True, capture_output=True, cwd=folder)
             times[n].append(time.perf_counter() - t0)
             c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[n].append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)
@@ -193,7 +195,12 @@ def main() -> None:
     from bench_onnx_fold import build_resnet50
 
     print(env_summary())
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as pyc:
+        # every process reads cached bytecode, as an installed package (and onnx) does: with
+        # PYTHONDONTWRITEBYTECODE set, bnfold alone was compiled from source in every run; the cache
+        # lives in a temporary folder (PYTHONPYCACHEPREFIX), never in a checkout, filled by the warm-up
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = pyc
         folder = Path(tmp)
         inline = folder / "resnet50.onnx"
         if args.model is not None:

@@ -139,7 +139,8 @@ class Exact:
         if self.s is None:
             return w, b
         t = np.zeros_like(self.s) if self.t is None else self.t
-        return w * self.s.reshape((-1,) + (1,) * (w.ndim - 1)), b * self.s + t
+        w *= self.s.reshape((-1,) + (1,) * (w.ndim - 1))  # in place: ``w`` is astype's own copy
+        return w, b * self.s + t
 
 
 ExactTable = dict[str, Exact]
@@ -177,7 +178,14 @@ def _recorded(
 
 
 def _same_bits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == np.ascontiguousarray(b).tobytes()
+    """Same shape, dtype and bits (compared as unsigned integers in place: no byte copies)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    size = a.dtype.itemsize
+    if size not in (1, 2, 4, 8):
+        return a.tobytes() == np.ascontiguousarray(b).tobytes()
+    bits = np.dtype(f"u{size}")
+    return bool(np.array_equal(np.ascontiguousarray(a).view(bits), np.ascontiguousarray(b).view(bits)))
 
 
 def exact_fold(
