@@ -29,9 +29,8 @@ def frozen_net(learnable: bool) -> tuple[nn.Module, nn.Module]:
 def test_frozen_module_folds_in_pytorch(learnable: bool) -> None:
     model, frozen = frozen_net(learnable)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    # a FrozenBatchNorm2d runs on any rank >= 2 (its dim is a hint): only the shapes prove the conv's batch
-    assert bnfold.fold_with_report(frozen)[1].folded == 0
-    folded, report = bnfold.fold_with_report(frozen, example_inputs=(x,))
+    # a FrozenBatchNorm2d checks its rank like the BatchNorm2d it replaces: the conv before it ran batched
+    folded, report = bnfold.fold_with_report(frozen)
     assert not any(isinstance(m, FrozenBatchNorm) for m in folded.modules())
     assert report.folded == 2
     with torch.no_grad():
@@ -71,3 +70,22 @@ def test_zoo_models_freeze_train_equals_eval() -> None:
         with torch.no_grad():
             ref = model(x)
             torch.testing.assert_close(frozen.train()(x), ref, atol=ATOL32 * 10, rtol=1e-5, msg=name)
+
+
+def test_a_frozen_bn2d_checks_its_rank_like_the_bn_so_freeze_then_fold_needs_no_shapes() -> None:
+    """FrozenBatchNorm2d refuses what BatchNorm2d refused (a 3-D input), so a conv before it ran batched:
+    freeze then fold, with no example inputs, folds; a frozen layer of any rank (dim=None) proves nothing."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=4).eval()
+    frozen = bnfold.freeze(model)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for m in (model, frozen):
+        with pytest.raises(ValueError, match="expected 4D input"):
+            m(x[0])  # unbatched (C, H, W): the BN refused it, the frozen layer too
+    folded, report = bnfold.fold_with_report(frozen)
+    assert [v.status for v in report.verdicts] == ["folded"]
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+    anyrank = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm(4, 1e-3, dim=None)).eval()
+    (v,) = bnfold.inspect(anyrank).verdicts
+    assert not v.folded and v.reason.value == "layout" and v.hints[0].option == "example_inputs"  # type: ignore[union-attr]

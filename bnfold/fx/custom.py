@@ -230,7 +230,7 @@ def describe_bn(m: nn.Module) -> BnSpec | str:
 
 def _frozen_spec(m: nn.Module) -> BnSpec | str | None:
     """A ``bnfold.nn.FrozenBatchNorm`` (its scale/shift are read directly; its tail, if any, kept)."""
-    from bnfold.nn.frozen import FrozenBatchNorm
+    from bnfold.nn.frozen import FrozenBatchNorm, input_ranks
 
     if not isinstance(m, FrozenBatchNorm):
         return None
@@ -251,6 +251,7 @@ def _frozen_spec(m: nn.Module) -> BnSpec | str | None:
         "frozen",
         tail_fn=None if m.tail is None else frozen_tail,
         frozen=(m.scale, m.shift),
+        ranks=input_ranks(getattr(m, "dim", None)),
     )
 
 

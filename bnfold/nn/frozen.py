@@ -57,7 +57,14 @@ from torch import Tensor, nn
 from bnfold.dtypes import from_float64, to_float64
 from bnfold.fold_math import bn_affine
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SOURCE_KEYS"]
+__all__ = [
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "SOURCE_KEYS",
+    "input_ranks",
+]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 SOURCE_KEYS = ("source_weight", "source_bias", "source_mean", "source_var", "source_num_batches_tracked")
@@ -76,6 +83,14 @@ def _counter(n: Tensor, device: torch.device | str) -> Tensor:
     return n.detach().clone().reshape(()).to(device=device, dtype=torch.long)
 
 
+_RANKS = {1: frozenset((2, 3)), 2: frozenset((4,)), 3: frozenset((5,))}
+
+
+def input_ranks(dim: int | None) -> frozenset[int] | None:
+    """The input ranks of the BatchNorm{dim}d a frozen layer stands for (None: any rank >= 2)."""
+    return _RANKS.get(dim) if dim is not None else None
+
+
 class FrozenBatchNorm(nn.Module):
     """A BatchNorm frozen into ``y = x * scale + shift`` per channel (channel dim 1, any rank >= 2).
 
@@ -84,8 +99,10 @@ class FrozenBatchNorm(nn.Module):
         eps: the epsilon of the BN this layer stands for (> 0); kept for mapping back to BN and for
             converting BN-format checkpoints.
         learnable: make ``scale`` and ``shift`` trainable ``nn.Parameter`` s (default: buffers).
-        dim: 1, 2 or 3 for the BatchNorm{1,2,3}d it replaces (``None``: any rank); a hint for
-            :func:`bnfold.unfreeze`, not a restriction.
+        dim: 1, 2 or 3 for the BatchNorm{1,2,3}d it replaces, whose input rank it then checks like that
+            BN (2-D or 3-D, 4-D, 5-D: the frozen model refuses what the original refused, and a fold after
+            it knows a conv before it ran batched); ``None``: any rank >= 2. Also read by
+            :func:`bnfold.unfreeze`.
         dtype: dtype of ``scale``/``shift`` (default: torch's default dtype).
         device: device of ``scale``/``shift``.
 
@@ -232,6 +249,10 @@ class FrozenBatchNorm(nn.Module):
         return bool(torch.equal(scale, self.scale.detach())) and bool(torch.equal(shift, self.shift.detach()))
 
     def forward(self, x: Tensor) -> Tensor:
+        ranks = input_ranks(self.dim)
+        if ranks is not None and x.dim() not in ranks:
+            want = " or ".join(f"{r}D" for r in sorted(ranks))
+            raise ValueError(f"expected {want} input (got {x.dim()}D input)")
         if x.dim() < 2:
             raise ValueError(f"FrozenBatchNorm expects an input of rank >= 2 (N, C, ...), got {x.dim()}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
