@@ -17,6 +17,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 _TMP = os.path.realpath(tempfile.gettempdir()) + os.sep
+_REPO = os.path.realpath(ROOT) + os.sep  # a checkout inside the temporary folder keeps its own modules
 
 
 @pytest.fixture(autouse=True)
@@ -35,5 +36,5 @@ def _forget_temporary_modules() -> Iterator[None]:
     yield
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if isinstance(f, str) and os.path.realpath(f).startswith(_TMP):
+        if isinstance(f, str) and (p := os.path.realpath(f)).startswith(_TMP) and not p.startswith(_REPO):
             del sys.modules[name]
