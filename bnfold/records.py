@@ -12,7 +12,7 @@ import enum
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from .health_records import QUANT_RATIO_FLAG, HealthReport, LayerQuant
 from .hints import Hint, Surface, advise
@@ -520,7 +520,7 @@ class FoldReport:
         ``bnfold/schemas/report-v1.json``; the CLI adds the common head): the one serialisation."""
         f = self.files
         return {
-            **(FileInfo.NONE if f is None else f).to_dict(),
+            **({"model": file_entry(None), "output": None} if f is None else f.to_dict()),
             "backend": self.backend,
             "dry_run": self.dry_run,
             "summary": self.summary(),
@@ -602,24 +602,16 @@ class FileInfo:
     written: bool = False
     total_seconds: float | None = None
 
-    NONE: ClassVar[FileInfo]
-    """No file (a model passed in memory): ``model`` with null fields, ``output`` null."""
-
     def to_dict(self) -> dict[str, Any]:
         """``model`` and ``output`` as the ``--json`` documents write them (``output`` null when none)."""
         return {
-            "model": file_entry(
-                self.source or None, self.source_format or None, self.size_before, self.source_data_files
-            ),
+            "model": file_entry(self.source, self.source_format, self.size_before, self.source_data_files),
             "output": None
             if not self.output
             else file_entry(
                 self.output, self.output_format, self.size_after, self.output_data_files, written=self.written
             ),
         }
-
-
-FileInfo.NONE = FileInfo("", "")
 
 
 def file_entry(

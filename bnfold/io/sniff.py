@@ -254,21 +254,33 @@ def _onnx_wire_problem(path: str, size: int) -> str | None:
     return None
 
 
-_ZIP_FREE_BYTES = 64 * 2**20
-_ZIP_MAX_RATIO = 16
+ZIP_FREE_BYTES = 64 << 20
+"""Uncompressed bytes a zip archive may declare whatever its size (64 MiB: a batch of 128 RGB 224x224
+float32 images)."""
+ZIP_MAX_RATIO = 16
+"""Past :data:`ZIP_FREE_BYTES`, how many times its own size a zip archive may declare uncompressed."""
+
+
+def zip_overdeclared(infos: list[zipfile.ZipInfo], size: int) -> tuple[int, int] | None:
+    """``(declared, limit)`` when the members ``infos`` of a zip of ``size`` bytes declare more than
+    :data:`ZIP_FREE_BYTES` or :data:`ZIP_MAX_RATIO` times ``size`` uncompressed, whichever is larger
+    (a possible compression bomb: ``.pt`` / ``.pt2`` archives, ``.npz`` inputs); else None."""
+    declared = sum(int(i.file_size) for i in infos)
+    limit = max(ZIP_FREE_BYTES, ZIP_MAX_RATIO * size)
+    return (declared, limit) if declared > limit else None
 
 
 def check_zip_sizes(path: str) -> None:
-    """A zip archive (torch.save, torch.export.save: members stored uncompressed) whose members declare
-    more than 64 MiB or 16 times the file's size, whichever is larger, is refused before torch reads
-    a member (the bound of ``--inputs`` archives): a small file must not cost gigabytes."""
+    """A zip archive (torch.save, torch.export.save: members stored uncompressed) that
+    :func:`zip_overdeclared` flags is refused before torch reads a member: a small file must not cost
+    gigabytes."""
     try:
         with zipfile.ZipFile(path) as z:
-            declared = sum(i.file_size for i in z.infolist())
+            over = zip_overdeclared(z.infolist(), os.path.getsize(path))
     except (zipfile.BadZipFile, OSError):
         return  # not a zip (a legacy pickle) or unreadable: the loader names it
-    limit = max(_ZIP_FREE_BYTES, _ZIP_MAX_RATIO * os.path.getsize(path))
-    if declared > limit:
+    if over is not None:
+        declared, limit = over
         raise format_error(
             path,
             f"its zip members declare {declared} bytes uncompressed, more than {limit} (64 MiB or 16 times "

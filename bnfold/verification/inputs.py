@@ -36,6 +36,7 @@ from bnfold.dtypes import bfloat16, from_numpy
 from bnfold.errors import OptionError
 from bnfold.fold_math.cast import is_floating
 from bnfold.hints import INPUT_SHAPES
+from bnfold.io.sniff import ZIP_FREE_BYTES, ZIP_MAX_RATIO, zip_overdeclared
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -63,9 +64,9 @@ DEFAULT_DIM = 8
 """Value of any other symbolic dimension (sequence length, spatial size, ...)."""
 INT_HIGH = 10
 """Random integer inputs are drawn from ``[0, INT_HIGH)``."""
-NPZ_FREE_BYTES = 64 << 20
-"""Uncompressed bytes an ``.npz`` may declare whatever its size (64 MiB: a batch of 128 RGB 224x224 float32 images)."""
-NPZ_MAX_RATIO = 16
+NPZ_FREE_BYTES = ZIP_FREE_BYTES
+"""Uncompressed bytes an ``.npz`` may declare whatever its size (:data:`bnfold.io.sniff.ZIP_FREE_BYTES`)."""
+NPZ_MAX_RATIO = ZIP_MAX_RATIO
 """Beyond :data:`NPZ_FREE_BYTES`, the declared bytes may be at most this multiple of the file's size
 (real data compresses a few times at most; a file saved with ``numpy.savez`` is never compressed)."""
 
@@ -326,9 +327,9 @@ def read_npz(
         size = os.stat(p).st_size
         with zipfile.ZipFile(p) as zf:
             infos = zf.infolist()
-            limit = max(NPZ_FREE_BYTES, NPZ_MAX_RATIO * size)
-            declared = sum(int(i.file_size) for i in infos)
-            if declared > limit:
+            over = zip_overdeclared(infos, size)
+            if over is not None:
+                declared, limit = over
                 raise OptionError(
                     f"{p}: {what}: declares {_mib(declared)} of uncompressed data in a file of {_mib(size)} "
                     f"(more than {_mib(limit)}); refused as a possible compression bomb (save large arrays "
