@@ -270,15 +270,11 @@ def zip_overdeclared(infos: list[zipfile.ZipInfo], size: int) -> tuple[int, int]
     return (declared, limit) if declared > limit else None
 
 
-def check_zip_sizes(path: str) -> None:
+def check_zip_sizes(path: str, z: zipfile.ZipFile, size: int) -> None:
     """A zip archive (torch.save, torch.export.save: members stored uncompressed) that
-    :func:`zip_overdeclared` flags is refused before torch reads a member: a small file must not cost
-    gigabytes."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            over = zip_overdeclared(z.infolist(), os.path.getsize(path))
-    except (zipfile.BadZipFile, OSError):
-        return  # not a zip (a legacy pickle) or unreadable: the loader names it
+    :func:`zip_overdeclared` flags is refused before torch reads a member (the sniff of every file
+    runs it): a small file must not cost gigabytes."""
+    over = zip_overdeclared(z.infolist(), size)
     if over is not None:
         declared, limit = over
         raise format_error(
@@ -294,9 +290,9 @@ def sniff_file(path: str) -> tuple[str, Any]:
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(_ZIP_MAGIC):
-        check_zip_sizes(path)
         try:
             with zipfile.ZipFile(path) as z:
+                check_zip_sizes(path, z, size)
                 names = z.namelist()
                 if any(
                     n.endswith("/archive_format") or "/models/" in n and n.endswith(".json") for n in names

@@ -24,7 +24,7 @@ from typing import Any
 from bnfold.errors import ModelFormatError, OptionError
 from bnfold.hints import MODEL_FACTORY, TRUST_PICKLE
 
-from .sniff import check_zip_sizes, format_error
+from .sniff import format_error
 
 __all__ = ["resolve_factory", "load_torch", "factory_examples"]
 
@@ -187,7 +187,6 @@ def load_torch(p: str, fmt: str, model_factory: str | Callable[[], Any] | None, 
     """A PyTorch file of format ``fmt`` ("pt2", "pickled_module" or "state_dict"), with the right trust."""
     import torch
 
-    check_zip_sizes(p)
     if fmt == "pt2":
         from bnfold import pt2_guard
 
